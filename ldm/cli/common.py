@@ -1,0 +1,56 @@
+"""What every Hydra entry point shares: where the configs live, printing and saving the resolved config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import rich
+import rich.syntax
+import rich.tree
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+# conf/ sits beside the package in the repository; LDM_CONF_DIR points elsewhere (e.g. a copy of conf/).
+CONF_DIR = os.environ.get("LDM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """Fix `paths.output_dir` for this process and create it.
+
+    A multirun job writes to its sweep subdirectory. A DDP worker process that Lightning started (LOCAL_RANK > 0)
+    receives the parent's run directory as `hydra.run.dir`, so it reuses it instead of a new timestamp.
+    """
+    out = cfg.paths.output_dir
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN or int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            out = hc.runtime.output_dir
+    out = Path(out).absolute()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@rank_zero_only
+def print_config_tree(cfg: DictConfig, order: tuple[str, ...] = ()) -> None:
+    """Print the resolved config as a rich tree, groups in `order` first."""
+    tree = rich.tree.Tree("CONFIG", style="bold", guide_style="dim")
+    keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order]
+    for key in keys:
+        node = cfg[key]
+        branch = tree.add(str(key), style="bold")
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark"))
+    rich.print(tree)
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, output_dir: Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run directory."""
+    path = Path(output_dir) / name
+    OmegaConf.save(cfg, path, resolve=True)
+    return path

@@ -1,0 +1,45 @@
+"""Random number generation that depends on seeds only, never on batch size, GPU count or resume point.
+
+Training noise comes from `step_generator(seed, rank, step)`: each rank draws different noise, and a resumed run draws
+exactly what the uninterrupted run drew at that step. Sampling noise comes from `StackedRandomGenerator`, one
+generator per image seed (EDM2, `generate_images.py`), so an image depends on its own seed only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def fold_seed(*values: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64 over the values), deterministic across processes."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for one training step on one rank: noise, timesteps and condition dropout draw from it."""
+    return torch.Generator(device=device).manual_seed(fold_seed(seed, rank, step))
+
+
+class StackedRandomGenerator:
+    """One torch.Generator per sample seed; `randn` stacks per-sample draws along the batch dimension."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal noise of `shape`; shape[0] must equal the number of seeds."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"batch dimension {shape[0]} != number of seeds {len(self.generators)}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, dtype=x.dtype)
