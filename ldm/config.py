@@ -46,9 +46,10 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as err:
-        key = f"{where}{err.key}" if getattr(err, "key", None) else where.rstrip(".")
-        fields = sorted(f.name for f in dataclasses.fields(schema))
-        raise ConfigError(f"unknown config key '{key}' ({err.msg.splitlines()[0]}); valid keys of {schema.__name__}: "
+        key = f"{where}{err.full_key}" if getattr(err, "full_key", None) else where.rstrip(".")
+        owner = err.object_type if dataclasses.is_dataclass(err.object_type) else schema
+        fields = sorted(f.name for f in dataclasses.fields(owner))
+        raise ConfigError(f"unknown config key '{key}' ({err.msg.splitlines()[0]}); valid keys of {owner.__name__}: "
                           f"{fields}") from None
     except ValidationError as err:
         key = f"{where}{err.full_key}" if getattr(err, "full_key", None) else where.rstrip(".")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 import rich
@@ -15,6 +17,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 # conf/ sits beside the package in the repository; LDM_CONF_DIR points elsewhere (e.g. a copy of conf/).
 CONF_DIR = os.environ.get("LDM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def run_id(output_dir: str) -> str:
+    """A stable id for the run in `output_dir` (the W&B run id): the directory's name plus a hash of its path.
+
+    The same directory always gives the same id, so a resumed or requeued run continues its W&B run.
+    """
+    path = str(Path(output_dir).absolute())
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).name)[-48:]
+    return f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:

@@ -1,0 +1,21 @@
+"""Conditioning encoders (CLIP, any transformers encoder, a trainable byte-level encoder, class labels) and
+condition dropout for classifier-free guidance; `build_conditioner(config)` is the entry point."""
+
+from ldm.conditioning.byte import ByteTextEncoder
+from ldm.conditioning.conditioner import (
+    ClassConditioner,
+    Conditioner,
+    ConditionerConfig,
+    NullConditioner,
+    TextConditioner,
+    build_conditioner,
+)
+from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
+from ldm.conditioning.labels import ClassEmbedder
+from ldm.conditioning.text import CLIPTextEncoder, HFTextEncoder, load_pretrained
+
+__all__ = [
+    "ByteTextEncoder", "CLIPTextEncoder", "ClassConditioner", "ClassEmbedder", "Conditioner", "ConditionerConfig",
+    "HFTextEncoder", "NullConditioner", "TextConditioner", "build_conditioner", "drop_labels", "drop_mask",
+    "drop_prompts", "load_pretrained",
+]

@@ -1,0 +1,12 @@
+"""Evaluation: metrics over torchmetrics, cached reference statistics and the checkpoint evaluator behind `ldm-eval`.
+
+    feature_extractors  InceptionV3 / CLIP loading (local paths, offline errors) and their identities
+    sources             shard sets read in order, prompt sets, image conversions
+    reference_stats     real-image FID/KID states, computed once and cached by everything that changes them
+    metrics             GenerationMetrics (FID, KID, CLIP score, shapes adherence), ReconstructionMetrics
+    shapes_adherence    the deterministic colour / shape reader for the `shapes` data set
+    results             results.jsonl / results.csv
+    evaluator           EvalConfig, evaluate(cfg) -> rows
+
+Modules are imported where used (`from ldm.eval.evaluator import evaluate`), so importing one stays light.
+"""

@@ -1,0 +1,1 @@
+"""Networks only (torch.nn, no Lightning)."""

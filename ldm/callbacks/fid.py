@@ -1,0 +1,131 @@
+"""Small-N FID (and CLIP score) during training, on the EMA weights, against cached reference statistics.
+
+Every `every_n_steps` training steps the module generates `num_samples` images from the validation captions (sample
+i: prompt i, seed `seed + i`, split across DDP ranks) and logs `val/fid_<N>` (and `val/clip_score_<N>`). The
+reference statistics are the ones `ldm-eval` caches (same key: shards, resolution, count, feature extractor), so
+they are computed once per data set and shared between runs and the final evaluation.
+
+A small-N FID is biased upward and noisy: it tracks progress within a run, it is not a number to report (use
+`ldm-eval` with N >= 10k for that). conf/callbacks/fid.yaml documents the settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ldm.eval.evaluator import dist_info, generate_images, rank_batches
+from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
+from ldm.eval.metrics import GenerationMetrics
+from ldm.eval.reference_stats import load_or_compute_reference_stats
+from ldm.eval.sources import expand_shards, load_prompts, to_uint8
+
+
+class FIDCallback(L.Callback):
+    """Logs `val/fid_<N>` (and `val/clip_score_<N>` for text-conditioned runs with `clip_model` set).
+
+    Args:
+        val_shards: shard set whose captions are the prompts and whose images are the reference.
+        every_n_steps: training steps between evaluations (also run at the end of training when > 0).
+        num_samples: images generated per evaluation (N in the metric's name).
+        reference_num_samples: real images in the reference statistics; null: every image of val_shards.
+        cache_dir: where reference statistics are cached (shared with `ldm-eval`).
+        feature_dim, feature_extractor_weights_path, fid_antialias: the Inception features (see conf/eval.yaml).
+        clip_model: hub name or local CLIP directory; null: no CLIP score.
+        sampler, num_steps, guidance_scale, seed: how the images are generated.
+        batch_size: images per `generate` call per process.
+        use_ema: the EMA weights (the model a run delivers) or the raw ones.
+    """
+
+    def __init__(self, val_shards: str | list[str], every_n_steps: int = 5000, num_samples: int = 1000,
+                 reference_num_samples: int | None = None, cache_dir: str = "~/.cache/ldm/reference_stats",
+                 feature_dim: int = 2048, feature_extractor_weights_path: str | None = None,
+                 fid_antialias: bool = False, clip_model: str | None = None, sampler: str = "ddim",
+                 num_steps: int = 50, guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
+                 use_ema: bool = True):
+        super().__init__()
+        if every_n_steps < 1 or num_samples < 2:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 and num_samples={num_samples} >= 2")
+        self.val_shards = val_shards
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.reference_num_samples = reference_num_samples
+        self.cache_dir = cache_dir
+        self.feature_dim = feature_dim
+        self.feature_extractor_weights_path = feature_extractor_weights_path
+        self.fid_antialias = fid_antialias
+        self.clip_model = clip_model
+        self.sampler = sampler
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.batch_size = batch_size
+        self.use_ema = use_ema
+        self._inception: InceptionFeatures | None = None
+        self._metrics: GenerationMetrics | None = None
+        self._prompts: list[str] | None = None
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Fail at start, not after hours of training: weights must be loadable and the shards readable.
+        self._shards = expand_shards(self.val_shards)
+        self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
+        self._inception = InceptionFeatures(self.feature_dim, self.feature_extractor_weights_path,
+                                            antialias=self.fid_antialias,
+                                            key="callbacks.fid.feature_extractor_weights_path")
+        if self.clip_model:
+            clip_loader(self.clip_model, key="callbacks.fid.clip_model")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step and trainer.global_step > 0:
+            self.evaluate(trainer, pl_module, log=False)
+
+    def _scorer(self, pl_module: L.LightningModule, resolution: int) -> GenerationMetrics:
+        if self._metrics is None:
+            device = pl_module.device
+            self._inception = self._inception.to(device)
+            reference = load_or_compute_reference_stats(self._shards, resolution, self.reference_num_samples,
+                                                        self._inception, self.cache_dir, self.batch_size, device)
+            kind = getattr(getattr(pl_module, "conditioner", None), "kind", "text")
+            metrics = ["fid"] + (["clip_score"] if self.clip_model and kind not in ("class", "none") else [])
+            self._metrics = GenerationMetrics(metrics, self._inception, reference, self.clip_model,
+                                              seed=self.seed).to(device)
+        return self._metrics
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
+        """Generate, score and log; every rank takes part (metric states sync across ranks)."""
+        self._last_step = trainer.global_step
+        rank, world = dist_info()
+        was_training = pl_module.training
+        pl_module.eval()
+        scorer = None
+        for batch in rank_batches(self.num_samples, self.batch_size, rank, world):
+            prompts = [self._prompts[i] for i in batch]
+            images = generate_images(pl_module, prompts, [self.seed + i for i in batch], self.sampler,
+                                     self.num_steps, self.guidance_scale, self.use_ema)
+            images = to_uint8(images)                                                   # (B, 3, H, W)
+            if scorer is None:  # the resolution is the model's: known from its first images
+                scorer = self._scorer(pl_module, int(images.shape[-1]))
+            scorer.update(images, prompts)
+        pl_module.train(was_training)
+        if scorer is None:
+            raise ValueError(f"rank {rank} got no samples: num_samples={self.num_samples} < {world} ranks")
+        values = scorer.compute()
+        scorer.reset()
+        results = {f"val/{name}_{self.num_samples}": value for name, value in values.items()}
+        rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        if log:
+            pl_module.log_dict(results, on_step=True, on_epoch=False, sync_dist=False)
+        elif trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(results, step=trainer.global_step)
+        return results

@@ -1,0 +1,74 @@
+"""Log image grids every N training steps (CompVis' ImageLogger pattern), for any module with `log_images`.
+
+The module returns `{name: images (B, C, H, W) in [-1, 1]}` from `log_images(batch)`; each entry becomes one grid,
+written as a PNG under `save_dir/<split>/<name>_step0001000.png` and sent to W&B when a WandbLogger is attached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchvision
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> one uint8 grid (3, H', W') on the CPU."""
+    images = images.detach().float().cpu().clamp(-1, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+    return (grid * 255).round().to(torch.uint8)
+
+
+class ImageLogger(L.Callback):
+    """Calls `pl_module.log_images(batch)` on rank zero every `every_n_steps` steps and on the first validation batch.
+
+    Args:
+        save_dir: where the PNGs go (the train configs use `${paths.output_dir}/images`).
+        every_n_steps: training steps between grids; 0 turns training grids off.
+        log_on_validation: also log the first batch of each validation run.
+        nrow: images per grid row.
+    """
+
+    def __init__(self, save_dir: str, every_n_steps: int = 500, log_on_validation: bool = True, nrow: int = 8):
+        super().__init__()
+        self.save_dir = Path(save_dir)
+        self.every_n_steps = every_n_steps
+        self.log_on_validation = log_on_validation
+        self.nrow = nrow
+
+    @rank_zero_only
+    def log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
+        if not hasattr(pl_module, "log_images"):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch)
+        pl_module.train(was_training)
+
+        step = trainer.global_step
+        out = self.save_dir / split
+        out.mkdir(parents=True, exist_ok=True)
+        grids = {name: make_grid(x, self.nrow) for name, x in images.items()}
+        for name, grid in grids.items():
+            torchvision.io.write_png(grid, str(out / f"{name}_step{step:07d}.png"))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=f"{split}/images", images=[g.permute(1, 2, 0).numpy() for g in grids.values()],
+                                 caption=list(grids), step=step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.log_batch(trainer, pl_module, batch, "train")
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.log_on_validation and batch_idx == 0 and not trainer.sanity_checking:
+            self.log_batch(trainer, pl_module, batch, "val")

@@ -1,0 +1,111 @@
+"""Skip optimizer steps whose loss or gradients are not finite, the same way on every rank; stop after K in a row.
+
+The guard watches two Lightning hooks that fire for automatic and manual optimization alike:
+  on_before_backward        sees every loss that goes through `backward` (automatic) or `self.manual_backward`;
+  on_before_optimizer_step  runs after backward (and after AMP unscaling) and right before `optimizer.step()`.
+At the second hook each rank computes "my loss or my gradients are non-finite", the ranks all-reduce that flag (any
+rank bad -> all bad), and if it is set every rank drops its gradients (`zero_grad(set_to_none=True)`), so the
+optimizer's `step()` changes neither the weights nor its moments. Every rank has run its backward by then, so DDP's
+gradient all-reduce never waits on a rank that bailed out early.
+
+A training batch with at least one skipped optimizer step counts as skipped (logged as `train/nan_skipped`, the total
+so far). After `max_consecutive` skipped batches in a row the guard sets `halted`, stops the trainer and says why;
+`ldm.callbacks.checkpoint.Checkpoint` then writes nothing more, so `last.ckpt` stays the last good state, and
+`ldm.cli.train.train` raises `TrainingDiverged` with the message.
+
+With fp16 mixed precision (`16-mixed`) infinite gradients are the GradScaler's business (it skips the step and lowers
+the scale), so only a non-finite loss counts there.
+
+Manual optimization (AutoencoderModule) needs nothing special, provided the module calls `self.manual_backward(loss)`
+(not `loss.backward()`) and steps through the LightningOptimizer from `self.optimizers()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+
+class NanGuard(L.Callback):
+    """Skip non-finite steps on all ranks at once; halt after `max_consecutive` skipped batches in a row.
+
+    Args:
+        max_consecutive: stop the run after this many skipped training batches in a row (>= 1).
+        check_grads: also inspect gradients (one fused norm per optimizer step), not only the loss.
+    """
+
+    def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
+        if max_consecutive < 1:
+            raise ValueError(f"callbacks.nan_guard.max_consecutive={max_consecutive} must be >= 1")
+        self.max_consecutive = max_consecutive
+        self.check_grads = check_grads
+        self.skipped_total = 0    # batches skipped over the whole run (restored on resume)
+        self.consecutive = 0      # batches skipped in a row up to now
+        self.halted = False       # set when the run was stopped; checkpointing then stops too
+        self.message = ""
+        self._loss_finite = True  # all losses backpropagated since the last optimizer step were finite
+        self._batch_stepped = False  # an optimizer step ran in this batch (not so between accumulation steps)
+        self._batch_skipped = False
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_stepped = self._batch_skipped = False
+
+    @override
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        # note: no .item() here; the flag stays on the device until the optimizer step reads it.
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is True else self._loss_finite & finite
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        finite = torch.as_tensor(self._loss_finite)
+        self._loss_finite = True
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self.check_grads and scaler is None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                finite = finite.to(grads[0].device) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        bad = not bool(finite.item())
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any rank bad -> every rank skips
+        self._batch_stepped = True
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            self._batch_skipped = True
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._batch_stepped:
+            return  # gradient accumulation: the decision comes with the batch that steps
+        if not self._batch_skipped:
+            self.consecutive = 0
+            return
+        self.skipped_total += 1
+        self.consecutive += 1
+        pl_module.log("train/nan_skipped", float(self.skipped_total), on_step=True, on_epoch=False,
+                      rank_zero_only=True)
+        rank_zero_warn(f"NaN guard: non-finite loss or gradients at step {trainer.global_step}; optimizer step "
+                       f"skipped on every rank ({self.consecutive} in a row, {self.skipped_total} in total)")
+        if self.consecutive >= self.max_consecutive:
+            self.halted = True
+            self.message = (f"NaN guard: {self.consecutive} training steps in a row had a non-finite loss or "
+                            f"gradients (callbacks.nan_guard.max_consecutive={self.max_consecutive}); stopped at "
+                            f"global step {trainer.global_step} without writing a checkpoint. Resume from the last "
+                            f"good checkpoint with a lower learning rate, a different seed or fp32 precision.")
+            trainer.should_stop = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_total": self.skipped_total, "consecutive": self.consecutive}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_total = int(state_dict["skipped_total"])
+        self.consecutive = int(state_dict["consecutive"])

@@ -1,0 +1,154 @@
+"""ldm-sample: generate images from a latent diffusion checkpoint; one PNG per image, a grid and a run record.
+
+    ldm-sample ckpt_path=runs/ldm/checkpoints/last.ckpt prompts='[a red circle, a blue square]' output_dir=samples
+    ldm-sample ckpt_path=C prompts_file=prompts.txt sampler=dpmpp_2m num_steps=25 guidance_scale=4 \
+               num_images_per_prompt=4 seed=100 batch_size=16 device=cuda
+
+Image j of prompt i uses seed `seed + i * num_images_per_prompt + j`, so every image depends on its own seed only,
+never on the batch size or device count. The checkpoint alone is enough: it holds the frozen autoencoder too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.cli.common import CONF_DIR
+from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.diffusion.sampling import SAMPLERS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleConfig:
+    """What `ldm-sample` runs (conf/sample.yaml documents every key)."""
+
+    ckpt_path: str = ""                        # required: a LatentDiffusionModule checkpoint
+    prompts: list[str] = field(default_factory=list)  # prompts; or prompts_file
+    prompts_file: str | None = None            # one prompt per line (blank lines skipped)
+    class_labels: list[int] | None = None      # class-conditional models: one label per prompt
+    sampler: str = "ddim"                      # ddpm | ddim | dpmpp_2m
+    num_steps: int = 50
+    guidance_scale: float = 5.0                # classifier-free guidance; 1.0 is the plain conditional model
+    eta: float = 0.0                           # DDIM's noise (0: deterministic)
+    seed: int = 0                              # image k of the run uses seed + k
+    num_images_per_prompt: int = 1
+    batch_size: int = 8                        # images per forward pass; results do not depend on it
+    output_dir: str = ""                       # required: PNGs, grid.png and sample.json go here
+    device: str = "auto"                       # auto | cpu | cuda | cuda:N
+    use_ema: bool = True                       # the EMA weights (false: the raw training weights)
+    image_size: int | None = None              # pixels; null: the resolution the model was trained at
+
+    def __post_init__(self) -> None:
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if not self.ckpt_path:
+            raise ConfigError("ckpt_path is required: a latent diffusion checkpoint, e.g. "
+                              "ckpt_path=runs/ldm/checkpoints/last.ckpt")
+        if not self.output_dir:
+            raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
+        if bool(self.prompts) == bool(self.prompts_file):
+            raise ConfigError("give exactly one of prompts='[a red circle, a blue square]' and prompts_file=FILE "
+                              f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")
+        for key in ("num_steps", "num_images_per_prompt", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if not self.device == "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def read_prompts(config: SampleConfig) -> list[str]:
+    if not config.prompts_file:
+        return [str(p) for p in config.prompts]
+    path = Path(config.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts_file={path} does not exist; give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts_file={path} holds no prompts")
+    return prompts
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 in [0, 255] on the CPU."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
+    """Generate every image of `cfg`; return the paths of the per-image PNGs (grid.png and sample.json beside them)."""
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    config = to_dataclass(SampleConfig, cfg)
+    ckpt = Path(config.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist; point it at a latent diffusion checkpoint, e.g. "
+                                f"runs/<run>/checkpoints/last.ckpt")
+    prompts = read_prompts(config)
+    if config.class_labels is not None and len(config.class_labels) != len(prompts):
+        raise ConfigError(f"class_labels has {len(config.class_labels)} entries for {len(prompts)} prompts")
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    module = LatentDiffusionModule.from_checkpoint(ckpt, map_location="cpu").to(device).eval()
+    k = config.num_images_per_prompt
+    jobs = [(i, j, config.seed + i * k + j) for i in range(len(prompts)) for j in range(k)]  # (prompt, copy, seed)
+    log.info("%d prompts x %d images, sampler %s, %d steps, guidance %.2f, seeds %d..%d, device %s",
+             len(prompts), k, config.sampler, config.num_steps, config.guidance_scale, jobs[0][2], jobs[-1][2], device)
+
+    start = time.perf_counter()
+    images: list[torch.Tensor] = []
+    paths: list[Path] = []
+    for b in range(0, len(jobs), config.batch_size):
+        batch = jobs[b: b + config.batch_size]
+        labels = None if config.class_labels is None else [config.class_labels[i] for i, _, _ in batch]
+        with torch.no_grad():
+            x = module.generate([prompts[i] for i, _, _ in batch], [s for _, _, s in batch], sampler=config.sampler,
+                                num_steps=config.num_steps, guidance_scale=config.guidance_scale,
+                                use_ema=config.use_ema, class_labels=labels, eta=config.eta,
+                                image_size=config.image_size)                   # (B, 3, H, W) in [-1, 1]
+        for (i, _, seed), image in zip(batch, x.cpu()):
+            path = out / f"prompt{i:03d}_seed{seed:06d}.png"
+            torchvision.io.write_png(to_uint8(image), str(path))
+            paths.append(path)
+            images.append(image)
+    seconds = time.perf_counter() - start
+
+    grid = torchvision.utils.make_grid(torch.stack(images), nrow=k, padding=2, pad_value=1.0)  # rows = prompts
+    torchvision.io.write_png(to_uint8(grid), str(out / "grid.png"))
+    record = {"config": asdict(config), "prompts": prompts, "seeds": [s for _, _, s in jobs],
+              "files": [p.name for p in paths], "seconds": round(seconds, 2), "device": str(device),
+              "checkpoint_step": module.checkpoint_step}
+    (out / "sample.json").write_text(json.dumps(record, indent=2))
+    log.info("wrote %d images, %s and %s in %.1f s", len(paths), out / "grid.png", out / "sample.json", seconds)
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""A small trainable text encoder over UTF-8 bytes: no vocabulary, no download (the LDM paper trains its text-to-image
+transformer encoder from scratch, sec. 4.3.1; bytes as tokens follow ByT5, Xue et al. 2022).
+
+A prompt becomes [BOS] + its UTF-8 bytes + [EOS], truncated to `max_length` and padded with PAD; padding is masked
+out of the self-attention. The empty prompt is [BOS, EOS, PAD, ...], a valid input like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ldm.nn.attention import TransformerBlock
+
+PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
+VOCAB_SIZE = 259
+
+
+def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, max_length) and the mask of real tokens (B, max_length), True for BOS, bytes and EOS.
+
+    Prompts longer than max_length - 2 bytes are cut, possibly inside a multi-byte character; the encoder sees
+    the bytes, so a cut character is only a partial token, never an error.
+    """
+    ids = torch.full((len(prompts), max_length), PAD, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        data = prompt.encode("utf-8", errors="replace")[: max_length - 2]
+        ids[i, : len(data) + 2] = torch.tensor([BOS, *data, EOS], dtype=torch.long)
+    return ids, ids != PAD
+
+
+class ByteTextEncoder(nn.Module):
+    """Byte embeddings + learned positions, pre-LN transformer blocks (SDPA), a final LayerNorm: (B, L, width).
+
+    Args:
+        width: token width, the UNet's context_dim.
+        num_layers: transformer blocks.
+        num_heads: attention heads; width must divide by it.
+        max_length: tokens per prompt, including BOS and EOS.
+        dropout: dropout inside the blocks.
+    """
+
+    trainable = True
+
+    def __init__(self, width: int = 512, num_layers: int = 4, num_heads: int = 8, max_length: int = 77,
+                 dropout: float = 0.0):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"byte encoder width={width} is not divisible by num_heads={num_heads}")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must leave room for BOS and EOS (>= 2)")
+        self.context_dim = width
+        self.max_length = max_length
+        self.token_embed = nn.Embedding(VOCAB_SIZE, width)
+        self.pos_embed = nn.Parameter(torch.zeros(max_length, width))
+        self.blocks = nn.ModuleList(TransformerBlock(width, num_heads, width // num_heads, dropout=dropout)
+                                    for _ in range(num_layers))
+        self.norm = nn.LayerNorm(width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Encode a batch of prompts to (B, max_length, width)."""
+        device = self.pos_embed.device
+        ids, mask = byte_tokenize(prompts, self.max_length)
+        ids, mask = ids.to(device), mask.to(device)                             # (B, L), (B, L)
+        h = self.token_embed(ids) + self.pos_embed                              # (B, L, D)
+        for block in self.blocks:
+            h = block(h, mask=mask)                                             # (B, L, D)
+        return self.norm(h)                                                     # (B, L, D)

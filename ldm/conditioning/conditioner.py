@@ -1,0 +1,206 @@
+"""The conditioner: a batch's raw conditions (prompts or class labels) in, the UNet's keyword arguments out.
+
+    conditioner = build_conditioner(cfg.model.conditioner)            # ConditionerConfig, dict or DictConfig
+    conditioner.check_unet(unet.config)                               # context_dim / num_classes agree
+    cond = conditioner(batch["prompt"], generator=step_generator(...))  # {"context": (B, L, D), "class_labels": None}
+    pred = unet(x_t, t, **cond)
+    uncond = conditioner.unconditional(B, device)                    # the empty prompt / null class, for guidance
+
+In training mode a fraction `cond_drop_prob` of the conditions is dropped (see `ldm.conditioning.dropout`); in eval
+mode nothing is. Frozen encoders stay in eval mode and run under no_grad either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ldm.conditioning.byte import ByteTextEncoder
+from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
+from ldm.conditioning.labels import ClassEmbedder
+from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
+from ldm.config import ConfigError, check_choice, to_dataclass
+
+KINDS = ["clip", "hf", "byte", "class", "none"]
+UNetKwargs = dict[str, torch.Tensor | None]
+
+
+@dataclass
+class ConditionerConfig:
+    """What conditions the UNet; the node `model.conditioner` of a latent diffusion config."""
+
+    kind: str = "byte"                  # clip | hf | byte | class | none
+    cond_drop_prob: float = 0.1         # training: prompts -> "", labels -> null class (classifier-free guidance)
+    # Text (clip, hf, byte).
+    max_length: int = 77                # tokens per prompt, padded and truncated
+    # Pretrained encoders (clip, hf).
+    name_or_path: str | None = None     # hub name or local save_pretrained() directory;
+    #                                     clip: null = openai/clip-vit-large-patch14
+    layer: str = "last"                 # clip: last | penultimate (SD 2: hidden_states[-2] + final_layer_norm)
+    trainable: bool = False             # clip, hf: fine-tune the encoder; frozen by default (byte, class always train)
+    # Byte-level encoder (byte); width is also the class embedding's (class, class_embed=context).
+    width: int = 512                    # context width D
+    num_layers: int = 4                 # transformer blocks
+    num_heads: int = 8                  # attention heads; width must divide by it
+    # Class labels (class).
+    num_classes: int = 1000             # real classes; index num_classes is the null class
+    class_embed: str = "context"        # context: one (B, 1, width) token for cross-attention (LDM);
+    #                                     unet: labels go to the UNet's own table, model.unet.num_classes (ADM)
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, KINDS)
+        check_choice("layer", self.layer, ["last", "penultimate"])
+        check_choice("class_embed", self.class_embed, ["context", "unet"])
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ConfigError(f"cond_drop_prob={self.cond_drop_prob} must lie in [0, 1]")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length} must be >= 2")
+        if self.kind == "hf" and not self.name_or_path:
+            raise ConfigError("kind=hf needs name_or_path: a hub name (e.g. google/t5-v1_1-base) or a local directory")
+        if self.kind == "byte" and self.width % self.num_heads:
+            raise ConfigError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.kind == "class" and self.num_classes < 1:
+            raise ConfigError(f"num_classes={self.num_classes} must be >= 1")
+
+
+class Conditioner(nn.Module):
+    """Base class: `forward(conds, generator)` returns the UNet's keyword arguments, `unconditional` their null
+    counterpart. `context_dim` and `num_classes` are what the UNet must be built with; `trainable` says whether
+    the conditioner has parameters to optimise."""
+
+    context_dim: int | None = None
+    num_classes: int | None = None
+    trainable: bool = False
+
+    def __init__(self, kind: str, cond_drop_prob: float):
+        super().__init__()
+        self.kind = kind
+        self.cond_drop_prob = cond_drop_prob
+
+    def forward(self, conds: Any, generator: torch.Generator | None = None) -> UNetKwargs:
+        raise NotImplementedError
+
+    def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
+        raise NotImplementedError
+
+    def check_unet(self, unet_config: Any, prefix: str = "model") -> None:
+        """Raise ConfigError unless the UNet's context_dim and num_classes match this conditioner."""
+        for key, mine in (("context_dim", self.context_dim), ("num_classes", self.num_classes)):
+            theirs = getattr(unet_config, key)
+            if theirs != mine:
+                raise ConfigError(f"{prefix}.unet.{key}={theirs} does not match {prefix}.conditioner.kind="
+                                  f"{self.kind}, which needs {key}={mine}; set {prefix}.unet.{key}={mine}")
+
+
+class TextConditioner(Conditioner):
+    """Prompts through a text encoder into the cross-attention context; dropped prompts become "".
+
+    Args:
+        encoder: a module mapping a list of prompts to (B, L, D), with `context_dim` and `trainable`.
+        kind: the config's kind, for messages.
+        cond_drop_prob: probability of replacing a prompt by the empty prompt in training.
+    """
+
+    def __init__(self, encoder: nn.Module, kind: str, cond_drop_prob: float = 0.1):
+        super().__init__(kind, cond_drop_prob)
+        self.encoder = encoder
+        self.context_dim = encoder.context_dim
+        self.trainable = encoder.trainable
+
+    def forward(self, prompts: Sequence[str], generator: torch.Generator | None = None) -> UNetKwargs:
+        """Prompts (B strings) to {"context": (B, L, D), "class_labels": None}."""
+        if isinstance(prompts, str):
+            raise TypeError("pass a sequence of prompts, not a single string")
+        if self.training:
+            prompts = drop_prompts(prompts, drop_mask(len(prompts), self.cond_drop_prob, generator))
+        return {"context": self.encoder(prompts), "class_labels": None}
+
+    def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
+        """The empty prompt's context, repeated (the encoder's own device is used)."""
+        return {"context": self.encoder([""] * batch_size), "class_labels": None}
+
+
+class ClassConditioner(Conditioner):
+    """Class labels, either embedded here as one context token (`class_embed=context`) or handed to the UNet's
+    label table (`class_embed=unet`); dropped labels become the null class `num_classes`.
+
+    Args:
+        num_classes: real classes; labels lie in [0, num_classes], num_classes being the null class.
+        width: width of the context token; None hands the labels to the UNet instead.
+        cond_drop_prob: probability of replacing a label by the null class in training.
+    """
+
+    trainable = True
+
+    def __init__(self, num_classes: int, width: int | None, cond_drop_prob: float = 0.1):
+        super().__init__("class", cond_drop_prob)
+        self.null_class = num_classes
+        self.embedder = ClassEmbedder(num_classes, width) if width is not None else None
+        if self.embedder is not None:
+            self.context_dim = width
+        else:
+            self.num_classes = num_classes
+            self.trainable = False
+
+    def forward(self, labels: torch.Tensor | Sequence[int], generator: torch.Generator | None = None) -> UNetKwargs:
+        """Labels (B,) to {"context": (B, 1, D), "class_labels": None} or {"context": None, "class_labels": (B,)}."""
+        device = self.embedder.embedding.weight.device if self.embedder is not None else None
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if labels.ndim != 1:
+            raise ValueError(f"class labels must be (B,); got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_class):
+            raise ValueError(f"class labels must lie in [0, {self.null_class}] ({self.null_class} = null class); "
+                             f"got min {int(labels.min())}, max {int(labels.max())}")
+        if self.training:
+            labels = drop_labels(labels, drop_mask(len(labels), self.cond_drop_prob, generator), self.null_class)
+        return self._route(labels)
+
+    def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
+        """The null class for every sample (the embedding table's device when there is one)."""
+        if self.embedder is not None:
+            device = self.embedder.embedding.weight.device
+        return self._route(torch.full((batch_size,), self.null_class, dtype=torch.long, device=device))
+
+    def _route(self, labels: torch.Tensor) -> UNetKwargs:
+        if self.embedder is not None:
+            return {"context": self.embedder(labels), "class_labels": None}   # (B, 1, D)
+        return {"context": None, "class_labels": labels}                      # (B,)
+
+
+class NullConditioner(Conditioner):
+    """Unconditional models: no context, no labels."""
+
+    def forward(self, conds: Any = None, generator: torch.Generator | None = None) -> UNetKwargs:
+        return {"context": None, "class_labels": None}
+
+    def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
+        return {"context": None, "class_labels": None}
+
+
+def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
+                      prefix: str = "model.conditioner") -> Conditioner:
+    """Build the conditioner a config names.
+
+    Args:
+        config: a ConditionerConfig, or a dict / DictConfig validated against it.
+        prefix: where the node sits in the full config, for error messages.
+    """
+    c = to_dataclass(ConditionerConfig, config, prefix)
+    key = f"{prefix}.name_or_path"
+    if c.kind == "clip":
+        encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key)
+        return TextConditioner(encoder, c.kind, c.cond_drop_prob)
+    if c.kind == "hf":
+        return TextConditioner(HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key), c.kind, c.cond_drop_prob)
+    if c.kind == "byte":
+        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length)
+        return TextConditioner(encoder, c.kind, c.cond_drop_prob)
+    if c.kind == "class":
+        width = c.width if c.class_embed == "context" else None
+        return ClassConditioner(c.num_classes, width, c.cond_drop_prob)
+    return NullConditioner(c.kind, c.cond_drop_prob)

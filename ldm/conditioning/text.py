@@ -1,0 +1,163 @@
+"""Pretrained text encoders from transformers: CLIP's text tower (SD 1 and 2) and any other encoder by name (T5 ...).
+
+Models load by hub name or from a local `save_pretrained()` directory. The cache is tried first; with HF_HUB_OFFLINE
+(or TRANSFORMERS_OFFLINE) set nothing is downloaded, and a model that is not on disk raises at once, naming the
+config key to point at a local copy. transformers is imported only when one of these encoders is built (it takes
+seconds to import).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.config import ConfigError, check_choice
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off by the environment."""
+    return any(os.environ.get(key, "").upper() in _TRUE for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(name_or_path)`: from a local directory, then the cache, then (when online) the hub.
+
+    Args:
+        cls: a transformers class with `from_pretrained` (a model, tokenizer or config class).
+        name_or_path: a hub name ("openai/clip-vit-large-patch14") or a local directory.
+        config_key: the config key that set `name_or_path`, named in the error.
+        **kwargs: passed to from_pretrained.
+
+    Raises:
+        ConfigError: the model is neither on disk nor downloadable; the message says how to point at a local copy.
+    """
+    path = Path(name_or_path).expanduser()
+    is_path = path.exists() or name_or_path.startswith(("/", "./", "../", "~"))
+    fix = (f"Set {config_key} to a local directory holding a save_pretrained() copy of the model and its tokenizer "
+           f"(e.g. {config_key}=/path/to/clip-vit-large-patch14), or run once with network access to fill the "
+           f"Hugging Face cache.")
+    if is_path and not path.is_dir():
+        raise ConfigError(f"{config_key}={name_or_path!r} is not a directory. {fix}")
+    source = str(path) if is_path else name_or_path
+    try:
+        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        if is_path or hub_offline():
+            where = "in that directory" if is_path else "in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__}: not found {where} "
+                              f"({reason}). {fix}") from err
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__} from the cache or the hub "
+                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). {fix}") from err
+
+
+class FrozenMixin:
+    """Encoders that are frozen stay in eval mode (no dropout) whatever `.train()` their parent receives."""
+
+    trainable: bool
+
+    def freeze(self) -> None:
+        if not self.trainable:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+
+class CLIPTextEncoder(FrozenMixin, nn.Module):
+    """CLIP's text transformer, as Stable Diffusion conditions on it: 77 tokens, padded, no attention mask.
+
+    Args:
+        name_or_path: hub name or local directory holding the model and its tokenizer.
+        max_length: tokens per prompt (CLIP: 77, its number of positions).
+        layer: "last" (SD 1: last_hidden_state) or "penultimate" (SD 2: hidden_states[-2] through final_layer_norm).
+        trainable: fine-tune the encoder; frozen (eval mode, no grads, run under no_grad) by default.
+        config_key: the config key of name_or_path, for error messages.
+    """
+
+    def __init__(self, name_or_path: str = DEFAULT_CLIP, max_length: int = 77, layer: str = "last",
+                 trainable: bool = False, config_key: str = "model.conditioner.name_or_path"):
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        check_choice("layer", layer, ["last", "penultimate"])
+        self.tokenizer = load_pretrained(CLIPTokenizer, name_or_path, config_key)
+        self.transformer = load_pretrained(CLIPTextModel, name_or_path, config_key)
+        positions = self.transformer.config.max_position_embeddings
+        if max_length > positions:
+            raise ConfigError(f"max_length={max_length} exceeds the {positions} positions of {name_or_path}")
+        self.max_length = max_length
+        self.layer = layer
+        self.trainable = trainable
+        self.context_dim = self.transformer.config.hidden_size
+        self.freeze()
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
+                                return_tensors="pt")
+        return tokens.input_ids                                                 # (B, L)
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Encode prompts to (B, max_length, hidden_size)."""
+        ids = self.tokenize(prompts).to(self.transformer.device)               # (B, L)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            out = self.transformer(input_ids=ids, output_hidden_states=self.layer == "penultimate")
+            if self.layer == "last":
+                return out.last_hidden_state                                    # (B, L, D)
+            text_model = getattr(self.transformer, "text_model", self.transformer)  # transformers 4 nests it
+            return text_model.final_layer_norm(out.hidden_states[-2])             # (B, L, D)
+
+
+_T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+class HFTextEncoder(FrozenMixin, nn.Module):
+    """Any transformers text encoder by name: AutoTokenizer + AutoModel (the encoder alone for T5 and other
+    encoder-decoders), conditioning on last_hidden_state with padding masked in the encoder.
+
+    Args:
+        name_or_path: hub name (e.g. "google/t5-v1_1-base", "bert-base-uncased") or local directory.
+        max_length: tokens per prompt, padded and truncated.
+        trainable: fine-tune the encoder; frozen by default.
+        config_key: the config key of name_or_path, for error messages.
+    """
+
+    def __init__(self, name_or_path: str, max_length: int = 77, trainable: bool = False,
+                 config_key: str = "model.conditioner.name_or_path"):
+        super().__init__()
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = load_pretrained(AutoConfig, name_or_path, config_key)
+        model_cls = getattr(transformers, _T5_ENCODERS.get(config.model_type, "AutoModel"))
+        self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, config_key)
+        model = load_pretrained(model_cls, name_or_path, config_key)
+        if getattr(model.config, "is_encoder_decoder", False) and config.model_type not in _T5_ENCODERS:
+            model = model.get_encoder()
+        self.transformer = model
+        self.max_length = max_length
+        self.trainable = trainable
+        self.context_dim = getattr(config, "hidden_size", None) or config.d_model
+        self.freeze()
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Encode prompts to (B, max_length, hidden_size)."""
+        device = next(self.transformer.parameters()).device
+        tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
+                                return_tensors="pt")
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            out = self.transformer(input_ids=tokens.input_ids.to(device),
+                                   attention_mask=tokens.attention_mask.to(device))
+            return out.last_hidden_state                                        # (B, L, D)

@@ -1,0 +1,323 @@
+"""WebDataModule: captioned images from WebDataset shards, exact under DDP with many workers, and resumable.
+
+Batches are dicts: `image` float32 (B, 3, R, R) in [-1, 1], `caption` list[str], `key` list[str], and `label`
+int64 (B,) when every sample of the batch carries an integer `label` in its `.json`.
+
+The shards of an epoch are split over ranks x workers in contiguous, equal ranges of samples (`ldm.data.stream`
+explains the plan): no sample is read twice in an epoch, every rank yields the same number of batches, and fewer than
+ranks x workers x (batch_size + 1) training samples are left out per epoch. Rank and world size are read here, in the
+main process (trainer, else torch.distributed, else RANK/WORLD_SIZE), and travel into the workers inside the dataset.
+
+`state_dict()` holds the data position (epoch, batches consumed); after `load_state_dict()` the train loader resumes
+exactly there. Lightning iterates the train loader once per epoch and every `iter()` reads the trainer's epoch, so no
+`reload_dataloaders_every_n_epochs` is needed. Corrupt samples are skipped, logged with shard and key, and counted in
+`num_skipped` / `skipped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from ldm.config import ConfigError, to_dataclass
+from ldm.data.shards import SUMMARY_NAME
+from ldm.data.stream import EpochPlan, ShardStream
+
+log = logging.getLogger(__name__)
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
+# Our __len__ is exact by construction (every slot yields the same number of batches), so Lightning's generic
+# warning about IterableDataset lengths does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shard lists and their sample counts (main process).
+
+
+def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
+    """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
+
+    A directory stands for its `{split}-*.tar` shards (what ldm-data writes). A local pattern that matches no file
+    raises FileNotFoundError naming `key` and the pattern; remote URLs (`pipe:`, `http(s)://`, ...) pass through brace
+    expansion unchecked.
+    """
+    parts = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    urls: list[str] = []
+    for part in parts:
+        if not isinstance(part, str) or not part:
+            raise ConfigError(f"{key}: expected a non-empty string or a list of them, got {part!r}")
+        for url in wds.shardlists.expand_urls(part):
+            if url.startswith(REMOTE_PREFIXES):
+                urls.append(url)
+                continue
+            path = os.path.expanduser(url.removeprefix("file:"))
+            if os.path.isdir(path):
+                path = os.path.join(path, f"{split}-*.tar")
+            matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
+            if not matches:
+                raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
+                                        f"{os.getcwd()}); write shards with ldm-data or fix the path")
+            urls.extend(matches)
+    if not urls:
+        raise ConfigError(f"{key}={spec!r} names no shards")
+    return urls
+
+
+def _count_tar_samples(path: str) -> int:
+    """Distinct sample keys in a local tar (reads headers only); a damaged tar counts the samples before the damage."""
+    keys = set()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isreg():
+                    prefix, _ = wds.tariterators.base_plus_ext(member.name)
+                    if prefix is not None:
+                        keys.add(prefix)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, len(keys))
+    return len(keys)
+
+
+def shard_counts(urls: list[str], key: str, samples_per_shard: int | None) -> list[int]:
+    """Samples per shard: summary.json beside the shards, else img2dataset's `*_stats.json`, else a header scan of
+    local tars, else the `samples_per_shard` hint (remote shards without counts)."""
+    summaries: dict[str, dict[str, int]] = {}
+    counts = []
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            if samples_per_shard is None:
+                raise ConfigError(f"{key}: cannot count the samples of remote shard {url!r}; set "
+                                  f"data.samples_per_shard to the number of samples per shard")
+            counts.append(samples_per_shard)
+            continue
+        path = Path(url.removeprefix("file:"))
+        folder = str(path.parent.resolve())
+        if folder not in summaries:
+            summaries[folder] = _summary_counts(path.parent / SUMMARY_NAME)
+        if path.name in summaries[folder]:
+            counts.append(summaries[folder][path.name])
+        elif (stats := path.with_name(path.name.removesuffix(".tar") + "_stats.json")).exists():
+            counts.append(int(json.loads(stats.read_text())["successes"]))
+        else:
+            counts.append(_count_tar_samples(str(path)))
+    return counts
+
+
+def _summary_counts(path: Path) -> dict[str, int]:
+    if not path.exists():
+        return {}
+    splits = json.loads(path.read_text()).get("splits", {})
+    return {name: int(n) for split in splits.values() for name, n in zip(split["shards"], split["shard_counts"])}
+
+
+def distributed_info(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, world size), read in the main process: the trainer, else torch.distributed, else RANK/WORLD_SIZE."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loader and the DataModule (main process).
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader whose every `iter()` starts an epoch: it asks `begin_epoch(len)` for (epoch, batches to skip),
+    plants them in the dataset's plan before the workers start, and hands each batch's skip report to `on_batch`.
+
+    Lightning calls `iter()` once per epoch (and the workers are not persistent), so the epoch reaches the workers
+    without `reload_dataloaders_every_n_epochs`. It is also `_Stateful` for Lightning: its state is the datamodule's.
+    """
+
+    def __init__(self, dataset: ShardStream, begin_epoch: Callable[[int], tuple[int, int]],
+                 on_batch: Callable[[list[tuple[str, str, str]]], None], datamodule: WebDataModule, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.begin_epoch = begin_epoch
+        self.on_batch = on_batch
+        self.datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        self.dataset.plan.epoch, self.dataset.plan.skip_batches = self.begin_epoch(len(self.dataset))
+        return self._batches(super().__iter__())
+
+    def _batches(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in iterator:
+            self.on_batch(batch.pop("__skipped__", []))
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict)
+
+
+class WebDataModule(L.LightningDataModule):
+    """Train and validation batches from WebDataset shards (see the module docstring for DDP and resume)."""
+
+    @dataclass
+    class Config:
+        train_shards: Any = None  # path, brace pattern, glob, list, or URL (pipe:, http); required
+        val_shards: Any = None  # the same forms; null: no validation data
+        resolution: int = 32  # output side: resize the shorter side, then crop a square
+        batch_size: int = 32  # per process (the global batch is batch_size x world size x accumulation)
+        val_batch_size: int | None = None  # null: batch_size
+        num_workers: int = 2  # DataLoader workers per process; the shards are split over ranks x workers
+        shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (training only)
+        random_crop: bool = False  # training: random instead of centre crop
+        hflip: bool = False  # training: horizontal flip with probability 1/2 (do not use when captions say left/right)
+        seed: int = 0  # shard order, shuffle buffers, crops and flips derive from (seed, epoch, rank, worker)
+        samples_per_shard: int | None = None  # sample count assumed for remote shards that have no summary.json
+        pin_memory: bool = True
+
+        def __post_init__(self) -> None:
+            if self.train_shards is None:
+                raise ConfigError("data.train_shards is required: a shard path, brace pattern, glob or list, e.g. "
+                                  "data.train_shards=data/shapes/train-*.tar")
+            for name in ("resolution", "batch_size"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
+            if self.val_batch_size is not None and self.val_batch_size < 1:
+                raise ConfigError(f"data.val_batch_size={self.val_batch_size} must be >= 1 or null")
+            if self.num_workers < 0 or self.shuffle_buffer < 1:
+                raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 and "
+                                  f"data.shuffle_buffer={self.shuffle_buffer} >= 1")
+
+    def __init__(self, config: Config | dict | DictConfig | None = None, **overrides: Any):
+        super().__init__()
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+        base = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+        self.config = to_dataclass(self.Config, {**base, **overrides}, "data")
+        self.train_urls: list[str] = []
+        self.train_counts: list[int] = []
+        self.val_urls: list[str] = []
+        self.val_counts: list[int] = []
+        self.num_skipped = 0  # corrupt samples skipped by this process's loaders
+        self.skipped: list[tuple[str, str, str]] = []  # (shard, key, reason), the first 1000
+        self._epoch = -1  # epoch of the current train iteration (-1: none yet)
+        self._batches = 0  # train batches consumed in it (including those skipped on resume)
+        self._resume: dict[str, int] | None = None
+
+    # -- setup ---------------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        c = self.config
+        if not self.train_urls:
+            self.train_urls = expand_shards(c.train_shards, "data.train_shards")
+            self.train_counts = shard_counts(self.train_urls, "data.train_shards", c.samples_per_shard)
+        if c.val_shards is not None and not self.val_urls:
+            self.val_urls = expand_shards(c.val_shards, "data.val_shards", "val")
+            self.val_counts = shard_counts(self.val_urls, "data.val_shards", c.samples_per_shard)
+
+    def _plan(self, train: bool) -> EpochPlan:
+        c = self.config
+        rank, world_size = distributed_info(self.trainer)
+        urls, counts = (self.train_urls, self.train_counts) if train else (self.val_urls, self.val_counts)
+        batch_size = c.batch_size if train else (c.val_batch_size or c.batch_size)
+        plan = EpochPlan(urls, counts, c.seed, rank, world_size, c.num_workers, batch_size, train, c.resolution,
+                         c.shuffle_buffer, c.random_crop, c.hflip)
+        if plan.batches_per_worker == 0:
+            key = "data.train_shards" if train else "data.val_shards"
+            raise ConfigError(f"{key}: {sum(counts)} samples in {len(urls)} shards cannot give each of the "
+                              f"{plan.slots} slots ({world_size} ranks x {max(1, c.num_workers)} workers) a batch of "
+                              f"{batch_size}; lower the batch size or data.num_workers, or write more samples")
+        return plan
+
+    def train_dataloader(self) -> EpochLoader:
+        self.setup("fit")
+        plan = self._plan(train=True)
+        dropped = sum(plan.counts) - plan.slots * plan.quota
+        log.info("train data: %d samples in %d shards over %d slots (%d ranks x %d workers): %d batches of %d per "
+                 "rank per epoch, %d samples left out per epoch", sum(plan.counts), len(plan.urls), plan.slots,
+                 plan.world_size, max(1, plan.num_workers), len(ShardStream(plan)), plan.batch_size, dropped)
+        return EpochLoader(ShardStream(plan), self._begin_train_epoch, self._on_train_batch, self,
+                           num_workers=self.config.num_workers, pin_memory=self._pin_memory())
+
+    def val_dataloader(self) -> EpochLoader | list:
+        if self.config.val_shards is None:
+            return []
+        self.setup("validate")
+        return EpochLoader(ShardStream(self._plan(train=False)), lambda _: (0, 0), self._record_skipped, self,
+                           num_workers=self.config.num_workers, pin_memory=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        return self.config.pin_memory and torch.cuda.is_available()
+
+    # -- epochs, position and resume -----------------------------------------------------------------------------------
+
+    def _begin_train_epoch(self, num_batches: int) -> tuple[int, int]:
+        """(epoch, batches to skip) for a new iteration of the train loader, which has `num_batches` per epoch.
+
+        The first iteration after `load_state_dict` continues at the loaded position; a position at the end of an
+        epoch means the start of the next (Lightning restarted from such a checkpoint trains that next epoch on the
+        loader's first iterator). Otherwise the epoch is the trainer's when one is attached (Lightning iterates the
+        loader once per epoch), else one more than the last iteration's.
+        """
+        if self._resume is not None:
+            epoch, skip = self._resume["epoch"], self._resume["batches"]
+            if skip >= num_batches:
+                epoch, skip = epoch + 1, 0
+            self._resume = None
+        elif self.trainer is not None:
+            epoch, skip = self.trainer.current_epoch, 0
+        else:
+            epoch, skip = self._epoch + 1, 0
+        self._epoch, self._batches = epoch, skip
+        return epoch, skip
+
+    def _on_train_batch(self, skipped: list[tuple[str, str, str]]) -> None:
+        self._batches += 1
+        self._record_skipped(skipped)
+
+    def _record_skipped(self, skipped: list[tuple[str, str, str]]) -> None:
+        for shard, key, reason in skipped:
+            log.warning("skipped corrupt sample: shard %s, key %s (%s)", shard, key, reason)
+            if len(self.skipped) < 1000:
+                self.skipped.append((shard, key, reason))
+        self.num_skipped += len(skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position: epoch and train batches consumed in it (Lightning stores this in checkpoints).
+
+        Under a fitting trainer the count is the fit loop's processed batches (the loader runs ahead by its
+        prefetch); otherwise it is the batches this datamodule's train loader has yielded.
+        """
+        epoch, batches = self._epoch, self._batches
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            epoch = trainer.current_epoch
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": max(epoch, 0), "batches": batches, "seed": self.config.seed,
+                "world_size": distributed_info(trainer)[1], "num_workers": self.config.num_workers,
+                "batch_size": self.config.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
+        now = {"seed": self.config.seed, "world_size": distributed_info(self.trainer)[1],
+               "num_workers": self.config.num_workers, "batch_size": self.config.batch_size}
+        changed = {k: (state_dict[k], v) for k, v in now.items() if k in state_dict and state_dict[k] != v}
+        if changed:
+            warnings.warn(f"resuming data with changed settings {changed} (saved, now): the data order differs from "
+                          f"the interrupted run; skipping {state_dict['batches']} batches of epoch "
+                          f"{state_dict['epoch']} anyway", stacklevel=2)
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}

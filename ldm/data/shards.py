@@ -1,0 +1,255 @@
+"""Write WebDataset tar shards in the img2dataset convention, from the `shapes` generator or a folder of images.
+
+A sample is three tar members sharing a key: `KEY.png` (or `.jpg`), `KEY.txt` (the caption) and `KEY.json`
+(metadata). Shards are `train-000000.tar, train-000001.tar, ...` and `val-000000.tar, ...`; `summary.json` beside
+them records the count of each split and each shard, the resolution, the source and the seed. The datamodule reads the
+per-shard counts from it to give every DDP rank the same number of batches.
+
+    ldm-data source=shapes output_dir=data/shapes num_samples=50000 val_samples=1000 resolution=32
+    ldm-data source=folder input_dir=my_images output_dir=data/mine resolution=256 val_samples=500
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+from ldm.config import ConfigError, check_choice
+from ldm.data import shapes
+from ldm.seeding import fold_seed
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("shapes", "folder")
+IMAGE_FORMATS = ("png", "jpg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SUMMARY_NAME = "summary.json"
+# Column / field names accepted in a CSV or JSONL caption manifest.
+PATH_FIELDS = ("file", "path", "filename", "image")
+CAPTION_FIELDS = ("caption", "text")
+
+
+@dataclass
+class WriteConfig:
+    """What `ldm-data` writes (conf/data.yaml documents every key)."""
+
+    source: str = "shapes"  # shapes | folder
+    output_dir: str | None = None  # required: where shards and summary.json go
+    input_dir: str | None = None  # folder source: the images (searched recursively)
+    captions: str | None = None  # folder source: a .csv or .jsonl manifest; null reads sidecar KEY.txt files
+    allow_missing_captions: bool = False  # folder source: an image without a caption gets "" instead of an error
+    num_samples: int = 10000  # shapes: training samples; folder: ignored (every image not in val is written)
+    val_samples: int = 1000  # validation samples (folder: taken from the folder, deterministic given seed)
+    resolution: int | None = 32  # image side; folder: null stores images as they are
+    seed: int = 0
+    samples_per_shard: int = 1000
+    image_format: str = "png"  # png (lossless) | jpg
+    jpeg_quality: int = 95
+    overwrite: bool = False  # replace existing shards in output_dir
+
+    def __post_init__(self) -> None:
+        check_choice("source", self.source, SOURCES)
+        check_choice("image_format", self.image_format, IMAGE_FORMATS)
+        if not self.output_dir:
+            raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
+        if self.source == "folder" and not self.input_dir:
+            raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
+        if self.source == "shapes" and self.resolution is None:
+            raise ConfigError("source=shapes needs an integer resolution (e.g. resolution=32)")
+        if self.resolution is not None and self.resolution < 8:
+            raise ConfigError(f"resolution={self.resolution} must be >= 8 (or null for folder images as they are)")
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
+        if self.num_samples < 0 or self.val_samples < 0:
+            raise ConfigError(f"num_samples={self.num_samples} and val_samples={self.val_samples} must be >= 0")
+
+
+@dataclass
+class Record:
+    """One sample to write: an image (PIL, or encoded bytes with their extension kept as-is), caption, metadata."""
+
+    key: str
+    caption: str
+    metadata: dict[str, Any]
+    image: Image.Image | None = None
+    encoded: tuple[bytes, str] | None = None  # (bytes, "png" | "jpg" | ...) stored unchanged
+
+
+def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    if image_format == "png":
+        image.save(buf, format="PNG", compress_level=1)  # fast; shards of small images are dominated by headers
+    else:
+        image.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue()
+
+
+def write_split(records: Iterable[Record], output_dir: Path, split: str, cfg: WriteConfig) -> dict[str, Any]:
+    """Write `records` as `{split}-%06d.tar` shards; return {"count", "shards", "shard_counts"}."""
+    counts: dict[str, int] = {}  # shard name -> samples, in writing order
+    writer: wds.ShardWriter | None = None
+    try:
+        for record in records:
+            if writer is None:  # opened lazily: an empty split writes no empty shard
+                writer = wds.ShardWriter(str(output_dir / f"{split}-%06d.tar"), maxcount=cfg.samples_per_shard,
+                                         maxsize=float("inf"), verbose=0)
+            if record.encoded is not None:
+                data, ext = record.encoded
+            else:
+                ext = cfg.image_format
+                data = encode_image(record.image, ext, cfg.jpeg_quality)
+            writer.write({"__key__": record.key, ext: data, "txt": record.caption,
+                          "json": json.dumps(record.metadata, sort_keys=True)})
+            name = Path(writer.fname).name
+            counts[name] = counts.get(name, 0) + 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"count": sum(counts.values()), "shards": list(counts), "shard_counts": list(counts.values())}
+
+
+def shapes_records(num_samples: int, resolution: int, seed: int, split: str) -> Iterator[Record]:
+    dataset = shapes.ShapesDataset(num_samples, resolution, seed, split)
+    for index in range(num_samples):
+        sample = dataset[index]
+        yield Record(key=f"{index:09d}", caption=sample["caption"], metadata=sample["metadata"], image=sample["image"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Folder source.
+
+
+def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
+    """Captions from a CSV (header with a path and a caption column) or a JSONL manifest, keyed by resolved path."""
+    if not path.exists():
+        raise ConfigError(f"captions={path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ConfigError(f"captions={path}: expected a .csv or .jsonl manifest")
+    captions: dict[Path, str] = {}
+    for i, row in enumerate(rows):
+        file = next((row[k] for k in PATH_FIELDS if row.get(k)), None)
+        caption = next((row[k] for k in CAPTION_FIELDS if k in row), None)
+        if file is None or caption is None:
+            raise ConfigError(f"captions={path}, row {i}: needs a path column {list(PATH_FIELDS)} and a caption "
+                              f"column {list(CAPTION_FIELDS)}; got {sorted(row)}")
+        captions[(input_dir / file).resolve()] = str(caption)
+    return captions
+
+
+def list_images(input_dir: Path) -> list[Path]:
+    """Every image under `input_dir`, recursively, in sorted (platform-independent) order."""
+    return sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution` (antialiased), then crop the centre square."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dict[Path, str] | None,
+                   cfg: WriteConfig, skipped: list[str]) -> Iterator[Record]:
+    """Records for (index, path) pairs; the key is the index in the sorted listing, so keys are unique across splits."""
+    for index, path in files:
+        rel = path.relative_to(input_dir).as_posix()
+        caption = captions.get(path.resolve()) if captions is not None else _sidecar_caption(path)
+        if caption is None:
+            caption = ""  # allowed: checked up front in write_folder
+        try:
+            with Image.open(path) as im:
+                im.load()
+                size = im.size
+                image = im.convert("RGB")
+        except Exception as err:  # noqa: BLE001 -- any undecodable file is reported and left out
+            log.warning("skipping undecodable image %s: %s", path, err)
+            skipped.append(rel)
+            continue
+        metadata = {"source_path": rel, "width": size[0], "height": size[1]}
+        if cfg.resolution is None:
+            ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            yield Record(f"{index:09d}", caption, metadata, encoded=(path.read_bytes(), ext))
+        else:
+            yield Record(f"{index:09d}", caption, metadata, image=resize_center_crop(image, cfg.resolution))
+
+
+def _sidecar_caption(path: Path) -> str | None:
+    txt = path.with_suffix(".txt")
+    return txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+
+
+def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
+    input_dir = Path(cfg.input_dir).resolve()
+    if not input_dir.is_dir():
+        raise ConfigError(f"input_dir={cfg.input_dir} is not a directory")
+    images = list_images(input_dir)
+    if not images:
+        raise ConfigError(f"input_dir={cfg.input_dir} holds no images with extensions {list(IMAGE_EXTENSIONS)}")
+    captions = _read_manifest(Path(cfg.captions), input_dir) if cfg.captions else None
+    missing = [p for p in images
+               if (captions.get(p.resolve()) if captions is not None else _sidecar_caption(p)) is None]
+    if missing and not cfg.allow_missing_captions:
+        where = f"in captions={cfg.captions}" if captions is not None else "as sidecar .txt files (same stem)"
+        raise ConfigError(f"{len(missing)} of {len(images)} images have no caption {where}, e.g. "
+                          f"{[str(p.relative_to(input_dir)) for p in missing[:3]]}; add them or set "
+                          f"allow_missing_captions=true")
+    if cfg.val_samples >= len(images):
+        raise ConfigError(f"val_samples={cfg.val_samples} leaves no training images out of {len(images)}")
+    # A seeded permutation: val takes its first val_samples, train the rest, written in permuted order so that
+    # neighbouring files (often near-duplicates) spread over shards.
+    order = list(enumerate(images))
+    random.Random(fold_seed(cfg.seed, 0xF01D)).shuffle(order)
+    val, train = sorted(order[: cfg.val_samples]), order[cfg.val_samples:]
+    skipped: list[str] = []
+    splits = {"train": write_split(folder_records(train, input_dir, captions, cfg, skipped), output_dir, "train", cfg),
+              "val": write_split(folder_records(val, input_dir, captions, cfg, skipped), output_dir, "val", cfg)}
+    return {"splits": splits, "input_dir": str(input_dir), "skipped": skipped}
+
+
+def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
+    splits = {split: write_split(shapes_records(n, cfg.resolution, cfg.seed, split), output_dir, split, cfg)
+              for split, n in (("train", cfg.num_samples), ("val", cfg.val_samples))}
+    return {"splits": splits, "vocabulary": shapes.vocabulary()}
+
+
+def write_shards(cfg: WriteConfig) -> dict[str, Any]:
+    """Write both splits and summary.json into `cfg.output_dir`; return the summary."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in output_dir.glob("*.tar"))
+    if existing:
+        if not cfg.overwrite:
+            raise FileExistsError(f"output_dir={output_dir} already holds shards ({existing[:3]}...); choose another "
+                                  f"output_dir or pass overwrite=true to replace them")
+        for name in existing:
+            (output_dir / name).unlink()
+    written = write_shapes(cfg, output_dir) if cfg.source == "shapes" else write_folder(cfg, output_dir)
+    summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution,
+               "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
+    tmp = output_dir / f".{SUMMARY_NAME}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(output_dir / SUMMARY_NAME)
+    counts = ", ".join(f"{s}: {v['count']} samples in {len(v['shards'])} shards" for s, v in summary["splits"].items())
+    log.info("wrote %s (%s)", output_dir, counts)
+    return summary

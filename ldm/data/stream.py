@@ -1,0 +1,252 @@
+"""The worker side of WebDataModule: an epoch plan and the stream of one rank's batches (no Lightning here, so a
+spawned DataLoader worker imports only torch, webdataset and PIL).
+
+An epoch is split as follows. All ranks compute the same plan: the shard order is shuffled with (seed, epoch), the
+shards' samples are laid end to end (counts from summary.json), and the sequence is cut into ranks x workers equal
+contiguous ranges, one per (rank, worker) "slot". A slot reads only the shards its range touches (skipping, undecoded,
+the part of a shard before its range), so no sample is read twice in an epoch, however few shards there are. Every
+slot yields the same number of batches, so every rank does too and no collective hangs. Left out per epoch: the
+N mod S samples past the last full range (S = ranks x workers) and, for training (full batches only), each slot's last
+partial batch: fewer than S x (batch_size + 1) samples in all. Validation keeps partial batches and drops only N mod S.
+
+Order depends on (seed, epoch, rank, worker) only, and a per-sample generator seeded by (seed, epoch, shard, key) draws
+crops and flips, so (epoch, batches consumed) is enough to resume exactly: each worker skips the batches it had already
+produced (the DataLoader takes batches from its workers round-robin and every worker yields the same number, so batch
+i of a rank came from worker i mod W; on resume after k batches the workers' roles rotate by k so that the loader's
+first worker produces batch k).
+
+Corrupt samples (undecodable image, truncated tar) are skipped and reported with shard and key in each batch's
+`__skipped__` entry (the loader takes it out in the main process). A slot that lost samples tops its quota up by
+re-reading its own range from the start, so the batch counts stay equal on every rank.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ldm.seeding import fold_seed
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+@dataclass
+class EpochPlan:
+    """Everything a worker needs to produce its batches; built in the main process and pickled into the workers."""
+
+    urls: list[str]
+    counts: list[int]
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int  # DataLoader workers per rank (0 counts as one slot, the main process)
+    batch_size: int
+    train: bool  # shuffle shards and samples, random crop / flip if enabled, full batches only
+    resolution: int
+    shuffle_buffer: int = 1000
+    random_crop: bool = False
+    hflip: bool = False
+    epoch: int = 0
+    skip_batches: int = 0  # batches of this rank already consumed this epoch (resume)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+    @property
+    def slot_samples(self) -> int:
+        """Samples in each slot's range."""
+        return sum(self.counts) // self.slots
+
+    @property
+    def batches_per_worker(self) -> int:
+        m = self.slot_samples
+        return m // self.batch_size if self.train else math.ceil(m / self.batch_size)
+
+    @property
+    def quota(self) -> int:
+        """Samples each slot yields per epoch."""
+        return self.batches_per_worker * self.batch_size if self.train else self.slot_samples
+
+    def segments(self, slot: int) -> list[tuple[str, int, int]]:
+        """(url, first, stop) sample ranges of shards that slot `slot` reads this epoch."""
+        order = list(range(len(self.urls)))
+        if self.train:
+            random.Random(fold_seed(self.seed, self.epoch)).shuffle(order)
+        begin, end = slot * self.slot_samples, (slot + 1) * self.slot_samples
+        segments, offset = [], 0
+        for i in order:
+            lo, hi = max(begin - offset, 0), min(end - offset, self.counts[i])
+            if lo < hi:
+                segments.append((self.urls[i], lo, hi))
+            offset += self.counts[i]
+        return segments
+
+
+class SkipLog:
+    """Records samples that could not be read: (shard, key, reason). Also the webdataset exception handler."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, str]] = []
+        self.seen: set[tuple[str, str]] = set()
+        self.url = "?"
+
+    def add(self, url: str, key: str, reason: str) -> None:
+        if (url, key) not in self.seen:  # a slot topping up re-reads its range: report each sample once
+            self.seen.add((url, key))
+            self.records.append((url, key, reason))
+
+    def handler(self, exn: Exception) -> bool:
+        """Tar-level errors (truncated or garbage archive): record and continue with the next shard."""
+        self.add(self.url, "?", f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:200])
+        return True
+
+    def pop(self) -> list[tuple[str, str, str]]:
+        records, self.records = self.records, []
+        return records
+
+
+def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """Raw samples (undecoded bytes) of each shard's [first, stop) range, in order."""
+    for url, lo, hi in segments:
+        skips.url = url
+        samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
+        try:
+            yield from islice(samples, lo, hi)
+        finally:
+            samples.close()
+
+
+def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """PIL image, caption and optional label; undecodable samples are recorded and dropped."""
+    for sample in samples:
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        try:
+            ext = next((k for k in IMAGE_KEYS if k in sample), None)
+            if ext is None:
+                raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)}), found {sorted(sample)}")
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                image = im.convert("RGB")  # convert() loads the pixels: truncated data fails here
+            caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            label = meta.get("label") if isinstance(meta, dict) else None
+        except Exception as err:  # noqa: BLE001 -- any undecodable sample is skipped and reported
+            skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
+            continue
+        yield {"image": image, "caption": caption, "key": key, "url": url,
+               "label": label if isinstance(label, int) else None}
+
+
+def resize_crop(image: Image.Image, resolution: int, rng: random.Random | None) -> Image.Image:
+    """Resize the shorter side to `resolution`, then crop a square: random position if `rng`, else the centre."""
+    w, h = image.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left = rng.randint(0, w - resolution) if rng else (w - resolution) // 2
+        top = rng.randint(0, h - resolution) if rng else (h - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    return image
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),  # (B, 3, R, R)
+                             "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+    if all(s["label"] is not None for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)  # (B,)
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """The batches of one rank for the epoch in `plan`; each DataLoader worker produces its slot's share."""
+
+    def __init__(self, plan: EpochPlan):
+        super().__init__()
+        self.plan = plan
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_worker * max(1, self.plan.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != max(1, p.num_workers):
+            raise RuntimeError(f"planned for {p.num_workers} workers but the DataLoader runs {num_workers}")
+        # The DataLoader takes batches round-robin from its workers, starting at worker 0, and all workers yield
+        # the same number: batch i of an epoch comes from worker i mod W. Resuming after k batches, physical worker 0
+        # must produce batch k, so it plays logical worker k mod W; logical worker w has already produced the
+        # batches counted in `done`.
+        worker = (physical + p.skip_batches) % num_workers
+        done = p.skip_batches // num_workers + (1 if worker < p.skip_batches % num_workers else 0)
+        slot = p.rank * num_workers + worker
+        segments = p.segments(slot)
+        skips = SkipLog()
+        shuffle_rng = random.Random(fold_seed(p.seed, p.epoch, p.rank, worker))
+
+        def decoded() -> Iterator[dict[str, Any]]:  # one pass over the slot's range (repeated only to top up)
+            shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
+            return iter(wds.DataPipeline(
+                lambda: _read_segments(segments, skips),  # raw samples of this slot's range
+                wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
+                lambda raw: _decode(raw, skips),  # PIL images; corrupt samples recorded and dropped
+            ))
+
+        pipeline = wds.DataPipeline(
+            lambda: _exactly(decoded, p.quota, slot, skips),  # exactly the quota, topped up if samples were lost
+            lambda samples: islice(samples, done * p.batch_size, None),  # resume: what this worker already produced
+            wds.map(self._to_tensor),  # resize, crop, flip; float (3, R, R) in [-1, 1]
+            wds.batched(p.batch_size, collation_fn=collate, partial=not p.train),
+        )
+        for batch in pipeline:
+            batch["__skipped__"] = skips.pop()  # taken out by the loader in the main process
+            yield batch
+
+    def _to_tensor(self, sample: dict[str, Any]) -> dict[str, Any]:
+        p = self.plan
+        # Per-sample randomness: crops and flips depend on (seed, epoch, shard, key), not on which worker reads it.
+        rng = None
+        if p.train and (p.random_crop or p.hflip):
+            name = f"{Path(sample['url']).name}/{sample['key']}".encode()
+            rng = random.Random(fold_seed(p.seed, p.epoch, zlib.crc32(name)))
+        image = resize_crop(sample["image"], p.resolution, rng if p.random_crop else None)
+        if p.hflip and rng is not None and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
+        sample["image"] = x.float().div_(127.5).sub_(1.0)
+        return sample
+
+
+def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int, skips: SkipLog
+             ) -> Iterator[dict[str, Any]]:
+    """The first `quota` samples of `make()`, re-reading from the start when corrupt samples left it short."""
+    produced = 0
+    while produced < quota:
+        got = 0
+        for sample in make():
+            yield sample
+            produced, got = produced + 1, got + 1
+            if produced == quota:
+                return
+        if got == 0:
+            raise RuntimeError(f"slot {slot} could not decode any sample of its shards; skipped: {skips.records[:5]}")
+        log.warning("slot %d: %d samples short after skipping corrupt ones; repeating samples of its range to keep "
+                    "batch counts equal across ranks", slot, quota - produced)

@@ -1,0 +1,59 @@
+"""The training objective: pick timesteps and noise, noise the latents, regress the parameterization's target.
+
+    noise ~ N(0, I) (+ offset noise), t ~ U{0, ..., T-1}, x_t = alpha_t x0 + sigma_t noise
+    loss = mean_b[ w(t_b) * mean((model(x_t, t) - target)^2) ],   w from `loss_weight` (uniform or min-SNR-gamma)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ldm.config import ConfigError, check_choice
+from ldm.diffusion.parameterization import LOSS_WEIGHTINGS, PREDICTIONS, loss_weight, offset_noise, target
+from ldm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+
+@dataclass
+class DiffusionConfig:
+    """Schedule, parameterization and loss weighting: the node `model.diffusion`."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: str = "eps"            # eps | v | x0: what the UNet outputs (v is needed with zero terminal SNR)
+    loss_weighting: str = "uniform"    # uniform | min_snr (Hang et al. 2023, converted to the prediction's space)
+    min_snr_gamma: float = 5.0         # gamma of min_snr
+    offset_noise: float = 0.0          # strength of per-channel offset noise in training (0: off; SD fine-tunes: 0.1)
+
+    def __post_init__(self) -> None:
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if self.prediction == "eps" and self.schedule.zero_terminal_snr:
+            raise ConfigError("prediction=eps cannot be used with schedule.zero_terminal_snr=true: at SNR 0 the "
+                              "noise carries no information about x0 (Lin et al. 2023); use prediction=v")
+        if self.min_snr_gamma <= 0 or self.offset_noise < 0:
+            raise ConfigError(f"min_snr_gamma={self.min_snr_gamma} must be > 0 and offset_noise={self.offset_noise} "
+                              f">= 0")
+
+
+def diffusion_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                   schedule: NoiseSchedule, config: DiffusionConfig,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample weighted squared error (B,) of `model(x_t, t)` against the target of `config.prediction`.
+
+    Args:
+        model: the network with its conditioning bound, (x_t, t) -> output shaped like x_t.
+        x0: clean (scaled) latents (B, C, h, w).
+        schedule: the noise schedule.
+        config: prediction, loss weighting and offset noise.
+        generator: timesteps, then noise, are drawn from it (the training step's generator).
+    """
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=generator, device=x0.device)      # (B,)
+    noise = offset_noise(x0.shape, config.offset_noise, generator, x0.device, x0.dtype)                  # (B, C, h, w)
+    alpha, sigma = schedule.alpha_sigma(t, x0)                                                           # (B, 1, 1, 1)
+    x_t = alpha * x0 + sigma * noise                                                                     # (B, C, h, w)
+    out = model(x_t, t).float()                                                                          # (B, C, h, w)
+    err = (out - target(config.prediction, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return loss_weight(schedule.snr(t), config.prediction, config.loss_weighting, config.min_snr_gamma) * err

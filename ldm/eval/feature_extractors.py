@@ -1,0 +1,222 @@
+"""The networks metrics look through: InceptionV3 (FID, KID) and CLIP (CLIP score), loaded without surprises offline.
+
+Both load from a local path when the config names one, and otherwise from the standard public weights: torch-fidelity's
+InceptionV3 (the TensorFlow FID network converted to PyTorch) through the torch hub cache, CLIP through the Hugging Face
+cache. Offline (`HF_HUB_OFFLINE=1`, `TRANSFORMERS_OFFLINE=1` or `LDM_OFFLINE=1`) a missing file fails at once with the
+config key to set, instead of hanging on a download.
+
+Every extractor has an `identity`: the string that the protocol row and the reference-statistics key record, so that
+numbers measured through different weights are never compared by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+INCEPTION_FEATURE_DIMS = (64, 192, 768, 2048)
+INCEPTION_NAME = "torch-fidelity-inception-v3-compat"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Weights a metric needs are neither on disk nor downloadable; the message names the config key to set."""
+
+
+def offline() -> bool:
+    """True when the environment forbids downloads (the Hugging Face switches, or LDM_OFFLINE=1)."""
+    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LDM_OFFLINE"))
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, memoised on (path, size, mtime) so a weights file is hashed once per process."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# InceptionV3 (FID, KID, rFID).
+
+
+def _default_inception_file() -> Path:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+
+
+def resolve_inception_weights(weights_path: str | None, key: str = "feature_extractor_weights_path") -> str | None:
+    """Check that InceptionV3 weights can be had before building the network; return the local file to load, or None.
+
+    None means "download the standard weights" (torch-fidelity does it through the torch hub cache). Offline, the
+    cached copy is used when present, and its absence raises WeightsNotFoundError naming `key`.
+    """
+    if weights_path:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"{key}={weights_path}: no such file. Point it at an InceptionV3 state dict "
+                                       f"(torch-fidelity's weights-inception-2015-12-05-6726825d.pth), or set "
+                                       f"{key}=null to download the standard weights.")
+        return str(path)
+    cached = _default_inception_file()
+    if cached.is_file():
+        return str(cached)
+    if offline():
+        raise WeightsNotFoundError(f"{key}=null asks for the standard InceptionV3 weights, but they are not in "
+                                   f"{cached} and downloads are disabled (offline mode). Copy the file there, or set "
+                                   f"{key}=/path/to/weights-inception-2015-12-05-6726825d.pth.")
+    return None
+
+
+def inception_identity(weights_path: str | None, feature_dim: int, antialias: bool) -> dict[str, Any]:
+    """What identifies the Inception features: network, layer, resize filter and the weights file's hash."""
+    resolved = resolve_inception_weights(weights_path)
+    return {
+        "name": INCEPTION_NAME,
+        "feature_dim": int(feature_dim),
+        "antialias": bool(antialias),
+        "weights": weights_path or "torch-fidelity:pt_inception-2015-12-05",
+        "weights_sha256": file_sha256(resolved) if resolved else "torch-fidelity:6726825d",
+    }
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' InceptionV3 at one feature layer: uint8 images (N, 3, H, W) -> features (N, D).
+
+    `calls` counts forward passes; tests use it to see that cached reference statistics skip the network.
+    """
+
+    def __init__(self, feature_dim: int = 2048, weights_path: str | None = None, antialias: bool = False,
+                 key: str = "feature_extractor_weights_path"):
+        super().__init__()
+        if feature_dim not in INCEPTION_FEATURE_DIMS:
+            raise ValueError(f"feature_dim={feature_dim} is not an InceptionV3 layer; choose one of "
+                             f"{INCEPTION_FEATURE_DIMS}")
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        resolved = resolve_inception_weights(weights_path, key)
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(feature_dim)],
+                                          feature_extractor_weights_path=resolved, antialias=antialias)
+        except OSError as err:  # the download failed (no network, proxy): say which key avoids it
+            raise WeightsNotFoundError(f"could not download the InceptionV3 weights ({err}); set {key} to a local "
+                                       f"copy of weights-inception-2015-12-05-6726825d.pth") from err
+        self.num_features = feature_dim
+        self.identity = inception_identity(weights_path, feature_dim, antialias)
+        self.calls = 0
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"InceptionFeatures expects uint8 images in [0, 255], got {images.dtype}")
+        self.calls += 1
+        return self.net(images).float()
+
+
+class PrecomputedFeatures(nn.Module):
+    """The identity, standing in for torchmetrics' feature network: FID and KID receive features, not images.
+
+    One Inception pass then feeds FID, KID and the reference statistics alike.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLIP (CLIP score).
+
+
+def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[], tuple[Any, Any]]:
+    """A loader for torchmetrics' CLIPScore (`model_name_or_path=` accepts a callable) that works with local paths.
+
+    torchmetrics accepts only hub names containing "openai"; the callable lets any CLIP checkpoint (a local directory
+    written by `save_pretrained`, or a hub name) through. Offline, a name missing from the cache fails here, naming
+    `key`.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    local_dir = Path(model_name_or_path).expanduser()
+    is_local = local_dir.is_dir()
+    if not is_local and not _looks_like_hub_name(model_name_or_path):
+        raise WeightsNotFoundError(f"{key}={model_name_or_path}: no such directory; point it at a CLIP model saved "
+                                   f"with save_pretrained, or name one on the Hugging Face hub (org/name)")
+    source = str(local_dir) if is_local else model_name_or_path
+    local_only = is_local or offline()
+    if local_only and not is_local:
+        _check_hf_cache(model_name_or_path, key)
+
+    def load() -> tuple[Any, Any]:
+        model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+        processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
+        return ClipEmbeddings(model.eval()), processor
+
+    return load
+
+
+class ClipEmbeddings(nn.Module):
+    """A CLIPModel whose `get_image_features` / `get_text_features` return the projected embeddings as tensors.
+
+    note: transformers >= 5 returns output objects (the embedding in `pooler_output`) where torchmetrics' CLIPScore
+    expects tensors; this adapter serves both.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _check_hf_cache(repo_id: str, key: str) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise WeightsNotFoundError(f"{key}={repo_id} is not in the Hugging Face cache and downloads are disabled "
+                                   f"(offline mode). Download it on a connected machine "
+                                   f"(`huggingface-cli download {repo_id}`) or set {key}=/path/to/local/clip")
+
+
+def clip_identity(model_name_or_path: str) -> dict[str, Any]:
+    """Name (or path) of the CLIP model, with a hash of its weights file when it is a local directory."""
+    identity: dict[str, Any] = {"name": "clip", "weights": model_name_or_path}
+    local = Path(model_name_or_path).expanduser()
+    if local.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (local / name).is_file():
+                identity["weights_sha256"] = file_sha256(local / name)
+                break
+    return identity

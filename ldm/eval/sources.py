@@ -1,0 +1,161 @@
+"""Where evaluation reads images and captions: a shard set read in order, and prompt sets.
+
+Evaluation must see the same images in the same order every time (reference statistics are cached by the shard list),
+so it reads WebDataset tar shards sequentially here instead of through the shuffling training DataModule. A sample is
+the group of tar members sharing a key (`000123.png`, `000123.txt`); the first image extension found is the image and
+the first caption extension the caption.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+CAPTION_EXTENSIONS = ("txt", "caption", "json")
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard paths from a glob, brace notation (`val-{000000..000009}.tar`), a directory (its `val-*.tar`, else every
+    `*.tar`) or a list of any of these."""
+    from braceexpand import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    shards: list[str] = []
+    for item in specs:
+        for pattern in braceexpand(str(item)):
+            path = Path(pattern).expanduser()
+            if path.is_dir():  # a data directory written by ldm-data: its validation split
+                found = sorted(str(p) for p in path.glob("val-*.tar")) or sorted(str(p) for p in path.glob("*.tar"))
+            else:
+                found = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)]
+            shards.extend(found)
+    missing = [s for s in shards if not Path(s).is_file()]
+    if not shards or missing:
+        raise FileNotFoundError(f"shards {spec!r}: {'missing ' + str(missing[:3]) if missing else 'match no files'}")
+    return [str(Path(s).resolve()) for s in shards]
+
+
+def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
+    """Each shard's path, size and modification time: what identifies the data a statistic was computed from."""
+    out = []
+    for shard in shards:
+        stat = Path(shard).stat()
+        out.append({"path": str(Path(shard).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return out
+
+
+def _caption(ext: str, data: bytes) -> str:
+    if ext == "json":
+        meta = json.loads(data)
+        return str(meta.get("caption", meta.get("text", ""))) if isinstance(meta, dict) else str(meta)
+    return data.decode("utf-8").strip()
+
+
+def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
+    """Each sample of `shards` in order, as {extension: bytes} of the tar members sharing its key."""
+    for shard in shards:
+        with tarfile.open(shard, "r") as tar:
+            current_key, members = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                stem, _, ext = Path(member.name).name.partition(".")
+                key = str(Path(member.name).parent / stem)
+                if key != current_key and members:
+                    yield members
+                    members = {}
+                current_key = key
+                members[ext.lower()] = tar.extractfile(member).read()
+            if members:
+                yield members
+
+
+def sample_caption(members: dict[str, bytes]) -> str:
+    """The caption of a sample: its first caption member (`txt` before `json`), or "" without one."""
+    ext = next((e for e in CAPTION_EXTENSIONS if e in members), None)
+    return _caption(ext, members[ext]) if ext else ""
+
+
+def iter_shard_samples(shards: Sequence[str]) -> Iterator[tuple[Image.Image, str]]:
+    """(image, caption) pairs of every sample of `shards` that holds an image, in shard order."""
+    for members in iter_shard_members(shards):
+        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        if ext is not None:
+            yield Image.open(io.BytesIO(members[ext])).convert("RGB"), sample_caption(members)
+
+
+def to_resolution(image: Image.Image, resolution: int) -> Image.Image:
+    """Centre-crop to a square and resize to `resolution` (bicubic); images already that size pass unchanged."""
+    w, h = image.size
+    if w != h:
+        s = min(w, h)
+        image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return image
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """A PIL RGB image as a uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model images in [-1, 1] (N, 3, H, W) as uint8 in [0, 255], rounded as an image file would store them."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def iter_image_batches(shards: Sequence[str], resolution: int, num_samples: int | None, batch_size: int,
+                       ) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches (uint8 (B, 3, R, R), captions) of the first `num_samples` samples of `shards` (all when None)."""
+    images: list[torch.Tensor] = []
+    captions: list[str] = []
+    seen = 0
+    for image, caption in iter_shard_samples(shards):
+        if num_samples is not None and seen >= num_samples:
+            break
+        images.append(pil_to_uint8(to_resolution(image, resolution)))
+        captions.append(caption)
+        seen += 1
+        if len(images) == batch_size:
+            yield torch.stack(images), captions
+            images, captions = [], []
+    if images:
+        yield torch.stack(images), captions
+
+
+def shard_captions(shards: Sequence[str], limit: int | None = None) -> list[str]:
+    """Captions of the first `limit` samples (all when None), without decoding images."""
+    captions: list[str] = []
+    for members in iter_shard_members(shards):
+        if limit is not None and len(captions) >= limit:
+            break
+        captions.append(sample_caption(members))
+    return captions
+
+
+def load_prompts(source: str, num_samples: int, shards: Sequence[str] | None = None,
+                 prompts_file: str | None = None) -> list[str]:
+    """`num_samples` prompts, cycling through the set when it is smaller: captions of `shards` or lines of a file."""
+    if source == "val_shards":
+        if not shards:
+            raise ValueError("prompts_source=val_shards needs val_shards (the shard set whose captions are prompts)")
+        prompts = shard_captions(shards, limit=num_samples)
+    elif source == "file":
+        if not prompts_file or not Path(prompts_file).is_file():
+            raise FileNotFoundError(f"prompts_source=file needs prompts_file, one prompt a line; got {prompts_file!r}")
+        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"prompts_source={source!r}; choose val_shards or file")
+    if not prompts:
+        raise ValueError(f"prompts_source={source}: found no prompts")
+    return [prompts[i % len(prompts)] for i in range(num_samples)]

@@ -1,0 +1,236 @@
+"""Stage 1: train the KL autoencoder (reconstruction + LPIPS + KL + patch GAN) with Lightning.
+
+Two optimizers under manual optimization: the autoencoder's step, then the discriminator's (from `disc_start` on). The
+end of each validation measures the per-channel statistics of posterior samples; they go into every checkpoint, into
+`<checkpoints>/latent_stats.json` and into the export at the end of fit. Stage 2 takes its latent scale factor from
+them (`scale_factor = 1 / std`, LDM's 0.18215 measured rather than copied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ldm.config import asdict, to_dataclass
+from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
+from ldm.modules.ema import make_ema
+from ldm.modules.optim import warmup_scheduler
+from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL
+from ldm.seeding import step_generator
+
+
+@dataclass
+class Config:
+    net: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    seed: int = 0                             # posterior noise: step_generator(seed, rank, step)
+    lr: float = 4.5e-6                        # autoencoder learning rate, used as given (never rescaled)
+    disc_lr: float | None = None              # discriminator learning rate; null: same as lr
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas of both optimizers
+    warmup_steps: int = 0                     # linear LR warmup of the autoencoder optimizer
+    grad_clip: float | None = None            # max gradient norm per optimizer; null: no clipping
+    ema_decay: float | None = None            # EMA of the autoencoder; validation and export use it; null: off
+    init_posterior_logvar: float | None = None  # start quant_conv's log-variance outputs here; null: as LDM (~0)
+    image_key: str = "image"                  # where a dict batch keeps its images (B, C, H, W) in [-1, 1]
+    num_log_images: int = 8                   # images per grid in `log_images`
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas} must hold two values")
+
+
+def _step_uncounted(optimizer: Any) -> None:
+    """Step a LightningOptimizer without advancing trainer.global_step.
+
+    note: under manual optimization Lightning counts every optimizer step toward global_step, so two optimizers
+    would make max_steps, disc_start and checkpoint intervals count half-batches. The manual loop reinstalls these
+    hooks before each batch.
+    """
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    optimizer.step()
+
+
+class AutoencoderModule(L.LightningModule):
+    """Wires the autoencoder, its loss, optimizers, EMA, metrics and latent statistics.
+
+    Args:
+        config: see `Config`; built from `model.*` by `ldm.config.instantiate`.
+    """
+
+    Config = Config
+
+    def __init__(self, config: Config | dict[str, Any]):
+        super().__init__()
+        config = to_dataclass(Config, config, "model")  # a dict when rebuilt by `load_from_checkpoint`
+        self.config = config
+        self.automatic_optimization = False
+        self.save_hyperparameters({"config": asdict(config)})
+        self.autoencoder = AutoencoderKL(config.net)
+        if config.init_posterior_logvar is not None:
+            # note: from logvar ~ 0 (posterior std 1) the reconstruction loss lowers the log-variance by about one
+            # learning rate per step, which dominates short runs; starting low skips that phase.
+            with torch.no_grad():
+                self.autoencoder.quant_conv.bias[config.net.embed_dim:].fill_(config.init_posterior_logvar)
+        self.loss = AutoencoderLoss(config.loss)
+        self.ema = make_ema(self.autoencoder, config.ema_decay) if config.ema_decay is not None else None
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_lpips = MeanMetric()
+        self.latent_stats: dict[str, Any] | None = None
+        self._latent_moments: list[torch.Tensor] = []
+
+    @property
+    def eval_model(self) -> AutoencoderKL:
+        """The weights that are validated and exported: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.autoencoder
+
+    def get_input(self, batch: Any) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] from a tensor, a (images, ...) sequence or a dict under `image_key`."""
+        if isinstance(batch, dict):
+            x = batch[self.config.image_key]
+        elif isinstance(batch, (list, tuple)):
+            x = batch[0]
+        else:
+            x = batch
+        return x.to(memory_format=torch.contiguous_format).float()
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        c = self.config
+        ae_params = list(self.autoencoder.parameters())
+        if c.loss.learn_logvar:
+            ae_params.append(self.loss.logvar)
+        opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas))
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=c.disc_lr or c.lr, betas=tuple(c.betas))
+        rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps, "
+                       f"GAN from step {c.loss.disc_start}")
+        schedule = {"scheduler": warmup_scheduler(opt_ae, c.warmup_steps), "interval": "step", "name": "lr/autoencoder"}
+        return [opt_ae, opt_disc], [schedule]
+
+    def _clip(self, optimizer: Any) -> None:
+        if self.config.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.config.grad_clip, gradient_clip_algorithm="norm")
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_ae, opt_disc = self.optimizers()
+        step = self.global_step
+        x = self.get_input(batch)                                                   # (B, C, H, W)
+        generator = step_generator(self.config.seed, self.global_rank, step, device=x.device)
+        posterior = self.autoencoder.encode(x)                                      # (B, z, H / f, W / f)
+        x_rec = self.autoencoder.decode(posterior.sample(generator))                # (B, C, H, W)
+
+        # Autoencoder step: reconstruction + LPIPS + KL (+ adaptive-weighted GAN generator loss).
+        ae_loss, log = self.loss.generator_step(x, x_rec, posterior, step, last_layer=self.autoencoder.last_layer)
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(ae_loss)
+        self._clip(opt_ae)
+        opt_ae.step()
+        self.lr_schedulers().step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.autoencoder)
+
+        # Discriminator step, on the same reconstructions (detached); off before disc_start.
+        d_loss, d_log = self.loss.discriminator_step(x, x_rec, step)
+        if self.loss.disc_active(step):
+            opt_disc.zero_grad(set_to_none=True)  # note: also drops the generator loss's gradients on D
+            self.manual_backward(d_loss)
+            self._clip(opt_disc)
+            _step_uncounted(opt_disc)
+
+        self.log_dict({f"train/{k}": v for k, v in {**log, **d_log}.items()}, on_step=True, on_epoch=False,
+                      batch_size=x.shape[0])
+        self.log("train/loss", log["rec_loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False,
+                 batch_size=x.shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        self._latent_moments = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        model = self.eval_model
+        x = self.get_input(batch)
+        posterior = model.encode(x)
+        x_rec = model.decode(posterior.mode())
+        _, log = self.loss.generator_step(x, x_rec, posterior, self.global_step)
+        B = x.shape[0]
+        self.log_dict({f"val/{k}": log[k] for k in ("rec_loss", "nll_loss", "kl_loss")}, on_epoch=True,
+                      sync_dist=True, batch_size=B)
+
+        x01, rec01 = (x + 1) / 2, ((x_rec + 1) / 2).clamp(0, 1)
+        self.val_psnr(rec01, x01)
+        self.val_ssim(rec01, x01)
+        self.log("val/psnr", self.val_psnr, on_epoch=True, prog_bar=True, batch_size=B)
+        self.log("val/ssim", self.val_ssim, on_epoch=True, batch_size=B)
+        if self.loss.perceptual is not None:
+            self.val_lpips(self.loss.perceptual(x, x_rec.clamp(-1, 1)).flatten())
+            self.log("val/lpips", self.val_lpips, on_epoch=True, batch_size=B)
+
+        # Latent statistics of posterior samples; negative "steps" keep these draws apart from training noise.
+        generator = step_generator(self.config.seed, self.global_rank, -1 - batch_idx, device=x.device)
+        z = posterior.sample(generator).double()                                    # (B, z, h, w)
+        self._latent_moments.append(torch.stack([
+            torch.full_like(z[0, :, 0, 0], z[:, 0].numel()), z.sum(dim=(0, 2, 3)), z.pow(2).sum(dim=(0, 2, 3))]))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._latent_moments:
+            return
+        moments = self.trainer.strategy.reduce(torch.stack(self._latent_moments).sum(0), reduce_op="sum")  # (3, z)
+        count, total, squares = moments
+        mean = total / count
+        std = (squares / count - mean.pow(2)).clamp_min(0).sqrt()
+        global_mean = total.sum() / count.sum()
+        global_std = (squares.sum() / count.sum() - global_mean.pow(2)).clamp_min(0).sqrt()
+        self.latent_stats = {
+            "mean": mean.tolist(), "std": std.tolist(),
+            "global_mean": global_mean.item(), "global_std": global_std.item(),
+            "scale_factor": 1.0 / max(global_std.item(), 1e-12),  # stage 2 trains on z * scale_factor
+            "num_values_per_channel": int(count[0].item()), "step": int(self.global_step),
+            "source": "posterior samples over the validation batches",
+        }
+        self.log("val/latent_std", global_std.float(), rank_zero_only=True)
+        self._write_latent_stats()
+
+    def _checkpoint_dir(self) -> Path:
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath)
+        return Path(self.trainer.default_root_dir) / "checkpoints"
+
+    @rank_zero_only
+    def _write_latent_stats(self) -> None:
+        path = self._checkpoint_dir() / LATENT_STATS_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.latent_stats, indent=2))
+        os.replace(tmp, path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["autoencoder_config"] = asdict(self.config.net)
+        checkpoint["latent_stats"] = self.latent_stats
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.latent_stats = checkpoint.get("latent_stats")
+
+    @rank_zero_only
+    def on_fit_end(self) -> None:
+        export_dir = Path(self.trainer.default_root_dir) / "export"
+        self.eval_model.save_pretrained(export_dir, latent_stats=self.latent_stats)
+        rank_zero_info(f"autoencoder exported to {export_dir} (load with ldm.nn.autoencoder.load_autoencoder)")
+
+    @torch.no_grad()
+    def log_images(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Inputs, reconstructions (posterior mode) and decoded prior samples z ~ N(0, I), each in [-1, 1]."""
+        model = self.eval_model
+        x = self.get_input(batch)[: self.config.num_log_images]
+        posterior = model.encode(x)
+        generator = torch.Generator(device=x.device).manual_seed(self.config.seed)  # same prior draws every time
+        z = torch.randn(posterior.mean.shape, generator=generator, device=x.device, dtype=posterior.mean.dtype)
+        return {"inputs": x, "reconstructions": model.decode(posterior.mode()).clamp(-1, 1),
+                "samples": model.decode(z).clamp(-1, 1)}

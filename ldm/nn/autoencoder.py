@@ -1,0 +1,341 @@
+"""The KL-regularized autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3 and App. G).
+
+Parameter names follow the original LDM / Stable Diffusion layout (`encoder.down.{i}.block.{j}.conv1`,
+`encoder.mid.attn_1.q`, `quant_conv`, ...), so a state dict of SD's KL-f8 autoencoder maps onto `AutoencoderKL`
+key for key. Networks only: no Lightning here (training lives in `ldm.modules.autoencoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LATENT_STATS_NAME = "latent_stats.json"
+
+
+@dataclass
+class AutoencoderConfig:
+    """Architecture of the encoder / decoder pair; the defaults are SD's KL-f8."""
+
+    in_channels: int = 3                      # image channels in
+    out_channels: int = 3                     # image channels out
+    resolution: int = 256                     # training resolution; must be divisible by the downsampling factor
+    ch: int = 128                             # base channel count
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # per level; f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 2                   # ResNet blocks per encoder level (decoder: one more)
+    z_channels: int = 4                       # channels at the encoder output / decoder input
+    embed_dim: int = 4                        # latent channels after quant_conv (what diffusion sees)
+    double_z: bool = True                     # encoder outputs mean and log-variance (SD) or z_channels only
+    dropout: float = 0.0                      # dropout inside the ResNet blocks
+    norm_groups: int = 32                     # GroupNorm groups; every channel count must be divisible by it
+
+    def __post_init__(self) -> None:
+        if len(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult={self.ch_mult} needs at least one level")
+        if self.resolution % self.downsample_factor != 0:
+            raise ValueError(f"resolution={self.resolution} is not divisible by the downsampling factor "
+                             f"f={self.downsample_factor} set by ch_mult={self.ch_mult}")
+        for width in [self.ch * m for m in self.ch_mult]:
+            if width % self.norm_groups != 0:
+                raise ValueError(f"channel count {width} (ch={self.ch} x ch_mult {self.ch_mult}) is not divisible "
+                                 f"by norm_groups={self.norm_groups}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.resolution // self.downsample_factor
+
+
+def normalize(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, plus a (1x1-projected) skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = normalize(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Residual branch.
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # Main branch.
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions; q, k, v and proj_out are 1x1 convs as in LDM."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = normalize(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)                                                 # (B, 1, HW, C)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)                                        # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with LDM's asymmetric (0, 1, 0, 1) padding, so pretrained weights line up exactly."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """ResNet block, self-attention, ResNet block at the lowest resolution."""
+
+    def __init__(self, channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Image (B, in_channels, H, W) -> moments (B, 2 * z_channels or z_channels, H / f, W / f)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        c, groups = config, config.norm_groups
+        widths = [c.ch * m for m in [1, *c.ch_mult]]  # widths[i] -> widths[i + 1] at level i
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        for i in range(len(c.ch_mult)):
+            level = nn.Module()
+            level.block = nn.ModuleList([ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1],
+                                                     c.dropout, groups) for j in range(c.num_res_blocks)])
+            if i != len(c.ch_mult) - 1:
+                level.downsample = Downsample(widths[i + 1])
+            self.down.append(level)
+        self.mid = MidBlock(widths[-1], c.dropout, groups)
+        self.norm_out = normalize(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], c.z_channels * (2 if c.double_z else 1), 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)                          # (B, ch, H, W)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)              # (B, C_i, H / 2^(i+1), W / 2^(i+1))
+        h = self.mid(h)                              # (B, C, H / f, W / f)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, z_channels, h, w) -> image (B, out_channels, h * f, w * f)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        c, groups = config, config.norm_groups
+        widths = [c.ch * m for m in c.ch_mult]
+        self.conv_in = nn.Conv2d(c.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], c.dropout, groups)
+        # note: up[i] is built from the lowest resolution upwards but indexed by level, like LDM's `up.insert(0, ...)`.
+        up: list[nn.Module] = []
+        width = widths[-1]
+        for i in reversed(range(len(c.ch_mult))):
+            level = nn.Module()
+            level.block = nn.ModuleList([ResnetBlock(width if j == 0 else widths[i], widths[i], c.dropout, groups)
+                                         for j in range(c.num_res_blocks + 1)])
+            width = widths[i]
+            if i != 0:
+                level.upsample = Upsample(width)
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = normalize(widths[0], groups)
+        self.conv_out = nn.Conv2d(widths[0], c.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))                # (B, C, h, w)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)                # (B, C_i, 2h, 2w)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, h * f, w * f)
+
+
+class DiagonalGaussianDistribution:
+    """The posterior q(z | x) = N(mean, diag(exp(logvar))), from moments (B, 2 * C, h, w) split on channels."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)     # (B, C, h, w) each
+        self.logvar = logvar.clamp(-30.0, 20.0)          # as LDM: keeps exp() finite early in training
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps; eps from `generator` (per step and rank in training) or the global RNG."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over latent dimensions: 0.5 * sum(mu^2 + var - 1 - logvar). (B,)"""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+    def nll(self, sample: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of `sample` under the posterior, summed over latent dimensions. (B,)"""
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
+                               dim=[1, 2, 3])
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder -> quant_conv -> Gaussian posterior -> post_quant_conv -> decoder.
+
+    Args:
+        config: the architecture; see `AutoencoderConfig`.
+    """
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        moments = config.z_channels * (2 if config.double_z else 1)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(moments, 2 * config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output weight: the adaptive GAN weight compares gradient norms here."""
+        return self.decoder.conv_out.weight
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Images (B, C, H, W) in [-1, 1] -> posterior over latents (B, embed_dim, H / f, W / f)."""
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, embed_dim, h, w) -> images (B, C, h * f, w * f), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """Reconstruct `x`; returns (reconstruction, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def save_pretrained(self, directory: str | Path, latent_stats: dict[str, Any] | None = None) -> Path:
+        """Write config.json, model.safetensors and (when given) latent_stats.json into `directory`.
+
+        Args:
+            directory: created if missing.
+            latent_stats: the latent statistics measured in validation (see `ldm.modules.autoencoder`).
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME))
+        if latent_stats is not None:
+            (directory / LATENT_STATS_NAME).write_text(json.dumps(latent_stats, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> AutoencoderKL:
+        """Load an autoencoder written by `save_pretrained`."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: not an export of `save_pretrained`")
+        model = cls(AutoencoderConfig(**json.loads((directory / CONFIG_NAME).read_text())))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return model
+
+
+def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> tuple[AutoencoderKL,
+                                                                                    dict[str, Any] | None]:
+    """An autoencoder and its latent statistics from an export directory or an `AutoencoderModule` checkpoint.
+
+    A checkpoint gives its EMA weights when it has them. Latent statistics are None when neither the export nor the
+    checkpoint holds any.
+
+    Args:
+        path: an export directory (`save_pretrained`), a `.ckpt` of `ldm.modules.autoencoder.AutoencoderModule`, or a
+            run directory whose `export/` holds one.
+        key: the config key that set `path`, named in the error when it does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}={path} does not exist; point it at an autoencoder export directory "
+                                f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
+    if path.is_dir():
+        if not (path / CONFIG_NAME).exists() and (path / "export" / CONFIG_NAME).exists():
+            path = path / "export"
+        model = AutoencoderKL.from_pretrained(path)
+        stats_file = path / LATENT_STATS_NAME
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
+        return model, stats
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "autoencoder_config" not in checkpoint:
+        raise ValueError(f"{key}={path} is not a checkpoint of ldm.modules.autoencoder.AutoencoderModule "
+                         f"(no 'autoencoder_config' entry)")
+    model = AutoencoderKL(AutoencoderConfig(**checkpoint["autoencoder_config"]))
+    state = checkpoint["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "autoencoder."
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return model, checkpoint.get("latent_stats")

@@ -1,0 +1,176 @@
+"""Test-only callbacks and helpers for the scale tests; the CLI subprocesses import them through PYTHONPATH=tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ldm import seeding
+from ldm.cli.common import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny_overrides(shards: Path, output_dir: Path, max_steps: int, every: int) -> list[str]:
+    """A few CPU steps of the tiny autoencoder on the shapes shards, validation and checkpoints every `every` steps."""
+    return [
+        f"paths.output_dir={output_dir}",
+        f"data.train_shards={shards}/train-*.tar",
+        f"data.val_shards={shards}/val-*.tar",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer=cpu",
+        f"trainer.max_steps={max_steps}",
+        f"trainer.val_check_interval={every}",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_model_summary=false",
+        "callbacks.progress=null",
+        "logger=csv",
+    ]
+
+
+def tiny_autoencoder_export(directory: Path) -> Path:
+    """A random KL-f4 autoencoder export for 32 px images (4 x 8 x 8 latents, as model=ldm/tiny expects)."""
+    from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    torch.manual_seed(0)
+    config = AutoencoderConfig(resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8)
+    return AutoencoderKL(config).save_pretrained(directory, latent_stats={"scale_factor": 0.8, "global_std": 1.25})
+
+
+def tiny_ldm_overrides(autoencoder: Path) -> list[str]:
+    """model=ldm/tiny shrunk further: a 16-channel UNet and a one-layer byte text encoder."""
+    return [
+        "model=ldm/tiny", f"model.autoencoder_path={autoencoder}", "model.warmup_steps=2",
+        "model.unet.model_channels=16", "model.unet.head_dim=8", "model.unet.context_dim=32",
+        "model.unet.attention_levels=[1]", "model.conditioner.width=32", "model.conditioner.num_layers=1",
+        "model.conditioner.num_heads=2",
+    ]
+
+
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    """conf/train.yaml with `overrides`, as the CLI would compose it (without Hydra's runtime)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: tests/ importable (for the callbacks below), W&B offline."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+
+
+def run_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: int = 300,
+            module: str = "ldm.cli.train") -> subprocess.CompletedProcess:
+    """`python -m ldm.cli.train ARGS` in the repository, to completion."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder holding an `scontrol` stand-in that appends its arguments to a log file: (folder, log)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    script.chmod(0o755)
+    return bin_dir, log
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+class StepRecorder(L.Callback):
+    """Record `train/*` metrics and a checksum of the trainable weights after every step on this rank into
+    `<dirpath>/steps-rank<R>.json`."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.steps: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        record = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        record["weights"] = sum(p.detach().double().sum().item() for p in pl_module.parameters() if p.requires_grad)
+        self.steps[trainer.global_step] = record
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        weights = [p.detach().double().sum().item() for p in pl_module.parameters()]
+        (self.dirpath / f"steps-rank{trainer.global_rank}.json").write_text(
+            json.dumps({"steps": self.steps, "weights": weights}))
+
+
+class NoiseProbe(L.Callback):
+    """Record the (seed, rank, step) the module asks `step_generator` for, and a fingerprint of that noise."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.calls: list[dict[str, Any]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        namespace = sys.modules[type(pl_module).__module__]
+        real = seeding.step_generator
+
+        def probe(seed: int, rank: int, step: int, device: Any = "cpu") -> torch.Generator:
+            fingerprint = torch.randn(8, generator=real(seed, rank, step)).sum().item()
+            self.calls.append({"seed": seed, "rank": rank, "step": step, "fingerprint": fingerprint,
+                               "true_rank": trainer.global_rank, "training": pl_module.training})
+            return real(seed, rank, step, device)
+
+        namespace.step_generator = probe
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / f"noise-rank{trainer.global_rank}.json").write_text(json.dumps(self.calls))
+
+
+class Progress(L.Callback):
+    """Write the global step to `path` after every training batch, then sleep (a run slow enough to signal)."""
+
+    def __init__(self, path: str, sleep: float = 0.0):
+        self.path, self.sleep = Path(path), sleep
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.path.write_text(str(trainer.global_step))
+        time.sleep(self.sleep)
+
+
+class NanInjector(L.Callback):
+    """Fill the batch images with NaN at the given global steps on the given ranks (all ranks: `ranks` empty)."""
+
+    def __init__(self, steps: Sequence[int], ranks: Sequence[int] = (), key: str = "image"):
+        self.steps, self.ranks, self.key = set(steps), set(ranks), key
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step in self.steps and (not self.ranks or trainer.global_rank in self.ranks):
+            batch[self.key].fill_(float("nan"))
+
+
+class SignalAtStep(L.Callback):
+    """Send this process `signal_name` at the start of the batch at `step` (a stand-in for SLURM's warning)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1"):
+        self.step, self.signum = step, signal.Signals[signal_name]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

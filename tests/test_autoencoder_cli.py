@@ -1,0 +1,45 @@
+"""`ldm-train experiment=quickstart_vae` end to end through `train(cfg)`, on shards written by ldm-data."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ldm.cli.common import CONF_DIR
+from ldm.cli.train import train
+from ldm.nn.autoencoder import load_autoencoder
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """note: on a shared 2-core machine torch's two spinning intra-op threads made these fits up to 8x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quickstart_vae_leaves_checkpoint_stats_export_and_wandb_run(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    overrides = [
+        "experiment=quickstart_vae", f"paths.output_dir={out}", "logger=wandb",
+        f"data.train_shards={shapes_shards}/train-*.tar", f"data.val_shards={shapes_shards}/val-*.tar",
+        "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.image_logger.every_n_steps=2",
+        "callbacks.progress=null",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    metrics = train(cfg)
+
+    assert {"train/rec_loss", "train/kl_loss", "train/p_loss", "train/g_loss", "train/disc_weight", "val/psnr",
+            "val/ssim"} <= set(metrics)
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    stats = json.loads((out / "checkpoints" / "latent_stats.json").read_text())
+    assert stats["step"] == 4 and len(stats["mean"]) == 4 and stats["scale_factor"] > 0
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["latent_stats"] == stats
+    model, export_stats = load_autoencoder(out / "export")
+    assert export_stats == stats and model.downsample_factor == 4
+    assert list((out / "images" / "train").glob("reconstructions_step*.png"))
+    assert list((out / "wandb").glob("offline-run-*/files")), "no offline W&B run directory"

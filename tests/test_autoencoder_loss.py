@@ -1,0 +1,104 @@
+"""The autoencoder loss: GAN schedule and adaptive weight, LPIPS built offline, the missing-backbone error."""
+
+import pytest
+import torch
+
+from ldm.losses.autoencoder import AutoencoderLoss, LossConfig, discriminator_loss, generator_loss
+from ldm.losses.lpips import VGG16_FILE, build_lpips, vgg16_weights_path
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.nn.discriminator import DiscriminatorConfig
+
+
+def tiny_autoencoder() -> AutoencoderKL:
+    return AutoencoderKL(AutoencoderConfig(resolution=32, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8))
+
+
+def disc_grad_norm(loss: AutoencoderLoss) -> float:
+    grads = [p.grad for p in loss.discriminator.parameters() if p.grad is not None]
+    return float(sum(g.norm() for g in grads)) if grads else 0.0
+
+
+def test_discriminator_learns_only_from_disc_start_and_adaptive_weight_is_sane():
+    torch.manual_seed(0)
+    model = tiny_autoencoder()
+    loss = AutoencoderLoss(LossConfig(lpips_weight=0.0, disc_start=10, disc=DiscriminatorConfig(ndf=8, n_layers=2)))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+
+    for step, active in [(9, False), (10, True)]:
+        loss.discriminator.zero_grad(set_to_none=True)
+        x_rec, posterior = model(x)
+        g_total, g_log = loss.generator_step(x, x_rec, posterior, step, last_layer=model.last_layer)
+        d_loss, d_log = loss.discriminator_step(x, x_rec, step)
+        assert (d_loss.requires_grad, g_log["g_loss"].abs() > 0) == (active, active)
+        if active:
+            weight = g_log["disc_weight"]
+            assert torch.isfinite(weight) and 0 < weight <= 0.5 * 1e4 and not weight.requires_grad
+            loss.discriminator.zero_grad(set_to_none=True)
+            d_loss.backward()
+            assert disc_grad_norm(loss) > 0
+        else:
+            assert g_log["disc_weight"] == 0 and d_log["d_loss"] == 0
+            g_total.backward()
+            assert disc_grad_norm(loss) == 0  # no discriminator forward at all before disc_start
+
+
+@pytest.mark.parametrize("kind", ["hinge", "vanilla", "non_saturating"])
+def test_gan_losses_reward_the_right_side(kind):
+    good_d = discriminator_loss(kind, torch.full((2, 1, 4, 4), 3.0), torch.full((2, 1, 4, 4), -3.0))
+    bad_d = discriminator_loss(kind, torch.full((2, 1, 4, 4), -3.0), torch.full((2, 1, 4, 4), 3.0))
+    assert good_d < bad_d
+    assert generator_loss(kind, torch.full((1,), 3.0)) < generator_loss(kind, torch.full((1,), -3.0))
+
+
+def test_learned_logvar_is_a_parameter():
+    learned = AutoencoderLoss(LossConfig(lpips_weight=0.0, learn_logvar=True, logvar_init=0.5))
+    fixed = AutoencoderLoss(LossConfig(lpips_weight=0.0))
+    assert isinstance(learned.logvar, torch.nn.Parameter) and float(learned.logvar.detach()) == 0.5
+    assert not isinstance(fixed.logvar, torch.nn.Parameter)
+
+
+@pytest.fixture
+def local_vgg16(tmp_path, monkeypatch):
+    """A torch hub dir holding a VGG16 checkpoint under torchvision's file name: random convs, tiny classifier.
+
+    note: the classifier tensors are broadcast views of one number, so the file is ~60 MB instead of 550 MB; the real
+    torchvision loading path (load_state_dict_from_url -> load_state_dict) reads it all the same.
+    """
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    state = torchvision.models.vgg16().state_dict()
+    state = {k: (v if k.startswith("features") else torch.zeros(1).expand_as(v)) for k, v in state.items()}
+    path = vgg16_weights_path()
+    assert str(path).startswith(str(tmp_path)) and path.name == VGG16_FILE
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state
+
+
+def test_lpips_with_local_backbone_file_runs_without_download(local_vgg16):
+    net = build_lpips(pretrained_backbone=True)
+    assert torch.equal(net.net.slice1[0].weight, local_vgg16["features.0.weight"])  # the file was loaded
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    same, different = net(x, x).flatten(), net(x, -x).flatten()
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6) and (different > 0).all()
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_lpips_random_backbone_needs_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    loss = AutoencoderLoss(LossConfig(lpips_weight=1.0, lpips_pretrained_backbone=False))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = tiny_autoencoder()
+    x_rec, posterior = model(x)
+    _, log = loss.generator_step(x, x_rec, posterior, step=0)
+    assert log["p_loss"] > 0
+
+
+def test_missing_backbone_fails_fast_naming_flag_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError) as err:
+        AutoencoderLoss(LossConfig(lpips_weight=1.0))
+    message = str(err.value)
+    assert "model.loss.lpips_pretrained_backbone=false" in message
+    assert str(tmp_path / "empty" / "hub" / "checkpoints" / VGG16_FILE) in message

@@ -1,0 +1,101 @@
+"""The autoencoder networks: shapes, the SD parameter layout, the posterior's closed forms, export round trips."""
+
+import json
+
+import pytest
+import torch
+
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, load_autoencoder
+from ldm.nn.discriminator import DiscriminatorConfig, NLayerDiscriminator
+
+
+def tiny_config(ch_mult: list[int], resolution: int = 32) -> AutoencoderConfig:
+    return AutoencoderConfig(resolution=resolution, ch=16, ch_mult=ch_mult, num_res_blocks=1, norm_groups=8)
+
+
+@pytest.mark.parametrize("ch_mult, f", [([1, 2, 2], 4), ([1, 2, 2, 2], 8)])
+def test_encode_decode_shapes(ch_mult, f):
+    model = AutoencoderKL(tiny_config(ch_mult)).eval()
+    assert model.downsample_factor == f
+    x = torch.randn(2, 3, 32, 48)  # non-square inputs work too
+    posterior = model.encode(x)
+    assert posterior.mean.shape == (2, 4, 32 // f, 48 // f)
+    assert posterior.sample().shape == posterior.mode().shape == (2, 4, 32 // f, 48 // f)
+    assert model.decode(posterior.mode()).shape == x.shape
+
+
+def test_cross_field_checks_print_both_values():
+    with pytest.raises(ValueError, match=r"resolution=36 .* f=8"):
+        AutoencoderConfig(resolution=36, ch_mult=[1, 2, 4, 4])
+    with pytest.raises(ValueError, match=r"channel count 24 .* norm_groups=32"):
+        AutoencoderConfig(resolution=32, ch=24, ch_mult=[1, 2])
+
+
+def test_parameter_layout_matches_stable_diffusion_kl_f8():
+    model = AutoencoderKL(AutoencoderConfig())  # the defaults are SD's KL-f8
+    keys = set(model.state_dict())
+    expected = [
+        "encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down.2.downsample.conv.weight", "encoder.mid.block_1.conv1.weight", "encoder.mid.attn_1.q.weight",
+        "encoder.mid.attn_1.proj_out.weight", "encoder.mid.block_2.norm2.bias", "encoder.norm_out.weight",
+        "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.up.3.block.2.conv2.weight",
+        "decoder.up.1.upsample.conv.weight", "decoder.up.0.block.0.nin_shortcut.weight", "decoder.mid.attn_1.k.bias",
+        "decoder.conv_out.weight", "quant_conv.weight", "post_quant_conv.bias",
+    ]
+    assert not [k for k in expected if k not in keys]
+    assert "encoder.down.3.downsample.conv.weight" not in keys and "decoder.up.0.upsample.conv.weight" not in keys
+    # SD's first-stage model has 248 tensors and 83,653,863 parameters.
+    assert len(keys) == 248
+    assert sum(p.numel() for p in model.parameters()) == 83_653_863
+    assert model.encoder.mid.attn_1.q.weight.shape == (512, 512, 1, 1)
+
+
+def test_posterior_kl_and_nll_match_closed_forms():
+    moments = torch.randn(3, 8, 4, 4)
+    posterior = DiagonalGaussianDistribution(moments)
+    q = torch.distributions.Normal(posterior.mean, posterior.std)
+    p = torch.distributions.Normal(torch.zeros_like(posterior.mean), torch.ones_like(posterior.std))
+    expected_kl = torch.distributions.kl_divergence(q, p).sum(dim=[1, 2, 3])
+    torch.testing.assert_close(posterior.kl(), expected_kl, rtol=1e-5, atol=1e-5)
+    z = posterior.sample()
+    torch.testing.assert_close(posterior.nll(z), -q.log_prob(z).sum(dim=[1, 2, 3]), rtol=1e-5, atol=1e-4)
+
+
+def test_posterior_sampling_is_seeded_by_the_generator():
+    posterior = DiagonalGaussianDistribution(torch.randn(2, 8, 4, 4))
+    a = posterior.sample(torch.Generator().manual_seed(7))
+    b = posterior.sample(torch.Generator().manual_seed(7))
+    c = posterior.sample(torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(posterior.mode(), posterior.mean)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_patch_discriminator(norm, n_layers):
+    disc = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=n_layers, norm=norm))
+    logits = disc(torch.randn(2, 3, 64, 64))
+    assert logits.shape[:2] == (2, 1) and logits.shape[-1] > 1  # one logit per patch
+    with pytest.raises(ValueError, match="norm='layer'"):
+        DiscriminatorConfig(norm="layer")
+
+
+def test_export_round_trip_reproduces_outputs(tmp_path):
+    model = AutoencoderKL(tiny_config([1, 2, 2])).eval()
+    stats = {"mean": [0.0] * 4, "std": [1.0] * 4, "scale_factor": 0.5}
+    model.save_pretrained(tmp_path / "export", latent_stats=stats)
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"config.json", "model.safetensors",
+                                                                  "latent_stats.json"}
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["ch_mult"] == [1, 2, 2]
+
+    loaded, loaded_stats = load_autoencoder(tmp_path / "export")
+    assert loaded_stats == stats
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x, sample_posterior=False)[0], loaded.eval()(x, sample_posterior=False)[0])
+    assert load_autoencoder(tmp_path)[1] == stats  # a run directory with export/ inside works too
+
+
+def test_missing_autoencoder_path_names_the_config_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.autoencoder_path=.*nowhere"):
+        load_autoencoder(tmp_path / "nowhere")

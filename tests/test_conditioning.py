@@ -1,0 +1,204 @@
+"""Conditioning: a tiny CLIP and T5 written locally and loaded by path, the missing-model error, the byte-level
+encoder, class labels, and condition dropout for guidance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.conditioning import ByteTextEncoder, ConditionerConfig, build_conditioner, drop_mask
+from ldm.conditioning.byte import BOS, EOS, PAD, byte_tokenize
+from ldm.config import ConfigError
+from ldm.nn.unet import UNET_CONFIGS, UNet
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which CLIP's BPE vocabulary is written in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    for n, b in enumerate(b for b in range(256) if b not in bs):
+        bs.append(b)
+        cs.append(256 + n)
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_clip_tokenizer(directory: Path) -> None:
+    """A tiny CLIP BPE vocabulary: every byte, every byte ending a word, two merges and the special tokens."""
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random CLIP text model (hidden 32, 3 layers) and tokenizer saved with save_pretrained."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    source = tmp_path_factory.mktemp("clip_files")
+    write_clip_tokenizer(source)
+    tokenizer = CLIPTokenizer.from_pretrained(str(source))
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    target = tmp_path_factory.mktemp("tiny_clip")
+    CLIPTextModel(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+PROMPTS = ["the cat", "", "a photo of the moon 🌙"]
+
+
+def test_clip_by_local_path(tiny_clip):
+    conditioner = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip)}).train()
+    assert conditioner.context_dim == 32 and not conditioner.trainable
+    encoder = conditioner.encoder
+    assert not encoder.training and not encoder.transformer.training  # frozen: stays in eval mode
+    assert all(not p.requires_grad for p in conditioner.parameters())
+    conditioner.cond_drop_prob = 0.0
+    context = conditioner(PROMPTS)["context"]
+    assert context.shape == (3, 77, 32) and not context.requires_grad
+
+
+def test_clip_last_and_penultimate_differ(tiny_clip):
+    last = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip)}).eval()
+    penultimate = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip), "layer": "penultimate"}).eval()
+    a, b = last(PROMPTS)["context"], penultimate(PROMPTS)["context"]
+    assert a.shape == b.shape == (3, 77, 32)
+    assert not torch.allclose(a, b)
+    # penultimate = final_layer_norm(hidden_states[-2]): unit variance per token, as the last layer's output.
+    torch.testing.assert_close(b.var(-1, unbiased=False).mean(), torch.tensor(1.0), atol=0.05, rtol=0)
+
+
+def test_missing_model_names_the_config_key(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.name_or_path='ldm-tests/no-such-clip'") as err:
+        build_conditioner({"kind": "clip", "name_or_path": "ldm-tests/no-such-clip"})
+    assert "local directory" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.name_or_path='/no/such/clip' is not a directory"):
+        build_conditioner({"kind": "clip", "name_or_path": "/no/such/clip"})
+
+
+def test_hf_encoder_loads_t5_encoder_by_path(tiny_clip, tmp_path):
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_clip))
+    config = T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3)
+    T5EncoderModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    conditioner = build_conditioner({"kind": "hf", "name_or_path": str(tmp_path), "max_length": 16}).eval()
+    assert type(conditioner.encoder.transformer).__name__ == "T5EncoderModel"
+    assert conditioner.context_dim == 24 and not conditioner.trainable
+    assert conditioner(PROMPTS)["context"].shape == (3, 16, 24)
+
+    trainable = build_conditioner({"kind": "hf", "name_or_path": str(tmp_path), "trainable": True}).train()
+    assert trainable.trainable and trainable.encoder.training
+    trainable(PROMPTS)["context"].square().mean().backward()
+    assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
+
+
+def test_byte_tokenize_handles_empty_unicode_and_truncation():
+    ids, mask = byte_tokenize(["", "é", "x" * 100], max_length=8)
+    assert ids[0].tolist() == [BOS, EOS] + [PAD] * 6
+    assert ids[1].tolist() == [BOS, 0xC3, 0xA9, EOS] + [PAD] * 4
+    assert ids[2].tolist() == [BOS] + [ord("x")] * 6 + [EOS]
+    assert mask.sum(1).tolist() == [2, 4, 8]
+
+
+def test_byte_encoder_shapes_and_gradients():
+    encoder = ByteTextEncoder(width=32, num_layers=2, num_heads=4, max_length=16)
+    assert encoder.trainable and encoder.context_dim == 32
+    context = encoder(["", "héllo wörld ✨", "a very long prompt " * 10])
+    assert context.shape == (3, 16, 32) and torch.isfinite(context).all()
+    context.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
+    # Truncation: a prompt and its own first max_length - 2 bytes encode identically.
+    long = "0123456789abcdefghij"
+    torch.testing.assert_close(encoder([long]), encoder([long[:14]]))
+
+
+def test_byte_padding_does_not_change_real_tokens():
+    encoder = ByteTextEncoder(width=32, num_layers=2, num_heads=4, max_length=16).eval()
+    short = ByteTextEncoder(width=32, num_layers=2, num_heads=4, max_length=8).eval()
+    short.load_state_dict({k: v[:8] if k == "pos_embed" else v for k, v in encoder.state_dict().items()})
+    torch.testing.assert_close(encoder(["cat"])[:, :5], short(["cat"])[:, :5])
+
+
+def byte_conditioner(p: float):
+    torch.manual_seed(0)
+    return build_conditioner(ConditionerConfig(kind="byte", width=32, num_layers=1, num_heads=4, max_length=16,
+                                               cond_drop_prob=p))
+
+
+def test_dropout_all_gives_exactly_the_empty_prompt():
+    conditioner = byte_conditioner(1.0).train()
+    g = torch.Generator().manual_seed(1)
+    context = conditioner(PROMPTS, generator=g)["context"]
+    assert torch.equal(context, conditioner.unconditional(3)["context"])
+    assert torch.equal(context, conditioner.encoder([""] * 3))
+
+
+def test_dropout_none_and_eval_mode_keep_every_prompt():
+    conditioner = byte_conditioner(0.0).train()
+    kept = conditioner(PROMPTS, generator=torch.Generator().manual_seed(1))["context"]
+    assert torch.equal(kept, conditioner.encoder(PROMPTS))
+    conditioner.cond_drop_prob = 1.0
+    assert torch.equal(conditioner.eval()(PROMPTS)["context"], kept)  # no dropout outside training
+
+
+def test_dropout_is_deterministic_for_a_generator():
+    masks = [drop_mask(256, 0.3, torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert 0.15 < masks[0].float().mean() < 0.45
+    # Every probability draws the same uniforms: a larger p drops a superset.
+    assert (drop_mask(256, 0.1, torch.Generator().manual_seed(5)) <= masks[0]).all()
+    conditioner = byte_conditioner(0.5).train()
+    a = conditioner(PROMPTS * 4, generator=torch.Generator().manual_seed(3))["context"]
+    b = conditioner(PROMPTS * 4, generator=torch.Generator().manual_seed(3))["context"]
+    assert torch.equal(a, b)
+
+
+def test_class_labels_as_context_and_for_the_unet():
+    as_context = build_conditioner({"kind": "class", "num_classes": 10, "width": 16, "cond_drop_prob": 1.0}).train()
+    out = as_context(torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(0))
+    assert out["context"].shape == (3, 1, 16) and out["class_labels"] is None
+    assert torch.equal(out["context"], as_context.unconditional(3)["context"])
+
+    for_unet = build_conditioner({"kind": "class", "num_classes": 10, "class_embed": "unet"}).train()
+    assert for_unet.context_dim is None and for_unet.num_classes == 10
+    labels = for_unet([1, 2, 3], generator=torch.Generator().manual_seed(0))["class_labels"]
+    assert labels.shape == (3,) and ((labels == 10) | (labels == torch.tensor([1, 2, 3]))).all()
+    assert (for_unet.eval()([1, 2, 3])["class_labels"] == torch.tensor([1, 2, 3])).all()
+    assert (for_unet.unconditional(2)["class_labels"] == 10).all()
+    with pytest.raises(ValueError, match=r"\[0, 10\]"):
+        for_unet([11])
+
+
+def test_none_kind_returns_no_context():
+    conditioner = build_conditioner({"kind": "none"})
+    assert conditioner(["ignored"]) == {"context": None, "class_labels": None}
+    assert conditioner.context_dim is None and not conditioner.trainable
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.kind='t5' is not allowed"):
+        build_conditioner({"kind": "t5"})
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.layer"):
+        build_conditioner({"kind": "clip", "layer": "middle"})
+    with pytest.raises(ConfigError, match="needs name_or_path"):
+        build_conditioner({"kind": "hf"})
+
+
+def test_conditioner_drives_the_unet():
+    conditioner = build_conditioner({"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 4}).train()
+    unet = UNet(UNET_CONFIGS["tiny"])
+    conditioner.check_unet(unet.config)
+    cond = conditioner(["a red square", ""], generator=torch.Generator().manual_seed(0))
+    assert unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), **cond).shape == (2, 4, 8, 8)
+    with pytest.raises(ConfigError, match=r"model\.unet\.context_dim=64 does not match"):
+        build_conditioner({"kind": "byte", "width": 32, "num_heads": 4}).check_unet(unet.config)

@@ -1,0 +1,174 @@
+"""WebDataModule on real shards: batch format, resize/crop, corrupt samples, missing shards, exact resume."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm import config as configs
+from ldm.cli.data import write_dataset
+from ldm.data import shapes
+from ldm.data.datamodule import WebDataModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "webdataset.yaml"
+
+
+def make_dm(shards: Path, **overrides) -> WebDataModule:
+    kwargs = {"train_shards": str(shards / "train-{000000..000003}.tar"), "val_shards": str(shards / "val-*.tar"),
+              "batch_size": 8, "num_workers": 0, "seed": 0, **overrides}
+    dm = WebDataModule(**kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_batches_from_config(shapes_shards: Path):
+    node = OmegaConf.load(CONF)
+    node.train_shards, node.val_shards, node.seed, node.batch_size = str(shapes_shards), str(shapes_shards), 0, 8
+    dm = configs.instantiate(node, "data")  # a directory stands for its train-*.tar / val-*.tar shards
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 64 // 8  # 2 workers, 32 samples each, 4 full batches each
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == [f"{i:09d}" for i in range(64)]
+    for b in batches:
+        assert b["image"].shape == (8, 3, 32, 32) and b["image"].dtype == torch.float32
+        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["image"].std() > 0.1
+        assert all(isinstance(c, str) and c.startswith("a ") for c in b["caption"])
+        assert b["label"].dtype == torch.long and b["label"].shape == (8,)
+    # The batch holds exactly what was written: undo the [-1, 1] scaling and compare with the generator.
+    b = batches[0]
+    index = int(b["key"][0])
+    want = np.asarray(shapes.ShapesDataset(64, 32, seed=0)[index]["image"]).transpose(2, 0, 1)
+    assert np.array_equal(((b["image"][0] + 1) * 127.5).round().numpy().astype(np.uint8), want)
+    assert b["caption"][0] == shapes.sample_spec(0, index).caption
+    assert int(b["label"][0]) == shapes.sample_spec(0, index).label
+    val = list(dm.val_dataloader())
+    assert sorted(k for b in val for k in b["key"]) == [f"{i:09d}" for i in range(16)]
+
+
+def test_non_square_resize_and_crop(tmp_path: Path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        arr = np.zeros((32, 48, 3), np.uint8)  # 48 wide, 32 high
+        arr[:, :, 0] = np.linspace(0, 255, 48)[None, :].astype(np.uint8)
+        arr[:, :, 2] = 10 * i
+        Image.fromarray(arr).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"image {i}")
+    write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out"),
+                   "resolution": None, "val_samples": 2, "samples_per_shard": 5})
+    dm = WebDataModule(train_shards=str(tmp_path / "out"), resolution=16, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    for b in dm.train_dataloader():
+        assert b["image"].shape == (2, 3, 16, 16)
+        red = (b["image"][:, 0] + 1) * 127.5  # centre crop of a 24x16 resize: the middle of the red ramp
+        assert red.min() > 40 and red.max() < 215
+        assert "label" not in b and all(c.startswith("image ") for c in b["caption"])
+    dm = WebDataModule(train_shards=str(tmp_path / "out"), resolution=16, batch_size=2, num_workers=0,
+                       random_crop=True, hflip=True, seed=3)
+    dm.setup("fit")
+    first = torch.cat([b["image"] for b in dm.train_dataloader()])
+    assert first.shape == (10, 3, 16, 16)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_samples_are_skipped_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    good = _png(np.full((32, 32, 3), 100, np.uint8))
+    shard = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(10):
+            data = {3: good[: len(good) // 2], 7: b"this is not an image"}.get(i, good)  # truncated, garbage
+            sink.write({"__key__": f"k{i:02d}", "png": data, "txt": f"sample {i}", "json": json.dumps({"label": i})})
+    dm = WebDataModule(train_shards=str(shard), batch_size=5, num_workers=0)
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="ldm.data.datamodule"):
+        keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert len(keys) == 10, "the quota (10 samples -> 2 full batches) is met by re-reading good samples"
+    assert {"k03", "k07"}.isdisjoint(keys) and set(keys) == {f"k{i:02d}" for i in range(10)} - {"k03", "k07"}
+    assert dm.num_skipped == 2
+    assert sorted((Path(s).name, k) for s, k, _ in dm.skipped) == [("bad-000000.tar", "k03"), ("bad-000000.tar", "k07")]
+    assert "bad-000000.tar" in caplog.text and "k03" in caplog.text and "k07" in caplog.text
+    # A truncated tar: the samples before the cut are read, the rest of the shard is reported, nothing hangs.
+    whole = shard.read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "cut-000000.tar").write_bytes(whole[: len(whole) * 2 // 3])
+    (tmp_path / "cut" / "ok-000000.tar").write_bytes(whole)
+    dm = WebDataModule(train_shards=[str(tmp_path / "cut" / "cut-000000.tar"), str(tmp_path / "cut" / "ok-000000.tar")],
+                       batch_size=2, num_workers=2, samples_per_shard=10)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == len(dm.train_dataloader()) and dm.num_skipped >= 2
+
+
+def test_missing_shards_fail_at_setup(tmp_path: Path):
+    dm = WebDataModule(train_shards=str(tmp_path / "nowhere" / "train-*.tar"))
+    with pytest.raises(FileNotFoundError, match=r"data\.train_shards=.*nowhere/train-\*\.tar"):
+        dm.setup("fit")
+    dm = WebDataModule(train_shards=str(tmp_path / "train-{000000..000003}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"data\.train_shards.*train-000000\.tar"):
+        dm.setup("fit")
+    with pytest.raises(configs.ConfigError, match="data.train_shards is required"):
+        WebDataModule()
+
+
+def _run(dm: WebDataModule, epochs: int, stop_after: int | None = None) -> list[tuple[list[str], torch.Tensor]]:
+    """Batches of `epochs` train epochs, stopping after `stop_after` batches in all."""
+    out = []
+    for _ in range(epochs):
+        for batch in dm.train_dataloader():
+            out.append((batch["key"], batch["image"]))
+            if stop_after is not None and len(out) == stop_after:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("stop_after", [5, 12, 17])  # mid epoch 0 (odd: roles rotate), end of epoch 0, mid epoch 1
+def test_resume_is_exact(shapes_shards: Path, stop_after: int):
+    opts = {"num_workers": 2, "batch_size": 4, "shuffle_buffer": 8, "random_crop": True, "hflip": True,
+            "resolution": 24, "train_shards": str(shapes_shards / "train-00000[0-2].tar")}  # 48 samples, 12 batches
+    full = _run(make_dm(shapes_shards, **opts), epochs=2)
+    assert len(full) == 24
+    epoch0, epoch1 = {k for ks, _ in full[:12] for k in ks}, {k for ks, _ in full[12:] for k in ks}
+    assert epoch0 == epoch1 and len(epoch0) == 48, "each epoch reads every sample once"
+    assert [ks for ks, _ in full[:12]] != [ks for ks, _ in full[12:]], "the order changes with the epoch"
+
+    interrupted = make_dm(shapes_shards, **opts)
+    head = _run(interrupted, epochs=2, stop_after=stop_after)
+    state = interrupted.state_dict()
+    assert state["epoch"] * 12 + state["batches"] == stop_after  # (0, 12) at the end of epoch 0
+    resumed = make_dm(shapes_shards, **opts)
+    resumed.load_state_dict(state)
+    tail = []
+    while len(head) + len(tail) < len(full):
+        tail.extend(_run(resumed, epochs=1))
+    for (keys, images), (want_keys, want_images) in zip(head + tail, full, strict=True):
+        assert keys == want_keys
+        assert torch.equal(images, want_images)
+
+
+def test_fewer_shards_than_slots(shapes_shards: Path, monkeypatch: pytest.MonkeyPatch):
+    """One 16-sample shard over 3 ranks x 2 workers: each slot reads its own part of the shard, none twice."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    per_rank = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))  # no trainer, no process group: the environment names the rank
+        dm = make_dm(shapes_shards, train_shards=str(shapes_shards / "val-000000.tar"), batch_size=2, num_workers=2)
+        loader = dm.train_dataloader()
+        per_rank.append([b["key"] for b in loader])
+        assert len(per_rank[-1]) == len(loader) == 2  # 16 // 6 = 2 samples per slot: one batch per worker
+    keys = [k for batches in per_rank for batch in batches for k in batch]
+    assert len(keys) == len(set(keys)) == 12, "16 - 16 mod 6 samples, each read once"

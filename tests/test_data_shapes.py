@@ -1,0 +1,65 @@
+"""The shapes generator: deterministic per seed, and every caption says what is drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm.data import shapes
+
+
+def _pixels(index: int, seed: int = 0, resolution: int = 32, split: str = "train") -> np.ndarray:
+    return np.asarray(shapes.render(shapes.sample_spec(seed, index, split), resolution), dtype=np.int32)
+
+
+def test_vocabulary_is_distinct():
+    assert len(shapes.SHAPES) >= 5 and len(shapes.COLORS) == 8 and len(shapes.SIZES) == 2
+    assert len(shapes.POSITIONS) >= 5 and len(shapes.BACKGROUNDS) >= 3
+    colors = np.array(list(shapes.COLORS.values()) + list(shapes.BACKGROUNDS.values()))
+    dist = np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(len(colors)) * 1e9
+    assert dist.min() > 60, "every two colours (foreground or background) must be far apart"
+    for rgb in shapes.BACKGROUNDS.values():
+        assert max(rgb) == min(rgb), "backgrounds are achromatic"
+    for rgb in shapes.COLORS.values():
+        assert (max(rgb) - min(rgb)) / max(rgb) > 0.6, "foreground colours are saturated"
+
+
+def test_deterministic_per_seed_and_index():
+    a = [_pixels(i, seed=3) for i in range(8)]
+    b = [_pixels(i, seed=3) for i in reversed(range(8))][::-1]  # order of generation does not matter
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert shapes.ShapesDataset(8, 32, seed=3)[5]["caption"] == shapes.sample_spec(3, 5).caption
+    other_seed = [_pixels(i, seed=4) for i in range(8)]
+    assert not all(np.array_equal(x, y) for x, y in zip(a, other_seed))
+    val = [_pixels(i, seed=3, split="val") for i in range(8)]
+    assert not all(np.array_equal(x, y) for x, y in zip(a, val)), "splits are independent streams"
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_captions_match_pixels(resolution: int):
+    areas: dict[tuple[str, str], list[float]] = {}
+    seen = set()
+    for index in range(150):
+        spec = shapes.sample_spec(7, index)
+        img = _pixels(index, seed=7, resolution=resolution)
+        seen.update([spec.shape, spec.color, spec.position, spec.background])
+        assert spec.caption == (f"a {spec.size} {spec.color} {spec.shape} "
+                                f"{'in the center' if spec.position == 'center' else 'in the ' + spec.position} "
+                                f"on a {spec.background} background")
+        # Foreground: pixels away from the background colour. Its dominant (fully covered) colour is the caption's.
+        bg = np.array(shapes.BACKGROUNDS[spec.background])
+        fg = np.abs(img - bg).sum(-1) > 60
+        colors, counts = np.unique(img[fg].reshape(-1, 3), axis=0, return_counts=True)
+        assert tuple(colors[counts.argmax()]) == shapes.COLORS[spec.color], spec
+        # Centroid in the captioned quadrant (or near the middle for "center").
+        ys, xs = np.nonzero(fg)
+        cx, cy = xs.mean() / resolution, ys.mean() / resolution
+        if spec.position == "center":
+            assert abs(cx - 0.5) < 0.1 and abs(cy - 0.5) < 0.1, spec
+        else:
+            assert (cy < 0.5) == spec.position.startswith("top") and (cx < 0.5) == spec.position.endswith("left"), spec
+        assert spec.label == shapes.SHAPES.index(spec.shape)
+        areas.setdefault((spec.shape, spec.size), []).append(fg.mean())
+    for shape in shapes.SHAPES:  # per shape, every large one covers more pixels than every small one
+        assert max(areas[shape, "small"]) < min(areas[shape, "large"]), shape
+    assert seen >= set(shapes.SHAPES) | set(shapes.COLORS) | set(shapes.POSITIONS) | set(shapes.BACKGROUNDS)

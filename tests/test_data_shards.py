@@ -1,0 +1,148 @@
+"""Shard writing: shapes and folder sources round-trip through real WebDataset tars; the ldm-data CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from ldm.cli.data import write_dataset
+from ldm.config import ConfigError
+from ldm.data import shapes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_split(directory: Path, split: str) -> list[dict]:
+    """Every sample of a split, read back with webdataset's own tar reader."""
+    urls = sorted(str(p) for p in directory.glob(f"{split}-*.tar"))
+    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+
+
+def decode(sample: dict) -> np.ndarray:
+    ext = next(k for k in ("png", "jpg", "jpeg") if k in sample)
+    return np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
+
+
+def test_shapes_round_trip(shapes_shards: Path):
+    summary = json.loads((shapes_shards / "summary.json").read_text())
+    assert summary["source"] == "shapes" and summary["seed"] == 0 and summary["resolution"] == 32
+    assert summary["splits"]["train"]["count"] == 64 and summary["splits"]["val"]["count"] == 16
+    assert summary["splits"]["train"]["shards"] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert summary["splits"]["train"]["shard_counts"] == [16] * 4
+    assert summary["splits"]["val"]["shards"] == ["val-000000.tar"]
+    for split, n in (("train", 64), ("val", 16)):
+        samples = read_split(shapes_shards, split)
+        assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(n)]
+        expected = shapes.ShapesDataset(n, 32, seed=0, split=split)
+        for sample, want in zip(samples, expected):
+            assert sample["txt"].decode() == want["caption"]
+            assert json.loads(sample["json"]) == json.loads(json.dumps(want["metadata"]))
+            assert np.array_equal(decode(sample), np.asarray(want["image"])), "png is lossless"
+
+
+def _make_folder(root: Path, n: int = 10, size: tuple[int, int] = (48, 32)) -> list[tuple[str, str, np.ndarray]]:
+    """n images (w x h) with a gradient and a per-image colour, captions in sidecar .txt files, one subfolder."""
+    rng = np.random.default_rng(0)
+    made = []
+    for i in range(n):
+        rel = f"{'sub/' if i % 3 == 0 else ''}img.{i}.png"  # dots in stems and nesting must not break keys
+        w, h = size
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = np.linspace(0, 255, w)[None, :]
+        arr[..., 1] = rng.integers(0, 256)
+        arr[..., 2] = i * 20
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / rel)
+        (root / rel).with_suffix(".txt").write_text(f"caption number {i}\n")
+        made.append((rel, f"caption number {i}", arr))
+    return made
+
+
+@pytest.mark.parametrize("manifest", [None, "csv", "jsonl"])
+def test_folder_round_trip(tmp_path: Path, manifest: str | None):
+    made = _make_folder(tmp_path / "in")
+    captions = None
+    if manifest == "csv":
+        captions = tmp_path / "captions.csv"
+        with captions.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "caption"])
+            writer.writerows([(rel, f"csv {c}") for rel, c, _ in made])
+    elif manifest == "jsonl":
+        captions = tmp_path / "captions.jsonl"
+        captions.write_text("".join(json.dumps({"path": rel, "text": f"jsonl {c}"}) + "\n" for rel, c, _ in made))
+    prefix = {None: "", "csv": "csv ", "jsonl": "jsonl "}[manifest]
+    out = tmp_path / "out"
+    summary = write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(out),
+                             "captions": str(captions) if captions else None, "val_samples": 3, "resolution": None,
+                             "samples_per_shard": 4, "seed": 1})
+    assert summary["splits"]["train"]["count"] == 7 and summary["splits"]["val"]["count"] == 3
+    assert summary["splits"]["train"]["shard_counts"] == [4, 3]
+    by_path = {rel: (caption, arr) for rel, caption, arr in made}
+    seen = []
+    for split in ("train", "val"):
+        for sample in read_split(out, split):
+            meta = json.loads(sample["json"])
+            caption, arr = by_path[meta["source_path"]]
+            assert sample["txt"].decode() == prefix + caption
+            assert np.array_equal(decode(sample), arr), "resolution=null stores the original bytes"
+            seen.append(sample["__key__"])
+    assert len(seen) == len(set(seen)) == 10
+    write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "o2"),
+                           "captions": str(captions) if captions else None, "val_samples": 3, "resolution": None,
+                           "samples_per_shard": 4, "seed": 1})
+    assert [s["__key__"] for s in read_split(tmp_path / "o2", "val")] == [s["__key__"] for s in read_split(out, "val")]
+
+
+def test_folder_resize_center_crop(tmp_path: Path):
+    made = _make_folder(tmp_path / "in", n=4, size=(48, 32))
+    write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),
+                   "val_samples": 1, "resolution": 16})
+    by_path = {rel: arr for rel, _, arr in made}
+    for sample in read_split(tmp_path / "out", "train"):
+        img = decode(sample)
+        assert img.shape == (16, 16, 3)
+        source = by_path[json.loads(sample["json"])["source_path"]]
+        # 48x32 -> 24x16 -> centre 16 columns: the red gradient spans the middle third, not the full range
+        assert 40 < img[..., 0].min() and img[..., 0].max() < 215
+        assert abs(int(img[..., 2].mean()) - int(source[..., 2].mean())) <= 2
+
+
+def test_config_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"source='bad'.*\['shapes', 'folder'\]"):
+        write_dataset({"source": "bad", "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="input_dir"):
+        write_dataset({"source": "folder", "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="output_dir is required"):
+        write_dataset({"source": "shapes"})
+    with pytest.raises(ConfigError, match="num_sample"):
+        write_dataset({"source": "shapes", "output_dir": str(tmp_path), "num_sample": 3})
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
+    with pytest.raises(ConfigError, match="no caption"):
+        write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "o")})
+
+
+def test_cli_writes_shards(tmp_path: Path):
+    exe = Path(sys.executable).parent / "ldm-data"
+    if not exe.exists():
+        exe = REPO / ".venv" / "bin" / "ldm-data"
+    out = tmp_path / "cli"
+    proc = subprocess.run([str(exe), "source=shapes", f"output_dir={out}", "num_samples=20", "val_samples=5",
+                           "resolution=16", "seed=2", "samples_per_shard=8"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["splits"]["train"]["shard_counts"] == [8, 8, 4] and summary["splits"]["val"]["count"] == 5
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "train-000000.tar", "train-000001.tar",
+                                                     "train-000002.tar", "val-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"], "no outputs/ or log files litter the cwd"

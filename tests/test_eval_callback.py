@@ -1,0 +1,43 @@
+"""The in-training FID callback: logs val/fid_N (and val/clip_score_N) on the EMA weights from cached statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from test_eval_helpers import random_inception_weights, tiny_clip, tiny_ldm_checkpoint
+from torch.utils.data import DataLoader
+
+from ldm.callbacks.fid import FIDCallback
+from ldm.cli.common import CONF_DIR
+from ldm.modules.latent_diffusion import LatentDiffusionModule
+
+CAPTIONS = ["a large red circle in the center on a white background",
+            "a small blue square in the top left on a black background"]
+
+
+def test_fid_callback_logs_small_n_fid_and_clip_score(tmp_path: Path, shapes_shards: Path):
+    module = LatentDiffusionModule.from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=2, num_samples=4, batch_size=4,
+                           reference_num_samples=8, cache_dir=str(tmp_path / "cache"), feature_dim=64,
+                           feature_extractor_weights_path=str(random_inception_weights(tmp_path / "inc.pt")),
+                           clip_model=str(tiny_clip(tmp_path / "clip")), num_steps=2)
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "caption": CAPTIONS} for _ in range(2)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    metrics = trainer.callback_metrics
+    assert "val/fid_4" in metrics and "val/clip_score_4" in metrics
+    assert float(metrics["val/fid_4"]) > 0 and 0 <= float(metrics["val/clip_score_4"]) <= 100
+    assert list((tmp_path / "cache").glob("*.pt"))  # the reference statistics ldm-eval will reuse
+
+
+def test_fid_callback_config_composes_beside_the_defaults():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["callbacks=[default,fid]", "paths.output_dir=/tmp/x"])
+    assert cfg.callbacks.fid._target_ == "ldm.callbacks.fid.FIDCallback" and "checkpoint" in cfg.callbacks
+    assert cfg.callbacks.fid.every_n_steps == cfg.trainer.val_check_interval

@@ -1,0 +1,169 @@
+"""The checkpoint evaluator: sweeps and their protocol rows, 1 vs 2 processes, autoencoders, the ldm-eval CLI.
+
+Tiny random checkpoints (16 px LDM and autoencoder) and random-weight Inception / CLIP built locally; the Inception
+features are its 64-dim layer, for speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_eval_helpers import (
+    OracleGenerator,
+    random_inception_weights,
+    save_checkpoint,
+    tiny_autoencoder_module,
+    tiny_clip,
+    tiny_ldm_checkpoint,
+)
+
+from ldm.config import ConfigError
+from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
+from ldm.eval.feature_extractors import WeightsNotFoundError
+from ldm.eval.results import read_results
+
+PROTOCOL_FIELDS = ("checkpoint", "checkpoint_kind", "checkpoint_step", "weights", "sampler", "num_steps",
+                   "guidance_scale", "num_samples", "resolution", "seed", "seed_rule", "world_size", "prompts_source",
+                   "prompts", "prompts_sha256", "reference_stats", "reference_hash", "reference_num_samples",
+                   "reference_shards", "feature_extractor", "clip_model", "kid_subsets", "ldm_version", "timestamp")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory, shapes_shards: Path) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("eval_assets")
+    return {"inception": str(random_inception_weights(root / "inception.pt")), "clip": str(tiny_clip(root / "clip")),
+            "ldm": str(tiny_ldm_checkpoint(root / "ldm")), "shards": str(shapes_shards), "cache": str(root / "cache")}
+
+
+def make_cfg(assets: dict[str, str], output_dir: Path, **overrides) -> dict:
+    cfg = {"ckpt_path": assets["ldm"], "output_dir": str(output_dir), "num_samples": 8, "batch_size": 4,
+           "samplers": ["ddim"], "num_steps": [2], "guidance_scales": [2.0],
+           "metrics": ["fid", "shapes_color_accuracy"],
+           "val_shards": assets["shards"], "cache_dir": assets["cache"], "feature_dim": 64,
+           "feature_extractor_weights_path": assets["inception"], "clip_model": assets["clip"], "device": "cpu"}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(assets, tmp_path: Path):
+    out = tmp_path / "eval"
+    cfg = make_cfg(assets, out, guidance_scales=[1.0, 3.0], kid_subset_size=4, kid_subsets=5,
+                   metrics=["fid", "kid", "clip_score", "shapes_color_accuracy"])
+    rows = evaluate(cfg)
+    assert [r["guidance_scale"] for r in rows] == [1.0, 3.0]
+    saved = read_results(out)
+    assert saved == json.loads(json.dumps(rows))
+    for row in saved:
+        missing = [f for f in PROTOCOL_FIELDS if f not in row]
+        assert not missing, missing
+        assert row["weights"] == "ema" and row["num_samples"] == 8 and row["resolution"] == 16
+        assert row["checkpoint_kind"] == "latent_diffusion" and row["checkpoint_step"] == 7
+        assert row["feature_extractor"]["feature_dim"] == 64 and row["feature_extractor"]["weights_sha256"]
+        assert row["reference_num_samples"] == 16 and Path(row["reference_stats"]).is_file()
+        assert row["fid"] > 0 and 0 <= row["clip_score"] <= 100 and 0 <= row["shapes_color_accuracy"] <= 1
+        assert "kid" in row and "kid_std" in row
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 and set(PROTOCOL_FIELDS) <= set(table[0])
+    # A second run appends, and reuses the cached reference statistics.
+    evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"]})
+    assert len(read_results(out)) == 3 and read_results(out)[2]["reference_hash"] == rows[0]["reference_hash"]
+
+
+def test_evaluator_scores_a_perfect_generator_above_noise(assets, tmp_path: Path):
+    """An oracle that draws each caption exactly: colour accuracy 1 and small FID; noise: chance and large FID."""
+    cfg = EvalConfig(**{**make_cfg(assets, tmp_path, num_samples=16, batch_size=8,
+                                   metrics=["fid", "shapes_color_accuracy"]), "reference_num_samples": 16})
+    evaluator = Evaluator(cfg)
+    info = {"checkpoint": "oracle", "checkpoint_kind": "latent_diffusion"}
+    oracle = evaluator.evaluate_generation(OracleGenerator(32), info)[0]
+    noise = evaluator.evaluate_generation(OracleGenerator(32, noise=True), info)[0]
+    print(f"oracle: fid {oracle['fid']:.3g} color {oracle['shapes_color_accuracy']:.3f}; "
+          f"noise: fid {noise['fid']:.3g} color {noise['shapes_color_accuracy']:.3f}")
+    assert oracle["shapes_color_accuracy"] == 1.0 and noise["shapes_color_accuracy"] <= 0.4
+    assert oracle["fid"] < 0.2 * noise["fid"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world: int, port: int, cfg: dict, result_file: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = evaluate(cfg)
+        Path(f"{result_file}.{rank}").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_evaluation_equals_one_process(assets, tmp_path: Path):
+    metrics = ["fid", "clip_score", "shapes_color_accuracy"]
+    single = evaluate(make_cfg(assets, tmp_path / "one", metrics=metrics))[0]
+    cfg = make_cfg(assets, tmp_path / "two", metrics=metrics)
+    # fork: the workers inherit the imported modules instead of importing torch, Lightning and transformers again
+    mp.start_processes(_distributed_worker, args=(2, _free_port(), cfg, str(tmp_path / "rows")), nprocs=2,
+                       join=True, start_method="fork")
+    ranks = [json.loads(Path(f"{tmp_path / 'rows'}.{r}").read_text())[0] for r in range(2)]
+    print(f"1 process: fid {single['fid']!r} clip {single['clip_score']!r}; "
+          f"2 processes: fid {ranks[0]['fid']!r} clip {ranks[0]['clip_score']!r}")
+    assert ranks[0]["world_size"] == 2 and len(read_results(tmp_path / "two")) == 1  # rank 0 alone writes
+    for row in ranks:
+        assert row["fid"] == pytest.approx(single["fid"], rel=1e-4, abs=1e-6)
+        assert row["clip_score"] == pytest.approx(single["clip_score"], rel=1e-4)
+        assert row["shapes_color_accuracy"] == single["shapes_color_accuracy"]
+        assert row["reference_hash"] == single["reference_hash"]
+
+
+def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path: Path):
+    ckpt = save_checkpoint(tiny_autoencoder_module(), tmp_path / "vae.ckpt", global_step=3)
+    rows = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), lpips_pretrained_backbone=False))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["checkpoint_kind"] == "autoencoder" and row["checkpoint_step"] == 3
+    assert row["resolution"] == 16 and row["num_samples"] == 8 and row["weights"] == "raw"
+    assert row["rfid"] > 0 and 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1 and row["lpips"] >= 0
+    assert row["lpips"] is not None and row["lpips"] == row["lpips"] and row["feature_extractor"]["feature_dim"] == 64
+    assert "sampler" not in row
+
+
+def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, tmp_path: Path):
+    with pytest.raises(ConfigError, match="num_sample"):
+        evaluate({**make_cfg(assets, tmp_path), "num_sample": 3})
+    with pytest.raises(ConfigError, match=r"metrics\[\]='fd'"):
+        evaluate(make_cfg(assets, tmp_path, metrics=["fd"]))
+    with pytest.raises(ConfigError, match="ckpt_path is required"):
+        evaluate(make_cfg(assets, tmp_path, ckpt_path=None))
+    with pytest.raises(WeightsNotFoundError, match="feature_extractor_weights_path="):
+        evaluate(make_cfg(assets, tmp_path, feature_extractor_weights_path=str(tmp_path / "nowhere.pt")))
+    with pytest.raises(WeightsNotFoundError, match="clip_model="):
+        evaluate(make_cfg(assets, tmp_path, metrics=["clip_score"], clip_model=str(tmp_path / "no_clip")))
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_ldm_eval_cli_prints_shapes_color_accuracy_and_logs_wandb_offline(assets, tmp_path: Path):
+    out = tmp_path / "cli"
+    args = [f"ckpt_path={assets['ldm']}", f"output_dir={out}", "num_samples=4", "batch_size=4", "num_steps=[2]",
+            "metrics=[shapes_color_accuracy]", f"val_shards={assets['shards']}", "device=cpu",
+            f"cache_dir={assets['cache']}", "wandb.enabled=true", "wandb.num_images=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "-m", "ldm.cli.eval", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(line.startswith("shapes_color_accuracy: ") for line in proc.stdout.splitlines()), proc.stdout
+    assert (out / "results.jsonl").is_file() and (out / "results.csv").is_file()
+    assert list((out / "wandb").glob("offline-run-*"))

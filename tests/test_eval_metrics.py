@@ -1,0 +1,167 @@
+"""Evaluation metrics: FID / KID against cached reference statistics, CLIP score, shapes adherence, offline errors.
+
+Networks are random-weight InceptionV3 and CLIP built here and loaded through the local-path options; nothing is
+downloaded. FID uses the 64-dim Inception layer to stay fast on CPU (the default, 2048, is the standard protocol).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_helpers import random_inception_weights, tiny_clip
+
+from ldm.data.shapes import COLORS
+from ldm.eval.feature_extractors import InceptionFeatures, WeightsNotFoundError, clip_loader, resolve_inception_weights
+from ldm.eval.metrics import GenerationMetrics, ReconstructionMetrics
+from ldm.eval.reference_stats import key_hash, load_or_compute_reference_stats, reference_key
+from ldm.eval.shapes_adherence import ShapesAdherence, parse_caption, read_color
+from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts
+
+DIM = 64
+N_REF = 32
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception_random.pt")
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
+
+
+@pytest.fixture(scope="session")
+def train_images(shapes_shards: Path) -> tuple[torch.Tensor, list[str]]:
+    shards = expand_shards(str(shapes_shards / "train-*.tar"))
+    images, captions = zip(*iter_image_batches(shards, 32, N_REF, N_REF))
+    return images[0], list(captions[0])
+
+
+@pytest.fixture(scope="session")
+def reference(shapes_shards: Path, inception_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Reference statistics of the first 32 training images, cached in a session directory."""
+    cache = tmp_path_factory.mktemp("ref_cache")
+    extractor = InceptionFeatures(DIM, str(inception_weights))
+    stats = load_or_compute_reference_stats(str(shapes_shards / "train-*.tar"), 32, N_REF, extractor, cache, 16)
+    return stats, extractor, cache
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_against_noise_is_large(reference, train_images):
+    stats, extractor, _ = reference
+    images, captions = train_images
+    metrics = GenerationMetrics(["fid", "kid"], extractor, stats, kid_subset_size=16, kid_subsets=10)
+    metrics.update(images, captions)
+    same = metrics.compute()
+    metrics.reset()  # keeps the reference
+    noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    metrics.update(noise, captions)
+    different = metrics.compute()
+    print(f"FID self {same['fid']:.3g} noise {different['fid']:.3g}; KID self {same['kid']:.3g} "
+          f"noise {different['kid']:.3g}")
+    assert abs(same["fid"]) < 1e-3
+    assert different["fid"] > 5.0
+    # note: KID of a set against itself sits slightly below 0 (subsets share images, and the unbiased MMD drops only
+    # the diagonal of k(x, x)), far below KID against noise.
+    assert different["kid"] > 5 * abs(same["kid"])
+    assert different["kid_subset_size"] == 16
+
+
+def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Path, inception_weights: Path):
+    stats, _, cache = reference
+    assert Path(stats.path).is_file() and Path(stats.path).parent == cache.absolute()
+    mtime = os.stat(stats.path).st_mtime_ns
+    fresh = InceptionFeatures(DIM, str(inception_weights))
+    again = load_or_compute_reference_stats(str(shapes_shards / "train-*.tar"), 32, N_REF, fresh, cache, 16)
+    assert fresh.calls == 0, "the cached statistics must be read, not recomputed"
+    assert again.hash == stats.hash and os.stat(stats.path).st_mtime_ns == mtime
+    assert torch.equal(again.features_sum, stats.features_sum) and again.num_samples == N_REF
+    # Whatever changes the statistics changes the key: resolution, count, extractor layer, and the data itself.
+    shards = expand_shards(str(shapes_shards / "train-*.tar"))
+    base = reference_key(shards, 32, N_REF, fresh.identity)
+    assert key_hash(base) == stats.hash
+    variants = [reference_key(shards, 64, N_REF, fresh.identity), reference_key(shards, 32, 16, fresh.identity),
+                reference_key(shards, 32, N_REF, {**fresh.identity, "feature_dim": 2048}),
+                reference_key(shards[:1], 32, N_REF, fresh.identity),
+                {**base, "shards": [{**base["shards"][0], "mtime_ns": 1}] + base["shards"][1:]}]
+    assert len({key_hash(k) for k in variants} | {stats.hash}) == len(variants) + 1
+
+
+def test_cached_statistics_are_the_fid_real_states(reference, train_images):
+    """Loading the cache into the metric equals feeding it the real images."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    stats, extractor, _ = reference
+    images, _ = train_images
+    direct = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    direct.update(images, real=True)
+    assert torch.allclose(direct.real_features_sum, stats.features_sum, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(direct.real_features_cov_sum, stats.features_cov_sum, rtol=1e-5, atol=1e-3)
+    assert int(direct.real_features_num_samples) == stats.num_samples
+
+
+def test_clip_score_with_a_tiny_local_clip_is_in_range(clip_dir: Path, train_images):
+    images, captions = train_images
+    metrics = GenerationMetrics(["clip_score"], clip_model=str(clip_dir))
+    metrics.update(images[:8], captions[:8])
+    score = metrics.compute()["clip_score"]
+    assert 0.0 <= score <= 100.0
+
+
+def test_shapes_color_accuracy_is_high_on_real_images_and_chance_on_noise(shapes_shards: Path):
+    shards = expand_shards(str(shapes_shards / "train-*.tar")) + expand_shards(str(shapes_shards))
+    real, noise = ShapesAdherence(read_shapes=False), ShapesAdherence(read_shapes=False)
+    g = torch.Generator().manual_seed(0)
+    for images, captions in iter_image_batches(shards, 32, None, 40):
+        real.update(images, captions)
+        noise.update(torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=g), captions)
+    real_acc, noise_acc = real.compute()["shapes_color_accuracy"], noise.compute()["shapes_color_accuracy"]
+    print(f"shapes_color_accuracy real {real_acc:.3f} noise {noise_acc:.3f} (chance {1 / len(COLORS):.3f})")
+    assert int(real.total) == 80 and real_acc >= 0.95
+    assert noise_acc <= 0.35
+
+
+def test_caption_parsing_and_colour_reading():
+    assert parse_caption("a small red triangle in the top left on a gray background") == ("red", "triangle")
+    assert parse_caption("a photo of a dog") == (None, None)
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8) + 128
+    image[:, 5:11, 5:11] = torch.tensor(COLORS["cyan"], dtype=torch.uint8)[:, None, None]
+    assert read_color(image) == "cyan"
+    assert read_color(torch.full((3, 16, 16), 40, dtype=torch.uint8)) is None  # no foreground: a miss
+
+
+def test_reconstruction_metrics_are_perfect_on_identical_images(train_images):
+    images, _ = train_images
+    metrics = ReconstructionMetrics(["psnr", "ssim"])
+    metrics.update(images, images)
+    out = metrics.compute()
+    assert out["psnr"] > 90 and out["ssim"] == pytest.approx(1.0, abs=1e-4)
+    metrics.reset()
+    noisy = (images.float() + torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * 20)
+    metrics.update(noisy.clamp(0, 255).to(torch.uint8), images)
+    assert 15 < metrics.compute()["psnr"] < 30
+
+
+def test_missing_weights_fail_fast_offline_naming_the_config_key(tmp_path: Path, monkeypatch, clip_dir: Path):
+    with pytest.raises(WeightsNotFoundError, match="feature_extractor_weights_path=.*no such file"):
+        InceptionFeatures(DIM, str(tmp_path / "missing.pt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached standard weights
+    with pytest.raises(WeightsNotFoundError, match="feature_extractor_weights_path"):
+        resolve_inception_weights(None)
+    with pytest.raises(WeightsNotFoundError, match="clip_model=openai/clip-vit-large-patch14"):
+        clip_loader("openai/clip-vit-large-patch14")
+    with pytest.raises(WeightsNotFoundError, match="clip_model=.*no such directory"):
+        clip_loader(str(tmp_path / "no_clip_here"))
+    assert callable(clip_loader(str(clip_dir)))  # a local directory needs nothing else
+
+
+def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Path, tmp_path: Path):
+    prompts = load_prompts("val_shards", 20, expand_shards(str(shapes_shards)))
+    assert len(prompts) == 20 and prompts[16:] == prompts[:4] and all("background" in p for p in prompts)
+    file = tmp_path / "prompts.txt"
+    file.write_text("a red circle\n\na blue square\n")
+    assert load_prompts("file", 3, prompts_file=str(file)) == ["a red circle", "a blue square", "a red circle"]

@@ -1,0 +1,153 @@
+"""LatentDiffusionModule: frozen fp32 autoencoder, latent scale, loss falls, EMA, self-contained checkpoints, seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ldm.config import ConfigError
+from ldm.modules.latent_diffusion import LatentDiffusionModule
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.seeding import step_generator
+
+CAPTIONS = ["a large red circle in the center on a white background",
+            "a small blue square in the top left on a black background"]
+
+
+def tiny_autoencoder(directory: Path, stats: bool = True) -> Path:
+    """A random 16 px KL-f2 autoencoder export (4 x 8 x 8 latents), with or without latent statistics."""
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8))
+    return ae.save_pretrained(directory, latent_stats={"scale_factor": 0.8, "global_std": 1.25} if stats else None)
+
+
+def tiny_config(autoencoder_path: Path, **overrides) -> dict:
+    config = {
+        "autoencoder_path": str(autoencoder_path), "lr": 2e-3, "warmup_steps": 0, "ema_decay": 0.9,
+        "val_prompts": CAPTIONS, "val_num_steps": 3, "val_guidance_scale": 2.0,
+        "unet": {"in_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                 "attention_levels": [1], "num_heads": None, "head_dim": 8, "context_dim": 32, "norm_groups": 8,
+                 "use_scale_shift_norm": True},
+        "conditioner": {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 64},
+        "diffusion": {"prediction": "v", "schedule": {"zero_terminal_snr": True}},
+    }
+    config.update(overrides)
+    return config
+
+
+def batch(n: int = 4) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"image": torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, "caption": [CAPTIONS[i % 2] for i in range(n)]}
+
+
+@pytest.fixture
+def autoencoder_dir(tmp_path: Path) -> Path:
+    return tiny_autoencoder(tmp_path / "ae")
+
+
+def test_latent_scale_comes_from_stage_1_or_config_never_a_default(tmp_path: Path, autoencoder_dir: Path):
+    assert LatentDiffusionModule(tiny_config(autoencoder_dir)).latent_scale == pytest.approx(0.8)
+    assert LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3)).latent_scale == pytest.approx(0.3)
+    no_stats = tiny_autoencoder(tmp_path / "ae_no_stats", stats=False)
+    with pytest.raises(ConfigError, match="model.latent_scale"):
+        LatentDiffusionModule(tiny_config(no_stats))
+    with pytest.raises(FileNotFoundError, match="model.autoencoder_path"):
+        LatentDiffusionModule(tiny_config(tmp_path / "nowhere"))
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(autoencoder_dir: Path):
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, sample_posterior=False))
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    fixed = batch(8)
+
+    def loss() -> torch.Tensor:  # the same timesteps and noise every time
+        return module._loss(fixed, step_generator(0, 0, 0), module.unet, module.conditioner)
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(25):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < 0.7 * before, (before, after)
+
+
+def fit(module: LatentDiffusionModule, tmp_path: Path, steps: int = 3) -> L.Trainer:
+    data = [batch(4) for _ in range(steps)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                        limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    return trainer
+
+
+def test_autoencoder_stays_frozen_and_in_eval_mode_while_training(tmp_path: Path, autoencoder_dir: Path):
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    ae_before = {k: v.clone() for k, v in module.autoencoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in module.unet.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
+    assert not any(p.requires_grad for p in module.autoencoder.parameters())
+    fit(module, tmp_path, steps=3)
+    assert all(torch.equal(v, ae_before[k]) for k, v in module.autoencoder.state_dict().items())
+    assert all(p.grad is None for p in module.autoencoder.parameters())
+    assert not module.autoencoder.training
+    module.train()
+    assert not module.autoencoder.training and module.unet.training
+    assert any(not torch.equal(v, unet_before[k]) for k, v in module.unet.state_dict().items())
+    assert any(not torch.equal(v, ema_before[k]) for k, v in module.ema.module.state_dict().items())
+    # The trainable byte encoder is optimised and averaged as well.
+    assert module.ema_conditioner is not None
+
+
+def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = module.encode(batch(2)["image"])
+        x = module.decode(z)
+    assert z.dtype == torch.float32 and x.dtype == torch.float32
+
+
+def test_checkpoint_alone_restores_the_model(tmp_path: Path):
+    autoencoder_dir = tiny_autoencoder(tmp_path / "ae")
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    trainer = fit(module, tmp_path, steps=2)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    module.eval()
+    expected = module.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    for f in autoencoder_dir.iterdir():  # the autoencoder export is gone: the checkpoint must carry it
+        f.unlink()
+    restored = LatentDiffusionModule.from_checkpoint(ckpt)
+    assert restored.checkpoint_step == 2 and restored.latent_scale == pytest.approx(0.8)
+    got = restored.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_generate_depends_on_the_seed_only(autoencoder_dir: Path, sampler: str):
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir)).eval()
+    for p in module.unet.conv_out.parameters():  # a non-zero output layer, so the prompts matter
+        torch.nn.init.normal_(p, std=0.1)
+    module.ema.module.load_state_dict(module.unet.state_dict())
+    prompts, seeds = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[1]], [11, 12, 13, 14]
+    together = module.generate(prompts, seeds, sampler=sampler, num_steps=4, guidance_scale=3.0)
+    alone = torch.cat([module.generate([p], [s], sampler=sampler, num_steps=4, guidance_scale=3.0)
+                       for p, s in zip(prompts, seeds)])
+    assert together.shape == (4, 3, 16, 16) and together.min() >= -1 and together.max() <= 1
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert not torch.allclose(together[0], together[2], atol=1e-3)  # same prompt, different seed
+
+
+def test_log_images_returns_the_fixed_prompt_grid(autoencoder_dir: Path):
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir)).eval()
+    images = module.log_images(batch(4))
+    assert set(images) == {"samples"} and images["samples"].shape == (2, 3, 16, 16)
+    again = module.log_images(batch(2))
+    assert torch.equal(images["samples"], again["samples"])

@@ -1,0 +1,92 @@
+"""End to end through the entry points: shapes shards -> tiny autoencoder -> a few diffusion steps -> ldm-sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+
+from ldm.cli.common import CONF_DIR
+from ldm.cli.sample import sample
+from ldm.cli.train import train
+from ldm.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a large red circle in the center on a white background",
+           "a small blue square in the top left on a black background"]
+
+
+def compose_config(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def short_run(shards: Path, output_dir: Path) -> list[str]:
+    return [f"paths.output_dir={output_dir}", f"data.train_shards={shards}/train-*.tar",
+            f"data.val_shards={shards}/val-*.tar", "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+            "+trainer.enable_model_summary=false", "callbacks.progress=null", "logger=csv"]
+
+
+@pytest.fixture(scope="module")
+def ldm_checkpoint(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart experiments shortened to 2 steps each: autoencoder, then latent diffusion."""
+    root = tmp_path_factory.mktemp("e2e")
+    train(compose_config("train", ["experiment=quickstart_vae", *short_run(shapes_shards, root / "vae")]))
+    assert (root / "vae" / "export" / "latent_stats.json").is_file()
+    train(compose_config("train", ["experiment=quickstart_ldm", f"model.autoencoder_path={root / 'vae' / 'export'}",
+                                   "model.val_num_steps=2", *short_run(shapes_shards, root / "ldm")]))
+    assert list((root / "ldm" / "images" / "val").glob("samples_step*.png"))
+    return root / "ldm" / "checkpoints" / "last.ckpt"
+
+
+def test_ldm_sample_cli_writes_images_grid_and_record(ldm_checkpoint: Path, tmp_path: Path):
+    out = tmp_path / "samples"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [f"ckpt_path={ldm_checkpoint}", f"prompts=[{PROMPTS[0]}, {PROMPTS[1]}]", "sampler=dpmpp_2m",
+            "num_steps=3", "guidance_scale=2.0", "seed=7", "num_images_per_prompt=2", "batch_size=3",
+            f"output_dir={out}", "device=cpu"]
+    result = subprocess.run([sys.executable, "-m", "ldm.cli.sample", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in out.glob("prompt*.png"))
+    assert names == ["prompt000_seed000007.png", "prompt000_seed000008.png", "prompt001_seed000009.png",
+                     "prompt001_seed000010.png"]
+    grid = torchvision.io.read_image(str(out / "grid.png"))
+    assert grid.shape == (3, 2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # rows = prompts, columns = images per prompt
+    record = json.loads((out / "sample.json").read_text())
+    assert record["prompts"] == PROMPTS and record["seeds"] == [7, 8, 9, 10]
+
+
+def test_images_depend_on_their_seed_not_the_batch_size(ldm_checkpoint: Path, tmp_path: Path):
+    base = {"ckpt_path": str(ldm_checkpoint), "prompts": PROMPTS, "sampler": "ddpm", "num_steps": 3,
+            "guidance_scale": 3.0, "seed": 0, "num_images_per_prompt": 2, "device": "cpu"}
+    one = sample({**base, "batch_size": 1, "output_dir": str(tmp_path / "one")})
+    four = sample({**base, "batch_size": 4, "output_dir": str(tmp_path / "four")})
+    for a, b in zip(one, four):
+        assert a.name == b.name
+        diff = (torchvision.io.read_image(str(a)).int() - torchvision.io.read_image(str(b)).int()).abs().max()
+        assert diff <= 1  # uint8 rounding of float noise at most
+    assert not torch.equal(torchvision.io.read_image(str(one[0])), torchvision.io.read_image(str(one[1])))
+
+
+def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    paths = sample({"ckpt_path": str(ldm_checkpoint), "prompts_file": str(prompts), "num_steps": 2,
+                    "sampler": "ddim", "output_dir": str(tmp_path / "f"), "device": "cpu"})
+    assert [p.name for p in paths] == ["prompt000_seed000000.png", "prompt001_seed000001.png"]
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        sample({"ckpt_path": str(tmp_path / "missing.ckpt"), "prompts": PROMPTS, "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="sampler"):
+        sample({"ckpt_path": str(ldm_checkpoint), "prompts": PROMPTS, "output_dir": str(tmp_path),
+                "sampler": "euler"})
+    with pytest.raises(ConfigError, match="prompts"):
+        sample({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path)})

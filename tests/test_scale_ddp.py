@@ -1,0 +1,49 @@
+"""Two-process DDP on CPU (trainer=ddp_cpu, gloo) through the real CLI: per-rank noise, a NaN on one rank, K in a row.
+
+The same launcher path as multi-GPU `trainer=ddp`: Lightning re-runs `python -m ldm.cli.train ...` for rank 1 with
+the parent's run directory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scale_helpers import load_json, run_cli, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
+
+
+@pytest.mark.slow
+def test_ddp_cpu_latent_diffusion_noise_per_rank_and_nan_guard(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    autoencoder = tiny_autoencoder_export(tmp_path / "ae")
+    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=8, every=3) if o != "trainer=cpu"]
+    result = run_cli(overrides + tiny_ldm_overrides(autoencoder) + [
+        "trainer=ddp_cpu", "data.batch_size=2", "callbacks.nan_guard.max_consecutive=2",
+        # a NaN batch on rank 1 only, at step 1 (skipped alone) and at steps 4 and 5 (two in a row: stop)
+        "+callbacks.nan._target_=scale_helpers.NanInjector", "+callbacks.nan.steps=[1,4,5]", "+callbacks.nan.ranks=[1]",
+        "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
+        "+callbacks.noise._target_=scale_helpers.NoiseProbe", f"+callbacks.noise.dirpath={out}/record",
+    ], timeout=600)
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "2 training steps in a row had a non-finite loss" in result.stderr, result.stderr[-3000:]
+    assert "global batch size 4 = data.batch_size 2 x 2 processes (1 nodes)" in result.stdout + result.stderr
+
+    ranks = [load_json(out / "record" / f"steps-rank{r}.json")["steps"] for r in (0, 1)]
+    for steps in ranks:
+        assert sorted(int(k) for k in steps) == [1, 2, 3, 4, 5, 6]
+        assert steps["2"]["weights"] == steps["1"]["weights"]  # skipped on this rank too
+        assert steps["6"]["weights"] == steps["4"]["weights"]
+        assert steps["3"]["weights"] != steps["2"]["weights"]
+    for step in ("1", "2", "3", "4", "5", "6"):
+        assert ranks[0][step]["weights"] == ranks[1][step]["weights"]  # the ranks never drift apart
+    assert ranks[0]["1"]["train/loss"] != ranks[1]["1"]["train/loss"]
+
+    noise = [[c for c in load_json(out / "record" / f"noise-rank{r}.json") if c["training"]] for r in (0, 1)]
+    for r, calls in enumerate(noise):
+        assert [c["step"] for c in calls] == [0, 1, 2, 3, 4, 5]
+        assert all(c["rank"] == c["true_rank"] == r for c in calls)
+    for c0, c1 in zip(*noise):
+        assert c0["seed"] == c1["seed"] and c0["fingerprint"] != c1["fingerprint"]
+
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3  # written at step 3, not overwritten when the guard stopped at step 6
+    assert len(last["callbacks"]["RngState"]["per_rank"]) == 2

@@ -1,0 +1,197 @@
+"""The launch-at-scale machinery on its own: atomic checkpoints, resume resolution, NaN guard, SLURM requeue, sbatch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from scale_helpers import REPO, compose_train, fake_scontrol, load_json, tiny_overrides
+
+from ldm.callbacks.checkpoint import AtomicCheckpointIO, atomic_write_bytes
+from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
+from ldm.cli.common import run_id
+from ldm.cli.train import TrainingDiverged, resolve_ckpt_path, train
+from ldm.slurm import slurm_job_id
+
+# -- atomic writes ---------------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_write_bytes(b"old", path)
+    atomic_write_bytes(b"new contents", path)
+    assert path.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_write_bytes(b"good", path)
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(b"torn", path)
+    assert path.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temp file is gone too
+
+
+def test_checkpoint_io_round_trip(tmp_path):
+    io = AtomicCheckpointIO()
+    state = {"state_dict": {"w": torch.arange(4.0)}, "global_step": 7}
+    io.save_checkpoint(state, tmp_path / "a" / "x.ckpt")
+    loaded = io.load_checkpoint(tmp_path / "a" / "x.ckpt")
+    assert loaded["global_step"] == 7 and torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- resume resolution, ids, RNG ---------------------------------------------------------------------------------------
+
+
+def test_resolve_ckpt_path(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert resolve_ckpt_path(None, tmp_path, auto_resume=True) is None
+    assert resolve_ckpt_path("last", tmp_path) is None
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resolve_ckpt_path(None, tmp_path, auto_resume=True) == str(last)
+    assert resolve_ckpt_path(None, tmp_path, auto_resume=False) is None
+    assert resolve_ckpt_path("last", tmp_path) == str(last)
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt"):
+        resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)
+
+
+def test_run_id_is_stable_per_directory(tmp_path):
+    a, b = tmp_path / "train" / "slurm-123", tmp_path / "train" / "slurm-124"
+    assert run_id(str(a)) == run_id(str(a)) != run_id(str(b))
+    assert run_id(str(a)).startswith("slurm-123-")
+
+
+def test_rng_state_round_trip_survives_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save(state, tmp_path / "rng.pt")
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
+
+
+def test_slurm_job_id(monkeypatch):
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    assert slurm_job_id() == "101"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_job_id() == "100_3"
+
+
+# -- NaN guard and requeue inside a real (single-process) run ---------------------------------------------------------
+
+
+def _record(out: Path) -> dict[int, dict[str, float]]:
+    return {int(k): v for k, v in load_json(out / "record" / "steps-rank0.json")["steps"].items()}
+
+
+def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_path):
+    """NaN in the batch at step 1: skipped, weights unchanged; at steps 4 and 5 (K=2 in a row): the run stops with
+    the message, and last.ckpt stays the one written at step 3 (none at step 6, a checkpoint step)."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=8, every=3) + [
+        "model.net.ch=16", "callbacks.nan_guard.max_consecutive=2",
+        "+callbacks.nan._target_=scale_helpers.NanInjector", "+callbacks.nan.steps=[1,4,5]",
+        "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
+    ]
+    with pytest.raises(TrainingDiverged, match=r"2 training steps in a row .*max_consecutive=2"):
+        train(compose_train(overrides))
+    steps = _record(out)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]           # key: global step after the batch
+    assert steps[2]["weights"] == steps[1]["weights"]   # the NaN batch (step 1 -> 2) changed nothing
+    assert steps[3]["weights"] != steps[2]["weights"]   # the next one trains again
+    assert steps[6]["weights"] == steps[4]["weights"]   # two skipped in a row, then stopped
+    assert steps[6]["train/nan_skipped"] == 3
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt"]
+
+
+def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkeypatch):
+    """In-process: USR1 (sent by the test itself) -> last.ckpt at the next step boundary -> scontrol requeue JOBID."""
+    bin_dir, log = fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=50, every=100) + [
+        "model.net.ch=16", "+callbacks.signal._target_=scale_helpers.SignalAtStep",
+        "+callbacks.signal.step=2",
+    ]
+    train(compose_train(overrides))
+    assert log.read_text().split() == ["requeue", "4242"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3  # the signal arrived during step 3; saved at its end, then stopped
+
+
+# -- sbatch scripts ----------------------------------------------------------------------------------------------------
+
+
+def test_sbatch_scripts_pass_shellcheck():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is missing under CI (.ci/run installs it with apt-get)")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "slurm").glob("*.sbatch"))
+    assert len(scripts) >= 3
+    result = subprocess.run(["shellcheck", "-x", *scripts, "slurm/env.sh"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for script in scripts:
+        text = (REPO / script).read_text()
+        assert "#SBATCH --requeue" in text
+        if "train" in script:
+            assert "#SBATCH --signal=USR1@" in text and "paths=slurm" in text
+
+
+# -- speed switches ----------------------------------------------------------------------------------------------------
+
+
+def test_module_switches_channels_last_and_compile_hook():
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from ldm.cli.train import apply_module_switches
+    from ldm.config import ConfigError
+
+    class WithHook(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.compiled = False
+
+        def compile_networks(self):
+            self.compiled = True
+
+    module = WithHook()
+    apply_module_switches(module, OmegaConf.create({"compile": True, "channels_last": True}))
+    assert module.compiled and module.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    class Nothing(L.LightningModule):
+        pass
+
+    with pytest.raises(ConfigError, match="compile=true"):
+        apply_module_switches(Nothing(), OmegaConf.create({"compile": True, "channels_last": False}))

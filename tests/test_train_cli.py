@@ -1,0 +1,81 @@
+"""ldm-train's configuration surface: every experiment, trainer and launcher composes; typos fail naming the key; the
+console script trains a few steps and leaves a resumable run directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from scale_helpers import REPO, cli_env, compose_train, tiny_overrides
+
+from ldm import config as configs
+from ldm.cli.common import CONF_DIR
+from ldm.cli.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose_train([f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
+    if OmegaConf.is_missing(cfg.model, "autoencoder_path"):
+        cfg.model.autoencoder_path = "/tmp/unused/export"  # required on the command line for stage 2
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    for group in ("model", "data"):  # the schemas check every key and type, without building anything
+        schema = hydra.utils.get_class(cfg[group]._target_).Config
+        configs.to_dataclass(schema, cfg[group], group)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_config_composes(trainer):
+    cfg = compose_train([f"trainer={trainer}", "paths.output_dir=/tmp/unused"])
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    if trainer in ("gpu", "ddp", "fsdp"):
+        assert cfg.trainer.precision == "bf16-mixed"
+    if trainer in ("ddp", "ddp_cpu", "fsdp"):
+        hydra.utils.instantiate(cfg.trainer.strategy)  # the strategy's arguments are valid
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_launcher_configs_compose(launcher):
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra.compose(config_name="train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("LocalLauncher" if launcher == "local" else "SlurmLauncher")
+    if launcher == "slurm":  # submitit must send our requeue signal and never requeue by itself
+        assert cfg.hydra.launcher.additional_parameters.signal.startswith("USR1@")
+        assert cfg.hydra.launcher.max_num_timeout == 0
+
+
+def test_misspelt_override_is_named():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_train(["trainer.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        compose_train(["model.lrr=1e-4"])
+
+
+def test_misspelt_added_model_key_is_named_before_training(shapes_shards, tmp_path):
+    cfg = compose_train(tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1) + ["+model.lrr=1e-4"])
+    with pytest.raises(configs.ConfigError, match=r"model\.lrr"):
+        train(cfg)
+
+
+def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=2, every=2) if o != "logger=csv"]
+    script = Path(sys.executable).parent / "ldm-train"
+    result = subprocess.run([str(script), *overrides, "model.net.ch=16", "logger=wandb"], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "global batch size 4 = data.batch_size 4 x 1 processes (1 nodes) x 1 accumulation steps" in output
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert OmegaConf.load(out / "config.yaml").paths.output_dir == str(out)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb")), runs
+    assert "wandb sync" in output

@@ -1,0 +1,201 @@
+"""The denoising UNet: shapes across tiny configs, SD 1.5's parameter count, zero output at init, gradient
+checkpointing equivalence, mixed precision, config validation, save/load, a few steps lower the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ldm.config import ConfigError, to_dataclass
+from ldm.nn.attention import attention
+from ldm.nn.unet import UNET_CONFIGS, UNet, UNetConfig, count_parameters, unet_config
+
+SD15_PARAMETERS = 859_520_964
+SD21_PARAMETERS = 865_910_724
+
+TINY = UNET_CONFIGS["tiny"]
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (the zero-initialised ones included) small random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def inputs(config: UNetConfig, batch: int = 2, size: tuple[int, int] = (8, 8), seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    kwargs = {"x": torch.randn(batch, config.in_channels, *size, generator=g),
+              "t": torch.randint(0, 1000, (batch,), generator=g)}
+    if config.context_dim is not None:
+        kwargs["context"] = torch.randn(batch, 5, config.context_dim, generator=g)
+    if config.num_classes is not None:
+        kwargs["class_labels"] = torch.randint(0, config.num_classes + 1, (batch,), generator=g)
+    return kwargs
+
+
+VARIANTS = {
+    "tiny": {},
+    "num_heads": dict(num_heads=4, head_dim=None),
+    "no_context": dict(context_dim=None),
+    "class_labels": dict(num_classes=10),
+    "class_labels_no_context": dict(num_classes=10, context_dim=None),
+    "linear_proj_depth2": dict(use_linear_proj=True, transformer_depth=2),
+    "add_embedding": dict(use_scale_shift_norm=False, dropout=0.1),
+    "learned_variance": dict(out_channels=8),
+    "three_levels": dict(channel_mult=[1, 2, 2], num_res_blocks=2, attention_levels=[0, 2], mid_attention=False),
+    "no_attention": dict(attention_levels=[], mid_attention=False, context_dim=None),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_output_shape(name):
+    config = dataclasses.replace(TINY, **VARIANTS[name])
+    model = randomize(UNet(config))
+    size = (8, 16) if len(config.channel_mult) == 2 else (16, 8)
+    out = model(**inputs(config, size=size))
+    assert out.shape == (2, config.output_channels, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_scalar_timestep_broadcasts():
+    model = randomize(UNet(TINY)).eval()
+    kwargs = inputs(TINY)
+    kwargs["t"] = torch.tensor([7, 7])
+    expected = model(**kwargs)
+    kwargs["t"] = torch.tensor(7)
+    torch.testing.assert_close(model(**kwargs), expected)
+
+
+def test_sd15_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        model = UNet(UNET_CONFIGS["sd15"])
+    assert all(p.is_meta for p in model.parameters())
+    assert count_parameters(model) == SD15_PARAMETERS
+
+
+def test_sd21_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        assert count_parameters(UNet(UNET_CONFIGS["sd21"])) == SD21_PARAMETERS
+
+
+def test_state_dict_keys_read_like_a_map():
+    keys = UNet(TINY).state_dict().keys()
+    assert "enc.level0_block0.res.conv1.weight" in keys
+    assert "enc.level0_down.conv.weight" in keys
+    assert "enc.level1_block0.attn.blocks.0.attn2.to_k.weight" in keys
+    assert "mid.block0.attn.proj_out.weight" in keys
+    assert "dec.level1_up.conv.weight" in keys
+
+
+def test_output_is_exactly_zero_at_init():
+    model = UNet(TINY)
+    out = model(**inputs(TINY))
+    assert torch.count_nonzero(out) == 0
+    for name, p in model.named_parameters():
+        if name.endswith(("res.conv2.weight", "attn.proj_out.weight")) or name.startswith("conv_out"):
+            assert torch.count_nonzero(p) == 0, name
+
+
+def test_gradient_checkpointing_matches():
+    config = dataclasses.replace(TINY, dropout=0.1, num_classes=3)
+    plain = randomize(UNet(config))
+    ckpt = UNet(dataclasses.replace(config, gradient_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    kwargs = inputs(config, batch=4)
+    losses, grads = [], []
+    for model in (plain, ckpt):
+        torch.manual_seed(0)  # same dropout masks; non-reentrant checkpointing replays the RNG state
+        loss = model(**kwargs).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_is_finite(dtype):
+    config = dataclasses.replace(TINY, upcast_attention=dtype == torch.float16)
+    model = randomize(UNet(config))
+    kwargs = inputs(config)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(**kwargs)
+    assert torch.isfinite(out).all()
+    reference = model(**kwargs)
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_upcast_attention_survives_fp16_overflow():
+    # Logits of 100 * 100 * 64 / 8 = 80000 exceed fp16's 65504; the fp32 path must match fp32 attention.
+    q = torch.full((1, 1, 4, 64), 100.0)
+    q[0, 0, :, 0] += torch.arange(4.0)
+    v = torch.randn(1, 1, 4, 64)
+    reference = attention(q, q, v)
+    out = attention(q.half(), q.half(), v.half(), upcast=True)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
+
+
+def test_save_load_round_trip_and_determinism(tmp_path):
+    model = randomize(UNet(TINY)).eval()
+    torch.save(model.state_dict(), tmp_path / "unet.pt")
+    loaded = UNet(TINY).eval()
+    loaded.load_state_dict(torch.load(tmp_path / "unet.pt"))
+    kwargs = inputs(TINY)
+    assert torch.equal(model(**kwargs), loaded(**kwargs))
+    assert torch.equal(model(**kwargs), model(**kwargs))
+
+
+def test_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    kwargs = inputs(TINY, batch=4)
+    target = torch.randn_like(kwargs["x"])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = (model(**kwargs) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model_channels=30, norm_groups=8), "not divisible by norm_groups=8"),
+    (dict(num_heads=3, head_dim=None), "not divisible by num_heads=3"),
+    (dict(head_dim=24), "not divisible by head_dim=24"),
+    (dict(num_heads=2, head_dim=16), "exactly one of num_heads=2 and head_dim=16"),
+    (dict(num_heads=None, head_dim=None), "exactly one of"),
+    (dict(attention_levels=[2]), "outside 0..1"),
+])
+def test_config_cross_field_checks(overrides, message):
+    node = {**dataclasses.asdict(TINY), **overrides}
+    with pytest.raises(ConfigError, match=message) as err:
+        to_dataclass(UNetConfig, node, prefix="model.unet")
+    assert str(err.value).startswith("model.unet.")
+
+
+def test_named_config_overrides():
+    config = unet_config("tiny", context_dim=None)
+    assert config.context_dim is None and config.model_channels == TINY.model_channels
+    with pytest.raises(ConfigError, match="unknown UNet size"):
+        unet_config("huge")
+
+
+def test_forward_input_checks():
+    model = UNet(TINY)
+    kwargs = inputs(TINY)
+    with pytest.raises(ValueError, match="pass context"):
+        model(kwargs["x"], kwargs["t"])
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(torch.randn(2, 4, 7, 8), kwargs["t"], kwargs["context"])
+    with pytest.raises(ValueError, match="not class-conditional"):
+        model(**kwargs, class_labels=torch.zeros(2, dtype=torch.long))
