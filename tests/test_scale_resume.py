@@ -68,9 +68,6 @@ def test_latent_diffusion_resume_is_exact(shapes_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="LatentDiffusionModule updates its EMA in on_train_batch_end, which Lightning "
-                   "calls after ModelCheckpoint's: a periodic checkpoint misses its own step's EMA update (fix: update "
-                   "the EMA in an optimizer_step override); remove this mark once fixed")
 def test_latent_diffusion_resume_with_ema_is_exact(shapes_shards, tmp_path):
     autoencoder = tiny_autoencoder_export(tmp_path / "ae")
     check_exact_resume(shapes_shards, tmp_path, tiny_ldm_overrides(autoencoder))

@@ -1,4 +1,7 @@
-"""What every Hydra entry point shares: where the configs live, printing and saving the resolved config."""
+"""What every Hydra entry point shares: where the configs live, printing and saving the resolved config.
+
+Lightning and rich are imported inside the functions that need them, so that `ldm-data` starts in a second or two.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,8 @@ import os
 import re
 from pathlib import Path
 
-import rich
-import rich.syntax
-import rich.tree
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 # conf/ sits beside the package in the repository; LDM_CONF_DIR points elsewhere (e.g. a copy of conf/).
@@ -50,9 +49,20 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-@rank_zero_only
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
 def print_config_tree(cfg: DictConfig, order: tuple[str, ...] = ()) -> None:
-    """Print the resolved config as a rich tree, groups in `order` first."""
+    """Print the resolved config as a rich tree on rank 0, groups in `order` first."""
+    if not _is_rank_zero():
+        return
+    import rich
+    import rich.syntax
+    import rich.tree
+
     tree = rich.tree.Tree("CONFIG", style="bold", guide_style="dim")
     keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order]
     for key in keys:
@@ -63,9 +73,9 @@ def print_config_tree(cfg: DictConfig, order: tuple[str, ...] = ()) -> None:
     rich.print(tree)
 
 
-@rank_zero_only
 def save_config(cfg: DictConfig, output_dir: Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config into the run directory."""
+    """Write the resolved config into the run directory (rank 0 writes; every rank gets the path)."""
     path = Path(output_dir) / name
-    OmegaConf.save(cfg, path, resolve=True)
+    if _is_rank_zero():
+        OmegaConf.save(cfg, path, resolve=True)
     return path

@@ -7,20 +7,17 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.cli.common import CONF_DIR
 from ldm.config import ConfigError, to_dataclass
 from ldm.data.shards import WriteConfig, write_shards
 
 log = logging.getLogger(__name__)
 
-# The rule of ldm.cli.common.CONF_DIR, restated so that this command does not import Lightning (seconds of start-up).
-CONF_DIR = os.environ.get("LDM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
 def write_dataset(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Noise schedules, parameterizations (eps / v / x0), loss weighting and samplers: pure functions, no Lightning."""
 
+from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
 from ldm.diffusion.parameterization import (
     LOSS_WEIGHTINGS,
     PREDICTIONS,
@@ -30,8 +31,8 @@ from ldm.diffusion.schedule import (
 )
 
 __all__ = [
-    "BETA_SCHEDULES", "LOSS_WEIGHTINGS", "PREDICTIONS", "SAMPLERS", "TIMESTEP_SPACINGS", "Denoiser", "NoiseSchedule",
-    "ScheduleConfig", "guided_denoiser", "loss_weight", "make_betas", "offset_noise", "rescale_zero_terminal_snr",
-    "run_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "spaced_timesteps", "target", "to_eps", "to_v",
-    "to_x0",
+    "BETA_SCHEDULES", "LOSS_WEIGHTINGS", "PREDICTIONS", "SAMPLERS", "TIMESTEP_SPACINGS", "Denoiser",
+    "DiffusionConfig", "NoiseSchedule", "ScheduleConfig", "diffusion_loss", "guided_denoiser", "loss_weight",
+    "make_betas", "offset_noise", "rescale_zero_terminal_snr", "run_sampler", "sample_ddim", "sample_ddpm",
+    "sample_dpmpp_2m", "spaced_timesteps", "target", "to_eps", "to_v", "to_x0",
 ]

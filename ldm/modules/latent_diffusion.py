@@ -128,7 +128,6 @@ class LatentDiffusionModule(L.LightningModule):
         decay = config.ema_decay
         self.ema = make_ema(self.unet, decay) if decay is not None else None
         self.ema_conditioner = make_ema(self.conditioner, decay) if decay and self.conditioner.trainable else None
-        self._ema_step = -1
         self.checkpoint_step = -1
 
     # ------------------------------------------------------------------ autoencoder (frozen, fp32)
@@ -183,13 +182,14 @@ class LatentDiffusionModule(L.LightningModule):
                  batch_size=len(batch[self.config.image_key]))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step != self._ema_step:  # an optimizer step happened (gradient accumulation aware)
-            self._ema_step = self.global_step
-            if self.ema is not None:
-                self.ema.update_parameters(self.unet)
-            if self.ema_conditioner is not None:
-                self.ema_conditioner.update_parameters(self.conditioner)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # note: the EMA follows each optimizer step here rather than in on_train_batch_end, which Lightning calls after
+        # the callbacks' (ModelCheckpoint's) batch-end hooks: a checkpoint would miss its own step's update.
+        if self.ema is not None:
+            self.ema.update_parameters(self.unet)
+        if self.ema_conditioner is not None:
+            self.ema_conditioner.update_parameters(self.conditioner)
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config

@@ -1,0 +1,176 @@
+"""Throughput of the pieces a training run spends its time in, on whatever device is given.
+
+    python benchmarks/throughput.py                       # CPU, writes benchmarks/results/throughput-cpu.json
+    python benchmarks/throughput.py --device cuda --sd15  # GPU, adds the SD 1.5 UNet at 256 px (32x32 latents)
+
+Measures, each after warm-up, as the median of timed repeats:
+  data      WebDataModule train loader over `shapes` shards written to a temp dir (samples/s, by num_workers)
+  vae       quickstart autoencoder train step: forward, L2 + KL loss, backward, Adam step (images/s)
+  unet      quickstart UNet + byte text encoder train step on 4x8x8 latents (images/s); --sd15 adds SD 1.5's UNet
+  sampling  quickstart UNet, DPM-Solver++(2M) 20 steps with guidance 3 (images/s), latents only
+
+Model configs come from the experiment files (experiment=quickstart_vae / quickstart_ldm), so the numbers describe
+what `make quickstart` runs. Results: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from ldm.cli.common import CONF_DIR
+from ldm.conditioning import build_conditioner
+from ldm.config import to_dataclass
+from ldm.data.datamodule import WebDataModule
+from ldm.data.shards import WriteConfig, write_shards
+from ldm.diffusion import NoiseSchedule, ScheduleConfig, run_sampler, spaced_timesteps
+from ldm.diffusion.sampling import Denoiser, guided_denoiser
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.nn.unet import UNET_CONFIGS, UNet, UNetConfig
+from ldm.seeding import StackedRandomGenerator
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of one call of `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def experiment_model(name: str) -> dict:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}", "data.train_shards=unused"])
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def bench_data(batch_size: int) -> dict[str, float]:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(WriteConfig(source="shapes", output_dir=tmp, num_samples=4096, val_samples=0, resolution=32,
+                                 samples_per_shard=512))
+        for workers in (0, 1, 2):
+            dm = WebDataModule(train_shards=f"{tmp}/train-*.tar", resolution=32, batch_size=batch_size,
+                               num_workers=workers, pin_memory=False)
+            dm.setup("fit")
+            start, n = time.perf_counter(), 0
+            for batch in dm.train_dataloader():
+                n += batch["image"].shape[0]
+            results[f"num_workers={workers}"] = n / (time.perf_counter() - start)
+    return results
+
+
+def bench_vae(device: torch.device, batch_size: int, repeats: int) -> float:
+    net = experiment_model("quickstart_vae")["net"]
+    model = AutoencoderKL(to_dataclass(AutoencoderConfig, net)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch_size, 3, net["resolution"], net["resolution"], device=device) * 2 - 1
+
+    def step() -> None:
+        posterior = model.encode(x)
+        recon = model.decode(posterior.sample())
+        loss = (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch_size / timed(step, device, warmup=3, repeats=repeats)
+
+
+def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.device, batch_size: int, size: int,
+              precision: torch.dtype | None) -> Callable[[], None]:
+    params = list(unet.parameters()) + (list(conditioner.parameters()) if conditioner is not None else [])
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(batch_size, unet.config.in_channels, size, size, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    prompts = ["a large red circle in the center on a white background"] * batch_size
+    context = None if conditioner is not None else torch.randn(batch_size, 77, unet.config.context_dim, device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            cond = conditioner(prompts) if conditioner is not None else {"context": context}
+            loss = unet(x, t, **cond).float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) -> dict[str, float]:
+    model = experiment_model("quickstart_ldm")
+    unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device)
+    conditioner = build_conditioner(model["conditioner"]).to(device)
+    results = {"quickstart 4x8x8": batch_size / timed(unet_step(unet, conditioner, device, batch_size, 8, None),
+                                                       device, warmup=3, repeats=repeats)}
+    if sd15:
+        big = UNet(UNET_CONFIGS["sd15"]).to(device)
+        precision = torch.bfloat16 if device.type == "cuda" else None
+        results["sd15 4x32x32 bf16"] = 8 / timed(unet_step(big, None, device, 8, 32, precision), device, 2, repeats)
+    return results
+
+
+@torch.no_grad()
+def bench_sampling(device: torch.device, num_images: int, repeats: int) -> float:
+    model = experiment_model("quickstart_ldm")
+    unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device).eval()
+    conditioner = build_conditioner(model["conditioner"]).to(device).eval()
+    schedule = NoiseSchedule(to_dataclass(ScheduleConfig, model["diffusion"]["schedule"]))
+    prompts = ["a large red circle in the center on a white background"] * num_images
+    cond, uncond = conditioner(prompts), conditioner.unconditional(num_images, device)
+    denoiser = Denoiser(guided_denoiser(lambda x, t, c: unet(x, t, **c), cond, uncond, 3.0), schedule,
+                        model["diffusion"]["prediction"])
+    timesteps = spaced_timesteps(20, schedule.num_train_timesteps, "trailing")
+
+    def sample() -> None:
+        rng = StackedRandomGenerator(range(num_images), device)
+        run_sampler("dpmpp_2m", denoiser, rng.randn((num_images, 4, 8, 8)), timesteps, rng)
+
+    return num_images / timed(sample, device, warmup=1, repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sd15", action="store_true", help="also time the SD 1.5 UNet (GPU recommended)")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/throughput-<device>.json)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "data_samples_per_s": bench_data(args.batch_size),
+        "vae_train_images_per_s": bench_vae(device, args.batch_size, args.repeats),
+        "unet_train_images_per_s": bench_unet(device, args.batch_size, args.repeats, args.sd15),
+        "sampling_images_per_s": bench_sampling(device, 16, max(args.repeats // 3, 2)),
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"throughput-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
