@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline, offline, on CPU, in about 12 minutes on 2 cores (`make quickstart` puts the venv on PATH):
+# The whole pipeline, offline, on CPU, in about 13-14 minutes on 2 cores (800 s measured; `make quickstart` puts the venv on PATH):
 #   1. ldm-data:   6000 + 200 captioned `shapes` images at 32 px as WebDataset shards
 #   2. ldm-train:  experiment=quickstart_vae  -> the tiny KL-f4 autoencoder and its latent statistics
 #   3. ldm-train:  experiment=quickstart_ldm  -> a tiny text-to-image LDM on its latents (byte-level text encoder)

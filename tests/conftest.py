@@ -22,3 +22,15 @@ def shapes_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_dataset({"source": "shapes", "output_dir": str(out), "num_samples": 64, "val_samples": 16,
                    "resolution": 32, "seed": 0, "samples_per_shard": 16})
     return out
+
+
+@pytest.fixture
+def single_torch_thread():
+    """One intra-op thread for the test (note: on a shared 2-core machine torch's two spinning threads made short
+    fits up to 8x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,15 +10,7 @@ from ldm.cli.common import CONF_DIR
 from ldm.cli.train import train
 from ldm.nn.autoencoder import load_autoencoder
 
-
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """note: on a shared 2-core machine torch's two spinning intra-op threads made these fits up to 8x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def test_quickstart_vae_leaves_checkpoint_stats_export_and_wandb_run(shapes_shards, tmp_path):
     out = tmp_path / "run"

@@ -15,15 +15,7 @@ from ldm.data.shapes import ShapesDataset
 from ldm.modules.autoencoder import AutoencoderModule
 from ldm.nn.autoencoder import load_autoencoder
 
-
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """note: on a shared 2-core machine torch's two spinning intra-op threads made these fits up to 8x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def tiny_module(**overrides) -> AutoencoderModule:
     """conf/model/autoencoder/kl_tiny.yaml with `overrides` (dotted keys)."""

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.config import ConfigError
 from ldm.nn.attention import SpatialTransformer
+from ldm.nn.autoencoder import Upsample  # the decoder's block: nearest 2x, then a 3x3 conv
 from ldm.nn.embeddings import LabelEmbedder, TimestepEmbedder
 
 
@@ -156,17 +157,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNet(nn.Module):
