@@ -11,10 +11,11 @@ import pytest
 import torch
 from scale_helpers import REPO, compose_train, fake_scontrol, load_json, tiny_overrides
 
-from ldm.callbacks.checkpoint import AtomicCheckpointIO, atomic_write_bytes
+from ldm.callbacks.checkpoint import AtomicCheckpointIO
 from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
 from ldm.cli.common import run_id
 from ldm.cli.train import TrainingDiverged, resolve_ckpt_path, train
+from ldm.io import atomic_write_bytes
 from ldm.slurm import slurm_job_id
 
 # -- atomic writes ---------------------------------------------------------------------------------------------------

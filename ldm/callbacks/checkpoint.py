@@ -1,8 +1,8 @@
 """Checkpoints that are never torn and never overwritten by a failing run.
 
 `AtomicCheckpointIO` is the Trainer's CheckpointIO plugin: every checkpoint Lightning writes (periodic, `last.ckpt`,
-the requeue checkpoint) goes to a temporary file in the target directory, is flushed and fsynced, and then replaces
-the target with `os.replace`, so a reader sees either the old file or the new one, never half of one.
+the requeue checkpoint) goes through `ldm.io.atomic_open` (temporary file in the target directory, fsync,
+`os.replace`), so a reader sees either the old file or the new one, never half of one.
 
 `Checkpoint` is Lightning's ModelCheckpoint that refuses to save once any callback has `halted` the run (the NaN
 guard after K non-finite steps): the error path keeps the last good `last.ckpt` instead of overwriting it.
@@ -10,12 +10,8 @@ guard after K non-finite steps): the error path keeps the last good `last.ckpt` 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,42 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file that replaces `path` only when the block ends without error: a temp file in the same directory,
-    flushed and fsynced, then `os.replace`d over `path` (and the directory fsynced). On error `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # note: the rename itself is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write `data` to `path` atomically (see `atomic_open`)."""
-    with atomic_open(path) as f:
-        f.write(data)
+from ldm.io import atomic_open
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

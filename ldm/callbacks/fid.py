@@ -21,7 +21,8 @@ from ldm.eval.evaluator import dist_info, generate_images, rank_batches
 from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
-from ldm.eval.sources import expand_shards, load_prompts, to_uint8
+from ldm.eval.sources import expand_shards, load_prompts
+from ldm.images import to_uint8
 
 
 class FIDCallback(L.Callback):

@@ -15,14 +15,7 @@ import torchvision
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1] -> one uint8 grid (3, H', W') on the CPU."""
-    images = images.detach().float().cpu().clamp(-1, 1)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
-    return (grid * 255).round().to(torch.uint8)
+from ldm.images import make_grid
 
 
 class ImageLogger(L.Callback):

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.cli.common import CONF_DIR
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.diffusion.sampling import SAMPLERS
+from ldm.images import make_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,6 @@ def read_prompts(config: SampleConfig) -> list[str]:
     if not prompts:
         raise ConfigError(f"prompts_file={path} holds no prompts")
     return prompts
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 in [0, 255] on the CPU."""
-    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def pick_device(device: str) -> torch.device:
@@ -135,8 +131,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
             images.append(image)
     seconds = time.perf_counter() - start
 
-    grid = torchvision.utils.make_grid(torch.stack(images), nrow=k, padding=2, pad_value=1.0)  # rows = prompts
-    torchvision.io.write_png(to_uint8(grid), str(out / "grid.png"))
+    torchvision.io.write_png(make_grid(torch.stack(images), nrow=k), str(out / "grid.png"))  # rows = prompts
     record = {"config": asdict(config), "prompts": prompts, "seeds": [s for _, _, s in jobs],
               "files": [p.name for p in paths], "seconds": round(seconds, 2), "device": str(device),
               "checkpoint_step": module.checkpoint_step}

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from ldm.nn.embeddings import LabelEmbedder
 
 
-class ClassEmbedder(nn.Module):
-    """An embedding table of num_classes + 1 rows; row `num_classes` is the null class.
+class ClassEmbedder(LabelEmbedder):
+    """The UNet's label table (num_classes + 1 rows, row `num_classes` the null class) read as one context token.
 
     Args:
         num_classes: number of real classes.
@@ -18,15 +19,9 @@ class ClassEmbedder(nn.Module):
     trainable = True
 
     def __init__(self, num_classes: int, width: int):
-        super().__init__()
-        self.num_classes = num_classes
+        super().__init__(num_classes, width)
         self.context_dim = width
-        self.embedding = nn.Embedding(num_classes + 1, width)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels (B,) in [0, num_classes] to context (B, 1, width)."""
-        return self.embedding(labels)[:, None]                                  # (B, 1, D)
+        return super().forward(labels)[:, None]                                 # (B, 1, D)

@@ -27,6 +27,8 @@ from PIL import Image
 
 from ldm.config import ConfigError, check_choice
 from ldm.data import shapes
+from ldm.data.stream import resize_crop
+from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
 
 log = logging.getLogger(__name__)
@@ -158,16 +160,6 @@ def list_images(input_dir: Path) -> list[Path]:
     return sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to `resolution` (antialiased), then crop the centre square."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dict[Path, str] | None,
                    cfg: WriteConfig, skipped: list[str]) -> Iterator[Record]:
     """Records for (index, path) pairs; the key is the index in the sorted listing, so keys are unique across splits."""
@@ -190,7 +182,7 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
             ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
             yield Record(f"{index:09d}", caption, metadata, encoded=(path.read_bytes(), ext))
         else:
-            yield Record(f"{index:09d}", caption, metadata, image=resize_center_crop(image, cfg.resolution))
+            yield Record(f"{index:09d}", caption, metadata, image=resize_crop(image, cfg.resolution, None))
 
 
 def _sidecar_caption(path: Path) -> str | None:
@@ -247,9 +239,7 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
     summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution,
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
-    tmp = output_dir / f".{SUMMARY_NAME}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(output_dir / SUMMARY_NAME)
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / SUMMARY_NAME)
     counts = ", ".join(f"{s}: {v['count']} samples in {len(v['shards'])} shards" for s, v in summary["splits"].items())
     log.info("wrote %s (%s)", output_dir, counts)
     return summary

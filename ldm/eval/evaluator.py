@@ -39,7 +39,8 @@ from ldm.eval.metrics import (
 )
 from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
 from ldm.eval.results import append_results
-from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts, to_uint8
+from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts
+from ldm.images import to_uint8
 
 CHECKPOINT_KINDS = {
     "autoencoder": "ldm.modules.autoencoder.AutoencoderModule",

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ldm.eval.feature_extractors import InceptionFeatures
 from ldm.eval.sources import expand_shards, iter_image_batches, shard_fingerprint
+from ldm.io import atomic_open
 
 CACHE_VERSION = 1
 
@@ -79,17 +78,8 @@ def compute_reference_stats(shards: list[str], resolution: int, num_samples: int
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def _compute_and_save(shards: list[str], resolution: int, num_samples: int | None, extractor: InceptionFeatures,

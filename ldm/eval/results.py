@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm.io import atomic_open
+
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
 # Columns that lead the CSV when present; the rest follow in first-seen order.
@@ -46,10 +48,8 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     for row in rows:
         seen.update(dict.fromkeys(row))
     columns = [c for c in LEADING_COLUMNS if c in seen] + [c for c in seen if c not in LEADING_COLUMNS]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
-    os.replace(tmp, path)

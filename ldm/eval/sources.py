@@ -109,11 +109,6 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Model images in [-1, 1] (N, 3, H, W) as uint8 in [0, 255], rounded as an image file would store them."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def iter_image_batches(shards: Sequence[str], resolution: int, num_samples: int | None, batch_size: int,
                        ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Batches (uint8 (B, 3, R, R), captions) of the first `num_samples` samples of `shards` (all when None)."""

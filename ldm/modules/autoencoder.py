@@ -9,7 +9,6 @@ them (`scale_factor = 1 / std`, LDM's 0.18215 measured rather than copied).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.config import asdict, to_dataclass
+from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
 from ldm.modules.optim import warmup_scheduler
@@ -205,11 +205,7 @@ class AutoencoderModule(L.LightningModule):
 
     @rank_zero_only
     def _write_latent_stats(self) -> None:
-        path = self._checkpoint_dir() / LATENT_STATS_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.latent_stats, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(json.dumps(self.latent_stats, indent=2), self._checkpoint_dir() / LATENT_STATS_NAME)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["autoencoder_config"] = asdict(self.config.net)

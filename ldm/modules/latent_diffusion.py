@@ -118,17 +118,22 @@ class LatentDiffusionModule(L.LightningModule):
                               f"latent channels embed_dim={autoencoder.config.embed_dim}")
         self.unet = UNet(config.unet)
         self.schedule = NoiseSchedule(config.diffusion.schedule)
-        self.image_size = config.image_size or autoencoder.config.resolution
-        factor = autoencoder.downsample_factor * self.unet.downsampling_factor
-        if self.image_size % factor:
-            raise ConfigError(f"model.image_size={self.image_size} must be divisible by {factor} (autoencoder "
-                              f"factor {autoencoder.downsample_factor} x UNet factor {self.unet.downsampling_factor})")
+        self.image_size = self._check_image_size(config.image_size or autoencoder.config.resolution,
+                                                 "model.image_size", ConfigError)
 
         # EMA of everything that trains.
         decay = config.ema_decay
         self.ema = make_ema(self.unet, decay) if decay is not None else None
         self.ema_conditioner = make_ema(self.conditioner, decay) if decay and self.conditioner.trainable else None
         self.checkpoint_step = -1
+
+    def _check_image_size(self, size: int, key: str, error: type[Exception]) -> int:
+        """`size` if the autoencoder and UNet downsampling both divide it, else `error` naming `key`."""
+        factor = self.autoencoder.downsample_factor * self.unet.downsampling_factor
+        if size % factor:
+            raise error(f"{key}={size} must be divisible by {factor} (autoencoder factor "
+                        f"{self.autoencoder.downsample_factor} x UNet factor {self.unet.downsampling_factor})")
+        return size
 
     # ------------------------------------------------------------------ autoencoder (frozen, fp32)
 
@@ -260,10 +265,7 @@ class LatentDiffusionModule(L.LightningModule):
             if len(prompts) != B:
                 raise ValueError(f"{len(prompts)} prompts for {B} seeds; give one seed per prompt")
             conds = list(prompts) if self.conditioner.kind != "none" else None
-        size = image_size or self.image_size
-        factor = self.autoencoder.downsample_factor * self.unet.downsampling_factor
-        if size % factor:
-            raise ValueError(f"image_size={size} must be divisible by {factor}")
+        size = self._check_image_size(image_size or self.image_size, "image_size", ValueError)
 
         unet, conditioner = self.networks(use_ema)
         was_training = conditioner.training
@@ -284,7 +286,6 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        checkpoint["latent_scale"] = self.latent_scale
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_step = int(checkpoint.get("global_step", -1))

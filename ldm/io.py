@@ -1,0 +1,63 @@
+"""Files written atomically: a reader sees the old file or the new one, never half of one.
+
+Checkpoints, latent statistics, shard summaries, results tables and cached reference statistics all go through
+`atomic_open`, so an interruption (preemption, a crash, a full disk) never leaves a torn file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+    """A file that replaces `path` only when the block ends without error: a temp file in the same directory,
+    flushed and fsynced, then `os.replace`d over `path` (and the directory fsynced). On error `path` is untouched.
+
+    Args:
+        mode: "wb" (binary) or "w" (text); `open_kwargs` go to `open` (e.g. `newline=""` for csv).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # note: the rename itself is durable only once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write `data` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write `text` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
