@@ -6,7 +6,8 @@
 Measures, each after warm-up, as the median of timed repeats:
   data      WebDataModule train loader over `shapes` shards written to a temp dir (samples/s, by num_workers)
   vae       quickstart autoencoder train step: forward, L2 + KL loss, backward, Adam step (images/s)
-  unet      quickstart UNet + byte text encoder train step on 4x8x8 latents (images/s); --sd15 adds SD 1.5's UNet
+  unet      quickstart UNet + byte text encoder train step on the quickstart autoencoder's latents (images/s);
+            --sd15 adds SD 1.5's UNet
   sampling  quickstart UNet, DPM-Solver++(2M) 20 steps with guidance 3 (images/s), latents only
 
 Model configs come from the experiment files (experiment=quickstart_vae / quickstart_ldm), so the numbers describe
@@ -61,6 +62,12 @@ def experiment_model(name: str) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def quickstart_latent_size() -> int:
+    """Side of the quickstart's latents: the autoencoder's resolution over its downsampling factor."""
+    net = experiment_model("quickstart_vae")["net"]
+    return net["resolution"] // 2 ** (len(net["ch_mult"]) - 1)
 
 
 def bench_data(batch_size: int) -> dict[str, float]:
@@ -120,8 +127,9 @@ def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) 
     model = experiment_model("quickstart_ldm")
     unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device)
     conditioner = build_conditioner(model["conditioner"]).to(device)
-    results = {"quickstart 4x8x8": batch_size / timed(unet_step(unet, conditioner, device, batch_size, 8, None),
-                                                       device, warmup=3, repeats=repeats)}
+    size = quickstart_latent_size()
+    step = unet_step(unet, conditioner, device, batch_size, size, None)
+    results = {f"quickstart {unet.config.in_channels}x{size}x{size}": batch_size / timed(step, device, 3, repeats)}
     if sd15:
         big = UNet(UNET_CONFIGS["sd15"]).to(device)
         precision = torch.bfloat16 if device.type == "cuda" else None
@@ -140,10 +148,11 @@ def bench_sampling(device: torch.device, num_images: int, repeats: int) -> float
     denoiser = Denoiser(guided_denoiser(lambda x, t, c: unet(x, t, **c), cond, uncond, 3.0), schedule,
                         model["diffusion"]["prediction"])
     timesteps = spaced_timesteps(20, schedule.num_train_timesteps, "trailing")
+    size = quickstart_latent_size()
 
     def sample() -> None:
         rng = StackedRandomGenerator(range(num_images), device)
-        run_sampler("dpmpp_2m", denoiser, rng.randn((num_images, 4, 8, 8)), timesteps, rng)
+        run_sampler("dpmpp_2m", denoiser, rng.randn((num_images, unet.config.in_channels, size, size)), timesteps, rng)
 
     return num_images / timed(sample, device, warmup=1, repeats=repeats)
 

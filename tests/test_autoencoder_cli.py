@@ -32,6 +32,6 @@ def test_quickstart_vae_leaves_checkpoint_stats_export_and_wandb_run(shapes_shar
     assert stats["step"] == 4 and len(stats["mean"]) == 4 and stats["scale_factor"] > 0
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["latent_stats"] == stats
     model, export_stats = load_autoencoder(out / "export")
-    assert export_stats == stats and model.downsample_factor == 4
+    assert export_stats == stats and model.downsample_factor == 2  # the quickstart KL-f2
     assert list((out / "images" / "train").glob("reconstructions_step*.png"))
     assert list((out / "wandb").glob("offline-run-*/files")), "no offline W&B run directory"

@@ -3,6 +3,7 @@ encoder, class labels, and condition dropout for guidance."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,8 +62,18 @@ def test_clip_by_local_path(tiny_clip):
     assert not encoder.training and not encoder.transformer.training  # frozen: stays in eval mode
     assert all(not p.requires_grad for p in conditioner.parameters())
     conditioner.cond_drop_prob = 0.0
-    context = conditioner(PROMPTS)["context"]
-    assert context.shape == (3, 77, 32) and not context.requires_grad
+    cond = conditioner(PROMPTS)
+    assert cond["context"].shape == (3, 77, 32) and not cond["context"].requires_grad
+    assert cond["pooled"] is None  # pooled=false (the default): the UNet gets no vector
+
+
+def test_clip_pooled_is_the_eos_state(tiny_clip):
+    conditioner = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip), "pooled": True}).eval()
+    assert conditioner.pooled_dim == 32
+    cond = conditioner(PROMPTS)
+    ids = conditioner.encoder.tokenize(PROMPTS)
+    eos = (ids == conditioner.encoder.tokenizer.eos_token_id).int().argmax(1)  # the first EOS of each prompt
+    torch.testing.assert_close(cond["pooled"], cond["context"][torch.arange(3), eos])
 
 
 def test_clip_last_and_penultimate_differ(tiny_clip):
@@ -95,6 +106,10 @@ def test_hf_encoder_loads_t5_encoder_by_path(tiny_clip, tmp_path):
     assert type(conditioner.encoder.transformer).__name__ == "T5EncoderModel"
     assert conditioner.context_dim == 24 and not conditioner.trainable
     assert conditioner(PROMPTS)["context"].shape == (3, 16, 24)
+    pooled = build_conditioner({"kind": "hf", "name_or_path": str(tmp_path), "max_length": 16, "pooled": True}).eval()
+    cond = pooled(["a red square"])
+    real = len(pooled.encoder.tokenizer("a red square").input_ids)
+    torch.testing.assert_close(cond["pooled"][0], cond["context"][0, :real].mean(0))  # mean over the real tokens
 
     trainable = build_conditioner({"kind": "hf", "name_or_path": str(tmp_path), "trainable": True}).train()
     assert trainable.trainable and trainable.encoder.training
@@ -112,10 +127,13 @@ def test_byte_tokenize_handles_empty_unicode_and_truncation():
 
 def test_byte_encoder_shapes_and_gradients():
     encoder = ByteTextEncoder(width=32, num_layers=2, num_heads=4, max_length=16)
-    assert encoder.trainable and encoder.context_dim == 32
-    context = encoder(["", "héllo wörld ✨", "a very long prompt " * 10])
+    assert encoder.trainable and encoder.context_dim == encoder.pooled_dim == 32
+    context, pooled = encoder(["", "héllo wörld ✨", "a very long prompt " * 10])
     assert context.shape == (3, 16, 32) and torch.isfinite(context).all()
-    context.square().mean().backward()
+    # The pooled vector is the mean over the real tokens (BOS, bytes, EOS): 2 for the empty prompt.
+    torch.testing.assert_close(pooled[0], context[0, :2].mean(0))
+    torch.testing.assert_close(pooled[2], context[2].mean(0))
+    (context.square().mean() + pooled.square().mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
     # Truncation: a prompt and its own first max_length - 2 bytes encode identically.
     long = "0123456789abcdefghij"
@@ -126,7 +144,9 @@ def test_byte_padding_does_not_change_real_tokens():
     encoder = ByteTextEncoder(width=32, num_layers=2, num_heads=4, max_length=16).eval()
     short = ByteTextEncoder(width=32, num_layers=2, num_heads=4, max_length=8).eval()
     short.load_state_dict({k: v[:8] if k == "pos_embed" else v for k, v in encoder.state_dict().items()})
-    torch.testing.assert_close(encoder(["cat"])[:, :5], short(["cat"])[:, :5])
+    (context, pooled), (short_context, short_pooled) = encoder(["cat"]), short(["cat"])
+    torch.testing.assert_close(context[:, :5], short_context[:, :5])
+    torch.testing.assert_close(pooled, short_pooled)  # padding never enters the pooled vector
 
 
 def byte_conditioner(p: float):
@@ -140,13 +160,13 @@ def test_dropout_all_gives_exactly_the_empty_prompt():
     g = torch.Generator().manual_seed(1)
     context = conditioner(PROMPTS, generator=g)["context"]
     assert torch.equal(context, conditioner.unconditional(3)["context"])
-    assert torch.equal(context, conditioner.encoder([""] * 3))
+    assert torch.equal(context, conditioner.encoder([""] * 3)[0])
 
 
 def test_dropout_none_and_eval_mode_keep_every_prompt():
     conditioner = byte_conditioner(0.0).train()
     kept = conditioner(PROMPTS, generator=torch.Generator().manual_seed(1))["context"]
-    assert torch.equal(kept, conditioner.encoder(PROMPTS))
+    assert torch.equal(kept, conditioner.encoder(PROMPTS)[0])
     conditioner.cond_drop_prob = 1.0
     assert torch.equal(conditioner.eval()(PROMPTS)["context"], kept)  # no dropout outside training
 
@@ -181,7 +201,7 @@ def test_class_labels_as_context_and_for_the_unet():
 
 def test_none_kind_returns_no_context():
     conditioner = build_conditioner({"kind": "none"})
-    assert conditioner(["ignored"]) == {"context": None, "class_labels": None}
+    assert conditioner(["ignored"]) == {"context": None, "class_labels": None, "pooled": None}
     assert conditioner.context_dim is None and not conditioner.trainable
 
 
@@ -192,6 +212,8 @@ def test_config_errors_name_the_key():
         build_conditioner({"kind": "clip", "layer": "middle"})
     with pytest.raises(ConfigError, match="needs name_or_path"):
         build_conditioner({"kind": "hf"})
+    with pytest.raises(ConfigError, match="pooled=true needs a text encoder"):
+        build_conditioner({"kind": "class", "pooled": True})
 
 
 def test_conditioner_drives_the_unet():
@@ -202,3 +224,23 @@ def test_conditioner_drives_the_unet():
     assert unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), **cond).shape == (2, 4, 8, 8)
     with pytest.raises(ConfigError, match=r"model\.unet\.context_dim=64 does not match"):
         build_conditioner({"kind": "byte", "width": 32, "num_heads": 4}).check_unet(unet.config)
+    with pytest.raises(ConfigError, match=r"set model\.unet\.pooled_dim=64"):
+        build_conditioner({"kind": "byte", "width": 64, "num_heads": 4, "pooled": True}).check_unet(unet.config)
+
+
+def test_pooled_vector_reaches_the_unet():
+    torch.manual_seed(0)
+    conditioner = build_conditioner({"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 4,
+                                     "pooled": True}).eval()
+    unet = UNet(dataclasses.replace(UNET_CONFIGS["tiny"], pooled_dim=64))
+    conditioner.check_unet(unet.config)
+    for p in unet.parameters():  # undo the zero init so the output depends on its inputs
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    cond = conditioner(["a red square", "a blue circle"])
+    assert cond["pooled"].shape == (2, 64)
+    out = unet(x, t, **cond)
+    other = unet(x, t, **{**cond, "pooled": torch.zeros_like(cond["pooled"])})
+    assert (out - other).abs().amax() > 1e-3  # the vector changes the prediction through the time embedding
+    with pytest.raises(ValueError, match="pooled .* is required"):
+        unet(x, t, context=cond["context"])

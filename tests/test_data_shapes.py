@@ -35,6 +35,19 @@ def test_deterministic_per_seed_and_index():
     assert not all(np.array_equal(x, y) for x, y in zip(a, val)), "splits are independent streams"
 
 
+def test_sizes_restricts_the_size_words():
+    default = [shapes.sample_spec(3, i) for i in range(64)]
+    assert {s.size for s in default} == {"small", "large"}
+    assert [s.caption for s in default] == [shapes.sample_spec(3, i, sizes=["small", "large"]).caption
+                                            for i in range(64)]  # None means every size, drawn the same way
+    large = shapes.ShapesDataset(64, 32, seed=3, sizes=["large"])
+    specs = [shapes.sample_spec(3, i, sizes=["large"]) for i in range(64)]
+    assert {s.size for s in specs} == {"large"} and all(s.radius >= 0.18 for s in specs)
+    assert [large[i]["caption"] for i in range(64)] == [s.caption for s in specs]
+    with pytest.raises(ValueError, match="sizes"):
+        shapes.sample_spec(3, 0, sizes=[])
+
+
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_captions_match_pixels(resolution: int):
     areas: dict[tuple[str, str], list[float]] = {}

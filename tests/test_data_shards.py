@@ -126,6 +126,8 @@ def test_config_errors(tmp_path: Path):
         write_dataset({"source": "shapes"})
     with pytest.raises(ConfigError, match="num_sample"):
         write_dataset({"source": "shapes", "output_dir": str(tmp_path), "num_sample": 3})
+    with pytest.raises(ConfigError, match=r"sizes=\['huge'\] must be a non-empty list of \['small', 'large'\]"):
+        write_dataset({"source": "shapes", "output_dir": str(tmp_path), "sizes": ["huge"]})
     (tmp_path / "in").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
     with pytest.raises(ConfigError, match="no caption"):

@@ -132,6 +132,22 @@ def test_offset_noise_adds_a_per_channel_constant():
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff)) and diff.abs().sum() > 0
 
 
+def test_logit_normal_timesteps_follow_their_quantiles():
+    from ldm.diffusion.objective import DiffusionConfig, sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20000, 1000, DiffusionConfig(), g)
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.float().mean().item() - 499.5) < 5
+    config = DiffusionConfig(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=1.0)
+    t = sample_timesteps(20000, 1000, config, g)
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
+    # Median T * sigmoid(0.5) = 622; P(t < 200) = Phi((logit(0.2) - 0.5) / 1) = Phi(-1.886) = 0.030.
+    assert abs(t.float().median().item() - 1000 * torch.sigmoid(torch.tensor(0.5)).item()) < 5
+    assert abs((t < 200).float().mean().item() - 0.0297) < 0.004
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        DiffusionConfig(timestep_sampling="lognormal")
+
+
 # ---------------------------------------------------------------- samplers
 
 

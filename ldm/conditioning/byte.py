@@ -32,7 +32,8 @@ def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor
 
 
 class ByteTextEncoder(nn.Module):
-    """Byte embeddings + learned positions, pre-LN transformer blocks (SDPA), a final LayerNorm: (B, L, width).
+    """Byte embeddings + learned positions, pre-LN transformer blocks (SDPA), a final LayerNorm: the context
+    (B, L, width) and, pooled over the prompt's real tokens (BOS to EOS), a prompt vector (B, width).
 
     Args:
         width: token width, the UNet's context_dim.
@@ -51,7 +52,7 @@ class ByteTextEncoder(nn.Module):
             raise ValueError(f"byte encoder width={width} is not divisible by num_heads={num_heads}")
         if max_length < 2:
             raise ValueError(f"max_length={max_length} must leave room for BOS and EOS (>= 2)")
-        self.context_dim = width
+        self.context_dim = self.pooled_dim = width
         self.max_length = max_length
         self.token_embed = nn.Embedding(VOCAB_SIZE, width)
         self.pos_embed = nn.Parameter(torch.zeros(max_length, width))
@@ -61,12 +62,19 @@ class ByteTextEncoder(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
 
-    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Encode a batch of prompts to (B, max_length, width)."""
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch of prompts to the context (B, max_length, width) and the pooled vector (B, width)."""
         device = self.pos_embed.device
         ids, mask = byte_tokenize(prompts, self.max_length)
         ids, mask = ids.to(device), mask.to(device)                             # (B, L), (B, L)
         h = self.token_embed(ids) + self.pos_embed                              # (B, L, D)
         for block in self.blocks:
             h = block(h, mask=mask)                                             # (B, L, D)
-        return self.norm(h)                                                     # (B, L, D)
+        h = self.norm(h)                                                        # (B, L, D)
+        return h, masked_mean(h, mask)                                          # (B, L, D), (B, D)
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states h (B, L, D) over the real tokens, mask (B, L) True: (B, D)."""
+    weights = mask.to(h.dtype)[..., None]                                       # (B, L, 1)
+    return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)

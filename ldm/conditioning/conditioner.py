@@ -1,8 +1,9 @@
 """The conditioner: a batch's raw conditions (prompts or class labels) in, the UNet's keyword arguments out.
 
     conditioner = build_conditioner(cfg.model.conditioner)            # ConditionerConfig, dict or DictConfig
-    conditioner.check_unet(unet.config)                               # context_dim / num_classes agree
-    cond = conditioner(batch["prompt"], generator=step_generator(...))  # {"context": (B, L, D), "class_labels": None}
+    conditioner.check_unet(unet.config)                               # context_dim / num_classes / pooled_dim agree
+    cond = conditioner(batch["prompt"], generator=step_generator(...))  # {"context": (B, L, D), "class_labels": None,
+    #                                                                      "pooled": (B, D) or None}
     pred = unet(x_t, t, **cond)
     uncond = conditioner.unconditional(B, device)                    # the empty prompt / null class, for guidance
 
@@ -43,6 +44,9 @@ class ConditionerConfig:
     #                                     clip: null = openai/clip-vit-large-patch14
     layer: str = "last"                 # clip: last | penultimate (SD 2: hidden_states[-2] + final_layer_norm)
     trainable: bool = False             # clip, hf: fine-tune the encoder; frozen by default (byte, class always train)
+    pooled: bool = False                # text: also give the UNet a pooled prompt vector, added to its time embedding
+    #                                     (SDXL, Imagen; needs model.unet.pooled_dim = the encoder's width). clip: the
+    #                                     EOS token's state (pooler_output); byte, hf: the mean over the real tokens
     # Byte-level encoder (byte); width is also the class embedding's (class, class_embed=context).
     width: int = 512                    # context width D
     num_layers: int = 4                 # transformer blocks
@@ -64,17 +68,20 @@ class ConditionerConfig:
             raise ConfigError("kind=hf needs name_or_path: a hub name (e.g. google/t5-v1_1-base) or a local directory")
         if self.kind == "byte" and self.width % self.num_heads:
             raise ConfigError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.pooled and self.kind not in ("clip", "hf", "byte"):
+            raise ConfigError(f"pooled=true needs a text encoder (kind clip, hf or byte), not kind={self.kind}")
         if self.kind == "class" and self.num_classes < 1:
             raise ConfigError(f"num_classes={self.num_classes} must be >= 1")
 
 
 class Conditioner(nn.Module):
     """Base class: `forward(conds, generator)` returns the UNet's keyword arguments, `unconditional` their null
-    counterpart. `context_dim` and `num_classes` are what the UNet must be built with; `trainable` says whether
-    the conditioner has parameters to optimise."""
+    counterpart. `context_dim`, `num_classes` and `pooled_dim` are what the UNet must be built with; `trainable`
+    says whether the conditioner has parameters to optimise."""
 
     context_dim: int | None = None
     num_classes: int | None = None
+    pooled_dim: int | None = None
     trainable: bool = False
 
     def __init__(self, kind: str, cond_drop_prob: float):
@@ -89,8 +96,9 @@ class Conditioner(nn.Module):
         raise NotImplementedError
 
     def check_unet(self, unet_config: Any, prefix: str = "model") -> None:
-        """Raise ConfigError unless the UNet's context_dim and num_classes match this conditioner."""
-        for key, mine in (("context_dim", self.context_dim), ("num_classes", self.num_classes)):
+        """Raise ConfigError unless the UNet's context_dim, num_classes and pooled_dim match this conditioner."""
+        for key, mine in (("context_dim", self.context_dim), ("num_classes", self.num_classes),
+                          ("pooled_dim", self.pooled_dim)):
             theirs = getattr(unet_config, key)
             if theirs != mine:
                 raise ConfigError(f"{prefix}.unet.{key}={theirs} does not match {prefix}.conditioner.kind="
@@ -98,31 +106,39 @@ class Conditioner(nn.Module):
 
 
 class TextConditioner(Conditioner):
-    """Prompts through a text encoder into the cross-attention context; dropped prompts become "".
+    """Prompts through a text encoder into the cross-attention context, and optionally a pooled prompt vector;
+    dropped prompts become "".
 
     Args:
-        encoder: a module mapping a list of prompts to (B, L, D), with `context_dim` and `trainable`.
+        encoder: a module mapping a list of prompts to the context (B, L, D) and a pooled vector (B, D'), with
+            `context_dim`, `pooled_dim` and `trainable`.
         kind: the config's kind, for messages.
         cond_drop_prob: probability of replacing a prompt by the empty prompt in training.
+        pooled: hand the pooled vector to the UNet too (`pooled`); otherwise it is left out.
     """
 
-    def __init__(self, encoder: nn.Module, kind: str, cond_drop_prob: float = 0.1):
+    def __init__(self, encoder: nn.Module, kind: str, cond_drop_prob: float = 0.1, pooled: bool = False):
         super().__init__(kind, cond_drop_prob)
         self.encoder = encoder
         self.context_dim = encoder.context_dim
+        self.pooled_dim = encoder.pooled_dim if pooled else None
         self.trainable = encoder.trainable
 
     def forward(self, prompts: Sequence[str], generator: torch.Generator | None = None) -> UNetKwargs:
-        """Prompts (B strings) to {"context": (B, L, D), "class_labels": None}."""
+        """Prompts (B strings) to {"context": (B, L, D), "class_labels": None, "pooled": (B, D') or None}."""
         if isinstance(prompts, str):
             raise TypeError("pass a sequence of prompts, not a single string")
         if self.training:
             prompts = drop_prompts(prompts, drop_mask(len(prompts), self.cond_drop_prob, generator))
-        return {"context": self.encoder(prompts), "class_labels": None}
+        return self._encode(prompts)
 
     def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
-        """The empty prompt's context, repeated (the encoder's own device is used)."""
-        return {"context": self.encoder([""] * batch_size), "class_labels": None}
+        """The empty prompt's conditioning, repeated (the encoder's own device is used)."""
+        return self._encode([""] * batch_size)
+
+    def _encode(self, prompts: Sequence[str]) -> UNetKwargs:
+        context, pooled = self.encoder(prompts)                                 # (B, L, D), (B, D')
+        return {"context": context, "class_labels": None, "pooled": pooled if self.pooled_dim is not None else None}
 
 
 class ClassConditioner(Conditioner):
@@ -148,7 +164,8 @@ class ClassConditioner(Conditioner):
             self.trainable = False
 
     def forward(self, labels: torch.Tensor | Sequence[int], generator: torch.Generator | None = None) -> UNetKwargs:
-        """Labels (B,) to {"context": (B, 1, D), "class_labels": None} or {"context": None, "class_labels": (B,)}."""
+        """Labels (B,) to {"context": (B, 1, D), "class_labels": None, ...} or {"context": None, "class_labels": (B,),
+        ...}; "pooled" is None."""
         device = self.embedder.embedding.weight.device if self.embedder is not None else None
         labels = torch.as_tensor(labels, dtype=torch.long, device=device)
         if labels.ndim != 1:
@@ -168,18 +185,18 @@ class ClassConditioner(Conditioner):
 
     def _route(self, labels: torch.Tensor) -> UNetKwargs:
         if self.embedder is not None:
-            return {"context": self.embedder(labels), "class_labels": None}   # (B, 1, D)
-        return {"context": None, "class_labels": labels}                      # (B,)
+            return {"context": self.embedder(labels), "class_labels": None, "pooled": None}  # (B, 1, D)
+        return {"context": None, "class_labels": labels, "pooled": None}                     # (B,)
 
 
 class NullConditioner(Conditioner):
     """Unconditional models: no context, no labels."""
 
     def forward(self, conds: Any = None, generator: torch.Generator | None = None) -> UNetKwargs:
-        return {"context": None, "class_labels": None}
+        return {"context": None, "class_labels": None, "pooled": None}
 
     def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
-        return {"context": None, "class_labels": None}
+        return {"context": None, "class_labels": None, "pooled": None}
 
 
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
@@ -191,16 +208,16 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
         prefix: where the node sits in the full config, for error messages.
     """
     c = to_dataclass(ConditionerConfig, config, prefix)
-    key = f"{prefix}.name_or_path"
-    if c.kind == "clip":
-        encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key)
-        return TextConditioner(encoder, c.kind, c.cond_drop_prob)
-    if c.kind == "hf":
-        return TextConditioner(HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key), c.kind, c.cond_drop_prob)
-    if c.kind == "byte":
-        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length)
-        return TextConditioner(encoder, c.kind, c.cond_drop_prob)
     if c.kind == "class":
         width = c.width if c.class_embed == "context" else None
         return ClassConditioner(c.num_classes, width, c.cond_drop_prob)
-    return NullConditioner(c.kind, c.cond_drop_prob)
+    if c.kind == "none":
+        return NullConditioner(c.kind, c.cond_drop_prob)
+    key = f"{prefix}.name_or_path"
+    if c.kind == "clip":
+        encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key)
+    elif c.kind == "hf":
+        encoder = HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key)
+    else:
+        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length)
+    return TextConditioner(encoder, c.kind, c.cond_drop_prob, c.pooled)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.conditioning.byte import masked_mean
 from ldm.config import ConfigError, check_choice
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -101,7 +102,7 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
         self.max_length = max_length
         self.layer = layer
         self.trainable = trainable
-        self.context_dim = self.transformer.config.hidden_size
+        self.context_dim = self.pooled_dim = self.transformer.config.hidden_size
         self.freeze()
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -109,15 +110,16 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
                                 return_tensors="pt")
         return tokens.input_ids                                                 # (B, L)
 
-    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Encode prompts to (B, max_length, hidden_size)."""
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts to the context (B, max_length, hidden_size) and CLIP's pooled output (B, hidden_size): the
+        EOS token's last-layer state, as SDXL conditions on it."""
         ids = self.tokenize(prompts).to(self.transformer.device)               # (B, L)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.transformer(input_ids=ids, output_hidden_states=self.layer == "penultimate")
             if self.layer == "last":
-                return out.last_hidden_state                                    # (B, L, D)
+                return out.last_hidden_state, out.pooler_output                 # (B, L, D), (B, D)
             text_model = getattr(self.transformer, "text_model", self.transformer)  # transformers 4 nests it
-            return text_model.final_layer_norm(out.hidden_states[-2])             # (B, L, D)
+            return text_model.final_layer_norm(out.hidden_states[-2]), out.pooler_output
 
 
 _T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
@@ -149,15 +151,16 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         self.transformer = model
         self.max_length = max_length
         self.trainable = trainable
-        self.context_dim = getattr(config, "hidden_size", None) or config.d_model
+        self.context_dim = self.pooled_dim = getattr(config, "hidden_size", None) or config.d_model
         self.freeze()
 
-    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Encode prompts to (B, max_length, hidden_size)."""
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts to the context (B, max_length, hidden_size) and its mean over the real tokens
+        (B, hidden_size)."""
         device = next(self.transformer.parameters()).device
         tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
                                 return_tensors="pt")
+        mask = tokens.attention_mask.to(device)                                 # (B, L)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            out = self.transformer(input_ids=tokens.input_ids.to(device),
-                                   attention_mask=tokens.attention_mask.to(device))
-            return out.last_hidden_state                                        # (B, L, D)
+            out = self.transformer(input_ids=tokens.input_ids.to(device), attention_mask=mask)
+            return out.last_hidden_state, masked_mean(out.last_hidden_state, mask.bool())  # (B, L, D), (B, D)

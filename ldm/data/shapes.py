@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,14 +85,19 @@ class ShapeSpec:
                 "radius": self.radius}
 
 
-def sample_spec(seed: int, index: int, split: str = "train") -> ShapeSpec:
-    """The attributes of sample `index` of `split`: a pure function of (seed, split, index)."""
+def sample_spec(seed: int, index: int, split: str = "train", sizes: Sequence[str] | None = None) -> ShapeSpec:
+    """The attributes of sample `index` of `split`: a pure function of (seed, split, index, sizes).
+
+    `sizes` restricts the size words drawn from; None: all of SIZES. ["large"] suits 32 px images, where a small
+    shape is 7 px across and its outline hard to tell from another's.
+    """
     if split not in SPLIT_IDS:
         raise ValueError(f"split={split!r} is not one of {list(SPLIT_IDS)}")
+    sizes = check_sizes(sizes)
     rng = random.Random(fold_seed(seed, SPLIT_IDS[split], index))
     shape = rng.choice(SHAPES)
     color = rng.choice(list(COLORS))
-    size = rng.choice(list(SIZES))
+    size = rng.choice(sizes)
     position = rng.choice(list(POSITIONS))
     background = rng.choice(list(BACKGROUNDS))
     x, y = POSITIONS[position]
@@ -100,6 +105,16 @@ def sample_spec(seed: int, index: int, split: str = "train") -> ShapeSpec:
     cy = y + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
     radius = SIZES[size] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
     return ShapeSpec(shape, color, size, position, background, cx, cy, radius)
+
+
+def check_sizes(sizes: Sequence[str] | None) -> list[str]:
+    """The size words to draw from: all of SIZES for None, else `sizes` after checking each is known."""
+    if sizes is None:
+        return list(SIZES)
+    unknown = [size for size in sizes if size not in SIZES]
+    if not sizes or unknown:
+        raise ValueError(f"sizes={list(sizes)} must be a non-empty list of {list(SIZES)}")
+    return list(sizes)
 
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple[float, float]]:
@@ -157,9 +172,11 @@ class ShapesDataset:
         seed: dataset seed; sample i of split s is a pure function of (seed, s, i).
         split: "train", "val" or "test"; the splits are independent streams, so changing num_samples of one leaves
             the others unchanged.
+        sizes: the size words to draw from; None: all of SIZES.
     """
 
-    def __init__(self, num_samples: int, resolution: int = 32, seed: int = 0, split: str = "train"):
+    def __init__(self, num_samples: int, resolution: int = 32, seed: int = 0, split: str = "train",
+                 sizes: Sequence[str] | None = None):
         if num_samples < 0:
             raise ValueError(f"num_samples={num_samples} must be >= 0")
         if split not in SPLIT_IDS:
@@ -168,6 +185,7 @@ class ShapesDataset:
         self.resolution = resolution
         self.seed = seed
         self.split = split
+        self.sizes = check_sizes(sizes)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -175,7 +193,7 @@ class ShapesDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        spec = sample_spec(self.seed, index, self.split)
+        spec = sample_spec(self.seed, index, self.split, self.sizes)
         return {"image": render(spec, self.resolution), "caption": spec.caption, "metadata": spec.metadata()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -54,6 +54,7 @@ class WriteConfig:
     num_samples: int = 10000  # shapes: training samples; folder: ignored (every image not in val is written)
     val_samples: int = 1000  # validation samples (folder: taken from the folder, deterministic given seed)
     resolution: int | None = 32  # image side; folder: null stores images as they are
+    sizes: list[str] | None = None  # shapes: the size words to draw from (e.g. [large]); null: all
     seed: int = 0
     samples_per_shard: int = 1000
     image_format: str = "png"  # png (lossless) | jpg
@@ -71,6 +72,11 @@ class WriteConfig:
             raise ConfigError("source=shapes needs an integer resolution (e.g. resolution=32)")
         if self.resolution is not None and self.resolution < 8:
             raise ConfigError(f"resolution={self.resolution} must be >= 8 (or null for folder images as they are)")
+        if self.sizes is not None:
+            try:
+                shapes.check_sizes(self.sizes)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.samples_per_shard < 1:
             raise ConfigError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
         if self.num_samples < 0 or self.val_samples < 0:
@@ -121,8 +127,9 @@ def write_split(records: Iterable[Record], output_dir: Path, split: str, cfg: Wr
     return {"count": sum(counts.values()), "shards": list(counts), "shard_counts": list(counts.values())}
 
 
-def shapes_records(num_samples: int, resolution: int, seed: int, split: str) -> Iterator[Record]:
-    dataset = shapes.ShapesDataset(num_samples, resolution, seed, split)
+def shapes_records(num_samples: int, resolution: int, seed: int, split: str,
+                   sizes: list[str] | None = None) -> Iterator[Record]:
+    dataset = shapes.ShapesDataset(num_samples, resolution, seed, split, sizes)
     for index in range(num_samples):
         sample = dataset[index]
         yield Record(key=f"{index:09d}", caption=sample["caption"], metadata=sample["metadata"], image=sample["image"])
@@ -219,7 +226,7 @@ def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
 
 
 def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
-    splits = {split: write_split(shapes_records(n, cfg.resolution, cfg.seed, split), output_dir, split, cfg)
+    splits = {split: write_split(shapes_records(n, cfg.resolution, cfg.seed, split, cfg.sizes), output_dir, split, cfg)
               for split, n in (("train", cfg.num_samples), ("val", cfg.val_samples))}
     return {"splits": splits, "vocabulary": shapes.vocabulary()}
 

@@ -1,6 +1,6 @@
 """The training objective: pick timesteps and noise, noise the latents, regress the parameterization's target.
 
-    noise ~ N(0, I) (+ offset noise), t ~ U{0, ..., T-1}, x_t = alpha_t x0 + sigma_t noise
+    noise ~ N(0, I) (+ offset noise), t ~ U{0, ..., T-1} (or logit-normal), x_t = alpha_t x0 + sigma_t noise
     loss = mean_b[ w(t_b) * mean((model(x_t, t) - target)^2) ],   w from `loss_weight` (uniform or min-SNR-gamma)
 """
 
@@ -15,6 +15,8 @@ from ldm.config import ConfigError, check_choice
 from ldm.diffusion.parameterization import LOSS_WEIGHTINGS, PREDICTIONS, loss_weight, offset_noise, target
 from ldm.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
+TIMESTEP_SAMPLINGS = ["uniform", "logit_normal"]
+
 
 @dataclass
 class DiffusionConfig:
@@ -25,13 +27,21 @@ class DiffusionConfig:
     loss_weighting: str = "uniform"    # uniform | min_snr (Hang et al. 2023, converted to the prediction's space)
     min_snr_gamma: float = 5.0         # gamma of min_snr
     offset_noise: float = 0.0          # strength of per-channel offset noise in training (0: off; SD fine-tunes: 0.1)
+    timestep_sampling: str = "uniform"  # uniform | logit_normal: t / T = sigmoid(N(logit_mean, logit_std^2)) (SD3,
+    #                                    Esser et al. 2024): fewer nearly clean steps, more of the noisy ones that
+    #                                    decide layout and colour; logit_mean > 0 shifts further towards noise
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         if self.prediction == "eps" and self.schedule.zero_terminal_snr:
             raise ConfigError("prediction=eps cannot be used with schedule.zero_terminal_snr=true: at SNR 0 the "
                               "noise carries no information about x0 (Lin et al. 2023); use prediction=v")
+        if self.logit_std <= 0:
+            raise ConfigError(f"logit_std={self.logit_std} must be > 0")
         if self.min_snr_gamma <= 0 or self.offset_noise < 0:
             raise ConfigError(f"min_snr_gamma={self.min_snr_gamma} must be > 0 and offset_noise={self.offset_noise} "
                               f">= 0")
@@ -49,11 +59,19 @@ def diffusion_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         config: prediction, loss weighting and offset noise.
         generator: timesteps, then noise, are drawn from it (the training step's generator).
     """
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=generator, device=x0.device)      # (B,)
+    t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, config, generator, x0.device)        # (B,)
     noise = offset_noise(x0.shape, config.offset_noise, generator, x0.device, x0.dtype)                  # (B, C, h, w)
     alpha, sigma = schedule.alpha_sigma(t, x0)                                                           # (B, 1, 1, 1)
     x_t = alpha * x0 + sigma * noise                                                                     # (B, C, h, w)
     out = model(x_t, t).float()                                                                          # (B, C, h, w)
     err = (out - target(config.prediction, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
     return loss_weight(schedule.snr(t), config.prediction, config.loss_weighting, config.min_snr_gamma) * err
+
+
+def sample_timesteps(batch_size: int, num_timesteps: int, config: DiffusionConfig,
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training timesteps (B,) in [0, num_timesteps): uniform, or floor(T * sigmoid(N(logit_mean, logit_std^2)))."""
+    if config.timestep_sampling == "uniform":
+        return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
+    z = torch.randn(batch_size, generator=generator, device=device) * config.logit_std + config.logit_mean
+    return (torch.sigmoid(z) * num_timesteps).long().clamp(max=num_timesteps - 1)

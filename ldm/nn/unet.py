@@ -44,6 +44,8 @@ class UNetConfig:
     use_linear_proj: bool = False            # nn.Linear instead of 1x1 convs around the transformers (SD 2)
     use_scale_shift_norm: bool = False       # AdaGN: the time embedding scales and shifts the norm (ADM); SD 1: add
     num_classes: int | None = None           # class-conditional: label table with a null class at index num_classes
+    pooled_dim: int | None = None            # width of a pooled prompt vector (B, pooled_dim) added to the time
+    #                                          embedding through a 2-layer MLP (SDXL's adm_in_channels, Imagen)
     norm_groups: int = 32                    # GroupNorm groups; every level's width must divide by it
     dropout: float = 0.0                     # in ResNet blocks and transformers
     upcast_attention: bool = False           # fp32 attention for fp16 inputs (see ldm.nn.attention)
@@ -61,7 +63,7 @@ class UNetConfig:
         if (self.num_heads is None) == (self.head_dim is None):
             raise ConfigError(f"set exactly one of num_heads={self.num_heads} and head_dim={self.head_dim} "
                               f"(the other must be null)")
-        for key in ("num_heads", "head_dim", "context_dim", "num_classes"):
+        for key in ("num_heads", "head_dim", "context_dim", "num_classes", "pooled_dim"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}={value} must be >= 1 or null")
@@ -185,6 +187,10 @@ class UNet(nn.Module):
         # Embeddings.
         self.time_embed = TimestepEmbedder(c.model_channels, embed_dim)
         self.label_embed = LabelEmbedder(c.num_classes, embed_dim) if c.num_classes is not None else None
+        self.pooled_embed = None
+        if c.pooled_dim is not None:
+            self.pooled_embed = nn.Sequential(nn.Linear(c.pooled_dim, embed_dim), nn.SiLU(),
+                                              nn.Linear(embed_dim, embed_dim))
 
         # Encoder: every module's output is a skip for the decoder.
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
@@ -236,7 +242,7 @@ class UNet(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise a batch of latents.
 
         Args:
@@ -244,11 +250,12 @@ class UNet(nn.Module):
             t: timesteps (B,) or a scalar, integer or float.
             context: conditioning tokens (B, M, context_dim); required iff config.context_dim is set.
             class_labels: (B,) integer labels in [0, num_classes]; required iff config.num_classes is set.
+            pooled: (B, pooled_dim) pooled prompt vectors; required iff config.pooled_dim is set.
 
         Returns:
             (B, out_channels, H, W).
         """
-        self._check_inputs(x, context, class_labels)
+        self._check_inputs(x, context, class_labels, pooled)
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t                                   # (B,)
@@ -257,6 +264,8 @@ class UNet(nn.Module):
         emb = self.time_embed(t)                                                # (B, 4 * model_channels)
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels)                          # (B, 4 * model_channels)
+        if self.pooled_embed is not None:
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))                # (B, 4 * model_channels)
 
         # Encoder.
         h = self.conv_in(x)                                                     # (B, widths[0], H, W)
@@ -286,7 +295,8 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None,
+                      pooled: torch.Tensor | None) -> None:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be (B, in_channels={c.in_channels}, H, W); got {tuple(x.shape)}")
@@ -309,6 +319,11 @@ class UNet(nn.Module):
             raise ValueError(f"class_labels (B={x.shape[0]},) in [0, {c.num_classes}] are required "
                              f"(num_classes={c.num_classes}; {c.num_classes} is the null class); got "
                              f"{None if class_labels is None else tuple(class_labels.shape)}")
+        if c.pooled_dim is None and pooled is not None:
+            raise ValueError("pooled given but the UNet takes no pooled vector (pooled_dim=None)")
+        if c.pooled_dim is not None and (pooled is None or pooled.shape != (x.shape[0], c.pooled_dim)):
+            raise ValueError(f"pooled (B={x.shape[0]}, pooled_dim={c.pooled_dim}) is required (set "
+                             f"model.conditioner.pooled=true); got {None if pooled is None else tuple(pooled.shape)}")
 
 
 def zero_module(module: nn.Module) -> nn.Module:
