@@ -65,9 +65,8 @@ def experiment_model(name: str) -> dict:
 
 
 def quickstart_latent_size() -> int:
-    """Side of the quickstart's latents: the autoencoder's resolution over its downsampling factor."""
-    net = experiment_model("quickstart_vae")["net"]
-    return net["resolution"] // 2 ** (len(net["ch_mult"]) - 1)
+    """Side of the quickstart autoencoder's latents."""
+    return to_dataclass(AutoencoderConfig, experiment_model("quickstart_vae")["net"]).latent_resolution
 
 
 def bench_data(batch_size: int) -> dict[str, float]:
