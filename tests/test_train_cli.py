@@ -3,8 +3,10 @@ console script trains a few steps and leaves a resumable run directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,8 @@ from ldm.cli.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
+MODELS = sorted(p.relative_to(Path(CONF_DIR) / "model").with_suffix("").as_posix()
+                for p in (Path(CONF_DIR) / "model").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -30,6 +34,26 @@ def test_every_experiment_composes_and_validates(experiment):
     for group in ("model", "data"):  # the schemas check every key and type, without building anything
         schema = hydra.utils.get_class(cfg[group]._target_).Config
         configs.to_dataclass(schema, cfg[group], group)
+
+
+def _missing_keys(node: dict, schema: type, where: str) -> list[str]:
+    """Fields of the dataclass `schema` (and of its nested dataclass fields) that `node` does not list."""
+    hints = typing.get_type_hints(schema)
+    missing = [f"{where}.{f.name}" for f in dataclasses.fields(schema) if f.name not in node]
+    for key, value in node.items():
+        nested = [t for t in (typing.get_args(hints.get(key)) or (hints.get(key),)) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, dict):
+            missing += _missing_keys(value, nested[0], f"{where}.{key}")
+    return missing
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_lists_every_schema_key(model):
+    # A key the YAML leaves out can only be set with Hydra's "+key=" syntax: every `model.x.y=v` override the README
+    # shows (e.g. model.conditioner.num_classes=10 on a text model) must work as written.
+    node = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / f"{model}.yaml"))
+    schema = hydra.utils.get_class(node["_target_"]).Config
+    assert _missing_keys(node, schema, "model") == []
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
