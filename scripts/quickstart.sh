@@ -35,11 +35,12 @@ stage "1/5 shapes shards"
 ldm-data source=shapes output_dir="$OUT/data" num_samples=$NUM_SAMPLES val_samples=200 resolution=32 seed=$SEED \
   sizes="$SIZES"
 
-python - "$NUM_SAMPLES" "$SEED" "${PROMPTS[@]}" <<'PY'
+python - "$NUM_SAMPLES" "$SEED" "$SIZES" "${PROMPTS[@]}" <<'PY'
 import sys
+import yaml
 from ldm.data.shapes import sample_spec
-n, seed, prompts = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-captions = {sample_spec(seed, i, "train", ["large"]).caption for i in range(n)}
+n, seed, sizes, prompts = int(sys.argv[1]), int(sys.argv[2]), yaml.safe_load(sys.argv[3]), sys.argv[4:]
+captions = {sample_spec(seed, i, "train", sizes).caption for i in range(n)}
 seen = [p for p in prompts if p in captions]
 if seen:
     sys.exit(f"prompts meant to be held out occur in the training set: {seen}")

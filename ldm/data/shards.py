@@ -72,11 +72,10 @@ class WriteConfig:
             raise ConfigError("source=shapes needs an integer resolution (e.g. resolution=32)")
         if self.resolution is not None and self.resolution < 8:
             raise ConfigError(f"resolution={self.resolution} must be >= 8 (or null for folder images as they are)")
-        if self.sizes is not None:
-            try:
-                shapes.check_sizes(self.sizes)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        try:
+            shapes.check_sizes(self.sizes)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.samples_per_shard < 1:
             raise ConfigError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
         if self.num_samples < 0 or self.val_samples < 0:
