@@ -6,12 +6,13 @@
 Measures, each after warm-up, as the median of timed repeats:
   data      WebDataModule train loader over `shapes` shards written to a temp dir (samples/s, by num_workers)
   vae       quickstart autoencoder train step: forward, L2 + KL loss, backward, Adam step (images/s)
-  unet      quickstart UNet + byte text encoder train step on the quickstart autoencoder's latents (images/s);
-            --sd15 adds SD 1.5's UNet
+  clip      quickstart contrastive step (byte text encoder + image tower, InfoNCE) at its batch size (pairs/s)
+  unet      quickstart UNet + frozen byte text encoder train step on the quickstart autoencoder's latents
+            (images/s); --sd15 adds SD 1.5's UNet
   sampling  quickstart UNet, DPM-Solver++(2M) 20 steps with guidance 3 (images/s), latents only
 
-Model configs come from the experiment files (experiment=quickstart_vae / quickstart_ldm), so the numbers describe
-what `make quickstart` runs. Results: benchmarks/RESULTS.md.
+Model configs come from the experiment files (experiment=quickstart_vae / quickstart_clip / quickstart_ldm), so the
+numbers describe what `make quickstart` runs. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import WriteConfig, write_shards
 from ldm.diffusion import NoiseSchedule, ScheduleConfig, run_sampler, spaced_timesteps
 from ldm.diffusion.sampling import Denoiser, guided_denoiser
+from ldm.modules.contrastive import ContrastiveModule
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNET_CONFIGS, UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator
@@ -56,12 +58,16 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
     return statistics.median(times)
 
 
-def experiment_model(name: str) -> dict:
+def experiment_config(name: str) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}", "data.train_shards=unused"])
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def experiment_model(name: str) -> dict:
+    return experiment_config(name)["model"]
 
 
 def quickstart_latent_size() -> int:
@@ -125,7 +131,7 @@ def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.dev
 def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) -> dict[str, float]:
     model = experiment_model("quickstart_ldm")
     unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device)
-    conditioner = build_conditioner(model["conditioner"]).to(device)
+    conditioner = build_conditioner(model["conditioner"], load_pretrained=False).to(device)  # frozen, random weights
     size = quickstart_latent_size()
     step = unet_step(unet, conditioner, device, batch_size, size, None)
     results = {f"quickstart {unet.config.in_channels}x{size}x{size}": batch_size / timed(step, device, 3, repeats)}
@@ -136,11 +142,29 @@ def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) 
     return results
 
 
+def bench_contrastive(device: torch.device, repeats: int) -> float:
+    cfg = experiment_config("quickstart_clip")
+    model, batch_size = cfg["model"], cfg["data"]["batch_size"]
+    module = ContrastiveModule(model).to(device)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    side = model["image"]["resolution"]
+    batch = {"image": torch.rand(batch_size, 3, side, side, device=device) * 2 - 1,
+             "caption": [f"a large red circle in the center on a white background {i}" for i in range(batch_size)]}
+
+    def step() -> None:
+        loss, _ = module._loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch_size / timed(step, device, warmup=2, repeats=repeats)
+
+
 @torch.no_grad()
 def bench_sampling(device: torch.device, num_images: int, repeats: int) -> float:
     model = experiment_model("quickstart_ldm")
     unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device).eval()
-    conditioner = build_conditioner(model["conditioner"]).to(device).eval()
+    conditioner = build_conditioner(model["conditioner"], load_pretrained=False).to(device).eval()
     schedule = NoiseSchedule(to_dataclass(ScheduleConfig, model["diffusion"]["schedule"]))
     prompts = ["a large red circle in the center on a white background"] * num_images
     cond, uncond = conditioner(prompts), conditioner.unconditional(num_images, device)
@@ -170,6 +194,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "data_samples_per_s": bench_data(args.batch_size),
         "vae_train_images_per_s": bench_vae(device, args.batch_size, args.repeats),
+        "clip_train_pairs_per_s": bench_contrastive(device, args.repeats),
         "unet_train_images_per_s": bench_unet(device, args.batch_size, args.repeats, args.sd15),
         "sampling_images_per_s": bench_sampling(device, 16, max(args.repeats // 3, 2)),
     }

@@ -3,9 +3,10 @@
 #   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards, large shapes only (a small
 #                  one is 7 px across: too few pixels to tell a star from a hexagon)
 #   2. ldm-train:  experiment=quickstart_vae  -> the tiny KL-f2 autoencoder and its latent statistics
-#   3. ldm-train:  experiment=quickstart_ldm  -> a tiny text-to-image LDM on its latents (byte-level text encoder)
-#   4. ldm-sample: 4 prompts held out of the training set x 4 seeds -> runs/quickstart/samples/grid.png
-#   5. ldm-eval:   shapes_color_accuracy and shapes_shape_accuracy of 128 samples of validation captions (offline
+#   3. ldm-train:  experiment=quickstart_clip -> a byte-level text encoder pretrained contrastively on the pairs
+#   4. ldm-train:  experiment=quickstart_ldm  -> a tiny text-to-image LDM on the latents, conditioned by that encoder
+#   5. ldm-sample: 4 prompts held out of the training set x 4 seeds -> runs/quickstart/samples/grid.png
+#   6. ldm-eval:   shapes_color_accuracy and shapes_shape_accuracy of 128 samples of validation captions (offline
 #                  colour and shape read-out, no weights)
 # Everything is written under runs/quickstart/; running it again starts over.
 set -euo pipefail
@@ -31,7 +32,7 @@ stage() { echo; echo "=== $1 ($(( SECONDS - START )) s elapsed)"; }
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-stage "1/5 shapes shards"
+stage "1/6 shapes shards"
 ldm-data source=shapes output_dir="$OUT/data" num_samples=$NUM_SAMPLES val_samples=200 resolution=32 seed=$SEED \
   sizes="$SIZES"
 
@@ -50,18 +51,21 @@ PY
 DATA=(data.train_shards="$OUT/data/train-*.tar" data.val_shards="$OUT/data/val-*.tar")
 COMMON=(logger=csv callbacks.progress=null)
 
-stage "2/5 autoencoder (experiment=quickstart_vae)"
+stage "2/6 autoencoder (experiment=quickstart_vae)"
 ldm-train experiment=quickstart_vae paths.output_dir="$OUT/vae" "${DATA[@]}" "${COMMON[@]}"
 
-stage "3/5 latent diffusion (experiment=quickstart_ldm)"
-ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.autoencoder_path="$OUT/vae/export" \
-  "${DATA[@]}" "${COMMON[@]}"
+stage "3/6 text encoder (experiment=quickstart_clip)"
+ldm-train experiment=quickstart_clip paths.output_dir="$OUT/clip" "${DATA[@]}" "${COMMON[@]}"
 
-stage "4/5 samples of held-out prompts"
+stage "4/6 latent diffusion (experiment=quickstart_ldm)"
+ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.autoencoder_path="$OUT/vae/export" \
+  model.conditioner.name_or_path="$OUT/clip/export" "${DATA[@]}" "${COMMON[@]}"
+
+stage "5/6 samples of held-out prompts"
 ldm-sample ckpt_path="$OUT/ldm/checkpoints/last.ckpt" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \
   guidance_scale=5.0 seed=0 num_images_per_prompt=4 batch_size=16 output_dir="$OUT/samples" device=cpu
 
-stage "5/5 prompt adherence (ldm-eval metrics=[shapes_color_accuracy,shapes_shape_accuracy])"
+stage "6/6 prompt adherence (ldm-eval metrics=[shapes_color_accuracy,shapes_shape_accuracy])"
 mkdir -p "$OUT/eval"
 ldm-eval ckpt_path="$OUT/ldm/checkpoints/last.ckpt" output_dir="$OUT/eval" val_shards="$OUT/data" num_samples=128 \
   samplers=[dpmpp_2m] num_steps=[20] guidance_scales=[5.0] metrics=[shapes_color_accuracy,shapes_shape_accuracy] \
@@ -70,6 +74,7 @@ ldm-eval ckpt_path="$OUT/ldm/checkpoints/last.ckpt" output_dir="$OUT/eval" val_s
 echo
 echo "quickstart finished in $(( SECONDS - START )) s"
 echo "autoencoder:       $OUT/vae/export (reconstructions in $OUT/vae/images)"
+echo "text encoder:      $OUT/clip/export"
 echo "diffusion model:   $OUT/ldm/checkpoints/last.ckpt (validation grids in $OUT/ldm/images)"
 echo "samples:           $OUT/samples/grid.png (one row per prompt, 4 seeds each; images and sample.json beside it)"
 printf '  row %s\n' "${PROMPTS[@]}"

@@ -174,3 +174,19 @@ class SignalAtStep(L.Callback):
                              batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class GatherProbe(L.Callback):
+    """Ask the module to gather a (2, 1) tensor holding this rank's number, and record what every rank got back."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        mine = torch.full((2, 1), float(trainer.global_rank), requires_grad=True)
+        gathered = pl_module._gather(mine)
+        gathered.sum().backward()
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / f"gather-rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"gathered": gathered.detach().flatten().tolist(), "grad": mine.grad.flatten().tolist()}))

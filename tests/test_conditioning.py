@@ -244,3 +244,29 @@ def test_pooled_vector_reaches_the_unet():
     assert (out - other).abs().amax() > 1e-3  # the vector changes the prediction through the time embedding
     with pytest.raises(ValueError, match="pooled .* is required"):
         unet(x, t, context=cond["context"])
+
+
+def test_pretrained_byte_encoder_loads_frozen_and_checks_the_config(tmp_path):
+    torch.manual_seed(0)
+    saved = ByteTextEncoder(width=32, num_layers=1, num_heads=4, max_length=16).eval()
+    saved.save_pretrained(tmp_path / "export")
+    config = {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 4, "max_length": 16,
+              "name_or_path": str(tmp_path / "export")}
+    conditioner = build_conditioner(config).train()
+    encoder = conditioner.encoder
+    assert not conditioner.trainable and not encoder.training                # stays in eval mode when frozen
+    assert not any(p.requires_grad for p in encoder.parameters())
+    context = conditioner(PROMPTS, generator=torch.Generator().manual_seed(0))["context"]
+    assert not context.requires_grad
+    torch.testing.assert_close(conditioner.eval()(PROMPTS)["context"], saved(PROMPTS)[0])
+
+    tuned = build_conditioner({**config, "trainable": True}).train()
+    assert tuned.trainable and tuned.encoder.training and all(p.requires_grad for p in tuned.parameters())
+
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.width=64 but .* has width=32; set "
+                                          r"model\.conditioner\.width=32"):
+        build_conditioner({**config, "width": 64})
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.name_or_path=.*nowhere: no byte encoder there"):
+        build_conditioner({**config, "name_or_path": str(tmp_path / "nowhere")})
+    empty = build_conditioner({**config, "name_or_path": str(tmp_path / "nowhere")}, load_pretrained=False)
+    assert not empty.trainable  # a checkpoint's state dict fills it

@@ -151,3 +151,28 @@ def test_log_images_returns_the_fixed_prompt_grid(autoencoder_dir: Path):
     assert set(images) == {"samples"} and images["samples"].shape == (2, 3, 16, 16)
     again = module.log_images(batch(2))
     assert torch.equal(images["samples"], again["samples"])
+
+
+def test_pretrained_byte_encoder_stays_frozen_and_the_checkpoint_carries_it(tmp_path: Path):
+    from ldm.conditioning.byte import ByteTextEncoder
+
+    autoencoder_dir = tiny_autoencoder(tmp_path / "ae")
+    torch.manual_seed(1)
+    encoder_dir = ByteTextEncoder(width=32, num_layers=1, num_heads=2, max_length=64).save_pretrained(tmp_path / "te")
+    conditioner = {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 64,
+                   "name_or_path": str(encoder_dir)}
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, conditioner=conditioner))
+    before = {k: v.clone() for k, v in module.conditioner.state_dict().items()}
+    assert module.ema_conditioner is None
+    trainer = fit(module, tmp_path, steps=2)
+    assert all(torch.equal(v, before[k]) for k, v in module.conditioner.state_dict().items())
+    assert all(p.grad is None for p in module.conditioner.parameters())
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    module.eval()
+    expected = module.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    for f in encoder_dir.iterdir():  # the encoder export is gone: the checkpoint must carry it
+        f.unlink()
+    restored = LatentDiffusionModule.from_checkpoint(ckpt)
+    got = restored.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    assert torch.allclose(got, expected, atol=1e-5)

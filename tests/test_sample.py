@@ -1,4 +1,5 @@
-"""End to end through the entry points: shapes shards -> tiny autoencoder -> a few diffusion steps -> ldm-sample."""
+"""End to end through the entry points: shapes shards -> tiny autoencoder and text encoder -> a few diffusion steps
+-> ldm-sample."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torchvision
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 from ldm.cli.common import CONF_DIR
 from ldm.cli.sample import sample
@@ -37,12 +39,19 @@ def short_run(shards: Path, output_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ldm_checkpoint(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quickstart experiments shortened to 2 steps each: autoencoder, then latent diffusion."""
+    """The quickstart experiments shortened to 2 steps each: autoencoder, text encoder, then latent diffusion."""
     root = tmp_path_factory.mktemp("e2e")
     train(compose_config("train", ["experiment=quickstart_vae", *short_run(shapes_shards, root / "vae")]))
     assert (root / "vae" / "export" / "latent_stats.json").is_file()
+    metrics = train(compose_config("train", ["experiment=quickstart_clip", *short_run(shapes_shards, root / "clip"),
+                                             "data.val_batch_size=4"]))
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0 and metrics["val/loss"] > 0
+    exported = load_file(root / "clip" / "export" / "model.safetensors")
+    trained = torch.load(root / "clip" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert exported and all(torch.equal(trained[f"text_encoder.{k}"], v) for k, v in exported.items())
     train(compose_config("train", ["experiment=quickstart_ldm", f"model.autoencoder_path={root / 'vae' / 'export'}",
-                                   "model.val_num_steps=2", *short_run(shapes_shards, root / "ldm")]))
+                                   f"model.conditioner.name_or_path={root / 'clip'}", "model.val_num_steps=2",
+                                   *short_run(shapes_shards, root / "ldm")]))
     assert list((root / "ldm" / "images" / "val").glob("samples_step*.png"))
     return root / "ldm" / "checkpoints" / "last.ckpt"
 

@@ -3,15 +3,23 @@ transformer encoder from scratch, sec. 4.3.1; bytes as tokens follow ByT5, Xue e
 
 A prompt becomes [BOS] + its UTF-8 bytes + [EOS], truncated to `max_length` and padded with PAD; padding is masked
 out of the self-attention. The empty prompt is [BOS, EOS, PAD, ...], a valid input like any other.
+
+The encoder is either trained with the UNet from scratch, or pretrained first on image-caption pairs
+(`ldm.modules.contrastive`, a small CLIP) and loaded from its export with `from_pretrained`, frozen or fine-tuned.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ldm.conditioning.frozen import FrozenMixin
+from ldm.config import ConfigError
 from ldm.nn.attention import TransformerBlock
 
 PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
@@ -31,27 +39,39 @@ def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor
     return ids, ids != PAD
 
 
-class ByteTextEncoder(nn.Module):
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ByteEncoderConfig:
+    """The architecture of a `ByteTextEncoder`; written to config.json by `save_pretrained`."""
+
+    width: int = 512          # token width, the UNet's context_dim
+    num_layers: int = 4       # transformer blocks
+    num_heads: int = 8        # attention heads; width must divide by it
+    max_length: int = 77      # tokens per prompt, including BOS and EOS
+    dropout: float = 0.0      # dropout inside the blocks
+
+
+class ByteTextEncoder(FrozenMixin, nn.Module):
     """Byte embeddings + learned positions, pre-LN transformer blocks (SDPA), a final LayerNorm: the context
     (B, L, width) and, pooled over the prompt's real tokens (BOS to EOS), a prompt vector (B, width).
 
     Args:
-        width: token width, the UNet's context_dim.
-        num_layers: transformer blocks.
-        num_heads: attention heads; width must divide by it.
-        max_length: tokens per prompt, including BOS and EOS.
-        dropout: dropout inside the blocks.
+        width, num_layers, num_heads, max_length, dropout: see `ByteEncoderConfig`.
+        trainable: false freezes the encoder (no gradients, eval mode, run under no_grad): a pretrained one.
     """
 
-    trainable = True
-
     def __init__(self, width: int = 512, num_layers: int = 4, num_heads: int = 8, max_length: int = 77,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, trainable: bool = True):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"byte encoder width={width} is not divisible by num_heads={num_heads}")
         if max_length < 2:
             raise ValueError(f"max_length={max_length} must leave room for BOS and EOS (>= 2)")
+        self.config = ByteEncoderConfig(width, num_layers, num_heads, max_length, dropout)
+        self.trainable = trainable
         self.context_dim = self.pooled_dim = width
         self.max_length = max_length
         self.token_embed = nn.Embedding(VOCAB_SIZE, width)
@@ -61,17 +81,63 @@ class ByteTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
+        self.freeze()
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of prompts to the context (B, max_length, width) and the pooled vector (B, width)."""
         device = self.pos_embed.device
         ids, mask = byte_tokenize(prompts, self.max_length)
         ids, mask = ids.to(device), mask.to(device)                             # (B, L), (B, L)
-        h = self.token_embed(ids) + self.pos_embed                              # (B, L, D)
-        for block in self.blocks:
-            h = block(h, mask=mask)                                             # (B, L, D)
-        h = self.norm(h)                                                        # (B, L, D)
-        return h, masked_mean(h, mask)                                          # (B, L, D), (B, D)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            h = self.token_embed(ids) + self.pos_embed                          # (B, L, D)
+            for block in self.blocks:
+                h = block(h, mask=mask)                                         # (B, L, D)
+            h = self.norm(h)                                                    # (B, L, D)
+            return h, masked_mean(h, mask)                                      # (B, L, D), (B, D)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json and model.safetensors into `directory` (created if missing)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_NAME))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, trainable: bool = False, expected: ByteEncoderConfig | None = None,
+                        config_key: str = "model.conditioner.name_or_path") -> ByteTextEncoder:
+        """Load an encoder written by `save_pretrained`: its directory, or a run directory whose `export/` holds one.
+
+        Args:
+            trainable: fine-tune it; frozen by default.
+            expected: the architecture the config asks for; a difference raises ConfigError naming the key.
+            config_key: the config key that set `path`, named in errors.
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() and (path / "export" / CONFIG_NAME).is_file():
+            path = path / "export"
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"{config_key}={path}: no byte encoder there ({CONFIG_NAME} and {WEIGHTS_NAME}); point "
+                              f"it at the export of a text-image pretraining run (ldm-train "
+                              f"experiment=quickstart_clip writes <run>/export), or set it to null to train the "
+                              f"encoder from scratch")
+        config = ByteEncoderConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        if expected is not None:
+            prefix = config_key.rpartition(".")[0]
+            for key in ("width", "num_layers", "num_heads", "max_length"):
+                if getattr(expected, key) != getattr(config, key):
+                    raise ConfigError(f"{prefix}.{key}={getattr(expected, key)} but the byte encoder in {path} has "
+                                      f"{key}={getattr(config, key)}; set {prefix}.{key}={getattr(config, key)}")
+        encoder = cls(**asdict(config), trainable=True)
+        encoder.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        encoder.trainable = trainable
+        encoder.freeze()
+        return encoder
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

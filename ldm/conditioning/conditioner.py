@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ldm.conditioning.byte import ByteTextEncoder
+from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
 from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
@@ -39,11 +39,13 @@ class ConditionerConfig:
     cond_drop_prob: float = 0.1         # training: prompts -> "", labels -> null class (classifier-free guidance)
     # Text (clip, hf, byte).
     max_length: int = 77                # tokens per prompt, padded and truncated
-    # Pretrained encoders (clip, hf).
-    name_or_path: str | None = None     # hub name or local save_pretrained() directory;
-    #                                     clip: null = openai/clip-vit-large-patch14
+    # Pretrained encoders (clip, hf; byte when name_or_path is set).
+    name_or_path: str | None = None     # clip, hf: hub name or local save_pretrained() directory (clip: null =
+    #                                     openai/clip-vit-large-patch14); byte: the export of a text-image
+    #                                     pretraining run (<run>/export), null = a new encoder trained with the UNet
     layer: str = "last"                 # clip: last | penultimate (SD 2: hidden_states[-2] + final_layer_norm)
-    trainable: bool = False             # clip, hf: fine-tune the encoder; frozen by default (byte, class always train)
+    trainable: bool = False             # pretrained encoders: fine-tune; frozen by default. A byte encoder trained
+    #                                     from scratch (name_or_path null) and class embeddings always train
     pooled: bool = False                # text: also give the UNet a pooled prompt vector, added to its time embedding
     #                                     (SDXL, Imagen; needs model.unet.pooled_dim = the encoder's width). clip: the
     #                                     EOS token's state (pooler_output); byte, hf: the mean over the real tokens
@@ -200,12 +202,14 @@ class NullConditioner(Conditioner):
 
 
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
-                      prefix: str = "model.conditioner") -> Conditioner:
+                      prefix: str = "model.conditioner", load_pretrained: bool = True) -> Conditioner:
     """Build the conditioner a config names.
 
     Args:
         config: a ConditionerConfig, or a dict / DictConfig validated against it.
         prefix: where the node sits in the full config, for error messages.
+        load_pretrained: read a pretrained byte encoder from name_or_path; false builds it empty, for a checkpoint's
+            state dict to fill (a checkpoint holds its weights and must not need the export).
     """
     c = to_dataclass(ConditionerConfig, config, prefix)
     if c.kind == "class":
@@ -218,6 +222,11 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
         encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key)
     elif c.kind == "hf":
         encoder = HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key)
+    elif c.name_or_path is None:
+        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length)      # trained with the UNet
+    elif load_pretrained:
+        expected = ByteEncoderConfig(c.width, c.num_layers, c.num_heads, c.max_length)
+        encoder = ByteTextEncoder.from_pretrained(c.name_or_path, c.trainable, expected, key)
     else:
-        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length)
+        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length, trainable=c.trainable)
     return TextConditioner(encoder, c.kind, c.cond_drop_prob, c.pooled)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ldm.conditioning.byte import masked_mean
+from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_choice
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -61,20 +62,6 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__} from the cache or the hub "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). {fix}") from err
-
-
-class FrozenMixin:
-    """Encoders that are frozen stay in eval mode (no dropout) whatever `.train()` their parent receives."""
-
-    trainable: bool
-
-    def freeze(self) -> None:
-        if not self.trainable:
-            self.requires_grad_(False)
-            self.eval()
-
-    def train(self, mode: bool = True):
-        return super().train(mode and self.trainable)
 
 
 class CLIPTextEncoder(FrozenMixin, nn.Module):

@@ -87,7 +87,8 @@ class LatentDiffusionModule(L.LightningModule):
     Args:
         config: see `Config`; built from `model.*` by `ldm.config.instantiate`.
         frozen: what a checkpoint restores instead of reading `autoencoder_path` (autoencoder config, latent scale);
-            Lightning passes it back from the saved hyperparameters in `load_from_checkpoint`.
+            Lightning passes it back from the saved hyperparameters in `load_from_checkpoint`. A checkpoint also
+            holds a pretrained byte encoder's weights, so restoring reads no `conditioner.name_or_path` either.
     """
 
     Config = Config
@@ -98,7 +99,8 @@ class LatentDiffusionModule(L.LightningModule):
         self.config = config
 
         # Frozen autoencoder: from stage 1, or (when restoring a checkpoint) empty, filled by the state dict.
-        if frozen is None:
+        restoring = frozen is not None
+        if not restoring:
             autoencoder, stats = load_autoencoder(config.autoencoder_path)
             scale, source = resolve_latent_scale(config.latent_scale, stats, config.autoencoder_path)
             frozen = {"autoencoder_config": asdict(autoencoder.config), "latent_scale": scale,
@@ -111,7 +113,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(config), "frozen": frozen})
 
         # Denoiser and conditioning.
-        self.conditioner = build_conditioner(config.conditioner)
+        self.conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring)
         self.conditioner.check_unet(config.unet)
         if config.unet.in_channels != autoencoder.config.embed_dim:
             raise ConfigError(f"model.unet.in_channels={config.unet.in_channels} does not match the autoencoder's "

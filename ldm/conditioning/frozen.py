@@ -1,0 +1,18 @@
+"""Frozen encoders: no gradients, and eval mode (no dropout) whatever `.train()` their parent receives."""
+
+from __future__ import annotations
+
+
+class FrozenMixin:
+    """For encoders with a `trainable` flag: `freeze()` switches off their gradients when it is false, and they stay
+    in eval mode from then on."""
+
+    trainable: bool
+
+    def freeze(self) -> None:
+        if not self.trainable:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)

@@ -1,0 +1,144 @@
+"""Stage 1b: pretrain the byte-level text encoder contrastively on the shards' image-caption pairs (a small CLIP,
+Radford et al. 2021), as Stable Diffusion's text encoder was pretrained before the UNet ever saw it.
+
+Trained from scratch together with the UNet, a byte-level encoder learns what dominates the denoising loss (on
+`shapes`: colour and background) and nearly nothing else; the quickstart's samples ignored shape and position words.
+The contrastive loss instead rewards every word that tells one image from another. This stage trains the encoder with
+a small convolutional image tower (`ldm.nn.image_encoder`) on the symmetric InfoNCE loss, each caption against every
+image of the global batch (gathered over ranks), and exports the text encoder to `<run>/export` at the end of fit;
+stage 2 loads it with `model.conditioner.name_or_path=<run>/export`, frozen by default.
+
+    ldm-train experiment=quickstart_clip paths.output_dir=runs/clip
+    ldm-train experiment=quickstart_ldm model.conditioner.name_or_path=runs/clip/export ...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+
+from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
+from ldm.config import ConfigError, asdict, to_dataclass
+from ldm.modules.optim import warmup_scheduler
+from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
+
+
+@dataclass
+class Config:
+    text: ByteEncoderConfig = field(default_factory=ByteEncoderConfig)     # the encoder stage 2 loads
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)  # used here only
+    embed_dim: int = 64                    # joint embedding width of both projections
+    init_temperature: float = 0.07         # softmax temperature at the start (CLIP); learned, kept >= 0.01
+    lr: float = 1.0e-3                     # AdamW, used as given (never rescaled by batch size)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1] and their captions
+    caption_key: str = "caption"
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas={self.betas} must hold two values")
+        if not 0.01 <= self.init_temperature <= 1.0:
+            raise ConfigError(f"init_temperature={self.init_temperature} must lie in [0.01, 1]")
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
+                     offset: int, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's symmetric InfoNCE loss of one rank's pairs against the global batch, and its caption -> image top-1
+    accuracy (chance: 1 / N).
+
+    Args:
+        image, text: this rank's unit-norm embeddings (B, E); pair i is (image[i], text[i]).
+        all_image, all_text: the global batch's (N, E), this rank's rows at offset .. offset + B.
+        offset: where this rank's rows start in the global batch.
+        logit_scale: 1 / temperature.
+    """
+    targets = torch.arange(len(image), device=image.device) + offset          # (B,)
+    text_logits = logit_scale * text @ all_image.T                              # (B, N)
+    image_logits = logit_scale * image @ all_text.T                             # (B, N)
+    loss = (F.cross_entropy(text_logits, targets) + F.cross_entropy(image_logits, targets)) / 2
+    accuracy = (text_logits.argmax(dim=1) == targets).float().mean()
+    return loss, accuracy
+
+
+class ContrastiveModule(L.LightningModule):
+    """Wires the byte text encoder, the image tower, their projections and the learned temperature.
+
+    Args:
+        config: see `Config`; built from `model.*` by `ldm.config.instantiate`.
+    """
+
+    Config = Config
+    MAX_LOGIT_SCALE = 100.0  # CLIP clips the learned logit scale (1 / temperature) here
+
+    def __init__(self, config: Config | dict[str, Any]):
+        super().__init__()
+        config = to_dataclass(Config, config, "model")  # a dict when rebuilt by `load_from_checkpoint`
+        self.config = config
+        self.save_hyperparameters({"config": asdict(config)})
+        self.text_encoder = ByteTextEncoder(**asdict(config.text))
+        self.image_encoder = ImageEncoder(config.image)
+        self.text_proj = nn.Linear(config.text.width, config.embed_dim, bias=False)
+        self.image_proj = nn.Linear(self.image_encoder.out_dim, config.embed_dim, bias=False)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    def embed(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm embeddings of images (B, 3, R, R) and of their captions: (B, embed_dim) each."""
+        _, pooled = self.text_encoder(captions)                                 # (B, width)
+        text = F.normalize(self.text_proj(pooled), dim=-1)                      # (B, E)
+        image = F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)  # (B, E)
+        return image, text
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, E) -> (world * B, E), rank order; gradients flow back to this rank's rows."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=True).flatten(0, 1)
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        image, text = self.embed(batch[self.config.image_key], list(batch[self.config.caption_key]))
+        offset = self.global_rank * len(image) if self._trainer is not None and self.trainer.world_size > 1 else 0
+        scale = self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
+        return contrastive_loss(image, text, self._gather(image), self._gather(text), offset, scale)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, accuracy = self._loss(batch)
+        size = len(batch[self.config.image_key])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/accuracy", accuracy, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/temperature", 1.0 / self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE),
+                 on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, accuracy = self._loss(batch)
+        size = len(batch[self.config.image_key])
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log("val/accuracy", accuracy, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        c = self.config
+        optimizer = torch.optim.AdamW(self.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        scheduler = {"scheduler": warmup_scheduler(optimizer, c.warmup_steps), "interval": "step", "name": "lr"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def compile_networks(self) -> None:
+        """`compile: true`: both towers."""
+        self.text_encoder.compile()
+        self.image_encoder.compile()
+
+    @rank_zero_only
+    def on_fit_end(self) -> None:
+        export_dir = Path(self.trainer.default_root_dir) / "export"
+        self.text_encoder.save_pretrained(export_dir)
+        rank_zero_info(f"text encoder exported to {export_dir} (stage 2: model.conditioner.kind=byte "
+                       f"model.conditioner.name_or_path={export_dir})")

@@ -1,0 +1,99 @@
+"""Stage 1b, text-image contrastive pretraining: the InfoNCE loss over ranks, the image tower, a few steps learn,
+and the exported text encoder is the trained one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.conditioning.byte import ByteTextEncoder
+from ldm.config import ConfigError
+from ldm.modules.contrastive import ContrastiveModule, contrastive_loss
+from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
+
+CAPTIONS = ["a large red circle in the center on a white background",
+            "a large blue square in the top left on a black background",
+            "a large green star in the bottom right on a gray background",
+            "a large pink cross in the top right on a white background"]
+
+
+def tiny_config(**overrides) -> dict:
+    config = {"text": {"width": 32, "num_layers": 1, "num_heads": 2, "max_length": 64},
+              "image": {"resolution": 16, "channels": [8, 16]}, "embed_dim": 16, "warmup_steps": 0}
+    config.update(overrides)
+    return config
+
+
+def unit(*shape: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_loss_over_two_ranks_averages_to_the_single_process_loss():
+    image, text, scale = unit(8, 16, seed=0), unit(8, 16, seed=1), torch.tensor(10.0)
+    full, _ = contrastive_loss(image, text, image, text, 0, scale)
+    halves = [contrastive_loss(image[r * 4:(r + 1) * 4], text[r * 4:(r + 1) * 4], image, text, r * 4, scale)[0]
+              for r in (0, 1)]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, full)  # DDP averages the ranks' gradients the same way
+    flat, _ = contrastive_loss(image, text, image, text, 0, torch.tensor(1.0))
+    assert flat.item() == pytest.approx(math.log(8), abs=0.1)        # unrelated pairs, cosines near 0: chance
+
+
+def test_matched_pairs_give_full_accuracy_and_a_low_loss():
+    image = unit(6, 16, seed=0)
+    loss, accuracy = contrastive_loss(image, image, image, image, 0, torch.tensor(100.0))
+    assert accuracy.item() == 1.0 and loss.item() < 1e-3
+    _, shuffled = contrastive_loss(image, image.roll(1, dims=0), image, image.roll(1, dims=0), 0, torch.tensor(100.0))
+    assert shuffled.item() == 0.0
+
+
+def test_image_encoder_keeps_position_and_checks_its_input():
+    encoder = ImageEncoder(ImageEncoderConfig(resolution=16, channels=[8, 16]))
+    assert encoder.out_dim == 16 * 4 * 4
+    x = torch.zeros(2, 3, 16, 16)
+    x[0, :, 1:4, 1:4] = 1.0     # the same square, top left and bottom right
+    x[1, :, 12:15, 12:15] = 1.0
+    features = encoder(x)
+    assert features.shape == (2, 256) and not torch.allclose(features[0], features[1])
+    with pytest.raises(ValueError, match=r"takes 16 x 16"):
+        encoder(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 2 \\*\\* len\\(channels\\)"):
+        ImageEncoderConfig(resolution=20, channels=[8, 16, 32])
+    with pytest.raises(ValueError, match="divisible by norm_groups=8"):
+        ImageEncoderConfig(channels=[8, 12])
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    module = ContrastiveModule(tiny_config())
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch = {"image": images, "caption": CAPTIONS}
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before, _ = module._loss(batch)
+    for _ in range(30):
+        optimizer.zero_grad()
+        module._loss(batch)[0].backward()
+        optimizer.step()
+    with torch.no_grad():
+        after, accuracy = module._loss(batch)
+    assert after < 0.3 * before and accuracy.item() == 1.0, (before, after)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="init_temperature"):
+        ContrastiveModule(tiny_config(init_temperature=0.0))
+    with pytest.raises(ConfigError, match=r"model\.text\.widht"):
+        ContrastiveModule(tiny_config(text={"widht": 32}))
+
+
+def test_export_is_the_trained_text_encoder(tmp_path):
+    module = ContrastiveModule(tiny_config())
+    module.text_encoder.save_pretrained(tmp_path / "export")
+    loaded = ByteTextEncoder.from_pretrained(tmp_path)                  # a run directory finds its export/
+    assert not loaded.trainable and not any(p.requires_grad for p in loaded.parameters())
+    module.text_encoder.eval()
+    for (a, b) in zip(loaded(CAPTIONS), module.text_encoder(CAPTIONS)):
+        torch.testing.assert_close(a, b)
