@@ -133,10 +133,8 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                 if getattr(expected, key) != getattr(config, key):
                     raise ConfigError(f"{prefix}.{key}={getattr(expected, key)} but the byte encoder in {path} has "
                                       f"{key}={getattr(config, key)}; set {prefix}.{key}={getattr(config, key)}")
-        encoder = cls(**asdict(config), trainable=True)
+        encoder = cls(**asdict(config), trainable=trainable)
         encoder.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
-        encoder.trainable = trainable
-        encoder.freeze()
         return encoder
 
 

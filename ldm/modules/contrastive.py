@@ -106,9 +106,9 @@ class ContrastiveModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         image, text = self.embed(batch[self.config.image_key], list(batch[self.config.caption_key]))
-        offset = self.global_rank * len(image) if self._trainer is not None and self.trainer.world_size > 1 else 0
         scale = self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
-        return contrastive_loss(image, text, self._gather(image), self._gather(text), offset, scale)
+        return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
+                                scale)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
