@@ -59,9 +59,9 @@ def test_image_encoder_keeps_position_and_checks_its_input():
     assert features.shape == (2, 256) and not torch.allclose(features[0], features[1])
     with pytest.raises(ValueError, match=r"takes 16 x 16"):
         encoder(torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="divisible by 2 \\*\\* len\\(channels\\)"):
+    with pytest.raises(ConfigError, match="divisible by 2 \\*\\* len\\(image.channels\\)"):
         ImageEncoderConfig(resolution=20, channels=[8, 16, 32])
-    with pytest.raises(ValueError, match="divisible by norm_groups=8"):
+    with pytest.raises(ConfigError, match="divisible by image.norm_groups=8"):
         ImageEncoderConfig(channels=[8, 12])
 
 
@@ -87,6 +87,8 @@ def test_config_errors_name_the_key():
         ContrastiveModule(tiny_config(init_temperature=0.0))
     with pytest.raises(ConfigError, match=r"model\.text\.widht"):
         ContrastiveModule(tiny_config(text={"widht": 32}))
+    with pytest.raises(ConfigError, match=r"model\.image\.resolution=20 must be divisible"):
+        ContrastiveModule(tiny_config(image={"resolution": 20, "channels": [8, 16, 32]}))
 
 
 def test_export_is_the_trained_text_encoder(tmp_path):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ldm.config import ConfigError
+
 
 @dataclass
 class ImageEncoderConfig:
@@ -22,15 +24,16 @@ class ImageEncoderConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])      # one level each, resolution / 2 per level
     norm_groups: int = 8                                                    # GroupNorm after every convolution
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # note: keys named as in ldm.modules.contrastive.Config (model.image.*)
         if not self.channels:
-            raise ValueError("channels must name at least one level")
+            raise ConfigError("image.channels must name at least one level")
         if any(c % self.norm_groups for c in self.channels):
-            raise ValueError(f"every entry of channels={self.channels} must be divisible by norm_groups="
-                             f"{self.norm_groups}")
+            raise ConfigError(f"every entry of image.channels={self.channels} must be divisible by image.norm_groups="
+                              f"{self.norm_groups}")
         factor = 2 ** len(self.channels)
         if self.resolution % factor:
-            raise ValueError(f"resolution={self.resolution} must be divisible by 2 ** len(channels) = {factor}")
+            raise ConfigError(f"image.resolution={self.resolution} must be divisible by 2 ** len(image.channels) = "
+                              f"{factor}")
 
 
 class ImageEncoder(nn.Module):
