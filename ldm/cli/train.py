@@ -1,7 +1,9 @@
-"""ldm-train: fit an autoencoder or a latent diffusion model from a Hydra-composed config.
+"""ldm-train: fit an autoencoder, a contrastive text encoder or a latent diffusion model from a Hydra-composed config.
 
     ldm-train experiment=quickstart_vae paths.output_dir=runs/vae
-    ldm-train experiment=quickstart_ldm model.autoencoder_path=runs/vae/export ckpt_path=last
+    ldm-train experiment=quickstart_clip paths.output_dir=runs/clip
+    ldm-train experiment=quickstart_ldm model.autoencoder_path=runs/vae/export \
+              model.conditioner.name_or_path=runs/clip/export ckpt_path=last
     ldm-train -m hparams_search=ldm_optuna hydra/launcher=slurm        # a sweep; each trial returns its metric
 
 A run directory that already holds `checkpoints/last.ckpt` is resumed when `auto_resume` is true (the default), so
