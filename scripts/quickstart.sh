@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline, offline, on CPU, in 13-15 minutes on 2 cores (885 s measured; `make quickstart` puts the venv on PATH):
+# The whole pipeline, offline, on CPU, in about 13.5 minutes on 2 cores (803 s measured from a fresh clone;
+# `make quickstart` puts the venv on PATH):
 #   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards, large shapes only (a small
 #                  one is 7 px across: too few pixels to tell a star from a hexagon)
 #   2. ldm-train:  experiment=quickstart_vae  -> the tiny KL-f2 autoencoder and its latent statistics

@@ -114,20 +114,27 @@ def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):
     assert z.dtype == torch.float32 and x.dtype == torch.float32
 
 
+def restore_without(trainer: L.Trainer, module: LatentDiffusionModule, export_dir: Path,
+                    ckpt: Path) -> LatentDiffusionModule:
+    """Save a checkpoint, delete `export_dir`'s files, restore: the restored module must sample the same images, so
+    the checkpoint alone carries what the export held."""
+    trainer.save_checkpoint(ckpt)
+    module.eval()
+    expected = module.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    for f in export_dir.iterdir():
+        f.unlink()
+    restored = LatentDiffusionModule.from_checkpoint(ckpt)
+    got = restored.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    assert torch.allclose(got, expected, atol=1e-5)
+    return restored
+
+
 def test_checkpoint_alone_restores_the_model(tmp_path: Path):
     autoencoder_dir = tiny_autoencoder(tmp_path / "ae")
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     trainer = fit(module, tmp_path, steps=2)
-    ckpt = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(ckpt)
-    module.eval()
-    expected = module.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
-    for f in autoencoder_dir.iterdir():  # the autoencoder export is gone: the checkpoint must carry it
-        f.unlink()
-    restored = LatentDiffusionModule.from_checkpoint(ckpt)
+    restored = restore_without(trainer, module, autoencoder_dir, tmp_path / "model.ckpt")
     assert restored.checkpoint_step == 2 and restored.latent_scale == pytest.approx(0.8)
-    got = restored.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
-    assert torch.allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
@@ -167,12 +174,4 @@ def test_pretrained_byte_encoder_stays_frozen_and_the_checkpoint_carries_it(tmp_
     trainer = fit(module, tmp_path, steps=2)
     assert all(torch.equal(v, before[k]) for k, v in module.conditioner.state_dict().items())
     assert all(p.grad is None for p in module.conditioner.parameters())
-    ckpt = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(ckpt)
-    module.eval()
-    expected = module.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
-    for f in encoder_dir.iterdir():  # the encoder export is gone: the checkpoint must carry it
-        f.unlink()
-    restored = LatentDiffusionModule.from_checkpoint(ckpt)
-    got = restored.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
-    assert torch.allclose(got, expected, atol=1e-5)
+    restore_without(trainer, module, encoder_dir, tmp_path / "model.ckpt")
