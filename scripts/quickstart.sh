@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole pipeline, offline, on CPU, in about 13.5 minutes on 2 cores (803 s measured from a fresh clone;
 # `make quickstart` puts the venv on PATH):
-#   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards, large shapes only (a small
-#                  one is 7 px across: too few pixels to tell a star from a hexagon)
+#   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards: one large shape in the centre,
+#                  drawn 1.7 times the default size (22 px across, so a star, a hexagon and a circle differ by
+#                  several pixels), with the 4 sample prompts held out of the training split
 #   2. ldm-train:  experiment=quickstart_vae  -> the tiny KL-f2 autoencoder and its latent statistics
 #   3. ldm-train:  experiment=quickstart_clip -> a byte-level text encoder pretrained contrastively on the pairs
 #   4. ldm-train:  experiment=quickstart_ldm  -> a tiny text-to-image LDM on the latents, conditioned by that encoder
-#   5. ldm-sample: 4 prompts held out of the training set x 4 seeds -> runs/quickstart/samples/grid.png
+#   5. ldm-sample: the 4 held-out prompts x 4 seeds -> runs/quickstart/samples/grid.png
 #   6. ldm-eval:   shapes_color_accuracy and shapes_shape_accuracy of 128 samples of validation captions (offline
 #                  colour and shape read-out, no weights)
 # Everything is written under runs/quickstart/; running it again starts over.
@@ -17,14 +18,14 @@ OUT=runs/quickstart
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 NUM_SAMPLES=4000
 SEED=0
-SIZES='[large]'
-# Captions that never occur among the NUM_SAMPLES training images of seed SEED (checked below): every attribute is
-# familiar, the combination is new.
+SHAPES_LAYOUT=(sizes='[large]' positions='[center]' scale=1.7)
+# Held out of the training split (ldm-data holdout=..., checked below): every attribute is familiar, the combination
+# is new.
 PROMPTS=(
-  "a large yellow triangle in the bottom right on a white background"
-  "a large cyan circle in the bottom left on a black background"
+  "a large yellow triangle in the center on a white background"
+  "a large cyan circle in the center on a black background"
   "a large pink diamond in the center on a gray background"
-  "a large orange star in the bottom right on a gray background"
+  "a large orange star in the center on a gray background"
 )
 PROMPT_LIST="[$(IFS=,; echo "${PROMPTS[*]}")]"
 START=$SECONDS
@@ -35,18 +36,21 @@ mkdir -p "$OUT"
 
 stage "1/6 shapes shards"
 ldm-data source=shapes output_dir="$OUT/data" num_samples=$NUM_SAMPLES val_samples=200 resolution=32 seed=$SEED \
-  sizes="$SIZES"
+  "${SHAPES_LAYOUT[@]}" holdout="$PROMPT_LIST"
 
-python - "$NUM_SAMPLES" "$SEED" "$SIZES" "${PROMPTS[@]}" <<'PY'
+python - "$OUT/data" "${PROMPTS[@]}" <<'PY'
 import sys
-import yaml
-from ldm.data.shapes import sample_spec
-n, seed, sizes, prompts = int(sys.argv[1]), int(sys.argv[2]), yaml.safe_load(sys.argv[3]), sys.argv[4:]
-captions = {sample_spec(seed, i, "train", sizes).caption for i in range(n)}
+import tarfile
+from pathlib import Path
+data, prompts = Path(sys.argv[1]), sys.argv[2:]
+captions = set()
+for shard in sorted(data.glob("train-*.tar")):
+    with tarfile.open(shard) as tar:
+        captions.update(tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt"))
 seen = [p for p in prompts if p in captions]
 if seen:
-    sys.exit(f"prompts meant to be held out occur in the training set: {seen}")
-print(f"held out: none of the {len(prompts)} sample prompts is among the {n} training captions")
+    sys.exit(f"prompts meant to be held out occur in the training shards: {seen}")
+print(f"held out: none of the {len(prompts)} sample prompts is among the {len(captions)} distinct training captions")
 PY
 
 DATA=(data.train_shards="$OUT/data/train-*.tar" data.val_shards="$OUT/data/val-*.tar")

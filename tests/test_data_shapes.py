@@ -48,6 +48,37 @@ def test_sizes_restricts_the_size_words():
         shapes.sample_spec(3, 0, sizes=[])
 
 
+def test_positions_and_scale_draw_larger_shapes_where_there_is_room():
+    specs = [shapes.sample_spec(3, i, sizes=["large"], positions=["center"], scale=1.7) for i in range(64)]
+    assert {s.position for s in specs} == {"center"}
+    assert all(0.34 * 0.9 <= s.radius <= 0.34 * 1.1 + 1e-9 for s in specs)
+    for spec in specs[:8]:  # every pixel of the border stays background, so a reader finds the background there
+        img = np.asarray(shapes.render(spec, 32), dtype=np.int32)
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        assert (border == shapes.BACKGROUNDS[spec.background]).all(), spec
+    with pytest.raises(ValueError, match=r"scale=1.2 draws shapes of radius up to 0.264 of the side, but positions "
+                                         r"\['top left', .*\] leave 0.220: use a scale in \(0, 1.00\] "
+                                         r"or positions=\[center\]"):
+        shapes.sample_spec(3, 0, sizes=["large"], scale=1.2)
+    with pytest.raises(ValueError, match=r"positions=\['middle'\] must be a non-empty list of \['top left'"):
+        shapes.ShapesDataset(4, positions=["middle"])
+
+
+def test_holdout_keeps_captions_out_of_the_train_split_only():
+    held = ["red circle", "a large blue square in the center on a gray background"]
+    plain = [shapes.sample_spec(5, i, sizes=["large"], positions=["center"]).caption for i in range(400)]
+    assert any(h in c for c in plain for h in held), "the held-out captions occur without holdout"
+    train = shapes.ShapesDataset(400, 16, seed=5, sizes=["large"], positions=["center"], holdout=held)
+    captions = [sample["caption"] for sample in train]
+    assert len(captions) == 400 and not any(h in c for c in captions for h in held)
+    kept = [c for c in plain if not any(h in c for h in held)]
+    assert captions[:len(kept)] == kept, "the kept samples are the same draws, in order"
+    val = shapes.ShapesDataset(400, 16, seed=5, split="val", sizes=["large"], positions=["center"], holdout=held)
+    assert any(h in sample["caption"] for sample in val for h in held), "held-out prompts stay in val"
+    with pytest.raises(ValueError, match="removes nearly every caption"):
+        shapes.ShapesDataset(4, 16, holdout=["a "])
+
+
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_captions_match_pixels(resolution: int):
     areas: dict[tuple[str, str], list[float]] = {}

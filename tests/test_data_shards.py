@@ -128,6 +128,8 @@ def test_config_errors(tmp_path: Path):
         write_dataset({"source": "shapes", "output_dir": str(tmp_path), "num_sample": 3})
     with pytest.raises(ConfigError, match=r"sizes=\['huge'\] must be a non-empty list of \['small', 'large'\]"):
         write_dataset({"source": "shapes", "output_dir": str(tmp_path), "sizes": ["huge"]})
+    with pytest.raises(ConfigError, match=r"scale=3.0 draws shapes .* leave 0.470: use a scale in \(0, 2.14\]$"):
+        write_dataset({"source": "shapes", "output_dir": str(tmp_path), "positions": ["center"], "scale": 3.0})
     (tmp_path / "in").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
     with pytest.raises(ConfigError, match="no caption"):

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ldm.config import ConfigError
 from ldm.modules.latent_diffusion import LatentDiffusionModule
+from ldm.modules.optim import lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
 
@@ -104,6 +105,36 @@ def test_autoencoder_stays_frozen_and_in_eval_mode_while_training(tmp_path: Path
     assert any(not torch.equal(v, ema_before[k]) for k, v in module.ema.module.state_dict().items())
     # The trainable byte encoder is optimised and averaged as well.
     assert module.ema_conditioner is not None
+
+
+class LearningRates(L.Callback):
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule, after_warmup", [("constant", [1.0, 1.0, 1.0, 1.0]),
+                                                     ("cosine", [1.0, 0.8536, 0.5, 0.1464]),
+                                                     ("linear", [1.0, 0.75, 0.5, 0.25])])
+def test_lr_schedule_warms_up_then_decays_to_zero_at_max_steps(tmp_path: Path, autoencoder_dir: Path,
+                                                                schedule: str, after_warmup: list[float]):
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, warmup_steps=2, lr_schedule=schedule))
+    lrs = LearningRates()
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, callbacks=[lrs],
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=DataLoader([batch(4)] * 6, batch_size=None))
+    assert lrs.seen == pytest.approx([2e-3 * f for f in [0.0, 0.5, *after_warmup]], abs=1e-7)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        LatentDiffusionModule(tiny_config(autoencoder_dir, lr_schedule="step"))
+
+
+def test_decaying_lr_schedule_needs_a_known_last_step():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ConfigError, match="model.lr_schedule=cosine .* set trainer.max_steps"):
+        lr_scheduler(optimizer, "cosine", 0, float("inf"))
+    assert lr_scheduler(optimizer, "constant", 0, float("inf")).get_last_lr() == [1e-3]
 
 
 def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):

@@ -85,36 +85,47 @@ class ShapeSpec:
                 "radius": self.radius}
 
 
-def sample_spec(seed: int, index: int, split: str = "train", sizes: Sequence[str] | None = None) -> ShapeSpec:
-    """The attributes of sample `index` of `split`: a pure function of (seed, split, index, sizes).
+def sample_spec(seed: int, index: int, split: str = "train", sizes: Sequence[str] | None = None,
+                positions: Sequence[str] | None = None, scale: float = 1.0) -> ShapeSpec:
+    """The attributes of sample `index` of `split`: a pure function of (seed, split, index, sizes, positions, scale).
 
-    `sizes` restricts the size words drawn from; None: all of SIZES. ["large"] suits 32 px images, where a small
-    shape is 7 px across and its outline hard to tell from another's.
+    `sizes` and `positions` restrict the words drawn from (None: all of SIZES, POSITIONS); `scale` multiplies every
+    radius. ["large"] suits 32 px images, where a small shape is 7 px across and its outline hard to tell from
+    another's; positions=["center"] leaves room for scale up to 2.1.
     """
     if split not in SPLIT_IDS:
         raise ValueError(f"split={split!r} is not one of {list(SPLIT_IDS)}")
-    sizes = check_sizes(sizes)
+    sizes, positions = check_layout(sizes, positions, scale)
     rng = random.Random(fold_seed(seed, SPLIT_IDS[split], index))
     shape = rng.choice(SHAPES)
     color = rng.choice(list(COLORS))
     size = rng.choice(sizes)
-    position = rng.choice(list(POSITIONS))
+    position = rng.choice(positions)
     background = rng.choice(list(BACKGROUNDS))
     x, y = POSITIONS[position]
     cx = x + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
     cy = y + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-    radius = SIZES[size] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
+    radius = scale * SIZES[size] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
     return ShapeSpec(shape, color, size, position, background, cx, cy, radius)
 
 
-def check_sizes(sizes: Sequence[str] | None) -> list[str]:
-    """The size words to draw from: all of SIZES for None, else `sizes` after checking each is known."""
-    if sizes is None:
-        return list(SIZES)
-    unknown = [size for size in sizes if size not in SIZES]
-    if not sizes or unknown:
-        raise ValueError(f"sizes={list(sizes)} must be a non-empty list of {list(SIZES)}")
-    return list(sizes)
+def check_layout(sizes: Sequence[str] | None, positions: Sequence[str] | None = None,
+                 scale: float = 1.0) -> tuple[list[str], list[str]]:
+    """The size and position words to draw from (None: all of SIZES, POSITIONS), after checking that each is known
+    and that the largest shape, scaled, stays inside the image at every position."""
+    sizes = list(SIZES) if sizes is None else list(sizes)
+    positions = list(POSITIONS) if positions is None else list(positions)
+    if not sizes or any(size not in SIZES for size in sizes):
+        raise ValueError(f"sizes={sizes} must be a non-empty list of {list(SIZES)}")
+    if not positions or any(position not in POSITIONS for position in positions):
+        raise ValueError(f"positions={positions} must be a non-empty list of {list(POSITIONS)}")
+    radius = scale * max(SIZES[size] for size in sizes) * (1 + SIZE_JITTER)
+    room = min(min(x, y, 1 - x, 1 - y) for x, y in (POSITIONS[p] for p in positions)) - POSITION_JITTER
+    if not 0 < radius <= room + 1e-9:
+        hint = "" if positions == ["center"] else " or positions=[center], which leaves the most room"
+        raise ValueError(f"scale={scale} draws shapes of radius up to {radius:.3f} of the side, but positions "
+                         f"{positions} leave {room:.3f}: use a scale in (0, {room / (radius / scale):.2f}]{hint}")
+    return sizes, positions
 
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple[float, float]]:
@@ -167,16 +178,21 @@ class ShapesDataset:
     """`num_samples` samples of one split, indexable and iterable: dicts with image (PIL), caption and metadata.
 
     Args:
-        num_samples: number of samples (indices 0 .. num_samples - 1).
+        num_samples: number of samples.
         resolution: image side in pixels.
-        seed: dataset seed; sample i of split s is a pure function of (seed, s, i).
+        seed: dataset seed; sample i of split s is a pure function of (seed, s, i) and the layout.
         split: "train", "val" or "test"; the splits are independent streams, so changing num_samples of one leaves
             the others unchanged.
-        sizes: the size words to draw from; None: all of SIZES.
+        sizes, positions: the size and position words to draw from; None: all.
+        scale: multiplies every radius (checked to fit the positions).
+        holdout: train split only: captions containing any of these strings (e.g. "pink diamond", or whole
+            captions) are never drawn; the dataset takes the next indices instead, so held-out prompts test
+            generalisation to combinations the model never saw.
     """
 
     def __init__(self, num_samples: int, resolution: int = 32, seed: int = 0, split: str = "train",
-                 sizes: Sequence[str] | None = None):
+                 sizes: Sequence[str] | None = None, positions: Sequence[str] | None = None, scale: float = 1.0,
+                 holdout: Sequence[str] = ()):
         if num_samples < 0:
             raise ValueError(f"num_samples={num_samples} must be >= 0")
         if split not in SPLIT_IDS:
@@ -185,20 +201,36 @@ class ShapesDataset:
         self.resolution = resolution
         self.seed = seed
         self.split = split
-        self.sizes = check_sizes(sizes)
+        self.sizes, self.positions = check_layout(sizes, positions, scale)
+        self.scale = scale
+        self.holdout = list(holdout) if split == "train" else []
+        self.indices = self._indices() if self.holdout else None  # dataset position -> sample index
+
+    def _spec(self, index: int) -> ShapeSpec:
+        return sample_spec(self.seed, index, self.split, self.sizes, self.positions, self.scale)
+
+    def _indices(self) -> list[int]:
+        indices, index = [], 0
+        while len(indices) < self.num_samples:
+            if index >= 100 * (self.num_samples + 10):
+                raise ValueError(f"holdout={self.holdout} removes nearly every caption: nothing left to draw")
+            if not any(part in self._spec(index).caption for part in self.holdout):
+                indices.append(index)
+            index += 1
+        return indices
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        spec = sample_spec(self.seed, index, self.split, self.sizes)
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if not 0 <= position < self.num_samples:
+            raise IndexError(f"index {position} out of range for {self.num_samples} samples")
+        spec = self._spec(self.indices[position] if self.indices is not None else position)
         return {"image": render(spec, self.resolution), "caption": spec.caption, "metadata": spec.metadata()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for index in range(self.num_samples):
-            yield self[index]
+        for position in range(self.num_samples):
+            yield self[position]
 
 
 def vocabulary() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,9 @@ class WriteConfig:
     val_samples: int = 1000  # validation samples (folder: taken from the folder, deterministic given seed)
     resolution: int | None = 32  # image side; folder: null stores images as they are
     sizes: list[str] | None = None  # shapes: the size words to draw from (e.g. [large]); null: all
+    positions: list[str] | None = None  # shapes: the position words to draw from (e.g. [center]); null: all
+    scale: float = 1.0  # shapes: multiplies every radius (checked to fit the positions)
+    holdout: list[str] = field(default_factory=list)  # shapes: train captions containing any of these are not drawn
     seed: int = 0
     samples_per_shard: int = 1000
     image_format: str = "png"  # png (lossless) | jpg
@@ -73,7 +76,7 @@ class WriteConfig:
         if self.resolution is not None and self.resolution < 8:
             raise ConfigError(f"resolution={self.resolution} must be >= 8 (or null for folder images as they are)")
         try:
-            shapes.check_sizes(self.sizes)
+            shapes.check_layout(self.sizes, self.positions, self.scale)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.samples_per_shard < 1:
@@ -126,11 +129,10 @@ def write_split(records: Iterable[Record], output_dir: Path, split: str, cfg: Wr
     return {"count": sum(counts.values()), "shards": list(counts), "shard_counts": list(counts.values())}
 
 
-def shapes_records(num_samples: int, resolution: int, seed: int, split: str,
-                   sizes: list[str] | None = None) -> Iterator[Record]:
-    dataset = shapes.ShapesDataset(num_samples, resolution, seed, split, sizes)
-    for index in range(num_samples):
-        sample = dataset[index]
+def shapes_records(cfg: WriteConfig, num_samples: int, split: str) -> Iterator[Record]:
+    dataset = shapes.ShapesDataset(num_samples, cfg.resolution, cfg.seed, split, cfg.sizes, cfg.positions, cfg.scale,
+                                   cfg.holdout)
+    for index, sample in enumerate(dataset):
         yield Record(key=f"{index:09d}", caption=sample["caption"], metadata=sample["metadata"], image=sample["image"])
 
 
@@ -225,7 +227,7 @@ def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
 
 
 def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
-    splits = {split: write_split(shapes_records(n, cfg.resolution, cfg.seed, split, cfg.sizes), output_dir, split, cfg)
+    splits = {split: write_split(shapes_records(cfg, n, split), output_dir, split, cfg)
               for split, n in (("train", cfg.num_samples), ("val", cfg.val_samples))}
     return {"splits": splits, "vocabulary": shapes.vocabulary()}
 

@@ -19,11 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.config import asdict, to_dataclass
+from ldm.config import asdict, check_choice, to_dataclass
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import warmup_scheduler
+from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
 
@@ -37,6 +37,7 @@ class Config:
     disc_lr: float | None = None              # discriminator learning rate; null: same as lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas of both optimizers
     warmup_steps: int = 0                     # linear LR warmup of the autoencoder optimizer
+    lr_schedule: str = "constant"             # after warmup: constant | cosine | linear (decay to 0 at the last step)
     grad_clip: float | None = None            # max gradient norm per optimizer; null: no clipping
     ema_decay: float | None = None            # EMA of the autoencoder; validation and export use it; null: off
     init_posterior_logvar: float | None = None  # start quant_conv's log-variance outputs here; null: as LDM (~0)
@@ -44,6 +45,7 @@ class Config:
     num_log_images: int = 8                   # images per grid in `log_images`
 
     def __post_init__(self) -> None:
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if len(self.betas) != 2:
             raise ValueError(f"betas={self.betas} must hold two values")
 
@@ -110,10 +112,10 @@ class AutoencoderModule(L.LightningModule):
             ae_params.append(self.loss.logvar)
         opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas))
         opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=c.disc_lr or c.lr, betas=tuple(c.betas))
-        rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps, "
-                       f"GAN from step {c.loss.disc_start}")
-        schedule = {"scheduler": warmup_scheduler(opt_ae, c.warmup_steps), "interval": "step", "name": "lr/autoencoder"}
-        return [opt_ae, opt_disc], [schedule]
+        rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps "
+                       f"then {c.lr_schedule}, GAN from step {c.loss.disc_start}")
+        schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches)
+        return [opt_ae, opt_disc], [{"scheduler": schedule, "interval": "step", "name": "lr/autoencoder"}]
 
     def _clip(self, optimizer: Any) -> None:
         if self.config.grad_clip is not None:

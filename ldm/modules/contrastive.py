@@ -26,8 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
-from ldm.config import ConfigError, asdict, to_dataclass
-from ldm.modules.optim import warmup_scheduler
+from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
 
@@ -41,10 +41,12 @@ class Config:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (decay to 0 at the last step)
     image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1] and their captions
     caption_key: str = "caption"
 
     def __post_init__(self) -> None:
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if len(self.betas) != 2:
             raise ConfigError(f"betas={self.betas} must hold two values")
         if not 0.01 <= self.init_temperature <= 1.0:
@@ -128,7 +130,8 @@ class ContrastiveModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
         optimizer = torch.optim.AdamW(self.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-        scheduler = {"scheduler": warmup_scheduler(optimizer, c.warmup_steps), "interval": "step", "name": "lr"}
+        schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches)
+        scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def compile_networks(self) -> None:

@@ -22,7 +22,7 @@ from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.diffusion import SAMPLERS, Denoiser, NoiseSchedule, guided_denoiser, run_sampler
 from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import warmup_scheduler
+from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, load_autoencoder
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator, step_generator
@@ -43,6 +43,7 @@ class Config:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_steps: int = 0                  # linear LR warmup
+    lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (decay to 0 at the last step)
     ema_decay: float | None = 0.9999       # EMA of the UNet (and a trainable text encoder); null: off
     image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1], captions, class labels
     caption_key: str = "caption"
@@ -59,6 +60,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("val_sampler", self.val_sampler, SAMPLERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not self.autoencoder_path:
             raise ConfigError("model.autoencoder_path is required: stage 1's export directory (<vae run>/export), "
                               "run directory or checkpoint, e.g. model.autoencoder_path=runs/vae/export")
@@ -202,10 +204,12 @@ class LatentDiffusionModule(L.LightningModule):
         c = self.config
         params = [p for p in self.unet.parameters()] + [p for p in self.conditioner.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-        rank_zero_info(f"AdamW lr {c.lr} (warmup {c.warmup_steps} steps), {sum(p.numel() for p in params):,} "
-                       f"trainable parameters (UNet {sum(p.numel() for p in self.unet.parameters()):,}; "
+        rank_zero_info(f"AdamW lr {c.lr} (warmup {c.warmup_steps} steps, then {c.lr_schedule}), "
+                       f"{sum(p.numel() for p in params):,} trainable parameters "
+                       f"(UNet {sum(p.numel() for p in self.unet.parameters()):,}; "
                        f"conditioner {'trainable' if self.conditioner.trainable else 'frozen'})")
-        scheduler = {"scheduler": warmup_scheduler(optimizer, c.warmup_steps), "interval": "step", "name": "lr"}
+        schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches)
+        scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ validation and sampling

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from transformers import get_scheduler
+
+from ldm.config import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the base learning rate over `warmup_steps` optimizer steps, then constant."""
-    warmup_steps = max(int(warmup_steps), 0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: float,
+                 key: str = "model.lr_schedule") -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedules: linear warmup from 0 over `warmup_steps` optimizer steps, then `schedule`: constant,
+    or a cosine or linear decay to 0 at `total_steps` (the trainer's `estimated_stepping_batches`)."""
+    if schedule == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
+    if not math.isfinite(total_steps):
+        raise ConfigError(f"{key}={schedule} decays to 0 at the last step, which is unknown here: set "
+                          f"trainer.max_steps, or {key}=constant")
+    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=int(total_steps))
