@@ -56,11 +56,12 @@ def test_overfit_a_handful_of_images(tmp_path):
     images = shapes_images(8)
     module = tiny_module()
     l1_before, psnr_before = reconstruction_error(module, images)
-    trainer = fit(module, images, tmp_path, max_steps=100, val_every=100, enable_checkpointing=False)
+    trainer = fit(module, images, tmp_path, max_steps=120, val_every=120, enable_checkpointing=False)
     l1_after, psnr_after = reconstruction_error(module, images)
     print(f"overfit: L1 {l1_before:.4f} -> {l1_after:.4f} ({l1_before / l1_after:.1f}x), "
           f"PSNR {psnr_before:.1f} -> {psnr_after:.1f} dB")
-    # measured (2 CPUs): L1 0.668 -> 0.041 (16x), PSNR 8.0 -> 25.8 dB
+    # measured (2 CPUs): L1 0.668 -> 0.037 (18x), PSNR 8.0 -> 26.3 dB (120 steps; 100 gave 21.9 dB once warmup
+    # started at lr 0, as transformers' schedules do)
     assert l1_before / l1_after > 10
     assert psnr_after > psnr_before + 12 and psnr_after > 22
     assert trainer.callback_metrics["val/psnr"] > 22

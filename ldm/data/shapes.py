@@ -204,12 +204,13 @@ class ShapesDataset:
         self.sizes, self.positions = check_layout(sizes, positions, scale)
         self.scale = scale
         self.holdout = list(holdout) if split == "train" else []
-        self.indices = self._indices() if self.holdout else None  # dataset position -> sample index
+        self.indices = self._indices() if self.holdout else None  # item -> sample index
 
     def _spec(self, index: int) -> ShapeSpec:
         return sample_spec(self.seed, index, self.split, self.sizes, self.positions, self.scale)
 
     def _indices(self) -> list[int]:
+        """The sample indices whose captions contain no held-out string, in order (gives up below 1% kept)."""
         indices, index = [], 0
         while len(indices) < self.num_samples:
             if index >= 100 * (self.num_samples + 10):
@@ -222,15 +223,15 @@ class ShapesDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        if not 0 <= position < self.num_samples:
-            raise IndexError(f"index {position} out of range for {self.num_samples} samples")
-        spec = self._spec(self.indices[position] if self.indices is not None else position)
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        if not 0 <= item < self.num_samples:
+            raise IndexError(f"index {item} out of range for {self.num_samples} samples")
+        spec = self._spec(self.indices[item] if self.indices is not None else item)
         return {"image": render(spec, self.resolution), "caption": spec.caption, "metadata": spec.metadata()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for position in range(self.num_samples):
-            yield self[position]
+        for item in range(self.num_samples):
+            yield self[item]
 
 
 def vocabulary() -> dict[str, Any]:
