@@ -73,7 +73,7 @@ ldm-sample ckpt_path="$OUT/ldm/checkpoints/last.ckpt" prompts="$PROMPT_LIST" sam
 stage "6/6 prompt adherence (ldm-eval metrics=[shapes_color_accuracy,shapes_shape_accuracy])"
 mkdir -p "$OUT/eval"
 ldm-eval ckpt_path="$OUT/ldm/checkpoints/last.ckpt" output_dir="$OUT/eval" val_shards="$OUT/data" num_samples=128 \
-  samplers=[dpmpp_2m] num_steps=[20] guidance_scales=[5.0] metrics=[shapes_color_accuracy,shapes_shape_accuracy] \
+  'samplers=[dpmpp_2m]' 'num_steps=[20]' 'guidance_scales=[5.0]' 'metrics=[shapes_color_accuracy,shapes_shape_accuracy]' \
   | tee "$OUT/eval/summary.txt"
 
 echo
