@@ -1,17 +1,25 @@
 """Files written atomically: a reader sees the old file or the new one, never half of one.
 
-Checkpoints, latent statistics, shard summaries, results tables and cached reference statistics all go through
-`atomic_open`, so an interruption (preemption, a crash, a full disk) never leaves a torn file behind.
+Checkpoints, exports, latent statistics, shard summaries, results tables and cached reference statistics all go
+through `atomic_open`, so an interruption (preemption, a crash, a full disk) never leaves a torn file behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# An export directory (`save_pretrained` of AutoencoderKL and ByteTextEncoder): the architecture and the weights.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 def _umask() -> int:
@@ -61,3 +69,34 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write `text` to `path` atomically (see `atomic_open`)."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def save_export(directory: str | os.PathLike, config: dict[str, Any], module: torch.nn.Module) -> Path:
+    """Write `config` to config.json and `module`'s state dict to model.safetensors in `directory` (created if
+    missing), each atomically."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write_bytes(save(state), directory / WEIGHTS_NAME)
+    atomic_write_text(json.dumps(config, indent=2), directory / CONFIG_NAME)
+    return directory
+
+
+def export_dir(path: str | os.PathLike) -> Path:
+    """`path`, or its `export/` when `path` is a run directory that holds an export and is not one itself."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() and (path / "export" / CONFIG_NAME).is_file():
+        return path / "export"
+    return path
+
+
+def is_export(directory: Path) -> bool:
+    return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+
+
+def read_export(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and the state dict written by `save_export`."""
+    from safetensors.torch import load_file
+
+    return json.loads((directory / CONFIG_NAME).read_text()), load_file(str(directory / WEIGHTS_NAME))

@@ -10,7 +10,6 @@ The encoder is either trained with the UNet from scratch, or pretrained first on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError
+from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_dir, is_export, read_export, save_export
 from ldm.nn.attention import TransformerBlock
 
 PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
@@ -37,10 +37,6 @@ def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor
         data = prompt.encode("utf-8", errors="replace")[: max_length - 2]
         ids[i, : len(data) + 2] = torch.tensor([BOS, *data, EOS], dtype=torch.long)
     return ids, ids != PAD
-
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -96,15 +92,8 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             return h, masked_mean(h, mask)                                      # (B, L, D), (B, D)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json and model.safetensors into `directory` (created if missing)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / WEIGHTS_NAME))
-        return directory
+        """Write config.json and model.safetensors into `directory` (created if missing), atomically."""
+        return save_export(directory, asdict(self.config), self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, trainable: bool = False, expected: ByteEncoderConfig | None = None,
@@ -116,17 +105,14 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             expected: the architecture the config asks for; a difference raises ConfigError naming the key.
             config_key: the config key that set `path`, named in errors.
         """
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() and (path / "export" / CONFIG_NAME).is_file():
-            path = path / "export"
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        path = export_dir(path)
+        if not is_export(path):
             raise ConfigError(f"{config_key}={path}: no byte encoder there ({CONFIG_NAME} and {WEIGHTS_NAME}); point "
                               f"it at the export of a text-image pretraining run (ldm-train "
                               f"experiment=quickstart_clip writes <run>/export), or set it to null to train the "
                               f"encoder from scratch")
-        config = ByteEncoderConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        config_dict, state = read_export(path)
+        config = ByteEncoderConfig(**config_dict)
         if expected is not None:
             prefix = config_key.rpartition(".")[0]
             for key in ("width", "num_layers", "num_heads", "max_length"):
@@ -134,7 +120,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                     raise ConfigError(f"{prefix}.{key}={getattr(expected, key)} but the byte encoder in {path} has "
                                       f"{key}={getattr(config, key)}; set {prefix}.{key}={getattr(config, key)}")
         encoder = cls(**asdict(config), trainable=trainable)
-        encoder.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        encoder.load_state_dict(state)
         return encoder
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from ldm.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, export_dir, read_export, save_export
+
 LATENT_STATS_NAME = "latent_stats.json"
 
 
@@ -281,28 +281,21 @@ class AutoencoderKL(nn.Module):
             directory: created if missing.
             latent_stats: the latent statistics measured in validation (see `ldm.modules.autoencoder`).
         """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
+        directory = save_export(directory, dataclasses.asdict(self.config), self)
         if latent_stats is not None:
-            (directory / LATENT_STATS_NAME).write_text(json.dumps(latent_stats, indent=2))
+            atomic_write_text(json.dumps(latent_stats, indent=2), directory / LATENT_STATS_NAME)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> AutoencoderKL:
         """Load an autoencoder written by `save_pretrained`."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} is missing: not an export of `save_pretrained`")
-        model = cls(AutoencoderConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        config, state = read_export(directory)
+        model = cls(AutoencoderConfig(**config))
+        model.load_state_dict(state)
         return model
 
 
@@ -323,8 +316,7 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
         raise FileNotFoundError(f"{key}={path} does not exist; point it at an autoencoder export directory "
                                 f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
     if path.is_dir():
-        if not (path / CONFIG_NAME).exists() and (path / "export" / CONFIG_NAME).exists():
-            path = path / "export"
+        path = export_dir(path)
         model = AutoencoderKL.from_pretrained(path)
         stats_file = path / LATENT_STATS_NAME
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
