@@ -14,7 +14,7 @@ mode nothing is. Frozen encoders stay in eval mode and run under no_grad either 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -222,11 +222,10 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
         encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key)
     elif c.kind == "hf":
         encoder = HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key)
-    elif c.name_or_path is None:
-        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length)      # trained with the UNet
-    elif load_pretrained:
-        expected = ByteEncoderConfig(c.width, c.num_layers, c.num_heads, c.max_length)
-        encoder = ByteTextEncoder.from_pretrained(c.name_or_path, c.trainable, expected, key)
     else:
-        encoder = ByteTextEncoder(c.width, c.num_layers, c.num_heads, c.max_length, trainable=c.trainable)
+        architecture = ByteEncoderConfig(c.width, c.num_layers, c.num_heads, c.max_length)
+        if c.name_or_path is not None and load_pretrained:
+            encoder = ByteTextEncoder.from_pretrained(c.name_or_path, c.trainable, architecture, key)
+        else:  # new and trained with the UNet, or empty for a checkpoint's state dict to fill
+            encoder = ByteTextEncoder(**asdict(architecture), trainable=c.name_or_path is None or c.trainable)
     return TextConditioner(encoder, c.kind, c.cond_drop_prob, c.pooled)
