@@ -100,6 +100,11 @@ class ContrastiveModule(L.LightningModule):
         image = F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)  # (B, E)
         return image, text
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """1 / temperature, learned, capped at MAX_LOGIT_SCALE."""
+        return self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
+
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, E) -> (world * B, E), rank order; gradients flow back to this rank's rows."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -108,17 +113,15 @@ class ContrastiveModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         image, text = self.embed(batch[self.config.image_key], list(batch[self.config.caption_key]))
-        scale = self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
-                                scale)
+                                self.logit_scale)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
         size = len(batch[self.config.image_key])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
         self.log("train/accuracy", accuracy, on_step=True, on_epoch=False, batch_size=size)
-        self.log("train/temperature", 1.0 / self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE),
-                 on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/temperature", 1.0 / self.logit_scale, on_step=True, on_epoch=False, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
