@@ -80,11 +80,11 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(autoencoder_dir: Path):
     assert after < 0.7 * before, (before, after)
 
 
-def fit(module: LatentDiffusionModule, tmp_path: Path, steps: int = 3) -> L.Trainer:
+def fit(module: LatentDiffusionModule, tmp_path: Path, steps: int = 3, callbacks: list | None = None) -> L.Trainer:
     data = [batch(4) for _ in range(steps)]
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
-                        limit_val_batches=0)
+                        limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     return trainer
 
@@ -122,9 +122,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero_at_max_steps(tmp_path: Path, a
                                                                 schedule: str, after_warmup: list[float]):
     module = LatentDiffusionModule(tiny_config(autoencoder_dir, warmup_steps=2, lr_schedule=schedule))
     lrs = LearningRates()
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, callbacks=[lrs],
-                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
-    trainer.fit(module, train_dataloaders=DataLoader([batch(4)] * 6, batch_size=None))
+    fit(module, tmp_path, steps=6, callbacks=[lrs])
     assert lrs.seen == pytest.approx([2e-3 * f for f in [0.0, 0.5, *after_warmup]], abs=1e-7)
     with pytest.raises(ConfigError, match="lr_schedule"):
         LatentDiffusionModule(tiny_config(autoencoder_dir, lr_schedule="step"))
