@@ -71,13 +71,15 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         f.write(text)
 
 
-def save_export(directory: str | os.PathLike, config: dict[str, Any], module: torch.nn.Module) -> Path:
-    """Write `config` to config.json and `module`'s state dict to model.safetensors in `directory` (created if
-    missing), each atomically."""
+def save_export(directory: str | os.PathLike, config: dict[str, Any],
+                weights: torch.nn.Module | dict[str, torch.Tensor]) -> Path:
+    """Write `config` to config.json and the weights (a module's state dict, or a state dict) to model.safetensors in
+    `directory` (created if missing), each atomically; config.json last, so a torn export is never taken for one."""
     from safetensors.torch import save
 
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    state = weights if isinstance(weights, dict) else weights.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write_bytes(save(state), directory / WEIGHTS_NAME)
     atomic_write_text(json.dumps(config, indent=2), directory / CONFIG_NAME)
     return directory

@@ -67,12 +67,12 @@ ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.autoencode
   model.conditioner.name_or_path="$OUT/clip/export" "${DATA[@]}" "${COMMON[@]}"
 
 stage "5/6 samples of held-out prompts"
-ldm-sample ckpt_path="$OUT/ldm/checkpoints/last.ckpt" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \
+ldm-sample ckpt_path="$OUT/ldm/export" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \
   guidance_scale=5.0 seed=0 num_images_per_prompt=4 batch_size=16 output_dir="$OUT/samples" device=cpu
 
 stage "6/6 prompt adherence (ldm-eval metrics=[shapes_color_accuracy,shapes_shape_accuracy])"
 mkdir -p "$OUT/eval"
-ldm-eval ckpt_path="$OUT/ldm/checkpoints/last.ckpt" output_dir="$OUT/eval" val_shards="$OUT/data" num_samples=128 \
+ldm-eval ckpt_path="$OUT/ldm/export" output_dir="$OUT/eval" val_shards="$OUT/data" num_samples=128 \
   'samplers=[dpmpp_2m]' 'num_steps=[20]' 'guidance_scales=[5.0]' 'metrics=[shapes_color_accuracy,shapes_shape_accuracy]' \
   | tee "$OUT/eval/summary.txt"
 
@@ -80,7 +80,7 @@ echo
 echo "quickstart finished in $(( SECONDS - START )) s"
 echo "autoencoder:       $OUT/vae/export (reconstructions in $OUT/vae/images)"
 echo "text encoder:      $OUT/clip/export"
-echo "diffusion model:   $OUT/ldm/checkpoints/last.ckpt (validation grids in $OUT/ldm/images)"
+echo "diffusion model:   $OUT/ldm/export, EMA pipeline (checkpoint: $OUT/ldm/checkpoints/last.ckpt; grids in $OUT/ldm/images)"
 echo "samples:           $OUT/samples/grid.png (one row per prompt, 4 seeds each; images and sample.json beside it)"
 printf '  row %s\n' "${PROMPTS[@]}"
 echo "evaluation:        $OUT/eval/results.csv (protocol and metrics; chance: colour 1/8, shape 1/7)"

@@ -19,7 +19,7 @@ CAPTIONS = ["a large red circle in the center on a white background",
 
 
 def test_fid_callback_logs_small_n_fid_and_clip_score(tmp_path: Path, shapes_shards: Path):
-    module = LatentDiffusionModule.from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
     callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=2, num_samples=4, batch_size=4,
                            reference_num_samples=8, cache_dir=str(tmp_path / "cache"), feature_dim=64,
                            feature_extractor_weights_path=str(random_inception_weights(tmp_path / "inc.pt")),

@@ -81,16 +81,17 @@ def render_caption(caption: str, resolution: int) -> torch.Tensor:
 
 
 class OracleGenerator(nn.Module):
-    """A stand-in LatentDiffusionModule whose `generate` renders the caption exactly (or noise), for metric checks."""
+    """A stand-in LatentDiffusionPipeline whose `generate` renders the caption exactly (or noise), for metric
+    checks."""
 
     def __init__(self, resolution: int = 32, noise: bool = False):
         super().__init__()
         self.resolution = resolution
         self.noise = noise
-        self.ema = None
+        self.provenance = {"source": "oracle", "step": -1, "weights": "raw", "val_shards": None}
 
     @torch.no_grad()
-    def generate(self, prompts, seeds, sampler="ddim", num_steps=50, guidance_scale=1.0, use_ema=True):
+    def generate(self, prompts, seeds, sampler="ddim", num_steps=50, guidance_scale=1.0, class_labels=None):
         out = []
         for prompt, seed in zip(prompts, seeds):
             if self.noise:

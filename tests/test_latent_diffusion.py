@@ -1,4 +1,5 @@
-"""LatentDiffusionModule: frozen fp32 autoencoder, latent scale, loss falls, EMA, self-contained checkpoints, seeds."""
+"""LatentDiffusionModule and its pipeline: frozen fp32 autoencoder, latent scale, loss falls, EMA, self-contained
+checkpoints and exports, seeds."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ldm.config import ConfigError
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 from ldm.modules.optim import lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import step_generator
 
 CAPTIONS = ["a large red circle in the center on a white background",
@@ -51,8 +53,8 @@ def autoencoder_dir(tmp_path: Path) -> Path:
 
 
 def test_latent_scale_comes_from_stage_1_or_config_never_a_default(tmp_path: Path, autoencoder_dir: Path):
-    assert LatentDiffusionModule(tiny_config(autoencoder_dir)).latent_scale == pytest.approx(0.8)
-    assert LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3)).latent_scale == pytest.approx(0.3)
+    assert LatentDiffusionModule(tiny_config(autoencoder_dir)).pipeline.latent_scale == pytest.approx(0.8)
+    assert LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3)).pipeline.latent_scale == pytest.approx(0.3)
     no_stats = tiny_autoencoder(tmp_path / "ae_no_stats", stats=False)
     with pytest.raises(ConfigError, match="model.latent_scale"):
         LatentDiffusionModule(tiny_config(no_stats))
@@ -67,7 +69,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(autoencoder_dir: Path):
     fixed = batch(8)
 
     def loss() -> torch.Tensor:  # the same timesteps and noise every time
-        return module._loss(fixed, step_generator(0, 0, 0), module.unet, module.conditioner)
+        return module._loss(fixed, step_generator(0, 0, 0), module.pipeline)
 
     with torch.no_grad():
         before = loss().item()
@@ -91,17 +93,17 @@ def fit(module: LatentDiffusionModule, tmp_path: Path, steps: int = 3, callbacks
 
 def test_autoencoder_stays_frozen_and_in_eval_mode_while_training(tmp_path: Path, autoencoder_dir: Path):
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
-    ae_before = {k: v.clone() for k, v in module.autoencoder.state_dict().items()}
-    unet_before = {k: v.clone() for k, v in module.unet.state_dict().items()}
+    ae_before = {k: v.clone() for k, v in module.pipeline.autoencoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in module.pipeline.unet.state_dict().items()}
     ema_before = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
-    assert not any(p.requires_grad for p in module.autoencoder.parameters())
+    assert not any(p.requires_grad for p in module.pipeline.autoencoder.parameters())
     fit(module, tmp_path, steps=3)
-    assert all(torch.equal(v, ae_before[k]) for k, v in module.autoencoder.state_dict().items())
-    assert all(p.grad is None for p in module.autoencoder.parameters())
-    assert not module.autoencoder.training
+    assert all(torch.equal(v, ae_before[k]) for k, v in module.pipeline.autoencoder.state_dict().items())
+    assert all(p.grad is None for p in module.pipeline.autoencoder.parameters())
+    assert not module.pipeline.autoencoder.training
     module.train()
-    assert not module.autoencoder.training and module.unet.training
-    assert any(not torch.equal(v, unet_before[k]) for k, v in module.unet.state_dict().items())
+    assert not module.pipeline.autoencoder.training and module.pipeline.unet.training
+    assert any(not torch.equal(v, unet_before[k]) for k, v in module.pipeline.unet.state_dict().items())
     assert any(not torch.equal(v, ema_before[k]) for k, v in module.ema.module.state_dict().items())
     # The trainable byte encoder is optimised and averaged as well.
     assert module.ema_conditioner is not None
@@ -138,21 +140,21 @@ def test_decaying_lr_schedule_needs_a_known_last_step():
 def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z = module.encode(batch(2)["image"])
-        x = module.decode(z)
+        z = module.pipeline.encode(batch(2)["image"])
+        x = module.pipeline.decode(z)
     assert z.dtype == torch.float32 and x.dtype == torch.float32
 
 
 def restore_without(trainer: L.Trainer, module: LatentDiffusionModule, export_dir: Path,
-                    ckpt: Path) -> LatentDiffusionModule:
+                    ckpt: Path) -> LatentDiffusionPipeline:
     """Save a checkpoint, delete `export_dir`'s files, restore: the restored module must sample the same images, so
     the checkpoint alone carries what the export held."""
     trainer.save_checkpoint(ckpt)
     module.eval()
-    expected = module.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+    expected = module.eval_pipeline().generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
     for f in export_dir.iterdir():
         f.unlink()
-    restored = LatentDiffusionModule.from_checkpoint(ckpt)
+    restored = LatentDiffusionPipeline.from_pretrained(ckpt)
     got = restored.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
     assert torch.allclose(got, expected, atol=1e-5)
     return restored
@@ -163,18 +165,18 @@ def test_checkpoint_alone_restores_the_model(tmp_path: Path):
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     trainer = fit(module, tmp_path, steps=2)
     restored = restore_without(trainer, module, autoencoder_dir, tmp_path / "model.ckpt")
-    assert restored.checkpoint_step == 2 and restored.latent_scale == pytest.approx(0.8)
+    assert restored.provenance["step"] == 2 and restored.latent_scale == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_generate_depends_on_the_seed_only(autoencoder_dir: Path, sampler: str):
     module = LatentDiffusionModule(tiny_config(autoencoder_dir)).eval()
-    for p in module.unet.conv_out.parameters():  # a non-zero output layer, so the prompts matter
+    for p in module.pipeline.unet.conv_out.parameters():  # a non-zero output layer, so the prompts matter
         torch.nn.init.normal_(p, std=0.1)
-    module.ema.module.load_state_dict(module.unet.state_dict())
+    module.ema.module.load_state_dict(module.pipeline.unet.state_dict())
     prompts, seeds = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[1]], [11, 12, 13, 14]
-    together = module.generate(prompts, seeds, sampler=sampler, num_steps=4, guidance_scale=3.0)
-    alone = torch.cat([module.generate([p], [s], sampler=sampler, num_steps=4, guidance_scale=3.0)
+    together = module.eval_pipeline().generate(prompts, seeds, sampler=sampler, num_steps=4, guidance_scale=3.0)
+    alone = torch.cat([module.eval_pipeline().generate([p], [s], sampler=sampler, num_steps=4, guidance_scale=3.0)
                        for p, s in zip(prompts, seeds)])
     assert together.shape == (4, 3, 16, 16) and together.min() >= -1 and together.max() <= 1
     assert torch.allclose(together, alone, atol=1e-4)
@@ -198,9 +200,9 @@ def test_pretrained_byte_encoder_stays_frozen_and_the_checkpoint_carries_it(tmp_
     conditioner = {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 64,
                    "name_or_path": str(encoder_dir)}
     module = LatentDiffusionModule(tiny_config(autoencoder_dir, conditioner=conditioner))
-    before = {k: v.clone() for k, v in module.conditioner.state_dict().items()}
+    before = {k: v.clone() for k, v in module.pipeline.conditioner.state_dict().items()}
     assert module.ema_conditioner is None
     trainer = fit(module, tmp_path, steps=2)
-    assert all(torch.equal(v, before[k]) for k, v in module.conditioner.state_dict().items())
-    assert all(p.grad is None for p in module.conditioner.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in module.pipeline.conditioner.state_dict().items())
+    assert all(p.grad is None for p in module.pipeline.conditioner.parameters())
     restore_without(trainer, module, encoder_dir, tmp_path / "model.ckpt")

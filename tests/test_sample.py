@@ -74,6 +74,17 @@ def test_ldm_sample_cli_writes_images_grid_and_record(ldm_checkpoint: Path, tmp_
     assert record["prompts"] == PROMPTS and record["seeds"] == [7, 8, 9, 10]
 
 
+def test_ldm_sample_from_the_export_equals_the_checkpoints_ema(ldm_checkpoint: Path, tmp_path: Path):
+    """The run exported its EMA pipeline at the end of fit; ldm-sample takes it as it takes the checkpoint."""
+    export = ldm_checkpoint.parents[1] / "export"
+    base = {"prompts": PROMPTS, "sampler": "ddim", "num_steps": 2, "guidance_scale": 2.0, "device": "cpu"}
+    from_ckpt = sample({**base, "ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path / "ckpt")})
+    from_export = sample({**base, "ckpt_path": str(export), "output_dir": str(tmp_path / "export")})
+    for a, b in zip(from_ckpt, from_export):
+        assert torch.equal(torchvision.io.read_image(str(a)), torchvision.io.read_image(str(b)))
+    assert json.loads((tmp_path / "export" / "sample.json").read_text())["weights"] == "ema"
+
+
 def test_images_depend_on_their_seed_not_the_batch_size(ldm_checkpoint: Path, tmp_path: Path):
     base = {"ckpt_path": str(ldm_checkpoint), "prompts": PROMPTS, "sampler": "ddpm", "num_steps": 3,
             "guidance_scale": 3.0, "seed": 0, "num_images_per_prompt": 2, "device": "cpu"}

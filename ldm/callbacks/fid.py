@@ -1,7 +1,8 @@
 """Small-N FID (and CLIP score) during training, on the EMA weights, against cached reference statistics.
 
-Every `every_n_steps` training steps the module generates `num_samples` images from the validation captions (sample
-i: prompt i, seed `seed + i`, split across DDP ranks) and logs `val/fid_<N>` (and `val/clip_score_<N>`). The
+Every `every_n_steps` training steps the module's pipeline (`eval_pipeline`) generates `num_samples` images from the
+validation captions (and class labels, for class-conditional models; sample i: prompt i, seed `seed + i`, split
+across DDP ranks) and logs `val/fid_<N>` (and `val/clip_score_<N>`). The
 reference statistics are the ones `ldm-eval` caches (same key: shards, resolution, count, feature extractor), so
 they are computed once per data set and shared between runs and the final evaluation.
 
@@ -17,11 +18,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm.eval.evaluator import dist_info, generate_images, rank_batches
+from ldm.distributed import rank_and_world
+from ldm.eval.evaluator import rank_batches
 from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
-from ldm.eval.sources import expand_shards, load_prompts
+from ldm.eval.sources import expand_shards, load_prompts, shard_labels
 from ldm.images import to_uint8
 
 
@@ -68,12 +70,15 @@ class FIDCallback(L.Callback):
         self._inception: InceptionFeatures | None = None
         self._metrics: GenerationMetrics | None = None
         self._prompts: list[str] | None = None
+        self._labels: list[int] | None = None
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail at start, not after hours of training: weights must be loadable and the shards readable.
         self._shards = expand_shards(self.val_shards)
         self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
+        labels = shard_labels(self._shards, self.num_samples)
+        self._labels = [labels[i % len(labels)] for i in range(self.num_samples)] if labels else None
         self._inception = InceptionFeatures(self.feature_dim, self.feature_extractor_weights_path,
                                             antialias=self.fid_antialias,
                                             key="callbacks.fid.feature_extractor_weights_path")
@@ -90,14 +95,13 @@ class FIDCallback(L.Callback):
         if trainer.global_step != self._last_step and trainer.global_step > 0:
             self.evaluate(trainer, pl_module, log=False)
 
-    def _scorer(self, pl_module: L.LightningModule, resolution: int) -> GenerationMetrics:
+    def _scorer(self, pl_module: L.LightningModule, uses_prompts: bool, resolution: int) -> GenerationMetrics:
         if self._metrics is None:
             device = pl_module.device
             self._inception = self._inception.to(device)
             reference = load_or_compute_reference_stats(self._shards, resolution, self.reference_num_samples,
                                                         self._inception, self.cache_dir, self.batch_size, device)
-            kind = getattr(getattr(pl_module, "conditioner", None), "kind", "text")
-            metrics = ["fid"] + (["clip_score"] if self.clip_model and kind not in ("class", "none") else [])
+            metrics = ["fid"] + (["clip_score"] if self.clip_model and uses_prompts else [])
             self._metrics = GenerationMetrics(metrics, self._inception, reference, self.clip_model,
                                               seed=self.seed).to(device)
         return self._metrics
@@ -106,17 +110,20 @@ class FIDCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
         """Generate, score and log; every rank takes part (metric states sync across ranks)."""
         self._last_step = trainer.global_step
-        rank, world = dist_info()
+        rank, world = rank_and_world(trainer)
         was_training = pl_module.training
         pl_module.eval()
+        pipeline = pl_module.eval_pipeline(self.use_ema)
         scorer = None
         for batch in rank_batches(self.num_samples, self.batch_size, rank, world):
             prompts = [self._prompts[i] for i in batch]
-            images = generate_images(pl_module, prompts, [self.seed + i for i in batch], self.sampler,
-                                     self.num_steps, self.guidance_scale, self.use_ema)
+            labels = None if self._labels is None else [self._labels[i] for i in batch]
+            images = pipeline.generate(prompts, [self.seed + i for i in batch], sampler=self.sampler,
+                                       num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                                       class_labels=labels)
             images = to_uint8(images)                                                   # (B, 3, H, W)
             if scorer is None:  # the resolution is the model's: known from its first images
-                scorer = self._scorer(pl_module, int(images.shape[-1]))
+                scorer = self._scorer(pl_module, pipeline.conditioner.uses_prompts, int(images.shape[-1]))
             scorer.update(images, prompts)
         pl_module.train(was_training)
         if scorer is None:

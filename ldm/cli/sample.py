@@ -1,11 +1,13 @@
-"""ldm-sample: generate images from a latent diffusion checkpoint; one PNG per image, a grid and a run record.
+"""ldm-sample: generate images from a latent diffusion pipeline; one PNG per image, a grid and a run record.
 
+    ldm-sample ckpt_path=runs/ldm/export prompts='[a red circle, a blue square]' output_dir=samples
     ldm-sample ckpt_path=runs/ldm/checkpoints/last.ckpt prompts='[a red circle, a blue square]' output_dir=samples
     ldm-sample ckpt_path=C prompts_file=prompts.txt sampler=dpmpp_2m num_steps=25 guidance_scale=4 \
                num_images_per_prompt=4 seed=100 batch_size=16 device=cuda
 
 Image j of prompt i uses seed `seed + i * num_images_per_prompt + j`, so every image depends on its own seed only,
-never on the batch size or device count. The checkpoint alone is enough: it holds the frozen autoencoder too.
+never on the batch size or device count. `ckpt_path` is an exported pipeline (`<run>/export`, written at the end of
+training), a run directory, or a checkpoint: each alone is enough, the frozen autoencoder is inside.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli.common import CONF_DIR
-from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.cli.common import CONF_DIR, cli_entry, run_cli
+from ldm.config import ConfigError, asdict, check_choice, register_schemas, to_dataclass
 from ldm.diffusion.sampling import SAMPLERS
+from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8
+from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 class SampleConfig:
     """What `ldm-sample` runs (conf/sample.yaml documents every key)."""
 
-    ckpt_path: str = ""                        # required: a LatentDiffusionModule checkpoint
+    ckpt_path: str = ""                        # required: a pipeline export (<run>/export), run dir or .ckpt
     prompts: list[str] = field(default_factory=list)  # prompts; or prompts_file
     prompts_file: str | None = None            # one prompt per line (blank lines skipped)
     class_labels: list[int] | None = None      # class-conditional models: one label per prompt
@@ -47,7 +51,7 @@ class SampleConfig:
     batch_size: int = 8                        # images per forward pass; results do not depend on it
     output_dir: str = ""                       # required: PNGs, grid.png and sample.json go here
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
-    use_ema: bool = True                       # the EMA weights (false: the raw training weights)
+    use_ema: bool = True                       # a .ckpt's EMA weights (false: the raw ones); exports hold EMA
     image_size: int | None = None              # pixels; null: the resolution the model was trained at
 
     def __post_init__(self) -> None:
@@ -63,8 +67,16 @@ class SampleConfig:
         for key in ("num_steps", "num_images_per_prompt", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if not self.device == "auto" and not self.device.startswith(("cpu", "cuda")):
-            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale={self.guidance_scale} must be >= 0 (1.0: the conditional model alone, "
+                              f"larger: stronger guidance)")
+        if self.eta < 0:
+            raise ConfigError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size={self.image_size} must be >= 1 (or null: the training resolution)")
+
+
+register_schemas("sample")  # conf/sample.yaml extends SampleConfig: stored before Hydra composes
 
 
 def read_prompts(config: SampleConfig) -> list[str]:
@@ -79,35 +91,23 @@ def read_prompts(config: SampleConfig) -> list[str]:
     return prompts
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device} but CUDA is not available; use device=cpu or device=auto")
-    return torch.device(device)
-
-
 def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     """Generate every image of `cfg`; return the paths of the per-image PNGs (grid.png and sample.json beside them)."""
-    from ldm.modules.latent_diffusion import LatentDiffusionModule
-
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     config = to_dataclass(SampleConfig, cfg)
-    ckpt = Path(config.ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist; point it at a latent diffusion checkpoint, e.g. "
-                                f"runs/<run>/checkpoints/last.ckpt")
     prompts = read_prompts(config)
     if config.class_labels is not None and len(config.class_labels) != len(prompts):
         raise ConfigError(f"class_labels has {len(config.class_labels)} entries for {len(prompts)} prompts")
-    device = pick_device(config.device)
+    device = choose_device(config.device)
+    pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema).to(device)
+    if config.image_size is not None:
+        pipeline.check_image_size(config.image_size)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    module = LatentDiffusionModule.from_checkpoint(ckpt, map_location="cpu").to(device).eval()
     k = config.num_images_per_prompt
     jobs = [(i, j, config.seed + i * k + j) for i in range(len(prompts)) for j in range(k)]  # (prompt, copy, seed)
     log.info("%d prompts x %d images, sampler %s, %d steps, guidance %.2f, seeds %d..%d, device %s",
@@ -120,10 +120,10 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
         batch = jobs[b: b + config.batch_size]
         labels = None if config.class_labels is None else [config.class_labels[i] for i, _, _ in batch]
         with torch.no_grad():
-            x = module.generate([prompts[i] for i, _, _ in batch], [s for _, _, s in batch], sampler=config.sampler,
-                                num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-                                use_ema=config.use_ema, class_labels=labels, eta=config.eta,
-                                image_size=config.image_size)                   # (B, 3, H, W) in [-1, 1]
+            x = pipeline.generate([prompts[i] for i, _, _ in batch], [s for _, _, s in batch], sampler=config.sampler,
+                                  num_steps=config.num_steps, guidance_scale=config.guidance_scale,
+                                  class_labels=labels, eta=config.eta,
+                                  image_size=config.image_size)                 # (B, 3, H, W) in [-1, 1]
         for (i, _, seed), image in zip(batch, x.cpu()):
             path = out / f"prompt{i:03d}_seed{seed:06d}.png"
             torchvision.io.write_png(to_uint8(image), str(path))
@@ -134,15 +134,16 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     torchvision.io.write_png(make_grid(torch.stack(images), nrow=k), str(out / "grid.png"))  # rows = prompts
     record = {"config": asdict(config), "prompts": prompts, "seeds": [s for _, _, s in jobs],
               "files": [p.name for p in paths], "seconds": round(seconds, 2), "device": str(device),
-              "checkpoint_step": module.checkpoint_step}
+              "checkpoint_step": pipeline.provenance["step"], "weights": pipeline.provenance["weights"]}
     (out / "sample.json").write_text(json.dumps(record, indent=2))
     log.info("wrote %d images, %s and %s in %.1f s", len(paths), out / "grid.png", out / "sample.json", seconds)
     return paths
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    run_cli("ldm-sample", lambda: sample(cfg))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from ldm.conditioning.conditioner import (
     ClassConditioner,
     Conditioner,
     ConditionerConfig,
+    EncodedText,
     NullConditioner,
     TextConditioner,
     build_conditioner,
@@ -16,6 +17,6 @@ from ldm.conditioning.text import CLIPTextEncoder, HFTextEncoder, load_pretraine
 
 __all__ = [
     "ByteTextEncoder", "CLIPTextEncoder", "ClassConditioner", "ClassEmbedder", "Conditioner", "ConditionerConfig",
-    "HFTextEncoder", "NullConditioner", "TextConditioner", "build_conditioner", "drop_labels", "drop_mask",
-    "drop_prompts", "load_pretrained",
+    "EncodedText", "HFTextEncoder", "NullConditioner", "TextConditioner", "build_conditioner", "drop_labels",
+    "drop_mask", "drop_prompts", "load_pretrained",
 ]

@@ -63,9 +63,9 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                  dropout: float = 0.0, trainable: bool = True):
         super().__init__()
         if width % num_heads:
-            raise ValueError(f"byte encoder width={width} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"byte encoder width={width} is not divisible by num_heads={num_heads}")
         if max_length < 2:
-            raise ValueError(f"max_length={max_length} must leave room for BOS and EOS (>= 2)")
+            raise ConfigError(f"max_length={max_length} must leave room for BOS and EOS (>= 2)")
         self.config = ByteEncoderConfig(width, num_layers, num_heads, max_length, dropout)
         self.trainable = trainable
         self.context_dim = self.pooled_dim = width

@@ -2,20 +2,27 @@
 
     conditioner = build_conditioner(cfg.model.conditioner)            # ConditionerConfig, dict or DictConfig
     conditioner.check_unet(unet.config)                               # context_dim / num_classes / pooled_dim agree
-    cond = conditioner(batch["prompt"], generator=step_generator(...))  # {"context": (B, L, D), "class_labels": None,
-    #                                                                      "pooled": (B, D) or None}
+    conds = conditioner.batch_conditions(batch)                      # captions, labels, encoded text or None
+    cond = conditioner(conds, generator=step_generator(...))         # {"context": (B, L, D), "class_labels": None,
+    #                                                                   "pooled": (B, D) or None}
     pred = unet(x_t, t, **cond)
+    conds = conditioner.sampling_conditions(prompts, class_labels, B)  # what generating B images takes
     uncond = conditioner.unconditional(B, device)                    # the empty prompt / null class, for guidance
 
-In training mode a fraction `cond_drop_prob` of the conditions is dropped (see `ldm.conditioning.dropout`); in eval
-mode nothing is. Frozen encoders stay in eval mode and run under no_grad either way.
+Each conditioner answers for itself which part of a batch it reads and what it needs to generate; nothing outside
+this package switches on `kind`. In training mode a fraction `cond_drop_prob` of the conditions is dropped (see
+`ldm.conditioning.dropout`); in eval mode nothing is. Frozen encoders stay in eval mode and run under no_grad either
+way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +36,14 @@ from ldm.config import ConfigError, check_choice, to_dataclass
 
 KINDS = ["clip", "hf", "byte", "class", "none"]
 UNetKwargs = dict[str, torch.Tensor | None]
+TEXT_ENCODER_DIR = "text_encoder"  # where a pipeline export keeps a transformers text encoder and its tokenizer
+
+
+class EncodedText(NamedTuple):
+    """Prompts already run through the frozen text encoder (precomputed latent shards carry them)."""
+
+    context: torch.Tensor               # (B, L, D)
+    pooled: torch.Tensor | None         # (B, D') or None
 
 
 @dataclass
@@ -97,6 +112,29 @@ class Conditioner(nn.Module):
     def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
         raise NotImplementedError
 
+    def batch_conditions(self, batch: Mapping[str, Any], caption_key: str = "caption", label_key: str = "label") -> Any:
+        """The raw conditions of a training batch, in the form `forward` takes."""
+        raise NotImplementedError
+
+    def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
+                            batch_size: int) -> Any:
+        """The raw conditions for generating `batch_size` images from prompts or class labels (whichever this
+        conditioner reads); raises ValueError naming what is missing."""
+        raise NotImplementedError
+
+    @property
+    def uses_prompts(self) -> bool:
+        """Whether generation reads prompts (text-conditioned), so prompt metrics such as CLIP score apply."""
+        return False
+
+    def external_weights(self) -> tuple[str, ...]:
+        """State-dict prefixes that an export stores outside model.safetensors (see `save_external`)."""
+        return ()
+
+    def save_external(self, directory: Path) -> dict[str, Any]:
+        """Write what an export keeps beside model.safetensors; returns the config changes that point at it."""
+        return {}
+
     def check_unet(self, unet_config: Any, prefix: str = "model") -> None:
         """Raise ConfigError unless the UNet's context_dim, num_classes and pooled_dim match this conditioner."""
         for key, mine in (("context_dim", self.context_dim), ("num_classes", self.num_classes),
@@ -126,13 +164,66 @@ class TextConditioner(Conditioner):
         self.pooled_dim = encoder.pooled_dim if pooled else None
         self.trainable = encoder.trainable
 
-    def forward(self, prompts: Sequence[str], generator: torch.Generator | None = None) -> UNetKwargs:
-        """Prompts (B strings) to {"context": (B, L, D), "class_labels": None, "pooled": (B, D') or None}."""
+    def forward(self, prompts: Sequence[str] | EncodedText, generator: torch.Generator | None = None) -> UNetKwargs:
+        """Prompts (B strings), or their precomputed encoding, to {"context": (B, L, D), "class_labels": None,
+        "pooled": (B, D') or None}. A dropped precomputed prompt takes the empty prompt's encoding."""
         if isinstance(prompts, str):
             raise TypeError("pass a sequence of prompts, not a single string")
+        if isinstance(prompts, EncodedText):
+            return self._encoded(prompts, generator)
         if self.training:
             prompts = drop_prompts(prompts, drop_mask(len(prompts), self.cond_drop_prob, generator))
         return self._encode(prompts)
+
+    def _encoded(self, text: EncodedText, generator: torch.Generator | None) -> UNetKwargs:
+        context, pooled = text.context, text.pooled                             # (B, L, D), (B, D') or None
+        if self.training:
+            keep = ~drop_mask(len(context), self.cond_drop_prob, generator).to(context.device)  # (B,)
+            if not keep.all():
+                empty = self._encode([""])
+                context = torch.where(keep[:, None, None], context, empty["context"].to(context.dtype))
+                if pooled is not None and empty["pooled"] is not None:
+                    pooled = torch.where(keep[:, None], pooled, empty["pooled"].to(pooled.dtype))
+        return {"context": context, "class_labels": None, "pooled": pooled if self.pooled_dim is not None else None}
+
+    def batch_conditions(self, batch: Mapping[str, Any], caption_key: str = "caption", label_key: str = "label",
+                         ) -> list[str] | EncodedText:
+        """The batch's captions, or their precomputed encoding (`text_context`, `text_pooled`) when it has one."""
+        if "text_context" in batch:
+            if self.trainable:
+                raise ConfigError("the batch carries precomputed text encodings (latent shards written with a text "
+                                  "encoder) but model.conditioner.trainable=true fine-tunes the encoder: encode the "
+                                  "shards without the text encoder, or set model.conditioner.trainable=false")
+            return EncodedText(batch["text_context"], batch.get("text_pooled"))
+        return list(batch[caption_key])
+
+    def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
+                            batch_size: int) -> list[str]:
+        if prompts is None or len(prompts) != batch_size:
+            raise ValueError(f"{0 if prompts is None else len(prompts)} prompts for {batch_size} seeds; a text-"
+                             f"conditioned model needs one prompt per seed")
+        return list(prompts)
+
+    @property
+    def uses_prompts(self) -> bool:
+        return True
+
+    def external_weights(self) -> tuple[str, ...]:
+        return ("encoder.transformer.",) if hasattr(self.encoder, "tokenizer") else ()
+
+    def save_external(self, directory: Path) -> dict[str, Any]:
+        """A transformers encoder (CLIP, T5, ...) is saved with its tokenizer into `directory/text_encoder`, where
+        `name_or_path` then points (written beside, then moved into place)."""
+        if not self.external_weights():
+            return {}
+        target = Path(directory) / TEXT_ENCODER_DIR
+        staging = Path(directory) / f".{TEXT_ENCODER_DIR}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.encoder.transformer.save_pretrained(staging)
+        self.encoder.tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        return {"name_or_path": TEXT_ENCODER_DIR}
 
     def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
         """The empty prompt's conditioning, repeated (the encoder's own device is used)."""
@@ -185,6 +276,20 @@ class ClassConditioner(Conditioner):
             device = self.embedder.embedding.weight.device
         return self._route(torch.full((batch_size,), self.null_class, dtype=torch.long, device=device))
 
+    def batch_conditions(self, batch: Mapping[str, Any], caption_key: str = "caption", label_key: str = "label",
+                         ) -> torch.Tensor:
+        if label_key not in batch:
+            raise ValueError(f"a class-conditional model reads labels from the batch key {label_key!r} (every "
+                             f"sample's metadata needs an integer 'label'); the batch has {sorted(batch)}")
+        return batch[label_key]
+
+    def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
+                            batch_size: int) -> torch.Tensor:
+        if class_labels is None or len(class_labels) != batch_size:
+            raise ValueError(f"a class-conditional model needs {batch_size} class labels, one per seed; got "
+                             f"{class_labels}")
+        return torch.as_tensor(list(class_labels), dtype=torch.long)
+
     def _route(self, labels: torch.Tensor) -> UNetKwargs:
         if self.embedder is not None:
             return {"context": self.embedder(labels), "class_labels": None, "pooled": None}  # (B, 1, D)
@@ -199,6 +304,13 @@ class NullConditioner(Conditioner):
 
     def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
         return {"context": None, "class_labels": None, "pooled": None}
+
+    def batch_conditions(self, batch: Mapping[str, Any], caption_key: str = "caption", label_key: str = "label"):
+        return None
+
+    def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
+                            batch_size: int) -> None:
+        return None
 
 
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,

@@ -39,15 +39,19 @@ def concat_cond(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditionings of types {type(a).__name__} and {type(b).__name__}")
 
 
-def guided_denoiser(model_fn: ModelFn, cond: Any, uncond: Any, scale: float) -> GuidedFn:
+def guided_denoiser(model_fn: ModelFn, cond: Any, uncond: Any | Callable[[], Any], scale: float) -> GuidedFn:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond), cond and uncond in one batch.
 
-    At scale 1 the result is the conditional output itself and the unconditional pass is skipped. Guidance is
+    At scale 1 the result is the conditional output itself and the unconditional pass is skipped; `uncond` may be a
+    function building the unconditional conditioning, called only when guidance needs it (this is the one place
+    that decides whether guidance is on). Guidance is
     applied to the raw network output; eps, v and x0 are affine in it at fixed (x_t, t), so the result is the same
     as guiding any of them.
     """
     if scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
+    if callable(uncond):
+        uncond = uncond()
     if uncond is None:
         raise ValueError(f"guidance_scale={scale} needs an unconditional conditioning, got uncond=None")
 

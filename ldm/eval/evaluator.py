@@ -1,9 +1,9 @@
-"""The checkpoint evaluator behind `ldm-eval`: every number it writes carries its protocol.
+"""The checkpoint evaluator behind `ldm-eval`: the run loop. Every number it writes carries its protocol.
 
-For each checkpoint x sampler x steps x guidance scale it generates `num_samples` images from a prompt set, scores
-them (FID / KID against cached reference statistics, CLIP score, `shapes` adherence) and appends one row to
-`<output_dir>/results.jsonl` and `results.csv`. A stage-1 (autoencoder) checkpoint is scored on reconstructions of a
-shard set instead: rFID, PSNR, SSIM, LPIPS.
+For each checkpoint (or exported pipeline) x sampler x steps x guidance scale it generates `num_samples` images from a
+prompt set, scores them (FID / KID against cached reference statistics, CLIP score, `shapes` adherence) and appends
+one row to `<output_dir>/results.jsonl` and `results.csv`. An autoencoder is scored on reconstructions of a shard set
+instead: rFID, PSNR, SSIM, LPIPS. `ldm.eval.loading` reads the models, `ldm.eval.results` writes and shows the rows.
 
 Under torch.distributed the samples are split across ranks (rank r takes global indices r, r + W, ...); sample i is
 generated from seed `seed + i` and prompt i, so an image never depends on the split, and torchmetrics syncs the metric
@@ -13,23 +13,21 @@ states, so the numbers equal a single-process run's up to float summation order.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 import ldm
 from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.distributed import choose_device, rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures, clip_identity, clip_loader, resolve_inception_weights
+from ldm.eval.loading import load_model, resolve_checkpoints
 from ldm.eval.metrics import (
     GENERATION_METRICS,
     INCEPTION_METRICS,
@@ -38,14 +36,9 @@ from ldm.eval.metrics import (
     ReconstructionMetrics,
 )
 from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
-from ldm.eval.results import append_results
-from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts
+from ldm.eval.results import WandbTable, append_results, print_row
+from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts, shard_labels
 from ldm.images import to_uint8
-
-CHECKPOINT_KINDS = {
-    "autoencoder": "ldm.modules.autoencoder.AutoencoderModule",
-    "latent_diffusion": "ldm.modules.latent_diffusion.LatentDiffusionModule",
-}
 
 
 @dataclass
@@ -61,7 +54,7 @@ class WandbConfig:
 class EvalConfig:
     """What `ldm-eval` does; conf/eval.yaml documents every key."""
 
-    ckpt_path: Any = None                       # a checkpoint, a glob, or a list of either
+    ckpt_path: Any = None                       # a checkpoint, an export (or run) directory, a glob, or a list
     output_dir: str | None = None               # results.jsonl / results.csv are appended here
     num_samples: int = 1000                     # images per (checkpoint, sampler, steps, guidance)
     batch_size: int = 32                        # images generated / scored per forward, per process
@@ -69,12 +62,13 @@ class EvalConfig:
     num_steps: list[int] = field(default_factory=lambda: [50])
     guidance_scales: list[float] = field(default_factory=lambda: [3.0])
     seed: int = 0                               # sample i draws its noise from seed + i
-    use_ema: bool = True                        # EMA weights (what a trained model is) or the raw weights
+    use_ema: bool = True                        # a .ckpt's EMA weights (what a trained model is) or the raw ones
     metrics: list[str] = field(default_factory=lambda: ["fid", "clip_score"])  # for latent diffusion checkpoints
     reconstruction_metrics: list[str] = field(default_factory=lambda: ["rfid", "psnr", "ssim", "lpips"])  # stage 1
     prompts_source: str = "val_shards"          # val_shards (their captions) | file (prompts_file, one a line)
     prompts_file: str | None = None
-    val_shards: Any = None                      # shard set: prompts, reference statistics, autoencoder inputs
+    val_shards: Any = None                      # shard set: prompts, reference statistics, autoencoder inputs;
+    #                                             null: the validation shards each model was trained with
     reference_shards: Any = None                # reference statistics from these instead of val_shards
     reference_num_samples: int | None = None    # real images in the reference statistics; null: all of the shards
     resolution: int | None = None               # autoencoder inputs; null: the autoencoder's training resolution
@@ -105,94 +99,19 @@ class EvalConfig:
         if not (self.samplers and self.num_steps and self.guidance_scales):
             raise ConfigError(f"samplers={self.samplers}, num_steps={self.num_steps} and "
                               f"guidance_scales={self.guidance_scales} must each hold at least one value")
+        from ldm.diffusion.sampling import SAMPLERS  # note: checked here, before any model is loaded
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
-    """Checkpoint paths from a path, a glob or a list of either, in the order given (globs sorted)."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    paths: list[str] = []
-    for item in specs:
-        item = str(Path(str(item)).expanduser())
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        missing = [p for p in found if not Path(p).is_file()]
-        if not found or missing:
-            raise FileNotFoundError(f"ckpt_path={item}: {'no such file ' + str(missing) if missing else 'no match'}")
-        paths.extend(str(Path(p).absolute()) for p in found)
-    return paths
-
-
-def checkpoint_kind(checkpoint: dict[str, Any]) -> str:
-    """`autoencoder` or `latent_diffusion`, from what each module writes into its checkpoints.
-
-    An explicit `module_class` (or `_target_` in the saved config) wins; otherwise the AutoencoderModule's own
-    checkpoint entry `autoencoder_config` with no denoiser weights marks stage 1.
-    """
-    hparams = checkpoint.get("hyper_parameters") or {}
-    named = checkpoint.get("module_class") or (hparams.get("config") or {}).get("_target_") or hparams.get("_target_")
-    if named:
-        for kind, cls in CHECKPOINT_KINDS.items():
-            if str(named).rsplit(".", 1)[-1] == cls.rsplit(".", 1)[-1]:
-                return kind
-    prefixes = {key.split(".", 1)[0] for key in checkpoint.get("state_dict", {})}
-    if prefixes & {"unet", "denoiser", "model", "net"}:
-        return "latent_diffusion"
-    if "autoencoder" in prefixes or "autoencoder_config" in checkpoint:
-        return "autoencoder"
-    raise ValueError(f"cannot tell what this checkpoint holds (state dict prefixes {sorted(prefixes)[:8]}); "
-                     f"expected an AutoencoderModule or LatentDiffusionModule checkpoint")
-
-
-def load_module(path: str, use_ema: bool = True) -> tuple[str, Any, dict[str, Any]]:
-    """(kind, model in eval mode on CPU, checkpoint info for the protocol row).
-
-    A latent diffusion checkpoint gives its LightningModule (`generate` needs it all). An autoencoder checkpoint gives
-    just the AutoencoderKL (EMA weights when kept and asked for): evaluation needs neither the loss nor its LPIPS
-    backbone, nor the discriminator, which the training module would build.
-    """
-    import hydra.utils
-
-    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    kind = checkpoint_kind(meta)
-    stat = Path(path).stat()
-    info = {"checkpoint": path, "checkpoint_kind": kind, "checkpoint_step": int(meta.get("global_step", -1)),
-            "checkpoint_size": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)}
-    if kind == "autoencoder":
-        from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
-
-        net_config = meta.get("autoencoder_config") or meta["hyper_parameters"]["config"]["net"]
-        model = AutoencoderKL(AutoencoderConfig(**net_config))
-        state = meta["state_dict"]
-        prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "autoencoder."
-        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        info["weights"] = "ema" if prefix.startswith("ema") else "raw"
-        return kind, model.eval().requires_grad_(False), info
-    cls = hydra.utils.get_class(CHECKPOINT_KINDS[kind])
-    module = cls.load_from_checkpoint(path, map_location="cpu")
-    info["weights"] = "ema" if use_ema and getattr(module, "ema", None) is not None else "raw"
-    return kind, module.eval().requires_grad_(False), info
+        for name in self.samplers:
+            check_choice("samplers[]", name, SAMPLERS)
+        if any(steps < 1 for steps in self.num_steps):
+            raise ConfigError(f"num_steps={self.num_steps}: every value must be >= 1")
+        if any(scale < 0 for scale in self.guidance_scales):
+            raise ConfigError(f"guidance_scales={self.guidance_scales}: every value must be >= 0 (1.0: the "
+                              f"conditional model alone)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Processes.
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def rank_batches(num_samples: int, batch_size: int, rank: int, world: int) -> Iterator[list[int]]:
@@ -200,24 +119,6 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world: int) -> It
     indices = list(range(rank, num_samples, world))
     for start in range(0, len(indices), batch_size):
         yield indices[start:start + batch_size]
-
-
-def generate_images(module: Any, prompts: list[str], seeds: list[int], sampler: str, num_steps: int,
-                    guidance_scale: float, use_ema: bool) -> torch.Tensor:
-    """`module.generate` for a batch, in [-1, 1]; a class-conditional model gets the shape class its prompt names."""
-    kwargs: dict[str, Any] = {}
-    if getattr(getattr(module, "conditioner", None), "kind", None) == "class":
-        from ldm.data.shapes import SHAPES
-        from ldm.eval.shapes_adherence import parse_caption
-
-        shapes = [parse_caption(p)[1] for p in prompts]
-        if None in shapes:
-            raise ValueError(f"a class-conditional model needs prompts naming a shape of {list(SHAPES)}; got "
-                             f"{prompts[shapes.index(None)]!r}")
-        kwargs["class_labels"] = [SHAPES.index(s) for s in shapes]
-    with torch.no_grad():
-        return module.generate(prompts, seeds, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                               use_ema=use_ema, **kwargs)
 
 
 def _sha256_lines(lines: Sequence[str]) -> str:
@@ -237,8 +138,8 @@ class Evaluator:
             cfg.val_shards = expand_shards(cfg.val_shards)
         if cfg.reference_shards is not None:
             cfg.reference_shards = expand_shards(cfg.reference_shards)
-        self.rank, self.world = dist_info()
-        self.device = resolve_device(cfg.device)
+        self.rank, self.world = rank_and_world()
+        self.device = choose_device(cfg.device)
         self._inception: InceptionFeatures | None = None
         self._references: dict[tuple[Any, int], ReferenceStats] = {}
 
@@ -266,27 +167,48 @@ class Evaluator:
 
     # ---- latent diffusion -------------------------------------------------------------------------------------------
 
-    def evaluate_generation(self, module: Any, info: dict[str, Any], logger: Any = None) -> list[dict[str, Any]]:
+    def evaluate_generation(self, pipeline: Any, info: dict[str, Any], logger: WandbTable | None = None,
+                            ) -> list[dict[str, Any]]:
+        """One row per sampler x steps x guidance scale for a `LatentDiffusionPipeline` (anything with its
+        `generate`); without val_shards, the prompts come from the validation shards the model was trained with."""
         cfg = self.cfg
-        prompts = load_prompts(cfg.prompts_source, cfg.num_samples, cfg.val_shards, cfg.prompts_file)
-        module.to(self.device)
+        shards = self.shards_for(pipeline)
+        prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
+        labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
+        labels = [labels[i % len(labels)] for i in range(cfg.num_samples)] if labels else None
+        pipeline.to(self.device)
         rows = []
         for sampler in cfg.samplers:
             for num_steps in cfg.num_steps:
                 for guidance_scale in cfg.guidance_scales:
                     sweep = {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale)}
-                    metrics, resolution, shown = self._generate_and_score(module, prompts, sweep)
+                    metrics, resolution, shown = self._generate_and_score(pipeline, prompts, labels, shards, sweep)
                     row = {**info, **sweep, "num_samples": cfg.num_samples,
                            "resolution": resolution, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
-                           "prompts": cfg.prompts_file if cfg.prompts_source == "file" else cfg.val_shards,
+                           "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
                            "prompts_sha256": _sha256_lines(prompts), **metrics.pop("_protocol"), **metrics}
                     rows.append(row)
                     if logger is not None:
                         logger.log_samples(row, shown, prompts)
         return rows
 
-    def _generate_and_score(self, module: Any, prompts: list[str], sweep: dict[str, Any],
+    def shards_for(self, model: Any) -> list[str] | None:
+        """`val_shards`, or else the validation shards `model` was trained with (recorded in its checkpoint or
+        export), said once; None when neither is known."""
+        if self.cfg.val_shards is not None:
+            return self.cfg.val_shards
+        recorded = getattr(model, "provenance", {}).get("val_shards")
+        if not recorded:
+            return None
+        shards = expand_shards(recorded)
+        if self.rank == 0:
+            print(f"[ldm-eval] val_shards not set: using the validation shards {model.provenance['source']} was "
+                  f"trained with: {recorded}", flush=True)
+        return shards
+
+    def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
+                            shards: list[str] | None, sweep: dict[str, Any],
                             ) -> tuple[dict[str, Any], int, torch.Tensor | None]:
         cfg = self.cfg
         scorer: GenerationMetrics | None = None
@@ -295,12 +217,14 @@ class Evaluator:
         protocol: dict[str, Any] = {}
         for batch in rank_batches(cfg.num_samples, cfg.batch_size, self.rank, self.world):
             batch_prompts = [prompts[i] for i in batch]
-            images = generate_images(module, batch_prompts, [cfg.seed + i for i in batch], use_ema=cfg.use_ema,
-                                     **sweep)
+            with torch.no_grad():
+                images = pipeline.generate(batch_prompts, [cfg.seed + i for i in batch],
+                                           class_labels=None if labels is None else [labels[i] for i in batch],
+                                           **sweep)
             images = to_uint8(images).to(self.device)                                 # (B, 3, H, W)
             if scorer is None:  # the resolution is the model's: known from its first images
                 resolution = int(images.shape[-1])
-                scorer, protocol = self._generation_metrics(resolution)
+                scorer, protocol = self._generation_metrics(resolution, shards)
             scorer.update(images, batch_prompts)
             if sum(len(s) for s in shown) < cfg.wandb.num_images:
                 shown.append(images.cpu())
@@ -309,25 +233,23 @@ class Evaluator:
         metrics = scorer.compute()
         return {**metrics, "_protocol": protocol}, resolution, torch.cat(shown) if shown else None
 
-    def _generation_metrics(self, resolution: int) -> tuple[GenerationMetrics, dict[str, Any]]:
+    def _generation_metrics(self, resolution: int, shards: list[str] | None,
+                            ) -> tuple[GenerationMetrics, dict[str, Any]]:
         cfg = self.cfg
         protocol: dict[str, Any] = {}
         inception = reference = None
         if any(m in INCEPTION_METRICS for m in cfg.metrics):
             inception = self.inception
-            reference = self.reference(cfg.reference_shards or cfg.val_shards, resolution, cfg.reference_num_samples)
+            reference = self.reference(cfg.reference_shards or shards, resolution, cfg.reference_num_samples)
             protocol.update({"feature_extractor": inception.identity, **reference.protocol()})
         if "kid" in cfg.metrics:
             protocol["kid_subsets"] = cfg.kid_subsets
         if "clip_score" in cfg.metrics:
             protocol["clip_model"] = clip_identity(cfg.clip_model or "")
         if "shapes_color_accuracy" in cfg.metrics or "shapes_shape_accuracy" in cfg.metrics:
-            from ldm.data.shapes import COLORS, SHAPES
+            from ldm.eval.shapes_adherence import adherence_protocol
 
-            protocol["shapes_analyser"] = "ldm.eval.shapes_adherence (border-median background, nearest COLORS entry)"
-            protocol["shapes_color_chance"] = 1 / len(COLORS)
-            if "shapes_shape_accuracy" in cfg.metrics:
-                protocol["shapes_shape_chance"] = 1 / len(SHAPES)
+            protocol.update(adherence_protocol(read_shapes="shapes_shape_accuracy" in cfg.metrics))
         scorer = GenerationMetrics(cfg.metrics, inception, reference, cfg.clip_model, cfg.kid_subsets,
                                    cfg.kid_subset_size, seed=cfg.seed).to(self.device)
         return scorer, protocol
@@ -369,34 +291,34 @@ class Evaluator:
                  **self.protocol(), "data_shards": shards, **protocol, **metrics}]
 
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # Entry point.
 
 
 def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
-    """Evaluate every checkpoint of `cfg.ckpt_path` and return the rows appended to `<output_dir>/results.jsonl`.
-
-    Every rank returns the same rows; rank 0 alone writes files, prints and logs.
-    """
+    """Evaluate every checkpoint or export of `cfg.ckpt_path` (each read once) and return the rows appended to
+    `<output_dir>/results.jsonl`. Every rank returns the same rows; rank 0 alone writes files, prints and logs."""
     config = to_dataclass(EvalConfig, cfg)
     paths = resolve_checkpoints(config.ckpt_path)
-    _check_weights(config, {_read_kind(p) for p in paths})
     evaluator = Evaluator(config)
-    logger = _WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
+    logger = WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
     rows: list[dict[str, Any]] = []
+    checked: set[str] = set()
     try:
         for path in paths:
-            kind, module, info = load_module(path, config.use_ema)
-            if kind == "autoencoder":
-                new = evaluator.evaluate_reconstruction(module, info)
+            loaded = load_model(path, config.use_ema)
+            if loaded.kind not in checked:  # before any image is generated, once per kind of model
+                _check_weights(config, loaded.kind)
+                checked.add(loaded.kind)
+            if loaded.kind == "autoencoder":
+                new = evaluator.evaluate_reconstruction(loaded.model, loaded.info)
             else:
-                new = evaluator.evaluate_generation(module, info, logger)
-            del module
+                new = evaluator.evaluate_generation(loaded.model, loaded.info, logger)
+            del loaded
             if evaluator.rank == 0:
                 append_results(config.output_dir, new)
                 for row in new:
-                    _print_row(row)
+                    print_row(row)
             rows.extend(new)
     finally:
         if logger is not None:
@@ -404,14 +326,9 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_kind(path: str) -> str:
-    return checkpoint_kind(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
-
-
-def _check_weights(cfg: EvalConfig, kinds: set[str]) -> None:
-    """Fail before any model is built when the weights a metric needs cannot be had (offline, wrong path)."""
-    metrics = (cfg.metrics if "latent_diffusion" in kinds else []) + \
-        (cfg.reconstruction_metrics if "autoencoder" in kinds else [])
+def _check_weights(cfg: EvalConfig, kind: str) -> None:
+    """Fail before any image is made when the weights a metric needs cannot be had (offline, wrong path)."""
+    metrics = cfg.metrics if kind == "latent_diffusion" else cfg.reconstruction_metrics
     if any(m in INCEPTION_METRICS for m in metrics):
         resolve_inception_weights(cfg.feature_extractor_weights_path)
     if "lpips" in metrics and cfg.lpips_pretrained_backbone:
@@ -425,46 +342,3 @@ def _check_weights(cfg: EvalConfig, kinds: set[str]) -> None:
         if not cfg.clip_model:
             raise ConfigError("metrics=[clip_score] needs clip_model (a hub name or a local CLIP directory)")
         clip_loader(cfg.clip_model)
-
-
-def _print_row(row: dict[str, Any]) -> None:
-    metric_names = [*GENERATION_METRICS, "kid_std", *RECONSTRUCTION_METRICS]
-    where = ", ".join(f"{k}={row[k]}" for k in ("checkpoint", "weights", "sampler", "num_steps", "guidance_scale",
-                                                 "num_samples", "resolution", "seed") if k in row)
-    print(f"[ldm-eval] {where}", flush=True)
-    for name in metric_names:
-        if name in row:
-            print(f"{name}: {row[name]:.6g}", flush=True)
-
-
-class _WandbTable:
-    """A W&B run holding a table of sample images per results row, and the results table itself."""
-
-    def __init__(self, cfg: EvalConfig):
-        import wandb
-
-        self.wandb = wandb
-        self.run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, dir=cfg.output_dir,
-                              mode="offline" if cfg.wandb.offline else "online", config=dataclasses.asdict(cfg),
-                              job_type="eval")
-        self.num_images = cfg.wandb.num_images
-
-    def log_samples(self, row: dict[str, Any], images: torch.Tensor | None, prompts: list[str]) -> None:
-        if images is None:
-            return
-        table = self.wandb.Table(columns=["sample", "seed", "prompt", "image"])
-        # rank 0 holds global samples 0, W, 2W, ...: its k-th image is sample k * world_size.
-        for k, image in enumerate(images[: self.num_images]):
-            index = k * row["world_size"]
-            table.add_data(index, row["seed"] + index, prompts[index],
-                           self.wandb.Image(image.permute(1, 2, 0).numpy(), caption=prompts[index]))
-        tag = f"{Path(row['checkpoint']).stem}/{row['sampler']}_{row['num_steps']}_cfg{row['guidance_scale']:g}"
-        self.run.log({f"samples/{tag}": table})
-
-    def finish(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            columns = sorted({k for row in rows for k in row})
-            data = [[json.dumps(row.get(c)) if isinstance(row.get(c), (list, dict)) else row.get(c) for c in columns]
-                    for row in rows]
-            self.run.log({"results": self.wandb.Table(columns=columns, data=data)})
-        self.run.finish()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
+from ldm.checkpoints import load_checkpoint
 from ldm.eval.feature_extractors import InceptionFeatures
 from ldm.eval.sources import expand_shards, iter_image_batches, shard_fingerprint
 from ldm.io import atomic_open
@@ -106,7 +107,7 @@ def load_or_compute_reference_stats(shards: str | list[str], resolution: int, nu
         dist.barrier()
     if not path.is_file():
         _compute_and_save(shard_list, resolution, num_samples, extractor, batch_size, device, key, path)
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_checkpoint(path, "reference statistics cache")  # key: dict of plain values, tensors
     if payload["key"] != key:
         raise RuntimeError(f"reference statistics {path} were computed for another key; delete the file")
     rank_zero_info(f"reference statistics: {digest} ({payload['num_samples']} images) from {path}")

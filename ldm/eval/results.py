@@ -1,4 +1,5 @@
-"""Results files: every row holds the metrics and the protocol that produced them.
+"""Reporting: results files in which every row holds the metrics and the protocol that produced them, the printed
+rows, and the W&B table of samples.
 
 `results.jsonl` is the record (one JSON object a line, appended); `results.csv` is rewritten from it after every
 append, with the union of all rows' columns, so rows of different sweeps (generation, reconstruction) sit in one table.
@@ -8,13 +9,17 @@ Nested values (lists, dicts) go into the CSV as JSON strings.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldm.io import atomic_open
+
+if TYPE_CHECKING:
+    import torch
 
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
@@ -53,3 +58,49 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+
+
+def print_row(row: dict[str, Any]) -> None:
+    """A row's sweep settings on one line, then `name: value` for each metric."""
+    from ldm.eval.metrics import GENERATION_METRICS, RECONSTRUCTION_METRICS
+
+    metric_names = [*GENERATION_METRICS, "kid_std", *RECONSTRUCTION_METRICS]
+    where = ", ".join(f"{k}={row[k]}" for k in ("checkpoint", "weights", "sampler", "num_steps", "guidance_scale",
+                                                 "num_samples", "resolution", "seed") if k in row)
+    print(f"[ldm-eval] {where}", flush=True)
+    for name in metric_names:
+        if name in row:
+            print(f"{name}: {row[name]:.6g}", flush=True)
+
+
+class WandbTable:
+    """A W&B run holding a table of sample images per results row, and the results table itself."""
+
+    def __init__(self, cfg: Any):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, dir=cfg.output_dir,
+                              mode="offline" if cfg.wandb.offline else "online", config=dataclasses.asdict(cfg),
+                              job_type="eval")
+        self.num_images = cfg.wandb.num_images
+
+    def log_samples(self, row: dict[str, Any], images: torch.Tensor | None, prompts: list[str]) -> None:
+        if images is None:
+            return
+        table = self.wandb.Table(columns=["sample", "seed", "prompt", "image"])
+        # rank 0 holds global samples 0, W, 2W, ...: its k-th image is sample k * world_size.
+        for k, image in enumerate(images[: self.num_images]):
+            index = k * row["world_size"]
+            table.add_data(index, row["seed"] + index, prompts[index],
+                           self.wandb.Image(image.permute(1, 2, 0).numpy(), caption=prompts[index]))
+        tag = f"{Path(row['checkpoint']).stem}/{row['sampler']}_{row['num_steps']}_cfg{row['guidance_scale']:g}"
+        self.run.log({f"samples/{tag}": table})
+
+    def finish(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            columns = sorted({k for row in rows for k in row})
+            data = [[json.dumps(row.get(c)) if isinstance(row.get(c), (list, dict)) else row.get(c) for c in columns]
+                    for row in rows]
+            self.run.log({"results": self.wandb.Table(columns=columns, data=data)})
+        self.run.finish()

@@ -138,3 +138,13 @@ class ShapesAdherence(Metric):
         total = max(int(self.total), 1)
         return {"shapes_color_accuracy": int(self.color_correct) / total,
                 "shapes_shape_accuracy": int(self.shape_correct) / total}
+
+
+def adherence_protocol(read_shapes: bool) -> dict[str, object]:
+    """The protocol fields of a results row scored by `ShapesAdherence`: the analyser and the chance levels."""
+    protocol: dict[str, object] = {
+        "shapes_analyser": "ldm.eval.shapes_adherence (border-median background, nearest COLORS entry)",
+        "shapes_color_chance": 1 / len(COLORS)}
+    if read_shapes:
+        protocol["shapes_shape_chance"] = 1 / len(SHAPES)
+    return protocol

@@ -138,6 +138,21 @@ def shard_captions(shards: Sequence[str], limit: int | None = None) -> list[str]
     return captions
 
 
+def shard_labels(shards: Sequence[str], limit: int | None = None) -> list[int] | None:
+    """Class labels (the integer `label` of each sample's JSON metadata, as `ldm-data` writes for `shapes`) of the
+    first `limit` samples, or None unless every one of them has one."""
+    labels: list[int] = []
+    for members in iter_shard_members(shards):
+        if limit is not None and len(labels) >= limit:
+            break
+        meta = json.loads(members["json"]) if "json" in members else None
+        label = meta.get("label") if isinstance(meta, dict) else None
+        if not isinstance(label, int):
+            return None
+        labels.append(label)
+    return labels or None
+
+
 def load_prompts(source: str, num_samples: int, shards: Sequence[str] | None = None,
                  prompts_file: str | None = None) -> list[str]:
     """`num_samples` prompts, cycling through the set when it is smaller: captions of `shards` or lines of a file."""

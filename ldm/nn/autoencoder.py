@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.config import ConfigError
 from ldm.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, export_dir, read_export, save_export
 
 LATENT_STATS_NAME = "latent_stats.json"
@@ -41,16 +42,16 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         if len(self.ch_mult) < 1:
-            raise ValueError(f"ch_mult={self.ch_mult} needs at least one level")
+            raise ConfigError(f"ch_mult={self.ch_mult} needs at least one level")
         if self.resolution % self.downsample_factor != 0:
-            raise ValueError(f"resolution={self.resolution} is not divisible by the downsampling factor "
-                             f"f={self.downsample_factor} set by ch_mult={self.ch_mult}")
+            raise ConfigError(f"resolution={self.resolution} is not divisible by the downsampling factor "
+                              f"f={self.downsample_factor} set by ch_mult={self.ch_mult}")
         for width in [self.ch * m for m in self.ch_mult]:
             if width % self.norm_groups != 0:
-                raise ValueError(f"channel count {width} (ch={self.ch} x ch_mult {self.ch_mult}) is not divisible "
-                                 f"by norm_groups={self.norm_groups}")
+                raise ConfigError(f"channel count {width} (ch={self.ch} x ch_mult {self.ch_mult}) is not divisible "
+                                  f"by norm_groups={self.norm_groups}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+            raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
 
     @property
     def downsample_factor(self) -> int:
@@ -322,12 +323,13 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
         return model, stats
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from ldm.checkpoints import CheckpointError, load_checkpoint, submodule_state
+
+    checkpoint = load_checkpoint(path, key)  # never executes code the file carries
     if "autoencoder_config" not in checkpoint:
-        raise ValueError(f"{key}={path} is not a checkpoint of ldm.modules.autoencoder.AutoencoderModule "
-                         f"(no 'autoencoder_config' entry)")
+        raise CheckpointError(f"{key}={path} is not a checkpoint of ldm.modules.autoencoder.AutoencoderModule "
+                              f"(no 'autoencoder_config' entry)")
     model = AutoencoderKL(AutoencoderConfig(**checkpoint["autoencoder_config"]))
-    state = checkpoint["state_dict"]
-    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "autoencoder."
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    state, _ = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module.")
+    model.load_state_dict(state)
     return model, checkpoint.get("latent_stats")

@@ -1,0 +1,86 @@
+"""Reading checkpoints given by path: never executing code, always naming the file in an error.
+
+Every `.ckpt` the package opens (a training checkpoint to sample, evaluate or export from, stage 1's checkpoint as the
+frozen autoencoder, cached statistics) goes through `load_checkpoint`: `torch.load(weights_only=True)`, which
+unpickles only tensors and plain containers. A file whose pickle asks for anything else (a class to build, a function
+to call) is refused before it runs, so a malicious or foreign file can do nothing. Lightning's checkpoints are plain
+dicts of tensors, numbers and strings, which this reads as they are.
+
+`submodule_state` takes one network's weights out of a LightningModule's state dict, the EMA copy when asked for and
+kept: the one place that knows the EMA's key prefix (`ema.module.`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.config import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A file given by path is missing, unreadable, unsafe or not the kind of checkpoint expected."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A file given by path does not exist (also a FileNotFoundError, for callers that catch that)."""
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str | torch.device = "cpu",
+                    ) -> dict[str, Any]:
+    """The checkpoint dict stored at `path`, unpickled without executing code.
+
+    Args:
+        path: a `.ckpt` / `.pt` file written by torch.save.
+        key: the config key that named the file, for the error message.
+        map_location: where tensors go.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, truncated, not a dict, or its pickle needs code to load.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingCheckpointError(f"{key}={path} does not exist (or is not a file)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "global" in str(err).lower():
+            raise CheckpointError(f"{key}={path}: refused to load: the file's pickle needs code outside plain "
+                                  f"tensors and containers to load ({_first_line(err)}); only checkpoints written "
+                                  f"by this package (or plain state dicts) are read") from None
+        raise CheckpointError(f"{key}={path} is not a readable checkpoint ({_first_line(err)}); was it truncated or "
+                              f"overwritten?") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as err:
+        raise CheckpointError(f"{key}={path} is not a readable checkpoint ({type(err).__name__}: "
+                              f"{_first_line(err)}); was it truncated, or is it another kind of file?") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{key}={path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str, ema_prefix: str | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], bool]:
+    """The weights under `prefix` (e.g. "unet."), or under `ema_prefix` when given and present.
+
+    Returns:
+        (state dict without the prefix, whether the EMA weights were taken).
+    """
+    for candidate, is_ema in ((ema_prefix, True), (prefix, False)):
+        if candidate and any(k.startswith(candidate) for k in state_dict):
+            return {k[len(candidate):]: v for k, v in state_dict.items() if k.startswith(candidate)}, is_ema
+    raise KeyError(f"no weights under {prefix!r} in the state dict (prefixes: "
+                   f"{sorted({k.split('.', 1)[0] for k in state_dict})[:8]})")
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip format (mmap-able) rather than the legacy one."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -1,0 +1,38 @@
+"""Which process this is and which device it runs on: the one rank / world-size lookup and the one device chooser.
+
+    rank, world = rank_and_world(trainer)         # the trainer's, else torch.distributed's, else RANK / WORLD_SIZE
+    device = choose_device("auto", key="device")  # cuda:<LOCAL_RANK> when CUDA is there, else cpu
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ldm.config import ConfigError
+
+
+def rank_and_world(trainer: Any = None) -> tuple[int, int]:
+    """(global rank, world size), read in the main process: a Lightning trainer's when given, else the initialised
+    torch.distributed group's, else the RANK / WORLD_SIZE a launcher exported, else (0, 1)."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def choose_device(name: str, key: str = "device") -> torch.device:
+    """`auto` (cuda:<LOCAL_RANK> when CUDA is available, else cpu), `cpu`, `cuda` or `cuda:N`; a CUDA device
+    without CUDA is a ConfigError naming `key`."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if not name.startswith(("cpu", "cuda")):
+        raise ConfigError(f"{key}={name!r}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but CUDA is not available; use {key}=cpu or {key}=auto")
+    return torch.device(name)

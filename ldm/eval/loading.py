@@ -1,0 +1,104 @@
+"""What `ldm-eval` evaluates: checkpoints and exports found by path, glob or list, each read once.
+
+    paths = resolve_checkpoints("runs/ldm/checkpoints/*.ckpt")       # or an export dir, a run dir, a list
+    model = load_model(paths[0], use_ema=True)                       # EvalModel(kind, model, info)
+
+A latent diffusion checkpoint or export gives a `LatentDiffusionPipeline`; an autoencoder checkpoint or export gives
+its `AutoencoderKL` alone (evaluation needs neither the loss and its LPIPS backbone nor the discriminator). Files are
+read without executing code (`ldm.checkpoints.load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkpoint, submodule_state
+from ldm.io import CONFIG_NAME, export_dir
+
+KINDS = ("autoencoder", "latent_diffusion")
+
+
+@dataclass
+class EvalModel:
+    kind: str                   # autoencoder | latent_diffusion
+    model: nn.Module            # AutoencoderKL or LatentDiffusionPipeline, in eval mode on the CPU
+    info: dict[str, Any]        # checkpoint, checkpoint_kind, checkpoint_step, weights, size and time: protocol fields
+
+
+def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
+    """Checkpoint files and export (or run) directories from a path, a glob or a list of either, in the order given
+    (globs sorted)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[str] = []
+    for item in specs:
+        item = str(Path(str(item)).expanduser())
+        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        missing = [p for p in found if not Path(p).exists()]
+        if not found or missing:
+            problem = f"no such file or directory {missing}" if missing else "no match"
+            raise MissingCheckpointError(f"ckpt_path={item}: {problem}")
+        paths.extend(str(Path(p).absolute()) for p in found)
+    return paths
+
+
+def load_model(path: str, use_ema: bool = True) -> EvalModel:
+    """The model at `path` (read once) with its protocol fields; EMA weights when kept and `use_ema`."""
+    from ldm.pipeline import PIPELINE_FORMAT, LatentDiffusionPipeline
+
+    source = Path(path)
+    stat = source.stat()
+    info: dict[str, Any] = {"checkpoint": path, "checkpoint_size": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)}
+    if source.is_dir():
+        directory = export_dir(source)
+        if not (directory / CONFIG_NAME).is_file():
+            raise CheckpointError(f"ckpt_path={path} is a directory without an export ({CONFIG_NAME}); give an export "
+                                  f"directory, a run directory holding export/, or a checkpoint file")
+        if json.loads((directory / CONFIG_NAME).read_text()).get("format") == PIPELINE_FORMAT:
+            pipeline = LatentDiffusionPipeline.from_pretrained(directory)
+            return _pipeline_model(pipeline, info)
+        from ldm.nn.autoencoder import AutoencoderKL
+
+        autoencoder = AutoencoderKL.from_pretrained(directory).eval().requires_grad_(False)
+        return EvalModel("autoencoder", autoencoder, {**info, "checkpoint_kind": "autoencoder", "checkpoint_step": -1,
+                                                      "weights": "export"})
+
+    checkpoint = load_checkpoint(path)
+    kind = checkpoint_kind(checkpoint, path)
+    if kind == "latent_diffusion":
+        return _pipeline_model(LatentDiffusionPipeline.from_checkpoint(checkpoint, path, use_ema), info)
+    from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    net_config = checkpoint.get("autoencoder_config") or checkpoint["hyper_parameters"]["config"]["net"]
+    autoencoder = AutoencoderKL(AutoencoderConfig(**net_config))
+    state, ema = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module." if use_ema else None)
+    autoencoder.load_state_dict(state)
+    info.update({"checkpoint_kind": kind, "checkpoint_step": int(checkpoint.get("global_step", -1)),
+                 "weights": "ema" if ema else "raw"})
+    return EvalModel(kind, autoencoder.eval().requires_grad_(False), info)
+
+
+def checkpoint_kind(checkpoint: dict[str, Any], path: str = "checkpoint") -> str:
+    """`latent_diffusion` (a UNet config among the hyperparameters) or `autoencoder` (the AutoencoderModule's own
+    `autoencoder_config` entry)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if isinstance(hparams.get("config"), dict) and "unet" in hparams["config"]:
+        return "latent_diffusion"
+    if "autoencoder_config" in checkpoint:
+        return "autoencoder"
+    prefixes = sorted({key.split(".", 1)[0] for key in checkpoint.get("state_dict", {})})[:8]
+    raise CheckpointError(f"ckpt_path={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
+                          f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
+
+
+def _pipeline_model(pipeline: Any, info: dict[str, Any]) -> EvalModel:
+    provenance = pipeline.provenance
+    return EvalModel("latent_diffusion", pipeline, {**info, "checkpoint_kind": "latent_diffusion",
+                                                    "checkpoint_step": provenance["step"],
+                                                    "weights": provenance["weights"]})

@@ -1,0 +1,293 @@
+"""The latent diffusion pipeline: what a user loads to generate, and what training optimises. No Lightning here.
+
+    pipeline = LatentDiffusionPipeline.from_pretrained("runs/ldm/export")     # or a .ckpt, or a run directory
+    images = pipeline.generate(["a red circle"], seeds=[0], sampler="dpmpp_2m", num_steps=20, guidance_scale=5.0)
+    pipeline.save_pretrained("my_model")                                    # config.json + model.safetensors
+
+One object holds the frozen autoencoder and its latent scale, the denoising UNet, the conditioner, the noise schedule
+and the prediction type, and owns both directions of the model, as k-diffusion's `VDenoiser` owns `loss()` and
+`forward()`: `loss` (images, or the posterior moments of precomputed latents, in; the training objective out) and
+`generate` (conditions and seeds in; images out). `ldm.modules.latent_diffusion.LatentDiffusionModule` trains it
+(optimizer, EMA, logging, checkpoints); `ldm-sample`, `ldm-eval`, the FID callback and the notebook load it directly.
+
+An export directory holds `config.json` (every architecture, the diffusion settings, the latent scale and where it came
+from, and what training recorded: step, validation shards) and `model.safetensors`; a pretrained transformers text
+encoder is written beside them with its tokenizer (`text_encoder/`). Nothing in it is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkpoint, submodule_state
+from ldm.conditioning import Conditioner, ConditionerConfig, build_conditioner
+from ldm.config import ConfigError, to_dataclass
+from ldm.diffusion import Denoiser, NoiseSchedule, guided_denoiser, run_sampler
+from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
+from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_dir, read_export, save_export
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from ldm.nn.unet import UNet, UNetConfig
+from ldm.seeding import StackedRandomGenerator
+
+PIPELINE_FORMAT = "ldm.pipeline"     # config.json's "format": tells a pipeline export from an autoencoder export
+
+
+class LatentDiffusionPipeline(nn.Module):
+    """Frozen autoencoder + latent scale, UNet, conditioner and noise schedule.
+
+    Args:
+        autoencoder: the frozen stage-1 model; kept in eval mode and fp32.
+        latent_scale: z * latent_scale is what diffusion sees.
+        unet: the denoiser.
+        conditioner: prompts or labels -> the UNet's keyword arguments.
+        conditioner_config: the conditioner's config (saved with the pipeline, to rebuild it).
+        diffusion: schedule, prediction type and loss settings.
+        image_size: generation size in pixels; None: the autoencoder's training resolution.
+        sample_posterior: train on posterior samples (LDM) or the posterior mode.
+        prefix: where these settings sit in the training config, for error messages.
+    """
+
+    def __init__(self, autoencoder: AutoencoderKL, latent_scale: float, unet: UNet, conditioner: Conditioner,
+                 conditioner_config: ConditionerConfig, diffusion: DiffusionConfig, image_size: int | None = None,
+                 sample_posterior: bool = True, prefix: str = "model"):
+        super().__init__()
+        conditioner.check_unet(unet.config, prefix)
+        if unet.config.in_channels != autoencoder.config.embed_dim:
+            raise ConfigError(f"{prefix}.unet.in_channels={unet.config.in_channels} does not match the autoencoder's "
+                              f"latent channels embed_dim={autoencoder.config.embed_dim}")
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.latent_scale = float(latent_scale)
+        self.unet = unet
+        self.conditioner = conditioner
+        self.conditioner_config = conditioner_config
+        self.diffusion = diffusion
+        self.schedule = NoiseSchedule(diffusion.schedule)
+        self.sample_posterior = sample_posterior
+        self.image_size = self.check_image_size(image_size or autoencoder.config.resolution, f"{prefix}.image_size")
+        self.provenance: dict[str, Any] = {}   # where the weights came from: source, step, weights, val_shards
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], load_pretrained: bool = False,
+                    base_dir: Path | None = None) -> LatentDiffusionPipeline:
+        """A pipeline with the architecture `config` (what `config()` returns) and untrained weights, for a state dict
+        to fill. `base_dir` resolves a relative `conditioner.name_or_path` (an export's `text_encoder/`)."""
+        conditioner_config = to_dataclass(ConditionerConfig, config["conditioner"], "conditioner")
+        if base_dir is not None and conditioner_config.name_or_path and \
+                (base_dir / conditioner_config.name_or_path).is_dir():
+            conditioner_config = dataclasses.replace(conditioner_config,
+                                                     name_or_path=str(base_dir / conditioner_config.name_or_path))
+        return cls(autoencoder=AutoencoderKL(to_dataclass(AutoencoderConfig, config["autoencoder"], "autoencoder")),
+                   latent_scale=config["latent_scale"],
+                   unet=UNet(to_dataclass(UNetConfig, config["unet"], "unet")),
+                   conditioner=build_conditioner(conditioner_config, "conditioner", load_pretrained=load_pretrained),
+                   conditioner_config=conditioner_config,
+                   diffusion=to_dataclass(DiffusionConfig, config["diffusion"], "diffusion"),
+                   image_size=config.get("image_size"), sample_posterior=config.get("sample_posterior", True),
+                   prefix="")
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the pipeline's architecture (JSON-serialisable)."""
+        return {"format": PIPELINE_FORMAT, "autoencoder": dataclasses.asdict(self.autoencoder.config),
+                "unet": dataclasses.asdict(self.unet.config),
+                "conditioner": dataclasses.asdict(self.conditioner_config),
+                "diffusion": dataclasses.asdict(self.diffusion), "latent_scale": self.latent_scale,
+                "image_size": self.image_size, "sample_posterior": self.sample_posterior}
+
+    def replace(self, unet: UNet | None = None, conditioner: Conditioner | None = None) -> LatentDiffusionPipeline:
+        """The same pipeline with other UNet / conditioner weights (the EMA copies), sharing everything else."""
+        pipeline = type(self)(self.autoencoder, self.latent_scale, unet or self.unet, conditioner or self.conditioner,
+                              self.conditioner_config, self.diffusion, self.image_size, self.sample_posterior)
+        pipeline.provenance = dict(self.provenance)
+        return pipeline
+
+    def train(self, mode: bool = True) -> LatentDiffusionPipeline:
+        super().train(mode)
+        self.autoencoder.eval()  # note: frozen means no dropout either
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def check_image_size(self, size: int, key: str = "image_size") -> int:
+        """`size` if the autoencoder and UNet downsampling both divide it, else a ConfigError naming `key`."""
+        factor = self.autoencoder.downsample_factor * self.unet.downsampling_factor
+        if size < factor or size % factor:
+            raise ConfigError(f"{key.lstrip('.')}={size} must be a positive multiple of {factor} (autoencoder factor "
+                              f"{self.autoencoder.downsample_factor} x UNet factor {self.unet.downsampling_factor})")
+        return size
+
+    # ------------------------------------------------------------------ latents (frozen autoencoder, fp32)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H / f, W / f), fp32."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.latents(self.autoencoder.encode(images.float()), generator)
+
+    def latents(self, posterior: DiagonalGaussianDistribution, generator: torch.Generator | None = None,
+                ) -> torch.Tensor:
+        """Scaled latents from a posterior: a sample drawn with `generator` (LDM) or its mode."""
+        z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        return z * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W), fp32, clamped to [-1, 1]."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.autoencoder.decode(z.float() / self.latent_scale).clamp(-1, 1)
+
+    # ------------------------------------------------------------------ training objective
+
+    def loss(self, inputs: torch.Tensor | DiagonalGaussianDistribution, conditions: Any,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mean diffusion loss of a batch.
+
+        Args:
+            inputs: images (B, 3, H, W) in [-1, 1], encoded here, or the posterior of precomputed latents
+                (`DiagonalGaussianDistribution(moments)`); with the same generator both give the same loss.
+            conditions: what the conditioner takes (`conditioner.batch_conditions(batch)`).
+            generator: the posterior sample, condition dropout, timesteps and noise are drawn from it, in that order.
+        """
+        if isinstance(inputs, DiagonalGaussianDistribution):
+            with torch.no_grad(), torch.autocast(inputs.mean.device.type, enabled=False):
+                z0 = self.latents(inputs, generator)                                # (B, C, h, w)
+        else:
+            z0 = self.encode(inputs, generator)                                     # (B, C, h, w)
+        cond = self.conditioner(conditions, generator=generator)                    # dropout in train mode
+        return diffusion_loss(lambda x_t, t: self.unet(x_t, t, **cond), z0, self.schedule, self.diffusion,
+                              generator).mean()
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str] | None, seeds: Sequence[int], sampler: str = "ddim",
+                 num_steps: int = 50, guidance_scale: float = 5.0, class_labels: Sequence[int] | None = None,
+                 eta: float = 0.0, image_size: int | None = None) -> torch.Tensor:
+        """Generate one image per seed: (B, 3, H, W) in [-1, 1].
+
+        Args:
+            prompts: B prompts for text-conditioned models (others ignore them).
+            seeds: B seeds; image b's noise comes from its own generator, so it never depends on the batch.
+            sampler: ddpm | ddim | dpmpp_2m.
+            num_steps: sampler steps, spaced by the schedule's timestep_spacing.
+            guidance_scale: classifier-free guidance; 1 runs the conditional model alone.
+            class_labels: B labels for class-conditional models.
+            eta: DDIM's noise scale.
+            image_size: output side in pixels; None: `self.image_size`.
+        """
+        B = len(seeds)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1: no guidance)")
+        size = self.check_image_size(image_size or self.image_size)
+        conditioner = self.conditioner
+        was_training = conditioner.training
+        conditioner.eval()  # no condition dropout while sampling
+        cond = conditioner(conditioner.sampling_conditions(prompts, class_labels, B))
+        conditioner.train(was_training)
+
+        device = self.device
+        rng = StackedRandomGenerator(seeds, device)
+        f = self.autoencoder.downsample_factor
+        x = rng.randn((B, self.unet.config.in_channels, size // f, size // f))      # (B, C, h, w)
+        model = guided_denoiser(lambda x_t, t, c: self.unet(x_t, t, **c), cond,
+                                lambda: conditioner.unconditional(B, device), guidance_scale)
+        denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
+        z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
+        return self.decode(z)                                                       # (B, 3, H, W)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, directory: str | Path, training: dict[str, Any] | None = None) -> Path:
+        """Write config.json and model.safetensors (and `text_encoder/` for a transformers encoder), atomically.
+
+        Args:
+            directory: created if missing.
+            training: what training records beside the config (step, validation shards), read back as provenance.
+        """
+        directory = Path(directory)
+        config = self.config()
+        config["conditioner"].update(self.conditioner.save_external(directory))
+        config["training"] = training or {k: v for k, v in self.provenance.items() if k in ("step", "val_shards")}
+        return save_export(directory, config, {k: v for k, v in self.state_dict().items()
+                                               if not k.startswith(self._external_weights())})
+
+    def _external_weights(self) -> tuple[str, ...]:
+        """Pipeline state-dict prefixes an export keeps outside model.safetensors (a transformers text encoder)."""
+        return tuple(f"conditioner.{prefix}" for prefix in self.conditioner.external_weights())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, use_ema: bool = True, key: str = "ckpt_path",
+                        ) -> LatentDiffusionPipeline:
+        """A pipeline in eval mode on the CPU from an export directory, a run directory holding `export/`, or a
+        LatentDiffusionModule checkpoint (`.ckpt`; the EMA weights when kept and `use_ema`).
+
+        Args:
+            path: where the pipeline is.
+            use_ema: for a checkpoint, its EMA weights rather than the raw ones (an export holds EMA weights already).
+            key: the config key that named `path`, for errors.
+        """
+        path = Path(path).expanduser()
+        if path.is_dir():
+            pipeline = cls._from_export(export_dir(path), key)
+        elif path.is_file():
+            pipeline = cls.from_checkpoint(load_checkpoint(path, key), str(path), use_ema, key)
+        else:
+            raise MissingCheckpointError(f"{key}={path} does not exist; point it at a latent diffusion export directory "
+                                  f"(<run>/export), a run directory or a checkpoint (<run>/checkpoints/last.ckpt)")
+        return pipeline.eval().requires_grad_(False)
+
+    @classmethod
+    def _from_export(cls, directory: Path, key: str) -> LatentDiffusionPipeline:
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{key}={directory} holds no pipeline export ({CONFIG_NAME} and {WEIGHTS_NAME}); "
+                                  f"give an export directory (<run>/export) or a checkpoint")
+        config, state = read_export(directory)
+        if config.get("format") != PIPELINE_FORMAT:
+            raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export (its {CONFIG_NAME} "
+                                  f"has format={config.get('format')!r}; an autoencoder export goes to "
+                                  f"model.autoencoder_path instead)")
+        pipeline = cls.from_config(config, base_dir=directory)
+        missing, unexpected = pipeline.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(pipeline._external_weights())]
+        if missing or unexpected:
+            raise CheckpointError(f"{key}={directory}: weights do not match config.json (missing {missing[:4]}, "
+                                  f"unexpected {unexpected[:4]})")
+        training = config.get("training") or {}
+        pipeline.provenance = {"source": str(directory), "step": training.get("step", -1), "weights": "ema",
+                               "val_shards": training.get("val_shards")}
+        return pipeline
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], path: str, use_ema: bool = True, key: str = "ckpt_path",
+                        ) -> LatentDiffusionPipeline:
+        """A pipeline from a LatentDiffusionModule checkpoint already read (`ldm.checkpoints.load_checkpoint`)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        model, frozen = hparams.get("config"), hparams.get("frozen")
+        if not isinstance(model, dict) or not isinstance(frozen, dict) or "unet" not in model:
+            raise CheckpointError(f"{key}={path} is not a latent diffusion checkpoint (no UNet config in its "
+                                  f"hyper_parameters); an autoencoder checkpoint goes to model.autoencoder_path")
+        pipeline = cls.from_config({"autoencoder": frozen["autoencoder_config"], "latent_scale": frozen["latent_scale"],
+                                    **{k: model[k] for k in ("unet", "conditioner", "diffusion")},
+                                    "image_size": model.get("image_size"),
+                                    "sample_posterior": model.get("sample_posterior", True)})
+        state = checkpoint["state_dict"]
+        autoencoder, _ = submodule_state(state, "pipeline.autoencoder.")
+        unet, ema = submodule_state(state, "pipeline.unet.", "ema.module." if use_ema else None)
+        conditioner, _ = submodule_state(state, "pipeline.conditioner.",
+                                         "ema_conditioner.module." if use_ema else None)
+        pipeline.autoencoder.load_state_dict(autoencoder)
+        pipeline.unet.load_state_dict(unet)
+        pipeline.conditioner.load_state_dict(conditioner)
+        run_config = (checkpoint.get("ldm") or {}).get("config") or {}
+        pipeline.provenance = {"source": path, "step": int(checkpoint.get("global_step", -1)),
+                               "weights": "ema" if ema else "raw",
+                               "val_shards": (run_config.get("data") or {}).get("val_shards")}
+        return pipeline
+

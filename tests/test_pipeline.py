@@ -1,0 +1,124 @@
+"""LatentDiffusionPipeline without Lightning: exports at the end of fit, loading from an export or a checkpoint, the
+loss on images and on precomputed posterior moments, and loading that never executes code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_latent_diffusion import CAPTIONS, batch, fit, tiny_autoencoder, tiny_config
+
+from ldm.checkpoints import CheckpointError
+from ldm.eval.evaluator import evaluate
+from ldm.modules.latent_diffusion import LatentDiffusionModule
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.seeding import step_generator
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[LatentDiffusionModule, Path, Path]:
+    """A tiny module after 2 steps: (module, its checkpoint, its export written at the end of fit)."""
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(tiny_config(tiny_autoencoder(tmp_path / "ae")))
+    trainer = fit(module, tmp_path, steps=2)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return module, ckpt, tmp_path / "export"
+
+
+def test_export_and_checkpoint_give_the_same_images(trained):
+    module, ckpt, export = trained
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    expected = module.eval().eval_pipeline().generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3,
+                                                      guidance_scale=2.0)
+    from_export = LatentDiffusionPipeline.from_pretrained(export)
+    from_ckpt = LatentDiffusionPipeline.from_pretrained(ckpt)
+    assert from_export.provenance["step"] == from_ckpt.provenance["step"] == 2
+    assert from_ckpt.provenance["weights"] == "ema" and not from_export.training
+    for pipeline in (from_export, from_ckpt):
+        got = pipeline.generate(CAPTIONS, [5, 6], sampler="ddim", num_steps=3, guidance_scale=2.0)
+        assert torch.equal(got, expected)
+    raw = LatentDiffusionPipeline.from_pretrained(ckpt, use_ema=False)
+    assert raw.provenance["weights"] == "raw"
+    assert any(not torch.equal(a, b) for a, b in zip(raw.unet.state_dict().values(),
+                                                     from_ckpt.unet.state_dict().values()))
+
+
+def test_save_pretrained_round_trip_is_exact(trained, tmp_path: Path):
+    _, ckpt, _ = trained
+    pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
+    again = LatentDiffusionPipeline.from_pretrained(pipeline.save_pretrained(tmp_path / "again"))
+    assert again.config() == pipeline.config()
+    for (k, a), (k2, b) in zip(pipeline.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_loss_on_posterior_moments_equals_loss_on_images(tmp_path: Path):
+    """Training on precomputed latents draws the posterior sample from the stored moments with the step's generator:
+    with the same generator, the loss is the same bit for bit."""
+    module = LatentDiffusionModule(tiny_config(tiny_autoencoder(tmp_path / "ae")))
+    pipeline = module.pipeline
+    images = batch(4)
+    with torch.no_grad():
+        moments = pipeline.autoencoder.quant_conv(pipeline.autoencoder.encoder(images["image"]))  # (B, 8, 8, 8)
+    latents = {"moments": moments, "caption": images["caption"]}
+    module.train()
+    on_images = module._loss(images, step_generator(0, 0, 3), pipeline)
+    on_latents = module._loss(latents, step_generator(0, 0, 3), pipeline)
+    assert torch.equal(on_images, on_latents)
+    other = module._loss(latents, step_generator(0, 0, 4), pipeline)
+    assert not torch.equal(on_images, other)
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match=f"ckpt_path={evil}.*refused"):
+        LatentDiffusionPipeline.from_pretrained(evil)
+    assert not marker.exists()
+    # A corrupt file and a file of another kind are named too.
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match=f"ckpt_path={broken} is not a readable checkpoint"):
+        LatentDiffusionPipeline.from_pretrained(broken)
+    plain = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"a.weight": torch.zeros(1)}}, plain)
+    with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint"):
+        LatentDiffusionPipeline.from_pretrained(plain)
+
+
+def test_generate_validates_its_inputs(trained):
+    _, ckpt, _ = trained
+    pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="guidance_scale=-1"):
+        pipeline.generate(CAPTIONS, [0, 1], guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="1 prompts for 2 seeds"):
+        pipeline.generate(CAPTIONS[:1], [0, 1])
+    with pytest.raises(ValueError, match="image_size=10 must be a positive multiple of 4"):
+        pipeline.generate(CAPTIONS, [0, 1], image_size=10)
+
+
+def test_ldm_eval_runs_on_an_export_with_the_training_val_shards(trained, tmp_path: Path, shapes_shards: Path):
+    """An export records its validation shards; ldm-eval without val_shards takes its prompts from them."""
+    _, ckpt, export = trained
+    pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
+    pipeline.provenance["val_shards"] = str(shapes_shards / "val-*.tar")
+    pipeline.save_pretrained(tmp_path / "with_shards")
+    rows = evaluate({"ckpt_path": str(tmp_path / "with_shards"), "output_dir": str(tmp_path / "eval"),
+                     "num_samples": 4, "batch_size": 4, "num_steps": [2], "guidance_scales": [1.0],
+                     "metrics": ["shapes_color_accuracy"]})
+    assert len(rows) == 1 and rows[0]["checkpoint_step"] == 2 and rows[0]["weights"] == "ema"
+    assert rows[0]["prompts"] and 0.0 <= rows[0]["shapes_color_accuracy"] <= 1.0
