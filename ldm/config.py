@@ -1,21 +1,52 @@
-"""Dataclass schemas for Hydra config nodes: validation with messages that name the key and the fix.
+"""Dataclass schemas for Hydra config nodes: stated once, registered with Hydra, validated with messages that name
+the key and the fix.
 
 Every configurable object (datamodule, LightningModule) declares its schema as a class attribute `Config`, a
-dataclass. A config node names the class in `_target_`; `instantiate(node)` validates the node against the schema and
-calls `cls(config)`. A misspelt key, a wrong type or a value outside a fixed set fails here, before anything is built.
+dataclass; the CLIs have their own (`EvalConfig`, `SampleConfig`, ...). `register_schemas` stores each one in Hydra's
+ConfigStore as `schema/<path of the YAML it backs>`, and every YAML file extends its schema and lists only what it
+changes:
+
+    defaults:
+      - /schema/model/ldm@_here_     # every key of LatentDiffusionModule.Config, with its default
+      - /unet@unet: tiny             # a named size (ldm.nn.unet.UNET_CONFIGS), also a stored node
+      - _self_
+    lr: 2.0e-3
+
+Composition therefore yields the full schema, and Hydra refuses a misspelt key or a wrong type at composition, naming
+the full key. `instantiate(node)` validates the node again (cross-field checks in `__post_init__`) and calls
+`cls(config)`. Every bad config value raises `ConfigError`, so sweeps and CLIs treat all of them alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
+import hydra
 import hydra.utils
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 T = TypeVar("T")
+
+# ConfigStore path under schema/ (= the YAML file or group it backs, relative to conf/) -> the class whose `Config`
+# it is, or the schema dataclass itself. A YAML file extends it with `- /schema/<path>@_here_` in its defaults list.
+SCHEMAS: dict[str, str] = {
+    "model/ldm": "ldm.modules.latent_diffusion.LatentDiffusionModule",
+    "model/autoencoder": "ldm.modules.autoencoder.AutoencoderModule",
+    "model/contrastive": "ldm.modules.contrastive.ContrastiveModule",
+    "data/webdataset": "ldm.data.datamodule.WebDataModule",
+    "data": "ldm.data.shards.WriteConfig",         # conf/data.yaml (ldm-data)
+    "eval": "ldm.eval.evaluator.EvalConfig",       # conf/eval.yaml (ldm-eval)
+    "sample": "ldm.cli.sample.SampleConfig",       # conf/sample.yaml (ldm-sample)
+    "export": "ldm.cli.export.ExportConfig",       # conf/export.yaml (ldm-export)
+    "encode": "ldm.data.encoding.EncodeConfig",    # conf/encode.yaml (ldm-encode)
+}
+# Named sizes, each stored as an option of its own group (`- /unet@unet: sd15`). Their home is the Python registry.
+NAMED_SIZES: dict[str, str] = {"unet": "ldm.nn.unet.UNET_CONFIGS"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +87,73 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         raise ConfigError(f"bad value for config key '{key}': {err.msg.splitlines()[0]}") from None
     except ConfigError as err:
         raise ConfigError(f"{where}{err}" if where and not str(err).startswith(where) else str(err)) from None
+
+
+def schema_node(target: str) -> type:
+    """The dataclass stored for `target` (a value of SCHEMAS): a schema dataclass as it is; for a class with a
+    `Config` schema, that schema plus a `_target_` field naming the class (the `<Class>Node` of this module)."""
+    obj = hydra.utils.get_class(target)
+    if dataclasses.is_dataclass(obj):
+        return obj
+    name = f"{obj.__name__}Node"
+    node = globals().get(name)
+    if node is None:
+        node = dataclasses.make_dataclass(name, [("_target_", str, dataclasses.field(default=target))],
+                                          bases=(obj.Config,))
+        # note: a composed config holds a reference to its node class, and the submitit launcher pickles the
+        # config; with this module and name, pickle finds the class again (through __getattr__ in a new process).
+        node.__module__, node.__qualname__ = __name__, name
+        globals()[name] = node
+    return node
+
+
+def __getattr__(name: str) -> type:
+    """`ldm.config.<Class>Node`, built on first use (module-level __getattr__, PEP 562)."""
+    for target in SCHEMAS.values():
+        if f"{target.rsplit('.', 1)[-1]}Node" == name:
+            return schema_node(target)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_schemas(*paths: str) -> None:
+    """Store schemas in Hydra's ConfigStore; call it before composing conf/ (every CLI does, at import).
+
+    Args:
+        *paths: keys of SCHEMAS, or folders of them ("model" stores model/ldm, model/autoencoder, ...); none: all.
+            The named sizes (NAMED_SIZES) are stored with any model schema.
+    """
+    selected = [p for p in SCHEMAS if not paths or any(p == q or p.startswith(f"{q}/") for q in paths)]
+    unknown = [q for q in paths if not any(p == q or p.startswith(f"{q}/") for p in SCHEMAS)]
+    if unknown:
+        raise KeyError(f"no schema {unknown}; known: {sorted(SCHEMAS)}")
+    store = ConfigStore.instance()
+    for path in selected:
+        group, _, name = path.rpartition("/")
+        store.store(group=f"schema/{group}".rstrip("/"), name=name, node=schema_node(SCHEMAS[path]))
+    if any(path.startswith("model/") for path in selected):
+        for group, registry in NAMED_SIZES.items():
+            for name, config in hydra.utils.get_object(registry).items():
+                store.store(group=group, name=name, node=config)
+
+
+def compose_node(name: str, overrides: Sequence[str] = (), conf_dir: str | None = None) -> DictConfig:
+    """One file of conf/ composed with its schema, e.g. `compose_node("model/ldm/tiny")`: the full node that
+    `ldm-train model=ldm/tiny` places under `model` (interpolations into other nodes, such as ${seed}, unresolved).
+
+    Args:
+        name: the file's path under conf/, without .yaml.
+        overrides: value overrides relative to the node, e.g. ["lr=1e-3", "unet.model_channels=16"].
+        conf_dir: the config directory; None: ldm.cli.common.CONF_DIR.
+    """
+    from ldm.cli.common import CONF_DIR  # note: imported here, ldm.cli.common imports this module
+
+    register_schemas()
+    # Composed as a primary config, a file lands at its folder's package (model/ldm/tiny: model.ldm).
+    package = name.rpartition("/")[0].replace("/", ".")
+    prefixed = [re.sub(r"^([+~]*)", rf"\g<1>{package}.", o) if package else o for o in overrides]
+    with hydra.initialize_config_dir(config_dir=conf_dir or CONF_DIR, version_base="1.3"):
+        cfg = hydra.compose(config_name=name, overrides=prefixed)
+    return OmegaConf.select(cfg, package) if package else cfg
 
 
 def instantiate(node: DictConfig, prefix: str = "", **kwargs: Any) -> Any:

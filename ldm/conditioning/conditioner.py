@@ -32,6 +32,7 @@ from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
 from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
+from ldm.conditioning.text import load_pretrained as load_transformers
 from ldm.config import ConfigError, check_choice, to_dataclass
 
 KINDS = ["clip", "hf", "byte", "class", "none"]
@@ -59,6 +60,9 @@ class ConditionerConfig:
     #                                     openai/clip-vit-large-patch14); byte: the export of a text-image
     #                                     pretraining run (<run>/export), null = a new encoder trained with the UNet
     layer: str = "last"                 # clip: last | penultimate (SD 2: hidden_states[-2] + final_layer_norm)
+    tokenizer: str | None = None        # clip: the tokenizer (directory or hub name) when name_or_path is a Stable
+    #                                     Diffusion single file, which holds none (SD 1: openai/clip-vit-large-patch14,
+    #                                     SD 2: a diffusers SD 2 pipeline's tokenizer/); null: name_or_path's own
     trainable: bool = False             # pretrained encoders: fine-tune; frozen by default. A byte encoder trained
     #                                     from scratch (name_or_path null) and class embeddings always train
     pooled: bool = False                # text: also give the UNet a pooled prompt vector, added to its time embedding
@@ -313,6 +317,15 @@ class NullConditioner(Conditioner):
         return None
 
 
+def is_stable_diffusion(name_or_path: str | None) -> bool:
+    """Whether `name_or_path` is a Stable Diffusion diffusers pipeline folder or single file (whose CLIP text encoder
+    `ldm.convert` reads) rather than a transformers model directory or hub name."""
+    if not name_or_path:
+        return False
+    path = Path(name_or_path).expanduser()
+    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in (".safetensors", ".ckpt"))
+
+
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
                       prefix: str = "model.conditioner", load_pretrained: bool = True) -> Conditioner:
     """Build the conditioner a config names.
@@ -330,8 +343,19 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
     if c.kind == "none":
         return NullConditioner(c.kind, c.cond_drop_prob)
     key = f"{prefix}.name_or_path"
-    if c.kind == "clip":
-        encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key)
+    if c.kind == "clip" and is_stable_diffusion(c.name_or_path):
+        from ldm.convert import load_components
+
+        encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer).build_text_encoder(c.max_length,
+                                                                                                   c.trainable)
+    elif c.kind == "clip":
+        tokenizer = None
+        if c.tokenizer is not None:
+            from transformers import CLIPTokenizer
+
+            tokenizer = load_transformers(CLIPTokenizer, c.tokenizer, f"{prefix}.tokenizer")
+        encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key,
+                                  tokenizer=tokenizer)
     elif c.kind == "hf":
         encoder = HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key)
     else:

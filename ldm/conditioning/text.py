@@ -73,16 +73,22 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
         layer: "last" (SD 1: last_hidden_state) or "penultimate" (SD 2: hidden_states[-2] through final_layer_norm).
         trainable: fine-tune the encoder; frozen (eval mode, no grads, run under no_grad) by default.
         config_key: the config key of name_or_path, for error messages.
+        transformer, tokenizer: an already built CLIPTextModel and CLIPTokenizer to wrap instead of loading
+            name_or_path (e.g. converted from a Stable Diffusion single file by `ldm.convert`).
     """
 
     def __init__(self, name_or_path: str = DEFAULT_CLIP, max_length: int = 77, layer: str = "last",
-                 trainable: bool = False, config_key: str = "model.conditioner.name_or_path"):
+                 trainable: bool = False, config_key: str = "model.conditioner.name_or_path", *,
+                 transformer: Any | None = None, tokenizer: Any | None = None):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
         check_choice("layer", layer, ["last", "penultimate"])
-        self.tokenizer = load_pretrained(CLIPTokenizer, name_or_path, config_key)
-        self.transformer = load_pretrained(CLIPTextModel, name_or_path, config_key)
+        if tokenizer is None:
+            tokenizer = load_pretrained(CLIPTokenizer, name_or_path, config_key)
+        if transformer is None:
+            transformer = load_pretrained(CLIPTextModel, name_or_path, config_key)
+        self.tokenizer, self.transformer = tokenizer, transformer
         positions = self.transformer.config.max_position_embeddings
         if max_length > positions:
             raise ConfigError(f"max_length={max_length} exceeds the {positions} positions of {name_or_path}")

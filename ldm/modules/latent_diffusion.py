@@ -8,6 +8,7 @@ every checkpoint, so a `.ckpt` alone is enough to sample (`LatentDiffusionPipeli
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm.conditioning import ConditionerConfig, build_conditioner
+from ldm.checkpoints import MissingCheckpointError, load_checkpoint
+from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
@@ -30,7 +32,11 @@ from ldm.seeding import step_generator
 
 @dataclass
 class Config:
-    autoencoder_path: str | None = None    # required: stage 1's export directory, run directory or .ckpt
+    autoencoder_path: str | None = None    # stage 1's export directory, run directory or .ckpt, or a Stable Diffusion
+    #                                        VAE: diffusers vae/ or pipeline folder, or single file; null: init_from's
+    init_from: str | None = None           # a Stable Diffusion diffusers pipeline folder or single file: its UNet
+    #                                        (layout and weights), schedule, prediction and CLIP text encoder replace
+    #                                        unet.*, diffusion.schedule / prediction and conditioner.* (printed)
     latent_scale: float | None = None      # z * latent_scale is what diffusion sees; null: 1 / std from stage 1's
     #                                        latent statistics (error if it has none)
     sample_posterior: bool = True          # encode to a posterior sample (LDM) or its mode
@@ -61,9 +67,11 @@ class Config:
     def __post_init__(self) -> None:
         check_choice("val_sampler", self.val_sampler, SAMPLERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if not self.autoencoder_path:
+        if not self.autoencoder_path and not self.init_from:
             raise ConfigError("model.autoencoder_path is required: stage 1's export directory (<vae run>/export), "
-                              "run directory or checkpoint, e.g. model.autoencoder_path=runs/vae/export")
+                              "run directory or checkpoint, or a Stable Diffusion VAE, e.g. "
+                              "model.autoencoder_path=runs/vae/export (or set model.init_from to a Stable Diffusion "
+                              "model, whose VAE is then used)")
         if len(self.betas) != 2:
             raise ConfigError(f"betas={self.betas} must hold two values")
         if self.latent_scale is not None and self.latent_scale <= 0:
@@ -83,6 +91,58 @@ def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, s
                       f"0.18215) or point model.autoencoder_path at an autoencoder that has latent_stats.json")
 
 
+def read_autoencoder(path: str, key: str = "model.autoencoder_path") -> tuple[AutoencoderKL, dict[str, Any] | None,
+                                                                                str]:
+    """(autoencoder, latent statistics or None, source) from stage 1's export, run directory or checkpoint, or from
+    a Stable Diffusion VAE (diffusers vae/ or pipeline folder, single file), whose `scaling_factor` becomes the
+    statistics' scale_factor."""
+    from ldm.convert import detect_layout, load_autoencoder_any
+
+    try:
+        layout = detect_layout(path)
+    except FileNotFoundError:
+        raise MissingCheckpointError(f"{key}={path} does not exist; point it at stage 1's export (<vae run>/export), "
+                                     f"its checkpoint, a diffusers vae/ or pipeline folder, or a Stable Diffusion "
+                                     f"single file") from None
+    if layout == "ours" or (layout == "single_file" and "autoencoder_config" in load_checkpoint(path, key)):
+        autoencoder, stats = load_autoencoder(path, key)
+        return autoencoder, stats, str(path)
+    autoencoder, scale, source = load_autoencoder_any(path)
+    return autoencoder, ({"scale_factor": scale} if scale else None), source
+
+
+def adopt_pretrained(config: Config) -> tuple[Any, Config]:
+    """Read the Stable Diffusion model `config.init_from` names and return it with the config its layout implies:
+    its UNet config, schedule and prediction type, and a frozen (unless `conditioner.trainable`) CLIP text encoder
+    with the layer it was trained on replace what the composed config held; every replaced key is printed."""
+    from ldm.convert import load_components
+
+    c = config
+    parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer)
+    if parts.unet_state is None:
+        raise ConfigError(f"model.init_from={c.init_from} holds no UNet ({parts.source}); give a diffusers pipeline "
+                          f"folder or a Stable Diffusion single file (a VAE alone goes to model.autoencoder_path)")
+    if parts.autoencoder_state is None and not c.autoencoder_path:
+        raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
+    conditioner = c.conditioner
+    if parts.text_encoder is not None:
+        conditioner = dataclasses.replace(conditioner, kind="clip", name_or_path=str(c.init_from),
+                                          layer=parts.clip_layer, pooled=False,
+                                          max_length=min(conditioner.max_length, 77))
+    diffusion = dataclasses.replace(c.diffusion, schedule=parts.schedule or c.diffusion.schedule,
+                                    prediction=parts.prediction or c.diffusion.prediction)
+    new = dataclasses.replace(c, unet=parts.unet_config, conditioner=conditioner, diffusion=diffusion)
+    replaced = [f"model.{name}" for name, old, value in (
+        ("unet", c.unet, new.unet), ("conditioner", c.conditioner, new.conditioner),
+        ("diffusion.schedule", c.diffusion.schedule, new.diffusion.schedule),
+        ("diffusion.prediction", c.diffusion.prediction, new.diffusion.prediction)) if old != value]
+    rank_zero_info(f"model.init_from={c.init_from} ({parts.source}): UNet "
+                   f"{sum(v.numel() for v in parts.unet_state.values()):,} parameters"
+                   f"{', CLIP text encoder (' + parts.clip_layer + ' layer)' if parts.text_encoder is not None else ''}"
+                   f"; replaced {', '.join(replaced) or 'nothing (the config already matched)'}")
+    return parts, new
+
+
 class LatentDiffusionModule(L.LightningModule):
     """Trains `self.pipeline`: the training step and its generator, AdamW and the LR schedule, the EMA, logging and
     validation samples; the export of the EMA pipeline at the end of fit.
@@ -99,22 +159,38 @@ class LatentDiffusionModule(L.LightningModule):
     def __init__(self, config: Config | dict[str, Any], frozen: dict[str, Any] | None = None):
         super().__init__()
         config = to_dataclass(Config, config, "model")  # a dict when rebuilt by `load_from_checkpoint`
-        self.config = config
 
-        # Frozen autoencoder: from stage 1, or (when restoring a checkpoint) empty, filled by the state dict.
+        # Frozen autoencoder: from stage 1 (or a Stable Diffusion VAE), or (when restoring a checkpoint) empty,
+        # filled by the state dict. A Stable Diffusion model in init_from replaces the UNet, schedule and conditioner.
         restoring = frozen is not None
+        pretrained = None
         if not restoring:
-            autoencoder, stats = load_autoencoder(config.autoencoder_path)
-            scale, source = resolve_latent_scale(config.latent_scale, stats, config.autoencoder_path)
+            if config.init_from:
+                pretrained, config = adopt_pretrained(config)
+            if config.autoencoder_path:
+                autoencoder, stats, where = read_autoencoder(config.autoencoder_path)
+            else:
+                autoencoder = pretrained.build_autoencoder()
+                stats, where = {"scale_factor": pretrained.latent_scale}, pretrained.source
+            scale, source = resolve_latent_scale(config.latent_scale, stats, where)
             frozen = {"autoencoder_config": asdict(autoencoder.config), "latent_scale": scale,
-                      "latent_scale_source": source, "autoencoder_path": str(config.autoencoder_path)}
+                      "latent_scale_source": source, "autoencoder_path": str(config.autoencoder_path or where)}
             rank_zero_info(f"latent scale {scale:.5g} ({source})")
         else:
             autoencoder = AutoencoderKL(AutoencoderConfig(**frozen["autoencoder_config"]))
+        self.config = config
         self.save_hyperparameters({"config": asdict(config), "frozen": frozen})
 
-        conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring)
-        self.pipeline = LatentDiffusionPipeline(autoencoder, frozen["latent_scale"], UNet(config.unet), conditioner,
+        if pretrained is not None and pretrained.text_encoder is not None:
+            conditioner = TextConditioner(pretrained.build_text_encoder(config.conditioner.max_length,
+                                                                        config.conditioner.trainable),
+                                          "clip", config.conditioner.cond_drop_prob, config.conditioner.pooled)
+        else:
+            conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring)
+        unet = UNet(config.unet)
+        if pretrained is not None:
+            unet.load_state_dict(pretrained.unet_state)
+        self.pipeline = LatentDiffusionPipeline(autoencoder, frozen["latent_scale"], unet, conditioner,
                                                 config.conditioner, config.diffusion, config.image_size,
                                                 config.sample_posterior)
 

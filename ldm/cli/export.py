@@ -1,0 +1,98 @@
+"""ldm-export: hand a trained latent diffusion model to diffusers (or ComfyUI / A1111) as a folder or a single file.
+
+    ldm-export ckpt_path=runs/ldm/checkpoints/last.ckpt format=diffusers output_dir=exports/my_model
+    ldm-export ckpt_path=runs/ldm/export format=single_file output_dir=exports/my_model   # -> .../model.safetensors
+
+`ckpt_path` is anything `LatentDiffusionPipeline.from_pretrained` takes (a checkpoint, an export directory or a run
+directory); a checkpoint gives its EMA weights unless `use_ema=false`. A diffusers folder holds unet/, vae/,
+scheduler/ (DDIM over the model's own schedule) and, for a CLIP-conditioned model, text_encoder/ and tokenizer/;
+`diffusers.StableDiffusionPipeline.from_pretrained(output_dir)` loads it. A model conditioned by this project's
+byte-level encoder (or by class labels) exports its UNet and VAE; the conditioner is not portable, and the command
+says so. Everything is written atomically; an existing output is refused unless `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.cli.common import CONF_DIR, cli_entry, run_cli
+from ldm.config import ConfigError, check_choice, register_schemas, to_dataclass
+
+log = logging.getLogger(__name__)
+FORMATS = ("diffusers", "single_file")
+SINGLE_FILE_NAME = "model.safetensors"
+
+
+@dataclass
+class ExportConfig:
+    """What `ldm-export` writes (conf/export.yaml documents every key)."""
+
+    ckpt_path: str = ""          # required: a latent diffusion checkpoint, export directory or run directory
+    format: str = "diffusers"    # diffusers (a folder) | single_file (output_dir/model.safetensors, original layout)
+    output_dir: str = ""         # required
+    use_ema: bool = True         # a checkpoint's EMA weights (false: the raw ones); an export holds EMA weights
+    overwrite: bool = False      # replace an existing output
+
+    def __post_init__(self) -> None:
+        check_choice("format", self.format, FORMATS)
+        if not self.ckpt_path:
+            raise ConfigError("ckpt_path is required: a latent diffusion checkpoint or export, e.g. "
+                              "ckpt_path=runs/ldm/export")
+        if not self.output_dir:
+            raise ConfigError("output_dir is required, e.g. output_dir=exports/my_model")
+
+
+register_schemas("export")  # conf/export.yaml extends ExportConfig: stored before Hydra composes
+
+
+def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
+    """Write the export `cfg` asks for; return the folder (diffusers) or the file (single_file)."""
+    from ldm.convert import save_diffusers, save_single_file
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    config = to_dataclass(ExportConfig, cfg)
+    out = Path(config.output_dir)
+    target = out if config.format == "diffusers" else out / SINGLE_FILE_NAME
+    if target.exists() and not config.overwrite:
+        raise FileExistsError(f"output_dir={out}: {target} exists; choose another output_dir or set overwrite=true")
+
+    pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema)
+    encoder = getattr(pipeline.conditioner, "encoder", None)
+    text_encoder = encoder if type(encoder).__name__ == "CLIPTextEncoder" else None
+    common = {"unet": pipeline.unet, "autoencoder": pipeline.autoencoder, "latent_scale": pipeline.latent_scale,
+              "schedule": pipeline.diffusion.schedule, "prediction": pipeline.diffusion.prediction,
+              "text_encoder": text_encoder, "overwrite": config.overwrite}
+    if config.format == "diffusers":
+        written = save_diffusers(out, **common)
+    else:
+        written = save_single_file(target, **common)
+    log.info("wrote %s (%s) from %s, step %s, %s weights", written, config.format, pipeline.provenance["source"],
+             pipeline.provenance["step"], pipeline.provenance["weights"])
+    if text_encoder is None:
+        kind = pipeline.conditioner_config.kind
+        log.warning("the UNet and VAE are exported; the conditioner (model.conditioner.kind=%s) is not portable to "
+                    "Stable Diffusion tools: %s", kind,
+                    "give diffusers your own text_encoder= and tokenizer= of width "
+                    f"{pipeline.unet.config.context_dim}" if kind in ("byte", "hf") else
+                    "its inputs are not CLIP prompts")
+    return written
+
+
+@cli_entry
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    run_cli("ldm-export", lambda: export(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""What every converter shares: the error type, safe reading of checkpoint files, key renaming that checks both
+sides, and the `ldm` metadata entry of our own single files.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.config import ConfigError
+
+StateDict = dict[str, torch.Tensor]
+
+# The safetensors metadata key under which `save_single_file` stores the exact configs (JSON).
+METADATA_KEY = "ldm"
+
+
+class UnsupportedCheckpointError(ConfigError):
+    """A checkpoint or config the converters cannot represent exactly; the message names what is unsupported."""
+
+
+def read_state_dict(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
+    """The tensors of a `.safetensors` or `.ckpt`/`.pt`/`.pth`/`.bin` file and our metadata (empty when none).
+
+    A pickled file is opened with `torch.load(weights_only=True)`: tensors and plain containers only, never code. An
+    LDM / Lightning `.ckpt` keeps its tensors under "state_dict"; that entry is used when present.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+        meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+        return state, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsupportedCheckpointError(
+            f"{path} holds pickled objects other than tensors, which could run code when opened; it is not loaded "
+            f"(torch.load weights_only=True refused: {str(err).splitlines()[0]}). Convert it to .safetensors with "
+            f"the tool that wrote it, or re-save only its state_dict") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise UnsupportedCheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return state, {}
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    """The entries of `state` under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def meta_state_shapes(build: Callable[[], nn.Module]) -> dict[str, torch.Size]:
+    """Parameter and buffer shapes of a module built on the meta device (no memory, even at full size)."""
+    with torch.device("meta"):
+        module = build()
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def rename(state: Mapping[str, torch.Tensor], mapping: Mapping[str, str], what: str,
+           expected_shapes: Mapping[str, torch.Size] | None = None,
+           reshape: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> StateDict:
+    """Rename every key of `state` through `mapping` (source key -> target key), all or nothing.
+
+    Raises UnsupportedCheckpointError naming the keys when `state` holds a key the mapping does not know, lacks one it
+    needs, or (with `expected_shapes`, keyed by target) a tensor has the wrong shape, so a model is never half-loaded.
+
+    Args:
+        state: the source tensors.
+        mapping: source key -> target key; must cover the whole source layout.
+        what: what is converted, for the messages (e.g. "UNet from diffusers").
+        expected_shapes: target key -> shape the target model needs.
+        reshape: (target key, tensor) -> tensor, for layouts that store the same weight in another shape.
+    """
+    unknown = sorted(set(state) - set(mapping))
+    missing = sorted(set(mapping) - set(state))
+    if unknown or missing:
+        raise UnsupportedCheckpointError(
+            f"{what}: the checkpoint does not match the architecture its config describes: "
+            f"{_listing('unexpected keys', unknown)}{'; ' if unknown and missing else ''}"
+            f"{_listing('missing keys', missing)}")
+    out = {}
+    for key, value in state.items():
+        target = mapping[key]
+        out[target] = reshape(target, value) if reshape is not None else value
+    if expected_shapes is not None:
+        wrong = [f"{key}: {tuple(out[target].shape)} instead of {tuple(expected_shapes[target])}"
+                 for key, target in mapping.items() if tuple(out[target].shape) != tuple(expected_shapes[target])]
+        if wrong:
+            raise UnsupportedCheckpointError(f"{what}: tensors of the wrong shape: {_listing('', wrong)}")
+    return out
+
+
+def invert(mapping: Mapping[str, str]) -> dict[str, str]:
+    """target -> source of a one-to-one mapping."""
+    inverse = {v: k for k, v in mapping.items()}
+    if len(inverse) != len(mapping):
+        raise AssertionError("key mapping is not one to one")
+    return inverse
+
+
+def _listing(label: str, keys: Iterable[str], limit: int = 8) -> str:
+    keys = list(keys)
+    if not keys:
+        return ""
+    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    return f"{label} ({len(keys)}): {shown}" if label else shown
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON config file, with an error that names the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {what} needs it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+
+
+def check_config_values(config: Mapping[str, Any], required: Mapping[str, Any], what: str) -> None:
+    """Raise UnsupportedCheckpointError when a config field is present with a value other than the one we support.
+
+    Args:
+        config: a diffusers config.
+        required: field -> the only value our networks implement (a missing field is taken as its default).
+        what: the model, for the message.
+    """
+    for key, value in required.items():
+        if key in config and config[key] != value and not (value is None and config[key] in (None, [], {})):
+            raise UnsupportedCheckpointError(f"{what}: {key}={config[key]!r} is not supported (only {value!r})")

@@ -1,0 +1,85 @@
+"""What a Stable Diffusion checkpoint holds, in our layout (`SDComponents`), and the tokenizer loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm.config import ConfigError
+from ldm.convert.common import StateDict
+from ldm.diffusion.schedule import ScheduleConfig
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.nn.unet import UNet, UNetConfig
+
+
+@dataclass
+class SDComponents:
+    """What a Stable Diffusion checkpoint holds, in our layout. A field is None when the source lacks the part (a
+    vae/ folder has no UNet; a single file has no tokenizer unless one is given).
+
+    Attributes:
+        unet_config, unet_state: our UNetConfig and a state dict for `ldm.nn.unet.UNet`.
+        autoencoder_config, autoencoder_state: our AutoencoderConfig and a state dict for `AutoencoderKL`.
+        latent_scale: diffusers' `scaling_factor` (SD 1/2: 0.18215); None when the source does not say.
+        schedule, prediction: the training noise schedule and what the UNet predicts (eps | v | x0).
+        text_encoder, tokenizer: a transformers CLIPTextModel (fp32, eval mode) and CLIPTokenizer.
+        clip_layer: which output of text_encoder the UNet was trained on ("last": last_hidden_state).
+        source: where each part came from, for the log.
+    """
+
+    unet_config: UNetConfig | None = None
+    unet_state: StateDict | None = None
+    autoencoder_config: AutoencoderConfig | None = None
+    autoencoder_state: StateDict | None = None
+    latent_scale: float | None = None
+    schedule: ScheduleConfig | None = None
+    prediction: str | None = None
+    text_encoder: Any | None = None
+    tokenizer: Any | None = None
+    clip_layer: str = "last"
+    source: str = ""
+
+    def build_unet(self) -> UNet:
+        """Our UNet with the imported weights."""
+        if self.unet_config is None or self.unet_state is None:
+            raise ConfigError(f"{self.source}: holds no UNet")
+        unet = UNet(self.unet_config)
+        unet.load_state_dict(self.unet_state)
+        return unet
+
+    def build_autoencoder(self) -> AutoencoderKL:
+        """Our AutoencoderKL with the imported weights."""
+        if self.autoencoder_config is None or self.autoencoder_state is None:
+            raise ConfigError(f"{self.source}: holds no autoencoder")
+        model = AutoencoderKL(self.autoencoder_config)
+        model.load_state_dict(self.autoencoder_state)
+        return model
+
+    def build_text_encoder(self, max_length: int = 77, trainable: bool = False) -> Any:
+        """Our `CLIPTextEncoder` around the imported text encoder and tokenizer (frozen unless trainable)."""
+        from ldm.conditioning.text import CLIPTextEncoder
+
+        if self.text_encoder is None:
+            raise ConfigError(f"{self.source}: holds no text encoder")
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.source}: a single file holds no tokenizer; pass tokenizer_path (a CLIP "
+                              f"tokenizer directory with vocab.json and merges.txt, e.g. a diffusers pipeline's "
+                              f"tokenizer/)")
+        return CLIPTextEncoder(max_length=max_length, layer=self.clip_layer, trainable=trainable,
+                               transformer=self.text_encoder, tokenizer=self.tokenizer)
+
+
+def load_tokenizer(path: str | Path, what: str = "tokenizer_path") -> Any:
+    """A CLIPTokenizer from a local directory (vocab.json + merges.txt, as `save_pretrained` writes it)."""
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{what}={path} is not a directory; point it at a CLIP tokenizer saved with "
+                          f"save_pretrained (vocab.json, merges.txt), e.g. the tokenizer/ folder of a diffusers "
+                          f"Stable Diffusion pipeline")
+    try:
+        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what}={path}: cannot load a CLIPTokenizer ({str(err).splitlines()[0]})") from None

@@ -1,0 +1,205 @@
+"""Import: a diffusers pipeline folder, a diffusers unet/ or vae/ folder, or an original single file becomes our
+configs and state dicts (`SDComponents`), checked tensor by tensor before anything is returned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ldm.config import ConfigError
+from ldm.convert import autoencoder as ae
+from ldm.convert import unet as un
+from ldm.convert.common import StateDict, UnsupportedCheckpointError, read_json, read_state_dict
+from ldm.convert.components import SDComponents, load_tokenizer  # noqa: F401 - re-exported
+from ldm.convert.schedule import schedule_from_diffusers
+from ldm.convert.single_file import load_single_file, read_single_file_autoencoder
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.nn.unet import UNetConfig
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def detect_layout(path: str | Path) -> str:
+    """"pipeline" (model_index.json), "diffusers_unet", "diffusers_vae", "single_file", or "ours" (an export of
+    `AutoencoderKL.save_pretrained` or a run directory holding one).
+
+    Raises:
+        FileNotFoundError / ConfigError: the path does not exist or is none of these.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            return "single_file"
+        raise ConfigError(f"{path}: a single file must end in one of {SINGLE_FILE_SUFFIXES}")
+    if (path / "model_index.json").is_file():
+        return "pipeline"
+    config_file = path / "config.json"
+    if config_file.is_file():
+        name = json.loads(config_file.read_text()).get("_class_name")
+        if name == "UNet2DConditionModel" or name == "UNet2DModel":
+            return "diffusers_unet"
+        if name in ("AutoencoderKL", "VQModel") or (name and name.startswith("Autoencoder")):
+            return "diffusers_vae"
+        if name is None:
+            return "ours"
+    if (path / "export" / "config.json").is_file():
+        return "ours"
+    raise ConfigError(f"{path} is neither a diffusers pipeline folder (model_index.json), a diffusers unet/ or vae/ "
+                      f"folder (config.json with _class_name), an export of ours, nor a single file")
+
+
+def _diffusers_weights(directory: Path) -> StateDict:
+    """The state dict of a diffusers model folder: safetensors (whole or sharded), else a .bin read safely."""
+    from safetensors.torch import load_file
+
+    single = directory / DIFFUSERS_WEIGHTS
+    if single.is_file():
+        return load_file(str(single))
+    index = directory / f"{DIFFUSERS_WEIGHTS}.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index, "a sharded model")["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+    fp16 = directory / "diffusion_pytorch_model.fp16.safetensors"
+    if fp16.is_file():
+        return load_file(str(fp16))
+    legacy = directory / "diffusion_pytorch_model.bin"
+    if legacy.is_file():
+        return read_state_dict(legacy)[0]
+    raise FileNotFoundError(f"{directory} has no {DIFFUSERS_WEIGHTS} (nor a sharded or .bin variant)")
+
+
+def load_unet_diffusers(directory: str | Path) -> tuple[UNetConfig, StateDict]:
+    """Our UNetConfig and state dict from a diffusers unet/ folder."""
+    directory = Path(directory)
+    config = un.unet_config_from_diffusers(read_json(directory / "config.json", "a diffusers UNet"))
+    return config, un.unet_from_diffusers(_diffusers_weights(directory), config)
+
+
+def load_autoencoder_diffusers(directory: str | Path) -> tuple[AutoencoderConfig, StateDict, float | None]:
+    """Our AutoencoderConfig, state dict and latent scale from a diffusers vae/ folder."""
+    directory = Path(directory)
+    config, scale = ae.autoencoder_config_from_diffusers(read_json(directory / "config.json", "a diffusers VAE"))
+    return config, ae.autoencoder_from_diffusers(_diffusers_weights(directory), config), scale
+
+
+def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = None) -> SDComponents:
+    """All parts of a diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, scheduler/,
+    text_encoder/, tokenizer/). Parts the folder lacks (or lists as null) stay None.
+
+    Args:
+        directory: the pipeline folder.
+        tokenizer_path: a tokenizer directory to use instead of the folder's tokenizer/.
+    """
+    from transformers import CLIPTextModel
+
+    directory = Path(directory)
+    index = read_json(directory / "model_index.json", "a diffusers pipeline")
+    if index.get("_class_name", "StableDiffusionPipeline") not in ("StableDiffusionPipeline", "DiffusionPipeline"):
+        raise UnsupportedCheckpointError(f"{directory}: pipeline {index['_class_name']!r} is not supported; only "
+                                         f"StableDiffusionPipeline folders (SD 1.x / 2.x) are")
+    parts = SDComponents(source=f"diffusers pipeline {directory}")
+
+    def present(name: str) -> bool:
+        entry = index.get(name)
+        return bool(entry and entry[0] is not None and (directory / name).is_dir())
+
+    if present("unet"):
+        parts.unet_config, parts.unet_state = load_unet_diffusers(directory / "unet")
+    if present("vae"):
+        parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = load_autoencoder_diffusers(
+            directory / "vae")
+    if present("scheduler"):
+        parts.schedule, parts.prediction = schedule_from_diffusers(
+            read_json(directory / "scheduler" / "scheduler_config.json", "the scheduler"))
+    if present("text_encoder"):
+        kind = index["text_encoder"][1]
+        if kind != "CLIPTextModel":
+            raise UnsupportedCheckpointError(f"{directory}: text encoder {kind!r} is not supported (CLIPTextModel)")
+        parts.text_encoder = CLIPTextModel.from_pretrained(str(directory / "text_encoder"), local_files_only=True,
+                                                           dtype=torch.float32).eval()
+    if tokenizer_path is not None:
+        parts.tokenizer = load_tokenizer(tokenizer_path)
+    elif present("tokenizer"):
+        parts.tokenizer = load_tokenizer(directory / "tokenizer", f"{directory}/tokenizer")
+    return parts
+
+
+def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
+                    prediction: str | None = None, use_ema: bool = False) -> SDComponents:
+    """Everything a Stable Diffusion checkpoint holds, in our layout, from any of its forms.
+
+    Args:
+        path: a diffusers pipeline folder, a diffusers unet/ or vae/ folder, or an original single file.
+        tokenizer_path: a CLIP tokenizer directory (required to get a tokenizer from a single file; overrides a
+            pipeline's tokenizer/).
+        prediction: for single files that do not record it (see `load_single_file`).
+        use_ema: for single files, take the UNet's `model_ema.*` weights (see `load_single_file`).
+    """
+    layout = detect_layout(path)
+    if layout == "pipeline":
+        return load_pipeline(path, tokenizer_path)
+    if layout == "single_file":
+        return load_single_file(path, tokenizer_path, prediction, use_ema)
+    if layout == "diffusers_unet":
+        config, state = load_unet_diffusers(path)
+        return SDComponents(unet_config=config, unet_state=state, source=f"diffusers UNet {path}")
+    if layout == "diffusers_vae":
+        config, state, scale = load_autoencoder_diffusers(path)
+        return SDComponents(autoencoder_config=config, autoencoder_state=state, latent_scale=scale,
+                            source=f"diffusers VAE {path}")
+    raise ConfigError(f"{path} is an export of ours, not a Stable Diffusion checkpoint; load it with "
+                      f"ldm.nn.autoencoder.load_autoencoder")
+
+
+def load_autoencoder_any(path: str | Path) -> tuple[AutoencoderKL, float | None, str]:
+    """(autoencoder, latent scale or None, source) from any form of a KL autoencoder: our export or checkpoint, a
+    diffusers vae/ folder, a diffusers pipeline folder (its vae/), or a single file (a whole SD model's
+    first_stage_model, or a stand-alone VAE such as vae-ft-mse-840000-ema-pruned).
+
+    The latent scale is diffusers' scaling_factor, the file's metadata, or SD's 0.18215 for a whole SD file (SDXL's
+    0.13025 for an SDXL file, whose VAE is supported though its UNet is not); None
+    for our exports (their latent statistics hold it) and stand-alone VAE files.
+    """
+    from ldm.nn.autoencoder import load_autoencoder
+
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "ours":
+        model, _ = load_autoencoder(path)
+        return model, None, f"export {path}"
+    if layout == "pipeline":
+        if not (path / "vae").is_dir():
+            raise ConfigError(f"{path}: the pipeline folder has no vae/")
+        config, state, scale = load_autoencoder_diffusers(path / "vae")
+        source = f"diffusers pipeline {path}/vae"
+    elif layout == "diffusers_vae":
+        config, state, scale = load_autoencoder_diffusers(path)
+        source = f"diffusers VAE {path}"
+    elif layout == "single_file":
+        if path.suffix == ".ckpt" and _is_our_checkpoint(path):
+            model, _ = load_autoencoder(path)
+            return model, None, f"checkpoint {path}"
+        autoencoder = read_single_file_autoencoder(path)
+        if autoencoder is None:
+            raise ConfigError(f"{path} holds no autoencoder (no first_stage_model.* or encoder.* weights)")
+        (config, state, scale), source = autoencoder, f"single file {path}"
+    else:
+        raise ConfigError(f"{path} holds a UNet, not an autoencoder")
+    model = AutoencoderKL(config)
+    model.load_state_dict(state)
+    return model, scale, source
+
+
+def _is_our_checkpoint(path: Path) -> bool:
+    """Whether a .ckpt is an AutoencoderModule checkpoint of ours (it names its `autoencoder_config`)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - refused by the safe loader: read_state_dict reports it
+        return False
+    return isinstance(obj, dict) and "autoencoder_config" in obj

@@ -1,0 +1,204 @@
+"""Export: our UNet, autoencoder, schedule and (optionally) CLIP text encoder as a diffusers Stable Diffusion pipeline
+folder or as one original-layout `.safetensors` file.
+
+Both are written atomically: the folder is built in a temporary directory beside its destination and renamed into
+place; the file goes through `ldm.io.atomic_open`. An existing destination is refused unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ldm.convert import autoencoder as ae
+from ldm.convert import text
+from ldm.convert import unet as un
+from ldm.convert.common import METADATA_KEY, StateDict, UnsupportedCheckpointError
+from ldm.convert.load import DIFFUSERS_WEIGHTS
+from ldm.convert.schedule import schedule_to_diffusers
+from ldm.diffusion.schedule import ScheduleConfig
+from ldm.io import atomic_open
+from ldm.nn.autoencoder import AutoencoderKL
+from ldm.nn.unet import UNet
+
+DIFFUSERS_VERSION = "0.27.0"  # the format version written into configs; any later diffusers reads it
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` that replaces it when the block ends without error.
+
+    Args:
+        out_dir: the destination.
+        overwrite: replace an existing, non-empty destination; otherwise it is refused before anything is written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (out_dir.is_file() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite=True")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_safetensors(state: StateDict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_open(path) as f:
+        f.write(save(state, metadata=metadata))
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**data, "_diffusers_version": DIFFUSERS_VERSION}, indent=2))
+
+
+def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
+                        clip_layer: str | None = None) -> tuple[Any, Any | None]:
+    """(transformers CLIPTextModel whose last_hidden_state is what the UNet was trained on, tokenizer).
+
+    Args:
+        text_encoder: a transformers CLIPTextModel, or our `ldm.conditioning.text.CLIPTextEncoder` (its tokenizer
+            and layer are then used).
+        tokenizer: the tokenizer (taken from a CLIPTextEncoder when None).
+        clip_layer: "last" or "penultimate"; a penultimate-layer model is exported without its last block, so that
+            diffusers' last_hidden_state (final LayerNorm included) is the same tensor.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = text_encoder
+    if hasattr(text_encoder, "transformer") and hasattr(text_encoder, "tokenizer"):  # our CLIPTextEncoder
+        model = text_encoder.transformer
+        tokenizer = text_encoder.tokenizer if tokenizer is None else tokenizer
+        clip_layer = text_encoder.layer if clip_layer is None else clip_layer
+    if type(model).__name__ != "CLIPTextModel":
+        raise UnsupportedCheckpointError(f"text encoder {type(model).__name__} cannot be exported: only CLIP text "
+                                         f"encoders (transformers CLIPTextModel) are portable to Stable Diffusion")
+    if (clip_layer or "last") == "last":
+        return model, tokenizer
+    fields = model.config.to_dict()
+    fields["num_hidden_layers"] -= 1
+    last = f"encoder.layers.{fields['num_hidden_layers']}."
+    flat = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    truncated = CLIPTextModel(CLIPTextConfig(**fields)).eval()
+    text.load_state_into(truncated, {k: v for k, v in flat.items() if not k.startswith(last)}, "text encoder export")
+    return truncated, tokenizer
+
+
+def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, latent_scale: float | None,
+                   schedule: ScheduleConfig, prediction: str, text_encoder: Any | None = None,
+                   tokenizer: Any | None = None, clip_layer: str | None = None, overwrite: bool = False,
+                   force_upcast: bool = False) -> Path:
+    """Write a folder that `diffusers.StableDiffusionPipeline.from_pretrained(out_dir)` loads.
+
+    unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors), scheduler/scheduler_config.json (a
+    DDIMScheduler), model_index.json, and text_encoder/ + tokenizer/ when a CLIP encoder is given (otherwise they
+    are null in model_index.json: pass `text_encoder=` and `tokenizer=` to from_pretrained).
+
+    Args:
+        out_dir: the destination folder.
+        unet, autoencoder: our networks (weights are copied to CPU; the modules are not changed).
+        latent_scale: written as the VAE's scaling_factor.
+        schedule, prediction: written as the scheduler config.
+        text_encoder, tokenizer, clip_layer: see `export_text_encoder`.
+        overwrite: replace an existing folder.
+        force_upcast: the VAE's force_upcast flag (true for VAEs that overflow in fp16, like SDXL's).
+
+    Returns:
+        out_dir as a Path.
+    """
+    out_dir = Path(out_dir)
+    vae_config = ae.autoencoder_config_to_diffusers(autoencoder.config, latent_scale, force_upcast)
+    latent_size = autoencoder.config.resolution // autoencoder.downsample_factor
+    unet_config = un.unet_config_to_diffusers(unet.config, latent_size)
+    unet_state = un.unet_to_diffusers(unet.state_dict(), unet.config)
+    vae_state = ae.autoencoder_to_diffusers(autoencoder.state_dict(), autoencoder.config)
+    scheduler = schedule_to_diffusers(schedule, prediction)
+    if text_encoder is not None:
+        text_encoder, tokenizer = export_text_encoder(text_encoder, tokenizer, clip_layer)
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"] if text_encoder is not None else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if tokenizer is not None else [None, None],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    with atomic_directory(out_dir, overwrite) as tmp:
+        _write_json(unet_config, tmp / "unet" / "config.json")
+        _save_safetensors(unet_state, tmp / "unet" / DIFFUSERS_WEIGHTS)
+        _write_json(vae_config, tmp / "vae" / "config.json")
+        _save_safetensors(vae_state, tmp / "vae" / DIFFUSERS_WEIGHTS)
+        _write_json(scheduler, tmp / "scheduler" / "scheduler_config.json")
+        if text_encoder is not None:
+            text_encoder.save_pretrained(tmp / "text_encoder")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        _write_json(index, tmp / "model_index.json")
+    return out_dir
+
+
+def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, latent_scale: float | None,
+                     schedule: ScheduleConfig, prediction: str, text_encoder: Any | None = None,
+                     clip_layer: str | None = None, overwrite: bool = False) -> Path:
+    """Write one original-layout `.safetensors` file (`model.diffusion_model.*`, `first_stage_model.*`,
+    `cond_stage_model.*`), as SD's own checkpoints, ComfyUI, A1111 and diffusers' `from_single_file` read them.
+
+    A text encoder with exact GELU (OpenCLIP, SD 2) is written as OpenCLIP's `cond_stage_model.model.*`, one with
+    quick_gelu (OpenAI CLIP, SD 1) as `cond_stage_model.transformer.text_model.*`. The safetensors metadata entry
+    "ldm" holds the exact configs, schedule, prediction and latent scale, so `load_single_file` restores them.
+
+    Args:
+        path: the file; must end in .safetensors.
+        unet, autoencoder, latent_scale, schedule, prediction, text_encoder, clip_layer: as in `save_diffusers`.
+        overwrite: replace an existing file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: single files are written as .safetensors only")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    state = {f"model.diffusion_model.{k}": v for k, v in un.unet_to_original(unet.state_dict(), unet.config).items()}
+    ae_state = autoencoder.state_dict()
+    ae.autoencoder_from_original(ae_state, autoencoder.config)  # checks every key and shape
+    state.update({f"first_stage_model.{k}": v for k, v in ae_state.items()})
+    meta: dict[str, Any] = {"unet_config": dataclasses.asdict(unet.config),
+                            "autoencoder_config": dataclasses.asdict(autoencoder.config),
+                            "latent_scale": latent_scale, "schedule": dataclasses.asdict(schedule),
+                            "prediction": prediction}
+    if text_encoder is not None:
+        model, _ = export_text_encoder(text_encoder, None, clip_layer)
+        flat = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()
+                if not k.endswith("position_ids")}
+        if model.config.hidden_act == "gelu":
+            state.update({f"{text.OPENCLIP_PREFIX}{k}": v for k, v in text.flat_to_openclip(flat).items()})
+        else:
+            state.update({f"{text.SD1_PREFIX}{k}": v for k, v in text.flat_to_sd1(flat).items()})
+        meta["text_encoder_config"] = {k: v for k, v in model.config.to_dict().items()
+                                       if k in _CLIP_CONFIG_FIELDS}
+    _save_safetensors(state, path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
+    return path
+
+
+_CLIP_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                       "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
+                       "attention_dropout", "initializer_range", "initializer_factor", "pad_token_id", "bos_token_id",
+                       "eos_token_id")
+

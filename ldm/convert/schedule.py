@@ -1,0 +1,80 @@
+"""The noise schedule and prediction type: diffusers' scheduler_config.json <-> our `ScheduleConfig` + prediction.
+
+Names: diffusers `squaredcos_cap_v2` is our `cosine` (Nichol & Dhariwal's with betas capped at 0.999, the same
+formula), `epsilon` / `v_prediction` / `sample` are our `eps` / `v` / `x0`. The export writes a DDIMScheduler config
+with `set_alpha_to_one=true`, since our samplers step to the clean data (alphas_cumprod = 1) at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ldm.convert.common import UnsupportedCheckpointError
+from ldm.diffusion.schedule import ScheduleConfig, make_betas
+
+_BETAS_TO_OURS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_BETAS_TO_DIFFUSERS = {v: k for k, v in _BETAS_TO_OURS.items()}
+_PREDICTION_TO_OURS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_PREDICTION_TO_DIFFUSERS = {v: k for k, v in _PREDICTION_TO_OURS.items()}
+
+# Stable Diffusion's training schedule and sampling defaults (v1-inference.yaml and diffusers' SD scheduler configs).
+SD_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                             beta_end=0.012, timestep_spacing="leading", steps_offset=1)
+
+
+def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, str]:
+    """(ScheduleConfig, prediction) of a diffusers scheduler config; fields it lacks take diffusers' defaults.
+
+    Raises:
+        UnsupportedCheckpointError: trained_betas, or a beta schedule / prediction type we do not implement.
+    """
+    what = f"scheduler config ({config.get('_class_name', 'unknown scheduler')})"
+    if config.get("trained_betas") is not None:
+        raise UnsupportedCheckpointError(f"{what}: trained_betas (an explicit beta list) is not supported")
+    beta_schedule = config.get("beta_schedule", "linear")
+    if beta_schedule not in _BETAS_TO_OURS:
+        raise UnsupportedCheckpointError(f"{what}: beta_schedule={beta_schedule!r} is not supported; choose one of "
+                                         f"{sorted(_BETAS_TO_OURS)}")
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in _PREDICTION_TO_OURS:
+        raise UnsupportedCheckpointError(f"{what}: prediction_type={prediction_type!r} is not supported; choose one "
+                                         f"of {sorted(_PREDICTION_TO_OURS)}")
+    schedule = ScheduleConfig(
+        num_train_timesteps=config.get("num_train_timesteps", 1000), beta_schedule=_BETAS_TO_OURS[beta_schedule],
+        beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02),
+        zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
+        timestep_spacing=config.get("timestep_spacing", "leading"), steps_offset=config.get("steps_offset", 0))
+    return schedule, _PREDICTION_TO_OURS[prediction_type]
+
+
+def schedule_to_diffusers(schedule: ScheduleConfig, prediction: str) -> dict[str, Any]:
+    """A DDIMScheduler config for our schedule and prediction (`scheduler/scheduler_config.json`)."""
+    if prediction not in _PREDICTION_TO_DIFFUSERS:
+        raise UnsupportedCheckpointError(f"prediction={prediction!r} has no diffusers name")
+    return {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_schedule": _BETAS_TO_DIFFUSERS[schedule.beta_schedule], "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end, "trained_betas": None, "prediction_type": _PREDICTION_TO_DIFFUSERS[prediction],
+        "timestep_spacing": schedule.timestep_spacing, "steps_offset": schedule.steps_offset,
+        "rescale_betas_zero_snr": schedule.zero_terminal_snr, "clip_sample": False, "set_alpha_to_one": True,
+        "thresholding": False,
+    }
+
+
+def schedule_from_betas(betas: torch.Tensor) -> ScheduleConfig:
+    """SD's schedule with the beta range of an LDM checkpoint's `betas` buffer, checked against our formulas.
+
+    Raises:
+        UnsupportedCheckpointError: the betas follow neither the linear nor the scaled-linear schedule.
+    """
+    betas = betas.double()
+    start, end = float(betas[0]), float(betas[-1])
+    for name in ("scaled_linear", "linear"):
+        if torch.allclose(make_betas(name, len(betas), start, end), betas, rtol=1e-4, atol=1e-7):
+            return ScheduleConfig(num_train_timesteps=len(betas), beta_schedule=name, beta_start=round(start, 8),
+                                  beta_end=round(end, 8), timestep_spacing="leading", steps_offset=1)
+    raise UnsupportedCheckpointError(f"the checkpoint's betas ({len(betas)} steps, {start:.6g} .. {end:.6g}) follow "
+                                     f"neither a linear nor a scaled-linear schedule")

@@ -1,0 +1,186 @@
+"""Original-layout single files (SD 1.x / 2.x `.safetensors` or `.ckpt`): the architecture from the tensor shapes,
+the schedule, prediction and latent scale from metadata, a `.yaml` beside the file, its buffers or SD's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ldm.config import ConfigError
+from ldm.convert import autoencoder as ae
+from ldm.convert import text
+from ldm.convert import unet as un
+from ldm.convert.common import StateDict, UnsupportedCheckpointError, read_state_dict, strip_prefix
+from ldm.convert.components import SDComponents, load_tokenizer
+from ldm.convert.schedule import SD_SCHEDULE, schedule_from_betas
+from ldm.diffusion.schedule import ScheduleConfig
+from ldm.nn.autoencoder import AutoencoderConfig
+from ldm.nn.unet import UNetConfig
+
+# Top-level buffers of LDM's LatentDiffusion (the DDPM schedule and its loss weights): derived from the betas.
+_SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights", "scale_factor"}
+
+
+def _sidecar_yaml(path: Path) -> dict[str, Any]:
+    """The original LDM inference config beside a single file (`model.yaml` for `model.safetensors`, as A1111 reads
+    it): its `model.params` (parameterization, scale_factor, linear_start, linear_end, timesteps), or {}."""
+    yaml_file = path.with_suffix(".yaml")
+    if not yaml_file.is_file():
+        return {}
+    from omegaconf import OmegaConf  # safe YAML loading, no code
+
+    params = OmegaConf.to_container(OmegaConf.load(yaml_file)).get("model", {}).get("params", {})
+    return dict(params or {})
+
+
+def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
+                     prediction: str | None = None, use_ema: bool = False) -> SDComponents:
+    """All parts of an original-layout single file (SD 1.x / 2.x `.safetensors` or `.ckpt`).
+
+    The architecture comes from the tensor shapes; the schedule, prediction and latent scale from, in order, our own
+    metadata (files written by `save_single_file`), an LDM config `<file>.yaml` beside it, the file's `betas` and
+    `scale_factor` buffers, and finally SD's defaults. The UNet's training weights are used, as diffusers does,
+    unless `use_ema` asks for the `model_ema.*` copy that LDM training checkpoints (e.g. v1-5-pruned.ckpt) keep.
+
+    Args:
+        path: the file; `.ckpt` is opened with weights_only=True (no pickled code runs).
+        tokenizer_path: a CLIP tokenizer directory; a single file holds none. Without it `tokenizer` is None.
+        prediction: eps | v | x0, required for SD 2.x files that carry neither metadata nor a `.yaml` (768-px SD 2
+            models predict v, 512-px "base" models eps).
+        use_ema: take the UNet's EMA weights (`model_ema.*`); an error when the file has none.
+
+    Raises:
+        UnsupportedCheckpointError: SDXL, ControlNet, inpainting, VQ, or keys no part accounts for.
+    """
+    path = Path(path)
+    state, meta = read_state_dict(path)
+    what = f"single file {path}"
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise UnsupportedCheckpointError(f"{what}: an SDXL checkpoint (conditioner.embedders.*) is not supported; "
+                                         f"SD 1.x and 2.x are")
+    if any(k.startswith("control_model.") for k in state):
+        raise UnsupportedCheckpointError(f"{what}: a ControlNet checkpoint (control_model.*) is not supported")
+    known = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.")
+    whole = any(k.startswith(known) for k in state)
+    if whole:
+        unknown = sorted(k for k in state if not k.startswith(known) and k not in _SCHEDULE_BUFFERS)
+        if unknown:
+            raise UnsupportedCheckpointError(f"{what}: keys outside model.diffusion_model / first_stage_model / "
+                                             f"cond_stage_model: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    parts = SDComponents(source=f"single file {path}")
+    yaml_params = _sidecar_yaml(path)
+
+    unet_state = un.split_unet_state(state)
+    if use_ema:
+        unet_state = _ema_weights(state, unet_state, what)
+    if unet_state:
+        config = UNetConfig(**meta["unet_config"]) if "unet_config" in meta else un.unet_config_from_original(
+            unet_state, what)
+        parts.unet_config, parts.unet_state = config, un.unet_from_original(unet_state, config)
+
+    autoencoder = _autoencoder_of_file(state, meta, yaml_params, what)
+    if autoencoder is not None:
+        parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = autoencoder
+
+    layout = text.text_layout(state)
+    if layout is not None:
+        parts.text_encoder = _text_encoder_from_file(state, layout, meta, tokenizer_path)
+    if tokenizer_path is not None:
+        parts.tokenizer = load_tokenizer(tokenizer_path)
+    if parts.unet_config is not None:
+        parts.schedule, parts.prediction = _schedule_of_file(state, meta, yaml_params, parts.unet_config,
+                                                             prediction, what)
+    return parts
+
+
+def read_single_file_autoencoder(path: str | Path) -> tuple[AutoencoderConfig, StateDict, float | None] | None:
+    """(config, our state dict, latent scale) of the autoencoder in a single file, or None when it has none. An SDXL
+    file's VAE is read too (only SDXL's UNet is unsupported), with SDXL's scale."""
+    path = Path(path)
+    state, meta = read_state_dict(path)
+    return _autoencoder_of_file(state, meta, _sidecar_yaml(path), f"single file {path}")
+
+
+def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: dict[str, Any],
+                         what: str) -> tuple[AutoencoderConfig, StateDict, float | None] | None:
+    """(config, our state dict, latent scale) of a single file's autoencoder, or None when it has none.
+
+    A whole model keeps it under `first_stage_model.`; a stand-alone VAE file is nothing else. The scale: our
+    metadata, the `.yaml`, a `scale_factor` buffer, SDXL's 0.13025 in an SDXL file, SD's 0.18215 in any other whole
+    model, and None for a stand-alone VAE (its file does not say which model it was trained for).
+    """
+    whole = any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.",
+                              "conditioner.embedders.")) for k in state)
+    if whole and not any(k.startswith("first_stage_model.") for k in state):
+        return None
+    ae_state = ae.split_autoencoder_state(state)
+    config = (AutoencoderConfig(**meta["autoencoder_config"]) if "autoencoder_config" in meta
+              else ae.autoencoder_config_from_original(ae_state, what))
+    scale = meta.get("latent_scale", yaml_params.get("scale_factor"))
+    if scale is None and "scale_factor" in state:
+        scale = float(state["scale_factor"])
+    if scale is None and whole:
+        sdxl = any(k.startswith("conditioner.embedders.") for k in state)
+        scale = ae.SDXL_LATENT_SCALE if sdxl else ae.SD_LATENT_SCALE
+    return config, ae.autoencoder_from_original(ae_state, config), scale
+
+
+def _ema_weights(state: StateDict, unet_state: StateDict, what: str) -> StateDict:
+    """The UNet's EMA copy: LDM's LitEma stores `model.diffusion_model.a.b` as `model_ema.diffusion_modelab`."""
+    ema = {k: state.get("model_ema." + f"diffusion_model.{k}".replace(".", "")) for k in unet_state}
+    missing = [k for k, v in ema.items() if v is None]
+    if missing:
+        raise ConfigError(f"{what}: use_ema asks for EMA weights but the file has none for {len(missing)} of "
+                          f"{len(ema)} UNet tensors (e.g. {missing[0]}); load it with use_ema=False")
+    return ema
+
+
+def _text_encoder_from_file(state: StateDict, layout: str, meta: dict[str, Any],
+                            tokenizer_path: str | Path | None) -> Any:
+    """A transformers CLIPTextModel built from a single file's SD 1 or OpenCLIP (SD 2) text encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config_fields = meta.get("text_encoder_config")
+    if layout == "sd1":
+        flat = text.sd1_to_flat(strip_prefix(state, text.SD1_PREFIX))
+        hidden_act = "quick_gelu"
+    else:
+        layers = None if config_fields is None else config_fields["num_hidden_layers"]
+        flat, _ = text.openclip_to_flat(strip_prefix(state, text.OPENCLIP_PREFIX), layers)
+        hidden_act = "gelu"
+    if config_fields is None:
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+        config_fields = text.clip_config_from_state(flat, hidden_act, tokenizer)
+    model = CLIPTextModel(CLIPTextConfig(**config_fields)).eval()
+    text.load_state_into(model, flat, f"text encoder ({layout} layout)")
+    return model
+
+
+def _schedule_of_file(state: StateDict, meta: dict[str, Any], yaml_params: dict[str, Any], unet: UNetConfig,
+                      prediction: str | None, what: str) -> tuple[ScheduleConfig, str]:
+    if "schedule" in meta:
+        schedule = ScheduleConfig(**meta["schedule"])
+    elif "linear_start" in yaml_params:
+        schedule = dataclasses.replace(SD_SCHEDULE, beta_start=yaml_params["linear_start"],
+                                       beta_end=yaml_params.get("linear_end", SD_SCHEDULE.beta_end),
+                                       num_train_timesteps=yaml_params.get("timesteps", 1000))
+    elif "betas" in state:
+        schedule = schedule_from_betas(state["betas"])
+    else:
+        schedule = SD_SCHEDULE
+    if prediction is None:
+        prediction = meta.get("prediction")
+    if prediction is None and yaml_params:
+        prediction = {"eps": "eps", "v": "v", "x0": "x0"}.get(yaml_params.get("parameterization", "eps"))
+    if prediction is None and unet.context_dim == 768:
+        prediction = "eps"  # every SD 1.x model
+    if prediction is None:
+        raise ConfigError(f"{what}: an SD 2.x file does not record what its UNet predicts: 768-px SD 2.x models "
+                          f"(e.g. v2-1_768-ema-pruned) predict v, 512-px base models eps. Pass prediction='v' or "
+                          f"'eps', or put the model's LDM config beside it as {Path(what.split()[-1]).stem}.yaml")
+    return schedule, prediction

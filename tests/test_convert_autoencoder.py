@@ -1,0 +1,125 @@
+"""KL autoencoder conversion against diffusers: a tiny diffusers AutoencoderKL (random weights) imported into ours
+encodes and decodes the same; ours exported (diffusers folder, single file) loads back into diffusers; every form
+`load_autoencoder_any` accepts gives the same network and the right latent scale."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from convert_helpers import TINY_VAE, diffusers_vae, max_diff  # noqa: E402
+
+from ldm.convert import (  # noqa: E402
+    autoencoder_config_from_diffusers,
+    autoencoder_config_to_diffusers,
+    autoencoder_to_diffusers,
+    load_autoencoder_any,
+)
+from ldm.convert.load import load_autoencoder_diffusers  # noqa: E402
+from ldm.convert.save import _save_safetensors, _write_json  # noqa: E402
+from ldm.nn.autoencoder import AutoencoderKL  # noqa: E402
+
+
+def _images(seed: int = 2) -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _latents(seed: int = 3) -> torch.Tensor:
+    return torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _compare(ours: AutoencoderKL, theirs, what: str) -> None:
+    """Encoder (posterior mean and log-variance) and decoder outputs of ours against a diffusers AutoencoderKL."""
+    x, z = _images(), _latents()
+    with torch.no_grad():
+        posterior, expected = ours.encode(x), theirs.encode(x).latent_dist
+        max_diff(posterior.mean, expected.mean, f"{what}: encoder mean")
+        max_diff(posterior.logvar, expected.logvar, f"{what}: encoder logvar")
+        max_diff(ours.decode(z), theirs.decode(z).sample, f"{what}: decoder")
+
+
+def test_diffusers_vae_imports_with_equal_outputs(tmp_path, single_torch_thread):
+    theirs = diffusers_vae()
+    theirs.save_pretrained(tmp_path / "vae")
+    config, state, scale = load_autoencoder_diffusers(tmp_path / "vae")
+    ours = AutoencoderKL(config).eval()
+    ours.load_state_dict(state)
+    assert scale == 0.18215 and config.ch_mult == [1, 2] and config.resolution == 32
+    _compare(ours, theirs, "VAE diffusers -> ours")
+
+
+def test_sdxl_vae_config_translates_with_its_scale():
+    """The SDXL VAE (madebyollin/sdxl-vae-fp16-fix and stabilityai/sdxl-vae configs): SD's KL-f8, scale 0.13025."""
+    sdxl = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+            "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": False}
+    config, scale = autoencoder_config_from_diffusers(sdxl)
+    assert scale == 0.13025
+    assert (config.ch, config.ch_mult, config.num_res_blocks, config.z_channels, config.resolution) == (
+        128, [1, 2, 4, 4], 2, 4, 1024)
+    back = autoencoder_config_to_diffusers(config, scale)
+    assert {k: back[k] for k in sdxl if k != "_class_name"} == {k: v for k, v in sdxl.items() if k != "_class_name"}
+
+
+def test_ours_exports_to_diffusers_and_single_file(tmp_path, single_torch_thread):
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    reference = diffusers_vae(seed=4)
+    reference.save_pretrained(tmp_path / "reference" / "vae")
+    config, _ = autoencoder_config_from_diffusers(TINY_VAE)
+    torch.manual_seed(5)
+    ours = AutoencoderKL(config).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    folder = tmp_path / "exported"
+    _write_json(autoencoder_config_to_diffusers(config, 0.2), folder / "vae" / "config.json")
+    _save_safetensors(autoencoder_to_diffusers(ours.state_dict(), config),
+                      folder / "vae" / "diffusion_pytorch_model.safetensors")
+    exported = DiffusersAutoencoderKL.from_pretrained(folder / "vae").eval()
+    assert exported.config.scaling_factor == 0.2
+    _compare(ours, exported, "VAE ours -> diffusers folder")
+
+    single = tmp_path / "vae.safetensors"
+    _save_safetensors({f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}, single)
+    from_single = DiffusersAutoencoderKL.from_single_file(str(single), config=str(tmp_path / "reference"),
+                                                         subfolder="vae", local_files_only=True).eval()
+    _compare(ours, from_single, "VAE ours -> single file -> diffusers from_single_file")
+
+
+def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
+    """A diffusers vae/ folder, a pipeline folder, a stand-alone VAE file (.ckpt with training-only loss entries),
+    our own export and our own checkpoint all give the same weights; the scale is diffusers' scaling_factor or None
+    when unknown. GroupNorm groups are not in a file's shapes: SD's 32 is assumed, so this VAE uses 32."""
+    theirs = diffusers_vae(dict(TINY_VAE, scaling_factor=0.13025, norm_num_groups=32), seed=6)
+    theirs.save_pretrained(tmp_path / "pipe" / "vae")
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                                        '"vae": ["diffusers", "AutoencoderKL"]}')
+    from_folder, scale, source = load_autoencoder_any(tmp_path / "pipe" / "vae")
+    assert scale == 0.13025 and "diffusers VAE" in source
+    from_pipe, scale, source = load_autoencoder_any(tmp_path / "pipe")
+    assert scale == 0.13025 and "pipeline" in source
+    reference = from_folder.state_dict()
+
+    stand_alone = dict(reference, **{"loss.logvar": torch.zeros(())})  # as LDM's autoencoder training writes it
+    torch.save({"state_dict": stand_alone, "global_step": 840000}, tmp_path / "vae-ft.ckpt")
+    from_file, scale, _ = load_autoencoder_any(tmp_path / "vae-ft.ckpt")
+    assert scale is None
+
+    from_pipe.save_pretrained(tmp_path / "ours")
+    from_export, scale, _ = load_autoencoder_any(tmp_path / "ours")
+    assert scale is None
+    # An AutoencoderModule checkpoint of ours: the config and the module's state dict (no EMA here).
+    torch.save({"autoencoder_config": dataclasses.asdict(from_pipe.config), "latent_stats": None,
+                "state_dict": {f"autoencoder.{k}": v for k, v in reference.items()}}, tmp_path / "stage1.ckpt")
+    from_ckpt, scale, source = load_autoencoder_any(tmp_path / "stage1.ckpt")
+    assert scale is None and source.startswith("checkpoint")
+    for model in (from_pipe, from_file, from_export, from_ckpt):
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    _compare(from_file.eval(), theirs, "VAE stand-alone .ckpt -> ours")

@@ -1,0 +1,129 @@
+"""What the converters refuse, each with an error naming the problem and never a half-loaded model: inpainting and
+SDXL UNets, VQ autoencoders, keys left over or missing, wrong shapes, and pickled code in a .ckpt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("diffusers")
+
+from convert_helpers import SD1_UNET, diffusers_unet  # noqa: E402
+
+from ldm.config import ConfigError  # noqa: E402
+from ldm.convert import UnsupportedCheckpointError, load_autoencoder_any, load_components, save_single_file  # noqa: E402
+from ldm.convert.load import load_unet_diffusers  # noqa: E402
+from ldm.convert.unet import unet_config_from_diffusers  # noqa: E402
+from ldm.diffusion.schedule import ScheduleConfig  # noqa: E402
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
+from ldm.nn.unet import UNet, UNetConfig  # noqa: E402
+
+TINY = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=8,
+                  context_dim=768)
+
+
+def _single_file(tmp_path: Path, unet_config: UNetConfig = TINY) -> Path:
+    """One of our single files with its metadata removed, as a released file would be."""
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1))
+    path = save_single_file(tmp_path / "ours.safetensors", UNet(unet_config), vae, 0.18215, ScheduleConfig(), "eps",
+                            overwrite=True)
+    bare = tmp_path / "model.safetensors"
+    save_file(load_file(str(path)), str(bare))
+    return bare
+
+
+def _edit(path: Path, change) -> Path:
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"in_channels": 9}, "inpainting UNet"),
+    ({"addition_embed_type": "text_time", "addition_time_embed_dim": 256}, "addition_embed_type='text_time'"),
+    ({"transformer_layers_per_block": [1, 2, 10]}, "transformer_layers_per_block"),
+    ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
+    ({"attention_head_dim": [2, 3, 5]}, "attention_head_dim"),
+    ({"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
+     "SimpleCrossAttnDownBlock2D"),
+])
+def test_unsupported_diffusers_unet_configs_are_named(change, message):
+    with pytest.raises(UnsupportedCheckpointError, match=message):
+        unet_config_from_diffusers({**SD1_UNET, **change})
+
+
+def test_vq_and_non_kl_autoencoders_are_refused(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "VQModel", "num_vq_embeddings": 256}))
+    with pytest.raises(UnsupportedCheckpointError, match="VQ autoencoders are not supported"):
+        load_autoencoder_any(tmp_path / "vae")
+    bare = _single_file(tmp_path)
+    _edit(bare, lambda s: s.update({"first_stage_model.quantize.embedding.weight": torch.zeros(16, 4)}))
+    with pytest.raises(UnsupportedCheckpointError, match="VQ autoencoder"):
+        load_components(bare)
+
+
+def test_leftover_missing_and_misshapen_keys_are_named(tmp_path, single_torch_thread):
+    diffusers_unet(SD1_UNET).save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    _edit(weights, lambda s: s.update({"mystery.weight": torch.zeros(3)}))
+    with pytest.raises(UnsupportedCheckpointError, match=r"unexpected keys \(1\): mystery.weight"):
+        load_unet_diffusers(tmp_path / "unet")
+    _edit(weights, lambda s: (s.pop("mystery.weight"), s.pop("mid_block.attentions.0.proj_out.bias")))
+    with pytest.raises(UnsupportedCheckpointError, match=r"missing keys \(1\): mid_block\.attentions\.0\.proj_out"):
+        load_unet_diffusers(tmp_path / "unet")
+    _edit(weights, lambda s: s.update({"mid_block.attentions.0.proj_out.bias": torch.zeros(5)}))
+    shape_error = r"wrong shape.*mid_block\.attentions\.0\.proj_out\.bias: \(5,\) instead of \(64,\)"
+    with pytest.raises(UnsupportedCheckpointError, match=shape_error):
+        load_unet_diffusers(tmp_path / "unet")
+
+    bare = _single_file(tmp_path)
+    _edit(bare, lambda s: s.update({"some_adapter.lora_up.weight": torch.zeros(2)}))
+    with pytest.raises(UnsupportedCheckpointError, match="some_adapter.lora_up.weight"):
+        load_components(bare)
+
+
+def test_inpainting_and_sdxl_single_files_are_refused(tmp_path):
+    bare = _single_file(tmp_path, UNetConfig(**{**TINY.__dict__, "in_channels": 9, "out_channels": 4}))
+    with pytest.raises(UnsupportedCheckpointError, match="inpainting UNet"):
+        load_components(bare)
+    bare = _single_file(tmp_path)
+    _edit(bare, lambda s: s.update({"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)}))
+    with pytest.raises(UnsupportedCheckpointError, match="SDXL checkpoint"):
+        load_components(bare)
+    _, scale, _ = load_autoencoder_any(bare)  # the VAE of an SDXL file is supported, with SDXL's scale
+    assert scale == 0.13025
+
+
+def test_pickled_code_in_a_ckpt_never_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callback": Payload()},
+               tmp_path / "evil.ckpt")
+    with pytest.raises(ConfigError, match="pickled objects other than tensors"):
+        load_components(tmp_path / "evil.ckpt")
+    with pytest.raises(ConfigError, match="pickled objects other than tensors"):
+        load_autoencoder_any(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_ema_weights_of_an_ldm_checkpoint(tmp_path):
+    """LDM training files keep the UNet's EMA as `model_ema.diffusion_modelinput_blocks00weight`: use_ema takes it,
+    the default takes the training weights, and a file without it says so."""
+    bare = _single_file(tmp_path)
+    _edit(bare, lambda s: s.update({"model_ema." + k[len("model."):].replace(".", ""): torch.full_like(v, 0.5)
+                                    for k, v in list(s.items()) if k.startswith("model.diffusion_model.")}))
+    ema = load_components(bare, use_ema=True).unet_state
+    assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in ema.values())
+    assert not torch.equal(load_components(bare).unet_state["conv_in.weight"], ema["conv_in.weight"])
+    with pytest.raises(ConfigError, match="use_ema=False"):
+        load_components(_single_file(tmp_path), use_ema=True)

@@ -1,0 +1,165 @@
+"""Whole tiny Stable Diffusion pipelines (diffusers UNet + VAE + DDIM scheduler, transformers CLIP + tokenizer):
+imported with `load_components`, exported with `save_diffusers` / `save_single_file`, loaded back by
+`StableDiffusionPipeline.from_pretrained` / `from_single_file`; SD 1 (CLIP layout) and SD 2 (OpenCLIP layout)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from convert_helpers import (  # noqa: E402
+    max_diff,
+    tiny_clip,
+    tiny_sd_pipeline,
+    tiny_tokenizer,
+    unet_inputs,
+)
+
+from ldm.convert import load_components, save_diffusers, save_single_file  # noqa: E402
+from ldm.convert.load import load_single_file  # noqa: E402
+from ldm.diffusion.schedule import ScheduleConfig  # noqa: E402
+
+PROMPTS = ["the cat", "a photo of the moon"]
+def _encode(text_encoder, tokenizer, prompts=PROMPTS) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids).last_hidden_state                               # (B, 77, D)
+
+
+def _check_same_model(parts, pipe, what: str) -> None:
+    """UNet, decoder and text encoder of our imported parts against a diffusers pipeline's."""
+    unet, vae = parts.build_unet().eval(), parts.build_autoencoder().eval()
+    context = _encode(pipe.text_encoder, pipe.tokenizer)
+    max_diff(_encode(parts.text_encoder, parts.tokenizer or pipe.tokenizer), context, f"{what}: text encoder")
+    x, t, _ = unet_inputs(context.shape[-1])
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        max_diff(unet(x, t, context), pipe.unet(x, t, encoder_hidden_states=context).sample, f"{what}: UNet")
+        max_diff(vae.decode(z), pipe.vae.decode(z).sample, f"{what}: decoder")
+
+
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_pipeline_round_trip_through_ours(style, tmp_path, single_torch_thread):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tiny_sd_pipeline(tmp_path, style)
+    parts = load_components(tmp_path / style)
+    assert parts.latent_scale == 0.18215 and parts.clip_layer == "last"
+    if style == "sd1":
+        assert parts.prediction == "eps"
+        assert (parts.schedule.timestep_spacing, parts.schedule.steps_offset) == ("leading", 1)
+    else:
+        assert parts.prediction == "v" and parts.schedule.zero_terminal_snr
+        assert parts.schedule.timestep_spacing == "trailing"
+    _check_same_model(parts, pipe, f"pipeline {style}: diffusers -> ours")
+    context, _ = parts.build_text_encoder()(PROMPTS)  # our conditioner's CLIPTextEncoder around the import
+    max_diff(context, _encode(pipe.text_encoder, pipe.tokenizer), f"pipeline {style}: diffusers -> CLIPTextEncoder")
+
+    # Export ours as a diffusers folder: StableDiffusionPipeline loads it and every part matches.
+    unet, vae = parts.build_unet(), parts.build_autoencoder()
+    out = save_diffusers(tmp_path / "export", unet, vae, parts.latent_scale, parts.schedule, parts.prediction,
+                         parts.build_text_encoder())
+    exported = StableDiffusionPipeline.from_pretrained(out)
+    assert type(exported.scheduler).__name__ == "DDIMScheduler"
+    assert exported.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
+    assert exported.vae.config.scaling_factor == parts.latent_scale
+    _check_same_model(parts, exported, f"pipeline {style}: ours -> diffusers folder")
+    assert load_components(out).schedule == parts.schedule
+
+    # Export ours as one single file: diffusers' single-file loader (local config, offline) gives the same model.
+    single = save_single_file(tmp_path / "model.safetensors", unet, vae, parts.latent_scale, parts.schedule,
+                              parts.prediction, parts.text_encoder)
+    from_single = StableDiffusionPipeline.from_single_file(str(single), config=str(tmp_path / style),
+                                                           local_files_only=True)
+    _check_same_model(parts, from_single, f"pipeline {style}: ours -> single file -> diffusers from_single_file")
+
+    # And back into ours from the single file, configs restored from its metadata.
+    again = load_single_file(single, tokenizer_path=tmp_path / style / "tokenizer")
+    assert (again.unet_config, again.autoencoder_config, again.schedule, again.prediction, again.latent_scale) == (
+        parts.unet_config, parts.autoencoder_config, parts.schedule, parts.prediction, parts.latent_scale)
+    _check_same_model(again, pipe, f"pipeline {style}: single file -> ours")
+
+
+def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread):
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    parts = load_components(tmp_path / "sd1")
+    unet, vae = parts.build_unet(), parts.build_autoencoder()
+    args = (unet, vae, parts.latent_scale, parts.schedule, parts.prediction)
+    out = save_diffusers(tmp_path / "export", *args)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None]  # no CLIP given: not portable, said so in the index
+    loaded = StableDiffusionPipeline.from_pretrained(out, text_encoder=None, tokenizer=None)  # the caller brings one
+    assert loaded.text_encoder is None and loaded.unet.config.sample_size == 32 // 2  # VAE size / its factor
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_diffusers(out, *args)
+    save_diffusers(out, *args, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, overwrite=True)
+    assert (out / "text_encoder").is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no temp dirs left behind
+    with pytest.raises(FileExistsError):
+        save_single_file(out / "unet" / "diffusion_pytorch_model.safetensors", *args)
+
+
+def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_thread):
+    """A UNet trained on CLIP's penultimate layer (SD 2's choice) exports a text encoder without its last block,
+    whose last_hidden_state is final_layer_norm(hidden_states[-2])."""
+    from ldm.convert import export_text_encoder
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    model = tiny_clip(tokenizer, 32, "gelu", layers=3)
+    short, _ = export_text_encoder(model, tokenizer, "penultimate")
+    assert short.config.num_hidden_layers == 2
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        expected = model.final_layer_norm(out.hidden_states[-2]) if not hasattr(model, "text_model") else \
+            model.text_model.final_layer_norm(out.hidden_states[-2])
+        max_diff(short(ids).last_hidden_state, expected, "penultimate CLIP layer -> shortened encoder")
+
+
+def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread):
+    """An SD 2 file without metadata or .yaml does not say whether it predicts v or eps: the loader asks."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.config import ConfigError
+    from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.nn.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
+                           num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True))
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1))
+    path = save_single_file(tmp_path / "sd2.safetensors", unet, vae, 0.18215, ScheduleConfig(), "v")
+    save_file(load_file(str(path)), str(tmp_path / "bare.safetensors"))  # the same tensors, no metadata
+    with pytest.raises(ConfigError, match="prediction='v' or 'eps'"):
+        load_components(tmp_path / "bare.safetensors")
+    parts = load_components(tmp_path / "bare.safetensors", prediction="v")
+    assert parts.prediction == "v" and parts.schedule.steps_offset == 1  # SD's defaults for a bare file
+    (tmp_path / "bare.yaml").write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.00085\n")
+    assert load_components(tmp_path / "bare.safetensors").prediction == "v"
+
+
+def test_released_sd2_text_tower_keeps_the_penultimate_layer(tmp_path, single_torch_thread):
+    """A released SD 2 file holds OpenCLIP's whole text tower (one block more than SD 2 uses, the projection, the
+    logit scale) and no metadata: the import drops what SD 2 never uses and matches diffusers' 23-of-24 encoder."""
+    from safetensors.torch import save_file
+
+    from ldm.convert import text
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    used = tiny_clip(tokenizer, 64, "gelu", layers=2, head_dim=64)  # a file has no head count: CLIP's 64 wide
+    flat = {k.removeprefix("text_model."): v for k, v in used.state_dict().items() if not k.endswith("position_ids")}
+    tower = text.flat_to_openclip(flat)
+    extra = {k.replace("resblocks.1.", "resblocks.2."): torch.randn_like(v) for k, v in tower.items()
+             if k.startswith("transformer.resblocks.1.")}
+    released = {**tower, **extra, "text_projection": torch.randn(64, 64), "logit_scale": torch.tensor(4.6)}
+    save_file({f"cond_stage_model.model.{k}": v.contiguous() for k, v in released.items()},
+              str(tmp_path / "v2-1.safetensors"))
+    parts = load_components(tmp_path / "v2-1.safetensors", tokenizer_path=tmp_path / "tok")
+    assert parts.text_encoder.config.num_hidden_layers == 2 and parts.text_encoder.config.hidden_act == "gelu"
+    max_diff(_encode(parts.text_encoder, parts.tokenizer), _encode(used, tokenizer), "released SD 2 text tower -> ours")

@@ -1,0 +1,72 @@
+"""Stable Diffusion through the whole stack: `model.init_from` imports a (tiny) diffusers pipeline, our `generate`
+equals diffusers' StableDiffusionPipeline on our export, `ldm-train` fine-tunes the import, `ldm-export` hands the
+result back to diffusers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from convert_helpers import max_diff, tiny_sd_pipeline
+from hydra import compose, initialize_config_dir
+
+from ldm.cli.common import CONF_DIR
+from ldm.cli.export import export
+from ldm.cli.train import train
+from ldm.convert import load_components
+from ldm.modules.latent_diffusion import LatentDiffusionModule
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.seeding import StackedRandomGenerator
+
+PROMPTS = ["the cat", "a photo of the moon"]
+
+
+def test_our_generate_equals_diffusers_on_our_export(tmp_path: Path, single_torch_thread):
+    """Same initial latents, DDIM 10 steps, guidance 5: the same images from our pipeline and from diffusers'
+    StableDiffusionPipeline loading our ldm-export output."""
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None})
+    c = module.config
+    assert c.conditioner.kind == "clip" and c.diffusion.prediction == "eps" and c.unet.context_dim == 48
+    assert (c.diffusion.schedule.timestep_spacing, c.diffusion.schedule.steps_offset) == ("leading", 1)
+    assert module.pipeline.latent_scale == 0.18215
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")                  # text_encoder/ travels with it
+    hf_dir = export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    pipeline = LatentDiffusionPipeline.from_pretrained(ours)
+    hf = StableDiffusionPipeline.from_pretrained(hf_dir)
+
+    seeds = [3, 4]
+    latents = StackedRandomGenerator(seeds).randn((2, 4, 16, 16))              # what our generate starts from
+    with torch.no_grad():
+        mine = pipeline.generate(PROMPTS, seeds, sampler="ddim", num_steps=10, guidance_scale=5.0)
+        theirs = hf(PROMPTS, latents=latents, num_inference_steps=10, guidance_scale=5.0, output_type="pt").images
+    max_diff((mine + 1) / 2, theirs, "DDIM 10 steps, guidance 5: ours vs diffusers, [0, 1] pixels", tol=1e-3)
+
+
+def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path: Path, shapes_shards: Path):
+    """`model=ldm/tiny model.init_from=P` trains the imported model for a few CPU steps; `ldm-export` writes a
+    diffusers folder of the fine-tuned weights that StableDiffusionPipeline loads and runs."""
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    run = tmp_path / "run"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "model=ldm/tiny", f"model.init_from={tmp_path / 'sd1'}", "model.lr=1e-3", "model.warmup_steps=0",
+            "model.val_num_steps=2", f"data.train_shards={shapes_shards}/train-*.tar",
+            f"data.val_shards={shapes_shards}/val-*.tar", "data.resolution=32", "data.batch_size=2",
+            "data.num_workers=0", "trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1", "logger=csv", f"paths.output_dir={run}", "callbacks.progress=null"])
+    train(cfg)
+    out = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "diffusers",
+                  "output_dir": str(tmp_path / "hf")})
+    hf = StableDiffusionPipeline.from_pretrained(out)
+    before, after = load_components(tmp_path / "sd1"), load_components(out)
+    changed = [k for k, v in after.unet_state.items() if not torch.equal(v, before.unet_state[k])]
+    assert changed, "the exported UNet should hold the fine-tuned weights"
+    assert all(torch.equal(v, before.autoencoder_state[k]) for k, v in after.autoencoder_state.items())  # frozen
+    images = hf(PROMPTS, num_inference_steps=2, guidance_scale=3.0, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
