@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
+from convert_helpers import TINY_VAE, diffusers_vae, max_diff
 
-pytest.importorskip("diffusers")
-
-from convert_helpers import TINY_VAE, diffusers_vae, max_diff  # noqa: E402
-
-from ldm.convert import (  # noqa: E402
+from ldm.convert import (
     autoencoder_config_from_diffusers,
     autoencoder_config_to_diffusers,
     autoencoder_to_diffusers,
     load_autoencoder_any,
 )
-from ldm.convert.load import load_autoencoder_diffusers  # noqa: E402
-from ldm.convert.save import _save_safetensors, _write_json  # noqa: E402
-from ldm.nn.autoencoder import AutoencoderKL  # noqa: E402
+from ldm.convert.load import load_autoencoder_diffusers
+from ldm.convert.save import _save_safetensors, _write_json
+from ldm.nn.autoencoder import AutoencoderKL
 
 
 def _images(seed: int = 2) -> torch.Tensor:

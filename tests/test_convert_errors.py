@@ -8,19 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_helpers import SD1_UNET, diffusers_unet
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("diffusers")
-
-from convert_helpers import SD1_UNET, diffusers_unet  # noqa: E402
-
-from ldm.config import ConfigError  # noqa: E402
-from ldm.convert import UnsupportedCheckpointError, load_autoencoder_any, load_components, save_single_file  # noqa: E402
-from ldm.convert.load import load_unet_diffusers  # noqa: E402
-from ldm.convert.unet import unet_config_from_diffusers  # noqa: E402
-from ldm.diffusion.schedule import ScheduleConfig  # noqa: E402
-from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
-from ldm.nn.unet import UNet, UNetConfig  # noqa: E402
+from ldm.config import ConfigError
+from ldm.convert import UnsupportedCheckpointError, load_autoencoder_any, load_components, save_single_file
+from ldm.convert.load import load_unet_diffusers
+from ldm.convert.unet import unet_config_from_diffusers
+from ldm.diffusion.schedule import ScheduleConfig
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.nn.unet import UNet, UNetConfig
 
 TINY = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=8,
                   context_dim=768)

@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
-from ldm.convert import autoencoder as ae  # noqa: E402
-from ldm.convert import text  # noqa: E402
-from ldm.convert import unet as un  # noqa: E402
-from ldm.convert.common import invert, meta_state_shapes  # noqa: E402
-from ldm.nn.autoencoder import AutoencoderKL  # noqa: E402
-from ldm.nn.unet import UNet, count_parameters  # noqa: E402
+from ldm.convert import autoencoder as ae
+from ldm.convert import text
+from ldm.convert import unet as un
+from ldm.convert.common import invert, meta_state_shapes
+from ldm.nn.autoencoder import AutoencoderKL
+from ldm.nn.unet import UNet, count_parameters
 
 # unet/config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 (the fields that matter).
 SD15_UNET = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,

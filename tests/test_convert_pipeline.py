@@ -8,10 +8,7 @@ import json
 
 import pytest
 import torch
-
-pytest.importorskip("diffusers")
-
-from convert_helpers import (  # noqa: E402
+from convert_helpers import (
     max_diff,
     tiny_clip,
     tiny_sd_pipeline,
@@ -19,9 +16,9 @@ from convert_helpers import (  # noqa: E402
     unet_inputs,
 )
 
-from ldm.convert import load_components, save_diffusers, save_single_file  # noqa: E402
-from ldm.convert.load import load_single_file  # noqa: E402
-from ldm.diffusion.schedule import ScheduleConfig  # noqa: E402
+from ldm.convert import load_components, save_diffusers, save_single_file
+from ldm.convert.load import load_single_file
+from ldm.diffusion.schedule import ScheduleConfig
 
 PROMPTS = ["the cat", "a photo of the moon"]
 def _encode(text_encoder, tokenizer, prompts=PROMPTS) -> torch.Tensor:

@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from convert_helpers import SD1_UNET, SD2_UNET, diffusers_unet, max_diff, unet_inputs
 
-pytest.importorskip("diffusers")
-
-from convert_helpers import SD1_UNET, SD2_UNET, diffusers_unet, max_diff, unet_inputs  # noqa: E402
-
-from ldm.convert import (  # noqa: E402
+from ldm.convert import (
     unet_config_from_diffusers,
     unet_config_from_original,
     unet_config_to_diffusers,
     unet_from_original,
     unet_to_original,
 )
-from ldm.convert.load import load_components, load_unet_diffusers  # noqa: E402
-from ldm.convert.save import _save_safetensors, _write_json  # noqa: E402
-from ldm.convert.unet import unet_to_diffusers  # noqa: E402
-from ldm.nn.unet import UNet, UNetConfig  # noqa: E402
+from ldm.convert.load import load_components, load_unet_diffusers
+from ldm.convert.save import _save_safetensors, _write_json
+from ldm.convert.unet import unet_to_diffusers
+from ldm.nn.unet import UNet, UNetConfig
 
 STYLES = {"sd1": SD1_UNET, "sd2": SD2_UNET,
           "classes": dict(SD1_UNET, num_class_embeds=11),
