@@ -13,6 +13,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hydra_schemas() -> None:
+    """conf/ extends the dataclass schemas: store them in Hydra's ConfigStore before a test composes it, as every
+    CLI does at import."""
+    from ldm.config import register_schemas
+
+    register_schemas()
+
+
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 train / 16 val shapes samples at 32 px, 16 per shard (4 + 1 shards), seed 0, with summary.json."""

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from ldm.config import ConfigError
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, load_autoencoder
 from ldm.nn.discriminator import DiscriminatorConfig, NLayerDiscriminator
 
@@ -25,9 +26,9 @@ def test_encode_decode_shapes(ch_mult, f):
 
 
 def test_cross_field_checks_print_both_values():
-    with pytest.raises(ValueError, match=r"resolution=36 .* f=8"):
+    with pytest.raises(ConfigError, match=r"resolution=36 .* f=8"):
         AutoencoderConfig(resolution=36, ch_mult=[1, 2, 4, 4])
-    with pytest.raises(ValueError, match=r"channel count 24 .* norm_groups=32"):
+    with pytest.raises(ConfigError, match=r"channel count 24 .* norm_groups=32"):
         AutoencoderConfig(resolution=32, ch=24, ch_mult=[1, 2])
 
 
@@ -76,7 +77,7 @@ def test_patch_discriminator(norm, n_layers):
     disc = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=n_layers, norm=norm))
     logits = disc(torch.randn(2, 3, 64, 64))
     assert logits.shape[:2] == (2, 1) and logits.shape[-1] > 1  # one logit per patch
-    with pytest.raises(ValueError, match="norm='layer'"):
+    with pytest.raises(ConfigError, match="norm='layer'"):
         DiscriminatorConfig(norm="layer")
 
 

@@ -1,10 +1,23 @@
-"""Schema validation: a misspelt key, a wrong type or a value outside a fixed set fails with the key named."""
+"""Schema validation: a misspelt key, a wrong type or a value outside a fixed set fails with the key named; the
+schemas registered with Hydra, so that conf/ states every default once."""
 
+import dataclasses
+import pickle
+import shutil
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import hydra
 import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
-from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm import config as configs
+from ldm.cli.common import CONF_DIR
+from ldm.config import SCHEMAS, ConfigError, check_choice, compose_node, instantiate, to_dataclass
+from ldm.nn.unet import UNET_CONFIGS
 
 
 @dataclass
@@ -48,3 +61,159 @@ def test_wrong_type_is_named():
 def test_choice_lists_allowed_values():
     with pytest.raises(ConfigError, match=r"sampler='euler'.*\['ddpm', 'ddim'\]"):
         to_dataclass(Outer, {"sampler": "euler"}, prefix="model")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# conf/ extends the schemas registered with Hydra: composition gives every field, a YAML lists only what it changes.
+
+CONF = Path(CONF_DIR)
+# Every file of conf/ whose node a dataclass validates: model and data options, and the primary configs of the CLIs
+# other than ldm-train (ldm-data, ldm-eval, ldm-sample, ...).
+SCHEMA_FILES = sorted(p.relative_to(CONF).with_suffix("").as_posix()
+                      for p in [*CONF.glob("model/*/*.yaml"), *CONF.glob("data/*.yaml"), *CONF.glob("*.yaml")]
+                      if "/schema/" in p.read_text())
+
+
+def _schema_of(name: str) -> type:
+    """The dataclass behind conf/<name>.yaml, read from its defaults list (`- /schema/<path>@_here_`)."""
+    entries = [e for e in OmegaConf.load(CONF / f"{name}.yaml").defaults if isinstance(e, str)]
+    paths = [e.split("@")[0].removeprefix("/schema/") for e in entries if e.startswith("/schema/")]
+    assert len(paths) == 1, f"conf/{name}.yaml must extend exactly one schema, found {paths}"
+    target = hydra.utils.get_class(SCHEMAS[paths[0]])
+    return target if dataclasses.is_dataclass(target) else target.Config
+
+
+def _missing_keys(node: dict, schema: type, where: str) -> list[str]:
+    """Fields of the dataclass `schema` (and of its nested dataclass fields) that `node` does not hold."""
+    hints = typing.get_type_hints(schema)
+    missing = [f"{where}.{f.name}" for f in dataclasses.fields(schema) if f.name not in node]
+    for key, value in node.items():
+        nested = [t for t in (typing.get_args(hints.get(key)) or (hints.get(key),)) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, dict):
+            missing += _missing_keys(value, nested[0], f"{where}.{key}")
+    return missing
+
+
+def _leaves(node: Any, where: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a plain nested dict (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {where: node}
+    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{where}.{key}" if where else key).items()}
+
+
+def _messages(err: BaseException | None) -> str:
+    """An exception's message and those of its causes (Hydra names the full key in the cause)."""
+    return "" if err is None else f"{err}\n{_messages(err.__cause__)}"
+
+
+@pytest.mark.parametrize("name", SCHEMA_FILES)
+def test_composition_gives_the_full_schema(name):
+    # Every key exists after composition, so `model.conditioner.num_classes=10` works without Hydra's `+key=` syntax.
+    node = OmegaConf.to_container(compose_node(name), resolve=False)
+    assert _missing_keys(node, _schema_of(name), name) == []
+
+
+@pytest.mark.parametrize("name", SCHEMA_FILES)
+def test_yaml_lists_only_what_differs_from_what_it_extends(name, tmp_path):
+    # The same file reduced to its defaults list composes to what it extends (the schema, a named size); no value of
+    # the file may equal the value it replaces there. A default is stated once, in the dataclass.
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    raw = OmegaConf.load(CONF / f"{name}.yaml")
+    OmegaConf.save(OmegaConf.masked_copy(raw, [k for k in ("defaults", "hydra") if k in raw]), conf / f"{name}.yaml")
+    base = _leaves(OmegaConf.to_container(compose_node(name, conf_dir=str(conf)), resolve=False))
+    body = OmegaConf.to_container(OmegaConf.masked_copy(raw, [k for k in raw if k not in ("defaults", "hydra")]))
+    restated = {key: value for key, value in _leaves(body).items() if key in base and base[key] == value}
+    assert restated == {}, f"conf/{name}.yaml restates what it extends; delete these lines: {restated}"
+
+
+def test_named_unet_sizes_have_one_home():
+    # model/ldm/sd15 takes SD 1.5's UNet from UNET_CONFIGS; model/ldm/tiny starts from "tiny" and changes two keys.
+    sd15 = OmegaConf.to_object(compose_node("model/ldm/sd15").unet)
+    assert sd15 == UNET_CONFIGS["sd15"]
+    tiny = OmegaConf.to_object(compose_node("model/ldm/tiny").unet)
+    assert tiny == dataclasses.replace(UNET_CONFIGS["tiny"], attention_levels=[0, 1], use_linear_proj=True)
+    # Another size on the command line; the model file's own changes still apply on top.
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        small = hydra.compose("train", overrides=["model=ldm/tiny", "unet@model.unet=small"]).model.unet
+    assert (small.model_channels, small.context_dim, small.attention_levels) == (128, 512, [0, 1])
+
+
+def test_recipes_resting_on_schema_defaults_keep_their_numbers():
+    # kl_f8 and sd15 list only what differs from the schemas, whose defaults are LDM's KL-f8 and SD 1.5's objective:
+    # a changed default would change these recipes silently, so their published numbers are pinned here.
+    kl_f8 = compose_node("model/autoencoder/kl_f8")
+    assert (kl_f8.net.ch, kl_f8.net.ch_mult, kl_f8.net.num_res_blocks, kl_f8.net.embed_dim) == (128, [1, 2, 4, 4], 2, 4)
+    assert (kl_f8.loss.rec_loss, kl_f8.loss.lpips_weight, kl_f8.loss.kl_weight, kl_f8.loss.gan_loss) == \
+        ("l1", 1.0, 1e-6, "hinge")
+    assert (kl_f8.loss.disc_start, kl_f8.loss.disc_weight, kl_f8.ema_decay, kl_f8.betas) == \
+        (50001, 0.5, None, [0.5, 0.9])
+    sd15 = compose_node("model/ldm/sd15")
+    schedule = sd15.diffusion.schedule
+    assert (sd15.diffusion.prediction, sd15.lr, sd15.conditioner.cond_drop_prob) == ("eps", 1e-4, 0.1)
+    assert (schedule.num_train_timesteps, schedule.beta_schedule, schedule.beta_start, schedule.beta_end) == \
+        (1000, "scaled_linear", 0.00085, 0.012)
+    assert (schedule.zero_terminal_snr, schedule.timestep_spacing, schedule.steps_offset) == (False, "leading", 1)
+
+
+def test_misspelt_key_or_wrong_type_in_a_yaml_fails_at_composition_naming_the_full_key(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    tiny = conf / "model" / "ldm" / "tiny.yaml"
+    original = tiny.read_text()
+    tiny.write_text(original.replace("  num_layers: 2\n", "  num_layres: 2\n"))
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_node("model/ldm/tiny", conf_dir=str(conf))
+    assert "model.ldm.conditioner.num_layres" in _messages(err.value)
+    tiny.write_text(original.replace("warmup_steps: 50", "warmup_steps: fifty"))
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_node("model/ldm/tiny", conf_dir=str(conf))
+    assert "model.ldm.warmup_steps" in _messages(err.value)
+
+
+def test_wrong_type_on_the_command_line_fails_at_composition_naming_the_full_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_node("model/ldm/tiny", ["unet.model_channels=many"])
+    assert "model.ldm.unet.model_channels" in _messages(err.value)
+
+
+def test_composed_config_pickles_by_reference():
+    # The submitit launcher pickles the composed config; its node classes are found again by name.
+    node = compose_node("model/ldm/tiny")
+    node_class = OmegaConf.get_type(node)
+    assert node_class.__module__ == "ldm.config" and getattr(configs, node_class.__name__) is node_class
+    assert OmegaConf.get_type(pickle.loads(pickle.dumps(node))) is node_class
+    with pytest.raises(AttributeError):
+        configs.NoSuchNode  # noqa: B018
+
+
+# One error type for every bad config value: stage 1, contrastive, data, eval and sample raise ConfigError, which a
+# sweep treats alike (it stops) and which still is a ValueError for callers that catch that.
+BAD_VALUES = [
+    ("model/autoencoder/kl_tiny", ["net.resolution=34"], r"resolution=34 is not divisible"),
+    ("model/autoencoder/kl_tiny", ["net.norm_groups=7"], "norm_groups=7"),
+    ("model/autoencoder/kl_tiny", ["net.dropout=1.5"], r"dropout=1.5 must lie in \[0, 1\)"),
+    ("model/autoencoder/kl_tiny", ["betas=[0.5]"], "betas"),
+    ("model/autoencoder/kl_tiny", ["loss.rec_loss=l3"], r"rec_loss='l3' is not allowed; choose one of \['l1', 'l2'\]"),
+    ("model/autoencoder/kl_tiny", ["loss.gan_loss=wgan"], "gan_loss='wgan'"),
+    ("model/autoencoder/kl_tiny", ["loss.disc.norm=layer"], "norm='layer'"),
+    ("model/autoencoder/kl_tiny", ["loss.disc.n_layers=0"], "n_layers=0"),
+    ("model/contrastive/tiny", ["image.resolution=32", "text.num_heads=3"], "width=64 is not divisible by num_heads=3"),
+    ("model/contrastive/tiny", ["image.resolution=32", "init_temperature=5.0"], "init_temperature"),
+    ("data/webdataset", ["train_shards=x.tar", "val_shards=null", "batch_size=0"], "data.batch_size=0"),
+    ("data", ["output_dir=out", "source=bad"], "source='bad'"),
+    ("eval", ["ckpt_path=a.ckpt", "output_dir=out", "feature_dim=5"], "feature_dim=5"),
+    ("sample", ["ckpt_path=a.ckpt", "output_dir=out", "prompts=[a]", "num_steps=0"], "num_steps=0"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, message", BAD_VALUES)
+def test_every_bad_config_value_raises_config_error(name, overrides, message):
+    node = compose_node(name, overrides)
+    if "seed" in node and OmegaConf.is_interpolation(node, "seed"):
+        node.seed = 0  # ${seed} lives in the primary config
+    with pytest.raises(ConfigError, match=message):
+        if "_target_" in node:
+            instantiate(node, name.split("/")[0])  # builds the object: constructor checks count too
+        else:
+            to_dataclass(_schema_of(name), node)

@@ -3,10 +3,8 @@ console script trains a few steps and leaves a resumable run directory."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import hydra
@@ -14,21 +12,22 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from scale_helpers import REPO, cli_env, compose_train, tiny_overrides
+from test_config import _missing_keys
 
 from ldm import config as configs
 from ldm.cli.common import CONF_DIR
 from ldm.cli.train import train
+from ldm.data.datamodule import WebDataModule
+from ldm.modules.latent_diffusion import LatentDiffusionModule
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
-MODELS = sorted(p.relative_to(Path(CONF_DIR) / "model").with_suffix("").as_posix()
-                for p in (Path(CONF_DIR) / "model").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
     cfg = compose_train([f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
-    if OmegaConf.is_missing(cfg.model, "autoencoder_path"):
+    if "autoencoder_path" in cfg.model and cfg.model.autoencoder_path is None:
         cfg.model.autoencoder_path = "/tmp/unused/export"  # required on the command line for stage 2
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for group in ("model", "data"):  # the schemas check every key and type, without building anything
@@ -36,24 +35,18 @@ def test_every_experiment_composes_and_validates(experiment):
         configs.to_dataclass(schema, cfg[group], group)
 
 
-def _missing_keys(node: dict, schema: type, where: str) -> list[str]:
-    """Fields of the dataclass `schema` (and of its nested dataclass fields) that `node` does not list."""
-    hints = typing.get_type_hints(schema)
-    missing = [f"{where}.{f.name}" for f in dataclasses.fields(schema) if f.name not in node]
-    for key, value in node.items():
-        nested = [t for t in (typing.get_args(hints.get(key)) or (hints.get(key),)) if dataclasses.is_dataclass(t)]
-        if nested and isinstance(value, dict):
-            missing += _missing_keys(value, nested[0], f"{where}.{key}")
-    return missing
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_every_model_config_lists_every_schema_key(model):
-    # A key the YAML leaves out can only be set with Hydra's "+key=" syntax: every `model.x.y=v` override the README
-    # shows (e.g. model.conditioner.num_classes=10 on a text model) must work as written.
-    node = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / f"{model}.yaml"))
-    schema = hydra.utils.get_class(node["_target_"]).Config
-    assert _missing_keys(node, schema, "model") == []
+def test_cfg_job_prints_every_schema_key_and_the_experiment_prompts():
+    # The console script stores the schemas before Hydra composes: --cfg job shows the full, validated config.
+    result = subprocess.run([sys.executable, "-m", "ldm.cli.train", "experiment=quickstart_ldm", "--cfg", "job"],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = OmegaConf.to_container(OmegaConf.create(result.stdout))
+    assert _missing_keys(cfg["model"], LatentDiffusionModule.Config, "model") == []
+    assert _missing_keys(cfg["data"], WebDataModule.Config, "data") == []
+    assert cfg["model"]["_target_"] == "ldm.modules.latent_diffusion.LatentDiffusionModule"
+    assert cfg["model"]["val_prompts"][0] == "a large red circle in the center on a white background"
+    # The model alone samples the validation batch's captions: no shapes prompts outside the shapes experiments.
+    assert compose_train(["model=ldm/tiny"]).model.val_prompts == []
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ldm.config import ConfigError
 from ldm.distributed import rank_and_world
 from ldm.eval.evaluator import rank_batches
 from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
@@ -51,7 +52,8 @@ class FIDCallback(L.Callback):
                  use_ema: bool = True):
         super().__init__()
         if every_n_steps < 1 or num_samples < 2:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 and num_samples={num_samples} >= 2")
+            raise ConfigError(f"callbacks.fid.every_n_steps={every_n_steps} must be >= 1 and callbacks.fid.num_samples="
+                              f"{num_samples} >= 2")
         self.val_shards = val_shards
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples

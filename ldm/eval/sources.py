@@ -9,7 +9,6 @@ the first caption extension the caption.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -18,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ldm.config import ConfigError
+from ldm.images import decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption", "json")
@@ -90,7 +92,7 @@ def iter_shard_samples(shards: Sequence[str]) -> Iterator[tuple[Image.Image, str
     for members in iter_shard_members(shards):
         ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if ext is not None:
-            yield Image.open(io.BytesIO(members[ext])).convert("RGB"), sample_caption(members)
+            yield decode_image(members[ext]), sample_caption(members)  # 8-bit RGB, as the training loader sees it
 
 
 def to_resolution(image: Image.Image, resolution: int) -> Image.Image:
@@ -158,14 +160,16 @@ def load_prompts(source: str, num_samples: int, shards: Sequence[str] | None = N
     """`num_samples` prompts, cycling through the set when it is smaller: captions of `shards` or lines of a file."""
     if source == "val_shards":
         if not shards:
-            raise ValueError("prompts_source=val_shards needs val_shards (the shard set whose captions are prompts)")
+            raise ConfigError("prompts_source=val_shards needs val_shards (the shard set whose captions are prompts); "
+                              "set val_shards=DIR_OR_GLOB (a checkpoint or export that records its validation "
+                              "shards supplies them itself)")
         prompts = shard_captions(shards, limit=num_samples)
     elif source == "file":
         if not prompts_file or not Path(prompts_file).is_file():
             raise FileNotFoundError(f"prompts_source=file needs prompts_file, one prompt a line; got {prompts_file!r}")
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     else:
-        raise ValueError(f"prompts_source={source!r}; choose val_shards or file")
+        raise ConfigError(f"prompts_source={source!r}; choose val_shards or file")
     if not prompts:
-        raise ValueError(f"prompts_source={source}: found no prompts")
+        raise ConfigError(f"prompts_source={source}: found no prompts")
     return [prompts[i % len(prompts)] for i in range(num_samples)]

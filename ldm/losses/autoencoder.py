@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.config import check_choice
 from ldm.losses.lpips import build_lpips
 from ldm.nn.autoencoder import DiagonalGaussianDistribution
 from ldm.nn.discriminator import DiscriminatorConfig, NLayerDiscriminator
@@ -40,10 +41,8 @@ class LossConfig:
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
     def __post_init__(self) -> None:
-        if self.rec_loss not in REC_LOSSES:
-            raise ValueError(f"rec_loss={self.rec_loss!r} is not allowed; choose one of {list(REC_LOSSES)}")
-        if self.gan_loss not in GAN_LOSSES:
-            raise ValueError(f"gan_loss={self.gan_loss!r} is not allowed; choose one of {list(GAN_LOSSES)}")
+        check_choice("rec_loss", self.rec_loss, REC_LOSSES)
+        check_choice("gan_loss", self.gan_loss, GAN_LOSSES)
 
 
 def discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ldm.config import ConfigError
+
 NORMS = ("batch", "group", "none")
 
 
@@ -20,9 +22,9 @@ class DiscriminatorConfig:
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ValueError(f"discriminator norm={self.norm!r} is not allowed; choose one of {list(NORMS)}")
+            raise ConfigError(f"discriminator norm={self.norm!r} is not allowed; choose one of {list(NORMS)}")
         if self.n_layers < 1:
-            raise ValueError(f"discriminator n_layers={self.n_layers} must be >= 1")
+            raise ConfigError(f"discriminator n_layers={self.n_layers} must be >= 1")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -337,7 +337,9 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# Named sizes. "sd15" and "sd21" reproduce Stable Diffusion's UNets; the rest are for research at small scale.
+# Named sizes. "sd15" and "sd21" reproduce Stable Diffusion's UNets; the rest are for research at small scale. This
+# is their one home: ldm.config.register_schemas stores them as Hydra's `unet` group, and a model YAML starts from
+# one with `- /unet@unet: tiny` in its defaults list, then lists only what it changes.
 UNET_CONFIGS: dict[str, UNetConfig] = {
     # Tests and CPU smoke runs: 2 levels, attention at the lower resolution, 1.06M parameters.
     "tiny": UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
