@@ -91,31 +91,32 @@ def test_ours_exports_to_diffusers_and_single_file(tmp_path, single_torch_thread
 
 def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
     """A diffusers vae/ folder, a pipeline folder, a stand-alone VAE file (.ckpt with training-only loss entries),
-    our own export and our own checkpoint all give the same weights; the scale is diffusers' scaling_factor or None
-    when unknown. GroupNorm groups are not in a file's shapes: SD's 32 is assumed, so this VAE uses 32."""
+    our own export and our own checkpoint all give the same weights; the scale is diffusers' scaling_factor (as the
+    statistics' scale_factor), or None when unknown. GroupNorm groups are not in a file's shapes: SD's 32 is
+    assumed, so this VAE uses 32."""
     theirs = diffusers_vae(dict(TINY_VAE, scaling_factor=0.13025, norm_num_groups=32), seed=6)
     theirs.save_pretrained(tmp_path / "pipe" / "vae")
     (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
                                                         '"vae": ["diffusers", "AutoencoderKL"]}')
-    from_folder, scale, source = load_autoencoder_any(tmp_path / "pipe" / "vae")
-    assert scale == 0.13025 and "diffusers VAE" in source
-    from_pipe, scale, source = load_autoencoder_any(tmp_path / "pipe")
-    assert scale == 0.13025 and "pipeline" in source
+    from_folder, stats, source = load_autoencoder_any(tmp_path / "pipe" / "vae")
+    assert stats == {"scale_factor": 0.13025} and "diffusers VAE" in source
+    from_pipe, stats, source = load_autoencoder_any(tmp_path / "pipe")
+    assert stats == {"scale_factor": 0.13025} and "pipeline" in source
     reference = from_folder.state_dict()
 
     stand_alone = dict(reference, **{"loss.logvar": torch.zeros(())})  # as LDM's autoencoder training writes it
     torch.save({"state_dict": stand_alone, "global_step": 840000}, tmp_path / "vae-ft.ckpt")
-    from_file, scale, _ = load_autoencoder_any(tmp_path / "vae-ft.ckpt")
-    assert scale is None
+    from_file, stats, _ = load_autoencoder_any(tmp_path / "vae-ft.ckpt")
+    assert stats is None
 
     from_pipe.save_pretrained(tmp_path / "ours")
-    from_export, scale, _ = load_autoencoder_any(tmp_path / "ours")
-    assert scale is None
+    from_export, stats, _ = load_autoencoder_any(tmp_path / "ours")
+    assert stats is None
     # An AutoencoderModule checkpoint of ours: the config and the module's state dict (no EMA here).
     torch.save({"autoencoder_config": dataclasses.asdict(from_pipe.config), "latent_stats": None,
                 "state_dict": {f"autoencoder.{k}": v for k, v in reference.items()}}, tmp_path / "stage1.ckpt")
-    from_ckpt, scale, source = load_autoencoder_any(tmp_path / "stage1.ckpt")
-    assert scale is None and source.startswith("checkpoint")
+    from_ckpt, stats, source = load_autoencoder_any(tmp_path / "stage1.ckpt")
+    assert stats is None and source.startswith("checkpoint")
     for model in (from_pipe, from_file, from_export, from_ckpt):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     _compare(from_file.eval(), theirs, "VAE stand-alone .ckpt -> ours")

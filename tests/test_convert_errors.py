@@ -93,8 +93,8 @@ def test_inpainting_and_sdxl_single_files_are_refused(tmp_path):
     _edit(bare, lambda s: s.update({"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)}))
     with pytest.raises(UnsupportedCheckpointError, match="SDXL checkpoint"):
         load_components(bare)
-    _, scale, _ = load_autoencoder_any(bare)  # the VAE of an SDXL file is supported, with SDXL's scale
-    assert scale == 0.13025
+    _, stats, _ = load_autoencoder_any(bare)  # the VAE of an SDXL file is supported, with SDXL's scale
+    assert stats == {"scale_factor": 0.13025}
 
 
 def test_pickled_code_in_a_ckpt_never_runs(tmp_path):

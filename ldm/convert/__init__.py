@@ -13,8 +13,8 @@ Import:
         parts.unet_state, parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale, parts.schedule,
         parts.prediction, parts.text_encoder, parts.tokenizer, parts.clip_layer, parts.source;
         parts.build_unet() and parts.build_autoencoder() give loaded networks.
-    model, latent_scale, source = load_autoencoder_any(path)
-        also accepts our own exports and checkpoints (latent_scale None: their latent statistics hold it).
+    model, latent_stats, source = load_autoencoder_any(path)
+        also accepts our own exports and checkpoints (their latent statistics); for SD: {"scale_factor": s}.
 
 Export:
     save_diffusers(out_dir, unet, autoencoder, latent_scale, schedule, prediction, text_encoder=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -157,43 +158,51 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
                       f"ldm.nn.autoencoder.load_autoencoder")
 
 
-def load_autoencoder_any(path: str | Path) -> tuple[AutoencoderKL, float | None, str]:
-    """(autoencoder, latent scale or None, source) from any form of a KL autoencoder: our export or checkpoint, a
-    diffusers vae/ folder, a diffusers pipeline folder (its vae/), or a single file (a whole SD model's
+def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
+                         ) -> tuple[AutoencoderKL, dict[str, Any] | None, str]:
+    """(autoencoder, latent statistics or None, source) from any form of a KL autoencoder: our export or checkpoint,
+    a diffusers vae/ folder, a diffusers pipeline folder (its vae/), or a single file (a whole SD model's
     first_stage_model, or a stand-alone VAE such as vae-ft-mse-840000-ema-pruned).
 
-    The latent scale is diffusers' scaling_factor, the file's metadata, or SD's 0.18215 for a whole SD file (SDXL's
-    0.13025 for an SDXL file, whose VAE is supported though its UNet is not); None
-    for our exports (their latent statistics hold it) and stand-alone VAE files.
+    The statistics are stage 1's own (`latent_stats.json` or the checkpoint's) for ours, and {"scale_factor": s} for
+    a Stable Diffusion VAE whose scale is known: diffusers' scaling_factor, the file's metadata, or SD's 0.18215 for a
+    whole SD file (SDXL's 0.13025 for an SDXL file, whose VAE is supported though its UNet is not); None for a
+    stand-alone VAE file and an export without statistics.
+
+    Args:
+        path: the autoencoder, in any of these forms.
+        key: the config key that named it, for errors.
     """
+    from ldm.checkpoints import MissingCheckpointError
     from ldm.nn.autoencoder import load_autoencoder
 
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingCheckpointError(f"{key}={path} does not exist; point it at stage 1's export (<vae run>/export) or "
+                                     f"checkpoint, a diffusers vae/ or pipeline folder, or a Stable Diffusion single "
+                                     f"file")
     layout = detect_layout(path)
-    if layout == "ours":
-        model, _ = load_autoencoder(path)
-        return model, None, f"export {path}"
+    if layout == "ours" or (layout == "single_file" and path.suffix == ".ckpt" and _is_our_checkpoint(path)):
+        model, stats = load_autoencoder(path, key)
+        return model, stats, f"{'export' if layout == 'ours' else 'checkpoint'} {path}"
     if layout == "pipeline":
         if not (path / "vae").is_dir():
-            raise ConfigError(f"{path}: the pipeline folder has no vae/")
+            raise ConfigError(f"{key}={path}: the pipeline folder has no vae/")
         config, state, scale = load_autoencoder_diffusers(path / "vae")
         source = f"diffusers pipeline {path}/vae"
     elif layout == "diffusers_vae":
         config, state, scale = load_autoencoder_diffusers(path)
         source = f"diffusers VAE {path}"
     elif layout == "single_file":
-        if path.suffix == ".ckpt" and _is_our_checkpoint(path):
-            model, _ = load_autoencoder(path)
-            return model, None, f"checkpoint {path}"
         autoencoder = read_single_file_autoencoder(path)
         if autoencoder is None:
-            raise ConfigError(f"{path} holds no autoencoder (no first_stage_model.* or encoder.* weights)")
+            raise ConfigError(f"{key}={path} holds no autoencoder (no first_stage_model.* or encoder.* weights)")
         (config, state, scale), source = autoencoder, f"single file {path}"
     else:
-        raise ConfigError(f"{path} holds a UNet, not an autoencoder")
+        raise ConfigError(f"{key}={path} holds a UNet, not an autoencoder")
     model = AutoencoderKL(config)
     model.load_state_dict(state)
-    return model, scale, source
+    return model, ({"scale_factor": scale} if scale else None), source
 
 
 def _is_our_checkpoint(path: Path) -> bool:

@@ -17,14 +17,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm.checkpoints import MissingCheckpointError, load_checkpoint
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.convert import load_autoencoder_any
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.modules.ema import make_ema
 from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
-from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, load_autoencoder
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import step_generator
@@ -91,26 +91,6 @@ def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, s
                       f"0.18215) or point model.autoencoder_path at an autoencoder that has latent_stats.json")
 
 
-def read_autoencoder(path: str, key: str = "model.autoencoder_path") -> tuple[AutoencoderKL, dict[str, Any] | None,
-                                                                                str]:
-    """(autoencoder, latent statistics or None, source) from stage 1's export, run directory or checkpoint, or from
-    a Stable Diffusion VAE (diffusers vae/ or pipeline folder, single file), whose `scaling_factor` becomes the
-    statistics' scale_factor."""
-    from ldm.convert import detect_layout, load_autoencoder_any
-
-    try:
-        layout = detect_layout(path)
-    except FileNotFoundError:
-        raise MissingCheckpointError(f"{key}={path} does not exist; point it at stage 1's export (<vae run>/export), "
-                                     f"its checkpoint, a diffusers vae/ or pipeline folder, or a Stable Diffusion "
-                                     f"single file") from None
-    if layout == "ours" or (layout == "single_file" and "autoencoder_config" in load_checkpoint(path, key)):
-        autoencoder, stats = load_autoencoder(path, key)
-        return autoencoder, stats, str(path)
-    autoencoder, scale, source = load_autoencoder_any(path)
-    return autoencoder, ({"scale_factor": scale} if scale else None), source
-
-
 def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     """Read the Stable Diffusion model `config.init_from` names and return it with the config its layout implies:
     its UNet config, schedule and prediction type, and a frozen (unless `conditioner.trainable`) CLIP text encoder
@@ -168,7 +148,7 @@ class LatentDiffusionModule(L.LightningModule):
             if config.init_from:
                 pretrained, config = adopt_pretrained(config)
             if config.autoencoder_path:
-                autoencoder, stats, where = read_autoencoder(config.autoencoder_path)
+                autoencoder, stats, where = load_autoencoder_any(config.autoencoder_path)
             else:
                 autoencoder = pretrained.build_autoencoder()
                 stats, where = {"scale_factor": pretrained.latent_scale}, pretrained.source
@@ -208,6 +188,15 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.pipeline.autoencoder.float()  # "-true" precisions cast every module; the autoencoder runs in fp32
+        manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
+        if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
+            from ldm.data.latents import check_manifest, weights_hash
+
+            conditioner = self.pipeline.conditioner
+            encoder = getattr(conditioner, "encoder", None)
+            text_hash = weights_hash(encoder) if encoder is not None and not conditioner.trainable else None
+            check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
+                           self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash)
 
     def compile_networks(self) -> None:
         """`compile: true` compiles the UNet (in place; state-dict keys unchanged)."""

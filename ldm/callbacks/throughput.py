@@ -1,0 +1,231 @@
+"""Throughput in every run: images per second (global and per device), the time each step waited for data, and on
+GPUs the model's FLOP/s, MFU against the device's peak and the peak memory.
+
+Every `trainer.log_every_n_steps` optimizer steps rank 0 logs one line (and the same numbers, `throughput/*`, to the
+run's loggers); at the end of training one summary line covers the whole run:
+
+    throughput step 50: 161.3 images/s (161.3 per device x 1), data wait 2.1 ms/step (1.1%), 0.41 TFLOP/s per device
+    throughput summary: 2200 steps, 70400 images in 430.2 s of training: 163.6 images/s (163.6 per device x 1), ...
+
+Rates over each logging interval come from Lightning's `Throughput` (`lightning.fabric.utilities.throughput`). The
+model's FLOPs per batch are counted once, on the first training step, by torch's `FlopCounterMode` (what Lightning's
+`measure_flops` runs): forward and backward of the real step, whatever the module computes. Validation time is left
+out of training time. Data wait is the time from the end of one training step (or of validation) to the start of the
+next: loading the batch, plus the loop's own work between steps (a checkpoint written at that moment counts too).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput as WindowedThroughput
+from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.flop_counter import FlopCounterMode
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s by compute dtype, per device name fragment (lower case; the first fragment found in
+# torch.cuda.get_device_name() wins, so the specific names come first). From NVIDIA's datasheets, without the 2:4
+# sparsity factor. note: Lightning has a table too, but it quotes H200 with sparsity (twice H100 SXM's dense peak),
+# maps "NVIDIA H200" and "NVIDIA L40S" to no entry or to the L4, and gives the 4090 its fp32 rate for bf16; devices
+# not listed here fall back to it (`get_available_flops`).
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "h100 pcie": {"fp32": 51.2e12, "tf32": 378e12, "bf16": 756e12, "fp16": 756e12},
+    "h100 nvl": {"fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12},
+    "h100": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},  # SXM
+    "h200 nvl": {"fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12},
+    "h200": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},  # SXM: H100 SXM's compute
+    "a100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},  # SXM and PCIe alike
+    "l40s": {"fp32": 91.6e12, "tf32": 183e12, "bf16": 362.05e12, "fp16": 362.05e12},
+    "rtx 4090": {"fp32": 82.6e12, "tf32": 82.6e12, "bf16": 165.2e12, "fp16": 165.2e12},  # fp32 accumulate
+}
+_TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str) -> str:
+    """The dtype matmuls run in under a Trainer `precision` ("bf16-mixed", "16-mixed", "32-true", ...): bf16, fp16,
+    tf32 (fp32 with TensorFloat-32 allowed, as `tf32: true` sets) or fp32."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(dense peak FLOP/s of `device` for `precision`, the dtype it is quoted for); None on CPUs and unknown GPUs."""
+    dtype = compute_dtype(precision)
+    if device.type != "cuda":
+        return None, dtype
+    if dtype == "tf32" and torch.cuda.get_device_capability(device) < (8, 0):
+        dtype = "fp32"  # TensorFloat-32 needs Ampere or newer
+    name = torch.cuda.get_device_name(device).lower()
+    for fragment, table in PEAK_FLOPS.items():
+        if fragment in name:
+            return table[dtype], dtype
+    available = get_available_flops(device, "tfloat32" if dtype == "tf32" else _TORCH_DTYPES[dtype])
+    return (float(available) if available else None), dtype
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (or list) value."""
+    if isinstance(batch, dict):
+        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0]
+        batch = tensors[0] if tensors else next(iter(batch.values()))
+    elif isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return len(batch)
+
+
+class Throughput(L.Callback):
+    """Log images/s, data wait, FLOP/s, MFU and peak memory every `trainer.log_every_n_steps` optimizer steps and
+    once at the end of training (rank 0; see the module docstring).
+
+    Args:
+        count_flops: count the model's FLOPs on the first training step (forward + backward) for FLOP/s and MFU.
+    """
+
+    def __init__(self, count_flops: bool = True):
+        super().__init__()
+        self.count_flops = count_flops
+        self.flops_per_batch: int | None = None  # forward + backward FLOPs of one training batch on this rank
+        self.peak: float | None = None
+        self.dtype = "fp32"
+        self.last: dict[str, float] = {}  # the numbers of the last line logged
+        self.summary: dict[str, float] = {}  # the numbers of the summary line
+        self._counter: FlopCounterMode | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.device = trainer.strategy.root_device
+        self.world_size = trainer.world_size
+        self.peak, self.dtype = peak_flops(self.device, trainer.precision)
+        self.window = WindowedThroughput(available_flops=self.peak, world_size=self.world_size, window_size=2)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._t0 = self._ready = time.perf_counter()
+        self._paused = 0.0  # seconds of validation inside training
+        self._batches = self._samples = self._steps = 0
+        self._wait = 0.0  # data wait, summed over the run
+        self._mark = {"batches": 0, "samples": 0, "wait": 0.0, "time": 0.0}  # at the last line
+        self.window.update(time=0.0, batches=0, samples=0, flops=0)
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        now = time.perf_counter()
+        self._wait += now - self._ready
+        self._step_before = trainer.global_step
+        if self.count_flops and self.flops_per_batch is None and self._counter is None:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops_per_batch = int(self._counter.get_total_flops())
+            self._counter = None
+        self._batches += 1
+        self._samples += batch_size_of(batch)
+        if trainer.global_step != self._step_before:  # an optimizer step happened (not mid-accumulation)
+            self._steps += 1
+            if self._steps % max(1, trainer.log_every_n_steps) == 0:
+                try:
+                    self._log_interval(trainer)
+                except Exception as err:  # noqa: BLE001 -- a measurement must never stop a training run
+                    log.warning("throughput: could not measure this interval (%s: %s)", type(err).__name__, err)
+        self._ready = time.perf_counter()
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and hasattr(self, "_t0"):  # validation inside fit, not the sanity check
+            self._val_start = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_val_start", None) is not None:
+            now = time.perf_counter()
+            self._paused += now - self._val_start
+            self._ready, self._val_start = now, None
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._counter is not None:  # the run ended inside the first step
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+        if not hasattr(self, "_t0") or self._batches == 0:
+            return
+        numbers = self._numbers(self._train_time(), self._batches, self._samples, self._wait)
+        self.summary = numbers
+        if trainer.is_global_zero:
+            log.info("throughput summary: %d steps, %d images in %.1f s of training: %s", self._steps,
+                     self._samples * self.world_size, numbers["seconds"], self._describe(numbers))
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    # -- numbers -------------------------------------------------------------------------------------------------------
+
+    def _train_time(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # note: otherwise the clock stops before the queued kernels do
+        return time.perf_counter() - self._t0 - self._paused
+
+    def _log_interval(self, trainer: L.Trainer) -> None:
+        elapsed = self._train_time()
+        m = self._mark
+        batches, samples = self._batches - m["batches"], self._samples - m["samples"]
+        flops = self.flops_per_batch * batches if self.flops_per_batch is not None else None
+        self.window.update(time=elapsed, batches=self._batches, samples=self._samples, flops=flops)
+        rates = self.window.compute()
+        numbers = self._numbers(elapsed - m["time"], batches, samples, self._wait - m["wait"], rates)
+        self._mark = {"batches": self._batches, "samples": self._samples, "wait": self._wait, "time": elapsed}
+        self.last = numbers
+        if trainer.is_global_zero:
+            log.info("throughput step %d: %s", trainer.global_step, self._describe(numbers))
+            metrics = {f"throughput/{k}": v for k, v in numbers.items() if k != "seconds"}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _numbers(self, seconds: float, batches: int, samples: int, wait: float,
+                 rates: dict[str, float] | None = None) -> dict[str, float]:
+        """Per-device and global rates over an interval of `seconds` with `batches` / `samples` on this rank."""
+        seconds = max(seconds, 1e-9)
+        per_device = rates["device/samples_per_sec"] if rates else samples / seconds
+        numbers = {"seconds": seconds, "images_per_sec": per_device * self.world_size,
+                   "images_per_sec_per_device": per_device, "data_wait_ms": 1e3 * wait / max(batches, 1),
+                   "data_wait_fraction": wait / seconds}
+        if self.flops_per_batch is not None:
+            flops = rates.get("device/flops_per_sec") if rates else None
+            numbers["flops_per_sec_per_device"] = flops if flops is not None else \
+                self.flops_per_batch * batches / seconds
+            if self.peak:
+                numbers["mfu"] = numbers["flops_per_sec_per_device"] / self.peak
+        if self.device.type == "cuda":
+            numbers["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return numbers
+
+    def _describe(self, n: dict[str, float]) -> str:
+        parts = [f"{n['images_per_sec']:.1f} images/s ({n['images_per_sec_per_device']:.1f} per device x "
+                 f"{self.world_size})",
+                 f"data wait {n['data_wait_ms']:.1f} ms/step ({100 * n['data_wait_fraction']:.1f}%)"]
+        if "flops_per_sec_per_device" in n:
+            parts.append(f"{n['flops_per_sec_per_device'] / 1e12:.3g} TFLOP/s per device")
+        if "mfu" in n:
+            parts.append(f"MFU {100 * n['mfu']:.1f}% of {self.peak / 1e12:.0f} TFLOP/s ({self.dtype})")
+        if "peak_memory_gib" in n:
+            parts.append(f"peak memory {n['peak_memory_gib']:.2f} GiB")
+        return ", ".join(parts)

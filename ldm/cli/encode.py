@@ -1,0 +1,214 @@
+"""ldm-encode: image shards + a frozen autoencoder (and optionally a frozen text encoder) -> latent shards.
+
+    ldm-encode shards='data/shapes/train-*.tar' autoencoder_path=runs/vae/export output_dir=data/latents/train
+    ldm-encode shards='data/shapes/val-*.tar' autoencoder_path=runs/vae/export output_dir=data/latents/val \
+               text_encoder='{kind: byte, name_or_path: runs/clip/export}' flips=true devices=2
+
+Each input shard becomes a latent shard of the same name under output_dir (`ldm.data.latents` describes the format),
+written atomically, followed by its `NAME_stats.json`; a shard with both is finished and skipped when the command is
+run again, any other is (re)written. `devices=N` starts N processes (one per GPU, or N CPU processes), each encoding
+its own shards; under torchrun (RANK / WORLD_SIZE in the environment) each rank takes its share instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.cli.common import CONF_DIR, cli_entry, run_cli
+from ldm.config import ConfigError, register_schemas, to_dataclass
+from ldm.data import latents
+from ldm.data.encoding import (
+    EncodeConfig,
+    Encoders,
+    build_manifest,
+    changed_keys,
+    encode_shard,
+    is_finished,
+    load_encoders,
+    prepare_output,
+)
+
+log = logging.getLogger(__name__)
+
+register_schemas("encode")  # conf/encode.yaml extends EncodeConfig: stored before Hydra composes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes and progress.
+
+
+def _device(config: EncodeConfig, index: int) -> torch.device:
+    cuda = config.accelerator == "cuda" or (config.accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", index) if cuda else torch.device("cpu")
+
+
+def _encode_shards(config: EncodeConfig, tasks: list[tuple[str, str]], device: torch.device,
+                   progress: Callable[[int], None], encoders: Encoders | None = None) -> list[dict[str, Any]]:
+    if not tasks:
+        return []
+    encoders = encoders or load_encoders(config, device)
+    return [encode_shard(url, Path(output), encoders, config, device, progress) for url, output in tasks]
+
+
+def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str]], threads: int, messages: Any) -> None:
+    """A spawned process: encode `tasks` on device `index`, reporting progress and the result through `messages`."""
+    try:
+        torch.set_num_threads(threads)
+        cfg = EncodeConfig(**config)
+        results = _encode_shards(cfg, tasks, _device(cfg, index), lambda n: messages.put(("samples", index, n)))
+        messages.put(("done", index, results))
+    except BaseException:  # noqa: BLE001 -- reported to the parent, which raises
+        messages.put(("error", index, traceback.format_exc()))
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """tqdm over samples: shows samples/s and the time left."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="samples", desc="ldm-encode", disable=not enabled, dynamic_ncols=True,
+                mininterval=1.0, smoothing=0.1)
+
+
+def _spawn(config: EncodeConfig, tasks: list[tuple[str, str]], total: int) -> list[dict[str, Any]]:
+    """Encode `tasks` in `config.devices` spawned processes, each its own shards; one progress bar here."""
+    context = torch.multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // config.devices)
+    shares = [tasks[i:: config.devices] for i in range(config.devices)]
+    processes = [context.Process(target=_child, args=(i, asdict(config), share, threads, messages), daemon=True)
+                 for i, share in enumerate(shares) if share]
+    for process in processes:
+        process.start()
+    results: list[dict[str, Any]] = []
+    running = len(processes)
+    with _progress_bar(total, config.progress) as bar:
+        try:
+            while running:
+                try:
+                    kind, index, payload = messages.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [p for p in processes if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(f"an ldm-encode process died (exit code {dead[0].exitcode}) without "
+                                           f"reporting; shards it finished are kept, rerun to continue") from None
+                    continue
+                if kind == "samples":
+                    bar.update(payload)
+                elif kind == "done":
+                    results += payload
+                    running -= 1
+                else:
+                    raise RuntimeError(f"ldm-encode process {index} failed (shards it finished are kept; rerun to "
+                                       f"continue):\n{payload}")
+        finally:
+            for process in processes:
+                if process.is_alive() and running:
+                    process.terminate()
+                process.join()
+    return results
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 600.0) -> None:
+    """Ranks other than 0 start once rank 0 has checked and written the manifest, and check it describes them."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 wrote no {path} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    old = json.loads(path.read_text())
+    changed = changed_keys(old, manifest)
+    if changed:
+        raise ConfigError(f"{path} describes other encoder settings ({changed}) than this rank's")
+
+
+def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Validate `cfg` against EncodeConfig and encode every input shard not finished yet; return a summary."""
+    from ldm.data.datamodule import REMOTE_PREFIXES, expand_shards, shard_counts
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    config = to_dataclass(EncodeConfig, {k: v for k, v in dict(cfg).items() if k != "hydra"})
+    urls = expand_shards(config.shards, "shards")
+    remote = [u for u in urls if u.startswith(REMOTE_PREFIXES)]
+    if remote:
+        raise ConfigError(f"shards: ldm-encode reads local shards only, got {remote[0]!r}; copy them locally first")
+    names = [Path(u).name for u in urls]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"shards: two input shards share a file name (outputs keep the names): "
+                          f"{sorted(n for n in names if names.count(n) > 1)[:3]}; encode each folder separately")
+    rank, world, local_rank = _world()
+    if world > 1 and config.overwrite:
+        raise ConfigError("overwrite=true under torchrun would race with the other ranks: delete output_dir, or run "
+                          "the overwrite with one process")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    spawn = world == 1 and config.devices > 1
+    device = torch.device("cpu") if spawn else _device(config, local_rank)  # spawned processes load their own
+    encoders = load_encoders(config, device)
+    manifest = build_manifest(config, encoders)
+    if rank == 0:
+        prepare_output(config, manifest, encoders, urls)
+    else:
+        _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)
+
+    counts = shard_counts(urls, "shards", None)
+    tasks, total, finished = [], 0, 0
+    for i in range(rank, len(urls), world):  # this rank's shards
+        output = out / names[i]
+        for stale in out.glob(f".{names[i]}.*.tmp"):  # a shard this rank was writing when it was interrupted
+            stale.unlink()
+        if is_finished(urls[i], output):
+            finished += 1
+            continue
+        tasks.append((urls[i], str(output)))
+        total += counts[i]
+    log.info("ldm-encode: %d of %d shards to encode (%d finished earlier), %d samples, %s", len(tasks),
+             len(urls) if world == 1 else len(range(rank, len(urls), world)), finished, total,
+             f"{config.devices} processes" if world == 1 and config.devices > 1 else f"rank {rank} of {world}")
+    start = time.perf_counter()
+    if spawn and len(tasks) > 1:
+        del encoders
+        results = _spawn(config, tasks, total)
+    else:
+        if spawn:  # one shard or none left: no processes to start; encode here, on the first device
+            device, encoders = _device(config, 0), None
+        with _progress_bar(total, config.progress and rank == 0) as bar:
+            results = _encode_shards(config, tasks, device, bar.update, encoders)
+    seconds = time.perf_counter() - start
+    samples = sum(r["successes"] for r in results)
+    summary = {"output_dir": str(out), "shards_encoded": len(results), "shards_finished_before": finished,
+               "samples": samples, "failed": sum(r["failed"] for r in results), "seconds": seconds,
+               "samples_per_sec": samples / seconds if seconds > 0 else 0.0}
+    log.info("ldm-encode: %d samples in %d shards in %.1f s (%.1f samples/s) -> %s/%s", samples, len(results),
+             seconds, summary["samples_per_sec"], out, latents.MANIFEST_NAME)
+    return summary
+
+
+@cli_entry
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="encode")
+def main(cfg: DictConfig) -> None:
+    run_cli("ldm-encode", lambda: encode(cfg))
+
+
+if __name__ == "__main__":
+    main()

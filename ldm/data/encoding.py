@@ -1,0 +1,290 @@
+"""Encoding image shards into latent shards: the frozen encoders, the manifest, and one shard at a time.
+
+`ldm-encode` (`ldm.cli.encode`) runs this in one or several processes; `ldm.data.latents` describes the format and
+reads it back. A shard is written atomically and then its `NAME_stats.json`; a shard with both, made from the same
+input, is finished (`is_finished`), any other is written again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from ldm import __version__
+from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.data import latents
+from ldm.data.stream import IMAGE_KEYS, resize_crop
+from ldm.images import decode_image
+from ldm.io import atomic_open, atomic_write_bytes, atomic_write_text, export_dir, is_export
+
+log = logging.getLogger(__name__)
+
+TEXT_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class EncodeConfig:
+    """What `ldm-encode` does: the schema conf/encode.yaml extends (`ldm-encode --cfg job` prints every key)."""
+
+    shards: Any = None                   # required: input image shards (path, glob, brace pattern or list)
+    autoencoder_path: str | None = None  # required: what model.autoencoder_path takes (export dir, run dir, .ckpt)
+    output_dir: str | None = None        # required: latent shards, manifest.json and *_stats.json go here
+    text_encoder: Any = None             # a model.conditioner node (dict) of a frozen pretrained text encoder; null:
+    #                                     captions only (stage 2 then runs its text encoder itself)
+    text_dtype: str = "float16"          # float16 | float32: how the text encoder's outputs are stored
+    resolution: int | None = None        # image side to encode (resize shorter side + centre crop); null: the
+    #                                     autoencoder's training resolution
+    flips: bool = False                  # also store the moments of each horizontally flipped image (data.hflip)
+    batch_size: int = 32                 # images per forward pass (doubled with flips)
+    devices: int = 1                     # processes, one per device: cuda:0..N-1 on GPUs, else N CPU processes
+    accelerator: str = "auto"            # auto (cuda when available) | cpu | cuda
+    overwrite: bool = False              # start over: delete what an earlier run wrote into output_dir
+    progress: bool = True                # a progress bar with samples/s and the time left
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into the manifest
+
+    def __post_init__(self) -> None:
+        for key in ("shards", "autoencoder_path", "output_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required, e.g. ldm-encode shards='data/shapes/train-*.tar' "
+                                  f"autoencoder_path=runs/vae/export output_dir=data/latents/train")
+        if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
+            raise ConfigError(f"text_encoder={self.text_encoder!r} must be a model.conditioner node or null, e.g. "
+                              f"text_encoder='{{kind: byte, name_or_path: runs/clip/export}}'")
+        check_choice("text_dtype", self.text_dtype, list(TEXT_DTYPES))
+        check_choice("accelerator", self.accelerator, ["auto", "cpu", "cuda"])
+        if self.batch_size < 1 or self.devices < 1:
+            raise ConfigError(f"batch_size={self.batch_size} and devices={self.devices} must be >= 1")
+        if self.accelerator == "cuda" and self.devices > max(torch.cuda.device_count(), 0):
+            raise ConfigError(f"devices={self.devices} but {torch.cuda.device_count()} CUDA devices are visible")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The frozen encoders and the manifest.
+
+
+@dataclass
+class Encoders:
+    """What every process needs: the frozen autoencoder, the optional text encoder, and the image side."""
+
+    autoencoder: torch.nn.Module
+    latent_stats: dict[str, Any] | None
+    text: torch.nn.Module | None  # maps prompts to ((B, L, D), (B, D))
+    text_config: dict[str, Any] | None
+    resolution: int
+
+
+def text_encoder_config(node: dict[str, Any]) -> dict[str, Any]:
+    """The text encoder node with a byte encoder's architecture read from its export where the node leaves it out.
+
+    note: the quickstart's export knows its width and depth; asking the user to repeat them only invites a mismatch.
+    """
+    node = dict(node)
+    path = node.get("name_or_path")
+    if node.get("kind", "byte") == "byte" and path and is_export(export_dir(path)):
+        exported = json.loads((export_dir(path) / "config.json").read_text())
+        for key in ("width", "num_layers", "num_heads", "max_length"):
+            node.setdefault(key, exported[key])
+    return node
+
+
+def load_encoders(config: EncodeConfig, device: torch.device) -> Encoders:
+    from ldm.conditioning import ConditionerConfig, build_conditioner
+    from ldm.convert import load_autoencoder_any
+
+    autoencoder, stats, _ = load_autoencoder_any(config.autoencoder_path, key="autoencoder_path")
+    resolution = config.resolution or autoencoder.config.resolution
+    if resolution % autoencoder.downsample_factor:
+        raise ConfigError(f"resolution={resolution} is not divisible by the autoencoder's downsampling factor "
+                          f"{autoencoder.downsample_factor}")
+    text, text_config = None, None
+    if config.text_encoder is not None:
+        node = to_dataclass(ConditionerConfig, text_encoder_config(config.text_encoder), "text_encoder")
+        conditioner = build_conditioner(node, prefix="text_encoder")
+        if not conditioner.uses_prompts or conditioner.trainable:
+            raise ConfigError(f"text_encoder must be a frozen pretrained text encoder (kind clip, hf or byte with "
+                              f"name_or_path set and trainable=false), got kind={node.kind}, name_or_path="
+                              f"{node.name_or_path}, trainable={node.trainable}: a trained one cannot be precomputed")
+        text, text_config = conditioner.encoder.eval().to(device), asdict(node)
+    return Encoders(autoencoder.eval().requires_grad_(False).to(device), stats, text, text_config, resolution)
+
+
+def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
+    ae = encoders.autoencoder
+    f, channels = ae.downsample_factor, ae.config.embed_dim
+    h = encoders.resolution // f
+    stats = encoders.latent_stats or {}
+    manifest: dict[str, Any] = {
+        "format": latents.FORMAT, "version": latents.FORMAT_VERSION,
+        "autoencoder": {"path": str(config.autoencoder_path), "sha256": latents.weights_hash(ae),
+                        "latent_scale": stats.get("scale_factor"), "downsample_factor": f,
+                        "resolution": ae.config.resolution, "embed_dim": channels, "config": asdict(ae.config)},
+        "resolution": encoders.resolution,
+        "moments": {"dtype": "float16", "shape": [2 * channels, h, h]},
+        "flips": config.flips,
+        "text_encoder": None,
+        "extra": config.extra,
+    }
+    if encoders.text is not None:
+        with torch.no_grad():
+            context, pooled = encoders.text([""])                               # (1, L, D), (1, D)
+        manifest["text_encoder"] = {"sha256": latents.weights_hash(encoders.text), "config": encoders.text_config,
+                                    "dtype": config.text_dtype, "context_shape": list(context.shape[1:]),
+                                    "pooled_shape": list(pooled.shape[1:])}
+    return manifest
+
+
+# Keys that may differ between two runs into the same output_dir; everything else must match to continue.
+RUN_KEYS = ("created", "ldm_version", "inputs")
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Manifest keys (other than RUN_KEYS) in which two encodings differ."""
+    return sorted(k for k in set(old) | set(new) if k not in RUN_KEYS and old.get(k) != new.get(k))
+
+
+def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Encoders, urls: list[str]) -> None:
+    """Check (or start) output_dir: a manifest there must describe the same encoding; then write the manifest and
+    the empty prompt's text encoding."""
+    out = Path(config.output_dir)
+    path = out / latents.MANIFEST_NAME
+    inputs = {Path(url).name: url for url in urls}
+    if path.exists() and config.overwrite:
+        for old in [*out.glob("*.tar"), *out.glob("*_stats.json"), path, out / latents.TEXT_NULL_NAME]:
+            old.unlink(missing_ok=True)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = changed_keys(old, manifest)
+        if changed:
+            raise ConfigError(f"output_dir={out} holds latents encoded with other settings (differing manifest keys "
+                              f"{changed}; autoencoder sha256 {old['autoencoder']['sha256']} there, "
+                              f"{manifest['autoencoder']['sha256']} now): choose another output_dir, or pass "
+                              f"overwrite=true to replace them")
+        inputs = {**old.get("inputs", {}), **inputs}
+        manifest = {**old, "inputs": inputs}
+    else:
+        manifest = {**manifest, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "ldm_version": __version__, "inputs": inputs}
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
+    if encoders.text is not None:
+        from safetensors.torch import save
+
+        with torch.no_grad():
+            context, pooled = encoders.text([""])                               # (1, L, D), (1, D)
+        atomic_write_bytes(save({"context": context[0].float().cpu().contiguous(),
+                                 "pooled": pooled[0].float().cpu().contiguous()}), out / latents.TEXT_NULL_NAME)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One shard.
+
+
+def stats_path(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".tar") + "_stats.json")
+
+
+def is_finished(url: str, output: Path) -> bool:
+    """The shard and its stats file exist and the stats name this input (a rename or a new input re-encodes)."""
+    stats = stats_path(output)
+    if not (output.is_file() and stats.is_file()):
+        return False
+    try:
+        return json.loads(stats.read_text()).get("input") == url
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """(raw sample, image (3, R, R) in [-1, 1]) of a shard, transformed exactly as the datamodule does (centre crop)."""
+    def handler(err: Exception) -> bool:
+        skipped.append(["?", f"{type(err).__name__}: {err}"[:200]])
+        return True
+
+    for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])):
+        try:
+            ext = next((k for k in IMAGE_KEYS if k in sample), None)
+            if ext is None:
+                raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)})")
+            image = resize_crop(decode_image(sample[ext]), resolution, None)  # as the datamodule: centre crop
+        except Exception as err:  # noqa: BLE001 -- an undecodable image is reported and left out
+            skipped.append([sample.get("__key__", "?"), f"{type(err).__name__}: {err}"[:200]])
+            continue
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
+        yield sample, x.float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], encoders: Encoders, flips: bool,
+                  text_dtype: str, device: torch.device) -> list[dict[str, Any]]:
+    x = torch.stack(images).to(device)                                          # (B, 3, R, R)
+    if flips:
+        x = torch.cat([x, x.flip(3)])                                           # (2B, 3, R, R)
+    with torch.autocast(device.type, enabled=False):
+        posterior = encoders.autoencoder.encode(x.float())
+    moments = torch.cat([posterior.mean, posterior.logvar], dim=1).cpu()       # (B or 2B, 2C, h, w)
+    context = pooled = None
+    if encoders.text is not None:
+        captions = [s["txt"].decode("utf-8").strip() if "txt" in s else "" for s in samples]
+        context, pooled = (t.float().cpu() for t in encoders.text(captions))   # (B, L, D), (B, D)
+    out = []
+    for i, sample in enumerate(samples):
+        try:
+            record = {"__key__": sample["__key__"], latents.MOMENTS: latents.to_npy(moments[i])}
+            if flips:
+                record[latents.MOMENTS_FLIP] = latents.to_npy(moments[len(samples) + i])
+            if context is not None:
+                record[latents.CONTEXT] = latents.to_npy(context[i], TEXT_DTYPES[text_dtype])
+                record[latents.POOLED] = latents.to_npy(pooled[i], TEXT_DTYPES[text_dtype])
+        except ValueError as err:  # note: an autoencoder whose latents overflow float16 is broken for every sample
+            raise ValueError(f"sample {sample['__key__']}: {err}; check the autoencoder (or text_dtype=float32)") \
+                from None
+        for member in ("txt", "json"):
+            if member in sample:
+                record[member] = sample[member]
+        out.append(record)
+    return out
+
+
+def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfig, device: torch.device,
+                 progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Encode one image shard into `output` (atomically), then write its stats file; return the stats."""
+    skipped: list[list[str]] = []
+    count = 0
+    with atomic_open(output, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False)
+        samples, images = [], []
+
+        def flush() -> None:
+            nonlocal count
+            try:
+                records = _encode_batch(samples, images, encoders, config.flips, config.text_dtype, device)
+            except ValueError as err:
+                raise ValueError(f"shard {url}, {err}") from None
+            for record in records:
+                writer.write(record)
+            count += len(samples)
+            progress(len(samples))
+            samples.clear()
+            images.clear()
+
+        for sample, image in _images(url, encoders.resolution, skipped):
+            samples.append(sample)
+            images.append(image)
+            if len(samples) == config.batch_size:
+                flush()
+        if samples:
+            flush()
+        writer.close()  # note: closes the tar stream only; atomic_open still flushes and renames the file
+    if skipped:
+        log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, len(skipped), skipped[:3])
+    stats = {"successes": count, "failed": len(skipped), "skipped": skipped[:1000], "input": url}
+    atomic_write_text(json.dumps(stats, indent=2) + "\n", stats_path(output))
+    return stats

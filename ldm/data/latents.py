@@ -1,0 +1,301 @@
+"""Latent shards: what `ldm-encode` writes and the datamodule reads instead of images.
+
+A latent shard has the name of the image shard it was encoded from and holds, per sample (WebDataset members sharing
+the sample's key):
+
+    KEY.moments.npy       (2C, h, w) float16: the posterior's mean and log-variance stacked on channels, as
+                          `DiagonalGaussianDistribution(moments)` takes them
+    KEY.moments_flip.npy  the same for the horizontally flipped image (only when encoded with flips=true)
+    KEY.context.npy       (L, D) the frozen text encoder's tokens for the caption (only with a text encoder)
+    KEY.pooled.npy        (D,) its pooled vector (only with a text encoder)
+    KEY.txt, KEY.json     the caption and metadata, copied unchanged from the image shard
+
+Arrays are plain .npy (read with `allow_pickle=False`: loading a shard never runs code). Beside the shards,
+`manifest.json` names the autoencoder (sha256 of its weights, latent scale, factor, resolution) and the text encoder
+(sha256, config); `text_null.safetensors` holds the empty prompt's encoding (condition dropout); each finished shard
+has a `NAME_stats.json` (img2dataset's convention: `successes` is its sample count, which the datamodule reads).
+
+The datamodule recognises latent shards by the manifest beside them and reads them through `LatentStream`: the same
+epoch plan, DDP split, resume and corrupt-sample handling as image shards, with batches
+
+    moments       (B, 2C, h, w) float32
+    caption, key  list[str]
+    label         (B,) int64, when every sample's metadata has an integer label
+    text_context  (B, L, D) float32 and text_pooled (B, D) float32, when the text was encoded
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm.config import ConfigError
+from ldm.data.stream import EpochPlan, ShardStream, SkipLog
+from ldm.seeding import fold_seed
+
+MANIFEST_NAME = "manifest.json"
+TEXT_NULL_NAME = "text_null.safetensors"
+FORMAT = "ldm-latents"
+FORMAT_VERSION = 1
+MOMENTS, MOMENTS_FLIP, CONTEXT, POOLED = "moments.npy", "moments_flip.npy", "context.npy", "pooled.npy"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Identity of the frozen encoders.
+
+
+def weights_hash(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a module's state dict (names, shapes, values), independent of the device and the float dtype.
+
+    Floating tensors are hashed as their float32 values, so fp16 weights (an SD checkpoint) hash the same loaded in
+    half precision or cast to float32, on any device; any changed value, name or shape changes the hash.
+
+    Args:
+        weights: a module (its `state_dict()`) or a state dict.
+    """
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        tensor = tensor.cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{str(tensor.dtype).removeprefix('torch.')}:{tuple(state[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The manifest.
+
+
+@dataclass
+class LatentManifest:
+    """`manifest.json` of a latent shard directory: `path` is the file, `data` its content."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def autoencoder(self) -> dict[str, Any]:
+        return self.data["autoencoder"]
+
+    @property
+    def text_encoder(self) -> dict[str, Any] | None:
+        return self.data.get("text_encoder")
+
+    @property
+    def resolution(self) -> int:
+        return int(self.data["resolution"])
+
+    @property
+    def flips(self) -> bool:
+        return bool(self.data.get("flips", False))
+
+    @property
+    def text_null(self) -> Path | None:
+        """The empty prompt's encoding (safetensors: `context` (L, D), `pooled` (D,)), when text was encoded."""
+        return self.path.with_name(TEXT_NULL_NAME) if self.text_encoder is not None else None
+
+
+def read_manifest(path: str | Path, key: str = "data.train_shards") -> LatentManifest:
+    """Read and check a latent manifest; `key` is the config key that led here, named in errors."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key}: cannot read the latent manifest {path} ({err}); encode the shards again with "
+                          f"ldm-encode") from None
+    if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+        raise ConfigError(f"{key}: {path} is not a manifest of ldm-encode (format {data.get('format')!r} version "
+                          f"{data.get('version')!r}, expected {FORMAT!r} version {FORMAT_VERSION})")
+    return LatentManifest(path, data)
+
+
+def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
+    """The latent manifest beside local shards, or None for image shards; shards from two manifests that name
+    different encoders raise ConfigError naming `key`."""
+    found: dict[Path, LatentManifest] = {}
+    folders: dict[Path, bool] = {}  # folder -> holds a manifest (asked once per folder, not once per shard)
+    plain = []
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            plain.append(url)  # note: a remote shard cannot show a manifest; remote latents are not supported
+            continue
+        folder = Path(url.removeprefix("file:")).resolve().parent
+        if folder not in folders:
+            folders[folder] = (folder / MANIFEST_NAME).is_file()
+            if folders[folder]:
+                found[folder] = read_manifest(folder / MANIFEST_NAME, key)
+        if not folders[folder]:
+            plain.append(url)
+    if not found:
+        return None
+    if plain:
+        raise ConfigError(f"{key} mixes latent shards (a manifest in {next(iter(found))}) with shards that have no "
+                          f"{MANIFEST_NAME}, e.g. {plain[0]!r}: train on images or on latents, not both")
+    first, *others = found.values()
+    for other in others:
+        check_same_encoders(first, other, key)
+    return first
+
+
+def check_same_encoders(a: LatentManifest, b: LatentManifest, key: str) -> None:
+    """Raise ConfigError unless two latent directories were encoded by the same autoencoder and text encoder."""
+    for what in ("autoencoder", "text_encoder"):
+        ours, theirs = (m.data.get(what) or {} for m in (a, b))
+        if ours.get("sha256") != theirs.get("sha256"):
+            raise ConfigError(f"{key}: {a.path} and {b.path} were encoded with different {what}s (sha256 "
+                              f"{ours.get('sha256')} and {theirs.get('sha256')}); encode every split with the same one")
+    for what in ("resolution", "flips"):
+        if a.data.get(what) != b.data.get(what):
+            raise ConfigError(f"{key}: {a.path} has {what}={a.data.get(what)} but {b.path} has {what}="
+                              f"{b.data.get(what)}; encode every split with the same ldm-encode settings")
+
+
+def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_path: str,
+                   key: str = "model.autoencoder_path", text_encoder_hash: str | None = None) -> None:
+    """Raise ConfigError unless `manifest` was encoded by the autoencoder (and text encoder) the model uses.
+
+    Args:
+        manifest: the training data's manifest (`WebDataModule.latent_manifest`).
+        autoencoder_hash: `weights_hash` of the model's frozen autoencoder.
+        autoencoder_path: where the model's autoencoder came from, named in the error.
+        key: the config key that set `autoencoder_path`.
+        text_encoder_hash: `weights_hash` of the model's frozen text encoder, when the manifest holds text; None
+            skips that check.
+    """
+    theirs = manifest.autoencoder
+    if theirs["sha256"] != autoencoder_hash:
+        raise ConfigError(f"the latent shards beside {manifest.path} were encoded by the autoencoder "
+                          f"{theirs.get('path')} (sha256 {theirs['sha256']}), but {key}={autoencoder_path} has sha256 "
+                          f"{autoencoder_hash}: encode the shards again with ldm-encode "
+                          f"autoencoder_path={autoencoder_path}, or set {key} to the autoencoder they were encoded "
+                          f"with")
+    text = manifest.text_encoder
+    if text is not None and text_encoder_hash is not None and text["sha256"] != text_encoder_hash:
+        raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by {text['config'].get('kind')} "
+                          f"encoder {text['config'].get('name_or_path')} (sha256 {text['sha256']}), but the model's "
+                          f"text encoder has sha256 {text_encoder_hash}: encode the shards again with the model's "
+                          f"text encoder, or leave text out of ldm-encode (text_encoder=null)")
+
+
+def check_data_config(manifest: LatentManifest, resolution: int, hflip: bool, random_crop: bool,
+                      prefix: str = "data") -> None:
+    """Raise ConfigError for data settings latent shards cannot honour (they were fixed when encoding)."""
+    if resolution != manifest.resolution:
+        raise ConfigError(f"{prefix}.resolution={resolution} but the latent shards beside {manifest.path} were encoded "
+                          f"at {manifest.resolution} px; set {prefix}.resolution={manifest.resolution}")
+    if random_crop:
+        raise ConfigError(f"{prefix}.random_crop=true cannot apply to latent shards ({manifest.path}): crops are fixed "
+                          f"when encoding; set {prefix}.random_crop=false")
+    if hflip and not manifest.flips:
+        raise ConfigError(f"{prefix}.hflip=true but the latent shards beside {manifest.path} hold no flipped copies; "
+                          f"encode them with ldm-encode flips=true, or set {prefix}.hflip=false")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arrays in tar members.
+
+
+def to_npy(array: torch.Tensor | np.ndarray, dtype: np.dtype | type = np.float16) -> bytes:
+    """An array as .npy bytes in `dtype`; a value that does not fit (inf after the cast) raises ValueError."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy()
+    out = np.ascontiguousarray(array, dtype=dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"non-finite values after casting to {np.dtype(dtype).name} (max |x| of the input "
+                         f"{float(np.abs(array).max()):.4g})")
+    buf = io.BytesIO()
+    np.save(buf, out, allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_npy(data: bytes) -> np.ndarray:
+    """A .npy member's array; never unpickles."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading: the worker side.
+
+
+def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required: tuple[str, ...]
+                    ) -> Iterator[dict[str, Any]]:
+    """Arrays, caption and label of raw latent samples; unreadable samples (or without a `required` member) are
+    recorded and dropped."""
+    for sample in samples:
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        try:
+            for member in required:
+                if member not in sample:
+                    raise ValueError(f"no {member} member, found "
+                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
+            arrays = {name: from_npy(sample[name]) for name in (MOMENTS, MOMENTS_FLIP, CONTEXT, POOLED)
+                      if name in sample}
+            if arrays[MOMENTS].ndim != 3:
+                raise ValueError(f"{MOMENTS} has shape {arrays[MOMENTS].shape}, expected (2C, h, w)")
+            caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            label = meta.get("label") if isinstance(meta, dict) else None
+        except Exception as err:  # noqa: BLE001 -- any unreadable sample is skipped and reported
+            skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
+            continue
+        yield {"arrays": arrays, "caption": caption, "key": key, "url": url,
+               "label": label if isinstance(label, int) else None}
+
+
+def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"moments": torch.stack([s["moments"] for s in samples]),  # (B, 2C, h, w)
+                             "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+    if all(s["label"] is not None for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)  # (B,)
+    if all("text_context" in s for s in samples):
+        batch["text_context"] = torch.stack([s["text_context"] for s in samples])   # (B, L, D)
+        batch["text_pooled"] = torch.stack([s["text_pooled"] for s in samples])     # (B, D)
+    return batch
+
+
+class LatentStream(ShardStream):
+    """The batches of one rank from latent shards: `ShardStream`'s plan, split, resume and skipping, with arrays
+    instead of images. `plan.hflip` picks the flipped copy with the per-sample draw that flips an image."""
+
+    def __init__(self, plan: EpochPlan, manifest: LatentManifest):
+        super().__init__(plan)
+        self.manifest = manifest
+
+    def decode_samples(self, samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
+        required = (MOMENTS, MOMENTS_FLIP) if self.plan.train and self.plan.hflip else (MOMENTS,)
+        if self.manifest.text_encoder is not None:
+            required += (CONTEXT, POOLED)
+        return _decode_latents(samples, skips, required)
+
+    def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_latents(samples)
+
+    def _to_tensor(self, sample: dict[str, Any]) -> dict[str, Any]:
+        p = self.plan
+        arrays = sample.pop("arrays")
+        name = MOMENTS
+        if p.train and p.hflip:
+            # The image path's draw (ShardStream._to_tensor without random crops): the same samples flip.
+            rng = random.Random(fold_seed(p.seed, p.epoch, zlib.crc32(f"{Path(sample['url']).name}/"
+                                                                      f"{sample['key']}".encode())))
+            if rng.random() < 0.5:
+                name = MOMENTS_FLIP
+        sample["moments"] = torch.from_numpy(arrays[name].astype(np.float32))                  # (2C, h, w)
+        if CONTEXT in arrays:
+            sample["text_context"] = torch.from_numpy(arrays[CONTEXT].astype(np.float32))      # (L, D)
+            sample["text_pooled"] = torch.from_numpy(arrays[POOLED].astype(np.float32))        # (D,)
+        return sample

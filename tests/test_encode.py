@@ -1,0 +1,214 @@
+"""ldm-encode on real shards: moments equal the autoencoder's own, manifest content, flips, text, resume, several
+processes, and the errors that name both encoders."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load_file
+from scale_helpers import REPO, cli_env, tiny_autoencoder_export
+
+from ldm.cli.encode import encode
+from ldm.conditioning import ByteTextEncoder
+from ldm.config import ConfigError
+from ldm.data import latents
+from ldm.nn.autoencoder import load_autoencoder
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a random KL-f4 autoencoder export for 32 px, a random frozen byte text encoder export)."""
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(1)
+    text = ByteTextEncoder(width=16, num_layers=1, num_heads=2, max_length=72).save_pretrained(root / "text")
+    return tiny_autoencoder_export(root / "ae"), text
+
+
+def run_encode(shards: Path, autoencoder: Path, out: Path, **options) -> dict:
+    return encode({"shards": str(shards / "train-*.tar"), "autoencoder_path": str(autoencoder),
+                   "output_dir": str(out), "progress": False, "batch_size": 8, **options})
+
+
+def read_shard(path: Path) -> list[dict]:
+    return list(wds.tarfile_to_samples()(iter([{"url": str(path)}])))
+
+
+def images_of(shard: Path) -> tuple[list[str], list[str], torch.Tensor]:
+    """(keys, captions, images (N, 3, 32, 32) in [-1, 1]) of an image shard, scaled as the datamodule does."""
+    samples = read_shard(shard)
+    pixels = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"), dtype=np.uint8) for s in samples]
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return [s["__key__"] for s in samples], [s["txt"].decode() for s in samples], x
+
+
+def test_moments_text_and_manifest_round_trip(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    autoencoder, text = encoders
+    out = tmp_path / "latents"
+    summary = run_encode(shapes_shards, autoencoder, out, flips=True,
+                         text_encoder={"kind": "byte", "name_or_path": str(text)})
+    assert summary["shards_encoded"] == 4 and summary["samples"] == 64 and summary["failed"] == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in shapes_shards.glob("train-*.tar"))
+
+    ae, stats = load_autoencoder(autoencoder)
+    encoder = ByteTextEncoder.from_pretrained(text)
+    manifest = latents.read_manifest(out / latents.MANIFEST_NAME)
+    assert manifest.autoencoder["sha256"] == latents.weights_hash(ae)
+    assert manifest.autoencoder["latent_scale"] == pytest.approx(stats["scale_factor"])
+    assert (manifest.autoencoder["downsample_factor"], manifest.autoencoder["resolution"]) == (4, 32)
+    assert manifest.resolution == 32 and manifest.flips
+    assert manifest.data["moments"] == {"dtype": "float16", "shape": [8, 8, 8]}
+    assert manifest.text_encoder["sha256"] == latents.weights_hash(encoder)
+    assert manifest.text_encoder["config"]["width"] == 16  # read from the export
+    assert manifest.text_encoder["context_shape"] == [72, 16] and manifest.text_encoder["pooled_shape"] == [16]
+
+    keys, captions, x = images_of(shapes_shards / "train-000001.tar")
+    stored = read_shard(out / "train-000001.tar")
+    assert [s["__key__"] for s in stored] == keys
+    assert [s["txt"].decode() for s in stored] == captions
+    assert all("json" in s for s in stored)
+    with torch.no_grad():
+        posterior, flipped = ae.encode(x), ae.encode(x.flip(3))
+        context, pooled = encoder(captions)
+    want = torch.cat([posterior.mean, posterior.logvar], 1)                    # (16, 8, 8, 8)
+    want_flip = torch.cat([flipped.mean, flipped.logvar], 1)
+
+    def arrays(name: str) -> torch.Tensor:
+        values = np.stack([latents.from_npy(s[name]) for s in stored])
+        assert values.dtype == np.float16
+        return torch.from_numpy(values.astype(np.float32))
+
+    # Within fp16 rounding of the autoencoder's own moments (one ulp of fp16: 2**-10 relative).
+    torch.testing.assert_close(arrays(latents.MOMENTS), want, rtol=2**-10, atol=1e-4)
+    torch.testing.assert_close(arrays(latents.MOMENTS_FLIP), want_flip, rtol=2**-10, atol=1e-4)
+    assert not torch.allclose(want, want_flip, atol=1e-2)  # the flipped copy really is another image
+    torch.testing.assert_close(arrays(latents.CONTEXT), context, rtol=2**-10, atol=1e-3)
+    torch.testing.assert_close(arrays(latents.POOLED), pooled, rtol=2**-10, atol=1e-3)
+    null = load_file(str(out / latents.TEXT_NULL_NAME))
+    empty_context, empty_pooled = encoder([""])
+    torch.testing.assert_close(null["context"], empty_context[0])
+    torch.testing.assert_close(null["pooled"], empty_pooled[0])
+    assert json.loads((out / "train-000001_stats.json").read_text())["successes"] == 16
+
+
+def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: Path, encoders: tuple[Path, Path],
+                                                                  tmp_path: Path):
+    autoencoder, _ = encoders
+    out = tmp_path / "latents"
+    run_encode(shapes_shards, autoencoder, out)
+    finished = {name: (out / name).stat() for name in ("train-000000.tar", "train-000001.tar")}
+    complete = (out / "train-000002.tar").read_bytes()
+    # Interrupted runs: shard 2 half-written (no stats file yet), shard 3 never renamed into place (a temp file).
+    (out / "train-000002.tar").write_bytes(complete[: len(complete) // 2])
+    (out / "train-000002_stats.json").unlink()
+    (out / "train-000003.tar").rename(out / ".train-000003.tar.x1y2.tmp")
+    (out / "train-000003_stats.json").unlink()
+
+    summary = run_encode(shapes_shards, autoencoder, out)
+    assert summary["shards_finished_before"] == 2 and summary["shards_encoded"] == 2 and summary["samples"] == 32
+    for name, before in finished.items():  # not rewritten
+        after = (out / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert len(read_shard(out / "train-000002.tar")) == 16 and len(read_shard(out / "train-000003.tar")) == 16
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_shards: Path,
+                                                                        encoders: tuple[Path, Path], tmp_path: Path):
+    autoencoder, _ = encoders
+    out = tmp_path / "latents"
+    run_encode(shapes_shards, autoencoder, out)
+    other, _ = load_autoencoder(autoencoder)
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.01)  # one changed value is another autoencoder
+    other_dir = other.save_pretrained(tmp_path / "other", latent_stats={"scale_factor": 0.8})
+    ours, theirs = latents.weights_hash(load_autoencoder(autoencoder)[0]), latents.weights_hash(other)
+    assert ours != theirs
+    with pytest.raises(ConfigError, match=f"(?s)output_dir=.*{ours}.*{theirs}.*overwrite=true"):
+        run_encode(shapes_shards, other_dir, out)
+    summary = run_encode(shapes_shards, other_dir, out, overwrite=True)
+    assert summary["shards_encoded"] == 4
+    assert latents.read_manifest(out / latents.MANIFEST_NAME).autoencoder["sha256"] == theirs
+
+
+def test_manifest_check_names_both_autoencoder_hashes(shapes_shards: Path, encoders: tuple[Path, Path],
+                                                      tmp_path: Path):
+    autoencoder, _ = encoders
+    run_encode(shapes_shards, autoencoder, tmp_path / "latents")
+    manifest = latents.read_manifest(tmp_path / "latents" / latents.MANIFEST_NAME)
+    ae, _ = load_autoencoder(autoencoder)
+    latents.check_manifest(manifest, latents.weights_hash(ae), str(autoencoder))  # the same one passes
+    half = copy.deepcopy(ae).half()  # weights held in fp16 hash as their float32 values: loading them either way
+    assert latents.weights_hash(half) == latents.weights_hash(copy.deepcopy(half).float())  # gives one hash
+    with torch.no_grad():
+        ae.encoder.conv_in.weight[0, 0, 0, 0] += 1.0
+    mine = latents.weights_hash(ae)
+    with pytest.raises(ConfigError, match=f"{manifest.autoencoder['sha256']}.*model.autoencoder_path=/x/ae.*{mine}"):
+        latents.check_manifest(manifest, mine, "/x/ae")
+
+
+def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    autoencoder, text = encoders
+    with pytest.raises(ConfigError, match="output_dir is required"):
+        encode({"shards": str(shapes_shards / "train-*.tar"), "autoencoder_path": str(autoencoder)})
+    with pytest.raises(FileNotFoundError, match="shards="):
+        run_encode(tmp_path / "nowhere", autoencoder, tmp_path / "out")
+    with pytest.raises(ConfigError, match="frozen pretrained text encoder"):
+        run_encode(shapes_shards, autoencoder, tmp_path / "out", text_encoder={"kind": "byte", "width": 16,
+                                                                              "num_heads": 2})
+    with pytest.raises(ConfigError, match="resolution=30 is not divisible"):
+        run_encode(shapes_shards, autoencoder, tmp_path / "out", resolution=30)
+
+
+def test_console_script_reads_a_text_encoder_node(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    autoencoder, text = encoders
+    out = tmp_path / "latents"
+    script = Path(sys.executable).parent / "ldm-encode"
+    result = subprocess.run(
+        [str(script), f"shards='{shapes_shards}/train-00000[01].tar'", f"autoencoder_path={autoencoder}",
+         f"output_dir={out}", f"text_encoder={{kind: byte, name_or_path: {text}}}", "progress=false"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "32 samples in 2 shards" in result.stdout + result.stderr
+    assert latents.read_manifest(out / latents.MANIFEST_NAME).text_encoder["config"]["name_or_path"] == str(text)
+
+
+def test_two_processes_encode_their_own_shards(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    autoencoder, text = encoders
+    out, single = tmp_path / "two", tmp_path / "one"
+    text_node = {"kind": "byte", "name_or_path": str(text)}
+    summary = run_encode(shapes_shards, autoencoder, out, text_encoder=text_node, devices=2, accelerator="cpu")
+    assert summary["shards_encoded"] == 4 and summary["samples"] == 64
+    run_encode(shapes_shards, autoencoder, single, text_encoder=text_node)
+    for name in ("train-000000.tar", "train-000003.tar"):  # the same arrays from either process layout
+        a, b = read_shard(out / name), read_shard(single / name)
+        assert [x["__key__"] for x in a] == [y["__key__"] for y in b]
+        for x, y in zip(a, b):
+            for member in (latents.MOMENTS, latents.CONTEXT):
+                np.testing.assert_allclose(latents.from_npy(x[member]).astype(np.float32),
+                                           latents.from_npy(y[member]).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_torchrun_style_ranks_split_the_shards(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    autoencoder, _ = encoders
+    out = tmp_path / "latents"
+    args = [sys.executable, "-m", "ldm.cli.encode", f"shards='{shapes_shards}/train-*.tar'",
+            f"autoencoder_path={autoencoder}", f"output_dir={out}", "progress=false", "accelerator=cpu"]
+    ranks = [subprocess.Popen(args, cwd=REPO, env=cli_env({"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                                           "OMP_NUM_THREADS": "1"}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], logs
+    assert "32 samples in 2 shards" in logs[0] and "rank 0 of 2" in logs[0]  # shards 0 and 2
+    assert "32 samples in 2 shards" in logs[1] and "rank 1 of 2" in logs[1]  # shards 1 and 3
+    assert sorted(p.name for p in out.glob("*_stats.json")) == [f"train-00000{i}_stats.json" for i in range(4)]
+    assert latents.read_manifest(out / latents.MANIFEST_NAME).autoencoder["path"] == str(autoencoder)

@@ -1,0 +1,185 @@
+"""WebDataModule on ldm-encode's latent shards: the same batches, order, flips, DDP split, resume and corrupt-sample
+handling as on the image shards they came from."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from scale_helpers import run_cli, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
+
+from ldm.cli.encode import encode
+from ldm.conditioning import ByteTextEncoder
+from ldm.config import ConfigError
+from ldm.data import latents
+from ldm.data.datamodule import WebDataModule
+from ldm.data.latents import weights_hash
+from ldm.nn.autoencoder import AutoencoderKL
+
+
+@pytest.fixture(scope="module")
+def encoded(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ (with flips and text) and val/ latents of `shapes_shards` under one root."""
+    root = tmp_path_factory.mktemp("encoded")
+    torch.manual_seed(1)
+    text = ByteTextEncoder(width=16, num_layers=1, num_heads=2, max_length=72).save_pretrained(root / "text")
+    autoencoder = tiny_autoencoder_export(root / "ae")
+    for split in ("train", "val"):
+        encode({"shards": str(shapes_shards / f"{split}-*.tar"), "autoencoder_path": str(autoencoder),
+                "output_dir": str(root / split), "flips": True, "progress": False,
+                "text_encoder": {"kind": "byte", "name_or_path": str(text)}})
+    return root
+
+
+def stored(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """key -> {member: float32 tensor} of every latent shard in `directory`."""
+    out = {}
+    for shard in sorted(directory.glob("*.tar")):
+        for s in wds.tarfile_to_samples()(iter([{"url": str(shard)}])):
+            out[s["__key__"]] = {m: torch.from_numpy(latents.from_npy(s[m]).astype(np.float32))
+                                 for m in (latents.MOMENTS, latents.MOMENTS_FLIP, latents.CONTEXT, latents.POOLED)}
+    return out
+
+
+def originals(shards: Path) -> dict[str, torch.Tensor]:
+    """key -> image (3, 32, 32) in [-1, 1] of the train image shards."""
+    out = {}
+    for shard in sorted(shards.glob("train-*.tar")):
+        for s in wds.tarfile_to_samples()(iter([{"url": str(shard)}])):
+            pixels = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"), dtype=np.uint8)
+            out[s["__key__"]] = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return out
+
+
+def datamodule(train: str, val: str | None = None, **options) -> WebDataModule:
+    dm = WebDataModule(**{"train_shards": train, "val_shards": val, "batch_size": 8, "num_workers": 1, "seed": 0,
+                          **options})
+    dm.setup("fit")
+    return dm
+
+
+def test_latent_batches_follow_the_image_batches(shapes_shards: Path, encoded: Path):
+    images = datamodule(str(shapes_shards / "train-*.tar"), hflip=True)
+    lat = datamodule(str(encoded / "train" / "train-*.tar"), str(encoded / "val" / "val-*.tar"), hflip=True)
+    assert images.latent_manifest is None and lat.latent_manifest.flips
+    arrays, pictures = stored(encoded / "train"), originals(shapes_shards)
+    flips = set()
+    image_batches, latent_batches = list(images.train_dataloader()), list(lat.train_dataloader())
+    assert len(image_batches) == len(latent_batches) == 8
+    for ib, lb in zip(image_batches, latent_batches, strict=True):
+        assert lb["key"] == ib["key"] and lb["caption"] == ib["caption"]  # same order: the same plan
+        assert torch.equal(lb["label"], ib["label"])
+        assert lb["moments"].shape == (8, 8, 8, 8) and lb["moments"].dtype == torch.float32
+        assert lb["text_context"].shape == (8, 72, 16) and lb["text_pooled"].shape == (8, 16)
+        assert "image" not in lb
+        for i, key in enumerate(lb["key"]):
+            original = pictures[key]
+            if torch.equal(original, original.flip(2)):
+                continue  # a mirror-symmetric picture does not show whether it was flipped
+            flipped = torch.equal(ib["image"][i], original.flip(2))
+            assert flipped or torch.equal(ib["image"][i], original)
+            want = arrays[key][latents.MOMENTS_FLIP if flipped else latents.MOMENTS]
+            assert torch.equal(lb["moments"][i], want), key  # the same samples flip both ways
+            assert torch.equal(lb["text_context"][i], arrays[key][latents.CONTEXT])
+            flips.add(flipped)
+    assert flips == {True, False}
+    val = list(lat.val_dataloader())
+    assert sorted(k for b in val for k in b["key"]) == [f"{i:09d}" for i in range(16)]
+    val_arrays = stored(encoded / "val")
+    assert all(torch.equal(b["moments"][i], val_arrays[k][latents.MOMENTS])  # validation never flips
+               for b in val for i, k in enumerate(b["key"]))
+
+
+def test_ranks_split_latents_exactly_and_resume(encoded: Path, monkeypatch: pytest.MonkeyPatch):
+    train = str(encoded / "train" / "train-*.tar")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    keys = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        batches = list(datamodule(train, num_workers=2, batch_size=4).train_dataloader())
+        assert len(batches) == 8  # 64 samples / (2 ranks x 2 workers x 4)
+        keys.append([k for b in batches for k in b["key"]])
+    assert not set(keys[0]) & set(keys[1]) and len(set(keys[0]) | set(keys[1])) == 64
+
+    monkeypatch.setenv("RANK", "0")
+    full = list(datamodule(train, num_workers=2, batch_size=4).train_dataloader())
+    interrupted = datamodule(train, num_workers=2, batch_size=4)
+    loader = iter(interrupted.train_dataloader())
+    head = [next(loader) for _ in range(3)]
+    state = interrupted.state_dict()
+    resumed = datamodule(train, num_workers=2, batch_size=4)
+    resumed.load_state_dict(state)
+    for got, want in zip(head + list(resumed.train_dataloader()), full, strict=True):
+        assert got["key"] == want["key"] and torch.equal(got["moments"], want["moments"])
+
+
+def test_a_corrupt_latent_sample_is_skipped_and_reported(encoded: Path, tmp_path: Path):
+    copy = tmp_path / "train"
+    shutil.copytree(encoded / "train", copy)
+    shard = copy / "train-000001.tar"
+    samples = list(wds.tarfile_to_samples()(iter([{"url": str(shard)}])))
+    bad = samples[3]["__key__"]
+    samples[3][latents.MOMENTS] = b"\x93NUMPY garbage"
+    with wds.TarWriter(str(shard), encoder=False) as sink:
+        for s in samples:
+            sink.write({k: v for k, v in s.items() if k in ("__key__",) or not k.startswith("__")})
+    dm = datamodule(str(copy / "train-*.tar"), num_workers=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8  # topped up: every rank keeps its batch count
+    assert bad not in {k for b in batches for k in b["key"]}
+    assert dm.num_skipped == 1 and dm.skipped[0][1] == bad and "train-000001.tar" in dm.skipped[0][0]
+
+
+def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path, encoded: Path, tmp_path: Path):
+    train = str(encoded / "train" / "train-*.tar")
+    with pytest.raises(ConfigError, match=r"data.resolution=64 .* encoded at 32 px"):
+        datamodule(train, resolution=64)
+    with pytest.raises(ConfigError, match="data.random_crop=true"):
+        datamodule(train, random_crop=True)
+    with pytest.raises(ConfigError, match="both be images or both latent shards"):
+        datamodule(train, str(shapes_shards / "val-*.tar"))
+    with pytest.raises(ConfigError, match="mixes latent shards"):
+        datamodule(f"{train}::{shapes_shards}/train-000000.tar")
+    plain = tmp_path / "plain"
+    encode({"shards": str(shapes_shards / "train-000000.tar"), "output_dir": str(plain), "progress": False,
+            "autoencoder_path": str(encoded / "ae")})
+    with pytest.raises(ConfigError, match="data.hflip=true .* flips=true"):
+        datamodule(str(plain / "train-*.tar"), hflip=True)
+
+
+def test_ldm_train_runs_on_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=4, every=2) + tiny_ldm_overrides(encoded / "ae") + [
+        f"data.train_shards={encoded}/train/train-*.tar", f"data.val_shards={encoded}/val/val-*.tar",
+        "model.conditioner.name_or_path=" + str(encoded / "text"), "model.conditioner.width=16",
+        "model.conditioner.num_heads=2", "model.conditioner.max_length=72", "model.unet.context_dim=16"]
+    result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert "throughput summary: 4 steps, 16 images" in (out / "train.log").read_text()
+
+
+def test_ldm_train_refuses_latents_of_another_autoencoder(shapes_shards: Path, encoded: Path, tmp_path: Path):
+    """Latents encoded by one autoencoder, a model built on another: the run stops at start naming both hashes."""
+    other = AutoencoderKL.from_pretrained(encoded / "ae")
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.01)
+    stats = json.loads((encoded / "ae" / "latent_stats.json").read_text())
+    other.save_pretrained(tmp_path / "other_ae", latent_stats=stats)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=2, every=2) + tiny_ldm_overrides(tmp_path / "other_ae") + [
+        f"data.train_shards={encoded}/train/train-*.tar", f"data.val_shards={encoded}/val/val-*.tar",
+        "model.conditioner.name_or_path=" + str(encoded / "text"), "model.conditioner.width=16",
+        "model.conditioner.num_heads=2", "model.conditioner.max_length=72", "model.unet.context_dim=16"]
+    result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert weights_hash(other) in result.stderr and weights_hash(AutoencoderKL.from_pretrained(encoded / "ae")) in \
+        result.stderr and "Traceback" not in result.stderr
+    assert not (out / "checkpoints" / "last.ckpt").exists()

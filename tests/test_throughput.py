@@ -1,0 +1,99 @@
+"""The throughput callback: FLOPs of the real step, data wait, the peak table, and the line in a real ldm-train log."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from scale_helpers import run_cli, tiny_overrides
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.callbacks import throughput
+from ldm.callbacks.throughput import Throughput, peak_flops
+
+B, D, H, OUT = 8, 32, 64, 16  # batch, input, hidden, output widths of the two-layer test model
+
+
+class TwoLayers(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, H, bias=False), nn.ReLU(), nn.Linear(H, OUT, bias=False))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.net(batch["x"]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class SlowBatches(Dataset):
+    """Batches that take `delay` seconds to load (in the main process: num_workers=0)."""
+
+    def __init__(self, n: int, delay: float):
+        self.n, self.delay = n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        time.sleep(self.delay)
+        return {"x": torch.randn(B, D), "caption": ["a"] * B}
+
+
+def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    callback = Throughput()
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[callback])
+    with caplog.at_level("INFO", logger=throughput.__name__):
+        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(6, 0.05), batch_size=None))
+    # Forward 2B(DH + H OUT); backward: both gradients of the second matmul, only the weight's of the first.
+    assert callback.flops_per_batch == 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
+    summary = callback.summary
+    assert summary["data_wait_ms"] == pytest.approx(50, abs=25)  # each batch sleeps 50 ms before the step
+    assert summary["images_per_sec_per_device"] == summary["images_per_sec"] <= B / 0.05
+    assert summary["flops_per_sec_per_device"] == pytest.approx(callback.flops_per_batch * 6 / summary["seconds"])
+    assert "mfu" not in summary and "peak_memory_gib" not in summary  # no peak or memory figure on CPU
+    lines = [r.getMessage() for r in caplog.records if r.name == throughput.__name__]
+    assert [line.split(":")[0] for line in lines] == ["throughput step 3", "throughput step 6", "throughput summary"]
+    assert lines[-1].startswith("throughput summary: 6 steps, 48 images in ")
+
+
+@pytest.mark.parametrize("name, precision, want", [
+    ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312e12),
+    ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12),
+    ("NVIDIA H100 PCIe", "16-mixed", 756e12),
+    ("NVIDIA H200", "bf16-mixed", 989.4e12),
+    ("NVIDIA L40S", "32-true", 183e12),  # fp32 matmuls run as TensorFloat-32 (tf32: true)
+    ("NVIDIA GeForce RTX 4090", "bf16-true", 165.2e12),
+])
+def test_peak_table(monkeypatch: pytest.MonkeyPatch, name: str, precision: str, want: float):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert peak_flops(torch.device("cuda", 0), precision)[0] == want
+    assert peak_flops(torch.device("cpu"), precision)[0] is None
+
+
+def test_the_line_is_in_the_log_of_a_real_ldm_train_run(shapes_shards: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=6, every=3) + ["trainer.log_every_n_steps=2",
+                                                                             "model.net.ch=16"]
+    result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    lines = [line.split(" - ", 1)[1] for line in log.splitlines() if "ldm.callbacks.throughput" in line]
+    assert [line.split(":")[0] for line in lines] == ["throughput step 2", "throughput step 4", "throughput step 6",
+                                                      "throughput summary"]
+    assert all(" images/s (" in line and " per device x 1), data wait " in line and "TFLOP/s per device" in line
+               for line in lines)
+    assert lines[-1].startswith("throughput summary: 6 steps, 24 images in ")
+    with open(next((out / "csv").rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("throughput/images_per_sec")]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(float(r["throughput/images_per_sec"]) > 0 and float(r["throughput/data_wait_ms"]) >= 0 for r in rows)
