@@ -1,13 +1,19 @@
-"""SLURM preemption: on the warning signal, save `last.ckpt` at a step boundary and requeue the same job.
+"""Preemption and Ctrl-C: on a stop signal, save `last.ckpt` at the end of the current step, stop, and (SLURM) requeue.
 
-This callback is the one mechanism that requeues. Lightning's own (`SLURMEnvironment(auto_requeue=True)`) is switched
-off by `ldm.cli.train` because it saves from inside the signal handler, in the middle of a step: ranks can be in
-different collectives at that moment, and the checkpoint can hold a half-finished step, so the resumed run would not
-match the uninterrupted one. Here the handler only raises a flag; at the end of the training batch the ranks agree on
-it (any rank signalled -> all act), save through the checkpoint callback (atomic `last.ckpt`), rank 0 runs
-`scontrol requeue <job id>`, and the trainer stops. The requeued job keeps its SLURM_JOB_ID, so `paths=slurm` puts it
-in the same run directory, `auto_resume` picks up `last.ckpt` there, and the W&B id derived from that directory
-continues the same W&B run.
+Signals handled during fit, in every run:
+  USR1 (`signal_name`)  SLURM's warning before the time limit (`#SBATCH --signal=USR1@120`): save, stop, and inside a
+                        SLURM job run `scontrol requeue <job id>`;
+  TERM                  a scheduler or `kill`: save, stop (no requeue: SLURM's own preemption requeues by itself);
+  INT                   Ctrl-C: save, stop. A second Ctrl-C interrupts at once (nothing more is saved).
+
+This callback is the one mechanism that saves on a signal. Lightning's own SLURM requeue
+(`SLURMEnvironment(auto_requeue=True)`) is switched off by `ldm.cli.train` because it saves from inside the signal
+handler, in the middle of a step: ranks can be in different collectives at that moment, and the checkpoint can hold a
+half-finished step, so the resumed run would not match the uninterrupted one. Here the handler only raises a flag; at
+the end of the training batch the ranks agree on it (any rank signalled -> all act), save through the checkpoint
+callback (atomic `last.ckpt`), rank 0 requeues when asked to, and the trainer stops. The requeued job keeps its
+SLURM_JOB_ID, so `paths=slurm` puts it in the same run directory, `auto_resume` picks up `last.ckpt` there, and the
+W&B id derived from that directory continues the same W&B run.
 
 The sbatch scripts in slurm/ ask for the signal with `#SBATCH --signal=USR1@120` (sent to every task of the step);
 the submitit launcher (hydra/launcher=slurm) is told to send USR1 too, instead of its own USR2, so submitit's
@@ -19,6 +25,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -52,11 +60,11 @@ def requeue_job(job_id: str) -> bool:
 
 
 class SlurmRequeue(L.Callback):
-    """Save and requeue on the SLURM warning signal (a no-op outside a SLURM job).
+    """Save `last.ckpt` at the end of the current step on USR1, TERM or INT, then stop; requeue on USR1 under SLURM.
 
     Args:
         signal_name: the signal SLURM sends before the time limit (`#SBATCH --signal=USR1@120` -> "USR1").
-        requeue: run `scontrol requeue` after saving (false: save and stop only).
+        requeue: run `scontrol requeue` after saving on that signal inside a SLURM job (false: save and stop only).
     """
 
     def __init__(self, signal_name: str = "USR1", requeue: bool = True):
@@ -64,48 +72,102 @@ class SlurmRequeue(L.Callback):
         self.requeue = requeue
         self.job_id: str | None = None
         self.requeued = False
-        self._signalled = False
-        self._previous_handler: Any = None
+        self.stopped = False  # saved on a signal and asked the trainer to stop
+        self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
+        self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
+        self._active = False  # handlers installed and fit running
+        self._batch_start_step = -1  # global step when the current batch started
+
+    @property
+    def signals(self) -> tuple[signal.Signals, ...]:
+        return tuple(dict.fromkeys((self.signum, signal.SIGTERM, signal.SIGINT)))
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # note: only a flag here; the save happens at a step boundary (see the module docstring).
-        self._signalled = True
+        if not self._active:
+            self._forward(signum, frame)
+            return
+        if signum == signal.SIGINT and self._received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self._received is None:
+            self._received = signal.Signals(signum)
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: saving last.ckpt at the end of this step, then stopping (Ctrl-C again: stop now)",
+                      file=sys.stderr, flush=True)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.job_id = slurm_job_id()
-        if stage == "fit" and self.job_id is not None:
-            self._previous_handler = signal.signal(self.signum, self._on_signal)
-            rank_zero_info(f"SLURM job {self.job_id}: on {self.signum.name} the run saves last.ckpt and requeues")
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in self.signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._active = True
+        where = f"SLURM job {self.job_id}: on {self.signum.name} the run saves last.ckpt and requeues; " \
+            if self.job_id is not None and self.requeue else ""
+        rank_zero_info(f"{where}on {'/'.join(s.name for s in self.signals)} the run saves last.ckpt at the end of "
+                       f"the current step and stops")
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        """After fit: hand the signal to the handler ours replaced, and reinstall that one for good.
+
+        note: when fit raises, Lightning skips the teardown hooks and its signal connector then reinstalls the
+        handlers it found at the start of fit, ours among them; they must not swallow a later Ctrl-C.
+        """
+        previous = self._previous_handlers.get(signal.Signals(signum), signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    def _restore(self) -> None:
+        self._active = False
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                if handler is not None:  # None: a handler installed outside Python, which we cannot reinstall
+                    signal.signal(signum, handler)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
-            signal.signal(self.signum, self._previous_handler)
-            self._previous_handler = None
+        self._restore()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()  # note: Lightning skips the teardown hooks when fit raises
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_start_step = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.job_id is None or self.requeued:
-            return
+        if self.stopped or trainer.global_step == self._batch_start_step:
+            return  # note: mid-accumulation the gradients so far would not reach the checkpoint; wait for the step
         # every rank takes part in this reduction each step, so they all act at the same step
-        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False) or run_halted(trainer):
+        if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False) or run_halted(trainer):
             return
+        received = self._received or self.signum  # the signal reached another rank only
         path = self._save(trainer)
-        self.requeued = True
+        self.stopped = True
         trainer.should_stop = True
+        saved = f"saved {path}" if path is not None else "nothing saved (checkpoints are off)"
+        requeue = received == self.signum and self.requeue and self.job_id is not None and path is not None
         if trainer.is_global_zero:
-            if self.requeue and requeue_job(self.job_id):
-                rank_zero_info(f"{self.signum.name}: saved {path} at step {trainer.global_step}; "
-                               f"requeued SLURM job {self.job_id}")
+            if requeue and requeue_job(self.job_id):
+                self.requeued = True
+                rank_zero_info(f"{received.name}: {saved} at step {trainer.global_step}; requeued SLURM job "
+                               f"{self.job_id}")
             else:
-                rank_zero_info(f"{self.signum.name}: saved {path} at step {trainer.global_step}; stopping")
+                rank_zero_info(f"{received.name}: {saved} at step {trainer.global_step}; stopping")
 
     @staticmethod
-    def _save(trainer: L.Trainer) -> Path:
+    def _save(trainer: L.Trainer) -> Path | None:
         callback = trainer.checkpoint_callback
-        if isinstance(callback, Checkpoint) and callback.save_last:
+        if isinstance(callback, Checkpoint):
             return callback.save_last_now(trainer)
         path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path)

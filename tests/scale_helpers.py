@@ -81,6 +81,18 @@ def run_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: int
                           text=True, timeout=timeout)
 
 
+def wait_for_step(progress: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    """Wait until the `Progress` callback of the training process `proc` has written a step >= `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if progress.exists() and progress.read_text() and int(progress.read_text()) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
 def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
     """A folder holding an `scontrol` stand-in that appends its arguments to a log file: (folder, log)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
@@ -97,7 +109,7 @@ def load_json(path: Path) -> Any:
 
 class StepRecorder(L.Callback):
     """Record `train/*` metrics and a checksum of the trainable weights after every step on this rank into
-    `<dirpath>/steps-rank<R>.json`."""
+    `<dirpath>/steps-rank<R>.json` (rewritten after every step, so a run stopped by a signal leaves its steps too)."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
@@ -108,8 +120,12 @@ class StepRecorder(L.Callback):
         record = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         record["weights"] = sum(p.detach().double().sum().item() for p in pl_module.parameters() if p.requires_grad)
         self.steps[trainer.global_step] = record
+        self._write(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         weights = [p.detach().double().sum().item() for p in pl_module.parameters()]
         (self.dirpath / f"steps-rank{trainer.global_rank}.json").write_text(
@@ -169,10 +185,12 @@ class SignalAtStep(L.Callback):
 
     def __init__(self, step: int, signal_name: str = "SIGUSR1"):
         self.step, self.signum = step, signal.Signals[signal_name]
+        self.sent = False  # once: with gradient accumulation several batches start at one global step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), self.signum)
 
 

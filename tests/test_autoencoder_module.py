@@ -9,8 +9,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from ldm.cli.common import CONF_DIR
-from ldm.config import instantiate
+from ldm.config import compose_node, instantiate
 from ldm.data.shapes import ShapesDataset
 from ldm.modules.autoencoder import AutoencoderModule
 from ldm.nn.autoencoder import load_autoencoder
@@ -18,8 +17,8 @@ from ldm.nn.autoencoder import load_autoencoder
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def tiny_module(**overrides) -> AutoencoderModule:
-    """conf/model/autoencoder/kl_tiny.yaml with `overrides` (dotted keys)."""
-    cfg = OmegaConf.load(f"{CONF_DIR}/model/autoencoder/kl_tiny.yaml")
+    """conf/model/autoencoder/kl_tiny.yaml, composed with its schema, with `overrides` (dotted keys)."""
+    cfg = compose_node("model/autoencoder/kl_tiny")
     cfg.seed = 0
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)

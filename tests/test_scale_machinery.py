@@ -14,7 +14,7 @@ from scale_helpers import REPO, compose_train, fake_scontrol, load_json, tiny_ov
 from ldm.callbacks.checkpoint import AtomicCheckpointIO
 from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
 from ldm.cli.common import run_id
-from ldm.cli.train import TrainingDiverged, resolve_ckpt_path, train
+from ldm.cli.train import TrainingDiverged, checkpoint_damage, remove_stale_temp_files, resolve_ckpt_path, train
 from ldm.io import atomic_write_bytes
 from ldm.slurm import slurm_job_id
 
@@ -66,12 +66,42 @@ def test_resolve_ckpt_path(tmp_path):
     assert resolve_ckpt_path(None, tmp_path, auto_resume=True) is None
     assert resolve_ckpt_path("last", tmp_path) is None
     last.parent.mkdir()
-    last.write_bytes(b"x")
+    torch.save({"global_step": 5}, last)
     assert resolve_ckpt_path(None, tmp_path, auto_resume=True) == str(last)
     assert resolve_ckpt_path(None, tmp_path, auto_resume=False) is None
     assert resolve_ckpt_path("last", tmp_path) == str(last)
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt"):
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)
+
+
+def test_resolve_ckpt_path_skips_damaged_and_missing_last(tmp_path):
+    """last.ckpt cut short (or not a checkpoint) or missing: the newest intact periodic checkpoint, by time."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for step in (2, 4, 6):
+        path = directory / f"step{step:07d}.ckpt"
+        torch.save({"global_step": step}, path)
+        os.utime(path, (step, step))
+    newest = directory / "step0000006.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-100])  # torn: the zip directory at its end is gone
+    last = directory / "last.ckpt"
+    last.write_bytes(b"")
+    assert checkpoint_damage(last) is not None and checkpoint_damage(newest) is not None
+    assert resolve_ckpt_path(None, tmp_path, auto_resume=True) == str(directory / "step0000004.ckpt")
+    last.unlink()
+    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000004.ckpt")
+    for path in directory.iterdir():
+        path.write_bytes(b"not a zip")
+    assert resolve_ckpt_path("last", tmp_path) is None  # nothing intact: start from scratch
+
+
+def test_leftover_temp_files_are_removed(tmp_path):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    (directory / ".last.ckpt.x1y2.tmp").write_bytes(b"partial")
+    (directory / "step0000002.ckpt").write_bytes(b"kept")
+    remove_stale_temp_files(directory)
+    assert [p.name for p in directory.iterdir()] == ["step0000002.ckpt"]
 
 
 def test_run_id_is_stable_per_directory(tmp_path):
@@ -196,3 +226,28 @@ def test_module_switches_channels_last_and_compile_hook():
 
     with pytest.raises(ConfigError, match="compile=true"):
         apply_module_switches(Nothing(), OmegaConf.create({"compile": True, "channels_last": False}))
+
+
+# -- the checkpoint callback -------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_keeps_the_newest_k_and_links_last(shapes_shards, tmp_path):
+    """save_top_k=2 keeps the two newest periodic files; last.ckpt is the newest step's file (hard link, one write)."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=4, every=1) + [
+        "model.net.ch=16", "callbacks.checkpoint.save_top_k=2", "trainer.limit_val_batches=0"]
+    train(compose_train(overrides))
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt", "step0000004.ckpt"]
+    assert (checkpoints / "last.ckpt").stat().st_ino == (checkpoints / "step0000004.ckpt").stat().st_ino
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_checkpoint_interval_must_be_whole_steps():
+    from ldm.callbacks.checkpoint import Checkpoint
+    from ldm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"every_n_train_steps=0.5 .*fraction of an epoch"):
+        Checkpoint(every_n_train_steps=0.5)
+    with pytest.raises(ConfigError, match="save_top_k=-2"):
+        Checkpoint(save_top_k=-2)

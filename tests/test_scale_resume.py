@@ -1,12 +1,25 @@
-"""Exact resume on CPU: N steps in one go == N/2 steps, stop, `ckpt_path=last`, N/2 more; bit for bit.
+"""Exact resume on CPU from every kind of checkpoint a run writes: the resumed run equals the uninterrupted one bit
+for bit (losses of every step, weights, EMA, optimizer and scheduler states, data position, RNG states, samples seen).
 
-The interrupted run restarts in a fresh `train()` call (new module, datamodule and trainer) from `last.ckpt`, as a new
-process would; losses of every step, weights, EMA, optimizer and scheduler states must be identical.
+Each case stops a run at one point, in its own directory, and resumes it there (or from a checkpoint of the full run)
+to FULL_STEPS in a fresh `train()` call, as a new process would. With data.batch_size 16 the 64 training samples make
+4 batches per epoch, so an epoch ends at step 4 and the full run spans two epochs.
+
+  periodic       step0000002.ckpt, written at the end of step 2 (mid-epoch), of the full run
+  validation     step0000003.ckpt written after validation at step 3 (every_n_train_steps=null), mid-run
+  end_of_run     last.ckpt of a run with max_steps=3, off the checkpoint interval (2): the issue-16 bug
+  epoch_end_run  last.ckpt of a run with max_steps=4: the end of the run is the end of an epoch
+  epoch_end      step0000004.ckpt written at the end of the training epoch (save_on_train_epoch_end)
+  sigusr1, sigterm, sigint   a signal during step 2: last.ckpt at the end of step 2, then the run stops
+  torn_last      after a kill: last.ckpt cut short and a checkpoint temp file left; auto-resume takes the newest
+                 intact checkpoint (step 4), removes the temp file, and writes no `-v1` duplicate
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,31 +27,23 @@ from scale_helpers import compose_train, load_json, tiny_autoencoder_export, tin
 
 from ldm.cli.train import train
 
-STEPS = 4  # every = STEPS // 2: the interrupted run stops (and checkpoints) right at a validation step
+FULL_STEPS = 6
+EVERY = 2
+AUTOENCODER = ["model=autoencoder/kl_tiny", "model.net.ch=16", "model.warmup_steps=4"]
+BATCH = ["data.batch_size=16"]  # 64 samples: 4 batches per epoch
 
 
-def run(shards: Path, out: Path, max_steps: int, extra: list[str]) -> dict[int, dict[str, float]]:
-    overrides = tiny_overrides(shards, out, max_steps=max_steps, every=STEPS // 2) + extra + [
+def run(shards: Path, out: Path, max_steps: int, extra: list[str], every: int = EVERY) -> dict[int, dict[str, float]]:
+    """Train to `max_steps` in `out` (resuming whatever `extra` says); the `train/*` metrics and weights per step."""
+    overrides = tiny_overrides(shards, out, max_steps=max_steps, every=every) + BATCH + extra + [
         "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
     ]
     train(compose_train(overrides))
     return {int(k): v for k, v in load_json(out / "record" / "steps-rank0.json")["steps"].items()}
 
 
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
-    assert ca["global_step"] == cb["global_step"] == STEPS
-    assert ca["state_dict"].keys() == cb["state_dict"].keys()
-    for key in ca["state_dict"]:
-        assert torch.equal(ca["state_dict"][key], cb["state_dict"][key]), f"weights differ: {key}"
-    assert _flatten(ca["optimizer_states"]) == _flatten(cb["optimizer_states"])
-    assert ca["lr_schedulers"] == cb["lr_schedulers"]
-    assert ca["ldm"]["samples_seen"] == cb["ldm"]["samples_seen"] == STEPS * 4  # data.batch_size 4, one process
-    assert ca["ldm"]["config"]["trainer"]["max_steps"] == STEPS
-
-
-def _flatten(obj):
-    """Nested optimizer state as comparable plain values (tensors as exact lists)."""
+def _flatten(obj: Any) -> Any:
+    """Nested checkpoint state as comparable plain values (tensors as exact lists)."""
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, dict):
@@ -48,44 +53,168 @@ def _flatten(obj):
     return obj
 
 
-def check_exact_resume(shards: Path, tmp_path: Path, extra: list[str]) -> None:
-    full = run(shards, tmp_path / "full", STEPS, extra)
-    first = run(shards, tmp_path / "split", STEPS // 2, extra)
-    second = run(shards, tmp_path / "split", STEPS, extra + ["ckpt_path=last"])
-    assert sorted(full) == list(range(1, STEPS + 1))
-    assert sorted(first) == list(range(1, STEPS // 2 + 1)) and sorted(second) == list(range(STEPS // 2 + 1, STEPS + 1))
-    resumed = {**first, **second}
-    for step in full:
-        assert full[step] == resumed[step], f"step {step}: {full[step]} != {resumed[step]}"
-    assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt",
-                           tmp_path / "split" / "checkpoints" / "last.ckpt")
+def assert_same_checkpoint(a: Path, b: Path, step: int, samples_per_step: int = 16) -> None:
+    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    assert ca["global_step"] == cb["global_step"] == step
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for key in ca["state_dict"]:
+        assert torch.equal(ca["state_dict"][key], cb["state_dict"][key]), f"weights differ: {key}"
+    assert _flatten(ca["optimizer_states"]) == _flatten(cb["optimizer_states"]), "optimizer states differ"
+    assert ca["lr_schedulers"] == cb["lr_schedulers"], "LR scheduler states differ"
+    assert ca["WebDataModule"] == cb["WebDataModule"], "data positions differ"
+    assert _flatten(ca["callbacks"]["RngState"]) == _flatten(cb["callbacks"]["RngState"]), "RNG states differ"
+    assert ca["callbacks"]["NanGuard"] == cb["callbacks"]["NanGuard"]
+    assert ca["ldm"]["samples_seen"] == cb["ldm"]["samples_seen"] == step * samples_per_step
 
 
-def test_latent_diffusion_resume_is_exact(shapes_shards, tmp_path):
+# -- the stop points -----------------------------------------------------------------------------------------------
+# Each returns (the checkpoint to resume from: a path, or None for the run directory's own by auto_resume, the step
+# it holds) after writing it into `out`; `full` is the uninterrupted run's directory.
+
+
+def stop_periodic(shards, out, full, extra):
+    return full / "checkpoints" / "step0000002.ckpt", 2
+
+
+def stop_validation(shards, out, full, extra):
+    run(shards, out, 5, extra + ["callbacks.checkpoint.every_n_train_steps=null"], every=3)
+    return out / "checkpoints" / "step0000003.ckpt", 3
+
+
+def stop_end_of_run(shards, out, full, extra):
+    run(shards, out, 3, extra)
+    return None, 3
+
+
+def stop_epoch_end_run(shards, out, full, extra):
+    run(shards, out, 4, extra, every=3)
+    return None, 4
+
+
+def stop_epoch_end(shards, out, full, extra):
+    run(shards, out, 5, extra + ["callbacks.checkpoint.save_on_train_epoch_end=true"], every=100)
+    return out / "checkpoints" / "step0000004.ckpt", 4
+
+
+def _stop_on(signal_name: str):
+    def stop(shards, out, full, extra):
+        steps = run(shards, out, FULL_STEPS, extra + [
+            "+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=1",
+            f"+callbacks.signal.signal_name={signal_name}"])
+        assert sorted(steps) == [1, 2], f"{signal_name} did not stop the run after step 2: {sorted(steps)}"
+        return None, 2
+    return stop
+
+
+def stop_torn_last(shards, out, full, extra):
+    run(shards, out, 5, extra)  # step0000002, step0000004 and last.ckpt (step 5)
+    checkpoints = out / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short, as by a crash of the disk
+    (checkpoints / ".last.ckpt.abc123.tmp").write_bytes(b"half a checkpoint")  # a write killed mid-way
+    return None, 4
+
+
+STOPS = {"periodic": stop_periodic, "validation": stop_validation, "end_of_run": stop_end_of_run,
+         "epoch_end_run": stop_epoch_end_run, "epoch_end": stop_epoch_end, "sigusr1": _stop_on("SIGUSR1"),
+         "sigterm": _stop_on("SIGTERM"), "sigint": _stop_on("SIGINT"), "torn_last": stop_torn_last}
+FAST = {"end_of_run", "epoch_end_run", "sigint", "torn_last"}  # in `make test`; the rest with `make test-all`
+
+
+def check_resume(shards: Path, root: Path, stop: str, extra: list[str], full_name: str = "full") -> None:
+    full_dir = root / full_name
+    if not (full_dir / "record").exists():
+        run(shards, full_dir, FULL_STEPS, extra)
+    full = {int(k): v for k, v in load_json(full_dir / "record" / "steps-rank0.json")["steps"].items()}
+    assert sorted(full) == list(range(1, FULL_STEPS + 1))
+
+    out = root / f"{stop}-{full_name}"
+    resume_from, saved_step = STOPS[stop](shards, out, full_dir, extra)
+    first = {} if resume_from is not None and resume_from.is_relative_to(full_dir) else \
+        {int(k): v for k, v in load_json(out / "record" / "steps-rank0.json")["steps"].items()}
+    resumed = run(shards, out, FULL_STEPS, extra + ([f"ckpt_path={resume_from}"] if resume_from else []))
+    assert sorted(resumed) == list(range(saved_step + 1, FULL_STEPS + 1)), f"resumed at the wrong step: {resumed}"
+    for step in range(1, FULL_STEPS + 1):
+        got = resumed.get(step, first.get(step, full[step]))
+        assert got == full[step], f"{stop}: step {step}: {got} != {full[step]}"
+    assert_same_checkpoint(full_dir / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", FULL_STEPS)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".json"))
+    assert not [n for n in names if "-v" in n or n.endswith(".tmp")], names  # no duplicates, no leftovers
+
+
+@pytest.fixture(scope="module")
+def autoencoder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("resume_autoencoder")
+
+
+@pytest.fixture(scope="module")
+def ldm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("resume_ldm")
+    tiny_autoencoder_export(root / "ae")
+    return root
+
+
+def _cases() -> list[Any]:
+    return [pytest.param(stop, id=stop, marks=() if stop in FAST else pytest.mark.slow) for stop in STOPS]
+
+
+@pytest.mark.parametrize("stop", _cases())
+def test_autoencoder_resume_is_exact(shapes_shards, autoencoder_root, stop, single_torch_thread):
+    check_resume(shapes_shards, autoencoder_root, stop, AUTOENCODER)
+
+
+def test_default_callbacks_keep_resume_exact(shapes_shards, autoencoder_root, single_torch_thread):
+    """The end-of-run case with every default callback (throughput, learning-rate monitor) as a user runs it."""
+    check_resume(shapes_shards, autoencoder_root, "end_of_run", AUTOENCODER, full_name="full_default_callbacks")
+
+
+@pytest.mark.parametrize("stop", [pytest.param(stop, id=stop, marks=() if stop == "end_of_run" else pytest.mark.slow)
+                                  for stop in STOPS])
+def test_latent_diffusion_resume_is_exact(shapes_shards, ldm_root, stop, single_torch_thread):
     """Noise from step_generator, AdamW, the warmup schedule and the data position all continue exactly."""
-    autoencoder = tiny_autoencoder_export(tmp_path / "ae")
-    check_exact_resume(shapes_shards, tmp_path, tiny_ldm_overrides(autoencoder) + ["model.ema_decay=null"])
+    check_resume(shapes_shards, ldm_root, stop,
+                 tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null"])
 
 
 @pytest.mark.slow
-def test_latent_diffusion_resume_with_ema_is_exact(shapes_shards, tmp_path):
-    autoencoder = tiny_autoencoder_export(tmp_path / "ae")
-    check_exact_resume(shapes_shards, tmp_path, tiny_ldm_overrides(autoencoder))
+def test_latent_diffusion_resume_with_ema_is_exact(shapes_shards, tmp_path, single_torch_thread):
+    tiny_autoencoder_export(tmp_path / "ae")
+    check_resume(shapes_shards, tmp_path, "end_of_run", tiny_ldm_overrides(tmp_path / "ae"))
 
 
 @pytest.mark.slow
-def test_autoencoder_resume_is_exact(shapes_shards, tmp_path):
-    check_exact_resume(shapes_shards, tmp_path, ["model=autoencoder/kl_tiny", "model.net.ch=16",
-                                                 "model.warmup_steps=4"])
+def test_autoencoder_auto_resume_with_gan_and_ema_is_exact(shapes_shards, tmp_path, single_torch_thread):
+    """The discriminator step (outside Lightning's step count) and the EMA are active across the resume."""
+    check_resume(shapes_shards, tmp_path, "end_of_run",
+                 ["model=autoencoder/kl_tiny", "model.net.ch=16", "model.loss.disc_start=2", "model.ema_decay=0.9"]
+                )
+
+
+def test_missing_last_resumes_from_the_newest_periodic_checkpoint(shapes_shards, tmp_path, single_torch_thread):
+    """auto_resume without last.ckpt (deleted, or never renamed into place) takes the newest step file."""
+    out = tmp_path / "run"
+    run(shapes_shards, out, 4, AUTOENCODER, every=3)  # step0000003.ckpt, last.ckpt at 4
+    (out / "checkpoints" / "last.ckpt").unlink()
+    resumed = run(shapes_shards, out, 5, AUTOENCODER, every=3)
+    assert sorted(resumed) == [4, 5]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    shutil.rmtree(out)
 
 
 @pytest.mark.slow
-def test_autoencoder_auto_resume_with_gan_and_ema_is_exact(shapes_shards, tmp_path):
-    """auto_resume (no ckpt_path) picks up last.ckpt; the discriminator step and the EMA are active."""
-    extra = ["model=autoencoder/kl_tiny", "model.net.ch=16", "model.loss.disc_start=2", "model.ema_decay=0.9"]
-    full = run(shapes_shards, tmp_path / "full", STEPS, extra)
-    first = run(shapes_shards, tmp_path / "split", STEPS // 2, extra)
-    second = run(shapes_shards, tmp_path / "split", STEPS, extra)  # auto_resume=true by default
-    assert full == {**first, **second}
-    assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt",
-                           tmp_path / "split" / "checkpoints" / "last.ckpt")
+@pytest.mark.parametrize("stop", ["end_of_run", "sigint"])
+def test_latent_diffusion_resume_with_gradient_accumulation_is_exact(shapes_shards, ldm_root, stop,
+                                                                     single_torch_thread):
+    """Checkpoints and signal stops wait for the batch that steps: accumulated gradients never need saving."""
+    extra = tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null", "trainer.accumulate_grad_batches=2"]
+    root = ldm_root / "accumulate"
+    if not (root / "full" / "record").exists():
+        run(shapes_shards, root / "full", FULL_STEPS, extra)
+    out = root / stop
+    signal = ["+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=1",
+              "+callbacks.signal.signal_name=SIGINT"] if stop == "sigint" else []
+    first = run(shapes_shards, out, 3 if stop == "end_of_run" else FULL_STEPS, extra + signal)
+    assert max(first) == (3 if stop == "end_of_run" else 2)
+    run(shapes_shards, out, FULL_STEPS, extra)
+    assert_same_checkpoint(root / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", FULL_STEPS,
+                           samples_per_step=2 * 16)

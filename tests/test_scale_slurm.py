@@ -6,12 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from scale_helpers import REPO, cli_env, fake_scontrol, run_cli, tiny_overrides
+from scale_helpers import REPO, cli_env, fake_scontrol, run_cli, tiny_overrides, wait_for_step
 
 JOB_ID = "777"
 
@@ -23,17 +22,6 @@ def slurm_env(bin_dir: Path) -> dict[str, str]:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": JOB_ID, "SLURM_JOB_NAME": "ldm-test",
             "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
             "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODELIST": "localhost"}
-
-
-def wait_for_step(progress: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if progress.exists() and progress.read_text() and int(progress.read_text()) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout} s")
 
 
 @pytest.mark.slow

@@ -1,27 +1,46 @@
-"""Checkpoints that are never torn and never overwritten by a failing run.
+"""Checkpoints written only at step boundaries, never torn, never duplicated, never written by a failing run.
 
-`AtomicCheckpointIO` is the Trainer's CheckpointIO plugin: every checkpoint Lightning writes (periodic, `last.ckpt`,
-the requeue checkpoint) goes through `ldm.io.atomic_open` (temporary file in the target directory, fsync,
-`os.replace`), so a reader sees either the old file or the new one, never half of one.
+`AtomicCheckpointIO` is the Trainer's CheckpointIO plugin: every checkpoint goes through `ldm.io.atomic_open`
+(temporary file in the target directory, fsync, `os.replace`), so a reader sees either the old file or the new one.
 
-`Checkpoint` is Lightning's ModelCheckpoint that refuses to save once any callback has `halted` the run (the NaN
-guard after K non-finite steps): the error path keeps the last good `last.ckpt` instead of overwriting it.
+`Checkpoint` is our own checkpoint callback on Lightning's public `Checkpoint` base (not ModelCheckpoint, whose
+behaviour could only be changed through private methods). It writes
+
+  periodic    `step{step:07d}.ckpt` every `every_n_train_steps` steps, at the end of that step's batch;
+  validation  the same file at the end of each validation instead, when `every_n_train_steps` is null (so the
+              checkpoint holds what that validation measured, e.g. the autoencoder's latent statistics);
+  epoch end   the same file at the end of each training epoch, with `save_on_train_epoch_end: true`;
+  final step  `last.ckpt` at the end of the batch that reaches `trainer.max_steps` (or the last batch of the last
+              epoch), while the fit loop still stands inside that epoch; Lightning's own end-of-run save comes later,
+              in `on_train_end`, after the loop has counted the epoch as finished, and a run resumed from such a file
+              skipped the rest of the epoch;
+  on request  `last.ckpt` from `save_last_now` (the preemption callback in `ldm.slurm`, at a step boundary).
+
+`last.ckpt` is rewritten with every checkpoint (a hard link to the periodic file when the file system has them), so
+it always holds the newest state. File names carry no version suffix: a step written twice (a run resumed from an
+older checkpoint) replaces the earlier file. Nothing is written once any callback has `halted` the run (the NaN guard
+after K non-finite steps) and nothing on exceptions, so an error path keeps the last good `last.ckpt`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint as CheckpointBase
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
+from ldm.config import ConfigError
 from ldm.io import atomic_open
+
+LAST_NAME = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -29,7 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     whole in memory first."""
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
         with atomic_open(path) as f:
@@ -41,48 +61,168 @@ def run_halted(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "halted", False) for callback in trainer.callbacks)
 
 
-class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that writes nothing after the run was halted (see `run_halted`); otherwise identical.
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` hold `source`'s bytes, atomically: a hard link renamed into place, else an atomic copy."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError:  # no hard links here (some network and FUSE file systems)
+        with open(source, "rb") as src, atomic_open(target) as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+        return
+    os.replace(tmp, target)
 
-    `save_last: true` makes `last.ckpt` a real file written through the Trainer's CheckpointIO (atomic), not a link.
+
+class Checkpoint(CheckpointBase):
+    """Step-boundary checkpoints (see the module docstring for when each file is written).
+
     Every checkpoint also carries, under "ldm", `run_info` (ldm-train sets the package version and resolved config)
     and `samples_seen`: training samples consumed over all ranks, counted batch by batch (restored on resume).
+
+    Args:
+        dirpath: folder of the checkpoints; null: `<trainer.default_root_dir>/checkpoints`.
+        filename: name of a periodic checkpoint without ".ckpt", formatted with `step` (the global step) and `epoch`.
+        every_n_train_steps: a periodic checkpoint every N optimizer steps; null or 0: after each validation instead.
+        save_last: keep `last.ckpt`, always the newest state (see the module docstring).
+        save_top_k: periodic checkpoints kept on disk: -1 all, 0 none (only `last.ckpt`), k the newest k.
+        save_on_train_epoch_end: also write a periodic checkpoint at the end of each training epoch.
     """
 
     run_info: dict[str, Any] | None = None
-    samples_seen: int = 0
+
+    def __init__(self, dirpath: str | None = None, filename: str = "step{step:07d}",
+                 every_n_train_steps: int | None = None, save_last: bool = True, save_top_k: int = -1,
+                 save_on_train_epoch_end: bool = False) -> None:
+        if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 0):
+            raise ConfigError(f"callbacks.checkpoint.every_n_train_steps={every_n_train_steps!r} must be a whole "
+                              f"number of steps >= 0, or null (checkpoint after each validation); it follows "
+                              f"trainer.val_check_interval unless set, so set it when that is a fraction of an epoch")
+        if not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ConfigError(f"callbacks.checkpoint.save_top_k={save_top_k!r} must be -1 (keep all), 0 or more")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.save_last = save_last
+        self.save_top_k = save_top_k
+        self.save_on_train_epoch_end = save_on_train_epoch_end
+        self.samples_seen = 0
+        self.last_model_path = ""  # the newest last.ckpt written (ModelCheckpoint's attribute of that name)
+        self.kept: list[str] = []  # periodic checkpoints written by this run (and its earlier segments), oldest first
+        self._batch_start_step = -1  # global step when the current batch started (an optimizer step moves it)
+        self._last_step = -1  # global step of the newest last.ckpt this process wrote
+
+    # -- when -------------------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_start_step = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # note: counted before the periodic save below, so a checkpoint includes its own step's batch
+        # note: counted before any save below, so a checkpoint includes its own step's batch
         self.samples_seen += extract_batch_size(batch) * trainer.world_size
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == self._batch_start_step:
+            return  # gradient accumulation: no optimizer step in this batch, so no step boundary either
+        periodic = self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0
+        if periodic:
+            self.save(trainer, periodic=True)
+        elif self.save_last and self._final_batch(trainer):
+            self.save(trainer, periodic=False)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_train_steps == 0 and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self.save(trainer, periodic=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_on_train_epoch_end:
+            self.save(trainer, periodic=True)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A stop that none of the hooks above foresaw (another callback set `should_stop`): the run's final state
+        # still reaches last.ckpt.
+        if self.save_last and not self._last_is_current(trainer):
+            self.save(trainer, periodic=False)
+
+    @staticmethod
+    def _final_batch(trainer: L.Trainer) -> bool:
+        """This batch ends the run: it reached max_steps, or it is the last batch of the last epoch."""
+        if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+            return True
+        max_epochs = trainer.max_epochs
+        return (max_epochs is not None and max_epochs >= 0 and trainer.is_last_batch
+                and trainer.current_epoch + 1 >= max_epochs)
+
+    def _last_is_current(self, trainer: L.Trainer) -> bool:
+        return self._last_step == trainer.global_step
+
+    # -- what -------------------------------------------------------------------------------------------------------
+
+    def save(self, trainer: L.Trainer, periodic: bool, requested: bool = False) -> Path | None:
+        """Write this step's periodic checkpoint (`periodic`) and/or `last.ckpt`; returns the path written.
+        `requested`: `last.ckpt` even with `save_last: false` (a stop signal must leave something to resume from).
+
+        Collective: every rank calls it (each builds its part of the state), rank 0 writes.
+        """
+        if run_halted(trainer) or trainer.fast_dev_run or trainer.sanity_checking \
+                or trainer.state.fn != TrainerFn.FITTING:
+            return None  # note: fast_dev_run promises no checkpoints
+        directory = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        last = directory / LAST_NAME
+        if not periodic or self.save_top_k == 0:
+            if not (self.save_last or requested):
+                return None
+            trainer.save_checkpoint(last)
+            self._wrote_last(trainer, last)
+            return last
+        path = directory / f"{self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)}.ckpt"
+        trainer.save_checkpoint(path)
+        if str(path) in self.kept:
+            self.kept.remove(str(path))
+        self.kept.append(str(path))
+        if trainer.is_global_zero:
+            if self.save_last:
+                link_or_copy(path, last)
+            while self.save_top_k > 0 and len(self.kept) > self.save_top_k:
+                Path(self.kept.pop(0)).unlink(missing_ok=True)
+        if self.save_last:
+            self._wrote_last(trainer, last)
+        return path
+
+    def _wrote_last(self, trainer: L.Trainer, last: Path) -> None:
+        self.last_model_path = str(last)
+        self._last_step = trainer.global_step
+
+    def save_last_now(self, trainer: L.Trainer) -> Path | None:
+        """Write `last.ckpt` at this point (a stop outside the periodic schedule); returns its path, or None when
+        nothing may be written (the run was halted, or `fast_dev_run`)."""
+        return self.save(trainer, periodic=False, requested=True)
+
+    # -- state ------------------------------------------------------------------------------------------------------
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm"] = {**(self.run_info or {}), "samples_seen": self.samples_seen}
 
     @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.samples_seen = int(checkpoint.get("ldm", {}).get("samples_seen", 0))
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "samples_seen": self.samples_seen}
+        return {"kept": list(self.kept), "dirpath": self.dirpath}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.samples_seen = int(state_dict.get("samples_seen", 0))
-
-    @override
-    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
-        if not run_halted(trainer):
-            super()._save_topk_checkpoint(trainer, monitor_candidates)
-
-    @override
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
-        if not run_halted(trainer):
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-
-    def save_last_now(self, trainer: L.Trainer) -> Path:
-        """Write `last.ckpt` at this point (a requeue or a stop outside the periodic schedule); returns its path."""
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        return Path(self.last_model_path)
+        if state_dict.get("dirpath") == self.dirpath:  # files of another directory are not ours to prune
+            self.kept = [p for p in state_dict.get("kept", []) if Path(p).exists()]

@@ -17,7 +17,8 @@ With fp16 mixed precision (`16-mixed`) infinite gradients are the GradScaler's b
 the scale), so only a non-finite loss counts there.
 
 Manual optimization (AutoencoderModule) needs nothing special, provided the module calls `self.manual_backward(loss)`
-(not `loss.backward()`) and steps through the LightningOptimizer from `self.optimizers()`.
+(not `loss.backward()`) and steps through the LightningOptimizer from `self.optimizers()` or through
+`trainer.strategy.optimizer_step` (the autoencoder's discriminator step, which global_step does not count).
 """
 
 from __future__ import annotations

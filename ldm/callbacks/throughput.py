@@ -8,10 +8,12 @@ run's loggers); at the end of training one summary line covers the whole run:
     throughput summary: 2200 steps, 70400 images in 430.2 s of training: 163.6 images/s (163.6 per device x 1), ...
 
 Rates over each logging interval come from Lightning's `Throughput` (`lightning.fabric.utilities.throughput`). The
-model's FLOPs per batch are counted once, on the first training step, by torch's `FlopCounterMode` (what Lightning's
-`measure_flops` runs): forward and backward of the real step, whatever the module computes. Validation time is left
-out of training time. Data wait is the time from the end of one training step (or of validation) to the start of the
-next: loading the batch, plus the loop's own work between steps (a checkpoint written at that moment counts too).
+model's FLOPs per batch are counted once, on the first training step of a fresh run, by torch's `FlopCounterMode`
+(what Lightning's `measure_flops` runs): forward and backward of the real step, whatever the module computes. The
+count is kept in checkpoints and a resumed run takes it from there: counting runs under a dispatch mode that changes
+convolution gradients in the last bits, so counting again after a resume would break bit-exact resume. Validation
+time is left out of training time. Data wait is the time from the end of one training step (or of validation) to the
+start of the next: loading the batch, plus the loop's own work between steps (a checkpoint written then counts too).
 """
 
 from __future__ import annotations
@@ -101,6 +103,16 @@ class Throughput(L.Callback):
         self.summary: dict[str, float] = {}  # the numbers of the summary line
         self._counter: FlopCounterMode | None = None
 
+    # -- state: the FLOP count travels with the checkpoint -------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops_per_batch": self.flops_per_batch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flops_per_batch = state_dict.get("flops_per_batch")
+
     # -- hooks -----------------------------------------------------------------------------------------------------
 
     @override
@@ -124,7 +136,7 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         self._wait += now - self._ready
         self._step_before = trainer.global_step
-        if self.count_flops and self.flops_per_batch is None and self._counter is None:
+        if self.count_flops and self.flops_per_batch is None and self._counter is None and trainer.global_step == 0:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
 

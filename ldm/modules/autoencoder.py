@@ -15,11 +15,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.config import asdict, check_choice, to_dataclass
+from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
@@ -47,18 +48,7 @@ class Config:
     def __post_init__(self) -> None:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if len(self.betas) != 2:
-            raise ValueError(f"betas={self.betas} must hold two values")
-
-
-def _step_uncounted(optimizer: Any) -> None:
-    """Step a LightningOptimizer without advancing trainer.global_step.
-
-    note: under manual optimization Lightning counts every optimizer step toward global_step, so two optimizers
-    would make max_steps, disc_start and checkpoint intervals count half-batches. The manual loop reinstalls these
-    hooks before each batch.
-    """
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    optimizer.step()
+            raise ConfigError(f"betas={self.betas} must hold two values")
 
 
 class AutoencoderModule(L.LightningModule):
@@ -121,6 +111,16 @@ class AutoencoderModule(L.LightningModule):
         if self.config.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.config.grad_clip, gradient_clip_algorithm="norm")
 
+    def _step_uncounted(self, optimizer: LightningOptimizer) -> None:
+        """Step `optimizer` through the strategy (precision plugin, AMP scaler, `on_before_optimizer_step` hooks such
+        as the NaN guard), as `LightningOptimizer.step` does, but without advancing `trainer.global_step`.
+
+        note: under manual optimization Lightning counts every `LightningOptimizer.step` toward global_step, so two
+        stepping optimizers would make max_steps, disc_start and checkpoint intervals count half-batches. The
+        discriminator step goes through `Strategy.optimizer_step` (public) instead, so global_step counts batches.
+        """
+        self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_ae, opt_disc = self.optimizers()
         step = self.global_step
@@ -145,7 +145,7 @@ class AutoencoderModule(L.LightningModule):
             opt_disc.zero_grad(set_to_none=True)  # note: also drops the generator loss's gradients on D
             self.manual_backward(d_loss)
             self._clip(opt_disc)
-            _step_uncounted(opt_disc)
+            self._step_uncounted(opt_disc)
 
         self.log_dict({f"train/{k}": v for k, v in {**log, **d_log}.items()}, on_step=True, on_epoch=False,
                       batch_size=x.shape[0])

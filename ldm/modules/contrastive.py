@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
@@ -107,8 +108,8 @@ class ContrastiveModule(L.LightningModule):
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, E) -> (world * B, E), rank order; gradients flow back to this rank's rows."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return x  # one process, or no trainer at all
         return self.all_gather(x, sync_grads=True).flatten(0, 1)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

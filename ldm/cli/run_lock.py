@@ -1,0 +1,135 @@
+"""One training run per run directory: a lock file in `paths.output_dir`, held for the whole of `ldm-train`.
+
+Two runs writing into one directory would interleave their checkpoints, configs, exports and metrics. The lock file
+(`train.lock`, JSON: pid, host, SLURM job id, start time) is created with an exclusive hard link, so of two runs
+starting at once exactly one wins. A second run stops at start with `RunDirectoryLocked` naming the directory, the
+holder and the fix. A lock left behind by a run that was killed (SIGKILL, a node failure) is stale when its process is
+dead on this host, or when another host wrote it for an earlier run of this same SLURM job (a requeued job keeps its
+id and may land on another node): it is taken over with a message.
+
+Only the launching process takes the lock (global rank 0: RANK, LOCAL_RANK, NODE_RANK and SLURM_PROCID all 0 or
+unset); the other ranks of the same run, which Lightning or srun start with those set, never touch it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ldm.config import ConfigError
+
+LOCK_NAME = "train.lock"
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+class RunDirectoryLocked(ConfigError):
+    """Another live `ldm-train` holds the run directory."""
+
+
+def is_launching_process() -> bool:
+    """True in the process that owns the run (rank 0 of node 0, before or without any DDP launch)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """The holder recorded in a lock file; None when the file is gone. A torn or foreign file reads as {}."""
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def stale_reason(holder: dict[str, Any]) -> str | None:
+    """Why a recorded holder cannot be running any more, or None when it may be."""
+    if not holder:
+        return "the lock file is empty or unreadable"
+    if holder.get("host") == socket.gethostname():
+        if isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+            return f"its process {holder['pid']} is no longer running on this host"
+        return None
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job_id") == job:  # SLURM runs one instance of a job at a time
+        return f"it belongs to an earlier run of this SLURM job {job} on {holder.get('host')}"
+    return None
+
+
+def _try_create(path: Path, record: dict[str, Any]) -> bool:
+    """Create `path` holding `record` if it does not exist yet, atomically (write a temp file, hard-link it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    try:
+        os.link(tmp, path)  # fails if path exists: the exclusive step
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def acquire(output_dir: Path) -> Path:
+    """Take the lock of `output_dir` for this process (see the module docstring); returns the lock file's path.
+
+    Raises:
+        RunDirectoryLocked: a live run holds the directory.
+    """
+    path = Path(output_dir) / LOCK_NAME
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):  # another starter may take over or release the lock between our attempts
+        if _try_create(path, record):
+            return path
+        holder = read_lock(path)
+        if holder is None:
+            continue  # released meanwhile: try again
+        reason = stale_reason(holder)
+        if reason is None:
+            raise RunDirectoryLocked(
+                f"paths.output_dir={output_dir} is in use by another ldm-train (pid {holder.get('pid')} on host "
+                f"{holder.get('host')}, started {holder.get('started')}; lock file {path}); wait for that run to "
+                f"finish or stop it, or choose another paths.output_dir (delete the lock file only if that run is "
+                f"gone)")
+        print(f"run lock: taking over {path} from pid {holder.get('pid')} on {holder.get('host')}: {reason}",
+              flush=True)
+        path.unlink(missing_ok=True)
+    raise RunDirectoryLocked(f"paths.output_dir={output_dir}: could not take the lock file {path} (other runs keep "
+                             f"starting in this directory); start one run per paths.output_dir")
+
+
+def release(path: Path) -> None:
+    """Remove the lock file if it is still ours."""
+    holder = read_lock(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(output_dir: Path) -> Iterator[Path | None]:
+    """Hold the lock of `output_dir` for the block in the launching process; other ranks get None and wait for
+    nothing."""
+    if not is_launching_process():
+        yield None
+        return
+    path = acquire(output_dir)
+    try:
+        yield path
+    finally:
+        release(path)

@@ -1,0 +1,136 @@
+"""A run directory belongs to one run at a time (the lock), and keeps the logs of every segment of that run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scale_helpers import compose_train, run_cli, tiny_overrides
+
+from ldm.cli.run_lock import LOCK_NAME, RunDirectoryLocked, acquire, release, run_lock
+from ldm.cli.train import train
+from ldm.config import ConfigError
+from ldm.loggers import AppendingCSVLogger
+
+AUTOENCODER = ["model.net.ch=16"]
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _write_lock(directory: Path, **holder) -> Path:
+    path = directory / LOCK_NAME
+    path.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "slurm_job_id": None,
+                                "started": "2026-01-01 00:00:00", **holder}))
+    return path
+
+
+# -- the lock ----------------------------------------------------------------------------------------------------------
+
+
+def test_second_holder_is_refused_naming_directory_holder_and_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    path = acquire(tmp_path)
+    holder = json.loads(path.read_text())
+    assert holder["pid"] > 0 and holder["host"] == socket.gethostname()
+    with pytest.raises(RunDirectoryLocked) as info:
+        acquire(tmp_path)
+    message = str(info.value)
+    assert isinstance(info.value, ConfigError) and "\n" not in message
+    assert f"paths.output_dir={tmp_path}" in message and str(path) in message and "another paths.output_dir" in message
+    release(path)
+    assert not path.exists()
+    release(acquire(tmp_path))  # free again
+
+
+def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    _write_lock(tmp_path, pid=_dead_pid())
+    release(acquire(tmp_path))
+    out = capsys.readouterr().out
+    assert "taking over" in out and "is no longer running on this host" in out
+    _write_lock(tmp_path, pid=_dead_pid(), host="another-host")  # cannot tell from here: refused
+    with pytest.raises(RunDirectoryLocked, match="on host another-host"):
+        acquire(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job, possibly on another node: its own earlier run
+    _write_lock(tmp_path, pid=_dead_pid(), host="another-host", slurm_job_id="4242")
+    release(acquire(tmp_path))
+    assert "earlier run of this SLURM job 4242" in capsys.readouterr().out
+    _write_lock(tmp_path, pid=1, slurm_job_id="4242")  # same job, this host, alive: a second run inside the job
+    with pytest.raises(RunDirectoryLocked):
+        acquire(tmp_path)
+    (tmp_path / LOCK_NAME).write_text("")  # torn by a crash between create and write
+    release(acquire(tmp_path))
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
+    _write_lock(tmp_path, pid=1)  # held by a live process (init) on this host
+    for variable in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"):
+        monkeypatch.setenv(variable, "1")
+        with run_lock(tmp_path) as lock:  # rank > 0 of the run that holds it: passes, touches nothing
+            assert lock is None
+        monkeypatch.delenv(variable)
+    with pytest.raises(RunDirectoryLocked):
+        with run_lock(tmp_path):
+            pass
+
+
+def test_ldm_train_into_a_busy_directory_stops_at_start(shapes_shards, tmp_path):
+    """The real CLI: a live holder (this test process) -> an error naming the directory, before anything is written.
+    (Taking over a stale lock, and releasing it at the end of a run, are covered in-process above and below.)"""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = _write_lock(out, pid=os.getpid())
+    args = tiny_overrides(shapes_shards, out, max_steps=1, every=1) + AUTOENCODER
+    busy = run_cli(args, timeout=300)
+    assert busy.returncode != 0
+    output = busy.stdout + busy.stderr
+    assert f"paths.output_dir={out} is in use by another ldm-train" in output, output[-2000:]
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()  # the holder's lock is left alone
+
+
+# -- logs of every segment -------------------------------------------------------------------------------------------
+
+
+def _train_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of training metrics, keyed by step, without timing columns (they differ between runs)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k == "step" or k.startswith("train/")} for row in rows
+            if row.get("train/rec_loss")]
+
+
+def test_resumed_run_appends_to_metrics_csv(shapes_shards, tmp_path, single_torch_thread):
+    def run(out: Path, steps: int) -> None:
+        train(compose_train(tiny_overrides(shapes_shards, out, max_steps=steps, every=2) + AUTOENCODER))
+
+    run(tmp_path / "full", 4)
+    run(tmp_path / "split", 2)
+    run(tmp_path / "split", 4)  # auto_resume from last.ckpt at step 2
+    full, split = (_train_rows(tmp_path / d / "csv" / "metrics.csv") for d in ("full", "split"))
+    assert [row["step"] for row in full] == ["0", "1", "2", "3"]
+    assert split == full  # both segments, every step, the same numbers
+
+
+def test_csv_logger_widens_its_header_for_new_metrics(tmp_path):
+    first = AppendingCSVLogger(str(tmp_path))
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.finalize("success")
+    second = AppendingCSVLogger(str(tmp_path), flush_logs_every_n_steps=1)
+    second.log_metrics({"train/loss": 0.5}, step=1)
+    second.log_metrics({"train/loss": 0.25, "val/psnr": 20.0}, step=2)
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"], r["val/psnr"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""),
+                                                                          ("2", "0.25", "20.0")]
