@@ -47,15 +47,16 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "global" in str(err).lower():
+        needs_code = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+        if needs_code:  # the pickle asks for a class or function: refused before anything ran
             raise CheckpointError(f"{key}={path}: refused to load: the file's pickle needs code outside plain "
-                                  f"tensors and containers to load ({_first_line(err)}); only checkpoints written "
-                                  f"by this package (or plain state dicts) are read") from None
-        raise CheckpointError(f"{key}={path} is not a readable checkpoint ({_first_line(err)}); was it truncated or "
-                              f"overwritten?") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as err:
-        raise CheckpointError(f"{key}={path} is not a readable checkpoint ({type(err).__name__}: "
-                              f"{_first_line(err)}); was it truncated, or is it another kind of file?") from None
+                                  f"tensors and containers ({needs_code[0][:200]}); only checkpoints written by "
+                                  f"this package (or plain state dicts) are read") from None
+        raise CheckpointError(f"{key}={path} is not a readable checkpoint (its data is damaged); was it truncated, "
+                              f"or is it another kind of file?") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError):
+        raise CheckpointError(f"{key}={path} is not a readable checkpoint (not a file torch.save wrote, or one cut "
+                              f"short); was it truncated, or is it another kind of file?") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{key}={path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
@@ -71,16 +72,12 @@ def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str, ema_prefix
     for candidate, is_ema in ((ema_prefix, True), (prefix, False)):
         if candidate and any(k.startswith(candidate) for k in state_dict):
             return {k[len(candidate):]: v for k, v in state_dict.items() if k.startswith(candidate)}, is_ema
-    raise KeyError(f"no weights under {prefix!r} in the state dict (prefixes: "
-                   f"{sorted({k.split('.', 1)[0] for k in state_dict})[:8]})")
+    raise CheckpointError(f"the checkpoint holds no weights under {prefix!r} (its state dict prefixes: "
+                          f"{sorted({k.split('.', 1)[0] for k in state_dict})[:8]}): not the kind of checkpoint "
+                          f"expected here")
 
 
 def _is_zip(path: Path) -> bool:
     """torch.save's zip format (mmap-able) rather than the legacy one."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -1,9 +1,73 @@
-"""Model images live in [-1, 1]; these turn them into what files, loggers and metrics take (uint8 in [0, 255])."""
+"""Images in and out: every decoded file becomes 8-bit RGB here, and model images in [-1, 1] become uint8 here.
+
+`decode_image` / `to_rgb` are the one place where an image file turns into pixels, for `ldm-data`, the training loader
+and the evaluator alike, so a 16-bit PNG or a transparent logo looks the same everywhere:
+
+- 16-bit and 32-bit integer greys (`I;16`, `I;16L`, `I;16B`, `I;16N`, `I`) are scaled from [0, 65535] to [0, 255]
+  (Pillow's own `convert` clips them at 255, which turns a 16-bit photo white);
+- float greys (`F`) are taken as [0, 1] when every value lies there, else as [0, 255], and clipped;
+- transparency (`RGBA`, `LA`, `PA`, premultiplied `RGBa` / `La`, a palette or colour key with `transparency`) is
+  composited over ALPHA_BACKGROUND, white, the usual page behind a transparent image;
+- everything else (`1`, `L`, `P`, `CMYK`, `YCbCr`, `HSV`, `LAB`, 8-bit `RGB`) goes through Pillow's conversion.
+"""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
-import torchvision
+from PIL import Image
+
+ALPHA_BACKGROUND = (255, 255, 255)  # what shows through transparent pixels
+INTEGER_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA")
+PREMULTIPLIED_MODES = ("RGBa", "La")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
+    """`image` (any Pillow mode) as 8-bit RGB, scaled and composited as the module docstring says.
+
+    Args:
+        image: a loaded (or lazily loading) Pillow image.
+        background: the RGB colour transparent pixels are composited over.
+    """
+    mode = image.mode
+    if mode in INTEGER_GREY_MODES:
+        grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
+        return _grey_to_rgb(grey)
+    if mode == "F":
+        grey = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if grey.size and grey.min() >= 0.0 and grey.max() <= 1.0:
+            grey = grey * 255.0
+        return _grey_to_rgb(grey)
+    if mode in PREMULTIPLIED_MODES:
+        pixels = np.asarray(image).astype(np.float64)                  # (H, W, 4) or (H, W, 2), colour x alpha
+        colour = pixels[..., :-1] if mode == "RGBa" else np.repeat(pixels[..., :1], 3, axis=-1)  # (H, W, 3)
+        alpha = pixels[..., -1:] / 255.0                                                           # (H, W, 1)
+        return _array_to_rgb(colour + np.asarray(background, dtype=np.float64) * (1.0 - alpha))
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")  # note: applies a palette's or a colour key's `transparency` as alpha
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    """A float grey array in [0, 255] (values outside clipped) as an RGB image."""
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _array_to_rgb(rgb: np.ndarray) -> Image.Image:
+    """A float (H, W, 3) array in [0, 255] (values outside clipped) as an RGB image."""
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The encoded image `data` (any format Pillow reads) as 8-bit RGB; a truncated or garbage file raises here."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # note: decodes now, so a truncated file fails inside this call, not later in a transform
+        return to_rgb(image)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -13,6 +77,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] -> one uint8 grid (3, H', W') on the CPU, `nrow` images a row, white padding."""
+    import torchvision  # note: imported here so that `ldm-data`, which decodes images, starts without it
+
     images = images.detach().float().cpu().clamp(-1, 1)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)

@@ -6,6 +6,7 @@ through `atomic_open`, so an interruption (preemption, a crash, a full disk) nev
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -48,8 +49,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(err)
+        if full is not None:  # note: a failed write (or torch.save's wrapper around it) does not name the file
+            raise OSError(full.errno, full.strerror, str(path)) from err
         raise
     # note: the rename itself is durable only once the directory entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -57,6 +61,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _disk_full(err: BaseException | None) -> OSError | None:
+    """The "no space left" / "quota exceeded" OSError in `err`'s chain of causes, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:

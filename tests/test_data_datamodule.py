@@ -10,15 +10,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm import config as configs
 from ldm.cli.data import write_dataset
 from ldm.data import shapes
 from ldm.data.datamodule import WebDataModule
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "webdataset.yaml"
 
 
 def make_dm(shards: Path, **overrides) -> WebDataModule:
@@ -30,7 +27,7 @@ def make_dm(shards: Path, **overrides) -> WebDataModule:
 
 
 def test_batches_from_config(shapes_shards: Path):
-    node = OmegaConf.load(CONF)
+    node = configs.compose_node("data/webdataset")  # the YAML composed with its schema, as ldm-train does
     node.train_shards, node.val_shards, node.seed, node.batch_size = str(shapes_shards), str(shapes_shards), 0, 8
     dm = configs.instantiate(node, "data")  # a directory stands for its train-*.tar / val-*.tar shards
     dm.setup("fit")

@@ -1,18 +1,44 @@
-"""What every Hydra entry point shares: where the configs live, printing and saving the resolved config.
+"""What every Hydra entry point shares: where the configs live, errors a person can act on, printing and saving the
+resolved config.
+
+Every CLI's `main()` runs its work through `run_cli` and is wrapped in `cli_entry`: a user's mistake (a bad key, value,
+type or file, a missing file, a full disk) ends with one line naming the key or file and the fix, and exit status 2;
+any other failure with one line and exit status 1. No Python traceback unless HYDRA_FULL_ERROR=1.
 
 Lightning and rich are imported inside the functions that need them, so that `ldm-data` starts in a second or two.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import os
 import re
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.config import ConfigError
+
+T = TypeVar("T")
+
+EXIT_USER_ERROR = 2  # the command line or a file it names is wrong: fix it and run again
+EXIT_FAILURE = 1     # the run itself failed
+TRACEBACK_ENV = "HYDRA_FULL_ERROR"  # =1: print the traceback too (Hydra's own switch for the same purpose)
+# A user's mistake, whatever module raised it.
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError, OmegaConfBaseException, InstantiationException)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_task_started = False  # set once Hydra has composed the config and handed it to a CLI's task function
 
 # conf/ sits beside the package in the repository; LDM_CONF_DIR points elsewhere (e.g. a copy of conf/).
 CONF_DIR = os.environ.get("LDM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -79,3 +105,141 @@ def save_config(cfg: DictConfig, output_dir: Path, name: str = "config.yaml") ->
     if _is_rank_zero():
         OmegaConf.save(cfg, path, resolve=True)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors a person can act on.
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message) for an exception that ended a CLI."""
+    disk_full = _find_disk_full(err)
+    if disk_full is not None:
+        where = disk_full.filename or "a file of the run"
+        return EXIT_USER_ERROR, (f"no space left on the device while writing {where}; free some space or write to "
+                                 f"another directory (files written before are intact)")
+    if isinstance(err, InstantiationException):
+        return EXIT_USER_ERROR, " ".join(str(err).split())  # Hydra's message names the target and full_key
+    if isinstance(err, OmegaConfBaseException):
+        key = getattr(err, "full_key", None)
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "Missing mandatory value" in text and key:
+            return EXIT_USER_ERROR, f"{key} is required: pass {key}=VALUE on the command line"
+        return EXIT_USER_ERROR, f"config key '{key}': {text}" if key else text
+    if isinstance(err, USER_ERRORS) or _is_misconfiguration(err):
+        return EXIT_USER_ERROR, _one_line(err, with_type=not isinstance(err, ConfigError))
+    return EXIT_FAILURE, _one_line(err, with_type=True)
+
+
+def _find_disk_full(err: BaseException) -> OSError | None:
+    """The OSError "no space left" in `err`'s chain of causes, preferring one that names its file."""
+    found: list[OSError] = []
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            found.append(err)
+        err = err.__cause__ or err.__context__
+    named = [e for e in found if e.filename]
+    return (named or found or [None])[0]
+
+
+def _is_misconfiguration(err: BaseException) -> bool:
+    """Lightning's MisconfigurationException: a Trainer argument it cannot use."""
+    return type(err).__name__ == "MisconfigurationException"
+
+
+def _one_line(err: BaseException, with_type: bool) -> str:
+    text = " ".join(str(err).split()) or repr(err)
+    return f"{type(err).__name__}: {text}" if with_type else text
+
+
+def run_cli(name: str, task: Callable[[], T]) -> T:
+    """Run a CLI's work inside its Hydra task function; an exception becomes one message on stderr and an exit status.
+
+    Catching inside the task function (not letting Hydra see the exception) keeps Hydra from printing its own
+    traceback; `sys.exit` passes through Hydra untouched.
+
+    Args:
+        name: the command, for the message (`ldm-train`).
+        task: the work; its return value is passed on (a sweeper's metric).
+    """
+    global _task_started
+    _task_started = True
+    try:
+        return task()
+    except Exception as err:  # noqa: BLE001 -- every failure gets a message and a status; KeyboardInterrupt passes
+        status, message = describe_error(err)
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            traceback.print_exc()
+        hint = "" if status == EXIT_USER_ERROR or os.environ.get(TRACEBACK_ENV) == "1" else \
+            f" (set {TRACEBACK_ENV}=1 for the traceback)"
+        print(f"{name}: error: {message}{hint}", file=sys.stderr, flush=True)
+        sys.exit(status)
+
+
+def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
+    group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
+
+    @functools.wraps(hydra_main)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hydra_main(*args, **kwargs)
+        except SystemExit as exit_:
+            if exit_.code == EXIT_FAILURE and not _task_started:
+                sys.exit(EXIT_USER_ERROR)
+            raise
+
+    return entry
+
+
+# Trainer arguments checked before anything is built (Hydra passes `trainer` to Lightning unvalidated):
+# key -> (allowed types, minimum or None).
+TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
+    "max_steps": ((int,), -1), "min_steps": ((int,), 0), "max_epochs": ((int,), -1), "min_epochs": ((int,), 0),
+    "val_check_interval": ((int, float), 0), "check_val_every_n_epoch": ((int,), 1),
+    "log_every_n_steps": ((int,), 0), "accumulate_grad_batches": ((int,), 1), "num_sanity_val_steps": ((int,), -1),
+    "limit_train_batches": ((int, float), 0), "limit_val_batches": ((int, float), 0),
+    "limit_test_batches": ((int, float), 0), "limit_predict_batches": ((int, float), 0),
+    "gradient_clip_val": ((int, float), 0), "num_nodes": ((int,), 1),
+}
+
+
+def check_trainer_numbers(trainer: DictConfig | dict[str, Any] | None) -> None:
+    """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range."""
+    for key, value in (trainer or {}).items():
+        if key not in TRAINER_NUMBERS or value is None:
+            continue
+        types, minimum = TRAINER_NUMBERS[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            kind = "an integer" if types == (int,) else "a number"
+            raise ConfigError(f"trainer.{key}={value!r} must be {kind} (got {type(value).__name__}); "
+                              f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
+
+
+def check_nodes(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    """Validate the config nodes `keys` against the `Config` schema of their `_target_`, without building anything,
+    so that a bad key or value is reported before anything is printed or loaded."""
+    import hydra.utils
+
+    from ldm.config import to_dataclass
+
+    for key in keys:
+        node = cfg.get(key)
+        if node is None or not isinstance(node, DictConfig) or not node.get("_target_"):
+            continue
+        try:
+            cls = hydra.utils.get_class(node._target_)
+        except Exception as err:  # noqa: BLE001 -- Hydra raises several kinds for an unknown class
+            raise ConfigError(f"{key}._target_={node._target_!r} names no importable class ({_one_line(err, True)})"
+                              ) from None
+        schema = getattr(cls, "Config", None)
+        if schema is None:
+            continue
+        config = to_dataclass(schema, node, key)
+        check_files = getattr(cls, "check_files", None)  # a class that reads files names the missing ones up front
+        if callable(check_files):
+            check_files(config)

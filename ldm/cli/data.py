@@ -12,11 +12,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli.common import CONF_DIR
-from ldm.config import ConfigError, to_dataclass
+from ldm.cli.common import CONF_DIR, cli_entry, run_cli
+from ldm.config import ConfigError, register_schemas, to_dataclass
 from ldm.data.shards import WriteConfig, write_shards
 
 log = logging.getLogger(__name__)
+register_schemas("data")  # conf/data.yaml extends it: stored before Hydra composes
 
 
 
@@ -34,9 +35,10 @@ def write_dataset(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="data")
 def main(cfg: DictConfig) -> None:
-    write_dataset(cfg)
+    run_cli("ldm-data", lambda: write_dataset(cfg))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from ldm.cli.common import CONF_DIR
+from ldm.cli.common import CONF_DIR, cli_entry, run_cli
+from ldm.config import register_schemas
 from ldm.eval.evaluator import evaluate
+
+register_schemas("eval")  # conf/eval.yaml extends it: stored before Hydra composes
 
 
 def init_distributed() -> bool:
@@ -32,14 +35,18 @@ def init_distributed() -> bool:
     return True
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    started = init_distributed()
-    try:
-        evaluate(cfg)
-    finally:
-        if started:
-            dist.destroy_process_group()
+    def run() -> None:
+        started = init_distributed()
+        try:
+            evaluate(cfg)
+        finally:
+            if started:
+                dist.destroy_process_group()
+
+    run_cli("ldm-eval", run)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@
               model.conditioner.name_or_path=runs/clip/export ckpt_path=last
     ldm-train -m hparams_search=ldm_optuna hydra/launcher=slurm        # a sweep; each trial returns its metric
 
-A run directory that already holds `checkpoints/last.ckpt` is resumed when `auto_resume` is true (the default), so
-running the same command again, or a requeued SLURM job, continues where the run stopped.
+A run directory that already holds checkpoints is resumed when `auto_resume` is true (the default), so running the
+same command again, or a requeued SLURM job, continues where the run stopped: from `checkpoints/last.ckpt`, or, when
+that file is missing or damaged (a SIGKILL at a bad moment, a copy cut short), from the newest intact checkpoint. One
+run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 """
 
 from __future__ import annotations
 
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import Logger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ldm import __version__
 from ldm import config as configs
 from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint
-from ldm.cli.common import CONF_DIR, print_config_tree, resolve_output_dir, save_config
+from ldm.checkpoints import load_checkpoint
+from ldm.cli.common import (
+    CONF_DIR,
+    check_nodes,
+    check_trainer_numbers,
+    cli_entry,
+    print_config_tree,
+    resolve_output_dir,
+    run_cli,
+    save_config,
+)
+from ldm.cli.run_lock import run_lock
+
+configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
 # Attributes `compile: true` compiles when a module has no `compile_networks()` method: the trainable network.
 COMPILE_ATTRIBUTES = ("unet", "autoencoder")
@@ -48,39 +65,89 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     return [hydra.utils.instantiate(node) for node in (cfg or {}).values() if node is not None]
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """Why `path` cannot be a complete checkpoint, or None when it looks whole.
+
+    torch.save writes a zip archive whose directory sits at the end of the file, so a file cut short (or empty) fails
+    to open as a zip; this reads the directory only, not the tensors.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "no data.pkl inside: not a torch checkpoint"
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest intact checkpoint of a run: `last.ckpt`, else (missing or damaged) the newest periodic one."""
+    last = checkpoint_dir / "last.ckpt"
+    candidates = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p.is_file() and p != last),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in ([last] if last.exists() else []) + candidates:
+        damage = checkpoint_damage(path)
+        if damage is None:
+            if path != last:
+                why = "damaged" if last.exists() else "missing"
+                rank_zero_info(f"{last} is {why}; the newest intact checkpoint is {path}")
+            return path
+        rank_zero_warn(f"skipping damaged checkpoint {path} ({damage})")
+    return None
+
+
+def remove_stale_temp_files(checkpoint_dir: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a killed run left behind (call only holding the run lock:
+    no other process writes here then)."""
+    for tmp in checkpoint_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        rank_zero_info(f"removed {tmp}, left by an interrupted checkpoint write")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, auto_resume: bool = False) -> str | None:
     """The checkpoint to resume from.
 
-    `last` means `checkpoints/last.ckpt` of this run directory (none yet: start fresh); with `auto_resume` and no
-    `ckpt_path`, that file is taken whenever it exists; any other path must exist.
+    `last` means the newest intact checkpoint of this run directory (`checkpoints/last.ckpt`, or the newest periodic
+    one when that is missing or damaged; none yet: start fresh); with `auto_resume` and no `ckpt_path`, the same,
+    whenever there is one; any other path must exist.
     """
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if ckpt_path is None:
-        if auto_resume and last.exists():
-            rank_zero_info(f"auto_resume: resuming from {last}")
-            return str(last)
-        return None
-    if ckpt_path == "last":
-        if last.exists():
-            return str(last)
-        rank_zero_info(f"ckpt_path=last: no {last} yet, starting from scratch")
-        return None
+    checkpoint_dir = output_dir / "checkpoints"
+    if ckpt_path is None or ckpt_path == "last":
+        if ckpt_path is None and not auto_resume:
+            return None
+        newest = newest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+        if newest is None:
+            if ckpt_path == "last":
+                rank_zero_info(f"ckpt_path=last: no checkpoint in {checkpoint_dir} yet, starting from scratch")
+            return None
+        rank_zero_info(f"{'auto_resume' if ckpt_path is None else 'ckpt_path=last'}: resuming from {newest}")
+        return str(newest)
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; pass an existing checkpoint, "
                                 f"ckpt_path=last to resume the run in paths.output_dir, or ckpt_path=null")
+    load_checkpoint(ckpt_path, "ckpt_path")  # before anything is built: a file carrying code or a torn one is refused
     return ckpt_path
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
     """Close W&B runs with the right exit status and say how to upload offline runs."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            run = logger.experiment
+        # note: wandb.run is the run this process started (the logger starts it on first use), None if none was
+        if isinstance(logger, WandbLogger) and (run := wandb_run()) is not None:
             offline = bool(getattr(run, "offline", False))  # note: settings.mode reads "dryrun" for offline=true
             run_dir = Path(run.dir).parent
             run.finish(exit_code=exit_code)
             if offline:
                 rank_zero_info(f"W&B run saved offline in {run_dir}; upload it with: wandb sync {run_dir}")
+
+
+def wandb_run() -> Any:
+    """The W&B run this process has started, or None (also when wandb is not installed)."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb.run
 
 
 def apply_backend_switches(cfg: DictConfig) -> None:
@@ -156,12 +223,24 @@ def check_launch(trainer: L.Trainer) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from `cfg`, fit with validation, and return the final logged metrics."""
+    """Build everything from `cfg`, fit with validation, and return the final logged metrics.
+
+    Raises:
+        RunDirectoryLocked: another live ldm-train uses `paths.output_dir`.
+    """
     output_dir = resolve_output_dir(cfg)
+    with run_lock(output_dir) as lock:
+        if lock is not None:
+            remove_stale_temp_files(output_dir / "checkpoints")
+        return _train(cfg, output_dir)
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     apply_backend_switches(cfg)
     print_config_tree(cfg, order=("experiment", "model", "data", "trainer", "logger", "callbacks", "paths"))
     save_config(cfg, output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, auto_resume=bool(cfg.get("auto_resume")))
 
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")
@@ -179,9 +258,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
     rank_zero_info(describe_batch_and_lr(cfg, trainer))
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, auto_resume=bool(cfg.get("auto_resume")))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
+    except SIGTERMException:
+        # note: Lightning's own SIGTERM handler ends fit with this exception one step after the signal; when our
+        # preemption callback has saved last.ckpt at that step's end, the run stopped as asked, not failed.
+        if not any(getattr(cb, "stopped", False) for cb in callbacks):
+            finish_loggers(loggers, exit_code=1)
+            raise
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise
@@ -194,30 +278,50 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+@cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """The CLI; returns `metrics[optimized_metric]` for a Hydra sweeper when `optimized_metric` is set.
 
-    In a multirun, a run that fails (other than by a ConfigError) prints its traceback and returns None, so the sweep
+    The model, data and numeric trainer keys, and an explicit `ckpt_path`, are checked before the config tree is
+    printed; a mistake ends with one message and exit status 2 (`ldm.cli.common.run_cli`). In a multirun, a run that
+    fails (other than by a ConfigError, which stops the sweep) prints its traceback and returns None, so the sweep
     goes on: the Optuna sweeper records the trial as failed. (Not nan: the Optuna 2.x that hydra-optuna-sweeper needs
     rejects a nan value with an error that ends the whole sweep.)
     """
     metric_name = cfg.get("optimized_metric")
-    try:
-        metrics = train(cfg)
-    except configs.ConfigError:
-        raise  # a config mistake fails every trial alike: stop the sweep
-    except Exception as err:
-        if not is_multirun():
-            raise
-        traceback.print_exc()
-        print(f"trial failed ({type(err).__name__}: {err}); the sweep goes on without its {metric_name or 'result'}")
-        return None
-    if not metric_name:
-        return None
-    if metric_name not in metrics:
-        raise configs.ConfigError(f"optimized_metric={metric_name!r} was not logged; logged metrics: {sorted(metrics)}")
-    return metrics[metric_name]
+
+    def run() -> float | None:
+        if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+            raise configs.ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
+        check_trainer_numbers(cfg.get("trainer"))
+        check_nodes(cfg, ("data", "model"))
+        if cfg.get("ckpt_path") not in (None, "last"):
+            resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
+            damage = checkpoint_damage(Path(cfg.ckpt_path))
+            if damage is not None:
+                raise configs.ConfigError(f"ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({damage}); "
+                                          f"pass an intact one, or ckpt_path=last for the newest intact checkpoint "
+                                          f"of paths.output_dir")
+        try:
+            metrics = train(cfg)
+        except configs.ConfigError:
+            raise  # a config mistake fails every trial alike: stop the sweep
+        except Exception as err:
+            if not is_multirun():
+                raise
+            traceback.print_exc()
+            print(f"trial failed ({type(err).__name__}: {err}); the sweep goes on without its "
+                  f"{metric_name or 'result'}")
+            return None
+        if not metric_name:
+            return None
+        if metric_name not in metrics:
+            raise configs.ConfigError(f"optimized_metric={metric_name!r} was not logged; logged metrics: "
+                                      f"{sorted(metrics)}")
+        return metrics[metric_name]
+
+    return run_cli("ldm-train", run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """WebDataModule: captioned images from WebDataset shards, exact under DDP with many workers, and resumable.
 
 Batches are dicts: `image` float32 (B, 3, R, R) in [-1, 1], `caption` list[str], `key` list[str], and `label`
-int64 (B,) when every sample of the batch carries an integer `label` in its `.json`.
+int64 (B,) when every sample of the batch carries an integer `label` in its `.json`. Latent shards written by
+`ldm-encode` (a manifest.json beside them) give `moments` (B, 2C, h, w) instead of `image`, and `text_context` /
+`text_pooled` when their text was encoded (`ldm.data.latents`); `latent_manifest` is then their manifest.
 
 The shards of an epoch are split over ranks x workers in contiguous, equal ranges of samples (`ldm.data.stream`
 explains the plan): no sample is read twice in an epoch, every rank yields the same number of batches, and fewer than
@@ -9,9 +11,11 @@ ranks x workers x (batch_size + 1) training samples are left out per epoch. Rank
 main process (trainer, else torch.distributed, else RANK/WORLD_SIZE), and travel into the workers inside the dataset.
 
 `state_dict()` holds the data position (epoch, batches consumed); after `load_state_dict()` the train loader resumes
-exactly there. Lightning iterates the train loader once per epoch and every `iter()` reads the trainer's epoch, so no
-`reload_dataloaders_every_n_epochs` is needed. Corrupt samples are skipped, logged with shard and key, and counted in
-`num_skipped` / `skipped`.
+exactly there. Under a Trainer, "consumed" counts the batches handed to training steps (the public
+`on_after_batch_transfer` hook sees each one), not the batches the loader has produced, which run ahead by the
+fetcher's prefetch. Lightning iterates the train loader once per epoch and every `iter()` reads the trainer's epoch,
+so no `reload_dataloaders_every_n_epochs` is needed. Corrupt samples are skipped, logged with shard and key, and
+counted in `num_skipped` / `skipped`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.config import ConfigError, to_dataclass
+from ldm.data.latents import LatentManifest, LatentStream, check_data_config, check_same_encoders, find_manifest
 from ldm.data.shards import SUMMARY_NAME
 from ldm.data.stream import EpochPlan, ShardStream
 
@@ -123,8 +128,12 @@ def shard_counts(urls: list[str], key: str, samples_per_shard: int | None) -> li
 def _summary_counts(path: Path) -> dict[str, int]:
     if not path.exists():
         return {}
-    splits = json.loads(path.read_text()).get("splits", {})
-    return {name: int(n) for split in splits.values() for name, n in zip(split["shards"], split["shard_counts"])}
+    try:
+        splits = json.loads(path.read_text()).get("splits", {})
+        return {name: int(n) for split in splits.values() for name, n in zip(split["shards"], split["shard_counts"])}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path} is not a shard summary ldm-data wrote ({type(err).__name__}: {err}); delete it to "
+                          f"count the samples from the tar headers, or rewrite the shards with ldm-data") from None
 
 
 def distributed_info(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -161,6 +170,7 @@ class EpochLoader(DataLoader):
 
     def _batches(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for batch in iterator:
+            self.datamodule.record_uncaptioned(batch.pop("__uncaptioned__", []))
             self.on_batch(batch.pop("__skipped__", []))
             yield batch
 
@@ -214,9 +224,19 @@ class WebDataModule(L.LightningDataModule):
         self.val_counts: list[int] = []
         self.num_skipped = 0  # corrupt samples skipped by this process's loaders
         self.skipped: list[tuple[str, str, str]] = []  # (shard, key, reason), the first 1000
+        self.uncaptioned: dict[str, int] = {}  # shard -> samples without a caption (they train with "")
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
-        self._batches = 0  # train batches consumed in it (including those skipped on resume)
+        self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
+        self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
         self._resume: dict[str, int] | None = None
+        self.latent_manifest: LatentManifest | None = None  # set by setup() when the shards are ldm-encode latents
+
+    @classmethod
+    def check_files(cls, config: Config) -> None:
+        """Fail before anything is built when a local shard set matches no file (`ldm-train` calls it at start)."""
+        expand_shards(config.train_shards, "data.train_shards")
+        if config.val_shards is not None:
+            expand_shards(config.val_shards, "data.val_shards", "val")
 
     # -- setup ---------------------------------------------------------------------------------------------------------
 
@@ -228,6 +248,22 @@ class WebDataModule(L.LightningDataModule):
         if c.val_shards is not None and not self.val_urls:
             self.val_urls = expand_shards(c.val_shards, "data.val_shards", "val")
             self.val_counts = shard_counts(self.val_urls, "data.val_shards", c.samples_per_shard)
+        self._find_latents()
+
+    def _find_latents(self) -> None:
+        """Latent shards are recognised by their manifest; train and val must both be latents of one encoding."""
+        train = find_manifest(self.train_urls, "data.train_shards")
+        val = find_manifest(self.val_urls, "data.val_shards") if self.val_urls else train
+        if (train is None) != (val is None):
+            raise ConfigError(f"data.train_shards and data.val_shards must both be images or both latent shards; "
+                              f"only {'data.train_shards' if train else 'data.val_shards'} has a manifest.json")
+        if train is not None:
+            check_same_encoders(train, val, "data.val_shards")
+            check_data_config(train, self.config.resolution, self.config.hflip, self.config.random_crop)
+        self.latent_manifest = train
+
+    def _stream(self, plan: EpochPlan) -> ShardStream:
+        return ShardStream(plan) if self.latent_manifest is None else LatentStream(plan, self.latent_manifest)
 
     def _plan(self, train: bool) -> EpochPlan:
         c = self.config
@@ -250,14 +286,14 @@ class WebDataModule(L.LightningDataModule):
         log.info("train data: %d samples in %d shards over %d slots (%d ranks x %d workers): %d batches of %d per "
                  "rank per epoch, %d samples left out per epoch", sum(plan.counts), len(plan.urls), plan.slots,
                  plan.world_size, max(1, plan.num_workers), len(ShardStream(plan)), plan.batch_size, dropped)
-        return EpochLoader(ShardStream(plan), self._begin_train_epoch, self._on_train_batch, self,
+        return EpochLoader(self._stream(plan), self._begin_train_epoch, self._on_train_batch, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
     def val_dataloader(self) -> EpochLoader | list:
         if self.config.val_shards is None:
             return []
         self.setup("validate")
-        return EpochLoader(ShardStream(self._plan(train=False)), lambda _: (0, 0), self._record_skipped, self,
+        return EpochLoader(self._stream(self._plan(train=False)), lambda _: (0, 0), self._record_skipped, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
     def _pin_memory(self) -> bool:
@@ -282,7 +318,7 @@ class WebDataModule(L.LightningDataModule):
             epoch, skip = self.trainer.current_epoch, 0
         else:
             epoch, skip = self._epoch + 1, 0
-        self._epoch, self._batches = epoch, skip
+        self._epoch, self._batches, self._trained = epoch, skip, skip
         return epoch, skip
 
     def _on_train_batch(self, skipped: list[tuple[str, str, str]]) -> None:
@@ -295,18 +331,57 @@ class WebDataModule(L.LightningDataModule):
             if len(self.skipped) < 1000:
                 self.skipped.append((shard, key, reason))
         self.num_skipped += len(skipped)
+        if skipped:
+            self._log_data_metrics()
+
+    def record_uncaptioned(self, samples: list[tuple[str, str]]) -> None:
+        """Count samples without a caption; warn once per shard (they train with the empty caption)."""
+        for shard, key in samples:
+            if shard not in self.uncaptioned:
+                log.warning("shard %s: sample %s has no caption (.txt); it trains with the empty caption \"\" (one "
+                            "warning per shard; the run's total is printed at the end)", shard, key)
+            self.uncaptioned[shard] = self.uncaptioned.get(shard, 0) + 1
+        if samples:
+            self._log_data_metrics()
+
+    def _log_data_metrics(self) -> None:
+        """`data/skipped` and `data/uncaptioned` (this process's totals so far) to the trainer's loggers."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        metrics = {"data/skipped": float(self.num_skipped), "data/uncaptioned": float(sum(self.uncaptioned.values()))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def teardown(self, stage: str) -> None:
+        """At the end of a fit: the run's totals of skipped and uncaptioned samples (this process)."""
+        if stage != "fit":
+            return
+        rank = distributed_info(self.trainer)[0]
+        shards = sorted({shard for shard, _, _ in self.skipped})
+        log.info("data (rank %d): %d corrupt samples skipped%s; %d samples without a caption in %d shards",
+                 rank, self.num_skipped, f" (shards {shards[:5]})" if shards else "",
+                 sum(self.uncaptioned.values()), len(self.uncaptioned))
+        if self.num_skipped or self.uncaptioned:
+            self._log_data_metrics()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning's data hook, called with every batch right before its step: count the training ones."""
+        if self.trainer is not None and self.trainer.training:
+            self._trained += 1
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The data position: epoch and train batches consumed in it (Lightning stores this in checkpoints).
 
-        Under a fitting trainer the count is the fit loop's processed batches (the loader runs ahead by its
-        prefetch); otherwise it is the batches this datamodule's train loader has yielded.
+        Under a fitting trainer the count is the batches handed to training steps (the loader runs ahead by its
+        prefetch); otherwise it is the batches this datamodule's train loader has yielded. The epoch is the one the
+        loader is in, whatever the fit loop has counted: Lightning's end-of-run save comes after the loop has closed
+        the epoch.
         """
-        epoch, batches = self._epoch, self._batches
         trainer = self.trainer
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            epoch = trainer.current_epoch
-            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        epoch, batches = self._epoch, self._trained if fitting else self._batches
         return {"epoch": max(epoch, 0), "batches": batches, "seed": self.config.seed,
                 "world_size": distributed_info(trainer)[1], "num_workers": self.config.num_workers,
                 "batch_size": self.config.batch_size}

@@ -247,6 +247,8 @@ def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required:
             if arrays[MOMENTS].ndim != 3:
                 raise ValueError(f"{MOMENTS} has shape {arrays[MOMENTS].shape}, expected (2C, h, w)")
             caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
+            if "txt" not in sample:
+                skips.add_uncaptioned(url, key)
             meta = json.loads(sample["json"]) if "json" in sample else {}
             label = meta.get("label") if isinstance(meta, dict) else None
         except Exception as err:  # noqa: BLE001 -- any unreadable sample is skipped and reported

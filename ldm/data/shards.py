@@ -12,10 +12,13 @@ per-shard counts from it to give every DDP rank the same number of batches.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
+import os
 import random
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +31,7 @@ from PIL import Image
 from ldm.config import ConfigError, check_choice
 from ldm.data import shapes
 from ldm.data.stream import resize_crop
+from ldm.images import to_rgb
 from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
 
@@ -106,7 +110,10 @@ def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) 
 
 
 def write_split(records: Iterable[Record], output_dir: Path, split: str, cfg: WriteConfig) -> dict[str, Any]:
-    """Write `records` as `{split}-%06d.tar` shards; return {"count", "shards", "shard_counts"}."""
+    """Write `records` as `{split}-%06d.tar` shards; return {"count", "shards", "shard_counts"}.
+
+    An OSError while writing (a full disk) is raised again naming the shard being written.
+    """
     counts: dict[str, int] = {}  # shard name -> samples, in writing order
     writer: wds.ShardWriter | None = None
     try:
@@ -123,10 +130,27 @@ def write_split(records: Iterable[Record], output_dir: Path, split: str, cfg: Wr
                           "json": json.dumps(record.metadata, sort_keys=True)})
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
-    finally:
         if writer is not None:
             writer.close()
+    except OSError as err:
+        shard = getattr(writer, "fname", None) or str(output_dir)
+        _close_quietly(writer)
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, shard) from err  # note: a failed tar write does not name its file
+    except BaseException:
+        _close_quietly(writer)
+        raise
     return {"count": sum(counts.values()), "shards": list(counts), "shard_counts": list(counts.values())}
+
+
+def _close_quietly(writer: wds.ShardWriter | None) -> None:
+    """Close `writer` on an error path; a second error (the same full disk) must not hide the first."""
+    if writer is not None:
+        try:
+            writer.close()
+        except OSError:
+            pass
 
 
 def shapes_records(cfg: WriteConfig, num_samples: int, split: str) -> Iterator[Record]:
@@ -144,14 +168,25 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
     """Captions from a CSV (header with a path and a caption column) or a JSONL manifest, keyed by resolved path."""
     if not path.exists():
         raise ConfigError(f"captions={path} does not exist")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise ConfigError(f"captions={path}: expected a .csv or .jsonl manifest")
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            with path.open(encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"captions={path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as "
+                          f"UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"captions={path}: line {err.lineno} is not JSON ({err.msg}); a .jsonl manifest holds one "
+                          f"JSON object per line") from None
+    except (csv.Error, OSError) as err:
+        raise ConfigError(f"captions={path} cannot be read: {err}") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise ConfigError(f"captions={path}: every line must be a JSON object with a path and a caption field")
     captions: dict[Path, str] = {}
     for i, row in enumerate(rows):
         file = next((row[k] for k in PATH_FIELDS if row.get(k)), None)
@@ -163,53 +198,143 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
     return captions
 
 
-def list_images(input_dir: Path) -> list[Path]:
-    """Every image under `input_dir`, recursively, in sorted (platform-independent) order."""
-    return sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+@dataclass
+class FolderListing:
+    """What `list_images` found: the image files, and what it left out with the reason, as (relative path, reason)."""
+
+    images: list[Path]
+    left_out: list[tuple[str, str]]
 
 
-def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dict[Path, str] | None,
-                   cfg: WriteConfig, skipped: list[str]) -> Iterator[Record]:
-    """Records for (index, path) pairs; the key is the index in the sorted listing, so keys are unique across splits."""
+def list_images(input_dir: Path) -> FolderListing:
+    """Every regular image file under `input_dir`, recursively, in sorted (platform-independent) order.
+
+    Links to directories are followed once (a link back to a directory already walked is a loop, left out). Links
+    that lead nowhere, link loops, unreadable directories and special files (FIFOs, sockets, devices) with an image
+    extension are left out and returned with the reason: none of them may stall or abort a run.
+    """
+    images: list[Path] = []
+    left_out: list[tuple[str, str]] = []
+    walked: set[Path] = set()
+
+    def rel(path: Path) -> str:
+        return path.relative_to(input_dir).as_posix()
+
+    def walk(directory: Path) -> None:
+        real = Path(os.path.realpath(directory))
+        if real in walked:
+            left_out.append((rel(directory), "link to a directory already listed (a link loop or a duplicate)"))
+            return
+        walked.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            left_out.append((rel(directory) or ".", f"unreadable directory: {err.strerror}"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            is_image = path.suffix.lower() in IMAGE_EXTENSIONS
+            try:
+                mode = os.stat(path).st_mode  # follows links
+            except OSError as err:
+                if entry.is_symlink():
+                    left_out.append((rel(path), "symlink loop" if err.errno == errno.ELOOP
+                                     else "dangling link (its target does not exist)"))
+                elif is_image:
+                    left_out.append((rel(path), f"unreadable: {err.strerror}"))
+                continue
+            if stat.S_ISDIR(mode):
+                walk(path)
+            elif is_image and not stat.S_ISREG(mode):
+                left_out.append((rel(path), "special file (FIFO, socket or device), not a regular file"))
+            elif is_image:
+                images.append(path)
+
+    walk(input_dir)
+    return FolderListing(sorted(images), left_out)
+
+
+class CaptionUnreadable(Exception):
+    """A caption file exists but cannot be used (unreadable, not UTF-8, not a regular file); the message says why."""
+
+
+def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dict[Path, str],
+                   cfg: WriteConfig, skipped: list[dict[str, str]]) -> Iterator[Record]:
+    """Records for (index, path) pairs; the key is the index in the sorted listing, so keys are unique across splits.
+
+    An image that cannot be read or decoded is left out and appended to `skipped` as {"path", "reason"}.
+    """
     for index, path in files:
         rel = path.relative_to(input_dir).as_posix()
-        caption = captions.get(path.resolve()) if captions is not None else _sidecar_caption(path)
-        if caption is None:
-            caption = ""  # allowed: checked up front in write_folder
+        caption = captions.get(path, "")  # missing captions were checked (or allowed) up front in write_folder
         try:
             with Image.open(path) as im:
                 im.load()
                 size = im.size
-                image = im.convert("RGB")
-        except Exception as err:  # noqa: BLE001 -- any undecodable file is reported and left out
-            log.warning("skipping undecodable image %s: %s", path, err)
-            skipped.append(rel)
+                image = to_rgb(im)
+            encoded = (path.read_bytes(), path.suffix.lower().lstrip(".").replace("jpeg", "jpg")) \
+                if cfg.resolution is None else None
+        except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
+            log.warning("skipping image %s: %s", path, err)
+            skipped.append({"path": rel, "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
             continue
         metadata = {"source_path": rel, "width": size[0], "height": size[1]}
-        if cfg.resolution is None:
-            ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            yield Record(f"{index:09d}", caption, metadata, encoded=(path.read_bytes(), ext))
+        if encoded is not None:
+            yield Record(f"{index:09d}", caption, metadata, encoded=encoded)
         else:
             yield Record(f"{index:09d}", caption, metadata, image=resize_crop(image, cfg.resolution, None))
 
 
 def _sidecar_caption(path: Path) -> str | None:
+    """The caption in `path`'s KEY.txt sidecar, None without one; CaptionUnreadable when it cannot be used."""
     txt = path.with_suffix(".txt")
-    return txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+    try:
+        mode = os.stat(txt).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise CaptionUnreadable(f"caption file {txt.name}: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise CaptionUnreadable(f"caption file {txt.name} is not a regular file (FIFO, socket or device)")
+    try:
+        return txt.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise CaptionUnreadable(f"caption file {txt.name} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                                f"re-save it as UTF-8") from None
+    except OSError as err:
+        raise CaptionUnreadable(f"caption file {txt.name}: {err.strerror}") from None
 
 
 def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
     input_dir = Path(cfg.input_dir).resolve()
     if not input_dir.is_dir():
         raise ConfigError(f"input_dir={cfg.input_dir} is not a directory")
-    images = list_images(input_dir)
+    listing = list_images(input_dir)
+    skipped = [{"path": path, "reason": reason} for path, reason in listing.left_out]
+    for entry in skipped:
+        log.warning("skipping %s: %s", input_dir / entry["path"], entry["reason"])
+    images = listing.images
     if not images:
-        raise ConfigError(f"input_dir={cfg.input_dir} holds no images with extensions {list(IMAGE_EXTENSIONS)}")
-    captions = _read_manifest(Path(cfg.captions), input_dir) if cfg.captions else None
-    missing = [p for p in images
-               if (captions.get(p.resolve()) if captions is not None else _sidecar_caption(p)) is None]
+        raise ConfigError(f"input_dir={cfg.input_dir} holds no readable images with extensions "
+                          f"{list(IMAGE_EXTENSIONS)} (left out: {skipped[:3]})")
+    manifest = _read_manifest(Path(cfg.captions), input_dir) if cfg.captions else None
+    captions: dict[Path, str] = {}  # image -> caption; images without one are absent
+    for path in list(images):
+        if manifest is not None:
+            caption = manifest.get(path.resolve())
+        else:
+            try:
+                caption = _sidecar_caption(path)
+            except CaptionUnreadable as err:
+                log.warning("skipping image %s: %s", path, err)
+                skipped.append({"path": path.relative_to(input_dir).as_posix(), "reason": str(err)})
+                images.remove(path)
+                continue
+        if caption is not None:
+            captions[path] = caption
+    missing = [p for p in images if p not in captions]
     if missing and not cfg.allow_missing_captions:
-        where = f"in captions={cfg.captions}" if captions is not None else "as sidecar .txt files (same stem)"
+        where = f"in captions={cfg.captions}" if manifest is not None else "as sidecar .txt files (same stem)"
         raise ConfigError(f"{len(missing)} of {len(images)} images have no caption {where}, e.g. "
                           f"{[str(p.relative_to(input_dir)) for p in missing[:3]]}; add them or set "
                           f"allow_missing_captions=true")
@@ -220,10 +345,13 @@ def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
     order = list(enumerate(images))
     random.Random(fold_seed(cfg.seed, 0xF01D)).shuffle(order)
     val, train = sorted(order[: cfg.val_samples]), order[cfg.val_samples:]
-    skipped: list[str] = []
     splits = {"train": write_split(folder_records(train, input_dir, captions, cfg, skipped), output_dir, "train", cfg),
               "val": write_split(folder_records(val, input_dir, captions, cfg, skipped), output_dir, "val", cfg)}
-    return {"splits": splits, "input_dir": str(input_dir), "skipped": skipped}
+    if skipped:
+        log.warning("left out %d files of input_dir=%s (listed with the reason under `skipped` in %s)", len(skipped),
+                    input_dir, SUMMARY_NAME)
+    return {"splits": splits, "input_dir": str(input_dir), "skipped": skipped,
+            "missing_captions": [p.relative_to(input_dir).as_posix() for p in missing]}
 
 
 def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:

@@ -16,13 +16,15 @@ i of a rank came from worker i mod W; on resume after k batches the workers' rol
 first worker produces batch k).
 
 Corrupt samples (undecodable image, truncated tar) are skipped and reported with shard and key in each batch's
-`__skipped__` entry (the loader takes it out in the main process). A slot that lost samples tops its quota up by
-re-reading its own range from the start, so the batch counts stay equal on every rank.
+`__skipped__` entry, samples without a caption (they train with "") in `__uncaptioned__` (the loader takes both out in
+the main process). A shard that ends before the count summary.json gives it (truncated, or the summary is stale) is
+reported as damaged, naming it. A slot that lost samples tops its quota up by re-reading its own range from the start;
+a slot whose whole range lies past such a shard's real end reads the samples of the other shards instead, so the batch
+counts stay equal on every rank.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -40,6 +42,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.images import decode_image
 from ldm.seeding import fold_seed
 
 log = logging.getLogger(__name__)
@@ -101,11 +104,14 @@ class EpochPlan:
 
 
 class SkipLog:
-    """Records samples that could not be read: (shard, key, reason). Also the webdataset exception handler."""
+    """Records samples that could not be read: (shard, key, reason), and samples without a caption: (shard, key).
+    Also the webdataset exception handler."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, str, str]] = []
         self.seen: set[tuple[str, str]] = set()
+        self.uncaptioned: list[tuple[str, str]] = []
+        self.uncaptioned_seen: set[tuple[str, str]] = set()
         self.url = "?"
 
     def add(self, url: str, key: str, reason: str) -> None:
@@ -113,25 +119,43 @@ class SkipLog:
             self.seen.add((url, key))
             self.records.append((url, key, reason))
 
+    def add_uncaptioned(self, url: str, key: str) -> None:
+        if (url, key) not in self.uncaptioned_seen:
+            self.uncaptioned_seen.add((url, key))
+            self.uncaptioned.append((url, key))
+
     def handler(self, exn: Exception) -> bool:
         """Tar-level errors (truncated or garbage archive): record and continue with the next shard."""
-        self.add(self.url, "?", f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:200])
+        message = f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:200]
+        self.add(self.url, "?", f"damaged tar: {message}; rewrite the shard (ldm-data) or leave it out")
         return True
 
     def pop(self) -> list[tuple[str, str, str]]:
         records, self.records = self.records, []
         return records
 
+    def pop_uncaptioned(self) -> list[tuple[str, str]]:
+        records, self.uncaptioned = self.uncaptioned, []
+        return records
+
 
 def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """Raw samples (undecoded bytes) of each shard's [first, stop) range, in order."""
+    """Raw samples (undecoded bytes) of each shard's [first, stop) range, in order; a shard that ends before `stop`
+    (truncated, or counted wrong in summary.json) is reported as damaged."""
     for url, lo, hi in segments:
         skips.url = url
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
+        read = 0
         try:
-            yield from islice(samples, lo, hi)
+            for sample in islice(samples, lo, hi):
+                read += 1
+                yield sample
         finally:
             samples.close()
+        if read < hi - lo:
+            skips.add(url, "?", f"damaged tar: the shard ends after {lo + read} samples but its count says at least "
+                                f"{hi} (truncated, or summary.json is out of date); rewrite it with ldm-data, or "
+                                f"delete summary.json so that the tar headers are counted")
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
@@ -142,9 +166,12 @@ def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)}), found {sorted(sample)}")
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                image = im.convert("RGB")  # convert() loads the pixels: truncated data fails here
-            caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
+            image = decode_image(sample[ext])  # 8-bit RGB; truncated data fails here
+            if "txt" in sample:
+                caption = sample["txt"].decode("utf-8").strip()
+            else:
+                caption = ""
+                skips.add_uncaptioned(url, key)
             meta = json.loads(sample["json"]) if "json" in sample else {}
             label = meta.get("label") if isinstance(meta, dict) else None
         except Exception as err:  # noqa: BLE001 -- any undecodable sample is skipped and reported
@@ -202,23 +229,36 @@ class ShardStream(IterableDataset):
         skips = SkipLog()
         shuffle_rng = random.Random(fold_seed(p.seed, p.epoch, p.rank, worker))
 
-        def decoded() -> Iterator[dict[str, Any]]:  # one pass over the slot's range (repeated only to top up)
-            shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
-            return iter(wds.DataPipeline(
-                lambda: _read_segments(segments, skips),  # raw samples of this slot's range
-                wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
-                lambda raw: _decode(raw, skips),  # PIL images; corrupt samples recorded and dropped
-            ))
+        def decoded(parts: list[tuple[str, int, int]]) -> Callable[[], Iterator[dict[str, Any]]]:
+            def one_pass() -> Iterator[dict[str, Any]]:  # one pass over `parts` (repeated only to top up)
+                shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
+                return iter(wds.DataPipeline(
+                    lambda: _read_segments(parts, skips),  # raw samples of these shard ranges
+                    wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
+                    lambda raw: self.decode_samples(raw, skips),  # decoded; corrupt samples recorded and dropped
+                ))
+            return one_pass
 
+        every_shard = [(url, 0, count) for url, count in zip(p.urls, p.counts)]  # the fallback of an unreadable range
         pipeline = wds.DataPipeline(
-            lambda: _exactly(decoded, p.quota, slot, skips),  # exactly the quota, topped up if samples were lost
+            # exactly the quota, topped up if samples were lost
+            lambda: _exactly(decoded(segments), p.quota, slot, skips, fallback=decoded(every_shard)),
             lambda samples: islice(samples, done * p.batch_size, None),  # resume: what this worker already produced
             wds.map(self._to_tensor),  # resize, crop, flip; float (3, R, R) in [-1, 1]
-            wds.batched(p.batch_size, collation_fn=collate, partial=not p.train),
+            wds.batched(p.batch_size, collation_fn=self.collate_batch, partial=not p.train),
         )
         for batch in pipeline:
             batch["__skipped__"] = skips.pop()  # taken out by the loader in the main process
+            batch["__uncaptioned__"] = skips.pop_uncaptioned()
             yield batch
+
+    # note: the three steps a sample goes through are methods so that `ldm.data.latents.LatentStream` reads latent
+    # shards through the same splitting, resume and skip logic.
+    def decode_samples(self, samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
+        return _decode(samples, skips)
+
+    def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples)
 
     def _to_tensor(self, sample: dict[str, Any]) -> dict[str, Any]:
         p = self.plan
@@ -235,9 +275,14 @@ class ShardStream(IterableDataset):
         return sample
 
 
-def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int, skips: SkipLog
-             ) -> Iterator[dict[str, Any]]:
-    """The first `quota` samples of `make()`, re-reading from the start when corrupt samples left it short."""
+def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int, skips: SkipLog,
+             fallback: Callable[[], Iterator[dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
+    """The first `quota` samples of `make()`, re-reading from the start when corrupt samples left it short.
+
+    When not one sample of the slot's own range can be read (its range lies past the real end of a shard that
+    summary.json over-counts, or every sample there is corrupt), the slot reads `fallback()` instead: samples of the
+    other shards, read twice this epoch, rather than a rank without batches.
+    """
     produced = 0
     while produced < quota:
         got = 0
@@ -246,7 +291,19 @@ def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int
             produced, got = produced + 1, got + 1
             if produced == quota:
                 return
+        if got == 0 and fallback is not None:
+            log.warning("data slot %d: no sample of its range could be read (%s); reading samples of the other "
+                        "shards instead to keep batch counts equal across ranks", slot, _damaged_shards(skips))
+            make, fallback = fallback, None
+            continue
         if got == 0:
-            raise RuntimeError(f"slot {slot} could not decode any sample of its shards; skipped: {skips.records[:5]}")
+            raise RuntimeError(f"data slot {slot}: not one sample of any shard could be read; damaged: "
+                               f"{_damaged_shards(skips)}; first reasons: {skips.records[:3]}; rewrite the shards "
+                               f"with ldm-data, or point data.train_shards / data.val_shards at readable ones")
         log.warning("slot %d: %d samples short after skipping corrupt ones; repeating samples of its range to keep "
                     "batch counts equal across ranks", slot, quota - produced)
+
+
+def _damaged_shards(skips: SkipLog) -> str:
+    """The shards named in `skips`, for a message."""
+    return ", ".join(sorted({url for url, _, _ in skips.records})) or "no shard reported an error"

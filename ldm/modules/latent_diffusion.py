@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.convert import load_autoencoder_any
@@ -178,6 +179,18 @@ class LatentDiffusionModule(L.LightningModule):
         decay = config.ema_decay
         self.ema = make_ema(self.pipeline.unet, decay) if decay is not None else None
         self.ema_conditioner = make_ema(conditioner, decay) if decay and conditioner.trainable else None
+
+    @classmethod
+    def check_files(cls, config: Config) -> None:
+        """Fail before anything is built or printed when a path the model reads does not exist (`ldm-train` calls
+        it at start)."""
+        expected = {"autoencoder_path": "stage 1's export (<vae run>/export) or checkpoint, a diffusers vae/ or "
+                                        "pipeline folder, or a Stable Diffusion single file",
+                    "init_from": "a Stable Diffusion diffusers pipeline folder or single file"}
+        for key, what in expected.items():
+            path = getattr(config, key)
+            if path and not Path(path).expanduser().exists():
+                raise MissingCheckpointError(f"model.{key}={path} does not exist; point it at {what}")
 
     def eval_pipeline(self, use_ema: bool = True) -> LatentDiffusionPipeline:
         """The pipeline to evaluate: with the EMA UNet (and conditioner) when asked for and kept."""

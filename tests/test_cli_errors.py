@@ -1,0 +1,240 @@
+"""Bad inputs to every CLI, run as the installed console scripts: each ends with one message naming the key or file,
+exit status 2 (a user's mistake) and no Python traceback; ldm-train says so before printing its config tree.
+
+The cases run two at a time in threads (each is a subprocess that mostly waits on imports, 2 to 10 s). The fast set
+keeps the reproductions of issue 16 for every CLI (9 cases, about 30 s on an idle 2-core machine); the other 38 are
+marked slow (`make test-all`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.cli.data import write_dataset
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad command line: `{name}` placeholders in `args` are files of the `files` fixture."""
+
+    id: str
+    command: str
+    args: tuple[str, ...]
+    named: tuple[str, ...]  # what stdout + stderr must mention: the key or the file, the fix
+    status: int = 2
+    slow: bool = False
+
+
+TRAIN = ("experiment=quickstart_vae", "data.train_shards={shards}", "data.val_shards={shards}", "logger=csv",
+         "paths.output_dir={tmp}/run", "data.num_workers=0")
+SAMPLE = ("output_dir={tmp}/samples", "prompts=[a red circle]")
+EVAL = ("output_dir={tmp}/eval", "val_shards={shards}")
+DATA_FOLDER = ("source=folder", "output_dir={tmp}/folder_out")
+
+CASES = [
+    # ldm-data: starts in about two seconds, all in the fast set
+    Case("data-bad-source", "ldm-data", ("source=bad", "output_dir={tmp}/d1"), ("source='bad'", "shapes")),
+    Case("data-no-output-dir", "ldm-data", ("source=shapes",), ("output_dir",), slow=True),
+    Case("data-unknown-key", "ldm-data", ("output_dir={tmp}/d2", "num_sample=3"), ("num_sample",), slow=True),
+    Case("data-bad-type", "ldm-data", ("output_dir={tmp}/d3", "num_samples=abc"), ("num_samples",), slow=True),
+    Case("data-folder-no-input", "ldm-data", DATA_FOLDER, ("input_dir",), slow=True),
+    Case("data-folder-missing-input", "ldm-data", (*DATA_FOLDER, "input_dir={tmp}/nowhere"), ("input_dir=",)),
+    Case("data-small-resolution", "ldm-data", ("output_dir={tmp}/d4", "resolution=4"), ("resolution=4",), slow=True),
+    Case("data-zero-per-shard", "ldm-data", ("output_dir={tmp}/d5", "samples_per_shard=0"),
+         ("samples_per_shard",), slow=True),
+    Case("data-bad-size-word", "ldm-data", ("output_dir={tmp}/d6", "sizes=[huge]"), ("sizes=['huge']",), slow=True),
+    Case("data-existing-shards", "ldm-data", ("output_dir={shards}", "num_samples=8", "val_samples=0"),
+         ("overwrite=true",), slow=True),
+    Case("data-output-is-file", "ldm-data", ("output_dir={a_file}", "num_samples=8"), ("a_file.txt",), slow=True),
+    Case("data-missing-manifest", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "captions={tmp}/none.csv"),
+         ("captions=", "none.csv"), slow=True),
+    Case("data-manifest-not-utf8", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "captions={latin1_csv}"),
+         ("latin1.csv", "UTF-8")),
+    Case("data-uncaptioned-folder", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "val_samples=1"),
+         ("no caption", "allow_missing_captions=true")),
+    # ldm-train: about five seconds each (torch and Lightning imports)
+    Case("train-max-steps-abc", "ldm-train", (*TRAIN, "trainer.max_steps=abc"), ("trainer.max_steps='abc'",)),
+    Case("train-unknown-trainer-key", "ldm-train", (*TRAIN, "trainer.max_stepz=3"), ("max_stepz",), slow=True),
+    Case("train-batch-size-zero", "ldm-train", (*TRAIN, "data.batch_size=0"), ("data.batch_size=0",), slow=True),
+    Case("train-missing-ckpt", "ldm-train", (*TRAIN, "ckpt_path={tmp}/none.ckpt"), ("ckpt_path=", "none.ckpt")),
+    Case("train-missing-shards", "ldm-train", (*TRAIN, "data.train_shards={tmp}/nowhere/train-*.tar"),
+         ("data.train_shards=", "nowhere"), slow=True),
+    Case("train-unknown-model-key", "ldm-train", (*TRAIN, "model.lrr=1"), ("lrr",), slow=True),
+    Case("train-bad-model-type", "ldm-train", (*TRAIN, "model.lr=abc"), ("model.lr",), slow=True),
+    Case("train-unknown-experiment", "ldm-train", (*TRAIN, "experiment=nope"), ("experiment", "nope"), slow=True),
+    Case("train-seed-abc", "ldm-train", (*TRAIN, "seed=abc"), ("seed",), slow=True),
+    Case("train-negative-interval", "ldm-train", (*TRAIN, "trainer.val_check_interval=-1"),
+         ("trainer.val_check_interval=-1",), slow=True),
+    Case("train-accumulate-zero", "ldm-train", (*TRAIN, "trainer.accumulate_grad_batches=0"),
+         ("trainer.accumulate_grad_batches=0",), slow=True),
+    Case("train-unknown-logger", "ldm-train", (*TRAIN, "logger=nope"), ("logger", "nope"), slow=True),
+    Case("train-corrupt-ckpt", "ldm-train", (*TRAIN, "ckpt_path={corrupt}"), ("ckpt_path=", "corrupt.ckpt"),
+         slow=True),
+    Case("train-truncated-ckpt", "ldm-train", (*TRAIN, "ckpt_path={truncated}"), ("ckpt_path=", "truncated.ckpt"),
+         slow=True),
+    Case("train-multirun-config-error", "ldm-train", ("-m", *TRAIN, "trainer.max_steps=abc,2"),
+         ("trainer.max_steps='abc'",), slow=True),  # a ConfigError stops the sweep at its first job
+    Case("train-no-train-shards", "ldm-train", (*TRAIN, "data.train_shards=null"), ("data.train_shards",), slow=True),
+    # ldm-sample
+    Case("sample-negative-guidance", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "guidance_scale=-3"),
+         ("guidance_scale=-3",)),
+    Case("sample-bad-sampler", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "sampler=foo"),
+         ("sampler='foo'",), slow=True),
+    Case("sample-corrupt-ckpt", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}"), ("ckpt_path=", "corrupt.ckpt")),
+    Case("sample-no-ckpt", "ldm-sample", SAMPLE, ("ckpt_path",), slow=True),
+    Case("sample-missing-ckpt", "ldm-sample", (*SAMPLE, "ckpt_path={tmp}/none.ckpt"),
+         ("ckpt_path=", "none.ckpt"), slow=True),
+    Case("sample-wrong-kind-ckpt", "ldm-sample", (*SAMPLE, "ckpt_path={wrong_kind}"), ("wrong_kind.ckpt",), slow=True),
+    Case("sample-truncated-ckpt", "ldm-sample", (*SAMPLE, "ckpt_path={truncated}"), ("ckpt_path=", "truncated.ckpt"),
+         slow=True),
+    Case("sample-zero-steps", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "num_steps=0"),
+         ("num_steps=0",), slow=True),
+    Case("sample-missing-prompts-file", "ldm-sample",
+         ("output_dir={tmp}/samples", "ckpt_path={corrupt}", "prompts_file={tmp}/none.txt"),
+         ("prompts_file=", "none.txt"), slow=True),
+    Case("sample-bad-batch-type", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "batch_size=abc"),
+         ("batch_size",), slow=True),
+    # ldm-eval: about ten seconds each (torchmetrics imports); options are checked before any checkpoint is read
+    Case("eval-bad-sampler", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "samplers=[foo]"),
+         ("samplers[]='foo'",), slow=True),
+    Case("eval-negative-guidance", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "guidance_scales=[-1]"),
+         ("guidance_scales=[-1.0]",)),
+    Case("eval-zero-steps", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "num_steps=[0]"), ("num_steps=[0]",), slow=True),
+    Case("eval-no-ckpt", "ldm-eval", EVAL, ("ckpt_path is required",), slow=True),
+    Case("eval-bad-metric", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "metrics=[fd]"), ("metrics[]='fd'",), slow=True),
+    Case("eval-missing-ckpt", "ldm-eval", (*EVAL, "ckpt_path={tmp}/none.ckpt"), ("ckpt_path=", "none.ckpt"), slow=True),
+    Case("eval-corrupt-ckpt", "ldm-eval", (*EVAL, "ckpt_path={corrupt}"), ("ckpt_path=", "corrupt.ckpt"), slow=True),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The files the cases name: shards, a corrupt and a wrong-kind checkpoint, a Latin-1 manifest, a folder."""
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    shards = tmp / "shards"
+    write_dataset({"source": "shapes", "output_dir": str(shards), "num_samples": 16, "val_samples": 8,
+                   "resolution": 32, "samples_per_shard": 8})
+    corrupt = tmp / "corrupt.ckpt"
+    corrupt.write_bytes(bytes(range(256)) * 16)  # not a zip, not a pickle
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}, "epoch": 0}, tmp / "wrong_kind.ckpt")
+    whole = (tmp / "wrong_kind.ckpt").read_bytes()
+    (tmp / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])  # a copy cut short: torch.load's EOF errors
+    (tmp / "a_file.txt").write_text("a file, not a directory\n")
+    folder = tmp / "folder"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(folder / f"{i}.png")
+    (tmp / "latin1.csv").write_bytes("file,caption\n0.png,caf\xe9 cr\xe8me\n".encode("latin-1"))
+    return {"tmp": str(tmp), "shards": str(shards), "corrupt": str(corrupt), "wrong_kind": str(tmp / "wrong_kind.ckpt"),
+            "truncated": str(tmp / "truncated.ckpt"),
+            "a_file": str(tmp / "a_file.txt"), "folder": str(folder), "latin1_csv": str(tmp / "latin1.csv")}
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **extra}
+
+
+def run_case(case: Case, files: dict[str, str]) -> subprocess.CompletedProcess:
+    args = [arg.format(**files) for arg in case.args]
+    return subprocess.run([str(BIN / case.command), *args], cwd=files["tmp"], env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def run_all(cases: list[Case], files: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: the machine has two cores
+        return dict(zip([c.id for c in cases], pool.map(lambda c: run_case(c, files), cases)))
+
+
+@pytest.fixture(scope="module")
+def fast_results(files: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
+    return run_all([c for c in CASES if not c.slow], files)
+
+
+@pytest.fixture(scope="module")
+def slow_results(files: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
+    return run_all([c for c in CASES if c.slow], files)
+
+
+def test_the_table_covers_every_cli_with_at_least_30_inputs():
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+    assert {c.command for c in CASES} == {"ldm-data", "ldm-train", "ldm-sample", "ldm-eval"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else [])
+                                  for c in CASES])
+def test_bad_input_ends_with_one_message(case: Case, request: pytest.FixtureRequest):
+    result = request.getfixturevalue("slow_results" if case.slow else "fast_results")[case.id]
+    output = result.stdout + result.stderr
+    assert result.returncode == case.status, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for text in case.named:
+        assert text in output, output[-3000:]
+    assert "Unsupported operand" not in output and "EOFError" not in output
+    if case.command == "ldm-train":
+        assert "CONFIG" not in result.stdout, "the mistake is reported before the config tree is printed"
+
+
+def test_traceback_on_request(files: dict[str, str]):
+    """HYDRA_FULL_ERROR=1 adds the traceback; the status and the message stay."""
+    result = subprocess.run([str(BIN / "ldm-data"), "source=folder", f"output_dir={files['tmp']}/tb",
+                             f"input_dir={files['tmp']}/nowhere"], cwd=files["tmp"],
+                            env=cli_env(HYDRA_FULL_ERROR="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "ldm-data: error: input_dir=" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare to mount a small tmpfs")
+def test_full_disk_names_the_file(files: dict[str, str], tmp_path: Path):
+    """ldm-data into a 64 KiB tmpfs (a private mount namespace): one message naming the shard being written."""
+    full = tmp_path / "full"
+    full.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -rm is not permitted here: {probe.stderr.decode()[:200]}")
+    command = (f"mount -t tmpfs -o size=64k tmpfs {full} && {BIN / 'ldm-data'} output_dir={full}/shards "
+               f"num_samples=2000 val_samples=0 resolution=32 samples_per_shard=10000")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", command], cwd=files["tmp"], env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    assert "no space left on the device while writing" in output and "train-000000.tar" in output, output[-3000:]
+
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare to mount a small tmpfs")
+def test_full_disk_during_a_checkpoint_write_names_the_checkpoint(tmp_path: Path):
+    """Lightning's checkpoint plugin (AtomicCheckpointIO) into a full 64 KiB tmpfs: torch.save's error chain becomes
+    one message naming the checkpoint, and no temp file is left behind."""
+    full = tmp_path / "full"
+    full.mkdir()
+    script = ("import torch\n"
+              "from ldm.callbacks.checkpoint import AtomicCheckpointIO\n"
+              "from ldm.cli.common import describe_error\n"
+              "try:\n"
+              f"    AtomicCheckpointIO().save_checkpoint({{'w': torch.zeros(100000)}}, '{full}/last.ckpt')\n"
+              "except Exception as err:\n"
+              "    print(describe_error(err))\n"
+              "import os\n"
+              f"print('left:', os.listdir('{full}'))\n")
+    command = f"mount -t tmpfs -o size=64k tmpfs {full} && {sys.executable} -c \"{script}\""
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", command], env=cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0 and "mount" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr[:200]}")
+    assert f"(2, 'no space left on the device while writing {full}/last.ckpt;" in result.stdout, result.stderr
+    assert "left: []" in result.stdout

@@ -1,0 +1,238 @@
+"""Odd and damaged data: every Pillow mode becomes the right 8-bit RGB, missing captions are counted, damaged or
+over-counted shards are named and never starve a data slot, skipped samples are a logged metric, and `ldm-data
+source=folder` leaves out (and lists) what it cannot read instead of stopping."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ldm.cli.data import write_dataset
+from ldm.config import ConfigError
+from ldm.data.datamodule import WebDataModule
+from ldm.data.stream import EpochPlan, ShardStream
+from ldm.images import ALPHA_BACKGROUND, decode_image, to_rgb
+
+WHITE = np.array(ALPHA_BACKGROUND)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rgb(image: Image.Image) -> np.ndarray:
+    out = to_rgb(image)
+    assert out.mode == "RGB"
+    return np.asarray(out).astype(int)  # (H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pillow modes.
+
+
+def test_sixteen_bit_greys_are_scaled_not_clipped():
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # -> 0, 1, 128, 255
+    want = np.array([0, 1, 128, 255])
+    little = Image.fromarray(values)                                  # I;16
+    big = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    wide = Image.fromarray(values.astype(np.int32))                   # I (how older Pillows open 16-bit PNGs)
+    for image in (little, big, wide):
+        assert rgb(image)[0, :, 0].tolist() == want.tolist(), image.mode
+        assert (rgb(image)[..., 0] == rgb(image)[..., 2]).all()
+    from_png = decode_image(png_bytes(little))  # a real 16-bit PNG file
+    assert Image.open(io.BytesIO(png_bytes(little))).mode == "I;16"
+    assert np.asarray(from_png)[0, :, 1].tolist() == want.tolist()
+
+
+def test_float_greys_in_unit_range_and_in_byte_range():
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert rgb(unit)[0, :, 0].tolist() == [0, 128, 255]
+    byte = Image.fromarray(np.array([[0.0, 100.0, 300.0]], dtype=np.float32))
+    assert rgb(byte)[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.fromarray(np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128]]], dtype=np.uint8))
+    out = rgb(rgba)[0]
+    assert out[0].tolist() == [255, 0, 0] and out[1].tolist() == WHITE.tolist()
+    assert out[2].tolist() == [127, 127, 255]  # half blue over white
+    la = Image.fromarray(np.array([[[10, 255], [10, 0]]], dtype=np.uint8), "LA")
+    assert rgb(la)[0].tolist() == [[10, 10, 10], WHITE.tolist()]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 200, 0, 9, 9, 9])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 1  # index 1 is transparent
+    assert rgb(palette)[0].tolist() == [[0, 200, 0], WHITE.tolist()]
+    through_png = decode_image(png_bytes(palette))  # tRNS chunk written and read back
+    assert np.asarray(through_png)[0].tolist() == [[0, 200, 0], WHITE.tolist()]
+    key = Image.new("L", (1, 1), 7)
+    key.info["transparency"] = 7  # a colour key
+    assert rgb(key)[0].tolist() == [WHITE.tolist()]
+    premultiplied = rgba.convert("RGBa")
+    assert np.abs(rgb(premultiplied)[0] - out).max() <= 2
+    assert np.abs(rgb(premultiplied.convert("RGBA").convert("LA").convert("La"))[0, 1] - WHITE).max() <= 2
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "CMYK", "YCbCr", "HSV", "LAB"])
+def test_other_modes_convert_as_pillow_does(mode: str):
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    image = Image.new("LAB", (5, 4), (50, 128, 128)) if mode == "LAB" else source.convert(mode)
+    assert image.mode == mode
+    assert np.array_equal(rgb(image), np.asarray(image.convert("RGB")).astype(int))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loader.
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return path
+
+
+def test_loader_decodes_16_bit_and_alpha_and_counts_missing_captions(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture):
+    grey16 = Image.fromarray(np.full((8, 8), 32896, np.uint16))                        # mid grey in 16 bits
+    clear = Image.fromarray(np.zeros((8, 8, 4), np.uint8))                             # fully transparent
+    samples = [{"__key__": "grey16", "png": png_bytes(grey16), "txt": "grey"},
+               {"__key__": "clear", "png": png_bytes(clear)},                           # no caption
+               {"__key__": "clear2", "png": png_bytes(clear)},                          # no caption
+               {"__key__": "plain", "png": png_bytes(Image.new("RGB", (8, 8), (0, 0, 0))), "txt": "black"}]
+    shard = write_shard(tmp_path / "odd-000000.tar", samples)
+    dm = WebDataModule(train_shards=str(shard), batch_size=4, num_workers=0, resolution=8)
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="ldm.data.datamodule"):
+        (batch,) = list(dm.train_dataloader())
+    pixels = {key: ((image + 1) * 127.5).round() for key, image in zip(batch["key"], batch["image"])}
+    assert (pixels["grey16"] == 128).all(), "16-bit mid grey stays mid grey (Pillow's convert gives 255)"
+    assert (pixels["clear"] == 255).all(), "transparent pixels show the white background"
+    assert dict(zip(batch["key"], batch["caption"]))["clear"] == ""
+    assert dm.uncaptioned == {str(shard): 2} and dm.num_skipped == 0
+    warnings = [r for r in caplog.records if "has no caption" in r.getMessage()]
+    assert len(warnings) == 1 and "odd-000000.tar" in warnings[0].getMessage(), "warned once per shard"
+
+
+def shapes_like(tmp_path: Path, name: str, n: int) -> list[dict]:
+    return [{"__key__": f"{name}{i:03d}", "png": png_bytes(Image.new("RGB", (8, 8), (i, i, i))), "txt": f"s{i}"}
+            for i in range(n)]
+
+
+def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_path: Path):
+    """summary.json says 8 + 8 samples; the second shard is cut after about 2 of them. With 4 slots (4 ranks), slot 3's
+    whole range lies past the real end: it reads other samples instead of failing, and the shard is named."""
+    good = write_shard(tmp_path / "train-000000.tar", shapes_like(tmp_path, "a", 8))
+    whole = write_shard(tmp_path / "full.tar", shapes_like(tmp_path, "b", 8)).read_bytes()
+    cut = tmp_path / "train-000001.tar"
+    cut.write_bytes(whole[: len(whole) // 4 + 100])
+    (tmp_path / "full.tar").unlink()
+    summary = {"splits": {"train": {"shards": [good.name, cut.name], "shard_counts": [8, 8], "count": 16}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    urls = [str(good), str(cut)]
+    for rank in range(4):
+        plan = EpochPlan(urls, [8, 8], seed=0, rank=rank, world_size=4, num_workers=0, batch_size=2, train=False,
+                         resolution=8)
+        stream = ShardStream(plan)
+        batches = list(stream)
+        assert len(batches) == len(stream) == 2, f"rank {rank} yields its full share"
+        reports = [reason for b in batches for url, _, reason in b["__skipped__"] if url == str(cut)]
+        if plan.segments(rank)[0][0] == str(cut):
+            assert reports and "damaged tar" in reports[0], rank
+
+
+def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    samples = shapes_like(tmp_path, "k", 8)
+    samples[3]["png"] = b"not an image"
+    shard = write_shard(tmp_path / "bad-000000.tar", samples)
+
+    class Mean(L.LightningModule):
+        """The smallest trainable module: the data are under test here."""
+
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return (batch["image"].mean() - self.bias) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version="")
+    trainer = L.Trainer(max_steps=4, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1, accelerator="cpu")
+    with caplog.at_level("INFO", logger="ldm.data.datamodule"):
+        trainer.fit(Mean(), datamodule=dm)
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "data/skipped" in header
+    column = header.index("data/skipped")
+    assert max(float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]) == 1.0
+    assert "data (rank 0): 1 corrupt samples skipped" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ldm-data source=folder.
+
+
+def test_folder_source_leaves_out_what_it_cannot_read_and_lists_it(tmp_path: Path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a", "b", "c", "sub/d"):
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text(f"caption {name}")
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(src / "white16.png")       # 16-bit: kept, scaled
+    (src / "white16.txt").write_text("white")
+    (src / "latin.png").write_bytes((src / "a.png").read_bytes())
+    (src / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))                       # not UTF-8
+    (src / "garbage.png").write_bytes(b"not a png at all")                              # undecodable
+    (src / "garbage.txt").write_text("garbage")
+    (src / "piped.png").write_bytes((src / "a.png").read_bytes())
+    os.mkfifo(src / "piped.txt")                                                         # a FIFO caption
+    os.mkfifo(src / "fifo.png")                                                          # a FIFO image
+    (src / "dangling.png").symlink_to(src / "missing.png")
+    (src / "self.png").symlink_to(src / "self.png")                                      # a link loop
+    (src / "sub" / "up").symlink_to(src, target_is_directory=True)                        # a directory loop
+    summary = write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out"),
+                             "val_samples": 1, "resolution": 8, "samples_per_shard": 100})
+    reasons = {entry["path"]: entry["reason"] for entry in summary["skipped"]}
+    assert set(reasons) == {"latin.png", "garbage.png", "piped.png", "fifo.png", "dangling.png", "self.png",
+                            "sub/up"}
+    assert "not UTF-8" in reasons["latin.png"] and "undecodable" in reasons["garbage.png"]
+    assert "not a regular file" in reasons["piped.png"] and "special file" in reasons["fifo.png"]
+    assert "dangling" in reasons["dangling.png"] and "loop" in reasons["self.png"] and "loop" in reasons["sub/up"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"] == summary["skipped"]
+    written = summary["splits"]["train"]["count"] + summary["splits"]["val"]["count"]
+    assert written == 5  # a, b, c, sub/d, white16
+    dm = WebDataModule(train_shards=str(tmp_path / "out"), val_shards=str(tmp_path / "out"), batch_size=1,
+                       num_workers=0, resolution=8)
+    dm.setup("fit")
+    batches = [*dm.train_dataloader(), *dm.val_dataloader()]
+    images = {caption: image for b in batches for caption, image in zip(b["caption"], b["image"])}
+    assert (images["white"] == 1.0).all(), "a 16-bit white PNG is white, through ldm-data and the loader"
+    assert abs(float(images["caption a"][0].mean()) - (40 / 127.5 - 1)) < 0.02
+
+
+def test_a_damaged_summary_is_named(tmp_path: Path):
+    shard = write_shard(tmp_path / "train-000000.tar", shapes_like(tmp_path, "s", 4))
+    (tmp_path / "summary.json").write_text('{"splits": {"train": ')  # cut short
+    dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
+    with pytest.raises(ConfigError, match=r"summary\.json is not a shard summary .*delete it"):
+        dm.setup("fit")
+    (tmp_path / "summary.json").unlink()
+    dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
+    dm.setup("fit")
+    assert dm.train_counts == [4], "without a summary the tar headers are counted"
