@@ -24,13 +24,14 @@ def rank_and_world(trainer: Any = None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def choose_device(name: str, key: str = "device") -> torch.device:
-    """`auto` (cuda:<LOCAL_RANK> when CUDA is available, else cpu), `cpu`, `cuda` or `cuda:N`; a CUDA device
-    without CUDA is a ConfigError naming `key`."""
+def choose_device(name: str, key: str = "device", index: int | None = None) -> torch.device:
+    """`auto` (a CUDA device when CUDA is available, else cpu), `cpu`, `cuda` or `cuda:N`; a CUDA device without
+    CUDA is a ConfigError naming `key`. `auto` and `cuda` take device `index` (default: LOCAL_RANK)."""
+    index = int(os.environ.get("LOCAL_RANK", 0)) if index is None else index
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        name = f"cuda:{index}"
     if not name.startswith(("cpu", "cuda")):
         raise ConfigError(f"{key}={name!r}: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -239,8 +239,9 @@ class LatentDiffusionPipeline(nn.Module):
         elif path.is_file():
             pipeline = cls.from_checkpoint(load_checkpoint(path, key), str(path), use_ema, key)
         else:
-            raise MissingCheckpointError(f"{key}={path} does not exist; point it at a latent diffusion export directory "
-                                  f"(<run>/export), a run directory or a checkpoint (<run>/checkpoints/last.ckpt)")
+            raise MissingCheckpointError(f"{key}={path} does not exist; point it at a latent diffusion export "
+                                         f"directory (<run>/export), a run directory or a checkpoint "
+                                         f"(<run>/checkpoints/last.ckpt)")
         return pipeline.eval().requires_grad_(False)
 
     @classmethod

@@ -14,11 +14,12 @@ import torch
 from test_eval_helpers import random_inception_weights, tiny_clip
 
 from ldm.data.shapes import COLORS
+from ldm.data.shardlist import local_shards
 from ldm.eval.feature_extractors import InceptionFeatures, WeightsNotFoundError, clip_loader, resolve_inception_weights
 from ldm.eval.metrics import GenerationMetrics, ReconstructionMetrics
 from ldm.eval.reference_stats import key_hash, load_or_compute_reference_stats, reference_key
 from ldm.eval.shapes_adherence import ShapesAdherence, parse_caption, read_color
-from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts
+from ldm.eval.sources import iter_image_batches, load_prompts
 
 DIM = 64
 N_REF = 32
@@ -36,7 +37,7 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_images(shapes_shards: Path) -> tuple[torch.Tensor, list[str]]:
-    shards = expand_shards(str(shapes_shards / "train-*.tar"))
+    shards = local_shards(str(shapes_shards / "train-*.tar"))
     images, captions = zip(*iter_image_batches(shards, 32, N_REF, N_REF))
     return images[0], list(captions[0])
 
@@ -80,7 +81,7 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     assert again.hash == stats.hash and os.stat(stats.path).st_mtime_ns == mtime
     assert torch.equal(again.features_sum, stats.features_sum) and again.num_samples == N_REF
     # Whatever changes the statistics changes the key: resolution, count, extractor layer, and the data itself.
-    shards = expand_shards(str(shapes_shards / "train-*.tar"))
+    shards = local_shards(str(shapes_shards / "train-*.tar"))
     base = reference_key(shards, 32, N_REF, fresh.identity)
     assert key_hash(base) == stats.hash
     variants = [reference_key(shards, 64, N_REF, fresh.identity), reference_key(shards, 32, 16, fresh.identity),
@@ -112,7 +113,7 @@ def test_clip_score_with_a_tiny_local_clip_is_in_range(clip_dir: Path, train_ima
 
 
 def test_shapes_color_accuracy_is_high_on_real_images_and_chance_on_noise(shapes_shards: Path):
-    shards = expand_shards(str(shapes_shards / "train-*.tar")) + expand_shards(str(shapes_shards))
+    shards = local_shards(str(shapes_shards / "train-*.tar")) + local_shards(str(shapes_shards))
     real, noise = ShapesAdherence(read_shapes=False), ShapesAdherence(read_shapes=False)
     g = torch.Generator().manual_seed(0)
     for images, captions in iter_image_batches(shards, 32, None, 40):
@@ -160,7 +161,7 @@ def test_missing_weights_fail_fast_offline_naming_the_config_key(tmp_path: Path,
 
 
 def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Path, tmp_path: Path):
-    prompts = load_prompts("val_shards", 20, expand_shards(str(shapes_shards)))
+    prompts = load_prompts("val_shards", 20, local_shards(str(shapes_shards)))
     assert len(prompts) == 20 and prompts[16:] == prompts[:4] and all("background" in p for p in prompts)
     file = tmp_path / "prompts.txt"
     file.write_text("a red circle\n\na blue square\n")

@@ -54,7 +54,8 @@ def autoencoder_dir(tmp_path: Path) -> Path:
 
 def test_latent_scale_comes_from_stage_1_or_config_never_a_default(tmp_path: Path, autoencoder_dir: Path):
     assert LatentDiffusionModule(tiny_config(autoencoder_dir)).pipeline.latent_scale == pytest.approx(0.8)
-    assert LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3)).pipeline.latent_scale == pytest.approx(0.3)
+    explicit = LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3))
+    assert explicit.pipeline.latent_scale == pytest.approx(0.3)
     no_stats = tiny_autoencoder(tmp_path / "ae_no_stats", stats=False)
     with pytest.raises(ConfigError, match="model.latent_scale"):
         LatentDiffusionModule(tiny_config(no_stats))

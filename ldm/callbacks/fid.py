@@ -19,12 +19,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ldm.config import ConfigError
+from ldm.data.shardlist import local_shards
 from ldm.distributed import rank_and_world
 from ldm.eval.evaluator import rank_batches
 from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
-from ldm.eval.sources import expand_shards, load_prompts, shard_labels
+from ldm.eval.sources import load_prompts, shard_labels
 from ldm.images import to_uint8
 
 
@@ -77,7 +78,7 @@ class FIDCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail at start, not after hours of training: weights must be loadable and the shards readable.
-        self._shards = expand_shards(self.val_shards)
+        self._shards = local_shards(self.val_shards, "callbacks.fid.val_shards")
         self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
         labels = shard_labels(self._shards, self.num_samples)
         self._labels = [labels[i % len(labels)] for i in range(self.num_samples)] if labels else None

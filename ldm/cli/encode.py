@@ -40,6 +40,7 @@ from ldm.data.encoding import (
     load_encoders,
     prepare_output,
 )
+from ldm.distributed import choose_device, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ register_schemas("encode")  # conf/encode.yaml extends EncodeConfig: stored befo
 
 
 def _device(config: EncodeConfig, index: int) -> torch.device:
-    cuda = config.accelerator == "cuda" or (config.accelerator == "auto" and torch.cuda.is_available())
-    return torch.device("cuda", index) if cuda else torch.device("cpu")
+    return choose_device(config.accelerator, "accelerator", index)
 
 
 def _encode_shards(config: EncodeConfig, tasks: list[tuple[str, str]], device: torch.device,
@@ -123,8 +123,7 @@ def _spawn(config: EncodeConfig, tasks: list[tuple[str, str]], total: int) -> li
 
 def _world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (*rank_and_world(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 600.0) -> None:
@@ -142,7 +141,8 @@ def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 
 
 def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Validate `cfg` against EncodeConfig and encode every input shard not finished yet; return a summary."""
-    from ldm.data.datamodule import REMOTE_PREFIXES, expand_shards, shard_counts
+    from ldm.data.datamodule import shard_counts
+    from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)

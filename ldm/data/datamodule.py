@@ -21,10 +21,8 @@ counted in `num_skipped` / `skipped`.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
-import os
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,12 +39,13 @@ from torch.utils.data import DataLoader
 
 from ldm.config import ConfigError, to_dataclass
 from ldm.data.latents import LatentManifest, LatentStream, check_data_config, check_same_encoders, find_manifest
+from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
 from ldm.data.stream import EpochPlan, ShardStream
+from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 # Our __len__ is exact by construction (every slot yields the same number of batches), so Lightning's generic
 # warning about IterableDataset lengths does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -54,35 +53,6 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shard lists and their sample counts (main process).
-
-
-def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
-    """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
-
-    A directory stands for its `{split}-*.tar` shards (what ldm-data writes). A local pattern that matches no file
-    raises FileNotFoundError naming `key` and the pattern; remote URLs (`pipe:`, `http(s)://`, ...) pass through brace
-    expansion unchecked.
-    """
-    parts = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    urls: list[str] = []
-    for part in parts:
-        if not isinstance(part, str) or not part:
-            raise ConfigError(f"{key}: expected a non-empty string or a list of them, got {part!r}")
-        for url in wds.shardlists.expand_urls(part):
-            if url.startswith(REMOTE_PREFIXES):
-                urls.append(url)
-                continue
-            path = os.path.expanduser(url.removeprefix("file:"))
-            if os.path.isdir(path):
-                path = os.path.join(path, f"{split}-*.tar")
-            matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
-            if not matches:
-                raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
-                                        f"{os.getcwd()}); write shards with ldm-data or fix the path")
-            urls.extend(matches)
-    if not urls:
-        raise ConfigError(f"{key}={spec!r} names no shards")
-    return urls
 
 
 def _count_tar_samples(path: str) -> int:
@@ -134,15 +104,6 @@ def _summary_counts(path: Path) -> dict[str, int]:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path} is not a shard summary ldm-data wrote ({type(err).__name__}: {err}); delete it to "
                           f"count the samples from the tar headers, or rewrite the shards with ldm-data") from None
-
-
-def distributed_info(trainer: L.Trainer | None) -> tuple[int, int]:
-    """(rank, world size), read in the main process: the trainer, else torch.distributed, else RANK/WORLD_SIZE."""
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,7 +228,7 @@ class WebDataModule(L.LightningDataModule):
 
     def _plan(self, train: bool) -> EpochPlan:
         c = self.config
-        rank, world_size = distributed_info(self.trainer)
+        rank, world_size = rank_and_world(self.trainer)
         urls, counts = (self.train_urls, self.train_counts) if train else (self.val_urls, self.val_counts)
         batch_size = c.batch_size if train else (c.val_batch_size or c.batch_size)
         plan = EpochPlan(urls, counts, c.seed, rank, world_size, c.num_workers, batch_size, train, c.resolution,
@@ -357,7 +318,7 @@ class WebDataModule(L.LightningDataModule):
         """At the end of a fit: the run's totals of skipped and uncaptioned samples (this process)."""
         if stage != "fit":
             return
-        rank = distributed_info(self.trainer)[0]
+        rank = rank_and_world(self.trainer)[0]
         shards = sorted({shard for shard, _, _ in self.skipped})
         log.info("data (rank %d): %d corrupt samples skipped%s; %d samples without a caption in %d shards",
                  rank, self.num_skipped, f" (shards {shards[:5]})" if shards else "",
@@ -383,12 +344,12 @@ class WebDataModule(L.LightningDataModule):
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         epoch, batches = self._epoch, self._trained if fitting else self._batches
         return {"epoch": max(epoch, 0), "batches": batches, "seed": self.config.seed,
-                "world_size": distributed_info(trainer)[1], "num_workers": self.config.num_workers,
+                "world_size": rank_and_world(trainer)[1], "num_workers": self.config.num_workers,
                 "batch_size": self.config.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
-        now = {"seed": self.config.seed, "world_size": distributed_info(self.trainer)[1],
+        now = {"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
                "num_workers": self.config.num_workers, "batch_size": self.config.batch_size}
         changed = {k: (state_dict[k], v) for k, v in now.items() if k in state_dict and state_dict[k] != v}
         if changed:

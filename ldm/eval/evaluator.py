@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 import ldm
 from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.data.shardlist import local_shards
 from ldm.distributed import choose_device, rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures, clip_identity, clip_loader, resolve_inception_weights
 from ldm.eval.loading import load_model, resolve_checkpoints
@@ -37,7 +38,7 @@ from ldm.eval.metrics import (
 )
 from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
 from ldm.eval.results import WandbTable, append_results, print_row
-from ldm.eval.sources import expand_shards, iter_image_batches, load_prompts, shard_labels
+from ldm.eval.sources import iter_image_batches, load_prompts, shard_labels
 from ldm.images import to_uint8
 
 
@@ -135,9 +136,9 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg = dataclasses.replace(cfg)
         if cfg.val_shards is not None:
-            cfg.val_shards = expand_shards(cfg.val_shards)
+            cfg.val_shards = local_shards(cfg.val_shards, "val_shards")
         if cfg.reference_shards is not None:
-            cfg.reference_shards = expand_shards(cfg.reference_shards)
+            cfg.reference_shards = local_shards(cfg.reference_shards, "reference_shards")
         self.rank, self.world = rank_and_world()
         self.device = choose_device(cfg.device)
         self._inception: InceptionFeatures | None = None
@@ -201,7 +202,7 @@ class Evaluator:
         recorded = getattr(model, "provenance", {}).get("val_shards")
         if not recorded:
             return None
-        shards = expand_shards(recorded)
+        shards = local_shards(recorded)
         if self.rank == 0:
             print(f"[ldm-eval] val_shards not set: using the validation shards {model.provenance['source']} was "
                   f"trained with: {recorded}", flush=True)

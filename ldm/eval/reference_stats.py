@@ -22,8 +22,10 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from ldm.checkpoints import load_checkpoint
+from ldm.data.shardlist import local_shards
+from ldm.distributed import rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures
-from ldm.eval.sources import expand_shards, iter_image_batches, shard_fingerprint
+from ldm.eval.sources import iter_image_batches, shard_fingerprint
 from ldm.io import atomic_open
 
 CACHE_VERSION = 1
@@ -94,12 +96,12 @@ def load_or_compute_reference_stats(shards: str | list[str], resolution: int, nu
                                     extractor: InceptionFeatures, cache_dir: str | Path, batch_size: int = 64,
                                     device: torch.device | str = "cpu") -> ReferenceStats:
     """The cached statistics for this (shards, resolution, count, extractor), computing and caching them on a miss."""
-    shard_list = expand_shards(shards)
+    shard_list = local_shards(shards)
     key = reference_key(shard_list, resolution, num_samples, extractor.identity)
     digest = key_hash(key)
     path = Path(cache_dir).expanduser().absolute() / f"{digest}.pt"
     distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
+    rank = rank_and_world()[0] if distributed else 0
     # Rank 0 computes on a miss while the others wait; they then read its file (or, without a shared disk, compute).
     if rank == 0 and not path.is_file():
         _compute_and_save(shard_list, resolution, num_samples, extractor, batch_size, device, key, path)
@@ -121,7 +123,7 @@ def load_into_fid(fid: Any, stats: ReferenceStats) -> None:
 
     torchmetrics sums states across ranks when it syncs; rank 0 alone holds the reference, the others zeros.
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = rank_and_world()[0] if dist.is_available() and dist.is_initialized() else 0
     device = fid.real_features_sum.device
     scale = 1 if rank == 0 else 0
     fid.real_features_sum = stats.features_sum.to(device, torch.float64) * scale
@@ -133,6 +135,6 @@ def load_into_fid(fid: Any, stats: ReferenceStats) -> None:
 def load_into_kid(kid: Any, stats: ReferenceStats) -> None:
     """Put the cached real features into a KernelInceptionDistance; ranks hold disjoint slices, concatenated by sync."""
     distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = rank_and_world() if distributed else (0, 1)
     kid.real_features = [stats.features[rank::world].to(kid.device)]
     kid.reset_real_features = False

@@ -8,7 +8,6 @@ the first caption extension the caption.
 
 from __future__ import annotations
 
-import glob
 import json
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -23,27 +22,6 @@ from ldm.images import decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 CAPTION_EXTENSIONS = ("txt", "caption", "json")
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard paths from a glob, brace notation (`val-{000000..000009}.tar`), a directory (its `val-*.tar`, else every
-    `*.tar`) or a list of any of these."""
-    from braceexpand import braceexpand
-
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    shards: list[str] = []
-    for item in specs:
-        for pattern in braceexpand(str(item)):
-            path = Path(pattern).expanduser()
-            if path.is_dir():  # a data directory written by ldm-data: its validation split
-                found = sorted(str(p) for p in path.glob("val-*.tar")) or sorted(str(p) for p in path.glob("*.tar"))
-            else:
-                found = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)]
-            shards.extend(found)
-    missing = [s for s in shards if not Path(s).is_file()]
-    if not shards or missing:
-        raise FileNotFoundError(f"shards {spec!r}: {'missing ' + str(missing[:3]) if missing else 'match no files'}")
-    return [str(Path(s).resolve()) for s in shards]
 
 
 def shard_fingerprint(shards: Sequence[str]) -> list[dict]:

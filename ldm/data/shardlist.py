@@ -1,0 +1,53 @@
+"""Shard sets named in a config: the one place that turns a path, glob, brace pattern, `::` list, Python list or
+remote URL into the list of shards (training, encoding and evaluation all call it)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import webdataset as wds
+
+from ldm.config import ConfigError
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
+
+
+def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
+    """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
+
+    A directory stands for its `{split}-*.tar` shards (what ldm-data writes). A local pattern that matches no file
+    raises FileNotFoundError naming `key` and the pattern; remote URLs (`pipe:`, `http(s)://`, ...) pass through brace
+    expansion unchecked.
+    """
+    parts = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    urls: list[str] = []
+    for part in parts:
+        if not isinstance(part, str) or not part:
+            raise ConfigError(f"{key}: expected a non-empty string or a list of them, got {part!r}")
+        for url in wds.shardlists.expand_urls(part):
+            if url.startswith(REMOTE_PREFIXES):
+                urls.append(url)
+                continue
+            path = os.path.expanduser(url.removeprefix("file:"))
+            if os.path.isdir(path):
+                path = os.path.join(path, f"{split}-*.tar")
+            matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
+            if not matches:
+                raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
+                                        f"{os.getcwd()}); write shards with ldm-data or fix the path")
+            urls.extend(matches)
+    if not urls:
+        raise ConfigError(f"{key}={spec!r} names no shards")
+    return urls
+
+
+def local_shards(spec: str | list[str], key: str = "val_shards") -> list[str]:
+    """`expand_shards` for readers that open tar files themselves (evaluation): the validation split of a directory,
+    each shard as an absolute path (they key cached statistics); remote URLs are refused naming `key`."""
+    urls = expand_shards(spec, key, split="val")
+    remote = [url for url in urls if url.startswith(REMOTE_PREFIXES)]
+    if remote:
+        raise ConfigError(f"{key}: evaluation reads local shard files; got remote {remote[:2]} (copy them locally)")
+    return [str(Path(url.removeprefix("file:")).expanduser().resolve()) for url in urls]
