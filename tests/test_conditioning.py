@@ -4,11 +4,11 @@ encoder, class labels, and condition dropout for guidance."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from convert_helpers import tiny_tokenizer
 
 from ldm.conditioning import ByteTextEncoder, ConditionerConfig, build_conditioner, drop_mask
 from ldm.conditioning.byte import BOS, EOS, PAD, byte_tokenize
@@ -16,32 +16,12 @@ from ldm.config import ConfigError
 from ldm.nn.unet import UNET_CONFIGS, UNet
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, which CLIP's BPE vocabulary is written in."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    for n, b in enumerate(b for b in range(256) if b not in bs):
-        bs.append(b)
-        cs.append(256 + n)
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def write_clip_tokenizer(directory: Path) -> None:
-    """A tiny CLIP BPE vocabulary: every byte, every byte ending a word, two merges and the special tokens."""
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
     """A random CLIP text model (hidden 32, 3 layers) and tokenizer saved with save_pretrained."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    source = tmp_path_factory.mktemp("clip_files")
-    write_clip_tokenizer(source)
-    tokenizer = CLIPTokenizer.from_pretrained(str(source))
+    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("clip_files"))
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -154,13 +154,17 @@ def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path,
         datamodule(str(plain / "train-*.tar"), hflip=True)
 
 
-def test_ldm_train_runs_on_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):
-    out = tmp_path / "run"
-    overrides = tiny_overrides(shapes_shards, out, max_steps=4, every=2) + tiny_ldm_overrides(encoded / "ae") + [
+def latent_run(shapes_shards: Path, encoded: Path, autoencoder: Path, out: Path, max_steps: int) -> list[str]:
+    """ldm-train overrides: the tiny LDM on the encoded shards, with the encoding's frozen text encoder."""
+    return tiny_overrides(shapes_shards, out, max_steps=max_steps, every=2) + tiny_ldm_overrides(autoencoder) + [
         f"data.train_shards={encoded}/train/train-*.tar", f"data.val_shards={encoded}/val/val-*.tar",
         "model.conditioner.name_or_path=" + str(encoded / "text"), "model.conditioner.width=16",
         "model.conditioner.num_heads=2", "model.conditioner.max_length=72", "model.unet.context_dim=16"]
-    result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
+
+
+def test_ldm_train_runs_on_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    result = run_cli(latent_run(shapes_shards, encoded, encoded / "ae", out, 4), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "throughput summary: 4 steps, 16 images" in (out / "train.log").read_text()
@@ -174,11 +178,7 @@ def test_ldm_train_refuses_latents_of_another_autoencoder(shapes_shards: Path, e
     stats = json.loads((encoded / "ae" / "latent_stats.json").read_text())
     other.save_pretrained(tmp_path / "other_ae", latent_stats=stats)
     out = tmp_path / "run"
-    overrides = tiny_overrides(shapes_shards, out, max_steps=2, every=2) + tiny_ldm_overrides(tmp_path / "other_ae") + [
-        f"data.train_shards={encoded}/train/train-*.tar", f"data.val_shards={encoded}/val/val-*.tar",
-        "model.conditioner.name_or_path=" + str(encoded / "text"), "model.conditioner.width=16",
-        "model.conditioner.num_heads=2", "model.conditioner.max_length=72", "model.unet.context_dim=16"]
-    result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(latent_run(shapes_shards, encoded, tmp_path / "other_ae", out, 2), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr[-3000:]
     assert weights_hash(other) in result.stderr and weights_hash(AutoencoderKL.from_pretrained(encoded / "ae")) in \
         result.stderr and "Traceback" not in result.stderr
