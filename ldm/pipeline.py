@@ -73,10 +73,10 @@ class LatentDiffusionPipeline(nn.Module):
         self.provenance: dict[str, Any] = {}   # where the weights came from: source, step, weights, val_shards
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], load_pretrained: bool = False,
-                    base_dir: Path | None = None) -> LatentDiffusionPipeline:
+    def from_config(cls, config: dict[str, Any], base_dir: Path | None = None) -> LatentDiffusionPipeline:
         """A pipeline with the architecture `config` (what `config()` returns) and untrained weights, for a state dict
-        to fill. `base_dir` resolves a relative `conditioner.name_or_path` (an export's `text_encoder/`)."""
+        to fill (a pretrained byte encoder is built empty too). `base_dir` resolves a relative
+        `conditioner.name_or_path` (an export's `text_encoder/`)."""
         conditioner_config = to_dataclass(ConditionerConfig, config["conditioner"], "conditioner")
         if base_dir is not None and conditioner_config.name_or_path and \
                 (base_dir / conditioner_config.name_or_path).is_dir():
@@ -85,11 +85,11 @@ class LatentDiffusionPipeline(nn.Module):
         return cls(autoencoder=AutoencoderKL(to_dataclass(AutoencoderConfig, config["autoencoder"], "autoencoder")),
                    latent_scale=config["latent_scale"],
                    unet=UNet(to_dataclass(UNetConfig, config["unet"], "unet")),
-                   conditioner=build_conditioner(conditioner_config, "conditioner", load_pretrained=load_pretrained),
+                   conditioner=build_conditioner(conditioner_config, "pipeline.conditioner", load_pretrained=False),
                    conditioner_config=conditioner_config,
                    diffusion=to_dataclass(DiffusionConfig, config["diffusion"], "diffusion"),
                    image_size=config.get("image_size"), sample_posterior=config.get("sample_posterior", True),
-                   prefix="")
+                   prefix="pipeline")
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild the pipeline's architecture (JSON-serialisable)."""
@@ -119,7 +119,7 @@ class LatentDiffusionPipeline(nn.Module):
         """`size` if the autoencoder and UNet downsampling both divide it, else a ConfigError naming `key`."""
         factor = self.autoencoder.downsample_factor * self.unet.downsampling_factor
         if size < factor or size % factor:
-            raise ConfigError(f"{key.lstrip('.')}={size} must be a positive multiple of {factor} (autoencoder factor "
+            raise ConfigError(f"{key}={size} must be a positive multiple of {factor} (autoencoder factor "
                               f"{self.autoencoder.downsample_factor} x UNet factor {self.unet.downsampling_factor})")
         return size
 
