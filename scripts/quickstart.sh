@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline, offline, on CPU, in about 13.5 minutes on 2 cores (805 s measured from a fresh clone;
+# The whole pipeline, offline, on CPU, in about 10 minutes on 2 cores (587 s measured from a fresh clone;
 # `make quickstart` puts the venv on PATH):
 #   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards: one large shape in the centre,
 #                  drawn 1.7 times the default size (22 px across, so a star, a hexagon and a circle differ by
