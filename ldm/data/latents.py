@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError
-from ldm.data.stream import EpochPlan, ShardStream, SkipLog
+from ldm.data.stream import EpochPlan, ShardStream, SkipLog, caption_and_label
 from ldm.seeding import fold_seed
 
 MANIFEST_NAME = "manifest.json"
@@ -246,16 +246,11 @@ def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required:
                       if name in sample}
             if arrays[MOMENTS].ndim != 3:
                 raise ValueError(f"{MOMENTS} has shape {arrays[MOMENTS].shape}, expected (2C, h, w)")
-            caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
-            if "txt" not in sample:
-                skips.add_uncaptioned(url, key)
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            label = meta.get("label") if isinstance(meta, dict) else None
+            caption, label = caption_and_label(sample, skips)
         except Exception as err:  # noqa: BLE001 -- any unreadable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
-        yield {"arrays": arrays, "caption": caption, "key": key, "url": url,
-               "label": label if isinstance(label, int) else None}
+        yield {"arrays": arrays, "caption": caption, "key": key, "url": url, "label": label}
 
 
 def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -167,18 +167,24 @@ def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[
             if ext is None:
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)}), found {sorted(sample)}")
             image = decode_image(sample[ext])  # 8-bit RGB; truncated data fails here
-            if "txt" in sample:
-                caption = sample["txt"].decode("utf-8").strip()
-            else:
-                caption = ""
-                skips.add_uncaptioned(url, key)
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            label = meta.get("label") if isinstance(meta, dict) else None
+            caption, label = caption_and_label(sample, skips)
         except Exception as err:  # noqa: BLE001 -- any undecodable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
-        yield {"image": image, "caption": caption, "key": key, "url": url,
-               "label": label if isinstance(label, int) else None}
+        yield {"image": image, "caption": caption, "key": key, "url": url, "label": label}
+
+
+def caption_and_label(sample: dict[str, Any], skips: SkipLog) -> tuple[str, int | None]:
+    """A raw sample's caption ("" and counted when it has none) and integer class label (None without one); image
+    and latent samples alike."""
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8").strip()
+    else:
+        caption = ""
+        skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    label = meta.get("label") if isinstance(meta, dict) else None
+    return caption, label if isinstance(label, int) else None
 
 
 def resize_crop(image: Image.Image, resolution: int, rng: random.Random | None) -> Image.Image:
