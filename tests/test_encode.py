@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from ldm.cli.encode import encode
 from ldm.conditioning import ByteTextEncoder
 from ldm.config import ConfigError
 from ldm.data import latents
+from ldm.data.shards import MEMBER_MTIME
 from ldm.nn.autoencoder import load_autoencoder
 
 
@@ -76,6 +78,8 @@ def test_moments_text_and_manifest_round_trip(shapes_shards: Path, encoders: tup
     assert [s["__key__"] for s in stored] == keys
     assert [s["txt"].decode() for s in stored] == captions
     assert all("json" in s for s in stored)
+    with tarfile.open(out / "train-000001.tar") as tar:  # one ustar header per member, no PAX record
+        assert all(m.pax_headers == {} and m.mtime == MEMBER_MTIME for m in tar.getmembers())
     with torch.no_grad():
         posterior, flipped = ae.encode(x), ae.encode(x.flip(3))
         context, pooled = encoder(captions)

@@ -138,6 +138,19 @@ def test_decaying_lr_schedule_needs_a_known_last_step():
     assert lr_scheduler(optimizer, "constant", 0, float("inf")).get_last_lr() == [1e-3]
 
 
+def test_wsd_holds_the_lr_then_decays_linearly_over_the_last_steps():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, decay_steps=4)
+    seen = []
+    for _ in range(10):
+        seen.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ConfigError, match=r"model.lr_decay_steps=0: .* between 1 and 8"):
+        lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, decay_steps=0)
+
+
 def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     with torch.autocast("cpu", dtype=torch.bfloat16):

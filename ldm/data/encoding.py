@@ -22,6 +22,7 @@ import webdataset as wds
 from ldm import __version__
 from ldm.config import ConfigError, check_choice, to_dataclass
 from ldm.data import latents
+from ldm.data.shards import MEMBER_MTIME
 from ldm.data.stream import IMAGE_KEYS, resize_crop
 from ldm.images import decode_image
 from ldm.io import atomic_open, atomic_write_bytes, atomic_write_text, export_dir, is_export
@@ -259,7 +260,7 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
     skipped: list[list[str]] = []
     count = 0
     with atomic_open(output, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False)
+        writer = wds.TarWriter(f, encoder=False, mtime=MEMBER_MTIME)
         samples, images = [], []
 
         def flush() -> None:

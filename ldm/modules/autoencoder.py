@@ -24,7 +24,7 @@ from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
+from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
 
@@ -38,7 +38,8 @@ class Config:
     disc_lr: float | None = None              # discriminator learning rate; null: same as lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas of both optimizers
     warmup_steps: int = 0                     # linear LR warmup of the autoencoder optimizer
-    lr_schedule: str = "constant"             # after warmup: constant | cosine | linear (decay to 0 at the last step)
+    lr_schedule: str = "constant"             # after warmup: constant | cosine | linear (to 0 at the last step) | wsd
+    lr_decay_steps: int = 0                   # wsd: a linear decay to 0 over the last lr_decay_steps
     grad_clip: float | None = None            # max gradient norm per optimizer; null: no clipping
     ema_decay: float | None = None            # EMA of the autoencoder; validation and export use it; null: off
     init_posterior_logvar: float | None = None  # start quant_conv's log-variance outputs here; null: as LDM (~0)
@@ -100,11 +101,13 @@ class AutoencoderModule(L.LightningModule):
         ae_params = list(self.autoencoder.parameters())
         if c.loss.learn_logvar:
             ae_params.append(self.loss.logvar)
-        opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas))
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=c.disc_lr or c.lr, betas=tuple(c.betas))
+        disc_params = list(self.loss.discriminator.parameters())
+        opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas), fused=fusable(ae_params))
+        opt_disc = torch.optim.Adam(disc_params, lr=c.disc_lr or c.lr, betas=tuple(c.betas), fused=fusable(disc_params))
         rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps "
                        f"then {c.lr_schedule}, GAN from step {c.loss.disc_start}")
-        schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches)
+        schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
+                                c.lr_decay_steps)
         return [opt_ae, opt_disc], [{"scheduler": schedule, "interval": "step", "name": "lr/autoencoder"}]
 
     def _clip(self, optimizer: Any) -> None:

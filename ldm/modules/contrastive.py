@@ -28,7 +28,7 @@ from torch import nn
 
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
-from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
+from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
 
@@ -42,7 +42,8 @@ class Config:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
     warmup_steps: int = 50
-    lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (decay to 0 at the last step)
+    lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (to 0 at the last step) | wsd
+    lr_decay_steps: int = 0                # wsd: a linear decay to 0 over the last lr_decay_steps
     image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1] and their captions
     caption_key: str = "caption"
 
@@ -133,8 +134,11 @@ class ContrastiveModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
-        optimizer = torch.optim.AdamW(self.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-        schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches)
+        params = list(self.parameters())
+        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
+                                      fused=fusable(params))
+        schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
+                                c.lr_decay_steps)
         scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 

@@ -24,7 +24,7 @@ from ldm.convert import load_autoencoder_any
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import LR_SCHEDULES, lr_scheduler
+from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
@@ -50,7 +50,8 @@ class Config:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_steps: int = 0                  # linear LR warmup
-    lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (decay to 0 at the last step)
+    lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (to 0 at the last step) | wsd
+    lr_decay_steps: int = 0                # wsd: a linear decay to 0 over the last lr_decay_steps
     ema_decay: float | None = 0.9999       # EMA of the UNet (and a trainable text encoder); null: off
     image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1], captions, class labels
     caption_key: str = "caption"
@@ -251,12 +252,14 @@ class LatentDiffusionModule(L.LightningModule):
         c = self.config
         unet, conditioner = self.pipeline.unet, self.pipeline.conditioner
         params = list(unet.parameters()) + [p for p in conditioner.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
+                                      fused=fusable(params))
         rank_zero_info(f"AdamW lr {c.lr} (warmup {c.warmup_steps} steps, then {c.lr_schedule}), "
                        f"{sum(p.numel() for p in params):,} trainable parameters "
                        f"(UNet {sum(p.numel() for p in unet.parameters()):,}; "
                        f"conditioner {'trainable' if conditioner.trainable else 'frozen'})")
-        schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches)
+        schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
+                                c.lr_decay_steps)
         scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
