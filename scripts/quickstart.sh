@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline, offline, on CPU, in about 8 minutes on 2 cores (QUICKSTART_SECONDS s measured from a fresh clone;
-# `make quickstart` puts the venv on PATH):
+# The whole pipeline, offline, on CPU, in about 8 minutes on 2 cores (495 s measured; 687 s on the same machine before
+# it trained on latents with stages 2 and 3 side by side; `make quickstart` puts the venv on PATH):
 #   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards: one large shape in the centre,
 #                  drawn 1.7 times the default size (22 px across, so a star, a hexagon and a circle differ by
 #                  several pixels), with the 4 sample prompts held out of the training split
