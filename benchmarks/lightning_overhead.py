@@ -45,7 +45,7 @@ from ldm.cli.common import CONF_DIR
 from ldm.cli.train import apply_module_switches, instantiate_callbacks, instantiate_loggers, trainer_plugins
 from ldm.conditioning import ByteTextEncoder
 from ldm.data.shapes import ShapesDataset
-from ldm.modules.optim import lr_scheduler
+from ldm.modules.optim import fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
 
@@ -138,8 +138,9 @@ def plain_segment(cfg: DictConfig, module: L.LightningModule, loader: torch.util
     for m, training in zip(module.modules(), modes, strict=True):
         m.training = training  # the train/eval modes Lightning's steps ran with
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-    scheduler = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, steps)
+    optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
+                                  fused=fusable(params))  # as LatentDiffusionModule.configure_optimizers
+    scheduler = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, steps, c.lr_decay_steps)
     clip = cfg.trainer.get("gradient_clip_val")
     starts = []
     for step, batch in enumerate(loader):
