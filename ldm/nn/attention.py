@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.conv import PointwiseConv
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               upcast: bool = False) -> torch.Tensor:
@@ -150,10 +152,10 @@ class SpatialTransformer(nn.Module):
         inner_dim = num_heads * head_dim
         self.use_linear_proj = use_linear_proj
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner_dim) if use_linear_proj else nn.Conv2d(channels, inner_dim, 1)
+        self.proj_in = nn.Linear(channels, inner_dim) if use_linear_proj else PointwiseConv(channels, inner_dim)
         self.blocks = nn.ModuleList(TransformerBlock(inner_dim, num_heads, head_dim, context_dim, dropout, upcast)
                                     for _ in range(depth))
-        self.proj_out = nn.Linear(inner_dim, channels) if use_linear_proj else nn.Conv2d(inner_dim, channels, 1)
+        self.proj_out = nn.Linear(inner_dim, channels) if use_linear_proj else PointwiseConv(inner_dim, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -20,6 +20,7 @@ from torch import nn
 
 from ldm.config import ConfigError
 from ldm.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, export_dir, read_export, save_export
+from ldm.nn.conv import PointwiseConv, Upsample
 
 LATENT_STATS_NAME = "latent_stats.json"
 
@@ -76,7 +77,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.nin_shortcut = PointwiseConv(in_channels, out_channels) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Residual branch.
@@ -94,10 +95,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = normalize(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = PointwiseConv(channels, channels)
+        self.k = PointwiseConv(channels, channels)
+        self.v = PointwiseConv(channels, channels)
+        self.proj_out = PointwiseConv(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -117,17 +118,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
@@ -248,8 +238,8 @@ class AutoencoderKL(nn.Module):
         moments = config.z_channels * (2 if config.double_z else 1)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(moments, 2 * config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quant_conv = PointwiseConv(moments, 2 * config.embed_dim)
+        self.post_quant_conv = PointwiseConv(config.embed_dim, config.z_channels)
 
     @property
     def downsample_factor(self) -> int:

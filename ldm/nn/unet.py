@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.config import ConfigError
 from ldm.nn.attention import SpatialTransformer
-from ldm.nn.autoencoder import Upsample  # the decoder's block: nearest 2x, then a 3x3 conv
+from ldm.nn.conv import PointwiseConv, Upsample
 from ldm.nn.embeddings import LabelEmbedder, TimestepEmbedder
 
 
@@ -121,7 +121,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(norm_groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised by the UNet
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.skip = PointwiseConv(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # Main branch.
