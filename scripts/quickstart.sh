@@ -9,8 +9,8 @@
 #      ldm-train:  experiment=quickstart_clip -> a byte-level text encoder pretrained contrastively on the pairs
 #   3. ldm-encode: both splits -> latent shards (the autoencoder's posterior moments and the frozen text encoder's
 #                  outputs), so that stage 4 runs neither encoder
-#   4. ldm-train:  experiment=quickstart_ldm on the latent shards -> a tiny text-to-image LDM conditioned by that
-#                  encoder
+#   4. ldm-train:  experiment=quickstart_ldm on the latent shards, read in the training process and kept in memory
+#                  after the first epoch -> a tiny text-to-image LDM conditioned by that encoder
 #   5. ldm-sample: the 4 held-out prompts x 4 seeds -> runs/quickstart/samples/grid.png
 #   6. ldm-eval:   shapes_color_accuracy and shapes_shape_accuracy of 512 samples of validation captions (offline
 #                  colour and shape read-out, no weights)
@@ -99,7 +99,7 @@ finish
 stage "4/6 latent diffusion on the latents (experiment=quickstart_ldm)"
 ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.autoencoder_path="$OUT/vae/export" \
   model.conditioner.name_or_path="$OUT/clip/export" data.train_shards="$OUT/latents/train/train-*.tar" \
-  data.val_shards="$OUT/latents/val/val-*.tar" data.num_workers=0 "${COMMON[@]}"
+  data.val_shards="$OUT/latents/val/val-*.tar" data.num_workers=0 data.cache_in_memory=true "${COMMON[@]}"
 
 stage "5/6 samples of held-out prompts"
 ldm-sample ckpt_path="$OUT/ldm/export" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \

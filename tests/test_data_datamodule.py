@@ -169,3 +169,39 @@ def test_fewer_shards_than_slots(shapes_shards: Path, monkeypatch: pytest.Monkey
         assert len(per_rank[-1]) == len(loader) == 2  # 16 // 6 = 2 samples per slot: one batch per worker
     keys = [k for batches in per_rank for batch in batches for k in batch]
     assert len(keys) == len(set(keys)) == 12, "16 - 16 mod 6 samples, each read once"
+
+
+def test_cache_in_memory_serves_later_epochs_without_the_tars(shapes_shards: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """data.cache_in_memory: the same batches epoch after epoch (flips included), read from memory after the first."""
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
+        (tmp_path / name).write_bytes((shapes_shards / name).read_bytes())
+    opts = {"train_shards": str(tmp_path / "train-*.tar"), "val_shards": None, "batch_size": 4, "shuffle_buffer": 8,
+            "hflip": True}
+
+    def epochs(loader, n: int) -> list[tuple[list[str], torch.Tensor]]:
+        return [(b["key"], b["image"]) for _ in range(n) for b in loader]
+
+    want = epochs(make_dm(shapes_shards, **opts).train_dataloader(), 2)
+    dm = make_dm(shapes_shards, cache_in_memory=True, **opts)
+    loader = dm.train_dataloader()
+    got = epochs(loader, 1)
+    for shard in tmp_path.glob("train-*.tar"):
+        shard.write_bytes(b"")  # read again, a shard would now yield nothing and be reported as damaged
+    got += epochs(loader, 1)
+    assert dm.num_skipped == 0 and len(got) == len(want) == 24
+    for (keys, images), (want_keys, want_images) in zip(got, want, strict=True):
+        assert keys == want_keys and torch.equal(images, want_images)
+
+    # Two ranks: a rank reads parts of shards, other parts in the next epoch (the shard order changes).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    opts["train_shards"] = str(shapes_shards / "train-*.tar")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        plain = epochs(make_dm(shapes_shards, **opts).train_dataloader(), 3)
+        cached = epochs(make_dm(shapes_shards, cache_in_memory=True, **opts).train_dataloader(), 3)
+        assert [k for k, _ in cached] == [k for k, _ in plain]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(cached, plain, strict=True))
+
+    with pytest.raises(configs.ConfigError, match=r"data.cache_in_memory=true .* set data.num_workers=0"):
+        make_dm(shapes_shards, cache_in_memory=True, num_workers=1)

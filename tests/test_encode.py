@@ -216,3 +216,25 @@ def test_torchrun_style_ranks_split_the_shards(shapes_shards: Path, encoders: tu
     assert "32 samples in 2 shards" in logs[1] and "rank 1 of 2" in logs[1]  # shards 1 and 3
     assert sorted(p.name for p in out.glob("*_stats.json")) == [f"train-00000{i}_stats.json" for i in range(4)]
     assert latents.read_manifest(out / latents.MANIFEST_NAME).autoencoder["path"] == str(autoencoder)
+
+
+def test_npy_members_read_like_np_load_and_refuse_what_it_refuses():
+    arrays = [np.random.rand(8, 16, 16).astype(np.float16), np.asfortranarray(np.random.rand(3, 5)),
+              np.arange(7, dtype=np.int64), np.float32(2.5) * np.ones((), np.float32)]
+    for array in arrays:
+        for version in ((1, 0), (2, 0)):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, array, version=version)
+            for _ in range(2):  # parsed, then from the header cache
+                got = latents.from_npy(buf.getvalue())
+                want = np.load(io.BytesIO(buf.getvalue()), allow_pickle=False)
+                assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    data = latents.to_npy(arrays[0])
+    with pytest.raises(ValueError, match="data bytes for an array of shape"):
+        latents.from_npy(data[:-2])  # a truncated member, after its header was cached
+    with pytest.raises(ValueError):
+        latents.from_npy(b"\x93NUMPY garbage")
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        latents.from_npy(buf.getvalue())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import random
 import zlib
 from collections.abc import Iterator, Mapping
@@ -222,9 +223,34 @@ def to_npy(array: torch.Tensor | np.ndarray, dtype: np.dtype | type = np.float16
     return buf.getvalue()
 
 
+# header bytes -> (shape, Fortran order, dtype, offset of the data)
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
+
+
 def from_npy(data: bytes) -> np.ndarray:
-    """A .npy member's array; never unpickles."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A .npy member's array (read-only, a view of `data`); never unpickles.
+
+    note: `np.load` parses every header with `ast.literal_eval`, about 95 us of the 100 us it takes for a latent
+    sample's array (a third of reading a latent batch). The members of a shard share a handful of headers, so each
+    distinct header is parsed once, by numpy's own reader, and the data is viewed in place.
+    """
+    end = data.find(b"\n", 0, 65536) + 1  # the header ends with a newline (format versions 1-3)
+    spec = _NPY_HEADERS.get(data[:end]) if end else None
+    if spec is None:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed (they would be unpickled)")
+        spec = shape, fortran, dtype, stream.tell()
+        if end == spec[3] and len(_NPY_HEADERS) < 256:
+            _NPY_HEADERS[data[:end]] = spec
+    shape, fortran, dtype, offset = spec
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes for an array of shape {shape} and dtype {dtype}")
+    return np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

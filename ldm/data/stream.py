@@ -66,6 +66,7 @@ class EpochPlan:
     shuffle_buffer: int = 1000
     random_crop: bool = False
     hflip: bool = False
+    cache_in_memory: bool = False  # keep the raw samples read from each shard for later epochs (num_workers=0 only)
     epoch: int = 0
     skip_batches: int = 0  # batches of this rank already consumed this epoch (resume)
 
@@ -139,19 +140,33 @@ class SkipLog:
         return records
 
 
-def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog) -> Iterator[dict[str, Any]]:
+def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
+                   cache: dict[str, list[dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (undecoded bytes) of each shard's [first, stop) range, in order; a shard that ends before `stop`
-    (truncated, or counted wrong in summary.json) is reported as damaged."""
+    (truncated, or counted wrong in summary.json) is reported as damaged.
+
+    With a `cache`, the samples a shard yielded (from its start: those before `first` are parsed on the way anyway)
+    are kept under its url, and a later range within them is served from memory without opening the tar.
+    """
     for url, lo, hi in segments:
+        kept = cache.get(url, []) if cache is not None else []
+        if len(kept) >= hi:
+            yield from kept[lo:hi]
+            continue
         skips.url = url
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
-        read = 0
+        read, prefix = 0, []
         try:
-            for sample in islice(samples, lo, hi):
-                read += 1
-                yield sample
+            for i, sample in enumerate(islice(samples, hi)):
+                if cache is not None:
+                    prefix.append(sample)
+                if i >= lo:
+                    read += 1
+                    yield sample
         finally:
             samples.close()
+            if cache is not None and len(prefix) > len(kept):
+                cache[url] = prefix
         if read < hi - lo:
             skips.add(url, "?", f"damaged tar: the shard ends after {lo + read} samples but its count says at least "
                                 f"{hi} (truncated, or summary.json is out of date); rewrite it with ldm-data, or "
@@ -214,6 +229,8 @@ class ShardStream(IterableDataset):
     def __init__(self, plan: EpochPlan):
         super().__init__()
         self.plan = plan
+        # url -> raw samples, kept across epochs (`plan.cache_in_memory`: the main process reads, so this object lives)
+        self.cache: dict[str, list[dict[str, Any]]] | None = {} if plan.cache_in_memory else None
 
     def __len__(self) -> int:
         return self.plan.batches_per_worker * max(1, self.plan.num_workers)
@@ -239,7 +256,7 @@ class ShardStream(IterableDataset):
             def one_pass() -> Iterator[dict[str, Any]]:  # one pass over `parts` (repeated only to top up)
                 shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
                 return iter(wds.DataPipeline(
-                    lambda: _read_segments(parts, skips),  # raw samples of these shard ranges
+                    lambda: _read_segments(parts, skips, self.cache),  # raw samples of these shard ranges
                     wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
                     lambda raw: self.decode_samples(raw, skips),  # decoded; corrupt samples recorded and dropped
                 ))
