@@ -170,5 +170,5 @@ class SlurmRequeue(L.Callback):
         if isinstance(callback, Checkpoint):
             return callback.save_last_now(trainer)
         path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         return path

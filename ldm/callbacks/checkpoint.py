@@ -182,11 +182,11 @@ class Checkpoint(CheckpointBase):
         if not periodic or self.save_top_k == 0:
             if not (self.save_last or requested):
                 return None
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)  # full state: optimizer, loops, callbacks
             self._wrote_last(trainer, last)
             return last
         path = directory / f"{self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         if str(path) in self.kept:
             self.kept.remove(str(path))
         self.kept.append(str(path))
