@@ -33,7 +33,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm import config as configs
 from ldm.cli.common import CONF_DIR
-from ldm.cli.train import apply_module_switches, instantiate_callbacks, instantiate_loggers, trainer_plugins
+from ldm.cli.train import apply_module_switches, build_trainer, instantiate_callbacks, instantiate_loggers
 from ldm.conditioning import ByteTextEncoder
 from ldm.data.shapes import ShapesDataset
 from ldm.modules.optim import fusable, lr_scheduler
@@ -121,12 +120,9 @@ def lightning_segment(cfg: DictConfig, module: L.LightningModule, loader: torch.
     if not loggers:  # the LR monitor refuses a trainer without a logger
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     overrides = {"max_steps": steps, "enable_model_summary": False}
-    if variant in ("no progress bar", "no callbacks"):
-        overrides["enable_progress_bar"] = False
     if variant == "no callbacks":
         overrides["enable_checkpointing"] = False
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, timer], logger=loggers or False,
-                                                 plugins=trainer_plugins(), **overrides)
+    trainer = build_trainer(cfg, [*callbacks, timer], loggers, **overrides)
     trainer.fit(module, train_dataloaders=loader)
     return list(np.diff(timer.starts)), timer.modes
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from ldm.config import ConfigError
-from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, load_autoencoder
+from ldm.nn.autoencoder import (
+    AttnBlock,
+    AutoencoderConfig,
+    AutoencoderKL,
+    DiagonalGaussianDistribution,
+    load_autoencoder,
+)
 from ldm.nn.discriminator import DiscriminatorConfig, NLayerDiscriminator
 
 
@@ -23,6 +29,20 @@ def test_encode_decode_shapes(ch_mult, f):
     assert posterior.mean.shape == (2, 4, 32 // f, 48 // f)
     assert posterior.sample().shape == posterior.mode().shape == (2, 4, 32 // f, 48 // f)
     assert model.decode(posterior.mode()).shape == x.shape
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_runs_on_the_fused_kernel_in_either_layout(memory_format):
+    # Without stride 1 along the channels, SDPA has no fused kernel ("No available kernel" when only flash is
+    # allowed) and, by default, falls back to building the full (HW x HW) attention matrix.
+    torch.manual_seed(0)
+    block = AttnBlock(32, 8)
+    x = torch.randn(2, 32, 8, 8).to(memory_format=memory_format)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        fused = block(x)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        reference = block(x)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_cross_field_checks_print_both_values():

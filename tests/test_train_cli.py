@@ -16,7 +16,7 @@ from test_config import _missing_keys
 
 from ldm import config as configs
 from ldm.cli.common import CONF_DIR
-from ldm.cli.train import train
+from ldm.cli.train import build_trainer, instantiate_callbacks, train
 from ldm.data.datamodule import WebDataModule
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
@@ -67,6 +67,19 @@ def test_launcher_configs_compose(launcher):
     if launcher == "slurm":  # submitit must send our requeue signal and never requeue by itself
         assert cfg.hydra.launcher.additional_parameters.signal.startswith("USR1@")
         assert cfg.hydra.launcher.max_num_timeout == 0
+
+
+@pytest.mark.parametrize(("overrides", "bar"), [([], True), (["callbacks.progress=null"], False),
+                                                 (["+trainer.enable_progress_bar=false"], False)])
+def test_the_progress_bar_is_the_progress_callback_alone(overrides, bar):
+    # Lightning adds its own bar, redrawn every step, when the callbacks have none: nulling ours must leave no bar.
+    cfg = compose_train(["paths.output_dir=/tmp/unused", *overrides])
+    trainer = build_trainer(cfg, instantiate_callbacks(cfg.callbacks), [])
+    if bar:
+        assert type(trainer.progress_bar_callback).__name__ == "RichProgressBar"
+        assert trainer.progress_bar_callback.refresh_rate == 10
+    else:
+        assert trainer.progress_bar_callback is None
 
 
 def test_misspelt_override_is_named():

@@ -25,6 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -202,6 +203,20 @@ def trainer_plugins() -> list[Any]:
     return plugins
 
 
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger], **overrides: Any) -> L.Trainer:
+    """The Trainer of `cfg.trainer`, with these callbacks and loggers and `trainer_plugins()`.
+
+    The progress bar is the `callbacks.progress` entry: with it nulled (or `trainer.enable_progress_bar=false`) the run
+    has none, where Lightning would add its default rich bar, redrawn every step (10% of a 2-thread CPU step in the
+    quickstart; benchmarks/RESULTS.md).
+    """
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    overrides.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(),
+                                   **overrides)
+
+
 def is_multirun() -> bool:
     """True inside a Hydra multirun (-m) job."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -251,8 +266,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         if isinstance(callback, Checkpoint):
             callback.run_info = {"ldm_version": __version__, "config": resolved}
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 plugins=trainer_plugins())
+    trainer = build_trainer(cfg, callbacks, loggers)
     check_launch(trainer)
     for logger in loggers:
         logger.log_hyperparams(resolved)

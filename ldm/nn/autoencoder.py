@@ -103,7 +103,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # (B, 1, HW, C) with stride 1 along C (a copy in NCHW, a view in channels_last): the fused SDPA kernels
+        # (flash, memory-efficient) need it and fall back to materialising the HW x HW attention matrix without it
+        q, k, v = (m(h).flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for m in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)                                                 # (B, 1, HW, C)
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)                                        # (B, C, H, W)
         return x + self.proj_out(h)
