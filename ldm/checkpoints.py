@@ -62,6 +62,19 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
     return checkpoint
 
 
+def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint", key: str = "ckpt_path") -> str:
+    """`latent_diffusion` (a UNet config among the hyperparameters) or `autoencoder` (the AutoencoderModule's own
+    `autoencoder_config` entry) for a checkpoint ldm-train wrote; CheckpointError for any other, naming `key`."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if isinstance(hparams.get("config"), dict) and "unet" in hparams["config"]:
+        return "latent_diffusion"
+    if "autoencoder_config" in checkpoint:
+        return "autoencoder"
+    prefixes = sorted({key.split(".", 1)[0] for key in checkpoint.get("state_dict", {})})[:8]
+    raise CheckpointError(f"{key}={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
+                          f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
+
+
 def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str, ema_prefix: str | None = None,
                     ) -> tuple[dict[str, torch.Tensor], bool]:
     """The weights under `prefix` (e.g. "unet."), or under `ema_prefix` when given and present.

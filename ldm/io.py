@@ -6,6 +6,7 @@ through `atomic_open`, so an interruption (preemption, a crash, a full disk) nev
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -13,14 +14,18 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
-# An export directory (`save_pretrained` of AutoencoderKL and ByteTextEncoder): the architecture and the weights.
+# An export directory (`save_pretrained` of AutoencoderKL, ByteTextEncoder and LatentDiffusionPipeline): the
+# architecture and the weights.
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PIPELINE_FORMAT = "ldm.pipeline"     # config.json's "format" in a pipeline export (the others have no "format")
+
+T = TypeVar("T")
 
 
 def _umask() -> int:
@@ -110,6 +115,29 @@ def export_dir(path: str | os.PathLike) -> Path:
 
 def is_export(directory: Path) -> bool:
     return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+
+
+def export_kind(config: dict[str, Any]) -> str:
+    """What an export holds, told by its config.json, with the config key it is meant for."""
+    if config.get("format") == PIPELINE_FORMAT:
+        return "a latent diffusion pipeline export (ldm-sample / ldm-eval ckpt_path)"
+    if {"ch_mult", "z_channels"} <= config.keys():
+        return "an autoencoder export (model.autoencoder_path)"
+    if {"num_heads", "max_length"} <= config.keys():
+        return "a byte text encoder export (model.conditioner.name_or_path)"
+    return "an export of another kind"
+
+
+def export_config(directory: Path, config: dict[str, Any], schema: type[T], key: str) -> T:
+    """`schema(**config)`, `config` being the config.json of the export in `directory`; an export of another kind
+    (keys that `schema` lacks) raises ConfigError naming what it holds and `key`, the config key that pointed at it."""
+    from ldm.config import ConfigError
+
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(schema)})
+    if unknown:
+        raise ConfigError(f"{key}={directory} holds {export_kind(config)}: its {CONFIG_NAME} has keys "
+                          f"{unknown[:4]} that {schema.__name__} lacks; point {key} at the right export")
+    return schema(**config)
 
 
 def read_export(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -30,12 +30,10 @@ from ldm.conditioning import Conditioner, ConditionerConfig, build_conditioner
 from ldm.config import ConfigError, to_dataclass
 from ldm.diffusion import Denoiser, NoiseSchedule, guided_denoiser, run_sampler
 from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
-from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_dir, read_export, save_export
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, WEIGHTS_NAME, export_dir, read_export, save_export
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator
-
-PIPELINE_FORMAT = "ldm.pipeline"     # config.json's "format": tells a pipeline export from an autoencoder export
 
 
 class LatentDiffusionPipeline(nn.Module):

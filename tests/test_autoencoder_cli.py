@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from ldm.cli.common import CONF_DIR
 from ldm.cli.train import train
+from ldm.config import ConfigError
 from ldm.nn.autoencoder import load_autoencoder
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -35,3 +36,16 @@ def test_quickstart_vae_leaves_checkpoint_stats_export_and_wandb_run(shapes_shar
     assert export_stats == stats and model.downsample_factor == 2  # the quickstart KL-f2
     assert list((out / "images" / "train").glob("reconstructions_step*.png"))
     assert list((out / "wandb").glob("offline-run-*/files")), "no offline W&B run directory"
+
+    # its checkpoint given to a run that builds another architecture, or another kind of model: refused by name
+    # before Lightning's restore would fail on the state dict
+    data = [o for o in overrides if o.startswith("data.")]
+    for name, changed, message in (
+            ("narrower", ["experiment=quickstart_vae", "model.net.ch=8"], r"model\.net\.ch: 16 there, 8 here"),
+            ("clip", ["experiment=quickstart_clip"], r"of ldm\.modules\.autoencoder\.AutoencoderModule, but this "
+                                                     r"config trains ldm\.modules\.contrastive\.ContrastiveModule")):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            other = compose(config_name="train", overrides=[*changed, *data, f"paths.output_dir={tmp_path / name}",
+                                                            f"ckpt_path={out}/checkpoints/last.ckpt", "logger=csv"])
+        with pytest.raises(ConfigError, match=message):
+            train(other)

@@ -11,8 +11,13 @@ import torch
 from test_latent_diffusion import CAPTIONS, batch, fit, tiny_autoencoder, tiny_config
 
 from ldm.checkpoints import CheckpointError
+from ldm.conditioning.byte import ByteTextEncoder
+from ldm.config import ConfigError
+from ldm.convert import load_components
+from ldm.data.latents import weights_hash
 from ldm.eval.evaluator import evaluate
 from ldm.modules.latent_diffusion import LatentDiffusionModule
+from ldm.nn.autoencoder import AutoencoderKL, load_autoencoder
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import step_generator
 
@@ -53,6 +58,27 @@ def test_save_pretrained_round_trip_is_exact(trained, tmp_path: Path):
     assert again.config() == pipeline.config()
     for (k, a), (k2, b) in zip(pipeline.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+def test_a_pipeline_export_gives_its_autoencoder_and_an_export_of_the_wrong_kind_is_named(trained, tmp_path: Path):
+    module, ckpt, export = trained
+    for path in (export, ckpt):  # the frozen autoencoder it trained on, and its latent scale
+        autoencoder, stats = load_autoencoder(path)
+        assert stats == {"scale_factor": module.pipeline.latent_scale} == {"scale_factor": 0.8}  # tiny_autoencoder's
+        assert weights_hash(autoencoder) == weights_hash(AutoencoderKL.from_pretrained(tmp_path / "ae"))
+    for path, what in ((export, "a latent diffusion pipeline export"), (ckpt, "a checkpoint of ldm-train's latent "
+                                                                              "diffusion model")):
+        with pytest.raises(ConfigError, match=f"model.init_from=.* is {what}.*, not a Stable Diffusion checkpoint"):
+            load_components(path, key="model.init_from")
+    ByteTextEncoder(width=32, num_layers=1, num_heads=2, max_length=16).save_pretrained(tmp_path / "text")
+    with pytest.raises(ConfigError, match=r"model\.autoencoder_path=.*text holds a byte text encoder export"):
+        load_autoencoder(tmp_path / "text")
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*text holds a byte text encoder export"):
+        AutoencoderKL.from_pretrained(tmp_path / "text", "ckpt_path")
+    with pytest.raises(ConfigError, match=r"name_or_path=.*export holds a latent diffusion pipeline export"):
+        ByteTextEncoder.from_pretrained(export)
+    with pytest.raises(ConfigError, match=r"name_or_path=.*ae holds an autoencoder export"):
+        ByteTextEncoder.from_pretrained(tmp_path / "ae")
 
 
 def test_loss_on_posterior_moments_equals_loss_on_images(tmp_path: Path):

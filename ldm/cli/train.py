@@ -130,6 +130,38 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, auto_resume: bool
     return ckpt_path
 
 
+def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str, model_cfg: DictConfig) -> None:
+    """Refuse, naming the difference, a checkpoint whose weights do not fit `module` (another kind of model, or the
+    same one with another architecture), before Lightning's restore fails on it with a page of state-dict keys."""
+    checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
+    state, own = checkpoint.get("state_dict") or {}, module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if not (missing or unexpected or resized):
+        return
+    advice = "Resume with the config that wrote it, or start afresh in another paths.output_dir (or auto_resume=false)"
+    written = flatten(((checkpoint.get("ldm") or {}).get("config") or {}).get("model") or {}, "model")
+    wanted = flatten(OmegaConf.to_container(model_cfg, resolve=True), "model")
+    if written.get("model._target_") not in (None, wanted.get("model._target_")):
+        raise configs.ConfigError(f"ckpt_path={ckpt_path} is a checkpoint of {written['model._target_']}, but this "
+                                  f"config trains {wanted.get('model._target_')}. {advice}")
+    differing = [f"{k}: {written.get(k)!r} there, {wanted.get(k)!r} here"
+                 for k in sorted(written.keys() | wanted.keys()) if written.get(k) != wanted.get(k)]
+    found = "; ".join(f"{what} {keys[:3]}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                                ("other shapes", resized)) if keys)
+    raise configs.ConfigError(f"ckpt_path={ckpt_path} does not fit the model this config builds ({found}). "
+                              + (f"Its run's model config differs in {differing[:5]}. " if differing else "")
+                              + advice)
+
+
+def flatten(node: Any, prefix: str) -> dict[str, Any]:
+    """{"a.b.c": leaf} for a nested dict."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}.{key}").items()}
+
+
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
     """Close W&B runs with the right exit status and say how to upload offline runs."""
     for logger in loggers:
@@ -259,6 +291,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")
+    if ckpt_path is not None:
+        check_checkpoint_fits(module, ckpt_path, cfg.model)
     apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

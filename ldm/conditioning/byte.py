@@ -19,7 +19,7 @@ from torch import nn
 
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError
-from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_dir, is_export, read_export, save_export
+from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, save_export
 from ldm.nn.attention import TransformerBlock
 
 PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
@@ -112,7 +112,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                               f"experiment=quickstart_clip writes <run>/export), or set it to null to train the "
                               f"encoder from scratch")
         config_dict, state = read_export(path)
-        config = ByteEncoderConfig(**config_dict)
+        config = export_config(path, config_dict, ByteEncoderConfig, config_key)
         if expected is not None:
             prefix = config_key.rpartition(".")[0]
             for key in ("width", "num_layers", "num_heads", "max_length"):

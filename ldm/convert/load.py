@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
 from ldm.config import ConfigError
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
@@ -17,6 +18,7 @@ from ldm.convert.common import StateDict, UnsupportedCheckpointError, read_json,
 from ldm.convert.components import SDComponents, load_tokenizer  # noqa: F401 - re-exported
 from ldm.convert.schedule import schedule_from_diffusers
 from ldm.convert.single_file import load_single_file, read_single_file_autoencoder
+from ldm.io import CONFIG_NAME, export_dir, export_kind
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNetConfig
 
@@ -132,7 +134,7 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
 
 
 def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
-                    prediction: str | None = None, use_ema: bool = False) -> SDComponents:
+                    prediction: str | None = None, use_ema: bool = False, key: str = "path") -> SDComponents:
     """Everything a Stable Diffusion checkpoint holds, in our layout, from any of its forms.
 
     Args:
@@ -141,8 +143,16 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
             pipeline's tokenizer/).
         prediction: for single files that do not record it (see `load_single_file`).
         use_ema: for single files, take the UNet's `model_ema.*` weights (see `load_single_file`).
+        key: the config key that named `path`, for errors.
     """
+    path = Path(path).expanduser()
     layout = detect_layout(path)
+    ours = _our_checkpoint_kind(path) if layout == "single_file" else None
+    if layout == "ours" or ours is not None:
+        what = (export_kind(json.loads((export_dir(path) / CONFIG_NAME).read_text())) if layout == "ours" else
+                f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model")
+        raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
+                          f"folder, a diffusers unet/ or vae/ folder, or a single file)")
     if layout == "pipeline":
         return load_pipeline(path, tokenizer_path)
     if layout == "single_file":
@@ -150,12 +160,9 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
     if layout == "diffusers_unet":
         config, state = load_unet_diffusers(path)
         return SDComponents(unet_config=config, unet_state=state, source=f"diffusers UNet {path}")
-    if layout == "diffusers_vae":
-        config, state, scale = load_autoencoder_diffusers(path)
-        return SDComponents(autoencoder_config=config, autoencoder_state=state, latent_scale=scale,
-                            source=f"diffusers VAE {path}")
-    raise ConfigError(f"{path} is an export of ours, not a Stable Diffusion checkpoint; load it with "
-                      f"ldm.nn.autoencoder.load_autoencoder")
+    config, state, scale = load_autoencoder_diffusers(path)  # layout "diffusers_vae"
+    return SDComponents(autoencoder_config=config, autoencoder_state=state, latent_scale=scale,
+                        source=f"diffusers VAE {path}")
 
 
 def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
@@ -182,7 +189,7 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
                                      f"checkpoint, a diffusers vae/ or pipeline folder, or a Stable Diffusion single "
                                      f"file")
     layout = detect_layout(path)
-    if layout == "ours" or (layout == "single_file" and path.suffix == ".ckpt" and _is_our_checkpoint(path)):
+    if layout == "ours" or (layout == "single_file" and _our_checkpoint_kind(path) is not None):
         model, stats = load_autoencoder(path, key)
         return model, stats, f"{'export' if layout == 'ours' else 'checkpoint'} {path}"
     if layout == "pipeline":
@@ -205,10 +212,11 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
     return model, ({"scale_factor": scale} if scale else None), source
 
 
-def _is_our_checkpoint(path: Path) -> bool:
-    """Whether a .ckpt is an AutoencoderModule checkpoint of ours (it names its `autoencoder_config`)."""
+def _our_checkpoint_kind(path: Path) -> str | None:
+    """"autoencoder" or "latent_diffusion" for a .ckpt that ldm-train wrote, None for any other file."""
+    if path.suffix != ".ckpt":
+        return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - refused by the safe loader: read_state_dict reports it
-        return False
-    return isinstance(obj, dict) and "autoencoder_config" in obj
+        return checkpoint_kind(load_checkpoint(path))
+    except CheckpointError:  # refused by the safe loader, or not ours: read_state_dict reports it
+        return None

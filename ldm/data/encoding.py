@@ -93,7 +93,8 @@ def text_encoder_config(node: dict[str, Any]) -> dict[str, Any]:
     if node.get("kind", "byte") == "byte" and path and is_export(export_dir(path)):
         exported = json.loads((export_dir(path) / "config.json").read_text())
         for key in ("width", "num_layers", "num_heads", "max_length"):
-            node.setdefault(key, exported[key])
+            if key in exported:  # else another kind of export, which ByteTextEncoder.from_pretrained names
+                node.setdefault(key, exported[key])
     return node
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkpoint, submodule_state
-from ldm.io import CONFIG_NAME, export_dir
+from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir
 
 KINDS = ("autoencoder", "latent_diffusion")
 
@@ -50,7 +50,7 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
 
 def load_model(path: str, use_ema: bool = True) -> EvalModel:
     """The model at `path` (read once) with its protocol fields; EMA weights when kept and `use_ema`."""
-    from ldm.pipeline import PIPELINE_FORMAT, LatentDiffusionPipeline
+    from ldm.pipeline import LatentDiffusionPipeline
 
     source = Path(path)
     stat = source.stat()
@@ -65,7 +65,7 @@ def load_model(path: str, use_ema: bool = True) -> EvalModel:
             return _pipeline_model(pipeline, info)
         from ldm.nn.autoencoder import AutoencoderKL
 
-        autoencoder = AutoencoderKL.from_pretrained(directory).eval().requires_grad_(False)
+        autoencoder = AutoencoderKL.from_pretrained(directory, "ckpt_path").eval().requires_grad_(False)
         return EvalModel("autoencoder", autoencoder, {**info, "checkpoint_kind": "autoencoder", "checkpoint_step": -1,
                                                       "weights": "export"})
 
@@ -82,19 +82,6 @@ def load_model(path: str, use_ema: bool = True) -> EvalModel:
     info.update({"checkpoint_kind": kind, "checkpoint_step": int(checkpoint.get("global_step", -1)),
                  "weights": "ema" if ema else "raw"})
     return EvalModel(kind, autoencoder.eval().requires_grad_(False), info)
-
-
-def checkpoint_kind(checkpoint: dict[str, Any], path: str = "checkpoint") -> str:
-    """`latent_diffusion` (a UNet config among the hyperparameters) or `autoencoder` (the AutoencoderModule's own
-    `autoencoder_config` entry)."""
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if isinstance(hparams.get("config"), dict) and "unet" in hparams["config"]:
-        return "latent_diffusion"
-    if "autoencoder_config" in checkpoint:
-        return "autoencoder"
-    prefixes = sorted({key.split(".", 1)[0] for key in checkpoint.get("state_dict", {})})[:8]
-    raise CheckpointError(f"ckpt_path={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
-                          f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
 
 
 def _pipeline_model(pipeline: Any, info: dict[str, Any]) -> EvalModel:

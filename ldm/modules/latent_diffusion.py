@@ -33,8 +33,9 @@ from ldm.seeding import step_generator
 
 @dataclass
 class Config:
-    autoencoder_path: str | None = None    # stage 1's export directory, run directory or .ckpt, or a Stable Diffusion
-    #                                        VAE: diffusers vae/ or pipeline folder, or single file; null: init_from's
+    autoencoder_path: str | None = None    # stage 1's export directory, run directory or .ckpt, a stage-2 export or
+    #                                        .ckpt (its autoencoder), or a Stable Diffusion VAE: diffusers vae/ or
+    #                                        pipeline folder, or single file; null: init_from's
     init_from: str | None = None           # a Stable Diffusion diffusers pipeline folder or single file: its UNet
     #                                        (layout and weights), schedule, prediction and CLIP text encoder replace
     #                                        unet.*, diffusion.schedule / prediction and conditioner.* (printed)
@@ -100,7 +101,7 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     from ldm.convert import load_components
 
     c = config
-    parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer)
+    parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer, key="model.init_from")
     if parts.unet_state is None:
         raise ConfigError(f"model.init_from={c.init_from} holds no UNet ({parts.source}); give a diffusers pipeline "
                           f"folder or a Stable Diffusion single file (a VAE alone goes to model.autoencoder_path)")

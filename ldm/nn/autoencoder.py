@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import ConfigError
-from ldm.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, export_dir, read_export, save_export
+from ldm.io import (
+    CONFIG_NAME,
+    PIPELINE_FORMAT,
+    WEIGHTS_NAME,
+    atomic_write_text,
+    export_config,
+    export_dir,
+    read_export,
+    save_export,
+)
 from ldm.nn.conv import PointwiseConv, Upsample
 
 LATENT_STATS_NAME = "latent_stats.json"
@@ -280,14 +289,19 @@ class AutoencoderKL(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> AutoencoderKL:
-        """Load an autoencoder written by `save_pretrained`."""
+    def from_pretrained(cls, directory: str | Path, key: str = "autoencoder_path") -> AutoencoderKL:
+        """Load an autoencoder written by `save_pretrained`, or the frozen autoencoder of a latent diffusion pipeline
+        export. `key` is the config key that named `directory`, for errors (another kind of export among them)."""
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing: not an export of `save_pretrained`")
+                raise FileNotFoundError(f"{key}={directory}: {name} is missing, so this is no export of "
+                                        f"`save_pretrained`")
         config, state = read_export(directory)
-        model = cls(AutoencoderConfig(**config))
+        if config.get("format") == PIPELINE_FORMAT:
+            config = config["autoencoder"]
+            state = {k.removeprefix("autoencoder."): v for k, v in state.items() if k.startswith("autoencoder.")}
+        model = cls(export_config(directory, config, AutoencoderConfig, key))
         model.load_state_dict(state)
         return model
 
@@ -300,8 +314,9 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
     checkpoint holds any.
 
     Args:
-        path: an export directory (`save_pretrained`), a `.ckpt` of `ldm.modules.autoencoder.AutoencoderModule`, or a
-            run directory whose `export/` holds one.
+        path: an export directory (`save_pretrained`), a `.ckpt` of `ldm.modules.autoencoder.AutoencoderModule`, a
+            latent diffusion pipeline export or checkpoint (its frozen autoencoder and latent scale), or a run
+            directory whose `export/` holds one of these.
         key: the config key that set `path`, named in the error when it does not exist.
     """
     path = Path(path)
@@ -310,17 +325,21 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
                                 f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
     if path.is_dir():
         path = export_dir(path)
-        model = AutoencoderKL.from_pretrained(path)
+        model = AutoencoderKL.from_pretrained(path, key)
         stats_file = path / LATENT_STATS_NAME
-        stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
-        return model, stats
+        if stats_file.exists():
+            return model, json.loads(stats_file.read_text())
+        config = json.loads((path / CONFIG_NAME).read_text())
+        return model, ({"scale_factor": config["latent_scale"]} if config.get("format") == PIPELINE_FORMAT else None)
 
-    from ldm.checkpoints import CheckpointError, load_checkpoint, submodule_state
+    from ldm.checkpoints import checkpoint_kind, load_checkpoint, submodule_state
 
     checkpoint = load_checkpoint(path, key)  # never executes code the file carries
-    if "autoencoder_config" not in checkpoint:
-        raise CheckpointError(f"{key}={path} is not a checkpoint of ldm.modules.autoencoder.AutoencoderModule "
-                              f"(no 'autoencoder_config' entry)")
+    if checkpoint_kind(checkpoint, path, key) == "latent_diffusion":  # the frozen autoencoder it trained on
+        frozen = checkpoint["hyper_parameters"]["frozen"]
+        model = AutoencoderKL(AutoencoderConfig(**frozen["autoencoder_config"]))
+        model.load_state_dict(submodule_state(checkpoint["state_dict"], "pipeline.autoencoder.")[0])
+        return model, {"scale_factor": frozen["latent_scale"]}
     model = AutoencoderKL(AutoencoderConfig(**checkpoint["autoencoder_config"]))
     state, _ = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module.")
     model.load_state_dict(state)
