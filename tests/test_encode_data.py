@@ -183,3 +183,25 @@ def test_ldm_train_refuses_latents_of_another_autoencoder(shapes_shards: Path, e
     assert weights_hash(other) in result.stderr and weights_hash(AutoencoderKL.from_pretrained(encoded / "ae")) in \
         result.stderr and "Traceback" not in result.stderr
     assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):
+    """The autoencoder and the contrastive model train on images, and FID references and autoencoder evaluation read
+    images: latent shards given to them stop the run with one message naming the manifest and the fix."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm.cli.common import CONF_DIR
+    from ldm.cli.train import train
+    from ldm.eval.evaluator import require_image_shards
+
+    for experiment, model in (("quickstart_vae", "the autoencoder"), ("quickstart_clip", "the contrastive")):
+        overrides = [f"experiment={experiment}", *tiny_overrides(shapes_shards, tmp_path / experiment, 2, 2),
+                     f"data.train_shards={encoded}/train/train-*.tar", f"data.val_shards={encoded}/val/val-*.tar"]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        with pytest.raises(ConfigError, match=f"latent shards .*train/manifest.json.*, but {model}.* trains on images"):
+            train(cfg)
+        assert not list((tmp_path / experiment).glob("checkpoints/*.ckpt"))
+    with pytest.raises(ConfigError, match=r"need reference images, but .* are latent shards .*val/manifest\.json"):
+        require_image_shards(str(encoded / "val" / "val-*.tar"), "FID/KID/rFID need reference images")
+    require_image_shards(str(shapes_shards / "val-*.tar"), "FID/KID/rFID need reference images")  # images: no error

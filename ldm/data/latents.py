@@ -165,6 +165,14 @@ def check_same_encoders(a: LatentManifest, b: LatentManifest, key: str) -> None:
                               f"{b.data.get(what)}; encode every split with the same ldm-encode settings")
 
 
+def require_images(datamodule: Any, model: str) -> None:
+    """Raise ConfigError when the datamodule reads latent shards but `model` (named in the message) trains on images."""
+    manifest = getattr(datamodule, "latent_manifest", None)
+    if manifest is not None:
+        raise ConfigError(f"data.train_shards are latent shards (written by ldm-encode: {manifest.path}), but {model} "
+                          f"trains on images; point data.train_shards and data.val_shards at image shards (ldm-data)")
+
+
 def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_path: str,
                    key: str = "model.autoencoder_path", text_encoder_hash: str | None = None) -> None:
     """Raise ConfigError unless `manifest` was encoded by the autoencoder (and text encoder) the model uses.

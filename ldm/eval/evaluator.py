@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 import ldm
 from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.data.latents import find_manifest
 from ldm.data.shardlist import local_shards
 from ldm.distributed import choose_device, rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures, clip_identity, clip_loader, resolve_inception_weights
@@ -154,6 +155,7 @@ class Evaluator:
     def reference(self, shards: Any, resolution: int, num_samples: int | None) -> ReferenceStats:
         if shards is None:
             raise ConfigError("FID/KID/rFID need reference images: set val_shards (or reference_shards)")
+        require_image_shards(shards, "FID/KID/rFID need reference images")
         key = (json.dumps(shards, default=str), resolution, num_samples)
         if key not in self._references:
             self._references[key] = load_or_compute_reference_stats(
@@ -263,6 +265,7 @@ class Evaluator:
         shards = cfg.val_shards
         if shards is None:
             raise ConfigError("an autoencoder checkpoint is evaluated on val_shards; set val_shards=DIR_OR_GLOB")
+        require_image_shards(shards, "an autoencoder is evaluated on images")
         resolution = cfg.resolution or int(model.config.resolution)
         model = model.to(self.device)
         protocol: dict[str, Any] = {}
@@ -290,6 +293,15 @@ class Evaluator:
         metrics = scorer.compute()
         return [{**info, "num_samples": seen, "resolution": resolution,
                  **self.protocol(), "data_shards": shards, **protocol, **metrics}]
+
+
+def require_image_shards(shards: Any, why: str) -> None:
+    """Raise ConfigError, saying `why` images are needed, when `shards` are latent shards (a manifest beside them)."""
+    manifest = find_manifest(local_shards(shards), "val_shards")
+    if manifest is not None:
+        raise ConfigError(f"{why}, but the shards {shards[:2] if isinstance(shards, list) else shards} are latent "
+                          f"shards (written by ldm-encode: {manifest.path}); set reference_shards (for FID/KID) or "
+                          f"val_shards to the image shards they were encoded from")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.data.latents import require_images
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
@@ -123,6 +124,9 @@ class AutoencoderModule(L.LightningModule):
         discriminator step goes through `Strategy.optimizer_step` (public) instead, so global_step counts batches.
         """
         self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def on_fit_start(self) -> None:
+        require_images(self.trainer.datamodule, "the autoencoder")
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_ae, opt_disc = self.optimizers()

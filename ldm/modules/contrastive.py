@@ -28,6 +28,7 @@ from torch import nn
 
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.data.latents import require_images
 from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
@@ -117,6 +118,9 @@ class ContrastiveModule(L.LightningModule):
         image, text = self.embed(batch[self.config.image_key], list(batch[self.config.caption_key]))
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
                                 self.logit_scale)
+
+    def on_fit_start(self) -> None:
+        require_images(self.trainer.datamodule, "the contrastive text-image model")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
