@@ -9,13 +9,14 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from scale_helpers import REPO, cli_env, compose_train, tiny_overrides
 from test_config import _missing_keys
 
 from ldm import config as configs
-from ldm.cli.common import CONF_DIR
+from ldm.cli.common import CONF_DIR, check_trainer
 from ldm.cli.train import build_trainer, instantiate_callbacks, train
 from ldm.data.datamodule import WebDataModule
 from ldm.modules.latent_diffusion import LatentDiffusionModule
@@ -57,6 +58,18 @@ def test_every_trainer_config_composes(trainer):
         assert cfg.trainer.precision == "bf16-mixed"
     if trainer in ("ddp", "ddp_cpu", "fsdp"):
         hydra.utils.instantiate(cfg.trainer.strategy)  # the strategy's arguments are valid
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
+    """`ldm-train trainer=gpu` (or ddp / fsdp) copied to a CPU machine stops before anything is built or printed."""
+    node = compose_train([f"trainer={trainer}", "paths.output_dir=/tmp/unused"]).trainer
+    if node.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        with pytest.raises(configs.ConfigError, match=f"trainer.accelerator={node.accelerator} but torch sees no "
+                                                      f"CUDA GPU on this machine; use trainer=cpu"):
+            check_trainer(node)
+    else:
+        check_trainer(node)
 
 
 @pytest.mark.parametrize("launcher", ["local", "slurm"])

@@ -206,8 +206,15 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 }
 
 
-def check_trainer_numbers(trainer: DictConfig | dict[str, Any] | None) -> None:
-    """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range."""
+def check_trainer(trainer: DictConfig | dict[str, Any] | None) -> None:
+    """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, or when the
+    accelerator is a GPU that torch does not see (a GPU command run on a CPU machine)."""
+    import torch
+
+    accelerator = (trainer or {}).get("accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but torch sees no CUDA GPU on this machine; use "
+                          f"trainer=cpu, or trainer=ddp_cpu for several CPU processes")
     for key, value in (trainer or {}).items():
         if key not in TRAINER_NUMBERS or value is None:
             continue
