@@ -70,7 +70,7 @@ def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint",
         return "latent_diffusion"
     if "autoencoder_config" in checkpoint:
         return "autoencoder"
-    prefixes = sorted({key.split(".", 1)[0] for key in checkpoint.get("state_dict", {})})[:8]
+    prefixes = sorted({name.split(".", 1)[0] for name in checkpoint.get("state_dict", {})})[:8]
     raise CheckpointError(f"{key}={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
                           f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
 
