@@ -66,6 +66,10 @@ def test_a_pipeline_export_gives_its_autoencoder_and_an_export_of_the_wrong_kind
         autoencoder, stats = load_autoencoder(path)
         assert stats == {"scale_factor": module.pipeline.latent_scale} == {"scale_factor": 0.8}  # tiny_autoencoder's
         assert weights_hash(autoencoder) == weights_hash(AutoencoderKL.from_pretrained(tmp_path / "ae"))
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match=r"model\.autoencoder_path=.*foreign\.ckpt: cannot tell what this "
+                                              r"checkpoint holds \(state dict prefixes \['encoder'\]\)"):
+        load_autoencoder(tmp_path / "foreign.ckpt")
     for path, what in ((export, "a latent diffusion pipeline export"), (ckpt, "a checkpoint of ldm-train's latent "
                                                                               "diffusion model")):
         with pytest.raises(ConfigError, match=f"model.init_from=.* is {what}.*, not a Stable Diffusion checkpoint"):
