@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline, offline, on CPU, in 8-18 minutes on 2 cores (the measured times, stage by stage and against the
+# The whole pipeline, offline, on CPU, in 8-19 minutes on 2 cores (the measured times, stage by stage and against the
 # quickstart before it trained on latents, are in the README's Quick start; `make quickstart` puts the venv on PATH):
 #   1. ldm-data:   4000 + 200 captioned `shapes` images at 32 px as WebDataset shards: one large shape in the centre,
 #                  drawn 1.7 times the default size (22 px across, so a star, a hexagon and a circle differ by
