@@ -132,6 +132,21 @@ class StepRecorder(L.Callback):
             json.dumps({"steps": self.steps, "weights": weights}))
 
 
+class GradNormProbe(L.Callback):
+    """Append the total norm of the trainable parameters' gradients after each step (what the optimizer stepped
+    with, clipping included) to `<dirpath>/grad-norms.json`."""
+
+    def __init__(self, dirpath: str):
+        self.path = Path(dirpath) / "grad-norms.json"
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        grads = [p.grad.double() for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        self.path.write_text(json.dumps(self.norms))
+
+
 class NoiseProbe(L.Callback):
     """Record the (seed, rank, step) the module asks `step_generator` for, and a fingerprint of that noise."""
 

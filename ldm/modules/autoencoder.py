@@ -25,7 +25,7 @@ from ldm.data.latents import require_images
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
+from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
 
@@ -103,17 +103,20 @@ class AutoencoderModule(L.LightningModule):
         if c.loss.learn_logvar:
             ae_params.append(self.loss.logvar)
         disc_params = list(self.loss.discriminator.parameters())
-        opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas), fused=fusable(ae_params))
-        opt_disc = torch.optim.Adam(disc_params, lr=c.disc_lr or c.lr, betas=tuple(c.betas), fused=fusable(disc_params))
+        precision = self.trainer.precision
+        opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas), fused=fusable(ae_params, precision))
+        opt_disc = torch.optim.Adam(disc_params, lr=c.disc_lr or c.lr, betas=tuple(c.betas),
+                                    fused=fusable(disc_params, precision))
         rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps "
                        f"then {c.lr_schedule}, GAN from step {c.loss.disc_start}")
         schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
         return [opt_ae, opt_disc], [{"scheduler": schedule, "interval": "step", "name": "lr/autoencoder"}]
 
-    def _clip(self, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """`model.grad_clip` for either optimizer, inside its step: after Lightning unscaled fp16 gradients."""
         if self.config.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.config.grad_clip, gradient_clip_algorithm="norm")
+            clip_gradients(self, optimizer, self.config.grad_clip)
 
     def _step_uncounted(self, optimizer: LightningOptimizer) -> None:
         """Step `optimizer` through the strategy (precision plugin, AMP scaler, `on_before_optimizer_step` hooks such
@@ -140,7 +143,6 @@ class AutoencoderModule(L.LightningModule):
         ae_loss, log = self.loss.generator_step(x, x_rec, posterior, step, last_layer=self.autoencoder.last_layer)
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(ae_loss)
-        self._clip(opt_ae)
         opt_ae.step()
         self.lr_schedulers().step()
         if self.ema is not None:
@@ -151,7 +153,6 @@ class AutoencoderModule(L.LightningModule):
         if self.loss.disc_active(step):
             opt_disc.zero_grad(set_to_none=True)  # note: also drops the generator loss's gradients on D
             self.manual_backward(d_loss)
-            self._clip(opt_disc)
             self._step_uncounted(opt_disc)
 
         self.log_dict({f"train/{k}": v for k, v in {**log, **d_log}.items()}, on_step=True, on_epoch=False,

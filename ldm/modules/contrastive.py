@@ -29,7 +29,7 @@ from torch import nn
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.data.latents import require_images
-from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
+from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
 
@@ -140,11 +140,17 @@ class ContrastiveModule(L.LightningModule):
         c = self.config
         params = list(self.parameters())
         optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
-                                      fused=fusable(params))
+                                      fused=fusable(params, self.trainer.precision))
         schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
         scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """`trainer.gradient_clip_val` (and `_algorithm`) in every strategy and precision (`clip_gradients`)."""
+        if gradient_clip_val:
+            clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def compile_networks(self) -> None:
         """`compile: true`: both towers."""

@@ -24,7 +24,7 @@ from ldm.convert import load_autoencoder_any
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import LR_SCHEDULES, fusable, lr_scheduler
+from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
@@ -254,7 +254,7 @@ class LatentDiffusionModule(L.LightningModule):
         unet, conditioner = self.pipeline.unet, self.pipeline.conditioner
         params = list(unet.parameters()) + [p for p in conditioner.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
-                                      fused=fusable(params))
+                                      fused=fusable(params, self.trainer.precision))
         rank_zero_info(f"AdamW lr {c.lr} (warmup {c.warmup_steps} steps, then {c.lr_schedule}), "
                        f"{sum(p.numel() for p in params):,} trainable parameters "
                        f"(UNet {sum(p.numel() for p in unet.parameters()):,}; "
@@ -263,6 +263,12 @@ class LatentDiffusionModule(L.LightningModule):
                                 c.lr_decay_steps)
         scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """`trainer.gradient_clip_val` (and `_algorithm`) in every strategy and precision (`clip_gradients`)."""
+        if gradient_clip_val:
+            clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ validation and samples
 
