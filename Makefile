@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # The machine-wide pip config may point at a local CPU-only torch wheel that breaks torchvision: take the registry's.
 PIP := PIP_FIND_LINKS= $(PY) -m pip
 
-.PHONY: install quickstart test test-all lint clean
+.PHONY: install quickstart test test-all test-gpu lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m ""
+
+# The GPU path (bf16 / fp16 training of both stages, compile, flash attention, DDP / FSDP, encoding, sampling) on a
+# CUDA machine; then `$(PY) benchmarks/gpu.py` for the SD 1.5 UNet's figures.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu tests/test_gpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ldm tests
