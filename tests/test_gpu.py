@@ -9,6 +9,7 @@ process starts and compilation). `python benchmarks/gpu.py` then measures the SD
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def test_compile_runs_and_matches_eager(ldm_run, shapes_shards: Path, autoencode
 
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
 def test_ddp_and_fsdp_on_one_node(trainer, ldm_run, shapes_shards: Path, autoencoder: Path, tmp_path: Path):
-    """Every GPU of the node (at most 2), NCCL; the checkpoint is a full one, as a one-GPU run writes it."""
-    devices = min(2, torch.cuda.device_count())
+    """DDP on every GPU of the node (at most 2), NCCL; FSDP on one process (ldm-train refuses more). The checkpoint
+    is a full one, as a one-GPU run writes it."""
+    devices = min(2, torch.cuda.device_count()) if trainer == "ddp" else 1
     run = tmp_path / "run"
     result = run_cli(ldm_overrides(shapes_shards, run, autoencoder, steps=2, trainer=trainer)
                      + [f"trainer.devices={devices}"], timeout=900)
@@ -133,9 +135,11 @@ def test_the_autoencoder_and_its_discriminator_train_in_bf16(shapes_shards: Path
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("model", ["autoencoder", "ldm"])
 def test_gradients_are_clipped_in_mixed_precision(model, precision, shapes_shards: Path, tmp_path: Path):
-    """Fused Adam in bf16; under fp16 (GradScaler) unfused, so that the gradients are unscaled before clipping."""
+    """Fused Adam in bf16; under fp16 (GradScaler) unfused, so that the gradients are unscaled before clipping. A step
+    whose fp16 gradients overflowed is the scaler's to skip (its gradients are not finite)."""
     norms = clipped_grad_norms(model, shapes_shards, tmp_path, precision, trainer="gpu")
-    assert norms == pytest.approx([1e-4] * 3, rel=1e-3)
+    stepped = [n for n in norms if math.isfinite(n)]
+    assert len(norms) == 3 and len(stepped) >= 2 and stepped == pytest.approx([1e-4] * len(stepped), rel=1e-3)
 
 
 def test_the_unets_attention_runs_on_the_flash_kernel():

@@ -72,6 +72,23 @@ def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
         check_trainer(node)
 
 
+@pytest.mark.parametrize(("devices", "num_nodes", "refused"), [(1, 1, False), (2, 1, True), ([0, 1], 1, True),
+                                                             (1, 4, True)])
+def test_fsdp_over_several_processes_is_refused_before_anything_is_built(devices, num_nodes, refused):
+    """The EMA and the export read parameters that FSDP keeps sharded outside its forward: one process or DDP."""
+    node = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
+    node.accelerator, node.devices, node.num_nodes = "cpu", devices, num_nodes  # the GPU check is not the one here
+    if refused:
+        with pytest.raises(configs.ConfigError, match=r"trainer=fsdp over \d+ processes is not supported yet: .* use "
+                                                      r"trainer=ddp$"):
+            check_trainer(node)
+    else:
+        check_trainer(node)
+    ddp = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
+    ddp.devices, ddp.num_nodes = devices, num_nodes
+    check_trainer(ddp)
+
+
 @pytest.mark.parametrize("launcher", ["local", "slurm"])
 def test_launcher_configs_compose(launcher):
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

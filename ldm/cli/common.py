@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.config import ConfigError
@@ -207,15 +207,17 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 
 
 def check_trainer(trainer: DictConfig | dict[str, Any] | None) -> None:
-    """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, or when the
-    accelerator is a GPU that torch does not see (a GPU command run on a CPU machine)."""
+    """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
+    accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), or when FSDP would run over
+    several processes."""
     import torch
 
-    accelerator = (trainer or {}).get("accelerator")
+    trainer = trainer or {}
+    accelerator = trainer.get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but torch sees no CUDA GPU on this machine; use "
                           f"trainer=cpu, or trainer=ddp_cpu for several CPU processes")
-    for key, value in (trainer or {}).items():
+    for key, value in trainer.items():
         if key not in TRAINER_NUMBERS or value is None:
             continue
         types, minimum = TRAINER_NUMBERS[key]
@@ -225,6 +227,28 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None) -> None:
                               f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, (dict, DictConfig)) else str(strategy or "")
+    if "fsdp" not in target.lower():
+        return
+    processes = _process_count(trainer.get("devices"), accelerator) * int(trainer.get("num_nodes") or 1)
+    if processes > 1:
+        raise ConfigError(f"trainer=fsdp over {processes} processes is not supported yet: the EMA update after each "
+                          f"step and the export at the end read the networks' parameters outside FSDP's forward, "
+                          f"where each process holds only its shard; use trainer=ddp")
+
+
+def _process_count(devices: Any, accelerator: str | None) -> int:
+    """Processes per node for Lightning's `devices` (a count, a list of indices, or auto / -1: every visible GPU)."""
+    import torch
+
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if str(devices) in ("auto", "-1") and accelerator in ("gpu", "cuda", "auto"):
+        return max(torch.cuda.device_count(), 1)
+    return 1
 
 
 def check_nodes(cfg: DictConfig, keys: tuple[str, ...]) -> None:
