@@ -1,6 +1,6 @@
-"""The GPU path on a CUDA GPU: both stages trained in bf16-mixed through `ldm-train` (throughput line with MFU and
-peak memory, exact resume), `compile=true`, the flash-attention kernel, our UNet against diffusers', DDP and FSDP on
-one node, `ldm-encode` and `ldm-sample` on the device.
+"""The GPU path on a CUDA GPU: both stages trained through `ldm-train` in bf16-mixed (throughput line with MFU and
+peak memory, exact resume) and with gradient clipping in bf16- and fp16-mixed, `compile=true`, the flash-attention
+kernel, our UNet against diffusers', DDP and FSDP on one node, `ldm-encode` and `ldm-sample` on the device.
 
 Skipped where torch sees no CUDA GPU (CI has none); `make test-gpu` runs them (tiny models: a few minutes, most of it
 process starts and compilation). `python benchmarks/gpu.py` then measures the SD 1.5 UNet (benchmarks/RESULTS.md).
