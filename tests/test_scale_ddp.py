@@ -47,3 +47,22 @@ def test_ddp_cpu_latent_diffusion_noise_per_rank_and_nan_guard(shapes_shards, tm
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # written at step 3, not overwritten when the guard stopped at step 6
     assert len(last["callbacks"]["RngState"]["per_rank"]) == 2
+
+
+def test_ddp_cpu_autoencoder_with_its_discriminator_stays_in_sync(shapes_shards, tmp_path):
+    """Two backward passes per batch (autoencoder, then discriminator) under DDP: ldm-train turns on DDP's search for
+    unused parameters, which it would otherwise stop at the second step for; the ranks' weights stay equal."""
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=3, every=3) if o != "trainer=cpu"]
+    result = run_cli(overrides + [
+        "trainer=ddp_cpu", "data.batch_size=2", "model.net.ch=16", "model.loss.disc_start=1",
+        "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
+    ], env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainer.strategy.find_unused_parameters=true: AutoencoderModule" in result.stdout + result.stderr
+    ranks = [load_json(out / "record" / f"steps-rank{r}.json")["steps"] for r in (0, 1)]
+    assert sorted(int(k) for k in ranks[0]) == [1, 2, 3]
+    for step in ("1", "2", "3"):
+        assert ranks[0][step]["weights"] == ranks[1][step]["weights"]
+    assert ranks[0]["3"]["weights"] != ranks[0]["2"]["weights"]
+    assert ranks[0]["3"]["train/d_loss"] > 0  # the discriminator trained from step 1

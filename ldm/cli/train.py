@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm import __version__
 from ldm import config as configs
@@ -190,6 +190,22 @@ def apply_backend_switches(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
 
 
+def apply_ddp_needs(cfg: DictConfig) -> None:
+    """`trainer.strategy.find_unused_parameters=true` under DDP when the model's class says its training step leaves
+    parameters without gradients (`ddp_find_unused_parameters`, e.g. a GAN's two backward passes): with false DDP
+    stops at the second step ("parameters that were not used in producing the loss")."""
+    strategy = cfg.trainer.get("strategy")
+    target = cfg.model.get("_target_")
+    if not isinstance(strategy, DictConfig) or not str(strategy.get("_target_", "")).endswith("DDPStrategy") \
+            or strategy.get("find_unused_parameters") or not target:
+        return
+    if getattr(hydra.utils.get_class(target), "ddp_find_unused_parameters", False):
+        with open_dict(strategy):
+            strategy.find_unused_parameters = True
+        rank_zero_info(f"trainer.strategy.find_unused_parameters=true: {target.rsplit('.', 1)[-1]} leaves "
+                       f"parameters without gradients in some backward passes")
+
+
 def apply_module_switches(module: L.LightningModule, cfg: DictConfig) -> None:
     """`channels_last` converts the module's 4-D weights; `compile` compiles the trainable network in place.
 
@@ -285,6 +301,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     apply_backend_switches(cfg)
+    apply_ddp_needs(cfg)
     print_config_tree(cfg, order=("experiment", "model", "data", "trainer", "logger", "callbacks", "paths"))
     save_config(cfg, output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, auto_resume=bool(cfg.get("auto_resume")))

@@ -61,6 +61,10 @@ class AutoencoderModule(L.LightningModule):
     """
 
     Config = Config
+    # Each batch runs two backward passes (manual optimization): the autoencoder's leaves the discriminator without
+    # gradients before disc_start, and the discriminator's always leaves the autoencoder without. DDP must look for
+    # unused parameters; ldm-train sets trainer.strategy.find_unused_parameters=true for such a module.
+    ddp_find_unused_parameters = True
 
     def __init__(self, config: Config | dict[str, Any]):
         super().__init__()
