@@ -24,15 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def tiny_overrides(shards: Path, output_dir: Path, max_steps: int, every: int) -> list[str]:
-    """A few CPU steps of the tiny autoencoder on the shapes shards, validation and checkpoints every `every` steps."""
+def tiny_overrides(shards: Path, output_dir: Path, max_steps: int, every: int, trainer: str = "cpu") -> list[str]:
+    """A few steps of the tiny autoencoder on the shapes shards, validation and checkpoints every `every` steps, with
+    the `trainer` config group (cpu; ddp_cpu, or gpu / ddp / fsdp in tests/test_gpu.py)."""
     return [
         f"paths.output_dir={output_dir}",
         f"data.train_shards={shards}/train-*.tar",
         f"data.val_shards={shards}/val-*.tar",
         "data.batch_size=4",
         "data.num_workers=0",
-        "trainer=cpu",
+        f"trainer={trainer}",
         f"trainer.max_steps={max_steps}",
         f"trainer.val_check_interval={every}",
         "trainer.limit_val_batches=1",

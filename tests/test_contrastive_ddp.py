@@ -9,9 +9,9 @@ from scale_helpers import load_json, run_cli, tiny_overrides
 
 def test_ddp_cpu_contrastive_gathers_the_global_batch(shapes_shards, tmp_path):
     out = tmp_path / "run"
-    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=3, every=3) if o != "trainer=cpu"]
+    overrides = tiny_overrides(shapes_shards, out, max_steps=3, every=3, trainer="ddp_cpu")
     result = run_cli(overrides + [
-        "experiment=quickstart_clip", "trainer=ddp_cpu", "data.batch_size=4", "data.val_batch_size=4",
+        "experiment=quickstart_clip", "data.batch_size=4", "data.val_batch_size=4",
         "model.text.num_layers=1",
         "+callbacks.gather._target_=scale_helpers.GatherProbe", f"+callbacks.gather.dirpath={out}/record",
         "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",

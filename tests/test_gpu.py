@@ -33,11 +33,6 @@ PROMPTS = ("[a large red circle in the center on a white background, "
            "a large blue square in the center on a black background]")
 
 
-def on_gpu(overrides: list[str], trainer: str = "gpu") -> list[str]:
-    """`overrides` with trainer=cpu replaced by a GPU trainer config (gpu, ddp or fsdp; all bf16-mixed)."""
-    return [f"trainer={trainer}" if o == "trainer=cpu" else o for o in overrides]
-
-
 def train_losses(run: Path) -> dict[int, float]:
     """{step: train/loss} from a run's metrics.csv."""
     with open(run / "csv" / "metrics.csv", newline="") as f:
@@ -57,8 +52,8 @@ def ldm_overrides(shards: Path, run: Path, autoencoder: Path, steps: int, every:
                   trainer: str = "gpu") -> list[str]:
     """`steps` steps of the tiny LDM, validation (2 sampling steps) and a checkpoint every `every` (default: at the
     end)."""
-    return on_gpu(tiny_overrides(shards, run, max_steps=steps, every=every or steps) + tiny_ldm_overrides(autoencoder)
-                  + ["model.val_num_steps=2"], trainer)
+    return tiny_overrides(shards, run, max_steps=steps, every=every or steps, trainer=trainer) + \
+        tiny_ldm_overrides(autoencoder) + ["model.val_num_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +118,7 @@ def test_ddp_and_fsdp_on_one_node(trainer, ldm_run, shapes_shards: Path, autoenc
 
 def test_the_autoencoder_and_its_discriminator_train_in_bf16(shapes_shards: Path, tmp_path: Path):
     run = tmp_path / "run"
-    result = run_cli(on_gpu(tiny_overrides(shapes_shards, run, max_steps=4, every=4))
+    result = run_cli(tiny_overrides(shapes_shards, run, max_steps=4, every=4, trainer="gpu")
                      + ["model.loss.disc_start=2", "channels_last=true"])
     assert result.returncode == 0, result.stderr[-3000:]
     with open(run / "csv" / "metrics.csv", newline="") as f:

@@ -15,9 +15,9 @@ from scale_helpers import load_json, run_cli, tiny_autoencoder_export, tiny_ldm_
 def test_ddp_cpu_latent_diffusion_noise_per_rank_and_nan_guard(shapes_shards, tmp_path):
     out = tmp_path / "run"
     autoencoder = tiny_autoencoder_export(tmp_path / "ae")
-    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=8, every=3) if o != "trainer=cpu"]
+    overrides = tiny_overrides(shapes_shards, out, max_steps=8, every=3, trainer="ddp_cpu")
     result = run_cli(overrides + tiny_ldm_overrides(autoencoder) + [
-        "trainer=ddp_cpu", "data.batch_size=2", "callbacks.nan_guard.max_consecutive=2",
+        "data.batch_size=2", "callbacks.nan_guard.max_consecutive=2",
         # a NaN batch on rank 1 only, at step 1 (skipped alone) and at steps 4 and 5 (two in a row: stop)
         "+callbacks.nan._target_=scale_helpers.NanInjector", "+callbacks.nan.steps=[1,4,5]", "+callbacks.nan.ranks=[1]",
         "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
@@ -53,9 +53,9 @@ def test_ddp_cpu_autoencoder_with_its_discriminator_stays_in_sync(shapes_shards,
     """Two backward passes per batch (autoencoder, then discriminator) under DDP: ldm-train turns on DDP's search for
     unused parameters, which it would otherwise stop at the second step for; the ranks' weights stay equal."""
     out = tmp_path / "run"
-    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=3, every=3) if o != "trainer=cpu"]
+    overrides = tiny_overrides(shapes_shards, out, max_steps=3, every=3, trainer="ddp_cpu")
     result = run_cli(overrides + [
-        "trainer=ddp_cpu", "data.batch_size=2", "model.net.ch=16", "model.loss.disc_start=1",
+        "data.batch_size=2", "model.net.ch=16", "model.loss.disc_start=1",
         "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
     ], env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -174,8 +174,7 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
 def clipped_grad_norms(model: str, shards: Path, tmp_path: Path, precision: str, trainer: str = "cpu") -> list[float]:
     """The gradient norm after each of 3 steps of the tiny autoencoder or LDM clipped to a norm of 1e-4, far below
     their gradients' norm."""
-    overrides = [f"trainer={trainer}" if o == "trainer=cpu" else o
-                 for o in tiny_overrides(shards, tmp_path / "run", max_steps=3, every=3)] + [
+    overrides = tiny_overrides(shards, tmp_path / "run", max_steps=3, every=3, trainer=trainer) + [
         f"trainer.precision={precision}",
         "+callbacks.grad_norms._target_=scale_helpers.GradNormProbe", f"+callbacks.grad_norms.dirpath={tmp_path}"]
     if model == "ldm":
