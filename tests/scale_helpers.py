@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,6 +62,16 @@ def tiny_ldm_overrides(autoencoder: Path) -> list[str]:
         "model.unet.attention_levels=[1]", "model.conditioner.width=32", "model.conditioner.num_layers=1",
         "model.conditioner.num_heads=2",
     ]
+
+
+def frozen_text_encoder_overrides(directory: Path) -> list[str]:
+    """A random byte text encoder shaped as `tiny_ldm_overrides`' one, saved to `directory`, and the overrides that
+    condition the tiny LDM on it frozen (as a pretrained encoder is) instead of training a new one."""
+    from ldm.conditioning import ByteTextEncoder
+
+    torch.manual_seed(0)
+    encoder = ByteTextEncoder(width=32, num_layers=1, num_heads=2, max_length=72).save_pretrained(directory)
+    return [f"model.conditioner.name_or_path={encoder}", "model.conditioner.trainable=false"]
 
 
 def compose_train(overrides: Sequence[str]) -> DictConfig:
@@ -224,3 +235,42 @@ class GatherProbe(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / f"gather-rank{trainer.global_rank}.json").write_text(json.dumps(
             {"gathered": gathered.detach().flatten().tolist(), "grad": mine.grad.flatten().tolist()}))
+
+
+class CpuFSDPStrategy(L.pytorch.strategies.FSDPStrategy):
+    """Lightning's FSDP strategy on CPU processes (gloo), to test sharded training without GPUs.
+
+    note: three things differ from `trainer=fsdp` on GPUs, none in our code. Lightning refuses `FSDPStrategy` itself
+    without a GPU accelerator (a subclass passes its check); torch's FSDP wants `device_id=cpu` spelled out on a
+    machine without an accelerator; and torch's full optimizer state dict (torch 2.14, `_allgather_orig_param_states`)
+    gathers every state (exp_avg, exp_avg_sq) into one reused buffer and keeps views of it, relying on `.cpu()` to copy
+    them, which it does from a GPU but not on the CPU: every state would read as the last one gathered. The states are
+    copied here before the next gather overwrites them, as `.cpu()` does on a GPU.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        from torch.distributed.fsdp import _optim_utils
+
+        unflatten = _optim_utils._unflatten_orig_param_states
+        if getattr(unflatten, "copies_states", False):
+            return
+
+        def copying(fsdp_param_info, output_states, state_name, *rest):
+            for states in output_states.values():
+                if isinstance(states.get(state_name), torch.Tensor):
+                    states[state_name] = states[state_name].clone()
+            return unflatten(fsdp_param_info, output_states, state_name, *rest)
+
+        copying.copies_states = True
+        _optim_utils._unflatten_orig_param_states = copying
+
+    @contextlib.contextmanager
+    def model_sharded_context(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import enable_wrap
+
+        with enable_wrap(wrapper_cls=FullyShardedDataParallel, cpu_offload=self.cpu_offload,
+                         mixed_precision=self.mixed_precision_config, sharding_strategy=self.sharding_strategy,
+                         device_id=torch.device("cpu"), **self.kwargs):
+            yield

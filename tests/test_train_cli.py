@@ -72,21 +72,24 @@ def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
         check_trainer(node)
 
 
-@pytest.mark.parametrize(("devices", "num_nodes", "refused"), [(1, 1, False), (2, 1, True), ([0, 1], 1, True),
-                                                             (1, 4, True)])
-def test_fsdp_over_several_processes_is_refused_before_anything_is_built(devices, num_nodes, refused):
-    """The EMA and the export read parameters that FSDP keeps sharded outside its forward: one process or DDP."""
+@pytest.mark.parametrize(("devices", "num_nodes", "processes"), [(1, 1, 1), (2, 1, 2), ([0, 1], 1, 2), (1, 4, 4)])
+def test_fsdp_over_several_processes_is_refused_for_models_that_do_not_shard(devices, num_nodes, processes):
+    """The latent diffusion model shards its UNet (tests/test_scale_fsdp.py); the autoencoder and the contrastive
+    encoder read parameters that FSDP keeps sharded outside its forward: one process, or DDP."""
     node = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
     node.accelerator, node.devices, node.num_nodes = "cpu", devices, num_nodes  # the GPU check is not the one here
-    if refused:
-        with pytest.raises(configs.ConfigError, match=r"trainer=fsdp over \d+ processes is not supported yet: .* use "
-                                                      r"trainer=ddp$"):
-            check_trainer(node)
-    else:
-        check_trainer(node)
+    check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")
+    for model in ("ldm.modules.autoencoder.AutoencoderModule", "ldm.modules.contrastive.ContrastiveModule"):
+        if processes == 1:
+            check_trainer(node, model)
+            continue
+        name = model.rsplit(".", 1)[-1]
+        with pytest.raises(configs.ConfigError, match=rf"^trainer=fsdp over {processes} processes is not supported "
+                                                      rf"for {name} .* use trainer=ddp$"):
+            check_trainer(node, model)
     ddp = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
     ddp.devices, ddp.num_nodes = devices, num_nodes
-    check_trainer(ddp)
+    check_trainer(ddp, "ldm.modules.autoencoder.AutoencoderModule")
 
 
 @pytest.mark.parametrize("launcher", ["local", "slurm"])

@@ -13,13 +13,14 @@ import lightning as L
 import torch
 import torchvision
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
 
 from ldm.images import make_grid
 
 
 class ImageLogger(L.Callback):
-    """Calls `pl_module.log_images(batch)` on rank zero every `every_n_steps` steps and on the first validation batch.
+    """Calls `pl_module.log_images(batch)` on rank zero (on every rank under FSDP) every `every_n_steps` steps and on
+    the first validation batch.
 
     Args:
         save_dir: where the PNGs go (the train configs use `${paths.output_dir}/images`).
@@ -35,15 +36,19 @@ class ImageLogger(L.Callback):
         self.log_on_validation = log_on_validation
         self.nrow = nrow
 
-    @rank_zero_only
     def log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
-        if not hasattr(pl_module, "log_images"):
+        # note: under FSDP the networks are sharded, so every rank runs them (each forward gathers the shards) and
+        # rank zero writes; otherwise rank zero alone runs them.
+        sharded = isinstance(trainer.strategy, FSDPStrategy)
+        if not hasattr(pl_module, "log_images") or not (trainer.is_global_zero or sharded):
             return
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             images = pl_module.log_images(batch)
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
 
         step = trainer.global_step
         out = self.save_dir / split

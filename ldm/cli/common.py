@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -206,10 +207,12 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 }
 
 
-def check_trainer(trainer: DictConfig | dict[str, Any] | None) -> None:
+def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None) -> None:
     """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
     accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), or when FSDP would run over
-    several processes."""
+    several processes for a module (`model_target`, its class path) that does not shard itself: one without a true
+    `fsdp_shards` class attribute reads its networks' parameters outside FSDP's forward, where each process holds only
+    its shard."""
     import torch
 
     trainer = trainer or {}
@@ -232,10 +235,11 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None) -> None:
     if "fsdp" not in target.lower():
         return
     processes = _process_count(trainer.get("devices"), accelerator) * int(trainer.get("num_nodes") or 1)
-    if processes > 1:
-        raise ConfigError(f"trainer=fsdp over {processes} processes is not supported yet: the EMA update after each "
-                          f"step and the export at the end read the networks' parameters outside FSDP's forward, "
-                          f"where each process holds only its shard; use trainer=ddp")
+    if processes > 1 and not (model_target and getattr(get_class(model_target), "fsdp_shards", False)):
+        name = (model_target or "this model").rsplit(".", 1)[-1]
+        raise ConfigError(f"trainer=fsdp over {processes} processes is not supported for {name} (only the latent "
+                          f"diffusion model shards itself; this one reads its networks' parameters outside FSDP's "
+                          f"forward, where each process holds only its shard); use trainer=ddp")
 
 
 def _process_count(devices: Any, accelerator: str | None) -> int:

@@ -6,7 +6,11 @@ and available to `load_from_checkpoint` without a callback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
@@ -15,3 +19,15 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     ema.requires_grad_(False)
     return ema
+
+
+@contextlib.contextmanager
+def whole(network: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`network` as a plain module with every parameter whole, for reading (EMA update, export): an FSDP unit gathers
+    its shards for the duration (on every rank at once: a collective) and yields the module it wraps; any other
+    network is already whole and comes back as it is."""
+    if isinstance(network, FSDP):
+        with FSDP.summon_full_params(network, writeback=False):
+            yield network.module
+    else:
+        yield network

@@ -15,7 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import wrap
 
 from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
@@ -23,7 +26,7 @@ from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
-from ldm.modules.ema import make_ema
+from ldm.modules.ema import make_ema, whole
 from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
@@ -138,6 +141,7 @@ class LatentDiffusionModule(L.LightningModule):
     """
 
     Config = Config
+    fsdp_shards = True  # trainer=fsdp may run over several processes: `configure_model` shards the UNet
 
     def __init__(self, config: Config | dict[str, Any], frozen: dict[str, Any] | None = None):
         super().__init__()
@@ -213,6 +217,18 @@ class LatentDiffusionModule(L.LightningModule):
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
                            self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash)
 
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp`, shard the UNet (one FSDP unit: its parameters, gradients and AdamW states split over
+        the processes). The frozen autoencoder and text encoder and the EMA stay whole on every rank, so the EMA
+        update (from the UNet gathered after each step), the sample grids and the export read them as under DDP."""
+        if not isinstance(self.trainer.strategy, FSDPStrategy) or isinstance(self.pipeline.unet, FSDP):
+            return
+        if self.pipeline.conditioner.trainable and self.trainer.world_size > 1:
+            raise ConfigError(f"trainer=fsdp over {self.trainer.world_size} processes shards the UNet alone, and a "
+                              f"trainable text encoder would drift apart on each process: set "
+                              f"model.conditioner.trainable=false (with a pretrained name_or_path), or use trainer=ddp")
+        self.pipeline.unet = wrap(self.pipeline.unet)
+
     def compile_networks(self) -> None:
         """`compile: true` compiles the UNet (in place; state-dict keys unchanged)."""
         self.pipeline.unet.compile()
@@ -244,10 +260,10 @@ class LatentDiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # note: the EMA follows each optimizer step here rather than in on_train_batch_end, which Lightning calls after
         # the callbacks' (ModelCheckpoint's) batch-end hooks: a checkpoint would miss its own step's update.
-        if self.ema is not None:
-            self.ema.update_parameters(self.pipeline.unet)
-        if self.ema_conditioner is not None:
-            self.ema_conditioner.update_parameters(self.pipeline.conditioner)
+        for ema, network in ((self.ema, self.pipeline.unet), (self.ema_conditioner, self.pipeline.conditioner)):
+            if ema is not None:
+                with whole(network) as parameters:  # under FSDP: gathered from the ranks' shards
+                    ema.update_parameters(parameters)
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
@@ -255,9 +271,11 @@ class LatentDiffusionModule(L.LightningModule):
         params = list(unet.parameters()) + [p for p in conditioner.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
                                       fused=fusable(params, self.trainer.precision))
+        with whole(unet) as whole_unet:  # under FSDP each rank holds a shard: count the gathered UNet
+            unet_size = sum(p.numel() for p in whole_unet.parameters())
+        trained = unet_size + sum(p.numel() for p in conditioner.parameters() if p.requires_grad)
         rank_zero_info(f"AdamW lr {c.lr} (warmup {c.warmup_steps} steps, then {c.lr_schedule}), "
-                       f"{sum(p.numel() for p in params):,} trainable parameters "
-                       f"(UNet {sum(p.numel() for p in unet.parameters()):,}; "
+                       f"{trained:,} trainable parameters (UNet {unet_size:,}; "
                        f"conditioner {'trainable' if conditioner.trainable else 'frozen'})")
         schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
@@ -300,11 +318,14 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Write the EMA pipeline to `<run>/export` (what ldm-sample, ldm-eval and ldm-export take)."""
-        if not self.trainer.is_global_zero:
-            return
-        datamodule_config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
-        training = {"step": self.global_step, "val_shards": getattr(datamodule_config, "val_shards", None)}
-        directory = self.eval_pipeline(use_ema=True).save_pretrained(
-            Path(self.trainer.default_root_dir) / "export", training=training)
+        pipeline = self.eval_pipeline(use_ema=True)
+        # note: without an EMA under FSDP the networks are sharded: every rank takes part in gathering them.
+        with whole(pipeline.unet) as unet, whole(pipeline.conditioner) as conditioner:
+            if not self.trainer.is_global_zero:
+                return
+            datamodule_config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
+            training = {"step": self.global_step, "val_shards": getattr(datamodule_config, "val_shards", None)}
+            directory = pipeline.replace(unet=unet, conditioner=conditioner).save_pretrained(
+                Path(self.trainer.default_root_dir) / "export", training=training)
         rank_zero_info(f"pipeline exported to {directory} (load with "
                        f"ldm.pipeline.LatentDiffusionPipeline.from_pretrained)")

@@ -32,14 +32,19 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer, 
     `on_before_optimizer_step` (manual).
 
     note: instead of `LightningModule.clip_gradients`, whose mixed-precision plugin refuses fused optimizers even in
-    bf16 (which has no scaler) and whose FSDP plugin refuses norm clipping. Under FSDP each rank holds a shard of the
-    gradients, so the norm comes from the root module's `clip_grad_norm_`, which reduces it over the ranks.
+    bf16 (which has no scaler) and whose FSDP plugin refuses norm clipping. Under FSDP each rank holds a shard of every
+    gradient, so the squared norms of the shards are summed over the ranks (modules that train over several FSDP
+    processes shard every trainable parameter: `fsdp_shards`).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if algorithm == "value":
         torch.nn.utils.clip_grad_value_(params, clip_val)
     elif isinstance(module.trainer.strategy, FSDPStrategy):
-        module.trainer.strategy.model.clip_grad_norm_(clip_val)
+        grads = [p.grad for p in params if p.grad is not None]
+        squares = torch.nn.utils.get_total_norm(grads).pow(2)  # of this rank's shards
+        if module.trainer.world_size > 1:
+            torch.distributed.all_reduce(squares)
+        torch.nn.utils.clip_grads_with_norm_(params, clip_val, squares.sqrt())
     else:
         torch.nn.utils.clip_grad_norm_(params, clip_val)
 
