@@ -221,7 +221,11 @@ class LatentDiffusionModule(L.LightningModule):
         """Under `trainer=fsdp`, shard the UNet (one FSDP unit: its parameters, gradients and AdamW states split over
         the processes). The frozen autoencoder and text encoder and the EMA stay whole on every rank, so the EMA
         update (from the UNet gathered after each step), the sample grids and the export read them as under DDP."""
-        if not isinstance(self.trainer.strategy, FSDPStrategy) or isinstance(self.pipeline.unet, FSDP):
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # note: `load_from_checkpoint` calls this hook too, without a trainer
+            return
+        if not isinstance(strategy, FSDPStrategy) or isinstance(self.pipeline.unet, FSDP):
             return
         if self.pipeline.conditioner.trainable and self.trainer.world_size > 1:
             raise ConfigError(f"trainer=fsdp over {self.trainer.world_size} processes shards the UNet alone, and a "
