@@ -73,12 +73,18 @@ def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
 
 
 @pytest.mark.parametrize(("devices", "num_nodes", "processes"), [(1, 1, 1), (2, 1, 2), ([0, 1], 1, 2), (1, 4, 4)])
-def test_fsdp_over_several_processes_is_refused_for_models_that_do_not_shard(devices, num_nodes, processes):
-    """The latent diffusion model shards its UNet (tests/test_scale_fsdp.py); the autoencoder and the contrastive
-    encoder read parameters that FSDP keeps sharded outside its forward: one process, or DDP."""
+def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nodes, processes):
+    """The latent diffusion model shards its UNet (tests/test_scale_fsdp.py), but not compiled; the autoencoder and the
+    contrastive encoder read parameters that FSDP keeps sharded outside its forward: one process, or DDP."""
     node = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
     node.accelerator, node.devices, node.num_nodes = "cpu", devices, num_nodes  # the GPU check is not the one here
     check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")
+    if processes == 1:
+        check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule", compile_networks=True)
+    else:
+        with pytest.raises(configs.ConfigError, match=rf"^compile=true with trainer=fsdp over {processes} processes is "
+                                                      rf"not supported: .* set compile=false, or use trainer=ddp$"):
+            check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule", compile_networks=True)
     for model in ("ldm.modules.autoencoder.AutoencoderModule", "ldm.modules.contrastive.ContrastiveModule"):
         if processes == 1:
             check_trainer(node, model)

@@ -207,12 +207,13 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 }
 
 
-def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None) -> None:
+def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
+                  compile_networks: bool = False) -> None:
     """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
     accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), or when FSDP would run over
-    several processes for a module (`model_target`, its class path) that does not shard itself: one without a true
+    several processes for a module (`model_target`, its class path) that does not shard itself (one without a true
     `fsdp_shards` class attribute reads its networks' parameters outside FSDP's forward, where each process holds only
-    its shard."""
+    its shard) or with `compile_networks` (compile=true)."""
     import torch
 
     trainer = trainer or {}
@@ -240,6 +241,10 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         raise ConfigError(f"trainer=fsdp over {processes} processes is not supported for {name} (only the latent "
                           f"diffusion model shards itself; this one reads its networks' parameters outside FSDP's "
                           f"forward, where each process holds only its shard); use trainer=ddp")
+    if processes > 1 and compile_networks:
+        raise ConfigError(f"compile=true with trainer=fsdp over {processes} processes is not supported: torch.compile "
+                          f"of the sharded UNet stops at its second step (a gradient shard of FSDP's flat parameter); "
+                          f"set compile=false, or use trainer=ddp")
 
 
 def _process_count(devices: Any, accelerator: str | None) -> int:

@@ -359,7 +359,7 @@ def main(cfg: DictConfig) -> float | None:
     def run() -> float | None:
         if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
             raise configs.ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
-        check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"))
+        check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
         check_nodes(cfg, ("data", "model"))
         if cfg.get("ckpt_path") not in (None, "last"):
             resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
