@@ -67,7 +67,7 @@ def test_fsdp_over_two_processes_trains_as_ddp_does(runs: dict):
     rounding of the gradients' reduction; the export holds the EMA; the sample grids of the sharded UNet were drawn."""
     ddp, fsdp = checkpoint(runs["ddp"]), checkpoint(runs["fsdp"])
     assert fsdp["global_step"] == ddp["global_step"] == STEPS
-    assert fsdp["state_dict"].keys() == ddp["state_dict"].keys()  # whole tensors, DDP's names: interchangeable
+    assert fsdp["state_dict"].keys() == ddp["state_dict"].keys()  # whole tensors under DDP's names
     for key, value in ddp["state_dict"].items():
         assert fsdp["state_dict"][key].shape == value.shape, key
         torch.testing.assert_close(fsdp["state_dict"][key], value, rtol=0, atol=1e-5, msg=key)
