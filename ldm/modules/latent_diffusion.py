@@ -264,10 +264,11 @@ class LatentDiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # note: the EMA follows each optimizer step here rather than in on_train_batch_end, which Lightning calls after
         # the callbacks' (ModelCheckpoint's) batch-end hooks: a checkpoint would miss its own step's update.
-        for ema, network in ((self.ema, self.pipeline.unet), (self.ema_conditioner, self.pipeline.conditioner)):
-            if ema is not None:
-                with whole(network) as parameters:  # under FSDP: gathered from the ranks' shards
-                    ema.update_parameters(parameters)
+        if self.ema is not None:
+            with whole(self.pipeline.unet) as unet:  # under FSDP: gathered from the ranks' shards
+                self.ema.update_parameters(unet)
+        if self.ema_conditioner is not None:  # never sharded: configure_model wraps the UNet alone
+            self.ema_conditioner.update_parameters(self.pipeline.conditioner)
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
@@ -323,13 +324,13 @@ class LatentDiffusionModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Write the EMA pipeline to `<run>/export` (what ldm-sample, ldm-eval and ldm-export take)."""
         pipeline = self.eval_pipeline(use_ema=True)
-        # note: without an EMA under FSDP the networks are sharded: every rank takes part in gathering them.
-        with whole(pipeline.unet) as unet, whole(pipeline.conditioner) as conditioner:
+        # note: without an EMA under FSDP the UNet is sharded: every rank takes part in gathering it.
+        with whole(pipeline.unet) as unet:
             if not self.trainer.is_global_zero:
                 return
             datamodule_config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
             training = {"step": self.global_step, "val_shards": getattr(datamodule_config, "val_shards", None)}
-            directory = pipeline.replace(unet=unet, conditioner=conditioner).save_pretrained(
+            directory = pipeline.replace(unet=unet).save_pretrained(
                 Path(self.trainer.default_root_dir) / "export", training=training)
         rank_zero_info(f"pipeline exported to {directory} (load with "
                        f"ldm.pipeline.LatentDiffusionPipeline.from_pretrained)")
