@@ -255,8 +255,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     """The Trainer of `cfg.trainer`, with these callbacks and loggers and `trainer_plugins()`.
 
     The progress bar is the `callbacks.progress` entry: with it nulled (or `trainer.enable_progress_bar=false`) the run
-    has none, where Lightning would add its default rich bar, redrawn every step (10% of a 2-thread CPU step in the
-    quickstart; benchmarks/RESULTS.md).
+    has none, where Lightning would add its default rich bar, redrawn up to 100 times a second (10% of a 2-thread CPU
+    step in the quickstart; benchmarks/RESULTS.md).
     """
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
