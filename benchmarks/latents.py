@@ -1,7 +1,7 @@
 """Diffusion training step on images against the same step on ldm-encode's latent shards, interleaved in one process.
 
     python benchmarks/latents.py                  # CPU, the quickstart model, batch 32; results/latents-cpu.json
-    python benchmarks/latents.py --model sd15     # SD 1.5's UNet, KL-f8, CLIP ViT-L/14, 256 px, batch 1 (CPU: ~10 min)
+    python benchmarks/latents.py --model sd15     # SD 1.5's UNet, KL-f8, CLIP ViT-L/14, 256 px, batch 1 (CPU: ~3 min)
     python benchmarks/latents.py --device cuda    # on a GPU (sd15: the experiment's batch 32 and bf16 autocast)
 
 `--model quickstart`: the quickstart's stage-2 model (experiment=quickstart_ldm: the UNet, its frozen KL-f2 autoencoder
@@ -47,17 +47,24 @@ def experiment(name: str, overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def quickstart_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
-    """(32 px image shards, KL-f2 autoencoder export, byte text encoder node) shaped as the quickstart's."""
+def shards_and_autoencoder(root: Path, num_samples: int, resolution: int, vae_experiment: str,
+                           scale_factor: float) -> tuple[Path, Path]:
+    """(`shapes` image shards at `resolution`, the export of a random-weight autoencoder of `vae_experiment`'s net)."""
     write_dataset({"source": "shapes", "output_dir": str(root / "shapes"), "num_samples": num_samples,
-                   "val_samples": 0, "resolution": 32, "seed": 0, "samples_per_shard": 64})
-    vae = experiment("quickstart_vae", [])["model"]["net"]
+                   "val_samples": 0, "resolution": resolution, "seed": 0, "samples_per_shard": 64})
+    vae = experiment(vae_experiment, [])["model"]["net"]
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(configs.to_dataclass(AutoencoderConfig, vae)).save_pretrained(
-        root / "vae", latent_stats={"scale_factor": 1.0})
+        root / "vae", latent_stats={"scale_factor": scale_factor})
+    return root / "shapes", autoencoder
+
+
+def quickstart_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
+    """(32 px image shards, KL-f2 autoencoder export, byte text encoder node) shaped as the quickstart's."""
+    shards, autoencoder = shards_and_autoencoder(root, num_samples, 32, "quickstart_vae", 1.0)
     text = experiment("quickstart_clip", [])["model"]["text"]
     encoder = ByteTextEncoder(text["width"], text["num_layers"], text["num_heads"], text["max_length"])
-    return root / "shapes", autoencoder, {"kind": "byte", "name_or_path": str(encoder.save_pretrained(root / "clip"))}
+    return shards, autoencoder, {"kind": "byte", "name_or_path": str(encoder.save_pretrained(root / "clip"))}
 
 
 def sd15_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
@@ -65,12 +72,7 @@ def sd15_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    write_dataset({"source": "shapes", "output_dir": str(root / "shapes"), "num_samples": num_samples,
-                   "val_samples": 0, "resolution": 256, "seed": 0, "samples_per_shard": 64})
-    vae = experiment("kl_f8", [])["model"]["net"]
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(configs.to_dataclass(AutoencoderConfig, vae)).save_pretrained(
-        root / "vae", latent_stats={"scale_factor": 0.18215})
+    shards, autoencoder = shards_and_autoencoder(root, num_samples, 256, "kl_f8", 0.18215)  # SD's VAE scale
     # A byte-level BPE vocabulary without merges (CLIP's own is not on disk offline); 77 tokens per prompt either way.
     clip = root / "clip"
     clip.mkdir()
@@ -85,7 +87,7 @@ def sd15_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
                             pad_token_id=tokenizer.pad_token_id)  # openai/clip-vit-large-patch14's text tower
     CLIPTextModel(config).save_pretrained(clip)
     tokenizer.save_pretrained(clip)
-    return root / "shapes", autoencoder, {"kind": "clip", "name_or_path": str(clip)}
+    return shards, autoencoder, {"kind": "clip", "name_or_path": str(clip)}
 
 
 # --model: (experiment, writes the inputs, batch size on CPU (None: the experiment's), timed steps of each kind)
