@@ -26,45 +26,28 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from common import experiment, random_autoencoder, random_byte_text_encoder
 
 from ldm import config as configs
-from ldm.cli.common import CONF_DIR
 from ldm.cli.data import write_dataset
 from ldm.cli.encode import encode
-from ldm.conditioning import ByteTextEncoder
 from ldm.data.datamodule import WebDataModule
 from ldm.modules.optim import fusable
-from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from ldm.nn.autoencoder import DiagonalGaussianDistribution
 from ldm.seeding import step_generator
 
 
-def experiment(name: str, overrides: list[str]) -> dict:
-    configs.register_schemas()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={name}", "data.train_shards=unused", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def shards_and_autoencoder(root: Path, num_samples: int, resolution: int, vae_experiment: str,
-                           scale_factor: float) -> tuple[Path, Path]:
-    """(`shapes` image shards at `resolution`, the export of a random-weight autoencoder of `vae_experiment`'s net)."""
+def shapes_shards(root: Path, num_samples: int, resolution: int) -> Path:
+    """`shapes` image shards at `resolution` under `root/shapes`."""
     write_dataset({"source": "shapes", "output_dir": str(root / "shapes"), "num_samples": num_samples,
                    "val_samples": 0, "resolution": resolution, "seed": 0, "samples_per_shard": 64})
-    vae = experiment(vae_experiment, [])["model"]["net"]
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(configs.to_dataclass(AutoencoderConfig, vae)).save_pretrained(
-        root / "vae", latent_stats={"scale_factor": scale_factor})
-    return root / "shapes", autoencoder
+    return root / "shapes"
 
 
 def quickstart_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
     """(32 px image shards, KL-f2 autoencoder export, byte text encoder node) shaped as the quickstart's."""
-    shards, autoencoder = shards_and_autoencoder(root, num_samples, 32, "quickstart_vae", 1.0)
-    text = experiment("quickstart_clip", [])["model"]["text"]
-    encoder = ByteTextEncoder(text["width"], text["num_layers"], text["num_heads"], text["max_length"])
-    return shards, autoencoder, {"kind": "byte", "name_or_path": str(encoder.save_pretrained(root / "clip"))}
+    text = {"kind": "byte", "name_or_path": str(random_byte_text_encoder(root))}
+    return shapes_shards(root, num_samples, 32), random_autoencoder(root, "quickstart_vae", 1.0), text
 
 
 def sd15_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
@@ -72,7 +55,8 @@ def sd15_inputs(root: Path, num_samples: int) -> tuple[Path, Path, dict]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    shards, autoencoder = shards_and_autoencoder(root, num_samples, 256, "kl_f8", 0.18215)  # SD's VAE scale
+    shards = shapes_shards(root, num_samples, 256)
+    autoencoder = random_autoencoder(root, "kl_f8", 0.18215)  # SD's VAE scale
     # A byte-level BPE vocabulary without merges (CLIP's own is not on disk offline); 77 tokens per prompt either way.
     clip = root / "clip"
     clip.mkdir()
@@ -127,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         overrides = [] if batch_size is None else [f"data.batch_size={batch_size}"]
-        batch_size = experiment(name, overrides)["data"]["batch_size"]
+        batch_size = experiment(name, overrides).data.batch_size
         shards, autoencoder, text_encoder = write_inputs(root, num_samples=batch_size * (repeats + 2))
         start = time.perf_counter()
         encode({"shards": str(shards / "train-*.tar"), "autoencoder_path": str(autoencoder), "progress": False,
@@ -135,11 +119,11 @@ def main() -> None:
         encode_seconds = time.perf_counter() - start
         cfg = experiment(name, [*overrides, f"model.autoencoder_path={autoencoder}",
                                 f"model.conditioner.name_or_path={text_encoder['name_or_path']}"])
-        resolution = cfg["data"]["resolution"]
+        resolution = cfg.data.resolution
         images, (image_rate,) = loader_batches(str(shards / "train-*.tar"), batch_size, resolution)
         latents, (latent_rate, cached_rate) = loader_batches(str(root / "latents" / "train-*.tar"), batch_size,
                                                              resolution, passes=2)
-        module = configs.instantiate(OmegaConf.create(cfg["model"]), "model").to(device)
+        module = configs.instantiate(cfg.model, "model").to(device)
 
     if cfg.get("channels_last"):
         module.to(memory_format=torch.channels_last)
@@ -149,7 +133,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fusable(params))  # as ldm-train builds it
     # The experiment's precision on a GPU (sd15_256: bf16-mixed, as Lightning runs it: the step under autocast), fp32
     # on the CPU (no bf16 instructions on some CPUs; the trainer=cpu default).
-    precision = cfg["trainer"]["precision"] if device.type == "cuda" else "32-true"
+    precision = cfg.trainer.precision if device.type == "cuda" else "32-true"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
     def step(batch: dict, index: int) -> float:

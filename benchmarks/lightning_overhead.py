@@ -36,35 +36,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from common import experiment, random_autoencoder, random_byte_text_encoder
+from omegaconf import DictConfig
 
 from ldm import config as configs
-from ldm.cli.common import CONF_DIR
 from ldm.cli.train import apply_module_switches, build_trainer, instantiate_callbacks, instantiate_loggers
-from ldm.conditioning import ByteTextEncoder
 from ldm.data.shapes import ShapesDataset
 from ldm.modules.optim import fusable, lr_scheduler
-from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
-
-
-def experiment(name: str, overrides: list[str]) -> DictConfig:
-    """`ldm-train experiment=<name> <overrides>` as ldm-train composes it."""
-    configs.register_schemas("model", "data/webdataset")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"experiment={name}", "data.train_shards=unused", *overrides])
-
-
-def write_frozen_parts(root: Path) -> tuple[Path, Path]:
-    """(autoencoder export, text encoder export) of the quickstart's layouts, random weights."""
-    vae = OmegaConf.to_container(experiment("quickstart_vae", []).model.net, resolve=True)
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(configs.to_dataclass(AutoencoderConfig, vae)).save_pretrained(
-        root / "vae", latent_stats={"scale_factor": 1.0})
-    text = experiment("quickstart_clip", []).model.text
-    encoder = ByteTextEncoder(text.width, text.num_layers, text.num_heads, text.max_length)
-    return autoencoder, encoder.save_pretrained(root / "clip")
 
 
 class Batches(torch.utils.data.Dataset):
@@ -173,7 +152,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        autoencoder, text = write_frozen_parts(root)
+        autoencoder, text = random_autoencoder(root, "quickstart_vae", 1.0), random_byte_text_encoder(root)
         cfg = experiment("quickstart_ldm", [f"model.autoencoder_path={autoencoder}",
                                             f"model.conditioner.name_or_path={text}",
                                             f"paths.output_dir={root / 'run'}", "trainer.val_check_interval=100000"])

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import experiment
+from omegaconf import OmegaConf
 
-from ldm.cli.common import CONF_DIR
 from ldm.conditioning import build_conditioner
-from ldm.config import register_schemas, to_dataclass
+from ldm.config import to_dataclass
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import WriteConfig, write_shards
 from ldm.diffusion import NoiseSchedule, ScheduleConfig, run_sampler, spaced_timesteps
@@ -59,12 +59,7 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
 
 
 def experiment_config(name: str) -> dict:
-    register_schemas()  # conf/ extends the dataclass schemas (ldm.config)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={name}", "data.train_shards=unused"])
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(experiment(name), resolve=True)
 
 
 def experiment_model(name: str) -> dict:
