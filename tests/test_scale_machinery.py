@@ -24,6 +24,7 @@ from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
 from ldm.cli.common import run_id
 from ldm.cli.train import TrainingDiverged, checkpoint_damage, remove_stale_temp_files, resolve_ckpt_path, train
 from ldm.io import atomic_write_bytes
+from ldm.modules.optim import gradient_norm
 from ldm.slurm import slurm_job_id
 
 # -- atomic writes ---------------------------------------------------------------------------------------------------
@@ -194,6 +195,30 @@ def test_gradients_are_clipped_in_every_precision_with_fused_adam(model, precisi
     at its first step (tests/test_gpu.py runs this on a GPU, fp16 too)."""
     norms = clipped_grad_norms(model, shapes_shards, tmp_path, precision)
     assert norms == pytest.approx([1e-4] * 3, rel=1e-3)
+
+
+def test_gradient_norm_is_computed_once_per_step_and_never_stale():
+    """The NaN guard's norm is the one clipping scales by (a second call returns the same tensor), and any change to
+    the gradients (in place, or new ones after zero_grad) makes the next call compute it afresh."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(2))]
+    optimizer = torch.optim.AdamW(params)
+    params[0].grad, params[1].grad = torch.randn(5, 3), torch.randn(7)  # params[2] has no gradient
+
+    def reference() -> float:
+        return torch.cat([p.grad.double().flatten() for p in params if p.grad is not None]).norm().item()
+
+    first = gradient_norm(optimizer)
+    assert first.item() == pytest.approx(reference(), rel=1e-6)
+    assert gradient_norm(optimizer) is first                   # cached: the same step
+    params[1].grad.mul_(3)                                       # modified in place (clipping, unscaling)
+    assert gradient_norm(optimizer) is not first
+    assert gradient_norm(optimizer).item() == pytest.approx(reference(), rel=1e-6)
+    optimizer.zero_grad(set_to_none=True)
+    assert gradient_norm(optimizer) is None
+    params[2].grad = torch.full((2,), 4.0)                       # the next step's gradients
+    assert gradient_norm(optimizer).item() == pytest.approx(4 * 2**0.5, rel=1e-6)
 
 
 def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkeypatch):

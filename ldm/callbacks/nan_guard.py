@@ -30,13 +30,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from ldm.modules.optim import gradient_norm
+
 
 class NanGuard(L.Callback):
     """Skip non-finite steps on all ranks at once; halt after `max_consecutive` skipped batches in a row.
 
     Args:
         max_consecutive: stop the run after this many skipped training batches in a row (>= 1).
-        check_grads: also inspect gradients (one fused norm per optimizer step), not only the loss.
+        check_grads: also inspect gradients (their total norm, `ldm.modules.optim.gradient_norm`, which norm clipping
+            then reuses), not only the loss.
     """
 
     def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
@@ -70,9 +73,9 @@ class NanGuard(L.Callback):
         self._loss_finite = True
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self.check_grads and scaler is None:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                finite = finite.to(grads[0].device) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            norm = gradient_norm(optimizer)  # computed once: norm clipping reuses it
+            if norm is not None:
+                finite = finite.to(norm.device) & torch.isfinite(norm)
         bad = not bool(finite.item())
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any rank bad -> every rank skips
         self._batch_stepped = True

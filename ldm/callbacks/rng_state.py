@@ -38,7 +38,7 @@ def capture_rng_state() -> dict[str, Any]:
                   "cached_gaussian": float(cached_gaussian)},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # (is_available() first costs 50 us a call on a CUDA build without a GPU)
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
