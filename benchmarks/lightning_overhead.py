@@ -10,14 +10,17 @@ same in-memory batches of `shapes` images (one DataLoader over pre-built batches
 
 - Lightning: a `lightning.Trainer` built as `ldm-train` builds it (the experiment's trainer, callbacks and CSV
   logger: checkpointing, RNG state, NaN guard, SLURM requeue, rich progress bar, LR monitor, throughput), `fit` on
-  the batches. A step is the time between two `on_train_batch_start` calls: everything Lightning does per step.
+  the batches. A step is the time between two `on_train_batch_start` calls, less the plain step run in between:
+  everything Lightning does per step.
 - Plain: `module._loss(batch, step_generator(...), module.pipeline)`, backward, gradient clipping as the trainer's
-  `gradient_clip_val`, AdamW step, LR scheduler step, `module.ema.update_parameters`; a step is the time between the
-  starts of two iterations.
+  `gradient_clip_val`, AdamW step, LR scheduler step, `module.ema.update_parameters`, with an optimizer of its own.
 
-Segments of `--steps` steps alternate (L P P L L P ...), so both sides see the same machine load; the first
-`--warmup` steps of each segment are left out (Lightning's first step also counts FLOPs). The figure is the ratio of
-the median step times; its excess over 1 is Lightning's overhead.
+The two alternate step by step inside one `fit`: after each Lightning step a callback (the last one, so after every
+batch-end hook that counts for Lightning) runs one timed plain step on the same batch. Each pair of steps is a few
+hundred milliseconds apart, so a change in the machine's load moves both sides alike; the figure is the median of the
+pairs' ratios (Lightning / plain) over `--rounds` fits of `--steps` steps per variant, the first `--warmup` steps of
+each fit left out (Lightning's first step also counts FLOPs). Its excess over 1 is Lightning's overhead. (Work on
+other threads, the rich bar's redraws, lands on whichever side it interrupts, so the bar's cost is measured halved.)
 """
 
 from __future__ import annotations
@@ -71,27 +74,67 @@ def shapes_batches(count: int, batch_size: int, resolution: int) -> list[dict[st
     return batches
 
 
-class StepTimer(L.Callback):
-    """Wall time between consecutive `on_train_batch_start` calls, and the modules' train/eval modes in a step."""
+class PlainLoop:
+    """The plain PyTorch loop's step on the module: loss, backward, clipping, AdamW, LR scheduler, EMA."""
 
-    def __init__(self):
+    def __init__(self, cfg: DictConfig, module: L.LightningModule, total_steps: int):
+        c = self.config = module.config
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
+                                           fused=fusable(self.params))  # as LatentDiffusionModule.configure_optimizers
+        self.scheduler = lr_scheduler(self.optimizer, c.lr_schedule, c.warmup_steps, total_steps, c.lr_decay_steps)
+        self.clip = cfg.trainer.get("gradient_clip_val")
+        self.steps = 0
+
+    def step(self, batch: dict[str, Any]) -> float:
+        """One step on `batch`; its wall time in seconds."""
+        start = time.perf_counter()
+        module = self.module
+        generator = step_generator(self.config.seed, 0, self.steps, module.device)
+        loss = module._loss(batch, generator, module.pipeline)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if module.ema is not None:
+            module.ema.update_parameters(module.pipeline.unet)
+        self.steps += 1
+        return time.perf_counter() - start
+
+
+class Interleave(L.Callback):
+    """Time Lightning's steps (between two `on_train_batch_start` calls) and, at each batch's end, run one plain step
+    on the same batch, in the modules' modes as Lightning left them, timed apart."""
+
+    def __init__(self, plain: PlainLoop):
+        self.plain = plain
         self.starts: list[float] = []
-        self.modes: list[bool] | None = None
+        self.plain_times: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.starts.append(time.perf_counter())
-        if self.modes is None:
-            self.modes = [m.training for m in pl_module.modules()]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.plain_times.append(self.plain.step(batch))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.starts.append(time.perf_counter())  # closes the last step (its batch-end hooks included)
 
+    def pairs(self) -> list[tuple[float, float]]:
+        """(Lightning, plain) step times, one pair per step."""
+        return [(t - p, p) for t, p in zip(np.diff(self.starts), self.plain_times, strict=True)]
 
-def lightning_segment(cfg: DictConfig, module: L.LightningModule, loader: torch.utils.data.DataLoader, steps: int,
-                      variant: str = "ldm-train") -> tuple[list[float], list[bool]]:
-    """Step times of one `trainer.fit` of `steps` steps, built as ldm-train builds it (or a stripped `variant`)."""
-    timer = StepTimer()
+
+def interleaved_fit(cfg: DictConfig, module: L.LightningModule, loader: torch.utils.data.DataLoader, steps: int,
+                    variant: str = "ldm-train") -> list[tuple[float, float]]:
+    """(Lightning, plain) step times of one `trainer.fit` of `steps` steps, built as ldm-train builds it (or a
+    stripped `variant`), with a plain step after each of its steps."""
+    interleave = Interleave(PlainLoop(cfg, module, steps))
     callbacks = [] if variant == "no callbacks" else instantiate_callbacks(cfg.get("callbacks"))
     if variant == "no progress bar":
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
@@ -101,47 +144,17 @@ def lightning_segment(cfg: DictConfig, module: L.LightningModule, loader: torch.
     overrides = {"max_steps": steps, "enable_model_summary": False}
     if variant == "no callbacks":
         overrides["enable_checkpointing"] = False
-    trainer = build_trainer(cfg, [*callbacks, timer], loggers, **overrides)
+    trainer = build_trainer(cfg, [*callbacks, interleave], loggers, **overrides)
     trainer.fit(module, train_dataloaders=loader)
-    return list(np.diff(timer.starts)), timer.modes
-
-
-def plain_segment(cfg: DictConfig, module: L.LightningModule, loader: torch.utils.data.DataLoader, steps: int,
-                  modes: list[bool]) -> list[float]:
-    """Step times of a plain loop: the module's loss, backward, clipping, AdamW, LR scheduler, EMA."""
-    c = module.config
-    for m, training in zip(module.modules(), modes, strict=True):
-        m.training = training  # the train/eval modes Lightning's steps ran with
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
-                                  fused=fusable(params))  # as LatentDiffusionModule.configure_optimizers
-    scheduler = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, steps, c.lr_decay_steps)
-    clip = cfg.trainer.get("gradient_clip_val")
-    starts = []
-    for step, batch in enumerate(loader):
-        if step == steps:
-            break
-        starts.append(time.perf_counter())
-        generator = step_generator(c.seed, 0, step, module.device)
-        loss = module._loss(batch, generator, module.pipeline)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if module.ema is not None:
-            module.ema.update_parameters(module.pipeline.unet)
-    starts.append(time.perf_counter())
-    return list(np.diff(starts))
+    return interleave.pairs()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="L P P L rounds: 2 segments of each side per round")
-    parser.add_argument("--steps", type=int, default=25, help="steps per segment")
-    parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each segment")
+    parser.add_argument("--rounds", type=int, default=3, help="fits per variant (variants alternate)")
+    parser.add_argument("--steps", type=int, default=25, help="Lightning steps per fit (a plain one after each)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each fit")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time Lightning without the progress bar, without loggers (and LR monitor), with "
                              "no callbacks")
@@ -161,38 +174,36 @@ def main() -> None:
         batches = shapes_batches(8, cfg.data.batch_size, cfg.data.resolution)
         loader = torch.utils.data.DataLoader(Batches(batches, args.steps), batch_size=None, num_workers=0)
 
-        variants = ["ldm-train", "plain"]
+        variants = ["ldm-train"]
         if args.breakdown:
-            variants[1:1] = ["no progress bar", "no loggers", "no callbacks"]
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        modes = lightning_segment(cfg, module, loader, args.warmup + 1)[1]  # warm-up; learns the modules' modes
+            variants += ["no progress bar", "no loggers", "no callbacks"]
+        pairs: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        interleaved_fit(cfg, module, loader, args.warmup + 1)  # warm-up
         load_before = os.getloadavg()
         for r in range(args.rounds):
-            for order in (variants, variants[::-1]):
-                for variant in order:
-                    if variant == "plain":
-                        step_times = plain_segment(cfg, module, loader, args.steps, modes)
-                    else:
-                        step_times = lightning_segment(cfg, module, loader, args.steps, variant)[0]
-                    times[variant] += step_times[args.warmup:]
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                pairs[variant] += interleaved_fit(cfg, module, loader, args.steps, variant)[args.warmup:]
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{v} {statistics.median(t) * 1e3:.1f} ms" for v, t in times.items()), flush=True)
+                f"{v} {statistics.median(a / b for a, b in p):.3f}" for v, p in pairs.items()), flush=True)
         load_after = os.getloadavg()
 
-    plain = statistics.median(times["plain"])
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
               "lightning": L.__version__, "machine": platform.processor() or platform.machine(),
-              "threads": args.threads, "batch_size": cfg.data.batch_size, "steps_per_side": len(times["plain"]),
+              "threads": args.threads, "batch_size": cfg.data.batch_size, "pairs_per_variant": len(pairs[variants[0]]),
               "load_average_before": load_before, "load_average_after": load_after,
-              "median_step_s": {v: statistics.median(t) for v, t in times.items()},
-              "ratio_to_plain": {v: statistics.median(t) / plain for v, t in times.items()},
-              "step_s": times}
+              "ratio_to_plain": {v: statistics.median(a / b for a, b in p) for v, p in pairs.items()},
+              "median_step_s": {v: {"lightning": statistics.median(a for a, _ in p),
+                                    "plain": statistics.median(b for _, b in p)} for v, p in pairs.items()},
+              "step_s": {v: {"lightning": [a for a, _ in p], "plain": [b for _, b in p]} for v, p in pairs.items()}}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; {len(times['plain'])} steps per side")
-    print("| loop | median step (ms) | / plain |\n| --- | --- | --- |")
+    print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; {result['pairs_per_variant']} pairs per variant")
+    print("| Lightning | median step (ms) | plain steps beside it (ms) | median of the pairs' ratios |\n"
+          "| --- | --- | --- | --- |")
     for v in variants:
-        print(f"| {v} | {result['median_step_s'][v] * 1e3:.1f} | **{result['ratio_to_plain'][v]:.3f}** |")
+        step = result["median_step_s"][v]
+        print(f"| {v} | {step['lightning'] * 1e3:.1f} | {step['plain'] * 1e3:.1f} | "
+              f"**{result['ratio_to_plain'][v]:.3f}** |")
     print(f"wrote {args.output}")
 
 
