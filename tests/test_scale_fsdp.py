@@ -8,6 +8,7 @@ full-state-dict checkpoints, `use_orig_params`, FULL_SHARD.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ def checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+def grad_norms(out: Path) -> list[float]:
+    """`train/grad_norm` of each step, from the run's metrics.csv."""
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
+
+
 def moments(ckpt: dict) -> list[torch.Tensor]:
     """AdamW's moments in the optimizer's parameter order (the checkpoints of DDP and FSDP number them differently)."""
     state = ckpt["optimizer_states"][0]
@@ -74,6 +81,10 @@ def test_fsdp_over_two_processes_trains_as_ddp_does(runs: dict):
     assert any(k.startswith("ema.") for k in ddp["state_dict"])
     for ours, theirs in zip(moments(fsdp), moments(ddp), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-9)
+    # the logged gradient norm (what clipping scaled by) is the whole model's under FSDP too, not one rank's shard
+    fsdp_norms, ddp_norms = grad_norms(runs["fsdp"]), grad_norms(runs["ddp"])
+    assert len(ddp_norms) == STEPS and all(n > 0 for n in ddp_norms)
+    assert fsdp_norms == pytest.approx(ddp_norms, rel=1e-4)
 
     exported = LatentDiffusionPipeline.from_pretrained(runs["fsdp"] / "export")
     ema_unet = {k.removeprefix("ema.module."): v for k, v in fsdp["state_dict"].items() if k.startswith("ema.module.")}

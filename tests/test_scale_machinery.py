@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from scale_helpers import (
@@ -167,6 +169,8 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     assert steps[3]["weights"] != steps[2]["weights"]   # the next one trains again
     assert steps[6]["weights"] == steps[4]["weights"]   # two skipped in a row, then stopped
     assert steps[6]["train/nan_skipped"] == 3
+    assert math.isnan(steps[2]["train/grad_norm"])       # the guard logs the norm it checked, before clipping
+    assert all(0 < steps[s]["train/grad_norm"] < math.inf for s in (1, 3))
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt"]
@@ -204,21 +208,22 @@ def test_gradient_norm_is_computed_once_per_step_and_never_stale():
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)),
               torch.nn.Parameter(torch.randn(2))]
     optimizer = torch.optim.AdamW(params)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     params[0].grad, params[1].grad = torch.randn(5, 3), torch.randn(7)  # params[2] has no gradient
 
     def reference() -> float:
         return torch.cat([p.grad.double().flatten() for p in params if p.grad is not None]).norm().item()
 
-    first = gradient_norm(optimizer)
+    first = gradient_norm(trainer, optimizer)
     assert first.item() == pytest.approx(reference(), rel=1e-6)
-    assert gradient_norm(optimizer) is first                   # cached: the same step
+    assert gradient_norm(trainer, optimizer) is first                   # cached: the same step
     params[1].grad.mul_(3)                                       # modified in place (clipping, unscaling)
-    assert gradient_norm(optimizer) is not first
-    assert gradient_norm(optimizer).item() == pytest.approx(reference(), rel=1e-6)
+    assert gradient_norm(trainer, optimizer) is not first
+    assert gradient_norm(trainer, optimizer).item() == pytest.approx(reference(), rel=1e-6)
     optimizer.zero_grad(set_to_none=True)
-    assert gradient_norm(optimizer) is None
+    assert gradient_norm(trainer, optimizer) is None
     params[2].grad = torch.full((2,), 4.0)                       # the next step's gradients
-    assert gradient_norm(optimizer).item() == pytest.approx(4 * 2**0.5, rel=1e-6)
+    assert gradient_norm(trainer, optimizer).item() == pytest.approx(4 * 2**0.5, rel=1e-6)
 
 
 def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ so far). After `max_consecutive` skipped batches in a row the guard sets `halted
 `ldm.callbacks.checkpoint.Checkpoint` then writes nothing more, so `last.ckpt` stays the last good state, and
 `ldm.cli.train.train` raises `TrainingDiverged` with the message.
 
+The gradients' total norm the guard checks is logged too, as `train/grad_norm` (before clipping, which reuses it).
+
 With fp16 mixed precision (`16-mixed`) infinite gradients are the GradScaler's business (it skips the step and lowers
 the scale), so only a non-finite loss counts there.
 
@@ -38,8 +40,9 @@ class NanGuard(L.Callback):
 
     Args:
         max_consecutive: stop the run after this many skipped training batches in a row (>= 1).
-        check_grads: also inspect gradients (their total norm, `ldm.modules.optim.gradient_norm`, which norm clipping
-            then reuses), not only the loss.
+        check_grads: also inspect gradients, not only the loss: their total norm (`ldm.modules.optim.gradient_norm`,
+            which norm clipping then reuses), logged before clipping as `train/grad_norm` (`train/grad_norm_1` for a
+            second optimizer, the autoencoder's discriminator).
     """
 
     def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
@@ -73,9 +76,12 @@ class NanGuard(L.Callback):
         self._loss_finite = True
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self.check_grads and scaler is None:
-            norm = gradient_norm(optimizer)  # computed once: norm clipping reuses it
+            norm = gradient_norm(trainer, optimizer)  # computed once: norm clipping reuses it
             if norm is not None:
                 finite = finite.to(norm.device) & torch.isfinite(norm)
+                index = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer)
+                pl_module.log("train/grad_norm" if index == 0 else f"train/grad_norm_{index}", norm, on_step=True,
+                              on_epoch=False, rank_zero_only=True)
         bad = not bool(finite.item())
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any rank bad -> every rank skips
         self._batch_stepped = True

@@ -25,19 +25,27 @@ def fusable(params: list[torch.Tensor], precision: str = "32-true") -> bool:
     return not fp16_scaled and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
 
 
-def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-    """The total 2-norm of this rank's gradients of `optimizer`'s parameters (None when none has a gradient), computed
-    once per optimizer step: the NaN guard checks it for non-finite values and `clip_gradients` scales by it. A second
-    call returns the first's result while the gradients are the same tensors and unmodified (torch's in-place version
-    counters), so a step that clipped, unscaled or accumulated in between computes it afresh."""
+def gradient_norm(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The total 2-norm of the gradients of `optimizer`'s parameters (None when none has a gradient), computed once per
+    optimizer step: the NaN guard checks it for non-finite values and logs it, `clip_gradients` scales by it. Under
+    FSDP each rank holds a shard of every gradient, so the squared norms of the shards are summed over the ranks (a
+    collective: every rank calls this at the same points; modules that train over several FSDP processes shard every
+    trainable parameter, `fsdp_shards`). A second call returns the first's result while the gradients are the same
+    tensors and unmodified (torch's in-place version counters), so a step that clipped, unscaled or accumulated in
+    between computes it afresh."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
+    sharded = isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1
+    if not grads and not sharded:
         return None
     versions = [g._version for g in grads]
-    refs, cached_versions, norm = _GRADIENT_NORMS.get(optimizer, ((), (), None))
+    refs, cached_versions, norm = _GRADIENT_NORMS.get(optimizer, (None, None, None))
     if cached_versions == versions and all(ref() is g for ref, g in zip(refs, grads, strict=True)):
         return norm
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = torch.nn.utils.get_total_norm(grads)  # 0 for no gradients
+    if sharded:
+        squares = norm.pow(2)  # of this rank's shards
+        torch.distributed.all_reduce(squares)
+        norm = squares.sqrt()
     _GRADIENT_NORMS[optimizer] = ([weakref.ref(g) for g in grads], versions, norm)
     return norm
 
@@ -49,27 +57,21 @@ _GRADIENT_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer, clip_val: float,
                    algorithm: str | None = "norm") -> None:
     """Clip the gradients of `optimizer`'s parameters, in every strategy and precision: `norm` scales them to a total
-    norm of at most `clip_val` (the default; the norm is `gradient_norm`'s, so not computed again after the NaN
-    guard), `value` clamps each element to [-clip_val, clip_val]. Call it where Lightning has unscaled fp16 gradients:
-    `configure_gradient_clipping` (automatic optimization) or `on_before_optimizer_step` (manual).
+    norm of at most `clip_val` (the default; the norm is `gradient_norm`'s, over all FSDP shards, and not computed
+    again after the NaN guard), `value` clamps each element to [-clip_val, clip_val]. Call it where Lightning has
+    unscaled fp16 gradients: `configure_gradient_clipping` (automatic optimization) or `on_before_optimizer_step`
+    (manual).
 
     note: instead of `LightningModule.clip_gradients`, whose mixed-precision plugin refuses fused optimizers even in
-    bf16 (which has no scaler) and whose FSDP plugin refuses norm clipping. Under FSDP each rank holds a shard of every
-    gradient, so the squared norms of the shards are summed over the ranks (modules that train over several FSDP
-    processes shard every trainable parameter: `fsdp_shards`).
+    bf16 (which has no scaler) and whose FSDP plugin refuses norm clipping.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if algorithm == "value":
         torch.nn.utils.clip_grad_value_(params, clip_val)
         return
-    norm = gradient_norm(optimizer)
-    if norm is None:
-        return
-    if isinstance(module.trainer.strategy, FSDPStrategy) and module.trainer.world_size > 1:
-        squares = norm.pow(2)  # of this rank's shards
-        torch.distributed.all_reduce(squares)
-        norm = squares.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, clip_val, norm)
+    norm = gradient_norm(module.trainer, optimizer)
+    if norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_val, norm)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: float,
