@@ -202,8 +202,9 @@ def test_gradients_are_clipped_in_every_precision_with_fused_adam(model, precisi
 
 
 def test_gradient_norm_is_computed_once_per_step_and_never_stale():
-    """The NaN guard's norm is the one clipping scales by (a second call returns the same tensor), and any change to
-    the gradients (in place, or new ones after zero_grad) makes the next call compute it afresh."""
+    """The NaN guard's norm is the one clipping scales by (a second call in the same step returns the same tensor);
+    after the optimizer's step, even with the same gradient tensors (zeroed in place and accumulated again), and with
+    new gradients after zero_grad, the next call computes it afresh."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)),
               torch.nn.Parameter(torch.randn(2))]
@@ -216,13 +217,15 @@ def test_gradient_norm_is_computed_once_per_step_and_never_stale():
 
     first = gradient_norm(trainer, optimizer)
     assert first.item() == pytest.approx(reference(), rel=1e-6)
-    assert gradient_norm(trainer, optimizer) is first                   # cached: the same step
-    params[1].grad.mul_(3)                                       # modified in place (clipping, unscaling)
-    assert gradient_norm(trainer, optimizer) is not first
-    assert gradient_norm(trainer, optimizer).item() == pytest.approx(reference(), rel=1e-6)
+    assert gradient_norm(trainer, optimizer) is first            # cached: the same step
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    params[1].grad.add_(1.0)                                     # the same tensors, the next step's values
+    assert gradient_norm(trainer, optimizer).item() == pytest.approx(7**0.5, rel=1e-6)
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     assert gradient_norm(trainer, optimizer) is None
-    params[2].grad = torch.full((2,), 4.0)                       # the next step's gradients
+    params[2].grad = torch.full((2,), 4.0)                       # new tensors
     assert gradient_norm(trainer, optimizer).item() == pytest.approx(4 * 2**0.5, rel=1e-6)
 
 

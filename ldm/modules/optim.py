@@ -30,27 +30,30 @@ def gradient_norm(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> torch
     optimizer step: the NaN guard checks it for non-finite values and logs it, `clip_gradients` scales by it. Under
     FSDP each rank holds a shard of every gradient, so the squared norms of the shards are summed over the ranks (a
     collective: every rank calls this at the same points; modules that train over several FSDP processes shard every
-    trainable parameter, `fsdp_shards`). A second call returns the first's result while the gradients are the same
-    tensors and unmodified (torch's in-place version counters), so a step that clipped, unscaled or accumulated in
-    between computes it afresh."""
+    trainable parameter, `fsdp_shards`).
+
+    A second call returns the first's result while the gradients are the same tensors and until the optimizer steps
+    (a post-step hook drops it), so gradients changed in place between the two calls, by a callback between the NaN
+    guard and clipping, would be clipped by the norm from before the change."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     sharded = isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1
     if not grads and not sharded:
         return None
-    versions = [g._version for g in grads]
-    refs, cached_versions, norm = _GRADIENT_NORMS.get(optimizer, (None, None, None))
-    if cached_versions == versions and all(ref() is g for ref, g in zip(refs, grads, strict=True)):
+    refs, norm = _GRADIENT_NORMS.get(optimizer, ((), None))
+    if norm is not None and len(refs) == len(grads) and all(ref() is g for ref, g in zip(refs, grads)):
         return norm
     norm = torch.nn.utils.get_total_norm(grads)  # 0 for no gradients
     if sharded:
         squares = norm.pow(2)  # of this rank's shards
         torch.distributed.all_reduce(squares)
         norm = squares.sqrt()
-    _GRADIENT_NORMS[optimizer] = ([weakref.ref(g) for g in grads], versions, norm)
+    if optimizer not in _GRADIENT_NORMS:
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: _GRADIENT_NORMS.pop(opt, None))
+    _GRADIENT_NORMS[optimizer] = ([weakref.ref(g) for g in grads], norm)
     return norm
 
 
-# optimizer -> (weak references to the gradients, their version counters, their total norm)
+# optimizer -> (weak references to its gradients, their total norm): from the first `gradient_norm` of a step to it
 _GRADIENT_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
