@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import lightning as L
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -17,7 +18,7 @@ from test_config import _missing_keys
 
 from ldm import config as configs
 from ldm.cli.common import CONF_DIR, check_trainer
-from ldm.cli.train import build_trainer, instantiate_callbacks, train
+from ldm.cli.train import apply_ddp_needs, build_trainer, instantiate_callbacks, train
 from ldm.data.datamodule import WebDataModule
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
@@ -96,6 +97,25 @@ def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nod
     ddp = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
     ddp.devices, ddp.num_nodes = devices, num_nodes
     check_trainer(ddp, "ldm.modules.autoencoder.AutoencoderModule")
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    (None, None), ("ddp", "ddp_find_unused_parameters_true"),
+    ("ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true"),
+    ("ddp_find_unused_parameters_true", "ddp_find_unused_parameters_true"), ("auto", "auto")])
+def test_ddp_searches_unused_parameters_for_the_gan_autoencoder_however_the_strategy_is_named(strategy, expected):
+    """The autoencoder's two backward passes leave parameters without gradients: DDP must look for them, whether
+    trainer.strategy is a node (trainer=ddp_cpu) or a registry name; the diffusion model keeps DDP's faster default."""
+    overrides = ["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]
+    overrides += [] if strategy is None else [f"trainer.strategy={strategy}"]
+    for model, searches in (("quickstart_vae", True), ("quickstart_ldm", False)):
+        cfg = compose_train(overrides + [f"experiment={model}"])
+        apply_ddp_needs(cfg)
+        if strategy is None:
+            assert cfg.trainer.strategy.find_unused_parameters is searches
+        else:
+            assert cfg.trainer.strategy == (expected if searches else strategy)
+            L.Trainer(accelerator="cpu", devices=2, strategy=cfg.trainer.strategy, logger=False)  # a known name
 
 
 @pytest.mark.parametrize("launcher", ["local", "slurm"])

@@ -231,9 +231,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
                               f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
-    strategy = trainer.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, (dict, DictConfig)) else str(strategy or "")
-    if "fsdp" not in target.lower():
+    if "fsdp" not in strategy_name(trainer.get("strategy")).lower():
         return
     processes = _process_count(trainer.get("devices"), accelerator) * int(trainer.get("num_nodes") or 1)
     if processes > 1 and not (model_target and getattr(get_class(model_target), "fsdp_shards", False)):
@@ -245,6 +243,13 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         raise ConfigError(f"compile=true with trainer=fsdp over {processes} processes is not supported: torch.compile "
                           f"of the sharded UNet stops at its second step (a gradient shard of FSDP's flat parameter); "
                           f"set compile=false, or use trainer=ddp")
+
+
+def strategy_name(strategy: Any) -> str:
+    """`trainer.strategy` as a name: a node's `_target_` class path or Lightning's registry name ("ddp", "fsdp")."""
+    if isinstance(strategy, (dict, DictConfig)):
+        return str(strategy.get("_target_") or "")
+    return str(strategy or "")
 
 
 def _process_count(devices: Any, accelerator: str | None) -> int:

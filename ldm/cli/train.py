@@ -44,6 +44,7 @@ from ldm.cli.common import (
     resolve_output_dir,
     run_cli,
     save_config,
+    strategy_name,
 )
 from ldm.cli.run_lock import run_lock
 
@@ -193,17 +194,22 @@ def apply_backend_switches(cfg: DictConfig) -> None:
 def apply_ddp_needs(cfg: DictConfig) -> None:
     """`trainer.strategy.find_unused_parameters=true` under DDP when the model's class says its training step leaves
     parameters without gradients (`ddp_find_unused_parameters`, e.g. a GAN's two backward passes): with false DDP
-    stops at the second step ("parameters that were not used in producing the loss")."""
+    stops at the second step ("parameters that were not used in producing the loss"). A strategy given by its
+    registry name (`trainer.strategy=ddp`, `ddp_spawn`, ...) becomes its `_find_unused_parameters_true` variant."""
     strategy = cfg.trainer.get("strategy")
+    name = strategy_name(strategy)
     target = cfg.model.get("_target_")
-    if not isinstance(strategy, DictConfig) or not str(strategy.get("_target_", "")).endswith("DDPStrategy") \
-            or strategy.get("find_unused_parameters") or not target:
+    if not target or not getattr(hydra.utils.get_class(target), "ddp_find_unused_parameters", False):
         return
-    if getattr(hydra.utils.get_class(target), "ddp_find_unused_parameters", False):
+    if isinstance(strategy, DictConfig) and name.endswith("DDPStrategy") and not strategy.get("find_unused_parameters"):
         with open_dict(strategy):
             strategy.find_unused_parameters = True
-        rank_zero_info(f"trainer.strategy.find_unused_parameters=true: {target.rsplit('.', 1)[-1]} leaves "
-                       f"parameters without gradients in some backward passes")
+    elif isinstance(strategy, str) and name.startswith("ddp") and not name.endswith("_find_unused_parameters_true"):
+        cfg.trainer.strategy = name.removesuffix("_find_unused_parameters_false") + "_find_unused_parameters_true"
+    else:
+        return
+    rank_zero_info(f"trainer.strategy.find_unused_parameters=true: {target.rsplit('.', 1)[-1]} leaves "
+                   f"parameters without gradients in some backward passes")
 
 
 def apply_module_switches(module: L.LightningModule, cfg: DictConfig) -> None:
