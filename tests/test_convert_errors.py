@@ -124,3 +124,38 @@ def test_ema_weights_of_an_ldm_checkpoint(tmp_path):
     assert not torch.equal(load_components(bare).unet_state["conv_in.weight"], ema["conv_in.weight"])
     with pytest.raises(ConfigError, match="use_ema=False"):
         load_components(_single_file(tmp_path), use_ema=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("schedule", ["scaled_linear", "linear"])
+def test_betas_buffers_in_half_precision_give_the_exact_schedule(tmp_path, dtype, schedule):
+    """Pruned fp16 files keep LDM's `betas` buffer rounded to fp16 (SD's 0.00085 reads 0.000850201): the schedule is
+    recognised through the rounding, with SD's exact beta range, and linear and scaled-linear stay apart."""
+    from ldm.diffusion.schedule import make_betas
+
+    start, end = (0.00085, 0.012) if schedule == "scaled_linear" else (0.0001, 0.02)
+    betas = make_betas(schedule, 1000, start, end).to(dtype)
+    bare = _edit(_single_file(tmp_path), lambda s: s.update(betas=betas))
+    parts = load_components(bare)
+    assert (parts.schedule.beta_schedule, parts.schedule.beta_start, parts.schedule.beta_end) == (schedule, start, end)
+    assert parts.autoencoder_config.resolution == 512  # SD 1's size, which the weights do not record
+
+
+def test_a_vae_file_in_diffusers_layout_is_named(tmp_path):
+    from convert_helpers import diffusers_vae
+
+    diffusers_vae().save_pretrained(tmp_path / "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "vae.safetensors")
+    with pytest.raises(UnsupportedCheckpointError, match="diffusers' layout .* give the diffusers vae/ folder"):
+        load_autoencoder_any(tmp_path / "vae.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ".pt", ".pth", ".bin"])
+def test_every_single_file_suffix_is_a_stable_diffusion_text_encoder_source(tmp_path, suffix):
+    """`model.init_from` accepts every suffix `read_state_dict` reads; the conditioner, rebuilt from a checkpoint with
+    name_or_path = that file, must read its CLIP from it too (a .pt was taken for a transformers folder)."""
+    from ldm.conditioning.conditioner import is_stable_diffusion
+
+    (tmp_path / f"model{suffix}").write_bytes(b"")
+    assert is_stable_diffusion(str(tmp_path / f"model{suffix}"))
+    assert not is_stable_diffusion(str(tmp_path / "openai/clip-vit-large-patch14"))

@@ -19,6 +19,7 @@ from convert_helpers import (
 from ldm.convert import load_components, save_diffusers, save_single_file
 from ldm.convert.load import load_single_file
 from ldm.diffusion.schedule import ScheduleConfig
+from ldm.modules.latent_diffusion import LatentDiffusionModule
 
 PROMPTS = ["the cat", "a photo of the moon"]
 def _encode(text_encoder, tokenizer, prompts=PROMPTS) -> torch.Tensor:
@@ -95,6 +96,8 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     assert loaded.text_encoder is None and loaded.unet.config.sample_size == 32 // 2  # VAE size / its factor
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_diffusers(out, *args)
+    with pytest.raises(TypeError, match=r"stats\['scale_factor'\]"):  # load_autoencoder_any's statistics dict
+        save_diffusers(tmp_path / "other", unet, vae, {"scale_factor": 0.18215}, *args[3:])
     save_diffusers(out, *args, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, overwrite=True)
     assert (out / "text_encoder").is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no temp dirs left behind
@@ -120,7 +123,8 @@ def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_t
 
 
 def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread):
-    """An SD 2 file without metadata or .yaml does not say whether it predicts v or eps: the loader asks."""
+    """An SD 2 file without metadata or .yaml does not say whether it predicts v or eps: the loader leaves it None,
+    `model.init_from` stops naming model.init_prediction, and with it the generation size follows (768 px for v)."""
     from safetensors.torch import load_file, save_file
 
     from ldm.config import ConfigError
@@ -130,12 +134,23 @@ def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread
     unet = UNet(UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
                            num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True))
     vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1))
-    path = save_single_file(tmp_path / "sd2.safetensors", unet, vae, 0.18215, ScheduleConfig(), "v")
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    clip = tiny_clip(tokenizer, 1024, "gelu", layers=2, head_dim=64)
+    path = save_single_file(tmp_path / "sd2.safetensors", unet, vae, 0.18215, ScheduleConfig(), "v", clip)
     save_file(load_file(str(path)), str(tmp_path / "bare.safetensors"))  # the same tensors, no metadata
-    with pytest.raises(ConfigError, match="prediction='v' or 'eps'"):
-        load_components(tmp_path / "bare.safetensors")
+    parts = load_components(tmp_path / "bare.safetensors")
+    assert parts.prediction is None and parts.autoencoder_config.resolution == 512
+    conditioner = {"tokenizer": str(tmp_path / "tok")}
+    with pytest.raises(ConfigError, match="set model.init_prediction=v .* or eps"):
+        LatentDiffusionModule({"init_from": str(tmp_path / "bare.safetensors"), "conditioner": conditioner})
     parts = load_components(tmp_path / "bare.safetensors", prediction="v")
     assert parts.prediction == "v" and parts.schedule.steps_offset == 1  # SD's defaults for a bare file
+    assert parts.autoencoder_config.resolution == 768  # SD 2's v models generate at 768 px
+    module = LatentDiffusionModule({"init_from": str(tmp_path / "bare.safetensors"), "init_prediction": "v",
+                                    "conditioner": conditioner, "ema_decay": None})
+    assert module.config.diffusion.prediction == "v" and module.pipeline.image_size == 768
+    LatentDiffusionModule(module.hparams["config"], frozen=module.hparams["frozen"])  # as a checkpoint restores it
     (tmp_path / "bare.yaml").write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.00085\n")
     assert load_components(tmp_path / "bare.safetensors").prediction == "v"
 
@@ -160,3 +175,15 @@ def test_released_sd2_text_tower_keeps_the_penultimate_layer(tmp_path, single_to
     parts = load_components(tmp_path / "v2-1.safetensors", tokenizer_path=tmp_path / "tok")
     assert parts.text_encoder.config.num_hidden_layers == 2 and parts.text_encoder.config.hidden_act == "gelu"
     max_diff(_encode(parts.text_encoder, parts.tokenizer), _encode(used, tokenizer), "released SD 2 text tower -> ours")
+
+
+def test_a_pipeline_folder_saved_as_its_fp16_variant_loads_whole(tmp_path, single_torch_thread):
+    """Folders saved as their fp16 variant alone (`save_pretrained(variant="fp16")`, the hub's fp16 files) name every
+    weights file *.fp16.safetensors: UNet, VAE and the text encoder load, in fp32, equal to the fp16 weights."""
+    pipe = tiny_sd_pipeline(tmp_path, "sd1").to(torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    parts = load_components(tmp_path / "fp16")
+    assert parts.text_encoder is not None and parts.text_encoder.dtype == torch.float32
+    theirs, ours = pipe.text_encoder.state_dict(), parts.text_encoder.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours)
+    assert parts.unet_state["conv_in.weight"].dtype == torch.float16 and parts.build_unet() is not None

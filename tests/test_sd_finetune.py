@@ -57,7 +57,8 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
             "model=ldm/tiny", f"model.init_from={tmp_path / 'sd1'}", "model.lr=1e-3", "model.warmup_steps=0",
             "model.val_num_steps=2", f"data.train_shards={shapes_shards}/train-*.tar",
             f"data.val_shards={shapes_shards}/val-*.tar", "data.resolution=32", "data.batch_size=2",
-            "data.num_workers=0", "trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "data.num_workers=0", "model.image_size=48", "trainer=cpu", "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
             "trainer.limit_val_batches=1", "logger=csv", f"paths.output_dir={run}", "callbacks.progress=null"])
     train(cfg)
     out = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "diffusers",
@@ -69,4 +70,4 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
     assert all(torch.equal(v, before.autoencoder_state[k]) for k, v in after.autoencoder_state.items())  # frozen
     images = hf(PROMPTS, num_inference_steps=2, guidance_scale=3.0, output_type="pt",
                 generator=torch.Generator().manual_seed(0)).images
-    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.shape == (2, 3, 48, 48) and torch.isfinite(images).all()  # model.image_size: diffusers' default

@@ -73,7 +73,7 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
               "schedule": pipeline.diffusion.schedule, "prediction": pipeline.diffusion.prediction,
               "text_encoder": text_encoder, "overwrite": config.overwrite}
     if config.format == "diffusers":
-        written = save_diffusers(out, **common)
+        written = save_diffusers(out, **common, image_size=pipeline.image_size)
     else:
         written = save_single_file(target, **common)
     log.info("wrote %s (%s) from %s, step %s, %s weights", written, config.format, pipeline.provenance["source"],

@@ -320,10 +320,12 @@ class NullConditioner(Conditioner):
 def is_stable_diffusion(name_or_path: str | None) -> bool:
     """Whether `name_or_path` is a Stable Diffusion diffusers pipeline folder or single file (whose CLIP text encoder
     `ldm.convert` reads) rather than a transformers model directory or hub name."""
+    from ldm.convert.common import SINGLE_FILE_SUFFIXES
+
     if not name_or_path:
         return False
     path = Path(name_or_path).expanduser()
-    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in (".safetensors", ".ckpt"))
+    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES)
 
 
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,

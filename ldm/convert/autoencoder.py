@@ -97,6 +97,10 @@ def autoencoder_config_from_original(state: Mapping[str, torch.Tensor],
     if "encoder.conv_in.weight" not in state or "decoder.conv_in.weight" not in state:
         raise UnsupportedCheckpointError(f"{what}: no encoder.conv_in / decoder.conv_in weights: not an LDM "
                                          f"autoencoder")
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        raise UnsupportedCheckpointError(f"{what}: a VAE in diffusers' layout (encoder.down_blocks.*) without its "
+                                         f"config: give the diffusers vae/ folder (config.json beside "
+                                         f"diffusion_pytorch_model.safetensors) instead of the file")
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]

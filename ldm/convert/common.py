@@ -19,6 +19,8 @@ StateDict = dict[str, torch.Tensor]
 
 # The safetensors metadata key under which `save_single_file` stores the exact configs (JSON).
 METADATA_KEY = "ldm"
+# What an original-layout single file may end in (`read_state_dict` reads them all).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 class UnsupportedCheckpointError(ConfigError):

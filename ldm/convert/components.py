@@ -22,7 +22,8 @@ class SDComponents:
         unet_config, unet_state: our UNetConfig and a state dict for `ldm.nn.unet.UNet`.
         autoencoder_config, autoencoder_state: our AutoencoderConfig and a state dict for `AutoencoderKL`.
         latent_scale: diffusers' `scaling_factor` (SD 1/2: 0.18215); None when the source does not say.
-        schedule, prediction: the training noise schedule and what the UNet predicts (eps | v | x0).
+        schedule, prediction: the training noise schedule and what the UNet predicts (eps | v | x0); prediction is
+            None for an SD 2.x single file that does not say (no metadata, no `.yaml` beside it).
         text_encoder, tokenizer: a transformers CLIPTextModel (fp32, eval mode) and CLIPTokenizer.
         clip_layer: which output of text_encoder the UNet was trained on ("last": last_hidden_state).
         source: where each part came from, for the log.

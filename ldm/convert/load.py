@@ -14,7 +14,13 @@ from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
 from ldm.config import ConfigError
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
-from ldm.convert.common import StateDict, UnsupportedCheckpointError, read_json, read_state_dict
+from ldm.convert.common import (
+    SINGLE_FILE_SUFFIXES,
+    StateDict,
+    UnsupportedCheckpointError,
+    read_json,
+    read_state_dict,
+)
 from ldm.convert.components import SDComponents, load_tokenizer  # noqa: F401 - re-exported
 from ldm.convert.schedule import schedule_from_diffusers
 from ldm.convert.single_file import load_single_file, read_single_file_autoencoder
@@ -23,7 +29,6 @@ from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNetConfig
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def detect_layout(path: str | Path) -> str:
@@ -124,7 +129,12 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
         kind = index["text_encoder"][1]
         if kind != "CLIPTextModel":
             raise UnsupportedCheckpointError(f"{directory}: text encoder {kind!r} is not supported (CLIPTextModel)")
-        parts.text_encoder = CLIPTextModel.from_pretrained(str(directory / "text_encoder"), local_files_only=True,
+        folder = directory / "text_encoder"
+        # note: a folder saved as its fp16 variant alone (`save_pretrained(variant="fp16")`, the hub's fp16
+        # branches) holds model.fp16.safetensors, which transformers reads only when asked for the variant.
+        variant = "fp16" if not any(folder.glob("model.safetensors*")) and not any(folder.glob("pytorch_model.bin*")) \
+            and any(folder.glob("*.fp16.*")) else None
+        parts.text_encoder = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, variant=variant,
                                                            dtype=torch.float32).eval()
     if tokenizer_path is not None:
         parts.tokenizer = load_tokenizer(tokenizer_path)
@@ -141,7 +151,8 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
         path: a diffusers pipeline folder, a diffusers unet/ or vae/ folder, or an original single file.
         tokenizer_path: a CLIP tokenizer directory (required to get a tokenizer from a single file; overrides a
             pipeline's tokenizer/).
-        prediction: for single files that do not record it (see `load_single_file`).
+        prediction: for single files, what the UNet predicts (needed for SD 2.x files that do not record it; see
+            `load_single_file`).
         use_ema: for single files, take the UNet's `model_ema.*` weights (see `load_single_file`).
         key: the config key that named `path`, for errors.
     """

@@ -106,7 +106,7 @@ def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
 def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, latent_scale: float | None,
                    schedule: ScheduleConfig, prediction: str, text_encoder: Any | None = None,
                    tokenizer: Any | None = None, clip_layer: str | None = None, overwrite: bool = False,
-                   force_upcast: bool = False) -> Path:
+                   force_upcast: bool = False, image_size: int | None = None) -> Path:
     """Write a folder that `diffusers.StableDiffusionPipeline.from_pretrained(out_dir)` loads.
 
     unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors), scheduler/scheduler_config.json (a
@@ -121,13 +121,20 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         text_encoder, tokenizer, clip_layer: see `export_text_encoder`.
         overwrite: replace an existing folder.
         force_upcast: the VAE's force_upcast flag (true for VAEs that overflow in fp16, like SDXL's).
+        image_size: the pixel size diffusers' pipeline generates by default (the configs' `sample_size`; SD 1.5:
+            512); None: the autoencoder's training resolution.
 
     Returns:
         out_dir as a Path.
     """
     out_dir = Path(out_dir)
-    vae_config = ae.autoencoder_config_to_diffusers(autoencoder.config, latent_scale, force_upcast)
-    latent_size = autoencoder.config.resolution // autoencoder.downsample_factor
+    if latent_scale is not None and (isinstance(latent_scale, bool) or not isinstance(latent_scale, (int, float))):
+        raise TypeError(f"latent_scale must be a number (diffusers' scaling_factor), got {latent_scale!r}; from "
+                        f"load_autoencoder_any's statistics pass stats['scale_factor']")
+    image_size = image_size or autoencoder.config.resolution
+    vae_config = ae.autoencoder_config_to_diffusers(dataclasses.replace(autoencoder.config, resolution=image_size),
+                                                    latent_scale, force_upcast)
+    latent_size = image_size // autoencoder.downsample_factor
     unet_config = un.unet_config_to_diffusers(unet.config, latent_size)
     unet_state = un.unet_to_diffusers(unet.state_dict(), unet.config)
     vae_state = ae.autoencoder_to_diffusers(autoencoder.state_dict(), autoencoder.config)

@@ -23,6 +23,9 @@ _PREDICTION_TO_DIFFUSERS = {v: k for k, v in _PREDICTION_TO_OURS.items()}
 # Stable Diffusion's training schedule and sampling defaults (v1-inference.yaml and diffusers' SD scheduler configs).
 SD_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                              beta_end=0.012, timestep_spacing="leading", steps_offset=1)
+# (beta_start, beta_end) of SD's (and LDM's text-to-image), LDM's unconditional and DDPM's schedules: recognised in
+# rounded buffers.
+_KNOWN_BETA_RANGES = ((SD_SCHEDULE.beta_start, SD_SCHEDULE.beta_end), (0.0015, 0.0195), (0.0001, 0.02))
 
 
 def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, str]:
@@ -67,14 +70,20 @@ def schedule_to_diffusers(schedule: ScheduleConfig, prediction: str) -> dict[str
 def schedule_from_betas(betas: torch.Tensor) -> ScheduleConfig:
     """SD's schedule with the beta range of an LDM checkpoint's `betas` buffer, checked against our formulas.
 
+    The buffer may be stored in half precision (pruned fp16 files): it is compared within its dtype's rounding, and
+    SD's and LDM's beta ranges are recognised through it (0.000850201 in fp16 is SD's 0.00085).
+
     Raises:
         UnsupportedCheckpointError: the betas follow neither the linear nor the scaled-linear schedule.
     """
+    rtol = max(1e-4, 2 * torch.finfo(betas.dtype).eps) if betas.is_floating_point() else 1e-4
     betas = betas.double()
     start, end = float(betas[0]), float(betas[-1])
+    ranges = [(s, e) for s, e in _KNOWN_BETA_RANGES if abs(s - start) <= rtol * s and abs(e - end) <= rtol * e]
+    start, end = ranges[0] if ranges else (round(start, 8), round(end, 8))
     for name in ("scaled_linear", "linear"):
-        if torch.allclose(make_betas(name, len(betas), start, end), betas, rtol=1e-4, atol=1e-7):
-            return ScheduleConfig(num_train_timesteps=len(betas), beta_schedule=name, beta_start=round(start, 8),
-                                  beta_end=round(end, 8), timestep_spacing="leading", steps_offset=1)
+        if torch.allclose(make_betas(name, len(betas), start, end), betas, rtol=rtol, atol=1e-7):
+            return ScheduleConfig(num_train_timesteps=len(betas), beta_schedule=name, beta_start=start,
+                                  beta_end=end, timestep_spacing="leading", steps_offset=1)
     raise UnsupportedCheckpointError(f"the checkpoint's betas ({len(betas)} steps, {start:.6g} .. {end:.6g}) follow "
                                      f"neither a linear nor a scaled-linear schedule")

@@ -50,8 +50,9 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
     Args:
         path: the file; `.ckpt` is opened with weights_only=True (no pickled code runs).
         tokenizer_path: a CLIP tokenizer directory; a single file holds none. Without it `tokenizer` is None.
-        prediction: eps | v | x0, required for SD 2.x files that carry neither metadata nor a `.yaml` (768-px SD 2
-            models predict v, 512-px "base" models eps).
+        prediction: eps | v | x0, what the UNet predicts whatever the file says; needed for SD 2.x files that carry
+            neither metadata nor a `.yaml` (768-px SD 2 models predict v, 512-px "base" models eps), whose
+            `prediction` is None without it.
         use_ema: take the UNet's EMA weights (`model_ema.*`); an error when the file has none.
 
     Raises:
@@ -95,6 +96,11 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
     if parts.unet_config is not None:
         parts.schedule, parts.prediction = _schedule_of_file(state, meta, yaml_params, parts.unet_config,
                                                              prediction, what)
+        if parts.autoencoder_config is not None and "autoencoder_config" not in meta:
+            # note: the weights do not say the training size; SD's is (diffusers' single-file default): 512 px, and
+            # 768 px for SD 2.x models that predict v. It becomes the pipeline's default generation size.
+            size = 768 if parts.unet_config.context_dim == 1024 and parts.prediction == "v" else 512
+            parts.autoencoder_config = dataclasses.replace(parts.autoencoder_config, resolution=size)
     return parts
 
 
@@ -179,8 +185,4 @@ def _schedule_of_file(state: StateDict, meta: dict[str, Any], yaml_params: dict[
         prediction = {"eps": "eps", "v": "v", "x0": "x0"}.get(yaml_params.get("parameterization", "eps"))
     if prediction is None and unet.context_dim == 768:
         prediction = "eps"  # every SD 1.x model
-    if prediction is None:
-        raise ConfigError(f"{what}: an SD 2.x file does not record what its UNet predicts: 768-px SD 2.x models "
-                          f"(e.g. v2-1_768-ema-pruned) predict v, 512-px base models eps. Pass prediction='v' or "
-                          f"'eps', or put the model's LDM config beside it as {Path(what.split()[-1]).stem}.yaml")
-    return schedule, prediction
+    return schedule, prediction  # None: an SD 2.x file that does not say (768-px models predict v, base models eps)

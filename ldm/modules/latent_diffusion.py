@@ -26,6 +26,7 @@ from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
+from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.modules.ema import make_ema, whole
 from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
@@ -42,6 +43,11 @@ class Config:
     init_from: str | None = None           # a Stable Diffusion diffusers pipeline folder or single file: its UNet
     #                                        (layout and weights), schedule, prediction and CLIP text encoder replace
     #                                        unet.*, diffusion.schedule / prediction and conditioner.* (printed)
+    init_prediction: str | None = None     # what init_from's UNet predicts (eps | v | x0), for an SD 2.x single file
+    #                                        that does not record it (768-px models: v; 512-px base: eps); null: the
+    #                                        file's metadata, its .yaml, or eps for SD 1.x
+    init_ema: bool = False                 # init_from a single file: its UNet's EMA weights (model_ema.*, as in
+    #                                        v1-5-pruned.ckpt) instead of the training weights diffusers takes
     latent_scale: float | None = None      # z * latent_scale is what diffusion sees; null: 1 / std from stage 1's
     #                                        latent statistics (error if it has none)
     sample_posterior: bool = True          # encode to a posterior sample (LDM) or its mode
@@ -73,6 +79,8 @@ class Config:
     def __post_init__(self) -> None:
         check_choice("val_sampler", self.val_sampler, SAMPLERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.init_prediction is not None:
+            check_choice("init_prediction", self.init_prediction, PREDICTIONS)
         if not self.autoencoder_path and not self.init_from:
             raise ConfigError("model.autoencoder_path is required: stage 1's export directory (<vae run>/export), "
                               "run directory or checkpoint, or a Stable Diffusion VAE, e.g. "
@@ -104,10 +112,16 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     from ldm.convert import load_components
 
     c = config
-    parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer, key="model.init_from")
+    parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer, prediction=c.init_prediction,
+                            use_ema=c.init_ema, key="model.init_from")
     if parts.unet_state is None:
         raise ConfigError(f"model.init_from={c.init_from} holds no UNet ({parts.source}); give a diffusers pipeline "
                           f"folder or a Stable Diffusion single file (a VAE alone goes to model.autoencoder_path)")
+    if parts.prediction is None:
+        raise ConfigError(f"model.init_from={c.init_from} is an SD 2.x file that does not record what its UNet "
+                          f"predicts: set model.init_prediction=v for 768-px models (e.g. v2-1_768-ema-pruned) or eps "
+                          f"for 512-px base models, or put the model's LDM config beside it as "
+                          f"{Path(c.init_from).stem}.yaml")
     if parts.autoencoder_state is None and not c.autoencoder_path:
         raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
     conditioner = c.conditioner
