@@ -126,6 +126,36 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
     assert not list(out.glob(".*.tmp"))
 
 
+def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_named(
+        shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Resuming compares each input's size and modification time, not only its path: shards rewritten since (other
+    data under the same names) are encoded again. A truncated input shard is reported with the samples it lost,
+    and latent shards whose inputs are gone are named (a training glob would still read them)."""
+    import shutil
+
+    autoencoder, _ = encoders
+    data, out = tmp_path / "data", tmp_path / "latents"
+    shutil.copytree(shapes_shards, data)
+    run_encode(data, autoencoder, out)
+    first = read_shard(out / "train-000001.tar")
+    # Shard 1 rewritten with shard 0's samples; shard 2 cut in half (summary.json still says 16); shard 3 deleted.
+    shutil.copy(data / "train-000000.tar", data / "train-000001.tar")
+    damaged = (data / "train-000002.tar").read_bytes()
+    (data / "train-000002.tar").write_bytes(damaged[: len(damaged) // 2])
+    (data / "train-000003.tar").unlink()
+
+    with caplog.at_level("WARNING"):
+        summary = run_encode(data, autoencoder, out)
+    assert summary["shards_finished_before"] == 1 and summary["shards_encoded"] == 2
+    again = read_shard(out / "train-000001.tar")
+    assert [s["__key__"] for s in again] == [s["__key__"] for s in read_shard(out / "train-000000.tar")]
+    assert [s["__key__"] for s in again] != [s["__key__"] for s in first]
+    stats = json.loads((out / "train-000002_stats.json").read_text())
+    assert stats["successes"] < 16 and stats["successes"] + stats["failed"] == 16
+    assert "damaged tar: the shard ends after" in stats["skipped"][-1][1]
+    assert "whose input shards no longer exist (train-000003.tar)" in caplog.text
+
+
 def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_shards: Path,
                                                                         encoders: tuple[Path, Path], tmp_path: Path):
     autoencoder, _ = encoders

@@ -55,15 +55,17 @@ def _device(config: EncodeConfig, index: int) -> torch.device:
     return choose_device(config.accelerator, "accelerator", index)
 
 
-def _encode_shards(config: EncodeConfig, tasks: list[tuple[str, str]], device: torch.device,
+def _encode_shards(config: EncodeConfig, tasks: list[tuple[str, str, int]], device: torch.device,
                    progress: Callable[[int], None], encoders: Encoders | None = None) -> list[dict[str, Any]]:
     if not tasks:
         return []
     encoders = encoders or load_encoders(config, device)
-    return [encode_shard(url, Path(output), encoders, config, device, progress) for url, output in tasks]
+    return [encode_shard(url, Path(output), encoders, config, device, progress, expected)
+            for url, output, expected in tasks]
 
 
-def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str]], threads: int, messages: Any) -> None:
+def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str, int]], threads: int,
+           messages: Any) -> None:
     """A spawned process: encode `tasks` on device `index`, reporting progress and the result through `messages`."""
     try:
         torch.set_num_threads(threads)
@@ -82,7 +84,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
                 mininterval=1.0, smoothing=0.1)
 
 
-def _spawn(config: EncodeConfig, tasks: list[tuple[str, str]], total: int) -> list[dict[str, Any]]:
+def _spawn(config: EncodeConfig, tasks: list[tuple[str, str, int]], total: int) -> list[dict[str, Any]]:
     """Encode `tasks` in `config.devices` spawned processes, each its own shards; one progress bar here."""
     context = torch.multiprocessing.get_context("spawn")
     messages = context.Queue()
@@ -180,7 +182,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         if is_finished(urls[i], output):
             finished += 1
             continue
-        tasks.append((urls[i], str(output)))
+        tasks.append((urls[i], str(output), counts[i]))
         total += counts[i]
     log.info("ldm-encode: %d of %d shards to encode (%d finished earlier), %d samples, %s", len(tasks),
              len(urls) if world == 1 else len(range(rank, len(urls), world)), finished, total,

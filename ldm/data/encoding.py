@@ -172,6 +172,11 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Enc
                               f"overwrite=true to replace them")
         inputs = {**old.get("inputs", {}), **inputs}
         manifest = {**old, "inputs": inputs}
+        gone = sorted(name for name, url in inputs.items() if not Path(url).exists() and (out / name).exists())
+        if gone:
+            log.warning("output_dir=%s holds %d latent shards whose input shards no longer exist (%s): training on "
+                        "%s/*.tar would read them; delete them, or encode again with overwrite=true", out, len(gone),
+                        ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""), out)
     else:
         manifest = {**manifest, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "ldm_version": __version__, "inputs": inputs}
@@ -193,15 +198,23 @@ def stats_path(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".tar") + "_stats.json")
 
 
+def input_identity(url: str) -> dict[str, Any]:
+    """What identifies an input shard's contents for resuming: its path, size and modification time."""
+    stat = Path(url).stat()
+    return {"input": url, "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+
+
 def is_finished(url: str, output: Path) -> bool:
-    """The shard and its stats file exist and the stats name this input (a rename or a new input re-encodes)."""
+    """The shard and its stats file exist and the stats name this input as it is now (a renamed, rewritten or new
+    input shard is encoded again)."""
     stats = stats_path(output)
     if not (output.is_file() and stats.is_file()):
         return False
     try:
-        return json.loads(stats.read_text()).get("input") == url
+        written = json.loads(stats.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return all(written.get(k) == v for k, v in input_identity(url).items())
 
 
 def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
@@ -256,8 +269,10 @@ def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], enc
 
 
 def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfig, device: torch.device,
-                 progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """Encode one image shard into `output` (atomically), then write its stats file; return the stats."""
+                 progress: Callable[[int], None] = lambda n: None, expected: int | None = None) -> dict[str, Any]:
+    """Encode one image shard into `output` (atomically), then write its stats file; return the stats. `expected`
+    is the shard's sample count (summary.json or its tar headers): a shard that ends earlier is reported damaged."""
+    identity = input_identity(url)  # note: before reading, so that a shard rewritten meanwhile is encoded again
     skipped: list[list[str]] = []
     count = 0
     with atomic_open(output, "wb") as f:
@@ -285,8 +300,14 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
         if samples:
             flush()
         writer.close()  # note: closes the tar stream only; atomic_open still flushes and renames the file
+    failed = len(skipped)
+    if expected is not None and count + failed < expected:
+        skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "
+                             f"{expected} (truncated, or summary.json is out of date); rewrite it with ldm-data and "
+                             f"run ldm-encode again (it re-encodes a rewritten input shard)"])
+        failed = expected - count
     if skipped:
-        log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, len(skipped), skipped[:3])
-    stats = {"successes": count, "failed": len(skipped), "skipped": skipped[:1000], "input": url}
+        log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, failed, skipped[-3:])
+    stats = {"successes": count, "failed": failed, "skipped": skipped[:1000], **identity}
     atomic_write_text(json.dumps(stats, indent=2) + "\n", stats_path(output))
     return stats
