@@ -86,7 +86,7 @@ class OracleGenerator(nn.Module):
 
     def __init__(self, resolution: int = 32, noise: bool = False):
         super().__init__()
-        self.resolution = resolution
+        self.image_size = resolution  # the generation size, as LatentDiffusionPipeline.image_size
         self.noise = noise
         self.provenance = {"source": "oracle", "step": -1, "weights": "raw", "val_shards": None}
 
@@ -96,9 +96,9 @@ class OracleGenerator(nn.Module):
         for prompt, seed in zip(prompts, seeds):
             if self.noise:
                 g = torch.Generator().manual_seed(int(seed))
-                out.append(torch.rand(3, self.resolution, self.resolution, generator=g) * 2 - 1)
+                out.append(torch.rand(3, self.image_size, self.image_size, generator=g) * 2 - 1)
             else:
-                out.append(render_caption(prompt, self.resolution).float() / 127.5 - 1)
+                out.append(render_caption(prompt, self.image_size).float() / 127.5 - 1)
         return torch.stack(out)
 
 

@@ -158,6 +158,9 @@ def test_missing_weights_fail_fast_offline_naming_the_config_key(tmp_path: Path,
     with pytest.raises(WeightsNotFoundError, match="clip_model=.*no such directory"):
         clip_loader(str(tmp_path / "no_clip_here"))
     assert callable(clip_loader(str(clip_dir)))  # a local directory needs nothing else
+    (tmp_path / "broken_clip").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="clip_model=.*broken_clip: the CLIP model could not be loaded"):
+        clip_loader(str(tmp_path / "broken_clip"))()
 
 
 def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Path, tmp_path: Path):
@@ -166,3 +169,44 @@ def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Pat
     file = tmp_path / "prompts.txt"
     file.write_text("a red circle\n\na blue square\n")
     assert load_prompts("file", 3, prompts_file=str(file)) == ["a red circle", "a blue square", "a red circle"]
+
+
+def test_eval_reads_every_training_image_format_and_reports_damaged_shards(shapes_shards: Path, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture):
+    """The evaluation reader takes the image formats the training loader takes (bmp too); a sample whose image does
+    not decode is left out naming its shard and key, and a truncated shard is reported against its count."""
+    import io
+    import shutil
+    import tarfile
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("val-000000.tar", "summary.json"):
+        shutil.copy(shapes_shards / name, data / name)
+    shard = data / "val-000000.tar"
+    with tarfile.open(shapes_shards / "val-000000.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as out:  # sample 0 as .bmp, sample 1's image replaced by text
+        for i, (member, data_) in enumerate(members):
+            if member.name.endswith(".png") and i < 3:
+                buffer = io.BytesIO()
+                Image.open(io.BytesIO(data_)).save(buffer, format="BMP")
+                member, data_ = tarfile.TarInfo(member.name.replace(".png", ".bmp")), buffer.getvalue()
+            elif member.name.endswith(".png") and i < 6:
+                data_ = b"not an image"
+            member.size = len(data_)
+            out.addfile(member, io.BytesIO(data_))
+    with caplog.at_level("WARNING"):
+        images, captions = zip(*iter_image_batches([str(shard)], 32, None, 64))
+    assert len(torch.cat(images)) == 15  # 16 samples, one undecodable
+    assert f"{shard}: sample " in caplog.text and "does not decode" in caplog.text
+
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        images, _ = zip(*iter_image_batches([str(shard)], 32, None, 64))
+    read = len(torch.cat(images)) + 1
+    assert read < 16 and f"damaged tar {shard}: it ends after" in caplog.text and "its count says 16" in caplog.text

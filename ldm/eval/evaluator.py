@@ -214,10 +214,12 @@ class Evaluator:
                             shards: list[str] | None, sweep: dict[str, Any],
                             ) -> tuple[dict[str, Any], int, torch.Tensor | None]:
         cfg = self.cfg
-        scorer: GenerationMetrics | None = None
-        resolution = -1
+        # note: the metrics' models (Inception, CLIP) and reference statistics are loaded before the first sample is
+        # made, so that weights that cannot be had fail at once, not after a batch of generation.
+        resolution = int(pipeline.image_size)
+        scorer, protocol = self._generation_metrics(resolution, shards)
+        generated = 0
         shown: list[torch.Tensor] = []
-        protocol: dict[str, Any] = {}
         for batch in rank_batches(cfg.num_samples, cfg.batch_size, self.rank, self.world):
             batch_prompts = [prompts[i] for i in batch]
             with torch.no_grad():
@@ -225,13 +227,11 @@ class Evaluator:
                                            class_labels=None if labels is None else [labels[i] for i in batch],
                                            **sweep)
             images = to_uint8(images).to(self.device)                                 # (B, 3, H, W)
-            if scorer is None:  # the resolution is the model's: known from its first images
-                resolution = int(images.shape[-1])
-                scorer, protocol = self._generation_metrics(resolution, shards)
             scorer.update(images, batch_prompts)
+            generated += len(images)
             if sum(len(s) for s in shown) < cfg.wandb.num_images:
                 shown.append(images.cpu())
-        if scorer is None:
+        if not generated:
             raise ValueError(f"rank {self.rank} got no samples: num_samples={cfg.num_samples} < {self.world} ranks")
         metrics = scorer.compute()
         return {**metrics, "_protocol": protocol}, resolution, torch.cat(shown) if shown else None

@@ -166,8 +166,14 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
         _check_hf_cache(model_name_or_path, key)
 
     def load() -> tuple[Any, Any]:
-        model = CLIPModel.from_pretrained(source, local_files_only=local_only)
-        processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
+        try:
+            model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+            processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
+        except OSError as err:  # note: a hub name with no network ends here, after the hub client's retries
+            raise WeightsNotFoundError(
+                f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "
+                f"point {key} at a local CLIP directory saved with save_pretrained, or put the model in the Hugging "
+                f"Face cache (HF_HOME); HF_HUB_OFFLINE=1 makes a missing model fail at once") from None
         return ClipEmbeddings(model.eval()), processor
 
     return load

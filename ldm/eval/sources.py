@@ -8,7 +8,9 @@ the first caption extension the caption.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,9 +20,11 @@ import torch
 from PIL import Image
 
 from ldm.config import ConfigError
+from ldm.data.stream import IMAGE_KEYS
 from ldm.images import decode_image
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+log = logging.getLogger(__name__)
+
 CAPTION_EXTENSIONS = ("txt", "caption", "json")
 
 
@@ -41,22 +45,42 @@ def _caption(ext: str, data: bytes) -> str:
 
 
 def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
-    """Each sample of `shards` in order, as {extension: bytes} of the tar members sharing its key."""
-    for shard in shards:
-        with tarfile.open(shard, "r") as tar:
-            current_key, members = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                stem, _, ext = Path(member.name).name.partition(".")
-                key = str(Path(member.name).parent / stem)
-                if key != current_key and members:
+    """Each sample of `shards` in order, as {extension: bytes} of the tar members sharing its key (and `__key__`,
+    `__url__`: the key and the shard, as strings). A damaged shard is read up to the damage and reported, naming
+    the samples it lost against its count (summary.json, as the training loader counts)."""
+    from ldm.data.datamodule import shard_counts
+
+    counts = shard_counts(list(shards), "val_shards", None)
+    for shard, count in zip(shards, counts):
+        read, error = 0, ""
+        try:
+            with tarfile.open(shard, "r") as tar:
+                current_key, members = None, {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    stem, _, ext = Path(member.name).name.partition(".")
+                    key = str(Path(member.name).parent / stem)
+                    if key != current_key and members:
+                        read += 1
+                        yield members
+                        members = {}
+                    current_key = key
+                    members.update({ext.lower(): tar.extractfile(member).read(), "__key__": key, "__url__": shard})
+                if members:
+                    read += 1
                     yield members
-                    members = {}
-                current_key = key
-                members[ext.lower()] = tar.extractfile(member).read()
-            if members:
-                yield members
+        except (tarfile.TarError, OSError, EOFError) as err:  # note: the samples before the damage were yielded
+            error = f" ({type(err).__name__}: {err})"
+        if read < count or error:
+            _report_damaged(shard, read, count, error)
+
+
+@functools.cache
+def _report_damaged(shard: str, read: int, count: int, error: str) -> None:
+    """Warn once per damaged shard (evaluation reads a shard set up to three times: captions, labels, images)."""
+    log.warning("damaged tar %s: it ends after %d samples but its count says %d%s; evaluation uses the %d it could "
+                "read (rewrite the shard with ldm-data)", shard, read, count, error, read)
 
 
 def sample_caption(members: dict[str, bytes]) -> str:
@@ -66,11 +90,19 @@ def sample_caption(members: dict[str, bytes]) -> str:
 
 
 def iter_shard_samples(shards: Sequence[str]) -> Iterator[tuple[Image.Image, str]]:
-    """(image, caption) pairs of every sample of `shards` that holds an image, in shard order."""
+    """(image, caption) pairs of every sample of `shards` that holds an image, in shard order; an image that does
+    not decode is left out, with a warning naming its shard and key."""
     for members in iter_shard_members(shards):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if ext is not None:
-            yield decode_image(members[ext]), sample_caption(members)  # 8-bit RGB, as the training loader sees it
+        ext = next((e for e in IMAGE_KEYS if e in members), None)
+        if ext is None:
+            continue
+        try:
+            image = decode_image(members[ext])  # 8-bit RGB, as the training loader sees it
+        except Exception as err:  # noqa: BLE001 -- a corrupt image is reported and left out, as in training
+            log.warning("%s: sample %s left out: its %s does not decode (%s: %s)", members["__url__"],
+                        members["__key__"], ext, type(err).__name__, str(err)[:200])
+            continue
+        yield image, sample_caption(members)
 
 
 def to_resolution(image: Image.Image, resolution: int) -> Image.Image:
