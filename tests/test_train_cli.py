@@ -99,22 +99,25 @@ def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nod
     check_trainer(ddp, "ldm.modules.autoencoder.AutoencoderModule")
 
 
-@pytest.mark.parametrize(("strategy", "expected"), [
-    (None, None), ("ddp", "ddp_find_unused_parameters_true"),
-    ("ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true"),
-    ("ddp_find_unused_parameters_true", "ddp_find_unused_parameters_true"), ("auto", "auto")])
-def test_ddp_searches_unused_parameters_for_the_gan_autoencoder_however_the_strategy_is_named(strategy, expected):
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["trainer=ddp_cpu"], None), (["trainer=ddp_cpu", "trainer.strategy=ddp"], "ddp_find_unused_parameters_true"),
+    (["trainer=ddp_cpu", "trainer.strategy=ddp_spawn_find_unused_parameters_false"],
+     "ddp_spawn_find_unused_parameters_true"),
+    (["trainer=cpu", "trainer.strategy=ddp_find_unused_parameters_true"], "ddp_find_unused_parameters_true"),
+    (["trainer=cpu", "trainer.devices=2"], "ddp_find_unused_parameters_true"),  # auto: Lightning would pick DDP
+    (["trainer=cpu"], "auto")])  # one process: nothing to search
+def test_ddp_searches_unused_parameters_for_the_gan_autoencoder_however_the_strategy_is_named(overrides, expected):
     """The autoencoder's two backward passes leave parameters without gradients: DDP must look for them, whether
-    trainer.strategy is a node (trainer=ddp_cpu) or a registry name; the diffusion model keeps DDP's faster default."""
-    overrides = ["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]
-    overrides += [] if strategy is None else [f"trainer.strategy={strategy}"]
+    trainer.strategy is a node (trainer=ddp_cpu), a registry name or auto over several processes; the diffusion
+    model keeps DDP's faster default."""
     for model, searches in (("quickstart_vae", True), ("quickstart_ldm", False)):
-        cfg = compose_train(overrides + [f"experiment={model}"])
+        cfg = compose_train(overrides + ["paths.output_dir=/tmp/unused", f"experiment={model}"])
+        given = cfg.trainer.strategy
         apply_ddp_needs(cfg)
-        if strategy is None:
+        if expected is None:
             assert cfg.trainer.strategy.find_unused_parameters is searches
         else:
-            assert cfg.trainer.strategy == (expected if searches else strategy)
+            assert cfg.trainer.strategy == (expected if searches else given)
             L.Trainer(accelerator="cpu", devices=2, strategy=cfg.trainer.strategy, logger=False)  # a known name
 
 

@@ -233,7 +233,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
     if "fsdp" not in strategy_name(trainer.get("strategy")).lower():
         return
-    processes = _process_count(trainer.get("devices"), accelerator) * int(trainer.get("num_nodes") or 1)
+    processes = process_count(trainer)
     if processes > 1 and not (model_target and getattr(get_class(model_target), "fsdp_shards", False)):
         name = (model_target or "this model").rsplit(".", 1)[-1]
         raise ConfigError(f"trainer=fsdp over {processes} processes is not supported for {name} (only the latent "
@@ -252,17 +252,21 @@ def strategy_name(strategy: Any) -> str:
     return str(strategy or "")
 
 
-def _process_count(devices: Any, accelerator: str | None) -> int:
-    """Processes per node for Lightning's `devices` (a count, a list of indices, or auto / -1: every visible GPU)."""
+def process_count(trainer: DictConfig | dict[str, Any]) -> int:
+    """Training processes of a `trainer` node: devices per node (a count, a list of indices, or auto / -1: every
+    visible GPU) times `num_nodes`."""
     import torch
 
+    devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
     if isinstance(devices, int) and devices > 0:
-        return devices
-    if isinstance(devices, (list, tuple, ListConfig)):
-        return len(devices)
-    if str(devices) in ("auto", "-1") and accelerator in ("gpu", "cuda", "auto"):
-        return max(torch.cuda.device_count(), 1)
-    return 1
+        per_node = devices
+    elif isinstance(devices, (list, tuple, ListConfig)):
+        per_node = len(devices)
+    elif str(devices) in ("auto", "-1") and accelerator in ("gpu", "cuda", "auto"):
+        per_node = max(torch.cuda.device_count(), 1)
+    else:
+        per_node = 1
+    return per_node * int(trainer.get("num_nodes") or 1)
 
 
 def check_nodes(cfg: DictConfig, keys: tuple[str, ...]) -> None:

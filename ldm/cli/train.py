@@ -41,6 +41,7 @@ from ldm.cli.common import (
     check_trainer,
     cli_entry,
     print_config_tree,
+    process_count,
     resolve_output_dir,
     run_cli,
     save_config,
@@ -195,7 +196,8 @@ def apply_ddp_needs(cfg: DictConfig) -> None:
     """`trainer.strategy.find_unused_parameters=true` under DDP when the model's class says its training step leaves
     parameters without gradients (`ddp_find_unused_parameters`, e.g. a GAN's two backward passes): with false DDP
     stops at the second step ("parameters that were not used in producing the loss"). A strategy given by its
-    registry name (`trainer.strategy=ddp`, `ddp_spawn`, ...) becomes its `_find_unused_parameters_true` variant."""
+    registry name (`trainer.strategy=ddp`, `ddp_spawn`, ...) becomes its `_find_unused_parameters_true` variant, and
+    `auto` over several processes (`trainer.devices=2`, where Lightning would choose DDP) `ddp` with the search."""
     strategy = cfg.trainer.get("strategy")
     name = strategy_name(strategy)
     target = cfg.model.get("_target_")
@@ -206,6 +208,9 @@ def apply_ddp_needs(cfg: DictConfig) -> None:
             strategy.find_unused_parameters = True
     elif isinstance(strategy, str) and name.startswith("ddp") and not name.endswith("_find_unused_parameters_true"):
         cfg.trainer.strategy = name.removesuffix("_find_unused_parameters_false") + "_find_unused_parameters_true"
+    elif name in ("", "auto") and process_count(cfg.trainer) > 1:
+        with open_dict(cfg.trainer):
+            cfg.trainer.strategy = "ddp_find_unused_parameters_true"
     else:
         return
     rank_zero_info(f"trainer.strategy.find_unused_parameters=true: {target.rsplit('.', 1)[-1]} leaves "
