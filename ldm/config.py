@@ -75,7 +75,7 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
     where = f"{prefix}." if prefix else ""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_object(merged)
+        return _to_object(merged, where)
     except ConfigKeyError as err:
         key = f"{where}{err.full_key}" if getattr(err, "full_key", None) else where.rstrip(".")
         owner = err.object_type if dataclasses.is_dataclass(err.object_type) else schema
@@ -87,6 +87,20 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         raise ConfigError(f"bad value for config key '{key}': {err.msg.splitlines()[0]}") from None
     except ConfigError as err:
         raise ConfigError(f"{where}{err}" if where and not str(err).startswith(where) else str(err)) from None
+
+
+def _to_object(node: DictConfig, where: str) -> Any:
+    """`OmegaConf.to_object`, building nested dataclass nodes first, so that a check in a nested schema's
+    `__post_init__` (which knows only its own keys) names the full key: model.unet.norm_groups, not norm_groups."""
+    for key in node:
+        child = node[key]
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            _to_object(child, f"{where}{key}.")
+    try:
+        return OmegaConf.to_object(node)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(where) else f"{where}{message}") from None
 
 
 def schema_node(target: str) -> type:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.conditioning.byte import ByteTextEncoder
-from ldm.config import ConfigError
+from ldm.config import ConfigError, to_dataclass
 from ldm.modules.contrastive import ContrastiveModule, contrastive_loss
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
@@ -59,10 +59,12 @@ def test_image_encoder_keeps_position_and_checks_its_input():
     assert features.shape == (2, 256) and not torch.allclose(features[0], features[1])
     with pytest.raises(ValueError, match=r"takes 16 x 16"):
         encoder(torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ConfigError, match="divisible by 2 \\*\\* len\\(image.channels\\)"):
+    with pytest.raises(ConfigError, match="divisible by 2 \\*\\* len\\(channels\\)"):
         ImageEncoderConfig(resolution=20, channels=[8, 16, 32])
-    with pytest.raises(ConfigError, match="divisible by image.norm_groups=8"):
+    with pytest.raises(ConfigError, match="divisible by norm_groups=8"):
         ImageEncoderConfig(channels=[8, 12])
+    with pytest.raises(ConfigError, match=r"^model\.image\.resolution=20 must be divisible"):  # the full key
+        to_dataclass(ContrastiveModule.Config, {"image": {"resolution": 20, "channels": [8, 16, 32]}}, "model")
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, check_choice
 
 NORMS = ("batch", "group", "none")
 
@@ -22,9 +22,9 @@ class DiscriminatorConfig:
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ConfigError(f"discriminator norm={self.norm!r} is not allowed; choose one of {list(NORMS)}")
+            check_choice("norm", self.norm, NORMS)
         if self.n_layers < 1:
-            raise ConfigError(f"discriminator n_layers={self.n_layers} must be >= 1")
+            raise ConfigError(f"n_layers={self.n_layers} must be >= 1")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

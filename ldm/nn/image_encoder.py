@@ -26,13 +26,13 @@ class ImageEncoderConfig:
 
     def __post_init__(self) -> None:  # note: keys named as in ldm.modules.contrastive.Config (model.image.*)
         if not self.channels:
-            raise ConfigError("image.channels must name at least one level")
+            raise ConfigError("channels must name at least one level")
         if any(c % self.norm_groups for c in self.channels):
-            raise ConfigError(f"every entry of image.channels={self.channels} must be divisible by image.norm_groups="
+            raise ConfigError(f"every entry of channels={self.channels} must be divisible by norm_groups="
                               f"{self.norm_groups}")
         factor = 2 ** len(self.channels)
         if self.resolution % factor:
-            raise ConfigError(f"image.resolution={self.resolution} must be divisible by 2 ** len(image.channels) = "
+            raise ConfigError(f"resolution={self.resolution} must be divisible by 2 ** len(channels) = "
                               f"{factor}")
 
 
