@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -131,8 +132,6 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
     """Resuming compares each input's size and modification time, not only its path: shards rewritten since (other
     data under the same names) are encoded again. A truncated input shard is reported with the samples it lost,
     and latent shards whose inputs are gone are named (a training glob would still read them)."""
-    import shutil
-
     autoencoder, _ = encoders
     data, out = tmp_path / "data", tmp_path / "latents"
     shutil.copytree(shapes_shards, data)
@@ -161,6 +160,8 @@ def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_s
     autoencoder, _ = encoders
     out = tmp_path / "latents"
     run_encode(shapes_shards, autoencoder, out)
+    copy = shutil.copytree(autoencoder, tmp_path / "copy")  # the same weights by another path: the run resumes
+    assert run_encode(shapes_shards, copy, out)["shards_finished_before"] == 4
     other, _ = load_autoencoder(autoencoder)
     with torch.no_grad():
         other.decoder.conv_out.bias.add_(0.01)  # one changed value is another autoencoder

@@ -148,9 +148,24 @@ def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
 RUN_KEYS = ("created", "ldm_version", "inputs")
 
 
+def _encoder_identity(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A manifest's autoencoder or text encoder entry without the paths it was read from: the same weights given as
+    another path (relative, a copy, from another directory) are the same encoder (its sha256 says so)."""
+    if entry is None:
+        return None
+    entry = {k: v for k, v in entry.items() if k != "path"}
+    if isinstance(entry.get("config"), dict):
+        entry["config"] = {k: v for k, v in entry["config"].items() if k not in ("name_or_path", "tokenizer")}
+    return entry
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Manifest keys (other than RUN_KEYS) in which two encodings differ."""
-    return sorted(k for k in set(old) | set(new) if k not in RUN_KEYS and old.get(k) != new.get(k))
+    """Manifest keys (other than RUN_KEYS) in which two encodings differ; the encoders compare by weights and
+    settings, not by the paths they were given as."""
+    def comparable(m: dict[str, Any], key: str) -> Any:
+        return _encoder_identity(m.get(key)) if key in ("autoencoder", "text_encoder") else m.get(key)
+
+    return sorted(k for k in set(old) | set(new) if k not in RUN_KEYS and comparable(old, k) != comparable(new, k))
 
 
 def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Encoders, urls: list[str]) -> None:
