@@ -139,6 +139,8 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     assert row["rfid"] > 0 and 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1 and row["lpips"] >= 0
     assert row["lpips"] is not None and row["lpips"] == row["lpips"] and row["feature_extractor"]["feature_dim"] == 64
     assert "sampler" not in row
+    with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
+        evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
 
 
 def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, tmp_path: Path):
@@ -148,6 +150,8 @@ def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, t
         evaluate(make_cfg(assets, tmp_path, metrics=["fd"]))
     with pytest.raises(ConfigError, match="ckpt_path is required"):
         evaluate(make_cfg(assets, tmp_path, ckpt_path=None))
+    with pytest.raises(ConfigError, match="prompts_file=p.txt is read only with prompts_source=file"):
+        evaluate(make_cfg(assets, tmp_path, prompts_file="p.txt"))
     with pytest.raises(WeightsNotFoundError, match="feature_extractor_weights_path="):
         evaluate(make_cfg(assets, tmp_path, feature_extractor_weights_path=str(tmp_path / "nowhere.pt")))
     with pytest.raises(WeightsNotFoundError, match="clip_model="):

@@ -91,6 +91,9 @@ class EvalConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required: results.jsonl and results.csv are appended there")
         check_choice("prompts_source", self.prompts_source, ["val_shards", "file"])
+        if self.prompts_file and self.prompts_source != "file":
+            raise ConfigError(f"prompts_file={self.prompts_file} is read only with prompts_source=file (now "
+                              f"{self.prompts_source}); add prompts_source=file")
         for name in self.metrics:
             check_choice("metrics[]", name, GENERATION_METRICS)
         for name in self.reconstruction_metrics:
@@ -175,6 +178,9 @@ class Evaluator:
         """One row per sampler x steps x guidance scale for a `LatentDiffusionPipeline` (anything with its
         `generate`); without val_shards, the prompts come from the validation shards the model was trained with."""
         cfg = self.cfg
+        if cfg.resolution is not None and cfg.resolution != pipeline.image_size and self.rank == 0:
+            print(f"[ldm-eval] resolution={cfg.resolution} applies to autoencoder checkpoints; "
+                  f"{info.get('checkpoint')} generates at its own image_size, {pipeline.image_size} px", flush=True)
         shards = self.shards_for(pipeline)
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
         labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
@@ -267,6 +273,10 @@ class Evaluator:
             raise ConfigError("an autoencoder checkpoint is evaluated on val_shards; set val_shards=DIR_OR_GLOB")
         require_image_shards(shards, "an autoencoder is evaluated on images")
         resolution = cfg.resolution or int(model.config.resolution)
+        if resolution % model.downsample_factor:
+            raise ConfigError(f"resolution={resolution} is not divisible by the autoencoder's downsampling factor "
+                              f"{model.downsample_factor}; choose a multiple of it (its training resolution: "
+                              f"{model.config.resolution})")
         model = model.to(self.device)
         protocol: dict[str, Any] = {}
         inception = reference = lpips_fn = None
@@ -290,6 +300,9 @@ class Evaluator:
             with torch.no_grad():
                 reconstructions = model.decode(model.encode(x).mode())
             scorer.update(to_uint8(reconstructions), images.to(self.device))
+        if seen < cfg.num_samples and self.rank == 0:
+            print(f"[ldm-eval] num_samples={cfg.num_samples}, but val_shards hold {seen} images: the row scores "
+                  f"{seen}", flush=True)
         metrics = scorer.compute()
         return [{**info, "num_samples": seen, "resolution": resolution,
                  **self.protocol(), "data_shards": shards, **protocol, **metrics}]
