@@ -91,6 +91,24 @@ def read_prompts(config: SampleConfig) -> list[str]:
     return prompts
 
 
+def check_class_labels(config: SampleConfig, pipeline: LatentDiffusionPipeline) -> None:
+    """class_labels for a class-conditional model (one per prompt, within its classes), none for any other."""
+    conditioner = pipeline.conditioner_config
+    if conditioner.kind != "class":
+        if config.class_labels is not None:
+            raise ConfigError(f"class_labels={config.class_labels} given, but {config.ckpt_path} is not "
+                              f"class-conditional (model.conditioner.kind={conditioner.kind}); leave class_labels out")
+        return
+    n = conditioner.num_classes
+    if config.class_labels is None:
+        raise ConfigError(f"{config.ckpt_path} is class-conditional ({n} classes): give class_labels=[...], one per "
+                          f"prompt, each in [0, {n - 1}] ({n}: the null class, unconditional samples)")
+    bad = [label for label in config.class_labels if not 0 <= label <= n]
+    if bad:
+        raise ConfigError(f"class_labels={config.class_labels}: {bad} outside [0, {n}] ({n} classes; {n}: the null "
+                          f"class)")
+
+
 def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     """Generate every image of `cfg`; return the paths of the per-image PNGs (grid.png and sample.json beside them)."""
     if isinstance(cfg, DictConfig):
@@ -105,6 +123,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema).to(device)
     if config.image_size is not None:
         pipeline.check_image_size(config.image_size)
+    check_class_labels(config, pipeline)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
