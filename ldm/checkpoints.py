@@ -42,8 +42,11 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
         CheckpointError: the file is missing, corrupt, truncated, not a dict, or its pickle needs code to load.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise MissingCheckpointError(f"{key}={path} is a folder, not a checkpoint file: give a .ckpt inside it, e.g. "
+                                     f"{key}={path / 'checkpoints' / 'last.ckpt'}")
     if not path.is_file():
-        raise MissingCheckpointError(f"{key}={path} does not exist (or is not a file)")
+        raise MissingCheckpointError(f"{key}={path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:

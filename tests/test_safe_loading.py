@@ -82,3 +82,12 @@ def test_pipeline_loader_refuses_code_and_names_a_torn_file(tmp_path: Path, payl
     with pytest.raises(CheckpointError, match=f"ckpt_path={path}.*{match}"):
         load_checkpoint(path)
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_missing_checkpoint_or_a_folder_given_as_one_is_named(tmp_path: Path):
+    from ldm.checkpoints import CheckpointError, load_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"ckpt_path=.*missing\.ckpt does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: .* ckpt_path=.*last\.ckpt"):
+        load_checkpoint(tmp_path)

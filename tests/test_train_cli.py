@@ -19,6 +19,7 @@ from test_config import _missing_keys
 from ldm import config as configs
 from ldm.cli.common import CONF_DIR, check_trainer
 from ldm.cli.train import apply_ddp_needs, build_trainer, instantiate_callbacks, train
+from ldm.config import ConfigError
 from ldm.data.datamodule import WebDataModule
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
@@ -97,6 +98,15 @@ def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nod
     ddp = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
     ddp.devices, ddp.num_nodes = devices, num_nodes
     check_trainer(ddp, "ldm.modules.autoencoder.AutoencoderModule")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("gradient_clip_val", 1.0, "set model.grad_clip"), ("accumulate_grad_batches", 2, "raise data.batch_size")])
+def test_trainer_arguments_the_manual_autoencoder_cannot_honour_are_refused_before_it_is_built(key, value, message):
+    node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", f"trainer.{key}={value}"]).trainer
+    with pytest.raises(ConfigError, match=rf"trainer.{key}={value} is not supported by AutoencoderModule.*{message}"):
+        check_trainer(node, "ldm.modules.autoencoder.AutoencoderModule")
+    check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")  # automatic optimization: fine
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

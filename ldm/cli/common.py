@@ -207,13 +207,18 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 }
 
 
+# Trainer arguments whose default means "off" (check_trainer compares a module's unsupported_trainer_args to them).
+TRAINER_DEFAULTS: dict[str, Any] = {"accumulate_grad_batches": 1}
+
+
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
                   compile_networks: bool = False) -> None:
     """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
     accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), or when FSDP would run over
     several processes for a module (`model_target`, its class path) that does not shard itself (one without a true
     `fsdp_shards` class attribute reads its networks' parameters outside FSDP's forward, where each process holds only
-    its shard) or with `compile_networks` (compile=true)."""
+    its shard) or with `compile_networks` (compile=true), or when the module's `unsupported_trainer_args` (trainer key
+    -> what to do instead) holds a key that is set."""
     import torch
 
     trainer = trainer or {}
@@ -231,10 +236,15 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
                               f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
+    module = get_class(model_target) if model_target else None
+    for key, instead in getattr(module, "unsupported_trainer_args", {}).items():
+        if trainer.get(key) not in (None, TRAINER_DEFAULTS.get(key)):
+            raise ConfigError(f"trainer.{key}={trainer.get(key)} is not supported by {module.__name__}, which "
+                              f"optimizes manually (Lightning would stop at the first step); {instead}")
     if "fsdp" not in strategy_name(trainer.get("strategy")).lower():
         return
     processes = process_count(trainer)
-    if processes > 1 and not (model_target and getattr(get_class(model_target), "fsdp_shards", False)):
+    if processes > 1 and not getattr(module, "fsdp_shards", False):
         name = (model_target or "this model").rsplit(".", 1)[-1]
         raise ConfigError(f"trainer=fsdp over {processes} processes is not supported for {name} (only the latent "
                           f"diffusion model shards itself; this one reads its networks' parameters outside FSDP's "

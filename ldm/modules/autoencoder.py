@@ -65,6 +65,11 @@ class AutoencoderModule(L.LightningModule):
     # gradients before disc_start, and the discriminator's always leaves the autoencoder without. DDP must look for
     # unused parameters; ldm-train sets trainer.strategy.find_unused_parameters=true for such a module.
     ddp_find_unused_parameters = True
+    # What Lightning's automatic optimization would do, and this module's manual steps do their own way.
+    unsupported_trainer_args = {
+        "gradient_clip_val": "set model.grad_clip (both optimizers clip inside their steps) and leave this unset",
+        "accumulate_grad_batches": "every batch steps both optimizers; raise data.batch_size (or trainer.devices)",
+    }
 
     def __init__(self, config: Config | dict[str, Any]):
         super().__init__()
