@@ -223,6 +223,7 @@ BAD_VALUES = [
     ("model/contrastive/tiny", ["image.resolution=32", "init_temperature=5.0"], "init_temperature"),
     ("data/webdataset", ["train_shards=x.tar", "val_shards=null", "batch_size=0"], "data.batch_size=0"),
     ("data", ["output_dir=out", "source=bad"], "source='bad'"),
+    ("data", ["output_dir=out", "resolution=32", "num_samples=0", "val_samples=0"], "would write no shards"),
     ("eval", ["ckpt_path=a.ckpt", "output_dir=out", "feature_dim=5"], "feature_dim=5"),
     ("sample", ["ckpt_path=a.ckpt", "output_dir=out", "prompts=[a]", "num_steps=0"], "num_steps=0"),
 ]

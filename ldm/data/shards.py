@@ -91,6 +91,9 @@ class WriteConfig:
             raise ConfigError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
         if self.num_samples < 0 or self.val_samples < 0:
             raise ConfigError(f"num_samples={self.num_samples} and val_samples={self.val_samples} must be >= 0")
+        if self.source == "shapes" and self.num_samples + self.val_samples == 0:
+            raise ConfigError("num_samples=0 and val_samples=0 would write no shards; e.g. num_samples=4000 "
+                              "val_samples=200")
 
 
 @dataclass
