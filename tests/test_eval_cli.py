@@ -130,7 +130,8 @@ def test_two_process_evaluation_equals_one_process(assets, tmp_path: Path):
 
 
 def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path: Path):
-    ckpt = save_checkpoint(tiny_autoencoder_module(), tmp_path / "vae.ckpt", global_step=3)
+    module = tiny_autoencoder_module()
+    ckpt = save_checkpoint(module, tmp_path / "vae.ckpt", global_step=3)
     rows = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), lpips_pretrained_backbone=False))
     assert len(rows) == 1
     row = rows[0]
@@ -139,6 +140,9 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     assert row["rfid"] > 0 and 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1 and row["lpips"] >= 0
     assert row["lpips"] is not None and row["lpips"] == row["lpips"] and row["feature_extractor"]["feature_dim"] == 64
     assert "sampler" not in row
+    export = module.autoencoder.save_pretrained(tmp_path / "export")  # an export is known by its weights file
+    row = evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"]))[0]
+    assert row["weights"] == "export" and row["checkpoint_size"] == (export / "model.safetensors").stat().st_size
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
         evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
 

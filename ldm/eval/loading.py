@@ -52,14 +52,17 @@ def load_model(path: str, use_ema: bool = True) -> EvalModel:
     """The model at `path` (read once) with its protocol fields; EMA weights when kept and `use_ema`."""
     from ldm.pipeline import LatentDiffusionPipeline
 
-    source = Path(path)
-    stat = source.stat()
-    info: dict[str, Any] = {"checkpoint": path, "checkpoint_size": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)}
+    source, directory = Path(path), None
     if source.is_dir():
         directory = export_dir(source)
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointError(f"ckpt_path={path} is a directory without an export ({CONFIG_NAME}); give an export "
                                   f"directory, a run directory holding export/, or a checkpoint file")
+        weights = directory / "model.safetensors"
+        source = weights if weights.is_file() else directory  # note: an export is known by its weights file
+    stat = source.stat()
+    info: dict[str, Any] = {"checkpoint": path, "checkpoint_size": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)}
+    if directory is not None:
         if json.loads((directory / CONFIG_NAME).read_text()).get("format") == PIPELINE_FORMAT:
             pipeline = LatentDiffusionPipeline.from_pretrained(directory)
             return _pipeline_model(pipeline, info)
