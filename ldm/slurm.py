@@ -108,6 +108,16 @@ class SlurmRequeue(L.Callback):
         rank_zero_info(f"{where}on {'/'.join(s.name for s in self.signals)} the run saves last.ckpt at the end of "
                        f"the current step and stops")
 
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # note: Lightning installs its own SIGTERM handler after `setup` (calling ours too), and on its flag raises
+        # SIGTERMException at the next batch end of any loop, a validation batch included: a signal during validation
+        # ended the run before this callback's save at the step's end, with nothing saved. From here on ours alone
+        # handles the stop signals (any rank signalled -> all ranks save and stop at the same step).
+        if self._active and threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                signal.signal(signum, self._on_signal)
+
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         """After fit: hand the signal to the handler ours replaced, and reinstall that one for good.
 

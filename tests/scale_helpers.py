@@ -208,17 +208,26 @@ class NanInjector(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send this process `signal_name` at the start of the batch at `step` (a stand-in for SLURM's warning)."""
+    """Send this process `signal_name` at the start of the training batch at `step` (a stand-in for SLURM's warning),
+    or with `during=validation` at the start of the validation that follows that step."""
 
-    def __init__(self, step: int, signal_name: str = "SIGUSR1"):
-        self.step, self.signum = step, signal.Signals[signal_name]
+    def __init__(self, step: int, signal_name: str = "SIGUSR1", during: str = "train"):
+        self.step, self.signum, self.during = step, signal.Signals[signal_name], during
         self.sent = False  # once: with gradient accumulation several batches start at one global step
+
+    def _send(self, trainer: L.Trainer, during: str) -> None:
+        if trainer.global_step == self.step and during == self.during and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
+        self._send(trainer, "train")
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._send(trainer, "validation")
 
 
 class GatherProbe(L.Callback):

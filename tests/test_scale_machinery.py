@@ -245,6 +245,19 @@ def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkey
     assert last["global_step"] == 3  # the signal arrived during step 3; saved at its end, then stopped
 
 
+def test_sigterm_during_validation_saves_at_the_next_step_boundary(shapes_shards, tmp_path):
+    """Preemption (SIGTERM) while validation runs: Lightning's own handler used to end the run at the next validation
+    batch, before any save, with exit status 0. Now the run finishes validation, trains the step it is in, saves
+    last.ckpt at its end and stops; the same command then resumes from it."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=50, every=2) + [
+        "model.net.ch=16", "trainer.limit_val_batches=2", "+callbacks.signal._target_=scale_helpers.SignalAtStep",
+        "+callbacks.signal.step=2", "+callbacks.signal.signal_name=SIGTERM", "+callbacks.signal.during=validation"]
+    train(compose_train(overrides))
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3  # validated after step 2, trained step 3, saved at its end
+
+
 # -- sbatch scripts ----------------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 
 from __future__ import annotations
 
+import signal
 import traceback
 import zipfile
 from pathlib import Path
@@ -337,11 +338,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
     except SIGTERMException:
-        # note: Lightning's own SIGTERM handler ends fit with this exception one step after the signal; when our
-        # preemption callback has saved last.ckpt at that step's end, the run stopped as asked, not failed.
+        # note: Lightning's own SIGTERM handler (active until training starts, when ldm.slurm.SlurmRequeue takes the
+        # signal over) ends fit with this exception; when the callback has saved last.ckpt, the run stopped as asked.
         if not any(getattr(cb, "stopped", False) for cb in callbacks):
             finish_loggers(loggers, exit_code=1)
-            raise
+            raise SystemExit(128 + signal.SIGTERM) from None  # killed by SIGTERM before anything was saved
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise
