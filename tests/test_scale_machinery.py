@@ -106,6 +106,26 @@ def test_resolve_ckpt_path_skips_damaged_and_missing_last(tmp_path):
     assert resolve_ckpt_path("last", tmp_path) is None  # nothing intact: start from scratch
 
 
+def test_resume_takes_the_newest_checkpoint_even_over_last_and_checks_every_byte(tmp_path):
+    """A last.ckpt older than the periodic checkpoints (save_last=false after a run stopped on a signal) does not win;
+    a checkpoint whose bytes were damaged inside (not cut short: its zip directory is whole) fails its CRC-32 and the
+    next newest is taken."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for name, step in (("last.ckpt", 3), ("step0000004.ckpt", 4), ("step0000006.ckpt", 6)):
+        torch.save({"global_step": step, "w": torch.arange(4096.0)}, directory / name)
+        os.utime(directory / name, (step, step))
+    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000006.ckpt")
+    newest = directory / "step0000006.ckpt"
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 64] = bytes(64)  # zeroed inside the tensor data
+    newest.write_bytes(bytes(data))
+    os.utime(newest, (6, 6))
+    assert "CRC-32" in checkpoint_damage(newest)
+    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000004.ckpt")
+
+
 def test_leftover_temp_files_are_removed(tmp_path):
     directory = tmp_path / "checkpoints"
     directory.mkdir()
