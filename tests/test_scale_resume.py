@@ -218,3 +218,18 @@ def test_latent_diffusion_resume_with_gradient_accumulation_is_exact(shapes_shar
     run(shapes_shards, out, FULL_STEPS, extra)
     assert_same_checkpoint(root / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", FULL_STEPS,
                            samples_per_step=2 * 16)
+
+
+def test_resume_applies_the_configs_optimizer_settings(shapes_shards, tmp_path, single_torch_thread):
+    """Lightning restores the optimizers' hyperparameters with their state: a run resumed with another model.lr,
+    betas or weight decay now trains with the config's values, the warmup at its restored position; both of the
+    autoencoder's optimizers (model.disc_lr: the discriminator's)."""
+    out = tmp_path / "run"
+    run(shapes_shards, out, 2, AUTOENCODER + ["model.lr=4e-4"])
+    run(shapes_shards, out, 3, AUTOENCODER + ["model.lr=1e-2", "model.disc_lr=2e-3", "model.betas=[0.6,0.95]"])
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    (autoencoder,), (discriminator,) = (state["param_groups"] for state in last["optimizer_states"])
+    assert autoencoder["initial_lr"] == 1e-2 and discriminator["initial_lr"] == 2e-3
+    assert tuple(autoencoder["betas"]) == tuple(discriminator["betas"]) == (0.6, 0.95)
+    assert [s["base_lrs"] for s in last["lr_schedulers"]] == [[1e-2]]  # the autoencoder's warmup schedule
+    assert autoencoder["lr"] == pytest.approx(1e-2 * 3 / 4)  # warmup_steps=4: 3 of 4 steps in

@@ -1,0 +1,62 @@
+"""On resume, the optimizer settings of the config, not the checkpoint's: learning rate, betas, weight decay.
+
+Lightning restores each optimizer's state on resume, its param groups' hyperparameters included, and each LR
+scheduler's `base_lrs`: a run resumed with `model.lr=1e-5` (to lower the rate for the rest of a run, say) kept
+training at the saved rate while its log and config.yaml said 1e-5. This callback records what the modules' freshly
+built optimizers hold (`on_fit_start`, before the restore), and when the restored state differs (`on_train_start`,
+after it) puts the configured values back, with the schedule at its restored position (`lr = base_lr x
+lr_lambda(step)`), and says which changed. A resume with the same config changes nothing, so exact resume holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+SETTINGS = ("initial_lr", "betas", "weight_decay")  # initial_lr: the base rate schedulers scale (lr when none)
+
+
+class OptimizerSettings(L.Callback):
+    """Apply the configured optimizer hyperparameters over those of a resumed checkpoint (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.configured: list[list[dict[str, Any]]] = []  # per optimizer, per param group: SETTINGS as built
+
+    @staticmethod
+    def _settings(group: dict[str, Any]) -> dict[str, Any]:
+        values = {k: group[k] for k in SETTINGS if k in group}
+        values.setdefault("initial_lr", group["lr"])
+        return values
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.configured = [[self._settings(g) for g in opt.param_groups] for opt in trainer.optimizers]
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        changed = []
+        for index, (optimizer, configured) in enumerate(zip(trainer.optimizers, self.configured)):
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+            for i, (group, wanted) in enumerate(zip(optimizer.param_groups, configured)):
+                restored = self._settings(group)
+                diff = {k: (restored.get(k), v) for k, v in wanted.items() if restored.get(k) != v}
+                if not diff:
+                    continue
+                changed += [f"optimizer {index} group {i} {k}: {old} -> {new}" for k, (old, new) in diff.items()]
+                for key in ("betas", "weight_decay"):
+                    if key in diff:
+                        group[key] = wanted[key]
+                if "initial_lr" in diff:
+                    base = wanted["initial_lr"]
+                    group["initial_lr"] = group["lr"] = base
+                    for scheduler in schedulers:
+                        scheduler.base_lrs[i] = base
+                        lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR: the schedule's position
+                        if lambdas is not None:
+                            group["lr"] = base * lambdas[i](scheduler.last_epoch)
+        if changed:
+            rank_zero_warn(f"resumed with other optimizer settings than the checkpoint's; the config's apply from "
+                           f"step {trainer.global_step}: {'; '.join(changed)}")
