@@ -52,3 +52,24 @@ def test_optuna_study_survives_a_failed_trial_and_resumes(shapes_shards, tmp_pat
 def test_sweep_configs_compose():
     cfg = compose_train(["hparams_search=ldm_optuna", "hydra/launcher=slurm"])
     assert cfg.optimized_metric == "val/loss"
+
+
+def test_a_continued_study_draws_new_trials_reproducibly(tmp_path):
+    """Each sweep invocation builds a new sampler over the stored study: seeded alike, a TPE sampler drew the first
+    invocation's trials again; ours moves its seed on with the study's trials (the same history, the same draws)."""
+    import optuna
+
+    from ldm.sweeps import ContinuingTPESampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def invocation(storage: str) -> list[float]:
+        study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True,
+                                    sampler=ContinuingTPESampler(seed=0, n_startup_trials=5))
+        study.optimize(lambda trial: trial.suggest_float("lr", 1e-5, 1e-2, log=True), n_trials=2)
+        return [t.params["lr"] for t in study.trials[-2:]]
+
+    first, again = (invocation(f"sqlite:///{tmp_path / name}.db") for name in ("a", "b"))
+    assert first == again  # reproducible
+    continued = invocation(f"sqlite:///{tmp_path / 'a'}.db")
+    assert not set(continued) & set(first)
