@@ -89,7 +89,9 @@ def test_ldm_train_into_a_busy_directory_stops_at_start(shapes_shards, tmp_path)
     """The real CLI: a live holder (this test process) -> an error naming the directory, before anything is written.
     (Taking over a stale lock, and releasing it at the end of a run, are covered in-process above and below.)"""
     out = tmp_path / "run"
-    out.mkdir()
+    (out / ".hydra" / "2026-01-01_00-00-00").mkdir(parents=True)
+    holders = out / ".hydra" / "2026-01-01_00-00-00" / "config.yaml"
+    holders.write_text("the live run's Hydra config\n")
     lock = _write_lock(out, pid=os.getpid())
     args = tiny_overrides(shapes_shards, out, max_steps=1, every=1) + AUTOENCODER
     busy = run_cli(args, timeout=300)
@@ -97,6 +99,7 @@ def test_ldm_train_into_a_busy_directory_stops_at_start(shapes_shards, tmp_path)
     output = busy.stdout + busy.stderr
     assert f"paths.output_dir={out} is in use by another ldm-train" in output, output[-2000:]
     assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+    assert holders.read_text() == "the live run's Hydra config\n"  # Hydra's files of each start in their own folder
     assert json.loads(lock.read_text())["pid"] == os.getpid()  # the holder's lock is left alone
 
 
