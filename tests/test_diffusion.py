@@ -75,9 +75,11 @@ def test_timestep_spacings_match_lin_et_al_table_2():
         spaced_timesteps(0, 1000)
 
 
-def test_zero_terminal_snr_with_leading_spacing_is_refused():
+def test_zero_terminal_snr_with_leading_spacing_and_a_negative_offset_are_refused():
     with pytest.raises(ConfigError, match="trailing"):
         ScheduleConfig(zero_terminal_snr=True, timestep_spacing="leading")
+    with pytest.raises(ConfigError, match=r"steps_offset=-1 must lie in \[0, num_train_timesteps\)"):
+        ScheduleConfig(timestep_spacing="leading", steps_offset=-1)  # t = -1 would mean both noise and data
 
 
 # ---------------------------------------------------------------- parameterizations and loss weights

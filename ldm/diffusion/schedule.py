@@ -90,6 +90,9 @@ class ScheduleConfig:
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.num_train_timesteps < 2:
             raise ConfigError(f"num_train_timesteps={self.num_train_timesteps} must be at least 2")
+        if not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ConfigError(f"steps_offset={self.steps_offset} must lie in [0, num_train_timesteps) (Stable "
+                              f"Diffusion: 1)")
         if self.zero_terminal_snr and self.timestep_spacing == "leading":
             raise ConfigError("zero_terminal_snr=true with timestep_spacing=leading never samples from pure noise "
                               "(Lin et al. 2023): use timestep_spacing=trailing")
