@@ -79,6 +79,14 @@ class WriteConfig:
             raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
         if self.source == "folder" and not self.input_dir:
             raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
+        # note: a key of the other source would be ignored; a user who sets it expects it to act
+        other = ({"input_dir": None, "captions": None, "allow_missing_captions": False} if self.source == "shapes"
+                 else {"sizes": None, "positions": None, "scale": 1.0, "holdout": []})
+        ignored = [f"{k}={getattr(self, k)}" for k, unset in other.items() if getattr(self, k) != unset]
+        if ignored:
+            what = "a folder of images" if self.source == "shapes" else "the synthetic shapes data"
+            raise ConfigError(f"{', '.join(ignored)} would be ignored with source={self.source} (they describe "
+                              f"{what}); leave them out")
         if self.source == "shapes" and self.resolution is None:
             raise ConfigError("source=shapes needs an integer resolution (e.g. resolution=32)")
         if self.resolution is not None and self.resolution < 8:
