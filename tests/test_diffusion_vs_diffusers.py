@@ -176,7 +176,6 @@ def test_alphas_cumprod_match_diffusers(beta_schedule, zero_terminal_snr):
     diff = (a - b).abs()
     positive = a > 0
     rel = (diff[positive] / a[positive]).max().item()
-    print(f"[alphas_cumprod] {beta_schedule} zsnr={zero_terminal_snr}: abs {diff.max().item():.3g} rel {rel:.3g}")
     assert diff.max().item() <= ABAR_ATOL
     assert rel <= 1e-4          # down to alphas_cumprod ~ 1e-9 at the end of the cosine schedule
     if zero_terminal_snr:
@@ -202,8 +201,6 @@ def test_min_snr_weights_match_compute_snr(beta_schedule, prediction, zero_termi
     if zero_terminal_snr:           # SNR 0 at t = T - 1: both weights are exactly 0 (v)
         assert got[-1].item() == 0.0 and ref[-1].item() == 0.0
         rel, tol = rel[:-1], tol[:-1]
-    print(f"[min-snr] {beta_schedule} zsnr={zero_terminal_snr} {prediction}: max rel {rel.max().item():.3g}, "
-          f"max rel / tolerance {(rel / tol).max().item():.3g}")
     assert bool((rel <= tol).all()), f"worst at t={int((rel / tol).argmax())}"
 
 
@@ -236,6 +233,4 @@ def test_diffusion_loss_matches_a_diffusers_training_step(prediction, zero_termi
 
     rel = (got.double() - ref.double()).abs() / ref.double().abs().clamp(min=1e-30)
     tol = _snr_rtol(ours_schedule, theirs, t)
-    print(f"[diffusion_loss] {prediction} zsnr={zero_terminal_snr}: max rel {rel.max().item():.3g}, "
-          f"max rel / tolerance {(rel / tol).max().item():.3g}")
     assert bool((rel <= tol).all()), f"worst at t={int(t[(rel / tol).argmax()])}"
