@@ -71,16 +71,30 @@ def _count_tar_samples(path: str) -> int:
 
 
 def shard_counts(urls: list[str], key: str, samples_per_shard: int | None) -> list[int]:
-    """Samples per shard: summary.json beside the shards, else img2dataset's `*_stats.json`, else a header scan of
-    local tars, else the `samples_per_shard` hint (remote shards without counts)."""
-    summaries: dict[str, dict[str, int]] = {}
+    """Samples per shard: the recorded count (`recorded_counts`), else a header scan of local tars, else the
+    `samples_per_shard` hint (remote shards without counts)."""
     counts = []
+    for url, recorded in zip(urls, recorded_counts(urls)):
+        if recorded is not None:
+            counts.append(recorded)
+        elif not url.startswith(REMOTE_PREFIXES):
+            counts.append(_count_tar_samples(url.removeprefix("file:")))
+        elif samples_per_shard is not None:
+            counts.append(samples_per_shard)
+        else:
+            raise ConfigError(f"{key}: cannot count the samples of remote shard {url!r}; set "
+                              f"data.samples_per_shard to the number of samples per shard")
+    return counts
+
+
+def recorded_counts(urls: list[str]) -> list[int | None]:
+    """Samples per shard as written down beside local shards: summary.json (ldm-data), else img2dataset's (or
+    ldm-encode's) `*_stats.json`; None where nothing records it (remote shards, or a count only a scan would give)."""
+    summaries: dict[str, dict[str, int]] = {}
+    counts: list[int | None] = []
     for url in urls:
         if url.startswith(REMOTE_PREFIXES):
-            if samples_per_shard is None:
-                raise ConfigError(f"{key}: cannot count the samples of remote shard {url!r}; set "
-                                  f"data.samples_per_shard to the number of samples per shard")
-            counts.append(samples_per_shard)
+            counts.append(None)
             continue
         path = Path(url.removeprefix("file:"))
         folder = str(path.parent.resolve())
@@ -91,7 +105,7 @@ def shard_counts(urls: list[str], key: str, samples_per_shard: int | None) -> li
         elif (stats := path.with_name(path.name.removesuffix(".tar") + "_stats.json")).exists():
             counts.append(int(json.loads(stats.read_text())["successes"]))
         else:
-            counts.append(_count_tar_samples(str(path)))
+            counts.append(None)
     return counts
 
 

@@ -47,11 +47,11 @@ def _caption(ext: str, data: bytes) -> str:
 def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
     """Each sample of `shards` in order, as {extension: bytes} of the tar members sharing its key (and `__key__`,
     `__url__`: the key and the shard, as strings). A damaged shard is read up to the damage and reported, naming
-    the samples it lost against its count (summary.json, as the training loader counts)."""
-    from ldm.data.datamodule import shard_counts
+    the samples it lost against its recorded count (summary.json, as the training loader counts; no tar scan: a
+    shard cut at a member boundary scans as many samples as it reads)."""
+    from ldm.data.datamodule import recorded_counts
 
-    counts = shard_counts(list(shards), "val_shards", None)
-    for shard, count in zip(shards, counts):
+    for shard, count in zip(shards, recorded_counts(list(shards))):
         read, error = 0, ""
         try:
             with tarfile.open(shard, "r") as tar:
@@ -72,15 +72,16 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
                     yield members
         except (tarfile.TarError, OSError, EOFError) as err:  # note: the samples before the damage were yielded
             error = f" ({type(err).__name__}: {err})"
-        if read < count or error:
+        if (count is not None and read < count) or error:
             _report_damaged(shard, read, count, error)
 
 
 @functools.cache
-def _report_damaged(shard: str, read: int, count: int, error: str) -> None:
+def _report_damaged(shard: str, read: int, count: int | None, error: str) -> None:
     """Warn once per damaged shard (evaluation reads a shard set up to three times: captions, labels, images)."""
-    log.warning("damaged tar %s: it ends after %d samples but its count says %d%s; evaluation uses the %d it could "
-                "read (rewrite the shard with ldm-data)", shard, read, count, error, read)
+    says = "" if count is None else f" but its count says {count}"
+    log.warning("damaged tar %s: it ends after %d samples%s%s; evaluation uses the %d it could read (rewrite the "
+                "shard with ldm-data)", shard, read, says, error, read)
 
 
 def sample_caption(members: dict[str, bytes]) -> str:
