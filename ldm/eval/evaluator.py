@@ -191,9 +191,9 @@ class Evaluator:
             for num_steps in cfg.num_steps:
                 for guidance_scale in cfg.guidance_scales:
                     sweep = {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale)}
-                    metrics, resolution, shown = self._generate_and_score(pipeline, prompts, labels, shards, sweep)
+                    metrics, shown = self._generate_and_score(pipeline, prompts, labels, shards, sweep)
                     row = {**info, **sweep, "num_samples": cfg.num_samples,
-                           "resolution": resolution, **self.protocol(),
+                           "resolution": pipeline.image_size, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
                            "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
                            "prompts_sha256": _sha256_lines(prompts), **metrics.pop("_protocol"), **metrics}
@@ -218,12 +218,11 @@ class Evaluator:
 
     def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
                             shards: list[str] | None, sweep: dict[str, Any],
-                            ) -> tuple[dict[str, Any], int, torch.Tensor | None]:
+                            ) -> tuple[dict[str, Any], torch.Tensor | None]:
         cfg = self.cfg
         # note: the metrics' models (Inception, CLIP) and reference statistics are loaded before the first sample is
         # made, so that weights that cannot be had fail at once, not after a batch of generation.
-        resolution = int(pipeline.image_size)
-        scorer, protocol = self._generation_metrics(resolution, shards)
+        scorer, protocol = self._generation_metrics(int(pipeline.image_size), shards)
         generated = 0
         shown: list[torch.Tensor] = []
         for batch in rank_batches(cfg.num_samples, cfg.batch_size, self.rank, self.world):
@@ -240,7 +239,7 @@ class Evaluator:
         if not generated:
             raise ValueError(f"rank {self.rank} got no samples: num_samples={cfg.num_samples} < {self.world} ranks")
         metrics = scorer.compute()
-        return {**metrics, "_protocol": protocol}, resolution, torch.cat(shown) if shown else None
+        return {**metrics, "_protocol": protocol}, torch.cat(shown) if shown else None
 
     def _generation_metrics(self, resolution: int, shards: list[str] | None,
                             ) -> tuple[GenerationMetrics, dict[str, Any]]:
