@@ -95,15 +95,17 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
     last = checkpoint_dir / "last.ckpt"
     candidates = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p.is_file()),
                         key=lambda p: (p.stat().st_mtime_ns, p == last), reverse=True)
+    damaged: list[Path] = []
     for path in candidates:
         damage = checkpoint_damage(path)
-        if damage is None:
-            if path != last:
-                why = "damaged" if last in candidates[: candidates.index(path)] else \
-                    "older" if last.exists() else "missing"
-                rank_zero_info(f"{last} is {why}; the newest intact checkpoint is {path}")
-            return path
-        rank_zero_warn(f"skipping damaged checkpoint {path} ({damage})")
+        if damage is not None:
+            rank_zero_warn(f"skipping damaged checkpoint {path} ({damage})")
+            damaged.append(path)
+            continue
+        if path != last:
+            why = "damaged" if last in damaged else "older" if last.exists() else "missing"
+            rank_zero_info(f"{last} is {why}; the newest intact checkpoint is {path}")
+        return path
     return None
 
 
