@@ -33,7 +33,8 @@ def test_multirun_local_launcher_gives_each_job_its_own_run_directory(shapes_sha
 @pytest.mark.slow
 def test_optuna_study_survives_a_failed_trial_and_resumes(shapes_shards, tmp_path):
     autoencoder = tiny_autoencoder_export(tmp_path / "ae")
-    common = ["-m", "hparams_search=ldm_optuna", f"paths.root_dir={tmp_path}", "hydra.sweeper.n_trials=1",
+    root = tmp_path / "new_root"  # created for the study's SQLite file (SQLite would not)
+    common = ["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "hydra.sweeper.n_trials=1",
               *sweep_overrides(shapes_shards, max_steps=2), *tiny_ldm_overrides(autoencoder)]
     first = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep1'}"], timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -42,7 +43,7 @@ def test_optuna_study_survives_a_failed_trial_and_resumes(shapes_shards, tmp_pat
     failed = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep2'}", "model.lr=-1.0"], timeout=600)
     assert failed.returncode == 0, failed.stderr[-3000:]
     assert "trial failed (ValueError: Invalid learning rate" in failed.stdout
-    with sqlite3.connect(tmp_path / "ldm_optuna.sqlite") as db:
+    with sqlite3.connect(root / "ldm_optuna.sqlite") as db:
         states = [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
     assert states == ["COMPLETE", "FAIL"]
     best = OmegaConf.load(tmp_path / "sweep2" / "optimization_results.yaml")  # the first trial's

@@ -58,6 +58,17 @@ def run_id(output_dir: str) -> str:
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
+def sqlite_url(path: str) -> str:
+    """`sqlite:///<absolute path>` for an SQLite file (the Optuna study), its folder created: SQLite creates a
+    missing file but not a missing folder (`paths.root_dir` from a new LDM_ROOT)."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+OmegaConf.register_new_resolver("sqlite_url", sqlite_url, replace=True)
+
+
 def resolve_output_dir(cfg: DictConfig) -> Path:
     """Fix `paths.output_dir` for this process and create it.
 
