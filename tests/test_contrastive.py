@@ -84,6 +84,20 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     assert after < 0.3 * before and accuracy.item() == 1.0, (before, after)
 
 
+def test_a_logit_scale_at_the_cap_can_come_back_down():
+    """The scale is clamped as a parameter after each step (as CLIP does), not inside the forward, so at the cap the
+    loss still has a gradient for it; a clamped exp() had none above 100 and the scale drifted off for good."""
+    torch.manual_seed(0)
+    module = ContrastiveModule(tiny_config())
+    batch = {"image": torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1, "caption": CAPTIONS}
+    with torch.no_grad():
+        module.log_logit_scale.fill_(math.log(ContrastiveModule.MAX_LOGIT_SCALE) + 0.5)  # overshot
+    module.on_train_batch_end(None, batch, 0)
+    assert module.logit_scale.item() == pytest.approx(ContrastiveModule.MAX_LOGIT_SCALE)
+    module._loss(batch)[0].backward()
+    assert module.log_logit_scale.grad > 0, "random towers: the loss wants a smaller scale, and the gradient says so"
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="init_temperature"):
         ContrastiveModule(tiny_config(init_temperature=0.0))

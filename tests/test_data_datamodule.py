@@ -157,6 +157,50 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
         assert torch.equal(images, want_images)
 
 
+def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Path):
+    """A checkpoint 5 batches into an epoch read with 2 workers: 3 workers would repeat some samples and miss others,
+    so the resume is refused unless allowed; 1 -> 0 workers (one slot per rank either way) continues exactly."""
+    opts = {"batch_size": 4, "shuffle_buffer": 8, "train_shards": str(shapes_shards / "train-00000[0-2].tar")}
+    interrupted = make_dm(shapes_shards, num_workers=2, **opts)
+    _run(interrupted, epochs=1, stop_after=5)
+    state = interrupted.state_dict()
+    resumed = make_dm(shapes_shards, num_workers=3, **opts)
+    resumed.load_state_dict(state)
+    with pytest.raises(configs.ConfigError, match=r"5 batches into epoch 0 .*data\.num_workers \(at least 1\) 2 -> 3"
+                                                  r".*data\.allow_inexact_resume=true"):
+        next(iter(resumed.train_dataloader()))
+    allowed = make_dm(shapes_shards, num_workers=3, allow_inexact_resume=True, **opts)
+    allowed.load_state_dict(state)
+    with pytest.warns(UserWarning, match="repeats some samples"):
+        assert len(_run(allowed, epochs=1)) == 12 - 5
+
+    one = make_dm(shapes_shards, num_workers=1, **opts)
+    full = _run(one, epochs=1)
+    one = make_dm(shapes_shards, num_workers=1, **opts)
+    head = _run(one, epochs=1, stop_after=5)
+    zero = make_dm(shapes_shards, num_workers=0, **opts)
+    zero.load_state_dict(one.state_dict())
+    assert [keys for keys, _ in head + _run(zero, epochs=1)] == [keys for keys, _ in full]
+
+
+@pytest.mark.parametrize("world, workers", [(1, 3), (3, 2)])
+def test_validation_reads_every_sample_once(shapes_shards: Path, monkeypatch: pytest.MonkeyPatch, world: int,
+                                            workers: int):
+    """16 validation samples: one process with 3 workers evaluates all 16; 3 ranks x 2 workers all but 16 mod 3,
+    with the same number of batches on every rank."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    keys, lengths = [], []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        loader = make_dm(shapes_shards, batch_size=2, num_workers=workers).val_dataloader()
+        batches = [b["key"] for b in loader]
+        assert len(batches) == len(loader)
+        lengths.append(len(batches))
+        keys.extend(k for batch in batches for k in batch)
+    assert len(keys) == len(set(keys)) == 16 - 16 % world
+    assert len(set(lengths)) == 1, "equal batch counts on every rank"
+
+
 def test_fewer_shards_than_slots(shapes_shards: Path, monkeypatch: pytest.MonkeyPatch):
     """One 16-sample shard over 3 ranks x 2 workers: each slot reads its own part of the shard, none twice."""
     monkeypatch.setenv("WORLD_SIZE", "3")

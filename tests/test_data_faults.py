@@ -152,36 +152,55 @@ def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_pa
             assert reports and "damaged tar" in reports[0], rank
 
 
+class Mean(L.LightningModule):
+    """The smallest trainable module: the data are under test here."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return (batch["image"].mean() - self.bias) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def logged_maximum(metrics_csv: Path, name: str) -> float:
+    rows = [row.split(",") for row in metrics_csv.read_text().splitlines()]
+    column = rows[0].index(name)
+    return max(float(row[column]) for row in rows[1:] if row[column])
+
+
 def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     samples = shapes_like(tmp_path, "k", 8)
     samples[3]["png"] = b"not an image"
     shard = write_shard(tmp_path / "bad-000000.tar", samples)
-
-    class Mean(L.LightningModule):
-        """The smallest trainable module: the data are under test here."""
-
-        def __init__(self):
-            super().__init__()
-            self.bias = torch.nn.Parameter(torch.zeros(()))
-
-        def training_step(self, batch, batch_idx):
-            return (batch["image"].mean() - self.bias) ** 2
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version="")
     trainer = L.Trainer(max_steps=4, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1, accelerator="cpu")
     with caplog.at_level("INFO", logger="ldm.data.datamodule"):
         trainer.fit(Mean(), datamodule=dm)
-    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    assert "data/skipped" in header
-    column = header.index("data/skipped")
-    assert max(float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]) == 1.0
+    assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 1.0
     assert "data (rank 0): 1 corrupt samples skipped" in caplog.text
+
+
+@pytest.mark.timeout(300)
+def test_skipped_samples_of_every_rank_are_logged(tmp_path: Path):
+    """Two DDP ranks (gloo): the corrupt samples lie in rank 1's half of the one shard, and rank 0's loggers write
+    the sum over both ranks."""
+    samples = shapes_like(tmp_path, "k", 16)
+    for i in (12, 13, 14):
+        samples[i]["png"] = b"not an image"
+    shard = write_shard(tmp_path / "bad-000000.tar", samples)
+    dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version="")
+    trainer = L.Trainer(max_epochs=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=2,
+                        strategy="ddp_fork")
+    trainer.fit(Mean(), datamodule=dm)
+    assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 3.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,3 +255,29 @@ def test_a_damaged_summary_is_named(tmp_path: Path):
     dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
     dm.setup("fit")
     assert dm.train_counts == [4], "without a summary the tar headers are counted"
+
+
+def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_path: Path):
+    """A class-conditional LDM: the sample whose metadata has no integer label is skipped and counted (the batches
+    stay full), instead of its batch losing the `label` key and failing the step."""
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+    from ldm.nn.unet import unet_config
+
+    samples = shapes_like(tmp_path, "k", 8)
+    for i, sample in enumerate(samples):
+        sample["json"] = json.dumps({} if i == 5 else {"label": i % 3})
+    shard = write_shard(tmp_path / "train-000000.tar", samples)
+    module = LatentDiffusionModule({
+        "autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "ema_decay": None,
+        "unet": asdict(unet_config("tiny", context_dim=None, num_classes=3)),
+        "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"}})
+    dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=32)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)  # its export
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 4, "every batch full: the slot topped its quota up"
+    assert dm.num_skipped == 1 and dm.skipped[0][1] == "k005" and "no integer 'label'" in dm.skipped[0][2]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import CSVLogger
 from test_eval_helpers import random_inception_weights, tiny_clip, tiny_ldm_checkpoint
 from torch.utils.data import DataLoader
 
 from ldm.callbacks.fid import FIDCallback
 from ldm.cli.common import CONF_DIR
+from ldm.config import ConfigError
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
 CAPTIONS = ["a large red circle in the center on a white background",
@@ -25,15 +29,60 @@ def test_fid_callback_logs_small_n_fid_and_clip_score(tmp_path: Path, shapes_sha
                            feature_extractor_weights_path=str(random_inception_weights(tmp_path / "inc.pt")),
                            clip_model=str(tiny_clip(tmp_path / "clip")), num_steps=2)
     g = torch.Generator().manual_seed(0)
-    data = [{"image": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "caption": CAPTIONS} for _ in range(2)]
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[callback])
+    data = [{"image": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "caption": CAPTIONS} for _ in range(3)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=CSVLogger(tmp_path, name="csv", version=""),
+                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[callback])
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     metrics = trainer.callback_metrics
     assert "val/fid_4" in metrics and "val/clip_score_4" in metrics
     assert float(metrics["val/fid_4"]) > 0 and 0 <= float(metrics["val/clip_score_4"]) <= 100
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["val/fid_4"]]
+    assert [int(row["step"]) for row in rows] == [2, 3], "logged once per evaluation: at step 2, and at the end"
     assert list((tmp_path / "cache").glob("*.pt"))  # the reference statistics ldm-eval will reuse
+
+
+class StopSignal(L.Callback):
+    """Stops the run after its first step the way `SlurmRequeue` does on a signal (`stopped`, `should_stop`)."""
+
+    stopped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stopped = trainer.should_stop = True
+
+
+def test_no_final_fid_after_a_stop_signal_and_no_fid_for_a_model_that_does_not_generate(tmp_path: Path,
+                                                                                          shapes_shards: Path):
+    """A stopped run leaves at once (SLURM's warning leaves no time for 1000 samples); the resumed run evaluates at its
+    end. A model without `eval_pipeline` is refused at setup, not when the first evaluation is due."""
+    callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=2, num_samples=4, batch_size=4,
+                           cache_dir=str(tmp_path / "cache"), feature_dim=64,
+                           feature_extractor_weights_path=str(random_inception_weights(tmp_path / "inc.pt")),
+                           num_steps=2)
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    data = [{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}] * 3
+    options = {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_progress_bar": False,
+               "enable_model_summary": False, "enable_checkpointing": False, "limit_val_batches": 0,
+               "default_root_dir": tmp_path}
+    trainer = L.Trainer(**options, callbacks=[callback, StopSignal()])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    assert trainer.global_step == 1 and "val/fid_4" not in trainer.callback_metrics
+
+    class NoGeneration(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            raise AssertionError("never reached")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ConfigError, match=r"callbacks\.fid: NoGeneration does not generate images"):
+        L.Trainer(**options, callbacks=[callback]).fit(NoGeneration(), train_dataloaders=DataLoader(data))
 
 
 def test_fid_callback_config_composes_beside_the_defaults():

@@ -64,6 +64,40 @@ def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest
     assert lines[-1].startswith("throughput summary: 6 steps, 48 images in ")
 
 
+class SlowCallback(L.Callback):
+    """Spends 0.2 s after every step, inside `paused` (as the FID callback and the image logger do)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with throughput.paused(trainer):
+            time.sleep(0.2)
+
+
+def test_paused_work_is_neither_training_time_nor_data_wait(tmp_path: Path):
+    callback = Throughput(count_flops=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[callback, SlowCallback()])
+    trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(4, 0.05), batch_size=None))
+    assert callback.summary["data_wait_ms"] == pytest.approx(50, abs=25)
+    assert callback.summary["seconds"] < 4 * 0.2, "the 0.8 s of paused work is not training time"
+
+
+def test_lines_stay_on_the_step_schedule_after_a_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> L.Trainer:
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, log_every_n_steps=3, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=tmp_path, callbacks=[Throughput(count_flops=False)])
+        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(20, 0.0), batch_size=None),
+                    ckpt_path=ckpt_path)
+        return trainer
+
+    fit(4).save_checkpoint(tmp_path / "step4.ckpt")
+    with caplog.at_level("INFO", logger=throughput.__name__):
+        fit(10, tmp_path / "step4.ckpt")
+    lines = [r.getMessage().split(":")[0] for r in caplog.records if r.name == throughput.__name__]
+    assert lines == ["throughput step 6", "throughput step 9", "throughput summary"]
+
+
 @pytest.mark.parametrize("name, precision, want", [
     ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312e12),
     ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12),

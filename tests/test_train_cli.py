@@ -154,6 +154,15 @@ def test_the_progress_bar_is_the_progress_callback_alone(overrides, bar):
         assert trainer.progress_bar_callback is None
 
 
+@pytest.mark.parametrize("extra", [["logger=none"], ["debug=fast_dev_run"]])
+def test_a_run_without_loggers(shapes_shards, tmp_path, extra):
+    """No loggers: the learning-rate monitor of the default callbacks, which Lightning refuses then, is left out."""
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=2, every=2) if o != "logger=csv"]
+    train(compose_train([*overrides, *extra, "model.net.ch=16"]))
+    assert not (out / "csv").exists() and not (out / "wandb").exists()
+
+
 def test_misspelt_override_is_named():
     with pytest.raises(ConfigCompositionException, match="max_stepz"):
         compose_train(["trainer.max_stepz=3"])
@@ -180,4 +189,12 @@ def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path
     assert OmegaConf.load(out / "config.yaml").paths.output_dir == str(out)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb")), runs
-    assert "wandb sync" in output
+    assert f"upload it with: wandb sync {runs[0]}" in output
+    # the same command, further: the run resumes, its W&B run gets a second offline folder, and the command to
+    # upload names both
+    result = subprocess.run([str(script), *overrides, "model.net.ch=16", "logger=wandb", "trainer.max_steps=4"],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = runs[0].name.split("-", 3)[-1]  # offline-run-<date>_<time>-<id>
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert f"upload them with: wandb sync {out / 'wandb'}/offline-run-*-{run_id}" in result.stdout + result.stderr

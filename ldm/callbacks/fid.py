@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ldm.callbacks.checkpoint import run_halted
+from ldm.callbacks.throughput import paused
 from ldm.config import ConfigError
 from ldm.data.shardlist import local_shards
 from ldm.distributed import rank_and_world
@@ -77,7 +79,10 @@ class FIDCallback(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Fail at start, not after hours of training: weights must be loadable and the shards readable.
+        # Fail at start, not after hours of training: a model that generates, loadable weights, readable shards.
+        if not callable(getattr(pl_module, "eval_pipeline", None)):
+            raise ConfigError(f"callbacks.fid: {type(pl_module).__name__} does not generate images (no eval_pipeline); "
+                              f"the FID callback is for latent diffusion models: leave callbacks=[default,fid] out")
         self._shards = local_shards(self.val_shards, "callbacks.fid.val_shards")
         self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
         labels = shard_labels(self._shards, self.num_samples)
@@ -95,8 +100,11 @@ class FIDCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step and trainer.global_step > 0:
-            self.evaluate(trainer, pl_module, log=False)
+        # note: not after a stop signal (SLURM's warning leaves no time for it; the resumed run evaluates at its end)
+        # or a NaN halt
+        stopped = run_halted(trainer) or any(getattr(callback, "stopped", False) for callback in trainer.callbacks)
+        if trainer.global_step != self._last_step and trainer.global_step > 0 and not stopped:
+            self.evaluate(trainer, pl_module)
 
     def _scorer(self, pl_module: L.LightningModule, uses_prompts: bool, resolution: int) -> GenerationMetrics:
         if self._metrics is None:
@@ -109,9 +117,19 @@ class FIDCallback(L.Callback):
                                               seed=self.seed).to(device)
         return self._metrics
 
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Generate, score and log at the current step (rank 0, to every logger; also in `trainer.callback_metrics`);
+        every rank takes part (metric states sync across ranks). Its time is left out of the throughput numbers."""
+        with paused(trainer):
+            results = self._evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(results, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+        return results
+
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> dict[str, float]:
-        """Generate, score and log; every rank takes part (metric states sync across ranks)."""
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         self._last_step = trainer.global_step
         rank, world = rank_and_world(trainer)
         was_training = pl_module.training
@@ -135,8 +153,4 @@ class FIDCallback(L.Callback):
         scorer.reset()
         results = {f"val/{name}_{self.num_samples}": value for name, value in values.items()}
         rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
-        if log:
-            pl_module.log_dict(results, on_step=True, on_epoch=False, sync_dist=False)
-        elif trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(results, step=trainer.global_step)
         return results

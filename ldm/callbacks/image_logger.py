@@ -6,6 +6,7 @@ written as a PNG under `save_dir/<split>/<name>_step0001000.png` and sent to W&B
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,16 @@ import torchvision
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
+from ldm.callbacks.throughput import paused
 from ldm.images import make_grid
+
+log = logging.getLogger(__name__)
 
 
 class ImageLogger(L.Callback):
-    """Calls `pl_module.log_images(batch)` on rank zero (on every rank under FSDP) every `every_n_steps` steps and on
-    the first validation batch.
+    """Calls `pl_module.log_images(batch)` on rank zero (on every rank under FSDP) every `every_n_steps` optimizer
+    steps and on the first validation batch. A grid that fails (out of memory, a full disk) is a warning: the run goes
+    on.
 
     Args:
         save_dir: where the PNGs go (the train configs use `${paths.output_dir}/images`).
@@ -35,18 +40,29 @@ class ImageLogger(L.Callback):
         self.every_n_steps = every_n_steps
         self.log_on_validation = log_on_validation
         self.nrow = nrow
+        self._step_before = -1
 
     def log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
+        """Write (and send to W&B) the grids of `batch`; a failure is logged as a warning, not raised."""
+        was_training = pl_module.training
+        try:
+            with paused(trainer):
+                self._log_batch(trainer, pl_module, batch, split)
+        except Exception as err:  # noqa: BLE001 -- a picture must never stop a training run
+            log.warning("image logger: no %s grids at step %d (%s: %s)", split, trainer.global_step,
+                        type(err).__name__, err)
+        finally:
+            pl_module.train(was_training)
+
+    def _log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
         # note: under FSDP the networks are sharded, so every rank runs them (each forward gathers the shards) and
         # rank zero writes; otherwise rank zero alone runs them.
         sharded = isinstance(trainer.strategy, FSDPStrategy)
         if not hasattr(pl_module, "log_images") or not (trainer.is_global_zero or sharded):
             return
-        was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             images = pl_module.log_images(batch)
-        pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
 
@@ -61,9 +77,14 @@ class ImageLogger(L.Callback):
                 logger.log_image(key=f"{split}/images", images=[g.permute(1, 2, 0).numpy() for g in grids.values()],
                                  caption=list(grids), step=step)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        stepped = trainer.global_step != self._step_before  # not mid-accumulation
+        if self.every_n_steps > 0 and stepped and trainer.global_step % self.every_n_steps == 0:
             self.log_batch(trainer, pl_module, batch, "train")
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -12,14 +12,17 @@ model's FLOPs per batch are counted once, on the first training step of a fresh 
 (what Lightning's `measure_flops` runs): forward and backward of the real step, whatever the module computes. The
 count is kept in checkpoints and a resumed run takes it from there: counting runs under a dispatch mode that changes
 convolution gradients in the last bits, so counting again after a resume would break bit-exact resume. Validation
-time is left out of training time. Data wait is the time from the end of one training step (or of validation) to the
-start of the next: loading the batch, plus the loop's own work between steps (a checkpoint written then counts too).
+time is left out of training time, and so is work that callbacks wrap in `paused(trainer)` (the FID evaluation, image
+grids). Data wait is the time from the end of one training step (or of validation) to the start of the next: loading
+the batch, plus the loop's own work between steps (a checkpoint written then counts too).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -83,6 +86,19 @@ def batch_size_of(batch: Any) -> int:
     elif isinstance(batch, (list, tuple)):
         batch = batch[0]
     return len(batch)
+
+
+@contextmanager
+def paused(trainer: L.Trainer) -> Iterator[None]:
+    """Leave the time spent inside out of the `Throughput` numbers: neither training time nor data wait (evaluation
+    that a callback runs from a training hook)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        for callback in trainer.callbacks:
+            if isinstance(callback, Throughput):
+                callback.exclude(time.perf_counter() - start)
 
 
 class Throughput(L.Callback):
@@ -151,12 +167,18 @@ class Throughput(L.Callback):
         self._samples += batch_size_of(batch)
         if trainer.global_step != self._step_before:  # an optimizer step happened (not mid-accumulation)
             self._steps += 1
-            if self._steps % max(1, trainer.log_every_n_steps) == 0:
+            if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # on schedule after a resume too
                 try:
                     self._log_interval(trainer)
                 except Exception as err:  # noqa: BLE001 -- a measurement must never stop a training run
                     log.warning("throughput: could not measure this interval (%s: %s)", type(err).__name__, err)
         self._ready = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Take `seconds` of work just done (see `paused`) out of training time and of the next step's data wait."""
+        if hasattr(self, "_t0"):
+            self._paused += seconds
+            self._ready += seconds
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

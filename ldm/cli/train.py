@@ -26,7 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -180,10 +180,17 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
         # note: wandb.run is the run this process started (the logger starts it on first use), None if none was
         if isinstance(logger, WandbLogger) and (run := wandb_run()) is not None:
             offline = bool(getattr(run, "offline", False))  # note: settings.mode reads "dryrun" for offline=true
-            run_dir = Path(run.dir).parent
+            run_dir, run_id = Path(run.dir).parent, run.id
             run.finish(exit_code=exit_code)
             if offline:
-                rank_zero_info(f"W&B run saved offline in {run_dir}; upload it with: wandb sync {run_dir}")
+                # A resumed run (same id) writes a new offline folder per segment; wandb sync uploads the folders of
+                # one run id in the order they started, into one run.
+                segments = sorted(run_dir.parent.glob(f"offline-run-*-{run_id}"))
+                if len(segments) > 1:
+                    rank_zero_info(f"W&B run saved offline in {len(segments)} folders, one per segment of the resumed "
+                                   f"run; upload them with: wandb sync {run_dir.parent}/offline-run-*-{run_id}")
+                else:
+                    rank_zero_info(f"W&B run saved offline in {run_dir}; upload it with: wandb sync {run_dir}")
 
 
 def wandb_run() -> Any:
@@ -277,10 +284,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
 
     The progress bar is the `callbacks.progress` entry: with it nulled (or `trainer.enable_progress_bar=false`) the run
     has none, where Lightning would add its default rich bar, redrawn up to 100 times a second (10% of a 2-thread CPU
-    step in the quickstart; benchmarks/RESULTS.md).
+    step in the quickstart; benchmarks/RESULTS.md). Without loggers (`logger=none`, `debug=fast_dev_run`) the
+    learning-rate monitor, which Lightning refuses then, is left out.
     """
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    if not loggers:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     overrides.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(),
                                    **overrides)

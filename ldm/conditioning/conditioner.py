@@ -98,12 +98,14 @@ class ConditionerConfig:
 class Conditioner(nn.Module):
     """Base class: `forward(conds, generator)` returns the UNet's keyword arguments, `unconditional` their null
     counterpart. `context_dim`, `num_classes` and `pooled_dim` are what the UNet must be built with; `trainable`
-    says whether the conditioner has parameters to optimise."""
+    says whether the conditioner has parameters to optimise, `reads_labels` whether every training sample needs an
+    integer class label."""
 
     context_dim: int | None = None
     num_classes: int | None = None
     pooled_dim: int | None = None
     trainable: bool = False
+    reads_labels: bool = False
 
     def __init__(self, kind: str, cond_drop_prob: float):
         super().__init__()
@@ -249,6 +251,7 @@ class ClassConditioner(Conditioner):
     """
 
     trainable = True
+    reads_labels = True
 
     def __init__(self, num_classes: int, width: int | None, cond_drop_prob: float = 0.1):
         super().__init__("class", cond_drop_prob)

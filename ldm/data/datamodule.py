@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 # warning about IterableDataset lengths does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
+# The settings an epoch's data order depends on (`state_dict` key -> what the user changes); `data.num_workers` as
+# slots per rank, so 0 and 1 (both one slot) order alike.
+ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x nodes)",
+                  "num_workers": "data.num_workers (at least 1)", "batch_size": "data.batch_size"}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shard lists and their sample counts (main process).
@@ -176,6 +181,10 @@ class WebDataModule(L.LightningDataModule):
         # Keep every shard's raw samples in memory after their first read, so later epochs and validations parse no
         # tar (small data sets: the quickstart's 4000 latents take about 50 MB). Read in the training process only.
         cache_in_memory: bool = False
+        # Resuming mid-epoch with another data order (world size, workers, batch size or seed changed since the
+        # checkpoint) cannot continue that epoch exactly: refused unless true (then the rest of the epoch repeats some
+        # samples and misses others).
+        allow_inexact_resume: bool = False
 
         def __post_init__(self) -> None:
             if self.train_shards is None:
@@ -210,8 +219,12 @@ class WebDataModule(L.LightningDataModule):
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
         self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
-        self._resume: dict[str, int] | None = None
+        self._resume: dict[str, Any] | None = None
+        self._logged_counts = (0.0, 0.0)  # the all-ranks totals last logged as data/skipped and data/uncaptioned
         self.latent_manifest: LatentManifest | None = None  # set by setup() when the shards are ldm-encode latents
+        # Set by a class-conditional model in its `setup` hook, before the loaders are built: a sample without an
+        # integer label is then skipped and counted as corrupt instead of failing its batch.
+        self.require_labels = False
 
     @classmethod
     def check_files(cls, config: Config) -> None:
@@ -253,21 +266,22 @@ class WebDataModule(L.LightningDataModule):
         urls, counts = (self.train_urls, self.train_counts) if train else (self.val_urls, self.val_counts)
         batch_size = c.batch_size if train else (c.val_batch_size or c.batch_size)
         plan = EpochPlan(urls, counts, c.seed, rank, world_size, c.num_workers, batch_size, train, c.resolution,
-                         c.shuffle_buffer, c.random_crop, c.hflip, c.cache_in_memory)
-        if plan.batches_per_worker == 0:
+                         c.shuffle_buffer, c.random_crop, c.hflip, c.cache_in_memory, self.require_labels)
+        if plan.rank_batches == 0:
             key = "data.train_shards" if train else "data.val_shards"
-            raise ConfigError(f"{key}: {sum(counts)} samples in {len(urls)} shards cannot give each of the "
-                              f"{plan.slots} slots ({world_size} ranks x {max(1, c.num_workers)} workers) a batch of "
-                              f"{batch_size}; lower the batch size or data.num_workers, or write more samples")
+            need = (f"each of the {plan.slots} slots ({world_size} ranks x {max(1, c.num_workers)} workers) a batch "
+                    f"of {batch_size}; lower the batch size or data.num_workers" if train else
+                    f"each of the {world_size} ranks a sample; use fewer processes")
+            raise ConfigError(f"{key}: {sum(counts)} samples in {len(urls)} shards cannot give {need}, or write more "
+                              f"samples")
         return plan
 
     def train_dataloader(self) -> EpochLoader:
         self.setup("fit")
         plan = self._plan(train=True)
-        dropped = sum(plan.counts) - plan.slots * plan.quota
         log.info("train data: %d samples in %d shards over %d slots (%d ranks x %d workers): %d batches of %d per "
                  "rank per epoch, %d samples left out per epoch", sum(plan.counts), len(plan.urls), plan.slots,
-                 plan.world_size, max(1, plan.num_workers), len(ShardStream(plan)), plan.batch_size, dropped)
+                 plan.world_size, max(1, plan.num_workers), plan.rank_batches, plan.batch_size, plan.left_out)
         return EpochLoader(self._stream(plan), self._begin_train_epoch, self._on_train_batch, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
@@ -275,7 +289,11 @@ class WebDataModule(L.LightningDataModule):
         if self.config.val_shards is None:
             return []
         self.setup("validate")
-        return EpochLoader(self._stream(self._plan(train=False)), lambda _: (0, 0), self._record_skipped, self,
+        plan = self._plan(train=False)
+        log.info("val data: %d samples in %d shards over %d ranks: %d batches of at most %d per rank, %d samples left "
+                 "out", sum(plan.counts), len(plan.urls), plan.world_size, plan.rank_batches, plan.batch_size,
+                 plan.left_out)
+        return EpochLoader(self._stream(plan), lambda _: (0, 0), self._record_skipped, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
     def _pin_memory(self) -> bool:
@@ -295,6 +313,8 @@ class WebDataModule(L.LightningDataModule):
             epoch, skip = self._resume["epoch"], self._resume["batches"]
             if skip >= num_batches:
                 epoch, skip = epoch + 1, 0
+            if skip and self._resume["changed"]:
+                self._check_inexact_resume(epoch, skip, self._resume["changed"])
             self._resume = None
         elif self.trainer is not None:
             epoch, skip = self.trainer.current_epoch, 0
@@ -313,8 +333,6 @@ class WebDataModule(L.LightningDataModule):
             if len(self.skipped) < 1000:
                 self.skipped.append((shard, key, reason))
         self.num_skipped += len(skipped)
-        if skipped:
-            self._log_data_metrics()
 
     def record_uncaptioned(self, samples: list[tuple[str, str]]) -> None:
         """Count samples without a caption; warn once per shard (they train with the empty caption)."""
@@ -323,34 +341,41 @@ class WebDataModule(L.LightningDataModule):
                 log.warning("shard %s: sample %s has no caption (.txt); it trains with the empty caption \"\" (one "
                             "warning per shard; the run's total is printed at the end)", shard, key)
             self.uncaptioned[shard] = self.uncaptioned.get(shard, 0) + 1
-        if samples:
-            self._log_data_metrics()
 
-    def _log_data_metrics(self) -> None:
-        """`data/skipped` and `data/uncaptioned` (this process's totals so far) to the trainer's loggers."""
+    def _log_data_counts(self) -> tuple[int, int]:
+        """(skipped, uncaptioned): the totals of all ranks so far, logged from rank 0 as `data/skipped` and
+        `data/uncaptioned` when they changed. A collective: every rank calls it at the same point of the fit."""
         trainer = self.trainer
-        if trainer is None:
-            return
-        metrics = {"data/skipped": float(self.num_skipped), "data/uncaptioned": float(sum(self.uncaptioned.values()))}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        counts = torch.tensor([self.num_skipped, sum(self.uncaptioned.values())], dtype=torch.float64)
+        totals = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").tolist()
+        if tuple(totals) != self._logged_counts:
+            self._logged_counts = tuple(totals)
+            for logger in trainer.loggers:  # note: Lightning's loggers write on rank 0 only
+                logger.log_metrics({"data/skipped": totals[0], "data/uncaptioned": totals[1]}, step=trainer.global_step)
+        return int(totals[0]), int(totals[1])
 
     def teardown(self, stage: str) -> None:
-        """At the end of a fit: the run's totals of skipped and uncaptioned samples (this process)."""
-        if stage != "fit":
+        """At the end of a fit: the run's totals of skipped and uncaptioned samples (each rank its own, rank 0 all)."""
+        if stage != "fit" or self.trainer is None:
             return
-        rank = rank_and_world(self.trainer)[0]
+        rank, world_size = rank_and_world(self.trainer)
+        skipped, uncaptioned = self._log_data_counts()
         shards = sorted({shard for shard, _, _ in self.skipped})
         log.info("data (rank %d): %d corrupt samples skipped%s; %d samples without a caption in %d shards",
                  rank, self.num_skipped, f" (shards {shards[:5]})" if shards else "",
                  sum(self.uncaptioned.values()), len(self.uncaptioned))
-        if self.num_skipped or self.uncaptioned:
-            self._log_data_metrics()
+        if world_size > 1 and rank == 0:
+            log.info("data (all %d ranks): %d corrupt samples skipped; %d samples without a caption", world_size,
+                     skipped, uncaptioned)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning's data hook, called with every batch right before its step: count the training ones."""
-        if self.trainer is not None and self.trainer.training:
+        """Lightning's data hook, called with every batch right before its step: count the training ones, and every
+        `trainer.log_every_n_steps` steps log the skipped and uncaptioned samples of all ranks."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
             self._trained += 1
+            if trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
+                self._log_data_counts()
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -370,11 +395,23 @@ class WebDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
-        now = {"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
-               "num_workers": self.config.num_workers, "batch_size": self.config.batch_size}
-        changed = {k: (state_dict[k], v) for k, v in now.items() if k in state_dict and state_dict[k] != v}
-        if changed:
-            warnings.warn(f"resuming data with changed settings {changed} (saved, now): the data order differs from "
-                          f"the interrupted run; skipping {state_dict['batches']} batches of epoch "
-                          f"{state_dict['epoch']} anyway", stacklevel=2)
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+        def order(settings: dict[str, Any]) -> dict[str, Any]:  # what the epoch's data order depends on
+            return {ORDER_SETTINGS[k]: max(1, v) if k == "num_workers" else v for k, v in settings.items()
+                    if k in ORDER_SETTINGS}
+        saved = order(state_dict)
+        now = order({"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
+                     "num_workers": self.config.num_workers, "batch_size": self.config.batch_size})
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed}
+
+    def _check_inexact_resume(self, epoch: int, skip: int, changed: dict[str, tuple[Any, Any]]) -> None:
+        """Refuse to continue an epoch under another data order, unless `data.allow_inexact_resume`."""
+        what = ", ".join(f"{k} {saved} -> {now}" for k, (saved, now) in changed.items())
+        if not self.config.allow_inexact_resume:
+            raise ConfigError(f"the checkpoint stopped {skip} batches into epoch {epoch} under another data order "
+                              f"({what}; saved -> now): the rest of that epoch cannot be continued exactly. Resume "
+                              f"with the saved settings, or set data.allow_inexact_resume=true to go on anyway (the "
+                              f"rest of the epoch then repeats some samples and misses others)")
+        warnings.warn(f"data.allow_inexact_resume: continuing epoch {epoch} after {skip} batches under another data "
+                      f"order ({what}; saved -> now): the rest of the epoch repeats some samples and misses others",
+                      stacklevel=2)

@@ -265,10 +265,10 @@ def from_npy(data: bytes) -> np.ndarray:
 # Reading: the worker side.
 
 
-def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required: tuple[str, ...]
-                    ) -> Iterator[dict[str, Any]]:
-    """Arrays, caption and label of raw latent samples; unreadable samples (or without a `required` member) are
-    recorded and dropped."""
+def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required: tuple[str, ...],
+                    require_label: bool = False) -> Iterator[dict[str, Any]]:
+    """Arrays, caption and label of raw latent samples; unreadable samples (or without a `required` member, or
+    without an integer label when `require_label`) are recorded and dropped."""
     for sample in samples:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         try:
@@ -280,7 +280,7 @@ def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required:
                       if name in sample}
             if arrays[MOMENTS].ndim != 3:
                 raise ValueError(f"{MOMENTS} has shape {arrays[MOMENTS].shape}, expected (2C, h, w)")
-            caption, label = caption_and_label(sample, skips)
+            caption, label = caption_and_label(sample, skips, require_label)
         except Exception as err:  # noqa: BLE001 -- any unreadable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
@@ -310,7 +310,7 @@ class LatentStream(ShardStream):
         required = (MOMENTS, MOMENTS_FLIP) if self.plan.train and self.plan.hflip else (MOMENTS,)
         if self.manifest.text_encoder is not None:
             required += (CONTEXT, POOLED)
-        return _decode_latents(samples, skips, required)
+        return _decode_latents(samples, skips, required, self.plan.require_labels)
 
     def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_latents(samples)

@@ -2,12 +2,13 @@
 spawned DataLoader worker imports only torch, webdataset and PIL).
 
 An epoch is split as follows. All ranks compute the same plan: the shard order is shuffled with (seed, epoch), the
-shards' samples are laid end to end (counts from summary.json), and the sequence is cut into ranks x workers equal
-contiguous ranges, one per (rank, worker) "slot". A slot reads only the shards its range touches (skipping, undecoded,
-the part of a shard before its range), so no sample is read twice in an epoch, however few shards there are. Every
-slot yields the same number of batches, so every rank does too and no collective hangs. Left out per epoch: the
-N mod S samples past the last full range (S = ranks x workers) and, for training (full batches only), each slot's last
-partial batch: fewer than S x (batch_size + 1) samples in all. Validation keeps partial batches and drops only N mod S.
+shards' samples are laid end to end (counts from summary.json), and the sequence is cut into contiguous ranges, one per
+(rank, worker) "slot". A slot reads only the shards its range touches (skipping, undecoded, the part of a shard before
+its range), so no sample is read twice in an epoch, however few shards there are. Every rank yields the same number of
+batches, so no collective hangs. Training: S = ranks x workers equal ranges, full batches only; left out per epoch are
+the N mod S samples past the last range and each slot's last partial batch, fewer than S x (batch_size + 1) in all.
+Validation: one equal range per rank, split over its workers to within one sample, partial batches kept; left out are
+only the N mod ranks samples past the last range (none in a single process).
 
 Order depends on (seed, epoch, rank, worker) only, and a per-sample generator seeded by (seed, epoch, shard, key) draws
 crops and flips, so (epoch, batches consumed) is enough to resume exactly: each worker skips the batches it had already
@@ -67,6 +68,7 @@ class EpochPlan:
     random_crop: bool = False
     hflip: bool = False
     cache_in_memory: bool = False  # keep the raw samples read from each shard for later epochs (num_workers=0 only)
+    require_labels: bool = False  # a sample without an integer label is corrupt (class-conditional training)
     epoch: int = 0
     skip_batches: int = 0  # batches of this rank already consumed this epoch (resume)
 
@@ -76,25 +78,45 @@ class EpochPlan:
 
     @property
     def slot_samples(self) -> int:
-        """Samples in each slot's range."""
+        """Samples in each training slot's range."""
         return sum(self.counts) // self.slots
 
-    @property
-    def batches_per_worker(self) -> int:
-        m = self.slot_samples
-        return m // self.batch_size if self.train else math.ceil(m / self.batch_size)
+    def slot_range(self, slot: int) -> tuple[int, int]:
+        """[begin, end) of slot `slot` (rank x workers + worker) in the epoch's sequence of samples.
+
+        Training: S equal ranges. Validation: one equal range per rank, split over its workers into ranges that
+        differ by at most one sample (every rank still yields the same number of batches).
+        """
+        if self.train:
+            return slot * self.slot_samples, (slot + 1) * self.slot_samples
+        rank, worker = divmod(slot, max(1, self.num_workers))
+        per_rank = sum(self.counts) // self.world_size
+        base, extra = divmod(per_rank, max(1, self.num_workers))
+        begin = rank * per_rank + worker * base + min(worker, extra)
+        return begin, begin + base + (1 if worker < extra else 0)
+
+    def quota(self, slot: int) -> int:
+        """Samples slot `slot` yields per epoch: training, its full batches; validation, its whole range."""
+        begin, end = self.slot_range(slot)
+        return (end - begin) // self.batch_size * self.batch_size if self.train else end - begin
 
     @property
-    def quota(self) -> int:
-        """Samples each slot yields per epoch."""
-        return self.batches_per_worker * self.batch_size if self.train else self.slot_samples
+    def rank_batches(self) -> int:
+        """Batches each rank yields per epoch (the same number on every rank)."""
+        workers = max(1, self.num_workers)
+        return sum(math.ceil(self.quota(self.rank * workers + w) / self.batch_size) for w in range(workers))
+
+    @property
+    def left_out(self) -> int:
+        """Samples no slot reads this epoch."""
+        return sum(self.counts) - sum(self.quota(slot) for slot in range(self.slots))
 
     def segments(self, slot: int) -> list[tuple[str, int, int]]:
         """(url, first, stop) sample ranges of shards that slot `slot` reads this epoch."""
         order = list(range(len(self.urls)))
         if self.train:
             random.Random(fold_seed(self.seed, self.epoch)).shuffle(order)
-        begin, end = slot * self.slot_samples, (slot + 1) * self.slot_samples
+        begin, end = self.slot_range(slot)
         segments, offset = [], 0
         for i in order:
             lo, hi = max(begin - offset, 0), min(end - offset, self.counts[i])
@@ -173,8 +195,10 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                                 f"delete summary.json so that the tar headers are counted")
 
 
-def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """PIL image, caption and optional label; undecodable samples are recorded and dropped."""
+def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
+            ) -> Iterator[dict[str, Any]]:
+    """PIL image, caption and label (optional unless `require_label`); undecodable samples are recorded and
+    dropped."""
     for sample in samples:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         try:
@@ -182,16 +206,16 @@ def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[
             if ext is None:
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)}), found {sorted(sample)}")
             image = decode_image(sample[ext])  # 8-bit RGB; truncated data fails here
-            caption, label = caption_and_label(sample, skips)
+            caption, label = caption_and_label(sample, skips, require_label)
         except Exception as err:  # noqa: BLE001 -- any undecodable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
         yield {"image": image, "caption": caption, "key": key, "url": url, "label": label}
 
 
-def caption_and_label(sample: dict[str, Any], skips: SkipLog) -> tuple[str, int | None]:
-    """A raw sample's caption ("" and counted when it has none) and integer class label (None without one); image
-    and latent samples alike."""
+def caption_and_label(sample: dict[str, Any], skips: SkipLog, require_label: bool = False) -> tuple[str, int | None]:
+    """A raw sample's caption ("" and counted when it has none) and integer class label (None without one, or a
+    ValueError when `require_label`); image and latent samples alike."""
     if "txt" in sample:
         caption = sample["txt"].decode("utf-8").strip()
     else:
@@ -199,7 +223,12 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog) -> tuple[str, int 
         skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
     meta = json.loads(sample["json"]) if "json" in sample else {}
     label = meta.get("label") if isinstance(meta, dict) else None
-    return caption, label if isinstance(label, int) else None
+    if not isinstance(label, int) or isinstance(label, bool):
+        if require_label:
+            raise ValueError(f"no integer 'label' in its metadata (.json: {str(meta)[:60]}), which a class-conditional "
+                             f"model needs")
+        label = None
+    return caption, label
 
 
 def resize_crop(image: Image.Image, resolution: int, rng: random.Random | None) -> Image.Image:
@@ -233,7 +262,7 @@ class ShardStream(IterableDataset):
         self.cache: dict[str, list[dict[str, Any]]] | None = {} if plan.cache_in_memory else None
 
     def __len__(self) -> int:
-        return self.plan.batches_per_worker * max(1, self.plan.num_workers)
+        return self.plan.rank_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         p = self.plan
@@ -265,7 +294,7 @@ class ShardStream(IterableDataset):
         every_shard = [(url, 0, count) for url, count in zip(p.urls, p.counts)]  # the fallback of an unreadable range
         pipeline = wds.DataPipeline(
             # exactly the quota, topped up if samples were lost
-            lambda: _exactly(decoded(segments), p.quota, slot, skips, fallback=decoded(every_shard)),
+            lambda: _exactly(decoded(segments), p.quota(slot), slot, skips, fallback=decoded(every_shard)),
             lambda samples: islice(samples, done * p.batch_size, None),  # resume: what this worker already produced
             wds.map(self._to_tensor),  # resize, crop, flip; float (3, R, R) in [-1, 1]
             wds.batched(p.batch_size, collation_fn=self.collate_batch, partial=not p.train),
@@ -278,7 +307,7 @@ class ShardStream(IterableDataset):
     # note: the three steps a sample goes through are methods so that `ldm.data.latents.LatentStream` reads latent
     # shards through the same splitting, resume and skip logic.
     def decode_samples(self, samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
-        return _decode(samples, skips)
+        return _decode(samples, skips, self.plan.require_labels)
 
     def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples)

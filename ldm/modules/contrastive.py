@@ -105,8 +105,8 @@ class ContrastiveModule(L.LightningModule):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """1 / temperature, learned, capped at MAX_LOGIT_SCALE."""
-        return self.log_logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
+        """1 / temperature, learned; at most MAX_LOGIT_SCALE (`on_train_batch_end` clamps the parameter)."""
+        return self.log_logit_scale.exp()
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, E) -> (world * B, E), rank order; gradients flow back to this rank's rows."""
@@ -129,6 +129,12 @@ class ContrastiveModule(L.LightningModule):
         self.log("train/accuracy", accuracy, on_step=True, on_epoch=False, batch_size=size)
         self.log("train/temperature", 1.0 / self.logit_scale, on_step=True, on_epoch=False, batch_size=size)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # note: as CLIP, the parameter is clamped after the step, not its exp() in the forward: a clamped exp() has
+        # no gradient above the cap, so a scale that overshot it could never come back down.
+        with torch.no_grad():
+            self.log_logit_scale.clamp_(max=math.log(self.MAX_LOGIT_SCALE))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, accuracy = self._loss(batch)

@@ -219,6 +219,11 @@ class LatentDiffusionModule(L.LightningModule):
         conditioner = self.ema_conditioner.module if self.ema_conditioner is not None else None
         return self.pipeline.replace(unet=self.ema.module, conditioner=conditioner)
 
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if self.pipeline.conditioner.reads_labels and hasattr(datamodule, "require_labels"):
+            datamodule.require_labels = True  # before its loaders: unlabelled samples are skipped and counted
+
     def on_fit_start(self) -> None:
         self.pipeline.autoencoder.float()  # "-true" precisions cast every module; the autoencoder runs in fp32
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)

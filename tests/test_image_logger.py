@@ -1,0 +1,59 @@
+"""The image-grid callback: one grid per optimizer step (not per micro-batch), and a failing grid does not stop the
+run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ldm.callbacks.image_logger import ImageLogger
+
+
+class Grids(L.LightningModule):
+    """A linear model whose `log_images` returns its input, or raises when `fail` is set."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.net = nn.Linear(4, 4)
+        self.fail = fail
+        self.modes: list[bool] = []  # training mode at each step
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.net(batch["x"]).pow(2).mean()
+
+    def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return {"inputs": batch["image"]}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(module: Grids, tmp_path: Path, accumulate: int, max_steps: int) -> None:
+    data = [{"x": torch.randn(2, 4), "image": torch.rand(2, 3, 8, 8) * 2 - 1} for _ in range(accumulate * max_steps)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, callbacks=[ImageLogger(str(tmp_path / "images"), every_n_steps=1)])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+
+
+def test_one_grid_per_optimizer_step_under_accumulation(tmp_path: Path):
+    fit(Grids(), tmp_path, accumulate=2, max_steps=2)
+    written = sorted(p.name for p in (tmp_path / "images" / "train").iterdir())
+    assert written == ["inputs_step0000001.png", "inputs_step0000002.png"], "none before the first step, none twice"
+
+
+def test_a_failing_grid_is_a_warning_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    module = Grids(fail=True)
+    with caplog.at_level("WARNING", logger="ldm.callbacks.image_logger"):
+        fit(module, tmp_path, accumulate=1, max_steps=3)
+    assert module.trainer.global_step == 3 and all(module.modes), "trained to the end, in train mode throughout"
+    warnings = [r.getMessage() for r in caplog.records if "no train grids" in r.getMessage()]
+    assert len(warnings) == 3 and "RuntimeError: CUDA out of memory (simulated)" in warnings[0]
