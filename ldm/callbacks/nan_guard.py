@@ -99,14 +99,14 @@ class NanGuard(L.Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             # note: only on the steps the loggers write (Lightning's `self.log` costs ~1 ms a call on 2 CPU threads)
             for key, norm in self._norms.items():
-                pl_module.log(key, norm, on_step=True, on_epoch=False, rank_zero_only=True)
+                pl_module.log(key, norm, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
         if not self._batch_skipped:
             self.consecutive = 0
             return
         self.skipped_total += 1
         self.consecutive += 1
         pl_module.log("train/nan_skipped", float(self.skipped_total), on_step=True, on_epoch=False,
-                      rank_zero_only=True)
+                      rank_zero_only=True, batch_size=1)  # note: batch_size only spares Lightning guessing it
         rank_zero_warn(f"NaN guard: non-finite loss or gradients at step {trainer.global_step}; optimizer step "
                        f"skipped on every rank ({self.consecutive} in a row, {self.skipped_total} in total)")
         if self.consecutive >= self.max_consecutive:

@@ -175,8 +175,9 @@ class Throughput(L.Callback):
         self._ready = time.perf_counter()
 
     def exclude(self, seconds: float) -> None:
-        """Take `seconds` of work just done (see `paused`) out of training time and of the next step's data wait."""
-        if hasattr(self, "_t0"):
+        """Take `seconds` of work just done (see `paused`) out of training time and of the next step's data wait;
+        work inside validation (grids of its first batch) is already out."""
+        if hasattr(self, "_t0") and getattr(self, "_val_start", None) is None:
             self._paused += seconds
             self._ready += seconds
 
