@@ -159,7 +159,8 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
 
 def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Path):
     """A checkpoint 5 batches into an epoch read with 2 workers: 3 workers would repeat some samples and miss others,
-    so the resume is refused unless allowed; 1 -> 0 workers (one slot per rank either way) continues exactly."""
+    so the resume is refused unless allowed. One at the end of an epoch starts the next under any settings, also when
+    they make epochs longer; 1 -> 0 workers (one slot per rank either way) continues exactly."""
     opts = {"batch_size": 4, "shuffle_buffer": 8, "train_shards": str(shapes_shards / "train-00000[0-2].tar")}
     interrupted = make_dm(shapes_shards, num_workers=2, **opts)
     _run(interrupted, epochs=1, stop_after=5)
@@ -173,6 +174,12 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     allowed.load_state_dict(state)
     with pytest.warns(UserWarning, match="repeats some samples"):
         assert len(_run(allowed, epochs=1)) == 12 - 5
+
+    ended = make_dm(shapes_shards, num_workers=2, **opts)  # a checkpoint at the end of epoch 0 (12 batches)
+    _run(ended, epochs=1)
+    longer = make_dm(shapes_shards, num_workers=2, **{**opts, "batch_size": 2})  # 24 batches per epoch
+    longer.load_state_dict(ended.state_dict())
+    assert len(_run(longer, epochs=1)) == 24 and longer.state_dict()["epoch"] == 1, "epoch 1 from its start"
 
     one = make_dm(shapes_shards, num_workers=1, **opts)
     full = _run(one, epochs=1)

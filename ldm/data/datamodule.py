@@ -219,6 +219,7 @@ class WebDataModule(L.LightningDataModule):
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
         self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
+        self._epoch_batches: int | None = None  # train batches per epoch of the current iteration
         self._resume: dict[str, Any] | None = None
         self._logged_counts = (0.0, 0.0)  # the all-ranks totals last logged as data/skipped and data/uncaptioned
         self.latent_manifest: LatentManifest | None = None  # set by setup() when the shards are ldm-encode latents
@@ -305,13 +306,14 @@ class WebDataModule(L.LightningDataModule):
         """(epoch, batches to skip) for a new iteration of the train loader, which has `num_batches` per epoch.
 
         The first iteration after `load_state_dict` continues at the loaded position; a position at the end of an
-        epoch means the start of the next (Lightning restarted from such a checkpoint trains that next epoch on the
-        loader's first iterator). Otherwise the epoch is the trainer's when one is attached (Lightning iterates the
-        loader once per epoch), else one more than the last iteration's.
+        epoch (of the saved run's length, or of this one's) means the start of the next (Lightning restarted from such
+        a checkpoint trains that next epoch on the loader's first iterator). Otherwise the epoch is the trainer's when
+        one is attached (Lightning iterates the loader once per epoch), else one more than the last iteration's.
         """
         if self._resume is not None:
             epoch, skip = self._resume["epoch"], self._resume["batches"]
-            if skip >= num_batches:
+            saved_end = self._resume["epoch_batches"]  # note: other settings can make this run's epochs longer
+            if skip >= num_batches or (saved_end is not None and skip >= saved_end):
                 epoch, skip = epoch + 1, 0
             if skip and self._resume["changed"]:
                 self._check_inexact_resume(epoch, skip, self._resume["changed"])
@@ -321,6 +323,7 @@ class WebDataModule(L.LightningDataModule):
         else:
             epoch, skip = self._epoch + 1, 0
         self._epoch, self._batches, self._trained = epoch, skip, skip
+        self._epoch_batches = num_batches
         return epoch, skip
 
     def _on_train_batch(self, skipped: list[tuple[str, str, str]]) -> None:
@@ -391,7 +394,7 @@ class WebDataModule(L.LightningDataModule):
         epoch, batches = self._epoch, self._trained if fitting else self._batches
         return {"epoch": max(epoch, 0), "batches": batches, "seed": self.config.seed,
                 "world_size": rank_and_world(trainer)[1], "num_workers": self.config.num_workers,
-                "batch_size": self.config.batch_size}
+                "batch_size": self.config.batch_size, "epoch_batches": self._epoch_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
@@ -402,7 +405,8 @@ class WebDataModule(L.LightningDataModule):
         now = order({"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
                      "num_workers": self.config.num_workers, "batch_size": self.config.batch_size})
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed}
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed,
+                        "epoch_batches": state_dict.get("epoch_batches")}
 
     def _check_inexact_resume(self, epoch: int, skip: int, changed: dict[str, tuple[Any, Any]]) -> None:
         """Refuse to continue an epoch under another data order, unless `data.allow_inexact_resume`."""
