@@ -61,6 +61,12 @@ def run_halted(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "halted", False) for callback in trainer.callbacks)
 
 
+def run_stopped(trainer: L.Trainer) -> bool:
+    """True once a callback has stopped the run on a signal, its state saved (it sets `stopped = True`:
+    `ldm.slurm.SlurmRequeue`)."""
+    return any(getattr(callback, "stopped", False) for callback in trainer.callbacks)
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """Make `target` hold `source`'s bytes, atomically: a hard link renamed into place, else an atomic copy."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm.callbacks.checkpoint import run_halted
+from ldm.callbacks.checkpoint import run_halted, run_stopped
 from ldm.callbacks.throughput import paused
 from ldm.config import ConfigError
 from ldm.data.shardlist import local_shards
@@ -102,7 +102,7 @@ class FIDCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # note: not after a stop signal (SLURM's warning leaves no time for it; the resumed run evaluates at its end)
         # or a NaN halt
-        stopped = run_halted(trainer) or any(getattr(callback, "stopped", False) for callback in trainer.callbacks)
+        stopped = run_halted(trainer) or run_stopped(trainer)
         if trainer.global_step != self._last_step and trainer.global_step > 0 and not stopped:
             self.evaluate(trainer, pl_module)
 

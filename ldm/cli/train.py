@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm import __version__
 from ldm import config as configs
-from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint
+from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_stopped
 from ldm.checkpoints import load_checkpoint
 from ldm.cli.common import (
     CONF_DIR,
@@ -359,7 +359,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     except SIGTERMException:
         # note: Lightning's own SIGTERM handler (active until training starts, when ldm.slurm.SlurmRequeue takes the
         # signal over) ends fit with this exception; when the callback has saved last.ckpt, the run stopped as asked.
-        if not any(getattr(cb, "stopped", False) for cb in callbacks):
+        if not run_stopped(trainer):
             finish_loggers(loggers, exit_code=1)
             raise SystemExit(128 + signal.SIGTERM) from None  # killed by SIGTERM before anything was saved
     except BaseException:

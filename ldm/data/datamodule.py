@@ -392,18 +392,20 @@ class WebDataModule(L.LightningDataModule):
         trainer = self.trainer
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         epoch, batches = self._epoch, self._trained if fitting else self._batches
-        return {"epoch": max(epoch, 0), "batches": batches, "seed": self.config.seed,
-                "world_size": rank_and_world(trainer)[1], "num_workers": self.config.num_workers,
-                "batch_size": self.config.batch_size, "epoch_batches": self._epoch_batches}
+        return {"epoch": max(epoch, 0), "batches": batches, "epoch_batches": self._epoch_batches,
+                **self._order_settings()}
+
+    def _order_settings(self) -> dict[str, Any]:
+        """This run's values of the `ORDER_SETTINGS`, under their `state_dict` keys."""
+        return {"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
+                "num_workers": self.config.num_workers, "batch_size": self.config.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
         def order(settings: dict[str, Any]) -> dict[str, Any]:  # what the epoch's data order depends on
             return {ORDER_SETTINGS[k]: max(1, v) if k == "num_workers" else v for k, v in settings.items()
                     if k in ORDER_SETTINGS}
-        saved = order(state_dict)
-        now = order({"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
-                     "num_workers": self.config.num_workers, "batch_size": self.config.batch_size})
+        saved, now = order(state_dict), order(self._order_settings())
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed,
                         "epoch_batches": state_dict.get("epoch_batches")}
