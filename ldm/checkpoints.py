@@ -29,6 +29,17 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
     """A file given by path does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
+# What torch.load raises for a file it cannot read (cut short, another format); a refused pickle is an UnpicklingError.
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)
+
+
+def needed_code(err: pickle.UnpicklingError) -> str | None:
+    """The global (class or function) that `torch.load(weights_only=True)` refused to load, as its error names it;
+    None when the refusal is damaged data instead."""
+    lines = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+    return lines[0][:200] if lines else None
+
+
 def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str | torch.device = "cpu",
                     ) -> dict[str, Any]:
     """The checkpoint dict stored at `path`, unpickled without executing code.
@@ -50,14 +61,13 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
-        needs_code = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
-        if needs_code:  # the pickle asks for a class or function: refused before anything ran
+        if code := needed_code(err):  # the pickle asks for a class or function: refused before anything ran
             raise CheckpointError(f"{key}={path}: refused to load: the file's pickle needs code outside plain "
-                                  f"tensors and containers ({needs_code[0][:200]}); only checkpoints written by "
-                                  f"this package (or plain state dicts) are read") from None
+                                  f"tensors and containers ({code}); only checkpoints written by this package (or "
+                                  f"plain state dicts) are read") from None
         raise CheckpointError(f"{key}={path} is not a readable checkpoint (its data is damaged); was it truncated, "
                               f"or is it another kind of file?") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError):
+    except UNREADABLE:
         raise CheckpointError(f"{key}={path} is not a readable checkpoint (not a file torch.save wrote, or one cut "
                               f"short); was it truncated, or is it another kind of file?") from None
     if not isinstance(checkpoint, dict):

@@ -113,6 +113,25 @@ def test_pickled_code_in_a_ckpt_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_damaged_weight_files_are_named(tmp_path, single_torch_thread):
+    """A file cut short by a download, or another kind of file under a weights name: one error naming the file, for
+    single files of either format and for a diffusers folder's weights."""
+    bare = _single_file(tmp_path)
+    (tmp_path / "cut.safetensors").write_bytes(bare.read_bytes()[:1000])
+    torch.save({"state_dict": {"x": torch.zeros(1000)}}, tmp_path / "whole.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:300])
+    (tmp_path / "text.ckpt").write_text("hello")
+    for name in ("cut.safetensors", "cut.ckpt", "text.ckpt"):
+        with pytest.raises(ConfigError, match=rf"{name} is not a readable \.\w+ file \(cut short"):
+            load_components(tmp_path / name)
+    unet = tmp_path / "unet"
+    diffusers_unet(SD1_UNET).save_pretrained(unet)
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"unet/diffusion_pytorch_model\.safetensors is not a readable"):
+        load_components(unet)
+
+
 def test_ema_weights_of_an_ldm_checkpoint(tmp_path):
     """LDM training files keep the UNet's EMA as `model_ema.diffusion_modelinput_blocks00weight`: use_ema takes it,
     the default takes the training weights, and a file without it says so."""

@@ -123,8 +123,9 @@ def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_t
 
 
 def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread):
-    """An SD 2 file without metadata or .yaml does not say whether it predicts v or eps: the loader leaves it None,
-    `model.init_from` stops naming model.init_prediction, and with it the generation size follows (768 px for v)."""
+    """An SD 2 file without metadata or .yaml (our export re-saved by another tool) does not say whether it predicts
+    v or eps: the loader leaves it None, `model.init_from` stops naming model.init_prediction, and with it the
+    generation size follows (768 px for v). Its text tower is imported with all its blocks."""
     from safetensors.torch import load_file, save_file
 
     from ldm.config import ConfigError
@@ -141,6 +142,9 @@ def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread
     save_file(load_file(str(path)), str(tmp_path / "bare.safetensors"))  # the same tensors, no metadata
     parts = load_components(tmp_path / "bare.safetensors")
     assert parts.prediction is None and parts.autoencoder_config.resolution == 512
+    # its text tower holds only the blocks the UNet was trained on (no text_projection): imported whole
+    assert parts.text_encoder.config.num_hidden_layers == 2
+    max_diff(_encode(parts.text_encoder, tokenizer), _encode(clip, tokenizer), "bare SD 2 file -> ours")
     conditioner = {"tokenizer": str(tmp_path / "tok")}
     with pytest.raises(ConfigError, match="set model.init_prediction=v .* or eps"):
         LatentDiffusionModule({"init_from": str(tmp_path / "bare.safetensors"), "conditioner": conditioner})
@@ -187,3 +191,34 @@ def test_a_pipeline_folder_saved_as_its_fp16_variant_loads_whole(tmp_path, singl
     theirs, ours = pipe.text_encoder.state_dict(), parts.text_encoder.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours)
     assert parts.unet_state["conv_in.weight"].dtype == torch.float16 and parts.build_unet() is not None
+
+
+def test_a_pipeline_as_the_conditioners_encoder_takes_its_layer_and_a_folder_without_vocabulary_is_refused(
+        tmp_path, single_torch_thread):
+    """`model.conditioner.name_or_path` = a pipeline folder: `layer=penultimate` is the encoder's hidden_states[-2]
+    through its final LayerNorm ("CLIP skip"), as on the text_encoder/ folder itself. That folder alone holds no
+    tokenizer files: transformers would build a tokenizer of its 2 special tokens (every word one unknown id), which
+    is refused naming the key."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.conditioning import build_conditioner
+    from ldm.conditioning.text import CLIPTextEncoder
+    from ldm.config import ConfigError
+
+    pipe = tiny_sd_pipeline(tmp_path, "sd1")
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        expected = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm(hidden)
+        context = build_conditioner({"kind": "clip", "name_or_path": str(tmp_path / "sd1"),
+                                     "layer": "penultimate"})(PROMPTS)["context"]
+    max_diff(context, expected, "pipeline folder, layer=penultimate")
+    with pytest.raises(ConfigError, match=r"name_or_path=.*cannot load CLIPTokenizer: .*no tokenizer files"):
+        build_conditioner({"kind": "clip", "name_or_path": str(tmp_path / "sd1" / "text_encoder")})
+    with pytest.raises(ConfigError, match=r"tokenizer=.*no tokenizer files"):
+        build_conditioner({"kind": "clip", "name_or_path": str(tmp_path / "sd1" / "text_encoder"),
+                           "tokenizer": str(tmp_path / "sd1")})
+    smaller = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                           num_attention_heads=3))  # the pipeline's tokenizer is not its pair
+    with pytest.raises(ConfigError, match=r"tokenizer's 516 tokens exceed the text encoder's vocabulary of 100"):
+        CLIPTextEncoder("ours", transformer=smaller, tokenizer=pipe.tokenizer)

@@ -23,13 +23,19 @@ PROMPTS = ["the cat", "a photo of the moon"]
 
 def test_our_generate_equals_diffusers_on_our_export(tmp_path: Path, single_torch_thread):
     """Same initial latents, DDIM 10 steps, guidance 5: the same images from our pipeline and from diffusers'
-    StableDiffusionPipeline loading our ldm-export output."""
+    StableDiffusionPipeline loading our ldm-export output. The composed config's prompt length (model=ldm/tiny's 72)
+    gives way to the encoder's 77 positions; its UNet training switches stay."""
     from diffusers import StableDiffusionPipeline
 
     tiny_sd_pipeline(tmp_path, "sd1")
-    module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None})
+    switches = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None,
+                                      "unet": {"gradient_checkpointing": True, "dropout": 0.1}}).pipeline.unet.config
+    assert switches.gradient_checkpointing and switches.dropout == 0.1 and switches.context_dim == 48
+    module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None,
+                                    "conditioner": {"max_length": 72}})
     c = module.config
     assert c.conditioner.kind == "clip" and c.diffusion.prediction == "eps" and c.unet.context_dim == 48
+    assert c.conditioner.max_length == 77
     assert (c.diffusion.schedule.timestep_spacing, c.diffusion.schedule.steps_offset) == ("leading", 1)
     assert module.pipeline.latent_scale == 0.18215
     ours = module.pipeline.save_pretrained(tmp_path / "ours")                  # text_encoder/ travels with it
@@ -71,3 +77,30 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
     images = hf(PROMPTS, num_inference_steps=2, guidance_scale=3.0, output_type="pt",
                 generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 3, 48, 48) and torch.isfinite(images).all()  # model.image_size: diffusers' default
+
+
+def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_torch_thread):
+    """A pipeline folder missing its scheduler, tokenizer or text-encoder weights, or given single-file options: one
+    ConfigError naming what is wrong and what to do, before any training."""
+    import shutil
+
+    import pytest
+
+    from ldm.config import ConfigError
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+
+    def folder(name, drop):
+        shutil.copytree(tmp_path / "sd1", tmp_path / name)
+        target = tmp_path / name / drop
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return {"init_from": str(tmp_path / name), "ema_decay": None}
+
+    cases = [({"init_from": str(tmp_path / "sd1"), "init_ema": True}, "init_ema are for single files"),
+             ({"init_from": str(tmp_path / "sd1"), "init_prediction": "v"}, "init_prediction and model.init_ema"),
+             (folder("no_scheduler", "scheduler"), r"no scheduler/scheduler_config\.json, .* restore it"),
+             (folder("no_tokenizer", "tokenizer"), r"holds no tokenizer .* set model\.conditioner\.tokenizer"),
+             (folder("no_weights", "text_encoder/model.safetensors"), "cannot load the CLIP text encoder")]
+    for config, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            LatentDiffusionModule(config)

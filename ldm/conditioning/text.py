@@ -50,18 +50,36 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
         raise ConfigError(f"{config_key}={name_or_path!r} is not a directory. {fix}")
     source = str(path) if is_path else name_or_path
     try:
-        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+        loaded = cls.from_pretrained(source, local_files_only=True, **kwargs)
+        if lacks_vocabulary(loaded):
+            raise OSError(NO_VOCABULARY)
     except (OSError, ValueError) as err:
         if is_path or hub_offline():
             where = "in that directory" if is_path else "in the Hugging Face cache (HF_HUB_OFFLINE is set)"
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__}: not found {where} "
                               f"({reason}). {fix}") from err
+    else:
+        return loaded
     try:
-        return cls.from_pretrained(source, **kwargs)
+        loaded = cls.from_pretrained(source, **kwargs)
+        if lacks_vocabulary(loaded):
+            raise OSError(NO_VOCABULARY)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__} from the cache or the hub "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). {fix}") from err
+    return loaded
+
+
+NO_VOCABULARY = "no tokenizer files (vocab.json and merges.txt, or tokenizer.json)"
+
+
+def lacks_vocabulary(loaded: Any) -> bool:
+    """Whether `loaded` is a tokenizer of special tokens alone: what transformers builds, instead of failing, from a
+    folder without tokenizer files (a model's own folder, a pipeline's root) or an unknown name, and which turns every
+    word into the same id."""
+    specials = getattr(loaded, "all_special_tokens", None)
+    return specials is not None and len(loaded) <= len(set(specials))
 
 
 class CLIPTextEncoder(FrozenMixin, nn.Module):
@@ -89,6 +107,10 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
         if transformer is None:
             transformer = load_pretrained(CLIPTextModel, name_or_path, config_key)
         self.tokenizer, self.transformer = tokenizer, transformer
+        if len(tokenizer) > transformer.config.vocab_size:
+            raise ConfigError(f"{config_key}={name_or_path}: the tokenizer's {len(tokenizer)} tokens exceed the text "
+                              f"encoder's vocabulary of {transformer.config.vocab_size}: they are not a pair (give "
+                              f"the tokenizer of this text encoder)")
         positions = self.transformer.config.max_position_embeddings
         if max_length > positions:
             raise ConfigError(f"max_length={max_length} exceeds the {positions} positions of {name_or_path}")

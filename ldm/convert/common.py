@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.checkpoints import UNREADABLE, needed_code
 from ldm.config import ConfigError
 
 StateDict = dict[str, torch.Tensor]
@@ -39,21 +40,30 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file")
+    damaged = (f"{path} is not a readable {path.suffix} file (cut short, or another kind of file): fetch or export "
+               f"it again")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-        meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}
+            meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UnsupportedCheckpointError(f"{damaged} ({str(err).splitlines()[0]})") from None
         return state, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if (code := needed_code(err)) is None:
+            raise UnsupportedCheckpointError(damaged) from None
         raise UnsupportedCheckpointError(
             f"{path} holds pickled objects other than tensors, which could run code when opened; it is not loaded "
-            f"(torch.load weights_only=True refused: {str(err).splitlines()[0]}). Convert it to .safetensors with "
-            f"the tool that wrote it, or re-save only its state_dict") from None
+            f"(torch.load weights_only=True refused {code}). Convert it to .safetensors with the tool that wrote it, "
+            f"or re-save only its state_dict") from None
+    except UNREADABLE:
+        raise UnsupportedCheckpointError(damaged) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

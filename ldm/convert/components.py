@@ -57,17 +57,18 @@ class SDComponents:
         model.load_state_dict(self.autoencoder_state)
         return model
 
-    def build_text_encoder(self, max_length: int = 77, trainable: bool = False) -> Any:
-        """Our `CLIPTextEncoder` around the imported text encoder and tokenizer (frozen unless trainable)."""
+    def build_text_encoder(self, max_length: int = 77, trainable: bool = False, layer: str | None = None) -> Any:
+        """Our `CLIPTextEncoder` around the imported text encoder and tokenizer (frozen unless trainable), on `layer`
+        ("last" or "penultimate"; None: the layer the UNet was trained on, `clip_layer`)."""
         from ldm.conditioning.text import CLIPTextEncoder
 
         if self.text_encoder is None:
             raise ConfigError(f"{self.source}: holds no text encoder")
         if self.tokenizer is None:
-            raise ConfigError(f"{self.source}: a single file holds no tokenizer; pass tokenizer_path (a CLIP "
-                              f"tokenizer directory with vocab.json and merges.txt, e.g. a diffusers pipeline's "
-                              f"tokenizer/)")
-        return CLIPTextEncoder(max_length=max_length, layer=self.clip_layer, trainable=trainable,
+            raise ConfigError(f"{self.source} holds no tokenizer (a single file never does): set "
+                              f"model.conditioner.tokenizer (tokenizer_path= in Python) to a CLIP tokenizer folder "
+                              f"with vocab.json and merges.txt, e.g. a diffusers pipeline's tokenizer/")
+        return CLIPTextEncoder(max_length=max_length, layer=layer or self.clip_layer, trainable=trainable,
                                transformer=self.text_encoder, tokenizer=self.tokenizer)
 
 
@@ -75,12 +76,18 @@ def load_tokenizer(path: str | Path, what: str = "tokenizer_path") -> Any:
     """A CLIPTokenizer from a local directory (vocab.json + merges.txt, as `save_pretrained` writes it)."""
     from transformers import CLIPTokenizer
 
+    from ldm.conditioning.text import NO_VOCABULARY, lacks_vocabulary
+
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{what}={path} is not a directory; point it at a CLIP tokenizer saved with "
                           f"save_pretrained (vocab.json, merges.txt), e.g. the tokenizer/ folder of a diffusers "
                           f"Stable Diffusion pipeline")
     try:
-        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{what}={path}: cannot load a CLIPTokenizer ({str(err).splitlines()[0]})") from None
+    if lacks_vocabulary(tokenizer):
+        raise ConfigError(f"{what}={path}: {NO_VOCABULARY} there; point it at a CLIP tokenizer folder, e.g. the "
+                          f"tokenizer/ folder of a diffusers Stable Diffusion pipeline")
+    return tokenizer

@@ -5,12 +5,13 @@ configs and state dicts (`SDComponents`), checked tensor by tensor before anythi
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
+from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint, needed_code
 from ldm.config import ConfigError
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
@@ -64,18 +65,16 @@ def detect_layout(path: str | Path) -> str:
 
 def _diffusers_weights(directory: Path) -> StateDict:
     """The state dict of a diffusers model folder: safetensors (whole or sharded), else a .bin read safely."""
-    from safetensors.torch import load_file
-
     single = directory / DIFFUSERS_WEIGHTS
     if single.is_file():
-        return load_file(str(single))
+        return read_state_dict(single)[0]
     index = directory / f"{DIFFUSERS_WEIGHTS}.index.json"
     if index.is_file():
         shards = sorted(set(read_json(index, "a sharded model")["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+        return {k: v for shard in shards for k, v in read_state_dict(directory / shard)[0].items()}
     fp16 = directory / "diffusion_pytorch_model.fp16.safetensors"
     if fp16.is_file():
-        return load_file(str(fp16))
+        return read_state_dict(fp16)[0]
     legacy = directory / "diffusion_pytorch_model.bin"
     if legacy.is_file():
         return read_state_dict(legacy)[0]
@@ -134,8 +133,16 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
         # branches) holds model.fp16.safetensors, which transformers reads only when asked for the variant.
         variant = "fp16" if not any(folder.glob("model.safetensors*")) and not any(folder.glob("pytorch_model.bin*")) \
             and any(folder.glob("*.fp16.*")) else None
-        parts.text_encoder = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, variant=variant,
-                                                           dtype=torch.float32).eval()
+        try:
+            parts.text_encoder = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, variant=variant,
+                                                               dtype=torch.float32).eval()
+        except pickle.UnpicklingError as err:
+            raise UnsupportedCheckpointError(f"{folder}: its weights' pickle needs code outside plain tensors "
+                                             f"({needed_code(err) or 'damaged data'}); it is not loaded") from None
+        except Exception as err:  # noqa: BLE001 -- transformers' errors for missing, damaged or mismatched files
+            raise UnsupportedCheckpointError(f"{folder}: cannot load the CLIP text encoder ({type(err).__name__}: "
+                                             f"{str(err).splitlines()[0] if str(err) else ''}); its config.json and "
+                                             f"weights must be a transformers CLIPTextModel's") from None
     if tokenizer_path is not None:
         parts.tokenizer = load_tokenizer(tokenizer_path)
     elif present("tokenizer"):

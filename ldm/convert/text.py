@@ -2,9 +2,11 @@
 `CLIPTextEncoder` wraps), SD 1's single-file copy of it (`cond_stage_model.transformer.text_model.*`), and SD 2's
 OpenCLIP ViT-H text tower (`cond_stage_model.model.*`).
 
-SD 2 conditions on OpenCLIP's penultimate layer followed by the final LayerNorm. As diffusers does, the import keeps
-every layer but the last, so the transformers model's `last_hidden_state` is that output (layer "last"), and drops
-the last block, `text_projection` and `logit_scale`, which SD 2 never uses. OpenCLIP fuses q, k, v into
+SD 2 conditions on OpenCLIP's penultimate layer followed by the final LayerNorm. As diffusers does, the import of a
+released file (OpenCLIP's whole tower) keeps every layer but the last, so the transformers model's `last_hidden_state`
+is that output (layer "last"), and drops the last block, `text_projection` and `logit_scale`, which SD 2 never uses.
+A file that holds only the blocks SD 2 uses (no `text_projection`: what our export and diffusers' conversion script
+write) is imported whole. OpenCLIP fuses q, k, v into
 `attn.in_proj_weight` (3D, D); transformers keeps them apart. OpenCLIP ViT-H uses exact GELU, OpenAI's CLIP quick_gelu:
 the export picks the single-file layout from the activation.
 """
@@ -82,12 +84,16 @@ def openclip_to_flat(state: Mapping[str, torch.Tensor], num_layers: int | None =
     Args:
         state: `token_embedding.weight`, `positional_embedding`, `transformer.resblocks.{i}.*`, `ln_final.*`, and the
             unused `text_projection` and `logit_scale`.
-        num_layers: layers to keep; None keeps all but the last (SD 2's penultimate layer).
+        num_layers: layers to keep; None: all but the last for OpenCLIP's whole tower (SD 2's penultimate layer;
+            recognised by its `text_projection`, or by ViT-H's 24 blocks of width 1024), else all of them (a tower
+            already cut to the blocks SD 2 uses, as exports write it without the projection).
     """
     blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
     if not blocks:
         raise UnsupportedCheckpointError("OpenCLIP text encoder: no transformer.resblocks.* weights")
-    keep = len(blocks) - 1 if num_layers is None else num_layers
+    width = state["token_embedding.weight"].shape[1] if "token_embedding.weight" in state else None
+    whole_tower = "text_projection" in state or (len(blocks) == 24 and width == 1024)
+    keep = num_layers if num_layers is not None else len(blocks) - 1 if whole_tower else len(blocks)
     if keep < 1 or keep > len(blocks):
         raise UnsupportedCheckpointError(f"OpenCLIP text encoder: {len(blocks)} blocks, cannot keep {keep}")
     dropped_blocks = tuple(f"transformer.resblocks.{i}." for i in blocks[keep:])

@@ -99,7 +99,9 @@ def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, s
     if explicit is not None:
         return float(explicit), "model.latent_scale"
     if stats and stats.get("scale_factor"):
-        return float(stats["scale_factor"]), f"1 / std of the latent statistics of {source}"
+        measured = "global_std" in stats  # stage 1's statistics; a Stable Diffusion VAE states its scale
+        return float(stats["scale_factor"]), (f"1 / std of the latent statistics of {source}" if measured else
+                                              f"the scaling factor of {source}")
     raise ConfigError(f"no latent scale: {source} holds no latent statistics (they are measured in stage 1's "
                       f"validation) and model.latent_scale is null. Set model.latent_scale explicitly (SD's KL-f8: "
                       f"0.18215) or point model.autoencoder_path at an autoencoder that has latent_stats.json")
@@ -112,11 +114,19 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     from ldm.convert import load_components
 
     c = config
+    folder = Path(c.init_from).expanduser().is_dir()
+    if folder and (c.init_ema or c.init_prediction is not None):
+        raise ConfigError(f"model.init_from={c.init_from} is a folder, whose scheduler/ says what its UNet predicts "
+                          f"and whose UNet holds one set of weights: model.init_prediction and model.init_ema are for "
+                          f"single files; leave them unset")
     parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer, prediction=c.init_prediction,
                             use_ema=c.init_ema, key="model.init_from")
     if parts.unet_state is None:
         raise ConfigError(f"model.init_from={c.init_from} holds no UNet ({parts.source}); give a diffusers pipeline "
                           f"folder or a Stable Diffusion single file (a VAE alone goes to model.autoencoder_path)")
+    if parts.prediction is None and folder:
+        raise ConfigError(f"model.init_from={c.init_from} has no scheduler/scheduler_config.json, which says what its "
+                          f"UNet predicts and its noise schedule: restore it from the model's release")
     if parts.prediction is None:
         raise ConfigError(f"model.init_from={c.init_from} is an SD 2.x file that does not record what its UNet "
                           f"predicts: set model.init_prediction=v for 768-px models (e.g. v2-1_768-ema-pruned) or eps "
@@ -125,13 +135,16 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     if parts.autoencoder_state is None and not c.autoencoder_path:
         raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
     conditioner = c.conditioner
-    if parts.text_encoder is not None:
+    if parts.text_encoder is not None:  # prompts of as many tokens as the encoder has positions (SD: 77)
         conditioner = dataclasses.replace(conditioner, kind="clip", name_or_path=str(c.init_from),
                                           layer=parts.clip_layer, pooled=False,
-                                          max_length=min(conditioner.max_length, 77))
+                                          max_length=parts.text_encoder.config.max_position_embeddings)
     diffusion = dataclasses.replace(c.diffusion, schedule=parts.schedule or c.diffusion.schedule,
                                     prediction=parts.prediction or c.diffusion.prediction)
-    new = dataclasses.replace(c, unet=parts.unet_config, conditioner=conditioner, diffusion=diffusion)
+    # the layout is the checkpoint's; how it trains (checkpointing, dropout) stays the config's
+    unet = dataclasses.replace(parts.unet_config, gradient_checkpointing=c.unet.gradient_checkpointing,
+                               dropout=c.unet.dropout)
+    new = dataclasses.replace(c, unet=unet, conditioner=conditioner, diffusion=diffusion)
     replaced = [f"model.{name}" for name, old, value in (
         ("unet", c.unet, new.unet), ("conditioner", c.conditioner, new.conditioner),
         ("diffusion.schedule", c.diffusion.schedule, new.diffusion.schedule),
@@ -188,6 +201,12 @@ class LatentDiffusionModule(L.LightningModule):
                                           "clip", config.conditioner.cond_drop_prob, config.conditioner.pooled)
         else:
             conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring)
+            if pretrained is not None and conditioner.context_dim != config.unet.context_dim:
+                raise ConfigError(f"model.init_from={config.init_from} holds no text encoder, and model.conditioner "
+                                  f"(kind={config.conditioner.kind}) gives a context of width "
+                                  f"{conditioner.context_dim} where its UNet takes {config.unet.context_dim}: set "
+                                  f"model.conditioner to an encoder of that width (e.g. kind=clip with a CLIP of "
+                                  f"hidden size {config.unet.context_dim} as name_or_path)")
         unet = UNet(config.unet)
         if pretrained is not None:
             unet.load_state_dict(pretrained.unet_state)
