@@ -189,10 +189,13 @@ def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path
     """The autoencoder and the contrastive model train on images, and FID references and autoencoder evaluation read
     images: latent shards given to them stop the run with one message naming the manifest and the fix."""
     from hydra import compose, initialize_config_dir
+    from test_eval_helpers import tiny_ldm_checkpoint
 
+    from ldm.callbacks.fid import FIDCallback
     from ldm.cli.common import CONF_DIR
     from ldm.cli.train import train
     from ldm.eval.evaluator import require_image_shards
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
 
     for experiment, model in (("quickstart_vae", "the autoencoder"), ("quickstart_clip", "the contrastive")):
         overrides = [f"experiment={experiment}", *tiny_overrides(shapes_shards, tmp_path / experiment, 2, 2),
@@ -205,3 +208,8 @@ def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path
     with pytest.raises(ConfigError, match=r"need reference images, but .* are latent shards .*val/manifest\.json"):
         require_image_shards(str(encoded / "val" / "val-*.tar"), "FID/KID/rFID need reference images")
     require_image_shards(str(shapes_shards / "val-*.tar"), "FID/KID/rFID need reference images")  # images: no error
+    callback = FIDCallback(val_shards=str(encoded / "val" / "val-*.tar"), num_samples=4, num_steps=2)
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    with pytest.raises(ConfigError, match=r"callbacks\.fid\.val_shards are the FID's reference images .* set "
+                                          r"callbacks\.fid\.val_shards to the image shards.* are latent shards"):
+        callback.setup(None, module, "fit")  # at the start of fit, before any training

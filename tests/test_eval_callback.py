@@ -90,3 +90,28 @@ def test_fid_callback_config_composes_beside_the_defaults():
         cfg = compose("train", overrides=["callbacks=[default,fid]", "paths.output_dir=/tmp/x"])
     assert cfg.callbacks.fid._target_ == "ldm.callbacks.fid.FIDCallback" and "checkpoint" in cfg.callbacks
     assert cfg.callbacks.fid.every_n_steps == cfg.trainer.val_check_interval
+
+
+def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards: Path):
+    """Each of the callback's settings fails at construction or at setup, before the first step, naming its key: an
+    unknown sampler, a negative guidance scale, more steps than the schedule has, CLIP weights that cannot be had."""
+    common = {"val_shards": str(shapes_shards), "every_n_steps": 2, "num_samples": 4, "feature_dim": 64,
+              "cache_dir": str(tmp_path / "cache"),
+              "feature_extractor_weights_path": str(random_inception_weights(tmp_path / "inc.pt"))}
+    with pytest.raises(ConfigError, match=r"callbacks\.fid\.sampler"):
+        FIDCallback(**common, sampler="nope")
+    with pytest.raises(ConfigError, match=r"callbacks\.fid\.guidance_scale=-1\.0 >= 0"):
+        FIDCallback(**common, guidance_scale=-1.0)
+    (tmp_path / "no_clip").mkdir()
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    data = [{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}] * 3
+    for callback, message in ((FIDCallback(**common, num_steps=5000), r"callbacks\.fid\.num_steps=5000 must lie in "
+                                                                      r"\[1, 1000\]"),
+                              (FIDCallback(**common, clip_model=str(tmp_path / "no_clip")),
+                               r"callbacks\.fid\.clip_model=.*no_clip: the CLIP model could not be loaded")):
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            default_root_dir=tmp_path, callbacks=[callback])
+        with pytest.raises((ConfigError, FileNotFoundError), match=message):
+            trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+        assert trainer.global_step == 0

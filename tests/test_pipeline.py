@@ -141,14 +141,29 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS, [0, 1], image_size=10)
 
 
-def test_ldm_eval_runs_on_an_export_with_the_training_val_shards(trained, tmp_path: Path, shapes_shards: Path):
-    """An export records its validation shards; ldm-eval without val_shards takes its prompts from them."""
+def test_ldm_eval_runs_on_an_export_with_the_training_val_shards(trained, tmp_path: Path, shapes_shards: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """An export records its validation shards, as absolute paths; ldm-eval without val_shards takes its prompts
+    from them, and names val_shards when they are not where the export says. Too many sampling steps for the model's
+    schedule stop the evaluation before anything is computed."""
+    from ldm.data.shardlist import absolute_spec
+
     _, ckpt, export = trained
+    monkeypatch.chdir(shapes_shards.parent)
+    assert absolute_spec(f"{shapes_shards.name}/val-*.tar") == str(shapes_shards / "val-*.tar")
+    assert absolute_spec(["a-{0..1}.tar::pipe:cat b.tar"]) == [f"{shapes_shards.parent}/a-{{0..1}}.tar::pipe:cat b.tar"]
     pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
     pipeline.provenance["val_shards"] = str(shapes_shards / "val-*.tar")
     pipeline.save_pretrained(tmp_path / "with_shards")
-    rows = evaluate({"ckpt_path": str(tmp_path / "with_shards"), "output_dir": str(tmp_path / "eval"),
-                     "num_samples": 4, "batch_size": 4, "num_steps": [2], "guidance_scales": [1.0],
-                     "metrics": ["shapes_color_accuracy"]})
+    options = {"ckpt_path": str(tmp_path / "with_shards"), "output_dir": str(tmp_path / "eval"), "num_samples": 4,
+               "batch_size": 4, "num_steps": [2], "guidance_scales": [1.0], "metrics": ["shapes_color_accuracy"]}
+    rows = evaluate(options)
     assert len(rows) == 1 and rows[0]["checkpoint_step"] == 2 and rows[0]["weights"] == "ema"
     assert rows[0]["prompts"] and 0.0 <= rows[0]["shapes_color_accuracy"] <= 1.0
+    with pytest.raises(ConfigError, match=r"num_steps=5000 must lie in \[1, 1000\]"):
+        evaluate({**options, "num_steps": [5000]})
+    pipeline.provenance["val_shards"] = "runs/elsewhere/val-*.tar"  # relative, as exports before this fix kept it
+    pipeline.save_pretrained(tmp_path / "moved")
+    with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained "
+                                          "with are not here"):
+        evaluate({**options, "ckpt_path": str(tmp_path / "moved")})

@@ -91,3 +91,20 @@ def test_a_missing_checkpoint_or_a_folder_given_as_one_is_named(tmp_path: Path):
         load_checkpoint(tmp_path / "missing.ckpt")
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: .* ckpt_path=.*last\.ckpt"):
         load_checkpoint(tmp_path)
+
+
+def test_inception_weights_are_read_without_running_code_and_checked_key_by_key(tmp_path: Path):
+    """`feature_extractor_weights_path` (ldm-eval, callbacks.fid): torch-fidelity would unpickle the file with
+    weights_only=False; ours reads it safely first, and a state dict of another network is named in one line."""
+    from ldm.checkpoints import CheckpointError
+    from ldm.eval.feature_extractors import InceptionFeatures
+
+    marker = tmp_path / "code_ran"
+    torch.save({"fc.weight": torch.zeros(1008, 2048), "payload": _CreatesFile(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"feature_extractor_weights_path=.*evil\.pth: refused to load"):
+        InceptionFeatures(64, str(tmp_path / "evil.pth"))
+    assert not marker.exists(), "the weights file's pickled code ran"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other\.pth is not torch-fidelity's InceptionV3 state dict \(565 of its "
+                                              r"566 tensors missing, 0 unexpected, 1 of another shape"):
+        InceptionFeatures(64, str(tmp_path / "other.pth"))

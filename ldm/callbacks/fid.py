@@ -12,6 +12,7 @@ A small-N FID is biased upward and noisy: it tracks progress within a run, it is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -20,10 +21,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ldm.callbacks.checkpoint import run_halted, run_stopped
 from ldm.callbacks.throughput import paused
-from ldm.config import ConfigError
+from ldm.config import ConfigError, check_choice
 from ldm.data.shardlist import local_shards
+from ldm.diffusion import SAMPLERS
+from ldm.diffusion.schedule import check_num_steps
 from ldm.distributed import rank_and_world
-from ldm.eval.evaluator import rank_batches
+from ldm.eval.evaluator import rank_batches, require_image_shards
 from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
@@ -57,6 +60,10 @@ class FIDCallback(L.Callback):
         if every_n_steps < 1 or num_samples < 2:
             raise ConfigError(f"callbacks.fid.every_n_steps={every_n_steps} must be >= 1 and callbacks.fid.num_samples="
                               f"{num_samples} >= 2")
+        check_choice("callbacks.fid.sampler", sampler, SAMPLERS)
+        if num_steps < 1 or guidance_scale < 0:
+            raise ConfigError(f"callbacks.fid.num_steps={num_steps} must be >= 1 and callbacks.fid.guidance_scale="
+                              f"{guidance_scale} >= 0 (1.0: the conditional model alone)")
         self.val_shards = val_shards
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -73,6 +80,7 @@ class FIDCallback(L.Callback):
         self.batch_size = batch_size
         self.use_ema = use_ema
         self._inception: InceptionFeatures | None = None
+        self._clip: Callable[[], tuple[Any, Any]] | None = None
         self._metrics: GenerationMetrics | None = None
         self._prompts: list[str] | None = None
         self._labels: list[int] | None = None
@@ -83,15 +91,19 @@ class FIDCallback(L.Callback):
         if not callable(getattr(pl_module, "eval_pipeline", None)):
             raise ConfigError(f"callbacks.fid: {type(pl_module).__name__} does not generate images (no eval_pipeline); "
                               f"the FID callback is for latent diffusion models: leave callbacks=[default,fid] out")
+        check_num_steps(self.num_steps, pl_module.pipeline.schedule.num_train_timesteps, "callbacks.fid.num_steps")
         self._shards = local_shards(self.val_shards, "callbacks.fid.val_shards")
+        require_image_shards(self._shards, "callbacks.fid.val_shards are the FID's reference images (training on "
+                                           "latents: set callbacks.fid.val_shards to the image shards)")
         self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
         labels = shard_labels(self._shards, self.num_samples)
         self._labels = [labels[i % len(labels)] for i in range(self.num_samples)] if labels else None
         self._inception = InceptionFeatures(self.feature_dim, self.feature_extractor_weights_path,
                                             antialias=self.fid_antialias,
                                             key="callbacks.fid.feature_extractor_weights_path")
-        if self.clip_model:
-            clip_loader(self.clip_model, key="callbacks.fid.clip_model")
+        if self.clip_model:  # loaded now, so that weights that cannot be had fail before training
+            clip = clip_loader(self.clip_model, key="callbacks.fid.clip_model")()
+            self._clip = lambda: clip
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -113,7 +125,7 @@ class FIDCallback(L.Callback):
             reference = load_or_compute_reference_stats(self._shards, resolution, self.reference_num_samples,
                                                         self._inception, self.cache_dir, self.batch_size, device)
             metrics = ["fid"] + (["clip_score"] if self.clip_model and uses_prompts else [])
-            self._metrics = GenerationMetrics(metrics, self._inception, reference, self.clip_model,
+            self._metrics = GenerationMetrics(metrics, self._inception, reference, self._clip,
                                               seed=self.seed).to(device)
         return self._metrics
 

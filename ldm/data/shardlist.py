@@ -43,6 +43,16 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
     return urls
 
 
+def absolute_spec(spec: str | list[str]) -> str | list[str]:
+    """`spec` with every local part made absolute (globs, braces and `::` lists kept), so that it names the same
+    shards from any working directory; remote URLs pass unchanged."""
+    def absolute(part: str) -> str:
+        return "::".join(p if p.startswith(REMOTE_PREFIXES) else
+                         str(Path(p.removeprefix("file:")).expanduser().absolute()) for p in part.split("::"))
+
+    return [absolute(p) for p in spec] if isinstance(spec, (list, tuple)) else absolute(spec)
+
+
 def local_shards(spec: str | list[str], key: str = "val_shards") -> list[str]:
     """`expand_shards` for readers that open tar files themselves (evaluation): the validation split of a directory,
     each shard as an absolute path (they key cached statistics); remote URLs are refused naming `key`."""

@@ -50,6 +50,13 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def check_num_steps(num_steps: int, num_train_timesteps: int, key: str = "num_steps") -> None:
+    """Raise ConfigError, naming `key`, unless a sampler can take `num_steps` steps of the training schedule."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ConfigError(f"{key}={num_steps} must lie in [1, {num_train_timesteps}], the model's "
+                          f"num_train_timesteps (a sampler visits each training timestep at most once)")
+
+
 def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "trailing",
                      steps_offset: int = 0) -> list[int]:
     """The `num_steps` training timesteps a sampler visits, in decreasing order.
@@ -62,8 +69,7 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "t
         steps_offset: added to `leading` timesteps.
     """
     check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps={num_steps} must lie in [1, num_train_timesteps={num_train_timesteps}]")
+    check_num_steps(num_steps, num_train_timesteps)
     if spacing == "leading":
         step = num_train_timesteps // num_steps
         ts = [min(i * step + steps_offset, num_train_timesteps - 1) for i in range(num_steps)]

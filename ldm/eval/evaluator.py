@@ -27,6 +27,7 @@ import ldm
 from ldm.config import ConfigError, check_choice, to_dataclass
 from ldm.data.latents import find_manifest
 from ldm.data.shardlist import local_shards
+from ldm.diffusion.schedule import check_num_steps
 from ldm.distributed import choose_device, rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures, clip_identity, clip_loader, resolve_inception_weights
 from ldm.eval.loading import load_model, resolve_checkpoints
@@ -181,6 +182,9 @@ class Evaluator:
         if cfg.resolution is not None and cfg.resolution != pipeline.image_size and self.rank == 0:
             print(f"[ldm-eval] resolution={cfg.resolution} applies to autoencoder checkpoints; "
                   f"{info.get('checkpoint')} generates at its own image_size, {pipeline.image_size} px", flush=True)
+        schedule = getattr(pipeline, "schedule", None)
+        for num_steps in cfg.num_steps if schedule is not None else []:  # before any statistics are computed
+            check_num_steps(num_steps, schedule.num_train_timesteps, "num_steps")
         shards = self.shards_for(pipeline)
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
         labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
@@ -210,11 +214,14 @@ class Evaluator:
         recorded = getattr(model, "provenance", {}).get("val_shards")
         if not recorded:
             return None
-        shards = local_shards(recorded)
         if self.rank == 0:
             print(f"[ldm-eval] val_shards not set: using the validation shards {model.provenance['source']} was "
                   f"trained with: {recorded}", flush=True)
-        return shards
+        try:
+            return local_shards(recorded)
+        except FileNotFoundError as err:
+            raise ConfigError(f"val_shards is not set and the validation shards the model was trained with are not "
+                              f"here ({err}); set val_shards to image shards") from None
 
     def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
                             shards: list[str] | None, sweep: dict[str, Any],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -107,15 +108,9 @@ class InceptionFeatures(nn.Module):
         if feature_dim not in INCEPTION_FEATURE_DIMS:
             raise ValueError(f"feature_dim={feature_dim} is not an InceptionV3 layer; choose one of "
                              f"{INCEPTION_FEATURE_DIMS}")
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
         resolved = resolve_inception_weights(weights_path, key)
-        try:
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(feature_dim)],
-                                          feature_extractor_weights_path=resolved, antialias=antialias)
-        except OSError as err:  # the download failed (no network, proxy): say which key avoids it
-            raise WeightsNotFoundError(f"could not download the InceptionV3 weights ({err}); set {key} to a local "
-                                       f"copy of weights-inception-2015-12-05-6726825d.pth") from err
+        self.net = _inception_network(feature_dim, _inception_state(resolved, key), antialias,
+                                      f"{key}={resolved or weights_path}")
         self.num_features = feature_dim
         self.identity = inception_identity(weights_path, feature_dim, antialias)
         self.calls = 0
@@ -126,6 +121,53 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"InceptionFeatures expects uint8 images in [0, 255], got {images.dtype}")
         self.calls += 1
         return self.net(images).float()
+
+
+def _inception_state(resolved: str | None, key: str) -> dict[str, torch.Tensor]:
+    """The InceptionV3 state dict, read without running code: the local file through `load_checkpoint`, or the
+    standard weights downloaded into the torch hub cache and read the same way (torch-fidelity would unpickle either
+    with weights_only=False)."""
+    from ldm.checkpoints import load_checkpoint
+
+    if resolved is not None:
+        return load_checkpoint(resolved, key)
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    try:
+        return torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=False, weights_only=True)
+    except OSError as err:  # the download failed (no network, proxy): say which key avoids it
+        raise WeightsNotFoundError(f"could not download the InceptionV3 weights ({err}); set {key} to a local "
+                                   f"copy of weights-inception-2015-12-05-6726825d.pth") from err
+
+
+def _inception_network(feature_dim: int, state: dict[str, torch.Tensor], antialias: bool, what: str) -> nn.Module:
+    """torchmetrics' NoTrainInceptionV3 with `state` as its weights, checked key by key. torch-fidelity's constructor
+    insists on unpickling a weights file itself; it is handed an empty placeholder, and `state` replaces it."""
+    import tempfile
+
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from ldm.checkpoints import CheckpointError
+
+    class Inception(NoTrainInceptionV3):
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # noqa: ARG002
+            expected = self.state_dict()
+            missing = sorted(set(expected) - set(state))
+            unexpected = sorted(set(state) - set(expected))
+            misshapen = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+            if missing or unexpected or misshapen:
+                example = (missing or unexpected or misshapen)[0]
+                raise CheckpointError(f"{what} is not torch-fidelity's InceptionV3 state dict ({len(missing)} of its "
+                                      f"{len(expected)} tensors missing, {len(unexpected)} unexpected, "
+                                      f"{len(misshapen)} of another shape; e.g. {example}); give "
+                                      f"weights-inception-2015-12-05-6726825d.pth")
+            return super().load_state_dict(state, strict=True, assign=assign)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        placeholder = Path(tmp) / "placeholder.pt"
+        torch.save({}, placeholder)
+        return Inception(name="inception-v3-compat", features_list=[str(feature_dim)],
+                         feature_extractor_weights_path=str(placeholder), antialias=antialias)
 
 
 class PrecomputedFeatures(nn.Module):
@@ -169,7 +211,7 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
         try:
             model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
-        except OSError as err:  # note: a hub name with no network ends here, after the hub client's retries
+        except (OSError, ValueError, pickle.UnpicklingError) as err:  # note: a hub name with no network ends here
             raise WeightsNotFoundError(
                 f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "
                 f"point {key} at a local CLIP directory saved with save_pretrained, or put the model in the Hugging "

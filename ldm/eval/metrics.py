@@ -12,6 +12,7 @@ LPIPS, each the mean over images.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,13 +43,15 @@ class GenerationMetrics(nn.Module):
         metrics: names from GENERATION_METRICS.
         inception: the feature network for FID/KID (required when either is asked for).
         reference: cached real statistics for FID/KID.
-        clip_model: hub name or local directory of the CLIP model (required for clip_score).
+        clip_model: hub name or local directory of the CLIP model (required for clip_score), or a loader returning
+            (model, processor) as `clip_loader` makes one.
         kid_subsets, kid_subset_size: KID's subset estimator; the size is capped by the sample counts.
         seed: seeds KID's random subsets, so the value repeats.
     """
 
     def __init__(self, metrics: Sequence[str], inception: InceptionFeatures | None = None,
-                 reference: ReferenceStats | None = None, clip_model: str | None = None, kid_subsets: int = 100,
+                 reference: ReferenceStats | None = None,
+                 clip_model: str | Callable[[], tuple[Any, Any]] | None = None, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, seed: int = 0):
         super().__init__()
         unknown = sorted(set(metrics) - set(GENERATION_METRICS))
@@ -73,7 +76,7 @@ class GenerationMetrics(nn.Module):
                 raise ValueError("metrics=[clip_score] needs clip_model (a hub name or a local CLIP directory)")
             from torchmetrics.multimodal.clip_score import CLIPScore
 
-            self.clip = CLIPScore(model_name_or_path=clip_loader(clip_model))
+            self.clip = CLIPScore(model_name_or_path=clip_model if callable(clip_model) else clip_loader(clip_model))
         self.shapes = None
         if any(m.startswith("shapes_") for m in self.names):
             from ldm.eval.shapes_adherence import ShapesAdherence

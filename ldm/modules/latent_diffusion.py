@@ -24,6 +24,7 @@ from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
 from ldm.config import ConfigError, asdict, check_choice, to_dataclass
 from ldm.convert import load_autoencoder_any
+from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
@@ -367,7 +368,8 @@ class LatentDiffusionModule(L.LightningModule):
             if not self.trainer.is_global_zero:
                 return
             datamodule_config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
-            training = {"step": self.global_step, "val_shards": getattr(datamodule_config, "val_shards", None)}
+            val_shards = getattr(datamodule_config, "val_shards", None)  # absolute: ldm-eval may run elsewhere
+            training = {"step": self.global_step, "val_shards": val_shards and absolute_spec(val_shards)}
             directory = pipeline.replace(unet=unet).save_pretrained(
                 Path(self.trainer.default_root_dir) / "export", training=training)
         rank_zero_info(f"pipeline exported to {directory} (load with "
