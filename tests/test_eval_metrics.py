@@ -91,6 +91,29 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     assert len({key_hash(k) for k in variants} | {stats.hash}) == len(variants) + 1
 
 
+def test_a_damaged_reference_cache_is_named_as_a_cache_to_delete(reference, shapes_shards: Path,
+                                                                  inception_weights: Path, tmp_path: Path):
+    """A cache file cut short, or one whose states lack an entry or have another shape: one error saying to delete
+    it (the statistics are then computed again), never a KeyError or statistics of the wrong size."""
+    from ldm.checkpoints import CheckpointError
+
+    stats, _, cache = reference
+    copy = tmp_path / "cache"
+    copy.mkdir()
+    path = copy / Path(stats.path).name
+    good = torch.load(stats.path, weights_only=True)
+    extractor = InceptionFeatures(DIM, str(inception_weights))
+    for damage, message in ((lambda: path.write_bytes(Path(stats.path).read_bytes()[:500]), "not a readable"),
+                            (lambda: torch.save({**good, "features_sum": good["features_sum"][:10]}, path),
+                             r"features_sum missing or not of the shapes \[\(64,\)\]"),
+                            (lambda: torch.save({k: v for k, v in good.items() if k != "features_cov_sum"}, path),
+                             "features_cov_sum missing")):
+        damage()
+        with pytest.raises(CheckpointError, match=f"{message}.*delete"):
+            load_or_compute_reference_stats(str(shapes_shards / "train-*.tar"), 32, N_REF, extractor, copy, 16)
+    assert extractor.calls == 0
+
+
 def test_cached_statistics_are_the_fid_real_states(reference, train_images):
     """Loading the cache into the metric equals feeding it the real images."""
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm.checkpoints import load_checkpoint
+from ldm.checkpoints import CheckpointError, load_checkpoint
 from ldm.data.shardlist import local_shards
 from ldm.distributed import rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures
@@ -109,9 +109,21 @@ def load_or_compute_reference_stats(shards: str | list[str], resolution: int, nu
         dist.barrier()
     if not path.is_file():
         _compute_and_save(shard_list, resolution, num_samples, extractor, batch_size, device, key, path)
-    payload = load_checkpoint(path, "reference statistics cache")  # key: dict of plain values, tensors
-    if payload["key"] != key:
-        raise RuntimeError(f"reference statistics {path} were computed for another key; delete the file")
+    try:
+        payload = load_checkpoint(path, "reference statistics cache")  # key: dict of plain values, tensors
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} It is a cache: delete it and it is computed again") from None
+    if payload.get("key") != key:
+        raise CheckpointError(f"reference statistics {path} were computed for another key; delete the file (it is a "
+                              f"cache: computed again)")
+    dim = extractor.num_features
+    shapes = {"features_sum": (dim,), "features_cov_sum": (dim, dim),
+              "features": (payload.get("num_samples"), dim)}
+    damaged = [name for name, shape in shapes.items()
+               if not isinstance(payload.get(name), torch.Tensor) or tuple(payload[name].shape) != shape]
+    if damaged:
+        raise CheckpointError(f"reference statistics {path}: {', '.join(damaged)} missing or not of the shapes "
+                              f"{[shapes[name] for name in damaged]}; delete the file (it is a cache: computed again)")
     rank_zero_info(f"reference statistics: {digest} ({payload['num_samples']} images) from {path}")
     return ReferenceStats(features_sum=payload["features_sum"], features_cov_sum=payload["features_cov_sum"],
                           num_samples=int(payload["num_samples"]), features=payload["features"], key=key,
