@@ -142,7 +142,8 @@ def _ema_weights(state: StateDict, unet_state: StateDict, what: str) -> StateDic
     missing = [k for k, v in ema.items() if v is None]
     if missing:
         raise ConfigError(f"{what}: use_ema asks for EMA weights but the file has none for {len(missing)} of "
-                          f"{len(ema)} UNet tensors (e.g. {missing[0]}); load it with use_ema=False")
+                          f"{len(ema)} UNet tensors (e.g. {missing[0]}); load it with use_ema=False "
+                          f"(model.init_ema=false)")
     return ema
 
 
