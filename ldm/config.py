@@ -60,6 +60,20 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {choices}")
 
 
+def check_min(minimum: float, **values: float | None) -> None:
+    """Raise ConfigError naming the first key whose value is below `minimum` (None: unset, allowed)."""
+    for key, value in values.items():
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key}={value} must be >= {minimum:g}")
+
+
+def check_positive(**values: float | None) -> None:
+    """Raise ConfigError naming the first key whose value is not > 0 (None: unset, allowed)."""
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+
+
 def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: str = "") -> T:
     """Validate `node` against the dataclass `schema` and return an instance of it.
 

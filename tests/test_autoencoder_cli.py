@@ -51,3 +51,24 @@ def test_quickstart_vae_leaves_checkpoint_stats_export_and_wandb_run(shapes_shar
             other = compose(config_name="train", overrides=[*changed, *data, "logger=csv"])
         with pytest.raises(ConfigError, match=message):
             train(other)
+
+
+def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes_shards, tmp_path):
+    """The export's latent statistics (stage 2's scale) come from validations: a max_steps off the validation
+    interval is said when the run starts and when it exports; a net.resolution other than the data's is refused
+    before any step (the export records it as the size ldm-encode and stage 2 use)."""
+    base = ["experiment=quickstart_vae", f"paths.output_dir={tmp_path / 'run'}", "logger=csv",
+            f"data.train_shards={shapes_shards}/train-*.tar", f"data.val_shards={shapes_shards}/val-*.tar",
+            "data.batch_size=4", "data.num_workers=0", "trainer.limit_val_batches=1", "callbacks.progress=null"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        stale = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=2"])
+        sized = compose(config_name="train", overrides=[*base, "model.net.resolution=64",
+                                                        f"paths.output_dir={tmp_path / 'sized'}"])
+    with pytest.warns(UserWarning) as caught:
+        train(stale)
+    said = " ".join(str(w.message) for w in caught)
+    assert "trainer.max_steps=3 is not a multiple of trainer.val_check_interval=2" in said
+    assert "the export holds the weights of step 3 with the latent statistics of step 2" in said
+    with pytest.raises(ConfigError, match=r"model\.net\.resolution=64 but data\.resolution=32"):
+        train(sized)
+    assert not list((tmp_path / "sized").glob("checkpoints/*.ckpt"))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ldm.conditioning.frozen import FrozenMixin
-from ldm.config import ConfigError
+from ldm.config import ConfigError, check_min
 from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, save_export
 from ldm.nn.attention import TransformerBlock
 
@@ -49,6 +49,15 @@ class ByteEncoderConfig:
     max_length: int = 77      # tokens per prompt, including BOS and EOS
     dropout: float = 0.0      # dropout inside the blocks
 
+    def __post_init__(self) -> None:
+        check_min(1, width=self.width, num_layers=self.num_layers, num_heads=self.num_heads)
+        if self.width % self.num_heads:
+            raise ConfigError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length} must leave room for BOS and EOS (>= 2)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
+
 
 class ByteTextEncoder(FrozenMixin, nn.Module):
     """Byte embeddings + learned positions, pre-LN transformer blocks (SDPA), a final LayerNorm: the context
@@ -62,11 +71,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
     def __init__(self, width: int = 512, num_layers: int = 4, num_heads: int = 8, max_length: int = 77,
                  dropout: float = 0.0, trainable: bool = True):
         super().__init__()
-        if width % num_heads:
-            raise ConfigError(f"byte encoder width={width} is not divisible by num_heads={num_heads}")
-        if max_length < 2:
-            raise ConfigError(f"max_length={max_length} must leave room for BOS and EOS (>= 2)")
-        self.config = ByteEncoderConfig(width, num_layers, num_heads, max_length, dropout)
+        self.config = ByteEncoderConfig(width, num_layers, num_heads, max_length, dropout)  # checks the values
         self.trainable = trainable
         self.context_dim = self.pooled_dim = width
         self.max_length = max_length

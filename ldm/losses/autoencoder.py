@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.config import check_choice
+from ldm.config import check_choice, check_min
 from ldm.losses.lpips import build_lpips
 from ldm.nn.autoencoder import DiagonalGaussianDistribution
 from ldm.nn.discriminator import DiscriminatorConfig, NLayerDiscriminator
@@ -43,6 +43,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         check_choice("rec_loss", self.rec_loss, REC_LOSSES)
         check_choice("gan_loss", self.gan_loss, GAN_LOSSES)
+        check_min(0, lpips_weight=self.lpips_weight, kl_weight=self.kl_weight, disc_start=self.disc_start,
+                  disc_factor=self.disc_factor, disc_weight=self.disc_weight)
 
 
 def discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

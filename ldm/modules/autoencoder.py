@@ -16,16 +16,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
+from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL
 from ldm.seeding import step_generator
 
@@ -48,9 +48,8 @@ class Config:
     num_log_images: int = 8                   # images per grid in `log_images`
 
     def __post_init__(self) -> None:
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas={self.betas} must hold two values")
+        check_optimizer_config(self)
+        check_min(1, num_log_images=self.num_log_images)
 
 
 class AutoencoderModule(L.LightningModule):
@@ -138,7 +137,26 @@ class AutoencoderModule(L.LightningModule):
         self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
     def on_fit_start(self) -> None:
-        require_images(self.trainer.datamodule, "the autoencoder")
+        trainer = self.trainer
+        require_images(trainer.datamodule, "the autoencoder")
+        data = getattr(trainer.datamodule, "config", None)
+        if data is not None and data.resolution != self.config.net.resolution:
+            raise ConfigError(f"model.net.resolution={self.config.net.resolution} but data.resolution="
+                              f"{data.resolution}: the export records the size the autoencoder trains at (what "
+                              f"ldm-encode and stage 2 use); set model.net.resolution={data.resolution}")
+        # The export's latent statistics (stage 2's scale) are measured at validations: said now, not after the run,
+        # when the final weights will go out with an earlier step's statistics.
+        interval, last = trainer.val_check_interval, trainer.max_steps
+        if trainer.fast_dev_run:
+            return
+        if not trainer.limit_val_batches:
+            rank_zero_warn("no validation runs (trainer.limit_val_batches=0): the export will hold no latent "
+                           "statistics, and stage 2 will need model.latent_scale")
+        elif (trainer.check_val_every_n_epoch is None and isinstance(interval, int) and last > 0
+              and last % interval):
+            rank_zero_warn(f"trainer.max_steps={last} is not a multiple of trainer.val_check_interval={interval}: "
+                           f"the last validation is at step {last - last % interval}, so the export's latent "
+                           f"statistics (stage 2's scale) will be of that step's weights; make max_steps a multiple")
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_ae, opt_disc = self.optimizers()
@@ -236,6 +254,11 @@ class AutoencoderModule(L.LightningModule):
     @rank_zero_only
     def on_fit_end(self) -> None:
         export_dir = Path(self.trainer.default_root_dir) / "export"
+        stats_step = (self.latent_stats or {}).get("step")
+        if stats_step != self.global_step:
+            stats = f"the latent statistics of step {stats_step}" if stats_step is not None else "no latent statistics"
+            rank_zero_warn(f"the export holds the weights of step {self.global_step} with {stats} (measured at "
+                           f"validations); stage 2 takes its scale from them")
         self.eval_model.save_pretrained(export_dir, latent_stats=self.latent_stats)
         rank_zero_info(f"autoencoder exported to {export_dir} (load with ldm.nn.autoencoder.load_autoencoder)")
 

@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
-from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images
-from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
+from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
 
@@ -49,9 +49,8 @@ class Config:
     caption_key: str = "caption"
 
     def __post_init__(self) -> None:
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas={self.betas} must hold two values")
+        check_optimizer_config(self)
+        check_min(1, embed_dim=self.embed_dim)
         if not 0.01 <= self.init_temperature <= 1.0:
             raise ConfigError(f"init_temperature={self.init_temperature} must lie in [0.01, 1]")
 

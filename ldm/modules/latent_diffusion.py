@@ -29,7 +29,7 @@ from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.modules.ema import make_ema, whole
-from ldm.modules.optim import LR_SCHEDULES, clip_gradients, fusable, lr_scheduler
+from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
@@ -79,7 +79,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("val_sampler", self.val_sampler, SAMPLERS)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_optimizer_config(self)
         if self.init_prediction is not None:
             check_choice("init_prediction", self.init_prediction, PREDICTIONS)
         if not self.autoencoder_path and not self.init_from:
@@ -87,12 +87,8 @@ class Config:
                               "run directory or checkpoint, or a Stable Diffusion VAE, e.g. "
                               "model.autoencoder_path=runs/vae/export (or set model.init_from to a Stable Diffusion "
                               "model, whose VAE is then used)")
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas={self.betas} must hold two values")
         if self.latent_scale is not None and self.latent_scale <= 0:
             raise ConfigError(f"latent_scale={self.latent_scale} must be > 0 or null")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay} must lie in (0, 1) or be null")
 
 
 def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, source: str) -> tuple[float, str]:

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from transformers import get_scheduler, get_wsd_schedule
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, check_choice, check_min, check_positive
 
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 FUSED_DEVICES = ("cpu", "cuda")
+
+
+def check_optimizer_config(config: Any) -> None:
+    """Raise ConfigError naming the key when a module config's optimizer settings are out of range: `lr` (and an
+    autoencoder's `disc_lr`, `grad_clip`) > 0, `weight_decay`, `warmup_steps` and `lr_decay_steps` >= 0, two `betas`
+    in [0, 1), a known `lr_schedule`, `ema_decay` in (0, 1) or null."""
+    check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    check_positive(lr=config.lr, disc_lr=getattr(config, "disc_lr", None), grad_clip=getattr(config, "grad_clip", None))
+    check_min(0, weight_decay=getattr(config, "weight_decay", 0.0), warmup_steps=config.warmup_steps,
+              lr_decay_steps=config.lr_decay_steps)
+    if len(config.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in config.betas):
+        raise ConfigError(f"betas={config.betas} must hold two values in [0, 1)")
+    decay = getattr(config, "ema_decay", None)
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ConfigError(f"ema_decay={decay} must lie in (0, 1) or be null")
 
 
 def fusable(params: list[torch.Tensor], precision: str = "32-true") -> bool:
@@ -68,6 +84,7 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer, 
     note: instead of `LightningModule.clip_gradients`, whose mixed-precision plugin refuses fused optimizers even in
     bf16 (which has no scaler) and whose FSDP plugin refuses norm clipping.
     """
+    check_positive(gradient_clip_val=clip_val)  # a negative bound would turn every step into ascent
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if algorithm == "value":
         torch.nn.utils.clip_grad_value_(params, clip_val)

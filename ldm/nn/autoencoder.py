@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, check_min
 from ldm.io import (
     CONFIG_NAME,
     PIPELINE_FORMAT,
@@ -51,8 +51,11 @@ class AutoencoderConfig:
     norm_groups: int = 32                     # GroupNorm groups; every channel count must be divisible by it
 
     def __post_init__(self) -> None:
-        if len(self.ch_mult) < 1:
-            raise ConfigError(f"ch_mult={self.ch_mult} needs at least one level")
+        check_min(1, in_channels=self.in_channels, out_channels=self.out_channels, resolution=self.resolution,
+                  ch=self.ch, num_res_blocks=self.num_res_blocks, z_channels=self.z_channels, embed_dim=self.embed_dim,
+                  norm_groups=self.norm_groups)
+        if len(self.ch_mult) < 1 or min(self.ch_mult) < 1:
+            raise ConfigError(f"ch_mult={self.ch_mult} must be a non-empty list of positive integers")
         if self.resolution % self.downsample_factor != 0:
             raise ConfigError(f"resolution={self.resolution} is not divisible by the downsampling factor "
                               f"f={self.downsample_factor} set by ch_mult={self.ch_mult}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ldm.config import ConfigError, check_choice
+from ldm.config import check_choice, check_min
 
 NORMS = ("batch", "group", "none")
 
@@ -23,8 +23,7 @@ class DiscriminatorConfig:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             check_choice("norm", self.norm, NORMS)
-        if self.n_layers < 1:
-            raise ConfigError(f"n_layers={self.n_layers} must be >= 1")
+        check_min(1, in_channels=self.in_channels, ndf=self.ndf, n_layers=self.n_layers)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
