@@ -158,9 +158,10 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
 
 
 def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Path):
-    """A checkpoint 5 batches into an epoch read with 2 workers: 3 workers would repeat some samples and miss others,
-    so the resume is refused unless allowed. One at the end of an epoch starts the next under any settings, also when
-    they make epochs longer; 1 -> 0 workers (one slot per rank either way) continues exactly."""
+    """A checkpoint 5 batches into an epoch read with 2 workers: 3 workers (or another shuffle buffer) would repeat
+    some samples and miss others, so the resume is refused unless allowed. One at the end of an epoch starts the next
+    under any settings, also when they make epochs longer; 1 -> 0 workers (one slot per rank either way) continues
+    exactly."""
     opts = {"batch_size": 4, "shuffle_buffer": 8, "train_shards": str(shapes_shards / "train-00000[0-2].tar")}
     interrupted = make_dm(shapes_shards, num_workers=2, **opts)
     _run(interrupted, epochs=1, stop_after=5)
@@ -170,6 +171,10 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     with pytest.raises(configs.ConfigError, match=r"5 batches into epoch 0 .*data\.num_workers \(at least 1\) 2 -> 3"
                                                   r".*data\.allow_inexact_resume=true"):
         next(iter(resumed.train_dataloader()))
+    reshuffled = make_dm(shapes_shards, num_workers=2, **{**opts, "shuffle_buffer": 50})
+    reshuffled.load_state_dict(state)
+    with pytest.raises(configs.ConfigError, match=r"data\.shuffle_buffer 8 -> 50"):
+        next(iter(reshuffled.train_dataloader()))
     allowed = make_dm(shapes_shards, num_workers=3, allow_inexact_resume=True, **opts)
     allowed.load_state_dict(state)
     with pytest.warns(UserWarning, match="repeats some samples"):

@@ -4,6 +4,7 @@ the same command resumes from the newest surviving checkpoint and ends bit-ident
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,12 +17,14 @@ from scale_helpers import REPO, cli_env, run_cli, tiny_overrides, wait_for_step
 AUTOENCODER = ["model.net.ch=16"]
 
 
-def _slow_launch(args: list[str], progress: Path) -> subprocess.Popen:
-    """ldm-train with a one-second pause after every step, so a signal lands mid-run."""
+def _slow_launch(args: list[str], progress: Path, own_group: bool = False) -> subprocess.Popen:
+    """ldm-train with a one-second pause after every step, so a signal lands mid-run; `own_group`: in a process
+    group of its own (with its loader workers), as a SLURM job step."""
     return subprocess.Popen([sys.executable, "-m", "ldm.cli.train", *args,
                              "+callbacks.progress_file._target_=scale_helpers.Progress",
                              f"+callbacks.progress_file.path={progress}", "+callbacks.progress_file.sleep=1.0"],
-                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_group)
 
 
 def _checkpoints(out: Path) -> list[str]:
@@ -46,6 +49,20 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_the_rerun_continues(shapes_shar
     assert again.returncode == 0, again.stderr[-3000:]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved + 2
     assert _checkpoints(out) == ["last.ckpt"]  # no -v1 copies, no temp files
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_saves_with_loader_workers(shapes_shards, tmp_path):
+    """Preemption and scancel signal every process of the job, the loader workers too: they leave the signal to the
+    training process, which saves at the end of the step and exits 0 (a worker dying of SIGTERM took the run down)."""
+    out, progress = tmp_path / "run", tmp_path / "progress"
+    args = tiny_overrides(shapes_shards, out, max_steps=40, every=100) + AUTOENCODER + ["data.num_workers=1"]
+    proc = _slow_launch(args, progress, own_group=True)
+    wait_for_step(progress, proc, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert 2 <= torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 40
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,7 +54,8 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 # The settings an epoch's data order depends on (`state_dict` key -> what the user changes); `data.num_workers` as
 # slots per rank, so 0 and 1 (both one slot) order alike.
 ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x nodes)",
-                  "num_workers": "data.num_workers (at least 1)", "batch_size": "data.batch_size"}
+                  "num_workers": "data.num_workers (at least 1)", "batch_size": "data.batch_size",
+                  "shuffle_buffer": "data.shuffle_buffer"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,6 +131,14 @@ def _summary_counts(path: Path) -> dict[str, int]:
 # The loader and the DataModule (main process).
 
 
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """Loader workers ignore stop signals: SLURM, scancel and a terminal's Ctrl-C signal the whole process group, and
+    a worker that died of SIGTERM (torch's default) would take the run down before it saved; the training process
+    handles them (`ldm.slurm.SlurmRequeue`) and ends its workers itself."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class EpochLoader(DataLoader):
     """A DataLoader whose every `iter()` starts an epoch: it asks `begin_epoch(len)` for (epoch, batches to skip),
     plants them in the dataset's plan before the workers start, and hands each batch's skip report to `on_batch`.
@@ -139,7 +149,8 @@ class EpochLoader(DataLoader):
 
     def __init__(self, dataset: ShardStream, begin_epoch: Callable[[int], tuple[int, int]],
                  on_batch: Callable[[list[tuple[str, str, str]]], None], datamodule: WebDataModule, **kwargs: Any):
-        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        super().__init__(dataset, batch_size=None, persistent_workers=False,
+                         worker_init_fn=_leave_stop_signals_to_the_trainer, **kwargs)
         self.begin_epoch = begin_epoch
         self.on_batch = on_batch
         self.datamodule = datamodule
@@ -398,7 +409,8 @@ class WebDataModule(L.LightningDataModule):
     def _order_settings(self) -> dict[str, Any]:
         """This run's values of the `ORDER_SETTINGS`, under their `state_dict` keys."""
         return {"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
-                "num_workers": self.config.num_workers, "batch_size": self.config.batch_size}
+                "num_workers": self.config.num_workers, "batch_size": self.config.batch_size,
+                "shuffle_buffer": self.config.shuffle_buffer}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""

@@ -266,7 +266,8 @@ def from_npy(data: bytes) -> np.ndarray:
 
 
 def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required: tuple[str, ...],
-                    require_label: bool = False) -> Iterator[dict[str, Any]]:
+                    require_label: bool = False, shapes: dict[str, tuple[int, ...]] | None = None
+                    ) -> Iterator[dict[str, Any]]:
     """Arrays, caption and label of raw latent samples; unreadable samples (or without a `required` member, or
     without an integer label when `require_label`) are recorded and dropped."""
     for sample in samples:
@@ -280,6 +281,9 @@ def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required:
                       if name in sample}
             if arrays[MOMENTS].ndim != 3:
                 raise ValueError(f"{MOMENTS} has shape {arrays[MOMENTS].shape}, expected (2C, h, w)")
+            for name, shape in (shapes or {}).items():
+                if name in arrays and tuple(arrays[name].shape) != shape:
+                    raise ValueError(f"{name} has shape {arrays[name].shape}, the manifest says {shape}")
             caption, label = caption_and_label(sample, skips, require_label)
         except Exception as err:  # noqa: BLE001 -- any unreadable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
@@ -310,7 +314,11 @@ class LatentStream(ShardStream):
         required = (MOMENTS, MOMENTS_FLIP) if self.plan.train and self.plan.hflip else (MOMENTS,)
         if self.manifest.text_encoder is not None:
             required += (CONTEXT, POOLED)
-        return _decode_latents(samples, skips, required, self.plan.require_labels)
+        m, text = self.manifest.data, self.manifest.text_encoder
+        shapes = {MOMENTS: tuple(m["moments"]["shape"]), MOMENTS_FLIP: tuple(m["moments"]["shape"])}
+        if text is not None:
+            shapes.update({CONTEXT: tuple(text["context_shape"]), POOLED: tuple(text["pooled_shape"])})
+        return _decode_latents(samples, skips, required, self.plan.require_labels, shapes)
 
     def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_latents(samples)
