@@ -86,6 +86,10 @@ CASES = [
     Case("train-multirun-config-error", "ldm-train", ("-m", *TRAIN, "trainer.max_steps=abc,2"),
          ("trainer.max_steps='abc'",), slow=True),  # a ConfigError stops the sweep at its first job
     Case("train-no-train-shards", "ldm-train", (*TRAIN, "data.train_shards=null"), ("data.train_shards",), slow=True),
+    Case("train-zero-interval", "ldm-train", (*TRAIN, "trainer.val_check_interval=0"),
+         ("trainer.val_check_interval=0",), slow=True),
+    Case("train-last-in-a-new-directory", "ldm-train",  # the default paths.output_dir is a new timestamped directory
+         (*(a for a in TRAIN if not a.startswith("paths.")), "ckpt_path=last"), ("ckpt_path=last", "paths.output_dir")),
     # ldm-sample
     Case("sample-negative-guidance", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "guidance_scale=-3"),
          ("guidance_scale=-3",)),

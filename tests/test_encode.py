@@ -202,6 +202,32 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
                                                                               "num_heads": 2})
     with pytest.raises(ConfigError, match="resolution=30 is not divisible"):
         run_encode(shapes_shards, autoencoder, tmp_path / "out", resolution=30)
+    with pytest.raises(ConfigError, match="resolution=-8 must be >= 1"):
+        run_encode(shapes_shards, autoencoder, tmp_path / "out", resolution=-8)
+    in_place = tmp_path / "in_place"
+    shutil.copytree(shapes_shards, in_place)
+    before = (in_place / "train-000000.tar").read_bytes()
+    with pytest.raises(ConfigError, match=r"output_dir=.*in_place holds the input shards themselves"):
+        run_encode(in_place, autoencoder, in_place)
+    assert (in_place / "train-000000.tar").read_bytes() == before
+
+
+def test_a_caption_training_could_not_read_is_left_out_not_fatal(shapes_shards: Path, encoders: tuple[Path, Path],
+                                                                 tmp_path: Path):
+    """A non-UTF-8 caption (training skips such a sample) is left out and listed, with a text encoder too."""
+    autoencoder, text = encoders
+    source = tmp_path / "in"
+    source.mkdir()
+    samples = read_shard(shapes_shards / "train-000000.tar")
+    samples[2]["txt"] = b"\xff\xfe not utf-8"
+    with wds.TarWriter(str(source / "train-000000.tar"), encoder=False) as sink:
+        for sample in samples:
+            sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+    text_encoder = {"kind": "byte", "name_or_path": str(text)}
+    summary = run_encode(source, autoencoder, tmp_path / "out", text_encoder=text_encoder)
+    assert summary["samples"] == len(samples) - 1 and summary["failed"] == 1  # counted, the run goes on
+    stats = json.loads(next((tmp_path / "out").glob("*_stats.json")).read_text())
+    assert stats["skipped"][0][0] == samples[2]["__key__"] and "UnicodeDecodeError" in stats["skipped"][0][1]
 
 
 def test_console_script_reads_a_text_encoder_node(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from ldm.config import ConfigError
 from ldm.modules.optim import gradient_norm
 
 
@@ -47,8 +48,8 @@ class NanGuard(L.Callback):
     """
 
     def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
-        if max_consecutive < 1:
-            raise ValueError(f"callbacks.nan_guard.max_consecutive={max_consecutive} must be >= 1")
+        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
+            raise ConfigError(f"callbacks.nan_guard.max_consecutive={max_consecutive!r} must be an integer >= 1")
         self.max_consecutive = max_consecutive
         self.check_grads = check_grads
         self.skipped_total = 0    # batches skipped over the whole run (restored on resume)

@@ -162,6 +162,11 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("overwrite=true under torchrun would race with the other ranks: delete output_dir, or run "
                           "the overwrite with one process")
     out = Path(config.output_dir)
+    inputs = [u for u, n in zip(urls, names) if Path(u).resolve() == (out / n).resolve()]
+    if inputs:
+        raise ConfigError(f"output_dir={config.output_dir} holds the input shards themselves (e.g. {inputs[0]}): the "
+                          f"latent shards keep the input names and would replace the images; choose another "
+                          f"output_dir")
     out.mkdir(parents=True, exist_ok=True)
 
     spawn = world == 1 and config.devices > 1

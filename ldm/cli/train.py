@@ -392,6 +392,11 @@ def main(cfg: DictConfig) -> float | None:
             raise configs.ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
         check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
         check_nodes(cfg, ("data", "model"))
+        stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
+        if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
+            raise configs.ConfigError(f"ckpt_path=last resumes the run in paths.output_dir, but that is a new "
+                                      f"timestamped directory ({cfg.paths.output_dir}); set paths.output_dir to the "
+                                      f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
         if cfg.get("ckpt_path") not in (None, "last"):
             resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
             damage = checkpoint_damage(Path(cfg.ckpt_path))

@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 
 from ldm import __version__
-from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.config import ConfigError, check_choice, check_min, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME
 from ldm.data.stream import IMAGE_KEYS, resize_crop
@@ -62,8 +62,7 @@ class EncodeConfig:
                               f"text_encoder='{{kind: byte, name_or_path: runs/clip/export}}'")
         check_choice("text_dtype", self.text_dtype, list(TEXT_DTYPES))
         check_choice("accelerator", self.accelerator, ["auto", "cpu", "cuda"])
-        if self.batch_size < 1 or self.devices < 1:
-            raise ConfigError(f"batch_size={self.batch_size} and devices={self.devices} must be >= 1")
+        check_min(1, batch_size=self.batch_size, devices=self.devices, resolution=self.resolution)
         if self.accelerator == "cuda" and self.devices > max(torch.cuda.device_count(), 0):
             raise ConfigError(f"devices={self.devices} but {torch.cuda.device_count()} CUDA devices are visible")
 
@@ -244,6 +243,8 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
             if ext is None:
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)})")
             image = resize_crop(decode_image(sample[ext]), resolution, None)  # as the datamodule: centre crop
+            if "txt" in sample:
+                sample["txt"].decode("utf-8")  # a caption training could not read: left out here too
         except Exception as err:  # noqa: BLE001 -- an undecodable image is reported and left out
             skipped.append([sample.get("__key__", "?"), f"{type(err).__name__}: {err}"[:200]])
             continue
