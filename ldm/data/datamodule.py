@@ -132,11 +132,13 @@ def _summary_counts(path: Path) -> dict[str, int]:
 
 
 def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
-    """Loader workers ignore stop signals: SLURM, scancel and a terminal's Ctrl-C signal the whole process group, and
-    a worker that died of SIGTERM (torch's default) would take the run down before it saved; the training process
-    handles them (`ldm.slurm.SlurmRequeue`) and ends its workers itself."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+    """Loader workers leave stop signals to the training process (`ldm.slurm.SlurmRequeue`), which saves and then
+    ends its workers itself: SLURM, scancel and a terminal's Ctrl-C signal the whole process group, and a worker that
+    died of SIGTERM (torch's default) would take the run down before it saved. SIGINT and SIGUSR1 are ignored; the
+    first SIGTERM too, but not a second (the loader's own `terminate()` of a worker that would not stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 class EpochLoader(DataLoader):
