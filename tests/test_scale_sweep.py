@@ -38,11 +38,12 @@ def test_optuna_study_survives_a_failed_trial_and_resumes(shapes_shards, tmp_pat
               *sweep_overrides(shapes_shards, max_steps=2), *tiny_ldm_overrides(autoencoder)]
     first = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep1'}"], timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    # the same study continues (load_if_exists); its trial, with an invalid fixed learning rate, fails (AdamW
-    # raises): recorded as failed, and the sweep still ends normally
-    failed = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep2'}", "model.lr=-1.0"], timeout=600)
+    # the same study continues (load_if_exists); its trial, with a precision Lightning does not know (not a config
+    # mistake ldm-train checks: Lightning raises when it builds the Trainer), fails: recorded as failed, and the sweep
+    # still ends normally
+    failed = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep2'}", "trainer.precision=bogus"], timeout=600)
     assert failed.returncode == 0, failed.stderr[-3000:]
-    assert "trial failed (ValueError: Invalid learning rate" in failed.stdout
+    assert "trial failed (" in failed.stdout and "bogus" in failed.stdout
     with sqlite3.connect(root / "ldm_optuna.sqlite") as db:
         states = [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
     assert states == ["COMPLETE", "FAIL"]
