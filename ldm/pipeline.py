@@ -167,7 +167,8 @@ class LatentDiffusionPipeline(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str] | None, seeds: Sequence[int], sampler: str = "ddim",
                  num_steps: int = 50, guidance_scale: float = 5.0, class_labels: Sequence[int] | None = None,
-                 eta: float = 0.0, image_size: int | None = None) -> torch.Tensor:
+                 eta: float = 0.0, image_size: int | None = None,
+                 negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
         """Generate one image per seed: (B, 3, H, W) in [-1, 1].
 
         Args:
@@ -179,15 +180,21 @@ class LatentDiffusionPipeline(nn.Module):
             class_labels: B labels for class-conditional models.
             eta: DDIM's noise scale.
             image_size: output side in pixels; None: `self.image_size`.
+            negative_prompts: B prompts that guidance steers away from, in place of the empty prompt (text-conditioned
+                models; as diffusers' `negative_prompt`); None: the empty prompt.
         """
         B = len(seeds)
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1: no guidance)")
+        if negative_prompts is not None and not self.conditioner.uses_prompts:
+            raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
         size = self.check_image_size(image_size or self.image_size)
         conditioner = self.conditioner
         was_training = conditioner.training
         conditioner.eval()  # no condition dropout while sampling
         cond = conditioner(conditioner.sampling_conditions(prompts, class_labels, B))
+        negative = None if negative_prompts is None else conditioner(
+            conditioner.sampling_conditions(negative_prompts, None, B))
         conditioner.train(was_training)
 
         device = self.device
@@ -195,7 +202,8 @@ class LatentDiffusionPipeline(nn.Module):
         f = self.autoencoder.downsample_factor
         x = rng.randn((B, self.unet.config.in_channels, size // f, size // f))      # (B, C, h, w)
         model = guided_denoiser(lambda x_t, t, c: self.unet(x_t, t, **c), cond,
-                                lambda: conditioner.unconditional(B, device), guidance_scale)
+                                lambda: conditioner.unconditional(B, device) if negative is None else negative,
+                                guidance_scale)
         denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
         z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
         return self.decode(z)                                                       # (B, 3, H, W)

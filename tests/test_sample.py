@@ -97,6 +97,20 @@ def test_images_depend_on_their_seed_not_the_batch_size(ldm_checkpoint: Path, tm
     assert not torch.equal(torchvision.io.read_image(str(one[0])), torchvision.io.read_image(str(one[1])))
 
 
+def test_a_negative_prompt_replaces_the_empty_prompt_in_guidance(ldm_checkpoint: Path, tmp_path: Path):
+    """`negative_prompt` is what guidance steers away from: the empty one gives the images of no negative prompt; the
+    record keeps it."""
+    base = {"ckpt_path": str(ldm_checkpoint), "prompts": PROMPTS, "sampler": "ddim", "num_steps": 2,
+            "guidance_scale": 3.0, "device": "cpu"}
+    plain = sample({**base, "output_dir": str(tmp_path / "plain")})
+    empty = sample({**base, "output_dir": str(tmp_path / "empty"), "negative_prompt": ""})
+    read = torchvision.io.read_image
+    assert all(torch.equal(read(str(a)), read(str(b))) for a, b in zip(plain, empty))
+    assert json.loads((tmp_path / "empty" / "sample.json").read_text())["config"]["negative_prompt"] == ""
+    # (what a real negative prompt does, on a model that reads its prompts: tests/test_sd_finetune.py, against
+    # diffusers' negative_prompt; this 2-step model's zero-initialised attention outputs ignore the text)
+
+
 def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")

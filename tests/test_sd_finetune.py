@@ -49,6 +49,13 @@ def test_our_generate_equals_diffusers_on_our_export(tmp_path: Path, single_torc
         mine = pipeline.generate(PROMPTS, seeds, sampler="ddim", num_steps=10, guidance_scale=5.0)
         theirs = hf(PROMPTS, latents=latents, num_inference_steps=10, guidance_scale=5.0, output_type="pt").images
     max_diff((mine + 1) / 2, theirs, "DDIM 10 steps, guidance 5: ours vs diffusers, [0, 1] pixels", tol=1e-3)
+    negative = ["a photo of the moon", "the cat"]  # guidance away from these instead of from the empty prompt
+    with torch.no_grad():
+        mine = pipeline.generate(PROMPTS, seeds, sampler="ddim", num_steps=10, guidance_scale=5.0,
+                                 negative_prompts=negative)
+        theirs = hf(PROMPTS, negative_prompt=negative, latents=latents, num_inference_steps=10, guidance_scale=5.0,
+                    output_type="pt").images
+    max_diff((mine + 1) / 2, theirs, "negative prompts: ours vs diffusers, [0, 1] pixels", tol=1e-3)
 
 
 def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path: Path, shapes_shards: Path):

@@ -42,6 +42,7 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)  # prompts; or prompts_file
     prompts_file: str | None = None            # one prompt per line (blank lines skipped)
     class_labels: list[int] | None = None      # class-conditional models: one label per prompt
+    negative_prompt: str | None = None         # what guidance steers every image away from; null: the empty prompt
     sampler: str = "ddim"                      # ddpm | ddim | dpmpp_2m
     num_steps: int = 50
     guidance_scale: float = 5.0                # classifier-free guidance; 1.0 is the plain conditional model
@@ -124,6 +125,9 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     if config.image_size is not None:
         pipeline.check_image_size(config.image_size)
     check_class_labels(config, pipeline)
+    if config.negative_prompt is not None and not pipeline.conditioner.uses_prompts:
+        raise ConfigError(f"negative_prompt={config.negative_prompt!r} applies to text-conditioned models; "
+                          f"{config.ckpt_path} reads no prompts: leave it null")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -141,8 +145,9 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
         with torch.no_grad():
             x = pipeline.generate([prompts[i] for i, _, _ in batch], [s for _, _, s in batch], sampler=config.sampler,
                                   num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-                                  class_labels=labels, eta=config.eta,
-                                  image_size=config.image_size)                 # (B, 3, H, W) in [-1, 1]
+                                  class_labels=labels, eta=config.eta, image_size=config.image_size,
+                                  negative_prompts=None if config.negative_prompt is None else
+                                  [config.negative_prompt] * len(batch))         # (B, 3, H, W) in [-1, 1]
         for (i, _, seed), image in zip(batch, x.cpu()):
             path = out / f"prompt{i:03d}_seed{seed:06d}.png"
             torchvision.io.write_png(to_uint8(image), str(path))
