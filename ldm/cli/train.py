@@ -3,7 +3,7 @@
     ldm-train experiment=quickstart_vae paths.output_dir=runs/vae
     ldm-train experiment=quickstart_clip paths.output_dir=runs/clip
     ldm-train experiment=quickstart_ldm model.autoencoder_path=runs/vae/export \
-              model.conditioner.name_or_path=runs/clip/export ckpt_path=last
+              model.conditioner.name_or_path=runs/clip/export paths.output_dir=runs/ldm ckpt_path=last
     ldm-train -m hparams_search=ldm_optuna hydra/launcher=slurm        # a sweep; each trial returns its metric
 
 A run directory that already holds checkpoints is resumed when `auto_resume` is true (the default), so running the

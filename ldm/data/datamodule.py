@@ -134,8 +134,12 @@ def _summary_counts(path: Path) -> dict[str, int]:
 def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
     """Loader workers leave stop signals to the training process (`ldm.slurm.SlurmRequeue`), which saves and then
     ends its workers itself: SLURM, scancel and a terminal's Ctrl-C signal the whole process group, and a worker that
-    died of SIGTERM (torch's default) would take the run down before it saved. SIGINT and SIGUSR1 are ignored; the
-    first SIGTERM too, but not a second (the loader's own `terminate()` of a worker that would not stop)."""
+    died of SIGTERM (torch's default) would take the run down before it saved. SIGINT and SIGUSR1 are ignored, the
+    first SIGTERM too; a second ends the worker as the default would.
+
+    note: the price is paid by a worker that does not stop within 5 s of its loader's shutdown (a read hung on a
+    network file system): torch's one `terminate()` of it is the ignored first SIGTERM, so it lives on, idle, until
+    the training process exits, whose multiprocessing exit handler signals it again."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
