@@ -49,26 +49,26 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
     if is_path and not path.is_dir():
         raise ConfigError(f"{config_key}={name_or_path!r} is not a directory. {fix}")
     source = str(path) if is_path else name_or_path
-    try:
-        loaded = cls.from_pretrained(source, local_files_only=True, **kwargs)
+
+    def load(**options: Any) -> Any:
+        loaded = cls.from_pretrained(source, **options, **kwargs)
         if lacks_vocabulary(loaded):
             raise OSError(NO_VOCABULARY)
+        return loaded
+
+    try:
+        return load(local_files_only=True)
     except (OSError, ValueError) as err:
         if is_path or hub_offline():
             where = "in that directory" if is_path else "in the Hugging Face cache (HF_HUB_OFFLINE is set)"
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__}: not found {where} "
                               f"({reason}). {fix}") from err
-    else:
-        return loaded
     try:
-        loaded = cls.from_pretrained(source, **kwargs)
-        if lacks_vocabulary(loaded):
-            raise OSError(NO_VOCABULARY)
+        return load()
     except (OSError, ValueError) as err:
         raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__} from the cache or the hub "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). {fix}") from err
-    return loaded
 
 
 NO_VOCABULARY = "no tokenizer files (vocab.json and merges.txt, or tokenizer.json)"

@@ -73,21 +73,15 @@ class SDComponents:
 
 
 def load_tokenizer(path: str | Path, what: str = "tokenizer_path") -> Any:
-    """A CLIPTokenizer from a local directory (vocab.json + merges.txt, as `save_pretrained` writes it)."""
+    """A CLIPTokenizer from a local directory (vocab.json + merges.txt, as `save_pretrained` writes it), loaded and
+    checked as every pretrained part is (`ldm.conditioning.text.load_pretrained`)."""
     from transformers import CLIPTokenizer
 
-    from ldm.conditioning.text import NO_VOCABULARY, lacks_vocabulary
+    from ldm.conditioning.text import load_pretrained
 
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{what}={path} is not a directory; point it at a CLIP tokenizer saved with "
                           f"save_pretrained (vocab.json, merges.txt), e.g. the tokenizer/ folder of a diffusers "
                           f"Stable Diffusion pipeline")
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{what}={path}: cannot load a CLIPTokenizer ({str(err).splitlines()[0]})") from None
-    if lacks_vocabulary(tokenizer):
-        raise ConfigError(f"{what}={path}: {NO_VOCABULARY} there; point it at a CLIP tokenizer folder, e.g. the "
-                          f"tokenizer/ folder of a diffusers Stable Diffusion pipeline")
-    return tokenizer
+    return load_pretrained(CLIPTokenizer, str(path), what)

@@ -183,8 +183,9 @@ class Evaluator:
             print(f"[ldm-eval] resolution={cfg.resolution} applies to autoencoder checkpoints; "
                   f"{info.get('checkpoint')} generates at its own image_size, {pipeline.image_size} px", flush=True)
         schedule = getattr(pipeline, "schedule", None)
-        for num_steps in cfg.num_steps if schedule is not None else []:  # before any statistics are computed
-            check_num_steps(num_steps, schedule.num_train_timesteps, "num_steps")
+        if schedule is not None:  # before any statistics are computed
+            for num_steps in cfg.num_steps:
+                check_num_steps(num_steps, schedule.num_train_timesteps, "num_steps")
         shards = self.shards_for(pipeline)
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
         labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
