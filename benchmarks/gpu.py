@@ -2,7 +2,7 @@
 checkpointing; images/s, MFU and peak memory.
 
     python benchmarks/gpu.py                  # all 8 combinations, about 5-8 minutes on an H100 / H200
-    python benchmarks/gpu.py --only compile=1,channels_last=1,checkpointing=0
+    python benchmarks/gpu.py --only compile=1,channels_last=1,checkpointing=0   # repeatable
     python benchmarks/gpu.py --dry-run        # no GPU needed: the tiny UNet on CPU, compile with the eager backend
 
 `UNET_CONFIGS["sd15"]` (859.5M parameters, random weights) at 256 px: 4x32x32 latents, a 77x768 context, bf16
@@ -51,21 +51,24 @@ class Setup:
     compile_backend: str = "inductor"
 
 
-def parse_only(text: str | None) -> list[dict[str, bool]]:
-    """The combinations to run: all 8, or the one named as `compile=1,channels_last=0,checkpointing=1`."""
+def parse_only(texts: list[str] | None) -> list[dict[str, bool]]:
+    """The combinations to run: all 8 (eager first), or those named, each as `compile=1,channels_last=0,...`."""
     combos = [dict(zip(SWITCHES, values, strict=True)) for values in itertools.product((False, True), repeat=3)]
-    if text is None:
+    if not texts:
         return combos
-    chosen: dict[str, bool] = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        if key not in SWITCHES or value not in ("0", "1"):
-            raise ValueError(f"--only {text!r}: expected {','.join(f'{s}=0|1' for s in SWITCHES)}")
-        chosen[key] = value == "1"
-    missing = [s for s in SWITCHES if s not in chosen]
-    if missing:
-        raise ValueError(f"--only {text!r} does not set {missing}")
-    return [chosen]
+    chosen = []
+    for text in texts:
+        combo: dict[str, bool] = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key not in SWITCHES or value not in ("0", "1"):
+                raise ValueError(f"--only {text!r}: expected {','.join(f'{s}=0|1' for s in SWITCHES)}")
+            combo[key] = value == "1"
+        missing = [s for s in SWITCHES if s not in combo]
+        if missing:
+            raise ValueError(f"--only {text!r} does not set {missing}")
+        chosen.append(combo)
+    return chosen
 
 
 def make_inputs(model: UNet, setup: Setup, device: torch.device) -> dict[str, torch.Tensor]:
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per combination")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per combination after the first")
-    parser.add_argument("--only", default=None, help="one combination, e.g. compile=1,channels_last=1,checkpointing=0")
+    parser.add_argument("--only", action="append", default=None,
+                        help="a combination to run, e.g. compile=1,channels_last=1,checkpointing=0 (repeatable)")
     parser.add_argument("--name", default=None, help="results/gpu-<name>.json (default: the device's name)")
     parser.add_argument("--dry-run", action="store_true",
                         help="no GPU: the tiny UNet on CPU, 8x8 latents, batch 2, torch.compile's eager backend; "
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{flops / 1e9:,.1f} GFLOPs per step (forward + backward); peak "
           f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s ({dtype})'}", flush=True)
 
+    output = Path(__file__).resolve().parent / "results" / f"gpu-{name}.json"
     results = []
     for combo in combos:
         try:
@@ -208,20 +213,17 @@ def main(argv: list[str] | None = None) -> int:
             result["mfu"] = flops / result["step_s"] / peak if peak else None
         results.append(result)
         print(table([result]).splitlines()[-1], flush=True)
+        if not args.dry_run:  # after every combination: a run stopped by a time limit keeps what it measured
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps({
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
+                "torch": torch.__version__, "setup": dataclasses.asdict(setup), "parameters": count_parameters(model),
+                "flops_per_step": flops, "peak_flops": peak, "peak_dtype": dtype, "results": results},
+                indent=2) + "\n")
 
     print(table(results))
-    if args.dry_run:
-        print("dry run: nothing written")
-        return 0
-    output = Path(__file__).resolve().parent / "results" / f"gpu-{name}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name, "torch": torch.__version__,
-        "setup": dataclasses.asdict(setup), "parameters": count_parameters(model), "flops_per_step": flops,
-        "peak_flops": peak, "peak_dtype": dtype, "results": results}, indent=2) + "\n")
-    print(f"wrote {output}")
+    print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
