@@ -21,6 +21,8 @@ from scale_helpers import (
     tiny_overrides,
 )
 
+from ldm.modules.ema import make_ema
+from ldm.nn.unet import UNet, unet_config
 from ldm.pipeline import LatentDiffusionPipeline
 
 STEPS = 4
@@ -133,3 +135,25 @@ def test_fsdp_refuses_a_trainable_text_encoder_over_several_processes(shapes_sha
            "each process: set model.conditioner.trainable=false" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_the_ema_follows_a_unet_whose_buffers_fsdp_cast_to_bf16():
+    """`trainer=fsdp` in bf16-mixed: FSDP computes in bf16 and casts the UNet's buffers (the upsampler's constant
+    taps) for good, so the EMA, a whole fp32 copy, averages the fp32 parameters and keeps its own buffers (averaging
+    a bf16 buffer into an fp32 one stopped every GPU run at its first step)."""
+    torch.manual_seed(0)
+    unet = UNet(unet_config("tiny"))
+    ema = make_ema(unet, decay=0.5)
+    taps = {k: v.clone() for k, v in ema.module.named_buffers()}
+    assert taps  # the test needs a network with buffers
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    for b in unet.buffers():  # as FSDP's MixedPrecision(buffer_dtype=bfloat16) leaves them
+        b.data = b.data.to(torch.bfloat16)
+    ema.update_parameters(unet)  # the first update copies, the second averages
+    ema.update_parameters(unet)
+    for (name, averaged), trained in zip(ema.module.named_parameters(), unet.parameters(), strict=True):
+        assert averaged.dtype == torch.float32 and torch.equal(averaged, trained), name
+    for name, buffer in ema.module.named_buffers():
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, taps[name]), name

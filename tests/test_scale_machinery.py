@@ -196,10 +196,11 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt"]
 
 
-def clipped_grad_norms(model: str, shards: Path, tmp_path: Path, precision: str, trainer: str = "cpu") -> list[float]:
-    """The gradient norm after each of 3 steps of the tiny autoencoder or LDM clipped to a norm of 1e-4, far below
-    their gradients' norm."""
-    overrides = tiny_overrides(shards, tmp_path / "run", max_steps=3, every=3, trainer=trainer) + [
+def clipped_grad_norms(model: str, shards: Path, tmp_path: Path, precision: str, trainer: str = "cpu",
+                       steps: int = 3) -> list[float]:
+    """The gradient norm after each of `steps` steps of the tiny autoencoder or LDM clipped to a norm of 1e-4, far
+    below their gradients' norm."""
+    overrides = tiny_overrides(shards, tmp_path / "run", max_steps=steps, every=steps, trainer=trainer) + [
         f"trainer.precision={precision}",
         "+callbacks.grad_norms._target_=scale_helpers.GradNormProbe", f"+callbacks.grad_norms.dirpath={tmp_path}"]
     if model == "ldm":

@@ -255,7 +255,10 @@ class LatentDiffusionModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under `trainer=fsdp`, shard the UNet (one FSDP unit: its parameters, gradients and AdamW states split over
         the processes). The frozen autoencoder and text encoder and the EMA stay whole on every rank, so the EMA
-        update (from the UNet gathered after each step), the sample grids and the export read them as under DDP."""
+        update (from the UNet gathered after each step), the sample grids and the export read them as under DDP.
+
+        note: Lightning's FSDP strategy moves only what FSDP wraps to the GPU (its `model_to_device` is a no-op), so
+        everything else goes to the process's device here."""
         try:
             strategy = self.trainer.strategy
         except RuntimeError:  # note: `load_from_checkpoint` calls this hook too, without a trainer
@@ -266,6 +269,7 @@ class LatentDiffusionModule(L.LightningModule):
             raise ConfigError(f"trainer=fsdp over {self.trainer.world_size} processes shards the UNet alone, and a "
                               f"trainable text encoder would drift apart on each process: set "
                               f"model.conditioner.trainable=false (with a pretrained name_or_path), or use trainer=ddp")
+        self.to(strategy.root_device)
         self.pipeline.unet = wrap(self.pipeline.unet)
 
     def compile_networks(self) -> None:
