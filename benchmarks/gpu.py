@@ -229,5 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
