@@ -27,6 +27,7 @@ from torch import nn
 
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkpoint, submodule_state
 from ldm.conditioning import Conditioner, ConditionerConfig, build_conditioner
+from ldm.conditioning.conditioner import UNetKwargs
 from ldm.config import ConfigError, to_dataclass
 from ldm.diffusion import Denoiser, NoiseSchedule, guided_denoiser, run_sampler
 from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
@@ -189,24 +190,38 @@ class LatentDiffusionPipeline(nn.Module):
         if negative_prompts is not None and not self.conditioner.uses_prompts:
             raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
         size = self.check_image_size(image_size or self.image_size)
-        conditioner = self.conditioner
-        was_training = conditioner.training
-        conditioner.eval()  # no condition dropout while sampling
-        cond = conditioner(conditioner.sampling_conditions(prompts, class_labels, B))
-        negative = None if negative_prompts is None else conditioner(
-            conditioner.sampling_conditions(negative_prompts, None, B))
-        conditioner.train(was_training)
-
+        cond, negative = self.sampling_conditions(prompts, class_labels, negative_prompts, B)
         device = self.device
         rng = StackedRandomGenerator(seeds, device)
         f = self.autoencoder.downsample_factor
         x = rng.randn((B, self.unet.config.in_channels, size // f, size // f))      # (B, C, h, w)
         model = guided_denoiser(lambda x_t, t, c: self.unet(x_t, t, **c), cond,
-                                lambda: conditioner.unconditional(B, device) if negative is None else negative,
+                                lambda: self.conditioner.unconditional(B, device) if negative is None else negative,
                                 guidance_scale)
         denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
         z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
         return self.decode(z)                                                       # (B, 3, H, W)
+
+    def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
+                            negative_prompts: Sequence[str] | None, batch_size: int,
+                            ) -> tuple[UNetKwargs, UNetKwargs | None]:
+        """The UNet's conditioning for `generate`, and the negative prompts' (None: none given), encoded without
+        condition dropout and on the UNet's device (labels that go to the UNet's own class table come from a
+        conditioner without parameters, which `.to(device)` does not move)."""
+        conditioner, device = self.conditioner, self.device
+
+        def encode(conds: Any, labels: Sequence[int] | None) -> UNetKwargs:
+            kwargs = conditioner(conditioner.sampling_conditions(conds, labels, batch_size))
+            return {k: v if v is None else v.to(device) for k, v in kwargs.items()}
+
+        was_training = conditioner.training
+        conditioner.eval()
+        try:
+            cond = encode(prompts, class_labels)
+            negative = None if negative_prompts is None else encode(negative_prompts, None)
+        finally:
+            conditioner.train(was_training)
+        return cond, negative
 
     # ------------------------------------------------------------------ saving and loading
 

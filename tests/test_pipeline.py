@@ -167,3 +167,23 @@ def test_ldm_eval_runs_on_an_export_with_the_training_val_shards(trained, tmp_pa
     with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained "
                                           "with are not here"):
         evaluate({**options, "ckpt_path": str(tmp_path / "moved")})
+
+
+def test_class_labels_for_the_unets_own_table_reach_the_unets_device(tmp_path: Path):
+    """`class_embed=unet`: the conditioner holds no parameters, so `.to(device)` cannot move it, and the labels it
+    returned stayed on the CPU beside a GPU's UNet (sampling stopped at the first guided step). 'meta' stands in for a
+    GPU here."""
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", context_dim=None, num_classes=3))
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
+                                    "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"},
+                                    "ema_decay": None})
+    pipeline = module.pipeline.to("meta")
+    cond, negative = pipeline.sampling_conditions(None, [0, 2], None, 2)
+    assert cond["class_labels"].device.type == "meta" and cond["context"] is None and negative is None
+    assert pipeline.conditioner.unconditional(2, pipeline.device)["class_labels"].device.type == "meta"

@@ -60,7 +60,7 @@ def gradient_norm(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> torch
         return norm
     norm = torch.nn.utils.get_total_norm(grads)  # 0 for no gradients
     if sharded:
-        squares = norm.pow(2)  # of this rank's shards
+        squares = norm.pow(2).to(trainer.strategy.root_device)  # of this rank's shards (cpu_offload: on the CPU)
         torch.distributed.all_reduce(squares)
         norm = squares.sqrt()
     if optimizer not in _GRADIENT_NORMS:
