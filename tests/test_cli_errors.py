@@ -242,3 +242,20 @@ def test_full_disk_during_a_checkpoint_write_names_the_checkpoint(tmp_path: Path
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr[:200]}")
     assert f"(2, 'no space left on the device while writing {full}/last.ckpt;" in result.stdout, result.stderr
     assert "left: []" in result.stdout
+
+
+def test_a_refusal_that_another_error_replaced_is_still_reported():
+    """A ConfigError raised while Lightning iterates the data (a mid-epoch resume under another batch size) reached
+    the user as the RuntimeError of Lightning's teardown ("Please call `iter(combined_loader)` first", exit 1)."""
+    from ldm.cli.common import EXIT_FAILURE, EXIT_USER_ERROR, describe_error
+    from ldm.config import ConfigError
+
+    try:
+        try:
+            raise ConfigError("the checkpoint stopped 10 batches into epoch 0 under another data order")
+        except ConfigError:
+            raise RuntimeError("Please call `iter(combined_loader)` first.")  # noqa: B904 -- as Lightning's teardown
+    except RuntimeError as err:
+        assert describe_error(err) == (
+            EXIT_USER_ERROR, "the checkpoint stopped 10 batches into epoch 0 under another data order")
+    assert describe_error(RuntimeError("boom")) == (EXIT_FAILURE, "RuntimeError: boom")

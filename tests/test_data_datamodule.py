@@ -180,6 +180,17 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     with pytest.warns(UserWarning, match="repeats some samples"):
         assert len(_run(allowed, epochs=1)) == 12 - 5
 
+    later = make_dm(shapes_shards, num_workers=2, **opts)  # 7 of 12 batches: past the end of a batch-8 epoch (6)
+    _run(later, epochs=1, stop_after=7)
+    larger = make_dm(shapes_shards, num_workers=2, **{**opts, "batch_size": 8})
+    larger.load_state_dict(later.state_dict())
+    with pytest.raises(configs.ConfigError, match=r"7 batches into epoch 0 .*data\.batch_size 4 -> 8"):
+        next(iter(larger.train_dataloader()))
+    larger = make_dm(shapes_shards, num_workers=2, allow_inexact_resume=True, **{**opts, "batch_size": 8})
+    larger.load_state_dict(later.state_dict())
+    with pytest.warns(UserWarning, match="repeats some samples"):
+        assert len(_run(larger, epochs=1)) == 6 and larger.state_dict()["epoch"] == 1, "allowed: epoch 1 from its start"
+
     ended = make_dm(shapes_shards, num_workers=2, **opts)  # a checkpoint at the end of epoch 0 (12 batches)
     _run(ended, epochs=1)
     longer = make_dm(shapes_shards, num_workers=2, **{**opts, "batch_size": 2})  # 24 batches per epoch

@@ -295,3 +295,50 @@ def test_npy_members_read_like_np_load_and_refuse_what_it_refuses():
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="object arrays"):
         latents.from_npy(buf.getvalue())
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_multiprocess_encode_stops_its_processes(encoders: tuple[Path, Path], tmp_path: Path):
+    """`kill PID` of `ldm-encode devices=2` left both encoding processes running on, orphaned, racing a rerun; now
+    they stop with it, and the rerun encodes what is left."""
+    import signal
+    import time
+
+    from ldm.cli.data import write_dataset
+
+    shards = tmp_path / "shards"
+    write_dataset({"source": "shapes", "output_dir": str(shards), "num_samples": 960, "val_samples": 0,
+                   "resolution": 32, "seed": 0, "samples_per_shard": 16})
+    out = tmp_path / "latents"
+    command = [sys.executable, "-m", "ldm.cli.encode", f"shards={shards}/train-*.tar",
+               f"autoencoder_path={encoders[0]}", f"output_dir={out}", "devices=2", "accelerator=cpu",
+               "progress=false", "batch_size=8"]
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    workers = [pid for pid in _children(process.pid) if b"spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert process.poll() is None and len(workers) == 2, "the test needs both processes still encoding"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(3)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == []
+    finished = len(list(out.glob("*_stats.json")))
+    assert 2 <= finished < 60
+    summary = run_encode(shards, encoders[0], out)
+    assert summary["shards_encoded"] == 60 - finished and len(list(out.glob("train-*.tar"))) == 60

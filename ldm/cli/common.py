@@ -140,18 +140,26 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         return EXIT_USER_ERROR, f"config key '{key}': {text}" if key else text
     if isinstance(err, USER_ERRORS) or _is_misconfiguration(err):
         return EXIT_USER_ERROR, _one_line(err, with_type=not isinstance(err, ConfigError))
+    # A ConfigError that another error replaced on its way out (Lightning's teardown after a refusal raised while it
+    # iterated the data, say) is still the user's to fix.
+    masked = next((e for e in _chain(err) if isinstance(e, ConfigError)), None)
+    if masked is not None:
+        return EXIT_USER_ERROR, _one_line(masked, with_type=False)
     return EXIT_FAILURE, _one_line(err, with_type=True)
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def _find_disk_full(err: BaseException) -> OSError | None:
     """The OSError "no space left" in `err`'s chain of causes, preferring one that names its file."""
-    found: list[OSError] = []
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL:
-            found.append(err)
-        err = err.__cause__ or err.__context__
+    found = [e for e in _chain(err) if isinstance(e, OSError) and e.errno in DISK_FULL]
     named = [e for e in found if e.filename]
     return (named or found or [None])[0]
 

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import queue
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -66,7 +68,16 @@ def _encode_shards(config: EncodeConfig, tasks: list[tuple[str, str, int]], devi
 
 def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str, int]], threads: int,
            messages: Any) -> None:
-    """A spawned process: encode `tasks` on device `index`, reporting progress and the result through `messages`."""
+    """A spawned process: encode `tasks` on device `index`, reporting progress and the result through `messages`;
+    it ends itself when the parent is gone (killed by a signal it cannot catch), not to race a rerun's processes."""
+    parent = os.getppid()
+
+    def leave_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=leave_with_parent, daemon=True).start()
     try:
         torch.set_num_threads(threads)
         cfg = EncodeConfig(**config)
@@ -96,6 +107,11 @@ def _spawn(config: EncodeConfig, tasks: list[tuple[str, str, int]], total: int) 
         process.start()
     results: list[dict[str, Any]] = []
     running = len(processes)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # through the `finally` below, which stops the children
+
+    previous = signal.signal(signal.SIGTERM, stop)  # `kill PID` of this process (its default would skip `finally`)
     with _progress_bar(total, config.progress) as bar:
         try:
             while running:
@@ -116,6 +132,7 @@ def _spawn(config: EncodeConfig, tasks: list[tuple[str, str, int]], total: int) 
                     raise RuntimeError(f"ldm-encode process {index} failed (shards it finished are kept; rerun to "
                                        f"continue):\n{payload}")
         finally:
+            signal.signal(signal.SIGTERM, previous)
             for process in processes:
                 if process.is_alive() and running:
                     process.terminate()

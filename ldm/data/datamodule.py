@@ -323,17 +323,22 @@ class WebDataModule(L.LightningDataModule):
         """(epoch, batches to skip) for a new iteration of the train loader, which has `num_batches` per epoch.
 
         The first iteration after `load_state_dict` continues at the loaded position; a position at the end of an
-        epoch (of the saved run's length, or of this one's) means the start of the next (Lightning restarted from such
-        a checkpoint trains that next epoch on the loader's first iterator). Otherwise the epoch is the trainer's when
-        one is attached (Lightning iterates the loader once per epoch), else one more than the last iteration's.
+        epoch (of the saved run's length; of this one's for checkpoints that do not record it) means the start of the
+        next (Lightning restarted from such a checkpoint trains that next epoch on the loader's first iterator). A
+        position inside the saved epoch under other order settings is refused (`_check_inexact_resume`), also when
+        this run's epochs would end before it; allowed, such a position starts the next epoch. Otherwise the epoch
+        is the trainer's when one is attached (Lightning iterates the loader once per epoch), else one more than the
+        last iteration's.
         """
         if self._resume is not None:
             epoch, skip = self._resume["epoch"], self._resume["batches"]
             saved_end = self._resume["epoch_batches"]  # note: other settings can make this run's epochs longer
-            if skip >= num_batches or (saved_end is not None and skip >= saved_end):
+            if skip >= (num_batches if saved_end is None else saved_end):
                 epoch, skip = epoch + 1, 0
             if skip and self._resume["changed"]:
                 self._check_inexact_resume(epoch, skip, self._resume["changed"])
+            if skip >= num_batches:  # allowed to go on, past the end of this run's shorter epoch
+                epoch, skip = epoch + 1, 0
             self._resume = None
         elif self.trainer is not None:
             epoch, skip = self.trainer.current_epoch, 0
