@@ -126,6 +126,12 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
     assert len(read_shard(out / "train-000002.tar")) == 16 and len(read_shard(out / "train-000003.tar")) == 16
     assert not list(out.glob(".*.tmp"))
 
+    whole = (out / "train-000001.tar").read_bytes()  # damaged after it was finished (a copy cut short)
+    (out / "train-000001.tar").write_bytes(whole[: len(whole) // 3])
+    summary = run_encode(shapes_shards, autoencoder, out)
+    assert summary["shards_finished_before"] == 3 and summary["shards_encoded"] == 1
+    assert (out / "train-000001.tar").read_bytes() == whole
+
 
 def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_named(
         shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture):

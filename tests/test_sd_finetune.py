@@ -111,3 +111,26 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)
+
+
+def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_path: Path, caplog):
+    """The quickstart's UNet adds the pooled prompt vector to its time embedding: diffusers' class_embed_type
+    'projection', which StableDiffusionPipeline never feeds; the export says so, beside the byte encoder's notice."""
+    import json
+    import logging
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", context_dim=32, pooled_dim=32))
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
+                                    "conditioner": {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2,
+                                                    "pooled": True}, "ema_decay": None})
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        out = export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    assert json.loads((Path(out) / "unet" / "config.json").read_text())["class_embed_type"] == "projection"
+    assert "StableDiffusionPipeline does not pass it" in caplog.text and "class_labels=<pooled vectors (B, 32)>" \
+        in caplog.text and "not portable" in caplog.text

@@ -85,6 +85,11 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
                     "give diffusers your own text_encoder= and tokenizer= of width "
                     f"{pipeline.unet.config.context_dim}" if kind in ("byte", "hf") else
                     "its inputs are not CLIP prompts")
+    if pipeline.unet.config.pooled_dim is not None:
+        log.warning("this UNet also takes the pooled prompt vector (model.unet.pooled_dim=%d), exported as diffusers' "
+                    "class_embed_type=projection: StableDiffusionPipeline does not pass it (it stops asking for "
+                    "class_labels); call the UNet yourself with class_labels=<pooled vectors (B, %d)>",
+                    pipeline.unet.config.pooled_dim, pipeline.unet.config.pooled_dim)
     return written
 
 

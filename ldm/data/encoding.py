@@ -219,8 +219,8 @@ def input_identity(url: str) -> dict[str, Any]:
 
 
 def is_finished(url: str, output: Path) -> bool:
-    """The shard and its stats file exist and the stats name this input as it is now (a renamed, rewritten or new
-    input shard is encoded again)."""
+    """The shard and its stats file exist, the stats name this input as it is now (a renamed, rewritten or new input
+    shard is encoded again) and the shard has the size it was written with (one damaged since is encoded again)."""
     stats = stats_path(output)
     if not (output.is_file() and stats.is_file()):
         return False
@@ -228,7 +228,9 @@ def is_finished(url: str, output: Path) -> bool:
         written = json.loads(stats.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return all(written.get(k) == v for k, v in input_identity(url).items())
+    size = output.stat().st_size
+    return (all(written.get(k) == v for k, v in input_identity(url).items())
+            and written.get("output_size", size) == size)  # note: stats written before output_size was recorded
 
 
 def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
@@ -324,6 +326,7 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
         failed = expected - count
     if skipped:
         log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, failed, skipped[-3:])
-    stats = {"successes": count, "failed": failed, "skipped": skipped[:1000], **identity}
+    stats = {"successes": count, "failed": failed, "skipped": skipped[:1000], **identity,
+             "output_size": output.stat().st_size}
     atomic_write_text(json.dumps(stats, indent=2) + "\n", stats_path(output))
     return stats

@@ -191,8 +191,9 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                 cache[url] = prefix
         if read < hi - lo:
             skips.add(url, "?", f"damaged tar: the shard ends after {lo + read} samples but its count says at least "
-                                f"{hi} (truncated, or summary.json is out of date); rewrite it with ldm-data, or "
-                                f"delete summary.json so that the tar headers are counted")
+                                f"{hi} (truncated, or its count is out of date); rewrite it (an image shard with "
+                                f"ldm-data, or delete summary.json so that the tar headers are counted; a latent "
+                                f"shard by running ldm-encode again, which re-encodes a damaged one)")
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
