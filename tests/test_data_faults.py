@@ -147,9 +147,12 @@ def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_pa
         stream = ShardStream(plan)
         batches = list(stream)
         assert len(batches) == len(stream) == 2, f"rank {rank} yields its full share"
-        reports = [reason for b in batches for url, _, reason in b["__skipped__"] if url == str(cut)]
-        if plan.segments(rank)[0][0] == str(cut):
-            assert reports and "damaged tar" in reports[0], rank
+        reports = [(key, reason, n) for b in batches for url, key, reason, n in b["__skipped__"] if url == str(cut)]
+        segment = plan.segments(rank)[0]
+        if segment[0] == str(cut):  # one report for the samples its range lost, counted
+            (key, reason, lost), = reports
+            first, last = (int(v) for v in key.removeprefix("samples ").split("-"))
+            assert "damaged tar" in reason and last == segment[2] - 1 and lost == last - first + 1 >= 1, rank
 
 
 class Mean(L.LightningModule):

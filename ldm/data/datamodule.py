@@ -154,7 +154,8 @@ class EpochLoader(DataLoader):
     """
 
     def __init__(self, dataset: ShardStream, begin_epoch: Callable[[int], tuple[int, int]],
-                 on_batch: Callable[[list[tuple[str, str, str]]], None], datamodule: WebDataModule, **kwargs: Any):
+                 on_batch: Callable[[list[tuple[str, str, str, int]]], None], datamodule: WebDataModule,
+                 **kwargs: Any):
         super().__init__(dataset, batch_size=None, persistent_workers=False,
                          worker_init_fn=_leave_stop_signals_to_the_trainer, **kwargs)
         self.begin_epoch = begin_epoch
@@ -348,16 +349,17 @@ class WebDataModule(L.LightningDataModule):
         self._epoch_batches = num_batches
         return epoch, skip
 
-    def _on_train_batch(self, skipped: list[tuple[str, str, str]]) -> None:
+    def _on_train_batch(self, skipped: list[tuple[str, str, str, int]]) -> None:
         self._batches += 1
         self._record_skipped(skipped)
 
-    def _record_skipped(self, skipped: list[tuple[str, str, str]]) -> None:
-        for shard, key, reason in skipped:
-            log.warning("skipped corrupt sample: shard %s, key %s (%s)", shard, key, reason)
+    def _record_skipped(self, skipped: list[tuple[str, str, str, int]]) -> None:
+        for shard, key, reason, count in skipped:
+            log.warning("skipped corrupt sample%s: shard %s, key %s (%s)", "s" if count > 1 else "", shard, key,
+                        reason)
             if len(self.skipped) < 1000:
                 self.skipped.append((shard, key, reason))
-        self.num_skipped += len(skipped)
+            self.num_skipped += count
 
     def record_uncaptioned(self, samples: list[tuple[str, str]]) -> None:
         """Count samples without a caption; warn once per shard (they train with the empty caption)."""

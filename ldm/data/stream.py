@@ -127,20 +127,20 @@ class EpochPlan:
 
 
 class SkipLog:
-    """Records samples that could not be read: (shard, key, reason), and samples without a caption: (shard, key).
-    Also the webdataset exception handler."""
+    """Records samples that could not be read: (shard, key, reason, how many samples the record stands for), and
+    samples without a caption: (shard, key). Also the webdataset exception handler."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, str, str]] = []
+        self.records: list[tuple[str, str, str, int]] = []
         self.seen: set[tuple[str, str]] = set()
         self.uncaptioned: list[tuple[str, str]] = []
         self.uncaptioned_seen: set[tuple[str, str]] = set()
         self.url = "?"
 
-    def add(self, url: str, key: str, reason: str) -> None:
+    def add(self, url: str, key: str, reason: str, count: int = 1) -> None:
         if (url, key) not in self.seen:  # a slot topping up re-reads its range: report each sample once
             self.seen.add((url, key))
-            self.records.append((url, key, reason))
+            self.records.append((url, key, reason, count))
 
     def add_uncaptioned(self, url: str, key: str) -> None:
         if (url, key) not in self.uncaptioned_seen:
@@ -153,7 +153,7 @@ class SkipLog:
         self.add(self.url, "?", f"damaged tar: {message}; rewrite the shard (ldm-data) or leave it out")
         return True
 
-    def pop(self) -> list[tuple[str, str, str]]:
+    def pop(self) -> list[tuple[str, str, str, int]]:
         records, self.records = self.records, []
         return records
 
@@ -189,11 +189,12 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             samples.close()
             if cache is not None and len(prefix) > len(kept):
                 cache[url] = prefix
-        if read < hi - lo:
-            skips.add(url, "?", f"damaged tar: the shard ends after {lo + read} samples but its count says at least "
-                                f"{hi} (truncated, or its count is out of date); rewrite it (an image shard with "
-                                f"ldm-data, or delete summary.json so that the tar headers are counted; a latent "
-                                f"shard by running ldm-encode again, which re-encodes a damaged one)")
+        if read < hi - lo:  # one record for the samples lost
+            skips.add(url, f"samples {lo + read}-{hi - 1}",
+                      f"damaged tar: the shard ends after {lo + read} samples but its count says at least {hi} "
+                      f"(truncated, or its count is out of date); rewrite it (an image shard with ldm-data, or delete "
+                      f"summary.json so that the tar headers are counted; a latent shard by running ldm-encode "
+                      f"again, which re-encodes a damaged one)", count=hi - lo - read)
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
@@ -359,4 +360,4 @@ def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int
 
 def _damaged_shards(skips: SkipLog) -> str:
     """The shards named in `skips`, for a message."""
-    return ", ".join(sorted({url for url, _, _ in skips.records})) or "no shard reported an error"
+    return ", ".join(sorted({url for url, *_ in skips.records})) or "no shard reported an error"
