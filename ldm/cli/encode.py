@@ -74,8 +74,8 @@ def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str, int]]
 
     def leave_with_parent() -> None:
         while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)  # at once, as the parent it reported to is gone
 
     threading.Thread(target=leave_with_parent, daemon=True).start()
     try:
