@@ -259,3 +259,10 @@ def test_a_refusal_that_another_error_replaced_is_still_reported():
         assert describe_error(err) == (
             EXIT_USER_ERROR, "the checkpoint stopped 10 batches into epoch 0 under another data order")
     assert describe_error(RuntimeError("boom")) == (EXIT_FAILURE, "RuntimeError: boom")
+    try:  # a real failure raised `from None` while handling a ConfigError stays the failure it is
+        try:
+            raise ConfigError("optional key x is unset")
+        except ConfigError:
+            raise RuntimeError("boom") from None
+    except RuntimeError as err:
+        assert describe_error(err) == (EXIT_FAILURE, "RuntimeError: boom")

@@ -140,20 +140,24 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         return EXIT_USER_ERROR, f"config key '{key}': {text}" if key else text
     if isinstance(err, USER_ERRORS) or _is_misconfiguration(err):
         return EXIT_USER_ERROR, _one_line(err, with_type=not isinstance(err, ConfigError))
-    # A ConfigError that another error replaced on its way out (Lightning's teardown after a refusal raised while it
-    # iterated the data, say) is still the user's to fix.
-    masked = next((e for e in _chain(err) if isinstance(e, ConfigError)), None)
+    masked = config_error_in(err)
     if masked is not None:
         return EXIT_USER_ERROR, _one_line(masked, with_type=False)
     return EXIT_FAILURE, _one_line(err, with_type=True)
 
 
+def config_error_in(err: BaseException) -> ConfigError | None:
+    """`err` when it is a ConfigError, or one that another error replaced on its way out (Lightning's teardown failing
+    after a refusal raised while it iterated the data, say): still the user's to fix."""
+    return next((e for e in _chain(err) if isinstance(e, ConfigError)), None)
+
+
 def _chain(err: BaseException | None) -> list[BaseException]:
-    """`err` and the exceptions it was raised from or while handling, outermost first."""
+    """`err` and the exceptions it was raised from or while handling (unless raised `from None`), outermost first."""
     chain: list[BaseException] = []
     while err is not None and all(err is not e for e in chain):
         chain.append(err)
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return chain
 
 

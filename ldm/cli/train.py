@@ -41,6 +41,7 @@ from ldm.cli.common import (
     check_nodes,
     check_trainer,
     cli_entry,
+    config_error_in,
     print_config_tree,
     process_count,
     resolve_output_dir,
@@ -406,11 +407,9 @@ def main(cfg: DictConfig) -> float | None:
                                           f"of paths.output_dir")
         try:
             metrics = train(cfg)
-        except configs.ConfigError:
-            raise  # a config mistake fails every trial alike: stop the sweep
         except Exception as err:
-            if not is_multirun():
-                raise
+            if config_error_in(err) is not None or not is_multirun():
+                raise  # a config mistake fails every trial alike: stop the sweep
             traceback.print_exc()
             print(f"trial failed ({type(err).__name__}: {err}); the sweep goes on without its "
                   f"{metric_name or 'result'}")

@@ -327,19 +327,24 @@ class WebDataModule(L.LightningDataModule):
         epoch (of the saved run's length; of this one's for checkpoints that do not record it) means the start of the
         next (Lightning restarted from such a checkpoint trains that next epoch on the loader's first iterator). A
         position inside the saved epoch under other order settings is refused (`_check_inexact_resume`), also when
-        this run's epochs would end before it; allowed, such a position starts the next epoch. Otherwise the epoch
-        is the trainer's when one is attached (Lightning iterates the loader once per epoch), else one more than the
-        last iteration's.
+        this run's epochs would end before it; allowed, the epoch goes on after the batches trained, or, past the end
+        of this run's shorter epoch, runs again from its start (Lightning finishes that epoch on the first iterator,
+        and its next one reads the next epoch). Otherwise the epoch is the trainer's when one is attached (Lightning
+        iterates the loader once per epoch), else one more than the last iteration's.
         """
         if self._resume is not None:
             epoch, skip = self._resume["epoch"], self._resume["batches"]
             saved_end = self._resume["epoch_batches"]  # note: other settings can make this run's epochs longer
             if skip >= (num_batches if saved_end is None else saved_end):
+                if self._resume["changed"] and num_batches > skip:  # Lightning goes on counting from the saved batch
+                    warnings.warn(f"the checkpoint ended epoch {epoch} after {skip} batches; under the new data order "
+                                  f"({', '.join(self._resume['changed'])} changed) an epoch has {num_batches}, and "
+                                  f"Lightning counts the next one from batch {skip}: it trains {num_batches - skip} "
+                                  f"batches of epoch {epoch + 1}, the epochs after it whole", stacklevel=2)
                 epoch, skip = epoch + 1, 0
             if skip and self._resume["changed"]:
-                self._check_inexact_resume(epoch, skip, self._resume["changed"])
-            if skip >= num_batches:  # allowed to go on, past the end of this run's shorter epoch
-                epoch, skip = epoch + 1, 0
+                self._check_inexact_resume(epoch, skip, self._resume["changed"], again=skip >= num_batches)
+                skip = 0 if skip >= num_batches else skip
             self._resume = None
         elif self.trainer is not None:
             epoch, skip = self.trainer.current_epoch, 0
@@ -435,14 +440,21 @@ class WebDataModule(L.LightningDataModule):
         self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed,
                         "epoch_batches": state_dict.get("epoch_batches")}
 
-    def _check_inexact_resume(self, epoch: int, skip: int, changed: dict[str, tuple[Any, Any]]) -> None:
-        """Refuse to continue an epoch under another data order, unless `data.allow_inexact_resume`."""
+    def _check_inexact_resume(self, epoch: int, skip: int, changed: dict[str, tuple[Any, Any]],
+                              again: bool = False) -> None:
+        """Refuse to continue an epoch under another data order, unless `data.allow_inexact_resume`; `again`: the
+        position lies past the end of this run's epoch, which then runs again from its start."""
         what = ", ".join(f"{k} {saved} -> {now}" for k, (saved, now) in changed.items())
         if not self.config.allow_inexact_resume:
             raise ConfigError(f"the checkpoint stopped {skip} batches into epoch {epoch} under another data order "
                               f"({what}; saved -> now): the rest of that epoch cannot be continued exactly. Resume "
                               f"with the saved settings, or set data.allow_inexact_resume=true to go on anyway (the "
                               f"rest of the epoch then repeats some samples and misses others)")
-        warnings.warn(f"data.allow_inexact_resume: continuing epoch {epoch} after {skip} batches under another data "
-                      f"order ({what}; saved -> now): the rest of the epoch repeats some samples and misses others",
-                      stacklevel=2)
+        if again:
+            warnings.warn(f"data.allow_inexact_resume: the checkpoint stopped {skip} batches into epoch {epoch}, past "
+                          f"the end of an epoch under the new data order ({what}; saved -> now): epoch {epoch} runs "
+                          f"again from its start", stacklevel=2)
+        else:
+            warnings.warn(f"data.allow_inexact_resume: continuing epoch {epoch} after {skip} batches under another "
+                          f"data order ({what}; saved -> now): the rest of the epoch repeats some samples and misses "
+                          f"others", stacklevel=2)

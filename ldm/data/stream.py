@@ -135,7 +135,7 @@ class SkipLog:
         self.seen: set[tuple[str, str]] = set()
         self.uncaptioned: list[tuple[str, str]] = []
         self.uncaptioned_seen: set[tuple[str, str]] = set()
-        self.url = "?"
+        self.tar_error: str | None = None  # the handler's last error in the shard being read
 
     def add(self, url: str, key: str, reason: str, count: int = 1) -> None:
         if (url, key) not in self.seen:  # a slot topping up re-reads its range: report each sample once
@@ -148,9 +148,9 @@ class SkipLog:
             self.uncaptioned.append((url, key))
 
     def handler(self, exn: Exception) -> bool:
-        """Tar-level errors (truncated or garbage archive): record and continue with the next shard."""
-        message = f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:200]
-        self.add(self.url, "?", f"damaged tar: {message}; rewrite the shard (ldm-data) or leave it out")
+        """Tar-level errors (truncated or garbage archive): kept for the report of the samples this cost
+        (`_read_segments`), and the reading goes on with the next shard."""
+        self.tar_error = f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:200]
         return True
 
     def pop(self) -> list[tuple[str, str, str, int]]:
@@ -175,7 +175,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         if len(kept) >= hi:
             yield from kept[lo:hi]
             continue
-        skips.url = url
+        skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
         read, prefix = 0, []
         try:
@@ -189,12 +189,15 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             samples.close()
             if cache is not None and len(prefix) > len(kept):
                 cache[url] = prefix
-        if read < hi - lo:  # one record for the samples lost
+        fix = ("rewrite it (an image shard with ldm-data, or delete summary.json so that the tar headers are counted; "
+               "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
+        error = f" ({skips.tar_error})" if skips.tar_error else ""
+        if read < hi - lo:  # one record for the samples of this range lost
             skips.add(url, f"samples {lo + read}-{hi - 1}",
-                      f"damaged tar: the shard ends after {lo + read} samples but its count says at least {hi} "
-                      f"(truncated, or its count is out of date); rewrite it (an image shard with ldm-data, or delete "
-                      f"summary.json so that the tar headers are counted; a latent shard by running ldm-encode "
-                      f"again, which re-encodes a damaged one)", count=hi - lo - read)
+                      f"damaged tar: the shard ends after {lo + read} samples but its count says at least {hi}"
+                      f"{error} (truncated, or its count is out of date); {fix}", count=hi - lo - read)
+        elif error:
+            skips.add(url, "?", f"damaged tar{error}; {fix}")
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
@@ -283,20 +286,22 @@ class ShardStream(IterableDataset):
         skips = SkipLog()
         shuffle_rng = random.Random(fold_seed(p.seed, p.epoch, p.rank, worker))
 
-        def decoded(parts: list[tuple[str, int, int]]) -> Callable[[], Iterator[dict[str, Any]]]:
+        def decoded(parts: list[tuple[str, int, int]], log: SkipLog) -> Callable[[], Iterator[dict[str, Any]]]:
             def one_pass() -> Iterator[dict[str, Any]]:  # one pass over `parts` (repeated only to top up)
                 shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
                 return iter(wds.DataPipeline(
-                    lambda: _read_segments(parts, skips, self.cache),  # raw samples of these shard ranges
+                    lambda: _read_segments(parts, log, self.cache),  # raw samples of these shard ranges
                     wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
-                    lambda raw: self.decode_samples(raw, skips),  # decoded; corrupt samples recorded and dropped
+                    lambda raw: self.decode_samples(raw, log),  # decoded; corrupt samples recorded and dropped
                 ))
             return one_pass
 
-        every_shard = [(url, 0, count) for url, count in zip(p.urls, p.counts)]  # the fallback of an unreadable range
+        # The fallback of an unreadable range: every shard, whose losses their own slots report (not counted twice).
+        every_shard = [(url, 0, count) for url, count in zip(p.urls, p.counts)]
         pipeline = wds.DataPipeline(
             # exactly the quota, topped up if samples were lost
-            lambda: _exactly(decoded(segments), p.quota(slot), slot, skips, fallback=decoded(every_shard)),
+            lambda: _exactly(decoded(segments, skips), p.quota(slot), slot, skips,
+                             fallback=decoded(every_shard, SkipLog())),
             lambda samples: islice(samples, done * p.batch_size, None),  # resume: what this worker already produced
             wds.map(self._to_tensor),  # resize, crop, flip; float (3, R, R) in [-1, 1]
             wds.batched(p.batch_size, collation_fn=self.collate_batch, partial=not p.train),
