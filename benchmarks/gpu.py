@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.callbacks.throughput import peak_flops
+from ldm.io import atomic_write_text
 from ldm.nn.unet import UNet, count_parameters, unet_config
 
 SWITCHES = ("compile", "channels_last", "checkpointing")
@@ -159,6 +160,19 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def write_results(path: Path, run: dict[str, Any]) -> None:
+    """Write `run` to `path` atomically, keeping the rows of an earlier run of the same setup that this one did not
+    measure (`--only` fills in missing rows without dropping the others)."""
+    rows = run["results"]
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("setup") == run["setup"]:
+            measured = [{s: r[s] for s in SWITCHES} for r in rows]
+            rows = [r for r in earlier["results"] if {s: r[s] for s in SWITCHES} not in measured] + rows
+            rows.sort(key=lambda r: tuple(r[s] for s in SWITCHES))
+    atomic_write_text(json.dumps({**run, "results": rows}, indent=2) + "\n", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="no GPU: the tiny UNet on CPU, 8x8 latents, batch 2, torch.compile's eager backend; "
                              "checks the script's logic, its numbers mean nothing")
     args = parser.parse_args(argv)
+    if args.only and args.all:
+        parser.error("--only and --all: give one of them")
     try:
         combos = parse_only(args.only, args.all)
     except ValueError as err:
@@ -218,12 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(table([result]).splitlines()[-1], flush=True)
         if not args.dry_run:  # after every combination: a run stopped by a time limit keeps what it measured
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps({
+            write_results(output, {
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
                 "torch": torch.__version__, "setup": dataclasses.asdict(setup), "parameters": count_parameters(model),
-                "flops_per_step": flops, "peak_flops": peak, "peak_dtype": dtype, "results": results},
-                indent=2) + "\n")
+                "flops_per_step": flops, "peak_flops": peak, "peak_dtype": dtype, "results": results})
 
     print(table(results))
     print("dry run: nothing written" if args.dry_run else f"wrote {output}")

@@ -132,6 +132,17 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
     assert summary["shards_finished_before"] == 3 and summary["shards_encoded"] == 1
     assert (out / "train-000001.tar").read_bytes() == whole
 
+    stats = json.loads((out / "train-000001_stats.json").read_text())  # as written before shard sizes were recorded
+    del stats["output_size"]
+    (out / "train-000001_stats.json").write_text(json.dumps(stats))
+    summary = run_encode(shapes_shards, autoencoder, out)
+    assert summary["shards_finished_before"] == 4, "an intact shard of such stats is kept"
+    with tarfile.open(out / "train-000001.tar") as tar:  # cut inside the data of a member in the middle
+        member = tar.getmembers()[len(tar.getmembers()) // 2]
+    (out / "train-000001.tar").write_bytes(whole[: member.offset_data + member.size // 2])
+    summary = run_encode(shapes_shards, autoencoder, out)
+    assert summary["shards_finished_before"] == 3 and (out / "train-000001.tar").read_bytes() == whole
+
 
 def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_named(
         shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture):

@@ -139,8 +139,8 @@ def test_fsdp_refuses_a_trainable_text_encoder_over_several_processes(shapes_sha
 
 def test_the_ema_follows_a_unet_whose_buffers_fsdp_cast_to_bf16():
     """`trainer=fsdp` in bf16-mixed: FSDP computes in bf16 and casts the UNet's buffers (the upsampler's constant
-    taps) for good, so the EMA, a whole fp32 copy, averages the fp32 parameters and keeps its own buffers (averaging
-    a bf16 buffer into an fp32 one stopped every GPU run at its first step)."""
+    0/1 taps) for good, so the EMA, a whole fp32 copy, averages the fp32 parameters and copies the buffers into fp32
+    ones (averaging a bf16 buffer into an fp32 one stopped every GPU run at its first step)."""
     torch.manual_seed(0)
     unet = UNet(unet_config("tiny"))
     ema = make_ema(unet, decay=0.5)
@@ -157,3 +157,15 @@ def test_the_ema_follows_a_unet_whose_buffers_fsdp_cast_to_bf16():
         assert averaged.dtype == torch.float32 and torch.equal(averaged, trained), name
     for name, buffer in ema.module.named_buffers():
         assert buffer.dtype == torch.float32 and torch.equal(buffer, taps[name]), name
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_mixed_precision_trains_and_exports(shapes_shards: Path, runs: dict):
+    """`trainer=fsdp`'s own precision, bf16-mixed: FSDP's MixedPrecision casts the sharded UNet's parameters and
+    buffers to bf16 for compute (on CPU too), with the EMA, validation grids and export alongside."""
+    out = runs["root"] / "fsdp-bf16"
+    train(shapes_shards, out, "fsdp", runs["frozen"], max_steps=2, extra=("trainer.precision=bf16-mixed",))
+    state = checkpoint(out)["state_dict"]
+    ema = {k: v for k, v in state.items() if k.startswith("ema.module.")}
+    assert ema and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ema.values())
+    assert (out / "export" / "model.safetensors").is_file()

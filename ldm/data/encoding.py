@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -228,9 +229,21 @@ def is_finished(url: str, output: Path) -> bool:
         written = json.loads(stats.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    size = output.stat().st_size
-    return (all(written.get(k) == v for k, v in input_identity(url).items())
-            and written.get("output_size", size) == size)  # note: stats written before output_size was recorded
+    if not all(written.get(k) == v for k, v in input_identity(url).items()):
+        return False
+    if "output_size" in written:
+        return written["output_size"] == output.stat().st_size
+    return _members_complete(output)  # stats written before the size was recorded
+
+
+def _members_complete(path: Path) -> bool:
+    """Every member of the tar at `path` has all its data (a shard cut short inside a member does not)."""
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path) as tar:
+            return all(m.offset_data + m.size <= size for m in tar)
+    except (tarfile.TarError, OSError):
+        return False
 
 
 def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:

@@ -15,9 +15,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """An EMA copy of `model`'s parameters; call `.update_parameters(model)` after each step. Its buffers are copied
-    once: those of these networks are constants (no batch norm), and FSDP's mixed precision casts the trained
-    network's buffers to bf16 (averaging them into the fp32 copy fails)."""
+    """An EMA copy of `model`'s parameters; call `.update_parameters(model)` after each step. Its buffers are not
+    averaged but copied from the model's at each update (into their own dtype): those of these networks are
+    constants (no batch norm), and FSDP's mixed precision casts the trained network's buffers to bf16 (averaging them
+    into the fp32 copy fails)."""
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
     ema.requires_grad_(False)
     return ema
