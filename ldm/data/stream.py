@@ -286,13 +286,13 @@ class ShardStream(IterableDataset):
         skips = SkipLog()
         shuffle_rng = random.Random(fold_seed(p.seed, p.epoch, p.rank, worker))
 
-        def decoded(parts: list[tuple[str, int, int]], log: SkipLog) -> Callable[[], Iterator[dict[str, Any]]]:
+        def decoded(parts: list[tuple[str, int, int]], losses: SkipLog) -> Callable[[], Iterator[dict[str, Any]]]:
             def one_pass() -> Iterator[dict[str, Any]]:  # one pass over `parts` (repeated only to top up)
                 shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
                 return iter(wds.DataPipeline(
-                    lambda: _read_segments(parts, log, self.cache),  # raw samples of these shard ranges
+                    lambda: _read_segments(parts, losses, self.cache),  # raw samples of these shard ranges
                     wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
-                    lambda raw: self.decode_samples(raw, log),  # decoded; corrupt samples recorded and dropped
+                    lambda raw: self.decode_samples(raw, losses),  # decoded; corrupt samples recorded and dropped
                 ))
             return one_pass
 
