@@ -146,9 +146,9 @@ class AutoencoderModule(L.LightningModule):
                               f"ldm-encode and stage 2 use); set model.net.resolution={data.resolution}")
         # The export's latent statistics (stage 2's scale) are measured at validations: said now, not after the run,
         # when the final weights will go out with an earlier step's statistics.
-        interval, last = trainer.val_check_interval, trainer.max_steps
         if trainer.fast_dev_run:
             return
+        interval, last = trainer.val_check_interval, trainer.max_steps
         if not trainer.limit_val_batches:
             rank_zero_warn("no validation runs (trainer.limit_val_batches=0): the export will hold no latent "
                            "statistics, and stage 2 will need model.latent_scale")

@@ -21,8 +21,7 @@ class DiscriminatorConfig:
     norm: str = "batch"         # batch (taming), group or none
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            check_choice("norm", self.norm, NORMS)
+        check_choice("norm", self.norm, NORMS)
         check_min(1, in_channels=self.in_channels, ndf=self.ndf, n_layers=self.n_layers)
 
 
