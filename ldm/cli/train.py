@@ -366,6 +366,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise
+    finally:
+        # note: as torch asks, before the interpreter exits: a gloo process group left to its destructors at exit
+        # once aborted a finished run ("terminate called without an active exception", exit -6)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     halted = [cb for cb in callbacks if getattr(cb, "halted", False)]
     finish_loggers(loggers, exit_code=1 if halted else 0)
     if halted:
