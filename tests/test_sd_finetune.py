@@ -134,3 +134,41 @@ def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_
     assert json.loads((Path(out) / "unet" / "config.json").read_text())["class_embed_type"] == "projection"
     assert "StableDiffusionPipeline does not pass it" in caplog.text and "class_labels=<pooled vectors (B, 32)>" \
         in caplog.text and "not portable" in caplog.text
+
+
+def test_a_shorter_prompt_length_travels_with_the_export(tmp_path: Path, caplog, single_torch_thread):
+    """A CLIP-conditioned model trained on 16-token prompts (model.conditioner.max_length=16): the diffusers export's
+    tokenizer pads to 16, so StableDiffusionPipeline makes our images; our loaders read 16 back from the folder and
+    from the single file, which warns that other tools pad to 77."""
+    import logging
+    from dataclasses import asdict
+
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.convert.load import load_single_file
+    from ldm.nn.unet import unet_config
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    module = LatentDiffusionModule({"autoencoder_path": str(tmp_path / "sd1"), "ema_decay": None,
+                                    "unet": asdict(unet_config("tiny", context_dim=48)),
+                                    "conditioner": {"kind": "clip", "name_or_path": str(tmp_path / "sd1"),
+                                                    "max_length": 16}})
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    hf_dir = export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    assert module.pipeline.conditioner.encoder.tokenizer.model_max_length != 16  # the export's copy changed, not it
+    hf = StableDiffusionPipeline.from_pretrained(hf_dir)
+    assert hf.tokenizer.model_max_length == 16
+    pipeline = LatentDiffusionPipeline.from_pretrained(ours)
+    latents = StackedRandomGenerator([3, 4]).randn((2, 4, 16, 16))
+    with torch.no_grad():
+        mine = pipeline.generate(PROMPTS, [3, 4], sampler="ddim", num_steps=4, guidance_scale=5.0)
+        theirs = hf(PROMPTS, latents=latents, num_inference_steps=4, guidance_scale=5.0, output_type="pt").images
+    max_diff((mine + 1) / 2, theirs, "16-token prompts: ours vs diffusers, [0, 1] pixels", tol=1e-3)
+    assert load_components(hf_dir).prompt_length == 16
+    assert LatentDiffusionModule({"init_from": str(hf_dir), "ema_decay": None}).config.conditioner.max_length == 16
+
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    assert "prompts are 16 tokens" in caplog.text and "pad them to 77" in caplog.text
+    parts = load_single_file(single, tokenizer_path=tmp_path / "sd1" / "tokenizer")
+    assert parts.prompt_length == 16 and parts.build_text_encoder().max_length == 16

@@ -85,6 +85,11 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
                     "give diffusers your own text_encoder= and tokenizer= of width "
                     f"{pipeline.unet.config.context_dim}" if kind in ("byte", "hf") else
                     "its inputs are not CLIP prompts")
+    elif config.format == "single_file" and text_encoder.max_length < 77:
+        log.warning("prompts are %d tokens in this model (model.conditioner.max_length); A1111, ComfyUI and diffusers' "
+                    "from_single_file pad them to 77, so their images differ from ours (ldm's loaders read %d from "
+                    "the file; format=diffusers records it in tokenizer/ for diffusers)",
+                    text_encoder.max_length, text_encoder.max_length)
     if pipeline.unet.config.pooled_dim is not None:
         log.warning("this UNet also takes the pooled prompt vector (model.unet.pooled_dim=%d), exported as diffusers' "
                     "class_embed_type=projection: StableDiffusionPipeline does not pass it (it stops asking for "

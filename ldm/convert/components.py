@@ -26,6 +26,9 @@ class SDComponents:
             None for an SD 2.x single file that does not say (no metadata, no `.yaml` beside it).
         text_encoder, tokenizer: a transformers CLIPTextModel (fp32, eval mode) and CLIPTokenizer.
         clip_layer: which output of text_encoder the UNet was trained on ("last": last_hidden_state).
+        max_length: tokens per prompt the UNet was trained on, when fewer than the text encoder's positions (a
+            folder's tokenizer `model_max_length`, our single files' metadata); None: as many as its positions
+            (SD: 77).
         source: where each part came from, for the log.
     """
 
@@ -39,6 +42,7 @@ class SDComponents:
     text_encoder: Any | None = None
     tokenizer: Any | None = None
     clip_layer: str = "last"
+    max_length: int | None = None
     source: str = ""
 
     def build_unet(self) -> UNet:
@@ -57,9 +61,19 @@ class SDComponents:
         model.load_state_dict(self.autoencoder_state)
         return model
 
-    def build_text_encoder(self, max_length: int = 77, trainable: bool = False, layer: str | None = None) -> Any:
+    @property
+    def prompt_length(self) -> int | None:
+        """Tokens per prompt the UNet was trained on (`max_length`, else the text encoder's positions); None without
+        a text encoder."""
+        if self.text_encoder is None:
+            return None
+        return self.max_length or self.text_encoder.config.max_position_embeddings
+
+    def build_text_encoder(self, max_length: int | None = None, trainable: bool = False,
+                           layer: str | None = None) -> Any:
         """Our `CLIPTextEncoder` around the imported text encoder and tokenizer (frozen unless trainable), on `layer`
-        ("last" or "penultimate"; None: the layer the UNet was trained on, `clip_layer`)."""
+        ("last" or "penultimate"; None: the layer the UNet was trained on, `clip_layer`), with prompts of
+        `max_length` tokens (None: `prompt_length`)."""
         from ldm.conditioning.text import CLIPTextEncoder
 
         if self.text_encoder is None:
@@ -68,8 +82,8 @@ class SDComponents:
             raise ConfigError(f"{self.source} holds no tokenizer (a single file never does): set "
                               f"model.conditioner.tokenizer (tokenizer_path= in Python) to a CLIP tokenizer folder "
                               f"with vocab.json and merges.txt, e.g. a diffusers pipeline's tokenizer/")
-        return CLIPTextEncoder(max_length=max_length, layer=layer or self.clip_layer, trainable=trainable,
-                               transformer=self.text_encoder, tokenizer=self.tokenizer)
+        return CLIPTextEncoder(max_length=max_length or self.prompt_length, layer=layer or self.clip_layer,
+                               trainable=trainable, transformer=self.text_encoder, tokenizer=self.tokenizer)
 
 
 def load_tokenizer(path: str | Path, what: str = "tokenizer_path") -> Any:

@@ -147,6 +147,9 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
         parts.tokenizer = load_tokenizer(tokenizer_path)
     elif present("tokenizer"):
         parts.tokenizer = load_tokenizer(directory / "tokenizer", f"{directory}/tokenizer")
+    if parts.tokenizer is not None and parts.text_encoder is not None:  # diffusers pads prompts to model_max_length
+        if parts.tokenizer.model_max_length < parts.text_encoder.config.max_position_embeddings:
+            parts.max_length = parts.tokenizer.model_max_length
     return parts
 
 

@@ -7,6 +7,7 @@ place; the file goes through `ldm.io.atomic_open`. An existing destination is re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -76,8 +77,9 @@ def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
     """(transformers CLIPTextModel whose last_hidden_state is what the UNet was trained on, tokenizer).
 
     Args:
-        text_encoder: a transformers CLIPTextModel, or our `ldm.conditioning.text.CLIPTextEncoder` (its tokenizer
-            and layer are then used).
+        text_encoder: a transformers CLIPTextModel, or our `ldm.conditioning.text.CLIPTextEncoder` (its tokenizer,
+            layer and prompt length are then used: the tokenizer is a copy whose `model_max_length`, the length
+            diffusers pads prompts to, is the encoder's `max_length`).
         tokenizer: the tokenizer (taken from a CLIPTextEncoder when None).
         clip_layer: "last" or "penultimate"; a penultimate-layer model is exported without its last block, so that
             diffusers' last_hidden_state (final LayerNorm included) is the same tensor.
@@ -89,6 +91,9 @@ def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
         model = text_encoder.transformer
         tokenizer = text_encoder.tokenizer if tokenizer is None else tokenizer
         clip_layer = text_encoder.layer if clip_layer is None else clip_layer
+        if tokenizer is not None and tokenizer.model_max_length != text_encoder.max_length:
+            tokenizer = copy.deepcopy(tokenizer)  # note: the UNet saw max_length tokens; diffusers pads to this
+            tokenizer.model_max_length = text_encoder.max_length
     if type(model).__name__ != "CLIPTextModel":
         raise UnsupportedCheckpointError(f"text encoder {type(model).__name__} cannot be exported: only CLIP text "
                                          f"encoders (transformers CLIPTextModel) are portable to Stable Diffusion")
@@ -200,6 +205,8 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
             state.update({f"{text.SD1_PREFIX}{k}": v for k, v in text.flat_to_sd1(flat).items()})
         meta["text_encoder_config"] = {k: v for k, v in model.config.to_dict().items()
                                        if k in _CLIP_CONFIG_FIELDS}
+        if getattr(text_encoder, "max_length", None) is not None:  # our CLIPTextEncoder: the prompts' length
+            meta["max_length"] = text_encoder.max_length
     _save_safetensors(state, path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
     return path
 

@@ -91,6 +91,7 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
     layout = text.text_layout(state)
     if layout is not None:
         parts.text_encoder = _text_encoder_from_file(state, layout, meta, tokenizer_path)
+        parts.max_length = meta.get("max_length")  # written by save_single_file for shorter prompts than 77
     if tokenizer_path is not None:
         parts.tokenizer = load_tokenizer(tokenizer_path)
     if parts.unet_config is not None:

@@ -132,10 +132,9 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     if parts.autoencoder_state is None and not c.autoencoder_path:
         raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
     conditioner = c.conditioner
-    if parts.text_encoder is not None:  # prompts of as many tokens as the encoder has positions (SD: 77)
+    if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
         conditioner = dataclasses.replace(conditioner, kind="clip", name_or_path=str(c.init_from),
-                                          layer=parts.clip_layer, pooled=False,
-                                          max_length=parts.text_encoder.config.max_position_embeddings)
+                                          layer=parts.clip_layer, pooled=False, max_length=parts.prompt_length)
     diffusion = dataclasses.replace(c.diffusion, schedule=parts.schedule or c.diffusion.schedule,
                                     prediction=parts.prediction or c.diffusion.prediction)
     # the layout is the checkpoint's; how it trains (checkpointing, dropout) stays the config's
