@@ -8,7 +8,9 @@ behaviour could only be changed through private methods). It writes
 
   periodic    `step{step:07d}.ckpt` every `every_n_train_steps` steps, at the end of that step's batch;
   validation  the same file at the end of each validation instead, when `every_n_train_steps` is null (so the
-              checkpoint holds what that validation measured, e.g. the autoencoder's latent statistics);
+              checkpoint holds what that validation measured, e.g. the autoencoder's latent statistics); a
+              validation inside an accumulation group (its step's gradients half summed) saves at the end of the
+              batch that completes the step;
   epoch end   the same file at the end of each training epoch, with `save_on_train_epoch_end: true`;
   final step  `last.ckpt` at the end of the batch that reaches `trainer.max_steps` (or the last batch of the last
               epoch), while the fit loop still stands inside that epoch; Lightning's own end-of-run save comes later,
@@ -116,6 +118,8 @@ class Checkpoint(CheckpointBase):
         self.last_model_path = ""  # the newest last.ckpt written (ModelCheckpoint's attribute of that name)
         self.kept: list[str] = []  # periodic checkpoints written by this run (and its earlier segments), oldest first
         self._batch_start_step = -1  # global step when the current batch started (an optimizer step moves it)
+        self._stepped = True  # the last training batch ended with an optimizer step (not mid-accumulation)
+        self._validated = False  # a validation asked for a checkpoint, due at the next optimizer step
         self._last_step = -1  # global step of the newest last.ckpt this process wrote
 
     # -- when -------------------------------------------------------------------------------------------------------
@@ -135,10 +139,12 @@ class Checkpoint(CheckpointBase):
                            batch_idx: int) -> None:
         # note: counted before any save below, so a checkpoint includes its own step's batch
         self.samples_seen += extract_batch_size(batch) * trainer.world_size
-        if trainer.global_step == self._batch_start_step:
+        self._stepped = trainer.global_step != self._batch_start_step
+        if not self._stepped:
             return  # gradient accumulation: no optimizer step in this batch, so no step boundary either
         periodic = self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0
-        if periodic:
+        if periodic or self._validated:
+            self._validated = False
             self.save(trainer, periodic=True)
         elif self.save_last and self._final_batch(trainer):
             self.save(trainer, periodic=False)
@@ -146,7 +152,10 @@ class Checkpoint(CheckpointBase):
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_train_steps == 0 and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            self.save(trainer, periodic=True)
+            if self._stepped:
+                self.save(trainer, periodic=True)
+            else:  # a validation inside an accumulation group: its gradients so far are in no checkpoint
+                self._validated = True
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
