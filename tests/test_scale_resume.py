@@ -17,6 +17,7 @@ to FULL_STEPS in a fresh `train()` call, as a new process would. With data.batch
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -191,14 +192,23 @@ def test_autoencoder_auto_resume_with_gan_and_ema_is_exact(shapes_shards, tmp_pa
 
 
 def test_missing_last_resumes_from_the_newest_periodic_checkpoint(shapes_shards, tmp_path, single_torch_thread):
-    """auto_resume without last.ckpt (deleted, or never renamed into place) takes the newest step file."""
+    """auto_resume without last.ckpt (deleted, or never renamed into place) takes the newest step file; a copy of the
+    run directory resumes from its newest checkpoint whatever the copies' modification times."""
     out = tmp_path / "run"
     run(shapes_shards, out, 4, AUTOENCODER, every=3)  # step0000003.ckpt, last.ckpt at 4
     (out / "checkpoints" / "last.ckpt").unlink()
     resumed = run(shapes_shards, out, 5, AUTOENCODER, every=3)
     assert sorted(resumed) == [4, 5]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+    # Copied as `cp -r` does (new modification times, here the older checkpoint's the newest): the time stored in
+    # each checkpoint still says which is newest.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copy)
+    os.utime(copy / "checkpoints" / "step0000003.ckpt")
+    assert sorted(run(shapes_shards, copy, 6, AUTOENCODER, every=3)) == [6]
     shutil.rmtree(out)
+    shutil.rmtree(copy)
 
 
 @pytest.mark.slow

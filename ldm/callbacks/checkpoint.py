@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,9 @@ def link_or_copy(source: Path, target: Path) -> None:
 class Checkpoint(CheckpointBase):
     """Step-boundary checkpoints (see the module docstring for when each file is written).
 
-    Every checkpoint also carries, under "ldm", `run_info` (ldm-train sets the package version and resolved config)
-    and `samples_seen`: training samples consumed over all ranks, counted batch by batch (restored on resume).
+    Every checkpoint also carries, under "ldm", `run_info` (ldm-train sets the package version and resolved config),
+    `samples_seen`: training samples consumed over all ranks, counted batch by batch (restored on resume), and
+    `saved_at`: when it was written (Unix time).
 
     Args:
         dirpath: folder of the checkpoints; null: `<trainer.default_root_dir>/checkpoints`.
@@ -227,7 +229,8 @@ class Checkpoint(CheckpointBase):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ldm"] = {**(self.run_info or {}), "samples_seen": self.samples_seen}
+        # note: saved_at orders a run's checkpoints on resume (`ldm.cli.train.newest_checkpoint`); a copy keeps it
+        checkpoint["ldm"] = {**(self.run_info or {}), "samples_seen": self.samples_seen, "saved_at": time.time()}
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 
 from __future__ import annotations
 
+import pickle
 import signal
 import traceback
 import zipfile
@@ -89,13 +90,25 @@ def checkpoint_damage(path: Path) -> str | None:
     return None
 
 
+def saved_at(path: Path) -> float:
+    """When a checkpoint was written: the time stored inside it (`ldm.saved_at`, which a copy keeps), else (a
+    checkpoint of older code, or one unreadable) the file's modification time, which `cp -r` and most downloads reset.
+    Reads only the checkpoint's index: its tensors are memory-mapped, not read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return float(checkpoint["ldm"]["saved_at"])
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
+        return path.stat().st_mtime
+
+
 def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest intact checkpoint of a run by modification time (`last.ckpt` first among equals), so that a
-    `last.ckpt` older than the periodic ones (a run with `callbacks.checkpoint.save_last=false` after one stopped on a
-    signal) does not win; a damaged one is skipped for the next newest."""
+    """The newest intact checkpoint of a run by the time it was written (`saved_at`; `last.ckpt` first among equals),
+    so that a `last.ckpt` older than the periodic ones (a run with `callbacks.checkpoint.save_last=false` after one
+    stopped on a signal) does not win, and a run directory copied without its files' times resumes where it was; a
+    damaged one is skipped for the next newest."""
     last = checkpoint_dir / "last.ckpt"
     candidates = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p.is_file()),
-                        key=lambda p: (p.stat().st_mtime_ns, p == last), reverse=True)
+                        key=lambda p: (saved_at(p), p == last), reverse=True)
     damaged: list[Path] = []
     for path in candidates:
         damage = checkpoint_damage(path)
