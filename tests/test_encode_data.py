@@ -190,6 +190,19 @@ def test_ldm_train_refuses_latents_of_another_autoencoder(shapes_shards: Path, e
     assert not (out / "checkpoints" / "last.ckpt").exists()
 
 
+def test_ldm_train_refuses_stored_text_for_a_text_encoder_that_trains(shapes_shards: Path, encoded: Path,
+                                                                      tmp_path: Path):
+    """Shards holding the frozen encoder's text, a model without `model.conditioner.name_or_path` (a new byte encoder,
+    which trains): refused at start, naming the cause and the encoder to condition on."""
+    out = tmp_path / "run"
+    overrides = latent_run(shapes_shards, encoded, encoded / "ae", out, 2) + ["model.conditioner.name_or_path=null"]
+    result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "model.conditioner.name_or_path is null, so a new text encoder trains" in result.stderr
+    assert f"model.conditioner.name_or_path={encoded / 'text'}" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
 def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):
     """The autoencoder and the contrastive model train on images, and FID references and autoencoder evaluation read
     images: latent shards given to them stop the run with one message naming the manifest and the fix."""

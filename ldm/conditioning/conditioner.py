@@ -198,8 +198,9 @@ class TextConditioner(Conditioner):
         if "text_context" in batch:
             if self.trainable:
                 raise ConfigError("the batch carries precomputed text encodings (latent shards written with a text "
-                                  "encoder) but model.conditioner.trainable=true fine-tunes the encoder: encode the "
-                                  "shards without the text encoder, or set model.conditioner.trainable=false")
+                                  "encoder) but the model's text encoder trains (model.conditioner.trainable=true, or "
+                                  "a byte encoder without model.conditioner.name_or_path): encode the shards without "
+                                  "the text encoder, or condition on that frozen encoder")
             return EncodedText(batch["text_context"], batch.get("text_pooled"))
         return list(batch[caption_key])
 

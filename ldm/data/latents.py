@@ -174,7 +174,8 @@ def require_images(datamodule: Any, model: str) -> None:
 
 
 def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_path: str,
-                   key: str = "model.autoencoder_path", text_encoder_hash: str | None = None) -> None:
+                   key: str = "model.autoencoder_path", text_encoder_hash: str | None = None,
+                   text_encoder_trains: str | None = None) -> None:
     """Raise ConfigError unless `manifest` was encoded by the autoencoder (and text encoder) the model uses.
 
     Args:
@@ -184,6 +185,8 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
         key: the config key that set `autoencoder_path`.
         text_encoder_hash: `weights_hash` of the model's frozen text encoder, when the manifest holds text; None
             skips that check.
+        text_encoder_trains: why the model's text encoder trains (then stored text encodings cannot stand for
+            it), or None when it is frozen.
     """
     theirs = manifest.autoencoder
     if theirs["sha256"] != autoencoder_hash:
@@ -193,6 +196,14 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
                           f"autoencoder_path={autoencoder_path}, or set {key} to the autoencoder they were encoded "
                           f"with")
     text = manifest.text_encoder
+    if text is not None and text_encoder_trains is not None:
+        node = text["config"]
+        raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the frozen "
+                          f"{node.get('kind')} encoder {node.get('name_or_path')}, but {text_encoder_trains}: set "
+                          f"model.conditioner.kind={node.get('kind')} "
+                          f"model.conditioner.name_or_path={node.get('name_or_path')} "
+                          f"model.conditioner.trainable=false, or encode the shards without text (ldm-encode "
+                          f"text_encoder=null)")
     if text is not None and text_encoder_hash is not None and text["sha256"] != text_encoder_hash:
         raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by {text['config'].get('kind')} "
                           f"encoder {text['config'].get('name_or_path')} (sha256 {text['sha256']}), but the model's "

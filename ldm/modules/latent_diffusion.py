@@ -245,11 +245,15 @@ class LatentDiffusionModule(L.LightningModule):
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
             from ldm.data.latents import check_manifest, weights_hash
 
-            conditioner = self.pipeline.conditioner
+            conditioner, c = self.pipeline.conditioner, self.config.conditioner
             encoder = getattr(conditioner, "encoder", None)
             text_hash = weights_hash(encoder) if encoder is not None and not conditioner.trainable else None
+            trains = None if not (conditioner.uses_prompts and conditioner.trainable) else \
+                "model.conditioner.trainable=true fine-tunes it" if c.name_or_path else \
+                "model.conditioner.name_or_path is null, so a new text encoder trains"
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
-                           self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash)
+                           self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash,
+                           text_encoder_trains=trains)
 
     def configure_model(self) -> None:
         """Under `trainer=fsdp`, shard the UNet (one FSDP unit: its parameters, gradients and AdamW states split over
