@@ -63,7 +63,14 @@ CASES = [
          ("latin1.csv", "UTF-8")),
     Case("data-uncaptioned-folder", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "val_samples=1"),
          ("no caption", "allow_missing_captions=true")),
+    Case("data-holdout-everything", "ldm-data", ("source=shapes", "output_dir={tmp}/d_holdout", "num_samples=8",
+                                                 "holdout=[a]"), ("holdout=['a']", "nothing left")),
     # ldm-train: about five seconds each (torch and Lightning imports)
+    Case("train-paths-slurm-outside-slurm", "ldm-train", (*TRAIN, "paths=slurm"),
+         ("paths=slurm", "SLURM_JOB_ID", "paths=default")),
+    Case("train-negative-val-guidance", "ldm-train", (*TRAIN, "experiment=quickstart_ldm",
+                                                      "model.val_guidance_scale=-1"),
+         ("val_guidance_scale=-1",), slow=True),
     Case("train-max-steps-abc", "ldm-train", (*TRAIN, "trainer.max_steps=abc"), ("trainer.max_steps='abc'",)),
     Case("train-unknown-trainer-key", "ldm-train", (*TRAIN, "trainer.max_stepz=3"), ("max_stepz",), slow=True),
     Case("train-batch-size-zero", "ldm-train", (*TRAIN, "data.batch_size=0"), ("data.batch_size=0",), slow=True),
@@ -117,6 +124,8 @@ CASES = [
     Case("eval-zero-steps", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "num_steps=[0]"), ("num_steps=[0]",), slow=True),
     Case("eval-no-ckpt", "ldm-eval", EVAL, ("ckpt_path is required",), slow=True),
     Case("eval-bad-metric", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "metrics=[fd]"), ("metrics[]='fd'",), slow=True),
+    Case("eval-autoencoder-metric-as-metrics", "ldm-eval", (*EVAL, "ckpt_path={corrupt}", "metrics=[psnr,ssim]"),
+         ("metrics[]='psnr'", "reconstruction_metrics="), slow=True),
     Case("eval-missing-ckpt", "ldm-eval", (*EVAL, "ckpt_path={tmp}/none.ckpt"), ("ckpt_path=", "none.ckpt"), slow=True),
     Case("eval-corrupt-ckpt", "ldm-eval", (*EVAL, "ckpt_path={corrupt}"), ("ckpt_path=", "corrupt.ckpt"), slow=True),
 ]
@@ -148,7 +157,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    environ = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}  # the tests may run inside a SLURM job
+    return {**environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **extra}
 
 

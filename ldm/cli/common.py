@@ -204,10 +204,18 @@ def run_cli(name: str, task: Callable[[], T]) -> T:
 
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
-    group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
+    group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1; so does
+    `paths=slurm` outside a SLURM job, checked before Hydra."""
 
     @functools.wraps(hydra_main)
     def entry(*args: Any, **kwargs: Any) -> Any:
+        argv = sys.argv[1:]
+        if "paths=slurm" in argv and not os.environ.get("SLURM_JOB_ID") and not {"-m", "--multirun"} & set(argv):
+            # note: Hydra would fail naming the run directory and print a page of its own traceback
+            print(f"{Path(sys.argv[0]).name}: error: paths=slurm names the run directory after $SLURM_JOB_ID, which "
+                  f"only a SLURM job sets: submit it with sbatch (slurm/*.sbatch), or use paths=default (or "
+                  f"paths.output_dir=...) outside SLURM", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         try:
             return hydra_main(*args, **kwargs)
         except SystemExit as exit_:

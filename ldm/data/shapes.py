@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from ldm.config import ConfigError
 from ldm.seeding import fold_seed
 
 # Saturated foreground colours (HSV saturation >= 0.6), pairwise far apart in RGB; no achromatic colour here.
@@ -214,7 +215,8 @@ class ShapesDataset:
         indices, index = [], 0
         while len(indices) < self.num_samples:
             if index >= 100 * (self.num_samples + 10):
-                raise ValueError(f"holdout={self.holdout} removes nearly every caption: nothing left to draw")
+                raise ConfigError(f"holdout={self.holdout} removes nearly every caption: nothing left to draw; hold "
+                                  f"out whole prompts or rarer words")
             if not any(part in self._spec(index).caption for part in self.holdout):
                 indices.append(index)
             index += 1

@@ -96,6 +96,10 @@ class EvalConfig:
             raise ConfigError(f"prompts_file={self.prompts_file} is read only with prompts_source=file (now "
                               f"{self.prompts_source}); add prompts_source=file")
         for name in self.metrics:
+            if name in RECONSTRUCTION_METRICS:
+                raise ConfigError(f"metrics[]={name!r} is an autoencoder metric: autoencoder checkpoints take "
+                                  f"reconstruction_metrics={list(RECONSTRUCTION_METRICS)} (or a part of it); metrics "
+                                  f"are for latent diffusion checkpoints, one of {list(GENERATION_METRICS)}")
             check_choice("metrics[]", name, GENERATION_METRICS)
         for name in self.reconstruction_metrics:
             check_choice("reconstruction_metrics[]", name, RECONSTRUCTION_METRICS)

@@ -22,7 +22,7 @@ from torch.distributed.fsdp.wrap import wrap
 
 from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
-from ldm.config import ConfigError, asdict, check_choice, to_dataclass
+from ldm.config import ConfigError, asdict, check_choice, check_min, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
@@ -79,6 +79,8 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("val_sampler", self.val_sampler, SAMPLERS)
+        check_min(0, val_guidance_scale=self.val_guidance_scale)  # 1.0: the conditional model alone
+        check_min(1, val_num_steps=self.val_num_steps)
         check_optimizer_config(self)
         if self.init_prediction is not None:
             check_choice("init_prediction", self.init_prediction, PREDICTIONS)
