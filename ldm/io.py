@@ -113,6 +113,18 @@ def export_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckpt_path") -> None:
+    """Refuse `use_ema=false` for an export (or a run directory read through its export): an export holds only the
+    weights it was exported with, the EMA's when the run kept one; the raw ones are in the run's checkpoints."""
+    if not use_ema:
+        from ldm.config import ConfigError
+
+        run = Path(path).parent if Path(path).name == "export" else Path(path)
+        raise ConfigError(f"use_ema=false asks for the raw weights, but {key}={path} is read through an export, which "
+                          f"holds only the weights it was exported with (the EMA's when the run kept one): give a "
+                          f"checkpoint instead, e.g. {key}={run / 'checkpoints' / 'last.ckpt'}")
+
+
 def is_export(directory: Path) -> bool:
     return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
 

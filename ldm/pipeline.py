@@ -31,7 +31,15 @@ from ldm.conditioning.conditioner import UNetKwargs
 from ldm.config import ConfigError, to_dataclass
 from ldm.diffusion import Denoiser, NoiseSchedule, guided_denoiser, run_sampler
 from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
-from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, WEIGHTS_NAME, export_dir, read_export, save_export
+from ldm.io import (
+    CONFIG_NAME,
+    PIPELINE_FORMAT,
+    WEIGHTS_NAME,
+    check_export_weights,
+    export_dir,
+    read_export,
+    save_export,
+)
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator
@@ -251,11 +259,13 @@ class LatentDiffusionPipeline(nn.Module):
 
         Args:
             path: where the pipeline is.
-            use_ema: for a checkpoint, its EMA weights rather than the raw ones (an export holds EMA weights already).
+            use_ema: for a checkpoint, its EMA weights rather than the raw ones (an export holds EMA weights already;
+                false for a directory is refused, naming the checkpoint to give instead).
             key: the config key that named `path`, for errors.
         """
         path = Path(path).expanduser()
         if path.is_dir():
+            check_export_weights(path, use_ema, key)
             pipeline = cls._from_export(export_dir(path), key)
         elif path.is_file():
             pipeline = cls.from_checkpoint(load_checkpoint(path, key), str(path), use_ema, key)

@@ -49,6 +49,14 @@ def test_export_and_checkpoint_give_the_same_images(trained):
     assert raw.provenance["weights"] == "raw"
     assert any(not torch.equal(a, b) for a, b in zip(raw.unet.state_dict().values(),
                                                      from_ckpt.unet.state_dict().values()))
+    # an export holds the EMA weights only: asked for raw ones, the pipeline and ldm-eval's loader name the checkpoint
+    from ldm.eval.loading import load_model
+
+    for load in (lambda path: LatentDiffusionPipeline.from_pretrained(path, use_ema=False),
+                 lambda path: load_model(str(path), use_ema=False)):
+        for path in (export, export.parent):  # the export, and the run directory it is read through
+            with pytest.raises(ConfigError, match=f"use_ema=false .* ckpt_path={export.parent}/checkpoints/last.ckpt"):
+                load(path)
 
 
 def test_save_pretrained_round_trip_is_exact(trained, tmp_path: Path):
