@@ -114,15 +114,25 @@ def export_dir(path: str | os.PathLike) -> Path:
 
 
 def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckpt_path") -> None:
-    """Refuse `use_ema=false` for an export (or a run directory read through its export): an export holds only the
-    weights it was exported with, the EMA's when the run kept one; the raw ones are in the run's checkpoints."""
-    if not use_ema:
-        from ldm.config import ConfigError
+    """Refuse `use_ema=false` for a directory read through an export of EMA weights: an export holds only the weights
+    it was exported with, as its config.json records (`training.weights`: "ema" when the run kept an EMA, "raw"
+    otherwise; an export without the record counts as EMA); the raw ones are in the run's checkpoints."""
+    if use_ema or not Path(path).is_dir():
+        return
+    directory = export_dir(path)
+    try:
+        weights = (json.loads((directory / CONFIG_NAME).read_text()).get("training") or {}).get("weights", "ema")
+    except (OSError, ValueError, AttributeError):
+        return  # not an export: its loader names the problem
+    if weights == "raw":
+        return
+    from ldm.config import ConfigError
 
-        run = Path(path).parent if Path(path).name == "export" else Path(path)
-        raise ConfigError(f"use_ema=false asks for the raw weights, but {key}={path} is read through an export, which "
-                          f"holds only the weights it was exported with (the EMA's when the run kept one): give a "
-                          f"checkpoint instead, e.g. {key}={run / 'checkpoints' / 'last.ckpt'}")
+    last = directory.parent / "checkpoints" / "last.ckpt"
+    instead = f"e.g. {key}={last}" if directory.name == "export" and last.is_file() else \
+        "a checkpoint of the run that wrote it (<run>/checkpoints/last.ckpt)"
+    raise ConfigError(f"use_ema=false asks for the raw weights, but {key}={path} is read through an export of the "
+                      f"EMA weights, which holds no others: give a checkpoint instead, {instead}")
 
 
 def is_export(directory: Path) -> bool:

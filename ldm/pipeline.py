@@ -238,12 +238,14 @@ class LatentDiffusionPipeline(nn.Module):
 
         Args:
             directory: created if missing.
-            training: what training records beside the config (step, validation shards), read back as provenance.
+            training: what training records beside the config (step, weights "ema" | "raw", validation shards), read
+                back as provenance.
         """
         directory = Path(directory)
         config = self.config()
         config["conditioner"].update(self.conditioner.save_external(directory))
-        config["training"] = training or {k: v for k, v in self.provenance.items() if k in ("step", "val_shards")}
+        config["training"] = training or {k: v for k, v in self.provenance.items()
+                                          if k in ("step", "weights", "val_shards")}
         return save_export(directory, config, {k: v for k, v in self.state_dict().items()
                                                if not k.startswith(self._external_weights())})
 
@@ -259,8 +261,8 @@ class LatentDiffusionPipeline(nn.Module):
 
         Args:
             path: where the pipeline is.
-            use_ema: for a checkpoint, its EMA weights rather than the raw ones (an export holds EMA weights already;
-                false for a directory is refused, naming the checkpoint to give instead).
+            use_ema: for a checkpoint, its EMA weights rather than the raw ones (an export holds the weights it was
+                exported with: false is refused for an export of EMA weights, naming the checkpoint to give instead).
             key: the config key that named `path`, for errors.
         """
         path = Path(path).expanduser()
@@ -292,8 +294,8 @@ class LatentDiffusionPipeline(nn.Module):
             raise CheckpointError(f"{key}={directory}: weights do not match config.json (missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]})")
         training = config.get("training") or {}
-        pipeline.provenance = {"source": str(directory), "step": training.get("step", -1), "weights": "ema",
-                               "val_shards": training.get("val_shards")}
+        pipeline.provenance = {"source": str(directory), "step": training.get("step", -1),
+                               "weights": training.get("weights", "ema"), "val_shards": training.get("val_shards")}
         return pipeline
 
     @classmethod

@@ -4,6 +4,7 @@ loss on images and on precomputed posterior moments, and loading that never exec
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,14 +50,22 @@ def test_export_and_checkpoint_give_the_same_images(trained):
     assert raw.provenance["weights"] == "raw"
     assert any(not torch.equal(a, b) for a, b in zip(raw.unet.state_dict().values(),
                                                      from_ckpt.unet.state_dict().values()))
-    # an export holds the EMA weights only: asked for raw ones, the pipeline and ldm-eval's loader name the checkpoint
+    # an export holds the EMA weights only: asked for raw ones, the pipeline and ldm-eval's loader name a checkpoint
     from ldm.eval.loading import load_model
 
+    assert from_export.provenance["weights"] == "ema"
     for load in (lambda path: LatentDiffusionPipeline.from_pretrained(path, use_ema=False),
                  lambda path: load_model(str(path), use_ema=False)):
         for path in (export, export.parent):  # the export, and the run directory it is read through
-            with pytest.raises(ConfigError, match=f"use_ema=false .* ckpt_path={export.parent}/checkpoints/last.ckpt"):
+            with pytest.raises(ConfigError, match=r"use_ema=false .* a checkpoint of the run that wrote it"):
                 load(path)
+    (export.parent / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy(ckpt, export.parent / "checkpoints" / "last.ckpt")  # now there is one to name
+    with pytest.raises(ConfigError, match=f"ckpt_path={export.parent}/checkpoints/last.ckpt"):
+        LatentDiffusionPipeline.from_pretrained(export, use_ema=False)
+    # an export of a run without an EMA holds its raw weights: use_ema=false is what it is
+    raw_export = raw.save_pretrained(export.parent / "raw_export")
+    assert LatentDiffusionPipeline.from_pretrained(raw_export, use_ema=False).provenance["weights"] == "raw"
 
 
 def test_save_pretrained_round_trip_is_exact(trained, tmp_path: Path):
@@ -170,6 +179,10 @@ def test_ldm_eval_runs_on_an_export_with_the_training_val_shards(trained, tmp_pa
     assert rows[0]["prompts"] and 0.0 <= rows[0]["shapes_color_accuracy"] <= 1.0
     with pytest.raises(ConfigError, match=r"num_steps=5000 must lie in \[1, 1000\]"):
         evaluate({**options, "num_steps": [5000]})
+    with pytest.raises(ConfigError, match="use_ema=false"):  # before the checkpoint listed first is evaluated
+        evaluate({**options, "ckpt_path": [str(ckpt), str(tmp_path / "with_shards")], "use_ema": False,
+                  "output_dir": str(tmp_path / "eval_raw")})
+    assert not (tmp_path / "eval_raw" / "results.jsonl").exists()
     pipeline.provenance["val_shards"] = "runs/elsewhere/val-*.tar"  # relative, as exports before this fix kept it
     pipeline.save_pretrained(tmp_path / "moved")
     with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained "

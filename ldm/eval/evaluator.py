@@ -42,6 +42,7 @@ from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_s
 from ldm.eval.results import WandbTable, append_results, print_row
 from ldm.eval.sources import iter_image_batches, load_prompts, shard_labels
 from ldm.images import to_uint8
+from ldm.io import check_export_weights
 
 
 @dataclass
@@ -337,6 +338,8 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
     `<output_dir>/results.jsonl`. Every rank returns the same rows; rank 0 alone writes files, prints and logs."""
     config = to_dataclass(EvalConfig, cfg)
     paths = resolve_checkpoints(config.ckpt_path)
+    for path in paths:  # before any model is read
+        check_export_weights(path, config.use_ema)
     evaluator = Evaluator(config)
     logger = WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
     rows: list[dict[str, Any]] = []
