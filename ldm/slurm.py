@@ -13,7 +13,8 @@ half-finished step, so the resumed run would not match the uninterrupted one. He
 the end of the training batch the ranks agree on it (any rank signalled -> all act), save through the checkpoint
 callback (atomic `last.ckpt`), rank 0 requeues when asked to, and the trainer stops. The requeued job keeps its
 SLURM_JOB_ID, so `paths=slurm` puts it in the same run directory, `auto_resume` picks up `last.ckpt` there, and the
-W&B id derived from that directory continues the same W&B run.
+W&B id derived from that directory continues the same W&B run. A signal acted on at the run's last step stops
+nothing: the run finishes as usual (a requeued job would find nothing left to train and skip the final evaluation).
 
 The sbatch scripts in slurm/ ask for the signal with `#SBATCH --signal=USR1@120` (sent to every task of the step);
 the submitit launcher (hydra/launcher=slurm) is told to send USR1 too, instead of its own USR2, so submitit's
@@ -36,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ldm.callbacks.checkpoint import Checkpoint, run_halted
+from ldm.callbacks.step_boundary import StepBoundary, final_batch
 
 
 def slurm_job_id() -> str | None:
@@ -59,7 +61,7 @@ def requeue_job(job_id: str) -> bool:
     return True
 
 
-class SlurmRequeue(L.Callback):
+class SlurmRequeue(StepBoundary):
     """Save `last.ckpt` at the end of the current step on USR1, TERM or INT, then stop; requeue on USR1 under SLURM.
 
     Args:
@@ -76,7 +78,6 @@ class SlurmRequeue(L.Callback):
         self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
         self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
         self._active = False  # handlers installed and fit running
-        self._batch_start_step = -1  # global step when the current batch started
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
@@ -148,19 +149,17 @@ class SlurmRequeue(L.Callback):
         self._restore()  # note: Lightning skips the teardown hooks when fit raises
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._batch_start_step = trainer.global_step
-
-    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.stopped or trainer.global_step == self._batch_start_step:
+        if self.stopped or not self.stepped(trainer):
             return  # note: mid-accumulation the gradients so far would not reach the checkpoint; wait for the step
         # every rank takes part in this reduction each step, so they all act at the same step
         if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False) or run_halted(trainer):
             return
         received = self._received or self.signum  # the signal reached another rank only
+        if final_batch(trainer):  # nothing left to train: the run ends as usual (last.ckpt, final evaluation, export)
+            rank_zero_info(f"{received.name} at the run's last step ({trainer.global_step}): finishing, not stopping")
+            return
         path = self._save(trainer)
         self.stopped = True
         trainer.should_stop = True

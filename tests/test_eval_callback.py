@@ -55,9 +55,10 @@ class StopSignal(L.Callback):
 
 def test_no_final_fid_after_a_stop_signal_and_no_fid_for_a_model_that_does_not_generate(tmp_path: Path,
                                                                                           shapes_shards: Path):
-    """A stopped run leaves at once (SLURM's warning leaves no time for 1000 samples); the resumed run evaluates at its
-    end. A model without `eval_pipeline` is refused at setup, not when the first evaluation is due."""
-    callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=2, num_samples=4, batch_size=4,
+    """A stopped run leaves at once (SLURM's warning leaves no time for 1000 samples), also when an evaluation is due
+    at the step it stops at; the resumed run evaluates at its end. A model without `eval_pipeline` is refused at
+    setup, not when the first evaluation is due."""
+    callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=1, num_samples=4, batch_size=4,
                            cache_dir=str(tmp_path / "cache"), feature_dim=64,
                            feature_extractor_weights_path=str(random_inception_weights(tmp_path / "inc.pt")),
                            num_steps=2)
@@ -66,7 +67,7 @@ def test_no_final_fid_after_a_stop_signal_and_no_fid_for_a_model_that_does_not_g
     options = {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_progress_bar": False,
                "enable_model_summary": False, "enable_checkpointing": False, "limit_val_batches": 0,
                "default_root_dir": tmp_path}
-    trainer = L.Trainer(**options, callbacks=[callback, StopSignal()])
+    trainer = L.Trainer(**options, callbacks=[StopSignal(), callback])  # as ldm.slurm's callback comes before it
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     assert trainer.global_step == 1 and "val/fid_4" not in trainer.callback_metrics
 
@@ -83,6 +84,31 @@ def test_no_final_fid_after_a_stop_signal_and_no_fid_for_a_model_that_does_not_g
 
     with pytest.raises(ConfigError, match=r"callbacks\.fid: NoGeneration does not generate images"):
         L.Trainer(**options, callbacks=[callback]).fit(NoGeneration(), train_dataloaders=DataLoader(data))
+
+
+def test_fid_runs_once_per_optimizer_step_under_accumulation_also_after_a_resume(tmp_path: Path,
+                                                                               shapes_shards: Path):
+    """With 2 accumulated batches per step and an evaluation every step: one per step, at the batch that steps; a run
+    resumed from step 2 does not evaluate step 2 again at its first micro-batch."""
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    weights = random_inception_weights(tmp_path / "inc.pt")
+    data = DataLoader([{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}] * 8, batch_size=None)
+
+    def fit(name: str, max_steps: int, ckpt_path: Path | None = None) -> list[int]:
+        callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=1, num_samples=4, batch_size=4,
+                               cache_dir=str(tmp_path / "cache"), feature_dim=64,
+                               feature_extractor_weights_path=str(weights), num_steps=2)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, log_every_n_steps=1,
+                            logger=CSVLogger(tmp_path, name=name, version=""), enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            default_root_dir=tmp_path, callbacks=[callback])
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
+        with open(tmp_path / name / "metrics.csv") as f:
+            return [int(row["step"]) for row in csv.DictReader(f) if row.get("val/fid_4")]
+
+    assert fit("first", 2) == [1, 2]
+    assert fit("resumed", 3, tmp_path / "first.ckpt") == [3]
 
 
 def test_fid_callback_config_composes_beside_the_defaults():

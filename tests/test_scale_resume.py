@@ -10,7 +10,7 @@ to FULL_STEPS in a fresh `train()` call, as a new process would. With data.batch
   end_of_run     last.ckpt of a run with max_steps=3, off the checkpoint interval (2): the issue-16 bug
   epoch_end_run  last.ckpt of a run with max_steps=4: the end of the run is the end of an epoch
   epoch_end      step0000004.ckpt written at the end of the training epoch (save_on_train_epoch_end)
-  sigusr1, sigterm, sigint   a signal during step 2: last.ckpt at the end of step 2, then the run stops
+  sigusr1, sigterm, sigint   a signal during step 3: last.ckpt at the end of step 3, then the run stops
   torn_last      after a kill: last.ckpt cut short and a checkpoint temp file left; auto-resume takes the newest
                  intact checkpoint (step 4), removes the temp file, and writes no `-v1` duplicate
 """
@@ -24,7 +24,14 @@ from typing import Any
 
 import pytest
 import torch
-from scale_helpers import compose_train, load_json, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
+from scale_helpers import (
+    compose_train,
+    fake_scontrol,
+    load_json,
+    tiny_autoencoder_export,
+    tiny_ldm_overrides,
+    tiny_overrides,
+)
 
 from ldm.cli.train import train
 
@@ -98,12 +105,12 @@ def stop_epoch_end(shards, out, full, extra):
 
 
 def _stop_on(signal_name: str):
-    def stop(shards, out, full, extra):
+    def stop(shards, out, full, extra):  # during step 3, off the checkpoint interval (2): last.ckpt is the signal's
         steps = run(shards, out, FULL_STEPS, extra + [
-            "+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=1",
+            "+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=2",
             f"+callbacks.signal.signal_name={signal_name}"])
-        assert sorted(steps) == [1, 2], f"{signal_name} did not stop the run after step 2: {sorted(steps)}"
-        return None, 2
+        assert sorted(steps) == [1, 2, 3], f"{signal_name} did not stop the run after step 3: {sorted(steps)}"
+        return None, 3
     return stop
 
 
@@ -209,6 +216,19 @@ def test_missing_last_resumes_from_the_newest_periodic_checkpoint(shapes_shards,
     assert sorted(run(shapes_shards, copy, 6, AUTOENCODER, every=3)) == [6]
     shutil.rmtree(out)
     shutil.rmtree(copy)
+
+
+def test_a_signal_at_the_last_step_lets_the_run_finish(shapes_shards, tmp_path, monkeypatch, single_torch_thread):
+    """SIGUSR1 (SLURM's time-limit warning) during the run's last step: nothing is left to train, so the job is not
+    requeued (a requeued job would skip its final evaluation) and the run ends as usual."""
+    bin_dir, log = fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    out = tmp_path / "run"
+    steps = run(shapes_shards, out, 3, AUTOENCODER + ["+callbacks.signal._target_=scale_helpers.SignalAtStep",
+                                                      "+callbacks.signal.step=2"])
+    assert sorted(steps) == [1, 2, 3] and not log.exists(), "requeued a finished run"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 @pytest.mark.slow

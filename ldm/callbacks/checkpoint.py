@@ -40,6 +40,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
+from ldm.callbacks.step_boundary import StepBoundary, final_batch
 from ldm.config import ConfigError
 from ldm.io import atomic_open
 
@@ -83,7 +84,7 @@ def link_or_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-class Checkpoint(CheckpointBase):
+class Checkpoint(StepBoundary, CheckpointBase):
     """Step-boundary checkpoints (see the module docstring for when each file is written).
 
     Every checkpoint also carries, under "ldm", `run_info` (ldm-train sets the package version and resolved config),
@@ -119,8 +120,6 @@ class Checkpoint(CheckpointBase):
         self.samples_seen = 0
         self.last_model_path = ""  # the newest last.ckpt written (ModelCheckpoint's attribute of that name)
         self.kept: list[str] = []  # periodic checkpoints written by this run (and its earlier segments), oldest first
-        self._batch_start_step = -1  # global step when the current batch started (an optimizer step moves it)
-        self._stepped = True  # the last training batch ended with an optimizer step (not mid-accumulation)
         self._validated = False  # a validation asked for a checkpoint, due at the next optimizer step
         self._last_step = -1  # global step of the newest last.ckpt this process wrote
 
@@ -134,27 +133,27 @@ class Checkpoint(CheckpointBase):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._batch_start_step = trainer.global_step
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        # note: counted before the batch's end, so a checkpoint written then by any callback (Lightning runs this
+        # one after the others; ldm.slurm saves on a signal through it) includes its own step's batch
+        self.samples_seen += extract_batch_size(batch) * trainer.world_size
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # note: counted before any save below, so a checkpoint includes its own step's batch
-        self.samples_seen += extract_batch_size(batch) * trainer.world_size
-        self._stepped = trainer.global_step != self._batch_start_step
-        if not self._stepped:
+        if not self.stepped(trainer):
             return  # gradient accumulation: no optimizer step in this batch, so no step boundary either
         periodic = self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0
         if periodic or self._validated:
             self._validated = False
             self.save(trainer, periodic=True)
-        elif self.save_last and self._final_batch(trainer):
+        elif self.save_last and final_batch(trainer):
             self.save(trainer, periodic=False)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_train_steps == 0 and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            if self._stepped:
+            if self.stepped(trainer):
                 self.save(trainer, periodic=True)
             else:  # a validation inside an accumulation group: its gradients so far are in no checkpoint
                 self._validated = True
@@ -170,15 +169,6 @@ class Checkpoint(CheckpointBase):
         # still reaches last.ckpt.
         if self.save_last and not self._last_is_current(trainer):
             self.save(trainer, periodic=False)
-
-    @staticmethod
-    def _final_batch(trainer: L.Trainer) -> bool:
-        """This batch ends the run: it reached max_steps, or it is the last batch of the last epoch."""
-        if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
-            return True
-        max_epochs = trainer.max_epochs
-        return (max_epochs is not None and max_epochs >= 0 and trainer.is_last_batch
-                and trainer.current_epoch + 1 >= max_epochs)
 
     def _last_is_current(self, trainer: L.Trainer) -> bool:
         return self._last_step == trainer.global_step

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ldm.callbacks.checkpoint import run_halted, run_stopped
+from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
 from ldm.config import ConfigError, check_choice
 from ldm.data.shardlist import local_shards
@@ -34,7 +35,7 @@ from ldm.eval.sources import load_prompts, shard_labels
 from ldm.images import to_uint8
 
 
-class FIDCallback(L.Callback):
+class FIDCallback(StepBoundary):
     """Logs `val/fid_<N>` (and `val/clip_score_<N>` for text-conditioned runs with `clip_model` set).
 
     Args:
@@ -108,6 +109,8 @@ class FIDCallback(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        if not self.stepped(trainer) or run_halted(trainer) or run_stopped(trainer):
+            return  # mid-accumulation (the step's evaluation comes at its last batch), or stopping on a signal
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, pl_module)
 

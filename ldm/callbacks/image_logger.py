@@ -16,13 +16,14 @@ import torchvision
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
+from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
 from ldm.images import make_grid
 
 log = logging.getLogger(__name__)
 
 
-class ImageLogger(L.Callback):
+class ImageLogger(StepBoundary):
     """Calls `pl_module.log_images(batch)` on rank zero (on every rank under FSDP) every `every_n_steps` optimizer
     steps and on the first validation batch. A grid that fails (out of memory, a full disk) is a warning: the run goes
     on.
@@ -40,7 +41,6 @@ class ImageLogger(L.Callback):
         self.every_n_steps = every_n_steps
         self.log_on_validation = log_on_validation
         self.nrow = nrow
-        self._step_before = -1
 
     def log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
         """Write (and send to W&B) the grids of `batch`; a failure is logged as a warning, not raised."""
@@ -77,14 +77,9 @@ class ImageLogger(L.Callback):
                 logger.log_image(key=f"{split}/images", images=[g.permute(1, 2, 0).numpy() for g in grids.values()],
                                  caption=list(grids), step=step)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._step_before = trainer.global_step
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stepped = trainer.global_step != self._step_before  # not mid-accumulation
-        if self.every_n_steps > 0 and stepped and trainer.global_step % self.every_n_steps == 0:
+        if self.every_n_steps > 0 and self.stepped(trainer) and trainer.global_step % self.every_n_steps == 0:
             self.log_batch(trainer, pl_module, batch, "train")
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -32,6 +32,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
+from ldm.callbacks.step_boundary import StepBoundary
+
 log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s by compute dtype, per device name fragment (lower case; the first fragment found in
@@ -101,7 +103,7 @@ def paused(trainer: L.Trainer) -> Iterator[None]:
                 callback.exclude(time.perf_counter() - start)
 
 
-class Throughput(L.Callback):
+class Throughput(StepBoundary):
     """Log images/s, data wait, FLOP/s, MFU and peak memory every `trainer.log_every_n_steps` optimizer steps and
     once at the end of training (rank 0; see the module docstring).
 
@@ -149,9 +151,9 @@ class Throughput(L.Callback):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         now = time.perf_counter()
         self._wait += now - self._ready
-        self._step_before = trainer.global_step
         if self.count_flops and self.flops_per_batch is None and self._counter is None and trainer.global_step == 0:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
@@ -165,7 +167,7 @@ class Throughput(L.Callback):
             self._counter = None
         self._batches += 1
         self._samples += batch_size_of(batch)
-        if trainer.global_step != self._step_before:  # an optimizer step happened (not mid-accumulation)
+        if self.stepped(trainer):  # not mid-accumulation
             self._steps += 1
             if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # on schedule after a resume too
                 try:

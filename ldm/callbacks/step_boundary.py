@@ -1,0 +1,40 @@
+"""Callbacks that act once per optimizer step, not once per batch.
+
+Lightning calls `on_train_batch_start` / `on_train_batch_end` for every batch, which under gradient accumulation
+(`trainer.accumulate_grad_batches` > 1) means every micro-batch, while `trainer.global_step` moves only at the batch
+that steps the optimizer (the last of each group, and the last batch of an epoch). A checkpoint, a stop on a signal,
+a sample grid or an FID evaluation between the two would see half-summed gradients or repeat itself at one step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from typing_extensions import override
+
+
+class StepBoundary(L.Callback):
+    """A callback that needs to know, in `on_train_batch_end`, whether this batch ended with an optimizer step
+    (`stepped`). A subclass that overrides `on_train_batch_start` calls this one's."""
+
+    _step_at_batch_start = -1  # global step when the current batch started
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        """The current (or, during validation, the last) training batch ended with an optimizer step."""
+        return trainer.global_step != self._step_at_batch_start
+
+
+def final_batch(trainer: L.Trainer) -> bool:
+    """The batch that just ended is the run's last: it reached `trainer.max_steps`, or it is the last batch of the
+    last epoch."""
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    return (max_epochs is not None and max_epochs >= 0 and trainer.is_last_batch
+            and trainer.current_epoch + 1 >= max_epochs)
