@@ -267,17 +267,17 @@ def test_resume_applies_the_configs_optimizer_settings(shapes_shards, tmp_path, 
 
 def test_a_validation_inside_an_accumulation_group_checkpoints_at_its_step(shapes_shards, ldm_root,
                                                                            single_torch_thread):
-    """`trainer.val_check_interval` counts optimizer steps; with 3 accumulated batches and 4-batch epochs (each
-    epoch ends on a partial group) Lightning's batch count still puts validations 2 and 3 inside groups. Their
+    """`trainer.val_check_interval` counts batches (Lightning's); with 3 accumulated batches and 4-batch epochs (each
+    epoch ends on a partial group) validation every 3 batches falls inside a group at validations 2 and 3. Their
     checkpoints wait for the batch that steps, so resuming from one equals the uninterrupted run."""
     extra = tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null", "trainer.accumulate_grad_batches=3",
                                                    "callbacks.checkpoint.every_n_train_steps=null"]
-    full = run(shapes_shards, ldm_root / "validation_accumulate", FULL_STEPS, extra, every=1)
+    full = run(shapes_shards, ldm_root / "validation_accumulate", FULL_STEPS, extra, every=3)
     checkpoints = ldm_root / "validation_accumulate" / "checkpoints"
     # validations after batches 3, 6, 9, 12 (steps end after batches 3, 4, 7, 8, 11, 12)
     assert sorted(p.name for p in checkpoints.glob("step*.ckpt")) == [f"step000000{s}.ckpt" for s in (1, 3, 5, 6)]
     out = ldm_root / "validation_accumulate_resumed"
-    resumed = run(shapes_shards, out, FULL_STEPS, extra + [f"ckpt_path={checkpoints / 'step0000003.ckpt'}"], every=1)
+    resumed = run(shapes_shards, out, FULL_STEPS, extra + [f"ckpt_path={checkpoints / 'step0000003.ckpt'}"], every=3)
     assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == full[s] for s in resumed)
     assert_same_checkpoint(checkpoints / "last.ckpt", out / "checkpoints" / "last.ckpt", FULL_STEPS,
                            samples_per_step=2 * 16)  # 12 batches of 16 in 6 steps

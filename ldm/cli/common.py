@@ -268,7 +268,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
     if trainer.get("val_check_interval") == 0:  # Lightning would divide by it
-        raise ConfigError("trainer.val_check_interval=0 must be > 0: optimizer steps between validations, or a "
+        raise ConfigError("trainer.val_check_interval=0 must be > 0: training batches between validations, or a "
                           "fraction of an epoch")
     module = get_class(model_target) if model_target else None
     for key, instead in getattr(module, "unsupported_trainer_args", {}).items():

@@ -299,14 +299,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     The progress bar is the `callbacks.progress` entry: with it nulled (or `trainer.enable_progress_bar=false`) the run
     has none, where Lightning would add its default rich bar, redrawn up to 100 times a second (10% of a 2-thread CPU
     step in the quickstart; benchmarks/RESULTS.md). Without loggers (`logger=none`, `debug=fast_dev_run`) the
-    learning-rate monitor, which Lightning refuses then, is left out. An integer `trainer.val_check_interval`
-    counts optimizer steps, as every other interval of the configs does (`callbacks.checkpoint.every_n_train_steps`,
-    the FID callback's `every_n_steps`): Lightning, which counts training batches, gets it times
-    `trainer.accumulate_grad_batches`.
+    learning-rate monitor, which Lightning refuses then, is left out.
     """
-    interval, accumulate = cfg.trainer.get("val_check_interval"), cfg.trainer.get("accumulate_grad_batches") or 1
-    if isinstance(interval, int) and not isinstance(interval, bool) and accumulate > 1:
-        overrides.setdefault("val_check_interval", interval * accumulate)
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     if not loggers:
