@@ -126,6 +126,21 @@ def test_resume_takes_the_newest_checkpoint_even_over_last_and_checks_every_byte
     assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000004.ckpt")
 
 
+def test_resume_orders_checkpoints_by_the_time_stored_inside_them(tmp_path):
+    """A run directory copied with `cp -r` gets new modification times in copy order; the time each checkpoint stores
+    (`ldm.saved_at`) still names the newest, and checkpoints of older code (no stored time, here copied last) count
+    as older than any that stores one: the run was continued past the upgrade."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    files = {"step0000002.ckpt": None, "step0000004.ckpt": 40.0, "last.ckpt": 60.0, "step0000006.ckpt": 60.0}
+    for mtime, (name, stored) in enumerate(reversed(files.items())):  # the newest copied first
+        torch.save({"global_step": 0, **({"ldm": {"saved_at": stored}} if stored else {})}, directory / name)
+        os.utime(directory / name, (100 + mtime, 100 + mtime))
+    assert resolve_ckpt_path("last", tmp_path) == str(directory / "last.ckpt")  # last.ckpt first among equals
+    (directory / "last.ckpt").unlink()
+    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000006.ckpt")
+
+
 def test_leftover_temp_files_are_removed(tmp_path):
     directory = tmp_path / "checkpoints"
     directory.mkdir()

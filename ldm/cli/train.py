@@ -90,15 +90,17 @@ def checkpoint_damage(path: Path) -> str | None:
     return None
 
 
-def saved_at(path: Path) -> float:
-    """When a checkpoint was written: the time stored inside it (`ldm.saved_at`, which a copy keeps), else (a
-    checkpoint of older code, or one unreadable) the file's modification time, which `cp -r` and most downloads reset.
-    Reads only the checkpoint's index: its tensors are memory-mapped, not read."""
+def saved_at(path: Path) -> tuple[bool, float]:
+    """When a checkpoint was written, for ordering a run's checkpoints: (True, the time stored inside it as
+    `ldm.saved_at`, which a copy keeps), else (False, the file's modification time), for checkpoints of older code
+    or unreadable ones; those all count as older than any that stores its time (a run continued past an upgrade),
+    since `cp -r` and most downloads reset modification times. Reads only the checkpoint's index: its tensors are
+    memory-mapped, not read."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return float(checkpoint["ldm"]["saved_at"])
+        return True, float(checkpoint["ldm"]["saved_at"])
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
-        return path.stat().st_mtime
+        return False, path.stat().st_mtime
 
 
 def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -108,7 +110,7 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
     damaged one is skipped for the next newest."""
     last = checkpoint_dir / "last.ckpt"
     candidates = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p.is_file()),
-                        key=lambda p: (saved_at(p), p == last), reverse=True)
+                        key=lambda p: (*saved_at(p), p == last), reverse=True)
     damaged: list[Path] = []
     for path in candidates:
         damage = checkpoint_damage(path)
