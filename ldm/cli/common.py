@@ -68,6 +68,18 @@ def sqlite_url(path: str) -> str:
 
 OmegaConf.register_new_resolver("sqlite_url", sqlite_url, replace=True)
 
+NO_SLURM_JOB = "no-SLURM_JOB_ID"  # stands in for the job id outside a SLURM job; ldm-train refuses to run there
+
+
+def slurm_job_id() -> str:
+    """$SLURM_JOB_ID (`paths=slurm` names the run directory after it), or `NO_SLURM_JOB` outside a SLURM job:
+    resolved while Hydra makes the run directory, where a missing variable would end in a page of Hydra's traceback;
+    `resolve_output_dir` names the mistake instead."""
+    return os.environ.get("SLURM_JOB_ID") or NO_SLURM_JOB
+
+
+OmegaConf.register_new_resolver("slurm_job_id", slurm_job_id, replace=True)
+
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
     """Fix `paths.output_dir` for this process and create it.
@@ -80,6 +92,10 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN or int(os.environ.get("LOCAL_RANK", 0)) > 0:
             out = hc.runtime.output_dir
+    if NO_SLURM_JOB in str(out):
+        raise ConfigError(f"paths=slurm names the run directory after $SLURM_JOB_ID, which only a SLURM job sets "
+                          f"(here it would be {out}): submit it with sbatch (slurm/*.sbatch), or use paths=default "
+                          f"(or paths.output_dir=...) outside SLURM")
     out = Path(out).absolute()
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
@@ -204,18 +220,10 @@ def run_cli(name: str, task: Callable[[], T]) -> T:
 
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
-    group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1; so does
-    `paths=slurm` outside a SLURM job, checked before Hydra."""
+    group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
 
     @functools.wraps(hydra_main)
     def entry(*args: Any, **kwargs: Any) -> Any:
-        argv = sys.argv[1:]
-        if "paths=slurm" in argv and not os.environ.get("SLURM_JOB_ID") and not {"-m", "--multirun"} & set(argv):
-            # note: Hydra would fail naming the run directory and print a page of its own traceback
-            print(f"{Path(sys.argv[0]).name}: error: paths=slurm names the run directory after $SLURM_JOB_ID, which "
-                  f"only a SLURM job sets: submit it with sbatch (slurm/*.sbatch), or use paths=default (or "
-                  f"paths.output_dir=...) outside SLURM", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
         try:
             return hydra_main(*args, **kwargs)
         except SystemExit as exit_:
