@@ -114,18 +114,19 @@ def export_dir(path: str | os.PathLike) -> Path:
 
 
 def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckpt_path") -> None:
-    """Refuse `use_ema=false` for a directory read through an export of EMA weights: an export holds only the weights
-    it was exported with, as its config.json records (`training.weights`: "ema" when the run kept an EMA, "raw"
-    otherwise; an export without the record counts as EMA); the raw ones are in the run's checkpoints."""
+    """Refuse `use_ema=false` for a directory read through a pipeline export of EMA weights: an export holds only the
+    weights it was exported with, as its config.json records (`training.weights`: "ema" when the run kept an EMA,
+    "raw" otherwise; an export without the record counts as EMA); the raw ones are in the run's checkpoints."""
     if use_ema or not Path(path).is_dir():
         return
     directory = export_dir(path)
     try:
-        weights = (json.loads((directory / CONFIG_NAME).read_text()).get("training") or {}).get("weights", "ema")
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        weights = (config.get("training") or {}).get("weights", "ema")
     except (OSError, ValueError, AttributeError):
         return  # not an export: its loader names the problem
-    if weights == "raw":
-        return
+    if weights == "raw" or config.get("format") != PIPELINE_FORMAT:
+        return  # note: an autoencoder export does not record its weights (its config.json is the network's)
     from ldm.config import ConfigError
 
     last = directory.parent / "checkpoints" / "last.ckpt"

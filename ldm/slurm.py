@@ -14,7 +14,8 @@ the end of the training batch the ranks agree on it (any rank signalled -> all a
 callback (atomic `last.ckpt`), rank 0 requeues when asked to, and the trainer stops. The requeued job keeps its
 SLURM_JOB_ID, so `paths=slurm` puts it in the same run directory, `auto_resume` picks up `last.ckpt` there, and the
 W&B id derived from that directory continues the same W&B run. A signal acted on at the run's last step stops
-nothing: the run finishes as usual (a requeued job would find nothing left to train and skip the final evaluation).
+nothing: `last.ckpt` is written (also with `save_last: false`) and the run finishes as usual (a requeued job would
+find nothing left to train and skip the final evaluation).
 
 The sbatch scripts in slurm/ ask for the signal with `#SBATCH --signal=USR1@120` (sent to every task of the step);
 the submitit launcher (hydra/launcher=slurm) is told to send USR1 too, instead of its own USR2, so submitit's
@@ -45,7 +46,7 @@ def slurm_job_id() -> str | None:
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and array_task:
         return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID")
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def requeue_job(job_id: str) -> bool:
@@ -157,8 +158,12 @@ class SlurmRequeue(StepBoundary):
         if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False) or run_halted(trainer):
             return
         received = self._received or self.signum  # the signal reached another rank only
-        if final_batch(trainer):  # nothing left to train: the run ends as usual (last.ckpt, final evaluation, export)
-            rank_zero_info(f"{received.name} at the run's last step ({trainer.global_step}): finishing, not stopping")
+        if final_batch(trainer):  # nothing left to train: the run ends as usual (final evaluation, export)
+            callback = trainer.checkpoint_callback
+            if not (isinstance(callback, Checkpoint) and callback.save_last):  # which writes last.ckpt now itself
+                self._save(trainer)
+            rank_zero_info(f"{received.name} at the run's last step ({trainer.global_step}): last.ckpt holds it; "
+                           f"finishing, not stopping")
             return
         path = self._save(trainer)
         self.stopped = True

@@ -203,6 +203,12 @@ def test_bad_input_ends_with_one_message(case: Case, request: pytest.FixtureRequ
         assert "CONFIG" not in result.stdout, "the mistake is reported before the config tree is printed"
 
 
+def test_paths_slurm_outside_slurm_leaves_no_run_directory(fast_results, files: dict[str, str]):
+    """Hydra makes the run directory before ldm-train can refuse it; the refusal takes it away again."""
+    assert fast_results["train-paths-slurm-outside-slurm"].returncode == 2
+    assert not list((Path(files["tmp"]) / "runs").glob("*/slurm-*"))
+
+
 def test_traceback_on_request(files: dict[str, str]):
     """HYDRA_FULL_ERROR=1 adds the traceback; the status and the message stay."""
     result = subprocess.run([str(BIN / "ldm-data"), "source=folder", f"output_dir={files['tmp']}/tb",

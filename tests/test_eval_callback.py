@@ -111,6 +111,30 @@ def test_fid_runs_once_per_optimizer_step_under_accumulation_also_after_a_resume
     assert fit("resumed", 3, tmp_path / "first.ckpt") == [3]
 
 
+def test_an_evaluation_skipped_by_a_stop_signal_runs_when_the_run_resumes(tmp_path: Path, shapes_shards: Path):
+    """A stop signal at a step whose FID is due skips it (and the signal's checkpoint is written before the FID's
+    turn); the resumed run evaluates that step at its start, so the curve keeps every point."""
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    weights = random_inception_weights(tmp_path / "inc.pt")
+    data = DataLoader([{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}] * 4, batch_size=None)
+
+    def fit(name: str, max_steps: int, stop: bool, ckpt_path: Path | None = None) -> list[int]:
+        fid = FIDCallback(val_shards=str(shapes_shards), every_n_steps=1, num_samples=4, batch_size=4,
+                          cache_dir=str(tmp_path / "cache"), feature_dim=64,
+                          feature_extractor_weights_path=str(weights), num_steps=2)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, log_every_n_steps=1,
+                            logger=CSVLogger(tmp_path, name=name, version=""), enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            default_root_dir=tmp_path, callbacks=[StopSignal(), fid] if stop else [fid])
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
+        with open(tmp_path / name / "metrics.csv") as f:
+            return [int(row["step"]) for row in csv.DictReader(f) if row.get("val/fid_4")]
+
+    assert fit("stopped", 3, stop=True) == []  # stopped at step 1, its evaluation skipped
+    assert fit("resumed", 2, stop=False, ckpt_path=tmp_path / "stopped.ckpt") == [1, 2]
+
+
 def test_fid_callback_config_composes_beside_the_defaults():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["callbacks=[default,fid]", "paths.output_dir=/tmp/x"])

@@ -173,6 +173,8 @@ def test_slurm_job_id(monkeypatch):
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(key, raising=False)
     assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "")  # set but empty: no job to requeue
+    assert slurm_job_id() is None
     monkeypatch.setenv("SLURM_JOB_ID", "101")
     assert slurm_job_id() == "101"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")

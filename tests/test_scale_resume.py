@@ -218,15 +218,19 @@ def test_missing_last_resumes_from_the_newest_periodic_checkpoint(shapes_shards,
     shutil.rmtree(copy)
 
 
-def test_a_signal_at_the_last_step_lets_the_run_finish(shapes_shards, tmp_path, monkeypatch, single_torch_thread):
+@pytest.mark.parametrize("save_last", [True, False])
+def test_a_signal_at_the_last_step_lets_the_run_finish(shapes_shards, tmp_path, monkeypatch, save_last,
+                                                       single_torch_thread):
     """SIGUSR1 (SLURM's time-limit warning) during the run's last step: nothing is left to train, so the job is not
-    requeued (a requeued job would skip its final evaluation) and the run ends as usual."""
+    requeued (a requeued job would skip its final evaluation) and the run ends as usual, its last step in last.ckpt
+    even with save_last=false (the time limit may cut the final evaluation and export short)."""
     bin_dir, log = fake_scontrol(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     out = tmp_path / "run"
     steps = run(shapes_shards, out, 3, AUTOENCODER + ["+callbacks.signal._target_=scale_helpers.SignalAtStep",
-                                                      "+callbacks.signal.step=2"])
+                                                      "+callbacks.signal.step=2",
+                                                      f"callbacks.checkpoint.save_last={save_last}"])
     assert sorted(steps) == [1, 2, 3] and not log.exists(), "requeued a finished run"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 

@@ -106,6 +106,19 @@ class FIDCallback(StepBoundary):
             clip = clip_loader(self.clip_model, key="callbacks.fid.clip_model")()
             self._clip = lambda: clip
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from a checkpoint written on a stop signal at a step whose evaluation was due (the signal's
+        # save comes before this callback's turn at that step, and the stopped run skips it): evaluate it now.
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}  # the step of the newest evaluation
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step

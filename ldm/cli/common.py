@@ -13,8 +13,10 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import logging
 import os
 import re
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.config import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2  # the command line or a file it names is wrong: fix it and run again
 EXIT_FAILURE = 1     # the run itself failed
@@ -71,14 +74,14 @@ OmegaConf.register_new_resolver("sqlite_url", sqlite_url, replace=True)
 NO_SLURM_JOB = "no-SLURM_JOB_ID"  # stands in for the job id outside a SLURM job; ldm-train refuses to run there
 
 
-def slurm_job_id() -> str:
+def job_id_or_sentinel() -> str:
     """$SLURM_JOB_ID (`paths=slurm` names the run directory after it), or `NO_SLURM_JOB` outside a SLURM job:
     resolved while Hydra makes the run directory, where a missing variable would end in a page of Hydra's traceback;
     `resolve_output_dir` names the mistake instead."""
     return os.environ.get("SLURM_JOB_ID") or NO_SLURM_JOB
 
 
-OmegaConf.register_new_resolver("slurm_job_id", slurm_job_id, replace=True)
+OmegaConf.register_new_resolver("slurm_job_id", job_id_or_sentinel, replace=True)
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -92,7 +95,14 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN or int(os.environ.get("LOCAL_RANK", 0)) > 0:
             out = hc.runtime.output_dir
+        if hc.mode == RunMode.MULTIRUN and hc.runtime.choices.get("paths") == "slurm":
+            log.warning("paths=slurm in a multirun (-m): each job runs in its sweep directory %s, not in one named "
+                        "after the SLURM job, so a requeued sbatch script starts a new sweep instead of resuming; "
+                        "run one configuration per sbatch job, or sweep with hydra/launcher=slurm", out)
     if NO_SLURM_JOB in str(out):
+        made = Path(out)  # Hydra made it for this run (its .hydra/ and log): nothing of the user's goes
+        if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
+            shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(f"paths=slurm names the run directory after $SLURM_JOB_ID, which only a SLURM job sets "
                           f"(here it would be {out}): submit it with sbatch (slurm/*.sbatch), or use paths=default "
                           f"(or paths.output_dir=...) outside SLURM")
