@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,8 +126,13 @@ def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckp
         weights = (config.get("training") or {}).get("weights", "ema")
     except (OSError, ValueError, AttributeError):
         return  # not an export: its loader names the problem
-    if weights == "raw" or config.get("format") != PIPELINE_FORMAT:
-        return  # note: an autoencoder export does not record its weights (its config.json is the network's)
+    if weights == "raw":
+        return
+    if config.get("format") != PIPELINE_FORMAT:  # an autoencoder's config.json is the network's: no record
+        warnings.warn(f"use_ema=false: {key}={path} is read through an autoencoder export, which holds the weights it "
+                      f"was exported with (the EMA's when the run kept one); for the raw ones give a checkpoint "
+                      f"(<run>/checkpoints/last.ckpt)", stacklevel=2)
+        return
     from ldm.config import ConfigError
 
     last = directory.parent / "checkpoints" / "last.ckpt"

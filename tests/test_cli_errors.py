@@ -66,8 +66,8 @@ CASES = [
     Case("data-holdout-everything", "ldm-data", ("source=shapes", "output_dir={tmp}/d_holdout", "num_samples=8",
                                                  "holdout=[a]"), ("holdout=['a']", "nothing left")),
     # ldm-train: about five seconds each (torch and Lightning imports)
-    Case("train-paths-slurm-outside-slurm", "ldm-train",  # the run directory is named after $SLURM_JOB_ID
-         (*(a for a in TRAIN if not a.startswith("paths.")), "paths=slurm", "paths.runs_dir={tmp}/runs"),
+    Case("train-paths-slurm-outside-slurm", "ldm-train",  # the run directory is named after $SLURM_JOB_ID; first
+         (*(a for a in TRAIN if not a.startswith("paths.")), "paths=slurm", "paths.runs_dir={tmp}/runs", "seed=abc"),
          ("paths=slurm", "SLURM_JOB_ID", "paths=default")),
     Case("train-negative-val-guidance", "ldm-train", (*TRAIN, "experiment=quickstart_ldm",
                                                       "model.val_guidance_scale=-1"),

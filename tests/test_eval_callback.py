@@ -133,6 +133,15 @@ def test_an_evaluation_skipped_by_a_stop_signal_runs_when_the_run_resumes(tmp_pa
 
     assert fit("stopped", 3, stop=True) == []  # stopped at step 1, its evaluation skipped
     assert fit("resumed", 2, stop=False, ckpt_path=tmp_path / "stopped.ckpt") == [1, 2]
+    # a checkpoint of older code holds no FID state: whether its step was evaluated is unknown, so not again
+    old = torch.load(tmp_path / "stopped.ckpt", weights_only=True)
+    old["callbacks"] = {k: v for k, v in old["callbacks"].items() if not k.startswith("FIDCallback")}
+    torch.save(old, tmp_path / "old.ckpt")
+    assert fit("old", 2, stop=False, ckpt_path=tmp_path / "old.ckpt") == [2]
+    # two FID callbacks (a frequent small one, a rare large one) keep their own states
+    keys = {FIDCallback(val_shards=str(shapes_shards), every_n_steps=n, num_samples=k).state_key
+            for n, k in ((1, 4), (10, 1000))}
+    assert len(keys) == 2
 
 
 def test_fid_callback_config_composes_beside_the_defaults():

@@ -86,6 +86,7 @@ class FIDCallback(StepBoundary):
         self._prompts: list[str] | None = None
         self._labels: list[int] | None = None
         self._last_step = -1
+        self._restored = False  # its state came from a checkpoint
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail at start, not after hours of training: a model that generates, loadable weights, readable shards.
@@ -109,15 +110,22 @@ class FIDCallback(StepBoundary):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from a checkpoint written on a stop signal at a step whose evaluation was due (the signal's
         # save comes before this callback's turn at that step, and the stopped run skips it): evaluate it now.
+        # note: a checkpoint of older code holds no state, so whether its step was evaluated is not known: not again
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if self._restored and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, pl_module)
+
+    @property
+    def state_key(self) -> str:
+        """One per configuration: several FID callbacks (a frequent small one, a rare large one) keep their own."""
+        return f"{type(self).__name__}{{'every_n_steps': {self.every_n_steps}, 'num_samples': {self.num_samples}}}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step}  # the step of the newest evaluation
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
+        self._restored = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

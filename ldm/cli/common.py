@@ -84,6 +84,19 @@ def job_id_or_sentinel() -> str:
 OmegaConf.register_new_resolver("slurm_job_id", job_id_or_sentinel, replace=True)
 
 
+def check_slurm_run_directory(output_dir: str | Path) -> None:
+    """Refuse a run directory named after a missing $SLURM_JOB_ID (`paths=slurm` outside a SLURM job), and remove it
+    when Hydra made it for this run alone (its .hydra/ and log): nothing of the user's goes."""
+    if NO_SLURM_JOB not in str(output_dir):
+        return
+    made = Path(output_dir)
+    if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
+        shutil.rmtree(made, ignore_errors=True)
+    raise ConfigError(f"paths=slurm names the run directory after $SLURM_JOB_ID, which only a SLURM job sets (here "
+                      f"it would be {output_dir}): submit it with sbatch (slurm/*.sbatch), or use paths=default (or "
+                      f"paths.output_dir=...) outside SLURM")
+
+
 def resolve_output_dir(cfg: DictConfig) -> Path:
     """Fix `paths.output_dir` for this process and create it.
 
@@ -95,17 +108,11 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN or int(os.environ.get("LOCAL_RANK", 0)) > 0:
             out = hc.runtime.output_dir
-        if hc.mode == RunMode.MULTIRUN and hc.runtime.choices.get("paths") == "slurm":
+        if hc.mode == RunMode.MULTIRUN and str(hc.runtime.choices.get("paths")).removesuffix(".yaml") == "slurm":
             log.warning("paths=slurm in a multirun (-m): each job runs in its sweep directory %s, not in one named "
                         "after the SLURM job, so a requeued sbatch script starts a new sweep instead of resuming; "
                         "run one configuration per sbatch job, or sweep with hydra/launcher=slurm", out)
-    if NO_SLURM_JOB in str(out):
-        made = Path(out)  # Hydra made it for this run (its .hydra/ and log): nothing of the user's goes
-        if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
-            shutil.rmtree(made, ignore_errors=True)
-        raise ConfigError(f"paths=slurm names the run directory after $SLURM_JOB_ID, which only a SLURM job sets "
-                          f"(here it would be {out}): submit it with sbatch (slurm/*.sbatch), or use paths=default "
-                          f"(or paths.output_dir=...) outside SLURM")
+    check_slurm_run_directory(out)
     out = Path(out).absolute()
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)

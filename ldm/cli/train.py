@@ -40,6 +40,7 @@ from ldm.checkpoints import load_checkpoint
 from ldm.cli.common import (
     CONF_DIR,
     check_nodes,
+    check_slurm_run_directory,
     check_trainer,
     cli_entry,
     config_error_in,
@@ -409,6 +410,8 @@ def main(cfg: DictConfig) -> float | None:
     metric_name = cfg.get("optimized_metric")
 
     def run() -> float | None:
+        if not is_multirun():  # first: the other checks' mistakes would leave Hydra's run directory behind
+            check_slurm_run_directory(cfg.paths.output_dir)
         if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
             raise configs.ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
         check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
