@@ -129,9 +129,10 @@ def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckp
     if weights == "raw":
         return
     if config.get("format") != PIPELINE_FORMAT:  # an autoencoder's config.json is the network's: no record
-        warnings.warn(f"use_ema=false: {key}={path} is read through an autoencoder export, which holds the weights it "
-                      f"was exported with (the EMA's when the run kept one); for the raw ones give a checkpoint "
-                      f"(<run>/checkpoints/last.ckpt)", stacklevel=2)
+        if export_kind(config).startswith("an autoencoder"):  # other kinds: their loader refuses them
+            warnings.warn(f"use_ema=false: {key}={path} is read through an autoencoder export, which holds the "
+                          f"weights it was exported with (the EMA's when the run kept one); for the raw ones give a "
+                          f"checkpoint (<run>/checkpoints/last.ckpt)", stacklevel=2)
         return
     from ldm.config import ConfigError
 

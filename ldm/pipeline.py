@@ -267,8 +267,7 @@ class LatentDiffusionPipeline(nn.Module):
         """
         path = Path(path).expanduser()
         if path.is_dir():
-            check_export_weights(path, use_ema, key)
-            pipeline = cls._from_export(export_dir(path), key)
+            pipeline = cls._from_export(export_dir(path), key, use_ema)
         elif path.is_file():
             pipeline = cls.from_checkpoint(load_checkpoint(path, key), str(path), use_ema, key)
         else:
@@ -278,7 +277,7 @@ class LatentDiffusionPipeline(nn.Module):
         return pipeline.eval().requires_grad_(False)
 
     @classmethod
-    def _from_export(cls, directory: Path, key: str) -> LatentDiffusionPipeline:
+    def _from_export(cls, directory: Path, key: str, use_ema: bool = True) -> LatentDiffusionPipeline:
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"{key}={directory} holds no pipeline export ({CONFIG_NAME} and {WEIGHTS_NAME}); "
                                   f"give an export directory (<run>/export) or a checkpoint")
@@ -287,6 +286,7 @@ class LatentDiffusionPipeline(nn.Module):
             raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export (its {CONFIG_NAME} "
                                   f"has format={config.get('format')!r}; an autoencoder export goes to "
                                   f"model.autoencoder_path instead)")
+        check_export_weights(directory, use_ema, key)
         pipeline = cls.from_config(config, base_dir=directory)
         missing, unexpected = pipeline.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(pipeline._external_weights())]

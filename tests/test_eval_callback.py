@@ -138,10 +138,10 @@ def test_an_evaluation_skipped_by_a_stop_signal_runs_when_the_run_resumes(tmp_pa
     old["callbacks"] = {k: v for k, v in old["callbacks"].items() if not k.startswith("FIDCallback")}
     torch.save(old, tmp_path / "old.ckpt")
     assert fit("old", 2, stop=False, ckpt_path=tmp_path / "old.ckpt") == [2]
-    # two FID callbacks (a frequent small one, a rare large one) keep their own states
-    keys = {FIDCallback(val_shards=str(shapes_shards), every_n_steps=n, num_samples=k).state_key
-            for n, k in ((1, 4), (10, 1000))}
-    assert len(keys) == 2
+    # two FID callbacks (a frequent small one, a rare large one) keep their own states, one per curve
+    keys = [FIDCallback(val_shards=str(shapes_shards), every_n_steps=n, num_samples=k).state_key
+            for n, k in ((1, 4), (10, 1000), (5, 4))]
+    assert keys[0] != keys[1] and keys[0] == keys[2]
 
 
 def test_fid_callback_config_composes_beside_the_defaults():

@@ -117,8 +117,9 @@ class FIDCallback(StepBoundary):
 
     @property
     def state_key(self) -> str:
-        """One per configuration: several FID callbacks (a frequent small one, a rare large one) keep their own."""
-        return f"{type(self).__name__}{{'every_n_steps': {self.every_n_steps}, 'num_samples': {self.num_samples}}}"
+        """One per curve, `val/fid_<num_samples>`: several FID callbacks (a frequent small one, a rare large one) keep
+        their own states, and a run resumed with another `every_n_steps` keeps its curve's."""
+        return f"{type(self).__name__}{{'num_samples': {self.num_samples}}}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step}  # the step of the newest evaluation

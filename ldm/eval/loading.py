@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
-from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, check_export_weights, export_dir
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir
 
 KINDS = ("autoencoder", "latent_diffusion")
 
@@ -53,8 +53,7 @@ def load_model(path: str, use_ema: bool = True) -> EvalModel:
     from ldm.pipeline import LatentDiffusionPipeline
 
     source, directory = Path(path), None
-    if source.is_dir():
-        check_export_weights(source, use_ema)
+    if source.is_dir():  # note: ldm.eval.evaluator.evaluate checks use_ema against every export up front
         directory = export_dir(source)
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointError(f"ckpt_path={path} is a directory without an export ({CONFIG_NAME}); give an export "
