@@ -244,8 +244,8 @@ class LatentDiffusionPipeline(nn.Module):
         directory = Path(directory)
         config = self.config()
         config["conditioner"].update(self.conditioner.save_external(directory))
-        config["training"] = training or {k: v for k, v in self.provenance.items()
-                                          if k in ("step", "weights", "val_shards")}
+        config["training"] = training or {**{k: v for k, v in self.provenance.items() if k in ("step", "val_shards")},
+                                          "weights": self.provenance.get("weights", "raw")}
         return save_export(directory, config, {k: v for k, v in self.state_dict().items()
                                                if not k.startswith(self._external_weights())})
 

@@ -14,8 +14,9 @@ the end of the training batch the ranks agree on it (any rank signalled -> all a
 callback (atomic `last.ckpt`), rank 0 requeues when asked to, and the trainer stops. The requeued job keeps its
 SLURM_JOB_ID, so `paths=slurm` puts it in the same run directory, `auto_resume` picks up `last.ckpt` there, and the
 W&B id derived from that directory continues the same W&B run. A signal acted on at the run's last step stops
-nothing: `last.ckpt` is written (also with `save_last: false`) and the run finishes as usual (a requeued job would
-find nothing left to train and skip the final evaluation).
+nothing: `last.ckpt` is written (also with `save_last: false`) and the run finishes with its export, but without the
+FID callback's final evaluation, which the time left may not hold; no requeue (the requeued job would find nothing
+left to train).
 
 The sbatch scripts in slurm/ ask for the signal with `#SBATCH --signal=USR1@120` (sent to every task of the step);
 the submitit launcher (hydra/launcher=slurm) is told to send USR1 too, instead of its own USR2, so submitit's
@@ -64,6 +65,8 @@ def requeue_job(job_id: str) -> bool:
 
 class SlurmRequeue(StepBoundary):
     """Save `last.ckpt` at the end of the current step on USR1, TERM or INT, then stop; requeue on USR1 under SLURM.
+    At the run's last step: save, no requeue, and the run ends as usual but for its final evaluation (see the module
+    docstring).
 
     Args:
         signal_name: the signal SLURM sends before the time limit (`#SBATCH --signal=USR1@120` -> "USR1").
@@ -75,7 +78,7 @@ class SlurmRequeue(StepBoundary):
         self.requeue = requeue
         self.job_id: str | None = None
         self.requeued = False
-        self.stopped = False  # saved on a signal and asked the trainer to stop
+        self.stopped = False  # saved on a signal (and, before the last step, asked the trainer to stop)
         self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
         self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
         self._active = False  # handlers installed and fit running
@@ -158,12 +161,13 @@ class SlurmRequeue(StepBoundary):
         if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False) or run_halted(trainer):
             return
         received = self._received or self.signum  # the signal reached another rank only
-        if final_batch(trainer):  # nothing left to train: the run ends as usual (final evaluation, export)
+        if final_batch(trainer):  # nothing left to train: the run ends (export), without its final evaluation
             callback = trainer.checkpoint_callback
             if not (isinstance(callback, Checkpoint) and callback.save_last):  # which writes last.ckpt now itself
                 self._save(trainer)
+            self.stopped = True  # note: callbacks skip what the time left cannot hold (the FID callback's last one)
             rank_zero_info(f"{received.name} at the run's last step ({trainer.global_step}): last.ckpt holds it; "
-                           f"finishing, not stopping")
+                           f"finishing without the final evaluation (ldm-eval the export), no requeue")
             return
         path = self._save(trainer)
         self.stopped = True

@@ -198,9 +198,22 @@ def test_ldm_train_refuses_stored_text_for_a_text_encoder_that_trains(shapes_sha
     overrides = latent_run(shapes_shards, encoded, encoded / "ae", out, 2) + ["model.conditioner.name_or_path=null"]
     result = run_cli(overrides, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "model.conditioner.name_or_path is null, so a new text encoder trains" in result.stderr
+    assert "model.conditioner.name_or_path is null, so a new byte encoder trains" in result.stderr
     assert f"model.conditioner.name_or_path={encoded / 'text'}" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_stored_text_of_the_default_clip_names_no_path(encoded: Path):
+    """Text encoded by `{kind: clip}` (name_or_path null: CLIP's default) and a model fine-tuning its encoder: the
+    message blames trainable=true and suggests no `name_or_path=None` (which Hydra would read as the string)."""
+    manifest = latents.read_manifest(encoded / "train" / latents.MANIFEST_NAME)
+    manifest.text_encoder["config"] = {"kind": "clip", "name_or_path": None}
+    with pytest.raises(ConfigError) as error:
+        latents.check_manifest(manifest, manifest.autoencoder["sha256"], "ae",
+                               text_encoder_trains="model.conditioner.trainable=true fine-tunes it")
+    assert "frozen clip encoder (its default), but model.conditioner.trainable=true fine-tunes it: set " \
+           "model.conditioner.kind=clip model.conditioner.trainable=false" in str(error.value)
+    assert "None" not in str(error.value)
 
 
 def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):

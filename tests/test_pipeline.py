@@ -65,6 +65,13 @@ def test_export_and_checkpoint_give_the_same_images(trained):
         LatentDiffusionPipeline.from_pretrained(export, use_ema=False)
     with pytest.warns(UserWarning, match="autoencoder export, which holds the weights it was exported with"):
         check_export_weights(export.parent / "ae", use_ema=False)  # it records no weights: a warning, not an error
+    # saved from Python: the EMA pipeline is labelled so, the training one raw
+    with pytest.raises(ConfigError, match="use_ema=false"):
+        LatentDiffusionPipeline.from_pretrained(module.eval_pipeline().save_pretrained(export.parent / "py_ema"),
+                                                use_ema=False)
+    from_python = LatentDiffusionPipeline.from_pretrained(module.pipeline.save_pretrained(export.parent / "py_raw"),
+                                                          use_ema=False)
+    assert from_python.provenance["weights"] == "raw"
     # an export of a run without an EMA holds its raw weights: use_ema=false is what it is
     raw_export = raw.save_pretrained(export.parent / "raw_export")
     assert LatentDiffusionPipeline.from_pretrained(raw_export, use_ema=False).provenance["weights"] == "raw"

@@ -36,7 +36,7 @@ class ExportConfig:
     ckpt_path: str = ""          # required: a latent diffusion checkpoint, export directory or run directory
     format: str = "diffusers"    # diffusers (a folder) | single_file (output_dir/model.safetensors, original layout)
     output_dir: str = ""         # required
-    use_ema: bool = True         # a checkpoint's EMA weights (false: the raw ones); an export holds EMA weights
+    use_ema: bool = True         # a checkpoint's EMA weights (false: the raw ones); an export its own
     overwrite: bool = False      # replace an existing output
 
     def __post_init__(self) -> None:

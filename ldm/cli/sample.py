@@ -52,7 +52,7 @@ class SampleConfig:
     batch_size: int = 8                        # images per forward pass; results do not depend on it
     output_dir: str = ""                       # required: PNGs, grid.png and sample.json go here
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
-    use_ema: bool = True                       # a .ckpt's EMA weights (false: the raw ones); exports hold EMA
+    use_ema: bool = True                       # a .ckpt's EMA weights (false: the raw ones); an export its own
     image_size: int | None = None              # pixels; null: the resolution the model was trained at
 
     def __post_init__(self) -> None:

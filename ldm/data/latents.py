@@ -197,12 +197,11 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
                           f"with")
     text = manifest.text_encoder
     if text is not None and text_encoder_trains is not None:
-        node = text["config"]
-        raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the frozen "
-                          f"{node.get('kind')} encoder {node.get('name_or_path')}, but {text_encoder_trains}: set "
-                          f"model.conditioner.kind={node.get('kind')} "
-                          f"model.conditioner.name_or_path={node.get('name_or_path')} "
-                          f"model.conditioner.trainable=false, or encode the shards without text (ldm-encode "
+        kind, path = text["config"].get("kind"), text["config"].get("name_or_path")
+        named = f"model.conditioner.name_or_path={path} " if path else ""  # null: the kind's default (CLIP's)
+        raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the frozen {kind} encoder "
+                          f"{path or '(its default)'}, but {text_encoder_trains}: set model.conditioner.kind={kind} "
+                          f"{named}model.conditioner.trainable=false, or encode the shards without text (ldm-encode "
                           f"text_encoder=null)")
     if text is not None and text_encoder_hash is not None and text["sha256"] != text_encoder_hash:
         raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by {text['config'].get('kind')} "

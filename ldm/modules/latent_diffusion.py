@@ -234,7 +234,9 @@ class LatentDiffusionModule(L.LightningModule):
         if not use_ema or self.ema is None:
             return self.pipeline
         conditioner = self.ema_conditioner.module if self.ema_conditioner is not None else None
-        return self.pipeline.replace(unet=self.ema.module, conditioner=conditioner)
+        pipeline = self.pipeline.replace(unet=self.ema.module, conditioner=conditioner)
+        pipeline.provenance["weights"] = "ema"  # what its save_pretrained records
+        return pipeline
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -251,8 +253,8 @@ class LatentDiffusionModule(L.LightningModule):
             encoder = getattr(conditioner, "encoder", None)
             text_hash = weights_hash(encoder) if encoder is not None and not conditioner.trainable else None
             trains = None if not (conditioner.uses_prompts and conditioner.trainable) else \
-                "model.conditioner.trainable=true fine-tunes it" if c.name_or_path else \
-                "model.conditioner.name_or_path is null, so a new text encoder trains"
+                "model.conditioner.name_or_path is null, so a new byte encoder trains" \
+                if c.kind == "byte" and not c.name_or_path else "model.conditioner.trainable=true fine-tunes it"
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
                            self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash,
                            text_encoder_trains=trains)
