@@ -238,14 +238,15 @@ class LatentDiffusionPipeline(nn.Module):
 
         Args:
             directory: created if missing.
-            training: what training records beside the config (step, weights "ema" | "raw", validation shards), read
-                back as provenance.
+            training: what training records beside the config (step, validation shards; default: this pipeline's
+                provenance's), read back as provenance. Which weights it holds ("ema" for an EMA copy, else "raw")
+                is always this pipeline's own record.
         """
         directory = Path(directory)
         config = self.config()
         config["conditioner"].update(self.conditioner.save_external(directory))
-        config["training"] = training or {**{k: v for k, v in self.provenance.items() if k in ("step", "val_shards")},
-                                          "weights": self.provenance.get("weights", "raw")}
+        recorded = training or {k: v for k, v in self.provenance.items() if k in ("step", "val_shards")}
+        config["training"] = {**recorded, "weights": self.provenance.get("weights", "raw")}
         return save_export(directory, config, {k: v for k, v in self.state_dict().items()
                                                if not k.startswith(self._external_weights())})
 

@@ -376,8 +376,7 @@ class LatentDiffusionModule(L.LightningModule):
                 return
             datamodule_config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
             val_shards = getattr(datamodule_config, "val_shards", None)  # absolute: ldm-eval may run elsewhere
-            training = {"step": self.global_step, "weights": "raw" if self.ema is None else "ema",
-                        "val_shards": val_shards and absolute_spec(val_shards)}
+            training = {"step": self.global_step, "val_shards": val_shards and absolute_spec(val_shards)}
             directory = pipeline.replace(unet=unet).save_pretrained(
                 Path(self.trainer.default_root_dir) / "export", training=training)
         rank_zero_info(f"pipeline exported to {directory} (load with "
