@@ -8,7 +8,9 @@ and the evaluator alike, so a 16-bit PNG or a transparent logo looks the same ev
 - float greys (`F`) are taken as [0, 1] when every value lies there, else as [0, 255], and clipped;
 - transparency (`RGBA`, `LA`, `PA`, premultiplied `RGBa` / `La`, a palette or colour key with `transparency`) is
   composited over ALPHA_BACKGROUND, white, the usual page behind a transparent image;
-- everything else (`1`, `L`, `P`, `CMYK`, `YCbCr`, `HSV`, `LAB`, 8-bit `RGB`) goes through Pillow's conversion.
+- everything else (`1`, `L`, `P`, `CMYK`, `YCbCr`, `HSV`, `LAB`, 8-bit `RGB`) goes through Pillow's conversion;
+- an EXIF orientation (phone photos store the sensor's pixels and a rotation tag) is applied first, so the image is
+  upright, as every viewer shows it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 ALPHA_BACKGROUND = (255, 255, 255)  # what shows through transparent pixels
+EXIF_ORIENTATION = 0x0112              # the EXIF tag; 1 = upright, 2-8 = mirrored and / or rotated
 INTEGER_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA")
 PREMULTIPLIED_MODES = ("RGBa", "La")
@@ -32,6 +35,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROU
         image: a loaded (or lazily loading) Pillow image.
         background: the RGB colour transparent pixels are composited over.
     """
+    image = upright(image)
     mode = image.mode
     if mode in INTEGER_GREY_MODES:
         grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
@@ -51,6 +55,13 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROU
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` with its EXIF orientation applied (itself when it has none: no copy)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _grey_to_rgb(grey: np.ndarray) -> Image.Image:

@@ -95,6 +95,17 @@ def test_lpips_random_backbone_needs_no_file(tmp_path, monkeypatch):
     assert log["p_loss"] > 0
 
 
+def test_lpips_stays_in_eval_mode_when_its_parent_trains(tmp_path, monkeypatch):
+    """Lightning calls `.train()` on the module at fit start: LPIPS' heads have dropout (p=0.5), which must stay off
+    so that the perceptual loss of an image pair is one number, not a random one."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    loss = AutoencoderLoss(LossConfig(lpips_weight=1.0, lpips_pretrained_backbone=False)).train()
+    assert any(isinstance(m, torch.nn.Dropout) for m in loss.perceptual.modules())
+    assert not any(m.training for m in loss.perceptual.modules())
+    x, y = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loss.perceptual(x, y), loss.perceptual(x, y))
+
+
 def test_missing_backbone_fails_fast_naming_flag_and_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError) as err:

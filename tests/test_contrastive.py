@@ -115,3 +115,19 @@ def test_export_is_the_trained_text_encoder(tmp_path):
     module.text_encoder.eval()
     for (a, b) in zip(loaded(CAPTIONS), module.text_encoder(CAPTIONS)):
         torch.testing.assert_close(a, b)
+
+
+def test_weight_decay_spares_the_temperature_gains_and_biases():
+    """CLIP's exclusion: with weight_decay > 0 only matrices and embeddings decay; decaying the learned temperature
+    would pull the logit scale towards 1 (and LayerNorm gains towards 0) whatever the loss says."""
+    module = ContrastiveModule(tiny_config(weight_decay=0.5))
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    optimizer = torch.optim.AdamW(module._param_groups(), lr=0.1, weight_decay=0.5)
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)   # Adam's step is 0: only the decay moves a parameter
+    optimizer.step()
+    for name, p in module.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (p.ndim >= 2 and bool(before[name].any())), name
+    assert module.log_logit_scale == before["log_logit_scale"]
+    assert [len(g["params"]) for g in ContrastiveModule(tiny_config())._param_groups()] == [len(before)]

@@ -164,3 +164,38 @@ def test_cli_writes_shards(tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "train-000000.tar", "train-000001.tar",
                                                      "train-000002.tar", "val-000000.tar"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"], "no outputs/ or log files litter the cwd"
+
+
+def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path: Path):
+    """A phone photo stores its sensor's pixels and an EXIF rotation (Orientation 6: turn 90 degrees clockwise to
+    view); Excel's "CSV UTF-8" and Notepad's UTF-8 start with a byte order mark, which must not reach a caption or a
+    column name."""
+    root = tmp_path / "in"
+    root.mkdir()
+    pixels = np.zeros((32, 64, 3), np.uint8)  # stored 64 wide, 32 high: red left half, blue right half
+    pixels[:, :32, 0] = 255
+    pixels[:, 32:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(root / "phone.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(pixels).save(root / "plain.png")
+    (root / "plain.txt").write_bytes("\ufeffa caf\u00e9 sign".encode())
+    (root / "phone.txt").write_text("a phone photo")
+    for resolution in (None, 32):
+        out = tmp_path / f"out{resolution}"
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(out), "val_samples": 0,
+                       "resolution": resolution})
+        by_path = {json.loads(s["json"])["source_path"]: s for s in read_split(out, "train")}
+        assert by_path["plain.png"]["txt"].decode() == "a caf\u00e9 sign"
+        phone = by_path["phone.jpg"]
+        assert json.loads(phone["json"])["width"] == 32 and json.loads(phone["json"])["height"] == 64
+        from ldm.images import decode_image  # what the training loader decodes the stored bytes with
+        stored = phone["jpg"] if resolution is None else phone["png"]  # the file's bytes, or the resized image
+        image = np.asarray(decode_image(stored), dtype=np.int32)
+        top, bottom = image[: image.shape[0] // 4].mean((0, 1)), image[-image.shape[0] // 4:].mean((0, 1))
+        assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (resolution, top, bottom)  # red up, blue down
+    captions = tmp_path / "captions.csv"
+    captions.write_bytes("\ufefffile,caption\nplain.png,from the csv\nphone.jpg,phone\n".encode())
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "csv"), "val_samples": 0,
+                   "resolution": 32, "captions": str(captions)})
+    assert sorted(s["txt"].decode() for s in read_split(tmp_path / "csv", "train")) == ["from the csv", "phone"]

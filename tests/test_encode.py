@@ -361,3 +361,42 @@ def test_a_killed_multiprocess_encode_stops_its_processes(signum: str, encoders:
     assert 2 <= finished < 120
     summary = run_encode(shards, encoders[0], out)
     assert summary["shards_encoded"] == 120 - finished and len(list(out.glob("train-*.tar"))) == 120
+
+
+def test_shards_without_a_manifest_are_never_taken_for_this_encoders(shapes_shards: Path,
+                                                                     encoders: tuple[Path, Path], tmp_path: Path):
+    """A manifest lost (deleted, a partial copy): the shards could be any encoder's. Without overwrite the folder is
+    refused; with it every shard is encoded again (they were kept and labelled with the new autoencoder)."""
+    autoencoder, _ = encoders
+    out = tmp_path / "latents"
+    run_encode(shapes_shards, autoencoder, out, extra={"note": "first"})
+    before = (out / "train-000000.tar").read_bytes()
+    (out / latents.MANIFEST_NAME).unlink()
+    with pytest.raises(ConfigError, match=r"no manifest.json.*overwrite=true"):
+        run_encode(shapes_shards, autoencoder, out)
+    other, _ = load_autoencoder(autoencoder)
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.01)
+        other.encoder.conv_out.bias.add_(0.5)
+    other_dir = other.save_pretrained(tmp_path / "other", latent_stats={"scale_factor": 0.8})
+    summary = run_encode(shapes_shards, other_dir, out, overwrite=True)
+    assert summary["shards_encoded"] == 4 and summary["shards_finished_before"] == 0
+    assert (out / "train-000000.tar").read_bytes() != before
+
+    (out / latents.MANIFEST_NAME).write_text('{"format": "ldm-latents", "autoenc')  # a copy cut short
+    with pytest.raises(ConfigError, match=r"output_dir: cannot read the latent manifest .*overwrite=true"):
+        run_encode(shapes_shards, other_dir, out)
+
+
+def test_resume_by_another_spelling_of_the_paths_keeps_finished_shards_and_merges_notes(
+        shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    autoencoder, _ = encoders
+    out = tmp_path / "latents"
+    monkeypatch.chdir(shapes_shards.parent)
+    relative = Path(shapes_shards.name)
+    assert run_encode(relative, autoencoder, out, extra={"a": 1})["shards_encoded"] == 4
+    summary = run_encode(shapes_shards.resolve(), autoencoder, out, extra={"b": 2})
+    assert summary["shards_encoded"] == 0 and summary["shards_finished_before"] == 4
+    manifest = json.loads((out / latents.MANIFEST_NAME).read_text())
+    assert manifest["extra"] == {"a": 1, "b": 2}
+    assert manifest["inputs"]["train-000000.tar"] == str((shapes_shards / "train-000000.tar").resolve())

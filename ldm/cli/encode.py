@@ -12,7 +12,6 @@ its own shards; under torchrun (RANK / WORLD_SIZE in the environment) each rank 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -41,6 +40,7 @@ from ldm.data.encoding import (
     is_finished,
     load_encoders,
     prepare_output,
+    read_output_manifest,
 )
 from ldm.distributed import choose_device, rank_and_world
 
@@ -152,7 +152,7 @@ def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank 0 wrote no {path} within {timeout_s:.0f} s")
         time.sleep(0.5)
-    old = json.loads(path.read_text())
+    old = read_output_manifest(path)
     changed = changed_keys(old, manifest)
     if changed:
         raise ConfigError(f"{path} describes other encoder settings ({changed}) than this rank's")

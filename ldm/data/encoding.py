@@ -144,8 +144,15 @@ def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
     return manifest
 
 
-# Keys that may differ between two runs into the same output_dir; everything else must match to continue.
-RUN_KEYS = ("created", "ldm_version", "inputs")
+def read_output_manifest(path: Path) -> dict[str, Any]:
+    """The manifest.json already in output_dir (a damaged one is a ConfigError naming the way out)."""
+    return latents.read_manifest(path, "output_dir", "restore it, or pass overwrite=true to delete the output_dir's "
+                                 "latents and encode again").data
+
+
+# Keys that may differ between two runs into the same output_dir (`extra`, free-form notes, is merged); everything
+# else must match to continue.
+RUN_KEYS = ("created", "ldm_version", "inputs", "extra")
 
 
 def _encoder_identity(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -173,12 +180,18 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Enc
     the empty prompt's text encoding."""
     out = Path(config.output_dir)
     path = out / latents.MANIFEST_NAME
-    inputs = {Path(url).name: url for url in urls}
-    if path.exists() and config.overwrite:
-        for old in [*out.glob("*.tar"), *out.glob("*_stats.json"), path, out / latents.TEXT_NULL_NAME]:
+    inputs = {Path(url).name: str(Path(url).resolve()) for url in urls}
+    stats = list(out.glob("*_stats.json"))
+    ours = [out / name for name in {*inputs, *(p.name.removesuffix("_stats.json") + ".tar" for p in stats)}]
+    if config.overwrite:  # an earlier run's shards (those with stats, and this run's names), whatever its manifest
+        for old in [*ours, *stats, path, out / latents.TEXT_NULL_NAME]:
             old.unlink(missing_ok=True)
+    elif not path.exists() and (stats or any(p.exists() for p in ours)):
+        raise ConfigError(f"output_dir={out} holds latent shards or *_stats.json but no {latents.MANIFEST_NAME}, so "
+                          f"nothing says which encoder wrote them: choose another output_dir, or pass overwrite=true "
+                          f"to delete them and encode again")
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_output_manifest(path)
         changed = changed_keys(old, manifest)
         if changed:
             raise ConfigError(f"output_dir={out} holds latents encoded with other settings (differing manifest keys "
@@ -186,7 +199,7 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Enc
                               f"{manifest['autoencoder']['sha256']} now): choose another output_dir, or pass "
                               f"overwrite=true to replace them")
         inputs = {**old.get("inputs", {}), **inputs}
-        manifest = {**old, "inputs": inputs}
+        manifest = {**old, "inputs": inputs, "extra": {**(old.get("extra") or {}), **(manifest["extra"] or {})}}
         gone = sorted(name for name, url in inputs.items() if not Path(url).exists() and (out / name).exists())
         if gone:
             log.warning("output_dir=%s holds %d latent shards whose input shards no longer exist (%s): training on "
@@ -216,7 +229,7 @@ def stats_path(output: Path) -> Path:
 def input_identity(url: str) -> dict[str, Any]:
     """What identifies an input shard's contents for resuming: its path, size and modification time."""
     stat = Path(url).stat()
-    return {"input": url, "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+    return {"input": str(Path(url).resolve()), "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
 
 
 def is_finished(url: str, output: Path) -> bool:
@@ -229,7 +242,10 @@ def is_finished(url: str, output: Path) -> bool:
         written = json.loads(stats.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    if not all(written.get(k) == v for k, v in input_identity(url).items()):
+    identity = input_identity(url)
+    if Path(str(written.get("input", ""))).resolve() != Path(identity.pop("input")):
+        return False  # note: stats of older code hold the path as typed, resolved from the current directory
+    if not all(written.get(k) == v for k, v in identity.items()):
         return False
     if "output_size" in written:
         return written["output_size"] == output.stat().st_size

@@ -110,17 +110,20 @@ class LatentManifest:
         return self.path.with_name(TEXT_NULL_NAME) if self.text_encoder is not None else None
 
 
-def read_manifest(path: str | Path, key: str = "data.train_shards") -> LatentManifest:
-    """Read and check a latent manifest; `key` is the config key that led here, named in errors."""
+def read_manifest(path: str | Path, key: str = "data.train_shards",
+                  fix: str = "encode the shards again with ldm-encode") -> LatentManifest:
+    """Read and check a latent manifest; `key` is the config key that led here and `fix` what to do about a damaged
+    or foreign file, both named in errors."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{key}: cannot read the latent manifest {path} ({err}); encode the shards again with "
-                          f"ldm-encode") from None
-    if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
-        raise ConfigError(f"{key}: {path} is not a manifest of ldm-encode (format {data.get('format')!r} version "
-                          f"{data.get('version')!r}, expected {FORMAT!r} version {FORMAT_VERSION})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key}: cannot read the latent manifest {path} ({type(err).__name__}: {err}); "
+                          f"{fix}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+        found = (data.get("format"), data.get("version")) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{key}: {path} is not a manifest of ldm-encode (found {found}, expected format "
+                          f"{FORMAT!r} version {FORMAT_VERSION}); {fix}")
     return LatentManifest(path, data)
 
 

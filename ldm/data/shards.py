@@ -187,10 +187,10 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         raise ConfigError(f"captions={path}: expected a .csv or .jsonl manifest")
     try:
         if path.suffix.lower() == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 rows = list(csv.DictReader(f))
         else:
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:
                 rows = [json.loads(line) for line in f if line.strip()]
     except UnicodeDecodeError as err:
         raise ConfigError(f"captions={path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as "
@@ -285,8 +285,8 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
         try:
             with Image.open(path) as im:
                 im.load()
-                size = im.size
-                image = to_rgb(im)
+                image = to_rgb(im)  # upright: the EXIF orientation applied
+                size = image.size
             encoded = (path.read_bytes(), path.suffix.lower().lstrip(".").replace("jpeg", "jpg")) \
                 if cfg.resolution is None else None
         except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
@@ -312,7 +312,7 @@ def _sidecar_caption(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         raise CaptionUnreadable(f"caption file {txt.name} is not a regular file (FIFO, socket or device)")
     try:
-        return txt.read_bytes().decode("utf-8").strip()
+        return txt.read_bytes().decode("utf-8-sig").strip()  # -sig: Notepad's UTF-8 starts with a BOM
     except UnicodeDecodeError as err:
         raise CaptionUnreadable(f"caption file {txt.name} is not UTF-8 text ({err.reason} at byte {err.start}); "
                                 f"re-save it as UTF-8") from None

@@ -144,12 +144,22 @@ class ContrastiveModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
         params = list(self.parameters())
-        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
                                       fused=fusable(params, self.trainer.precision))
         schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
         scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """With weight decay, CLIP's two groups (open_clip's `exclude`): the temperature, gains and biases (tensors
+        of fewer than 2 dimensions) are not decayed, or the decay would pull the logit scale towards 1 and shrink the
+        LayerNorms; matrices and embeddings are. Without, one group (what checkpoints of weight_decay=0 hold)."""
+        params = list(self.parameters())
+        if not self.config.weight_decay:
+            return [{"params": params}]
+        return [{"params": [p for p in params if p.ndim >= 2]},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
