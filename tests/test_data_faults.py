@@ -186,17 +186,24 @@ def logged_maximum(metrics_csv: Path, name: str) -> float:
 
 
 def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Five epochs and five validations over one shard with one corrupt and one uncaptioned sample: each is counted
+    and warned about once, not once per read."""
     samples = shapes_like(tmp_path, "k", 8)
     samples[3]["png"] = b"not an image"
+    del samples[5]["txt"]
     shard = write_shard(tmp_path / "bad-000000.tar", samples)
-    dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
+    dm = WebDataModule(train_shards=str(shard), val_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version="")
-    trainer = L.Trainer(max_steps=4, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_epochs=5, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1, accelerator="cpu")
     with caplog.at_level("INFO", logger="ldm.data.datamodule"):
         trainer.fit(Mean(), datamodule=dm)
+    assert trainer.current_epoch == 5
     assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 1.0
+    assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/uncaptioned") == 1.0
     assert "data (rank 0): 1 corrupt samples skipped" in caplog.text
+    assert "1 samples without a caption in 1 shards" in caplog.text
+    assert caplog.text.count("skipped corrupt sample") == 1 and dm.skipped == [(str(shard), "k003", dm.skipped[0][2])]
 
 
 @pytest.mark.timeout(300)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -28,7 +29,7 @@ class KeyRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(shards: Path, root: Path, ckpt_path: str | None = None) -> KeyRecorder:
+def _fit(shards: Path, root: Path, ckpt_path: str | None = None, **trainer_options) -> KeyRecorder:
     dm = WebDataModule(train_shards=str(shards / "train-00000[0-2].tar"), batch_size=4, num_workers=2, seed=7,
                        shuffle_buffer=8)
     module = KeyRecorder()
@@ -36,7 +37,8 @@ def _fit(shards: Path, root: Path, ckpt_path: str | None = None) -> KeyRecorder:
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(root),
                         callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1,
-                                                   filename="step{step}", auto_insert_metric_name=False)])
+                                                   filename="step{step}", auto_insert_metric_name=False)],
+                        **trainer_options)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module
 
@@ -49,3 +51,14 @@ def test_lightning_resume_replays_the_same_batches(shapes_shards: Path, tmp_path
     for step in (9, 12, 15):  # mid epoch 0 (odd: the workers' roles rotate), the end of epoch 0, mid epoch 1
         resumed = _fit(shapes_shards, tmp_path / f"resume{step}", str(tmp_path / "full" / "ckpt" / f"step{step}.ckpt"))
         assert resumed.seen == full[step:], f"resumed at step {step}"
+
+
+@pytest.mark.parametrize("limit", [6, 0.5])
+def test_resume_at_the_end_of_an_epoch_shortened_by_limit_train_batches(shapes_shards: Path, tmp_path: Path,
+                                                                         limit: int | float):
+    """limit_train_batches=6 (or half of the 12) ends every epoch early: the checkpoint at step 6 is the end of epoch
+    0, and the resume trains epoch 1, not the batches of epoch 0 past the limit."""
+    full = _fit(shapes_shards, tmp_path / "full", limit_train_batches=limit).seen
+    resumed = _fit(shapes_shards, tmp_path / "resumed", str(tmp_path / "full" / "ckpt" / "step6.ckpt"),
+                   limit_train_batches=limit).seen
+    assert resumed == full[6:]

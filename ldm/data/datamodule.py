@@ -234,6 +234,8 @@ class WebDataModule(L.LightningDataModule):
         self.num_skipped = 0  # corrupt samples skipped by this process's loaders
         self.skipped: list[tuple[str, str, str]] = []  # (shard, key, reason), the first 1000
         self.uncaptioned: dict[str, int] = {}  # shard -> samples without a caption (they train with "")
+        self._skipped_seen: set[tuple[str, str]] = set()  # (shard, key): each counted once, whatever the epochs
+        self._uncaptioned_seen: set[tuple[str, str]] = set()
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
         self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
@@ -332,6 +334,7 @@ class WebDataModule(L.LightningDataModule):
         and its next one reads the next epoch). Otherwise the epoch is the trainer's when one is attached (Lightning
         iterates the loader once per epoch), else one more than the last iteration's.
         """
+        num_batches = self._epoch_length(num_batches)
         if self._resume is not None:
             epoch, skip = self._resume["epoch"], self._resume["batches"]
             saved_end = self._resume["epoch_batches"]  # note: other settings can make this run's epochs longer
@@ -354,12 +357,27 @@ class WebDataModule(L.LightningDataModule):
         self._epoch_batches = num_batches
         return epoch, skip
 
+    def _epoch_length(self, num_batches: int) -> int:
+        """Train batches per epoch: the loader's `num_batches`, or fewer where a fitting trainer stops its epochs
+        early (`trainer.limit_train_batches`), so that a checkpoint at such an epoch's end resumes into the next."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return num_batches
+        limit = trainer.limit_train_batches  # note: num_training_batches is set only after the loader's first iter()
+        if isinstance(limit, int):                # a count of batches, as Lightning reads it
+            return min(num_batches, limit)
+        return int(num_batches * limit) if limit is not None and limit < 1.0 else num_batches  # a fraction
+
     def _on_train_batch(self, skipped: list[tuple[str, str, str, int]]) -> None:
         self._batches += 1
         self._record_skipped(skipped)
 
     def _record_skipped(self, skipped: list[tuple[str, str, str, int]]) -> None:
+        """Count and warn about each corrupt sample once: the epochs (and validations) after the first meet it again."""
         for shard, key, reason, count in skipped:
+            if (shard, key) in self._skipped_seen:
+                continue
+            self._skipped_seen.add((shard, key))
             log.warning("skipped corrupt sample%s: shard %s, key %s (%s)", "s" if count > 1 else "", shard, key,
                         reason)
             if len(self.skipped) < 1000:
@@ -367,8 +385,11 @@ class WebDataModule(L.LightningDataModule):
             self.num_skipped += count
 
     def record_uncaptioned(self, samples: list[tuple[str, str]]) -> None:
-        """Count samples without a caption; warn once per shard (they train with the empty caption)."""
+        """Count samples without a caption, each once; warn once per shard (they train with the empty caption)."""
         for shard, key in samples:
+            if (shard, key) in self._uncaptioned_seen:
+                continue
+            self._uncaptioned_seen.add((shard, key))
             if shard not in self.uncaptioned:
                 log.warning("shard %s: sample %s has no caption (.txt); it trains with the empty caption \"\" (one "
                             "warning per shard; the run's total is printed at the end)", shard, key)
