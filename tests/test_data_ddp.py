@@ -17,6 +17,7 @@ import webdataset as wds
 from ldm.data import shapes
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import encode_image
+from ldm.data.stream import EpochPlan
 
 SHARD_SIZES = [20, 3, 11, 16, 7]  # 57 samples; no summary.json, so the datamodule counts tar headers
 WORLD, WORKERS, BATCH = 2, 2, 4
@@ -84,3 +85,27 @@ def test_ddp_two_ranks_two_workers(tmp_path: Path):
         assert left_out == len(all_keys) - slots * per_slot_batches * BATCH  # 57 - 48 = 9
         assert left_out < slots * (BATCH + 1), "the documented bound"
     assert ranks[0][0]["keys"] != ranks[0][1]["keys"], "each epoch reshuffles"
+
+
+def test_the_samples_no_range_covers_differ_from_epoch_to_epoch():
+    """One shard of 16 samples over 2 ranks x 3 workers: 6 ranges of 2 samples leave 4 over. They were always the
+    shard's last 4, never trained; now the ranges start at a position drawn per epoch and wrap round."""
+    def covered(epoch: int, counts: list[int]) -> list[tuple[str, int]]:
+        samples = []
+        for rank in range(2):
+            plan = EpochPlan([f"s{i}" for i in range(len(counts))], counts, seed=3, rank=rank, world_size=2,
+                             num_workers=3, batch_size=2, train=True, resolution=8, epoch=epoch)
+            for slot in range(rank * 3, rank * 3 + 3):
+                samples += [(url, i) for url, lo, hi in plan.segments(slot) for i in range(lo, hi)]
+        return samples
+
+    seen = set()
+    for epoch in range(20):
+        samples = covered(epoch, [16])
+        assert len(samples) == len(set(samples)) == 12  # each range 2 samples, none read twice
+        seen.update(samples)
+    assert seen == {("s0", i) for i in range(16)}
+    # S divides N: the ranges start at the sequence's start, as before (the shards' order alone changes the epochs)
+    plan = EpochPlan(["a", "b"], [6, 6], seed=3, rank=0, world_size=2, num_workers=3, batch_size=2, train=True,
+                     resolution=8, epoch=5)
+    assert plan.shift == 0 and sorted(covered(5, [6, 6])) == [(u, i) for u in ("s0", "s1") for i in range(6)]

@@ -111,18 +111,34 @@ class EpochPlan:
         """Samples no slot reads this epoch."""
         return sum(self.counts) - sum(self.quota(slot) for slot in range(self.slots))
 
+    @property
+    def shift(self) -> int:
+        """Where the training ranges start in the epoch's sequence of samples: 0 when the S ranges cover all N
+        samples, else a position drawn with (seed, epoch), the ranges wrapping round the end, so that the N mod S
+        samples no range covers differ from epoch to epoch (with one shard they would always be its last ones)."""
+        total = sum(self.counts)
+        if not self.train or total % self.slots == 0:
+            return 0
+        return random.Random(fold_seed(self.seed, self.epoch, 1)).randrange(total)
+
     def segments(self, slot: int) -> list[tuple[str, int, int]]:
         """(url, first, stop) sample ranges of shards that slot `slot` reads this epoch."""
         order = list(range(len(self.urls)))
         if self.train:
             random.Random(fold_seed(self.seed, self.epoch)).shuffle(order)
         begin, end = self.slot_range(slot)
-        segments, offset = [], 0
-        for i in order:
-            lo, hi = max(begin - offset, 0), min(end - offset, self.counts[i])
-            if lo < hi:
-                segments.append((self.urls[i], lo, hi))
-            offset += self.counts[i]
+        total, shift = sum(self.counts), self.shift
+        begin, end = begin + shift, end + shift
+        pieces = [(begin, end)] if end <= total else [(begin, total), (0, end - total)] if begin < total else \
+            [(begin - total, end - total)]
+        segments = []
+        for begin, end in pieces:
+            offset = 0
+            for i in order:
+                lo, hi = max(begin - offset, 0), min(end - offset, self.counts[i])
+                if lo < hi:
+                    segments.append((self.urls[i], lo, hi))
+                offset += self.counts[i]
         return segments
 
 
