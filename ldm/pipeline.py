@@ -315,11 +315,12 @@ class LatentDiffusionPipeline(nn.Module):
         state = checkpoint["state_dict"]
         autoencoder, _ = submodule_state(state, "pipeline.autoencoder.")
         unet, ema = submodule_state(state, "pipeline.unet.", "ema.module." if use_ema else None)
-        conditioner, _ = submodule_state(state, "pipeline.conditioner.",
-                                         "ema_conditioner.module." if use_ema else None)
         pipeline.autoencoder.load_state_dict(autoencoder)
         pipeline.unet.load_state_dict(unet)
-        pipeline.conditioner.load_state_dict(conditioner)
+        if pipeline.conditioner.state_dict():  # none for unconditional models and labels embedded by the UNet
+            conditioner, _ = submodule_state(state, "pipeline.conditioner.",
+                                             "ema_conditioner.module." if use_ema else None)
+            pipeline.conditioner.load_state_dict(conditioner)
         run_config = (checkpoint.get("ldm") or {}).get("config") or {}
         pipeline.provenance = {"source": path, "step": int(checkpoint.get("global_step", -1)),
                                "weights": "ema" if ema else "raw",

@@ -112,9 +112,11 @@ def _distributed_worker(rank: int, world: int, port: int, cfg: dict, result_file
 
 
 def test_two_process_evaluation_equals_one_process(assets, tmp_path: Path):
-    metrics = ["fid", "clip_score", "shapes_color_accuracy"]
-    single = evaluate(make_cfg(assets, tmp_path / "one", metrics=metrics))[0]
-    cfg = make_cfg(assets, tmp_path / "two", metrics=metrics)
+    """KID too: its random subsets (4 of 8 images, 20 times) pick the same images whatever the process count."""
+    metrics = ["fid", "kid", "clip_score", "shapes_color_accuracy"]
+    kid = {"kid_subset_size": 4, "kid_subsets": 20}
+    single = evaluate(make_cfg(assets, tmp_path / "one", metrics=metrics, **kid))[0]
+    cfg = make_cfg(assets, tmp_path / "two", metrics=metrics, **kid)
     # fork: the workers inherit the imported modules instead of importing torch, Lightning and transformers again
     mp.start_processes(_distributed_worker, args=(2, _free_port(), cfg, str(tmp_path / "rows")), nprocs=2,
                        join=True, start_method="fork")
@@ -124,6 +126,7 @@ def test_two_process_evaluation_equals_one_process(assets, tmp_path: Path):
     assert ranks[0]["world_size"] == 2 and len(read_results(tmp_path / "two")) == 1  # rank 0 alone writes
     for row in ranks:
         assert row["fid"] == pytest.approx(single["fid"], rel=1e-4, abs=1e-6)
+        assert (row["kid"], row["kid_std"]) == pytest.approx((single["kid"], single["kid_std"]), rel=1e-4, abs=1e-7)
         assert row["clip_score"] == pytest.approx(single["clip_score"], rel=1e-4)
         assert row["shapes_color_accuracy"] == single["shapes_color_accuracy"]
         assert row["reference_hash"] == single["reference_hash"]
@@ -175,3 +178,59 @@ def test_ldm_eval_cli_prints_shapes_color_accuracy_and_logs_wandb_offline(assets
     assert any(line.startswith("shapes_color_accuracy: ") for line in proc.stdout.splitlines()), proc.stdout
     assert (out / "results.jsonl").is_file() and (out / "results.csv").is_file()
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_a_class_conditional_model_needs_the_labels_of_val_shards(assets, tmp_path: Path):
+    """Prompts of a file carry no class labels: refused up front, naming prompts_source, not a ValueError from the
+    pipeline once sampling starts."""
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+
+    autoencoder = tiny_autoencoder_module(16).autoencoder
+    export = autoencoder.save_pretrained(tmp_path / "ae", latent_stats={"scale_factor": 1.0})
+    module = LatentDiffusionModule({
+        "autoencoder_path": str(export), "ema_decay": None,
+        "unet": {"in_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                 "attention_levels": [], "num_heads": None, "head_dim": 8, "context_dim": None, "norm_groups": 8,
+                 "num_classes": 7},
+        "conditioner": {"kind": "class", "num_classes": 7, "class_embed": "unet"}})
+    ckpt = save_checkpoint(module, tmp_path / "class.ckpt", global_step=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle in the center on a white background\n")
+    with pytest.raises(ConfigError, match="class-conditional.*prompts_source=val_shards"):
+        evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), prompts_source="file",
+                          prompts_file=str(prompts), metrics=["shapes_color_accuracy"]))
+    row = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_color_accuracy"]))[0]
+    assert 0 <= row["shapes_color_accuracy"] <= 1
+
+
+def test_an_interrupted_sweep_keeps_its_scored_rows_and_a_torn_line_is_mended(
+        assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """Each row reaches results.jsonl as soon as it is scored: a sweep stopped during its third row (Ctrl-C, a time
+    limit) keeps the first two. A last line cut short by a kill is left out of the CSV with a warning, and the next
+    rows go on lines of their own."""
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "eval"
+    generate, calls = LatentDiffusionPipeline.generate, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(kwargs["guidance_scale"])
+        if kwargs["guidance_scale"] == 3.0:
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(make_cfg(assets, out, guidance_scales=[1.0, 2.0, 3.0], batch_size=8))
+    assert calls == [1.0, 2.0, 3.0]
+    assert [row["guidance_scale"] for row in read_results(out)] == [1.0, 2.0]
+    monkeypatch.setattr(LatentDiffusionPipeline, "generate", generate)
+
+    jsonl = out / "results.jsonl"
+    jsonl.write_text(jsonl.read_text() + '{"checkpoint": "b.ck')  # a kill in the middle of a write
+    with caplog.at_level("WARNING", logger="ldm.eval.results"):
+        evaluate(make_cfg(assets, out, guidance_scales=[4.0], batch_size=8))
+    assert f"{out / 'results.jsonl'} line 3 is not a results row" in caplog.text
+    assert [row["guidance_scale"] for row in read_results(out)] == [1.0, 2.0, 4.0]
+    with (out / "results.csv").open() as f:
+        assert [row["guidance_scale"] for row in csv.DictReader(f)] == ["1.0", "2.0", "4.0"]

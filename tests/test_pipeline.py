@@ -217,3 +217,24 @@ def test_class_labels_for_the_unets_own_table_reach_the_unets_device(tmp_path: P
     cond, negative = pipeline.sampling_conditions(None, [0, 2], None, 2)
     assert cond["class_labels"].device.type == "meta" and cond["context"] is None and negative is None
     assert pipeline.conditioner.unconditional(2, pipeline.device)["class_labels"].device.type == "meta"
+
+
+@pytest.mark.parametrize("conditioner", [{"kind": "none"}, {"kind": "class", "num_classes": 3, "class_embed": "unet"}])
+def test_a_checkpoint_of_a_conditioner_without_weights_loads(tmp_path: Path, conditioner: dict):
+    """Unconditional models and labels embedded by the UNet's own table keep no conditioner weights: their
+    checkpoints load (ldm-sample, ldm-eval, ldm-export of a .ckpt) instead of failing on the missing prefix."""
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+    from test_eval_helpers import save_checkpoint
+
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", context_dim=None, num_classes=conditioner.get("num_classes")))
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
+                                    "conditioner": conditioner, "ema_decay": 0.9})
+    ckpt = save_checkpoint(module, tmp_path / "model.ckpt", global_step=2)
+    pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
+    assert pipeline.provenance["weights"] == "ema"
+    for name, value in pipeline.unet.state_dict().items():
+        assert torch.equal(value, module.ema.module.state_dict()[name]), name

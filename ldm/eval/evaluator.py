@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,9 +180,10 @@ class Evaluator:
     # ---- latent diffusion -------------------------------------------------------------------------------------------
 
     def evaluate_generation(self, pipeline: Any, info: dict[str, Any], logger: WandbTable | None = None,
-                            ) -> list[dict[str, Any]]:
+                            on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """One row per sampler x steps x guidance scale for a `LatentDiffusionPipeline` (anything with its
-        `generate`); without val_shards, the prompts come from the validation shards the model was trained with."""
+        `generate`), each handed to `on_row` as soon as it is scored (so an interrupted sweep keeps the rows done);
+        without val_shards, the prompts come from the validation shards the model was trained with."""
         cfg = self.cfg
         if cfg.resolution is not None and cfg.resolution != pipeline.image_size and self.rank == 0:
             print(f"[ldm-eval] resolution={cfg.resolution} applies to autoencoder checkpoints; "
@@ -195,6 +196,10 @@ class Evaluator:
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
         labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
         labels = [labels[i % len(labels)] for i in range(cfg.num_samples)] if labels else None
+        if labels is None and getattr(getattr(pipeline, "conditioner", None), "kind", None) == "class":
+            raise ConfigError(f"{info.get('checkpoint')} is class-conditional: it generates from the integer 'label' "
+                              f"of each validation sample's metadata, so it needs prompts_source=val_shards (got "
+                              f"{cfg.prompts_source}) and val_shards whose every sample has one ({shards})")
         pipeline.to(self.device)
         rows = []
         for sampler in cfg.samplers:
@@ -208,6 +213,8 @@ class Evaluator:
                            "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
                            "prompts_sha256": _sha256_lines(prompts), **metrics.pop("_protocol"), **metrics}
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
                     if logger is not None:
                         logger.log_samples(row, shown, prompts)
         return rows
@@ -344,6 +351,13 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
     logger = WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
     rows: list[dict[str, Any]] = []
     checked: set[str] = set()
+
+    def record(row: dict[str, Any]) -> None:  # each row on disk as soon as it is scored
+        if evaluator.rank == 0:
+            append_results(config.output_dir, [row])
+            print_row(row)
+        rows.append(row)
+
     try:
         for path in paths:
             loaded = load_model(path, config.use_ema)
@@ -351,15 +365,11 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
                 _check_weights(config, loaded.kind)
                 checked.add(loaded.kind)
             if loaded.kind == "autoencoder":
-                new = evaluator.evaluate_reconstruction(loaded.model, loaded.info)
+                for row in evaluator.evaluate_reconstruction(loaded.model, loaded.info):
+                    record(row)
             else:
-                new = evaluator.evaluate_generation(loaded.model, loaded.info, logger)
+                evaluator.evaluate_generation(loaded.model, loaded.info, logger, on_row=record)
             del loaded
-            if evaluator.rank == 0:
-                append_results(config.output_dir, new)
-                for row in new:
-                    print_row(row)
-            rows.extend(new)
     finally:
         if logger is not None:
             logger.finish(rows)

@@ -2,6 +2,7 @@
 
 All states are torchmetrics states, so under torch.distributed each rank updates with its own images and `compute()`
 syncs (sums, or concatenates) across ranks: the result equals a single-process run up to float summation order.
+KID gathers its features in global sample order instead (its random subsets are index draws).
 
 Generation (`GenerationMetrics`): FID and KID against cached reference statistics (one Inception pass feeds both),
 CLIP score between images and their prompts, and the offline prompt-adherence scores of the `shapes` data set.
@@ -119,17 +120,41 @@ class GenerationMetrics(nn.Module):
 
 
 def _compute_kid(kid: KernelInceptionDistance, subset_size: int, seed: int) -> dict[str, float]:
-    """KID with the subset size capped by both sample counts (synced), its random subsets drawn from `seed`."""
-    counts = torch.tensor([sum(len(f) for f in kid.real_features), sum(len(f) for f in kid.fake_features)])
-    if dist.is_available() and dist.is_initialized():
-        counts = counts.to(kid.device)
-        dist.all_reduce(counts)
-    n_real, n_fake = counts.tolist()
-    kid.subset_size = max(2, min(subset_size, n_real, n_fake))
+    """KID with the subset size capped by both sample counts, its random subsets drawn from `seed`.
+
+    KID's subsets are index draws, so the features must be in one order whatever the process count: every rank
+    gathers both sets in global sample order (rank r holds samples r, r + W, ..., of the generated images and of the
+    reference features alike) and computes on them alone. torchmetrics' own sync would concatenate rank by rank, and
+    the same seed would pick other images under another world size."""
+    real = _gather_interleaved(torch.cat(kid.real_features))                  # (N_real, D), global order
+    fake = _gather_interleaved(torch.cat(kid.fake_features))                  # (N_fake, D)
+    ordered = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=kid.subsets,
+                                      subset_size=max(2, min(subset_size, len(real), len(fake))), degree=kid.degree,
+                                      gamma=kid.gamma, coef=kid.coef, sync_on_compute=False).to(real.device)
+    ordered.real_features, ordered.fake_features = [real], [fake]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mean, std = kid.compute()
-    return {"kid": float(mean), "kid_std": float(std), "kid_subset_size": float(kid.subset_size)}
+        mean, std = ordered.compute()
+    return {"kid": float(mean), "kid_std": float(std), "kid_subset_size": float(ordered.subset_size)}
+
+
+def _gather_interleaved(rows: torch.Tensor) -> torch.Tensor:
+    """All ranks' `rows` (rank r's k-th row is global row r + k * world) in global order; `rows` itself in a single
+    process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(rows)], device=rows.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.zeros(max(sizes), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: len(rows)] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = torch.empty(sum(sizes), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    for rank, (part, n) in enumerate(zip(gathered, sizes)):
+        out[rank::world] = part[:n]
+    return out
 
 
 class ReconstructionMetrics(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from ldm.io import atomic_open
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
 # Columns that lead the CSV when present; the rest follow in first-seen order.
@@ -30,22 +33,47 @@ LEADING_COLUMNS = ("checkpoint", "checkpoint_kind", "weights", "sampler", "num_s
 
 
 def read_results(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of results.jsonl; a line that is not a JSON object (a write cut short by a kill or a crash) is left
+    out with a warning naming it."""
     path = Path(output_dir) / JSONL_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            log.warning("%s line %d is not a results row (a write cut short?); left out of results.csv", path, number)
+    return rows
 
 
 def append_results(output_dir: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append `rows` to results.jsonl and rewrite results.csv from the whole file."""
+    """Append `rows` to results.jsonl and rewrite results.csv from the whole file. A last line cut short (no
+    newline) stays on its own line, so the new rows are whole."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / JSONL_NAME, "a") as f:
+    path = output_dir / JSONL_NAME
+    torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
+    with open(path, "a") as f:
+        if torn:
+            f.write("\n")
         for row in rows:
             f.write(json.dumps(row, sort_keys=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
     write_csv(read_results(output_dir), output_dir / CSV_NAME)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
