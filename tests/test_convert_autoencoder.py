@@ -112,6 +112,12 @@ def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
     from_pipe.save_pretrained(tmp_path / "ours")
     from_export, stats, _ = load_autoencoder_any(tmp_path / "ours")
     assert stats is None
+    # Its weights file named instead of the folder: still our export (its config and statistics), not an SD file
+    # read by its shapes (GroupNorm 32, no statistics).
+    small = AutoencoderKL(dataclasses.replace(from_pipe.config, norm_groups=8))
+    small.save_pretrained(tmp_path / "small", latent_stats={"scale_factor": 0.5})
+    from_weights, stats, source = load_autoencoder_any(tmp_path / "small" / "model.safetensors")
+    assert stats["scale_factor"] == 0.5 and from_weights.config.norm_groups == 8 and source.startswith("export")
     # An AutoencoderModule checkpoint of ours: the config and the module's state dict (no EMA here).
     torch.save({"autoencoder_config": dataclasses.asdict(from_pipe.config), "latent_stats": None,
                 "state_dict": {f"autoencoder.{k}": v for k, v in reference.items()}}, tmp_path / "stage1.ckpt")

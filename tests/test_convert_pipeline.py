@@ -122,6 +122,35 @@ def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_t
         max_diff(short(ids).last_hidden_state, expected, "penultimate CLIP layer -> shortened encoder")
 
 
+def test_an_sd1_single_file_of_a_penultimate_layer_model_keeps_every_block(tmp_path, single_torch_thread):
+    """SD 1 layout readers (A1111, ComfyUI, diffusers' from_single_file) build the whole CLIP from the file and take
+    "CLIP skip" from their user: a file cut to the blocks the UNet used left the last one unfilled there. The file
+    keeps all three blocks; our loader, told by the metadata, cuts the last one again."""
+    from ldm.convert import text
+    from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.nn.unet import UNet, UNetConfig
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    clip = tiny_clip(tokenizer, 32, "quick_gelu", layers=3)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
+                           num_heads=None, head_dim=16, context_dim=32))
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1))
+    path = save_single_file(tmp_path / "sd1.safetensors", unet, vae, 0.18215, ScheduleConfig(), "eps", clip,
+                            clip_layer="penultimate")
+    from safetensors.torch import load_file
+
+    blocks = {k.split("encoder.layers.")[1].split(".")[0] for k in load_file(str(path)) if k.startswith(
+        text.SD1_PREFIX) and "encoder.layers." in k}
+    assert blocks == {"0", "1", "2"}
+    parts = load_components(path)
+    assert parts.text_encoder.config.num_hidden_layers == 2
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        norm = clip.text_model.final_layer_norm if hasattr(clip, "text_model") else clip.final_layer_norm
+        expected = norm(clip(ids, output_hidden_states=True).hidden_states[-2])
+    max_diff(_encode(parts.text_encoder, tokenizer), expected, "SD 1 single file, penultimate layer -> ours")
+
+
 def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread):
     """An SD 2 file without metadata or .yaml (our export re-saved by another tool) does not say whether it predicts
     v or eps: the loader leaves it None, `model.init_from` stops naming model.init_prediction, and with it the

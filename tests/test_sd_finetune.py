@@ -4,6 +4,7 @@ result back to diffusers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -116,7 +117,6 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
 def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_path: Path, caplog):
     """The quickstart's UNet adds the pooled prompt vector to its time embedding: diffusers' class_embed_type
     'projection', which StableDiffusionPipeline never feeds; the export says so, beside the byte encoder's notice."""
-    import json
     import logging
     from dataclasses import asdict
 
@@ -172,3 +172,36 @@ def test_a_shorter_prompt_length_travels_with_the_export(tmp_path: Path, caplog,
     assert "prompts are 16 tokens" in caplog.text and "pad them to 77" in caplog.text
     parts = load_single_file(single, tokenizer_path=tmp_path / "sd1" / "tokenizer")
     assert parts.prompt_length == 16 and parts.build_text_encoder().max_length == 16
+
+
+def test_a_single_file_export_names_what_other_tools_cannot_read_and_a_pipeline_export_stands_alone(
+        tmp_path: Path, caplog, single_torch_thread):
+    """v prediction, zero terminal SNR and CLIP's penultimate layer are in our metadata only: ldm-export names each
+    for the tools that read SD's single files. The pipeline export of a model built with
+    `model.conditioner.tokenizer=DIR` (a single file's route) loads once DIR is gone: its tokenizer is exported."""
+    import logging
+    import shutil
+    from dataclasses import asdict
+
+    from ldm.nn.unet import unet_config
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    shutil.copytree(tmp_path / "sd1" / "tokenizer", tmp_path / "tokenizer")
+    module = LatentDiffusionModule({
+        "autoencoder_path": str(tmp_path / "sd1"), "ema_decay": None,
+        "unet": asdict(unet_config("tiny", context_dim=48)),
+        "conditioner": {"kind": "clip", "name_or_path": str(tmp_path / "sd1"),
+                        "tokenizer": str(tmp_path / "tokenizer"), "layer": "penultimate"},
+        "diffusion": {"prediction": "v", "schedule": {"zero_terminal_snr": True, "timestep_spacing": "trailing"}}})
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    shutil.rmtree(tmp_path / "tokenizer")
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    for caveat in ("the UNet predicts v", "zero terminal SNR", "set CLIP skip 2"):
+        assert caveat in caplog.text, caveat
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    assert "readers" not in caplog.text  # a diffusers folder says all of it
+    vae = json.loads((tmp_path / "hf" / "vae" / "config.json").read_text())
+    assert vae["force_upcast"] is True  # diffusers' default: nothing here says the VAE is safe in fp16

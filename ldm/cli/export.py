@@ -90,12 +90,40 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
                     "from_single_file pad them to 77, so their images differ from ours (ldm's loaders read %d from "
                     "the file; format=diffusers records it in tokenizer/ for diffusers)",
                     text_encoder.max_length, text_encoder.max_length)
+    if config.format == "single_file":
+        for caveat in single_file_caveats(pipeline, text_encoder):
+            log.warning("%s: A1111, ComfyUI and diffusers' from_single_file cannot read it from the file (ldm's "
+                        "loaders can); set it there by hand, or hand them format=diffusers, whose scheduler and "
+                        "text encoder say it", caveat)
     if pipeline.unet.config.pooled_dim is not None:
         log.warning("this UNet also takes the pooled prompt vector (model.unet.pooled_dim=%d), exported as diffusers' "
                     "class_embed_type=projection: StableDiffusionPipeline does not pass it (it stops asking for "
                     "class_labels); call the UNet yourself with class_labels=<pooled vectors (B, %d)>",
                     pipeline.unet.config.pooled_dim, pipeline.unet.config.pooled_dim)
     return written
+
+
+def single_file_caveats(pipeline: Any, text_encoder: Any | None) -> list[str]:
+    """What other tools would get wrong about a single file of `pipeline`: they assume SD's schedule, eps for the SD 1
+    layout and v for SD 2's (diffusers; A1111 probes), and read the whole text encoder of the SD 1 layout."""
+    schedule, prediction = pipeline.diffusion.schedule, pipeline.diffusion.prediction
+    openclip = text_encoder is not None and text_encoder.transformer.config.hidden_act == "gelu"
+    caveats = []
+    if prediction != ("v" if openclip else "eps"):
+        caveats.append(f"the UNet predicts {prediction} (model.diffusion.prediction), where readers take "
+                       f"{'v' if openclip else 'eps'} for this layout")
+    if schedule.zero_terminal_snr:
+        caveats.append("the schedule has zero terminal SNR (model.diffusion.schedule.zero_terminal_snr): readers need "
+                       "rescale_betas_zero_snr and trailing timesteps")
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    other = {k: getattr(schedule, k) for k, v in sd.items() if getattr(schedule, k) != v}
+    if other:
+        caveats.append(f"the noise schedule is not SD's ({other}; SD: {sd})")
+    if text_encoder is not None and not openclip and text_encoder.layer == "penultimate":
+        caveats.append("the UNet reads the text encoder's penultimate layer (model.conditioner.layer): the file holds "
+                       "the whole encoder; set CLIP skip 2 in A1111, CLIPSetLastLayer -2 in ComfyUI, clip_skip=1 in "
+                       "diffusers")
+    return caveats
 
 
 @cli_entry

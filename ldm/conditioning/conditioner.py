@@ -220,7 +220,8 @@ class TextConditioner(Conditioner):
 
     def save_external(self, directory: Path) -> dict[str, Any]:
         """A transformers encoder (CLIP, T5, ...) is saved with its tokenizer into `directory/text_encoder`, where
-        `name_or_path` then points (written beside, then moved into place)."""
+        `name_or_path` then points (written beside, then moved into place); the export no longer names the
+        tokenizer it was built with (`tokenizer`, e.g. for a single file): its copy is in that folder."""
         if not self.external_weights():
             return {}
         target = Path(directory) / TEXT_ENCODER_DIR
@@ -230,7 +231,7 @@ class TextConditioner(Conditioner):
         self.encoder.tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-        return {"name_or_path": TEXT_ENCODER_DIR}
+        return {"name_or_path": TEXT_ENCODER_DIR, "tokenizer": None}
 
     def unconditional(self, batch_size: int, device: torch.device | str = "cpu") -> UNetKwargs:
         """The empty prompt's conditioning, repeated (the encoder's own device is used)."""

@@ -209,6 +209,8 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
         raise MissingCheckpointError(f"{key}={path} does not exist; point it at stage 1's export (<vae run>/export) or "
                                      f"checkpoint, a diffusers vae/ or pipeline folder, or a Stable Diffusion single "
                                      f"file")
+    if path.is_file() and (path.parent / "config.json").is_file() and detect_layout(path.parent) == "ours":
+        path = path.parent  # the weights file of our export: the folder holds its config and latent statistics
     layout = detect_layout(path)
     if layout == "ours" or (layout == "single_file" and _our_checkpoint_kind(path) is not None):
         model, stats = load_autoencoder(path, key)

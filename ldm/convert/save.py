@@ -84,8 +84,6 @@ def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
         clip_layer: "last" or "penultimate"; a penultimate-layer model is exported without its last block, so that
             diffusers' last_hidden_state (final LayerNorm included) is the same tensor.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     model = text_encoder
     if hasattr(text_encoder, "transformer") and hasattr(text_encoder, "tokenizer"):  # our CLIPTextEncoder
         model = text_encoder.transformer
@@ -99,19 +97,13 @@ def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
                                          f"encoders (transformers CLIPTextModel) are portable to Stable Diffusion")
     if (clip_layer or "last") == "last":
         return model, tokenizer
-    fields = model.config.to_dict()
-    fields["num_hidden_layers"] -= 1
-    last = f"encoder.layers.{fields['num_hidden_layers']}."
-    flat = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
-    truncated = CLIPTextModel(CLIPTextConfig(**fields)).eval()
-    text.load_state_into(truncated, {k: v for k, v in flat.items() if not k.startswith(last)}, "text encoder export")
-    return truncated, tokenizer
+    return text.without_last_block(model), tokenizer
 
 
 def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, latent_scale: float | None,
                    schedule: ScheduleConfig, prediction: str, text_encoder: Any | None = None,
                    tokenizer: Any | None = None, clip_layer: str | None = None, overwrite: bool = False,
-                   force_upcast: bool = False, image_size: int | None = None) -> Path:
+                   force_upcast: bool = True, image_size: int | None = None) -> Path:
     """Write a folder that `diffusers.StableDiffusionPipeline.from_pretrained(out_dir)` loads.
 
     unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors), scheduler/scheduler_config.json (a
@@ -125,7 +117,8 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         schedule, prediction: written as the scheduler config.
         text_encoder, tokenizer, clip_layer: see `export_text_encoder`.
         overwrite: replace an existing folder.
-        force_upcast: the VAE's force_upcast flag (true for VAEs that overflow in fp16, like SDXL's).
+        force_upcast: the VAE's force_upcast flag: diffusers decodes in fp32 under fp16 pipelines (its default;
+            true unless the VAE is known not to overflow in fp16, as SDXL's does).
         image_size: the pixel size diffusers' pipeline generates by default (the configs' `sample_size`; SD 1.5:
             512); None: the autoencoder's training resolution.
 
@@ -196,7 +189,12 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
                             "latent_scale": latent_scale, "schedule": dataclasses.asdict(schedule),
                             "prediction": prediction}
     if text_encoder is not None:
-        model, _ = export_text_encoder(text_encoder, None, clip_layer)
+        model, _ = export_text_encoder(text_encoder, None, "last")
+        clip_layer = getattr(text_encoder, "layer", "last") if clip_layer is None else clip_layer
+        if model.config.hidden_act == "gelu":  # OpenCLIP (SD 2): its readers take the penultimate layer by layout
+            model, _ = export_text_encoder(model, None, clip_layer)
+        elif clip_layer == "penultimate":  # SD 1 layout: readers build the whole CLIP and take "CLIP skip" from the
+            meta["clip_layer"] = clip_layer  # user, so the file keeps every block (load_single_file cuts the last)
         flat = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()
                 if not k.endswith("position_ids")}
         if model.config.hidden_act == "gelu":

@@ -166,6 +166,8 @@ def _text_encoder_from_file(state: StateDict, layout: str, meta: dict[str, Any],
         config_fields = text.clip_config_from_state(flat, hidden_act, tokenizer)
     model = CLIPTextModel(CLIPTextConfig(**config_fields)).eval()
     text.load_state_into(model, flat, f"text encoder ({layout} layout)")
+    if meta.get("clip_layer") == "penultimate":  # a whole SD 1 encoder of a UNet trained on its penultimate layer
+        model = text.without_last_block(model)
     return model
 
 

@@ -161,3 +161,18 @@ def load_state_into(model: torch.nn.Module, flat: Mapping[str, torch.Tensor], wh
     rename(mapped, {k: k for k in target if not k.endswith("position_ids")}, what,
            expected_shapes={k: v.shape for k, v in target.items()})
     model.load_state_dict(mapped, strict=False)
+
+
+def without_last_block(model: Any) -> Any:
+    """A copy of a transformers CLIPTextModel without its last block: its last_hidden_state (final LayerNorm
+    included) is the penultimate layer's, what SD 2 and "CLIP skip 2" feed the UNet."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    fields = model.config.to_dict()
+    fields["num_hidden_layers"] -= 1
+    last = f"encoder.layers.{fields['num_hidden_layers']}."
+    flat = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    truncated = CLIPTextModel(CLIPTextConfig(**fields)).eval()
+    load_state_into(truncated, {k: v for k, v in flat.items() if not k.startswith(last)}, "text encoder, last block "
+                    "dropped")
+    return truncated
