@@ -103,6 +103,11 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no temp dirs left behind
     with pytest.raises(FileExistsError):
         save_single_file(out / "unet" / "diffusion_pytorch_model.safetensors", *args)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.log").write_text("not a pipeline")
+    with pytest.raises(FileExistsError, match="no model_index.json"):  # overwrite replaces pipelines only
+        save_diffusers(tmp_path / "run", *args, overwrite=True)
+    assert (tmp_path / "run" / "train.log").read_text() == "not a pipeline"
 
 
 def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_thread):

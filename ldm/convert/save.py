@@ -146,6 +146,10 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         "tokenizer": ["transformers", "CLIPTokenizer"] if tokenizer is not None else [None, None],
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     }
+    out_dir = Path(out_dir)
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise FileExistsError(f"{out_dir} holds files but no model_index.json: overwrite replaces a diffusers pipeline "
+                              f"folder, not any directory (a run directory, say); choose another output directory")
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(unet_config, tmp / "unet" / "config.json")
         _save_safetensors(unet_state, tmp / "unet" / DIFFUSERS_WEIGHTS)
