@@ -220,3 +220,34 @@ def test_pretrained_byte_encoder_stays_frozen_and_the_checkpoint_carries_it(tmp_
     assert all(torch.equal(v, before[k]) for k, v in module.pipeline.conditioner.state_dict().items())
     assert all(p.grad is None for p in module.pipeline.conditioner.parameters())
     restore_without(trainer, module, encoder_dir, tmp_path / "model.ckpt")
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.9999])
+def test_ema_warms_up_as_diffusers_ema_model(decay: float):
+    """The EMA's decay ramps as min(decay, (1 + n) / (10 + n)), diffusers' EMAModel (and CompVis' LitEma): the
+    average follows the weights early on. A fixed 0.9999 held 90% of the initial weights after 1000 steps."""
+    from diffusers.training_utils import EMAModel
+
+    from ldm.modules.ema import make_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    ours, theirs = make_ema(model, decay), EMAModel(model.parameters(), decay=decay)
+    for _ in range(300):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ours.update_parameters(model)
+        theirs.step(model.parameters())
+    for mine, reference in zip(ours.module.parameters(), theirs.shadow_params):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    fixed = make_ema(model, decay, warmup=False)
+    initial = [p.clone() for p in fixed.module.parameters()]
+    fixed.update_parameters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    fixed.update_parameters(model)
+    moved = next(fixed.module.parameters()) - initial[0]
+    assert torch.allclose(moved, torch.full_like(moved, 1 - decay) + (next(model.parameters()) - 1 - initial[0]),
+                          atol=1e-5)

@@ -109,6 +109,16 @@ def test_trainer_arguments_the_manual_autoencoder_cannot_honour_are_refused_befo
     check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")  # automatic optimization: fine
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_weights_are_refused_naming_the_mixed_precision(precision):
+    """`-true` half precisions cast the weights: the fp32 latents then meet a bf16 UNet at the first step."""
+    node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", f"trainer.precision={precision}"]).trainer
+    with pytest.raises(ConfigError, match=rf"trainer.precision={precision} .*use trainer.precision=bf16-mixed"):
+        check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")
+    node.precision = "bf16-mixed"
+    check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["trainer=ddp_cpu"], None), (["trainer=ddp_cpu", "trainer.strategy=ddp"], "ddp_find_unused_parameters_true"),
     (["trainer=ddp_cpu", "trainer.strategy=ddp_spawn_find_unused_parameters_false"],

@@ -267,6 +267,9 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 TRAINER_DEFAULTS: dict[str, Any] = {"accumulate_grad_batches": 1}
 
 
+HALF_WEIGHT_PRECISIONS = ("16-true", "bf16-true", "half")  # Lightning's precisions that cast the weights
+
+
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
                   compile_networks: bool = False) -> None:
     """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
@@ -292,6 +295,10 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
                               f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
+    if str(trainer.get("precision")) in HALF_WEIGHT_PRECISIONS:
+        raise ConfigError(f"trainer.precision={trainer.get('precision')} would hold the weights themselves in 16 bits "
+                          f"(no fp32 copy: the inputs' dtype no longer matches, and an EMA update of 1e-4 is below "
+                          f"bf16's resolution); use trainer.precision=bf16-mixed (or 16-mixed)")
     if trainer.get("val_check_interval") == 0:  # Lightning would divide by it
         raise ConfigError("trainer.val_check_interval=0 must be > 0: training batches between validations, or a "
                           "fraction of an epoch")

@@ -43,6 +43,7 @@ class Config:
     lr_decay_steps: int = 0                   # wsd: a linear decay to 0 over the last lr_decay_steps
     grad_clip: float | None = None            # max gradient norm per optimizer; null: no clipping
     ema_decay: float | None = None            # EMA of the autoencoder; validation and export use it; null: off
+    ema_warmup: bool = True                   # decay min(ema_decay, (1 + n) / (10 + n)) at update n (LitEma's)
     init_posterior_logvar: float | None = None  # start quant_conv's log-variance outputs here; null: as LDM (~0)
     image_key: str = "image"                  # where a dict batch keeps its images (B, C, H, W) in [-1, 1]
     num_log_images: int = 8                   # images per grid in `log_images`
@@ -83,7 +84,8 @@ class AutoencoderModule(L.LightningModule):
             with torch.no_grad():
                 self.autoencoder.quant_conv.bias[config.net.embed_dim:].fill_(config.init_posterior_logvar)
         self.loss = AutoencoderLoss(config.loss)
-        self.ema = make_ema(self.autoencoder, config.ema_decay) if config.ema_decay is not None else None
+        self.ema = make_ema(self.autoencoder, config.ema_decay, config.ema_warmup) if config.ema_decay is not None \
+            else None
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_lpips = MeanMetric()

@@ -64,6 +64,7 @@ class Config:
     lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (to 0 at the last step) | wsd
     lr_decay_steps: int = 0                # wsd: a linear decay to 0 over the last lr_decay_steps
     ema_decay: float | None = 0.9999       # EMA of the UNet (and a trainable text encoder); null: off
+    ema_warmup: bool = True                # decay min(ema_decay, (1 + n) / (10 + n)) at update n (LitEma's)
     image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1], captions, class labels
     caption_key: str = "caption"
     label_key: str = "label"
@@ -214,8 +215,9 @@ class LatentDiffusionModule(L.LightningModule):
 
         # EMA of everything that trains.
         decay = config.ema_decay
-        self.ema = make_ema(self.pipeline.unet, decay) if decay is not None else None
-        self.ema_conditioner = make_ema(conditioner, decay) if decay and conditioner.trainable else None
+        self.ema = make_ema(self.pipeline.unet, decay, config.ema_warmup) if decay is not None else None
+        self.ema_conditioner = make_ema(conditioner, decay, config.ema_warmup) if decay and conditioner.trainable \
+            else None
 
     @classmethod
     def check_files(cls, config: Config) -> None:
@@ -244,7 +246,6 @@ class LatentDiffusionModule(L.LightningModule):
             datamodule.require_labels = True  # before its loaders: unlabelled samples are skipped and counted
 
     def on_fit_start(self) -> None:
-        self.pipeline.autoencoder.float()  # "-true" precisions cast every module; the autoencoder runs in fp32
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
             from ldm.data.latents import check_manifest, weights_hash
