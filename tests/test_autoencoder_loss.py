@@ -113,3 +113,13 @@ def test_missing_backbone_fails_fast_naming_flag_and_file(tmp_path, monkeypatch)
     message = str(err.value)
     assert "model.loss.lpips_pretrained_backbone=false" in message
     assert str(tmp_path / "empty" / "hub" / "checkpoints" / VGG16_FILE) in message
+
+
+def test_the_loss_with_lpips_pickles(tmp_path, monkeypatch):
+    """trainer.strategy=ddp_spawn pickles the module into its processes."""
+    import pickle
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    loss = AutoencoderLoss(LossConfig(lpips_weight=1.0, lpips_pretrained_backbone=False)).train()
+    again = pickle.loads(pickle.dumps(loss))
+    assert not again.perceptual.training and again.discriminator.training

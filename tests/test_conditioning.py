@@ -250,3 +250,19 @@ def test_pretrained_byte_encoder_loads_frozen_and_checks_the_config(tmp_path):
         build_conditioner({**config, "name_or_path": str(tmp_path / "nowhere")})
     empty = build_conditioner({**config, "name_or_path": str(tmp_path / "nowhere")}, load_pretrained=False)
     assert not empty.trainable  # a checkpoint's state dict fills it
+
+
+@pytest.mark.parametrize(("layer", "pooled"), [("penultimate", False), ("penultimate", True), ("last", False)])
+def test_a_trainable_encoder_leaves_no_parameter_that_wants_a_gradient_without_one(tiny_clip, layer, pooled):
+    """DDP waits for a gradient of every parameter that requires one: the penultimate layer without the pooled
+    vector leaves CLIP's last block out, which is then frozen (it stayed in AdamW and stopped DDP at its first step)."""
+    conditioner = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip), "trainable": True,
+                                     "layer": layer, "pooled": pooled, "cond_drop_prob": 0.0}).train()
+    out = conditioner(["a red circle", "a blue square"])
+    loss = out["context"].square().mean() + (out["pooled"].square().mean() if pooled else 0)
+    loss.backward()
+    wanting = [n for n, p in conditioner.named_parameters() if p.requires_grad and p.grad is None]
+    assert not wanting, wanting
+    trained = sum(p.requires_grad for p in conditioner.parameters())
+    assert trained < len(list(conditioner.parameters())) if (layer, pooled) == ("penultimate", False) else \
+        trained == len(list(conditioner.parameters()))

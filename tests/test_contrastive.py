@@ -130,4 +130,51 @@ def test_weight_decay_spares_the_temperature_gains_and_biases():
         moved = not torch.equal(p, before[name])
         assert moved == (p.ndim >= 2 and bool(before[name].any())), name
     assert module.log_logit_scale == before["log_logit_scale"]
-    assert [len(g["params"]) for g in ContrastiveModule(tiny_config())._param_groups()] == [len(before)]
+
+
+def test_a_one_group_checkpoint_resumes_into_the_two_groups(tmp_path):
+    """Checkpoints of older code hold one AdamW group of every parameter (and a resume may change weight_decay): the
+    state is split by parameter, so each parameter keeps its moments, and the schedule drives both groups."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ldm.callbacks.optimizer_settings import OptimizerSettings
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1,
+                    "caption": CAPTIONS[i % 4]}
+
+    def fit(module, steps, ckpt_path=None):
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path), accelerator="cpu", callbacks=[OptimizerSettings()],
+                            enable_checkpointing=False, num_sanity_val_steps=0)
+        trainer.fit(module, DataLoader(Pairs(), batch_size=4), ckpt_path=ckpt_path)
+        return trainer
+
+    torch.manual_seed(0)
+    module = ContrastiveModule(tiny_config(warmup_steps=4))
+    trainer = fit(module, 2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    checkpoint = torch.load(tmp_path / "two.ckpt", weights_only=False)
+    state = checkpoint["optimizer_states"][0]
+    order = [id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    by_param = {id(p): i for i, p in enumerate(module.parameters())}
+    old = {by_param[pid]: state["state"][i] for i, pid in enumerate(order)}  # as one group in parameter order
+    state["state"] = old
+    state["param_groups"] = [{**state["param_groups"][0], "params": sorted(old)}]
+    for scheduler in checkpoint["lr_schedulers"]:
+        for key, value in scheduler.items():
+            if isinstance(value, list):
+                scheduler[key] = value[:1]
+    torch.save(checkpoint, tmp_path / "one.ckpt")
+
+    resumed = ContrastiveModule(tiny_config(warmup_steps=4, weight_decay=0.1))
+    trainer = fit(resumed, 3, str(tmp_path / "one.ckpt"))
+    groups = trainer.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["lr"] == groups[1]["lr"] > 0
+    steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
+    assert steps == {3}, "every parameter kept its two steps of Adam moments and took the third"

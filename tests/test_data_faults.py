@@ -165,6 +165,27 @@ def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_pa
     assert 0 < readable < 8 and counted == 8 - readable
 
 
+def test_a_truncated_shard_is_counted_over_the_first_epoch_only(tmp_path: Path):
+    """One shard that summary.json counts as 20 samples holds fewer; 3 workers' ranges start at a new position each
+    epoch: the samples it lost are counted in the first epoch, not again in every later one, and every report names
+    where the shard really ends."""
+    whole = write_shard(tmp_path / "full.tar", shapes_like(tmp_path, "c", 20)).read_bytes()
+    cut = tmp_path / "train-000000.tar"
+    cut.write_bytes(whole[: len(whole) * 3 // 5])
+    (tmp_path / "full.tar").unlink()
+    readable = sum(1 for _ in wds.WebDataset(str(cut), handler=wds.ignore_and_continue, shardshuffle=False))
+    summary = {"splits": {"train": {"shards": [cut.name], "shard_counts": [20], "count": 20}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    dm = WebDataModule(train_shards=str(cut), batch_size=2, num_workers=3, resolution=8, shuffle_buffer=4)
+    dm.setup("fit")
+    loader, counts = dm.train_dataloader(), []
+    for _ in range(4):
+        assert len(list(loader)) == len(loader)
+        counts.append(dm.num_skipped)
+    assert 0 < counts[0] <= 20 - readable and counts == [counts[0]] * 4, counts
+    assert all(f"the shard ends after {readable} samples" in reason for _, _, reason in dm.skipped)
+
+
 class Mean(L.LightningModule):
     """The smallest trainable module: the data are under test here."""
 

@@ -169,6 +169,8 @@ class TextConditioner(Conditioner):
         self.context_dim = encoder.context_dim
         self.pooled_dim = encoder.pooled_dim if pooled else None
         self.trainable = encoder.trainable
+        if hasattr(encoder, "freeze_unused"):  # a trainable encoder's parameters that this conditioning leaves unused
+            encoder.freeze_unused(pooled)
 
     def forward(self, prompts: Sequence[str] | EncodedText, generator: torch.Generator | None = None) -> UNetKwargs:
         """Prompts (B strings), or their precomputed encoding, to {"context": (B, L, D), "class_labels": None,

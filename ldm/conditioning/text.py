@@ -136,6 +136,14 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
             text_model = getattr(self.transformer, "text_model", self.transformer)  # transformers 4 nests it
             return text_model.final_layer_norm(out.hidden_states[-2]), out.pooler_output
 
+    def freeze_unused(self, pooled: bool) -> None:
+        """Without the pooled output, the penultimate layer's context leaves the last block without a gradient:
+        frozen, so that a trainable encoder neither carries it in AdamW nor stops DDP, which waits for a gradient of
+        every parameter that requires one."""
+        if self.trainable and self.layer == "penultimate" and not pooled:
+            text_model = getattr(self.transformer, "text_model", self.transformer)
+            text_model.encoder.layers[-1].requires_grad_(False)
+
 
 _T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
@@ -168,6 +176,13 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         self.trainable = trainable
         self.context_dim = self.pooled_dim = getattr(config, "hidden_size", None) or config.d_model
         self.freeze()
+
+    def freeze_unused(self, pooled: bool) -> None:
+        """A BERT-style pooler is never used (the pooled vector is the tokens' mean): frozen, so that a trainable
+        encoder does not stop DDP, which waits for a gradient of every parameter that requires one."""
+        pooler = getattr(self.transformer, "pooler", None)
+        if self.trainable and isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts to the context (B, max_length, hidden_size) and its mean over the real tokens

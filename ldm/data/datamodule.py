@@ -161,15 +161,21 @@ class EpochLoader(DataLoader):
         self.begin_epoch = begin_epoch
         self.on_batch = on_batch
         self.datamodule = datamodule
+        self.passes = 0  # iterations started: epochs (training) or validations
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.plan.epoch, self.dataset.plan.skip_batches = self.begin_epoch(len(self.dataset))
-        return self._batches(super().__iter__())
+        self.passes += 1
+        return self._batches(super().__iter__(), first=self.passes == 1)
 
-    def _batches(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _batches(self, iterator: Iterator[dict[str, Any]], first: bool) -> Iterator[dict[str, Any]]:
+        """Each batch without its reports; those of the loader's first pass are counted (later epochs and validations
+        meet the same samples again, and would count them again)."""
         for batch in iterator:
-            self.datamodule.record_uncaptioned(batch.pop("__uncaptioned__", []))
-            self.on_batch(batch.pop("__skipped__", []))
+            uncaptioned, skipped = batch.pop("__uncaptioned__", []), batch.pop("__skipped__", [])
+            if first:
+                self.datamodule.record_uncaptioned(uncaptioned)
+            self.on_batch(skipped if first else [])
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -234,8 +240,6 @@ class WebDataModule(L.LightningDataModule):
         self.num_skipped = 0  # corrupt samples skipped by this process's loaders
         self.skipped: list[tuple[str, str, str]] = []  # (shard, key, reason), the first 1000
         self.uncaptioned: dict[str, int] = {}  # shard -> samples without a caption (they train with "")
-        self._skipped_seen: set[tuple[str, str]] = set()  # (shard, key): each counted once, whatever the epochs
-        self._uncaptioned_seen: set[tuple[str, str]] = set()
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
         self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
@@ -373,11 +377,7 @@ class WebDataModule(L.LightningDataModule):
         self._record_skipped(skipped)
 
     def _record_skipped(self, skipped: list[tuple[str, str, str, int]]) -> None:
-        """Count and warn about each corrupt sample once: the epochs (and validations) after the first meet it again."""
         for shard, key, reason, count in skipped:
-            if (shard, key) in self._skipped_seen:
-                continue
-            self._skipped_seen.add((shard, key))
             log.warning("skipped corrupt sample%s: shard %s, key %s (%s)", "s" if count > 1 else "", shard, key,
                         reason)
             if len(self.skipped) < 1000:
@@ -385,11 +385,8 @@ class WebDataModule(L.LightningDataModule):
             self.num_skipped += count
 
     def record_uncaptioned(self, samples: list[tuple[str, str]]) -> None:
-        """Count samples without a caption, each once; warn once per shard (they train with the empty caption)."""
+        """Count samples without a caption; warn once per shard (they train with the empty caption)."""
         for shard, key in samples:
-            if (shard, key) in self._uncaptioned_seen:
-                continue
-            self._uncaptioned_seen.add((shard, key))
             if shard not in self.uncaptioned:
                 log.warning("shard %s: sample %s has no caption (.txt); it trains with the empty caption \"\" (one "
                             "warning per shard; the run's total is printed at the end)", shard, key)

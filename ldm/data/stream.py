@@ -193,9 +193,10 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             continue
         skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
-        read, prefix = 0, []
+        read, seen, prefix = 0, 0, []
         try:
             for i, sample in enumerate(islice(samples, hi)):
+                seen = i + 1
                 if cache is not None:
                     prefix.append(sample)
                 if i >= lo:
@@ -210,7 +211,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         error = f" ({skips.tar_error})" if skips.tar_error else ""
         if read < hi - lo:  # one record for the samples of this range lost
             skips.add(url, f"samples {lo + read}-{hi - 1}",
-                      f"damaged tar: the shard ends after {lo + read} samples but its count says at least {hi}"
+                      f"damaged tar: the shard ends after {seen} samples but its count says at least {hi}"
                       f"{error} (truncated, or its count is out of date); {fix}", count=hi - lo - read)
         elif error:
             skips.add(url, "?", f"damaged tar{error}; {fix}")

@@ -131,7 +131,8 @@ def _compute_kid(kid: KernelInceptionDistance, subset_size: int, seed: int) -> d
     ordered = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=kid.subsets,
                                       subset_size=max(2, min(subset_size, len(real), len(fake))), degree=kid.degree,
                                       gamma=kid.gamma, coef=kid.coef, sync_on_compute=False).to(real.device)
-    ordered.real_features, ordered.fake_features = [real], [fake]
+    ordered.update(real, real=True)                                           # PrecomputedFeatures: as they are
+    ordered.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mean, std = ordered.compute()

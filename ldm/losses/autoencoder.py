@@ -79,6 +79,14 @@ class AutoencoderLoss(nn.Module):
         else:
             self.register_buffer("logvar", logvar)
 
+    def train(self, mode: bool = True) -> AutoencoderLoss:
+        """The module trains; LPIPS stays in eval mode: Lightning's `.train()` (at fit start and after each
+        validation) would switch on the dropout (p=0.5) in front of its linear heads and make the loss random."""
+        super().train(mode)
+        if self.perceptual is not None:
+            self.perceptual.eval()
+        return self
+
     def disc_active(self, step: int) -> bool:
         return step >= self.config.disc_start and self.config.disc_factor > 0
 

@@ -37,14 +37,8 @@ def build_lpips(pretrained_backbone: bool = True, flag: str = "model.loss.lpips_
             f"LPIPS needs the VGG16 backbone weights at {path} and will not download them. Copy {VGG16_FILE} there "
             f"(or set TORCH_HOME to a directory whose hub/checkpoints/ holds it), set {flag}=false to use a random "
             f"backbone, or set model.loss.lpips_weight=0 to drop LPIPS.")
-    class FrozenLPIPS(lpips.LPIPS):
-        """Stays in eval mode: the parent module's `.train()` (Lightning's, at fit start and after each validation)
-        would switch on the dropout (p=0.5) in front of its linear heads and make the loss random."""
-
-        def train(self, mode: bool = True) -> FrozenLPIPS:
-            return super().train(False)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecation notice for `pretrained=`
-        net = FrozenLPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
-    return net.requires_grad_(False)
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+    net.eval().requires_grad_(False)
+    return net

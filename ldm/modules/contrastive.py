@@ -152,14 +152,29 @@ class ContrastiveModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        """With weight decay, CLIP's two groups (open_clip's `exclude`): the temperature, gains and biases (tensors
-        of fewer than 2 dimensions) are not decayed, or the decay would pull the logit scale towards 1 and shrink the
-        LayerNorms; matrices and embeddings are. Without, one group (what checkpoints of weight_decay=0 hold)."""
+        """CLIP's two groups (open_clip's `exclude`): the temperature, gains and biases (tensors of fewer than 2
+        dimensions) are not decayed, or `weight_decay` would pull the logit scale towards 1 and shrink the LayerNorms;
+        matrices and embeddings are. Two groups whatever the decay, so that a resume may change it."""
         params = list(self.parameters())
-        if not self.config.weight_decay:
-            return [{"params": params}]
         return [{"params": [p for p in params if p.ndim >= 2]},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of older code holds one param group of every parameter: split into `_param_groups`' two (the
+        same parameters in the same order within each), and the scheduler's per-group lists with it."""
+        states = checkpoint.get("optimizer_states") or []
+        params = list(self.parameters())
+        if len(states) != 1 or len(states[0]["param_groups"]) != 1 or \
+                len(states[0]["param_groups"][0]["params"]) != len(params):
+            return
+        group = states[0]["param_groups"][0]
+        states[0]["param_groups"] = [
+            {**group, "params": [i for i, p in zip(group["params"], params) if p.ndim >= 2]},
+            {**group, "params": [i for i, p in zip(group["params"], params) if p.ndim < 2], "weight_decay": 0.0}]
+        for scheduler in checkpoint.get("lr_schedulers") or []:
+            for key, value in scheduler.items():
+                if isinstance(value, list) and len(value) == 1:  # base_lrs, _last_lr, lr_lambdas: one per group
+                    scheduler[key] = value * 2
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
