@@ -30,6 +30,13 @@ TRAINERS = sorted(p.stem for p in (Path(CONF_DIR) / "trainer").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
     cfg = compose_train([f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
+    required = [k for k in ("init_from", "autoencoder_path") if cfg.model.get(k) == "REQUIRED"]
+    if required:  # the experiment's own keys for the command line: refused, naming the first
+        with pytest.raises(ConfigError, match=rf"model.{required[0]} is required by this experiment: .* e\.g\. "
+                                              rf"model.{required[0]}="):
+            configs.to_dataclass(LatentDiffusionModule.Config, cfg.model, "model")
+        for key in required:
+            cfg.model[key] = "/tmp/unused/sd"
     if "autoencoder_path" in cfg.model and cfg.model.autoencoder_path is None:
         cfg.model.autoencoder_path = "/tmp/unused/export"  # required on the command line for stage 2
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

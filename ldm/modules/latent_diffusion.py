@@ -35,6 +35,14 @@ from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import step_generator
 
+REQUIRED = "REQUIRED"  # what an experiment sets for a model key the command line must give
+REQUIRED_HINTS = {
+    "init_from": "a Stable Diffusion diffusers pipeline folder or single file, e.g. "
+                 "model.init_from=/models/stable-diffusion-v1-5",
+    "autoencoder_path": "stage 1's export, or a Stable Diffusion VAE (diffusers vae/ or pipeline folder, or a single "
+                        "file), e.g. model.autoencoder_path=/models/sd-vae-ft-mse",
+}
+
 
 @dataclass
 class Config:
@@ -85,6 +93,9 @@ class Config:
         check_optimizer_config(self)
         if self.init_prediction is not None:
             check_choice("init_prediction", self.init_prediction, PREDICTIONS)
+        missing = [key for key in ("init_from", "autoencoder_path") if getattr(self, key) == REQUIRED]
+        if missing:  # an experiment's `???` would be dropped in the merge onto this schema's null
+            raise ConfigError(f"model.{missing[0]} is required by this experiment: {REQUIRED_HINTS[missing[0]]}")
         if not self.autoencoder_path and not self.init_from:
             raise ConfigError("model.autoencoder_path is required: stage 1's export directory (<vae run>/export), "
                               "run directory or checkpoint, or a Stable Diffusion VAE, e.g. "
