@@ -68,6 +68,10 @@ class LatentDiffusionPipeline(nn.Module):
         if unet.config.in_channels != autoencoder.config.embed_dim:
             raise ConfigError(f"{prefix}.unet.in_channels={unet.config.in_channels} does not match the autoencoder's "
                               f"latent channels embed_dim={autoencoder.config.embed_dim}")
+        if unet.config.output_channels != unet.config.in_channels:
+            raise ConfigError(f"{prefix}.unet.out_channels={unet.config.out_channels}: the model predicts eps, v or "
+                              f"x0 of the latent, {unet.config.in_channels} channels (learned variances are not "
+                              f"supported); set {prefix}.unet.out_channels=null")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.latent_scale = float(latent_scale)
         self.unet = unet

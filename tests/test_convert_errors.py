@@ -178,3 +178,31 @@ def test_every_single_file_suffix_is_a_stable_diffusion_text_encoder_source(tmp_
     (tmp_path / f"model{suffix}").write_bytes(b"")
     assert is_stable_diffusion(str(tmp_path / f"model{suffix}"))
     assert not is_stable_diffusion(str(tmp_path / "openai/clip-vit-large-patch14"))
+
+
+def test_a_first_level_multiplier_other_than_one_is_refused_on_export():
+    """diffusers sizes conv_in (and the UNet's time embedding) from the first level's width: such an export wrote a
+    folder no reader could load."""
+    from ldm.convert.autoencoder import autoencoder_config_to_diffusers
+    from ldm.convert.unet import unet_config_to_diffusers
+
+    unet = UNetConfig(model_channels=32, channel_mult=[2, 4], num_res_blocks=1, attention_levels=[1], num_heads=None,
+                      head_dim=16, context_dim=32)
+    with pytest.raises(UnsupportedCheckpointError, match=r"channel_mult\[0\]=2 \(not 1\)"):
+        unet_config_to_diffusers(unet)
+    with pytest.raises(UnsupportedCheckpointError, match=r"ch_mult\[0\]=2 \(not 1\)"):
+        autoencoder_config_to_diffusers(AutoencoderConfig(ch=32, ch_mult=[2, 2], num_res_blocks=1), 0.5)
+
+
+def test_a_unet_with_more_output_than_latent_channels_is_refused_by_the_pipeline(tmp_path):
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", context_dim=None, out_channels=8))
+    with pytest.raises(ConfigError, match=r"model.unet.out_channels=8: .*set model.unet.out_channels=null"):
+        LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
+                               "conditioner": {"kind": "none"}, "ema_decay": None})

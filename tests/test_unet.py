@@ -199,3 +199,45 @@ def test_forward_input_checks():
         model(torch.randn(2, 4, 7, 8), kwargs["t"], kwargs["context"])
     with pytest.raises(ValueError, match="not class-conditional"):
         model(**kwargs, class_labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_a_unet_built_on_the_meta_device_and_loaded_equals_the_original():
+    """The way large models load (build on meta, `to_empty`, `load_state_dict`): nothing the state dict does not
+    fill may hold uninitialised memory (the folded upsampling's taps were such a buffer)."""
+    config = dataclasses.replace(TINY, channel_mult=[1, 2])
+    model = randomize(UNet(config)).eval()
+    with torch.device("meta"):
+        empty = UNet(config)
+    loaded = empty.to_empty(device="cpu").eval()
+    loaded.load_state_dict(model.state_dict(), strict=True)
+    kwargs = inputs(config)
+    with torch.no_grad():
+        assert torch.equal(loaded(**kwargs), model(**kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_frozen_copy_with_linear_projections_rounds_as_the_trained_unet(dtype):
+    """An EMA or loaded copy (no parameter requires a gradient) gives the trained UNet's outputs to the bit, also
+    with nn.Linear projections under half-precision autocast (a strided input let matmul fold or batch by
+    requires_grad)."""
+    config = dataclasses.replace(TINY, use_linear_proj=True, transformer_depth=2)
+    trained = randomize(UNet(config)).eval()
+    frozen = randomize(UNet(config)).eval().requires_grad_(False)
+    kwargs = inputs(config, batch=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(trained(**kwargs), frozen(**kwargs))
+
+
+def test_dropout_is_in_the_resnet_blocks_only_as_ldm_and_diffusers():
+    model = UNet(dataclasses.replace(TINY, dropout=0.1))
+    rates = {name.split(".")[-1] if "res" not in name else "res": m.p for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Dropout)}
+    assert rates.pop("res") == 0.1 and all(p == 0.0 for p in rates.values())
+
+
+def test_pointwise_conv_takes_an_empty_batch():
+    from ldm.nn.conv import PointwiseConv
+
+    conv = PointwiseConv(4, 6)
+    for x in (torch.zeros(0, 4, 3, 3), torch.zeros(0, 4, 3, 3).to(memory_format=torch.channels_last)):
+        assert conv(x).shape == (0, 6, 3, 3)

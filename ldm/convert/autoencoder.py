@@ -67,6 +67,10 @@ def autoencoder_config_to_diffusers(config: AutoencoderConfig, latent_scale: flo
         force_upcast: diffusers runs the VAE in fp32 under fp16 pipelines (the SDXL VAE overflows in fp16).
     """
     what = "export of the autoencoder to diffusers"
+    if config.ch_mult[0] != 1:
+        raise UnsupportedCheckpointError(f"{what}: ch_mult[0]={config.ch_mult[0]} (not 1): diffusers' conv_in is the "
+                                         f"first level's width, this encoder's is ch; use ch * ch_mult[0] as ch and "
+                                         f"the multipliers divided by ch_mult[0]")
     if not config.double_z:
         raise UnsupportedCheckpointError(f"{what}: double_z=false (no log-variance) has no diffusers counterpart")
     if config.embed_dim != config.z_channels:

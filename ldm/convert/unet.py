@@ -116,6 +116,11 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int = 64) -> dict[
     """
     what = "export of the UNet to diffusers"
     _check_supported_channels(config.in_channels, config.output_channels, what)
+    if config.channel_mult[0] != 1:
+        raise UnsupportedCheckpointError(f"{what}: channel_mult[0]={config.channel_mult[0]} (not 1): diffusers sizes "
+                                         f"conv_in and the time embedding from the first level's width, this UNet "
+                                         f"from model_channels; train with model_channels * channel_mult[0] as "
+                                         f"model_channels and the multipliers divided by channel_mult[0]")
     if config.context_dim is None:
         raise UnsupportedCheckpointError(f"{what}: context_dim=None (no cross-attention) has no diffusers "
                                          f"UNet2DConditionModel counterpart")

@@ -161,7 +161,9 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)                                                        # (B, C, H, W)
         if self.use_linear_proj:
-            h = self.proj_in(h.flatten(2).transpose(1, 2))                      # (B, H*W, inner)
+            # note: contiguous, or nn.Linear folds or batches the product by `requires_grad` (a frozen copy, the
+            # EMA, would round differently from the trained UNet; see ldm.nn.conv.PointwiseConv)
+            h = self.proj_in(h.flatten(2).transpose(1, 2).contiguous())         # (B, H*W, inner)
         else:
             h = self.proj_in(h).flatten(2).transpose(1, 2)                      # (B, H*W, inner)
         for block in self.blocks:

@@ -37,11 +37,11 @@ class PointwiseConv(nn.Conv2d):
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)                  # (B*H*W, in), a view
             y = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)  # (B*H*W, out)
-            return y.view(B, H, W, -1).permute(0, 3, 1, 2)                      # (B, out, H, W), channels_last
+            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)       # (B, out, H, W), channels_last
         weight = weight.expand(B, -1, -1)                                       # (B, out, in), no copy
         pixels = x.flatten(2)                                                   # (B, in, H*W)
         y = torch.bmm(weight, pixels) if bias is None else torch.baddbmm(bias[:, None], weight, pixels)
-        return y.view(B, -1, H, W)                                              # (B, out, H, W)
+        return y.view(B, self.out_channels, H, W)                               # (B, out, H, W)
 
 
 class Upsample(nn.Module):
@@ -60,15 +60,26 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        # taps[3y + x, 4k + l] = 1 where tap (y, x) of the 3x3 kernel adds into tap (k, l) of the 4x4 one.
-        rows = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (k, y)
-        self.register_buffer("taps", torch.kron(rows, rows).T.contiguous(), persistent=False)  # (9, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.conv.weight                                               # (out, in, 3, 3)
         C_out, C_in = weight.shape[:2]
         exact = torch.promote_types(weight.dtype, torch.float32)                # sum half-precision taps in fp32
         with torch.autocast(weight.device.type, enabled=False):
-            kernel = weight.transpose(0, 1).reshape(-1, 9).to(exact) @ self.taps.to(exact)  # (in * out, 16)
+            kernel = weight.transpose(0, 1).reshape(-1, 9).to(exact) @ _taps(weight.device, exact)  # (in * out, 16)
         kernel = kernel.view(C_in, C_out, 4, 4).to(weight.dtype)                # (in, out, 4, 4)
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)  # (B, out, 2H, 2W)
+
+
+_TAPS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`Upsample`'s fold (9, 16): taps[3y + x, 4k + l] = 1 where tap (y, x) of the 3x3 kernel adds into tap (k, l) of
+    the 4x4 one. A constant made once per device and dtype, not a buffer: a model built on the meta device and
+    filled by `to_empty` + `load_state_dict` (as large models are loaded) would hold an unfilled buffer."""
+    key = (device, dtype)
+    if key not in _TAPS:
+        rows = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (k, y)
+        _TAPS[key] = torch.kron(rows, rows).T.contiguous().to(device=device, dtype=dtype)        # (9, 16)
+    return _TAPS[key]

@@ -47,7 +47,8 @@ class UNetConfig:
     pooled_dim: int | None = None            # width of a pooled prompt vector (B, pooled_dim) added to the time
     #                                          embedding through a 2-layer MLP (SDXL's adm_in_channels, Imagen)
     norm_groups: int = 32                    # GroupNorm groups; every level's width must divide by it
-    dropout: float = 0.0                     # in ResNet blocks and transformers
+    dropout: float = 0.0                     # before each ResNet block's second conv (LDM's and diffusers' UNets:
+    #                                          none in the transformers)
     upcast_attention: bool = False           # fp32 attention for fp16 inputs (see ldm.nn.attention)
     gradient_checkpointing: bool = False     # recompute each block in backward (torch.utils.checkpoint)
 
@@ -182,7 +183,7 @@ class UNet(nn.Module):
         def transformer(channels: int) -> SpatialTransformer:
             num_heads, head_dim = c.heads(channels)
             return SpatialTransformer(channels, num_heads, head_dim, c.transformer_depth, c.context_dim,
-                                      c.norm_groups, c.use_linear_proj, c.dropout, c.upcast_attention)
+                                      c.norm_groups, c.use_linear_proj, 0.0, c.upcast_attention)  # as LDM, diffusers
 
         # Embeddings.
         self.time_embed = TimestepEmbedder(c.model_channels, embed_dim)
