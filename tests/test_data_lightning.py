@@ -33,8 +33,8 @@ def _fit(shards: Path, root: Path, ckpt_path: str | None = None, **trainer_optio
     dm = WebDataModule(train_shards=str(shards / "train-00000[0-2].tar"), batch_size=4, num_workers=2, seed=7,
                        shuffle_buffer=8)
     module = KeyRecorder()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=20, max_epochs=-1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=trainer_options.pop("max_steps", 20), max_epochs=-1,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(root),
                         callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1,
                                                    filename="step{step}", auto_insert_metric_name=False)],
@@ -62,3 +62,11 @@ def test_resume_at_the_end_of_an_epoch_shortened_by_limit_train_batches(shapes_s
     resumed = _fit(shapes_shards, tmp_path / "resumed", str(tmp_path / "full" / "ckpt" / "step6.ckpt"),
                    limit_train_batches=limit).seen
     assert resumed == full[6:]
+
+
+def test_overfit_batches_are_the_same_batches_every_epoch(shapes_shards: Path, tmp_path: Path):
+    """debug=overfit (trainer.overfit_batches): Lightning cuts each epoch to a few batches, which must be the same
+    ones every epoch, or the preset trains on the whole data set in short epochs and shows no wiring bug."""
+    seen = _fit(shapes_shards, tmp_path / "overfit", overfit_batches=3, max_steps=9).seen
+    epochs = [[k for _, ks in seen[i:i + 3] for k in ks] for i in (0, 3, 6)]
+    assert epochs[0] == epochs[1] == epochs[2]

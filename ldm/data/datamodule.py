@@ -336,7 +336,8 @@ class WebDataModule(L.LightningDataModule):
         this run's epochs would end before it; allowed, the epoch goes on after the batches trained, or, past the end
         of this run's shorter epoch, runs again from its start (Lightning finishes that epoch on the first iterator,
         and its next one reads the next epoch). Otherwise the epoch is the trainer's when one is attached (Lightning
-        iterates the loader once per epoch), else one more than the last iteration's.
+        iterates the loader once per epoch; epoch 0 again and again under `trainer.overfit_batches`, which must see
+        the same batches), else one more than the last iteration's.
         """
         num_batches = self._epoch_length(num_batches)
         if self._resume is not None:
@@ -353,8 +354,8 @@ class WebDataModule(L.LightningDataModule):
                 self._check_inexact_resume(epoch, skip, self._resume["changed"], again=skip >= num_batches)
                 skip = 0 if skip >= num_batches else skip
             self._resume = None
-        elif self.trainer is not None:
-            epoch, skip = self.trainer.current_epoch, 0
+        elif self.trainer is not None:  # trainer.overfit_batches: the same few batches every epoch (epoch 0's)
+            epoch, skip = 0 if self.trainer.overfit_batches else self.trainer.current_epoch, 0
         else:
             epoch, skip = self._epoch + 1, 0
         self._epoch, self._batches, self._trained = epoch, skip, skip
