@@ -75,9 +75,14 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and set(PROTOCOL_FIELDS) <= set(table[0])
-    # A second run appends, and reuses the cached reference statistics.
-    evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"]})
-    assert len(read_results(out)) == 3 and read_results(out)[2]["reference_hash"] == rows[0]["reference_hash"]
+    # A second run keeps a sweep point results.jsonl holds already (skip_done: a requeued job goes on where it
+    # stopped); with skip_done=false it scores it again and appends, reusing the cached reference statistics.
+    again = evaluate({**cfg, "guidance_scales": [1.0, 2.0], "metrics": ["fid"]})
+    assert again[0] == saved[0] and again[1]["guidance_scale"] == 2.0 and len(read_results(out)) == 3
+    evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "skip_done": False})
+    assert len(read_results(out)) == 4 and read_results(out)[3]["reference_hash"] == rows[0]["reference_hash"]
+    evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "seed": 1})  # another protocol: scored
+    assert len(read_results(out)) == 5
 
 
 def test_evaluator_scores_a_perfect_generator_above_noise(assets, tmp_path: Path):
@@ -234,3 +239,20 @@ def test_an_interrupted_sweep_keeps_its_scored_rows_and_a_torn_line_is_mended(
     assert [row["guidance_scale"] for row in read_results(out)] == [1.0, 2.0, 4.0]
     with (out / "results.csv").open() as f:
         assert [row["guidance_scale"] for row in csv.DictReader(f)] == ["1.0", "2.0", "4.0"]
+
+
+def test_prompts_from_a_file_need_not_the_validation_shards_the_model_was_trained_with(assets, tmp_path: Path):
+    """On another machine the training run's validation shards are gone: prompts from a file and reference images
+    from reference_shards need nothing of them (the run stopped, asking for val_shards)."""
+    checkpoint = torch.load(assets["ldm"], weights_only=False)
+    checkpoint["ldm"] = {"config": {"data": {"val_shards": str(tmp_path / "gone" / "val-*.tar")}}}
+    torch.save(checkpoint, tmp_path / "elsewhere.ckpt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle in the center on a white background\n")
+    cfg = make_cfg(assets, tmp_path / "eval", ckpt_path=str(tmp_path / "elsewhere.ckpt"), val_shards=None,
+                   prompts_source="file", prompts_file=str(prompts), reference_shards=assets["shards"],
+                   metrics=["fid", "shapes_color_accuracy"])
+    row = evaluate(cfg)[0]
+    assert row["fid"] > 0 and row["prompts"] == str(prompts)
+    with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained"):
+        evaluate({**cfg, "prompts_source": "val_shards", "prompts_file": None})  # its captions are the prompts

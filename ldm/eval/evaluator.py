@@ -39,7 +39,7 @@ from ldm.eval.metrics import (
     ReconstructionMetrics,
 )
 from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
-from ldm.eval.results import WandbTable, append_results, print_row
+from ldm.eval.results import WandbTable, append_results, print_row, read_results
 from ldm.eval.sources import iter_image_batches, load_prompts, shard_labels
 from ldm.images import to_uint8
 from ldm.io import check_export_weights
@@ -52,6 +52,11 @@ class WandbConfig:
     name: str | None = None           # run name; null lets W&B choose
     offline: bool = True              # no account or network needed; `wandb sync <dir>` uploads later
     num_images: int = 16              # sample images per row in the table (taken from rank 0's share)
+
+
+# What names the model of a row for `skip_done`: the file (path, size, modification time) and which weights.
+CHECKPOINT_IDENTITY = ("checkpoint", "checkpoint_size", "checkpoint_mtime", "checkpoint_kind", "checkpoint_step",
+                       "weights")
 
 
 @dataclass
@@ -85,6 +90,8 @@ class EvalConfig:
     kid_subset_size: int = 1000                 # capped by the number of images on either side
     lpips_pretrained_backbone: bool = True      # false: LPIPS over a random VGG (only for offline smoke tests)
     device: str = "auto"                        # auto: cuda:<local rank> when available, else cpu
+    skip_done: bool = True                      # keep a generation sweep point whose row results.jsonl holds already
+    #                                             (same checkpoint file, weights, point, N, seed, prompts, protocol)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -143,8 +150,9 @@ def _sha256_lines(lines: Sequence[str]) -> str:
 class Evaluator:
     """Shared state of one `ldm-eval` run: the feature network and the reference statistics, built once."""
 
-    def __init__(self, cfg: EvalConfig):
+    def __init__(self, cfg: EvalConfig, done: Sequence[dict[str, Any]] = ()):
         self.cfg = cfg = dataclasses.replace(cfg)
+        self.done = list(done)  # rows of earlier runs in output_dir, for `skip_done`
         if cfg.val_shards is not None:
             cfg.val_shards = local_shards(cfg.val_shards, "val_shards")
         if cfg.reference_shards is not None:
@@ -192,7 +200,9 @@ class Evaluator:
         if schedule is not None:  # before any statistics are computed
             for num_steps in cfg.num_steps:
                 check_num_steps(num_steps, schedule.num_train_timesteps, "num_steps")
-        shards = self.shards_for(pipeline)
+        needs_shards = cfg.prompts_source == "val_shards" or (
+            cfg.reference_shards is None and any(m in INCEPTION_METRICS for m in cfg.metrics))
+        shards = self.shards_for(pipeline) if needs_shards else cfg.val_shards
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
         labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
         labels = [labels[i % len(labels)] for i in range(cfg.num_samples)] if labels else None
@@ -206,12 +216,21 @@ class Evaluator:
             for num_steps in cfg.num_steps:
                 for guidance_scale in cfg.guidance_scales:
                     sweep = {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale)}
-                    metrics, shown = self._generate_and_score(pipeline, prompts, labels, shards, sweep)
+                    scorer, protocol = self._generation_metrics(int(pipeline.image_size), shards)
+                    point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, **sweep,
+                             "num_samples": cfg.num_samples, "resolution": pipeline.image_size, "seed": cfg.seed,
+                             "prompts_source": cfg.prompts_source, "prompts_sha256": _sha256_lines(prompts),
+                             **protocol}
+                    earlier = self._done_row(point)
+                    if earlier is not None:
+                        rows.append(earlier)
+                        continue
+                    metrics, shown = self._generate_and_score(pipeline, prompts, labels, scorer, sweep)
                     row = {**info, **sweep, "num_samples": cfg.num_samples,
                            "resolution": pipeline.image_size, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
                            "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
-                           "prompts_sha256": _sha256_lines(prompts), **metrics.pop("_protocol"), **metrics}
+                           "prompts_sha256": _sha256_lines(prompts), **protocol, **metrics}
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
@@ -236,13 +255,27 @@ class Evaluator:
             raise ConfigError(f"val_shards is not set and the validation shards the model was trained with are not "
                               f"here ({err}); set val_shards to image shards") from None
 
+    def _done_row(self, point: dict[str, Any]) -> dict[str, Any] | None:
+        """An earlier row of this sweep point (`skip_done`): every field of `point` equal and every asked-for metric
+        there; said on rank 0. None when the point is to be scored."""
+        if not self.cfg.skip_done:
+            return None
+        point = json.loads(json.dumps(point))  # as a row read back from results.jsonl (tuples as lists)
+        for row in self.done:
+            if all(row.get(k) == v for k, v in point.items()) and all(m in row for m in self.cfg.metrics):
+                if self.rank == 0:
+                    print(f"[ldm-eval] {point['checkpoint']} {point['sampler']} {point['num_steps']} steps guidance "
+                          f"{point['guidance_scale']:g}: in results.jsonl already (skip_done=false scores it "
+                          f"again)", flush=True)
+                return row
+        return None
+
     def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
-                            shards: list[str] | None, sweep: dict[str, Any],
+                            scorer: GenerationMetrics, sweep: dict[str, Any],
                             ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        # note: the metrics' models (Inception, CLIP) and reference statistics were loaded before the first sample
+        # is made (`_generation_metrics`), so that weights that cannot be had fail at once.
         cfg = self.cfg
-        # note: the metrics' models (Inception, CLIP) and reference statistics are loaded before the first sample is
-        # made, so that weights that cannot be had fail at once, not after a batch of generation.
-        scorer, protocol = self._generation_metrics(int(pipeline.image_size), shards)
         generated = 0
         shown: list[torch.Tensor] = []
         for batch in rank_batches(cfg.num_samples, cfg.batch_size, self.rank, self.world):
@@ -258,8 +291,7 @@ class Evaluator:
                 shown.append(images.cpu())
         if not generated:
             raise ValueError(f"rank {self.rank} got no samples: num_samples={cfg.num_samples} < {self.world} ranks")
-        metrics = scorer.compute()
-        return {**metrics, "_protocol": protocol}, torch.cat(shown) if shown else None
+        return scorer.compute(), torch.cat(shown) if shown else None
 
     def _generation_metrics(self, resolution: int, shards: list[str] | None,
                             ) -> tuple[GenerationMetrics, dict[str, Any]]:
@@ -341,22 +373,22 @@ def require_image_shards(shards: Any, why: str) -> None:
 
 
 def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
-    """Evaluate every checkpoint or export of `cfg.ckpt_path` (each read once) and return the rows appended to
-    `<output_dir>/results.jsonl`. Every rank returns the same rows; rank 0 alone writes files, prints and logs."""
+    """Evaluate every checkpoint or export of `cfg.ckpt_path` (each read once) and return the rows of the sweep: those
+    appended to `<output_dir>/results.jsonl`, and those it held already (`skip_done`). Every rank returns the same
+    rows; rank 0 alone writes files, prints and logs."""
     config = to_dataclass(EvalConfig, cfg)
     paths = resolve_checkpoints(config.ckpt_path)
     for path in paths:  # before any model is read
         check_export_weights(path, config.use_ema)
-    evaluator = Evaluator(config)
+    evaluator = Evaluator(config, done_rows(config))
     logger = WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
     rows: list[dict[str, Any]] = []
     checked: set[str] = set()
 
-    def record(row: dict[str, Any]) -> None:  # each row on disk as soon as it is scored
+    def record(row: dict[str, Any]) -> None:  # each new row on disk as soon as it is scored
         if evaluator.rank == 0:
             append_results(config.output_dir, [row])
             print_row(row)
-        rows.append(row)
 
     try:
         for path in paths:
@@ -365,14 +397,27 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
                 _check_weights(config, loaded.kind)
                 checked.add(loaded.kind)
             if loaded.kind == "autoencoder":
-                for row in evaluator.evaluate_reconstruction(loaded.model, loaded.info):
+                new = evaluator.evaluate_reconstruction(loaded.model, loaded.info)
+                for row in new:
                     record(row)
-            else:
-                evaluator.evaluate_generation(loaded.model, loaded.info, logger, on_row=record)
+            else:  # earlier rows of the sweep (skip_done) included
+                new = evaluator.evaluate_generation(loaded.model, loaded.info, logger, on_row=record)
             del loaded
+            rows.extend(new)
     finally:
         if logger is not None:
             logger.finish(rows)
+    return rows
+
+
+def done_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """The rows results.jsonl holds already (for `skip_done`): read by rank 0 and sent to the others, so that every
+    rank skips the same sweep points even where output_dir is not on a shared disk."""
+    rows = read_results(cfg.output_dir) if cfg.skip_done and rank_and_world()[0] == 0 else []
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [rows]
+        torch.distributed.broadcast_object_list(box, src=0)
+        rows = box[0]
     return rows
 
 
