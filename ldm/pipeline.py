@@ -140,7 +140,10 @@ class LatentDiffusionPipeline(nn.Module):
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H / f, W / f), fp32."""
         with torch.autocast(images.device.type, enabled=False):
-            return self.latents(self.autoencoder.encode(images.float()), generator)
+            posterior = self.autoencoder.encode(images.to(_dtype(self.autoencoder)))
+            if posterior.mean.dtype != torch.float32:  # a half-precision autoencoder: its moments in fp32
+                posterior = DiagonalGaussianDistribution(torch.cat([posterior.mean, posterior.logvar], 1).float())
+            return self.latents(posterior, generator)
 
     def latents(self, posterior: DiagonalGaussianDistribution, generator: torch.Generator | None = None,
                 ) -> torch.Tensor:
@@ -152,7 +155,8 @@ class LatentDiffusionPipeline(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W), fp32, clamped to [-1, 1]."""
         with torch.autocast(z.device.type, enabled=False):
-            return self.autoencoder.decode(z.float() / self.latent_scale).clamp(-1, 1)
+            z = (z.float() / self.latent_scale).to(_dtype(self.autoencoder))
+            return self.autoencoder.decode(z).float().clamp(-1, 1)
 
     # ------------------------------------------------------------------ training objective
 
@@ -196,7 +200,13 @@ class LatentDiffusionPipeline(nn.Module):
             negative_prompts: B prompts that guidance steers away from, in place of the empty prompt (text-conditioned
                 models; as diffusers' `negative_prompt`); None: the empty prompt.
         """
+        if isinstance(prompts, str) or isinstance(negative_prompts, str):
+            raise TypeError("prompts and negative_prompts are sequences, one per seed: [prompt] * len(seeds) for one")
         B = len(seeds)
+        if B == 0:
+            raise ValueError("seeds is empty: give one seed per image")
+        if negative_prompts is not None and len(negative_prompts) != B:
+            raise ValueError(f"{len(negative_prompts)} negative_prompts for {B} seeds: give one per seed")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1: no guidance)")
         if negative_prompts is not None and not self.conditioner.uses_prompts:
@@ -207,7 +217,13 @@ class LatentDiffusionPipeline(nn.Module):
         rng = StackedRandomGenerator(seeds, device)
         f = self.autoencoder.downsample_factor
         x = rng.randn((B, self.unet.config.in_channels, size // f, size // f))      # (B, C, h, w)
-        model = guided_denoiser(lambda x_t, t, c: self.unet(x_t, t, **c), cond,
+        dtype = _dtype(self.unet)  # sampler arithmetic in fp32; the UNet in its own dtype (after `.to(torch.float16)`)
+
+        def unet(x_t: torch.Tensor, t: torch.Tensor, c: UNetKwargs) -> torch.Tensor:
+            c = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in c.items()}
+            return self.unet(x_t.to(dtype), t, **c).float()
+
+        model = guided_denoiser(unet, cond,
                                 lambda: self.conditioner.unconditional(B, device) if negative is None else negative,
                                 guidance_scale)
         denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
@@ -251,7 +267,8 @@ class LatentDiffusionPipeline(nn.Module):
         config["conditioner"].update(self.conditioner.save_external(directory))
         recorded = training or {k: v for k, v in self.provenance.items() if k in ("step", "val_shards")}
         config["training"] = {**recorded, "weights": self.provenance.get("weights", "raw")}
-        return save_export(directory, config, {k: v for k, v in self.state_dict().items()
+        return save_export(directory, config, {k: v.float() if v.is_floating_point() else v  # fp32 on disk
+                                               for k, v in self.state_dict().items()
                                                if not k.startswith(self._external_weights())})
 
     def _external_weights(self) -> tuple[str, ...]:
@@ -331,3 +348,8 @@ class LatentDiffusionPipeline(nn.Module):
                                "val_shards": (run_config.get("data") or {}).get("val_shards")}
         return pipeline
 
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of `module`'s weights (fp32 for one without parameters)."""
+    return next((p.dtype for p in module.parameters()), torch.float32)

@@ -165,6 +165,31 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS[:1], [0, 1])
     with pytest.raises(ValueError, match="image_size=10 must be a positive multiple of 4"):
         pipeline.generate(CAPTIONS, [0, 1], image_size=10)
+    with pytest.raises(TypeError, match="sequences, one per seed"):  # "ab" would have been the prompts "a", "b"
+        pipeline.generate("ab", [0, 1])
+    with pytest.raises(ValueError, match="seeds is empty"):
+        pipeline.generate([], [])
+    with pytest.raises(ValueError, match="1 negative_prompts for 2 seeds"):
+        pipeline.generate(CAPTIONS, [0, 1], negative_prompts=["blurry"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_pipeline_generates_and_exports_in_fp32(trained, tmp_path: Path, dtype: torch.dtype):
+    """`.to(torch.float16)`, diffusers' habit: each network runs in its dtype, latents and images come back fp32, and
+    an export of it holds fp32 weights."""
+    _, ckpt, _ = trained
+    full = LatentDiffusionPipeline.from_pretrained(ckpt)
+    half = LatentDiffusionPipeline.from_pretrained(ckpt).to(dtype)
+    kwargs = {"sampler": "ddim", "num_steps": 3, "guidance_scale": 3.0}
+    with torch.no_grad():
+        expected, images = full.generate(CAPTIONS, [0, 1], **kwargs), half.generate(CAPTIONS, [0, 1], **kwargs)
+        latents = half.encode(images)
+    assert images.dtype == latents.dtype == torch.float32 and (images - expected).abs().max() < 0.05
+    export = half.save_pretrained(tmp_path / "export")
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(export / "model.safetensors")).values() if v.is_floating_point()} == \
+        {torch.float32}
 
 
 def test_ldm_eval_runs_on_an_export_with_the_training_val_shards(trained, tmp_path: Path, shapes_shards: Path,

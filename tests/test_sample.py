@@ -113,10 +113,16 @@ def test_a_negative_prompt_replaces_the_empty_prompt_in_guidance(ldm_checkpoint:
 
 def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
-    paths = sample({"ckpt_path": str(ldm_checkpoint), "prompts_file": str(prompts), "num_steps": 2,
-                    "sampler": "ddim", "output_dir": str(tmp_path / "f"), "device": "cpu"})
+    prompts.write_bytes(f"\ufeff{PROMPTS[0]}\r\n\r\n{PROMPTS[1]}\r\n".encode())  # Notepad: a BOM, CRLF
+    base = {"ckpt_path": str(ldm_checkpoint), "num_steps": 2, "sampler": "ddim", "device": "cpu"}
+    paths = sample({**base, "prompts_file": str(prompts), "output_dir": str(tmp_path / "f")})
     assert [p.name for p in paths] == ["prompt000_seed000000.png", "prompt001_seed000001.png"]
+    assert json.loads((tmp_path / "f" / "sample.json").read_text())["prompts"] == PROMPTS
+    # An output_dir with an earlier run's samples: refused (they would mix), replaced with overwrite=true.
+    with pytest.raises(ConfigError, match=r"holds the samples of an earlier run \(4 files.*overwrite=true"):
+        sample({**base, "prompts": PROMPTS[:1], "output_dir": str(tmp_path / "f")})
+    paths = sample({**base, "prompts": PROMPTS[:1], "output_dir": str(tmp_path / "f"), "overwrite": True})
+    assert sorted(p.name for p in (tmp_path / "f").glob("prompt*.png")) == [p.name for p in paths]
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         sample({"ckpt_path": str(tmp_path / "missing.ckpt"), "prompts": PROMPTS, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="sampler"):

@@ -29,9 +29,13 @@ from ldm.config import ConfigError, asdict, check_choice, register_schemas, to_d
 from ldm.diffusion.sampling import SAMPLERS
 from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8
+from ldm.io import atomic_write_text
 from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger(__name__)
+
+GRID_NAME, RECORD_NAME = "grid.png", "sample.json"
+GRID_PROMPTS = 32  # grid.png shows the first prompts' images, one row each (a run of 10k prompts would be 10k rows)
 
 
 @dataclass
@@ -49,8 +53,9 @@ class SampleConfig:
     eta: float = 0.0                           # DDIM's noise (0: deterministic)
     seed: int = 0                              # image k of the run uses seed + k
     num_images_per_prompt: int = 1
-    batch_size: int = 8                        # images per forward pass; results do not depend on it
+    batch_size: int = 8                        # images per forward pass; images do not depend on it (to +-1 of 255)
     output_dir: str = ""                       # required: PNGs, grid.png and sample.json go here
+    overwrite: bool = False                    # replace the samples an earlier run left in output_dir
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
     use_ema: bool = True                       # a .ckpt's EMA weights (false: the raw ones); an export its own
     image_size: int | None = None              # pixels; null: the resolution the model was trained at
@@ -86,7 +91,8 @@ def read_prompts(config: SampleConfig) -> list[str]:
     path = Path(config.prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompts_file={path} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's and Excel's UTF-8 start with a BOM
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ConfigError(f"prompts_file={path} holds no prompts")
     return prompts
@@ -129,6 +135,12 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
         raise ConfigError(f"negative_prompt={config.negative_prompt!r} applies to text-conditioned models; "
                           f"{config.ckpt_path} reads no prompts: leave it null")
     out = Path(config.output_dir)
+    earlier = [*out.glob("prompt*_seed*.png"), *(out / n for n in (GRID_NAME, RECORD_NAME) if (out / n).exists())]
+    if earlier and not config.overwrite:
+        raise ConfigError(f"output_dir={out} holds the samples of an earlier run ({len(earlier)} files, e.g. "
+                          f"{earlier[0].name}); choose another output_dir, or pass overwrite=true to replace them")
+    for path in earlier:  # none of them mixes with this run's
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
     k = config.num_images_per_prompt
@@ -137,8 +149,9 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
              len(prompts), k, config.sampler, config.num_steps, config.guidance_scale, jobs[0][2], jobs[-1][2], device)
 
     start = time.perf_counter()
-    images: list[torch.Tensor] = []
+    shown: list[torch.Tensor] = []  # uint8 images of the first GRID_PROMPTS prompts, for grid.png
     paths: list[Path] = []
+    non_finite = 0
     for b in range(0, len(jobs), config.batch_size):
         batch = jobs[b: b + config.batch_size]
         labels = None if config.class_labels is None else [config.class_labels[i] for i, _, _ in batch]
@@ -149,18 +162,26 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
                                   negative_prompts=None if config.negative_prompt is None else
                                   [config.negative_prompt] * len(batch))         # (B, 3, H, W) in [-1, 1]
         for (i, _, seed), image in zip(batch, x.cpu()):
+            if not torch.isfinite(image).all():
+                non_finite += 1
             path = out / f"prompt{i:03d}_seed{seed:06d}.png"
-            torchvision.io.write_png(to_uint8(image), str(path))
+            pixels = to_uint8(image)                                            # (3, H, W)
+            torchvision.io.write_png(pixels, str(path))
             paths.append(path)
-            images.append(image)
+            if i < GRID_PROMPTS:
+                shown.append(pixels)
     seconds = time.perf_counter() - start
+    if non_finite:
+        log.warning("%d of %d images hold NaN or infinite values (saved as black or clipped pixels): the model or its "
+                    "precision diverged", non_finite, len(paths))
 
-    torchvision.io.write_png(make_grid(torch.stack(images), nrow=k), str(out / "grid.png"))  # rows = prompts
+    grid = make_grid(torch.stack(shown).float() / 127.5 - 1, nrow=k)  # rows = prompts (the first GRID_PROMPTS)
+    torchvision.io.write_png(grid, str(out / GRID_NAME))
     record = {"config": asdict(config), "prompts": prompts, "seeds": [s for _, _, s in jobs],
               "files": [p.name for p in paths], "seconds": round(seconds, 2), "device": str(device),
               "checkpoint_step": pipeline.provenance["step"], "weights": pipeline.provenance["weights"]}
-    (out / "sample.json").write_text(json.dumps(record, indent=2))
-    log.info("wrote %d images, %s and %s in %.1f s", len(paths), out / "grid.png", out / "sample.json", seconds)
+    atomic_write_text(json.dumps(record, indent=2), out / RECORD_NAME)
+    log.info("wrote %d images, %s and %s in %.1f s", len(paths), out / GRID_NAME, out / RECORD_NAME, seconds)
     return paths
 
 

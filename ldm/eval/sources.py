@@ -178,7 +178,8 @@ def load_prompts(source: str, num_samples: int, shards: Sequence[str] | None = N
     elif source == "file":
         if not prompts_file or not Path(prompts_file).is_file():
             raise FileNotFoundError(f"prompts_source=file needs prompts_file, one prompt a line; got {prompts_file!r}")
-        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        lines = Path(prompts_file).read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's BOM
+        prompts = [line.strip() for line in lines if line.strip()]
     else:
         raise ConfigError(f"prompts_source={source!r}; choose val_shards or file")
     if not prompts:
