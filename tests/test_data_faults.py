@@ -227,6 +227,25 @@ def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog
     assert caplog.text.count("skipped corrupt sample") == 1 and dm.skipped == [(str(shard), "k003", dm.skipped[0][2])]
 
 
+def test_the_sanity_check_is_not_the_pass_that_counts(tmp_path: Path):
+    """Lightning's sanity check reads the first validation batches only: the corrupt and the uncaptioned sample of a
+    later batch are counted in the first whole validation."""
+    class Validated(Mean):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    samples = shapes_like(tmp_path, "v", 8)
+    samples[6]["png"] = b"not an image"
+    del samples[7]["txt"]
+    val = write_shard(tmp_path / "val-000000.tar", samples)
+    train = write_shard(tmp_path / "train-000000.tar", shapes_like(tmp_path, "t", 8))
+    dm = WebDataModule(train_shards=str(train), val_shards=str(val), batch_size=2, num_workers=0, resolution=8)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=1)
+    trainer.fit(Validated(), datamodule=dm)
+    assert dm.num_skipped == 1 and dm.uncaptioned == {str(val): 1}
+
+
 @pytest.mark.timeout(300)
 def test_skipped_samples_of_every_rank_are_logged(tmp_path: Path):
     """Two DDP ranks (gloo): the corrupt samples lie in rank 1's half of the one shard, and rank 0's loggers write

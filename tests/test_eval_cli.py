@@ -83,6 +83,8 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     assert len(read_results(out)) == 4 and read_results(out)[3]["reference_hash"] == rows[0]["reference_hash"]
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "seed": 1})  # another protocol: scored
     assert len(read_results(out)) == 5
+    evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["kid"], "kid_subset_size": 6})  # another KID subset size
+    assert len(read_results(out)) == 6 and read_results(out)[5]["kid_subset_size_asked"] == 6
 
 
 def test_evaluator_scores_a_perfect_generator_above_noise(assets, tmp_path: Path):

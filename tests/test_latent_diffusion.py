@@ -251,3 +251,38 @@ def test_ema_warms_up_as_diffusers_ema_model(decay: float):
     moved = next(fixed.module.parameters()) - initial[0]
     assert torch.allclose(moved, torch.full_like(moved, 1 - decay) + (next(model.parameters()) - 1 - initial[0]),
                           atol=1e-5)
+
+
+def test_a_checkpoint_that_trained_a_now_frozen_text_encoder_block_resumes(tmp_path: Path, autoencoder_dir: Path):
+    """Older code kept CLIP's last block in AdamW though the penultimate layer without the pooled vector leaves it
+    without gradient; it is frozen now. Such a checkpoint resumes: the block's entries are dropped, every other
+    parameter keeps its moments."""
+    from convert_helpers import tiny_clip, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(tmp_path / "clip")
+    tiny_clip(tokenizer, 32, layers=2).save_pretrained(tmp_path / "clip")
+    conditioner = {"kind": "clip", "name_or_path": str(tmp_path / "clip"), "trainable": True,
+                   "layer": "penultimate", "pooled": False, "max_length": 16}
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, conditioner=conditioner))
+    trainer = fit(module, tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    unet, cond = list(module.pipeline.unet.parameters()), list(module.pipeline.conditioner.parameters())
+    assert not all(p.requires_grad for p in cond)
+    kept = list(range(len(unet))) + [len(unet) + i for i, p in enumerate(cond) if p.requires_grad]
+    state = checkpoint["optimizer_states"][0]
+    old = {kept[j]: v for j, v in state["state"].items()}
+    for i, p in enumerate(cond):  # what older code held for the unused block: moments of zeros, two steps
+        if not p.requires_grad:
+            old[len(unet) + i] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+    state["state"], state["param_groups"][0]["params"] = old, list(range(len(unet) + len(cond)))
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    resumed = LatentDiffusionModule(tiny_config(autoencoder_dir, conditioner=conditioner))
+    data = [batch(4) for _ in range(3)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                        limit_val_batches=0)
+    trainer.fit(resumed, train_dataloaders=DataLoader(data, batch_size=None), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}

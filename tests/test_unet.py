@@ -241,3 +241,18 @@ def test_pointwise_conv_takes_an_empty_batch():
     conv = PointwiseConv(4, 6)
     for x in (torch.zeros(0, 4, 3, 3), torch.zeros(0, 4, 3, 3).to(memory_format=torch.channels_last)):
         assert conv(x).shape == (0, 6, 3, 3)
+
+
+def test_upsampling_trains_after_a_forward_under_inference_mode():
+    """A process that sampled or validated under torch.inference_mode, then trains: the folded upsampling's constant
+    must not be an inference tensor (it cannot be saved for backward)."""
+    from ldm.nn.conv import _TAPS, Upsample
+
+    upsample = Upsample(4).double()  # a dtype the cache does not hold yet
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    for device_dtype in [k for k in _TAPS if k[1] != torch.float32]:
+        del _TAPS[device_dtype]
+    with torch.inference_mode():
+        upsample(x)
+    upsample(x).sum().backward()
+    assert upsample.conv.weight.grad is not None

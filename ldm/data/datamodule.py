@@ -161,10 +161,13 @@ class EpochLoader(DataLoader):
         self.begin_epoch = begin_epoch
         self.on_batch = on_batch
         self.datamodule = datamodule
-        self.passes = 0  # iterations started: epochs (training) or validations
+        self.passes = 0  # iterations started: epochs (training) or validations (Lightning's sanity check aside)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.plan.epoch, self.dataset.plan.skip_batches = self.begin_epoch(len(self.dataset))
+        trainer = self.datamodule.trainer
+        if trainer is not None and trainer.sanity_checking:  # a few batches only: the first whole pass comes later
+            return self._batches(super().__iter__(), first=False)
         self.passes += 1
         return self._batches(super().__iter__(), first=self.passes == 1)
 

@@ -261,14 +261,17 @@ class Evaluator:
         if not self.cfg.skip_done:
             return None
         point = json.loads(json.dumps(point))  # as a row read back from results.jsonl (tuples as lists)
-        for row in self.done:
-            if all(row.get(k) == v for k, v in point.items()) and all(m in row for m in self.cfg.metrics):
-                if self.rank == 0:
-                    print(f"[ldm-eval] {point['checkpoint']} {point['sampler']} {point['num_steps']} steps guidance "
-                          f"{point['guidance_scale']:g}: in results.jsonl already (skip_done=false scores it "
-                          f"again)", flush=True)
-                return row
-        return None
+        found = next((row for row in self.done if all(row.get(k) == v for k, v in point.items())
+                      and all(m in row for m in self.cfg.metrics)), None)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [found]  # rank 0 decides for all: a rank that scored alone would wait in its collectives forever
+            torch.distributed.broadcast_object_list(box, src=0)
+            found = box[0]
+        if found is not None and self.rank == 0:
+            print(f"[ldm-eval] {point['checkpoint']} {point['sampler']} {point['num_steps']} steps guidance "
+                  f"{point['guidance_scale']:g}: in results.jsonl already (skip_done=false scores it again)",
+                  flush=True)
+        return found
 
     def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
                             scorer: GenerationMetrics, sweep: dict[str, Any],
@@ -302,8 +305,8 @@ class Evaluator:
             inception = self.inception
             reference = self.reference(cfg.reference_shards or shards, resolution, cfg.reference_num_samples)
             protocol.update({"feature_extractor": inception.identity, **reference.protocol()})
-        if "kid" in cfg.metrics:
-            protocol["kid_subsets"] = cfg.kid_subsets
+        if "kid" in cfg.metrics:  # the subset size asked for (the row's kid_subset_size: after capping by N)
+            protocol.update(kid_subsets=cfg.kid_subsets, kid_subset_size_asked=cfg.kid_subset_size)
         if "clip_score" in cfg.metrics:
             protocol["clip_model"] = clip_identity(cfg.clip_model or "")
         if "shapes_color_accuracy" in cfg.metrics or "shapes_shape_accuracy" in cfg.metrics:

@@ -328,6 +328,22 @@ class LatentDiffusionModule(L.LightningModule):
         if self.ema_conditioner is not None:  # never sharded: configure_model wraps the UNet alone
             self.ema_conditioner.update_parameters(self.pipeline.conditioner)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of older code whose optimizer holds every parameter of a trainable text encoder, some of which
+        are frozen now (`freeze_unused`: a block the conditioning leaves without gradient): their entries are
+        dropped, the other parameters keep their AdamW moments."""
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) != 1 or len(states[0]["param_groups"]) != 1:
+            return
+        group, unet = states[0]["param_groups"][0], list(self.pipeline.unet.parameters())
+        conditioner = list(self.pipeline.conditioner.parameters())
+        if len(group["params"]) != len(unet) + len(conditioner) or all(p.requires_grad for p in conditioner):
+            return
+        saved = group["params"]
+        frozen = {i for i, p in zip(saved[len(unet):], conditioner) if not p.requires_grad}
+        group["params"] = [i for i in saved if i not in frozen]
+        states[0]["state"] = {i: v for i, v in states[0]["state"].items() if i not in frozen}
+
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
         unet, conditioner = self.pipeline.unet, self.pipeline.conditioner

@@ -71,15 +71,20 @@ class Upsample(nn.Module):
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)  # (B, out, 2H, 2W)
 
 
-_TAPS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_ROWS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (k, y)
+_TAPS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {(torch.device("cpu"), torch.float32):
+                                                              torch.kron(_ROWS, _ROWS).T.contiguous()}  # (9, 16)
 
 
 def _taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`Upsample`'s fold (9, 16): taps[3y + x, 4k + l] = 1 where tap (y, x) of the 3x3 kernel adds into tap (k, l) of
     the 4x4 one. A constant made once per device and dtype, not a buffer: a model built on the meta device and
-    filled by `to_empty` + `load_state_dict` (as large models are loaded) would hold an unfilled buffer."""
+    filled by `to_empty` + `load_state_dict` (as large models are loaded) would hold an unfilled buffer. A copy made
+    under `torch.inference_mode` is not kept (an inference tensor cannot be saved for a later backward)."""
     key = (device, dtype)
-    if key not in _TAPS:
-        rows = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (k, y)
-        _TAPS[key] = torch.kron(rows, rows).T.contiguous().to(device=device, dtype=dtype)        # (9, 16)
-    return _TAPS[key]
+    if key in _TAPS:
+        return _TAPS[key]
+    taps = _TAPS[(torch.device("cpu"), torch.float32)].to(device=device, dtype=dtype)
+    if not torch.is_inference_mode_enabled():
+        _TAPS[key] = taps
+    return taps
