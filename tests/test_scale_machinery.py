@@ -211,6 +211,7 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt"]
+    assert not (out / "export").exists()  # a halted run exports nothing (an earlier segment's export stays)
 
 
 def clipped_grad_norms(model: str, shards: Path, tmp_path: Path, precision: str, trainer: str = "cpu",

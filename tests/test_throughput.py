@@ -53,11 +53,12 @@ def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest
     with caplog.at_level("INFO", logger=throughput.__name__):
         trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(6, 0.05), batch_size=None))
     # Forward 2B(DH + H OUT); backward: both gradients of the second matmul, only the weight's of the first.
-    assert callback.flops_per_batch == 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
+    per_batch = 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
+    assert callback.flops_per_sample == {"0": per_batch / B}  # one kind of step: optimizer 0's
     summary = callback.summary
     assert summary["data_wait_ms"] == pytest.approx(50, abs=25)  # each batch sleeps 50 ms before the step
     assert summary["images_per_sec_per_device"] == summary["images_per_sec"] <= B / 0.05
-    assert summary["flops_per_sec_per_device"] == pytest.approx(callback.flops_per_batch * 6 / summary["seconds"])
+    assert summary["flops_per_sec_per_device"] == pytest.approx(per_batch * 6 / summary["seconds"])
     assert "mfu" not in summary and "peak_memory_gib" not in summary  # no peak or memory figure on CPU
     lines = [r.getMessage() for r in caplog.records if r.name == throughput.__name__]
     assert [line.split(":")[0] for line in lines] == ["throughput step 3", "throughput step 6", "throughput summary"]
@@ -82,6 +83,58 @@ def test_paused_work_is_neither_training_time_nor_data_wait(tmp_path: Path):
     assert callback.summary["seconds"] < 4 * 0.2, "the 0.8 s of paused work is not training time"
 
 
+class LateCritic(L.LightningModule):
+    """Manual optimization with a second network that joins at step 3, as the autoencoder's discriminator does at
+    disc_start: from then on a batch costs more."""
+
+    automatic_optimization = False
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.critic = nn.Linear(D, OUT, bias=False), nn.Linear(D, D, bias=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        net_opt, critic_opt = self.optimizers()
+        net_opt.zero_grad()
+        self.manual_backward(self.net(batch["x"]).pow(2).mean())
+        net_opt.step()
+        if self.global_step >= 3:  # from the third batch on (the net's step just counted)
+            critic_opt.zero_grad()
+            self.manual_backward(self.critic(batch["x"]).pow(2).mean())
+            # as the autoencoder's discriminator: through the strategy, so global_step counts batches
+            self.trainer.strategy.optimizer_step(critic_opt.optimizer, closure=lambda: None, model=self)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.net.parameters(), lr=0.01), torch.optim.SGD(self.critic.parameters(), lr=0.01)]
+
+
+def test_a_step_that_grows_is_counted_again_and_a_resume_with_another_batch_size_scales(tmp_path: Path):
+    """FLOPs are counted per sample for each kind of step (the optimizers it steps): the second network's work from
+    step 3 on is counted, and a resume with smaller batches multiplies the counts by the samples it trains."""
+    net = 2 * B * D * OUT + 2 * B * D * OUT          # forward, weight gradient (the input needs none)
+    critic = 2 * B * D * D + 2 * B * D * D
+
+    def fit(max_steps: int, batch: int, ckpt_path: Path | None = None) -> tuple[Throughput, L.Trainer]:
+        callback = Throughput()
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            callbacks=[callback])
+        data = [{"x": torch.randn(batch, D), "caption": ["a"] * batch} for _ in range(20)]
+        trainer.fit(LateCritic(), train_dataloaders=DataLoader(data, batch_size=None), ckpt_path=ckpt_path)
+        return callback, trainer
+
+    callback, trainer = fit(6, B)
+    assert callback.flops_per_sample == {"0": net / B, "0,1": (net + critic) / B}
+    # batches 0-1: the net alone; 2: the critic joins (a new kind's first batch takes the last count); 3-5 counted
+    want = 3 * net + 3 * (net + critic)
+    assert callback.summary["flops_per_sec_per_device"] * callback.summary["seconds"] == pytest.approx(want)
+    trainer.save_checkpoint(tmp_path / "step6.ckpt")
+    resumed, _ = fit(8, B // 4, tmp_path / "step6.ckpt")
+    assert resumed.flops_per_sample == callback.flops_per_sample  # taken from the checkpoint, not counted again
+    assert resumed.summary["flops_per_sec_per_device"] * resumed.summary["seconds"] == \
+        pytest.approx(2 * (net + critic) / 4)
+
+
 def test_lines_stay_on_the_step_schedule_after_a_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     def fit(max_steps: int, ckpt_path: Path | None = None) -> L.Trainer:
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, log_every_n_steps=3, logger=False,
@@ -104,6 +157,7 @@ def test_lines_stay_on_the_step_schedule_after_a_resume(tmp_path: Path, caplog: 
     ("NVIDIA H100 PCIe", "16-mixed", 756e12),
     ("NVIDIA H200", "bf16-mixed", 989.4e12),
     ("NVIDIA L40S", "32-true", 183e12),  # fp32 matmuls run as TensorFloat-32 (tf32: true)
+    ("NVIDIA L40", "bf16-mixed", 181.05e12),  # not the L4's 121e12 (Lightning matches "l4" in its name)
     ("NVIDIA GeForce RTX 4090", "bf16-true", 165.2e12),
 ])
 def test_peak_table(monkeypatch: pytest.MonkeyPatch, name: str, precision: str, want: float):

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint as CheckpointBase
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
@@ -63,6 +64,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def run_halted(trainer: L.Trainer) -> bool:
     """True once a callback has stopped the run because it went wrong (it sets `halted = True`)."""
     return any(getattr(callback, "halted", False) for callback in trainer.callbacks)
+
+
+def halted_without_export(trainer: L.Trainer) -> bool:
+    """True when the NaN guard halted the run: a module's `on_fit_end` then writes no export, which would replace the
+    one an earlier segment finished with weights of a diverged run, labelled with the step it stopped at."""
+    if run_halted(trainer):
+        rank_zero_warn(f"the run was halted at step {trainer.global_step}: {trainer.default_root_dir}/export is left "
+                       f"as it was (the checkpoints hold the run)")
+        return True
+    return False
 
 
 def run_stopped(trainer: L.Trainer) -> bool:

@@ -4,14 +4,15 @@ GPUs the model's FLOP/s, MFU against the device's peak and the peak memory.
 Every `trainer.log_every_n_steps` optimizer steps rank 0 logs one line (and the same numbers, `throughput/*`, to the
 run's loggers); at the end of training one summary line covers the whole run:
 
-    throughput step 50: 161.3 images/s (161.3 per device x 1), data wait 2.1 ms/step (1.1%), 0.41 TFLOP/s per device
+    throughput step 50: 161.3 images/s (161.3 per device x 1), data wait 2.1 ms/batch (1.1%), 0.41 TFLOP/s per device
     throughput summary: 2200 steps, 70400 images in 430.2 s of training: 163.6 images/s (163.6 per device x 1), ...
 
 Rates over each logging interval come from Lightning's `Throughput` (`lightning.fabric.utilities.throughput`). The
-model's FLOPs per batch are counted once, on the first training step of a fresh run, by torch's `FlopCounterMode`
-(what Lightning's `measure_flops` runs): forward and backward of the real step, whatever the module computes. The
-count is kept in checkpoints and a resumed run takes it from there: counting runs under a dispatch mode that changes
-convolution gradients in the last bits, so counting again after a resume would break bit-exact resume. Validation
+model's FLOPs per sample are counted by torch's `FlopCounterMode` (what Lightning's `measure_flops` runs): forward and
+backward of the real step, whatever the module computes, on the first training step of a fresh run and again on the
+first batch of each new kind of step (the autoencoder's discriminator joins at `disc_start`). The counts are kept in
+checkpoints and a resumed run takes them from there: counting runs under a dispatch mode that changes convolution
+gradients in the last bits, so it must count the same batches as the run would have uninterrupted. Validation
 time is left out of training time, and so is work that callbacks wrap in `paused(trainer)` (the FID evaluation, image
 grids). Data wait is the time from the end of one training step (or of validation) to the start of the next: loading
 the batch, plus the loop's own work between steps (a checkpoint written then counts too).
@@ -49,6 +50,7 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "h200": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12},  # SXM: H100 SXM's compute
     "a100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},  # SXM and PCIe alike
     "l40s": {"fp32": 91.6e12, "tf32": 183e12, "bf16": 362.05e12, "fp16": 362.05e12},
+    "l40": {"fp32": 90.5e12, "tf32": 90.5e12, "bf16": 181.05e12, "fp16": 181.05e12},  # Lightning: the L4's
     "rtx 4090": {"fp32": 82.6e12, "tf32": 82.6e12, "bf16": 165.2e12, "fp16": 165.2e12},  # fp32 accumulate
 }
 _TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,13 +110,17 @@ class Throughput(StepBoundary):
     once at the end of training (rank 0; see the module docstring).
 
     Args:
-        count_flops: count the model's FLOPs on the first training step (forward + backward) for FLOP/s and MFU.
+        count_flops: count the model's FLOPs (forward + backward of a training batch) for FLOP/s and MFU: on the
+            first batch, and again on the first batch of each new kind, a kind being the set of optimizers a batch
+            steps (the autoencoder's discriminator joins at `disc_start`; a micro-batch inside gradient accumulation
+            steps none), per sample (a resume may change the batch size).
     """
 
     def __init__(self, count_flops: bool = True):
         super().__init__()
         self.count_flops = count_flops
-        self.flops_per_batch: int | None = None  # forward + backward FLOPs of one training batch on this rank
+        self.flops_per_sample: dict[str, float] = {}  # batch kind -> forward + backward FLOPs per sample, this rank
+        self._restored: dict[str, Any] | None = None  # what a checkpoint held beside the counts
         self.peak: float | None = None
         self.dtype = "fp32"
         self.last: dict[str, float] = {}  # the numbers of the last line logged
@@ -125,11 +131,13 @@ class Throughput(StepBoundary):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"flops_per_batch": self.flops_per_batch}
+        return {"flops_per_sample": dict(self.flops_per_sample), "count_next": getattr(self, "_count_next", False)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.flops_per_batch = state_dict.get("flops_per_batch")
+        self.flops_per_sample = dict(state_dict.get("flops_per_sample") or {})
+        self._restored = {"count_next": bool(state_dict.get("count_next")),
+                          "per_batch": state_dict.get("flops_per_batch")}  # older checkpoints: one count per batch
 
     # -- hooks -----------------------------------------------------------------------------------------------------
 
@@ -145,7 +153,15 @@ class Throughput(StepBoundary):
         self._paused = 0.0  # seconds of validation inside training
         self._batches = self._samples = self._steps = 0
         self._wait = 0.0  # data wait, summed over the run
-        self._mark = {"batches": 0, "samples": 0, "wait": 0.0, "time": 0.0}  # at the last line
+        self._flops = 0.0  # FLOPs of the batches so far
+        self._stepping: set[int] = set()  # optimizers the current batch stepped
+        self._kind: str | None = None  # those of the last batch that stepped
+        self._pending: float | None = None  # a count whose kind the batch's step has yet to tell
+        restored = getattr(self, "_restored", None)
+        self._legacy = restored["per_batch"] if restored else None  # taken as the first batch's, not counted again
+        self._count_next = restored["count_next"] if restored else self.count_flops and not self.flops_per_sample
+        self._counts_left = 4  # kinds that alternate batch by batch must not be counted forever
+        self._mark = {"batches": 0, "samples": 0, "wait": 0.0, "time": 0.0, "flops": 0.0}  # at the last line
         self.window.update(time=0.0, batches=0, samples=0, flops=0)
 
     @override
@@ -154,19 +170,42 @@ class Throughput(StepBoundary):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         now = time.perf_counter()
         self._wait += now - self._ready
-        if self.count_flops and self.flops_per_batch is None and self._counter is None and trainer.global_step == 0:
+        self._stepping = set()
+        if self._count_next and self._counter is None:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
 
     @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self._stepping.add(next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), -1))
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        size = batch_size_of(batch)
+        if self._legacy is not None:
+            self._pending, self._legacy = self._legacy / max(size, 1), None
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_per_batch = int(self._counter.get_total_flops())
-            self._counter = None
+            self._pending = self._counter.get_total_flops() / max(size, 1)
+            self._counter, self._count_next = None, False
+            self._counts_left -= 1
+        if self._stepping:  # a micro-batch inside gradient accumulation steps none: it keeps the kind of its step
+            self._kind = ",".join(str(i) for i in sorted(self._stepping))
+            if self._kind not in self.flops_per_sample:
+                if self._pending is not None:  # counted on this batch, or on a micro-batch of its step
+                    self.flops_per_sample[self._kind] = self._pending
+                elif self.count_flops and self._counts_left > 0:
+                    self._count_next = True  # a new kind (the discriminator joined): counted on the next batch
+            self._pending = None
+        per_sample = self.flops_per_sample.get(self._kind, self._pending)
+        if per_sample is None and self.flops_per_sample:
+            per_sample = next(reversed(self.flops_per_sample.values()))  # a new kind's first batch: the last count
+        if per_sample is not None:
+            self._flops += size * per_sample
         self._batches += 1
-        self._samples += batch_size_of(batch)
+        self._samples += size
         if self.stepped(trainer):  # not mid-accumulation
             self._steps += 1
             if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # on schedule after a resume too
@@ -202,7 +241,8 @@ class Throughput(StepBoundary):
             self._counter = None
         if not hasattr(self, "_t0") or self._batches == 0:
             return
-        numbers = self._numbers(self._train_time(), self._batches, self._samples, self._wait)
+        numbers = self._numbers(self._train_time(), self._batches, self._samples, self._wait,
+                                self._flops or None)
         self.summary = numbers
         if trainer.is_global_zero:
             log.info("throughput summary: %d steps, %d images in %.1f s of training: %s", self._steps,
@@ -225,11 +265,12 @@ class Throughput(StepBoundary):
         elapsed = self._train_time()
         m = self._mark
         batches, samples = self._batches - m["batches"], self._samples - m["samples"]
-        flops = self.flops_per_batch * batches if self.flops_per_batch is not None else None
+        flops = self._flops - m["flops"] if self._flops else None
         self.window.update(time=elapsed, batches=self._batches, samples=self._samples, flops=flops)
         rates = self.window.compute()
-        numbers = self._numbers(elapsed - m["time"], batches, samples, self._wait - m["wait"], rates)
-        self._mark = {"batches": self._batches, "samples": self._samples, "wait": self._wait, "time": elapsed}
+        numbers = self._numbers(elapsed - m["time"], batches, samples, self._wait - m["wait"], flops, rates)
+        self._mark = {"batches": self._batches, "samples": self._samples, "wait": self._wait, "time": elapsed,
+                      "flops": self._flops}
         self.last = numbers
         if trainer.is_global_zero:
             log.info("throughput step %d: %s", trainer.global_step, self._describe(numbers))
@@ -237,18 +278,18 @@ class Throughput(StepBoundary):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _numbers(self, seconds: float, batches: int, samples: int, wait: float,
+    def _numbers(self, seconds: float, batches: int, samples: int, wait: float, flops: float | None,
                  rates: dict[str, float] | None = None) -> dict[str, float]:
-        """Per-device and global rates over an interval of `seconds` with `batches` / `samples` on this rank."""
+        """Per-device and global rates over an interval of `seconds` with `batches` / `samples` / `flops` on this
+        rank; the data wait per batch (a micro-batch under gradient accumulation)."""
         seconds = max(seconds, 1e-9)
         per_device = rates["device/samples_per_sec"] if rates else samples / seconds
         numbers = {"seconds": seconds, "images_per_sec": per_device * self.world_size,
                    "images_per_sec_per_device": per_device, "data_wait_ms": 1e3 * wait / max(batches, 1),
                    "data_wait_fraction": wait / seconds}
-        if self.flops_per_batch is not None:
-            flops = rates.get("device/flops_per_sec") if rates else None
-            numbers["flops_per_sec_per_device"] = flops if flops is not None else \
-                self.flops_per_batch * batches / seconds
+        if flops is not None:
+            rate = rates.get("device/flops_per_sec") if rates else None
+            numbers["flops_per_sec_per_device"] = rate if rate is not None else flops / seconds
             if self.peak:
                 numbers["mfu"] = numbers["flops_per_sec_per_device"] / self.peak
         if self.device.type == "cuda":
@@ -258,7 +299,7 @@ class Throughput(StepBoundary):
     def _describe(self, n: dict[str, float]) -> str:
         parts = [f"{n['images_per_sec']:.1f} images/s ({n['images_per_sec_per_device']:.1f} per device x "
                  f"{self.world_size})",
-                 f"data wait {n['data_wait_ms']:.1f} ms/step ({100 * n['data_wait_fraction']:.1f}%)"]
+                 f"data wait {n['data_wait_ms']:.1f} ms/batch ({100 * n['data_wait_fraction']:.1f}%)"]
         if "flops_per_sec_per_device" in n:
             parts.append(f"{n['flops_per_sec_per_device'] / 1e12:.3g} TFLOP/s per device")
         if "mfu" in n:

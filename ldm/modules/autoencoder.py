@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm.callbacks.checkpoint import halted_without_export
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images
 from ldm.io import atomic_write_text
@@ -255,6 +256,8 @@ class AutoencoderModule(L.LightningModule):
 
     @rank_zero_only
     def on_fit_end(self) -> None:
+        if halted_without_export(self.trainer):
+            return
         export_dir = Path(self.trainer.default_root_dir) / "export"
         stats_step = (self.latent_stats or {}).get("step")
         if stats_step != self.global_step:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
+from ldm.callbacks.checkpoint import halted_without_export
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images
@@ -189,6 +190,8 @@ class ContrastiveModule(L.LightningModule):
 
     @rank_zero_only
     def on_fit_end(self) -> None:
+        if halted_without_export(self.trainer):
+            return
         export_dir = Path(self.trainer.default_root_dir) / "export"
         self.text_encoder.save_pretrained(export_dir)
         rank_zero_info(f"text encoder exported to {export_dir} (stage 2: model.conditioner.kind=byte "

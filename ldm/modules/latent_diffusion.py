@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import wrap
 
+from ldm.callbacks.checkpoint import halted_without_export
 from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
 from ldm.config import ConfigError, asdict, check_choice, check_min, to_dataclass
@@ -397,6 +398,8 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Write the EMA pipeline to `<run>/export` (what ldm-sample, ldm-eval and ldm-export take)."""
+        if halted_without_export(self.trainer):
+            return
         pipeline = self.eval_pipeline(use_ema=True)
         # note: without an EMA under FSDP the UNet is sharded: every rank takes part in gathering it.
         with whole(pipeline.unet) as unet:
