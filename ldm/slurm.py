@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -85,6 +86,7 @@ class SlurmRequeue(StepBoundary):
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
+        """The requeue signal, then those that stop without a requeue (in the ranks' vote, a later one wins)."""
         return tuple(dict.fromkeys((self.signum, signal.SIGTERM, signal.SIGINT)))
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -157,10 +159,13 @@ class SlurmRequeue(StepBoundary):
                            batch_idx: int) -> None:
         if self.stopped or not self.stepped(trainer):
             return  # note: mid-accumulation the gradients so far would not reach the checkpoint; wait for the step
-        # every rank takes part in this reduction each step, so they all act at the same step
-        if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False) or run_halted(trainer):
+        # every rank takes part in this reduction each step, so they all act at the same step, on the same signal:
+        # the one later in `signals` wins (a SIGTERM on any rank, a cancel or a preemption, is never requeued)
+        code = self.signals.index(self._received) + 1 if self._received is not None else 0
+        code = int(trainer.strategy.reduce(torch.tensor(code, device=trainer.strategy.root_device), reduce_op="max"))
+        if not code or run_halted(trainer):
             return
-        received = self._received or self.signum  # the signal reached another rank only
+        received = self.signals[code - 1]  # perhaps another rank's
         if final_batch(trainer):  # nothing left to train: the run ends (export), without its final evaluation
             callback = trainer.checkpoint_callback
             if not (isinstance(callback, Checkpoint) and callback.save_last):  # which writes last.ckpt now itself

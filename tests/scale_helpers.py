@@ -209,13 +209,15 @@ class NanInjector(L.Callback):
 
 class SignalAtStep(L.Callback):
     """Send this process `signal_name` at the start of the training batch at `step` (a stand-in for SLURM's warning),
-    or with `during=validation` at the start of the validation that follows that step."""
+    or with `during=validation` at the start of the validation that follows that step; on `ranks` only (all: [])."""
 
-    def __init__(self, step: int, signal_name: str = "SIGUSR1", during: str = "train"):
-        self.step, self.signum, self.during = step, signal.Signals[signal_name], during
+    def __init__(self, step: int, signal_name: str = "SIGUSR1", during: str = "train", ranks: Sequence[int] = ()):
+        self.step, self.signum, self.during, self.ranks = step, signal.Signals[signal_name], during, list(ranks)
         self.sent = False  # once: with gradient accumulation several batches start at one global step
 
     def _send(self, trainer: L.Trainer, during: str) -> None:
+        if self.ranks and trainer.global_rank not in self.ranks:  # the signal reaches these ranks only
+            return
         if trainer.global_step == self.step and during == self.during and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scale_helpers import load_json, run_cli, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
+from scale_helpers import (
+    fake_scontrol,
+    load_json,
+    run_cli,
+    tiny_autoencoder_export,
+    tiny_ldm_overrides,
+    tiny_overrides,
+)
 
 
 @pytest.mark.slow
@@ -66,3 +73,22 @@ def test_ddp_cpu_autoencoder_with_its_discriminator_stays_in_sync(shapes_shards,
         assert ranks[0][step]["weights"] == ranks[1][step]["weights"]
     assert ranks[0]["3"]["weights"] != ranks[0]["2"]["weights"]
     assert ranks[0]["3"]["train/d_loss"] > 0  # the discriminator trained from step 1
+
+
+@pytest.mark.slow
+def test_a_sigterm_on_one_rank_of_a_slurm_job_stops_without_requeue(shapes_shards, tmp_path):
+    """A cancel or a preemption's SIGTERM can reach another rank first: every rank saves and stops at the same step,
+    as for SIGTERM (the ranks vote on which signal came), and the job is not requeued (it was, as if SIGUSR1)."""
+    import os
+
+    bin_dir, log = fake_scontrol(tmp_path)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shapes_shards, out, max_steps=50, every=100, trainer="ddp_cpu") + [
+        "model.net.ch=16", "+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=2",
+        "+callbacks.signal.signal_name=SIGTERM", "+callbacks.signal.ranks=[1]"]
+    result = run_cli(overrides, env={"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGTERM: saved" in result.stderr + result.stdout and "requeued" not in result.stderr + result.stdout
+    assert not log.exists() or log.read_text() == ""
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -215,3 +215,19 @@ def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path
     run_id = runs[0].name.split("-", 3)[-1]  # offline-run-<date>_<time>-<id>
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     assert f"upload them with: wandb sync {out / 'wandb'}/offline-run-*-{run_id}" in result.stdout + result.stderr
+
+
+def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: Path):
+    """Lightning's FSDP restore maps optimizer state by parameter position among all the module's parameters, DDP's
+    by position in the optimizer: it stopped with a bare KeyError; now the start names the trainer to continue with."""
+    import torch
+
+    from ldm.cli.train import check_checkpoint_strategy
+
+    for written, name in (({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "ddp"), ("auto", "single")):
+        torch.save({"state_dict": {}, "ldm": {"config": {"trainer": {"strategy": written}}}}, tmp_path / f"{name}.ckpt")
+    fsdp = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
+    for name in ("ddp", "single"):
+        with pytest.raises(ConfigError, match=r"not FSDP.*continue it with the trainer that wrote it"):
+            check_checkpoint_strategy(str(tmp_path / f"{name}.ckpt"), fsdp)
+    check_checkpoint_strategy(str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # DDP: fine

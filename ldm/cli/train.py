@@ -184,6 +184,21 @@ def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str, model_cfg: 
                               + advice)
 
 
+def check_checkpoint_strategy(ckpt_path: str, trainer_cfg: DictConfig) -> None:
+    """Refuse to resume under FSDP a checkpoint written without it: Lightning's FSDP restore maps the optimizer state
+    by the position of each parameter among all the module's (frozen autoencoder included), DDP's and a single
+    process's by its position in the optimizer, and stops with a bare KeyError. (FSDP to DDP works.)"""
+    if "fsdp" not in strategy_name(trainer_cfg.get("strategy")).lower():
+        return
+    checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
+    written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
+    if "strategy" in written and "fsdp" not in strategy_name(written["strategy"]).lower():
+        raise configs.ConfigError(f"ckpt_path={ckpt_path} was written by trainer.strategy="
+                                  f"{strategy_name(written['strategy']) or 'auto'} (not FSDP), whose optimizer state "
+                                  f"FSDP cannot restore: continue it with the trainer that wrote it (e.g. "
+                                  f"trainer=ddp), or start the FSDP run afresh in another paths.output_dir")
+
+
 def flatten(node: Any, prefix: str) -> dict[str, Any]:
     """{"a.b.c": leaf} for a nested dict."""
     if not isinstance(node, dict):
@@ -358,6 +373,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     module = configs.instantiate(cfg.model, "model")
     if ckpt_path is not None:
         check_checkpoint_fits(module, ckpt_path, cfg.model)
+        check_checkpoint_strategy(ckpt_path, cfg.trainer)
     apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

@@ -7,7 +7,7 @@ and available to `load_from_checkpoint` without a callback.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,19 +29,24 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: bool = True) -> Avera
             the weights early on instead of holding the initial ones (0.9999 without it: 90% of them after 1000
             steps); the count is the AveragedModel's `n_averaged`, saved in checkpoints.
     """
-    multi_avg_fn = warmup_ema_multi_avg_fn(decay) if warmup else get_ema_multi_avg_fn(decay)
-    ema = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+    ema = AveragedModel(model, multi_avg_fn=EMAUpdate(decay, warmup), use_buffers=False)
     ema.requires_grad_(False)
     return ema
 
 
-def warmup_ema_multi_avg_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
-    """torch's EMA update (`get_ema_multi_avg_fn`) with the decay of `make_ema`'s warmup at each update."""
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: Any) -> None:
-        n = int(num_averaged)  # updates so far (>= 1 here: the first one copies the weights)
-        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(ema_params, params, num_averaged)
+class EMAUpdate:
+    """torch's EMA update (`get_ema_multi_avg_fn`) at `make_ema`'s decay; a class, not a closure, so that a module
+    holding the EMA pickles (`trainer.strategy=ddp_spawn` sends the module to its processes that way)."""
 
-    return update
+    def __init__(self, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
+
+    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: Any) -> None:
+        decay = self.decay
+        if self.warmup:
+            n = int(num_averaged)  # updates so far (>= 1 here: the first one copies the weights)
+            decay = min(decay, (1 + n) / (10 + n))
+        get_ema_multi_avg_fn(decay)(ema_params, params, num_averaged)
 
 
 @contextlib.contextmanager
