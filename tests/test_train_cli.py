@@ -114,6 +114,9 @@ def test_trainer_arguments_the_manual_autoencoder_cannot_honour_are_refused_befo
     with pytest.raises(ConfigError, match=rf"trainer.{key}={value} is not supported by AutoencoderModule.*{message}"):
         check_trainer(node, "ldm.modules.autoencoder.AutoencoderModule")
     check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")  # automatic optimization: fine
+    if key == "accumulate_grad_batches":  # micro-batches of InfoNCE are not one larger batch
+        with pytest.raises(ConfigError, match=rf"trainer.{key}={value} is not supported by ContrastiveModule: InfoNCE"):
+            check_trainer(node, "ldm.modules.contrastive.ContrastiveModule")
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])

@@ -305,8 +305,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
     module = get_class(model_target) if model_target else None
     for key, instead in getattr(module, "unsupported_trainer_args", {}).items():
         if trainer.get(key) not in (None, TRAINER_DEFAULTS.get(key)):
-            raise ConfigError(f"trainer.{key}={trainer.get(key)} is not supported by {module.__name__}, which "
-                              f"optimizes manually (Lightning would stop at the first step); {instead}")
+            raise ConfigError(f"trainer.{key}={trainer.get(key)} is not supported by {module.__name__}: {instead}")
     if "fsdp" not in strategy_name(trainer.get("strategy")).lower():
         return
     processes = process_count(trainer)

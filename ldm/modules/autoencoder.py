@@ -68,8 +68,10 @@ class AutoencoderModule(L.LightningModule):
     ddp_find_unused_parameters = True
     # What Lightning's automatic optimization would do, and this module's manual steps do their own way.
     unsupported_trainer_args = {
-        "gradient_clip_val": "set model.grad_clip (both optimizers clip inside their steps) and leave this unset",
-        "accumulate_grad_batches": "every batch steps both optimizers; raise data.batch_size (or trainer.devices)",
+        "gradient_clip_val": "it optimizes manually (Lightning would stop at the first step); set model.grad_clip "
+                             "(both optimizers clip inside their steps) and leave this unset",
+        "accumulate_grad_batches": "it optimizes manually and every batch steps both optimizers; raise "
+                                   "data.batch_size (or trainer.devices)",
     }
 
     def __init__(self, config: Config | dict[str, Any]):

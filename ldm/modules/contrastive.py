@@ -84,6 +84,12 @@ class ContrastiveModule(L.LightningModule):
 
     Config = Config
     MAX_LOGIT_SCALE = 100.0  # CLIP clips the learned logit scale (1 / temperature) here
+    # What `ldm-train` refuses before anything is built (trainer key -> what to do instead).
+    unsupported_trainer_args = {
+        "accumulate_grad_batches": "InfoNCE scores each caption against the images of its own batch, so accumulated "
+                                   "micro-batches are not one larger batch; raise data.batch_size (or trainer.devices: "
+                                   "the ranks' batches are gathered)",
+    }
 
     def __init__(self, config: Config | dict[str, Any]):
         super().__init__()
