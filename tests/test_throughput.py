@@ -185,3 +185,29 @@ def test_the_line_is_in_the_log_of_a_real_ldm_train_run(shapes_shards: Path, tmp
         rows = [r for r in csv.DictReader(f) if r.get("throughput/images_per_sec")]
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert all(float(r["throughput/images_per_sec"]) > 0 and float(r["throughput/data_wait_ms"]) >= 0 for r in rows)
+
+
+class SaveAtBatchEnd(L.Callback):
+    """Writes a checkpoint in its own on_train_batch_end, before the throughput callback's (as SlurmRequeue does)."""
+
+    def __init__(self, batch: int, path: Path):
+        self.batch, self.path = batch, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_a_checkpoint_saved_before_the_batch_end_holds_the_batchs_counts(tmp_path: Path, batch: int):
+    """The state is that after the batch: its count taken (batch 0), or the new kind it revealed still to count
+    (batch 2, the critic's first), so that a resume counts the batches an uninterrupted run counts."""
+    callback = Throughput()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[SaveAtBatchEnd(batch, tmp_path / "mid.ckpt"), callback])
+    data = [{"x": torch.randn(B, D), "caption": ["a"] * B} for _ in range(4)]
+    trainer.fit(LateCritic(), train_dataloaders=DataLoader(data, batch_size=None))
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["callbacks"]["Throughput"]
+    assert state["flops_per_sample"] == {"0": callback.flops_per_sample["0"]}
+    assert state["count_next"] is (batch == 2)

@@ -131,13 +131,14 @@ class Throughput(StepBoundary):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._settle()  # a callback that saves at its own batch end (SlurmRequeue) may run before this one's
         return {"flops_per_sample": dict(self.flops_per_sample), "count_next": getattr(self, "_count_next", False)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flops_per_sample = dict(state_dict.get("flops_per_sample") or {})
-        self._restored = {"count_next": bool(state_dict.get("count_next")),
-                          "per_batch": state_dict.get("flops_per_batch")}  # older checkpoints: one count per batch
+        self._restored = {"count_next": state_dict.get("count_next"),  # None: a checkpoint of older code
+                          "per_batch": state_dict.get("flops_per_batch")}  # whose one count was per batch
 
     # -- hooks -----------------------------------------------------------------------------------------------------
 
@@ -157,9 +158,11 @@ class Throughput(StepBoundary):
         self._stepping: set[int] = set()  # optimizers the current batch stepped
         self._kind: str | None = None  # those of the last batch that stepped
         self._pending: float | None = None  # a count whose kind the batch's step has yet to tell
-        restored = getattr(self, "_restored", None)
-        self._legacy = restored["per_batch"] if restored else None  # taken as the first batch's, not counted again
-        self._count_next = restored["count_next"] if restored else self.count_flops and not self.flops_per_sample
+        restored = self._restored or {"count_next": None, "per_batch": None}
+        self._legacy = restored["per_batch"]  # taken as the first batch's count, not counted again
+        self._count_next = bool(restored["count_next"]) if restored["count_next"] is not None else \
+            self.count_flops and not self.flops_per_sample and self._legacy is None
+        self._open = False  # inside a training batch whose bookkeeping (`_settle`) is still to do
         self._counts_left = 4  # kinds that alternate batch by batch must not be counted forever
         self._mark = {"batches": 0, "samples": 0, "wait": 0.0, "time": 0.0, "flops": 0.0}  # at the last line
         self.window.update(time=0.0, batches=0, samples=0, flops=0)
@@ -170,7 +173,7 @@ class Throughput(StepBoundary):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         now = time.perf_counter()
         self._wait += now - self._ready
-        self._stepping = set()
+        self._stepping, self._size, self._open = set(), batch_size_of(batch), True
         if self._count_next and self._counter is None:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
@@ -183,22 +186,8 @@ class Throughput(StepBoundary):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        size = batch_size_of(batch)
-        if self._legacy is not None:
-            self._pending, self._legacy = self._legacy / max(size, 1), None
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self._pending = self._counter.get_total_flops() / max(size, 1)
-            self._counter, self._count_next = None, False
-            self._counts_left -= 1
-        if self._stepping:  # a micro-batch inside gradient accumulation steps none: it keeps the kind of its step
-            self._kind = ",".join(str(i) for i in sorted(self._stepping))
-            if self._kind not in self.flops_per_sample:
-                if self._pending is not None:  # counted on this batch, or on a micro-batch of its step
-                    self.flops_per_sample[self._kind] = self._pending
-                elif self.count_flops and self._counts_left > 0:
-                    self._count_next = True  # a new kind (the discriminator joined): counted on the next batch
-            self._pending = None
+        self._settle()
+        size = self._size
         per_sample = self.flops_per_sample.get(self._kind, self._pending)
         if per_sample is None and self.flops_per_sample:
             per_sample = next(reversed(self.flops_per_sample.values()))  # a new kind's first batch: the last count
@@ -255,6 +244,28 @@ class Throughput(StepBoundary):
             self._counter = None
 
     # -- numbers -------------------------------------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """The FLOP bookkeeping of the batch just trained, once: its count (if counted), the kind of its step, and
+        whether the next batch is to be counted. At the batch's end, or earlier from `state_dict`."""
+        if not getattr(self, "_open", False):
+            return
+        self._open, size = False, max(self._size, 1)
+        if self._legacy is not None:
+            self._pending, self._legacy = self._legacy / size, None
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._pending = self._counter.get_total_flops() / size
+            self._counter, self._count_next = None, False
+            self._counts_left -= 1
+        if self._stepping:  # a micro-batch inside gradient accumulation steps none: it keeps the kind of its step
+            self._kind = ",".join(str(i) for i in sorted(self._stepping))
+            if self._kind not in self.flops_per_sample:
+                if self._pending is not None:  # counted on this batch, or on a micro-batch of its step
+                    self.flops_per_sample[self._kind] = self._pending
+                elif self.count_flops and self._counts_left > 0:
+                    self._count_next = True  # a new kind (the discriminator joined): counted on the next batch
+            self._pending = None
 
     def _train_time(self) -> float:
         if self.device.type == "cuda":
