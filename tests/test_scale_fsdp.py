@@ -138,11 +138,13 @@ def test_fsdp_refuses_a_trainable_text_encoder_over_several_processes(shapes_sha
 
 
 def test_the_ema_follows_a_unet_whose_buffers_fsdp_cast_to_bf16():
-    """`trainer=fsdp` in bf16-mixed: FSDP computes in bf16 and casts the UNet's buffers (the upsampler's constant
-    0/1 taps) for good, so the EMA, a whole fp32 copy, averages the fp32 parameters and copies the buffers into fp32
-    ones (averaging a bf16 buffer into an fp32 one stopped every GPU run at its first step)."""
+    """`trainer=fsdp` in bf16-mixed: FSDP computes in bf16 and casts a network's buffers for good (the UNet's
+    upsampler held its constant 0/1 taps as one), so the EMA, a whole fp32 copy, averages the fp32 parameters and
+    copies the buffers into fp32 ones (averaging a bf16 buffer into an fp32 one stopped every GPU run at its first
+    step)."""
     torch.manual_seed(0)
     unet = UNet(unet_config("tiny"))
+    unet.register_buffer("constant", torch.tensor([0.0, 1.0, 0.5]))  # the UNet itself holds none now
     ema = make_ema(unet, decay=0.5)
     taps = {k: v.clone() for k, v in ema.module.named_buffers()}
     assert taps  # the test needs a network with buffers
