@@ -253,11 +253,13 @@ def test_console_script_reads_a_text_encoder_node(shapes_shards: Path, encoders:
     script = Path(sys.executable).parent / "ldm-encode"
     result = subprocess.run(
         [str(script), f"shards='{shapes_shards}/train-00000[01].tar'", f"autoencoder_path={autoencoder}",
-         f"output_dir={out}", f"text_encoder={{kind: byte, name_or_path: {text}}}", "progress=false"],
+         f"output_dir={out}", f"text_encoder={{kind: byte, name_or_path: {text}}}", "progress=false",
+         "extra={run: first}"],  # as the README writes the notes, without Hydra's +
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "32 samples in 2 shards" in result.stdout + result.stderr
-    assert latents.read_manifest(out / latents.MANIFEST_NAME).text_encoder["config"]["name_or_path"] == str(text)
+    manifest = latents.read_manifest(out / latents.MANIFEST_NAME)
+    assert manifest.text_encoder["config"]["name_or_path"] == str(text) and manifest.data["extra"] == {"run": "first"}
 
 
 def test_two_processes_encode_their_own_shards(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):

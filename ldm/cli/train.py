@@ -193,10 +193,11 @@ def check_checkpoint_strategy(ckpt_path: str, trainer_cfg: DictConfig) -> None:
     checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
     written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
     if "strategy" in written and "fsdp" not in strategy_name(written["strategy"]).lower():
-        raise configs.ConfigError(f"ckpt_path={ckpt_path} was written by trainer.strategy="
-                                  f"{strategy_name(written['strategy']) or 'auto'} (not FSDP), whose optimizer state "
-                                  f"FSDP cannot restore: continue it with the trainer that wrote it (e.g. "
-                                  f"trainer=ddp), or start the FSDP run afresh in another paths.output_dir")
+        name = strategy_name(written["strategy"]) or "auto"
+        instead = "trainer=ddp" if "ddp" in name.lower() else "the single-process trainer that wrote it (trainer=gpu)"
+        raise configs.ConfigError(f"ckpt_path={ckpt_path} was written by trainer.strategy={name} (not FSDP), whose "
+                                  f"optimizer state FSDP cannot restore: continue it with {instead}, or start the "
+                                  f"FSDP run afresh in another paths.output_dir")
 
 
 def flatten(node: Any, prefix: str) -> dict[str, Any]:

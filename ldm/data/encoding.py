@@ -11,7 +11,7 @@ import json
 import logging
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ class EncodeConfig:
     accelerator: str = "auto"            # auto (cuda when available) | cpu | cuda
     overwrite: bool = False              # start over: delete what an earlier run wrote into output_dir
     progress: bool = True                # a progress bar with samples/s and the time left
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into the manifest
+    extra: Any = None                    # free-form notes (a dict: extra='{run: first}') copied into the manifest
 
     def __post_init__(self) -> None:
         for key in ("shards", "autoencoder_path", "output_dir"):
@@ -61,6 +61,8 @@ class EncodeConfig:
         if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
             raise ConfigError(f"text_encoder={self.text_encoder!r} must be a model.conditioner node or null, e.g. "
                               f"text_encoder='{{kind: byte, name_or_path: runs/clip/export}}'")
+        if self.extra is not None and not isinstance(self.extra, dict):
+            raise ConfigError(f"extra={self.extra!r} must be a dict of notes, e.g. extra='{{run: first}}', or null")
         check_choice("text_dtype", self.text_dtype, list(TEXT_DTYPES))
         check_choice("accelerator", self.accelerator, ["auto", "cpu", "cuda"])
         check_min(1, batch_size=self.batch_size, devices=self.devices, resolution=self.resolution)
@@ -133,7 +135,7 @@ def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
         "moments": {"dtype": "float16", "shape": [2 * channels, h, h]},
         "flips": config.flips,
         "text_encoder": None,
-        "extra": config.extra,
+        "extra": config.extra or {},
     }
     if encoders.text is not None:
         with torch.no_grad():
