@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ldm.eval.feature_extractors import InceptionFeatures, PrecomputedFeatures, clip_loader
 from ldm.eval.reference_stats import ReferenceStats, load_into_fid, load_into_kid
@@ -144,17 +145,10 @@ def _gather_interleaved(rows: torch.Tensor) -> torch.Tensor:
     process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return rows
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(rows)], device=rows.device))
-    sizes = [int(n) for n in sizes]
-    padded = torch.zeros(max(sizes), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-    padded[: len(rows)] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    out = torch.empty(sum(sizes), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-    for rank, (part, n) in enumerate(zip(gathered, sizes)):
-        out[rank::world] = part[:n]
+    parts = gather_all_tensors(rows)  # torchmetrics': ranks of different row counts, in rank order
+    out = torch.empty(sum(len(part) for part in parts), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    for rank, part in enumerate(parts):
+        out[rank::len(parts)] = part
     return out
 
 
