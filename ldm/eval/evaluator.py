@@ -414,14 +414,9 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
 
 
 def done_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """The rows results.jsonl holds already (for `skip_done`): read by rank 0 and sent to the others, so that every
-    rank skips the same sweep points even where output_dir is not on a shared disk."""
-    rows = read_results(cfg.output_dir) if cfg.skip_done and rank_and_world()[0] == 0 else []
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [rows]
-        torch.distributed.broadcast_object_list(box, src=0)
-        rows = box[0]
-    return rows
+    """The rows results.jsonl holds already (for `skip_done`), on rank 0, which decides for every rank
+    (`Evaluator._done_row`): the other ranks need not see output_dir."""
+    return read_results(cfg.output_dir) if cfg.skip_done and rank_and_world()[0] == 0 else []
 
 
 def _check_weights(cfg: EvalConfig, kind: str) -> None:
