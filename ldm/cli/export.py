@@ -106,6 +106,7 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
 def single_file_caveats(pipeline: Any, text_encoder: Any | None) -> list[str]:
     """What other tools would get wrong about a single file of `pipeline`: they assume SD's schedule, eps for the SD 1
     layout and v for SD 2's (diffusers; A1111 probes), and read the whole text encoder of the SD 1 layout."""
+    from ldm.convert.schedule import SD_SCHEDULE
     schedule, prediction = pipeline.diffusion.schedule, pipeline.diffusion.prediction
     openclip = text_encoder is not None and text_encoder.transformer.config.hidden_act == "gelu"
     caveats = []
@@ -115,7 +116,7 @@ def single_file_caveats(pipeline: Any, text_encoder: Any | None) -> list[str]:
     if schedule.zero_terminal_snr:
         caveats.append("the schedule has zero terminal SNR (model.diffusion.schedule.zero_terminal_snr): readers need "
                        "rescale_betas_zero_snr and trailing timesteps")
-    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    sd = {k: getattr(SD_SCHEDULE, k) for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")}
     other = {k: getattr(schedule, k) for k, v in sd.items() if getattr(schedule, k) != v}
     if other:
         caveats.append(f"the noise schedule is not SD's ({other}; SD: {sd})")
