@@ -195,8 +195,8 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
     if text_encoder is not None:
         model, _ = export_text_encoder(text_encoder, None, "last")
         clip_layer = getattr(text_encoder, "layer", "last") if clip_layer is None else clip_layer
-        if model.config.hidden_act == "gelu":  # OpenCLIP (SD 2): its readers take the penultimate layer by layout
-            model, _ = export_text_encoder(model, None, clip_layer)
+        if clip_layer == "penultimate" and model.config.hidden_act == "gelu":
+            model = text.without_last_block(model)  # OpenCLIP (SD 2): its readers take the penultimate layer so
         elif clip_layer == "penultimate":  # SD 1 layout: readers build the whole CLIP and take "CLIP skip" from the
             meta["clip_layer"] = clip_layer  # user, so the file keeps every block (load_single_file cuts the last)
         flat = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()
