@@ -231,7 +231,9 @@ def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: P
         torch.save({"state_dict": {}, "ldm": {"config": {"trainer": {"strategy": written}}}}, tmp_path / f"{name}.ckpt")
     fsdp = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
     for name in ("ddp", "single"):
+        path = str(tmp_path / f"{name}.ckpt")
         with pytest.raises(ConfigError, match=r"not FSDP.*continue it with " + ("trainer=ddp" if name == "ddp" else
                                                                                 "the single-process trainer")):
-            check_checkpoint_strategy(str(tmp_path / f"{name}.ckpt"), fsdp)
-    check_checkpoint_strategy(str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # DDP: fine
+            check_checkpoint_strategy(torch.load(path, weights_only=True), path, fsdp)
+    ddp = torch.load(tmp_path / "ddp.ckpt", weights_only=True)
+    check_checkpoint_strategy(ddp, str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # fine

@@ -159,10 +159,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, auto_resume: bool
     return ckpt_path
 
 
-def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str, model_cfg: DictConfig) -> None:
-    """Refuse, naming the difference, a checkpoint whose weights do not fit `module` (another kind of model, or the
-    same one with another architecture), before Lightning's restore fails on it with a page of state-dict keys."""
-    checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
+def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str,
+                          model_cfg: DictConfig) -> None:
+    """Refuse, naming the difference, a checkpoint (read from `ckpt_path`) whose weights do not fit `module` (another
+    kind of model, or the same one with another architecture), before Lightning's restore fails on it with a page of
+    state-dict keys."""
     state, own = checkpoint.get("state_dict") or {}, module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -184,13 +185,12 @@ def check_checkpoint_fits(module: L.LightningModule, ckpt_path: str, model_cfg: 
                               + advice)
 
 
-def check_checkpoint_strategy(ckpt_path: str, trainer_cfg: DictConfig) -> None:
+def check_checkpoint_strategy(checkpoint: dict[str, Any], ckpt_path: str, trainer_cfg: DictConfig) -> None:
     """Refuse to resume under FSDP a checkpoint written without it: Lightning's FSDP restore maps the optimizer state
     by the position of each parameter among all the module's (frozen autoencoder included), DDP's and a single
     process's by its position in the optimizer, and stops with a bare KeyError. (FSDP to DDP works.)"""
     if "fsdp" not in strategy_name(trainer_cfg.get("strategy")).lower():
         return
-    checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
     written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
     if "strategy" in written and "fsdp" not in strategy_name(written["strategy"]).lower():
         name = strategy_name(written["strategy"]) or "auto"
@@ -373,8 +373,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")
     if ckpt_path is not None:
-        check_checkpoint_fits(module, ckpt_path, cfg.model)
-        check_checkpoint_strategy(ckpt_path, cfg.trainer)
+        checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
+        check_checkpoint_fits(module, checkpoint, ckpt_path, cfg.model)
+        check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
     apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
