@@ -75,6 +75,19 @@ def test_timestep_spacings_match_lin_et_al_table_2():
         spaced_timesteps(0, 1000)
 
 
+def test_leading_spacing_never_steps_past_the_last_training_timestep():
+    """SD's spacing (leading, offset 1) at 1000 steps would need timestep 1000: refused naming the most steps that fit
+    (diffusers' DDIMScheduler fails there with an IndexError), instead of silently taking 999 steps."""
+    assert spaced_timesteps(999, 1000, "leading", steps_offset=1) == list(range(999, 0, -1))
+    with pytest.raises(ConfigError, match=r"num_steps=1000 with timestep_spacing=leading and steps_offset=1 .*"
+                                          r"at most 999 steps"):
+        spaced_timesteps(1000, 1000, "leading", steps_offset=1)
+    with pytest.raises(ConfigError, match="model.val_num_steps=999 .* at most 998 steps"):
+        NoiseSchedule(ScheduleConfig(timestep_spacing="leading", steps_offset=2)).check_num_steps(
+            999, "model.val_num_steps")
+    assert spaced_timesteps(1000, 1000, "leading") == list(range(999, -1, -1))
+
+
 def test_zero_terminal_snr_with_leading_spacing_and_a_negative_offset_are_refused():
     with pytest.raises(ConfigError, match="trailing"):
         ScheduleConfig(zero_terminal_snr=True, timestep_spacing="leading")

@@ -18,12 +18,13 @@ SNR-derived quantities, the part explained by the measured float32 alphas_cumpro
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_snr
 
-from ldm.convert.schedule import schedule_to_diffusers
+from ldm.convert.schedule import schedule_from_diffusers, schedule_to_diffusers
 from ldm.diffusion import (
     Denoiser,
     DiffusionConfig,
@@ -234,3 +235,15 @@ def test_diffusion_loss_matches_a_diffusers_training_step(prediction, zero_termi
     rel = (got.double() - ref.double()).abs() / ref.double().abs().clamp(min=1e-30)
     tol = _snr_rtol(ours_schedule, theirs, t)
     assert bool((rel <= tol).all()), f"worst at t={int(t[(rel / tol).argmax()])}"
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler",
+                                  "PNDMScheduler"])
+def test_a_scheduler_config_without_timestep_spacing_takes_its_class_default(name):
+    """diffusers' default spacing depends on the scheduler class (linspace for the solvers, leading for DDIM / DDPM /
+    PNDM): an imported config that leaves it out is spaced as its own class would space it."""
+    config = {"_class_name": name, "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+              "beta_start": 0.00085, "beta_end": 0.012}
+    schedule, _ = schedule_from_diffusers(config)
+    assert schedule.timestep_spacing == getattr(diffusers, name).from_config(config).config.timestep_spacing
+

@@ -52,6 +52,13 @@ def autoencoder_dir(tmp_path: Path) -> Path:
     return tiny_autoencoder(tmp_path / "ae")
 
 
+def test_validation_steps_beyond_the_schedule_are_refused_at_start(autoencoder_dir: Path):
+    """val_num_steps must fit the (final) schedule, or every validation grid of the run would fail."""
+    diffusion = {"prediction": "v", "schedule": {"zero_terminal_snr": True, "num_train_timesteps": 20}}
+    with pytest.raises(ConfigError, match=r"model.val_num_steps=50 must lie in \[1, 20\]"):
+        LatentDiffusionModule(tiny_config(autoencoder_dir, diffusion=diffusion, val_num_steps=50))
+
+
 def test_latent_scale_comes_from_stage_1_or_config_never_a_default(tmp_path: Path, autoencoder_dir: Path):
     assert LatentDiffusionModule(tiny_config(autoencoder_dir)).pipeline.latent_scale == pytest.approx(0.8)
     explicit = LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3))

@@ -123,6 +123,11 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
         sample({**base, "prompts": PROMPTS[:1], "output_dir": str(tmp_path / "f")})
     paths = sample({**base, "prompts": PROMPTS[:1], "output_dir": str(tmp_path / "f"), "overwrite": True})
     assert sorted(p.name for p in (tmp_path / "f").glob("prompt*.png")) == [p.name for p in paths]
+    # A bad num_steps is refused before the earlier samples are replaced.
+    with pytest.raises(ConfigError, match=r"num_steps=5000 must lie in \[1, 1000\]"):
+        sample({**base, "prompts": PROMPTS[:1], "output_dir": str(tmp_path / "f"), "overwrite": True,
+                "num_steps": 5000})
+    assert sorted(p.name for p in (tmp_path / "f").glob("prompt*.png")) == [p.name for p in paths]
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         sample({"ckpt_path": str(tmp_path / "missing.ckpt"), "prompts": PROMPTS, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="sampler"):

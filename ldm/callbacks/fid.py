@@ -25,7 +25,6 @@ from ldm.callbacks.throughput import paused
 from ldm.config import ConfigError, check_choice
 from ldm.data.shardlist import local_shards
 from ldm.diffusion import SAMPLERS
-from ldm.diffusion.schedule import check_num_steps
 from ldm.distributed import rank_and_world
 from ldm.eval.evaluator import rank_batches, require_image_shards
 from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
@@ -93,7 +92,7 @@ class FIDCallback(StepBoundary):
         if not callable(getattr(pl_module, "eval_pipeline", None)):
             raise ConfigError(f"callbacks.fid: {type(pl_module).__name__} does not generate images (no eval_pipeline); "
                               f"the FID callback is for latent diffusion models: leave callbacks=[default,fid] out")
-        check_num_steps(self.num_steps, pl_module.pipeline.schedule.num_train_timesteps, "callbacks.fid.num_steps")
+        pl_module.pipeline.schedule.check_num_steps(self.num_steps, "callbacks.fid.num_steps")
         self._shards = local_shards(self.val_shards, "callbacks.fid.val_shards")
         require_image_shards(self._shards, "callbacks.fid.val_shards are the FID's reference images (training on "
                                            "latents: set callbacks.fid.val_shards to the image shards)")

@@ -128,6 +128,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
         raise ConfigError(f"class_labels has {len(config.class_labels)} entries for {len(prompts)} prompts")
     device = choose_device(config.device)
     pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema).to(device)
+    pipeline.schedule.check_num_steps(config.num_steps, "num_steps")
     if config.image_size is not None:
         pipeline.check_image_size(config.image_size)
     check_class_labels(config, pipeline)

@@ -23,6 +23,13 @@ _PREDICTION_TO_DIFFUSERS = {v: k for k, v in _PREDICTION_TO_OURS.items()}
 # Stable Diffusion's training schedule and sampling defaults (v1-inference.yaml and diffusers' SD scheduler configs).
 SD_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                              beta_end=0.012, timestep_spacing="leading", steps_offset=1)
+# Scheduler classes whose `timestep_spacing` defaults to linspace in diffusers (the DDIM / DDPM / PNDM / LCM family's
+# default is leading): a config that leaves the field out samples as its class would.
+_LINSPACE_BY_DEFAULT = frozenset({
+    "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "SASolverScheduler",
+    "UniPCMultistepScheduler"})
 # (beta_start, beta_end) of SD's (and LDM's text-to-image), LDM's unconditional and DDPM's schedules: recognised in
 # rounded buffers.
 _KNOWN_BETA_RANGES = ((SD_SCHEDULE.beta_start, SD_SCHEDULE.beta_end), (0.0015, 0.0195), (0.0001, 0.02))
@@ -45,11 +52,12 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, 
     if prediction_type not in _PREDICTION_TO_OURS:
         raise UnsupportedCheckpointError(f"{what}: prediction_type={prediction_type!r} is not supported; choose one "
                                          f"of {sorted(_PREDICTION_TO_OURS)}")
+    default_spacing = "linspace" if config.get("_class_name") in _LINSPACE_BY_DEFAULT else "leading"
     schedule = ScheduleConfig(
         num_train_timesteps=config.get("num_train_timesteps", 1000), beta_schedule=_BETAS_TO_OURS[beta_schedule],
         beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02),
         zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
-        timestep_spacing=config.get("timestep_spacing", "leading"), steps_offset=config.get("steps_offset", 0))
+        timestep_spacing=config.get("timestep_spacing", default_spacing), steps_offset=config.get("steps_offset", 0))
     return schedule, _PREDICTION_TO_OURS[prediction_type]
 
 

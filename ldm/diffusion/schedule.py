@@ -50,11 +50,24 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def check_num_steps(num_steps: int, num_train_timesteps: int, key: str = "num_steps") -> None:
-    """Raise ConfigError, naming `key`, unless a sampler can take `num_steps` steps of the training schedule."""
+def check_num_steps(num_steps: int, num_train_timesteps: int, key: str = "num_steps", spacing: str = "trailing",
+                    steps_offset: int = 0) -> None:
+    """Raise ConfigError, naming `key`, unless a sampler can take `num_steps` steps of the training schedule (with
+    `leading` spacing, the offset must not push the last step past the last training timestep)."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ConfigError(f"{key}={num_steps} must lie in [1, {num_train_timesteps}], the model's "
                           f"num_train_timesteps (a sampler visits each training timestep at most once)")
+    if spacing == "leading" and _leading_last(num_steps, num_train_timesteps, steps_offset) >= num_train_timesteps:
+        most = max(n for n in range(1, num_steps)
+                   if _leading_last(n, num_train_timesteps, steps_offset) < num_train_timesteps)
+        raise ConfigError(f"{key}={num_steps} with timestep_spacing=leading and steps_offset={steps_offset} steps past "
+                          f"the last training timestep ({num_train_timesteps - 1}): take at most {most} steps, or "
+                          f"timestep_spacing=trailing")
+
+
+def _leading_last(num_steps: int, num_train_timesteps: int, steps_offset: int) -> int:
+    """The largest timestep of `leading` spacing (diffusers' DDIMScheduler.set_timesteps)."""
+    return (num_steps - 1) * (num_train_timesteps // num_steps) + steps_offset
 
 
 def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "trailing",
@@ -69,10 +82,10 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "t
         steps_offset: added to `leading` timesteps.
     """
     check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
-    check_num_steps(num_steps, num_train_timesteps)
+    check_num_steps(num_steps, num_train_timesteps, spacing=spacing, steps_offset=steps_offset)
     if spacing == "leading":
         step = num_train_timesteps // num_steps
-        ts = [min(i * step + steps_offset, num_train_timesteps - 1) for i in range(num_steps)]
+        ts = [i * step + steps_offset for i in range(num_steps)]
     elif spacing == "trailing":
         step = num_train_timesteps / num_steps
         ts = [round(num_train_timesteps - i * step) - 1 for i in range(num_steps)]
@@ -138,6 +151,11 @@ class NoiseSchedule:
         """Sampling timesteps (decreasing) under this schedule's spacing."""
         return spaced_timesteps(num_steps, self.num_train_timesteps, self.config.timestep_spacing,
                                 self.config.steps_offset)
+
+    def check_num_steps(self, num_steps: int, key: str) -> None:
+        """Raise ConfigError, naming `key`, unless a sampler can take `num_steps` steps under this schedule."""
+        check_num_steps(num_steps, self.num_train_timesteps, key, self.config.timestep_spacing,
+                        self.config.steps_offset)
 
     def abar(self, t: int) -> float:
         """alphas_cumprod at one timestep as a Python float; t < 0 means the clean data (1.0)."""

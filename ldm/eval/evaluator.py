@@ -27,7 +27,6 @@ import ldm
 from ldm.config import ConfigError, check_choice, to_dataclass
 from ldm.data.latents import find_manifest
 from ldm.data.shardlist import local_shards
-from ldm.diffusion.schedule import check_num_steps
 from ldm.distributed import choose_device, rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures, clip_identity, clip_loader, resolve_inception_weights
 from ldm.eval.loading import load_model, resolve_checkpoints
@@ -199,7 +198,7 @@ class Evaluator:
         schedule = getattr(pipeline, "schedule", None)
         if schedule is not None:  # before any statistics are computed
             for num_steps in cfg.num_steps:
-                check_num_steps(num_steps, schedule.num_train_timesteps, "num_steps")
+                schedule.check_num_steps(num_steps, "num_steps")
         needs_shards = cfg.prompts_source == "val_shards" or (
             cfg.reference_shards is None and any(m in INCEPTION_METRICS for m in cfg.metrics))
         shards = self.shards_for(pipeline) if needs_shards else cfg.val_shards

@@ -90,7 +90,6 @@ class Config:
     def __post_init__(self) -> None:
         check_choice("val_sampler", self.val_sampler, SAMPLERS)
         check_min(0, val_guidance_scale=self.val_guidance_scale)  # 1.0: the conditional model alone
-        check_min(1, val_num_steps=self.val_num_steps)
         check_optimizer_config(self)
         if self.init_prediction is not None:
             check_choice("init_prediction", self.init_prediction, PREDICTIONS)
@@ -224,6 +223,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.pipeline = LatentDiffusionPipeline(autoencoder, frozen["latent_scale"], unet, conditioner,
                                                 config.conditioner, config.diffusion, config.image_size,
                                                 config.sample_posterior)
+        self.pipeline.schedule.check_num_steps(config.val_num_steps, "model.val_num_steps")  # the final schedule
 
         # EMA of everything that trains.
         decay = config.ema_decay
