@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,8 +175,14 @@ def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, t
 
 
 def test_ldm_eval_cli_prints_shapes_color_accuracy_and_logs_wandb_offline(assets, tmp_path: Path):
+    """Two runs' checkpoints of the same file name: each gets its own W&B sample table (they replaced each other)."""
     out = tmp_path / "cli"
-    args = [f"ckpt_path={assets['ldm']}", f"output_dir={out}", "num_samples=4", "batch_size=4", "num_steps=[2]",
+    checkpoints = [tmp_path / run / "checkpoints" / "last.ckpt" for run in ("run_a", "run_b")]
+    for path in checkpoints:
+        path.parent.mkdir(parents=True)
+        shutil.copy(assets["ldm"], path)
+    args = [f"ckpt_path=[{','.join(map(str, checkpoints))}]", f"output_dir={out}", "num_samples=4", "batch_size=4",
+            "num_steps=[2]",
             "metrics=[shapes_color_accuracy]", f"val_shards={assets['shards']}", "device=cpu",
             f"cache_dir={assets['cache']}", "wandb.enabled=true", "wandb.num_images=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -184,7 +191,10 @@ def test_ldm_eval_cli_prints_shapes_color_accuracy_and_logs_wandb_offline(assets
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any(line.startswith("shapes_color_accuracy: ") for line in proc.stdout.splitlines()), proc.stdout
     assert (out / "results.jsonl").is_file() and (out / "results.csv").is_file()
-    assert list((out / "wandb").glob("offline-run-*"))
+    (run,) = (out / "wandb").glob("offline-run-*")
+    tables = sorted(p.relative_to(run / "files" / "media" / "table" / "samples").parent.as_posix()
+                    for p in run.glob("files/media/table/samples/**/*.table.json"))
+    assert tables == ["run_a_last", "run_b_last"]
 
 
 def test_a_class_conditional_model_needs_the_labels_of_val_shards(assets, tmp_path: Path):

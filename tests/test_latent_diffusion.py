@@ -3,6 +3,7 @@ checkpoints and exports, seeds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -262,6 +263,28 @@ def test_ema_warms_up_as_diffusers_ema_model(decay: float):
     moved = next(fixed.module.parameters()) - initial[0]
     assert torch.allclose(moved, torch.full_like(moved, 1 - decay) + (next(model.parameters()) - 1 - initial[0]),
                           atol=1e-5)
+
+
+def test_resuming_with_another_latent_scale_is_refused(tmp_path: Path, autoencoder_dir: Path):
+    """Stage 1's statistics changed between two segments of a run: the resumed UNet would see latents of another
+    scale, so the resume stops naming both scales and the key that keeps the trained one."""
+    trainer = fit(LatentDiffusionModule(tiny_config(autoencoder_dir)), tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    (autoencoder_dir / "latent_stats.json").write_text(json.dumps({"scale_factor": 0.5, "global_std": 2.0}))
+
+    def resume(**overrides) -> L.Trainer:
+        module = LatentDiffusionModule(tiny_config(autoencoder_dir, **overrides))
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                            limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=DataLoader([batch(4)] * 3, batch_size=None),
+                    ckpt_path=str(tmp_path / "last.ckpt"))
+        return trainer
+
+    with pytest.raises(ConfigError, match=r"trained with latent scale 0.8 \(1 / std .*\), this run's is 0.5 .*"
+                                          r"model.latent_scale=0.8"):
+        resume()
+    assert resume(latent_scale=0.8).global_step == 3
 
 
 def test_a_checkpoint_that_trained_a_now_frozen_text_encoder_block_resumes(tmp_path: Path, autoencoder_dir: Path):

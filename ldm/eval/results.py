@@ -112,18 +112,33 @@ class WandbTable:
                               mode="offline" if cfg.wandb.offline else "online", config=dataclasses.asdict(cfg),
                               job_type="eval")
         self.num_images = cfg.wandb.num_images
+        self.names: dict[str, str] = {}  # checkpoint path -> its name in the table keys, unique in this run
+
+    def checkpoint_name(self, checkpoint: str) -> str:
+        """`<run>_<file stem>` (`runs/a/checkpoints/last.ckpt` -> `a_last`, `runs/a/export` -> `a_export`), made
+        unique among this run's checkpoints, so that the tables of two runs' `last.ckpt` do not replace each other."""
+        if checkpoint not in self.names:
+            path = Path(checkpoint)
+            run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            base = name = f"{run.name}_{path.stem}" if run.name else path.stem
+            taken, n = set(self.names.values()), 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+            self.names[checkpoint] = name
+        return self.names[checkpoint]
 
     def log_samples(self, row: dict[str, Any], images: torch.Tensor | None, prompts: list[str]) -> None:
         if images is None:
             return
-        table = self.wandb.Table(columns=["sample", "seed", "prompt", "image"])
+        table = self.wandb.Table(columns=["checkpoint", "checkpoint_step", "sample", "seed", "prompt", "image"])
         # rank 0 holds global samples 0, W, 2W, ...: its k-th image is sample k * world_size.
         for k, image in enumerate(images[: self.num_images]):
             index = k * row["world_size"]
-            table.add_data(index, row["seed"] + index, prompts[index],
+            table.add_data(row["checkpoint"], row.get("checkpoint_step"), index, row["seed"] + index, prompts[index],
                            self.wandb.Image(image.permute(1, 2, 0).numpy(), caption=prompts[index]))
-        tag = f"{Path(row['checkpoint']).stem}/{row['sampler']}_{row['num_steps']}_cfg{row['guidance_scale']:g}"
-        self.run.log({f"samples/{tag}": table})
+        point = f"{row['sampler']}_{row['num_steps']}_cfg{row['guidance_scale']:g}"
+        self.run.log({f"samples/{self.checkpoint_name(row['checkpoint'])}/{point}": table})
 
     def finish(self, rows: list[dict[str, Any]]) -> None:
         if rows:

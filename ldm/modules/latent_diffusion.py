@@ -330,9 +330,20 @@ class LatentDiffusionModule(L.LightningModule):
             self.ema_conditioner.update_parameters(self.pipeline.conditioner)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of older code whose optimizer holds every parameter of a trainable text encoder, some of which
+        """Refuse a checkpoint that trained with another latent scale than this run's (the autoencoder's statistics
+        changed since, or `model.latent_scale` did): its UNet learnt latents of that scale.
+
+        A checkpoint of older code whose optimizer holds every parameter of a trainable text encoder, some of which
         are frozen now (`freeze_unused`: a block the conditioning leaves without gradient): their entries are
         dropped, the other parameters keep their AdamW moments."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("frozen") or {}
+        now = self.hparams["frozen"]
+        if "latent_scale" in saved and saved["latent_scale"] != now["latent_scale"]:
+            raise ConfigError(f"the checkpoint trained with latent scale {saved['latent_scale']!r} "
+                              f"({saved.get('latent_scale_source')}), this run's is {now['latent_scale']!r} "
+                              f"({now.get('latent_scale_source')}): resume with "
+                              f"model.latent_scale={saved['latent_scale']!r}, or start afresh in another "
+                              f"paths.output_dir")
         states = checkpoint.get("optimizer_states") or []
         if len(states) != 1 or len(states[0]["param_groups"]) != 1:
             return
