@@ -177,6 +177,9 @@ class SlurmRequeue(StepBoundary):
         path = self._save(trainer)
         self.stopped = True
         trainer.should_stop = True
+        # note: Lightning validates once more when should_stop is set; that costs grace time, and a checkpoint written
+        # after it (validation-time checkpoints) would resume with the loop counters one batch off
+        trainer.limit_val_batches = 0
         saved = f"saved {path}" if path is not None else "nothing saved (checkpoints are off)"
         requeue = received == self.signum and self.requeue and self.job_id is not None and path is not None
         if trainer.is_global_zero:

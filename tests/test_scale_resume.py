@@ -17,6 +17,7 @@ to FULL_STEPS in a fresh `train()` call, as a new process would. With data.batch
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
@@ -252,6 +253,59 @@ def test_latent_diffusion_resume_with_gradient_accumulation_is_exact(shapes_shar
     run(shapes_shards, out, FULL_STEPS, extra)
     assert_same_checkpoint(root / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", FULL_STEPS,
                            samples_per_step=2 * 16)
+
+
+def test_a_signal_with_validation_time_checkpoints_resumes_exactly(shapes_shards, tmp_path, single_torch_thread):
+    """With a checkpoint after each validation (every_n_train_steps=null, quickstart_vae's), a signal at an epoch's
+    last step: Lightning validated once more after the stop and that validation's checkpoint replaced last.ckpt, which
+    resumed a batch off (epoch 1's first batch trained twice) and logged every later step one too low."""
+    extra = AUTOENCODER + ["callbacks.checkpoint.every_n_train_steps=null"]
+    full = run(shapes_shards, tmp_path / "full", FULL_STEPS, extra, every=3)
+    out = tmp_path / "stopped"
+    first = run(shapes_shards, out, FULL_STEPS, extra + ["+callbacks.signal._target_=scale_helpers.SignalAtStep",
+                                                         "+callbacks.signal.step=3",
+                                                         "+callbacks.signal.signal_name=SIGTERM"], every=3)
+    assert sorted(first) == [1, 2, 3, 4]  # stopped at the end of epoch 0
+    resumed = run(shapes_shards, out, FULL_STEPS, extra, every=3)
+    assert sorted(resumed) == [5, 6] and all(resumed[s] == full[s] for s in resumed)
+    assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt",
+                           FULL_STEPS)
+
+    def logged_steps(run_dir: Path, key: str) -> list[int]:
+        with open(run_dir / "csv" / "metrics.csv") as f:
+            return [int(row["step"]) for row in csv.DictReader(f) if row.get(key)]
+
+    for key in ("train/rec_loss", "val/rec_loss"):  # each step once, none missing
+        assert logged_steps(out, key) == logged_steps(tmp_path / "full", key), key
+
+
+def test_resuming_into_a_longer_run_follows_the_new_schedule_from_its_first_step(shapes_shards, tmp_path,
+                                                                                 single_torch_thread):
+    """A cosine schedule rebuilt for a larger trainer.max_steps: the first resumed step trained at the old schedule's
+    rate (0 after a finished run), restored with the optimizer, and only the later ones on the new curve."""
+    extra = AUTOENCODER + ["model.lr_schedule=cosine", "model.warmup_steps=2"]
+    out = tmp_path / "run"
+    run(shapes_shards, tmp_path / "fresh", 6, extra)
+    run(shapes_shards, out, 4, extra)
+    run(shapes_shards, out, 6, extra)
+
+    def rates(run_dir: Path) -> dict[int, float]:
+        with open(run_dir / "csv" / "metrics.csv") as f:
+            return {int(row["step"]): float(row["lr/autoencoder"]) for row in csv.DictReader(f)
+                    if row.get("lr/autoencoder")}
+
+    fresh, resumed = rates(tmp_path / "fresh"), rates(out)
+    assert resumed[4] == pytest.approx(fresh[4]) and fresh[4] > 0  # step 5, the first after the resume
+    assert resumed[5] == pytest.approx(fresh[5])
+
+
+def test_save_top_k_prunes_the_checkpoint_a_run_resumed_from(shapes_shards, tmp_path, single_torch_thread):
+    """The newest periodic checkpoint did not list itself (added to `kept` after the save), so each resume left one
+    file more than save_top_k."""
+    out = tmp_path / "run"
+    run(shapes_shards, out, 4, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1"])
+    run(shapes_shards, out, 6, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1"])
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000006.ckpt"]
 
 
 def test_resume_applies_the_configs_optimizer_settings(shapes_shards, tmp_path, single_torch_thread):

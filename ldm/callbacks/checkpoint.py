@@ -204,10 +204,10 @@ class Checkpoint(StepBoundary, CheckpointBase):
             self._wrote_last(trainer, last)
             return last
         path = directory / f"{self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch)}.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
         if str(path) in self.kept:
             self.kept.remove(str(path))
-        self.kept.append(str(path))
+        self.kept.append(str(path))  # before the save: the file lists itself, so a run resumed from it prunes it
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             if self.save_last:
                 link_or_copy(path, last)

@@ -4,8 +4,9 @@ Lightning restores each optimizer's state on resume, its param groups' hyperpara
 scheduler's `base_lrs`: a run resumed with `model.lr=1e-5` (to lower the rate for the rest of a run, say) kept
 training at the saved rate while its log and config.yaml said 1e-5. This callback records what the modules' freshly
 built optimizers hold (`on_fit_start`, before the restore), and when the restored state differs (`on_train_start`,
-after it) puts the configured values back, with the schedule at its restored position (`lr = base_lr x
-lr_lambda(step)`), and says which changed. A resume with the same config changes nothing, so exact resume holds.
+after it) puts the configured values back, and sets each rate to the schedule at its restored position (`lr =
+base_lr x lr_lambda(step)`, the schedule rebuilt from this run's `trainer.max_steps`), and says which changed. A resume
+with the same config changes nothing, so exact resume holds.
 """
 
 from __future__ import annotations
@@ -43,20 +44,26 @@ class OptimizerSettings(L.Callback):
             for i, (group, wanted) in enumerate(zip(optimizer.param_groups, configured)):
                 restored = self._settings(group)
                 diff = {k: (restored.get(k), v) for k, v in wanted.items() if restored.get(k) != v}
-                if not diff:
-                    continue
                 changed += [f"optimizer {index} group {i} {k}: {old} -> {new}" for k, (old, new) in diff.items()]
                 for key in ("betas", "weight_decay"):
                     if key in diff:
                         group[key] = wanted[key]
                 if "initial_lr" in diff:
-                    base = wanted["initial_lr"]
-                    group["initial_lr"] = group["lr"] = base
+                    group["initial_lr"] = group["lr"] = wanted["initial_lr"]
                     for scheduler in schedulers:
-                        scheduler.base_lrs[i] = base
-                        lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR: the schedule's position
-                        if lambdas is not None:
-                            group["lr"] = base * lambdas[i](scheduler.last_epoch)
+                        scheduler.base_lrs[i] = wanted["initial_lr"]
+                # The rate at the schedule's restored position. The schedule is rebuilt from this run's
+                # trainer.max_steps: a resume into a longer run continues on the new curve from its first step.
+                for scheduler in schedulers:
+                    lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR
+                    if lambdas is None:
+                        continue
+                    lr = scheduler.base_lrs[i] * lambdas[i](scheduler.last_epoch)
+                    if lr != group["lr"] and "initial_lr" not in diff:
+                        changed.append(f"optimizer {index} group {i} lr at step {scheduler.last_epoch}: "
+                                       f"{group['lr']:.6g} -> {lr:.6g} (the schedule's length changed with "
+                                       f"trainer.max_steps)")
+                    group["lr"] = lr
         if changed:
             rank_zero_warn(f"resumed with other optimizer settings than the checkpoint's; the config's apply from "
                            f"step {trainer.global_step}: {'; '.join(changed)}")
