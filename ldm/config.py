@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hydra
@@ -65,6 +66,12 @@ def check_min(minimum: float, **values: float | None) -> None:
     for key, value in values.items():
         if value is not None and value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum:g}")
+
+
+def check_output_dir(key: str, path: str | Path | None) -> None:
+    """Raise ConfigError when the output folder `path` exists as a file (mkdir would fail with a bare errno)."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{key}={path} is a file: give a folder (created when missing)")
 
 
 def check_positive(**values: float | None) -> None:

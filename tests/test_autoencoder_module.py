@@ -1,5 +1,6 @@
 """AutoencoderModule under a real Lightning Trainer on CPU: overfitting, step counting, checkpoint and export."""
 
+import csv
 import json
 
 import lightning as L
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from ldm.config import compose_node, instantiate
+from ldm.config import ConfigError, compose_node, instantiate
 from ldm.data.shapes import ShapesDataset
 from ldm.modules.autoencoder import AutoencoderModule
 from ldm.nn.autoencoder import load_autoencoder
@@ -33,8 +34,8 @@ def shapes_images(n: int, split: str = "train") -> torch.Tensor:
 def fit(module: AutoencoderModule, images: torch.Tensor, root, max_steps: int, val_every: int, **kwargs) -> L.Trainer:
     loader = DataLoader(TensorDataset(images), batch_size=8, shuffle=False)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=val_every, limit_val_batches=1,
-                        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root), **kwargs)
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(root), **{"logger": False, **kwargs})
     trainer.fit(module, loader, loader)
     return trainer
 
@@ -74,6 +75,36 @@ def test_global_step_counts_batches_with_two_optimizers(tmp_path):
     metrics = trainer.callback_metrics
     assert metrics["train/d_loss"] > 0 and metrics["train/p_loss"] > 0 and metrics["val/lpips"] > 0
     assert 0 < metrics["train/disc_weight"] < 1e4
+
+
+def test_both_learning_rates_are_logged_by_name(tmp_path):
+    """The LR monitor logs lr/autoencoder and lr/discriminator (the latter was Lightning's `lr-Adam`)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = tiny_module(**{"loss.disc_start": 0, "disc_lr": 3e-4})
+    trainer = fit(module, shapes_images(16), tmp_path, max_steps=2, val_every=2, enable_checkpointing=False,
+                  callbacks=[LearningRateMonitor()], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {k for k in rows[0] if k.startswith("lr")} == {"lr/autoencoder", "lr/discriminator"}
+    assert {float(row["lr/discriminator"]) for row in rows if row["lr/discriminator"]} == {3e-4}
+
+
+def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(tmp_path, shapes_shards):
+    """Each of the PatchGAN's n_layers stride-2 convolutions halves the image, and its last two 4x4 convolutions need
+    3 pixels: 32 px takes at most 3 layers. The discriminator first runs at disc_start, so without this check the
+    mistake surfaced there (the default: step 50001)."""
+    from ldm.data.datamodule import WebDataModule
+
+    module = tiny_module(**{"loss.disc.n_layers": 4, "loss.disc_start": 3})
+    data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), resolution=32, batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"model.loss.disc.n_layers=4 halves the 32 px images to 2 px.*at most 3"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+    assert tiny_module(**{"loss.disc.n_layers": 3}).loss.discriminator(torch.zeros(1, 3, 32, 32)).shape[-1] == 2
 
 
 def test_checkpoint_and_export_round_trips(tmp_path):

@@ -108,6 +108,10 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     with pytest.raises(FileExistsError, match="no model_index.json"):  # overwrite replaces pipelines only
         save_diffusers(tmp_path / "run", *args, overwrite=True)
     assert (tmp_path / "run" / "train.log").read_text() == "not a pipeline"
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(FileExistsError, match="notes.txt is a file, not a folder"):  # it was replaced
+        save_diffusers(tmp_path / "notes.txt", *args, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "a file"
 
 
 def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_thread):

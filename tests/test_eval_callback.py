@@ -161,6 +161,11 @@ def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards:
         FIDCallback(**common, sampler="nope")
     with pytest.raises(ConfigError, match=r"callbacks\.fid\.guidance_scale=-1\.0 >= 0"):
         FIDCallback(**common, guidance_scale=-1.0)
+    for key, value, message in (("batch_size", 0, r"batch_size=0 must be >= 1"),  # failed at the first evaluation
+                                ("reference_num_samples", 0, r"reference_num_samples=0 must be >= 2"),
+                                ("feature_dim", 100, r"feature_dim=100 is not allowed")):
+        with pytest.raises(ConfigError, match=rf"callbacks\.fid\.{message}"):
+            FIDCallback(**{**common, key: value})
     (tmp_path / "no_clip").mkdir()
     module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
     data = [{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}] * 3

@@ -60,6 +60,22 @@ def test_validation_steps_beyond_the_schedule_are_refused_at_start(autoencoder_d
         LatentDiffusionModule(tiny_config(autoencoder_dir, diffusion=diffusion, val_num_steps=50))
 
 
+def test_training_at_another_resolution_than_the_model_generates_is_refused(shapes_shards: Path,
+                                                                            autoencoder_dir: Path, tmp_path: Path):
+    """data.resolution 32 with a model that generates at 16 px (its autoencoder's training size): its grids, export
+    and ldm-sample would use another size than it trains on."""
+    from ldm.data.datamodule import WebDataModule
+
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), resolution=32, batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data.resolution=32 but the model generates at 16 px .*"
+                                          r"model.image_size=\$\{data.resolution\}"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+
+
 def test_latent_scale_comes_from_stage_1_or_config_never_a_default(tmp_path: Path, autoencoder_dir: Path):
     assert LatentDiffusionModule(tiny_config(autoencoder_dir)).pipeline.latent_scale == pytest.approx(0.8)
     explicit = LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=0.3))

@@ -319,7 +319,7 @@ def test_resume_applies_the_configs_optimizer_settings(shapes_shards, tmp_path, 
     (autoencoder,), (discriminator,) = (state["param_groups"] for state in last["optimizer_states"])
     assert autoencoder["initial_lr"] == 1e-2 and discriminator["initial_lr"] == 2e-3
     assert tuple(autoencoder["betas"]) == tuple(discriminator["betas"]) == (0.6, 0.95)
-    assert [s["base_lrs"] for s in last["lr_schedulers"]] == [[1e-2]]  # the autoencoder's warmup schedule
+    assert [s["base_lrs"] for s in last["lr_schedulers"]] == [[1e-2], [2e-3]]  # warmup; the discriminator's constant
     assert autoencoder["lr"] == pytest.approx(1e-2 * 3 / 4)  # warmup_steps=4: 3 of 4 steps in
 
 

@@ -22,12 +22,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from ldm.callbacks.checkpoint import run_halted, run_stopped
 from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
-from ldm.config import ConfigError, check_choice
+from ldm.config import ConfigError, check_choice, check_min
 from ldm.data.shardlist import local_shards
 from ldm.diffusion import SAMPLERS
 from ldm.distributed import rank_and_world
 from ldm.eval.evaluator import rank_batches, require_image_shards
-from ldm.eval.feature_extractors import InceptionFeatures, clip_loader
+from ldm.eval.feature_extractors import INCEPTION_FEATURE_DIMS, InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
 from ldm.eval.sources import load_prompts, shard_labels
@@ -61,6 +61,9 @@ class FIDCallback(StepBoundary):
             raise ConfigError(f"callbacks.fid.every_n_steps={every_n_steps} must be >= 1 and callbacks.fid.num_samples="
                               f"{num_samples} >= 2")
         check_choice("callbacks.fid.sampler", sampler, SAMPLERS)
+        check_choice("callbacks.fid.feature_dim", feature_dim, INCEPTION_FEATURE_DIMS)
+        check_min(1, **{"callbacks.fid.batch_size": batch_size})
+        check_min(2, **{"callbacks.fid.reference_num_samples": reference_num_samples})
         if num_steps < 1 or guidance_scale < 0:
             raise ConfigError(f"callbacks.fid.num_steps={num_steps} must be >= 1 and callbacks.fid.guidance_scale="
                               f"{guidance_scale} >= 0 (1.0: the conditional model alone)")

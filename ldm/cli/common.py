@@ -295,6 +295,8 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
                               f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
+        if key in ("max_steps", "max_epochs") and value == 0:
+            raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
     if str(trainer.get("precision")) in HALF_WEIGHT_PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.get('precision')} would hold the weights themselves in 16 bits "
                           f"(no fp32 copy: the inputs' dtype no longer matches, and an EMA update of 1e-4 is below "

@@ -25,7 +25,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
-from ldm.config import ConfigError, asdict, check_choice, register_schemas, to_dataclass
+from ldm.config import ConfigError, asdict, check_choice, check_output_dir, register_schemas, to_dataclass
 from ldm.diffusion.sampling import SAMPLERS
 from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8
@@ -67,6 +67,7 @@ class SampleConfig:
                               "ckpt_path=runs/ldm/checkpoints/last.ckpt")
         if not self.output_dir:
             raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
+        check_output_dir("output_dir", self.output_dir)
         if bool(self.prompts) == bool(self.prompts_file):
             raise ConfigError("give exactly one of prompts='[a red circle, a blue square]' and prompts_file=FILE "
                               f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")

@@ -430,8 +430,9 @@ def main(cfg: DictConfig) -> float | None:
     def run() -> float | None:
         if not is_multirun():  # first: the other checks' mistakes would leave Hydra's run directory behind
             check_slurm_run_directory(cfg.paths.output_dir)
-        if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
-            raise configs.ConfigError(f"seed={cfg.get('seed')!r} must be an integer, e.g. seed=42")
+        seed = cfg.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
         check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
         check_nodes(cfg, ("data", "model"))
         stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None

@@ -147,6 +147,8 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     }
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output directory")
     if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
         raise FileExistsError(f"{out_dir} holds files but no model_index.json: overwrite replaces a diffusers pipeline "
                               f"folder, not any directory (a run directory, say); choose another output directory")

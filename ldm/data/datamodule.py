@@ -220,6 +220,8 @@ class WebDataModule(L.LightningDataModule):
             for name in ("resolution", "batch_size"):
                 if getattr(self, name) < 1:
                     raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
+            if self.samples_per_shard is not None and self.samples_per_shard < 1:
+                raise ConfigError(f"data.samples_per_shard={self.samples_per_shard} must be >= 1 or null")
             if self.val_batch_size is not None and self.val_batch_size < 1:
                 raise ConfigError(f"data.val_batch_size={self.val_batch_size} must be >= 1 or null")
             if self.num_workers < 0 or self.shuffle_buffer < 1:

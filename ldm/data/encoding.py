@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 
 from ldm import __version__
-from ldm.config import ConfigError, check_choice, check_min, to_dataclass
+from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME
 from ldm.data.stream import IMAGE_KEYS, resize_crop
@@ -58,6 +58,7 @@ class EncodeConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{key} is required, e.g. ldm-encode shards='data/shapes/train-*.tar' "
                                   f"autoencoder_path=runs/vae/export output_dir=data/latents/train")
+        check_output_dir("output_dir", self.output_dir)
         if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
             raise ConfigError(f"text_encoder={self.text_encoder!r} must be a model.conditioner node or null, e.g. "
                               f"text_encoder='{{kind: byte, name_or_path: runs/clip/export}}'")

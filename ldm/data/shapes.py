@@ -120,12 +120,13 @@ def check_layout(sizes: Sequence[str] | None, positions: Sequence[str] | None = 
         raise ValueError(f"sizes={sizes} must be a non-empty list of {list(SIZES)}")
     if not positions or any(position not in POSITIONS for position in positions):
         raise ValueError(f"positions={positions} must be a non-empty list of {list(POSITIONS)}")
-    radius = scale * max(SIZES[size] for size in sizes) * (1 + SIZE_JITTER)
+    unit = max(SIZES[size] for size in sizes) * (1 + SIZE_JITTER)  # the largest radius at scale 1
+    radius = scale * unit
     room = min(min(x, y, 1 - x, 1 - y) for x, y in (POSITIONS[p] for p in positions)) - POSITION_JITTER
     if not 0 < radius <= room + 1e-9:
         hint = "" if positions == ["center"] else " or positions=[center], which leaves the most room"
         raise ValueError(f"scale={scale} draws shapes of radius up to {radius:.3f} of the side, but positions "
-                         f"{positions} leave {room:.3f}: use a scale in (0, {room / (radius / scale):.2f}]{hint}")
+                         f"{positions} leave {room:.3f}: use a scale in (0, {room / unit:.2f}]{hint}")
     return sizes, positions
 
 

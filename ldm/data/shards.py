@@ -28,7 +28,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from ldm.config import ConfigError, check_choice
+from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.stream import resize_crop
 from ldm.images import to_rgb
@@ -77,6 +77,7 @@ class WriteConfig:
         check_choice("image_format", self.image_format, IMAGE_FORMATS)
         if not self.output_dir:
             raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
+        check_output_dir("output_dir", self.output_dir)
         if self.source == "folder" and not self.input_dir:
             raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
         # note: a key of the other source would be ignored; a user who sets it expects it to act

@@ -24,11 +24,17 @@ import torch
 from omegaconf import DictConfig
 
 import ldm
-from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data.latents import find_manifest
 from ldm.data.shardlist import local_shards
 from ldm.distributed import choose_device, rank_and_world
-from ldm.eval.feature_extractors import InceptionFeatures, clip_identity, clip_loader, resolve_inception_weights
+from ldm.eval.feature_extractors import (
+    INCEPTION_FEATURE_DIMS,
+    InceptionFeatures,
+    clip_identity,
+    clip_loader,
+    resolve_inception_weights,
+)
 from ldm.eval.loading import load_model, resolve_checkpoints
 from ldm.eval.metrics import (
     GENERATION_METRICS,
@@ -98,6 +104,7 @@ class EvalConfig:
             raise ConfigError("ckpt_path is required: a checkpoint, a glob (runs/x/checkpoints/*.ckpt) or a list")
         if not self.output_dir:
             raise ConfigError("output_dir is required: results.jsonl and results.csv are appended there")
+        check_output_dir("output_dir", self.output_dir)
         check_choice("prompts_source", self.prompts_source, ["val_shards", "file"])
         if self.prompts_file and self.prompts_source != "file":
             raise ConfigError(f"prompts_file={self.prompts_file} is read only with prompts_source=file (now "
@@ -110,9 +117,11 @@ class EvalConfig:
             check_choice("metrics[]", name, GENERATION_METRICS)
         for name in self.reconstruction_metrics:
             check_choice("reconstruction_metrics[]", name, RECONSTRUCTION_METRICS)
-        check_choice("feature_dim", self.feature_dim, [64, 192, 768, 2048])
+        check_choice("feature_dim", self.feature_dim, INCEPTION_FEATURE_DIMS)
         if self.num_samples < 2 or self.batch_size < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be >= 2 and batch_size={self.batch_size} >= 1")
+        check_min(1, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, resolution=self.resolution)
+        check_min(2, reference_num_samples=self.reference_num_samples)
         if not (self.samplers and self.num_steps and self.guidance_scales):
             raise ConfigError(f"samplers={self.samplers}, num_steps={self.num_steps} and "
                               f"guidance_scales={self.guidance_scales} must each hold at least one value")
@@ -325,7 +334,7 @@ class Evaluator:
         if shards is None:
             raise ConfigError("an autoencoder checkpoint is evaluated on val_shards; set val_shards=DIR_OR_GLOB")
         require_image_shards(shards, "an autoencoder is evaluated on images")
-        resolution = cfg.resolution or int(model.config.resolution)
+        resolution = int(model.config.resolution) if cfg.resolution is None else cfg.resolution
         if resolution % model.downsample_factor:
             raise ConfigError(f"resolution={resolution} is not divisible by the autoencoder's downsampling factor "
                               f"{model.downsample_factor}; choose a multiple of it (its training resolution: "

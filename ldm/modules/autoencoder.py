@@ -124,7 +124,11 @@ class AutoencoderModule(L.LightningModule):
                        f"then {c.lr_schedule}, GAN from step {c.loss.disc_start}")
         schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
-        return [opt_ae, opt_disc], [{"scheduler": schedule, "interval": "step", "name": "lr/autoencoder"}]
+        # note: the discriminator's rate is constant; its schedule, never stepped, names it for the LR monitor
+        # (lr/discriminator, not Lightning's lr-Adam)
+        constant = lr_scheduler(opt_disc, "constant", 0, self.trainer.estimated_stepping_batches)
+        return [opt_ae, opt_disc], [{"scheduler": schedule, "interval": "step", "name": "lr/autoencoder"},
+                                    {"scheduler": constant, "interval": "step", "name": "lr/discriminator"}]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """`model.grad_clip` for either optimizer, inside its step: after Lightning unscaled fp16 gradients."""
@@ -149,6 +153,14 @@ class AutoencoderModule(L.LightningModule):
             raise ConfigError(f"model.net.resolution={self.config.net.resolution} but data.resolution="
                               f"{data.resolution}: the export records the size the autoencoder trains at (what "
                               f"ldm-encode and stage 2 use); set model.net.resolution={data.resolution}")
+        # Said now, not when the GAN starts (step disc_start, perhaps days in): the discriminator's stride-2
+        # convolutions halve the image n_layers times, and its last two 4x4 convolutions need 3 pixels left.
+        layers, resolution = self.config.loss.disc.n_layers, self.config.net.resolution
+        if resolution >> layers < 3 and (trainer.max_steps < 0 or self.config.loss.disc_start < trainer.max_steps):
+            most = max((n for n in range(1, layers) if resolution >> n >= 3), default=0)
+            raise ConfigError(f"model.loss.disc.n_layers={layers} halves the {resolution} px images to "
+                              f"{resolution >> layers} px, fewer than the 3 its last convolutions need: at most "
+                              f"{most} at model.net.resolution={resolution}")
         # The export's latent statistics (stage 2's scale) are measured at validations: said now, not after the run,
         # when the final weights will go out with an earlier step's statistics.
         if trainer.fast_dev_run:
@@ -176,7 +188,7 @@ class AutoencoderModule(L.LightningModule):
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(ae_loss)
         opt_ae.step()
-        self.lr_schedulers().step()
+        self.lr_schedulers()[0].step()
         if self.ema is not None:
             self.ema.update_parameters(self.autoencoder)
 

@@ -258,6 +258,12 @@ class LatentDiffusionModule(L.LightningModule):
             datamodule.require_labels = True  # before its loaders: unlabelled samples are skipped and counted
 
     def on_fit_start(self) -> None:
+        resolution = getattr(getattr(self.trainer.datamodule, "config", None), "resolution", None)
+        if resolution is not None and resolution != self.pipeline.image_size:
+            raise ConfigError(f"data.resolution={resolution} but the model generates at {self.pipeline.image_size} px "
+                              f"(model.image_size={self.config.image_size}; null: the autoencoder's training "
+                              f"resolution): its validation grids, export and ldm-sample would use another size than "
+                              f"it trains on; set model.image_size=${{data.resolution}}")
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
             from ldm.data.latents import check_manifest, weights_hash
