@@ -3,6 +3,7 @@ schemas registered with Hydra, so that conf/ states every default once."""
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -255,3 +256,16 @@ def test_every_bad_config_value_raises_config_error(name, overrides, message):
             instantiate(node, name.split("/")[0])  # builds the object: constructor checks count too
         else:
             to_dataclass(_schema_of(name), node)
+
+
+def test_help_of_a_command_lists_its_keys_not_ldm_trains_groups(tmp_path: Path):
+    """`ldm-data --help` listed conf/'s groups (experiment, trainer, ...), which only ldm-train takes; and without
+    conf/ (a wheel install) every command stopped with Hydra's traceback instead of one line naming LDM_CONF_DIR."""
+    ldm_data = str(Path(sys.executable).parent / "ldm-data")
+    shown = subprocess.run([ldm_data, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout
+    assert "output_dir:" in shown and "num_samples:" in shown
+    assert "experiment:" not in shown and "Configuration groups" not in shown
+    missing = subprocess.run([ldm_data, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                             env={**os.environ, "LDM_CONF_DIR": str(tmp_path / "nowhere")})
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "no configs at" in missing.stderr and "LDM_CONF_DIR" in missing.stderr

@@ -241,6 +241,11 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(hydra_main)
     def entry(*args: Any, **kwargs: Any) -> Any:
+        if not Path(CONF_DIR, "train.yaml").is_file():  # e.g. a wheel or `pip install .`, which leave conf/ behind
+            print(f"{Path(sys.argv[0]).name}: error: no configs at {CONF_DIR}: install ldm from a clone of its "
+                  f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
+                  f"conf/", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         try:
             return hydra_main(*args, **kwargs)
         except SystemExit as exit_:
