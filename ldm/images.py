@@ -38,8 +38,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROU
     image = upright(image)
     mode = image.mode
     if mode in INTEGER_GREY_MODES:
-        grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
-        return _grey_to_rgb(grey)
+        raw = np.asarray(image)
+        grey = np.repeat(raw[..., None].astype(np.float64) / 257.0, 3, axis=-1)  # 65535 -> 255
+        key = image.info.get("transparency")  # a 16-bit PNG's colour key: that grey value is transparent
+        if isinstance(key, int):
+            grey[raw == key] = background
+        return _array_to_rgb(grey)
     if mode == "F":
         grey = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         if grey.size and grey.min() >= 0.0 and grey.max() <= 1.0:

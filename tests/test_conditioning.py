@@ -190,6 +190,8 @@ def test_config_errors_name_the_key():
         build_conditioner({"kind": "t5"})
     with pytest.raises(ConfigError, match=r"model\.conditioner\.layer"):
         build_conditioner({"kind": "clip", "layer": "middle"})
+    with pytest.raises(ConfigError, match=r"layer=penultimate applies to kind=clip .* kind=byte reads its last layer"):
+        build_conditioner({"kind": "byte", "layer": "penultimate"})  # was accepted and ignored
     with pytest.raises(ConfigError, match="needs name_or_path"):
         build_conditioner({"kind": "hf"})
     with pytest.raises(ConfigError, match="pooled=true needs a text encoder"):

@@ -49,6 +49,32 @@ def test_matched_pairs_give_full_accuracy_and_a_low_loss():
     assert shuffled.item() == 0.0
 
 
+def test_accuracy_counts_an_image_of_the_same_caption_as_a_hit():
+    """Two pairs share a caption (the quickstart's batches of 256 hold about 130 distinct captions): a model that
+    embeds both images as the caption cannot tell them apart, which counted as a miss half of the time."""
+    text = unit(4, 16, seed=0)
+    text[1] = text[0]                                     # pairs 0 and 1: the same caption
+    ids = torch.tensor([7, 7, 8, 9])
+    _, strict = contrastive_loss(text, text, text, text, 0, torch.tensor(100.0))
+    _, by_caption = contrastive_loss(text, text, text, text, 0, torch.tensor(100.0), ids, ids)
+    assert strict.item() == 0.75 and by_caption.item() == 1.0
+
+
+def test_compiled_text_tower_compiles_once_for_new_captions():
+    """Compiled whole, the text tower's tokenizer made every batch of new captions a recompilation (torch gave up
+    after 8 and ran it eagerly); the tensor part alone is compiled now."""
+    import torch._dynamo  # noqa: F401 -- the compile counters below
+
+    module = ContrastiveModule(tiny_config())
+    module.compile_networks()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for shift in range(3):
+        module.text_encoder(CAPTIONS[shift:] + CAPTIONS[:shift] + [f"caption {shift}"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_image_encoder_keeps_position_and_checks_its_input():
     encoder = ImageEncoder(ImageEncoderConfig(resolution=16, channels=[8, 16]))
     assert encoder.out_dim == 16 * 4 * 4

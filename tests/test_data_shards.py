@@ -199,3 +199,64 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
     write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "csv"), "val_samples": 0,
                    "resolution": 32, "captions": str(captions)})
     assert sorted(s["txt"].decode() for s in read_split(tmp_path / "csv", "train")) == ["from the csv", "phone"]
+
+
+def test_a_divider_line_is_resized_in_its_box_not_whole():
+    """A 12000 x 1 strip resized whole to 256 px high would be 3,072,000 x 256 pixels (3.7 GB) before its crop; past
+    MAX_RESIZED_ASPECT only the crop's box is resized. An image within that ratio keeps the whole-image path."""
+    code = ("import resource; from PIL import Image; from ldm.data.stream import resize_crop; "
+            "im = Image.new('RGB', (12000, 1), (200, 10, 10)); "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "out = resize_crop(im, 256, None); "
+            "print(out.size, out.getpixel((5, 5)), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("(256, 256) (200, 10, 10)") and int(out.stdout.split()[-1]) < 200_000, out.stdout
+
+    from ldm.data.stream import resize_crop
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (60, 600, 3), dtype=np.uint8))  # 10:1, the box path
+    whole = np.asarray(wide.resize((320, 32), Image.Resampling.BICUBIC, reducing_gap=3.0).crop((144, 0, 176, 32)))
+    boxed = np.asarray(resize_crop(wide, 32, None))
+    assert np.abs(whole.astype(int) - boxed).mean() < 1.0
+
+
+def test_awkward_folder_inputs(tmp_path: Path):
+    """GIF and TIFF files were dropped without a word; a JSONL caption that is a list became its Python repr; a
+    16-bit grey PNG's colour key was not transparent; image_format with resolution=null was silently ignored."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for name, fmt in (("a.png", "PNG"), ("b.gif", "GIF"), ("c.tif", "TIFF"), ("d.tiff", "TIFF")):
+        Image.new("RGB", (40, 40), (0, 90, 0)).save(root / name, fmt)
+        (root / f"{name.split('.')[0]}.txt").write_text(f"caption {name}")
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"), "val_samples": 0,
+                   "resolution": 16})
+    written = {json.loads(s["json"])["source_path"] for s in read_split(tmp_path / "out", "train")}
+    assert written == {"a.png", "b.gif", "c.tif", "d.tiff"}
+
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text('{"file": "a.png", "caption": ["a dog", "a cat"]}\n')
+    with pytest.raises(ConfigError, match=r"row 0: the path and the caption must be text, got str 'a.png' and list"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
+                       "captions": str(manifest), "val_samples": 0})
+    with pytest.raises(ConfigError, match="image_format=jpg .* ignored with resolution=null"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o3"),
+                       "resolution": None, "image_format": "jpg"})
+
+    from ldm.images import decode_image
+
+    key = io.BytesIO()
+    grey = np.full((4, 4), 1000, np.uint16)
+    grey[0, 0] = 30000
+    Image.fromarray(grey).save(key, "PNG", transparency=1000)
+    decoded = np.asarray(decode_image(key.getvalue()))
+    assert decoded[1, 1].tolist() == [255, 255, 255] and decoded[0, 0].tolist() == [117, 117, 117]
+
+    from ldm.data.stream import SkipLog, caption_and_label
+    from ldm.eval.sources import _caption
+
+    # A shard written by another tool (img2dataset, by hand) whose caption starts with a byte order mark.
+    assert caption_and_label({"txt": "\ufeffa bom".encode()}, SkipLog()) == ("a bom", None)
+    assert _caption("txt", "\ufeffa bom".encode()) == "a bom"  # ldm-eval's prompts
+

@@ -88,7 +88,10 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
         """Encode a batch of prompts to the context (B, max_length, width) and the pooled vector (B, width)."""
         device = self.pos_embed.device
         ids, mask = byte_tokenize(prompts, self.max_length)
-        ids, mask = ids.to(device), mask.to(device)                             # (B, L), (B, L)
+        return self.encode_tokens(ids.to(device), mask.to(device))
+
+    def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context (B, L, width) and pooled vector (B, width) of byte ids (B, L) and their mask (B, L)."""
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             h = self.token_embed(ids) + self.pos_embed                          # (B, L, D)
             for block in self.blocks:

@@ -80,6 +80,9 @@ class ConditionerConfig:
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, KINDS)
         check_choice("layer", self.layer, ["last", "penultimate"])
+        if self.layer != "last" and self.kind != "clip":
+            raise ConfigError(f"layer={self.layer} applies to kind=clip (SD 2's penultimate layer); kind={self.kind} "
+                              f"reads its last layer: leave layer out")
         check_choice("class_embed", self.class_embed, ["context", "unet"])
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ConfigError(f"cond_drop_prob={self.cond_drop_prob} must lie in [0, 1]")

@@ -278,7 +278,7 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)})")
             image = resize_crop(decode_image(sample[ext]), resolution, None)  # as the datamodule: centre crop
             if "txt" in sample:
-                sample["txt"].decode("utf-8")  # a caption training could not read: left out here too
+                sample["txt"].decode("utf-8-sig")  # a caption training could not read: left out here too
         except Exception as err:  # noqa: BLE001 -- an undecodable image is reported and left out
             skipped.append([sample.get("__key__", "?"), f"{type(err).__name__}: {err}"[:200]])
             continue
@@ -297,7 +297,7 @@ def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], enc
     moments = torch.cat([posterior.mean, posterior.logvar], dim=1).cpu()       # (B or 2B, 2C, h, w)
     context = pooled = None
     if encoders.text is not None:
-        captions = [s["txt"].decode("utf-8").strip() if "txt" in s else "" for s in samples]
+        captions = [s["txt"].decode("utf-8-sig").strip() if "txt" in s else "" for s in samples]
         context, pooled = (t.float().cpu() for t in encoders.text(captions))   # (B, L, D), (B, D)
     out = []
     for i, sample in enumerate(samples):

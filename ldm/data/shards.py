@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("shapes", "folder")
 IMAGE_FORMATS = ("png", "jpg")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # a GIF: its first frame
 SUMMARY_NAME = "summary.json"
 # Column / field names accepted in a CSV or JSONL caption manifest.
 PATH_FIELDS = ("file", "path", "filename", "image")
@@ -88,6 +88,10 @@ class WriteConfig:
             what = "a folder of images" if self.source == "shapes" else "the synthetic shapes data"
             raise ConfigError(f"{', '.join(ignored)} would be ignored with source={self.source} (they describe "
                               f"{what}); leave them out")
+        if self.resolution is None and (self.image_format, self.jpeg_quality) != ("png", 95):
+            raise ConfigError(f"image_format={self.image_format} and jpeg_quality={self.jpeg_quality} would be "
+                              f"ignored with resolution=null, which stores each file's bytes as they are; leave them "
+                              f"out, or give a resolution")
         if self.source == "shapes" and self.resolution is None:
             raise ConfigError("source=shapes needs an integer resolution (e.g. resolution=32)")
         if self.resolution is not None and self.resolution < 8:
@@ -210,7 +214,10 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         if file is None or caption is None:
             raise ConfigError(f"captions={path}, row {i}: needs a path column {list(PATH_FIELDS)} and a caption "
                               f"column {list(CAPTION_FIELDS)}; got {sorted(row)}")
-        captions[(input_dir / file).resolve()] = str(caption)
+        if not (isinstance(file, str) and isinstance(caption, str)):
+            raise ConfigError(f"captions={path}, row {i}: the path and the caption must be text, got "
+                              f"{type(file).__name__} {file!r} and {type(caption).__name__} {str(caption)[:60]!r}")
+        captions[(input_dir / file).resolve()] = caption
     return captions
 
 
@@ -290,6 +297,7 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
                 size = image.size
             encoded = (path.read_bytes(), path.suffix.lower().lstrip(".").replace("jpeg", "jpg")) \
                 if cfg.resolution is None else None
+            image = image if cfg.resolution is None else resize_crop(image, cfg.resolution, None)
         except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
             log.warning("skipping image %s: %s", path, err)
             skipped.append({"path": rel, "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
@@ -298,7 +306,7 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
         if encoded is not None:
             yield Record(f"{index:09d}", caption, metadata, encoded=encoded)
         else:
-            yield Record(f"{index:09d}", caption, metadata, image=resize_crop(image, cfg.resolution, None))
+            yield Record(f"{index:09d}", caption, metadata, image=image)
 
 
 def _sidecar_caption(path: Path) -> str | None:

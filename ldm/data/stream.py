@@ -48,7 +48,10 @@ from ldm.seeding import fold_seed
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+# note: resized whole up to this aspect ratio (the usual path; its pixels differ from the box path's by 1 level at most
+# at photo sizes), inside the crop's box beyond it
+MAX_RESIZED_ASPECT = 4
 
 
 @dataclass
@@ -239,7 +242,7 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog, require_label: boo
     """A raw sample's caption ("" and counted when it has none) and integer class label (None without one, or a
     ValueError when `require_label`); image and latent samples alike."""
     if "txt" in sample:
-        caption = sample["txt"].decode("utf-8").strip()
+        caption = sample["txt"].decode("utf-8-sig").strip()
     else:
         caption = ""
         skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
@@ -254,16 +257,23 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog, require_label: boo
 
 
 def resize_crop(image: Image.Image, resolution: int, rng: random.Random | None) -> Image.Image:
-    """Resize the shorter side to `resolution`, then crop a square: random position if `rng`, else the centre."""
-    w, h = image.size
-    if (w, h) != (resolution, resolution):
-        scale = resolution / min(w, h)
-        w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left = rng.randint(0, w - resolution) if rng else (w - resolution) // 2
-        top = rng.randint(0, h - resolution) if rng else (h - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    return image
+    """Resize the shorter side to `resolution`, then crop a square: random position if `rng`, else the centre.
+
+    An image over MAX_RESIZED_ASPECT times longer than wide is resized inside its square's box only: resized whole,
+    it would take memory in proportion to its aspect ratio (a 12000 x 1 divider line: 3.7 GB at 256 px)."""
+    w0, h0 = image.size
+    if (w0, h0) == (resolution, resolution):
+        return image
+    scale = resolution / min(w0, h0)
+    w, h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
+    left = rng.randint(0, w - resolution) if rng else (w - resolution) // 2
+    top = rng.randint(0, h - resolution) if rng else (h - resolution) // 2
+    if max(w, h) > MAX_RESIZED_ASPECT * resolution:
+        sx, sy = w0 / w, h0 / h
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def _caption(ext: str, data: bytes) -> str:
     if ext == "json":
         meta = json.loads(data)
         return str(meta.get("caption", meta.get("text", ""))) if isinstance(meta, dict) else str(meta)
-    return data.decode("utf-8").strip()
+    return data.decode("utf-8-sig").strip()
 
 
 def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:

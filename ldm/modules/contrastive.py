@@ -15,6 +15,7 @@ stage 2 loads it with `model.conditioner.name_or_path=<run>/export`, frozen by d
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,22 +58,29 @@ class Config:
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
-                     offset: int, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     offset: int, logit_scale: torch.Tensor, caption_ids: torch.Tensor | None = None,
+                     all_caption_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's symmetric InfoNCE loss of one rank's pairs against the global batch, and its caption -> image top-1
-    accuracy (chance: 1 / N).
+    accuracy.
+
+    As CLIP's, the loss counts every other image as a negative, those of a repeated caption too: on data whose captions
+    repeat within a batch it has a floor above 0. The accuracy counts a hit when the chosen image has the caption
+    (`caption_ids`: equal ids, equal captions), else only its own image.
 
     Args:
         image, text: this rank's unit-norm embeddings (B, E); pair i is (image[i], text[i]).
         all_image, all_text: the global batch's (N, E), this rank's rows at offset .. offset + B.
         offset: where this rank's rows start in the global batch.
         logit_scale: 1 / temperature.
+        caption_ids, all_caption_ids: an id per caption (B,), and the global batch's (N,).
     """
     targets = torch.arange(len(image), device=image.device) + offset          # (B,)
     text_logits = logit_scale * text @ all_image.T                              # (B, N)
     image_logits = logit_scale * image @ all_text.T                             # (B, N)
     loss = (F.cross_entropy(text_logits, targets) + F.cross_entropy(image_logits, targets)) / 2
-    accuracy = (text_logits.argmax(dim=1) == targets).float().mean()
-    return loss, accuracy
+    chosen = text_logits.argmax(dim=1)                                          # (B,)
+    hit = chosen == targets if caption_ids is None else all_caption_ids[chosen] == caption_ids
+    return loss, hit.float().mean()
 
 
 class ContrastiveModule(L.LightningModule):
@@ -115,15 +123,17 @@ class ContrastiveModule(L.LightningModule):
         return self.log_logit_scale.exp()
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, E) -> (world * B, E), rank order; gradients flow back to this rank's rows."""
+        """(B, ...) -> (world * B, ...), rank order; gradients flow back to this rank's rows."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return x  # one process, or no trainer at all
         return self.all_gather(x, sync_grads=True).flatten(0, 1)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        image, text = self.embed(batch[self.config.image_key], list(batch[self.config.caption_key]))
+        captions = list(batch[self.config.caption_key])
+        image, text = self.embed(batch[self.config.image_key], captions)
+        ids = torch.tensor([zlib.crc32(c.encode()) for c in captions], device=image.device)  # (B,) equal for equal
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
-                                self.logit_scale)
+                                self.logit_scale, ids, self._gather(ids))
 
     def on_fit_start(self) -> None:
         require_images(self.trainer.datamodule, "the contrastive text-image model")
@@ -190,8 +200,9 @@ class ContrastiveModule(L.LightningModule):
             clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def compile_networks(self) -> None:
-        """`compile: true`: both towers."""
-        self.text_encoder.compile()
+        """`compile: true`: both towers (of the text tower, what follows the tokenizer: compiled whole, it recompiled
+        for every batch of new captions)."""
+        self.text_encoder.encode_tokens = torch.compile(self.text_encoder.encode_tokens)
         self.image_encoder.compile()
 
     @rank_zero_only
