@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from ldm.callbacks.checkpoint import Checkpoint, run_halted
-from ldm.callbacks.step_boundary import StepBoundary, final_batch
+from ldm.callbacks.step_boundary import StepBoundary, final_batch, validation_due
 
 
 def slurm_job_id() -> str | None:
@@ -177,9 +177,11 @@ class SlurmRequeue(StepBoundary):
         path = self._save(trainer)
         self.stopped = True
         trainer.should_stop = True
-        # note: Lightning validates once more when should_stop is set; that costs grace time, and a checkpoint written
-        # after it (validation-time checkpoints) would resume with the loop counters one batch off
-        trainer.limit_val_batches = 0
+        if not validation_due(trainer):
+            # note: Lightning validates after any batch once should_stop is set; that costs grace time, and a
+            # checkpoint written after it (validation-time checkpoints) resumed with the loop counters a batch off.
+            # A validation the schedule holds for this step runs, as in the run that was not stopped.
+            trainer.limit_val_batches = 0
         saved = f"saved {path}" if path is not None else "nothing saved (checkpoints are off)"
         requeue = received == self.signum and self.requeue and self.job_id is not None and path is not None
         if trainer.is_global_zero:

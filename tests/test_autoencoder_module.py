@@ -97,13 +97,17 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(tmp_path, s
     mistake surfaced there (the default: step 50001)."""
     from ldm.data.datamodule import WebDataModule
 
-    module = tiny_module(**{"loss.disc.n_layers": 4, "loss.disc_start": 3})
+    module = tiny_module(**{"loss.disc.n_layers": 4, "loss.disc_start": 4})  # the validation at step 4 runs it
     data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), resolution=32, batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"model.loss.disc.n_layers=4 halves the 32 px images to 2 px.*at most 3"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 0
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.fit(tiny_module(**{"loss.disc.n_layers": 4, "loss.disc_start": 0, "loss.disc_factor": 0.0}),
+                datamodule=data)  # disc_factor 0: the discriminator never runs
     assert tiny_module(**{"loss.disc.n_layers": 3}).loss.discriminator(torch.zeros(1, 3, 32, 32)).shape[-1] == 2
 
 

@@ -269,3 +269,7 @@ def test_help_of_a_command_lists_its_keys_not_ldm_trains_groups(tmp_path: Path):
                              env={**os.environ, "LDM_CONF_DIR": str(tmp_path / "nowhere")})
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "no configs at" in missing.stderr and "LDM_CONF_DIR" in missing.stderr
+    shutil.copytree(CONF_DIR, tmp_path / "conf_copy")  # a relative LDM_CONF_DIR is the working directory's
+    copied = subprocess.run([ldm_data, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "LDM_CONF_DIR": "conf_copy"})
+    assert copied.returncode == 0 and "output_dir:" in copied.stdout, copied.stderr[-2000:]

@@ -255,19 +255,25 @@ def test_latent_diffusion_resume_with_gradient_accumulation_is_exact(shapes_shar
                            samples_per_step=2 * 16)
 
 
-def test_a_signal_with_validation_time_checkpoints_resumes_exactly(shapes_shards, tmp_path, single_torch_thread):
-    """With a checkpoint after each validation (every_n_train_steps=null, quickstart_vae's), a signal at an epoch's
-    last step: Lightning validated once more after the stop and that validation's checkpoint replaced last.ckpt, which
-    resumed a batch off (epoch 1's first batch trained twice) and logged every later step one too low."""
+@pytest.mark.parametrize("stop_after", [4, 3])
+def test_a_signal_with_validation_time_checkpoints_resumes_exactly(shapes_shards, tmp_path, stop_after,
+                                                                   single_torch_thread):
+    """With a checkpoint after each validation (every_n_train_steps=null, quickstart_vae's; validation every 3
+    steps), a signal that stops the run after step 4 (an epoch's last): Lightning validated once more after the stop
+    and that validation's checkpoint replaced last.ckpt, which resumed a batch off (epoch 1's first batch trained
+    twice) and logged every later step one too low. After step 3 the validation is the schedule's: it runs, and its
+    checkpoint and logs are the uninterrupted run's."""
     extra = AUTOENCODER + ["callbacks.checkpoint.every_n_train_steps=null"]
     full = run(shapes_shards, tmp_path / "full", FULL_STEPS, extra, every=3)
     out = tmp_path / "stopped"
     first = run(shapes_shards, out, FULL_STEPS, extra + ["+callbacks.signal._target_=scale_helpers.SignalAtStep",
-                                                         "+callbacks.signal.step=3",
+                                                         f"+callbacks.signal.step={stop_after - 1}",
                                                          "+callbacks.signal.signal_name=SIGTERM"], every=3)
-    assert sorted(first) == [1, 2, 3, 4]  # stopped at the end of epoch 0
+    assert sorted(first) == list(range(1, stop_after + 1))
+    assert (out / "checkpoints" / "step0000003.ckpt").exists()
     resumed = run(shapes_shards, out, FULL_STEPS, extra, every=3)
-    assert sorted(resumed) == [5, 6] and all(resumed[s] == full[s] for s in resumed)
+    assert sorted(resumed) == list(range(stop_after + 1, FULL_STEPS + 1))
+    assert all(resumed[s] == full[s] for s in resumed)
     assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt",
                            FULL_STEPS)
 

@@ -196,6 +196,31 @@ def test_misspelt_added_model_key_is_named_before_training(shapes_shards, tmp_pa
         train(cfg)
 
 
+def test_train_checks_the_config_as_the_command_does(shapes_shards, tmp_path):
+    """`ldm.cli.train.train(cfg)` is the command as a function: a negative seed ended in Lightning's bare ValueError,
+    and max_steps=0 exported untrained weights, where ldm-train refused both."""
+    base = tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1)
+    with pytest.raises(configs.ConfigError, match=r"seed=-1 must be an integer in \[0, 2\*\*32\)"):
+        train(compose_train([*base, "seed=-1"]))
+    with pytest.raises(configs.ConfigError, match="trainer.max_steps=0 trains nothing"):
+        train(compose_train([*base, "trainer.max_steps=0"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_resume_leaves_the_runs_config(shapes_shards, tmp_path):
+    """A resume refused for its latent scale had already replaced config.yaml with the refused config."""
+    from scale_helpers import tiny_autoencoder_export, tiny_ldm_overrides
+
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(shapes_shards, out, max_steps=1, every=1),
+                 *tiny_ldm_overrides(tiny_autoencoder_export(tmp_path / "ae")), "model.val_num_steps=2"]
+    train(compose_train(overrides))
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(configs.ConfigError, match=r"trained with latent scale .* model.latent_scale="):
+        train(compose_train([*overrides, "trainer.max_steps=2", "model.latent_scale=0.5"]))
+    assert (out / "config.yaml").read_text() == saved
+
+
 def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path):
     out = tmp_path / "run"
     overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=2, every=2) if o != "logger=csv"]

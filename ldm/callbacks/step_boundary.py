@@ -30,6 +30,23 @@ class StepBoundary(L.Callback):
         return trainer.global_step != self._step_at_batch_start
 
 
+def validation_due(trainer: L.Trainer) -> bool:
+    """Lightning's schedule validates after the batch that just ended (`trainer.val_check_interval` in batches or as
+    a fraction of the epoch, `check_val_every_n_epoch`): as Lightning decides it, minus its rule that a stop
+    (`should_stop`) validates after any batch."""
+    if not trainer.enable_validation:
+        return False
+    every = trainer.check_val_every_n_epoch
+    if every is not None and (trainer.current_epoch + 1) % every:
+        return False
+    interval = trainer.val_check_batch
+    if interval is None or interval == float("inf"):
+        return trainer.is_last_batch
+    loop = trainer.fit_loop.epoch_loop
+    index = loop.total_batch_idx if every is None else loop.batch_idx
+    return (index + 1) % interval == 0
+
+
 def final_batch(trainer: L.Trainer) -> bool:
     """The batch that just ended is the run's last: it reached `trainer.max_steps`, or it is the last batch of the
     last epoch."""

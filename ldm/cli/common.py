@@ -45,7 +45,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _task_started = False  # set once Hydra has composed the config and handed it to a CLI's task function
 
 # conf/ sits beside the package in the repository; LDM_CONF_DIR points elsewhere (e.g. a copy of conf/).
-CONF_DIR = os.environ.get("LDM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+CONF_DIR = os.path.abspath(os.path.expanduser(os.environ.get("LDM_CONF_DIR",
+                                                             Path(__file__).resolve().parents[2] / "conf")))
 
 
 def run_id(output_dir: str) -> str:

@@ -349,12 +349,36 @@ def check_launch(trainer: L.Trainer) -> None:
                                   f"hydra.launcher.tasks_per_node=trainer.devices")
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for what `cfg` gets wrong that can be told before anything is built or written: the seed,
+    the Trainer's arguments, the data and model nodes, ckpt_path."""
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
+    check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
+    check_nodes(cfg, ("data", "model"))
+    stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
+    if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
+        raise configs.ConfigError(f"ckpt_path=last resumes the run in paths.output_dir, but that is a new "
+                                  f"timestamped directory ({cfg.paths.output_dir}); set paths.output_dir to the "
+                                  f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
+    if cfg.get("ckpt_path") not in (None, "last"):
+        resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
+        damage = checkpoint_damage(Path(cfg.ckpt_path))
+        if damage is not None:
+            raise configs.ConfigError(f"ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({damage}); pass an "
+                                      f"intact one, or ckpt_path=last for the newest intact checkpoint of "
+                                      f"paths.output_dir")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from `cfg`, fit with validation, and return the final logged metrics.
+    """Check `cfg` (`check_config`), build everything from it, fit with validation, and return the final logged
+    metrics.
 
     Raises:
         RunDirectoryLocked: another live ldm-train uses `paths.output_dir`.
     """
+    check_config(cfg)
     output_dir = resolve_output_dir(cfg)
     with run_lock(output_dir) as lock:
         if lock is not None:
@@ -367,15 +391,17 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     apply_backend_switches(cfg)
     apply_ddp_needs(cfg)
     print_config_tree(cfg, order=("experiment", "model", "data", "trainer", "logger", "callbacks", "paths"))
-    save_config(cfg, output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, auto_resume=bool(cfg.get("auto_resume")))
 
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")
-    if ckpt_path is not None:
+    if ckpt_path is not None:  # checked before config.yaml is written: a refused resume leaves the run's own
         checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
         check_checkpoint_fits(module, checkpoint, ckpt_path, cfg.model)
         check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
+        if callable(getattr(module, "check_resume", None)):
+            module.check_resume(checkpoint)
+    save_config(cfg, output_dir)
     apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -430,23 +456,6 @@ def main(cfg: DictConfig) -> float | None:
     def run() -> float | None:
         if not is_multirun():  # first: the other checks' mistakes would leave Hydra's run directory behind
             check_slurm_run_directory(cfg.paths.output_dir)
-        seed = cfg.get("seed")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-            raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
-        check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
-        check_nodes(cfg, ("data", "model"))
-        stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
-        if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
-            raise configs.ConfigError(f"ckpt_path=last resumes the run in paths.output_dir, but that is a new "
-                                      f"timestamped directory ({cfg.paths.output_dir}); set paths.output_dir to the "
-                                      f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
-        if cfg.get("ckpt_path") not in (None, "last"):
-            resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
-            damage = checkpoint_damage(Path(cfg.ckpt_path))
-            if damage is not None:
-                raise configs.ConfigError(f"ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({damage}); "
-                                          f"pass an intact one, or ckpt_path=last for the newest intact checkpoint "
-                                          f"of paths.output_dir")
         try:
             metrics = train(cfg)
         except Exception as err:

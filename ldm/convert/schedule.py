@@ -27,7 +27,7 @@ SD_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="scaled_lin
 # default is leading): a config that leaves the field out samples as its class would.
 _LINSPACE_BY_DEFAULT = frozenset({
     "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler",
-    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+    "DPMSolverSDEScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "SASolverScheduler",
     "UniPCMultistepScheduler"})
 # (beta_start, beta_end) of SD's (and LDM's text-to-image), LDM's unconditional and DDPM's schedules: recognised in

@@ -156,7 +156,9 @@ class AutoencoderModule(L.LightningModule):
         # Said now, not when the GAN starts (step disc_start, perhaps days in): the discriminator's stride-2
         # convolutions halve the image n_layers times, and its last two 4x4 convolutions need 3 pixels left.
         layers, resolution = self.config.loss.disc.n_layers, self.config.net.resolution
-        if resolution >> layers < 3 and (trainer.max_steps < 0 or self.config.loss.disc_start < trainer.max_steps):
+        loss = self.config.loss  # (the last validation, at step max_steps, runs it too)
+        runs = loss.disc_factor > 0 and (trainer.max_steps < 0 or loss.disc_start <= trainer.max_steps)
+        if resolution >> layers < 3 and runs:
             most = max((n for n in range(1, layers) if resolution >> n >= 3), default=0)
             raise ConfigError(f"model.loss.disc.n_layers={layers} halves the {resolution} px images to "
                               f"{resolution >> layers} px, fewer than the 3 its last convolutions need: at most "

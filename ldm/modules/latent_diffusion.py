@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import wrap
 
@@ -260,10 +260,12 @@ class LatentDiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         resolution = getattr(getattr(self.trainer.datamodule, "config", None), "resolution", None)
         if resolution is not None and resolution != self.pipeline.image_size:
-            raise ConfigError(f"data.resolution={resolution} but the model generates at {self.pipeline.image_size} px "
-                              f"(model.image_size={self.config.image_size}; null: the autoencoder's training "
-                              f"resolution): its validation grids, export and ldm-sample would use another size than "
-                              f"it trains on; set model.image_size=${{data.resolution}}")
+            said = (f"data.resolution={resolution} but the model generates at {self.pipeline.image_size} px "
+                    f"(model.image_size={self.config.image_size}): its validation grids, export and ldm-sample use "
+                    f"another size than it trains on")
+            if self.config.image_size is None:  # the autoencoder's training resolution, implied: a mistake
+                raise ConfigError(f"{said}; set model.image_size=${{data.resolution}}")
+            rank_zero_warn(f"{said} (fine for training on crops of the generation size)")
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
             from ldm.data.latents import check_manifest, weights_hash
@@ -335,13 +337,10 @@ class LatentDiffusionModule(L.LightningModule):
         if self.ema_conditioner is not None:  # never sharded: configure_model wraps the UNet alone
             self.ema_conditioner.update_parameters(self.pipeline.conditioner)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that trained with another latent scale than this run's (the autoencoder's statistics
-        changed since, or `model.latent_scale` did): its UNet learnt latents of that scale.
-
-        A checkpoint of older code whose optimizer holds every parameter of a trainable text encoder, some of which
-        are frozen now (`freeze_unused`: a block the conditioning leaves without gradient): their entries are
-        dropped, the other parameters keep their AdamW moments."""
+        changed since, or `model.latent_scale` did): its UNet learnt latents of that scale. (`ldm-train` calls it
+        before anything is written; `on_load_checkpoint` for any other fit.)"""
         saved = (checkpoint.get("hyper_parameters") or {}).get("frozen") or {}
         now = self.hparams["frozen"]
         if "latent_scale" in saved and saved["latent_scale"] != now["latent_scale"]:
@@ -350,6 +349,12 @@ class LatentDiffusionModule(L.LightningModule):
                               f"({now.get('latent_scale_source')}): resume with "
                               f"model.latent_scale={saved['latent_scale']!r}, or start afresh in another "
                               f"paths.output_dir")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """`check_resume`; and a checkpoint of older code whose optimizer holds every parameter of a trainable text
+        encoder, some of which are frozen now (`freeze_unused`: a block the conditioning leaves without gradient):
+        their entries are dropped, the other parameters keep their AdamW moments."""
+        self.check_resume(checkpoint)
         states = checkpoint.get("optimizer_states") or []
         if len(states) != 1 or len(states[0]["param_groups"]) != 1:
             return
