@@ -15,9 +15,10 @@ from test_eval_helpers import random_inception_weights, tiny_clip
 
 from ldm.data.shapes import COLORS
 from ldm.data.shardlist import local_shards
+from ldm.data.stream import IMAGE_KEYS
 from ldm.eval.feature_extractors import InceptionFeatures, WeightsNotFoundError, clip_loader, resolve_inception_weights
 from ldm.eval.metrics import GenerationMetrics, ReconstructionMetrics
-from ldm.eval.reference_stats import key_hash, load_or_compute_reference_stats, reference_key
+from ldm.eval.reference_stats import CACHE_VERSION, key_hash, load_or_compute_reference_stats, reference_key
 from ldm.eval.shapes_adherence import ShapesAdherence, parse_caption, read_color
 from ldm.eval.sources import iter_image_batches, load_prompts
 
@@ -89,6 +90,11 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
                 reference_key(shards[:1], 32, N_REF, fresh.identity),
                 {**base, "shards": [{**base["shards"][0], "mtime_ns": 1}] + base["shards"][1:]}]
     assert len({key_hash(k) for k in variants} | {stats.hash}) == len(variants) + 1
+    # The same weights file by another path keys the same statistics (the path was part of the key).
+    relative = InceptionFeatures(DIM, os.path.relpath(inception_weights))
+    assert key_hash(reference_key(shards, 32, N_REF, relative.identity)) == stats.hash
+    # What the reader decodes is part of the key through CACHE_VERSION: bump it with the list of image members.
+    assert (CACHE_VERSION, IMAGE_KEYS) == (3, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
 
 
 def test_a_damaged_reference_cache_is_named_as_a_cache_to_delete(reference, shapes_shards: Path,
@@ -133,6 +139,16 @@ def test_clip_score_with_a_tiny_local_clip_is_in_range(clip_dir: Path, train_ima
     metrics.update(images[:8], captions[:8])
     score = metrics.compute()["clip_score"]
     assert 0.0 <= score <= 100.0
+
+
+def test_clip_prompts_over_the_text_window_keep_their_end_token(clip_dir: Path, train_images):
+    """torchmetrics tokenizes without truncation and cuts the ids to the window, dropping the end token where CLIP
+    reads the text embedding: a long prompt scored as its start token. Cut to the window with the end token kept."""
+    _, captions = train_images
+    model, processor = clip_loader(str(clip_dir))()
+    window = processor.max_length
+    ids = processor(text=[captions[0] * 20, captions[1]], return_tensors="pt", padding=True)["input_ids"]
+    assert ids.shape[-1] == window and ids[0, -1].item() == processor.tokenizer.eos_token_id
 
 
 def test_shapes_color_accuracy_is_high_on_real_images_and_chance_on_noise(shapes_shards: Path):

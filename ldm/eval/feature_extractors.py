@@ -85,13 +85,13 @@ def resolve_inception_weights(weights_path: str | None, key: str = "feature_extr
 
 
 def inception_identity(weights_path: str | None, feature_dim: int, antialias: bool) -> dict[str, Any]:
-    """What identifies the Inception features: network, layer, resize filter and the weights file's hash."""
+    """What identifies the Inception features: network, layer, resize filter and the weights file's hash (not its
+    path: the same file by another path, or the torch hub's copy named, keys the same statistics)."""
     resolved = resolve_inception_weights(weights_path)
     return {
         "name": INCEPTION_NAME,
         "feature_dim": int(feature_dim),
         "antialias": bool(antialias),
-        "weights": weights_path or "torch-fidelity:pt_inception-2015-12-05",
         "weights_sha256": file_sha256(resolved) if resolved else "torch-fidelity:6726825d",
     }
 
@@ -216,9 +216,30 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
                 f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "
                 f"point {key} at a local CLIP directory saved with save_pretrained, or put the model in the Hugging "
                 f"Face cache (HF_HOME); HF_HUB_OFFLINE=1 makes a missing model fail at once") from None
-        return ClipEmbeddings(model.eval()), processor
+        window = model.config.text_config.max_position_embeddings
+        return ClipEmbeddings(model.eval()), TruncatingProcessor(processor, window)
 
     return load
+
+
+class TruncatingProcessor:
+    """A CLIPProcessor that cuts prompts to the text window keeping their end token, as `clip.tokenize(truncate=True)`.
+
+    note: torchmetrics tokenizes without truncation, then slices the ids to the window, cutting off the end token at
+    which CLIP reads the text embedding: every prompt over 77 tokens scored as its start token (or an arbitrary word).
+    """
+
+    def __init__(self, processor: Any, max_length: int):
+        self.processor = processor
+        self.max_length = max_length
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("text") is not None:
+            kwargs = {**kwargs, "truncation": True, "max_length": self.max_length}
+        return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.processor, name)
 
 
 class ClipEmbeddings(nn.Module):

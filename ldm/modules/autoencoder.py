@@ -221,7 +221,7 @@ class AutoencoderModule(L.LightningModule):
 
         x01, rec01 = (x + 1) / 2, ((x_rec + 1) / 2).clamp(0, 1)
         self.val_psnr(rec01, x01)
-        self.val_ssim(rec01, x01)
+        self.val_ssim(rec01.double(), x01.double())  # as ldm-eval: float32 cancels on flat images (1e-4 low)
         self.log("val/psnr", self.val_psnr, on_epoch=True, prog_bar=True, batch_size=B)
         self.log("val/ssim", self.val_ssim, on_epoch=True, batch_size=B)
         if self.loss.perceptual is not None:
