@@ -155,8 +155,9 @@ class AutoencoderModule(L.LightningModule):
                               f"ldm-encode and stage 2 use); set model.net.resolution={data.resolution}")
         # Said now, not when the GAN starts (step disc_start, perhaps days in): the discriminator's stride-2
         # convolutions halve the image n_layers times, and its last two 4x4 convolutions need 3 pixels left.
-        layers, resolution = self.config.loss.disc.n_layers, self.config.net.resolution
-        loss = self.config.loss  # (the last validation, at step max_steps, runs it too)
+        loss, resolution = self.config.loss, self.config.net.resolution
+        layers = loss.disc.n_layers
+        # (it runs from disc_start on, the validation at step max_steps included, unless disc_factor is 0)
         runs = loss.disc_factor > 0 and (trainer.max_steps < 0 or loss.disc_start <= trainer.max_steps)
         if resolution >> layers < 3 and runs:
             most = max((n for n in range(1, layers) if resolution >> n >= 3), default=0)
