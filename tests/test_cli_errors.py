@@ -96,6 +96,8 @@ CASES = [
          slow=True),
     Case("train-truncated-ckpt", "ldm-train", (*TRAIN, "ckpt_path={truncated}"), ("ckpt_path=", "truncated.ckpt"),
          slow=True),
+    Case("train-multirun-missing-ckpt", "ldm-train", ("-m", *TRAIN, "ckpt_path={tmp}/none.ckpt", "seed=1,2"),
+         ("ckpt_path=", "none.ckpt"), slow=True),  # stops the sweep (every trial had been recorded as failed)
     Case("train-multirun-config-error", "ldm-train", ("-m", *TRAIN, "trainer.max_steps=abc,2"),
          ("trainer.max_steps='abc'",), slow=True),  # a ConfigError stops the sweep at its first job
     Case("train-no-train-shards", "ldm-train", (*TRAIN, "data.train_shards=null"), ("data.train_shards",), slow=True),

@@ -4,6 +4,7 @@ and the exported text encoder is the trained one."""
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -73,6 +74,8 @@ def test_compiled_text_tower_compiles_once_for_new_captions():
     for shift in range(3):
         module.text_encoder(CAPTIONS[shift:] + CAPTIONS[:shift] + [f"caption {shift}"])
     assert counters["stats"]["unique_graphs"] == 1
+    copy = pickle.loads(pickle.dumps(module))  # ddp_spawn pickles the module (a compiled bound method did not)
+    assert copy.state_dict().keys() == module.state_dict().keys()
 
 
 def test_image_encoder_keeps_position_and_checks_its_input():

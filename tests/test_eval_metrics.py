@@ -6,6 +6,7 @@ downloaded. FID uses the 64-dim Inception layer to stay fast on CPU (the default
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def test_clip_prompts_over_the_text_window_keep_their_end_token(clip_dir: Path, 
     window = processor.max_length
     ids = processor(text=[captions[0] * 20, captions[1]], return_tensors="pt", padding=True)["input_ids"]
     assert ids.shape[-1] == window and ids[0, -1].item() == processor.tokenizer.eos_token_id
+    assert copy.deepcopy(processor).max_length == window  # torchmetrics' clone() deep-copies it
 
 
 def test_shapes_color_accuracy_is_high_on_real_images_and_chance_on_noise(shapes_shards: Path):

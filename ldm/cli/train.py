@@ -363,7 +363,10 @@ def check_config(cfg: DictConfig) -> None:
                                   f"timestamped directory ({cfg.paths.output_dir}); set paths.output_dir to the "
                                   f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
     if cfg.get("ckpt_path") not in (None, "last"):
-        resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
+        try:
+            resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
+        except FileNotFoundError as err:  # a ConfigError: a sweep stops at it instead of failing every trial
+            raise configs.ConfigError(str(err)) from None
         damage = checkpoint_damage(Path(cfg.ckpt_path))
         if damage is not None:
             raise configs.ConfigError(f"ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({damage}); pass an "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,19 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
         """Encode a batch of prompts to the context (B, max_length, width) and the pooled vector (B, width)."""
         device = self.pos_embed.device
         ids, mask = byte_tokenize(prompts, self.max_length)
-        return self.encode_tokens(ids.to(device), mask.to(device))
+        encode = self.__dict__.get("_compiled_encode_tokens", self.encode_tokens)
+        return encode(ids.to(device), mask.to(device))
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """torch.compile what follows the tokenizer (`encode_tokens`): compiled whole, the encoder recompiled for
+        every batch of new prompts (their strings are constants to the compiler). As nn.Module's own, it is not
+        pickled (ddp_spawn's processes run eagerly)."""
+        self._compiled_encode_tokens = torch.compile(self.encode_tokens, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_encode_tokens", None)
+        return state
 
     def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The context (B, L, width) and pooled vector (B, width) of byte ids (B, L) and their mask (B, L)."""

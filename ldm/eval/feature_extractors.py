@@ -238,7 +238,9 @@ class TruncatingProcessor:
             kwargs = {**kwargs, "truncation": True, "max_length": self.max_length}
         return self.processor(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # called for what the instance lacks: the processor's attributes
+        if name.startswith("__") or name == "processor":  # (unpickling and copying look for these before __init__)
+            raise AttributeError(name)
         return getattr(self.processor, name)
 
 

@@ -200,9 +200,8 @@ class ContrastiveModule(L.LightningModule):
             clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def compile_networks(self) -> None:
-        """`compile: true`: both towers (of the text tower, what follows the tokenizer: compiled whole, it recompiled
-        for every batch of new captions)."""
-        self.text_encoder.encode_tokens = torch.compile(self.text_encoder.encode_tokens)
+        """`compile: true`: both towers (of the text tower, what follows its tokenizer: `ByteTextEncoder.compile`)."""
+        self.text_encoder.compile()
         self.image_encoder.compile()
 
     @rank_zero_only
