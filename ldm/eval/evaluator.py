@@ -220,6 +220,7 @@ class Evaluator:
                               f"{cfg.prompts_source}) and val_shards whose every sample has one ({shards})")
         pipeline.to(self.device)
         rows = []
+        prompts_sha256 = _sha256_lines(prompts)  # one prompt list for every point
         for sampler in cfg.samplers:
             for num_steps in cfg.num_steps:
                 for guidance_scale in cfg.guidance_scales:
@@ -227,7 +228,7 @@ class Evaluator:
                     scorer, protocol = self._generation_metrics(int(pipeline.image_size), shards)
                     point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, **sweep,
                              "num_samples": cfg.num_samples, "resolution": pipeline.image_size, "seed": cfg.seed,
-                             "prompts_source": cfg.prompts_source, "prompts_sha256": _sha256_lines(prompts),
+                             "prompts_source": cfg.prompts_source, "prompts_sha256": prompts_sha256,
                              **protocol}
                     earlier = self._done_row(point)
                     if earlier is not None:
@@ -238,7 +239,7 @@ class Evaluator:
                            "resolution": pipeline.image_size, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
                            "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
-                           "prompts_sha256": _sha256_lines(prompts), **protocol, **metrics}
+                           "prompts_sha256": prompts_sha256, **protocol, **metrics}
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
