@@ -208,6 +208,24 @@ def test_conditioner_drives_the_unet():
         build_conditioner({"kind": "byte", "width": 32, "num_heads": 4}).check_unet(unet.config)
     with pytest.raises(ConfigError, match=r"set model\.unet\.pooled_dim=64"):
         build_conditioner({"kind": "byte", "width": 64, "num_heads": 4, "pooled": True}).check_unet(unet.config)
+    # the hint is an override Hydra accepts: null, not None
+    with pytest.raises(ConfigError, match=r"set model\.unet\.context_dim=null$"):
+        build_conditioner({"kind": "none"}).check_unet(unet.config)
+
+
+def test_frozen_text_encoder_runs_outside_autocast(tmp_path):
+    """A bf16-mixed step on images conditions on the fp32 context that ldm-encode stores in latent shards; a trainable
+    encoder runs under the trainer's autocast like the UNet."""
+    torch.manual_seed(0)
+    ByteTextEncoder(width=64, num_layers=1, num_heads=4, max_length=16).save_pretrained(tmp_path / "text")
+    frozen = build_conditioner({"kind": "byte", "name_or_path": str(tmp_path / "text"), "width": 64,
+                                "num_layers": 1, "num_heads": 4, "max_length": 16, "cond_drop_prob": 0.0})
+    trainable = build_conditioner({"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 4, "max_length": 16})
+    prompts = ["a red square", "a large blue circle"]
+    reference, trainable_fp32 = frozen(prompts)["context"], trainable.eval()(prompts)["context"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(frozen(prompts)["context"], reference)
+        assert not torch.allclose(trainable(prompts)["context"].float(), trainable_fp32, atol=1e-3)
 
 
 def test_pooled_vector_reaches_the_unet():

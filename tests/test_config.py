@@ -235,6 +235,12 @@ BAD_VALUES = [
     ("model/ldm/tiny", ["autoencoder_path=x", "diffusion.schedule.beta_schedule=foo"],
      r"^model\.diffusion\.schedule\.beta_schedule='foo' is not allowed"),  # a nested schema's check: full key
     ("model/ldm/tiny", ["autoencoder_path=x", "unet.norm_groups=7"], r"^model\.unet\.level 0 width .* norm_groups=7"),
+    # the first encoder block normalises ch channels, below every level's ch * mult
+    ("model/autoencoder/kl_tiny", ["net.ch=24", "net.ch_mult=[2,4]", "net.norm_groups=16"],
+     r"^model\.net\.channel count 24 .* norm_groups=16"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "conditioner.num_heads=0"], r"^model\.conditioner\.num_heads=0 must be"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "conditioner.num_layers=0"],
+     r"^model\.conditioner\.num_layers=0 must be"),
     ("model/contrastive/tiny", ["image.resolution=32", "init_temperature=5.0"], "init_temperature"),
     ("data/webdataset", ["train_shards=x.tar", "val_shards=null", "batch_size=0"], "data.batch_size=0"),
     ("data", ["output_dir=out", "source=bad"], "source='bad'"),

@@ -33,7 +33,7 @@ from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
 from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
 from ldm.conditioning.text import load_pretrained as load_transformers
-from ldm.config import ConfigError, check_choice, to_dataclass
+from ldm.config import ConfigError, check_choice, check_min, to_dataclass
 
 KINDS = ["clip", "hf", "byte", "class", "none"]
 UNetKwargs = dict[str, torch.Tensor | None]
@@ -90,6 +90,7 @@ class ConditionerConfig:
             raise ConfigError(f"max_length={self.max_length} must be >= 2")
         if self.kind == "hf" and not self.name_or_path:
             raise ConfigError("kind=hf needs name_or_path: a hub name (e.g. google/t5-v1_1-base) or a local directory")
+        check_min(1, width=self.width, num_layers=self.num_layers, num_heads=self.num_heads)
         if self.kind == "byte" and self.width % self.num_heads:
             raise ConfigError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.pooled and self.kind not in ("clip", "hf", "byte"):
@@ -151,7 +152,8 @@ class Conditioner(nn.Module):
             theirs = getattr(unet_config, key)
             if theirs != mine:
                 raise ConfigError(f"{prefix}.unet.{key}={theirs} does not match {prefix}.conditioner.kind="
-                                  f"{self.kind}, which needs {key}={mine}; set {prefix}.unet.{key}={mine}")
+                                  f"{self.kind}, which needs {key}={mine}; set {prefix}.unet.{key}="
+                                  f"{'null' if mine is None else mine}")
 
 
 class TextConditioner(Conditioner):
@@ -243,7 +245,11 @@ class TextConditioner(Conditioner):
         return self._encode([""] * batch_size)
 
     def _encode(self, prompts: Sequence[str]) -> UNetKwargs:
-        context, pooled = self.encoder(prompts)                                 # (B, L, D), (B, D')
+        # A frozen encoder runs in its own precision, outside the trainer's autocast, as ldm-encode runs it: the
+        # context of a bf16-mixed step on images then equals the one stored in latent shards.
+        device_type = next(self.encoder.parameters()).device.type
+        with torch.autocast(device_type, enabled=self.trainable and torch.is_autocast_enabled(device_type)):
+            context, pooled = self.encoder(prompts)                             # (B, L, D), (B, D')
         return {"context": context, "class_labels": None, "pooled": pooled if self.pooled_dim is not None else None}
 
 

@@ -59,9 +59,9 @@ class AutoencoderConfig:
         if self.resolution % self.downsample_factor != 0:
             raise ConfigError(f"resolution={self.resolution} is not divisible by the downsampling factor "
                               f"f={self.downsample_factor} set by ch_mult={self.ch_mult}")
-        for width in [self.ch * m for m in self.ch_mult]:
+        for width in [self.ch] + [self.ch * m for m in self.ch_mult]:
             if width % self.norm_groups != 0:
-                raise ConfigError(f"channel count {width} (ch={self.ch} x ch_mult {self.ch_mult}) is not divisible "
+                raise ConfigError(f"channel count {width} (ch={self.ch}, ch_mult={self.ch_mult}) is not divisible "
                                   f"by norm_groups={self.norm_groups}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
