@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from convert_helpers import max_diff, tiny_sd_pipeline
 from hydra import compose, initialize_config_dir
@@ -205,3 +206,24 @@ def test_a_single_file_export_names_what_other_tools_cannot_read_and_a_pipeline_
     assert "readers" not in caplog.text  # a diffusers folder says all of it
     vae = json.loads((tmp_path / "hf" / "vae" / "config.json").read_text())
     assert vae["force_upcast"] is True  # diffusers' default: nothing here says the VAE is safe in fp16
+
+
+def test_an_export_keeps_its_size_its_fp32_text_encoder_and_its_weights(tmp_path: Path, single_torch_thread):
+    """The generation size survives both export formats; a half-precision pipeline saves its CLIP encoder in fp32 as
+    the rest; a single file is never written over a pipeline export's own model.safetensors, even with overwrite."""
+    from safetensors.torch import load_file
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None, "image_size": 48})
+    ours = module.pipeline.to(torch.float16).save_pretrained(tmp_path / "ours")
+    for name in ("model.safetensors", "text_encoder/model.safetensors"):
+        assert {v.dtype for v in load_file(str(ours / name)).values() if v.is_floating_point()} == {torch.float32}
+    hf_dir = export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    tokenizer = {"conditioner": {"tokenizer": str(hf_dir / "tokenizer")}}
+    for source, extra in ((hf_dir, {}), (single, tokenizer)):
+        assert LatentDiffusionModule({"init_from": str(source), "ema_decay": None, **extra}).pipeline.image_size == 48
+    weights = (ours / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="holds a model export"):
+        export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(ours), "overwrite": True})
+    assert (ours / "model.safetensors").read_bytes() == weights

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, check_choice, register_schemas, to_dataclass
+from ldm.io import CONFIG_NAME
 
 log = logging.getLogger(__name__)
 FORMATS = ("diffusers", "single_file")
@@ -63,6 +64,9 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     config = to_dataclass(ExportConfig, cfg)
     out = Path(config.output_dir)
     target = out if config.format == "diffusers" else out / SINGLE_FILE_NAME
+    if config.format == "single_file" and (out / CONFIG_NAME).is_file():
+        raise FileExistsError(f"output_dir={out} holds a model export ({CONFIG_NAME}), whose weights are "
+                              f"{SINGLE_FILE_NAME}: a single file there would replace them; choose another output_dir")
     if target.exists() and not config.overwrite:
         raise FileExistsError(f"output_dir={out}: {target} exists; choose another output_dir or set overwrite=true")
 
@@ -75,7 +79,7 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     if config.format == "diffusers":
         written = save_diffusers(out, **common, image_size=pipeline.image_size)
     else:
-        written = save_single_file(target, **common)
+        written = save_single_file(target, **common, image_size=pipeline.image_size)
     log.info("wrote %s (%s) from %s, step %s, %s weights", written, config.format, pipeline.provenance["source"],
              pipeline.provenance["step"], pipeline.provenance["weights"])
     if text_encoder is None:

@@ -17,6 +17,7 @@ way.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -234,7 +235,10 @@ class TextConditioner(Conditioner):
         target = Path(directory) / TEXT_ENCODER_DIR
         staging = Path(directory) / f".{TEXT_ENCODER_DIR}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        self.encoder.transformer.save_pretrained(staging)
+        transformer = self.encoder.transformer
+        if transformer.dtype != torch.float32:  # fp32 on disk, as model.safetensors (a copy: the module stays)
+            transformer = copy.deepcopy(transformer).float()
+        transformer.save_pretrained(staging)
         self.encoder.tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

@@ -168,7 +168,7 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
 
 def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, latent_scale: float | None,
                      schedule: ScheduleConfig, prediction: str, text_encoder: Any | None = None,
-                     clip_layer: str | None = None, overwrite: bool = False) -> Path:
+                     clip_layer: str | None = None, overwrite: bool = False, image_size: int | None = None) -> Path:
     """Write one original-layout `.safetensors` file (`model.diffusion_model.*`, `first_stage_model.*`,
     `cond_stage_model.*`), as SD's own checkpoints, ComfyUI, A1111 and diffusers' `from_single_file` read them.
 
@@ -180,6 +180,8 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
         path: the file; must end in .safetensors.
         unet, autoencoder, latent_scale, schedule, prediction, text_encoder, clip_layer: as in `save_diffusers`.
         overwrite: replace an existing file.
+        image_size: the pixel size to generate at by default, stored as the autoencoder config's resolution (as
+            `save_diffusers` stores it in the VAE's sample_size); None: the autoencoder's training resolution.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -191,7 +193,8 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
     ae.autoencoder_from_original(ae_state, autoencoder.config)  # checks every key and shape
     state.update({f"first_stage_model.{k}": v for k, v in ae_state.items()})
     meta: dict[str, Any] = {"unet_config": dataclasses.asdict(unet.config),
-                            "autoencoder_config": dataclasses.asdict(autoencoder.config),
+                            "autoencoder_config": dataclasses.asdict(dataclasses.replace(
+                                autoencoder.config, resolution=image_size or autoencoder.config.resolution)),
                             "latent_scale": latent_scale, "schedule": dataclasses.asdict(schedule),
                             "prediction": prediction}
     if text_encoder is not None:
