@@ -88,6 +88,20 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
     assert images.shape == (2, 3, 48, 48) and torch.isfinite(images).all()  # model.image_size: diffusers' default
 
 
+def vae_without(tmp_path: Path, key: str) -> Path:
+    """A copy of the tiny SD pipeline's vae/ lacking one tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "sd1" / "vae", tmp_path / "bad_vae")
+    weights = tmp_path / "bad_vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    del state[key]
+    save_file(state, str(weights))
+    return tmp_path / "bad_vae"
+
+
 def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_torch_thread):
     """A pipeline folder missing its scheduler, tokenizer or text-encoder weights, or given single-file options: one
     ConfigError naming what is wrong and what to do, before any training."""
@@ -109,7 +123,13 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
              ({"init_from": str(tmp_path / "sd1"), "init_prediction": "v"}, "init_prediction and model.init_ema"),
              (folder("no_scheduler", "scheduler"), r"no scheduler/scheduler_config\.json, .* restore it"),
              (folder("no_tokenizer", "tokenizer"), r"holds no tokenizer .* set model\.conditioner\.tokenizer"),
-             (folder("no_weights", "text_encoder/model.safetensors"), "cannot load the CLIP text encoder")]
+             (folder("no_weights", "text_encoder/model.safetensors"), "cannot load the CLIP text encoder"),
+             # with two SD sources in one config, the error names the one at fault
+             ({"init_from": str(tmp_path / "sd1"), "autoencoder_path": str(tmp_path / "sd1" / "scheduler")},
+              r"^model\.autoencoder_path=.*scheduler is neither"),
+             ({"init_from": str(tmp_path / "sd1"),
+               "autoencoder_path": str(vae_without(tmp_path, "decoder.conv_out.bias"))},
+              r"^model\.autoencoder_path=.*bad_vae: .*missing keys \(1\): decoder\.conv_out\.bias")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)

@@ -368,7 +368,7 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
     if c.kind == "clip" and is_stable_diffusion(c.name_or_path):
         from ldm.convert import load_components
 
-        encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer).build_text_encoder(
+        encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer, key=key).build_text_encoder(
             c.max_length, c.trainable, c.layer)
     elif c.kind == "clip":
         tokenizer = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +34,20 @@ from ldm.nn.unet import UNetConfig
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def detect_layout(path: str | Path) -> str:
+def detect_layout(path: str | Path, key: str = "path") -> str:
     """"pipeline" (model_index.json), "diffusers_unet", "diffusers_vae", "single_file", or "ours" (an export of
-    `AutoencoderKL.save_pretrained` or a run directory holding one).
+    `AutoencoderKL.save_pretrained` or a run directory holding one); `key` names the config key in errors.
 
     Raises:
         FileNotFoundError / ConfigError: the path does not exist or is none of these.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{key}={path} does not exist")
     if path.is_file():
         if path.suffix in SINGLE_FILE_SUFFIXES:
             return "single_file"
-        raise ConfigError(f"{path}: a single file must end in one of {SINGLE_FILE_SUFFIXES}")
+        raise ConfigError(f"{key}={path}: a single file must end in one of {SINGLE_FILE_SUFFIXES}")
     if (path / "model_index.json").is_file():
         return "pipeline"
     config_file = path / "config.json"
@@ -59,8 +61,8 @@ def detect_layout(path: str | Path) -> str:
             return "ours"
     if (path / "export" / "config.json").is_file():
         return "ours"
-    raise ConfigError(f"{path} is neither a diffusers pipeline folder (model_index.json), a diffusers unet/ or vae/ "
-                      f"folder (config.json with _class_name), an export of ours, nor a single file")
+    raise ConfigError(f"{key}={path} is neither a diffusers pipeline folder (model_index.json), a diffusers unet/ or "
+                      f"vae/ folder (config.json with _class_name), an export of ours, nor a single file")
 
 
 def _diffusers_weights(directory: Path) -> StateDict:
@@ -167,23 +169,34 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
         key: the config key that named `path`, for errors.
     """
     path = Path(path).expanduser()
-    layout = detect_layout(path)
+    layout = detect_layout(path, key)
     ours = _our_checkpoint_kind(path) if layout == "single_file" else None
     if layout == "ours" or ours is not None:
         what = (export_kind(json.loads((export_dir(path) / CONFIG_NAME).read_text())) if layout == "ours" else
                 f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model")
         raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
                           f"folder, a diffusers unet/ or vae/ folder, or a single file)")
-    if layout == "pipeline":
-        return load_pipeline(path, tokenizer_path)
-    if layout == "single_file":
-        return load_single_file(path, tokenizer_path, prediction, use_ema)
-    if layout == "diffusers_unet":
-        config, state = load_unet_diffusers(path)
-        return SDComponents(unet_config=config, unet_state=state, source=f"diffusers UNet {path}")
-    config, state, scale = load_autoencoder_diffusers(path)  # layout "diffusers_vae"
-    return SDComponents(autoencoder_config=config, autoencoder_state=state, latent_scale=scale,
-                        source=f"diffusers VAE {path}")
+    with _naming(key, path):
+        if layout == "pipeline":
+            return load_pipeline(path, tokenizer_path)
+        if layout == "single_file":
+            return load_single_file(path, tokenizer_path, prediction, use_ema)
+        if layout == "diffusers_unet":
+            config, state = load_unet_diffusers(path)
+            return SDComponents(unet_config=config, unet_state=state, source=f"diffusers UNet {path}")
+        config, state, scale = load_autoencoder_diffusers(path)  # layout "diffusers_vae"
+        return SDComponents(autoencoder_config=config, autoencoder_state=state, latent_scale=scale,
+                            source=f"diffusers VAE {path}")
+
+
+@contextmanager
+def _naming(key: str, path: Path) -> Iterator[None]:
+    """Prefix the converters' errors (a missing tensor, an unsupported option) with the config key and path that
+    named the checkpoint, so a run with both model.init_from and model.autoencoder_path says which one is bad."""
+    try:
+        yield
+    except UnsupportedCheckpointError as err:
+        raise UnsupportedCheckpointError(f"{key}={path}: {err}") from None
 
 
 def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
@@ -209,22 +222,25 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
         raise MissingCheckpointError(f"{key}={path} does not exist; point it at stage 1's export (<vae run>/export) or "
                                      f"checkpoint, a diffusers vae/ or pipeline folder, or a Stable Diffusion single "
                                      f"file")
-    if path.is_file() and (path.parent / "config.json").is_file() and detect_layout(path.parent) == "ours":
+    if path.is_file() and (path.parent / "config.json").is_file() and detect_layout(path.parent, key) == "ours":
         path = path.parent  # the weights file of our export: the folder holds its config and latent statistics
-    layout = detect_layout(path)
+    layout = detect_layout(path, key)
     if layout == "ours" or (layout == "single_file" and _our_checkpoint_kind(path) is not None):
         model, stats = load_autoencoder(path, key)
         return model, stats, f"{'export' if layout == 'ours' else 'checkpoint'} {path}"
     if layout == "pipeline":
         if not (path / "vae").is_dir():
             raise ConfigError(f"{key}={path}: the pipeline folder has no vae/")
-        config, state, scale = load_autoencoder_diffusers(path / "vae")
+        with _naming(key, path):
+            config, state, scale = load_autoencoder_diffusers(path / "vae")
         source = f"diffusers pipeline {path}/vae"
     elif layout == "diffusers_vae":
-        config, state, scale = load_autoencoder_diffusers(path)
+        with _naming(key, path):
+            config, state, scale = load_autoencoder_diffusers(path)
         source = f"diffusers VAE {path}"
     elif layout == "single_file":
-        autoencoder = read_single_file_autoencoder(path)
+        with _naming(key, path):
+            autoencoder = read_single_file_autoencoder(path)
         if autoencoder is None:
             raise ConfigError(f"{key}={path} holds no autoencoder (no first_stage_model.* or encoder.* weights)")
         (config, state, scale), source = autoencoder, f"single file {path}"
