@@ -341,3 +341,14 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4, "every batch full: the slot topped its quota up"
     assert dm.num_skipped == 1 and dm.skipped[0][1] == "k005" and "no integer 'label'" in dm.skipped[0][2]
+
+
+def test_a_key_seen_again_further_on_is_another_sample(tmp_path: Path):
+    """Two tars concatenated, say: webdataset reads a key that comes back after another key as a new sample, so the
+    count (which sets how much each epoch reads) must see it too, or the last samples are never read."""
+    samples = shapes_like(tmp_path, "k", 3) + [{**shapes_like(tmp_path, "k", 1)[0], "txt": "again"}]
+    shard = write_shard(tmp_path / "dup-000000.tar", samples)
+    dm = WebDataModule(train_shards=str(shard), batch_size=4, num_workers=0, resolution=8)
+    dm.setup("fit")
+    (batch,) = list(dm.train_dataloader())
+    assert sorted(batch["caption"]) == ["again", "s0", "s1", "s2"]

@@ -174,7 +174,7 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
 
 def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_shards: Path,
                                                                         encoders: tuple[Path, Path], tmp_path: Path):
-    autoencoder, _ = encoders
+    autoencoder, text = encoders
     out = tmp_path / "latents"
     run_encode(shapes_shards, autoencoder, out)
     copy = shutil.copytree(autoencoder, tmp_path / "copy")  # the same weights by another path: the run resumes
@@ -189,6 +189,12 @@ def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_s
         run_encode(shapes_shards, other_dir, out)
     summary = run_encode(shapes_shards, other_dir, out, overwrite=True)
     assert summary["shards_encoded"] == 4
+    # another text encoder (here: none) is named by its own hash, not the unchanged autoencoder's
+    run_encode(shapes_shards, other_dir, tmp_path / "text", text_encoder={"kind": "byte", "name_or_path": str(text)})
+    stored = latents.read_manifest(tmp_path / "text" / latents.MANIFEST_NAME).text_encoder["sha256"]
+    with pytest.raises(ConfigError, match=rf"text_encoder: sha256 {stored} \{{'kind': 'byte', .*\}} there, "
+                                          rf"None now\): choose another"):
+        run_encode(shapes_shards, other_dir, tmp_path / "text")
     assert latents.read_manifest(out / latents.MANIFEST_NAME).autoencoder["sha256"] == theirs
 
 

@@ -153,10 +153,37 @@ def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path,
     with pytest.raises(ConfigError, match="mixes latent shards"):
         datamodule(f"{train}::{shapes_shards}/train-000000.tar")
     plain = tmp_path / "plain"
-    encode({"shards": str(shapes_shards / "train-000000.tar"), "output_dir": str(plain), "progress": False,
-            "autoencoder_path": str(encoded / "ae")})
+    encode({"shards": str(shapes_shards / "val-*.tar"), "output_dir": str(plain), "progress": False,
+            "autoencoder_path": str(encoded / "ae"), "text_encoder": {"kind": "byte", "name_or_path": str(encoded /
+                                                                                                     "text")}})
     with pytest.raises(ConfigError, match="data.hflip=true .* flips=true"):
-        datamodule(str(plain / "train-*.tar"), hflip=True)
+        datamodule(str(plain / "val-*.tar"), hflip=True)
+    # validation reads unflipped latents: a val split encoded without flips serves a flipping training split
+    dm = datamodule(train, str(plain / "val-*.tar"), hflip=True)
+    assert next(iter(dm.val_dataloader()))["moments"].shape[0] == 8
+    with pytest.raises(ConfigError, match="has flips=True but .* has flips=False"):  # within one split they agree
+        datamodule(f"{train}::{plain}/val-*.tar")
+
+
+def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
+    """The same text encoder weights read at another layer or padded to another length give other contexts: the
+    model's conditioner must match the stored text in both, and a mismatch names the key, both values and the
+    ldm-encode command that fits the model."""
+    manifest = latents.read_manifest(encoded / "train" / latents.MANIFEST_NAME)
+    text_hash, ae_hash = manifest.text_encoder["sha256"], manifest.autoencoder["sha256"]
+    model = {"kind": "byte", "name_or_path": "/models/text", "layer": "last", "max_length": 72}
+    latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash, text_encoder=model)
+    for key, value, stored in (("max_length", 16, 72), ("layer", "penultimate", "last")):
+        with pytest.raises(ConfigError, match=rf"encoded with {key}={stored}, but the model's text encoder has model"
+                                              rf"\.conditioner\.{key}={value}: set model\.conditioner\.{key}="
+                                              rf"{stored}, or encode the shards again with ldm-encode "
+                                              rf"text_encoder='{{kind: byte, name_or_path: /models/text, "):
+            latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
+                                   text_encoder={**model, key: value})
+    with pytest.raises(ConfigError, match=rf"\(sha256 {text_hash}\), but model\.conditioner\.name_or_path=/models/"
+                                          rf"text has sha256 abc: encode the shards again with ldm-encode .*, set "
+                                          rf"model\.conditioner\.name_or_path={encoded / 'text'}"):
+        latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash="abc", text_encoder=model)
 
 
 def latent_run(shapes_shards: Path, encoded: Path, autoencoder: Path, out: Path, max_steps: int) -> list[str]:

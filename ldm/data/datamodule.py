@@ -63,18 +63,20 @@ ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x node
 
 
 def _count_tar_samples(path: str) -> int:
-    """Distinct sample keys in a local tar (reads headers only); a damaged tar counts the samples before the damage."""
-    keys = set()
+    """Samples in a local tar (reads headers only), counted as webdataset groups them: a new sample wherever a member's
+    key differs from the one before (a key seen again further on is another sample); a damaged tar counts the samples
+    before the damage."""
+    count, last = 0, None
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.isreg():
                     prefix, _ = wds.tariterators.base_plus_ext(member.name)
-                    if prefix is not None:
-                        keys.add(prefix)
+                    if prefix is not None and prefix != last:
+                        count, last = count + 1, prefix
     except (tarfile.TarError, OSError, EOFError) as err:
-        log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, len(keys))
-    return len(keys)
+        log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, count)
+    return count
 
 
 def shard_counts(urls: list[str], key: str, samples_per_shard: int | None) -> list[int]:
@@ -283,7 +285,7 @@ class WebDataModule(L.LightningDataModule):
             raise ConfigError(f"data.train_shards and data.val_shards must both be images or both latent shards; "
                               f"only {'data.train_shards' if train else 'data.val_shards'} has a manifest.json")
         if train is not None:
-            check_same_encoders(train, val, "data.val_shards")
+            check_same_encoders(train, val, "data.val_shards", settings=("resolution",))
             check_data_config(train, self.config.resolution, self.config.hflip, self.config.random_crop)
         self.latent_manifest = train
 

@@ -169,6 +169,15 @@ def _encoder_identity(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     return entry
 
 
+def _described(manifest: dict[str, Any], key: str) -> str:
+    """A manifest key's value for an error: an encoder by its sha256 and settings, anything else as it is."""
+    entry = _encoder_identity(manifest.get(key)) if key in ("autoencoder", "text_encoder") else manifest.get(key)
+    if isinstance(entry, dict) and "sha256" in entry:
+        settings = {k: v for k, v in (entry.get("config") or {}).items() if k in ("kind", "layer", "max_length")}
+        return f"sha256 {entry['sha256']}" + (f" {settings}" if settings else "")
+    return repr(entry)
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Manifest keys (other than RUN_KEYS) in which two encodings differ; the encoders compare by weights and
     settings, not by the paths they were given as."""
@@ -197,10 +206,9 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Enc
         old = read_output_manifest(path)
         changed = changed_keys(old, manifest)
         if changed:
-            raise ConfigError(f"output_dir={out} holds latents encoded with other settings (differing manifest keys "
-                              f"{changed}; autoencoder sha256 {old['autoencoder']['sha256']} there, "
-                              f"{manifest['autoencoder']['sha256']} now): choose another output_dir, or pass "
-                              f"overwrite=true to replace them")
+            differences = "; ".join(f"{k}: {_described(old, k)} there, {_described(manifest, k)} now" for k in changed)
+            raise ConfigError(f"output_dir={out} holds latents encoded with other settings ({differences}): choose "
+                              f"another output_dir, or pass overwrite=true to replace them")
         inputs = {**old.get("inputs", {}), **inputs}
         manifest = {**old, "inputs": inputs, "extra": {**(old.get("extra") or {}), **(manifest["extra"] or {})}}
         gone = sorted(name for name, url in inputs.items() if not Path(url).exists() and (out / name).exists())

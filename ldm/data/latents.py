@@ -155,14 +155,16 @@ def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
     return first
 
 
-def check_same_encoders(a: LatentManifest, b: LatentManifest, key: str) -> None:
-    """Raise ConfigError unless two latent directories were encoded by the same autoencoder and text encoder."""
+def check_same_encoders(a: LatentManifest, b: LatentManifest, key: str,
+                        settings: tuple[str, ...] = ("resolution", "flips")) -> None:
+    """Raise ConfigError unless two latent directories were encoded by the same autoencoder and text encoder, with the
+    same `settings` (the training and validation splits may differ in flips: validation reads unflipped latents)."""
     for what in ("autoencoder", "text_encoder"):
         ours, theirs = (m.data.get(what) or {} for m in (a, b))
         if ours.get("sha256") != theirs.get("sha256"):
             raise ConfigError(f"{key}: {a.path} and {b.path} were encoded with different {what}s (sha256 "
                               f"{ours.get('sha256')} and {theirs.get('sha256')}); encode every split with the same one")
-    for what in ("resolution", "flips"):
+    for what in settings:
         if a.data.get(what) != b.data.get(what):
             raise ConfigError(f"{key}: {a.path} has {what}={a.data.get(what)} but {b.path} has {what}="
                               f"{b.data.get(what)}; encode every split with the same ldm-encode settings")
@@ -178,7 +180,7 @@ def require_images(datamodule: Any, model: str) -> None:
 
 def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_path: str,
                    key: str = "model.autoencoder_path", text_encoder_hash: str | None = None,
-                   text_encoder_trains: str | None = None) -> None:
+                   text_encoder_trains: str | None = None, text_encoder: dict[str, Any] | None = None) -> None:
     """Raise ConfigError unless `manifest` was encoded by the autoencoder (and text encoder) the model uses.
 
     Args:
@@ -190,6 +192,8 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
             skips that check.
         text_encoder_trains: why the model's text encoder trains (then stored text encodings cannot stand for
             it), or None when it is frozen.
+        text_encoder: the model's frozen text encoder as the error names it and as its output depends on beyond its
+            weights: {"kind", "name_or_path", "layer", "max_length"}; None skips the settings check.
     """
     theirs = manifest.autoencoder
     if theirs["sha256"] != autoencoder_hash:
@@ -206,11 +210,24 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
                           f"{path or '(its default)'}, but {text_encoder_trains}: set model.conditioner.kind={kind} "
                           f"{named}model.conditioner.trainable=false, or encode the shards without text (ldm-encode "
                           f"text_encoder=null)")
-    if text is not None and text_encoder_hash is not None and text["sha256"] != text_encoder_hash:
-        raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by {text['config'].get('kind')} "
-                          f"encoder {text['config'].get('name_or_path')} (sha256 {text['sha256']}), but the model's "
-                          f"text encoder has sha256 {text_encoder_hash}: encode the shards again with the model's "
-                          f"text encoder, or leave text out of ldm-encode (text_encoder=null)")
+    if text is None or text_encoder_hash is None:
+        return
+    mine = text_encoder or {}
+    kind, path = text["config"].get("kind"), text["config"].get("name_or_path")
+    encode = (f"encode the shards again with ldm-encode text_encoder='{{kind: {mine.get('kind')}, name_or_path: "
+              f"{mine.get('name_or_path')}, layer: {mine.get('layer')}, max_length: {mine.get('max_length')}}}'")
+    if text["sha256"] != text_encoder_hash:
+        raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the {kind} encoder {path} "
+                          f"(sha256 {text['sha256']}), but model.conditioner.name_or_path={mine.get('name_or_path')} "
+                          f"has sha256 {text_encoder_hash}: {encode}, set model.conditioner.name_or_path={path}, or "
+                          f"leave text out of ldm-encode (text_encoder=null)")
+    # The same weights read at another layer or padded to another length give other contexts.
+    stored = {"layer": text["config"].get("layer", "last"), "max_length": text["context_shape"][0]}
+    for name, value in stored.items():
+        if name in mine and mine[name] != value:
+            raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded with {name}={value}, but "
+                              f"the model's text encoder has model.conditioner.{name}={mine[name]}: set "
+                              f"model.conditioner.{name}={value}, or {encode}")
 
 
 def check_data_config(manifest: LatentManifest, resolution: int, hflip: bool, random_crop: bool,

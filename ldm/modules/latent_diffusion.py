@@ -276,9 +276,12 @@ class LatentDiffusionModule(L.LightningModule):
             trains = None if not (conditioner.uses_prompts and conditioner.trainable) else \
                 "model.conditioner.name_or_path is null, so a new byte encoder trains" \
                 if c.kind == "byte" and not c.name_or_path else "model.conditioner.trainable=true fine-tunes it"
+            settings = None if encoder is None else {
+                "kind": c.kind, "name_or_path": c.name_or_path, "layer": getattr(encoder, "layer", "last"),
+                "max_length": encoder.max_length}
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
                            self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash,
-                           text_encoder_trains=trains)
+                           text_encoder_trains=trains, text_encoder=settings)
 
     def configure_model(self) -> None:
         """Under `trainer=fsdp`, shard the UNet (one FSDP unit: its parameters, gradients and AdamW states split over
