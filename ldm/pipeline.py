@@ -84,10 +84,12 @@ class LatentDiffusionPipeline(nn.Module):
         self.provenance: dict[str, Any] = {}   # where the weights came from: source, step, weights, val_shards
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], base_dir: Path | None = None) -> LatentDiffusionPipeline:
+    def from_config(cls, config: dict[str, Any], base_dir: Path | None = None,
+                    text_encoder_config: dict[str, Any] | None = None) -> LatentDiffusionPipeline:
         """A pipeline with the architecture `config` (what `config()` returns) and untrained weights, for a state dict
-        to fill (a pretrained byte encoder is built empty too). `base_dir` resolves a relative
-        `conditioner.name_or_path` (an export's `text_encoder/`)."""
+        to fill (a pretrained byte encoder is built empty too, and a CLIP / hf encoder when `text_encoder_config`, a
+        checkpoint's record of its transformers config, is given; else it loads from name_or_path, an export's
+        `text_encoder/`, which `base_dir` resolves when relative)."""
         conditioner_config = to_dataclass(ConditionerConfig, config["conditioner"], "conditioner")
         if base_dir is not None and conditioner_config.name_or_path and \
                 (base_dir / conditioner_config.name_or_path).is_dir():
@@ -96,7 +98,8 @@ class LatentDiffusionPipeline(nn.Module):
         return cls(autoencoder=AutoencoderKL(to_dataclass(AutoencoderConfig, config["autoencoder"], "autoencoder")),
                    latent_scale=config["latent_scale"],
                    unet=UNet(to_dataclass(UNetConfig, config["unet"], "unet")),
-                   conditioner=build_conditioner(conditioner_config, "pipeline.conditioner", load_pretrained=False),
+                   conditioner=build_conditioner(conditioner_config, "pipeline.conditioner", load_pretrained=False,
+                                                 text_encoder_config=text_encoder_config),
                    conditioner_config=conditioner_config,
                    diffusion=to_dataclass(DiffusionConfig, config["diffusion"], "diffusion"),
                    image_size=config.get("image_size"), sample_posterior=config.get("sample_posterior", True),
@@ -332,7 +335,8 @@ class LatentDiffusionPipeline(nn.Module):
         pipeline = cls.from_config({"autoencoder": frozen["autoencoder_config"], "latent_scale": frozen["latent_scale"],
                                     **{k: model[k] for k in ("unet", "conditioner", "diffusion")},
                                     "image_size": model.get("image_size"),
-                                    "sample_posterior": model.get("sample_posterior", True)})
+                                    "sample_posterior": model.get("sample_posterior", True)},
+                                   text_encoder_config=frozen.get("text_encoder_config"))
         state = checkpoint["state_dict"]
         autoencoder, _ = submodule_state(state, "pipeline.autoencoder.")
         unet, ema = submodule_state(state, "pipeline.unet.", "ema.module." if use_ema else None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from convert_helpers import tiny_tokenizer
 
-from ldm.conditioning import ByteTextEncoder, ConditionerConfig, build_conditioner, drop_mask
+from ldm.conditioning import ByteTextEncoder, ConditionerConfig, build_conditioner, drop_mask, text_encoder_config
 from ldm.conditioning.byte import BOS, EOS, PAD, byte_tokenize
 from ldm.config import ConfigError
 from ldm.nn.unet import UNET_CONFIGS, UNet
@@ -95,6 +95,15 @@ def test_hf_encoder_loads_t5_encoder_by_path(tiny_clip, tmp_path):
     assert trainable.trainable and trainable.encoder.training
     trainable(PROMPTS)["context"].square().mean().backward()
     assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
+
+    # A checkpoint rebuilds the encoder from its recorded config, the weights from its state dict: not read again.
+    node = {"kind": "hf", "name_or_path": str(tmp_path), "max_length": 16}
+    recorded = text_encoder_config(conditioner)
+    (tmp_path / "model.safetensors").unlink()
+    empty = build_conditioner(node, load_pretrained=False, text_encoder_config=recorded).eval()
+    assert type(empty.encoder.transformer).__name__ == "T5EncoderModel"
+    empty.load_state_dict(conditioner.state_dict())
+    torch.testing.assert_close(empty(PROMPTS)["context"], conditioner(PROMPTS)["context"], rtol=0, atol=0)
 
 
 def test_byte_tokenize_handles_empty_unicode_and_truncation():

@@ -5,6 +5,7 @@ result back to diffusers."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,15 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
             "trainer.val_check_interval=2",
             "trainer.limit_val_batches=1", "logger=csv", f"paths.output_dir={run}", "callbacks.progress=null"])
     train(cfg)
+    before = load_components(tmp_path / "sd1")
+    # The checkpoint holds every weight: of the SD folder it started from, only the tokenizer is read again.
+    for part in ("text_encoder", "unet", "vae", "scheduler"):
+        shutil.rmtree(tmp_path / "sd1" / part)
     out = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "diffusers",
                   "output_dir": str(tmp_path / "hf")})
     hf = StableDiffusionPipeline.from_pretrained(out)
-    before, after = load_components(tmp_path / "sd1"), load_components(out)
+    after = load_components(out)
+    assert all(torch.equal(v, before.text_encoder.state_dict()[k]) for k, v in after.text_encoder.state_dict().items())
     changed = [k for k, v in after.unet_state.items() if not torch.equal(v, before.unet_state[k])]
     assert changed, "the exported UNet should hold the fine-tuned weights"
     assert all(torch.equal(v, before.autoencoder_state[k]) for k, v in after.autoencoder_state.items())  # frozen
@@ -90,7 +96,6 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
 
 def vae_without(tmp_path: Path, key: str) -> Path:
     """A copy of the tiny SD pipeline's vae/ lacking one tensor."""
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -105,7 +110,6 @@ def vae_without(tmp_path: Path, key: str) -> Path:
 def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_torch_thread):
     """A pipeline folder missing its scheduler, tokenizer or text-encoder weights, or given single-file options: one
     ConfigError naming what is wrong and what to do, before any training."""
-    import shutil
 
     import pytest
 
@@ -201,7 +205,6 @@ def test_a_single_file_export_names_what_other_tools_cannot_read_and_a_pipeline_
     for the tools that read SD's single files. The pipeline export of a model built with
     `model.conditioner.tokenizer=DIR` (a single file's route) loads once DIR is gone: its tokenizer is exported."""
     import logging
-    import shutil
     from dataclasses import asdict
 
     from ldm.nn.unet import unet_config

@@ -10,6 +10,7 @@ from ldm.conditioning.conditioner import (
     NullConditioner,
     TextConditioner,
     build_conditioner,
+    text_encoder_config,
 )
 from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
 from ldm.conditioning.labels import ClassEmbedder
@@ -18,5 +19,5 @@ from ldm.conditioning.text import CLIPTextEncoder, HFTextEncoder, load_pretraine
 __all__ = [
     "ByteTextEncoder", "CLIPTextEncoder", "ClassConditioner", "ClassEmbedder", "Conditioner", "ConditionerConfig",
     "EncodedText", "HFTextEncoder", "NullConditioner", "TextConditioner", "build_conditioner", "drop_labels",
-    "drop_mask", "drop_prompts", "load_pretrained",
+    "drop_mask", "drop_prompts", "load_pretrained", "text_encoder_config",
 ]

@@ -18,6 +18,7 @@ way.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -349,7 +350,8 @@ def is_stable_diffusion(name_or_path: str | None) -> bool:
 
 
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
-                      prefix: str = "model.conditioner", load_pretrained: bool = True) -> Conditioner:
+                      prefix: str = "model.conditioner", load_pretrained: bool = True,
+                      text_encoder_config: dict[str, Any] | None = None) -> Conditioner:
     """Build the conditioner a config names.
 
     Args:
@@ -357,6 +359,9 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
         prefix: where the node sits in the full config, for error messages.
         load_pretrained: read a pretrained byte encoder from name_or_path; false builds it empty, for a checkpoint's
             state dict to fill (a checkpoint holds its weights and must not need the export).
+        text_encoder_config: the transformers config (`config.to_dict()`) of a CLIP or hf text encoder whose weights
+            come from a checkpoint's state dict: the encoder is built empty from it and only its tokenizer is read
+            (`text_encoder_config`), not the weights, nor a Stable Diffusion model around them.
     """
     c = to_dataclass(ConditionerConfig, config, prefix)
     if c.kind == "class":
@@ -365,7 +370,9 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
     if c.kind == "none":
         return NullConditioner(c.kind, c.cond_drop_prob)
     key = f"{prefix}.name_or_path"
-    if c.kind == "clip" and is_stable_diffusion(c.name_or_path):
+    if c.kind in ("clip", "hf") and text_encoder_config is not None:
+        encoder = _empty_text_encoder(c, text_encoder_config, prefix)
+    elif c.kind == "clip" and is_stable_diffusion(c.name_or_path):
         from ldm.convert import load_components
 
         encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer, key=key).build_text_encoder(
@@ -387,3 +394,32 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
         else:  # new and trained with the UNet, or empty for a checkpoint's state dict to fill
             encoder = ByteTextEncoder(**asdict(architecture), trainable=c.name_or_path is None or c.trainable)
     return TextConditioner(encoder, c.kind, c.cond_drop_prob, c.pooled)
+
+
+def text_encoder_config(conditioner: Conditioner) -> dict[str, Any] | None:
+    """The transformers config of a conditioner's CLIP or hf text encoder, as plain values (what a checkpoint stores
+    to rebuild it with `build_conditioner(..., text_encoder_config=...)`); None for other conditioners."""
+    transformer = getattr(getattr(conditioner, "encoder", None), "transformer", None)
+    return None if transformer is None else json.loads(transformer.config.to_json_string())
+
+
+def _empty_text_encoder(c: ConditionerConfig, config: dict[str, Any], prefix: str) -> nn.Module:
+    """A CLIP or hf text encoder of `config` with untrained weights and the tokenizer its config node names: a
+    Stable Diffusion folder's tokenizer/ (or model.conditioner.tokenizer), else name_or_path's own."""
+    key = f"{prefix}.name_or_path"
+    if c.kind == "hf":
+        return HFTextEncoder(c.name_or_path, c.max_length, c.trainable, key, config=config)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if c.tokenizer is not None:
+        source, source_key = c.tokenizer, f"{prefix}.tokenizer"
+    elif is_stable_diffusion(c.name_or_path):
+        if not Path(c.name_or_path).expanduser().is_dir():
+            raise ConfigError(f"{key}={c.name_or_path} is a single file, which holds no tokenizer: set "
+                              f"{prefix}.tokenizer to the CLIP tokenizer folder the model trained with")
+        source, source_key = str(Path(c.name_or_path).expanduser() / "tokenizer"), key
+    else:
+        source, source_key = c.name_or_path or DEFAULT_CLIP, key
+    tokenizer = load_transformers(CLIPTokenizer, source, source_key)
+    return CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key,
+                           transformer=CLIPTextModel(CLIPTextConfig.from_dict(config)), tokenizer=tokenizer)

@@ -157,18 +157,25 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         max_length: tokens per prompt, padded and truncated.
         trainable: fine-tune the encoder; frozen by default.
         config_key: the config key of name_or_path, for error messages.
+        config: the model's transformers config (`to_dict()`): build it with untrained weights, for a checkpoint's
+            state dict to fill; None reads config and weights from name_or_path.
     """
 
     def __init__(self, name_or_path: str, max_length: int = 77, trainable: bool = False,
-                 config_key: str = "model.conditioner.name_or_path"):
+                 config_key: str = "model.conditioner.name_or_path", config: dict[str, Any] | None = None):
         super().__init__()
         import transformers
         from transformers import AutoConfig, AutoTokenizer
 
-        config = load_pretrained(AutoConfig, name_or_path, config_key)
+        pretrained = config is None
+        config = load_pretrained(AutoConfig, name_or_path, config_key) if pretrained else \
+            AutoConfig.for_model(**config)
         model_cls = getattr(transformers, _T5_ENCODERS.get(config.model_type, "AutoModel"))
         self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, config_key)
-        model = load_pretrained(model_cls, name_or_path, config_key)
+        if pretrained:
+            model = load_pretrained(model_cls, name_or_path, config_key)
+        else:  # untrained weights of `config`, for a checkpoint's state dict to fill
+            model = model_cls(config) if model_cls is not transformers.AutoModel else model_cls.from_config(config)
         if getattr(model.config, "is_encoder_decoder", False) and config.model_type not in _T5_ENCODERS:
             model = model.get_encoder()
         self.transformer = model

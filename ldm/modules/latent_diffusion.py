@@ -22,7 +22,7 @@ from torch.distributed.fsdp.wrap import wrap
 
 from ldm.callbacks.checkpoint import halted_without_export
 from ldm.checkpoints import MissingCheckpointError
-from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner
+from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, text_encoder_config
 from ldm.config import ConfigError, asdict, check_choice, check_min, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.data.shardlist import absolute_spec
@@ -202,21 +202,23 @@ class LatentDiffusionModule(L.LightningModule):
             rank_zero_info(f"latent scale {scale:.5g} ({source})")
         else:
             autoencoder = AutoencoderKL(AutoencoderConfig(**frozen["autoencoder_config"]))
-        self.config = config
-        self.save_hyperparameters({"config": asdict(config), "frozen": frozen})
-
         if pretrained is not None and pretrained.text_encoder is not None:
             conditioner = TextConditioner(pretrained.build_text_encoder(config.conditioner.max_length,
                                                                         config.conditioner.trainable),
                                           "clip", config.conditioner.cond_drop_prob, config.conditioner.pooled)
         else:
-            conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring)
+            conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring,
+                                            text_encoder_config=frozen.get("text_encoder_config"))
             if pretrained is not None and conditioner.context_dim != config.unet.context_dim:
                 raise ConfigError(f"model.init_from={config.init_from} holds no text encoder, and model.conditioner "
                                   f"(kind={config.conditioner.kind}) gives a context of width "
                                   f"{conditioner.context_dim} where its UNet takes {config.unet.context_dim}: set "
                                   f"model.conditioner to an encoder of that width (e.g. kind=clip with a CLIP of "
                                   f"hidden size {config.unet.context_dim} as name_or_path)")
+        if not restoring:  # a checkpoint rebuilds a CLIP / hf encoder from this config, its weights from the state
+            frozen["text_encoder_config"] = text_encoder_config(conditioner)  # dict, not from name_or_path
+        self.config = config
+        self.save_hyperparameters({"config": asdict(config), "frozen": frozen})
         unet = UNet(config.unet)
         if pretrained is not None:
             unet.load_state_dict(pretrained.unet_state)
