@@ -36,6 +36,8 @@ from typing_extensions import override
 from ldm.config import ConfigError
 from ldm.modules.optim import gradient_norm
 
+ADVICE = "Resume from the last good checkpoint with a lower learning rate, a different seed or fp32 precision."
+
 
 class NanGuard(L.Callback):
     """Skip non-finite steps on all ranks at once; halt after `max_consecutive` skipped batches in a row.
@@ -46,6 +48,10 @@ class NanGuard(L.Callback):
             which norm clipping then reuses), logged before clipping as `train/grad_norm` (`train/grad_norm_1` for a
             second optimizer, the autoencoder's discriminator).
     """
+
+    # The step it halted at, also in `trainer.callback_metrics`: under trainer.strategy=ddp_spawn the callbacks run
+    # in spawned processes, and Lightning hands their callback metrics (not the callbacks) back to the launcher.
+    HALTED_METRIC = "nan_guard/halted_at_step"
 
     def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
         if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
@@ -114,9 +120,9 @@ class NanGuard(L.Callback):
             self.halted = True
             self.message = (f"NaN guard: {self.consecutive} training steps in a row had a non-finite loss or "
                             f"gradients (callbacks.nan_guard.max_consecutive={self.max_consecutive}); stopped at "
-                            f"global step {trainer.global_step} without writing a checkpoint. Resume from the last "
-                            f"good checkpoint with a lower learning rate, a different seed or fp32 precision.")
+                            f"global step {trainer.global_step} without writing a checkpoint. {ADVICE}")
             trainer.should_stop = True
+            trainer.callback_metrics[self.HALTED_METRIC] = torch.tensor(float(trainer.global_step))
 
     @override
     def state_dict(self) -> dict[str, Any]:

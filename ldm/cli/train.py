@@ -36,6 +36,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm import __version__
 from ldm import config as configs
 from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_stopped
+from ldm.callbacks.nan_guard import ADVICE as NAN_ADVICE
+from ldm.callbacks.nan_guard import NanGuard
 from ldm.checkpoints import load_checkpoint
 from ldm.cli.common import (
     CONF_DIR,
@@ -434,10 +436,14 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         # once aborted a finished run ("terminate called without an active exception", exit -6)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    halted = [cb for cb in callbacks if getattr(cb, "halted", False)]
+    halted = [cb.message for cb in callbacks if getattr(cb, "halted", False)]
+    if not halted and NanGuard.HALTED_METRIC in trainer.callback_metrics:  # ddp_spawn: the ranks' guards were copies
+        step = int(trainer.callback_metrics[NanGuard.HALTED_METRIC])
+        halted = [f"NaN guard: training steps in a row had a non-finite loss or gradients (the spawned processes' "
+                  f"log above says more); stopped at global step {step} without writing a checkpoint. {NAN_ADVICE}"]
     finish_loggers(loggers, exit_code=1 if halted else 0)
     if halted:
-        raise TrainingDiverged(halted[0].message)
+        raise TrainingDiverged(halted[0])
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     rank_zero_info(f"run directory: {output_dir}")
     return metrics
