@@ -83,6 +83,7 @@ class SlurmRequeue(StepBoundary):
         self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
         self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
         self._active = False  # handlers installed and fit running
+        self._save_after_validation = False  # stopped at a step with a scheduled validation: save again after it
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
@@ -177,10 +178,14 @@ class SlurmRequeue(StepBoundary):
         path = self._save(trainer)
         self.stopped = True
         trainer.should_stop = True
-        if not validation_due(trainer):
+        if validation_due(trainer):
+            # A validation the schedule holds for this step runs, as in the run that was not stopped, and last.ckpt
+            # is written again after it: what it measured (stage 1's latent statistics, metrics) is part of the state
+            # the uninterrupted run carries on with. The save before it stands should the grace time run out.
+            self._save_after_validation = path is not None
+        else:
             # note: Lightning validates after any batch once should_stop is set; that costs grace time, and a
             # checkpoint written after it (validation-time checkpoints) resumed with the loop counters a batch off.
-            # A validation the schedule holds for this step runs, as in the run that was not stopped.
             trainer.limit_val_batches = 0
         saved = f"saved {path}" if path is not None else "nothing saved (checkpoints are off)"
         requeue = received == self.signum and self.requeue and self.job_id is not None and path is not None
@@ -191,6 +196,12 @@ class SlurmRequeue(StepBoundary):
                                f"{self.job_id}")
             else:
                 rank_zero_info(f"{received.name}: {saved} at step {trainer.global_step}; stopping")
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._save_after_validation and not trainer.sanity_checking:
+            self._save_after_validation = False
+            rank_zero_info(f"saved {self._save(trainer)} again after the validation of step {trainer.global_step}")
 
     @staticmethod
     def _save(trainer: L.Trainer) -> Path | None:

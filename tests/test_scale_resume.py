@@ -285,6 +285,26 @@ def test_a_signal_with_validation_time_checkpoints_resumes_exactly(shapes_shards
         assert logged_steps(out, key) == logged_steps(tmp_path / "full", key), key
 
 
+def test_a_signal_at_a_validation_step_keeps_what_the_validation_measured(shapes_shards, tmp_path,
+                                                                          single_torch_thread):
+    """Periodic checkpoints (every 2 steps, as validation), a signal during step 4: last.ckpt is written at the end
+    of step 4, and again after the validation the schedule holds there, so the latent statistics it measured reach
+    the checkpoint; the resumed run's export (no validation after step 4) carries step 4's, as the uninterrupted
+    run's does, not step 2's."""
+    full = run(shapes_shards, tmp_path / "full", 5, AUTOENCODER)
+    out = tmp_path / "stopped"
+    signal = ["+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=3",
+              "+callbacks.signal.signal_name=SIGTERM"]
+    first = run(shapes_shards, out, 5, AUTOENCODER + signal)
+    assert sorted(first) == [1, 2, 3, 4]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"]["step"] == 4
+    resumed = run(shapes_shards, out, 5, AUTOENCODER)
+    assert sorted(resumed) == [5] and resumed[5] == full[5]
+    assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", 5)
+    exported = [load_json(d / "export" / "latent_stats.json") for d in (tmp_path / "full", out)]
+    assert exported[0]["step"] == 4 and exported[1] == exported[0]
+
+
 def test_resuming_into_a_longer_run_follows_the_new_schedule_from_its_first_step(shapes_shards, tmp_path,
                                                                                  single_torch_thread):
     """A cosine schedule rebuilt for a larger trainer.max_steps: the first resumed step trained at the old schedule's
