@@ -299,6 +299,14 @@ def test_torchrun_style_ranks_split_the_shards(shapes_shards: Path, encoders: tu
     assert sorted(p.name for p in out.glob("*_stats.json")) == [f"train-00000{i}_stats.json" for i in range(4)]
     assert latents.read_manifest(out / latents.MANIFEST_NAME).autoencoder["path"] == str(autoencoder)
 
+    # Shards without a manifest: rank 0 refuses, and so does rank 1 at once, instead of waiting 10 minutes for the
+    # manifest rank 0 will never write (srun, or torchrun on another node, would not stop it).
+    (out / latents.MANIFEST_NAME).unlink()
+    lone = subprocess.run(args, cwd=REPO, env=cli_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                                                       "OMP_NUM_THREADS": "1"}),
+                          capture_output=True, text=True, timeout=120)
+    assert lone.returncode == 2 and "but no manifest.json" in lone.stderr, lone.stderr[-2000:]
+
 
 def test_npy_members_read_like_np_load_and_refuse_what_it_refuses():
     arrays = [np.random.rand(8, 16, 16).astype(np.float16), np.asfortranarray(np.random.rand(3, 5)),

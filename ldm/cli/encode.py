@@ -36,6 +36,7 @@ from ldm.data.encoding import (
     Encoders,
     build_manifest,
     changed_keys,
+    check_outputs_have_a_manifest,
     encode_shard,
     is_finished,
     load_encoders,
@@ -193,6 +194,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         prepare_output(config, manifest, encoders, urls)
     else:
+        check_outputs_have_a_manifest(out, urls)  # what rank 0 refuses, refused here too, not waited on
         _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)
 
     counts = shard_counts(urls, "shards", None)

@@ -187,21 +187,37 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if k not in RUN_KEYS and comparable(old, k) != comparable(new, k))
 
 
+def _earlier_outputs(out: Path, urls: list[str]) -> tuple[list[Path], list[Path]]:
+    """(the *_stats.json files in `out`, the latent shards an earlier run may have written there: those with stats
+    and those of this run's input names)."""
+    stats = list(out.glob("*_stats.json"))
+    names = {Path(url).name for url in urls} | {p.name.removesuffix("_stats.json") + ".tar" for p in stats}
+    return stats, [out / name for name in names]
+
+
+def check_outputs_have_a_manifest(out: Path, urls: list[str]) -> None:
+    """Raise ConfigError when `out` holds latent shards or their stats but no manifest saying which encoder wrote
+    them. Read-only: every rank of a distributed encode checks it itself (rank 0 alone would leave the others
+    waiting for a manifest it never writes)."""
+    stats, ours = _earlier_outputs(out, urls)
+    if not (out / latents.MANIFEST_NAME).exists() and (stats or any(p.exists() for p in ours)):
+        raise ConfigError(f"output_dir={out} holds latent shards or *_stats.json but no {latents.MANIFEST_NAME}, so "
+                          f"nothing says which encoder wrote them: choose another output_dir, or pass overwrite=true "
+                          f"to delete them and encode again")
+
+
 def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Encoders, urls: list[str]) -> None:
     """Check (or start) output_dir: a manifest there must describe the same encoding; then write the manifest and
     the empty prompt's text encoding."""
     out = Path(config.output_dir)
     path = out / latents.MANIFEST_NAME
     inputs = {Path(url).name: str(Path(url).resolve()) for url in urls}
-    stats = list(out.glob("*_stats.json"))
-    ours = [out / name for name in {*inputs, *(p.name.removesuffix("_stats.json") + ".tar" for p in stats)}]
+    stats, ours = _earlier_outputs(out, urls)
     if config.overwrite:  # an earlier run's shards (those with stats, and this run's names), whatever its manifest
         for old in [*ours, *stats, path, out / latents.TEXT_NULL_NAME]:
             old.unlink(missing_ok=True)
-    elif not path.exists() and (stats or any(p.exists() for p in ours)):
-        raise ConfigError(f"output_dir={out} holds latent shards or *_stats.json but no {latents.MANIFEST_NAME}, so "
-                          f"nothing says which encoder wrote them: choose another output_dir, or pass overwrite=true "
-                          f"to delete them and encode again")
+    else:
+        check_outputs_have_a_manifest(out, urls)
     if path.exists():
         old = read_output_manifest(path)
         changed = changed_keys(old, manifest)
