@@ -336,3 +336,27 @@ def test_a_checkpoint_that_trained_a_now_frozen_text_encoder_block_resumes(tmp_p
                         limit_val_batches=0)
     trainer.fit(resumed, train_dataloaders=DataLoader(data, batch_size=None), ckpt_path=str(tmp_path / "old.ckpt"))
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+
+
+def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: Path, tmp_path: Path):
+    """With 2 micro-batches per optimizer step, `train/loss` is their mean (diffusers logs it so), not the last
+    micro-batch's, which covers half of the step's batch."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    micro = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            micro.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)  # Lightning divides it by k
+
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[Record()],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=DataLoader([batch(4) for _ in range(6)], batch_size=None))
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        logged = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert logged == pytest.approx([(micro[i] + micro[i + 1]) / 2 for i in (0, 2, 4)], rel=1e-6)
+    assert len(set(micro)) == 6  # the micro-batches differ, so the last alone would not pass

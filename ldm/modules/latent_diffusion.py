@@ -232,6 +232,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.ema = make_ema(self.pipeline.unet, decay, config.ema_warmup) if decay is not None else None
         self.ema_conditioner = make_ema(conditioner, decay, config.ema_warmup) if decay and conditioner.trainable \
             else None
+        self._micro_losses: list[torch.Tensor] = []  # the losses of the current optimizer step's micro-batches
 
     @classmethod
     def check_files(cls, config: Config) -> None:
@@ -329,7 +330,13 @@ class LatentDiffusionModule(L.LightningModule):
         micro = self.global_step * accumulate + batch_idx % accumulate         # distinct draws per micro-batch
         generator = step_generator(self.config.seed, self.global_rank, micro, self.device)
         loss = self._loss(batch, generator, self.pipeline)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=self.batch_size(batch))
+        # The step's loss over its whole global batch: the mean of its micro-batches' (Lightning writes the value
+        # logged at the step's last micro-batch only, which alone covers 1/accumulate of the batch).
+        if batch_idx % accumulate == 0:
+            self._micro_losses = []
+        self._micro_losses.append(loss.detach())
+        self.log("train/loss", torch.stack(self._micro_losses).mean(), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=self.batch_size(batch))
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
