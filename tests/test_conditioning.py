@@ -47,6 +47,23 @@ def test_clip_by_local_path(tiny_clip):
     assert cond["pooled"] is None  # pooled=false (the default): the UNet gets no vector
 
 
+def test_a_half_precision_clip_runs_in_fp32_and_a_checkpoint_rebuilds_it_alike(tiny_clip, tmp_path):
+    """A CLIP saved in fp16 (the hub's fp16 copies) loads in fp32, as the README promises for frozen encoders, and
+    a checkpoint's rebuild from the recorded config (`text_encoder_config`) gives the same contexts to the bit."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    shutil.copytree(tiny_clip, tmp_path / "clip16")
+    CLIPTextModel.from_pretrained(str(tiny_clip)).half().save_pretrained(tmp_path / "clip16")
+    node = {"kind": "clip", "name_or_path": str(tmp_path / "clip16"), "cond_drop_prob": 0.0}
+    loaded = build_conditioner(node).eval()
+    assert loaded.encoder.transformer.dtype == torch.float32
+    rebuilt = build_conditioner(node, load_pretrained=False, text_encoder_config=text_encoder_config(loaded)).eval()
+    rebuilt.load_state_dict(loaded.state_dict())
+    assert torch.equal(rebuilt(PROMPTS)["context"], loaded(PROMPTS)["context"])
+
+
 def test_clip_pooled_is_the_eos_state(tiny_clip):
     conditioner = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip), "pooled": True}).eval()
     assert conditioner.pooled_dim == 32

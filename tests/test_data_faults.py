@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +19,7 @@ from PIL import Image
 
 from ldm.cli.data import write_dataset
 from ldm.config import ConfigError
-from ldm.data.datamodule import WebDataModule
+from ldm.data.datamodule import WebDataModule, shard_counts
 from ldm.data.stream import EpochPlan, ShardStream
 from ldm.images import ALPHA_BACKGROUND, decode_image, to_rgb
 
@@ -343,12 +344,18 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     assert dm.num_skipped == 1 and dm.skipped[0][1] == "k005" and "no integer 'label'" in dm.skipped[0][2]
 
 
-def test_a_key_seen_again_further_on_is_another_sample(tmp_path: Path):
+def test_samples_are_counted_as_webdataset_reads_them(tmp_path: Path):
     """Two tars concatenated, say: webdataset reads a key that comes back after another key as a new sample, so the
     count (which sets how much each epoch reads) must see it too, or the last samples are never read."""
     samples = shapes_like(tmp_path, "k", 3) + [{**shapes_like(tmp_path, "k", 1)[0], "txt": "again"}]
     shard = write_shard(tmp_path / "dup-000000.tar", samples)
+    with tarfile.open(shard, "a") as tar:  # metadata members, which webdataset leaves out: not samples either
+        for name in ("__meta__/info.json", "__index__"):
+            member = tarfile.TarInfo(name)
+            member.size = 2
+            tar.addfile(member, io.BytesIO(b"{}"))
+    assert shard_counts([str(shard)], "data.train_shards", None) == [4]
     dm = WebDataModule(train_shards=str(shard), batch_size=4, num_workers=0, resolution=8)
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
-    assert sorted(batch["caption"]) == ["again", "s0", "s1", "s2"]
+    assert sorted(batch["caption"]) == ["again", "s0", "s1", "s2"] and dm.num_skipped == 0

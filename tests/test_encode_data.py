@@ -184,6 +184,12 @@ def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
                                           rf"text has sha256 abc: encode the shards again with ldm-encode .*, set "
                                           rf"model\.conditioner\.name_or_path={encoded / 'text'}"):
         latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash="abc", text_encoder=model)
+    # model.init_from sets the conditioner: setting its keys would change nothing, so only re-encoding is offered
+    with pytest.raises(ConfigError) as error:
+        latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
+                               text_encoder={**model, "max_length": 16, "init_from": "/models/sd"})
+    assert "max_length=16 (model.init_from=/models/sd sets model.conditioner): encode the shards again" in \
+        str(error.value) and "set model.conditioner" not in str(error.value)
 
 
 def latent_run(shapes_shards: Path, encoded: Path, autoencoder: Path, out: Path, max_steps: int) -> list[str]:

@@ -105,7 +105,7 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
         if tokenizer is None:
             tokenizer = load_pretrained(CLIPTokenizer, name_or_path, config_key)
         if transformer is None:
-            transformer = load_pretrained(CLIPTextModel, name_or_path, config_key)
+            transformer = load_pretrained(CLIPTextModel, name_or_path, config_key, dtype=torch.float32)
         self.tokenizer, self.transformer = tokenizer, transformer
         if len(tokenizer) > transformer.config.vocab_size:
             raise ConfigError(f"{config_key}={name_or_path}: the tokenizer's {len(tokenizer)} tokens exceed the text "
@@ -173,7 +173,7 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         model_cls = getattr(transformers, _T5_ENCODERS.get(config.model_type, "AutoModel"))
         self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, config_key)
         if pretrained:
-            model = load_pretrained(model_cls, name_or_path, config_key)
+            model = load_pretrained(model_cls, name_or_path, config_key, dtype=torch.float32)
         else:  # untrained weights of `config`, for a checkpoint's state dict to fill
             model = model_cls(config) if model_cls is not transformers.AutoModel else model_cls.from_config(config)
         if getattr(model.config, "is_encoder_decoder", False) and config.model_type not in _T5_ENCODERS:

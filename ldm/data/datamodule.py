@@ -21,8 +21,10 @@ counted in `num_skipped` / `skipped`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
+import re
 import signal
 import tarfile
 import warnings
@@ -62,6 +64,16 @@ ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x node
 # Shard lists and their sample counts (main process).
 
 
+# What webdataset's tar reader (`tar_file_iterator`, its defaults) leaves out: metadata members such as __meta__/...
+_WDS_SKIP_META = re.compile(inspect.signature(wds.tariterators.tar_file_iterator).parameters["skip_meta"].default)
+
+
+def _webdataset_skips(name: str) -> bool:
+    t = wds.tariterators
+    return ("/" not in name and name.startswith(t.meta_prefix) and name.endswith(t.meta_suffix)) or \
+        bool(_WDS_SKIP_META.match(name))
+
+
 def _count_tar_samples(path: str) -> int:
     """Samples in a local tar (reads headers only), counted as webdataset groups them: a new sample wherever a member's
     key differs from the one before (a key seen again further on is another sample); a damaged tar counts the samples
@@ -70,7 +82,7 @@ def _count_tar_samples(path: str) -> int:
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                if member.isreg():
+                if member.isreg() and not _webdataset_skips(member.name):
                     prefix, _ = wds.tariterators.base_plus_ext(member.name)
                     if prefix is not None and prefix != last:
                         count, last = count + 1, prefix

@@ -193,7 +193,8 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
         text_encoder_trains: why the model's text encoder trains (then stored text encodings cannot stand for
             it), or None when it is frozen.
         text_encoder: the model's frozen text encoder as the error names it and as its output depends on beyond its
-            weights: {"kind", "name_or_path", "layer", "max_length"}; None skips the settings check.
+            weights: {"kind", "name_or_path", "layer", "max_length"}, and "init_from" when model.init_from set them
+            (the error then offers re-encoding only); None skips the settings check.
     """
     theirs = manifest.autoencoder
     if theirs["sha256"] != autoencoder_hash:
@@ -216,18 +217,23 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
     kind, path = text["config"].get("kind"), text["config"].get("name_or_path")
     encode = (f"encode the shards again with ldm-encode text_encoder='{{kind: {mine.get('kind')}, name_or_path: "
               f"{mine.get('name_or_path')}, layer: {mine.get('layer')}, max_length: {mine.get('max_length')}}}'")
+    # model.init_from sets the conditioner's encoder, layer and prompt length itself: setting them would not help
+    init_from = mine.get("init_from")
+    fixed = f" (model.init_from={init_from} sets model.conditioner)" if init_from else ""
     if text["sha256"] != text_encoder_hash:
+        alternative = "" if init_from else f", set model.conditioner.name_or_path={path}"
         raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the {kind} encoder {path} "
                           f"(sha256 {text['sha256']}), but model.conditioner.name_or_path={mine.get('name_or_path')} "
-                          f"has sha256 {text_encoder_hash}: {encode}, set model.conditioner.name_or_path={path}, or "
-                          f"leave text out of ldm-encode (text_encoder=null)")
+                          f"has sha256 {text_encoder_hash}{fixed}: {encode}{alternative}, or leave text out of "
+                          f"ldm-encode (text_encoder=null)")
     # The same weights read at another layer or padded to another length give other contexts.
     stored = {"layer": text["config"].get("layer", "last"), "max_length": text["context_shape"][0]}
     for name, value in stored.items():
         if name in mine and mine[name] != value:
+            alternative = "" if init_from else f"set model.conditioner.{name}={value}, or "
             raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded with {name}={value}, but "
-                              f"the model's text encoder has model.conditioner.{name}={mine[name]}: set "
-                              f"model.conditioner.{name}={value}, or {encode}")
+                              f"the model's text encoder has model.conditioner.{name}={mine[name]}{fixed}: "
+                              f"{alternative}{encode}")
 
 
 def check_data_config(manifest: LatentManifest, resolution: int, hflip: bool, random_crop: bool,

@@ -281,7 +281,7 @@ class LatentDiffusionModule(L.LightningModule):
                 if c.kind == "byte" and not c.name_or_path else "model.conditioner.trainable=true fine-tunes it"
             settings = None if encoder is None else {
                 "kind": c.kind, "name_or_path": c.name_or_path, "layer": getattr(encoder, "layer", "last"),
-                "max_length": encoder.max_length}
+                "max_length": encoder.max_length, "init_from": self.config.init_from}
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
                            self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash,
                            text_encoder_trains=trains, text_encoder=settings)
