@@ -346,10 +346,10 @@ class LatentDiffusionPipeline(nn.Module):
             conditioner, _ = submodule_state(state, "pipeline.conditioner.",
                                              "ema_conditioner.module." if use_ema else None)
             pipeline.conditioner.load_state_dict(conditioner)
-        run_config = (checkpoint.get("ldm") or {}).get("config") or {}
+        run = checkpoint.get("ldm") or {}
+        val_shards = run.get("val_shards") or ((run.get("config") or {}).get("data") or {}).get("val_shards")
         pipeline.provenance = {"source": path, "step": int(checkpoint.get("global_step", -1)),
-                               "weights": "ema" if ema else "raw",
-                               "val_shards": (run_config.get("data") or {}).get("val_shards")}
+                               "weights": "ema" if ema else "raw", "val_shards": val_shards}
         return pipeline
 
 

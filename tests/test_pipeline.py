@@ -263,3 +263,20 @@ def test_a_checkpoint_of_a_conditioner_without_weights_loads(tmp_path: Path, con
     assert pipeline.provenance["weights"] == "ema"
     for name, value in pipeline.unet.state_dict().items():
         assert torch.equal(value, module.ema.module.state_dict()[name]), name
+
+
+def test_a_checkpoint_records_its_validation_shards_as_absolute_paths(shapes_shards: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """Trained with relative shard paths, the checkpoint names the validation shards from anywhere (as the export
+    does), so ldm-eval without val_shards finds them from another working directory."""
+    from scale_helpers import compose_train, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
+
+    from ldm.cli.train import train
+
+    autoencoder = tiny_autoencoder_export(tmp_path / "ae")
+    monkeypatch.chdir(shapes_shards.parent)
+    overrides = tiny_overrides(Path(shapes_shards.name), tmp_path / "run", max_steps=1, every=1)
+    train(compose_train(overrides + tiny_ldm_overrides(autoencoder)))
+    monkeypatch.chdir(tmp_path)
+    pipeline = LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert pipeline.provenance["val_shards"] == str(shapes_shards / "val-*.tar")

@@ -54,6 +54,7 @@ from ldm.cli.common import (
     strategy_name,
 )
 from ldm.cli.run_lock import run_lock
+from ldm.data.shardlist import absolute_spec
 
 configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
@@ -412,7 +413,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     for callback in callbacks:
         if isinstance(callback, Checkpoint):
-            callback.run_info = {"ldm_version": __version__, "config": resolved}
+            val_shards = (resolved.get("data") or {}).get("val_shards")  # absolute: ldm-eval may run elsewhere
+            callback.run_info = {"ldm_version": __version__, "config": resolved,
+                                 "val_shards": val_shards and absolute_spec(val_shards)}
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     check_launch(trainer)
