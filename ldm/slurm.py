@@ -83,7 +83,8 @@ class SlurmRequeue(StepBoundary):
         self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
         self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
         self._active = False  # handlers installed and fit running
-        self._save_after_validation = False  # stopped at a step with a scheduled validation: save again after it
+        # the signal of a stop at a step with a scheduled validation, until last.ckpt is saved again after it
+        self._after_validation: signal.Signals | None = None
 
     @property
     def signals(self) -> tuple[signal.Signals, ...]:
@@ -178,15 +179,29 @@ class SlurmRequeue(StepBoundary):
         path = self._save(trainer)
         self.stopped = True
         trainer.should_stop = True
-        if validation_due(trainer):
+        if validation_due(trainer) and path is not None:
             # A validation the schedule holds for this step runs, as in the run that was not stopped, and last.ckpt
             # is written again after it: what it measured (stage 1's latent statistics, metrics) is part of the state
-            # the uninterrupted run carries on with. The save before it stands should the grace time run out.
-            self._save_after_validation = path is not None
-        else:
+            # the uninterrupted run carries on with. The save before it stands should the grace time run out; the
+            # requeue waits for the second (scontrol requeue ends the running job).
+            self._after_validation = received
+            rank_zero_info(f"{received.name}: saved {path} at step {trainer.global_step}; finishing this step's "
+                           f"validation, then saving again")
+            return
+        if not validation_due(trainer):
             # note: Lightning validates after any batch once should_stop is set; that costs grace time, and a
             # checkpoint written after it (validation-time checkpoints) resumed with the loop counters a batch off.
             trainer.limit_val_batches = 0
+        self._requeue_or_stop(trainer, received, path)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation is not None and not trainer.sanity_checking:
+            received, self._after_validation = self._after_validation, None
+            self._requeue_or_stop(trainer, received, self._save(trainer))
+
+    def _requeue_or_stop(self, trainer: L.Trainer, received: signal.Signals, path: Path | None) -> None:
+        """Say what was saved; requeue the SLURM job when `received` is the requeue signal and something was."""
         saved = f"saved {path}" if path is not None else "nothing saved (checkpoints are off)"
         requeue = received == self.signum and self.requeue and self.job_id is not None and path is not None
         if trainer.is_global_zero:
@@ -196,12 +211,6 @@ class SlurmRequeue(StepBoundary):
                                f"{self.job_id}")
             else:
                 rank_zero_info(f"{received.name}: {saved} at step {trainer.global_step}; stopping")
-
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._save_after_validation and not trainer.sanity_checking:
-            self._save_after_validation = False
-            rank_zero_info(f"saved {self._save(trainer)} again after the validation of step {trainer.global_step}")
 
     @staticmethod
     def _save(trainer: L.Trainer) -> Path | None:

@@ -355,6 +355,11 @@ def test_samples_are_counted_as_webdataset_reads_them(tmp_path: Path):
             member.size = 2
             tar.addfile(member, io.BytesIO(b"{}"))
     assert shard_counts([str(shard)], "data.train_shards", None) == [4]
+    whole = write_shard(tmp_path / "cut-000000.tar", shapes_like(tmp_path, "c", 3))
+    with tarfile.open(whole) as tar:
+        last = [m for m in tar if m.isreg()][-1]  # the third sample's caption
+    whole.write_bytes(whole.read_bytes()[: last.offset_data + 1])  # cut inside its data: that sample is not whole
+    assert shard_counts([str(whole)], "data.train_shards", None) == [2]
     dm = WebDataModule(train_shards=str(shard), batch_size=4, num_workers=0, resolution=8)
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())

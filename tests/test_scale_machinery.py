@@ -284,6 +284,24 @@ def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkey
     assert last["global_step"] == 3  # the signal arrived during step 3; saved at its end, then stopped
 
 
+def test_a_requeue_at_a_validation_step_comes_after_the_save_that_follows_the_validation(shapes_shards, tmp_path,
+                                                                                        monkeypatch):
+    """USR1 during step 2, where validation is due: last.ckpt is saved, the validation runs, last.ckpt is saved again
+    with what it measured, and only then is the job requeued (scontrol requeue ends the running job)."""
+    bin_dir, log = fake_scontrol(tmp_path)
+    out = tmp_path / "run"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n'
+                                      f'cp "{out}/checkpoints/last.ckpt" "{tmp_path}/at_requeue.ckpt"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    overrides = tiny_overrides(shapes_shards, out, max_steps=50, every=2) + [
+        "model.net.ch=16", "+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=1"]
+    train(compose_train(overrides))
+    assert log.read_text().split() == ["requeue", "4242"]
+    at_requeue = torch.load(tmp_path / "at_requeue.ckpt", weights_only=True)
+    assert at_requeue["global_step"] == 2 and at_requeue["latent_stats"]["step"] == 2
+
+
 def test_sigterm_during_validation_saves_at_the_next_step_boundary(shapes_shards, tmp_path):
     """Preemption (SIGTERM) while validation runs: Lightning's own handler used to end the run at the next validation
     batch, before any save, with exit status 0. Now the run finishes validation, trains the step it is in, saves

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import json
 import logging
+import os
 import re
 import signal
 import tarfile
@@ -76,14 +78,19 @@ def _webdataset_skips(name: str) -> bool:
 
 def _count_tar_samples(path: str) -> int:
     """Samples in a local tar (reads headers only), counted as webdataset groups them: a new sample wherever a member's
-    key differs from the one before (a key seen again further on is another sample); a damaged tar counts the samples
-    before the damage."""
+    key differs from the one before (a key seen again further on is another sample); a damaged tar counts the whole
+    samples before the damage."""
     count, last = 0, None
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, "r:*") as tar:
+            plain = isinstance(tar.fileobj, io.BufferedReader)  # offsets are the file's (not a decompressed stream's)
             for member in tar:
                 if member.isreg() and not _webdataset_skips(member.name):
                     prefix, _ = wds.tariterators.base_plus_ext(member.name)
+                    if plain and member.offset_data + member.size > size:  # cut short inside its data
+                        count -= int(prefix is not None and prefix == last)  # that sample is not whole either
+                        raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix is not None and prefix != last:
                         count, last = count + 1, prefix
     except (tarfile.TarError, OSError, EOFError) as err:

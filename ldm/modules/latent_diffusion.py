@@ -281,7 +281,8 @@ class LatentDiffusionModule(L.LightningModule):
                 if c.kind == "byte" and not c.name_or_path else "model.conditioner.trainable=true fine-tunes it"
             settings = None if encoder is None else {
                 "kind": c.kind, "name_or_path": c.name_or_path, "layer": getattr(encoder, "layer", "last"),
-                "max_length": encoder.max_length, "init_from": self.config.init_from}
+                "max_length": encoder.max_length,  # set by model.init_from when it supplied the encoder:
+                "init_from": self.config.init_from if c.name_or_path == str(self.config.init_from) else None}
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
                            self.hparams["frozen"]["autoencoder_path"], text_encoder_hash=text_hash,
                            text_encoder_trains=trains, text_encoder=settings)
@@ -330,13 +331,15 @@ class LatentDiffusionModule(L.LightningModule):
         micro = self.global_step * accumulate + batch_idx % accumulate         # distinct draws per micro-batch
         generator = step_generator(self.config.seed, self.global_rank, micro, self.device)
         loss = self._loss(batch, generator, self.pipeline)
-        # The step's loss over its whole global batch: the mean of its micro-batches' (Lightning writes the value
-        # logged at the step's last micro-batch only, which alone covers 1/accumulate of the batch).
+        # The step's loss over its whole global batch: the mean of its micro-batches' on every rank (the last
+        # micro-batch's alone would cover 1/accumulate of the batch).
         if batch_idx % accumulate == 0:
             self._micro_losses = []
         self._micro_losses.append(loss.detach())
-        self.log("train/loss", torch.stack(self._micro_losses).mean(), prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=self.batch_size(batch))
+        if (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch:  # the step's last micro-batch
+            # over every rank's micro-batches, as diffusers' train_text_to_image logs it (one scalar all-reduce)
+            self.log("train/loss", torch.stack(self._micro_losses).mean(), prog_bar=True, on_step=True,
+                     on_epoch=False, sync_dist=True, batch_size=self.batch_size(batch))
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
