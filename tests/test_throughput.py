@@ -65,6 +65,40 @@ def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest
     assert lines[-1].startswith("throughput summary: 6 steps, 48 images in ")
 
 
+def test_a_resume_that_turns_counting_on_counts_its_first_batch(tmp_path: Path):
+    """A checkpoint of `count_flops=false` holds no counts: the resumed run with counting on counts its first batch,
+    so its FLOP/s covers every batch it trained (it took none of them before)."""
+    per_batch = 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
+
+    def fit(max_steps: int, count_flops: bool, ckpt_path: Path | None = None) -> Throughput:
+        callback = Throughput(count_flops=count_flops)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            callbacks=[callback])
+        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(8, 0.0), batch_size=None),
+                    ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / "off.ckpt")
+        return callback
+
+    assert fit(3, count_flops=False).flops_per_sample == {}
+    resumed = fit(6, count_flops=True, ckpt_path=tmp_path / "off.ckpt")
+    assert resumed.summary["flops_per_sec_per_device"] * resumed.summary["seconds"] == pytest.approx(3 * per_batch)
+
+
+def test_attention_on_cpu_is_counted_as_torch_counts_its_gpu_kernels():
+    """SDPA runs a CPU kernel that torch's FlopCounterMode has no formula for (it counted 0); the callback registers
+    the flash kernels' formulas for it."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    q, k = torch.randn(2, 4, 64, 32, requires_grad=True), torch.randn(2, 4, 77, 32, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = nn.functional.scaled_dot_product_attention(q, k, k)
+        out.sum().backward()
+    assert counter.get_total_flops() == sdpa_flop_count(q.shape, k.shape, k.shape) + \
+        sdpa_backward_flop_count(out.shape, q.shape, k.shape, k.shape) > 0
+
+
 class SlowCallback(L.Callback):
     """Spends 0.2 s after every step, inside `paused` (as the FID callback and the image logger do)."""
 
