@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import experiment
+from common import experiment, random_byte_text_encoder
 from omegaconf import OmegaConf
 
 from ldm.conditioning import build_conditioner
@@ -107,7 +107,7 @@ def bench_vae(device: torch.device, batch_size: int, repeats: int) -> float:
 def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.device, batch_size: int, size: int,
               precision: torch.dtype | None) -> Callable[[], None]:
     params = list(unet.parameters()) + (list(conditioner.parameters()) if conditioner is not None else [])
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)  # a frozen encoder's are not
     x = torch.randn(batch_size, unet.config.in_channels, size, size, device=device)
     t = torch.randint(0, 1000, (batch_size,), device=device)
     prompts = ["a large red circle in the center on a white background"] * batch_size
@@ -127,14 +127,18 @@ def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.dev
 def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) -> dict[str, float]:
     model = experiment_model("quickstart_ldm")
     unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device)
-    conditioner = build_conditioner(model["conditioner"], load_pretrained=False).to(device)  # frozen, random weights
+    with tempfile.TemporaryDirectory() as root:  # the quickstart's frozen pretrained encoder, random weights
+        text = {**model["conditioner"], "name_or_path": str(random_byte_text_encoder(Path(root))), "trainable": False}
+        conditioner = build_conditioner(text).to(device)
+    assert not conditioner.trainable
     size = quickstart_latent_size()
     step = unet_step(unet, conditioner, device, batch_size, size, None)
     results = {f"quickstart {unet.config.in_channels}x{size}x{size}": batch_size / timed(step, device, 3, repeats)}
     if sd15:
         big = UNet(UNET_CONFIGS["sd15"]).to(device)
         precision = torch.bfloat16 if device.type == "cuda" else None
-        results["sd15 4x32x32 bf16"] = 8 / timed(unet_step(big, None, device, 8, 32, precision), device, 2, repeats)
+        name = f"sd15 4x32x32 {'bf16' if precision is not None else 'fp32'}"
+        results[name] = 8 / timed(unet_step(big, None, device, 8, 32, precision), device, 2, repeats)
     return results
 
 
