@@ -167,11 +167,50 @@ def export_config(directory: Path, config: dict[str, Any], schema: type[T], key:
     if unknown:
         raise ConfigError(f"{key}={directory} holds {export_kind(config)}: its {CONFIG_NAME} has keys "
                           f"{unknown[:4]} that {schema.__name__} lacks; point {key} at the right export")
-    return schema(**config)
+    try:
+        return schema(**config)
+    except ConfigError as err:
+        raise ConfigError(f"{key}={directory}: its {CONFIG_NAME} is damaged ({err})") from None
+    except TypeError as err:  # a value of the wrong type met a range check
+        raise ConfigError(f"{key}={directory}: its {CONFIG_NAME} holds a value of the wrong type ({err})") from None
 
 
-def read_export(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config and the state dict written by `save_export`."""
+def read_json_object(path: Path, key: str) -> dict[str, Any]:
+    """The JSON object in the file at `path`; ConfigError naming `key` and the file when it is unreadable, damaged or
+    not an object."""
+    from ldm.config import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key}: {path} is not a readable JSON file ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {path} holds a JSON {type(data).__name__}, not an object: the file is damaged")
+    return data
+
+
+def read_lines(path: Path, key: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped (a BOM, as Notepad and Excel write, is dropped); ConfigError
+    naming `key` when the file is not UTF-8."""
+    from ldm.config import ConfigError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{key}={path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") \
+            from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def read_export(directory: Path, key: str = "path") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and the state dict written by `save_export` (a damaged file: ConfigError naming `key` and it)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return json.loads((directory / CONFIG_NAME).read_text()), load_file(str(directory / WEIGHTS_NAME))
+    from ldm.config import ConfigError
+
+    config = read_json_object(directory / CONFIG_NAME, key)
+    try:
+        return config, load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{key}: {directory / WEIGHTS_NAME} is not a readable safetensors file ({err})") from None

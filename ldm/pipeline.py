@@ -306,7 +306,7 @@ class LatentDiffusionPipeline(nn.Module):
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"{key}={directory} holds no pipeline export ({CONFIG_NAME} and {WEIGHTS_NAME}); "
                                   f"give an export directory (<run>/export) or a checkpoint")
-        config, state = read_export(directory)
+        config, state = read_export(directory, key)
         if config.get("format") != PIPELINE_FORMAT:
             raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export (its {CONFIG_NAME} "
                                   f"has format={config.get('format')!r}; an autoencoder export goes to "

@@ -108,3 +108,101 @@ def test_inception_weights_are_read_without_running_code_and_checked_key_by_key(
     with pytest.raises(CheckpointError, match=r"other\.pth is not torch-fidelity's InceptionV3 state dict \(565 of its "
                                               r"566 tensors missing, 0 unexpected, 1 of another shape"):
         InceptionFeatures(64, str(tmp_path / "other.pth"))
+
+
+def test_transformers_folders_never_run_their_code_and_damaged_files_are_named(tmp_path: Path):
+    """model.conditioner.name_or_path: a config.json whose auto_map points at the folder's own Python is refused
+    without asking (transformers would prompt in a terminal), a pickle with code is refused without torch's advice to
+    load it unsafely, and damaged weights or tokenizer files are one ConfigError naming the key."""
+    import json
+    import shutil
+
+    from convert_helpers import tiny_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.conditioning import build_conditioner
+    from ldm.config import ConfigError
+
+    marker = tmp_path / "PWNED"
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    good = tmp_path / "clip"
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(good)
+    tokenizer.save_pretrained(good)
+
+    def variant(name: str, change) -> str:
+        folder = shutil.copytree(good, tmp_path / name)
+        change(folder)
+        return str(folder)
+
+    def remote_code(folder: Path) -> None:
+        (folder / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="evilmodel", auto_map={"AutoConfig": "evilmod.EvilConfig",
+                                                        "AutoModel": "evilmod.EvilModel"})
+        (folder / "config.json").write_text(json.dumps(config))
+
+    def pickled(folder: Path) -> None:
+        (folder / "model.safetensors").unlink()
+        torch.save({"payload": _CreatesFile(marker)}, folder / "pytorch_model.bin")
+
+    def truncated(folder: Path) -> None:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    def bad_vocabulary(folder: Path) -> None:
+        (folder / "tokenizer.json").write_text("{bad")
+
+    cases = [("hf", variant("remote", remote_code), "custom code"),
+             ("clip", variant("pickled", pickled), r"pickle needs code outside plain tensors .* nothing was run"),
+             ("clip", variant("truncated", truncated), "cannot load CLIPTextModel, a file there is damaged"),
+             ("clip", variant("vocab", bad_vocabulary), "cannot load CLIPTokenizer.*Expecting property name")]
+    for kind, folder, message in cases:
+        with pytest.raises(ConfigError, match=rf"^model\.conditioner\.name_or_path='{folder}'.*{message}") as err:
+            build_conditioner({"kind": kind, "name_or_path": folder})
+        assert "weights_only" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_damaged_exports_manifests_and_side_files_are_named(tmp_path: Path):
+    """Our exports' config.json, model.safetensors and latent_stats.json, a diffusers folder's JSON files, the LDM
+    YAML beside a single file and a prompts file that is not UTF-8: one ConfigError naming the key or the file."""
+    import json
+
+    from convert_helpers import tiny_sd_pipeline
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.config import ConfigError
+    from ldm.convert import load_components
+    from ldm.convert.load import load_autoencoder_any
+    from ldm.io import read_lines
+
+    autoencoder = tiny_autoencoder_export(tmp_path / "ae")
+    (autoencoder / "latent_stats.json").write_text(json.dumps({"scale_factor": "abc"}))
+    with pytest.raises(ConfigError, match=r"^model\.autoencoder_path: .*latent_stats\.json has scale_factor='abc'"):
+        load_autoencoder_any(autoencoder)
+    (autoencoder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"^model\.autoencoder_path: .*config\.json holds a JSON list"):
+        load_autoencoder_any(autoencoder)
+    (autoencoder / "config.json").write_text("{}")
+    (autoencoder / "model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(ConfigError, match=r"^model\.autoencoder_path: .*model\.safetensors is not a readable"):
+        load_autoencoder_any(autoencoder)
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    (tmp_path / "sd1" / "model_index.json").write_text(json.dumps({"unet": 5}))
+    with pytest.raises(ConfigError, match=r"^model\.init_from=.*unet=5 is not a \[library, class\] pair"):
+        load_components(tmp_path / "sd1", key="model.init_from")
+
+    single = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(single))
+    (tmp_path / "model.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {tmp_path}/PWNED']\n")
+    with pytest.raises(ConfigError, match=r"model\.yaml \(the LDM config beside the file\) is not plain YAML"):
+        load_components(single, key="model.init_from")
+    assert not (tmp_path / "PWNED").exists()
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red \xff circle\n")
+    with pytest.raises(ConfigError, match=r"^prompts_file=.* is not UTF-8 text"):
+        read_lines(prompts, "prompts_file")

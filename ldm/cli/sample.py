@@ -29,7 +29,7 @@ from ldm.config import ConfigError, asdict, check_choice, check_output_dir, regi
 from ldm.diffusion.sampling import SAMPLERS
 from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8
-from ldm.io import atomic_write_text
+from ldm.io import atomic_write_text, read_lines
 from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ def read_prompts(config: SampleConfig) -> list[str]:
     path = Path(config.prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompts_file={path} does not exist; give a text file with one prompt per line")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's and Excel's UTF-8 start with a BOM
-    prompts = [line.strip() for line in lines if line.strip()]
+    prompts = read_lines(path, "prompts_file")
     if not prompts:
         raise ConfigError(f"prompts_file={path} holds no prompts")
     return prompts

@@ -132,7 +132,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                               f"it at the export of a text-image pretraining run (ldm-train "
                               f"experiment=quickstart_clip writes <run>/export), or set it to null to train the "
                               f"encoder from scratch")
-        config_dict, state = read_export(path)
+        config_dict, state = read_export(path, config_key)
         config = export_config(path, config_dict, ByteEncoderConfig, config_key)
         if expected is not None:
             prefix = config_key.rpartition(".")[0]

@@ -9,6 +9,7 @@ seconds to import).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.checkpoints import needed_code
 from ldm.conditioning.byte import masked_mean
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_choice
@@ -50,22 +52,39 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
         raise ConfigError(f"{config_key}={name_or_path!r} is not a directory. {fix}")
     source = str(path) if is_path else name_or_path
 
+    if cls.__name__.startswith("Auto"):  # a folder's own Python (config.json's auto_map) is never run
+        kwargs = {**kwargs, "trust_remote_code": False}
+
     def load(**options: Any) -> Any:
-        loaded = cls.from_pretrained(source, **options, **kwargs)
+        try:
+            loaded = cls.from_pretrained(source, **options, **kwargs)
+        except pickle.UnpicklingError as err:  # torch's message would advise weights_only=False
+            raise ConfigError(f"{config_key}={name_or_path!r}: the weights' pickle needs code outside plain tensors "
+                              f"({needed_code(err) or 'damaged data'}); nothing was run or loaded: give "
+                              f"safetensors weights") from None
+        except (OSError, ValueError):
+            raise
+        except Exception as err:  # noqa: BLE001 -- damaged files: safetensors headers, tokenizer files
+            raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__}, a file there is damaged "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         if lacks_vocabulary(loaded):
             raise OSError(NO_VOCABULARY)
         return loaded
 
     try:
         return load(local_files_only=True)
+    except ConfigError:  # said what is wrong with the files found
+        raise
     except (OSError, ValueError) as err:
         if is_path or hub_offline():
             where = "in that directory" if is_path else "in the Hugging Face cache (HF_HUB_OFFLINE is set)"
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__}: not found {where} "
-                              f"({reason}). {fix}") from err
+            raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__}: not found or unreadable "
+                              f"{where} ({reason}). {fix}") from err
     try:
         return load()
+    except ConfigError:
+        raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"{config_key}={name_or_path!r}: cannot load {cls.__name__} from the cache or the hub "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). {fix}") from err

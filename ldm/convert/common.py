@@ -135,13 +135,17 @@ def _listing(label: str, keys: Iterable[str], limit: int = 8) -> str:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON config file, with an error that names the file."""
+    """A JSON config file (an object), with an error that names the file (unsupported: the converters' callers name
+    the config key in front)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {what} needs it")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UnsupportedCheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UnsupportedCheckpointError(f"{path} holds a JSON {type(data).__name__}, not the object {what} needs")
+    return data
 
 
 def check_config_values(config: Mapping[str, Any], required: Mapping[str, Any], what: str) -> None:

@@ -27,7 +27,7 @@ from ldm.convert.common import (
 from ldm.convert.components import SDComponents, load_tokenizer  # noqa: F401 - re-exported
 from ldm.convert.schedule import schedule_from_diffusers
 from ldm.convert.single_file import load_single_file, read_single_file_autoencoder
-from ldm.io import CONFIG_NAME, export_dir, export_kind
+from ldm.io import CONFIG_NAME, export_dir, export_kind, read_json_object
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNetConfig
 
@@ -52,7 +52,7 @@ def detect_layout(path: str | Path, key: str = "path") -> str:
         return "pipeline"
     config_file = path / "config.json"
     if config_file.is_file():
-        name = json.loads(config_file.read_text()).get("_class_name")
+        name = read_json_object(config_file, key).get("_class_name")
         if name == "UNet2DConditionModel" or name == "UNet2DModel":
             return "diffusers_unet"
         if name in ("AutoencoderKL", "VQModel") or (name and name.startswith("Autoencoder")):
@@ -72,7 +72,10 @@ def _diffusers_weights(directory: Path) -> StateDict:
         return read_state_dict(single)[0]
     index = directory / f"{DIFFUSERS_WEIGHTS}.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index, "a sharded model")["weight_map"].values()))
+        weight_map = read_json(index, "a sharded model").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UnsupportedCheckpointError(f"{index} has no weight_map object: the index is damaged")
+        shards = sorted(set(weight_map.values()))
         return {k: v for shard in shards for k, v in read_state_dict(directory / shard)[0].items()}
     fp16 = directory / "diffusion_pytorch_model.fp16.safetensors"
     if fp16.is_file():
@@ -116,6 +119,9 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
 
     def present(name: str) -> bool:
         entry = index.get(name)
+        if entry is not None and not isinstance(entry, list):
+            raise UnsupportedCheckpointError(f"{directory}/model_index.json: {name}={entry!r} is not a [library, "
+                                             f"class] pair: the file is damaged")
         return bool(entry and entry[0] is not None and (directory / name).is_dir())
 
     if present("unet"):

@@ -34,7 +34,17 @@ def _sidecar_yaml(path: Path) -> dict[str, Any]:
         return {}
     from omegaconf import OmegaConf  # safe YAML loading, no code
 
-    params = OmegaConf.to_container(OmegaConf.load(yaml_file)).get("model", {}).get("params", {})
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(yaml_file))
+    except Exception as err:  # noqa: BLE001 -- YAML syntax, python tags (refused, never run), OmegaConf's own
+        raise UnsupportedCheckpointError(f"{yaml_file} (the LDM config beside the file) is not plain YAML "
+                                         f"({type(err).__name__}); fix or remove it") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(config, dict) or model is not None and not isinstance(model, dict) or \
+            params is not None and not isinstance(params, dict):
+        raise UnsupportedCheckpointError(f"{yaml_file} (the LDM config beside the file) has no model.params mapping; "
+                                         f"fix or remove it")
     return dict(params or {})
 
 

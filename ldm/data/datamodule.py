@@ -131,10 +131,19 @@ def recorded_counts(urls: list[str]) -> list[int | None]:
         if path.name in summaries[folder]:
             counts.append(summaries[folder][path.name])
         elif (stats := path.with_name(path.name.removesuffix(".tar") + "_stats.json")).exists():
-            counts.append(int(json.loads(stats.read_text())["successes"]))
+            counts.append(_stats_count(stats))
         else:
             counts.append(None)
     return counts
+
+
+def _stats_count(path: Path) -> int:
+    """The sample count an img2dataset (or ldm-encode) `*_stats.json` records."""
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["successes"])
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path} is not the stats file of a shard ({type(err).__name__}: {err}); delete it to count "
+                          f"the samples from the tar headers") from None
 
 
 def _summary_counts(path: Path) -> dict[str, int]:

@@ -124,6 +124,16 @@ def read_manifest(path: str | Path, key: str = "data.train_shards",
         found = (data.get("format"), data.get("version")) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{key}: {path} is not a manifest of ldm-encode (found {found}, expected format "
                           f"{FORMAT!r} version {FORMAT_VERSION}); {fix}")
+    text, moments = data.get("text_encoder"), data.get("moments")
+    damaged = [name for name, ok in (
+        ("autoencoder", isinstance(data.get("autoencoder"), dict) and "sha256" in data["autoencoder"]),
+        ("moments", isinstance(moments, dict) and isinstance(moments.get("shape"), list)),
+        ("resolution", isinstance(data.get("resolution"), int)),
+        ("text_encoder", text is None or isinstance(text, dict) and isinstance(text.get("config"), dict)
+         and all(isinstance(text.get(k), list) for k in ("context_shape", "pooled_shape")))) if not ok]
+    if damaged:
+        raise ConfigError(f"{key}: the latent manifest {path} is damaged (its {', '.join(damaged)} entries are not "
+                          f"what ldm-encode writes); {fix}")
     return LatentManifest(path, data)
 
 

@@ -195,6 +195,7 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
     written by `save_pretrained`, or a hub name) through. Offline, a name missing from the cache fails here, naming
     `key`.
     """
+    from safetensors import SafetensorError
     from transformers import CLIPModel, CLIPProcessor
 
     local_dir = Path(model_name_or_path).expanduser()
@@ -211,7 +212,8 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
         try:
             model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError, pickle.UnpicklingError) as err:  # note: a hub name with no network ends here
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:  # note: a hub
+            # name with no network ends here, and a damaged file
             raise WeightsNotFoundError(
                 f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "
                 f"point {key} at a local CLIP directory saved with save_pretrained, or put the model in the Hugging "

@@ -22,6 +22,7 @@ from PIL import Image
 from ldm.config import ConfigError
 from ldm.data.stream import IMAGE_KEYS
 from ldm.images import decode_image
+from ldm.io import read_lines
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,7 @@ def load_prompts(source: str, num_samples: int, shards: Sequence[str] | None = N
     elif source == "file":
         if not prompts_file or not Path(prompts_file).is_file():
             raise FileNotFoundError(f"prompts_source=file needs prompts_file, one prompt a line; got {prompts_file!r}")
-        lines = Path(prompts_file).read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's BOM
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = read_lines(Path(prompts_file), "prompts_file")
     else:
         raise ConfigError(f"prompts_source={source!r}; choose val_shards or file")
     if not prompts:

@@ -27,6 +27,7 @@ from ldm.io import (
     export_config,
     export_dir,
     read_export,
+    read_json_object,
     save_export,
 )
 from ldm.nn.conv import PointwiseConv, Upsample
@@ -300,7 +301,7 @@ class AutoencoderKL(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{key}={directory}: {name} is missing, so this is no export of "
                                         f"`save_pretrained`")
-        config, state = read_export(directory)
+        config, state = read_export(directory, key)
         if config.get("format") == PIPELINE_FORMAT:
             config = config["autoencoder"]
             state = {k.removeprefix("autoencoder."): v for k, v in state.items() if k.startswith("autoencoder.")}
@@ -331,8 +332,13 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
         model = AutoencoderKL.from_pretrained(path, key)
         stats_file = path / LATENT_STATS_NAME
         if stats_file.exists():
-            return model, json.loads(stats_file.read_text())
-        config = json.loads((path / CONFIG_NAME).read_text())
+            stats = read_json_object(stats_file, key)
+            scale = stats.get("scale_factor")
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+                raise ConfigError(f"{key}: {stats_file} has scale_factor={scale!r}, not a positive number: the file "
+                                  f"is damaged (delete it to measure the scale again, or set model.latent_scale)")
+            return model, stats
+        config = read_json_object(path / CONFIG_NAME, key)
         return model, ({"scale_factor": config["latent_scale"]} if config.get("format") == PIPELINE_FORMAT else None)
 
     from ldm.checkpoints import checkpoint_kind, load_checkpoint, submodule_state
