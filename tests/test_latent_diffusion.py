@@ -353,8 +353,9 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
 
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
-                        logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[Record()],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+                        default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="csv", version=""),
+                        callbacks=[Record()], enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
     trainer.fit(module, train_dataloaders=DataLoader([batch(4) for _ in range(6)], batch_size=None))
     with open(tmp_path / "csv" / "metrics.csv") as f:
         logged = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
