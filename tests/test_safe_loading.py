@@ -181,6 +181,9 @@ def test_damaged_exports_manifests_and_side_files_are_named(tmp_path: Path):
     (autoencoder / "latent_stats.json").write_text(json.dumps({"scale_factor": "abc"}))
     with pytest.raises(ConfigError, match=r"^model\.autoencoder_path: .*latent_stats\.json has scale_factor='abc'"):
         load_autoencoder_any(autoencoder)
+    (autoencoder / "latent_stats.json").write_text('{"scale_factor": NaN}')  # json reads NaN and Infinity
+    with pytest.raises(ConfigError, match=r"latent_stats\.json has scale_factor=nan, not a positive finite number"):
+        load_autoencoder_any(autoencoder)
     (autoencoder / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"^model\.autoencoder_path: .*config\.json holds a JSON list"):
         load_autoencoder_any(autoencoder)
@@ -197,6 +200,10 @@ def test_damaged_exports_manifests_and_side_files_are_named(tmp_path: Path):
     single = tmp_path / "model.safetensors"
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(single))
+    (tmp_path / "model.yaml").write_text("model:\n  params:\n    beta0: 0.00085\n"
+                                         "    linear_start: ${model.params.beta0}\n")
+    from ldm.convert.single_file import _sidecar_yaml
+    assert _sidecar_yaml(single)["linear_start"] == 0.00085  # interpolations resolved, as OmegaConf configs are
     (tmp_path / "model.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {tmp_path}/PWNED']\n")
     with pytest.raises(ConfigError, match=r"model\.yaml \(the LDM config beside the file\) is not plain YAML"):
         load_components(single, key="model.init_from")

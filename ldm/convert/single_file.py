@@ -35,7 +35,7 @@ def _sidecar_yaml(path: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf  # safe YAML loading, no code
 
     try:
-        config = OmegaConf.to_container(OmegaConf.load(yaml_file))
+        config = OmegaConf.to_container(OmegaConf.load(yaml_file), resolve=True)
     except Exception as err:  # noqa: BLE001 -- YAML syntax, python tags (refused, never run), OmegaConf's own
         raise UnsupportedCheckpointError(f"{yaml_file} (the LDM config beside the file) is not plain YAML "
                                          f"({type(err).__name__}); fix or remove it") from None

@@ -9,6 +9,7 @@ every checkpoint, so a `.ckpt` alone is enough to sample (`LatentDiffusionPipeli
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,12 @@ def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, s
         return float(explicit), "model.latent_scale"
     if stats and stats.get("scale_factor"):
         measured = "global_std" in stats  # stage 1's statistics; a Stable Diffusion VAE states its scale
-        return float(stats["scale_factor"]), (f"1 / std of the latent statistics of {source}" if measured else
-                                              f"the scaling factor of {source}")
+        scale = float(stats["scale_factor"])
+        if not math.isfinite(scale) or scale <= 0:  # a stage 1 whose latents collapsed or blew up, or a damaged file
+            raise ConfigError(f"the latent scale of {source} is {scale}, not a positive finite number: set "
+                              f"model.latent_scale, or retrain stage 1")
+        return scale, (f"1 / std of the latent statistics of {source}" if measured else
+                       f"the scaling factor of {source}")
     raise ConfigError(f"no latent scale: {source} holds no latent statistics (they are measured in stage 1's "
                       f"validation) and model.latent_scale is null. Set model.latent_scale explicitly (SD's KL-f8: "
                       f"0.18215) or point model.autoencoder_path at an autoencoder that has latent_stats.json")

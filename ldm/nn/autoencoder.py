@@ -334,9 +334,11 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
         if stats_file.exists():
             stats = read_json_object(stats_file, key)
             scale = stats.get("scale_factor")
-            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-                raise ConfigError(f"{key}: {stats_file} has scale_factor={scale!r}, not a positive number: the file "
-                                  f"is damaged (delete it to measure the scale again, or set model.latent_scale)")
+            if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                      or not math.isfinite(scale) or scale <= 0):
+                raise ConfigError(f"{key}: {stats_file} has scale_factor={scale!r}, not a positive finite number: "
+                                  f"the file is damaged (delete it to measure the scale again, or set "
+                                  f"model.latent_scale)")
             return model, stats
         config = read_json_object(path / CONFIG_NAME, key)
         return model, ({"scale_factor": config["latent_scale"]} if config.get("format") == PIPELINE_FORMAT else None)
