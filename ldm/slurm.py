@@ -179,7 +179,8 @@ class SlurmRequeue(StepBoundary):
         path = self._save(trainer)
         self.stopped = True
         trainer.should_stop = True
-        if validation_due(trainer) and path is not None:
+        due = validation_due(trainer)
+        if due and path is not None:
             # A validation the schedule holds for this step runs, as in the run that was not stopped, and last.ckpt
             # is written again after it: what it measured (stage 1's latent statistics, metrics) is part of the state
             # the uninterrupted run carries on with. The save before it stands should the grace time run out; the
@@ -188,7 +189,7 @@ class SlurmRequeue(StepBoundary):
             rank_zero_info(f"{received.name}: saved {path} at step {trainer.global_step}; finishing this step's "
                            f"validation, then saving again")
             return
-        if not validation_due(trainer):
+        if not due:
             # note: Lightning validates after any batch once should_stop is set; that costs grace time, and a
             # checkpoint written after it (validation-time checkpoints) resumed with the loop counters a batch off.
             trainer.limit_val_batches = 0

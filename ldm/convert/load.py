@@ -4,7 +4,6 @@ configs and state dicts (`SDComponents`), checked tensor by tensor before anythi
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,7 +177,7 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
     layout = detect_layout(path, key)
     ours = _our_checkpoint_kind(path) if layout == "single_file" else None
     if layout == "ours" or ours is not None:
-        what = (export_kind(json.loads((export_dir(path) / CONFIG_NAME).read_text())) if layout == "ours" else
+        what = (export_kind(read_json_object(export_dir(path) / CONFIG_NAME, key)) if layout == "ours" else
                 f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model")
         raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
                           f"folder, a diffusers unet/ or vae/ folder, or a single file)")

@@ -26,7 +26,15 @@ from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME
 from ldm.data.stream import IMAGE_KEYS, resize_crop
 from ldm.images import decode_image
-from ldm.io import atomic_open, atomic_write_bytes, atomic_write_text, export_dir, is_export
+from ldm.io import (
+    CONFIG_NAME,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    export_dir,
+    is_export,
+    read_json_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +102,7 @@ def text_encoder_config(node: dict[str, Any]) -> dict[str, Any]:
     node = dict(node)
     path = node.get("name_or_path")
     if node.get("kind", "byte") == "byte" and path and is_export(export_dir(path)):
-        exported = json.loads((export_dir(path) / "config.json").read_text())
+        exported = read_json_object(export_dir(path) / CONFIG_NAME, "text_encoder.name_or_path")
         for key in ("width", "num_layers", "num_heads", "max_length"):
             if key in exported:  # else another kind of export, which ByteTextEncoder.from_pretrained names
                 node.setdefault(key, exported[key])

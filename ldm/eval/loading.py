@@ -11,7 +11,6 @@ read without executing code (`ldm.checkpoints.load_checkpoint`).
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
-from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, read_json_object
 
 KINDS = ("autoencoder", "latent_diffusion")
 
@@ -63,7 +62,7 @@ def load_model(path: str, use_ema: bool = True) -> EvalModel:
     stat = source.stat()
     info: dict[str, Any] = {"checkpoint": path, "checkpoint_size": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)}
     if directory is not None:
-        if json.loads((directory / CONFIG_NAME).read_text()).get("format") == PIPELINE_FORMAT:
+        if read_json_object(directory / CONFIG_NAME, "ckpt_path").get("format") == PIPELINE_FORMAT:
             pipeline = LatentDiffusionPipeline.from_pretrained(directory)
             return _pipeline_model(pipeline, info)
         from ldm.nn.autoencoder import AutoencoderKL
