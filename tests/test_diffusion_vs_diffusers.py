@@ -10,8 +10,9 @@ divides 1000, with eps and v prediction:
 and alphas_cumprod of the three beta schedules with and without zero terminal SNR, min-SNR-gamma weights against
 `diffusers.training_utils.compute_snr`, and `diffusion_loss` against a diffusers-style training step.
 
-Not compared, as they differ by design: DDIM with trailing spacing at step counts that do not divide 1000 (diffusers
-steps to t - T // n, we to the next visited timestep), linspace spacing, and DPM-Solver++ with zero terminal SNR.
+The timesteps visited are compared for every step count and all three spacings. Not compared, as they differ by
+design: DDIM with trailing spacing at step counts that do not divide 1000 (diffusers steps to t - T // n, we to the
+next visited timestep), linspace spacing, and DPM-Solver++ with zero terminal SNR.
 diffusers runs its schedule in float32, we in float64: tolerances are relative (1e-5 of the output's scale) plus, for
 SNR-derived quantities, the part explained by the measured float32 alphas_cumprod difference.
 """
@@ -146,6 +147,27 @@ def test_sampler_matches_diffusers_scheduler(sampler, spacing, prediction):
     theirs, their_ts = _run_diffusers(sampler, config, prediction, ours_ts)
     assert their_ts == ours_ts
     _check_close(ours, theirs, f"{sampler} {spacing} {prediction}")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_visited_timesteps_match_ddim_scheduler_at_every_step_count(spacing):
+    """The same timesteps as DDIMScheduler.set_timesteps for every step count (half-way cases included: linspace at
+    27 of 1000 steps visits 499, not 500), skipping those where diffusers' own arange yields timestep -1."""
+    for num_train_timesteps in (1000, 100, 37):
+        options = SPACINGS.get(spacing, {"timestep_spacing": spacing})
+        config = ScheduleConfig(num_train_timesteps=num_train_timesteps, **options)
+        schedule, reference = NoiseSchedule(config), DDIMScheduler.from_config(schedule_to_diffusers(config, "eps"))
+        compared = 0
+        for num_steps in range(1, num_train_timesteps + 1):
+            if spacing == "leading" and num_steps == num_train_timesteps:
+                continue  # steps past the last training timestep with steps_offset=1: refused (test_diffusion.py)
+            reference.set_timesteps(num_steps)
+            theirs = [int(t) for t in reference.timesteps]
+            if min(theirs) < 0:
+                continue
+            assert schedule.timesteps(num_steps) == theirs, f"{spacing}, {num_steps} of {num_train_timesteps} steps"
+            compared += 1
+        assert compared >= num_train_timesteps * 0.9
 
 
 def test_zero_terminal_snr_ddim_with_full_noise_stays_finite():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ldm.config import ConfigError, check_choice
@@ -86,12 +87,13 @@ def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "t
     if spacing == "leading":
         step = num_train_timesteps // num_steps
         ts = [i * step + steps_offset for i in range(num_steps)]
+    # note: numpy's arange and linspace, as diffusers computes them: where the exact value is half-way between two
+    # timesteps (linspace, 27 of 1000: 499.5), their float rounding and Python's differ by one timestep
     elif spacing == "trailing":
-        step = num_train_timesteps / num_steps
-        ts = [round(num_train_timesteps - i * step) - 1 for i in range(num_steps)]
+        ts = (np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)[:num_steps].round() - 1).tolist()
     else:
-        ts = [round(i * (num_train_timesteps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)]
-    return sorted(set(ts), reverse=True)
+        ts = np.linspace(0, num_train_timesteps - 1, num_steps).round().tolist()
+    return sorted({int(t) for t in ts}, reverse=True)
 
 
 @dataclass
