@@ -80,6 +80,7 @@ class SlurmRequeue(StepBoundary):
         self.job_id: str | None = None
         self.requeued = False
         self.stopped = False  # saved on a signal (and, before the last step, asked the trainer to stop)
+        self.interrupted_by: signal.Signals | None = None  # the signal that stopped the run before its last step
         self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
         self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
         self._active = False  # handlers installed and fit running
@@ -178,6 +179,7 @@ class SlurmRequeue(StepBoundary):
             return
         path = self._save(trainer)
         self.stopped = True
+        self.interrupted_by = received
         trainer.should_stop = True
         due = validation_due(trainer)
         if due and path is not None:

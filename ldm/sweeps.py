@@ -1,20 +1,89 @@
-"""Hyperparameter search: an Optuna sampler for studies that are continued (`conf/hparams_search/ldm_optuna.yaml`).
+"""Hyperparameter search with Optuna for studies that are continued (`conf/hparams_search/ldm_optuna.yaml`).
 
 The study lives in an SQLite file, and running the sweep command again continues it. A TPE sampler seeded with the same
 `seed` in every invocation draws the same random startup trials again, so the continued study repeated its first
 trials' parameters. `ContinuingTPESampler` seeds its TPE sampler with `seed + the number of trials the study holds`
 when the invocation samples its first trial: reproducible (the same history gives the same seed), and new draws in
 every continuation.
+
+`CheckOptunaSweep`, a Hydra callback, checks at the start of the sweep what the sweeper would take as given: every
+search-space entry is a distribution Optuna accepts (a log interval from 0 stopped the sweep with a traceback that
+named no key), and a continued study is continued with the same fixed settings (a command with another batch size
+joined the study, learnt from its scores and reported its best trial as its own).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
+
+from ldm.cli.common import EXIT_USER_ERROR
+
+
+def refuse(message: str) -> NoReturn:
+    """End the sweep with `message` and exit status 2, as ldm-train's config checks do. (Hydra callbacks run outside
+    the task function, where Hydra prints a traceback for an exception; SystemExit passes through it.)"""
+    print(f"ldm-train: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def fixed_settings(arguments: Sequence[str], params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sweep's fixed settings among `arguments` (the command line's task overrides), as the Optuna sweeper records
+    them on each trial (its user attributes), after checking that `params` (`hydra.sweeper.params`) and the sweep
+    overrides among `arguments` are distributions Optuna accepts."""
+    parser, fixed = OverridesParser.create(), {}
+    for line in [*(f"{key}={value}" for key, value in (params or {}).items()), *arguments]:
+        key = line.split("=", 1)[0]
+        try:
+            override = parser.parse_override(line)
+            value = create_optuna_distribution_from_override(override)
+        except (ValueError, AssertionError, NotImplementedError, HydraException) as err:
+            refuse(f"the search space entry {line!r} is not a distribution Optuna accepts ({err}); write "
+                   f"{key}=interval(LOW, HIGH) with LOW < HIGH (and LOW > 0 in tag(log, interval(LOW, HIGH))), "
+                   f"or {key}=choice(A, B, ...)")
+        if not isinstance(value, BaseDistribution):
+            fixed[override.get_key_element()] = value
+    return fixed
+
+
+class CheckOptunaSweep(Callback):
+    """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
+    study whose newest trial was run with other fixed settings (naming them, and `hydra.sweeper.study_name`)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = config.hydra.sweeper
+        params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
+        fixed = json.loads(json.dumps(fixed_settings(list(config.hydra.overrides.task), params)))  # as stored
+        try:
+            study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+        except KeyError:  # a new study
+            return
+        recorded = next((t.user_attrs for t in reversed(study.trials) if t.user_attrs), None)
+        if recorded is None:
+            return
+
+        def side(settings: dict[str, Any], key: str) -> str:
+            return repr(settings[key]) if key in settings else "not set"
+
+        differing = [f"{key}: {side(recorded, key)} there, {side(fixed, key)} here"
+                     for key in sorted(recorded.keys() | fixed.keys()) if recorded.get(key) != fixed.get(key)]
+        if differing:
+            refuse(f"the Optuna study {study.study_name!r} ({sweeper.storage}) holds trials run with other fixed "
+                   f"settings ({'; '.join(differing[:5])}): continued, it would mix their scores with this "
+                   f"command's. Run the study's own command to continue it, or start another study with "
+                   f"hydra.sweeper.study_name=NAME")
 
 
 class ContinuingTPESampler(optuna.samplers.BaseSampler):

@@ -195,6 +195,24 @@ class Progress(L.Callback):
         time.sleep(self.sleep)
 
 
+class Sabotage(L.Callback):
+    """Do what the file at `path` says as training starts: `raise` an error, or `nan`: fill every parameter (the
+    frozen autoencoder's too) with NaN, so that val/loss is nan; nothing when the file is missing. The command line
+    stays the same, as a continued Optuna study needs."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        mode = self.path.read_text().strip() if self.path.exists() else ""
+        if mode == "raise":
+            raise RuntimeError("sabotaged")
+        if mode == "nan":
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.fill_(float("nan"))
+
+
 class NanInjector(L.Callback):
     """Fill the batch images with NaN at the given global steps on the given ranks (all ranks: `ranks` empty)."""
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from scale_helpers import compose_train, run_cli, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
 
@@ -30,25 +32,86 @@ def test_multirun_local_launcher_gives_each_job_its_own_run_directory(shapes_sha
         assert (job / "csv" / "metrics.csv").is_file()
 
 
+def _trial_states(root) -> list[str]:
+    with sqlite3.connect(root / "ldm_optuna.sqlite") as db:
+        return [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
+
+
 @pytest.mark.slow
 def test_optuna_study_survives_a_failed_trial_and_resumes(shapes_shards, tmp_path):
     autoencoder = tiny_autoencoder_export(tmp_path / "ae")
     root = tmp_path / "new_root"  # created for the study's SQLite file (SQLite would not)
+    sabotage = tmp_path / "sabotage"  # what the next trial does wrong (the command line must stay the same)
     common = ["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "hydra.sweeper.n_trials=1",
+              "+callbacks.sabotage._target_=scale_helpers.Sabotage", f"+callbacks.sabotage.path={sabotage}",
               *sweep_overrides(shapes_shards, max_steps=2), *tiny_ldm_overrides(autoencoder)]
     first = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep1'}"], timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    # the same study continues (load_if_exists); its trial, with a precision Lightning does not know (not a config
-    # mistake ldm-train checks: Lightning raises when it builds the Trainer), fails: recorded as failed, and the sweep
-    # still ends normally
-    failed = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep2'}", "trainer.precision=bogus"], timeout=600)
+    # the same study continues (load_if_exists); its trial fails: recorded as failed, and the sweep ends normally
+    sabotage.write_text("raise")
+    failed = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep2'}"], timeout=600)
     assert failed.returncode == 0, failed.stderr[-3000:]
-    assert "trial failed (" in failed.stdout and "bogus" in failed.stdout
-    with sqlite3.connect(root / "ldm_optuna.sqlite") as db:
-        states = [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
-    assert states == ["COMPLETE", "FAIL"]
+    assert "trial failed (RuntimeError: sabotaged)" in failed.stdout
+    assert _trial_states(root) == ["COMPLETE", "FAIL"]
     best = OmegaConf.load(tmp_path / "sweep2" / "optimization_results.yaml")  # the first trial's
     assert best.best_value > 0
+    # a trial whose val/loss is nan fails too; handed to Optuna as nan, it ended the whole sweep with a traceback
+    # and left the trial RUNNING
+    sabotage.write_text("nan")
+    diverged = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep3'}"], timeout=600)
+    assert diverged.returncode == 0, diverged.stderr[-3000:]
+    assert "trial failed (val/loss is nan)" in diverged.stdout
+    # continued into the first invocation's sweep directory, the new trial's job 0 finds trial 0's checkpoint: it
+    # resumed it under the new trial's parameters; now the sweep stops, naming the parameter that differs
+    sabotage.write_text("")
+    same_dir = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep1'}"], timeout=600)
+    assert same_dir.returncode == 2, same_dir.stderr[-3000:]
+    assert "was written by another job with this sweep directory and job number (0)" in same_dir.stderr
+    assert "model.lr: " in same_dir.stderr and "new hydra.sweep.dir" in same_dir.stderr
+    assert _trial_states(root) == ["COMPLETE", "FAIL", "FAIL", "RUNNING"]  # the refused trial never ran
+
+
+def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
+    """A command with another batch size joined the stored study: its sampler learnt from the other settings' scores
+    and its optimization_results.yaml reported their best trial."""
+    import optuna
+
+    root = tmp_path / "root"
+    root.mkdir()
+    study = optuna.create_study(study_name="ldm_optuna", storage=f"sqlite:///{root / 'ldm_optuna.sqlite'}")
+    trial = study.ask()
+    for key, value in {"hparams_search": "ldm_optuna", "paths.root_dir": str(root), "data.batch_size": "4"}.items():
+        trial.set_user_attr(key, value)  # as the sweeper records the command's fixed settings
+    study.tell(trial, 1.0)
+    result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "data.batch_size=2"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "holds trials run with other fixed settings (data.batch_size: '4' there, '2' here)" in result.stderr
+    assert "hydra.sweeper.study_name=NAME" in result.stderr and "Traceback" not in result.stderr
+    assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 1
+
+
+@pytest.mark.parametrize("entry", ["model.lr=tag(log, interval(0, 1e-3))", "model.lr=interval(1e-3, 1e-4)"])
+def test_a_search_space_optuna_rejects_is_refused_naming_the_key(entry, tmp_path):
+    result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={tmp_path}", entry])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"the search space entry '{entry}' is not a distribution Optuna accepts" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("*.sqlite"))
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_the_sweep_without_a_result_for_the_stopped_job(shapes_shards, tmp_path):
+    """SIGTERM stopped only the running job, whose part-trained val/loss went to the sweeper as its result (Optuna:
+    a complete trial, perhaps the best), and the sweep went on with the next job."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=1e-3,2e-3",
+                      "optimized_metric=val/loss", "+callbacks.stop._target_=scale_helpers.SignalAtStep",
+                      "+callbacks.stop.step=2", "+callbacks.stop.signal_name=SIGTERM",
+                      *sweep_overrides(shapes_shards, max_steps=6)], timeout=600)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM: the sweep stops; this job" in result.stdout + result.stderr
+    # sent as the batch of step 2 starts: saved at the end of that step, 3 of 6
+    assert torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert not (sweep / "1").exists()
 
 
 def test_sweep_configs_compose():

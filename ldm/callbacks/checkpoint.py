@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def run_stopped(trainer: L.Trainer) -> bool:
     """True once a callback has stopped the run on a signal, its state saved (it sets `stopped = True`:
     `ldm.slurm.SlurmRequeue`)."""
     return any(getattr(callback, "stopped", False) for callback in trainer.callbacks)
+
+
+def run_interrupted(trainer: L.Trainer) -> signal.Signals | None:
+    """The signal on which a callback stopped the run before its last step (`interrupted_by`), None if none did."""
+    return next((callback.interrupted_by for callback in trainer.callbacks
+                 if getattr(callback, "interrupted_by", None) is not None), None)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -14,6 +14,7 @@ run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import traceback
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm import __version__
 from ldm import config as configs
-from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_stopped
+from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_interrupted, run_stopped
 from ldm.callbacks.nan_guard import ADVICE as NAN_ADVICE
 from ldm.callbacks.nan_guard import NanGuard
 from ldm.checkpoints import load_checkpoint
@@ -186,6 +187,38 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     raise configs.ConfigError(f"ckpt_path={ckpt_path} does not fit the model this config builds ({found}). "
                               + (f"Its run's model config differs in {differing[:5]}. " if differing else "")
                               + advice)
+
+
+# Keys a resumed run may change from the command line (a longer schedule); check_same_job does not compare them.
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "ckpt_path", "auto_resume")
+
+
+def check_same_job(checkpoint: dict[str, Any], ckpt_path: str, cfg: DictConfig) -> None:
+    """Refuse to resume, in a multirun job, a checkpoint whose run had other values for this job's command-line
+    overrides: another sweep's job of the same number. A sweep run again into the same `hydra.sweep.dir` numbers its
+    jobs from 0 again, so job 0 of an Optuna study continued there holds new parameters, and resuming would train
+    the earlier trial's model under the new trial's name. (The same grid run again resumes its jobs.)"""
+    written = (checkpoint.get("ldm") or {}).get("config")
+    if not isinstance(written, dict):
+        return
+    written = OmegaConf.create(written)
+    differing = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or key.startswith("hydra.") or key in RESUME_MAY_CHANGE:
+            continue
+        here, there = OmegaConf.select(cfg, key), OmegaConf.select(written, key)
+        if isinstance(here, DictConfig) or isinstance(there, DictConfig):
+            continue  # a config group (trainer=ddp_cpu) or a whole node; its leaves are compared where overridden
+        here, there = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (here, there))
+        if here != there:
+            differing.append(f"{key}: {there!r} there, {here!r} here")
+    if differing:
+        raise configs.ConfigError(
+            f"{ckpt_path} was written by another job with this sweep directory and job number "
+            f"({HydraConfig.get().job.num}), whose run differs in {'; '.join(differing[:5])}. A sweep run again into "
+            f"the same hydra.sweep.dir numbers its jobs from 0 again: continue an Optuna study (or run another grid) "
+            f"in a new hydra.sweep.dir (the default is a new timestamped one)")
 
 
 def check_checkpoint_strategy(checkpoint: dict[str, Any], ckpt_path: str, trainer_cfg: DictConfig) -> None:
@@ -407,6 +440,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
         if callable(getattr(module, "check_resume", None)):
             module.check_resume(checkpoint)
+        if is_multirun():
+            check_same_job(checkpoint, ckpt_path, cfg)
     save_config(cfg, output_dir)
     apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -447,6 +482,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     finish_loggers(loggers, exit_code=1 if halted else 0)
     if halted:
         raise TrainingDiverged(halted[0])
+    interrupted = run_interrupted(trainer)
+    if interrupted is not None and is_multirun():
+        # note: the metrics of a trial stopped part-way are a part-trained model's; returned, the sweeper would take
+        # them for the trial's result (Optuna: a complete trial), and the sweep would go on as if not asked to stop
+        rank_zero_info(f"{interrupted.name}: the sweep stops; this job ({output_dir}) has no result (its last.ckpt "
+                       f"holds step {trainer.global_step})")
+        raise SystemExit(128 + interrupted)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     rank_zero_info(f"run directory: {output_dir}")
     return metrics
@@ -459,9 +501,10 @@ def main(cfg: DictConfig) -> float | None:
 
     The model, data and numeric trainer keys, and an explicit `ckpt_path`, are checked before the config tree is
     printed; a mistake ends with one message and exit status 2 (`ldm.cli.common.run_cli`). In a multirun, a run that
-    fails (other than by a ConfigError, which stops the sweep) prints its traceback and returns None, so the sweep
-    goes on: the Optuna sweeper records the trial as failed. (Not nan: the Optuna 2.x that hydra-optuna-sweeper needs
-    rejects a nan value with an error that ends the whole sweep.)
+    fails (other than by a ConfigError, which stops the sweep) prints its traceback and returns None, and so does one
+    whose metric is not finite, so the sweep goes on: the Optuna sweeper records the trial as failed. (Not nan: the
+    Optuna 2.x that hydra-optuna-sweeper needs rejects a nan value with an error that ends the whole sweep.) A run
+    stopped by a signal before its last step ends the sweep (exit status 128 + the signal) with no result.
     """
     metric_name = cfg.get("optimized_metric")
 
@@ -482,6 +525,9 @@ def main(cfg: DictConfig) -> float | None:
         if metric_name not in metrics:
             raise configs.ConfigError(f"optimized_metric={metric_name!r} was not logged; logged metrics: "
                                       f"{sorted(metrics)}")
+        if is_multirun() and not math.isfinite(metrics[metric_name]):
+            print(f"trial failed ({metric_name} is {metrics[metric_name]}); the sweep goes on without it")
+            return None
         return metrics[metric_name]
 
     return run_cli("ldm-train", run)
