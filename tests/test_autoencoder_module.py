@@ -140,6 +140,33 @@ def test_checkpoint_and_export_round_trips(tmp_path):
     from_export, export_stats = load_autoencoder(tmp_path / "export")
     assert torch.equal(decode(from_export), expected) and export_stats == stats
 
+    # resumed with the log-variance learnt: the weights fit (a buffer then, a parameter now), and Lightning's
+    # optimizer restore stopped with "a parameter group that doesn't match the size", naming no key
+    with pytest.raises(ConfigError, match=r"model\.loss\.learn_logvar=false, this run has true .* resume with "
+                                          r"model\.loss\.learn_logvar=false"):
+        tiny_module(**{"loss.learn_logvar": True}).on_load_checkpoint(torch.load(ckpt, weights_only=True))
+
+
+def test_compile_networks_compiles_what_training_calls(monkeypatch):
+    """`compile=true` compiled the autoencoder's forward, which training never calls (it calls encode and decode):
+    the run printed that it compiled and trained eagerly. Graphs captured (dynamo's eager backend, no code generated)
+    while a training step's calls run: the encoder, the decoder and the discriminator."""
+    import torch._dynamo  # noqa: F401 -- the compile counters below
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="eager"))
+    module = tiny_module(**{"loss.disc_start": 0})
+    module.compile_networks()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    x = shapes_images(2)
+    x_rec = module.autoencoder.decode(module.autoencoder.encode(x).sample())
+    assert counters["stats"]["unique_graphs"] == 2  # encoder, decoder
+    module.loss.discriminator(x_rec)
+    assert counters["stats"]["unique_graphs"] == 3
+    assert module.state_dict().keys() == tiny_module().state_dict().keys()
+
 
 def test_log_images_returns_grids_in_range():
     module = tiny_module(num_log_images=3)

@@ -116,6 +116,12 @@ def test_export_round_trip_reproduces_outputs(tmp_path):
         assert torch.equal(model(x, sample_posterior=False)[0], loaded.eval()(x, sample_posterior=False)[0])
     assert load_autoencoder(tmp_path)[1] == stats  # a run directory with export/ inside works too
 
+    # exported again without statistics (a run that never validated): the earlier weights' statistics are removed,
+    # not handed to stage 2 with the new weights
+    AutoencoderKL(tiny_config([1, 2, 2])).save_pretrained(tmp_path / "export")
+    assert load_autoencoder(tmp_path / "export")[1] is None
+    assert not (tmp_path / "export" / "latent_stats.json").exists()
+
 
 def test_missing_autoencoder_path_names_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model\.autoencoder_path=.*nowhere"):

@@ -59,8 +59,6 @@ from ldm.data.shardlist import absolute_spec
 
 configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
-# Attributes `compile: true` compiles when a module has no `compile_networks()` method: the trainable network.
-COMPILE_ATTRIBUTES = ("unet", "autoencoder")
 
 
 class TrainingDiverged(RuntimeError):
@@ -304,26 +302,16 @@ def apply_ddp_needs(cfg: DictConfig) -> None:
 
 
 def apply_module_switches(module: L.LightningModule, cfg: DictConfig) -> None:
-    """`channels_last` converts the module's 4-D weights; `compile` compiles the trainable network in place.
-
-    A module controls what gets compiled by defining `compile_networks()`; otherwise the first of
-    COMPILE_ATTRIBUTES it has is compiled with `nn.Module.compile()`, which keeps state-dict keys unchanged.
-    """
+    """`channels_last` converts the module's 4-D weights; `compile` calls the module's `compile_networks()`, which
+    compiles its trainable networks in place (`nn.Module.compile()`, state-dict keys unchanged)."""
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
     if not cfg.compile:
         return
-    if callable(getattr(module, "compile_networks", None)):
-        module.compile_networks()
-        return
-    for name in COMPILE_ATTRIBUTES:
-        network = getattr(module, name, None)
-        if isinstance(network, torch.nn.Module):
-            network.compile()
-            rank_zero_info(f"compile: torch.compile on module.{name}")
-            return
-    raise configs.ConfigError(f"compile=true but {type(module).__name__} has no compile_networks() method and none "
-                              f"of the attributes {list(COMPILE_ATTRIBUTES)}; set compile=false")
+    if not callable(getattr(module, "compile_networks", None)):
+        raise configs.ConfigError(f"compile=true but {type(module).__name__} has no compile_networks() method; set "
+                                  f"compile=false")
+    module.compile_networks()
 
 
 def describe_batch_and_lr(cfg: DictConfig, trainer: L.Trainer) -> str:

@@ -95,6 +95,14 @@ class AutoencoderModule(L.LightningModule):
         self.latent_stats: dict[str, Any] | None = None
         self._latent_moments: list[torch.Tensor] = []
 
+    def compile_networks(self) -> None:
+        """`compile: true` compiles the encoder, the decoder and the discriminator (in place; state-dict keys
+        unchanged). The module calls `encode` and `decode`, not the autoencoder's forward, which is all that compiling
+        the autoencoder itself would have compiled."""
+        for network in (self.autoencoder.encoder, self.autoencoder.decoder, self.loss.discriminator):
+            network.compile()
+        rank_zero_info("compile: torch.compile on the encoder, the decoder and the discriminator")
+
     @property
     def eval_model(self) -> AutoencoderKL:
         """The weights that are validated and exported: the EMA when enabled."""
@@ -268,7 +276,21 @@ class AutoencoderModule(L.LightningModule):
         checkpoint["autoencoder_config"] = asdict(self.config.net)
         checkpoint["latent_stats"] = self.latent_stats
 
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose run learnt the log-variance when this one does not, or the reverse: its weights
+        fit either way (`loss.logvar` is a parameter or a buffer), but its first optimizer holds one parameter more or
+        less, where Lightning's restore stops with a message that names no key. (`ldm-train` calls it before anything
+        is written; `on_load_checkpoint` for any other fit.)"""
+        saved = (((checkpoint.get("hyper_parameters") or {}).get("config") or {}).get("loss") or {}).get("learn_logvar")
+        now = self.config.loss.learn_logvar
+        if saved is not None and saved != now:
+            raise ConfigError(f"the checkpoint was trained with model.loss.learn_logvar={str(saved).lower()}, this run "
+                              f"has {str(now).lower()} (its optimizer state holds the log-variance or not): resume "
+                              f"with model.loss.learn_logvar={str(saved).lower()}, or start afresh in another "
+                              f"paths.output_dir")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_resume(checkpoint)
         self.latent_stats = checkpoint.get("latent_stats")
 
     @rank_zero_only

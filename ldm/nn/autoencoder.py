@@ -281,12 +281,16 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
     def save_pretrained(self, directory: str | Path, latent_stats: dict[str, Any] | None = None) -> Path:
-        """Write config.json, model.safetensors and (when given) latent_stats.json into `directory`.
+        """Write config.json, model.safetensors and (when given) latent_stats.json into `directory`, replacing what an
+        earlier export left there (its latent_stats.json too, when `latent_stats` is None).
 
         Args:
             directory: created if missing.
             latent_stats: the latent statistics measured in validation (see `ldm.modules.autoencoder`).
         """
+        # an earlier export's statistics are not these weights': removed first, so that no state of the folder pairs
+        # them with the new weights (without statistics, stage 2 asks for model.latent_scale)
+        Path(directory, LATENT_STATS_NAME).unlink(missing_ok=True)
         directory = save_export(directory, dataclasses.asdict(self.config), self)
         if latent_stats is not None:
             atomic_write_text(json.dumps(latent_stats, indent=2), directory / LATENT_STATS_NAME)
