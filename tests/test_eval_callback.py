@@ -162,6 +162,9 @@ def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards:
     with pytest.raises(ConfigError, match=r"callbacks\.fid\.guidance_scale=-1\.0 >= 0"):
         FIDCallback(**common, guidance_scale=-1.0)
     for key, value, message in (("batch_size", 0, r"batch_size=0 must be >= 1"),  # failed at the first evaluation
+                                # the validation interval's fraction of an epoch: FID at every step
+                                ("every_n_steps", 1.0, r"every_n_steps=1\.0 must be a whole number of steps"),
+                                ("num_samples", 1, r"num_samples=1 must be >= 2"),
                                 ("reference_num_samples", 0, r"reference_num_samples=0 must be >= 2"),
                                 ("feature_dim", 100, r"feature_dim=100 is not allowed")):
         with pytest.raises(ConfigError, match=rf"callbacks\.fid\.{message}"):

@@ -140,6 +140,22 @@ def test_two_process_evaluation_equals_one_process(assets, tmp_path: Path):
         assert row["reference_hash"] == single["reference_hash"]
 
 
+def test_two_process_reconstruction_metrics_equal_one_process(assets, tmp_path: Path):
+    """One batch of 8 images over 2 processes: dealt out as whole batches, rank 1 got none, and torchmetrics' FID
+    cannot compute without an update (no row was written)."""
+    ckpt = save_checkpoint(tiny_autoencoder_module(), tmp_path / "vae.ckpt", global_step=3)
+    options = {"ckpt_path": str(ckpt), "batch_size": 8, "reconstruction_metrics": ["rfid", "psnr", "ssim"]}
+    single = evaluate(make_cfg(assets, tmp_path / "one", **options))[0]
+    cfg = make_cfg(assets, tmp_path / "two", **options)
+    mp.start_processes(_distributed_worker, args=(2, _free_port(), cfg, str(tmp_path / "rows")), nprocs=2,
+                       join=True, start_method="fork")
+    for rank in range(2):
+        row = json.loads(Path(f"{tmp_path / 'rows'}.{rank}").read_text())[0]
+        assert row["num_samples"] == single["num_samples"] == 8
+        for key in options["reconstruction_metrics"]:
+            assert row[key] == pytest.approx(single[key], rel=1e-4), key
+
+
 def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path: Path):
     module = tiny_autoencoder_module()
     ckpt = save_checkpoint(module, tmp_path / "vae.ckpt", global_step=3)

@@ -57,9 +57,13 @@ class FIDCallback(StepBoundary):
                  num_steps: int = 50, guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
                  use_ema: bool = True):
         super().__init__()
-        if every_n_steps < 1 or num_samples < 2:
-            raise ConfigError(f"callbacks.fid.every_n_steps={every_n_steps} must be >= 1 and callbacks.fid.num_samples="
-                              f"{num_samples} >= 2")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            # note: a float is Lightning's fraction of an epoch; 1.0 evaluated at every optimizer step
+            raise ConfigError(f"callbacks.fid.every_n_steps={every_n_steps!r} must be a whole number of steps >= 1; "
+                              f"it follows trainer.val_check_interval unless set, so set it when that is a fraction "
+                              f"of an epoch")
+        if num_samples < 2:
+            raise ConfigError(f"callbacks.fid.num_samples={num_samples} must be >= 2")
         check_choice("callbacks.fid.sampler", sampler, SAMPLERS)
         check_choice("callbacks.fid.feature_dim", feature_dim, INCEPTION_FEATURE_DIMS)
         check_min(1, **{"callbacks.fid.batch_size": batch_size})

@@ -354,15 +354,22 @@ class Evaluator:
             lpips_fn = lpips_net.forward
             protocol["lpips"] = {"net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone}
         scorer = ReconstructionMetrics(cfg.reconstruction_metrics, inception, reference, lpips_fn).to(self.device)
-        seen = 0
-        for index, (images, _) in enumerate(iter_image_batches(shards, resolution, cfg.num_samples, cfg.batch_size)):
-            seen += len(images)
-            if index % self.world != self.rank:  # whole batches round-robin over ranks
+        seen = scored = 0
+        for batch, _ in iter_image_batches(shards, resolution, cfg.num_samples, cfg.batch_size):
+            # image i of the shards to rank i % world (whole batches left a rank with none when there were fewer
+            # batches than ranks, and torchmetrics' FID cannot compute without an update)
+            images = batch[(self.rank - seen) % self.world::self.world]
+            seen += len(batch)
+            if not len(images):
                 continue
             x = images.to(self.device).float() / 127.5 - 1
             with torch.no_grad():
                 reconstructions = model.decode(model.encode(x).mode())
             scorer.update(to_uint8(reconstructions), images.to(self.device))
+            scored += len(images)
+        if not scored:
+            raise ValueError(f"rank {self.rank} got no images: the {seen} images scored are fewer than the "
+                             f"{self.world} processes")
         if seen < cfg.num_samples and self.rank == 0:
             print(f"[ldm-eval] num_samples={cfg.num_samples}, but val_shards hold {seen} images: the row scores "
                   f"{seen}", flush=True)
