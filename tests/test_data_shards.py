@@ -148,6 +148,15 @@ def test_config_errors(tmp_path: Path):
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
     with pytest.raises(ConfigError, match="no caption"):
         write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "o")})
+    # overwrite=true with a mistake in the inputs: the shards were deleted before the inputs were checked
+    write_dataset({"source": "shapes", "output_dir": str(tmp_path / "o"), "num_samples": 4, "val_samples": 2,
+                   "resolution": 16})
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+    with pytest.raises(ConfigError, match="input_dir=.*typo is not a directory"):
+        write_dataset({"source": "folder", "input_dir": str(tmp_path / "typo"), "output_dir": str(tmp_path / "o"),
+                       "overwrite": True})
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before == ["summary.json", "train-000000.tar",
+                                                                              "val-000000.tar"]
 
 
 def test_cli_writes_shards(tmp_path: Path):
@@ -238,6 +247,16 @@ def test_awkward_folder_inputs(tmp_path: Path):
     manifest = tmp_path / "list.jsonl"
     manifest.write_text('{"file": "a.png", "caption": ["a dog", "a cat"]}\n')
     with pytest.raises(ConfigError, match=r"row 0: the path and the caption must be text, got str 'a.png' and list"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
+                       "captions": str(manifest), "val_samples": 0})
+    # an unquoted comma in a CSV caption cut it short ("a cat"); the line number of a bad .jsonl line was always 1
+    (tmp_path / "list.csv").write_text("path,caption\na.png,a cat, sitting on a mat\n")
+    with pytest.raises(ConfigError, match=r"row 0: more fields than the header's \['caption', 'path'\] \(extra: "
+                                          r"\[' sitting on a mat'\]\); quote a caption that holds a comma"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
+                       "captions": str(tmp_path / "list.csv"), "val_samples": 0})
+    manifest.write_text('{"file": "a.png", "caption": "a"}\n\n{"file": "b.gif" "caption": "b"}\n')
+    with pytest.raises(ConfigError, match=r"list\.jsonl: line 3 is not JSON \(Expecting ',' delimiter\)"):
         write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
                        "captions": str(manifest), "val_samples": 0})
     with pytest.raises(ConfigError, match="image_format=jpg .* ignored with resolution=null"):

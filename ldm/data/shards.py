@@ -184,6 +184,15 @@ def shapes_records(cfg: WriteConfig, num_samples: int, split: str) -> Iterator[R
 # Folder source.
 
 
+def _json_line(line: str, number: int, path: Path) -> Any:
+    """Line `number` of the .jsonl manifest `path`, parsed."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"captions={path}: line {number} is not JSON ({err.msg}); a .jsonl manifest holds one JSON "
+                          f"object per line") from None
+
+
 def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
     """Captions from a CSV (header with a path and a caption column) or a JSONL manifest, keyed by resolved path."""
     if not path.exists():
@@ -196,19 +205,19 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
                 rows = list(csv.DictReader(f))
         else:
             with path.open(encoding="utf-8-sig") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                rows = [_json_line(line, number, path) for number, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as err:
         raise ConfigError(f"captions={path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as "
                           f"UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"captions={path}: line {err.lineno} is not JSON ({err.msg}); a .jsonl manifest holds one "
-                          f"JSON object per line") from None
     except (csv.Error, OSError) as err:
         raise ConfigError(f"captions={path} cannot be read: {err}") from None
     if not all(isinstance(row, dict) for row in rows):
         raise ConfigError(f"captions={path}: every line must be a JSON object with a path and a caption field")
     captions: dict[Path, str] = {}
     for i, row in enumerate(rows):
+        if None in row:  # csv.DictReader's key for the fields beyond the header's
+            raise ConfigError(f"captions={path}, row {i}: more fields than the header's {sorted(k for k in row if k)} "
+                              f"(extra: {row[None]}); quote a caption that holds a comma: \"a cat, sitting\"")
         file = next((row[k] for k in PATH_FIELDS if row.get(k)), None)
         caption = next((row[k] for k in CAPTION_FIELDS if k in row), None)
         if file is None or caption is None:
@@ -289,7 +298,7 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
     """
     for index, path in files:
         rel = path.relative_to(input_dir).as_posix()
-        caption = captions.get(path, "")  # missing captions were checked (or allowed) up front in write_folder
+        caption = captions.get(path, "")  # missing captions were checked (or allowed) up front in plan_folder
         try:
             with Image.open(path) as im:
                 im.load()
@@ -329,7 +338,20 @@ def _sidecar_caption(path: Path) -> str | None:
         raise CaptionUnreadable(f"caption file {txt.name}: {err.strerror}") from None
 
 
-def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
+@dataclass
+class FolderPlan:
+    """What `plan_folder` checked and found: the images to write, their captions, and what is left out."""
+
+    input_dir: Path
+    images: list[Path]
+    captions: dict[Path, str]  # image -> caption; images without one are absent
+    skipped: list[dict[str, str]]
+    missing: list[Path]
+
+
+def plan_folder(cfg: WriteConfig) -> FolderPlan:
+    """List `cfg.input_dir`'s images and their captions, raising ConfigError for what would leave nothing (or not
+    what was asked) to write: before `write_shards` replaces anything."""
     input_dir = Path(cfg.input_dir).resolve()
     if not input_dir.is_dir():
         raise ConfigError(f"input_dir={cfg.input_dir} is not a directory")
@@ -364,18 +386,23 @@ def write_folder(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
                           f"allow_missing_captions=true")
     if cfg.val_samples >= len(images):
         raise ConfigError(f"val_samples={cfg.val_samples} leaves no training images out of {len(images)}")
+    return FolderPlan(input_dir, images, captions, skipped, missing)
+
+
+def write_folder(cfg: WriteConfig, plan: FolderPlan, output_dir: Path) -> dict[str, Any]:
     # A seeded permutation: val takes its first val_samples, train the rest, written in permuted order so that
     # neighbouring files (often near-duplicates) spread over shards.
-    order = list(enumerate(images))
+    order = list(enumerate(plan.images))
     random.Random(fold_seed(cfg.seed, 0xF01D)).shuffle(order)
     val, train = sorted(order[: cfg.val_samples]), order[cfg.val_samples:]
-    splits = {"train": write_split(folder_records(train, input_dir, captions, cfg, skipped), output_dir, "train", cfg),
-              "val": write_split(folder_records(val, input_dir, captions, cfg, skipped), output_dir, "val", cfg)}
-    if skipped:
-        log.warning("left out %d files of input_dir=%s (listed with the reason under `skipped` in %s)", len(skipped),
-                    input_dir, SUMMARY_NAME)
-    return {"splits": splits, "input_dir": str(input_dir), "skipped": skipped,
-            "missing_captions": [p.relative_to(input_dir).as_posix() for p in missing]}
+    splits = {split: write_split(folder_records(items, plan.input_dir, plan.captions, cfg, plan.skipped), output_dir,
+                                 split, cfg)
+              for split, items in (("train", train), ("val", val))}
+    if plan.skipped:
+        log.warning("left out %d files of input_dir=%s (listed with the reason under `skipped` in %s)",
+                    len(plan.skipped), plan.input_dir, SUMMARY_NAME)
+    return {"splits": splits, "input_dir": str(plan.input_dir), "skipped": plan.skipped,
+            "missing_captions": [p.relative_to(plan.input_dir).as_posix() for p in plan.missing]}
 
 
 def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
@@ -393,9 +420,11 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
         if not cfg.overwrite:
             raise FileExistsError(f"output_dir={output_dir} already holds shards ({existing[:3]}...); choose another "
                                   f"output_dir or pass overwrite=true to replace them")
-        for name in existing:
-            (output_dir / name).unlink()
-    written = write_shapes(cfg, output_dir) if cfg.source == "shapes" else write_folder(cfg, output_dir)
+    plan = None if cfg.source == "shapes" else plan_folder(cfg)  # a mistake in the inputs replaces nothing
+    for name in existing:
+        (output_dir / name).unlink()
+    (output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # it described the shards just removed
+    written = write_shapes(cfg, output_dir) if plan is None else write_folder(cfg, plan, output_dir)
     summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution,
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
