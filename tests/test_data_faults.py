@@ -131,6 +131,13 @@ def shapes_like(tmp_path: Path, name: str, n: int) -> list[dict]:
             for i in range(n)]
 
 
+def whole_samples(shard: Path) -> int:
+    """The samples of a damaged shard that webdataset reads with all their members (png and txt): one cut short,
+    its caption gone, is lost with the rest, not trained with the empty caption."""
+    samples = wds.WebDataset(str(shard), handler=wds.ignore_and_continue, shardshuffle=False)
+    return sum(1 for sample in samples if {"png", "txt"} <= sample.keys())
+
+
 def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_path: Path):
     """summary.json says 8 + 8 samples; the second shard is cut after about 2 of them. With 4 slots (4 ranks), slot 3's
     whole range lies past the real end: it reads other samples instead of failing, and the shard is named."""
@@ -157,7 +164,7 @@ def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_pa
 
     # Every lost sample counted once over the ranks, also when the damaged shard comes first, so that a slot reading
     # the other shards instead passes it on the way (cut inside a member: one report, not the tar error besides).
-    readable = sum(1 for _ in wds.WebDataset(str(cut), handler=wds.ignore_and_continue, shardshuffle=False))
+    readable = whole_samples(cut)
     counted = 0
     for rank in range(4):
         plan = EpochPlan([str(cut), str(good)], [8, 8], seed=0, rank=rank, world_size=4, num_workers=0, batch_size=2,
@@ -174,7 +181,7 @@ def test_a_truncated_shard_is_counted_over_the_first_epoch_only(tmp_path: Path):
     cut = tmp_path / "train-000000.tar"
     cut.write_bytes(whole[: len(whole) * 3 // 5])
     (tmp_path / "full.tar").unlink()
-    readable = sum(1 for _ in wds.WebDataset(str(cut), handler=wds.ignore_and_continue, shardshuffle=False))
+    readable = whole_samples(cut)
     summary = {"splits": {"train": {"shards": [cut.name], "shard_counts": [20], "count": 20}}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     dm = WebDataModule(train_shards=str(cut), batch_size=2, num_workers=3, resolution=8, shuffle_buffer=4)
@@ -184,7 +191,36 @@ def test_a_truncated_shard_is_counted_over_the_first_epoch_only(tmp_path: Path):
         assert len(list(loader)) == len(loader)
         counts.append(dm.num_skipped)
     assert 0 < counts[0] <= 20 - readable and counts == [counts[0]] * 4, counts
-    assert all(f"the shard ends after {readable} samples" in reason for _, _, reason in dm.skipped)
+    assert all(f"the shard ends after {readable} whole samples" in reason for _, _, reason in dm.skipped)
+
+
+def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Cut where sample 3's caption begins (an interrupted copy ends at a 512-byte boundary): sample 3 kept its image
+    and trained with the empty caption, reported only as uncaptioned; without summary.json nothing was reported."""
+    whole = write_shard(tmp_path / "full.tar", shapes_like(tmp_path, "d", 8))
+    with tarfile.open(whole) as tar:
+        offset = next(member.offset for member in tar if member.name == "d003.txt")
+    cut = tmp_path / "train-000000.tar"
+    cut.write_bytes(whole.read_bytes()[:offset])
+    whole.unlink()
+    for recorded in (True, False):
+        if recorded:
+            summary = {"splits": {"train": {"shards": [cut.name], "shard_counts": [8], "count": 8}}}
+            (tmp_path / "summary.json").write_text(json.dumps(summary))
+        else:
+            (tmp_path / "summary.json").unlink()
+        dm = WebDataModule(train_shards=str(cut), batch_size=1, num_workers=0, resolution=8)
+        dm.setup("fit")
+        with caplog.at_level("WARNING"):
+            keys = {key for batch in dm.train_dataloader() for key in batch["key"]}
+        assert "d003" not in keys and keys <= {"d000", "d001", "d002"} and dm.uncaptioned == {}, recorded
+        if recorded:  # samples 3-7 lost: 4-7 missing, 3 cut short
+            ((_, key, reason),) = dm.skipped
+            assert key == "samples 3-7" and dm.num_skipped == 5
+            assert "ends after 3 whole samples, and a sample cut short (['png'], where the others hold ['png', " \
+                   "'txt'])" in reason
+        else:  # the header scan counts the 3 whole samples, naming the damage
+            assert "ends without the end-of-archive blocks, after sample d003 with members ['png']" in caplog.text
 
 
 class Mean(L.LightningModule):

@@ -196,28 +196,44 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             continue
         skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
-        read, seen, prefix = 0, 0, []
+        # note: each sample is held back until the next one is read, so that the last one of a shard that ends early
+        # is seen before it is passed on: the damage may have cut it short (its caption gone)
+        read, seen, prefix, held, members = 0, 0, [], None, [None, None]
         try:
             for i, sample in enumerate(islice(samples, hi)):
                 seen = i + 1
+                members = [members[1], _members(sample)]
                 if cache is not None:
                     prefix.append(sample)
                 if i >= lo:
-                    read += 1
-                    yield sample
+                    if held is not None:
+                        yield held
+                    held, read = sample, read + 1
         finally:
             samples.close()
-            if cache is not None and len(prefix) > len(kept):
-                cache[url] = prefix
+        cut = read < hi - lo and seen > 1 and members[0] != members[1]  # the last sample read lacks members
+        if cut:
+            read, seen, held, prefix = read - (held is not None), seen - 1, None, prefix[:-1]
+        if cache is not None and len(prefix) > len(kept):
+            cache[url] = prefix
+        if held is not None:
+            yield held
         fix = ("rewrite it (an image shard with ldm-data, or delete summary.json so that the tar headers are counted; "
                "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
         error = f" ({skips.tar_error})" if skips.tar_error else ""
         if read < hi - lo:  # one record for the samples of this range lost
+            last = f", and a sample cut short ({sorted(members[1])}, where the others hold {sorted(members[0])})" \
+                if cut else ""
             skips.add(url, f"samples {lo + read}-{hi - 1}",
-                      f"damaged tar: the shard ends after {seen} samples but its count says at least {hi}"
-                      f"{error} (truncated, or its count is out of date); {fix}", count=hi - lo - read)
+                      f"damaged tar: the shard ends after {seen} whole samples{last} but its count says at least "
+                      f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - lo - read)
         elif error:
             skips.add(url, "?", f"damaged tar{error}; {fix}")
+
+
+def _members(sample: dict[str, Any]) -> set[str]:
+    """The member extensions of a raw sample (`png`, `txt`, ...), without webdataset's own keys."""
+    return {key for key in sample if not key.startswith("__")}
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
