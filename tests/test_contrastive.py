@@ -94,6 +94,29 @@ def test_image_encoder_keeps_position_and_checks_its_input():
         ImageEncoderConfig(channels=[8, 12])
     with pytest.raises(ConfigError, match=r"^model\.image\.resolution=20 must be divisible"):  # the full key
         to_dataclass(ContrastiveModule.Config, {"image": {"resolution": 20, "channels": [8, 16, 32]}}, "model")
+    # out of range: a ZeroDivisionError, or a model built that failed at its first batch
+    for key, value, message in (("norm_groups", 0, "norm_groups=0 must be >= 1"),
+                                ("resolution", -32, "resolution=-32 must be >= 1"),
+                                ("in_channels", 0, "in_channels=0 must be >= 1"),
+                                ("channels", [0, 16], r"channels=\[0, 16\] must name at least one level, each")):
+        with pytest.raises(ConfigError, match=rf"^model\.image\.{message}"):
+            to_dataclass(ContrastiveModule.Config, {"image": {"resolution": 16, "channels": [8, 16], key: value}},
+                         "model")
+
+
+def test_images_of_another_size_than_the_image_tower_takes_are_refused_at_start(tmp_path, shapes_shards):
+    """The README's 256 px recipe set model.image.resolution alone: the data stayed 32 px, and the run stopped at its
+    first validation batch with a ValueError."""
+    import lightning as L
+
+    from ldm.data.datamodule import WebDataModule
+
+    data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), batch_size=4, num_workers=0, resolution=32)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path), accelerator="cpu", enable_checkpointing=False)
+    with pytest.raises(ConfigError, match=r"model\.image\.resolution=16 but data\.resolution=32"):
+        trainer.fit(ContrastiveModule(tiny_config()), datamodule=data)
+    assert trainer.global_step == 0
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():

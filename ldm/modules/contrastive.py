@@ -137,6 +137,11 @@ class ContrastiveModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         require_images(self.trainer.datamodule, "the contrastive text-image model")
+        data, resolution = getattr(self.trainer.datamodule, "config", None), self.config.image.resolution
+        if data is not None and data.resolution != resolution:
+            raise ConfigError(f"model.image.resolution={resolution} but data.resolution={data.resolution}: the image "
+                              f"tower takes the images at the size the data gives them; set data.resolution (which "
+                              f"model.image.resolution follows in conf/model/contrastive)")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, check_min
 
 
 @dataclass
@@ -25,8 +25,10 @@ class ImageEncoderConfig:
     norm_groups: int = 8                                                    # GroupNorm after every convolution
 
     def __post_init__(self) -> None:  # note: keys named as in ldm.modules.contrastive.Config (model.image.*)
-        if not self.channels:
-            raise ConfigError("channels must name at least one level")
+        check_min(1, resolution=self.resolution, in_channels=self.in_channels, norm_groups=self.norm_groups)
+        if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels):
+            raise ConfigError(f"channels={self.channels} must name at least one level, each a number of channels "
+                              f">= 1")
         if any(c % self.norm_groups for c in self.channels):
             raise ConfigError(f"every entry of channels={self.channels} must be divisible by norm_groups="
                               f"{self.norm_groups}")
