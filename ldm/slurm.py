@@ -81,6 +81,8 @@ class SlurmRequeue(StepBoundary):
         self.requeued = False
         self.stopped = False  # saved on a signal (and, before the last step, asked the trainer to stop)
         self.interrupted_by: signal.Signals | None = None  # the signal that stopped the run before its last step
+        # a stop signal at the run's last step or in its final validation: the run finished all the same
+        self.signalled_at_end: signal.Signals | None = None
         self._received: signal.Signals | None = None  # the first stop signal of this run, until acted on
         self._previous_handlers: dict[signal.Signals, Any] = {}  # the handlers ours replaced
         self._active = False  # handlers installed and fit running
@@ -151,6 +153,8 @@ class SlurmRequeue(StepBoundary):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._received is not None and not self.stopped:  # after the last step's end: never acted on
+            self.signalled_at_end = self._received
         self._restore()
 
     @override
@@ -174,6 +178,7 @@ class SlurmRequeue(StepBoundary):
             if not (isinstance(callback, Checkpoint) and callback.save_last):  # which writes last.ckpt now itself
                 self._save(trainer)
             self.stopped = True  # note: callbacks skip what the time left cannot hold (the FID callback's last one)
+            self.signalled_at_end = received
             rank_zero_info(f"{received.name} at the run's last step ({trainer.global_step}): last.ckpt holds it; "
                            f"finishing without the final evaluation (ldm-eval the export), no requeue")
             return

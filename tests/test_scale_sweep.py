@@ -99,19 +99,45 @@ def test_a_search_space_optuna_rejects_is_refused_naming_the_key(entry, tmp_path
 
 
 @pytest.mark.slow
-def test_a_stop_signal_ends_the_sweep_without_a_result_for_the_stopped_job(shapes_shards, tmp_path):
+def test_a_stop_signal_ends_the_sweep_and_the_same_grid_run_again_resumes_it(shapes_shards, tmp_path):
     """SIGTERM stopped only the running job, whose part-trained val/loss went to the sweeper as its result (Optuna:
-    a complete trial, perhaps the best), and the sweep went on with the next job."""
+    a complete trial, perhaps the best), and the sweep went on with the next job. Run again into its directory, the
+    same grid resumes its jobs: a finished one logs nothing (that ended the sweep: "optimized_metric was not
+    logged"), the stopped one goes on from its last.ckpt."""
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=1e-3,2e-3",
-                      "optimized_metric=val/loss", "+callbacks.stop._target_=scale_helpers.SignalAtStep",
-                      "+callbacks.stop.step=2", "+callbacks.stop.signal_name=SIGTERM",
-                      *sweep_overrides(shapes_shards, max_steps=6)], timeout=600)
+    # job 0 is never signalled, job 1 at the start of step 2
+    command = ["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "optimized_metric=val/rec_loss",
+               "+callbacks.stop._target_=scale_helpers.SignalAtStep", "+callbacks.stop.step=100,2",
+               "+callbacks.stop.signal_name=SIGTERM", *sweep_overrides(shapes_shards, max_steps=6)]
+    result = run_cli(command, timeout=600)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "SIGTERM: the sweep stops; this job" in result.stdout + result.stderr
-    # sent as the batch of step 2 starts: saved at the end of that step, 3 of 6
-    assert torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-    assert not (sweep / "1").exists()
+
+    def step(job: str) -> int:
+        return torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+    assert step("0") == 6 and step("1") == 3  # sent as the batch of step 2 starts: saved at the end of that step
+
+    again = run_cli(command, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the job resumed a finished run and logged nothing: no val/rec_loss to report" in again.stdout
+    assert step("1") == 6
+
+    # a signal in a job's final validation: the job finishes (its result reported), and the sweep stops after it
+    late = tmp_path / "late"
+    result = run_cli(["-m", f"hydra.sweep.dir={late}", "model.net.ch=16", "model.lr=1e-3,2e-3",
+                      "+callbacks.stop._target_=scale_helpers.SignalAtStep", "+callbacks.stop.step=6",
+                      "+callbacks.stop.during=validation", "+callbacks.stop.signal_name=SIGINT",
+                      *sweep_overrides(shapes_shards, max_steps=6)], timeout=600)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-3000:]
+    assert "SIGINT during the previous job: the sweep stops" in result.stderr
+    assert (late / "0" / "export").is_dir() and not (late / "1" / "checkpoints").exists()
+
+    # a checkpoint given as ckpt_path (not found in the job's directory) may be resumed with other values
+    branch = run_cli(["-m", f"hydra.sweep.dir={tmp_path / 'branch'}", "model.net.ch=16", "model.lr=1e-4,3e-4",
+                      f"ckpt_path={sweep / '0' / 'checkpoints' / 'last.ckpt'}",
+                      *sweep_overrides(shapes_shards, max_steps=7)], timeout=600)
+    assert branch.returncode == 0, branch.stderr[-3000:]
 
 
 def test_sweep_configs_compose():

@@ -83,10 +83,12 @@ def run_stopped(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "stopped", False) for callback in trainer.callbacks)
 
 
-def run_interrupted(trainer: L.Trainer) -> signal.Signals | None:
-    """The signal on which a callback stopped the run before its last step (`interrupted_by`), None if none did."""
-    return next((callback.interrupted_by for callback in trainer.callbacks
-                 if getattr(callback, "interrupted_by", None) is not None), None)
+def run_interrupted(trainer: L.Trainer, at_end: bool = False) -> signal.Signals | None:
+    """The signal on which a callback stopped the run before its last step (`interrupted_by`), or with `at_end` the
+    one that came at its last step or after it, the run finished all the same (`signalled_at_end`); None if none."""
+    attribute = "signalled_at_end" if at_end else "interrupted_by"
+    return next((getattr(callback, attribute) for callback in trainer.callbacks
+                 if getattr(callback, attribute, None) is not None), None)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

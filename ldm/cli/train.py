@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import pickle
 import signal
+import sys
 import traceback
 import zipfile
 from pathlib import Path
@@ -186,6 +187,9 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
                               + (f"Its run's model config differs in {differing[:5]}. " if differing else "")
                               + advice)
 
+
+# A stop signal that came at the end of a multirun job, which finished: the next job of the sweep ends it.
+SWEEP_STOP: list[signal.Signals] = []
 
 # Keys a resumed run may change from the command line (a longer schedule); check_same_job does not compare them.
 RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "ckpt_path", "auto_resume")
@@ -428,8 +432,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
         if callable(getattr(module, "check_resume", None)):
             module.check_resume(checkpoint)
-        if is_multirun():
-            check_same_job(checkpoint, ckpt_path, cfg)
+        if is_multirun() and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
+            check_same_job(checkpoint, ckpt_path, cfg)  # found in the job's own directory (auto_resume, last)
     save_config(cfg, output_dir)
     apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -477,6 +481,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         rank_zero_info(f"{interrupted.name}: the sweep stops; this job ({output_dir}) has no result (its last.ckpt "
                        f"holds step {trainer.global_step})")
         raise SystemExit(128 + interrupted)
+    if (late := run_interrupted(trainer, at_end=True)) is not None and is_multirun():
+        # the job finished: its result goes to the sweeper, and the next job of this process ends the sweep
+        SWEEP_STOP.append(late)
+        rank_zero_info(f"{late.name} at the end of this job: its result is reported; the sweep stops before its "
+                       f"next job")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     rank_zero_info(f"run directory: {output_dir}")
     return metrics
@@ -492,11 +501,15 @@ def main(cfg: DictConfig) -> float | None:
     fails (other than by a ConfigError, which stops the sweep) prints its traceback and returns None, and so does one
     whose metric is not finite, so the sweep goes on: the Optuna sweeper records the trial as failed. (Not nan: the
     Optuna 2.x that hydra-optuna-sweeper needs rejects a nan value with an error that ends the whole sweep.) A run
-    stopped by a signal before its last step ends the sweep (exit status 128 + the signal) with no result.
+    stopped by a signal before its last step ends the sweep (exit status 128 + the signal) with no result; a signal
+    at its end lets it report, and the next job ends the sweep. A job that resumed a finished run reports nothing.
     """
     metric_name = cfg.get("optimized_metric")
 
     def run() -> float | None:
+        if SWEEP_STOP and is_multirun():
+            print(f"{SWEEP_STOP[0].name} during the previous job: the sweep stops", file=sys.stderr, flush=True)
+            raise SystemExit(128 + SWEEP_STOP[0])
         if not is_multirun():  # first: the other checks' mistakes would leave Hydra's run directory behind
             check_slurm_run_directory(cfg.paths.output_dir)
         try:
@@ -509,6 +522,10 @@ def main(cfg: DictConfig) -> float | None:
                   f"{metric_name or 'result'}")
             return None
         if not metric_name:
+            return None
+        if not metrics and is_multirun():  # a job that resumed a finished run: nothing trained, nothing logged
+            print(f"the job resumed a finished run and logged nothing: no {metric_name} to report (its earlier log "
+                  f"holds it)")
             return None
         if metric_name not in metrics:
             raise configs.ConfigError(f"optimized_metric={metric_name!r} was not logged; logged metrics: "
