@@ -277,13 +277,14 @@ HALF_WEIGHT_PRECISIONS = ("16-true", "bf16-true", "half")  # Lightning's precisi
 
 
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
-                  compile_networks: bool = False) -> None:
+                  compile_networks: bool = False, channels_last: bool = False) -> None:
     """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
     accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), or when FSDP would run over
     several processes for a module (`model_target`, its class path) that does not shard itself (one without a true
     `fsdp_shards` class attribute reads its networks' parameters outside FSDP's forward, where each process holds only
-    its shard) or with `compile_networks` (compile=true), or when the module's `unsupported_trainer_args` (trainer key
-    -> what to do instead) holds a key that is set."""
+    its shard) or with `compile_networks` (compile=true), or FSDP with `channels_last` (its optimizer state restored
+    scrambled), or when the module's `unsupported_trainer_args` (trainer key -> what to do instead) holds a key that
+    is set."""
     import torch
 
     trainer = trainer or {}
@@ -316,6 +317,12 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
             raise ConfigError(f"trainer.{key}={trainer.get(key)} is not supported by {module.__name__}: {instead}")
     if "fsdp" not in strategy_name(trainer.get("strategy")).lower():
         return
+    if channels_last:
+        # note: FSDP's flat parameter holds an NHWC weight in memory order, and its optimizer-state loader flattens
+        # the saved moments in logical (NCHW) order: a resumed run's AdamW moments land in the wrong places
+        raise ConfigError("channels_last=true with trainer=fsdp is not supported: FSDP restores the optimizer state "
+                          "of NHWC weights scrambled, so a resumed run would not continue the one it resumes; set "
+                          "channels_last=false, or use trainer=ddp")
     processes = process_count(trainer)
     if processes > 1 and not getattr(module, "fsdp_shards", False):
         name = (model_target or "this model").rsplit(".", 1)[-1]

@@ -383,7 +383,8 @@ def check_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
-    check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")))
+    check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")),
+                  bool(cfg.get("channels_last")))
     check_nodes(cfg, ("data", "model"))
     stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
     if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
