@@ -68,6 +68,19 @@ def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, cap
     _write_lock(tmp_path, pid=1, slurm_job_id="4242")  # same job, this host, alive: a second run inside the job
     with pytest.raises(RunDirectoryLocked):
         acquire(tmp_path)
+    # requeued onto the same node, where the killed run's pid now belongs to another live process: the restart count
+    # tells the runs apart (the lock stopped the requeued job)
+    _write_lock(tmp_path, pid=1, slurm_job_id="4242", slurm_restart_count="0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    path = acquire(tmp_path)
+    assert "an earlier run (restart 0) of this SLURM job 4242" in capsys.readouterr().out
+    assert json.loads(path.read_text())["slurm_restart_count"] == "1"
+    release(path)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    _write_lock(tmp_path, pid=os.getpid())  # a restarted container numbers its processes alike: ours is not the holder
+    release(acquire(tmp_path))
+    assert "is this process's own" in capsys.readouterr().out
     (tmp_path / LOCK_NAME).write_text("")  # torn by a crash between create and write
     release(acquire(tmp_path))
     assert not (tmp_path / LOCK_NAME).exists()
