@@ -61,7 +61,6 @@ from ldm.data.shardlist import absolute_spec
 configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
 
-
 class TrainingDiverged(RuntimeError):
     """The NaN guard stopped the run after too many non-finite steps in a row."""
 
