@@ -46,7 +46,7 @@ from ldm.config import ConfigError, to_dataclass
 from ldm.data.latents import LatentManifest, LatentStream, check_data_config, check_same_encoders, find_manifest
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
-from ldm.data.stream import EpochPlan, ShardStream
+from ldm.data.stream import EpochPlan, ShardStream, tar_ends_cut
 from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -80,25 +80,23 @@ def _count_tar_samples(path: str) -> int:
     """Samples in a local tar (reads headers only), counted as webdataset groups them: a new sample wherever a member's
     key differs from the one before (a key seen again further on is another sample); a damaged tar counts the whole
     samples before the damage."""
-    count, last, members = 0, None, [set(), set()]  # members: the extensions of the last two samples
+    count, last = 0, None
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, "r:*") as tar:
             plain = isinstance(tar.fileobj, io.BufferedReader)  # offsets are the file's (not a decompressed stream's)
             for member in tar:
                 if member.isreg() and not _webdataset_skips(member.name):
-                    prefix, ext = wds.tariterators.base_plus_ext(member.name)
+                    prefix, _ = wds.tariterators.base_plus_ext(member.name)
                     if plain and member.offset_data + member.size > size:  # cut short inside its data
                         count -= int(prefix is not None and prefix == last)  # that sample is not whole either
                         raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix is not None and prefix != last:
-                        count, last, members = count + 1, prefix, [members[1], set()]
-                    members[1].add(ext)
-            if plain and count > 1 and tar.offset >= size and members[0] != members[1]:
-                # no end-of-archive blocks: cut at a member's boundary, and the last sample lacks members
-                count -= 1
-                raise tarfile.ReadError(f"it ends without the end-of-archive blocks, after sample {last} with "
-                                        f"members {sorted(members[1])} where the others hold {sorted(members[0])}")
+                        count, last = count + 1, prefix
+        if count and tar_ends_cut(path):  # cut at a member's boundary: the last sample may lack members
+            count -= 1
+            raise tarfile.ReadError(f"it ends without the end-of-archive blocks, so its last sample ({last}) may be "
+                                    f"cut short")
     except (tarfile.TarError, OSError, EOFError) as err:
         log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, count)
     return count

@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME
-from ldm.data.stream import IMAGE_KEYS, resize_crop
+from ldm.data.stream import IMAGE_KEYS, resize_crop, tar_ends_cut
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -297,13 +297,27 @@ def _members_complete(path: Path) -> bool:
         return False
 
 
+def without_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list[str]]) -> Iterator[dict[str, Any]]:
+    """`samples` of a tar that ends cut short (`tar_ends_cut`) but for the last one, which may lack members (a caption
+    gone at a member's boundary), reported in `skipped`."""
+    held = None
+    for sample in samples:
+        if held is not None:
+            yield held
+        held = sample
+    if held is not None:
+        skipped.append([held.get("__key__", "?"), f"the shard {url} ends without its end-of-archive blocks (cut "
+                        f"short): its last sample may lack members; rewrite the shard"])
+
+
 def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
     """(raw sample, image (3, R, R) in [-1, 1]) of a shard, transformed exactly as the datamodule does (centre crop)."""
     def handler(err: Exception) -> bool:
         skipped.append(["?", f"{type(err).__name__}: {err}"[:200]])
         return True
 
-    for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])):
+    samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+    for sample in without_last(samples, url, skipped) if tar_ends_cut(url) else samples:
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.data.shardlist import REMOTE_PREFIXES
 from ldm.images import decode_image
 from ldm.seeding import fold_seed
 
@@ -196,13 +198,17 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             continue
         skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
-        # note: each sample is held back until the next one is read, so that the last one of a shard that ends early
-        # is seen before it is passed on: the damage may have cut it short (its caption gone)
-        read, seen, prefix, held, members = 0, 0, [], None, [None, None]
+        # note: a tar cut short at a member's boundary reads without an error, and its last sample may have lost
+        # members (its caption): there, each sample is held back until the next one is read, and the range reads one
+        # sample past its end, so that the tar's last sample is known as such and left out
+        cut = tar_ends_cut(url)
+        read, seen, prefix, held, followed = 0, 0, [], None, False
         try:
-            for i, sample in enumerate(islice(samples, hi)):
+            for i, sample in enumerate(islice(samples, hi + cut)):
+                if i == hi:  # the sample after the range (only in a cut tar): the range's last one is whole
+                    followed = True
+                    break
                 seen = i + 1
-                members = [members[1], _members(sample)]
                 if cache is not None:
                     prefix.append(sample)
                 if i >= lo:
@@ -211,8 +217,8 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                     held, read = sample, read + 1
         finally:
             samples.close()
-        cut = read < hi - lo and seen > 1 and members[0] != members[1]  # the last sample read lacks members
-        if cut:
+        dropped = cut and not followed and seen > 0  # the cut tar's last sample
+        if dropped:
             read, seen, held, prefix = read - (held is not None), seen - 1, None, prefix[:-1]
         if cache is not None and len(prefix) > len(kept):
             cache[url] = prefix
@@ -222,8 +228,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
         error = f" ({skips.tar_error})" if skips.tar_error else ""
         if read < hi - lo:  # one record for the samples of this range lost
-            last = f", and a sample cut short ({sorted(members[1])}, where the others hold {sorted(members[0])})" \
-                if cut else ""
+            last = " and a sample cut short (the tar ends without its end-of-archive blocks)" if dropped else ""
             skips.add(url, f"samples {lo + read}-{hi - 1}",
                       f"damaged tar: the shard ends after {seen} whole samples{last} but its count says at least "
                       f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - lo - read)
@@ -231,9 +236,21 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             skips.add(url, "?", f"damaged tar{error}; {fix}")
 
 
-def _members(sample: dict[str, Any]) -> set[str]:
-    """The member extensions of a raw sample (`png`, `txt`, ...), without webdataset's own keys."""
-    return {key for key in sample if not key.startswith("__")}
+def tar_ends_cut(url: str) -> bool:
+    """True for a local uncompressed tar that ends without the end-of-archive blocks (the zeros tarfile and GNU tar
+    write on closing): a copy cut short, perhaps at a member's boundary, which no read error reveals, so that its last
+    sample may lack members. Remote and compressed shards are not checked (False)."""
+    path = url.removeprefix("file:")
+    if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - 1024, 0))
+            tail = f.read(1024)
+    except OSError:
+        return False
+    return len(tail) < 1024 or any(tail)
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
