@@ -4,9 +4,8 @@ Two runs writing into one directory would interleave their checkpoints, configs,
 (`train.lock`, JSON: pid, host, SLURM job id, start time) is created with an exclusive hard link, so of two runs
 starting at once exactly one wins. A second run stops at start with `RunDirectoryLocked` naming the directory, the
 holder and the fix. A lock left behind by a run that was killed (SIGKILL, a node failure) is stale when its process is
-dead on this host (or its id is this process's own), or when it was written for an earlier run of this same SLURM job
-(a requeued job keeps its id, may land on another node or the same one, and counts its restarts): it is taken over
-with a message.
+dead on this host, or when it was written for an earlier run of this same SLURM job (a requeued job keeps its id,
+may land on another node or the same one, and counts its restarts): it is taken over with a message.
 
 Only the launching process takes the lock (global rank 0: RANK, LOCAL_RANK, NODE_RANK and SLURM_PROCID all 0 or
 unset); the other ranks of the same run, which Lightning or srun start with those set, never touch it.
@@ -59,11 +58,8 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     return holder if isinstance(holder, dict) else {}
 
 
-HELD: set[Path] = set()  # the lock files this process holds (resolved paths)
-
-
-def stale_reason(holder: dict[str, Any], path: Path | None = None) -> str | None:
-    """Why a recorded holder (of the lock file `path`) cannot be running any more, or None when it may be."""
+def stale_reason(holder: dict[str, Any]) -> str | None:
+    """Why a recorded holder cannot be running any more, or None when it may be."""
     if not holder:
         return "the lock file is empty or unreadable"
     job = os.environ.get("SLURM_JOB_ID")
@@ -73,13 +69,11 @@ def stale_reason(holder: dict[str, Any], path: Path | None = None) -> str | None
             return f"it belongs to an earlier run (restart {restart}) of this SLURM job {job}"
         if holder.get("host") != socket.gethostname():
             return f"it belongs to an earlier run of this SLURM job {job} on {holder.get('host')}"
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if holder["pid"] == os.getpid() and path is not None and path.resolve() not in HELD:
-            # not held by this process: an earlier one had the same id
-            return f"its process id {holder['pid']} is this process's own (the earlier holder is gone; a restarted " \
-                   f"container numbers its processes alike)"
-        if not _pid_alive(holder["pid"]):
-            return f"its process {holder['pid']} is no longer running on this host"
+    # note: a live pid on this host may be another process's now, or in another container's pid namespace: it is
+    # taken for the holder (a run refused, with the fix, rather than two runs in one directory)
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+            and not _pid_alive(holder["pid"]):
+        return f"its process {holder['pid']} is no longer running on this host"
     return None
 
 
@@ -113,12 +107,11 @@ def acquire(output_dir: Path) -> Path:
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(3):  # another starter may take over or release the lock between our attempts
         if _try_create(path, record):
-            HELD.add(path.resolve())
             return path
         holder = read_lock(path)
         if holder is None:
             continue  # released meanwhile: try again
-        reason = stale_reason(holder, path)
+        reason = stale_reason(holder)
         if reason is None:
             raise RunDirectoryLocked(
                 f"paths.output_dir={output_dir} is in use by another ldm-train (pid {holder.get('pid')} on host "
@@ -137,7 +130,6 @@ def release(path: Path) -> None:
     holder = read_lock(path)
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
-    HELD.discard(Path(path).resolve())
 
 
 @contextmanager
