@@ -62,8 +62,10 @@ COMMON=(logger=csv callbacks.progress=null)
 
 # Commands that need only what is already written run side by side, each on half the cores (these small models use a
 # second thread poorly: 2 threads ran the autoencoder step 1.3x and the contrastive step 1.2x faster than one).
-# `start NAME CMD...` runs CMD in the background, its output in $OUT/NAME.log; `finish` waits for all of them and
-# stops the quickstart, showing the log's end, if one failed.
+# `start NAME CMD...` runs CMD in the background, its output in $OUT/NAME.log (`show NAME CMD...`: all cores, its
+# output also on the terminal); `finish` waits for them and, as soon as one fails, stops the others and the
+# quickstart, showing the failed one's log. Ctrl-C (or a SIGTERM, SIGHUP to the script) stops the running commands
+# (the trainers save last.ckpt) and the quickstart, with status 130 (143, 129): nothing after it runs.
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
 PIDS=(); NAMES=()
 start() {
@@ -71,15 +73,38 @@ start() {
   OMP_NUM_THREADS=$THREADS "$@" > "$OUT/$name.log" 2>&1 &
   PIDS+=($!); NAMES+=("$name")
 }
+show() {
+  local name=$1; shift
+  "$@" > >(tee "$OUT/$name.log") 2>&1 &
+  PIDS+=($!); NAMES+=("$name")
+}
+stop_all() { kill -TERM "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null || true; }
+interrupted() {
+  trap - INT TERM HUP
+  stop_all
+  echo "quickstart: interrupted by SIG$1; nothing after it ran (runs/quickstart holds what was written)" >&2
+  exit "$2"
+}
+trap 'interrupted INT 130' INT
+trap 'interrupted TERM 143' TERM
+trap 'interrupted HUP 129' HUP
 finish() {
-  for i in "${!PIDS[@]}"; do
-    if ! wait "${PIDS[$i]}"; then
-      tail -n 20 "$OUT/${NAMES[$i]}.log"
-      echo "quickstart: ${NAMES[$i]} failed; its log: $OUT/${NAMES[$i]}.log" >&2
-      kill "${PIDS[@]}" 2>/dev/null || true
-      exit 1
-    fi
-    tail -n 1 "$OUT/${NAMES[$i]}.log"
+  local i status
+  while (( ${#PIDS[@]} )); do
+    for i in "${!PIDS[@]}"; do
+      kill -0 "${PIDS[$i]}" 2>/dev/null && continue  # still running
+      status=0; wait "${PIDS[$i]}" || status=$?
+      if (( status )); then
+        tail -n 20 "$OUT/${NAMES[$i]}.log"
+        echo "quickstart: ${NAMES[$i]} failed; its log: $OUT/${NAMES[$i]}.log" >&2
+        unset 'PIDS[i]'
+        stop_all
+        exit 1
+      fi
+      tail -n 1 "$OUT/${NAMES[$i]}.log"
+      unset 'PIDS[i]' 'NAMES[i]'
+    done
+    (( ${#PIDS[@]} )) && sleep 0.2
   done
   PIDS=(); NAMES=()
 }
@@ -97,9 +122,10 @@ done
 finish
 
 stage "4/6 latent diffusion on the latents (experiment=quickstart_ldm)"
-ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.autoencoder_path="$OUT/vae/export" \
+show ldm ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.autoencoder_path="$OUT/vae/export" \
   model.conditioner.name_or_path="$OUT/clip/export" data.train_shards="$OUT/latents/train/train-*.tar" \
   data.val_shards="$OUT/latents/val/val-*.tar" data.num_workers=0 data.cache_in_memory=true "${COMMON[@]}"
+finish
 
 stage "5/6 samples of held-out prompts"
 ldm-sample ckpt_path="$OUT/ldm/export" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \
