@@ -75,7 +75,7 @@ start() {
 }
 show() {
   local name=$1; shift
-  "$@" > >(tee "$OUT/$name.log") 2>&1 &
+  "$@" > >(trap '' INT TERM HUP; exec tee "$OUT/$name.log") 2>&1 &  # tee outlives a signal: the last lines reach the log
   PIDS+=($!); NAMES+=("$name")
 }
 stop_all() { kill -TERM "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null || true; }
