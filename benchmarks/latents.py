@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="default: the experiment's (sd15 on CPU: 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--output", default=None,
+                        help="JSON file (default: benchmarks/results/latents-[sd15-]<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -174,8 +176,8 @@ def main() -> None:
         "encode_samples_per_sec": len(images) * batch_size / encode_seconds,
     }
     suffix = device.type if args.model == "quickstart" else f"{args.model}-{device.type}"
-    out = Path(__file__).resolve().parent / "results" / f"latents-{suffix}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.output or Path(__file__).resolve().parent / "results" / f"latents-{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

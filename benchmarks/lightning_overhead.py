@@ -160,6 +160,9 @@ def main() -> None:
                              "no callbacks")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "lightning-overhead-cpu.json"))
     args = parser.parse_args()
+    if args.rounds < 1 or args.warmup < 0 or args.steps <= args.warmup:
+        parser.error(f"--rounds {args.rounds} must be >= 1 and --steps {args.steps} more than --warmup {args.warmup} "
+                     f"(the steps timed are those after the warm-up)")
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
 

@@ -11,8 +11,10 @@ Measures, each after warm-up, as the median of timed repeats:
             (images/s); --sd15 adds SD 1.5's UNet
   sampling  quickstart UNet, DPM-Solver++(2M) 20 steps with guidance 3 (images/s), latents only
 
-Model configs come from the experiment files (experiment=quickstart_vae / quickstart_clip / quickstart_ldm), so the
-numbers describe what `make quickstart` runs. Results: benchmarks/RESULTS.md.
+Model configs come from the experiment files (experiment=quickstart_vae / quickstart_clip / quickstart_ldm), with
+their `channels_last` (NHWC weights) and the fused Adam / AdamW step `ldm-train` takes where it can, so the numbers
+describe the networks and steps `make quickstart` runs (the losses are simpler: no EMA, no LPIPS or GAN).
+Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ldm.data.shards import WriteConfig, write_shards
 from ldm.diffusion import NoiseSchedule, ScheduleConfig, run_sampler, spaced_timesteps
 from ldm.diffusion.sampling import Denoiser, guided_denoiser
 from ldm.modules.contrastive import ContrastiveModule
+from ldm.modules.optim import fusable
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNET_CONFIGS, UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator
@@ -66,6 +69,19 @@ def experiment_model(name: str) -> dict:
     return experiment_config(name)["model"]
 
 
+def as_in_quickstart(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """`module` with experiment `name`'s memory format (`channels_last`: NHWC 4-D weights, as ldm-train converts)."""
+    if experiment_config(name).get("channels_last"):
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def adam(kind: type[torch.optim.Optimizer], params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """`kind` (Adam, AdamW) over the trainable `params`, fused where ldm-train's modules fuse it (`fusable`)."""
+    params = [p for p in params if p.requires_grad]  # a frozen encoder's are not
+    return kind(params, lr=1e-4, fused=fusable(params))
+
+
 def quickstart_latent_size() -> int:
     """Side of the quickstart autoencoder's latents."""
     return to_dataclass(AutoencoderConfig, experiment_model("quickstart_vae")["net"]).latent_resolution
@@ -89,8 +105,8 @@ def bench_data(batch_size: int) -> dict[str, float]:
 
 def bench_vae(device: torch.device, batch_size: int, repeats: int) -> float:
     net = experiment_model("quickstart_vae")["net"]
-    model = AutoencoderKL(to_dataclass(AutoencoderConfig, net)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model = as_in_quickstart(AutoencoderKL(to_dataclass(AutoencoderConfig, net)).to(device), "quickstart_vae")
+    opt = adam(torch.optim.Adam, list(model.parameters()))
     x = torch.rand(batch_size, 3, net["resolution"], net["resolution"], device=device) * 2 - 1
 
     def step() -> None:
@@ -106,8 +122,8 @@ def bench_vae(device: torch.device, batch_size: int, repeats: int) -> float:
 
 def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.device, batch_size: int, size: int,
               precision: torch.dtype | None) -> Callable[[], None]:
-    params = list(unet.parameters()) + (list(conditioner.parameters()) if conditioner is not None else [])
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)  # a frozen encoder's are not
+    encoder = list(conditioner.parameters()) if conditioner is not None else []
+    opt = adam(torch.optim.AdamW, list(unet.parameters()) + encoder)
     x = torch.randn(batch_size, unet.config.in_channels, size, size, device=device)
     t = torch.randint(0, 1000, (batch_size,), device=device)
     prompts = ["a large red circle in the center on a white background"] * batch_size
@@ -126,7 +142,7 @@ def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.dev
 
 def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) -> dict[str, float]:
     model = experiment_model("quickstart_ldm")
-    unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device)
+    unet = as_in_quickstart(UNet(to_dataclass(UNetConfig, model["unet"])).to(device), "quickstart_ldm")
     with tempfile.TemporaryDirectory() as root:  # the quickstart's frozen pretrained encoder, random weights
         text = {**model["conditioner"], "name_or_path": str(random_byte_text_encoder(Path(root))), "trainable": False}
         conditioner = build_conditioner(text).to(device)
@@ -145,8 +161,8 @@ def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) 
 def bench_contrastive(device: torch.device, repeats: int) -> float:
     cfg = experiment_config("quickstart_clip")
     model, batch_size = cfg["model"], cfg["data"]["batch_size"]
-    module = ContrastiveModule(model).to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    module = as_in_quickstart(ContrastiveModule(model).to(device), "quickstart_clip")
+    opt = adam(torch.optim.AdamW, list(module.parameters()))
     side = model["image"]["resolution"]
     batch = {"image": torch.rand(batch_size, 3, side, side, device=device) * 2 - 1,
              "caption": [f"a large red circle in the center on a white background {i}" for i in range(batch_size)]}
@@ -163,7 +179,7 @@ def bench_contrastive(device: torch.device, repeats: int) -> float:
 @torch.no_grad()
 def bench_sampling(device: torch.device, num_images: int, repeats: int) -> float:
     model = experiment_model("quickstart_ldm")
-    unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device).eval()
+    unet = UNet(to_dataclass(UNetConfig, model["unet"])).to(device).eval()  # as ldm-sample / ldm-eval load it
     conditioner = build_conditioner(model["conditioner"], load_pretrained=False).to(device).eval()
     schedule = NoiseSchedule(to_dataclass(ScheduleConfig, model["diffusion"]["schedule"]))
     prompts = ["a large red circle in the center on a white background"] * num_images
