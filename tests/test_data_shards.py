@@ -157,6 +157,19 @@ def test_config_errors(tmp_path: Path):
                        "overwrite": True})
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before == ["summary.json", "train-000000.tar",
                                                                               "val-000000.tar"]
+    # mistakes found only while writing: a holdout that leaves no caption, a folder none of whose images can be read
+    with pytest.raises(ConfigError, match="holdout"):
+        write_dataset({"source": "shapes", "output_dir": str(tmp_path / "o"), "num_samples": 4, "val_samples": 2,
+                       "resolution": 16, "holdout": ["a"], "overwrite": True})
+    (tmp_path / "bad").mkdir()
+    for name in ("x.png", "y.png"):
+        (tmp_path / "bad" / name).write_text("not an image")
+        (tmp_path / "bad" / name).with_suffix(".txt").write_text("a caption")
+    with pytest.raises(ConfigError, match="no training image of input_dir=.*bad could be read .* the shards there "
+                                          "were left as they were"):
+        write_dataset({"source": "folder", "input_dir": str(tmp_path / "bad"), "output_dir": str(tmp_path / "o"),
+                       "val_samples": 0, "overwrite": True})
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before  # and no staging folder left behind
 
 
 def test_cli_writes_shards(tmp_path: Path):

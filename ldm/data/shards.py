@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -405,6 +407,9 @@ def write_folder(cfg: WriteConfig, plan: FolderPlan, output_dir: Path) -> dict[s
             "missing_captions": [p.relative_to(plan.input_dir).as_posix() for p in plan.missing]}
 
 
+STAGING_PREFIX = ".ldm-data-"  # the hidden folder inside output_dir that a run writes its shards into first
+
+
 def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
     splits = {split: write_split(shapes_records(cfg, n, split), output_dir, split, cfg)
               for split, n in (("train", cfg.num_samples), ("val", cfg.val_samples))}
@@ -412,7 +417,12 @@ def write_shapes(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
 
 
 def write_shards(cfg: WriteConfig) -> dict[str, Any]:
-    """Write both splits and summary.json into `cfg.output_dir`; return the summary."""
+    """Write both splits and summary.json into `cfg.output_dir`; return the summary.
+
+    The shards are written into a hidden folder inside `output_dir` and moved into place once both splits are whole,
+    so that `overwrite=true` replaces the old shards (and their summary.json) only by a complete new set: a mistake
+    found while writing (a holdout that leaves no caption, a folder none of whose images can be read) leaves them be.
+    """
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in output_dir.glob("*.tar"))
@@ -420,11 +430,23 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
         if not cfg.overwrite:
             raise FileExistsError(f"output_dir={output_dir} already holds shards ({existing[:3]}...); choose another "
                                   f"output_dir or pass overwrite=true to replace them")
-    plan = None if cfg.source == "shapes" else plan_folder(cfg)  # a mistake in the inputs replaces nothing
-    for name in existing:
-        (output_dir / name).unlink()
-    (output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # it described the shards just removed
-    written = write_shapes(cfg, output_dir) if plan is None else write_folder(cfg, plan, output_dir)
+    for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    plan = None if cfg.source == "shapes" else plan_folder(cfg)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
+    try:
+        written = write_shapes(cfg, staging) if plan is None else write_folder(cfg, plan, staging)
+        if not written["splits"]["train"]["count"]:
+            raise ConfigError(f"no training image of input_dir={cfg.input_dir} could be read (the warnings above say "
+                              f"why); nothing was written" + (", and the shards there were left as they were"
+                                                              if existing else ""))
+        for name in existing:
+            (output_dir / name).unlink()
+        (output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # it described the shards just removed
+        for shard in sorted(staging.iterdir()):
+            shard.rename(output_dir / shard.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution,
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
