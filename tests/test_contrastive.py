@@ -117,6 +117,9 @@ def test_images_of_another_size_than_the_image_tower_takes_are_refused_at_start(
     with pytest.raises(ConfigError, match=r"model\.image\.resolution=16 but data\.resolution=32"):
         trainer.fit(ContrastiveModule(tiny_config()), datamodule=data)
     assert trainer.global_step == 0
+    grey = tiny_config(image={"resolution": 32, "channels": [8, 16], "in_channels": 1})
+    with pytest.raises(ConfigError, match=r"model\.image\.in_channels=1, but the data are RGB images"):
+        trainer.fit(ContrastiveModule(grey), datamodule=data)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():

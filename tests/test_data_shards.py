@@ -268,6 +268,9 @@ def test_awkward_folder_inputs(tmp_path: Path):
                                           r"\[' sitting on a mat'\]\); quote a caption that holds a comma"):
         write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
                        "captions": str(tmp_path / "list.csv"), "val_samples": 0})
+    (tmp_path / "list.csv").write_text("path,caption\na.png,a cat,\nb.gif,a dog\nc.tif,x\nd.tiff,y\n")  # trailing comma
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o4"),
+                   "captions": str(tmp_path / "list.csv"), "val_samples": 0, "resolution": 16})
     manifest.write_text('{"file": "a.png", "caption": "a"}\n\n{"file": "b.gif" "caption": "b"}\n')
     with pytest.raises(ConfigError, match=r"list\.jsonl: line 3 is not JSON \(Expecting ',' delimiter\)"):
         write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),

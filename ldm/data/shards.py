@@ -217,9 +217,10 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         raise ConfigError(f"captions={path}: every line must be a JSON object with a path and a caption field")
     captions: dict[Path, str] = {}
     for i, row in enumerate(rows):
-        if None in row:  # csv.DictReader's key for the fields beyond the header's
-            raise ConfigError(f"captions={path}, row {i}: more fields than the header's {sorted(k for k in row if k)} "
-                              f"(extra: {row[None]}); quote a caption that holds a comma: \"a cat, sitting\"")
+        extra = row.pop(None, None) or ()  # csv.DictReader's key for the fields beyond the header's
+        if any(extra):  # (empty ones: a trailing comma)
+            raise ConfigError(f"captions={path}, row {i}: more fields than the header's {sorted(row)} (extra: "
+                              f"{extra}); quote a caption that holds a comma: \"a cat, sitting\"")
         file = next((row[k] for k in PATH_FIELDS if row.get(k)), None)
         caption = next((row[k] for k in CAPTION_FIELDS if k in row), None)
         if file is None or caption is None:

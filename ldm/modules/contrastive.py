@@ -138,6 +138,9 @@ class ContrastiveModule(L.LightningModule):
     def on_fit_start(self) -> None:
         require_images(self.trainer.datamodule, "the contrastive text-image model")
         data, resolution = getattr(self.trainer.datamodule, "config", None), self.config.image.resolution
+        if self.config.image.in_channels != 3:
+            raise ConfigError(f"model.image.in_channels={self.config.image.in_channels}, but the data are RGB images: "
+                              f"set model.image.in_channels=3")
         if data is not None and data.resolution != resolution:
             raise ConfigError(f"model.image.resolution={resolution} but data.resolution={data.resolution}: the image "
                               f"tower takes the images at the size the data gives them; set data.resolution (which "
