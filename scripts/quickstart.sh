@@ -38,9 +38,61 @@ stage() { echo; echo "=== $1 ($(( SECONDS - START )) s elapsed)"; }
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
+# Every stage runs as background jobs, so that a signal to the script reaches them at once. Commands that need only
+# what is already written run side by side, each on half the cores (these small models use a second thread poorly:
+# 2 threads ran the autoencoder step 1.3x and the contrastive step 1.2x faster than one). `start NAME CMD...` runs CMD
+# with its output in $OUT/NAME.log; `show NAME CMD...` on all cores, its output also on the terminal; `finish` waits
+# for them and, as soon as one fails, stops the others and the quickstart, showing the failed one's log. Ctrl-C (or a
+# SIGTERM, SIGHUP to the script) stops the running commands (the trainers save last.ckpt) and the quickstart, with
+# status 130 (143, 129): nothing after it runs.
+THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+PIDS=(); NAMES=()
+start() {
+  local name=$1; shift
+  OMP_NUM_THREADS=$THREADS "$@" > "$OUT/$name.log" 2>&1 &
+  PIDS+=($!); NAMES+=("$name")
+}
+show() {
+  local name=$1; shift
+  "$@" > >(trap '' INT TERM HUP; exec tee "$OUT/$name.log") 2>&1 &  # tee outlives a signal: the last lines reach the log
+  PIDS+=($!); NAMES+=("+$name")  # +: its output is on the terminal already
+}
+stop_all() { kill -TERM "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null || true; }
+interrupted() {
+  trap - INT TERM HUP
+  stop_all
+  echo "quickstart: interrupted by SIG$1; nothing after it ran (runs/quickstart holds what was written)" >&2
+  exit "$2"
+}
+trap 'interrupted INT 130' INT
+trap 'interrupted TERM 143' TERM
+trap 'interrupted HUP 129' HUP
+finish() {
+  local i status name
+  while (( ${#PIDS[@]} )); do
+    for i in "${!PIDS[@]}"; do
+      kill -0 "${PIDS[$i]}" 2>/dev/null && continue  # still running
+      status=0; wait "${PIDS[$i]}" || status=$?
+      name=${NAMES[$i]#+}
+      if (( status )); then
+        [[ ${NAMES[$i]} == +* ]] || tail -n 20 "$OUT/$name.log"
+        echo "quickstart: $name failed; its log: $OUT/$name.log" >&2
+        unset 'PIDS[i]'
+        stop_all
+        exit 1
+      fi
+      [[ ${NAMES[$i]} == +* ]] || tail -n 1 "$OUT/$name.log"
+      unset 'PIDS[i]' 'NAMES[i]'
+    done
+    (( ${#PIDS[@]} )) && sleep 0.2
+  done
+  PIDS=(); NAMES=()
+}
+
 stage "1/6 shapes shards"
-ldm-data source=shapes output_dir="$OUT/data" num_samples=$NUM_SAMPLES val_samples=200 resolution=32 seed=$SEED \
-  "${SHAPES_LAYOUT[@]}" holdout="$PROMPT_LIST"
+show data ldm-data source=shapes output_dir="$OUT/data" num_samples=$NUM_SAMPLES val_samples=200 resolution=32 \
+  seed=$SEED "${SHAPES_LAYOUT[@]}" holdout="$PROMPT_LIST"
+finish
 
 python - "$OUT/data" "${PROMPTS[@]}" <<'PY'
 import sys
@@ -59,55 +111,6 @@ PY
 
 DATA=(data.train_shards="$OUT/data/train-*.tar" data.val_shards="$OUT/data/val-*.tar")
 COMMON=(logger=csv callbacks.progress=null)
-
-# Commands that need only what is already written run side by side, each on half the cores (these small models use a
-# second thread poorly: 2 threads ran the autoencoder step 1.3x and the contrastive step 1.2x faster than one).
-# `start NAME CMD...` runs CMD in the background, its output in $OUT/NAME.log (`show NAME CMD...`: all cores, its
-# output also on the terminal); `finish` waits for them and, as soon as one fails, stops the others and the
-# quickstart, showing the failed one's log. Ctrl-C (or a SIGTERM, SIGHUP to the script) stops the running commands
-# (the trainers save last.ckpt) and the quickstart, with status 130 (143, 129): nothing after it runs.
-THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
-PIDS=(); NAMES=()
-start() {
-  local name=$1; shift
-  OMP_NUM_THREADS=$THREADS "$@" > "$OUT/$name.log" 2>&1 &
-  PIDS+=($!); NAMES+=("$name")
-}
-show() {
-  local name=$1; shift
-  "$@" > >(trap '' INT TERM HUP; exec tee "$OUT/$name.log") 2>&1 &  # tee outlives a signal: the last lines reach the log
-  PIDS+=($!); NAMES+=("$name")
-}
-stop_all() { kill -TERM "${PIDS[@]}" 2>/dev/null || true; wait "${PIDS[@]}" 2>/dev/null || true; }
-interrupted() {
-  trap - INT TERM HUP
-  stop_all
-  echo "quickstart: interrupted by SIG$1; nothing after it ran (runs/quickstart holds what was written)" >&2
-  exit "$2"
-}
-trap 'interrupted INT 130' INT
-trap 'interrupted TERM 143' TERM
-trap 'interrupted HUP 129' HUP
-finish() {
-  local i status
-  while (( ${#PIDS[@]} )); do
-    for i in "${!PIDS[@]}"; do
-      kill -0 "${PIDS[$i]}" 2>/dev/null && continue  # still running
-      status=0; wait "${PIDS[$i]}" || status=$?
-      if (( status )); then
-        tail -n 20 "$OUT/${NAMES[$i]}.log"
-        echo "quickstart: ${NAMES[$i]} failed; its log: $OUT/${NAMES[$i]}.log" >&2
-        unset 'PIDS[i]'
-        stop_all
-        exit 1
-      fi
-      tail -n 1 "$OUT/${NAMES[$i]}.log"
-      unset 'PIDS[i]' 'NAMES[i]'
-    done
-    (( ${#PIDS[@]} )) && sleep 0.2
-  done
-  PIDS=(); NAMES=()
-}
 
 stage "2/6 autoencoder (experiment=quickstart_vae) and text encoder (experiment=quickstart_clip), side by side"
 start vae ldm-train experiment=quickstart_vae paths.output_dir="$OUT/vae" "${DATA[@]}" "${COMMON[@]}"
@@ -128,14 +131,16 @@ show ldm ldm-train experiment=quickstart_ldm paths.output_dir="$OUT/ldm" model.a
 finish
 
 stage "5/6 samples of held-out prompts"
-ldm-sample ckpt_path="$OUT/ldm/export" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \
+show sample ldm-sample ckpt_path="$OUT/ldm/export" prompts="$PROMPT_LIST" sampler=dpmpp_2m num_steps=20 \
   guidance_scale=3.5 seed=0 num_images_per_prompt=4 batch_size=16 output_dir="$OUT/samples" device=cpu
+finish
 
 stage "6/6 prompt adherence (ldm-eval metrics=[shapes_color_accuracy,shapes_shape_accuracy])"
 mkdir -p "$OUT/eval"
-ldm-eval ckpt_path="$OUT/ldm/export" output_dir="$OUT/eval" val_shards="$OUT/data" num_samples=512 batch_size=128 \
-  'samplers=[dpmpp_2m]' 'num_steps=[20]' 'guidance_scales=[3.5]' 'metrics=[shapes_color_accuracy,shapes_shape_accuracy]' \
-  | tee "$OUT/eval/summary.txt"
+show eval/summary ldm-eval ckpt_path="$OUT/ldm/export" output_dir="$OUT/eval" val_shards="$OUT/data" num_samples=512 \
+  batch_size=128 'samplers=[dpmpp_2m]' 'num_steps=[20]' 'guidance_scales=[3.5]' \
+  'metrics=[shapes_color_accuracy,shapes_shape_accuracy]'
+finish
 
 echo
 echo "quickstart finished in $(( SECONDS - START )) s"
@@ -145,4 +150,4 @@ echo "diffusion model:   $OUT/ldm/export, EMA pipeline (checkpoint: $OUT/ldm/che
 echo "samples:           $OUT/samples/grid.png (one row per prompt, 4 seeds each; images and sample.json beside it)"
 printf '  row %s\n' "${PROMPTS[@]}"
 echo "evaluation:        $OUT/eval/results.csv (protocol and metrics; chance: colour 1/8, shape 1/7)"
-grep -h "^shapes_" "$OUT/eval/summary.txt"
+grep -h "^shapes_" "$OUT/eval/summary.log"

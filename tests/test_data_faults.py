@@ -228,6 +228,21 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
         keys += [key for batch in ShardStream(plan) for key in batch["key"]]
     assert "d003" not in keys
 
+    # cut inside the first member of the last sample: the header count and the reader keep the same samples (the
+    # count kept one more, and the reader repeated a sample to make up for it, reporting a damage)
+    whole = write_shard(tmp_path / "full.tar", shapes_like(tmp_path, "f", 8))
+    with tarfile.open(whole) as tar:
+        offset = next(member.offset_data for member in tar if member.name == "f007.png") + 20
+    inside = tmp_path / "inside-000000.tar"
+    inside.write_bytes(whole.read_bytes()[:offset])
+    whole.unlink()
+    dm = WebDataModule(train_shards=str(inside), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    keys = [key for batch in dm.train_dataloader() for key in batch["key"]]
+    assert sorted(keys) == [f"f00{i}" for i in range(6)]  # f006 left out as the last read
+    ((_, key, reason),) = dm.skipped  # the damage, named once (no sample of the counted ones lost)
+    assert key == "?" and reason.startswith("damaged tar (ReadError")
+
     # a whole tar whose last sample has no caption (as img2dataset writes some): kept, counted as uncaptioned
     uncaptioned = {"__key__": "e003", "png": png_bytes(Image.new("RGB", (8, 8)))}
     whole = write_shard(tmp_path / "whole-000000.tar", [*shapes_like(tmp_path, "e", 3), uncaptioned])

@@ -112,6 +112,11 @@ def acquire(output_dir: Path) -> Path:
         if holder is None:
             continue  # released meanwhile: try again
         reason = stale_reason(holder)
+        if reason is None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            raise RunDirectoryLocked(
+                f"paths.output_dir={output_dir} holds a lock ({path}) that names this process's own pid {os.getpid()} "
+                f"on this host: left by a container restarted with the same pid, or held by another container that "
+                f"shares this hostname; delete the lock file if no other run uses the directory")
         if reason is None:
             raise RunDirectoryLocked(
                 f"paths.output_dir={output_dir} is in use by another ldm-train (pid {holder.get('pid')} on host "

@@ -89,7 +89,9 @@ def _count_tar_samples(path: str) -> int:
                 if member.isreg() and not _webdataset_skips(member.name):
                     prefix, _ = wds.tariterators.base_plus_ext(member.name)
                     if plain and member.offset_data + member.size > size:  # cut short inside its data
-                        count -= int(prefix is not None and prefix == last)  # that sample is not whole either
+                        # the sample it belongs to is not whole either; and where the tar ends cut short, the reader
+                        # leaves out the last sample it reads, this one's or the one before (`tar_ends_cut`)
+                        count -= 1 if tar_ends_cut(path) else int(prefix is not None and prefix == last)
                         raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix is not None and prefix != last:
                         count, last = count + 1, prefix

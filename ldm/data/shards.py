@@ -401,9 +401,6 @@ def write_folder(cfg: WriteConfig, plan: FolderPlan, output_dir: Path) -> dict[s
     splits = {split: write_split(folder_records(items, plan.input_dir, plan.captions, cfg, plan.skipped), output_dir,
                                  split, cfg)
               for split, items in (("train", train), ("val", val))}
-    if plan.skipped:
-        log.warning("left out %d files of input_dir=%s (listed with the reason under `skipped` in %s)",
-                    len(plan.skipped), plan.input_dir, SUMMARY_NAME)
     return {"splits": splits, "input_dir": str(plan.input_dir), "skipped": plan.skipped,
             "missing_captions": [p.relative_to(plan.input_dir).as_posix() for p in plan.missing]}
 
@@ -438,9 +435,9 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
     try:
         written = write_shapes(cfg, staging) if plan is None else write_folder(cfg, plan, staging)
         if not written["splits"]["train"]["count"]:
-            raise ConfigError(f"no training image of input_dir={cfg.input_dir} could be read (the warnings above say "
-                              f"why); nothing was written" + (", and the shards there were left as they were"
-                                                              if existing else ""))
+            reasons = [f"{entry['path']}: {entry['reason']}" for entry in written.get("skipped", [])[:3]]
+            raise ConfigError(f"no training image of input_dir={cfg.input_dir} could be read (e.g. {reasons}); nothing "
+                              f"was written" + (", and the shards there were left as they were" if existing else ""))
         for name in existing:
             (output_dir / name).unlink()
         (output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # it described the shards just removed
@@ -452,6 +449,9 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / SUMMARY_NAME)
+    if summary.get("skipped"):
+        log.warning("left out %d files of input_dir=%s (listed with the reason under `skipped` in %s)",
+                    len(summary["skipped"]), summary["input_dir"], output_dir / SUMMARY_NAME)
     counts = ", ".join(f"{s}: {v['count']} samples in {len(v['shards'])} shards" for s, v in summary["splits"].items())
     log.info("wrote %s (%s)", output_dir, counts)
     return summary
