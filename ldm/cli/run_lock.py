@@ -116,7 +116,8 @@ def acquire(output_dir: Path) -> Path:
             raise RunDirectoryLocked(
                 f"paths.output_dir={output_dir} holds a lock ({path}) that names this process's own pid {os.getpid()} "
                 f"on this host: left by a container restarted with the same pid, or held by another container that "
-                f"shares this hostname; delete the lock file if no other run uses the directory")
+                f"shares this hostname; delete the lock file if no other run uses the directory, or choose another "
+                f"paths.output_dir")
         if reason is None:
             raise RunDirectoryLocked(
                 f"paths.output_dir={output_dir} is in use by another ldm-train (pid {holder.get('pid')} on host "
