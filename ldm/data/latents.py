@@ -188,6 +188,15 @@ def require_images(datamodule: Any, model: str) -> None:
                           f"trains on images; point data.train_shards and data.val_shards at image shards (ldm-data)")
 
 
+def require_resolution(datamodule: Any, key: str, resolution: int, advice: str) -> None:
+    """Raise ConfigError, naming `key` (the model's input size, `resolution`) and giving `advice` (`{data}`: the data's
+    size), when the datamodule's images are of another size."""
+    data = getattr(datamodule, "config", None)
+    if data is not None and data.resolution != resolution:
+        raise ConfigError(f"{key}={resolution} but data.resolution={data.resolution}: "
+                          f"{advice.format(data=data.resolution)}")
+
+
 def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_path: str,
                    key: str = "model.autoencoder_path", text_encoder_hash: str | None = None,
                    text_encoder_trains: str | None = None, text_encoder: dict[str, Any] | None = None) -> None:

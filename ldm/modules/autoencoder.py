@@ -22,7 +22,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.callbacks.checkpoint import halted_without_export
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
-from ldm.data.latents import require_images
+from ldm.data.latents import require_images, require_resolution
 from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
@@ -156,11 +156,9 @@ class AutoencoderModule(L.LightningModule):
     def on_fit_start(self) -> None:
         trainer = self.trainer
         require_images(trainer.datamodule, "the autoencoder")
-        data = getattr(trainer.datamodule, "config", None)
-        if data is not None and data.resolution != self.config.net.resolution:
-            raise ConfigError(f"model.net.resolution={self.config.net.resolution} but data.resolution="
-                              f"{data.resolution}: the export records the size the autoencoder trains at (what "
-                              f"ldm-encode and stage 2 use); set model.net.resolution={data.resolution}")
+        require_resolution(trainer.datamodule, "model.net.resolution", self.config.net.resolution,
+                           "the export records the size the autoencoder trains at (what ldm-encode and stage 2 use); "
+                           "set model.net.resolution={data}")
         # Said now, not when the GAN starts (step disc_start, perhaps days in): the discriminator's stride-2
         # convolutions halve the image n_layers times, and its last two 4x4 convolutions need 3 pixels left.
         loss, resolution = self.config.loss, self.config.net.resolution

@@ -30,7 +30,7 @@ from torch import nn
 from ldm.callbacks.checkpoint import halted_without_export
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
-from ldm.data.latents import require_images
+from ldm.data.latents import require_images, require_resolution
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
@@ -137,14 +137,12 @@ class ContrastiveModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         require_images(self.trainer.datamodule, "the contrastive text-image model")
-        data, resolution = getattr(self.trainer.datamodule, "config", None), self.config.image.resolution
         if self.config.image.in_channels != 3:
             raise ConfigError(f"model.image.in_channels={self.config.image.in_channels}, but the data are RGB images: "
                               f"set model.image.in_channels=3")
-        if data is not None and data.resolution != resolution:
-            raise ConfigError(f"model.image.resolution={resolution} but data.resolution={data.resolution}: the image "
-                              f"tower takes the images at the size the data gives them; set data.resolution (which "
-                              f"model.image.resolution follows in conf/model/contrastive)")
+        require_resolution(self.trainer.datamodule, "model.image.resolution", self.config.image.resolution,
+                           "the image tower takes the images at the size the data gives them; set data.resolution "
+                           "(which model.image.resolution follows in conf/model/contrastive)")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
