@@ -69,9 +69,10 @@ def experiment_model(name: str) -> dict:
     return experiment_config(name)["model"]
 
 
-def as_in_quickstart(module: torch.nn.Module, name: str) -> torch.nn.Module:
-    """`module` with experiment `name`'s memory format (`channels_last`: NHWC 4-D weights, as ldm-train converts)."""
-    if experiment_config(name).get("channels_last"):
+def as_in_quickstart(module: torch.nn.Module, cfg: dict) -> torch.nn.Module:
+    """`module` with the memory format of the experiment config `cfg` (`channels_last`: NHWC 4-D weights, as ldm-train
+    converts)."""
+    if cfg.get("channels_last"):
         module.to(memory_format=torch.channels_last)
     return module
 
@@ -104,8 +105,9 @@ def bench_data(batch_size: int) -> dict[str, float]:
 
 
 def bench_vae(device: torch.device, batch_size: int, repeats: int) -> float:
-    net = experiment_model("quickstart_vae")["net"]
-    model = as_in_quickstart(AutoencoderKL(to_dataclass(AutoencoderConfig, net)).to(device), "quickstart_vae")
+    cfg = experiment_config("quickstart_vae")
+    net = cfg["model"]["net"]
+    model = as_in_quickstart(AutoencoderKL(to_dataclass(AutoencoderConfig, net)).to(device), cfg)
     opt = adam(torch.optim.Adam, list(model.parameters()))
     x = torch.rand(batch_size, 3, net["resolution"], net["resolution"], device=device) * 2 - 1
 
@@ -141,8 +143,9 @@ def unet_step(unet: UNet, conditioner: torch.nn.Module | None, device: torch.dev
 
 
 def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) -> dict[str, float]:
-    model = experiment_model("quickstart_ldm")
-    unet = as_in_quickstart(UNet(to_dataclass(UNetConfig, model["unet"])).to(device), "quickstart_ldm")
+    cfg = experiment_config("quickstart_ldm")
+    model = cfg["model"]
+    unet = as_in_quickstart(UNet(to_dataclass(UNetConfig, model["unet"])).to(device), cfg)
     with tempfile.TemporaryDirectory() as root:  # the quickstart's frozen pretrained encoder, random weights
         text = {**model["conditioner"], "name_or_path": str(random_byte_text_encoder(Path(root))), "trainable": False}
         conditioner = build_conditioner(text).to(device)
@@ -161,7 +164,7 @@ def bench_unet(device: torch.device, batch_size: int, repeats: int, sd15: bool) 
 def bench_contrastive(device: torch.device, repeats: int) -> float:
     cfg = experiment_config("quickstart_clip")
     model, batch_size = cfg["model"], cfg["data"]["batch_size"]
-    module = as_in_quickstart(ContrastiveModule(model).to(device), "quickstart_clip")
+    module = as_in_quickstart(ContrastiveModule(model).to(device), cfg)
     opt = adam(torch.optim.AdamW, list(module.parameters()))
     side = model["image"]["resolution"]
     batch = {"image": torch.rand(batch_size, 3, side, side, device=device) * 2 - 1,
