@@ -196,8 +196,9 @@ class LatentDiffusionPipeline(nn.Module):
             seeds: B seeds; image b's noise comes from its own generator, so it never depends on the batch.
             sampler: ddpm | ddim | dpmpp_2m.
             num_steps: sampler steps, spaced by the schedule's timestep_spacing.
-            guidance_scale: classifier-free guidance; 1 runs the conditional model alone.
-            class_labels: B labels for class-conditional models.
+            guidance_scale: classifier-free guidance; 1 runs the conditional model alone. An unconditional model has
+                nothing to guide by (every scale gives the same images): it runs once, as at 1.
+            class_labels: B labels for class-conditional models (refused for any other).
             eta: DDIM's noise scale.
             image_size: output side in pixels; None: `self.image_size`.
             negative_prompts: B prompts that guidance steers away from, in place of the empty prompt (text-conditioned
@@ -215,6 +216,8 @@ class LatentDiffusionPipeline(nn.Module):
         if negative_prompts is not None and not self.conditioner.uses_prompts:
             raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
         size = self.check_image_size(image_size or self.image_size)
+        if not self.conditioner.conditional:
+            guidance_scale = 1.0  # the conditional and unconditional passes would be the same: one pass
         cond, negative = self.sampling_conditions(prompts, class_labels, negative_prompts, B)
         device = self.device
         rng = StackedRandomGenerator(seeds, device)

@@ -58,6 +58,19 @@ def fixed_settings(arguments: Sequence[str], params: Mapping[str, Any] | None) -
     return fixed
 
 
+def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Recorded fixed settings (override strings by key) as values to compare: the key without its `+` / `++`
+    prefix, the value as Hydra parses it (`'abc'` and `abc`, `1e-3` and `0.001` are the same setting)."""
+    parser, values = OverridesParser.create(), {}
+    for key, value in settings.items():
+        try:
+            parsed = parser.parse_override(f"{key}={value}").value()
+        except HydraException:
+            parsed = value
+        values[key.lstrip("+")] = parsed
+    return values
+
+
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
     study whose newest trial was run with other fixed settings (naming them, and `hydra.sweeper.study_name`)."""
@@ -75,10 +88,12 @@ class CheckOptunaSweep(Callback):
             return
 
         def side(settings: dict[str, Any], key: str) -> str:
-            return repr(settings[key]) if key in settings else "not set"
+            written = [value for name, value in settings.items() if name.lstrip("+") == key]
+            return repr(written[0]) if written else "not set"
 
+        there, here = setting_values(recorded), setting_values(fixed)
         differing = [f"{key}: {side(recorded, key)} there, {side(fixed, key)} here"
-                     for key in sorted(recorded.keys() | fixed.keys()) if recorded.get(key) != fixed.get(key)]
+                     for key in sorted(there.keys() | here.keys()) if there.get(key, ...) != here.get(key, ...)]
         if differing:
             refuse(f"the Optuna study {study.study_name!r} ({sweeper.storage}) holds trials run with other fixed "
                    f"settings ({'; '.join(differing[:5])}): continued, it would mix their scores with this "

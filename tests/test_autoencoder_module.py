@@ -147,6 +147,36 @@ def test_checkpoint_and_export_round_trips(tmp_path):
         tiny_module(**{"loss.learn_logvar": True}).on_load_checkpoint(torch.load(ckpt, weights_only=True))
 
 
+def test_a_resume_from_a_checkpoint_written_before_its_validation_keeps_the_statistics(tmp_path):
+    """A periodic checkpoint written at its step's end precedes that step's validation, which measures the latent
+    statistics: the export of a resumed run took the checkpoint's (none) and removed the good latent_stats.json."""
+    from ldm.callbacks.checkpoint import Checkpoint
+
+    images = shapes_images(16)
+
+    def run(max_steps: int) -> L.Trainer:
+        torch.manual_seed(0)
+        checkpoint = Checkpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=2)
+        loader = DataLoader(TensorDataset(images), batch_size=8, shuffle=False)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=2, limit_val_batches=1,
+                            check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(tmp_path), logger=False,
+                            callbacks=[checkpoint])
+        last = tmp_path / "checkpoints" / "last.ckpt"
+        trainer.fit(tiny_module(), loader, loader, ckpt_path=str(last) if last.exists() else None)
+        return trainer
+
+    run(2)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"] is None
+    measured = json.loads((tmp_path / "export" / "latent_stats.json").read_text())
+    assert measured["step"] == 2
+    run(2)  # the same command again: a finished run, resumed, trains nothing
+    assert json.loads((tmp_path / "export" / "latent_stats.json").read_text()) == measured
+    with pytest.warns(UserWarning, match="weights of step 3 with the latent statistics of step 2"):
+        run(3)  # one step more, no validation after it: the statistics of step 2, as the warning says
+    assert json.loads((tmp_path / "export" / "latent_stats.json").read_text()) == measured
+
+
 def test_compile_networks_compiles_what_training_calls(monkeypatch):
     """`compile=true` compiled the autoencoder's forward, which training never calls (it calls encode and decode):
     the run printed that it compiled and trained eagerly. Graphs captured (dynamo's eager backend, no code generated)

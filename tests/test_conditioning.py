@@ -203,12 +203,26 @@ def test_class_labels_as_context_and_for_the_unet():
     assert (for_unet.unconditional(2)["class_labels"] == 10).all()
     with pytest.raises(ValueError, match=r"\[0, 10\]"):
         for_unet([11])
+    # the null class is guidance's: a training sample labelled with it trained the unconditional embedding
+    with pytest.raises(ValueError, match=r"class label 10 is the null class, which training reaches only by "
+                                         r"condition dropout"):
+        for_unet.train()([1, 10])
+    assert (for_unet.eval()([10])["class_labels"] == 10).all()  # sampling may ask for it
+    # generation's labels are integers (1.7 was cut to class 1, True read as 1)
+    assert torch.equal(for_unet.sampling_conditions(None, torch.tensor([2, 3]), 2), torch.tensor([2, 3]))
+    for bad in ([1.7, 2], [True, 2], torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="class labels are integers"):
+            for_unet.sampling_conditions(None, bad, 2)
+    assert for_unet.conditional and not for_unet.uses_prompts
 
 
 def test_none_kind_returns_no_context():
     conditioner = build_conditioner({"kind": "none"})
     assert conditioner(["ignored"]) == {"context": None, "class_labels": None, "pooled": None}
-    assert conditioner.context_dim is None and not conditioner.trainable
+    assert conditioner.context_dim is None and not conditioner.trainable and not conditioner.conditional
+    # labels given to a model that reads none were ignored without a word
+    with pytest.raises(ValueError, match=r"class_labels=\[1\] given to a model that is not class-conditional"):
+        conditioner.sampling_conditions(None, [1], 1)
 
 
 def test_config_errors_name_the_key():

@@ -385,7 +385,8 @@ def test_a_damaged_summary_is_named(tmp_path: Path):
 
 def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_path: Path):
     """A class-conditional LDM: the sample whose metadata has no integer label is skipped and counted (the batches
-    stay full), instead of its batch losing the `label` key and failing the step."""
+    stay full), instead of its batch losing the `label` key and failing the step; so is a label outside the model's
+    classes: the null class (3 of 3; it trained the unconditional embedding) or a negative one (it crashed the run)."""
     from dataclasses import asdict
 
     from scale_helpers import tiny_autoencoder_export
@@ -395,7 +396,7 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
 
     samples = shapes_like(tmp_path, "k", 8)
     for i, sample in enumerate(samples):
-        sample["json"] = json.dumps({} if i == 5 else {"label": i % 3})
+        sample["json"] = json.dumps({5: {}, 6: {"label": 3}, 7: {"label": -1}}.get(i, {"label": i % 3}))
     shard = write_shard(tmp_path / "train-000000.tar", samples)
     module = LatentDiffusionModule({
         "autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "ema_decay": None,
@@ -406,7 +407,11 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)  # its export
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4, "every batch full: the slot topped its quota up"
-    assert dm.num_skipped == 1 and dm.skipped[0][1] == "k005" and "no integer 'label'" in dm.skipped[0][2]
+    reasons = {key: reason for _, key, reason in dm.skipped}  # in the order the shuffled stream met them
+    assert sorted(reasons) == ["k005", "k006", "k007"] and dm.num_skipped == 3
+    assert "no integer 'label'" in reasons["k005"]
+    assert all("outside the model's classes [0, 2] (model.conditioner.num_classes=3)" in reasons[key]
+               for key in ("k006", "k007"))
 
 
 def test_samples_are_counted_as_webdataset_reads_them(tmp_path: Path):

@@ -182,3 +182,34 @@ def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards:
         with pytest.raises((ConfigError, FileNotFoundError), match=message):
             trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
         assert trainer.global_step == 0
+
+
+def test_a_class_conditional_model_is_checked_against_the_fid_shards_labels(tmp_path: Path, shapes_shards: Path):
+    """The labels the FID samples are generated from are checked at setup: shapes labels 0-6 for a 3-class model
+    (a label of 3, the null class, trained the unconditional embedding; above it, the first evaluation crashed
+    after hours), and CLIP score for a model that reads no prompts is refused rather than left out."""
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.nn.unet import unet_config
+
+    module = LatentDiffusionModule({
+        "autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "ema_decay": None,
+        "unet": asdict(unet_config("tiny", context_dim=None, num_classes=3)),
+        "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"}})
+    common = {"val_shards": str(shapes_shards), "every_n_steps": 2, "num_samples": 4, "feature_dim": 64,
+              "cache_dir": str(tmp_path / "cache"),
+              "feature_extractor_weights_path": str(random_inception_weights(tmp_path / "inc.pt"))}
+    data = [{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS, "label": torch.tensor([0, 1])}] * 3
+    for callback, message in ((FIDCallback(**common), r"callbacks\.fid\.val_shards=.* holds labels \[3, 6\] "
+                                                      r"outside the model's classes \[0, 2\]"),
+                              (FIDCallback(**common, clip_model=str(tiny_clip(tmp_path / "clip"))),
+                               r"callbacks\.fid\.clip_model=.*this model reads none; set callbacks\.fid\.clip_model="
+                               r"null")):
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            default_root_dir=tmp_path, callbacks=[callback])
+        with pytest.raises(ConfigError, match=message):
+            trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+        assert trainer.global_step == 0

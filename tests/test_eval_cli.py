@@ -220,20 +220,52 @@ def test_a_class_conditional_model_needs_the_labels_of_val_shards(assets, tmp_pa
 
     autoencoder = tiny_autoencoder_module(16).autoencoder
     export = autoencoder.save_pretrained(tmp_path / "ae", latent_stats={"scale_factor": 1.0})
-    module = LatentDiffusionModule({
-        "autoencoder_path": str(export), "ema_decay": None,
-        "unet": {"in_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-                 "attention_levels": [], "num_heads": None, "head_dim": 8, "context_dim": None, "norm_groups": 8,
-                 "num_classes": 7},
-        "conditioner": {"kind": "class", "num_classes": 7, "class_embed": "unet"}})
-    ckpt = save_checkpoint(module, tmp_path / "class.ckpt", global_step=1)
+
+    def class_model(num_classes: int) -> LatentDiffusionModule:
+        return LatentDiffusionModule({
+            "autoencoder_path": str(export), "ema_decay": None,
+            "unet": {"in_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                     "attention_levels": [], "num_heads": None, "head_dim": 8, "context_dim": None, "norm_groups": 8,
+                     "num_classes": num_classes},
+            "conditioner": {"kind": "class", "num_classes": num_classes, "class_embed": "unet"}})
+
+    ckpt = save_checkpoint(class_model(7), tmp_path / "class.ckpt", global_step=1)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle in the center on a white background\n")
     with pytest.raises(ConfigError, match="class-conditional.*prompts_source=val_shards"):
         evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), prompts_source="file",
-                          prompts_file=str(prompts), metrics=["shapes_color_accuracy"]))
-    row = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_color_accuracy"]))[0]
-    assert 0 <= row["shapes_color_accuracy"] <= 1
+                          prompts_file=str(prompts), metrics=["shapes_shape_accuracy"]))
+    # colour and CLIP score rate the caption's words, which a class model never reads (rows were written)
+    with pytest.raises(ConfigError, match=r"metrics \['clip_score', 'shapes_color_accuracy'\] score the images "
+                                          r"against their captions, but .* reads class labels only"):
+        evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt),
+                          metrics=["clip_score", "shapes_color_accuracy", "shapes_shape_accuracy"]))
+    row = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_shape_accuracy"]))[0]
+    assert 0 <= row["shapes_shape_accuracy"] <= 1
+    # a model of fewer classes than the shards' labels: refused before anything is generated
+    few = save_checkpoint(class_model(3), tmp_path / "few.ckpt", global_step=1)
+    with pytest.raises(ConfigError, match=r"val_shards=.* holds labels \[.*\] outside the model's classes \[0, 2\]"):
+        evaluate(make_cfg(assets, tmp_path / "eval3", ckpt_path=str(few), metrics=["shapes_shape_accuracy"]))
+
+
+def test_an_unconditional_model_is_scored_once_without_guidance(assets, tmp_path: Path, capsys):
+    """Every guidance scale gives an unconditional model's images unchanged: a sweep wrote one identical row per
+    scale, labelled with scales that had no effect, and adherence metrics rated captions it never read."""
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+
+    export = tiny_autoencoder_module(16).autoencoder.save_pretrained(tmp_path / "ae", latent_stats={"scale_factor": 1})
+    module = LatentDiffusionModule({
+        "autoencoder_path": str(export), "ema_decay": None, "conditioner": {"kind": "none"},
+        "unet": {"in_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                 "attention_levels": [], "num_heads": None, "head_dim": 8, "context_dim": None, "norm_groups": 8}})
+    ckpt = save_checkpoint(module, tmp_path / "unconditional.ckpt", global_step=1)
+    with pytest.raises(ConfigError, match=r"metrics \['shapes_shape_accuracy'\] score the images against their "
+                                          r"captions, but .* reads no condition"):
+        evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_shape_accuracy"]))
+    rows = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), guidance_scales=[1.0, 3.0],
+                             metrics=["fid"]))
+    assert [row["guidance_scale"] for row in rows] == [1.0] and rows[0]["fid"] > 0
+    assert "is unconditional: guidance has nothing to steer by" in capsys.readouterr().out
 
 
 def test_an_interrupted_sweep_keeps_its_scored_rows_and_a_torn_line_is_mended(

@@ -229,6 +229,26 @@ def test_log_images_returns_the_fixed_prompt_grid(autoencoder_dir: Path):
     assert torch.equal(images["samples"], again["samples"])
 
 
+def test_class_and_unconditional_grids_count_their_own_conditions(autoencoder_dir: Path):
+    """A class model's grid took its size from val_prompts (the quickstart's 4): 7 labels gave 4 images, 2 labels no
+    grid at all; val_class_labels out of range or on a text model only warned at each validation."""
+    unet = {**tiny_config(autoencoder_dir)["unet"], "context_dim": None, "attention_levels": [], "num_classes": 7}
+    classes = {"unet": unet, "conditioner": {"kind": "class", "num_classes": 7, "class_embed": "unet"}}
+    labelled = {**batch(4), "label": torch.tensor([3, 1, 4, 1])}
+    for labels, expected in (([0, 1, 2, 3, 4, 5, 6], 7), ([0, 1], 2), (None, 4)):  # None: the batch's labels
+        module = LatentDiffusionModule(tiny_config(autoencoder_dir, val_class_labels=labels, **classes)).eval()
+        assert module.log_images(labelled)["samples"].shape == (expected, 3, 16, 16)
+    none = {"unet": {**unet, "num_classes": None}, "conditioner": {"kind": "none"}, "val_num_images": 3}
+    assert LatentDiffusionModule(tiny_config(autoencoder_dir, **none)).eval().log_images(batch(4))["samples"].shape \
+        == (3, 3, 16, 16)
+    with pytest.raises(ConfigError, match=r"model\.val_class_labels=\[1, 9\]: give at least one label, each in "
+                                          r"\[0, 7\] \(model\.conditioner\.num_classes=7"):
+        LatentDiffusionModule(tiny_config(autoencoder_dir, val_class_labels=[1, 9], **classes))
+    with pytest.raises(ConfigError, match=r"model\.val_class_labels=\[1\] is for class-conditional models; this "
+                                          r"one is model\.conditioner\.kind=byte"):
+        LatentDiffusionModule(tiny_config(autoencoder_dir, val_class_labels=[1]))
+
+
 def test_pretrained_byte_encoder_stays_frozen_and_the_checkpoint_carries_it(tmp_path: Path):
     from ldm.conditioning.byte import ByteTextEncoder
 

@@ -159,4 +159,42 @@ def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_pa
         sample({**base, "ckpt_path": str(export)})
     with pytest.raises(ConfigError, match=r"class_labels=\[1, 4\]: \[4\] outside \[0, 3\]"):
         sample({**base, "ckpt_path": str(export), "class_labels": [1, 4]})
+    with pytest.raises(ConfigError, match=r"class_labels has 3 entries for 2 prompts \(the prompts name"):
+        sample({**base, "ckpt_path": str(export), "class_labels": [0, 1, 2]})
     assert len(sample({**base, "ckpt_path": str(export), "class_labels": [0, 3]})) == 2  # 3: the null class
+    # the labels alone give the rows (prompts were required, and then ignored)
+    del base["prompts"]
+    paths = sample({**base, "ckpt_path": str(export), "class_labels": [2, 0, 1], "overwrite": True})
+    assert [p.name for p in paths] == ["prompt000_seed000000.png", "prompt001_seed000001.png",
+                                       "prompt002_seed000002.png"]
+    assert json.loads((tmp_path / "out" / "sample.json").read_text())["prompts"] == ["class 2", "class 0", "class 1"]
+
+
+def test_an_unconditional_model_samples_without_prompts_and_without_guidance(tmp_path: Path, caplog):
+    """An unconditional model: prompts were required (and ignored); guidance ran the same UNet pass twice per step
+    and recorded a scale that had no effect."""
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+    from ldm.nn.unet import unet_config
+
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")),
+                                    "unet": asdict(unet_config("tiny", context_dim=None)),
+                                    "conditioner": {"kind": "none"}, "ema_decay": None})
+    export = module.pipeline.save_pretrained(tmp_path / "unconditional")
+    base = {"ckpt_path": str(export), "num_steps": 3, "device": "cpu", "num_images_per_prompt": 2}
+    with pytest.raises(ConfigError, match=r"is unconditional: it reads no prompts; leave prompts and prompts_file "
+                                          r"out \(it generates num_images_per_prompt=2 images\)"):
+        sample({**base, "prompts": PROMPTS, "output_dir": str(tmp_path / "a")})
+    plain = sample({**base, "guidance_scale": 1.0, "output_dir": str(tmp_path / "a")})
+    guided = sample({**base, "guidance_scale": 5.0, "output_dir": str(tmp_path / "b")})
+    assert "guidance has nothing to steer by" in caplog.text
+    assert json.loads((tmp_path / "b" / "sample.json").read_text())["config"]["guidance_scale"] == 1.0
+    for a, b in zip(plain, guided, strict=True):
+        assert torch.equal(torchvision.io.read_image(str(a)), torchvision.io.read_image(str(b)))
+    batches = []
+    module.pipeline.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    module.pipeline.generate(None, [0, 1, 2], num_steps=2, guidance_scale=5.0)
+    assert batches == [3, 3], "one pass per step, not a conditional and an unconditional one"

@@ -90,6 +90,17 @@ def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
     assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 1
 
 
+def test_fixed_settings_are_compared_as_values_not_as_spelled():
+    """`run_name='abc'` after a study run with `run_name=abc` (the same job config) was refused as another setting."""
+    from ldm.sweeps import setting_values
+
+    recorded = {"run_name": "abc", "+trainer.foo": "1", "model.lr": "0.001", "data.resolution": "[32, 32]"}
+    same = {"run_name": "'abc'", "++trainer.foo": "1", "model.lr": "1e-3", "data.resolution": "[32,32]"}
+    assert setting_values(recorded) == setting_values(same)
+    assert setting_values(recorded) != setting_values({**same, "model.lr": "2e-3"})
+    assert setting_values(recorded) != setting_values({**same, "run_name": "'abd'"})
+
+
 @pytest.mark.parametrize("entry", ["model.lr=tag(log, interval(0, 1e-3))", "model.lr=interval(1e-3, 1e-4)"])
 def test_a_search_space_optuna_rejects_is_refused_naming_the_key(entry, tmp_path):
     result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={tmp_path}", entry])

@@ -30,7 +30,7 @@ from ldm.eval.evaluator import rank_batches, require_image_shards
 from ldm.eval.feature_extractors import INCEPTION_FEATURE_DIMS, InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
-from ldm.eval.sources import load_prompts, shard_labels
+from ldm.eval.sources import generation_labels, load_prompts
 from ldm.images import to_uint8
 
 
@@ -104,8 +104,11 @@ class FIDCallback(StepBoundary):
         require_image_shards(self._shards, "callbacks.fid.val_shards are the FID's reference images (training on "
                                            "latents: set callbacks.fid.val_shards to the image shards)")
         self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
-        labels = shard_labels(self._shards, self.num_samples)
-        self._labels = [labels[i % len(labels)] for i in range(self.num_samples)] if labels else None
+        conditioner = pl_module.pipeline.conditioner
+        if self.clip_model and not conditioner.uses_prompts:
+            raise ConfigError(f"callbacks.fid.clip_model={self.clip_model}: CLIP score rates images against their "
+                              f"prompts, and this model reads none; set callbacks.fid.clip_model=null")
+        self._labels = generation_labels(conditioner, self._shards, self.num_samples, "callbacks.fid.val_shards")
         self._inception = InceptionFeatures(self.feature_dim, self.feature_extractor_weights_path,
                                             antialias=self.fid_antialias,
                                             key="callbacks.fid.feature_extractor_weights_path")
@@ -149,13 +152,13 @@ class FIDCallback(StepBoundary):
         if trainer.global_step != self._last_step and trainer.global_step > 0 and not stopped:
             self.evaluate(trainer, pl_module)
 
-    def _scorer(self, pl_module: L.LightningModule, uses_prompts: bool, resolution: int) -> GenerationMetrics:
+    def _scorer(self, pl_module: L.LightningModule, resolution: int) -> GenerationMetrics:
         if self._metrics is None:
             device = pl_module.device
             self._inception = self._inception.to(device)
             reference = load_or_compute_reference_stats(self._shards, resolution, self.reference_num_samples,
                                                         self._inception, self.cache_dir, self.batch_size, device)
-            metrics = ["fid"] + (["clip_score"] if self.clip_model and uses_prompts else [])
+            metrics = ["fid"] + (["clip_score"] if self.clip_model else [])
             self._metrics = GenerationMetrics(metrics, self._inception, reference, self._clip,
                                               seed=self.seed).to(device)
         return self._metrics
@@ -187,7 +190,7 @@ class FIDCallback(StepBoundary):
                                        class_labels=labels)
             images = to_uint8(images)                                                   # (B, 3, H, W)
             if scorer is None:  # the resolution is the model's: known from its first images
-                scorer = self._scorer(pl_module, pipeline.conditioner.uses_prompts, int(images.shape[-1]))
+                scorer = self._scorer(pl_module, int(images.shape[-1]))
             scorer.update(images, prompts)
         pl_module.train(was_training)
         if scorer is None:

@@ -12,6 +12,7 @@ training), a run directory, or a checkpoint: each alone is enough, the frozen au
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -43,9 +44,9 @@ class SampleConfig:
     """What `ldm-sample` runs (conf/sample.yaml documents every key)."""
 
     ckpt_path: str = ""                        # required: a pipeline export (<run>/export), run dir or .ckpt
-    prompts: list[str] = field(default_factory=list)  # prompts; or prompts_file
+    prompts: list[str] = field(default_factory=list)  # text-conditioned models: the prompts; or prompts_file
     prompts_file: str | None = None            # one prompt per line (blank lines skipped)
-    class_labels: list[int] | None = None      # class-conditional models: one label per prompt
+    class_labels: list[int] | None = None      # class-conditional models: the labels (prompts, if given, name them)
     negative_prompt: str | None = None         # what guidance steers every image away from; null: the empty prompt
     sampler: str = "ddim"                      # ddpm | ddim | dpmpp_2m
     num_steps: int = 50
@@ -68,8 +69,8 @@ class SampleConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
         check_output_dir("output_dir", self.output_dir)
-        if bool(self.prompts) == bool(self.prompts_file):
-            raise ConfigError("give exactly one of prompts='[a red circle, a blue square]' and prompts_file=FILE "
+        if self.prompts and self.prompts_file:
+            raise ConfigError("give one of prompts='[a red circle, a blue square]' and prompts_file=FILE, not both "
                               f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")
         for key in ("num_steps", "num_images_per_prompt", "batch_size"):
             if getattr(self, key) < 1:
@@ -99,7 +100,7 @@ def read_prompts(config: SampleConfig) -> list[str]:
 
 
 def check_class_labels(config: SampleConfig, pipeline: LatentDiffusionPipeline) -> None:
-    """class_labels for a class-conditional model (one per prompt, within its classes), none for any other."""
+    """class_labels for a class-conditional model (within its classes), none for any other."""
     conditioner = pipeline.conditioner_config
     if conditioner.kind != "class":
         if config.class_labels is not None:
@@ -107,13 +108,39 @@ def check_class_labels(config: SampleConfig, pipeline: LatentDiffusionPipeline) 
                               f"class-conditional (model.conditioner.kind={conditioner.kind}); leave class_labels out")
         return
     n = conditioner.num_classes
-    if config.class_labels is None:
-        raise ConfigError(f"{config.ckpt_path} is class-conditional ({n} classes): give class_labels=[...], one per "
-                          f"prompt, each in [0, {n - 1}] ({n}: the null class, unconditional samples)")
+    if not config.class_labels:
+        raise ConfigError(f"{config.ckpt_path} is class-conditional ({n} classes): give class_labels=[...], one "
+                          f"row of images per label, each in [0, {n - 1}] ({n}: the null class, unconditional "
+                          f"samples)")
     bad = [label for label in config.class_labels if not 0 <= label <= n]
     if bad:
         raise ConfigError(f"class_labels={config.class_labels}: {bad} outside [0, {n}] ({n} classes; {n}: the null "
                           f"class)")
+
+
+def read_rows(config: SampleConfig, pipeline: LatentDiffusionPipeline) -> list[str]:
+    """The prompt of each row of images (num_images_per_prompt seeds each): a text-conditioned model's prompts; a
+    class-conditional model's labels, named by the prompts when given; one row (no prompt) of an unconditional model."""
+    conditioner = pipeline.conditioner
+    given = bool(config.prompts or config.prompts_file)
+    check_class_labels(config, pipeline)
+    if conditioner.uses_prompts:
+        if not given:
+            raise ConfigError(f"{config.ckpt_path} is text-conditioned: give prompts='[a red circle, a blue square]' "
+                              f"or prompts_file=FILE")
+        return read_prompts(config)
+    if conditioner.reads_labels:
+        if not given:
+            return [f"class {label}" for label in config.class_labels]
+        prompts = read_prompts(config)
+        if len(prompts) != len(config.class_labels):
+            raise ConfigError(f"class_labels has {len(config.class_labels)} entries for {len(prompts)} prompts (the "
+                              f"prompts name the labels' rows: give one per label, or leave them out)")
+        return prompts
+    if given:
+        raise ConfigError(f"{config.ckpt_path} is unconditional: it reads no prompts; leave prompts and prompts_file "
+                          f"out (it generates num_images_per_prompt={config.num_images_per_prompt} images)")
+    return [""]
 
 
 def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
@@ -123,15 +150,16 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     config = to_dataclass(SampleConfig, cfg)
-    prompts = read_prompts(config)
-    if config.class_labels is not None and len(config.class_labels) != len(prompts):
-        raise ConfigError(f"class_labels has {len(config.class_labels)} entries for {len(prompts)} prompts")
     device = choose_device(config.device)
     pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema).to(device)
     pipeline.schedule.check_num_steps(config.num_steps, "num_steps")
     if config.image_size is not None:
         pipeline.check_image_size(config.image_size)
-    check_class_labels(config, pipeline)
+    prompts = read_rows(config, pipeline)
+    if not pipeline.conditioner.conditional and config.guidance_scale != 1.0:
+        log.warning("guidance_scale=%g: %s is unconditional, so guidance has nothing to steer by (every scale gives "
+                    "the same images); sampled once, as at 1.0", config.guidance_scale, config.ckpt_path)
+        config = dataclasses.replace(config, guidance_scale=1.0)  # what sample.json records
     if config.negative_prompt is not None and not pipeline.conditioner.uses_prompts:
         raise ConfigError(f"negative_prompt={config.negative_prompt!r} applies to text-conditioned models; "
                           f"{config.ckpt_path} reads no prompts: leave it null")

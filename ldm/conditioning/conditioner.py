@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -139,6 +140,18 @@ class Conditioner(nn.Module):
         """Whether generation reads prompts (text-conditioned), so prompt metrics such as CLIP score apply."""
         return False
 
+    @property
+    def conditional(self) -> bool:
+        """Whether generation reads a condition (prompts or labels): without one, classifier-free guidance has
+        nothing to steer by (its conditional and unconditional outputs are the same)."""
+        return self.uses_prompts or self.reads_labels
+
+    @staticmethod
+    def refuse_labels(class_labels: Sequence[int] | None) -> None:
+        if class_labels is not None:
+            raise ValueError(f"class_labels={list(class_labels)} given to a model that is not class-conditional; "
+                             f"leave them out")
+
     def external_weights(self) -> tuple[str, ...]:
         """State-dict prefixes that an export stores outside model.safetensors (see `save_external`)."""
         return ()
@@ -215,6 +228,7 @@ class TextConditioner(Conditioner):
 
     def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
                             batch_size: int) -> list[str]:
+        self.refuse_labels(class_labels)
         if prompts is None or len(prompts) != batch_size:
             raise ValueError(f"{0 if prompts is None else len(prompts)} prompts for {batch_size} seeds; a text-"
                              f"conditioned model needs one prompt per seed")
@@ -292,6 +306,10 @@ class ClassConditioner(Conditioner):
             raise ValueError(f"class labels must lie in [0, {self.null_class}] ({self.null_class} = null class); "
                              f"got min {int(labels.min())}, max {int(labels.max())}")
         if self.training:
+            if labels.numel() and labels.max() == self.null_class:
+                raise ValueError(f"class label {self.null_class} is the null class, which training reaches only by "
+                                 f"condition dropout (model.conditioner.cond_drop_prob); a sample's label lies in "
+                                 f"[0, {self.null_class - 1}]")
             labels = drop_labels(labels, drop_mask(len(labels), self.cond_drop_prob, generator), self.null_class)
         return self._route(labels)
 
@@ -313,7 +331,10 @@ class ClassConditioner(Conditioner):
         if class_labels is None or len(class_labels) != batch_size:
             raise ValueError(f"a class-conditional model needs {batch_size} class labels, one per seed; got "
                              f"{class_labels}")
-        return torch.as_tensor(list(class_labels), dtype=torch.long)
+        values = class_labels.tolist() if torch.is_tensor(class_labels) else list(class_labels)
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+            raise ValueError(f"class labels are integers; got {values}")  # 1.7 was cut to class 1
+        return torch.tensor(values, dtype=torch.long)
 
     def _route(self, labels: torch.Tensor) -> UNetKwargs:
         if self.embedder is not None:
@@ -335,6 +356,7 @@ class NullConditioner(Conditioner):
 
     def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
                             batch_size: int) -> None:
+        self.refuse_labels(class_labels)
         return None
 
 

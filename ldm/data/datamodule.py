@@ -289,8 +289,8 @@ class WebDataModule(L.LightningDataModule):
         self._logged_counts = (0.0, 0.0)  # the all-ranks totals last logged as data/skipped and data/uncaptioned
         self.latent_manifest: LatentManifest | None = None  # set by setup() when the shards are ldm-encode latents
         # Set by a class-conditional model in its `setup` hook, before the loaders are built: a sample without an
-        # integer label is then skipped and counted as corrupt instead of failing its batch.
-        self.require_labels = False
+        # integer label in [0, num_classes) is then skipped and counted as corrupt instead of failing its batch.
+        self.num_classes: int | None = None
 
     @classmethod
     def check_files(cls, config: Config) -> None:
@@ -332,7 +332,7 @@ class WebDataModule(L.LightningDataModule):
         urls, counts = (self.train_urls, self.train_counts) if train else (self.val_urls, self.val_counts)
         batch_size = c.batch_size if train else (c.val_batch_size or c.batch_size)
         plan = EpochPlan(urls, counts, c.seed, rank, world_size, c.num_workers, batch_size, train, c.resolution,
-                         c.shuffle_buffer, c.random_crop, c.hflip, c.cache_in_memory, self.require_labels)
+                         c.shuffle_buffer, c.random_crop, c.hflip, c.cache_in_memory, self.num_classes)
         if plan.rank_batches == 0:
             key = "data.train_shards" if train else "data.val_shards"
             need = (f"each of the {plan.slots} slots ({world_size} ranks x {max(1, c.num_workers)} workers) a batch "

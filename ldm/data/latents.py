@@ -321,10 +321,10 @@ def from_npy(data: bytes) -> np.ndarray:
 
 
 def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required: tuple[str, ...],
-                    require_label: bool = False, shapes: dict[str, tuple[int, ...]] | None = None
+                    num_classes: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None
                     ) -> Iterator[dict[str, Any]]:
     """Arrays, caption and label of raw latent samples; unreadable samples (or without a `required` member, or
-    without an integer label when `require_label`) are recorded and dropped."""
+    without an integer label in [0, num_classes) when `num_classes` is given) are recorded and dropped."""
     for sample in samples:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         try:
@@ -339,7 +339,7 @@ def _decode_latents(samples: Iterator[dict[str, Any]], skips: SkipLog, required:
             for name, shape in (shapes or {}).items():
                 if name in arrays and tuple(arrays[name].shape) != shape:
                     raise ValueError(f"{name} has shape {arrays[name].shape}, the manifest says {shape}")
-            caption, label = caption_and_label(sample, skips, require_label)
+            caption, label = caption_and_label(sample, skips, num_classes)
         except Exception as err:  # noqa: BLE001 -- any unreadable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
@@ -373,7 +373,7 @@ class LatentStream(ShardStream):
         shapes = {MOMENTS: tuple(m["moments"]["shape"]), MOMENTS_FLIP: tuple(m["moments"]["shape"])}
         if text is not None:
             shapes.update({CONTEXT: tuple(text["context_shape"]), POOLED: tuple(text["pooled_shape"])})
-        return _decode_latents(samples, skips, required, self.plan.require_labels, shapes)
+        return _decode_latents(samples, skips, required, self.plan.num_classes, shapes)
 
     def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_latents(samples)

@@ -73,7 +73,8 @@ class EpochPlan:
     random_crop: bool = False
     hflip: bool = False
     cache_in_memory: bool = False  # keep the raw samples read from each shard for later epochs (num_workers=0 only)
-    require_labels: bool = False  # a sample without an integer label is corrupt (class-conditional training)
+    num_classes: int | None = None  # class-conditional training: a sample without an integer label in
+    #                                 [0, num_classes) is corrupt
     epoch: int = 0
     skip_batches: int = 0  # batches of this rank already consumed this epoch (resume)
 
@@ -253,9 +254,9 @@ def tar_ends_cut(url: str) -> bool:
     return len(tail) < 1024 or any(tail)
 
 
-def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bool = False
+def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, num_classes: int | None = None
             ) -> Iterator[dict[str, Any]]:
-    """PIL image, caption and label (optional unless `require_label`); undecodable samples are recorded and
+    """PIL image, caption and label (optional unless `num_classes` is given); undecodable samples are recorded and
     dropped."""
     for sample in samples:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
@@ -264,16 +265,19 @@ def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, require_label: bo
             if ext is None:
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)}), found {sorted(sample)}")
             image = decode_image(sample[ext])  # 8-bit RGB; truncated data fails here
-            caption, label = caption_and_label(sample, skips, require_label)
+            caption, label = caption_and_label(sample, skips, num_classes)
         except Exception as err:  # noqa: BLE001 -- any undecodable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
         yield {"image": image, "caption": caption, "key": key, "url": url, "label": label}
 
 
-def caption_and_label(sample: dict[str, Any], skips: SkipLog, require_label: bool = False) -> tuple[str, int | None]:
-    """A raw sample's caption ("" and counted when it has none) and integer class label (None without one, or a
-    ValueError when `require_label`); image and latent samples alike."""
+def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int | None = None
+                      ) -> tuple[str, int | None]:
+    """A raw sample's caption ("" and counted when it has none) and integer class label: None without one, unless
+    `num_classes` is given (a class-conditional model's), which makes a missing label or one outside
+    [0, num_classes) a ValueError (index num_classes is the null class of guidance, never a sample's); image and
+    latent samples alike."""
     if "txt" in sample:
         caption = sample["txt"].decode("utf-8-sig").strip()
     else:
@@ -282,10 +286,13 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog, require_label: boo
     meta = json.loads(sample["json"]) if "json" in sample else {}
     label = meta.get("label") if isinstance(meta, dict) else None
     if not isinstance(label, int) or isinstance(label, bool):
-        if require_label:
+        if num_classes is not None:
             raise ValueError(f"no integer 'label' in its metadata (.json: {str(meta)[:60]}), which a class-conditional "
                              f"model needs")
         label = None
+    elif num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside the model's classes [0, {num_classes - 1}] "
+                         f"(model.conditioner.num_classes={num_classes})")
     return caption, label
 
 
@@ -374,7 +381,7 @@ class ShardStream(IterableDataset):
     # note: the three steps a sample goes through are methods so that `ldm.data.latents.LatentStream` reads latent
     # shards through the same splitting, resume and skip logic.
     def decode_samples(self, samples: Iterator[dict[str, Any]], skips: SkipLog) -> Iterator[dict[str, Any]]:
-        return _decode(samples, skips, self.plan.require_labels)
+        return _decode(samples, skips, self.plan.num_classes)
 
     def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples)

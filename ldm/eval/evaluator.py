@@ -45,7 +45,7 @@ from ldm.eval.metrics import (
 )
 from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
 from ldm.eval.results import WandbTable, append_results, print_row, read_results
-from ldm.eval.sources import iter_image_batches, load_prompts, shard_labels
+from ldm.eval.sources import generation_labels, iter_image_batches, load_prompts
 from ldm.images import to_uint8
 from ldm.io import check_export_weights
 
@@ -212,18 +212,25 @@ class Evaluator:
             cfg.reference_shards is None and any(m in INCEPTION_METRICS for m in cfg.metrics))
         shards = self.shards_for(pipeline) if needs_shards else cfg.val_shards
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
-        labels = shard_labels(shards, cfg.num_samples) if cfg.prompts_source == "val_shards" else None
-        labels = [labels[i % len(labels)] for i in range(cfg.num_samples)] if labels else None
-        if labels is None and getattr(getattr(pipeline, "conditioner", None), "kind", None) == "class":
+        conditioner = getattr(pipeline, "conditioner", None)
+        check_conditioning_metrics(cfg.metrics, conditioner, info.get("checkpoint"))
+        if getattr(conditioner, "reads_labels", False) and cfg.prompts_source != "val_shards":
             raise ConfigError(f"{info.get('checkpoint')} is class-conditional: it generates from the integer 'label' "
                               f"of each validation sample's metadata, so it needs prompts_source=val_shards (got "
-                              f"{cfg.prompts_source}) and val_shards whose every sample has one ({shards})")
+                              f"{cfg.prompts_source})")
+        labels = generation_labels(conditioner, shards, cfg.num_samples, "val_shards")
+        guidance_scales = cfg.guidance_scales
+        if not getattr(conditioner, "conditional", True) and guidance_scales != [1.0]:
+            guidance_scales = [1.0]  # every scale would give the same images, and a row per scale would repeat them
+            if self.rank == 0:
+                print(f"[ldm-eval] {info.get('checkpoint')} is unconditional: guidance has nothing to steer by, so it "
+                      f"is scored once, at guidance_scale 1.0 (guidance_scales={cfg.guidance_scales})", flush=True)
         pipeline.to(self.device)
         rows = []
         prompts_sha256 = _sha256_lines(prompts)  # one prompt list for every point
         for sampler in cfg.samplers:
             for num_steps in cfg.num_steps:
-                for guidance_scale in cfg.guidance_scales:
+                for guidance_scale in guidance_scales:
                     sweep = {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale)}
                     scorer, protocol = self._generation_metrics(int(pipeline.image_size), shards)
                     point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, **sweep,
@@ -433,6 +440,23 @@ def done_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     """The rows results.jsonl holds already (for `skip_done`), on rank 0, which decides for every rank
     (`Evaluator._done_row`): the other ranks need not see output_dir."""
     return read_results(cfg.output_dir) if cfg.skip_done and rank_and_world()[0] == 0 else []
+
+
+TEXT_METRICS = ("clip_score", "shapes_color_accuracy")  # score the image against its caption's words
+CONDITIONED_METRICS = ("shapes_shape_accuracy",)  # also a class model's, whose shapes labels name the caption's shape
+
+
+def check_conditioning_metrics(metrics: Sequence[str], conditioner: object, checkpoint: Any) -> None:
+    """Refuse metrics that score adherence to a condition the model does not read: caption metrics for a model
+    without text, every adherence metric for an unconditional one."""
+    uses_prompts = getattr(conditioner, "uses_prompts", True)
+    reads_labels = getattr(conditioner, "reads_labels", False)
+    refused = [m for m in metrics if m in TEXT_METRICS and not uses_prompts
+               or m in CONDITIONED_METRICS and not (uses_prompts or reads_labels)]
+    if refused:
+        reads = "class labels only" if reads_labels else "no condition"
+        raise ConfigError(f"metrics {refused} score the images against their captions, but {checkpoint} reads "
+                          f"{reads}: leave them out of metrics")
 
 
 def _check_weights(cfg: EvalConfig, kind: str) -> None:

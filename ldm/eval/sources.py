@@ -161,10 +161,29 @@ def shard_labels(shards: Sequence[str], limit: int | None = None) -> list[int] |
             break
         meta = json.loads(members["json"]) if "json" in members else None
         label = meta.get("label") if isinstance(meta, dict) else None
-        if not isinstance(label, int):
+        if not isinstance(label, int) or isinstance(label, bool):  # JSON true is no class (training skips it too)
             return None
         labels.append(label)
     return labels or None
+
+
+def generation_labels(conditioner: object, shards: Sequence[str] | None, num_samples: int, key: str
+                      ) -> list[int] | None:
+    """The class label of each of `num_samples` generated images for a class-conditional `conditioner` (the labels
+    of the first samples of `shards`, cycled); None for any other conditioner. A ConfigError naming `key` when a
+    sample lacks a label or holds one outside the model's classes (its null class included)."""
+    if not getattr(conditioner, "reads_labels", False):
+        return None
+    num_classes = conditioner.null_class
+    labels = shard_labels(shards, num_samples) if shards else None
+    if labels is None:
+        raise ConfigError(f"the model is class-conditional: it generates from the integer 'label' of each sample's "
+                          f"metadata (as ldm-data writes for shapes), and {key}={shards} has a sample without one")
+    bad = sorted({label for label in labels if not 0 <= label < num_classes})
+    if bad:
+        raise ConfigError(f"{key}={shards} holds labels {bad[:5]} outside the model's classes [0, {num_classes - 1}] "
+                          f"(model.conditioner.num_classes={num_classes})")
+    return [labels[i % len(labels)] for i in range(num_samples)]
 
 
 def load_prompts(source: str, num_samples: int, shards: Sequence[str] | None = None,

@@ -23,7 +23,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm.callbacks.checkpoint import halted_without_export
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images, require_resolution
-from ldm.io import atomic_write_text
+from ldm.io import atomic_write_text, read_json_object
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
@@ -290,6 +290,19 @@ class AutoencoderModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resume(checkpoint)
         self.latent_stats = checkpoint.get("latent_stats")
+        step = checkpoint.get("global_step")
+        try:
+            ckpt_path = self.trainer.ckpt_path
+        except RuntimeError:  # note: `load_from_checkpoint` calls this hook too, without a trainer
+            ckpt_path = None
+        if (self.latent_stats or {}).get("step") != step and ckpt_path:
+            # A checkpoint written at the end of its step's batch, before that step's validation measured the
+            # statistics of its weights (callbacks.checkpoint.every_n_train_steps set, or the final step): they are in
+            # the latent_stats.json beside it, which records the step.
+            beside = Path(ckpt_path).parent / LATENT_STATS_NAME
+            stats = read_json_object(beside, "latent statistics") if beside.is_file() else {}
+            if stats.get("step") == step:
+                self.latent_stats = stats
 
     @rank_zero_only
     def on_fit_end(self) -> None:

@@ -79,9 +79,9 @@ class Config:
     caption_key: str = "caption"
     label_key: str = "label"
     # Validation samples (log_images): prompt i uses seed val_seed + i, so every grid is comparable.
-    val_prompts: list[str] = field(default_factory=list)  # empty: the first captions of the validation batch
-    val_class_labels: list[int] | None = None  # class-conditional models
-    val_num_images: int = 8                # images when val_prompts is empty
+    val_prompts: list[str] = field(default_factory=list)  # text models; empty: the first captions of the val batch
+    val_class_labels: list[int] | None = None  # class models, in [0, num_classes]; null: the val batch's first labels
+    val_num_images: int = 8                # images when neither is given (and of an unconditional model)
     val_seed: int = 0
     val_sampler: str = "ddim"
     val_num_steps: int = 50
@@ -104,6 +104,16 @@ class Config:
                               "model, whose VAE is then used)")
         if self.latent_scale is not None and self.latent_scale <= 0:
             raise ConfigError(f"latent_scale={self.latent_scale} must be > 0 or null")
+        check_min(1, val_num_images=self.val_num_images)
+        if self.val_class_labels is not None:
+            kind, n = self.conditioner.kind, self.conditioner.num_classes
+            if kind != "class":
+                raise ConfigError(f"model.val_class_labels={self.val_class_labels} is for class-conditional models; "
+                                  f"this one is model.conditioner.kind={kind}: leave it null")
+            bad = [label for label in self.val_class_labels if not 0 <= label <= n]
+            if bad or not self.val_class_labels:
+                raise ConfigError(f"model.val_class_labels={self.val_class_labels}: give at least one label, each in "
+                                  f"[0, {n}] (model.conditioner.num_classes={n}; {n}: the null class)")
 
 
 def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, source: str) -> tuple[float, str]:
@@ -262,8 +272,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if self.pipeline.conditioner.reads_labels and hasattr(datamodule, "require_labels"):
-            datamodule.require_labels = True  # before its loaders: unlabelled samples are skipped and counted
+        if self.pipeline.conditioner.reads_labels and hasattr(datamodule, "num_classes"):
+            # before its loaders: unlabelled samples, and labels outside the model's classes, are skipped and counted
+            datamodule.num_classes = self.pipeline.conditioner.null_class
 
     def on_fit_start(self) -> None:
         resolution = getattr(getattr(self.trainer.datamodule, "config", None), "resolution", None)
@@ -421,19 +432,21 @@ class LatentDiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Samples for the fixed `val_prompts` / `val_class_labels`, or else the batch's first captions and labels,
-        with seeds val_seed + i, in [-1, 1]."""
+        """Samples for the fixed `val_prompts` (text models) / `val_class_labels` (class models), or else the batch's
+        first captions / labels (`val_num_images` of them; as many samples of an unconditional model), with seeds
+        val_seed + i, in [-1, 1]."""
         c = self.config
         n = min(c.val_num_images, self.batch_size(batch))
-        prompts = list(c.val_prompts) or [str(p) for p in batch.get(c.caption_key, [])][:n]
-        labels = c.val_class_labels
-        if labels is None and c.label_key in batch:
-            labels = [int(v) for v in batch[c.label_key][:n]]
-        count = len(c.val_prompts or c.val_class_labels or range(n))
+        conditioner = self.pipeline.conditioner
+        prompts = labels = None
+        if conditioner.reads_labels:
+            labels = c.val_class_labels or [int(v) for v in batch[c.label_key][:n]]
+        elif conditioner.uses_prompts:
+            prompts = list(c.val_prompts) or [str(p) for p in batch[c.caption_key][:n]]
+        count = len(labels if labels is not None else prompts if prompts is not None else range(n))
         samples = self.eval_pipeline(c.val_use_ema).generate(
-            prompts[:count], [c.val_seed + i for i in range(count)], sampler=c.val_sampler,
-            num_steps=c.val_num_steps, guidance_scale=c.val_guidance_scale,
-            class_labels=None if labels is None else labels[:count])
+            prompts, [c.val_seed + i for i in range(count)], sampler=c.val_sampler, num_steps=c.val_num_steps,
+            guidance_scale=c.val_guidance_scale, class_labels=labels)
         return {"samples": samples}
 
     # ------------------------------------------------------------------ export
