@@ -90,6 +90,11 @@ class SlurmRequeue(StepBoundary):
         self._after_validation: signal.Signals | None = None
 
     @property
+    def stop_pending(self) -> bool:
+        """A stop signal received and not acted on yet: this step's end will stop the run (`stop_pending`)."""
+        return self._received is not None and not self.stopped
+
+    @property
     def signals(self) -> tuple[signal.Signals, ...]:
         """The requeue signal, then those that stop without a requeue (in the ranks' vote, a later one wins)."""
         return tuple(dict.fromkeys((self.signum, signal.SIGTERM, signal.SIGINT)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import shutil
@@ -313,6 +314,23 @@ def test_sigterm_during_validation_saves_at_the_next_step_boundary(shapes_shards
     train(compose_train(overrides))
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # validated after step 2, trained step 3, saved at its end
+
+
+def test_the_log_row_of_a_stop_step_holds_that_steps_gradient_norm(shapes_shards, tmp_path):
+    """Lightning writes a row at the step a stop signal ends, due or not; the NaN guard logged the norm only at due
+    steps, so that row held the norm of the last step logged (at a validation step; none elsewhere)."""
+
+    def grad_norms(out: Path, extra: list[str]) -> dict[int, str]:
+        overrides = tiny_overrides(shapes_shards, out, max_steps=4, every=2) + ["model.net.ch=16", *extra]
+        train(compose_train(overrides))
+        with open(out / "csv" / "metrics.csv") as f:
+            return {int(row["step"]): row["train/grad_norm"] for row in csv.DictReader(f) if row["train/grad_norm"]}
+
+    every_step = grad_norms(tmp_path / "every", [])
+    stopped = grad_norms(tmp_path / "stopped", [
+        "trainer.max_steps=50", "trainer.log_every_n_steps=3", "+callbacks.signal._target_=scale_helpers.SignalAtStep",
+        "+callbacks.signal.step=3", "+callbacks.signal.signal_name=SIGTERM"])  # stops at step 4, a validation step
+    assert sorted(stopped) == [2, 3] and {step: every_step[step] for step in stopped} == stopped
 
 
 # -- sbatch scripts ----------------------------------------------------------------------------------------------------

@@ -83,6 +83,12 @@ def run_stopped(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "stopped", False) for callback in trainer.callbacks)
 
 
+def stop_pending(trainer: L.Trainer) -> bool:
+    """True when a callback holds a stop signal it has not acted on yet (it sets `stop_pending`; `ldm.slurm.SlurmRequeue`
+    acts at the step's end): Lightning then writes a log row at this step, due or not."""
+    return any(getattr(callback, "stop_pending", False) for callback in trainer.callbacks)
+
+
 def run_interrupted(trainer: L.Trainer, at_end: bool = False) -> signal.Signals | None:
     """The signal on which a callback stopped the run before its last step (`interrupted_by`), or with `at_end` the
     one that came at its last step or after it, the run finished all the same (`signalled_at_end`); None if none."""
