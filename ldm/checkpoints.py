@@ -54,8 +54,10 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        raise MissingCheckpointError(f"{key}={path} is a folder, not a checkpoint file: give a .ckpt inside it, e.g. "
-                                     f"{key}={path / 'checkpoints' / 'last.ckpt'}")
+        inside = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
+        example = next((p for p in inside if p.name == "last.ckpt"), inside[-1] if inside else None)
+        raise MissingCheckpointError(f"{key}={path} is a folder, not a checkpoint file: give a .ckpt "
+                                     + (f"inside it, e.g. {key}={example}" if example else "(it holds none)"))
     if not path.is_file():
         raise MissingCheckpointError(f"{key}={path} does not exist")
     try:

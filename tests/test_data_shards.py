@@ -295,3 +295,19 @@ def test_awkward_folder_inputs(tmp_path: Path):
     assert caption_and_label({"txt": "\ufeffa bom".encode()}, SkipLog()) == ("a bom", None)
     assert _caption("txt", "\ufeffa bom".encode()) == "a bom"  # ldm-eval's prompts
 
+
+
+def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards: Path, tmp_path: Path):
+    """jpeg_quality=-5 wrote quality 1 and recorded -5; with PNG it was ignored. A loose shard glob (`data/shapes/*`)
+    trained on the validation shard and counted summary.json as an empty shard."""
+    from ldm.data.shardlist import expand_shards
+
+    with pytest.raises(ConfigError, match=r"jpeg_quality=-5 must lie in \[1, 100\]"):
+        write_dataset({"output_dir": str(tmp_path / "a"), "image_format": "jpg", "jpeg_quality": -5})
+    with pytest.raises(ConfigError, match=r"jpeg_quality=50 applies to image_format=jpg; this run writes png"):
+        write_dataset({"output_dir": str(tmp_path / "a"), "jpeg_quality": 50})
+    with pytest.raises(ConfigError, match=r"data\.train_shards=.*/\*' matches files that are not tar shards "
+                                          r"\(\[.*summary\.json'\]\): narrow the pattern .* e\.g\. .*/train-\*\.tar"):
+        expand_shards(f"{shapes_shards}/*", "data.train_shards")
+    assert expand_shards(f"{shapes_shards}/*.tar", "data.train_shards") == sorted(
+        str(p) for p in shapes_shards.glob("*.tar"))

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from scale_helpers import REPO, cli_env, tiny_autoencoder_export
 
+from ldm.cli.data import write_dataset
 from ldm.cli.encode import encode
 from ldm.conditioning import ByteTextEncoder
 from ldm.config import ConfigError
@@ -238,6 +239,16 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
     with pytest.raises(ConfigError, match=r"output_dir=.*in_place holds the input shards themselves"):
         run_encode(in_place, autoencoder, in_place)
     assert (in_place / "train-000000.tar").read_bytes() == before
+    # latents given as input: every sample was dropped, empty shards were written and marked finished (exit 0)
+    run_encode(shapes_shards, autoencoder, tmp_path / "latents")
+    with pytest.raises(ConfigError, match=r"are latent shards \(written by ldm-encode: .*manifest\.json\); ldm-encode "
+                                          r"reads image shards"):
+        run_encode(tmp_path / "latents", autoencoder, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    # ... and ldm-data into a folder of latents: its manifest.json stayed, and the image shards were read as latents
+    with pytest.raises(ConfigError, match=r"output_dir=.*latents holds latent shards \(written by ldm-encode"):
+        write_dataset({"source": "shapes", "output_dir": str(tmp_path / "latents"), "num_samples": 4,
+                       "val_samples": 0, "overwrite": True})
 
 
 def test_a_caption_training_could_not_read_is_left_out_not_fatal(shapes_shards: Path, encoders: tuple[Path, Path],

@@ -89,8 +89,16 @@ def test_a_missing_checkpoint_or_a_folder_given_as_one_is_named(tmp_path: Path):
 
     with pytest.raises(CheckpointError, match=r"ckpt_path=.*missing\.ckpt does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
-    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: .* ckpt_path=.*last\.ckpt"):
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: give a \.ckpt \(it holds none\)"):
         load_checkpoint(tmp_path)
+    # the example named is a file that exists (it appended checkpoints/last.ckpt to whatever folder was given)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for name in ("step0000002.ckpt", "last.ckpt"):
+        (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
+    for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        with pytest.raises(CheckpointError, match=rf"inside it, e\.g\. ckpt_path={tmp_path / 'run'}/checkpoints/"
+                                                  rf"last\.ckpt$"):
+            load_checkpoint(folder)
 
 
 def test_inception_weights_are_read_without_running_code_and_checked_key_by_key(tmp_path: Path):

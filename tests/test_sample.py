@@ -135,6 +135,15 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
                 "sampler": "euler"})
     with pytest.raises(ConfigError, match="prompts"):
         sample({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match=r"prompts_file=.* is a folder; give a text file"):  # "does not exist"
+        sample({**base, "prompts": [], "prompts_file": str(tmp_path), "output_dir": str(tmp_path / "g")})
+    # ldm-export into a file: "exists; set overwrite=true", which then refused it as a file
+    from ldm.cli.export import export
+
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match=r"output_dir=.*notes\.txt is a file"):
+        export({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path / "notes.txt")})
+    assert (tmp_path / "notes.txt").read_text() == "keep"
 
 
 def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_path: Path):

@@ -84,8 +84,8 @@ def run_stopped(trainer: L.Trainer) -> bool:
 
 
 def stop_pending(trainer: L.Trainer) -> bool:
-    """True when a callback holds a stop signal it has not acted on yet (it sets `stop_pending`; `ldm.slurm.SlurmRequeue`
-    acts at the step's end): Lightning then writes a log row at this step, due or not."""
+    """True when a callback holds a stop signal it has not acted on yet (it sets `stop_pending`;
+    `ldm.slurm.SlurmRequeue` acts at the step's end): Lightning then writes a log row at this step, due or not."""
     return any(getattr(callback, "stop_pending", False) for callback in trainer.callbacks)
 
 

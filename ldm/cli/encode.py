@@ -171,6 +171,12 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     remote = [u for u in urls if u.startswith(REMOTE_PREFIXES)]
     if remote:
         raise ConfigError(f"shards: ldm-encode reads local shards only, got {remote[0]!r}; copy them locally first")
+    from ldm.data.latents import find_manifest
+
+    encoded = find_manifest(urls, "shards")
+    if encoded is not None:
+        raise ConfigError(f"shards={config.shards} are latent shards (written by ldm-encode: {encoded.path}); "
+                          f"ldm-encode reads image shards: point shards at those the latents were encoded from")
     names = [Path(u).name for u in urls]
     if len(set(names)) != len(names):
         raise ConfigError(f"shards: two input shards share a file name (outputs keep the names): "

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
-from ldm.config import ConfigError, check_choice, register_schemas, to_dataclass
+from ldm.config import ConfigError, check_choice, check_output_dir, register_schemas, to_dataclass
 from ldm.io import CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ExportConfig:
                               "ckpt_path=runs/ldm/export")
         if not self.output_dir:
             raise ConfigError("output_dir is required, e.g. output_dir=exports/my_model")
+        check_output_dir("output_dir", self.output_dir)
 
 
 register_schemas("export")  # conf/export.yaml extends ExportConfig: stored before Hydra composes

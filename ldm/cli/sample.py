@@ -92,7 +92,8 @@ def read_prompts(config: SampleConfig) -> list[str]:
         return [str(p) for p in config.prompts]
     path = Path(config.prompts_file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts_file={path} does not exist; give a text file with one prompt per line")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"prompts_file={path} {what}; give a text file with one prompt per line")
     prompts = read_lines(path, "prompts_file")
     if not prompts:
         raise ConfigError(f"prompts_file={path} holds no prompts")

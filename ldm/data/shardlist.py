@@ -12,14 +12,16 @@ import webdataset as wds
 from ldm.config import ConfigError
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
     """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
 
     A directory stands for its `{split}-*.tar` shards (what ldm-data writes). A local pattern that matches no file
-    raises FileNotFoundError naming `key` and the pattern; remote URLs (`pipe:`, `http(s)://`, ...) pass through brace
-    expansion unchecked.
+    raises FileNotFoundError naming `key` and the pattern, one that matches other files than tars (`data/shapes/*`:
+    summary.json, and the other split's shards beside) a ConfigError; remote URLs (`pipe:`, `http(s)://`, ...) pass
+    through brace expansion unchecked.
     """
     parts = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     urls: list[str] = []
@@ -37,6 +39,11 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")
+            others = [m for m in matches if glob.has_magic(path) and not m.endswith(TAR_SUFFIXES)]
+            if others:
+                raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
+                                  f"pattern to the split's shards, e.g. {os.path.join(os.path.dirname(path), split)}"
+                                  f"-*.tar")
             urls.extend(matches)
     if not urls:
         raise ConfigError(f"{key}={spec!r} names no shards")

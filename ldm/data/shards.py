@@ -32,6 +32,7 @@ from PIL import Image
 
 from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
+from ldm.data.latents import MANIFEST_NAME
 from ldm.data.stream import resize_crop
 from ldm.images import to_rgb
 from ldm.io import atomic_write_text
@@ -77,6 +78,11 @@ class WriteConfig:
     def __post_init__(self) -> None:
         check_choice("source", self.source, SOURCES)
         check_choice("image_format", self.image_format, IMAGE_FORMATS)
+        if not 1 <= self.jpeg_quality <= 100:  # PIL clamps: -5 wrote quality 1, recorded as -5
+            raise ConfigError(f"jpeg_quality={self.jpeg_quality} must lie in [1, 100]")
+        if self.image_format != "jpg" and self.jpeg_quality != 95:
+            raise ConfigError(f"jpeg_quality={self.jpeg_quality} applies to image_format=jpg; this run writes "
+                              f"{self.image_format}: leave jpeg_quality out")
         if not self.output_dir:
             raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
         check_output_dir("output_dir", self.output_dir)
@@ -422,6 +428,10 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
     found while writing (a holdout that leaves no caption, a folder none of whose images can be read) leaves them be.
     """
     output_dir = Path(cfg.output_dir)
+    if (output_dir / MANIFEST_NAME).is_file():
+        raise ConfigError(f"output_dir={output_dir} holds latent shards (written by ldm-encode, described by its "
+                          f"manifest.json): image shards written there would be read as latents; choose another "
+                          f"output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in output_dir.glob("*.tar"))
     if existing:
