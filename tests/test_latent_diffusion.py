@@ -321,6 +321,18 @@ def test_resuming_with_another_latent_scale_is_refused(tmp_path: Path, autoencod
                                           r"model.latent_scale=0.8"):
         resume()
     assert resume(latent_scale=0.8).global_step == 3
+    # the autoencoder itself retrained into the same folder: the scale message advised model.latent_scale, then the
+    # latents' hash check named the checkpoint's weights as model.autoencoder_path's (on images: no word at all)
+    from safetensors.torch import load_file, save_file
+
+    weights = autoencoder_dir / "model.safetensors"
+    state = load_file(weights)
+    state["decoder.conv_out.bias"] = state["decoder.conv_out.bias"] + 0.1
+    save_file(state, weights)
+    with pytest.raises(ConfigError, match=r"the checkpoint's frozen autoencoder \(sha256 [0-9a-f]{64}; its run took the "
+                                          r"latent scale from 1 / std .*\) is not the one this run loads from .*ae "
+                                          r"\(sha256 [0-9a-f]{64}\): .*model\.autoencoder_path set to the autoencoder"):
+        resume(latent_scale=0.8)
 
 
 def test_a_checkpoint_that_trained_a_now_frozen_text_encoder_block_resumes(tmp_path: Path, autoencoder_dir: Path):

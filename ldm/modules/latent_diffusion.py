@@ -374,6 +374,22 @@ class LatentDiffusionModule(L.LightningModule):
         before anything is written; `on_load_checkpoint` for any other fit.)"""
         saved = (checkpoint.get("hyper_parameters") or {}).get("frozen") or {}
         now = self.hparams["frozen"]
+        state = checkpoint.get("state_dict") or {}
+        prefix = "pipeline.autoencoder."
+        theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        ours = self.pipeline.autoencoder.state_dict()
+        if theirs and (theirs.keys() != ours.keys() or
+                       any(not torch.equal(theirs[k].to(v.device, v.dtype), v) for k, v in ours.items())):
+            # note: a resume restores the checkpoint's autoencoder over the one model.autoencoder_path named
+            from ldm.data.latents import weights_hash
+
+            path = self.config.autoencoder_path or self.config.init_from
+            raise ConfigError(f"the checkpoint's frozen autoencoder (sha256 {weights_hash(theirs)}; its run took "
+                              f"the latent scale from {saved.get('latent_scale_source')}) is not the one this run "
+                              f"loads from {path} (sha256 {weights_hash(ours)}): its UNet learnt the latents of the "
+                              f"checkpoint's. Resume with model.autoencoder_path set to the autoencoder the run "
+                              f"started with (its config.yaml records it), or start afresh in another "
+                              f"paths.output_dir")
         if "latent_scale" in saved and saved["latent_scale"] != now["latent_scale"]:
             raise ConfigError(f"the checkpoint trained with latent scale {saved['latent_scale']!r} "
                               f"({saved.get('latent_scale_source')}), this run's is {now['latent_scale']!r} "
