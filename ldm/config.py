@@ -107,7 +107,15 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         key = f"{where}{err.full_key}" if getattr(err, "full_key", None) else where.rstrip(".")
         raise ConfigError(f"bad value for config key '{key}': {err.msg.splitlines()[0]}") from None
     except ConfigError as err:
-        raise ConfigError(f"{where}{err}" if where and not str(err).startswith(where) else str(err)) from None
+        raise ConfigError(_with_prefix(str(err), where)) from None
+
+
+def _with_prefix(message: str, where: str) -> str:
+    """A nested schema's message with its node's prefix: on the key it starts with (`norm_groups=0 must ...` ->
+    `model.unet.norm_groups=0 must ...`), else before it (`model.unet: ...`)."""
+    if not where or message.startswith((where, f"{where.rstrip('.')}:")):
+        return message
+    return f"{where}{message}" if re.match(r"[A-Za-z_]\w*(=|\[)", message) else f"{where.rstrip('.')}: {message}"
 
 
 def _to_object(node: DictConfig, where: str) -> Any:
@@ -120,8 +128,7 @@ def _to_object(node: DictConfig, where: str) -> Any:
     try:
         return OmegaConf.to_object(node)
     except ConfigError as err:
-        message = str(err)
-        raise ConfigError(message if message.startswith(where) else f"{where}{message}") from None
+        raise ConfigError(_with_prefix(str(err), where)) from None
 
 
 def schema_node(target: str) -> type:

@@ -210,7 +210,7 @@ def test_a_schema_key_is_registered_alone_a_folder_with_everything_under_it():
 # sweep treats alike (it stops) and which still is a ValueError for callers that catch that.
 BAD_VALUES = [
     ("model/autoencoder/kl_tiny", ["net.resolution=34"], r"resolution=34 is not divisible"),
-    ("model/autoencoder/kl_tiny", ["net.norm_groups=7"], r"^model\.net\..*norm_groups=7"),
+    ("model/autoencoder/kl_tiny", ["net.norm_groups=7"], r"^model\.net: .*norm_groups=7"),
     ("model/autoencoder/kl_tiny", ["net.dropout=1.5"], r"^model\.net\.dropout=1.5 must lie in \[0, 1\)"),
     ("model/autoencoder/kl_tiny", ["betas=[0.5]"], "betas"),
     ("model/autoencoder/kl_tiny", ["loss.rec_loss=l3"], r"^model\.loss\.rec_loss='l3' is not allowed; choose one of"),
@@ -234,10 +234,10 @@ BAD_VALUES = [
     ("model/ldm/tiny", ["autoencoder_path=x", "betas=[0.9,1.5]"], r"^model\.betas=\[0.9, 1.5\] must hold two values"),
     ("model/ldm/tiny", ["autoencoder_path=x", "diffusion.schedule.beta_schedule=foo"],
      r"^model\.diffusion\.schedule\.beta_schedule='foo' is not allowed"),  # a nested schema's check: full key
-    ("model/ldm/tiny", ["autoencoder_path=x", "unet.norm_groups=7"], r"^model\.unet\.level 0 width .* norm_groups=7"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "unet.norm_groups=7"], r"^model\.unet: level 0 width .* norm_groups=7"),
     # the first encoder block normalises ch channels, below every level's ch * mult
     ("model/autoencoder/kl_tiny", ["net.ch=24", "net.ch_mult=[2,4]", "net.norm_groups=16"],
-     r"^model\.net\.channel count 24 .* norm_groups=16"),
+     r"^model\.net: channel count 24 .* norm_groups=16"),
     ("model/ldm/tiny", ["autoencoder_path=x", "conditioner.num_heads=0"], r"^model\.conditioner\.num_heads=0 must be"),
     ("model/ldm/tiny", ["autoencoder_path=x", "conditioner.num_layers=0"],
      r"^model\.conditioner\.num_layers=0 must be"),

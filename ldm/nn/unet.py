@@ -62,8 +62,9 @@ class UNetConfig:
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(f"channel_mult={self.channel_mult} must be a non-empty list of positive integers")
         if (self.num_heads is None) == (self.head_dim is None):
-            raise ConfigError(f"set exactly one of num_heads={self.num_heads} and head_dim={self.head_dim} "
-                              f"(the other must be null)")
+            both = "are both set" if self.num_heads is not None else "are both null"
+            raise ConfigError(f"num_heads={self.num_heads} and head_dim={self.head_dim} {both}: set exactly one "
+                              f"(the other to null; a named size sets one of them)")
         for key in ("num_heads", "head_dim", "context_dim", "num_classes", "pooled_dim"):
             value = getattr(self, key)
             if value is not None and value < 1:
