@@ -81,6 +81,25 @@ def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
         check_trainer(node)
 
 
+def test_devices_and_precision_are_checked_before_the_config_tree():
+    """trainer.devices=0 or precision=17 failed inside Lightning's Trainer, after the config tree, naming `trainer`."""
+    node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused"]).trainer
+    for devices in (1, 2, -1, "auto", "0,1", [0, 1]):
+        node.devices = devices
+        check_trainer(node)
+    for devices in (0, -3, "abc", [], [-1], True):
+        node.devices = devices
+        with pytest.raises(configs.ConfigError, match=r"trainer\.devices=.* must be a number of devices >= 1, -1"):
+            check_trainer(node)
+    node.devices = 1
+    for precision in ("32-true", "bf16-mixed", "16-mixed", 32, "64-true"):
+        node.precision = precision
+        check_trainer(node)
+    node.precision = 17
+    with pytest.raises(configs.ConfigError, match=r"trainer\.precision=17 is not a precision Lightning takes"):
+        check_trainer(node)
+
+
 @pytest.mark.parametrize(("devices", "num_nodes", "processes"), [(1, 1, 1), (2, 1, 2), ([0, 1], 1, 2), (1, 4, 4)])
 def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nodes, processes):
     """The latent diffusion model shards its UNet (tests/test_scale_fsdp.py), but not compiled; the autoencoder and the

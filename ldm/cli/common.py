@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -274,6 +274,20 @@ TRAINER_DEFAULTS: dict[str, Any] = {"accumulate_grad_batches": 1}
 
 
 HALF_WEIGHT_PRECISIONS = ("16-true", "bf16-true", "half")  # Lightning's precisions that cast the weights
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16", "64", "transformer-engine",
+              "transformer-engine-float16")  # what Lightning's Trainer accepts, less the half-weight ones
+
+
+def check_devices(value: Any) -> None:
+    """Raise ConfigError naming trainer.devices unless it is a count >= 1, -1 (all), auto, or device indices."""
+    ok = (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1))
+          or (isinstance(value, str) and re.fullmatch(r"-1|\d+(,\d+)*,?", value.strip()) is not None
+              and value.strip() != "0")
+          or (isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)))
+    if not ok:
+        raise ConfigError(f"trainer.devices={value!r} must be a number of devices >= 1, -1 (all of them), auto, or "
+                          f"a list of device indices (e.g. trainer.devices=[0,1])")
 
 
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
@@ -304,6 +318,12 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
+    if trainer.get("devices") is not None:
+        check_devices(trainer.get("devices"))
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS):
+        raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "
+                          f"16-mixed (or 64-true)")
     if str(trainer.get("precision")) in HALF_WEIGHT_PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.get('precision')} would hold the weights themselves in 16 bits "
                           f"(no fp32 copy: the inputs' dtype no longer matches, and an EMA update of 1e-4 is below "
