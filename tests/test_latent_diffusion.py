@@ -329,8 +329,8 @@ def test_resuming_with_another_latent_scale_is_refused(tmp_path: Path, autoencod
     state = load_file(weights)
     state["decoder.conv_out.bias"] = state["decoder.conv_out.bias"] + 0.1
     save_file(state, weights)
-    with pytest.raises(ConfigError, match=r"the checkpoint's frozen autoencoder \(sha256 [0-9a-f]{64}; its run took the "
-                                          r"latent scale from 1 / std .*\) is not the one this run loads from .*ae "
+    with pytest.raises(ConfigError, match=r"the checkpoint's frozen autoencoder \(sha256 [0-9a-f]{64}; its run took "
+                                          r"the latent scale from 1 / std .*\) is not the one this run loads from .*ae "
                                           r"\(sha256 [0-9a-f]{64}\): .*model\.autoencoder_path set to the autoencoder"):
         resume(latent_scale=0.8)
 
