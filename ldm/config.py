@@ -115,7 +115,7 @@ def _with_prefix(message: str, where: str) -> str:
     `model.unet.norm_groups=0 must ...`), else before it (`model.unet: ...`)."""
     if not where or message.startswith((where, f"{where.rstrip('.')}:")):
         return message
-    return f"{where}{message}" if re.match(r"[A-Za-z_]\w*(=|\[)", message) else f"{where.rstrip('.')}: {message}"
+    return f"{where}{message}" if re.match(r"[A-Za-z_][\w.]*(=|\[)", message) else f"{where.rstrip('.')}: {message}"
 
 
 def _to_object(node: DictConfig, where: str) -> Any:

@@ -175,6 +175,10 @@ def test_a_resume_from_a_checkpoint_written_before_its_validation_keeps_the_stat
     with pytest.warns(UserWarning, match="weights of step 3 with the latent statistics of step 2"):
         run(3)  # one step more, no validation after it: the statistics of step 2, as the warning says
     assert json.loads((tmp_path / "export" / "latent_stats.json").read_text()) == measured
+    # damaged from outside: the checkpoint's own statistics (none here) stand, with a warning, not a stopped resume
+    (tmp_path / "checkpoints" / "latent_stats.json").write_text('{"step": 3, "scale')
+    with pytest.warns(UserWarning, match=r"latent_stats\.json is not a readable JSON file .*; ignored"):
+        run(3)
 
 
 def test_compile_networks_compiles_what_training_calls(monkeypatch):

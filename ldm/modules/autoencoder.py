@@ -300,7 +300,11 @@ class AutoencoderModule(L.LightningModule):
             # statistics of its weights (callbacks.checkpoint.every_n_train_steps set, or the final step): they are in
             # the latent_stats.json beside it, which records the step.
             beside = Path(ckpt_path).parent / LATENT_STATS_NAME
-            stats = read_json_object(beside, "latent statistics") if beside.is_file() else {}
+            try:
+                stats = read_json_object(beside, "latent statistics") if beside.is_file() else {}
+            except ConfigError as err:  # damaged from outside: the checkpoint's own statistics stand
+                rank_zero_warn(f"{err}; ignored (the next validation writes it again)")
+                stats = {}
             if stats.get("step") == step:
                 self.latent_stats = stats
 
