@@ -93,7 +93,11 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_encoder"] == [None, None]  # no CLIP given: not portable, said so in the index
     loaded = StableDiffusionPipeline.from_pretrained(out, text_encoder=None, tokenizer=None)  # the caller brings one
-    assert loaded.text_encoder is None and loaded.unet.config.sample_size == 32 // 2  # VAE size / its factor
+    # the source UNet's own sample_size (8): diffusers' default size (16 px) survives the round trip; it became the
+    # VAE's sample_size / its factor (16), and ours generated at 32 px
+    assert loaded.text_encoder is None and loaded.unet.config.sample_size == 8
+    assert parts.autoencoder_config.resolution == 16 == LatentDiffusionModule(
+        {"init_from": str(tmp_path / "sd1"), "ema_decay": None}).pipeline.image_size
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_diffusers(out, *args)
     with pytest.raises(TypeError, match=r"stats\['scale_factor'\]"):  # load_autoencoder_any's statistics dict

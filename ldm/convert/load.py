@@ -4,6 +4,7 @@ configs and state dicts (`SDComponents`), checked tensor by tensor before anythi
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,6 +129,13 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
     if present("vae"):
         parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = load_autoencoder_diffusers(
             directory / "vae")
+        unet_size = read_json(directory / "unet" / "config.json", "the UNet").get("sample_size") \
+            if parts.unet_config is not None else None
+        if isinstance(unet_size, int) and not isinstance(unet_size, bool):
+            # diffusers generates at the UNet's sample_size times the VAE's factor (SD 2-base: vae/ says 768, unet/
+            # 64, so 512 px); the VAE's own sample_size is its training tile, not the pipeline's size
+            factor = 2 ** (len(parts.autoencoder_config.ch_mult) - 1)
+            parts.autoencoder_config = dataclasses.replace(parts.autoencoder_config, resolution=unet_size * factor)
     if present("scheduler"):
         parts.schedule, parts.prediction = schedule_from_diffusers(
             read_json(directory / "scheduler" / "scheduler_config.json", "the scheduler"))
