@@ -95,6 +95,33 @@ def test_inpainting_and_sdxl_single_files_are_refused(tmp_path):
         load_components(bare)
     _, stats, _ = load_autoencoder_any(bare)  # the VAE of an SDXL file is supported, with SDXL's scale
     assert stats == {"scale_factor": 0.13025}
+    # SDXL's UNet alone (its ADM vector input, label_emb.0): read as a pooled-prompt UNet, then refused with advice
+    # (model.unet.pooled_dim=null) that init_from overwrites
+    bare = _single_file(tmp_path)
+    width = 64  # the time embedding's: 4 x model_channels
+    _edit(bare, lambda s: s.update({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(width, 2816),
+                                    "model.diffusion_model.label_emb.0.0.bias": torch.zeros(width),
+                                    "model.diffusion_model.label_emb.0.2.weight": torch.zeros(width, width),
+                                    "model.diffusion_model.label_emb.0.2.bias": torch.zeros(width)}))
+    with pytest.raises(UnsupportedCheckpointError, match=r"label_emb\.0 feeds a vector of width 2816 into the time "
+                                                         r"embedding \(SDXL's size and crop conditioning"):
+        load_components(bare)
+
+
+def test_scheduler_configs_are_read_as_their_classes_sample_or_refused():
+    """A DPM-Solver singlestep config without timestep_spacing was read as leading (its class defaults to linspace);
+    zero terminal SNR with leading spacing, which diffusers runs, was refused by the schedule's own check with advice
+    (timestep_spacing=trailing) that model.init_from overwrites, naming neither key nor file."""
+    from ldm.convert.schedule import schedule_from_diffusers
+
+    base = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    schedule, _ = schedule_from_diffusers({"_class_name": "DPMSolverSinglestepScheduler", **base})
+    assert schedule.timestep_spacing == "linspace"
+    with pytest.raises(UnsupportedCheckpointError, match=r"rescale_betas_zero_snr=true with timestep_spacing=leading "
+                                                         r".* set \"timestep_spacing\": \"trailing\" in its "
+                                                         r"scheduler_config\.json"):
+        schedule_from_diffusers({"_class_name": "DDIMScheduler", **base, "rescale_betas_zero_snr": True,
+                                 "timestep_spacing": "leading"})
 
 
 def test_pickled_code_in_a_ckpt_never_runs(tmp_path):

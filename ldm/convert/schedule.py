@@ -24,12 +24,14 @@ _PREDICTION_TO_DIFFUSERS = {v: k for k, v in _PREDICTION_TO_OURS.items()}
 SD_SCHEDULE = ScheduleConfig(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                              beta_end=0.012, timestep_spacing="leading", steps_offset=1)
 # Scheduler classes whose `timestep_spacing` defaults to linspace in diffusers (the DDIM / DDPM / PNDM / LCM family's
-# default is leading): a config that leaves the field out samples as its class would.
+# default is leading): a config that leaves the field out gets linspace. note: the Euler / Heun / LMS / KDPM2 classes
+# visit DDIMScheduler's linspace timesteps; the multistep solvers (DPM-Solver, UniPC, DEIS, SA-Solver) space n + 1
+# points and drop the last (10 steps: 999, 899, ..., 100 against 999, 888, ..., 0), which no spacing of ours repeats.
 _LINSPACE_BY_DEFAULT = frozenset({
     "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler",
-    "DPMSolverSDEScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "SASolverScheduler",
-    "UniPCMultistepScheduler"})
+    "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler", "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler", "SASolverScheduler", "UniPCMultistepScheduler"})
 # (beta_start, beta_end) of SD's (and LDM's text-to-image), LDM's unconditional and DDPM's schedules: recognised in
 # rounded buffers.
 _KNOWN_BETA_RANGES = ((SD_SCHEDULE.beta_start, SD_SCHEDULE.beta_end), (0.0015, 0.0195), (0.0001, 0.02))
@@ -53,11 +55,16 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, 
         raise UnsupportedCheckpointError(f"{what}: prediction_type={prediction_type!r} is not supported; choose one "
                                          f"of {sorted(_PREDICTION_TO_OURS)}")
     default_spacing = "linspace" if config.get("_class_name") in _LINSPACE_BY_DEFAULT else "leading"
+    spacing = config.get("timestep_spacing", default_spacing)
+    if config.get("rescale_betas_zero_snr") and spacing == "leading":
+        raise UnsupportedCheckpointError(f"{what}: rescale_betas_zero_snr=true with timestep_spacing=leading never "
+                                         f"samples from pure noise (Lin et al. 2023), which this framework refuses; "
+                                         f"set \"timestep_spacing\": \"trailing\" in its scheduler_config.json")
     schedule = ScheduleConfig(
         num_train_timesteps=config.get("num_train_timesteps", 1000), beta_schedule=_BETAS_TO_OURS[beta_schedule],
         beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02),
         zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
-        timestep_spacing=config.get("timestep_spacing", default_spacing), steps_offset=config.get("steps_offset", 0))
+        timestep_spacing=spacing, steps_offset=config.get("steps_offset", 0))
     return schedule, _PREDICTION_TO_OURS[prediction_type]
 
 

@@ -320,8 +320,8 @@ def unet_config_from_original(state: Mapping[str, Any], what: str = "single-file
     their exact config in metadata instead.
 
     Raises:
-        UnsupportedCheckpointError: inpainting / image-conditioned inputs, SDXL's per-level depths, or a context
-            width that leaves the head count unknown.
+        UnsupportedCheckpointError: inpainting / image-conditioned inputs, SDXL's per-level depths, an ADM vector
+            input (`label_emb.0`: SDXL, SD 2 unCLIP), or a context width that leaves the head count unknown.
     """
     if "input_blocks.0.0.weight" not in state:
         raise UnsupportedCheckpointError(f"{what}: no input_blocks.0.0.weight: not an LDM / SD UNet")
@@ -371,17 +371,21 @@ def unet_config_from_original(state: Mapping[str, Any], what: str = "single-file
         raise UnsupportedCheckpointError(f"{what}: context width {context_dim} is neither SD 1's 768 nor SD 2's 1024, "
                                          f"so the number of attention heads is unknown (our own exports store it)")
     emb_out = state["input_blocks.1.0.emb_layers.1.weight"].shape[0]
-    num_classes = pooled_dim = None
+    num_classes = None
     if "label_emb.weight" in state:
         num_classes = state["label_emb.weight"].shape[0] - 1
     if "label_emb.0.0.weight" in state:
-        pooled_dim = state["label_emb.0.0.weight"].shape[1]
+        # note: our own pooled-vector UNets carry their config in the file's metadata and never come here
+        raise UnsupportedCheckpointError(f"{what}: label_emb.0 feeds a vector of width "
+                                         f"{state['label_emb.0.0.weight'].shape[1]} into the time embedding (SDXL's "
+                                         f"size and crop conditioning, or SD 2 unCLIP's image embedding), which is "
+                                         f"not supported; SD 1.x and 2.x text-to-image UNets are")
     return UNetConfig(
         in_channels=in_channels, out_channels=None, model_channels=model_channels,
         channel_mult=[w // model_channels for w in widths], num_res_blocks=num_res_blocks,
         attention_levels=attention_levels, mid_attention=mid_attention, transformer_depth=depths.pop() if depths else 1,
         num_heads=num_heads, head_dim=head_dim, context_dim=context_dim, use_linear_proj=bool(use_linear_proj),
-        use_scale_shift_norm=emb_out == 2 * widths[0], num_classes=num_classes, pooled_dim=pooled_dim,
+        use_scale_shift_norm=emb_out == 2 * widths[0], num_classes=num_classes,
         upcast_attention=context_dim == 1024)  # SD 2.x computes attention in fp32 (fp16 logits overflow there)
 
 
