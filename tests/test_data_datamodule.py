@@ -274,3 +274,19 @@ def test_cache_in_memory_serves_later_epochs_without_the_tars(shapes_shards: Pat
 
     with pytest.raises(configs.ConfigError, match=r"data.cache_in_memory=true .* set data.num_workers=0"):
         make_dm(shapes_shards, cache_in_memory=True, num_workers=1)
+
+    # A validation that stops after 2 batches (trainer.limit_val_batches, as the quickstart's): what it read is kept
+    # too (the whole shard's read had to finish before anything was kept, so every validation parsed the tar again).
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "val-000000.tar").write_bytes((shapes_shards / "val-000000.tar").read_bytes())
+    dm = make_dm(shapes_shards, val_shards=str(tmp_path / "val-000000.tar"), batch_size=2, cache_in_memory=True)
+    loader = dm.val_dataloader()
+
+    def first_two() -> list[list[str]]:
+        batches = iter(loader)
+        return [next(batches)["key"] for _ in range(2)]
+
+    first = first_two()
+    (tmp_path / "val-000000.tar").write_bytes(b"")
+    assert first_two() == first and dm.num_skipped == 0

@@ -186,24 +186,27 @@ class SkipLog:
 
 def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                    cache: dict[str, list[dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (undecoded bytes) of each shard's [first, stop) range, in order; a shard that ends before `stop`
+    """Raw samples (undecoded bytes) of each shard's [lo, hi) range, in order; a shard that ends before `hi`
     (truncated, or counted wrong in summary.json) is reported as damaged.
 
-    With a `cache`, the samples a shard yielded (from its start: those before `first` are parsed on the way anyway)
-    are kept under its url, and a later range within them is served from memory without opening the tar.
+    With a `cache`, the samples a shard yielded (from its start: those before `lo` are parsed on the way anyway)
+    are kept under its url, also when the reader stops early (a validation under `trainer.limit_val_batches`); a later
+    range is served from memory as far as they go, and the tar is opened only when the reader asks for more.
     """
     for url, lo, hi in segments:
         kept = cache.get(url, []) if cache is not None else []
-        if len(kept) >= hi:
-            yield from kept[lo:hi]
+        served = kept[lo:hi]
+        yield from served
+        if lo + len(served) >= hi:
             continue
+        start = lo + len(served)  # the range's first sample not in memory
         skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
         # note: a tar cut short at a member's boundary reads without an error, and its last sample may have lost
         # members (its caption): there, each sample is held back until the next one is read, and the range reads one
         # sample past its end, so that the tar's last sample is known as such and left out
         cut = tar_ends_cut(url)
-        read, seen, prefix, held, followed = 0, 0, [], None, False
+        read, seen, prefix, held, followed, finished = 0, 0, [], None, False, False
         try:
             for i, sample in enumerate(islice(samples, hi + cut)):
                 if i == hi:  # the sample after the range (only in a cut tar): the range's last one is whole
@@ -212,12 +215,19 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                 seen = i + 1
                 if cache is not None:
                     prefix.append(sample)
-                if i >= lo:
+                if i >= start:
                     if held is not None:
                         yield held
                     held, read = sample, read + 1
+            finished = True
         finally:
             samples.close()
+            if not finished and cache is not None:
+                # the reader stopped inside the range (trainer.limit_val_batches): what was read is kept all the
+                # same, less a cut tar's newest sample, not known to be whole yet
+                whole = prefix[:-1] if cut else prefix
+                if len(whole) > len(kept):
+                    cache[url] = whole
         dropped = cut and not followed and seen > 0  # the cut tar's last sample
         if dropped:
             read, seen, held, prefix = read - (held is not None), seen - 1, None, prefix[:-1]
@@ -228,11 +238,11 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         fix = ("rewrite it (an image shard with ldm-data, or delete summary.json so that the tar headers are counted; "
                "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
         error = f" ({skips.tar_error})" if skips.tar_error else ""
-        if read < hi - lo:  # one record for the samples of this range lost
+        if read < hi - start:  # one record for the samples of this range lost
             last = " and a sample cut short (the tar ends without its end-of-archive blocks)" if dropped else ""
-            skips.add(url, f"samples {lo + read}-{hi - 1}",
+            skips.add(url, f"samples {start + read}-{hi - 1}",
                       f"damaged tar: the shard ends after {seen} whole samples{last} but its count says at least "
-                      f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - lo - read)
+                      f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - start - read)
         elif error:
             skips.add(url, "?", f"damaged tar{error}; {fix}")
 
