@@ -2,11 +2,11 @@
 
 Generator side (Rombach et al. 2022, App. G; Esser et al. 2021, Eq. 7):
 
-    nll  = sum_pixels(|x - x_rec| + w_p * LPIPS(x, x_rec)) / exp(logvar) + logvar     (summed, then batch mean)
+    nll  = sum_pixels((|x - x_rec| + w_p * LPIPS(x, x_rec)) / exp(logvar) + logvar)     (summed, then batch mean)
     loss = nll + w_kl * KL(q(z|x) || N(0, I)) + lambda * disc_factor * L_G(D(x_rec))
 
-with the adaptive weight lambda = disc_weight * ||grad_L nll|| / (||grad_L L_G|| + 1e-4) at the decoder's last layer
-L, clamped to [0, 1e4] and detached. The discriminator trains on D(x) against D(x_rec.detach()) from `disc_start` on.
+with the adaptive weight lambda = disc_weight * clamp(||grad_L nll|| / (||grad_L L_G|| + 1e-4), 0, 1e4) at the
+decoder's last layer L, detached. The discriminator trains on D(x) against D(x_rec.detach()) from `disc_start` on.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class AutoencoderLoss(nn.Module):
         return step >= self.config.disc_start and self.config.disc_factor > 0
 
     def adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-        """disc_weight * ||d nll / d L|| / (||d g_loss / d L|| + 1e-4), clamped to [0, 1e4] and detached."""
+        """disc_weight * clamp(||d nll / d L|| / (||d g_loss / d L|| + 1e-4), 0, 1e4), detached (as CompVis')."""
         nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
         weight = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)

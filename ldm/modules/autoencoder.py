@@ -44,7 +44,7 @@ class Config:
     lr_decay_steps: int = 0                   # wsd: a linear decay to 0 over the last lr_decay_steps
     grad_clip: float | None = None            # max gradient norm per optimizer; null: no clipping
     ema_decay: float | None = None            # EMA of the autoencoder; validation and export use it; null: off
-    ema_warmup: bool = True                   # decay min(ema_decay, (1 + n) / (10 + n)) at update n (LitEma's)
+    ema_warmup: bool = True                   # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (EMAModel's)
     init_posterior_logvar: float | None = None  # start quant_conv's log-variance outputs here; null: as LDM (~0)
     image_key: str = "image"                  # where a dict batch keeps its images (B, C, H, W) in [-1, 1]
     num_log_images: int = 8                   # images per grid in `log_images`

@@ -24,8 +24,9 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: bool = True) -> Avera
     Args:
         model: the trained network.
         decay: the EMA's decay once warmed up.
-        warmup: at the n-th update the decay is min(decay, (1 + n) / (10 + n)), as CompVis' LitEma and diffusers'
-            EMAModel ramp it (0.99 from about update 900, 0.9999 from about 90,000), so that the average follows
+        warmup: the update that follows n others (the first copies the weights) decays by min(decay, (1 + n) /
+            (10 + n)), as diffusers' EMAModel ramps it (CompVis' LitEma runs one update ahead; 0.99 from about
+            update 900, 0.9999 from about 90,000), so that the average follows
             the weights early on instead of holding the initial ones (0.9999 without it: 90% of them after 1000
             steps); the count is the AveragedModel's `n_averaged`, saved in checkpoints.
     """

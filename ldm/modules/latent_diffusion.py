@@ -74,7 +74,7 @@ class Config:
     lr_schedule: str = "constant"          # after warmup: constant | cosine | linear (to 0 at the last step) | wsd
     lr_decay_steps: int = 0                # wsd: a linear decay to 0 over the last lr_decay_steps
     ema_decay: float | None = 0.9999       # EMA of the UNet (and a trainable text encoder); null: off
-    ema_warmup: bool = True                # decay min(ema_decay, (1 + n) / (10 + n)) at update n (LitEma's)
+    ema_warmup: bool = True                # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (EMAModel's)
     image_key: str = "image"               # batch keys: images (B, 3, H, W) in [-1, 1], captions, class labels
     caption_key: str = "caption"
     label_key: str = "label"
