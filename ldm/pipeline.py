@@ -335,11 +335,23 @@ class LatentDiffusionPipeline(nn.Module):
         if not isinstance(model, dict) or not isinstance(frozen, dict) or "unet" not in model:
             raise CheckpointError(f"{key}={path} is not a latent diffusion checkpoint (no UNet config in its "
                                   f"hyper_parameters); an autoencoder checkpoint goes to model.autoencoder_path")
-        pipeline = cls.from_config({"autoencoder": frozen["autoencoder_config"], "latent_scale": frozen["latent_scale"],
-                                    **{k: model[k] for k in ("unet", "conditioner", "diffusion")},
-                                    "image_size": model.get("image_size"),
-                                    "sample_posterior": model.get("sample_posterior", True)},
-                                   text_encoder_config=frozen.get("text_encoder_config"))
+        try:
+            pipeline = cls.from_config({"autoencoder": frozen["autoencoder_config"],
+                                        "latent_scale": frozen["latent_scale"],
+                                        **{k: model[k] for k in ("unet", "conditioner", "diffusion")},
+                                        "image_size": model.get("image_size"),
+                                        "sample_posterior": model.get("sample_posterior", True)},
+                                       text_encoder_config=frozen.get("text_encoder_config"))
+        except ConfigError as err:
+            if frozen.get("text_encoder_config") is None:
+                raise
+            # the checkpoint holds the text encoder's weights, not its tokenizer, which it reads where the run did
+            conditioner = model["conditioner"]
+            where = conditioner.get("tokenizer") or conditioner.get("name_or_path")
+            raise ConfigError(f"{key}={path}: its text encoder's tokenizer is read from {where}, where the run found "
+                              f"it, and cannot be loaded now ({str(err).split('. ')[0]}); give the run's export "
+                              f"(<run>/export, whose text_encoder/ holds the encoder and its tokenizer), or restore "
+                              f"that folder") from None
         state = checkpoint["state_dict"]
         autoencoder, _ = submodule_state(state, "pipeline.autoencoder.")
         unet, ema = submodule_state(state, "pipeline.unet.", "ema.module." if use_ema else None)

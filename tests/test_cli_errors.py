@@ -2,7 +2,7 @@
 exit status 2 (a user's mistake) and no Python traceback; ldm-train says so before printing its config tree.
 
 The cases run two at a time in threads (each is a subprocess that mostly waits on imports, 2 to 10 s). The fast set
-keeps the reproductions of issue 16 for every CLI (12 cases, about 30 s on an idle 2-core machine); the other 51 are
+keeps the reproductions of issue 16 for every CLI (12 cases, about 30 s on an idle 2-core machine); the other 53 are
 marked slow (`make test-all`).
 """
 
@@ -85,6 +85,8 @@ CASES = [
     Case("train-seed-abc", "ldm-train", (*TRAIN, "seed=abc"), ("seed",), slow=True),
     Case("train-seed-negative", "ldm-train", (*TRAIN, "seed=-1"), ("seed=-1", "[0, 2**32)"), slow=True),
     Case("train-zero-steps", "ldm-train", (*TRAIN, "trainer.max_steps=0"), ("trainer.max_steps=0",), slow=True),
+    Case("train-zero-devices", "ldm-train", (*TRAIN, "trainer.devices=0"), ("trainer.devices=0",), slow=True),
+    Case("train-bad-precision", "ldm-train", (*TRAIN, "trainer.precision=17"), ("trainer.precision=17",), slow=True),
     Case("train-negative-samples-per-shard", "ldm-train", (*TRAIN, "data.samples_per_shard=-5"),
          ("data.samples_per_shard=-5",), slow=True),
     Case("train-negative-interval", "ldm-train", (*TRAIN, "trainer.val_check_interval=-1"),

@@ -316,3 +316,18 @@ def test_prompts_from_a_file_need_not_the_validation_shards_the_model_was_traine
     assert row["fid"] > 0 and row["prompts"] == str(prompts)
     with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained"):
         evaluate({**cfg, "prompts_source": "val_shards", "prompts_file": None})  # its captions are the prompts
+
+
+def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path):
+    """`ckpt_path='runs/x/checkpoints/*.ckpt'` matched last.ckpt and the periodic file it is a hard link to: the same
+    weights sampled and scored twice, in two rows."""
+    import os
+
+    from ldm.eval.loading import resolve_checkpoints
+
+    for name in ("step0000001.ckpt", "step0000002.ckpt"):
+        (tmp_path / name).write_bytes(name.encode())
+    os.link(tmp_path / "step0000002.ckpt", tmp_path / "last.ckpt")
+    assert resolve_checkpoints(str(tmp_path / "*.ckpt")) == [str(tmp_path / "step0000001.ckpt"),
+                                                             str(tmp_path / "step0000002.ckpt")]
+    assert resolve_checkpoints(str(tmp_path / "last.ckpt")) == [str(tmp_path / "last.ckpt")]  # named: as given

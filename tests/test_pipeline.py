@@ -280,3 +280,21 @@ def test_a_checkpoint_records_its_validation_shards_as_absolute_paths(shapes_sha
     monkeypatch.chdir(tmp_path)
     pipeline = LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert pipeline.provenance["val_shards"] == str(shapes_shards / "val-*.tar")
+
+
+def test_a_checkpoint_whose_clip_folder_moved_names_the_way_out(tmp_path: Path):
+    """A checkpoint holds its CLIP text encoder's weights but reads the tokenizer where the run found it: with that
+    folder gone, the error told the user to set pipeline.conditioner.name_or_path, which no command accepts."""
+    from test_eval_helpers import save_checkpoint, tiny_clip
+
+    autoencoder_dir = tiny_autoencoder(tmp_path / "ae")
+    clip = tiny_clip(tmp_path / "clip")
+    width = 32  # tiny_clip's text width
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, conditioner={"kind": "clip", "name_or_path": str(clip)},
+                                               unet={**tiny_config(autoencoder_dir)["unet"], "context_dim": width}))
+    ckpt = save_checkpoint(module, tmp_path / "last.ckpt", global_step=1)
+    assert LatentDiffusionPipeline.from_pretrained(ckpt).conditioner_config.name_or_path == str(clip)
+    clip.rename(tmp_path / "clip_moved")
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*last\.ckpt: its text encoder's tokenizer is read from .*clip, "
+                                          r"where the run found it, .* give the run's export \(<run>/export"):
+        LatentDiffusionPipeline.from_pretrained(ckpt)

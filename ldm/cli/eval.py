@@ -1,6 +1,6 @@
 """ldm-eval: score checkpoints (FID, KID, CLIP score, shapes adherence; rFID, PSNR, SSIM, LPIPS for autoencoders).
 
-    ldm-eval ckpt_path='runs/ldm/checkpoints/*.ckpt' output_dir=runs/eval val_shards=data/shapes \
+    ldm-eval ckpt_path='runs/ldm/checkpoints/step*.ckpt' output_dir=runs/eval val_shards=data/shapes \
              num_samples=1000 guidance_scales=[1.0,3.0] metrics=[fid,clip_score,shapes_color_accuracy]
     torchrun --nproc_per_node=4 -m ldm.cli.eval ...   # samples split over processes, metric states synced
 

@@ -11,6 +11,7 @@ read without executing code (`ldm.checkpoints.load_checkpoint`).
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ldm.callbacks.checkpoint import LAST_NAME
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
 from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, read_json_object
 
@@ -33,7 +35,8 @@ class EvalModel:
 
 def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     """Checkpoint files and export (or run) directories from a path, a glob or a list of either, in the order given
-    (globs sorted)."""
+    (globs sorted; a glob's matches that are one file, as last.ckpt and the periodic checkpoint it links, count once,
+    under the periodic name)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for item in specs:
@@ -43,7 +46,13 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
         if not found or missing:
             problem = f"no such file or directory {missing}" if missing else "no match"
             raise MissingCheckpointError(f"ckpt_path={item}: {problem}")
-        paths.extend(str(Path(p).absolute()) for p in found)
+        named: dict[tuple[int, int], str] = {}  # (device, inode) -> the name kept
+        for p in found:
+            stat = os.stat(p)
+            file = (stat.st_dev, stat.st_ino)
+            if file not in named or Path(named[file]).name == LAST_NAME:
+                named[file] = p
+        paths.extend(str(Path(p).absolute()) for p in found if p in named.values())
     return paths
 
 
