@@ -119,26 +119,25 @@ def check_class_labels(config: SampleConfig, pipeline: LatentDiffusionPipeline) 
                           f"class)")
 
 
-def read_rows(config: SampleConfig, pipeline: LatentDiffusionPipeline) -> list[str]:
-    """The prompt of each row of images (num_images_per_prompt seeds each): a text-conditioned model's prompts; a
-    class-conditional model's labels, named by the prompts when given; one row (no prompt) of an unconditional model."""
+def read_rows(config: SampleConfig, pipeline: LatentDiffusionPipeline, prompts: list[str]) -> list[str]:
+    """The prompt of each row of images (num_images_per_prompt seeds each): a text-conditioned model's `prompts`
+    (`read_prompts`); a class-conditional model's labels, named by the prompts when given; one row (no prompt) of an
+    unconditional model."""
     conditioner = pipeline.conditioner
-    given = bool(config.prompts or config.prompts_file)
     check_class_labels(config, pipeline)
     if conditioner.uses_prompts:
-        if not given:
+        if not prompts:
             raise ConfigError(f"{config.ckpt_path} is text-conditioned: give prompts='[a red circle, a blue square]' "
                               f"or prompts_file=FILE")
-        return read_prompts(config)
+        return prompts
     if conditioner.reads_labels:
-        if not given:
+        if not prompts:
             return [f"class {label}" for label in config.class_labels]
-        prompts = read_prompts(config)
         if len(prompts) != len(config.class_labels):
             raise ConfigError(f"class_labels has {len(config.class_labels)} entries for {len(prompts)} prompts (the "
                               f"prompts name the labels' rows: give one per label, or leave them out)")
         return prompts
-    if given:
+    if prompts:
         raise ConfigError(f"{config.ckpt_path} is unconditional: it reads no prompts; leave prompts and prompts_file "
                           f"out (it generates num_images_per_prompt={config.num_images_per_prompt} images)")
     return [""]
@@ -151,12 +150,13 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     config = to_dataclass(SampleConfig, cfg)
+    prompts = read_prompts(config)  # a missing prompts_file fails before the checkpoint is read
     device = choose_device(config.device)
     pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema).to(device)
     pipeline.schedule.check_num_steps(config.num_steps, "num_steps")
     if config.image_size is not None:
         pipeline.check_image_size(config.image_size)
-    prompts = read_rows(config, pipeline)
+    prompts = read_rows(config, pipeline, prompts)
     if not pipeline.conditioner.conditional and config.guidance_scale != 1.0:
         log.warning("guidance_scale=%g: %s is unconditional, so guidance has nothing to steer by (every scale gives "
                     "the same images); sampled once, as at 1.0", config.guidance_scale, config.ckpt_path)
