@@ -202,6 +202,7 @@ class LatentDiffusionModule(L.LightningModule):
         # Frozen autoencoder: from stage 1 (or a Stable Diffusion VAE), or (when restoring a checkpoint) empty,
         # filled by the state dict. A Stable Diffusion model in init_from replaces the UNet, schedule and conditioner.
         restoring = frozen is not None
+        self.autoencoder_loaded = not restoring  # read from its path (not rebuilt empty for a checkpoint's weights)
         pretrained = None
         if not restoring:
             if config.init_from:
@@ -378,7 +379,7 @@ class LatentDiffusionModule(L.LightningModule):
         prefix = "pipeline.autoencoder."
         theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         ours = self.pipeline.autoencoder.state_dict()
-        if theirs and (theirs.keys() != ours.keys() or
+        if theirs and self.autoencoder_loaded and (theirs.keys() != ours.keys() or
                        any(not torch.equal(theirs[k].to(v.device, v.dtype), v) for k, v in ours.items())):
             # note: a resume restores the checkpoint's autoencoder over the one model.autoencoder_path named
             from ldm.data.latents import weights_hash
