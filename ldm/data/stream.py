@@ -206,7 +206,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         # members (its caption): there, each sample is held back until the next one is read, and the range reads one
         # sample past its end, so that the tar's last sample is known as such and left out
         cut = tar_ends_cut(url)
-        read, seen, prefix, held, followed, finished = 0, 0, [], None, False, False
+        read, seen, prefix, held, followed = 0, 0, [], None, False
         try:
             for i, sample in enumerate(islice(samples, hi + cut)):
                 if i == hi:  # the sample after the range (only in a cut tar): the range's last one is whole
@@ -219,20 +219,16 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                     if held is not None:
                         yield held
                     held, read = sample, read + 1
-            finished = True
         finally:
             samples.close()
-            if not finished and cache is not None:
-                # the reader stopped inside the range (trainer.limit_val_batches): what was read is kept all the
-                # same, less a cut tar's newest sample, not known to be whole yet
-                whole = prefix[:-1] if cut else prefix
-                if len(whole) > len(kept):
-                    cache[url] = whole
+            # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
+            # a cut tar's newest sample unless the one after it was read (not known to be whole: perhaps the last)
+            whole = prefix[:-1] if cut and not followed else prefix
+            if cache is not None and len(whole) > len(kept):
+                cache[url] = whole
         dropped = cut and not followed and seen > 0  # the cut tar's last sample
         if dropped:
-            read, seen, held, prefix = read - (held is not None), seen - 1, None, prefix[:-1]
-        if cache is not None and len(prefix) > len(kept):
-            cache[url] = prefix
+            read, seen, held = read - (held is not None), seen - 1, None
         if held is not None:
             yield held
         fix = ("rewrite it (an image shard with ldm-data, or delete summary.json so that the tar headers are counted; "
