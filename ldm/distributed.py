@@ -2,6 +2,7 @@
 
     rank, world = rank_and_world(trainer)         # the trainer's, else torch.distributed's, else RANK / WORLD_SIZE
     device = choose_device("auto", key="device")  # cuda:<LOCAL_RANK> when CUDA is there, else cpu
+    module.log_dict(mean_over_ranks(trainer, {"loss": loss, "accuracy": accuracy}))  # global-batch values
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def rank_and_world(trainer: Any = None) -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def mean_over_ranks(trainer: Any, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each scalar's mean over the ranks, in one all-reduce: a step's figures over its global batch when every rank
+    holds an equal share of it (Lightning's `sync_dist=True` reduces each logged key by itself)."""
+    device = trainer.strategy.root_device
+    stacked = torch.stack([v.detach().to(device, torch.float32).reshape(()) for v in values.values()])
+    if trainer.world_size > 1:
+        stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
+    return dict(zip(values, stacked))
 
 
 def choose_device(name: str, key: str = "device", index: int | None = None) -> torch.device:

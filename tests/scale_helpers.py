@@ -251,19 +251,23 @@ class SignalAtStep(L.Callback):
 
 
 class GatherProbe(L.Callback):
-    """Ask the module to gather a (2, 1) tensor holding this rank's number, and record what every rank got back."""
+    """Ask the module to gather a (2, 1) tensor holding this rank's number, and record what every rank got back, and
+    the loss of this rank's share of the batch (the step's output) by step."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
+        self.losses: dict[int, float] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         mine = torch.full((2, 1), float(trainer.global_rank), requires_grad=True)
         gathered = pl_module._gather(mine)
         gathered.sum().backward()
+        self.losses[trainer.global_step] = float(outputs["loss"])
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / f"gather-rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"gathered": gathered.detach().flatten().tolist(), "grad": mine.grad.flatten().tolist()}))
+            {"gathered": gathered.detach().flatten().tolist(), "grad": mine.grad.flatten().tolist(),
+             "losses": self.losses}))
 
 
 class CpuFSDPStrategy(L.pytorch.strategies.FSDPStrategy):

@@ -170,11 +170,16 @@ def test_a_resume_from_a_checkpoint_written_before_its_validation_keeps_the_stat
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"] is None
     measured = json.loads((tmp_path / "export" / "latent_stats.json").read_text())
     assert measured["step"] == 2
+    # stage 2 on the checkpoint takes the statistics of its weights, as on the export (it took the checkpoint's)
+    assert load_autoencoder(tmp_path / "checkpoints" / "last.ckpt")[1] == measured
     run(2)  # the same command again: a finished run, resumed, trains nothing
     assert json.loads((tmp_path / "export" / "latent_stats.json").read_text()) == measured
     with pytest.warns(UserWarning, match="weights of step 3 with the latent statistics of step 2"):
         run(3)  # one step more, no validation after it: the statistics of step 2, as the warning says
     assert json.loads((tmp_path / "export" / "latent_stats.json").read_text()) == measured
+    with pytest.warns(UserWarning, match=r"last\.ckpt: its latent statistics were measured at step 2, its weights "
+                                         r"are of step 3 .* give the run's export, or set model\.latent_scale"):
+        assert load_autoencoder(tmp_path / "checkpoints" / "last.ckpt")[1] == measured
     # damaged from outside: the checkpoint's own statistics (none here) stand, with a warning, not a stopped resume
     (tmp_path / "checkpoints" / "latent_stats.json").write_text('{"step": 3, "scale')
     with pytest.warns(UserWarning, match=r"latent_stats\.json is not a readable JSON file .*; ignored"):

@@ -123,6 +123,27 @@ def test_hf_encoder_loads_t5_encoder_by_path(tiny_clip, tmp_path):
     torch.testing.assert_close(empty(PROMPTS)["context"], conditioner(PROMPTS)["context"], rtol=0, atol=0)
 
 
+def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
+    """A T5 folder without spiece.model: transformers builds a tokenizer of T5's 100 extra ids and `▁` that turns
+    every word into `▁` + unknown (only the words' number would reach the UNet). A CLIP tokenizer that ends prompts
+    with another token than the model's end token: the pooled vector would be the start token's, the same for every
+    prompt."""
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ldm.conditioning.text import CLIPTextEncoder
+
+    T5EncoderModel(T5Config(d_model=24, d_kv=8, d_ff=48, num_layers=1, num_heads=3)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ConfigError, match=r"name_or_path=.*t5'?: cannot load AutoTokenizer: .*spiece\.model"):
+        build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "t5")})
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_clip))
+    other = CLIPTextModel(CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, eos_token_id=599))
+    with pytest.raises(ConfigError, match=rf"ends prompts with token {tokenizer.eos_token_id}, the text encoder "
+                                          r"pools at its end token 599: they are not a pair"):
+        CLIPTextEncoder("ours", transformer=other, tokenizer=tokenizer)
+
+
 def test_byte_tokenize_handles_empty_unicode_and_truncation():
     ids, mask = byte_tokenize(["", "é", "x" * 100], max_length=8)
     assert ids[0].tolist() == [BOS, EOS] + [PAD] * 6

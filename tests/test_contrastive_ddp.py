@@ -3,6 +3,7 @@ scored against the images of both ranks, the ranks stay in step, and rank 0 expo
 
 from __future__ import annotations
 
+import pytest
 import torch
 from scale_helpers import load_json, run_cli, tiny_overrides
 
@@ -27,6 +28,13 @@ def test_ddp_cpu_contrastive_gathers_the_global_batch(shapes_shards, tmp_path):
         assert probe["grad"] == [2.0, 2.0]
     ranks = [load_json(out / "record" / f"steps-rank{r}.json")["weights"] for r in (0, 1)]
     assert ranks[0] == ranks[1]
+    # The logged loss is the global batch's (the mean of the ranks' shares, which differ), the same on both ranks.
+    local = [load_json(out / "record" / f"gather-rank{r}.json")["losses"] for r in (0, 1)]
+    logged = [load_json(out / "record" / f"steps-rank{r}.json")["steps"] for r in (0, 1)]
+    for step in ("1", "2", "3"):
+        assert local[0][step] != local[1][step]
+        assert logged[0][step]["train/loss"] == logged[1][step]["train/loss"]
+        assert logged[0][step]["train/loss"] == pytest.approx((local[0][step] + local[1][step]) / 2, rel=1e-6)
     exported = out / "export" / "model.safetensors"
     assert exported.is_file() and not (out / "export" / "rank1").exists()
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

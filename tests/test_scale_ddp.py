@@ -85,6 +85,9 @@ def test_ddp_cpu_autoencoder_with_its_discriminator_stays_in_sync(shapes_shards,
     assert sorted(int(k) for k in ranks[0]) == [1, 2, 3]
     for step in ("1", "2", "3"):
         assert ranks[0][step]["weights"] == ranks[1][step]["weights"]
+        # the logged figures are the global batch's on both ranks (each rank's own differ: other images)
+        assert {k: v for k, v in ranks[0][step].items() if k.startswith("train/")} == \
+            {k: v for k, v in ranks[1][step].items() if k.startswith("train/")}
     assert ranks[0]["3"]["weights"] != ranks[0]["2"]["weights"]
     assert ranks[0]["3"]["train/d_loss"] > 0  # the discriminator trained from step 1
 

@@ -90,15 +90,20 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). {fix}") from err
 
 
-NO_VOCABULARY = "no tokenizer files (vocab.json and merges.txt, or tokenizer.json)"
+NO_VOCABULARY = ("no tokenizer files (CLIP's vocab.json and merges.txt, T5's spiece.model, BERT's vocab.txt, or a "
+                 "tokenizer.json)")
+_PROBE_WORDS = ("red", "square", "background", "large")
 
 
 def lacks_vocabulary(loaded: Any) -> bool:
-    """Whether `loaded` is a tokenizer of special tokens alone: what transformers builds, instead of failing, from a
+    """Whether `loaded` is a tokenizer without a vocabulary: what transformers builds, instead of failing, from a
     folder without tokenizer files (a model's own folder, a pipeline's root) or an unknown name, and which turns every
-    word into the same id."""
-    specials = getattr(loaded, "all_special_tokens", None)
-    return specials is not None and len(loaded) <= len(set(specials))
+    word into the unknown id (CLIP's: one per character) or `▁` and the unknown id (T5's, whose 100 extra ids are
+    special tokens)."""
+    if getattr(loaded, "all_special_tokens", None) is None:  # not a tokenizer
+        return False
+    ids = {i for word in _PROBE_WORDS for i in loaded(word, add_special_tokens=False).input_ids}
+    return len(ids) <= 2
 
 
 class CLIPTextEncoder(FrozenMixin, nn.Module):
@@ -130,6 +135,11 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
             raise ConfigError(f"{config_key}={name_or_path}: the tokenizer's {len(tokenizer)} tokens exceed the text "
                               f"encoder's vocabulary of {transformer.config.vocab_size}: they are not a pair (give "
                               f"the tokenizer of this text encoder)")
+        eos = transformer.config.eos_token_id
+        if eos != 2 and eos != tokenizer.eos_token_id:  # 2: transformers' legacy configs, pooled at the largest id
+            raise ConfigError(f"{config_key}={name_or_path}: the tokenizer ends prompts with token "
+                              f"{tokenizer.eos_token_id}, the text encoder pools at its end token {eos}: they are "
+                              f"not a pair (give the tokenizer of this text encoder)")
         positions = self.transformer.config.max_position_embeddings
         if max_length > positions:
             raise ConfigError(f"max_length={max_length} exceeds the {positions} positions of {name_or_path}")

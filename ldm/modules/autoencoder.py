@@ -23,11 +23,12 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm.callbacks.checkpoint import halted_without_export
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images, require_resolution
-from ldm.io import atomic_write_text, read_json_object
+from ldm.distributed import mean_over_ranks
+from ldm.io import atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
-from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL
+from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, checkpoint_latent_stats
 from ldm.seeding import step_generator
 
 
@@ -208,9 +209,9 @@ class AutoencoderModule(L.LightningModule):
             self.manual_backward(d_loss)
             self._step_uncounted(opt_disc)
 
-        self.log_dict({f"train/{k}": v for k, v in {**log, **d_log}.items()}, on_step=True, on_epoch=False,
-                      batch_size=x.shape[0])
-        self.log("train/loss", log["rec_loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False,
+        logged = mean_over_ranks(self.trainer, {f"train/{k}": v for k, v in {**log, **d_log}.items()})
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("train/loss", logged["train/rec_loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False,
                  batch_size=x.shape[0])
 
     def on_validation_epoch_start(self) -> None:
@@ -289,24 +290,12 @@ class AutoencoderModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resume(checkpoint)
-        self.latent_stats = checkpoint.get("latent_stats")
-        step = checkpoint.get("global_step")
         try:
             ckpt_path = self.trainer.ckpt_path
         except RuntimeError:  # note: `load_from_checkpoint` calls this hook too, without a trainer
             ckpt_path = None
-        if (self.latent_stats or {}).get("step") != step and ckpt_path:
-            # A checkpoint written at the end of its step's batch, before that step's validation measured the
-            # statistics of its weights (callbacks.checkpoint.every_n_train_steps set, or the final step): they are in
-            # the latent_stats.json beside it, which records the step.
-            beside = Path(ckpt_path).parent / LATENT_STATS_NAME
-            try:
-                stats = read_json_object(beside, "latent statistics") if beside.is_file() else {}
-            except ConfigError as err:  # damaged from outside: the checkpoint's own statistics stand
-                rank_zero_warn(f"{err}; ignored (the next validation writes it again)")
-                stats = {}
-            if stats.get("step") == step:
-                self.latent_stats = stats
+        self.latent_stats = checkpoint_latent_stats(checkpoint, ckpt_path) if ckpt_path else \
+            checkpoint.get("latent_stats")
 
     @rank_zero_only
     def on_fit_end(self) -> None:

@@ -31,6 +31,7 @@ from ldm.callbacks.checkpoint import halted_without_export
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images, require_resolution
+from ldm.distributed import mean_over_ranks
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
@@ -147,8 +148,9 @@ class ContrastiveModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
         size = len(batch[self.config.image_key])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
-        self.log("train/accuracy", accuracy, on_step=True, on_epoch=False, batch_size=size)
+        logged = mean_over_ranks(self.trainer, {"loss": loss, "accuracy": accuracy})  # the global batch's
+        self.log("train/loss", logged["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/accuracy", logged["accuracy"], on_step=True, on_epoch=False, batch_size=size)
         self.log("train/temperature", 1.0 / self.logit_scale, on_step=True, on_epoch=False, batch_size=size)
         return loss
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,4 +359,26 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
     model = AutoencoderKL(AutoencoderConfig(**checkpoint["autoencoder_config"]))
     state, _ = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module.")
     model.load_state_dict(state)
-    return model, checkpoint.get("latent_stats")
+    stats = checkpoint_latent_stats(checkpoint, path)
+    if stats is not None and stats.get("step") != checkpoint.get("global_step"):
+        warnings.warn(f"{key}={path}: its latent statistics were measured at step {stats.get('step')}, its weights "
+                      f"are of step {checkpoint.get('global_step')} (no {LATENT_STATS_NAME} of that step beside it), "
+                      f"so the latent scale is of older weights: give the run's export, or set model.latent_scale",
+                      stacklevel=2)
+    return model, stats
+
+
+def checkpoint_latent_stats(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
+    """The latent statistics of a stage-1 checkpoint's weights: its own when they are of its step, else those of the
+    latent_stats.json beside it when that file records the checkpoint's step (a checkpoint written at the end of its
+    step's batch, before that step's validation measured them); else its own, of an earlier step (or None)."""
+    stats, step = checkpoint.get("latent_stats"), checkpoint.get("global_step")
+    if (stats or {}).get("step") == step:
+        return stats
+    beside = Path(path).parent / LATENT_STATS_NAME
+    try:
+        found = read_json_object(beside, "latent statistics") if beside.is_file() else {}
+    except ConfigError as err:  # damaged from outside: the checkpoint's own statistics stand
+        warnings.warn(f"{err}; ignored (the next validation writes it again)", stacklevel=2)
+        found = {}
+    return found if found.get("step") == step else stats
