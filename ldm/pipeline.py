@@ -213,6 +213,8 @@ class LatentDiffusionPipeline(nn.Module):
             raise ValueError(f"{len(negative_prompts)} negative_prompts for {B} seeds: give one per seed")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1: no guidance)")
+        if eta < 0:
+            raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM's noise)")
         if negative_prompts is not None and not self.conditioner.uses_prompts:
             raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
         size = self.check_image_size(image_size or self.image_size)

@@ -54,6 +54,20 @@ def test_unsupported_diffusers_unet_configs_are_named(change, message):
         unet_config_from_diffusers({**SD1_UNET, **change})
 
 
+@pytest.mark.parametrize("option", ["clip_sample", "thresholding"])
+def test_a_scheduler_that_clips_its_x0_estimates_is_refused_naming_the_option(option):
+    """Our samplers never clip the x0 estimate: a config that asks diffusers to (DDIM's and DDPM's default when the key
+    is written true) would sample other images than diffusers, so it is refused rather than dropped."""
+    from ldm.convert.schedule import schedule_from_diffusers
+
+    config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "clip_sample": False, "thresholding": False}
+    assert schedule_from_diffusers(config)[1] == "eps"
+    with pytest.raises(UnsupportedCheckpointError, match=rf"{option}=true .* set \"{option}\": false in its "
+                                                         r"scheduler_config\.json"):
+        schedule_from_diffusers({**config, option: True})
+
+
 def test_vq_and_non_kl_autoencoders_are_refused(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "VQModel", "num_vq_embeddings": 256}))

@@ -161,6 +161,10 @@ def test_generate_validates_its_inputs(trained):
     pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
     with pytest.raises(ValueError, match="guidance_scale=-1"):
         pipeline.generate(CAPTIONS, [0, 1], guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="eta=-1.0 must be >= 0"):  # ran, with a shrunken eps coefficient
+        pipeline.generate(CAPTIONS, [0, 1], eta=-1.0)
+    with pytest.raises(ConfigError, match="num_steps=2.5 must be a whole number of steps"):  # a slicing TypeError
+        pipeline.generate(CAPTIONS, [0, 1], num_steps=2.5)
     with pytest.raises(ValueError, match="1 prompts for 2 seeds"):
         pipeline.generate(CAPTIONS[:1], [0, 1])
     with pytest.raises(ValueError, match="image_size=10 must be a positive multiple of 4"):

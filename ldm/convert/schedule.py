@@ -41,11 +41,18 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, 
     """(ScheduleConfig, prediction) of a diffusers scheduler config; fields it lacks take diffusers' defaults.
 
     Raises:
-        UnsupportedCheckpointError: trained_betas, or a beta schedule / prediction type we do not implement.
+        UnsupportedCheckpointError: trained_betas, clip_sample or thresholding set, or a beta schedule / prediction
+            type we do not implement.
     """
     what = f"scheduler config ({config.get('_class_name', 'unknown scheduler')})"
     if config.get("trained_betas") is not None:
         raise UnsupportedCheckpointError(f"{what}: trained_betas (an explicit beta list) is not supported")
+    for option in ("clip_sample", "thresholding"):  # sampling options, which latents should not have
+        if config.get(option):
+            raise UnsupportedCheckpointError(f"{what}: {option}=true (clipping each step's x0 estimate) is not what "
+                                             f"our samplers do, so the images would differ from diffusers'; set "
+                                             f"\"{option}\": false in its scheduler_config.json, as Stable "
+                                             f"Diffusion's configs have it")
     beta_schedule = config.get("beta_schedule", "linear")
     if beta_schedule not in _BETAS_TO_OURS:
         raise UnsupportedCheckpointError(f"{what}: beta_schedule={beta_schedule!r} is not supported; choose one of "

@@ -7,6 +7,7 @@ t in [0, num_train_timesteps). All schedule arithmetic runs in float64; values a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,8 @@ def check_num_steps(num_steps: int, num_train_timesteps: int, key: str = "num_st
                     steps_offset: int = 0) -> None:
     """Raise ConfigError, naming `key`, unless a sampler can take `num_steps` steps of the training schedule (with
     `leading` spacing, the offset must not push the last step past the last training timestep)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise ConfigError(f"{key}={num_steps!r} must be a whole number of steps")
     if not 1 <= num_steps <= num_train_timesteps:
         raise ConfigError(f"{key}={num_steps} must lie in [1, {num_train_timesteps}], the model's "
                           f"num_train_timesteps (a sampler visits each training timestep at most once)")
