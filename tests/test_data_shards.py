@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -311,3 +312,9 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
         expand_shards(f"{shapes_shards}/*", "data.train_shards")
     assert expand_shards(f"{shapes_shards}/*.tar", "data.train_shards") == sorted(
         str(p) for p in shapes_shards.glob("*.tar"))
+    # a folder or file whose name holds glob characters (a sweep's `lr[1e-3]`) is taken as named, not as a pattern
+    bracketed = tmp_path / "lr[1e-3]"
+    shutil.copytree(shapes_shards, bracketed)
+    assert expand_shards(str(bracketed), "data.train_shards") == sorted(str(p) for p in bracketed.glob("train-*.tar"))
+    first = next(bracketed.glob("train-*.tar"))
+    assert expand_shards(str(first), "data.train_shards") == [str(first)]

@@ -331,3 +331,8 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     assert resolve_checkpoints(str(tmp_path / "*.ckpt")) == [str(tmp_path / "step0000001.ckpt"),
                                                              str(tmp_path / "step0000002.ckpt")]
     assert resolve_checkpoints(str(tmp_path / "last.ckpt")) == [str(tmp_path / "last.ckpt")]  # named: as given
+    bracketed = tmp_path / "lr[1e-3]"  # a sweep's folder: a path that exists is not a pattern (it matched nothing)
+    bracketed.mkdir()
+    (bracketed / "last.ckpt").write_bytes(b"x")
+    assert resolve_checkpoints(str(bracketed / "last.ckpt")) == [str(bracketed / "last.ckpt")]
+    assert resolve_checkpoints(str(bracketed)) == [str(bracketed)]

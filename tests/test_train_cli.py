@@ -83,13 +83,21 @@ def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
 
 def test_devices_and_precision_are_checked_before_the_config_tree():
     """trainer.devices=0 or precision=17 failed inside Lightning's Trainer, after the config tree, naming `trainer`."""
+    from ldm.cli.common import check_devices
+
+    for devices in (1, 2, -1, "auto", "2", "0,1", "1,", [0, 1]):
+        check_devices(devices)
+    for devices in (0, -3, "abc", "00", [], [-1], [0, 0], "0,0", True):  # "00" and [0, 0] passed, Lightning refused
+        with pytest.raises(configs.ConfigError, match=r"trainer\.devices=.* must be a number of devices >= 1, -1"):
+            check_devices(devices)
     node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused"]).trainer
-    for devices in (1, 2, -1, "auto", "0,1", [0, 1]):
+    for devices in (1, 2, "2", "auto"):
         node.devices = devices
         check_trainer(node)
-    for devices in (0, -3, "abc", [], [-1], True):
+    for devices in (0, -1, "0,1", [0, 1]):  # Lightning's CPU accelerator takes a count alone
         node.devices = devices
-        with pytest.raises(configs.ConfigError, match=r"trainer\.devices=.* must be a number of devices >= 1, -1"):
+        with pytest.raises(configs.ConfigError, match=r"trainer\.devices=.* must be a number of processes >= 1, or "
+                                                      r"auto on the CPU \(trainer\.accelerator=cpu\)"):
             check_trainer(node)
     node.devices = 1
     for precision in ("32-true", "bf16-mixed", "16-mixed", 32, "64-true"):

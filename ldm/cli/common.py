@@ -278,16 +278,24 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16"
               "transformer-engine-float16")  # what Lightning's Trainer accepts, less the half-weight ones
 
 
-def check_devices(value: Any) -> None:
-    """Raise ConfigError naming trainer.devices unless it is a count >= 1, -1 (all), auto, or device indices."""
-    ok = (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1))
-          or (isinstance(value, str) and re.fullmatch(r"-1|\d+(,\d+)*,?", value.strip()) is not None
-              and value.strip() != "0")
-          or (isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
-              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)))
-    if not ok:
-        raise ConfigError(f"trainer.devices={value!r} must be a number of devices >= 1, -1 (all of them), auto, or "
-                          f"a list of device indices (e.g. trainer.devices=[0,1])")
+def check_devices(value: Any, cpu: bool = False) -> None:
+    """Raise ConfigError naming trainer.devices unless it is a count >= 1, -1 (all), auto, or distinct device indices
+    (a list, or a string such as "0,1"); on the CPU (`cpu`), Lightning takes a count >= 1 or auto alone."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        value = int(value)  # Lightning reads "2" as 2 devices, "00" as 0
+    indices: list[Any] | None = None
+    if isinstance(value, str) and re.fullmatch(r"\d+(,\d+)*,?", value.strip()):
+        indices = [int(i) for i in value.strip().rstrip(",").split(",")]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        indices = list(value)
+    count = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or (value == -1 and not cpu))
+    listed = (indices is not None and not cpu and len(indices) > 0 and len(set(indices)) == len(indices)
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices))
+    if not (value == "auto" or count or listed):
+        options = "a number of processes >= 1, or auto" if cpu else \
+            "a number of devices >= 1, -1 (all of them), auto, or distinct device indices (e.g. trainer.devices=[0,1])"
+        raise ConfigError(f"trainer.devices={value!r} must be {options}"
+                          f"{' on the CPU (trainer.accelerator=cpu)' if cpu else ''}")
 
 
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
@@ -319,7 +327,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
     if trainer.get("devices") is not None:
-        check_devices(trainer.get("devices"))
+        check_devices(trainer.get("devices"), cpu=accelerator == "cpu")
     precision = trainer.get("precision")
     if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS):
         raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "

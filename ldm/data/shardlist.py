@@ -33,13 +33,17 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 urls.append(url)
                 continue
             path = os.path.expanduser(url.removeprefix("file:"))
+            pattern = None  # a file or folder that exists is taken as named, `[` in its name included
             if os.path.isdir(path):
+                pattern = os.path.join(glob.escape(path), f"{split}-*.tar")
                 path = os.path.join(path, f"{split}-*.tar")
-            matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
+            elif not os.path.isfile(path) and glob.has_magic(path):
+                pattern = path
+            matches = sorted(glob.glob(pattern)) if pattern else ([path] if os.path.isfile(path) else [])
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")
-            others = [m for m in matches if glob.has_magic(path) and not m.endswith(TAR_SUFFIXES)]
+            others = [m for m in matches if pattern and not m.endswith(TAR_SUFFIXES)]
             if others:
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
                                   f"pattern to the split's shards, e.g. {os.path.join(os.path.dirname(path), split)}"

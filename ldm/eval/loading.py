@@ -41,7 +41,8 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     paths: list[str] = []
     for item in specs:
         item = str(Path(str(item)).expanduser())
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        # a path that exists is taken as named (a sweep's `lr[1e-3]` folder), else as a glob
+        found = sorted(glob.glob(item)) if glob.has_magic(item) and not Path(item).exists() else [item]
         missing = [p for p in found if not Path(p).exists()]
         if not found or missing:
             problem = f"no such file or directory {missing}" if missing else "no match"
