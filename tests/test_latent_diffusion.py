@@ -377,6 +377,8 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
 
     from lightning.pytorch.loggers import CSVLogger
 
+    from ldm.callbacks.step_boundary import LearningRateMonitor
+
     micro = []
 
     class Record(L.Callback):
@@ -386,10 +388,12 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
                         default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="csv", version=""),
-                        callbacks=[Record()], enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False)
+                        callbacks=[Record(), LearningRateMonitor(logging_interval="step")], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, train_dataloaders=DataLoader([batch(4) for _ in range(6)], batch_size=None))
     with open(tmp_path / "csv" / "metrics.csv") as f:
-        logged = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+        rows = list(csv.DictReader(f))
+    logged = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     assert logged == pytest.approx([(micro[i] + micro[i + 1]) / 2 for i in (0, 2, 4)], rel=1e-6)
+    assert [row["step"] for row in rows if row.get("lr")] == ["0", "1", "2"]  # once per step (was per micro-batch)
     assert len(set(micro)) == 6  # the micro-batches differ, so the last alone would not pass

@@ -155,6 +155,13 @@ def test_run_id_is_stable_per_directory(tmp_path):
     a, b = tmp_path / "train" / "slurm-123", tmp_path / "train" / "slurm-124"
     assert run_id(str(a)) == run_id(str(a)) != run_id(str(b))
     assert run_id(str(a)).startswith("slurm-123-")
+    assert run_id(str(tmp_path / "other" / ".." / "train" / "slurm-123")) == run_id(str(a))
+    # a run directory copied or moved (cp -r) keeps the id its W&B folders carry, the first segment's: it took a new
+    # one from its new path, and its resumed steps went to a second W&B run
+    (a / "wandb" / "offline-run-20261205_120249-r1-ac75fe7c").mkdir(parents=True)
+    (a / "wandb" / "offline-run-20261206_080000-r1-ac75fe7c").mkdir()
+    (a / "wandb" / "latest-run").mkdir()
+    assert run_id(str(a)) == "r1-ac75fe7c"
 
 
 def test_rng_state_round_trip_survives_weights_only_load(tmp_path):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.callbacks import throughput
+from ldm.callbacks.nan_guard import NanGuard
 from ldm.callbacks.throughput import Throughput, peak_flops
 
 B, D, H, OUT = 8, 32, 64, 16  # batch, input, hidden, output widths of the two-layer test model
@@ -183,6 +184,18 @@ def test_lines_stay_on_the_step_schedule_after_a_resume(tmp_path: Path, caplog: 
         fit(10, tmp_path / "step4.ckpt")
     lines = [r.getMessage().split(":")[0] for r in caplog.records if r.name == throughput.__name__]
     assert lines == ["throughput step 6", "throughput step 9", "throughput summary"]
+
+
+def test_no_step_logging_leaves_the_summary_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """trainer.log_every_n_steps=0 is Lightning's "no step logging": the throughput lines came at every step."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, log_every_n_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[Throughput(count_flops=False), NanGuard()])
+    with caplog.at_level("INFO", logger=throughput.__name__):
+        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(5, 0.0), batch_size=None))
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == throughput.__name__] == [
+        "throughput summary"]
+    assert not any(key.startswith("train/grad_norm") for key in trainer.callback_metrics)
 
 
 @pytest.mark.parametrize("name, precision, want", [

@@ -113,7 +113,7 @@ def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nod
     """The latent diffusion model shards its UNet (tests/test_scale_fsdp.py), but not compiled; the autoencoder and the
     contrastive encoder read parameters that FSDP keeps sharded outside its forward: one process, or DDP."""
     node = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
-    node.accelerator, node.devices, node.num_nodes = "cpu", devices, num_nodes  # the GPU check is not the one here
+    node.accelerator, node.devices, node.num_nodes = "auto", devices, num_nodes  # the GPU check is not the one here
     check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")
     if processes == 1:
         check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule", compile_networks=True)
@@ -134,7 +134,7 @@ def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nod
                                                   r"channels_last=false, or use trainer=ddp$"):
         check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule", channels_last=True)
     ddp = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
-    ddp.devices, ddp.num_nodes = devices, num_nodes
+    ddp.accelerator, ddp.devices, ddp.num_nodes = "auto", devices, num_nodes
     check_trainer(ddp, "ldm.modules.autoencoder.AutoencoderModule")
     check_trainer(ddp, "ldm.modules.latent_diffusion.LatentDiffusionModule", channels_last=True)
 
@@ -294,3 +294,37 @@ def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: P
             check_checkpoint_strategy(torch.load(path, weights_only=True), path, fsdp)
     ddp = torch.load(tmp_path / "ddp.ckpt", weights_only=True)
     check_checkpoint_strategy(ddp, str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # fine
+
+
+def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypatch: pytest.MonkeyPatch):
+    """A misspelt W&B key failed at the logger's first use (after the config tree, exit 1, a failed trial in a
+    sweep), a misspelt callback key at instantiation; a bad CSV value came wrapped in Hydra's message. And W&B's own
+    off switch (WANDB_MODE=disabled) was overridden by the logger's offline mode, which wrote a run anyway."""
+    from ldm.cli.common import describe_error
+    from ldm.cli.train import check_components, instantiate_loggers
+
+    base = ["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=wandb"]
+    for extra, message in [
+            (["+logger.wandb.offlin=false"], r"logger\.wandb\.offlin is not an argument of "
+                                             r"lightning\.pytorch\.loggers\.WandbLogger \(did you mean "
+                                             r"logger\.wandb\.offline\?\)"),
+            (["+callbacks.throughput.count_flop=false"], r"callbacks\.throughput\.count_flop is not an argument .* "
+                                                         r"\(did you mean callbacks\.throughput\.count_flops\?\)"),
+            (["+callbacks.extra._target_=no.such.Class"], r"callbacks\.extra\._target_=no\.such\.Class cannot be "
+                                                          r"imported \(ModuleNotFoundError"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_components(compose_train(base + extra))
+    check_components(compose_train(base + ["+logger.wandb.group=ablation"]))  # a wandb.init argument
+
+    csv = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=csv",
+                         "logger.csv.flush_logs_every_n_steps=0"])
+    with pytest.raises(Exception) as err:
+        instantiate_loggers(csv.logger)
+    assert describe_error(err.value) == (2, "logger.csv.flush_logs_every_n_steps=0 must be >= 1")
+
+    wandb = compose_train(base).logger
+    monkeypatch.setenv("WANDB_MODE", "offline")  # restored after the test (the logger's offline mode rewrites it)
+    assert [type(x).__name__ for x in instantiate_loggers(wandb)] == ["WandbLogger"]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert instantiate_loggers(wandb) == []

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ldm.callbacks.checkpoint import stop_pending
+from ldm.callbacks.step_boundary import logging_due
 from ldm.config import ConfigError
 from ldm.modules.optim import gradient_norm
 
@@ -104,7 +105,7 @@ class NanGuard(L.Callback):
                            batch_idx: int) -> None:
         if not self._batch_stepped:
             return  # gradient accumulation: the decision comes with the batch that steps
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop or stop_pending(trainer):
+        if logging_due(trainer) or (trainer.log_every_n_steps and (trainer.should_stop or stop_pending(trainer))):
             # note: only on the steps the loggers write (Lightning's `self.log` costs ~1 ms a call on 2 CPU threads),
             # which include a stop's step: left out there, the row showed the norm of the last step logged
             for key, norm in self._norms.items():

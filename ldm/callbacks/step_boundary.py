@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
 from typing_extensions import override
 
 
@@ -28,6 +29,24 @@ class StepBoundary(L.Callback):
     def stepped(self, trainer: L.Trainer) -> bool:
         """The current (or, during validation, the last) training batch ended with an optimizer step."""
         return trainer.global_step != self._step_at_batch_start
+
+
+class LearningRateMonitor(_LearningRateMonitor):
+    """Lightning's, logging the learning rates once per optimizer step: Lightning's logs them at every batch's start
+    while the step's logs are due, so under gradient accumulation each `lr` row came once per micro-batch."""
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # the first micro-batch of its step
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+def logging_due(trainer: L.Trainer) -> bool:
+    """The step just taken is one the loggers write: every `trainer.log_every_n_steps` steps, none at 0 (Lightning's
+    "no step logging")."""
+    every = trainer.log_every_n_steps
+    return every > 0 and trainer.global_step % every == 0
 
 
 def validation_due(trainer: L.Trainer) -> bool:

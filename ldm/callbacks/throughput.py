@@ -34,7 +34,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from ldm.callbacks.step_boundary import StepBoundary
+from ldm.callbacks.step_boundary import StepBoundary, logging_due
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Throughput(StepBoundary):
         self._samples += size
         if self.stepped(trainer):  # not mid-accumulation
             self._steps += 1
-            if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # on schedule after a resume too
+            if logging_due(trainer):  # on schedule after a resume too
                 try:
                     self._log_interval(trainer)
                 except Exception as err:  # noqa: BLE001 -- a measurement must never stop a training run

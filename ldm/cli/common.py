@@ -49,12 +49,22 @@ CONF_DIR = os.path.abspath(os.path.expanduser(os.environ.get("LDM_CONF_DIR",
                                                              Path(__file__).resolve().parents[2] / "conf")))
 
 
-def run_id(output_dir: str) -> str:
-    """A stable id for the run in `output_dir` (the W&B run id): the directory's name plus a hash of its path.
+_WANDB_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(.+)")  # wandb/<offline-run|run>-<start>-<id>
 
-    The same directory always gives the same id, so a resumed or requeued run continues its W&B run.
+
+def run_id(output_dir: str) -> str:
+    """A stable id for the run in `output_dir` (the W&B run id): the id its W&B folders already carry (the first
+    segment's), else the directory's name plus a hash of its resolved path.
+
+    So a resumed or requeued run continues its W&B run, also when the directory was copied or moved (`cp -r`) or is
+    reached through a symlink or `..`.
     """
-    path = str(Path(output_dir).absolute())
+    wandb_dir = Path(output_dir) / "wandb"
+    segments = sorted(match.groups() for folder in (wandb_dir.iterdir() if wandb_dir.is_dir() else ())
+                      if folder.is_dir() and (match := _WANDB_FOLDER.fullmatch(folder.name)))
+    if segments:
+        return segments[0][1]
+    path = str(Path(output_dir).resolve())
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).name)[-48:]
     return f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
@@ -165,6 +175,8 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         return EXIT_USER_ERROR, (f"no space left on the device while writing {where}; free some space or write to "
                                  f"another directory (files written before are intact)")
     if isinstance(err, InstantiationException):
+        if (refusal := config_error_in(err)) is not None:  # the class's own message names the key
+            return EXIT_USER_ERROR, _one_line(refusal, with_type=False)
         return EXIT_USER_ERROR, " ".join(str(err).split())  # Hydra's message names the target and full_key
     if isinstance(err, OmegaConfBaseException):
         key = getattr(err, "full_key", None)

@@ -14,7 +14,10 @@ run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import os
 import pickle
 import signal
 import sys
@@ -71,7 +74,56 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
-    return [hydra.utils.instantiate(node) for node in (cfg or {}).values() if node is not None]
+    """Every non-null entry of the `logger` group; W&B's left out when its own switch says so (`WANDB_MODE=disabled`,
+    `WANDB_DISABLED=true`), which the W&B logger's offline mode would otherwise override."""
+    loggers = []
+    for node in (cfg or {}).values():
+        if node is None:
+            continue
+        if issubclass(hydra.utils.get_class(node._target_), WandbLogger) and wandb_disabled():
+            rank_zero_info("W&B is disabled (WANDB_MODE=disabled or WANDB_DISABLED=true): no W&B run is written")
+            continue
+        loggers.append(hydra.utils.instantiate(node))
+    return loggers
+
+
+def wandb_disabled() -> bool:
+    return os.environ.get("WANDB_MODE", "").lower() == "disabled" or \
+        os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes")
+
+
+def check_components(cfg: DictConfig) -> None:
+    """Raise ConfigError naming `logger.NAME.KEY` or `callbacks.NAME.KEY` for a class that does not import or a key
+    its constructor does not take (a W&B key is checked against `wandb.init`, which WandbLogger passes the keys it
+    does not know to, at its first use: after the config tree, at exit status 1, as a failed trial in a sweep)."""
+    for group in ("logger", "callbacks"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node is None:
+                continue
+            key = f"{group}.{name}"
+            target = node.get("_target_") if isinstance(node, DictConfig) else None
+            if not target:
+                raise configs.ConfigError(f"{key} has no _target_ naming the class to build (or set {key}=null)")
+            try:
+                cls = hydra.utils.get_class(target)
+            except Exception as err:  # noqa: BLE001 -- an import's failure, whatever it raised
+                cause = err.__cause__ or err
+                raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: "
+                                          f"{cause})") from None
+            parameters = inspect.signature(cls).parameters
+            accepted = {n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
+            open_ended = len(accepted) < len(parameters)
+            if open_ended and issubclass(cls, WandbLogger):
+                import wandb
+
+                accepted |= set(inspect.signature(wandb.init).parameters)
+                open_ended = False
+            unknown = [k for k in node if not str(k).startswith("_") and k not in accepted]
+            if unknown and not open_ended:
+                close = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
+                hint = f"did you mean {key}.{close[0]}?" if close else f"it takes {', '.join(sorted(accepted))}"
+                raise configs.ConfigError(f"{key}.{unknown[0]} is not an argument of {target} ({hint}); fix or "
+                                          f"remove it")
 
 
 def checkpoint_damage(path: Path) -> str | None:
@@ -378,13 +430,14 @@ def check_launch(trainer: L.Trainer) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for what `cfg` gets wrong that can be told before anything is built or written: the seed,
-    the Trainer's arguments, the data and model nodes, ckpt_path."""
+    the Trainer's arguments, the data and model nodes, the loggers' and callbacks' keys, ckpt_path."""
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
     check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")),
                   bool(cfg.get("channels_last")))
     check_nodes(cfg, ("data", "model"))
+    check_components(cfg)
     stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
     if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
         raise configs.ConfigError(f"ckpt_path=last resumes the run in paths.output_dir, but that is a new "
