@@ -13,6 +13,7 @@ kept: the one place that knows the EMA's key prefix (`ema.module.`).
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,10 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 
 
 # What torch.load raises for a file it cannot read (cut short, another format); a refused pickle is an UnpicklingError.
-UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)
+# (A text file can stop the weights-only unpickler anywhere: `task_name: ...` raises IndexError, others TypeError or
+# struct.error.)
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError, IndexError,
+              TypeError, struct.error)
 
 
 def needed_code(err: pickle.UnpicklingError) -> str | None:

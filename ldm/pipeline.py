@@ -18,6 +18,8 @@ encoder is written beside them with its tokenizer (`text_encoder/`). Nothing in 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from ldm.io import (
     read_export,
     save_export,
 )
-from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator
 
@@ -206,18 +208,28 @@ class LatentDiffusionPipeline(nn.Module):
         """
         if isinstance(prompts, str) or isinstance(negative_prompts, str):
             raise TypeError("prompts and negative_prompts are sequences, one per seed: [prompt] * len(seeds) for one")
+        for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
+            if texts is not None and not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"{name} must be strings, got {[type(t).__name__ for t in texts]}")
+        if not isinstance(seeds, Sequence) or not all(_is_int(s) and 0 <= s < 1 << 63 for s in seeds):
+            raise TypeError(f"seeds={seeds!r} must be a sequence of integers in [0, 2**63), one per image")
         B = len(seeds)
         if B == 0:
             raise ValueError("seeds is empty: give one seed per image")
         if negative_prompts is not None and len(negative_prompts) != B:
             raise ValueError(f"{len(negative_prompts)} negative_prompts for {B} seeds: give one per seed")
+        for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise TypeError(f"{name}={value!r} must be a finite number")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1: no guidance)")
         if eta < 0:
             raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM's noise)")
         if negative_prompts is not None and not self.conditioner.uses_prompts:
             raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
-        size = self.check_image_size(image_size or self.image_size)
+        if image_size is not None and not _is_int(image_size):
+            raise TypeError(f"image_size={image_size!r} must be an integer number of pixels (None: {self.image_size})")
+        size = self.check_image_size(self.image_size if image_size is None else image_size)
         if not self.conditioner.conditional:
             guidance_scale = 1.0  # the conditional and unconditional passes would be the same: one pass
         cond, negative = self.sampling_conditions(prompts, class_labels, negative_prompts, B)
@@ -271,6 +283,7 @@ class LatentDiffusionPipeline(nn.Module):
                 is always this pipeline's own record.
         """
         directory = Path(directory)
+        Path(directory, LATENT_STATS_NAME).unlink(missing_ok=True)  # a stage-1 export's, not this pipeline's scale
         config = self.config()
         config["conditioner"].update(self.conditioner.save_external(directory))
         recorded = training or {k: v for k, v in self.provenance.items() if k in ("step", "val_shards")}
@@ -331,7 +344,8 @@ class LatentDiffusionPipeline(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], path: str, use_ema: bool = True, key: str = "ckpt_path",
                         ) -> LatentDiffusionPipeline:
-        """A pipeline from a LatentDiffusionModule checkpoint already read (`ldm.checkpoints.load_checkpoint`)."""
+        """A pipeline in eval mode from a LatentDiffusionModule checkpoint already read
+        (`ldm.checkpoints.load_checkpoint`)."""
         hparams = checkpoint.get("hyper_parameters") or {}
         model, frozen = hparams.get("config"), hparams.get("frozen")
         if not isinstance(model, dict) or not isinstance(frozen, dict) or "unet" not in model:
@@ -367,8 +381,12 @@ class LatentDiffusionPipeline(nn.Module):
         val_shards = run.get("val_shards") or ((run.get("config") or {}).get("data") or {}).get("val_shards")
         pipeline.provenance = {"source": path, "step": int(checkpoint.get("global_step", -1)),
                                "weights": "ema" if ema else "raw", "val_shards": val_shards}
-        return pipeline
+        return pipeline.eval().requires_grad_(False)  # dropout off: sampling in train mode was noisy
 
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

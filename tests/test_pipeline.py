@@ -150,10 +150,49 @@ def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path: Pa
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match=f"ckpt_path={broken} is not a readable checkpoint"):
         LatentDiffusionPipeline.from_pretrained(broken)
+    for text in ("task_name: quickstart_ldm\nseed: 0\n", "a: 1\n", "prompts: [a]\n"):  # a run's config.yaml
+        broken.write_text(text)  # the first two stopped torch's unpickler with an IndexError
+        with pytest.raises(CheckpointError, match=f"ckpt_path={broken} is not a readable checkpoint"):
+            LatentDiffusionPipeline.from_pretrained(broken)
     plain = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"a.weight": torch.zeros(1)}}, plain)
     with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint"):
         LatentDiffusionPipeline.from_pretrained(plain)
+
+
+def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):
+    """A checkpoint read by `from_checkpoint` (ldm-eval's path for .ckpt files) sampled in train mode: with
+    model.unet.dropout > 0 the same seed gave other images on each call. `load_autoencoder` (the README's stage-1
+    snippet) likewise encoded and decoded with dropout on. And a pipeline exported into a folder that held a stage-1
+    export kept that export's latent_stats.json, which `load_autoencoder` took over the pipeline's own scale."""
+    from ldm.checkpoints import load_checkpoint
+    from ldm.eval.loading import load_model
+    from ldm.nn.autoencoder import AutoencoderConfig
+
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(tiny_config(tiny_autoencoder(tmp_path / "ae"),
+                                               unet={**tiny_config(tmp_path)["unet"], "dropout": 0.5}))
+    fit(module, tmp_path, steps=2).save_checkpoint(tmp_path / "model.ckpt")
+    for pipeline in (LatentDiffusionPipeline.from_checkpoint(load_checkpoint(tmp_path / "model.ckpt"), "model.ckpt"),
+                     load_model(str(tmp_path / "model.ckpt")).model):
+        assert not pipeline.training and not any(p.requires_grad for p in pipeline.parameters())
+        images = [pipeline.generate(CAPTIONS, [5, 6], num_steps=2, guidance_scale=2.0) for _ in range(2)]
+        assert torch.equal(*images)
+
+    torch.manual_seed(0)
+    AutoencoderKL(AutoencoderConfig(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8,
+                                    dropout=0.5)).save_pretrained(tmp_path / "ae_dropout")
+    autoencoder, _ = load_autoencoder(tmp_path / "ae_dropout")
+    assert not autoencoder.training and not any(p.requires_grad for p in autoencoder.parameters())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(autoencoder.encode(x).mode(), autoencoder.encode(x).mode())
+
+    shutil.copytree(tmp_path / "ae", tmp_path / "reused")  # its latent_stats.json: scale 0.8
+    pipeline = LatentDiffusionPipeline.from_pretrained(tmp_path / "model.ckpt")
+    pipeline.latent_scale = 0.5
+    pipeline.save_pretrained(tmp_path / "reused")
+    assert load_autoencoder(tmp_path / "reused")[1] == {"scale_factor": 0.5}
+    assert not (tmp_path / "reused" / "latent_stats.json").exists()
 
 
 def test_generate_validates_its_inputs(trained):
@@ -165,6 +204,18 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS, [0, 1], eta=-1.0)
     with pytest.raises(ConfigError, match="num_steps=2.5 must be a whole number of steps"):  # a slicing TypeError
         pipeline.generate(CAPTIONS, [0, 1], num_steps=2.5)
+    # each failed deep inside (or ran: seed 0.9 was seed 0, -1 was 2**63 - 1, image_size=0 the default size, NaN
+    # guidance NaN images), none naming the argument
+    for kwargs, message in [({"seeds": 0}, r"seeds=0 must be a sequence of integers"),
+                            ({"seeds": [0.9, 1]}, r"seeds=\[0\.9, 1\] must be"), ({"seeds": [-1, 1]}, "seeds="),
+                            ({"prompts": [1, 2]}, r"prompts must be strings, got \['int', 'int'\]"),
+                            ({"guidance_scale": float("nan")}, "guidance_scale=nan must be a finite number"),
+                            ({"guidance_scale": "5"}, "guidance_scale='5' must be a finite number"),
+                            ({"image_size": 32.0}, r"image_size=32\.0 must be an integer number of pixels")]:
+        with pytest.raises(TypeError, match=message):
+            pipeline.generate(**{"prompts": CAPTIONS, "seeds": [0, 1], **kwargs})
+    with pytest.raises(ConfigError, match="image_size=0 must be a positive multiple"):
+        pipeline.generate(CAPTIONS, [0, 1], image_size=0)
     with pytest.raises(ValueError, match="1 prompts for 2 seeds"):
         pipeline.generate(CAPTIONS[:1], [0, 1])
     with pytest.raises(ValueError, match="image_size=10 must be a positive multiple of 4"):

@@ -214,9 +214,9 @@ def _naming(key: str, path: Path) -> Iterator[None]:
 
 def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
                          ) -> tuple[AutoencoderKL, dict[str, Any] | None, str]:
-    """(autoencoder, latent statistics or None, source) from any form of a KL autoencoder: our export or checkpoint,
-    a diffusers vae/ folder, a diffusers pipeline folder (its vae/), or a single file (a whole SD model's
-    first_stage_model, or a stand-alone VAE such as vae-ft-mse-840000-ema-pruned).
+    """(autoencoder, frozen as `load_autoencoder` gives it; latent statistics or None; source) from any form of a KL
+    autoencoder: our export or checkpoint, a diffusers vae/ folder, a diffusers pipeline folder (its vae/), or a
+    single file (a whole SD model's first_stage_model, or a stand-alone VAE such as vae-ft-mse-840000-ema-pruned).
 
     The statistics are stage 1's own (`latent_stats.json` or the checkpoint's) for ours, and {"scale_factor": s} for
     a Stable Diffusion VAE whose scale is known: diffusers' scaling_factor, the file's metadata, or SD's 0.18215 for a
@@ -261,7 +261,7 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
         raise ConfigError(f"{key}={path} holds a UNet, not an autoencoder")
     model = AutoencoderKL(config)
     model.load_state_dict(state)
-    return model, ({"scale_factor": scale} if scale else None), source
+    return model.eval().requires_grad_(False), ({"scale_factor": scale} if scale else None), source
 
 
 def _our_checkpoint_kind(path: Path) -> str | None:

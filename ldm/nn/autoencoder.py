@@ -317,10 +317,11 @@ class AutoencoderKL(nn.Module):
 
 def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> tuple[AutoencoderKL,
                                                                                     dict[str, Any] | None]:
-    """An autoencoder and its latent statistics from an export directory or an `AutoencoderModule` checkpoint.
+    """An autoencoder, frozen (eval mode: dropout off; no gradients), and its latent statistics from an export
+    directory or an `AutoencoderModule` checkpoint.
 
     A checkpoint gives its EMA weights when it has them. Latent statistics are None when neither the export nor the
-    checkpoint holds any.
+    checkpoint holds any; a pipeline's export or checkpoint gives its latent scale alone.
 
     Args:
         path: an export directory (`save_pretrained`), a `.ckpt` of `ldm.modules.autoencoder.AutoencoderModule`, a
@@ -328,13 +329,20 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
             directory whose `export/` holds one of these.
         key: the config key that set `path`, named in the error when it does not exist.
     """
-    path = Path(path)
+    model, stats = _read_autoencoder(Path(path), key)
+    return model.eval().requires_grad_(False), stats
+
+
+def _read_autoencoder(path: Path, key: str) -> tuple[AutoencoderKL, dict[str, Any] | None]:
     if not path.exists():
         raise FileNotFoundError(f"{key}={path} does not exist; point it at an autoencoder export directory "
                                 f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
     if path.is_dir():
         path = export_dir(path)
         model = AutoencoderKL.from_pretrained(path, key)
+        config = read_json_object(path / CONFIG_NAME, key)
+        if config.get("format") == PIPELINE_FORMAT:  # its scale, not a stage-1 export's file left in the folder
+            return model, {"scale_factor": config["latent_scale"]}
         stats_file = path / LATENT_STATS_NAME
         if stats_file.exists():
             stats = read_json_object(stats_file, key)
@@ -345,8 +353,7 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
                                   f"the file is damaged (delete it to measure the scale again, or set "
                                   f"model.latent_scale)")
             return model, stats
-        config = read_json_object(path / CONFIG_NAME, key)
-        return model, ({"scale_factor": config["latent_scale"]} if config.get("format") == PIPELINE_FORMAT else None)
+        return model, None
 
     from ldm.checkpoints import checkpoint_kind, load_checkpoint, submodule_state
 
