@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -130,6 +131,37 @@ def test_folder_resize_center_crop(tmp_path: Path):
         # 48x32 -> 24x16 -> centre 16 columns: the red gradient spans the middle third, not the full range
         assert 40 < img[..., 0].min() and img[..., 0].max() < 215
         assert abs(int(img[..., 2].mean()) - int(source[..., 2].mean())) <= 2
+
+
+def test_folder_shards_that_keep_the_aspect_give_random_crops(tmp_path: Path):
+    """`experiment=kl_f8` trains with data.random_crop=true, but shards written square at data.resolution (as its
+    docs said) leave nothing to crop: every epoch saw the same centre crops, silently. crop=false keeps the aspect
+    (shorter side = resolution), so the random crops act; square shards with random_crop=true get a warning."""
+    from ldm.data.datamodule import WebDataModule
+
+    _make_folder(tmp_path / "in", n=12, size=(48, 32))
+    common = {"source": "folder", "input_dir": str(tmp_path / "in"), "val_samples": 2, "resolution": 16}
+    write_dataset({**common, "output_dir": str(tmp_path / "kept"), "crop": False})
+    assert json.loads((tmp_path / "kept" / "summary.json").read_text())["crop"] is False
+    assert {decode(sample).shape for sample in read_split(tmp_path / "kept", "train")} == {(16, 24, 3)}
+
+    def first_batch(folder: str, random_crop: bool) -> dict:
+        data = WebDataModule({"train_shards": f"{tmp_path / folder}/train-*.tar", "val_shards": None,
+                              "resolution": 16, "batch_size": 10, "num_workers": 0, "random_crop": random_crop})
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))
+
+    centre, cropped = first_batch("kept", False), first_batch("kept", True)
+    assert centre["key"] == cropped["key"] and not torch.equal(centre["image"], cropped["image"])
+
+    write_dataset({**common, "output_dir": str(tmp_path / "square")})
+    with pytest.warns(UserWarning, match=r"data\.random_crop=true crops nothing here: .* already cropped to 16 x 16; "
+                                         r"write them with crop=false"):
+        first_batch("square", True)
+    with pytest.raises(ConfigError, match=r"crop=False would be ignored with resolution=null"):
+        write_dataset({**common, "output_dir": str(tmp_path / "x"), "resolution": None, "crop": False})
+    with pytest.raises(ConfigError, match=r"crop=False would be ignored with source=shapes"):
+        write_dataset({"output_dir": str(tmp_path / "x"), "crop": False})
 
 
 def test_config_errors(tmp_path: Path):

@@ -265,6 +265,11 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             if exit_.code == EXIT_FAILURE and not _task_started:
                 sys.exit(EXIT_USER_ERROR)
             raise
+        except Exception as err:  # Hydra's own refusal of its flags (-m with --cfg): before any task ran
+            if _task_started:
+                raise
+            print(f"{Path(sys.argv[0]).name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
 
     return entry
 
@@ -326,6 +331,11 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but torch sees no CUDA GPU on this machine; use "
                           f"trainer=cpu, or trainer=ddp_cpu for several CPU processes")
+    strategy = trainer.get("strategy")
+    backend = strategy.get("process_group_backend") if isinstance(strategy, (dict, DictConfig)) else None
+    if backend == "nccl" and (accelerator not in ("gpu", "cuda", "auto", None) or not torch.cuda.is_available()):
+        raise ConfigError(f"trainer.strategy.process_group_backend=nccl needs CUDA GPUs (trainer.accelerator="
+                          f"{accelerator}); use trainer=ddp_cpu (gloo) for several CPU processes")
     for key, value in trainer.items():
         if key not in TRAINER_NUMBERS or value is None:
             continue

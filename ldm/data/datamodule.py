@@ -143,6 +143,19 @@ def recorded_counts(urls: list[str]) -> list[int | None]:
     return counts
 
 
+def _written_square(urls: list[str], resolution: int) -> bool:
+    """Whether ldm-data's summary.json beside the first local shard says it wrote square images of `resolution`."""
+    local = [Path(u.removeprefix("file:")) for u in urls if not u.startswith(REMOTE_PREFIXES)]
+    summary = local[0].parent / SUMMARY_NAME if local else None
+    if summary is None or not summary.is_file():
+        return False
+    try:
+        written = json.loads(summary.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return isinstance(written, dict) and written.get("resolution") == resolution and written.get("crop", True)
+
+
 def _stats_count(path: Path) -> int:
     """The sample count an img2dataset (or ldm-encode) `*_stats.json` records."""
     try:
@@ -321,6 +334,11 @@ class WebDataModule(L.LightningDataModule):
         if train is not None:
             check_same_encoders(train, val, "data.val_shards", settings=("resolution",))
             check_data_config(train, self.config.resolution, self.config.hflip, self.config.random_crop)
+        elif self.config.random_crop and _written_square(self.train_urls, self.config.resolution):
+            warnings.warn(f"data.random_crop=true crops nothing here: the training shards hold images that ldm-data "
+                          f"already cropped to {self.config.resolution} x {self.config.resolution}; write them with "
+                          f"crop=false (shorter side {self.config.resolution}, aspect kept) or resolution=null for "
+                          f"random crops", stacklevel=2)
         self.latent_manifest = train
 
     def _stream(self, plan: EpochPlan) -> ShardStream:

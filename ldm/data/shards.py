@@ -33,7 +33,7 @@ from PIL import Image
 from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
-from ldm.data.stream import resize_crop
+from ldm.data.stream import resize_crop, resize_shorter
 from ldm.images import to_rgb
 from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
@@ -65,6 +65,8 @@ class WriteConfig:
     num_samples: int = 10000  # shapes: training samples; folder: ignored (every image not in val is written)
     val_samples: int = 1000  # validation samples (folder: taken from the folder, deterministic given seed)
     resolution: int | None = 32  # image side; folder: null stores images as they are
+    crop: bool = True  # folder: centre-crop to a square; false keeps the aspect (shorter side = resolution, the long
+    #                    side at most 4x it), for random crops in training (data.random_crop=true)
     sizes: list[str] | None = None  # shapes: the size words to draw from (e.g. [large]); null: all
     positions: list[str] | None = None  # shapes: the position words to draw from (e.g. [center]); null: all
     scale: float = 1.0  # shapes: multiplies every radius (checked to fit the positions)
@@ -91,15 +93,19 @@ class WriteConfig:
         # note: a key of the other source would be ignored; a user who sets it expects it to act
         other = ({"input_dir": None, "captions": None, "allow_missing_captions": False} if self.source == "shapes"
                  else {"sizes": None, "positions": None, "scale": 1.0, "holdout": []})
+        if self.source == "shapes":
+            other["crop"] = True
         ignored = [f"{k}={getattr(self, k)}" for k, unset in other.items() if getattr(self, k) != unset]
         if ignored:
             what = "a folder of images" if self.source == "shapes" else "the synthetic shapes data"
             raise ConfigError(f"{', '.join(ignored)} would be ignored with source={self.source} (they describe "
                               f"{what}); leave them out")
-        if self.resolution is None and (self.image_format, self.jpeg_quality) != ("png", 95):
-            raise ConfigError(f"image_format={self.image_format} and jpeg_quality={self.jpeg_quality} would be "
-                              f"ignored with resolution=null, which stores each file's bytes as they are; leave them "
-                              f"out, or give a resolution")
+        unused = [f"{key}={value}" for key, value, unset in (("image_format", self.image_format, "png"),
+                                                            ("jpeg_quality", self.jpeg_quality, 95),
+                                                            ("crop", self.crop, True)) if value != unset]
+        if self.resolution is None and unused:
+            raise ConfigError(f"{', '.join(unused)} would be ignored with resolution=null, which stores each file's "
+                              f"bytes as they are; leave them out, or give a resolution")
         if self.source == "shapes" and self.resolution is None:
             raise ConfigError("source=shapes needs an integer resolution (e.g. resolution=32)")
         if self.resolution is not None and self.resolution < 8:
@@ -315,7 +321,9 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
                 size = image.size
             encoded = (path.read_bytes(), path.suffix.lower().lstrip(".").replace("jpeg", "jpg")) \
                 if cfg.resolution is None else None
-            image = image if cfg.resolution is None else resize_crop(image, cfg.resolution, None)
+            if cfg.resolution is not None:
+                image = resize_crop(image, cfg.resolution, None) if cfg.crop else \
+                    resize_shorter(image, cfg.resolution)
         except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
             log.warning("skipping image %s: %s", path, err)
             skipped.append({"path": rel, "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
@@ -455,7 +463,7 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
             shard.rename(output_dir / shard.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution,
+    summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution, "crop": cfg.crop,
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / SUMMARY_NAME)

@@ -322,6 +322,20 @@ def resize_crop(image: Image.Image, resolution: int, rng: random.Random | None) 
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def resize_shorter(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution`, keeping the aspect ratio (as resize_crop resizes, without its crop): a
+    long side over MAX_RESIZED_ASPECT times the short one is centre-cropped to that first."""
+    w0, h0 = image.size
+    longest = MAX_RESIZED_ASPECT * min(w0, h0)
+    if max(w0, h0) > longest:
+        left, top = max(0, (w0 - longest) // 2), max(0, (h0 - longest) // 2)
+        image = image.crop((left, top, left + min(w0, longest), top + min(h0, longest)))
+        w0, h0 = image.size
+    scale = resolution / min(w0, h0)
+    size = (max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale)))
+    return image if size == (w0, h0) else image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),  # (B, 3, R, R)
                              "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
