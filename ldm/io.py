@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import json
 import os
 import tempfile
@@ -173,6 +174,15 @@ def export_config(directory: Path, config: dict[str, Any], schema: type[T], key:
         raise ConfigError(f"{key}={directory}: its {CONFIG_NAME} is damaged ({err})") from None
     except TypeError as err:  # a value of the wrong type met a range check
         raise ConfigError(f"{key}={directory}: its {CONFIG_NAME} holds a value of the wrong type ({err})") from None
+
+
+def glob_sorted(pattern: str) -> list[str]:
+    """The sorted matches of a glob `pattern` whose folder, when it exists as written, is taken literally: a sweep's
+    `runs/lr[1e-3]/train-*.tar` is the folder `lr[1e-3]`, not a character class."""
+    folder, name = os.path.split(pattern)
+    if folder and os.path.isdir(folder):
+        pattern = os.path.join(glob.escape(folder), name)
+    return sorted(glob.glob(pattern))
 
 
 def read_json_object(path: Path, key: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,10 @@ class LatentDiffusionPipeline(nn.Module):
         for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
             if texts is not None and not all(isinstance(t, str) for t in texts):
                 raise TypeError(f"{name} must be strings, got {[type(t).__name__ for t in texts]}")
-        if not isinstance(seeds, Sequence) or not all(_is_int(s) and 0 <= s < 1 << 63 for s in seeds):
-            raise TypeError(f"seeds={seeds!r} must be a sequence of integers in [0, 2**63), one per image")
+        try:  # ints of any kind (numpy, 0-d integer tensors); not floats, which would be truncated
+            seeds = [operator.index(s) for s in seeds]
+        except TypeError:
+            raise TypeError(f"seeds={seeds!r} must be integers, one per image") from None
         B = len(seeds)
         if B == 0:
             raise ValueError("seeds is empty: give one seed per image")

@@ -136,6 +136,15 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
     with pytest.raises(ConfigError, match=r"name_or_path=.*t5'?: cannot load AutoTokenizer: .*spiece\.model"):
         build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "t5")})
 
+    # a real vocabulary that lacks common words is not an empty one: a small BERT vocab.txt loads
+    from transformers import BertConfig, BertModel
+
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    BertModel(BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    assert build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "bert")}).context_dim == 16
+
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_clip))
     other = CLIPTextModel(CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, eos_token_id=599))

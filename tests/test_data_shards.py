@@ -155,9 +155,13 @@ def test_folder_shards_that_keep_the_aspect_give_random_crops(tmp_path: Path):
     assert centre["key"] == cropped["key"] and not torch.equal(centre["image"], cropped["image"])
 
     write_dataset({**common, "output_dir": str(tmp_path / "square")})
-    with pytest.warns(UserWarning, match=r"data\.random_crop=true crops nothing here: .* already cropped to 16 x 16; "
-                                         r"write them with crop=false"):
+    with pytest.warns(UserWarning, match=r"data\.random_crop=true crops nothing here: the training shards hold "
+                                         r"folder images that ldm-data wrote square at 16 x 16; write them with "
+                                         r"crop=false"):
         first_batch("square", True)
+    write_dataset({"output_dir": str(tmp_path / "shapes"), "num_samples": 10, "val_samples": 0, "resolution": 16})
+    with pytest.warns(UserWarning, match=r"hold shapes images .*; set data\.random_crop=false"):  # not crop=false,
+        first_batch("shapes", True)                                                           # which shapes refuse
     with pytest.raises(ConfigError, match=r"crop=False would be ignored with resolution=null"):
         write_dataset({**common, "output_dir": str(tmp_path / "x"), "resolution": None, "crop": False})
     with pytest.raises(ConfigError, match=r"crop=False would be ignored with source=shapes"):
@@ -347,6 +351,9 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     # a folder or file whose name holds glob characters (a sweep's `lr[1e-3]`) is taken as named, not as a pattern
     bracketed = tmp_path / "lr[1e-3]"
     shutil.copytree(shapes_shards, bracketed)
-    assert expand_shards(str(bracketed), "data.train_shards") == sorted(str(p) for p in bracketed.glob("train-*.tar"))
-    first = next(bracketed.glob("train-*.tar"))
-    assert expand_shards(str(first), "data.train_shards") == [str(first)]
+    train = sorted(str(p) for p in bracketed.glob("train-*.tar"))
+    assert expand_shards(str(bracketed), "data.train_shards") == train
+    assert expand_shards(f"{bracketed}/train-*.tar", "data.train_shards") == train  # the documented form
+    assert expand_shards(str(train[0]), "data.train_shards") == [train[0]]
+    assert expand_shards(f"{shapes_shards}/train-00000[0-9].tar", "data.train_shards") == sorted(
+        str(p) for p in shapes_shards.glob("train-*.tar"))  # a character class in the name is still one

@@ -336,3 +336,4 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     (bracketed / "last.ckpt").write_bytes(b"x")
     assert resolve_checkpoints(str(bracketed / "last.ckpt")) == [str(bracketed / "last.ckpt")]
     assert resolve_checkpoints(str(bracketed)) == [str(bracketed)]
+    assert resolve_checkpoints(str(bracketed / "*.ckpt")) == [str(bracketed / "last.ckpt")]

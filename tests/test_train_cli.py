@@ -94,11 +94,13 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
     for devices in (1, 2, "2", "auto"):
         node.devices = devices
         check_trainer(node)
+    default = compose_train(["trainer=default", "paths.output_dir=/tmp/unused"]).trainer  # accelerator auto
     for devices in (0, -1, "0,1", [0, 1]):  # Lightning's CPU accelerator takes a count alone
-        node.devices = devices
-        with pytest.raises(configs.ConfigError, match=r"trainer\.devices=.* must be a number of processes >= 1, or "
-                                                      r"auto on the CPU \(trainer\.accelerator=cpu\)"):
-            check_trainer(node)
+        for trainer in (node, default) if not torch.cuda.is_available() else (node,):
+            trainer.devices = devices
+            with pytest.raises(configs.ConfigError, match=r"trainer\.devices=.* must be a number of processes >= 1, "
+                                                          r"or auto on the CPU"):
+                check_trainer(trainer)
     node.devices = 1
     for precision in ("32-true", "bf16-mixed", "16-mixed", 32, "64-true"):
         node.precision = precision
@@ -109,11 +111,13 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
 
 
 @pytest.mark.parametrize(("devices", "num_nodes", "processes"), [(1, 1, 1), (2, 1, 2), ([0, 1], 1, 2), (1, 4, 4)])
-def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nodes, processes):
+def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nodes, processes,
+                                                                monkeypatch: pytest.MonkeyPatch):
     """The latent diffusion model shards its UNet (tests/test_scale_fsdp.py), but not compiled; the autoencoder and the
     contrastive encoder read parameters that FSDP keeps sharded outside its forward: one process, or DDP."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU checks are not the ones here
     node = compose_train(["trainer=fsdp", "paths.output_dir=/tmp/unused"]).trainer
-    node.accelerator, node.devices, node.num_nodes = "auto", devices, num_nodes  # the GPU check is not the one here
+    node.devices, node.num_nodes = devices, num_nodes
     check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule")
     if processes == 1:
         check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule", compile_networks=True)
@@ -133,8 +137,8 @@ def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nod
     with pytest.raises(configs.ConfigError, match=r"^channels_last=true with trainer=fsdp is not supported: .* set "
                                                   r"channels_last=false, or use trainer=ddp$"):
         check_trainer(node, "ldm.modules.latent_diffusion.LatentDiffusionModule", channels_last=True)
-    ddp = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
-    ddp.accelerator, ddp.devices, ddp.num_nodes = "auto", devices, num_nodes
+    ddp = compose_train(["trainer=ddp", "paths.output_dir=/tmp/unused"]).trainer
+    ddp.devices, ddp.num_nodes = devices, num_nodes
     check_trainer(ddp, "ldm.modules.autoencoder.AutoencoderModule")
     check_trainer(ddp, "ldm.modules.latent_diffusion.LatentDiffusionModule", channels_last=True)
 

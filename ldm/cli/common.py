@@ -248,6 +248,9 @@ def run_cli(name: str, task: Callable[[], T]) -> T:
         sys.exit(status)
 
 
+HYDRA_FLAG_REFUSAL = "Only one of --run, --multirun"  # how Hydra's message for flags it cannot combine starts
+
+
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
     group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
@@ -265,10 +268,10 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             if exit_.code == EXIT_FAILURE and not _task_started:
                 sys.exit(EXIT_USER_ERROR)
             raise
-        except Exception as err:  # Hydra's own refusal of its flags (-m with --cfg): before any task ran
-            if _task_started:
+        except ValueError as err:  # Hydra's own refusal of its flags (-m with --cfg), raised before any task
+            if _task_started or not str(err).startswith(HYDRA_FLAG_REFUSAL):
                 raise
-            print(f"{Path(sys.argv[0]).name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
+            print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return entry
@@ -349,7 +352,8 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
     if trainer.get("devices") is not None:
-        check_devices(trainer.get("devices"), cpu=accelerator == "cpu")
+        check_devices(trainer.get("devices"), cpu=accelerator == "cpu" or (accelerator in ("auto", None)
+                                                                           and not torch.cuda.is_available()))
     precision = trainer.get("precision")
     if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS):
         raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "

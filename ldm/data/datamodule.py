@@ -143,17 +143,19 @@ def recorded_counts(urls: list[str]) -> list[int | None]:
     return counts
 
 
-def _written_square(urls: list[str], resolution: int) -> bool:
-    """Whether ldm-data's summary.json beside the first local shard says it wrote square images of `resolution`."""
+def _written_square(urls: list[str], resolution: int) -> str | None:
+    """The source (shapes, folder) when ldm-data's summary.json beside the first local shard says it wrote square
+    images of `resolution` there, else None."""
     local = [Path(u.removeprefix("file:")) for u in urls if not u.startswith(REMOTE_PREFIXES)]
     summary = local[0].parent / SUMMARY_NAME if local else None
     if summary is None or not summary.is_file():
-        return False
+        return None
     try:
         written = json.loads(summary.read_text(encoding="utf-8"))
     except ValueError:
-        return False
-    return isinstance(written, dict) and written.get("resolution") == resolution and written.get("crop", True)
+        return None
+    square = isinstance(written, dict) and written.get("resolution") == resolution and written.get("crop", True)
+    return str(written.get("source", "folder")) if square else None
 
 
 def _stats_count(path: Path) -> int:
@@ -334,11 +336,12 @@ class WebDataModule(L.LightningDataModule):
         if train is not None:
             check_same_encoders(train, val, "data.val_shards", settings=("resolution",))
             check_data_config(train, self.config.resolution, self.config.hflip, self.config.random_crop)
-        elif self.config.random_crop and _written_square(self.train_urls, self.config.resolution):
-            warnings.warn(f"data.random_crop=true crops nothing here: the training shards hold images that ldm-data "
-                          f"already cropped to {self.config.resolution} x {self.config.resolution}; write them with "
-                          f"crop=false (shorter side {self.config.resolution}, aspect kept) or resolution=null for "
-                          f"random crops", stacklevel=2)
+        elif self.config.random_crop and (source := _written_square(self.train_urls, self.config.resolution)):
+            r = self.config.resolution
+            fix = "set data.random_crop=false" if source == "shapes" else \
+                f"write them with crop=false (shorter side {r}, aspect kept) or resolution=null for random crops"
+            warnings.warn(f"data.random_crop=true crops nothing here: the training shards hold {source} images that "
+                          f"ldm-data wrote square at {r} x {r}; {fix}", stacklevel=2)
         self.latent_manifest = train
 
     def _stream(self, plan: EpochPlan) -> ShardStream:

@@ -10,6 +10,7 @@ from pathlib import Path
 import webdataset as wds
 
 from ldm.config import ConfigError
+from ldm.io import glob_sorted
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -35,11 +36,10 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             path = os.path.expanduser(url.removeprefix("file:"))
             pattern = None  # a file or folder that exists is taken as named, `[` in its name included
             if os.path.isdir(path):
-                pattern = os.path.join(glob.escape(path), f"{split}-*.tar")
-                path = os.path.join(path, f"{split}-*.tar")
+                pattern = path = os.path.join(path, f"{split}-*.tar")
             elif not os.path.isfile(path) and glob.has_magic(path):
                 pattern = path
-            matches = sorted(glob.glob(pattern)) if pattern else ([path] if os.path.isfile(path) else [])
+            matches = glob_sorted(pattern) if pattern else ([path] if os.path.isfile(path) else [])
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")

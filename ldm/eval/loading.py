@@ -21,7 +21,7 @@ from torch import nn
 
 from ldm.callbacks.checkpoint import LAST_NAME
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
-from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, read_json_object
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, glob_sorted, read_json_object
 
 KINDS = ("autoencoder", "latent_diffusion")
 
@@ -42,7 +42,7 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     for item in specs:
         item = str(Path(str(item)).expanduser())
         # a path that exists is taken as named (a sweep's `lr[1e-3]` folder), else as a glob
-        found = sorted(glob.glob(item)) if glob.has_magic(item) and not Path(item).exists() else [item]
+        found = glob_sorted(item) if glob.has_magic(item) and not Path(item).exists() else [item]
         missing = [p for p in found if not Path(p).exists()]
         if not found or missing:
             problem = f"no such file or directory {missing}" if missing else "no match"
