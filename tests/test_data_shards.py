@@ -168,6 +168,19 @@ def test_folder_shards_that_keep_the_aspect_give_random_crops(tmp_path: Path):
         write_dataset({"output_dir": str(tmp_path / "x"), "crop": False})
 
 
+def test_an_empty_caption_is_a_missing_one(tmp_path: Path):
+    """A blank sidecar .txt (or manifest cell) was written as the caption "", without allow_missing_captions and
+    without a line in summary.json's missing_captions: part of a text-to-image model trained unconditionally."""
+    _make_folder(tmp_path / "in", n=4, size=(16, 16))
+    for blank in sorted((tmp_path / "in").glob("*.txt"))[:2]:
+        blank.write_text("  \n")
+    common = {"source": "folder", "input_dir": str(tmp_path / "in"), "val_samples": 1, "resolution": 16}
+    with pytest.raises(ConfigError, match=r"2 of 4 images have no caption"):
+        write_dataset({**common, "output_dir": str(tmp_path / "a")})
+    write_dataset({**common, "output_dir": str(tmp_path / "b"), "allow_missing_captions": True})
+    assert len(json.loads((tmp_path / "b" / "summary.json").read_text())["missing_captions"]) == 2
+
+
 def test_config_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"source='bad'.*\['shapes', 'folder'\]"):
         write_dataset({"source": "bad", "output_dir": str(tmp_path)})

@@ -167,6 +167,10 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     assert row["rfid"] > 0 and 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1 and row["lpips"] >= 0
     assert row["lpips"] is not None and row["lpips"] == row["lpips"] and row["feature_extractor"]["feature_dim"] == 64
     assert "sampler" not in row
+    # the random LPIPS backbone (smoke tests) came from the global RNG: the same command gave another lpips each run
+    again = evaluate(make_cfg(assets, tmp_path / "again", ckpt_path=str(ckpt), lpips_pretrained_backbone=False,
+                              reconstruction_metrics=["lpips"]))[0]
+    assert again["lpips"] == row["lpips"]
     export = module.autoencoder.save_pretrained(tmp_path / "export")  # an export is known by its weights file
     row = evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"]))[0]
     assert row["weights"] == "export" and row["checkpoint_size"] == (export / "model.safetensors").stat().st_size

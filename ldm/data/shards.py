@@ -381,7 +381,7 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
         raise ConfigError(f"input_dir={cfg.input_dir} holds no readable images with extensions "
                           f"{list(IMAGE_EXTENSIONS)} (left out: {skipped[:3]})")
     manifest = _read_manifest(Path(cfg.captions), input_dir) if cfg.captions else None
-    captions: dict[Path, str] = {}  # image -> caption; images without one are absent
+    captions: dict[Path, str] = {}  # image -> caption; images without one (or with an empty one) are absent
     for path in list(images):
         if manifest is not None:
             caption = manifest.get(path.resolve())
@@ -393,7 +393,7 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
                 skipped.append({"path": path.relative_to(input_dir).as_posix(), "reason": str(err)})
                 images.remove(path)
                 continue
-        if caption is not None:
+        if caption:  # an empty caption (a blank .txt or cell) is a missing one
             captions[path] = caption
     missing = [p for p in images if p not in captions]
     if missing and not cfg.allow_missing_captions:
