@@ -177,11 +177,14 @@ def export_config(directory: Path, config: dict[str, Any], schema: type[T], key:
 
 
 def glob_sorted(pattern: str) -> list[str]:
-    """The sorted matches of a glob `pattern` whose folder, when it exists as written, is taken literally: a sweep's
-    `runs/lr[1e-3]/train-*.tar` is the folder `lr[1e-3]`, not a character class."""
-    folder, name = os.path.split(pattern)
-    if folder and os.path.isdir(folder):
-        pattern = os.path.join(glob.escape(folder), name)
+    """The sorted matches of a glob `pattern` whose leading folders, as far as they exist as written, are taken
+    literally: in a sweep's `runs/lr[1e-3]/seed*/train-*.tar`, `lr[1e-3]` is a folder, not a character class."""
+    parts = pattern.split(os.sep)
+    literal = 0  # the leading parts that exist as written (a folder, not the last part)
+    while literal < len(parts) - 1 and os.path.isdir(os.sep.join(parts[:literal + 1]) or os.sep):
+        literal += 1
+    if literal:
+        pattern = os.sep.join([glob.escape(os.sep.join(parts[:literal])), *parts[literal:]])
     return sorted(glob.glob(pattern))
 
 

@@ -212,10 +212,7 @@ class LatentDiffusionPipeline(nn.Module):
         for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
             if texts is not None and not all(isinstance(t, str) for t in texts):
                 raise TypeError(f"{name} must be strings, got {[type(t).__name__ for t in texts]}")
-        try:  # ints of any kind (numpy, 0-d integer tensors); not floats, which would be truncated
-            seeds = [operator.index(s) for s in seeds]
-        except TypeError:
-            raise TypeError(f"seeds={seeds!r} must be integers, one per image") from None
+        seeds = _seed_list(seeds)
         B = len(seeds)
         if B == 0:
             raise ValueError("seeds is empty: give one seed per image")
@@ -386,6 +383,20 @@ class LatentDiffusionPipeline(nn.Module):
                                "weights": "ema" if ema else "raw", "val_shards": val_shards}
         return pipeline.eval().requires_grad_(False)  # dropout off: sampling in train mode was noisy
 
+
+
+def _seed_list(seeds: Any) -> list[int]:
+    """`seeds` as ints: integers of any kind (numpy's, integer tensors) in [-2**63, 2**63), a negative seed s being
+    s + 2**63 (`StackedRandomGenerator`); not floats (truncated), bools or a lone integer."""
+    try:
+        items = list(seeds)
+        ints = [operator.index(s) for s in items]
+    except TypeError:
+        ints = None
+    if ints is None or any(isinstance(s, bool) or str(getattr(s, "dtype", "")) in ("bool", "torch.bool")
+                           for s in items) or not all(-(1 << 63) <= s < 1 << 63 for s in ints):
+        raise TypeError(f"seeds={seeds!r} must be a sequence of integers in [-2**63, 2**63), one per image")
+    return ints
 
 
 def _is_int(value: Any) -> bool:

@@ -132,9 +132,14 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
 
     from ldm.conditioning.text import CLIPTextEncoder
 
+    from transformers import DebertaV2Config, DebertaV2Model
+
     T5EncoderModel(T5Config(d_model=24, d_kv=8, d_ff=48, num_layers=1, num_heads=3)).save_pretrained(tmp_path / "t5")
-    with pytest.raises(ConfigError, match=r"name_or_path=.*t5'?: cannot load AutoTokenizer: .*spiece\.model"):
-        build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "t5")})
+    DebertaV2Model(DebertaV2Config(vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32)).save_pretrained(tmp_path / "deberta")  # len() 7, 5 entries
+    for name in ("t5", "deberta"):
+        with pytest.raises(ConfigError, match=rf"name_or_path=.*{name}'?: cannot load AutoTokenizer: .*no tokenizer"):
+            build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / name)})
 
     # a real vocabulary that lacks common words is not an empty one: a small BERT vocab.txt loads
     from transformers import BertConfig, BertModel

@@ -367,6 +367,11 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     train = sorted(str(p) for p in bracketed.glob("train-*.tar"))
     assert expand_shards(str(bracketed), "data.train_shards") == train
     assert expand_shards(f"{bracketed}/train-*.tar", "data.train_shards") == train  # the documented form
+    assert expand_shards(f"{tmp_path}/lr[[]1e-3]/train-*.tar", "data.train_shards") == train  # escaped by hand
+    (bracketed / "seed0").mkdir()
+    shutil.copy(train[0], bracketed / "seed0")
+    assert expand_shards(f"{bracketed}/seed*/train-*.tar", "data.train_shards") == [
+        str(bracketed / "seed0" / Path(train[0]).name)]  # a glob below the bracketed folder
     assert expand_shards(str(train[0]), "data.train_shards") == [train[0]]
     assert expand_shards(f"{shapes_shards}/train-00000[0-9].tar", "data.train_shards") == sorted(
         str(p) for p in shapes_shards.glob("train-*.tar"))  # a character class in the name is still one

@@ -207,8 +207,9 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS, [0, 1], num_steps=2.5)
     # each failed deep inside (or ran: seed 0.9 was seed 0, -1 was 2**63 - 1, image_size=0 the default size, NaN
     # guidance NaN images), none naming the argument
-    for kwargs, message in [({"seeds": 0}, r"seeds=0 must be integers, one per image"),
-                            ({"seeds": [0.9, 1]}, r"seeds=\[0\.9, 1\] must be integers"),
+    for kwargs, message in [({"seeds": 0}, r"seeds=0 must be a sequence of integers in \[-2\*\*63, 2\*\*63\)"),
+                            ({"seeds": [0.9, 1]}, r"seeds=\[0\.9, 1\] must be a sequence of integers"),
+                            ({"seeds": [True, False]}, "seeds="), ({"seeds": [2**63, 1]}, "seeds="),  # = seeds 0, 1
                             ({"prompts": [1, 2]}, r"prompts must be strings, got \['int', 'int'\]"),
                             ({"guidance_scale": float("nan")}, "guidance_scale=nan must be a finite number"),
                             ({"guidance_scale": "5"}, "guidance_scale='5' must be a finite number"),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -268,10 +268,16 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             if exit_.code == EXIT_FAILURE and not _task_started:
                 sys.exit(EXIT_USER_ERROR)
             raise
-        except ValueError as err:  # Hydra's own refusal of its flags (-m with --cfg), raised before any task
-            if _task_started or not str(err).startswith(HYDRA_FLAG_REFUSAL):
+        except Exception as err:  # noqa: BLE001 -- raised by Hydra before any task ran
+            # Hydra's refusal of its flags (-m with --cfg), and (with HYDRA_FULL_ERROR=1, which makes Hydra raise
+            # instead of printing) its composition errors: the user's to fix; anything else keeps its status
+            hydra_refusal = isinstance(err, HydraException) or (isinstance(err, ValueError)
+                                                                and str(err).startswith(HYDRA_FLAG_REFUSAL))
+            if _task_started or not hydra_refusal:
                 raise
-            print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr, flush=True)
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                traceback.print_exc()
+            print(f"{Path(sys.argv[0]).name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return entry
@@ -298,9 +304,10 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16"
               "transformer-engine-float16")  # what Lightning's Trainer accepts, less the half-weight ones
 
 
-def check_devices(value: Any, cpu: bool = False) -> None:
+def check_devices(value: Any, cpu: str | None = None) -> None:
     """Raise ConfigError naming trainer.devices unless it is a count >= 1, -1 (all), auto, or distinct device indices
-    (a list, or a string such as "0,1"); on the CPU (`cpu`), Lightning takes a count >= 1 or auto alone."""
+    (a list, or a string such as "0,1"); on the CPU (`cpu`: why the run is on the CPU, for the message), Lightning
+    takes a count >= 1 or auto alone."""
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
         value = int(value)  # Lightning reads "2" as 2 devices, "00" as 0
     indices: list[Any] | None = None
@@ -314,8 +321,7 @@ def check_devices(value: Any, cpu: bool = False) -> None:
     if not (value == "auto" or count or listed):
         options = "a number of processes >= 1, or auto" if cpu else \
             "a number of devices >= 1, -1 (all of them), auto, or distinct device indices (e.g. trainer.devices=[0,1])"
-        raise ConfigError(f"trainer.devices={value!r} must be {options}"
-                          f"{' on the CPU (trainer.accelerator=cpu)' if cpu else ''}")
+        raise ConfigError(f"trainer.devices={value!r} must be {options}{f' on the CPU ({cpu})' if cpu else ''}")
 
 
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
@@ -352,8 +358,10 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
     if trainer.get("devices") is not None:
-        check_devices(trainer.get("devices"), cpu=accelerator == "cpu" or (accelerator in ("auto", None)
-                                                                           and not torch.cuda.is_available()))
+        cpu = "trainer.accelerator=cpu" if accelerator == "cpu" else \
+            f"trainer.accelerator={accelerator}, and torch sees no CUDA GPU" \
+            if accelerator in ("auto", None) and not torch.cuda.is_available() else None
+        check_devices(trainer.get("devices"), cpu)
     precision = trainer.get("precision")
     if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS):
         raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "
