@@ -128,11 +128,10 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
     every word into `▁` + unknown (only the words' number would reach the UNet). A CLIP tokenizer that ends prompts
     with another token than the model's end token: the pooled vector would be the start token's, the same for every
     prompt."""
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, DebertaV2Config, DebertaV2Model, T5Config,
+                              T5EncoderModel)
 
     from ldm.conditioning.text import CLIPTextEncoder
-
-    from transformers import DebertaV2Config, DebertaV2Model
 
     T5EncoderModel(T5Config(d_model=24, d_kv=8, d_ff=48, num_layers=1, num_heads=3)).save_pretrained(tmp_path / "t5")
     DebertaV2Model(DebertaV2Config(vocab_size=128, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
