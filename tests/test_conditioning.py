@@ -128,8 +128,15 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
     every word into `▁` + unknown (only the words' number would reach the UNet). A CLIP tokenizer that ends prompts
     with another token than the model's end token: the pooled vector would be the start token's, the same for every
     prompt."""
-    from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, DebertaV2Config, DebertaV2Model, T5Config,
-                              T5EncoderModel)
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextConfig,
+        CLIPTextModel,
+        DebertaV2Config,
+        DebertaV2Model,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from ldm.conditioning.text import CLIPTextEncoder
 
