@@ -171,6 +171,9 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     again = evaluate(make_cfg(assets, tmp_path / "again", ckpt_path=str(ckpt), lpips_pretrained_backbone=False,
                               reconstruction_metrics=["lpips"]))[0]
     assert again["lpips"] == row["lpips"]
+    # its protocol beside the value (the value overwrote it: a random backbone's number passed for LPIPS)
+    assert again["lpips_model"] == {"net": "vgg", "version": "0.1", "pretrained_backbone": False,
+                                    "backbone_seed": again["seed"]}
     export = module.autoencoder.save_pretrained(tmp_path / "export")  # an export is known by its weights file
     row = evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"]))[0]
     assert row["weights"] == "export" and row["checkpoint_size"] == (export / "model.safetensors").stat().st_size

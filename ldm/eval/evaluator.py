@@ -361,8 +361,9 @@ class Evaluator:
                 torch.manual_seed(cfg.seed)
                 lpips_net = build_lpips(cfg.lpips_pretrained_backbone, flag="lpips_pretrained_backbone")
             lpips_fn = lpips_net.to(self.device).forward
-            protocol["lpips"] = {"net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone,
-                                 **({} if cfg.lpips_pretrained_backbone else {"backbone_seed": cfg.seed})}
+            protocol["lpips_model"] = {  # not "lpips": the metric's value takes that key
+                "net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone,
+                **({} if cfg.lpips_pretrained_backbone else {"backbone_seed": cfg.seed})}
         scorer = ReconstructionMetrics(cfg.reconstruction_metrics, inception, reference, lpips_fn).to(self.device)
         seen = scored = 0
         for batch, _ in iter_image_batches(shards, resolution, cfg.num_samples, cfg.batch_size):
