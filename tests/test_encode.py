@@ -239,6 +239,14 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
     with pytest.raises(ConfigError, match=r"output_dir=.*in_place holds the input shards themselves"):
         run_encode(in_place, autoencoder, in_place)
     assert (in_place / "train-000000.tar").read_bytes() == before
+    # another folder of image shards: its manifest.json made every reader take those images for latents
+    images = tmp_path / "other_images"
+    shutil.copytree(shapes_shards, images)
+    (images / "train-000000.tar").unlink()
+    with pytest.raises(ConfigError, match=r"output_dir=.*other_images holds image shards written by ldm-data "
+                                          r"\(summary\.json\): a manifest\.json beside them would"):
+        run_encode(shapes_shards, autoencoder, images)
+    assert not (images / "manifest.json").exists()
     # latents given as input: every sample was dropped, empty shards were written and marked finished (exit 0)
     run_encode(shapes_shards, autoencoder, tmp_path / "latents")
     with pytest.raises(ConfigError, match=r"are latent shards \(written by ldm-encode: .*manifest\.json\); ldm-encode "

@@ -43,6 +43,7 @@ from ldm.data.encoding import (
     prepare_output,
     read_output_manifest,
 )
+from ldm.data.shards import SUMMARY_NAME
 from ldm.distributed import choose_device, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"output_dir={config.output_dir} holds the input shards themselves (e.g. {inputs[0]}): the "
                           f"latent shards keep the input names and would replace the images; choose another "
                           f"output_dir")
+    if (out / SUMMARY_NAME).is_file() and not (out / latents.MANIFEST_NAME).exists():
+        raise ConfigError(f"output_dir={config.output_dir} holds image shards written by ldm-data ({SUMMARY_NAME}): "
+                          f"a {latents.MANIFEST_NAME} beside them would have every reader take them for latents; "
+                          f"choose another output_dir")
     out.mkdir(parents=True, exist_ok=True)
 
     spawn = world == 1 and config.devices > 1
