@@ -127,7 +127,7 @@ def load_encoders(config: EncodeConfig, device: torch.device) -> Encoders:
                               f"name_or_path set and trainable=false), got kind={node.kind}, name_or_path="
                               f"{node.name_or_path}, trainable={node.trainable}: a trained one cannot be precomputed")
         text, text_config = conditioner.encoder.eval().to(device), asdict(node)
-    return Encoders(autoencoder.eval().requires_grad_(False).to(device), stats, text, text_config, resolution)
+    return Encoders(autoencoder.to(device), stats, text, text_config, resolution)  # frozen as loaded
 
 
 def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
