@@ -20,6 +20,7 @@ the full key. `instantiate(node)` validates the node again (cross-field checks i
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -52,6 +53,12 @@ NAMED_SIZES: dict[str, str] = {"unet": "ldm.nn.unet.UNET_CONFIGS"}
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key and what to do."""
+
+
+def is_int(value: Any) -> bool:
+    """True for an integer of any kind (Python's, numpy's) that is not a bool (JSON's and YAML's true/false are
+    bools, and Python counts them as ints)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkpoint, submodule_state
 from ldm.conditioning import Conditioner, ConditionerConfig, build_conditioner
 from ldm.conditioning.conditioner import UNetKwargs
-from ldm.config import ConfigError, to_dataclass
+from ldm.config import ConfigError, is_int, to_dataclass
 from ldm.diffusion import Denoiser, NoiseSchedule, guided_denoiser, run_sampler
 from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
 from ldm.io import (
@@ -227,7 +227,7 @@ class LatentDiffusionPipeline(nn.Module):
             raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM's noise)")
         if negative_prompts is not None and not self.conditioner.uses_prompts:
             raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
-        if image_size is not None and not _is_int(image_size):
+        if image_size is not None and not is_int(image_size):
             raise TypeError(f"image_size={image_size!r} must be an integer number of pixels (None: {self.image_size})")
         size = self.check_image_size(self.image_size if image_size is None else image_size)
         if not self.conditioner.conditional:
@@ -397,10 +397,6 @@ def _seed_list(seeds: Any) -> list[int]:
                            for s in items) or not all(-(1 << 63) <= s < 1 << 63 for s in ints):
         raise TypeError(f"seeds={seeds!r} must be a sequence of integers in [-2**63, 2**63), one per image")
     return ints
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

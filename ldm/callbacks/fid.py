@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ldm.callbacks.checkpoint import run_halted, run_stopped
 from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
-from ldm.config import ConfigError, check_choice, check_min
+from ldm.config import ConfigError, check_choice, check_min, is_int
 from ldm.data.shardlist import local_shards
 from ldm.diffusion import SAMPLERS
 from ldm.distributed import rank_and_world
@@ -57,7 +57,7 @@ class FIDCallback(StepBoundary):
                  num_steps: int = 50, guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
                  use_ema: bool = True):
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if not is_int(every_n_steps) or every_n_steps < 1:
             # note: a float is Lightning's fraction of an epoch; 1.0 evaluated at every optimizer step
             raise ConfigError(f"callbacks.fid.every_n_steps={every_n_steps!r} must be a whole number of steps >= 1; "
                               f"it follows trainer.val_check_interval unless set, so set it when that is a fraction "

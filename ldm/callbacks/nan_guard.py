@@ -35,7 +35,7 @@ from typing_extensions import override
 
 from ldm.callbacks.checkpoint import stop_pending
 from ldm.callbacks.step_boundary import logging_due
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 from ldm.modules.optim import gradient_norm
 
 ADVICE = "Resume from the last good checkpoint with a lower learning rate, a different seed or fp32 precision."
@@ -56,7 +56,7 @@ class NanGuard(L.Callback):
     HALTED_METRIC = "nan_guard/halted_at_step"
 
     def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
-        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or max_consecutive < 1:
+        if not is_int(max_consecutive) or max_consecutive < 1:
             raise ConfigError(f"callbacks.nan_guard.max_consecutive={max_consecutive!r} must be an integer >= 1")
         self.max_consecutive = max_consecutive
         self.check_grads = check_grads

@@ -30,7 +30,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -315,9 +315,9 @@ def check_devices(value: Any, cpu: str | None = None) -> None:
         indices = [int(i) for i in value.strip().rstrip(",").split(",")]
     elif isinstance(value, Sequence) and not isinstance(value, str):
         indices = list(value)
-    count = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or (value == -1 and not cpu))
+    count = is_int(value) and (value >= 1 or (value == -1 and not cpu))
     listed = (indices is not None and not cpu and len(indices) > 0 and len(set(indices)) == len(indices)
-              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices))
+              and all(is_int(i) and i >= 0 for i in indices))
     if not (value == "auto" or count or listed):
         options = "a number of processes >= 1, or auto" if cpu else \
             "a number of devices >= 1, -1 (all of them), auto, or distinct device indices (e.g. trainer.devices=[0,1])"

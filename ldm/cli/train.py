@@ -432,7 +432,7 @@ def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for what `cfg` gets wrong that can be told before anything is built or written: the seed,
     the Trainer's arguments, the data and model nodes, the loggers' and callbacks' keys, ckpt_path."""
     seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    if not configs.is_int(seed) or not 0 <= seed < 2**32:
         raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
     check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")),
                   bool(cfg.get("channels_last")))

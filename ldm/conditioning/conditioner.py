@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import numbers
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
 from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
 from ldm.conditioning.text import load_pretrained as load_transformers
-from ldm.config import ConfigError, check_choice, check_min, to_dataclass
+from ldm.config import ConfigError, check_choice, check_min, is_int, to_dataclass
 
 KINDS = ["clip", "hf", "byte", "class", "none"]
 UNetKwargs = dict[str, torch.Tensor | None]
@@ -332,7 +331,7 @@ class ClassConditioner(Conditioner):
             raise ValueError(f"a class-conditional model needs {batch_size} class labels, one per seed; got "
                              f"{class_labels}")
         values = class_labels.tolist() if torch.is_tensor(class_labels) else list(class_labels)
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        if not all(is_int(v) for v in values):
             raise ValueError(f"class labels are integers; got {values}")  # 1.7 was cut to class 1
         return torch.tensor(values, dtype=torch.long)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint, needed_code
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
 from ldm.convert.common import (
@@ -131,7 +131,7 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
             directory / "vae")
         unet_size = read_json(directory / "unet" / "config.json", "the UNet").get("sample_size") \
             if parts.unet_config is not None else None
-        if isinstance(unet_size, int) and not isinstance(unet_size, bool):
+        if is_int(unet_size):
             # diffusers generates at the UNet's sample_size times the VAE's factor (SD 2-base: vae/ says 768, unet/
             # 64, so 512 px); the VAE's own sample_size is its training tile, not the pipeline's size
             factor = 2 ** (len(parts.autoencoder_config.ch_mult) - 1)

@@ -44,6 +44,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.config import is_int
 from ldm.data.shardlist import REMOTE_PREFIXES
 from ldm.images import decode_image
 from ldm.seeding import fold_seed
@@ -291,7 +292,7 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int |
         skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
     meta = json.loads(sample["json"]) if "json" in sample else {}
     label = meta.get("label") if isinstance(meta, dict) else None
-    if not isinstance(label, int) or isinstance(label, bool):
+    if not is_int(label):
         if num_classes is not None:
             raise ValueError(f"no integer 'label' in its metadata (.json: {str(meta)[:60]}), which a class-conditional "
                              f"model needs")

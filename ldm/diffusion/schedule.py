@@ -7,13 +7,12 @@ t in [0, num_train_timesteps). All schedule arithmetic runs in float64; values a
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ldm.config import ConfigError, check_choice
+from ldm.config import ConfigError, check_choice, is_int
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -56,7 +55,7 @@ def check_num_steps(num_steps: int, num_train_timesteps: int, key: str = "num_st
                     steps_offset: int = 0) -> None:
     """Raise ConfigError, naming `key`, unless a sampler can take `num_steps` steps of the training schedule (with
     `leading` spacing, the offset must not push the last step past the last training timestep)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+    if not is_int(num_steps):
         raise ConfigError(f"{key}={num_steps!r} must be a whole number of steps")
     if not 1 <= num_steps <= num_train_timesteps:
         raise ConfigError(f"{key}={num_steps} must lie in [1, {num_train_timesteps}], the model's "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 from ldm.data.stream import IMAGE_KEYS
 from ldm.images import decode_image
 from ldm.io import read_lines
@@ -161,7 +161,7 @@ def shard_labels(shards: Sequence[str], limit: int | None = None) -> list[int] |
             break
         meta = json.loads(members["json"]) if "json" in members else None
         label = meta.get("label") if isinstance(meta, dict) else None
-        if not isinstance(label, int) or isinstance(label, bool):  # JSON true is no class (training skips it too)
+        if not is_int(label):  # JSON true is no class (training skips it too)
             return None
         labels.append(label)
     return labels or None

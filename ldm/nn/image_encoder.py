@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ldm.config import ConfigError, check_min
+from ldm.config import ConfigError, check_min, is_int
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ImageEncoderConfig:
 
     def __post_init__(self) -> None:  # note: keys named as in ldm.modules.contrastive.Config (model.image.*)
         check_min(1, resolution=self.resolution, in_channels=self.in_channels, norm_groups=self.norm_groups)
-        if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels):
+        if not self.channels or any(not is_int(c) or c < 1 for c in self.channels):
             raise ConfigError(f"channels={self.channels} must name at least one level, each a number of channels "
                               f">= 1")
         if any(c % self.norm_groups for c in self.channels):
