@@ -7,6 +7,7 @@ features are its 64-dim layer, for speed.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -86,6 +87,29 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     assert len(read_results(out)) == 5
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["kid"], "kid_subset_size": 6})  # another KID subset size
     assert len(read_results(out)) == 6 and read_results(out)[5]["kid_subset_size_asked"] == 6
+
+
+def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):
+    """A row names the protocol it was scored under: the seed given, the sweep point, and the SHA-256 (first 16 hex
+    digits) of the N prompts used, one a line; a prompt file whose text changed under the same name is another
+    protocol, so skip_done scores it again."""
+    out, prompts = tmp_path / "eval", tmp_path / "prompts.txt"
+    lines = ["a large red circle in the center on a white background",
+             "a large blue square in the center on a black background"]
+    prompts.write_text("\n".join(lines) + "\n")
+    cfg = make_cfg(assets, out, seed=3, prompts_source="file", prompts_file=str(prompts),
+                   metrics=["shapes_color_accuracy"])
+
+    def digest(used: list[str]) -> str:
+        return hashlib.sha256("\n".join(used).encode()).hexdigest()[:16]
+
+    row = evaluate(cfg)[0]
+    assert (row["seed"], row["sampler"], row["num_steps"], row["guidance_scale"], row["num_samples"]) == \
+        (3, "ddim", 2, 2.0, 8)
+    assert row["prompts_sha256"] == digest(lines * 4) and row["prompts"] == str(prompts)
+    assert evaluate(cfg)[0] == read_results(out)[0] and len(read_results(out)) == 1  # the same protocol: kept
+    prompts.write_text(lines[1] + "\n")
+    assert evaluate(cfg)[0]["prompts_sha256"] == digest([lines[1]] * 8) and len(read_results(out)) == 2
 
 
 def test_evaluator_scores_a_perfect_generator_above_noise(assets, tmp_path: Path):

@@ -180,9 +180,10 @@ def test_default_callbacks_keep_resume_exact(shapes_shards, autoencoder_root, si
 @pytest.mark.parametrize("stop", [pytest.param(stop, id=stop, marks=() if stop == "end_of_run" else pytest.mark.slow)
                                   for stop in STOPS])
 def test_latent_diffusion_resume_is_exact(shapes_shards, ldm_root, stop, single_torch_thread):
-    """Noise from step_generator, AdamW, the warmup schedule and the data position all continue exactly."""
+    """Noise from step_generator, AdamW, the warmup schedule and the data position all continue exactly, and so does
+    the UNet's dropout, which draws from the global RNG streams that RngState saves and restores."""
     check_resume(shapes_shards, ldm_root, stop,
-                 tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null"])
+                 tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null", "model.unet.dropout=0.1"])
 
 
 @pytest.mark.slow
