@@ -24,7 +24,7 @@ from ldm.cli.data import write_dataset
 from ldm.cli.encode import encode
 from ldm.conditioning import ByteTextEncoder
 from ldm.config import ConfigError
-from ldm.data import latents
+from ldm.data import encoding, latents
 from ldm.data.shards import MEMBER_MTIME
 from ldm.nn.autoencoder import load_autoencoder
 
@@ -143,6 +143,31 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
     (out / "train-000001.tar").write_bytes(whole[: member.offset_data + member.size // 2])
     summary = run_encode(shapes_shards, autoencoder, out)
     assert summary["shards_finished_before"] == 3 and (out / "train-000001.tar").read_bytes() == whole
+
+
+def test_an_interrupted_shard_leaves_no_file_behind(shapes_shards: Path, encoders: tuple[Path, Path],
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A stop in the middle of a shard (Ctrl-C after its first batch was written) leaves neither that shard nor a
+    temp file, only the manifest and the shards finished before it; the next run encodes the rest."""
+    autoencoder, _ = encoders
+    out, calls = tmp_path / "latents", []
+    encode_batch = encoding._encode_batch
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # 16 samples a shard, batches of 8: shard 1's second batch
+            raise KeyboardInterrupt
+        return encode_batch(*args, **kwargs)
+
+    monkeypatch.setattr(encoding, "_encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(shapes_shards, autoencoder, out)
+    assert sorted(p.name for p in out.iterdir()) == [latents.MANIFEST_NAME, "train-000000.tar",
+                                                     "train-000000_stats.json"]  # the manifest comes first
+    monkeypatch.setattr(encoding, "_encode_batch", encode_batch)
+    summary = run_encode(shapes_shards, autoencoder, out)
+    assert summary["shards_finished_before"] == 1 and summary["shards_encoded"] == 3
+    assert len(read_shard(out / "train-000001.tar")) == 16
 
 
 def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_named(

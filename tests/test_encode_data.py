@@ -70,26 +70,32 @@ def test_latent_batches_follow_the_image_batches(shapes_shards: Path, encoded: P
     lat = datamodule(str(encoded / "train" / "train-*.tar"), str(encoded / "val" / "val-*.tar"), hflip=True)
     assert images.latent_manifest is None and lat.latent_manifest.flips
     arrays, pictures = stored(encoded / "train"), originals(shapes_shards)
-    flips = set()
-    image_batches, latent_batches = list(images.train_dataloader()), list(lat.train_dataloader())
-    assert len(image_batches) == len(latent_batches) == 8
-    for ib, lb in zip(image_batches, latent_batches, strict=True):
-        assert lb["key"] == ib["key"] and lb["caption"] == ib["caption"]  # same order: the same plan
-        assert torch.equal(lb["label"], ib["label"])
-        assert lb["moments"].shape == (8, 8, 8, 8) and lb["moments"].dtype == torch.float32
-        assert lb["text_context"].shape == (8, 72, 16) and lb["text_pooled"].shape == (8, 16)
-        assert "image" not in lb
-        for i, key in enumerate(lb["key"]):
-            original = pictures[key]
-            if torch.equal(original, original.flip(2)):
-                continue  # a mirror-symmetric picture does not show whether it was flipped
-            flipped = torch.equal(ib["image"][i], original.flip(2))
-            assert flipped or torch.equal(ib["image"][i], original)
-            want = arrays[key][latents.MOMENTS_FLIP if flipped else latents.MOMENTS]
-            assert torch.equal(lb["moments"][i], want), key  # the same samples flip both ways
-            assert torch.equal(lb["text_context"][i], arrays[key][latents.CONTEXT])
-            flips.add(flipped)
-    assert flips == {True, False}
+    flipped_keys = []  # per epoch: crops and flips are drawn anew each epoch, on both paths alike
+    image_loader, latent_loader = images.train_dataloader(), lat.train_dataloader()
+    for _ in range(2):  # epochs 0 and 1 (each iteration of a loader is the next epoch)
+        flips, flipped_keys = set(), flipped_keys + [set()]
+        image_batches, latent_batches = list(image_loader), list(latent_loader)
+        assert len(image_batches) == len(latent_batches) == 8
+        for ib, lb in zip(image_batches, latent_batches, strict=True):
+            assert lb["key"] == ib["key"] and lb["caption"] == ib["caption"]  # same order: the same plan
+            assert torch.equal(lb["label"], ib["label"])
+            assert lb["moments"].shape == (8, 8, 8, 8) and lb["moments"].dtype == torch.float32
+            assert lb["text_context"].shape == (8, 72, 16) and lb["text_pooled"].shape == (8, 16)
+            assert "image" not in lb
+            for i, key in enumerate(lb["key"]):
+                original = pictures[key]
+                if torch.equal(original, original.flip(2)):
+                    continue  # a mirror-symmetric picture does not show whether it was flipped
+                flipped = torch.equal(ib["image"][i], original.flip(2))
+                assert flipped or torch.equal(ib["image"][i], original)
+                want = arrays[key][latents.MOMENTS_FLIP if flipped else latents.MOMENTS]
+                assert torch.equal(lb["moments"][i], want), key  # the same samples flip both ways
+                assert torch.equal(lb["text_context"][i], arrays[key][latents.CONTEXT])
+                flips.add(flipped)
+                if flipped:
+                    flipped_keys[-1].add(key)
+        assert flips == {True, False}
+    assert flipped_keys[0] != flipped_keys[1]  # epoch 1 drew its own flips
     val = list(lat.val_dataloader())
     assert sorted(k for b in val for k in b["key"]) == [f"{i:09d}" for i in range(16)]
     val_arrays = stored(encoded / "val")

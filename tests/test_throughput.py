@@ -66,6 +66,26 @@ def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest
     assert lines[-1].startswith("throughput summary: 6 steps, 48 images in ")
 
 
+def test_mfu_is_the_flop_rate_over_the_devices_peak(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    """With a peak known for the device (here a CPU given one), MFU = the model's FLOP/s per device / that peak, in
+    every line and the summary."""
+    peak = 2e9  # FLOP/s
+    monkeypatch.setattr(throughput, "peak_flops", lambda device, precision: (peak, "float32"))
+    callback = Throughput()
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[callback])
+    with caplog.at_level("INFO", logger=throughput.__name__):
+        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(6, 0.01), batch_size=None))
+    per_batch = 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
+    summary = callback.summary
+    assert summary["mfu"] == pytest.approx(per_batch * 6 / summary["seconds"] / peak)
+    assert callback.last["mfu"] == pytest.approx(callback.last["flops_per_sec_per_device"] / peak)
+    lines = [r.getMessage() for r in caplog.records if r.name == throughput.__name__]
+    assert f", MFU {100 * summary['mfu']:.1f}% of " in lines[-1] and lines[-1].endswith("TFLOP/s (float32)")
+
+
 def test_a_resume_that_turns_counting_on_counts_its_first_batch(tmp_path: Path):
     """A checkpoint of `count_flops=false` holds no counts: the resumed run with counting on counts its first batch,
     so its FLOP/s covers every batch it trained (it took none of them before)."""
