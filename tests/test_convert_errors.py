@@ -125,7 +125,8 @@ def test_inpainting_and_sdxl_single_files_are_refused(tmp_path):
 def test_scheduler_configs_are_read_as_their_classes_sample_or_refused():
     """A DPM-Solver singlestep config without timestep_spacing was read as leading (its class defaults to linspace);
     zero terminal SNR with leading spacing, which diffusers runs, was refused by the schedule's own check with advice
-    (timestep_spacing=trailing) that model.init_from overwrites, naming neither key nor file."""
+    (timestep_spacing=trailing) that model.init_from overwrites, naming neither key nor file; so was zero terminal
+    SNR with eps-prediction (advice: model.diffusion.prediction=v, which init_from overwrites too)."""
     from ldm.convert.schedule import schedule_from_diffusers
 
     base = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -136,6 +137,12 @@ def test_scheduler_configs_are_read_as_their_classes_sample_or_refused():
                                                          r"scheduler_config\.json"):
         schedule_from_diffusers({"_class_name": "DDIMScheduler", **base, "rescale_betas_zero_snr": True,
                                  "timestep_spacing": "leading"})
+    zero_snr = {"_class_name": "DDIMScheduler", **base, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    with pytest.raises(UnsupportedCheckpointError, match=r"rescale_betas_zero_snr=true with prediction_type=epsilon"
+                                                         r".* \"prediction_type\": \"v_prediction\""):
+        schedule_from_diffusers(zero_snr)  # eps is diffusers' default prediction
+    schedule, prediction = schedule_from_diffusers({**zero_snr, "prediction_type": "v_prediction"})
+    assert schedule.zero_terminal_snr and prediction == "v"
 
 
 def test_pickled_code_in_a_ckpt_never_runs(tmp_path):

@@ -63,7 +63,7 @@ def test_validation_steps_beyond_the_schedule_are_refused_at_start(autoencoder_d
 def test_training_at_another_resolution_than_the_model_generates_is_refused(shapes_shards: Path,
                                                                             autoencoder_dir: Path, tmp_path: Path):
     """data.resolution 32 with a model that generates at 16 px (its autoencoder's training size): its grids, export
-    and ldm-sample would use another size than it trains on."""
+    and ldm-sample would use another size than it trains on. And a training size the networks cannot divide."""
     from ldm.data.datamodule import WebDataModule
 
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
@@ -72,6 +72,16 @@ def test_training_at_another_resolution_than_the_model_generates_is_refused(shap
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"data.resolution=32 but the model generates at 16 px .*"
                                           r"model.image_size=\$\{data.resolution\}"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+    # With model.image_size set apart from it (training on crops), a data.resolution the networks cannot divide
+    # failed at the first step with a bare ValueError about latent sizes.
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, image_size=16))
+    factor = module.pipeline.autoencoder.downsample_factor * module.pipeline.unet.downsampling_factor
+    data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), resolution=16 + factor // 2, batch_size=4,
+                         num_workers=0)
+    with pytest.raises(ConfigError, match=rf"data.resolution={16 + factor // 2} must be a positive multiple of "
+                                          rf"{factor}"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 0
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from convert_helpers import max_diff, tiny_sd_pipeline
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from ldm.cli.common import CONF_DIR
 from ldm.cli.export import export
@@ -79,6 +80,9 @@ def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path:
             "trainer.limit_val_batches=1", "logger=csv", f"paths.output_dir={run}", "callbacks.progress=null"])
     train(cfg)
     before = load_components(tmp_path / "sd1")
+    saved = OmegaConf.load(run / "config.yaml").model  # what the run built, not model=ldm/tiny's layout it replaced
+    assert list(saved.unet.channel_mult) == before.unet_config.channel_mult != list(cfg.model.unet.channel_mult)
+    assert saved.conditioner.kind == "clip" and saved.conditioner.name_or_path == str(tmp_path / "sd1")
     # The checkpoint holds every weight: of the SD folder it started from, only the tokenizer is read again.
     for part in ("text_encoder", "unet", "vae", "scheduler"):
         shutil.rmtree(tmp_path / "sd1" / part)
@@ -108,9 +112,24 @@ def vae_without(tmp_path: Path, key: str) -> Path:
     return tmp_path / "bad_vae"
 
 
+def test_relative_paths_are_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              single_torch_thread):
+    """The README's commands give relative paths (model.init_from=models/stable-diffusion-v1-5): a checkpoint re-reads
+    the CLIP tokenizer from the recorded path, so a relative one broke ldm-export and ldm-sample run from another
+    directory (or read another folder of that name there)."""
+    tiny_sd_pipeline(tmp_path, "sd1")
+    monkeypatch.chdir(tmp_path)
+    module = LatentDiffusionModule({"init_from": "sd1", "ema_decay": None})
+    recorded = module.hparams["config"]
+    where = str((tmp_path / "sd1").resolve())
+    assert recorded["init_from"] == where and recorded["conditioner"]["name_or_path"] == where
+    assert module.config.conditioner.name_or_path == where
+
+
 def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_torch_thread):
-    """A pipeline folder missing its scheduler, tokenizer or text-encoder weights, or given single-file options: one
-    ConfigError naming what is wrong and what to do, before any training."""
+    """A pipeline folder missing its scheduler, tokenizer, text encoder or its weights, or given single-file options:
+    one ConfigError naming what is wrong and what to do, before any training (a missing text_encoder/ was passed over
+    for the config's hub CLIP, and the error named model.conditioner.name_or_path)."""
 
     import pytest
 
@@ -129,6 +148,7 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
              (folder("no_scheduler", "scheduler"), r"no scheduler/scheduler_config\.json, .* restore it"),
              (folder("no_tokenizer", "tokenizer"), r"holds no tokenizer .* set model\.conditioner\.tokenizer"),
              (folder("no_weights", "text_encoder/model.safetensors"), "cannot load the CLIP text encoder"),
+             (folder("no_text_encoder", "text_encoder"), r"lists a text encoder, but the folder has no text_encoder/"),
              # with two SD sources in one config, the error names the one at fault
              ({"init_from": str(tmp_path / "sd1"), "autoencoder_path": str(tmp_path / "sd1" / "scheduler")},
               r"^model\.autoencoder_path=.*scheduler is neither"),

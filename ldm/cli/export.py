@@ -128,7 +128,7 @@ def single_file_caveats(pipeline: Any, text_encoder: Any | None) -> list[str]:
     if text_encoder is not None and not openclip and text_encoder.layer == "penultimate":
         caveats.append("the UNet reads the text encoder's penultimate layer (model.conditioner.layer): the file holds "
                        "the whole encoder; set CLIP skip 2 in A1111, CLIPSetLastLayer -2 in ComfyUI, clip_skip=1 in "
-                       "diffusers")
+                       "diffusers (or load the format=diffusers export, whose text encoder is cut at that layer)")
     return caveats
 
 

@@ -14,6 +14,7 @@ run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
@@ -487,9 +488,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             module.check_resume(checkpoint)
         if is_multirun() and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
             check_same_job(checkpoint, ckpt_path, cfg)  # found in the job's own directory (auto_resume, last)
-    save_config(cfg, output_dir)
-    apply_module_switches(module, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(getattr(module, "config", None)):  # what it built: model.init_from's layout, paths
+        resolved["model"] = {"_target_": resolved["model"]["_target_"], **configs.asdict(module.config)}
+    save_config(OmegaConf.create(resolved), output_dir)
+    apply_module_switches(module, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     for callback in callbacks:
         if isinstance(callback, Checkpoint):

@@ -41,8 +41,8 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, 
     """(ScheduleConfig, prediction) of a diffusers scheduler config; fields it lacks take diffusers' defaults.
 
     Raises:
-        UnsupportedCheckpointError: trained_betas, clip_sample or thresholding set, or a beta schedule / prediction
-            type we do not implement.
+        UnsupportedCheckpointError: trained_betas, clip_sample or thresholding set, a beta schedule / prediction
+            type we do not implement, or zero terminal SNR with leading spacing or eps-prediction.
     """
     what = f"scheduler config ({config.get('_class_name', 'unknown scheduler')})"
     if config.get("trained_betas") is not None:
@@ -67,6 +67,12 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, 
         raise UnsupportedCheckpointError(f"{what}: rescale_betas_zero_snr=true with timestep_spacing=leading never "
                                          f"samples from pure noise (Lin et al. 2023), which this framework refuses; "
                                          f"set \"timestep_spacing\": \"trailing\" in its scheduler_config.json")
+    if config.get("rescale_betas_zero_snr") and prediction_type == "epsilon":
+        raise UnsupportedCheckpointError(f"{what}: rescale_betas_zero_snr=true with prediction_type=epsilon: at SNR 0 "
+                                         f"the noise carries no information about x0 (Lin et al. 2023), which this "
+                                         f"framework refuses; in its scheduler_config.json set \"prediction_type\": "
+                                         f"\"v_prediction\" if the UNet was trained for v, else "
+                                         f"\"rescale_betas_zero_snr\": false")
     schedule = ScheduleConfig(
         num_train_timesteps=config.get("num_train_timesteps", 1000), beta_schedule=_BETAS_TO_OURS[beta_schedule],
         beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02),

@@ -30,6 +30,7 @@ from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
+from ldm.io import read_json_object
 from ldm.modules.ema import make_ema, whole
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
@@ -133,6 +134,22 @@ def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, s
                       f"0.18215) or point model.autoencoder_path at an autoencoder that has latent_stats.json")
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """`config` with the local files and folders it names (autoencoder_path, init_from, the text encoder's and its
+    tokenizer's) as absolute paths, as the run's hyperparameters record them: a checkpoint re-reads a CLIP tokenizer
+    from where the run found it, and ldm-sample, ldm-eval or ldm-export may run from another directory. Hub names
+    (and paths that do not exist) stay as given."""
+    def absolute(value: str | None) -> str | None:
+        path = Path(value).expanduser() if value else None
+        return str(path.resolve()) if path is not None and path.exists() else value
+
+    c = config
+    conditioner = dataclasses.replace(c.conditioner, name_or_path=absolute(c.conditioner.name_or_path),
+                                      tokenizer=absolute(c.conditioner.tokenizer))
+    return dataclasses.replace(c, autoencoder_path=absolute(c.autoencoder_path), init_from=absolute(c.init_from),
+                               conditioner=conditioner)
+
+
 def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     """Read the Stable Diffusion model `config.init_from` names and return it with the config its layout implies:
     its UNet config, schedule and prediction type, and a frozen (unless `conditioner.trainable`) CLIP text encoder
@@ -158,6 +175,11 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                           f"predicts: set model.init_prediction=v for 768-px models (e.g. v2-1_768-ema-pruned) or eps "
                           f"for 512-px base models, or put the model's LDM config beside it as "
                           f"{Path(c.init_from).stem}.yaml")
+    if folder and parts.text_encoder is None:
+        listed = read_json_object(Path(c.init_from) / "model_index.json", "model.init_from").get("text_encoder")
+        if isinstance(listed, list) and listed and listed[0] is not None:  # not [null, null]: a part it lost
+            raise ConfigError(f"model.init_from={c.init_from}: its model_index.json lists a text encoder, but the "
+                              f"folder has no text_encoder/ (or an empty one): restore it from the model's release")
     if parts.autoencoder_state is None and not c.autoencoder_path:
         raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
     conditioner = c.conditioner
@@ -205,6 +227,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.autoencoder_loaded = not restoring  # read from its path (not rebuilt empty for a checkpoint's weights)
         pretrained = None
         if not restoring:
+            config = with_absolute_paths(config)
             if config.init_from:
                 pretrained, config = adopt_pretrained(config)
             if config.autoencoder_path:
@@ -279,6 +302,8 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         resolution = getattr(getattr(self.trainer.datamodule, "config", None), "resolution", None)
+        if resolution is not None:  # the size of the training images, which the networks must divide too
+            self.pipeline.check_image_size(resolution, "data.resolution")
         if resolution is not None and resolution != self.pipeline.image_size:
             said = (f"data.resolution={resolution} but the model generates at {self.pipeline.image_size} px "
                     f"(model.image_size={self.config.image_size}): its validation grids, export and ldm-sample use "
