@@ -25,6 +25,7 @@ from ldm.cli.encode import encode
 from ldm.conditioning import ByteTextEncoder
 from ldm.config import ConfigError
 from ldm.data import encoding, latents
+from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import MEMBER_MTIME
 from ldm.nn.autoencoder import load_autoencoder
 
@@ -164,6 +165,15 @@ def test_an_interrupted_shard_leaves_no_file_behind(shapes_shards: Path, encoder
         run_encode(shapes_shards, autoencoder, out)
     assert sorted(p.name for p in out.iterdir()) == [latents.MANIFEST_NAME, "train-000000.tar",
                                                      "train-000000_stats.json"]  # the manifest comes first
+    # Training on what is there: told that the manifest lists shards the folder lacks; a shard renamed into place
+    # whose stats file is not written yet (the stop came between the two) is refused.
+    with pytest.warns(UserWarning, match=r"lists 4 input shards, but 3 have no finished latent shard beside it"):
+        WebDataModule(train_shards=str(out / "train-*.tar"), batch_size=8, num_workers=0).setup("fit")
+    (out / "train-000000_stats.json").rename(tmp_path / "stats.json")
+    with pytest.raises(ConfigError, match=r"train-000000\.tar has no train-000000_stats\.json, .* run the same "
+                                          r"ldm-encode command again"):
+        WebDataModule(train_shards=str(out / "train-*.tar"), batch_size=8, num_workers=0).setup("fit")
+    (tmp_path / "stats.json").rename(out / "train-000000_stats.json")
     monkeypatch.setattr(encoding, "_encode_batch", encode_batch)
     summary = run_encode(shapes_shards, autoencoder, out)
     assert summary["shards_finished_before"] == 1 and summary["shards_encoded"] == 3

@@ -43,7 +43,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.config import ConfigError, to_dataclass
-from ldm.data.latents import LatentManifest, LatentStream, check_data_config, check_same_encoders, find_manifest
+from ldm.data.latents import (
+    LatentManifest,
+    LatentStream,
+    check_data_config,
+    check_same_encoders,
+    find_manifest,
+    stats_path,
+)
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
 from ldm.data.stream import EpochPlan, ShardStream, tar_ends_cut
@@ -136,7 +143,7 @@ def recorded_counts(urls: list[str]) -> list[int | None]:
             summaries[folder] = _summary_counts(path.parent / SUMMARY_NAME)
         if path.name in summaries[folder]:
             counts.append(summaries[folder][path.name])
-        elif (stats := path.with_name(path.name.removesuffix(".tar") + "_stats.json")).exists():
+        elif (stats := stats_path(path)).exists():
             counts.append(_stats_count(stats))
         else:
             counts.append(None)

@@ -257,10 +257,6 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Enc
 # One shard.
 
 
-def stats_path(output: Path) -> Path:
-    return output.with_name(output.name.removesuffix(".tar") + "_stats.json")
-
-
 def input_identity(url: str) -> dict[str, Any]:
     """What identifies an input shard's contents for resuming: its path, size and modification time."""
     stat = Path(url).stat()
@@ -270,7 +266,7 @@ def input_identity(url: str) -> dict[str, Any]:
 def is_finished(url: str, output: Path) -> bool:
     """The shard and its stats file exist, the stats name this input as it is now (a renamed, rewritten or new input
     shard is encoded again) and the shard has the size it was written with (one damaged since is encoded again)."""
-    stats = stats_path(output)
+    stats = latents.stats_path(output)
     if not (output.is_file() and stats.is_file()):
         return False
     try:
@@ -406,5 +402,5 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
         log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, failed, skipped[-3:])
     stats = {"successes": count, "failed": failed, "skipped": skipped[:1000], **identity,
              "output_size": output.stat().st_size}
-    atomic_write_text(json.dumps(stats, indent=2) + "\n", stats_path(output))
+    atomic_write_text(json.dumps(stats, indent=2) + "\n", latents.stats_path(output))
     return stats

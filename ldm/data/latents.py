@@ -31,6 +31,7 @@ import io
 import json
 import math
 import random
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -137,9 +138,16 @@ def read_manifest(path: str | Path, key: str = "data.train_shards",
     return LatentManifest(path, data)
 
 
+def stats_path(shard: Path) -> Path:
+    """The `NAME_stats.json` beside shard `NAME.tar` (img2dataset's; ldm-encode writes it once the shard is done)."""
+    return shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
+
+
 def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
     """The latent manifest beside local shards, or None for image shards; shards from two manifests that name
-    different encoders raise ConfigError naming `key`."""
+    different encoders, or a shard ldm-encode has not finished (no stats file yet), raise ConfigError naming `key`.
+    Shards the manifest lists that its folder lacks (an ldm-encode stopped early, which writes the manifest first)
+    are warned about: a pattern may pick a subset on purpose, but not of shards that are not there."""
     found: dict[Path, LatentManifest] = {}
     folders: dict[Path, bool] = {}  # folder -> holds a manifest (asked once per folder, not once per shard)
     plain = []
@@ -147,13 +155,19 @@ def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
         if "://" in url or url.startswith("pipe:"):
             plain.append(url)  # note: a remote shard cannot show a manifest; remote latents are not supported
             continue
-        folder = Path(url.removeprefix("file:")).resolve().parent
+        path = Path(url.removeprefix("file:")).resolve()
+        folder = path.parent
         if folder not in folders:
             folders[folder] = (folder / MANIFEST_NAME).is_file()
             if folders[folder]:
                 found[folder] = read_manifest(folder / MANIFEST_NAME, key)
+                _warn_unfinished(found[folder])
         if not folders[folder]:
             plain.append(url)
+        elif not stats_path(path).is_file():
+            raise ConfigError(f"{key}: {url} has no {stats_path(path).name}, which ldm-encode writes once a shard is "
+                              f"done: its run was stopped; run the same ldm-encode command again to finish it "
+                              f"(finished shards are skipped)")
     if not found:
         return None
     if plain:
@@ -163,6 +177,17 @@ def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
     for other in others:
         check_same_encoders(first, other, key)
     return first
+
+
+def _warn_unfinished(manifest: LatentManifest) -> None:
+    folder = manifest.path.parent
+    missing = sorted(name for name in manifest.data.get("inputs") or {}
+                     if not (folder / name).is_file() or not stats_path(folder / name).is_file())
+    if missing:
+        listed, some = len(manifest.data["inputs"]), ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        warnings.warn(f"{manifest.path} lists {listed} input shards, but {len(missing)} have no finished latent shard "
+                      f"beside it ({some}): an ldm-encode stopped before the end trains on part of the data; run it "
+                      f"again to finish", stacklevel=3)
 
 
 def check_same_encoders(a: LatentManifest, b: LatentManifest, key: str,
