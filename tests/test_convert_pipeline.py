@@ -102,6 +102,9 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
         save_diffusers(out, *args)
     with pytest.raises(TypeError, match=r"stats\['scale_factor'\]"):  # load_autoencoder_any's statistics dict
         save_diffusers(tmp_path / "other", unet, vae, {"scale_factor": 0.18215}, *args[3:])
+    for leftover in (".export.k1ll3d.tmp", ".export.sw4pp3d.old"):  # of exports killed mid-write / after the swap
+        (tmp_path / leftover / "unet").mkdir(parents=True)
+        (tmp_path / leftover / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
     save_diffusers(out, *args, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, overwrite=True)
     assert (out / "text_encoder").is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no temp dirs left behind

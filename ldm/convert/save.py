@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -44,6 +45,11 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     if out_dir.exists() and not overwrite and (out_dir.is_file() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):  # an earlier write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if out_dir.exists():  # note: without out_dir, an .old folder may hold the only copy (killed while swapping)
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.old"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
