@@ -201,6 +201,12 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     export = module.autoencoder.save_pretrained(tmp_path / "export")  # an export is known by its weights file
     row = evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"]))[0]
     assert row["weights"] == "export" and row["checkpoint_size"] == (export / "model.safetensors").stat().st_size
+    # A rerun (an interrupted sweep over checkpoints, requeued) keeps the row results.jsonl holds (skip_done), as
+    # for generation; it scored the point again and appended a duplicate. Another protocol is scored.
+    assert evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"])) == \
+        read_results(tmp_path / "e1")
+    evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"], seed=1))
+    assert [r["seed"] for r in read_results(tmp_path / "e1")] == [0, 1]
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
         evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
 

@@ -237,7 +237,8 @@ class Evaluator:
                              "num_samples": cfg.num_samples, "resolution": pipeline.image_size, "seed": cfg.seed,
                              "prompts_source": cfg.prompts_source, "prompts_sha256": prompts_sha256,
                              **protocol}
-                    earlier = self._done_row(point)
+                    earlier = self._done_row(point, cfg.metrics, f"{sampler} {num_steps} steps guidance "
+                                                                     f"{float(guidance_scale):g}")
                     if earlier is not None:
                         rows.append(earlier)
                         continue
@@ -271,22 +272,21 @@ class Evaluator:
             raise ConfigError(f"val_shards is not set and the validation shards the model was trained with are not "
                               f"here ({err}); set val_shards to image shards") from None
 
-    def _done_row(self, point: dict[str, Any]) -> dict[str, Any] | None:
+    def _done_row(self, point: dict[str, Any], metrics: list[str], what: str) -> dict[str, Any] | None:
         """An earlier row of this sweep point (`skip_done`): every field of `point` equal and every asked-for metric
-        there; said on rank 0. None when the point is to be scored."""
+        there; said on rank 0, naming the point as `what`. None when the point is to be scored."""
         if not self.cfg.skip_done:
             return None
         point = json.loads(json.dumps(point))  # as a row read back from results.jsonl (tuples as lists)
         found = next((row for row in self.done if all(row.get(k) == v for k, v in point.items())
-                      and all(m in row for m in self.cfg.metrics)), None)
+                      and all(m in row for m in metrics)), None)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             box = [found]  # rank 0 decides for all: a rank that scored alone would wait in its collectives forever
             torch.distributed.broadcast_object_list(box, src=0)
             found = box[0]
         if found is not None and self.rank == 0:
-            print(f"[ldm-eval] {point['checkpoint']} {point['sampler']} {point['num_steps']} steps guidance "
-                  f"{point['guidance_scale']:g}: in results.jsonl already (skip_done=false scores it again)",
-                  flush=True)
+            print(f"[ldm-eval] {point['checkpoint']} {what}: in results.jsonl already (skip_done=false scores it "
+                  f"again)", flush=True)
         return found
 
     def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
@@ -335,8 +335,10 @@ class Evaluator:
 
     # ---- autoencoder ------------------------------------------------------------------------------------------------
 
-    def evaluate_reconstruction(self, model: Any, info: dict[str, Any]) -> list[dict[str, Any]]:
-        """rFID / PSNR / SSIM / LPIPS of an AutoencoderKL on the first `num_samples` images of val_shards."""
+    def evaluate_reconstruction(self, model: Any, info: dict[str, Any],
+                                on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """rFID / PSNR / SSIM / LPIPS of an AutoencoderKL on the first `num_samples` images of val_shards (or the row
+        results.jsonl holds already for the same protocol: `skip_done`); `on_row` is called with a new row."""
         cfg = self.cfg
         shards = cfg.val_shards
         if shards is None:
@@ -364,6 +366,11 @@ class Evaluator:
             protocol["lpips_model"] = {  # not "lpips": the metric's value takes that key
                 "net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone,
                 **({} if cfg.lpips_pretrained_backbone else {"backbone_seed": cfg.seed})}
+        point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, "num_samples": cfg.num_samples,
+                 "resolution": resolution, "seed": cfg.seed, "data_shards": shards, **protocol}
+        earlier = self._done_row(point, cfg.reconstruction_metrics, f"at {resolution} px")
+        if earlier is not None:
+            return [earlier]
         scorer = ReconstructionMetrics(cfg.reconstruction_metrics, inception, reference, lpips_fn).to(self.device)
         seen = scored = 0
         for batch, _ in iter_image_batches(shards, resolution, cfg.num_samples, cfg.batch_size):
@@ -384,9 +391,11 @@ class Evaluator:
         if seen < cfg.num_samples and self.rank == 0:
             print(f"[ldm-eval] num_samples={cfg.num_samples}, but val_shards hold {seen} images: the row scores "
                   f"{seen}", flush=True)
-        metrics = scorer.compute()
-        return [{**info, "num_samples": seen, "resolution": resolution,
-                 **self.protocol(), "data_shards": shards, **protocol, **metrics}]
+        row = {**info, "num_samples": seen, "resolution": resolution, **self.protocol(), "data_shards": shards,
+               **protocol, **scorer.compute()}
+        if on_row is not None:
+            on_row(row)
+        return [row]
 
 
 def require_image_shards(shards: Any, why: str) -> None:
@@ -426,11 +435,9 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
             if loaded.kind not in checked:  # before any image is generated, once per kind of model
                 _check_weights(config, loaded.kind)
                 checked.add(loaded.kind)
-            if loaded.kind == "autoencoder":
-                new = evaluator.evaluate_reconstruction(loaded.model, loaded.info)
-                for row in new:
-                    record(row)
-            else:  # earlier rows of the sweep (skip_done) included
+            if loaded.kind == "autoencoder":  # earlier rows (skip_done) included, as below
+                new = evaluator.evaluate_reconstruction(loaded.model, loaded.info, on_row=record)
+            else:
                 new = evaluator.evaluate_generation(loaded.model, loaded.info, logger, on_row=record)
             del loaded
             rows.extend(new)
