@@ -480,18 +480,19 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(getattr(module, "config", None)):  # what it built: model.init_from's layout, paths
+        resolved["model"] = {"_target_": resolved["model"]["_target_"], **configs.asdict(module.config)}
+    built = OmegaConf.create(resolved)  # what checkpoints and config.yaml record, and resumes are compared with
     if ckpt_path is not None:  # checked before config.yaml is written: a refused resume leaves the run's own
         checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
-        check_checkpoint_fits(module, checkpoint, ckpt_path, cfg.model)
+        check_checkpoint_fits(module, checkpoint, ckpt_path, built.model)
         check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
         if callable(getattr(module, "check_resume", None)):
             module.check_resume(checkpoint)
         if is_multirun() and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
-            check_same_job(checkpoint, ckpt_path, cfg)  # found in the job's own directory (auto_resume, last)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if dataclasses.is_dataclass(getattr(module, "config", None)):  # what it built: model.init_from's layout, paths
-        resolved["model"] = {"_target_": resolved["model"]["_target_"], **configs.asdict(module.config)}
-    save_config(OmegaConf.create(resolved), output_dir)
+            check_same_job(checkpoint, ckpt_path, built)  # found in the job's own directory (auto_resume, last)
+    save_config(built, output_dir)
     apply_module_switches(module, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     for callback in callbacks:
