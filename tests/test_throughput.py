@@ -46,13 +46,18 @@ class SlowBatches(Dataset):
         return {"x": torch.randn(B, D), "caption": ["a"] * B}
 
 
-def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    callback = Throughput()
+def fit_six_steps(callback: Throughput, tmp_path: Path, delay: float) -> None:
+    """Six steps of TwoLayers on batches that take `delay` seconds to load, a throughput line every 3 steps."""
     trainer = L.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         callbacks=[callback])
+    trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(6, delay), batch_size=None))
+
+
+def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    callback = Throughput()
     with caplog.at_level("INFO", logger=throughput.__name__):
-        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(6, 0.05), batch_size=None))
+        fit_six_steps(callback, tmp_path, delay=0.05)
     # Forward 2B(DH + H OUT); backward: both gradients of the second matmul, only the weight's of the first.
     per_batch = 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
     assert callback.flops_per_sample == {"0": per_batch / B}  # one kind of step: optimizer 0's
@@ -73,11 +78,8 @@ def test_mfu_is_the_flop_rate_over_the_devices_peak(tmp_path: Path, caplog: pyte
     peak = 2e9  # FLOP/s
     monkeypatch.setattr(throughput, "peak_flops", lambda device, precision: (peak, "float32"))
     callback = Throughput()
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        callbacks=[callback])
     with caplog.at_level("INFO", logger=throughput.__name__):
-        trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(6, 0.01), batch_size=None))
+        fit_six_steps(callback, tmp_path, delay=0.01)
     per_batch = 2 * B * (D * H + H * OUT) + 4 * B * H * OUT + 2 * B * D * H
     summary = callback.summary
     assert summary["mfu"] == pytest.approx(per_batch * 6 / summary["seconds"] / peak)
