@@ -102,12 +102,14 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
         save_diffusers(out, *args)
     with pytest.raises(TypeError, match=r"stats\['scale_factor'\]"):  # load_autoencoder_any's statistics dict
         save_diffusers(tmp_path / "other", unet, vae, {"scale_factor": 0.18215}, *args[3:])
-    for leftover in (".export.k1ll3d.tmp", ".export.sw4pp3d.old"):  # of exports killed mid-write / after the swap
+    # of exports killed mid-write / after the swap; and the temp folder of another destination, export.v2, at work
+    for leftover in (".export.k1ll3d00.tmp", ".export.sw4pp3d0.old", ".export.v2.w0rk1ng0.tmp"):
         (tmp_path / leftover / "unet").mkdir(parents=True)
         (tmp_path / leftover / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
     save_diffusers(out, *args, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, overwrite=True)
     assert (out / "text_encoder").is_dir()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no temp dirs left behind
+    # no temp dirs of this destination left behind; the other one's kept
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")] == [".export.v2.w0rk1ng0.tmp"]
     with pytest.raises(FileExistsError):
         save_single_file(out / "unet" / "diffusion_pytorch_model.safetensors", *args)
     (tmp_path / "run").mkdir()

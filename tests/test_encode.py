@@ -173,6 +173,9 @@ def test_an_interrupted_shard_leaves_no_file_behind(shapes_shards: Path, encoder
     with pytest.raises(ConfigError, match=r"train-000000\.tar has no train-000000_stats\.json, .* run the same "
                                           r"ldm-encode command again"):
         WebDataModule(train_shards=str(out / "train-*.tar"), batch_size=8, num_workers=0).setup("fit")
+    with pytest.raises(ConfigError, match=r"are latent shards"):  # as ldm-encode's input: what they are, not how done
+        encode({"shards": str(out / "train-*.tar"), "autoencoder_path": str(autoencoder),
+                "output_dir": str(tmp_path / "again"), "progress": False})
     (tmp_path / "stats.json").rename(out / "train-000000_stats.json")
     monkeypatch.setattr(encoding, "_encode_batch", encode_batch)
     summary = run_encode(shapes_shards, autoencoder, out)

@@ -205,6 +205,10 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     # for generation; it scored the point again and appended a duplicate. Another protocol is scored.
     assert evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"])) == \
         read_results(tmp_path / "e1")
+    for _ in range(2):  # more samples asked for than the shards hold: the row scores those there, and is kept too
+        evaluate(make_cfg(assets, tmp_path / "e3", ckpt_path=str(export), reconstruction_metrics=["psnr"],
+                          num_samples=1000))
+    assert [(r["num_samples"], r["num_samples_asked"]) for r in read_results(tmp_path / "e3")] == [(16, 1000)]
     evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"], seed=1))
     assert [r["seed"] for r in read_results(tmp_path / "e1")] == [0, 1]
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):

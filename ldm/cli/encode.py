@@ -174,7 +174,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"shards: ldm-encode reads local shards only, got {remote[0]!r}; copy them locally first")
     from ldm.data.latents import find_manifest
 
-    encoded = find_manifest(urls, "shards")
+    encoded = find_manifest(urls, "shards", to_read=False)
     if encoded is not None:
         raise ConfigError(f"shards={config.shards} are latent shards (written by ldm-encode: {encoded.path}); "
                           f"ldm-encode reads image shards: point shards at those the latents were encoded from")

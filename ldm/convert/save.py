@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -45,10 +45,12 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     if out_dir.exists() and not overwrite and (out_dir.is_file() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):  # an earlier write that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    if out_dir.exists():  # note: without out_dir, an .old folder may hold the only copy (killed while swapping)
-        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.old"):
+    # Leftovers of earlier writes to this destination that were killed: the temp folders mkdtemp named below (8
+    # random characters, no dots: `.sd.ema.x.tmp` is another destination's), and .old folders once out_dir is back
+    # (without it, an .old folder may hold the only copy: killed while swapping).
+    ours = re.compile(rf"\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    for stale in out_dir.parent.iterdir():
+        if (match := ours.fullmatch(stale.name)) and (match[1] == "tmp" or out_dir.exists()):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

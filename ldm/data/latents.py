@@ -143,11 +143,12 @@ def stats_path(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
 
 
-def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
+def find_manifest(urls: list[str], key: str, to_read: bool = True) -> LatentManifest | None:
     """The latent manifest beside local shards, or None for image shards; shards from two manifests that name
-    different encoders, or a shard ldm-encode has not finished (no stats file yet), raise ConfigError naming `key`.
-    Shards the manifest lists that its folder lacks (an ldm-encode stopped early, which writes the manifest first)
-    are warned about: a pattern may pick a subset on purpose, but not of shards that are not there."""
+    different encoders raise ConfigError naming `key`. With `to_read` (the shards are to be trained on), so does a
+    shard ldm-encode has not finished (no stats file yet), and shards the manifest lists that its folder lacks while
+    their inputs still exist (an ldm-encode stopped early, which writes the manifest first) are warned about: a pattern
+    may pick a subset on purpose, but not of shards that are not there."""
     found: dict[Path, LatentManifest] = {}
     folders: dict[Path, bool] = {}  # folder -> holds a manifest (asked once per folder, not once per shard)
     plain = []
@@ -161,10 +162,11 @@ def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
             folders[folder] = (folder / MANIFEST_NAME).is_file()
             if folders[folder]:
                 found[folder] = read_manifest(folder / MANIFEST_NAME, key)
-                _warn_unfinished(found[folder])
+                if to_read:
+                    _warn_unfinished(found[folder])
         if not folders[folder]:
             plain.append(url)
-        elif not stats_path(path).is_file():
+        elif to_read and not stats_path(path).is_file():
             raise ConfigError(f"{key}: {url} has no {stats_path(path).name}, which ldm-encode writes once a shard is "
                               f"done: its run was stopped; run the same ldm-encode command again to finish it "
                               f"(finished shards are skipped)")
@@ -181,10 +183,13 @@ def find_manifest(urls: list[str], key: str) -> LatentManifest | None:
 
 def _warn_unfinished(manifest: LatentManifest) -> None:
     folder = manifest.path.parent
-    missing = sorted(name for name in manifest.data.get("inputs") or {}
-                     if not (folder / name).is_file() or not stats_path(folder / name).is_file())
+    inputs = manifest.data.get("inputs") or {}
+    # inputs that still exist but have no finished latent shard here (that of an input since deleted is removed on
+    # purpose, as ldm-encode advises)
+    missing = sorted(name for name, source in inputs.items() if Path(source).exists()
+                     and not ((folder / name).is_file() and stats_path(folder / name).is_file()))
     if missing:
-        listed, some = len(manifest.data["inputs"]), ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        listed, some = len(inputs), ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         warnings.warn(f"{manifest.path} lists {listed} input shards, but {len(missing)} have no finished latent shard "
                       f"beside it ({some}): an ldm-encode stopped before the end trains on part of the data; run it "
                       f"again to finish", stacklevel=3)

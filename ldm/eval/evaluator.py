@@ -366,7 +366,7 @@ class Evaluator:
             protocol["lpips_model"] = {  # not "lpips": the metric's value takes that key
                 "net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone,
                 **({} if cfg.lpips_pretrained_backbone else {"backbone_seed": cfg.seed})}
-        point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, "num_samples": cfg.num_samples,
+        point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, "num_samples_asked": cfg.num_samples,
                  "resolution": resolution, "seed": cfg.seed, "data_shards": shards, **protocol}
         earlier = self._done_row(point, cfg.reconstruction_metrics, f"at {resolution} px")
         if earlier is not None:
@@ -391,8 +391,8 @@ class Evaluator:
         if seen < cfg.num_samples and self.rank == 0:
             print(f"[ldm-eval] num_samples={cfg.num_samples}, but val_shards hold {seen} images: the row scores "
                   f"{seen}", flush=True)
-        row = {**info, "num_samples": seen, "resolution": resolution, **self.protocol(), "data_shards": shards,
-               **protocol, **scorer.compute()}
+        row = {**info, "num_samples": seen, "num_samples_asked": cfg.num_samples, "resolution": resolution,
+               **self.protocol(), "data_shards": shards, **protocol, **scorer.compute()}
         if on_row is not None:
             on_row(row)
         return [row]
@@ -400,7 +400,7 @@ class Evaluator:
 
 def require_image_shards(shards: Any, why: str) -> None:
     """Raise ConfigError, saying `why` images are needed, when `shards` are latent shards (a manifest beside them)."""
-    manifest = find_manifest(local_shards(shards), "val_shards")
+    manifest = find_manifest(local_shards(shards), "val_shards", to_read=False)
     if manifest is not None:
         raise ConfigError(f"{why}, but the shards {shards[:2] if isinstance(shards, list) else shards} are latent "
                           f"shards (written by ldm-encode: {manifest.path}); set reference_shards (for FID/KID) or "
