@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class SDComponents:
             folder's tokenizer `model_max_length`, our single files' metadata); None: as many as its positions
             (SD: 77).
         source: where each part came from, for the log.
+        lost: parts a pipeline folder's model_index.json lists but the folder lacks (say, "text_encoder").
     """
 
     unet_config: UNetConfig | None = None
@@ -44,6 +45,7 @@ class SDComponents:
     clip_layer: str = "last"
     max_length: int | None = None
     source: str = ""
+    lost: list[str] = field(default_factory=list)
 
     def build_unet(self) -> UNet:
         """Our UNet with the imported weights."""

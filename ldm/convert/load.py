@@ -122,7 +122,10 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
         if entry is not None and not isinstance(entry, list):
             raise UnsupportedCheckpointError(f"{directory}/model_index.json: {name}={entry!r} is not a [library, "
                                              f"class] pair: the file is damaged")
-        return bool(entry and entry[0] is not None and (directory / name).is_dir())
+        listed = bool(entry and entry[0] is not None)
+        if listed and not (directory / name).is_dir():
+            parts.lost.append(name)
+        return listed and (directory / name).is_dir()
 
     if present("unet"):
         parts.unet_config, parts.unet_state = load_unet_diffusers(directory / "unet")

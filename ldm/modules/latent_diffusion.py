@@ -30,7 +30,6 @@ from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
-from ldm.io import read_json_object
 from ldm.modules.ema import make_ema, whole
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
@@ -175,11 +174,9 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                           f"predicts: set model.init_prediction=v for 768-px models (e.g. v2-1_768-ema-pruned) or eps "
                           f"for 512-px base models, or put the model's LDM config beside it as "
                           f"{Path(c.init_from).stem}.yaml")
-    if folder and parts.text_encoder is None:
-        listed = read_json_object(Path(c.init_from) / "model_index.json", "model.init_from").get("text_encoder")
-        if isinstance(listed, list) and listed and listed[0] is not None:  # not [null, null]: a part it lost
-            raise ConfigError(f"model.init_from={c.init_from}: its model_index.json lists a text encoder, but the "
-                              f"folder has no text_encoder/ (or an empty one): restore it from the model's release")
+    if "text_encoder" in parts.lost:
+        raise ConfigError(f"model.init_from={c.init_from}: its model_index.json lists a text encoder, but the folder "
+                          f"has no text_encoder/: restore it from the model's release")
     if parts.autoencoder_state is None and not c.autoencoder_path:
         raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
     conditioner = c.conditioner
