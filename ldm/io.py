@@ -176,6 +176,13 @@ def export_config(directory: Path, config: dict[str, Any], schema: type[T], key:
         raise ConfigError(f"{key}={directory}: its {CONFIG_NAME} holds a value of the wrong type ({err})") from None
 
 
+def absolute_if_local(value: str | None) -> str | None:
+    """`value` as an absolute, resolved path when it names a local file or folder; hub names, paths that do not
+    exist and None as given."""
+    path = Path(value).expanduser() if value else None
+    return str(path.resolve()) if path is not None and path.exists() else value
+
+
 def glob_sorted(pattern: str) -> list[str]:
     """The sorted matches of a glob `pattern` whose leading folders, as far as they exist as written, are taken
     literally: in a sweep's `runs/lr[1e-3]/seed*/train-*.tar`, `lr[1e-3]` is a folder, not a character class."""

@@ -61,6 +61,7 @@ from ldm.cli.common import (
 )
 from ldm.cli.run_lock import run_lock
 from ldm.data.shardlist import absolute_spec
+from ldm.io import absolute_if_local
 
 configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
@@ -265,9 +266,8 @@ def check_same_job(checkpoint: dict[str, Any], ckpt_path: str, cfg: DictConfig) 
         if isinstance(here, DictConfig) or isinstance(there, DictConfig):
             continue  # a config group (trainer=ddp_cpu) or a whole node; its leaves are compared where overridden
         here, there = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (here, there))
-        if isinstance(here, str) and Path(here).is_absolute() and isinstance(there, str) and there != here \
-                and Path(there).expanduser().exists():  # a local path older code recorded as given, not absolute
-            there = str(Path(there).expanduser().resolve())
+        if isinstance(here, str) and Path(here).is_absolute() and isinstance(there, str) and there != here:
+            there = absolute_if_local(there)  # a local path older code recorded as given, not absolute
         if here != there:
             differing.append(f"{key}: {there!r} there, {here!r} here")
     if differing:

@@ -30,6 +30,7 @@ from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
 from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
+from ldm.io import absolute_if_local
 from ldm.modules.ema import make_ema, whole
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
@@ -138,15 +139,11 @@ def with_absolute_paths(config: Config) -> Config:
     tokenizer's) as absolute paths, as the run's hyperparameters record them: a checkpoint re-reads a CLIP tokenizer
     from where the run found it, and ldm-sample, ldm-eval or ldm-export may run from another directory. Hub names
     (and paths that do not exist) stay as given."""
-    def absolute(value: str | None) -> str | None:
-        path = Path(value).expanduser() if value else None
-        return str(path.resolve()) if path is not None and path.exists() else value
-
     c = config
-    conditioner = dataclasses.replace(c.conditioner, name_or_path=absolute(c.conditioner.name_or_path),
-                                      tokenizer=absolute(c.conditioner.tokenizer))
-    return dataclasses.replace(c, autoencoder_path=absolute(c.autoencoder_path), init_from=absolute(c.init_from),
-                               conditioner=conditioner)
+    conditioner = dataclasses.replace(c.conditioner, name_or_path=absolute_if_local(c.conditioner.name_or_path),
+                                      tokenizer=absolute_if_local(c.conditioner.tokenizer))
+    return dataclasses.replace(c, autoencoder_path=absolute_if_local(c.autoencoder_path),
+                               init_from=absolute_if_local(c.init_from), conditioner=conditioner)
 
 
 def adopt_pretrained(config: Config) -> tuple[Any, Config]:
