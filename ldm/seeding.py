@@ -22,9 +22,15 @@ def fold_seed(*values: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator for one training step on one rank: noise, timesteps and condition dropout draw from it."""
-    return torch.Generator(device=device).manual_seed(fold_seed(seed, rank, step))
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu",
+                   micro: int = 0) -> torch.Generator:
+    """A generator for one training step on one rank: noise, timesteps and condition dropout draw from it.
+
+    Args:
+        micro: the micro-batch within the step under gradient accumulation (0: the first, and the only one
+            without): draws depend on (step, micro), so a resume with another accumulation never repeats them.
+    """
+    return torch.Generator(device=device).manual_seed(fold_seed(seed, rank, step, *([micro] if micro else [])))
 
 
 class StackedRandomGenerator:

@@ -160,7 +160,7 @@ class GradNormProbe(L.Callback):
 
 
 class NoiseProbe(L.Callback):
-    """Record the (seed, rank, step) the module asks `step_generator` for, and a fingerprint of that noise."""
+    """Record the (seed, rank, step, micro) the module asks `step_generator` for, and a fingerprint of that noise."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
@@ -170,11 +170,11 @@ class NoiseProbe(L.Callback):
         namespace = sys.modules[type(pl_module).__module__]
         real = seeding.step_generator
 
-        def probe(seed: int, rank: int, step: int, device: Any = "cpu") -> torch.Generator:
-            fingerprint = torch.randn(8, generator=real(seed, rank, step)).sum().item()
-            self.calls.append({"seed": seed, "rank": rank, "step": step, "fingerprint": fingerprint,
+        def probe(seed: int, rank: int, step: int, device: Any = "cpu", micro: int = 0) -> torch.Generator:
+            fingerprint = torch.randn(8, generator=real(seed, rank, step, micro=micro)).sum().item()
+            self.calls.append({"seed": seed, "rank": rank, "step": step, "micro": micro, "fingerprint": fingerprint,
                                "true_rank": trainer.global_rank, "training": pl_module.training})
-            return real(seed, rank, step, device)
+            return real(seed, rank, step, device, micro)
 
         namespace.step_generator = probe
 

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import SD1_UNET, diffusers_unet
+from convert_helpers import SD1_UNET, TINY_VAE, diffusers_unet
 from safetensors.torch import load_file, save_file
 
 from ldm.config import ConfigError
-from ldm.convert import UnsupportedCheckpointError, load_autoencoder_any, load_components, save_single_file
+from ldm.convert import (
+    UnsupportedCheckpointError,
+    autoencoder_config_from_diffusers,
+    load_autoencoder_any,
+    load_components,
+    save_single_file,
+)
 from ldm.convert.load import load_unet_diffusers
 from ldm.convert.unet import unet_config_from_diffusers
 from ldm.diffusion.schedule import ScheduleConfig
@@ -52,6 +58,27 @@ def _edit(path: Path, change) -> Path:
 def test_unsupported_diffusers_unet_configs_are_named(change, message):
     with pytest.raises(UnsupportedCheckpointError, match=message):
         unet_config_from_diffusers({**SD1_UNET, **change})
+
+
+def test_configs_that_spell_the_supported_value_another_way_are_read():
+    """diffusers takes these as the defaults they equal: a per-block list of the one supported value, False for the
+    middle block's only_cross_attention, a zero latent shift, a square [h, w] sample_size; other values are refused."""
+    base = unet_config_from_diffusers(SD1_UNET)
+    assert unet_config_from_diffusers({**SD1_UNET, "only_cross_attention": [False] * 3,
+                                       "mid_block_only_cross_attention": False}) == base
+    with pytest.raises(UnsupportedCheckpointError, match=r"only_cross_attention=\[False, True, False\] is not "
+                                                         r"supported \(only False\)"):
+        unet_config_from_diffusers({**SD1_UNET, "only_cross_attention": [False, True, False]})
+    with pytest.raises(UnsupportedCheckpointError, match=r"mid_block_only_cross_attention=True .*\(only None or "
+                                                         r"False\)"):
+        unet_config_from_diffusers({**SD1_UNET, "mid_block_only_cross_attention": True})
+    vae = {"_class_name": "AutoencoderKL", **TINY_VAE}
+    assert autoencoder_config_from_diffusers({**vae, "shift_factor": 0.0, "sample_size": [32, 32]}) == \
+        autoencoder_config_from_diffusers({**vae, "sample_size": 32})
+    with pytest.raises(UnsupportedCheckpointError, match=r"shift_factor=0\.1159 is not supported"):
+        autoencoder_config_from_diffusers({**vae, "shift_factor": 0.1159})
+    with pytest.raises(UnsupportedCheckpointError, match=r"sample_size=\[32, 64\] is not one size or a square"):
+        autoencoder_config_from_diffusers({**vae, "sample_size": [32, 64]})
 
 
 @pytest.mark.parametrize("option", ["clip_sample", "thresholding"])

@@ -4,6 +4,8 @@ diffusers with the same output."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from convert_helpers import SD1_UNET, SD2_UNET, diffusers_unet, max_diff, unet_inputs
@@ -15,6 +17,7 @@ from ldm.convert import (
     unet_from_original,
     unet_to_original,
 )
+from ldm.convert.common import UnsupportedCheckpointError
 from ldm.convert.load import load_components, load_unet_diffusers
 from ldm.convert.save import _save_safetensors, _write_json
 from ldm.convert.unet import unet_to_diffusers
@@ -120,3 +123,7 @@ def test_original_layout_round_trip_and_shape_inference(single_torch_thread):
         back = unet_from_original(original, config)
         assert back.keys() == state.keys()
         assert all(torch.equal(back[k], v) for k, v in state.items())
+    # a layout of ours that neither SD version has is refused for what it is (the heads are not in the shapes)
+    linear768 = dataclasses.replace(sd1, use_linear_proj=True)
+    with pytest.raises(UnsupportedCheckpointError, match="context width 768 with linear projections"):
+        unet_config_from_original(unet_to_original(UNet(linear768).state_dict(), linear768))

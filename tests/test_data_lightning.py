@@ -70,3 +70,22 @@ def test_overfit_batches_are_the_same_batches_every_epoch(shapes_shards: Path, t
     seen = _fit(shapes_shards, tmp_path / "overfit", overfit_batches=3, max_steps=9).seen
     epochs = [[k for _, ks in seen[i:i + 3] for k in ks] for i in (0, 3, 6)]
     assert epochs[0] == epochs[1] == epochs[2]
+
+
+def test_an_accumulation_that_does_not_divide_the_epoch_is_warned_about(shapes_shards: Path, tmp_path: Path, caplog):
+    """12 batches per epoch: with 5 micro-batches per step each epoch ends with a step of 2, whose gradient Lightning
+    still divides by 5, so that step is not the global batch printed at start; 4 divides 12, and 10 of them
+    (limit_train_batches=10) divide into steps of 5."""
+    import logging
+
+    message = "trainer.accumulate_grad_batches=5 does not divide the 12 batches per rank per epoch"
+    with caplog.at_level(logging.WARNING, logger="ldm.data.datamodule"):
+        _fit(shapes_shards, tmp_path / "five", accumulate_grad_batches=5, max_steps=1)
+    assert message in caplog.text and "takes 2 micro-batch(es)" in caplog.text and "8 samples per rank, not the 20" \
+        in caplog.text
+    for name, options in (("four", {"accumulate_grad_batches": 4}),
+                          ("limited", {"accumulate_grad_batches": 5, "limit_train_batches": 10})):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ldm.data.datamodule"):
+            _fit(shapes_shards, tmp_path / name, max_steps=1, **options)
+        assert "does not divide" not in caplog.text, name

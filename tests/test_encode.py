@@ -478,3 +478,24 @@ def test_resume_by_another_spelling_of_the_paths_keeps_finished_shards_and_merge
     manifest = json.loads((out / latents.MANIFEST_NAME).read_text())
     assert manifest["extra"] == {"a": 1, "b": 2}
     assert manifest["inputs"]["train-000000.tar"] == str((shapes_shards / "train-000000.tar").resolve())
+
+
+def test_an_overflow_to_float16_names_the_encoder_at_fault(encoders: tuple[Path, Path]):
+    """Moments are stored in float16 whatever text_dtype says: their overflow names the autoencoder, a text
+    encoding's the text encoder and text_dtype=float32 (both were told to try text_dtype)."""
+    autoencoder_path, text_path = encoders
+    config = encoding.EncodeConfig(shards="unused", autoencoder_path=str(autoencoder_path), output_dir="unused",
+                                   text_encoder={"kind": "byte", "name_or_path": str(text_path)})
+    enc = encoding.load_encoders(config, torch.device("cpu"))
+    sample, image = {"__key__": "k0", "txt": b"a red circle"}, torch.zeros(3, 32, 32)
+    with torch.no_grad():
+        enc.autoencoder.quant_conv.bias[:4].fill_(1e5)  # the posterior means
+        with pytest.raises(ValueError, match=r"k0, moments\.npy: non-finite values after casting to float16 .*; its "
+                                             r"latents exceed float16's range \(65504\): check the autoencoder$"):
+            encoding._encode_batch([sample], [image], enc, False, "float16", torch.device("cpu"))
+        enc.autoencoder.quant_conv.bias[:4].zero_()
+        enc.text.norm.bias.fill_(1e5)  # every token state
+        with pytest.raises(ValueError, match=r"k0, context\.npy: .*check the text encoder, or store its outputs "
+                                             r"with text_dtype=float32$"):
+            encoding._encode_batch([sample], [image], enc, False, "float16", torch.device("cpu"))
+        assert encoding._encode_batch([sample], [image], enc, False, "float32", torch.device("cpu"))

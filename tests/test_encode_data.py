@@ -131,21 +131,27 @@ def test_a_corrupt_latent_sample_is_skipped_and_reported(encoded: Path, tmp_path
     shutil.copytree(encoded / "train", copy)
     shard = copy / "train-000001.tar"
     samples = list(wds.tarfile_to_samples()(iter([{"url": str(shard)}])))
-    bad, misshapen = samples[3]["__key__"], samples[5]["__key__"]
+    bad, misshapen, infinite = samples[3]["__key__"], samples[5]["__key__"], samples[7]["__key__"]
     samples[3][latents.MOMENTS] = b"\x93NUMPY garbage"
     wrong = io.BytesIO()
     np.save(wrong, np.zeros((8, 3, 3), np.float16))  # a readable array of another shape than the manifest's
     samples[5][latents.MOMENTS] = wrong.getvalue()
+    moments = np.load(io.BytesIO(samples[7][latents.MOMENTS])).copy()
+    moments[0, 0, 0] = np.inf  # ldm-encode never writes one: left in, it made its whole batch's loss NaN
+    damaged = io.BytesIO()
+    np.save(damaged, moments)
+    samples[7][latents.MOMENTS] = damaged.getvalue()
     with wds.TarWriter(str(shard), encoder=False) as sink:
         for s in samples:
             sink.write({k: v for k, v in s.items() if k in ("__key__",) or not k.startswith("__")})
     dm = datamodule(str(copy / "train-*.tar"), num_workers=0)
     batches = list(dm.train_dataloader())
     assert len(batches) == 8  # topped up: every rank keeps its batch count
-    assert not {bad, misshapen} & {k for b in batches for k in b["key"]}
+    assert not {bad, misshapen, infinite} & {k for b in batches for k in b["key"]}
     reasons = {key: (shard, reason) for shard, key, reason in dm.skipped}
-    assert dm.num_skipped == 2 and set(reasons) == {bad, misshapen}
+    assert dm.num_skipped == 3 and set(reasons) == {bad, misshapen, infinite}
     assert "train-000001.tar" in reasons[bad][0] and "the manifest says" in reasons[misshapen][1]
+    assert f"{latents.MOMENTS} holds non-finite values" in reasons[infinite][1]
 
 
 def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path, encoded: Path, tmp_path: Path):

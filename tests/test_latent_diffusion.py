@@ -380,10 +380,20 @@ def test_a_checkpoint_that_trained_a_now_frozen_text_encoder_block_resumes(tmp_p
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
 
 
-def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: Path, tmp_path: Path):
+def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
     """With 2 micro-batches per optimizer step, `train/loss` is their mean (diffusers logs it so), not the last
-    micro-batch's, which covers half of the step's batch."""
+    micro-batch's, which covers half of the step's batch; each micro-batch draws by (step, its place in the step)."""
     import csv
+
+    from ldm.modules import latent_diffusion
+    draws = []
+
+    def recorded(seed, rank, step, device="cpu", micro=0):
+        draws.append((step, micro))
+        return step_generator(seed, rank, step, device, micro)
+
+    monkeypatch.setattr(latent_diffusion, "step_generator", recorded)
 
     from lightning.pytorch.loggers import CSVLogger
 
@@ -407,3 +417,4 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
     assert logged == pytest.approx([(micro[i] + micro[i + 1]) / 2 for i in (0, 2, 4)], rel=1e-6)
     assert [row["step"] for row in rows if row.get("lr")] == ["0", "1", "2"]  # once per step (was per micro-batch)
     assert len(set(micro)) == 6  # the micro-batches differ, so the last alone would not pass
+    assert [d for d in draws if d[0] >= 0] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]

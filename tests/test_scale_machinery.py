@@ -219,6 +219,10 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt"]
+    # no validation after the halt (its step 6 was due): the latent statistics stay last.ckpt's, as the val rows
+    assert load_json(out / "checkpoints" / "latent_stats.json")["step"] == 3
+    assert [int(row["step"]) for row in csv.DictReader(open(out / "csv" / "metrics.csv")) if row["val/latent_std"]] \
+        == [2]
     assert not (out / "export").exists()  # a halted run exports nothing (an earlier segment's export stays)
 
 

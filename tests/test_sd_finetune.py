@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import max_diff, tiny_sd_pipeline
+from convert_helpers import SD1_UNET, diffusers_unet, max_diff, perturb, tiny_sd_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -154,10 +154,20 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
               r"^model\.autoencoder_path=.*scheduler is neither"),
              ({"init_from": str(tmp_path / "sd1"),
                "autoencoder_path": str(vae_without(tmp_path, "decoder.conv_out.bias"))},
-              r"^model\.autoencoder_path=.*bad_vae: .*missing keys \(1\): decoder\.conv_out\.bias")]
+              r"^model\.autoencoder_path=.*bad_vae: .*missing keys \(1\): decoder\.conv_out\.bias"),
+             # class labels beside the text: no conditioner gives both (the hint was to edit the replaced model.unet)
+             (with_class_embeddings(tmp_path), r"takes class labels \(a class embedding table\) beside the CLIP")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)
+
+
+def with_class_embeddings(tmp_path: Path) -> dict:
+    """A copy of the sd1 pipeline whose UNet also has a class-label table (diffusers' num_class_embeds=3)."""
+    shutil.copytree(tmp_path / "sd1", tmp_path / "classes")
+    shutil.rmtree(tmp_path / "classes" / "unet")
+    diffusers_unet({**SD1_UNET, "num_class_embeds": 3}).save_pretrained(tmp_path / "classes" / "unet")
+    return {"init_from": str(tmp_path / "classes"), "ema_decay": None}
 
 
 def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_path: Path, caplog):
@@ -180,6 +190,67 @@ def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_
     assert json.loads((Path(out) / "unet" / "config.json").read_text())["class_embed_type"] == "projection"
     assert "StableDiffusionPipeline does not pass it" in caplog.text and "class_labels=<pooled vectors (B, 32)>" \
         in caplog.text and "not portable" in caplog.text
+
+
+def test_a_unet_without_cross_attention_is_refused_by_the_diffusers_export_and_flagged_in_a_single_file(
+        tmp_path: Path, caplog):
+    """A class-conditional UNet with its label table inside (class_embed=unet, no context): diffusers has no such
+    UNet2DConditionModel, and the original SD code no transformer without cross-attention, so format=diffusers
+    refuses it and format=single_file writes a file that says only ldm reads it."""
+    import logging
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.convert.common import UnsupportedCheckpointError
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", context_dim=None, num_classes=3))
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
+                                    "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"},
+                                    "ema_decay": None})
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    with pytest.raises(UnsupportedCheckpointError, match=r"context_dim=None \(no cross-attention\)"):
+        export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    assert "no cross-attention (model.unet.context_dim=null), a layout the original Stable Diffusion code does not " \
+           "build" in caplog.text
+    from ldm.convert.load import load_single_file
+    assert load_single_file(single).unet_config.num_classes == 3  # ours reads it
+
+
+def test_init_from_reads_back_our_export_of_a_clip_unet_with_the_pooled_prompt(tmp_path: Path, single_torch_thread):
+    """A CLIP-conditioned UNet that also takes CLIP's pooled vector (model.conditioner.pooled=true,
+    model.unet.pooled_dim=48) goes out as class_embed_type 'projection' and comes back through model.init_from from
+    either format with the pooled vector fed again: the same prediction as the model exported."""
+    from dataclasses import asdict
+
+    from ldm.nn.unet import unet_config
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    module = LatentDiffusionModule({"autoencoder_path": str(tmp_path / "sd1"), "ema_decay": None,
+                                    "unet": asdict(unet_config("tiny", context_dim=48, pooled_dim=48)),
+                                    "conditioner": {"kind": "clip", "name_or_path": str(tmp_path / "sd1"),
+                                                    "pooled": True}})
+    perturb(module.pipeline.unet, seed=0)  # past the zero-initialised output convolution
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
+
+    def predict(pipeline: LatentDiffusionPipeline) -> torch.Tensor:
+        pipeline.eval()  # no prompt dropping
+        with torch.no_grad():
+            cond = pipeline.conditioner(PROMPTS)
+            assert cond["pooled"] is not None and cond["pooled"].shape == (2, 48)
+            return pipeline.unet(x, t, **cond)
+
+    expected = predict(module.pipeline)
+    for fmt in ("diffusers", "single_file"):
+        out = export({"ckpt_path": str(ours), "format": fmt, "output_dir": str(tmp_path / fmt)})
+        imported = LatentDiffusionModule({"init_from": str(out), "ema_decay": None,  # a single file has no tokenizer
+                                          "conditioner": {"tokenizer": str(tmp_path / "sd1" / "tokenizer")}})
+        assert imported.config.conditioner.pooled and imported.config.unet.pooled_dim == 48
+        max_diff(predict(imported.pipeline), expected, f"{fmt} export read back by init_from", tol=1e-5)
 
 
 def test_a_shorter_prompt_length_travels_with_the_export(tmp_path: Path, caplog, single_torch_thread):

@@ -20,6 +20,16 @@ def test_step_generator_differs_per_rank_and_repeats_per_step():
     assert torch.equal(a, c)
 
 
+def test_micro_batches_draw_by_step_and_position_so_no_accumulation_repeats_another():
+    """Under gradient accumulation the draws depend on (step, micro-batch in the step), not on step * k + micro, which
+    repeated earlier draws after a resume with a smaller k; the first micro-batch draws what the step alone does."""
+    draws = {(step, micro): tuple(torch.randn(4, generator=step_generator(1, 0, step, micro=micro)).tolist())
+             for step in range(6) for micro in range(3)}
+    assert len(set(draws.values())) == 18
+    assert all(draws[step, 0] == tuple(torch.randn(4, generator=step_generator(1, 0, step)).tolist())
+               for step in range(6))
+
+
 def test_stacked_generator_is_batch_size_independent():
     batch = StackedRandomGenerator([10, 11, 12, 13]).randn((4, 3, 5, 5))
     singles = torch.cat([StackedRandomGenerator([s]).randn((1, 3, 5, 5)) for s in [10, 11, 12, 13]])

@@ -102,12 +102,21 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
                                                           r"or auto on the CPU"):
                 check_trainer(trainer)
     node.devices = 1
-    for precision in ("32-true", "bf16-mixed", "16-mixed", 32, "64-true"):
+    for precision in ("32-true", "bf16-mixed", "16-mixed", 32):
         node.precision = precision
         check_trainer(node)
     node.precision = 17
     with pytest.raises(configs.ConfigError, match=r"trainer\.precision=17 is not a precision Lightning takes"):
         check_trainer(node)
+    node.precision = "32-true"
+    for key in ("accumulate_grad_batches", "max_steps", "num_nodes"):  # accepted, then Lightning failed at batch 1
+        with pytest.raises(configs.ConfigError, match=rf"trainer\.{key}=null must be an integer"):
+            check_trainer({**node, key: None})
+    for precision in ("64-true", 64):  # accepted, then the fp32 autoencoder and latents met fp64 weights at step 1
+        node.precision = precision
+        with pytest.raises(configs.ConfigError, match=rf"trainer\.precision={precision} would train in fp64.* use "
+                                                      r"trainer\.precision=32-true"):
+            check_trainer(node)
 
 
 @pytest.mark.parametrize(("devices", "num_nodes", "processes"), [(1, 1, 1), (2, 1, 2), ([0, 1], 1, 2), (1, 4, 4)])

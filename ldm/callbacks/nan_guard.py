@@ -125,6 +125,9 @@ class NanGuard(L.Callback):
                             f"gradients (callbacks.nan_guard.max_consecutive={self.max_consecutive}); stopped at "
                             f"global step {trainer.global_step} without writing a checkpoint. {ADVICE}")
             trainer.should_stop = True
+            # note: Lightning validates after any batch once should_stop is set; a validation here would log the
+            # halted step and (stage 1) write its latent statistics over those of the step last.ckpt holds
+            trainer.limit_val_batches = 0
             trainer.callback_metrics[self.HALTED_METRIC] = torch.tensor(float(trainer.global_step))
 
     @override

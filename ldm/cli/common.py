@@ -295,13 +295,18 @@ TRAINER_NUMBERS: dict[str, tuple[tuple[type, ...], float | None]] = {
 }
 
 
+# Trainer arguments Lightning takes as integers only (not null), with its defaults.
+TRAINER_NOT_NULL: dict[str, int] = {"max_steps": -1, "accumulate_grad_batches": 1, "num_nodes": 1}
+
+
 # Trainer arguments whose default means "off" (check_trainer compares a module's unsupported_trainer_args to them).
 TRAINER_DEFAULTS: dict[str, Any] = {"accumulate_grad_batches": 1}
 
 
 HALF_WEIGHT_PRECISIONS = ("16-true", "bf16-true", "half")  # Lightning's precisions that cast the weights
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16", "64", "transformer-engine",
-              "transformer-engine-float16")  # what Lightning's Trainer accepts, less the half-weight ones
+DOUBLE_PRECISIONS = ("64-true", "64")  # Lightning's fp64 weights
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32", "16", "bf16", "transformer-engine",
+              "transformer-engine-float16")  # what Lightning's Trainer accepts, less the half- and double-weight ones
 
 
 def check_devices(value: Any, cpu: str | None = None) -> None:
@@ -346,6 +351,9 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         raise ConfigError(f"trainer.strategy.process_group_backend=nccl needs CUDA GPUs (trainer.accelerator="
                           f"{accelerator}); use trainer=ddp_cpu (gloo) for several CPU processes")
     for key, value in trainer.items():
+        if value is None and key in TRAINER_NOT_NULL:
+            raise ConfigError(f"trainer.{key}=null must be an integer; e.g. trainer.{key}={TRAINER_NOT_NULL[key]} "
+                              f"(Lightning's default)")
         if key not in TRAINER_NUMBERS or value is None:
             continue
         types, minimum = TRAINER_NUMBERS[key]
@@ -363,9 +371,12 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
             if accelerator in ("auto", None) and not torch.cuda.is_available() else None
         check_devices(trainer.get("devices"), cpu)
     precision = trainer.get("precision")
-    if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS):
+    if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS, *DOUBLE_PRECISIONS):
         raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "
-                          f"16-mixed (or 64-true)")
+                          f"16-mixed")
+    if str(precision) in DOUBLE_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} would train in fp64, while the frozen autoencoder, the "
+                          f"latents and the exports are fp32; use trainer.precision=32-true")
     if str(trainer.get("precision")) in HALF_WEIGHT_PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.get('precision')} would hold the weights themselves in 16 bits "
                           f"(no fp32 copy: the inputs' dtype no longer matches, and an EMA update of 1e-4 is below "

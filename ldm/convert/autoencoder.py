@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from ldm.convert.common import StateDict, UnsupportedCheckpointError, check_config_values
+from ldm.convert.common import OneOf, StateDict, UnsupportedCheckpointError, check_config_values, square_size
 from ldm.nn.autoencoder import AutoencoderConfig
 
 SD_LATENT_SCALE = 0.18215  # the scale_factor of SD 1.x / 2.x configs (single files do not store it)
 SDXL_LATENT_SCALE = 0.13025  # SDXL's (sd_xl_base.yaml)
 
-_DIFFUSERS_FIXED: dict[str, Any] = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
-                                    "use_quant_conv": True, "use_post_quant_conv": True,
+_DIFFUSERS_FIXED: dict[str, Any] = {"act_fn": "silu", "shift_factor": OneOf((None, 0.0)), "latents_mean": None,
+                                    "latents_std": None, "use_quant_conv": True, "use_post_quant_conv": True,
                                     "mid_block_add_attention": True}
 
 
@@ -49,9 +49,13 @@ def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> tuple[Autoen
         if types != [kind] * len(widths):
             raise UnsupportedCheckpointError(f"{what}: {key}={types} is not supported (only {kind} per level)")
     latent = config.get("latent_channels", 4)
+    resolution = square_size(config.get("sample_size", 32))
+    if resolution is None:
+        raise UnsupportedCheckpointError(f"{what}: sample_size={config['sample_size']!r} is not one size or a square "
+                                         f"[h, w] (our autoencoder config holds one resolution)")
     ours = AutoencoderConfig(
         in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
-        resolution=config.get("sample_size", 32), ch=ch, ch_mult=[w // ch for w in widths],
+        resolution=resolution, ch=ch, ch_mult=[w // ch for w in widths],
         num_res_blocks=config.get("layers_per_block", 1), z_channels=latent, embed_dim=latent, double_z=True,
         norm_groups=config.get("norm_num_groups", 32))
     return ours, config.get("scaling_factor", SD_LATENT_SCALE)

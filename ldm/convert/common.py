@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoints import UNREADABLE, needed_code
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 
 StateDict = dict[str, torch.Tensor]
 
@@ -148,14 +148,40 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+class OneOf(tuple):
+    """Spellings of the one value we implement that diffusers configs use interchangeably (for
+    `check_config_values`), e.g. no latent shift as None or 0.0."""
+
+    def __repr__(self) -> str:
+        return " or ".join(repr(v) for v in self)
+
+
 def check_config_values(config: Mapping[str, Any], required: Mapping[str, Any], what: str) -> None:
     """Raise UnsupportedCheckpointError when a config field is present with a value other than the one we support.
 
     Args:
         config: a diffusers config.
-        required: field -> the only value our networks implement (a missing field is taken as its default).
+        required: field -> the only value our networks implement (a missing field is taken as its default), or a
+            `OneOf` its spellings. A per-block list holding that value for every block (only_cross_attention) is it.
         what: the model, for the message.
     """
-    for key, value in required.items():
-        if key in config and config[key] != value and not (value is None and config[key] in (None, [], {})):
-            raise UnsupportedCheckpointError(f"{what}: {key}={config[key]!r} is not supported (only {value!r})")
+    def supported(value: Any, fixed: Any) -> bool:
+        if isinstance(fixed, OneOf):
+            return any(supported(value, one) for one in fixed)
+        if fixed is None and value in (None, [], {}):
+            return True
+        if isinstance(value, (list, tuple)) and value and not isinstance(fixed, (list, tuple)):
+            return all(supported(v, fixed) for v in value)
+        return value == fixed
+
+    for key, fixed in required.items():
+        if key in config and not supported(config[key], fixed):
+            raise UnsupportedCheckpointError(f"{what}: {key}={config[key]!r} is not supported (only {fixed!r})")
+
+
+def square_size(size: Any) -> int | None:
+    """The side of diffusers' `sample_size` (an int, or an [h, w] pair since diffusers 0.2x), or None when it is
+    absent or not square."""
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return size if is_int(size) else None

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint, needed_code
-from ldm.config import ConfigError, is_int
+from ldm.config import ConfigError
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
 from ldm.convert.common import (
@@ -23,6 +23,7 @@ from ldm.convert.common import (
     UnsupportedCheckpointError,
     read_json,
     read_state_dict,
+    square_size,
 )
 from ldm.convert.components import SDComponents, load_tokenizer  # noqa: F401 - re-exported
 from ldm.convert.schedule import schedule_from_diffusers
@@ -132,9 +133,9 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
     if present("vae"):
         parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = load_autoencoder_diffusers(
             directory / "vae")
-        unet_size = read_json(directory / "unet" / "config.json", "the UNet").get("sample_size") \
+        unet_size = square_size(read_json(directory / "unet" / "config.json", "the UNet").get("sample_size")) \
             if parts.unet_config is not None else None
-        if is_int(unet_size):
+        if unet_size is not None:
             # diffusers generates at the UNet's sample_size times the VAE's factor (SD 2-base: vae/ says 768, unet/
             # 64, so 512 px); the VAE's own sample_size is its training tile, not the pipeline's size
             factor = 2 ** (len(parts.autoencoder_config.ch_mult) - 1)

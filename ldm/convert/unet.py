@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ldm.convert.common import StateDict, UnsupportedCheckpointError, check_config_values
+from ldm.convert.common import OneOf, StateDict, UnsupportedCheckpointError, check_config_values
 from ldm.nn.unet import UNetConfig
 
 # diffusers UNet2DConditionModel fields our UNet has no counterpart for, with the only value we implement.
@@ -25,7 +25,8 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "mid_block_only_cross_attention": OneOf((None, False)), "cross_attention_norm": None,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
 }
 
 
@@ -367,6 +368,10 @@ def unet_config_from_original(state: Mapping[str, Any], what: str = "single-file
         num_heads, head_dim = 8, None
     elif context_dim == 1024:
         num_heads, head_dim = None, 64
+    elif context_dim == 768:
+        raise UnsupportedCheckpointError(f"{what}: context width 768 with linear projections around the transformers "
+                                         f"is neither SD 1's layout (768, 1x1 convolutions) nor SD 2's (1024, linear), "
+                                         f"so the number of attention heads is unknown (our own exports store it)")
     else:
         raise UnsupportedCheckpointError(f"{what}: context width {context_dim} is neither SD 1's 768 nor SD 2's 1024, "
                                          f"so the number of attention heads is unknown (our own exports store it)")

@@ -376,8 +376,26 @@ class WebDataModule(L.LightningDataModule):
         log.info("train data: %d samples in %d shards over %d slots (%d ranks x %d workers): %d batches of %d per "
                  "rank per epoch, %d samples left out per epoch", sum(plan.counts), len(plan.urls), plan.slots,
                  plan.world_size, max(1, plan.num_workers), plan.rank_batches, plan.batch_size, plan.left_out)
+        self._warn_short_accumulation(plan)
         return EpochLoader(self._stream(plan), self._begin_train_epoch, self._on_train_batch, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
+
+    def _warn_short_accumulation(self, plan: EpochPlan) -> None:
+        """Warn when trainer.accumulate_grad_batches does not divide an epoch's batches (Lightning's limit included):
+        the epoch's last optimizer step is then smaller than the global batch printed at start."""
+        if self.trainer is None or self.trainer.accumulate_grad_batches == 1:
+            return
+        accumulate, batches, limit = self.trainer.accumulate_grad_batches, plan.rank_batches, \
+            self.trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        short = batches % accumulate
+        if short:
+            log.warning("trainer.accumulate_grad_batches=%d does not divide the %d batches per rank per epoch: each "
+                        "epoch's last optimizer step takes %d micro-batch(es), its gradient divided by %d like the "
+                        "others' (Lightning's rule), so that step sees %d samples per rank, not the %d printed; set "
+                        "trainer.accumulate_grad_batches to a divisor of %d (or change data.batch_size)",
+                        accumulate, batches, short, accumulate, short * plan.batch_size, accumulate * plan.batch_size,
+                        batches)
 
     def val_dataloader(self) -> EpochLoader | list:
         if self.config.val_shards is None:

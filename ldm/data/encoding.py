@@ -343,16 +343,21 @@ def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], enc
         context, pooled = (t.float().cpu() for t in encoders.text(captions))   # (B, L, D), (B, D)
     out = []
     for i, sample in enumerate(samples):
-        try:
-            record = {"__key__": sample["__key__"], latents.MOMENTS: latents.to_npy(moments[i])}
-            if flips:
-                record[latents.MOMENTS_FLIP] = latents.to_npy(moments[len(samples) + i])
-            if context is not None:
-                record[latents.CONTEXT] = latents.to_npy(context[i], TEXT_DTYPES[text_dtype])
-                record[latents.POOLED] = latents.to_npy(pooled[i], TEXT_DTYPES[text_dtype])
-        except ValueError as err:  # note: an autoencoder whose latents overflow float16 is broken for every sample
-            raise ValueError(f"sample {sample['__key__']}: {err}; check the autoencoder (or text_dtype=float32)") \
-                from None
+        record = {"__key__": sample["__key__"]}
+        arrays = [(latents.MOMENTS, moments[i], np.float16)]
+        if flips:
+            arrays.append((latents.MOMENTS_FLIP, moments[len(samples) + i], np.float16))
+        if context is not None:
+            arrays += [(latents.CONTEXT, context[i], TEXT_DTYPES[text_dtype]),
+                       (latents.POOLED, pooled[i], TEXT_DTYPES[text_dtype])]
+        for name, array, dtype in arrays:
+            try:
+                record[name] = latents.to_npy(array, dtype)
+            except ValueError as err:  # note: an encoder whose outputs overflow float16 is broken for every sample
+                fix = "its latents exceed float16's range (65504): check the autoencoder" \
+                    if name in (latents.MOMENTS, latents.MOMENTS_FLIP) else \
+                    "check the text encoder, or store its outputs with text_dtype=float32"
+                raise ValueError(f"sample {sample['__key__']}, {name}: {err}; {fix}") from None
         for member in ("txt", "json"):
             if member in sample:
                 record[member] = sample[member]

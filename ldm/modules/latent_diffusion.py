@@ -177,9 +177,16 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     if parts.autoencoder_state is None and not c.autoencoder_path:
         raise ConfigError(f"model.init_from={c.init_from} holds no autoencoder; set model.autoencoder_path")
     conditioner = c.conditioner
+    if parts.text_encoder is not None and parts.unet_config.num_classes is not None:
+        raise ConfigError(f"model.init_from={c.init_from}: its UNet takes class labels (a class embedding "
+                          f"table) beside the CLIP text encoder's tokens, and a conditioner gives one or the other: "
+                          f"start from a model without class embeddings")
     if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
+        # a UNet with a pooled-vector projection (class_embed_type: projection, as ldm-export writes
+        # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on
         conditioner = dataclasses.replace(conditioner, kind="clip", name_or_path=str(c.init_from),
-                                          layer=parts.clip_layer, pooled=False, max_length=parts.prompt_length)
+                                          layer=parts.clip_layer, max_length=parts.prompt_length,
+                                          pooled=parts.unet_config.pooled_dim is not None)
     diffusion = dataclasses.replace(c.diffusion, schedule=parts.schedule or c.diffusion.schedule,
                                     prediction=parts.prediction or c.diffusion.prediction)
     # the layout is the checkpoint's; how it trains (checkpointing, dropout) stays the config's
@@ -364,8 +371,8 @@ class LatentDiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
-        micro = self.global_step * accumulate + batch_idx % accumulate         # distinct draws per micro-batch
-        generator = step_generator(self.config.seed, self.global_rank, micro, self.device)
+        generator = step_generator(self.config.seed, self.global_rank, self.global_step, self.device,
+                                   micro=batch_idx % accumulate)  # distinct draws per micro-batch
         loss = self._loss(batch, generator, self.pipeline)
         # The step's loss over its whole global batch: the mean of its micro-batches' on every rank (the last
         # micro-batch's alone would cover 1/accumulate of the batch).
