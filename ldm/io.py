@@ -215,7 +215,9 @@ def read_lines(path: Path, key: str) -> list[str]:
     from ldm.config import ConfigError
 
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        # note: split at line ends only (read_text turns \r\n and \r into \n); splitlines also splits at form
+        # feeds and Unicode separators inside a line, which made one prompt two
+        lines = Path(path).read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{key}={path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") \
             from None

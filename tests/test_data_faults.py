@@ -54,6 +54,10 @@ def test_sixteen_bit_greys_are_scaled_not_clipped():
     from_png = decode_image(png_bytes(little))  # a real 16-bit PNG file
     assert Image.open(io.BytesIO(png_bytes(little))).mode == "I;16"
     assert np.asarray(from_png)[0, :, 1].tolist() == want.tolist()
+    # every 16-bit value rounds to the nearest 8-bit one, and I's values outside [0, 65535] clip
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    assert (rgb(Image.fromarray(every))[..., 0] == np.clip(np.rint(every / 257.0), 0, 255)).all()
+    assert rgb(Image.fromarray(np.array([[-5, 70000]], dtype=np.int32)))[0, :, 0].tolist() == [0, 255]
 
 
 def test_float_greys_in_unit_range_and_in_byte_range():

@@ -271,6 +271,15 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
     write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "csv"), "val_samples": 0,
                    "resolution": 32, "captions": str(captions)})
     assert sorted(s["txt"].decode() for s in read_split(tmp_path / "csv", "train")) == ["from the csv", "phone"]
+    # a blank manifest caption is no caption, as a blank sidecar is (it passed as "   " and trained as "" uncounted)
+    captions.write_bytes(b"file,caption\nplain.png,  from the csv \nphone.jpg,\"   \"\n")
+    with pytest.raises(ConfigError, match=r"1 of 2 images have no caption .*phone\.jpg"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "blank"),
+                       "val_samples": 0, "resolution": 32, "captions": str(captions)})
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "blank"), "val_samples": 0,
+                   "resolution": 32, "captions": str(captions), "allow_missing_captions": True})
+    assert sorted(s["txt"].decode() for s in read_split(tmp_path / "blank", "train")) == ["", "from the csv"]
+    assert json.loads((tmp_path / "blank" / "summary.json").read_text())["missing_captions"] == ["phone.jpg"]
 
 
 def test_a_divider_line_is_resized_in_its_box_not_whole():
@@ -339,11 +348,11 @@ def test_awkward_folder_inputs(tmp_path: Path):
     assert decoded[1, 1].tolist() == [255, 255, 255] and decoded[0, 0].tolist() == [117, 117, 117]
 
     from ldm.data.stream import SkipLog, caption_and_label
-    from ldm.eval.sources import _caption
+    from ldm.eval.sources import readable_caption
 
     # A shard written by another tool (img2dataset, by hand) whose caption starts with a byte order mark.
     assert caption_and_label({"txt": "\ufeffa bom".encode()}, SkipLog()) == ("a bom", None)
-    assert _caption("txt", "\ufeffa bom".encode()) == "a bom"  # ldm-eval's prompts
+    assert readable_caption({"txt": "\ufeffa bom".encode()}) == "a bom"  # ldm-eval's prompts
 
 
 

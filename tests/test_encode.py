@@ -499,3 +499,6 @@ def test_an_overflow_to_float16_names_the_encoder_at_fault(encoders: tuple[Path,
                                              r"with text_dtype=float32$"):
             encoding._encode_batch([sample], [image], enc, False, "float16", torch.device("cpu"))
         assert encoding._encode_batch([sample], [image], enc, False, "float32", torch.device("cpu"))
+        enc.text.norm.bias.fill_(float("nan"))  # not an overflow: no dtype can help
+        with pytest.raises(ValueError, match=r"k0, context\.npy: the text encoder outputs inf or NaN; check it$"):
+            encoding._encode_batch([sample], [image], enc, False, "float32", torch.device("cpu"))

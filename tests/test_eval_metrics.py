@@ -21,7 +21,7 @@ from ldm.eval.feature_extractors import InceptionFeatures, WeightsNotFoundError,
 from ldm.eval.metrics import GenerationMetrics, ReconstructionMetrics
 from ldm.eval.reference_stats import CACHE_VERSION, key_hash, load_or_compute_reference_stats, reference_key
 from ldm.eval.shapes_adherence import ShapesAdherence, parse_caption, read_color
-from ldm.eval.sources import iter_image_batches, load_prompts
+from ldm.eval.sources import iter_image_batches, iter_shard_samples, load_prompts
 
 DIM = 64
 N_REF = 32
@@ -95,7 +95,7 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     relative = InceptionFeatures(DIM, os.path.relpath(inception_weights))
     assert key_hash(reference_key(shards, 32, N_REF, relative.identity)) == stats.hash
     # What the reader decodes is part of the key through CACHE_VERSION: bump it with the list of image members.
-    assert (CACHE_VERSION, IMAGE_KEYS) == (3, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
+    assert (CACHE_VERSION, IMAGE_KEYS) == (4, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
 
 
 def test_a_damaged_reference_cache_is_named_as_a_cache_to_delete(reference, shapes_shards: Path,
@@ -210,6 +210,70 @@ def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Pat
     file = tmp_path / "prompts.txt"
     file.write_text("a red circle\n\na blue square\n")
     assert load_prompts("file", 3, prompts_file=str(file)) == ["a red circle", "a blue square", "a red circle"]
+    file.write_bytes("\ufeffa red circle\r\n\r\nline with\u2028separator\r\nform\x0cfeed\rold mac\n".encode())
+    assert load_prompts("file", 4, prompts_file=str(file)) == ["a red circle", "line with\u2028separator",
+                                                              "form\x0cfeed", "old mac"]
+
+
+def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A caption that is not UTF-8 made ldm-eval and the FID callback stop where training skips the sample: it is left
+    out, with a warning naming the shard and key. A sample whose caption sits in its .json only trains with "" (the
+    reader took .caption or the json's "caption" / "text" and scored another prompt than the model learnt)."""
+    import io
+    import json
+    import tarfile
+
+    shard = tmp_path / "val-000000.tar"
+    with tarfile.open(shapes_shards / "val-000000.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})
+    with tarfile.open(shard, "w") as out:
+        for member, data in members:
+            key = member.name.split(".")[0]
+            if key == keys[0] and member.name.endswith(".txt"):
+                data = b"a red \xff circle"
+            elif key == keys[1] and member.name.endswith(".txt"):
+                continue  # its caption in the metadata only
+            elif key == keys[1] and member.name.endswith(".json"):
+                data = json.dumps({**json.loads(data), "caption": "a red circle in the center"}).encode()
+            member.size = len(data)
+            out.addfile(member, io.BytesIO(data))
+    with caplog.at_level("WARNING"):
+        prompts = load_prompts("val_shards", 15, [str(shard)])
+        pairs = list(iter_shard_samples([str(shard)]))
+    assert len(prompts) == 15 and prompts[0] == "" and len(pairs) == 15 and pairs[0][1] == ""
+    assert f"{shard}: sample {keys[0]} left out: its caption is not UTF-8" in caplog.text
+
+
+def test_reference_images_are_the_pixels_validation_trains_on(tmp_path: Path):
+    """A non-square photo: the reference reader cropped in the original and then resized, the training loader resizes
+    the shorter side and then crops, so FID's references were not the validation images (up to 94/255 apart)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.data.datamodule import WebDataModule
+    from ldm.images import to_uint8
+
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "val-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, size in enumerate([(64, 48), (30, 41), (100, 70)]):  # (width, height)
+            smooth = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            for name, data in ((f"{i:06d}.png", None), (f"{i:06d}.txt", b"a photo")):
+                if data is None:
+                    buffer = io.BytesIO()
+                    smooth.save(buffer, format="PNG")
+                    data = buffer.getvalue()
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    references = torch.cat([images for images, _ in iter_image_batches([str(shard)], 32, None, 8)])
+    dm = WebDataModule(train_shards=str(shard), val_shards=str(shard), resolution=32, batch_size=8, num_workers=0)
+    validation = torch.cat([to_uint8(batch["image"]) for batch in dm.val_dataloader()])
+    assert references.shape == (3, 3, 32, 32) and torch.equal(references, validation)
 
 
 def test_eval_reads_every_training_image_format_and_reports_damaged_shards(shapes_shards: Path, tmp_path: Path,

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from ldm.cli.common import CONF_DIR
 from ldm.cli.export import export
 from ldm.cli.train import train
+from ldm.config import ConfigError
 from ldm.convert import load_components
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 from ldm.pipeline import LatentDiffusionPipeline
@@ -130,11 +131,6 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
     """A pipeline folder missing its scheduler, tokenizer, text encoder or its weights, or given single-file options:
     one ConfigError naming what is wrong and what to do, before any training (a missing text_encoder/ was passed over
     for the config's hub CLIP, and the error named model.conditioner.name_or_path)."""
-
-    import pytest
-
-    from ldm.config import ConfigError
-
     tiny_sd_pipeline(tmp_path, "sd1")
 
     def folder(name, drop):
@@ -156,18 +152,24 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
                "autoencoder_path": str(vae_without(tmp_path, "decoder.conv_out.bias"))},
               r"^model\.autoencoder_path=.*bad_vae: .*missing keys \(1\): decoder\.conv_out\.bias"),
              # class labels beside the text: no conditioner gives both (the hint was to edit the replaced model.unet)
-             (with_class_embeddings(tmp_path), r"takes class labels \(a class embedding table\) beside the CLIP")]
+             (with_unet(tmp_path, "classes", num_class_embeds=3),
+              r"takes class labels \(a class embedding table\) beside the CLIP"),
+             # a projection of another width than CLIP's pooled vector: not a pooled-prompt UNet (the hint was to
+             # edit the replaced model.unet)
+             (with_unet(tmp_path, "projection16", class_embed_type="projection",
+                        projection_class_embeddings_input_dim=16),
+              r"projects a vector of width 16 .* pooled prompt vector is 48 wide")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)
 
 
-def with_class_embeddings(tmp_path: Path) -> dict:
-    """A copy of the sd1 pipeline whose UNet also has a class-label table (diffusers' num_class_embeds=3)."""
-    shutil.copytree(tmp_path / "sd1", tmp_path / "classes")
-    shutil.rmtree(tmp_path / "classes" / "unet")
-    diffusers_unet({**SD1_UNET, "num_class_embeds": 3}).save_pretrained(tmp_path / "classes" / "unet")
-    return {"init_from": str(tmp_path / "classes"), "ema_decay": None}
+def with_unet(tmp_path: Path, name: str, **changes) -> dict:
+    """A copy of the sd1 pipeline whose UNet has these diffusers config `changes` (random weights)."""
+    shutil.copytree(tmp_path / "sd1", tmp_path / name)
+    shutil.rmtree(tmp_path / name / "unet")
+    diffusers_unet({**SD1_UNET, **changes}).save_pretrained(tmp_path / name / "unet")
+    return {"init_from": str(tmp_path / name), "ema_decay": None}
 
 
 def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_path: Path, caplog):
@@ -229,10 +231,10 @@ def test_init_from_reads_back_our_export_of_a_clip_unet_with_the_pooled_prompt(t
     from ldm.nn.unet import unet_config
 
     tiny_sd_pipeline(tmp_path, "sd1")
-    module = LatentDiffusionModule({"autoencoder_path": str(tmp_path / "sd1"), "ema_decay": None,
-                                    "unet": asdict(unet_config("tiny", context_dim=48, pooled_dim=48)),
-                                    "conditioner": {"kind": "clip", "name_or_path": str(tmp_path / "sd1"),
-                                                    "pooled": True}})
+    config = {"autoencoder_path": str(tmp_path / "sd1"), "ema_decay": None,
+              "unet": asdict(unet_config("tiny", context_dim=48, pooled_dim=48)),
+              "conditioner": {"kind": "clip", "name_or_path": str(tmp_path / "sd1"), "pooled": True}}
+    module = LatentDiffusionModule(config)
     perturb(module.pipeline.unet, seed=0)  # past the zero-initialised output convolution
     ours = module.pipeline.save_pretrained(tmp_path / "ours")
     x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
@@ -251,6 +253,14 @@ def test_init_from_reads_back_our_export_of_a_clip_unet_with_the_pooled_prompt(t
                                           "conditioner": {"tokenizer": str(tmp_path / "sd1" / "tokenizer")}})
         assert imported.config.conditioner.pooled and imported.config.unet.pooled_dim == 48
         max_diff(predict(imported.pipeline), expected, f"{fmt} export read back by init_from", tol=1e-5)
+
+    # on CLIP's penultimate layer the exports cut the encoder there, which changes its pooled vector: refused
+    config["conditioner"]["layer"] = "penultimate"
+    penultimate = LatentDiffusionModule(config).pipeline.save_pretrained(tmp_path / "penultimate")
+    for fmt in ("diffusers", "single_file"):
+        with pytest.raises(ConfigError, match=r"penultimate layer as its context and the whole encoder's pooled "
+                                              r"vector .* no Stable Diffusion format records both"):
+            export({"ckpt_path": str(penultimate), "format": fmt, "output_dir": str(tmp_path / f"p_{fmt}")})
 
 
 def test_a_shorter_prompt_length_travels_with_the_export(tmp_path: Path, caplog, single_torch_thread):

@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME
-from ldm.data.stream import IMAGE_KEYS, resize_crop, tar_ends_cut
+from ldm.data.stream import IMAGE_KEYS, resize_crop, sample_caption, tar_ends_cut
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -319,8 +319,7 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
             if ext is None:
                 raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)})")
             image = resize_crop(decode_image(sample[ext]), resolution, None)  # as the datamodule: centre crop
-            if "txt" in sample:
-                sample["txt"].decode("utf-8-sig")  # a caption training could not read: left out here too
+            sample_caption(sample)  # a caption training could not read: left out here too
         except Exception as err:  # noqa: BLE001 -- an undecodable image is reported and left out
             skipped.append([sample.get("__key__", "?"), f"{type(err).__name__}: {err}"[:200]])
             continue
@@ -339,7 +338,7 @@ def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], enc
     moments = torch.cat([posterior.mean, posterior.logvar], dim=1).cpu()       # (B or 2B, 2C, h, w)
     context = pooled = None
     if encoders.text is not None:
-        captions = [s["txt"].decode("utf-8-sig").strip() if "txt" in s else "" for s in samples]
+        captions = [sample_caption(s) or "" for s in samples]
         context, pooled = (t.float().cpu() for t in encoders.text(captions))   # (B, L, D), (B, D)
     out = []
     for i, sample in enumerate(samples):
@@ -351,12 +350,15 @@ def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], enc
             arrays += [(latents.CONTEXT, context[i], TEXT_DTYPES[text_dtype]),
                        (latents.POOLED, pooled[i], TEXT_DTYPES[text_dtype])]
         for name, array, dtype in arrays:
+            # note: an encoder whose outputs are not finite, or overflow float16, is broken for every sample
+            encoder = "autoencoder" if name in (latents.MOMENTS, latents.MOMENTS_FLIP) else "text encoder"
+            if not torch.isfinite(array).all():
+                raise ValueError(f"sample {sample['__key__']}, {name}: the {encoder} outputs inf or NaN; check it")
             try:
                 record[name] = latents.to_npy(array, dtype)
-            except ValueError as err:  # note: an encoder whose outputs overflow float16 is broken for every sample
-                fix = "its latents exceed float16's range (65504): check the autoencoder" \
-                    if name in (latents.MOMENTS, latents.MOMENTS_FLIP) else \
-                    "check the text encoder, or store its outputs with text_dtype=float32"
+            except ValueError as err:
+                fix = "its latents exceed float16's range (65504): check the autoencoder" if encoder == "autoencoder" \
+                    else "check the text encoder, or store its outputs with text_dtype=float32"
                 raise ValueError(f"sample {sample['__key__']}, {name}: {err}; {fix}") from None
         for member in ("txt", "json"):
             if member in sample:

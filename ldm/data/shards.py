@@ -241,7 +241,7 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         if not (isinstance(file, str) and isinstance(caption, str)):
             raise ConfigError(f"captions={path}, row {i}: the path and the caption must be text, got "
                               f"{type(file).__name__} {file!r} and {type(caption).__name__} {str(caption)[:60]!r}")
-        captions[(input_dir / file).resolve()] = caption
+        captions[(input_dir / file).resolve()] = caption.strip()  # as sidecars: blank is no caption
     return captions
 
 

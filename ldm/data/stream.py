@@ -32,7 +32,7 @@ import math
 import os
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -279,15 +279,20 @@ def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, num_classes: int 
         yield {"image": image, "caption": caption, "key": key, "url": url, "label": label}
 
 
+def sample_caption(sample: Mapping[str, Any]) -> str | None:
+    """The caption of a raw sample as every reader takes it (training, ldm-encode, evaluation): its `txt` member as
+    UTF-8 (a byte order mark dropped), stripped; None without one. UnicodeDecodeError when it is not UTF-8."""
+    return sample["txt"].decode("utf-8-sig").strip() if "txt" in sample else None
+
+
 def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int | None = None
                       ) -> tuple[str, int | None]:
     """A raw sample's caption ("" and counted when it has none) and integer class label: None without one, unless
     `num_classes` is given (a class-conditional model's), which makes a missing label or one outside
     [0, num_classes) a ValueError (index num_classes is the null class of guidance, never a sample's); image and
     latent samples alike."""
-    if "txt" in sample:
-        caption = sample["txt"].decode("utf-8-sig").strip()
-    else:
+    caption = sample_caption(sample)
+    if caption is None:
         caption = ""
         skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
     meta = json.loads(sample["json"]) if "json" in sample else {}

@@ -28,7 +28,9 @@ from ldm.eval.feature_extractors import InceptionFeatures
 from ldm.eval.sources import iter_image_batches, shard_fingerprint
 from ldm.io import atomic_open
 
-CACHE_VERSION = 3  # 2: images decoded upright (EXIF orientation); 3: GIF / TIFF members read, 16-bit colour keys
+CACHE_VERSION = 4  # 2: images decoded upright (EXIF orientation); 3: GIF / TIFF members read, 16-bit colour keys;
+#                    4: non-square images resized, then cropped, as training does; samples with unreadable captions
+#                    left out
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Evaluation must see the same images in the same order every time (reference statistics are cached by the shard list),
 so it reads WebDataset tar shards sequentially here instead of through the shuffling training DataModule. A sample is
 the group of tar members sharing a key (`000123.png`, `000123.txt`); the first image extension found is the image and
-the first caption extension the caption.
+its `txt` member the caption, read as training reads it.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import torch
 from PIL import Image
 
 from ldm.config import ConfigError, is_int
-from ldm.data.stream import IMAGE_KEYS
+from ldm.data.stream import IMAGE_KEYS, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import read_lines
 
 log = logging.getLogger(__name__)
-
-CAPTION_EXTENSIONS = ("txt", "caption", "json")
 
 
 def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
@@ -36,13 +34,6 @@ def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
         stat = Path(shard).stat()
         out.append({"path": str(Path(shard).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return out
-
-
-def _caption(ext: str, data: bytes) -> str:
-    if ext == "json":
-        meta = json.loads(data)
-        return str(meta.get("caption", meta.get("text", ""))) if isinstance(meta, dict) else str(meta)
-    return data.decode("utf-8-sig").strip()
 
 
 def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
@@ -85,10 +76,21 @@ def _report_damaged(shard: str, read: int, count: int | None, error: str) -> Non
                 "shard with ldm-data)", shard, read, says, error, read)
 
 
-def sample_caption(members: dict[str, bytes]) -> str:
-    """The caption of a sample: its first caption member (`txt` before `json`), or "" without one."""
-    ext = next((e for e in CAPTION_EXTENSIONS if e in members), None)
-    return _caption(ext, members[ext]) if ext else ""
+def readable_caption(members: dict[str, bytes]) -> str | None:
+    """The caption of a sample as training reads it ("" without a `txt` member), or None when it is not UTF-8:
+    training skips such a sample as corrupt, and evaluation leaves it out too, with a warning."""
+    try:
+        return sample_caption(members) or ""
+    except UnicodeDecodeError as err:
+        _report_unreadable_caption(members["__url__"], members["__key__"], str(err))
+        return None
+
+
+@functools.cache
+def _report_unreadable_caption(shard: str, key: str, error: str) -> None:
+    """Warn once per sample (evaluation reads a shard set up to three times)."""
+    log.warning("%s: sample %s left out: its caption is not UTF-8 (%s); training skips it too", shard, key,
+                error[:200])
 
 
 def iter_shard_samples(shards: Sequence[str]) -> Iterator[tuple[Image.Image, str]]:
@@ -96,7 +98,8 @@ def iter_shard_samples(shards: Sequence[str]) -> Iterator[tuple[Image.Image, str
     not decode is left out, with a warning naming its shard and key."""
     for members in iter_shard_members(shards):
         ext = next((e for e in IMAGE_KEYS if e in members), None)
-        if ext is None:
+        caption = readable_caption(members)
+        if ext is None or caption is None:
             continue
         try:
             image = decode_image(members[ext])  # 8-bit RGB, as the training loader sees it
@@ -104,18 +107,7 @@ def iter_shard_samples(shards: Sequence[str]) -> Iterator[tuple[Image.Image, str
             log.warning("%s: sample %s left out: its %s does not decode (%s: %s)", members["__url__"],
                         members["__key__"], ext, type(err).__name__, str(err)[:200])
             continue
-        yield image, sample_caption(members)
-
-
-def to_resolution(image: Image.Image, resolution: int) -> Image.Image:
-    """Centre-crop to a square and resize to `resolution` (bicubic); images already that size pass unchanged."""
-    w, h = image.size
-    if w != h:
-        s = min(w, h)
-        image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return image
+        yield image, caption
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -132,7 +124,7 @@ def iter_image_batches(shards: Sequence[str], resolution: int, num_samples: int 
     for image, caption in iter_shard_samples(shards):
         if num_samples is not None and seen >= num_samples:
             break
-        images.append(pil_to_uint8(to_resolution(image, resolution)))
+        images.append(pil_to_uint8(resize_crop(image, resolution, None)))  # as training sees it (centre crop)
         captions.append(caption)
         seen += 1
         if len(images) == batch_size:
@@ -148,7 +140,9 @@ def shard_captions(shards: Sequence[str], limit: int | None = None) -> list[str]
     for members in iter_shard_members(shards):
         if limit is not None and len(captions) >= limit:
             break
-        captions.append(sample_caption(members))
+        caption = readable_caption(members)
+        if caption is not None:
+            captions.append(caption)
     return captions
 
 

@@ -181,12 +181,18 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
         raise ConfigError(f"model.init_from={c.init_from}: its UNet takes class labels (a class embedding "
                           f"table) beside the CLIP text encoder's tokens, and a conditioner gives one or the other: "
                           f"start from a model without class embeddings")
+    pooled_dim = parts.unet_config.pooled_dim
+    if parts.text_encoder is not None and pooled_dim not in (None, parts.text_encoder.config.hidden_size):
+        raise ConfigError(f"model.init_from={c.init_from}: its UNet's class embedding projects a vector of width "
+                          f"{pooled_dim} (class_embed_type: projection), and its CLIP text encoder's pooled prompt "
+                          f"vector is {parts.text_encoder.config.hidden_size} wide: it takes other inputs than "
+                          f"prompts, which a conditioner cannot give; start from another model")
     if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
         # a UNet with a pooled-vector projection (class_embed_type: projection, as ldm-export writes
         # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on
         conditioner = dataclasses.replace(conditioner, kind="clip", name_or_path=str(c.init_from),
                                           layer=parts.clip_layer, max_length=parts.prompt_length,
-                                          pooled=parts.unet_config.pooled_dim is not None)
+                                          pooled=pooled_dim is not None)
     diffusion = dataclasses.replace(c.diffusion, schedule=parts.schedule or c.diffusion.schedule,
                                     prediction=parts.prediction or c.diffusion.prediction)
     # the layout is the checkpoint's; how it trains (checkpointing, dropout) stays the config's
