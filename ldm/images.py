@@ -86,6 +86,11 @@ def _array_to_rgb(rgb: np.ndarray) -> Image.Image:
 def decode_image(data: bytes) -> Image.Image:
     """The encoded image `data` (any format Pillow reads) as 8-bit RGB; a truncated or garbage file raises here."""
     with Image.open(io.BytesIO(data)) as image:
+        # A 16-bit RGB PNG decodes to its samples' high bytes while Pillow keeps its colour key in 16-bit units: the
+        # key is compared at the 8 bits the pixels have (exact to what the decoded image can show).
+        key = image.info.get("transparency")
+        if image.mode == "RGB" and isinstance(key, tuple) and image.tile and image.tile[0][3] == "RGB;16B":
+            image.info["transparency"] = tuple(v >> 8 for v in key)
         image.load()  # note: decodes now, so a truncated file fails inside this call, not later in a transform
         return to_rgb(image)
 
