@@ -33,6 +33,7 @@ from ldm.config import ConfigError
 from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
 from ldm.eval.feature_extractors import WeightsNotFoundError
 from ldm.eval.results import read_results
+from ldm.eval.sources import READER_VERSION
 
 PROTOCOL_FIELDS = ("checkpoint", "checkpoint_kind", "checkpoint_step", "weights", "sampler", "num_steps",
                    "guidance_scale", "num_samples", "resolution", "seed", "seed_rule", "world_size", "prompts_source",
@@ -211,6 +212,12 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     assert [(r["num_samples"], r["num_samples_asked"]) for r in read_results(tmp_path / "e3")] == [(16, 1000)]
     evaluate(make_cfg(assets, tmp_path / "e1", ckpt_path=str(export), reconstruction_metrics=["psnr"], seed=1))
     assert [r["seed"] for r in read_results(tmp_path / "e1")] == [0, 1]
+    # a row of an older image reader (another crop, other captions) is not this reader's number: scored again
+    results = tmp_path / "e3" / "results.jsonl"
+    results.write_text(json.dumps({**read_results(tmp_path / "e3")[0], "image_reader": 3}) + "\n")
+    evaluate(make_cfg(assets, tmp_path / "e3", ckpt_path=str(export), reconstruction_metrics=["psnr"],
+                      num_samples=1000))
+    assert [r["image_reader"] for r in read_results(tmp_path / "e3")] == [3, READER_VERSION]
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
         evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from test_eval_helpers import random_inception_weights, tiny_clip
 
-from ldm.data.shapes import COLORS
+from ldm.data.shapes import COLORS, SHAPES
 from ldm.data.shardlist import local_shards
 from ldm.data.stream import IMAGE_KEYS
 from ldm.eval.feature_extractors import InceptionFeatures, WeightsNotFoundError, clip_loader, resolve_inception_weights
 from ldm.eval.metrics import GenerationMetrics, ReconstructionMetrics
-from ldm.eval.reference_stats import CACHE_VERSION, key_hash, load_or_compute_reference_stats, reference_key
+from ldm.eval.reference_stats import key_hash, load_or_compute_reference_stats, reference_key
 from ldm.eval.shapes_adherence import ShapesAdherence, parse_caption, read_color
-from ldm.eval.sources import iter_image_batches, iter_shard_samples, load_prompts
+from ldm.eval.sources import READER_VERSION, iter_image_batches, iter_shard_samples, load_prompts, shard_labels
 
 DIM = 64
 N_REF = 32
@@ -94,8 +94,8 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     # The same weights file by another path keys the same statistics (the path was part of the key).
     relative = InceptionFeatures(DIM, os.path.relpath(inception_weights))
     assert key_hash(reference_key(shards, 32, N_REF, relative.identity)) == stats.hash
-    # What the reader decodes is part of the key through CACHE_VERSION: bump it with the list of image members.
-    assert (CACHE_VERSION, IMAGE_KEYS) == (4, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
+    # What the reader decodes is part of the key through READER_VERSION: bump it with the list of image members.
+    assert (READER_VERSION, IMAGE_KEYS) == (4, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
 
 
 def test_a_damaged_reference_cache_is_named_as_a_cache_to_delete(reference, shapes_shards: Path,
@@ -243,6 +243,9 @@ def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Pat
         pairs = list(iter_shard_samples([str(shard)]))
     assert len(prompts) == 15 and prompts[0] == "" and len(pairs) == 15 and pairs[0][1] == ""
     assert f"{shard}: sample {keys[0]} left out: its caption is not UTF-8" in caplog.text
+    # a class-conditional model's labels come from the same samples as the prompts they are scored against
+    labels = shard_labels([str(shard)], 15)
+    assert len(labels) == 15 and all(SHAPES[label] in prompt for label, prompt in zip(labels[1:], prompts[1:]))
 
 
 def test_reference_images_are_the_pixels_validation_trains_on(tmp_path: Path):

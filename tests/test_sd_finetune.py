@@ -18,7 +18,7 @@ from ldm.cli.common import CONF_DIR
 from ldm.cli.export import export
 from ldm.cli.train import train
 from ldm.config import ConfigError
-from ldm.convert import load_components
+from ldm.convert import load_components, save_diffusers, save_single_file
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import StackedRandomGenerator
@@ -256,11 +256,16 @@ def test_init_from_reads_back_our_export_of_a_clip_unet_with_the_pooled_prompt(t
 
     # on CLIP's penultimate layer the exports cut the encoder there, which changes its pooled vector: refused
     config["conditioner"]["layer"] = "penultimate"
-    penultimate = LatentDiffusionModule(config).pipeline.save_pretrained(tmp_path / "penultimate")
+    pipeline = LatentDiffusionModule(config).pipeline
+    penultimate = pipeline.save_pretrained(tmp_path / "penultimate")
+    refused = r"penultimate layer as its context and the whole encoder's pooled vector .* no Stable Diffusion format"
     for fmt in ("diffusers", "single_file"):
-        with pytest.raises(ConfigError, match=r"penultimate layer as its context and the whole encoder's pooled "
-                                              r"vector .* no Stable Diffusion format records both"):
+        with pytest.raises(ConfigError, match=refused):
             export({"ckpt_path": str(penultimate), "format": fmt, "output_dir": str(tmp_path / f"p_{fmt}")})
+    parts = (pipeline.unet, pipeline.autoencoder, pipeline.latent_scale, pipeline.diffusion.schedule, "eps")
+    for save, out in ((save_diffusers, tmp_path / "api"), (save_single_file, tmp_path / "api.safetensors")):
+        with pytest.raises(ConfigError, match=refused):  # the Python API too
+            save(out, *parts, text_encoder=pipeline.conditioner.encoder)
 
 
 def test_a_shorter_prompt_length_travels_with_the_export(tmp_path: Path, caplog, single_torch_thread):

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, check_choice, check_output_dir, register_schemas, to_dataclass
-from ldm.convert.common import UnsupportedCheckpointError
 from ldm.io import CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -75,12 +74,6 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema)
     encoder = getattr(pipeline.conditioner, "encoder", None)
     text_encoder = encoder if type(encoder).__name__ == "CLIPTextEncoder" else None
-    if text_encoder is not None and text_encoder.layer == "penultimate" and pipeline.unet.config.pooled_dim:
-        raise UnsupportedCheckpointError(
-            "this UNet reads CLIP's penultimate layer as its context and the whole encoder's pooled vector "
-            "(model.conditioner.layer=penultimate with model.unet.pooled_dim): the exports cut the encoder at that "
-            "layer, which changes its pooled vector, and no Stable Diffusion format records both; keep the model in "
-            "ldm's own format (its run's export/, which ldm-sample and ldm-eval load)")
     common = {"unet": pipeline.unet, "autoencoder": pipeline.autoencoder, "latent_scale": pipeline.latent_scale,
               "schedule": pipeline.diffusion.schedule, "prediction": pipeline.diffusion.prediction,
               "text_encoder": text_encoder, "overwrite": config.overwrite}

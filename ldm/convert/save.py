@@ -80,6 +80,18 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps({**data, "_diffusers_version": DIFFUSERS_VERSION}, indent=2))
 
 
+def check_pooled_layer(unet: UNet, text_encoder: Any | None, clip_layer: str | None) -> None:
+    """Refuse a UNet that takes CLIP's pooled vector and reads its penultimate layer: both formats cut the encoder at
+    that layer (`export_text_encoder`, a single file of the OpenCLIP layout), which changes the pooled vector."""
+    layer = getattr(text_encoder, "layer", "last") if clip_layer is None else clip_layer
+    if text_encoder is not None and layer == "penultimate" and unet.config.pooled_dim is not None:
+        raise UnsupportedCheckpointError(
+            "this UNet reads CLIP's penultimate layer as its context and the whole encoder's pooled vector "
+            "(model.conditioner.layer=penultimate with model.unet.pooled_dim): the exports cut the encoder at that "
+            "layer, which changes its pooled vector, and no Stable Diffusion format records both; keep the model in "
+            "ldm's own format (its run's export/, which ldm-sample and ldm-eval load)")
+
+
 def export_text_encoder(text_encoder: Any, tokenizer: Any | None = None,
                         clip_layer: str | None = None) -> tuple[Any, Any | None]:
     """(transformers CLIPTextModel whose last_hidden_state is what the UNet was trained on, tokenizer).
@@ -145,6 +157,7 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
     unet_state = un.unet_to_diffusers(unet.state_dict(), unet.config)
     vae_state = ae.autoencoder_to_diffusers(autoencoder.state_dict(), autoencoder.config)
     scheduler = schedule_to_diffusers(schedule, prediction)
+    check_pooled_layer(unet, text_encoder, clip_layer)
     if text_encoder is not None:
         text_encoder, tokenizer = export_text_encoder(text_encoder, tokenizer, clip_layer)
     index: dict[str, Any] = {
@@ -196,6 +209,7 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    check_pooled_layer(unet, text_encoder, clip_layer)
     state = {f"model.diffusion_model.{k}": v for k, v in un.unet_to_original(unet.state_dict(), unet.config).items()}
     ae_state = autoencoder.state_dict()
     ae.autoencoder_from_original(ae_state, autoencoder.config)  # checks every key and shape

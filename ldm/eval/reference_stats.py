@@ -25,12 +25,10 @@ from ldm.checkpoints import CheckpointError, load_checkpoint
 from ldm.data.shardlist import local_shards
 from ldm.distributed import rank_and_world
 from ldm.eval.feature_extractors import InceptionFeatures
-from ldm.eval.sources import iter_image_batches, shard_fingerprint
+from ldm.eval.sources import READER_VERSION, iter_image_batches, shard_fingerprint
 from ldm.io import atomic_open
 
-CACHE_VERSION = 4  # 2: images decoded upright (EXIF orientation); 3: GIF / TIFF members read, 16-bit colour keys;
-#                    4: non-square images resized, then cropped, as training does; samples with unreadable captions
-#                    left out
+CACHE_VERSION = 3  # the cache file's layout (what the reader gives is keyed by sources.READER_VERSION)
 
 
 @dataclass
@@ -53,8 +51,8 @@ class ReferenceStats:
 
 def reference_key(shards: list[str], resolution: int, num_samples: int | None,
                   extractor_identity: dict[str, Any]) -> dict[str, Any]:
-    return {"version": CACHE_VERSION, "shards": shard_fingerprint(shards), "resolution": int(resolution),
-            "num_samples": num_samples, "feature_extractor": extractor_identity}
+    return {"version": CACHE_VERSION, "reader": READER_VERSION, "shards": shard_fingerprint(shards),
+            "resolution": int(resolution), "num_samples": num_samples, "feature_extractor": extractor_identity}
 
 
 def key_hash(key: dict[str, Any]) -> str:

@@ -26,6 +26,12 @@ from ldm.io import read_lines
 
 log = logging.getLogger(__name__)
 
+# What the reader gives a metric: part of the reference statistics' key and of an autoencoder row's point, so that
+# numbers of an older reader are computed again. 2: images decoded upright (EXIF orientation); 3: GIF / TIFF members
+# read, 16-bit colour keys; 4: non-square images resized then cropped, as training does; captions read as training
+# reads them (samples with unreadable ones left out).
+READER_VERSION = 4
+
 
 def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
     """Each shard's path, size and modification time: what identifies the data a statistic was computed from."""
@@ -134,26 +140,33 @@ def iter_image_batches(shards: Sequence[str], resolution: int, num_samples: int 
         yield torch.stack(images), captions
 
 
-def shard_captions(shards: Sequence[str], limit: int | None = None) -> list[str]:
-    """Captions of the first `limit` samples (all when None), without decoding images."""
-    captions: list[str] = []
+def _readable_samples(shards: Sequence[str], limit: int | None) -> Iterator[tuple[dict[str, bytes], str]]:
+    """(members, caption) of the first `limit` samples (all when None) whose caption reads, in shard order: the one
+    sequence that prompts and class labels are both taken from, so that prompt i and label i are one sample's."""
+    taken = 0
     for members in iter_shard_members(shards):
-        if limit is not None and len(captions) >= limit:
+        if limit is not None and taken >= limit:
             break
         caption = readable_caption(members)
         if caption is not None:
-            captions.append(caption)
-    return captions
+            taken += 1
+            yield members, caption
+
+
+def shard_captions(shards: Sequence[str], limit: int | None = None) -> list[str]:
+    """Captions of the first `limit` samples (all when None), without decoding images."""
+    return [caption for _, caption in _readable_samples(shards, limit)]
 
 
 def shard_labels(shards: Sequence[str], limit: int | None = None) -> list[int] | None:
     """Class labels (the integer `label` of each sample's JSON metadata, as `ldm-data` writes for `shapes`) of the
-    first `limit` samples, or None unless every one of them has one."""
+    samples `shard_captions` takes, or None unless every one of them has one."""
     labels: list[int] = []
-    for members in iter_shard_members(shards):
-        if limit is not None and len(labels) >= limit:
-            break
-        meta = json.loads(members["json"]) if "json" in members else None
+    for members, _ in _readable_samples(shards, limit):
+        try:
+            meta = json.loads(members["json"]) if "json" in members else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
         label = meta.get("label") if isinstance(meta, dict) else None
         if not is_int(label):  # JSON true is no class (training skips it too)
             return None
