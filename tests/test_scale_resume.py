@@ -314,7 +314,9 @@ def test_resuming_into_a_longer_run_follows_the_new_schedule_from_its_first_step
     out = tmp_path / "run"
     run(shapes_shards, tmp_path / "fresh", 6, extra)
     run(shapes_shards, out, 4, extra)
-    run(shapes_shards, out, 6, extra)
+    with pytest.warns(UserWarning, match=r"lr at step 4: .* \(the schedule changed: trainer\.max_steps, "
+                                         r"model\.lr_schedule, model\.warmup_steps or model\.lr_decay_steps\)"):
+        run(shapes_shards, out, 6, extra)
 
     def rates(run_dir: Path) -> dict[int, float]:
         with open(run_dir / "csv" / "metrics.csv") as f:
