@@ -218,6 +218,14 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     evaluate(make_cfg(assets, tmp_path / "e3", ckpt_path=str(export), reconstruction_metrics=["psnr"],
                       num_samples=1000))
     assert [r["image_reader"] for r in read_results(tmp_path / "e3")] == [3, READER_VERSION]
+    # shards rewritten in place (same paths, other images): the row names their sizes and times, so it is scored again
+    row = read_results(tmp_path / "e3")[-1]
+    assert [f["path"] for f in row["data_fingerprint"]] == row["data_shards"]
+    results.write_text(json.dumps({**row, "data_fingerprint": [{**f, "mtime_ns": 1} for f in row["data_fingerprint"]]})
+                       + "\n")
+    evaluate(make_cfg(assets, tmp_path / "e3", ckpt_path=str(export), reconstruction_metrics=["psnr"],
+                      num_samples=1000))
+    assert len(read_results(tmp_path / "e3")) == 2
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
         evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
 

@@ -45,7 +45,7 @@ from ldm.eval.metrics import (
 )
 from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
 from ldm.eval.results import WandbTable, append_results, print_row, read_results
-from ldm.eval.sources import READER_VERSION, generation_labels, iter_image_batches, load_prompts
+from ldm.eval.sources import READER_VERSION, generation_labels, iter_image_batches, load_prompts, shard_fingerprint
 from ldm.images import to_uint8
 from ldm.io import check_export_weights
 
@@ -367,8 +367,8 @@ class Evaluator:
                 "net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone,
                 **({} if cfg.lpips_pretrained_backbone else {"backbone_seed": cfg.seed})}
         point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, "num_samples_asked": cfg.num_samples,
-                 "resolution": resolution, "seed": cfg.seed, "data_shards": shards, "image_reader": READER_VERSION,
-                 **protocol}
+                 "resolution": resolution, "seed": cfg.seed, "data_shards": shards,
+                 "data_fingerprint": shard_fingerprint(shards), "image_reader": READER_VERSION, **protocol}
         earlier = self._done_row(point, cfg.reconstruction_metrics, f"at {resolution} px")
         if earlier is not None:
             return [earlier]
@@ -393,8 +393,8 @@ class Evaluator:
             print(f"[ldm-eval] num_samples={cfg.num_samples}, but val_shards hold {seen} images: the row scores "
                   f"{seen}", flush=True)
         row = {**info, "num_samples": seen, "num_samples_asked": cfg.num_samples, "resolution": resolution,
-               **self.protocol(), "data_shards": shards, "image_reader": READER_VERSION, **protocol,
-               **scorer.compute()}
+               **self.protocol(), "data_shards": shards, "data_fingerprint": point["data_fingerprint"],
+               "image_reader": READER_VERSION, **protocol, **scorer.compute()}
         if on_row is not None:
             on_row(row)
         return [row]
