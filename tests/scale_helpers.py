@@ -54,6 +54,21 @@ def tiny_autoencoder_export(directory: Path) -> Path:
     return AutoencoderKL(config).save_pretrained(directory, latent_stats={"scale_factor": 0.8, "global_std": 1.25})
 
 
+def tiny_class_model_export(root: Path) -> Path:
+    """A class-conditional tiny LDM (3 classes whose labels go into the UNet: no cross-attention), saved as an
+    export at root / "class_model" (its autoencoder at root / "ae")."""
+    from dataclasses import asdict
+
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", context_dim=None, num_classes=3))
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(root / "ae")), "unet": unet,
+                                    "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"},
+                                    "ema_decay": None})
+    return module.pipeline.save_pretrained(root / "class_model")
+
+
 def tiny_ldm_overrides(autoencoder: Path) -> list[str]:
     """model=ldm/tiny shrunk further: a 16-channel UNet and a one-layer byte text encoder."""
     return [

@@ -149,21 +149,12 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
 def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_path: Path):
     """A class-conditional model needs one label per prompt within its classes; any other model takes none: each
     mistake is a ConfigError naming class_labels, before anything is generated."""
-    from dataclasses import asdict
-
-    from scale_helpers import tiny_autoencoder_export
-
-    from ldm.modules.latent_diffusion import LatentDiffusionModule
-    from ldm.nn.unet import unet_config
+    from scale_helpers import tiny_class_model_export
 
     base = {"prompts": PROMPTS, "num_steps": 2, "output_dir": str(tmp_path / "out"), "device": "cpu"}
     with pytest.raises(ConfigError, match=r"class_labels=\[1, 2\] given, but .* is not class-conditional"):
         sample({**base, "ckpt_path": str(ldm_checkpoint), "class_labels": [1, 2]})
-    unet = asdict(unet_config("tiny", context_dim=None, num_classes=3))
-    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
-                                    "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"},
-                                    "ema_decay": None})
-    export = module.pipeline.save_pretrained(tmp_path / "class_model")
+    export = tiny_class_model_export(tmp_path)
     with pytest.raises(ConfigError, match=r"class-conditional \(3 classes\): give class_labels=\[...\]"):
         sample({**base, "ckpt_path": str(export)})
     with pytest.raises(ConfigError, match=r"class_labels=\[1, 4\]: \[4\] outside \[0, 3\]"):

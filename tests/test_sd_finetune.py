@@ -200,18 +200,12 @@ def test_a_unet_without_cross_attention_is_refused_by_the_diffusers_export_and_f
     UNet2DConditionModel, and the original SD code no transformer without cross-attention, so format=diffusers
     refuses it and format=single_file writes a file that says only ldm reads it."""
     import logging
-    from dataclasses import asdict
 
-    from scale_helpers import tiny_autoencoder_export
+    from scale_helpers import tiny_class_model_export
 
     from ldm.convert.common import UnsupportedCheckpointError
-    from ldm.nn.unet import unet_config
 
-    unet = asdict(unet_config("tiny", context_dim=None, num_classes=3))
-    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
-                                    "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"},
-                                    "ema_decay": None})
-    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    ours = tiny_class_model_export(tmp_path)
     with pytest.raises(UnsupportedCheckpointError, match=r"context_dim=None \(no cross-attention\)"):
         export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
     with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
