@@ -86,13 +86,30 @@ def _array_to_rgb(rgb: np.ndarray) -> Image.Image:
 def decode_image(data: bytes) -> Image.Image:
     """The encoded image `data` (any format Pillow reads) as 8-bit RGB; a truncated or garbage file raises here."""
     with Image.open(io.BytesIO(data)) as image:
-        # A 16-bit RGB PNG decodes to its samples' high bytes while Pillow keeps its colour key in 16-bit units: the
-        # key is compared at the 8 bits the pixels have (exact to what the decoded image can show).
         key = image.info.get("transparency")
         if image.mode == "RGB" and isinstance(key, tuple) and image.tile and image.tile[0][3] == "RGB;16B":
-            image.info["transparency"] = tuple(v >> 8 for v in key)
+            return _keyed_16_bit_rgb(data, key)
         image.load()  # note: decodes now, so a truncated file fails inside this call, not later in a transform
         return to_rgb(image)
+
+
+def _keyed_16_bit_rgb(data: bytes, key: tuple[int, int, int],
+                      background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
+    """A 16-bit RGB PNG with a colour key: Pillow decodes the samples' high bytes and keeps the key in 16-bit units,
+    so the key is matched on the exact samples (high bytes, then the low bytes through the little-endian unpacker
+    on the same file), as libpng does, and the matching pixels composited over `background`."""
+    planes = []
+    for rawmode in ("RGB;16B", "RGB;16L"):  # the big-endian samples' high bytes, then their low bytes
+        with Image.open(io.BytesIO(data)) as image:
+            image.info.pop("transparency")
+            image.tile = [image.tile[0]._replace(args=rawmode)]
+            image.load()
+            planes.append(np.asarray(upright(image)))
+    high, low = planes
+    keyed = ((high.astype(np.uint32) << 8 | low) == np.asarray(key, dtype=np.uint32)).all(axis=-1)
+    pixels = high.copy()
+    pixels[keyed] = background
+    return Image.fromarray(pixels, "RGB")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

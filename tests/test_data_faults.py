@@ -60,21 +60,23 @@ def test_sixteen_bit_greys_are_scaled_not_clipped():
     assert rgb(Image.fromarray(np.array([[-5, 70000]], dtype=np.int32)))[0, :, 0].tolist() == [0, 255]
 
 
-def test_a_sixteen_bit_rgb_colour_key_is_compared_at_the_decoded_precision():
+def test_a_sixteen_bit_rgb_colour_key_matches_the_exact_samples():
     """Pillow decodes a 16-bit RGB PNG to the samples' high bytes but keeps its tRNS key in 16-bit units: the 8-bit
     pixels were compared with the 16-bit key, so the keyed pixel stayed opaque and an opaque one whose 8-bit value
-    equalled the key's numbers turned white."""
+    equalled the key's numbers turned white (and compared at 8 bits, dark pixels near the key turned white)."""
     import struct
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
-    pixels, key = [(0, 0, 51400), (0, 0, 200), (65535, 0, 0)], (0, 0, 200)
+    # keyed: only the exact 16-bit samples (a pixel one low byte off, or black, stays opaque)
+    pixels, key = [(0, 0, 51400), (0, 0, 200), (65535, 0, 0), (0, 0, 201), (0, 0, 0)], (0, 0, 200)
     rows = b"\x00" + b"".join(struct.pack(">HHH", *p) for p in pixels)
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 1, 16, 2, 0, 0, 0))
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 1, 16, 2, 0, 0, 0))
             + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-    assert np.asarray(decode_image(data)).tolist() == [[[0, 0, 200], WHITE.tolist(), [255, 0, 0]]]
+    assert np.asarray(decode_image(data)).tolist() == [[[0, 0, 200], WHITE.tolist(), [255, 0, 0], [0, 0, 0],
+                                                         [0, 0, 0]]]
 
 
 def test_float_greys_in_unit_range_and_in_byte_range():

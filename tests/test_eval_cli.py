@@ -30,10 +30,11 @@ from test_eval_helpers import (
 )
 
 from ldm.config import ConfigError
+from ldm.data.shardlist import local_shards
 from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
 from ldm.eval.feature_extractors import WeightsNotFoundError
 from ldm.eval.results import read_results
-from ldm.eval.sources import READER_VERSION
+from ldm.eval.sources import READER_VERSION, generation_labels
 
 PROTOCOL_FIELDS = ("checkpoint", "checkpoint_kind", "checkpoint_step", "weights", "sampler", "num_steps",
                    "guidance_scale", "num_samples", "resolution", "seed", "seed_rule", "world_size", "prompts_source",
@@ -298,6 +299,13 @@ def test_a_class_conditional_model_needs_the_labels_of_val_shards(assets, tmp_pa
                           metrics=["clip_score", "shapes_color_accuracy", "shapes_shape_accuracy"]))
     row = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_shape_accuracy"]))[0]
     assert 0 <= row["shapes_shape_accuracy"] <= 1
+    # the labels are what the model generated from: a row of other labels (same captions) is not this point's
+    labels = generation_labels(class_model(7).pipeline.conditioner, local_shards(str(assets["shards"])), 8, "k")
+    assert row["labels_sha256"] == hashlib.sha256("\n".join(map(str, labels)).encode()).hexdigest()[:16]
+    results = tmp_path / "eval" / "results.jsonl"
+    results.write_text(json.dumps({**row, "labels_sha256": "0" * 16}) + "\n")
+    evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_shape_accuracy"]))
+    assert [r["labels_sha256"] for r in read_results(tmp_path / "eval")] == ["0" * 16, row["labels_sha256"]]
     # a model of fewer classes than the shards' labels: refused before anything is generated
     few = save_checkpoint(class_model(3), tmp_path / "few.ckpt", global_step=1)
     with pytest.raises(ConfigError, match=r"val_shards=.* holds labels \[.*\] outside the model's classes \[0, 2\]"):

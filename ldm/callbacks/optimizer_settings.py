@@ -61,8 +61,9 @@ class OptimizerSettings(L.Callback):
                     lr = scheduler.base_lrs[i] * lambdas[i](scheduler.last_epoch)
                     if lr != group["lr"] and "initial_lr" not in diff:
                         changed.append(f"optimizer {index} group {i} lr at step {scheduler.last_epoch}: "
-                                       f"{group['lr']:.6g} -> {lr:.6g} (the schedule changed: trainer.max_steps, "
-                                       f"model.lr_schedule, model.warmup_steps or model.lr_decay_steps)")
+                                       f"{group['lr']:.6g} -> {lr:.6g} (the schedule changed: its length, set by "
+                                       f"trainer.max_steps, or max_epochs with the batches per step, or "
+                                       f"model.lr_schedule, warmup_steps or lr_decay_steps)")
                     group["lr"] = lr
         if changed:
             rank_zero_warn(f"resumed with other optimizer settings than the checkpoint's; the config's apply from "

@@ -228,6 +228,10 @@ class Evaluator:
         pipeline.to(self.device)
         rows = []
         prompts_sha256 = _sha256_lines(prompts)  # one prompt list for every point
+        # a class-conditional model generates from labels: they are part of what a row scored
+        conditions = {"prompts_sha256": prompts_sha256}
+        if labels is not None:
+            conditions["labels_sha256"] = _sha256_lines([str(label) for label in labels])
         for sampler in cfg.samplers:
             for num_steps in cfg.num_steps:
                 for guidance_scale in guidance_scales:
@@ -235,8 +239,7 @@ class Evaluator:
                     scorer, protocol = self._generation_metrics(int(pipeline.image_size), shards)
                     point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, **sweep,
                              "num_samples": cfg.num_samples, "resolution": pipeline.image_size, "seed": cfg.seed,
-                             "prompts_source": cfg.prompts_source, "prompts_sha256": prompts_sha256,
-                             **protocol}
+                             "prompts_source": cfg.prompts_source, **conditions, **protocol}
                     earlier = self._done_row(point, cfg.metrics, f"{sampler} {num_steps} steps guidance "
                                                                      f"{float(guidance_scale):g}")
                     if earlier is not None:
@@ -247,7 +250,7 @@ class Evaluator:
                            "resolution": pipeline.image_size, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
                            "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
-                           "prompts_sha256": prompts_sha256, **protocol, **metrics}
+                           **conditions, **protocol, **metrics}
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
