@@ -156,6 +156,37 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
                          intermediate_size=32)).save_pretrained(tmp_path / "bert")
     assert build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "bert")}).context_dim == 16
 
+    # what kind=hf cannot encode prompts with, refused naming the key (raw errors, or an export reloaded with new
+    # weights: BART's encoder alone saved as a BartModel), and settings it would ignore or overflow
+    from transformers import BartConfig, BartModel, CLIPConfig, CLIPModel
+
+    def folder(name: str, model, pad: bool = True) -> str:
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "bert"))  # the 7-word BERT vocabulary
+        if not pad:
+            tokenizer.pad_token = None
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    small = dict(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    bart = BartModel(BartConfig(vocab_size=7, d_model=16, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                decoder_ffn_dim=32, max_position_embeddings=32))
+    cases = [
+        (folder("clipmodel", CLIPModel(CLIPConfig(text_config=small, vision_config={
+            **small, "image_size": 8, "patch_size": 4}))), {}, r"is a multimodal clip model; kind=hf takes a text "
+                                                             r"encoder: for CLIP use kind=clip"),
+        (folder("bart", bart), {}, r"is a bart encoder-decoder: kind=hf takes encoder models .* would reload with "
+                                   r"new weights"),
+        (folder("nopad", BertModel(BertConfig(**small)), pad=False), {}, r"its tokenizer has no padding token"),
+        (str(tmp_path / "bert"), {"max_length": 600}, r"model\.conditioner\.max_length=600 exceeds the 512 positions "
+                                                      r"of .*bert; set model\.conditioner\.max_length to at most 512"),
+        (str(tmp_path / "bert"), {"tokenizer": str(tmp_path / "bert")}, r"tokenizer=.* applies to kind=clip"),
+    ]
+    for path, extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_conditioner({"kind": "hf", "name_or_path": path, **extra})
+
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_clip))
     other = CLIPTextModel(CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, eos_token_id=599))

@@ -178,20 +178,30 @@ def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path,
 
 
 def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
-    """The same text encoder weights read at another layer or padded to another length give other contexts: the
-    model's conditioner must match the stored text in both, and a mismatch names the key, both values and the
-    ldm-encode command that fits the model."""
+    """The same text encoder weights read at another layer, padded to another length, pooled by another kind's rule
+    or behind another tokenizer give other contexts: the model's conditioner must match the stored text in each, and
+    a mismatch names the key, both values and the ldm-encode command that fits the model."""
     manifest = latents.read_manifest(encoded / "train" / latents.MANIFEST_NAME)
     text_hash, ae_hash = manifest.text_encoder["sha256"], manifest.autoencoder["sha256"]
     model = {"kind": "byte", "name_or_path": "/models/text", "layer": "last", "max_length": 72}
     latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash, text_encoder=model)
-    for key, value, stored in (("max_length", 16, 72), ("layer", "penultimate", "last")):
+    for key, value, stored in (("max_length", 16, 72), ("layer", "penultimate", "last"), ("kind", "hf", "byte")):
         with pytest.raises(ConfigError, match=rf"encoded with {key}={stored}, but the model's text encoder has model"
                                               rf"\.conditioner\.{key}={value}: set model\.conditioner\.{key}="
                                               rf"{stored}, or encode the shards again with ldm-encode "
-                                              rf"text_encoder='{{kind: byte, name_or_path: /models/text, "):
+                                              rf"text_encoder='{{kind: {value if key == 'kind' else 'byte'}, "
+                                              rf"name_or_path: /models/text, "):
             latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
                                    text_encoder={**model, key: value})
+    # the same weights behind another tokenizer (SD 1's and SD 2's CLIP pad with different tokens): other token ids
+    tokens = manifest.text_encoder["tokens_sha256"]
+    latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
+                           text_encoder={**model, "tokens_sha256": tokens})
+    with pytest.raises(ConfigError, match=r"hold text tokenized otherwise than by model\.conditioner\.tokenizer=/tok "
+                                          r"\(the same weights, other token ids\): give the tokenizer they were "
+                                          r"encoded with \(their encoder folder's own\)"):
+        latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
+                               text_encoder={**model, "tokens_sha256": "0" * 64, "tokenizer": "/tok"})
     with pytest.raises(ConfigError, match=rf"\(sha256 {text_hash}\), but model\.conditioner\.name_or_path=/models/"
                                           rf"text has sha256 abc: encode the shards again with ldm-encode .*, set "
                                           rf"model\.conditioner\.name_or_path={encoded / 'text'}"):

@@ -408,7 +408,8 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
     module = LatentDiffusionModule(tiny_config(autoencoder_dir))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
                         default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="csv", version=""),
-                        callbacks=[Record(), LearningRateMonitor(logging_interval="step")], enable_progress_bar=False,
+                        callbacks=[Record(), monitor := LearningRateMonitor(logging_interval="step")],
+                        enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, train_dataloaders=DataLoader([batch(4) for _ in range(6)], batch_size=None))
     with open(tmp_path / "csv" / "metrics.csv") as f:
@@ -416,5 +417,6 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
     logged = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     assert logged == pytest.approx([(micro[i] + micro[i + 1]) / 2 for i in (0, 2, 4)], rel=1e-6)
     assert [row["step"] for row in rows if row.get("lr")] == ["0", "1", "2"]  # once per step (was per micro-batch)
+    assert [len(history) for history in monitor.lrs.values()] == [1]  # the last rate, not every one of the run
     assert len(set(micro)) == 6  # the micro-batches differ, so the last alone would not pass
     assert [d for d in draws if d[0] >= 0] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]

@@ -26,17 +26,19 @@ Manual optimization (AutoencoderModule) needs nothing special, provided the modu
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ldm.callbacks.checkpoint import stop_pending
 from ldm.callbacks.step_boundary import logging_due
 from ldm.config import ConfigError, is_int
 from ldm.modules.optim import gradient_norm
+
+log = logging.getLogger(__name__)
 
 ADVICE = "Resume from the last good checkpoint with a lower learning rate, a different seed or fp32 precision."
 
@@ -117,8 +119,9 @@ class NanGuard(L.Callback):
         self.consecutive += 1
         pl_module.log("train/nan_skipped", float(self.skipped_total), on_step=True, on_epoch=False,
                       rank_zero_only=True, batch_size=1)  # note: batch_size only spares Lightning guessing it
-        rank_zero_warn(f"NaN guard: non-finite loss or gradients at step {trainer.global_step}; optimizer step "
-                       f"skipped on every rank ({self.consecutive} in a row, {self.skipped_total} in total)")
+        if trainer.is_global_zero:  # note: logging, not warnings: each message of its own stayed in a registry
+            log.warning("NaN guard: non-finite loss or gradients at step %d; optimizer step skipped on every rank "
+                        "(%d in a row, %d in total)", trainer.global_step, self.consecutive, self.skipped_total)
         if self.consecutive >= self.max_consecutive:
             self.halted = True
             self.message = (f"NaN guard: {self.consecutive} training steps in a row had a non-finite loss or "

@@ -33,13 +33,17 @@ class StepBoundary(L.Callback):
 
 class LearningRateMonitor(_LearningRateMonitor):
     """Lightning's, logging the learning rates once per optimizer step: Lightning's logs them at every batch's start
-    while the step's logs are due, so under gradient accumulation each `lr` row came once per micro-batch."""
+    while the step's logs are due, so under gradient accumulation each `lr` row came once per micro-batch. Its
+    history of every rate logged (`lrs`, read by nothing) keeps the last one only, not one a logged step for the
+    whole run."""
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:  # the first micro-batch of its step
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            for history in self.lrs.values():
+                del history[:-1]
 
 
 def logging_due(trainer: L.Trainer) -> bool:

@@ -85,6 +85,9 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         self.freeze()
 
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return byte_tokenize(prompts, self.max_length)[0]                      # (B, L)
+
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of prompts to the context (B, max_length, width) and the pooled vector (B, width)."""
         device = self.pos_embed.device

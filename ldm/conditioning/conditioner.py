@@ -85,6 +85,9 @@ class ConditionerConfig:
         if self.layer != "last" and self.kind != "clip":
             raise ConfigError(f"layer={self.layer} applies to kind=clip (SD 2's penultimate layer); kind={self.kind} "
                               f"reads its last layer: leave layer out")
+        if self.tokenizer is not None and self.kind != "clip":
+            raise ConfigError(f"tokenizer={self.tokenizer} applies to kind=clip (for a Stable Diffusion single file, "
+                              f"which holds none); kind={self.kind} uses name_or_path's own: leave tokenizer out")
         check_choice("class_embed", self.class_embed, ["context", "unet"])
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ConfigError(f"cond_drop_prob={self.cond_drop_prob} must lie in [0, 1]")

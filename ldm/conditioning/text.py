@@ -142,9 +142,7 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
             raise ConfigError(f"{config_key}={name_or_path}: the tokenizer ends prompts with token "
                               f"{tokenizer.eos_token_id}, the text encoder pools at its end token {eos}: they are "
                               f"not a pair (give the tokenizer of this text encoder)")
-        positions = self.transformer.config.max_position_embeddings
-        if max_length > positions:
-            raise ConfigError(f"max_length={max_length} exceeds the {positions} positions of {name_or_path}")
+        check_positions(self.transformer.config, max_length, name_or_path, config_key)
         self.max_length = max_length
         self.layer = layer
         self.trainable = trainable
@@ -179,9 +177,41 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
 _T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
+def check_positions(config: Any, max_length: int, name_or_path: str, config_key: str) -> None:
+    """Refuse a prompt length beyond the encoder's learnt positions (none to check for relative ones, as T5's)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        key = config_key.rpartition(".")[0] + ".max_length"
+        raise ConfigError(f"{key}={max_length} exceeds the {positions} positions of {name_or_path}; set {key} to "
+                          f"at most {positions}")
+
+
+def check_hf_encoder(config: Any, name_or_path: str, config_key: str) -> None:
+    """Refuse, naming `config_key`, what kind=hf cannot encode prompts with: a multimodal model (its text tower is
+    a config inside), an encoder-decoder other than T5's (its encoder alone saves as a model that transformers
+    reloads with new weights)."""
+    if getattr(config, "text_config", None) is not None:
+        raise ConfigError(f"{config_key}={name_or_path} is a multimodal {config.model_type} model; kind=hf takes a "
+                          f"text encoder: for CLIP use kind=clip (it reads the text tower), or point at the text "
+                          f"model alone")
+    if getattr(config, "is_encoder_decoder", False) and config.model_type not in _T5_ENCODERS:
+        raise ConfigError(f"{config_key}={name_or_path} is a {config.model_type} encoder-decoder: kind=hf takes "
+                          f"encoder models (BERT, RoBERTa, ...) and the T5 family's encoders ({sorted(_T5_ENCODERS)}), "
+                          f"whose encoder alone saves and reloads; {config.model_type}'s would reload with new "
+                          f"weights from an export")
+
+
+def check_padding(tokenizer: Any, name_or_path: str, config_key: str) -> None:
+    """Refuse a tokenizer that cannot pad prompts to max_length."""
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"{config_key}={name_or_path}: its tokenizer has no padding token, which prompts padded "
+                          f"to max_length need (a decoder-only language model's, such as GPT-2's, has none): give a "
+                          f"text encoder")
+
+
 class HFTextEncoder(FrozenMixin, nn.Module):
-    """Any transformers text encoder by name: AutoTokenizer + AutoModel (the encoder alone for T5 and other
-    encoder-decoders), conditioning on last_hidden_state with padding masked in the encoder.
+    """Any transformers text encoder by name: AutoTokenizer + AutoModel (T5EncoderModel for the T5 family; other
+    encoder-decoders are refused), conditioning on last_hidden_state with padding masked in the encoder.
 
     Args:
         name_or_path: hub name (e.g. "google/t5-v1_1-base", "bert-base-uncased") or local directory.
@@ -201,14 +231,15 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         pretrained = config is None
         config = load_pretrained(AutoConfig, name_or_path, config_key) if pretrained else \
             AutoConfig.for_model(**config)
+        check_hf_encoder(config, name_or_path, config_key)
+        check_positions(config, max_length, name_or_path, config_key)
         model_cls = getattr(transformers, _T5_ENCODERS.get(config.model_type, "AutoModel"))
         self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, config_key)
+        check_padding(self.tokenizer, name_or_path, config_key)
         if pretrained:
             model = load_pretrained(model_cls, name_or_path, config_key, dtype=torch.float32)
         else:  # untrained weights of `config`, for a checkpoint's state dict to fill
             model = model_cls(config) if model_cls is not transformers.AutoModel else model_cls.from_config(config)
-        if getattr(model.config, "is_encoder_decoder", False) and config.model_type not in _T5_ENCODERS:
-            model = model.get_encoder()
         self.transformer = model
         self.max_length = max_length
         self.trainable = trainable
@@ -222,12 +253,18 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         if self.trainable and isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
 
+    def _tokens(self, prompts: Sequence[str]) -> Any:
+        return self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
+                              return_tensors="pt")
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._tokens(prompts).input_ids                                 # (B, L)
+
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts to the context (B, max_length, hidden_size) and its mean over the real tokens
         (B, hidden_size)."""
         device = next(self.transformer.parameters()).device
-        tokens = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
-                                return_tensors="pt")
+        tokens = self._tokens(prompts)
         mask = tokens.attention_mask.to(device)                                 # (B, L)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.transformer(input_ids=tokens.input_ids.to(device), attention_mask=mask)

@@ -149,7 +149,8 @@ def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
     if encoders.text is not None:
         with torch.no_grad():
             context, pooled = encoders.text([""])                               # (1, L, D), (1, D)
-        manifest["text_encoder"] = {"sha256": latents.weights_hash(encoders.text), "config": encoders.text_config,
+        manifest["text_encoder"] = {"sha256": latents.weights_hash(encoders.text),
+                                    "tokens_sha256": latents.tokens_hash(encoders.text), "config": encoders.text_config,
                                     "dtype": config.text_dtype, "context_shape": list(context.shape[1:]),
                                     "pooled_shape": list(pooled.shape[1:])}
     return manifest
@@ -190,7 +191,11 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Manifest keys (other than RUN_KEYS) in which two encodings differ; the encoders compare by weights and
     settings, not by the paths they were given as."""
     def comparable(m: dict[str, Any], key: str) -> Any:
-        return _encoder_identity(m.get(key)) if key in ("autoencoder", "text_encoder") else m.get(key)
+        entry = _encoder_identity(m.get(key)) if key in ("autoencoder", "text_encoder") else m.get(key)
+        if key == "text_encoder" and entry is not None and not all(
+                "tokens_sha256" in (other.get(key) or {}) for other in (old, new)):
+            entry.pop("tokens_sha256", None)  # written before manifests recorded it: compared by the rest
+        return entry
 
     return sorted(k for k in set(old) | set(new) if k not in RUN_KEYS and comparable(old, k) != comparable(new, k))
 

@@ -57,6 +57,17 @@ MOMENTS, MOMENTS_FLIP, CONTEXT, POOLED = "moments.npy", "moments_flip.npy", "con
 # Identity of the frozen encoders.
 
 
+# Prompts whose token ids tell two tokenizers apart (vocabulary, case, padding token, truncation, end token).
+TOKEN_PROBES = ("", "a photo of a cat", "A RED Circle, on white!  ", "caf\u00e9 \u732b 123", "word " * 100)
+
+
+def tokens_hash(encoder: nn.Module) -> str:
+    """sha256 of the token ids a text encoder (`tokenize(prompts)` -> (B, L)) gives TOKEN_PROBES: the same weights
+    behind another tokenizer encode other contexts."""
+    ids = encoder.tokenize(list(TOKEN_PROBES)).to(torch.int64).cpu().contiguous()
+    return hashlib.sha256(f"{tuple(ids.shape)};".encode() + ids.numpy().tobytes()).hexdigest()
+
+
 def weights_hash(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
     """sha256 over a module's state dict (names, shapes, values), independent of the device and the float dtype.
 
@@ -242,8 +253,9 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
         text_encoder_trains: why the model's text encoder trains (then stored text encodings cannot stand for
             it), or None when it is frozen.
         text_encoder: the model's frozen text encoder as the error names it and as its output depends on beyond its
-            weights: {"kind", "name_or_path", "layer", "max_length"}, and "init_from" when model.init_from set them
-            (the error then offers re-encoding only); None skips the settings check.
+            weights: {"kind", "name_or_path", "tokenizer", "layer", "max_length", "tokens_sha256" (`tokens_hash`)},
+            and "init_from" when model.init_from set them (the error then offers re-encoding only); None skips the
+            settings check.
     """
     theirs = manifest.autoencoder
     if theirs["sha256"] != autoencoder_hash:
@@ -275,8 +287,17 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
                           f"(sha256 {text['sha256']}), but model.conditioner.name_or_path={mine.get('name_or_path')} "
                           f"has sha256 {text_encoder_hash}{fixed}: {encode}{alternative}, or leave text out of "
                           f"ldm-encode (text_encoder=null)")
-    # The same weights read at another layer or padded to another length give other contexts.
-    stored = {"layer": text["config"].get("layer", "last"), "max_length": text["context_shape"][0]}
+    # The same weights read at another layer, padded to another length, pooled by another kind's rule or behind
+    # another tokenizer give other contexts.
+    if "tokens_sha256" in text and mine.get("tokens_sha256") not in (None, text["tokens_sha256"]):
+        tokenizer = f"model.conditioner.tokenizer={mine['tokenizer']}" if mine.get("tokenizer") else \
+            f"the tokenizer of model.conditioner.name_or_path={mine.get('name_or_path')}"
+        theirs = text["config"].get("tokenizer") or "their encoder folder's own"
+        raise ConfigError(f"the latent shards beside {manifest.path} hold text tokenized otherwise than by "
+                          f"{tokenizer}{fixed} (the same weights, other token ids): give the tokenizer they were "
+                          f"encoded with ({theirs}), or {encode}")
+    stored = {"kind": text["config"].get("kind"), "layer": text["config"].get("layer", "last"),
+              "max_length": text["context_shape"][0]}
     for name, value in stored.items():
         if name in mine and mine[name] != value:
             alternative = "" if init_from else f"set model.conditioner.{name}={value}, or "

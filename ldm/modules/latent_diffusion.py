@@ -320,7 +320,7 @@ class LatentDiffusionModule(L.LightningModule):
             rank_zero_warn(f"{said} (fine for training on crops of the generation size)")
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
-            from ldm.data.latents import check_manifest, weights_hash
+            from ldm.data.latents import check_manifest, tokens_hash, weights_hash
 
             conditioner, c = self.pipeline.conditioner, self.config.conditioner
             encoder = getattr(conditioner, "encoder", None)
@@ -329,7 +329,8 @@ class LatentDiffusionModule(L.LightningModule):
                 "model.conditioner.name_or_path is null, so a new byte encoder trains" \
                 if c.kind == "byte" and not c.name_or_path else "model.conditioner.trainable=true fine-tunes it"
             settings = None if encoder is None else {
-                "kind": c.kind, "name_or_path": c.name_or_path, "layer": getattr(encoder, "layer", "last"),
+                "kind": c.kind, "name_or_path": c.name_or_path, "tokenizer": c.tokenizer,
+                "layer": getattr(encoder, "layer", "last"), "tokens_sha256": tokens_hash(encoder),
                 "max_length": encoder.max_length,  # set by model.init_from when it supplied the encoder:
                 "init_from": self.config.init_from if c.name_or_path == str(self.config.init_from) else None}
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
