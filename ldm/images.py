@@ -102,7 +102,8 @@ def _keyed_16_bit_rgb(data: bytes, key: tuple[int, int, int],
     for rawmode in ("RGB;16B", "RGB;16L"):  # the big-endian samples' high bytes, then their low bytes
         with Image.open(io.BytesIO(data)) as image:
             image.info.pop("transparency")
-            image.tile = [image.tile[0]._replace(args=rawmode)]
+            codec, extents, offset, _ = tile = image.tile[0]
+            image.tile = [type(tile)(codec, extents, offset, rawmode)]  # the same tile, unpacked another way
             image.load()
             planes.append(np.asarray(upright(image)))
     high, low = planes
