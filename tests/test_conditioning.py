@@ -158,7 +158,7 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
 
     # what kind=hf cannot encode prompts with, refused naming the key (raw errors, or an export reloaded with new
     # weights: BART's encoder alone saved as a BartModel), and settings it would ignore or overflow
-    from transformers import BartConfig, BartModel, CLIPConfig, CLIPModel
+    from transformers import BartConfig, BartModel, CLIPConfig, CLIPModel, RobertaConfig, RobertaModel
 
     def folder(name: str, model, pad: bool = True) -> str:
         tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "bert"))  # the 7-word BERT vocabulary
@@ -182,10 +182,19 @@ def test_an_encoder_without_its_own_tokenizer_is_refused(tiny_clip, tmp_path):
         (str(tmp_path / "bert"), {"max_length": 600}, r"model\.conditioner\.max_length=600 exceeds the 512 positions "
                                                       r"of .*bert; set model\.conditioner\.max_length to at most 512"),
         (str(tmp_path / "bert"), {"tokenizer": str(tmp_path / "bert")}, r"tokenizer=.* applies to kind=clip"),
+        # RoBERTa's position ids start after the padding index: 10 - (1 + 1) usable
+        (folder("roberta", RobertaModel(RobertaConfig(**small, max_position_embeddings=10, pad_token_id=1))),
+         {"max_length": 9}, r"max_length=9 exceeds the 8 positions"),
     ]
     for path, extra, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_conditioner({"kind": "hf", "name_or_path": path, **extra})
+    assert build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "roberta"), "max_length": 8}).eval()(
+        ["a b"])["context"].shape == (1, 8, 16)
+    # a checkpoint written before these refusals (a BART encoder, a tokenizer the hf kind ignored) still loads
+    old = build_conditioner({"kind": "hf", "name_or_path": str(tmp_path / "bart"), "tokenizer": "/ignored"},
+                            load_pretrained=False, text_encoder_config=bart.config.to_dict())
+    assert type(old.encoder.transformer).__name__ == "BartEncoder"
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_clip))
     other = CLIPTextModel(CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -197,11 +197,14 @@ def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
     tokens = manifest.text_encoder["tokens_sha256"]
     latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
                            text_encoder={**model, "tokens_sha256": tokens})
-    with pytest.raises(ConfigError, match=r"hold text tokenized otherwise than by model\.conditioner\.tokenizer=/tok "
-                                          r"\(the same weights, other token ids\): give the tokenizer they were "
-                                          r"encoded with \(their encoder folder's own\)"):
+    with pytest.raises(ConfigError, match=r"encoded with max_length=72, but"):  # (the token ids differ with it)
         latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
-                               text_encoder={**model, "tokens_sha256": "0" * 64, "tokenizer": "/tok"})
+                               text_encoder={**model, "tokens_sha256": "0" * 64, "max_length": 16})
+    with pytest.raises(ConfigError, match=r"hold text tokenized otherwise than by the tokenizer of model\.conditioner"
+                                          r"\.name_or_path=/models/text \(the same weights, other token ids\): "
+                                          r"encode the shards again"):  # (a byte encoder takes no other tokenizer)
+        latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
+                               text_encoder={**model, "tokens_sha256": "0" * 64})
     with pytest.raises(ConfigError, match=rf"\(sha256 {text_hash}\), but model\.conditioner\.name_or_path=/models/"
                                           rf"text has sha256 abc: encode the shards again with ldm-encode .*, set "
                                           rf"model\.conditioner\.name_or_path={encoded / 'text'}"):

@@ -85,9 +85,6 @@ class ConditionerConfig:
         if self.layer != "last" and self.kind != "clip":
             raise ConfigError(f"layer={self.layer} applies to kind=clip (SD 2's penultimate layer); kind={self.kind} "
                               f"reads its last layer: leave layer out")
-        if self.tokenizer is not None and self.kind != "clip":
-            raise ConfigError(f"tokenizer={self.tokenizer} applies to kind=clip (for a Stable Diffusion single file, "
-                              f"which holds none); kind={self.kind} uses name_or_path's own: leave tokenizer out")
         check_choice("class_embed", self.class_embed, ["context", "unet"])
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ConfigError(f"cond_drop_prob={self.cond_drop_prob} must lie in [0, 1]")
@@ -394,6 +391,9 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
     if c.kind == "none":
         return NullConditioner(c.kind, c.cond_drop_prob)
     key = f"{prefix}.name_or_path"
+    if c.tokenizer is not None and c.kind != "clip" and load_pretrained:  # checked where model.init_from has set kind
+        raise ConfigError(f"{prefix}.tokenizer={c.tokenizer} applies to kind=clip (for a Stable Diffusion single "
+                          f"file, which holds none); kind={c.kind} uses name_or_path's own: leave the tokenizer out")
     if c.kind in ("clip", "hf") and text_encoder_config is not None:
         encoder = _empty_text_encoder(c, text_encoder_config, prefix)
     elif c.kind == "clip" and is_stable_diffusion(c.name_or_path):

@@ -177,10 +177,21 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
 _T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
+# transformers models whose position ids start after the padding index (RoBERTa's rule): max_position_embeddings
+# minus pad_token_id + 1 of them are usable
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
+                     "data2vec-text", "longformer", "mpnet", "ibert", "xmod", "esm")
+
+
 def check_positions(config: Any, max_length: int, name_or_path: str, config_key: str) -> None:
-    """Refuse a prompt length beyond the encoder's learnt positions (none to check for relative ones, as T5's)."""
+    """Refuse a prompt length beyond the encoder's learnt positions (none to check for relative ones, as T5's or
+    DeBERTa-v3's without absolute positions)."""
     positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and max_length > positions:
+    if positions is None or getattr(config, "position_biased_input", True) is False:
+        return
+    if config.model_type in _OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    if max_length > positions:
         key = config_key.rpartition(".")[0] + ".max_length"
         raise ConfigError(f"{key}={max_length} exceeds the {positions} positions of {name_or_path}; set {key} to "
                           f"at most {positions}")
@@ -231,15 +242,18 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         pretrained = config is None
         config = load_pretrained(AutoConfig, name_or_path, config_key) if pretrained else \
             AutoConfig.for_model(**config)
-        check_hf_encoder(config, name_or_path, config_key)
-        check_positions(config, max_length, name_or_path, config_key)
+        if pretrained:  # a checkpoint's recorded encoder was accepted when it was built
+            check_hf_encoder(config, name_or_path, config_key)
+            check_positions(config, max_length, name_or_path, config_key)
         model_cls = getattr(transformers, _T5_ENCODERS.get(config.model_type, "AutoModel"))
         self.tokenizer = load_pretrained(AutoTokenizer, name_or_path, config_key)
-        check_padding(self.tokenizer, name_or_path, config_key)
         if pretrained:
+            check_padding(self.tokenizer, name_or_path, config_key)
             model = load_pretrained(model_cls, name_or_path, config_key, dtype=torch.float32)
         else:  # untrained weights of `config`, for a checkpoint's state dict to fill
             model = model_cls(config) if model_cls is not transformers.AutoModel else model_cls.from_config(config)
+        if getattr(model.config, "is_encoder_decoder", False) and config.model_type not in _T5_ENCODERS:
+            model = model.get_encoder()  # a checkpoint written before check_hf_encoder refused these
         self.transformer = model
         self.max_length = max_length
         self.trainable = trainable

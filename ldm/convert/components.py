@@ -84,8 +84,9 @@ class SDComponents:
             raise ConfigError(f"{self.source} holds no tokenizer (a single file never does): set "
                               f"model.conditioner.tokenizer (tokenizer_path= in Python) to a CLIP tokenizer folder "
                               f"with vocab.json and merges.txt, e.g. a diffusers pipeline's tokenizer/")
-        return CLIPTextEncoder(max_length=max_length or self.prompt_length, layer=layer or self.clip_layer,
-                               trainable=trainable, transformer=self.text_encoder, tokenizer=self.tokenizer)
+        return CLIPTextEncoder(str(self.source), max_length=max_length or self.prompt_length,
+                               layer=layer or self.clip_layer, trainable=trainable, transformer=self.text_encoder,
+                               tokenizer=self.tokenizer)
 
 
 def load_tokenizer(path: str | Path, what: str = "tokenizer_path") -> Any:

@@ -289,13 +289,6 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
                           f"ldm-encode (text_encoder=null)")
     # The same weights read at another layer, padded to another length, pooled by another kind's rule or behind
     # another tokenizer give other contexts.
-    if "tokens_sha256" in text and mine.get("tokens_sha256") not in (None, text["tokens_sha256"]):
-        tokenizer = f"model.conditioner.tokenizer={mine['tokenizer']}" if mine.get("tokenizer") else \
-            f"the tokenizer of model.conditioner.name_or_path={mine.get('name_or_path')}"
-        theirs = text["config"].get("tokenizer") or "their encoder folder's own"
-        raise ConfigError(f"the latent shards beside {manifest.path} hold text tokenized otherwise than by "
-                          f"{tokenizer}{fixed} (the same weights, other token ids): give the tokenizer they were "
-                          f"encoded with ({theirs}), or {encode}")
     stored = {"kind": text["config"].get("kind"), "layer": text["config"].get("layer", "last"),
               "max_length": text["context_shape"][0]}
     for name, value in stored.items():
@@ -304,6 +297,14 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
             raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded with {name}={value}, but "
                               f"the model's text encoder has model.conditioner.{name}={mine[name]}{fixed}: "
                               f"{alternative}{encode}")
+    if "tokens_sha256" in text and mine.get("tokens_sha256") not in (None, text["tokens_sha256"]):
+        tokenizer = f"model.conditioner.tokenizer={mine['tokenizer']}" if mine.get("tokenizer") else \
+            f"the tokenizer of model.conditioner.name_or_path={mine.get('name_or_path')}"
+        theirs = text["config"].get("tokenizer") or "their encoder folder's own"
+        give = f"give the tokenizer they were encoded with ({theirs}), or " \
+            if mine.get("kind") == "clip" and not init_from else ""
+        raise ConfigError(f"the latent shards beside {manifest.path} hold text tokenized otherwise than by "
+                          f"{tokenizer}{fixed} (the same weights, other token ids): {give}{encode}")
 
 
 def check_data_config(manifest: LatentManifest, resolution: int, hflip: bool, random_crop: bool,
