@@ -307,6 +307,10 @@ def test_none_kind_returns_no_context():
 
 
 def test_config_errors_name_the_key():
+    for kind in ("class", "none", "byte"):  # a tokenizer is read for kind=clip only: never silently ignored
+        with pytest.raises(ConfigError, match=rf"model\.conditioner\.tokenizer=/tok applies to kind=clip .* "
+                                              rf"kind={kind} uses"):
+            build_conditioner({"kind": kind, "tokenizer": "/tok"})
     with pytest.raises(ConfigError, match=r"model\.conditioner\.kind='t5' is not allowed"):
         build_conditioner({"kind": "t5"})
     with pytest.raises(ConfigError, match=r"model\.conditioner\.layer"):

@@ -3,6 +3,7 @@ handling as on the image shards they came from."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -205,6 +206,16 @@ def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
                                           r"encode the shards again"):  # (a byte encoder takes no other tokenizer)
         latents.check_manifest(manifest, ae_hash, "ae", text_encoder_hash=text_hash,
                                text_encoder={**model, "tokens_sha256": "0" * 64})
+    # a CLIP's tokenizer is the user's key even under model.init_from: offered back, and kept in the ldm-encode advice
+    clip = copy.deepcopy(manifest)
+    clip.text_encoder["config"]["kind"] = "clip"
+    with pytest.raises(ConfigError, match=r"tokenized otherwise than by model\.conditioner\.tokenizer=/tok \(the same "
+                                          r"weights, other token ids\): set model\.conditioner\.tokenizer to the one "
+                                          r"they were encoded with \(their encoder folder's own\), or encode the "
+                                          r"shards again with ldm-encode text_encoder='\{kind: clip, name_or_path: "
+                                          r"/models/text, tokenizer: /tok, "):
+        latents.check_manifest(clip, ae_hash, "ae", text_encoder_hash=text_hash, text_encoder={
+            **model, "kind": "clip", "tokens_sha256": "0" * 64, "tokenizer": "/tok", "init_from": "/models/sd"})
     with pytest.raises(ConfigError, match=rf"\(sha256 {text_hash}\), but model\.conditioner\.name_or_path=/models/"
                                           rf"text has sha256 abc: encode the shards again with ldm-encode .*, set "
                                           rf"model\.conditioner\.name_or_path={encoded / 'text'}"):

@@ -164,6 +164,19 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
             LatentDiffusionModule(config)
 
 
+def test_errors_of_an_imported_clip_name_the_caller_s_keys(tmp_path: Path):
+    """ldm-encode builds its text encoder under `text_encoder.*`: the errors of a Stable Diffusion source named
+    model.conditioner keys, and the default CLIP for the source."""
+    tiny_sd_pipeline(tmp_path, "sd1")
+    parts = load_components(tmp_path / "sd1")
+    with pytest.raises(ConfigError, match=r"text_encoder\.max_length=100 exceeds the 77 positions of diffusers "
+                                          r"pipeline .*sd1"):
+        parts.build_text_encoder(max_length=100, prefix="text_encoder")
+    parts.tokenizer = None  # as a single file holds none
+    with pytest.raises(ConfigError, match=r"holds no tokenizer .*: set text_encoder\.tokenizer"):
+        parts.build_text_encoder(prefix="text_encoder")
+
+
 def with_unet(tmp_path: Path, name: str, **changes) -> dict:
     """A copy of the sd1 pipeline whose UNet has these diffusers config `changes` (random weights)."""
     shutil.copytree(tmp_path / "sd1", tmp_path / name)

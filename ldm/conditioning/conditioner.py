@@ -385,22 +385,22 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
             (`text_encoder_config`), not the weights, nor a Stable Diffusion model around them.
     """
     c = to_dataclass(ConditionerConfig, config, prefix)
+    if c.tokenizer is not None and c.kind != "clip" and load_pretrained:  # checked where model.init_from has set kind
+        raise ConfigError(f"{prefix}.tokenizer={c.tokenizer} applies to kind=clip (for a Stable Diffusion single "
+                          f"file, which holds none); kind={c.kind} uses name_or_path's own: leave the tokenizer out")
     if c.kind == "class":
         width = c.width if c.class_embed == "context" else None
         return ClassConditioner(c.num_classes, width, c.cond_drop_prob)
     if c.kind == "none":
         return NullConditioner(c.kind, c.cond_drop_prob)
     key = f"{prefix}.name_or_path"
-    if c.tokenizer is not None and c.kind != "clip" and load_pretrained:  # checked where model.init_from has set kind
-        raise ConfigError(f"{prefix}.tokenizer={c.tokenizer} applies to kind=clip (for a Stable Diffusion single "
-                          f"file, which holds none); kind={c.kind} uses name_or_path's own: leave the tokenizer out")
     if c.kind in ("clip", "hf") and text_encoder_config is not None:
         encoder = _empty_text_encoder(c, text_encoder_config, prefix)
     elif c.kind == "clip" and is_stable_diffusion(c.name_or_path):
         from ldm.convert import load_components
 
         encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer, key=key).build_text_encoder(
-            c.max_length, c.trainable, c.layer)
+            c.max_length, c.trainable, c.layer, prefix)
     elif c.kind == "clip":
         tokenizer = None
         if c.tokenizer is not None:

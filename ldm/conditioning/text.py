@@ -180,7 +180,7 @@ _T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5E
 # transformers models whose position ids start after the padding index (RoBERTa's rule): max_position_embeddings
 # minus pad_token_id + 1 of them are usable
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
-                     "data2vec-text", "longformer", "mpnet", "ibert", "xmod", "esm")
+                     "data2vec-text", "longformer", "luke", "mpnet", "ibert", "xmod", "esm")
 
 
 def check_positions(config: Any, max_length: int, name_or_path: str, config_key: str) -> None:

@@ -72,20 +72,21 @@ class SDComponents:
         return self.max_length or self.text_encoder.config.max_position_embeddings
 
     def build_text_encoder(self, max_length: int | None = None, trainable: bool = False,
-                           layer: str | None = None) -> Any:
+                           layer: str | None = None, prefix: str = "model.conditioner") -> Any:
         """Our `CLIPTextEncoder` around the imported text encoder and tokenizer (frozen unless trainable), on `layer`
         ("last" or "penultimate"; None: the layer the UNet was trained on, `clip_layer`), with prompts of
-        `max_length` tokens (None: `prompt_length`)."""
+        `max_length` tokens (None: `prompt_length`); errors name the keys under `prefix`."""
         from ldm.conditioning.text import CLIPTextEncoder
 
         if self.text_encoder is None:
             raise ConfigError(f"{self.source}: holds no text encoder")
         if self.tokenizer is None:
             raise ConfigError(f"{self.source} holds no tokenizer (a single file never does): set "
-                              f"model.conditioner.tokenizer (tokenizer_path= in Python) to a CLIP tokenizer folder "
+                              f"{prefix}.tokenizer (tokenizer_path= in Python) to a CLIP tokenizer folder "
                               f"with vocab.json and merges.txt, e.g. a diffusers pipeline's tokenizer/")
         return CLIPTextEncoder(str(self.source), max_length=max_length or self.prompt_length,
-                               layer=layer or self.clip_layer, trainable=trainable, transformer=self.text_encoder,
+                               layer=layer or self.clip_layer, trainable=trainable,
+                               config_key=f"{prefix}.name_or_path", transformer=self.text_encoder,
                                tokenizer=self.tokenizer)
 
 

@@ -276,8 +276,10 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
         return
     mine = text_encoder or {}
     kind, path = text["config"].get("kind"), text["config"].get("name_or_path")
+    tokenizer = f", tokenizer: {mine['tokenizer']}" if mine.get("tokenizer") else ""
     encode = (f"encode the shards again with ldm-encode text_encoder='{{kind: {mine.get('kind')}, name_or_path: "
-              f"{mine.get('name_or_path')}, layer: {mine.get('layer')}, max_length: {mine.get('max_length')}}}'")
+              f"{mine.get('name_or_path')}{tokenizer}, layer: {mine.get('layer')}, max_length: "
+              f"{mine.get('max_length')}}}'")
     # model.init_from sets the conditioner's encoder, layer and prompt length itself: setting them would not help
     init_from = mine.get("init_from")
     fixed = f" (model.init_from={init_from} sets model.conditioner)" if init_from else ""
@@ -298,13 +300,14 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
                               f"the model's text encoder has model.conditioner.{name}={mine[name]}{fixed}: "
                               f"{alternative}{encode}")
     if "tokens_sha256" in text and mine.get("tokens_sha256") not in (None, text["tokens_sha256"]):
+        # note: model.init_from sets the encoder, never the tokenizer (model.conditioner.tokenizer stays the user's)
         tokenizer = f"model.conditioner.tokenizer={mine['tokenizer']}" if mine.get("tokenizer") else \
             f"the tokenizer of model.conditioner.name_or_path={mine.get('name_or_path')}"
         theirs = text["config"].get("tokenizer") or "their encoder folder's own"
-        give = f"give the tokenizer they were encoded with ({theirs}), or " \
-            if mine.get("kind") == "clip" and not init_from else ""
+        give = f"set model.conditioner.tokenizer to the one they were encoded with ({theirs}), or " \
+            if mine.get("kind") == "clip" else ""
         raise ConfigError(f"the latent shards beside {manifest.path} hold text tokenized otherwise than by "
-                          f"{tokenizer}{fixed} (the same weights, other token ids): {give}{encode}")
+                          f"{tokenizer} (the same weights, other token ids): {give}{encode}")
 
 
 def check_data_config(manifest: LatentManifest, resolution: int, hflip: bool, random_crop: bool,
