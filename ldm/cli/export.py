@@ -100,10 +100,11 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
             log.warning("%s: A1111, ComfyUI and diffusers' from_single_file cannot read it from the file (ldm's "
                         "loaders can); set it there by hand, or hand them format=diffusers, whose scheduler and "
                         "text encoder say it", caveat)
-    missing = [what for what, absent in (("no cross-attention (model.unet.context_dim=null)",
-                                          pipeline.unet.config.context_dim is None),
-                                         ("no middle transformer (model.unet.mid_attention=false)",
-                                          not pipeline.unet.config.mid_attention)) if absent]
+    missing = []  # what the original Stable Diffusion UNet always has
+    if pipeline.unet.config.context_dim is None:
+        missing.append("no cross-attention (model.unet.context_dim=null)")
+    if not pipeline.unet.config.mid_attention:
+        missing.append("no middle transformer (model.unet.mid_attention=false)")
     if config.format == "single_file" and missing:
         log.warning("this UNet has %s, a layout the original Stable Diffusion code does not build: A1111, ComfyUI "
                     "and diffusers' from_single_file cannot load the file (ldm's loaders can; format=diffusers "

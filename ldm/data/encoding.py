@@ -355,13 +355,13 @@ def _encode_batch(samples: list[dict[str, Any]], images: list[torch.Tensor], enc
             arrays += [(latents.CONTEXT, context[i], TEXT_DTYPES[text_dtype]),
                        (latents.POOLED, pooled[i], TEXT_DTYPES[text_dtype])]
         for name, array, dtype in arrays:
-            # note: an encoder whose outputs are not finite, or overflow float16, is broken for every sample
-            encoder = "autoencoder" if name in (latents.MOMENTS, latents.MOMENTS_FLIP) else "text encoder"
-            if not torch.isfinite(array).all():
-                raise ValueError(f"sample {sample['__key__']}, {name}: the {encoder} outputs inf or NaN; check it")
             try:
                 record[name] = latents.to_npy(array, dtype)
-            except ValueError as err:
+            except ValueError as err:  # note: an encoder whose outputs are not finite, or overflow, is broken for all
+                encoder = "autoencoder" if name in (latents.MOMENTS, latents.MOMENTS_FLIP) else "text encoder"
+                if not torch.isfinite(array).all():
+                    raise ValueError(f"sample {sample['__key__']}, {name}: the {encoder} outputs inf or NaN; "
+                                     f"check it") from None
                 fix = "its latents exceed float16's range (65504): check the autoencoder" if encoder == "autoencoder" \
                     else "check the text encoder, or store its outputs with text_dtype=float32"
                 raise ValueError(f"sample {sample['__key__']}, {name}: {err}; {fix}") from None

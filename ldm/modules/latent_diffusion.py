@@ -330,7 +330,8 @@ class LatentDiffusionModule(L.LightningModule):
                 if c.kind == "byte" and not c.name_or_path else "model.conditioner.trainable=true fine-tunes it"
             settings = None if encoder is None else {
                 "kind": c.kind, "name_or_path": c.name_or_path, "tokenizer": c.tokenizer,
-                "layer": getattr(encoder, "layer", "last"), "tokens_sha256": tokens_hash(encoder),
+                "layer": getattr(encoder, "layer", "last"),
+                "tokens_sha256": tokens_hash(encoder) if manifest.text_encoder is not None else None,
                 "max_length": encoder.max_length,  # set by model.init_from when it supplied the encoder:
                 "init_from": self.config.init_from if c.name_or_path == str(self.config.init_from) else None}
             check_manifest(manifest, weights_hash(self.pipeline.autoencoder),
