@@ -43,6 +43,7 @@ from ldm.io import (
     read_export,
     save_export,
 )
+from ldm.nn import eval_mode
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator
@@ -243,9 +244,11 @@ class LatentDiffusionPipeline(nn.Module):
             c = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in c.items()}
             return self.unet(x_t.to(dtype), t, **c).float()
 
-        model = guided_denoiser(unet, cond,
-                                lambda: self.conditioner.unconditional(B, device) if negative is None else negative,
-                                guidance_scale)
+        def unconditional() -> UNetKwargs:  # encoded as the prompts are: in eval mode
+            with eval_mode(self.conditioner):
+                return self.conditioner.unconditional(B, device)
+
+        model = guided_denoiser(unet, cond, unconditional if negative is None else negative, guidance_scale)
         denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
         z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
         return self.decode(z)                                                       # (B, 3, H, W)
@@ -262,13 +265,9 @@ class LatentDiffusionPipeline(nn.Module):
             kwargs = conditioner(conditioner.sampling_conditions(conds, labels, batch_size))
             return {k: v if v is None else v.to(device) for k, v in kwargs.items()}
 
-        was_training = conditioner.training
-        conditioner.eval()
-        try:
+        with eval_mode(conditioner):
             cond = encode(prompts, class_labels)
             negative = None if negative_prompts is None else encode(negative_prompts, None)
-        finally:
-            conditioner.train(was_training)
         return cond, negative
 
     # ------------------------------------------------------------------ saving and loading

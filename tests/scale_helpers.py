@@ -265,6 +265,19 @@ class SignalAtStep(L.Callback):
             self._send(trainer, "validation")
 
 
+class StopAtStep(L.Callback):
+    """Set `trainer.should_stop` at the end of the batch that reaches `step`, as Lightning's Timer does when
+    `trainer.max_time` runs out (or EarlyStopping when validation stops improving)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 class GatherProbe(L.Callback):
     """Ask the module to gather a (2, 1) tensor holding this rank's number, and record what every rank got back, and
     the loss of this rank's share of the batch (the step's output) by step."""

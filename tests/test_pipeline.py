@@ -359,3 +359,29 @@ def test_a_checkpoint_whose_clip_folder_moved_names_the_way_out(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"ckpt_path=.*last\.ckpt: its text encoder's tokenizer is read from .*clip, "
                                           r"where the run found it, .* give the run's export \(<run>/export"):
         LatentDiffusionPipeline.from_pretrained(ckpt)
+
+
+def test_a_fine_tuned_text_encoder_trains_with_its_dropout_and_samples_without_it(tmp_path: Path):
+    """transformers loads models in eval mode: a trainable encoder fine-tuned without its dropout until the image
+    logger's `.train(was_training)` switched it on mid-run (so a resumed run differed). And `generate` encoded the
+    prompts in eval mode but the empty prompt of guidance in the pipeline's own mode: two calls differed."""
+    from convert_helpers import perturb, tiny_tokenizer
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                            dropout_rate=0.5)).save_pretrained(tmp_path / "t5")
+    conditioner = {"kind": "hf", "name_or_path": str(tmp_path / "t5"), "trainable": True, "max_length": 16}
+    module = LatentDiffusionModule(tiny_config(tiny_autoencoder(tmp_path / "ae"), conditioner=conditioner,
+                                               ema_decay=None))
+    encoder = module.pipeline.conditioner.encoder
+    assert all(m.training for m in encoder.modules())
+    frozen = LatentDiffusionModule(tiny_config(tiny_autoencoder(tmp_path / "ae"), ema_decay=None,
+                                               conditioner={**conditioner, "trainable": False})).train()
+    assert not any(m.training for m in frozen.pipeline.conditioner.encoder.modules())
+
+    perturb(module.pipeline.unet, seed=0)  # its zero-initialised output layer would hide the context
+    pipeline = module.pipeline.train()
+    first, second = (pipeline.generate(CAPTIONS, [0, 1], num_steps=2, guidance_scale=3.0) for _ in range(2))
+    assert torch.equal(first, second) and pipeline.conditioner.training

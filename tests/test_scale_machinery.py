@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import shutil
@@ -73,17 +74,19 @@ def _umask() -> int:
 # -- resume resolution, ids, RNG ---------------------------------------------------------------------------------------
 
 
-def test_resolve_ckpt_path(tmp_path):
+def test_resolve_ckpt_path(tmp_path, monkeypatch):
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert resolve_ckpt_path(None, tmp_path, auto_resume=True) is None
-    assert resolve_ckpt_path("last", tmp_path) is None
+    assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=True) is None
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") is None
     last.parent.mkdir()
     torch.save({"global_step": 5}, last)
-    assert resolve_ckpt_path(None, tmp_path, auto_resume=True) == str(last)
-    assert resolve_ckpt_path(None, tmp_path, auto_resume=False) is None
-    assert resolve_ckpt_path("last", tmp_path) == str(last)
+    assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=True) == str(last)
+    assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=False) is None
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") == str(last)
+    monkeypatch.setenv("HOME", str(tmp_path))  # `~` as ldm-sample, ldm-export and ldm-eval read it
+    assert resolve_ckpt_path("~/checkpoints/last.ckpt", Path("elsewhere")) == str(last)
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt"):
-        resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)
+        resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path / "checkpoints")
 
 
 def test_resolve_ckpt_path_skips_damaged_and_missing_last(tmp_path):
@@ -99,12 +102,24 @@ def test_resolve_ckpt_path_skips_damaged_and_missing_last(tmp_path):
     last = directory / "last.ckpt"
     last.write_bytes(b"")
     assert checkpoint_damage(last) is not None and checkpoint_damage(newest) is not None
-    assert resolve_ckpt_path(None, tmp_path, auto_resume=True) == str(directory / "step0000004.ckpt")
+    assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=True) == str(directory / "step0000004.ckpt")
     last.unlink()
-    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000004.ckpt")
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") == str(directory / "step0000004.ckpt")
     for path in directory.iterdir():
         path.write_bytes(b"not a zip")
-    assert resolve_ckpt_path("last", tmp_path) is None  # nothing intact: start from scratch
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") is None  # nothing intact: start from scratch
+
+
+def test_an_unreadable_last_checkpoint_is_called_damaged_not_older(tmp_path, caplog):
+    """A last.ckpt whose time cannot be read sorts below every checkpoint that records one, so it was never checked
+    and the log called it older."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    torch.save({"global_step": 2, "ldm": {"saved_at": 2.0}}, directory / "step0000002.ckpt")
+    (directory / "last.ckpt").write_bytes(b"")
+    with caplog.at_level(logging.INFO):
+        assert resolve_ckpt_path("last", directory) == str(directory / "step0000002.ckpt")
+    assert "last.ckpt is damaged (" in caplog.text and "older" not in caplog.text
 
 
 def test_resume_takes_the_newest_checkpoint_even_over_last_and_checks_every_byte(tmp_path):
@@ -116,7 +131,7 @@ def test_resume_takes_the_newest_checkpoint_even_over_last_and_checks_every_byte
     for name, step in (("last.ckpt", 3), ("step0000004.ckpt", 4), ("step0000006.ckpt", 6)):
         torch.save({"global_step": step, "w": torch.arange(4096.0)}, directory / name)
         os.utime(directory / name, (step, step))
-    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000006.ckpt")
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") == str(directory / "step0000006.ckpt")
     newest = directory / "step0000006.ckpt"
     data = bytearray(newest.read_bytes())
     middle = len(data) // 2
@@ -124,7 +139,7 @@ def test_resume_takes_the_newest_checkpoint_even_over_last_and_checks_every_byte
     newest.write_bytes(bytes(data))
     os.utime(newest, (6, 6))
     assert "CRC-32" in checkpoint_damage(newest)
-    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000004.ckpt")
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") == str(directory / "step0000004.ckpt")
 
 
 def test_resume_orders_checkpoints_by_the_time_stored_inside_them(tmp_path):
@@ -137,9 +152,9 @@ def test_resume_orders_checkpoints_by_the_time_stored_inside_them(tmp_path):
     for mtime, (name, stored) in enumerate(reversed(files.items())):  # the newest copied first
         torch.save({"global_step": 0, **({"ldm": {"saved_at": stored}} if stored else {})}, directory / name)
         os.utime(directory / name, (100 + mtime, 100 + mtime))
-    assert resolve_ckpt_path("last", tmp_path) == str(directory / "last.ckpt")  # last.ckpt first among equals
+    assert resolve_ckpt_path("last", directory) == str(directory / "last.ckpt")  # last.ckpt first among equals
     (directory / "last.ckpt").unlink()
-    assert resolve_ckpt_path("last", tmp_path) == str(directory / "step0000006.ckpt")
+    assert resolve_ckpt_path("last", tmp_path / "checkpoints") == str(directory / "step0000006.ckpt")
 
 
 def test_leftover_temp_files_are_removed(tmp_path):

@@ -11,6 +11,7 @@ to FULL_STEPS in a fresh `train()` call, as a new process would. With data.batch
   epoch_end_run  last.ckpt of a run with max_steps=4: the end of the run is the end of an epoch
   epoch_end      step0000004.ckpt written at the end of the training epoch (save_on_train_epoch_end)
   sigusr1, sigterm, sigint   a signal during step 3: last.ckpt at the end of step 3, then the run stops
+  should_stop    a callback stops the run after step 3 (trainer.max_time's Timer, EarlyStopping): last.ckpt there
   torn_last      after a kill: last.ckpt cut short and a checkpoint temp file left; auto-resume takes the newest
                  intact checkpoint (step 4), removes the temp file, and writes no `-v1` duplicate
 """
@@ -115,6 +116,15 @@ def _stop_on(signal_name: str):
     return stop
 
 
+def stop_should_stop(shards, out, full, extra):
+    # trainer.max_time (Lightning's Timer) at step 3, mid-epoch: last.ckpt was written by on_train_end, after the
+    # loop had counted the epoch as done, and the resumed run skipped the epoch's last batch
+    steps = run(shards, out, FULL_STEPS, extra + ["+callbacks.stop._target_=scale_helpers.StopAtStep",
+                                                 "+callbacks.stop.step=3"])
+    assert sorted(steps) == [1, 2, 3]
+    return None, 3
+
+
 def stop_torn_last(shards, out, full, extra):
     run(shards, out, 5, extra)  # step0000002, step0000004 and last.ckpt (step 5)
     checkpoints = out / "checkpoints"
@@ -126,8 +136,10 @@ def stop_torn_last(shards, out, full, extra):
 
 STOPS = {"periodic": stop_periodic, "validation": stop_validation, "end_of_run": stop_end_of_run,
          "epoch_end_run": stop_epoch_end_run, "epoch_end": stop_epoch_end, "sigusr1": _stop_on("SIGUSR1"),
-         "sigterm": _stop_on("SIGTERM"), "sigint": _stop_on("SIGINT"), "torn_last": stop_torn_last}
-FAST = {"end_of_run", "epoch_end_run", "sigint", "torn_last"}  # in `make test`; the rest with `make test-all`
+         "sigterm": _stop_on("SIGTERM"), "sigint": _stop_on("SIGINT"), "should_stop": stop_should_stop,
+         "torn_last": stop_torn_last}
+# in `make test`; the rest with `make test-all`
+FAST = {"end_of_run", "epoch_end_run", "sigint", "should_stop", "torn_last"}
 
 
 def check_resume(shards: Path, root: Path, stop: str, extra: list[str], full_name: str = "full") -> None:
@@ -335,6 +347,29 @@ def test_save_top_k_prunes_the_checkpoint_a_run_resumed_from(shapes_shards, tmp_
     run(shapes_shards, out, 4, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1"])
     run(shapes_shards, out, 6, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1"])
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000006.ckpt"]
+    # A copy of the run directory (`cp -r`) prunes its own files: the kept list held absolute paths of the original.
+    shutil.copytree(out, tmp_path / "copy")
+    run(shapes_shards, tmp_path / "copy", 8, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1"])
+    assert sorted(p.name for p in (tmp_path / "copy" / "checkpoints").glob("*.ckpt")) == ["last.ckpt",
+                                                                                         "step0000008.ckpt"]
+
+
+def test_checkpoints_outside_the_run_directory_resume_and_a_bad_name_fails_at_start(shapes_shards, tmp_path,
+                                                                                   single_torch_thread):
+    """`callbacks.checkpoint.dirpath` elsewhere: the same command started over from step 0 and replaced the
+    checkpoints there (resume looked in <paths.output_dir>/checkpoints only). A filename with a metric in it failed
+    at the first checkpoint, after the steps before it had run."""
+    from hydra.errors import InstantiationException
+
+    elsewhere = [f"callbacks.checkpoint.dirpath={tmp_path / 'fast_disk'}"]
+    run(shapes_shards, tmp_path / "run", 4, AUTOENCODER + elsewhere)
+    assert sorted(run(shapes_shards, tmp_path / "run", 6, AUTOENCODER + elsewhere)) == [5, 6]
+    assert torch.load(tmp_path / "fast_disk" / "last.ckpt", weights_only=True, mmap=True)["global_step"] == 6
+    with pytest.raises(InstantiationException, match=r"callbacks\.checkpoint\.filename='step\{step\}-\{val/loss:"
+                                                    r"\.3f\}': KeyError: 'val/loss'; a name takes the fields \{step\}"):
+        run(shapes_shards, tmp_path / "bad", 4,
+            AUTOENCODER + ["callbacks.checkpoint.filename='step{step}-{val/loss:.3f}'"])
+    assert not (tmp_path / "bad" / "record").exists()
 
 
 def test_resume_applies_the_configs_optimizer_settings(shapes_shards, tmp_path, single_torch_thread):

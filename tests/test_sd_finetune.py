@@ -19,6 +19,7 @@ from ldm.cli.export import export
 from ldm.cli.train import train
 from ldm.config import ConfigError
 from ldm.convert import load_components, save_diffusers, save_single_file
+from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import StackedRandomGenerator
@@ -183,6 +184,31 @@ def with_unet(tmp_path: Path, name: str, **changes) -> dict:
     shutil.rmtree(tmp_path / name / "unet")
     diffusers_unet({**SD1_UNET, **changes}).save_pretrained(tmp_path / name / "unet")
     return {"init_from": str(tmp_path / name), "ema_decay": None}
+
+
+def test_leading_spacing_off_sds_offset_is_read_as_diffusers_reads_it(tmp_path: Path, caplog):
+    """StableDiffusionPipeline rewrites a scheduler's steps_offset to 1 on load: with leading spacing and offset 0
+    every timestep it visited was one past ours (0.03 apart in pixels at 10 steps), without a word. The export says
+    so; an import of such a folder takes 1, as diffusers does, and says so."""
+    import logging
+
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    ours = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None}).pipeline.save_pretrained(
+        tmp_path / "ours")
+    config = json.loads((ours / "config.json").read_text())
+    config["diffusion"]["schedule"]["steps_offset"] = 0
+    (ours / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        hf_dir = export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+        assert "leading spacing with steps_offset=0" in caplog.text and "rewrites it to 1" in caplog.text
+        parts = load_components(hf_dir)
+        assert "steps_offset=0 read as 1" in caplog.text
+    hf = StableDiffusionPipeline.from_pretrained(hf_dir)
+    hf.scheduler.set_timesteps(10)
+    assert LatentDiffusionPipeline.from_pretrained(ours).schedule.timesteps(10)[0] == 900  # ours, offset 0
+    assert hf.scheduler.timesteps.tolist() == NoiseSchedule(parts.schedule).timesteps(10) == list(range(901, 0, -100))
 
 
 def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_path: Path, caplog):

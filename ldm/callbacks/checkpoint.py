@@ -13,8 +13,9 @@ behaviour could only be changed through private methods). It writes
               batch that completes the step;
   epoch end   the same file at the end of each training epoch, with `save_on_train_epoch_end: true`;
   final step  `last.ckpt` at the end of the batch that reaches `trainer.max_steps` (or the last batch of the last
-              epoch), while the fit loop still stands inside that epoch; Lightning's own end-of-run save comes later,
-              in `on_train_end`, after the loop has counted the epoch as finished, and a run resumed from such a file
+              epoch), or after which a callback stopped the run (`should_stop`: `trainer.max_time`, EarlyStopping),
+              while the fit loop still stands inside that epoch; Lightning's own end-of-run save comes later, in
+              `on_train_end`, after the loop has counted the epoch as finished, and a run resumed from such a file
               skipped the rest of the epoch;
   on request  `last.ckpt` from `save_last_now` (the preemption callback in `ldm.slurm`, at a step boundary).
 
@@ -137,6 +138,17 @@ class Checkpoint(StepBoundary, CheckpointBase):
                               f"trainer.val_check_interval unless set, so set it when that is a fraction of an epoch")
         if not isinstance(save_top_k, int) or save_top_k < -1:
             raise ConfigError(f"callbacks.checkpoint.save_top_k={save_top_k!r} must be -1 (keep all), 0 or more")
+        try:  # at start, not at the first checkpoint after hours of training
+            name = filename.format(step=0, epoch=0)
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            name = None
+            why = f"{type(err).__name__}: {err}"
+        else:
+            why = "not a file name of its own" if not name or "/" in name or f"{name}.ckpt" == LAST_NAME else ""
+        if why:
+            raise ConfigError(f"callbacks.checkpoint.filename={filename!r}: {why}; a name takes the fields {{step}} "
+                              f"and {{epoch}} only (metrics are not known when a step's checkpoint is written), e.g. "
+                              f"'step{{step:07d}}' or 'epoch{{epoch}}-step{{step:07d}}'")
         self.dirpath = dirpath
         self.filename = filename
         self.every_n_train_steps = every_n_train_steps or 0
@@ -173,16 +185,20 @@ class Checkpoint(StepBoundary, CheckpointBase):
         if periodic or self._validated:
             self._validated = False
             self.save(trainer, periodic=True)
-        elif self.save_last and final_batch(trainer):
-            self.save(trainer, periodic=False)
+        elif self.save_last and (final_batch(trainer) or trainer.should_stop) and not self._last_is_current(trainer):
+            self.save(trainer, periodic=False)  # should_stop: Lightning runs this callback after the one that set it
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_n_train_steps == 0 and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self.every_n_train_steps == 0:
             if self.stepped(trainer):
                 self.save(trainer, periodic=True)
             else:  # a validation inside an accumulation group: its gradients so far are in no checkpoint
                 self._validated = True
+        elif self.save_last and trainer.should_stop and self.stepped(trainer) and not self._last_is_current(trainer):
+            self.save(trainer, periodic=False)  # EarlyStopping stopped the run: while the loop stands in its epoch
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -191,8 +207,8 @@ class Checkpoint(StepBoundary, CheckpointBase):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A stop that none of the hooks above foresaw (another callback set `should_stop`): the run's final state
-        # still reaches last.ckpt.
+        # A stop that none of the hooks above saw (`should_stop` set outside a step's end or a validation's): the
+        # run's final state still reaches last.ckpt.
         if self.save_last and not self._last_is_current(trainer):
             self.save(trainer, periodic=False)
 
@@ -254,9 +270,12 @@ class Checkpoint(StepBoundary, CheckpointBase):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"kept": list(self.kept), "dirpath": self.dirpath}
+        return {"kept": [Path(p).name for p in self.kept], "dirpath": self.dirpath}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("dirpath") == self.dirpath:  # files of another directory are not ours to prune
-            self.kept = [p for p in state_dict.get("kept", []) if Path(p).exists()]
+        # The names in this run's folder: a run directory copied or moved (`cp -r`) prunes its own copies. note:
+        # checkpoints of older code list absolute paths, of which the names are taken too.
+        directory = Path(self.dirpath or "")
+        kept = [directory / Path(p).name for p in state_dict.get("kept", [])]
+        self.kept = [str(p) for p in kept if self.dirpath is not None and p.exists()]

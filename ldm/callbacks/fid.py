@@ -32,6 +32,7 @@ from ldm.eval.metrics import GenerationMetrics
 from ldm.eval.reference_stats import load_or_compute_reference_stats
 from ldm.eval.sources import generation_labels, load_prompts
 from ldm.images import to_uint8
+from ldm.nn import eval_mode
 
 
 class FIDCallback(StepBoundary):
@@ -178,21 +179,19 @@ class FIDCallback(StepBoundary):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         self._last_step = trainer.global_step
         rank, world = rank_and_world(trainer)
-        was_training = pl_module.training
-        pl_module.eval()
-        pipeline = pl_module.eval_pipeline(self.use_ema)
         scorer = None
-        for batch in rank_batches(self.num_samples, self.batch_size, rank, world):
-            prompts = [self._prompts[i] for i in batch]
-            labels = None if self._labels is None else [self._labels[i] for i in batch]
-            images = pipeline.generate(prompts, [self.seed + i for i in batch], sampler=self.sampler,
-                                       num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                                       class_labels=labels)
-            images = to_uint8(images)                                                   # (B, 3, H, W)
-            if scorer is None:  # the resolution is the model's: known from its first images
-                scorer = self._scorer(pl_module, int(images.shape[-1]))
-            scorer.update(images, prompts)
-        pl_module.train(was_training)
+        with eval_mode(pl_module):
+            pipeline = pl_module.eval_pipeline(self.use_ema)
+            for batch in rank_batches(self.num_samples, self.batch_size, rank, world):
+                prompts = [self._prompts[i] for i in batch]
+                labels = None if self._labels is None else [self._labels[i] for i in batch]
+                images = pipeline.generate(prompts, [self.seed + i for i in batch], sampler=self.sampler,
+                                           num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                                           class_labels=labels)
+                images = to_uint8(images)                                               # (B, 3, H, W)
+                if scorer is None:  # the resolution is the model's: known from its first images
+                    scorer = self._scorer(pl_module, int(images.shape[-1]))
+                scorer.update(images, prompts)
         if scorer is None:
             raise ValueError(f"rank {rank} got no samples: num_samples={self.num_samples} < {world} ranks")
         values = scorer.compute()

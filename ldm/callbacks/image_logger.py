@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
 from ldm.images import make_grid
+from ldm.nn import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,12 @@ class ImageLogger(StepBoundary):
 
     def log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
         """Write (and send to W&B) the grids of `batch`; a failure is logged as a warning, not raised."""
-        was_training = pl_module.training
         try:
-            with paused(trainer):
+            with paused(trainer), eval_mode(pl_module):
                 self._log_batch(trainer, pl_module, batch, split)
         except Exception as err:  # noqa: BLE001 -- a picture must never stop a training run
             log.warning("image logger: no %s grids at step %d (%s: %s)", split, trainer.global_step,
                         type(err).__name__, err)
-        finally:
-            pl_module.train(was_training)
 
     def _log_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
         # note: under FSDP the networks are sharded, so every rank runs them (each forward gathers the shards) and
@@ -60,7 +58,6 @@ class ImageLogger(StepBoundary):
         sharded = isinstance(trainer.strategy, FSDPStrategy)
         if not hasattr(pl_module, "log_images") or not (trainer.is_global_zero or sharded):
             return
-        pl_module.eval()
         with torch.no_grad():
             images = pl_module.log_images(batch)
         if not trainer.is_global_zero:

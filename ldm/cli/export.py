@@ -109,6 +109,12 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
         log.warning("this UNet has %s, a layout the original Stable Diffusion code does not build: A1111, ComfyUI "
                     "and diffusers' from_single_file cannot load the file (ldm's loaders can; format=diffusers "
                     "refuses such a UNet)", " and ".join(missing))
+    schedule = pipeline.diffusion.schedule
+    if schedule.timestep_spacing == "leading" and schedule.steps_offset != 1:
+        log.warning("the schedule has leading spacing with steps_offset=%d (model.diffusion.schedule.steps_offset): "
+                    "diffusers' StableDiffusionPipeline rewrites it to 1 on load, which shifts every sampled "
+                    "timestep by %d, so its images differ from ours; sample with ldm's loaders, or train with "
+                    "steps_offset=1 (SD's) or trailing spacing", schedule.steps_offset, 1 - schedule.steps_offset)
     if pipeline.unet.config.pooled_dim is not None:
         log.warning("this UNet also takes the pooled prompt vector (model.unet.pooled_dim=%d), exported as diffusers' "
                     "class_embed_type=projection: StableDiffusionPipeline does not pass it (it stops asking for "

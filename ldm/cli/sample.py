@@ -164,6 +164,11 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     if config.negative_prompt is not None and not pipeline.conditioner.uses_prompts:
         raise ConfigError(f"negative_prompt={config.negative_prompt!r} applies to text-conditioned models; "
                           f"{config.ckpt_path} reads no prompts: leave it null")
+    k = config.num_images_per_prompt
+    last_seed = config.seed + len(prompts) * k - 1
+    if not -2**63 <= config.seed <= last_seed < 2**63:  # checked before any image is written
+        raise ConfigError(f"seed={config.seed}: the run's seeds {config.seed}..{last_seed} (one per image) must lie "
+                          f"in [-2**63, 2**63); choose a smaller seed")
     out = Path(config.output_dir)
     earlier = [*out.glob("prompt*_seed*.png"), *(out / n for n in (GRID_NAME, RECORD_NAME) if (out / n).exists())]
     if earlier and not config.overwrite:
@@ -173,7 +178,6 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
         path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    k = config.num_images_per_prompt
     jobs = [(i, j, config.seed + i * k + j) for i in range(len(prompts)) for j in range(k)]  # (prompt, copy, seed)
     log.info("%d prompts x %d images, sampler %s, %d steps, guidance %.2f, seeds %d..%d, device %s",
              len(prompts), k, config.sampler, config.num_steps, config.guidance_scale, jobs[0][2], jobs[-1][2], device)

@@ -176,7 +176,9 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
             damaged.append(path)
             continue
         if path != last:
-            why = "damaged" if last in damaged else "older" if last.exists() else "missing"
+            damage = None if last in damaged or not last.exists() else checkpoint_damage(last)  # unreadable: last
+            why = "damaged" if last in damaged else "missing" if not last.exists() else \
+                f"damaged ({damage})" if damage else "older"
             rank_zero_info(f"{last} is {why}; the newest intact checkpoint is {path}")
         return path
     return None
@@ -190,14 +192,19 @@ def remove_stale_temp_files(checkpoint_dir: Path) -> None:
         rank_zero_info(f"removed {tmp}, left by an interrupted checkpoint write")
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, auto_resume: bool = False) -> str | None:
+def checkpoint_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    """Where the run's checkpoints go: `callbacks.checkpoint.dirpath`, else `<paths.output_dir>/checkpoints`."""
+    dirpath = ((cfg.get("callbacks") or {}).get("checkpoint") or {}).get("dirpath")
+    return Path(dirpath).expanduser() if dirpath else output_dir / "checkpoints"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path, auto_resume: bool = False) -> str | None:
     """The checkpoint to resume from.
 
-    `last` means the newest intact checkpoint of this run directory (`checkpoints/last.ckpt`, or the newest periodic
-    one when that is missing or damaged; none yet: start fresh); with `auto_resume` and no `ckpt_path`, the same,
-    whenever there is one; any other path must exist.
+    `last` means the newest intact checkpoint in the run's `checkpoint_dir` (`last.ckpt`, or the newest periodic one
+    when that is missing or damaged; none yet: start fresh); with `auto_resume` and no `ckpt_path`, the same,
+    whenever there is one; any other path must exist (`~` expanded).
     """
-    checkpoint_dir = output_dir / "checkpoints"
     if ckpt_path is None or ckpt_path == "last":
         if ckpt_path is None and not auto_resume:
             return None
@@ -208,11 +215,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, auto_resume: bool
             return None
         rank_zero_info(f"{'auto_resume' if ckpt_path is None else 'ckpt_path=last'}: resuming from {newest}")
         return str(newest)
-    if not Path(ckpt_path).exists():
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; pass an existing checkpoint, "
                                 f"ckpt_path=last to resume the run in paths.output_dir, or ckpt_path=null")
-    load_checkpoint(ckpt_path, "ckpt_path")  # before anything is built: a file carrying code or a torn one is refused
-    return ckpt_path
+    load_checkpoint(path, "ckpt_path")  # before anything is built: a file carrying code or a torn one is refused
+    return str(path)
 
 
 def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str,
@@ -449,10 +457,10 @@ def check_config(cfg: DictConfig) -> None:
                                   f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
     if cfg.get("ckpt_path") not in (None, "last"):
         try:
-            resolve_ckpt_path(cfg.ckpt_path, Path(cfg.paths.output_dir))  # must exist
+            path = Path(resolve_ckpt_path(cfg.ckpt_path, Path()))  # must exist
         except FileNotFoundError as err:  # a ConfigError: a sweep stops at it instead of failing every trial
             raise configs.ConfigError(str(err)) from None
-        damage = checkpoint_damage(Path(cfg.ckpt_path))
+        damage = checkpoint_damage(path)
         if damage is not None:
             raise configs.ConfigError(f"ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({damage}); pass an "
                                       f"intact one, or ckpt_path=last for the newest intact checkpoint of "
@@ -470,7 +478,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = resolve_output_dir(cfg)
     with run_lock(output_dir) as lock:
         if lock is not None:
-            remove_stale_temp_files(output_dir / "checkpoints")
+            remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
         return _train(cfg, output_dir)
 
 
@@ -479,7 +487,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     apply_backend_switches(cfg)
     apply_ddp_needs(cfg)
     print_config_tree(cfg, order=("experiment", "model", "data", "trainer", "logger", "callbacks", "paths"))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, auto_resume=bool(cfg.get("auto_resume")))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg, output_dir),
+                                  auto_resume=bool(cfg.get("auto_resume")))
 
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")

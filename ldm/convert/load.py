@@ -5,6 +5,7 @@ configs and state dicts (`SDComponents`), checked tensor by tensor before anythi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNetConfig
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 def detect_layout(path: str | Path, key: str = "path") -> str:
@@ -143,6 +146,12 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
     if present("scheduler"):
         parts.schedule, parts.prediction = schedule_from_diffusers(
             read_json(directory / "scheduler" / "scheduler_config.json", "the scheduler"))
+        if parts.schedule.timestep_spacing == "leading" and parts.schedule.steps_offset != 1:
+            # StableDiffusionPipeline rewrites it so on load (an outdated config to diffusers): the same timesteps
+            log.warning("%s/scheduler: steps_offset=%d read as 1, as diffusers' StableDiffusionPipeline reads it "
+                        "(with leading spacing it shifts every sampled timestep)", directory,
+                        parts.schedule.steps_offset)
+            parts.schedule = dataclasses.replace(parts.schedule, steps_offset=1)
     if present("text_encoder"):
         kind = index["text_encoder"][1]
         if kind != "CLIPTextModel":
