@@ -55,6 +55,17 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key and what to do."""
 
 
+REQUIRED = "REQUIRED"  # what an experiment sets for a model key the command line must give (`???` would be dropped
+#                         in the merge onto a schema's null)
+
+
+def check_required(config: Any, hints: dict[str, str]) -> None:
+    """Raise ConfigError for the first key of `hints` that `config` leaves at REQUIRED, with that key's hint."""
+    missing = [key for key in hints if getattr(config, key) == REQUIRED]
+    if missing:
+        raise ConfigError(f"model.{missing[0]} is required by this experiment: {hints[missing[0]]}")
+
+
 def is_int(value: Any) -> bool:
     """True for an integer of any kind (Python's, numpy's) that is not a bool (JSON's and YAML's true/false are
     bools, and Python counts them as ints)."""

@@ -34,7 +34,7 @@ def test_every_experiment_composes_and_validates(experiment):
     if required:  # the experiment's own keys for the command line: refused, naming the first
         with pytest.raises(ConfigError, match=rf"model.{required[0]} is required by this experiment: .* e\.g\. "
                                               rf"model.{required[0]}="):
-            configs.to_dataclass(LatentDiffusionModule.Config, cfg.model, "model")
+            configs.to_dataclass(hydra.utils.get_class(cfg.model._target_).Config, cfg.model, "model")
         for key in required:
             cfg.model[key] = "/tmp/unused/sd"
     if "autoencoder_path" in cfg.model and cfg.model.autoencoder_path is None:

@@ -2,13 +2,16 @@
 
     ldm-export ckpt_path=runs/ldm/checkpoints/last.ckpt format=diffusers output_dir=exports/my_model
     ldm-export ckpt_path=runs/ldm/export format=single_file output_dir=exports/my_model   # -> .../model.safetensors
+    ldm-export ckpt_path=runs/vae/export format=diffusers output_dir=exports/my_vae       # a stage-1 autoencoder
 
 `ckpt_path` is anything `LatentDiffusionPipeline.from_pretrained` takes (a checkpoint, an export directory or a run
 directory); a checkpoint gives its EMA weights unless `use_ema=false`. A diffusers folder holds unet/, vae/,
 scheduler/ (DDIM over the model's own schedule) and, for a CLIP-conditioned model, text_encoder/ and tokenizer/;
 `diffusers.StableDiffusionPipeline.from_pretrained(output_dir)` loads it. A model conditioned by this project's
 byte-level encoder (or by class labels) exports its UNet and VAE; the conditioner is not portable, and the command
-says so. Everything is written atomically; an existing output is refused unless `overwrite=true`.
+says so. A stage-1 autoencoder (checkpoint, export or run directory) goes out alone: a diffusers AutoencoderKL folder
+(`AutoencoderKL.from_pretrained(output_dir)`) or a stand-alone VAE file in the original layout, as SD's fine-tuned
+VAEs are published. Everything is written atomically; an existing output is refused unless `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, check_choice, check_output_dir, register_schemas, to_dataclass
-from ldm.io import CONFIG_NAME
+from ldm.io import CONFIG_NAME, export_dir, export_kind, read_json_object
 
 log = logging.getLogger(__name__)
 FORMATS = ("diffusers", "single_file")
@@ -34,7 +38,7 @@ SINGLE_FILE_NAME = "model.safetensors"
 class ExportConfig:
     """What `ldm-export` writes (conf/export.yaml documents every key)."""
 
-    ckpt_path: str = ""          # required: a latent diffusion checkpoint, export directory or run directory
+    ckpt_path: str = ""          # required: a checkpoint, export directory or run directory (stage 2's or stage 1's)
     format: str = "diffusers"    # diffusers (a folder) | single_file (output_dir/model.safetensors, original layout)
     output_dir: str = ""         # required
     use_ema: bool = True         # a checkpoint's EMA weights (false: the raw ones); an export its own
@@ -71,6 +75,8 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     if target.exists() and not config.overwrite:
         raise FileExistsError(f"output_dir={out}: {target} exists; choose another output_dir or set overwrite=true")
 
+    if holds_autoencoder(Path(config.ckpt_path).expanduser()):
+        return export_autoencoder(config, out if config.format == "diffusers" else target)
     pipeline = LatentDiffusionPipeline.from_pretrained(config.ckpt_path, use_ema=config.use_ema)
     encoder = getattr(pipeline.conditioner, "encoder", None)
     text_encoder = encoder if type(encoder).__name__ == "CLIPTextEncoder" else None
@@ -120,6 +126,42 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
                     "class_embed_type=projection: StableDiffusionPipeline does not pass it (it stops asking for "
                     "class_labels); call the UNet yourself with class_labels=<pooled vectors (B, %d)>",
                     pipeline.unet.config.pooled_dim, pipeline.unet.config.pooled_dim)
+    return written
+
+
+def holds_autoencoder(path: Path) -> bool:
+    """Whether `path` is stage 1's: an autoencoder export, a run directory holding one, or a checkpoint of
+    ldm-train's autoencoder (anything else is left to the pipeline's loader, whose errors name the problem)."""
+    if path.is_dir():
+        config = export_dir(path) / CONFIG_NAME
+        return config.is_file() and export_kind(read_json_object(config, "ckpt_path")).startswith("an autoencoder")
+    try:
+        return path.is_file() and checkpoint_kind(load_checkpoint(path, "ckpt_path"), path) == "autoencoder"
+    except CheckpointError:
+        return False
+
+
+def export_autoencoder(config: ExportConfig, target: Path) -> Path:
+    """A stage-1 autoencoder as a diffusers AutoencoderKL folder or a stand-alone VAE file, with its latent scale
+    (the measured one, or the one a frozen encoder kept) as the scaling factor."""
+    from ldm.convert import save_diffusers_vae, save_single_file_vae
+    from ldm.nn.autoencoder import load_autoencoder
+
+    autoencoder, stats = load_autoencoder(config.ckpt_path, "ckpt_path", use_ema=config.use_ema)
+    scale = (stats or {}).get("scale_factor")
+    if config.format == "diffusers":
+        written = save_diffusers_vae(target, autoencoder, scale, overwrite=config.overwrite)
+    else:
+        written = save_single_file_vae(target, autoencoder, scale, overwrite=config.overwrite)
+    log.info("wrote %s (%s, an autoencoder) from %s, latent scale %s", written, config.format, config.ckpt_path,
+             "unknown" if scale is None else f"{scale:.5g}")
+    if scale is None:
+        log.warning("%s holds no latent statistics (they are measured at stage 1's validations): the export states "
+                    "SD's scaling factor 0.18215 for diffusers; stage 2 here measures or takes model.latent_scale",
+                    config.ckpt_path)
+    if config.format == "single_file":
+        log.warning("A1111, ComfyUI and diffusers' from_single_file take SD's scaling factor 0.18215 for a VAE file "
+                    "(ldm's loaders read its own, %s, from the file)", "none" if scale is None else f"{scale:.5g}")
     return written
 
 

@@ -21,6 +21,8 @@ Export:
                    tokenizer=None, clip_layer=None, overwrite=False)
     save_single_file(path, unet, autoencoder, latent_scale, schedule, prediction, text_encoder=None,
                      clip_layer=None, overwrite=False)
+    save_diffusers_vae(out_dir, autoencoder, latent_scale, overwrite=False)     # AutoencoderKL.from_pretrained
+    save_single_file_vae(path, autoencoder, latent_scale, overwrite=False)     # a stand-alone VAE file
 
 Lower level, one network at a time: `unet_config_from_diffusers` / `unet_config_to_diffusers`,
 `unet_from_diffusers` / `unet_to_diffusers`, `unet_from_original` / `unet_to_original`, `unet_config_from_original`,
@@ -48,7 +50,13 @@ from ldm.convert.autoencoder import (
 from ldm.convert.common import UnsupportedCheckpointError, read_state_dict
 from ldm.convert.components import SDComponents, load_tokenizer
 from ldm.convert.load import detect_layout, load_autoencoder_any, load_components
-from ldm.convert.save import export_text_encoder, save_diffusers, save_single_file
+from ldm.convert.save import (
+    export_text_encoder,
+    save_diffusers,
+    save_diffusers_vae,
+    save_single_file,
+    save_single_file_vae,
+)
 from ldm.convert.schedule import schedule_from_diffusers, schedule_to_diffusers
 from ldm.convert.single_file import load_single_file
 from ldm.convert.unet import (
@@ -66,7 +74,8 @@ __all__ = [
     "autoencoder_config_from_original", "autoencoder_config_to_diffusers", "autoencoder_from_diffusers",
     "autoencoder_from_original", "autoencoder_to_diffusers", "detect_layout", "export_text_encoder",
     "load_autoencoder_any", "load_components", "load_single_file", "load_tokenizer", "read_state_dict",
-    "save_diffusers", "save_single_file", "schedule_from_diffusers", "schedule_to_diffusers",
+    "save_diffusers", "save_diffusers_vae", "save_single_file", "save_single_file_vae", "schedule_from_diffusers",
+    "schedule_to_diffusers",
     "unet_config_from_diffusers", "unet_config_from_original", "unet_config_to_diffusers", "unet_from_diffusers",
     "unet_from_original", "unet_to_diffusers", "unet_to_original",
 ]

@@ -150,12 +150,10 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         raise TypeError(f"latent_scale must be a number (diffusers' scaling_factor), got {latent_scale!r}; from "
                         f"load_autoencoder_any's statistics pass stats['scale_factor']")
     image_size = image_size or autoencoder.config.resolution
-    vae_config = ae.autoencoder_config_to_diffusers(dataclasses.replace(autoencoder.config, resolution=image_size),
-                                                    latent_scale, force_upcast)
+    vae_config, vae_state = _diffusers_vae(autoencoder, latent_scale, force_upcast, image_size)
     latent_size = image_size // autoencoder.downsample_factor
     unet_config = un.unet_config_to_diffusers(unet.config, latent_size)
     unet_state = un.unet_to_diffusers(unet.state_dict(), unet.config)
-    vae_state = ae.autoencoder_to_diffusers(autoencoder.state_dict(), autoencoder.config)
     scheduler = schedule_to_diffusers(schedule, prediction)
     check_pooled_layer(unet, text_encoder, clip_layer)
     if text_encoder is not None:
@@ -185,6 +183,58 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
             tokenizer.save_pretrained(tmp / "tokenizer")
         _write_json(index, tmp / "model_index.json")
     return out_dir
+
+
+def _diffusers_vae(autoencoder: AutoencoderKL, latent_scale: float | None, force_upcast: bool,
+                   image_size: int) -> tuple[dict[str, Any], StateDict]:
+    """diffusers' AutoencoderKL config and state dict of ours."""
+    config = ae.autoencoder_config_to_diffusers(dataclasses.replace(autoencoder.config, resolution=image_size),
+                                                latent_scale, force_upcast)
+    return config, ae.autoencoder_to_diffusers(autoencoder.state_dict(), autoencoder.config)
+
+
+def save_diffusers_vae(out_dir: str | Path, autoencoder: AutoencoderKL, latent_scale: float | None,
+                       overwrite: bool = False, force_upcast: bool = True) -> Path:
+    """Write a folder that `diffusers.AutoencoderKL.from_pretrained(out_dir)` loads (config.json +
+    diffusion_pytorch_model.safetensors), as a VAE is published on its own (stabilityai/sd-vae-ft-mse), or goes in a
+    pipeline folder's vae/ (`StableDiffusionPipeline.from_pretrained(..., vae=AutoencoderKL.from_pretrained(out_dir))`).
+
+    Args:
+        out_dir: the destination folder.
+        autoencoder: our network (weights copied to CPU; the module is not changed).
+        latent_scale: written as `scaling_factor`; None: SD's 0.18215 (diffusers needs a value).
+        overwrite: replace an existing folder that holds a VAE (config.json).
+        force_upcast: as in `save_diffusers`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output directory")
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"{out_dir} holds files but no config.json: overwrite replaces a diffusers VAE folder, "
+                              f"not any directory (a run directory, say); choose another output directory")
+    config, state = _diffusers_vae(autoencoder, latent_scale, force_upcast, autoencoder.config.resolution)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        _write_json(config, tmp / "config.json")
+        _save_safetensors(state, tmp / DIFFUSERS_WEIGHTS)
+    return out_dir
+
+
+def save_single_file_vae(path: str | Path, autoencoder: AutoencoderKL, latent_scale: float | None,
+                         overwrite: bool = False) -> Path:
+    """Write a stand-alone VAE in the original layout (`encoder.*`, `decoder.*`, `quant_conv.*`,
+    `post_quant_conv.*`), as vae-ft-mse-840000-ema-pruned.safetensors: A1111 and ComfyUI load it as a VAE beside any
+    SD model, diffusers with `AutoencoderKL.from_single_file`. The metadata entry "ldm" holds the exact config and
+    latent scale, which `ldm.convert.load_autoencoder_any` reads back (other readers assume SD's 0.18215)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: single files are written as .safetensors only")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    state = autoencoder.state_dict()
+    ae.autoencoder_from_original(state, autoencoder.config)  # checks every key and shape
+    meta = {"autoencoder_config": dataclasses.asdict(autoencoder.config), "latent_scale": latent_scale}
+    _save_safetensors(state, path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
+    return path
 
 
 def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, latent_scale: float | None,

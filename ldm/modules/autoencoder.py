@@ -8,6 +8,7 @@ them (`scale_factor = 1 / std`, LDM's 0.18215 measured rather than copied).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.callbacks.checkpoint import halted_without_export
-from ldm.config import ConfigError, asdict, check_min, to_dataclass
+from ldm.checkpoints import MissingCheckpointError
+from ldm.config import ConfigError, asdict, check_min, check_required, to_dataclass
+from ldm.convert import load_autoencoder_any
 from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
-from ldm.io import atomic_write_text
+from ldm.io import absolute_if_local, atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
 from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
@@ -49,10 +52,40 @@ class Config:
     init_posterior_logvar: float | None = None  # start quant_conv's log-variance outputs here; null: as LDM (~0)
     image_key: str = "image"                  # where a dict batch keeps its images (B, C, H, W) in [-1, 1]
     num_log_images: int = 8                   # images per grid in `log_images`
+    init_from: str | None = None              # start from this autoencoder: our export / checkpoint, a diffusers vae/
+    #                                           or pipeline folder, or an SD single file (a stand-alone VAE too); its
+    #                                           architecture replaces model.net's (resolution, dropout stay these)
+    train_encoder: bool = True                # false: the encoder (and quant_conv) stay frozen, so that latents, and
+    #                                           a UNet trained on them, stay valid: SD's ft-EMA / ft-MSE VAEs tuned the
+    #                                           decoder alone; needs init_from
 
     def __post_init__(self) -> None:
         check_optimizer_config(self)
         check_min(1, num_log_images=self.num_log_images)
+        check_required(self, {"init_from": "the autoencoder to fine-tune: a diffusers vae/ or pipeline folder, a "
+                                           "single file, or stage 1's export, e.g. "
+                                           "model.init_from=/models/sd-vae-ft-mse"})
+        if not self.train_encoder and not self.init_from:
+            raise ConfigError("model.train_encoder=false keeps a pretrained encoder frozen: set model.init_from to "
+                              "the autoencoder to fine-tune (e.g. model.init_from=models/sd-vae-ft-mse)")
+        if self.init_from and self.init_posterior_logvar is not None:
+            raise ConfigError(f"model.init_posterior_logvar={self.init_posterior_logvar} would overwrite the "
+                              f"pretrained posterior of model.init_from={self.init_from}: leave it null")
+
+
+def adopt_pretrained(config: Config) -> tuple[Config, dict[str, torch.Tensor], float | None]:
+    """`config` with the architecture of the autoencoder `config.init_from` names (its resolution and dropout kept:
+    they set how it trains, not its weights), that autoencoder's weights, and its latent scale (None when it states
+    none: a stand-alone VAE file)."""
+    path = absolute_if_local(config.init_from)
+    model, stats, source = load_autoencoder_any(path, key="model.init_from")
+    net = dataclasses.replace(model.config, resolution=config.net.resolution, dropout=config.net.dropout)
+    changed = {k: v for k, v in asdict(net).items() if asdict(config.net).get(k) != v}
+    rank_zero_info(f"model.init_from={path} ({source}): its architecture and weights"
+                   + (f" (model.net: {changed})" if changed else "")
+                   + ("; the encoder stays frozen" if not config.train_encoder else ""))
+    scale = (stats or {}).get("scale_factor")
+    return dataclasses.replace(config, net=net, init_from=path), model.state_dict(), scale
 
 
 class AutoencoderModule(L.LightningModule):
@@ -75,13 +108,21 @@ class AutoencoderModule(L.LightningModule):
                                    "data.batch_size (or trainer.devices)",
     }
 
-    def __init__(self, config: Config | dict[str, Any]):
+    def __init__(self, config: Config | dict[str, Any], initialized: bool = False):
         super().__init__()
         config = to_dataclass(Config, config, "model")  # a dict when rebuilt by `load_from_checkpoint`
+        state, self.init_scale = None, None
+        if config.init_from and not initialized:  # `load_from_checkpoint` (initialized) takes the checkpoint's weights
+            config, state, self.init_scale = adopt_pretrained(config)
         self.config = config
         self.automatic_optimization = False
-        self.save_hyperparameters({"config": asdict(config)})
+        self.save_hyperparameters({"config": asdict(config), "initialized": bool(config.init_from)})
         self.autoencoder = AutoencoderKL(config.net)
+        if state is not None:
+            self.autoencoder.load_state_dict(state)
+        if not config.train_encoder:
+            for network in self.frozen_networks:
+                network.requires_grad_(False).eval()
         if config.init_posterior_logvar is not None:
             # note: from logvar ~ 0 (posterior std 1) the reconstruction loss lowers the log-variance by about one
             # learning rate per step, which dominates short runs; starting low skips that phase.
@@ -95,6 +136,25 @@ class AutoencoderModule(L.LightningModule):
         self.val_lpips = MeanMetric()
         self.latent_stats: dict[str, Any] | None = None
         self._latent_moments: list[torch.Tensor] = []
+
+    @classmethod
+    def check_files(cls, config: Config) -> None:
+        """Fail before anything is built when `init_from` names nothing (`ldm-train` calls it at start)."""
+        if config.init_from and not Path(config.init_from).expanduser().exists():
+            raise MissingCheckpointError(f"model.init_from={config.init_from} does not exist; point it at an "
+                                         f"autoencoder: stage 1's export or checkpoint, a diffusers vae/ or pipeline "
+                                         f"folder, or a Stable Diffusion single file")
+
+    @property
+    def frozen_networks(self) -> list[torch.nn.Module]:
+        """The parts `train_encoder: false` keeps as they were: the encoder and the posterior's projection."""
+        return [] if self.config.train_encoder else [self.autoencoder.encoder, self.autoencoder.quant_conv]
+
+    def train(self, mode: bool = True) -> AutoencoderModule:
+        super().train(mode)
+        for network in self.frozen_networks:  # no dropout in a frozen encoder: its latents stay the pretrained ones
+            network.eval()
+        return self
 
     def compile_networks(self) -> None:
         """`compile: true` compiles the encoder, the decoder and the discriminator (in place; state-dict keys
@@ -121,7 +181,7 @@ class AutoencoderModule(L.LightningModule):
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         c = self.config
-        ae_params = list(self.autoencoder.parameters())
+        ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad]
         if c.loss.learn_logvar:
             ae_params.append(self.loss.logvar)
         disc_params = list(self.loss.discriminator.parameters())
@@ -258,6 +318,9 @@ class AutoencoderModule(L.LightningModule):
             "num_values_per_channel": int(count[0].item()), "step": int(self.global_step),
             "source": "posterior samples over the validation batches",
         }
+        if not self.config.train_encoder and self.init_scale:
+            # the latents are the pretrained encoder's: its scale stays, as the UNets trained on them expect
+            self.latent_stats.update(scale_factor=float(self.init_scale), scale_factor_from=self.config.init_from)
         self.log("val/latent_std", global_std.float(), rank_zero_only=True)
         self._write_latent_stats()
 
@@ -280,13 +343,16 @@ class AutoencoderModule(L.LightningModule):
         fit either way (`loss.logvar` is a parameter or a buffer), but its first optimizer holds one parameter more or
         less, where Lightning's restore stops with a message that names no key. (`ldm-train` calls it before anything
         is written; `on_load_checkpoint` for any other fit.)"""
-        saved = (((checkpoint.get("hyper_parameters") or {}).get("config") or {}).get("loss") or {}).get("learn_logvar")
-        now = self.config.loss.learn_logvar
-        if saved is not None and saved != now:
-            raise ConfigError(f"the checkpoint was trained with model.loss.learn_logvar={str(saved).lower()}, this run "
-                              f"has {str(now).lower()} (its optimizer state holds the log-variance or not): resume "
-                              f"with model.loss.learn_logvar={str(saved).lower()}, or start afresh in another "
-                              f"paths.output_dir")
+        saved = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
+        for key, was, now, what in (
+                ("loss.learn_logvar", (saved.get("loss") or {}).get("learn_logvar"), self.config.loss.learn_logvar,
+                 "the log-variance or not"),
+                ("train_encoder", saved.get("train_encoder"), self.config.train_encoder,
+                 "the encoder's weights or not")):
+            if was is not None and was != now:
+                raise ConfigError(f"the checkpoint was trained with model.{key}={str(was).lower()}, this run has "
+                                  f"{str(now).lower()} (its optimizer state holds {what}): resume with "
+                                  f"model.{key}={str(was).lower()}, or start afresh in another paths.output_dir")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resume(checkpoint)

@@ -24,7 +24,7 @@ from torch.distributed.fsdp.wrap import wrap
 from ldm.callbacks.checkpoint import halted_without_export
 from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, text_encoder_config
-from ldm.config import ConfigError, asdict, check_choice, check_min, to_dataclass
+from ldm.config import ConfigError, asdict, check_choice, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
@@ -38,7 +38,6 @@ from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import step_generator
 
-REQUIRED = "REQUIRED"  # what an experiment sets for a model key the command line must give
 REQUIRED_HINTS = {
     "init_from": "a Stable Diffusion diffusers pipeline folder or single file, e.g. "
                  "model.init_from=/models/stable-diffusion-v1-5",
@@ -95,9 +94,7 @@ class Config:
         check_optimizer_config(self)
         if self.init_prediction is not None:
             check_choice("init_prediction", self.init_prediction, PREDICTIONS)
-        missing = [key for key in ("init_from", "autoencoder_path") if getattr(self, key) == REQUIRED]
-        if missing:  # an experiment's `???` would be dropped in the merge onto this schema's null
-            raise ConfigError(f"model.{missing[0]} is required by this experiment: {REQUIRED_HINTS[missing[0]]}")
+        check_required(self, REQUIRED_HINTS)
         if not self.autoencoder_path and not self.init_from:
             raise ConfigError("model.autoencoder_path is required: stage 1's export directory (<vae run>/export), "
                               "run directory or checkpoint, or a Stable Diffusion VAE, e.g. "
@@ -122,13 +119,14 @@ def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, s
     if explicit is not None:
         return float(explicit), "model.latent_scale"
     if stats and stats.get("scale_factor"):
-        measured = "global_std" in stats  # stage 1's statistics; a Stable Diffusion VAE states its scale
+        # stage 1's statistics, or the scale a Stable Diffusion VAE states (kept by a stage 1 that froze its encoder)
+        measured = "global_std" in stats and not stats.get("scale_factor_from")
         scale = float(stats["scale_factor"])
         if not math.isfinite(scale) or scale <= 0:  # a stage 1 whose latents collapsed or blew up, or a damaged file
             raise ConfigError(f"the latent scale of {source} is {scale}, not a positive finite number: set "
                               f"model.latent_scale, or retrain stage 1")
         return scale, (f"1 / std of the latent statistics of {source}" if measured else
-                       f"the scaling factor of {source}")
+                       f"the scaling factor of {stats.get('scale_factor_from') or source}")
     raise ConfigError(f"no latent scale: {source} holds no latent statistics (they are measured in stage 1's "
                       f"validation) and model.latent_scale is null. Set model.latent_scale explicitly (SD's KL-f8: "
                       f"0.18215) or point model.autoencoder_path at an autoencoder that has latent_stats.json")

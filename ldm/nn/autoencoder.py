@@ -315,13 +315,13 @@ class AutoencoderKL(nn.Module):
         return model
 
 
-def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> tuple[AutoencoderKL,
-                                                                                    dict[str, Any] | None]:
+def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path", use_ema: bool = True,
+                     ) -> tuple[AutoencoderKL, dict[str, Any] | None]:
     """An autoencoder, frozen (eval mode: dropout off; no gradients), and its latent statistics from an export
     directory or an `AutoencoderModule` checkpoint.
 
-    A checkpoint gives its EMA weights when it has them. Latent statistics are None when neither the export nor the
-    checkpoint holds any; a pipeline's export or checkpoint gives its latent scale alone.
+    A checkpoint gives its EMA weights when it has them (and `use_ema`). Latent statistics are None when neither the
+    export nor the checkpoint holds any; a pipeline's export or checkpoint gives its latent scale alone.
 
     Args:
         path: an export directory (`save_pretrained`), a `.ckpt` of `ldm.modules.autoencoder.AutoencoderModule`, a
@@ -329,11 +329,11 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path") -> t
             directory whose `export/` holds one of these.
         key: the config key that set `path`, named in the error when it does not exist.
     """
-    model, stats = _read_autoencoder(Path(path), key)
+    model, stats = _read_autoencoder(Path(path), key, use_ema)
     return model.eval().requires_grad_(False), stats
 
 
-def _read_autoencoder(path: Path, key: str) -> tuple[AutoencoderKL, dict[str, Any] | None]:
+def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderKL, dict[str, Any] | None]:
     if not path.exists():
         raise FileNotFoundError(f"{key}={path} does not exist; point it at an autoencoder export directory "
                                 f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
@@ -364,7 +364,7 @@ def _read_autoencoder(path: Path, key: str) -> tuple[AutoencoderKL, dict[str, An
         model.load_state_dict(submodule_state(checkpoint["state_dict"], "pipeline.autoencoder.")[0])
         return model, {"scale_factor": frozen["latent_scale"]}
     model = AutoencoderKL(AutoencoderConfig(**checkpoint["autoencoder_config"]))
-    state, _ = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module.")
+    state, _ = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module." if use_ema else None)
     model.load_state_dict(state)
     stats = checkpoint_latent_stats(checkpoint, path)
     if stats is not None and stats.get("step") != checkpoint.get("global_step"):

@@ -1,0 +1,91 @@
+"""Stage 1 from a pretrained VAE: `model.init_from` (a diffusers vae/ folder here) with `model.train_encoder=false`
+fine-tunes the decoder alone, as SD's ft-EMA / ft-MSE VAEs were made, keeps the source's latent scale, and
+`ldm-export` hands the result back to diffusers (`AutoencoderKL.from_pretrained`) or as a stand-alone VAE file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from convert_helpers import diffusers_vae
+from scale_helpers import compose_train, tiny_overrides
+
+from ldm.cli.export import export
+from ldm.cli.train import train
+from ldm.config import ConfigError
+from ldm.convert import load_autoencoder_any
+from ldm.modules.autoencoder import AutoencoderModule
+
+# the tiny diffusers VAE (32 / 64 wide, f = 2), fine-tuned on the 32 px shapes shards
+FINETUNE = ["model=autoencoder/kl_tiny", "model.init_posterior_logvar=null", "model.warmup_steps=0",
+            "model.train_encoder=false"]
+
+
+@pytest.fixture(scope="module")
+def sd_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("sd_vae")
+    diffusers_vae(seed=3).save_pretrained(directory)
+    return directory
+
+
+def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shards, sd_vae, tmp_path,
+                                                                     single_torch_thread):
+    from diffusers import AutoencoderKL
+
+    run = tmp_path / "run"
+    train(compose_train(tiny_overrides(shapes_shards, run, max_steps=2, every=2) + FINETUNE
+                        + [f"model.init_from={sd_vae}"]))
+    source, _, _ = load_autoencoder_any(sd_vae)
+    tuned, stats = load_autoencoder_any(run / "export")[:2]
+    assert tuned.config.ch == 32 and tuned.config.ch_mult == [1, 2]  # the source's architecture, not kl_tiny's
+    for name, value in source.state_dict().items():
+        same = torch.equal(value, tuned.state_dict()[name])
+        assert same == name.startswith(("encoder.", "quant_conv.")), name  # the encoder frozen, the decoder trained
+    # the latents are the source's, so its scale stays (UNets trained on them expect it); the measured std is kept
+    assert stats["scale_factor"] == 0.18215 and stats["scale_factor_from"] == str(sd_vae) and stats["global_std"] > 0
+    from ldm.modules.latent_diffusion import resolve_latent_scale
+
+    assert resolve_latent_scale(None, stats, "run/export") == (0.18215, f"the scaling factor of {sd_vae}")
+
+    folder = export({"ckpt_path": str(run / "export"), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    theirs = AutoencoderKL.from_pretrained(folder).eval()
+    assert theirs.config.scaling_factor == 0.18215
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.decode(z).sample, tuned.decode(z), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.encode(x).latent_dist.mean, tuned.encode(x).mean, atol=1e-5, rtol=1e-5)
+
+    file = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "single_file",
+                   "output_dir": str(tmp_path / "file")})
+    read, stats, _ = load_autoencoder_any(file)
+    assert stats == {"scale_factor": 0.18215}
+    assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in read.state_dict().items())  # the EMA-less weights
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:  # the original layout of a stand-alone VAE file (vae-ft-mse-840000)
+        assert {k.split(".")[0] for k in f.keys()} == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+
+
+def test_fine_tuning_settings_are_checked(sd_vae, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.train_encoder=false keeps a pretrained encoder frozen: set "
+                                          r"model\.init_from"):
+        AutoencoderModule({"train_encoder": False})
+    with pytest.raises(ConfigError, match=r"model\.init_posterior_logvar=-6\.0 would overwrite the pretrained"):
+        AutoencoderModule({"init_from": str(sd_vae), "init_posterior_logvar": -6.0})
+    from ldm.checkpoints import MissingCheckpointError
+
+    with pytest.raises(MissingCheckpointError, match=r"model\.init_from=.*nowhere does not exist"):
+        AutoencoderModule.check_files(AutoencoderModule.Config(init_from=str(tmp_path / "nowhere")))
+
+    module = AutoencoderModule({"init_from": str(sd_vae), "train_encoder": False,
+                                "loss": {"lpips_weight": 0.0}}).train()
+    assert not module.autoencoder.encoder.training and module.autoencoder.decoder.training  # no dropout in it
+    assert not any(p.requires_grad for p in module.autoencoder.encoder.parameters())
+    # a resume that would change what the optimizer holds is refused before Lightning's restore fails on it
+    checkpoint = {"hyper_parameters": {"config": {"train_encoder": True}}}
+    with pytest.raises(ConfigError, match=r"trained with model\.train_encoder=true, this run has false"):
+        module.check_resume(checkpoint)
+    assert json.loads((sd_vae / "config.json").read_text())["scaling_factor"] == 0.18215
