@@ -33,6 +33,17 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device | str =
     return torch.Generator(device=device).manual_seed(fold_seed(seed, rank, step, *([micro] if micro else [])))
 
 
+def check_seeds(key: str, seed: int, count: int) -> None:
+    """Raise ConfigError naming `key` unless the seeds `seed` .. `seed + count - 1` (one per image) lie in [0, 2**63):
+    `StackedRandomGenerator` takes seeds modulo 2**63, so a negative one would repeat another seed's images."""
+    from ldm.config import ConfigError
+
+    last = seed + count - 1
+    if not 0 <= seed <= last < 1 << 63:
+        raise ConfigError(f"{key}={seed}: the seeds {seed}..{last} (one per image) must lie in [0, 2**63); choose "
+                          f"{'a seed >= 0' if seed < 0 else 'a smaller seed'}")
+
+
 class StackedRandomGenerator:
     """One torch.Generator per sample seed; `randn` stacks per-sample draws along the batch dimension."""
 

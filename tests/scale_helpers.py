@@ -266,16 +266,20 @@ class SignalAtStep(L.Callback):
 
 
 class StopAtStep(L.Callback):
-    """Set `trainer.should_stop` at the end of the batch that reaches `step`, as Lightning's Timer does when
-    `trainer.max_time` runs out (or EarlyStopping when validation stops improving)."""
+    """Set `trainer.should_stop` at the end of the batch that reaches `step` (with `after`, of the after-th batch
+    after it: a micro-batch under gradient accumulation), as Lightning's Timer does when `trainer.max_time` runs out
+    (it looks at every batch), or EarlyStopping when validation stops improving."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, after: int = 0):
+        self.step, self.after = step, after
+        self.batches = -1  # batches since the one that reached `step`
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step >= self.step:
-            trainer.should_stop = True
+            self.batches += 1
+            if self.batches >= self.after:
+                trainer.should_stop = True
 
 
 class GatherProbe(L.Callback):

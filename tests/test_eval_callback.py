@@ -166,7 +166,9 @@ def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards:
                                 ("every_n_steps", 1.0, r"every_n_steps=1\.0 must be a whole number of steps"),
                                 ("num_samples", 1, r"num_samples=1 must be >= 2"),
                                 ("reference_num_samples", 0, r"reference_num_samples=0 must be >= 2"),
-                                ("feature_dim", 100, r"feature_dim=100 is not allowed")):
+                                ("feature_dim", 100, r"feature_dim=100 is not allowed"),
+                                # samples 2**63 - 2 + i: a TypeError at the first evaluation, hours in
+                                ("seed", 2**63 - 2, r"seed=9223372036854775806: the seeds .* must lie in \[0, 2")):
         with pytest.raises(ConfigError, match=rf"callbacks\.fid\.{message}"):
             FIDCallback(**{**common, key: value})
     (tmp_path / "no_clip").mkdir()

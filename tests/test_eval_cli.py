@@ -238,8 +238,10 @@ def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, t
         evaluate(make_cfg(assets, tmp_path, metrics=["fd"]))
     with pytest.raises(ConfigError, match="ckpt_path is required"):
         evaluate(make_cfg(assets, tmp_path, ckpt_path=None))
-    with pytest.raises(ConfigError, match=r"seed=9223372036854775807: sample i uses seed \+ i"):
+    with pytest.raises(ConfigError, match=r"seed=9223372036854775807: the seeds .* must lie in \[0, 2\*\*63\)"):
         evaluate(make_cfg(assets, tmp_path, seed=2**63 - 1))
+    with pytest.raises(ConfigError, match=r"seed=-1: .* choose a seed >= 0"):  # seeds are taken modulo 2**63
+        evaluate(make_cfg(assets, tmp_path, seed=-1))
     with pytest.raises(ConfigError, match="prompts_file=p.txt is read only with prompts_source=file"):
         evaluate(make_cfg(assets, tmp_path, prompts_file="p.txt"))
     with pytest.raises(WeightsNotFoundError, match="feature_extractor_weights_path="):

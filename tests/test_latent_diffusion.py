@@ -58,6 +58,8 @@ def test_validation_steps_beyond_the_schedule_are_refused_at_start(autoencoder_d
     diffusion = {"prediction": "v", "schedule": {"zero_terminal_snr": True, "num_train_timesteps": 20}}
     with pytest.raises(ConfigError, match=r"model.val_num_steps=50 must lie in \[1, 20\]"):
         LatentDiffusionModule(tiny_config(autoencoder_dir, diffusion=diffusion, val_num_steps=50))
+    with pytest.raises(ConfigError, match=r"model\.val_seed=-1: .* choose a seed >= 0"):  # seeds modulo 2**63
+        LatentDiffusionModule(tiny_config(autoencoder_dir, val_seed=-1))
 
 
 def test_training_at_another_resolution_than_the_model_generates_is_refused(shapes_shards: Path,

@@ -130,7 +130,7 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "f").glob("prompt*.png")) == [p.name for p in paths]
     # A seed whose last image would pass 2**63 - 1: refused before anything is written (the first images were
     # written, then a TypeError, and the next run refused the half-written folder).
-    with pytest.raises(ConfigError, match=r"seed=9223372036854775807: the run's seeds .*\.\.9223372036854775808 "):
+    with pytest.raises(ConfigError, match=r"seed=9223372036854775807: the seeds .*\.\.9223372036854775808 "):
         sample({**base, "prompts": PROMPTS, "output_dir": str(tmp_path / "f"), "overwrite": True,
                 "seed": 2**63 - 1})
     assert sorted(p.name for p in (tmp_path / "f").glob("prompt*.png")) == [p.name for p in paths]

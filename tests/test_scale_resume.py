@@ -125,6 +125,42 @@ def stop_should_stop(shards, out, full, extra):
     return None, 3
 
 
+def test_a_checkpoint_at_a_validation_step_holds_what_the_validation_moved(shapes_shards, tmp_path,
+                                                                          single_torch_thread):
+    """Checkpoints at a step with a validation were written before it: EarlyStopping's count in them missed that
+    validation, so a resumed run stopped two steps later than the uninterrupted one (and the last.ckpt of the run
+    it stopped held the count before the validation that stopped it)."""
+    early = ["+callbacks.es._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.es.monitor=val/rec_loss",
+             "+callbacks.es.mode=max", "+callbacks.es.patience=1"]  # stops at the second validation that drops
+    full = run(shapes_shards, tmp_path / "full", 12, AUTOENCODER + early)
+    run(shapes_shards, tmp_path / "split", 2, AUTOENCODER + early)
+    resumed = run(shapes_shards, tmp_path / "split", 12, AUTOENCODER + early)
+    assert max(full) < 12 and max(resumed) == max(full), (sorted(full), sorted(resumed))
+    stopped = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] == max(full)
+    assert next(v for k, v in stopped["callbacks"].items() if k.startswith("EarlyStopping"))["wait_count"] == 1
+
+
+def test_a_stop_before_trainer_min_steps_writes_no_checkpoint_per_step(shapes_shards, tmp_path, monkeypatch,
+                                                                       single_torch_thread):
+    """Lightning trains on to trainer.min_steps with `should_stop` left set: last.ckpt was written at every step."""
+    from ldm.callbacks.checkpoint import Checkpoint
+
+    saved: list[int] = []
+    save = Checkpoint.save
+
+    def counting(self, trainer, periodic, requested=False):
+        path = save(self, trainer, periodic, requested)
+        saved.append(trainer.global_step) if path is not None else None
+        return path
+
+    monkeypatch.setattr(Checkpoint, "save", counting)
+    steps = run(shapes_shards, tmp_path / "run", 6, AUTOENCODER + [
+        "+callbacks.stop._target_=scale_helpers.StopAtStep", "+callbacks.stop.step=1", "+trainer.min_steps=4"],
+                every=100)
+    assert sorted(steps) == [1, 2, 3, 4] and saved == [4]
+
+
 def stop_torn_last(shards, out, full, extra):
     run(shards, out, 5, extra)  # step0000002, step0000004 and last.ckpt (step 5)
     checkpoints = out / "checkpoints"
@@ -250,17 +286,21 @@ def test_a_signal_at_the_last_step_lets_the_run_finish(shapes_shards, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["end_of_run", "sigint"])
+@pytest.mark.parametrize("stop", ["end_of_run", "sigint", "should_stop"])
 def test_latent_diffusion_resume_with_gradient_accumulation_is_exact(shapes_shards, ldm_root, stop,
                                                                      single_torch_thread):
-    """Checkpoints and signal stops wait for the batch that steps: accumulated gradients never need saving."""
+    """Checkpoints, signal stops and a callback's stop (trainer.max_time's Timer, at a micro-batch: it wrote
+    last.ckpt after the loop had closed the epoch, the step's gradients lost) wait for the batch that steps:
+    accumulated gradients never need saving."""
     extra = tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null", "trainer.accumulate_grad_batches=2"]
     root = ldm_root / "accumulate"
     if not (root / "full" / "record").exists():
         run(shapes_shards, root / "full", FULL_STEPS, extra)
     out = root / stop
-    signal = ["+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=1",
-              "+callbacks.signal.signal_name=SIGINT"] if stop == "sigint" else []
+    signal = {"sigint": ["+callbacks.signal._target_=scale_helpers.SignalAtStep", "+callbacks.signal.step=1",
+                         "+callbacks.signal.signal_name=SIGINT"],
+              "should_stop": ["+callbacks.stop._target_=scale_helpers.StopAtStep", "+callbacks.stop.step=1",
+                              "+callbacks.stop.after=1"]}.get(stop, [])  # the first micro-batch of step 2
     first = run(shapes_shards, out, 3 if stop == "end_of_run" else FULL_STEPS, extra + signal)
     assert max(first) == (3 if stop == "end_of_run" else 2)
     run(shapes_shards, out, FULL_STEPS, extra)
@@ -365,6 +405,9 @@ def test_checkpoints_outside_the_run_directory_resume_and_a_bad_name_fails_at_st
     run(shapes_shards, tmp_path / "run", 4, AUTOENCODER + elsewhere)
     assert sorted(run(shapes_shards, tmp_path / "run", 6, AUTOENCODER + elsewhere)) == [5, 6]
     assert torch.load(tmp_path / "fast_disk" / "last.ckpt", weights_only=True, mmap=True)["global_step"] == 6
+    from ldm.callbacks.checkpoint import Checkpoint
+
+    assert Checkpoint(dirpath="~/fast_disk").dirpath == str(Path.home() / "fast_disk")  # where resume looks
     with pytest.raises(InstantiationException, match=r"callbacks\.checkpoint\.filename='step\{step\}-\{val/loss:"
                                                     r"\.3f\}': KeyError: 'val/loss'; a name takes the fields \{step\}"):
         run(shapes_shards, tmp_path / "bad", 4,

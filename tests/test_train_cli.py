@@ -325,6 +325,13 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
                                                          r"\(did you mean callbacks\.throughput\.count_flops\?\)"),
             (["+callbacks.extra._target_=no.such.Class"], r"callbacks\.extra\._target_=no\.such\.Class cannot be "
                                                           r"imported \(ModuleNotFoundError"),
+            # Lightning's: accumulation the contrastive model refuses, a schedule length and a printed global batch
+            # that ignored it; a tuner that took the module's batch_size method for a number, after the build
+            (["+callbacks.gas._target_=lightning.pytorch.callbacks.GradientAccumulationScheduler",
+              "+callbacks.gas.scheduling={0:2}"], r"callbacks\.gas: GradientAccumulationScheduler is not supported: "
+                                                   r".* set trainer\.accumulate_grad_batches; remove callbacks\.gas"),
+            (["+callbacks.bsf._target_=lightning.pytorch.callbacks.BatchSizeFinder"], r"set data\.batch_size"),
+            (["+callbacks.lrf._target_=lightning.pytorch.callbacks.LearningRateFinder"], r"set model\.lr"),
     ]:
         with pytest.raises(ConfigError, match=message):
             check_components(compose_train(base + extra))

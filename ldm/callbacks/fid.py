@@ -33,6 +33,7 @@ from ldm.eval.reference_stats import load_or_compute_reference_stats
 from ldm.eval.sources import generation_labels, load_prompts
 from ldm.images import to_uint8
 from ldm.nn import eval_mode
+from ldm.seeding import check_seeds
 
 
 class FIDCallback(StepBoundary):
@@ -72,6 +73,7 @@ class FIDCallback(StepBoundary):
         if num_steps < 1 or guidance_scale < 0:
             raise ConfigError(f"callbacks.fid.num_steps={num_steps} must be >= 1 and callbacks.fid.guidance_scale="
                               f"{guidance_scale} >= 0 (1.0: the conditional model alone)")
+        check_seeds("callbacks.fid.seed", seed, num_samples)
         self.val_shards = val_shards
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples

@@ -32,6 +32,7 @@ from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8
 from ldm.io import atomic_write_text, read_lines
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.seeding import check_seeds
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
         raise ConfigError(f"negative_prompt={config.negative_prompt!r} applies to text-conditioned models; "
                           f"{config.ckpt_path} reads no prompts: leave it null")
     k = config.num_images_per_prompt
-    last_seed = config.seed + len(prompts) * k - 1
-    if not -2**63 <= config.seed <= last_seed < 2**63:  # checked before any image is written
-        raise ConfigError(f"seed={config.seed}: the run's seeds {config.seed}..{last_seed} (one per image) must lie "
-                          f"in [-2**63, 2**63); choose a smaller seed")
+    check_seeds("seed", config.seed, len(prompts) * k)  # before any image is written
     out = Path(config.output_dir)
     earlier = [*out.glob("prompt*_seed*.png"), *(out / n for n in (GRID_NAME, RECORD_NAME) if (out / n).exists())]
     if earlier and not config.overwrite:

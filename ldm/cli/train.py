@@ -33,7 +33,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    LearningRateMonitor,
+    ProgressBar,
+)
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -94,6 +100,18 @@ def wandb_disabled() -> bool:
         os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes")
 
 
+# Lightning callbacks that change what ldm-train sets up before the run, behind its back.
+REFUSED_CALLBACKS = {
+    GradientAccumulationScheduler: "the global batch printed at start, the LR schedule's length (counted from "
+                                   "trainer.accumulate_grad_batches) and the modules that refuse accumulation would "
+                                   "not know of it; set trainer.accumulate_grad_batches",
+    BatchSizeFinder: "set data.batch_size (the datamodule's loaders are built from it; search it with a sweep, "
+                     "hparams_search=ldm_optuna)",
+    LearningRateFinder: "set model.lr (the rate lives in the model's config; search it with a sweep, "
+                        "hparams_search=ldm_optuna)",
+}
+
+
 def check_components(cfg: DictConfig) -> None:
     """Raise ConfigError naming `logger.NAME.KEY` or `callbacks.NAME.KEY` for a class that does not import or a key
     its constructor does not take (a W&B key is checked against `wandb.init`, which WandbLogger passes the keys it
@@ -112,6 +130,9 @@ def check_components(cfg: DictConfig) -> None:
                 cause = err.__cause__ or err
                 raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: "
                                           f"{cause})") from None
+            for base, why in REFUSED_CALLBACKS.items():
+                if isinstance(cls, type) and issubclass(cls, base):
+                    raise configs.ConfigError(f"{key}: {base.__name__} is not supported: {why}; remove {key}")
             parameters = inspect.signature(cls).parameters
             accepted = {n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
             open_ended = len(accepted) < len(parameters)
@@ -502,8 +523,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
         if callable(getattr(module, "check_resume", None)):
             module.check_resume(checkpoint)
-        if is_multirun() and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
-            check_same_job(checkpoint, ckpt_path, built)  # found in the job's own directory (auto_resume, last)
+        if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
+            check_same_job(checkpoint, ckpt_path, built)  # found in the job's checkpoints (auto_resume, last)
     save_config(built, output_dir)
     apply_module_switches(module, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

@@ -48,6 +48,7 @@ from ldm.eval.results import WandbTable, append_results, print_row, read_results
 from ldm.eval.sources import READER_VERSION, generation_labels, iter_image_batches, load_prompts, shard_fingerprint
 from ldm.images import to_uint8
 from ldm.io import check_export_weights
+from ldm.seeding import check_seeds
 
 
 @dataclass
@@ -120,9 +121,7 @@ class EvalConfig:
         check_choice("feature_dim", self.feature_dim, INCEPTION_FEATURE_DIMS)
         if self.num_samples < 2 or self.batch_size < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be >= 2 and batch_size={self.batch_size} >= 1")
-        if not -2**63 <= self.seed <= 2**63 - self.num_samples:
-            raise ConfigError(f"seed={self.seed}: sample i uses seed + i, which must lie in [-2**63, 2**63) for "
-                              f"every one of num_samples={self.num_samples}; choose a smaller seed")
+        check_seeds("seed", self.seed, self.num_samples)  # sample i uses seed + i
         check_min(1, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, resolution=self.resolution)
         check_min(2, reference_num_samples=self.reference_num_samples)
         if not (self.samplers and self.num_steps and self.guidance_scales):

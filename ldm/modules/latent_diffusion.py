@@ -36,7 +36,7 @@ from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, l
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.seeding import step_generator
+from ldm.seeding import check_seeds, step_generator
 
 REQUIRED_HINTS = {
     "init_from": "a Stable Diffusion diffusers pipeline folder or single file, e.g. "
@@ -95,6 +95,8 @@ class Config:
         if self.init_prediction is not None:
             check_choice("init_prediction", self.init_prediction, PREDICTIONS)
         check_required(self, REQUIRED_HINTS)
+        check_seeds("model.val_seed", self.val_seed,
+                    max(len(self.val_prompts), len(self.val_class_labels or []), self.val_num_images))
         if not self.autoencoder_path and not self.init_from:
             raise ConfigError("model.autoencoder_path is required: stage 1's export directory (<vae run>/export), "
                               "run directory or checkpoint, or a Stable Diffusion VAE, e.g. "
