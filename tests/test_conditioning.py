@@ -13,7 +13,7 @@ from convert_helpers import tiny_tokenizer
 from ldm.conditioning import ByteTextEncoder, ConditionerConfig, build_conditioner, drop_mask, text_encoder_config
 from ldm.conditioning.byte import BOS, EOS, PAD, byte_tokenize
 from ldm.config import ConfigError
-from ldm.nn.unet import UNET_CONFIGS, UNet
+from ldm.nn.unet import UNET_CONFIGS, UNet, unet_config
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +336,10 @@ def test_conditioner_drives_the_unet():
     # the hint is an override Hydra accepts: null, not None
     with pytest.raises(ConfigError, match=r"set model\.unet\.context_dim=null$"):
         build_conditioner({"kind": "none"}).check_unet(unet.config)
+    # the README's class_embed=unet example left the conditioner at its 1000 classes; the hint named only the UNet
+    labels = unet_config("tiny", context_dim=None, num_classes=10)
+    with pytest.raises(ConfigError, match=r"num_classes=1000, or model\.conditioner\.num_classes=10$"):
+        build_conditioner({"kind": "class", "class_embed": "unet"}).check_unet(labels)
 
 
 def test_frozen_text_encoder_runs_outside_autocast(tmp_path):

@@ -165,9 +165,11 @@ class Conditioner(nn.Module):
                           ("pooled_dim", self.pooled_dim)):
             theirs = getattr(unet_config, key)
             if theirs != mine:
+                other = f", or {prefix}.conditioner.num_classes={theirs}" if key == "num_classes" and None not in (
+                    theirs, mine) else ""  # which of the two numbers is the intended one, only the user knows
                 raise ConfigError(f"{prefix}.unet.{key}={theirs} does not match {prefix}.conditioner.kind="
                                   f"{self.kind}, which needs {key}={mine}; set {prefix}.unet.{key}="
-                                  f"{'null' if mine is None else mine}")
+                                  f"{'null' if mine is None else mine}{other}")
 
 
 class TextConditioner(Conditioner):
