@@ -58,6 +58,12 @@ def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shard
         torch.testing.assert_close(theirs.decode(z).sample, tuned.decode(z), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(theirs.encode(x).latent_dist.mean, tuned.encode(x).mean, atol=1e-5, rtol=1e-5)
 
+    from ldm.convert import save_diffusers_vae
+
+    with pytest.raises(FileExistsError, match="holds files but no config.json: overwrite replaces a diffusers VAE"):
+        save_diffusers_vae(run, tuned, 0.18215, overwrite=True)  # a run directory, not a VAE folder
+    assert (run / "export").is_dir()
+
     file = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "single_file",
                    "output_dir": str(tmp_path / "file")})
     read, stats, _ = load_autoencoder_any(file)

@@ -166,11 +166,7 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     }
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output directory")
-    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
-        raise FileExistsError(f"{out_dir} holds files but no model_index.json: overwrite replaces a diffusers pipeline "
-                              f"folder, not any directory (a run directory, say); choose another output directory")
+    _check_destination(out_dir, overwrite, "model_index.json", "a diffusers pipeline folder")
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(unet_config, tmp / "unet" / "config.json")
         _save_safetensors(unet_state, tmp / "unet" / DIFFUSERS_WEIGHTS)
@@ -183,6 +179,15 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
             tokenizer.save_pretrained(tmp / "tokenizer")
         _write_json(index, tmp / "model_index.json")
     return out_dir
+
+
+def _check_destination(out_dir: Path, overwrite: bool, marker: str, what: str) -> None:
+    """Refuse a file as the destination folder, and an overwrite of a folder that is not `what` (no `marker`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output directory")
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
+        raise FileExistsError(f"{out_dir} holds files but no {marker}: overwrite replaces {what}, not any directory "
+                              f"(a run directory, say); choose another output directory")
 
 
 def _diffusers_vae(autoencoder: AutoencoderKL, latent_scale: float | None, force_upcast: bool,
@@ -207,11 +212,7 @@ def save_diffusers_vae(out_dir: str | Path, autoencoder: AutoencoderKL, latent_s
         force_upcast: as in `save_diffusers`.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output directory")
-    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-        raise FileExistsError(f"{out_dir} holds files but no config.json: overwrite replaces a diffusers VAE folder, "
-                              f"not any directory (a run directory, say); choose another output directory")
+    _check_destination(out_dir, overwrite, "config.json", "a diffusers VAE folder")
     config, state = _diffusers_vae(autoencoder, latent_scale, force_upcast, autoencoder.config.resolution)
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(config, tmp / "config.json")
