@@ -282,6 +282,14 @@ class StopAtStep(L.Callback):
                 trainer.should_stop = True
 
 
+class StopAtEpochEnd(L.Callback):
+    """Set `trainer.should_stop` at the end of the first training epoch, where Lightning's Timer looks too (and
+    EarlyStopping with `check_on_train_epoch_end`)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
 class GatherProbe(L.Callback):
     """Ask the module to gather a (2, 1) tensor holding this rank's number, and record what every rank got back, and
     the loss of this rank's share of the batch (the step's output) by step."""

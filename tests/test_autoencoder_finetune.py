@@ -64,6 +64,10 @@ def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shard
         save_diffusers_vae(run, tuned, 0.18215, overwrite=True)  # a run directory, not a VAE folder
     assert (run / "export").is_dir()
 
+    with pytest.warns(UserWarning, match=r"use_ema=false: ckpt_path=.* autoencoder export, which holds the weights"):
+        export({"ckpt_path": str(run / "export"), "format": "diffusers", "output_dir": str(tmp_path / "hf_raw"),
+                "use_ema": False})
+
     file = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "single_file",
                    "output_dir": str(tmp_path / "file")})
     read, stats, _ = load_autoencoder_any(file)
@@ -86,6 +90,11 @@ def test_fine_tuning_settings_are_checked(sd_vae, tmp_path):
     with pytest.raises(MissingCheckpointError, match=r"model\.init_from=.*nowhere does not exist"):
         AutoencoderModule.check_files(AutoencoderModule.Config(init_from=str(tmp_path / "nowhere")))
 
+    from ldm.convert import save_single_file_vae
+
+    bare = save_single_file_vae(tmp_path / "bare.safetensors", load_autoencoder_any(sd_vae)[0], None)
+    with pytest.warns(UserWarning, match=r"states no latent scale .* set stage 2's model\.latent_scale"):
+        AutoencoderModule({"init_from": str(bare), "train_encoder": False, "loss": {"lpips_weight": 0.0}})
     module = AutoencoderModule({"init_from": str(sd_vae), "train_encoder": False,
                                 "loss": {"lpips_weight": 0.0}}).train()
     assert not module.autoencoder.encoder.training and module.autoencoder.decoder.training  # no dropout in it

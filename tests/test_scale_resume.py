@@ -12,6 +12,8 @@ to FULL_STEPS in a fresh `train()` call, as a new process would. With data.batch
   epoch_end      step0000004.ckpt written at the end of the training epoch (save_on_train_epoch_end)
   sigusr1, sigterm, sigint   a signal during step 3: last.ckpt at the end of step 3, then the run stops
   should_stop    a callback stops the run after step 3 (trainer.max_time's Timer, EarlyStopping): last.ckpt there
+  min_steps      a stop after step 1 that Lightning holds off to trainer.min_steps=4: last.ckpt at step 4
+  epoch_end_stop a stop set at the end of the first epoch (step 4; the Timer looks there too): last.ckpt there
   torn_last      after a kill: last.ckpt cut short and a checkpoint temp file left; auto-resume takes the newest
                  intact checkpoint (step 4), removes the temp file, and writes no `-v1` duplicate
 """
@@ -125,13 +127,15 @@ def stop_should_stop(shards, out, full, extra):
     return None, 3
 
 
-def test_a_checkpoint_at_a_validation_step_holds_what_the_validation_moved(shapes_shards, tmp_path,
-                                                                          single_torch_thread):
-    """Checkpoints at a step with a validation were written before it: EarlyStopping's count in them missed that
-    validation, so a resumed run stopped two steps later than the uninterrupted one (and the last.ckpt of the run
-    it stopped held the count before the validation that stopped it)."""
+def test_early_stopping_resumes_exactly_from_validation_time_checkpoints(shapes_shards, tmp_path,
+                                                                         single_torch_thread):
+    """A periodic checkpoint is written at the end of its step, before that step's validation (as Lightning's
+    ModelCheckpoint): EarlyStopping's count in it misses that validation. With `every_n_train_steps: null` the
+    checkpoint comes after each validation, and a resumed run stops where the uninterrupted one did (the last.ckpt
+    of the run it stopped holds the count of the validation that stopped it)."""
     early = ["+callbacks.es._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.es.monitor=val/rec_loss",
-             "+callbacks.es.mode=max", "+callbacks.es.patience=1"]  # stops at the second validation that drops
+             "+callbacks.es.mode=max", "+callbacks.es.patience=1",  # stops at the second validation that drops
+             "callbacks.checkpoint.every_n_train_steps=null"]
     full = run(shapes_shards, tmp_path / "full", 12, AUTOENCODER + early)
     run(shapes_shards, tmp_path / "split", 2, AUTOENCODER + early)
     resumed = run(shapes_shards, tmp_path / "split", 12, AUTOENCODER + early)
@@ -161,6 +165,22 @@ def test_a_stop_before_trainer_min_steps_writes_no_checkpoint_per_step(shapes_sh
     assert sorted(steps) == [1, 2, 3, 4] and saved == [4]
 
 
+def stop_min_steps(shards, out, full, extra):
+    # a stop at step 1 that Lightning holds off to trainer.min_steps=4 (and the min_epochs=1 it sets with it): the
+    # step-4 last.ckpt was written after the loop had closed the epoch
+    steps = run(shards, out, FULL_STEPS, extra + ["+callbacks.stop._target_=scale_helpers.StopAtStep",
+                                                 "+callbacks.stop.step=1", "+trainer.min_steps=4"])
+    assert sorted(steps) == [1, 2, 3, 4]
+    return None, 4
+
+
+def stop_at_epoch_end(shards, out, full, extra):
+    # a stop set in on_train_epoch_end (the Timer's other check): last.ckpt came from on_train_end, past the epoch
+    steps = run(shards, out, FULL_STEPS, extra + ["+callbacks.stop._target_=scale_helpers.StopAtEpochEnd"], every=3)
+    assert sorted(steps) == [1, 2, 3, 4]
+    return None, 4
+
+
 def stop_torn_last(shards, out, full, extra):
     run(shards, out, 5, extra)  # step0000002, step0000004 and last.ckpt (step 5)
     checkpoints = out / "checkpoints"
@@ -173,9 +193,9 @@ def stop_torn_last(shards, out, full, extra):
 STOPS = {"periodic": stop_periodic, "validation": stop_validation, "end_of_run": stop_end_of_run,
          "epoch_end_run": stop_epoch_end_run, "epoch_end": stop_epoch_end, "sigusr1": _stop_on("SIGUSR1"),
          "sigterm": _stop_on("SIGTERM"), "sigint": _stop_on("SIGINT"), "should_stop": stop_should_stop,
-         "torn_last": stop_torn_last}
+         "min_steps": stop_min_steps, "epoch_end_stop": stop_at_epoch_end, "torn_last": stop_torn_last}
 # in `make test`; the rest with `make test-all`
-FAST = {"end_of_run", "epoch_end_run", "sigint", "should_stop", "torn_last"}
+FAST = {"end_of_run", "epoch_end_run", "sigint", "should_stop", "min_steps", "epoch_end_stop", "torn_last"}
 
 
 def check_resume(shards: Path, root: Path, stop: str, extra: list[str], full_name: str = "full") -> None:

@@ -6,9 +6,8 @@
 `Checkpoint` is our own checkpoint callback on Lightning's public `Checkpoint` base (not ModelCheckpoint, whose
 behaviour could only be changed through private methods). It writes
 
-  periodic    `step{step:07d}.ckpt` every `every_n_train_steps` steps, at the end of that step's batch, or after
-              that step's validation when one is due (so the file holds what it measured and the states of the
-              callbacks it moved, EarlyStopping's say, and a run killed during it resumes into it again);
+  periodic    `step{step:07d}.ckpt` every `every_n_train_steps` steps, at the end of that step's batch (before
+              that step's validation, as Lightning's ModelCheckpoint; `every_n_train_steps: null` saves after it);
   validation  the same file at the end of each validation instead, when `every_n_train_steps` is null (so the
               checkpoint holds what that validation measured, e.g. the autoencoder's latent statistics); a
               validation inside an accumulation group (its step's gradients half summed) saves at the end of the
@@ -45,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from ldm.callbacks.step_boundary import StepBoundary, final_batch, validation_due
+from ldm.callbacks.step_boundary import StepBoundary, final_batch
 from ldm.config import ConfigError
 from ldm.io import atomic_open
 
@@ -83,9 +82,9 @@ def halted_without_export(trainer: L.Trainer) -> bool:
 def stopping(trainer: L.Trainer) -> bool:
     """Whether the fit loop stops at this batch's end on `should_stop` (a callback's: the Timer of `trainer.max_time`,
     EarlyStopping): Lightning trains on, the flag left set, until `trainer.min_steps` and `min_epochs` are met."""
-    loop = trainer.fit_loop
+    loop = trainer.fit_loop  # note: an epoch whose last batch this is counts (it ends before the loop stops)
     return trainer.should_stop and trainer.global_step >= (loop.min_steps or 0) \
-        and loop.epoch_progress.current.processed >= (loop.min_epochs or 0)
+        and loop.epoch_progress.current.processed + int(trainer.is_last_batch) >= (loop.min_epochs or 0)
 
 
 def run_stopped(trainer: L.Trainer) -> bool:
@@ -170,7 +169,6 @@ class Checkpoint(StepBoundary, CheckpointBase):
         self.kept: list[str] = []  # periodic checkpoints written by this run (and its earlier segments), oldest first
         self._validated = False  # a validation asked for a checkpoint, due at the next optimizer step
         self._stop_held = False  # a callback's stop, asked for inside an accumulation group, due at the step's end
-        self._owed: str | None = None  # "periodic" / "last": a checkpoint of this step, due after its validation
         self._last_step = -1  # global step of the newest last.ckpt this process wrote
 
     # -- when -------------------------------------------------------------------------------------------------------
@@ -197,19 +195,12 @@ class Checkpoint(StepBoundary, CheckpointBase):
         if self._stop_held:
             self._stop_held = False
             trainer.should_stop = True
-        # note: should_stop is a callback's (Lightning runs this one after the others); a checkpoint owed by a step
-        # whose validation did not run after all (`_owed` left over) is written at the next step's end
-        periodic = (self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0) \
-            or self._validated or self._owed == "periodic"
-        last = self.save_last and not self._last_is_current(trainer) \
-            and (final_batch(trainer) or stopping(trainer) or self._owed == "last")
-        self._validated, self._owed = False, None
-        if not (periodic or last):
-            return
-        if validation_due(trainer):  # written after this step's validation: with what it measured, and the other
-            self._owed = "periodic" if periodic else "last"  # callbacks' states it moved (EarlyStopping's, ...)
-            return
-        self.save(trainer, periodic=periodic)
+        periodic = self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0
+        if periodic or self._validated:
+            self._validated = False
+            self.save(trainer, periodic=True)
+        elif self.save_last and (final_batch(trainer) or stopping(trainer)) and not self._last_is_current(trainer):
+            self.save(trainer, periodic=False)  # should_stop: Lightning runs this callback after the one that set it
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -218,12 +209,10 @@ class Checkpoint(StepBoundary, CheckpointBase):
         if not self.stepped(trainer):  # a validation inside an accumulation group: its gradients so far are in no
             self._validated = self._validated or self.every_n_train_steps == 0  # checkpoint: at the step's end
             self._hold_stop(trainer)
-        elif self.every_n_train_steps == 0 or self._owed == "periodic":
-            self._owed = None
+        elif self.every_n_train_steps == 0:
             self.save(trainer, periodic=True)
-        elif self._owed == "last" or (self.save_last and stopping(trainer) and not self._last_is_current(trainer)):
-            self._owed = None  # the run's last step, or EarlyStopping stopped it: while the loop stands in its epoch
-            self.save(trainer, periodic=False)
+        elif self.save_last and stopping(trainer) and not self._last_is_current(trainer):
+            self.save(trainer, periodic=False)  # EarlyStopping stopped the run: while the loop stands in its epoch
 
     def _hold_stop(self, trainer: L.Trainer) -> None:
         """A stop asked for inside an accumulation group (the Timer of `trainer.max_time` looks at every batch,
@@ -238,6 +227,8 @@ class Checkpoint(StepBoundary, CheckpointBase):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_on_train_epoch_end:
             self.save(trainer, periodic=True)
+        elif self.save_last and stopping(trainer) and not self._last_is_current(trainer):
+            self.save(trainer, periodic=False)  # a stop at the epoch's end (the Timer, EarlyStopping look there too)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

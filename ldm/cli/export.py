@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, check_choice, check_output_dir, register_schemas, to_dataclass
-from ldm.io import CONFIG_NAME, export_dir, export_kind, read_json_object
+from ldm.io import CONFIG_NAME, check_export_weights, export_dir, export_kind, read_json_object
 
 log = logging.getLogger(__name__)
 FORMATS = ("diffusers", "single_file")
@@ -147,6 +147,7 @@ def export_autoencoder(config: ExportConfig, target: Path) -> Path:
     from ldm.convert import save_diffusers_vae, save_single_file_vae
     from ldm.nn.autoencoder import load_autoencoder
 
+    check_export_weights(config.ckpt_path, config.use_ema)  # use_ema=false on an export: what it holds, said
     autoencoder, stats = load_autoencoder(config.ckpt_path, "ckpt_path", use_ema=config.use_ema)
     scale = (stats or {}).get("scale_factor")
     if config.format == "diffusers":

@@ -85,6 +85,11 @@ def adopt_pretrained(config: Config) -> tuple[Config, dict[str, torch.Tensor], f
                    + (f" (model.net: {changed})" if changed else "")
                    + ("; the encoder stays frozen" if not config.train_encoder else ""))
     scale = (stats or {}).get("scale_factor")
+    if scale is None and not config.train_encoder:
+        rank_zero_warn(f"model.init_from={path} states no latent scale (a stand-alone VAE file): the export will hold "
+                       f"the one measured here, not the scale the UNets trained on its latents expect; give its "
+                       f"diffusers folder instead, or set stage 2's model.latent_scale (SD 1/2: 0.18215, SDXL: "
+                       f"0.13025)")
     return dataclasses.replace(config, net=net, init_from=path), model.state_dict(), scale
 
 
