@@ -47,6 +47,10 @@ def test_pipeline_round_trip_through_ours(style, tmp_path, single_torch_thread):
     pipe = tiny_sd_pipeline(tmp_path, style)
     parts = load_components(tmp_path / style)
     assert parts.latent_scale == 0.18215 and parts.clip_layer == "last"
+    # the folder as model.autoencoder_path (and ldm-encode's) gives the size model.init_from of it does: the UNet's
+    from ldm.convert import load_autoencoder_any
+
+    assert load_autoencoder_any(tmp_path / style)[0].config.resolution == parts.autoencoder_config.resolution == 16
     if style == "sd1":
         assert parts.prediction == "eps"
         assert (parts.schedule.timestep_spacing, parts.schedule.steps_offset) == ("leading", 1)

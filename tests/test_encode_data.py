@@ -227,6 +227,18 @@ def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
     assert "max_length=16 (model.init_from=/models/sd sets model.conditioner): encode the shards again" in \
         str(error.value) and "set model.conditioner" not in str(error.value)
 
+    # two latent folders (train + val, or two training folders) of the same weights at other settings: compared by
+    # their weights alone, the second was read with the first's manifest (its samples skipped as corrupt, or its
+    # contexts taken for the model's)
+    other = copy.deepcopy(manifest)
+    other.path = encoded / "other" / latents.MANIFEST_NAME
+    latents.check_same_encoders(manifest, copy.deepcopy(manifest), "data.val_shards")
+    for what, value in (("layer", "penultimate"), ("context_shape", [32, 16])):
+        (other.text_encoder["config"] if what == "layer" else other.text_encoder)[what] = value
+        with pytest.raises(ConfigError, match=rf"data\.val_shards: .* holds text encoded with {what}=.* but "
+                                              rf".*other.* with {what}=.*; encode every split with the same"):
+            latents.check_same_encoders(manifest, other, "data.val_shards")
+
 
 def latent_run(shapes_shards: Path, encoded: Path, autoencoder: Path, out: Path, max_steps: int) -> list[str]:
     """ldm-train overrides: the tiny LDM on the encoded shards, with the encoding's frozen text encoder."""
@@ -310,6 +322,7 @@ def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path
     require_image_shards(str(shapes_shards / "val-*.tar"), "FID/KID/rFID need reference images")  # images: no error
     callback = FIDCallback(val_shards=str(encoded / "val" / "val-*.tar"), num_samples=4, num_steps=2)
     module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
-    with pytest.raises(ConfigError, match=r"callbacks\.fid\.val_shards are the FID's reference images .* set "
-                                          r"callbacks\.fid\.val_shards to the image shards.* are latent shards"):
+    with pytest.raises(ConfigError, match=r"callbacks\.fid\.val_shards are the FID's reference images, but .* are "
+                                          r"latent shards .*; training on latents, set callbacks\.fid\.val_shards "
+                                          r"to the image shards they were encoded from$"):  # (it named no such key)
         callback.setup(None, module, "fit")  # at the start of fit, before any training

@@ -104,8 +104,8 @@ class FIDCallback(StepBoundary):
                               f"the FID callback is for latent diffusion models: leave callbacks=[default,fid] out")
         pl_module.pipeline.schedule.check_num_steps(self.num_steps, "callbacks.fid.num_steps")
         self._shards = local_shards(self.val_shards, "callbacks.fid.val_shards")
-        require_image_shards(self._shards, "callbacks.fid.val_shards are the FID's reference images (training on "
-                                           "latents: set callbacks.fid.val_shards to the image shards)")
+        require_image_shards(self._shards, "callbacks.fid.val_shards are the FID's reference images",
+                             "training on latents, set callbacks.fid.val_shards")
         self._prompts = load_prompts("val_shards", self.num_samples, self._shards)
         conditioner = pl_module.pipeline.conditioner
         if self.clip_model and not conditioner.uses_prompts:

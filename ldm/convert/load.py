@@ -104,6 +104,16 @@ def load_autoencoder_diffusers(directory: str | Path) -> tuple[AutoencoderConfig
     return config, ae.autoencoder_from_diffusers(_diffusers_weights(directory), config), scale
 
 
+def _pipeline_size(directory: Path, config: AutoencoderConfig) -> AutoencoderConfig:
+    """The autoencoder `config` at the size a pipeline folder generates at: diffusers takes the UNet's sample_size
+    times the VAE's factor (SD 2-base: vae/ says 768, unet/ 64, so 512 px); the VAE's own sample_size is its training
+    tile, not the pipeline's size."""
+    unet_size = square_size(read_json(directory / "unet" / "config.json", "the UNet").get("sample_size"))
+    if unet_size is None:
+        return config
+    return dataclasses.replace(config, resolution=unet_size * 2 ** (len(config.ch_mult) - 1))
+
+
 def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = None) -> SDComponents:
     """All parts of a diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, scheduler/,
     text_encoder/, tokenizer/). Parts the folder lacks (or lists as null) stay None.
@@ -136,13 +146,8 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
     if present("vae"):
         parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = load_autoencoder_diffusers(
             directory / "vae")
-        unet_size = square_size(read_json(directory / "unet" / "config.json", "the UNet").get("sample_size")) \
-            if parts.unet_config is not None else None
-        if unet_size is not None:
-            # diffusers generates at the UNet's sample_size times the VAE's factor (SD 2-base: vae/ says 768, unet/
-            # 64, so 512 px); the VAE's own sample_size is its training tile, not the pipeline's size
-            factor = 2 ** (len(parts.autoencoder_config.ch_mult) - 1)
-            parts.autoencoder_config = dataclasses.replace(parts.autoencoder_config, resolution=unet_size * factor)
+        if parts.unet_config is not None:
+            parts.autoencoder_config = _pipeline_size(directory, parts.autoencoder_config)
     if present("scheduler"):
         parts.schedule, parts.prediction = schedule_from_diffusers(
             read_json(directory / "scheduler" / "scheduler_config.json", "the scheduler"))
@@ -259,6 +264,8 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
             raise ConfigError(f"{key}={path}: the pipeline folder has no vae/")
         with _naming(key, path):
             config, state, scale = load_autoencoder_diffusers(path / "vae")
+            if (path / "unet" / "config.json").is_file():  # the size model.init_from of this folder gives
+                config = _pipeline_size(path, config)
         source = f"diffusers pipeline {path}/vae"
     elif layout == "diffusers_vae":
         with _naming(key, path):

@@ -219,6 +219,21 @@ def check_same_encoders(a: LatentManifest, b: LatentManifest, key: str,
         if a.data.get(what) != b.data.get(what):
             raise ConfigError(f"{key}: {a.path} has {what}={a.data.get(what)} but {b.path} has {what}="
                               f"{b.data.get(what)}; encode every split with the same ldm-encode settings")
+    # the same text encoder weights at another layer, prompt length, pooling or tokenizer give other stored arrays
+    ours, theirs = (_text_settings(m) for m in (a, b))
+    for what in sorted(ours.keys() & theirs.keys()):
+        if ours[what] is not None and theirs[what] is not None and ours[what] != theirs[what]:
+            raise ConfigError(f"{key}: {a.path} holds text encoded with {what}={ours[what]} but {b.path} with "
+                              f"{what}={theirs[what]}; encode every split with the same text_encoder settings")
+
+
+def _text_settings(manifest: LatentManifest) -> dict[str, Any]:
+    """What, beside the weights, sets a latent folder's stored text arrays (all None for a folder without text)."""
+    text = manifest.data.get("text_encoder") or {}
+    config = text.get("config") or {}
+    return {"kind": config.get("kind"), "layer": config.get("layer", "last") if text else None,
+            "context_shape": text.get("context_shape"), "pooled_shape": text.get("pooled_shape"),
+            "tokens_sha256": text.get("tokens_sha256")}
 
 
 def require_images(datamodule: Any, model: str) -> None:

@@ -405,13 +405,15 @@ class Evaluator:
         return [row]
 
 
-def require_image_shards(shards: Any, why: str) -> None:
-    """Raise ConfigError, saying `why` images are needed, when `shards` are latent shards (a manifest beside them)."""
+def require_image_shards(shards: Any, why: str,
+                         fix: str = "set reference_shards (for FID/KID) or val_shards") -> None:
+    """Raise ConfigError, saying `why` images are needed, when `shards` are latent shards (a manifest beside them);
+    `fix` names the keys to set."""
     manifest = find_manifest(local_shards(shards), "val_shards", to_read=False)
     if manifest is not None:
         raise ConfigError(f"{why}, but the shards {shards[:2] if isinstance(shards, list) else shards} are latent "
-                          f"shards (written by ldm-encode: {manifest.path}); set reference_shards (for FID/KID) or "
-                          f"val_shards to the image shards they were encoded from")
+                          f"shards (written by ldm-encode: {manifest.path}); {fix} to the image shards they were "
+                          f"encoded from")
 
 
 # --------------------------------------------------------------------------------------------------------------------
