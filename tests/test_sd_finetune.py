@@ -324,7 +324,8 @@ def test_a_shorter_prompt_length_travels_with_the_export(tmp_path: Path, caplog,
     hf = StableDiffusionPipeline.from_pretrained(hf_dir)
     assert hf.tokenizer.model_max_length == 16
     pipeline = LatentDiffusionPipeline.from_pretrained(ours)
-    latents = StackedRandomGenerator([3, 4]).randn((2, 4, 16, 16))
+    size = pipeline.image_size // pipeline.autoencoder.downsample_factor  # the SD folder's (its UNet's sample_size)
+    latents = StackedRandomGenerator([3, 4]).randn((2, 4, size, size))
     with torch.no_grad():
         mine = pipeline.generate(PROMPTS, [3, 4], sampler="ddim", num_steps=4, guidance_scale=5.0)
         theirs = hf(PROMPTS, latents=latents, num_inference_steps=4, guidance_scale=5.0, output_type="pt").images
