@@ -150,7 +150,6 @@ class Checkpoint(StepBoundary, CheckpointBase):
         try:  # at start, not at the first checkpoint after hours of training
             name = filename.format(step=0, epoch=0)
         except (KeyError, IndexError, ValueError, AttributeError) as err:
-            name = None
             why = f"{type(err).__name__}: {err}"
         else:
             why = "not a file name of its own" if not name or "/" in name or f"{name}.ckpt" == LAST_NAME else ""
