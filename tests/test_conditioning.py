@@ -400,9 +400,11 @@ def test_pretrained_byte_encoder_loads_frozen_and_checks_the_config(tmp_path):
     (tmp_path / "sd" / "model_index.json").parent.mkdir()
     (tmp_path / "sd" / "model_index.json").write_text("{}")  # an SD folder given with the default kind
     with pytest.raises(ConfigError, match=r"no byte encoder there .*model\.conditioner\.kind=byte is the default\); "
-                                          r"it holds a Stable Diffusion model, whose CLIP text encoder "
+                                          r"it holds a Stable Diffusion pipeline, whose CLIP text encoder "
                                           r"model\.conditioner\.kind=clip reads$"):
         build_conditioner({**config, "name_or_path": str(tmp_path / "sd")})
+    with pytest.raises(ConfigError, match=r"give the folder that holds this file, .*export$"):  # not an SD model
+        build_conditioner({**config, "name_or_path": str(tmp_path / "export" / "model.safetensors")})
     empty = build_conditioner({**config, "name_or_path": str(tmp_path / "nowhere")}, load_pretrained=False)
     assert not empty.trainable  # a checkpoint's state dict fills it
 

@@ -145,9 +145,11 @@ def test_early_stopping_resumes_exactly_from_validation_time_checkpoints(shapes_
     assert next(v for k, v in stopped["callbacks"].items() if k.startswith("EarlyStopping"))["wait_count"] == 1
 
 
-def test_a_stop_before_trainer_min_steps_writes_no_checkpoint_per_step(shapes_shards, tmp_path, monkeypatch,
+@pytest.mark.parametrize("stop", ["step", "epoch_end"])
+def test_a_stop_before_trainer_min_steps_writes_no_checkpoint_per_step(shapes_shards, tmp_path, monkeypatch, stop,
                                                                        single_torch_thread):
-    """Lightning trains on to trainer.min_steps with `should_stop` left set: last.ckpt was written at every step."""
+    """Lightning trains on to trainer.min_steps (min_epochs) with `should_stop` left set: last.ckpt was written at
+    every step (and, for a stop at an epoch's end, at that epoch's end, counted twice)."""
     from ldm.callbacks.checkpoint import Checkpoint
 
     saved: list[int] = []
@@ -159,10 +161,15 @@ def test_a_stop_before_trainer_min_steps_writes_no_checkpoint_per_step(shapes_sh
         return path
 
     monkeypatch.setattr(Checkpoint, "save", counting)
-    steps = run(shapes_shards, tmp_path / "run", 6, AUTOENCODER + [
-        "+callbacks.stop._target_=scale_helpers.StopAtStep", "+callbacks.stop.step=1", "+trainer.min_steps=4"],
-                every=100)
-    assert sorted(steps) == [1, 2, 3, 4] and saved == [4]
+    if stop == "step":
+        steps = run(shapes_shards, tmp_path / "run", 6, AUTOENCODER + [
+            "+callbacks.stop._target_=scale_helpers.StopAtStep", "+callbacks.stop.step=1", "+trainer.min_steps=4"],
+                    every=100)
+        assert sorted(steps) == [1, 2, 3, 4] and saved == [4]
+    else:  # stopped at the end of epoch 1 of 4 steps, held off to min_epochs=2
+        steps = run(shapes_shards, tmp_path / "run", 12, AUTOENCODER + [
+            "+callbacks.stop._target_=scale_helpers.StopAtEpochEnd", "+trainer.min_epochs=2"], every=100)
+        assert sorted(steps) == list(range(1, 9)) and saved == [8]
 
 
 def stop_min_steps(shards, out, full, extra):

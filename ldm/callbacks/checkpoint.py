@@ -79,12 +79,14 @@ def halted_without_export(trainer: L.Trainer) -> bool:
     return False
 
 
-def stopping(trainer: L.Trainer) -> bool:
-    """Whether the fit loop stops at this batch's end on `should_stop` (a callback's: the Timer of `trainer.max_time`,
-    EarlyStopping): Lightning trains on, the flag left set, until `trainer.min_steps` and `min_epochs` are met."""
+def stopping(trainer: L.Trainer, epoch_ended: bool = False) -> bool:
+    """Whether the fit loop stops at this batch's end (or, `epoch_ended`, at this epoch's end, which the loop has
+    counted already) on `should_stop` (a callback's: the Timer of `trainer.max_time`, EarlyStopping): Lightning
+    trains on, the flag left set, until `trainer.min_steps` and `min_epochs` are met."""
     loop = trainer.fit_loop  # note: an epoch whose last batch this is counts (it ends before the loop stops)
+    ending = 0 if epoch_ended else int(trainer.is_last_batch)
     return trainer.should_stop and trainer.global_step >= (loop.min_steps or 0) \
-        and loop.epoch_progress.current.processed + int(trainer.is_last_batch) >= (loop.min_epochs or 0)
+        and loop.epoch_progress.current.processed + ending >= (loop.min_epochs or 0)
 
 
 def run_stopped(trainer: L.Trainer) -> bool:
@@ -226,7 +228,7 @@ class Checkpoint(StepBoundary, CheckpointBase):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_on_train_epoch_end:
             self.save(trainer, periodic=True)
-        elif self.save_last and stopping(trainer) and not self._last_is_current(trainer):
+        elif self.save_last and stopping(trainer, epoch_ended=True) and not self._last_is_current(trainer):
             self.save(trainer, periodic=False)  # a stop at the epoch's end (the Timer, EarlyStopping look there too)
 
     @override

@@ -131,13 +131,15 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
         """
         path = export_dir(path)
         if not is_export(path):
-            from ldm.conditioning.conditioner import is_stable_diffusion
-
             kind_key = config_key.rsplit(".", 1)[0] + ".kind"
-            other = f"it holds a Stable Diffusion model, whose CLIP text encoder {kind_key}=clip reads" \
-                if is_stable_diffusion(str(path)) else \
-                "point it at the export of a text-image pretraining run (ldm-train experiment=quickstart_clip " \
-                "writes <run>/export), or set it to null to train the encoder from scratch"
+            if Path(path).is_file() and is_export(Path(path).parent):
+                other = f"give the folder that holds this file, {Path(path).parent}"
+            elif (Path(path) / "model_index.json").is_file():
+                other = f"it holds a Stable Diffusion pipeline, whose CLIP text encoder {kind_key}=clip reads"
+            else:
+                other = "point it at the export of a text-image pretraining run (ldm-train " \
+                        "experiment=quickstart_clip writes <run>/export), or set it to null to train the encoder " \
+                        "from scratch"
             raise ConfigError(f"{config_key}={path}: no byte encoder there ({CONFIG_NAME} and {WEIGHTS_NAME}; "
                               f"{kind_key}=byte is the default); {other}")
         config_dict, state = read_export(path, config_key)

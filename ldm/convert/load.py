@@ -264,8 +264,9 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
             raise ConfigError(f"{key}={path}: the pipeline folder has no vae/")
         with _naming(key, path):
             config, state, scale = load_autoencoder_diffusers(path / "vae")
-            if (path / "unet" / "config.json").is_file():  # the size model.init_from of this folder gives
-                config = _pipeline_size(path, config)
+            unet = read_json(path / "model_index.json", "a diffusers pipeline").get("unet")
+            if isinstance(unet, list) and unet and unet[0] is not None and (path / "unet").is_dir():
+                config = _pipeline_size(path, config)  # the size model.init_from of this folder gives
         source = f"diffusers pipeline {path}/vae"
     elif layout == "diffusers_vae":
         with _naming(key, path):
