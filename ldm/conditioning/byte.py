@@ -132,9 +132,9 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
         path = export_dir(path)
         if not is_export(path):
             kind_key = config_key.rsplit(".", 1)[0] + ".kind"
-            if Path(path).is_file() and is_export(Path(path).parent):
-                other = f"give the folder that holds this file, {Path(path).parent}"
-            elif (Path(path) / "model_index.json").is_file():
+            if path.is_file() and is_export(path.parent):  # (export_dir gives a Path)
+                other = f"give the folder that holds this file, {path.parent}"
+            elif (path / "model_index.json").is_file():
                 other = f"it holds a Stable Diffusion pipeline, whose CLIP text encoder {kind_key}=clip reads"
             else:
                 other = "point it at the export of a text-image pretraining run (ldm-train " \
