@@ -107,11 +107,21 @@ def save_export(directory: str | os.PathLike, config: dict[str, Any],
     return directory
 
 
-def export_dir(path: str | os.PathLike) -> Path:
-    """`path`, or its `export/` when `path` is a run directory that holds an export and is not one itself."""
+def export_dir(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+    """`path`, or its `export/` when `path` is a run directory that holds an export and is not one itself. A run
+    directory without one (a run exports when it finishes) is refused, naming its checkpoint."""
+    from ldm.checkpoints import CheckpointError
+
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file() and (path / "export" / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / "export" / CONFIG_NAME).is_file():
         return path / "export"
+    if (path / "checkpoints").is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        instead = f"its checkpoint, {key}={last}" if last.is_file() else f"one of its checkpoints ({path}/checkpoints)"
+        raise CheckpointError(f"{key}={path} is a run directory without an export (a run writes export/ when it "
+                              f"finishes; this one has not finished, or was stopped): give {instead}")
     return path
 
 
@@ -121,7 +131,7 @@ def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckp
     "raw" otherwise; an export without the record counts as EMA); the raw ones are in the run's checkpoints."""
     if use_ema or not Path(path).is_dir():
         return
-    directory = export_dir(path)
+    directory = export_dir(path, key)
     try:
         config = json.loads((directory / CONFIG_NAME).read_text())
         weights = (config.get("training") or {}).get("weights", "ema")

@@ -309,7 +309,7 @@ class LatentDiffusionPipeline(nn.Module):
         """
         path = Path(path).expanduser()
         if path.is_dir():
-            pipeline = cls._from_export(export_dir(path), key, use_ema)
+            pipeline = cls._from_export(export_dir(path, key), key, use_ema)
         elif path.is_file():
             pipeline = cls.from_checkpoint(load_checkpoint(path, key), str(path), use_ema, key)
         else:

@@ -73,7 +73,8 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
-    study whose newest trial was run with other fixed settings (naming them, and `hydra.sweeper.study_name`)."""
+    study whose newest complete trial was run with other fixed settings (naming them, and
+    `hydra.sweeper.study_name`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
@@ -83,7 +84,9 @@ class CheckOptunaSweep(Callback):
             study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
         except KeyError:  # a new study
             return
-        recorded = next((t.user_attrs for t in reversed(study.trials) if t.user_attrs), None)
+        # the newest trial with a score: one left RUNNING (a job stopped, or refused after training) scored nothing
+        recorded = next((t.user_attrs for t in reversed(study.trials)
+                         if t.user_attrs and t.state == TrialState.COMPLETE), None)
         if recorded is None:
             return
 

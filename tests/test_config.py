@@ -220,7 +220,7 @@ BAD_VALUES = [
     ("model/contrastive/tiny", ["image.resolution=32", "text.num_heads=3"],
      r"^model\.text\.width=64 is not divisible by num_heads=3"),
     # out of range: a negative bound on the gradient norm would turn every step into gradient ascent
-    ("model/autoencoder/kl_tiny", ["grad_clip=-1.0"], r"^model\.grad_clip=-1.0 must be > 0"),
+    ("model/autoencoder/kl_tiny", ["grad_clip=0"], r"^model\.grad_clip=0.0 must be > 0, or null for no clipping"),
     ("model/autoencoder/kl_tiny", ["lr=-1"], r"^model\.lr=-1.0 must be > 0"),
     ("model/autoencoder/kl_tiny", ["ema_decay=1.5"], r"^model\.ema_decay=1.5 must lie in \(0, 1\)"),
     ("model/autoencoder/kl_tiny", ["warmup_steps=-3"], r"^model\.warmup_steps=-3 must be >= 0"),

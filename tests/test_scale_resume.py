@@ -37,7 +37,10 @@ from scale_helpers import (
     tiny_overrides,
 )
 
+from ldm.checkpoints import CheckpointError
+from ldm.cli.export import holds_autoencoder
 from ldm.cli.train import train
+from ldm.nn.autoencoder import load_autoencoder
 
 FULL_STEPS = 6
 EVERY = 2
@@ -310,6 +313,7 @@ def test_a_signal_at_the_last_step_lets_the_run_finish(shapes_shards, tmp_path, 
                                                       f"callbacks.checkpoint.save_last={save_last}"])
     assert sorted(steps) == [1, 2, 3] and not log.exists(), "requeued a finished run"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert (out / "export" / "latent_stats.json").is_file()  # the run finished: it exports
 
 
 @pytest.mark.slow
@@ -378,6 +382,12 @@ def test_a_signal_at_a_validation_step_keeps_what_the_validation_measured(shapes
     first = run(shapes_shards, out, 5, AUTOENCODER + signal)
     assert sorted(first) == [1, 2, 3, 4]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"]["step"] == 4
+    assert not (out / "export").exists()  # a stop before the last step exports nothing: the model is not finished
+    for read, key in ((lambda path: load_autoencoder(path, "model.autoencoder_path"), "model.autoencoder_path"),
+                      (holds_autoencoder, "ckpt_path")):  # (ldm-export)
+        with pytest.raises(CheckpointError, match=rf"{key}=\S+ is a run directory without an export .* give its "
+                                                  rf"checkpoint, {key}=\S+/checkpoints/last.ckpt"):
+            read(out)
     resumed = run(shapes_shards, out, 5, AUTOENCODER)
     assert sorted(resumed) == [5] and resumed[5] == full[5]
     assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt", out / "checkpoints" / "last.ckpt", 5)

@@ -83,11 +83,14 @@ def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
     for key, value in {"hparams_search": "ldm_optuna", "paths.root_dir": str(root), "data.batch_size": "4"}.items():
         trial.set_user_attr(key, value)  # as the sweeper records the command's fixed settings
     study.tell(trial, 1.0)
+    stuck = study.ask()  # newer, never scored (a stopped job, or one refused after training): not compared with
+    for key, value in {"hparams_search": "ldm_optuna", "paths.root_dir": str(root), "data.batch_size": "8"}.items():
+        stuck.set_user_attr(key, value)
     result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "data.batch_size=2"])
     assert result.returncode == 2, result.stderr[-3000:]
     assert "holds trials run with other fixed settings (data.batch_size: '4' there, '2' here)" in result.stderr
     assert "hydra.sweeper.study_name=NAME" in result.stderr and "Traceback" not in result.stderr
-    assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 1
+    assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 2
 
 
 def test_fixed_settings_are_compared_as_values_not_as_spelled():
@@ -107,6 +110,18 @@ def test_a_search_space_optuna_rejects_is_refused_naming_the_key(entry, tmp_path
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"the search space entry '{entry}' is not a distribution Optuna accepts" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("*.sqlite"))
+
+
+def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
+    """An Optuna point (here a grid's) that the model refuses ended the whole sweep, whose later points were never
+    tried: once the sweep's first job has built the command's model, a ConfigError is the job's own values'."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=1e-3,-1,2e-3",
+                      *sweep_overrides(shapes_shards, max_steps=1)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial failed (ConfigError: model.lr=-1.0 must be > 0)" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert [(sweep / job / "export").is_dir() for job in "012"] == [True, False, True]
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint as CheckpointBase
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
@@ -69,12 +69,18 @@ def run_halted(trainer: L.Trainer) -> bool:
     return any(getattr(callback, "halted", False) for callback in trainer.callbacks)
 
 
-def halted_without_export(trainer: L.Trainer) -> bool:
-    """True when the NaN guard halted the run: a module's `on_fit_end` then writes no export, which would replace the
-    one an earlier segment finished with weights of a diverged run, labelled with the step it stopped at."""
+def stopped_without_export(trainer: L.Trainer) -> bool:
+    """True when the run ends without its export: the NaN guard halted it (the export would replace the one an earlier
+    segment finished with the weights of a diverged run), or a signal stopped it before its last step (a part-trained
+    model looks finished in an export, and writing it costs the grace time; the resumed run exports at its end). A
+    module's `on_fit_end` then leaves `<run>/export` as it was."""
     if run_halted(trainer):
         rank_zero_warn(f"the run was halted at step {trainer.global_step}: {trainer.default_root_dir}/export is left "
                        f"as it was (the checkpoints hold the run)")
+        return True
+    if (received := run_interrupted(trainer)) is not None:
+        rank_zero_info(f"{received.name} stopped the run at step {trainer.global_step}: no export (the same command "
+                       f"resumes it and exports at its end; ldm-export reads its last.ckpt now)")
         return True
     return False
 

@@ -4,10 +4,10 @@
     ldm-encode shards='data/shapes/val-*.tar' autoencoder_path=runs/vae/export output_dir=data/latents/val \
                text_encoder='{kind: byte, name_or_path: runs/clip/export}' flips=true devices=2
 
-Each input shard becomes a latent shard of the same name under output_dir (`ldm.data.latents` describes the format),
-written atomically, followed by its `NAME_stats.json`; a shard with both is finished and skipped when the command is
-run again, any other is (re)written. `devices=N` starts N processes (one per GPU, or N CPU processes), each encoding
-its own shards; under torchrun (RANK / WORLD_SIZE in the environment) each rank takes its share instead.
+Each input shard becomes a latent shard of the same name (as .tar) under output_dir (`ldm.data.latents` describes the
+format), written atomically, followed by its `NAME_stats.json`; a shard with both is finished and skipped when the
+command is run again, any other is (re)written. `devices=N` starts N processes (one per GPU, or N CPU processes), each
+encoding its own shards; under torchrun (RANK / WORLD_SIZE in the environment) each rank takes its share instead.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from ldm.data.encoding import (
     changed_keys,
     check_outputs_have_a_manifest,
     encode_shard,
+    image_shards_in,
     is_finished,
     load_encoders,
     prepare_output,
     read_output_manifest,
 )
-from ldm.data.shards import SUMMARY_NAME
 from ldm.distributed import choose_device, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,9 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if encoded is not None:
         raise ConfigError(f"shards={config.shards} are latent shards (written by ldm-encode: {encoded.path}); "
                           f"ldm-encode reads image shards: point shards at those the latents were encoded from")
-    names = [Path(u).name for u in urls]
+    names = [latents.shard_name(u) for u in urls]
     if len(set(names)) != len(names):
-        raise ConfigError(f"shards: two input shards share a file name (outputs keep the names): "
+        raise ConfigError(f"shards: two input shards share a file name (outputs keep the names, as .tar): "
                           f"{sorted(n for n in names if names.count(n) > 1)[:3]}; encode each folder separately")
     rank, world, local_rank = _world()
     if world > 1 and config.overwrite:
@@ -192,18 +192,18 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"output_dir={config.output_dir} holds the input shards themselves (e.g. {inputs[0]}): the "
                           f"latent shards keep the input names and would replace the images; choose another "
                           f"output_dir")
-    if (out / SUMMARY_NAME).is_file() and not (out / latents.MANIFEST_NAME).exists():
-        raise ConfigError(f"output_dir={config.output_dir} holds image shards written by ldm-data ({SUMMARY_NAME}): "
-                          f"a {latents.MANIFEST_NAME} beside them would have every reader take them for latents; "
+    if not (out / latents.MANIFEST_NAME).exists() and (images := image_shards_in(out)) is not None:
+        raise ConfigError(f"output_dir={config.output_dir} holds image shards ({images.name}): a "
+                          f"{latents.MANIFEST_NAME} beside them would have every reader take them for latents; "
                           f"choose another output_dir")
-    out.mkdir(parents=True, exist_ok=True)
 
     spawn = world == 1 and config.devices > 1
     device = torch.device("cpu") if spawn else _device(config, local_rank)  # spawned processes load their own
     encoders = load_encoders(config, device)
     manifest = build_manifest(config, encoders)
+    out.mkdir(parents=True, exist_ok=True)  # once the encoders load: a refused run leaves no folder behind
     if rank == 0:
-        prepare_output(config, manifest, encoders, urls)
+        prepare_output(config, manifest, urls)
     else:
         check_outputs_have_a_manifest(out, urls)  # what rank 0 refuses, refused here too, not waited on
         _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)

@@ -588,8 +588,10 @@ def main(cfg: DictConfig) -> float | None:
 
     The model, data and numeric trainer keys, and an explicit `ckpt_path`, are checked before the config tree is
     printed; a mistake ends with one message and exit status 2 (`ldm.cli.common.run_cli`). In a multirun, a run that
-    fails (other than by a ConfigError, which stops the sweep) prints its traceback and returns None, and so does one
-    whose metric is not finite, so the sweep goes on: the Optuna sweeper records the trial as failed. (Not nan: the
+    fails prints its traceback (a ConfigError: its message) and returns None, and so does one whose metric is not
+    finite, so the sweep goes on: the Optuna sweeper records the trial as failed. A ConfigError in the sweep's first
+    job stops the sweep instead (a mistake in the command fails every job alike; in a later job, where the command
+    has built a model, it is the job's own values the model refuses: a search-space point, say). (Not nan: the
     Optuna 2.x that hydra-optuna-sweeper needs rejects a nan value with an error that ends the whole sweep.) A run
     stopped by a signal before its last step ends the sweep (exit status 128 + the signal) with no result; a signal
     at its end lets it report, and the next job ends the sweep. A job that resumed a finished run reports nothing.
@@ -605,9 +607,11 @@ def main(cfg: DictConfig) -> float | None:
         try:
             metrics = train(cfg)
         except Exception as err:
-            if config_error_in(err) is not None or not is_multirun():
-                raise  # a config mistake fails every trial alike: stop the sweep
-            traceback.print_exc()
+            refused = config_error_in(err)
+            if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0):
+                raise  # a mistake in the command, which every job would meet: the sweep stops at its first
+            if refused is None:
+                traceback.print_exc()
             print(f"trial failed ({type(err).__name__}: {err}); the sweep goes on without its "
                   f"{metric_name or 'result'}")
             return None

@@ -129,7 +129,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             expected: the architecture the config asks for; a difference raises ConfigError naming the key.
             config_key: the config key that set `path`, named in errors.
         """
-        path = export_dir(path)
+        path = export_dir(path, config_key)
         if not is_export(path):
             kind_key = config_key.rsplit(".", 1)[0] + ".kind"
             if path.is_file() and is_export(path.parent):  # (export_dir gives a Path)

@@ -203,7 +203,7 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
     layout = detect_layout(path, key)
     ours = _our_checkpoint_kind(path) if layout == "single_file" else None
     if layout == "ours" or ours is not None:
-        what = (export_kind(read_json_object(export_dir(path) / CONFIG_NAME, key)) if layout == "ours" else
+        what = (export_kind(read_json_object(export_dir(path, key) / CONFIG_NAME, key)) if layout == "ours" else
                 f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model")
         raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
                           f"folder, a diffusers unet/ or vae/ folder, or a single file)")

@@ -23,13 +23,13 @@ import webdataset as wds
 from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
-from ldm.data.shards import MEMBER_MTIME
+from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
 from ldm.data.stream import IMAGE_KEYS, resize_crop, sample_caption, tar_ends_cut
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
+    absolute_if_local,
     atomic_open,
-    atomic_write_bytes,
     atomic_write_text,
     export_dir,
     is_export,
@@ -37,6 +37,9 @@ from ldm.io import (
 )
 
 log = logging.getLogger(__name__)
+
+TEXT_KINDS = ("clip", "hf", "byte")  # text encoders whose outputs can be stored
+TEXT_SETTINGS = ("kind", "layer", "max_length")  # what, beside the weights and tokenizer, sets the stored text arrays
 
 TEXT_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -101,8 +104,9 @@ def text_encoder_config(node: dict[str, Any]) -> dict[str, Any]:
     """
     node = dict(node)
     path = node.get("name_or_path")
-    if node.get("kind", "byte") == "byte" and path and is_export(export_dir(path)):
-        exported = read_json_object(export_dir(path) / CONFIG_NAME, "text_encoder.name_or_path")
+    key = "text_encoder.name_or_path"
+    if node.get("kind", "byte") == "byte" and path and is_export(directory := export_dir(path, key)):
+        exported = read_json_object(directory / CONFIG_NAME, key)
         for key in ("width", "num_layers", "num_heads", "max_length"):
             if key in exported:  # else another kind of export, which ByteTextEncoder.from_pretrained names
                 node.setdefault(key, exported[key])
@@ -121,12 +125,17 @@ def load_encoders(config: EncodeConfig, device: torch.device) -> Encoders:
     text, text_config = None, None
     if config.text_encoder is not None:
         node = to_dataclass(ConditionerConfig, text_encoder_config(config.text_encoder), "text_encoder")
+        if node.kind not in TEXT_KINDS:
+            raise ConfigError(f"text_encoder.kind={node.kind} is not a text encoder: give a frozen pretrained one "
+                              f"(kind {', '.join(TEXT_KINDS)}), or leave text_encoder null to store no text encoding")
         conditioner = build_conditioner(node, prefix="text_encoder")
-        if not conditioner.uses_prompts or conditioner.trainable:
+        if conditioner.trainable:
             raise ConfigError(f"text_encoder must be a frozen pretrained text encoder (kind clip, hf or byte with "
                               f"name_or_path set and trainable=false), got kind={node.kind}, name_or_path="
                               f"{node.name_or_path}, trainable={node.trainable}: a trained one cannot be precomputed")
-        text, text_config = conditioner.encoder.eval().to(device), asdict(node)
+        text_config = {**asdict(node), "name_or_path": absolute_if_local(node.name_or_path),
+                       "tokenizer": absolute_if_local(node.tokenizer)}  # as errors print them: from anywhere
+        text = conditioner.encoder.eval().to(device)
     return Encoders(autoencoder.to(device), stats, text, text_config, resolution)  # frozen as loaded
 
 
@@ -137,7 +146,7 @@ def build_manifest(config: EncodeConfig, encoders: Encoders) -> dict[str, Any]:
     stats = encoders.latent_stats or {}
     manifest: dict[str, Any] = {
         "format": latents.FORMAT, "version": latents.FORMAT_VERSION,
-        "autoencoder": {"path": str(config.autoencoder_path), "sha256": latents.weights_hash(ae),
+        "autoencoder": {"path": absolute_if_local(str(config.autoencoder_path)), "sha256": latents.weights_hash(ae),
                         "latent_scale": stats.get("scale_factor"), "downsample_factor": f,
                         "resolution": ae.config.resolution, "embed_dim": channels, "config": asdict(ae.config)},
         "resolution": encoders.resolution,
@@ -173,8 +182,8 @@ def _encoder_identity(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     if entry is None:
         return None
     entry = {k: v for k, v in entry.items() if k != "path"}
-    if isinstance(entry.get("config"), dict):
-        entry["config"] = {k: v for k, v in entry["config"].items() if k not in ("name_or_path", "tokenizer")}
+    if isinstance(entry.get("config"), dict) and "kind" in entry["config"]:  # a text encoder's conditioner node
+        entry["config"] = {k: v for k, v in entry["config"].items() if k in TEXT_SETTINGS}
     return entry
 
 
@@ -182,7 +191,8 @@ def _described(manifest: dict[str, Any], key: str) -> str:
     """A manifest key's value for an error: an encoder by its sha256 and settings, anything else as it is."""
     entry = _encoder_identity(manifest.get(key)) if key in ("autoencoder", "text_encoder") else manifest.get(key)
     if isinstance(entry, dict) and "sha256" in entry:
-        settings = {k: v for k, v in (entry.get("config") or {}).items() if k in ("kind", "layer", "max_length")}
+        settings = {k: v for k, v in (entry.get("config") or {}).items() if k in TEXT_SETTINGS}
+        settings.update({k: entry[k] for k in ("dtype", "tokens_sha256") if k in entry})
         return f"sha256 {entry['sha256']}" + (f" {settings}" if settings else "")
     return repr(entry)
 
@@ -201,11 +211,31 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _earlier_outputs(out: Path, urls: list[str]) -> tuple[list[Path], list[Path]]:
-    """(the *_stats.json files in `out`, the latent shards an earlier run may have written there: those with stats
-    and those of this run's input names)."""
-    stats = list(out.glob("*_stats.json"))
-    names = {Path(url).name for url in urls} | {p.name.removesuffix("_stats.json") + ".tar" for p in stats}
-    return stats, [out / name for name in names]
+    """(the stats files an earlier ldm-encode run wrote in `out`, the latent shards it may have written there: those
+    with such stats, and those of this run's names that hold latents). Other tars and stats files (img2dataset's
+    image shards, say) are not counted, and never deleted."""
+    stats = [p for p in out.glob("*_stats.json") if "input" in _json_object(p)]  # ldm-encode's record its input
+    shards = {p.with_name(p.name.removesuffix("_stats.json") + ".tar") for p in stats}
+    shards |= {out / name for name in map(latents.shard_name, urls) if latents.holds_latents(out / name)}
+    return stats, sorted(shards)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; empty when it cannot be read as one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def image_shards_in(out: Path) -> Path | None:
+    """What shows that `out` holds image shards (ldm-data's summary.json, or a tar that is not a latent shard:
+    img2dataset's, say), or None: a manifest written beside them would have every reader take them for latents."""
+    if (out / SUMMARY_NAME).is_file():
+        return out / SUMMARY_NAME
+    return next((p for p in sorted(out.glob("*.tar")) if not latents.holds_latents(p)
+                 and "input" not in _json_object(latents.stats_path(p))), None)  # (an encode with no sample: ours)
 
 
 def check_outputs_have_a_manifest(out: Path, urls: list[str]) -> None:
@@ -219,15 +249,14 @@ def check_outputs_have_a_manifest(out: Path, urls: list[str]) -> None:
                           f"to delete them and encode again")
 
 
-def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Encoders, urls: list[str]) -> None:
-    """Check (or start) output_dir: a manifest there must describe the same encoding; then write the manifest and
-    the empty prompt's text encoding."""
+def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[str]) -> None:
+    """Check (or start) output_dir: a manifest there must describe the same encoding; then write the manifest."""
     out = Path(config.output_dir)
     path = out / latents.MANIFEST_NAME
-    inputs = {Path(url).name: str(Path(url).resolve()) for url in urls}
+    inputs = {latents.shard_name(url): str(Path(url).resolve()) for url in urls}
     stats, ours = _earlier_outputs(out, urls)
     if config.overwrite:  # an earlier run's shards (those with stats, and this run's names), whatever its manifest
-        for old in [*ours, *stats, path, out / latents.TEXT_NULL_NAME]:
+        for old in [*ours, *stats, path]:
             old.unlink(missing_ok=True)
     else:
         check_outputs_have_a_manifest(out, urls)
@@ -249,13 +278,6 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], encoders: Enc
         manifest = {**manifest, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "ldm_version": __version__, "inputs": inputs}
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
-    if encoders.text is not None:
-        from safetensors.torch import save
-
-        with torch.no_grad():
-            context, pooled = encoders.text([""])                               # (1, L, D), (1, D)
-        atomic_write_bytes(save({"context": context[0].float().cpu().contiguous(),
-                                 "pooled": pooled[0].float().cpu().contiguous()}), out / latents.TEXT_NULL_NAME)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

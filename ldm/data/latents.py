@@ -1,7 +1,7 @@
 """Latent shards: what `ldm-encode` writes and the datamodule reads instead of images.
 
-A latent shard has the name of the image shard it was encoded from and holds, per sample (WebDataset members sharing
-the sample's key):
+A latent shard has the name of the image shard it was encoded from (a `.tar.gz` or `.tgz` one's as `.tar`) and
+holds, per sample (WebDataset members sharing the sample's key):
 
     KEY.moments.npy       (2C, h, w) float16: the posterior's mean and log-variance stacked on channels, as
                           `DiagonalGaussianDistribution(moments)` takes them
@@ -12,8 +12,8 @@ the sample's key):
 
 Arrays are plain .npy (read with `allow_pickle=False`: loading a shard never runs code). Beside the shards,
 `manifest.json` names the autoencoder (sha256 of its weights, latent scale, factor, resolution) and the text encoder
-(sha256, config); `text_null.safetensors` holds the empty prompt's encoding (condition dropout); each finished shard
-has a `NAME_stats.json` (img2dataset's convention: `successes` is its sample count, which the datamodule reads).
+(sha256, config); each finished shard has a `NAME_stats.json` (img2dataset's convention: `successes` is its sample
+count, which the datamodule reads).
 
 The datamodule recognises latent shards by the manifest beside them and reads them through `LatentStream`: the same
 epoch plan, DDP split, resume and corrupt-sample handling as image shards, with batches
@@ -31,6 +31,7 @@ import io
 import json
 import math
 import random
+import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -47,7 +48,6 @@ from ldm.data.stream import EpochPlan, ShardStream, SkipLog, caption_and_label
 from ldm.seeding import fold_seed
 
 MANIFEST_NAME = "manifest.json"
-TEXT_NULL_NAME = "text_null.safetensors"
 FORMAT = "ldm-latents"
 FORMAT_VERSION = 1
 MOMENTS, MOMENTS_FLIP, CONTEXT, POOLED = "moments.npy", "moments_flip.npy", "context.npy", "pooled.npy"
@@ -116,12 +116,6 @@ class LatentManifest:
     def flips(self) -> bool:
         return bool(self.data.get("flips", False))
 
-    @property
-    def text_null(self) -> Path | None:
-        """The empty prompt's encoding (safetensors: `context` (L, D), `pooled` (D,)), when text was encoded."""
-        return self.path.with_name(TEXT_NULL_NAME) if self.text_encoder is not None else None
-
-
 def read_manifest(path: str | Path, key: str = "data.train_shards",
                   fix: str = "encode the shards again with ldm-encode") -> LatentManifest:
     """Read and check a latent manifest; `key` is the config key that led here and `fix` what to do about a damaged
@@ -147,6 +141,32 @@ def read_manifest(path: str | Path, key: str = "data.train_shards",
         raise ConfigError(f"{key}: the latent manifest {path} is damaged (its {', '.join(damaged)} entries are not "
                           f"what ldm-encode writes); {fix}")
     return LatentManifest(path, data)
+
+
+def shard_name(url: str) -> str:
+    """The file name of the latent shard ldm-encode writes for input shard `url`: the input's name, as a plain tar
+    (`NAME.tar.gz` and `NAME.tgz` give `NAME.tar`)."""
+    name = Path(url).name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix) + ".tar"
+    return name + ".tar"
+
+
+def holds_latents(shard: Path) -> bool:
+    """Whether the tar at `shard` is a latent shard (its first sample has moments), not image shards'."""
+    try:
+        with tarfile.open(shard) as tar:
+            first = tar.next()
+            key = first.name.split(".", 1)[0] if first is not None else None
+            member = first
+            while member is not None and member.name.split(".", 1)[0] == key:
+                if member.name.endswith(f".{MOMENTS}"):
+                    return True
+                member = tar.next()
+    except (tarfile.TarError, OSError):
+        pass
+    return False
 
 
 def stats_path(shard: Path) -> Path:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.callbacks.checkpoint import halted_without_export
+from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.checkpoints import MissingCheckpointError
 from ldm.config import ConfigError, asdict, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
@@ -70,7 +70,9 @@ class Config:
                               "the autoencoder to fine-tune (e.g. model.init_from=models/sd-vae-ft-mse)")
         if self.init_from and self.init_posterior_logvar is not None:
             raise ConfigError(f"model.init_posterior_logvar={self.init_posterior_logvar} would overwrite the "
-                              f"pretrained posterior of model.init_from={self.init_from}: leave it null")
+                              f"pretrained posterior of model.init_from={self.init_from}: set "
+                              f"model.init_posterior_logvar=null (the model config sets it for training from "
+                              f"scratch)")
 
 
 def adopt_pretrained(config: Config) -> tuple[Config, dict[str, torch.Tensor], float | None]:
@@ -370,7 +372,7 @@ class AutoencoderModule(L.LightningModule):
 
     @rank_zero_only
     def on_fit_end(self) -> None:
-        if halted_without_export(self.trainer):
+        if stopped_without_export(self.trainer):
             return
         export_dir = Path(self.trainer.default_root_dir) / "export"
         stats_step = (self.latent_stats or {}).get("step")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
-from ldm.callbacks.checkpoint import halted_without_export
+from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images, require_resolution
@@ -214,7 +214,7 @@ class ContrastiveModule(L.LightningModule):
 
     @rank_zero_only
     def on_fit_end(self) -> None:
-        if halted_without_export(self.trainer):
+        if stopped_without_export(self.trainer):
             return
         export_dir = Path(self.trainer.default_root_dir) / "export"
         self.text_encoder.save_pretrained(export_dir)

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import wrap
 
-from ldm.callbacks.checkpoint import halted_without_export
+from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.checkpoints import MissingCheckpointError
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, text_encoder_config
 from ldm.config import ConfigError, asdict, check_choice, check_min, check_required, to_dataclass
@@ -504,7 +504,7 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         """Write the EMA pipeline to `<run>/export` (what ldm-sample, ldm-eval and ldm-export take)."""
-        if halted_without_export(self.trainer):
+        if stopped_without_export(self.trainer):
             return
         pipeline = self.eval_pipeline(use_ema=True)
         # note: without an EMA under FSDP the UNet is sharded: every rank takes part in gathering it.

@@ -22,7 +22,10 @@ def check_optimizer_config(config: Any) -> None:
     autoencoder's `disc_lr`, `grad_clip`) > 0, `weight_decay`, `warmup_steps` and `lr_decay_steps` >= 0, two `betas`
     in [0, 1), a known `lr_schedule`, `ema_decay` in (0, 1) or null."""
     check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
-    check_positive(lr=config.lr, disc_lr=getattr(config, "disc_lr", None), grad_clip=getattr(config, "grad_clip", None))
+    check_positive(lr=config.lr, disc_lr=getattr(config, "disc_lr", None))
+    clip = getattr(config, "grad_clip", None)
+    if clip is not None and not clip > 0:
+        raise ConfigError(f"grad_clip={clip} must be > 0, or null for no clipping")
     check_min(0, weight_decay=getattr(config, "weight_decay", 0.0), warmup_steps=config.warmup_steps,
               lr_decay_steps=config.lr_decay_steps)
     if len(config.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in config.betas):

@@ -338,7 +338,7 @@ def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderK
         raise FileNotFoundError(f"{key}={path} does not exist; point it at an autoencoder export directory "
                                 f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
     if path.is_dir():
-        path = export_dir(path)
+        path = export_dir(path, key)
         model = AutoencoderKL.from_pretrained(path, key)
         config = read_json_object(path / CONFIG_NAME, key)
         if config.get("format") == PIPELINE_FORMAT:  # its scale, not a stage-1 export's file left in the folder
