@@ -184,6 +184,14 @@ def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_pa
             first, last = (int(v) for v in key.removeprefix("samples ").split("-"))
             assert "damaged tar" in reason and last == segment[2] - 1 and lost == last - first + 1 >= 1, rank
 
+    # Two ranks: the cut shard's rank filled its 8 with its 2 readable samples, each 4 times; what one more pass of its
+    # range cannot make up comes from the other shards
+    for rank in range(2):
+        plan = EpochPlan(urls, [8, 8], seed=0, rank=rank, world_size=2, num_workers=0, batch_size=2, train=False,
+                         resolution=8)
+        keys = [key for batch in ShardStream(plan) for key in batch["key"]]
+        assert len(keys) == 8 and max(map(keys.count, keys)) == 1, (rank, keys)
+
     # Every lost sample counted once over the ranks, also when the damaged shard comes first, so that a slot reading
     # the other shards instead passes it on the way (cut inside a member: one report, not the tar error besides).
     readable = kept_samples(cut)
@@ -239,10 +247,11 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
         if recorded:  # samples 3-7 lost: 4-7 missing, 3 cut short
             ((_, key, reason),) = dm.skipped
             assert key == "samples 3-7" and dm.num_skipped == 5
-            assert "ends after 3 whole samples and a sample cut short (the tar ends without its end-of-archive " \
-                   "blocks)" in reason
+            assert "ends after 3 whole samples and a sample cut short (the tar's members stop before its end" \
+                in reason
         else:  # the header scan counts the 3 whole samples, naming the damage
-            assert "ends without the end-of-archive blocks, so its last sample (d003) may be cut short" in caplog.text
+            assert "members stop before its end (cut short, or a damaged member header: what follows is lost), so " \
+                   "its last sample (d003) may be cut short" in caplog.text
     # two ranks, rank 0's range ending at the sample cut short (it did not see the shard end there, and trained it)
     keys = []
     for rank in range(2):
@@ -250,6 +259,21 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
                          resolution=8)
         keys += [key for batch in ShardStream(plan) for key in batch["key"]]
     assert "d003" not in keys
+
+    # a damaged member header inside (bit rot, a bad copy): tarfile read it as the archive's end, the samples after it
+    # were lost unreported, and the one it cut trained with an empty caption
+    whole = write_shard(tmp_path / "rot-000000.tar", shapes_like(tmp_path, "r", 8))
+    with tarfile.open(whole) as tar:
+        offset = next(member.offset for member in tar if member.name == "r003.txt")
+    data = bytearray(whole.read_bytes())
+    data[offset + 148:offset + 156] = b"garbage!"  # the header's checksum
+    whole.write_bytes(bytes(data))
+    dm = WebDataModule(train_shards=str(whole), batch_size=1, num_workers=0, resolution=8)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+        keys = {key for batch in dm.train_dataloader() for key in batch["key"]}
+    assert keys == {"r000", "r001", "r002"} and dm.uncaptioned == {}
+    assert f"shard {whole} is damaged (its members stop before its end" in caplog.text
 
     # cut inside the first member of the last sample: the header count and the reader keep the same samples (the
     # count kept one more, and the reader repeated a sample to make up for it, reporting a damage)

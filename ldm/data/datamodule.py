@@ -104,8 +104,8 @@ def _count_tar_samples(path: str) -> int:
                         count, last = count + 1, prefix
         if count and tar_ends_cut(path):  # cut at a member's boundary: the last sample may lack members
             count -= 1
-            raise tarfile.ReadError(f"it ends without the end-of-archive blocks, so its last sample ({last}) may be "
-                                    f"cut short")
+            raise tarfile.ReadError(f"its members stop before its end (cut short, or a damaged member header: what "
+                                    f"follows is lost), so its last sample ({last}) may be cut short")
     except (tarfile.TarError, OSError, EOFError) as err:
         log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, count)
     return count

@@ -329,8 +329,9 @@ def without_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list
             yield held
         held = sample
     if held is not None:
-        skipped.append([held.get("__key__", "?"), f"the shard {url} ends without its end-of-archive blocks (cut "
-                        f"short): its last sample may lack members; rewrite the shard"])
+        skipped.append([held.get("__key__", "?"), f"the shard {url}'s members stop before its end (cut short, or "
+                        f"a damaged member header: what follows is lost): its last sample may lack members; rewrite "
+                        f"the shard"])
 
 
 def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:

@@ -26,11 +26,13 @@ counts stay equal on every rank.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import random
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -236,7 +238,8 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
         error = f" ({skips.tar_error})" if skips.tar_error else ""
         if read < hi - start:  # one record for the samples of this range lost
-            last = " and a sample cut short (the tar ends without its end-of-archive blocks)" if dropped else ""
+            last = (" and a sample cut short (the tar's members stop before its end: cut short, or a damaged member "
+                    "header)") if dropped else ""
             skips.add(url, f"samples {start + read}-{hi - 1}",
                       f"damaged tar: the shard ends after {seen} whole samples{last} but its count says at least "
                       f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - start - read)
@@ -245,20 +248,42 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
 
 
 def tar_ends_cut(url: str) -> bool:
-    """True for a local uncompressed tar that ends without the end-of-archive blocks (the zeros tarfile and GNU tar
-    write on closing): a copy cut short, perhaps at a member's boundary, which no read error reveals, so that its last
-    sample may lack members. Remote and compressed shards are not checked (False)."""
+    """True for a local uncompressed tar whose members stop before its data does, so that the last sample read may
+    lack members (its caption) with no read error to say so: a copy cut short (no end-of-archive blocks), perhaps at a
+    member's boundary, or a damaged member header inside, which tarfile takes for the archive's end (the samples after
+    it are lost). Remote and compressed shards are not checked (False)."""
     path = url.removeprefix("file:")
     if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar"):
         return False
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(size - 1024, 0))
-            tail = f.read(1024)
+        stat = os.stat(path)
     except OSError:
         return False
-    return len(tail) < 1024 or any(tail)
+    return _members_stop_early(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _members_stop_early(path: str, size: int, mtime_ns: int) -> bool:
+    """`tar_ends_cut` of the file as it is (size and modification time): its tail, then its headers (read once per
+    process: a seek per member)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(size - 1024, 0))
+            tail = f.read(1024)
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                return True
+            f.seek(0)
+            with tarfile.open(fileobj=f) as tar:
+                for _ in tar:
+                    pass
+                end = tar.offset  # where the walk stopped: the end-of-archive blocks, or a header it could not read
+            f.seek(end)
+            while chunk := f.read(1 << 16):
+                if chunk.strip(b"\0"):
+                    return True
+    except (OSError, tarfile.TarError):
+        return False  # unreadable from the start: the reader reports it
+    return False
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, num_classes: int | None = None
@@ -431,11 +456,12 @@ def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int
              fallback: Callable[[], Iterator[dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
     """The first `quota` samples of `make()`, re-reading from the start when corrupt samples left it short.
 
-    When not one sample of the slot's own range can be read (its range lies past the real end of a shard that
-    summary.json over-counts, or every sample there is corrupt), the slot reads `fallback()` instead: samples of the
-    other shards, read twice this epoch, rather than a rank without batches.
+    When the slot's own range cannot make up what it lacks in one more pass (its range lies past the real end of a
+    shard that summary.json over-counts, or most samples there are corrupt: a few images would fill the quota, each
+    many times), the slot reads `fallback()` for the rest instead: samples of every shard, some read twice this epoch,
+    rather than a rank without batches or one that trains on a handful of images.
     """
-    produced = 0
+    produced, warned = 0, False
     while produced < quota:
         got = 0
         for sample in make():
@@ -443,17 +469,21 @@ def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int
             produced, got = produced + 1, got + 1
             if produced == quota:
                 return
-        if got == 0 and fallback is not None:
-            log.warning("data slot %d: no sample of its range could be read (%s); reading samples of the other "
-                        "shards instead to keep batch counts equal across ranks", slot, _damaged_shards(skips))
+        short = quota - produced
+        if fallback is not None and short > got:
+            read = "no sample of its range could be read" if got == 0 else f"its range gave {got} of {quota} samples"
+            log.warning("data slot %d: %s (%s); reading samples of the other shards for the %d left, to keep batch "
+                        "counts equal across ranks", slot, read, _damaged_shards(skips), short)
             make, fallback = fallback, None
             continue
         if got == 0:
             raise RuntimeError(f"data slot {slot}: not one sample of any shard could be read; damaged: "
                                f"{_damaged_shards(skips)}; first reasons: {skips.records[:3]}; rewrite the shards "
                                f"with ldm-data, or point data.train_shards / data.val_shards at readable ones")
-        log.warning("slot %d: %d samples short after skipping corrupt ones; repeating samples of its range to keep "
-                    "batch counts equal across ranks", slot, quota - produced)
+        if not warned:
+            log.warning("slot %d: %d samples short after skipping corrupt ones; repeating samples of its range to "
+                        "keep batch counts equal across ranks", slot, short)
+            warned = True
 
 
 def _damaged_shards(skips: SkipLog) -> str:
