@@ -247,6 +247,8 @@ BAD_VALUES = [
     ("data", ["output_dir=out", "resolution=32", "num_samples=0", "val_samples=0"], "would write no shards"),
     ("data", ["output_dir=out", "source=folder", "input_dir=in", "holdout=[a red star]"],
      r"holdout=\[.a red star.\] would be ignored with source=folder"),
+    ("data", ["output_dir=out", "source=folder", "input_dir=in", "num_samples=2"],
+     r"num_samples=2 would be ignored with source=folder"),
     ("eval", ["ckpt_path=a.ckpt", "output_dir=out", "feature_dim=5"], "feature_dim=5"),
     ("sample", ["ckpt_path=a.ckpt", "output_dir=out", "prompts=[a]", "num_steps=0"], "num_steps=0"),
 ]

@@ -83,7 +83,7 @@ def _make_folder(root: Path, n: int = 10, size: tuple[int, int] = (48, 32)) -> l
     return made
 
 
-@pytest.mark.parametrize("manifest", [None, "csv", "jsonl"])
+@pytest.mark.parametrize("manifest", [None, "csv", "jsonl", "json"])
 def test_folder_round_trip(tmp_path: Path, manifest: str | None):
     made = _make_folder(tmp_path / "in")
     captions = None
@@ -96,7 +96,10 @@ def test_folder_round_trip(tmp_path: Path, manifest: str | None):
     elif manifest == "jsonl":
         captions = tmp_path / "captions.jsonl"
         captions.write_text("".join(json.dumps({"path": rel, "text": f"jsonl {c}"}) + "\n" for rel, c, _ in made))
-    prefix = {None: "", "csv": "csv ", "jsonl": "jsonl "}[manifest]
+    elif manifest == "json":  # one array, as json.dump writes a list (it was read line by line and refused)
+        captions = tmp_path / "captions.json"
+        captions.write_text(json.dumps([{"file": rel, "caption": f"json {c}"} for rel, c, _ in made], indent=2))
+    prefix = {None: "", "csv": "csv ", "jsonl": "jsonl ", "json": "json "}[manifest]
     out = tmp_path / "out"
     summary = write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(out),
                              "captions": str(captions) if captions else None, "val_samples": 3, "resolution": None,
@@ -384,3 +387,17 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     assert expand_shards(str(train[0]), "data.train_shards") == [train[0]]
     assert expand_shards(f"{shapes_shards}/train-00000[0-9].tar", "data.train_shards") == sorted(
         str(p) for p in shapes_shards.glob("train-*.tar"))  # a character class in the name is still one
+
+
+def test_a_validation_only_shapes_set_is_written_and_a_refused_folder_run_leaves_no_folder(tmp_path: Path):
+    summary = write_dataset({"source": "shapes", "output_dir": str(tmp_path / "val_only"), "num_samples": 0,
+                             "val_samples": 4, "resolution": 16})
+    assert summary["splits"]["train"]["count"] == 0 and summary["splits"]["val"]["count"] == 4
+    unreadable = tmp_path / "in"
+    unreadable.mkdir()
+    (unreadable / "a.png").write_bytes(b"not a png")
+    (unreadable / "a.txt").write_text("a caption")
+    with pytest.raises(ConfigError, match="no training image of input_dir="):
+        write_dataset({"source": "folder", "input_dir": str(unreadable), "output_dir": str(tmp_path / "out"),
+                       "val_samples": 0, "resolution": 16})
+    assert not (tmp_path / "out").exists()

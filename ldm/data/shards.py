@@ -62,7 +62,7 @@ class WriteConfig:
     input_dir: str | None = None  # folder source: the images (searched recursively)
     captions: str | None = None  # folder source: a .csv or .jsonl manifest; null reads sidecar KEY.txt files
     allow_missing_captions: bool = False  # folder source: an image without a caption gets "" instead of an error
-    num_samples: int = 10000  # shapes: training samples; folder: ignored (every image not in val is written)
+    num_samples: int = 10000  # shapes: training samples (folder: every image not in val is written)
     val_samples: int = 1000  # validation samples (folder: taken from the folder, deterministic given seed)
     resolution: int | None = 32  # image side; folder: null stores images as they are
     crop: bool = True  # folder: centre-crop to a square; false keeps the aspect (shorter side = resolution, the long
@@ -92,7 +92,7 @@ class WriteConfig:
             raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
         # note: a key of the other source would be ignored; a user who sets it expects it to act
         other = ({"input_dir": None, "captions": None, "allow_missing_captions": False} if self.source == "shapes"
-                 else {"sizes": None, "positions": None, "scale": 1.0, "holdout": []})
+                 else {"sizes": None, "positions": None, "scale": 1.0, "holdout": [], "num_samples": 10000})
         if self.source == "shapes":
             other["crop"] = True
         ignored = [f"{k}={getattr(self, k)}" for k, unset in other.items() if getattr(self, k) != unset]
@@ -203,30 +203,37 @@ def _json_line(line: str, number: int, path: Path) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"captions={path}: line {number} is not JSON ({err.msg}); a .jsonl manifest holds one JSON "
-                          f"object per line") from None
+        raise ConfigError(f"captions={path}: line {number + err.lineno - 1} is not JSON ({err.msg}); a manifest holds "
+                          f"one JSON object per line, or (.json) an array of them") from None
 
 
 def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
-    """Captions from a CSV (header with a path and a caption column) or a JSONL manifest, keyed by resolved path."""
+    """Captions from a CSV (header with a path and a caption column), a JSONL manifest (one object per line) or a
+    .json one (an array of objects, or one object per line), keyed by resolved path."""
     if not path.exists():
         raise ConfigError(f"captions={path} does not exist")
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise ConfigError(f"captions={path}: expected a .csv or .jsonl manifest")
+        raise ConfigError(f"captions={path}: expected a .csv, .jsonl or .json manifest")
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
                 rows = list(csv.DictReader(f))
         else:
             with path.open(encoding="utf-8-sig") as f:
-                rows = [_json_line(line, number, path) for number, line in enumerate(f, 1) if line.strip()]
+                text = f.read()
+            if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of objects
+                rows = _json_line(text, 1, path)
+            else:
+                rows = [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), 1)
+                        if line.strip()]
     except UnicodeDecodeError as err:
         raise ConfigError(f"captions={path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as "
                           f"UTF-8") from None
     except (csv.Error, OSError) as err:
         raise ConfigError(f"captions={path} cannot be read: {err}") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise ConfigError(f"captions={path}: every line must be a JSON object with a path and a caption field")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ConfigError(f"captions={path}: every line (or, in a .json file, every item of its array) must be a JSON "
+                          f"object with a path and a caption field")
     captions: dict[Path, str] = {}
     for i, row in enumerate(rows):
         extra = row.pop(None, None) or ()  # csv.DictReader's key for the fields beyond the header's
@@ -440,6 +447,7 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
         raise ConfigError(f"output_dir={output_dir} holds latent shards (written by ldm-encode, described by its "
                           f"manifest.json): image shards written there would be read as latents; choose another "
                           f"output_dir")
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in output_dir.glob("*.tar"))
     if existing:
@@ -452,7 +460,7 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
     try:
         written = write_shapes(cfg, staging) if plan is None else write_folder(cfg, plan, staging)
-        if not written["splits"]["train"]["count"]:
+        if plan is not None and not written["splits"]["train"]["count"]:
             reasons = [f"{entry['path']}: {entry['reason']}" for entry in written.get("skipped", [])[:3]]
             raise ConfigError(f"no training image of input_dir={cfg.input_dir} could be read (e.g. {reasons}); nothing "
                               f"was written" + (", and the shards there were left as they were" if existing else ""))
@@ -463,6 +471,8 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
             shard.rename(output_dir / shard.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output_dir.iterdir()):  # a refused run leaves no folder behind
+            output_dir.rmdir()
     summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution, "crop": cfg.crop,
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
