@@ -172,8 +172,8 @@ class FIDCallback(StepBoundary):
         with paused(trainer):
             results = self._evaluate(trainer, pl_module)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(results, step=trainer.global_step)
+            for logger in trainer.loggers:  # at the step Lightning gives the validation of this step: the steps before
+                logger.log_metrics(results, step=trainer.global_step - 1)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
         return results
 

@@ -303,8 +303,8 @@ class Throughput(StepBoundary):
         if trainer.is_global_zero:
             log.info("throughput step %d: %s", trainer.global_step, self._describe(numbers))
             metrics = {f"throughput/{k}": v for k, v in numbers.items() if k != "seconds"}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            for logger in trainer.loggers:  # at the step Lightning gives the batch's own metrics: the steps before it
+                logger.log_metrics(metrics, step=trainer.global_step - 1)
 
     def _numbers(self, seconds: float, batches: int, samples: int, wait: float, flops: float | None,
                  rates: dict[str, float] | None = None) -> dict[str, float]:
