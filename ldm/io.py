@@ -107,9 +107,10 @@ def save_export(directory: str | os.PathLike, config: dict[str, Any],
     return directory
 
 
-def export_dir(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+def export_dir(path: str | os.PathLike, key: str = "ckpt_path", reads_checkpoints: bool = True) -> Path:
     """`path`, or its `export/` when `path` is a run directory that holds an export and is not one itself. A run
-    directory without one (a run exports when it finishes) is refused, naming its checkpoint."""
+    directory without one (a run exports when it finishes) is refused, naming its checkpoint when the reader
+    (`reads_checkpoints`) takes one."""
     from ldm.checkpoints import CheckpointError
 
     path = Path(path)
@@ -121,7 +122,8 @@ def export_dir(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
         last = path / "checkpoints" / "last.ckpt"
         instead = f"its checkpoint, {key}={last}" if last.is_file() else f"one of its checkpoints ({path}/checkpoints)"
         raise CheckpointError(f"{key}={path} is a run directory without an export (a run writes export/ when it "
-                              f"finishes; this one has not finished, or was stopped): give {instead}")
+                              f"finishes; this one has not finished, or was stopped): run its ldm-train command again "
+                              f"to finish it" + (f", or give {instead}" if reads_checkpoints else ""))
     return path
 
 

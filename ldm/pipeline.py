@@ -40,6 +40,7 @@ from ldm.io import (
     WEIGHTS_NAME,
     check_export_weights,
     export_dir,
+    export_kind,
     read_export,
     save_export,
 )
@@ -325,9 +326,8 @@ class LatentDiffusionPipeline(nn.Module):
                                   f"give an export directory (<run>/export) or a checkpoint")
         config, state = read_export(directory, key)
         if config.get("format") != PIPELINE_FORMAT:
-            raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export (its {CONFIG_NAME} "
-                                  f"has format={config.get('format')!r}; an autoencoder export goes to "
-                                  f"model.autoencoder_path instead)")
+            raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export: its {CONFIG_NAME} "
+                                  f"describes {export_kind(config)}")
         check_export_weights(directory, use_ema, key)
         pipeline = cls.from_config(config, base_dir=directory)
         missing, unexpected = pipeline.load_state_dict(state, strict=False)
@@ -348,8 +348,13 @@ class LatentDiffusionPipeline(nn.Module):
         hparams = checkpoint.get("hyper_parameters") or {}
         model, frozen = hparams.get("config"), hparams.get("frozen")
         if not isinstance(model, dict) or not isinstance(frozen, dict) or "unet" not in model:
+            weights = checkpoint.get("state_dict") or {}
+            what = ("an autoencoder checkpoint goes to model.autoencoder_path" if "autoencoder_config" in checkpoint
+                    else "a text-image pretraining checkpoint: its run's export (<run>/export) goes to "
+                         "model.conditioner.name_or_path" if any(k.startswith("text_encoder.") for k in weights)
+                    else "expected a checkpoint of ldm-train's latent diffusion model")
             raise CheckpointError(f"{key}={path} is not a latent diffusion checkpoint (no UNet config in its "
-                                  f"hyper_parameters); an autoencoder checkpoint goes to model.autoencoder_path")
+                                  f"hyper_parameters); {what}")
         try:
             pipeline = cls.from_config({"autoencoder": frozen["autoencoder_config"],
                                         "latent_scale": frozen["latent_scale"],

@@ -247,8 +247,8 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
         if recorded:  # samples 3-7 lost: 4-7 missing, 3 cut short
             ((_, key, reason),) = dm.skipped
             assert key == "samples 3-7" and dm.num_skipped == 5
-            assert "ends after 3 whole samples and a sample cut short (the tar's members stop before its end" \
-                in reason
+            assert "ends after 3 whole samples and a sample perhaps cut short (the tar ends early: cut short, or a " \
+                   "damaged member header)" in reason
         else:  # the header scan counts the 3 whole samples, naming the damage
             assert "members stop before its end (cut short, or a damaged member header: what follows is lost), so " \
                    "its last sample (d003) may be cut short" in caplog.text
@@ -274,6 +274,15 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
         keys = {key for batch in dm.train_dataloader() for key in batch["key"]}
     assert keys == {"r000", "r001", "r002"} and dm.uncaptioned == {}
     assert f"shard {whole} is damaged (its members stop before its end" in caplog.text
+    # ... also with a count that says 8 (summary.json): the read ends early, the sample it ends with is left out
+    summary = {"splits": {"train": {"shards": [whole.name], "shard_counts": [8], "count": 8}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    dm = WebDataModule(train_shards=str(whole), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    assert {key for batch in dm.train_dataloader() for key in batch["key"]} <= {"r000", "r001", "r002"}
+    ((_, key, reason),) = dm.skipped
+    assert key == "samples 3-7" and "ends after 3 whole samples and a sample perhaps cut short" in reason
+    (tmp_path / "summary.json").unlink()
 
     # cut inside the first member of the last sample: the header count and the reader keep the same samples (the
     # count kept one more, and the reader repeated a sample to make up for it, reporting a damage)

@@ -157,8 +157,21 @@ def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path: Pa
             LatentDiffusionPipeline.from_pretrained(broken)
     plain = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"a.weight": torch.zeros(1)}}, plain)
-    with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint"):
+    with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint .*; expected a checkpoint of "
+                                              "ldm-train's latent diffusion model"):
         LatentDiffusionPipeline.from_pretrained(plain)
+    # a text-image pretraining run's checkpoint and its export are named as such (they were called autoencoders')
+    torch.save({"hyper_parameters": {"config": {}}, "state_dict": {"text_encoder.proj.weight": torch.zeros(1)}}, plain)
+    with pytest.raises(CheckpointError, match=r"a text-image pretraining checkpoint: its run's export \(<run>/export\) "
+                                              r"goes to model\.conditioner\.name_or_path"):
+        LatentDiffusionPipeline.from_pretrained(plain)
+    text = ByteTextEncoder(width=16, num_layers=1, num_heads=2, max_length=8).save_pretrained(tmp_path / "text")
+    with pytest.raises(CheckpointError, match=r"is not a latent diffusion pipeline export: its config\.json describes "
+                                              r"a byte text encoder export \(model\.conditioner\.name_or_path\)"):
+        LatentDiffusionPipeline.from_pretrained(text)
+    with pytest.raises(ConfigError, match=r"it is a checkpoint, which this key does not read; point it at the export "
+                                          r"of a text-image pretraining run \(.*when it finishes\)$"):
+        ByteTextEncoder.from_pretrained(plain, config_key="text_encoder.name_or_path")  # (ldm-encode: no null)
 
 
 def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):

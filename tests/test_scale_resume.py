@@ -385,8 +385,9 @@ def test_a_signal_at_a_validation_step_keeps_what_the_validation_measured(shapes
     assert not (out / "export").exists()  # a stop before the last step exports nothing: the model is not finished
     for read, key in ((lambda path: load_autoencoder(path, "model.autoencoder_path"), "model.autoencoder_path"),
                       (holds_autoencoder, "ckpt_path")):  # (ldm-export)
-        with pytest.raises(CheckpointError, match=rf"{key}=\S+ is a run directory without an export .* give its "
-                                                  rf"checkpoint, {key}=\S+/checkpoints/last.ckpt"):
+        with pytest.raises(CheckpointError, match=rf"{key}=\S+ is a run directory without an export .* run its "
+                                                  rf"ldm-train command again to finish it, or give its checkpoint, "
+                                                  rf"{key}=\S+/checkpoints/last.ckpt"):
             read(out)
     resumed = run(shapes_shards, out, 5, AUTOENCODER)
     assert sorted(resumed) == [5] and resumed[5] == full[5]

@@ -80,7 +80,7 @@ def stopped_without_export(trainer: L.Trainer) -> bool:
         return True
     if (received := run_interrupted(trainer)) is not None:
         rank_zero_info(f"{received.name} stopped the run at step {trainer.global_step}: no export (the same command "
-                       f"resumes it and exports at its end; ldm-export reads its last.ckpt now)")
+                       f"resumes it and exports at its end)")
         return True
     return False
 

@@ -129,7 +129,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             expected: the architecture the config asks for; a difference raises ConfigError naming the key.
             config_key: the config key that set `path`, named in errors.
         """
-        path = export_dir(path, config_key)
+        path = export_dir(path, config_key, reads_checkpoints=False)
         if not is_export(path):
             kind_key = config_key.rsplit(".", 1)[0] + ".kind"
             if path.is_file() and is_export(path.parent):  # (export_dir gives a Path)
@@ -137,9 +137,11 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             elif (path / "model_index.json").is_file():
                 other = f"it holds a Stable Diffusion pipeline, whose CLIP text encoder {kind_key}=clip reads"
             else:
-                other = "point it at the export of a text-image pretraining run (ldm-train " \
-                        "experiment=quickstart_clip writes <run>/export), or set it to null to train the encoder " \
-                        "from scratch"
+                other = ("it is a checkpoint, which this key does not read; " if path.suffix == ".ckpt" else "") + \
+                        "point it at the export of a text-image pretraining run (ldm-train " \
+                        "experiment=quickstart_clip writes <run>/export when it finishes)" + \
+                        (", or set it to null to train the encoder from scratch" if config_key.startswith("model.")
+                         else "")
             raise ConfigError(f"{config_key}={path}: no byte encoder there ({CONFIG_NAME} and {WEIGHTS_NAME}; "
                               f"{kind_key}=byte is the default); {other}")
         config_dict, state = read_export(path, config_key)

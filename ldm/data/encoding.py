@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
-from ldm.data.stream import IMAGE_KEYS, resize_crop, sample_caption, tar_ends_cut
+from ldm.data.stream import IMAGE_KEYS, members_stop_early, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -104,9 +104,9 @@ def text_encoder_config(node: dict[str, Any]) -> dict[str, Any]:
     """
     node = dict(node)
     path = node.get("name_or_path")
-    key = "text_encoder.name_or_path"
-    if node.get("kind", "byte") == "byte" and path and is_export(directory := export_dir(path, key)):
-        exported = read_json_object(directory / CONFIG_NAME, key)
+    name = "text_encoder.name_or_path"
+    if node.get("kind", "byte") == "byte" and path and is_export(directory := export_dir(path, name, False)):
+        exported = read_json_object(directory / CONFIG_NAME, name)
         for key in ("width", "num_layers", "num_heads", "max_length"):
             if key in exported:  # else another kind of export, which ByteTextEncoder.from_pretrained names
                 node.setdefault(key, exported[key])
@@ -321,8 +321,8 @@ def _members_complete(path: Path) -> bool:
 
 
 def without_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list[str]]) -> Iterator[dict[str, Any]]:
-    """`samples` of a tar that ends cut short (`tar_ends_cut`) but for the last one, which may lack members (a caption
-    gone at a member's boundary), reported in `skipped`."""
+    """`samples` of a tar whose members stop early (`members_stop_early`) but for the last one, which may lack members
+    (a caption gone at a member's boundary), reported in `skipped`."""
     held = None
     for sample in samples:
         if held is not None:
@@ -341,7 +341,7 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
         return True
 
     samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
-    for sample in without_last(samples, url, skipped) if tar_ends_cut(url) else samples:
+    for sample in without_last(samples, url, skipped) if members_stop_early(url) else samples:
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:

@@ -205,9 +205,11 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         start = lo + len(served)  # the range's first sample not in memory
         skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
-        # note: a tar cut short at a member's boundary reads without an error, and its last sample may have lost
-        # members (its caption): there, each sample is held back until the next one is read, and the range reads one
-        # sample past its end, so that the tar's last sample is known as such and left out
+        # note: a tar cut short at a member's boundary, or with a damaged member header inside, reads without an
+        # error, and its last sample read may have lost members (its caption). Each sample is held back until the
+        # next one is read: in a cut tar the range reads one sample past its end, so that the tar's last sample is
+        # known as such and left out; a read that ends before the range does (its count says more) leaves out the
+        # last sample it read
         cut = tar_ends_cut(url)
         read, seen, prefix, held, followed = 0, 0, [], None, False
         try:
@@ -225,11 +227,11 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         finally:
             samples.close()
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
-            # a cut tar's newest sample unless the one after it was read (not known to be whole: perhaps the last)
-            whole = prefix[:-1] if cut and not followed else prefix
+            # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
+            whole = prefix[:-1] if not followed and (cut or seen < hi) else prefix
             if cache is not None and len(whole) > len(kept):
                 cache[url] = whole
-        dropped = cut and not followed and seen > 0  # the cut tar's last sample
+        dropped = not followed and seen > 0 and (cut or seen < hi)  # the last sample of a tar that ended early
         if dropped:
             read, seen, held = read - (held is not None), seen - 1, None
         if held is not None:
@@ -238,8 +240,8 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
         error = f" ({skips.tar_error})" if skips.tar_error else ""
         if read < hi - start:  # one record for the samples of this range lost
-            last = (" and a sample cut short (the tar's members stop before its end: cut short, or a damaged member "
-                    "header)") if dropped else ""
+            last = (" and a sample perhaps cut short (the tar ends early: cut short, or a damaged member header)"
+                    if dropped else "")
             skips.add(url, f"samples {start + read}-{hi - 1}",
                       f"damaged tar: the shard ends after {seen} whole samples{last} but its count says at least "
                       f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - start - read)
@@ -248,35 +250,53 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
 
 
 def tar_ends_cut(url: str) -> bool:
-    """True for a local uncompressed tar whose members stop before its data does, so that the last sample read may
-    lack members (its caption) with no read error to say so: a copy cut short (no end-of-archive blocks), perhaps at a
-    member's boundary, or a damaged member header inside, which tarfile takes for the archive's end (the samples after
-    it are lost). Remote and compressed shards are not checked (False)."""
-    path = url.removeprefix("file:")
-    if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar"):
+    """True for a local uncompressed tar that ends without the end-of-archive blocks (the zeros tarfile and GNU tar
+    write on closing): a copy cut short, perhaps at a member's boundary, which no read error reveals, so that its last
+    sample may lack members. Remote and compressed shards are not checked (False). Reads the last 1 KiB only."""
+    path = _local_tar(url)
+    if path is None:
         return False
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - 1024, 0))
+            tail = f.read(1024)
+    except OSError:
+        return False
+    return len(tail) < 1024 or bool(tail.strip(b"\0"))
+
+
+def members_stop_early(url: str) -> bool:
+    """`tar_ends_cut`, or a damaged member header inside, which tarfile takes for the archive's end (the samples after
+    it are lost, the one it cuts may lack members): its members stop before its data does. Walks the headers (a seek
+    per member; once per file and process), for the header count and ldm-encode; training's reader needs no walk (a
+    read that ends before the shard's count drops its last sample)."""
+    path = _local_tar(url)
+    if path is None:
+        return False
+    if tar_ends_cut(url):
+        return True
     try:
         stat = os.stat(path)
     except OSError:
         return False
-    return _members_stop_early(path, stat.st_size, stat.st_mtime_ns)
+    return _walk_stops_early(path, stat.st_size, stat.st_mtime_ns)
+
+
+def _local_tar(url: str) -> str | None:
+    path = url.removeprefix("file:")
+    return None if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar") else path
 
 
 @functools.lru_cache(maxsize=4096)
-def _members_stop_early(path: str, size: int, mtime_ns: int) -> bool:
-    """`tar_ends_cut` of the file as it is (size and modification time): its tail, then its headers (read once per
-    process: a seek per member)."""
+def _walk_stops_early(path: str, size: int, mtime_ns: int) -> bool:
+    """Whether non-zero data follows where tarfile's walk over the headers of the file (as it is) stops."""
     try:
         with open(path, "rb") as f:
-            f.seek(max(size - 1024, 0))
-            tail = f.read(1024)
-            if len(tail) < 1024 or tail.strip(b"\0"):
-                return True
-            f.seek(0)
             with tarfile.open(fileobj=f) as tar:
                 for _ in tar:
                     pass
-                end = tar.offset  # where the walk stopped: the end-of-archive blocks, or a header it could not read
+                end = tar.offset  # the end-of-archive blocks, or a header it could not read
             f.seek(end)
             while chunk := f.read(1 << 16):
                 if chunk.strip(b"\0"):

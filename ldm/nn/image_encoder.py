@@ -35,7 +35,8 @@ class ImageEncoderConfig:
         factor = 2 ** len(self.channels)
         if self.resolution % factor:
             raise ConfigError(f"resolution={self.resolution} must be divisible by 2 ** len(channels) = "
-                              f"{factor}")
+                              f"{factor}: set data.resolution (which the contrastive configs pass on) to a multiple "
+                              f"of {factor}, or change model.image.channels")
 
 
 class ImageEncoder(nn.Module):
