@@ -15,6 +15,8 @@ joined the study, learnt from its scores and reported its best trial as its own)
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -71,15 +73,31 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+# The search space's keys, which `CheckOptunaSweep` hands to the jobs (in-process or launched, they inherit it).
+SEARCHED_ENV = "LDM_SWEEP_SEARCHED"
+
+
+def names_searched_key(message: str) -> bool:
+    """Whether an error `message` names a key of this sweep's search space, in full or by its last part
+    (`head_dim=12` for model.unet.head_dim): a point of the space that the model refuses, whose trial fails alone."""
+    keys = json.loads(os.environ.get(SEARCHED_ENV) or "[]")
+    names = {name for key in keys for name in (key, key.rsplit(".", 1)[-1])}
+    return any(re.search(rf"(?<!\w){re.escape(name)}\b", message) for name in names)
+
+
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
     study whose newest complete trial was run with other fixed settings (naming them, and
-    `hydra.sweeper.study_name`)."""
+    `hydra.sweeper.study_name`); hand the search space's keys to the jobs (`SEARCHED_ENV`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
         params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
-        fixed = json.loads(json.dumps(fixed_settings(list(config.hydra.overrides.task), params)))  # as stored
+        arguments = list(config.hydra.overrides.task)
+        fixed = json.loads(json.dumps(fixed_settings(arguments, params)))  # as stored
+        searched = {key.lstrip("+") for key in params or {}} | {
+            line.split("=", 1)[0].lstrip("+") for line in arguments if line.split("=", 1)[0] not in fixed}
+        os.environ[SEARCHED_ENV] = json.dumps(sorted(searched))
         try:
             study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
         except KeyError:  # a new study

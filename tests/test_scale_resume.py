@@ -40,7 +40,7 @@ from scale_helpers import (
 from ldm.checkpoints import CheckpointError
 from ldm.cli.export import holds_autoencoder
 from ldm.cli.train import train
-from ldm.nn.autoencoder import load_autoencoder
+from ldm.convert import load_autoencoder_any
 
 FULL_STEPS = 6
 EVERY = 2
@@ -383,8 +383,8 @@ def test_a_signal_at_a_validation_step_keeps_what_the_validation_measured(shapes
     assert sorted(first) == [1, 2, 3, 4]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"]["step"] == 4
     assert not (out / "export").exists()  # a stop before the last step exports nothing: the model is not finished
-    for read, key in ((lambda path: load_autoencoder(path, "model.autoencoder_path"), "model.autoencoder_path"),
-                      (holds_autoencoder, "ckpt_path")):  # (ldm-export)
+    for read, key in ((lambda path: load_autoencoder_any(path, "model.autoencoder_path"), "model.autoencoder_path"),
+                      (holds_autoencoder, "ckpt_path")):  # (stage 2, ldm-encode, model.init_from; ldm-export)
         with pytest.raises(CheckpointError, match=rf"{key}=\S+ is a run directory without an export .* run its "
                                                   rf"ldm-train command again to finish it, or give its checkpoint, "
                                                   rf"{key}=\S+/checkpoints/last.ckpt"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sqlite3
 
@@ -122,6 +124,24 @@ def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
     assert "trial failed (ConfigError: model.lr=-1.0 must be > 0)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert [(sweep / job / "export").is_dir() for job in "012"] == [True, False, True]
+
+
+def test_the_search_space_reaches_the_jobs_so_a_refused_point_fails_its_trial_alone(tmp_path, monkeypatch):
+    """Optuna's first trial drew model.unet.head_dim=12 (the README's example), which the model refused: taken for
+    a mistake in the command, it ended the whole sweep and left the trial RUNNING, in every invocation."""
+    from ldm.sweeps import SEARCHED_ENV, CheckOptunaSweep, names_searched_key
+
+    monkeypatch.setenv(SEARCHED_ENV, "[]")  # (restored afterwards: the callback sets it for the jobs it launches)
+    config = OmegaConf.create({"hydra": {
+        "sweeper": {"params": {"model.lr": "tag(log, interval(1e-5, 1e-3))"}, "study_name": "s",
+                    "storage": f"sqlite:///{tmp_path / 's.sqlite'}"},
+        "overrides": {"task": ["model.unet.head_dim=choice(8, 12)", "data.batch_size=4"]}}})
+    CheckOptunaSweep().on_multirun_start(config)
+    assert json.loads(os.environ[SEARCHED_ENV]) == ["model.lr", "model.unet.head_dim"]
+    assert names_searched_key("model.unet: width 64 of level 2 is not divisible by head_dim=12")
+    assert names_searched_key("model.lr=-1.0 must be > 0")
+    assert not names_searched_key("data.batch_size=0 must be >= 1")
+    assert not names_searched_key("model.lr_schedule='x' is not one of [...]")
 
 
 @pytest.mark.slow

@@ -590,8 +590,9 @@ def main(cfg: DictConfig) -> float | None:
     printed; a mistake ends with one message and exit status 2 (`ldm.cli.common.run_cli`). In a multirun, a run that
     fails prints its traceback (a ConfigError: its message) and returns None, and so does one whose metric is not
     finite, so the sweep goes on: the Optuna sweeper records the trial as failed. A ConfigError in the sweep's first
-    job stops the sweep instead (a mistake in the command fails every job alike; in a later job, where the command
-    has built a model, it is the job's own values the model refuses: a search-space point, say). (Not nan: the
+    job stops the sweep instead, unless it names a key of the Optuna search space (a mistake in the command fails
+    every job alike; one naming a sampled key, or in a later job, where the command has built a model, is the job's
+    own values that the model refuses). (Not nan: the
     Optuna 2.x that hydra-optuna-sweeper needs rejects a nan value with an error that ends the whole sweep.) A run
     stopped by a signal before its last step ends the sweep (exit status 128 + the signal) with no result; a signal
     at its end lets it report, and the next job ends the sweep. A job that resumed a finished run reports nothing.
@@ -607,8 +608,11 @@ def main(cfg: DictConfig) -> float | None:
         try:
             metrics = train(cfg)
         except Exception as err:
+            from ldm.sweeps import names_searched_key  # (optuna: imported on a failure only)
+
             refused = config_error_in(err)
-            if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0):
+            if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0
+                                     and not names_searched_key(str(refused))):
                 raise  # a mistake in the command, which every job would meet: the sweep stops at its first
             if refused is None:
                 traceback.print_exc()

@@ -255,6 +255,8 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
                                      f"file")
     if path.is_file() and (path.parent / "config.json").is_file() and detect_layout(path.parent, key) == "ours":
         path = path.parent  # the weights file of our export: the folder holds its config and latent statistics
+    if path.is_dir():
+        export_dir(path, key)  # a run directory without an export (stopped, unfinished): named as such
     layout = detect_layout(path, key)
     if layout == "ours" or (layout == "single_file" and _our_checkpoint_kind(path) is not None):
         model, stats = load_autoencoder(path, key)

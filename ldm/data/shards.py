@@ -207,6 +207,14 @@ def _json_line(line: str, number: int, path: Path) -> Any:
                           f"one JSON object per line, or (.json) an array of them") from None
 
 
+def _json_whole(text: str) -> Any:
+    """The JSON value `text` holds as a whole; None when it is not one (one object per line, or damaged)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
     """Captions from a CSV (header with a path and a caption column), a JSONL manifest (one object per line) or a
     .json one (an array of objects, or one object per line), keyed by resolved path."""
@@ -221,8 +229,9 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         else:
             with path.open(encoding="utf-8-sig") as f:
                 text = f.read()
-            if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of objects
-                rows = _json_line(text, 1, path)
+            whole = _json_whole(text) if path.suffix.lower() == ".json" else None
+            if whole is not None:  # a JSON array of objects (or one object)
+                rows = whole if isinstance(whole, list) else [whole]
             else:
                 rows = [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), 1)
                         if line.strip()]
