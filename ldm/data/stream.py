@@ -26,7 +26,6 @@ counts stay equal on every rank.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -269,28 +268,13 @@ def tar_ends_cut(url: str) -> bool:
 def members_stop_early(url: str) -> bool:
     """`tar_ends_cut`, or a damaged member header inside, which tarfile takes for the archive's end (the samples after
     it are lost, the one it cuts may lack members): its members stop before its data does. Walks the headers (a seek
-    per member; once per file and process), for the header count and ldm-encode; training's reader needs no walk (a
-    read that ends before the shard's count drops its last sample)."""
+    per member), for the header count and ldm-encode; training's reader needs no walk (a read that ends before the
+    shard's count leaves out its last sample)."""
     path = _local_tar(url)
     if path is None:
         return False
     if tar_ends_cut(url):
         return True
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    return _walk_stops_early(path, stat.st_size, stat.st_mtime_ns)
-
-
-def _local_tar(url: str) -> str | None:
-    path = url.removeprefix("file:")
-    return None if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar") else path
-
-
-@functools.lru_cache(maxsize=4096)
-def _walk_stops_early(path: str, size: int, mtime_ns: int) -> bool:
-    """Whether non-zero data follows where tarfile's walk over the headers of the file (as it is) stops."""
     try:
         with open(path, "rb") as f:
             with tarfile.open(fileobj=f) as tar:
@@ -304,6 +288,11 @@ def _walk_stops_early(path: str, size: int, mtime_ns: int) -> bool:
     except (OSError, tarfile.TarError):
         return False  # unreadable from the start: the reader reports it
     return False
+
+
+def _local_tar(url: str) -> str | None:
+    path = url.removeprefix("file:")
+    return None if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar") else path
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, num_classes: int | None = None
