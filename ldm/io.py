@@ -123,7 +123,9 @@ def export_dir(path: str | os.PathLike, key: str = "ckpt_path", reads_checkpoint
         instead = f"its checkpoint, {key}={last}" if last.is_file() else f"one of its checkpoints ({path}/checkpoints)"
         raise CheckpointError(f"{key}={path} is a run directory without an export (a run writes export/ when it "
                               f"finishes; this one has not finished, or was stopped): run its ldm-train command again "
-                              f"to finish it" + (f", or give {instead}" if reads_checkpoints else ""))
+                              f"to finish it" + (f", or give {instead} (an autoencoder or latent diffusion run's; a "
+                                                 f"text encoder run is read from its export alone)"
+                                                 if reads_checkpoints else ""))
     return path
 
 

@@ -78,11 +78,12 @@ SEARCHED_ENV = "LDM_SWEEP_SEARCHED"
 
 
 def names_searched_key(message: str) -> bool:
-    """Whether an error `message` names a key of this sweep's search space, in full or by its last part
-    (`head_dim=12` for model.unet.head_dim): a point of the space that the model refuses, whose trial fails alone."""
+    """Whether an error `message` names a key of this sweep's search space: in full (`model.lr=`), or by its last part
+    with a value (`head_dim=12` for model.unet.head_dim): a point of the space that the model refuses, whose trial
+    fails alone."""
     keys = json.loads(os.environ.get(SEARCHED_ENV) or "[]")
-    names = {name for key in keys for name in (key, key.rsplit(".", 1)[-1])}
-    return any(re.search(rf"(?<!\w){re.escape(name)}\b", message) for name in names)
+    return any(re.search(rf"(?<![\w.]){re.escape(name)}=", message)
+               for key in keys for name in (key, key.rsplit(".", 1)[-1]))
 
 
 class CheckOptunaSweep(Callback):

@@ -4,6 +4,7 @@ source=folder` leaves out (and lists) what it cannot read instead of stopping.""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from PIL import Image
 
 from ldm.cli.data import write_dataset
 from ldm.config import ConfigError
+from ldm.data import encoding
 from ldm.data.datamodule import WebDataModule, shard_counts
 from ldm.data.stream import EpochPlan, ShardStream
 from ldm.images import ALPHA_BACKGROUND, decode_image, to_rgb
@@ -283,6 +285,26 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
     ((_, key, reason),) = dm.skipped
     assert key == "samples 3-7" and "ends after 3 whole samples and a sample perhaps cut short" in reason
     (tmp_path / "summary.json").unlink()
+    # ... and where a range ends right at the damage (rank 0 of 2 reads samples 0-3): it reads one past its end
+    plan = EpochPlan([str(whole)], [8], seed=0, rank=0, world_size=2, num_workers=0, batch_size=1, train=False,
+                     resolution=8)
+    assert "r003" not in [key for batch in ShardStream(plan) for key in batch["key"]]
+
+    # a compressed tar cut inside a caption: the error comes at the next header, after that sample was read (and
+    # counted); the reader, the header count and ldm-encode's reader leave it out
+    whole = write_shard(tmp_path / "gzfull.tar", shapes_like(tmp_path, "g", 8))
+    with tarfile.open(whole) as tar:
+        offset = next(member.offset_data for member in tar if member.name == "g005.txt") + 5
+    gz = tmp_path / "gz-000000.tar.gz"
+    gz.write_bytes(gzip.compress(whole.read_bytes()[:offset]))
+    dm = WebDataModule(train_shards=str(gz), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    assert dm.train_counts == [5]
+    assert {key for batch in dm.train_dataloader() for key in batch["key"]} == {f"g00{i}" for i in range(5)}
+    assert dm.uncaptioned == {}
+    skipped: list[list[str]] = []
+    assert [sample["__key__"] for sample, _ in encoding._images(str(gz), 8, skipped)] == [f"g00{i}" for i in range(5)]
+    assert skipped[-1][0] == "g005" and "ends early" in skipped[-1][1]
 
     # cut inside the first member of the last sample: the header count and the reader keep the same samples (the
     # count kept one more, and the reader repeated a sample to make up for it, reporting a damage)

@@ -337,6 +337,18 @@ def test_awkward_folder_inputs(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"list\.jsonl: line 3 is not JSON \(Expecting ',' delimiter\)"):
         write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
                        "captions": str(manifest), "val_samples": 0})
+    # a caption holding U+2028 (json.dumps(ensure_ascii=False) writes it as it is) is one line, not two
+    manifest.write_text("".join(json.dumps({"file": name, "caption": f"a\u2028{name}"}, ensure_ascii=False) + "\n"
+                                for name in ("a.png", "b.gif", "c.tif", "d.tiff")), encoding="utf-8")
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o5"),
+                   "captions": str(manifest), "val_samples": 0, "resolution": 16})
+    assert {s["txt"].decode() for s in read_split(tmp_path / "o5", "train")} == {"a\u2028a.png", "a\u2028b.gif",
+                                                                                 "a\u2028c.tif", "a\u2028d.tiff"}
+    array = tmp_path / "list.json"  # a damaged array is named at its line (it was reported as line 1)
+    array.write_text('[\n  {"file": "a.png", "caption": "a"},\n  {"file": "b.gif" "caption": "b"}\n]\n')
+    with pytest.raises(ConfigError, match=r"list\.json: line 3 is not JSON \(Expecting ',' delimiter\)"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o6"),
+                       "captions": str(array), "val_samples": 0})
     with pytest.raises(ConfigError, match="image_format=jpg .* ignored with resolution=null"):
         write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o3"),
                        "resolution": None, "image_format": "jpg"})

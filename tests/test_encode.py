@@ -209,7 +209,8 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
     assert [s["__key__"] for s in again] != [s["__key__"] for s in first]
     stats = json.loads((out / "train-000002_stats.json").read_text())
     assert stats["successes"] == 8 and stats["failed"] == 8
-    assert "members stop before its end (cut short, or a damaged member header" in stats["skipped"][0][1]
+    assert "ends early (cut short, or a damaged member header: what follows is lost): its last sample" in \
+        stats["skipped"][0][1]
     assert "damaged tar: the shard ends after" in stats["skipped"][-1][1]
     assert all("txt" in sample for sample in read_shard(out / "train-000002.tar"))
     assert "whose input shards no longer exist (train-000003.tar)" in caplog.text

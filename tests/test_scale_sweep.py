@@ -142,6 +142,9 @@ def test_the_search_space_reaches_the_jobs_so_a_refused_point_fails_its_trial_al
     assert names_searched_key("model.lr=-1.0 must be > 0")
     assert not names_searched_key("data.batch_size=0 must be >= 1")
     assert not names_searched_key("model.lr_schedule='x' is not one of [...]")
+    assert not names_searched_key("model.warmup_lr=2 ...")  # another key's last part
+    monkeypatch.setenv(SEARCHED_ENV, json.dumps(["model.conditioner.width"]))  # a word of the message's prose
+    assert not names_searched_key("model.unet: width 32 of level 1 is not divisible by head_dim=12")
 
 
 @pytest.mark.slow

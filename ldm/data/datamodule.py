@@ -87,7 +87,7 @@ def _count_tar_samples(path: str) -> int:
     """Samples in a local tar (reads headers only), counted as webdataset groups them: a new sample wherever a member's
     key differs from the one before (a key seen again further on is another sample); a damaged tar counts the whole
     samples before the damage."""
-    count, last = 0, None
+    count, last, plain = 0, None, True
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, "r:*") as tar:
@@ -108,6 +108,8 @@ def _count_tar_samples(path: str) -> int:
             raise tarfile.ReadError(f"its members stop before its end (cut short, or a damaged member header: what "
                                     f"follows is lost), so its last sample ({last}) may be cut short")
     except (tarfile.TarError, OSError, EOFError) as err:
+        if not plain and count:  # a compressed tar breaks at the header after a member cut short: as the reader, leave
+            count -= 1  # out the sample it was reading
         log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, count)
     return count
 

@@ -320,28 +320,35 @@ def _members_complete(path: Path) -> bool:
         return False
 
 
-def without_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list[str]]) -> Iterator[dict[str, Any]]:
-    """`samples` of a tar whose members stop early (`members_stop_early`) but for the last one, which may lack members
-    (a caption gone at a member's boundary), reported in `skipped`."""
+def without_cut_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list[str]],
+                     ended_early: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+    """`samples`, but for the last one when the tar ended early (`ended_early()`, asked once they are read: its
+    members stop before its end, or a read error ended it): that one may lack members (a caption gone at a member's
+    boundary) and is reported in `skipped` instead."""
     held = None
     for sample in samples:
         if held is not None:
             yield held
         held = sample
-    if held is not None:
-        skipped.append([held.get("__key__", "?"), f"the shard {url}'s members stop before its end (cut short, or "
-                        f"a damaged member header: what follows is lost): its last sample may lack members; rewrite "
-                        f"the shard"])
+    if held is not None and ended_early():
+        skipped.append([held.get("__key__", "?"), f"the shard {url} ends early (cut short, or a damaged member "
+                        f"header: what follows is lost): its last sample may lack members; rewrite the shard"])
+    elif held is not None:
+        yield held
 
 
 def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
     """(raw sample, image (3, R, R) in [-1, 1]) of a shard, transformed exactly as the datamodule does (centre crop)."""
+    errors: list[Exception] = []
+
     def handler(err: Exception) -> bool:
         skipped.append(["?", f"{type(err).__name__}: {err}"[:200]])
+        errors.append(err)
         return True
 
+    cut = members_stop_early(url)
     samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
-    for sample in without_last(samples, url, skipped) if members_stop_early(url) else samples:
+    for sample in without_cut_last(samples, url, skipped, lambda: cut or bool(errors)):
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:

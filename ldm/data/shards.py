@@ -207,11 +207,15 @@ def _json_line(line: str, number: int, path: Path) -> Any:
                           f"one JSON object per line, or (.json) an array of them") from None
 
 
-def _json_whole(text: str) -> Any:
-    """The JSON value `text` holds as a whole; None when it is not one (one object per line, or damaged)."""
+def _json_whole(text: str, path: Path) -> Any:
+    """The JSON value `text` (the .json manifest `path`) holds as a whole; None when it is not one (one object per
+    line, or a damaged line); a damaged array is a ConfigError naming the line."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            raise ConfigError(f"captions={path}: line {err.lineno} is not JSON ({err.msg}); a .json manifest holds an "
+                              f"array of objects, or one object per line") from None
         return None
 
 
@@ -229,11 +233,11 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         else:
             with path.open(encoding="utf-8-sig") as f:
                 text = f.read()
-            whole = _json_whole(text) if path.suffix.lower() == ".json" else None
+            whole = _json_whole(text, path) if path.suffix.lower() == ".json" else None
             if whole is not None:  # a JSON array of objects (or one object)
                 rows = whole if isinstance(whole, list) else [whole]
-            else:
-                rows = [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), 1)
+            else:  # (lines end at \n alone: U+2028 and the like may stand in a caption)
+                rows = [_json_line(line, number, path) for number, line in enumerate(text.split("\n"), 1)
                         if line.strip()]
     except UnicodeDecodeError as err:
         raise ConfigError(f"captions={path} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as "

@@ -187,9 +187,11 @@ class SkipLog:
 
 
 def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
-                   cache: dict[str, list[dict[str, Any]]] | None = None) -> Iterator[dict[str, Any]]:
+                   cache: dict[str, list[dict[str, Any]]] | None = None,
+                   counts: Mapping[str, int] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (undecoded bytes) of each shard's [lo, hi) range, in order; a shard that ends before `hi`
-    (truncated, or counted wrong in summary.json) is reported as damaged.
+    (truncated, or counted wrong in summary.json) is reported as damaged. `counts`: each shard's sample count, which
+    tells a range that ends inside its shard.
 
     With a `cache`, the samples a shard yielded (from its start: those before `lo` are parsed on the way anyway)
     are kept under its url, also when the reader stops early (a validation under `trainer.limit_val_batches`); a later
@@ -204,16 +206,17 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         start = lo + len(served)  # the range's first sample not in memory
         skips.tar_error = None
         samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
-        # note: a tar cut short at a member's boundary, or with a damaged member header inside, reads without an
-        # error, and its last sample read may have lost members (its caption). Each sample is held back until the
-        # next one is read: in a cut tar the range reads one sample past its end, so that the tar's last sample is
-        # known as such and left out; a read that ends before the range does (its count says more) leaves out the
-        # last sample it read
+        # note: a tar cut short (at a member's boundary, or inside a compressed one) or with a damaged member header
+        # inside may end with no error, or with one after its last sample, which may have lost members (its
+        # caption). Each sample is held back until the next one is read, and a range that ends inside its shard (or
+        # in a cut tar) reads one sample past its end: a read that ends before that leaves out the last sample it
+        # read, the tar's real last one
         cut = tar_ends_cut(url)
+        ahead = cut or hi < (counts or {}).get(url, hi)
         read, seen, prefix, held, followed = 0, 0, [], None, False
         try:
-            for i, sample in enumerate(islice(samples, hi + cut)):
-                if i == hi:  # the sample after the range (only in a cut tar): the range's last one is whole
+            for i, sample in enumerate(islice(samples, hi + ahead)):
+                if i == hi:  # the sample after the range: the range's last one is whole
                     followed = True
                     break
                 seen = i + 1
@@ -227,10 +230,11 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             samples.close()
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
             # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
-            whole = prefix[:-1] if not followed and (cut or seen < hi) else prefix
+            early = not followed and (ahead or seen < hi or skips.tar_error is not None)
+            whole = prefix[:-1] if early else prefix
             if cache is not None and len(whole) > len(kept):
                 cache[url] = whole
-        dropped = not followed and seen > 0 and (cut or seen < hi)  # the last sample of a tar that ended early
+        dropped = early and seen > 0  # the last sample of a tar that ended early
         if dropped:
             read, seen, held = read - (held is not None), seen - 1, None
         if held is not None:
@@ -412,12 +416,13 @@ class ShardStream(IterableDataset):
         segments = p.segments(slot)
         skips = SkipLog()
         shuffle_rng = random.Random(fold_seed(p.seed, p.epoch, p.rank, worker))
+        shard_counts = dict(zip(p.urls, p.counts))
 
         def decoded(parts: list[tuple[str, int, int]], losses: SkipLog) -> Callable[[], Iterator[dict[str, Any]]]:
             def one_pass() -> Iterator[dict[str, Any]]:  # one pass over `parts` (repeated only to top up)
                 shuffle_rng.seed(fold_seed(p.seed, p.epoch, p.rank, worker))
                 return iter(wds.DataPipeline(
-                    lambda: _read_segments(parts, losses, self.cache),  # raw samples of these shard ranges
+                    lambda: _read_segments(parts, losses, self.cache, shard_counts),  # raw samples of their ranges
                     wds.shuffle(p.shuffle_buffer, p.shuffle_buffer, rng=shuffle_rng) if p.train else None,
                     lambda raw: self.decode_samples(raw, losses),  # decoded; corrupt samples recorded and dropped
                 ))
