@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from ldm.callbacks.fid import FIDCallback
 from ldm.cli.common import CONF_DIR
+from ldm.cli.train import instantiate_callbacks
 from ldm.config import ConfigError
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
@@ -150,6 +151,20 @@ def test_fid_callback_config_composes_beside_the_defaults():
         cfg = compose("train", overrides=["callbacks=[default,fid]", "paths.output_dir=/tmp/x"])
     assert cfg.callbacks.fid._target_ == "ldm.callbacks.fid.FIDCallback" and "checkpoint" in cfg.callbacks
     assert cfg.callbacks.fid.every_n_steps == cfg.trainer.val_check_interval
+
+
+def test_fid_callback_built_from_the_config_takes_a_list_of_shards(tmp_path: Path, shapes_shards: Path):
+    """data.val_shards as a list (which the datamodule takes) reached the callback as an OmegaConf ListConfig, which
+    it refused: "expected a non-empty string or a list of them, got [...]"."""
+    shards = [str(p) for p in sorted(shapes_shards.glob("val-*.tar"))]
+    weights = random_inception_weights(tmp_path / "inc.pt")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["callbacks=[default,fid]", "paths.output_dir=/tmp/x",
+                                          f"data.val_shards={shards}", "callbacks.fid.feature_dim=64",
+                                          f"callbacks.fid.feature_extractor_weights_path={weights}",
+                                          f"callbacks.fid.cache_dir={tmp_path / 'cache'}"])
+    fid = next(c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, FIDCallback))
+    assert fid.num_samples == cfg.callbacks.fid.num_samples
 
 
 def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards: Path):

@@ -369,7 +369,8 @@ def test_an_interrupted_sweep_keeps_its_scored_rows_and_a_torn_line_is_mended(
         assert [row["guidance_scale"] for row in csv.DictReader(f)] == ["1.0", "2.0", "4.0"]
 
 
-def test_prompts_from_a_file_need_not_the_validation_shards_the_model_was_trained_with(assets, tmp_path: Path):
+def test_prompts_from_a_file_need_not_the_validation_shards_the_model_was_trained_with(assets, tmp_path: Path,
+                                                                                       monkeypatch, capsys):
     """On another machine the training run's validation shards are gone: prompts from a file and reference images
     from reference_shards need nothing of them (the run stopped, asking for val_shards)."""
     checkpoint = torch.load(assets["ldm"], weights_only=False)
@@ -377,11 +378,15 @@ def test_prompts_from_a_file_need_not_the_validation_shards_the_model_was_traine
     torch.save(checkpoint, tmp_path / "elsewhere.ckpt")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle in the center on a white background\n")
+    monkeypatch.chdir(tmp_path)  # given relative, recorded absolute: the row says where its prompts are
     cfg = make_cfg(assets, tmp_path / "eval", ckpt_path=str(tmp_path / "elsewhere.ckpt"), val_shards=None,
-                   prompts_source="file", prompts_file=str(prompts), reference_shards=assets["shards"],
+                   prompts_source="file", prompts_file="prompts.txt", reference_shards=assets["shards"],
                    metrics=["fid", "shapes_color_accuracy"])
     row = evaluate(cfg)[0]
-    assert row["fid"] > 0 and row["prompts"] == str(prompts)
+    assert row["fid"] > 0 and row["prompts"] == str(prompts.resolve())
+    capsys.readouterr()
+    assert evaluate(cfg)[0] == row  # kept (skip_done), and its numbers printed as a new row's are
+    assert f"fid: {row['fid']:.6g}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained"):
         evaluate({**cfg, "prompts_source": "val_shards", "prompts_file": None})  # its captions are the prompts
 

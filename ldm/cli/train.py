@@ -78,7 +78,8 @@ class TrainingDiverged(RuntimeError):
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
     """Every non-null entry of the `callbacks` group, in config order."""
-    return [hydra.utils.instantiate(node) for node in (cfg or {}).values() if node is not None]
+    # note: _convert_, so that a list (a shard set) reaches the callback as a list, as it reaches the datamodule
+    return [hydra.utils.instantiate(node, _convert_="all") for node in (cfg or {}).values() if node is not None]
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:

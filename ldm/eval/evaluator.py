@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,7 +84,8 @@ class EvalConfig:
     prompts_source: str = "val_shards"          # val_shards (their captions) | file (prompts_file, one a line)
     prompts_file: str | None = None
     val_shards: Any = None                      # shard set: prompts, reference statistics, autoencoder inputs;
-    #                                             null: the validation shards each model was trained with
+    #                                             null: the validation shards each latent diffusion model was
+    #                                             trained with (an autoencoder needs them given)
     reference_shards: Any = None                # reference statistics from these instead of val_shards
     reference_num_samples: int | None = None    # real images in the reference statistics; null: all of the shards
     resolution: int | None = None               # autoencoder inputs; null: the autoencoder's training resolution
@@ -251,7 +253,8 @@ class Evaluator:
                     row = {**info, **sweep, "num_samples": cfg.num_samples,
                            "resolution": pipeline.image_size, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
-                           "prompts": cfg.prompts_file if cfg.prompts_source == "file" else shards,
+                           "prompts": (str(Path(cfg.prompts_file).expanduser().resolve())
+                                       if cfg.prompts_source == "file" else shards),
                            **conditions, **protocol, **metrics}
                     rows.append(row)
                     if on_row is not None:
@@ -292,6 +295,7 @@ class Evaluator:
         if found is not None and self.rank == 0:
             print(f"[ldm-eval] {point['checkpoint']} {what}: in results.jsonl already (skip_done=false scores it "
                   f"again)", flush=True)
+            print_row(found)  # its numbers, as a new row's: a sweep's log shows every point
         return found
 
     def _generate_and_score(self, pipeline: Any, prompts: list[str], labels: list[int] | None,
