@@ -353,10 +353,17 @@ def test_an_interrupted_sweep_keeps_its_scored_rows_and_a_torn_line_is_mended(
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(LatentDiffusionPipeline, "generate", interrupted)
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(make_cfg(assets, out, guidance_scales=[1.0, 2.0, 3.0], batch_size=8))
+        evaluate({**make_cfg(assets, out, guidance_scales=[1.0, 2.0, 3.0], batch_size=8),
+                  "wandb": {"enabled": True, "num_images": 0}})
     assert calls == [1.0, 2.0, 3.0]
     assert [row["guidance_scale"] for row in read_results(out)] == [1.0, 2.0]
+    # the W&B run holds those two rows too (its table was logged only after a whole checkpoint's sweep)
+    (table,) = (out / "wandb").glob("offline-run-*/files/media/table/results_*.table.json")
+    columns, data = (json.loads(table.read_text())[k] for k in ("columns", "data"))
+    assert [row[columns.index("guidance_scale")] for row in data] == [1.0, 2.0]
     monkeypatch.setattr(LatentDiffusionPipeline, "generate", generate)
 
     jsonl = out / "results.jsonl"

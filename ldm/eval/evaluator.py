@@ -435,13 +435,16 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
     evaluator = Evaluator(config, done_rows(config))
     logger = WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
     rows: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # the new rows of the checkpoint being evaluated
     checked: set[str] = set()
 
     def record(row: dict[str, Any]) -> None:  # each new row on disk as soon as it is scored
+        pending.append(row)
         if evaluator.rank == 0:
             append_results(config.output_dir, [row])
             print_row(row)
 
+    failed = True
     try:
         for path in paths:
             loaded = load_model(path, config.use_ema)
@@ -454,9 +457,11 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
                 new = evaluator.evaluate_generation(loaded.model, loaded.info, logger, on_row=record)
             del loaded
             rows.extend(new)
+            pending.clear()
+        failed = False
     finally:
-        if logger is not None:
-            logger.finish(rows)
+        if logger is not None:  # an interrupted sweep's W&B run holds the rows scored before it stopped too
+            logger.finish([*rows, *pending], exit_code=int(failed))
     return rows
 
 

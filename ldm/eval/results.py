@@ -140,10 +140,10 @@ class WandbTable:
         point = f"{row['sampler']}_{row['num_steps']}_cfg{row['guidance_scale']:g}"
         self.run.log({f"samples/{self.checkpoint_name(row['checkpoint'])}/{point}": table})
 
-    def finish(self, rows: list[dict[str, Any]]) -> None:
+    def finish(self, rows: list[dict[str, Any]], exit_code: int = 0) -> None:
         if rows:
             columns = sorted({k for row in rows for k in row})
             data = [[json.dumps(row.get(c)) if isinstance(row.get(c), (list, dict)) else row.get(c) for c in columns]
                     for row in rows]
             self.run.log({"results": self.wandb.Table(columns=columns, data=data)})
-        self.run.finish()
+        self.run.finish(exit_code=exit_code)
