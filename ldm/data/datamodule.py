@@ -53,7 +53,7 @@ from ldm.data.latents import (
 )
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
-from ldm.data.stream import EpochPlan, ShardStream, members_stop_early, tar_ends_cut
+from ldm.data.stream import EpochPlan, ShardStream, data_after, tar_ends_cut
 from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ def _count_tar_samples(path: str) -> int:
                         raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix is not None and prefix != last:
                         count, last = count + 1, prefix
-        if count and members_stop_early(path):  # cut at a member's boundary, or a damaged header: the last sample
-            # may lack members
+            # cut at a member's boundary, or a damaged header where the walk stopped: the last sample may lack members
+            stopped_early = tar_ends_cut(path) or (plain and data_after(path, tar.offset))
+        if count and stopped_early:
             count -= 1
             raise tarfile.ReadError(f"its members stop before its end (cut short, or a damaged member header: what "
                                     f"follows is lost), so its last sample ({last}) may be cut short")

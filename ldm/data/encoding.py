@@ -242,8 +242,10 @@ def check_outputs_have_a_manifest(out: Path, urls: list[str]) -> None:
     """Raise ConfigError when `out` holds latent shards or their stats but no manifest saying which encoder wrote
     them. Read-only: every rank of a distributed encode checks it itself (rank 0 alone would leave the others
     waiting for a manifest it never writes)."""
+    if (out / latents.MANIFEST_NAME).exists():
+        return  # (the outputs are not looked at: a resume opens no shard here)
     stats, ours = _earlier_outputs(out, urls)
-    if not (out / latents.MANIFEST_NAME).exists() and (stats or any(p.exists() for p in ours)):
+    if stats or any(p.exists() for p in ours):
         raise ConfigError(f"output_dir={out} holds latent shards or *_stats.json but no {latents.MANIFEST_NAME}, so "
                           f"nothing says which encoder wrote them: choose another output_dir, or pass overwrite=true "
                           f"to delete them and encode again")
@@ -254,8 +256,8 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[st
     out = Path(config.output_dir)
     path = out / latents.MANIFEST_NAME
     inputs = {latents.shard_name(url): str(Path(url).resolve()) for url in urls}
-    stats, ours = _earlier_outputs(out, urls)
     if config.overwrite:  # an earlier run's shards (those with stats, and this run's names), whatever its manifest
+        stats, ours = _earlier_outputs(out, urls)
         for old in [*ours, *stats, path]:
             old.unlink(missing_ok=True)
     else:

@@ -280,17 +280,22 @@ def members_stop_early(url: str) -> bool:
     if tar_ends_cut(url):
         return True
     try:
-        with open(path, "rb") as f:
-            with tarfile.open(fileobj=f) as tar:
-                for _ in tar:
-                    pass
-                end = tar.offset  # the end-of-archive blocks, or a header it could not read
-            f.seek(end)
-            while chunk := f.read(1 << 16):
-                if chunk.strip(b"\0"):
-                    return True
+        with tarfile.open(path, "r:") as tar:
+            for _ in tar:
+                pass
+            return data_after(path, tar.offset)  # the end-of-archive blocks, or a header it could not read
     except (OSError, tarfile.TarError):
         return False  # unreadable from the start: the reader reports it
+
+
+def data_after(path: str, offset: int) -> bool:
+    """Whether anything but zero bytes follows byte `offset` of the file at `path`: where a plain tar's header walk
+    stopped, members it could not read."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1 << 16):
+            if chunk.strip(b"\0"):
+                return True
     return False
 
 
