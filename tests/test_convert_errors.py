@@ -244,6 +244,22 @@ def test_a_vae_file_in_diffusers_layout_is_named(tmp_path):
         load_autoencoder_any(tmp_path / "vae.safetensors")
 
 
+@pytest.mark.parametrize("keys, message", [
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+      "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"], "a LoRA"),                          # kohya
+    (["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"], "a LoRA"),                           # PEFT
+    (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "a UNet's weights in diffusers' layout"),
+    (["text_model.embeddings.token_embedding.weight"], "a text encoder's weights alone"),
+])
+def test_a_lora_or_one_component_given_as_a_model_file_is_named(tmp_path, keys, message):
+    """Without the prefixes of a whole SD file, a file was taken for a stand-alone VAE: "not an LDM autoencoder"."""
+    path = tmp_path / "part.safetensors"
+    save_file({k: torch.zeros(2) for k in keys}, str(path))
+    for load in (load_components, load_autoencoder_any):
+        with pytest.raises(UnsupportedCheckpointError, match=message):
+            load(path)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ".pt", ".pth", ".bin"])
 def test_every_single_file_suffix_is_a_stable_diffusion_text_encoder_source(tmp_path, suffix):
     """`model.init_from` accepts every suffix `read_state_dict` reads; the conditioner, rebuilt from a checkpoint with

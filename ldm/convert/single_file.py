@@ -135,6 +135,8 @@ def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: di
                               "conditioner.embedders.")) for k in state)
     if whole and not any(k.startswith("first_stage_model.") for k in state):
         return None
+    if not whole:
+        _refuse_parts_taken_for_models(state, what)
     ae_state = ae.split_autoencoder_state(state)
     config = (AutoencoderConfig(**meta["autoencoder_config"]) if "autoencoder_config" in meta
               else ae.autoencoder_config_from_original(ae_state, what))
@@ -145,6 +147,22 @@ def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: di
         sdxl = any(k.startswith("conditioner.embedders.") for k in state)
         scale = ae.SDXL_LATENT_SCALE if sdxl else ae.SD_LATENT_SCALE
     return config, ae.autoencoder_from_original(ae_state, config), scale
+
+
+def _refuse_parts_taken_for_models(state: StateDict, what: str) -> None:
+    """Name the files a stand-alone VAE's place is mistaken with: a LoRA, a diffusers UNet's or a text encoder's
+    weights (which would otherwise be refused as "not an LDM autoencoder")."""
+    if any("lora" in k.lower() for k in state):
+        raise UnsupportedCheckpointError(f"{what}: a LoRA (low-rank adapter weights), not a model, is not supported; "
+                                         f"merge it into the model first (diffusers: load_lora_weights, fuse_lora, "
+                                         f"save_pretrained) and give the merged pipeline folder")
+    if any(k.startswith(("down_blocks.", "time_embedding.")) for k in state):
+        raise UnsupportedCheckpointError(f"{what}: a UNet's weights in diffusers' layout (down_blocks.*) without its "
+                                         f"config: give the pipeline folder (the one holding model_index.json)")
+    if any(k.startswith(("text_model.", "transformer.resblocks.")) for k in state):
+        raise UnsupportedCheckpointError(f"{what}: a text encoder's weights alone: give the pipeline folder (the one "
+                                         f"holding model_index.json), or the text encoder's folder as "
+                                         f"model.conditioner.name_or_path")
 
 
 def _ema_weights(state: StateDict, unet_state: StateDict, what: str) -> StateDict:
