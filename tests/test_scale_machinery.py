@@ -28,7 +28,7 @@ from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
 from ldm.cli.common import run_id
 from ldm.cli.train import TrainingDiverged, checkpoint_damage, remove_stale_temp_files, resolve_ckpt_path, train
 from ldm.io import atomic_write_bytes
-from ldm.modules.optim import gradient_norm
+from ldm.modules.optim import adam, gradient_norm
 from ldm.slurm import slurm_job_id
 
 # -- atomic writes ---------------------------------------------------------------------------------------------------
@@ -268,6 +268,33 @@ def test_gradients_are_clipped_in_every_precision_with_fused_adam(model, precisi
     at its first step (tests/test_gpu.py runs this on a GPU, fp16 too)."""
     norms = clipped_grad_norms(model, shapes_shards, tmp_path, precision)
     assert norms == pytest.approx([1e-4] * 3, rel=1e-3)
+
+
+@pytest.mark.parametrize("before, after", [(torch.channels_last, torch.contiguous_format),
+                                           (torch.contiguous_format, torch.channels_last)])
+def test_a_resume_that_switches_channels_last_steps_as_the_run_would_have(tmp_path, before, after):
+    """The fused AdamW reads parameter and moments element for element, and torch restores the moments with their
+    saved strides: after `channels_last` was switched on resume, conv weights stepped with other elements' moments
+    (0.15 off after one step at lr 0.1). `adam`'s optimizers lay the loaded moments out as their parameters."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(3)]
+
+    def run(layouts: tuple[torch.memory_format, torch.memory_format]) -> torch.Tensor:
+        weight = torch.nn.Parameter(start.clone().to(memory_format=layouts[0]))
+        optimizer = adam(torch.optim.AdamW, [weight], "32-true", lr=0.1)
+        assert optimizer.param_groups[0]["fused"]
+        for grad in grads[:2]:
+            weight.grad = grad.to(memory_format=layouts[0])
+            optimizer.step()
+        torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")  # as a checkpoint holds it: strides kept
+        resumed = torch.nn.Parameter(weight.detach().clone().to(memory_format=layouts[1]))
+        optimizer = adam(torch.optim.AdamW, [resumed], "32-true", lr=0.1)
+        optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+        resumed.grad = grads[2].to(memory_format=layouts[1])
+        optimizer.step()
+        return resumed.detach()
+
+    torch.testing.assert_close(run((before, after)), run((before, before)), rtol=0, atol=1e-6)
 
 
 def test_gradient_norm_is_computed_once_per_step_and_never_stale():

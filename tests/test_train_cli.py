@@ -102,8 +102,16 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
                                                           r"or auto on the CPU"):
                 check_trainer(trainer)
     node.devices = 1
-    for precision in ("32-true", "bf16-mixed", "16-mixed", 32):
+    for precision in ("32-true", "bf16-mixed", 32):
         node.precision = precision
+        check_trainer(node)
+    for precision in ("16-mixed", 16):  # Lightning ran bf16-mixed instead, the run's config saying 16-mixed
+        node.precision = precision
+        with pytest.raises(configs.ConfigError, match=rf"trainer\.precision={precision} \(fp16 with a GradScaler\) "
+                                                      r"needs a CUDA GPU; on the CPU use trainer\.precision=bf16"):
+            check_trainer(node)
+    node.precision = "transformer-engine"  # accepted, then the Trainer failed after the config tree was printed
+    with pytest.raises(configs.ConfigError, match=r"transformer-engine needs a CUDA GPU and NVIDIA's transformer_eng"):
         check_trainer(node)
     node.precision = 17
     with pytest.raises(configs.ConfigError, match=r"trainer\.precision=17 is not a precision Lightning takes"):

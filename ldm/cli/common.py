@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -374,6 +375,15 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
     if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS, *DOUBLE_PRECISIONS):
         raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "
                           f"16-mixed")
+    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
+    if str(precision) in ("16-mixed", "16") and on_cpu:
+        # note: Lightning swaps in bf16-mixed on the CPU with a warning, while config.yaml and the checkpoints say fp16
+        raise ConfigError(f"trainer.precision={precision} (fp16 with a GradScaler) needs a CUDA GPU; on the CPU use "
+                          f"trainer.precision=bf16-mixed")
+    if str(precision).startswith("transformer-engine") and (on_cpu or importlib.util.find_spec("transformer_engine")
+                                                            is None):
+        raise ConfigError(f"trainer.precision={precision} needs a CUDA GPU and NVIDIA's transformer_engine package"
+                          f"{'' if on_cpu else ' (not installed)'}; use trainer.precision=bf16-mixed")
     if str(precision) in DOUBLE_PRECISIONS:
         raise ConfigError(f"trainer.precision={precision} would train in fp64, while the frozen autoencoder, the "
                           f"latents and the exports are fp32; use trainer.precision=32-true")

@@ -30,7 +30,7 @@ from ldm.distributed import mean_over_ranks
 from ldm.io import absolute_if_local, atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
+from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, checkpoint_latent_stats
 from ldm.seeding import step_generator
 
@@ -193,9 +193,8 @@ class AutoencoderModule(L.LightningModule):
             ae_params.append(self.loss.logvar)
         disc_params = list(self.loss.discriminator.parameters())
         precision = self.trainer.precision
-        opt_ae = torch.optim.Adam(ae_params, lr=c.lr, betas=tuple(c.betas), fused=fusable(ae_params, precision))
-        opt_disc = torch.optim.Adam(disc_params, lr=c.disc_lr or c.lr, betas=tuple(c.betas),
-                                    fused=fusable(disc_params, precision))
+        opt_ae = adam(torch.optim.Adam, ae_params, precision, lr=c.lr, betas=tuple(c.betas))
+        opt_disc = adam(torch.optim.Adam, disc_params, precision, lr=c.disc_lr or c.lr, betas=tuple(c.betas))
         rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps "
                        f"then {c.lr_schedule}, GAN from step {c.loss.disc_start}")
         schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,

@@ -32,7 +32,7 @@ from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
 from ldm.config import ConfigError, asdict, check_min, to_dataclass
 from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
-from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
+from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
 
@@ -168,9 +168,8 @@ class ContrastiveModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
-        params = list(self.parameters())
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
-                                      fused=fusable(params, self.trainer.precision))
+        optimizer = adam(torch.optim.AdamW, self._param_groups(), self.trainer.precision, lr=c.lr,
+                         betas=tuple(c.betas), weight_decay=c.weight_decay)
         schedule = lr_scheduler(optimizer, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
         scheduler = {"scheduler": schedule, "interval": "step", "name": "lr"}

@@ -32,7 +32,7 @@ from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.io import absolute_if_local
 from ldm.modules.ema import make_ema, whole
-from ldm.modules.optim import check_optimizer_config, clip_gradients, fusable, lr_scheduler
+from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
@@ -453,8 +453,8 @@ class LatentDiffusionModule(L.LightningModule):
         c = self.config
         unet, conditioner = self.pipeline.unet, self.pipeline.conditioner
         params = list(unet.parameters()) + [p for p in conditioner.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay,
-                                      fused=fusable(params, self.trainer.precision))
+        optimizer = adam(torch.optim.AdamW, params, self.trainer.precision, lr=c.lr, betas=tuple(c.betas),
+                         weight_decay=c.weight_decay)
         with whole(unet) as whole_unet:  # under FSDP each rank holds a shard: count the gathered UNet
             unet_size = sum(p.numel() for p in whole_unet.parameters())
         trained = unet_size + sum(p.numel() for p in conditioner.parameters() if p.requires_grad)

@@ -44,6 +44,29 @@ def fusable(params: list[torch.Tensor], precision: str = "32-true") -> bool:
     return not fp16_scaled and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
 
 
+def adam(kind: type[torch.optim.Optimizer], params: list[Any], precision: str, **kwargs: Any) -> torch.optim.Optimizer:
+    """`kind` (torch's Adam or AdamW) over `params` (tensors, or param groups) as the modules build it: with the fused
+    kernel where `fusable` allows it, and with the state a checkpoint restores laid out as each parameter is.
+
+    torch's `load_state_dict` keeps the strides the state was saved with, and the fused kernel reads parameter,
+    gradient and moments element for element: a run resumed with `channels_last` switched on or off (NHWC weights,
+    NCHW moments, or the other way) stepped every conv weight with another element's moments (1.6e-3 off after one
+    step at lr 1e-3). The moments are copied into their parameter's layout after loading."""
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    optimizer = kind(params, fused=fusable(tensors, precision), **kwargs)
+    optimizer.register_load_state_dict_post_hook(_state_laid_out_as_parameters)
+    return optimizer
+
+
+def _state_laid_out_as_parameters(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's strides, value's values
+
+
 def gradient_norm(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     """The total 2-norm of the gradients of `optimizer`'s parameters (None when none has a gradient), computed once per
     optimizer step: the NaN guard checks it for non-finite values and logs it, `clip_gradients` scales by it. Under

@@ -221,7 +221,6 @@ class DiagonalGaussianDistribution:
         self.mean, logvar = moments.chunk(2, dim=1)     # (B, C, h, w) each
         self.logvar = logvar.clamp(-30.0, 20.0)          # as LDM: keeps exp() finite early in training
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std * eps; eps from `generator` (per step and rank in training) or the global RNG."""
@@ -232,12 +231,18 @@ class DiagonalGaussianDistribution:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, summed over latent dimensions: 0.5 * sum(mu^2 + var - 1 - logvar). (B,)"""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        """KL(q || N(0, I)) per sample, summed over latent dimensions: 0.5 * sum(mu^2 + var - 1 - logvar). (B,)
+
+        In fp32 whatever the moments' dtype: under bf16 autocast they are bf16, whose spacing at a KL of 656 is 4
+        (the logged kl_loss stood still)."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
     def nll(self, sample: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood of `sample` under the posterior, summed over latent dimensions. (B,)"""
-        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
+        """Negative log-likelihood of `sample` under the posterior, summed over latent dimensions, in fp32 as `kl`.
+        (B,)"""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + logvar + (sample.float() - mean).pow(2) / logvar.exp(),
                                dim=[1, 2, 3])
 
 
