@@ -240,23 +240,6 @@ class NanInjector(L.Callback):
             batch[self.key].fill_(float("nan"))
 
 
-class ProcessGroupAtExit(L.Callback):
-    """Write `rank<R>.json`: whether torch.distributed's process group is still up when this process exits (an atexit
-    handler registered at setup: it runs after fit and all that Lightning's launcher does after it)."""
-
-    def __init__(self, dirpath: str):
-        self.dirpath = dirpath
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        import atexit
-
-        import torch.distributed as dist
-
-        path = Path(self.dirpath) / f"rank{trainer.global_rank}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atexit.register(lambda: path.write_text(json.dumps({"initialized": dist.is_initialized()})))
-
-
 class SignalAtStep(L.Callback):
     """Send this process `signal_name` at the start of the training batch at `step` (a stand-in for SLURM's warning),
     or with `during=validation` at the start of the validation that follows that step; on `ranks` only (all: [])."""

@@ -116,7 +116,7 @@ def test_missing_backbone_fails_fast_naming_flag_and_file(tmp_path, monkeypatch)
 
 
 def test_the_loss_with_lpips_pickles(tmp_path, monkeypatch):
-    """trainer.strategy=ddp_spawn pickles the module into its processes."""
+    """The module pickles (multiprocessing, `torch.save` of a whole module)."""
     import pickle
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))

@@ -74,7 +74,7 @@ def test_compiled_text_tower_compiles_once_for_new_captions():
     for shift in range(3):
         module.text_encoder(CAPTIONS[shift:] + CAPTIONS[:shift] + [f"caption {shift}"])
     assert counters["stats"]["unique_graphs"] == 1
-    copy = pickle.loads(pickle.dumps(module))  # ddp_spawn pickles the module (a compiled bound method did not)
+    copy = pickle.loads(pickle.dumps(module))  # pickles (a compiled bound method did not)
     assert copy.state_dict().keys() == module.state_dict().keys()
 
 

@@ -297,7 +297,7 @@ def test_ema_warms_up_as_diffusers_ema_model(decay: float):
         theirs.step(model.parameters())
     for mine, reference in zip(ours.module.parameters(), theirs.shadow_params):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
-    import pickle  # trainer.strategy=ddp_spawn pickles the module, its EMA included
+    import pickle  # a module holding the EMA pickles (multiprocessing, torch.save of a whole module)
 
     again = pickle.loads(pickle.dumps(ours))
     assert all(torch.equal(a, b) for a, b in zip(again.module.parameters(), ours.module.parameters()))

@@ -172,6 +172,22 @@ def test_trainer_arguments_the_manual_autoencoder_cannot_honour_are_refused_befo
             check_trainer(node, "ldm.modules.contrastive.ContrastiveModule")
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_spawn_find_unused_parameters_true", "ddp_fork",
+                                      "ddp_notebook", {"_target_": "lightning.pytorch.strategies.DDPStrategy",
+                                                       "start_method": "spawn"}])
+def test_strategies_that_start_the_ranks_from_this_process_are_refused(strategy):
+    """Spawned or forked ranks ran without Hydra's logging (no throughput lines, an empty train.log), left the signal
+    to the launcher (SIGTERM killed it, the ranks ran on orphaned) and reported a config mistake as a squashed
+    traceback."""
+    node = compose_train(["trainer=ddp_cpu", "paths.output_dir=/tmp/unused"]).trainer
+    node.strategy = strategy
+    with pytest.raises(ConfigError, match=r"trainer\.strategy(\.start_method)?=\S*(spawn|fork|notebook)\S* starts the "
+                                          r"ranks from ldm-train's own process.*use trainer=ddp_cpu on the CPU"):
+        check_trainer(node)
+    node.strategy = {"_target_": "lightning.pytorch.strategies.DDPStrategy", "start_method": "popen"}
+    check_trainer(node)
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_half_precision_weights_are_refused_naming_the_mixed_precision(precision):
     """`-true` half precisions cast the weights: the fp32 latents then meet a bf16 UNet at the first step."""
@@ -184,8 +200,7 @@ def test_half_precision_weights_are_refused_naming_the_mixed_precision(precision
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["trainer=ddp_cpu"], None), (["trainer=ddp_cpu", "trainer.strategy=ddp"], "ddp_find_unused_parameters_true"),
-    (["trainer=ddp_cpu", "trainer.strategy=ddp_spawn_find_unused_parameters_false"],
-     "ddp_spawn_find_unused_parameters_true"),
+    (["trainer=ddp_cpu", "trainer.strategy=ddp_find_unused_parameters_false"], "ddp_find_unused_parameters_true"),
     (["trainer=cpu", "trainer.strategy=ddp_find_unused_parameters_true"], "ddp_find_unused_parameters_true"),
     (["trainer=cpu", "trainer.devices=2"], "ddp_find_unused_parameters_true"),  # auto: Lightning would pick DDP
     (["trainer=cpu"], "auto")])  # one process: nothing to search

@@ -53,10 +53,6 @@ class NanGuard(L.Callback):
             second optimizer, the autoencoder's discriminator).
     """
 
-    # The step it halted at, also in `trainer.callback_metrics`: under trainer.strategy=ddp_spawn the callbacks run
-    # in spawned processes, and Lightning hands their callback metrics (not the callbacks) back to the launcher.
-    HALTED_METRIC = "nan_guard/halted_at_step"
-
     def __init__(self, max_consecutive: int = 5, check_grads: bool = True):
         if not is_int(max_consecutive) or max_consecutive < 1:
             raise ConfigError(f"callbacks.nan_guard.max_consecutive={max_consecutive!r} must be an integer >= 1")
@@ -131,7 +127,6 @@ class NanGuard(L.Callback):
             # note: Lightning validates after any batch once should_stop is set; a validation here would log the
             # halted step and (stage 1) write its latent statistics over those of the step last.ckpt holds
             trainer.limit_val_batches = 0
-            trainer.callback_metrics[self.HALTED_METRIC] = torch.tensor(float(trainer.global_step))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -333,12 +333,12 @@ def check_devices(value: Any, cpu: str | None = None) -> None:
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
                   compile_networks: bool = False, channels_last: bool = False) -> None:
     """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
-    accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), or when FSDP would run over
-    several processes for a module (`model_target`, its class path) that does not shard itself (one without a true
-    `fsdp_shards` class attribute reads its networks' parameters outside FSDP's forward, where each process holds only
-    its shard) or with `compile_networks` (compile=true), or FSDP with `channels_last` (its optimizer state restored
-    scrambled), or when the module's `unsupported_trainer_args` (trainer key -> what to do instead) holds a key that
-    is set."""
+    accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), when the strategy starts the
+    ranks from this process (ddp_spawn, ddp_fork, ddp_notebook), or when FSDP would run over several processes for a
+    module (`model_target`, its class path) that does not shard itself (one without a true `fsdp_shards` class
+    attribute reads its networks' parameters outside FSDP's forward, where each process holds only its shard) or with
+    `compile_networks` (compile=true), or FSDP with `channels_last` (its optimizer state restored scrambled), or when
+    the module's `unsupported_trainer_args` (trainer key -> what to do instead) holds a key that is set."""
     import torch
 
     trainer = trainer or {}
@@ -351,6 +351,13 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
     if backend == "nccl" and (accelerator not in ("gpu", "cuda", "auto", None) or not torch.cuda.is_available()):
         raise ConfigError(f"trainer.strategy.process_group_backend=nccl needs CUDA GPUs (trainer.accelerator="
                           f"{accelerator}); use trainer=ddp_cpu (gloo) for several CPU processes")
+    start_method = strategy.get("start_method") if isinstance(strategy, (dict, DictConfig)) else None
+    if re.search(r"spawn|fork|notebook", strategy_name(strategy)) or start_method not in (None, "popen"):
+        shown = f"trainer.strategy.start_method={start_method}" if start_method else f"trainer.strategy={strategy}"
+        raise ConfigError(f"{shown} starts the ranks from ldm-train's own process, where they run without its "
+                          f"logging (train.log), its signal handling (a SIGTERM ended the launcher and left the ranks "
+                          f"running) and its one-line errors; use trainer=ddp_cpu on the CPU or trainer=ddp on GPUs "
+                          f"(Lightning runs the command again for each rank), or start the ranks with srun / torchrun")
     for key, value in trainer.items():
         if value is None and key in TRAINER_NOT_NULL:
             raise ConfigError(f"trainer.{key}=null must be an integer; e.g. trainer.{key}={TRAINER_NOT_NULL[key]} "

@@ -48,9 +48,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm import __version__
 from ldm import config as configs
 from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_interrupted, run_stopped
-from ldm.callbacks.nan_guard import ADVICE as NAN_ADVICE
-from ldm.callbacks.nan_guard import NanGuard
-from ldm.callbacks.process_group import EndProcessGroup, end_process_group
 from ldm.checkpoints import load_checkpoint
 from ldm.cli.common import (
     CONF_DIR,
@@ -370,7 +367,7 @@ def apply_ddp_needs(cfg: DictConfig) -> None:
     """`trainer.strategy.find_unused_parameters=true` under DDP when the model's class says its training step leaves
     parameters without gradients (`ddp_find_unused_parameters`, e.g. a GAN's two backward passes): with false DDP
     stops at the second step ("parameters that were not used in producing the loss"). A strategy given by its
-    registry name (`trainer.strategy=ddp`, `ddp_spawn`, ...) becomes its `_find_unused_parameters_true` variant, and
+    registry name (`trainer.strategy=ddp`, ...) becomes its `_find_unused_parameters_true` variant, and
     `auto` over several processes (`trainer.devices=2`, where Lightning would choose DDP) `ddp` with the search."""
     strategy = cfg.trainer.get("strategy")
     name = strategy_name(strategy)
@@ -427,7 +424,7 @@ def trainer_plugins() -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger], **overrides: Any) -> L.Trainer:
-    """The Trainer of `cfg.trainer`, with these callbacks (and `EndProcessGroup`), loggers and `trainer_plugins()`.
+    """The Trainer of `cfg.trainer`, with these callbacks and loggers and `trainer_plugins()`.
 
     The progress bar is the `callbacks.progress` entry: with it nulled (or `trainer.enable_progress_bar=false`) the run
     has none, where Lightning would add its default rich bar, redrawn up to 100 times a second (10% of a 2-thread CPU
@@ -439,8 +436,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     if not loggers:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     overrides.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
-    return hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, EndProcessGroup()], logger=loggers or False,
-                                   plugins=trainer_plugins(), **overrides)
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(),
+                                   **overrides)
 
 
 def is_multirun() -> bool:
@@ -554,12 +551,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         finish_loggers(loggers, exit_code=1)
         raise
     finally:
-        end_process_group()  # after an error (which skips EndProcessGroup's hook); see ldm/callbacks/process_group.py
+        # note: as torch asks, before the interpreter exits: a gloo process group left to its destructors at exit
+        # once aborted a finished run ("terminate called without an active exception", exit -6)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     halted = [cb.message for cb in callbacks if getattr(cb, "halted", False)]
-    if not halted and NanGuard.HALTED_METRIC in trainer.callback_metrics:  # ddp_spawn: the ranks' guards were copies
-        step = int(trainer.callback_metrics[NanGuard.HALTED_METRIC])
-        halted = [f"NaN guard: training steps in a row had a non-finite loss or gradients (the spawned processes' "
-                  f"log above says more); stopped at global step {step} without writing a checkpoint. {NAN_ADVICE}"]
     finish_loggers(loggers, exit_code=1 if halted else 0)
     if halted:
         raise TrainingDiverged(halted[0])

@@ -98,7 +98,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """torch.compile what follows the tokenizer (`encode_tokens`): compiled whole, the encoder recompiled for
         every batch of new prompts (their strings are constants to the compiler). As nn.Module's own, it is not
-        pickled (ddp_spawn's processes run eagerly)."""
+        copied into pickles or deep copies (an EMA copy would call the original's compiled method)."""
         self._compiled_encode_tokens = torch.compile(self.encode_tokens, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def make_ema(model: torch.nn.Module, decay: float, warmup: bool = True) -> Avera
 
 class EMAUpdate:
     """torch's EMA update (`get_ema_multi_avg_fn`) at `make_ema`'s decay; a class, not a closure, so that a module
-    holding the EMA pickles (`trainer.strategy=ddp_spawn` sends the module to its processes that way)."""
+    holding the EMA pickles (multiprocessing, `torch.save` of a whole module)."""
 
     def __init__(self, decay: float, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
