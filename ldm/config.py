@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import hydra
 import hydra.utils
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -86,10 +87,15 @@ def check_min(minimum: float, **values: float | None) -> None:
             raise ConfigError(f"{key}={value} must be >= {minimum:g}")
 
 
-def check_output_dir(key: str, path: str | Path | None) -> None:
-    """Raise ConfigError when the output folder `path` exists as a file (mkdir would fail with a bare errno)."""
-    if path and Path(path).exists() and not Path(path).is_dir():
+def check_output_dir(key: str, path: str | None) -> str | None:
+    """The output folder `path` with `~` expanded, as the readers of paths take it (not a folder named "~" here);
+    ConfigError when it exists as a file (mkdir would fail with a bare errno)."""
+    if not path:
+        return path
+    path = str(Path(path).expanduser())
+    if Path(path).exists() and not Path(path).is_dir():
         raise ConfigError(f"{key}={path} is a file: give a folder (created when missing)")
+    return path
 
 
 def check_positive(**values: float | None) -> None:
@@ -215,8 +221,16 @@ def compose_node(name: str, overrides: Sequence[str] = (), conf_dir: str | None 
     # Composed as a primary config, a file lands at its folder's package (model/ldm/tiny: model.ldm).
     package = name.rpartition("/")[0].replace("/", ".")
     prefixed = [re.sub(r"^([+~]*)", rf"\g<1>{package}.", o) if package else o for o in overrides]
-    with hydra.initialize_config_dir(config_dir=conf_dir or CONF_DIR, version_base="1.3"):
-        cfg = hydra.compose(config_name=name, overrides=prefixed)
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra  # a notebook's own hydra.initialize(...), taken aside and put back after
+    global_hydra.clear()
+    try:
+        with hydra.initialize_config_dir(config_dir=conf_dir or CONF_DIR, version_base="1.3"):
+            cfg = hydra.compose(config_name=name, overrides=prefixed)
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
     return OmegaConf.select(cfg, package) if package else cfg
 
 

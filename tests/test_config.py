@@ -181,6 +181,34 @@ def test_wrong_type_on_the_command_line_fails_at_composition_naming_the_full_key
     assert "model.ldm.unet.model_channels" in _messages(err.value)
 
 
+def test_compose_node_works_beside_a_notebooks_own_hydra_initialize():
+    """It raised "GlobalHydra is already initialized" inside `hydra.initialize_config_dir(...)` (a notebook's way)."""
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        assert compose_node("model/ldm/tiny", ["lr=0.5"]).lr == 0.5
+        cfg = hydra.compose(config_name="train", overrides=["model=ldm/tiny", "paths.output_dir=/tmp/unused"])
+        assert cfg.model.unet.model_channels == compose_node("model/ldm/tiny").unet.model_channels
+
+
+def test_output_folders_expand_the_home_folder_and_the_reference_cache_follows_ldm_cache_dir(monkeypatch, tmp_path):
+    """`output_dir="~/x"` from Python made a folder named "~" here (the paths read were expanded); `evaluate(cfg)` and
+    the FID callback cached reference statistics under ~/.cache whatever LDM_CACHE_DIR said (ldm-eval's yaml read
+    it)."""
+    from ldm.callbacks.fid import FIDCallback
+    from ldm.cli.export import ExportConfig
+    from ldm.cli.sample import SampleConfig
+    from ldm.eval.evaluator import EvalConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert configs.check_output_dir("output_dir", "~/runs/x") == str(tmp_path / "home" / "runs" / "x")
+    assert SampleConfig(ckpt_path="c", prompts=["a"], output_dir="~/s").output_dir == str(tmp_path / "home" / "s")
+    assert ExportConfig(ckpt_path="c", output_dir="~/e").output_dir == str(tmp_path / "home" / "e")
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    expected = str(tmp_path / "cache" / "reference_stats")
+    evaluation = EvalConfig(ckpt_path="c", output_dir="~/r")
+    assert evaluation.output_dir == str(tmp_path / "home" / "r") and evaluation.cache_dir == expected
+    assert FIDCallback(val_shards="v-*.tar").cache_dir == expected
+
+
 def test_composed_config_pickles_by_reference():
     # The submitit launcher pickles the composed config; its node classes are found again by name.
     node = compose_node("model/ldm/tiny")

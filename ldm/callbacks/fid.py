@@ -29,7 +29,7 @@ from ldm.distributed import rank_and_world
 from ldm.eval.evaluator import rank_batches, require_image_shards
 from ldm.eval.feature_extractors import INCEPTION_FEATURE_DIMS, InceptionFeatures, clip_loader
 from ldm.eval.metrics import GenerationMetrics
-from ldm.eval.reference_stats import load_or_compute_reference_stats
+from ldm.eval.reference_stats import default_cache_dir, load_or_compute_reference_stats
 from ldm.eval.sources import generation_labels, load_prompts
 from ldm.images import to_uint8
 from ldm.nn import eval_mode
@@ -44,7 +44,7 @@ class FIDCallback(StepBoundary):
         every_n_steps: training steps between evaluations (also run at the end of training when > 0).
         num_samples: images generated per evaluation (N in the metric's name).
         reference_num_samples: real images in the reference statistics; null: every image of val_shards.
-        cache_dir: where reference statistics are cached (shared with `ldm-eval`).
+        cache_dir: where reference statistics are cached; null: `default_cache_dir()` (shared with `ldm-eval`).
         feature_dim, feature_extractor_weights_path, fid_antialias: the Inception features (see conf/eval.yaml).
         clip_model: hub name or local CLIP directory; null: no CLIP score.
         sampler, num_steps, guidance_scale, seed: how the images are generated.
@@ -53,7 +53,7 @@ class FIDCallback(StepBoundary):
     """
 
     def __init__(self, val_shards: str | list[str], every_n_steps: int = 5000, num_samples: int = 1000,
-                 reference_num_samples: int | None = None, cache_dir: str = "~/.cache/ldm/reference_stats",
+                 reference_num_samples: int | None = None, cache_dir: str | None = None,
                  feature_dim: int = 2048, feature_extractor_weights_path: str | None = None,
                  fid_antialias: bool = False, clip_model: str | None = None, sampler: str = "ddim",
                  num_steps: int = 50, guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32,
@@ -78,7 +78,7 @@ class FIDCallback(StepBoundary):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.reference_num_samples = reference_num_samples
-        self.cache_dir = cache_dir
+        self.cache_dir = cache_dir or default_cache_dir()
         self.feature_dim = feature_dim
         self.feature_extractor_weights_path = feature_extractor_weights_path
         self.fid_antialias = fid_antialias

@@ -51,7 +51,7 @@ class ExportConfig:
                               "ckpt_path=runs/ldm/export")
         if not self.output_dir:
             raise ConfigError("output_dir is required, e.g. output_dir=exports/my_model")
-        check_output_dir("output_dir", self.output_dir)
+        self.output_dir = check_output_dir("output_dir", self.output_dir)
 
 
 register_schemas("export")  # conf/export.yaml extends ExportConfig: stored before Hydra composes

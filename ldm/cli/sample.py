@@ -69,7 +69,7 @@ class SampleConfig:
                               "ckpt_path=runs/ldm/checkpoints/last.ckpt")
         if not self.output_dir:
             raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
-        check_output_dir("output_dir", self.output_dir)
+        self.output_dir = check_output_dir("output_dir", self.output_dir)
         if self.prompts and self.prompts_file:
             raise ConfigError("give one of prompts='[a red circle, a blue square]' and prompts_file=FILE, not both "
                               f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")

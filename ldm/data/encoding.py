@@ -69,7 +69,7 @@ class EncodeConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{key} is required, e.g. ldm-encode shards='data/shapes/train-*.tar' "
                                   f"autoencoder_path=runs/vae/export output_dir=data/latents/train")
-        check_output_dir("output_dir", self.output_dir)
+        self.output_dir = check_output_dir("output_dir", self.output_dir)
         if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
             raise ConfigError(f"text_encoder={self.text_encoder!r} must be a model.conditioner node or null, e.g. "
                               f"text_encoder='{{kind: byte, name_or_path: runs/clip/export}}'")

@@ -87,7 +87,7 @@ class WriteConfig:
                               f"{self.image_format}: leave jpeg_quality out")
         if not self.output_dir:
             raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
-        check_output_dir("output_dir", self.output_dir)
+        self.output_dir = check_output_dir("output_dir", self.output_dir)
         if self.source == "folder" and not self.input_dir:
             raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
         # note: a key of the other source would be ignored; a user who sets it expects it to act

@@ -44,7 +44,7 @@ from ldm.eval.metrics import (
     GenerationMetrics,
     ReconstructionMetrics,
 )
-from ldm.eval.reference_stats import ReferenceStats, load_or_compute_reference_stats
+from ldm.eval.reference_stats import ReferenceStats, default_cache_dir, load_or_compute_reference_stats
 from ldm.eval.results import WandbTable, append_results, print_row, read_results
 from ldm.eval.sources import READER_VERSION, generation_labels, iter_image_batches, load_prompts, shard_fingerprint
 from ldm.images import to_uint8
@@ -89,7 +89,7 @@ class EvalConfig:
     reference_shards: Any = None                # reference statistics from these instead of val_shards
     reference_num_samples: int | None = None    # real images in the reference statistics; null: all of the shards
     resolution: int | None = None               # autoencoder inputs; null: the autoencoder's training resolution
-    cache_dir: str = "~/.cache/ldm/reference_stats"
+    cache_dir: str = field(default_factory=default_cache_dir)  # $LDM_CACHE_DIR/reference_stats, else ~/.cache/ldm/...
     feature_dim: int = 2048                     # InceptionV3 layer: 64 | 192 | 768 | 2048 (standard FID: 2048)
     feature_extractor_weights_path: str | None = None  # local InceptionV3 state dict; null: torch-fidelity's weights
     fid_antialias: bool = False                 # false: TF1-compatible resize, as torch-fidelity / published FID
@@ -107,7 +107,7 @@ class EvalConfig:
             raise ConfigError("ckpt_path is required: a checkpoint, a glob (runs/x/checkpoints/*.ckpt) or a list")
         if not self.output_dir:
             raise ConfigError("output_dir is required: results.jsonl and results.csv are appended there")
-        check_output_dir("output_dir", self.output_dir)
+        self.output_dir = check_output_dir("output_dir", self.output_dir)
         check_choice("prompts_source", self.prompts_source, ["val_shards", "file"])
         if self.prompts_file and self.prompts_source != "file":
             raise ConfigError(f"prompts_file={self.prompts_file} is read only with prompts_source=file (now "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,12 @@ class ReferenceStats:
         """What a results row records about the reference side."""
         return {"reference_stats": self.path, "reference_hash": self.hash, "reference_num_samples": self.num_samples,
                 "reference_shards": [s["path"] for s in self.key["shards"]]}
+
+
+def default_cache_dir() -> str:
+    """Where reference statistics are cached unless told: `$LDM_CACHE_DIR/reference_stats`, else
+    `~/.cache/ldm/reference_stats` (ldm-eval, `evaluate(cfg)` and the FID callback alike)."""
+    return os.path.join(os.environ.get("LDM_CACHE_DIR", "~/.cache/ldm"), "reference_stats")
 
 
 def reference_key(shards: list[str], resolution: int, num_samples: int | None,
