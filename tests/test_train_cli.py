@@ -318,7 +318,7 @@ def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: P
     by position in the optimizer: it stopped with a bare KeyError; now the start names the trainer to continue with."""
     import torch
 
-    from ldm.cli.train import check_checkpoint_strategy
+    from ldm.cli.train import check_checkpoint_trainer
 
     for written, name in (({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "ddp"), ("auto", "single")):
         torch.save({"state_dict": {}, "ldm": {"config": {"trainer": {"strategy": written}}}}, tmp_path / f"{name}.ckpt")
@@ -327,9 +327,9 @@ def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: P
         path = str(tmp_path / f"{name}.ckpt")
         with pytest.raises(ConfigError, match=r"not FSDP.*continue it with " + ("trainer=ddp" if name == "ddp" else
                                                                                 "the single-process trainer")):
-            check_checkpoint_strategy(torch.load(path, weights_only=True), path, fsdp)
+            check_checkpoint_trainer(torch.load(path, weights_only=True), path, fsdp)
     ddp = torch.load(tmp_path / "ddp.ckpt", weights_only=True)
-    check_checkpoint_strategy(ddp, str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # fine
+    check_checkpoint_trainer(ddp, str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # fine
 
 
 def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypatch: pytest.MonkeyPatch):

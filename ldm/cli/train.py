@@ -306,13 +306,29 @@ def check_same_job(checkpoint: dict[str, Any], ckpt_path: str, cfg: DictConfig) 
             f"in a new hydra.sweep.dir (the default is a new timestamped one)")
 
 
-def check_checkpoint_strategy(checkpoint: dict[str, Any], ckpt_path: str, trainer_cfg: DictConfig) -> None:
-    """Refuse to resume under FSDP a checkpoint written without it: Lightning's FSDP restore maps the optimizer state
-    by the position of each parameter among all the module's (frozen autoencoder included), DDP's and a single
-    process's by its position in the optimizer, and stops with a bare KeyError. (FSDP to DDP works.)"""
+def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer_cfg: DictConfig) -> None:
+    """Refuse to resume what Lightning would continue wrongly under these trainer settings:
+
+    - under FSDP a checkpoint written without it: Lightning's FSDP restore maps the optimizer state by the position
+      of each parameter among all the module's (frozen autoencoder included), DDP's and a single process's by its
+      position in the optimizer, and stops with a bare KeyError. (FSDP to DDP works.)
+    - with another `accumulate_grad_batches` k, from a position within the epoch that is not a whole number of
+      k-batch steps: Lightning's restart then counted the logged steps one behind `global_step` (two rows of one
+      step) and made the first step of fewer batches, its gradient still divided by k.
+    """
+    written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
+    accumulate, before = trainer_cfg.get("accumulate_grad_batches") or 1, written.get("accumulate_grad_batches") or 1
+    progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {})
+    position = (progress.get("current") or {}).get("ready", 0)
+    if accumulate != before and position % accumulate:
+        raise configs.ConfigError(f"trainer.accumulate_grad_batches={accumulate}, where ckpt_path={ckpt_path} was "
+                                  f"written with {before} at {position} batches into its epoch, not a whole number of "
+                                  f"{accumulate}-batch steps (Lightning would log the steps from there one behind and "
+                                  f"make the first step shorter): resume with trainer.accumulate_grad_batches="
+                                  f"{before} (or a divisor of {position}); another value can start from a checkpoint "
+                                  f"at an epoch's start")
     if "fsdp" not in strategy_name(trainer_cfg.get("strategy")).lower():
         return
-    written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
     if "strategy" in written and "fsdp" not in strategy_name(written["strategy"]).lower():
         name = strategy_name(written["strategy"]) or "auto"
         instead = "trainer=ddp" if "ddp" in name.lower() else "the single-process trainer that wrote it (trainer=gpu)"
@@ -519,7 +535,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     if ckpt_path is not None:  # checked before config.yaml is written: a refused resume leaves the run's own
         checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
         check_checkpoint_fits(module, checkpoint, ckpt_path, built.model)
-        check_checkpoint_strategy(checkpoint, ckpt_path, cfg.trainer)
+        check_checkpoint_trainer(checkpoint, ckpt_path, cfg.trainer)
         if callable(getattr(module, "check_resume", None)):
             module.check_resume(checkpoint)
         if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
