@@ -250,6 +250,7 @@ def test_a_vae_file_in_diffusers_layout_is_named(tmp_path):
     (["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"], "a LoRA"),                           # PEFT
     (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "a UNet's weights in diffusers' layout"),
     (["text_model.embeddings.token_embedding.weight"], "a text encoder's weights alone"),
+    (["embeddings.token_embedding.weight", "encoder.layers.0.mlp.fc1.weight"], "a text encoder's weights alone"),
 ])
 def test_a_lora_or_one_component_given_as_a_model_file_is_named(tmp_path, keys, message):
     """Without the prefixes of a whole SD file, a file was taken for a stand-alone VAE: "not an LDM autoencoder"."""

@@ -397,7 +397,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
     if str(trainer.get("precision")) in HALF_WEIGHT_PRECISIONS:
         raise ConfigError(f"trainer.precision={trainer.get('precision')} would hold the weights themselves in 16 bits "
                           f"(no fp32 copy: the inputs' dtype no longer matches, and an EMA update of 1e-4 is below "
-                          f"bf16's resolution); use trainer.precision=bf16-mixed (or 16-mixed)")
+                          f"bf16's resolution); use trainer.precision=bf16-mixed{'' if on_cpu else ' (or 16-mixed)'}")
     if trainer.get("val_check_interval") == 0:  # Lightning would divide by it
         raise ConfigError("trainer.val_check_interval=0 must be > 0: training batches between validations, or a "
                           "fraction of an epoch")

@@ -159,7 +159,8 @@ def _refuse_parts_taken_for_models(state: StateDict, what: str) -> None:
     if any(k.startswith(("down_blocks.", "time_embedding.")) for k in state):
         raise UnsupportedCheckpointError(f"{what}: a UNet's weights in diffusers' layout (down_blocks.*) without its "
                                          f"config: give the pipeline folder (the one holding model_index.json)")
-    if any(k.startswith(("text_model.", "transformer.resblocks.")) for k in state):
+    # CLIP as transformers saves it (flat since 5.6: no text_model. level) or as OpenCLIP does
+    if any(k.startswith(("text_model.", "embeddings.token_embedding.", "transformer.resblocks.")) for k in state):
         raise UnsupportedCheckpointError(f"{what}: a text encoder's weights alone: give the pipeline folder (the one "
                                          f"holding model_index.json), or the text encoder's folder as "
                                          f"model.conditioner.name_or_path")
