@@ -207,6 +207,8 @@ def test_output_folders_expand_the_home_folder_and_the_reference_cache_follows_l
     evaluation = EvalConfig(ckpt_path="c", output_dir="~/r")
     assert evaluation.output_dir == str(tmp_path / "home" / "r") and evaluation.cache_dir == expected
     assert FIDCallback(val_shards="v-*.tar").cache_dir == expected
+    monkeypatch.setenv("LDM_CACHE_DIR", "")  # empty: unset, as the shell's ${LDM_CACHE_DIR:-~/.cache/ldm}
+    assert EvalConfig(ckpt_path="c", output_dir="r").cache_dir == "~/.cache/ldm/reference_stats"
 
 
 def test_composed_config_pickles_by_reference():

@@ -342,19 +342,21 @@ def test_latent_diffusion_resume_with_gradient_accumulation_is_exact(shapes_shar
 
 def test_a_resume_with_another_accumulation_must_start_on_a_step_boundary(shapes_shards, ldm_root, tmp_path,
                                                                          single_torch_thread):
-    """2 steps of 2 micro-batches stop 4 batches into the epoch: resumed with 3, Lightning logged every later step
-    one behind global_step (two rows of one step) and made the first step of 2 batches; refused, naming the key.
-    With 4, a whole step: it resumes, and the logged steps follow global_step."""
+    """3 single-batch steps stop 3 batches into a 4-batch epoch: resumed with 2, Lightning logged every later step
+    one behind global_step (two rows of one step) and made the first step of 1 batch; refused, naming the key. At an
+    epoch's end (2 steps of 2) any k resumes, and the logged steps follow global_step."""
     extra = tiny_ldm_overrides(ldm_root / "ae") + ["model.ema_decay=null", "trainer.log_every_n_steps=1"]
-    out = tmp_path / "run"
-    run(shapes_shards, out, 2, extra + ["trainer.accumulate_grad_batches=2"])
-    with pytest.raises(ConfigError, match=r"trainer\.accumulate_grad_batches=3, where ckpt_path=.*last\.ckpt was "
-                                          r"written with 2 at 4 batches into its epoch.*resume with "
-                                          r"trainer\.accumulate_grad_batches=2 \(or a divisor of 4\)"):
-        run(shapes_shards, out, 3, extra + ["trainer.accumulate_grad_batches=3", "ckpt_path=last"])
-    run(shapes_shards, out, 3, extra + ["trainer.accumulate_grad_batches=4", "ckpt_path=last"])
-    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-    with open(out / "csv" / "metrics.csv") as f:
+    mid = tmp_path / "mid"
+    run(shapes_shards, mid, 3, extra)
+    with pytest.raises(ConfigError, match=r"trainer\.accumulate_grad_batches=2, where ckpt_path=.*last\.ckpt was "
+                                          r"written with 1 at 3 batches into its epoch.*resume with "
+                                          r"trainer\.accumulate_grad_batches=1 \(or a divisor of 3\)"):
+        run(shapes_shards, mid, 4, extra + ["trainer.accumulate_grad_batches=2", "ckpt_path=last"])
+    end = tmp_path / "end"
+    run(shapes_shards, end, 2, extra + ["trainer.accumulate_grad_batches=2"])
+    run(shapes_shards, end, 3, extra + ["trainer.accumulate_grad_batches=3", "ckpt_path=last"])
+    assert torch.load(end / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    with open(end / "csv" / "metrics.csv") as f:
         logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert logged == [0, 1, 2]
 

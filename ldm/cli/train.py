@@ -317,16 +317,17 @@ def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer
       step) and made the first step of fewer batches, its gradient still divided by k.
     """
     written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
-    accumulate, before = trainer_cfg.get("accumulate_grad_batches") or 1, written.get("accumulate_grad_batches") or 1
+    accumulate, before = trainer_cfg.get("accumulate_grad_batches") or 1, written.get("accumulate_grad_batches")
     progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {})
-    position = (progress.get("current") or {}).get("ready", 0)
-    if accumulate != before and position % accumulate:
+    # note: at an epoch's last batch the next epoch starts from 0
+    position = 0 if progress.get("is_last_batch") else (progress.get("current") or {}).get("ready", 0)
+    if before is not None and accumulate != before and position % accumulate:
         raise configs.ConfigError(f"trainer.accumulate_grad_batches={accumulate}, where ckpt_path={ckpt_path} was "
                                   f"written with {before} at {position} batches into its epoch, not a whole number of "
                                   f"{accumulate}-batch steps (Lightning would log the steps from there one behind and "
                                   f"make the first step shorter): resume with trainer.accumulate_grad_batches="
                                   f"{before} (or a divisor of {position}); another value can start from a checkpoint "
-                                  f"at an epoch's start")
+                                  f"written at an epoch's end")
     if "fsdp" not in strategy_name(trainer_cfg.get("strategy")).lower():
         return
     if "strategy" in written and "fsdp" not in strategy_name(written["strategy"]).lower():

@@ -53,7 +53,7 @@ class ReferenceStats:
 def default_cache_dir() -> str:
     """Where reference statistics are cached unless told: `$LDM_CACHE_DIR/reference_stats`, else
     `~/.cache/ldm/reference_stats` (ldm-eval, `evaluate(cfg)` and the FID callback alike)."""
-    return os.path.join(os.environ.get("LDM_CACHE_DIR", "~/.cache/ldm"), "reference_stats")
+    return os.path.join(os.environ.get("LDM_CACHE_DIR") or "~/.cache/ldm", "reference_stats")
 
 
 def reference_key(shards: list[str], resolution: int, num_samples: int | None,
