@@ -79,6 +79,42 @@ def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shard
         assert {k.split(".")[0] for k in f.keys()} == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
 
 
+def test_a_decoder_only_fine_tune_keeps_the_source_scale_without_any_validation(shapes_shards, sd_vae, tmp_path,
+                                                                                single_torch_thread):
+    """Its scale is the frozen encoder's, known at the start: an export before any validation (here none at all)
+    lost it (SDXL's 0.13025 went to diffusers as 0.18215, and stage 2 asked for model.latent_scale)."""
+    import shutil
+
+    source = tmp_path / "sdxl_vae"
+    shutil.copytree(sd_vae, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
+    run = tmp_path / "run"
+    train(compose_train(tiny_overrides(shapes_shards, run, max_steps=1, every=2) + FINETUNE
+                        + [f"model.init_from={source}", "trainer.limit_val_batches=0"]))
+    assert load_autoencoder_any(run / "export")[1] == {"scale_factor": 0.13025, "scale_factor_from": str(source)}
+
+
+def test_a_diffusers_vae_folder_with_the_old_attention_names_loads(sd_vae, tmp_path):
+    """diffusers before 0.17 saved the mid-block attention as query / key / value / proj_attn (SD 1.x's and the
+    sd-vae-ft-* vae/ folders); diffusers renames them on load, and so do we (they were refused as unexpected keys)."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(sd_vae, old)
+    weights = old / "diffusion_pytorch_model.safetensors"
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    pattern = r"(mid_block\.attentions\.0)\.(to_q|to_k|to_v|to_out\.0)\."
+    state = {re.sub(pattern, lambda m: f"{m[1]}.{names[m[2]]}.", k): v for k, v in load_file(str(weights)).items()}
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in state
+    save_file(state, str(weights))
+    ours, reference = load_autoencoder_any(old)[0], load_autoencoder_any(sd_vae)[0]
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
 def test_fine_tuning_settings_are_checked(sd_vae, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.train_encoder=false keeps a pretrained encoder frozen: set "
                                           r"model\.init_from"):

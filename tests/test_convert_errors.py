@@ -261,6 +261,30 @@ def test_a_lora_or_one_component_given_as_a_model_file_is_named(tmp_path, keys, 
             load(path)
 
 
+def test_stand_alone_vae_files_released_ones_and_ones_without_quant_convs(tmp_path):
+    """A released stand-alone VAE keeps `model_ema.decay` / `num_updates` (it was taken for a whole SD model whose
+    other keys were "outside" it); an SD3 / Flux-style VAE has no quant_conv (a bare KeyError)."""
+    vae = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1))
+    released = tmp_path / "vae-ft-mse.safetensors"
+    save_file({**vae.state_dict(), "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)},
+              str(released))
+    components = load_components(released)
+    assert components.unet_config is None and components.autoencoder_config.ch == 32
+    read = load_autoencoder_any(released)[0]
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in read.state_dict().items())
+    bare = tmp_path / "flux-vae.safetensors"
+    save_file({k: v for k, v in vae.state_dict().items() if "quant_conv" not in k}, str(bare))
+    with pytest.raises(UnsupportedCheckpointError, match=r"no quant_conv / post_quant_conv weights \(an SD3 / Flux"):
+        load_autoencoder_any(bare)
+
+
+def test_a_whole_sd_file_gives_its_vae_the_generation_size_whichever_key_reads_it(tmp_path):
+    """model.init_from read SD's 512 px, model.autoencoder_path (and ldm-encode) 256: the latents were refused."""
+    bare = _single_file(tmp_path)
+    assert load_components(bare).autoencoder_config.resolution == 512
+    assert load_autoencoder_any(bare)[0].config.resolution == 512
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ".pt", ".pth", ".bin"])
 def test_every_single_file_suffix_is_a_stable_diffusion_text_encoder_source(tmp_path, suffix):
     """`model.init_from` accepts every suffix `read_state_dict` reads; the conditioner, rebuilt from a checkpoint with

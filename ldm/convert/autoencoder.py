@@ -109,6 +109,10 @@ def autoencoder_config_from_original(state: Mapping[str, torch.Tensor],
         raise UnsupportedCheckpointError(f"{what}: a VAE in diffusers' layout (encoder.down_blocks.*) without its "
                                          f"config: give the diffusers vae/ folder (config.json beside "
                                          f"diffusion_pytorch_model.safetensors) instead of the file")
+    if "quant_conv.weight" not in state or "post_quant_conv.weight" not in state:
+        raise UnsupportedCheckpointError(f"{what}: no quant_conv / post_quant_conv weights (an SD3 / Flux-style VAE, "
+                                         f"diffusers' use_quant_conv=False) is not supported; SD 1.x / 2.x / SDXL "
+                                         f"VAEs are")
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
@@ -208,10 +212,17 @@ def autoencoder_to_diffusers(state: StateDict, config: AutoencoderConfig) -> Sta
                   reshape=to_linear)
 
 
+# The mid-block attention's names before diffusers 0.17, still in folders saved by older diffusers (SD 1.x's and the
+# sd-vae-ft-* vae/ folders); diffusers renames them on load.
+_OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_ATTN_KEY = re.compile(r"^((?:en|de)coder\.mid_block\.attentions\.0)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
 def autoencoder_from_diffusers(state: StateDict, config: AutoencoderConfig) -> StateDict:
-    """diffusers AutoencoderKL state dict -> ours, checked key by key and shape by shape."""
+    """diffusers AutoencoderKL state dict (either attention naming) -> ours, checked key by key and shape by shape."""
     from ldm.convert.common import invert, rename
 
+    state = {(f"{m[1]}.{_OLD_ATTN[m[2]]}.{m[3]}" if (m := _OLD_ATTN_KEY.match(k)) else k): v for k, v in state.items()}
     shapes = _our_shapes(config)
     return rename(state, invert(autoencoder_keys_diffusers(list(shapes), config)), "autoencoder from diffusers",
                   expected_shapes=shapes, reshape=to_conv)

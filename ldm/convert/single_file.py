@@ -77,7 +77,8 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
     if any(k.startswith("control_model.") for k in state):
         raise UnsupportedCheckpointError(f"{what}: a ControlNet checkpoint (control_model.*) is not supported")
     known = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.")
-    whole = any(k.startswith(known) for k in state)
+    # note: model_ema.* alone does not make a whole model: released stand-alone VAEs keep model_ema.decay / num_updates
+    whole = any(k.startswith(known[:3]) for k in state)
     if whole:
         unknown = sorted(k for k in state if not k.startswith(known) and k not in _SCHEDULE_BUFFERS)
         if unknown:
@@ -94,7 +95,7 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
             unet_state, what)
         parts.unet_config, parts.unet_state = config, un.unet_from_original(unet_state, config)
 
-    autoencoder = _autoencoder_of_file(state, meta, yaml_params, what)
+    autoencoder = _autoencoder_of_file(state, meta, yaml_params, what, prediction)
     if autoencoder is not None:
         parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = autoencoder
 
@@ -107,11 +108,6 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
     if parts.unet_config is not None:
         parts.schedule, parts.prediction = _schedule_of_file(state, meta, yaml_params, parts.unet_config,
                                                              prediction, what)
-        if parts.autoencoder_config is not None and "autoencoder_config" not in meta:
-            # note: the weights do not say the training size; SD's is (diffusers' single-file default): 512 px, and
-            # 768 px for SD 2.x models that predict v. It becomes the pipeline's default generation size.
-            size = 768 if parts.unet_config.context_dim == 1024 and parts.prediction == "v" else 512
-            parts.autoencoder_config = dataclasses.replace(parts.autoencoder_config, resolution=size)
     return parts
 
 
@@ -123,13 +119,16 @@ def read_single_file_autoencoder(path: str | Path) -> tuple[AutoencoderConfig, S
     return _autoencoder_of_file(state, meta, _sidecar_yaml(path), f"single file {path}")
 
 
-def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: dict[str, Any],
-                         what: str) -> tuple[AutoencoderConfig, StateDict, float | None] | None:
+def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: dict[str, Any], what: str,
+                         prediction: str | None = None) -> tuple[AutoencoderConfig, StateDict, float | None] | None:
     """(config, our state dict, latent scale) of a single file's autoencoder, or None when it has none.
 
     A whole model keeps it under `first_stage_model.`; a stand-alone VAE file is nothing else. The scale: our
     metadata, the `.yaml`, a `scale_factor` buffer, SDXL's 0.13025 in an SDXL file, SD's 0.18215 in any other whole
-    model, and None for a stand-alone VAE (its file does not say which model it was trained for).
+    model, and None for a stand-alone VAE (its file does not say which model it was trained for). The resolution of
+    a whole SD 1.x / 2.x model: the weights do not say it; SD's (diffusers' single-file default) is 512 px, and 768 px
+    for SD 2.x models (context 1024) that predict v (`prediction`, else the file's metadata or `.yaml`), the size the
+    pipeline generates at, whichever key reads the file (`model.init_from`, `model.autoencoder_path`, ldm-encode).
     """
     whole = any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.",
                               "conditioner.embedders.")) for k in state)
@@ -146,6 +145,11 @@ def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: di
     if scale is None and whole:
         sdxl = any(k.startswith("conditioner.embedders.") for k in state)
         scale = ae.SDXL_LATENT_SCALE if sdxl else ae.SD_LATENT_SCALE
+    context = next((v.shape[1] for k, v in state.items()
+                    if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
+    if context in (768, 1024) and "autoencoder_config" not in meta:
+        prediction = prediction or meta.get("prediction") or yaml_params.get("parameterization")
+        config = dataclasses.replace(config, resolution=768 if context == 1024 and prediction == "v" else 512)
     return config, ae.autoencoder_from_original(ae_state, config), scale
 
 

@@ -141,7 +141,7 @@ class AutoencoderModule(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_lpips = MeanMetric()
-        self.latent_stats: dict[str, Any] | None = None
+        self.latent_stats: dict[str, Any] | None = self._kept_scale()
         self._latent_moments: list[torch.Tensor] = []
 
     @classmethod
@@ -242,6 +242,8 @@ class AutoencoderModule(L.LightningModule):
         if trainer.fast_dev_run:
             return
         interval, last = trainer.val_check_interval, trainer.max_steps
+        if self._kept_scale() is not None:
+            return  # the scale is the source's, whatever validations run
         if not trainer.limit_val_batches:
             rank_zero_warn("no validation runs (trainer.limit_val_batches=0): the export will hold no latent "
                            "statistics, and stage 2 will need model.latent_scale")
@@ -324,11 +326,16 @@ class AutoencoderModule(L.LightningModule):
             "num_values_per_channel": int(count[0].item()), "step": int(self.global_step),
             "source": "posterior samples over the validation batches",
         }
-        if not self.config.train_encoder and self.init_scale:
-            # the latents are the pretrained encoder's: its scale stays, as the UNets trained on them expect
-            self.latent_stats.update(scale_factor=float(self.init_scale), scale_factor_from=self.config.init_from)
+        self.latent_stats.update(self._kept_scale() or {})
         self.log("val/latent_std", global_std.float(), rank_zero_only=True)
         self._write_latent_stats()
+
+    def _kept_scale(self) -> dict[str, Any] | None:
+        """A decoder-only fine-tune's latent scale: the pretrained encoder's latents stay, and so does its scale, as
+        the UNets trained on them expect; known from the start, whatever validations run. None otherwise."""
+        if self.config.train_encoder or not self.init_scale:
+            return None
+        return {"scale_factor": float(self.init_scale), "scale_factor_from": self.config.init_from}
 
     def _checkpoint_dir(self) -> Path:
         callback = self.trainer.checkpoint_callback
@@ -366,8 +373,8 @@ class AutoencoderModule(L.LightningModule):
             ckpt_path = self.trainer.ckpt_path
         except RuntimeError:  # note: `load_from_checkpoint` calls this hook too, without a trainer
             ckpt_path = None
-        self.latent_stats = checkpoint_latent_stats(checkpoint, ckpt_path) if ckpt_path else \
-            checkpoint.get("latent_stats")
+        self.latent_stats = (checkpoint_latent_stats(checkpoint, ckpt_path) if ckpt_path else
+                             checkpoint.get("latent_stats")) or self._kept_scale()
 
     @rank_zero_only
     def on_fit_end(self) -> None:
@@ -375,7 +382,7 @@ class AutoencoderModule(L.LightningModule):
             return
         export_dir = Path(self.trainer.default_root_dir) / "export"
         stats_step = (self.latent_stats or {}).get("step")
-        if stats_step != self.global_step:
+        if stats_step != self.global_step and self._kept_scale() is None:
             stats = f"the latent statistics of step {stats_step}" if stats_step is not None else "no latent statistics"
             rank_zero_warn(f"the export holds the weights of step {self.global_step} with {stats} (measured at "
                            f"validations); stage 2 takes its scale from them")
