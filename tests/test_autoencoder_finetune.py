@@ -93,6 +93,11 @@ def test_a_decoder_only_fine_tune_keeps_the_source_scale_without_any_validation(
     train(compose_train(tiny_overrides(shapes_shards, run, max_steps=1, every=2) + FINETUNE
                         + [f"model.init_from={source}", "trainer.limit_val_batches=0"]))
     assert load_autoencoder_any(run / "export")[1] == {"scale_factor": 0.13025, "scale_factor_from": str(source)}
+    import warnings
+
+    with warnings.catch_warnings():  # the checkpoint too, with no warning of statistics "of older weights"
+        warnings.simplefilter("error")
+        assert load_autoencoder_any(run / "checkpoints" / "last.ckpt")[1]["scale_factor"] == 0.13025
 
 
 def test_a_diffusers_vae_folder_with_the_old_attention_names_loads(sd_vae, tmp_path):

@@ -279,10 +279,13 @@ def test_stand_alone_vae_files_released_ones_and_ones_without_quant_convs(tmp_pa
 
 
 def test_a_whole_sd_file_gives_its_vae_the_generation_size_whichever_key_reads_it(tmp_path):
-    """model.init_from read SD's 512 px, model.autoencoder_path (and ldm-encode) 256: the latents were refused."""
+    """model.init_from read SD's 512 px, model.autoencoder_path (and ldm-encode) 256: the latents were refused; an
+    SDXL file's VAE (which model.autoencoder_path takes) generates at 1024."""
     bare = _single_file(tmp_path)
     assert load_components(bare).autoencoder_config.resolution == 512
     assert load_autoencoder_any(bare)[0].config.resolution == 512
+    _edit(bare, lambda s: s.update({"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)}))
+    assert load_autoencoder_any(bare)[0].config.resolution == 1024  # an SDXL file's VAE (256 went to ldm-encode)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ".pt", ".pth", ".bin"])

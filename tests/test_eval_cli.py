@@ -422,6 +422,7 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     assert resolve_checkpoints(str(bracketed / "*.ckpt")) == [str(bracketed / "last.ckpt")]
     # ".." folded (skip_done compares the path rows record) as the OS follows it: through a link, to its target's parent
     assert resolve_checkpoints(str(bracketed / ".." / "step0000001.ckpt")) == [str(tmp_path / "step0000001.ckpt")]
+    assert resolve_checkpoints(str(bracketed / "..")) == [str(tmp_path)]  # a run directory given as ".."
     (tmp_path / "lustre" / "checkpoints").mkdir(parents=True)
     (tmp_path / "lustre" / "best.ckpt").write_bytes(b"B")
     (tmp_path / "scratch").mkdir()

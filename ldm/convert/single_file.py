@@ -126,9 +126,10 @@ def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: di
     A whole model keeps it under `first_stage_model.`; a stand-alone VAE file is nothing else. The scale: our
     metadata, the `.yaml`, a `scale_factor` buffer, SDXL's 0.13025 in an SDXL file, SD's 0.18215 in any other whole
     model, and None for a stand-alone VAE (its file does not say which model it was trained for). The resolution of
-    a whole SD 1.x / 2.x model: the weights do not say it; SD's (diffusers' single-file default) is 512 px, and 768 px
-    for SD 2.x models (context 1024) that predict v (`prediction`, else the file's metadata or `.yaml`), the size the
-    pipeline generates at, whichever key reads the file (`model.init_from`, `model.autoencoder_path`, ldm-encode).
+    a whole model: the weights do not say it; SD's (diffusers' single-file default) is 512 px, 768 px for SD 2.x
+    models (context 1024) that predict v (`prediction`, else the file's metadata or `.yaml`; a file that says nothing
+    gets 512), 1024 px for SDXL: the size the pipeline generates at, whichever key reads the file (`model.init_from`,
+    `model.autoencoder_path`, ldm-encode).
     """
     whole = any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.",
                               "conditioner.embedders.")) for k in state)
@@ -142,14 +143,15 @@ def _autoencoder_of_file(state: StateDict, meta: dict[str, Any], yaml_params: di
     scale = meta.get("latent_scale", yaml_params.get("scale_factor"))
     if scale is None and "scale_factor" in state:
         scale = float(state["scale_factor"])
+    sdxl = any(k.startswith("conditioner.embedders.") for k in state)
     if scale is None and whole:
-        sdxl = any(k.startswith("conditioner.embedders.") for k in state)
         scale = ae.SDXL_LATENT_SCALE if sdxl else ae.SD_LATENT_SCALE
     context = next((v.shape[1] for k, v in state.items()
                     if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
-    if context in (768, 1024) and "autoencoder_config" not in meta:
+    if whole and "autoencoder_config" not in meta and (context is not None or sdxl):
         prediction = prediction or meta.get("prediction") or yaml_params.get("parameterization")
-        config = dataclasses.replace(config, resolution=768 if context == 1024 and prediction == "v" else 512)
+        size = 1024 if sdxl else 768 if context == 1024 and prediction == "v" else 512
+        config = dataclasses.replace(config, resolution=size)
     return config, ae.autoencoder_from_original(ae_state, config), scale
 
 

@@ -53,9 +53,10 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
             file = (stat.st_dev, stat.st_ino)
             if file not in named or Path(named[file]).name == LAST_NAME:
                 named[file] = p
-        # note: ".." folded as the OS follows it (a link's target's parent), the file's own name kept (last.ckpt):
-        # results rows name the file by this path, and skip_done compares it
-        paths.extend(str(Path(p).parent.resolve() / Path(p).name) for p in found if p in named.values())
+        # note: ".." folded as the OS follows it (a link's target's parent), a file's own name kept (last.ckpt):
+        # results rows name the checkpoint by this path, and skip_done compares it
+        paths.extend(str(Path(p).resolve() if Path(p).is_dir() else Path(p).parent.resolve() / Path(p).name)
+                     for p in found if p in named.values())
     return paths
 
 

@@ -372,7 +372,8 @@ def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderK
     state, _ = submodule_state(checkpoint["state_dict"], "autoencoder.", "ema.module." if use_ema else None)
     model.load_state_dict(state)
     stats = checkpoint_latent_stats(checkpoint, path)
-    if stats is not None and stats.get("step") != checkpoint.get("global_step"):
+    # (a decoder-only fine-tune's scale is its source's, `scale_factor_from`: of no step)
+    if stats is not None and stats.get("step") != checkpoint.get("global_step") and "scale_factor_from" not in stats:
         warnings.warn(f"{key}={path}: its latent statistics were measured at step {stats.get('step')}, its weights "
                       f"are of step {checkpoint.get('global_step')} (no {LATENT_STATS_NAME} of that step beside it), "
                       f"so the latent scale is of older weights: give the run's export, or set model.latent_scale",
