@@ -373,16 +373,15 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
             raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
+    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
     if trainer.get("devices") is not None:
-        cpu = "trainer.accelerator=cpu" if accelerator == "cpu" else \
-            f"trainer.accelerator={accelerator}, and torch sees no CUDA GPU" \
-            if accelerator in ("auto", None) and not torch.cuda.is_available() else None
-        check_devices(trainer.get("devices"), cpu)
+        why = "trainer.accelerator=cpu" if accelerator == "cpu" else \
+            f"trainer.accelerator={accelerator}, and torch sees no CUDA GPU"
+        check_devices(trainer.get("devices"), why if on_cpu else None)
     precision = trainer.get("precision")
     if precision is not None and str(precision) not in (*PRECISIONS, *HALF_WEIGHT_PRECISIONS, *DOUBLE_PRECISIONS):
         raise ConfigError(f"trainer.precision={precision!r} is not a precision Lightning takes: 32-true, bf16-mixed, "
                           f"16-mixed")
-    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
     if str(precision) in ("16-mixed", "16") and on_cpu:
         # note: Lightning swaps in bf16-mixed on the CPU with a warning, while config.yaml and the checkpoints say fp16
         raise ConfigError(f"trainer.precision={precision} (fp16 with a GradScaler) needs a CUDA GPU; on the CPU use "
