@@ -475,6 +475,8 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     samples = shapes_like(tmp_path, "k", 8)
     for i, sample in enumerate(samples):
         sample["json"] = json.dumps({5: {}, 6: {"label": 3}, 7: {"label": -1}}.get(i, {"label": i % 3}))
+        if i < 2:
+            del sample["txt"]  # a class model's data need no captions
     shard = write_shard(tmp_path / "train-000000.tar", samples)
     module = LatentDiffusionModule({
         "autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "ema_decay": None,
@@ -490,6 +492,19 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     assert "no integer 'label'" in reasons["k005"]
     assert all("outside the model's classes [0, 2] (model.conditioner.num_classes=3)" in reasons[key]
                for key in ("k006", "k007"))
+    assert not dm.uncaptioned, "a class-conditional model reads no caption: none is counted missing"
+
+    # Shards of captions alone (ldm-data's folder source without labels=folders): every sample would be skipped as
+    # corrupt and the run fail at its first batch calling the shards damaged; refused before any step, naming the fix.
+    (tmp_path / "plain").mkdir()
+    unlabelled = write_shard(tmp_path / "plain" / "train-000000.tar", shapes_like(tmp_path, "p", 4))
+    dm = WebDataModule(train_shards=str(unlabelled), batch_size=2, num_workers=0, resolution=32)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.train_shards: the first sample of .*plain/train-000000\.tar has no "
+                                          r"integer 'label' .*ldm-data source=folder labels=folders"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
 
 
 def test_samples_are_counted_as_webdataset_reads_them(tmp_path: Path):

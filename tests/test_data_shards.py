@@ -371,6 +371,60 @@ def test_awkward_folder_inputs(tmp_path: Path):
 
 
 
+def test_folder_validation_is_a_random_draw_of_decodable_images(tmp_path: Path):
+    """The val split was written back in listing order (one class folder after another: the first N captions an
+    evaluation takes, e.g. FID at num_samples=N, were all one class's), and an undecodable image drawn for val was
+    dropped without replacement (val shorter than val_samples, at worst no val shard at all)."""
+    root = tmp_path / "in"
+    for folder in ("a_cats", "b_dogs", "c_owls"):
+        for i in range(8):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(root / folder / f"{i}.png")
+            (root / folder / f"{i}.txt").write_text(f"a photo of {folder[2:]}")
+    for i in range(4):
+        (root / "a_cats" / f"bad{i}.png").write_bytes(b"not a png")
+        (root / "a_cats" / f"bad{i}.txt").write_text("a photo of cats")
+    for seed in range(4):
+        out = tmp_path / f"out{seed}"
+        summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(out), "seed": seed,
+                                 "val_samples": 9, "resolution": 16})
+        assert summary["splits"]["val"]["count"] == 9 and summary["splits"]["train"]["count"] == 15, seed
+        assert len(summary["skipped"]) == 4
+        captions = [sample["txt"].decode() for sample in read_split(out, "val")]
+        assert len(set(captions[:4])) > 1, f"seed {seed}: the first val samples are one class's: {captions}"
+
+
+def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path):
+    """`labels=folders` labels each image by its top-level subfolder (ImageNet's layout; the folder source wrote no
+    label, so a class-conditional model could not train on its shards); a KEY.TXT sidecar was not found."""
+    root = tmp_path / "in"
+    for label, folder in enumerate(("n01", "n02", "n03")):
+        for i in range(3):
+            (root / folder / "deeper").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (label * 80, i, 0)).save(root / folder / ("deeper" if i else "") / f"{i}.png")
+    Image.new("RGB", (16, 16)).save(root / "n02" / "UPPER.JPEG")
+    (root / "n02" / "UPPER.TXT").write_text("an upper-case caption")
+    summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"),
+                             "labels": "folders", "val_samples": 2, "resolution": 16})
+    assert summary["classes"] == ["n01", "n02", "n03"] and len(summary["missing_captions"]) == 9
+    samples = read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "val")
+    meta = {json.loads(s["json"])["source_path"]: (json.loads(s["json"])["label"], s["txt"].decode())
+            for s in samples}
+    assert meta == {**{f"{folder}/{'deeper/' if i else ''}{i}.png": (label, "")
+                       for label, folder in enumerate(("n01", "n02", "n03")) for i in range(3)},
+                    "n02/UPPER.JPEG": (1, "an upper-case caption")}
+    Image.new("RGB", (16, 16)).save(root / "loose.png")
+    with pytest.raises(ConfigError, match=r"labels=folders: 1 images lie in input_dir itself, outside any class "
+                                          r"subfolder \(e\.g\. \['loose\.png'\]\)"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
+                       "labels": "folders", "val_samples": 2})
+    with pytest.raises(ConfigError, match=r"labels='classes' is not allowed; choose one of \['folders'\]"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "o2"),
+                       "labels": "classes"})
+    with pytest.raises(ConfigError, match=r"labels=folders would be ignored with source=shapes"):
+        write_dataset({"output_dir": str(tmp_path / "o2"), "labels": "folders"})
+
+
 def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards: Path, tmp_path: Path):
     """jpeg_quality=-5 wrote quality 1 and recorded -5; with PNG it was ignored. A loose shard glob (`data/shapes/*`)
     trained on the validation shard and counted summary.json as an empty shard."""

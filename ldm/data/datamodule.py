@@ -42,7 +42,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ldm.config import ConfigError, to_dataclass
+from ldm.config import ConfigError, is_int, to_dataclass
 from ldm.data.latents import (
     LatentManifest,
     LatentStream,
@@ -167,6 +167,31 @@ def _written_square(urls: list[str], resolution: int) -> str | None:
         return None
     square = isinstance(written, dict) and written.get("resolution") == resolution and written.get("crop", True)
     return str(written.get("source", "folder")) if square else None
+
+
+def _first_metadata(urls: list[str]) -> tuple[str, Any] | None:
+    """(shard, the parsed KEY.json of its first sample, None without one) for the first local shard of `urls` that
+    holds a sample; None when none can be read here (remote shards; damage is the loader's business)."""
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            continue
+        try:
+            with tarfile.open(url.removeprefix("file:"), "r:*") as tar:
+                first = None
+                for member in tar:
+                    if not member.isreg() or _webdataset_skips(member.name):
+                        continue
+                    key, ext = wds.tariterators.base_plus_ext(member.name)
+                    if first is not None and key != first:
+                        return url, None  # the first sample ended without a .json
+                    first = key
+                    if ext == "json":
+                        return url, json.loads(tar.extractfile(member).read())
+                if first is not None:
+                    return url, None
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            return None
+    return None
 
 
 def _stats_count(path: Path) -> int:
@@ -376,6 +401,7 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         self.setup("fit")
+        self._check_labelled()
         plan = self._plan(train=True)
         log.info("train data: %d samples in %d shards over %d slots (%d ranks x %d workers): %d batches of %d per "
                  "rank per epoch, %d samples left out per epoch", sum(plan.counts), len(plan.urls), plan.slots,
@@ -383,6 +409,20 @@ class WebDataModule(L.LightningDataModule):
         self._warn_short_accumulation(plan)
         return EpochLoader(self._stream(plan), self._begin_train_epoch, self._on_train_batch, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
+
+    def _check_labelled(self) -> None:
+        """A class-conditional model (`num_classes` set) trains from each sample's integer `label`: refuse, before
+        any step, training shards whose first sample has none (shards of captions alone), rather than skip every
+        sample as corrupt."""
+        first = _first_metadata(self.train_urls) if self.num_classes is not None else None
+        if first is None:
+            return
+        shard, meta = first
+        if not (isinstance(meta, dict) and is_int(meta.get("label"))):
+            raise ConfigError(f"data.train_shards: the first sample of {shard} has no integer 'label' in its metadata "
+                              f"(KEY.json: {str(meta)[:80]}), and this class-conditional model trains from one; write "
+                              f"the shards with labels (ldm-data source=folder labels=folders: one class per "
+                              f"subfolder of input_dir; source=shapes), or train a text-conditioned model")
 
     def _warn_short_accumulation(self, plan: EpochPlan) -> None:
         """Warn when trainer.accumulate_grad_batches does not divide an epoch's batches (Lightning's limit included):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("shapes", "folder")
 IMAGE_FORMATS = ("png", "jpg")
+LABELS = ("folders",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # a GIF: its first frame
 SUMMARY_NAME = "summary.json"
 # Column / field names accepted in a CSV or JSONL caption manifest.
@@ -62,6 +64,9 @@ class WriteConfig:
     input_dir: str | None = None  # folder source: the images (searched recursively)
     captions: str | None = None  # folder source: a .csv or .jsonl manifest; null reads sidecar KEY.txt files
     allow_missing_captions: bool = False  # folder source: an image without a caption gets "" instead of an error
+    labels: str | None = None  # folder source: `folders` gives each image the integer label of its top-level
+    #                            subfolder (class folders, as ImageNet's; sorted names, indices in summary.json's
+    #                            `classes`), for class-conditional models; captions are then optional
     num_samples: int = 10000  # shapes: training samples (folder: every image not in val is written)
     val_samples: int = 1000  # validation samples (folder: taken from the folder, deterministic given seed)
     resolution: int | None = 32  # image side; folder: null stores images as they are
@@ -80,6 +85,8 @@ class WriteConfig:
     def __post_init__(self) -> None:
         check_choice("source", self.source, SOURCES)
         check_choice("image_format", self.image_format, IMAGE_FORMATS)
+        if self.labels is not None:
+            check_choice("labels", self.labels, LABELS)
         if not 1 <= self.jpeg_quality <= 100:  # PIL clamps: -5 wrote quality 1, recorded as -5
             raise ConfigError(f"jpeg_quality={self.jpeg_quality} must lie in [1, 100]")
         if self.image_format != "jpg" and self.jpeg_quality != 95:
@@ -91,7 +98,8 @@ class WriteConfig:
         if self.source == "folder" and not self.input_dir:
             raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
         # note: a key of the other source would be ignored; a user who sets it expects it to act
-        other = ({"input_dir": None, "captions": None, "allow_missing_captions": False} if self.source == "shapes"
+        other = ({"input_dir": None, "captions": None, "allow_missing_captions": False, "labels": None}
+                 if self.source == "shapes"
                  else {"sizes": None, "positions": None, "scale": 1.0, "holdout": [], "num_samples": 10000})
         if self.source == "shapes":
             other["crop"] = True
@@ -267,9 +275,11 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
 
 @dataclass
 class FolderListing:
-    """What `list_images` found: the image files, and what it left out with the reason, as (relative path, reason)."""
+    """What `list_images` found: the image files, their sidecar caption files (image -> KEY.txt, the suffix in any
+    letter case), and what it left out with the reason, as (relative path, reason)."""
 
     images: list[Path]
+    sidecars: dict[Path, Path]
     left_out: list[tuple[str, str]]
 
 
@@ -281,6 +291,7 @@ def list_images(input_dir: Path) -> FolderListing:
     extension are left out and returned with the reason: none of them may stall or abort a run.
     """
     images: list[Path] = []
+    sidecars: dict[Path, Path] = {}
     left_out: list[tuple[str, str]] = []
     walked: set[Path] = set()
 
@@ -298,6 +309,11 @@ def list_images(input_dir: Path) -> FolderListing:
         except OSError as err:
             left_out.append((rel(directory) or ".", f"unreadable directory: {err.strerror}"))
             return
+        texts: dict[str, Path] = {}  # stem -> its .txt (any case; the lower-case one where both exist)
+        for entry in entries:
+            path = Path(entry.path)
+            if path.suffix.lower() == ".txt" and (path.stem not in texts or path.suffix == ".txt"):
+                texts[path.stem] = path
         for entry in entries:
             path = Path(entry.path)
             is_image = path.suffix.lower() in IMAGE_EXTENSIONS
@@ -316,24 +332,27 @@ def list_images(input_dir: Path) -> FolderListing:
                 left_out.append((rel(path), "special file (FIFO, socket or device), not a regular file"))
             elif is_image:
                 images.append(path)
+                if path.stem in texts:
+                    sidecars[path] = texts[path.stem]
 
     walk(input_dir)
-    return FolderListing(sorted(images), left_out)
+    return FolderListing(sorted(images), sidecars, left_out)
 
 
 class CaptionUnreadable(Exception):
     """A caption file exists but cannot be used (unreadable, not UTF-8, not a regular file); the message says why."""
 
 
-def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dict[Path, str],
-                   cfg: WriteConfig, skipped: list[dict[str, str]]) -> Iterator[Record]:
-    """Records for (index, path) pairs; the key is the index in the sorted listing, so keys are unique across splits.
+def folder_records(files: list[tuple[int, Path]], plan: FolderPlan, cfg: WriteConfig) -> Iterator[Record]:
+    """Records for (index, path) pairs of `plan`'s images; the key is the index in the sorted listing, so keys are
+    unique across splits.
 
-    An image that cannot be read or decoded is left out and appended to `skipped` as {"path", "reason"}.
+    An image that cannot be read or decoded is left out and appended to `plan.skipped` as {"path", "reason"}.
     """
+    labels = {name: i for i, name in enumerate(plan.classes or ())}
     for index, path in files:
-        rel = path.relative_to(input_dir).as_posix()
-        caption = captions.get(path, "")  # missing captions were checked (or allowed) up front in plan_folder
+        rel = path.relative_to(plan.input_dir).as_posix()
+        caption = plan.captions.get(path, "")  # missing captions were checked (or allowed) up front in plan_folder
         try:
             with Image.open(path) as im:
                 im.load()
@@ -346,18 +365,22 @@ def folder_records(files: list[tuple[int, Path]], input_dir: Path, captions: dic
                     resize_shorter(image, cfg.resolution)
         except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
             log.warning("skipping image %s: %s", path, err)
-            skipped.append({"path": rel, "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
+            plan.skipped.append({"path": rel,
+                                 "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
             continue
         metadata = {"source_path": rel, "width": size[0], "height": size[1]}
+        if labels:
+            metadata["label"] = labels[rel.split("/", 1)[0]]
         if encoded is not None:
             yield Record(f"{index:09d}", caption, metadata, encoded=encoded)
         else:
             yield Record(f"{index:09d}", caption, metadata, image=image)
 
 
-def _sidecar_caption(path: Path) -> str | None:
-    """The caption in `path`'s KEY.txt sidecar, None without one; CaptionUnreadable when it cannot be used."""
-    txt = path.with_suffix(".txt")
+def _sidecar_caption(txt: Path | None) -> str | None:
+    """The caption in the sidecar file `txt`, None without one; CaptionUnreadable when it cannot be used."""
+    if txt is None:
+        return None
     try:
         mode = os.stat(txt).st_mode
     except FileNotFoundError:
@@ -384,6 +407,7 @@ class FolderPlan:
     captions: dict[Path, str]  # image -> caption; images without one are absent
     skipped: list[dict[str, str]]
     missing: list[Path]
+    classes: list[str] | None = None  # labels=folders: the class folders' names, label i is classes[i]
 
 
 def plan_folder(cfg: WriteConfig) -> FolderPlan:
@@ -407,7 +431,7 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
             caption = manifest.get(path.resolve())
         else:
             try:
-                caption = _sidecar_caption(path)
+                caption = _sidecar_caption(listing.sidecars.get(path))
             except CaptionUnreadable as err:
                 log.warning("skipping image %s: %s", path, err)
                 skipped.append({"path": path.relative_to(input_dir).as_posix(), "reason": str(err)})
@@ -416,27 +440,38 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
         if caption:  # an empty caption (a blank .txt or cell) is a missing one
             captions[path] = caption
     missing = [p for p in images if p not in captions]
-    if missing and not cfg.allow_missing_captions:
-        where = f"in captions={cfg.captions}" if manifest is not None else "as sidecar .txt files (same stem)"
+    if missing and not (cfg.allow_missing_captions or cfg.labels):
+        where = f"in captions={cfg.captions}" if manifest is not None else \
+            "as sidecar .txt files (same stem, .txt in any letter case)"
         raise ConfigError(f"{len(missing)} of {len(images)} images have no caption {where}, e.g. "
                           f"{[str(p.relative_to(input_dir)) for p in missing[:3]]}; add them or set "
                           f"allow_missing_captions=true")
+    classes = None
+    if cfg.labels == "folders":
+        loose = [p.name for p in images if p.parent == input_dir]
+        if loose:
+            raise ConfigError(f"labels=folders: {len(loose)} images lie in input_dir itself, outside any class "
+                              f"subfolder (e.g. {loose[:3]}); move them into their class's folder, or out of "
+                              f"input_dir")
+        classes = sorted({p.relative_to(input_dir).parts[0] for p in images})
     if cfg.val_samples >= len(images):
         raise ConfigError(f"val_samples={cfg.val_samples} leaves no training images out of {len(images)}")
-    return FolderPlan(input_dir, images, captions, skipped, missing)
+    return FolderPlan(input_dir, images, captions, skipped, missing, classes)
 
 
 def write_folder(cfg: WriteConfig, plan: FolderPlan, output_dir: Path) -> dict[str, Any]:
-    # A seeded permutation: val takes its first val_samples, train the rest, written in permuted order so that
-    # neighbouring files (often near-duplicates) spread over shards.
+    # A seeded permutation: val takes its first val_samples decodable images, train the rest, both written in permuted
+    # order, so that neighbouring files (often near-duplicates, or one class's folder) spread over shards and the
+    # first N validation samples (an evaluation's num_samples) are a random draw. An undecodable image drawn for val
+    # is replaced by the next one, so val holds val_samples images whatever the folder's damage.
     order = list(enumerate(plan.images))
     random.Random(fold_seed(cfg.seed, 0xF01D)).shuffle(order)
-    val, train = sorted(order[: cfg.val_samples]), order[cfg.val_samples:]
-    splits = {split: write_split(folder_records(items, plan.input_dir, plan.captions, cfg, plan.skipped), output_dir,
-                                 split, cfg)
-              for split, items in (("train", train), ("val", val))}
-    return {"splits": splits, "input_dir": str(plan.input_dir), "skipped": plan.skipped,
-            "missing_captions": [p.relative_to(plan.input_dir).as_posix() for p in plan.missing]}
+    records = folder_records(order, plan, cfg)
+    val = write_split(itertools.islice(records, cfg.val_samples), output_dir, "val", cfg)
+    train = write_split(records, output_dir, "train", cfg)
+    return {"splits": {"train": train, "val": val}, "input_dir": str(plan.input_dir), "skipped": plan.skipped,
+            "missing_captions": [p.relative_to(plan.input_dir).as_posix() for p in plan.missing],
+            **({"classes": plan.classes} if plan.classes is not None else {})}
 
 
 STAGING_PREFIX = ".ldm-data-"  # the hidden folder inside output_dir that a run writes its shards into first

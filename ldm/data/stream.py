@@ -337,7 +337,8 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int |
     caption = sample_caption(sample)
     if caption is None:
         caption = ""
-        skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
+        if num_classes is None:  # (a class-conditional model reads no caption)
+            skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
     meta = json.loads(sample["json"]) if "json" in sample else {}
     label = meta.get("label") if isinstance(meta, dict) else None
     if not is_int(label):
