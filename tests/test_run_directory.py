@@ -65,6 +65,10 @@ def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, cap
     _write_lock(tmp_path, pid=_dead_pid(), host="another-host", slurm_job_id="4242")
     release(acquire(tmp_path))
     assert "earlier run of this SLURM job 4242" in capsys.readouterr().out
+    # the same run of the job (the same restart count) on another node: a step running beside this one, not stale
+    _write_lock(tmp_path, pid=1, host="another-host", slurm_job_id="4242", slurm_restart_count="0")
+    with pytest.raises(RunDirectoryLocked, match="on host another-host"):
+        acquire(tmp_path)
     _write_lock(tmp_path, pid=1, slurm_job_id="4242")  # same job, this host, alive: a second run inside the job
     with pytest.raises(RunDirectoryLocked):
         acquire(tmp_path)
@@ -145,3 +149,59 @@ def test_csv_logger_widens_its_header_for_new_metrics(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["train/loss"], r["val/psnr"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""),
                                                                           ("2", "0.25", "20.0")]
+
+
+def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thread):
+    """A wiring check (debug=fast_dev_run) in a run's directory resumed it, trained nothing and wrote a config.yaml
+    and an export over the run's; a fresh start there (auto_resume=false, which a refusal suggested) mixed two runs'
+    checkpoints and logs; rerunning a finished run with another value trained nothing yet rewrote config.yaml."""
+    out = tmp_path / "run"
+    base = tiny_overrides(shapes_shards, out, max_steps=2, every=2) + AUTOENCODER + [
+        "+callbacks.image_logger._target_=ldm.callbacks.image_logger.ImageLogger",
+        f"+callbacks.image_logger.save_dir={out / 'images'}", "+callbacks.image_logger.every_n_steps=1"]
+    train(compose_train(base))
+    assert len(list((out / "images").rglob("*.png"))) == 9  # 3 grids each: train at steps 1 and 2, val at step 2
+    written = {path: path.read_bytes() for path in [out / "config.yaml", *sorted((out / "export").iterdir()),
+                                                    *sorted((out / "checkpoints").iterdir()),
+                                                    *sorted((out / "images").rglob("*.png"))]}
+
+    train(compose_train([*base, "debug=fast_dev_run", "trainer.max_steps=4"]))
+    train(compose_train([*base, "model.lr=5e-4"]))  # at max_steps already: nothing to train
+    assert {path: path.read_bytes() for path in written} == written
+    assert sorted((out / "checkpoints").iterdir()) == [p for p in written if p.parent.name == "checkpoints"]
+    assert sorted((out / "images").rglob("*.png")) == [p for p in written if p.suffix == ".png"]
+
+    with pytest.raises(ConfigError, match=r"checkpoints holds the checkpoints of an earlier run \(newest: "
+                                          r"last\.ckpt\); a fresh start there would mix"):
+        train(compose_train([*base, "auto_resume=false"]))
+    with pytest.raises(ConfigError, match=r"another paths\.output_dir$"):  # the old advice, auto_resume=false, gone
+        train(compose_train([*base, "model.net.ch=32"]))
+
+
+def test_lightning_messages_and_warnings_reach_the_run_log(tmp_path, monkeypatch):
+    """train.log missed every resume, stop, save and export message (Lightning's logger does not pass records on to
+    the root logger, whose file handler Hydra sets up) and every warning."""
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from ldm.cli.train import lightning_into_run_log
+
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", False)  # as in ldm-train's process
+    root, handler = logging.getLogger(), logging.FileHandler(tmp_path / "train.log")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with lightning_into_run_log():
+                rank_zero_info("auto_resume: resuming from somewhere")
+                warnings.warn("a warning of the run", UserWarning, stacklevel=1)
+            rank_zero_info("after the run")
+            warnings.warn("a warning after the run", UserWarning, stacklevel=1)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "auto_resume: resuming from somewhere" in text and "UserWarning: a warning of the run" in text
+    assert "after the run" not in text

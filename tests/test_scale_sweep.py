@@ -32,6 +32,18 @@ def test_multirun_local_launcher_gives_each_job_its_own_run_directory(shapes_sha
         assert config.model.lr == lr and config.paths.output_dir == str(job)
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert (job / "csv" / "metrics.csv").is_file()
+    # ckpt_path=last resumes each job in its directory (it was refused, "a new timestamped directory", and the fix it
+    # named, paths.output_dir, is ignored in a multirun: now said in a warning)
+    ignored = tmp_path / "ignored"
+    result = run_cli(["-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", "model.net.ch=16",
+                      "model.lr=1e-3,2e-3", *[o.replace("max_steps=2", "max_steps=3")
+                                              for o in sweep_overrides(shapes_shards, max_steps=2)],
+                      "ckpt_path=last", f"paths.output_dir={ignored}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"paths.output_dir={ignored} is ignored in a multirun (-m)" in result.stdout + result.stderr
+    assert not ignored.exists()
+    for job in jobs:
+        assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 def _trial_states(root) -> list[str]:

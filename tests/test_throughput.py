@@ -204,8 +204,10 @@ def test_lines_stay_on_the_step_schedule_after_a_resume(tmp_path: Path, caplog: 
     fit(4).save_checkpoint(tmp_path / "step4.ckpt")
     with caplog.at_level("INFO", logger=throughput.__name__):
         fit(10, tmp_path / "step4.ckpt")
-    lines = [r.getMessage().split(":")[0] for r in caplog.records if r.name == throughput.__name__]
-    assert lines == ["throughput step 6", "throughput step 9", "throughput summary"]
+    messages = [r.getMessage() for r in caplog.records if r.name == throughput.__name__]
+    assert [line.split(":")[0] for line in messages] == ["throughput step 6", "throughput step 9", "throughput summary"]
+    # the summary covers the segment, and says so (it read as the whole run's)
+    assert messages[-1].startswith("throughput summary: 6 steps (steps 5-10 of a run resumed at step 4), 48 images")
 
 
 def test_no_step_logging_leaves_the_summary_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture):

@@ -72,8 +72,12 @@ def run_halted(trainer: L.Trainer) -> bool:
 def stopped_without_export(trainer: L.Trainer) -> bool:
     """True when the run ends without its export: the NaN guard halted it (the export would replace the one an earlier
     segment finished with the weights of a diverged run), or a signal stopped it before its last step (a part-trained
-    model looks finished in an export, and writing it costs the grace time; the resumed run exports at its end). A
-    module's `on_fit_end` then leaves `<run>/export` as it was."""
+    model looks finished in an export, and writing it costs the grace time; the resumed run exports at its end), or
+    the run was `fast_dev_run`'s wiring check (a batch or two). A module's `on_fit_end` then leaves `<run>/export`
+    as it was."""
+    if trainer.fast_dev_run:
+        rank_zero_info("fast_dev_run: no export (a wiring check, not a trained model)")
+        return True
     if run_halted(trainer):
         rank_zero_warn(f"the run was halted at step {trainer.global_step}: {trainer.default_root_dir}/export is left "
                        f"as it was (the checkpoints hold the run)")

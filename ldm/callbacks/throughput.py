@@ -2,7 +2,8 @@
 GPUs the model's FLOP/s, MFU against the device's peak and the peak memory.
 
 Every `trainer.log_every_n_steps` optimizer steps rank 0 logs one line (and the same numbers, `throughput/*`, to the
-run's loggers); at the end of training one summary line covers the whole run:
+run's loggers); at the end of training one summary line covers the run's training (a resumed run's: the segment since
+the resume, with its first and last step):
 
     throughput step 50: 161.3 images/s (161.3 per device x 1), data wait 2.1 ms/batch (1.1%), 0.41 TFLOP/s per device
     throughput summary: 2200 steps, 70400 images in 430.2 s of training: 163.6 images/s (163.6 per device x 1), ...
@@ -166,6 +167,7 @@ class Throughput(StepBoundary):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = self._ready = time.perf_counter()
+        self._first_step = trainer.global_step  # > 0: resumed there
         self._paused = 0.0  # seconds of validation inside training
         self._batches = self._samples = self._steps = 0
         self._wait = 0.0  # data wait, summed over the run
@@ -251,7 +253,9 @@ class Throughput(StepBoundary):
                                 self._flops or None)
         self.summary = numbers
         if trainer.is_global_zero:
-            log.info("throughput summary: %d steps, %d images in %.1f s of training: %s", self._steps,
+            segment = f" (steps {self._first_step + 1}-{trainer.global_step} of a run resumed at step " \
+                f"{self._first_step})" if self._first_step else ""
+            log.info("throughput summary: %d steps%s, %d images in %.1f s of training: %s", self._steps, segment,
                      self._samples * self.world_size, numbers["seconds"], self._describe(numbers))
 
     @override

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -120,6 +121,10 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN or int(os.environ.get("LOCAL_RANK", 0)) > 0:
             out = hc.runtime.output_dir
+        if hc.mode == RunMode.MULTIRUN and any(o.lstrip("+").startswith("paths.output_dir=")
+                                               for o in hc.overrides.task):
+            log.warning("paths.output_dir=%s is ignored in a multirun (-m): each job runs in its sweep directory "
+                        "(here %s); choose where the sweep goes with hydra.sweep.dir", cfg.paths.output_dir, out)
         if hc.mode == RunMode.MULTIRUN and str(hc.runtime.choices.get("paths")).removesuffix(".yaml") == "slurm":
             log.warning("paths=slurm in a multirun (-m): each job runs in its sweep directory %s, not in one named "
                         "after the SLURM job, so a requeued sbatch script starts a new sweep instead of resuming; "
@@ -225,8 +230,9 @@ def _one_line(err: BaseException, with_type: bool) -> str:
     return f"{type(err).__name__}: {text}" if with_type else text
 
 
-def run_cli(name: str, task: Callable[[], T]) -> T:
-    """Run a CLI's work inside its Hydra task function; an exception becomes one message on stderr and an exit status.
+def run_cli(name: str, task: Callable[[], T], kept: str = "") -> T:
+    """Run a CLI's work inside its Hydra task function; an exception becomes one message on stderr and an exit status,
+    Ctrl-C one line and status 130.
 
     Catching inside the task function (not letting Hydra see the exception) keeps Hydra from printing its own
     traceback; `sys.exit` passes through Hydra untouched.
@@ -234,12 +240,16 @@ def run_cli(name: str, task: Callable[[], T]) -> T:
     Args:
         name: the command, for the message (`ldm-train`).
         task: the work; its return value is passed on (a sweeper's metric).
+        kept: what an interrupted run leaves and how to go on, for the Ctrl-C line.
     """
     global _task_started
     _task_started = True
     try:
         return task()
-    except Exception as err:  # noqa: BLE001 -- every failure gets a message and a status; KeyboardInterrupt passes
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as err:  # noqa: BLE001 -- every failure gets a message and a status
         status, message = describe_error(err)
         if os.environ.get(TRACEBACK_ENV) == "1":
             traceback.print_exc()
@@ -252,6 +262,20 @@ def run_cli(name: str, task: Callable[[], T]) -> T:
 HYDRA_FLAG_REFUSAL = "Only one of --run, --multirun"  # how Hydra's message for flags it cannot combine starts
 
 
+def null_group_override(args: list[str]) -> str | None:
+    """The refusal of a `GROUP=null` override (`logger=null`, as `callbacks.progress=null` nulls a key), which Hydra
+    answers with a page of traceback: a config group takes one of its options, or `~GROUP` drops it."""
+    for arg in args:
+        group, _, value = arg.lstrip("+").partition("=")
+        options = Path(CONF_DIR, group)
+        if value == "null" and "/" not in group and options.is_dir() and group != "hydra":
+            names = sorted(f.stem for f in options.glob("*.yaml"))
+            none = " (none: without one)" if "none" in names else ""
+            return (f"{arg}: {group} is a config group: choose one of its options {names}{none}, or leave it out "
+                    f"with ~{group}")
+    return None
+
+
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
     group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
@@ -262,6 +286,10 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             print(f"{Path(sys.argv[0]).name}: error: no configs at {CONF_DIR}: install ldm from a clone of its "
                   f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
                   f"conf/", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        refused = null_group_override(sys.argv[1:])
+        if refused is not None:
+            print(f"{Path(sys.argv[0]).name}: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
         try:
             return hydra_main(*args, **kwargs)

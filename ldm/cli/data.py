@@ -38,7 +38,8 @@ def write_dataset(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 @cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="data")
 def main(cfg: DictConfig) -> None:
-    run_cli("ldm-data", lambda: write_dataset(cfg))
+    run_cli("ldm-data", lambda: write_dataset(cfg), kept="output_dir is as it was (shards go into place only once "
+                                                          "both splits are written)")
 
 
 if __name__ == "__main__":

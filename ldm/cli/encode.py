@@ -244,7 +244,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 @cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="encode")
 def main(cfg: DictConfig) -> None:
-    run_cli("ldm-encode", lambda: encode(cfg))
+    run_cli("ldm-encode", lambda: encode(cfg), kept="finished shards are kept; the same command encodes the rest")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
             if started:
                 dist.destroy_process_group()
 
-    run_cli("ldm-eval", run)
+    run_cli("ldm-eval", run, kept="the points scored are in results.jsonl; the same command scores the rest")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,10 @@ def stale_reason(holder: dict[str, Any]) -> str | None:
         restart = holder.get("slurm_restart_count")
         if restart is not None and str(restart) != slurm_restart_count():  # on any host, its pid perhaps reused
             return f"it belongs to an earlier run (restart {restart}) of this SLURM job {job}"
-        if holder.get("host") != socket.gethostname():
+        # note: the same restart is the same run of the job, whose steps may run side by side on several nodes
+        # (two srun steps of one allocation into one directory): only a lock of older code, without the count, is
+        # told stale by its host
+        if restart is None and holder.get("host") != socket.gethostname():
             return f"it belongs to an earlier run of this SLURM job {job} on {holder.get('host')}"
     # note: a live pid on this host may be another process's now, or in another container's pid namespace: it is
     # taken for the holder (a run refused, with the fix, rather than two runs in one directory)

@@ -14,9 +14,11 @@ run at a time per `paths.output_dir` (`ldm.cli.run_lock`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
+import logging
 import math
 import os
 import pickle
@@ -24,6 +26,7 @@ import signal
 import sys
 import traceback
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +246,17 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path, auto_resume: 
     return str(path)
 
 
+def check_no_earlier_run(checkpoint_dir: Path) -> None:
+    """Refuse a fresh start (`auto_resume=false`, or a directory whose checkpoints the default did not take) where
+    another run's checkpoints are: its logs, checkpoints and export would be mixed with this run's."""
+    newest = newest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    if newest is not None:
+        raise configs.ConfigError(f"{checkpoint_dir} holds the checkpoints of an earlier run (newest: {newest.name}); "
+                                  f"a fresh start there would mix two runs' checkpoints, logs and export: resume it "
+                                  f"(auto_resume=true, the default, or ckpt_path=last), or start afresh in another "
+                                  f"paths.output_dir")
+
+
 def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str,
                           model_cfg: DictConfig) -> None:
     """Refuse, naming the difference, a checkpoint (read from `ckpt_path`) whose weights do not fit `module` (another
@@ -254,7 +268,7 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     resized = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if not (missing or unexpected or resized):
         return
-    advice = "Resume with the config that wrote it, or start afresh in another paths.output_dir (or auto_resume=false)"
+    advice = "Resume with the config that wrote it, or start afresh in another paths.output_dir"
     written = flatten(((checkpoint.get("ldm") or {}).get("config") or {}).get("model") or {}, "model")
     wanted = flatten(OmegaConf.to_container(model_cfg, resolve=True), "model")
     if written.get("model._target_") not in (None, wanted.get("model._target_")):
@@ -488,7 +502,8 @@ def check_config(cfg: DictConfig) -> None:
     check_nodes(cfg, ("data", "model"))
     check_components(cfg)
     stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
-    if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
+    if cfg.get("ckpt_path") == "last" and "${now:" in str(stated) and not is_multirun():  # the default: a new
+        # directory every run (a multirun job runs in hydra.sweep.dir/N, which ckpt_path=last resumes)
         raise configs.ConfigError(f"ckpt_path=last resumes the run in paths.output_dir, but that is a new "
                                   f"timestamped directory ({cfg.paths.output_dir}); set paths.output_dir to the "
                                   f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
@@ -513,10 +528,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_config(cfg)
     output_dir = resolve_output_dir(cfg)
-    with run_lock(output_dir) as lock:
+    with run_lock(output_dir) as lock, lightning_into_run_log():
         if lock is not None:
             remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
         return _train(cfg, output_dir)
+
+
+@contextlib.contextmanager
+def lightning_into_run_log() -> Iterator[None]:
+    """Lightning's messages (resumed from, stopped and saved at, exported to: `rank_zero_info`) and every warning go
+    to the run's log file (train.log) too, not only to the terminal: Lightning's logger keeps a terminal handler of
+    its own and does not pass records on to the root logger, whose file handler Hydra set up; warnings are printed
+    by `warnings`, not logged. Without a file handler (a call from Python) nothing changes."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    lightning = logging.getLogger("lightning.pytorch")
+    added = [] if lightning.propagate else [h for h in files if h not in lightning.handlers]
+    for handler in added:
+        lightning.addHandler(handler)
+    if files:
+        logging.captureWarnings(True)  # (they reach the terminal through the root logger's handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            lightning.removeHandler(handler)
+        if files:
+            logging.captureWarnings(False)
 
 
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
@@ -524,8 +561,12 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     apply_backend_switches(cfg)
     apply_ddp_needs(cfg)
     print_config_tree(cfg, order=("experiment", "model", "data", "trainer", "logger", "callbacks", "paths"))
+    # a wiring check (one batch of each, nothing written: debug=fast_dev_run) resumes no run in the directory
+    dev_run = bool(cfg.trainer.get("fast_dev_run"))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg, output_dir),
-                                  auto_resume=bool(cfg.get("auto_resume")))
+                                  auto_resume=bool(cfg.get("auto_resume")) and not dev_run)
+    if ckpt_path is None and not dev_run:
+        check_no_earlier_run(checkpoint_dir(cfg, output_dir))
 
     datamodule = configs.instantiate(cfg.data, "data")
     module = configs.instantiate(cfg.model, "model")
@@ -541,7 +582,12 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             module.check_resume(checkpoint)
         if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
             check_same_job(checkpoint, ckpt_path, built)  # found in the job's checkpoints (auto_resume, last)
-    save_config(built, output_dir)
+    if ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1):
+        rank_zero_info(f"{ckpt_path} is at step {checkpoint['global_step']}, trainer.max_steps="
+                       f"{cfg.trainer.max_steps}: nothing is left to train, and config.yaml stays as the run wrote "
+                       f"it (raise trainer.max_steps to train on)")
+    elif not dev_run:
+        save_config(built, output_dir)
     apply_module_switches(module, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     for callback in callbacks:

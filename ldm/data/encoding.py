@@ -428,14 +428,17 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
             samples.clear()
             images.clear()
 
-        for sample, image in _images(url, encoders.resolution, skipped):
-            samples.append(sample)
-            images.append(image)
-            if len(samples) == config.batch_size:
+        try:
+            for sample, image in _images(url, encoders.resolution, skipped):
+                samples.append(sample)
+                images.append(image)
+                if len(samples) == config.batch_size:
+                    flush()
+            if samples:
                 flush()
-        if samples:
-            flush()
-        writer.close()  # note: closes the tar stream only; atomic_open still flushes and renames the file
+        finally:  # also on an error or Ctrl-C (atomic_open then deletes the file), or the tar stream, left open,
+            writer.close()  # writes its end into the closed file when collected (a second traceback)
+        # note: that closes the tar stream only; atomic_open still flushes and renames the file
     failed = len(skipped)
     if expected is not None and count + failed < expected:
         skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "

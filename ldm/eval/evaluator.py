@@ -45,7 +45,7 @@ from ldm.eval.metrics import (
     ReconstructionMetrics,
 )
 from ldm.eval.reference_stats import ReferenceStats, default_cache_dir, load_or_compute_reference_stats
-from ldm.eval.results import WandbTable, append_results, print_row, read_results
+from ldm.eval.results import WandbTable, append_results, print_row, read_results, rewrite_csv
 from ldm.eval.sources import READER_VERSION, generation_labels, iter_image_batches, load_prompts, shard_fingerprint
 from ldm.images import to_uint8
 from ldm.io import check_export_weights
@@ -433,6 +433,8 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
     for path in paths:  # before any model is read
         check_export_weights(path, config.use_ema)
     evaluator = Evaluator(config, done_rows(config))
+    if evaluator.rank == 0:
+        rewrite_csv(config.output_dir)
     logger = WandbTable(config) if config.wandb.enabled and evaluator.rank == 0 else None
     rows: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # the new rows of the checkpoint being evaluated

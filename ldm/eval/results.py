@@ -67,7 +67,15 @@ def append_results(output_dir: str | Path, rows: Sequence[dict[str, Any]]) -> No
             f.write(json.dumps(row, sort_keys=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    write_csv(read_results(output_dir), output_dir / CSV_NAME)
+    rewrite_csv(output_dir)
+
+
+def rewrite_csv(output_dir: str | Path) -> None:
+    """Rewrite results.csv from results.jsonl, when there is one (also at a sweep's start: a run killed between its
+    last append and the rewrite left the CSV a row short)."""
+    rows = read_results(output_dir)
+    if rows:
+        write_csv(rows, Path(output_dir) / CSV_NAME)
 
 
 def _ends_with_newline(path: Path) -> bool:

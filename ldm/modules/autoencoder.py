@@ -328,7 +328,8 @@ class AutoencoderModule(L.LightningModule):
         }
         self.latent_stats.update(self._kept_scale() or {})
         self.log("val/latent_std", global_std.float(), rank_zero_only=True)
-        self._write_latent_stats()
+        if not self.trainer.fast_dev_run:  # a wiring check writes nothing into the run's checkpoints
+            self._write_latent_stats()
 
     def _kept_scale(self) -> dict[str, Any] | None:
         """A decoder-only fine-tune's latent scale: the pretrained encoder's latents stay, and so does its scale, as
