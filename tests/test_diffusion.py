@@ -80,9 +80,11 @@ def test_leading_spacing_never_steps_past_the_last_training_timestep():
     (diffusers' DDIMScheduler fails there with an IndexError), instead of silently taking 999 steps."""
     assert spaced_timesteps(999, 1000, "leading", steps_offset=1) == list(range(999, 0, -1))
     with pytest.raises(ConfigError, match=r"num_steps=1000 with timestep_spacing=leading and steps_offset=1 .*"
-                                          r"at most 999 steps"):
+                                          r"take e\.g\. 999 steps"):
         spaced_timesteps(1000, 1000, "leading", steps_offset=1)
-    with pytest.raises(ConfigError, match="model.val_num_steps=999 .* at most 998 steps"):
+    # (with offset 2 not every count below 998 fits, e.g. 500: the message gives one that does, and the rule)
+    with pytest.raises(ConfigError, match=r"model.val_num_steps=999 .* take e\.g\. 998 steps \(a count n fits where "
+                                          r"\(n - 1\) \* \(1000 // n\) \+ 2 < 1000\)"):
         NoiseSchedule(ScheduleConfig(timestep_spacing="leading", steps_offset=2)).check_num_steps(
             999, "model.val_num_steps")
     assert spaced_timesteps(1000, 1000, "leading") == list(range(999, -1, -1))
@@ -93,6 +95,13 @@ def test_zero_terminal_snr_with_leading_spacing_and_a_negative_offset_are_refuse
         ScheduleConfig(zero_terminal_snr=True, timestep_spacing="leading")
     with pytest.raises(ConfigError, match=r"steps_offset=-1 must lie in \[0, num_train_timesteps\)"):
         ScheduleConfig(timestep_spacing="leading", steps_offset=-1)  # t = -1 would mean both noise and data
+    # beta_start=0 (alpha_bar[0] = 1) ended DDIM in a bare ZeroDivisionError; beta_end >= 1 or start > end likewise
+    for start, end in ((0.0, 0.02), (0.001, 1.5), (0.02, 0.001)):
+        with pytest.raises(ConfigError, match=rf"beta_start={start} and beta_end={end} must satisfy 0 < beta_start "
+                                              r"<= beta_end < 1"):
+            ScheduleConfig(beta_schedule="linear", beta_start=start, beta_end=end)
+    with pytest.raises(ConfigError, match=r"num_train_timesteps=1000\.0 must be a whole number"):
+        ScheduleConfig(num_train_timesteps=1000.0)
 
 
 # ---------------------------------------------------------------- parameterizations and loss weights

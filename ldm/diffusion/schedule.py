@@ -64,8 +64,9 @@ def check_num_steps(num_steps: int, num_train_timesteps: int, key: str = "num_st
         most = max(n for n in range(1, num_steps)
                    if _leading_last(n, num_train_timesteps, steps_offset) < num_train_timesteps)
         raise ConfigError(f"{key}={num_steps} with timestep_spacing=leading and steps_offset={steps_offset} steps past "
-                          f"the last training timestep ({num_train_timesteps - 1}): take at most {most} steps, or "
-                          f"timestep_spacing=trailing")
+                          f"the last training timestep ({num_train_timesteps - 1}): take e.g. {most} steps (a count "
+                          f"n fits where (n - 1) * ({num_train_timesteps} // n) + {steps_offset} < "
+                          f"{num_train_timesteps}), or timestep_spacing=trailing")
 
 
 def _leading_last(num_steps: int, num_train_timesteps: int, steps_offset: int) -> int:
@@ -111,8 +112,11 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        if self.num_train_timesteps < 2:
-            raise ConfigError(f"num_train_timesteps={self.num_train_timesteps} must be at least 2")
+        if not is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
+            raise ConfigError(f"num_train_timesteps={self.num_train_timesteps!r} must be a whole number, at least 2")
+        if self.beta_schedule != "cosine" and not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(f"beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy 0 < beta_start "
+                              f"<= beta_end < 1 (noise variances per step; Stable Diffusion: 0.00085 and 0.012)")
         if not 0 <= self.steps_offset < self.num_train_timesteps:
             raise ConfigError(f"steps_offset={self.steps_offset} must lie in [0, num_train_timesteps) (Stable "
                               f"Diffusion: 1)")
