@@ -2,7 +2,7 @@
 exit status 2 (a user's mistake) and no Python traceback; ldm-train says so before printing its config tree.
 
 The cases run two at a time in threads (each is a subprocess that mostly waits on imports, 2 to 10 s). The fast set
-keeps the reproductions of issue 16 for every CLI (13 cases, about 35 s on an idle 2-core machine); the other 57 are
+keeps the reproductions of issue 16 for every CLI (14 cases, about 40 s on an idle 2-core machine); the other 57 are
 marked slow (`make test-all`).
 """
 
@@ -74,6 +74,9 @@ CASES = [
                                                       "model.val_guidance_scale=-1"),
          ("val_guidance_scale=-1",), slow=True),
     Case("train-max-steps-abc", "ldm-train", (*TRAIN, "trainer.max_steps=abc"), ("trainer.max_steps='abc'",)),
+    Case("train-multirun-last-in-a-new-sweep", "ldm-train",  # the default hydra.sweep.dir is timestamped too: each
+         ("-m", *(a for a in TRAIN if not a.startswith("paths.")), "ckpt_path=last", "seed=1,2"),  # rerun started
+         ("ckpt_path=last resumes the run in hydra.sweep.dir", "hydra.sweep.dir=")),               # from scratch
     Case("train-logger-null", "ldm-train", (*(a for a in TRAIN if a != "logger=csv"), "logger=null"),  # a page of
          ("logger=null: logger is a config group", "'none'", "~logger")),                         # Hydra's traceback
     Case("train-unknown-trainer-key", "ldm-train", (*TRAIN, "trainer.max_stepz=3"), ("max_stepz",), slow=True),

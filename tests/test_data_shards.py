@@ -392,6 +392,10 @@ def test_folder_validation_is_a_random_draw_of_decodable_images(tmp_path: Path):
         assert len(summary["skipped"]) == 4
         captions = [sample["txt"].decode() for sample in read_split(out, "val")]
         assert len(set(captions[:4])) > 1, f"seed {seed}: the first val samples are one class's: {captions}"
+    with pytest.raises(ConfigError, match=r"val_samples=24 took all 24 images of input_dir=.* that could be read \(4 "
+                                          r"could not, e\.g\. .*leaving none for training: lower val_samples"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "all"),
+                       "val_samples": 24, "resolution": 16})
 
 
 def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path):

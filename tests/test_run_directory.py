@@ -163,7 +163,8 @@ def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thr
     assert len(list((out / "images").rglob("*.png"))) == 9  # 3 grids each: train at steps 1 and 2, val at step 2
     written = {path: path.read_bytes() for path in [out / "config.yaml", *sorted((out / "export").iterdir()),
                                                     *sorted((out / "checkpoints").iterdir()),
-                                                    *sorted((out / "images").rglob("*.png"))]}
+                                                    *sorted((out / "images").rglob("*.png")),
+                                                    *sorted((out / "csv").iterdir())]}
 
     train(compose_train([*base, "debug=fast_dev_run", "trainer.max_steps=4"]))
     train(compose_train([*base, "model.lr=5e-4"]))  # at max_steps already: nothing to train
@@ -171,6 +172,9 @@ def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thr
     assert sorted((out / "checkpoints").iterdir()) == [p for p in written if p.parent.name == "checkpoints"]
     assert sorted((out / "images").rglob("*.png")) == [p for p in written if p.suffix == ".png"]
 
+    with pytest.raises(ConfigError, match=r"debug=fast_dev_run .* ckpt_path=last would restore a run past that "
+                                          r"batch and check nothing"):
+        train(compose_train([*base, "debug=fast_dev_run", "ckpt_path=last"]))
     with pytest.raises(ConfigError, match=r"checkpoints holds the checkpoints of an earlier run \(newest: "
                                           r"last\.ckpt\); a fresh start there would mix"):
         train(compose_train([*base, "auto_resume=false"]))

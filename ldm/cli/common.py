@@ -293,6 +293,9 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_USER_ERROR)
         try:
             return hydra_main(*args, **kwargs)
+        except KeyboardInterrupt:  # before the task (Hydra composing the config): nothing was done yet
+            print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGINT)
         except SystemExit as exit_:
             if exit_.code == EXIT_FAILURE and not _task_started:
                 sys.exit(EXIT_USER_ERROR)

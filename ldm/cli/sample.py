@@ -220,7 +220,9 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
 @cli_entry
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    run_cli("ldm-sample", lambda: sample(cfg))
+    run_cli("ldm-sample", lambda: sample(cfg), kept="the finished batches' images are in output_dir, without "
+                                                      "grid.png and sample.json; the same command with "
+                                                      "overwrite=true starts again")
 
 
 if __name__ == "__main__":

@@ -502,11 +502,18 @@ def check_config(cfg: DictConfig) -> None:
     check_nodes(cfg, ("data", "model"))
     check_components(cfg)
     stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
-    if cfg.get("ckpt_path") == "last" and "${now:" in str(stated) and not is_multirun():  # the default: a new
-        # directory every run (a multirun job runs in hydra.sweep.dir/N, which ckpt_path=last resumes)
-        raise configs.ConfigError(f"ckpt_path=last resumes the run in paths.output_dir, but that is a new "
-                                  f"timestamped directory ({cfg.paths.output_dir}); set paths.output_dir to the "
-                                  f"run to resume (e.g. paths.output_dir=runs/{cfg.get('task_name')}/<date>)")
+    if is_multirun():  # each job runs in hydra.sweep.dir/N
+        stated = OmegaConf.to_container(HydraConfig.get().sweep, resolve=False).get("dir")
+    if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
+        key = "hydra.sweep.dir" if is_multirun() else "paths.output_dir"
+        where = Path(HydraConfig.get().runtime.output_dir).parent if is_multirun() else cfg.paths.output_dir
+        raise configs.ConfigError(f"ckpt_path=last resumes the run in {key}, but that is a new timestamped "
+                                  f"directory ({where}); set {key} to the run to resume (e.g. "
+                                  f"{key}=runs/{cfg.get('task_name')}/{'multirun/' if is_multirun() else ''}<date>)")
+    if cfg.trainer.get("fast_dev_run") and cfg.get("ckpt_path") is not None:
+        raise configs.ConfigError(f"debug=fast_dev_run (trainer.fast_dev_run) checks the wiring on one batch of "
+                                  f"fresh weights; ckpt_path={cfg.ckpt_path} would restore a run past that batch and "
+                                  f"check nothing: leave ckpt_path out")
     if cfg.get("ckpt_path") not in (None, "last"):
         try:
             path = Path(resolve_ckpt_path(cfg.ckpt_path, Path()))  # must exist
@@ -582,10 +589,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             module.check_resume(checkpoint)
         if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
             check_same_job(checkpoint, ckpt_path, built)  # found in the job's checkpoints (auto_resume, last)
-    if ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1):
+    finished = ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1)
+    if finished:
         rank_zero_info(f"{ckpt_path} is at step {checkpoint['global_step']}, trainer.max_steps="
-                       f"{cfg.trainer.max_steps}: nothing is left to train, and config.yaml stays as the run wrote "
-                       f"it (raise trainer.max_steps to train on)")
+                       f"{cfg.trainer.max_steps}: nothing is left to train, and config.yaml and the logs stay as "
+                       f"the run wrote them (raise trainer.max_steps to train on)")
     elif not dev_run:
         save_config(built, output_dir)
     apply_module_switches(module, cfg)
@@ -595,7 +603,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             val_shards = (resolved.get("data") or {}).get("val_shards")  # absolute: ldm-eval may run elsewhere
             callback.run_info = {"ldm_version": __version__, "config": resolved,
                                  "val_shards": val_shards and absolute_spec(val_shards)}
-    loggers = instantiate_loggers(cfg.get("logger"))
+    # a wiring check logs into no run; a finished one logs nothing more (its hyperparameters stay as they were)
+    loggers = [] if dev_run or finished else instantiate_loggers(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     check_launch(trainer)
     for logger in loggers:

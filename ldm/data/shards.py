@@ -510,8 +510,13 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
         written = write_shapes(cfg, staging) if plan is None else write_folder(cfg, plan, staging)
         if plan is not None and not written["splits"]["train"]["count"]:
             reasons = [f"{entry['path']}: {entry['reason']}" for entry in written.get("skipped", [])[:3]]
-            raise ConfigError(f"no training image of input_dir={cfg.input_dir} could be read (e.g. {reasons}); nothing "
-                              f"was written" + (", and the shards there were left as they were" if existing else ""))
+            val = written["splits"]["val"]["count"]
+            what = (f"val_samples={cfg.val_samples} took all {val} images of input_dir={cfg.input_dir} that could be "
+                    f"read ({len(written['skipped'])} could not, e.g. {reasons}), leaving none for training: lower "
+                    f"val_samples" if val else
+                    f"no training image of input_dir={cfg.input_dir} could be read (e.g. {reasons})")
+            raise ConfigError(what + "; nothing was written" +
+                              (", and the shards there were left as they were" if existing else ""))
         for name in existing:
             (output_dir / name).unlink()
         (output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # it described the shards just removed
