@@ -30,7 +30,8 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu tests/test_gpu.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ldm tests
+	$(VENV)/bin/ruff check ldm tests benchmarks
 
+# Caches and build output only: runs/ (checkpoints, exports) and data/ are the user's to delete.
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf .pytest_cache .ruff_cache build ./*.egg-info

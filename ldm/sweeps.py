@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -32,6 +31,7 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from ldm.cli.common import EXIT_USER_ERROR
+from ldm.cli.train import SEARCHED_ENV
 
 
 def refuse(message: str) -> NoReturn:
@@ -72,18 +72,6 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
         values[key.lstrip("+")] = parsed
     return values
 
-
-# The search space's keys, which `CheckOptunaSweep` hands to the jobs (in-process or launched, they inherit it).
-SEARCHED_ENV = "LDM_SWEEP_SEARCHED"
-
-
-def names_searched_key(message: str) -> bool:
-    """Whether an error `message` names a key of this sweep's search space: in full (`model.lr=`), or by its last part
-    with a value (`head_dim=12` for model.unet.head_dim): a point of the space that the model refuses, whose trial
-    fails alone."""
-    keys = json.loads(os.environ.get(SEARCHED_ENV) or "[]")
-    return any(re.search(rf"(?<![\w.]){re.escape(name)}=", message)
-               for key in keys for name in (key, key.rsplit(".", 1)[-1]))
 
 
 class CheckOptunaSweep(Callback):

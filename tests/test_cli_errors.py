@@ -2,7 +2,7 @@
 exit status 2 (a user's mistake) and no Python traceback; ldm-train says so before printing its config tree.
 
 The cases run two at a time in threads (each is a subprocess that mostly waits on imports, 2 to 10 s). The fast set
-keeps the reproductions of issue 16 for every CLI (14 cases, about 40 s on an idle 2-core machine); the other 57 are
+keeps the reproductions of issue 16 for every CLI (14 cases, about 40 s on an idle 2-core machine); the other 58 are
 marked slow (`make test-all`).
 """
 
@@ -123,6 +123,8 @@ CASES = [
     Case("train-last-in-a-new-directory", "ldm-train",  # the default paths.output_dir is a new timestamped directory
          (*(a for a in TRAIN if not a.startswith("paths.")), "ckpt_path=last"), ("ckpt_path=last", "paths.output_dir")),
     # ldm-sample
+    Case("sample-logger-null", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "logger=null"),  # ldm-train's group
+         ("logger=null: ldm-sample has no key logger",), slow=True),
     Case("sample-negative-guidance", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "guidance_scale=-3"),
          ("guidance_scale=-3",)),
     Case("sample-bad-sampler", "ldm-sample", (*SAMPLE, "ckpt_path={corrupt}", "sampler=foo"),

@@ -262,6 +262,24 @@ def test_misspelt_added_model_key_is_named_before_training(shapes_shards, tmp_pa
     cfg = compose_train(tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1) + ["+model.lrr=1e-4"])
     with pytest.raises(configs.ConfigError, match=r"model\.lrr"):
         train(cfg)
+    # top-level keys were not checked: `+seeed=3` trained with seed 42, and `+unet=small` (what Hydra's own message
+    # suggests for `unet=small`) added a node nothing reads
+    base = tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1)
+    with pytest.raises(configs.ConfigError, match=r"seeed: ldm-train reads no top-level key 'seeed' .*did you mean "
+                                                  r"seed\?"):
+        train(compose_train([*base, "+seeed=3"]))
+    with pytest.raises(configs.ConfigError, match=r"unet: .*model\.unet is where it acts \(its config group: "
+                                                  r"unet@model\.unet=OPTION\)"):
+        train(compose_train([*base, "experiment=quickstart_ldm", "+unet=small"]))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("experiment", [None, *sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))])
+def test_the_top_level_keys_are_those_ldm_train_checks(experiment):
+    from ldm.cli.train import TOP_LEVEL_KEYS
+
+    cfg = compose_train([] if experiment is None else [f"experiment={experiment}"])
+    assert sorted(cfg) == sorted(TOP_LEVEL_KEYS)
 
 
 def test_train_checks_the_config_as_the_command_does(shapes_shards, tmp_path):
@@ -371,3 +389,15 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
     assert [type(x).__name__ for x in instantiate_loggers(wandb)] == ["WandbLogger"]
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert instantiate_loggers(wandb) == []
+
+
+def test_a_failed_run_is_reported_without_the_sweep_extra(tmp_path):
+    """optuna is in the `[sweep]` extra only, yet every failed ldm-train imported it to judge the failure: without it
+    any mistake read "No module named 'optuna'" (exit status 1), and a grid sweep stopped at its first failed job."""
+    code = ("import sys; sys.modules['optuna'] = None; from ldm.cli.train import main; "  # None: `import optuna` fails
+            f"sys.argv = ['ldm-train', 'experiment=quickstart_vae', 'paths.output_dir={tmp_path / 'run'}', "
+            f"'data.train_shards={tmp_path}/nowhere/train-*.tar', 'logger=csv']; main()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "data.train_shards=" in result.stderr and "optuna" not in result.stderr

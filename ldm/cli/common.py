@@ -14,6 +14,7 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -262,17 +263,31 @@ def run_cli(name: str, task: Callable[[], T], kept: str = "") -> T:
 HYDRA_FLAG_REFUSAL = "Only one of --run, --multirun"  # how Hydra's message for flags it cannot combine starts
 
 
-def null_group_override(args: list[str]) -> str | None:
+def config_groups(config_name: str) -> list[str]:
+    """The config groups in the defaults list of `conf/<config_name>.yaml` (ldm-train's: model, trainer, logger, ...;
+    the other commands have none)."""
+    path = Path(CONF_DIR, f"{config_name}.yaml")
+    defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []) if path.is_file() else []
+    return [key for entry in defaults if isinstance(entry, dict) for key in entry
+            if not key.startswith(("override ", "/")) and "@" not in key]
+
+
+def null_group_override(args: list[str], command: str) -> str | None:
     """The refusal of a `GROUP=null` override (`logger=null`, as `callbacks.progress=null` nulls a key), which Hydra
-    answers with a page of traceback: a config group takes one of its options, or `~GROUP` drops it."""
+    answers with a page of traceback, for any folder of conf/ (Hydra takes each for a group, whatever the command): a
+    group of the command's config (`conf/<command>.yaml`) takes one of its options, or `~GROUP` drops it; the other
+    commands have no such key."""
+    groups = config_groups(command)
     for arg in args:
         group, _, value = arg.lstrip("+").partition("=")
-        options = Path(CONF_DIR, group)
-        if value == "null" and "/" not in group and options.is_dir() and group != "hydra":
-            names = sorted(f.stem for f in options.glob("*.yaml"))
-            none = " (none: without one)" if "none" in names else ""
-            return (f"{arg}: {group} is a config group: choose one of its options {names}{none}, or leave it out "
-                    f"with ~{group}")
+        if value != "null" or "/" in group or group == "hydra" or not Path(CONF_DIR, group).is_dir():
+            continue
+        if group not in groups:
+            return f"{arg}: ldm-{command} has no key {group} ({group} is a config group of ldm-train)"
+        names = sorted(f.stem for f in Path(CONF_DIR, group).glob("*.yaml"))
+        none = " (none: without one)" if "none" in names else ""
+        return (f"{arg}: {group} is a config group: choose one of its options {names}{none}, or leave it out "
+                f"with ~{group}")
     return None
 
 
@@ -287,7 +302,8 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                   f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
                   f"conf/", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        refused = null_group_override(sys.argv[1:])
+        command = Path(inspect.getfile(inspect.unwrap(hydra_main))).stem  # ldm/cli/train.py: conf/train.yaml
+        refused = null_group_override(sys.argv[1:], command)
         if refused is not None:
             print(f"{Path(sys.argv[0]).name}: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)

@@ -18,10 +18,12 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import json
 import logging
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import traceback
@@ -112,6 +114,27 @@ REFUSED_CALLBACKS = {
     LearningRateFinder: "set model.lr (the rate lives in the model's config; search it with a sweep, "
                         "hparams_search=ldm_optuna)",
 }
+
+
+# The top-level keys of conf/train.yaml composed (with any experiment; tests/test_train_cli.py checks it).
+TOP_LEVEL_KEYS = ("task_name", "run_name", "tags", "seed", "ckpt_path", "auto_resume", "optimized_metric", "compile",
+                  "tf32", "channels_last", "paths", "data", "model", "trainer", "callbacks", "logger")
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """Refuse a top-level key that ldm-train does not read (`+seeed=3`, or `+unet=small`, which Hydra's own message
+    suggests for a group of the model's: both ran, acting on nothing)."""
+    unknown = [key for key in cfg if key not in TOP_LEVEL_KEYS]
+    if not unknown:
+        return
+    key = str(unknown[0])
+    if key in (cfg.get("model") or {}):
+        hint = f"model.{key} is where it acts (its config group: {key}@model.{key}=OPTION)"
+    else:
+        close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"its keys are {list(TOP_LEVEL_KEYS)}"
+    raise configs.ConfigError(f"{key}: ldm-train reads no top-level key {key!r} (added with +{key}), so it would act "
+                              f"on nothing; {hint}")
 
 
 def check_components(cfg: DictConfig) -> None:
@@ -281,6 +304,20 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     raise configs.ConfigError(f"ckpt_path={ckpt_path} does not fit the model this config builds ({found}). "
                               + (f"Its run's model config differs in {differing[:5]}. " if differing else "")
                               + advice)
+
+
+# The Optuna search space's keys, which `ldm.sweeps.CheckOptunaSweep` hands to the jobs (in-process or launched, they
+# inherit it); here, not in ldm.sweeps: a job's failure is judged without optuna, an optional package.
+SEARCHED_ENV = "LDM_SWEEP_SEARCHED"
+
+
+def names_searched_key(message: str) -> bool:
+    """Whether an error `message` names a key of this sweep's search space: in full (`model.lr=`), or by its last part
+    with a value (`head_dim=12` for model.unet.head_dim): a point of the space that the model refuses, whose trial
+    fails alone."""
+    keys = json.loads(os.environ.get(SEARCHED_ENV) or "[]")
+    return any(re.search(rf"(?<![\w.]){re.escape(name)}=", message)
+               for key in keys for name in (key, key.rsplit(".", 1)[-1]))
 
 
 # A stop signal that came at the end of a multirun job, which finished: the next job of the sweep ends it.
@@ -497,6 +534,7 @@ def check_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if not configs.is_int(seed) or not 0 <= seed < 2**32:
         raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
+    check_top_level_keys(cfg)
     check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")),
                   bool(cfg.get("channels_last")))
     check_nodes(cfg, ("data", "model"))
@@ -675,8 +713,6 @@ def main(cfg: DictConfig) -> float | None:
         try:
             metrics = train(cfg)
         except Exception as err:
-            from ldm.sweeps import names_searched_key  # (optuna: imported on a failure only)
-
             refused = config_error_in(err)
             if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0
                                      and not names_searched_key(str(refused))):
