@@ -198,7 +198,9 @@ def test_lightning_messages_and_warnings_reach_the_run_log(tmp_path, monkeypatch
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            with lightning_into_run_log():
+            with lightning_into_run_log(tmp_path / "elsewhere"):  # another run's log: left alone
+                rank_zero_info("a message of another run")
+            with lightning_into_run_log(tmp_path):
                 rank_zero_info("auto_resume: resuming from somewhere")
                 warnings.warn("a warning of the run", UserWarning, stacklevel=1)
             rank_zero_info("after the run")
@@ -208,4 +210,4 @@ def test_lightning_messages_and_warnings_reach_the_run_log(tmp_path, monkeypatch
         handler.close()
     text = (tmp_path / "train.log").read_text()
     assert "auto_resume: resuming from somewhere" in text and "UserWarning: a warning of the run" in text
-    assert "after the run" not in text
+    assert "after the run" not in text and "another run" not in text

@@ -573,19 +573,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_config(cfg)
     output_dir = resolve_output_dir(cfg)
-    with run_lock(output_dir) as lock, lightning_into_run_log():
+    with run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
         if lock is not None:
             remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
         return _train(cfg, output_dir)
 
 
 @contextlib.contextmanager
-def lightning_into_run_log() -> Iterator[None]:
+def lightning_into_run_log(output_dir: Path) -> Iterator[None]:
     """Lightning's messages (resumed from, stopped and saved at, exported to: `rank_zero_info`) and every warning go
-    to the run's log file (train.log) too, not only to the terminal: Lightning's logger keeps a terminal handler of
-    its own and does not pass records on to the root logger, whose file handler Hydra set up; warnings are printed
-    by `warnings`, not logged. Without a file handler (a call from Python) nothing changes."""
-    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    to the run's log file (train.log, in `output_dir`) too, not only to the terminal: Lightning's logger keeps a
+    terminal handler of its own and does not pass records on to the root logger, whose file handler Hydra set up;
+    warnings are printed by `warnings`, not logged. Without a file handler of the root logger in `output_dir` (a call
+    from Python; one left by an earlier job of the process is another run's) nothing changes."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)
+             and Path(h.baseFilename).parent == output_dir]
     lightning = logging.getLogger("lightning.pytorch")
     added = [] if lightning.propagate else [h for h in files if h not in lightning.handlers]
     for handler in added:
