@@ -154,7 +154,8 @@ def test_csv_logger_widens_its_header_for_new_metrics(tmp_path):
 def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thread):
     """A wiring check (debug=fast_dev_run) in a run's directory resumed it, trained nothing and wrote a config.yaml
     and an export over the run's; a fresh start there (auto_resume=false, which a refusal suggested) mixed two runs'
-    checkpoints and logs; rerunning a finished run with another value trained nothing yet rewrote config.yaml."""
+    checkpoints and logs; rerunning a finished run with another value trained nothing yet rewrote config.yaml and the
+    export."""
     out = tmp_path / "run"
     base = tiny_overrides(shapes_shards, out, max_steps=2, every=2) + AUTOENCODER + [
         "+callbacks.image_logger._target_=ldm.callbacks.image_logger.ImageLogger",
@@ -166,9 +167,12 @@ def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thr
                                                     *sorted((out / "images").rglob("*.png")),
                                                     *sorted((out / "csv").iterdir())]}
 
+    stamps = {path: path.stat().st_mtime_ns for path in written}
     train(compose_train([*base, "debug=fast_dev_run", "trainer.max_steps=4"]))
-    train(compose_train([*base, "model.lr=5e-4"]))  # at max_steps already: nothing to train
+    assert train(compose_train([*base, "model.lr=5e-4"])) == {}  # at max_steps already: nothing to train
     assert {path: path.read_bytes() for path in written} == written
+    assert {path: path.stat().st_mtime_ns for path in written} == stamps  # not even written again (an export
+    # written again under the command's settings, another prediction type say, no longer matched its weights)
     assert sorted((out / "checkpoints").iterdir()) == [p for p in written if p.parent.name == "checkpoints"]
     assert sorted((out / "images").rglob("*.png")) == [p for p in written if p.suffix == ".png"]
 

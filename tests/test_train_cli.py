@@ -268,9 +268,11 @@ def test_misspelt_added_model_key_is_named_before_training(shapes_shards, tmp_pa
     with pytest.raises(configs.ConfigError, match=r"seeed: ldm-train reads no top-level key 'seeed' .*did you mean "
                                                   r"seed\?"):
         train(compose_train([*base, "+seeed=3"]))
-    with pytest.raises(configs.ConfigError, match=r"unet: .*model\.unet is where it acts \(its config group: "
-                                                  r"unet@model\.unet=OPTION\)"):
+    with pytest.raises(configs.ConfigError, match=r"unet: .*model\.unet is where it acts: unet@model\.unet=OPTION "
+                                                  r"\(a config group\)"):
         train(compose_train([*base, "experiment=quickstart_ldm", "+unet=small"]))
+    with pytest.raises(configs.ConfigError, match=r"lr: .*model\.lr is where it acts: model\.lr=VALUE$"):
+        train(compose_train([*base, "+lr=1e-3"]))
     assert not (tmp_path / "run").exists()
 
 

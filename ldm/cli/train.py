@@ -35,6 +35,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -129,7 +130,9 @@ def check_top_level_keys(cfg: DictConfig) -> None:
         return
     key = str(unknown[0])
     if key in (cfg.get("model") or {}):
-        hint = f"model.{key} is where it acts (its config group: {key}@model.{key}=OPTION)"
+        group = key in ConfigStore.instance().repo  # a stored group of named values (unet: sizes)
+        hint = f"model.{key} is where it acts: " + (f"{key}@model.{key}=OPTION (a config group)" if group else
+                                                    f"model.{key}=VALUE")
     else:
         close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
         hint = f"did you mean {close[0]}?" if close else f"its keys are {list(TOP_LEVEL_KEYS)}"
@@ -323,8 +326,11 @@ def names_searched_key(message: str) -> bool:
 # A stop signal that came at the end of a multirun job, which finished: the next job of the sweep ends it.
 SWEEP_STOP: list[signal.Signals] = []
 
-# Keys a resumed run may change from the command line (a longer schedule); check_same_job does not compare them.
-RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "ckpt_path", "auto_resume")
+# Keys a resumed run may change from the command line (a longer schedule; what is reported and logged, not what is
+# trained); check_same_job does not compare them, nor keys under the `RESUME_MAY_CHANGE_UNDER` nodes.
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "ckpt_path", "auto_resume",
+                     "optimized_metric", "trainer.log_every_n_steps", "trainer.enable_progress_bar")
+RESUME_MAY_CHANGE_UNDER = ("logger.", "callbacks.progress.")
 
 
 def check_same_job(checkpoint: dict[str, Any], ckpt_path: str, cfg: DictConfig) -> None:
@@ -339,7 +345,7 @@ def check_same_job(checkpoint: dict[str, Any], ckpt_path: str, cfg: DictConfig) 
     differing = []
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
-        if "=" not in override or key.startswith("hydra.") or key in RESUME_MAY_CHANGE:
+        if "=" not in override or key.startswith(("hydra.", *RESUME_MAY_CHANGE_UNDER)) or key in RESUME_MAY_CHANGE:
             continue
         here, there = OmegaConf.select(cfg, key), OmegaConf.select(written, key)
         if isinstance(here, DictConfig) or isinstance(there, DictConfig):
@@ -629,12 +635,16 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             module.check_resume(checkpoint)
         if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
             check_same_job(checkpoint, ckpt_path, built)  # found in the job's checkpoints (auto_resume, last)
-    finished = ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1)
-    if finished:
+    if ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1):
+        # note: a fit would restore, train nothing and write the export again under this command's settings (another
+        # prediction type, say), which the weights were not trained with
+        export = "the export" if (output_dir / "export").is_dir() else \
+            "no export (the checkpoint serves ldm-sample, ldm-eval, ldm-export and model.autoencoder_path alike)"
         rank_zero_info(f"{ckpt_path} is at step {checkpoint['global_step']}, trainer.max_steps="
-                       f"{cfg.trainer.max_steps}: nothing is left to train, and config.yaml and the logs stay as "
-                       f"the run wrote them (raise trainer.max_steps to train on)")
-    elif not dev_run:
+                       f"{cfg.trainer.max_steps}: nothing is left to train; config.yaml, the logs and {export} stay "
+                       f"as the run left them (raise trainer.max_steps to train on)")
+        return {}
+    if not dev_run:
         save_config(built, output_dir)
     apply_module_switches(module, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -643,8 +653,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             val_shards = (resolved.get("data") or {}).get("val_shards")  # absolute: ldm-eval may run elsewhere
             callback.run_info = {"ldm_version": __version__, "config": resolved,
                                  "val_shards": val_shards and absolute_spec(val_shards)}
-    # a wiring check logs into no run; a finished one logs nothing more (its hyperparameters stay as they were)
-    loggers = [] if dev_run or finished else instantiate_loggers(cfg.get("logger"))
+    loggers = [] if dev_run else instantiate_loggers(cfg.get("logger"))  # a wiring check logs into no run
     trainer = build_trainer(cfg, callbacks, loggers)
     check_launch(trainer)
     for logger in loggers:
@@ -726,9 +735,9 @@ def main(cfg: DictConfig) -> float | None:
             return None
         if not metric_name:
             return None
-        if not metrics and is_multirun():  # a job that resumed a finished run: nothing trained, nothing logged
-            print(f"the job resumed a finished run and logged nothing: no {metric_name} to report (its earlier log "
-                  f"holds it)")
+        if not metrics:  # a finished run, resumed: nothing trained, nothing logged
+            print(f"the {'job' if is_multirun() else 'command'} resumed a finished run and logged nothing: no "
+                  f"{metric_name} to report (its earlier log holds it)")
             return None
         if metric_name not in metrics:
             raise configs.ConfigError(f"optimized_metric={metric_name!r} was not logged; logged metrics: "
