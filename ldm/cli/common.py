@@ -295,22 +295,24 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
     group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
 
+    command = Path(inspect.getfile(inspect.unwrap(hydra_main))).stem  # ldm/cli/train.py: conf/train.yaml
+    name = f"ldm-{command}"  # (also under `python -m ldm.cli.train`, as the sbatch scripts run it)
+
     @functools.wraps(hydra_main)
     def entry(*args: Any, **kwargs: Any) -> Any:
         if not Path(CONF_DIR, "train.yaml").is_file():  # e.g. a wheel or `pip install .`, which leave conf/ behind
-            print(f"{Path(sys.argv[0]).name}: error: no configs at {CONF_DIR}: install ldm from a clone of its "
+            print(f"{name}: error: no configs at {CONF_DIR}: install ldm from a clone of its "
                   f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
                   f"conf/", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        command = Path(inspect.getfile(inspect.unwrap(hydra_main))).stem  # ldm/cli/train.py: conf/train.yaml
         refused = null_group_override(sys.argv[1:], command)
         if refused is not None:
-            print(f"{Path(sys.argv[0]).name}: error: {refused}", file=sys.stderr, flush=True)
+            print(f"{name}: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
         try:
             return hydra_main(*args, **kwargs)
         except KeyboardInterrupt:  # before the task (Hydra composing the config): nothing was done yet
-            print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr, flush=True)
+            print(f"{name}: interrupted", file=sys.stderr, flush=True)
             sys.exit(128 + signal.SIGINT)
         except SystemExit as exit_:
             if exit_.code == EXIT_FAILURE and not _task_started:
@@ -325,7 +327,7 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             if os.environ.get(TRACEBACK_ENV) == "1":
                 traceback.print_exc()
-            print(f"{Path(sys.argv[0]).name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
+            print(f"{name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return entry
