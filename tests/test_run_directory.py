@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -173,6 +174,10 @@ def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thr
     assert {path: path.read_bytes() for path in written} == written
     assert {path: path.stat().st_mtime_ns for path in written} == stamps  # not even written again (an export
     # written again under the command's settings, another prediction type say, no longer matched its weights)
+    exported = {path: path.read_bytes() for path in written if path.parent.name == "export"}
+    shutil.rmtree(out / "export")  # (a run killed after its last checkpoint, before its export): written again
+    train(compose_train(base))
+    assert {path: path.read_bytes() for path in exported} == exported
     assert sorted((out / "checkpoints").iterdir()) == [p for p in written if p.parent.name == "checkpoints"]
     assert sorted((out / "images").rglob("*.png")) == [p for p in written if p.suffix == ".png"]
 
@@ -204,7 +209,7 @@ def test_lightning_messages_and_warnings_reach_the_run_log(tmp_path, monkeypatch
             warnings.simplefilter("always")
             with lightning_into_run_log(tmp_path / "elsewhere"):  # another run's log: left alone
                 rank_zero_info("a message of another run")
-            with lightning_into_run_log(tmp_path):
+            with lightning_into_run_log(tmp_path / "sub" / ".."):  # the same folder, spelt with `..`
                 rank_zero_info("auto_resume: resuming from somewhere")
                 warnings.warn("a warning of the run", UserWarning, stacklevel=1)
             rank_zero_info("after the run")

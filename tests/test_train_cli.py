@@ -268,11 +268,12 @@ def test_misspelt_added_model_key_is_named_before_training(shapes_shards, tmp_pa
     with pytest.raises(configs.ConfigError, match=r"seeed: ldm-train reads no top-level key 'seeed' .*did you mean "
                                                   r"seed\?"):
         train(compose_train([*base, "+seeed=3"]))
-    with pytest.raises(configs.ConfigError, match=r"unet: .*model\.unet is where it acts: unet@model\.unet=OPTION "
-                                                  r"\(a config group\)"):
-        train(compose_train([*base, "experiment=quickstart_ldm", "+unet=small"]))
-    with pytest.raises(configs.ConfigError, match=r"lr: .*model\.lr is where it acts: model\.lr=VALUE$"):
-        train(compose_train([*base, "+lr=1e-3"]))
+    for added, fix in (("+unet=small", r"unet@model\.unet=OPTION \(a config group\)"),  # (the CLI names small)
+                       ("+unet.model_channels=32", r"model\.unet\.model_channels=32"),
+                       ("+lr=1e-3", r"model\.lr=0\.001"),
+                       ("+diffusion.prediction=eps", r"model\.diffusion\.prediction=eps")):
+        with pytest.raises(configs.ConfigError, match=rf"no top-level key .* model\.\w+ is where it acts: {fix}$"):
+            train(compose_train([*base, "experiment=quickstart_ldm", added]))
     assert not (tmp_path / "run").exists()
 
 

@@ -73,10 +73,16 @@ def stopped_without_export(trainer: L.Trainer) -> bool:
     """True when the run ends without its export: the NaN guard halted it (the export would replace the one an earlier
     segment finished with the weights of a diverged run), or a signal stopped it before its last step (a part-trained
     model looks finished in an export, and writing it costs the grace time; the resumed run exports at its end), or
-    the run was `fast_dev_run`'s wiring check (a batch or two). A module's `on_fit_end` then leaves `<run>/export`
-    as it was."""
+    the run was `fast_dev_run`'s wiring check (a batch or two), or the fit trained no batch (a finished run resumed:
+    its export, written again under this command's settings, another prediction type say, would no longer match the
+    weights; without one, it is written). A module's `on_fit_end` then leaves `<run>/export` as it was."""
     if trainer.fast_dev_run:
         rank_zero_info("fast_dev_run: no export (a wiring check, not a trained model)")
+        return True
+    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpoint)), None)
+    export = Path(trainer.default_root_dir) / "export"
+    if checkpoint is not None and not checkpoint.trained_in_fit and export.is_dir():
+        rank_zero_info(f"this fit trained no step (the run it resumed had ended): {export} stays as the run wrote it")
         return True
     if run_halted(trainer):
         rank_zero_warn(f"the run was halted at step {trainer.global_step}: {trainer.default_root_dir}/export is left "
@@ -181,6 +187,7 @@ class Checkpoint(StepBoundary, CheckpointBase):
         self._validated = False  # a validation asked for a checkpoint, due at the next optimizer step
         self._stop_held = False  # a callback's stop, asked for inside an accumulation group, due at the step's end
         self._last_step = -1  # global step of the newest last.ckpt this process wrote
+        self.trained_in_fit = False  # whether the current fit has trained a batch (`stopped_without_export`)
 
     # -- when -------------------------------------------------------------------------------------------------------
 
@@ -188,11 +195,13 @@ class Checkpoint(StepBoundary, CheckpointBase):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        self.trained_in_fit = False
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.trained_in_fit = True
         # note: counted before the batch's end, so a checkpoint written then by any callback (Lightning runs this
         # one after the others; ldm.slurm saves on a signal through it) includes its own step's batch
         self.samples_seen += extract_batch_size(batch) * trainer.world_size

@@ -263,20 +263,20 @@ def run_cli(name: str, task: Callable[[], T], kept: str = "") -> T:
 HYDRA_FLAG_REFUSAL = "Only one of --run, --multirun"  # how Hydra's message for flags it cannot combine starts
 
 
-def config_groups(config_name: str) -> list[str]:
-    """The config groups in the defaults list of `conf/<config_name>.yaml` (ldm-train's: model, trainer, logger, ...;
-    the other commands have none)."""
+def config_groups(config_name: str) -> dict[str, Any]:
+    """The config groups in the defaults list of `conf/<config_name>.yaml`, with their default options (ldm-train's:
+    model, trainer, logger, ...; None for optional ones such as debug; the other commands have none)."""
     path = Path(CONF_DIR, f"{config_name}.yaml")
     defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []) if path.is_file() else []
-    return [key for entry in defaults if isinstance(entry, dict) for key in entry
-            if not key.startswith(("override ", "/")) and "@" not in key]
+    return {key: value for entry in defaults if isinstance(entry, dict) for key, value in entry.items()
+            if not key.startswith(("override ", "/")) and "@" not in key}
 
 
 def null_group_override(args: list[str], command: str) -> str | None:
     """The refusal of a `GROUP=null` override (`logger=null`, as `callbacks.progress=null` nulls a key), which Hydra
     answers with a page of traceback, for any folder of conf/ (Hydra takes each for a group, whatever the command): a
-    group of the command's config (`conf/<command>.yaml`) takes one of its options, or `~GROUP` drops it; the other
-    commands have no such key."""
+    group of the command's config (`conf/<command>.yaml`) takes one of its options (`none` where it has one), and an
+    optional one (null by default) may be left out with `~GROUP`; the other commands have no such key."""
     groups = config_groups(command)
     for arg in args:
         group, _, value = arg.lstrip("+").partition("=")
@@ -284,10 +284,11 @@ def null_group_override(args: list[str], command: str) -> str | None:
             continue
         if group not in groups:
             return f"{arg}: ldm-{command} has no key {group} ({group} is a config group of ldm-train)"
-        names = sorted(f.stem for f in Path(CONF_DIR, group).glob("*.yaml"))
-        none = " (none: without one)" if "none" in names else ""
-        return (f"{arg}: {group} is a config group: choose one of its options {names}{none}, or leave it out "
-                f"with ~{group}")
+        folder = Path(CONF_DIR, group)
+        names = sorted(f.relative_to(folder).with_suffix("").as_posix() for f in folder.rglob("*.yaml"))
+        none = f" ({group}=none: without one)" if "none" in names else ""
+        optional = f", or leave it out with ~{group}" if groups[group] is None else ""
+        return f"{arg}: {group} is a config group: choose one of its options {names}{none}{optional}"
     return None
 
 

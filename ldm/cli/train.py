@@ -130,9 +130,16 @@ def check_top_level_keys(cfg: DictConfig) -> None:
         return
     key = str(unknown[0])
     if key in (cfg.get("model") or {}):
-        group = key in ConfigStore.instance().repo  # a stored group of named values (unet: sizes)
-        hint = f"model.{key} is where it acts: " + (f"{key}@model.{key}=OPTION (a config group)" if group else
-                                                    f"model.{key}=VALUE")
+        value = cfg[key]
+        leaves = flatten(OmegaConf.to_container(value), f"model.{key}") if isinstance(value, DictConfig) else {}
+        if key in ConfigStore.instance().repo and len(leaves) != 1:  # +unet=small: a group of named values
+            choice = HydraConfig.get().runtime.choices.get(key) if HydraConfig.initialized() else None
+            fix = f"{key}@model.{key}={choice or 'OPTION'} (a config group)"
+        elif leaves:  # +diffusion.prediction=eps
+            fix = ", ".join(f"{path}={leaf}" for path, leaf in leaves.items())
+        else:
+            fix = f"model.{key}={value}"
+        hint = f"model.{key} is where it acts: {fix}"
     else:
         close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
         hint = f"did you mean {close[0]}?" if close else f"its keys are {list(TOP_LEVEL_KEYS)}"
@@ -593,7 +600,7 @@ def lightning_into_run_log(output_dir: Path) -> Iterator[None]:
     warnings are printed by `warnings`, not logged. Without a file handler of the root logger in `output_dir` (a call
     from Python; one left by an earlier job of the process is another run's) nothing changes."""
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)
-             and Path(h.baseFilename).parent == output_dir]
+             and os.path.dirname(os.path.abspath(h.baseFilename)) == os.path.abspath(output_dir)]  # (`..` folded)
     lightning = logging.getLogger("lightning.pytorch")
     added = [] if lightning.propagate else [h for h in files if h not in lightning.handlers]
     for handler in added:
@@ -635,16 +642,12 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             module.check_resume(checkpoint)
         if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
             check_same_job(checkpoint, ckpt_path, built)  # found in the job's checkpoints (auto_resume, last)
-    if ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1):
-        # note: a fit would restore, train nothing and write the export again under this command's settings (another
-        # prediction type, say), which the weights were not trained with
-        export = "the export" if (output_dir / "export").is_dir() else \
-            "no export (the checkpoint serves ldm-sample, ldm-eval, ldm-export and model.autoencoder_path alike)"
+    finished = ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1)
+    if finished:  # (the fit trains nothing; the export stays too: `stopped_without_export`)
         rank_zero_info(f"{ckpt_path} is at step {checkpoint['global_step']}, trainer.max_steps="
-                       f"{cfg.trainer.max_steps}: nothing is left to train; config.yaml, the logs and {export} stay "
-                       f"as the run left them (raise trainer.max_steps to train on)")
-        return {}
-    if not dev_run:
+                       f"{cfg.trainer.max_steps}: nothing is left to train, and config.yaml and the logs stay as the "
+                       f"run wrote them (raise trainer.max_steps to train on)")
+    elif not dev_run:
         save_config(built, output_dir)
     apply_module_switches(module, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -653,7 +656,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             val_shards = (resolved.get("data") or {}).get("val_shards")  # absolute: ldm-eval may run elsewhere
             callback.run_info = {"ldm_version": __version__, "config": resolved,
                                  "val_shards": val_shards and absolute_spec(val_shards)}
-    loggers = [] if dev_run else instantiate_loggers(cfg.get("logger"))  # a wiring check logs into no run
+    # a wiring check logs into no run; a finished one logs nothing more (its hyperparameters stay as they were)
+    loggers = [] if dev_run or finished else instantiate_loggers(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     check_launch(trainer)
     for logger in loggers:
