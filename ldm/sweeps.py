@@ -73,7 +73,6 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
     study whose newest complete trial was run with other fixed settings (naming them, and

@@ -280,8 +280,8 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path, auto_resume: 
 
 
 def check_no_earlier_run(checkpoint_dir: Path) -> None:
-    """Refuse a fresh start (`auto_resume=false`, or a directory whose checkpoints the default did not take) where
-    another run's checkpoints are: its logs, checkpoints and export would be mixed with this run's."""
+    """Refuse a fresh start (`auto_resume=false`) where an earlier run's intact checkpoints are: its logs, checkpoints
+    and export would be mixed with this run's."""
     newest = newest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
     if newest is not None:
         raise configs.ConfigError(f"{checkpoint_dir} holds the checkpoints of an earlier run (newest: {newest.name}); "
