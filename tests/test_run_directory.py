@@ -220,3 +220,17 @@ def test_lightning_messages_and_warnings_reach_the_run_log(tmp_path, monkeypatch
     text = (tmp_path / "train.log").read_text()
     assert "auto_resume: resuming from somewhere" in text and "UserWarning: a warning of the run" in text
     assert "after the run" not in text and "another run" not in text
+
+
+def test_a_run_ended_by_max_epochs_and_resumed_trains_and_writes_nothing(shapes_shards, tmp_path,
+                                                                           single_torch_thread):
+    """Lightning runs the loop of a run resumed at the end of its max_epochs (it closes the restored epoch) without a
+    batch: last.ckpt and the export were written again under the new command's settings."""
+    out = tmp_path / "run"
+    base = [*tiny_overrides(shapes_shards, out, max_steps=-1, every=3), *AUTOENCODER, "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=3"]
+    train(compose_train(base))
+    kept = {path: path.read_bytes() for path in [*sorted((out / "checkpoints").iterdir()),
+                                                 *sorted((out / "export").iterdir())]}
+    train(compose_train([*base, "model.lr=5e-4"]))
+    assert {path: path.read_bytes() for path in kept} == kept

@@ -82,7 +82,8 @@ def stopped_without_export(trainer: L.Trainer) -> bool:
     checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpoint)), None)
     export = Path(trainer.default_root_dir) / "export"
     if checkpoint is not None and not checkpoint.trained_in_fit and export.is_dir():
-        rank_zero_info(f"this fit trained no step (the run it resumed had ended): {export} stays as the run wrote it")
+        rank_zero_info(f"this fit trained no step (it resumed at step {trainer.global_step}): {export} stays as the "
+                       f"earlier segment wrote it")
         return True
     if run_halted(trainer):
         rank_zero_warn(f"the run was halted at step {trainer.global_step}: {trainer.default_root_dir}/export is left "
@@ -253,8 +254,9 @@ class Checkpoint(StepBoundary, CheckpointBase):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A stop that none of the hooks above saw (`should_stop` set outside a step's end or a validation's): the
-        # run's final state still reaches last.ckpt.
-        if self.save_last and not self._last_is_current(trainer):
+        # run's final state still reaches last.ckpt. A fit that trained no batch (a run resumed at its end) has no new
+        # state, and would write the command's settings over those the weights were trained with.
+        if self.save_last and self.trained_in_fit and not self._last_is_current(trainer):
             self.save(trainer, periodic=False)
 
     def _last_is_current(self, trainer: L.Trainer) -> bool:
