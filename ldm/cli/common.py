@@ -277,11 +277,11 @@ def null_group_override(args: list[str], command: str) -> str | None:
     answers with a page of traceback, for any folder of conf/ (Hydra takes each for a group, whatever the command): a
     group of the command's config (`conf/<command>.yaml`) takes one of its options (`none` where it has one), and an
     optional one (null by default) may be left out with `~GROUP`; the other commands have no such key."""
-    groups = config_groups(command)
     for arg in args:
         group, _, value = arg.lstrip("+").partition("=")
         if value != "null" or "/" in group or group == "hydra" or not Path(CONF_DIR, group).is_dir():
             continue
+        groups = config_groups(command)  # (read only here: not at every command's start)
         if group not in groups:
             return f"{arg}: ldm-{command} has no key {group} ({group} is a config group of ldm-train)"
         folder = Path(CONF_DIR, group)

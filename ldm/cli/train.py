@@ -560,15 +560,16 @@ def check_config(cfg: DictConfig) -> None:
                   bool(cfg.get("channels_last")))
     check_nodes(cfg, ("data", "model"))
     check_components(cfg)
-    stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
     if is_multirun():  # each job runs in hydra.sweep.dir/N
+        key, parent, where = "hydra.sweep.dir", "multirun/", Path(HydraConfig.get().runtime.output_dir).parent
         stated = OmegaConf.to_container(HydraConfig.get().sweep, resolve=False).get("dir")
+    else:
+        key, parent, where = "paths.output_dir", "", cfg.paths.output_dir if "paths" in cfg else None
+        stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
     if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
-        key = "hydra.sweep.dir" if is_multirun() else "paths.output_dir"
-        where = Path(HydraConfig.get().runtime.output_dir).parent if is_multirun() else cfg.paths.output_dir
         raise configs.ConfigError(f"ckpt_path=last resumes the run in {key}, but that is a new timestamped "
                                   f"directory ({where}); set {key} to the run to resume (e.g. "
-                                  f"{key}=runs/{cfg.get('task_name')}/{'multirun/' if is_multirun() else ''}<date>)")
+                                  f"{key}=runs/{cfg.get('task_name')}/{parent}<date>)")
     if cfg.trainer.get("fast_dev_run") and cfg.get("ckpt_path") is not None:
         raise configs.ConfigError(f"debug=fast_dev_run (trainer.fast_dev_run) checks the wiring on one batch of "
                                   f"fresh weights; ckpt_path={cfg.ckpt_path} would restore a run past that batch and "
