@@ -140,6 +140,33 @@ def test_paused_work_is_neither_training_time_nor_data_wait(tmp_path: Path):
     assert callback.summary["seconds"] < 4 * 0.2, "the 0.8 s of paused work is not training time"
 
 
+class SlowCheckpoint(L.Callback):
+    """Spends 0.3 s at the end of every second step, after the throughput callback (where Lightning puts its
+    checkpoint callbacks), as a checkpoint written before that step's validation or at the run's end."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % 2 == 0:
+            time.sleep(0.3)
+
+
+class Validated(TwoLayers):
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pass
+
+
+def test_a_checkpoint_before_validation_or_at_the_end_is_data_wait(tmp_path: Path):
+    """Checkpoints at steps 2 (then validation) and 4 (the last): 0.6 s of data wait over 4 batches, not step time
+    (validation's start used to drop the first, the end of training the second)."""
+    callback = Throughput(count_flops=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, callbacks=[callback, SlowCheckpoint()])
+    train, val = (DataLoader(SlowBatches(n, 0.0), batch_size=None) for n in (4, 1))
+    trainer.fit(Validated(), train_dataloaders=train, val_dataloaders=val)
+    assert callback.summary["data_wait_ms"] == pytest.approx(150, abs=25)
+    assert callback.summary["data_wait_fraction"] > 0.8
+
+
 class LateCritic(L.LightningModule):
     """Manual optimization with a second network that joins at step 3, as the autoencoder's discriminator does at
     disc_start: from then on a batch costs more."""

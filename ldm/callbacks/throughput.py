@@ -15,8 +15,9 @@ first batch of each new kind of step (the autoencoder's discriminator joins at `
 checkpoints and a resumed run takes them from there: counting runs under a dispatch mode that changes convolution
 gradients in the last bits, so it must count the same batches as the run would have uninterrupted. Validation
 time is left out of training time, and so is work that callbacks wrap in `paused(trainer)` (the FID evaluation, image
-grids). Data wait is the time from the end of one training step (or of validation) to the start of the next: loading
-the batch, plus the loop's own work between steps (a checkpoint written then counts too).
+grids). Data wait is the time from the end of one training step (or of validation) to the start of the next (or of
+validation, or the end of training): loading the batch, plus the loop's own work between steps (a checkpoint written
+then counts too, the last one included).
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ class Throughput(StepBoundary):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and hasattr(self, "_t0"):  # validation inside fit, not the sanity check
             self._val_start = time.perf_counter()
+            self._wait += self._val_start - self._ready  # a checkpoint written at the step's end, before validation
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -249,6 +251,7 @@ class Throughput(StepBoundary):
             self._counter = None
         if not hasattr(self, "_t0") or self._batches == 0:
             return
+        self._wait += time.perf_counter() - self._ready  # the last step's checkpoint
         numbers = self._numbers(self._train_time(), self._batches, self._samples, self._wait,
                                 self._flops or None)
         self.summary = numbers
