@@ -16,6 +16,7 @@ and the evaluator alike, so a 16-bit PNG or a transparent logo looks the same ev
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
@@ -26,6 +27,14 @@ EXIF_ORIENTATION = 0x0112              # the EXIF tag; 1 = upright, 2-8 = mirror
 INTEGER_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA")
 PREMULTIPLIED_MODES = ("RGBa", "La")
+# The formats an image member or file may be in (ldm.data.stream.IMAGE_KEYS; a phone's multi-picture JPEG opens as
+# JPEG). Pillow would otherwise open whatever its plugins accept, EPS included, which hands the data to Ghostscript.
+OPEN_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
+    """`Image.open` restricted to OPEN_FORMATS; another format raises PIL.UnidentifiedImageError."""
+    return Image.open(source, formats=OPEN_FORMATS)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
@@ -84,8 +93,9 @@ def _array_to_rgb(rgb: np.ndarray) -> Image.Image:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """The encoded image `data` (any format Pillow reads) as 8-bit RGB; a truncated or garbage file raises here."""
-    with Image.open(io.BytesIO(data)) as image:
+    """The encoded image `data` (PNG, JPEG, WebP, BMP, GIF, TIFF) as 8-bit RGB; a truncated or garbage file, or
+    another format, raises here."""
+    with open_image(io.BytesIO(data)) as image:
         key = image.info.get("transparency")
         if image.mode == "RGB" and isinstance(key, tuple) and image.tile and image.tile[0][3] == "RGB;16B":
             return _keyed_16_bit_rgb(data, key)
@@ -100,7 +110,7 @@ def _keyed_16_bit_rgb(data: bytes, key: tuple[int, int, int],
     on the same file), as libpng does, and the matching pixels composited over `background`."""
     planes = []
     for rawmode in ("RGB;16B", "RGB;16L"):  # the big-endian samples' high bytes, then their low bytes
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data)) as image:
             image.info.pop("transparency")
             codec, extents, offset, _ = tile = image.tile[0]
             image.tile = [type(tile)(codec, extents, offset, rawmode)]  # the same tile, unpacked another way

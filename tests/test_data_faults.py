@@ -110,6 +110,29 @@ def test_transparency_is_composited_on_white():
     assert np.abs(rgb(premultiplied.convert("RGBA").convert("LA").convert("La"))[0, 1] - WHITE).max() <= 2
 
 
+def test_postscript_in_an_image_file_is_refused_without_running_ghostscript(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    """EPS bytes under an image name were opened by Pillow's EPS plugin, which runs Ghostscript on them (here a
+    stand-in `gs` that leaves a mark): the shard reader and ldm-data open the image formats they list only."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {tmp_path}/ran\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # what Pillow itself would take it for
+    with pytest.raises(Image.UnidentifiedImageError):
+        decode_image(eps)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (8, 8)).save(src / "a.png")
+    (src / "b.png").write_bytes(eps)
+    summary = write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out"),
+                             "val_samples": 0, "resolution": 8, "allow_missing_captions": True})
+    assert [entry["path"] for entry in summary["skipped"]] == ["b.png"]
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "CMYK", "YCbCr", "HSV", "LAB"])
 def test_other_modes_convert_as_pillow_does(mode: str):
     source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8))

@@ -459,6 +459,23 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
         str(p) for p in shapes_shards.glob("train-*.tar"))  # a character class in the name is still one
 
 
+def test_a_local_shard_named_like_a_command_is_read_not_run(shapes_shards: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """A relative glob's match `pipe:touch X;cat t.tar;.tar` was handed to webdataset as is, which ran it as a
+    shell command: local shards come back absolute."""
+    import webdataset as wds
+
+    from ldm.data.shardlist import expand_shards
+
+    name = "pipe:touch PWNED;cat train-000000.tar;.tar"
+    shutil.copy(shapes_shards / "train-000000.tar", tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    urls = expand_shards("*.tar", "data.train_shards")
+    assert urls == [str(tmp_path / name)]
+    assert len(list(wds.tarfile_to_samples()(iter([{"url": urls[0]}])))) > 0  # as the training stream reads them
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_a_validation_only_shapes_set_is_written_and_a_refused_folder_run_leaves_no_folder(tmp_path: Path):
     summary = write_dataset({"source": "shapes", "output_dir": str(tmp_path / "val_only"), "num_samples": 0,
                              "val_samples": 4, "resolution": 16})

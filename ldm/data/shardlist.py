@@ -19,7 +19,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
     """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
 
-    A directory stands for its `{split}-*.tar` shards (what ldm-data writes). A local pattern that matches no file
+    A directory stands for its `{split}-*.tar` shards (what ldm-data writes). Local shards come back as absolute paths
+    (a file named `pipe:...` is read, never run as a command). A local pattern that matches no file
     raises FileNotFoundError naming `key` and the pattern, one that matches other files than tars (`data/shapes/*`:
     summary.json, and the other split's shards beside) a ConfigError; remote URLs (`pipe:`, `http(s)://`, ...) pass
     through brace expansion unchecked.
@@ -48,7 +49,7 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
                                   f"pattern to the split's shards, e.g. {os.path.join(os.path.dirname(path), split)}"
                                   f"-*.tar")
-            urls.extend(matches)
+            urls.extend(os.path.abspath(m) for m in matches)  # a relative `pipe:x.tar` or `s3:x.tar` is a file
     if not urls:
         raise ConfigError(f"{key}={spec!r} names no shards")
     return urls

@@ -35,7 +35,7 @@ from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
 from ldm.data.stream import resize_crop, resize_shorter
-from ldm.images import to_rgb
+from ldm.images import open_image, to_rgb
 from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
 
@@ -354,7 +354,7 @@ def folder_records(files: list[tuple[int, Path]], plan: FolderPlan, cfg: WriteCo
         rel = path.relative_to(plan.input_dir).as_posix()
         caption = plan.captions.get(path, "")  # missing captions were checked (or allowed) up front in plan_folder
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.load()
                 image = to_rgb(im)  # upright: the EXIF orientation applied
                 size = image.size
