@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ldm.config import ConfigError
 
@@ -33,8 +34,9 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 # What torch.load raises for a file it cannot read (cut short, another format); a refused pickle is an UnpicklingError.
 # (A text file can stop the weights-only unpickler anywhere: `task_name: ...` raises IndexError, others TypeError or
 # struct.error.)
+# torch.load hands a `.safetensors` path to safetensors, whose damaged-file error derives from Exception alone.
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError, IndexError,
-              TypeError, struct.error)
+              TypeError, struct.error, SafetensorError)
 
 
 def needed_code(err: pickle.UnpicklingError) -> str | None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ldm.checkpoints import CheckpointError
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig, discriminator_loss, generator_loss
 from ldm.losses.lpips import VGG16_FILE, build_lpips, vgg16_weights_path
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -113,6 +114,27 @@ def test_missing_backbone_fails_fast_naming_flag_and_file(tmp_path, monkeypatch)
     message = str(err.value)
     assert "model.loss.lpips_pretrained_backbone=false" in message
     assert str(tmp_path / "empty" / "hub" / "checkpoints" / VGG16_FILE) in message
+
+
+class LeavesAMark:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")  # unpickling it creates the file
+
+
+def test_a_backbone_file_carrying_code_or_other_tensors_is_refused(local_vgg16, tmp_path):
+    """torchvision read the cached VGG16 with weights_only=False: a file planted there ran its code."""
+    path = vgg16_weights_path()
+    torch.save({**local_vgg16, "extra": LeavesAMark(tmp_path / "ran")}, path)
+    with pytest.raises(CheckpointError, match="refused to load: the file's pickle needs code"):
+        build_lpips(pretrained_backbone=True)
+    assert not (tmp_path / "ran").exists()
+    torch.save({k: v for k, v in local_vgg16.items() if k != "features.28.weight"}, path)
+    with pytest.raises(CheckpointError, match=r"is not torchvision's VGG16 \(features\.28\.weight missing .*set "
+                                              r"model\.loss\.lpips_pretrained_backbone=false"):
+        build_lpips(pretrained_backbone=True)
 
 
 def test_the_loss_with_lpips_pickles(tmp_path, monkeypatch):

@@ -143,6 +143,10 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
     (out / "train-000001.tar").write_bytes(whole[: member.offset_data + member.size // 2])
     summary = run_encode(shapes_shards, autoencoder, out)
     assert summary["shards_finished_before"] == 3 and (out / "train-000001.tar").read_bytes() == whole
+    for damaged in (b"[]", b"\xff\xfe"):  # stats that are JSON but no object, or not text: encoded again
+        (out / "train-000001_stats.json").write_bytes(damaged)
+        summary = run_encode(shapes_shards, autoencoder, out)
+        assert summary["shards_finished_before"] == 3 and (out / "train-000001.tar").read_bytes() == whole
 
 
 def test_an_interrupted_shard_leaves_no_file_behind(shapes_shards: Path, encoders: tuple[Path, Path],

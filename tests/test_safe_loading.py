@@ -67,12 +67,18 @@ def test_no_entry_point_runs_code_from_a_checkpoint(tmp_path: Path, shapes_shard
     assert not marker.exists(), "a checkpoint's pickled code ran"
 
 
-@pytest.mark.parametrize("payload", ["code", "truncated"])
+@pytest.mark.parametrize("payload", ["code", "truncated", "truncated safetensors"])
 def test_pipeline_loader_refuses_code_and_names_a_torn_file(tmp_path: Path, payload: str):
+    from safetensors.torch import save_file
+
     from ldm.checkpoints import CheckpointError, load_checkpoint
 
-    path = tmp_path / "x.ckpt"
-    if payload == "code":
+    path = tmp_path / ("x.safetensors" if "safetensors" in payload else "x.ckpt")
+    if payload == "truncated safetensors":  # torch.load hands it to safetensors, whose error was not caught
+        save_file({"w": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+        match = "not a readable checkpoint"
+    elif payload == "code":
         torch.save({"payload": _CreatesFile(tmp_path / "ran")}, path)
         match = "refused to load"
     else:
@@ -116,6 +122,23 @@ def test_inception_weights_are_read_without_running_code_and_checked_key_by_key(
     with pytest.raises(CheckpointError, match=r"other\.pth is not torch-fidelity's InceptionV3 state dict \(565 of its "
                                               r"566 tensors missing, 0 unexpected, 1 of another shape"):
         InceptionFeatures(64, str(tmp_path / "other.pth"))
+
+
+def test_clip_score_weights_carrying_code_are_refused_without_torchs_advice(tmp_path: Path):
+    """`clip_model` (ldm-eval, callbacks.fid): a pickle with code is refused naming it, not with torch's advice to
+    load it with weights_only=False and a fix that sent the user to the folder they had given."""
+    from test_eval_helpers import tiny_clip
+
+    from ldm.checkpoints import CheckpointError
+    from ldm.eval.feature_extractors import clip_loader
+
+    folder = tiny_clip(tmp_path / "clip")
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": _CreatesFile(tmp_path / "ran")}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=rf"^clip_model={folder}: the weights' pickle needs code outside plain "
+                                              r"tensors .*nothing was run or loaded: give safetensors weights$"):
+        clip_loader(str(folder))()
+    assert not (tmp_path / "ran").exists()
 
 
 def test_transformers_folders_never_run_their_code_and_damaged_files_are_named(tmp_path: Path):

@@ -300,7 +300,9 @@ def is_finished(url: str, output: Path) -> bool:
         return False
     try:
         written = json.loads(stats.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not JSON, not UTF-8
+        return False
+    if not isinstance(written, dict):
         return False
     identity = input_identity(url)
     if Path(str(written.get("input", ""))).resolve() != Path(identity.pop("input")):

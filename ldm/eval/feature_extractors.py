@@ -198,6 +198,8 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
     from safetensors import SafetensorError
     from transformers import CLIPModel, CLIPProcessor
 
+    from ldm.checkpoints import CheckpointError, needed_code
+
     local_dir = Path(model_name_or_path).expanduser()
     is_local = local_dir.is_dir()
     if not is_local and not _looks_like_hub_name(model_name_or_path):
@@ -212,7 +214,11 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
         try:
             model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:  # note: a hub
+        except pickle.UnpicklingError as err:  # torch's message would advise weights_only=False
+            raise CheckpointError(f"{key}={model_name_or_path}: the weights' pickle needs code outside plain tensors "
+                                  f"({needed_code(err) or 'damaged data'}); nothing was run or loaded: give "
+                                  f"safetensors weights") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # note: a hub
             # name with no network ends here, and a damaged file
             raise WeightsNotFoundError(
                 f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "

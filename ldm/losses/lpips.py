@@ -2,7 +2,8 @@
 
 The package ships its linear-layer weights, but the VGG16 backbone comes from torchvision's download into the torch hub
 cache. Offline, a missing backbone file must fail before anything is built, naming the file to provide and the flag
-that turns the pretrained backbone off.
+that turns the pretrained backbone off; the file is read as tensors only (`load_checkpoint`), never unpickled with
+code.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ldm.checkpoints import CheckpointError, load_checkpoint
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, the backbone lpips loads
 
@@ -39,6 +42,22 @@ def build_lpips(pretrained_backbone: bool = True, flag: str = "model.loss.lpips_
             f"backbone, or set model.loss.lpips_weight=0 to drop LPIPS.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecation notice for `pretrained=`
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if pretrained_backbone:
+        load_vgg16_backbone(net.net, path, flag)
     net.eval().requires_grad_(False)
     return net
+
+
+def load_vgg16_backbone(backbone: nn.Module, path: Path, flag: str) -> None:
+    """torchvision's VGG16 convolutions from `path` into lpips' backbone (its `sliceK.<index>` modules are
+    `features.<index>`), read without running code: torchvision's own loader unpickles the cached file with
+    `weights_only=False`, so a planted file there would run whatever it carries."""
+    state = load_checkpoint(path, "LPIPS backbone")
+    names = {name: f"features.{name.split('.', 1)[1]}" for name in backbone.state_dict()}
+    wrong = next((source for name, source in names.items() if not isinstance(state.get(source), torch.Tensor)
+                  or state[source].shape != backbone.state_dict()[name].shape), None)
+    if wrong is not None:
+        raise CheckpointError(f"{path} is not torchvision's VGG16 ({wrong} missing or of another shape): replace it "
+                              f"with {VGG16_FILE}, or set {flag}=false to use a random backbone")
+    backbone.load_state_dict({name: state[source] for name, source in names.items()})
