@@ -21,6 +21,7 @@ import dataclasses
 import math
 import numbers
 import operator
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,10 @@ class LatentDiffusionPipeline(nn.Module):
             seeds: B seeds; image b's noise comes from its own generator, so it never depends on the batch.
             sampler: ddpm | ddim | dpmpp_2m.
             num_steps: sampler steps, spaced by the schedule's timestep_spacing.
-            guidance_scale: classifier-free guidance; 1 runs the conditional model alone. An unconditional model has
-                nothing to guide by (every scale gives the same images): it runs once, as at 1.
+            guidance_scale: classifier-free guidance, uncond + scale * (cond - uncond); 1 runs the conditional model
+                alone, 0 the unconditional one (diffusers takes any scale <= 1 for no guidance: a scale < 1 warns).
+                An unconditional model has nothing to guide by (every scale gives the same images): it runs once,
+                as at 1.
             class_labels: B labels for class-conditional models (refused for any other).
             eta: DDIM's noise scale.
             image_size: output side in pixels; None: `self.image_size`.
@@ -234,6 +237,14 @@ class LatentDiffusionPipeline(nn.Module):
         size = self.check_image_size(self.image_size if image_size is None else image_size)
         if not self.conditioner.conditional:
             guidance_scale = 1.0  # the conditional and unconditional passes would be the same: one pass
+        elif guidance_scale < 1:  # the formula's, not diffusers' (which takes any scale <= 1 for no guidance)
+            away = "the negative prompts" if negative_prompts is not None else "the unconditional model"
+            warnings.warn(f"guidance_scale={guidance_scale} < 1 pulls the images away from the prompts toward {away} "
+                          f"(at 0 they are {away}'s alone); for the conditional model alone, as diffusers' "
+                          f"guidance_scale <= 1, use 1", stacklevel=2)
+        elif guidance_scale == 1 and negative_prompts is not None:
+            warnings.warn("negative_prompts do nothing at guidance_scale=1 (the conditional model alone, no "
+                          "unconditional pass): guide with a scale > 1", stacklevel=2)
         cond, negative = self.sampling_conditions(prompts, class_labels, negative_prompts, B)
         device = self.device
         rng = StackedRandomGenerator(seeds, device)

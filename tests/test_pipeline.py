@@ -247,6 +247,35 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS, [0, 1], negative_prompts=["blurry"])
 
 
+def test_guidance_below_one_and_prompts_cut_short_are_named(trained, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Diffusers takes any guidance scale <= 1 for no guidance (SD-Turbo's documented call is guidance_scale=0), our
+    formula's 0 is the unconditional model: said, as is a negative prompt that does nothing at 1, and a prompt the
+    text encoder cuts (diffusers logs that; ours cut silently)."""
+    from convert_helpers import tiny_tokenizer
+
+    from ldm.conditioning.text import tokenizer_cut
+
+    _, ckpt, _ = trained
+    pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
+    with pytest.warns(UserWarning, match=r"guidance_scale=0\.0 < 1 pulls the images away from the prompts toward the "
+                                         r"unconditional model .* use 1"):
+        unconditional = pipeline.generate(CAPTIONS, [0, 0], num_steps=2, guidance_scale=0.0)
+    assert torch.equal(unconditional[0], unconditional[1]), "two prompts, one seed: the same unconditional image"
+    with pytest.warns(UserWarning, match="negative_prompts do nothing at guidance_scale=1"):
+        pipeline.generate(CAPTIONS, [0, 1], num_steps=1, guidance_scale=1.0, negative_prompts=["blurry"] * 2)
+    room = pipeline.conditioner.encoder.max_length - 2  # the byte encoder's: BOS and EOS around the bytes
+    with caplog.at_level("WARNING", logger="ldm.conditioning.conditioner"):
+        pipeline.generate(["x" * room, CAPTIONS[1]], [0, 1], num_steps=1)
+        assert "longer than" not in caplog.text
+        pipeline.generate(["x" * (room - 1) + "\u00e9 in red", CAPTIONS[1]], [0, 1], num_steps=1)
+    assert f"1 of these prompts are longer than the text encoder's {room + 2} tokens" in caplog.text
+    assert "loses '\ufffd in red'" in caplog.text  # the second byte of the cut character, then the rest
+    tokenizer = tiny_tokenizer(tmp_path / "tok")  # CLIP's: what diffusers' encode_prompt reports as cut
+    ids = tokenizer("the red the blue").input_ids
+    assert tokenizer_cut(tokenizer, "the red the blue", len(ids)) == ""
+    assert tokenizer_cut(tokenizer, "the red the blue", len(ids) - 2) == tokenizer.decode(ids[len(ids) - 3:-1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_pipeline_generates_and_exports_in_fp32(trained, tmp_path: Path, dtype: torch.dtype):
     """`.to(torch.float16)`, diffusers' habit: each network runs in its dtype, latents and images come back fp32, and

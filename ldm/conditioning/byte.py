@@ -88,6 +88,11 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return byte_tokenize(prompts, self.max_length)[0]                      # (B, L)
 
+    def cut(self, prompt: str) -> str:
+        """The part of `prompt` beyond `max_length - 2` UTF-8 bytes, which the encoder never sees ("" when it
+        fits; a character cut in two shows as U+FFFD)."""
+        return prompt.encode("utf-8", errors="replace")[self.max_length - 2:].decode("utf-8", errors="replace")
+
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of prompts to the context (B, max_length, width) and the pooled vector (B, width)."""
         device = self.pos_embed.device

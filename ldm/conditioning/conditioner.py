@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,8 @@ from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
 from ldm.conditioning.text import load_pretrained as load_transformers
 from ldm.config import ConfigError, check_choice, check_min, is_int, to_dataclass
+
+log = logging.getLogger(__name__)
 
 KINDS = ["clip", "hf", "byte", "class", "none"]
 UNetKwargs = dict[str, torch.Tensor | None]
@@ -233,6 +236,11 @@ class TextConditioner(Conditioner):
         if prompts is None or len(prompts) != batch_size:
             raise ValueError(f"{0 if prompts is None else len(prompts)} prompts for {batch_size} seeds; a text-"
                              f"conditioned model needs one prompt per seed")
+        cut = [(prompt, dropped) for prompt in dict.fromkeys(prompts) if (dropped := self.encoder.cut(prompt))]
+        if cut:  # as diffusers' encode_prompt: training cuts captions silently, generation says so
+            prompt, dropped = cut[0]
+            log.warning("%d of these prompts are longer than the text encoder's %d tokens and lose their end, e.g. "
+                        "%r loses %r", len(cut), self.encoder.max_length, prompt[:80], dropped[:80])
         return list(prompts)
 
     @property

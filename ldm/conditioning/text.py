@@ -31,6 +31,13 @@ def hub_offline() -> bool:
     return any(os.environ.get(key, "").upper() in _TRUE for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def tokenizer_cut(tokenizer: Any, prompt: str, max_length: int) -> str:
+    """What of `prompt` a transformers tokenizer truncating at `max_length` tokens leaves out (as diffusers'
+    `encode_prompt` reports it: the tokens between the kept ones and the end token); "" when it fits."""
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    return tokenizer.decode(ids[max_length - 1:-1]) if len(ids) > max_length else ""
+
+
 def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(name_or_path)`: from a local directory, then the cache, then (when online) the hub.
 
@@ -154,6 +161,10 @@ class CLIPTextEncoder(FrozenMixin, nn.Module):
                                 return_tensors="pt")
         return tokens.input_ids                                                 # (B, L)
 
+    def cut(self, prompt: str) -> str:
+        """The part of `prompt` beyond `max_length` tokens, which the encoder never sees ("" when it fits)."""
+        return tokenizer_cut(self.tokenizer, prompt, self.max_length)
+
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts to the context (B, max_length, hidden_size) and CLIP's pooled output (B, hidden_size): the
         EOS token's last-layer state, as SDXL conditions on it."""
@@ -273,6 +284,10 @@ class HFTextEncoder(FrozenMixin, nn.Module):
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return self._tokens(prompts).input_ids                                 # (B, L)
+
+    def cut(self, prompt: str) -> str:
+        """The part of `prompt` beyond `max_length` tokens, which the encoder never sees ("" when it fits)."""
+        return tokenizer_cut(self.tokenizer, prompt, self.max_length)
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts to the context (B, max_length, hidden_size) and its mean over the real tokens
