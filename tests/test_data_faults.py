@@ -353,6 +353,46 @@ def test_a_shard_cut_at_a_member_boundary_loses_the_sample_cut_short(tmp_path: P
     assert dm.uncaptioned == {str(whole): 1} and dm.num_skipped == 0
 
 
+def test_a_whole_shard_counted_wrong_keeps_its_samples_and_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """img2dataset's NAME_stats.json out of date: an intact tar holding fewer samples than its count lost its last
+    (whole) sample as if the tar were cut, with a fix naming summary.json; one holding more trained on part of it
+    without a word."""
+    fewer = write_shard(tmp_path / "00000.tar", shapes_like(tmp_path, "a", 6))
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 8}))
+    dm = WebDataModule(train_shards=str(fewer), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    keys = [key for batch in dm.train_dataloader() for key in batch["key"]]
+    assert sorted(set(keys)) == [f"a00{i}" for i in range(6)], "all six, a005 included"
+    ((_, key, reason),) = dm.skipped
+    assert key == "samples 6-7" and "ends after 6 whole samples but its count says at least 8" in reason
+    assert "img2dataset's NAME_stats.json" in reason
+    more = write_shard(tmp_path / "00001.tar", shapes_like(tmp_path, "b", 6))
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 4}))
+    dm = WebDataModule(train_shards=str(more), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="ldm.data.stream"):
+        keys = [key for batch in dm.train_dataloader() for key in batch["key"]]
+    assert sorted(keys) == [f"b00{i}" for i in range(4)] and dm.num_skipped == 0  # the count rules (DDP-exact)
+    assert f"shard {more} holds more samples than its recorded count (4): the rest are never read" in caplog.text
+
+
+def test_member_names_with_dots_are_named_as_the_cause(tmp_path: Path):
+    """`img.0.png`, `img.0.txt`, `img.1.png`...: webdataset ends keys at the first dot, so the whole shard was one
+    sample without an image, refused as a damaged shard."""
+    shard = tmp_path / "dots-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            for ext, data in (("png", png_bytes(Image.new("RGB", (8, 8)))), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"img.{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    dm = WebDataModule(train_shards=str(shard), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match=r"member names with more than one dot \(img\.0\.png\) merge samples: "
+                                           r"webdataset ends a key at the first dot; rename them"):
+        list(dm.train_dataloader())
+
+
 class Mean(L.LightningModule):
     """The smallest trainable module: the data are under test here."""
 

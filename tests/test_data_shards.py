@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -457,6 +458,26 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     assert expand_shards(str(train[0]), "data.train_shards") == [train[0]]
     assert expand_shards(f"{shapes_shards}/train-00000[0-9].tar", "data.train_shards") == sorted(
         str(p) for p in shapes_shards.glob("train-*.tar"))  # a character class in the name is still one
+
+
+def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(shapes_shards: Path, tmp_path: Path):
+    """img2dataset names its shards 00000.tar: the folder (which stands for train-*.tar) and a loose glob were
+    refused with a fix naming train-*.tar, which matched nothing there."""
+    from ldm.data.shardlist import expand_shards
+
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    for i in range(2):
+        shutil.copy(shapes_shards / f"train-00000{i}.tar", folder / f"0000{i}.tar")
+        (folder / f"0000{i}_stats.json").write_text('{"successes": 16}')
+    fix = re.escape(f"e.g. data.train_shards='{folder}/*.tar'")
+    with pytest.raises(FileNotFoundError, match=r"a folder stands for the train-\*\.tar shards ldm-data writes, and "
+                                                rf".* holds none but 2 other tar shards \(e\.g\. 00000\.tar\): name "
+                                                rf"them, {fix}"):
+        expand_shards(str(folder), "data.train_shards")
+    with pytest.raises(ConfigError, match=re.escape(f"narrow the pattern to the shards, e.g. {folder}/*.tar")):
+        expand_shards(f"{folder}/*", "data.train_shards")
+    assert expand_shards(f"{folder}/*.tar", "data.train_shards") == [str(folder / f"0000{i}.tar") for i in range(2)]
 
 
 def test_a_local_shard_named_like_a_command_is_read_not_run(shapes_shards: Path, tmp_path: Path,

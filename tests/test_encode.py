@@ -220,6 +220,23 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
     assert "whose input shards no longer exist (train-000003.tar)" in caplog.text
 
 
+def test_an_intact_shard_with_a_stale_count_is_encoded_whole_and_its_count_named(
+        shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """summary.json says 20 where the intact tar holds 16: not a damaged tar to rewrite with ldm-data (the advice
+    given), every sample is encoded and the stale count named."""
+    autoencoder, _ = encoders
+    data = tmp_path / "data"
+    shutil.copytree(shapes_shards, data)
+    summary = json.loads((data / "summary.json").read_text())
+    summary["splits"]["train"]["shard_counts"][0] = 20
+    (data / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level("WARNING"):
+        run_encode(data, autoencoder, tmp_path / "latents")
+    stats = json.loads((tmp_path / "latents" / "train-000000_stats.json").read_text())
+    assert (stats["successes"], stats["failed"], stats["skipped"]) == (16, 0, [])
+    assert "train-000000.tar holds 16 samples but its recorded count says 20: the count is out of date" in caplog.text
+
+
 def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_shards: Path,
                                                                         encoders: tuple[Path, Path], tmp_path: Path):
     autoencoder, text = encoders

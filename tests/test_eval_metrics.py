@@ -95,7 +95,7 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     relative = InceptionFeatures(DIM, os.path.relpath(inception_weights))
     assert key_hash(reference_key(shards, 32, N_REF, relative.identity)) == stats.hash
     # What the reader decodes is part of the key through READER_VERSION: bump it with the list of image members.
-    assert (READER_VERSION, IMAGE_KEYS) == (4, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
+    assert (READER_VERSION, IMAGE_KEYS) == (5, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
 
 
 def test_a_damaged_reference_cache_is_named_as_a_cache_to_delete(reference, shapes_shards: Path,
@@ -246,6 +246,39 @@ def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Pat
     # a class-conditional model's labels come from the same samples as the prompts they are scored against
     labels = shard_labels([str(shard)], 15)
     assert len(labels) == 15 and all(SHAPES[label] in prompt for label, prompt in zip(labels[1:], prompts[1:]))
+
+
+def test_eval_groups_tar_members_into_samples_as_training_does(shapes_shards: Path, tmp_path: Path):
+    """A `.DS_Store` and macOS' `._KEY.png` companions (bsdtar writes them for files with extended attributes) became
+    samples of their own in ldm-eval's reader, which training skips: prompts shifted against their images, captions
+    became "", and class labels were refused."""
+    import io
+    import tarfile
+
+    from ldm.data.datamodule import WebDataModule
+
+    shard = tmp_path / "val-000000.tar"
+    with tarfile.open(shapes_shards / "val-000000.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+
+    def add(out: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(shard, "w") as out:
+        add(out, ".DS_Store", b"\0\0\0\1Bud1")
+        for member, data in members:
+            add(out, f"._{member.name}", b"\0\5\26\7 AppleDouble")
+            add(out, member.name, data)
+        add(out, "README", b"made on a Mac")
+    dm = WebDataModule(train_shards=str(shard), val_shards=str(shard), batch_size=1, num_workers=0, resolution=32)
+    dm.setup("fit")
+    trained = [caption for batch in dm.val_dataloader() for caption in batch["caption"]]
+    assert len(trained) == 16 and load_prompts("val_shards", 16, [str(shard)]) == trained
+    assert [caption for _, caption in iter_shard_samples([str(shard)])] == trained
+    labels = shard_labels([str(shard)], 16)
+    assert labels is not None and all(SHAPES[label] in prompt for label, prompt in zip(labels, trained))
 
 
 def test_reference_images_are_the_pixels_validation_trains_on(tmp_path: Path):

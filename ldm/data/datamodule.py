@@ -77,10 +77,16 @@ ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x node
 _WDS_SKIP_META = re.compile(inspect.signature(wds.tariterators.tar_file_iterator).parameters["skip_meta"].default)
 
 
-def _webdataset_skips(name: str) -> bool:
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension in lower case) of a tar member as webdataset's reader groups samples: the name split at
+    the first dot of its file name; None for the members it leaves out (metadata such as __meta__, names without a
+    dot or starting with one: `.DS_Store`, macOS' `._KEY.jpg`, a `README`)."""
     t = wds.tariterators
-    return ("/" not in name and name.startswith(t.meta_prefix) and name.endswith(t.meta_suffix)) or \
-        bool(_WDS_SKIP_META.match(name))
+    if ("/" not in name and name.startswith(t.meta_prefix) and name.endswith(t.meta_suffix)) or \
+            _WDS_SKIP_META.match(name):
+        return None
+    prefix, suffix = t.base_plus_ext(name)
+    return None if prefix is None else (prefix, suffix.lower())
 
 
 def _count_tar_samples(path: str) -> int:
@@ -93,14 +99,14 @@ def _count_tar_samples(path: str) -> int:
         with tarfile.open(path, "r:*") as tar:
             plain = isinstance(tar.fileobj, io.BufferedReader)  # offsets are the file's (not a decompressed stream's)
             for member in tar:
-                if member.isreg() and not _webdataset_skips(member.name):
-                    prefix, _ = wds.tariterators.base_plus_ext(member.name)
+                if member.isreg() and (split := member_key(member.name)) is not None:
+                    prefix = split[0]
                     if plain and member.offset_data + member.size > size:  # cut short inside its data
                         # the sample it belongs to is not whole either; and where the tar ends cut short, the reader
                         # leaves out the last sample it reads, this one's or the one before (`tar_ends_cut`)
-                        count -= 1 if tar_ends_cut(path) else int(prefix is not None and prefix == last)
+                        count -= 1 if tar_ends_cut(path) else int(prefix == last)
                         raise tarfile.ReadError(f"{member.name} is cut short")
-                    if prefix is not None and prefix != last:
+                    if prefix != last:
                         count, last = count + 1, prefix
             # cut at a member's boundary, or a damaged header where the walk stopped: the last sample may lack members
             stopped_early = tar_ends_cut(path) or (plain and data_after(path, tar.offset))
@@ -179,9 +185,10 @@ def _first_metadata(urls: list[str]) -> tuple[str, Any] | None:
             with tarfile.open(url.removeprefix("file:"), "r:*") as tar:
                 first = None
                 for member in tar:
-                    if not member.isreg() or _webdataset_skips(member.name):
+                    split = member_key(member.name) if member.isreg() else None
+                    if split is None:
                         continue
-                    key, ext = wds.tariterators.base_plus_ext(member.name)
+                    key, ext = split
                     if first is not None and key != first:
                         return url, None  # the first sample ended without a .json
                     first = key

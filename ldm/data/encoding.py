@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
-from ldm.data.stream import IMAGE_KEYS, members_stop_early, resize_crop, sample_caption
+from ldm.data.stream import IMAGE_KEYS, members_stop_early, no_image, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -356,7 +356,7 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:
-                raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)})")
+                raise ValueError(no_image(sample))
             image = resize_crop(decode_image(sample[ext]), resolution, None)  # as the datamodule: centre crop
             sample_caption(sample)  # a caption training could not read: left out here too
         except Exception as err:  # noqa: BLE001 -- an undecodable image is reported and left out
@@ -443,10 +443,15 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
         # note: that closes the tar stream only; atomic_open still flushes and renames the file
     failed = len(skipped)
     if expected is not None and count + failed < expected:
-        skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "
-                             f"{expected} (truncated, or summary.json is out of date); rewrite it with ldm-data and "
-                             f"run ldm-encode again (it re-encodes a rewritten input shard)"])
-        failed = expected - count
+        if members_stop_early(url) or any(key == "?" for key, _ in skipped):  # cut, or a read error
+            skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "
+                                 f"{expected} (truncated, or a damaged member header); rewrite it with ldm-data and "
+                                 f"run ldm-encode again (it re-encodes a rewritten input shard)"])
+            failed = expected - count
+        else:
+            log.warning("%s holds %d samples but its recorded count says %d: the count is out of date (ldm-data's "
+                        "summary.json, img2dataset's NAME_stats.json; correct or delete it); every sample it holds "
+                        "was read", url, count + failed, expected)
     if skipped:
         log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, failed, skipped[-3:])
     stats = {"successes": count, "failed": failed, "skipped": skipped[:1000], **identity,

@@ -19,7 +19,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
     """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
 
-    A directory stands for its `{split}-*.tar` shards (what ldm-data writes). Local shards come back as absolute paths
+    A directory stands for its `{split}-*.tar` shards (what ldm-data writes; one holding other tars only, as
+    img2dataset's `00000.tar`, is refused naming the pattern to give). Local shards come back as absolute paths
     (a file named `pipe:...` is read, never run as a command). A local pattern that matches no file
     raises FileNotFoundError naming `key` and the pattern, one that matches other files than tars (`data/shapes/*`:
     summary.json, and the other split's shards beside) a ConfigError; remote URLs (`pipe:`, `http(s)://`, ...) pass
@@ -36,23 +37,42 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 continue
             path = os.path.expanduser(url.removeprefix("file:"))
             pattern = None  # a file or folder that exists is taken as named, `[` in its name included
-            if os.path.isdir(path):
+            folder = os.path.isdir(path)
+            if folder:
                 pattern = path = os.path.join(path, f"{split}-*.tar")
             elif not os.path.isfile(path) and glob.has_magic(path):
                 pattern = path
             matches = glob_sorted(pattern) if pattern else ([path] if os.path.isfile(path) else [])
+            if not matches and folder and (tars := _tars_in(os.path.dirname(path))):  # img2dataset's 00000.tar...
+                raise FileNotFoundError(f"{key}={part!r}: a folder stands for the {split}-*.tar shards ldm-data "
+                                        f"writes, and {os.path.dirname(path)} holds none but {len(tars)} other tar "
+                                        f"shards (e.g. {os.path.basename(tars[0])}): name them, e.g. "
+                                        f"{key}='{_example(path, split)}'")
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")
             others = [m for m in matches if pattern and not m.endswith(TAR_SUFFIXES)]
             if others:
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
-                                  f"pattern to the split's shards, e.g. {os.path.join(os.path.dirname(path), split)}"
-                                  f"-*.tar")
+                                  f"pattern to the shards, e.g. {_example(path, split)}")
             urls.extend(os.path.abspath(m) for m in matches)  # a relative `pipe:x.tar` or `s3:x.tar` is a file
     if not urls:
         raise ConfigError(f"{key}={spec!r} names no shards")
     return urls
+
+
+def _tars_in(folder: str) -> list[str]:
+    return [m for m in glob_sorted(os.path.join(glob.escape(folder), "*")) if m.endswith(TAR_SUFFIXES)] \
+        if os.path.isdir(folder) else []
+
+
+def _example(path: str, split: str) -> str:
+    """A pattern naming the tar shards beside `path`: the split's (`train-*.tar`, ldm-data's names) where there are
+    such, else every tar (img2dataset's `00000.tar`)."""
+    folder = os.path.dirname(path)
+    tars = _tars_in(folder)
+    named = any(os.path.basename(m).startswith(f"{split}-") for m in tars)
+    return os.path.join(folder, f"{split}-*.tar" if named or not tars else "*.tar")
 
 
 def absolute_spec(spec: str | list[str]) -> str | list[str]:

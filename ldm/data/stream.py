@@ -26,6 +26,7 @@ counts stay equal on every rank.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -212,10 +213,12 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         # in a cut tar) reads one sample past its end: a read that ends before that leaves out the last sample it
         # read, the tar's real last one
         cut = tar_ends_cut(url)
-        ahead = cut or hi < (counts or {}).get(url, hi)
-        read, seen, prefix, held, followed = 0, 0, [], None, False
+        count = (counts or {}).get(url)
+        ahead = cut or (count is not None and hi < count)
+        probe = not ahead and hi == count  # the shard's last range: one more read tells a count short of the shard
+        read, seen, prefix, held, followed, ran_out = 0, 0, [], None, False, False
         try:
-            for i, sample in enumerate(islice(samples, hi + ahead)):
+            for i, sample in enumerate(islice(samples, hi + (ahead or probe))):
                 if i == hi:  # the sample after the range: the range's last one is whole
                     followed = True
                     break
@@ -226,11 +229,14 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                     if held is not None:
                         yield held
                     held, read = sample, read + 1
+            ran_out = not followed
         finally:
             samples.close()
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
             # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
             early = not followed and (ahead or seen < hi or skips.tar_error is not None)
+            if early and ran_out and skips.tar_error is None and _local_tar(url) and not members_stop_early(url):
+                early = False  # an intact tar that holds fewer samples than its count says: its last one is whole
             whole = prefix[:-1] if early else prefix
             if cache is not None and len(whole) > len(kept):
                 cache[url] = whole
@@ -239,8 +245,11 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             read, seen, held = read - (held is not None), seen - 1, None
         if held is not None:
             yield held
-        fix = ("rewrite it (an image shard with ldm-data, or delete summary.json so that the tar headers are counted; "
-               "a latent shard by running ldm-encode again, which re-encodes a damaged one)")
+        if followed and probe:
+            _report_uncounted(url, count)
+        fix = ("rewrite it (an image shard with ldm-data, or correct its recorded count: ldm-data's summary.json, "
+               "img2dataset's NAME_stats.json or data.samples_per_shard, deleted or unset so that the tar headers are "
+               "counted; a latent shard by running ldm-encode again, which re-encodes a damaged one)")
         error = f" ({skips.tar_error})" if skips.tar_error else ""
         if read < hi - start:  # one record for the samples of this range lost
             last = (" and a sample perhaps cut short (the tar ends early: cut short, or a damaged member header)"
@@ -250,6 +259,14 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                       f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - start - read)
         elif error:
             skips.add(url, "?", f"damaged tar{error}; {fix}")
+
+
+@functools.cache
+def _report_uncounted(url: str, count: int) -> None:
+    """Warn once per shard (and process) that it holds samples past its recorded count, which are never read."""
+    log.warning("shard %s holds more samples than its recorded count (%d): the rest are never read. Correct the count "
+                "(ldm-data's summary.json, img2dataset's NAME_stats.json or data.samples_per_shard; deleted or unset, "
+                "the tar headers are counted)", url, count)
 
 
 def tar_ends_cut(url: str) -> bool:
@@ -313,13 +330,25 @@ def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, num_classes: int 
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:
-                raise ValueError(f"no image member (looked for {list(IMAGE_KEYS)}), found {sorted(sample)}")
+                raise ValueError(no_image(sample))
             image = decode_image(sample[ext])  # 8-bit RGB; truncated data fails here
             caption, label = caption_and_label(sample, skips, num_classes)
         except Exception as err:  # noqa: BLE001 -- any undecodable sample is skipped and reported
             skips.add(url, key, f"{type(err).__name__}: {err}"[:200])
             continue
         yield {"image": image, "caption": caption, "key": key, "url": url, "label": label}
+
+
+def no_image(sample: Mapping[str, Any]) -> str:
+    """Why a raw sample has no image member, for its skip record (cut at 200 characters): the dots in its member
+    names first (`img.0.jpg`: webdataset ends the key at the first dot, `img`, so `img.1.jpg` joins the same sample),
+    then what it holds."""
+    found = sorted(k for k in sample if not k.startswith("__"))
+    dotted = next((k for k in found if k.rpartition(".")[2] in IMAGE_KEYS), None)
+    if dotted:
+        return (f"member names with more than one dot ({sample.get('__key__')}.{dotted}) merge samples: webdataset "
+                f"ends a key at the first dot; rename them (KEY.jpg, KEY.txt)")
+    return f"no image member (looked for {list(IMAGE_KEYS)}), found {found[:8]}"
 
 
 def sample_caption(sample: Mapping[str, Any]) -> str | None:

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 # What the reader gives a metric: part of the reference statistics' key and of an autoencoder row's point, so that
 # numbers of an older reader are computed again. 2: images decoded upright (EXIF orientation); 3: GIF / TIFF members
 # read, 16-bit colour keys; 4: non-square images resized then cropped, as training does; captions read as training
-# reads them (samples with unreadable ones left out).
-READER_VERSION = 4
+# reads them (samples with unreadable ones left out); 5: members grouped into samples as training groups them (names
+# without a dot or starting with one, such as `.DS_Store` and macOS' `._KEY.jpg`, are no samples).
+READER_VERSION = 5
 
 
 def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
@@ -47,7 +48,7 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
     `__url__`: the key and the shard, as strings). A damaged shard is read up to the damage and reported, naming
     the samples it lost against its recorded count (summary.json, as the training loader counts; no tar scan: a
     shard cut at a member boundary scans as many samples as it reads)."""
-    from ldm.data.datamodule import recorded_counts
+    from ldm.data.datamodule import member_key, recorded_counts
 
     for shard, count in zip(shards, recorded_counts(list(shards))):
         read, error = 0, ""
@@ -55,16 +56,16 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
             with tarfile.open(shard, "r") as tar:
                 current_key, members = None, {}
                 for member in tar:
-                    if not member.isfile():
+                    split = member_key(member.name) if member.isfile() else None
+                    if split is None:  # as the training reader: `.DS_Store`, `._KEY.jpg`, a README are no samples
                         continue
-                    stem, _, ext = Path(member.name).name.partition(".")
-                    key = str(Path(member.name).parent / stem)
+                    key, ext = split
                     if key != current_key and members:
                         read += 1
                         yield members
                         members = {}
                     current_key = key
-                    members.update({ext.lower(): tar.extractfile(member).read(), "__key__": key, "__url__": shard})
+                    members.update({ext: tar.extractfile(member).read(), "__key__": key, "__url__": shard})
                 if members:
                     read += 1
                     yield members
@@ -147,6 +148,8 @@ def _readable_samples(shards: Sequence[str], limit: int | None) -> Iterator[tupl
     for members in iter_shard_members(shards):
         if limit is not None and taken >= limit:
             break
+        if not any(ext in members for ext in IMAGE_KEYS):  # training skips a sample without an image
+            continue
         caption = readable_caption(members)
         if caption is not None:
             taken += 1
