@@ -22,7 +22,7 @@ from ldm.cli.data import write_dataset
 from ldm.config import ConfigError
 from ldm.data import encoding
 from ldm.data.datamodule import WebDataModule, shard_counts
-from ldm.data.stream import EpochPlan, ShardStream
+from ldm.data.stream import EpochPlan, ShardStream, _report_uncounted
 from ldm.images import ALPHA_BACKGROUND, decode_image, to_rgb
 
 WHITE = np.array(ALPHA_BACKGROUND)
@@ -374,6 +374,23 @@ def test_a_whole_shard_counted_wrong_keeps_its_samples_and_is_named(tmp_path: Pa
         keys = [key for batch in dm.train_dataloader() for key in batch["key"]]
     assert sorted(keys) == [f"b00{i}" for i in range(4)] and dm.num_skipped == 0  # the count rules (DDP-exact)
     assert f"shard {more} holds more samples than its recorded count (4): the rest are never read" in caplog.text
+    # validation too: its reader stops at the quota, at the shard's last sample (the warning came after it)
+    caplog.clear()
+    _report_uncounted.cache_clear()  # warned once per shard and process
+    plan = EpochPlan([str(more)], [4], seed=0, rank=0, world_size=1, num_workers=0, batch_size=2, train=False,
+                     resolution=8)
+    with caplog.at_level("WARNING", logger="ldm.data.stream"):
+        assert len(list(ShardStream(plan))) == 2
+    assert f"shard {more} holds more samples than its recorded count (4)" in caplog.text
+    # a gzipped intact shard short of its count keeps its last sample as a plain one does
+    gz = tmp_path / "00002.tar.gz"
+    gz.write_bytes(gzip.compress(fewer.read_bytes()))
+    plan = EpochPlan([str(gz)], [8], seed=0, rank=0, world_size=1, num_workers=0, batch_size=1, train=False,
+                     resolution=8)
+    batches = list(ShardStream(plan))
+    assert sorted({key for batch in batches for key in batch["key"]}) == [f"a00{i}" for i in range(6)]
+    ((_, key, reason, _),) = [record for batch in batches for record in batch["__skipped__"]]
+    assert key == "samples 6-7" and "ends after 6 whole samples but" in reason
 
 
 def test_member_names_with_dots_are_named_as_the_cause(tmp_path: Path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -478,6 +480,32 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     with pytest.raises(ConfigError, match=re.escape(f"narrow the pattern to the shards, e.g. {folder}/*.tar")):
         expand_shards(f"{folder}/*", "data.train_shards")
     assert expand_shards(f"{folder}/*.tar", "data.train_shards") == [str(folder / f"0000{i}.tar") for i in range(2)]
+    gz = tmp_path / "gz"  # the example has the suffix the shards have
+    gz.mkdir()
+    (gz / "00000.tar.gz").write_bytes(gzip.compress((shapes_shards / "train-000000.tar").read_bytes()))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. data.train_shards='{gz}/*.tar.gz'")):
+        expand_shards(str(gz), "data.train_shards")
+    val_only = tmp_path / "val_only"  # ldm-data num_samples=0: the other split only, not shards to train on
+    val_only.mkdir()
+    shutil.copy(shapes_shards / "val-000000.tar", val_only)
+    with pytest.raises(FileNotFoundError, match=r"val_only holds val shards only \(1\), no train-\*\.tar: name the "
+                                                r"folder of the train split$"):
+        expand_shards(str(val_only), "data.train_shards")
+
+
+def test_a_relative_shard_path_through_a_symlink_keeps_its_dotdot(shapes_shards: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """`cur/../*.tar` with `cur` a link into another folder: made absolute as text (`os.path.abspath`) the `..` went
+    away and the path named a file that does not exist."""
+    from ldm.data.shardlist import expand_shards
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    shutil.copy(shapes_shards / "train-000000.tar", tmp_path / "real")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "cur").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    (url,) = expand_shards("cur/../*.tar", "data.train_shards")
+    assert os.path.isabs(url) and os.path.samefile(url, tmp_path / "real" / "train-000000.tar")
 
 
 def test_a_local_shard_named_like_a_command_is_read_not_run(shapes_shards: Path, tmp_path: Path,

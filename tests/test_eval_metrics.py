@@ -266,16 +266,20 @@ def test_eval_groups_tar_members_into_samples_as_training_does(shapes_shards: Pa
         info.size = len(data)
         out.addfile(info, io.BytesIO(data))
 
-    with tarfile.open(shard, "w") as out:
+    with tarfile.open(shard, "w") as out:  # half at the top, half in a folder (as macOS' tar writes a folder)
         add(out, ".DS_Store", b"\0\0\0\1Bud1")
-        for member, data in members:
-            add(out, f"._{member.name}", b"\0\5\26\7 AppleDouble")
-            add(out, member.name, data)
+        for i, (member, data) in enumerate(members):
+            folder = "imgs/" if i >= len(members) // 2 else ""
+            if folder and i == len(members) // 2:
+                add(out, "imgs/.DS_Store", b"\0\0\0\1Bud1")
+            add(out, f"{folder}._{member.name}", b"\0\5\26\7 AppleDouble")
+            add(out, folder + member.name, data)
         add(out, "README", b"made on a Mac")
     dm = WebDataModule(train_shards=str(shard), val_shards=str(shard), batch_size=1, num_workers=0, resolution=32)
     dm.setup("fit")
     trained = [caption for batch in dm.val_dataloader() for caption in batch["caption"]]
-    assert len(trained) == 16 and load_prompts("val_shards", 16, [str(shard)]) == trained
+    assert len(trained) == 16 and "" not in trained and dm.num_skipped == 0
+    assert load_prompts("val_shards", 16, [str(shard)]) == trained
     assert [caption for _, caption in iter_shard_samples([str(shard)])] == trained
     labels = shard_labels([str(shard)], 16)
     assert labels is not None and all(SHAPES[label] in prompt for label, prompt in zip(labels, trained))

@@ -21,12 +21,10 @@ counted in `num_skipped` / `skipped`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import json
 import logging
 import os
-import re
 import signal
 import tarfile
 import warnings
@@ -37,7 +35,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import webdataset as wds
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -53,7 +50,7 @@ from ldm.data.latents import (
 )
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
-from ldm.data.stream import EpochPlan, ShardStream, data_after, tar_ends_cut
+from ldm.data.stream import EpochPlan, ShardStream, data_after, member_key, tar_ends_cut
 from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -71,22 +68,6 @@ ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x node
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shard lists and their sample counts (main process).
-
-
-# What webdataset's tar reader (`tar_file_iterator`, its defaults) leaves out: metadata members such as __meta__/...
-_WDS_SKIP_META = re.compile(inspect.signature(wds.tariterators.tar_file_iterator).parameters["skip_meta"].default)
-
-
-def member_key(name: str) -> tuple[str, str] | None:
-    """(sample key, extension in lower case) of a tar member as webdataset's reader groups samples: the name split at
-    the first dot of its file name; None for the members it leaves out (metadata such as __meta__, names without a
-    dot or starting with one: `.DS_Store`, macOS' `._KEY.jpg`, a `README`)."""
-    t = wds.tariterators
-    if ("/" not in name and name.startswith(t.meta_prefix) and name.endswith(t.meta_suffix)) or \
-            _WDS_SKIP_META.match(name):
-        return None
-    prefix, suffix = t.base_plus_ext(name)
-    return None if prefix is None else (prefix, suffix.lower())
 
 
 def _count_tar_samples(path: str) -> int:

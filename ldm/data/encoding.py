@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
-from ldm.data.stream import IMAGE_KEYS, members_stop_early, no_image, resize_crop, sample_caption
+from ldm.data.stream import IMAGE_KEYS, members_stop_early, no_image, read_tar, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -351,7 +351,7 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
         return True
 
     cut = members_stop_early(url)
-    samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+    samples = read_tar(handler)(iter([{"url": url}]))
     for sample in without_cut_last(samples, url, skipped, lambda: cut or bool(errors)):
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)

@@ -44,6 +44,10 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 pattern = path
             matches = glob_sorted(pattern) if pattern else ([path] if os.path.isfile(path) else [])
             if not matches and folder and (tars := _tars_in(os.path.dirname(path))):  # img2dataset's 00000.tar...
+                other = "val" if split == "train" else "train"
+                if all(os.path.basename(m).startswith(f"{other}-") for m in tars):  # ldm-data's other split only
+                    raise FileNotFoundError(f"{key}={part!r}: {os.path.dirname(path)} holds {other} shards only "
+                                            f"({len(tars)}), no {split}-*.tar: name the folder of the {split} split")
                 raise FileNotFoundError(f"{key}={part!r}: a folder stands for the {split}-*.tar shards ldm-data "
                                         f"writes, and {os.path.dirname(path)} holds none but {len(tars)} other tar "
                                         f"shards (e.g. {os.path.basename(tars[0])}): name them, e.g. "
@@ -55,7 +59,8 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             if others:
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
                                   f"pattern to the shards, e.g. {_example(path, split)}")
-            urls.extend(os.path.abspath(m) for m in matches)  # a relative `pipe:x.tar` or `s3:x.tar` is a file
+            # absolute (a relative `pipe:x.tar` or `s3:x.tar` is a file), `..` kept: after a symlink it is not textual
+            urls.extend(os.path.join(os.getcwd(), m) for m in matches)
     if not urls:
         raise ConfigError(f"{key}={spec!r} names no shards")
     return urls
@@ -68,11 +73,15 @@ def _tars_in(folder: str) -> list[str]:
 
 def _example(path: str, split: str) -> str:
     """A pattern naming the tar shards beside `path`: the split's (`train-*.tar`, ldm-data's names) where there are
-    such, else every tar (img2dataset's `00000.tar`)."""
+    such, else every tar but the other split's (img2dataset's `00000.tar`), with the suffix they have."""
     folder = os.path.dirname(path)
     tars = _tars_in(folder)
-    named = any(os.path.basename(m).startswith(f"{split}-") for m in tars)
-    return os.path.join(folder, f"{split}-*.tar" if named or not tars else "*.tar")
+    other = "val" if split == "train" else "train"
+    named = [m for m in tars if os.path.basename(m).startswith(f"{split}-")]
+    unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
+    pick = named or unnamed
+    suffix = next((x for x in TAR_SUFFIXES if pick and pick[0].endswith(x)), ".tar")
+    return os.path.join(folder, f"{split}-*{suffix}" if named or not unnamed else f"*{suffix}")
 
 
 def absolute_spec(spec: str | list[str]) -> str | list[str]:

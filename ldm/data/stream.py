@@ -27,11 +27,13 @@ counts stay equal on every rank.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
 import os
 import random
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -57,6 +59,30 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 # note: resized whole up to this aspect ratio (the usual path; its pixels differ from the box path's by 1 level at most
 # at photo sizes), inside the crop's box beyond it
 MAX_RESIZED_ASPECT = 4
+
+
+# What webdataset's tar reader (`tar_file_iterator`, its defaults) leaves out: metadata members such as __meta__/...
+_WDS_SKIP_META = re.compile(inspect.signature(wds.tariterators.tar_file_iterator).parameters["skip_meta"].default)
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension in lower case) of a tar member as every reader here groups samples (webdataset's rule:
+    the name split at the first dot of its file name); None for the members left out: webdataset's metadata
+    (`__meta__`), and files whose name has no dot or starts with one (`.DS_Store`, macOS' `._KEY.jpg`, a `README`),
+    at the top of the tar or in a folder inside it (webdataset itself would take `imgs/._KEY.jpg` for a sample
+    `imgs/`)."""
+    t = wds.tariterators
+    base = name.rpartition("/")[2]
+    if base.startswith(".") or "." not in base or _WDS_SKIP_META.match(name) or \
+            ("/" not in name and name.startswith(t.meta_prefix) and name.endswith(t.meta_suffix)):
+        return None
+    prefix, suffix = t.base_plus_ext(name)
+    return None if prefix is None else (prefix, suffix.lower())
+
+
+def read_tar(handler: Callable[[Exception], bool]) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """webdataset's tar reader (`tarfile_to_samples`) keeping only the members `member_key` groups into samples."""
+    return wds.tarfile_to_samples(handler=handler, select_files=lambda name: member_key(name) is not None)
 
 
 @dataclass
@@ -206,7 +232,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             continue
         start = lo + len(served)  # the range's first sample not in memory
         skips.tar_error = None
-        samples = wds.tarfile_to_samples(handler=skips.handler)(iter([{"url": url}]))
+        samples = read_tar(skips.handler)(iter([{"url": url}]))
         # note: a tar cut short (at a member's boundary, or inside a compressed one) or with a damaged member header
         # inside may end with no error, or with one after its last sample, which may have lost members (its
         # caption). Each sample is held back until the next one is read, and a range that ends inside its shard (or
@@ -235,7 +261,8 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
             # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
             early = not followed and (ahead or seen < hi or skips.tar_error is not None)
-            if early and ran_out and skips.tar_error is None and _local_tar(url) and not members_stop_early(url):
+            if early and ran_out and skips.tar_error is None and not url.startswith(REMOTE_PREFIXES) and \
+                    url.endswith((".tar", ".tar.gz", ".tgz")) and not members_stop_early(url):
                 early = False  # an intact tar that holds fewer samples than its count says: its last one is whole
             whole = prefix[:-1] if early else prefix
             if cache is not None and len(whole) > len(kept):
@@ -243,10 +270,10 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         dropped = early and seen > 0  # the last sample of a tar that ended early
         if dropped:
             read, seen, held = read - (held is not None), seen - 1, None
+        if followed and probe:  # before the last yield: a reader with its quota stops there
+            _report_uncounted(url, count)
         if held is not None:
             yield held
-        if followed and probe:
-            _report_uncounted(url, count)
         fix = ("rewrite it (an image shard with ldm-data, or correct its recorded count: ldm-data's summary.json, "
                "img2dataset's NAME_stats.json or data.samples_per_shard, deleted or unset so that the tar headers are "
                "counted; a latent shard by running ldm-encode again, which re-encodes a damaged one)")
@@ -289,20 +316,33 @@ def tar_ends_cut(url: str) -> bool:
 def members_stop_early(url: str) -> bool:
     """`tar_ends_cut`, or a damaged member header inside, which tarfile takes for the archive's end (the samples after
     it are lost, the one it cuts may lack members): its members stop before its data does. Walks the headers (a seek
-    per member), for the header count and ldm-encode; training's reader needs no walk (a read that ends before the
-    shard's count leaves out its last sample)."""
-    path = _local_tar(url)
-    if path is None:
+    per member; a compressed local tar is decompressed once, and one that ends before its end-of-archive blocks, or
+    whose compressed stream is cut, stops early), for the header count, ldm-encode and a training read that ends
+    before the shard's count."""
+    if url.startswith(REMOTE_PREFIXES):
         return False
-    if tar_ends_cut(url):
-        return True
+    path = url.removeprefix("file:")
+    if path.endswith(".tar"):
+        if tar_ends_cut(url):
+            return True
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for _ in tar:
+                    pass
+                return data_after(path, tar.offset)  # the end-of-archive blocks, or a header it could not read
+        except (OSError, tarfile.TarError):
+            return False  # unreadable from the start: the reader reports it
+    if not path.endswith((".tar.gz", ".tgz")):
+        return False
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(path, "r:gz") as tar:
             for _ in tar:
                 pass
-            return data_after(path, tar.offset)  # the end-of-archive blocks, or a header it could not read
-    except (OSError, tarfile.TarError):
-        return False  # unreadable from the start: the reader reports it
+            tar.fileobj.seek(tar.offset)
+            rest = tar.fileobj.read()  # what follows the last member: the end-of-archive blocks, zeros only
+        return len(rest) < 1024 or bool(rest.strip(b"\0"))
+    except (OSError, EOFError, tarfile.TarError):
+        return True  # the compressed stream is cut or damaged
 
 
 def data_after(path: str, offset: int) -> bool:

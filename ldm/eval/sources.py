@@ -48,7 +48,8 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
     `__url__`: the key and the shard, as strings). A damaged shard is read up to the damage and reported, naming
     the samples it lost against its recorded count (summary.json, as the training loader counts; no tar scan: a
     shard cut at a member boundary scans as many samples as it reads)."""
-    from ldm.data.datamodule import member_key, recorded_counts
+    from ldm.data.datamodule import recorded_counts
+    from ldm.data.stream import member_key
 
     for shard, count in zip(shards, recorded_counts(list(shards))):
         read, error = 0, ""
