@@ -13,6 +13,7 @@ kept: the one place that knows the EMA's key prefix (`ema.module.`).
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,18 @@ UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeEr
 
 
 def needed_code(err: pickle.UnpicklingError) -> str | None:
-    """The global (class or function) that `torch.load(weights_only=True)` refused to load, as its error names it;
-    None when the refusal is damaged data instead."""
-    lines = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
-    return lines[0][:200] if lines else None
+    """The global (class or function) that `torch.load(weights_only=True)` refused to load, as `global io.open`
+    (not torch's message, which advises allowlisting it); None when the refusal is damaged data instead."""
+    match = re.search(r"GLOBAL (\S+)", str(err))
+    return f"global {match.group(1)}" if match else None
+
+
+def pickle_refusal(err: pickle.UnpicklingError) -> str:
+    """A weights-only unpickling refusal in words, after "the weights' ": the code the pickle asks for (nothing
+    ran), or damaged data."""
+    code = needed_code(err)
+    return (f"pickle needs code outside plain tensors ({code}); nothing was run or loaded" if code else
+            "pickle is damaged (not data torch.load reads); nothing was loaded")
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str | torch.device = "cpu",

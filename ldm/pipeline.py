@@ -241,10 +241,10 @@ class LatentDiffusionPipeline(nn.Module):
             away = "the negative prompts" if negative_prompts is not None else "the unconditional model"
             warnings.warn(f"guidance_scale={guidance_scale} < 1 pulls the images away from the prompts toward {away} "
                           f"(at 0 they are {away}'s alone); for the conditional model alone, as diffusers' "
-                          f"guidance_scale <= 1, use 1", stacklevel=2)
+                          f"guidance_scale <= 1, use 1", stacklevel=3)  # 3: past torch.no_grad's wrapper
         elif guidance_scale == 1 and negative_prompts is not None:
             warnings.warn("negative_prompts do nothing at guidance_scale=1 (the conditional model alone, no "
-                          "unconditional pass): guide with a scale > 1", stacklevel=2)
+                          "unconditional pass): guide with a scale > 1", stacklevel=3)
         cond, negative = self.sampling_conditions(prompts, class_labels, negative_prompts, B)
         device = self.device
         rng = StackedRandomGenerator(seeds, device)

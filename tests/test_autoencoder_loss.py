@@ -128,9 +128,15 @@ def test_a_backbone_file_carrying_code_or_other_tensors_is_refused(local_vgg16, 
     """torchvision read the cached VGG16 with weights_only=False: a file planted there ran its code."""
     path = vgg16_weights_path()
     torch.save({**local_vgg16, "extra": LeavesAMark(tmp_path / "ran")}, path)
-    with pytest.raises(CheckpointError, match="refused to load: the file's pickle needs code"):
+    with pytest.raises(CheckpointError, match=r"VGG16 backbone .* carries code in its pickle \(refused: nothing "
+                                              r"ran\): replace it .* or set model\.loss\.lpips_pretrained_backbone="
+                                              r"false to use a random backbone$"):
         build_lpips(pretrained_backbone=True)
     assert not (tmp_path / "ran").exists()
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    with pytest.raises(CheckpointError, match=r"cannot be read \(damaged, .*set model\.loss\.lpips_pretrained_backbone"
+                                              r"=false"):
+        build_lpips(pretrained_backbone=True)
     torch.save({k: v for k, v in local_vgg16.items() if k != "features.28.weight"}, path)
     with pytest.raises(CheckpointError, match=r"is not torchvision's VGG16 \(features\.28\.weight missing .*set "
                                               r"model\.loss\.lpips_pretrained_backbone=false"):

@@ -136,9 +136,13 @@ def test_clip_score_weights_carrying_code_are_refused_without_torchs_advice(tmp_
     (folder / "model.safetensors").unlink()
     torch.save({"payload": _CreatesFile(tmp_path / "ran")}, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=rf"^clip_model={folder}: the weights' pickle needs code outside plain "
-                                              r"tensors .*nothing was run or loaded: give safetensors weights$"):
+                                              r"tensors \(global [\w.]+\); nothing was run or loaded: give "
+                                              r"safetensors weights$") as err:
         clip_loader(str(folder))()
-    assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "ran").exists() and "safe_globals" not in str(err.value)  # torch's advice to allow it
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02garbage" * 5)  # damaged: said so, not "needs code"
+    with pytest.raises(CheckpointError, match=r"the weights' pickle is damaged \(not data torch\.load reads\)"):
+        clip_loader(str(folder))()
 
 
 def test_transformers_folders_never_run_their_code_and_damaged_files_are_named(tmp_path: Path):

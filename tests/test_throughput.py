@@ -167,6 +167,27 @@ def test_a_checkpoint_before_validation_or_at_the_end_is_data_wait(tmp_path: Pat
     assert callback.summary["data_wait_fraction"] > 0.8
 
 
+class SavesFirst(L.Callback):
+    """Saves a checkpoint in its own on_train_batch_end, before the throughput callback's (as SlurmRequeue does on
+    a signal, listed before it), the save taking 0.1 s more."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.save_checkpoint(self.path)
+        time.sleep(0.1)
+
+
+def test_a_save_before_the_callbacks_batch_end_is_data_wait_too(tmp_path: Path):
+    callback = Throughput(count_flops=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[SavesFirst(tmp_path / "x.ckpt"), callback])
+    trainer.fit(TwoLayers(), train_dataloaders=DataLoader(SlowBatches(4, 0.0), batch_size=None))
+    assert callback.summary["data_wait_ms"] == pytest.approx(100, abs=25)
+
+
 class LateCritic(L.LightningModule):
     """Manual optimization with a second network that joins at step 3, as the autoencoder's discriminator does at
     disc_start: from then on a batch costs more."""

@@ -148,7 +148,9 @@ class Throughput(StepBoundary):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        self._settle()  # a callback that saves at its own batch end (SlurmRequeue) may run before this one's
+        if getattr(self, "_open", False):  # a callback saving at its own batch end (SlurmRequeue) runs before this
+            self._step_end = time.perf_counter()  # one's: the step ended here, the save is data wait
+        self._settle()
         return {"flops_per_sample": dict(self.flops_per_sample), "count_next": getattr(self, "_count_next", False)}
 
     @override
@@ -168,6 +170,7 @@ class Throughput(StepBoundary):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = self._ready = time.perf_counter()
+        self._step_end: float | None = None  # set by a save inside the batch's end (`state_dict`)
         self._first_step = trainer.global_step  # > 0: resumed there
         self._paused = 0.0  # seconds of validation inside training
         self._batches = self._samples = self._steps = 0
@@ -222,7 +225,8 @@ class Throughput(StepBoundary):
                     self._log_interval(trainer)
                 except Exception as err:  # noqa: BLE001 -- a measurement must never stop a training run
                     log.warning("throughput: could not measure this interval (%s: %s)", type(err).__name__, err)
-        self._ready = time.perf_counter()
+        self._ready = self._step_end or time.perf_counter()
+        self._step_end = None
 
     def exclude(self, seconds: float) -> None:
         """Take `seconds` of work just done (see `paused`) out of training time and of the next step's data wait;

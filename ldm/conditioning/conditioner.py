@@ -190,6 +190,7 @@ class TextConditioner(Conditioner):
     def __init__(self, encoder: nn.Module, kind: str, cond_drop_prob: float = 0.1, pooled: bool = False):
         super().__init__(kind, cond_drop_prob)
         self.encoder = encoder
+        self.cut_reported = False  # whether generation has said that a prompt is longer than the encoder reads
         self.context_dim = encoder.context_dim
         self.pooled_dim = encoder.pooled_dim if pooled else None
         self.trainable = encoder.trainable
@@ -236,11 +237,14 @@ class TextConditioner(Conditioner):
         if prompts is None or len(prompts) != batch_size:
             raise ValueError(f"{0 if prompts is None else len(prompts)} prompts for {batch_size} seeds; a text-"
                              f"conditioned model needs one prompt per seed")
-        cut = [(prompt, dropped) for prompt in dict.fromkeys(prompts) if (dropped := self.encoder.cut(prompt))]
-        if cut:  # as diffusers' encode_prompt: training cuts captions silently, generation says so
-            prompt, dropped = cut[0]
-            log.warning("%d of these prompts are longer than the text encoder's %d tokens and lose their end, e.g. "
-                        "%r loses %r", len(cut), self.encoder.max_length, prompt[:80], dropped[:80])
+        if not self.cut_reported:  # as diffusers' encode_prompt, but once (generate runs batch by batch)
+            cut = [(prompt, dropped) for prompt in dict.fromkeys(prompts) if (dropped := self.encoder.cut(prompt))]
+            if cut:
+                prompt, dropped = cut[0]
+                log.warning("%d of these prompts are longer than the text encoder's %d tokens and lose their end, "
+                            "e.g. %r loses %r (said once: later prompts are cut alike)", len(cut),
+                            self.encoder.max_length, prompt[:80], dropped[:80])
+                self.cut_reported = True
         return list(prompts)
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoints import needed_code
+from ldm.checkpoints import pickle_refusal
 from ldm.conditioning.byte import masked_mean
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_choice
@@ -66,9 +66,8 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
         try:
             loaded = cls.from_pretrained(source, **options, **kwargs)
         except pickle.UnpicklingError as err:  # torch's message would advise weights_only=False
-            raise ConfigError(f"{config_key}={name_or_path!r}: the weights' pickle needs code outside plain tensors "
-                              f"({needed_code(err) or 'damaged data'}); nothing was run or loaded: give "
-                              f"safetensors weights") from None
+            raise ConfigError(f"{config_key}={name_or_path!r}: the weights' {pickle_refusal(err)}: give safetensors "
+                              f"weights") from None
         except (OSError, ValueError):
             raise
         except Exception as err:  # noqa: BLE001 -- damaged files: safetensors headers, tokenizer files

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint, needed_code
+from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint, pickle_refusal
 from ldm.config import ConfigError
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
@@ -170,8 +170,7 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
             parts.text_encoder = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, variant=variant,
                                                                dtype=torch.float32).eval()
         except pickle.UnpicklingError as err:
-            raise UnsupportedCheckpointError(f"{folder}: its weights' pickle needs code outside plain tensors "
-                                             f"({needed_code(err) or 'damaged data'}); it is not loaded") from None
+            raise UnsupportedCheckpointError(f"{folder}: its weights' {pickle_refusal(err)}") from None
         except Exception as err:  # noqa: BLE001 -- transformers' errors for missing, damaged or mismatched files
             raise UnsupportedCheckpointError(f"{folder}: cannot load the CLIP text encoder ({type(err).__name__}: "
                                              f"{str(err).splitlines()[0] if str(err) else ''}); its config.json and "

@@ -198,7 +198,7 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
     from safetensors import SafetensorError
     from transformers import CLIPModel, CLIPProcessor
 
-    from ldm.checkpoints import CheckpointError, needed_code
+    from ldm.checkpoints import CheckpointError, pickle_refusal
 
     local_dir = Path(model_name_or_path).expanduser()
     is_local = local_dir.is_dir()
@@ -215,8 +215,7 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
             model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             processor = CLIPProcessor.from_pretrained(source, local_files_only=local_only)
         except pickle.UnpicklingError as err:  # torch's message would advise weights_only=False
-            raise CheckpointError(f"{key}={model_name_or_path}: the weights' pickle needs code outside plain tensors "
-                                  f"({needed_code(err) or 'damaged data'}); nothing was run or loaded: give "
+            raise CheckpointError(f"{key}={model_name_or_path}: the weights' {pickle_refusal(err)}: give "
                                   f"safetensors weights") from None
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # note: a hub
             # name with no network ends here, and a damaged file

@@ -53,7 +53,13 @@ def load_vgg16_backbone(backbone: nn.Module, path: Path, flag: str) -> None:
     """torchvision's VGG16 convolutions from `path` into lpips' backbone (its `sliceK.<index>` modules are
     `features.<index>`), read without running code: torchvision's own loader unpickles the cached file with
     `weights_only=False`, so a planted file there would run whatever it carries."""
-    state = load_checkpoint(path, "LPIPS backbone")
+    try:
+        state = load_checkpoint(path, "LPIPS backbone")
+    except CheckpointError as err:
+        why = "carries code in its pickle (refused: nothing ran)" if "refused to load" in str(err) else \
+            "cannot be read (damaged, cut short, or not a file torch.save wrote)"
+        raise CheckpointError(f"LPIPS's VGG16 backbone {path} {why}: replace it with torchvision's {VGG16_FILE}, "
+                              f"or set {flag}=false to use a random backbone") from None
     names = {name: f"features.{name.split('.', 1)[1]}" for name in backbone.state_dict()}
     wrong = next((source for name, source in names.items() if not isinstance(state.get(source), torch.Tensor)
                   or state[source].shape != backbone.state_dict()[name].shape), None)
