@@ -251,6 +251,7 @@ class EpochLoader(DataLoader):
         meet the same samples again, and would count them again)."""
         for batch in iterator:
             uncaptioned, skipped = batch.pop("__uncaptioned__", []), batch.pop("__skipped__", [])
+            self.datamodule.record_uncounted(batch.pop("__uncounted__", {}))
             if first:
                 self.datamodule.record_uncaptioned(uncaptioned)
             self.on_batch(skipped if first else [])
@@ -320,6 +321,7 @@ class WebDataModule(L.LightningDataModule):
         self.num_skipped = 0  # corrupt samples skipped by this process's loaders
         self.skipped: list[tuple[str, str, str]] = []  # (shard, key, reason), the first 1000
         self.uncaptioned: dict[str, int] = {}  # shard -> samples without a caption (they train with "")
+        self._uncounted: set[str] = set()  # shards found to hold more samples than their count (warned once)
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
         self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
@@ -511,6 +513,15 @@ class WebDataModule(L.LightningDataModule):
                 log.warning("shard %s: sample %s has no caption (.txt); it trains with the empty caption \"\" (one "
                             "warning per shard; the run's total is printed at the end)", shard, key)
             self.uncaptioned[shard] = self.uncaptioned.get(shard, 0) + 1
+
+    def record_uncounted(self, shards: dict[str, int]) -> None:
+        """Warn once per shard that it holds samples past its recorded count, which are never read."""
+        for shard, count in shards.items():
+            if shard not in self._uncounted:
+                self._uncounted.add(shard)
+                log.warning("shard %s holds more samples than its recorded count (%d): the rest are never read. "
+                            "Correct the count (ldm-data's summary.json, img2dataset's NAME_stats.json or "
+                            "data.samples_per_shard; deleted or unset, the tar headers are counted)", shard, count)
 
     def _log_data_counts(self) -> tuple[int, int]:
         """(skipped, uncaptioned): the totals of all ranks so far, logged from rank 0 as `data/skipped` and

@@ -17,16 +17,15 @@ i of a rank came from worker i mod W; on resume after k batches the workers' rol
 first worker produces batch k).
 
 Corrupt samples (undecodable image, truncated tar) are skipped and reported with shard and key in each batch's
-`__skipped__` entry, samples without a caption (they train with "") in `__uncaptioned__` (the loader takes both out in
-the main process). A shard that ends before the count summary.json gives it (truncated, or the summary is stale) is
-reported as damaged, naming it. A slot that lost samples tops its quota up by re-reading its own range from the start;
-a slot whose whole range lies past such a shard's real end reads the samples of the other shards instead, so the batch
-counts stay equal on every rank.
+`__skipped__` entry, samples without a caption (they train with "") in `__uncaptioned__`, shards found to hold more
+samples than their count in `__uncounted__` (the loader takes these out in the main process). A shard that ends
+before its recorded count (truncated, or the count is stale) is reported as damaged, naming it. A slot that lost
+samples tops its quota up by re-reading its own range from the start; a slot whose whole range lies past such a
+shard's real end reads the samples of the other shards instead, so the batch counts stay equal on every rank.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -187,6 +186,7 @@ class SkipLog:
         self.uncaptioned: list[tuple[str, str]] = []
         self.uncaptioned_seen: set[tuple[str, str]] = set()
         self.tar_error: str | None = None  # the handler's last error in the shard being read
+        self.uncounted: dict[str, int] = {}  # shard -> its recorded count, for shards found to hold more
 
     def add(self, url: str, key: str, reason: str, count: int = 1) -> None:
         if (url, key) not in self.seen:  # a slot topping up re-reads its range: report each sample once
@@ -210,6 +210,10 @@ class SkipLog:
 
     def pop_uncaptioned(self) -> list[tuple[str, str]]:
         records, self.uncaptioned = self.uncaptioned, []
+        return records
+
+    def pop_uncounted(self) -> dict[str, int]:
+        records, self.uncounted = self.uncounted, {}
         return records
 
 
@@ -271,7 +275,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         if dropped:
             read, seen, held = read - (held is not None), seen - 1, None
         if followed and probe:  # before the last yield: a reader with its quota stops there
-            _report_uncounted(url, count)
+            skips.uncounted[url] = count
         if held is not None:
             yield held
         fix = ("rewrite it (an image shard with ldm-data, or correct its recorded count: ldm-data's summary.json, "
@@ -286,14 +290,6 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
                       f"{hi}{error} (truncated, or its count is out of date); {fix}", count=hi - start - read)
         elif error:
             skips.add(url, "?", f"damaged tar{error}; {fix}")
-
-
-@functools.cache
-def _report_uncounted(url: str, count: int) -> None:
-    """Warn once per shard (and process) that it holds samples past its recorded count, which are never read."""
-    log.warning("shard %s holds more samples than its recorded count (%d): the rest are never read. Correct the count "
-                "(ldm-data's summary.json, img2dataset's NAME_stats.json or data.samples_per_shard; deleted or unset, "
-                "the tar headers are counted)", url, count)
 
 
 def tar_ends_cut(url: str) -> bool:
@@ -516,6 +512,7 @@ class ShardStream(IterableDataset):
         for batch in pipeline:
             batch["__skipped__"] = skips.pop()  # taken out by the loader in the main process
             batch["__uncaptioned__"] = skips.pop_uncaptioned()
+            batch["__uncounted__"] = skips.pop_uncounted()
             yield batch
 
     # note: the three steps a sample goes through are methods so that `ldm.data.latents.LatentStream` reads latent
