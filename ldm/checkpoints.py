@@ -47,12 +47,23 @@ def needed_code(err: pickle.UnpicklingError) -> str | None:
     return f"global {match.group(1)}" if match else None
 
 
+def newer_protocol(err: pickle.UnpicklingError) -> bool:
+    """Whether the weights-only reader stopped at an opcode of pickle protocol 4 or 5 (FRAME, SHORT_BINUNICODE, ...:
+    140-152), which it does not read, rather than at damaged data."""
+    match = re.search(r"Unsupported operand (\d+)", str(err))
+    return bool(match) and 140 <= int(match.group(1)) <= 152
+
+
 def pickle_refusal(err: pickle.UnpicklingError) -> str:
     """A weights-only unpickling refusal in words, after "the weights' ": the code the pickle asks for (nothing
-    ran), or damaged data."""
-    code = needed_code(err)
-    return (f"pickle needs code outside plain tensors ({code}); nothing was run or loaded" if code else
-            "pickle is damaged (not data torch.load reads); nothing was loaded")
+    ran), a pickle protocol the weights-only reader stops at before it sees what the file holds, or damaged data."""
+    if code := needed_code(err):
+        return f"pickle needs code outside plain tensors ({code}); nothing was run or loaded"
+    if newer_protocol(err):
+        return ("pickle uses opcodes torch.load(weights_only=True) does not read (pickle protocol 4 or 5, or objects "
+                "other than tensors); nothing was loaded: re-save it with torch.save's default protocol or as "
+                "safetensors")
+    return "pickle is damaged (not data torch.load reads); nothing was loaded"
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str | torch.device = "cpu",
@@ -82,6 +93,8 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
             raise CheckpointError(f"{key}={path}: refused to load: the file's pickle needs code outside plain "
                                   f"tensors and containers ({code}); only checkpoints written by this package (or "
                                   f"plain state dicts) are read") from None
+        if newer_protocol(err):
+            raise CheckpointError(f"{key}={path}: its {pickle_refusal(err)}") from None
         raise CheckpointError(f"{key}={path} is not a readable checkpoint (its data is damaged); was it truncated, "
                               f"or is it another kind of file?") from None
     except UNREADABLE:

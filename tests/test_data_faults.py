@@ -414,6 +414,32 @@ def test_member_names_with_dots_are_named_as_the_cause(tmp_path: Path):
         list(dm.train_dataloader())
 
 
+def test_every_reader_leaves_out_the_last_sample_of_a_tar_cut_at_a_member_boundary(tmp_path: Path,
+                                                                                  caplog: pytest.LogCaptureFixture):
+    """Cut where the last sample's caption begins, plain and inside an intact gzip stream (tar killed while piped
+    into gzip): the gzipped one was counted whole and its last sample trained without its caption, and ldm-eval took
+    it from either (a prompt "" beside its image)."""
+    from ldm.eval.sources import shard_captions
+
+    whole = write_shard(tmp_path / "full.tar", shapes_like(tmp_path, "h", 6))
+    with tarfile.open(whole) as tar:
+        offset = next(member.offset for member in tar if member.name == "h005.txt")
+    plain = tmp_path / "val-000000.tar"
+    plain.write_bytes(whole.read_bytes()[:offset])
+    packed = tmp_path / "val-000001.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    for shard in (plain, packed):
+        dm = WebDataModule(train_shards=str(shard), val_shards=str(shard), batch_size=1, num_workers=0,
+                           resolution=8)
+        with caplog.at_level("WARNING"):
+            dm.setup("fit")
+            assert dm.train_counts == [5], shard
+            keys = [key for batch in dm.train_dataloader() for key in batch["key"]]
+        assert sorted(keys) == [f"h00{i}" for i in range(5)] and dm.uncaptioned == {}, shard
+        assert "holds more samples than its recorded count" not in caplog.text
+        assert shard_captions([str(shard)]) == [f"s{i}" for i in range(5)], shard
+
+
 class Mean(L.LightningModule):
     """The smallest trainable module: the data are under test here."""
 

@@ -485,6 +485,10 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     (gz / "00000.tar.gz").write_bytes(gzip.compress((shapes_shards / "train-000000.tar").read_bytes()))
     with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. data.train_shards='{gz}/*.tar.gz'")):
         expand_shards(str(gz), "data.train_shards")
+    shutil.copy(shapes_shards / "val-000000.tar", folder)  # beside img2dataset's shards: not to train on
+    with pytest.raises(FileNotFoundError, match=r"holds none but 2 other tar shards \(e\.g\. 00000\.tar\): move the "
+                                                r"val-\*\.tar shards to a folder of their own, then name them"):
+        expand_shards(str(folder), "data.train_shards")
     val_only = tmp_path / "val_only"  # ldm-data num_samples=0: the other split only, not shards to train on
     val_only.mkdir()
     shutil.copy(shapes_shards / "val-000000.tar", val_only)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoints import UNREADABLE, needed_code
+from ldm.checkpoints import UNREADABLE, needed_code, newer_protocol, pickle_refusal
 from ldm.config import ConfigError, is_int
 
 StateDict = dict[str, torch.Tensor]
@@ -56,6 +56,8 @@ def read_state_dict(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if newer_protocol(err):
+            raise UnsupportedCheckpointError(f"{path}: its {pickle_refusal(err)}") from None
         if (code := needed_code(err)) is None:
             raise UnsupportedCheckpointError(damaged) from None
         raise UnsupportedCheckpointError(

@@ -50,7 +50,7 @@ from ldm.data.latents import (
 )
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
-from ldm.data.stream import EpochPlan, ShardStream, data_after, member_key, tar_ends_cut
+from ldm.data.stream import EpochPlan, ShardStream, compressed_rest_cut, data_after, member_key, tar_ends_cut
 from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,12 @@ def _count_tar_samples(path: str) -> int:
                     if prefix != last:
                         count, last = count + 1, prefix
             # cut at a member's boundary, or a damaged header where the walk stopped: the last sample may lack members
-            stopped_early = tar_ends_cut(path) or (plain and data_after(path, tar.offset))
+            stopped_early = tar_ends_cut(path) or (data_after(path, tar.offset) if plain else compressed_rest_cut(tar))
         if count and stopped_early:
-            count -= 1
-            raise tarfile.ReadError(f"its members stop before its end (cut short, or a damaged member header: what "
-                                    f"follows is lost), so its last sample ({last}) may be cut short")
+            log.warning("shard %s is damaged (its members stop before its end (cut short, or a damaged member header: "
+                        "what follows is lost), so its last sample (%s) may be cut short): counting the %d samples "
+                        "before the damage", path, last, count - 1)
+            return count - 1
     except (tarfile.TarError, OSError, EOFError) as err:
         if not plain and count:  # a compressed tar breaks at the header after a member cut short: as the reader, leave
             count -= 1  # out the sample it was reading
@@ -517,11 +518,14 @@ class WebDataModule(L.LightningDataModule):
     def record_uncounted(self, shards: dict[str, int]) -> None:
         """Warn once per shard that it holds samples past its recorded count, which are never read."""
         for shard, count in shards.items():
-            if shard not in self._uncounted:
-                self._uncounted.add(shard)
-                log.warning("shard %s holds more samples than its recorded count (%d): the rest are never read. "
-                            "Correct the count (ldm-data's summary.json, img2dataset's NAME_stats.json or "
-                            "data.samples_per_shard; deleted or unset, the tar headers are counted)", shard, count)
+            if shard in self._uncounted:
+                continue
+            self._uncounted.add(shard)
+            if not shard.startswith(REMOTE_PREFIXES) and recorded_counts([shard]) == [None]:
+                continue  # counted by its headers, less a last sample perhaps cut short (warned as damaged then)
+            log.warning("shard %s holds more samples than its recorded count (%d): the rest are never read. "
+                        "Correct the count (ldm-data's summary.json, img2dataset's NAME_stats.json or "
+                        "data.samples_per_shard; deleted or unset, the tar headers are counted)", shard, count)
 
     def _log_data_counts(self) -> tuple[int, int]:
         """(skipped, uncaptioned): the totals of all ranks so far, logged from rank 0 as `data/skipped` and

@@ -48,9 +48,12 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 if all(os.path.basename(m).startswith(f"{other}-") for m in tars):  # ldm-data's other split only
                     raise FileNotFoundError(f"{key}={part!r}: {os.path.dirname(path)} holds {other} shards only "
                                             f"({len(tars)}), no {split}-*.tar: name the folder of the {split} split")
+                unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
+                move = f"move the {other}-*.tar shards to a folder of their own, then " if len(unnamed) < len(tars) \
+                    else ""
                 raise FileNotFoundError(f"{key}={part!r}: a folder stands for the {split}-*.tar shards ldm-data "
-                                        f"writes, and {os.path.dirname(path)} holds none but {len(tars)} other tar "
-                                        f"shards (e.g. {os.path.basename(tars[0])}): name them, e.g. "
+                                        f"writes, and {os.path.dirname(path)} holds none but {len(unnamed)} other tar "
+                                        f"shards (e.g. {os.path.basename(unnamed[0])}): {move}name them, e.g. "
                                         f"{key}='{_example(path, split)}'")
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "

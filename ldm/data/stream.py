@@ -334,11 +334,18 @@ def members_stop_early(url: str) -> bool:
         with tarfile.open(path, "r:gz") as tar:
             for _ in tar:
                 pass
-            tar.fileobj.seek(tar.offset)
-            rest = tar.fileobj.read()  # what follows the last member: the end-of-archive blocks, zeros only
-        return len(rest) < 1024 or bool(rest.strip(b"\0"))
+            return compressed_rest_cut(tar)
     except (OSError, EOFError, tarfile.TarError):
         return True  # the compressed stream is cut or damaged
+
+
+def compressed_rest_cut(tar: tarfile.TarFile) -> bool:
+    """After a header walk of a compressed tar: whether what follows its last member is not the end-of-archive blocks
+    (zeros, at least two 512-byte blocks): the tar inside an intact compressed stream was cut (at a member's
+    boundary: no read error tells) or has a damaged header. Decompresses the rest of the stream."""
+    tar.fileobj.seek(tar.offset)
+    rest = tar.fileobj.read()
+    return len(rest) < 1024 or bool(rest.strip(b"\0"))
 
 
 def data_after(path: str, offset: int) -> bool:

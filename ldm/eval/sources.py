@@ -46,13 +46,14 @@ def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
 def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
     """Each sample of `shards` in order, as {extension: bytes} of the tar members sharing its key (and `__key__`,
     `__url__`: the key and the shard, as strings). A damaged shard is read up to the damage and reported, naming
-    the samples it lost against its recorded count (summary.json, as the training loader counts; no tar scan: a
-    shard cut at a member boundary scans as many samples as it reads)."""
+    the samples it lost against its recorded count (summary.json, as the training loader counts); as training, a
+    shard whose members stop early (cut at a member's boundary, a damaged header, a read error) leaves out its last
+    sample, which may lack members."""
     from ldm.data.datamodule import recorded_counts
-    from ldm.data.stream import member_key
+    from ldm.data.stream import member_key, members_stop_early
 
     for shard, count in zip(shards, recorded_counts(list(shards))):
-        read, error = 0, ""
+        read, error, held = 0, "", None
         try:
             with tarfile.open(shard, "r") as tar:
                 current_key, members = None, {}
@@ -62,16 +63,24 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
                         continue
                     key, ext = split
                     if key != current_key and members:
-                        read += 1
-                        yield members
-                        members = {}
+                        if held is not None:
+                            read += 1
+                            yield held
+                        held, members = members, {}
                     current_key = key
                     members.update({ext: tar.extractfile(member).read(), "__key__": key, "__url__": shard})
                 if members:
-                    read += 1
-                    yield members
-        except (tarfile.TarError, OSError, EOFError) as err:  # note: the samples before the damage were yielded
+                    if held is not None:
+                        read += 1
+                        yield held
+                    held = members
+        except (tarfile.TarError, OSError, EOFError) as err:  # the sample being read is lost, the one before whole
             error = f" ({type(err).__name__}: {err})"
+        if held is not None and not error and members_stop_early(shard):  # no error: the last sample may be cut
+            error, held = " (its members stop before its end: cut short, or a damaged member header)", None
+        if held is not None:
+            read += 1
+            yield held
         if (count is not None and read < count) or error:
             _report_damaged(shard, read, count, error)
 
