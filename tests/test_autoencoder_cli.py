@@ -43,6 +43,14 @@ def test_quickstart_vae_leaves_checkpoint_stats_export_and_wandb_run(shapes_shar
     for changed, message in (
             (["experiment=quickstart_vae", "model.net.ch=8", f"paths.output_dir={out}"],
              r"last\.ckpt does not fit .*model\.net\.ch: 16 there, 8 here"),
+            # the same shapes, another network (GroupNorm over other groups): it trained on silently
+            (["experiment=quickstart_vae", "model.net.norm_groups=4", f"paths.output_dir={out}"],
+             r"last\.ckpt: its weights fit this model's shapes, but its network differs in \['model\.net\.norm_groups: "
+             r"8 there, 4 here'\]"),
+            # RGB data: refused at the start, not at the first step or when the GAN starts (step disc_start)
+            (["experiment=quickstart_vae", "model.loss.disc.in_channels=1", f"paths.output_dir={tmp_path / 'grey'}"],
+             r"model\.loss\.disc\.in_channels=1: the training images are RGB \(3 channels\); set "
+             r"model\.loss\.disc\.in_channels=3"),
             (["experiment=quickstart_clip", f"paths.output_dir={tmp_path / 'clip'}",
               f"ckpt_path={out}/checkpoints/last.ckpt"],
              r"of ldm\.modules\.autoencoder\.AutoencoderModule, but this config trains "

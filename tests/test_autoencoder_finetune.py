@@ -31,7 +31,7 @@ def sd_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shards, sd_vae, tmp_path,
-                                                                     single_torch_thread):
+                                                                     single_torch_thread, caplog):
     from diffusers import AutoencoderKL
 
     run = tmp_path / "run"
@@ -68,8 +68,11 @@ def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shard
         export({"ckpt_path": str(run / "export"), "format": "diffusers", "output_dir": str(tmp_path / "hf_raw"),
                 "use_ema": False})
 
-    file = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "single_file",
-                   "output_dir": str(tmp_path / "file")})
+    with caplog.at_level("WARNING", logger="ldm.cli.export"):
+        file = export({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "format": "single_file",
+                       "output_dir": str(tmp_path / "file")})
+    groups = tuned.config.norm_groups  # SD's 32 is what other readers build: another value is named
+    assert (f"GroupNorm over {groups} groups (model.net.norm_groups" in caplog.text) == (groups != 32)
     read, stats, _ = load_autoencoder_any(file)
     assert stats == {"scale_factor": 0.18215}
     assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in read.state_dict().items())  # the EMA-less weights

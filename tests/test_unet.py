@@ -175,6 +175,8 @@ def test_few_steps_lower_the_loss():
     (dict(num_heads=2, head_dim=16), "num_heads=2 and head_dim=16 are both set: set exactly one"),
     (dict(num_heads=None, head_dim=None), "are both null: set exactly one"),
     (dict(attention_levels=[2]), "outside 0..1"),
+    # a text model whose prompts nothing reads (no cross-attention anywhere): trained and sampled as if conditioned
+    (dict(attention_levels=[], mid_attention=False), r"but no transformer reads it .* set context_dim=null"),
 ])
 def test_config_cross_field_checks(overrides, message):
     node = {**dataclasses.asdict(TINY), **overrides}

@@ -115,6 +115,8 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
         log.warning("this UNet has %s, a layout the original Stable Diffusion code does not build: A1111, ComfyUI "
                     "and diffusers' from_single_file cannot load the file (ldm's loaders can; format=diffusers "
                     "refuses such a UNet)", " and ".join(missing))
+    if config.format == "single_file" and (unseen := unseen_in_single_file(pipeline.unet.config, "model.unet")):
+        warn_unseen("UNet", unseen)
     schedule = pipeline.diffusion.schedule
     if schedule.timestep_spacing == "leading" and schedule.steps_offset != 1:
         log.warning("the schedule has leading spacing with steps_offset=%d (model.diffusion.schedule.steps_offset): "
@@ -160,10 +162,32 @@ def export_autoencoder(config: ExportConfig, target: Path) -> Path:
         log.warning("%s holds no latent statistics (they are measured at stage 1's validations): the export states "
                     "SD's scaling factor 0.18215 for diffusers; stage 2 here measures or takes model.latent_scale",
                     config.ckpt_path)
+    if config.format == "single_file" and (unseen := unseen_in_single_file(autoencoder.config, "model.net")):
+        warn_unseen("autoencoder", unseen)
     if config.format == "single_file":
         log.warning("A1111, ComfyUI and diffusers' from_single_file take SD's scaling factor 0.18215 for a VAE file "
                     "(ldm's loaders read its own, %s, from the file)", "none" if scale is None else f"{scale:.5g}")
     return written
+
+
+def unseen_in_single_file(config: Any, prefix: str) -> list[str]:
+    """Settings of a UNet or autoencoder config (under `prefix`) that other readers of a single file do not take from
+    it: they build SD's GroupNorm of 32 groups, and SD's heads (8 per layer; 64 wide for SD 2's 1024-wide prompts)."""
+    unseen = []
+    if config.norm_groups != 32:
+        unseen.append(f"GroupNorm over {config.norm_groups} groups ({prefix}.norm_groups; SD's: 32)")
+    if hasattr(config, "num_heads"):
+        sd2 = config.context_dim == 1024
+        if (config.num_heads, config.head_dim) != ((None, 64) if sd2 else (8, None)):
+            unseen.append(f"attention heads {prefix}.num_heads={config.num_heads}, {prefix}.head_dim="
+                          f"{config.head_dim} (SD's: {'head_dim=64' if sd2 else 'num_heads=8'})")
+    return unseen
+
+
+def warn_unseen(network: str, unseen: list[str]) -> None:
+    log.warning("this %s has %s, which A1111, ComfyUI and diffusers' from_single_file do not read from the file: "
+                "they build SD's and compute other images from these weights (ldm's loaders read the file's "
+                "config; format=diffusers records them)", network, " and ".join(unseen))
 
 
 def single_file_caveats(pipeline: Any, text_encoder: Any | None) -> list[str]:

@@ -298,6 +298,12 @@ def check_no_earlier_run(checkpoint_dir: Path) -> None:
                                   f"paths.output_dir")
 
 
+# Architecture keys that change what a network computes without changing its weights' shapes: a resume with another
+# value would fit the state dict and silently train another network.
+SHAPELESS_ARCHITECTURE = ("model.unet.num_heads", "model.unet.head_dim", "model.unet.norm_groups",
+                          "model.net.norm_groups")
+
+
 def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str,
                           model_cfg: DictConfig) -> None:
     """Refuse, naming the difference, a checkpoint (read from `ckpt_path`) whose weights do not fit `module` (another
@@ -307,11 +313,16 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     resized = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if not (missing or unexpected or resized):
-        return
     advice = "Resume with the config that wrote it, or start afresh in another paths.output_dir"
     written = flatten(((checkpoint.get("ldm") or {}).get("config") or {}).get("model") or {}, "model")
     wanted = flatten(OmegaConf.to_container(model_cfg, resolve=True), "model")
+    if not (missing or unexpected or resized):
+        changed = [f"{k}: {written[k]!r} there, {wanted.get(k)!r} here" for k in SHAPELESS_ARCHITECTURE
+                   if k in written and written[k] != wanted.get(k)]
+        if changed:
+            raise configs.ConfigError(f"ckpt_path={ckpt_path}: its weights fit this model's shapes, but its network "
+                                      f"differs in {changed} (what the weights compute, not their shapes). {advice}")
+        return
     if written.get("model._target_") not in (None, wanted.get("model._target_")):
         raise configs.ConfigError(f"ckpt_path={ckpt_path} is a checkpoint of {written['model._target_']}, but this "
                                   f"config trains {wanted.get('model._target_')}. {advice}")

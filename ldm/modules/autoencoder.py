@@ -226,6 +226,13 @@ class AutoencoderModule(L.LightningModule):
         require_resolution(trainer.datamodule, "model.net.resolution", self.config.net.resolution,
                            "the export records the size the autoencoder trains at (what ldm-encode and stage 2 use); "
                            "set model.net.resolution={data}")
+        # The loader gives RGB images (every decoded file becomes 8-bit RGB): said now, not at the first step (the
+        # autoencoder) or when the GAN starts (the discriminator).
+        for key, channels in (("model.net.in_channels", self.config.net.in_channels),
+                              ("model.net.out_channels", self.config.net.out_channels),
+                              ("model.loss.disc.in_channels", self.config.loss.disc.in_channels)):
+            if channels != 3:
+                raise ConfigError(f"{key}={channels}: the training images are RGB (3 channels); set {key}=3")
         # Said now, not when the GAN starts (step disc_start, perhaps days in): the discriminator's stride-2
         # convolutions halve the image n_layers times, and its last two 4x4 convolutions need 3 pixels left.
         loss, resolution = self.config.loss, self.config.net.resolution
