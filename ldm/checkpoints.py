@@ -60,9 +60,9 @@ def pickle_refusal(err: pickle.UnpicklingError) -> str:
     if code := needed_code(err):
         return f"pickle needs code outside plain tensors ({code}); nothing was run or loaded"
     if newer_protocol(err):
-        return ("pickle uses opcodes torch.load(weights_only=True) does not read (pickle protocol 4 or 5, or objects "
-                "other than tensors); nothing was loaded: re-save it with torch.save's default protocol or as "
-                "safetensors")
+        return ("pickle is in a form torch.load(weights_only=True) does not read (pickle protocol 4 or 5, or not a "
+                "torch file) and may carry code; nothing was run or loaded: if it comes from a source you trust, "
+                "re-save its tensors with torch.save (default protocol) or as safetensors")
     return "pickle is damaged (not data torch.load reads); nothing was loaded"
 
 

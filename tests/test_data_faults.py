@@ -440,6 +440,20 @@ def test_every_reader_leaves_out_the_last_sample_of_a_tar_cut_at_a_member_bounda
         assert shard_captions([str(shard)]) == [f"s{i}" for i in range(5)], shard
 
 
+def test_a_shard_cut_inside_its_first_member_counts_no_sample(tmp_path: Path):
+    """It was counted as -1 sample: the epoch lost one sample of the good shard beside it (or, alone, a traceback
+    from len())."""
+    write_shard(tmp_path / "train-000000.tar", shapes_like(tmp_path, "g", 4))
+    whole = write_shard(tmp_path / "whole.tar", shapes_like(tmp_path, "c", 4)).read_bytes()
+    cut = tmp_path / "train-000001.tar"
+    cut.write_bytes(whole[:1600])  # inside the first member's data
+    (tmp_path / "whole.tar").unlink()
+    dm = WebDataModule(train_shards=str(tmp_path), batch_size=1, num_workers=0, resolution=8)
+    dm.setup("fit")
+    assert dm.train_counts == [4, 0]
+    assert sorted(key for batch in dm.train_dataloader() for key in batch["key"]) == [f"g00{i}" for i in range(4)]
+
+
 class Mean(L.LightningModule):
     """The smallest trainable module: the data are under test here."""
 

@@ -365,7 +365,8 @@ def test_a_single_file_export_names_what_other_tools_cannot_read_and_a_pipeline_
     for caveat in ("the UNet predicts v", "zero terminal SNR", "set CLIP skip 2",
                    # what readers rebuild as SD's and then compute wrong (differences of 0.8-1.2 on outputs of ~2)
                    "GroupNorm over 8 groups (model.unet.norm_groups; SD's: 32)",
-                   "attention heads model.unet.num_heads=None, model.unet.head_dim=16 (SD's: num_heads=8)"):
+                   "attention heads model.unet.num_heads=None, model.unet.head_dim=16 (SD's: num_heads=8)",
+                   "this autoencoder has GroupNorm over 8 groups (model.net.norm_groups; SD's: 32)"):
         assert caveat in caplog.text, caveat
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):

@@ -404,3 +404,28 @@ def test_a_failed_run_is_reported_without_the_sweep_extra(tmp_path):
                             timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data.train_shards=" in result.stderr and "optuna" not in result.stderr
+
+
+def test_a_resume_is_refused_for_a_network_that_only_computes_otherwise():
+    """Settings that change what the weights compute but not their shapes: GroupNorm groups, attention heads as each
+    attended width gets them (another spelling of the same heads resumes), a byte text encoder's heads; a run of
+    model.init_from takes its layout from the source weights."""
+    from ldm.cli.train import shapeless_changes
+
+    written = {"model.unet.model_channels": 64, "model.unet.channel_mult": [1, 2], "model.unet.attention_levels": [1],
+               "model.unet.mid_attention": True, "model.unet.num_heads": None, "model.unet.head_dim": 32,
+               "model.unet.norm_groups": 8, "model.conditioner.kind": "byte", "model.conditioner.name_or_path": None,
+               "model.conditioner.num_heads": 4}
+    assert shapeless_changes(written, dict(written)) == []
+    same_heads = {**written, "model.unet.num_heads": 4, "model.unet.head_dim": None}  # 128 // 32 = 4 everywhere
+    assert shapeless_changes(written, same_heads) == []
+    assert shapeless_changes(written, {**written, "model.unet.num_heads": 2, "model.unet.head_dim": None}) == [
+        "model.unet.num_heads: None there, 2 here", "model.unet.head_dim: 32 there, None here"]
+    assert shapeless_changes(written, {**written, "model.unet.norm_groups": 16}) == [
+        "model.unet.norm_groups: 8 there, 16 here"]
+    assert shapeless_changes(written, {**written, "model.conditioner.num_heads": 2}) == [
+        "model.conditioner.num_heads: 4 there, 2 here"]
+    pretrained = {**written, "model.conditioner.name_or_path": "runs/clip/export"}  # its heads are the export's
+    assert shapeless_changes(pretrained, {**pretrained, "model.conditioner.num_heads": 2}) == []
+    imported = {**written, "model.init_from": "sd15"}
+    assert shapeless_changes(imported, {**imported, "model.unet.norm_groups": 16}) == []

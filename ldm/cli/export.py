@@ -115,8 +115,11 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
         log.warning("this UNet has %s, a layout the original Stable Diffusion code does not build: A1111, ComfyUI "
                     "and diffusers' from_single_file cannot load the file (ldm's loaders can; format=diffusers "
                     "refuses such a UNet)", " and ".join(missing))
-    if config.format == "single_file" and (unseen := unseen_in_single_file(pipeline.unet.config, "model.unet")):
-        warn_unseen("UNet", unseen)
+    if config.format == "single_file":
+        for network, net_config, prefix in (("UNet", pipeline.unet.config, "model.unet"),
+                                            ("autoencoder", pipeline.autoencoder.config, "model.net")):
+            if unseen := unseen_in_single_file(net_config, prefix):
+                warn_unseen(network, unseen)
     schedule = pipeline.diffusion.schedule
     if schedule.timestep_spacing == "leading" and schedule.steps_offset != 1:
         log.warning("the schedule has leading spacing with steps_offset=%d (model.diffusion.schedule.steps_offset): "

@@ -298,10 +298,34 @@ def check_no_earlier_run(checkpoint_dir: Path) -> None:
                                   f"paths.output_dir")
 
 
-# Architecture keys that change what a network computes without changing its weights' shapes: a resume with another
-# value would fit the state dict and silently train another network.
-SHAPELESS_ARCHITECTURE = ("model.unet.num_heads", "model.unet.head_dim", "model.unet.norm_groups",
-                          "model.net.norm_groups")
+def shapeless_changes(written: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Architecture settings (flattened model configs) that change what a network computes without changing its
+    weights' shapes, where `wanted` differs from `written`: a resume with them would fit the state dict and silently
+    train another network. GroupNorm groups; attention heads as each attended width gets them (num_heads or
+    head_dim: either way to the same heads is the same network); a byte text encoder's heads. None for a run of
+    `model.init_from`, whose layout is the source weights' (older code recorded the command's unused keys)."""
+    if written.get("model.init_from"):
+        return []
+    keys = ["model.unet.norm_groups", "model.net.norm_groups", "model.text.num_heads"]
+    if wanted.get("model.conditioner.kind") == "byte" and not wanted.get("model.conditioner.name_or_path"):
+        keys.append("model.conditioner.num_heads")  # (a pretrained one's architecture is its export's)
+    changed = [f"{k}: {written[k]!r} there, {wanted.get(k)!r} here" for k in keys
+               if k in written and written[k] != wanted.get(k)]
+
+    def heads(model: dict[str, Any]) -> list[int] | None:
+        try:
+            widths = [model["model.unet.model_channels"] * model["model.unet.channel_mult"][level]
+                      for level in model["model.unet.attention_levels"]]
+            if model["model.unet.mid_attention"]:
+                widths.append(model["model.unet.model_channels"] * model["model.unet.channel_mult"][-1])
+            return [model["model.unet.num_heads"] or width // model["model.unet.head_dim"] for width in widths]
+        except (KeyError, TypeError, IndexError, ZeroDivisionError):
+            return None
+
+    if heads(written) is not None and heads(written) != heads(wanted):
+        changed += [f"{k}: {written.get(k)!r} there, {wanted.get(k)!r} here"
+                    for k in ("model.unet.num_heads", "model.unet.head_dim")]
+    return changed
 
 
 def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str,
@@ -317,9 +341,7 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
     written = flatten(((checkpoint.get("ldm") or {}).get("config") or {}).get("model") or {}, "model")
     wanted = flatten(OmegaConf.to_container(model_cfg, resolve=True), "model")
     if not (missing or unexpected or resized):
-        changed = [f"{k}: {written[k]!r} there, {wanted.get(k)!r} here" for k in SHAPELESS_ARCHITECTURE
-                   if k in written and written[k] != wanted.get(k)]
-        if changed:
+        if changed := shapeless_changes(written, wanted):
             raise configs.ConfigError(f"ckpt_path={ckpt_path}: its weights fit this model's shapes, but its network "
                                       f"differs in {changed} (what the weights compute, not their shapes). {advice}")
         return

@@ -85,7 +85,7 @@ def _count_tar_samples(path: str) -> int:
                     if plain and member.offset_data + member.size > size:  # cut short inside its data
                         # the sample it belongs to is not whole either; and where the tar ends cut short, the reader
                         # leaves out the last sample it reads, this one's or the one before (`tar_ends_cut`)
-                        count -= 1 if tar_ends_cut(path) else int(prefix == last)
+                        count = max(count - (1 if tar_ends_cut(path) else int(prefix == last)), 0)
                         raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix != last:
                         count, last = count + 1, prefix
