@@ -70,12 +70,10 @@ def member_key(name: str) -> tuple[str, str] | None:
     (`__meta__`), and files whose name has no dot or starts with one (`.DS_Store`, macOS' `._KEY.jpg`, a `README`),
     at the top of the tar or in a folder inside it (webdataset itself would take `imgs/._KEY.jpg` for a sample
     `imgs/`)."""
-    t = wds.tariterators
     base = name.rpartition("/")[2]
-    if base.startswith(".") or "." not in base or _WDS_SKIP_META.match(name) or \
-            ("/" not in name and name.startswith(t.meta_prefix) and name.endswith(t.meta_suffix)):
+    if base.startswith(".") or "." not in base or _WDS_SKIP_META.match(name):
         return None
-    prefix, suffix = t.base_plus_ext(name)
+    prefix, suffix = wds.tariterators.base_plus_ext(name)
     return None if prefix is None else (prefix, suffix.lower())
 
 
