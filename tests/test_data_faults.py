@@ -21,7 +21,7 @@ from PIL import Image
 from ldm.cli.data import write_dataset
 from ldm.config import ConfigError
 from ldm.data import encoding
-from ldm.data.datamodule import WebDataModule, shard_counts
+from ldm.data.datamodule import WebDataModule, _count_tar_samples, shard_counts
 from ldm.data.stream import EpochPlan, ShardStream
 from ldm.images import ALPHA_BACKGROUND, decode_image, to_rgb
 
@@ -452,6 +452,20 @@ def test_a_shard_cut_inside_its_first_member_counts_no_sample(tmp_path: Path):
     dm.setup("fit")
     assert dm.train_counts == [4, 0]
     assert sorted(key for batch in dm.train_dataloader() for key in batch["key"]) == [f"g00{i}" for i in range(4)]
+
+
+def test_the_header_count_is_what_the_reader_yields_wherever_a_tar_is_cut(tmp_path: Path):
+    """A plain tar cut in a member's padding or in the next header was counted one sample more than the reader
+    yields (a sample repeated in the epoch and reported as lost, or a lone shard that "could not be read")."""
+    whole = write_shard(tmp_path / "full.tar", shapes_like(tmp_path, "k", 6)).read_bytes()
+    cut = tmp_path / "train-000000.tar"
+    for at in range(700, len(whole), 97):
+        cut.write_bytes(whole[:at])
+        count = _count_tar_samples(str(cut))
+        plan = EpochPlan([str(cut)], [count], seed=0, rank=0, world_size=1, num_workers=0, batch_size=1,
+                         train=False, resolution=8)
+        keys = [key for batch in ShardStream(plan) for key in batch["key"]] if count else []
+        assert len(set(keys)) == len(keys) == count, at
 
 
 class Mean(L.LightningModule):

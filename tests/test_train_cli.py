@@ -420,12 +420,19 @@ def test_a_resume_is_refused_for_a_network_that_only_computes_otherwise():
     same_heads = {**written, "model.unet.num_heads": 4, "model.unet.head_dim": None}  # 128 // 32 = 4 everywhere
     assert shapeless_changes(written, same_heads) == []
     assert shapeless_changes(written, {**written, "model.unet.num_heads": 2, "model.unet.head_dim": None}) == [
-        "model.unet.num_heads: None there, 2 here", "model.unet.head_dim: 32 there, None here"]
+        "attention heads per attended width: [4, 4] there, [2, 2] here (model.unet.num_heads / head_dim)"]
+    older = {k: v for k, v in written.items() if k != "model.unet.mid_attention"}  # a key the config did not record
+    assert shapeless_changes(older, {**older, "model.unet.num_heads": 2, "model.unet.head_dim": None}) == [
+        "attention heads per attended width: [4, 4] there, [2, 2] here (model.unet.num_heads / head_dim)"]
     assert shapeless_changes(written, {**written, "model.unet.norm_groups": 16}) == [
         "model.unet.norm_groups: 8 there, 16 here"]
     assert shapeless_changes(written, {**written, "model.conditioner.num_heads": 2}) == [
         "model.conditioner.num_heads: 4 there, 2 here"]
-    pretrained = {**written, "model.conditioner.name_or_path": "runs/clip/export"}  # its heads are the export's
-    assert shapeless_changes(pretrained, {**pretrained, "model.conditioner.num_heads": 2}) == []
+    pretrained = {**written, "model.conditioner.name_or_path": "runs/clip/export"}  # the checkpoint's weights rule
+    assert shapeless_changes(written, {**pretrained, "model.conditioner.num_heads": 2}) == [
+        "model.conditioner.num_heads: 4 there, 2 here"]
+    tower = {"model.image.norm_groups": 8, "model.text.num_heads": 4}  # the contrastive module's
+    assert shapeless_changes(tower, {**tower, "model.image.norm_groups": 4}) == [
+        "model.image.norm_groups: 8 there, 4 here"]
     imported = {**written, "model.init_from": "sd15"}
     assert shapeless_changes(imported, {**imported, "model.unet.norm_groups": 16}) == []

@@ -72,6 +72,7 @@ from ldm.cli.common import (
 from ldm.cli.run_lock import run_lock
 from ldm.data.shardlist import absolute_spec
 from ldm.io import absolute_if_local
+from ldm.nn.unet import UNetConfig
 
 configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
@@ -306,25 +307,26 @@ def shapeless_changes(written: dict[str, Any], wanted: dict[str, Any]) -> list[s
     `model.init_from`, whose layout is the source weights' (older code recorded the command's unused keys)."""
     if written.get("model.init_from"):
         return []
-    keys = ["model.unet.norm_groups", "model.net.norm_groups", "model.text.num_heads"]
-    if wanted.get("model.conditioner.kind") == "byte" and not wanted.get("model.conditioner.name_or_path"):
-        keys.append("model.conditioner.num_heads")  # (a pretrained one's architecture is its export's)
+    keys = ["model.unet.norm_groups", "model.net.norm_groups", "model.text.num_heads", "model.image.norm_groups"]
+    if wanted.get("model.conditioner.kind") == "byte" == written.get("model.conditioner.kind"):
+        keys.append("model.conditioner.num_heads")  # (a pretrained one's must equal its export's: checked at build)
     changed = [f"{k}: {written[k]!r} there, {wanted.get(k)!r} here" for k in keys
                if k in written and written[k] != wanted.get(k)]
 
     def heads(model: dict[str, Any]) -> list[int] | None:
+        unet = {**dataclasses.asdict(UNetConfig()), **{k.removeprefix("model.unet."): v for k, v in model.items()
+                                                      if k.startswith("model.unet.")}}  # older configs: defaults
         try:
-            widths = [model["model.unet.model_channels"] * model["model.unet.channel_mult"][level]
-                      for level in model["model.unet.attention_levels"]]
-            if model["model.unet.mid_attention"]:
-                widths.append(model["model.unet.model_channels"] * model["model.unet.channel_mult"][-1])
-            return [model["model.unet.num_heads"] or width // model["model.unet.head_dim"] for width in widths]
-        except (KeyError, TypeError, IndexError, ZeroDivisionError):
+            widths = [unet["model_channels"] * unet["channel_mult"][level] for level in unet["attention_levels"]]
+            if unet["mid_attention"]:
+                widths.append(unet["model_channels"] * unet["channel_mult"][-1])
+            return [unet["num_heads"] or width // unet["head_dim"] for width in widths]
+        except (TypeError, IndexError, ZeroDivisionError):
             return None
 
-    if heads(written) is not None and heads(written) != heads(wanted):
-        changed += [f"{k}: {written.get(k)!r} there, {wanted.get(k)!r} here"
-                    for k in ("model.unet.num_heads", "model.unet.head_dim")]
+    if "model.unet.model_channels" in written and heads(written) != heads(wanted):
+        changed.append(f"attention heads per attended width: {heads(written)} there, {heads(wanted)} here "
+                       f"(model.unet.num_heads / head_dim)")
     return changed
 
 

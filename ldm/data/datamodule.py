@@ -74,7 +74,7 @@ def _count_tar_samples(path: str) -> int:
     """Samples in a local tar (reads headers only), counted as webdataset groups them: a new sample wherever a member's
     key differs from the one before (a key seen again further on is another sample); a damaged tar counts the whole
     samples before the damage."""
-    count, last, plain = 0, None, True
+    count, last, plain, counted_cut = 0, None, True, False
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, "r:*") as tar:
@@ -86,6 +86,7 @@ def _count_tar_samples(path: str) -> int:
                         # the sample it belongs to is not whole either; and where the tar ends cut short, the reader
                         # leaves out the last sample it reads, this one's or the one before (`tar_ends_cut`)
                         count = max(count - (1 if tar_ends_cut(path) else int(prefix == last)), 0)
+                        counted_cut = True
                         raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix != last:
                         count, last = count + 1, prefix
@@ -97,8 +98,10 @@ def _count_tar_samples(path: str) -> int:
                         "before the damage", path, last, count - 1)
             return count - 1
     except (tarfile.TarError, OSError, EOFError) as err:
-        if not plain and count:  # a compressed tar breaks at the header after a member cut short: as the reader, leave
-            count -= 1  # out the sample it was reading
+        # a compressed tar breaks at the header after a member cut short, a plain one cut in a member's padding or a
+        # header at that header: as the reader, leave out the sample it was reading
+        if count and not counted_cut and (not plain or tar_ends_cut(path)):
+            count -= 1
         log.warning("shard %s is damaged (%s): counting the %d samples before the damage", path, err, count)
     return count
 
