@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -11,6 +12,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# A test suite started in the background of a shell without job control (`make test &` in a script) inherits SIGINT
+# ignored, and so would every command a test starts: Ctrl-C tests (which send SIGINT to ldm-data, ldm-encode) would
+# find it ignored. With a handler here, the commands start with SIGINT's default (exec resets handled signals).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
