@@ -50,7 +50,7 @@ from ldm.data.latents import (
 )
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
-from ldm.data.stream import EpochPlan, ShardStream, compressed_rest_cut, data_after, member_key, tar_ends_cut
+from ldm.data.stream import EpochPlan, ShardStream, member_key, tar_ends_cut, walk_stopped_early
 from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _count_tar_samples(path: str) -> int:
                     if prefix != last:
                         count, last = count + 1, prefix
             # cut at a member's boundary, or a damaged header where the walk stopped: the last sample may lack members
-            stopped_early = tar_ends_cut(path) or (data_after(path, tar.offset) if plain else compressed_rest_cut(tar))
+            stopped_early = walk_stopped_early(tar, path)
         if count and stopped_early:
             log.warning("shard %s is damaged (its members stop before its end (cut short, or a damaged member header: "
                         "what follows is lost), so its last sample (%s) may be cut short): counting the %d samples "

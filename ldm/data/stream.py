@@ -27,6 +27,7 @@ shard's real end reads the samples of the other shards instead, so the batch cou
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import logging
 import math
@@ -311,30 +312,30 @@ def members_stop_early(url: str) -> bool:
     """`tar_ends_cut`, or a damaged member header inside, which tarfile takes for the archive's end (the samples after
     it are lost, the one it cuts may lack members): its members stop before its data does. Walks the headers (a seek
     per member; a compressed local tar is decompressed once, and one that ends before its end-of-archive blocks, or
-    whose compressed stream is cut, stops early), for the header count, ldm-encode and a training read that ends
-    before the shard's count."""
-    if url.startswith(REMOTE_PREFIXES):
-        return False
+    whose compressed stream is cut, stops early), for ldm-encode and a training read that ends before the shard's
+    count."""
     path = url.removeprefix("file:")
-    if path.endswith(".tar"):
-        if tar_ends_cut(url):
-            return True
-        try:
-            with tarfile.open(path, "r:") as tar:
-                for _ in tar:
-                    pass
-                return data_after(path, tar.offset)  # the end-of-archive blocks, or a header it could not read
-        except (OSError, tarfile.TarError):
-            return False  # unreadable from the start: the reader reports it
-    if not path.endswith((".tar.gz", ".tgz")):
+    if url.startswith(REMOTE_PREFIXES) or not path.endswith((".tar", ".tar.gz", ".tgz")):
         return False
+    if tar_ends_cut(url):
+        return True
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:" if path.endswith(".tar") else "r:gz") as tar:
             for _ in tar:
                 pass
-            return compressed_rest_cut(tar)
+            return walk_stopped_early(tar, path)
     except (OSError, EOFError, tarfile.TarError):
-        return True  # the compressed stream is cut or damaged
+        return not path.endswith(".tar")  # plain: unreadable from the start, the reader reports it; compressed: cut
+
+
+def walk_stopped_early(tar: tarfile.TarFile, path: str) -> bool:
+    """After a walk of every header of `tar` (opened from `path`): whether its members stop before its data does, a
+    plain tar cut short (`tar_ends_cut`) or with data where the walk stopped (a damaged header), a compressed one whose
+    rest is not the end-of-archive blocks (`compressed_rest_cut`). The one test the header count, ldm-encode's and
+    training's look at a shard's end, and ldm-eval's reader share."""
+    if isinstance(tar.fileobj, io.BufferedReader):  # offsets are the file's (not a decompressed stream's)
+        return tar_ends_cut(path) or data_after(path, tar.offset)
+    return compressed_rest_cut(tar)
 
 
 def compressed_rest_cut(tar: tarfile.TarFile) -> bool:

@@ -50,10 +50,10 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
     shard whose members stop early (cut at a member's boundary, a damaged header, a read error) leaves out its last
     sample, which may lack members."""
     from ldm.data.datamodule import recorded_counts
-    from ldm.data.stream import member_key, members_stop_early
+    from ldm.data.stream import member_key, walk_stopped_early
 
     for shard, count in zip(shards, recorded_counts(list(shards))):
-        read, error, held = 0, "", None
+        read, error, held, stopped = 0, "", None, False
         try:
             with tarfile.open(shard, "r") as tar:
                 current_key, members = None, {}
@@ -74,9 +74,10 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
                         read += 1
                         yield held
                     held = members
+                stopped = walk_stopped_early(tar, shard)  # this walk's end, not a second walk
         except (tarfile.TarError, OSError, EOFError) as err:  # the sample being read is lost, the one before whole
             error = f" ({type(err).__name__}: {err})"
-        if held is not None and not error and members_stop_early(shard):  # no error: the last sample may be cut
+        if held is not None and not error and stopped:  # no error: the last sample may be cut
             error, held = " (its members stop before its end: cut short, or a damaged member header)", None
         if held is not None:
             read += 1
