@@ -83,9 +83,9 @@ def _count_tar_samples(path: str) -> int:
                 if member.isreg() and (split := member_key(member.name)) is not None:
                     prefix = split[0]
                     if plain and member.offset_data + member.size > size:  # cut short inside its data
-                        # the sample it belongs to is not whole either; and where the tar ends cut short, the reader
-                        # leaves out the last sample it reads, this one's or the one before (`tar_ends_cut`)
-                        count = max(count - (1 if tar_ends_cut(path) else int(prefix == last)), 0)
+                        # the sample it belongs to is not whole either (counted already when it has members before
+                        # this one); the one before it is
+                        count -= int(prefix == last)
                         counted_cut = True
                         raise tarfile.ReadError(f"{member.name} is cut short")
                     if prefix != last:

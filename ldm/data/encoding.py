@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
-from ldm.data.stream import IMAGE_KEYS, members_stop_early, no_image, read_tar, resize_crop, sample_caption
+from ldm.data.stream import IMAGE_KEYS, MemberWatch, members_stop_early, no_image, read_tar, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -325,16 +325,15 @@ def _members_complete(path: Path) -> bool:
 
 
 def without_cut_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list[str]],
-                     ended_early: Callable[[], bool]) -> Iterator[dict[str, Any]]:
-    """`samples`, but for the last one when the tar ended early (`ended_early()`, asked once they are read: its
-    members stop before its end, or a read error ended it): that one may lack members (a caption gone at a member's
-    boundary) and is reported in `skipped` instead."""
+                     cut: Callable[[dict[str, Any]], bool]) -> Iterator[dict[str, Any]]:
+    """`samples`, but for the last one when `cut(it)` (asked once they are read: the tar ended early, so that it may
+    lack members, a caption gone at a member's boundary), which is reported in `skipped` instead."""
     held = None
     for sample in samples:
         if held is not None:
             yield held
         held = sample
-    if held is not None and ended_early():
+    if held is not None and cut(held):
         skipped.append([held.get("__key__", "?"), f"the shard {url} ends early (cut short, or a damaged member "
                         f"header: what follows is lost): its last sample may lack members; rewrite the shard"])
     elif held is not None:
@@ -350,9 +349,14 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
         errors.append(err)
         return True
 
-    cut = members_stop_early(url)
-    samples = read_tar(handler)(iter([{"url": url}]))
-    for sample in without_cut_last(samples, url, skipped, lambda: cut or bool(errors)):
+    def cut(last: dict[str, Any]) -> bool:
+        if errors and watch.cut_key() is not None:  # an error cut a member's data: its sample is the one cut
+            return last.get("__key__") == watch.cut_key()
+        return stops_early or bool(errors)  # its members stop before its end, or an error at a header
+
+    stops_early, watch = members_stop_early(url), MemberWatch()
+    samples = read_tar(handler, watch)(iter([{"url": url}]))
+    for sample in without_cut_last(samples, url, skipped, cut):
         try:
             ext = next((k for k in IMAGE_KEYS if k in sample), None)
             if ext is None:

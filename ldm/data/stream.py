@@ -78,9 +78,57 @@ def member_key(name: str) -> tuple[str, str] | None:
     return None if prefix is None else (prefix, suffix.lower())
 
 
-def read_tar(handler: Callable[[Exception], bool]) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
-    """webdataset's tar reader (`tarfile_to_samples`) keeping only the members `member_key` groups into samples."""
-    return wds.tarfile_to_samples(handler=handler, select_files=lambda name: member_key(name) is not None)
+DUPLICATE = "__duplicate__"  # in a raw sample: the name of a second member with an extension it already has
+
+
+@dataclass
+class MemberWatch:
+    """Which member of a tar is being read: its name from when its data is about to be read until it is whole. After a
+    read that ended with an error, the member whose data the error cut (None: the error came at a header, whose
+    member is unknown)."""
+
+    name: str | None = None
+
+    def cut_key(self) -> str | None:
+        """The sample key of the member being read, None between members."""
+        split = member_key(self.name) if self.name is not None else None
+        return split[0] if split is not None else None
+
+
+def read_tar(handler: Callable[[Exception], bool], watch: MemberWatch | None = None
+             ) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """webdataset's tar reader (`tarfile_to_samples`: open, expand, group by key) keeping only the members
+    `member_key` groups into samples, with `watch` following the member being read. A second member of a sample with
+    an extension it already has (`KEY.txt` and `KEY.TXT`; webdataset raises, which would end the shard) is left out
+    and named under DUPLICATE in its sample, which `sample_caption` refuses."""
+    watch = watch if watch is not None else MemberWatch()
+
+    def select(name: str) -> bool:
+        if member_key(name) is None:
+            return False
+        watch.name = name  # its data is read next
+        return True
+
+    def members(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        streams = wds.tariterators.url_opener(src, handler=handler)
+        key, exts = None, set()
+        for member in wds.tariterators.tar_file_expander(streams, handler=handler, select_files=select):
+            watch.name = None  # read whole
+            name = member.get("fname")
+            if name is None:  # the end-of-shard marker
+                key, exts = None, set()
+            else:
+                sample, ext = member_key(name)
+                if sample != key:
+                    key, exts = sample, set()
+                if ext in exts:  # left out; the first one is named, so that the sample is refused
+                    if DUPLICATE in exts:
+                        continue
+                    member, ext = {**member, "fname": f"{key}.{DUPLICATE}", "data": name}, DUPLICATE
+                exts.add(ext)
+            yield member
+
+    return lambda src: wds.tariterators.group_by_keys(members(src), handler=handler)
 
 
 @dataclass
@@ -185,6 +233,7 @@ class SkipLog:
         self.uncaptioned: list[tuple[str, str]] = []
         self.uncaptioned_seen: set[tuple[str, str]] = set()
         self.tar_error: str | None = None  # the handler's last error in the shard being read
+        self.watch = MemberWatch()  # the member being read: after an error, the one it cut
         self.uncounted: dict[str, int] = {}  # shard -> its recorded count, for shards found to hold more
 
     def add(self, url: str, key: str, reason: str, count: int = 1) -> None:
@@ -234,8 +283,8 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         if lo + len(served) >= hi:
             continue
         start = lo + len(served)  # the range's first sample not in memory
-        skips.tar_error = None
-        samples = read_tar(skips.handler)(iter([{"url": url}]))
+        skips.tar_error, skips.watch.name = None, None
+        samples = read_tar(skips.handler, skips.watch)(iter([{"url": url}]))
         # note: a tar cut short (at a member's boundary, or inside a compressed one) or with a damaged member header
         # inside may end with no error, or with one after its last sample, which may have lost members (its
         # caption). Each sample is held back until the next one is read, and a range that ends inside its shard (or
@@ -245,13 +294,13 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         count = (counts or {}).get(url)
         ahead = cut or (count is not None and hi < count)
         probe = not ahead and hi == count  # the shard's last range: one more read tells a count short of the shard
-        read, seen, prefix, held, followed, ran_out = 0, 0, [], None, False, False
+        read, seen, prefix, held, followed, ran_out, last_key = 0, 0, [], None, False, False, None
         try:
             for i, sample in enumerate(islice(samples, hi + (ahead or probe))):
                 if i == hi:  # the sample after the range: the range's last one is whole
                     followed = True
                     break
-                seen = i + 1
+                seen, last_key = i + 1, sample.get("__key__")
                 if cache is not None:
                     prefix.append(sample)
                 if i >= start:
@@ -267,6 +316,9 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             if early and ran_out and skips.tar_error is None and not url.startswith(REMOTE_PREFIXES) and \
                     url.endswith((".tar", ".tar.gz", ".tgz")) and not members_stop_early(url):
                 early = False  # an intact tar that holds fewer samples than its count says: its last one is whole
+            cut_key = skips.watch.cut_key() if skips.tar_error is not None else None
+            if ran_out and cut_key is not None:  # the tar ended inside a member's data: that member's sample is cut,
+                early = last_key == cut_key      # one before it whole
             whole = prefix[:-1] if early else prefix
             if cache is not None and len(whole) > len(kept):
                 cache[url] = whole
@@ -341,10 +393,16 @@ def walk_stopped_early(tar: tarfile.TarFile, path: str) -> bool:
 def compressed_rest_cut(tar: tarfile.TarFile) -> bool:
     """After a header walk of a compressed tar: whether what follows its last member is not the end-of-archive blocks
     (zeros, at least two 512-byte blocks): the tar inside an intact compressed stream was cut (at a member's
-    boundary: no read error tells) or has a damaged header. Decompresses the rest of the stream."""
-    tar.fileobj.seek(tar.offset)
-    rest = tar.fileobj.read()
-    return len(rest) < 1024 or bool(rest.strip(b"\0"))
+    boundary: no read error tells) or has a damaged header. A stream cut after those blocks (in the zeros that pad
+    the archive) leaves the members whole. Decompresses the rest of the stream."""
+    size, data = 0, False
+    try:
+        tar.fileobj.seek(tar.offset)
+        while chunk := tar.fileobj.read1(1 << 16):  # (read1: a larger read that meets the cut loses what it read)
+            size, data = size + len(chunk), data or bool(chunk.strip(b"\0"))
+    except (OSError, EOFError, zlib.error):  # the compressed stream is cut (or damaged) here
+        pass
+    return size < 1024 or data
 
 
 def data_after(path: str, offset: int) -> bool:
@@ -395,7 +453,11 @@ def no_image(sample: Mapping[str, Any]) -> str:
 
 def sample_caption(sample: Mapping[str, Any]) -> str | None:
     """The caption of a raw sample as every reader takes it (training, ldm-encode, evaluation): its `txt` member as
-    UTF-8 (a byte order mark dropped), stripped; None without one. UnicodeDecodeError when it is not UTF-8."""
+    UTF-8 (a byte order mark dropped), stripped; None without one. UnicodeDecodeError when it is not UTF-8; a
+    ValueError when it holds two members with one extension (DUPLICATE: which is its caption or image is unclear)."""
+    if DUPLICATE in sample:
+        raise ValueError(f"two members with one extension ({sample[DUPLICATE]!r} and one before it; extensions are "
+                         f"compared in lower case): which one the sample holds is unclear; rewrite the shard with one")
     return sample["txt"].decode("utf-8-sig").strip() if "txt" in sample else None
 
 

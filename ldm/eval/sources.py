@@ -50,7 +50,7 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
     shard whose members stop early (cut at a member's boundary, a damaged header, a read error) leaves out its last
     sample, which may lack members."""
     from ldm.data.datamodule import recorded_counts
-    from ldm.data.stream import member_key, walk_stopped_early
+    from ldm.data.stream import DUPLICATE, member_key, walk_stopped_early
 
     for shard, count in zip(shards, recorded_counts(list(shards))):
         read, error, held, stopped = 0, "", None, False
@@ -68,6 +68,9 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
                             yield held
                         held, members = members, {}
                     current_key = key
+                    if ext in members:  # as the training reader: the first kept, the sample refused (sample_caption)
+                        members.setdefault(DUPLICATE, member.name)
+                        continue
                     members.update({ext: tar.extractfile(member).read(), "__key__": key, "__url__": shard})
                 if members:
                     if held is not None:
@@ -95,11 +98,12 @@ def _report_damaged(shard: str, read: int, count: int | None, error: str) -> Non
 
 
 def readable_caption(members: dict[str, bytes]) -> str | None:
-    """The caption of a sample as training reads it ("" without a `txt` member), or None when it is not UTF-8:
-    training skips such a sample as corrupt, and evaluation leaves it out too, with a warning."""
+    """The caption of a sample as training reads it ("" without a `txt` member), or None when it does not read (not
+    UTF-8, or two members with one extension): training skips such a sample as corrupt, and evaluation leaves it out
+    too, with a warning."""
     try:
         return sample_caption(members) or ""
-    except UnicodeDecodeError as err:
+    except ValueError as err:
         _report_unreadable_caption(members["__url__"], members["__key__"], str(err))
         return None
 
@@ -107,7 +111,7 @@ def readable_caption(members: dict[str, bytes]) -> str | None:
 @functools.cache
 def _report_unreadable_caption(shard: str, key: str, error: str) -> None:
     """Warn once per sample (evaluation reads a shard set up to three times)."""
-    log.warning("%s: sample %s left out: its caption is not UTF-8 (%s); training skips it too", shard, key,
+    log.warning("%s: sample %s left out: its caption does not read (%s); training skips it too", shard, key,
                 error[:200])
 
 
