@@ -95,7 +95,7 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     relative = InceptionFeatures(DIM, os.path.relpath(inception_weights))
     assert key_hash(reference_key(shards, 32, N_REF, relative.identity)) == stats.hash
     # What the reader decodes is part of the key through READER_VERSION: bump it with the list of image members.
-    assert (READER_VERSION, IMAGE_KEYS) == (5, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
+    assert (READER_VERSION, IMAGE_KEYS) == (6, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
 
 
 def test_a_damaged_reference_cache_is_named_as_a_cache_to_delete(reference, shapes_shards: Path,
