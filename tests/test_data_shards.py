@@ -256,27 +256,51 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels).save(root / "phone.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(pixels).save(root / "phone.jfif", format="JPEG", exif=exif.tobytes(), quality=95)
+    # an uncompressed grey TIFF (what Pillow writes by default): opened by name, Pillow maps its strips and rotated
+    # them wrongly, so ldm-data stored scrambled pixels at a set resolution (the file's bytes at resolution=null)
+    Image.fromarray(pixels).convert("L").save(root / "scan.tif", exif=exif.tobytes())
     Image.fromarray(pixels).save(root / "plain.png")
     (root / "plain.txt").write_bytes("\ufeffa caf\u00e9 sign".encode())
-    (root / "phone.txt").write_text("a phone photo")
+    for name in ("phone", "scan"):
+        (root / f"{name}.txt").write_text(f"a {name} photo")
+    from ldm.images import decode_image  # what the training loader decodes the stored bytes with
     for resolution in (None, 32):
         out = tmp_path / f"out{resolution}"
         write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(out), "val_samples": 0,
                        "resolution": resolution})
         by_path = {json.loads(s["json"])["source_path"]: s for s in read_split(out, "train")}
         assert by_path["plain.png"]["txt"].decode() == "a caf\u00e9 sign"
-        phone = by_path["phone.jpg"]
-        assert json.loads(phone["json"])["width"] == 32 and json.loads(phone["json"])["height"] == 64
-        from ldm.images import decode_image  # what the training loader decodes the stored bytes with
-        stored = phone["jpg"] if resolution is None else phone["png"]  # the file's bytes, or the resized image
-        image = np.asarray(decode_image(stored), dtype=np.int32)
-        top, bottom = image[: image.shape[0] // 4].mean((0, 1)), image[-image.shape[0] // 4:].mean((0, 1))
-        assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (resolution, top, bottom)  # red up, blue down
+        for name, ext in (("phone.jpg", "jpg"), ("phone.jfif", "jpg"), ("scan.tif", "tif")):
+            phone = by_path[name]
+            assert json.loads(phone["json"])["width"] == 32 and json.loads(phone["json"])["height"] == 64, name
+            stored = phone[ext] if resolution is None else phone["png"]  # the file's bytes, or the resized image
+            image = np.asarray(decode_image(stored), dtype=np.int32)
+            top, bottom = image[: image.shape[0] // 4].mean((0, 1)), image[-image.shape[0] // 4:].mean((0, 1))
+            if name == "scan.tif":  # grey: red 76, blue 29
+                assert abs(top[0] - 76) < 3 and abs(bottom[0] - 29) < 3, (resolution, top, bottom)
+            else:  # red up, blue down
+                assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (resolution, name, top, bottom)
+    (root / "phone.jfif").unlink()
+    (root / "scan.tif").unlink()
     captions = tmp_path / "captions.csv"
     captions.write_bytes("\ufefffile,caption\nplain.png,from the csv\nphone.jpg,phone\n".encode())
     write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "csv"), "val_samples": 0,
                    "resolution": 32, "captions": str(captions)})
     assert sorted(s["txt"].decode() for s in read_split(tmp_path / "csv", "train")) == ["from the csv", "phone"]
+    # an image listed twice (a COCO-style manifest, several captions each): all but the last caption were lost
+    captions.write_bytes(b"file,caption\nplain.png,one\nphone.jpg,phone\n./plain.png,two\n")
+    with pytest.raises(ConfigError, match=r"1 images are listed more than once \(e\.g\. \['\./plain\.png'\]; "
+                                          r"ldm-data writes one sample per image, with one caption\); keep one row"):
+        write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "twice"),
+                       "val_samples": 0, "resolution": 32, "captions": str(captions)})
+    # a name stored decomposed (macOS: e + combining accent) matches the composed one a manifest was typed with
+    (root / "plain.png").rename(root / "cafe\u0301.png")
+    captions.write_bytes("file,caption\ncaf\u00e9.png,accented\nphone.jpg,phone\n".encode())
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "nfc"), "val_samples": 0,
+                   "resolution": 32, "captions": str(captions)})
+    assert sorted(s["txt"].decode() for s in read_split(tmp_path / "nfc", "train")) == ["accented", "phone"]
+    (root / "cafe\u0301.png").rename(root / "plain.png")
     # a blank manifest caption is no caption, as a blank sidecar is (it passed as "   " and trained as "" uncounted)
     captions.write_bytes(b"file,caption\nplain.png,  from the csv \nphone.jpg,\"   \"\n")
     with pytest.raises(ConfigError, match=r"1 of 2 images have no caption .*phone\.jpg"):
@@ -411,9 +435,19 @@ def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path
             Image.new("RGB", (16, 16), (label * 80, i, 0)).save(root / folder / ("deeper" if i else "") / f"{i}.png")
     Image.new("RGB", (16, 16)).save(root / "n02" / "UPPER.JPEG")
     (root / "n02" / "UPPER.TXT").write_text("an upper-case caption")
+    # what unzipping a Mac-made zip leaves: __MACOSX was class 0 and shifted every label; and a phone's HEIC export
+    (root / "__MACOSX" / "n01").mkdir(parents=True)
+    (root / "__MACOSX" / "n01" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    (root / "n01" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    (root / "n03" / "IMG_0001.HEIC").write_bytes(b"not read")
     summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"),
                              "labels": "folders", "val_samples": 2, "resolution": 16})
     assert summary["classes"] == ["n01", "n02", "n03"] and len(summary["missing_captions"]) == 9
+    assert [(entry["path"], entry["reason"].split(" ")[0]) for entry in summary["skipped"]] == [
+        ("__MACOSX", "hidden"), ("n01/._0.png", "hidden"), ("n03/IMG_0001.HEIC", ".HEIC")]
+    shutil.rmtree(root / "__MACOSX")
+    (root / "n01" / "._0.png").unlink()
+    (root / "n03" / "IMG_0001.HEIC").unlink()
     samples = read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "val")
     meta = {json.loads(s["json"])["source_path"]: (json.loads(s["json"])["label"], s["txt"].decode())
             for s in samples}

@@ -22,6 +22,7 @@ import random
 import shutil
 import stat
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +36,7 @@ from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
 from ldm.data.stream import resize_crop, resize_shorter
-from ldm.images import open_image, to_rgb
+from ldm.images import decode_image
 from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
 
@@ -44,7 +45,11 @@ log = logging.getLogger(__name__)
 SOURCES = ("shapes", "folder")
 IMAGE_FORMATS = ("png", "jpg")
 LABELS = ("folders",)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # a GIF: its first frame
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF: frame 1
+# Images in a format the readers do not open (listed as left out, not passed over in silence): convert them.
+OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd", ".ico", ".tga", ".exr", ".ppm",
+                          ".pgm", ".pbm", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".raf", ".rw2")
+MEMBER_EXTENSIONS = {".jpeg": "jpg", ".jpe": "jpg", ".jfif": "jpg"}  # a stored file's tar member: not its suffix
 SUMMARY_NAME = "summary.json"
 # Column / field names accepted in a CSV or JSONL caption manifest.
 PATH_FIELDS = ("file", "path", "filename", "image")
@@ -256,6 +261,7 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         raise ConfigError(f"captions={path}: every line (or, in a .json file, every item of its array) must be a JSON "
                           f"object with a path and a caption field")
     captions: dict[Path, str] = {}
+    repeated: list[str] = []  # paths (as written) of images listed again
     for i, row in enumerate(rows):
         extra = row.pop(None, None) or ()  # csv.DictReader's key for the fields beyond the header's
         if any(extra):  # (empty ones: a trailing comma)
@@ -269,8 +275,21 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         if not (isinstance(file, str) and isinstance(caption, str)):
             raise ConfigError(f"captions={path}, row {i}: the path and the caption must be text, got "
                               f"{type(file).__name__} {file!r} and {type(caption).__name__} {str(caption)[:60]!r}")
-        captions[(input_dir / file).resolve()] = caption.strip()  # as sidecars: blank is no caption
+        image = listed_path(input_dir / file)
+        if image in captions and file not in repeated:
+            repeated.append(file)
+        captions[image] = caption.strip()  # as sidecars: blank is no caption
+    if repeated:
+        raise ConfigError(f"captions={path}: {len(repeated)} images are listed more than once (e.g. "
+                          f"{repeated[:3]}; ldm-data writes one sample per image, with one caption); keep one "
+                          f"row per image")
     return captions
+
+
+def listed_path(path: Path) -> Path:
+    """`path` resolved, its name in Unicode's composed form (NFC): the key of an image in a manifest and in the
+    listing, so that a name typed on one system matches a file named on another (macOS stores decomposed names)."""
+    return Path(unicodedata.normalize("NFC", str(path.resolve())))
 
 
 @dataclass
@@ -316,7 +335,15 @@ def list_images(input_dir: Path) -> FolderListing:
                 texts[path.stem] = path
         for entry in entries:
             path = Path(entry.path)
+            if entry.name.startswith(".") or entry.name == "__MACOSX":  # hidden: `.DS_Store`, macOS' `._KEY.jpg`
+                if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS or entry.name == "__MACOSX":
+                    left_out.append((rel(path), "hidden file or macOS metadata (a name starting with a dot, or "
+                                                "__MACOSX), not an image"))
+                continue
             is_image = path.suffix.lower() in IMAGE_EXTENSIONS
+            if path.suffix.lower() in OTHER_IMAGE_EXTENSIONS:
+                left_out.append((rel(path), f"{path.suffix} images are not read; convert it to PNG or JPEG"))
+                continue
             try:
                 mode = os.stat(path).st_mode  # follows links
             except OSError as err:
@@ -354,12 +381,11 @@ def folder_records(files: list[tuple[int, Path]], plan: FolderPlan, cfg: WriteCo
         rel = path.relative_to(plan.input_dir).as_posix()
         caption = plan.captions.get(path, "")  # missing captions were checked (or allowed) up front in plan_folder
         try:
-            with open_image(path) as im:
-                im.load()
-                image = to_rgb(im)  # upright: the EXIF orientation applied
-                size = image.size
-            encoded = (path.read_bytes(), path.suffix.lower().lstrip(".").replace("jpeg", "jpg")) \
-                if cfg.resolution is None else None
+            data = path.read_bytes()
+            image = decode_image(data)  # upright (the EXIF orientation applied), from bytes as every reader
+            size = image.size
+            suffix = path.suffix.lower()
+            encoded = (data, MEMBER_EXTENSIONS.get(suffix, suffix.lstrip("."))) if cfg.resolution is None else None
             if cfg.resolution is not None:
                 image = resize_crop(image, cfg.resolution, None) if cfg.crop else \
                     resize_shorter(image, cfg.resolution)
@@ -428,7 +454,7 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
     captions: dict[Path, str] = {}  # image -> caption; images without one (or with an empty one) are absent
     for path in list(images):
         if manifest is not None:
-            caption = manifest.get(path.resolve())
+            caption = manifest.get(listed_path(path))
         else:
             try:
                 caption = _sidecar_caption(listing.sidecars.get(path))
