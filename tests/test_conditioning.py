@@ -373,6 +373,15 @@ def test_pooled_vector_reaches_the_unet():
     assert (out - other).abs().amax() > 1e-3  # the vector changes the prediction through the time embedding
     with pytest.raises(ValueError, match="pooled .* is required"):
         unet(x, t, context=cond["context"])
+    # the pooled vector alone, no cross-attention: the prompt still conditions the model (it was refused as one whose
+    # prompts change nothing, and its exports no longer loaded)
+    pooled_only = UNet(dataclasses.replace(UNET_CONFIGS["tiny"], pooled_dim=64, attention_levels=(),
+                                           mid_attention=False))
+    conditioner.check_unet(pooled_only.config)
+    for p in pooled_only.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    other_prompts = conditioner(["a blue circle", "a red square"])
+    assert (pooled_only(x, t, **cond) - pooled_only(x, t, **other_prompts)).abs().amax() > 1e-3
 
 
 def test_pretrained_byte_encoder_loads_frozen_and_checks_the_config(tmp_path):

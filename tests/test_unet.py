@@ -176,7 +176,8 @@ def test_few_steps_lower_the_loss():
     (dict(num_heads=None, head_dim=None), "are both null: set exactly one"),
     (dict(attention_levels=[2]), "outside 0..1"),
     # a text model whose prompts nothing reads (no cross-attention anywhere): trained and sampled as if conditioned
-    (dict(attention_levels=[], mid_attention=False), r"but no transformer reads it .* set context_dim=null"),
+    (dict(attention_levels=[], mid_attention=False),
+     r"no transformer reads it .* no pooled prompt vector .* context_dim=null"),
 ])
 def test_config_cross_field_checks(overrides, message):
     node = {**dataclasses.asdict(TINY), **overrides}

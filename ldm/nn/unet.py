@@ -81,11 +81,14 @@ class UNetConfig:
             if channels % self.norm_groups:
                 raise ConfigError(f"level {level} width model_channels * channel_mult[{level}] = {self.model_channels}"
                                   f" * {mult} = {channels} is not divisible by norm_groups={self.norm_groups}")
-        if self.context_dim is not None and not self.attention_levels and not self.mid_attention:
+        if self.context_dim is not None and self.pooled_dim is None and not self.attention_levels and \
+                not self.mid_attention:
             raise ConfigError(f"context_dim={self.context_dim} but no transformer reads it (attention_levels=[] and "
-                              f"mid_attention=false): the prompts would change nothing; add attention, or set "
-                              f"context_dim=null for a model without text (model.conditioner.kind=none, or class "
-                              f"labels through the UNet's table: class_embed=unet)")
+                              f"mid_attention=false) and no pooled prompt vector (pooled_dim=null): the prompts would "
+                              f"change nothing; add attention, or the pooled vector (model.conditioner.pooled=true "
+                              f"and pooled_dim), or set context_dim=null for a model without text "
+                              f"(model.conditioner.kind=none, or class labels through the UNet's table: "
+                              f"class_embed=unet)")
         attended = [(f"level {lv}", self.model_channels * self.channel_mult[lv]) for lv in self.attention_levels]
         if self.mid_attention:
             attended.append(("the middle block", self.model_channels * self.channel_mult[-1]))
