@@ -75,7 +75,7 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
-    study whose newest complete trial was run with other fixed settings (naming them, and
+    study whose newest complete trial was run with other fixed settings or searched other keys (naming them, and
     `hydra.sweeper.study_name`); hand the search space's keys to the jobs (`SEARCHED_ENV`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -91,10 +91,10 @@ class CheckOptunaSweep(Callback):
         except KeyError:  # a new study
             return
         # the newest trial with a score: one left RUNNING (a job stopped, or refused after training) scored nothing
-        recorded = next((t.user_attrs for t in reversed(study.trials)
-                         if t.user_attrs and t.state == TrialState.COMPLETE), None)
-        if recorded is None:
+        newest = next((t for t in reversed(study.trials) if t.user_attrs and t.state == TrialState.COMPLETE), None)
+        if newest is None:
             return
+        recorded = newest.user_attrs
 
         def side(settings: dict[str, Any], key: str) -> str:
             written = [value for name, value in settings.items() if name.lstrip("+") == key]
@@ -103,10 +103,13 @@ class CheckOptunaSweep(Callback):
         there, here = setting_values(recorded), setting_values(fixed)
         differing = [f"{key}: {side(recorded, key)} there, {side(fixed, key)} here"
                      for key in sorted(there.keys() | here.keys()) if there.get(key, ...) != here.get(key, ...)]
+        searched_there = {key.lstrip("+") for key in newest.params}
+        if searched_there != searched:
+            differing.append(f"searched: {sorted(searched_there)} there, {sorted(searched)} here")
         if differing:
             refuse(f"the Optuna study {study.study_name!r} ({sweeper.storage}) holds trials run with other fixed "
-                   f"settings ({'; '.join(differing[:5])}): continued, it would mix their scores with this "
-                   f"command's. Run the study's own command to continue it, or start another study with "
+                   f"settings or search space ({'; '.join(differing[:5])}): continued, it would mix their scores "
+                   f"with this command's. Run the study's own command to continue it, or start another study with "
                    f"hydra.sweeper.study_name=NAME")
 
 

@@ -94,7 +94,9 @@ def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     study = optuna.create_study(study_name="ldm_optuna", storage=f"sqlite:///{root / 'ldm_optuna.sqlite'}")
-    trial = study.ask()
+    space = {"model.lr": optuna.distributions.LogUniformDistribution(1e-5, 3e-3),
+             "model.ema_decay": optuna.distributions.CategoricalDistribution([0.99, 0.995, 0.999])}
+    trial = study.ask(space)  # the search space of hparams_search=ldm_optuna
     for key, value in {"hparams_search": "ldm_optuna", "paths.root_dir": str(root), "data.batch_size": "4"}.items():
         trial.set_user_attr(key, value)  # as the sweeper records the command's fixed settings
     study.tell(trial, 1.0)
@@ -103,9 +105,17 @@ def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
         stuck.set_user_attr(key, value)
     result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "data.batch_size=2"])
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "holds trials run with other fixed settings (data.batch_size: '4' there, '2' here)" in result.stderr
+    assert "holds trials run with other fixed settings or search space (data.batch_size: '4' there, '2' here)" \
+        in result.stderr
     assert "hydra.sweeper.study_name=NAME" in result.stderr and "Traceback" not in result.stderr
     assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 2
+    # the same fixed settings, another search space (a study begun before cond_drop_prob left the default space):
+    # old trials that searched it mixed with new ones run at the default
+    result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "data.batch_size=4",
+                      "model.conditioner.cond_drop_prob=interval(0.0, 0.2)"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("holds trials run with other fixed settings or search space (searched: ['model.ema_decay', 'model.lr'] "
+            "there, ['model.conditioner.cond_drop_prob', 'model.ema_decay', 'model.lr'] here)") in result.stderr
 
 
 def test_fixed_settings_are_compared_as_values_not_as_spelled():
