@@ -268,7 +268,7 @@ def test_guidance_below_one_and_prompts_cut_short_are_named(trained, tmp_path: P
         pipeline.generate(["x" * room, CAPTIONS[1]], [0, 1], num_steps=1)
         assert "longer than" not in caplog.text
         pipeline.generate(["x" * (room - 1) + "\u00e9 in red", CAPTIONS[1]], [0, 1], num_steps=1)
-    assert f"1 of these prompts are longer than the text encoder's {room + 2} tokens" in caplog.text
+    assert f"1 of the 2 prompts of this batch are longer than the text encoder's {room + 2} tokens" in caplog.text
     assert "loses '\ufffd in red'" in caplog.text  # the second byte of the cut character, then the rest
     caplog.clear()
     with caplog.at_level("WARNING", logger="ldm.conditioning.conditioner"):  # said once (generate runs per batch)

@@ -189,7 +189,8 @@ def unseen_in_single_file(config: Any, prefix: str) -> list[str]:
 
 def warn_unseen(network: str, unseen: list[str]) -> None:
     log.warning("this %s has %s, which A1111, ComfyUI and diffusers' from_single_file do not read from the file: "
-                "they build SD's and compute other images from these weights (ldm's loaders read the file's "
+                "they build SD's, which computes other images from these weights, or fails to load them where a "
+                "width does not split into 32 groups or other shapes are not SD's (ldm's loaders read the file's "
                 "config; format=diffusers records them)", network, " and ".join(unseen))
 
 
