@@ -195,7 +195,7 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
     data, out = tmp_path / "data", tmp_path / "latents"
     shutil.copytree(shapes_shards, data)
     run_encode(data, autoencoder, out)
-    first = read_shard(out / "train-000001.tar")
+    first, zero = read_shard(out / "train-000001.tar"), [s["__key__"] for s in read_shard(out / "train-000000.tar")]
     # Shard 1 rewritten with shard 0's samples; shard 2 cut where sample 8's caption begins (summary.json still says
     # 16: sample 8 kept its image, and was encoded without its caption); shard 3 deleted.
     shutil.copy(data / "train-000000.tar", data / "train-000001.tar")
@@ -204,12 +204,21 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
         cut_at = [member.offset for member in tar if member.name.endswith(".txt")][8]
     (data / "train-000002.tar").write_bytes(damaged[:cut_at])
     (data / "train-000003.tar").unlink()
+    # shard 0 cut inside the image of its second-to-last sample: the read errors (two for one cut) were counted as
+    # lost samples, 17 of 16 in all, and the damage against the count went unreported
+    damaged = (data / "train-000000.tar").read_bytes()
+    with tarfile.open(data / "train-000000.tar") as tar:
+        cut_at = [member.offset_data for member in tar if member.name.endswith(".png")][14] + 100
+    (data / "train-000000.tar").write_bytes(damaged[:cut_at])
 
     with caplog.at_level("WARNING"):
         summary = run_encode(data, autoencoder, out)
-    assert summary["shards_finished_before"] == 1 and summary["shards_encoded"] == 2
+    assert summary["shards_finished_before"] == 0 and summary["shards_encoded"] == 3
+    stats = json.loads((out / "train-000000_stats.json").read_text())
+    assert stats["successes"] == 14 and stats["failed"] == 2
+    assert "damaged tar: the shard ends after 15 samples but its count says 16" in stats["skipped"][-1][1]
     again = read_shard(out / "train-000001.tar")
-    assert [s["__key__"] for s in again] == [s["__key__"] for s in read_shard(out / "train-000000.tar")]
+    assert [s["__key__"] for s in again] == zero
     assert [s["__key__"] for s in again] != [s["__key__"] for s in first]
     stats = json.loads((out / "train-000002_stats.json").read_text())
     assert stats["successes"] == 8 and stats["failed"] == 8

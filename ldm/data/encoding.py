@@ -445,7 +445,7 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
         finally:  # also on an error or Ctrl-C (atomic_open then deletes the file), or the tar stream, left open,
             writer.close()  # writes its end into the closed file when collected (a second traceback)
         # note: that closes the tar stream only; atomic_open still flushes and renames the file
-    failed = len(skipped)
+    failed = sum(key != "?" for key, _ in skipped)  # samples left out ("?": a read error, one or two per damage)
     if expected is not None and count + failed < expected:
         if members_stop_early(url) or any(key == "?" for key, _ in skipped):  # cut, or a read error
             skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "

@@ -392,9 +392,8 @@ def walk_stopped_early(tar: tarfile.TarFile, path: str) -> bool:
 
 def compressed_rest_cut(tar: tarfile.TarFile) -> bool:
     """After a header walk of a compressed tar: whether what follows its last member is not the end-of-archive blocks
-    (zeros, at least two 512-byte blocks): the tar inside an intact compressed stream was cut (at a member's
-    boundary: no read error tells) or has a damaged header. A stream cut after those blocks (in the zeros that pad
-    the archive) leaves the members whole. Decompresses the rest of the stream."""
+    (zeros): the tar inside an intact compressed stream was cut (at a member's boundary: no read error tells) or has a
+    damaged header. A stream cut in those zeros leaves the members whole. Decompresses the rest of the stream."""
     size, data = 0, False
     try:
         tar.fileobj.seek(tar.offset)
@@ -402,7 +401,7 @@ def compressed_rest_cut(tar: tarfile.TarFile) -> bool:
             size, data = size + len(chunk), data or bool(chunk.strip(b"\0"))
     except (OSError, EOFError, zlib.error):  # the compressed stream is cut (or damaged) here
         pass
-    return size < 1024 or data
+    return size == 0 or data  # (a header where the walk stopped holds its name: not zeros)
 
 
 def data_after(path: str, offset: int) -> bool:
