@@ -63,6 +63,12 @@ def test_moments_text_and_manifest_round_trip(shapes_shards: Path, encoders: tup
                          text_encoder={"kind": "byte", "name_or_path": str(text)})
     assert summary["shards_encoded"] == 4 and summary["samples"] == 64 and summary["failed"] == 0
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in shapes_shards.glob("train-*.tar"))
+    # ldm-eval's prompts and class labels of a model trained on them: the latent shards' captions (it found none, as
+    # their samples hold no image)
+    from ldm.eval.sources import shard_captions, shard_labels
+    images, encoded = sorted(map(str, shapes_shards.glob("train-*.tar"))), sorted(map(str, out.glob("*.tar")))
+    assert shard_captions(encoded) == shard_captions(images) and len(shard_captions(encoded)) == 64
+    assert shard_labels(encoded) == shard_labels(images) is not None
 
     ae, stats = load_autoencoder(autoencoder)
     encoder = ByteTextEncoder.from_pretrained(text)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ldm.config import ConfigError, is_int
+from ldm.data.latents import MOMENTS
 from ldm.data.stream import IMAGE_KEYS, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import read_lines
@@ -164,8 +165,8 @@ def _readable_samples(shards: Sequence[str], limit: int | None) -> Iterator[tupl
     for members in iter_shard_members(shards):
         if limit is not None and taken >= limit:
             break
-        if not any(ext in members for ext in IMAGE_KEYS):  # training skips a sample without an image
-            continue
+        if not any(ext in members for ext in (*IMAGE_KEYS, MOMENTS)):  # training skips a sample without an image
+            continue                                                    # (latent shards: without its moments)
         caption = readable_caption(members)
         if caption is not None:
             taken += 1
