@@ -60,9 +60,17 @@ def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shard
 
     from ldm.convert import save_diffusers_vae
 
-    with pytest.raises(FileExistsError, match="holds files but no config.json: overwrite replaces a diffusers VAE"):
+    with pytest.raises(FileExistsError, match="holds files but no config.json of class AutoencoderKL: overwrite "
+                                              "replaces a diffusers VAE"):
         save_diffusers_vae(run, tuned, 0.18215, overwrite=True)  # a run directory, not a VAE folder
     assert (run / "export").is_dir()
+    with pytest.raises(FileExistsError, match="of class AutoencoderKL: .*a run directory or another export"):
+        save_diffusers_vae(run / "export", tuned, 0.18215, overwrite=True)  # an export of ours: it was replaced
+    assert (run / "export" / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match=r"holds another export or model folder \(config\.json\), a single file "
+                                              r"beside it would be read as part of it"):
+        export({"ckpt_path": str(run / "export"), "format": "single_file", "output_dir": str(folder)})
+    save_diffusers_vae(folder, tuned, 0.18215, overwrite=True)  # a diffusers VAE folder: replaced
 
     with pytest.warns(UserWarning, match=r"use_ema=false: ckpt_path=.* autoencoder export, which holds the weights"):
         export({"ckpt_path": str(run / "export"), "format": "diffusers", "output_dir": str(tmp_path / "hf_raw"),

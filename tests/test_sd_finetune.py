@@ -392,6 +392,6 @@ def test_an_export_keeps_its_size_its_fp32_text_encoder_and_its_weights(tmp_path
     for source, extra in ((hf_dir, {}), (single, tokenizer)):
         assert LatentDiffusionModule({"init_from": str(source), "ema_decay": None, **extra}).pipeline.image_size == 48
     weights = (ours / "model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="holds a model export"):
+    with pytest.raises(FileExistsError, match="holds another export or model folder .*, whose weights are model"):
         export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(ours), "overwrite": True})
     assert (ours / "model.safetensors").read_bytes() == weights

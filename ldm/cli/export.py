@@ -70,8 +70,10 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     out = Path(config.output_dir)
     target = out if config.format == "diffusers" else out / SINGLE_FILE_NAME
     if config.format == "single_file" and (out / CONFIG_NAME).is_file():
-        raise FileExistsError(f"output_dir={out} holds a model export ({CONFIG_NAME}), whose weights are "
-                              f"{SINGLE_FILE_NAME}: a single file there would replace them; choose another output_dir")
+        held = f"whose weights are {SINGLE_FILE_NAME}: a single file there would replace them" if \
+            (out / SINGLE_FILE_NAME).is_file() else "a single file beside it would be read as part of it"
+        raise FileExistsError(f"output_dir={out} holds another export or model folder ({CONFIG_NAME}), {held}; choose "
+                              f"another output_dir")
     if target.exists() and not config.overwrite:
         raise FileExistsError(f"output_dir={out}: {target} exists; choose another output_dir or set overwrite=true")
 

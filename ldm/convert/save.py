@@ -181,13 +181,23 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
     return out_dir
 
 
-def _check_destination(out_dir: Path, overwrite: bool, marker: str, what: str) -> None:
-    """Refuse a file as the destination folder, and an overwrite of a folder that is not `what` (no `marker`)."""
+def _check_destination(out_dir: Path, overwrite: bool, marker: str, what: str, class_name: str | None = None) -> None:
+    """Refuse a file as the destination folder, and an overwrite of a folder that is not `what`: without `marker`, or
+    (with `class_name`) whose `marker` JSON names another `_class_name` (every export of ours has a config.json)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output directory")
-    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
-        raise FileExistsError(f"{out_dir} holds files but no {marker}: overwrite replaces {what}, not any directory "
-                              f"(a run directory, say); choose another output directory")
+    if not (overwrite and out_dir.is_dir() and any(out_dir.iterdir())):
+        return
+    found = (out_dir / marker).is_file()
+    if found and class_name is not None:
+        try:
+            found = json.loads((out_dir / marker).read_text()).get("_class_name") == class_name
+        except (OSError, ValueError, AttributeError):
+            found = False
+    if not found:
+        named = f"no {marker}" if class_name is None else f"no {marker} of class {class_name}"
+        raise FileExistsError(f"{out_dir} holds files but {named}: overwrite replaces {what}, not any directory (a "
+                              f"run directory or another export, say); choose another output directory")
 
 
 def _diffusers_vae(autoencoder: AutoencoderKL, latent_scale: float | None, force_upcast: bool,
@@ -212,7 +222,7 @@ def save_diffusers_vae(out_dir: str | Path, autoencoder: AutoencoderKL, latent_s
         force_upcast: as in `save_diffusers`.
     """
     out_dir = Path(out_dir)
-    _check_destination(out_dir, overwrite, "config.json", "a diffusers VAE folder")
+    _check_destination(out_dir, overwrite, "config.json", "a diffusers VAE folder", class_name="AutoencoderKL")
     config, state = _diffusers_vae(autoencoder, latent_scale, force_upcast, autoencoder.config.resolution)
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(config, tmp / "config.json")
