@@ -72,11 +72,17 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
         stale = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=2"])
         sized = compose(config_name="train", overrides=[*base, "model.net.resolution=64",
                                                         f"paths.output_dir={tmp_path / 'sized'}"])
+        short = compose(config_name="train", overrides=[*base, "trainer.max_steps=1", "trainer.val_check_interval=2",
+                                                        f"paths.output_dir={tmp_path / 'short'}"])
     with pytest.warns(UserWarning) as caught:
         train(stale)
     said = " ".join(str(w.message) for w in caught)
     assert "trainer.max_steps=3 is not a multiple of trainer.val_check_interval=2" in said
     assert "the export holds the weights of step 3 with the latent statistics of step 2" in said
+    with pytest.warns(UserWarning) as caught:  # it said "the last validation is at step 0", which never runs
+        train(short)
+    assert "no validation runs (trainer.max_steps=1 < trainer.val_check_interval=2): the export will hold no latent " \
+        "statistics" in " ".join(str(w.message) for w in caught)
     with pytest.raises(ConfigError, match=r"model\.net\.resolution=64 but data\.resolution=32"):
         train(sized)
     assert not list((tmp_path / "sized").glob("checkpoints/*.ckpt"))

@@ -251,9 +251,12 @@ class AutoencoderModule(L.LightningModule):
         interval, last = trainer.val_check_interval, trainer.max_steps
         if self._kept_scale() is not None:
             return  # the scale is the source's, whatever validations run
-        if not trainer.limit_val_batches:
-            rank_zero_warn("no validation runs (trainer.limit_val_batches=0): the export will hold no latent "
-                           "statistics, and stage 2 will need model.latent_scale")
+        if not trainer.limit_val_batches or (trainer.check_val_every_n_epoch is None and isinstance(interval, int)
+                                             and 0 < last < interval):
+            why = "trainer.limit_val_batches=0" if not trainer.limit_val_batches else \
+                f"trainer.max_steps={last} < trainer.val_check_interval={interval}"
+            rank_zero_warn(f"no validation runs ({why}): the export will hold no latent statistics, and stage 2 will "
+                           f"need model.latent_scale")
         elif (trainer.check_val_every_n_epoch is None and isinstance(interval, int) and last > 0
               and last % interval):
             rank_zero_warn(f"trainer.max_steps={last} is not a multiple of trainer.val_check_interval={interval}: "
