@@ -1,6 +1,7 @@
 """`ldm-train experiment=quickstart_vae` end to end through `train(cfg)`, on shards written by ldm-data."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -69,7 +70,8 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
             f"data.train_shards={shapes_shards}/train-*.tar", f"data.val_shards={shapes_shards}/val-*.tar",
             "data.batch_size=4", "data.num_workers=0", "trainer.limit_val_batches=1", "callbacks.progress=null"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        stale = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=2"])
+        stale = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=2",
+                                                        "model.ema_decay=0.9"])
         sized = compose(config_name="train", overrides=[*base, "model.net.resolution=64",
                                                         f"paths.output_dir={tmp_path / 'sized'}"])
         short = compose(config_name="train", overrides=[*base, "trainer.max_steps=1", "trainer.val_check_interval=2",
@@ -79,6 +81,16 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
     said = " ".join(str(w.message) for w in caught)
     assert "trainer.max_steps=3 is not a multiple of trainer.val_check_interval=2" in said
     assert "the export holds the weights of step 3 with the latent statistics of step 2" in said
+    # the raw weights of a checkpoint whose statistics are its EMA's (validations evaluate the EMA): their scale was
+    # handed out as the raw weights' (ldm-export use_ema=false wrote it as scaling_factor), unsaid
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.warns(UserWarning, match=r"use_ema=false takes the raw weights, but its latent statistics were "
+                                         r"measured on the EMA weights .* set model\.latent_scale"):
+        load_autoencoder(ckpt, use_ema=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_autoencoder(ckpt)
+    assert not any("use_ema=false" in str(w.message) for w in caught)
     with pytest.warns(UserWarning) as caught:  # it said "the last validation is at step 0", which never runs
         train(short)
     assert "no validation runs (trainer.max_steps=1 < trainer.val_check_interval=2): the export will hold no latent " \

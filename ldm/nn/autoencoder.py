@@ -378,6 +378,12 @@ def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderK
                       f"are of step {checkpoint.get('global_step')} (no {LATENT_STATS_NAME} of that step beside it), "
                       f"so the latent scale is of older weights: give the run's export, or set model.latent_scale",
                       stacklevel=2)
+    if stats is not None and not use_ema and "scale_factor_from" not in stats and \
+            any(name.startswith("ema.module.") for name in checkpoint["state_dict"]):
+        warnings.warn(f"{key}={path}: use_ema=false takes the raw weights, but its latent statistics were measured on "
+                      f"the EMA weights (validations evaluate the EMA), whose latents' spread differs: the latent "
+                      f"scale {stats.get('scale_factor')} is not theirs; set model.latent_scale (stage 2), or use the "
+                      f"EMA weights", stacklevel=2)
     return model, stats
 
 
