@@ -41,11 +41,13 @@ def refuse(message: str) -> NoReturn:
     raise SystemExit(EXIT_USER_ERROR)
 
 
-def fixed_settings(arguments: Sequence[str], params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The sweep's fixed settings among `arguments` (the command line's task overrides), as the Optuna sweeper records
-    them on each trial (its user attributes), after checking that `params` (`hydra.sweeper.params`) and the sweep
-    overrides among `arguments` are distributions Optuna accepts."""
-    parser, fixed = OverridesParser.create(), {}
+def sweep_space(arguments: Sequence[str], params: Mapping[str, Any] | None
+                ) -> tuple[dict[str, Any], dict[str, BaseDistribution]]:
+    """The sweep's fixed settings, as the Optuna sweeper records them on each trial (its user attributes), and its
+    search space (key -> distribution), as it hands it to Optuna (a key given a value on the command line is not
+    searched), from `params` (`hydra.sweeper.params`) and `arguments` (the command line's task overrides), after
+    checking that every search entry is a distribution Optuna accepts."""
+    parser, fixed, space = OverridesParser.create(), {}, {}
     for line in [*(f"{key}={value}" for key, value in (params or {}).items()), *arguments]:
         key = line.split("=", 1)[0]
         try:
@@ -55,9 +57,8 @@ def fixed_settings(arguments: Sequence[str], params: Mapping[str, Any] | None) -
             refuse(f"the search space entry {line!r} is not a distribution Optuna accepts ({err}); write "
                    f"{key}=interval(LOW, HIGH) with LOW < HIGH (and LOW > 0 in tag(log, interval(LOW, HIGH))), "
                    f"or {key}=choice(A, B, ...)")
-        if not isinstance(value, BaseDistribution):
-            fixed[override.get_key_element()] = value
-    return fixed
+        (space if isinstance(value, BaseDistribution) else fixed)[override.get_key_element()] = value
+    return fixed, {key: distribution for key, distribution in space.items() if key not in fixed}
 
 
 def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,17 +76,17 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
-    study whose newest complete trial was run with other fixed settings or searched other keys (naming them, and
+    study whose newest complete trial was run with other fixed settings or another search space (naming them, and
     `hydra.sweeper.study_name`); hand the search space's keys to the jobs (`SEARCHED_ENV`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
         params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
         arguments = list(config.hydra.overrides.task)
-        fixed = json.loads(json.dumps(fixed_settings(arguments, params)))  # as stored
-        searched = {key.lstrip("+") for key in params or {}} | {
-            line.split("=", 1)[0].lstrip("+") for line in arguments if line.split("=", 1)[0] not in fixed}
-        os.environ[SEARCHED_ENV] = json.dumps(sorted(searched))
+        fixed, space = sweep_space(arguments, params)
+        fixed = json.loads(json.dumps(fixed))  # as stored
+        space = {key.lstrip("+"): distribution for key, distribution in space.items()}
+        os.environ[SEARCHED_ENV] = json.dumps(sorted(space))
         try:
             study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
         except KeyError:  # a new study
@@ -103,9 +104,14 @@ class CheckOptunaSweep(Callback):
         there, here = setting_values(recorded), setting_values(fixed)
         differing = [f"{key}: {side(recorded, key)} there, {side(fixed, key)} here"
                      for key in sorted(there.keys() | here.keys()) if there.get(key, ...) != here.get(key, ...)]
-        searched_there = {key.lstrip("+") for key in newest.params}
-        if searched_there != searched:
-            differing.append(f"searched: {sorted(searched_there)} there, {sorted(searched)} here")
+        searched = {key.lstrip("+"): distribution for key, distribution in newest.distributions.items()}
+        if searched.keys() != space.keys():
+            differing.append(f"searched: {sorted(searched)} there, {sorted(space)} here")
+        for key in sorted(searched.keys() & space.keys()):
+            try:  # (Optuna raises this inside the first trial: another kind of distribution, other choices)
+                optuna.distributions.check_distribution_compatibility(searched[key], space[key])
+            except ValueError:
+                differing.append(f"{key}: searched as {searched[key]} there, {space[key]} here")
         if differing:
             refuse(f"the Optuna study {study.study_name!r} ({sweeper.storage}) holds trials run with other fixed "
                    f"settings or search space ({'; '.join(differing[:5])}): continued, it would mix their scores "

@@ -116,6 +116,24 @@ def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert ("holds trials run with other fixed settings or search space (searched: ['model.ema_decay', 'model.lr'] "
             "there, ['model.conditioner.cond_drop_prob', 'model.ema_decay', 'model.lr'] here)") in result.stderr
+    # ... or other choices for a searched key: Optuna raised inside the first trial (a traceback, a RUNNING trial)
+    result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "data.batch_size=4",
+                      "model.ema_decay=choice(0.9, 0.99)"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "(model.ema_decay: searched as CategoricalDistribution(choices=(0.99, 0.995, 0.999)) there, " \
+           "CategoricalDistribution(choices=(0.9, 0.99)) here)" in result.stderr
+    assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 2
+
+
+def test_a_key_the_command_line_fixes_is_not_searched():
+    """The sweeper leaves a key the command line gives a value out of its search space: counted as searched, a study
+    that fixes model.lr could not be continued (its trials never searched it), and model.lr was named as a searched
+    key in its jobs' messages."""
+    from ldm.sweeps import sweep_space
+
+    params = {"model.lr": "tag(log, interval(1e-5, 3e-3))", "model.ema_decay": "choice(0.99, 0.995)"}
+    fixed, space = sweep_space(["model.lr=1e-4", "+model.seed_offset=interval(0, 1)"], params)
+    assert fixed == {"model.lr": "0.0001"} and sorted(space) == ["+model.seed_offset", "model.ema_decay"]
 
 
 def test_fixed_settings_are_compared_as_values_not_as_spelled():
