@@ -300,7 +300,22 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
     write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "nfc"), "val_samples": 0,
                    "resolution": 32, "captions": str(captions)})
     assert sorted(s["txt"].decode() for s in read_split(tmp_path / "nfc", "train")) == ["accented", "phone"]
+    # ... and a sidecar named in the other form (it was "no caption")
+    (root / "plain.txt").rename(root / "caf\u00e9.txt")
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "nfc_sidecar"),
+                   "val_samples": 0, "resolution": 32})
+    assert sorted(s["txt"].decode() for s in read_split(tmp_path / "nfc_sidecar", "train")) == [
+        "a caf\u00e9 sign", "a phone photo"]
+    (root / "caf\u00e9.txt").rename(root / "plain.txt")
     (root / "cafe\u0301.png").rename(root / "plain.png")
+    # a link to an image is an image of its own: listed in a manifest beside its target, it was "listed twice"
+    (root / "link.png").symlink_to(root / "plain.png")
+    captions.write_bytes(b"file,caption\nplain.png,the file\nphone.jpg,phone\nlink.png,the link\n")
+    write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "link"), "val_samples": 0,
+                   "resolution": 32, "captions": str(captions)})
+    assert sorted(s["txt"].decode() for s in read_split(tmp_path / "link", "train")) == ["phone", "the file",
+                                                                                          "the link"]
+    (root / "link.png").unlink()
     # a blank manifest caption is no caption, as a blank sidecar is (it passed as "   " and trained as "" uncounted)
     captions.write_bytes(b"file,caption\nplain.png,  from the csv \nphone.jpg,\"   \"\n")
     with pytest.raises(ConfigError, match=r"1 of 2 images have no caption .*phone\.jpg"):
@@ -440,12 +455,15 @@ def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path
     (root / "__MACOSX" / "n01" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
     (root / "n01" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
     (root / "n03" / "IMG_0001.HEIC").write_bytes(b"not read")
+    (root / "n03" / ".Trash").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "n03" / ".Trash" / "0.png")
     summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"),
                              "labels": "folders", "val_samples": 2, "resolution": 16})
     assert summary["classes"] == ["n01", "n02", "n03"] and len(summary["missing_captions"]) == 9
     assert [(entry["path"], entry["reason"].split(" ")[0]) for entry in summary["skipped"]] == [
-        ("__MACOSX", "hidden"), ("n01/._0.png", "hidden"), ("n03/IMG_0001.HEIC", ".HEIC")]
+        ("__MACOSX", "hidden"), ("n01/._0.png", "hidden"), ("n03/.Trash", "hidden"), ("n03/IMG_0001.HEIC", ".HEIC")]
     shutil.rmtree(root / "__MACOSX")
+    shutil.rmtree(root / "n03" / ".Trash")
     (root / "n01" / "._0.png").unlink()
     (root / "n03" / "IMG_0001.HEIC").unlink()
     samples = read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "val")

@@ -287,9 +287,15 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
 
 
 def listed_path(path: Path) -> Path:
-    """`path` resolved, its name in Unicode's composed form (NFC): the key of an image in a manifest and in the
-    listing, so that a name typed on one system matches a file named on another (macOS stores decomposed names)."""
-    return Path(unicodedata.normalize("NFC", str(path.resolve())))
+    """`path` made absolute and normal (`./`, `..` taken out; links kept: a link to an image is an image of its own in
+    the listing), in Unicode's composed form (NFC): the key of an image in a manifest and in the listing, so that a
+    name typed on one system matches a file named on another (macOS stores decomposed names)."""
+    return Path(nfc(os.path.normpath(os.path.abspath(path))))
+
+
+def nfc(name: str) -> str:
+    """`name` in Unicode's composed form (`é` as one character, where macOS stores e + a combining accent)."""
+    return unicodedata.normalize("NFC", name)
 
 
 @dataclass
@@ -328,17 +334,17 @@ def list_images(input_dir: Path) -> FolderListing:
         except OSError as err:
             left_out.append((rel(directory) or ".", f"unreadable directory: {err.strerror}"))
             return
-        texts: dict[str, Path] = {}  # stem -> its .txt (any case; the lower-case one where both exist)
+        texts: dict[str, Path] = {}  # stem (NFC) -> its .txt (any case; the lower-case one where both exist)
         for entry in entries:
             path = Path(entry.path)
-            if path.suffix.lower() == ".txt" and (path.stem not in texts or path.suffix == ".txt"):
-                texts[path.stem] = path
+            if path.suffix.lower() == ".txt" and (nfc(path.stem) not in texts or path.suffix == ".txt"):
+                texts[nfc(path.stem)] = path
         for entry in entries:
             path = Path(entry.path)
             if entry.name.startswith(".") or entry.name == "__MACOSX":  # hidden: `.DS_Store`, macOS' `._KEY.jpg`
-                if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS or entry.name == "__MACOSX":
-                    left_out.append((rel(path), "hidden file or macOS metadata (a name starting with a dot, or "
-                                                "__MACOSX), not an image"))
+                if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS or entry.is_dir():
+                    left_out.append((rel(path), "hidden file or folder, or macOS metadata (a name starting with a "
+                                                "dot, or __MACOSX): not read"))
                 continue
             is_image = path.suffix.lower() in IMAGE_EXTENSIONS
             if path.suffix.lower() in OTHER_IMAGE_EXTENSIONS:
@@ -359,8 +365,8 @@ def list_images(input_dir: Path) -> FolderListing:
                 left_out.append((rel(path), "special file (FIFO, socket or device), not a regular file"))
             elif is_image:
                 images.append(path)
-                if path.stem in texts:
-                    sidecars[path] = texts[path.stem]
+                if nfc(path.stem) in texts:
+                    sidecars[path] = texts[nfc(path.stem)]
 
     walk(input_dir)
     return FolderListing(sorted(images), sidecars, left_out)
