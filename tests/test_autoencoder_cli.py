@@ -76,6 +76,9 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
                                                         f"paths.output_dir={tmp_path / 'sized'}"])
         short = compose(config_name="train", overrides=[*base, "trainer.max_steps=1", "trainer.val_check_interval=2",
                                                         f"paths.output_dir={tmp_path / 'short'}"])
+        epoch = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=1.0",
+                                                        "trainer.check_val_every_n_epoch=1",
+                                                        f"paths.output_dir={tmp_path / 'epoch'}"])
     with pytest.warns(UserWarning) as caught:
         train(stale)
     said = " ".join(str(w.message) for w in caught)
@@ -85,16 +88,22 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
     # handed out as the raw weights' (ldm-export use_ema=false wrote it as scaling_factor), unsaid
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.warns(UserWarning, match=r"use_ema=false takes the raw weights, but its latent statistics were "
-                                         r"measured on the EMA weights .* set model\.latent_scale"):
+                                         r"measured on the EMA weights .* ldm-export writes it as the export's "):
         load_autoencoder(ckpt, use_ema=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_autoencoder(ckpt)
     assert not any("use_ema=false" in str(w.message) for w in caught)
-    with pytest.warns(UserWarning) as caught:  # it said "the last validation is at step 0", which never runs
-        train(short)
-    assert "no validation runs (trainer.max_steps=1 < trainer.val_check_interval=2): the export will hold no latent " \
-        "statistics" in " ".join(str(w.message) for w in caught)
+    # runs that end before their first validation: it said "the last validation is at step 0", which never runs, or
+    # (validation once an epoch, of 16 batches) nothing until the export, which said stage 2 would take its scale
+    for config, first in ((short, 2), (epoch, 16)):
+        with pytest.warns(UserWarning) as caught:
+            train(config)
+        said = " ".join(str(w.message) for w in caught)
+        assert f"no validation runs (the run's {config.trainer.max_steps} steps end before its first validation, at " \
+               f"step {first} (trainer.val_check_interval" in said
+        assert "the export holds the weights of step" in said and "no latent statistics: stage 2 will need " \
+               "model.latent_scale" in said
     with pytest.raises(ConfigError, match=r"model\.net\.resolution=64 but data\.resolution=32"):
         train(sized)
     assert not list((tmp_path / "sized").glob("checkpoints/*.ckpt"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,21 +245,27 @@ class AutoencoderModule(L.LightningModule):
             raise ConfigError(f"model.loss.disc.n_layers={layers} halves the {resolution} px images to "
                               f"{resolution >> layers} px, fewer than the 3 its last convolutions need: at most "
                               f"{most} at model.net.resolution={resolution}")
-        # The export's latent statistics (stage 2's scale) are measured at validations: said now, not after the run,
-        # when the final weights will go out with an earlier step's statistics.
-        if trainer.fast_dev_run:
-            return
-        interval, last = trainer.val_check_interval, trainer.max_steps
-        if self._kept_scale() is not None:
-            return  # the scale is the source's, whatever validations run
-        if not trainer.limit_val_batches or (trainer.check_val_every_n_epoch is None and isinstance(interval, int)
-                                             and 0 < last < interval):
+
+    def on_train_start(self) -> None:
+        # The export's latent statistics (stage 2's scale) are measured at validations: said now (Lightning knows the
+        # validation schedule once the loader is set up), not after the run, when the final weights go out with an
+        # earlier step's statistics, or none.
+        trainer = self.trainer
+        if trainer.fast_dev_run or self._kept_scale() is not None:
+            return  # (the scale is the source's, whatever validations run)
+        every, last = trainer.check_val_every_n_epoch, trainer.estimated_stepping_batches
+        first = trainer.val_check_batch  # the first validation's step
+        if every is not None and every > 1:
+            first += (every - 1) * trainer.num_training_batches
+        if not trainer.limit_val_batches or (self.latent_stats is None and last < first):
             why = "trainer.limit_val_batches=0" if not trainer.limit_val_batches else \
-                f"trainer.max_steps={last} < trainer.val_check_interval={interval}"
+                f"the run's {last} steps end before its first validation, at step {first} " \
+                f"(trainer.val_check_interval, trainer.check_val_every_n_epoch)"
             rank_zero_warn(f"no validation runs ({why}): the export will hold no latent statistics, and stage 2 will "
                            f"need model.latent_scale")
-        elif (trainer.check_val_every_n_epoch is None and isinstance(interval, int) and last > 0
-              and last % interval):
+        elif every is None and isinstance(trainer.val_check_interval, int) and math.isfinite(last) and \
+                last % trainer.val_check_interval:
+            interval = trainer.val_check_interval
             rank_zero_warn(f"trainer.max_steps={last} is not a multiple of trainer.val_check_interval={interval}: "
                            f"the last validation is at step {last - last % interval}, so the export's latent "
                            f"statistics (stage 2's scale) will be of that step's weights; make max_steps a multiple")
@@ -394,9 +401,10 @@ class AutoencoderModule(L.LightningModule):
         export_dir = Path(self.trainer.default_root_dir) / "export"
         stats_step = (self.latent_stats or {}).get("step")
         if stats_step != self.global_step and self._kept_scale() is None:
-            stats = f"the latent statistics of step {stats_step}" if stats_step is not None else "no latent statistics"
-            rank_zero_warn(f"the export holds the weights of step {self.global_step} with {stats} (measured at "
-                           f"validations); stage 2 takes its scale from them")
+            stats = f"the latent statistics of step {stats_step}, from which stage 2 takes its scale" \
+                if stats_step is not None else "no latent statistics: stage 2 will need model.latent_scale"
+            rank_zero_warn(f"the export holds the weights of step {self.global_step} with {stats} (they are "
+                           f"measured at validations)")
         self.eval_model.save_pretrained(export_dir, latent_stats=self.latent_stats)
         rank_zero_info(f"autoencoder exported to {export_dir} (load with ldm.nn.autoencoder.load_autoencoder)")
 

@@ -382,8 +382,9 @@ def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderK
             any(name.startswith("ema.module.") for name in checkpoint["state_dict"]):
         warnings.warn(f"{key}={path}: use_ema=false takes the raw weights, but its latent statistics were measured on "
                       f"the EMA weights (validations evaluate the EMA), whose latents' spread differs: the latent "
-                      f"scale {stats.get('scale_factor')} is not theirs; set model.latent_scale (stage 2), or use the "
-                      f"EMA weights", stacklevel=2)
+                      f"scale {stats.get('scale_factor')} is not theirs (ldm-export writes it as the export's "
+                      f"scaling_factor; stage 2 takes it unless model.latent_scale is set); use the EMA weights, or "
+                      f"measure the raw weights' scale", stacklevel=2)
     return model, stats
 
 
