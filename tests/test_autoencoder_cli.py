@@ -88,7 +88,7 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
     # handed out as the raw weights' (ldm-export use_ema=false wrote it as scaling_factor), unsaid
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.warns(UserWarning, match=r"use_ema=false takes the raw weights, but its latent statistics were "
-                                         r"measured on the EMA weights .* ldm-export writes it as the export's "):
+                                         r"measured on the EMA weights .*ldm-export writes it as the export's "):
         load_autoencoder(ckpt, use_ema=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
