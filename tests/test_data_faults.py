@@ -504,6 +504,45 @@ def test_every_reader_takes_the_whole_samples_wherever_a_tar_is_cut(tmp_path: Pa
     assert readers(shard) == [f"k{i:03d}" for i in range(5)]
 
 
+def test_a_cut_that_no_read_error_reveals_is_found_by_every_reader(tmp_path: Path):
+    """Three shards whose damage the reader cannot see as it reads, each with a recorded count (summary.json): a gzip
+    of a tar cut where the last sample's caption begins (training took its image with the empty caption); a plain tar
+    so cut after an image whose data ends in zeros (BMP rows, stored bottom-up: every reader took the zeros for the
+    end-of-archive blocks); and an intact gzipped tar named .tar (read as a cut plain tar: its last sample lost, the
+    shard called damaged)."""
+    from ldm.eval.sources import iter_shard_members
+
+    def bmp(i: int) -> bytes:
+        pixels = np.full((32, 32, 3), 200, np.uint8)
+        pixels[:16] = 0  # the top rows, which a BMP stores last (1.5 KiB of zeros)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="BMP")
+        return buf.getvalue()
+
+    samples = [{"__key__": f"k{i:03d}", "bmp": bmp(i), "txt": f"s{i}"} for i in range(4)]
+    whole = write_shard(tmp_path / "full.tar", samples).read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        caption = next(m.offset for m in tar if m.name == "k003.txt")
+    assert not whole[caption - 1024:caption].strip(b"\0")  # the zeros that fooled the readers
+    shards = {"cutgz-000000.tar.gz": (gzip.compress(whole[:caption]), 3),
+              "zeros-000000.tar": (whole[:caption], 3),
+              "named-000000.tar": (gzip.compress(whole), 4)}
+    for name, (data, _) in shards.items():
+        (tmp_path / name).write_bytes(data)
+    summary = {"splits": {"train": {"shards": list(shards), "shard_counts": [4] * len(shards), "count": 12}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    for name, (_, whole_samples) in shards.items():
+        url, expected = str(tmp_path / name), [f"k{i:03d}" for i in range(whole_samples)]
+        plan = EpochPlan([url], [4], seed=0, rank=0, world_size=1, num_workers=0, batch_size=1, train=False,
+                         resolution=8)
+        batches = list(ShardStream(plan))
+        assert sorted({key for batch in batches for key in batch["key"]}) == expected, name
+        assert all(caption for batch in batches for caption in batch["caption"]), name
+        assert _count_tar_samples(url) == whole_samples, name
+        assert [sample["__key__"] for sample, _ in encoding._images(url, 8, [])] == expected, name
+        assert [sample["__key__"] for sample in iter_shard_members([url])] == expected, name
+
+
 def test_a_sample_with_two_members_of_one_extension_is_skipped_by_every_reader(tmp_path: Path,
                                                                               caplog: pytest.LogCaptureFixture):
     """`k001.txt` and `k001.TXT`: webdataset raised, which was taken for a truncated tar: the shard's last (whole)
@@ -534,7 +573,7 @@ def test_a_sample_with_two_members_of_one_extension_is_skipped_by_every_reader(t
     assert [key for key, _ in skipped] == ["k001"]
     with caplog.at_level("WARNING"):
         assert shard_captions([str(shard)]) == ["s0", "s2", "s3"]
-    assert "sample k001 left out: its caption does not read (two members with one extension" in caplog.text
+    assert "sample k001 left out: it does not read as training reads it (two members with one extension" in caplog.text
 
 
 class Mean(L.LightningModule):

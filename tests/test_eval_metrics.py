@@ -242,7 +242,7 @@ def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Pat
         prompts = load_prompts("val_shards", 15, [str(shard)])
         pairs = list(iter_shard_samples([str(shard)]))
     assert len(prompts) == 15 and prompts[0] == "" and len(pairs) == 15 and pairs[0][1] == ""
-    assert f"{shard}: sample {keys[0]} left out: its caption does not read" in caplog.text
+    assert f"{shard}: sample {keys[0]} left out: it does not read as training reads it" in caplog.text
     # a class-conditional model's labels come from the same samples as the prompts they are scored against
     labels = shard_labels([str(shard)], 15)
     assert len(labels) == 15 and all(SHAPES[label] in prompt for label, prompt in zip(labels[1:], prompts[1:]))

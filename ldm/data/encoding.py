@@ -350,9 +350,14 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
         return True
 
     def cut(last: dict[str, Any]) -> bool:
-        if errors and watch.cut_key() is not None:  # an error cut a member's data: its sample is the one cut
-            return last.get("__key__") == watch.cut_key()
-        return stops_early or bool(errors)  # its members stop before its end, or an error at a header
+        key = watch.cut_key() if errors else None
+        if key is None:
+            return stops_early or bool(errors)  # its members stop before its end, or an error at a header
+        # an error cut a member's data: its sample is the one cut (named here when its first member was: the sample
+        # never formed)
+        if last.get("__key__") != key:
+            skipped.append([key, f"the shard {url} ends inside {watch.name}: left out; rewrite the shard"])
+        return last.get("__key__") == key
 
     stops_early, watch = members_stop_early(url), MemberWatch()
     samples = read_tar(handler, watch)(iter([{"url": url}]))

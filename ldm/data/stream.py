@@ -26,6 +26,7 @@ shard's real end reads the samples of the other shards instead, so the batch cou
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import json
@@ -56,6 +57,7 @@ from ldm.seeding import fold_seed
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: how a compressed tar begins, whatever its name
 # note: resized whole up to this aspect ratio (the usual path; its pixels differ from the box path's by 1 level at most
 # at photo sizes), inside the crop's box beyond it
 MAX_RESIZED_ASPECT = 4
@@ -290,7 +292,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         # caption). Each sample is held back until the next one is read, and a range that ends inside its shard (or
         # in a cut tar) reads one sample past its end: a read that ends before that leaves out the last sample it
         # read, the tar's real last one
-        cut = tar_ends_cut(url)
+        cut = shard_stops_early(url)
         count = (counts or {}).get(url)
         ahead = cut or (count is not None and hi < count)
         probe = not ahead and hi == count  # the shard's last range: one more read tells a count short of the shard
@@ -313,8 +315,8 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
             # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
             early = not followed and (ahead or seen < hi or skips.tar_error is not None)
-            if early and ran_out and skips.tar_error is None and not url.startswith(REMOTE_PREFIXES) and \
-                    url.endswith((".tar", ".tar.gz", ".tgz")) and not members_stop_early(url):
+            if early and ran_out and skips.tar_error is None and not cut and not url.startswith(REMOTE_PREFIXES) and \
+                    url.endswith((".tar", ".tar.gz", ".tgz")):
                 early = False  # an intact tar that holds fewer samples than its count says: its last one is whole
             cut_key = skips.watch.cut_key() if skips.tar_error is not None else None
             if ran_out and cut_key is not None:  # the tar ended inside a member's data: that member's sample is cut,
@@ -344,20 +346,41 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
 
 
 def tar_ends_cut(url: str) -> bool:
-    """True for a local uncompressed tar that ends without the end-of-archive blocks (the zeros tarfile and GNU tar
-    write on closing): a copy cut short, perhaps at a member's boundary, which no read error reveals, so that its last
-    sample may lack members. Remote and compressed shards are not checked (False). Reads the last 1 KiB only."""
+    """True for a local uncompressed tar whose last 1 KiB is not zeros, the end-of-archive blocks that tarfile and GNU
+    tar write on closing: a copy cut short, perhaps at a member's boundary, which no read error reveals, so that its
+    last sample may lack members (zeros there may also be a member's data: `walk_stopped_early` tells). Remote and
+    compressed shards (by their first bytes, whatever the name) are not checked (False). Reads 1 KiB and 6 bytes."""
     path = _local_tar(url)
     if path is None:
         return False
     try:
         with open(path, "rb") as f:
+            if f.read(6).startswith(COMPRESSED_MAGIC):
+                return False
             size = f.seek(0, os.SEEK_END)
             f.seek(max(size - 1024, 0))
             tail = f.read(1024)
     except OSError:
         return False
     return len(tail) < 1024 or bool(tail.strip(b"\0"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stops_early(url: str, size: int, mtime_ns: int) -> bool:
+    return members_stop_early(url)
+
+
+def shard_stops_early(url: str) -> bool:
+    """`members_stop_early` of a local shard, walked once per process for each version of the file (its size and
+    modification time): a training read asks at every epoch."""
+    path = url.removeprefix("file:")
+    if url.startswith(REMOTE_PREFIXES) or not path.endswith((".tar", ".tar.gz", ".tgz")):
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False  # (the reader reports it)
+    return _stops_early(url, stat.st_size, stat.st_mtime_ns)
 
 
 def members_stop_early(url: str) -> bool:
@@ -372,12 +395,16 @@ def members_stop_early(url: str) -> bool:
     if tar_ends_cut(url):
         return True
     try:
-        with tarfile.open(path, "r:" if path.endswith(".tar") else "r:gz") as tar:
+        with tarfile.open(path, "r:*") as tar:  # (compressed or not by its content, as the reader opens it)
             for _ in tar:
                 pass
             return walk_stopped_early(tar, path)
     except (OSError, EOFError, tarfile.TarError):
-        return not path.endswith(".tar")  # plain: unreadable from the start, the reader reports it; compressed: cut
+        try:  # plain: unreadable from the start, the reader reports it; compressed: cut
+            with open(path, "rb") as f:
+                return f.read(6).startswith(COMPRESSED_MAGIC)
+        except OSError:
+            return False
 
 
 def walk_stopped_early(tar: tarfile.TarFile, path: str) -> bool:
@@ -386,7 +413,8 @@ def walk_stopped_early(tar: tarfile.TarFile, path: str) -> bool:
     rest is not the end-of-archive blocks (`compressed_rest_cut`). The one test the header count, ldm-encode's and
     training's look at a shard's end, and ldm-eval's reader share."""
     if isinstance(tar.fileobj, io.BufferedReader):  # offsets are the file's (not a decompressed stream's)
-        return tar_ends_cut(path) or data_after(path, tar.offset)
+        # (where the walk ended, the end-of-archive blocks: not there, or zeros that are the last member's data)
+        return tar_ends_cut(path) or os.path.getsize(path) - tar.offset < 1024 or data_after(path, tar.offset)
     return compressed_rest_cut(tar)
 
 

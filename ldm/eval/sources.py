@@ -113,7 +113,7 @@ def readable_caption(members: dict[str, bytes]) -> str | None:
 @functools.cache
 def _report_unreadable_caption(shard: str, key: str, error: str) -> None:
     """Warn once per sample (evaluation reads a shard set up to three times)."""
-    log.warning("%s: sample %s left out: its caption does not read (%s); training skips it too", shard, key,
+    log.warning("%s: sample %s left out: it does not read as training reads it (%s); training skips it too", shard, key,
                 error[:200])
 
 
