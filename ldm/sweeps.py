@@ -8,8 +8,8 @@ every continuation.
 
 `CheckOptunaSweep`, a Hydra callback, checks at the start of the sweep what the sweeper would take as given: every
 search-space entry is a distribution Optuna accepts (a log interval from 0 stopped the sweep with a traceback that
-named no key), and a continued study is continued with the same fixed settings (a command with another batch size
-joined the study, learnt from its scores and reported its best trial as its own).
+named no key), and a continued study is continued with the same fixed settings and search space (a command with
+another batch size joined the study, learnt from its scores and reported its best trial as its own).
 """
 
 from __future__ import annotations
