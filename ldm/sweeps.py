@@ -91,27 +91,34 @@ class CheckOptunaSweep(Callback):
             study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
         except KeyError:  # a new study
             return
-        # the newest trial with a score: one left RUNNING (a job stopped, or refused after training) scored nothing
-        newest = next((t for t in reversed(study.trials) if t.user_attrs and t.state == TrialState.COMPLETE), None)
-        if newest is None:
-            return
-        recorded = newest.user_attrs
-
-        def side(settings: dict[str, Any], key: str) -> str:
-            written = [value for name, value in settings.items() if name.lstrip("+") == key]
-            return repr(written[0]) if written else "not set"
-
-        there, here = setting_values(recorded), setting_values(fixed)
-        differing = [f"{key}: {side(recorded, key)} there, {side(fixed, key)} here"
-                     for key in sorted(there.keys() | here.keys()) if there.get(key, ...) != here.get(key, ...)]
-        searched = {key.lstrip("+"): distribution for key, distribution in newest.distributions.items()}
-        if searched.keys() != space.keys():
-            differing.append(f"searched: {sorted(searched)} there, {sorted(space)} here")
-        for key in sorted(searched.keys() & space.keys()):
-            try:  # (Optuna raises this inside the first trial: another kind of distribution, other choices)
-                optuna.distributions.check_distribution_compatibility(searched[key], space[key])
+        # every trial that drew a key, whatever its state (Optuna checks each new distribution against them all, inside
+        # the first trial: another kind of distribution, other choices)
+        drawn: dict[str, BaseDistribution] = {}
+        for trial in study.trials:
+            for key, distribution in trial.distributions.items():
+                drawn.setdefault(key.lstrip("+"), distribution)
+        differing = []
+        for key in sorted(drawn.keys() & space.keys()):
+            try:
+                optuna.distributions.check_distribution_compatibility(drawn[key], space[key])
             except ValueError:
-                differing.append(f"{key}: searched as {searched[key]} there, {space[key]} here")
+                differing.append(f"{key}: searched as {drawn[key]} there, {space[key]} here")
+        # the newest trial with a score (one left RUNNING, a job stopped or refused after training, scored nothing):
+        # its fixed settings and searched keys
+        newest = next((t for t in reversed(study.trials) if t.user_attrs and t.state == TrialState.COMPLETE), None)
+        if newest is not None:
+            recorded = newest.user_attrs
+
+            def side(settings: dict[str, Any], key: str) -> str:
+                written = [value for name, value in settings.items() if name.lstrip("+") == key]
+                return repr(written[0]) if written else "not set"
+
+            there, here = setting_values(recorded), setting_values(fixed)
+            differing += [f"{key}: {side(recorded, key)} there, {side(fixed, key)} here"
+                          for key in sorted(there.keys() | here.keys()) if there.get(key, ...) != here.get(key, ...)]
+            searched = sorted(key.lstrip("+") for key in newest.distributions)
+            if searched != sorted(space):
+                differing.append(f"searched: {searched} there, {sorted(space)} here")
         if differing:
             refuse(f"the Optuna study {study.study_name!r} ({sweeper.storage}) holds trials run with other fixed "
                    f"settings or search space ({'; '.join(differing[:5])}): continued, it would mix their scores "

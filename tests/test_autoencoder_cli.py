@@ -79,10 +79,14 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
         epoch = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=1.0",
                                                         "trainer.check_val_every_n_epoch=1",
                                                         f"paths.output_dir={tmp_path / 'epoch'}"])
+        unvalidated = compose(config_name="train", overrides=[*base, "trainer.max_steps=2", "data.val_shards=null",
+                                                              "trainer.val_check_interval=2",
+                                                              f"paths.output_dir={tmp_path / 'unvalidated'}"])
     with pytest.warns(UserWarning) as caught:
         train(stale)
     said = " ".join(str(w.message) for w in caught)
-    assert "trainer.max_steps=3 is not a multiple of trainer.val_check_interval=2" in said
+    assert "the run's 3 steps (trainer.max_steps, or max_epochs x batches per epoch) are not a multiple of " \
+           "trainer.val_check_interval=2" in said
     assert "the export holds the weights of step 3 with the latent statistics of step 2" in said
     # the raw weights of a checkpoint whose statistics are its EMA's (validations evaluate the EMA): their scale was
     # handed out as the raw weights' (ldm-export use_ema=false wrote it as scaling_factor), unsaid
@@ -96,12 +100,14 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
     assert not any("use_ema=false" in str(w.message) for w in caught)
     # runs that end before their first validation: it said "the last validation is at step 0", which never runs, or
     # (validation once an epoch, of 16 batches) nothing until the export, which said stage 2 would take its scale
-    for config, first in ((short, 2), (epoch, 16)):
+    # ... or without validation data (it was told the last validation is at step 2)
+    for config, why in ((short, "the run's 1 steps end before its first validation, at step 2 (trainer.val_check"),
+                        (epoch, "the run's 3 steps end before its first validation, at step 16 (trainer.val_check"),
+                        (unvalidated, "data.val_shards=null")):
         with pytest.warns(UserWarning) as caught:
             train(config)
         said = " ".join(str(w.message) for w in caught)
-        assert f"no validation runs (the run's {config.trainer.max_steps} steps end before its first validation, at " \
-               f"step {first} (trainer.val_check_interval" in said
+        assert f"no validation runs ({why}" in said and "is at step" not in said
         assert "the export holds the weights of step" in said and "no latent statistics: stage 2 will need " \
                "model.latent_scale" in said
     with pytest.raises(ConfigError, match=r"model\.net\.resolution=64 but data\.resolution=32"):

@@ -316,6 +316,15 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
     assert sorted(s["txt"].decode() for s in read_split(tmp_path / "link", "train")) == ["phone", "the file",
                                                                                           "the link"]
     (root / "link.png").unlink()
+    # absolute manifest paths through a linked folder (a dataset reached by a link on a cluster), the input folder
+    # given either way
+    (tmp_path / "alias").symlink_to(root)
+    captions.write_text(f"file,caption\n{tmp_path / 'alias' / 'plain.png'},aliased\n"
+                        f"{tmp_path / 'alias' / 'phone.jpg'},phone\n")
+    for name, folder in (("via_alias", tmp_path / "alias"), ("via_root", root)):
+        write_dataset({"source": "folder", "input_dir": str(folder), "output_dir": str(tmp_path / name),
+                       "val_samples": 0, "resolution": 32, "captions": str(captions)})
+        assert sorted(s["txt"].decode() for s in read_split(tmp_path / name, "train")) == ["aliased", "phone"]
     # a blank manifest caption is no caption, as a blank sidecar is (it passed as "   " and trained as "" uncounted)
     captions.write_bytes(b"file,caption\nplain.png,  from the csv \nphone.jpg,\"   \"\n")
     with pytest.raises(ConfigError, match=r"1 of 2 images have no caption .*phone\.jpg"):

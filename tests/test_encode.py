@@ -222,6 +222,13 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
     assert summary["shards_finished_before"] == 0 and summary["shards_encoded"] == 3
     stats = json.loads((out / "train-000000_stats.json").read_text())
     assert stats["successes"] == 14 and stats["failed"] == 2
+    # cut inside its first sample's first member (the header count says 0): the sample was lost unnamed
+    with tarfile.open(fileobj=io.BytesIO(damaged)) as tar:
+        opening = next(iter(tar))
+    (tmp_path / "first.tar").write_bytes(damaged[:opening.offset_data + 20])
+    skipped: list[list[str]] = []
+    assert list(encoding._images(str(tmp_path / "first.tar"), 32, skipped)) == []
+    assert [key for key, _ in skipped if key != "?"] == [opening.name.partition(".")[0]]
     assert "damaged tar: the shard ends after 15 samples but its count says 16" in stats["skipped"][-1][1]
     again = read_shard(out / "train-000001.tar")
     assert [s["__key__"] for s in again] == zero

@@ -123,6 +123,15 @@ def test_a_study_continued_with_other_fixed_settings_is_refused(tmp_path):
     assert "(model.ema_decay: searched as CategoricalDistribution(choices=(0.99, 0.995, 0.999)) there, " \
            "CategoricalDistribution(choices=(0.9, 0.99)) here)" in result.stderr
     assert len(optuna.load_study(study_name="ldm_optuna", storage=study._storage).trials) == 2
+    # ... also when no trial completed (Optuna compares with every trial that drew the key, failed ones included)
+    failed_root = tmp_path / "failed"
+    failed_root.mkdir()
+    failed = optuna.create_study(study_name="ldm_optuna", storage=f"sqlite:///{failed_root / 'ldm_optuna.sqlite'}")
+    failed.tell(failed.ask(space), state=optuna.trial.TrialState.FAIL)
+    result = run_cli(["-m", "hparams_search=ldm_optuna", f"paths.root_dir={failed_root}",
+                      "model.ema_decay=choice(0.9, 0.99)"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "(model.ema_decay: searched as CategoricalDistribution" in result.stderr
 
 
 def test_a_key_the_command_line_fixes_is_not_searched():

@@ -325,15 +325,16 @@ def _members_complete(path: Path) -> bool:
 
 
 def without_cut_last(samples: Iterator[dict[str, Any]], url: str, skipped: list[list[str]],
-                     cut: Callable[[dict[str, Any]], bool]) -> Iterator[dict[str, Any]]:
-    """`samples`, but for the last one when `cut(it)` (asked once they are read: the tar ended early, so that it may
-    lack members, a caption gone at a member's boundary), which is reported in `skipped` instead."""
+                     cut: Callable[[dict[str, Any] | None], bool]) -> Iterator[dict[str, Any]]:
+    """`samples`, but for the last one when `cut(it)` (asked once they are read, also with None when there were none:
+    the tar ended early, so that it may lack members, a caption gone at a member's boundary), which is reported in
+    `skipped` instead."""
     held = None
     for sample in samples:
         if held is not None:
             yield held
         held = sample
-    if held is not None and cut(held):
+    if cut(held) and held is not None:
         skipped.append([held.get("__key__", "?"), f"the shard {url} ends early (cut short, or a damaged member "
                         f"header: what follows is lost): its last sample may lack members; rewrite the shard"])
     elif held is not None:
@@ -349,15 +350,16 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
         errors.append(err)
         return True
 
-    def cut(last: dict[str, Any]) -> bool:
+    def cut(last: dict[str, Any] | None) -> bool:
         key = watch.cut_key() if errors else None
         if key is None:
             return stops_early or bool(errors)  # its members stop before its end, or an error at a header
         # an error cut a member's data: its sample is the one cut (named here when its first member was: the sample
         # never formed)
-        if last.get("__key__") != key:
+        last_key = last.get("__key__") if last is not None else None
+        if last_key != key:
             skipped.append([key, f"the shard {url} ends inside {watch.name}: left out; rewrite the shard"])
-        return last.get("__key__") == key
+        return last_key == key
 
     stops_early, watch = members_stop_early(url), MemberWatch()
     samples = read_tar(handler, watch)(iter([{"url": url}]))

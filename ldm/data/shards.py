@@ -287,10 +287,12 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
 
 
 def listed_path(path: Path) -> Path:
-    """`path` made absolute and normal (`./`, `..` taken out; links kept: a link to an image is an image of its own in
-    the listing), in Unicode's composed form (NFC): the key of an image in a manifest and in the listing, so that a
-    name typed on one system matches a file named on another (macOS stores decomposed names)."""
-    return Path(nfc(os.path.normpath(os.path.abspath(path))))
+    """`path` with its folder resolved (links to folders followed, `./`, `..` taken out) and its own name kept (a link
+    to an image is an image of its own in the listing), in Unicode's composed form (NFC): the key of an image in a
+    manifest and in the listing, so that a path through a linked folder, or a name typed on one system, matches the
+    file the listing found (macOS stores decomposed names)."""
+    path = Path(os.path.abspath(path))
+    return Path(nfc(str(path.parent.resolve() / path.name)))
 
 
 def nfc(name: str) -> str:

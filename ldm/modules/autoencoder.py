@@ -257,18 +257,20 @@ class AutoencoderModule(L.LightningModule):
         first = trainer.val_check_batch  # the first validation's step
         if every is not None and every > 1:
             first += (every - 1) * trainer.num_training_batches
-        if not trainer.limit_val_batches or (self.latent_stats is None and last < first):
-            why = "trainer.limit_val_batches=0" if not trainer.limit_val_batches else \
-                f"the run's {last} steps end before its first validation, at step {first} " \
-                f"(trainer.val_check_interval, trainer.check_val_every_n_epoch)"
+        no_data = getattr(getattr(trainer.datamodule, "config", None), "val_shards", "") is None
+        if no_data or not trainer.limit_val_batches or (self.latent_stats is None and last < first):
+            why = "data.val_shards=null" if no_data else "trainer.limit_val_batches=0" if not \
+                trainer.limit_val_batches else f"the run's {last} steps end before its first validation, at step " \
+                f"{first} (trainer.val_check_interval, trainer.check_val_every_n_epoch)"
             rank_zero_warn(f"no validation runs ({why}): the export will hold no latent statistics, and stage 2 will "
                            f"need model.latent_scale")
         elif every is None and isinstance(trainer.val_check_interval, int) and math.isfinite(last) and \
                 last % trainer.val_check_interval:
             interval = trainer.val_check_interval
-            rank_zero_warn(f"trainer.max_steps={last} is not a multiple of trainer.val_check_interval={interval}: "
-                           f"the last validation is at step {last - last % interval}, so the export's latent "
-                           f"statistics (stage 2's scale) will be of that step's weights; make max_steps a multiple")
+            rank_zero_warn(f"the run's {last} steps (trainer.max_steps, or max_epochs x batches per epoch) are not a "
+                           f"multiple of trainer.val_check_interval={interval}: the last validation is at step "
+                           f"{last - last % interval}, so the export's latent statistics (stage 2's scale) will be of "
+                           f"that step's weights; make them a multiple")
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_ae, opt_disc = self.optimizers()
