@@ -88,6 +88,17 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
     assert "the run's 3 steps (trainer.max_steps, or max_epochs x batches per epoch) are not a multiple of " \
            "trainer.val_check_interval=2" in said
     assert "the export holds the weights of step 3 with the latent statistics of step 2" in said
+    # resumed into a stretch without validation: the statistics measured before the resume are the export's (it said
+    # the export would hold none, or that the last validation was at step 0)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        resumed = compose(config_name="train", overrides=[*base, "trainer.max_steps=5", "trainer.val_check_interval=8",
+                                                          "model.ema_decay=0.9", "ckpt_path=last"])
+    with pytest.warns(UserWarning) as caught:
+        train(resumed)
+    said = " ".join(str(w.message) for w in caught)
+    assert "no validation runs (the run's 5 steps end before its first validation, at step 8 (trainer.val_check_" \
+           "interval, trainer.check_val_every_n_epoch)): the export will hold the latent statistics of step 2 " \
+           "(measured before this resume) with the weights of step 5" in said and "is at step 0" not in said
     # the raw weights of a checkpoint whose statistics are its EMA's (validations evaluate the EMA): their scale was
     # handed out as the raw weights' (ldm-export use_ema=false wrote it as scaling_factor), unsaid
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -463,8 +463,11 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
             log.warning("%s holds %d samples but its recorded count says %d: the count is out of date (ldm-data's "
                         "summary.json, img2dataset's NAME_stats.json; correct or delete it); every sample it holds "
                         "was read", url, count + failed, expected)
-    if skipped:
+    if failed:
         log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, failed, skipped[-3:])
+    elif skipped:  # read errors, no sample named: a shard damaged before its first sample, its count unknown
+        log.warning("%s is damaged (%s) before any sample could be read, and no count is recorded to say how many it "
+                    "held; rewrite it with ldm-data", url, skipped[-1][1])
     stats = {"successes": count, "failed": failed, "skipped": skipped[:1000], **identity,
              "output_size": output.stat().st_size}
     atomic_write_text(json.dumps(stats, indent=2) + "\n", latents.stats_path(output))

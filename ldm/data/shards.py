@@ -292,7 +292,11 @@ def listed_path(path: Path) -> Path:
     manifest and in the listing, so that a path through a linked folder, or a name typed on one system, matches the
     file the listing found (macOS stores decomposed names)."""
     path = Path(os.path.abspath(path))
-    return Path(nfc(str(path.parent.resolve() / path.name)))
+    folder = str(path.parent)
+    if not os.path.isdir(folder):  # perhaps named in the other Unicode form than the disk's
+        folder = next((other for form in ("NFC", "NFD") if os.path.isdir(other := unicodedata.normalize(form, folder))),
+                      folder)
+    return Path(nfc(os.path.join(os.path.realpath(folder), path.name)))  # (realpath: a link loop stays as named)
 
 
 def nfc(name: str) -> str:

@@ -258,15 +258,18 @@ class AutoencoderModule(L.LightningModule):
         if every is not None and every > 1:
             first += (every - 1) * trainer.num_training_batches
         no_data = getattr(getattr(trainer.datamodule, "config", None), "val_shards", "") is None
-        if no_data or not trainer.limit_val_batches or (self.latent_stats is None and last < first):
+        measured = (self.latent_stats or {}).get("step")  # before a resume
+        interval = trainer.val_check_interval
+        stepped = every is None and isinstance(interval, int) and math.isfinite(last)  # validations every N steps
+        if no_data or not trainer.limit_val_batches or last < first:
             why = "data.val_shards=null" if no_data else "trainer.limit_val_batches=0" if not \
                 trainer.limit_val_batches else f"the run's {last} steps end before its first validation, at step " \
                 f"{first} (trainer.val_check_interval, trainer.check_val_every_n_epoch)"
-            rank_zero_warn(f"no validation runs ({why}): the export will hold no latent statistics, and stage 2 will "
-                           f"need model.latent_scale")
-        elif every is None and isinstance(trainer.val_check_interval, int) and math.isfinite(last) and \
-                last % trainer.val_check_interval:
-            interval = trainer.val_check_interval
+            held = "no latent statistics, and stage 2 will need model.latent_scale" if measured is None else \
+                f"the latent statistics of step {measured} (measured before this resume) with the weights of step " \
+                f"{last}, the scale of older weights; set model.latent_scale in stage 2, or validate at the end"
+            rank_zero_warn(f"no validation runs ({why}): the export will hold {held}")
+        elif stepped and last % interval:
             rank_zero_warn(f"the run's {last} steps (trainer.max_steps, or max_epochs x batches per epoch) are not a "
                            f"multiple of trainer.val_check_interval={interval}: the last validation is at step "
                            f"{last - last % interval}, so the export's latent statistics (stage 2's scale) will be of "
