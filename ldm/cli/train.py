@@ -324,8 +324,9 @@ def shapeless_changes(written: dict[str, Any], wanted: dict[str, Any]) -> list[s
         except (TypeError, IndexError, ZeroDivisionError):
             return None
 
-    if "model.unet.model_channels" in written and heads(written) != heads(wanted):
-        changed.append(f"attention heads per attended width: {heads(written)} there, {heads(wanted)} here "
+    there, here = heads(written), heads(wanted)
+    if "model.unet.model_channels" in written and there != here:
+        changed.append(f"attention heads per attended width: {there} there, {here} here "
                        f"(model.unet.num_heads / head_dim)")
     return changed
 

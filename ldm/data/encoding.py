@@ -24,7 +24,7 @@ from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
-from ldm.data.stream import IMAGE_KEYS, MemberWatch, members_stop_early, no_image, read_tar, resize_crop, sample_caption
+from ldm.data.stream import IMAGE_KEYS, MemberWatch, no_image, read_tar, resize_crop, sample_caption, shard_stops_early
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -361,7 +361,7 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
             skipped.append([key, f"the shard {url} ends inside {watch.name}: left out; rewrite the shard"])
         return last_key == key
 
-    stops_early, watch = members_stop_early(url), MemberWatch()
+    stops_early, watch = shard_stops_early(url), MemberWatch()
     samples = read_tar(handler, watch)(iter([{"url": url}]))
     for sample in without_cut_last(samples, url, skipped, cut):
         try:
@@ -454,7 +454,7 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
         # note: that closes the tar stream only; atomic_open still flushes and renames the file
     failed = sum(key != "?" for key, _ in skipped)  # samples left out ("?": a read error, one or two per damage)
     if expected is not None and count + failed < expected:
-        if members_stop_early(url) or any(key == "?" for key, _ in skipped):  # cut, or a read error
+        if shard_stops_early(url) or any(key == "?" for key, _ in skipped):  # cut, or a read error (walked once)
             skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "
                                  f"{expected} (truncated, or a damaged member header); rewrite it with ldm-data and "
                                  f"run ldm-encode again (it re-encodes a rewritten input shard)"])
