@@ -30,7 +30,8 @@ PIPELINE_FORMAT = "ldm.pipeline"     # config.json's "format" in a pipeline expo
 T = TypeVar("T")
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process' file mode creation mask (what mkdir and open leave out of a new file's mode)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -50,7 +51,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()

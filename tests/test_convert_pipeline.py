@@ -5,6 +5,7 @@ imported with `load_components`, exported with `save_diffusers` / `save_single_f
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from convert_helpers import (
 from ldm.convert import load_components, save_diffusers, save_single_file
 from ldm.convert.load import load_single_file
 from ldm.diffusion.schedule import ScheduleConfig
+from ldm.io import umask
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
 PROMPTS = ["the cat", "a photo of the moon"]
@@ -112,6 +114,8 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
         (tmp_path / leftover / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
     save_diffusers(out, *args, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, overwrite=True)
     assert (out / "text_encoder").is_dir()
+    # the folder has the mode mkdir gives (mkdtemp's 0700 kept other users of a shared machine out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()
     # no temp dirs of this destination left behind; the other one's kept
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")] == [".export.v2.w0rk1ng0.tmp"]
     with pytest.raises(FileExistsError):
@@ -125,6 +129,11 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     with pytest.raises(FileExistsError, match="notes.txt is a file, not a folder"):  # it was replaced
         save_diffusers(tmp_path / "notes.txt", *args, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "a file"
+    # through a link to the export: the folder it names is replaced and the link kept (the link was replaced, the
+    # folder kept the old export, with the text encoder this one leaves out)
+    (tmp_path / "linked").symlink_to(out)
+    save_diffusers(tmp_path / "linked", *args, overwrite=True)
+    assert (tmp_path / "linked").is_symlink() and not (out / "text_encoder").exists()
 
 
 def test_penultimate_layer_exports_as_a_shorter_encoder(tmp_path, single_torch_thread):

@@ -26,7 +26,7 @@ from ldm.convert.common import METADATA_KEY, StateDict, UnsupportedCheckpointErr
 from ldm.convert.load import DIFFUSERS_WEIGHTS
 from ldm.convert.schedule import schedule_to_diffusers
 from ldm.diffusion.schedule import ScheduleConfig
-from ldm.io import atomic_open
+from ldm.io import atomic_open, umask
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.unet import UNet
 
@@ -38,10 +38,10 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     """A temporary directory beside `out_dir` that replaces it when the block ends without error.
 
     Args:
-        out_dir: the destination.
+        out_dir: the destination; a link to a folder is followed (the folder it names is replaced, the link kept).
         overwrite: replace an existing, non-empty destination; otherwise it is refused before anything is written.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.realpath(out_dir))  # os.replace would move a link itself aside, not the folder it names
     if out_dir.exists() and not overwrite and (out_dir.is_file() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         if (match := ours.fullmatch(stale.name)) and (match[1] == "tmp" or out_dir.exists()):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: give the folder the mode mkdir would (readable by others)
     try:
         yield tmp
         if out_dir.exists():
