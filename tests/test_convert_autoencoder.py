@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from convert_helpers import TINY_VAE, diffusers_vae, max_diff
 
+from ldm.config import ConfigError
 from ldm.convert import (
     autoencoder_config_from_diffusers,
     autoencoder_config_to_diffusers,
@@ -126,3 +128,24 @@ def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
     for model in (from_pipe, from_file, from_export, from_ckpt):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     _compare(from_file.eval(), theirs, "VAE stand-alone .ckpt -> ours")
+
+
+def test_a_vae_exported_without_a_measured_scale_gives_stage_2_none(tmp_path, single_torch_thread):
+    """An autoencoder without latent statistics goes to diffusers with SD's 0.18215 (diffusers needs a number), marked
+    as a stand-in: diffusers loads it, ldm's loaders take no scale, so stage 2 asks for model.latent_scale (it trained
+    at 0.18215 unsaid, 20x off a measured scale of 3.6)."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    from ldm.convert import save_diffusers_vae
+    from ldm.modules.latent_diffusion import resolve_latent_scale
+
+    config, _ = autoencoder_config_from_diffusers(TINY_VAE)
+    ours = AutoencoderKL(config).eval()
+    save_diffusers_vae(tmp_path / "unmeasured", ours, None)
+    save_diffusers_vae(tmp_path / "measured", ours, 3.6)
+    assert DiffusersAutoencoderKL.from_pretrained(tmp_path / "unmeasured").config.scaling_factor == 0.18215
+    _, stats, source = load_autoencoder_any(tmp_path / "unmeasured")
+    assert stats is None
+    with pytest.raises(ConfigError, match="no latent scale: diffusers VAE .*unmeasured holds no latent statistics"):
+        resolve_latent_scale(None, stats, source)
+    assert load_autoencoder_any(tmp_path / "measured")[1] == {"scale_factor": 3.6}

@@ -165,8 +165,8 @@ def export_autoencoder(config: ExportConfig, target: Path) -> Path:
              "unknown" if scale is None else f"{scale:.5g}")
     if scale is None:
         log.warning("%s holds no latent statistics (they are measured at stage 1's validations): the export states "
-                    "SD's scaling factor 0.18215 for diffusers; stage 2 here measures or takes model.latent_scale",
-                    config.ckpt_path)
+                    "SD's scaling factor 0.18215, which diffusers and other tools take as the scale; ldm's stage 2 "
+                    "takes it for none and needs model.latent_scale", config.ckpt_path)
     if config.format == "single_file" and (unseen := unseen_in_single_file(autoencoder.config, "model.net")):
         warn_unseen("autoencoder", unseen)
     if config.format == "single_file":

@@ -20,6 +20,9 @@ from ldm.nn.autoencoder import AutoencoderConfig
 
 SD_LATENT_SCALE = 0.18215  # the scale_factor of SD 1.x / 2.x configs (single files do not store it)
 SDXL_LATENT_SCALE = 0.13025  # SDXL's (sd_xl_base.yaml)
+# Beside the stand-in 0.18215 of an autoencoder exported without a measured scale: ldm's loaders take it for none
+# (diffusers, which needs a number, ignores keys starting with "_")
+UNMEASURED_SCALE_KEY = "_ldm_scaling_factor_unmeasured"
 
 _DIFFUSERS_FIXED: dict[str, Any] = {"act_fn": "silu", "shift_factor": OneOf((None, 0.0)), "latents_mean": None,
                                     "latents_std": None, "use_quant_conv": True, "use_post_quant_conv": True,
@@ -58,7 +61,7 @@ def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> tuple[Autoen
         resolution=resolution, ch=ch, ch_mult=[w // ch for w in widths],
         num_res_blocks=config.get("layers_per_block", 1), z_channels=latent, embed_dim=latent, double_z=True,
         norm_groups=config.get("norm_num_groups", 32))
-    return ours, config.get("scaling_factor", SD_LATENT_SCALE)
+    return ours, None if config.get(UNMEASURED_SCALE_KEY) else config.get("scaling_factor", SD_LATENT_SCALE)
 
 
 def autoencoder_config_to_diffusers(config: AutoencoderConfig, latent_scale: float | None,
@@ -67,7 +70,8 @@ def autoencoder_config_to_diffusers(config: AutoencoderConfig, latent_scale: flo
 
     Args:
         config: our config.
-        latent_scale: written as `scaling_factor`; None writes SD's 0.18215 (diffusers needs a value).
+        latent_scale: written as `scaling_factor`; None writes SD's 0.18215 (diffusers needs a value), marked as
+            unmeasured for ldm's loaders (`UNMEASURED_SCALE_KEY`).
         force_upcast: diffusers runs the VAE in fp32 under fp16 pipelines (the SDXL VAE overflows in fp16).
     """
     what = "export of the autoencoder to diffusers"
@@ -87,6 +91,7 @@ def autoencoder_config_to_diffusers(config: AutoencoderConfig, latent_scale: flo
         "block_out_channels": widths, "layers_per_block": config.num_res_blocks, "act_fn": "silu",
         "latent_channels": config.z_channels, "norm_num_groups": config.norm_groups, "sample_size": config.resolution,
         "scaling_factor": SD_LATENT_SCALE if latent_scale is None else latent_scale, "force_upcast": force_upcast,
+        **({UNMEASURED_SCALE_KEY: True} if latent_scale is None else {}),
     }
 
 
