@@ -489,6 +489,16 @@ def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path
     assert meta == {**{f"{folder}/{'deeper/' if i else ''}{i}.png": (label, "")
                        for label, folder in enumerate(("n01", "n02", "n03")) for i in range(3)},
                     "n02/UPPER.JPEG": (1, "an upper-case caption")}
+    # a link to a class folder that sorts before it: the link is the duplicate, the folder keeps its name and label
+    # (the folder was left out as "a link to a directory already listed", its class named after the link: every
+    # label shifted)
+    (root / "a_alias_n02").symlink_to(root / "n02", target_is_directory=True)
+    summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "aliased"),
+                             "labels": "folders", "val_samples": 2, "resolution": 16})
+    assert summary["classes"] == ["n01", "n02", "n03"]
+    assert [(entry["path"], entry["reason"].split(" (")[0]) for entry in summary["skipped"]] == [
+        ("a_alias_n02", "link to a directory already listed")]
+    (root / "a_alias_n02").unlink()
     Image.new("RGB", (16, 16)).save(root / "loose.png")
     with pytest.raises(ConfigError, match=r"labels=folders: 1 images lie in input_dir itself, outside any class "
                                           r"subfolder \(e\.g\. \['loose\.png'\]\)"):

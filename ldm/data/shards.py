@@ -317,7 +317,9 @@ class FolderListing:
 def list_images(input_dir: Path) -> FolderListing:
     """Every regular image file under `input_dir`, recursively, in sorted (platform-independent) order.
 
-    Links to directories are followed once (a link back to a directory already walked is a loop, left out). Links
+    Links to directories are followed once, after every folder reached without one (a link to a folder walked
+    already, by its own name or through another link, is a duplicate or a loop, left out: a real folder is never
+    left out for a link to it that sorts first, nor named after one). Links
     that lead nowhere, link loops, unreadable directories and special files (FIFOs, sockets, devices) with an image
     extension are left out and returned with the reason: none of them may stall or abort a run.
     """
@@ -325,6 +327,7 @@ def list_images(input_dir: Path) -> FolderListing:
     sidecars: dict[Path, Path] = {}
     left_out: list[tuple[str, str]] = []
     walked: set[Path] = set()
+    linked: list[Path] = []  # links to directories, walked after the folders reached without links
 
     def rel(path: Path) -> str:
         return path.relative_to(input_dir).as_posix()
@@ -365,7 +368,9 @@ def list_images(input_dir: Path) -> FolderListing:
                 elif is_image:
                     left_out.append((rel(path), f"unreadable: {err.strerror}"))
                 continue
-            if stat.S_ISDIR(mode):
+            if stat.S_ISDIR(mode) and entry.is_symlink():
+                linked.append(path)
+            elif stat.S_ISDIR(mode):
                 walk(path)
             elif is_image and not stat.S_ISREG(mode):
                 left_out.append((rel(path), "special file (FIFO, socket or device), not a regular file"))
@@ -375,6 +380,8 @@ def list_images(input_dir: Path) -> FolderListing:
                     sidecars[path] = texts[nfc(path.stem)]
 
     walk(input_dir)
+    while linked:  # (a linked folder's own links join the queue)
+        walk(linked.pop(0))
     return FolderListing(sorted(images), sidecars, left_out)
 
 
