@@ -120,6 +120,10 @@ CASES = [
     Case("train-no-train-shards", "ldm-train", (*TRAIN, "data.train_shards=null"), ("data.train_shards",), slow=True),
     Case("train-zero-interval", "ldm-train", (*TRAIN, "trainer.val_check_interval=0"),
          ("trainer.val_check_interval=0",), slow=True),
+    # Lightning's own error suggested a 'DD:HH:MM:SS' duration, which the type check refuses, not the key to set
+    Case("train-fraction-interval-in-steps", "ldm-train", (*TRAIN, "trainer.val_check_interval=0.5"),
+         ("trainer.val_check_interval=0.5 is a fraction of an epoch", "trainer.check_val_every_n_epoch=1"),
+         slow=True),
     Case("train-last-in-a-new-directory", "ldm-train",  # the default paths.output_dir is a new timestamped directory
          (*(a for a in TRAIN if not a.startswith("paths.")), "ckpt_path=last"), ("ckpt_path=last", "paths.output_dir")),
     # ldm-sample

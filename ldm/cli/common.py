@@ -447,9 +447,15 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         raise ConfigError(f"trainer.precision={trainer.get('precision')} would hold the weights themselves in 16 bits "
                           f"(no fp32 copy: the inputs' dtype no longer matches, and an EMA update of 1e-4 is below "
                           f"bf16's resolution); use trainer.precision=bf16-mixed{'' if on_cpu else ' (or 16-mixed)'}")
-    if trainer.get("val_check_interval") == 0:  # Lightning would divide by it
+    interval = trainer.get("val_check_interval")
+    if interval == 0:  # Lightning would divide by it
         raise ConfigError("trainer.val_check_interval=0 must be > 0: training batches between validations, or a "
                           "fraction of an epoch")
+    if isinstance(interval, float) and trainer.get("check_val_every_n_epoch") is None:
+        # note: Lightning's own error suggests a 'DD:HH:MM:SS' duration, which the type check above refuses
+        raise ConfigError(f"trainer.val_check_interval={interval} is a fraction of an epoch, which Lightning counts "
+                          f"only with trainer.check_val_every_n_epoch set (null: validation every N steps across "
+                          f"epochs): set trainer.check_val_every_n_epoch=1, or give a whole number of steps")
     module = get_class(model_target) if model_target else None
     for key, instead in getattr(module, "unsupported_trainer_args", {}).items():
         if trainer.get(key) not in (None, TRAINER_DEFAULTS.get(key)):
