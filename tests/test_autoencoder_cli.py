@@ -79,14 +79,18 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
         epoch = compose(config_name="train", overrides=[*base, "trainer.max_steps=3", "trainer.val_check_interval=1.0",
                                                         "trainer.check_val_every_n_epoch=1",
                                                         f"paths.output_dir={tmp_path / 'epoch'}"])
+        epoch_off = compose(config_name="train", overrides=[*base, "trainer.max_steps=20",
+                                                            "trainer.val_check_interval=1.0",
+                                                            "trainer.check_val_every_n_epoch=1",
+                                                            f"paths.output_dir={tmp_path / 'epoch_off'}"])
         unvalidated = compose(config_name="train", overrides=[*base, "trainer.max_steps=2", "data.val_shards=null",
                                                               "trainer.val_check_interval=2",
                                                               f"paths.output_dir={tmp_path / 'unvalidated'}"])
     with pytest.warns(UserWarning) as caught:
         train(stale)
     said = " ".join(str(w.message) for w in caught)
-    assert "the run's 3 steps (trainer.max_steps, or max_epochs x batches per epoch) are not a multiple of " \
-           "trainer.val_check_interval=2" in said
+    assert "the run's last validation is at step 2, before its last step 3 (trainer.max_steps or max_epochs, " \
+           "trainer.val_check_interval, trainer.check_val_every_n_epoch)" in said
     assert "the export holds the weights of step 3 with the latent statistics of step 2" in said
     # resumed into a stretch without validation: the statistics measured before the resume are the export's (it said
     # the export would hold none, or that the last validation was at step 0)
@@ -96,9 +100,9 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
     with pytest.warns(UserWarning) as caught:
         train(resumed)
     said = " ".join(str(w.message) for w in caught)
-    assert "no validation runs (the run's 5 steps end before its first validation, at step 8 (trainer.val_check_" \
-           "interval, trainer.check_val_every_n_epoch)): the export will hold the latent statistics of step 2 " \
-           "(measured before this resume) with the weights of step 5" in said and "is at step 0" not in said
+    assert "no validation runs (steps 4-5 of this resumed run end before its next validation, at step 8 (trainer." \
+           "val_check_interval, trainer.check_val_every_n_epoch)): the export will hold the latent statistics of " \
+           "step 2 (measured before this resume) with the weights of step 5" in said and "is at step 0" not in said
     # the raw weights of a checkpoint whose statistics are its EMA's (validations evaluate the EMA): their scale was
     # handed out as the raw weights' (ldm-export use_ema=false wrote it as scaling_factor), unsaid
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -121,6 +125,10 @@ def test_statistics_that_would_not_match_the_export_are_said_at_the_start(shapes
         assert f"no validation runs ({why}" in said and "is at step" not in said
         assert "the export holds the weights of step" in said and "no latent statistics: stage 2 will need " \
                "model.latent_scale" in said
+    # validated once an epoch (16 batches), ending mid-epoch: said at the start as for a step interval (it was said
+    # only by the export)
+    with pytest.warns(UserWarning, match=r"the run's last validation is at step 16, before its last step 20 "):
+        train(epoch_off)
     with pytest.raises(ConfigError, match=r"model\.net\.resolution=64 but data\.resolution=32"):
         train(sized)
     assert not list((tmp_path / "sized").glob("checkpoints/*.ckpt"))

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -25,6 +26,7 @@ from scale_helpers import (
 
 from ldm.callbacks.checkpoint import AtomicCheckpointIO
 from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
+from ldm.callbacks.step_boundary import validations_between
 from ldm.cli.common import run_id
 from ldm.cli.train import TrainingDiverged, checkpoint_damage, remove_stale_temp_files, resolve_ckpt_path, train
 from ldm.io import atomic_write_bytes
@@ -456,6 +458,30 @@ def test_checkpoint_keeps_the_newest_k_and_links_last(shapes_shards, tmp_path):
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt", "step0000004.ckpt"]
     assert (checkpoints / "last.ckpt").stat().st_ino == (checkpoints / "step0000004.ckpt").stat().st_ino
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_validations_between_jumps_to_the_batches_lightning_validates_after():
+    """The first validation after a start batch and the last before an end, computed by epochs, equal the batches
+    for which Lightning's rule (`validation_due`: every val_check_batch batches across epochs, or after each
+    val_check_batch-th batch of every check_val_every_n_epoch-th epoch) holds, batch by batch."""
+    epoch = 5
+    for every in (None, 1, 2, 3):
+        for interval in (1, 2, 3, 5) if every else (1, 3, 7):
+            trainer = SimpleNamespace(check_val_every_n_epoch=every, val_check_batch=interval,
+                                      num_training_batches=epoch)
+
+            def due(batch: int, every: int | None = every, interval: int = interval) -> bool:  # batch: from 1
+                if every is None:
+                    return batch % interval == 0
+                return ((batch - 1) // epoch + 1) % every == 0 and ((batch - 1) % epoch + 1) % interval == 0
+
+            for start in range(0, 20):
+                first = next(b for b in range(start + 1, 200) if due(b))
+                for end in range(start, 40):
+                    last = max((b for b in range(start + 1, end + 1) if due(b)), default=None)
+                    assert validations_between(trainer, start, end) == (first, last), (every, interval, start, end)
+    unknown = SimpleNamespace(check_val_every_n_epoch=1, val_check_batch=float("inf"), num_training_batches=math.inf)
+    assert validations_between(unknown, 0, 10) is None
 
 
 def test_checkpoint_interval_must_be_whole_steps():

@@ -8,6 +8,7 @@ a sample grid or an FID evaluation between the two would see half-summed gradien
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -68,6 +69,37 @@ def validation_due(trainer: L.Trainer) -> bool:
     loop = trainer.fit_loop.epoch_loop
     index = loop.total_batch_idx if every is None else loop.batch_idx
     return (index + 1) % interval == 0
+
+
+def validations_between(trainer: L.Trainer, start: int, end: int) -> tuple[int | None, int | None] | None:
+    """The batches after which Lightning's schedule (`validation_due`'s) validates, counted from the run's first: the
+    first after `start` (perhaps past `end`) and the last in (start, end], None where there is none; None for a
+    schedule of unknown length (an epoch of unknown length, validation at each epoch's end)."""
+    every, interval, epoch = trainer.check_val_every_n_epoch, trainer.val_check_batch, trainer.num_training_batches
+    if interval is None or not math.isfinite(interval):
+        return None
+    interval = int(interval)
+    if every is None:  # every `interval` batches, across epochs
+        first, last = (start // interval + 1) * interval, end - end % interval
+    else:  # after each interval-th batch of every every-th epoch
+        if not math.isfinite(epoch) or not 0 < interval <= epoch:
+            return None
+        epoch = int(epoch)
+
+        def due(index: int) -> bool:  # the epoch (from 0) validates
+            return (index + 1) % every == 0
+
+        index, batch = divmod(start, epoch)
+        batch = (batch // interval + 1) * interval
+        while not due(index) or batch > epoch:
+            index, batch = index + 1, interval
+        first = index * epoch + batch
+        index = (end - 1) // epoch
+        batch = (end - index * epoch) // interval * interval
+        while index >= 0 and not (due(index) and batch):
+            index, batch = index - 1, epoch // interval * interval
+        last = index * epoch + batch if index >= 0 else 0
+    return first, last if last > start else None
 
 
 def final_batch(trainer: L.Trainer) -> bool:

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.callbacks.checkpoint import stopped_without_export
+from ldm.callbacks.step_boundary import validations_between
 from ldm.checkpoints import MissingCheckpointError
 from ldm.config import ConfigError, asdict, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
@@ -253,27 +254,28 @@ class AutoencoderModule(L.LightningModule):
         trainer = self.trainer
         if trainer.fast_dev_run or self._kept_scale() is not None:
             return  # (the scale is the source's, whatever validations run)
-        every, last = trainer.check_val_every_n_epoch, trainer.estimated_stepping_batches
-        first = trainer.val_check_batch  # the first validation's step
-        if every is not None and every > 1:
-            first += (every - 1) * trainer.num_training_batches
+        start, end = trainer.global_step, trainer.estimated_stepping_batches  # (a batch is a step in stage 1)
         no_data = getattr(getattr(trainer.datamodule, "config", None), "val_shards", "") is None
         measured = (self.latent_stats or {}).get("step")  # before a resume
-        interval = trainer.val_check_interval
-        stepped = every is None and isinstance(interval, int) and math.isfinite(last)  # validations every N steps
-        if no_data or not trainer.limit_val_batches or last < first:
-            why = "data.val_shards=null" if no_data else "trainer.limit_val_batches=0" if not \
-                trainer.limit_val_batches else f"the run's {last} steps end before its first validation, at step " \
-                f"{first} (trainer.val_check_interval, trainer.check_val_every_n_epoch)"
-            held = "no latent statistics, and stage 2 will need model.latent_scale" if measured is None else \
-                f"the latent statistics of step {measured} (measured before this resume) with the weights of step " \
-                f"{last}, the scale of older weights; set model.latent_scale in stage 2, or validate at the end"
-            rank_zero_warn(f"no validation runs ({why}): the export will hold {held}")
-        elif stepped and last % interval:
-            rank_zero_warn(f"the run's {last} steps (trainer.max_steps, or max_epochs x batches per epoch) are not a "
-                           f"multiple of trainer.val_check_interval={interval}: the last validation is at step "
-                           f"{last - last % interval}, so the export's latent statistics (stage 2's scale) will be of "
-                           f"that step's weights; make them a multiple")
+        schedule = validations_between(trainer, start, end) if math.isfinite(end) else None
+        if no_data or not trainer.limit_val_batches:
+            why = "data.val_shards=null" if no_data else "trainer.limit_val_batches=0"
+        elif schedule and schedule[1] is None:
+            steps, which = (f"the run's {end} steps", "first") if not start else \
+                (f"steps {start + 1}-{end} of this resumed run", "next")
+            why = f"{steps} end before its {which} validation, at step {schedule[0]} (trainer.val_check_interval, " \
+                  f"trainer.check_val_every_n_epoch)"
+        else:
+            if schedule and schedule[1] < end:
+                rank_zero_warn(f"the run's last validation is at step {schedule[1]}, before its last step {end} "
+                               f"(trainer.max_steps or max_epochs, trainer.val_check_interval, "
+                               f"trainer.check_val_every_n_epoch), so the export's latent statistics (stage 2's scale) "
+                               f"will be of step {schedule[1]}'s weights; end the run on a validation step")
+            return
+        held = "no latent statistics, and stage 2 will need model.latent_scale" if measured is None else \
+            f"the latent statistics of step {measured} (measured before this resume) with the weights of step " \
+            f"{end}, the scale of older weights; set model.latent_scale in stage 2, or validate at the end"
+        rank_zero_warn(f"no validation runs ({why}): the export will hold {held}")
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_ae, opt_disc = self.optimizers()
