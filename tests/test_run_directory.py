@@ -86,6 +86,23 @@ def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, cap
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_second_ldm_data_into_the_output_dir_is_refused(tmp_path, monkeypatch):
+    """Two ldm-data runs into one output_dir: the second removed the first's staging folder as a killed run's (the
+    first stopped with a FileNotFoundError, its work lost); now it is refused, naming the first."""
+    from ldm.cli.data import write_dataset
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "data.lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "started": "then"}))
+    with pytest.raises(RunDirectoryLocked, match=rf"output_dir={out} is in use by another ldm-data \(pid 1 .* "
+                                                 r"choose another output_dir"):
+        write_dataset({"output_dir": str(out), "num_samples": 8, "val_samples": 0, "resolution": 8})
+    (out / "data.lock").unlink()
+    write_dataset({"output_dir": str(out), "num_samples": 8, "val_samples": 0, "resolution": 8})
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "train-000000.tar"]
+
+
 def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
     _write_lock(tmp_path, pid=1)  # held by a live process (init) on this host
     for variable in ("LOCAL_RANK", "RANK", "SLURM_PROCID", "NODE_RANK"):
@@ -176,6 +193,11 @@ def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thr
     # written again under the command's settings, another prediction type say, no longer matched its weights)
     exported = {path: path.read_bytes() for path in written if path.parent.name == "export"}
     shutil.rmtree(out / "export")  # (a run killed after its last checkpoint, before its export): written again
+    train(compose_train(base))
+    assert {path: path.read_bytes() for path in exported} == exported
+    # ... and one torn by a failed write (a full disk: the folder and the weights, no config.json): it was taken for
+    # written ("stays as the earlier segment wrote it"), and every reader asked for the run to be finished
+    (out / "export" / "config.json").unlink()
     train(compose_train(base))
     assert {path: path.read_bytes() for path in exported} == exported
     assert sorted((out / "checkpoints").iterdir()) == [p for p in written if p.parent.name == "checkpoints"]

@@ -46,7 +46,7 @@ from typing_extensions import override
 
 from ldm.callbacks.step_boundary import StepBoundary, final_batch
 from ldm.config import ConfigError
-from ldm.io import atomic_open
+from ldm.io import atomic_open, is_export
 
 LAST_NAME = "last.ckpt"
 
@@ -81,7 +81,7 @@ def stopped_without_export(trainer: L.Trainer) -> bool:
         return True
     checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpoint)), None)
     export = Path(trainer.default_root_dir) / "export"
-    if checkpoint is not None and not checkpoint.trained_in_fit and export.is_dir():
+    if checkpoint is not None and not checkpoint.trained_in_fit and is_export(export):  # (a torn one is written)
         rank_zero_info(f"this fit trained no step (it resumed at step {trainer.global_step}): {export} stays as the "
                        f"earlier segment wrote it")
         return True
