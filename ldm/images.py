@@ -128,6 +128,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def write_png(pixels: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write uint8 pixels (3, H, W) as a PNG file, atomically: a write that fails (a full disk, a file size limit)
+    raises and leaves no part-written file (torchvision's `write_png` wrote truncated or empty files without a
+    word)."""
+    import torchvision
+
+    from ldm.io import atomic_write_bytes
+
+    atomic_write_bytes(torchvision.io.encode_png(pixels.cpu()).numpy().tobytes(), path)
+
+
 def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] -> one uint8 grid (3, H', W') on the CPU, `nrow` images a row, white padding."""
     import torchvision  # note: imported here so that `ldm-data`, which decodes images, starts without it

@@ -3,6 +3,8 @@ run."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -57,3 +59,20 @@ def test_a_failing_grid_is_a_warning_and_training_goes_on(tmp_path: Path, caplog
     assert module.trainer.global_step == 3 and all(module.modes), "trained to the end, in train mode throughout"
     warnings = [r.getMessage() for r in caplog.records if "no train grids" in r.getMessage()]
     assert len(warnings) == 3 and "RuntimeError: CUDA out of memory (simulated)" in warnings[0]
+
+
+def test_a_png_that_cannot_be_written_whole_raises_and_leaves_no_file(tmp_path: Path):
+    """`ldm.images.write_png` (ldm-sample's images and grid, these grids) under a file size limit, as a full disk: an
+    error naming the file, no part-written PNG (torchvision's write_png left truncated files and no error: ldm-sample
+    said "wrote 2 images" and exited 0)."""
+    script = f"""
+import resource, signal, torch
+from ldm.images import write_png
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then fails the write with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+write_png(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+          {str(tmp_path / "noise.png")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "File too large" in done.stderr
+    assert list(tmp_path.iterdir()) == []

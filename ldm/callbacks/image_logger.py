@@ -12,13 +12,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torchvision
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
-from ldm.images import make_grid
+from ldm.images import make_grid, write_png
 from ldm.nn import eval_mode
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class ImageLogger(StepBoundary):
         out.mkdir(parents=True, exist_ok=True)
         grids = {name: make_grid(x, self.nrow) for name, x in images.items()}
         for name, grid in grids.items():
-            torchvision.io.write_png(grid, str(out / f"{name}_step{step:07d}.png"))
+            write_png(grid, out / f"{name}_step{step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=f"{split}/images", images=[g.permute(1, 2, 0).numpy() for g in grids.values()],

@@ -22,14 +22,13 @@ from typing import Any
 
 import hydra
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, asdict, check_choice, check_output_dir, register_schemas, to_dataclass
 from ldm.diffusion.sampling import SAMPLERS
 from ldm.distributed import choose_device
-from ldm.images import make_grid, to_uint8
+from ldm.images import make_grid, to_uint8, write_png
 from ldm.io import atomic_write_text, read_lines
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.seeding import check_seeds
@@ -198,7 +197,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
                 non_finite += 1
             path = out / f"prompt{i:03d}_seed{seed:06d}.png"
             pixels = to_uint8(image)                                            # (3, H, W)
-            torchvision.io.write_png(pixels, str(path))
+            write_png(pixels, path)
             paths.append(path)
             if i < GRID_PROMPTS:
                 shown.append(pixels)
@@ -208,7 +207,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
                     "precision diverged", non_finite, len(paths))
 
     grid = make_grid(torch.stack(shown).float() / 127.5 - 1, nrow=k)  # rows = prompts (the first GRID_PROMPTS)
-    torchvision.io.write_png(grid, str(out / GRID_NAME))
+    write_png(grid, out / GRID_NAME)
     record = {"config": asdict(config), "prompts": prompts, "seeds": [s for _, _, s in jobs],
               "files": [p.name for p in paths], "seconds": round(seconds, 2), "device": str(device),
               "checkpoint_step": pipeline.provenance["step"], "weights": pipeline.provenance["weights"]}
