@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ from scale_helpers import REPO, cli_env, tiny_autoencoder_export
 
 from ldm.cli.data import write_dataset
 from ldm.cli.encode import encode
+from ldm.cli.run_lock import RunDirectoryLocked
 from ldm.conditioning import ByteTextEncoder
 from ldm.config import ConfigError
 from ldm.data import encoding, latents
@@ -190,6 +192,25 @@ def test_an_interrupted_shard_leaves_no_file_behind(shapes_shards: Path, encoder
     summary = run_encode(shapes_shards, autoencoder, out)
     assert summary["shards_finished_before"] == 1 and summary["shards_encoded"] == 3
     assert len(read_shard(out / "train-000001.tar")) == 16
+
+
+def test_a_second_encode_into_the_output_dir_is_refused_until_the_first_is_gone(
+        shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two encodes into one output_dir removed each other's temp files as an interrupted run's (one stopped with a
+    FileNotFoundError): the second is refused, naming the first; a lock its killed holder left is taken over."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    autoencoder, _ = encoders
+    out = tmp_path / "latents"
+    out.mkdir()
+    holder = {"pid": 1, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}  # pid 1: alive
+    (out / "encode.lock").write_text(json.dumps(holder))
+    with pytest.raises(RunDirectoryLocked, match=rf"output_dir={out} is in use by another ldm-encode \(pid 1 "):
+        run_encode(shapes_shards, autoencoder, out)
+    assert [p.name for p in out.iterdir()] == ["encode.lock"]
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "encode.lock").write_text(json.dumps({**holder, "pid": int(finished.stdout)}))  # its process is gone
+    assert run_encode(shapes_shards, autoencoder, out)["shards_encoded"] == 4
+    assert not (out / "encode.lock").exists()
 
 
 def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_named(
@@ -401,6 +422,23 @@ def test_two_processes_encode_their_own_shards(shapes_shards: Path, encoders: tu
             for member in (latents.MOMENTS, latents.CONTEXT):
                 np.testing.assert_allclose(latents.from_npy(x[member]).astype(np.float32),
                                            latents.from_npy(y[member]).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_an_error_in_one_of_several_processes_is_told_as_in_one(shapes_shards: Path, encoders: tuple[Path, Path],
+                                                                  tmp_path: Path):
+    """A write that fails in a spawned process (here a file size limit, as a full disk) stops ldm-encode devices=2
+    with that error in one line, as one process tells it (it was a page of the child's traceback in one line)."""
+    autoencoder, _ = encoders
+    script = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); "
+              f"sys.argv = ['ldm-encode', \"shards={shapes_shards}/train-*.tar\", 'autoencoder_path={autoencoder}', "
+              f"'output_dir={tmp_path / 'out'}', 'progress=false', 'accelerator=cpu', 'devices=2']; "
+              f"from ldm.cli.encode import main; main()")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env({"OMP_NUM_THREADS": "1"}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "ldm-encode: error: OSError: [Errno 27] File too large" in done.stderr
+    assert "Traceback" not in done.stderr and "process 0 failed" not in done.stderr
 
 
 def test_torchrun_style_ranks_split_the_shards(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):

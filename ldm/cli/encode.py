@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -29,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
+from ldm.cli.run_lock import run_lock
 from ldm.config import ConfigError, register_schemas, to_dataclass
 from ldm.data import latents
 from ldm.data.encoding import (
@@ -85,8 +87,13 @@ def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str, int]]
         cfg = EncodeConfig(**config)
         results = _encode_shards(cfg, tasks, _device(cfg, index), lambda n: messages.put(("samples", index, n)))
         messages.put(("done", index, results))
-    except BaseException:  # noqa: BLE001 -- reported to the parent, which raises
-        messages.put(("error", index, traceback.format_exc()))
+    except BaseException as err:  # noqa: BLE001 -- reported to the parent, which raises it (a full disk, a config
+        # mistake: told as one process would tell it, not as a page of the child's traceback)
+        try:
+            pickle.dumps(err)
+        except Exception:  # noqa: BLE001 -- an error that does not cross processes: its traceback, as text
+            err = RuntimeError(f"ldm-encode process {index} failed:\n{traceback.format_exc()}")
+        messages.put(("error", index, err))
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -131,8 +138,7 @@ def _spawn(config: EncodeConfig, tasks: list[tuple[str, str, int]], total: int) 
                     results += payload
                     running -= 1
                 else:
-                    raise RuntimeError(f"ldm-encode process {index} failed (shards it finished are kept; rerun to "
-                                       f"continue):\n{payload}")
+                    raise payload  # (run_cli adds that finished shards are kept)
         finally:
             signal.signal(signal.SIGTERM, previous)
             for process in processes:
@@ -202,42 +208,43 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     encoders = load_encoders(config, device)
     manifest = build_manifest(config, encoders)
     out.mkdir(parents=True, exist_ok=True)  # once the encoders load: a refused run leaves no folder behind
-    if rank == 0:
-        prepare_output(config, manifest, urls)
-    else:
-        check_outputs_have_a_manifest(out, urls)  # what rank 0 refuses, refused here too, not waited on
-        _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)
+    with run_lock(out, "ldm-encode"):  # a second encode into out would remove this one's temp files
+        if rank == 0:
+            prepare_output(config, manifest, urls)
+        else:
+            check_outputs_have_a_manifest(out, urls)  # what rank 0 refuses, refused here too, not waited on
+            _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)
 
-    counts = shard_counts(urls, "shards", None)
-    tasks, total, finished = [], 0, 0
-    for i in range(rank, len(urls), world):  # this rank's shards
-        output = out / names[i]
-        for stale in out.glob(f".{names[i]}.*.tmp"):  # a shard this rank was writing when it was interrupted
-            stale.unlink()
-        if is_finished(urls[i], output):
-            finished += 1
-            continue
-        tasks.append((urls[i], str(output), counts[i]))
-        total += counts[i]
-    log.info("ldm-encode: %d of %d shards to encode (%d finished earlier), %d samples, %s", len(tasks),
-             len(urls) if world == 1 else len(range(rank, len(urls), world)), finished, total,
-             f"{config.devices} processes" if world == 1 and config.devices > 1 else f"rank {rank} of {world}")
-    start = time.perf_counter()
-    if spawn and len(tasks) > 1:
-        del encoders
-        results = _spawn(config, tasks, total)
-    else:
-        if spawn:  # one shard or none left: no processes to start; encode here, on the first device
-            device, encoders = _device(config, 0), None
-        with _progress_bar(total, config.progress and rank == 0) as bar:
-            results = _encode_shards(config, tasks, device, bar.update, encoders)
-    seconds = time.perf_counter() - start
-    samples = sum(r["successes"] for r in results)
-    summary = {"output_dir": str(out), "shards_encoded": len(results), "shards_finished_before": finished,
-               "samples": samples, "failed": sum(r["failed"] for r in results), "seconds": seconds,
-               "samples_per_sec": samples / seconds if seconds > 0 else 0.0}
-    log.info("ldm-encode: %d samples in %d shards in %.1f s (%.1f samples/s) -> %s/%s", samples, len(results),
-             seconds, summary["samples_per_sec"], out, latents.MANIFEST_NAME)
+        counts = shard_counts(urls, "shards", None)
+        tasks, total, finished = [], 0, 0
+        for i in range(rank, len(urls), world):  # this rank's shards
+            output = out / names[i]
+            for stale in out.glob(f".{names[i]}.*.tmp"):  # a shard this rank was writing when it was interrupted
+                stale.unlink()
+            if is_finished(urls[i], output):
+                finished += 1
+                continue
+            tasks.append((urls[i], str(output), counts[i]))
+            total += counts[i]
+        log.info("ldm-encode: %d of %d shards to encode (%d finished earlier), %d samples, %s", len(tasks),
+                 len(urls) if world == 1 else len(range(rank, len(urls), world)), finished, total,
+                 f"{config.devices} processes" if world == 1 and config.devices > 1 else f"rank {rank} of {world}")
+        start = time.perf_counter()
+        if spawn and len(tasks) > 1:
+            del encoders
+            results = _spawn(config, tasks, total)
+        else:
+            if spawn:  # one shard or none left: no processes to start; encode here, on the first device
+                device, encoders = _device(config, 0), None
+            with _progress_bar(total, config.progress and rank == 0) as bar:
+                results = _encode_shards(config, tasks, device, bar.update, encoders)
+        seconds = time.perf_counter() - start
+        samples = sum(r["successes"] for r in results)
+        summary = {"output_dir": str(out), "shards_encoded": len(results), "shards_finished_before": finished,
+                   "samples": samples, "failed": sum(r["failed"] for r in results), "seconds": seconds,
+                   "samples_per_sec": samples / seconds if seconds > 0 else 0.0}
+        log.info("ldm-encode: %d samples in %d shards in %.1f s (%.1f samples/s) -> %s/%s", samples, len(results),
+                 seconds, summary["samples_per_sec"], out, latents.MANIFEST_NAME)
     return summary
 
 

@@ -1,11 +1,14 @@
-"""One training run per run directory: a lock file in `paths.output_dir`, held for the whole of `ldm-train`.
+"""One run per output directory: a lock file in `paths.output_dir`, held for the whole of `ldm-train` (and in
+`output_dir` for the whole of `ldm-encode` and `ldm-data`).
 
-Two runs writing into one directory would interleave their checkpoints, configs, exports and metrics. The lock file
-(`train.lock`, JSON: pid, host, SLURM job id, start time) is created with an exclusive hard link, so of two runs
-starting at once exactly one wins. A second run stops at start with `RunDirectoryLocked` naming the directory, the
-holder and the fix. A lock left behind by a run that was killed (SIGKILL, a node failure) is stale when its process is
-dead on this host, or when it was written for an earlier run of this same SLURM job (a requeued job keeps its id,
-may land on another node or the same one, and counts its restarts): it is taken over with a message.
+Two runs writing into one directory would interleave their checkpoints, configs, exports and metrics (two encodes or
+two `ldm-data`s: each removes the other's temp files as an interrupted run's). The lock file (`train.lock`,
+`encode.lock`, `data.lock`; JSON: pid, host, SLURM job id, start time) is created with an exclusive hard link, so of
+two runs starting at once exactly one wins. A second run stops at start with `RunDirectoryLocked` naming the
+directory, the holder and the fix. A lock left behind by a run that was killed (SIGKILL, a node failure) is stale
+when its process is dead on this host, or when it was written for an earlier run of this same SLURM job (a requeued
+job keeps its id, may land on another node or the same one, and counts its restarts): it is taken over with a
+message.
 
 Only the launching process takes the lock (global rank 0: RANK, LOCAL_RANK, NODE_RANK and SLURM_PROCID all 0 or
 unset); the other ranks of the same run, which Lightning or srun start with those set, never touch it.
@@ -24,12 +27,14 @@ from typing import Any
 
 from ldm.config import ConfigError
 
-LOCK_NAME = "train.lock"
+LOCK_NAME = "train.lock"  # ldm-train's; LOCKS names every command's
+LOCKS = {"ldm-train": ("paths.output_dir", LOCK_NAME), "ldm-encode": ("output_dir", "encode.lock"),
+         "ldm-data": ("output_dir", "data.lock")}  # command: (its config key for the directory, its lock file)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
 class RunDirectoryLocked(ConfigError):
-    """Another live `ldm-train` holds the run directory."""
+    """Another live run (of ldm-train, ldm-encode or ldm-data) holds the output directory."""
 
 
 def is_launching_process() -> bool:
@@ -98,13 +103,14 @@ def _try_create(path: Path, record: dict[str, Any]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def acquire(output_dir: Path) -> Path:
-    """Take the lock of `output_dir` for this process (see the module docstring); returns the lock file's path.
+def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
+    """Take `command`'s lock of `output_dir` for this process (see the module docstring); returns the lock file's path.
 
     Raises:
-        RunDirectoryLocked: a live run holds the directory.
+        RunDirectoryLocked: a live run of `command` holds the directory.
     """
-    path = Path(output_dir) / LOCK_NAME
+    key, name = LOCKS[command]
+    path = Path(output_dir) / name
     record = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "slurm_restart_count": slurm_restart_count() if os.environ.get("SLURM_JOB_ID") else None,
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -117,21 +123,20 @@ def acquire(output_dir: Path) -> Path:
         reason = stale_reason(holder)
         if reason is None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             raise RunDirectoryLocked(
-                f"paths.output_dir={output_dir} holds a lock ({path}) that names this process's own pid {os.getpid()} "
+                f"{key}={output_dir} holds a lock ({path}) that names this process's own pid {os.getpid()} "
                 f"on this host: left by a container restarted with the same pid, or held by another container that "
                 f"shares this hostname; delete the lock file if no other run uses the directory, or choose another "
-                f"paths.output_dir")
+                f"{key}")
         if reason is None:
             raise RunDirectoryLocked(
-                f"paths.output_dir={output_dir} is in use by another ldm-train (pid {holder.get('pid')} on host "
+                f"{key}={output_dir} is in use by another {command} (pid {holder.get('pid')} on host "
                 f"{holder.get('host')}, started {holder.get('started')}; lock file {path}); wait for that run to "
-                f"finish or stop it, or choose another paths.output_dir (delete the lock file only if that run is "
-                f"gone)")
+                f"finish or stop it, or choose another {key} (delete the lock file only if that run is gone)")
         print(f"run lock: taking over {path} from pid {holder.get('pid')} on {holder.get('host')}: {reason}",
               flush=True)
         path.unlink(missing_ok=True)
-    raise RunDirectoryLocked(f"paths.output_dir={output_dir}: could not take the lock file {path} (other runs keep "
-                             f"starting in this directory); start one run per paths.output_dir")
+    raise RunDirectoryLocked(f"{key}={output_dir}: could not take the lock file {path} (other runs keep starting in "
+                             f"this directory); start one run per {key}")
 
 
 def release(path: Path) -> None:
@@ -142,13 +147,13 @@ def release(path: Path) -> None:
 
 
 @contextmanager
-def run_lock(output_dir: Path) -> Iterator[Path | None]:
-    """Hold the lock of `output_dir` for the block in the launching process; other ranks get None and wait for
-    nothing."""
+def run_lock(output_dir: Path, command: str = "ldm-train") -> Iterator[Path | None]:
+    """Hold `command`'s lock of `output_dir` for the block in the launching process; other ranks get None and wait
+    for nothing."""
     if not is_launching_process():
         yield None
         return
-    path = acquire(output_dir)
+    path = acquire(output_dir, command)
     try:
         yield path
     finally:

@@ -32,6 +32,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from ldm.cli.run_lock import run_lock
 from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
@@ -542,6 +543,16 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
                           f"output_dir")
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(output_dir, "ldm-data"):  # a second ldm-data there would remove this one's staging folder
+            return _write_into(cfg, output_dir)
+    finally:
+        if created and not any(output_dir.iterdir()):  # a refused run leaves no folder behind
+            output_dir.rmdir()
+
+
+def _write_into(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
+    """`write_shards`' work in `output_dir`, which this run holds."""
     existing = sorted(p.name for p in output_dir.glob("*.tar"))
     if existing:
         if not cfg.overwrite:
@@ -569,8 +580,6 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
             shard.rename(output_dir / shard.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output_dir.iterdir()):  # a refused run leaves no folder behind
-            output_dir.rmdir()
     summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution, "crop": cfg.crop,
                "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
