@@ -50,7 +50,7 @@ from ldm.data.latents import (
 )
 from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
 from ldm.data.shards import SUMMARY_NAME
-from ldm.data.stream import EpochPlan, ShardStream, member_key, tar_ends_cut, walk_stopped_early
+from ldm.data.stream import TAR_ERRORS, EpochPlan, ShardStream, member_key, tar_ends_cut, walk_stopped_early
 from ldm.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _count_tar_samples(path: str) -> int:
                         "what follows is lost), so its last sample (%s) may be cut short): counting the %d samples "
                         "before the damage", path, last, count - 1)
             return count - 1
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except TAR_ERRORS as err:
         # a compressed tar breaks at the header after a member cut short, a plain one cut in a member's padding or a
         # header at that header: as the reader, leave out the sample it was reading
         if count and not counted_cut and (not plain or tar_ends_cut(path)):
@@ -181,7 +181,7 @@ def _first_metadata(urls: list[str]) -> tuple[str, Any] | None:
                         return url, json.loads(tar.extractfile(member).read())
                 if first is not None:
                     return url, None
-        except (tarfile.TarError, OSError, EOFError, ValueError):
+        except (*TAR_ERRORS, ValueError):
             return None
     return None
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError
-from ldm.data.stream import EpochPlan, ShardStream, SkipLog, caption_and_label
+from ldm.data.stream import TAR_ERRORS, EpochPlan, ShardStream, SkipLog, caption_and_label
 from ldm.seeding import fold_seed
 
 MANIFEST_NAME = "manifest.json"
@@ -164,7 +164,7 @@ def holds_latents(shard: Path) -> bool:
                 if member.name.endswith(f".{MOMENTS}"):
                     return True
                 member = tar.next()
-    except (tarfile.TarError, OSError):
+    except TAR_ERRORS:
         pass
     return False
 

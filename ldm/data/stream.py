@@ -31,6 +31,7 @@ import inspect
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import random
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: how a compressed tar begins, whatever its name
+# What reading a damaged tar raises: tarfile's own errors, and, from a compressed one read by random access (a seek
+# to the next header, a member's data), the decompressor's, which tarfile passes on unwrapped
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 # note: resized whole up to this aspect ratio (the usual path; its pixels differ from the box path's by 1 level at most
 # at photo sizes), inside the crop's box beyond it
 MAX_RESIZED_ASPECT = 4
@@ -292,9 +296,9 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
         # caption). Each sample is held back until the next one is read, and a range that ends inside its shard (or
         # in a cut tar) reads one sample past its end: a read that ends before that leaves out the last sample it
         # read, the tar's real last one
-        cut = shard_stops_early(url)
+        cut = functools.partial(shard_stops_early, url)  # (a walk of the shard: asked only where the answer matters)
         count = (counts or {}).get(url)
-        ahead = cut or (count is not None and hi < count)
+        ahead = (count is not None and hi < count) or cut()
         probe = not ahead and hi == count  # the shard's last range: one more read tells a count short of the shard
         read, seen, prefix, held, followed, ran_out, last_key = 0, 0, [], None, False, False, None
         try:
@@ -315,8 +319,7 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
             # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
             early = not followed and (ahead or seen < hi or skips.tar_error is not None)
-            if early and ran_out and skips.tar_error is None and not cut and not url.startswith(REMOTE_PREFIXES) and \
-                    url.endswith((".tar", ".tar.gz", ".tgz")):
+            if early and ran_out and skips.tar_error is None and not url.startswith(REMOTE_PREFIXES) and not cut():
                 early = False  # an intact tar that holds fewer samples than its count says: its last one is whole
             cut_key = skips.watch.cut_key() if skips.tar_error is not None else None
             if ran_out and cut_key is not None:  # the tar ended inside a member's data: that member's sample is cut,
@@ -350,8 +353,8 @@ def tar_ends_cut(url: str) -> bool:
     tar write on closing: a copy cut short, perhaps at a member's boundary, which no read error reveals, so that its
     last sample may lack members (zeros there may also be a member's data: `walk_stopped_early` tells). Remote and
     compressed shards (by their first bytes, whatever the name) are not checked (False). Reads 1 KiB and 6 bytes."""
-    path = _local_tar(url)
-    if path is None:
+    path = url.removeprefix("file:")
+    if path.startswith(REMOTE_PREFIXES):
         return False
     try:
         with open(path, "rb") as f:
@@ -372,9 +375,10 @@ def _stops_early(url: str, size: int, mtime_ns: int) -> bool:
 
 def shard_stops_early(url: str) -> bool:
     """`members_stop_early` of a local shard, walked once per process for each version of the file (its size and
-    modification time): a training read asks at every epoch."""
+    modification time): a training read that reaches the shard's end asks at every epoch (in a new worker process
+    each epoch: once per shard and epoch)."""
     path = url.removeprefix("file:")
-    if url.startswith(REMOTE_PREFIXES) or not path.endswith((".tar", ".tar.gz", ".tgz")):
+    if url.startswith(REMOTE_PREFIXES):
         return False
     try:
         stat = os.stat(path)
@@ -390,7 +394,7 @@ def members_stop_early(url: str) -> bool:
     whose compressed stream is cut, stops early), for ldm-encode and a training read that ends before the shard's
     count."""
     path = url.removeprefix("file:")
-    if url.startswith(REMOTE_PREFIXES) or not path.endswith((".tar", ".tar.gz", ".tgz")):
+    if url.startswith(REMOTE_PREFIXES):  # (a local shard is told by its content, whatever its name: .tar.xz, .TAR)
         return False
     if tar_ends_cut(url):
         return True
@@ -399,7 +403,7 @@ def members_stop_early(url: str) -> bool:
             for _ in tar:
                 pass
             return walk_stopped_early(tar, path)
-    except (OSError, EOFError, tarfile.TarError):
+    except TAR_ERRORS:
         try:  # plain: unreadable from the start, the reader reports it; compressed: cut
             with open(path, "rb") as f:
                 return f.read(6).startswith(COMPRESSED_MAGIC)
@@ -427,7 +431,7 @@ def compressed_rest_cut(tar: tarfile.TarFile) -> bool:
         tar.fileobj.seek(tar.offset)
         while chunk := tar.fileobj.read1(1 << 16):  # (read1: a larger read that meets the cut loses what it read)
             size, data = size + len(chunk), data or bool(chunk.strip(b"\0"))
-    except (OSError, EOFError, zlib.error):  # the compressed stream is cut (or damaged) here
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):  # the compressed stream is cut (or damaged) here
         pass
     return size == 0 or data  # (a header where the walk stopped holds its name: not zeros)
 
@@ -441,11 +445,6 @@ def data_after(path: str, offset: int) -> bool:
             if chunk.strip(b"\0"):
                 return True
     return False
-
-
-def _local_tar(url: str) -> str | None:
-    path = url.removeprefix("file:")
-    return None if path.startswith(REMOTE_PREFIXES) or not path.endswith(".tar") else path
 
 
 def _decode(samples: Iterator[dict[str, Any]], skips: SkipLog, num_classes: int | None = None

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ldm.config import ConfigError, is_int
 from ldm.data.latents import MOMENTS
-from ldm.data.stream import IMAGE_KEYS, resize_crop, sample_caption
+from ldm.data.stream import IMAGE_KEYS, TAR_ERRORS, resize_crop, sample_caption
 from ldm.images import decode_image
 from ldm.io import read_lines
 
@@ -80,7 +80,7 @@ def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
                         yield held
                     held = members
                 stopped = walk_stopped_early(tar, shard)  # this walk's end, not a second walk
-        except (tarfile.TarError, OSError, EOFError) as err:  # the sample being read is lost, the one before whole
+        except TAR_ERRORS as err:  # the sample being read is lost, the one before whole
             error = f" ({type(err).__name__}: {err})"
         if held is not None and not error and stopped:  # no error: the last sample may be cut
             error, held = " (its members stop before its end: cut short, or a damaged member header)", None
