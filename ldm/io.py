@@ -11,6 +11,7 @@ import errno
 import glob
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -82,6 +83,16 @@ def _disk_full(err: BaseException | None) -> OSError | None:
     return None
 
 
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete the temp files `atomic_open` left beside `path` when a write of it was killed (SIGKILL, a node lost):
+    a gigabyte-sized export leaves a hidden copy otherwise. For writers that alone write `path` (an export)."""
+    path = Path(path)
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # (mkstemp's 8 random characters)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
     """Write `data` to `path` atomically (see `atomic_open`)."""
     with atomic_open(path) as f:
@@ -101,6 +112,8 @@ def save_export(directory: str | os.PathLike, config: dict[str, Any],
     from safetensors.torch import save
 
     directory = Path(directory)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        remove_stale_temps(directory / name)
     state = weights if isinstance(weights, dict) else weights.state_dict()
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write_bytes(save(state), directory / WEIGHTS_NAME)

@@ -120,6 +120,12 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")] == [".export.v2.w0rk1ng0.tmp"]
     with pytest.raises(FileExistsError):
         save_single_file(out / "unet" / "diffusion_pytorch_model.safetensors", *args)
+    # the temp file of a single-file export that was killed (kill -9): gone with the next export of that file (it
+    # stayed, a hidden copy of the model), another file's kept
+    for leftover in (".sd.safetensors.k1ll3d00.tmp", ".sd.safetensors.v2.safetensors.w0rk1ng0.tmp"):
+        (tmp_path / leftover).write_bytes(b"half")
+    save_single_file(tmp_path / "sd.safetensors", *args)
+    assert sorted(p.name for p in tmp_path.glob(".sd.*")) == [".sd.safetensors.v2.safetensors.w0rk1ng0.tmp"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train.log").write_text("not a pipeline")
     with pytest.raises(FileExistsError, match="no model_index.json"):  # overwrite replaces pipelines only

@@ -26,7 +26,7 @@ from ldm.convert.common import METADATA_KEY, StateDict, UnsupportedCheckpointErr
 from ldm.convert.load import DIFFUSERS_WEIGHTS
 from ldm.convert.schedule import schedule_to_diffusers
 from ldm.diffusion.schedule import ScheduleConfig
-from ldm.io import atomic_open, umask
+from ldm.io import atomic_open, remove_stale_temps, umask
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.unet import UNet
 
@@ -70,6 +70,8 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
 
 def _save_safetensors(state: StateDict, path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save
+
+    remove_stale_temps(path)  # of a write of this file that was killed
 
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_open(path) as f:
