@@ -539,6 +539,24 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     assert expand_shards(str(train[0]), "data.train_shards") == [train[0]]
     assert expand_shards(f"{shapes_shards}/train-00000[0-9].tar", "data.train_shards") == sorted(
         str(p) for p in shapes_shards.glob("train-*.tar"))  # a character class in the name is still one
+    # shards of every compressed kind and letter case match as tars (a glob of .tar.xz shards was refused as "not tar
+    # shards", naming a pattern that matched nothing); a file named in a list that is no tar at all, and a directory
+    # a glob matches, are refused naming them (they were read as damaged tars of 0 samples, and ldm-encode wrote a
+    # latent shard for each)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for name in ("train-000000.tar.xz", "train-000001.TAR", "train-000002.tar.bz2"):
+        shutil.copy(train[0], packed / name)
+    assert [Path(u).name for u in expand_shards(f"{packed}/train-*", "data.train_shards")] == [
+        "train-000000.tar.xz", "train-000001.TAR", "train-000002.tar.bz2"]
+    (tmp_path / "notes.txt").write_text("not a shard")
+    shutil.copy(train[0], tmp_path / "shard-without-suffix")  # a tar by its content: taken
+    assert expand_shards(f"{train[0]}::{tmp_path}/shard-without-suffix", "k")[1].endswith("shard-without-suffix")
+    with pytest.raises(ConfigError, match=r"notes\.txt is no tar shard \(neither a tar header nor gzip"):
+        expand_shards([train[0], str(tmp_path / "notes.txt")], "data.train_shards")
+    (packed / "train-000003.tar").mkdir()
+    with pytest.raises(ConfigError, match=r"train-000003\.tar is a directory, not a tar shard"):
+        expand_shards(f"{packed}/train-*", "data.train_shards")
 
 
 def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(shapes_shards: Path, tmp_path: Path):
