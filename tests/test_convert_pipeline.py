@@ -5,6 +5,7 @@ imported with `load_components`, exported with `save_diffusers` / `save_single_f
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -116,6 +117,10 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
     assert (out / "text_encoder").is_dir()
     # the folder has the mode mkdir gives (mkdtemp's 0700 kept other users of a shared machine out)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()
+    shared = tmp_path / "group"  # a group's folder (setgid): the export keeps the bit, so its files get the group
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    assert save_diffusers(shared / "export", *args).stat().st_mode & stat.S_ISGID
     # no temp dirs of this destination left behind; the other one's kept
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")] == [".export.v2.w0rk1ng0.tmp"]
     with pytest.raises(FileExistsError):

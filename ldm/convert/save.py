@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +54,8 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         if (match := ours.fullmatch(stale.name)) and (match[1] == "tmp" or out_dir.exists()):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: give the folder the mode mkdir would (readable by others)
+    # mkdtemp makes 0700: give the folder the mode mkdir would (readable by others; a group folder's setgid kept)
+    os.chmod(tmp, 0o777 & ~umask() | os.stat(tmp).st_mode & stat.S_ISGID)
     try:
         yield tmp
         if out_dir.exists():
