@@ -45,6 +45,16 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
+def test_a_write_through_a_link_replaces_the_file_it_names(tmp_path):
+    """An export file named through a link (a single-file VAE linked into a models folder): the file is replaced and
+    the link kept (os.replace replaced the link, and the file kept the old export)."""
+    target = tmp_path / "models" / "vae.safetensors"
+    atomic_write_bytes(b"old", target)
+    (tmp_path / "link.safetensors").symlink_to(target)
+    atomic_write_bytes(b"new", tmp_path / "link.safetensors")
+    assert (tmp_path / "link.safetensors").is_symlink() and target.read_bytes() == b"new"
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_write_bytes(b"good", path)
