@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.config import ConfigError
+from ldm.io import is_export
 from ldm.nn.autoencoder import (
     AttnBlock,
     AutoencoderConfig,
@@ -112,7 +113,7 @@ def test_patch_discriminator(norm, n_layers):
         DiscriminatorConfig(norm="layer")
 
 
-def test_export_round_trip_reproduces_outputs(tmp_path):
+def test_export_round_trip_reproduces_outputs(tmp_path, monkeypatch):
     model = AutoencoderKL(tiny_config([1, 2, 2])).eval()
     stats = {"mean": [0.0] * 4, "std": [1.0] * 4, "scale_factor": 0.5}
     model.save_pretrained(tmp_path / "export", latent_stats=stats)
@@ -132,6 +133,17 @@ def test_export_round_trip_reproduces_outputs(tmp_path):
     AutoencoderKL(tiny_config([1, 2, 2])).save_pretrained(tmp_path / "export")
     assert load_autoencoder(tmp_path / "export")[1] is None
     assert not (tmp_path / "export" / "latent_stats.json").exists()
+    # a write that fails at the statistics (a full disk) leaves no config.json, so the folder is no export that a run
+    # takes for written (the statistics came after config.json: a whole-looking export without them)
+    import ldm.nn.autoencoder as nn_autoencoder
+
+    def full(text, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(nn_autoencoder, "atomic_write_text", full)
+    with pytest.raises(OSError):
+        model.save_pretrained(tmp_path / "export", latent_stats=stats)
+    assert not is_export(tmp_path / "export")
 
 
 def test_missing_autoencoder_path_names_the_config_key(tmp_path):

@@ -296,11 +296,12 @@ class AutoencoderKL(nn.Module):
         """
         # an earlier export's statistics are not these weights': removed first, so that no state of the folder pairs
         # them with the new weights (without statistics, stage 2 asks for model.latent_scale)
+        # (written before save_export's config.json, which it writes last: a folder with config.json is whole)
         Path(directory, LATENT_STATS_NAME).unlink(missing_ok=True)
-        directory = save_export(directory, dataclasses.asdict(self.config), self)
+        Path(directory, CONFIG_NAME).unlink(missing_ok=True)
         if latent_stats is not None:
-            atomic_write_text(json.dumps(latent_stats, indent=2), directory / LATENT_STATS_NAME)
-        return directory
+            atomic_write_text(json.dumps(latent_stats, indent=2), Path(directory) / LATENT_STATS_NAME)
+        return save_export(directory, dataclasses.asdict(self.config), self)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, key: str = "autoencoder_path") -> AutoencoderKL:
