@@ -281,6 +281,8 @@ def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
         (config, state, scale), source = autoencoder, f"single file {path}"
     else:
         raise ConfigError(f"{key}={path} holds a UNet, not an autoencoder")
+    if scale is None and layout != "single_file":  # the diffusers folder of an export without statistics
+        source += " (exported without a measured latent scale: its scaling_factor 0.18215 is a stand-in)"
     model = AutoencoderKL(config)
     model.load_state_dict(state)
     return model.eval().requires_grad_(False), ({"scale_factor": scale} if scale else None), source

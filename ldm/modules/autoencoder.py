@@ -90,10 +90,10 @@ def adopt_pretrained(config: Config) -> tuple[Config, dict[str, torch.Tensor], f
                    + ("; the encoder stays frozen" if not config.train_encoder else ""))
     scale = (stats or {}).get("scale_factor")
     if scale is None and not config.train_encoder:
-        rank_zero_warn(f"model.init_from={path} states no latent scale (a stand-alone VAE file): the export will hold "
-                       f"the one measured here, not the scale the UNets trained on its latents expect; give its "
-                       f"diffusers folder instead, or set stage 2's model.latent_scale (SD 1/2: 0.18215, SDXL: "
-                       f"0.13025)")
+        rank_zero_warn(f"model.init_from={path} states no latent scale ({source}): the export will hold the one "
+                       f"measured here, not the scale the UNets trained on its latents expect; for a published VAE "
+                       f"file give its diffusers folder, which states it, or set stage 2's model.latent_scale (SD "
+                       f"1/2: 0.18215, SDXL: 0.13025)")
     return dataclasses.replace(config, net=net, init_from=path), model.state_dict(), scale
 
 
