@@ -48,7 +48,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(os.path.realpath(path))  # through a link, the file it names (os.replace would replace the link)
+    path = Path(path)  # note: a link is replaced, not the file it names (a run forked by linking another's files)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -131,6 +131,16 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
         (tmp_path / leftover).write_bytes(b"half")
     save_single_file(tmp_path / "sd.safetensors", *args)
     assert sorted(p.name for p in tmp_path.glob(".sd.*")) == [".sd.safetensors.v2.safetensors.w0rk1ng0.tmp"]
+    # a single file named through a link (a models folder's file linked where tools look): the file it names is
+    # replaced, the link kept, and that file's leftover temp removed (the link was replaced, the file kept the old)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / ".model.safetensors.k1ll3d00.tmp").write_bytes(b"half")
+    (tmp_path / "models" / "model.safetensors").write_bytes(b"old")
+    (tmp_path / "linked.safetensors").symlink_to(tmp_path / "models" / "model.safetensors")
+    save_single_file(tmp_path / "linked.safetensors", *args, overwrite=True)
+    assert (tmp_path / "linked.safetensors").is_symlink()
+    assert (tmp_path / "models" / "model.safetensors").stat().st_size > 1000
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.safetensors"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train.log").write_text("not a pipeline")
     with pytest.raises(FileExistsError, match="no model_index.json"):  # overwrite replaces pipelines only

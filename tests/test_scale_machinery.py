@@ -45,14 +45,15 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
-def test_a_write_through_a_link_replaces_the_file_it_names(tmp_path):
-    """An export file named through a link (a single-file VAE linked into a models folder): the file is replaced and
-    the link kept (os.replace replaced the link, and the file kept the old export)."""
-    target = tmp_path / "models" / "vae.safetensors"
-    atomic_write_bytes(b"old", target)
-    (tmp_path / "link.safetensors").symlink_to(target)
-    atomic_write_bytes(b"new", tmp_path / "link.safetensors")
-    assert (tmp_path / "link.safetensors").is_symlink() and target.read_bytes() == b"new"
+def test_a_write_to_a_link_replaces_the_link_not_the_file_it_names(tmp_path):
+    """A run forked by linking another run's files (`cp -rs`), or rolled back by linking last.ckpt to an older
+    checkpoint: its writes replace the links and leave the files they named, another run's, as they were."""
+    theirs = tmp_path / "orig" / "last.ckpt"
+    atomic_write_bytes(b"theirs", theirs)
+    (tmp_path / "fork").mkdir()
+    (tmp_path / "fork" / "last.ckpt").symlink_to(theirs)
+    atomic_write_bytes(b"ours", tmp_path / "fork" / "last.ckpt")
+    assert theirs.read_bytes() == b"theirs" and not (tmp_path / "fork" / "last.ckpt").is_symlink()
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):

@@ -43,6 +43,9 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         overwrite: replace an existing, non-empty destination; otherwise it is refused before anything is written.
     """
     out_dir = Path(os.path.realpath(out_dir))  # os.replace would move a link itself aside, not the folder it names
+    if out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} is a link loop (a link that leads back to itself); remove it or choose "
+                              f"another output directory")
     if out_dir.exists() and not overwrite and (out_dir.is_file() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +244,7 @@ def save_single_file_vae(path: str | Path, autoencoder: AutoencoderKL, latent_sc
     `post_quant_conv.*`), as vae-ft-mse-840000-ema-pruned.safetensors: A1111 and ComfyUI load it as a VAE beside any
     SD model, diffusers with `AutoencoderKL.from_single_file`. The metadata entry "ldm" holds the exact config and
     latent scale, which `ldm.convert.load_autoencoder_any` reads back (other readers assume SD's 0.18215)."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through a link, the file it names (the link was replaced)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
@@ -270,7 +273,7 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
         image_size: the pixel size to generate at by default, stored as the autoencoder config's resolution (as
             `save_diffusers` stores it in the VAE's sample_size); None: the autoencoder's training resolution.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through a link, the file it names (the link was replaced)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
