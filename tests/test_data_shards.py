@@ -22,7 +22,8 @@ from PIL import Image
 
 from ldm.cli.data import write_dataset
 from ldm.config import ConfigError
-from ldm.data import shapes
+from ldm.data import latents, shapes
+from ldm.data.encoding import image_shards_in
 from ldm.data.shards import MEMBER_MTIME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -557,6 +558,19 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     (packed / "train-000003.tar").mkdir()
     with pytest.raises(ConfigError, match=r"train-000003\.tar is a directory, not a tar shard"):
         expand_shards(f"{packed}/train-*", "data.train_shards")
+    # a glob of tars named otherwise is taken by content; a compressed file that holds no tar is none
+    (tmp_path / "noext").mkdir()
+    for i in range(2):
+        shutil.copy(train[0], tmp_path / "noext" / f"part-{i}")
+    assert len(expand_shards(f"{tmp_path}/noext/part-*", "data.train_shards")) == 2
+    (tmp_path / "notes.json.gz").write_bytes(gzip.compress(b'{"not": "a tar"}'))
+    with pytest.raises(ConfigError, match=r"notes\.json\.gz is no tar shard"):
+        expand_shards(str(tmp_path / "notes.json.gz"), "data.train_shards")
+    # ldm-encode names its outputs after any tar suffix, in any case, and sees such image shards in its output_dir
+    # (it wrote x.tar.bz2.tar and a manifest beside them, and the image shards read as latents from then on)
+    assert [latents.shard_name(n) for n in ("a.tar.bz2", "b.TAR", "c.tgz", "d")] == ["a.tar", "b.tar", "c.tar",
+                                                                                    "d.tar"]
+    assert image_shards_in(packed).name == "train-000000.tar.xz"
 
 
 def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(shapes_shards: Path, tmp_path: Path):

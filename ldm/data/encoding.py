@@ -23,6 +23,7 @@ import webdataset as wds
 from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
+from ldm.data.shardlist import is_tar_name
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
 from ldm.data.stream import IMAGE_KEYS, MemberWatch, no_image, read_tar, resize_crop, sample_caption, shard_stops_early
 from ldm.images import decode_image
@@ -234,7 +235,8 @@ def image_shards_in(out: Path) -> Path | None:
     img2dataset's, say), or None: a manifest written beside them would have every reader take them for latents."""
     if (out / SUMMARY_NAME).is_file():
         return out / SUMMARY_NAME
-    return next((p for p in sorted(out.glob("*.tar")) if not latents.holds_latents(p)
+    tars = sorted(p for p in out.iterdir() if is_tar_name(p.name)) if out.is_dir() else []
+    return next((p for p in tars if not latents.holds_latents(p)
                  and "input" not in _json_object(latents.stats_path(p))), None)  # (an encode with no sample: ours)
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError
+from ldm.data.shardlist import TAR_SUFFIXES
 from ldm.data.stream import TAR_ERRORS, EpochPlan, ShardStream, SkipLog, caption_and_label
 from ldm.seeding import fold_seed
 
@@ -145,12 +146,10 @@ def read_manifest(path: str | Path, key: str = "data.train_shards",
 
 def shard_name(url: str) -> str:
     """The file name of the latent shard ldm-encode writes for input shard `url`: the input's name, as a plain tar
-    (`NAME.tar.gz` and `NAME.tgz` give `NAME.tar`)."""
+    (`NAME.tar.gz`, `NAME.tgz`, `NAME.tar.xz`, `NAME.TAR`... give `NAME.tar`)."""
     name = Path(url).name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name.removesuffix(suffix) + ".tar"
-    return name + ".tar"
+    suffix = next((x for x in sorted(TAR_SUFFIXES, key=len, reverse=True) if name.lower().endswith(x)), "")
+    return name[:len(name) - len(suffix)] + ".tar"
 
 
 def holds_latents(shard: Path) -> bool:

@@ -14,7 +14,6 @@ from ldm.io import glob_sorted
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # in any letter case
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: how a compressed tar begins, whatever its name
 
 
 def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
@@ -59,7 +58,7 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")
-            others = [m for m in matches if pattern and not _is_tar_name(m)]
+            others = [m for m in matches if pattern and not is_tar_name(m) and not _holds_a_tar(m)]
             if others:
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
                                   f"pattern to the shards, e.g. {_example(path, split)}")
@@ -67,7 +66,7 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 if os.path.isdir(match):
                     raise ConfigError(f"{key}={part!r}: {match} is a directory, not a tar shard; name the shards "
                                       f"only (a folder given by itself stands for its {split}-*.tar shards)")
-                if not _is_tar_name(match) and not _holds_a_tar(match):  # (a tar's name: its damage is the readers')
+                if not is_tar_name(match) and not _holds_a_tar(match):  # (a tar's name: its damage is the readers')
                     raise ConfigError(f"{key}={part!r}: {match} is no tar shard (neither a tar header nor gzip, bzip2 "
                                       f"or xz data at its start); name the shards only")
             # absolute (a relative `pipe:x.tar` or `s3:x.tar` is a file), `..` kept: after a symlink it is not textual
@@ -77,30 +76,26 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
     return urls
 
 
-def _is_tar_name(path: str) -> bool:
+def is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
 def _holds_a_tar(path: str) -> bool:
-    """A file that begins as a tar does: a valid tar header, or gzip, bzip2 or xz data (a shard of another name)."""
+    """A file that opens as a tar, plain or gzip, bzip2 or xz compressed (its first header read and checked): a shard
+    of another name (a compressed file that holds no tar, `notes.json.gz`, is none)."""
+    import lzma
     import tarfile
+    import zlib
 
     try:
-        with open(path, "rb") as f:
-            head = f.read(tarfile.BLOCKSIZE)
-    except OSError:
+        with tarfile.open(path, "r:*"):
+            return True
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
         return False
-    if head.startswith(COMPRESSED_MAGIC):
-        return True
-    try:
-        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")  # checks the header's checksum
-    except tarfile.HeaderError:
-        return False
-    return True
 
 
 def _tars_in(folder: str) -> list[str]:
-    return [m for m in glob_sorted(os.path.join(glob.escape(folder), "*")) if _is_tar_name(m)] \
+    return [m for m in glob_sorted(os.path.join(glob.escape(folder), "*")) if is_tar_name(m)] \
         if os.path.isdir(folder) else []
 
 
@@ -113,7 +108,7 @@ def _example(path: str, split: str) -> str:
     named = [m for m in tars if os.path.basename(m).startswith(f"{split}-")]
     unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
     pick = named or unnamed
-    suffix = next((pick[0][-len(x):] for x in TAR_SUFFIXES if pick and _is_tar_name(pick[0])
+    suffix = next((pick[0][-len(x):] for x in TAR_SUFFIXES if pick and is_tar_name(pick[0])
                    and pick[0].lower().endswith(x)), ".tar")
     return os.path.join(folder, f"{split}-*{suffix}" if named or not unnamed else f"*{suffix}")
 

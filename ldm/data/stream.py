@@ -51,13 +51,14 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.config import is_int
-from ldm.data.shardlist import COMPRESSED_MAGIC, REMOTE_PREFIXES
+from ldm.data.shardlist import REMOTE_PREFIXES
 from ldm.images import decode_image
 from ldm.seeding import fold_seed
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: how a compressed tar begins, whatever its name
 # What reading a damaged tar raises: tarfile's own errors, and, from a compressed one read by random access (a seek
 # to the next header, a member's data), the decompressor's, which tarfile passes on unwrapped
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
