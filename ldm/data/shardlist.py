@@ -67,8 +67,8 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                     raise ConfigError(f"{key}={part!r}: {match} is a directory, not a tar shard; name the shards "
                                       f"only (a folder given by itself stands for its {split}-*.tar shards)")
                 if not is_tar_name(match) and not _holds_a_tar(match):  # (a tar's name: its damage is the readers')
-                    raise ConfigError(f"{key}={part!r}: {match} is no tar shard (neither a tar header nor gzip, bzip2 "
-                                      f"or xz data at its start); name the shards only")
+                    raise ConfigError(f"{key}={part!r}: {match} is no tar shard (it does not open as a tar, plain or "
+                                      f"gzip, bzip2 or xz compressed); name the shards only")
             # absolute (a relative `pipe:x.tar` or `s3:x.tar` is a file), `..` kept: after a symlink it is not textual
             urls.extend(os.path.join(os.getcwd(), m) for m in matches)
     if not urls:
