@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError
-from ldm.data.shardlist import TAR_SUFFIXES
+from ldm.data.shardlist import tar_suffix
 from ldm.data.stream import TAR_ERRORS, EpochPlan, ShardStream, SkipLog, caption_and_label
 from ldm.seeding import fold_seed
 
@@ -148,8 +148,7 @@ def shard_name(url: str) -> str:
     """The file name of the latent shard ldm-encode writes for input shard `url`: the input's name, as a plain tar
     (`NAME.tar.gz`, `NAME.tgz`, `NAME.tar.xz`, `NAME.TAR`... give `NAME.tar`)."""
     name = Path(url).name
-    suffix = next((x for x in sorted(TAR_SUFFIXES, key=len, reverse=True) if name.lower().endswith(x)), "")
-    return name[:len(name) - len(suffix)] + ".tar"
+    return name[:len(name) - len(tar_suffix(name))] + ".tar"
 
 
 def holds_latents(shard: Path) -> bool:

@@ -4,7 +4,10 @@ remote URL into the list of shards (training, encoding and evaluation all call i
 from __future__ import annotations
 
 import glob
+import lzma
 import os
+import tarfile
+import zlib
 from pathlib import Path
 
 import webdataset as wds
@@ -13,7 +16,10 @@ from ldm.config import ConfigError
 from ldm.io import glob_sorted
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # in any letter case
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # any letter case; none ends another
+# What reading a damaged tar raises: tarfile's own errors, and, from a compressed one read by random access (a seek
+# to the next header, a member's data), the decompressor's, which tarfile passes on unwrapped
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
@@ -76,21 +82,22 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
     return urls
 
 
+def tar_suffix(path: str) -> str:
+    """The tar suffix `path` ends in, as written (`.tar`, `.TAR.GZ`, ...), or "" for another name."""
+    return next((path[-len(x):] for x in TAR_SUFFIXES if path.lower().endswith(x)), "")
+
+
 def is_tar_name(path: str) -> bool:
-    return path.lower().endswith(TAR_SUFFIXES)
+    return bool(tar_suffix(path))
 
 
 def _holds_a_tar(path: str) -> bool:
     """A file that opens as a tar, plain or gzip, bzip2 or xz compressed (its first header read and checked): a shard
     of another name (a compressed file that holds no tar, `notes.json.gz`, is none)."""
-    import lzma
-    import tarfile
-    import zlib
-
     try:
         with tarfile.open(path, "r:*"):
             return True
-    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
+    except TAR_ERRORS:
         return False
 
 
@@ -108,8 +115,7 @@ def _example(path: str, split: str) -> str:
     named = [m for m in tars if os.path.basename(m).startswith(f"{split}-")]
     unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
     pick = named or unnamed
-    suffix = next((pick[0][-len(x):] for x in TAR_SUFFIXES if pick and is_tar_name(pick[0])
-                   and pick[0].lower().endswith(x)), ".tar")
+    suffix = (tar_suffix(pick[0]) if pick else "") or ".tar"
     return os.path.join(folder, f"{split}-*{suffix}" if named or not unnamed else f"*{suffix}")
 
 

@@ -31,7 +31,6 @@ import inspect
 import io
 import json
 import logging
-import lzma
 import math
 import os
 import random
@@ -51,7 +50,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.config import is_int
-from ldm.data.shardlist import REMOTE_PREFIXES
+from ldm.data.shardlist import REMOTE_PREFIXES, TAR_ERRORS
 from ldm.images import decode_image
 from ldm.seeding import fold_seed
 
@@ -59,9 +58,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: how a compressed tar begins, whatever its name
-# What reading a damaged tar raises: tarfile's own errors, and, from a compressed one read by random access (a seek
-# to the next header, a member's data), the decompressor's, which tarfile passes on unwrapped
-TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 # note: resized whole up to this aspect ratio (the usual path; its pixels differ from the box path's by 1 level at most
 # at photo sizes), inside the crop's box beyond it
 MAX_RESIZED_ASPECT = 4
@@ -431,7 +427,7 @@ def compressed_rest_cut(tar: tarfile.TarFile) -> bool:
         tar.fileobj.seek(tar.offset)
         while chunk := tar.fileobj.read1(1 << 16):  # (read1: a larger read that meets the cut loses what it read)
             size, data = size + len(chunk), data or bool(chunk.strip(b"\0"))
-    except (OSError, EOFError, zlib.error, lzma.LZMAError):  # the compressed stream is cut (or damaged) here
+    except TAR_ERRORS:  # the compressed stream is cut (or damaged) here
         pass
     return size == 0 or data  # (a header where the walk stopped holds its name: not zeros)
 
