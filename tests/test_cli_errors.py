@@ -79,6 +79,12 @@ CASES = [
          ("ckpt_path=last resumes the run in hydra.sweep.dir", "hydra.sweep.dir=")),               # from scratch
     Case("train-logger-null", "ldm-train", (*(a for a in TRAIN if a != "logger=csv"), "logger=null"),  # a page of
          ("logger=null: logger is a config group", "logger=none: without one")),           # Hydra's traceback
+    Case("train-output-dir-under-a-file", "ldm-train",  # Hydra made the run directory, failed, printed a traceback
+         (*(a for a in TRAIN if not a.startswith("paths.output_dir=")), "paths.output_dir={a_file}/run"),
+         ("paths.output_dir=", "a_file.txt/run", "Not a directory")),
+    Case("train-multirun-sweep-dir-under-a-file", "ldm-train", ("-m", *TRAIN, "hydra.sweep.dir={a_file}/sweep",
+                                                                "seed=1,2"),
+         ("hydra.sweep.dir=", "a_file.txt/sweep", "Not a directory"), slow=True),
     Case("train-unknown-trainer-key", "ldm-train", (*TRAIN, "trainer.max_stepz=3"), ("max_stepz",), slow=True),
     Case("train-batch-size-zero", "ldm-train", (*TRAIN, "data.batch_size=0"), ("data.batch_size=0",), slow=True),
     Case("train-missing-ckpt", "ldm-train", (*TRAIN, "ckpt_path={tmp}/none.ckpt"), ("ckpt_path=", "none.ckpt")),

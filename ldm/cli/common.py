@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -109,6 +111,31 @@ def check_slurm_run_directory(output_dir: str | Path) -> None:
     raise ConfigError(f"paths=slurm names the run directory after $SLURM_JOB_ID, which only a SLURM job sets (here "
                       f"it would be {output_dir}): submit it with sbatch (slurm/*.sbatch), or use paths=default (or "
                       f"paths.output_dir=...) outside SLURM")
+
+
+class CreateRunDirectory(Callback):
+    """ldm-train's run directory (`hydra.run.dir`, which is `paths.output_dir`; a multirun's `hydra.sweep.dir`),
+    created before Hydra writes its .hydra/ record and log into it: a path that cannot be a folder this user may write
+    (a file on the way, no permission, a full disk) stops the command with one line naming the key and exit status 2,
+    where Hydra would print its traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _create_writable(config.hydra.run.dir, "paths.output_dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _create_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _create_writable(directory: str, key: str) -> None:
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        print(f"ldm-train: error: {key}={directory} cannot be the run directory ({err.strerror or err}"
+              f"{f': {err.filename}' if err.filename and str(err.filename) != directory else ''}); set {key} to "
+              f"a folder you can write", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
