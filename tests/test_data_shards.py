@@ -563,6 +563,15 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     for i in range(2):
         shutil.copy(train[0], tmp_path / "noext" / f"part-{i}")
     assert len(expand_shards(f"{tmp_path}/noext/part-*", "data.train_shards")) == 2
+    # beside a file that is none, the fix names a pattern that takes these tars (it named `train-*.tar`, which matched
+    # nothing here), and none that would take that file too
+    (tmp_path / "noext" / "index.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\(\[.*index\.json'\]\): narrow the pattern to the shards, e\.g\. "
+                                          + re.escape(f"{tmp_path}/noext/part-*") + "$"):
+        expand_shards(f"{tmp_path}/noext/*", "data.train_shards")
+    (tmp_path / "noext" / "part-index").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\(\[.*part-index'\]\): narrow the pattern to the shards$"):
+        expand_shards(f"{tmp_path}/noext/*", "data.train_shards")
     (tmp_path / "notes.json.gz").write_bytes(gzip.compress(b'{"not": "a tar"}'))
     with pytest.raises(ConfigError, match=r"notes\.json\.gz is no tar shard"):
         expand_shards(str(tmp_path / "notes.json.gz"), "data.train_shards")

@@ -3,6 +3,7 @@ remote URL into the list of shards (training, encoding and evaluation all call i
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import lzma
 import os
@@ -67,7 +68,7 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             others = [m for m in matches if pattern and not is_tar_name(m) and not _holds_a_tar(m)]
             if others:
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
-                                  f"pattern to the shards, e.g. {_example(path, split)}")
+                                  f"pattern to the shards{_narrower(matches, others, path, split)}")
             for match in matches:
                 if os.path.isdir(match):
                     raise ConfigError(f"{key}={part!r}: {match} is a directory, not a tar shard; name the shards "
@@ -117,6 +118,23 @@ def _example(path: str, split: str) -> str:
     pick = named or unnamed
     suffix = (tar_suffix(pick[0]) if pick else "") or ".tar"
     return os.path.join(folder, f"{split}-*{suffix}" if named or not unnamed else f"*{suffix}")
+
+
+def _narrower(matches: list[str], others: list[str], path: str, split: str) -> str:
+    """", e.g. PATTERN" for a glob that keeps tars among `matches` (by name or content) and none of `others`: the
+    split's shards as `_example` names them where that takes some of these tars, else the tars' names' common start
+    and end around `*` (`0000*.bin`); "" when neither would do."""
+    tars = [m for m in matches if m not in others]
+    example = _example(path, split)
+    if not tars or any(fnmatch.fnmatchcase(os.path.basename(m), os.path.basename(example)) for m in tars):
+        return f", e.g. {example}" if _tars_in(os.path.dirname(path)) else ""
+    names = [os.path.basename(m) for m in tars]
+    start = os.path.commonprefix(names)
+    end = os.path.commonprefix([n[len(start):][::-1] for n in names])[::-1]
+    pattern = glob.escape(start) + "*" + glob.escape(end)
+    if any(fnmatch.fnmatchcase(os.path.basename(m), pattern) for m in others):
+        return ""
+    return f", e.g. {os.path.join(os.path.dirname(tars[0]), pattern)}"
 
 
 def absolute_spec(spec: str | list[str]) -> str | list[str]:
