@@ -175,6 +175,14 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     reshuffled.load_state_dict(state)
     with pytest.raises(configs.ConfigError, match=r"data\.shuffle_buffer 8 -> 50"):
         next(iter(reshuffled.train_dataloader()))
+    # the state of older ldm held no shuffle_buffer: it is taken from the run config the checkpoint records (the
+    # resume went on unsaid)
+    older = {k: v for k, v in state.items() if k != "shuffle_buffer"}
+    reshuffled = make_dm(shapes_shards, num_workers=2, **{**opts, "shuffle_buffer": 50})
+    reshuffled.check_resume({"ldm": {"config": {"data": {**opts, "num_workers": 2, "seed": 0}}}})
+    reshuffled.load_state_dict(older)
+    with pytest.raises(configs.ConfigError, match=r"data\.shuffle_buffer 8 -> 50"):
+        next(iter(reshuffled.train_dataloader()))
     allowed = make_dm(shapes_shards, num_workers=3, allow_inexact_resume=True, **opts)
     allowed.load_state_dict(state)
     with pytest.warns(UserWarning, match="repeats some samples"):

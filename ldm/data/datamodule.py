@@ -331,6 +331,7 @@ class WebDataModule(L.LightningDataModule):
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
         self._epoch_batches: int | None = None  # train batches per epoch of the current iteration
         self._resume: dict[str, Any] | None = None
+        self._recorded_order: dict[str, Any] = {}  # order settings of a resumed run's config (`check_resume`)
         self._logged_counts = (0.0, 0.0)  # the all-ranks totals last logged as data/skipped and data/uncaptioned
         self.latent_manifest: LatentManifest | None = None  # set by setup() when the shards are ldm-encode latents
         # Set by a class-conditional model in its `setup` hook, before the loaders are built: a sample without an
@@ -586,12 +587,19 @@ class WebDataModule(L.LightningDataModule):
                 "num_workers": self.config.num_workers, "batch_size": self.config.batch_size,
                 "shuffle_buffer": self.config.shuffle_buffer}
 
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Before a resume from `checkpoint` (ldm-train calls it): the order settings that its datamodule state lacks
+        are taken from the run config it records, so that `load_state_dict` compares them too (the states of older
+        ldm hold no shuffle_buffer: a mid-epoch resume under another one went on unsaid)."""
+        data = ((checkpoint.get("ldm") or {}).get("config") or {}).get("data") or {}
+        self._recorded_order = {k: data[k] for k in ORDER_SETTINGS if k in data}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
         def order(settings: dict[str, Any]) -> dict[str, Any]:  # what the epoch's data order depends on
             return {ORDER_SETTINGS[k]: max(1, v) if k == "num_workers" else v for k, v in settings.items()
                     if k in ORDER_SETTINGS}
-        saved, now = order(state_dict), order(self._order_settings())
+        saved, now = order({**self._recorded_order, **state_dict}), order(self._order_settings())
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed,
                         "epoch_batches": state_dict.get("epoch_batches")}
