@@ -102,6 +102,24 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
                               f"short); was it truncated, or is it another kind of file?") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{key}={path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return upgrade_layout(checkpoint)
+
+
+# Where stage 2's networks sat in its state dict before LatentDiffusionPipeline (commit 1c99e1b): at the top level;
+# since, under `pipeline.` (the EMA copies, `ema.` and `ema_conditioner.`, stay where they were).
+PIPELINE_PARTS = ("unet.", "autoencoder.", "conditioner.")
+
+
+def upgrade_layout(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """`checkpoint` (in place) with a stage-2 state dict of older ldm moved to today's keys, so that it resumes,
+    samples, evaluates and exports as the checkpoints written now do. (`load_checkpoint` calls it, and the latent
+    diffusion module on Lightning's own read of a checkpoint it resumes.)"""
+    config = (checkpoint.get("hyper_parameters") or {}).get("config")
+    state = checkpoint.get("state_dict")
+    if isinstance(config, dict) and "unet" in config and isinstance(state, dict) \
+            and not any(k.startswith("pipeline.") for k in state):
+        checkpoint["state_dict"] = {f"pipeline.{k}" if k.startswith(PIPELINE_PARTS) else k: v
+                                    for k, v in state.items()}
     return checkpoint
 
 

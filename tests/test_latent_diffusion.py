@@ -382,6 +382,35 @@ def test_a_checkpoint_that_trained_a_now_frozen_text_encoder_block_resumes(tmp_p
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
 
 
+def test_a_checkpoint_of_the_layout_before_the_pipeline_resumes_and_loads(tmp_path: Path, autoencoder_dir: Path):
+    """Before LatentDiffusionPipeline, stage 2's networks sat at the top of the state dict (`unet.`, `autoencoder.`,
+    `conditioner.`): every command refused such a checkpoint ("not the kind of checkpoint expected here", or a
+    config to resume with that no config could satisfy). It resumes and loads as a checkpoint written now does."""
+    from ldm.checkpoints import load_checkpoint
+
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    fit(module, tmp_path, steps=2)
+    module.trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    checkpoint["state_dict"] = {k.removeprefix("pipeline."): v for k, v in checkpoint["state_dict"].items()}
+    assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"unet", "autoencoder", "conditioner", "ema",
+                                                                   "ema_conditioner"}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    assert load_checkpoint(tmp_path / "old.ckpt")["state_dict"].keys() == module.state_dict().keys()
+    for use_ema in (True, False):
+        loaded = LatentDiffusionPipeline.from_checkpoint(load_checkpoint(tmp_path / "old.ckpt"), "old.ckpt", use_ema)
+        want = module.ema.module if use_ema else module.pipeline.unet
+        assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), want.state_dict().values()))
+    resumed = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                        limit_val_batches=0)
+    trainer.fit(resumed, train_dataloaders=DataLoader([batch(4)] * 3, batch_size=None),
+                ckpt_path=str(tmp_path / "old.ckpt"))
+    assert trainer.global_step == 3 and {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+
+
 def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
     """With 2 micro-batches per optimizer step, `train/loss` is their mean (diffusers logs it so), not the last

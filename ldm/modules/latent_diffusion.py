@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import wrap
 
 from ldm.callbacks.checkpoint import stopped_without_export
-from ldm.checkpoints import MissingCheckpointError
+from ldm.checkpoints import MissingCheckpointError, upgrade_layout
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, text_encoder_config
 from ldm.config import ConfigError, asdict, check_choice, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
@@ -433,9 +433,11 @@ class LatentDiffusionModule(L.LightningModule):
                               f"paths.output_dir")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """`check_resume`; and a checkpoint of older code whose optimizer holds every parameter of a trainable text
-        encoder, some of which are frozen now (`freeze_unused`: a block the conditioning leaves without gradient):
-        their entries are dropped, the other parameters keep their AdamW moments."""
+        """`check_resume`; the state dict of older ldm moved to today's keys (`upgrade_layout`); and a checkpoint of
+        older code whose optimizer holds every parameter of a trainable text encoder, some of which are frozen now
+        (`freeze_unused`: a block the conditioning leaves without gradient): their entries are dropped, the other
+        parameters keep their AdamW moments."""
+        upgrade_layout(checkpoint)
         self.check_resume(checkpoint)
         states = checkpoint.get("optimizer_states") or []
         if len(states) != 1 or len(states[0]["param_groups"]) != 1:
