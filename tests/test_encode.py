@@ -7,6 +7,7 @@ import copy
 import gzip
 import io
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -115,7 +116,7 @@ def test_moments_text_and_manifest_round_trip(shapes_shards: Path, encoders: tup
 
 
 def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: Path, encoders: tuple[Path, Path],
-                                                                  tmp_path: Path):
+                                                                  tmp_path: Path, caplog: pytest.LogCaptureFixture):
     autoencoder, _ = encoders
     out = tmp_path / "latents"
     run_encode(shapes_shards, autoencoder, out)
@@ -155,6 +156,16 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
         (out / "train-000001_stats.json").write_bytes(damaged)
         summary = run_encode(shapes_shards, autoencoder, out)
         assert summary["shards_finished_before"] == 3 and (out / "train-000001.tar").read_bytes() == whole
+    # stats of an ldm-encode that recorded no input size and time: encoded again, and the log says why (it said
+    # nothing, and a rerun over an older version's output re-encoded everything unexplained)
+    stats = json.loads((out / "train-000001_stats.json").read_text())
+    (out / "train-000001_stats.json").write_text(json.dumps({k: v for k, v in stats.items()
+                                                             if k not in ("input_size", "input_mtime_ns")}))
+    with caplog.at_level(logging.INFO, logger="ldm.cli.encode"):
+        summary = run_encode(shapes_shards, autoencoder, out)
+    assert summary["shards_finished_before"] == 3 and (out / "train-000001.tar").read_bytes() == whole
+    assert "(3 finished earlier; 1 written by an older ldm-encode, which recorded no input size and time to tell " \
+           "them current, encoded again)" in caplog.text
 
 
 def test_an_interrupted_shard_leaves_no_file_behind(shapes_shards: Path, encoders: tuple[Path, Path],

@@ -43,6 +43,7 @@ from ldm.data.encoding import (
     image_shards_in,
     is_finished,
     load_encoders,
+    predates_identity,
     prepare_output,
     read_output_manifest,
 )
@@ -217,7 +218,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)
 
         counts = shard_counts(urls, "shards", None)
-        tasks, total, finished = [], 0, 0
+        tasks, total, finished, older = [], 0, 0, 0
         for i in range(rank, len(urls), world):  # this rank's shards
             output = out / names[i]
             for stale in out.glob(f".{names[i]}.*.tmp"):  # a shard this rank was writing when it was interrupted
@@ -225,10 +226,13 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             if is_finished(urls[i], output):
                 finished += 1
                 continue
+            older += predates_identity(output)
             tasks.append((urls[i], str(output), counts[i]))
             total += counts[i]
-        log.info("ldm-encode: %d of %d shards to encode (%d finished earlier), %d samples, %s", len(tasks),
-                 len(urls) if world == 1 else len(range(rank, len(urls), world)), finished, total,
+        log.info("ldm-encode: %d of %d shards to encode (%d finished earlier%s), %d samples, %s", len(tasks),
+                 len(urls) if world == 1 else len(range(rank, len(urls), world)), finished,
+                 f"; {older} written by an older ldm-encode, which recorded no input size and time to tell them "
+                 f"current, encoded again" if older else "", total,
                  f"{config.devices} processes" if world == 1 and config.devices > 1 else f"rank {rank} of {world}")
         start = time.perf_counter()
         if spawn and len(tasks) > 1:

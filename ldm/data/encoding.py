@@ -316,6 +316,16 @@ def is_finished(url: str, output: Path) -> bool:
     return _members_complete(output)  # stats written before the size was recorded
 
 
+def predates_identity(output: Path) -> bool:
+    """The stats of the latent shard `output` were written by an older ldm-encode, which recorded no input size and
+    time: whether its input changed since cannot be told, so `is_finished` has it encoded again."""
+    try:
+        written = json.loads(latents.stats_path(output).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and "input" in written and "input_size" not in written
+
+
 def _members_complete(path: Path) -> bool:
     """Every member of the tar at `path` has all its data (a shard cut short inside a member does not)."""
     size = path.stat().st_size
