@@ -59,7 +59,8 @@ def make_cfg(assets: dict[str, str], output_dir: Path, **overrides) -> dict:
     return cfg
 
 
-def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(assets, tmp_path: Path):
+def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(assets, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture):
     out = tmp_path / "eval"
     cfg = make_cfg(assets, out, guidance_scales=[1.0, 3.0], kid_subset_size=4, kid_subsets=5,
                    metrics=["fid", "kid", "clip_score", "shapes_color_accuracy"])
@@ -93,8 +94,13 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
         assert len(list(csv.DictReader(f))) == 3
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "skip_done": False})
     assert len(read_results(out)) == 4 and read_results(out)[3]["reference_hash"] == rows[0]["reference_hash"]
+    capsys.readouterr()
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "seed": 1})  # another protocol: scored
     assert len(read_results(out)) == 5
+    # and said, naming what differs from the row of this checkpoint and point (a row of older ldm, whose protocol
+    # record differed, was scored again unsaid)
+    assert "guidance 1: results.jsonl holds a row of it under other settings (seed: 0 there, 1 here): scored " \
+           "again" in capsys.readouterr().out
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["kid"], "kid_subset_size": 6})  # another KID subset size
     assert len(read_results(out)) == 6 and read_results(out)[5]["kid_subset_size_asked"] == 6
 

@@ -159,6 +159,12 @@ def _sha256_lines(lines: Sequence[str]) -> str:
 # The evaluator.
 
 
+def _short(value: Any, width: int = 80) -> str:
+    """`repr(value)`, its middle cut to fit `width` characters (a row's paths and dicts are long)."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width // 2 - 2]}...{text[-(width // 2 - 2):]}"
+
+
 class Evaluator:
     """Shared state of one `ldm-eval` run: the feature network and the reference statistics, built once."""
 
@@ -245,7 +251,7 @@ class Evaluator:
                              "num_samples": cfg.num_samples, "resolution": pipeline.image_size, "seed": cfg.seed,
                              "prompts_source": cfg.prompts_source, **conditions, **protocol}
                     earlier = self._done_row(point, cfg.metrics, f"{sampler} {num_steps} steps guidance "
-                                                                     f"{float(guidance_scale):g}")
+                                                                     f"{float(guidance_scale):g}", tuple(sweep))
                     if earlier is not None:
                         rows.append(earlier)
                         continue
@@ -280,14 +286,26 @@ class Evaluator:
             raise ConfigError(f"val_shards is not set and the validation shards the model was trained with are not "
                               f"here ({err}); set val_shards to image shards") from None
 
-    def _done_row(self, point: dict[str, Any], metrics: list[str], what: str) -> dict[str, Any] | None:
+    def _done_row(self, point: dict[str, Any], metrics: list[str], what: str, varied: tuple[str, ...] = (),
+                  ) -> dict[str, Any] | None:
         """An earlier row of this sweep point (`skip_done`): every field of `point` equal and every asked-for metric
-        there; said on rank 0, naming the point as `what`. None when the point is to be scored."""
+        there; said on rank 0, naming the point as `what`. None when the point is to be scored; where a row of the
+        same checkpoint and the same values of the sweep's `varied` keys differs in other fields (a setting changed,
+        or a row of older ldm), the fields are named."""
         if not self.cfg.skip_done:
             return None
         point = json.loads(json.dumps(point))  # as a row read back from results.jsonl (tuples as lists)
         found = next((row for row in self.done if all(row.get(k) == v for k, v in point.items())
                       and all(m in row for m in metrics)), None)
+        if found is None and self.rank == 0:
+            same = (*CHECKPOINT_IDENTITY, *varied)
+            near = [row for row in self.done if all(row.get(k) == point[k] for k in same if k in point)]
+            if near:
+                differing = [f"{k}: {_short(near[-1].get(k))} there, {_short(v)} here" for k, v in point.items()
+                             if near[-1].get(k) != v]
+                print(f"[ldm-eval] {point['checkpoint']} {what}: results.jsonl holds a row of it under other settings "
+                      f"({'; '.join(differing[:4]) or 'without ' + ', '.join(m for m in metrics if m not in near[-1])}"
+                      f"): scored again", flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             box = [found]  # rank 0 decides for all: a rank that scored alone would wait in its collectives forever
             torch.distributed.broadcast_object_list(box, src=0)
