@@ -4,6 +4,7 @@ checkpoints and exports, seeds."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -409,6 +410,25 @@ def test_a_checkpoint_of_the_layout_before_the_pipeline_resumes_and_loads(tmp_pa
     trainer.fit(resumed, train_dataloaders=DataLoader([batch(4)] * 3, batch_size=None),
                 ckpt_path=str(tmp_path / "old.ckpt"))
     assert trainer.global_step == 3 and {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+
+
+def test_a_latent_scale_far_from_unit_spread_is_warned_at_the_first_step(tmp_path: Path, autoencoder_dir: Path):
+    """The first batch's latents times the latent scale should spread about 1: a scale 20x off (SD's 0.18215 on an
+    autoencoder of std 3.6, the stand-in of an older export) trained unsaid; it is warned, naming the scale that
+    would fit. At the scale that fits, nothing is said."""
+    import warnings
+
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    pipeline = module.pipeline  # the latents as training draws them (a posterior sample), unscaled
+    std = float(pipeline.encode(batch(4)["image"], torch.Generator().manual_seed(0)).std()) / pipeline.latent_scale
+    with pytest.warns(UserWarning, match=r"the first batch's latents, scaled by .* \(from model\.latent_scale\), "
+                                         r"have std 20 where diffusion expects about 1: .* set "
+                                         + re.escape(f"model.latent_scale={1 / std:.5g} ")):
+        fit(LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=20 / std)), tmp_path, steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(LatentDiffusionModule(tiny_config(autoencoder_dir, latent_scale=1 / std)), tmp_path, steps=1)
+    assert not [w for w in caught if "first batch's latents" in str(w.message)]
 
 
 def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: Path, tmp_path: Path,

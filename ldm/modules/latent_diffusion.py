@@ -116,6 +116,10 @@ class Config:
                                   f"[0, {n}] (model.conditioner.num_classes={n}; {n}: the null class)")
 
 
+# The spread of the first batch's scaled latents outside which a run is warned of its latent scale (1 is the aim).
+LATENT_STD_RANGE = (1 / 3, 3.0)
+
+
 def resolve_latent_scale(explicit: float | None, stats: dict[str, Any] | None, source: str) -> tuple[float, str]:
     """The latent scale and where it came from: explicit value first, then stage 1's measured `scale_factor`."""
     if explicit is not None:
@@ -378,6 +382,8 @@ class LatentDiffusionModule(L.LightningModule):
         return len(batch["moments"] if "moments" in batch else batch[self.config.image_key])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.global_step == 0 and batch_idx == 0:
+            self._check_latent_spread(batch)
         accumulate = self.trainer.accumulate_grad_batches
         generator = step_generator(self.config.seed, self.global_rank, self.global_step, self.device,
                                    micro=batch_idx % accumulate)  # distinct draws per micro-batch
@@ -392,6 +398,24 @@ class LatentDiffusionModule(L.LightningModule):
             self.log("train/loss", torch.stack(self._micro_losses).mean(), prog_bar=True, on_step=True,
                      on_epoch=False, sync_dist=True, batch_size=self.batch_size(batch))
         return loss
+
+    @torch.no_grad()
+    def _check_latent_spread(self, batch: dict[str, Any]) -> None:
+        """Warn when the first batch's scaled latents are far from unit spread: the noise schedule assumes about 1,
+        which the latent scale is there to give, and a wrong one (SD's 0.18215 for another autoencoder, a stand-in
+        that an export of older ldm carries unmarked) trains the run at another signal-to-noise ratio unsaid."""
+        generator = torch.Generator(self.device).manual_seed(0)  # none of the step's draws
+        with torch.autocast(self.device.type, enabled=False):
+            z = self.pipeline.latents(DiagonalGaussianDistribution(batch["moments"].float()), generator) \
+                if "moments" in batch else self.pipeline.encode(batch[self.config.image_key], generator)
+        std, (low, high) = float(z.float().std()), LATENT_STD_RANGE
+        if not low <= std <= high:
+            frozen = self.hparams["frozen"]
+            rank_zero_warn(f"the first batch's latents, scaled by {frozen['latent_scale']:.5g} (from "
+                           f"{frozen['latent_scale_source']}), have std {std:.3g} where diffusion expects about 1: "
+                           f"the run trains at another signal-to-noise ratio than its schedule is made for. If that "
+                           f"scale is wrong, set model.latent_scale={frozen['latent_scale'] / std:.5g} (1 / the std "
+                           f"of these latents unscaled) and start again")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
