@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -352,6 +353,12 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
     assert not (tmp_path / "out").exists()  # a refused run leaves no folder behind
     with pytest.raises(ConfigError, match="resolution=-8 must be >= 1"):
         run_encode(shapes_shards, autoencoder, tmp_path / "out", resolution=-8)
+    twice = {"shards": f"{shapes_shards}/train-*.tar::{shapes_shards}/../{shapes_shards.name}/train-00000[01].tar",
+             "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "out")}  # each name once, counted
+    with pytest.raises(ConfigError, match=re.escape("shards: 2 file names are shared by several input shards (outputs "
+                                                    "keep the names, as .tar), e.g. ['train-000000.tar', "
+                                                    "'train-000001.tar']; encode each folder separately")):
+        encode(twice)
     in_place = tmp_path / "in_place"
     shutil.copytree(shapes_shards, in_place)
     before = (in_place / "train-000000.tar").read_bytes()

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -187,9 +188,11 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"shards={config.shards} are latent shards (written by ldm-encode: {encoded.path}); "
                           f"ldm-encode reads image shards: point shards at those the latents were encoded from")
     names = [latents.shard_name(u) for u in urls]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"shards: two input shards share a file name (outputs keep the names, as .tar): "
-                          f"{sorted(n for n in names if names.count(n) > 1)[:3]}; encode each folder separately")
+    shared = sorted(name for name, count in Counter(names).items() if count > 1)
+    if shared:
+        raise ConfigError(f"shards: {len(shared)} file name{'s are' if len(shared) > 1 else ' is'} shared by "
+                          f"several input shards (outputs keep the names, as .tar), e.g. {shared[:3]}; encode each "
+                          f"folder separately")
     rank, world, local_rank = _world()
     if world > 1 and config.overwrite:
         raise ConfigError("overwrite=true under torchrun would race with the other ranks: delete output_dir, or run "
@@ -219,10 +222,13 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
         counts = shard_counts(urls, "shards", None)
         tasks, total, finished, older = [], 0, 0, 0
+        mine = {names[i] for i in range(rank, len(urls), world)}
+        for stale in out.glob(".*.tmp"):  # `.NAME.*.tmp`: a shard of this rank's that was being written when the run
+            middle = stale.name[1:-4]    # was interrupted (the folder listed once: per shard, quadratic in shards)
+            if any(middle[:i] in mine for i, c in enumerate(middle) if c == "."):
+                stale.unlink()
         for i in range(rank, len(urls), world):  # this rank's shards
             output = out / names[i]
-            for stale in out.glob(f".{names[i]}.*.tmp"):  # a shard this rank was writing when it was interrupted
-                stale.unlink()
             if is_finished(urls[i], output):
                 finished += 1
                 continue
