@@ -59,6 +59,18 @@ def test_cfg_job_prints_every_schema_key_and_the_experiment_prompts():
     assert compose_train(["model=ldm/tiny"]).model.val_prompts == []
 
 
+def test_the_config_tree_cuts_long_lists(capsys: pytest.CaptureFixture):
+    """A shard list of 20,000 paths (a documented form of data.train_shards) printed 20,000 lines at every start:
+    lists of more than 8 items show their first three and a count; config.yaml keeps them whole."""
+    from ldm.cli.common import print_config_tree
+
+    shards = [f"/data/{i:05d}.tar" for i in range(20000)]
+    print_config_tree(OmegaConf.create({"data": {"train_shards": shards, "seeds": [1, 2]}, "tags": list("abcdefghij")}))
+    out = capsys.readouterr().out
+    assert "/data/00002.tar" in out and "/data/00003.tar" not in out and "... and 19997 more (20000 in all)" in out
+    assert "- 1\n" in out and "... and 7 more (10 in all)" in out and len(out.splitlines()) < 30
+
+
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_every_trainer_config_composes(trainer):
     cfg = compose_train([f"trainer={trainer}", "paths.output_dir=/tmp/unused"])

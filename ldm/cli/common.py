@@ -184,9 +184,22 @@ def print_config_tree(cfg: DictConfig, order: tuple[str, ...] = ()) -> None:
     for key in keys:
         node = cfg[key]
         branch = tree.add(str(key), style="bold")
-        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        text = OmegaConf.to_yaml(_shortened(OmegaConf.to_container(node, resolve=True))) \
+            if isinstance(node, DictConfig) else str(_shortened(node))
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark"))
     rich.print(tree)
+
+
+def _shortened(value: Any, most: int = 8) -> Any:
+    """`value` with every list of more than `most` items cut to its first three and a count, for printing (a shard
+    list of 20,000 paths printed 20,000 lines)."""
+    if isinstance(value, dict):
+        return {k: _shortened(v, most) for k, v in value.items()}
+    if isinstance(value, (list, ListConfig)):
+        items = list(value)
+        return [_shortened(v, most) for v in items] if len(items) <= most else \
+            [*(_shortened(v, most) for v in items[:3]), f"... and {len(items) - 3} more ({len(items)} in all)"]
+    return value
 
 
 def save_config(cfg: DictConfig, output_dir: Path, name: str = "config.yaml") -> Path:
