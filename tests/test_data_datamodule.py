@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +301,17 @@ def test_cache_in_memory_serves_later_epochs_without_the_tars(shapes_shards: Pat
     first = first_two()
     (tmp_path / "val-000000.tar").write_bytes(b"")
     assert first_two() == first and dm.num_skipped == 0
+
+
+def test_a_script_that_exits_holding_a_loader_iterator_ends(shapes_shards: Path):
+    """Workers leave stop signals to a Trainer only when a Trainer iterates their loader: a script that exited while
+    holding an iterator of a loader with workers hung forever (multiprocessing's exit handler sends one SIGTERM,
+    which the workers ignored, and then waits for them)."""
+    script = ("from ldm.data.datamodule import WebDataModule\n"
+              f"dm = WebDataModule(train_shards={str(shapes_shards / 'train-*.tar')!r}, batch_size=4, num_workers=1)\n"
+              "dm.setup('fit')\n"
+              "it = iter(dm.train_dataloader())\n"
+              "print('batch of', len(next(it)['image']), flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "batch of 4" in result.stdout, result.stderr[-2000:]

@@ -216,6 +216,10 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
     died of SIGTERM (torch's default) would take the run down before it saved. SIGINT and SIGUSR1 are ignored, the
     first SIGTERM too; a second ends the worker as the default would.
 
+    Only the workers of a loader iterated under a Trainer do so: a script that still holds a loader's iterator when it
+    exits gets its workers ended by multiprocessing's exit handler, whose one SIGTERM an ignoring worker outlived while
+    the handler waited for it forever.
+
     note: the price is paid by a worker that does not stop within 5 s of its loader's shutdown (a read hung on a
     network file system): torch's one `terminate()` of it is the ignored first SIGTERM, so it lives on, idle, until
     the training process exits, whose multiprocessing exit handler signals it again."""
@@ -235,8 +239,7 @@ class EpochLoader(DataLoader):
     def __init__(self, dataset: ShardStream, begin_epoch: Callable[[int], tuple[int, int]],
                  on_batch: Callable[[list[tuple[str, str, str, int]]], None], datamodule: WebDataModule,
                  **kwargs: Any):
-        super().__init__(dataset, batch_size=None, persistent_workers=False,
-                         worker_init_fn=_leave_stop_signals_to_the_trainer, **kwargs)
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.begin_epoch = begin_epoch
         self.on_batch = on_batch
         self.datamodule = datamodule
@@ -245,6 +248,7 @@ class EpochLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.plan.epoch, self.dataset.plan.skip_batches = self.begin_epoch(len(self.dataset))
         trainer = self.datamodule.trainer
+        self.worker_init_fn = _leave_stop_signals_to_the_trainer if trainer is not None else None  # read by iter()
         if trainer is not None and trainer.sanity_checking:  # a few batches only: the first whole pass comes later
             return self._batches(super().__iter__(), first=False)
         self.passes += 1
