@@ -186,6 +186,13 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     reshuffled.load_state_dict(older)
     with pytest.raises(configs.ConfigError, match=r"data\.shuffle_buffer 8 -> 50"):
         next(iter(reshuffled.train_dataloader()))
+    # shards added to the set (one still downloading): the epoch's order changes; refused as the settings are
+    grown = make_dm(shapes_shards, num_workers=2, **{**opts, "train_shards": str(shapes_shards / "train-*.tar")})
+    grown.load_state_dict(state)
+    with pytest.raises(configs.ConfigError, match=r"the training shards \(data\.train_shards: their names and sample "
+                                                  r"counts\) 3 shards of 48 samples \([0-9a-f]{8}\) -> 4 shards of 64 "
+                                                  r"samples \([0-9a-f]{8}\)"):
+        next(iter(grown.train_dataloader()))
     allowed = make_dm(shapes_shards, num_workers=3, allow_inexact_resume=True, **opts)
     allowed.load_state_dict(state)
     with pytest.warns(UserWarning, match="repeats some samples"):

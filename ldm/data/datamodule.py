@@ -21,6 +21,7 @@ counted in `num_skipped` / `skipped`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -63,7 +64,15 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 # slots per rank, so 0 and 1 (both one slot) order alike.
 ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x nodes)",
                   "num_workers": "data.num_workers (at least 1)", "batch_size": "data.batch_size",
-                  "shuffle_buffer": "data.shuffle_buffer"}
+                  "shuffle_buffer": "data.shuffle_buffer",
+                  "shard_set": "the training shards (data.train_shards: their names and sample counts)"}
+
+
+def shard_set(urls: list[str], counts: list[int]) -> str:
+    """What of a shard set the data order depends on, as one value: the shards' file names and sample counts, in
+    order (a hash; their folder may move). Shards added to a set that is still downloading reorder every epoch."""
+    digest = hashlib.sha256("\n".join(f"{os.path.basename(u)}\t{n}" for u, n in zip(urls, counts)).encode())
+    return f"{len(urls)} shards of {sum(counts)} samples ({digest.hexdigest()[:8]})"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -589,7 +598,8 @@ class WebDataModule(L.LightningDataModule):
         """This run's values of the `ORDER_SETTINGS`, under their `state_dict` keys."""
         return {"seed": self.config.seed, "world_size": rank_and_world(self.trainer)[1],
                 "num_workers": self.config.num_workers, "batch_size": self.config.batch_size,
-                "shuffle_buffer": self.config.shuffle_buffer}
+                "shuffle_buffer": self.config.shuffle_buffer,
+                "shard_set": shard_set(self.train_urls, self.train_counts)}
 
     def check_resume(self, checkpoint: dict[str, Any]) -> None:
         """Before a resume from `checkpoint` (ldm-train calls it): the order settings that its datamodule state lacks
