@@ -166,12 +166,22 @@ class AutoencoderModule(L.LightningModule):
         return self
 
     def compile_networks(self) -> None:
-        """`compile: true` compiles the encoder, the decoder and the discriminator (in place; state-dict keys
-        unchanged). The module calls `encode` and `decode`, not the autoencoder's forward, which is all that compiling
-        the autoencoder itself would have compiled."""
-        for network in (self.autoencoder.encoder, self.autoencoder.decoder, self.loss.discriminator):
+        """`compile: true` compiles the encoder, and the decoder and the discriminator unless the GAN trains (in
+        place; state-dict keys unchanged). The module calls `encode` and `decode`, not the autoencoder's forward,
+        which is all that compiling the autoencoder itself would have compiled.
+
+        The GAN's adaptive weight takes two gradients through the decoder (and the discriminator) with retain_graph,
+        which a compiled backward refuses (it donates its buffers): the run stopped at `disc_start`."""
+        c = self.loss.config
+        gan = c.disc_weight > 0 and c.disc_factor > 0
+        networks = {"the encoder": self.autoencoder.encoder}
+        if not gan:
+            networks.update({"the decoder": self.autoencoder.decoder, "the discriminator": self.loss.discriminator})
+        for network in networks.values():
             network.compile()
-        rank_zero_info("compile: torch.compile on the encoder, the decoder and the discriminator")
+        rank_zero_info(f"compile: torch.compile on {', '.join(networks)}"
+                       + (" (the decoder and the discriminator stay eager: the GAN's adaptive weight differentiates "
+                          "them twice, which a compiled backward refuses)" if gan else ""))
 
     @property
     def eval_model(self) -> AutoencoderKL:
