@@ -226,11 +226,12 @@ def _record(out: Path) -> dict[int, dict[str, float]]:
 
 
 def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_path, caplog):
-    """NaN in the batch at step 1: skipped, weights unchanged; at steps 4 and 5 (K=2 in a row): the run stops with
-    the message, and last.ckpt stays the one written at step 3 (none at step 6, a checkpoint step)."""
+    """NaN in the batch at step 1: skipped, weights unchanged (the discriminator's BatchNorm statistics, which its
+    forward had updated, too: they stayed NaN for good); at steps 4 and 5 (K=2 in a row): the run stops with the
+    message, and last.ckpt stays the one written at step 3 (none at step 6, a checkpoint step)."""
     out = tmp_path / "run"
     overrides = tiny_overrides(shapes_shards, out, max_steps=8, every=3) + [
-        "model.net.ch=16", "callbacks.nan_guard.max_consecutive=2",
+        "model.net.ch=16", "callbacks.nan_guard.max_consecutive=2", "model.loss.disc_start=0",
         "+callbacks.nan._target_=scale_helpers.NanInjector", "+callbacks.nan.steps=[1,4,5]",
         "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
     ]
@@ -249,6 +250,8 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     assert all(0 < steps[s]["train/grad_norm"] < math.inf for s in (1, 3))
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3
+    running = {k: v for k, v in last["state_dict"].items() if "running_" in k}
+    assert running and all(torch.isfinite(v).all() for v in running.values()), "BatchNorm statistics put back"
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step0000003.ckpt"]
     # no validation after the halt (its step 6 was due): the latent statistics stay last.ckpt's, as the val rows
     assert load_json(out / "checkpoints" / "latent_stats.json")["step"] == 3

@@ -5,8 +5,9 @@ The guard watches two Lightning hooks that fire for automatic and manual optimiz
   on_before_optimizer_step  runs after backward (and after AMP unscaling) and right before `optimizer.step()`.
 At the second hook each rank computes "my loss or my gradients are non-finite", the ranks all-reduce that flag (any
 rank bad -> all bad), and if it is set every rank drops its gradients (`zero_grad(set_to_none=True)`), so the
-optimizer's `step()` changes neither the weights nor its moments. Every rank has run its backward by then, so DDP's
-gradient all-reduce never waits on a rank that bailed out early.
+optimizer's `step()` changes neither the weights nor its moments; running statistics (BatchNorm's, which the forward
+updated) are put back at the batch's end. Every rank has run its backward by then, so DDP's gradient all-reduce never
+waits on a rank that bailed out early.
 
 A training batch with at least one skipped optimizer step counts as skipped (logged as `train/nan_skipped`, the total
 so far). After `max_consecutive` skipped batches in a row the guard sets `halted`, stops the trainer and says why;
@@ -66,12 +67,20 @@ class NanGuard(L.Callback):
         self._batch_stepped = False  # an optimizer step ran in this batch (not so between accumulation steps)
         self._batch_skipped = False
         self._norms: dict[str, torch.Tensor] = {}  # this batch's gradient norms, by log key
+        self._running: list[torch.nn.Module] = []  # modules with running statistics (BatchNorm: the discriminator)
+        self._running_before: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its value at the batch's start)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._running = [m for m in pl_module.modules() if getattr(m, "track_running_stats", False)]
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._batch_stepped = self._batch_skipped = False
         self._norms = {}
+        # a skipped step changes nothing: BatchNorm's running statistics, updated by the forward, are put back too
+        self._running_before = [(b, b.clone()) for m in self._running for b in m.buffers(recurse=False)]
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -111,6 +120,9 @@ class NanGuard(L.Callback):
         if not self._batch_skipped:
             self.consecutive = 0
             return
+        with torch.no_grad():
+            for buffer, before in self._running_before:
+                buffer.copy_(before)
         self.skipped_total += 1
         self.consecutive += 1
         pl_module.log("train/nan_skipped", float(self.skipped_total), on_step=True, on_epoch=False,
