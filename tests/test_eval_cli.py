@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,7 @@ from ldm.data.shardlist import local_shards
 from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
 from ldm.eval.feature_extractors import WeightsNotFoundError
 from ldm.eval.results import read_results
-from ldm.eval.sources import READER_VERSION, generation_labels
+from ldm.eval.sources import READER_VERSION, generation_labels, row_shards
 
 PROTOCOL_FIELDS = ("checkpoint", "checkpoint_kind", "checkpoint_step", "weights", "sampler", "num_steps",
                    "guidance_scale", "num_samples", "resolution", "seed", "seed_rule", "world_size", "prompts_source",
@@ -233,14 +234,22 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     evaluate(make_cfg(assets, tmp_path / "e3", ckpt_path=str(export), reconstruction_metrics=["psnr"],
                       num_samples=1000))
     assert [r["image_reader"] for r in read_results(tmp_path / "e3")] == [3, READER_VERSION]
-    # shards rewritten in place (same paths, other images): the row names their sizes and times, so it is scored again
-    row = read_results(tmp_path / "e3")[-1]
-    assert [f["path"] for f in row["data_fingerprint"]] == row["data_shards"]
-    results.write_text(json.dumps({**row, "data_fingerprint": [{**f, "mtime_ns": 1} for f in row["data_fingerprint"]]})
-                       + "\n")
-    evaluate(make_cfg(assets, tmp_path / "e3", ckpt_path=str(export), reconstruction_metrics=["psnr"],
-                      num_samples=1000))
-    assert len(read_results(tmp_path / "e3")) == 2
+    # shards rewritten in place (same paths, other images): the row's fingerprint covers their sizes and times, so it
+    # is scored again
+    copy = tmp_path / "copy"
+    shutil.copytree(assets["shards"], copy)
+    cfg = make_cfg(assets, tmp_path / "e4", ckpt_path=str(export), reconstruction_metrics=["psnr"],
+                   val_shards=str(copy))
+    row = evaluate(cfg)[0]
+    assert row["data_shards"] == [str(p) for p in sorted(copy.resolve().glob("val-*.tar"))]
+    assert re.fullmatch(r"[0-9a-f]{16}", row["data_fingerprint"])
+    shard = Path(row["data_shards"][0])
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    evaluate(cfg)
+    assert len(read_results(tmp_path / "e4")) == 2
+    # a row names at most 8 shards, the first 7 and a count beyond (one of 20,000 shards took 2.5 MB)
+    assert row_shards([f"/d/{i}.tar" for i in range(20000)]) == [*(f"/d/{i}.tar" for i in range(7)),
+                                                                 "... and 19993 more (20000 in all)"]
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
         evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
 

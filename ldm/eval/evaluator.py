@@ -46,7 +46,14 @@ from ldm.eval.metrics import (
 )
 from ldm.eval.reference_stats import ReferenceStats, default_cache_dir, load_or_compute_reference_stats
 from ldm.eval.results import WandbTable, append_results, print_row, read_results, rewrite_csv
-from ldm.eval.sources import READER_VERSION, generation_labels, iter_image_batches, load_prompts, shard_fingerprint
+from ldm.eval.sources import (
+    READER_VERSION,
+    generation_labels,
+    iter_image_batches,
+    load_prompts,
+    row_shards,
+    shard_digest,
+)
 from ldm.images import to_uint8
 from ldm.io import check_export_weights
 from ldm.seeding import check_seeds
@@ -260,7 +267,7 @@ class Evaluator:
                            "resolution": pipeline.image_size, **self.protocol(),
                            "prompts_source": cfg.prompts_source,
                            "prompts": (str(Path(cfg.prompts_file).expanduser().resolve())
-                                       if cfg.prompts_source == "file" else shards),
+                                       if cfg.prompts_source == "file" else row_shards(shards)),
                            **conditions, **protocol, **metrics}
                     rows.append(row)
                     if on_row is not None:
@@ -394,8 +401,8 @@ class Evaluator:
                 "net": "vgg", "version": "0.1", "pretrained_backbone": cfg.lpips_pretrained_backbone,
                 **({} if cfg.lpips_pretrained_backbone else {"backbone_seed": cfg.seed})}
         point = {**{k: v for k, v in info.items() if k in CHECKPOINT_IDENTITY}, "num_samples_asked": cfg.num_samples,
-                 "resolution": resolution, "seed": cfg.seed, "data_shards": shards,
-                 "data_fingerprint": shard_fingerprint(shards), "image_reader": READER_VERSION, **protocol}
+                 "resolution": resolution, "seed": cfg.seed, "data_shards": row_shards(shards),
+                 "data_fingerprint": shard_digest(shards), "image_reader": READER_VERSION, **protocol}
         earlier = self._done_row(point, cfg.reconstruction_metrics, f"at {resolution} px")
         if earlier is not None:
             return [earlier]
@@ -420,7 +427,7 @@ class Evaluator:
             print(f"[ldm-eval] num_samples={cfg.num_samples}, but val_shards hold {seen} images: the row scores "
                   f"{seen}", flush=True)
         row = {**info, "num_samples": seen, "num_samples_asked": cfg.num_samples, "resolution": resolution,
-               **self.protocol(), "data_shards": shards, "data_fingerprint": point["data_fingerprint"],
+               **self.protocol(), "data_shards": point["data_shards"], "data_fingerprint": point["data_fingerprint"],
                "image_reader": READER_VERSION, **protocol, **scorer.compute()}
         if on_row is not None:
             on_row(row)

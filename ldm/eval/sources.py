@@ -9,6 +9,7 @@ its `txt` member the caption, read as training reads it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import tarfile
@@ -43,6 +44,23 @@ def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
         stat = Path(shard).stat()
         out.append({"path": str(Path(shard).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return out
+
+
+def shard_digest(shards: Sequence[str]) -> str:
+    """One value for what identifies the data a row was scored on: the sha256 (16 hex digits) of every shard's path,
+    size and modification time (`shard_fingerprint`)."""
+    return hashlib.sha256(json.dumps(shard_fingerprint(shards)).encode()).hexdigest()[:16]
+
+
+ROW_SHARDS = 8  # shards a results row names in full; of more, the first ones and a count (`shard_digest` covers all)
+
+
+def row_shards(shards: Sequence[str]) -> list[str]:
+    """The shards as a results row names them: up to `ROW_SHARDS` in full, else the first `ROW_SHARDS - 1` and a
+    count (a row naming 20,000 shards took 2.5 MB, and its results.csv cell broke csv readers)."""
+    shards = [str(s) for s in shards]
+    return shards if len(shards) <= ROW_SHARDS else \
+        [*shards[:ROW_SHARDS - 1], f"... and {len(shards) - ROW_SHARDS + 1} more ({len(shards)} in all)"]
 
 
 def iter_shard_members(shards: Sequence[str]) -> Iterator[dict[str, bytes]]:
