@@ -665,7 +665,7 @@ def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog
     assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 1.0
     assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/uncaptioned") == 1.0
     assert "data (rank 0): 1 corrupt samples skipped" in caplog.text
-    assert "1 samples without a caption in 1 shards" in caplog.text
+    assert "1 samples without a caption (.txt) in 1 shards" in caplog.text
     assert caplog.text.count("skipped corrupt sample") == 1 and dm.skipped == [(str(shard), "k003", dm.skipped[0][2])]
 
 
@@ -745,6 +745,18 @@ def test_folder_source_leaves_out_what_it_cannot_read_and_lists_it(tmp_path: Pat
     images = {caption: image for b in batches for caption, image in zip(b["caption"], b["image"])}
     assert (images["white"] == 1.0).all(), "a 16-bit white PNG is white, through ldm-data and the loader"
     assert abs(float(images["caption a"][0].mean()) - (40 / 127.5 - 1)) < 0.02
+    # an undecodable image without a caption is left out like the others (it stopped the run as "no caption"), and
+    # with allow_missing_captions it is listed as skipped, not as written with the empty caption
+    (src / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(196))
+    summary = write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out2"),
+                             "val_samples": 1, "resolution": 8, "samples_per_shard": 100})
+    assert "cut.jpg" in {entry["path"] for entry in summary["skipped"]} and summary["missing_captions"] == []
+    (src / "blank.png").write_bytes((src / "a.png").read_bytes())  # a good one without a caption
+    summary = write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out3"),
+                             "val_samples": 1, "resolution": 8, "samples_per_shard": 100,
+                             "allow_missing_captions": True})
+    assert summary["missing_captions"] == ["blank.png"]
+    assert summary["splits"]["train"]["count"] + summary["splits"]["val"]["count"] == 6
 
 
 def test_a_damaged_summary_is_named(tmp_path: Path):

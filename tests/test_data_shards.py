@@ -126,6 +126,27 @@ def test_folder_round_trip(tmp_path: Path, manifest: str | None):
     assert [s["__key__"] for s in read_split(tmp_path / "o2", "val")] == [s["__key__"] for s in read_split(out, "val")]
 
 
+def test_a_captions_manifest_names_rows_without_images_and_sidecars_it_replaces(tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture):
+    """Rows naming no image (another letter case, a typo) went unused unsaid, and the missing-caption refusal did not
+    say that the sidecar captions of those images are not read beside a manifest; resolution=null's summary recorded
+    the png format and the crop it did not apply."""
+    made = _make_folder(tmp_path / "in", n=6)
+    captions = tmp_path / "captions.csv"
+    rows = [(rel, f"csv {c}") for rel, c, _ in made[:4]] + [("IMG.4.PNG", "wrong case"), ("nowhere.png", "typo")]
+    with captions.open("w", newline="") as f:
+        csv.writer(f).writerows([("file", "caption"), *rows])
+    base = {"source": "folder", "input_dir": str(tmp_path / "in"), "captions": str(captions), "val_samples": 1}
+    with pytest.raises(ConfigError, match=r"2 of 6 images have no caption in captions=.*captions\.csv \(2 of them "
+                                          r"have a sidecar \.txt, which is not read when captions= is given\)"):
+        write_dataset({**base, "output_dir": str(tmp_path / "a")})
+    with caplog.at_level("WARNING", logger="ldm.data.shards"):
+        summary = write_dataset({**base, "output_dir": str(tmp_path / "b"), "allow_missing_captions": True,
+                                 "resolution": None})
+    assert "2 of its 6 rows name no image of input_dir" in caplog.text and "IMG.4.PNG" in caplog.text
+    assert (summary["resolution"], summary["crop"], summary["image_format"]) == (None, False, None)
+
+
 def test_folder_resize_center_crop(tmp_path: Path):
     made = _make_folder(tmp_path / "in", n=4, size=(48, 32))
     write_dataset({"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),

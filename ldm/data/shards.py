@@ -485,10 +485,29 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
                 continue
         if caption:  # an empty caption (a blank .txt or cell) is a missing one
             captions[path] = caption
+    if manifest is not None:  # rows that name no image (a typo, another letter case): their captions go unused
+        listed = {listed_path(p) for p in images}
+        unmatched = [str(k) for k in manifest if k not in listed]
+        if unmatched:
+            log.warning("captions=%s: %d of its %d rows name no image of input_dir (e.g. %s): their captions are not "
+                        "used; check the paths (letter case included)", cfg.captions, len(unmatched), len(manifest),
+                        unmatched[:3])
     missing = [p for p in images if p not in captions]
     if missing and not (cfg.allow_missing_captions or cfg.labels):
-        where = f"in captions={cfg.captions}" if manifest is not None else \
-            "as sidecar .txt files (same stem, .txt in any letter case)"
+        for path in missing:  # one that does not decode is left out as any other (the refusal named it)
+            try:
+                decode_image(path.read_bytes())
+            except Exception as err:  # noqa: BLE001 -- as in folder_records
+                log.warning("skipping image %s: %s", path, err)
+                skipped.append({"path": path.relative_to(input_dir).as_posix(),
+                                "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
+                images.remove(path)
+        missing = [p for p in images if p not in captions]
+    if missing and not (cfg.allow_missing_captions or cfg.labels):
+        shadowed = sum(p in listing.sidecars for p in missing) if manifest is not None else 0
+        where = (f"in captions={cfg.captions}" + (f" ({shadowed} of them have a sidecar .txt, which is not read when "
+                                                  f"captions= is given)" if shadowed else "")) \
+            if manifest is not None else "as sidecar .txt files (same stem, .txt in any letter case)"
         raise ConfigError(f"{len(missing)} of {len(images)} images have no caption {where}, e.g. "
                           f"{[str(p.relative_to(input_dir)) for p in missing[:3]]}; add them or set "
                           f"allow_missing_captions=true")
@@ -515,8 +534,10 @@ def write_folder(cfg: WriteConfig, plan: FolderPlan, output_dir: Path) -> dict[s
     records = folder_records(order, plan, cfg)
     val = write_split(itertools.islice(records, cfg.val_samples), output_dir, "val", cfg)
     train = write_split(records, output_dir, "train", cfg)
+    skipped = {entry["path"] for entry in plan.skipped}
     return {"splits": {"train": train, "val": val}, "input_dir": str(plan.input_dir), "skipped": plan.skipped,
-            "missing_captions": [p.relative_to(plan.input_dir).as_posix() for p in plan.missing],
+            "missing_captions": [rel for p in plan.missing  # of the images written (not those that did not decode)
+                                 if (rel := p.relative_to(plan.input_dir).as_posix()) not in skipped],
             **({"classes": plan.classes} if plan.classes is not None else {})}
 
 
@@ -580,8 +601,9 @@ def _write_into(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
             shard.rename(output_dir / shard.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution, "crop": cfg.crop,
-               "image_format": cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
+    stored = cfg.resolution is None  # the files as they are: neither cropped nor re-encoded (nor their defaults)
+    summary = {"source": cfg.source, "seed": cfg.seed, "resolution": cfg.resolution, "crop": cfg.crop and not stored,
+               "image_format": None if stored else cfg.image_format, "samples_per_shard": cfg.samples_per_shard,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **written, "config": asdict(cfg)}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / SUMMARY_NAME)
     if summary.get("skipped"):
