@@ -314,11 +314,27 @@ def test_a_script_that_exits_holding_a_loader_iterator_ends(shapes_shards: Path)
     """Workers leave stop signals to a Trainer only when a Trainer iterates their loader: a script that exited while
     holding an iterator of a loader with workers hung forever (multiprocessing's exit handler sends one SIGTERM,
     which the workers ignored, and then waits for them)."""
-    script = ("from ldm.data.datamodule import WebDataModule\n"
+    script = ("import lightning as L\n"
+              "from ldm.data.datamodule import WebDataModule\n"
               f"dm = WebDataModule(train_shards={str(shapes_shards / 'train-*.tar')!r}, batch_size=4, num_workers=1)\n"
               "dm.setup('fit')\n"
+              "if AFTER_FIT:\n"  # a finished fit leaves the datamodule's trainer set
+              "    import torch\n"
+              "    from torch import nn\n"
+              "    class Probe(L.LightningModule):\n"
+              "        def __init__(self):\n"
+              "            super().__init__()\n"
+              "            self.w = nn.Parameter(torch.zeros(1))\n"
+              "        def training_step(self, batch, batch_idx):\n"
+              "            return (self.w * batch['image'].mean()).sum()\n"
+              "        def configure_optimizers(self):\n"
+              "            return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+              "    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,\n"
+              "              enable_model_summary=False).fit(Probe(), datamodule=dm)\n"
               "it = iter(dm.train_dataloader())\n"
               "print('batch of', len(next(it)['image']), flush=True)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "batch of 4" in result.stdout, result.stderr[-2000:]
+    for after_fit in (False, True):
+        result = subprocess.run([sys.executable, "-c", f"AFTER_FIT = {after_fit}\n{script}"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "batch of 4" in result.stdout, result.stderr[-2000:]

@@ -36,7 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -225,9 +225,9 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
     died of SIGTERM (torch's default) would take the run down before it saved. SIGINT and SIGUSR1 are ignored, the
     first SIGTERM too; a second ends the worker as the default would.
 
-    Only the workers of a loader iterated under a Trainer do so: a script that still holds a loader's iterator when it
-    exits gets its workers ended by multiprocessing's exit handler, whose one SIGTERM an ignoring worker outlived while
-    the handler waited for it forever.
+    Only the workers of a loader iterated while a Trainer runs do so: a script that still holds a loader's iterator
+    when it exits (also after a fit) gets its workers ended by multiprocessing's exit handler, whose one SIGTERM an
+    ignoring worker outlived while the handler waited for it forever.
 
     note: the price is paid by a worker that does not stop within 5 s of its loader's shutdown (a read hung on a
     network file system): torch's one `terminate()` of it is the ignored first SIGTERM, so it lives on, idle, until
@@ -257,7 +257,8 @@ class EpochLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.plan.epoch, self.dataset.plan.skip_batches = self.begin_epoch(len(self.dataset))
         trainer = self.datamodule.trainer
-        self.worker_init_fn = _leave_stop_signals_to_the_trainer if trainer is not None else None  # read by iter()
+        running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING  # (a finished fit stays set)
+        self.worker_init_fn = _leave_stop_signals_to_the_trainer if running else None  # read by iter()
         if trainer is not None and trainer.sanity_checking:  # a few batches only: the first whole pass comes later
             return self._batches(super().__iter__(), first=False)
         self.passes += 1
