@@ -182,10 +182,20 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     # resume went on unsaid)
     older = {k: v for k, v in state.items() if k != "shuffle_buffer"}
     reshuffled = make_dm(shapes_shards, num_workers=2, **{**opts, "shuffle_buffer": 50})
-    reshuffled.check_resume({"ldm": {"config": {"data": {**opts, "num_workers": 2, "seed": 0}}}})
+    recorded = {"ldm": {"config": {"data": {**opts, "num_workers": 2, "seed": 0}}}}
+    reshuffled.check_resume(recorded, 1)
     reshuffled.load_state_dict(older)
     with pytest.raises(configs.ConfigError, match=r"data\.shuffle_buffer 8 -> 50"):
         next(iter(reshuffled.train_dataloader()))
+    # ldm-train asks before it writes the run's config.yaml and logs (the refusal at the first batch came after them,
+    # and they recorded the refused settings), for the new state and the older alike
+    for saved in (state, older):
+        with pytest.raises(configs.ConfigError, match=r"5 batches into epoch 0 .*data\.shuffle_buffer 8 -> 50"):
+            make_dm(shapes_shards, num_workers=2, **{**opts, "shuffle_buffer": 50}).check_resume(
+                {**recorded, "WebDataModule": saved}, 1)
+    with pytest.raises(configs.ConfigError, match=r"world size \(devices x nodes\) 1 -> 2"):
+        make_dm(shapes_shards, num_workers=2, **opts).check_resume({**recorded, "WebDataModule": state}, 2)
+    make_dm(shapes_shards, num_workers=2, **opts).check_resume({**recorded, "WebDataModule": state}, 1)  # the same
     # shards added to the set (one still downloading): the epoch's order changes; refused as the settings are
     grown = make_dm(shapes_shards, num_workers=2, **{**opts, "train_shards": str(shapes_shards / "train-*.tar")})
     grown.load_state_dict(state)

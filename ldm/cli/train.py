@@ -683,9 +683,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
         check_checkpoint_fits(module, checkpoint, ckpt_path, built.model)
         check_checkpoint_trainer(checkpoint, ckpt_path, cfg.trainer)
-        for part in (module, datamodule):
-            if callable(getattr(part, "check_resume", None)):
-                part.check_resume(checkpoint)
+        if callable(getattr(module, "check_resume", None)):
+            module.check_resume(checkpoint)
+        if callable(getattr(datamodule, "check_resume", None)):
+            datamodule.check_resume(checkpoint, process_count(cfg.trainer))
         if is_multirun() and cfg.get("ckpt_path") in (None, "last"):
             check_same_job(checkpoint, ckpt_path, built)  # found in the job's checkpoints (auto_resume, last)
     finished = ckpt_path is not None and 0 <= cfg.trainer.get("max_steps", -1) <= checkpoint.get("global_step", -1)

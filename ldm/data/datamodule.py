@@ -602,22 +602,36 @@ class WebDataModule(L.LightningDataModule):
                 "shuffle_buffer": self.config.shuffle_buffer,
                 "shard_set": shard_set(self.train_urls, self.train_counts)}
 
-    def check_resume(self, checkpoint: dict[str, Any]) -> None:
-        """Before a resume from `checkpoint` (ldm-train calls it): the order settings that its datamodule state lacks
-        are taken from the run config it records, so that `load_state_dict` compares them too (the states of older
-        ldm hold no shuffle_buffer: a mid-epoch resume under another one went on unsaid)."""
+    def check_resume(self, checkpoint: dict[str, Any], world_size: int) -> None:
+        """Before a resume from `checkpoint` by `world_size` processes (ldm-train calls it before it writes anything):
+        refuse a position inside an epoch under other order settings, as the first batch would (`load_state_dict`),
+        while the run's config.yaml and logs still hold the settings to resume with. The order settings that the
+        checkpoint's datamodule state lacks are taken from the run config it records (the states of older ldm hold
+        no shuffle_buffer: a mid-epoch resume under another one went on unsaid)."""
         data = ((checkpoint.get("ldm") or {}).get("config") or {}).get("data") or {}
         self._recorded_order = {k: data[k] for k in ORDER_SETTINGS if k in data}
+        state = checkpoint.get(type(self).__qualname__)
+        if not isinstance(state, dict) or self.config.allow_inexact_resume:
+            return
+        skip, end = int(state.get("batches") or 0), state.get("epoch_batches")
+        if skip and end is not None and skip < end:  # inside the saved epoch (older states: the first batch tells)
+            self.setup("fit")
+            if changed := self._changed_order(state, world_size):
+                self._check_inexact_resume(int(state["epoch"]), skip, changed)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
+    def _changed_order(self, state: dict[str, Any], world_size: int | None = None) -> dict[str, tuple[Any, Any]]:
+        """The order settings (by what the user changes) whose saved value in `state` differs from this run's."""
         def order(settings: dict[str, Any]) -> dict[str, Any]:  # what the epoch's data order depends on
             return {ORDER_SETTINGS[k]: max(1, v) if k == "num_workers" else v for k, v in settings.items()
                     if k in ORDER_SETTINGS}
-        saved, now = order({**self._recorded_order, **state_dict}), order(self._order_settings())
-        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]), "changed": changed,
-                        "epoch_batches": state_dict.get("epoch_batches")}
+        now = {**self._order_settings(), **({"world_size": world_size} if world_size is not None else {})}
+        saved, now = order({**self._recorded_order, **state}), order(now)
+        return {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the stored position: the next train iteration of that epoch skips the consumed batches."""
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]),
+                        "changed": self._changed_order(state_dict), "epoch_batches": state_dict.get("epoch_batches")}
 
     def _check_inexact_resume(self, epoch: int, skip: int, changed: dict[str, tuple[Any, Any]],
                               again: bool = False) -> None:
