@@ -256,3 +256,29 @@ def test_a_run_ended_by_max_epochs_and_resumed_trains_and_writes_nothing(shapes_
                                                  *sorted((out / "export").iterdir())]}
     train(compose_train([*base, "model.lr=5e-4"]))
     assert {path: path.read_bytes() for path in kept} == kept
+
+
+def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture):
+    """`CheckRunDirectory` (a Hydra callback of conf/train.yaml): a path under a file is refused in one line naming the
+    key (Hydra printed its traceback); a leading `~` is expanded (Hydra made a folder named `~` in the working
+    directory); nothing is created (a sweep that a later callback refused left an empty folder)."""
+    from omegaconf import OmegaConf
+
+    from ldm.cli.common import CheckRunDirectory
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = OmegaConf.create({"hydra": {"run": {"dir": "~/runs/a"}, "sweep": {"dir": "~/runs/sweep"}}})
+    OmegaConf.set_readonly(config.hydra, True)  # as Hydra hands it over
+    CheckRunDirectory().on_run_start(config)
+    CheckRunDirectory().on_multirun_start(config)
+    assert (config.hydra.run.dir, config.hydra.sweep.dir) == (f"{tmp_path}/home/runs/a", f"{tmp_path}/home/runs/sweep")
+    assert not (tmp_path / "home").exists()
+    (tmp_path / "a_file").write_text("")
+    config = OmegaConf.create({"hydra": {"run": {"dir": f"{tmp_path}/a_file/run"}}})
+    with pytest.raises(SystemExit) as stopped:
+        CheckRunDirectory().on_run_start(config)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"ldm-train: error: paths.output_dir={tmp_path}/a_file/run cannot be the run "
+                                       f"directory (Not a directory: {tmp_path}/a_file); set paths.output_dir to a "
+                                       f"folder you can write\n")

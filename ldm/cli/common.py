@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_class
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.config import ConfigError, is_int
@@ -113,29 +112,35 @@ def check_slurm_run_directory(output_dir: str | Path) -> None:
                       f"paths.output_dir=...) outside SLURM")
 
 
-class CreateRunDirectory(Callback):
+class CheckRunDirectory(Callback):
     """ldm-train's run directory (`hydra.run.dir`, which is `paths.output_dir`; a multirun's `hydra.sweep.dir`),
-    created before Hydra writes its .hydra/ record and log into it: a path that cannot be a folder this user may write
-    (a file on the way, no permission, a full disk) stops the command with one line naming the key and exit status 2,
-    where Hydra would print its traceback."""
+    checked before Hydra creates it and writes its .hydra/ record and log into it: a path that cannot become a folder
+    this user may write (a file on the way, no permission) stops the command with one line naming the key and exit
+    status 2, where Hydra printed its traceback. A leading `~` is expanded (Hydra made a folder named `~`). Nothing
+    is created here: a sweep that a later callback refuses leaves no folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _create_writable(config.hydra.run.dir, "paths.output_dir")
+        _check_writable(config, "run", "paths.output_dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _create_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+        _check_writable(config, "sweep", "hydra.sweep.dir")
 
 
-def _create_writable(directory: str, key: str) -> None:
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        print(f"ldm-train: error: {key}={directory} cannot be the run directory ({err.strerror or err}"
-              f"{f': {err.filename}' if err.filename and str(err.filename) != directory else ''}); set {key} to "
-              f"a folder you can write", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+def _check_writable(config: DictConfig, mode: str, key: str) -> None:
+    directory = str(config.hydra[mode].dir)
+    if directory.startswith("~"):
+        directory = os.path.expanduser(directory)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra[mode].dir = directory
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = "Not a directory" if not existing.is_dir() else \
+        "Permission denied" if not os.access(existing, os.W_OK | os.X_OK) else None
+    if problem is not None:
+        print(f"ldm-train: error: {key}={directory} cannot be the run directory ({problem}: {existing}); set {key} "
+              f"to a folder you can write", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -158,7 +163,7 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
                         "after the SLURM job, so a requeued sbatch script starts a new sweep instead of resuming; "
                         "run one configuration per sbatch job, or sweep with hydra/launcher=slurm", out)
     check_slurm_run_directory(out)
-    out = Path(out).absolute()
+    out = Path(out).expanduser().absolute()
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
