@@ -593,6 +593,13 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     (tmp_path / "noext" / "part-index").write_text("{}")
     with pytest.raises(ConfigError, match=r"\(\[.*part-index'\]\): narrow the pattern to the shards$"):
         expand_shards(f"{tmp_path}/noext/*", "data.train_shards")
+    for folder in ("nested/a", "nested/b"):  # the pattern's folder part kept (it named the first tar's folder alone)
+        (tmp_path / folder).mkdir(parents=True)
+        shutil.copy(train[0], tmp_path / folder / f"0000{folder[-1]}.tar")
+        (tmp_path / folder / f"0000{folder[-1]}.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape(f"narrow the pattern to the shards, e.g. {tmp_path}/nested/*/0000*"
+                                                    ".tar") + "$"):
+        expand_shards(f"{tmp_path}/nested/*/*", "data.train_shards")
     (tmp_path / "notes.json.gz").write_bytes(gzip.compress(b'{"not": "a tar"}'))
     with pytest.raises(ConfigError, match=r"notes\.json\.gz is no tar shard"):
         expand_shards(str(tmp_path / "notes.json.gz"), "data.train_shards")

@@ -3,7 +3,6 @@ remote URL into the list of shards (training, encoding and evaluation all call i
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import lzma
 import os
@@ -122,19 +121,21 @@ def _example(path: str, split: str) -> str:
 
 def _narrower(matches: list[str], others: list[str], path: str, split: str) -> str:
     """", e.g. PATTERN" for a glob that keeps tars among `matches` (by name or content) and none of `others`: the
-    split's shards as `_example` names them where that takes some of these tars, else the tars' names' common start
-    and end around `*` (`0000*.bin`); "" when neither would do."""
-    tars = [m for m in matches if m not in others]
-    example = _example(path, split)
-    if not tars or any(fnmatch.fnmatchcase(os.path.basename(m), os.path.basename(example)) for m in tars):
-        return f", e.g. {example}" if _tars_in(os.path.dirname(path)) else ""
+    split's shards as `_example` names them where that takes some of these tars, else one with the pattern's folder
+    part and the tars' names' common start and end around `*` (`data/*/0000*.bin`) where that takes them all; ""
+    when neither would do."""
+    tars, others = set(matches) - set(others), set(others)
     names = [os.path.basename(m) for m in tars]
     start = os.path.commonprefix(names)
     end = os.path.commonprefix([n[len(start):][::-1] for n in names])[::-1]
-    pattern = glob.escape(start) + "*" + glob.escape(end)
-    if any(fnmatch.fnmatchcase(os.path.basename(m), pattern) for m in others):
-        return ""
-    return f", e.g. {os.path.join(os.path.dirname(tars[0]), pattern)}"
+    candidates = [(_example(path, split), False)] if _tars_in(os.path.dirname(path)) else []
+    if tars:
+        candidates.append((os.path.join(os.path.dirname(path), glob.escape(start) + "*" + glob.escape(end)), True))
+    for pattern, whole in candidates:
+        taken = set(glob_sorted(pattern))
+        if taken & tars and not taken & others and (not whole or tars <= taken):
+            return f", e.g. {pattern}"
+    return ""
 
 
 def absolute_spec(spec: str | list[str]) -> str | list[str]:
