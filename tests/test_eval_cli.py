@@ -97,13 +97,16 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     assert len(read_results(out)) == 4 and read_results(out)[3]["reference_hash"] == rows[0]["reference_hash"]
     capsys.readouterr()
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "seed": 1})  # another protocol: scored
-    assert len(read_results(out)) == 5
-    # and said, naming what differs from the row of this checkpoint and point (a row of older ldm, whose protocol
-    # record differed, was scored again unsaid)
-    assert "guidance 1: results.jsonl holds a row of it under other settings (seed: 0 there, 1 here): scored " \
-           "again" in capsys.readouterr().out
+    assert len(read_results(out)) == 5 and "scored otherwise" not in capsys.readouterr().out  # (a seed chosen)
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["kid"], "kid_subset_size": 6})  # another KID subset size
     assert len(read_results(out)) == 6 and read_results(out)[5]["kid_subset_size_asked"] == 6
+    # said, naming what differs from the closest row of this checkpoint and point (a row of older ldm, whose
+    # protocol record differed, was scored again unsaid), or the metric it lacks
+    assert "guidance 1: results.jsonl holds a row of it scored otherwise (kid_subset_size_asked: 4 there, 6 here" \
+           in capsys.readouterr().out
+    evaluate({**cfg, "guidance_scales": [3.0], "metrics": ["fid", "shapes_shape_accuracy"]})
+    assert "guidance 3: results.jsonl holds a row of it scored otherwise (without shapes_shape_accuracy): scored " \
+           "again" in capsys.readouterr().out
 
 
 def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):

@@ -69,6 +69,9 @@ class WandbConfig:
 
 
 # What names the model of a row for `skip_done`: the file (path, size, modification time) and which weights.
+# What a user picks for a run of ldm-eval (another value is another point, not the same one scored otherwise).
+CHOSEN = ("resolution", "num_samples", "num_samples_asked", "seed", "data_shards", "prompts_source", "prompts_sha256",
+          "labels_sha256")
 CHECKPOINT_IDENTITY = ("checkpoint", "checkpoint_size", "checkpoint_mtime", "checkpoint_kind", "checkpoint_step",
                        "weights")
 
@@ -297,22 +300,27 @@ class Evaluator:
                   ) -> dict[str, Any] | None:
         """An earlier row of this sweep point (`skip_done`): every field of `point` equal and every asked-for metric
         there; said on rank 0, naming the point as `what`. None when the point is to be scored; where a row of the
-        same checkpoint and the same values of the sweep's `varied` keys differs in other fields (a setting changed,
-        or a row of older ldm), the fields are named."""
+        same checkpoint, the same values of the sweep's `varied` keys and of what the user `CHOSEN` lacks a metric or
+        differs in other fields (a protocol setting changed, data rewritten, a row of older ldm), the closest row's
+        missing metrics or differing fields are named."""
         if not self.cfg.skip_done:
             return None
         point = json.loads(json.dumps(point))  # as a row read back from results.jsonl (tuples as lists)
         found = next((row for row in self.done if all(row.get(k) == v for k, v in point.items())
                       and all(m in row for m in metrics)), None)
-        if found is None and self.rank == 0:
-            same = (*CHECKPOINT_IDENTITY, *varied)
+        if found is None and self.rank == 0:  # a row of the same point as the user sees it, scored otherwise
+            same = (*CHECKPOINT_IDENTITY, *varied, *CHOSEN)
             near = [row for row in self.done if all(row.get(k) == point[k] for k in same if k in point)]
             if near:
-                differing = [f"{k}: {_short(near[-1].get(k))} there, {_short(v)} here" for k, v in point.items()
-                             if near[-1].get(k) != v]
-                print(f"[ldm-eval] {point['checkpoint']} {what}: results.jsonl holds a row of it under other settings "
-                      f"({'; '.join(differing[:4]) or 'without ' + ', '.join(m for m in metrics if m not in near[-1])}"
-                      f"): scored again", flush=True)
+                def differing(row: dict[str, Any]) -> list[str]:
+                    return [k for k, v in point.items() if row.get(k) != v]
+
+                row = min(near, key=lambda r: len(differing(r)))
+                lacking = [m for m in metrics if m not in row]
+                told = f"without {', '.join(lacking)}" if lacking else "; ".join(
+                    f"{k}: {_short(row.get(k))} there, {_short(point[k])} here" for k in differing(row)[:4])
+                print(f"[ldm-eval] {point['checkpoint']} {what}: results.jsonl holds a row of it scored otherwise "
+                      f"({told}): scored again", flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             box = [found]  # rank 0 decides for all: a rank that scored alone would wait in its collectives forever
             torch.distributed.broadcast_object_list(box, src=0)
