@@ -127,7 +127,8 @@ def test_resume_skips_finished_shards_and_rewrites_a_partial_one(shapes_shards: 
     (out / "train-000002.tar").write_bytes(complete[: len(complete) // 2])
     (out / "train-000002_stats.json").unlink()
     (out / "train-000003.tar").rename(out / ".train-000003.tar.x1y2.tmp")
-    (out / "train-000003_stats.json").unlink()
+    (out / "train-000003_stats.json").rename(out / ".train-000003_stats.json.x1y2.tmp")  # its stats' write, and the
+    (out / ".manifest.json.x1y2.tmp").write_text("{")                                    # manifest's, cut too
 
     summary = run_encode(shapes_shards, autoencoder, out)
     assert summary["shards_finished_before"] == 2 and summary["shards_encoded"] == 2 and summary["samples"] == 32

@@ -222,10 +222,12 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
         counts = shard_counts(urls, "shards", None)
         tasks, total, finished, older = [], 0, 0, 0
-        mine = {names[i] for i in range(rank, len(urls), world)}
-        for stale in out.glob(".*.tmp"):  # `.NAME.*.tmp`: a shard of this rank's that was being written when the run
-            middle = stale.name[1:-4]    # was interrupted (the folder listed once: per shard, quadratic in shards)
-            if any(middle[:i] in mine for i, c in enumerate(middle) if c == "."):
+        mine = {latents.MANIFEST_NAME} if rank == 0 else set()
+        mine |= {name for i in range(rank, len(urls), world)
+                 for name in (names[i], latents.stats_path(out / names[i]).name)}
+        for stale in out.glob(".*.tmp"):  # `.NAME.*.tmp`: a shard, stats or manifest file of this rank's that was being
+            middle = stale.name[1:-4]    # written when the run was interrupted (the folder listed once: per shard,
+            if any(middle[:i] in mine for i, c in enumerate(middle) if c == "."):  # quadratic in the shards)
                 stale.unlink()
         for i in range(rank, len(urls), world):  # this rank's shards
             output = out / names[i]
