@@ -198,7 +198,7 @@ def test_compile_networks_compiles_what_training_calls(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="eager"))
     counters = torch._dynamo.utils.counters
     for gan, graphs in ((False, (2, 3)), (True, (1, 1))):
-        module = tiny_module(**{"loss.disc_start": 0, "loss.disc_weight": 0.5 if gan else 0.0})
+        module = tiny_module(**{"loss.disc_start": 0, "loss.disc_factor": 1.0 if gan else 0.0})
         module.compile_networks()
         torch._dynamo.reset()
         counters.clear()

@@ -172,8 +172,7 @@ class AutoencoderModule(L.LightningModule):
 
         The GAN's adaptive weight takes two gradients through the decoder (and the discriminator) with retain_graph,
         which a compiled backward refuses (it donates its buffers): the run stopped at `disc_start`."""
-        c = self.loss.config
-        gan = c.disc_weight > 0 and c.disc_factor > 0
+        gan = self.loss.config.disc_factor > 0  # (the adaptive weight is taken then, whatever disc_weight)
         networks = {"the encoder": self.autoencoder.encoder}
         if not gan:
             networks.update({"the decoder": self.autoencoder.decoder, "the discriminator": self.loss.discriminator})
