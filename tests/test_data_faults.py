@@ -10,6 +10,7 @@ import io
 import json
 import lzma
 import os
+import shutil
 import tarfile
 import zlib
 from pathlib import Path
@@ -751,6 +752,12 @@ def test_folder_source_leaves_out_what_it_cannot_read_and_lists_it(tmp_path: Pat
     summary = write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out2"),
                              "val_samples": 1, "resolution": 8, "samples_per_shard": 100})
     assert "cut.jpg" in {entry["path"] for entry in summary["skipped"]} and summary["missing_captions"] == []
+    only = tmp_path / "only_broken"  # nothing but that: named as such (it was "val_samples=0 ... out of 0")
+    only.mkdir()
+    shutil.copy(src / "cut.jpg", only)
+    with pytest.raises(ConfigError, match=r"holds no readable images \(left out: .*cut\.jpg"):
+        write_dataset({"source": "folder", "input_dir": str(only), "output_dir": str(tmp_path / "o"), "val_samples": 0,
+                       "resolution": 8})
     (src / "blank.png").write_bytes((src / "a.png").read_bytes())  # a good one without a caption
     summary = write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out3"),
                              "val_samples": 1, "resolution": 8, "samples_per_shard": 100,

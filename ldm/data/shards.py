@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ldm.cli.run_lock import run_lock
 from ldm.config import ConfigError, check_choice, check_output_dir
@@ -386,6 +386,22 @@ def list_images(input_dir: Path) -> FolderListing:
     return FolderListing(sorted(images), sidecars, left_out)
 
 
+def _undecodable(err: Exception) -> str:
+    """The reason an image was left out, from its read's or decode's error (PIL's names a BytesIO object)."""
+    text = "not an image format PIL reads" if isinstance(err, UnidentifiedImageError) else \
+        f"{type(err).__name__}: {err}"
+    return f"undecodable or unreadable image: {text}"
+
+
+def _decode_error(path: Path) -> str | None:
+    """Why the image at `path` cannot be read and decoded, or None when it can."""
+    try:
+        decode_image(path.read_bytes())
+    except Exception as err:  # noqa: BLE001 -- as in folder_records
+        return _undecodable(err)
+    return None
+
+
 class CaptionUnreadable(Exception):
     """A caption file exists but cannot be used (unreadable, not UTF-8, not a regular file); the message says why."""
 
@@ -411,8 +427,7 @@ def folder_records(files: list[tuple[int, Path]], plan: FolderPlan, cfg: WriteCo
                     resize_shorter(image, cfg.resolution)
         except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
             log.warning("skipping image %s: %s", path, err)
-            plan.skipped.append({"path": rel,
-                                 "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
+            plan.skipped.append({"path": rel, "reason": _undecodable(err)})
             continue
         metadata = {"source_path": rel, "width": size[0], "height": size[1]}
         if labels:
@@ -494,15 +509,19 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
                         unmatched[:3])
     missing = [p for p in images if p not in captions]
     if missing and not (cfg.allow_missing_captions or cfg.labels):
-        for path in missing:  # one that does not decode is left out as any other (the refusal named it)
-            try:
-                decode_image(path.read_bytes())
-            except Exception as err:  # noqa: BLE001 -- as in folder_records
-                log.warning("skipping image %s: %s", path, err)
-                skipped.append({"path": path.relative_to(input_dir).as_posix(),
-                                "reason": f"undecodable or unreadable image: {type(err).__name__}: {err}"})
+        undecodable = {}
+        for path in missing:  # up to the first that decodes, which the refusal below is about
+            if (reason := _decode_error(path)) is None:
+                break
+            undecodable[path] = reason
+        else:  # none decodes: left out as any undecodable image (the refusal named them as uncaptioned)
+            for path, reason in undecodable.items():
+                log.warning("skipping image %s: %s", path, reason)
+                skipped.append({"path": path.relative_to(input_dir).as_posix(), "reason": reason})
                 images.remove(path)
-        missing = [p for p in images if p not in captions]
+            missing = []
+            if not images:
+                raise ConfigError(f"input_dir={cfg.input_dir} holds no readable images (left out: {skipped[:3]})")
     if missing and not (cfg.allow_missing_captions or cfg.labels):
         shadowed = sum(p in listing.sidecars for p in missing) if manifest is not None else 0
         where = (f"in captions={cfg.captions}" + (f" ({shadowed} of them have a sidecar .txt, which is not read when "
