@@ -271,14 +271,17 @@ def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, mo
     config = OmegaConf.create({"hydra": {"run": {"dir": "~/runs/a"}, "sweep": {"dir": "~/runs/sweep"}}})
     OmegaConf.set_readonly(config.hydra, True)  # as Hydra hands it over
     CheckRunDirectory().on_run_start(config)
-    CheckRunDirectory().on_multirun_start(config)
-    assert (config.hydra.run.dir, config.hydra.sweep.dir) == (f"{tmp_path}/home/runs/a", f"{tmp_path}/home/runs/sweep")
-    assert not (tmp_path / "home").exists()
+    assert config.hydra.run.dir == f"{tmp_path}/home/runs/a" and not (tmp_path / "home").exists()
+    with pytest.raises(SystemExit):  # a multirun's jobs are composed from the overrides, which keep the ~
+        CheckRunDirectory().on_multirun_start(config)
+    assert "Hydra does not expand ~ in the jobs' folders of a multirun" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
-    config = OmegaConf.create({"hydra": {"run": {"dir": f"{tmp_path}/a_file/run"}}})
-    with pytest.raises(SystemExit) as stopped:
-        CheckRunDirectory().on_run_start(config)
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err == (f"ldm-train: error: paths.output_dir={tmp_path}/a_file/run cannot be the run "
-                                       f"directory (Not a directory: {tmp_path}/a_file); set paths.output_dir to a "
-                                       f"folder you can write\n")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for run, problem in ((f"{tmp_path}/a_file/run", f"Not a directory: {tmp_path}/a_file"),
+                         (f"{tmp_path}/dangling", f"a link that leads nowhere: {tmp_path}/dangling"),
+                         (f"{tmp_path}/dangling/run", f"a link that leads nowhere: {tmp_path}/dangling")):
+        with pytest.raises(SystemExit) as stopped:
+            CheckRunDirectory().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": run}}}))
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err == (f"ldm-train: error: paths.output_dir={run} cannot be the run directory "
+                                           f"({problem}); set paths.output_dir to a folder you can write\n")

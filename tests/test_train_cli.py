@@ -59,6 +59,15 @@ def test_cfg_job_prints_every_schema_key_and_the_experiment_prompts():
     assert compose_train(["model=ldm/tiny"]).model.val_prompts == []
 
 
+def test_process_count_reads_devices_as_lightning_does():
+    """The world size a resume is checked against: `trainer.devices="2"` (a string, which Lightning takes as 2) was
+    counted as 1 process, and a legitimate mid-epoch resume of a 2-process run refused as 2 -> 1."""
+    from ldm.cli.common import process_count
+
+    for devices, nodes, count in ((2, 1, 2), ("2", 1, 2), ("0,1", 2, 4), ([0, 1, 2], 1, 3), ("auto", 1, 1), (1, 3, 3)):
+        assert process_count({"devices": devices, "num_nodes": nodes, "accelerator": "cpu"}) == count, devices
+
+
 def test_the_config_tree_cuts_long_lists(capsys: pytest.CaptureFixture):
     """A shard list of 20,000 paths (a documented form of data.train_shards) printed 20,000 lines at every start:
     lists of more than 8 items show their first three and a count; config.yaml keeps them whole."""

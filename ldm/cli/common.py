@@ -79,7 +79,7 @@ OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 def sqlite_url(path: str) -> str:
     """`sqlite:///<absolute path>` for an SQLite file (the Optuna study), its folder created: SQLite creates a
     missing file but not a missing folder (`paths.root_dir` from a new LDM_ROOT)."""
-    path = Path(path).absolute()
+    path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -128,14 +128,19 @@ class CheckRunDirectory(Callback):
 
 def _check_writable(config: DictConfig, mode: str, key: str) -> None:
     directory = str(config.hydra[mode].dir)
+    if directory.startswith("~") and mode == "sweep":  # the launcher composes each job's folder from the overrides
+        print(f"ldm-train: error: {key}={directory}: Hydra does not expand ~ in the jobs' folders of a multirun; give "
+              f"the full path ({os.path.expanduser(directory)})", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
     if directory.startswith("~"):
         directory = os.path.expanduser(directory)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra[mode].dir = directory
     existing = Path(directory).absolute()
-    while not existing.exists() and existing != existing.parent:
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
-    problem = "Not a directory" if not existing.is_dir() else \
+    problem = "a link that leads nowhere" if existing.is_symlink() and not existing.exists() else \
+        "Not a directory" if not existing.is_dir() else \
         "Permission denied" if not os.access(existing, os.W_OK | os.X_OK) else None
     if problem is not None:
         print(f"ldm-train: error: {key}={directory} cannot be the run directory ({problem}: {existing}); set {key} "
@@ -538,6 +543,10 @@ def process_count(trainer: DictConfig | dict[str, Any]) -> int:
     import torch
 
     devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
+    if isinstance(devices, str) and devices.strip().isdigit():  # "2", as Lightning takes it: a count
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:  # "0,1": indices
+        devices = [d for d in devices.split(",") if d.strip()]
     if isinstance(devices, int) and devices > 0:
         per_node = devices
     elif isinstance(devices, (list, tuple, ListConfig)):
