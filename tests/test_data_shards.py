@@ -600,6 +600,14 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     with pytest.raises(ConfigError, match=re.escape(f"narrow the pattern to the shards, e.g. {tmp_path}/nested/*/0000*"
                                                     ".tar") + "$"):
         expand_shards(f"{tmp_path}/nested/*/*", "data.train_shards")
+    with pytest.raises(ConfigError, match=r"narrow the pattern to the shards$"):  # braces: no one expansion's fix
+        expand_shards(f"{tmp_path}/nested/{{a,b}}/*", "data.train_shards")
+    (tmp_path / "i2d").mkdir()  # a pattern that picks some of a folder's tars: the fix stays within them
+    for i in range(12):
+        shutil.copy(train[0], tmp_path / "i2d" / f"{i:05d}.tar")
+        (tmp_path / "i2d" / f"{i:05d}.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape(f"e.g. {tmp_path}/i2d/0000*.tar") + "$"):
+        expand_shards(f"{tmp_path}/i2d/0000*", "data.train_shards")
     (tmp_path / "notes.json.gz").write_bytes(gzip.compress(b'{"not": "a tar"}'))
     with pytest.raises(ConfigError, match=r"notes\.json\.gz is no tar shard"):
         expand_shards(str(tmp_path / "notes.json.gz"), "data.train_shards")

@@ -65,9 +65,10 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")
             others = [m for m in matches if pattern and not is_tar_name(m) and not _holds_a_tar(m)]
-            if others:
+            if others:  # (a pattern of braces or a `::` list: suggesting for one of its expansions would mislead)
+                fix = _narrower(matches, others, path, split) if url == part else ""
                 raise ConfigError(f"{key}={part!r} matches files that are not tar shards ({others[:3]}): narrow the "
-                                  f"pattern to the shards{_narrower(matches, others, path, split)}")
+                                  f"pattern to the shards{fix}")
             for match in matches:
                 if os.path.isdir(match):
                     raise ConfigError(f"{key}={part!r}: {match} is a directory, not a tar shard; name the shards "
@@ -133,7 +134,7 @@ def _narrower(matches: list[str], others: list[str], path: str, split: str) -> s
         candidates.append((os.path.join(os.path.dirname(path), glob.escape(start) + "*" + glob.escape(end)), True))
     for pattern, whole in candidates:
         taken = set(glob_sorted(pattern))
-        if taken & tars and not taken & others and (not whole or tars <= taken):
+        if taken and taken <= tars and (not whole or tars <= taken):  # within the tars matched (the split's, or all)
             return f", e.g. {pattern}"
     return ""
 
