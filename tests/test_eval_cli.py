@@ -105,8 +105,8 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     assert "guidance 1: results.jsonl holds a row of it scored otherwise (kid_subset_size_asked: 4 there, 6 here" \
            in capsys.readouterr().out
     evaluate({**cfg, "guidance_scales": [3.0], "metrics": ["fid", "shapes_shape_accuracy"]})
-    assert "guidance 3: results.jsonl holds a row of it scored otherwise (without shapes_shape_accuracy): scored " \
-           "again" in capsys.readouterr().out
+    assert "guidance 3: results.jsonl holds a row of it scored otherwise (without shapes_shape_accuracy; " \
+           "shapes_shape_chance: None there, " in capsys.readouterr().out  # and the fields its protocol adds
 
 
 def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):

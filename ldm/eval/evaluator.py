@@ -317,8 +317,9 @@ class Evaluator:
 
                 row = min(near, key=lambda r: len(differing(r)))
                 lacking = [m for m in metrics if m not in row]
-                told = f"without {', '.join(lacking)}" if lacking else "; ".join(
-                    f"{k}: {_short(row.get(k))} there, {_short(point[k])} here" for k in differing(row)[:4])
+                told = "; ".join([*([f"without {', '.join(lacking)}"] if lacking else []),
+                                  *(f"{k}: {_short(row.get(k))} there, {_short(point[k])} here"
+                                    for k in differing(row)[:4])])
                 print(f"[ldm-eval] {point['checkpoint']} {what}: results.jsonl holds a row of it scored otherwise "
                       f"({told}): scored again", flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
