@@ -69,11 +69,11 @@ class WandbConfig:
 
 
 # What names the model of a row for `skip_done`: the file (path, size, modification time) and which weights.
+CHECKPOINT_IDENTITY = ("checkpoint", "checkpoint_size", "checkpoint_mtime", "checkpoint_kind", "checkpoint_step",
+                       "weights")
 # What a user picks for a run of ldm-eval (another value is another point, not the same one scored otherwise).
 CHOSEN = ("resolution", "num_samples", "num_samples_asked", "seed", "data_shards", "prompts_source", "prompts_sha256",
           "labels_sha256")
-CHECKPOINT_IDENTITY = ("checkpoint", "checkpoint_size", "checkpoint_mtime", "checkpoint_kind", "checkpoint_step",
-                       "weights")
 
 
 @dataclass
