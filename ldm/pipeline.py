@@ -160,6 +160,15 @@ class LatentDiffusionPipeline(nn.Module):
         z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         return z * self.latent_scale
 
+    def scaled_latents(self, inputs: torch.Tensor | DiagonalGaussianDistribution,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents (B, C, h, w), fp32, without gradient, of images (B, 3, H, W) in [-1, 1], encoded here, or of
+        the posterior of precomputed latents (`DiagonalGaussianDistribution(moments)`)."""
+        if isinstance(inputs, DiagonalGaussianDistribution):
+            with torch.no_grad(), torch.autocast(inputs.mean.device.type, enabled=False):
+                return self.latents(inputs, generator)
+        return self.encode(inputs, generator)
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W), fp32, clamped to [-1, 1]."""
@@ -179,11 +188,7 @@ class LatentDiffusionPipeline(nn.Module):
             conditions: what the conditioner takes (`conditioner.batch_conditions(batch)`).
             generator: the posterior sample, condition dropout, timesteps and noise are drawn from it, in that order.
         """
-        if isinstance(inputs, DiagonalGaussianDistribution):
-            with torch.no_grad(), torch.autocast(inputs.mean.device.type, enabled=False):
-                z0 = self.latents(inputs, generator)                                # (B, C, h, w)
-        else:
-            z0 = self.encode(inputs, generator)                                     # (B, C, h, w)
+        z0 = self.scaled_latents(inputs, generator)                                 # (B, C, h, w)
         cond = self.conditioner(conditions, generator=generator)                    # dropout in train mode
         return diffusion_loss(lambda x_t, t: self.unet(x_t, t, **cond), z0, self.schedule, self.diffusion,
                               generator).mean()

@@ -373,9 +373,12 @@ class LatentDiffusionModule(L.LightningModule):
               ) -> torch.Tensor:
         """The pipeline's loss on a batch of images, or of precomputed latents (`moments` from latent shards)."""
         c = self.config
-        inputs = DiagonalGaussianDistribution(batch["moments"]) if "moments" in batch else batch[c.image_key]
         conditions = pipeline.conditioner.batch_conditions(batch, c.caption_key, c.label_key)
-        return pipeline.loss(inputs, conditions, generator)
+        return pipeline.loss(self._inputs(batch), conditions, generator)
+
+    def _inputs(self, batch: dict[str, Any]) -> torch.Tensor | DiagonalGaussianDistribution:
+        """A batch's images, or the posterior of its precomputed latents (`moments` from latent shards)."""
+        return DiagonalGaussianDistribution(batch["moments"]) if "moments" in batch else batch[self.config.image_key]
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         """Samples in a batch of images or of precomputed latents."""
@@ -405,10 +408,8 @@ class LatentDiffusionModule(L.LightningModule):
         which the latent scale is there to give, and a wrong one (SD's 0.18215 for another autoencoder, a stand-in
         that an export of older ldm carries unmarked) trains the run at another signal-to-noise ratio unsaid."""
         generator = torch.Generator(self.device).manual_seed(0)  # none of the step's draws
-        with torch.autocast(self.device.type, enabled=False):
-            z = self.pipeline.latents(DiagonalGaussianDistribution(batch["moments"].float()), generator) \
-                if "moments" in batch else self.pipeline.encode(batch[self.config.image_key], generator)
-        std, (low, high) = float(z.float().std()), LATENT_STD_RANGE
+        z = self.pipeline.scaled_latents(self._inputs(batch), generator)
+        std, (low, high) = float(z.std()), LATENT_STD_RANGE
         if not low <= std <= high:
             frozen = self.hparams["frozen"]
             rank_zero_warn(f"the first batch's latents, scaled by {frozen['latent_scale']:.5g} (from "
