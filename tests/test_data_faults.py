@@ -764,6 +764,13 @@ def test_folder_source_leaves_out_what_it_cannot_read_and_lists_it(tmp_path: Pat
                              "allow_missing_captions": True})
     assert summary["missing_captions"] == ["blank.png"]
     assert summary["splits"]["train"]["count"] + summary["splits"]["val"]["count"] == 6
+    # the refusal of uncaptioned images neither names nor counts those it found undecodable on the way to the
+    # first good one (it named 0cut.jpg as an image without a caption)
+    (src / "0cut.jpg").write_bytes((src / "cut.jpg").read_bytes())
+    with pytest.raises(ConfigError, match=r"^2 of \d+ images have no caption .*\['blank.png', 'cut.jpg'\]") as err:
+        write_dataset({"source": "folder", "input_dir": str(src), "output_dir": str(tmp_path / "out4"),
+                       "val_samples": 1, "resolution": 8})
+    assert "0cut" not in str(err.value)
 
 
 def test_a_damaged_summary_is_named(tmp_path: Path):

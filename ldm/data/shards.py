@@ -426,8 +426,9 @@ def folder_records(files: list[tuple[int, Path]], plan: FolderPlan, cfg: WriteCo
                 image = resize_crop(image, cfg.resolution, None) if cfg.crop else \
                     resize_shorter(image, cfg.resolution)
         except Exception as err:  # noqa: BLE001 -- any unreadable or undecodable file is reported and left out
-            log.warning("skipping image %s: %s", path, err)
-            plan.skipped.append({"path": rel, "reason": _undecodable(err)})
+            reason = _undecodable(err)
+            log.warning("skipping image %s: %s", path, reason)
+            plan.skipped.append({"path": rel, "reason": reason})
             continue
         metadata = {"source_path": rel, "width": size[0], "height": size[1]}
         if labels:
@@ -509,19 +510,17 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
                         unmatched[:3])
     missing = [p for p in images if p not in captions]
     if missing and not (cfg.allow_missing_captions or cfg.labels):
-        undecodable = {}
-        for path in missing:  # up to the first that decodes, which the refusal below is about
+        undecodable = []  # up to the first that decodes, which the refusal below is about: left out as any
+        for path in missing:  # undecodable image, neither named nor counted as uncaptioned
             if (reason := _decode_error(path)) is None:
                 break
-            undecodable[path] = reason
-        else:  # none decodes: left out as any undecodable image (the refusal named them as uncaptioned)
-            for path, reason in undecodable.items():
-                log.warning("skipping image %s: %s", path, reason)
-                skipped.append({"path": path.relative_to(input_dir).as_posix(), "reason": reason})
-                images.remove(path)
-            missing = []
-            if not images:
-                raise ConfigError(f"input_dir={cfg.input_dir} holds no readable images (left out: {skipped[:3]})")
+            log.warning("skipping image %s: %s", path, reason)
+            skipped.append({"path": path.relative_to(input_dir).as_posix(), "reason": reason})
+            images.remove(path)
+            undecodable.append(path)
+        missing = missing[len(undecodable):]
+        if not images:
+            raise ConfigError(f"input_dir={cfg.input_dir} holds no readable images (left out: {skipped[:3]})")
     if missing and not (cfg.allow_missing_captions or cfg.labels):
         shadowed = sum(p in listing.sidecars for p in missing) if manifest is not None else 0
         where = (f"in captions={cfg.captions}" + (f" ({shadowed} of them have a sidecar .txt, which is not read when "
