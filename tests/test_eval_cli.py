@@ -35,7 +35,7 @@ from ldm.data.shardlist import local_shards
 from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
 from ldm.eval.feature_extractors import WeightsNotFoundError
 from ldm.eval.results import read_results
-from ldm.eval.sources import READER_VERSION, generation_labels, row_shards
+from ldm.eval.sources import READER_VERSION, generation_labels, row_shards, shard_fingerprint
 
 PROTOCOL_FIELDS = ("checkpoint", "checkpoint_kind", "checkpoint_step", "weights", "sampler", "num_steps",
                    "guidance_scale", "num_samples", "resolution", "seed", "seed_rule", "world_size", "prompts_source",
@@ -105,8 +105,9 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     assert "guidance 1: results.jsonl holds a row of it scored otherwise (kid_subset_size_asked: 4 there, 6 here" \
            in capsys.readouterr().out
     evaluate({**cfg, "guidance_scales": [3.0], "metrics": ["fid", "shapes_shape_accuracy"]})
-    assert "guidance 3: results.jsonl holds a row of it scored otherwise (without shapes_shape_accuracy; " \
-           "shapes_shape_chance: None there, " in capsys.readouterr().out  # and the fields its protocol adds
+    # (not the fields that metric's protocol adds, shapes_shape_chance, as a setting that differs)
+    assert "guidance 3: results.jsonl holds a row of it scored otherwise (without shapes_shape_accuracy): scored " \
+           "again" in capsys.readouterr().out
 
 
 def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):
@@ -248,6 +249,13 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
     assert re.fullmatch(r"[0-9a-f]{16}", row["data_fingerprint"])
     shard = Path(row["data_shards"][0])
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    evaluate(cfg)
+    assert len(read_results(tmp_path / "e4")) == 2
+    # a row of older ldm, which held the fingerprint list itself (and named every shard): the same data, kept (it
+    # was scored again unsaid past 8 shards)
+    older = [*read_results(tmp_path / "e4")[:1], {**read_results(tmp_path / "e4")[1],
+                                                  "data_fingerprint": shard_fingerprint(row["data_shards"])}]
+    (tmp_path / "e4" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in older))
     evaluate(cfg)
     assert len(read_results(tmp_path / "e4")) == 2
     # a row names at most 8 shards, the first 7 and a count beyond (one of 20,000 shards took 2.5 MB)

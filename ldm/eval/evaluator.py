@@ -50,6 +50,7 @@ from ldm.eval.sources import (
     READER_VERSION,
     generation_labels,
     iter_image_batches,
+    fingerprint_digest,
     load_prompts,
     row_shards,
     shard_digest,
@@ -175,12 +176,22 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else f"{text[:width // 2 - 2]}...{text[-(width // 2 - 2):]}"
 
 
+def _in_todays_form(row: dict[str, Any]) -> dict[str, Any]:
+    """An earlier row with the fields whose form (not meaning) changed as this version writes them: older ldm named
+    every shard in `data_shards` (cut here as `row_shards` cuts it) and held the `shard_fingerprint` list itself."""
+    if isinstance(row.get("data_shards"), list):
+        row = {**row, "data_shards": row_shards(row["data_shards"])}
+    if isinstance(row.get("data_fingerprint"), list):
+        row = {**row, "data_fingerprint": fingerprint_digest(row["data_fingerprint"])}
+    return row
+
+
 class Evaluator:
     """Shared state of one `ldm-eval` run: the feature network and the reference statistics, built once."""
 
     def __init__(self, cfg: EvalConfig, done: Sequence[dict[str, Any]] = ()):
         self.cfg = cfg = dataclasses.replace(cfg)
-        self.done = list(done)  # rows of earlier runs in output_dir, for `skip_done`
+        self.done = [_in_todays_form(row) for row in done]  # rows of earlier runs in output_dir, for `skip_done`
         if cfg.val_shards is not None:
             cfg.val_shards = local_shards(cfg.val_shards, "val_shards")
         if cfg.reference_shards is not None:
@@ -312,13 +323,16 @@ class Evaluator:
             same = (*CHECKPOINT_IDENTITY, *varied, *CHOSEN)
             near = [row for row in self.done if all(row.get(k) == point[k] for k in same if k in point)]
             if near:
-                def differing(row: dict[str, Any]) -> list[str]:
-                    return [k for k, v in point.items() if row.get(k) != v]
+                def lacking(row: dict[str, Any]) -> list[str]:
+                    return [m for m in metrics if m not in row]
 
-                row = min(near, key=lambda r: len(differing(r)))
-                lacking = [m for m in metrics if m not in row]
-                told = "; ".join([*([f"without {', '.join(lacking)}"] if lacking else []),
-                                  *(f"{k}: {_short(row.get(k))} there, {_short(point[k])} here"
+                def differing(row: dict[str, Any]) -> list[str]:  # a field absent from a row that lacks a metric
+                    return [k for k, v in point.items()  # came with such a metric (shapes_shape_chance), no setting
+                            if row.get(k) != v and (k in row or not lacking(row))]
+
+                row = min(near, key=lambda r: len(lacking(r)) + len(differing(r)))
+                told = "; ".join([*([f"without {', '.join(lacking(row))}"] if lacking(row) else []),
+                                  *(f"{k}: {_short(row[k]) if k in row else 'absent'} there, {_short(point[k])} here"
                                     for k in differing(row)[:4])])
                 print(f"[ldm-eval] {point['checkpoint']} {what}: results.jsonl holds a row of it scored otherwise "
                       f"({told}): scored again", flush=True)

@@ -49,7 +49,12 @@ def shard_fingerprint(shards: Sequence[str]) -> list[dict]:
 def shard_digest(shards: Sequence[str]) -> str:
     """One value for what identifies the data a row was scored on: the sha256 (16 hex digits) of every shard's path,
     size and modification time (`shard_fingerprint`)."""
-    return hashlib.sha256(json.dumps(shard_fingerprint(shards)).encode()).hexdigest()[:16]
+    return fingerprint_digest(shard_fingerprint(shards))
+
+
+def fingerprint_digest(fingerprint: list[dict]) -> str:
+    """`shard_digest` of a `shard_fingerprint` (the form rows of older ldm hold: the fingerprint itself)."""
+    return hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:16]
 
 
 ROW_SHARDS = 8  # shards a results row names in full; of more, the first ones and a count (`shard_digest` covers all)
