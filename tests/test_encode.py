@@ -356,10 +356,18 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
         run_encode(shapes_shards, autoencoder, tmp_path / "out", resolution=-8)
     twice = {"shards": f"{shapes_shards}/train-*.tar::{shapes_shards}/../{shapes_shards.name}/train-00000[01].tar",
              "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "out")}  # each name once, counted
-    with pytest.raises(ConfigError, match=re.escape("shards: 2 file names are shared by several input shards (outputs "
-                                                    "keep the names, as .tar), e.g. ['train-000000.tar', "
-                                                    "'train-000001.tar']; encode each folder separately")):
+    with pytest.raises(ConfigError, match=re.escape("shards: 2 output names are shared by several input shards "
+                                                    "(outputs keep the names, as .tar), e.g. train-000000.tar by [")
+                       + r".*\]; give each shard once$"):
         encode(twice)
+    other = tmp_path / "other"  # the same names in two folders, and (below) a .tar and a .tar.gz in one folder
+    shutil.copytree(shapes_shards, other)
+    with pytest.raises(ConfigError, match=r"4 output names are .*; encode each folder separately$"):
+        encode({**twice, "shards": f"{shapes_shards}/train-*.tar::{other}/train-*.tar"})
+    (other / "train-000000.tar.gz").write_bytes(gzip.compress((other / "train-000000.tar").read_bytes()))
+    with pytest.raises(ConfigError, match=r"1 output name is .*; their names differ only in the tar suffix: "
+                                          r"rename or leave out one$"):
+        encode({**twice, "shards": f"{other}/train-00000[0].tar*"})
     in_place = tmp_path / "in_place"
     shutil.copytree(shapes_shards, in_place)
     before = (in_place / "train-000000.tar").read_bytes()
