@@ -199,10 +199,16 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     # shards added to the set (one still downloading): the epoch's order changes; refused as the settings are
     grown = make_dm(shapes_shards, num_workers=2, **{**opts, "train_shards": str(shapes_shards / "train-*.tar")})
     grown.load_state_dict(state)
-    with pytest.raises(configs.ConfigError, match=r"the training shards \(data\.train_shards: their names and sample "
-                                                  r"counts\) 3 shards of 48 samples \([0-9a-f]{8}\) -> 4 shards of 64 "
-                                                  r"samples \([0-9a-f]{8}\)"):
+    with pytest.raises(configs.ConfigError, match=r"the training shards \(data\.train_shards: their names, sample "
+                                                  r"counts and order\) 3 shards of 48 samples \([0-9a-f]{8}\) -> 4 "
+                                                  r"shards of 64 samples \([0-9a-f]{8}\)"):
         next(iter(grown.train_dataloader()))
+    # the same shards listed in another order: another epoch order, which the message names as a possible cause
+    listed = [str(shapes_shards / f"train-00000{i}.tar") for i in (1, 0, 2)]
+    reordered = make_dm(shapes_shards, num_workers=2, **{**opts, "train_shards": listed})
+    reordered.load_state_dict(state)
+    with pytest.raises(configs.ConfigError, match=r"counts and order\) 3 shards of 48 samples \([0-9a-f]{8}\) -> 3"):
+        next(iter(reordered.train_dataloader()))
     allowed = make_dm(shapes_shards, num_workers=3, allow_inexact_resume=True, **opts)
     allowed.load_state_dict(state)
     with pytest.warns(UserWarning, match="repeats some samples"):

@@ -65,7 +65,7 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 ORDER_SETTINGS = {"seed": "data.seed", "world_size": "world size (devices x nodes)",
                   "num_workers": "data.num_workers (at least 1)", "batch_size": "data.batch_size",
                   "shuffle_buffer": "data.shuffle_buffer",
-                  "shard_set": "the training shards (data.train_shards: their names and sample counts)"}
+                  "shard_set": "the training shards (data.train_shards: their names, sample counts and order)"}
 
 
 def shard_set(urls: list[str], counts: list[int]) -> str:
