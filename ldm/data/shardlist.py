@@ -109,14 +109,16 @@ def _tars_in(folder: str) -> list[str]:
 
 def _example(path: str, split: str) -> str:
     """A pattern naming the tar shards beside `path`: the split's (`train-*.tar`, ldm-data's names) where there are
-    such, else every tar but the other split's (img2dataset's `00000.tar`), with the suffix they have."""
+    such, else every tar but the other split's (img2dataset's `00000.tar`), with the suffix they have (`.tar*`
+    where they have several)."""
     folder = os.path.dirname(path)
     tars = _tars_in(folder)
     other = "val" if split == "train" else "train"
     named = [m for m in tars if os.path.basename(m).startswith(f"{split}-")]
     unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
     pick = named or unnamed
-    suffix = (tar_suffix(pick[0]) if pick else "") or ".tar"
+    suffixes = {tar_suffix(m) for m in pick} or {".tar"}
+    suffix = suffixes.pop() if len(suffixes) == 1 else ".tar*"  # mixed (.tar, .tar.gz): every one of them
     return os.path.join(folder, f"{split}-*{suffix}" if named or not unnamed else f"*{suffix}")
 
 
