@@ -274,14 +274,26 @@ def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, mo
     assert config.hydra.run.dir == f"{tmp_path}/home/runs/a" and not (tmp_path / "home").exists()
     with pytest.raises(SystemExit):  # a multirun's jobs are composed from the overrides, which keep the ~
         CheckRunDirectory().on_multirun_start(config)
-    assert "Hydra does not expand ~ in the jobs' folders of a multirun" in capsys.readouterr().err
+    assert "hydra.sweep.dir=~/runs/sweep: Hydra does not expand ~ in the jobs' folders of a multirun" in \
+        capsys.readouterr().err
+    held = OmegaConf.create({"paths": {"runs_dir": "~/runs"},  # named by the key that holds the ~ (not the sweep dir)
+                             "hydra": {"sweep": {"dir": "${paths.runs_dir}/train/multirun/2026"}}})
+    with pytest.raises(SystemExit):
+        CheckRunDirectory().on_multirun_start(held)
+    assert f"paths.runs_dir=~/runs: Hydra does not expand ~ in the jobs' folders of a multirun; give the full path " \
+           f"({tmp_path}/home/runs)" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for run, problem in ((f"{tmp_path}/a_file/run", f"Not a directory: {tmp_path}/a_file"),
                          (f"{tmp_path}/dangling", f"a link that leads nowhere: {tmp_path}/dangling"),
                          (f"{tmp_path}/dangling/run", f"a link that leads nowhere: {tmp_path}/dangling")):
         with pytest.raises(SystemExit) as stopped:
-            CheckRunDirectory().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": run}}}))
+            CheckRunDirectory().on_run_start(OmegaConf.create({"paths": {"output_dir": run},
+                                                               "hydra": {"run": {"dir": "${paths.output_dir}"}}}))
         assert stopped.value.code == 2
         assert capsys.readouterr().err == (f"ldm-train: error: paths.output_dir={run} cannot be the run directory "
                                            f"({problem}); set paths.output_dir to a folder you can write\n")
+    with pytest.raises(SystemExit):  # hydra.run.dir set itself is named as such
+        CheckRunDirectory().on_run_start(OmegaConf.create({"paths": {"output_dir": str(tmp_path / "elsewhere")},
+                                                           "hydra": {"run": {"dir": f"{tmp_path}/a_file/run"}}}))
+    assert capsys.readouterr().err.startswith(f"ldm-train: error: hydra.run.dir={tmp_path}/a_file/run cannot be")

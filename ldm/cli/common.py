@@ -120,17 +120,24 @@ class CheckRunDirectory(Callback):
     is created here: a sweep that a later callback refuses leaves no folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(config, "run", "paths.output_dir")
+        _check_writable(config, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(config, "sweep", "hydra.sweep.dir")
+        _check_writable(config, "sweep")
 
 
-def _check_writable(config: DictConfig, mode: str, key: str) -> None:
+def _check_writable(config: DictConfig, mode: str) -> None:
     directory = str(config.hydra[mode].dir)
+    # named by the key the user sets: paths.output_dir (which hydra.run.dir follows unless set itself), and for a
+    # leading ~ the key whose value holds it (paths.runs_dir='~/runs' reaches hydra.sweep.dir through interpolation)
+    key = "paths.output_dir" if mode == "run" and str(OmegaConf.select(config, "paths.output_dir")) == directory \
+        else f"hydra.{mode}.dir"
     if directory.startswith("~") and mode == "sweep":  # the launcher composes each job's folder from the overrides
-        print(f"ldm-train: error: {key}={directory}: Hydra does not expand ~ in the jobs' folders of a multirun; give "
-              f"the full path ({os.path.expanduser(directory)})", file=sys.stderr, flush=True)
+        held = next(((k, value) for k in ("paths.root_dir", "paths.runs_dir")
+                     if (value := str(OmegaConf.select(config, k, default=""))).startswith("~")
+                     and directory.startswith(value)), (key, directory))
+        print(f"ldm-train: error: {held[0]}={held[1]}: Hydra does not expand ~ in the jobs' folders of a multirun; "
+              f"give the full path ({os.path.expanduser(held[1])})", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)
     if directory.startswith("~"):
         directory = os.path.expanduser(directory)
