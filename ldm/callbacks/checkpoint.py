@@ -41,10 +41,10 @@ from lightning.pytorch.callbacks import Checkpoint as CheckpointBase
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from ldm.callbacks.step_boundary import StepBoundary, final_batch
+from ldm.callbacks.throughput import batch_size_of
 from ldm.config import ConfigError
 from ldm.io import atomic_open, is_export
 
@@ -205,7 +205,7 @@ class Checkpoint(StepBoundary, CheckpointBase):
         self.trained_in_fit = True
         # note: counted before the batch's end, so a checkpoint written then by any callback (Lightning runs this
         # one after the others; ldm.slurm saves on a signal through it) includes its own step's batch
-        self.samples_seen += extract_batch_size(batch) * trainer.world_size
+        self.samples_seen += batch_size_of(batch) * trainer.world_size
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
