@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from PIL import Image
 from ldm import config as configs
 from ldm.cli.data import write_dataset
 from ldm.data import shapes
-from ldm.data.datamodule import WebDataModule
+from ldm.data.datamodule import STOP_SIGNALS, WebDataModule, _stop_signals_ignored
 
 
 def make_dm(shards: Path, **overrides) -> WebDataModule:
@@ -324,6 +327,30 @@ def test_cache_in_memory_serves_later_epochs_without_the_tars(shapes_shards: Pat
     first = first_two()
     (tmp_path / "val-000000.tar").write_bytes(b"")
     assert first_two() == first and dm.num_skipped == 0
+
+
+def test_workers_started_by_spawn_begin_ignoring_stop_signals():
+    """A spawned loader worker (macOS's start method) imports torch for seconds before its worker_init_fn ignores stop
+    signals: a Ctrl-C to the process group then killed it, and the run ended unsaved ("DataLoader worker exited
+    unexpectedly"). A process spawned inside `_stop_signals_ignored` ignores them from its start, and this process's
+    handlers are put back after."""
+    spawn = multiprocessing.get_context("spawn")
+    before = [signal.getsignal(s) for s in STOP_SIGNALS]
+    children = []
+    for signum in STOP_SIGNALS:
+        with _stop_signals_ignored():
+            children.append(spawn.Process(target=time.sleep, args=(1.5,)))
+            children[-1].start()
+        os.kill(children[-1].pid, signum)  # while it starts (imports)
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == before
+    unprotected = spawn.Process(target=time.sleep, args=(1.5,))  # (the test would see the difference)
+    unprotected.start()
+    os.kill(unprotected.pid, signal.SIGTERM)
+    unprotected.join(30)
+    assert unprotected.exitcode != 0
 
 
 def test_a_script_that_exits_holding_a_loader_iterator_ends(shapes_shards: Path):

@@ -25,11 +25,14 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import tarfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +222,9 @@ def _summary_counts(path: Path) -> dict[str, int]:
 # The loader and the DataModule (main process).
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
     """Loader workers leave stop signals to the training process (`ldm.slurm.SlurmRequeue`), which saves and then
     ends its workers itself: SLURM, scancel and a terminal's Ctrl-C signal the whole process group, and a worker that
@@ -235,6 +241,22 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+
+
+@contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """Stop signals ignored in this process meanwhile, so that the loader workers it starts (by spawn, macOS's start
+    method, or forkserver) begin ignoring them: such a worker imports torch for seconds before `worker_init_fn` runs,
+    and a Ctrl-C to the process group then killed it and took the run down unsaved (a child inherits an ignored
+    signal through exec; a handler, blocking or a forked child's early `worker_init_fn` would not do). A stop signal
+    in the milliseconds the workers take to start goes unseen by this process too; the next one is seen."""
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 class EpochLoader(DataLoader):
@@ -259,10 +281,15 @@ class EpochLoader(DataLoader):
         trainer = self.datamodule.trainer
         running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING  # (a finished fit stays set)
         self.worker_init_fn = _leave_stop_signals_to_the_trainer if running else None  # read by iter()
+        context = self.multiprocessing_context
+        method = context if isinstance(context, str) else \
+            (context or multiprocessing).get_start_method()  # type: ignore[union-attr]
+        with _stop_signals_ignored() if running and self.num_workers and method != "fork" else nullcontext():
+            iterator = super().__iter__()  # starts the workers
         if trainer is not None and trainer.sanity_checking:  # a few batches only: the first whole pass comes later
-            return self._batches(super().__iter__(), first=False)
+            return self._batches(iterator, first=False)
         self.passes += 1
-        return self._batches(super().__iter__(), first=self.passes == 1)
+        return self._batches(iterator, first=self.passes == 1)
 
     def _batches(self, iterator: Iterator[dict[str, Any]], first: bool) -> Iterator[dict[str, Any]]:
         """Each batch without its reports; those of the loader's first pass are counted (later epochs and validations

@@ -48,9 +48,9 @@ from ldm.eval.reference_stats import ReferenceStats, default_cache_dir, load_or_
 from ldm.eval.results import WandbTable, append_results, print_row, read_results, rewrite_csv
 from ldm.eval.sources import (
     READER_VERSION,
+    fingerprint_digest,
     generation_labels,
     iter_image_batches,
-    fingerprint_digest,
     load_prompts,
     row_shards,
     shard_digest,
