@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scale_helpers import compose_train, run_cli, tiny_overrides
@@ -51,6 +53,24 @@ def test_second_holder_is_refused_naming_directory_holder_and_fix(tmp_path, monk
     release(path)
     assert not path.exists()
     release(acquire(tmp_path))  # free again
+
+
+def test_the_lock_works_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    """exFAT and FAT32 (a drive shared between a Mac and Windows) refuse hard links with EPERM: ldm-data, ldm-train
+    and ldm-encode stopped there with "Operation not permitted" on the lock file."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+    def no_links(*_args: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # (this file system's answer on exFAT)
+    path = acquire(tmp_path)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(RunDirectoryLocked):
+        acquire(tmp_path)
+    release(path)
+    assert sorted(tmp_path.iterdir()) == []  # no temp file left
+    release(acquire(tmp_path))
 
 
 def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, capsys):

@@ -91,7 +91,9 @@ def slurm_restart_count() -> str:
 
 
 def _try_create(path: Path, record: dict[str, Any]) -> bool:
-    """Create `path` holding `record` if it does not exist yet, atomically (write a temp file, hard-link it)."""
+    """Create `path` holding `record` if it does not exist yet, atomically (write a temp file, hard-link it); on a
+    file system without hard links (exFAT, FAT32, some network shares) by an exclusive create, whose record a
+    starter reading it in the microseconds before it is written would take for a torn lock."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record))
     try:
@@ -99,6 +101,14 @@ def _try_create(path: Path, record: dict[str, Any]) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links here (EPERM, ENOTSUP, ...)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 
