@@ -45,7 +45,8 @@ mkdir -p "$OUT"
 # for them and, as soon as one fails, stops the others and the quickstart, showing the failed one's log. Ctrl-C (or a
 # SIGTERM, SIGHUP to the script) stops the running commands (the trainers save last.ckpt) and the quickstart, with
 # status 130 (143, 129): nothing after it runs.
-THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)  # (macOS has no nproc)
+THREADS=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
 PIDS=(); NAMES=()
 start() {
   local name=$1; shift
@@ -75,7 +76,7 @@ finish() {
       status=0; wait "${PIDS[$i]}" || status=$?
       name=${NAMES[$i]#+}
       if (( status )); then
-        [[ ${NAMES[$i]} == +* ]] || tail -n 20 "$OUT/$name.log"
+        [[ ${NAMES[$i]} == +* ]] || tail -n 20 "$OUT/$name.log" || true
         echo "quickstart: $name failed; its log: $OUT/$name.log" >&2
         unset 'PIDS[i]'
         stop_all
