@@ -92,7 +92,8 @@ def _child(index: int, config: dict[str, Any], tasks: list[tuple[str, str, int]]
     except BaseException as err:  # noqa: BLE001 -- reported to the parent, which raises it (a full disk, a config
         # mistake: told as one process would tell it, not as a page of the child's traceback)
         try:
-            err.add_note(f"in ldm-encode process {index}:\n{traceback.format_exc()}")  # (HYDRA_FULL_ERROR=1 shows it)
+            if hasattr(err, "add_note"):  # Python 3.11 on (HYDRA_FULL_ERROR=1 shows the note)
+                err.add_note(f"in ldm-encode process {index}:\n{traceback.format_exc()}")
             pickle.dumps(err)
         except Exception:  # noqa: BLE001 -- an error that does not cross processes: its traceback, as text
             err = RuntimeError(f"ldm-encode process {index} failed:\n{traceback.format_exc()}")
