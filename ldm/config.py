@@ -20,8 +20,10 @@ the full key. `instantiate(node)` validates the node again (cross-field checks i
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 import re
+import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -249,3 +251,24 @@ def instantiate(node: DictConfig, prefix: str = "", **kwargs: Any) -> Any:
 def asdict(config: Any) -> dict[str, Any]:
     """A dataclass config as plain nested dicts (what checkpoints store)."""
     return dataclasses.asdict(config)
+
+
+def override_value(value: Any) -> str:
+    """`value` as a Hydra override writes it (`null`, `true`, `[1,2]`), for a message's fix to paste."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return json.dumps(value, separators=(",", ":")) if value is None or isinstance(value, (bool, list, dict)) \
+        else str(value)
+
+
+def pasteable(overrides: dict[str, Any]) -> str:
+    """`key=value` overrides to paste into a shell: a value that Hydra's unquoted grammar would not take (a space, a
+    letter beyond ASCII, a quote) in Hydra's quotes (where backslashes are escapes only before a quote or the end),
+    and each override in the shell's where it needs them."""
+    def hydra(value: Any) -> str:
+        text = override_value(value)
+        return text if not isinstance(value, str) or re.fullmatch(r"[\w\-+./:~@%*?]*", text, re.ASCII) else \
+            '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + "\\" * bool(m[2]) + m[2], text) + '"'
+
+    return " ".join(shlex.quote(f"{key}={hydra(value)}") for key, value in overrides.items())
+

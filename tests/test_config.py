@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
@@ -311,3 +312,16 @@ def test_help_of_a_command_lists_its_keys_not_ldm_trains_groups(tmp_path: Path):
     copied = subprocess.run([ldm_data, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                             env={**os.environ, "LDM_CONF_DIR": "conf_copy"})
     assert copied.returncode == 0 and "output_dir:" in copied.stdout, copied.stderr[-2000:]
+
+
+def test_pasteable_overrides_reach_hydra_as_written_through_a_shell():
+    """A printed next-step command with a path holding a space or a letter beyond ASCII (a macOS home folder) gave a
+    Hydra grammar error when pasted (`name_or_path=/runs/clip sp/export`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = {"a.path": "/tmp/runs/clip sp/Données/export", "a.quoted": 'say "x" \\ y\\', "a.end": "C:\\runs\\",
+              "a.plain": "runs/clip/export", "a.glob": "data/*.tar", "a.none": None, "a.list": [1, 2]}
+    line = configs.pasteable(values)
+    assert "a.plain=runs/clip/export" in line.split() and "'a.list=[1,2]'" in line.split()  # (zsh globs [)
+    parsed = OverridesParser.create().parse_overrides(shlex.split(line))
+    assert {o.key_or_group: o.value() for o in parsed} == values

@@ -123,14 +123,6 @@ TOP_LEVEL_KEYS = ("task_name", "run_name", "tags", "seed", "ckpt_path", "auto_re
                   "tf32", "channels_last", "paths", "data", "model", "trainer", "callbacks", "logger")
 
 
-def override_value(value: Any) -> str:
-    """`value` as a Hydra override writes it (`null`, `true`, `[1,2]`), for a message's fix to paste."""
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value)
-    return json.dumps(value, separators=(",", ":")) if value is None or isinstance(value, (bool, list, dict)) \
-        else str(value)
-
-
 def check_top_level_keys(cfg: DictConfig) -> None:
     """Refuse a top-level key that ldm-train does not read (`+seeed=3`, or `+unet=small`, which Hydra's own message
     suggests for a group of the model's: both ran, acting on nothing)."""
@@ -145,9 +137,9 @@ def check_top_level_keys(cfg: DictConfig) -> None:
             choice = HydraConfig.get().runtime.choices.get(key) if HydraConfig.initialized() else None
             fix = f"{key}@model.{key}={choice or 'OPTION'} (a config group)"
         elif leaves:  # +diffusion.prediction=eps
-            fix = " ".join(f"{path}={override_value(leaf)}" for path, leaf in leaves.items())
+            fix = " ".join(f"{path}={configs.override_value(leaf)}" for path, leaf in leaves.items())
         else:
-            fix = f"model.{key}={override_value(value)}"
+            fix = f"model.{key}={configs.override_value(value)}"
         hint = f"model.{key} is where it acts: {fix}"
     else:
         close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
-from ldm.config import ConfigError, asdict, check_min, to_dataclass
+from ldm.config import ConfigError, asdict, check_min, pasteable, to_dataclass
 from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
 from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
@@ -217,5 +217,5 @@ class ContrastiveModule(L.LightningModule):
             return
         export_dir = Path(self.trainer.default_root_dir) / "export"
         self.text_encoder.save_pretrained(export_dir)
-        rank_zero_info(f"text encoder exported to {export_dir} (stage 2: model.conditioner.kind=byte "
-                       f"model.conditioner.name_or_path={export_dir})")
+        stage_2 = pasteable({"model.conditioner.kind": "byte", "model.conditioner.name_or_path": str(export_dir)})
+        rank_zero_info(f"text encoder exported to {export_dir} (stage 2: {stage_2})")
