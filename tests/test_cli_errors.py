@@ -64,6 +64,8 @@ CASES = [
          ("latin1.csv", "UTF-8")),
     Case("data-uncaptioned-folder", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "val_samples=1"),
          ("no caption", "allow_missing_captions=true")),
+    Case("data-path-beyond-ascii", "ldm-data", ("output_dir={tmp}/Données",),  # Hydra's lexer exception
+         ("Hydra cannot read this override (token recognition error at: 'é')", """/Données"'""")),
     Case("data-holdout-everything", "ldm-data", ("source=shapes", "output_dir={tmp}/d_holdout", "num_samples=8",
                                                  "holdout=[a]"), ("holdout=['a']", "nothing left")),
     # ldm-train: about five seconds each (torch and Lightning imports)

@@ -34,7 +34,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.config import ConfigError, is_int
+from ldm.config import ConfigError, is_int, pasteable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -349,6 +349,25 @@ def null_group_override(args: list[str], command: str) -> str | None:
     return None
 
 
+def unparsable_override(args: list[str]) -> str | None:
+    """The refusal of an override Hydra's grammar cannot read (a path with a space from a quoted shell word, a letter
+    beyond ASCII, a brace), which Hydra names with its lexer's exception: with the override that would do, quoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = None
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:  # a flag (-m, --cfg job) or a flag's value
+            continue
+        parser = parser or OverridesParser.create()
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:
+            key, _, value = arg.partition("=")
+            return (f"{arg}: Hydra cannot read this override ({str(err).splitlines()[-1].strip()}); a value holding "
+                    f"a space, a letter beyond ASCII, a quote or a brace goes in quotes: {pasteable({key: value})}")
+    return None
+
+
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
     group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
@@ -363,7 +382,7 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                   f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
                   f"conf/", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        refused = null_group_override(sys.argv[1:], command)
+        refused = null_group_override(sys.argv[1:], command) or unparsable_override(sys.argv[1:])
         if refused is not None:
             print(f"{name}: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
