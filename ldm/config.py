@@ -271,4 +271,3 @@ def pasteable(overrides: dict[str, Any]) -> str:
             '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + "\\" * bool(m[2]) + m[2], text) + '"'
 
     return " ".join(shlex.quote(f"{key}={hydra(value)}") for key, value in overrides.items())
-
