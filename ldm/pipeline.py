@@ -188,7 +188,11 @@ class LatentDiffusionPipeline(nn.Module):
             conditions: what the conditioner takes (`conditioner.batch_conditions(batch)`).
             generator: the posterior sample, condition dropout, timesteps and noise are drawn from it, in that order.
         """
-        z0 = self.scaled_latents(inputs, generator)                                 # (B, C, h, w)
+        return self.latent_loss(self.scaled_latents(inputs, generator), conditions, generator)
+
+    def latent_loss(self, z0: torch.Tensor, conditions: Any, generator: torch.Generator | None = None,
+                    ) -> torch.Tensor:
+        """`loss` from the batch's scaled latents (B, C, h, w) (`scaled_latents`, drawn with the same generator)."""
         cond = self.conditioner(conditions, generator=generator)                    # dropout in train mode
         return diffusion_loss(lambda x_t, t: self.unet(x_t, t, **cond), z0, self.schedule, self.diffusion,
                               generator).mean()

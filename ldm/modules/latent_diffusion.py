@@ -370,11 +370,15 @@ class LatentDiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ training
 
     def _loss(self, batch: dict[str, Any], generator: torch.Generator, pipeline: LatentDiffusionPipeline,
-              ) -> torch.Tensor:
-        """The pipeline's loss on a batch of images, or of precomputed latents (`moments` from latent shards)."""
+              check_spread: bool = False) -> torch.Tensor:
+        """The pipeline's loss on a batch of images, or of precomputed latents (`moments` from latent shards);
+        `check_spread`: warn when the latents it trains on spread far from 1 (`_check_latent_spread`)."""
         c = self.config
         conditions = pipeline.conditioner.batch_conditions(batch, c.caption_key, c.label_key)
-        return pipeline.loss(self._inputs(batch), conditions, generator)
+        z0 = pipeline.scaled_latents(self._inputs(batch), generator)
+        if check_spread:
+            self._check_latent_spread(z0)
+        return pipeline.latent_loss(z0, conditions, generator)
 
     def _inputs(self, batch: dict[str, Any]) -> torch.Tensor | DiagonalGaussianDistribution:
         """A batch's images, or the posterior of its precomputed latents (`moments` from latent shards)."""
@@ -385,12 +389,10 @@ class LatentDiffusionModule(L.LightningModule):
         return len(batch["moments"] if "moments" in batch else batch[self.config.image_key])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.global_step == 0 and batch_idx == 0:
-            self._check_latent_spread(batch)
         accumulate = self.trainer.accumulate_grad_batches
         generator = step_generator(self.config.seed, self.global_rank, self.global_step, self.device,
                                    micro=batch_idx % accumulate)  # distinct draws per micro-batch
-        loss = self._loss(batch, generator, self.pipeline)
+        loss = self._loss(batch, generator, self.pipeline, check_spread=self.global_step == 0 and batch_idx == 0)
         # The step's loss over its whole global batch: the mean of its micro-batches' on every rank (the last
         # micro-batch's alone would cover 1/accumulate of the batch).
         if batch_idx % accumulate == 0:
@@ -402,13 +404,11 @@ class LatentDiffusionModule(L.LightningModule):
                      on_epoch=False, sync_dist=True, batch_size=self.batch_size(batch))
         return loss
 
-    @torch.no_grad()
-    def _check_latent_spread(self, batch: dict[str, Any]) -> None:
-        """Warn when the first batch's scaled latents are far from unit spread: the noise schedule assumes about 1,
-        which the latent scale is there to give, and a wrong one (SD's 0.18215 for another autoencoder, a stand-in
-        that an export of older ldm carries unmarked) trains the run at another signal-to-noise ratio unsaid."""
-        generator = torch.Generator(self.device).manual_seed(0)  # none of the step's draws
-        z = self.pipeline.scaled_latents(self._inputs(batch), generator)
+    def _check_latent_spread(self, z: torch.Tensor) -> None:
+        """Warn when the first batch's scaled latents `z` are far from unit spread: the noise schedule assumes about
+        1, which the latent scale is there to give, and a wrong one (SD's 0.18215 for another autoencoder, a stand-in
+        that an export of older ldm carries unmarked) trains the run at another signal-to-noise ratio unsaid. (Taken
+        from the step's own latents: encoding the batch again was counted in the run's FLOPs.)"""
         std, (low, high) = float(z.std()), LATENT_STD_RANGE
         if not low <= std <= high:
             frozen = self.hparams["frozen"]
