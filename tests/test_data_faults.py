@@ -670,7 +670,31 @@ def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog
     assert caplog.text.count("skipped corrupt sample") == 1 and dm.skipped == [(str(shard), "k003", dm.skipped[0][2])]
 
 
-def test_the_sanity_check_is_not_the_pass_that_counts(tmp_path: Path):
+def test_a_resumed_epoch_counts_what_it_reads_after_the_stop(tmp_path: Path):
+    """The corrupt and uncaptioned samples of the batches trained before a stop were counted again by the resumed
+    run, whose fast-forward over them decodes them: the two runs' counts add up to the uninterrupted run's."""
+    samples = shapes_like(tmp_path, "r", 16)
+    for i in (0, 13):
+        samples[i]["png"] = b"not an image"
+    for i in (1, 14):
+        del samples[i]["txt"]
+    shard = write_shard(tmp_path / "bad-000000.tar", samples)
+
+    def counts(stop_after: int | None = None, state: dict | None = None) -> tuple[int, int, dict]:
+        dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8, shuffle_buffer=2)
+        dm.setup("fit")
+        if state is not None:
+            dm.load_state_dict(state)
+        for done, _ in enumerate(dm.train_dataloader(), 1):
+            if done == stop_after:
+                break
+        return dm.num_skipped, sum(dm.uncaptioned.values()), dm.state_dict()
+
+    assert counts()[:2] == (2, 2)
+    *before, state = counts(stop_after=3)
+    assert before == [1, 1]  # (the first samples read: in the batches trained before the stop)
+    assert counts(state=state)[:2] == (1, 1)  # it counted (2, 2)
+
     """Lightning's sanity check reads the first validation batches only: the corrupt and the uncaptioned sample of a
     later batch are counted in the first whole validation."""
     class Validated(Mean):

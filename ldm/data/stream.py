@@ -595,7 +595,7 @@ class ShardStream(IterableDataset):
             # exactly the quota, topped up if samples were lost
             lambda: _exactly(decoded(segments, skips), p.quota(slot), slot, skips,
                              fallback=decoded(every_shard, SkipLog())),
-            lambda samples: islice(samples, done * p.batch_size, None),  # resume: what this worker already produced
+            lambda samples: _after(samples, done * p.batch_size, skips),  # resume: what this worker already produced
             wds.map(self._to_tensor),  # resize, crop, flip; float (3, R, R) in [-1, 1]
             wds.batched(p.batch_size, collation_fn=self.collate_batch, partial=not p.train),
         )
@@ -626,6 +626,19 @@ class ShardStream(IterableDataset):
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
         sample["image"] = x.float().div_(127.5).sub_(1.0)
         return sample
+
+
+def _after(samples: Iterator[dict[str, Any]], done: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """`samples` after the first `done`, which the run trained before it stopped: the corrupt and uncaptioned
+    samples met on the way there were counted then, so their records are dropped (a resumed run counts the rest of
+    the epoch only; it counted them again)."""
+    samples = iter(samples)
+    if done:
+        for _ in islice(samples, done):
+            pass
+        skips.pop()
+        skips.pop_uncaptioned()
+    yield from samples
 
 
 def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int, skips: SkipLog,
