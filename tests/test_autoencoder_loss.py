@@ -56,6 +56,12 @@ def test_learned_logvar_is_a_parameter():
     fixed = AutoencoderLoss(LossConfig(lpips_weight=0.0))
     assert isinstance(learned.logvar, torch.nn.Parameter) and float(learned.logvar.detach()) == 0.5
     assert not isinstance(fixed.logvar, torch.nn.Parameter)
+    # the value logged is the one the step's loss used, not the optimizer step's update of it (logged after it)
+    model, x = tiny_autoencoder(), torch.rand(2, 3, 32, 32) * 2 - 1
+    total, logged = learned.generator_step(x, *model(x), step=0)
+    total.backward()
+    torch.optim.SGD([learned.logvar], lr=0.1).step()
+    assert float(logged["logvar"]) == 0.5 and float(learned.logvar.detach()) != 0.5
 
 
 @pytest.fixture

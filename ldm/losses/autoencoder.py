@@ -129,9 +129,9 @@ class AutoencoderLoss(nn.Module):
             loss = loss + d_weight * c.disc_factor * g_loss
 
         log = {"total_loss": loss, "nll_loss": nll_loss, "rec_loss": rec.mean(), "p_loss": p_loss.mean(),
-               "kl_loss": kl_loss, "g_loss": g_loss, "disc_weight": d_weight, "logvar": self.logvar,
+               "kl_loss": kl_loss, "g_loss": g_loss, "disc_weight": d_weight, "logvar": self.logvar.clone(),
                "disc_factor": torch.tensor(c.disc_factor if self.disc_active(step) else 0.0)}
-        return loss, {k: v.detach() for k, v in log.items()}
+        return loss, {k: v.detach() for k, v in log.items()}  # (logvar a copy: the step's update is in place)
 
     def discriminator_step(self, x: torch.Tensor, x_rec: torch.Tensor,
                            step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
