@@ -261,13 +261,16 @@ def override_value(value: Any) -> str:
         else str(value)
 
 
-def pasteable(overrides: dict[str, Any]) -> str:
-    """`key=value` overrides to paste into a shell: a value that Hydra's unquoted grammar would not take (a space, a
-    letter beyond ASCII, a quote) in Hydra's quotes (where backslashes are escapes only before a quote or the end),
-    and each override in the shell's where it needs them."""
-    def hydra(value: Any) -> str:
-        text = override_value(value)
-        return text if not isinstance(value, str) or re.fullmatch(r"[\w\-+./:~@%*?]*", text, re.ASCII) else \
-            '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + "\\" * bool(m[2]) + m[2], text) + '"'
+def hydra_quoted(text: str) -> str:
+    """`text` as a Hydra override value: as it is where Hydra's unquoted grammar takes it, else in Hydra's double
+    quotes (where backslashes are escapes only before a quote or the end)."""
+    return text if re.fullmatch(r"[\w\-+./:@%*?]*", text, re.ASCII) else \
+        '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + "\\" * bool(m[2]) + m[2], text) + '"'
 
-    return " ".join(shlex.quote(f"{key}={hydra(value)}") for key, value in overrides.items())
+
+def pasteable(overrides: dict[str, Any]) -> str:
+    """`key=value` overrides to paste into a shell: a string that Hydra's unquoted grammar would not take (a space, a
+    letter beyond ASCII, a quote, `~`) in Hydra's quotes (`hydra_quoted`), and each override in the shell's quotes
+    where it needs them."""
+    return " ".join(shlex.quote(f"{key}={hydra_quoted(value) if isinstance(value, str) else override_value(value)}")
+                    for key, value in overrides.items())

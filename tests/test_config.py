@@ -325,3 +325,32 @@ def test_pasteable_overrides_reach_hydra_as_written_through_a_shell():
     assert "a.plain=runs/clip/export" in line.split() and "'a.list=[1,2]'" in line.split()  # (zsh globs [)
     parsed = OverridesParser.create().parse_overrides(shlex.split(line))
     assert {o.key_or_group: o.value() for o in parsed} == values
+
+
+def test_an_override_hydra_cannot_read_is_refused_with_one_that_reads():
+    """Hydra answers a value with a letter beyond ASCII or a `~` with its lexer's exception: ldm refuses it in one
+    line with the override quoted (each element of a list or a sweep on its own: quoting the whole made one string
+    of them), and reads nothing else as an override (a flag's value `--config-dir /a=b` was refused)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ldm.cli.common import unparsable_override
+
+    parser = OverridesParser.create()
+    fixes = {"paths.output_dir=/Users/me/Données/run": ("paths.output_dir", "/Users/me/Données/run"),
+             "paths.output_dir=~/runs": ("paths.output_dir", "~/runs"),
+             "data.train_shards=[/d/é/a.tar,/d/é/b.tar]": ("data.train_shards", ["/d/é/a.tar", "/d/é/b.tar"]),
+             "data.train_shards=/d/é/{a,b}.tar": ("data.train_shards", "/d/é/{a,b}.tar")}
+    for arg, (key, value) in fixes.items():
+        refusal = unparsable_override(["experiment=x", arg])
+        assert refusal.startswith(f"{arg}: Hydra cannot read this override ("), refusal
+        (override,) = parser.parse_overrides(shlex.split(refusal.rsplit("quotes: ", 1)[1]))
+        assert (override.key_or_group, override.value()) == (key, value)
+    sweep = unparsable_override(["run_name=ü,v"]).rsplit("quotes: ", 1)[1]
+    assert [getattr(v, "text", v) for v in parser.parse_overrides(shlex.split(sweep))[0].sweep_iterator()] == \
+        ["ü", "v"]
+    for arg in ("é=1", "data.train_shards=[a,é"):  # a key, an unclosed list: no quoted form offered
+        assert unparsable_override([arg]).endswith("""Hydra's quotes (key="value", inside the shell's quotes)""")
+    assert unparsable_override(["--config-dir", "/tmp/cd=x", "-cn", "a=b", "-m", "--cfg", "job", "a=1,2",
+                                "b=range(1,3)", "c=choice(1,2)", "~d", "+e=", "++f=3", "g=", "h=${paths.root_dir}",
+                                "i='é ü'", "j=[1,2]", "k={a: 1}", "hydra/launcher=slurm", "hydra.verbose=true",
+                                "l=interval(0.1,1)", "m=tag(log,interval(1e-4,1e-2))", "n=glob(*)"]) is None

@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -34,7 +35,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.config import ConfigError, is_int, pasteable
+from ldm.config import ConfigError, hydra_quoted, is_int
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -349,22 +350,39 @@ def null_group_override(args: list[str], command: str) -> str | None:
     return None
 
 
+# Hydra's flags that take the next argument as their value (`--config-dir DIR`), which is no override
+HYDRA_VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p",
+                     "--package", "-i", "--info", "--experimental-rerun"}
+
+
 def unparsable_override(args: list[str]) -> str | None:
-    """The refusal of an override Hydra's grammar cannot read (a path with a space from a quoted shell word, a letter
-    beyond ASCII, a brace), which Hydra names with its lexer's exception: with the override that would do, quoted."""
+    """The refusal of an override Hydra's grammar cannot read (a path with a letter beyond ASCII, a `~`, a space from
+    a quoted shell word, a brace), which Hydra answers with its lexer's exception: with the override quoted so that
+    it reads, each element of a list or a sweep on its own, where that form is one Hydra reads."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = None
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:  # a flag (-m, --cfg job) or a flag's value
+    for previous, arg in zip([None, *args], args):
+        if arg.startswith("-") or "=" not in arg or previous in HYDRA_VALUE_FLAGS:
             continue
         parser = parser or OverridesParser.create()
         try:
             parser.parse_override(arg)
         except HydraException as err:
             key, _, value = arg.partition("=")
+            inner, listed = (value[1:-1], True) if value.startswith("[") and value.endswith("]") else (value, False)
+            parts = [inner] if any(c in inner for c in "[]{}()") else inner.split(",")  # (a brace pattern: one)
+            quoted = ",".join(map(hydra_quoted, parts))
+            fix = f"{key}=[{quoted}]" if listed else f"{key}={quoted}"
+            shown = ' (key="value", inside the shell\'s quotes)'
+            if all(value.count(a) == value.count(b) for a, b in ("[]", "{}", "()")):  # not a typo quoting would hide
+                try:
+                    parser.parse_override(fix)
+                    shown = f": {shlex.quote(fix)}"
+                except HydraException:  # the key itself
+                    pass
             return (f"{arg}: Hydra cannot read this override ({str(err).splitlines()[-1].strip()}); a value holding "
-                    f"a space, a letter beyond ASCII, a quote or a brace goes in quotes: {pasteable({key: value})}")
+                    f"a space, a letter beyond ASCII, ~, a quote or a brace goes in Hydra's quotes{shown}")
     return None
 
 
