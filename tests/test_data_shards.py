@@ -608,13 +608,18 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
         (tmp_path / "i2d" / f"{i:05d}.json").write_text("{}")
     with pytest.raises(ConfigError, match=re.escape(f"e.g. {tmp_path}/i2d/0000*.tar") + "$"):
         expand_shards(f"{tmp_path}/i2d/0000*", "data.train_shards")
-    (tmp_path / "mixed").mkdir()  # .tar and .tar.gz shards: the fix takes both (`*.tar` left the .tar.gz out)
+    (tmp_path / "mixed").mkdir()  # .tar, .tar.gz and .tgz shards: the fix takes them all (`*.tar` left the others
+    # out, `*.tar*` the .tgz, and took a .tar.md5)
     for i in range(3):
         shutil.copy(train[0], tmp_path / "mixed" / f"{i:05d}.tar")
         (tmp_path / "mixed" / f"{i:05d}_stats.json").write_text("{}")
     (tmp_path / "mixed" / "00003.tar.gz").write_bytes(gzip.compress(Path(train[0]).read_bytes()))
-    with pytest.raises(ConfigError, match=re.escape(f"e.g. {tmp_path}/mixed/*.tar*") + "$"):
+    (tmp_path / "mixed" / "00004.tgz").write_bytes(gzip.compress(Path(train[0]).read_bytes()))
+    (tmp_path / "mixed" / "00000.tar.md5").write_text("0")
+    fix = f"{tmp_path}/mixed/*.tar::{tmp_path}/mixed/*.tar.gz::{tmp_path}/mixed/*.tgz"
+    with pytest.raises(ConfigError, match=re.escape(f"e.g. {fix}") + "$"):
         expand_shards(f"{tmp_path}/mixed/*", "data.train_shards")
+    assert len(expand_shards(fix, "data.train_shards")) == 5  # (the fix takes every tar, and nothing else)
     (tmp_path / "notes.json.gz").write_bytes(gzip.compress(b'{"not": "a tar"}'))
     with pytest.raises(ConfigError, match=r"notes\.json\.gz is no tar shard"):
         expand_shards(str(tmp_path / "notes.json.gz"), "data.train_shards")

@@ -109,17 +109,17 @@ def _tars_in(folder: str) -> list[str]:
 
 def _example(path: str, split: str) -> str:
     """A pattern naming the tar shards beside `path`: the split's (`train-*.tar`, ldm-data's names) where there are
-    such, else every tar but the other split's (img2dataset's `00000.tar`), with the suffix they have (`.tar*`
-    where they have several)."""
+    such, else every tar but the other split's (img2dataset's `00000.tar`), with the suffix they have (a `::` list
+    of one pattern per suffix where they have several)."""
     folder = os.path.dirname(path)
     tars = _tars_in(folder)
     other = "val" if split == "train" else "train"
     named = [m for m in tars if os.path.basename(m).startswith(f"{split}-")]
     unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
     pick = named or unnamed
-    suffixes = {tar_suffix(m) for m in pick} or {".tar"}
-    suffix = suffixes.pop() if len(suffixes) == 1 else ".tar*"  # mixed (.tar, .tar.gz): every one of them
-    return os.path.join(folder, f"{split}-*{suffix}" if named or not unnamed else f"*{suffix}")
+    start = f"{split}-*" if named or not unnamed else "*"
+    return "::".join(os.path.join(folder, f"{start}{suffix}")  # one pattern per suffix (.tar, .tar.gz, .TGZ)
+                     for suffix in sorted({tar_suffix(m) for m in pick} or {".tar"}))
 
 
 def _narrower(matches: list[str], others: list[str], path: str, split: str) -> str:
@@ -135,7 +135,7 @@ def _narrower(matches: list[str], others: list[str], path: str, split: str) -> s
     if tars:
         candidates.append((os.path.join(os.path.dirname(path), glob.escape(start) + "*" + glob.escape(end)), True))
     for pattern, whole in candidates:
-        taken = set(glob_sorted(pattern))
+        taken = {m for part in pattern.split("::") for m in glob_sorted(part)}
         if taken and taken <= tars and (not whole or tars <= taken):  # within the tars matched (the split's, or all)
             return f", e.g. {pattern}"
     return ""
