@@ -191,14 +191,20 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     names = [latents.shard_name(u) for u in urls]
     shared = sorted(name for name, count in Counter(names).items() if count > 1)
     if shared:
+        fixes = {}  # what each way of sharing a name asks for, over every shared name
+        for name in shared:
+            real = [os.path.realpath(u) for u in urls if latents.shard_name(u) == name]
+            folders = Counter(os.path.dirname(r) for r in set(real))
+            if len(set(real)) < len(real):
+                fixes["give each shard once"] = None
+            if max(folders.values()) > 1:
+                fixes["rename or leave out one of the shards whose names differ only in the tar suffix"] = None
+            if len(folders) > 1:
+                fixes["encode each folder separately"] = None
         inputs = [u for u in urls if latents.shard_name(u) == shared[0]]
-        real = [os.path.realpath(u) for u in inputs]
-        fix = "give each shard once" if len(set(real)) < len(real) else \
-            "their names differ only in the tar suffix: rename or leave out one" \
-            if len({os.path.dirname(r) for r in real}) < len(real) else "encode each folder separately"
         raise ConfigError(f"shards: {len(shared)} output name{'s are' if len(shared) > 1 else ' is'} shared by "
                           f"several input shards (outputs keep the names, as .tar), e.g. {shared[0]} by {inputs}; "
-                          f"{fix}")
+                          f"{'; '.join(fixes)}")
     rank, world, local_rank = _world()
     if world > 1 and config.overwrite:
         raise ConfigError("overwrite=true under torchrun would race with the other ranks: delete output_dir, or run "
