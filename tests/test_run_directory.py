@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +103,19 @@ def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, cap
     assert "an earlier run (restart 0) of this SLURM job 4242" in capsys.readouterr().out
     assert json.loads(path.read_text())["slurm_restart_count"] == "1"
     release(path)
-    (tmp_path / LOCK_NAME).write_text("")  # torn by a crash between create and write
+    (tmp_path / LOCK_NAME).write_text("")  # torn by a crash between create and write, a while ago
+    os.utime(tmp_path / LOCK_NAME, (time.time() - 60, time.time() - 60))
     release(acquire(tmp_path))
     assert not (tmp_path / LOCK_NAME).exists()
+    # ... and one being written: another starter's exclusive create where there are no hard links (exFAT), empty
+    # until its record follows; it was taken over at once, and both runs went on
+    (tmp_path / LOCK_NAME).write_text("")
+    writer = threading.Timer(0.3, lambda: (tmp_path / LOCK_NAME).write_text(json.dumps(
+        {"pid": 1, "host": socket.gethostname(), "started": "now"})))
+    writer.start()
+    with pytest.raises(RunDirectoryLocked, match="in use by another ldm-train .pid 1 on host"):
+        acquire(tmp_path)
+    writer.join()
 
 
 def test_a_second_ldm_data_into_the_output_dir_is_refused(tmp_path, monkeypatch):

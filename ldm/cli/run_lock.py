@@ -92,8 +92,8 @@ def slurm_restart_count() -> str:
 
 def _try_create(path: Path, record: dict[str, Any]) -> bool:
     """Create `path` holding `record` if it does not exist yet, atomically (write a temp file, hard-link it); on a
-    file system without hard links (exFAT, FAT32, some network shares) by an exclusive create, whose record a
-    starter reading it in the microseconds before it is written would take for a torn lock."""
+    file system without hard links (exFAT, FAT32, some network shares) by an exclusive create, empty until the record
+    is written (`_holder` waits for it)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record))
     try:
@@ -113,6 +113,22 @@ def _try_create(path: Path, record: dict[str, Any]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+WRITING_S = 5.0  # an empty lock file younger than this is one being written (`_try_create` without hard links)
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+    """`read_lock`, waiting while the lock file is empty and new: another starter's exclusive create on a file system
+    without hard links is empty until its record is written (taken for a torn lock, it was taken over: two runs)."""
+    while (holder := read_lock(path)) == {}:
+        try:
+            if time.time() - path.stat().st_mtime > WRITING_S:
+                break
+        except FileNotFoundError:
+            return None
+        time.sleep(0.05)
+    return holder
+
+
 def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
     """Take `command`'s lock of `output_dir` for this process (see the module docstring); returns the lock file's path.
 
@@ -127,7 +143,7 @@ def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
     for _ in range(3):  # another starter may take over or release the lock between our attempts
         if _try_create(path, record):
             return path
-        holder = read_lock(path)
+        holder = _holder(path)
         if holder is None:
             continue  # released meanwhile: try again
         reason = stale_reason(holder)
