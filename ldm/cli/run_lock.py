@@ -4,11 +4,11 @@
 Two runs writing into one directory would interleave their checkpoints, configs, exports and metrics (two encodes or
 two `ldm-data`s: each removes the other's temp files as an interrupted run's). The lock file (`train.lock`,
 `encode.lock`, `data.lock`; JSON: pid, host, SLURM job id, start time) is created with an exclusive hard link (an
-exclusive create where the file system has none: exFAT, FAT32), so of two runs starting at once exactly one wins. A second run stops at start with `RunDirectoryLocked` naming the
-directory, the holder and the fix. A lock left behind by a run that was killed (SIGKILL, a node failure) is stale
-when its process is dead on this host, or when it was written for an earlier run of this same SLURM job (a requeued
-job keeps its id, may land on another node or the same one, and counts its restarts): it is taken over with a
-message.
+exclusive create where the file system has none: exFAT, FAT32), so of two runs starting at once exactly one wins. A
+second run stops at start with `RunDirectoryLocked` naming the directory, the holder and the fix. A lock left behind
+by a run that was killed (SIGKILL, a node failure) is stale when its process is dead on this host, or when it was
+written for an earlier run of this same SLURM job (a requeued job keeps its id, may land on another node or the same
+one, and counts its restarts): it is taken over with a message.
 
 Only the launching process takes the lock (global rank 0: RANK, LOCAL_RANK, NODE_RANK and SLURM_PROCID all 0 or
 unset); the other ranks of the same run, which Lightning or srun start with those set, never touch it.
