@@ -38,6 +38,15 @@ def umask() -> int:
     return mask
 
 
+def with_default_modes(folder: str | os.PathLike) -> None:
+    """Give the files under `folder` the mode open() would: transformers' `save_pretrained` writes its weights with
+    safetensors' `save_file`, which makes them 0600, so that an export was unreadable to a colleague's account."""
+    mode = 0o666 & ~umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
     """A file that replaces `path` only when the block ends without error: a temp file in the same directory,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,20 @@ def test_a_checkpoint_whose_clip_folder_moved_names_the_way_out(tmp_path: Path):
                                                unet={**tiny_config(autoencoder_dir)["unet"], "context_dim": width}))
     ckpt = save_checkpoint(module, tmp_path / "last.ckpt", global_step=1)
     assert LatentDiffusionPipeline.from_pretrained(ckpt).conditioner_config.name_or_path == str(clip)
+    # an export's files (ours and diffusers') have the mode open() gives: transformers wrote the text encoder's
+    # weights 0600 (safetensors' save_file), unreadable to a colleague's account
+    from ldm.convert import save_diffusers
+    from ldm.io import umask
+
+    pipeline = module.pipeline
+    ours = pipeline.save_pretrained(tmp_path / "export")
+    theirs = save_diffusers(tmp_path / "diffusers", pipeline.unet, pipeline.autoencoder, pipeline.latent_scale,
+                            pipeline.diffusion.schedule, pipeline.diffusion.prediction,
+                            text_encoder=pipeline.conditioner.encoder)
+    for folder in (ours, theirs):
+        modes = {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")
+                 if p.is_file()}
+        assert "text_encoder/model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask()}, modes
     clip.rename(tmp_path / "clip_moved")
     with pytest.raises(ConfigError, match=r"ckpt_path=.*last\.ckpt: its text encoder's tokenizer is read from .*clip, "
                                           r"where the run found it, .* give the run's export \(<run>/export"):

@@ -37,6 +37,7 @@ from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
 from ldm.conditioning.text import load_pretrained as load_transformers
 from ldm.config import ConfigError, check_choice, check_min, is_int, to_dataclass
+from ldm.io import with_default_modes
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ class TextConditioner(Conditioner):
             transformer = copy.deepcopy(transformer).float()
         transformer.save_pretrained(staging)
         self.encoder.tokenizer.save_pretrained(staging)
+        with_default_modes(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
         return {"name_or_path": TEXT_ENCODER_DIR, "tokenizer": None}

@@ -27,7 +27,7 @@ from ldm.convert.common import METADATA_KEY, StateDict, UnsupportedCheckpointErr
 from ldm.convert.load import DIFFUSERS_WEIGHTS
 from ldm.convert.schedule import schedule_to_diffusers
 from ldm.diffusion.schedule import ScheduleConfig
-from ldm.io import atomic_open, remove_stale_temps, umask
+from ldm.io import atomic_open, remove_stale_temps, umask, with_default_modes
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.unet import UNet
 
@@ -185,6 +185,7 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
             text_encoder.save_pretrained(tmp / "text_encoder")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
+        with_default_modes(tmp)
         _write_json(index, tmp / "model_index.json")
     return out_dir
 
