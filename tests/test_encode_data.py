@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -295,6 +296,13 @@ def test_stored_text_of_the_default_clip_names_no_path(encoded: Path):
     assert "frozen clip encoder (its default), but model.conditioner.trainable=true fine-tunes it: set " \
            "model.conditioner.kind=clip model.conditioner.trainable=false" in str(error.value)
     assert "None" not in str(error.value)
+    # the encoder's folder recorded, and gone (the run and its data moved to another machine): not named as the fix
+    manifest.text_encoder["config"] = {"kind": "byte", "name_or_path": "/old/machine/clip/export"}
+    with pytest.raises(ConfigError, match=re.escape("set model.conditioner.kind=byte model.conditioner.name_or_path="
+                                                    "<the folder it moved to: /old/machine/clip/export is not there "
+                                                    "now> model.conditioner.trainable=false")):
+        latents.check_manifest(manifest, manifest.autoencoder["sha256"], "ae",
+                               text_encoder_trains="model.conditioner.trainable=true fine-tunes it")
 
 
 def test_image_models_and_image_metrics_refuse_latent_shards(shapes_shards: Path, encoded: Path, tmp_path: Path):

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import tarfile
 import warnings
@@ -271,6 +272,13 @@ def require_resolution(datamodule: Any, key: str, resolution: int, advice: str) 
                           f"{advice.format(data=data.resolution)}")
 
 
+def _now(path: str) -> str:
+    """A recorded encoder folder as a fix names it: itself where it is, else where the user has it now (a run and
+    its data moved to another machine: the recorded folder is gone, and naming it sent the user there)."""
+    gone = os.path.isabs(path) and not os.path.exists(path)
+    return f"<the folder it moved to: {path} is not there now>" if gone else path
+
+
 def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_path: str,
                    key: str = "model.autoencoder_path", text_encoder_hash: str | None = None,
                    text_encoder_trains: str | None = None, text_encoder: dict[str, Any] | None = None) -> None:
@@ -300,7 +308,7 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
     text = manifest.text_encoder
     if text is not None and text_encoder_trains is not None:
         kind, path = text["config"].get("kind"), text["config"].get("name_or_path")
-        named = f"model.conditioner.name_or_path={path} " if path else ""  # null: the kind's default (CLIP's)
+        named = f"model.conditioner.name_or_path={_now(path)} " if path else ""  # null: the kind's default (CLIP's)
         raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the frozen {kind} encoder "
                           f"{path or '(its default)'}, but {text_encoder_trains}: set model.conditioner.kind={kind} "
                           f"{named}model.conditioner.trainable=false, or encode the shards without text (ldm-encode "
@@ -317,7 +325,7 @@ def check_manifest(manifest: LatentManifest, autoencoder_hash: str, autoencoder_
     init_from = mine.get("init_from")
     fixed = f" (model.init_from={init_from} sets model.conditioner)" if init_from else ""
     if text["sha256"] != text_encoder_hash:
-        alternative = "" if init_from else f", set model.conditioner.name_or_path={path}"
+        alternative = "" if init_from else f", set model.conditioner.name_or_path={_now(path)}"
         raise ConfigError(f"the latent shards beside {manifest.path} hold text encoded by the {kind} encoder {path} "
                           f"(sha256 {text['sha256']}), but model.conditioner.name_or_path={mine.get('name_or_path')} "
                           f"has sha256 {text_encoder_hash}{fixed}: {encode}{alternative}, or leave text out of "
