@@ -90,7 +90,9 @@ def _umask() -> int:
 def test_resolve_ckpt_path(tmp_path, monkeypatch):
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=True) is None
-    assert resolve_ckpt_path("last", tmp_path / "checkpoints") is None
+    with pytest.warns(UserWarning, match=r"ckpt_path=last: .*checkpoints does not exist \(working directory .*\), so "
+                                         r"this starts from scratch; to resume a run, set paths.output_dir"):
+        assert resolve_ckpt_path("last", tmp_path / "checkpoints") is None  # (a mistyped or relative run folder)
     last.parent.mkdir()
     torch.save({"global_step": 5}, last)
     assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=True) == str(last)

@@ -267,7 +267,11 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path, auto_resume: 
             return None
         newest = newest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
         if newest is None:
-            if ckpt_path == "last":
+            if ckpt_path == "last" and not checkpoint_dir.is_dir():  # a new run directory: a path mistyped, or
+                # relative to another working directory than the run's start, would start over unsaid
+                rank_zero_warn(f"ckpt_path=last: {checkpoint_dir} does not exist (working directory {os.getcwd()}), "
+                               f"so this starts from scratch; to resume a run, set paths.output_dir to its folder")
+            elif ckpt_path == "last":
                 rank_zero_info(f"ckpt_path=last: no checkpoint in {checkpoint_dir} yet, starting from scratch")
             return None
         rank_zero_info(f"{'auto_resume' if ckpt_path is None else 'ckpt_path=last'}: resuming from {newest}")
