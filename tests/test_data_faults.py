@@ -672,16 +672,17 @@ def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog
 
 def test_a_resumed_epoch_counts_what_it_reads_after_the_stop(tmp_path: Path):
     """The corrupt and uncaptioned samples of the batches trained before a stop were counted again by the resumed
-    run, whose fast-forward over them decodes them: the two runs' counts add up to the uninterrupted run's."""
+    run, whose fast-forward over them decodes them (also those just after the last batch, which went with it: a
+    batch is handed on once the next sample is read): the two runs' counts add up to the uninterrupted run's."""
     samples = shapes_like(tmp_path, "r", 16)
-    for i in (0, 13):
+    for i in (0, 5, 13):  # (read in order: batches [1, 2], [3, 4], then 5 corrupt, [6, 7], [8, 9], [10, 11], ...)
         samples[i]["png"] = b"not an image"
-    for i in (1, 14):
+    for i in (1, 10, 14):
         del samples[i]["txt"]
     shard = write_shard(tmp_path / "bad-000000.tar", samples)
 
     def counts(stop_after: int | None = None, state: dict | None = None) -> tuple[int, int, dict]:
-        dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8, shuffle_buffer=2)
+        dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8, shuffle_buffer=1)
         dm.setup("fit")
         if state is not None:
             dm.load_state_dict(state)
@@ -690,11 +691,14 @@ def test_a_resumed_epoch_counts_what_it_reads_after_the_stop(tmp_path: Path):
                 break
         return dm.num_skipped, sum(dm.uncaptioned.values()), dm.state_dict()
 
-    assert counts()[:2] == (2, 2)
-    *before, state = counts(stop_after=3)
-    assert before == [1, 1]  # (the first samples read: in the batches trained before the stop)
-    assert counts(state=state)[:2] == (1, 1)  # it counted (2, 2)
+    assert counts()[:2] == (3, 3)
+    for stop_after in range(1, 7):  # every boundary (after 2 batches the corrupt 5 next, after 4 the uncaptioned 10)
+        skipped, uncaptioned, state = counts(stop_after=stop_after)
+        assert (skipped, uncaptioned) != (0, 0) and \
+            tuple(a + b for a, b in zip((skipped, uncaptioned), counts(state=state)[:2])) == (3, 3), stop_after
 
+
+def test_the_sanity_check_is_not_the_pass_that_counts(tmp_path: Path):
     """Lightning's sanity check reads the first validation batches only: the corrupt and the uncaptioned sample of a
     later batch are counted in the first whole validation."""
     class Validated(Mean):

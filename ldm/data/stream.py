@@ -631,13 +631,17 @@ class ShardStream(IterableDataset):
 def _after(samples: Iterator[dict[str, Any]], done: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
     """`samples` after the first `done`, which the run trained before it stopped: the corrupt and uncaptioned
     samples met on the way there were counted then, so their records are dropped (a resumed run counts the rest of
-    the epoch only; it counted them again)."""
+    the epoch only; it counted them again). So are those met on the way to the next sample: `wds.batched` hands a
+    batch on only once it holds the sample after it, so they went with the last batch trained."""
     samples = iter(samples)
     if done:
         for _ in islice(samples, done):
             pass
+        following = next(samples, None)
         skips.pop()
         skips.pop_uncaptioned()
+        if following is not None:
+            yield following
     yield from samples
 
 
