@@ -640,7 +640,7 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     for i in range(2):
         shutil.copy(shapes_shards / f"train-00000{i}.tar", folder / f"0000{i}.tar")
         (folder / f"0000{i}_stats.json").write_text('{"successes": 16}')
-    fix = re.escape(f"e.g. data.train_shards='{folder}/*.tar'")
+    fix = re.escape(f"e.g. 'data.train_shards={folder}/*.tar'")
     with pytest.raises(FileNotFoundError, match=r"a folder stands for the train-\*\.tar shards ldm-data writes, and "
                                                 rf".* holds none but 2 other tar shards \(e\.g\. 00000\.tar\): name "
                                                 rf"them, {fix}"):
@@ -651,8 +651,13 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     gz = tmp_path / "gz"  # the example has the suffix the shards have
     gz.mkdir()
     (gz / "00000.tar.gz").write_bytes(gzip.compress((shapes_shards / "train-000000.tar").read_bytes()))
-    with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. data.train_shards='{gz}/*.tar.gz'")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. 'data.train_shards={gz}/*.tar.gz'")):
         expand_shards(str(gz), "data.train_shards")
+    accented = tmp_path / "Données"  # pasted as given (in Hydra's quotes too: the shell's alone were refused)
+    accented.mkdir()
+    shutil.copy(shapes_shards / "train-000000.tar", accented / "00000.tar")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"""e.g. 'data.train_shards="{accented}/*.tar"'""")):
+        expand_shards(str(accented), "data.train_shards")
     shutil.copy(shapes_shards / "val-000000.tar", folder)  # beside img2dataset's shards: not to train on
     with pytest.raises(FileNotFoundError, match=r"holds none but 2 other tar shards \(e\.g\. 00000\.tar\): move the "
                                                 r"val-\*\.tar shards to a folder of their own, then name them"):

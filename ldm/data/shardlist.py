@@ -12,7 +12,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, pasteable
 from ldm.io import glob_sorted
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
@@ -60,7 +60,7 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                 raise FileNotFoundError(f"{key}={part!r}: a folder stands for the {split}-*.tar shards ldm-data "
                                         f"writes, and {os.path.dirname(path)} holds none but {len(unnamed)} other tar "
                                         f"shards (e.g. {os.path.basename(unnamed[0])}): {move}name them, e.g. "
-                                        f"{key}='{_example(path, split)}'")
+                                        f"{pasteable({key: _example(path, split)})}")
             if not matches:
                 raise FileNotFoundError(f"{key}={part!r}: no shard file matches {path!r} (working directory "
                                         f"{os.getcwd()}); write shards with ldm-data or fix the path")
