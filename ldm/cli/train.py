@@ -267,8 +267,9 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path, auto_resume: 
             return None
         newest = newest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
         if newest is None:
-            if ckpt_path == "last" and not checkpoint_dir.is_dir():  # a new run directory: a path mistyped, or
-                # relative to another working directory than the run's start, would start over unsaid
+            if ckpt_path == "last" and not checkpoint_dir.is_dir() and not is_multirun():  # a new run directory:
+                # a path mistyped, or relative to another working directory than the run's start, started over unsaid
+                # (a sweep's jobs start so in a new sweep folder)
                 rank_zero_warn(f"ckpt_path=last: {checkpoint_dir} does not exist (working directory {os.getcwd()}), "
                                f"so this starts from scratch; to resume a run, set paths.output_dir to its folder")
             elif ckpt_path == "last":
