@@ -358,7 +358,7 @@ HYDRA_VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--c
 def unparsable_override(args: list[str]) -> str | None:
     """The refusal of an override Hydra's grammar cannot read (a path with a letter beyond ASCII, a `~`, a space from
     a quoted shell word, a brace), which Hydra answers with its lexer's exception: with the override quoted so that
-    it reads, each element of a list or a sweep on its own, where that form is one Hydra reads."""
+    it reads, each element of a flat list or sweep on its own, where that form is one Hydra reads."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = None
@@ -371,11 +371,10 @@ def unparsable_override(args: list[str]) -> str | None:
         except HydraException as err:
             key, _, value = arg.partition("=")
             inner, listed = (value[1:-1], True) if value.startswith("[") and value.endswith("]") else (value, False)
-            parts = [inner] if any(c in inner for c in "[]{}()") else inner.split(",")  # (a brace pattern: one)
-            quoted = ",".join(map(hydra_quoted, parts))
-            fix = f"{key}=[{quoted}]" if listed else f"{key}={quoted}"
             shown = ' (key="value", inside the shell\'s quotes)'
-            if all(value.count(a) == value.count(b) for a, b in ("[]", "{}", "()")):  # not a typo quoting would hide
+            if not any(c in inner for c in "[]{}()\"'\\"):  # a value, or a flat list or sweep of them (a nested
+                quoted = ",".join(map(hydra_quoted, inner.split(",")))  # or quoted form: no guess at its structure)
+                fix = f"{key}=[{quoted}]" if listed else f"{key}={quoted}"
                 try:
                     parser.parse_override(fix)
                     shown = f": {shlex.quote(fix)}"
