@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -73,6 +74,36 @@ def test_the_lock_works_on_a_file_system_without_hard_links(tmp_path, monkeypatc
     release(path)
     assert sorted(tmp_path.iterdir()) == []  # no temp file left
     release(acquire(tmp_path))
+
+
+def _start_at(start: float, directory: Path, won: Any) -> None:
+    """A starter of a run (a child process): takes the lock at `start`, holds it a second if it won."""
+    while time.time() < start:
+        pass
+    try:
+        path = acquire(directory)
+    except RunDirectoryLocked:
+        return
+    won.put(os.getpid())
+    time.sleep(1.0)
+    release(path)
+
+
+def test_of_starters_taking_over_a_stale_lock_at_once_one_wins(tmp_path, monkeypatch):
+    """Each of two starters that read the same stale lock removed the lock file, the second removing the first's new
+    one, and both ran: the takeover moves the stale file aside first and puts back a lock that is not it."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    fork = multiprocessing.get_context("fork")
+    for _ in range(3):
+        _write_lock(tmp_path, pid=_dead_pid())
+        won = fork.Queue()
+        starters = [fork.Process(target=_start_at, args=(time.time() + 0.5, tmp_path, won)) for _ in range(6)]
+        for starter in starters:
+            starter.start()
+        for starter in starters:
+            starter.join(30)
+        assert len([won.get() for _ in range(won.qsize())]) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # (no file moved aside left)
 
 
 def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path, monkeypatch, capsys):

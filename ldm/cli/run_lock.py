@@ -116,17 +116,42 @@ def _try_create(path: Path, record: dict[str, Any]) -> bool:
 WRITING_S = 5.0  # an empty lock file younger than this is one being written (`_try_create` without hard links)
 
 
-def _holder(path: Path) -> dict[str, Any] | None:
-    """`read_lock`, waiting while the lock file is empty and new: another starter's exclusive create on a file system
-    without hard links is empty until its record is written (taken for a torn lock, it was taken over: two runs)."""
-    while (holder := read_lock(path)) == {}:
+def _holder(path: Path) -> tuple[dict[str, Any] | None, tuple[int, int, int] | None]:
+    """`read_lock` and the identity (inode, size, modification time) of the file read, waiting up to `WRITING_S`
+    while the lock file is empty and new: another starter's exclusive create on a file system without hard links is
+    empty until its record is written (taken for a torn lock, it was taken over: two runs)."""
+    deadline = time.monotonic() + WRITING_S  # (a clock skewed on a network share: no longer than that)
+    while True:
         try:
-            if time.time() - path.stat().st_mtime > WRITING_S:
-                break
+            with open(path, "rb") as f:
+                stat, text = os.fstat(f.fileno()), f.read()
         except FileNotFoundError:
-            return None
+            return None, None
+        except OSError:
+            return {}, None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        if holder or time.monotonic() > deadline or time.time() - stat.st_mtime > WRITING_S:
+            return holder, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         time.sleep(0.05)
-    return holder
+
+
+def _take_over(path: Path, identity: tuple[int, int, int] | None) -> None:
+    """Remove the stale lock file (`identity` as `_holder` read it), atomically: moved aside first, so that of two
+    starters taking over at once one removes it, and the other, which moved the first one's new lock aside, puts it
+    back (removing it, both ran)."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another starter took it over
+    moved = aside.stat()
+    if (moved.st_ino, moved.st_size, moved.st_mtime_ns) != identity:
+        _try_create(path, read_lock(aside) or {})
+    aside.unlink(missing_ok=True)
 
 
 def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
@@ -143,7 +168,7 @@ def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
     for _ in range(3):  # another starter may take over or release the lock between our attempts
         if _try_create(path, record):
             return path
-        holder = _holder(path)
+        holder, identity = _holder(path)
         if holder is None:
             continue  # released meanwhile: try again
         reason = stale_reason(holder)
@@ -158,9 +183,9 @@ def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
                 f"{key}={output_dir} is in use by another {command} (pid {holder.get('pid')} on host "
                 f"{holder.get('host')}, started {holder.get('started')}; lock file {path}); wait for that run to "
                 f"finish or stop it, or choose another {key} (delete the lock file only if that run is gone)")
-        print(f"run lock: taking over {path} from pid {holder.get('pid')} on {holder.get('host')}: {reason}",
-              flush=True)
-        path.unlink(missing_ok=True)
+        whose = f" from pid {holder.get('pid')} on {holder.get('host')}" if holder else ""
+        print(f"run lock: taking over {path}{whose}: {reason}", flush=True)
+        _take_over(path, identity)
     raise RunDirectoryLocked(f"{key}={output_dir}: could not take the lock file {path} (other runs keep starting in "
                              f"this directory); start one run per {key}")
 
