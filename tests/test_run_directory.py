@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -360,3 +361,67 @@ def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, mo
         CheckRunDirectory().on_run_start(OmegaConf.create({"paths": {"output_dir": str(tmp_path / "elsewhere")},
                                                            "hydra": {"run": {"dir": f"{tmp_path}/a_file/run"}}}))
     assert capsys.readouterr().err.startswith(f"ldm-train: error: hydra.run.dir={tmp_path}/a_file/run cannot be")
+
+
+def test_a_run_leaves_its_process_as_it_found_it(shapes_shards, tmp_path, single_torch_thread, monkeypatch):
+    """A notebook's or script's next run: after a failed fit Lightning reinstalled the run's own signal handlers,
+    which held its Trainer and model for good (one more with each failed run); Lightning's exit after an early
+    Ctrl-C (status 1) left SIGINT ignored; an offline W&B run left WANDB_MODE=dryrun for every later run; the float32
+    matmul switches stayed set."""
+    import gc
+
+    import lightning as L
+    import torch
+
+    from ldm.cli.train import process_state_kept
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+    before = {s: signal.getsignal(s) for s in stops}
+
+    def trainers() -> int:
+        gc.collect()
+        return sum(isinstance(o, L.Trainer) for o in gc.get_objects())
+
+    alive = trainers()
+    sabotage = tmp_path / "sabotage"
+    sabotage.write_text("raise")
+    with pytest.raises(RuntimeError, match="sabotaged"):
+        train(compose_train([*tiny_overrides(shapes_shards, tmp_path / "run", max_steps=2, every=2), *AUTOENCODER,
+                             "+callbacks.sabotage._target_=scale_helpers.Sabotage",
+                             f"+callbacks.sabotage.path={sabotage}"]))
+    assert {s: signal.getsignal(s) for s in stops} == before and trainers() == alive
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    precision = torch.get_float32_matmul_precision()
+    with pytest.raises(KeyboardInterrupt):
+        with process_state_kept():
+            os.environ["WANDB_MODE"] = "dryrun"  # as an offline WandbLogger sets it
+            torch.set_float32_matmul_precision("medium")
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                sys.exit(1)  # as Lightning answers a Ctrl-C early in fit
+    assert "WANDB_MODE" not in os.environ and torch.get_float32_matmul_precision() == precision
+    assert {s: signal.getsignal(s) for s in stops} == before
+
+
+def test_a_second_command_in_one_process_is_told_as_the_first(tmp_path, monkeypatch, capsys):
+    """After one command's main() in a process (a notebook), a mistake in the next exited with status 1, not 2 (the
+    flag saying a task had started stayed set), and Hydra's logging handlers stayed on the first run's log file."""
+    import logging
+
+    from ldm.cli.data import main
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    monkeypatch.chdir(tmp_path)
+    for args, status in (([f"output_dir={tmp_path}/d", "num_samples=4", "val_samples=0", "resolution=16"], None),
+                         ([f"output_dir={tmp_path}/e", "num_sampels=4"], 2)):
+        monkeypatch.setattr(sys, "argv", ["ldm-data", *args])
+        if status is None:
+            main()
+        else:
+            with pytest.raises(SystemExit) as exited:
+                main()
+            assert exited.value.code == status and "num_sampels" in capsys.readouterr().err
+        assert root.handlers == handlers

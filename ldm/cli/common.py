@@ -394,6 +394,8 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(hydra_main)
     def entry(*args: Any, **kwargs: Any) -> Any:
+        global _task_started
+        _task_started = False  # (an earlier command of this process set it)
         if not Path(CONF_DIR, "train.yaml").is_file():  # e.g. a wheel or `pip install .`, which leave conf/ behind
             print(f"{name}: error: no configs at {CONF_DIR}: install ldm from a clone of its "
                   f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
@@ -403,7 +405,9 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
         if refused is not None:
             print(f"{name}: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
-        try:
+        root = logging.getLogger()
+        logged = (root.level, list(root.handlers))  # Hydra's job logging is not undone: put back (a notebook's
+        try:  # next command logged into this run's train.log)
             return hydra_main(*args, **kwargs)
         except KeyboardInterrupt:  # before the task (Hydra composing the config): nothing was done yet
             print(f"{name}: interrupted", file=sys.stderr, flush=True)
@@ -423,6 +427,14 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             print(f"{name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        finally:
+            for handler in root.handlers[:]:
+                if handler not in logged[1]:
+                    root.removeHandler(handler)
+                    handler.close()
+            for handler in logged[1]:  # (Hydra's dictConfig replaces the root logger's handlers)
+                root.addHandler(handler)
+            root.setLevel(logged[0])
 
     return entry
 

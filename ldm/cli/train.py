@@ -26,7 +26,9 @@ import pickle
 import re
 import signal
 import sys
+import threading
 import traceback
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -628,10 +630,41 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_config(cfg)
     output_dir = resolve_output_dir(cfg)
-    with run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
+    with process_state_kept(), run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
         if lock is not None:
             remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
         return _train(cfg, output_dir)
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """What a run changes in its process, put back when it ends, however it ends (for the next run of a notebook or
+    a script): the stop signals' handlers (a Ctrl-C early in fit left SIGINT ignored, Lightning's doing; after a
+    failed fit Lightning reinstalled the run's own, which held its Trainer and model for good), W&B's mode (the
+    logger of an offline run sets WANDB_MODE=dryrun, and every later run went offline) and the float32 matmul
+    switches of `apply_backend_switches`. Lightning's exit after a Ctrl-C (status 1) is a KeyboardInterrupt again."""
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)} \
+        if main else {}
+    wandb_mode = os.environ.get("WANDB_MODE")
+    matmul = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # (None: installed outside Python, which cannot be put back)
+                signal.signal(signum, handler)
+        if wandb_mode is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = wandb_mode
+        torch.set_float32_matmul_precision(matmul[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul[1:]
 
 
 @contextlib.contextmanager
@@ -647,14 +680,15 @@ def lightning_into_run_log(output_dir: Path) -> Iterator[None]:
     added = [] if lightning.propagate else [h for h in files if h not in lightning.handlers]
     for handler in added:
         lightning.addHandler(handler)
-    if files:
+    capture = files and warnings.showwarning.__module__ != "logging"  # (not captured already: the user's to keep)
+    if capture:
         logging.captureWarnings(True)  # (they reach the terminal through the root logger's handler)
     try:
         yield
     finally:
         for handler in added:
             lightning.removeHandler(handler)
-        if files:
+        if capture:
             logging.captureWarnings(False)
 
 
@@ -764,6 +798,8 @@ def main(cfg: DictConfig) -> float | None:
     metric_name = cfg.get("optimized_metric")
 
     def run() -> float | None:
+        if is_multirun() and HydraConfig.get().job.num == 0:
+            SWEEP_STOP.clear()  # a stop of an earlier sweep of this process (a notebook's) is not this one's
         if SWEEP_STOP and is_multirun():
             print(f"{SWEEP_STOP[0].name} during the previous job: the sweep stops", file=sys.stderr, flush=True)
             raise SystemExit(128 + SWEEP_STOP[0])
