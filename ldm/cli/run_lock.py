@@ -140,18 +140,29 @@ def _holder(path: Path) -> tuple[dict[str, Any] | None, tuple[int, int, int] | N
 
 
 def _take_over(path: Path, identity: tuple[int, int, int] | None) -> None:
-    """Remove the stale lock file (`identity` as `_holder` read it), atomically: moved aside first, so that of two
-    starters taking over at once one removes it, and the other, which moved the first one's new lock aside, puts it
-    back (removing it, both ran)."""
-    aside = path.with_name(f".{path.name}.{os.getpid()}.stale")
+    """Remove the stale lock file (`identity` as `_holder` read it) while holding the takeover guard beside it, so
+    that of starters taking over at once one removes it and the others, which then find another file (or none),
+    leave that alone (each removed the file, a later one the first one's new lock, and both ran). A guard older than
+    `WRITING_S` is a killed starter's and is removed."""
+    guard = path.with_name(f".{path.name}.takeover")
+    deadline = time.monotonic() + WRITING_S
+    while not _try_create(guard, {"pid": os.getpid(), "host": socket.gethostname()}):
+        try:
+            if time.time() - guard.stat().st_mtime > WRITING_S:
+                guard.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
     try:
-        os.rename(path, aside)
+        stat = path.stat()
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) == identity:
+            path.unlink()
     except FileNotFoundError:
-        return  # another starter took it over
-    moved = aside.stat()
-    if (moved.st_ino, moved.st_size, moved.st_mtime_ns) != identity:
-        _try_create(path, read_lock(aside) or {})
-    aside.unlink(missing_ok=True)
+        pass
+    finally:
+        guard.unlink(missing_ok=True)
 
 
 def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
