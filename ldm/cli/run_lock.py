@@ -54,13 +54,23 @@ def _pid_alive(pid: int) -> bool:
 
 def read_lock(path: Path) -> dict[str, Any] | None:
     """The holder recorded in a lock file; None when the file is gone. A torn or foreign file reads as {}."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[dict[str, Any] | None, tuple[int, int, int] | None]:
+    """`read_lock`, and the identity (inode, size, modification time) of the file it read (None when unreadable)."""
     try:
-        holder = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            stat, text = os.fstat(f.fileno()), f.read()
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
+        return None, None
+    except OSError:
+        return {}, None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return holder if isinstance(holder, dict) else {}, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def stale_reason(holder: dict[str, Any]) -> str | None:
@@ -117,25 +127,15 @@ WRITING_S = 5.0  # an empty lock file younger than this is one being written (`_
 
 
 def _holder(path: Path) -> tuple[dict[str, Any] | None, tuple[int, int, int] | None]:
-    """`read_lock` and the identity (inode, size, modification time) of the file read, waiting up to `WRITING_S`
-    while the lock file is empty and new: another starter's exclusive create on a file system without hard links is
-    empty until its record is written (taken for a torn lock, it was taken over: two runs)."""
+    """`_read`, waiting up to `WRITING_S` while the lock file is empty and new: another starter's exclusive create on
+    a file system without hard links is empty until its record is written (taken for a torn lock, it was taken over:
+    two runs)."""
     deadline = time.monotonic() + WRITING_S  # (a clock skewed on a network share: no longer than that)
     while True:
-        try:
-            with open(path, "rb") as f:
-                stat, text = os.fstat(f.fileno()), f.read()
-        except FileNotFoundError:
-            return None, None
-        except OSError:
-            return {}, None
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = {}
-        holder = holder if isinstance(holder, dict) else {}
-        if holder or time.monotonic() > deadline or time.time() - stat.st_mtime > WRITING_S:
-            return holder, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        holder, identity = _read(path)
+        if holder or identity is None or time.monotonic() > deadline or \
+                time.time() - identity[2] / 1e9 > WRITING_S:
+            return holder, identity
         time.sleep(0.05)
 
 
