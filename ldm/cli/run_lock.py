@@ -69,8 +69,13 @@ def _read(path: Path) -> tuple[dict[str, Any] | None, tuple[int, int, int] | Non
     try:
         holder = json.loads(text)
     except ValueError:
-        return {}, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    return holder if isinstance(holder, dict) else {}, (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return {}, _identity(stat)
+    return holder if isinstance(holder, dict) else {}, _identity(stat)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells one lock file from another written in its place: inode, size and modification time."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def stale_reason(holder: dict[str, Any]) -> str | None:
@@ -156,8 +161,7 @@ def _take_over(path: Path, identity: tuple[int, int, int] | None) -> None:
             return
         time.sleep(0.05)
     try:
-        stat = path.stat()
-        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) == identity:
+        if _identity(path.stat()) == identity:
             path.unlink()
     except FileNotFoundError:
         pass
