@@ -50,3 +50,14 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[False, True], ids=["blas", "onednn"])
+def onednn(request, monkeypatch) -> bool:
+    """Both routes of fp32 CPU products (`ldm.nn.linear`) on any CPU; the route is otherwise a constant of the
+    machine."""
+    import ldm.nn.linear
+
+    monkeypatch.setattr(ldm.nn.linear, "ONEDNN_PRODUCTS", request.param)
+    return request.param
+

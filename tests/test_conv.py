@@ -33,6 +33,26 @@ def test_pointwise_conv_equals_a_1x1_conv(memory_format, bias):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_on_channels_last_maps_through_onednn_equals_a_1x1_conv(onednn, bias):
+    """fp32, where `ldm.nn.linear` sends products to oneDNN: the map goes to oneDNN's own 1x1 convolution."""
+    torch.manual_seed(0)
+    ours = PointwiseConv(24, 40, bias=bias)
+    reference = nn.Conv2d(24, 40, 1, bias=bias).double()
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 24, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    out, expected = ours(x), reference(x.double())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.grad_fn.name() == "ConvolutionBackward0") == onednn
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, (x, *ours.parameters()), grad)
+    want = torch.autograd.grad(expected, (x, *reference.parameters()), grad.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_pointwise_conv_under_bf16_autocast_returns_bf16_like_a_conv():
     conv = PointwiseConv(16, 8)
     x = torch.randn(2, 16, 4, 4)
@@ -68,7 +88,7 @@ def test_upsample_in_fp32_stays_within_rounding_of_the_textbook_form():
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
-def test_pointwise_conv_rounds_the_same_for_a_frozen_copy(memory_format):
+def test_pointwise_conv_rounds_the_same_for_a_frozen_copy(memory_format, onednn):
     """An EMA or loaded copy (requires_grad False) must give the trained module's outputs bit for bit."""
     torch.manual_seed(0)
     trained = PointwiseConv(4, 4)

@@ -218,6 +218,21 @@ def test_a_unet_built_on_the_meta_device_and_loaded_equals_the_original():
         assert torch.equal(loaded(**kwargs), model(**kwargs))
 
 
+@pytest.mark.parametrize("use_linear_proj", [False, True])
+def test_a_frozen_fp32_copy_rounds_as_the_trained_unet(onednn, use_linear_proj):
+    """The EMA and a loaded copy (no parameter requires a gradient) give the training forward's outputs to the bit,
+    on either route of the fp32 products (`ldm.nn.linear`), channels_last as the recipes train."""
+    config = dataclasses.replace(TINY, use_linear_proj=use_linear_proj)
+    trained = randomize(UNet(config)).to(memory_format=torch.channels_last)
+    frozen = UNet(config).to(memory_format=torch.channels_last).requires_grad_(False)
+    frozen.load_state_dict(trained.state_dict())
+    kwargs = inputs(config, batch=3)
+    kwargs["x"] = kwargs["x"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = frozen(**kwargs)
+    assert torch.equal(trained(**kwargs).detach(), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_frozen_copy_with_linear_projections_rounds_as_the_trained_unet(dtype):
     """An EMA or loaded copy (no parameter requires a gradient) gives the trained UNet's outputs to the bit, also

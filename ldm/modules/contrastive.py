@@ -34,6 +34,7 @@ from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
 from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
+from ldm.nn.linear import Linear
 
 
 @dataclass
@@ -107,8 +108,8 @@ class ContrastiveModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(config)})
         self.text_encoder = ByteTextEncoder(**asdict(config.text))
         self.image_encoder = ImageEncoder(config.image)
-        self.text_proj = nn.Linear(config.text.width, config.embed_dim, bias=False)
-        self.image_proj = nn.Linear(self.image_encoder.out_dim, config.embed_dim, bias=False)
+        self.text_proj = Linear(config.text.width, config.embed_dim, bias=False)
+        self.image_proj = Linear(self.image_encoder.out_dim, config.embed_dim, bias=False)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 
     def embed(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

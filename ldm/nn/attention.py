@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.nn.conv import PointwiseConv
+from ldm.nn.linear import Linear
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -55,10 +56,10 @@ class Attention(nn.Module):
         kv_dim = dim if context_dim is None else context_dim
         self.num_heads = num_heads
         self.upcast = upcast
-        self.to_q = nn.Linear(dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(kv_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(kv_dim, inner_dim, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim)
+        self.to_q = Linear(dim, inner_dim, bias=False)
+        self.to_k = Linear(kv_dim, inner_dim, bias=False)
+        self.to_v = Linear(kv_dim, inner_dim, bias=False)
+        self.to_out = Linear(inner_dim, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
@@ -88,9 +89,9 @@ class GEGLUFeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         hidden_dim = mult * dim
-        self.proj_in = nn.Linear(dim, 2 * hidden_dim)
+        self.proj_in = Linear(dim, 2 * hidden_dim)
         self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(hidden_dim, dim)
+        self.proj_out = Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.proj_in(x).chunk(2, dim=-1)                              # (B, N, hidden), (B, N, hidden)
@@ -152,10 +153,10 @@ class SpatialTransformer(nn.Module):
         inner_dim = num_heads * head_dim
         self.use_linear_proj = use_linear_proj
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner_dim) if use_linear_proj else PointwiseConv(channels, inner_dim)
+        self.proj_in = Linear(channels, inner_dim) if use_linear_proj else PointwiseConv(channels, inner_dim)
         self.blocks = nn.ModuleList(TransformerBlock(inner_dim, num_heads, head_dim, context_dim, dropout, upcast)
                                     for _ in range(depth))
-        self.proj_out = nn.Linear(inner_dim, channels) if use_linear_proj else PointwiseConv(inner_dim, channels)
+        self.proj_out = Linear(inner_dim, channels) if use_linear_proj else PointwiseConv(inner_dim, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape

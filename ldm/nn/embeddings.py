@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ldm.nn.linear import Linear
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, cosines first (ADM / Stable Diffusion order).
@@ -40,7 +42,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, frequency_dim: int, embed_dim: int):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.mlp = nn.Sequential(Linear(frequency_dim, embed_dim), nn.SiLU(), Linear(embed_dim, embed_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freqs = timestep_embedding(t, self.frequency_dim)                   # (B, frequency_dim), float32

@@ -23,6 +23,7 @@ from ldm.config import ConfigError
 from ldm.nn.attention import SpatialTransformer
 from ldm.nn.conv import PointwiseConv, Upsample
 from ldm.nn.embeddings import LabelEmbedder, TimestepEmbedder
+from ldm.nn.linear import Linear
 
 
 @dataclass
@@ -127,7 +128,7 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.norm1 = nn.GroupNorm(norm_groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(embed_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
+        self.emb_proj = Linear(embed_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
         self.norm2 = nn.GroupNorm(norm_groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised by the UNet
@@ -199,8 +200,8 @@ class UNet(nn.Module):
         self.label_embed = LabelEmbedder(c.num_classes, embed_dim) if c.num_classes is not None else None
         self.pooled_embed = None
         if c.pooled_dim is not None:
-            self.pooled_embed = nn.Sequential(nn.Linear(c.pooled_dim, embed_dim), nn.SiLU(),
-                                              nn.Linear(embed_dim, embed_dim))
+            self.pooled_embed = nn.Sequential(Linear(c.pooled_dim, embed_dim), nn.SiLU(),
+                                              Linear(embed_dim, embed_dim))
 
         # Encoder: every module's output is a skip for the decoder.
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
