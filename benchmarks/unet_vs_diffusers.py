@@ -4,6 +4,7 @@ same inputs, interleaved in one process.
     python benchmarks/unet_vs_diffusers.py                     # CPU, 2 threads, fp32 and bf16 autocast
     python benchmarks/unet_vs_diffusers.py --device cuda       # on a GPU
     python benchmarks/unet_vs_diffusers.py --profile 3         # plus torch.profiler's op table of both sides
+    python benchmarks/unet_vs_diffusers.py --products blas     # our fp32 CPU products through BLAS (ldm.nn.linear)
 
 One step: forward, MSE loss against a fixed random target, backward (no optimizer step on either side; gradients
 are dropped with `set_to_none`). Our UNet gets random weights (every parameter perturbed, so the zero-initialised
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ldm.nn.linear
 from ldm.convert import unet_config_to_diffusers, unet_to_diffusers
 from ldm.nn.unet import UNet, UNetConfig, count_parameters
 
@@ -145,10 +147,15 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS steps of each side and print the op tables")
     parser.add_argument("--rows", type=int, default=25, help="rows of each profile table")
+    parser.add_argument("--products", choices=["auto", "blas", "onednn"], default="auto",
+                        help="route of our UNet's fp32 CPU products (ldm.nn.linear); auto: this machine's")
     parser.add_argument("--output", default=None, help="JSON path (default results/unet-vs-diffusers-<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.products != "auto":
+        ldm.nn.linear.ONEDNN_PRODUCTS = args.products == "onednn"
+    products = "onednn" if ldm.nn.linear.ONEDNN_PRODUCTS else "blas"
 
     ours, theirs = build_pair(LAYOUT, args.size, device)
     inputs = make_inputs(LAYOUT, args.batch, args.size, device)
@@ -158,10 +165,12 @@ def main() -> None:
     diff = max_output_diff(ours, theirs, inputs)
     print(f"layout: {count_parameters(ours):,} parameters, batch {args.batch}, {LAYOUT.in_channels}x{args.size}x"
           f"{args.size} latents, context {CONTEXT_TOKENS}x{LAYOUT.context_dim}, {args.threads} threads, "
-          f"{device}; max |ours - diffusers| of the fp32 outputs: {diff:.3g}")
+          f"{device} ({ldm.nn.linear.cpu_vendor()}, our fp32 CPU products through {products}); "
+          f"max |ours - diffusers| of the fp32 outputs: {diff:.3g}")
 
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "machine": platform.processor() or platform.machine(), "cpu_vendor": ldm.nn.linear.cpu_vendor(),
+               "products": products, "torch": torch.__version__,
                "threads": args.threads, "batch": args.batch, "latent_size": args.size,
                "parameters": count_parameters(ours), "channels_last": args.channels_last,
                "max_abs_output_diff_fp32": diff, "runs": {}}
