@@ -668,6 +668,15 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     with pytest.raises(FileNotFoundError, match=r"val_only holds val shards only \(1\), no train-\*\.tar: name the "
                                                 r"folder of the train split$"):
         expand_shards(str(val_only), "data.train_shards")
+    # asked for val shards, a folder of train shards only: FID against the train split is a protocol of its own
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    shutil.copy(shapes_shards / "train-000000.tar", train_only)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"holds train shards only (1), no val-*.tar: name the "
+                                                          f"folder of the val split, or the train shards themselves "
+                                                          f"where you mean them: 'reference_shards={train_only}/"
+                                                          f"train-*.tar'")):
+        expand_shards(str(train_only), "reference_shards", split="val")
 
 
 def test_a_relative_shard_path_through_a_symlink_keeps_its_dotdot(shapes_shards: Path, tmp_path: Path,

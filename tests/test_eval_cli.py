@@ -108,6 +108,10 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     # (not the fields that metric's protocol adds, shapes_shape_chance, as a setting that differs)
     assert "guidance 3: results.jsonl holds a row of it scored otherwise (without shapes_shape_accuracy): scored " \
            "again" in capsys.readouterr().out
+    evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "fid_antialias": True})
+    # (a setting inside a dict field, named by its entry: the two dicts' shortened reprs read the same)
+    assert "guidance 1: results.jsonl holds a row of it scored otherwise (feature_extractor.antialias: False there, " \
+           "True here; " in capsys.readouterr().out
 
 
 def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):

@@ -200,8 +200,35 @@ def test_missing_weights_fail_fast_offline_naming_the_config_key(tmp_path: Path,
         clip_loader(str(tmp_path / "no_clip_here"))
     assert callable(clip_loader(str(clip_dir)))  # a local directory needs nothing else
     (tmp_path / "broken_clip").mkdir()
+    (tmp_path / "broken_clip" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(WeightsNotFoundError, match="clip_model=.*broken_clip: the CLIP model could not be loaded"):
         clip_loader(str(tmp_path / "broken_clip"))()
+
+
+def test_clip_without_its_weights_fails_before_any_network_is_built(tmp_path: Path, monkeypatch, clip_dir: Path):
+    """A folder or a hub cache holding only config.json (a copy or a download cut short) fails when the command
+    checks its weights, not after the reference statistics were computed."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(clip_dir / "config.json", config_only)
+    with pytest.raises(WeightsNotFoundError, match=r"clip_model=.*config_only: the folder holds no CLIP weights"):
+        clip_loader(str(config_only))
+    snapshot = tmp_path / "hub" / "models--org--clip" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    shutil.copy(clip_dir / "config.json", snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match=r"clip_model=org/clip is not in the Hugging Face cache \(only "
+                                                   r"its config.json: no weights\)"):
+        clip_loader("org/clip")
+    shutil.copy(clip_dir / "model.safetensors", snapshot)
+    assert callable(clip_loader("org/clip"))
 
 
 def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Path, tmp_path: Path):

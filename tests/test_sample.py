@@ -139,6 +139,11 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="sampler"):
         sample({"ckpt_path": str(ldm_checkpoint), "prompts": PROMPTS, "output_dir": str(tmp_path),
                 "sampler": "euler"})
+    # (ran, ignoring it, and sample.json recorded it as if the images had DDIM's noise)
+    with pytest.raises(ConfigError, match=r"eta=1.0 is DDIM's noise scale, which sampler=dpmpp_2m does not take .*"
+                                          r"set sampler=ddim or leave eta at 0"):
+        sample({**base, "prompts": PROMPTS, "sampler": "dpmpp_2m", "eta": 1.0, "output_dir": str(tmp_path / "eta")})
+    assert not (tmp_path / "eta").exists()
     with pytest.raises(ConfigError, match="prompts"):
         sample({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match=r"prompts_file=.* is a folder; give a text file"):  # "does not exist"

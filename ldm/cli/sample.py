@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, asdict, check_choice, check_output_dir, register_schemas, to_dataclass
-from ldm.diffusion.sampling import SAMPLERS
+from ldm.diffusion.sampling import SAMPLERS, check_eta
 from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8, write_png
 from ldm.io import atomic_write_text, read_lines
@@ -80,6 +80,7 @@ class SampleConfig:
                               f"larger: stronger guidance)")
         if self.eta < 0:
             raise ConfigError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+        check_eta(self.sampler, self.eta)
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"image_size={self.image_size} must be >= 1 (or null: the training resolution)")
 

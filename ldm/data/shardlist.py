@@ -52,8 +52,11 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             if not matches and folder and (tars := _tars_in(os.path.dirname(path))):  # img2dataset's 00000.tar...
                 other = "val" if split == "train" else "train"
                 if all(os.path.basename(m).startswith(f"{other}-") for m in tars):  # ldm-data's other split only
+                    train = pasteable({key: _example(path, other)})  # scoring against the train split: a protocol
+                    also = "" if split == "train" else f", or the train shards themselves where you mean them: {train}"
                     raise FileNotFoundError(f"{key}={part!r}: {os.path.dirname(path)} holds {other} shards only "
-                                            f"({len(tars)}), no {split}-*.tar: name the folder of the {split} split")
+                                            f"({len(tars)}), no {split}-*.tar: name the folder of the {split} "
+                                            f"split{also}")
                 unnamed = [m for m in tars if not os.path.basename(m).startswith(f"{other}-")]
                 move = f"move the {other}-*.tar shards to a folder of their own, then " if len(unnamed) < len(tars) \
                     else ""

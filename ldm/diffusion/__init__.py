@@ -14,6 +14,7 @@ from ldm.diffusion.parameterization import (
 from ldm.diffusion.sampling import (
     SAMPLERS,
     Denoiser,
+    check_eta,
     guided_denoiser,
     run_sampler,
     sample_ddim,
@@ -32,7 +33,7 @@ from ldm.diffusion.schedule import (
 
 __all__ = [
     "BETA_SCHEDULES", "LOSS_WEIGHTINGS", "PREDICTIONS", "SAMPLERS", "TIMESTEP_SPACINGS", "Denoiser",
-    "DiffusionConfig", "NoiseSchedule", "ScheduleConfig", "diffusion_loss", "guided_denoiser", "loss_weight",
-    "make_betas", "offset_noise", "rescale_zero_terminal_snr", "run_sampler", "sample_ddim", "sample_ddpm",
-    "sample_dpmpp_2m", "spaced_timesteps", "target", "to_eps", "to_v", "to_x0",
+    "DiffusionConfig", "NoiseSchedule", "ScheduleConfig", "check_eta", "diffusion_loss", "guided_denoiser",
+    "loss_weight", "make_betas", "offset_noise", "rescale_zero_terminal_snr", "run_sampler", "sample_ddim",
+    "sample_ddpm", "sample_dpmpp_2m", "spaced_timesteps", "target", "to_eps", "to_v", "to_x0",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ldm.config import ConfigError
 from ldm.diffusion.parameterization import PREDICTIONS, to_eps, to_x0
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.seeding import StackedRandomGenerator
@@ -165,9 +166,18 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int],
     return x
 
 
+def check_eta(sampler: str, eta: float) -> None:
+    """`eta` is DDIM's noise scale: refused with the other samplers, which would sample as if it were 0."""
+    if eta != 0 and sampler != "ddim":
+        raise ConfigError(f"eta={eta} is DDIM's noise scale, which sampler={sampler} does not take ("
+                          f"{'it adds DDPM noise of its own' if sampler == 'ddpm' else 'it adds no noise'}): set "
+                          f"sampler=ddim or leave eta at 0")
+
+
 def run_sampler(name: str, denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], rng: StackedRandomGenerator,
                 eta: float = 0.0, callback: Callback | None = None) -> Tensor:
-    """Dispatch to a sampler by name (ddpm | ddim | dpmpp_2m); `eta` is DDIM's."""
+    """Dispatch to a sampler by name (ddpm | ddim | dpmpp_2m); `eta` is DDIM's (see `check_eta`)."""
+    check_eta(name, eta)
     if name == "ddpm":
         return sample_ddpm(denoiser, x, timesteps, rng, callback)
     if name == "ddim":

@@ -176,6 +176,19 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else f"{text[:width // 2 - 2]}...{text[-(width // 2 - 2):]}"
 
 
+def _differences(key: str, there: Any, here: Any) -> list[str]:
+    """`key: <there> there, <here> here`; for two dicts, one such line per entry that differs (`feature_extractor.
+    antialias`), where the shortened reprs of the whole dicts could read the same."""
+    if isinstance(there, dict) and isinstance(here, dict):
+        return [line for sub in {**there, **here} if there.get(sub, _ABSENT) != here.get(sub, _ABSENT)
+                for line in _differences(f"{key}.{sub}", there.get(sub, _ABSENT), here.get(sub, _ABSENT))]
+    return [f"{key}: {'absent' if there is _ABSENT else _short(there)} there, "
+            f"{'absent' if here is _ABSENT else _short(here)} here"]
+
+
+_ABSENT = object()
+
+
 def _in_todays_form(row: dict[str, Any]) -> dict[str, Any]:
     """An earlier row with the fields whose form (not meaning) changed as this version writes them: older ldm named
     every shard in `data_shards` (cut here as `row_shards` cuts it) and held the `shard_fingerprint` list itself."""
@@ -332,8 +345,8 @@ class Evaluator:
 
                 row = min(near, key=lambda r: len(lacking(r)) + len(differing(r)))
                 told = "; ".join([*([f"without {', '.join(lacking(row))}"] if lacking(row) else []),
-                                  *(f"{k}: {_short(row[k]) if k in row else 'absent'} there, {_short(point[k])} here"
-                                    for k in differing(row)[:4])])
+                                  *[line for k in differing(row) for line in
+                                    _differences(k, row.get(k, _ABSENT), point[k])][:4]])
                 print(f"[ldm-eval] {point['checkpoint']} {what}: results.jsonl holds a row of it scored otherwise "
                       f"({told}): scored again", flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

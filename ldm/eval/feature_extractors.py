@@ -207,6 +207,10 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
                                    f"with save_pretrained, or name one on the Hugging Face hub (org/name)")
     source = str(local_dir) if is_local else model_name_or_path
     local_only = is_local or offline()
+    if is_local and not any((local_dir / name).is_file() for name in CLIP_WEIGHTS):
+        raise WeightsNotFoundError(f"{key}={model_name_or_path}: the folder holds no CLIP weights (none of "
+                                   f"{', '.join(CLIP_WEIGHTS)}); point {key} at a CLIP model saved with "
+                                   f"save_pretrained")
     if local_only and not is_local:
         _check_hf_cache(model_name_or_path, key)
 
@@ -222,7 +226,8 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
             raise WeightsNotFoundError(
                 f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "
                 f"point {key} at a local CLIP directory saved with save_pretrained, or put the model in the Hugging "
-                f"Face cache (HF_HOME); HF_HUB_OFFLINE=1 makes a missing model fail at once") from None
+                f"Face cache (HF_HOME){'' if local_only else '; HF_HUB_OFFLINE=1 makes a missing model fail at once'}"
+            ) from None
         window = model.config.text_config.max_position_embeddings
         return ClipEmbeddings(model.eval()), TruncatingProcessor(processor, window)
 
@@ -282,10 +287,19 @@ def _looks_like_hub_name(name: str) -> bool:
 def _check_hf_cache(repo_id: str, key: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        raise WeightsNotFoundError(f"{key}={repo_id} is not in the Hugging Face cache and downloads are disabled "
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+    config, weights = cached("config.json"), any(cached(name) for name in CLIP_WEIGHTS)
+    if not (config and weights):  # a download cut short after the config leaves no weights
+        held = " (only its config.json: no weights)" if config else ""
+        raise WeightsNotFoundError(f"{key}={repo_id} is not in the Hugging Face cache{held} and downloads are disabled "
                                    f"(offline mode). Download it on a connected machine "
                                    f"(`huggingface-cli download {repo_id}`) or set {key}=/path/to/local/clip")
+
+
+CLIP_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",  # what CLIPModel.from_pretrained reads
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def clip_identity(model_name_or_path: str) -> dict[str, Any]:
