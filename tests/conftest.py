@@ -54,10 +54,11 @@ def single_torch_thread():
 
 @pytest.fixture(params=[False, True], ids=["blas", "onednn"])
 def onednn(request, monkeypatch) -> bool:
-    """Both routes of fp32 CPU products (`ldm.nn.linear`) on any CPU; the route is otherwise a constant of the
-    machine."""
+    """Both routes of fp32 CPU products (`ldm.nn.linear`) on any CPU, oneDNN's for products of any size; the route
+    is otherwise the machine's and the shapes'."""
     import ldm.nn.linear
 
     monkeypatch.setattr(ldm.nn.linear, "ONEDNN_PRODUCTS", request.param)
+    monkeypatch.setattr(ldm.nn.linear, "MIN_MACS", 1)
     return request.param
 

@@ -35,7 +35,8 @@ def test_pointwise_conv_equals_a_1x1_conv(memory_format, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_pointwise_conv_on_channels_last_maps_through_onednn_equals_a_1x1_conv(onednn, bias):
-    """fp32, where `ldm.nn.linear` sends products to oneDNN: the map goes to oneDNN's own 1x1 convolution."""
+    """fp32, where `ldm.nn.linear` sends products to oneDNN: the map goes to oneDNN's own 1x1 convolution; no output
+    channels gives an empty map, as a convolution does."""
     torch.manual_seed(0)
     ours = PointwiseConv(24, 40, bias=bias)
     reference = nn.Conv2d(24, 40, 1, bias=bias).double()
@@ -44,13 +45,14 @@ def test_pointwise_conv_on_channels_last_maps_through_onednn_equals_a_1x1_conv(o
 
     out, expected = ours(x), reference(x.double())
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert (out.grad_fn.name() == "ConvolutionBackward0") == onednn
+    assert (out.grad_fn.name() == "MkldnnConvolutionBackward0") == onednn
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     got = torch.autograd.grad(out, (x, *ours.parameters()), grad)
     want = torch.autograd.grad(expected, (x, *reference.parameters()), grad.double())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-5)
+    assert PointwiseConv(24, 0, bias=bias)(x).shape == (3, 0, 5, 7)
 
 
 def test_pointwise_conv_under_bf16_autocast_returns_bf16_like_a_conv():

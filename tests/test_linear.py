@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.nn.linear import Linear, blas_lacks_avx512, cpu_vendor
+import ldm.nn.linear
+from ldm.nn.linear import MIN_MACS, Linear, blas_lacks_avx512, cpu_vendor
 
 
 def backward_ops(out: torch.Tensor) -> set[str]:
@@ -40,7 +41,7 @@ def test_linear_equals_nn_linear_in_values_and_gradients(onednn, shape, bias):
     out = ours(x)
     expected = reference(x.double())
     assert out.shape == (*shape[:-1], 40) and out.dtype == torch.float32
-    assert ("ConvolutionBackward0" in backward_ops(out)) == onednn  # the route taken
+    assert ("MkldnnConvolutionBackward0" in backward_ops(out)) == onednn  # the route taken
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     got = gradients(out, x, *ours.parameters())
     want = gradients(expected, x, *reference.parameters())
@@ -48,11 +49,24 @@ def test_linear_equals_nn_linear_in_values_and_gradients(onednn, shape, bias):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_reads_a_strided_input(onednn):
-    """The attention's heads and the spatial transformer's tokens are transposed views."""
+@pytest.mark.parametrize("x", [torch.randn(2, 8, 5).transpose(1, 2), torch.randn(8, 7).t(),
+                               torch.randn(1, 8).expand(7, 8)], ids=["transposed", "2d-transposed", "expanded"])
+def test_linear_reads_a_strided_input_and_returns_a_contiguous_output(onednn, x):
+    """Views as the attention and the spatial transformer make; the output is contiguous, as nn.Linear's."""
     layer = Linear(8, 6)
-    x = torch.randn(2, 8, 5).transpose(1, 2)  # (2, 5, 8), not contiguous
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+    out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+    assert out.is_contiguous()
+
+
+def test_only_products_of_min_macs_or_more_go_to_onednn(monkeypatch):
+    """Smaller products ran slower through oneDNN than through BLAS, on one thread or two."""
+    monkeypatch.setattr(ldm.nn.linear, "ONEDNN_PRODUCTS", True)
+    layer = Linear(128, 128)
+    assert "MkldnnConvolutionBackward0" in backward_ops(layer(torch.randn(MIN_MACS // 128 ** 2, 128)))
+    assert "MkldnnConvolutionBackward0" not in backward_ops(layer(torch.randn(MIN_MACS // 128 ** 2 - 1, 128)))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user's switch: no oneDNN
+    assert "MkldnnConvolutionBackward0" not in backward_ops(layer(torch.randn(MIN_MACS // 128 ** 2, 128)))
 
 
 def test_a_frozen_copy_rounds_as_the_trained_linear(onednn):
@@ -75,12 +89,13 @@ def test_linear_under_bf16_autocast_stays_on_the_autocast_route(onednn):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = layer(x), F.linear(x, layer.weight, layer.bias)
     assert out.dtype == torch.bfloat16
-    assert "ConvolutionBackward0" not in backward_ops(out)
+    assert "MkldnnConvolutionBackward0" not in backward_ops(out)
     assert torch.equal(out, expected)
 
 
-def test_linear_takes_an_empty_batch(onednn):
+def test_linear_takes_empty_inputs_and_outputs(onednn):
     assert Linear(4, 6)(torch.zeros(0, 3, 4)).shape == (0, 3, 6)
+    assert Linear(4, 0)(torch.zeros(3, 4)).shape == (3, 0)
 
 
 @pytest.mark.parametrize(("vendor", "capability", "mkl", "onednn", "expected"), [
@@ -100,3 +115,14 @@ def test_cpu_vendor_reads_the_x86_vendor_id():
     with open("/proc/cpuinfo") as cpuinfo:
         vendor_ids = {line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")}
     assert vendor_ids == {cpu_vendor()}
+
+
+def test_a_compiled_linear_takes_the_blas_route(onednn):
+    """oneDNN's convolution op cannot be traced (no fake kernel): under torch.compile the product is F.linear's."""
+    layer = Linear(32, 16)
+    x = torch.randn(4, 32, requires_grad=True)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
