@@ -24,7 +24,7 @@ import json
 import numbers
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,6 +80,17 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {choices}")
+
+
+def batch_entry(batch: Mapping[str, Any], key: str, config_key: str) -> Any:
+    """`batch[key]`, where `key` is the config's `config_key` (model.image_key, ...); a ConfigError naming it and the
+    entries the batch has where it has none."""
+    if key not in batch:
+        raise ConfigError(f"{config_key}={key!r}: the batch has no entry {key!r}, only {sorted(batch)} (ldm's loaders "
+                          f"name a sample's image 'image' and its caption, from KEY.txt, 'caption', whatever the "
+                          f"shard members are called): leave {config_key} at its default, or give a data module "
+                          f"whose batches hold {key!r}")
+    return batch[key]
 
 
 def check_min(minimum: float, **values: float | None) -> None:

@@ -216,3 +216,12 @@ def test_log_images_returns_grids_in_range():
     assert set(images) == {"inputs", "reconstructions", "samples"}
     for value in images.values():
         assert value.shape == (3, 3, 32, 32) and value.min() >= -1 and value.max() <= 1
+
+
+def test_an_image_key_the_batches_lack_is_named_with_the_config_key():
+    from ldm.config import ConfigError
+
+    module = tiny_module(image_key="png")
+    with pytest.raises(ConfigError, match=r"model\.image_key='png': the batch has no entry 'png', only \['caption', "
+                                          r"'image', 'key'\]"):
+        module.get_input({"image": shapes_images(2), "caption": ["a", "b"], "key": ["0", "1"]})

@@ -233,3 +233,13 @@ def test_a_one_group_checkpoint_resumes_into_the_two_groups(tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["lr"] == groups[1]["lr"] > 0
     steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
     assert steps == {3}, "every parameter kept its two steps of Adam moments and took the third"
+
+
+def test_batch_keys_the_batches_lack_are_named_with_the_config_key():
+    from ldm.config import ConfigError
+
+    module = ContrastiveModule(tiny_config(caption_key="txt"))
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with pytest.raises(ConfigError, match=r"model\.caption_key='txt': the batch has no entry 'txt', only \['caption', "
+                                          r"'image'\]"):
+        module._loss({"image": images, "caption": CAPTIONS})

@@ -488,3 +488,14 @@ def test_train_loss_under_accumulation_is_the_whole_steps_mean(autoencoder_dir: 
     assert [len(history) for history in monitor.lrs.values()] == [1]  # the last rate, not every one of the run
     assert len(set(micro)) == 6  # the micro-batches differ, so the last alone would not pass
     assert [d for d in draws if d[0] >= 0] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_batch_keys_the_batches_lack_are_named_with_the_config_key(autoencoder_dir: Path):
+    """model.caption_key=text (as a shard's member might be called): a bare KeyError 'text' at the first step."""
+    from ldm.config import ConfigError
+
+    for key, value in (("caption_key", "text"), ("image_key", "png")):
+        module = LatentDiffusionModule(tiny_config(autoencoder_dir, **{key: value}))
+        with pytest.raises(ConfigError, match=rf"model\.{key}='{value}': the batch has no entry '{value}', only "
+                                              r"\['caption', 'image'\] .*leave model\." + key):
+            module._loss(batch(2), step_generator(0, 0, 0), module.pipeline)

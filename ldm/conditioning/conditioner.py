@@ -36,7 +36,7 @@ from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
 from ldm.conditioning.labels import ClassEmbedder
 from ldm.conditioning.text import DEFAULT_CLIP, CLIPTextEncoder, HFTextEncoder
 from ldm.conditioning.text import load_pretrained as load_transformers
-from ldm.config import ConfigError, check_choice, check_min, is_int, to_dataclass
+from ldm.config import ConfigError, batch_entry, check_choice, check_min, is_int, to_dataclass
 from ldm.io import with_default_modes
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class TextConditioner(Conditioner):
                                   "a byte encoder without model.conditioner.name_or_path): encode the shards without "
                                   "the text encoder, or condition on that frozen encoder")
             return EncodedText(batch["text_context"], batch.get("text_pooled"))
-        return list(batch[caption_key])
+        return list(batch_entry(batch, caption_key, "model.caption_key"))
 
     def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
                             batch_size: int) -> list[str]:

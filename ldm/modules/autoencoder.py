@@ -25,7 +25,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.callbacks.step_boundary import validations_between
 from ldm.checkpoints import MissingCheckpointError
-from ldm.config import ConfigError, asdict, check_min, check_required, to_dataclass
+from ldm.config import ConfigError, asdict, batch_entry, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
@@ -190,7 +190,7 @@ class AutoencoderModule(L.LightningModule):
     def get_input(self, batch: Any) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] from a tensor, a (images, ...) sequence or a dict under `image_key`."""
         if isinstance(batch, dict):
-            x = batch[self.config.image_key]
+            x = batch_entry(batch, self.config.image_key, "model.image_key")
         elif isinstance(batch, (list, tuple)):
             x = batch[0]
         else:

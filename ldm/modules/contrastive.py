@@ -29,7 +29,7 @@ from torch import nn
 
 from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
-from ldm.config import ConfigError, asdict, check_min, pasteable, to_dataclass
+from ldm.config import ConfigError, asdict, batch_entry, check_min, pasteable, to_dataclass
 from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
 from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
@@ -131,8 +131,8 @@ class ContrastiveModule(L.LightningModule):
         return self.all_gather(x, sync_grads=True).flatten(0, 1)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        captions = list(batch[self.config.caption_key])
-        image, text = self.embed(batch[self.config.image_key], captions)
+        captions = list(batch_entry(batch, self.config.caption_key, "model.caption_key"))
+        image, text = self.embed(batch_entry(batch, self.config.image_key, "model.image_key"), captions)
         ids = torch.tensor([zlib.crc32(c.encode()) for c in captions], device=image.device)  # (B,) equal for equal
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
                                 self.logit_scale, ids, self._gather(ids))

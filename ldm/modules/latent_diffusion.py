@@ -24,7 +24,7 @@ from torch.distributed.fsdp.wrap import wrap
 from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.checkpoints import MissingCheckpointError, upgrade_layout
 from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, text_encoder_config
-from ldm.config import ConfigError, asdict, check_choice, check_min, check_required, to_dataclass
+from ldm.config import ConfigError, asdict, batch_entry, check_choice, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
@@ -382,11 +382,14 @@ class LatentDiffusionModule(L.LightningModule):
 
     def _inputs(self, batch: dict[str, Any]) -> torch.Tensor | DiagonalGaussianDistribution:
         """A batch's images, or the posterior of its precomputed latents (`moments` from latent shards)."""
-        return DiagonalGaussianDistribution(batch["moments"]) if "moments" in batch else batch[self.config.image_key]
+        if "moments" in batch:
+            return DiagonalGaussianDistribution(batch["moments"])
+        return batch_entry(batch, self.config.image_key, "model.image_key")
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         """Samples in a batch of images or of precomputed latents."""
-        return len(batch["moments"] if "moments" in batch else batch[self.config.image_key])
+        return len(batch["moments"] if "moments" in batch else batch_entry(batch, self.config.image_key,
+                                                                            "model.image_key"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
@@ -520,7 +523,8 @@ class LatentDiffusionModule(L.LightningModule):
         if conditioner.reads_labels:
             labels = c.val_class_labels or [int(v) for v in batch[c.label_key][:n]]
         elif conditioner.uses_prompts:
-            prompts = list(c.val_prompts) or [str(p) for p in batch[c.caption_key][:n]]
+            prompts = list(c.val_prompts) or [str(p) for p in
+                                              batch_entry(batch, c.caption_key, "model.caption_key")[:n]]
         count = len(labels if labels is not None else prompts if prompts is not None else range(n))
         samples = self.eval_pipeline(c.val_use_ema).generate(
             prompts, [c.val_seed + i for i in range(count)], sampler=c.val_sampler, num_steps=c.val_num_steps,
