@@ -40,7 +40,11 @@ TRAIN = ("experiment=quickstart_vae", "data.train_shards={shards}", "data.val_sh
          "paths.output_dir={tmp}/run", "data.num_workers=0")
 SAMPLE = ("output_dir={tmp}/samples", "prompts=[a red circle]")
 EVAL = ("output_dir={tmp}/eval", "val_shards={shards}")
-DATA_FOLDER = ("source=folder", "output_dir={tmp}/folder_out")
+
+
+def data_folder(out: str) -> tuple[str, ...]:  # an output folder each: two cases run at once, and ldm-data locks it
+    return ("source=folder", f"output_dir={{tmp}}/{out}")
+
 
 CASES = [
     # ldm-data: starts in about two seconds, all in the fast set
@@ -48,8 +52,8 @@ CASES = [
     Case("data-no-output-dir", "ldm-data", ("source=shapes",), ("output_dir",), slow=True),
     Case("data-unknown-key", "ldm-data", ("output_dir={tmp}/d2", "num_sample=3"), ("num_sample",), slow=True),
     Case("data-bad-type", "ldm-data", ("output_dir={tmp}/d3", "num_samples=abc"), ("num_samples",), slow=True),
-    Case("data-folder-no-input", "ldm-data", DATA_FOLDER, ("input_dir",), slow=True),
-    Case("data-folder-missing-input", "ldm-data", (*DATA_FOLDER, "input_dir={tmp}/nowhere"), ("input_dir=",)),
+    Case("data-folder-no-input", "ldm-data", data_folder("f1"), ("input_dir",), slow=True),
+    Case("data-folder-missing-input", "ldm-data", (*data_folder("f2"), "input_dir={tmp}/nowhere"), ("input_dir=",)),
     Case("data-small-resolution", "ldm-data", ("output_dir={tmp}/d4", "resolution=4"), ("resolution=4",), slow=True),
     Case("data-zero-per-shard", "ldm-data", ("output_dir={tmp}/d5", "samples_per_shard=0"),
          ("samples_per_shard",), slow=True),
@@ -58,11 +62,11 @@ CASES = [
          ("overwrite=true",), slow=True),
     Case("data-output-is-file", "ldm-data", ("output_dir={a_file}", "num_samples=8"), ("a_file.txt",), slow=True),
     Case("data-scale-zero", "ldm-data", ("output_dir={tmp}/d7", "scale=0"), ("scale=0", "(0, "), slow=True),
-    Case("data-missing-manifest", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "captions={tmp}/none.csv"),
+    Case("data-missing-manifest", "ldm-data", (*data_folder("f3"), "input_dir={folder}", "captions={tmp}/none.csv"),
          ("captions=", "none.csv"), slow=True),
-    Case("data-manifest-not-utf8", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "captions={latin1_csv}"),
+    Case("data-manifest-not-utf8", "ldm-data", (*data_folder("f4"), "input_dir={folder}", "captions={latin1_csv}"),
          ("latin1.csv", "UTF-8")),
-    Case("data-uncaptioned-folder", "ldm-data", (*DATA_FOLDER, "input_dir={folder}", "val_samples=1"),
+    Case("data-uncaptioned-folder", "ldm-data", (*data_folder("f5"), "input_dir={folder}", "val_samples=1"),
          ("no caption", "allow_missing_captions=true")),
     Case("data-path-beyond-ascii", "ldm-data", ("output_dir={tmp}/Données",),  # Hydra's lexer exception
          ("Hydra cannot read this override (token recognition error at: 'é')", """/Données"'""")),
@@ -76,6 +80,9 @@ CASES = [
                                                       "model.val_guidance_scale=-1"),
          ("val_guidance_scale=-1",), slow=True),
     Case("train-max-steps-abc", "ldm-train", (*TRAIN, "trainer.max_steps=abc"), ("trainer.max_steps='abc'",)),
+    Case("train-own-experiment-without-its-header", "ldm-train",  # "reads no top-level key 'experiment' (added
+         ("--config-dir", "{confdir}", *(a for a in TRAIN if not a.startswith("experiment=")),  # with +experiment)",
+          "experiment=mine"), ("experiment=mine", "experiment/mine.yaml", "`# @package _global_`")),  # none added
     Case("train-multirun-last-in-a-new-sweep", "ldm-train",  # the default hydra.sweep.dir is timestamped too: each
          ("-m", *(a for a in TRAIN if not a.startswith("paths.")), "ckpt_path=last", "seed=1,2"),  # rerun started
          ("ckpt_path=last resumes the run in hydra.sweep.dir", "hydra.sweep.dir=")),               # from scratch
@@ -200,9 +207,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for i in range(3):
         Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(folder / f"{i}.png")
     (tmp / "latin1.csv").write_bytes("file,caption\n0.png,caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (tmp / "confdir" / "experiment").mkdir(parents=True)  # a researcher's own experiment, without the header
+    (tmp / "confdir" / "experiment" / "mine.yaml").write_text("trainer:\n  max_steps: 2\n")
     return {"tmp": str(tmp), "shards": str(shards), "corrupt": str(corrupt), "wrong_kind": str(tmp / "wrong_kind.ckpt"),
             "truncated": str(tmp / "truncated.ckpt"),
-            "a_file": str(tmp / "a_file.txt"), "folder": str(folder), "latin1_csv": str(tmp / "latin1.csv")}
+            "a_file": str(tmp / "a_file.txt"), "folder": str(folder), "latin1_csv": str(tmp / "latin1.csv"),
+            "confdir": str(tmp / "confdir")}
 
 
 def cli_env(**extra: str) -> dict[str, str]:

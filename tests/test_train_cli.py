@@ -379,7 +379,7 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
     sweep), a misspelt callback key at instantiation; a bad CSV value came wrapped in Hydra's message. And W&B's own
     off switch (WANDB_MODE=disabled) was overridden by the logger's offline mode, which wrote a run anyway."""
     from ldm.cli.common import describe_error
-    from ldm.cli.train import check_components, instantiate_loggers
+    from ldm.cli.train import check_components, instantiate_callbacks, instantiate_loggers
 
     base = ["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=wandb"]
     for extra, message in [
@@ -390,6 +390,16 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
                                                          r"\(did you mean callbacks\.throughput\.count_flops\?\)"),
             (["+callbacks.extra._target_=no.such.Class"], r"callbacks\.extra\._target_=no\.such\.Class cannot be "
                                                           r"imported \(ModuleNotFoundError"),
+            # a misspelt class read "No module named ...; 'ldm.callbacks.nan_guard' is not a package"
+            (["+callbacks.extra._target_=ldm.callbacks.nan_guard.NanGuardd"],
+             r"callbacks\.extra\._target_=ldm\.callbacks\.nan_guard\.NanGuardd: module ldm\.callbacks\.nan_guard has "
+             r"no 'NanGuardd': did you mean ldm\.callbacks\.nan_guard\.NanGuard\?"),
+            # a class Lightning cannot call: "'OrderedDict' object has no attribute 'on_exception'" mid-run
+            (["+callbacks.extra._target_=collections.OrderedDict"],
+             r"callbacks\.extra\._target_=collections\.OrderedDict is not a lightning\.pytorch\.Callback \(Lightning "
+             r"calls its hooks\): subclass it"),
+            (["+logger.extra._target_=collections.OrderedDict"],
+             r"logger\.extra\._target_=collections\.OrderedDict is not a lightning\.pytorch\.loggers\.Logger"),
             # Lightning's: accumulation the contrastive model refuses, a schedule length and a printed global batch
             # that ignored it; a tuner that took the module's batch_size method for a number, after the build
             (["+callbacks.gas._target_=lightning.pytorch.callbacks.GradientAccumulationScheduler",
@@ -401,6 +411,12 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
         with pytest.raises(ConfigError, match=message):
             check_components(compose_train(base + extra))
     check_components(compose_train(base + ["+logger.wandb.group=ablation"]))  # a wandb.init argument
+    # a factory function (Hydra instantiates any callable): it imports; what it builds is checked when built
+    factory = compose_train(base + ["+callbacks.extra._target_=os.getcwd"])
+    check_components(factory)  # ("cannot be imported (ValueError: Located non-class ...)")
+    with pytest.raises(ConfigError, match=r"callbacks\.extra: its _target_ built a str, not a lightning\.pytorch\."
+                                          r"Callback: return one"):
+        instantiate_callbacks(factory.callbacks)
 
     csv = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=csv",
                          "logger.csv.flush_logs_every_n_steps=0"])

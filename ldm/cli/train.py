@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import inspect
 import json
 import logging
@@ -83,23 +84,39 @@ class TrainingDiverged(RuntimeError):
     """The NaN guard stopped the run after too many non-finite steps in a row."""
 
 
+COMPONENT_TYPES = {"callbacks": (L.Callback, "lightning.pytorch.Callback"),  # what each group's entries must be
+                   "logger": (Logger, "lightning.pytorch.loggers.Logger")}
+
+
+def built_component(group: str, name: str, built: Any) -> Any:
+    """`built` (what `group.name`'s _target_ returned), or a ConfigError where it is no Lightning callback / logger
+    (a factory function's result; classes are checked before the run starts, `check_components`)."""
+    kind, kind_name = COMPONENT_TYPES[group]
+    if not isinstance(built, kind):
+        raise configs.ConfigError(f"{group}.{name}: its _target_ built a {type(built).__name__}, not a {kind_name}: "
+                                  f"return one (or name a subclass of it)")
+    return built
+
+
 def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
     """Every non-null entry of the `callbacks` group, in config order."""
     # note: _convert_, so that a list (a shard set) reaches the callback as a list, as it reaches the datamodule
-    return [hydra.utils.instantiate(node, _convert_="all") for node in (cfg or {}).values() if node is not None]
+    return [built_component("callbacks", name, hydra.utils.instantiate(node, _convert_="all"))
+            for name, node in (cfg or {}).items() if node is not None]
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     """Every non-null entry of the `logger` group; W&B's left out when its own switch says so (`WANDB_MODE=disabled`,
     `WANDB_DISABLED=true`), which the W&B logger's offline mode would otherwise override."""
     loggers = []
-    for node in (cfg or {}).values():
+    for name, node in (cfg or {}).items():
         if node is None:
             continue
-        if issubclass(hydra.utils.get_class(node._target_), WandbLogger) and wandb_disabled():
+        target = hydra.utils.get_object(node._target_)
+        if isinstance(target, type) and issubclass(target, WandbLogger) and wandb_disabled():
             rank_zero_info("W&B is disabled (WANDB_MODE=disabled or WANDB_DISABLED=true): no W&B run is written")
             continue
-        loggers.append(hydra.utils.instantiate(node))
+        loggers.append(built_component("logger", name, hydra.utils.instantiate(node)))
     return loggers
 
 
@@ -132,11 +149,15 @@ def check_top_level_keys(cfg: DictConfig) -> None:
     if not unknown:
         return
     key = str(unknown[0])
+    choice = HydraConfig.get().runtime.choices.get(key) if HydraConfig.initialized() else None
+    if choice is not None and key not in (cfg.get("model") or {}):  # experiment=mine, its file without the header
+        raise configs.ConfigError(f"{key}={choice}: the file put its keys under a top-level {key!r}, which ldm-train "
+                                  f"does not read: start {key}/{choice}.yaml with the line `# @package _global_`, as "
+                                  f"conf/{key}/*.yaml do")
     if key in (cfg.get("model") or {}):
         value = cfg[key]
         leaves = flatten(OmegaConf.to_container(value), f"model.{key}") if isinstance(value, DictConfig) else {}
         if key in ConfigStore.instance().repo and len(leaves) != 1:  # +unet=small: a group of named values
-            choice = HydraConfig.get().runtime.choices.get(key) if HydraConfig.initialized() else None
             fix = f"{key}@model.{key}={choice or 'OPTION'} (a config group)"
         elif leaves:  # +diffusion.prediction=eps
             fix = " ".join(f"{path}={configs.override_value(leaf)}" for path, leaf in leaves.items())
@@ -148,6 +169,26 @@ def check_top_level_keys(cfg: DictConfig) -> None:
         hint = f"did you mean {close[0]}?" if close else f"its keys are {list(TOP_LEVEL_KEYS)}"
     raise configs.ConfigError(f"{key}: ldm-train reads no top-level key {key!r} (added with +{key}), so it would act "
                               f"on nothing; {hint}")
+
+
+def import_target(target: str, key: str) -> Any:
+    """The class or function a `_target_` names, or a ConfigError naming `key`: a module that imports but lacks the
+    name is said so, with the closest name it has (Hydra's own reason read "not a package")."""
+    try:
+        return hydra.utils.get_object(target)
+    except Exception as err:  # noqa: BLE001 -- an import's failure, whatever it raised
+        cause = err.__cause__ or err
+        module_name, _, name = target.rpartition(".")
+        try:
+            module = importlib.import_module(module_name) if module_name else None
+        except Exception:  # noqa: BLE001 -- the module itself fails: its own error, below
+            module = None
+        if module is not None and not hasattr(module, name):
+            close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+            hint = f": did you mean {module_name}.{close[0]}?" if close else ""
+            raise configs.ConfigError(f"{key}._target_={target}: module {module_name} has no {name!r}{hint}") from None
+        raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: "
+                                  f"{cause})") from None
 
 
 def check_components(cfg: DictConfig) -> None:
@@ -162,12 +203,11 @@ def check_components(cfg: DictConfig) -> None:
             target = node.get("_target_") if isinstance(node, DictConfig) else None
             if not target:
                 raise configs.ConfigError(f"{key} has no _target_ naming the class to build (or set {key}=null)")
-            try:
-                cls = hydra.utils.get_class(target)
-            except Exception as err:  # noqa: BLE001 -- an import's failure, whatever it raised
-                cause = err.__cause__ or err
-                raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: "
-                                          f"{cause})") from None
+            cls = import_target(target, key)
+            kind, kind_name = COMPONENT_TYPES[group]
+            if isinstance(cls, type) and not issubclass(cls, kind):  # (a factory function's result: when built)
+                raise configs.ConfigError(f"{key}._target_={target} is not a {kind_name} (Lightning calls its "
+                                          f"hooks): subclass it")
             for base, why in REFUSED_CALLBACKS.items():
                 if isinstance(cls, type) and issubclass(cls, base):
                     raise configs.ConfigError(f"{key}: {base.__name__} is not supported: {why}; remove {key}")
