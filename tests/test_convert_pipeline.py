@@ -303,3 +303,22 @@ def test_a_pipeline_as_the_conditioners_encoder_takes_its_layer_and_a_folder_wit
                                            num_attention_heads=3))  # the pipeline's tokenizer is not its pair
     with pytest.raises(ConfigError, match=r"tokenizer's 516 tokens exceed the text encoder's vocabulary of 100"):
         CLIPTextEncoder("ours", transformer=smaller, tokenizer=pipe.tokenizer)
+
+
+def test_a_text_unet_started_from_a_file_without_its_encoder_on_a_new_byte_encoder_is_warned(tmp_path,
+                                                                                             single_torch_thread):
+    """ldm-export's diffusers / single-file output of a model that trained its byte encoder holds no text encoder;
+    `model.init_from` of it with the default (new, random) byte encoder paired the trained UNet with random tokens,
+    saying only "replaced model.unet"."""
+    from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.nn.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
+                           num_heads=2, context_dim=32, norm_groups=8))
+    vae = AutoencoderKL(AutoencoderConfig(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8))
+    path = save_single_file(tmp_path / "model.safetensors", unet, vae, 0.8, ScheduleConfig(), "eps")
+    conditioner = {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 16}
+    with pytest.warns(UserWarning, match=r"model\.init_from=.*model\.safetensors holds no text encoder, and "
+                                         r"model\.conditioner is a new byte encoder .* set "
+                                         r"model\.conditioner\.name_or_path to the encoder it was trained with"):
+        LatentDiffusionModule({"init_from": str(path), "conditioner": conditioner, "ema_decay": None})

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint, pickle_refusal
-from ldm.config import ConfigError
+from ldm.config import ConfigError, pasteable
 from ldm.convert import autoencoder as ae
 from ldm.convert import unet as un
 from ldm.convert.common import (
@@ -29,7 +29,7 @@ from ldm.convert.common import (
 from ldm.convert.components import SDComponents, load_tokenizer  # noqa: F401 - re-exported
 from ldm.convert.schedule import schedule_from_diffusers
 from ldm.convert.single_file import load_single_file, read_single_file_autoencoder
-from ldm.io import CONFIG_NAME, export_dir, export_kind, read_json_object
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, export_kind, read_json_object
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNetConfig
 
@@ -202,10 +202,13 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
     layout = detect_layout(path, key)
     ours = _our_checkpoint_kind(path) if layout == "single_file" else None
     if layout == "ours" or ours is not None:
-        what = (export_kind(read_json_object(export_dir(path, key) / CONFIG_NAME, key)) if layout == "ours" else
-                f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model")
+        config = read_json_object(export_dir(path, key) / CONFIG_NAME, key) if layout == "ours" else {}
+        what = export_kind(config) if config else f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model"
+        export = (f"; to start from this latent diffusion model, write it in diffusers' layout first: ldm-export "
+                  f"{pasteable({'ckpt_path': str(path)})} format=diffusers output_dir=DIR, then {key}=DIR"
+                  if config.get("format") == PIPELINE_FORMAT or ours == "latent_diffusion" else "")
         raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
-                          f"folder, a diffusers unet/ or vae/ folder, or a single file)")
+                          f"folder, a diffusers unet/ or vae/ folder, or a single file){export}")
     with _naming(key, path):
         if layout == "pipeline":
             return load_pipeline(path, tokenizer_path)
