@@ -449,6 +449,16 @@ def test_awkward_folder_inputs(tmp_path: Path):
     # A shard written by another tool (img2dataset, by hand) whose caption starts with a byte order mark.
     assert caption_and_label({"txt": "\ufeffa bom".encode()}, SkipLog()) == ("a bom", None)
     assert readable_caption({"txt": "\ufeffa bom".encode()}) == "a bom"  # ldm-eval's prompts
+    # Captions kept in metadata only (KEY.json's caption or text, no KEY.txt) trained as "" (warned "no caption").
+    meta = json.dumps({"caption": " a cat ", "label": 3}).encode()
+    assert caption_and_label({"json": meta}, SkipLog()) == ("a cat", 3)
+    assert caption_and_label({"json": json.dumps({"text": "a dog"}).encode()}, SkipLog()) == ("a dog", None)
+    assert caption_and_label({"txt": b"its own", "json": meta}, SkipLog()) == ("its own", 3)  # KEY.txt first
+    assert readable_caption({"json": meta}) == "a cat"  # ldm-eval's prompts, as training reads them
+    skips = SkipLog()  # no caption string in the metadata: "" and counted
+    assert caption_and_label({"json": b'{"caption": 5}', "__key__": "a"}, skips) == ("", None)
+    assert caption_and_label({"json": b'["a cat"]', "__key__": "b"}, skips) == ("", None)
+    assert [key for _, key in skips.uncaptioned] == ["a", "b"]
 
 
 

@@ -244,11 +244,14 @@ def test_prompts_come_from_val_captions_or_a_file_cycled_to_n(shapes_shards: Pat
 
 def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     """A caption that is not UTF-8 made ldm-eval and the FID callback stop where training skips the sample: it is left
-    out, with a warning naming the shard and key. A sample whose caption sits in its .json only trains with "" (the
-    reader took .caption or the json's "caption" / "text" and scored another prompt than the model learnt)."""
+    out, with a warning naming the shard and key. A sample whose caption sits in its .json only is read from there
+    by both (the reader once took the json's "caption" where training read "", and scored another prompt than the
+    model learnt)."""
     import io
     import json
     import tarfile
+
+    from ldm.data.stream import SkipLog, caption_and_label
 
     shard = tmp_path / "val-000000.tar"
     with tarfile.open(shapes_shards / "val-000000.tar") as tar:
@@ -268,7 +271,9 @@ def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Pat
     with caplog.at_level("WARNING"):
         prompts = load_prompts("val_shards", 15, [str(shard)])
         pairs = list(iter_shard_samples([str(shard)]))
-    assert len(prompts) == 15 and prompts[0] == "" and len(pairs) == 15 and pairs[0][1] == ""
+    assert len(prompts) == 15 and len(pairs) == 15
+    trained = caption_and_label({"json": json.dumps({"caption": "a red circle in the center"}).encode()}, SkipLog())
+    assert prompts[0] == pairs[0][1] == trained[0] == "a red circle in the center"
     assert f"{shard}: sample {keys[0]} left out: it does not read as training reads it" in caplog.text
     # a class-conditional model's labels come from the same samples as the prompts they are scored against
     labels = shard_labels([str(shard)], 15)

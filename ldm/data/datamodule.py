@@ -556,8 +556,9 @@ class WebDataModule(L.LightningDataModule):
         """Count samples without a caption; warn once per shard (they train with the empty caption)."""
         for shard, key in samples:
             if shard not in self.uncaptioned:
-                log.warning("shard %s: sample %s has no caption (.txt); it trains with the empty caption \"\" (one "
-                            "warning per shard; the run's total is printed at the end)", shard, key)
+                log.warning("shard %s: sample %s has no caption (.txt, or a caption / text string in its .json); it "
+                            "trains with the empty caption \"\" (one warning per shard; the run's total is printed at "
+                            "the end)", shard, key)
             self.uncaptioned[shard] = self.uncaptioned.get(shard, 0) + 1
 
     def record_uncounted(self, shards: dict[str, int]) -> None:

@@ -36,7 +36,7 @@ from ldm.cli.run_lock import run_lock
 from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
-from ldm.data.stream import resize_crop, resize_shorter
+from ldm.data.stream import CAPTION_FIELDS, resize_crop, resize_shorter
 from ldm.images import decode_image
 from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
@@ -54,7 +54,6 @@ MEMBER_EXTENSIONS = {".jpeg": "jpg", ".jpe": "jpg", ".jfif": "jpg"}  # a stored 
 SUMMARY_NAME = "summary.json"
 # Column / field names accepted in a CSV or JSONL caption manifest.
 PATH_FIELDS = ("file", "path", "filename", "image")
-CAPTION_FIELDS = ("caption", "text")
 # Every tar member's mtime: a whole number keeps each member to one 512-byte ustar header (webdataset's default, the
 # float time.time(), adds a PAX header per member, which made reading latent shards 1.6x slower) and makes the shards
 # the same bytes whenever they are written again from the same inputs.
