@@ -193,7 +193,7 @@ def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards:
     for callback, message in ((FIDCallback(**common, num_steps=5000), r"callbacks\.fid\.num_steps=5000 must lie in "
                                                                       r"\[1, 1000\]"),
                               (FIDCallback(**common, clip_model=str(tmp_path / "no_clip")),
-                               r"callbacks\.fid\.clip_model=.*no_clip: the CLIP model could not be loaded")):
+                               r"callbacks\.fid\.clip_model=.*no_clip: the folder holds no CLIP weights")):
         trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                             default_root_dir=tmp_path, callbacks=[callback])
