@@ -33,7 +33,7 @@ from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkp
 from ldm.conditioning import Conditioner, ConditionerConfig, build_conditioner
 from ldm.conditioning.conditioner import UNetKwargs
 from ldm.config import ConfigError, is_int, to_dataclass
-from ldm.diffusion import Denoiser, NoiseSchedule, check_eta, guided_denoiser, run_sampler
+from ldm.diffusion import Denoiser, NoiseSchedule, guided_denoiser, run_sampler
 from ldm.diffusion.objective import DiffusionConfig, diffusion_loss
 from ldm.io import (
     CONFIG_NAME,
@@ -239,7 +239,6 @@ class LatentDiffusionPipeline(nn.Module):
             raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1: no guidance)")
         if eta < 0:
             raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM's noise)")
-        check_eta(sampler, eta)
         if negative_prompts is not None and not self.conditioner.uses_prompts:
             raise ValueError("negative_prompts apply to text-conditioned models; this one reads no prompts")
         if image_size is not None and not is_int(image_size):

@@ -176,6 +176,9 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else f"{text[:width // 2 - 2]}...{text[-(width // 2 - 2):]}"
 
 
+_ABSENT = object()
+
+
 def _differences(key: str, there: Any, here: Any) -> list[str]:
     """`key: <there> there, <here> here`; for two dicts, one such line per entry that differs (`feature_extractor.
     antialias`), where the shortened reprs of the whole dicts could read the same."""
@@ -184,9 +187,6 @@ def _differences(key: str, there: Any, here: Any) -> list[str]:
                 for line in _differences(f"{key}.{sub}", there.get(sub, _ABSENT), here.get(sub, _ABSENT))]
     return [f"{key}: {'absent' if there is _ABSENT else _short(there)} there, "
             f"{'absent' if here is _ABSENT else _short(here)} here"]
-
-
-_ABSENT = object()
 
 
 def _in_todays_form(row: dict[str, Any]) -> dict[str, Any]:
