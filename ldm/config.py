@@ -87,9 +87,9 @@ def batch_entry(batch: Mapping[str, Any], key: str, config_key: str) -> Any:
     entries the batch has where it has none."""
     if key not in batch:
         raise ConfigError(f"{config_key}={key!r}: the batch has no entry {key!r}, only {sorted(batch)} (ldm's loaders "
-                          f"name a sample's image 'image' and its caption, from KEY.txt, 'caption', whatever the "
-                          f"shard members are called): leave {config_key} at its default, or give a data module "
-                          f"whose batches hold {key!r}")
+                          f"name a sample's image 'image', its caption (KEY.txt) 'caption' and its label 'label', "
+                          f"whatever the shard members are called): leave {config_key} at its default, or give a "
+                          f"data module whose batches hold {key!r}")
     return batch[key]
 
 

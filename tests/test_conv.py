@@ -55,6 +55,14 @@ def test_pointwise_conv_on_channels_last_maps_through_onednn_equals_a_1x1_conv(o
     assert PointwiseConv(24, 0, bias=bias)(x).shape == (3, 0, 5, 7)
 
 
+def test_pointwise_conv_maps_under_vmap():
+    """torch.func.vmap over the layer, as over nn.Conv2d (its memory-format query raised inside vmap)."""
+    conv = PointwiseConv(8, 6)
+    x = torch.randn(3, 2, 8, 4, 4)
+    out = torch.func.vmap(conv)(x)
+    torch.testing.assert_close(out, torch.stack([F.conv2d(xi, conv.weight, conv.bias) for xi in x]))
+
+
 def test_pointwise_conv_under_bf16_autocast_returns_bf16_like_a_conv():
     conv = PointwiseConv(16, 8)
     x = torch.randn(2, 16, 4, 4)

@@ -666,7 +666,7 @@ def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog
     assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 1.0
     assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/uncaptioned") == 1.0
     assert "data (rank 0): 1 corrupt samples skipped" in caplog.text
-    assert "1 samples without a caption (.txt) in 1 shards" in caplog.text
+    assert "1 samples without a caption in 1 shards" in caplog.text
     assert caplog.text.count("skipped corrupt sample") == 1 and dm.skipped == [(str(shard), "k003", dm.skipped[0][2])]
 
 

@@ -458,7 +458,9 @@ def test_awkward_folder_inputs(tmp_path: Path):
     skips = SkipLog()  # no caption string in the metadata: "" and counted
     assert caption_and_label({"json": b'{"caption": 5}', "__key__": "a"}, skips) == ("", None)
     assert caption_and_label({"json": b'["a cat"]', "__key__": "b"}, skips) == ("", None)
-    assert [key for _, key in skips.uncaptioned] == ["a", "b"]
+    assert caption_and_label({"json": b'{"caption": "  "}', "__key__": "c"}, skips) == ("", None)  # empty: none
+    assert [key for _, key in skips.uncaptioned] == ["a", "b", "c"]
+    assert caption_and_label({"json": b'{"caption": "", "text": "a fox"}'}, SkipLog()) == ("a fox", None)
 
 
 

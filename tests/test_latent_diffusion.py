@@ -499,3 +499,9 @@ def test_batch_keys_the_batches_lack_are_named_with_the_config_key(autoencoder_d
         with pytest.raises(ConfigError, match=rf"model\.{key}='{value}': the batch has no entry '{value}', only "
                                               r"\['caption', 'image'\] .*leave model\." + key):
             module._loss(batch(2), step_generator(0, 0, 0), module.pipeline)
+    from ldm.conditioning.conditioner import ClassConditioner
+
+    labelled = {**batch(2), "label": torch.tensor([1, 2])}
+    with pytest.raises(ConfigError, match=r"model\.label_key='cls': the batch has no entry 'cls', only \['caption', "
+                                          r"'image', 'label'\]"):  # (it read: every sample needs a 'label')
+        ClassConditioner(10, None).batch_conditions(labelled, "caption", "cls")

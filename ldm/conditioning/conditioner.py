@@ -337,10 +337,10 @@ class ClassConditioner(Conditioner):
 
     def batch_conditions(self, batch: Mapping[str, Any], caption_key: str = "caption", label_key: str = "label",
                          ) -> torch.Tensor:
-        if label_key not in batch:
-            raise ValueError(f"a class-conditional model reads labels from the batch key {label_key!r} (every "
-                             f"sample's metadata needs an integer 'label'); the batch has {sorted(batch)}")
-        return batch[label_key]
+        if label_key == "label" and label_key not in batch:
+            raise ValueError(f"a class-conditional model reads labels from the batch key 'label' (every sample's "
+                             f"metadata needs an integer 'label'); the batch has {sorted(batch)}")
+        return batch_entry(batch, label_key, "model.label_key")
 
     def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
                             batch_size: int) -> torch.Tensor:

@@ -556,9 +556,9 @@ class WebDataModule(L.LightningDataModule):
         """Count samples without a caption; warn once per shard (they train with the empty caption)."""
         for shard, key in samples:
             if shard not in self.uncaptioned:
-                log.warning("shard %s: sample %s has no caption (.txt, or a caption / text string in its .json); it "
-                            "trains with the empty caption \"\" (one warning per shard; the run's total is printed at "
-                            "the end)", shard, key)
+                log.warning("shard %s: sample %s has no caption (.txt, or a non-empty caption / text string in its "
+                            ".json); it trains with the empty caption \"\" (one warning per shard; the run's total is "
+                            "printed at the end)", shard, key)
             self.uncaptioned[shard] = self.uncaptioned.get(shard, 0) + 1
 
     def record_uncounted(self, shards: dict[str, int]) -> None:
@@ -592,11 +592,11 @@ class WebDataModule(L.LightningDataModule):
         rank, world_size = rank_and_world(self.trainer)
         skipped, uncaptioned = self._log_data_counts()
         shards = sorted({shard for shard, _, _ in self.skipped})
-        log.info("data (rank %d): %d corrupt samples skipped%s; %d samples without a caption (.txt) in %d shards",
+        log.info("data (rank %d): %d corrupt samples skipped%s; %d samples without a caption in %d shards",
                  rank, self.num_skipped, f" (shards {shards[:5]})" if shards else "",
                  sum(self.uncaptioned.values()), len(self.uncaptioned))
         if world_size > 1 and rank == 0:
-            log.info("data (all %d ranks): %d corrupt samples skipped; %d samples without a caption (.txt)", world_size,
+            log.info("data (all %d ranks): %d corrupt samples skipped; %d samples without a caption", world_size,
                      skipped, uncaptioned)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

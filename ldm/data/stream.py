@@ -478,10 +478,10 @@ CAPTION_FIELDS = ("caption", "text")  # a caption's names in metadata (KEY.json)
 
 def sample_caption(sample: Mapping[str, Any]) -> str | None:
     """The caption of a raw sample as every reader takes it (training, ldm-encode, evaluation): its `txt` member as
-    UTF-8 (a byte order mark dropped), stripped, or where it has none the `caption` / `text` string of its `json`
-    metadata (shards written with captions in metadata only); None without either. UnicodeDecodeError when it is not
-    UTF-8; a ValueError when it holds two members with one extension (DUPLICATE: which is its caption or image is
-    unclear)."""
+    UTF-8 (a byte order mark dropped), stripped, or where it has none the first non-empty `caption` / `text` string
+    of its `json` metadata (shards written with captions in metadata only); None without either. UnicodeDecodeError
+    when it is not UTF-8; a ValueError when it holds two members with one extension (DUPLICATE: which is its caption
+    or image is unclear)."""
     if DUPLICATE in sample:
         raise ValueError(f"two members with one extension ({sample[DUPLICATE]!r} and one before it; extensions are "
                          f"compared in lower case): which one the sample holds is unclear; rewrite the shard with one")
@@ -491,8 +491,8 @@ def sample_caption(sample: Mapping[str, Any]) -> str | None:
         meta = json.loads(sample["json"]) if "json" in sample else None
     except ValueError:  # (damaged metadata: the label's reader skips the sample, naming it)
         return None
-    text = next((meta[k] for k in CAPTION_FIELDS if isinstance(meta, dict) and isinstance(meta.get(k), str)), None)
-    return None if text is None else text.strip()
+    texts = [meta.get(k) for k in CAPTION_FIELDS] if isinstance(meta, dict) else []
+    return next((text.strip() for text in texts if isinstance(text, str) and text.strip()), None)
 
 
 def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int | None = None

@@ -526,7 +526,7 @@ class LatentDiffusionModule(L.LightningModule):
         conditioner = self.pipeline.conditioner
         prompts = labels = None
         if conditioner.reads_labels:
-            labels = c.val_class_labels or [int(v) for v in batch[c.label_key][:n]]
+            labels = c.val_class_labels or [int(v) for v in batch_entry(batch, c.label_key, "model.label_key")[:n]]
         elif conditioner.uses_prompts:
             prompts = list(c.val_prompts) or [str(p) for p in
                                               batch_entry(batch, c.caption_key, "model.caption_key")[:n]]
