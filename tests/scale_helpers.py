@@ -347,3 +347,16 @@ class CpuFSDPStrategy(L.pytorch.strategies.FSDPStrategy):
                          mixed_precision=self.mixed_precision_config, sharding_strategy=self.sharding_strategy,
                          device_id=torch.device("cpu"), **self.kwargs):
             yield
+
+
+def component_factory(what: str = "lr_monitor", **kwargs: Any) -> Any:
+    """A factory function as a callback's or logger's `_target_` (Hydra instantiates any callable), taking whatever
+    keys the config gives (tests/test_train_cli.py)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, LearningRateMonitor
+    from lightning.pytorch.loggers import WandbLogger
+
+    if what == "accumulation":
+        return GradientAccumulationScheduler({0: 2})
+    if what == "wandb":
+        return WandbLogger(offline=True, **kwargs)
+    return LearningRateMonitor(**kwargs)

@@ -318,7 +318,10 @@ def test_a_text_unet_started_from_a_file_without_its_encoder_on_a_new_byte_encod
     vae = AutoencoderKL(AutoencoderConfig(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8))
     path = save_single_file(tmp_path / "model.safetensors", unet, vae, 0.8, ScheduleConfig(), "eps")
     conditioner = {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 16}
-    with pytest.warns(UserWarning, match=r"model\.init_from=.*model\.safetensors holds no text encoder, and "
-                                         r"model\.conditioner is a new byte encoder .* set "
-                                         r"model\.conditioner\.name_or_path to the encoder it was trained with"):
+    with pytest.warns(UserWarning, match=r"model\.init_from=.*model\.safetensors holds the UNet but no conditioner "
+                                         r".*model\.conditioner starts as new byte text encoder \(name_or_path null\), "
+                                         r"random"):
         LatentDiffusionModule({"init_from": str(path), "conditioner": conditioner, "ema_decay": None})
+    with pytest.warns(UserWarning, match=r"starts as new class embeddings, random"):  # (the same for them)
+        LatentDiffusionModule({"init_from": str(path), "conditioner": {"kind": "class", "num_classes": 3, "width": 32},
+                               "ema_decay": None})

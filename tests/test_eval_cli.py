@@ -114,6 +114,22 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
            "True here; " in capsys.readouterr().out
 
 
+def test_a_clip_folder_that_does_not_load_fails_before_the_reference_statistics(assets, tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture):
+    """A CLIP folder holding the model but not its processor (CLIPModel.save_pretrained alone) passed the check at
+    start and failed after the reference statistics and the samples (hours at N = 50k)."""
+    model_only = tmp_path / "clip_model_only"
+    model_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(assets["clip"]) / name, model_only)
+    cfg = make_cfg(assets, tmp_path / "eval", metrics=["fid", "clip_score"], clip_model=str(model_only),
+                   cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(WeightsNotFoundError, match=r"clip_model=.*clip_model_only: the CLIP model could not be "
+                                                   r"loaded .*holding the model and its processor"):
+        evaluate(cfg)
+    assert "reference statistics" not in capsys.readouterr().out
+
+
 def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):
     """A row names the protocol it was scored under: the seed given, the sweep point, and the SHA-256 (first 16 hex
     digits) of the N prompts used, one a line; a prompt file whose text changed under the same name is another

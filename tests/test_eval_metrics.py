@@ -387,3 +387,21 @@ def test_eval_reads_every_training_image_format_and_reports_damaged_shards(shape
         images, _ = zip(*iter_image_batches([str(shard)], 32, None, 64))
     read = len(torch.cat(images)) + 1
     assert read < 16 and f"damaged tar {shard}: it ends after" in caplog.text and "its count says 16" in caplog.text
+
+
+def test_sharded_clip_weights_are_fingerprinted_by_every_shard(tmp_path: Path):
+    """A row's clip_model named a sharded folder without a hash: other weights under the same name were taken as
+    scored already (skip_done)."""
+    import json
+
+    from ldm.eval.feature_extractors import clip_identity
+
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in set(index["weight_map"].values()):
+        (tmp_path / name).write_bytes(b"shard " + name.encode())
+    before = clip_identity(str(tmp_path))
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"other weights")
+    after = clip_identity(str(tmp_path))
+    assert before["weights_sha256"] and before["weights_sha256"] != after["weights_sha256"]
+

@@ -221,6 +221,8 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS, [0, 1], eta=-1.0)
     with pytest.raises(ConfigError, match="eta=0.5 is DDIM's noise scale, which sampler=ddpm does not take"):
         pipeline.generate(CAPTIONS, [0, 1], sampler="ddpm", eta=0.5)  # ran as if eta were 0
+    with pytest.raises(ValueError, match=r"sampler='dpmpp'; expected one of"):  # (not "it adds no noise")
+        pipeline.generate(CAPTIONS, [0, 1], sampler="dpmpp", eta=0.2)
     with pytest.raises(ConfigError, match="num_steps=2.5 must be a whole number of steps"):  # a slicing TypeError
         pipeline.generate(CAPTIONS, [0, 1], num_steps=2.5)
     # each failed deep inside (or ran: seed 0.9 was seed 0, -1 was 2**63 - 1, image_size=0 the default size, NaN

@@ -374,7 +374,8 @@ def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: P
     check_checkpoint_trainer(ddp, str(tmp_path / "ddp.ckpt"), compose_train(["trainer=ddp_cpu"]).trainer)  # fine
 
 
-def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypatch: pytest.MonkeyPatch):
+def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture):
     """A misspelt W&B key failed at the logger's first use (after the config tree, exit 1, a failed trial in a
     sweep), a misspelt callback key at instantiation; a bad CSV value came wrapped in Hydra's message. And W&B's own
     off switch (WANDB_MODE=disabled) was overridden by the logger's offline mode, which wrote a run anyway."""
@@ -394,6 +395,12 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
             (["+callbacks.extra._target_=ldm.callbacks.nan_guard.NanGuardd"],
              r"callbacks\.extra\._target_=ldm\.callbacks\.nan_guard\.NanGuardd: module ldm\.callbacks\.nan_guard has "
              r"no 'NanGuardd': did you mean ldm\.callbacks\.nan_guard\.NanGuard\?"),
+            (["+callbacks.extra._target_=ldm.callbacks.nan_guard.NanGuardd.Inner"],  # (inside a misspelt class)
+             r"module ldm\.callbacks\.nan_guard has no 'NanGuardd': did you mean "
+             r"ldm\.callbacks\.nan_guard\.NanGuard\?"),
+            (["+callbacks.extra._target_=ldm.callbacks.nan_guard.NanGuard.create"],  # a class's attribute
+             r"_target_=ldm\.callbacks\.nan_guard\.NanGuard\.create: ldm\.callbacks\.nan_guard\.NanGuard has no "
+             r"'create'"),
             # a class Lightning cannot call: "'OrderedDict' object has no attribute 'on_exception'" mid-run
             (["+callbacks.extra._target_=collections.OrderedDict"],
              r"callbacks\.extra\._target_=collections\.OrderedDict is not a lightning\.pytorch\.Callback \(Lightning "
@@ -411,12 +418,18 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
         with pytest.raises(ConfigError, match=message):
             check_components(compose_train(base + extra))
     check_components(compose_train(base + ["+logger.wandb.group=ablation"]))  # a wandb.init argument
+    assert not [r for r in caplog.records if r.name == "hydra.utils"]  # (Hydra's own reason, at ERROR, before ours)
     # a factory function (Hydra instantiates any callable): it imports; what it builds is checked when built
     factory = compose_train(base + ["+callbacks.extra._target_=os.getcwd"])
     check_components(factory)  # ("cannot be imported (ValueError: Located non-class ...)")
     with pytest.raises(ConfigError, match=r"callbacks\.extra: its _target_ built a str, not a lightning\.pytorch\."
                                           r"Callback: return one"):
         instantiate_callbacks(factory.callbacks)
+    extra = ["+callbacks.extra._target_=scale_helpers.component_factory", "+callbacks.extra.what=accumulation"]
+    factory = compose_train(base + extra)
+    check_components(factory)  # one taking **kwargs: "issubclass() arg 1 must be a class"
+    with pytest.raises(ConfigError, match=r"callbacks\.extra: GradientAccumulationScheduler is not supported"):
+        instantiate_callbacks(factory.callbacks)  # (built by a factory: refused as the class named is)
 
     csv = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=csv",
                          "logger.csv.flush_logs_every_n_steps=0"])
@@ -429,6 +442,9 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
     assert [type(x).__name__ for x in instantiate_loggers(wandb)] == ["WandbLogger"]
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert instantiate_loggers(wandb) == []
+    made = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=csv",
+                          "+logger.made._target_=scale_helpers.component_factory", "+logger.made.what=wandb"]).logger
+    assert [type(x).__name__ for x in instantiate_loggers(made)] == ["AppendingCSVLogger"]  # (a factory's W&B too)
 
 
 def test_a_failed_run_is_reported_without_the_sweep_extra(tmp_path):

@@ -90,12 +90,21 @@ COMPONENT_TYPES = {"callbacks": (L.Callback, "lightning.pytorch.Callback"),  # w
 
 def built_component(group: str, name: str, built: Any) -> Any:
     """`built` (what `group.name`'s _target_ returned), or a ConfigError where it is no Lightning callback / logger
-    (a factory function's result; classes are checked before the run starts, `check_components`)."""
+    or one ldm-train refuses (a factory function's result; classes are checked before the run starts,
+    `check_components`)."""
     kind, kind_name = COMPONENT_TYPES[group]
     if not isinstance(built, kind):
         raise configs.ConfigError(f"{group}.{name}: its _target_ built a {type(built).__name__}, not a {kind_name}: "
                                   f"return one (or name a subclass of it)")
+    refuse_unsupported(f"{group}.{name}", type(built))
     return built
+
+
+def refuse_unsupported(key: str, cls: type) -> None:
+    """A ConfigError for a callback class ldm-train does not support (REFUSED_CALLBACKS), naming `key`."""
+    for base, why in REFUSED_CALLBACKS.items():
+        if issubclass(cls, base):
+            raise configs.ConfigError(f"{key}: {base.__name__} is not supported: {why}; remove {key}")
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
@@ -108,15 +117,19 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     """Every non-null entry of the `logger` group; W&B's left out when its own switch says so (`WANDB_MODE=disabled`,
     `WANDB_DISABLED=true`), which the W&B logger's offline mode would otherwise override."""
-    loggers = []
+    loggers, disabled = [], wandb_disabled()  # (before any is built: W&B's offline mode rewrites WANDB_MODE)
     for name, node in (cfg or {}).items():
         if node is None:
             continue
         target = hydra.utils.get_object(node._target_)
-        if isinstance(target, type) and issubclass(target, WandbLogger) and wandb_disabled():
+        if disabled and isinstance(target, type) and issubclass(target, WandbLogger):
             rank_zero_info("W&B is disabled (WANDB_MODE=disabled or WANDB_DISABLED=true): no W&B run is written")
             continue
-        loggers.append(built_component("logger", name, hydra.utils.instantiate(node)))
+        logger = built_component("logger", name, hydra.utils.instantiate(node))
+        if disabled and isinstance(logger, WandbLogger):  # a factory's
+            rank_zero_info(f"W&B is disabled (WANDB_MODE=disabled or WANDB_DISABLED=true): logger.{name} is left out")
+            continue
+        loggers.append(logger)
     return loggers
 
 
@@ -150,7 +163,8 @@ def check_top_level_keys(cfg: DictConfig) -> None:
         return
     key = str(unknown[0])
     choice = HydraConfig.get().runtime.choices.get(key) if HydraConfig.initialized() else None
-    if choice is not None and key not in (cfg.get("model") or {}):  # experiment=mine, its file without the header
+    own_file = choice is not None and key not in ConfigStore.instance().repo  # (+unet=small: a group of ldm's)
+    if own_file and key not in (cfg.get("model") or {}):  # experiment=mine, its file without the header
         raise configs.ConfigError(f"{key}={choice}: the file put its keys under a top-level {key!r}, which ldm-train "
                                   f"does not read: start {key}/{choice}.yaml with the line `# @package _global_`, as "
                                   f"conf/{key}/*.yaml do")
@@ -167,28 +181,42 @@ def check_top_level_keys(cfg: DictConfig) -> None:
     else:
         close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
         hint = f"did you mean {close[0]}?" if close else f"its keys are {list(TOP_LEVEL_KEYS)}"
-    raise configs.ConfigError(f"{key}: ldm-train reads no top-level key {key!r} (added with +{key}), so it would act "
-                              f"on nothing; {hint}")
+    raise configs.ConfigError(f"{key}: ldm-train reads no top-level key {key!r} (added with +{key} or by a config "
+                              f"file), so it would act on nothing; {hint}")
 
 
 def import_target(target: str, key: str) -> Any:
-    """The class or function a `_target_` names, or a ConfigError naming `key`: a module that imports but lacks the
-    name is said so, with the closest name it has (Hydra's own reason read "not a package")."""
+    """The class or function a `_target_` names, or a ConfigError naming `key`: where a module imports but lacks a
+    name (or a class an attribute), that name, with the closest one there (Hydra's reason read "not a package")."""
+    hydra_log = logging.getLogger("hydra.utils")  # (it logs its own reason at ERROR before raising)
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)
     try:
         return hydra.utils.get_object(target)
     except Exception as err:  # noqa: BLE001 -- an import's failure, whatever it raised
         cause = err.__cause__ or err
-        module_name, _, name = target.rpartition(".")
+    finally:
+        hydra_log.setLevel(level)
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module, then its attributes
+        prefix = ".".join(parts[:i])
         try:
-            module = importlib.import_module(module_name) if module_name else None
-        except Exception:  # noqa: BLE001 -- the module itself fails: its own error, below
-            module = None
-        if module is not None and not hasattr(module, name):
-            close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
-            hint = f": did you mean {module_name}.{close[0]}?" if close else ""
-            raise configs.ConfigError(f"{key}._target_={target}: module {module_name} has no {name!r}{hint}") from None
-        raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: "
-                                  f"{cause})") from None
+            obj = importlib.import_module(prefix)
+        except ModuleNotFoundError as missing:
+            if missing.name and prefix.startswith(missing.name):  # no such module: a shorter prefix
+                continue
+            break  # it imports a module that is missing: its own error, below
+        except Exception:  # noqa: BLE001 -- the module fails to import: its own error, below
+            break
+        for j in range(i, len(parts)):
+            if not hasattr(obj, parts[j]):
+                where = f"{'module ' if inspect.ismodule(obj) else ''}{'.'.join(parts[:j])}"
+                close = difflib.get_close_matches(parts[j], [n for n in dir(obj) if not n.startswith("_")], n=1)
+                hint = f": did you mean {'.'.join(parts[:j])}.{close[0]}?" if close else ""
+                raise configs.ConfigError(f"{key}._target_={target}: {where} has no {parts[j]!r}{hint}")
+            obj = getattr(obj, parts[j])
+        break
+    raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: {cause})")
 
 
 def check_components(cfg: DictConfig) -> None:
@@ -208,13 +236,12 @@ def check_components(cfg: DictConfig) -> None:
             if isinstance(cls, type) and not issubclass(cls, kind):  # (a factory function's result: when built)
                 raise configs.ConfigError(f"{key}._target_={target} is not a {kind_name} (Lightning calls its "
                                           f"hooks): subclass it")
-            for base, why in REFUSED_CALLBACKS.items():
-                if isinstance(cls, type) and issubclass(cls, base):
-                    raise configs.ConfigError(f"{key}: {base.__name__} is not supported: {why}; remove {key}")
+            if isinstance(cls, type):
+                refuse_unsupported(key, cls)
             parameters = inspect.signature(cls).parameters
             accepted = {n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
             open_ended = len(accepted) < len(parameters)
-            if open_ended and issubclass(cls, WandbLogger):
+            if open_ended and isinstance(cls, type) and issubclass(cls, WandbLogger):
                 import wandb
 
                 accepted |= set(inspect.signature(wandb.init).parameters)

@@ -204,8 +204,9 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
     if layout == "ours" or ours is not None:
         config = read_json_object(export_dir(path, key) / CONFIG_NAME, key) if layout == "ours" else {}
         what = export_kind(config) if config else f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model"
-        export = (f"; to start from this latent diffusion model, write it in diffusers' layout first: ldm-export "
-                  f"{pasteable({'ckpt_path': str(path)})} format=diffusers output_dir=DIR, then {key}=DIR"
+        export = (f"; to start from this latent diffusion model's UNet and autoencoder (and CLIP text encoder: "
+                  f"diffusers' layout holds no byte encoder or class embeddings), write it in that layout first: "
+                  f"ldm-export {pasteable({'ckpt_path': str(path)})} format=diffusers output_dir=DIR, then {key}=DIR"
                   if config.get("format") == PIPELINE_FORMAT or ours == "latent_diffusion" else "")
         raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
                           f"folder, a diffusers unet/ or vae/ folder, or a single file){export}")

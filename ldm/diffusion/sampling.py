@@ -168,7 +168,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int],
 
 def check_eta(sampler: str, eta: float) -> None:
     """`eta` is DDIM's noise scale: refused with the other samplers, which would sample as if it were 0."""
-    if eta != 0 and sampler != "ddim":
+    if eta != 0 and sampler != "ddim" and sampler in SAMPLERS:  # (an unknown name is refused as such)
         raise ConfigError(f"eta={eta} is DDIM's noise scale, which sampler={sampler} does not take ("
                           f"{'it adds DDPM noise of its own' if sampler == 'ddpm' else 'it adds no noise'}): set "
                           f"sampler=ddim or leave eta at 0")

@@ -211,6 +211,7 @@ class Evaluator:
             cfg.reference_shards = local_shards(cfg.reference_shards, "reference_shards")
         self.rank, self.world = rank_and_world()
         self.device = choose_device(cfg.device)
+        self.clip_model: str | Callable[[], tuple[Any, Any]] | None = cfg.clip_model  # (loaded once checked)
         self._inception: InceptionFeatures | None = None
         self._references: dict[tuple[Any, int], ReferenceStats] = {}
 
@@ -399,7 +400,7 @@ class Evaluator:
             from ldm.eval.shapes_adherence import adherence_protocol
 
             protocol.update(adherence_protocol(read_shapes="shapes_shape_accuracy" in cfg.metrics))
-        scorer = GenerationMetrics(cfg.metrics, inception, reference, cfg.clip_model, cfg.kid_subsets,
+        scorer = GenerationMetrics(cfg.metrics, inception, reference, self.clip_model, cfg.kid_subsets,
                                    cfg.kid_subset_size, seed=cfg.seed).to(self.device)
         return scorer, protocol
 
@@ -512,7 +513,7 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
         for path in paths:
             loaded = load_model(path, config.use_ema)
             if loaded.kind not in checked:  # before any image is generated, once per kind of model
-                _check_weights(config, loaded.kind)
+                evaluator.clip_model = _check_weights(config, loaded.kind) or evaluator.clip_model
                 checked.add(loaded.kind)
             if loaded.kind == "autoencoder":  # earlier rows (skip_done) included, as below
                 new = evaluator.evaluate_reconstruction(loaded.model, loaded.info, on_row=record)
@@ -551,8 +552,9 @@ def check_conditioning_metrics(metrics: Sequence[str], conditioner: object, chec
                           f"{reads}: leave them out of metrics")
 
 
-def _check_weights(cfg: EvalConfig, kind: str) -> None:
-    """Fail before any image is made when the weights a metric needs cannot be had (offline, wrong path)."""
+def _check_weights(cfg: EvalConfig, kind: str) -> Callable[[], tuple[Any, Any]] | None:
+    """Fail before any image is made when the weights a metric needs cannot be had (offline, wrong path); returns
+    the CLIP model, loaded to that end, for the CLIP score (None where no metric needs it)."""
     metrics = cfg.metrics if kind == "latent_diffusion" else cfg.reconstruction_metrics
     if any(m in INCEPTION_METRICS for m in metrics):
         resolve_inception_weights(cfg.feature_extractor_weights_path)
@@ -566,4 +568,6 @@ def _check_weights(cfg: EvalConfig, kind: str) -> None:
     if "clip_score" in metrics:
         if not cfg.clip_model:
             raise ConfigError("metrics=[clip_score] needs clip_model (a hub name or a local CLIP directory)")
-        clip_loader(cfg.clip_model)
+        clip = clip_loader(cfg.clip_model)()  # loaded: a folder missing a part (a processor, a shard) fails now
+        return lambda: clip
+    return None

@@ -224,8 +224,9 @@ def clip_loader(model_name_or_path: str, key: str = "clip_model") -> Callable[[]
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # note: a hub
             # name with no network ends here, and a damaged file
             raise WeightsNotFoundError(
-                f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:200]}); "
-                f"point {key} at a local CLIP directory saved with save_pretrained, or put the model in the Hugging "
+                f"{key}={model_name_or_path}: the CLIP model could not be loaded ({str(err).splitlines()[0][:400]}); "
+                f"point {key} at a local CLIP directory holding the model and its processor (CLIPModel's and "
+                f"CLIPProcessor's save_pretrained), or put the model in the Hugging "
                 f"Face cache (HF_HOME){'' if local_only else '; HF_HUB_OFFLINE=1 makes a missing model fail at once'}"
             ) from None
         window = model.config.text_config.max_position_embeddings
@@ -303,12 +304,17 @@ CLIP_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",  # what CLI
 
 
 def clip_identity(model_name_or_path: str) -> dict[str, Any]:
-    """Name (or path) of the CLIP model, with a hash of its weights file when it is a local directory."""
+    """Name (or path) of the CLIP model, with a hash of its weights file when it is a local directory (of the index
+    and every shard it lists, for sharded weights)."""
     identity: dict[str, Any] = {"name": "clip", "weights": model_name_or_path}
     local = Path(model_name_or_path).expanduser()
-    if local.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (local / name).is_file():
-                identity["weights_sha256"] = file_sha256(local / name)
-                break
+    name = next((n for n in CLIP_WEIGHTS if (local / n).is_file()), None) if local.is_dir() else None
+    if name is not None and name.endswith(".index.json"):
+        from ldm.io import read_json_object
+
+        shards = sorted(set(read_json_object(local / name, "clip_model").get("weight_map", {}).values()))
+        digests = [file_sha256(local / f) for f in [name, *shards] if (local / f).is_file()]
+        identity["weights_sha256"] = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    elif name is not None:
+        identity["weights_sha256"] = file_sha256(local / name)
     return identity

@@ -191,11 +191,13 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                           f"{pooled_dim} (class_embed_type: projection), and its CLIP text encoder's pooled prompt "
                           f"vector is {parts.text_encoder.config.hidden_size} wide: it takes other inputs than "
                           f"prompts, which a conditioner cannot give; start from another model")
-    if (parts.text_encoder is None and parts.unet_config.context_dim is not None and conditioner.kind == "byte"
-            and not conditioner.name_or_path):  # (ldm-export's diffusers folder holds no byte encoder)
-        rank_zero_warn(f"model.init_from={c.init_from} holds no text encoder, and model.conditioner is a new byte "
-                       f"encoder (name_or_path null): the UNet, trained on another encoder's tokens, starts over on "
-                       f"random ones; set model.conditioner.name_or_path to the encoder it was trained with")
+    new_conditioner = conditioner.kind == "class" or (conditioner.kind == "byte" and not conditioner.name_or_path)
+    if parts.text_encoder is None and new_conditioner and parts.unet_config.context_dim is not None:
+        what = "class embeddings" if conditioner.kind == "class" else "byte text encoder (name_or_path null)"
+        rank_zero_warn(f"model.init_from={c.init_from} holds the UNet but no conditioner (ldm-export's diffusers "
+                       f"and single-file layouts keep a CLIP text encoder only): model.conditioner starts as new "
+                       f"{what}, random, and the UNet learns its context anew; for a byte encoder pretrained apart, "
+                       f"set model.conditioner.name_or_path to its export")
     if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
         # a UNet with a pooled-vector projection (class_embed_type: projection, as ldm-export writes
         # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on
