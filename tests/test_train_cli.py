@@ -489,3 +489,18 @@ def test_a_resume_is_refused_for_a_network_that_only_computes_otherwise():
         "model.image.norm_groups: 8 there, 4 here"]
     imported = {**written, "model.init_from": "sd15"}
     assert shapeless_changes(imported, {**imported, "model.unet.norm_groups": 16}) == []
+
+
+def test_a_target_whose_module_imports_a_missing_package_names_that_package(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """`viz_tools.callbacks` importing a missing `viz` read "module viz_tools has no 'callbacks'" (the names' text
+    compared, not their dotted parts): the user looked for a misspelling instead of the missing install."""
+    from ldm.cli.train import import_target
+
+    (tmp_path / "viz_tools").mkdir()
+    (tmp_path / "viz_tools" / "__init__.py").write_text("")
+    (tmp_path / "viz_tools" / "callbacks.py").write_text("import viz\nclass ImageLogger: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"callbacks\.images\._target_=viz_tools\.callbacks\.ImageLogger cannot be "
+                                          r"imported \(ModuleNotFoundError: No module named 'viz'\)"):
+        import_target("viz_tools.callbacks.ImageLogger", "callbacks.images")

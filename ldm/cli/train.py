@@ -203,7 +203,7 @@ def import_target(target: str, key: str) -> Any:
         try:
             obj = importlib.import_module(prefix)
         except ModuleNotFoundError as missing:
-            if missing.name and prefix.startswith(missing.name):  # no such module: a shorter prefix
+            if missing.name and (prefix + ".").startswith(missing.name + "."):  # no such module: a shorter prefix
                 continue
             break  # it imports a module that is missing: its own error, below
         except Exception:  # noqa: BLE001 -- the module fails to import: its own error, below

@@ -191,7 +191,8 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                           f"{pooled_dim} (class_embed_type: projection), and its CLIP text encoder's pooled prompt "
                           f"vector is {parts.text_encoder.config.hidden_size} wide: it takes other inputs than "
                           f"prompts, which a conditioner cannot give; start from another model")
-    new_conditioner = conditioner.kind == "class" or (conditioner.kind == "byte" and not conditioner.name_or_path)
+    new_conditioner = ((conditioner.kind == "class" and parts.unet_config.num_classes is None)  # (else the UNet's)
+                       or (conditioner.kind == "byte" and not conditioner.name_or_path))
     if parts.text_encoder is None and new_conditioner and parts.unet_config.context_dim is not None:
         what = "class embeddings" if conditioner.kind == "class" else "byte text encoder (name_or_path null)"
         rank_zero_warn(f"model.init_from={c.init_from} holds the UNet but no conditioner (ldm-export's diffusers "
