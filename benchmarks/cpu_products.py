@@ -1,5 +1,6 @@
 """fp32 products on CPU: BLAS (`F.linear`, MKL in torch's x86 wheels) against oneDNN's 1x1 convolution over the rows
-(`ldm.nn.linear`'s route), forward + backward, at the shapes of the benchmark and quickstart networks.
+(`ldm.nn.linear.Linear`'s own forward, its route forced at every size), forward + backward, at the shapes of the
+benchmark and quickstart networks.
 
     python benchmarks/cpu_products.py --threads 1 2 --output benchmarks/results/cpu-products.json
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldm.nn.linear import MIN_MACS, ONEDNN_PRODUCTS, cpu_vendor, onednn_pointwise
+import ldm.nn.linear
+from ldm.nn.linear import MIN_MACS, ONEDNN_PRODUCTS, Linear, cpu_vendor
 
 # rows x in -> out: the benchmark UNet's attention and feed-forward (batch 8, 16x16 and 8x8 tokens, 77 context
 # tokens), the quickstart's feed-forward and text encoder, and small products around and below MIN_MACS
@@ -28,16 +30,12 @@ SHAPES = [(2048, 128, 128), (2048, 128, 1024), (2048, 512, 128), (616, 768, 128)
           (2048, 64, 64), (512, 256, 64), (512, 64, 64), (128, 64, 128), (32, 256, 256)]
 
 
-def step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, onednn: bool):
+def step(x: torch.Tensor, layer: Linear, grad: torch.Tensor, onednn: bool):
+    """One forward + backward of `layer` on `x`: its own forward (oneDNN's route, forced in `main`) or F.linear."""
     def run() -> None:
-        if onednn:
-            M, K = x.shape
-            pixels = x.view(1, M, 1, K).permute(0, 3, 1, 2)
-            y = onednn_pointwise(pixels, weight[:, :, None, None], bias).permute(0, 2, 3, 1).reshape(M, -1)
-        else:
-            y = F.linear(x, weight, bias)
+        y = layer(x) if onednn else F.linear(x, layer.weight, layer.bias)
         y.backward(grad)
-        x.grad = weight.grad = bias.grad = None
+        x.grad = layer.weight.grad = layer.bias.grad = None
     return run
 
 
@@ -59,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"vendor {cpu_vendor()}, torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}, "
           f"ONEDNN_PRODUCTS {ONEDNN_PRODUCTS}, MIN_MACS {MIN_MACS}")
+    ldm.nn.linear.ONEDNN_PRODUCTS, ldm.nn.linear.MIN_MACS = True, 1  # `Linear`'s route at every size, on any CPU
     generator = torch.Generator().manual_seed(0)
     results = {"vendor": cpu_vendor(), "torch": torch.__version__,
                "capability": torch.backends.cpu.get_cpu_capability(), "rows": []}
@@ -68,10 +67,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         for M, K, N in SHAPES:
             x = torch.randn(M, K, generator=generator).requires_grad_()
-            weight = torch.randn(N, K, generator=generator).requires_grad_()
-            bias = torch.randn(N, generator=generator).requires_grad_()
+            layer = Linear(K, N)
             grad = torch.randn(M, N, generator=generator)
-            blas, onednn = step(x, weight, bias, grad, False), step(x, weight, bias, grad, True)
+            blas, onednn = step(x, layer, grad, False), step(x, layer, grad, True)
             for _ in range(3):
                 blas(), onednn()
             pairs = [(median_ms(blas, args.calls), median_ms(onednn, args.calls)) for _ in range(args.rounds)]

@@ -4,7 +4,7 @@ torch's x86 wheels send fp32 matrix products (`F.linear`, `mm`, `bmm`) to Intel'
 kernels on Intel CPUs only: on an AMD CPU with AVX-512 (Zen 4, Zen 5) it takes its AVX2 path. oneDNN, which runs
 the convolutions, picks its kernels by instruction set, so there the same product as oneDNN's 1x1 convolution over
 the rows (`torch.mkldnn_convolution`: `F.conv2d` would choose torch's slower fallback kernel for one image on one
-thread) ran forward + backward in 0.52-0.74x of the BLAS time at 2 threads and 0.79-0.92x at 1 thread for products
+thread) ran forward + backward in 0.54-0.75x of the BLAS time at 2 threads and 0.86-0.96x at 1 thread for products
 of at least 2**24 multiply-adds (but for 64 rows: even), and slower below (Zen 5; `benchmarks/RESULTS.md`): the
 benchmark UNet's step took 0.83x of diffusers' (1.0x through BLAS). Elsewhere, for smaller products, and under
 autocast (where bf16 products already go to oneDNN), `F.linear` runs as before. The route depends on the machine
