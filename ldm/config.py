@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import re
 import shlex
@@ -94,9 +95,9 @@ def batch_entry(batch: Mapping[str, Any], key: str, config_key: str) -> Any:
 
 
 def check_min(minimum: float, **values: float | None) -> None:
-    """Raise ConfigError naming the first key whose value is below `minimum` (None: unset, allowed)."""
+    """Raise ConfigError naming the first key whose value is below `minimum` or NaN (None: unset, allowed)."""
     for key, value in values.items():
-        if value is not None and value < minimum:
+        if value is not None and not value >= minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum:g}")
 
 
@@ -112,9 +113,9 @@ def check_output_dir(key: str, path: str | None) -> str | None:
 
 
 def check_positive(**values: float | None) -> None:
-    """Raise ConfigError naming the first key whose value is not > 0 (None: unset, allowed)."""
+    """Raise ConfigError naming the first key whose value is not > 0, NaN included (None: unset, allowed)."""
     for key, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
 
 
@@ -131,6 +132,8 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         node = OmegaConf.to_container(node, resolve=True)
     node = {k: v for k, v in dict(node).items() if k != "_target_"}
     where = f"{prefix}." if prefix else ""
+    if (key := _nan_key(node)) is not None:  # every comparison with NaN is False: no range check would catch it
+        raise ConfigError(f"bad value for config key '{where}{key}': nan is not a number; give one")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return _to_object(merged, where)
@@ -145,6 +148,18 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         raise ConfigError(f"bad value for config key '{key}': {err.msg.splitlines()[0]}") from None
     except ConfigError as err:
         raise ConfigError(_with_prefix(str(err), where)) from None
+
+
+def _nan_key(value: Any, key: str = "") -> str | None:
+    """The dotted key of the first float NaN in a config container (lists as key[i]), None when there is none."""
+    if isinstance(value, float) and math.isnan(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _nan_key(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def _with_prefix(message: str, where: str) -> str:

@@ -282,6 +282,14 @@ BAD_VALUES = [
      r"num_samples=2 would be ignored with source=folder"),
     ("eval", ["ckpt_path=a.ckpt", "output_dir=out", "feature_dim=5"], "feature_dim=5"),
     ("sample", ["ckpt_path=a.ckpt", "output_dir=out", "prompts=[a]", "num_steps=0"], "num_steps=0"),
+    # NaN passes every range check (each comparison is False): refused wherever it stands, nested keys included
+    ("sample", ["ckpt_path=a.ckpt", "output_dir=out", "prompts=[a]", "guidance_scale=nan"],
+     r"'guidance_scale': nan is not a number"),
+    ("sample", ["ckpt_path=a.ckpt", "output_dir=out", "prompts=[a]", "eta=inf"], r"eta=inf must be a finite number"),
+    ("eval", ["ckpt_path=a.ckpt", "output_dir=out", "guidance_scales=[1,inf]"], r"guidance_scales=\[1.0, inf\]"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "val_guidance_scale=nan"], r"'model\.val_guidance_scale': nan is not"),
+    ("model/autoencoder/kl_tiny", ["loss.disc_weight=nan"], r"'model\.loss\.disc_weight': nan is not a number"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "betas=[0.9,nan]"], r"'model\.betas\[1\]': nan is not a number"),
 ]
 
 
@@ -295,6 +303,13 @@ def test_every_bad_config_value_raises_config_error(name, overrides, message):
             instantiate(node, name.split("/")[0])  # builds the object: constructor checks count too
         else:
             to_dataclass(_schema_of(name), node)
+
+
+def test_range_checks_refuse_nan_for_configs_built_in_python():
+    with pytest.raises(ConfigError, match="lr=nan must be > 0"):
+        configs.check_positive(lr=float("nan"))
+    with pytest.raises(ConfigError, match="warmup_steps=nan must be >= 0"):
+        configs.check_min(0, warmup_steps=float("nan"))
 
 
 def test_help_of_a_command_lists_its_keys_not_ldm_trains_groups(tmp_path: Path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +76,12 @@ class SampleConfig:
         for key in ("num_steps", "num_images_per_prompt", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale={self.guidance_scale} must be >= 0 (1.0: the conditional model alone, "
-                              f"larger: stronger guidance)")
-        if self.eta < 0:
-            raise ConfigError(f"eta={self.eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+        if not 0 <= self.guidance_scale < math.inf:  # NaN too
+            raise ConfigError(f"guidance_scale={self.guidance_scale} must be a finite number >= 0 (1.0: the "
+                              f"conditional model alone, larger: stronger guidance)")
+        if not 0 <= self.eta < math.inf:
+            raise ConfigError(f"eta={self.eta} must be a finite number >= 0 (0: deterministic DDIM, "
+                              f"1: DDPM-like noise)")
         check_eta(self.sampler, self.eta)
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"image_size={self.image_size} must be >= 1 (or null: the training resolution)")

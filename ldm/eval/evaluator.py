@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -146,9 +147,9 @@ class EvalConfig:
             check_choice("samplers[]", name, SAMPLERS)
         if any(steps < 1 for steps in self.num_steps):
             raise ConfigError(f"num_steps={self.num_steps}: every value must be >= 1")
-        if any(scale < 0 for scale in self.guidance_scales):
-            raise ConfigError(f"guidance_scales={self.guidance_scales}: every value must be >= 0 (1.0: the "
-                              f"conditional model alone)")
+        if not all(0 <= scale < math.inf for scale in self.guidance_scales):  # NaN too
+            raise ConfigError(f"guidance_scales={self.guidance_scales}: every value must be a finite number >= 0 "
+                              f"(1.0: the conditional model alone)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
