@@ -317,6 +317,10 @@ def test_config_errors_name_the_key():
         build_conditioner({"kind": "clip", "layer": "middle"})
     with pytest.raises(ConfigError, match=r"layer=penultimate applies to kind=clip .* kind=byte reads its last layer"):
         build_conditioner({"kind": "byte", "layer": "penultimate"})  # was accepted and ignored
+    for kind, key, value in (("byte", "num_classes", 10), ("none", "class_embed", "unet")):  # trained as kind says
+        message = rf"model\.conditioner\.{key}={value} applies to kind=class .*; set kind=class"
+        with pytest.raises(ConfigError, match=message):
+            build_conditioner({"kind": kind, key: value})
     with pytest.raises(ConfigError, match="needs name_or_path"):
         build_conditioner({"kind": "hf"})
     with pytest.raises(ConfigError, match="pooled=true needs a text encoder"):

@@ -12,7 +12,7 @@ from ldm.convert import text
 from ldm.convert import unet as un
 from ldm.convert.common import invert, meta_state_shapes
 from ldm.nn.autoencoder import AutoencoderKL
-from ldm.nn.unet import UNet, count_parameters
+from ldm.nn.unet import UNET_CONFIGS, UNet, count_parameters
 
 # unet/config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 (the fields that matter).
 SD15_UNET = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
@@ -47,6 +47,7 @@ def test_full_size_unet_maps_one_to_one(name, config, params):
 
     theirs = {k: v.shape for k, v in _meta(lambda: UNet2DConditionModel(**config)).state_dict().items()}
     ours_config = un.unet_config_from_diffusers(config)
+    assert ours_config == UNET_CONFIGS[name]  # the named size is exactly that UNet, upcast_attention included
     ours_model = _meta(lambda: UNet(ours_config))
     assert count_parameters(ours_model) == params
     ours = {k: v.shape for k, v in ours_model.state_dict().items()}

@@ -3,7 +3,9 @@ checkpointing equivalence, mixed precision, config validation, save/load, a few 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -131,14 +133,33 @@ def test_autocast_forward_is_finite(dtype):
     assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_upcast_attention_survives_fp16_overflow():
-    # Logits of 100 * 100 * 64 / 8 = 80000 exceed fp16's 65504; the fp32 path must match fp32 attention.
-    q = torch.full((1, 1, 4, 64), 100.0)
+@contextlib.contextmanager
+def fp16_reduction_math_sdp():
+    """SDPA's math backend reducing fp16 in fp16 (torch's flag; off by default, when every kernel accumulates fp16 in
+    fp32): the attention written as fp16 products that SD 2.1's upcast_attention guarded against."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+
+
+def test_fp16_attention_overflows_in_fp16_products_unless_upcast():
+    # Logits of 300 * 300 * 64 / 8 = 720000 exceed fp16's 65504.
+    q = torch.full((1, 1, 4, 64), 300.0)
     q[0, 0, :, 0] += torch.arange(4.0)
     v = torch.randn(1, 1, 4, 64)
     reference = attention(q, q, v)
-    out = attention(q.half(), q.half(), v.half(), upcast=True)
-    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    half = q.half(), q.half(), v.half()
+    torch.testing.assert_close(attention(*half).float(), reference, atol=1e-2, rtol=1e-2)  # torch's default: fp32 sums
+    with fp16_reduction_math_sdp():
+        assert not torch.isfinite(attention(*half)).all()
+        out = attention(*half, upcast=True)
+    assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
 
 
@@ -202,6 +223,14 @@ def test_forward_input_checks():
         model(torch.randn(2, 4, 7, 8), kwargs["t"], kwargs["context"])
     with pytest.raises(ValueError, match="not class-conditional"):
         model(**kwargs, class_labels=torch.zeros(2, dtype=torch.long))
+    for t in (torch.tensor([5, 6, 7]), torch.tensor([[5], [6]])):  # a RuntimeError deep inside a block before
+        got = re.escape(str(tuple(t.shape)))
+        with pytest.raises(ValueError, match=rf"t must be a scalar, \(1,\) or \(B=2,\).*got {got}"):
+            model(kwargs["x"], t, kwargs["context"])
+    with torch.no_grad():  # one timestep for the batch, as a scalar or diffusers' (1,)
+        each = model(kwargs["x"], torch.tensor([5, 5]), kwargs["context"])
+        assert torch.equal(model(kwargs["x"], 5, kwargs["context"]), each)
+        assert torch.equal(model(kwargs["x"], torch.tensor([5]), kwargs["context"]), each)
 
 
 def test_a_unet_built_on_the_meta_device_and_loaded_equals_the_original():

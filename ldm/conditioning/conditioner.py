@@ -103,6 +103,11 @@ class ConditionerConfig:
             raise ConfigError(f"pooled=true needs a text encoder (kind clip, hf or byte), not kind={self.kind}")
         if self.kind == "class" and self.num_classes < 1:
             raise ConfigError(f"num_classes={self.num_classes} must be >= 1")
+        defaults = ConditionerConfig.__dataclass_fields__
+        for key in ("num_classes", "class_embed"):  # a class-conditional model meant, a text one silently trained
+            if self.kind != "class" and getattr(self, key) != defaults[key].default:
+                raise ConfigError(f"{key}={getattr(self, key)} applies to kind=class (class labels); set kind=class "
+                                  f"for a class-conditional model, or leave {key} out for kind={self.kind}")
 
 
 class Conditioner(nn.Module):

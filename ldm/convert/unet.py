@@ -391,7 +391,7 @@ def unet_config_from_original(state: Mapping[str, Any], what: str = "single-file
         attention_levels=attention_levels, mid_attention=mid_attention, transformer_depth=depths.pop() if depths else 1,
         num_heads=num_heads, head_dim=head_dim, context_dim=context_dim, use_linear_proj=bool(use_linear_proj),
         use_scale_shift_norm=emb_out == 2 * widths[0], num_classes=num_classes,
-        upcast_attention=context_dim == 1024)  # SD 2.x computes attention in fp32 (fp16 logits overflow there)
+        upcast_attention=context_dim == 1024)  # SD 2.x's configs set it
 
 
 def split_unet_state(state: StateDict) -> StateDict:

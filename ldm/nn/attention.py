@@ -1,11 +1,12 @@
 """Attention for the UNet and the text encoders: multi-head (cross-)attention through SDPA, GEGLU feed-forward,
 pre-LayerNorm transformer blocks, and the spatial transformer that wraps them around a feature map (LDM, sec. 3.3).
 
-Half precision. `scaled_dot_product_attention` dispatches to the flash or memory-efficient kernels on GPU, which
-accumulate QK^T and the softmax in fp32, so fp16 inputs do not overflow there. The math fallback (CPU, unusual head
-sizes, some masks) computes QK^T in the input dtype; fp16 logits overflow above 65504, which is what SD 2.1's
-`upcast_attention` guarded against. `upcast=True` runs the attention itself in fp32 whenever q is fp16, on every
-backend. bf16 has fp32's range and never needs it.
+Half precision. `scaled_dot_product_attention`'s kernels accumulate QK^T and the softmax of fp16 inputs in fp32 (the
+GPU flash and memory-efficient kernels, the CPU kernels, the math fallback since torch 2.5), so fp16 logits above 65504
+do not overflow; SD 2.1's `upcast_attention` guarded attention written as fp16 products, which the math fallback is
+again after `torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)`. `upcast=True` runs the attention itself
+in fp32 whenever q is fp16, on every backend (under torch's defaults: other rounding only). bf16 has fp32's range
+and never needs it.
 """
 
 from __future__ import annotations

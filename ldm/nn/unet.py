@@ -258,7 +258,7 @@ class UNet(nn.Module):
 
         Args:
             x: noisy latents (B, in_channels, H, W); H and W divisible by `downsampling_factor`.
-            t: timesteps (B,) or a scalar, integer or float.
+            t: timesteps (B,), or a scalar or (1,) for all, integer or float.
             context: conditioning tokens (B, M, context_dim); required iff config.context_dim is set.
             class_labels: (B,) integer labels in [0, num_classes]; required iff config.num_classes is set.
             pooled: (B, pooled_dim) pooled prompt vectors; required iff config.pooled_dim is set.
@@ -266,10 +266,10 @@ class UNet(nn.Module):
         Returns:
             (B, out_channels, H, W).
         """
-        self._check_inputs(x, context, class_labels, pooled)
-        B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t                                   # (B,)
+        self._check_inputs(x, t, context, class_labels, pooled)
+        B = x.shape[0]
+        t = t.reshape(1).expand(B) if t.numel() == 1 else t                     # (B,)
 
         # Embeddings.
         emb = self.time_embed(t)                                                # (B, 4 * model_channels)
@@ -306,11 +306,14 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
-    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None,
-                      pooled: torch.Tensor | None) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                      class_labels: torch.Tensor | None, pooled: torch.Tensor | None) -> None:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be (B, in_channels={c.in_channels}, H, W); got {tuple(x.shape)}")
+        if t.shape not in ((), (1,), (x.shape[0],)):
+            raise ValueError(f"t must be a scalar, (1,) or (B={x.shape[0]},): one timestep for all latents or one "
+                             f"each; got {tuple(t.shape)}")
         f = self.downsampling_factor
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"latent size {tuple(x.shape[2:])} must be divisible by {f} "
@@ -363,8 +366,9 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
                        num_heads=None, head_dim=64, context_dim=768, use_scale_shift_norm=True),
     # Stable Diffusion 1.x: 859,520,964 parameters.
     "sd15": UNetConfig(),
-    # Stable Diffusion 2.x: OpenCLIP-H context, head_dim 64, linear projections (865,910,724 parameters).
-    "sd21": UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True),
+    # Stable Diffusion 2.1: OpenCLIP-H context, head_dim 64, linear projections, its upcast_attention flag
+    # (865,910,724 parameters).
+    "sd21": UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True, upcast_attention=True),
 }
 
 
