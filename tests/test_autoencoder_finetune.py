@@ -151,6 +151,12 @@ def test_fine_tuning_settings_are_checked(sd_vae, tmp_path):
                                 "loss": {"lpips_weight": 0.0}}).train()
     assert not module.autoencoder.encoder.training and module.autoencoder.decoder.training  # no dropout in it
     assert not any(p.requires_grad for p in module.autoencoder.encoder.parameters())
+    # the size is checked against the pretrained VAE's f (2), not the placeholder net's (SD's 8)
+    fine_tune = {"init_from": str(sd_vae), "train_encoder": False, "loss": {"lpips_weight": 0.0}}
+    assert AutoencoderModule(dict(fine_tune, net={"resolution": 34})).config.net.resolution == 34
+    with pytest.raises(ConfigError, match=r"model\.net\.resolution=33 .* not divisible by the downsampling factor "
+                                          r"f=2 of model\.init_from="):
+        AutoencoderModule(dict(fine_tune, net={"resolution": 33}))
     # a resume that would change what the optimizer holds is refused before Lightning's restore fails on it
     checkpoint = {"hyper_parameters": {"config": {"train_encoder": True}}}
     with pytest.raises(ConfigError, match=r"trained with model\.train_encoder=true, this run has false"):

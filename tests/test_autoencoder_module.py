@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 
 import lightning as L
 import pytest
@@ -91,7 +92,7 @@ def test_both_learning_rates_are_logged_by_name(tmp_path):
     assert {float(row["lr/discriminator"]) for row in rows if row["lr/discriminator"]} == {3e-4}
 
 
-def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(tmp_path, shapes_shards):
+def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(tmp_path, shapes_shards, caplog):
     """Each of the PatchGAN's n_layers stride-2 convolutions halves the image, and its last two 4x4 convolutions need
     3 pixels: 32 px takes at most 3 layers. The discriminator first runs at disc_start, so without this check the
     mistake surfaced there (the default: step 50001)."""
@@ -106,9 +107,24 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(tmp_path, s
     assert trainer.global_step == 0
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    trainer.fit(tiny_module(**{"loss.disc.n_layers": 4, "loss.disc_start": 0, "loss.disc_factor": 0.0}),
-                datamodule=data)  # disc_factor 0: the discriminator never runs
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer.fit(tiny_module(**{"loss.disc.n_layers": 4, "loss.disc_start": 0, "loss.disc_factor": 0.0}),
+                    datamodule=data)  # disc_factor 0: the discriminator never runs
+    assert "no GAN (model.loss.disc_factor=0)" in caplog.text and "GAN from step" not in caplog.text
     assert tiny_module(**{"loss.disc.n_layers": 3}).loss.discriminator(torch.zeros(1, 3, 32, 32)).shape[-1] == 2
+
+
+def test_lpips_on_images_too_small_for_vgg_is_refused_at_start(tmp_path, shapes_shards):
+    from ldm.data.datamodule import WebDataModule
+
+    module = tiny_module(**{"net.resolution": 8, "loss.lpips_weight": 0.5, "loss.lpips_pretrained_backbone": False})
+    data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), resolution=8, batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"model\.loss\.lpips_weight=0\.5: LPIPS-VGG needs images of at least 16 px, "
+                                          r"these are 8 px; set model\.loss\.lpips_weight=0"):
+        trainer.fit(module, datamodule=data)  # torch's "Output size is too small" at the first step before
 
 
 def test_checkpoint_and_export_round_trips(tmp_path):

@@ -283,6 +283,9 @@ def test_autoencoder_checkpoint_reports_reconstruction_metrics(assets, tmp_path:
                                                                  "... and 19993 more (20000 in all)"]
     with pytest.raises(ConfigError, match="resolution=15 is not divisible by the autoencoder's downsampling factor"):
         evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=15, reconstruction_metrics=["psnr"]))
+    with pytest.raises(ConfigError, match=r"lpips, which needs images of at least 16 px .* resolution is 8"):
+        evaluate(make_cfg(assets, tmp_path / "e2", ckpt_path=str(ckpt), resolution=8, lpips_pretrained_backbone=False,
+                          reconstruction_metrics=["psnr", "lpips"]))  # torch's "Output size is too small" before
 
 
 def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, tmp_path: Path):

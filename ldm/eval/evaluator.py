@@ -421,6 +421,12 @@ class Evaluator:
             raise ConfigError(f"resolution={resolution} is not divisible by the autoencoder's downsampling factor "
                               f"{model.downsample_factor}; choose a multiple of it (its training resolution: "
                               f"{model.config.resolution})")
+        from ldm.losses.lpips import MIN_SIZE as LPIPS_MIN_SIZE
+
+        if "lpips" in cfg.reconstruction_metrics and resolution < LPIPS_MIN_SIZE:
+            raise ConfigError(f"reconstruction_metrics holds lpips, which needs images of at least {LPIPS_MIN_SIZE} "
+                              f"px (LPIPS-VGG); resolution is {resolution}: drop lpips or set "
+                              f"resolution>={LPIPS_MIN_SIZE}")
         model = model.to(self.device)
         protocol: dict[str, Any] = {}
         inception = reference = lpips_fn = None

@@ -17,6 +17,7 @@ from torch import nn
 from ldm.checkpoints import CheckpointError, load_checkpoint
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, the backbone lpips loads
+MIN_SIZE = 16  # px: VGG16's fifth block max-pools the image halved four times, which must keep a pixel
 
 
 def vgg16_weights_path() -> Path:

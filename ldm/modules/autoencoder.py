@@ -31,6 +31,7 @@ from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
 from ldm.io import absolute_if_local, atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
+from ldm.losses.lpips import MIN_SIZE as LPIPS_MIN_SIZE
 from ldm.modules.ema import make_ema
 from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, checkpoint_latent_stats
@@ -70,6 +71,10 @@ class Config:
         if not self.train_encoder and not self.init_from:
             raise ConfigError("model.train_encoder=false keeps a pretrained encoder frozen: set model.init_from to "
                               "the autoencoder to fine-tune (e.g. model.init_from=models/sd-vae-ft-mse)")
+        # (with init_from, the architecture is the pretrained one: its f is checked when it is read)
+        if not self.init_from and self.net.resolution % self.net.downsample_factor:
+            raise ConfigError(f"net.resolution={self.net.resolution} is not divisible by the downsampling factor "
+                              f"f={self.net.downsample_factor} set by net.ch_mult={self.net.ch_mult}")
         if self.init_from and self.init_posterior_logvar is not None:
             raise ConfigError(f"model.init_posterior_logvar={self.init_posterior_logvar} would overwrite the "
                               f"pretrained posterior of model.init_from={self.init_from}: set "
@@ -84,6 +89,10 @@ def adopt_pretrained(config: Config) -> tuple[Config, dict[str, torch.Tensor], f
     path = absolute_if_local(config.init_from)
     model, stats, source = load_autoencoder_any(path, key="model.init_from")
     net = dataclasses.replace(model.config, resolution=config.net.resolution, dropout=config.net.dropout)
+    if net.resolution % net.downsample_factor:
+        raise ConfigError(f"model.net.resolution={net.resolution} (data.resolution's size) is not divisible by the "
+                          f"downsampling factor f={net.downsample_factor} of model.init_from={path}: train at a "
+                          f"multiple of {net.downsample_factor} (data.resolution and model.net.resolution)")
     changed = {k: v for k, v in asdict(net).items() if asdict(config.net).get(k) != v}
     rank_zero_info(f"model.init_from={path} ({source}): its architecture and weights"
                    + (f" (model.net: {changed})" if changed else "")
@@ -206,8 +215,9 @@ class AutoencoderModule(L.LightningModule):
         precision = self.trainer.precision
         opt_ae = adam(torch.optim.Adam, ae_params, precision, lr=c.lr, betas=tuple(c.betas))
         opt_disc = adam(torch.optim.Adam, disc_params, precision, lr=c.disc_lr or c.lr, betas=tuple(c.betas))
-        rank_zero_info(f"autoencoder lr {c.lr}, discriminator lr {c.disc_lr or c.lr}, warmup {c.warmup_steps} steps "
-                       f"then {c.lr_schedule}, GAN from step {c.loss.disc_start}")
+        gan = (f"discriminator lr {c.disc_lr or c.lr}, GAN from step {c.loss.disc_start}" if c.loss.disc_factor > 0
+               else "no GAN (model.loss.disc_factor=0)")
+        rank_zero_info(f"autoencoder lr {c.lr}, warmup {c.warmup_steps} steps then {c.lr_schedule}, {gan}")
         schedule = lr_scheduler(opt_ae, c.lr_schedule, c.warmup_steps, self.trainer.estimated_stepping_batches,
                                 c.lr_decay_steps)
         # note: the discriminator's rate is constant; its schedule, never stepped, names it for the LR monitor
@@ -244,6 +254,10 @@ class AutoencoderModule(L.LightningModule):
                               ("model.loss.disc.in_channels", self.config.loss.disc.in_channels)):
             if channels != 3:
                 raise ConfigError(f"{key}={channels}: the training images are RGB (3 channels); set {key}=3")
+        if self.config.loss.lpips_weight > 0 and self.config.net.resolution < LPIPS_MIN_SIZE:
+            raise ConfigError(f"model.loss.lpips_weight={self.config.loss.lpips_weight}: LPIPS-VGG needs images of at "
+                              f"least {LPIPS_MIN_SIZE} px, these are {self.config.net.resolution} px; set "
+                              f"model.loss.lpips_weight=0 or train at data.resolution>={LPIPS_MIN_SIZE}")
         # Said now, not when the GAN starts (step disc_start, perhaps days in): the discriminator's stride-2
         # convolutions halve the image n_layers times, and its last two 4x4 convolutions need 3 pixels left.
         loss, resolution = self.config.loss, self.config.net.resolution

@@ -58,9 +58,6 @@ class AutoencoderConfig:
                   norm_groups=self.norm_groups)
         if len(self.ch_mult) < 1 or min(self.ch_mult) < 1:
             raise ConfigError(f"ch_mult={self.ch_mult} must be a non-empty list of positive integers")
-        if self.resolution % self.downsample_factor != 0:
-            raise ConfigError(f"resolution={self.resolution} is not divisible by the downsampling factor "
-                              f"f={self.downsample_factor} set by ch_mult={self.ch_mult}")
         for width in [self.ch] + [self.ch * m for m in self.ch_mult]:
             if width % self.norm_groups != 0:
                 raise ConfigError(f"channel count {width} (ch={self.ch}, ch_mult={self.ch_mult}) is not divisible "
@@ -272,7 +269,12 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out.weight
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Images (B, C, H, W) in [-1, 1] -> posterior over latents (B, embed_dim, H / f, W / f)."""
+        """Images (B, C, H, W) in [-1, 1], H and W multiples of f -> posterior over latents (B, embed_dim, H / f,
+        W / f)."""
+        f = self.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:  # the padded stride-2 convolutions would drop the last rows unsaid
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's downsampling "
+                             f"factor f={f}: crop or resize the images to multiples of {f}")
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
