@@ -181,6 +181,17 @@ def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckp
                       f"EMA weights, which holds no others: give a checkpoint instead, {instead}")
 
 
+def run_target(directory: Path) -> str | None:
+    """The `model._target_` a run directory's config.yaml records; None for any other folder or file."""
+    import yaml
+
+    try:
+        model = (yaml.safe_load((directory / "config.yaml").read_text()) or {}).get("model")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return model.get("_target_") if isinstance(model, dict) else None
+
+
 def is_export(directory: Path) -> bool:
     return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
 

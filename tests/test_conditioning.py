@@ -4,6 +4,8 @@ encoder, class labels, and condition dropout for guidance."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -418,6 +420,27 @@ def test_pretrained_byte_encoder_loads_frozen_and_checks_the_config(tmp_path):
         build_conditioner({**config, "name_or_path": str(tmp_path / "sd")})
     with pytest.raises(ConfigError, match=r"give the folder that holds this file, .*export$"):  # not an SD model
         build_conditioner({**config, "name_or_path": str(tmp_path / "export" / "model.safetensors")})
+    # a run of another kind (its config.yaml names the module), finished or not: not "run it again to finish it"
+    other_run = tmp_path / "ldm_run"
+    (other_run / "checkpoints").mkdir(parents=True)
+    (other_run / "config.yaml").write_text("model:\n  _target_: ldm.modules.latent_diffusion.LatentDiffusionModule\n")
+    with pytest.raises(ConfigError, match=r"ldm_run is a latent diffusion \(stage 2\) run, not a text-image "
+                                          r"pretraining run: point it at the export of a text-image pretraining run"):
+        build_conditioner({**config, "name_or_path": str(other_run)})
+    # an export missing one of its files; a checkpoint whose run holds an export
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(tmp_path / "export" / "config.json", half)
+    with pytest.raises(ConfigError, match=r"it holds config\.json but not model\.safetensors: copy the whole export "
+                                          r"folder$"):
+        build_conditioner({**config, "name_or_path": str(half)})
+    clip_run = tmp_path / "clip_run"
+    shutil.copytree(tmp_path / "export", clip_run / "export")
+    (clip_run / "checkpoints").mkdir()
+    (clip_run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"a checkpoint, which this key does not read; give its run's export, "
+                                          rf"{re.escape(str(clip_run / 'export'))}$"):
+        build_conditioner({**config, "name_or_path": str(clip_run / "checkpoints" / "last.ckpt")})
     empty = build_conditioner({**config, "name_or_path": str(tmp_path / "nowhere")}, load_pretrained=False)
     assert not empty.trainable  # a checkpoint's state dict fills it
 

@@ -243,3 +243,12 @@ def test_batch_keys_the_batches_lack_are_named_with_the_config_key():
     with pytest.raises(ConfigError, match=r"model\.caption_key='txt': the batch has no entry 'txt', only \['caption', "
                                           r"'image'\]"):
         module._loss({"image": images, "caption": CAPTIONS})
+
+
+def test_a_caption_with_a_lone_surrogate_trains():
+    """JSON metadata may hold a cut-off emoji escape ("\\ud83d"); the byte tokenizer reads it as "?", and so do the
+    caption ids of the accuracy now (their strict UTF-8 stopped the run at its first step)."""
+    module = ContrastiveModule(tiny_config())
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss, accuracy = module._loss({"image": images, "caption": ["a large square \ud83d", "a large square ?"]})
+    assert torch.isfinite(loss) and 0.0 <= accuracy.item() <= 1.0

@@ -97,9 +97,11 @@ def test_folder_round_trip(tmp_path: Path, manifest: str | None):
             writer = csv.writer(f)
             writer.writerow(["file", "caption"])
             writer.writerows([(rel, f"csv {c}") for rel, c, _ in made])
-    elif manifest == "jsonl":
+    elif manifest == "jsonl":  # a lone surrogate escape in the last caption (ldm-data stopped there) is written as "?"
         captions = tmp_path / "captions.jsonl"
-        captions.write_text("".join(json.dumps({"path": rel, "text": f"jsonl {c}"}) + "\n" for rel, c, _ in made))
+        captions.write_text("".join(json.dumps({"path": rel, "text": f"jsonl {c}"}) + "\n" for rel, c, _ in made)
+                            .replace('number 9"', 'number 9\\ud83d"'))
+        made[-1] = (made[-1][0], made[-1][1] + "?", made[-1][2])
     elif manifest == "json":  # one array, as json.dump writes a list (it was read line by line and refused)
         captions = tmp_path / "captions.json"
         captions.write_text(json.dumps([{"file": rel, "caption": f"json {c}"} for rel, c, _ in made], indent=2))
@@ -461,6 +463,10 @@ def test_awkward_folder_inputs(tmp_path: Path):
     assert caption_and_label({"json": b'{"caption": "  "}', "__key__": "c"}, skips) == ("", None)  # empty: none
     assert [key for _, key in skips.uncaptioned] == ["a", "b", "c"]
     assert caption_and_label({"json": b'{"caption": "", "text": "a fox"}'}, SkipLog()) == ("a fox", None)
+    # a cut-off emoji escape: a lone surrogate, which no UTF-8 encoder writes (the contrastive run, ldm-eval's prompt
+    # hash and ldm-data's shards failed on it), read as "?" as the byte tokenizer reads it
+    assert caption_and_label({"json": b'{"caption": "a square \\ud83d"}'}, SkipLog()) == ("a square ?", None)
+    assert readable_caption({"json": b'{"caption": "a square \\ud83d"}'}) == "a square ?"
 
 
 

@@ -20,11 +20,15 @@ from torch import nn
 
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_min
-from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, save_export
+from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, run_target, save_export
 from ldm.nn.attention import TransformerBlock
 
 PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
 VOCAB_SIZE = 259
+# The run whose export holds a byte encoder, and the other runs' kinds, told by their config.yaml's model._target_.
+CONTRASTIVE_TARGET = "ldm.modules.contrastive.ContrastiveModule"
+RUN_KINDS = {"ldm.modules.autoencoder.AutoencoderModule": "an autoencoder (stage 1)",
+             "ldm.modules.latent_diffusion.LatentDiffusionModule": "a latent diffusion (stage 2)"}
 
 
 def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,17 +138,29 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             expected: the architecture the config asks for; a difference raises ConfigError naming the key.
             config_key: the config key that set `path`, named in errors.
         """
+        pretraining = ("the export of a text-image pretraining run (ldm-train experiment=quickstart_clip writes "
+                       "<run>/export when it finishes)")
+        target = run_target(Path(path))
+        if target not in (None, CONTRASTIVE_TARGET):  # its export, or the advice to finish it, would not do either
+            kind = RUN_KINDS.get(target, f"a {target}")
+            raise ConfigError(f"{config_key}={path} is {kind} run, not a text-image pretraining run: point it at "
+                              f"{pretraining}")
         path = export_dir(path, config_key, reads_checkpoints=False)
         if not is_export(path):
             kind_key = config_key.rsplit(".", 1)[0] + ".kind"
+            present = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).is_file()]
             if path.is_file() and is_export(path.parent):  # (export_dir gives a Path)
                 other = f"give the folder that holds this file, {path.parent}"
             elif (path / "model_index.json").is_file():
                 other = f"it holds a Stable Diffusion pipeline, whose CLIP text encoder {kind_key}=clip reads"
+            elif len(present) == 1:
+                missing = WEIGHTS_NAME if present == [CONFIG_NAME] else CONFIG_NAME
+                other = f"it holds {present[0]} but not {missing}: copy the whole export folder"
+            elif path.suffix == ".ckpt" and is_export(export := path.parent.parent / "export"):
+                other = f"it is a checkpoint, which this key does not read; give its run's export, {export}"
             else:
                 other = ("it is a checkpoint, which this key does not read; " if path.suffix == ".ckpt" else "") + \
-                        "point it at the export of a text-image pretraining run (ldm-train " \
-                        "experiment=quickstart_clip writes <run>/export when it finishes)" + \
+                        f"point it at {pretraining}" + \
                         (", or set it to null to train the encoder from scratch" if config_key.startswith("model.")
                          else "")
             raise ConfigError(f"{config_key}={path}: no byte encoder there ({CONFIG_NAME} and {WEIGHTS_NAME}; "

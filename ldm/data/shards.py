@@ -36,7 +36,7 @@ from ldm.cli.run_lock import run_lock
 from ldm.config import ConfigError, check_choice, check_output_dir
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
-from ldm.data.stream import CAPTION_FIELDS, resize_crop, resize_shorter
+from ldm.data.stream import CAPTION_FIELDS, resize_crop, resize_shorter, utf8_text
 from ldm.images import decode_image
 from ldm.io import atomic_write_text
 from ldm.seeding import fold_seed
@@ -278,7 +278,7 @@ def _read_manifest(path: Path, input_dir: Path) -> dict[Path, str]:
         image = listed_path(input_dir / file)
         if image in captions and file not in repeated:
             repeated.append(file)
-        captions[image] = caption.strip()  # as sidecars: blank is no caption
+        captions[image] = utf8_text(caption.strip())  # as sidecars: blank is no caption
     if repeated:
         raise ConfigError(f"captions={path}: {len(repeated)} images are listed more than once (e.g. "
                           f"{repeated[:3]}; ldm-data writes one sample per image, with one caption); keep one "

@@ -476,12 +476,18 @@ def no_image(sample: Mapping[str, Any]) -> str:
 CAPTION_FIELDS = ("caption", "text")  # a caption's names in metadata (KEY.json) and in ldm-data's manifests
 
 
+def utf8_text(text: str) -> str:
+    """`text` as UTF-8 holds it: a lone surrogate, which JSON can carry (a cut-off emoji escape, "\\ud83d") but no
+    UTF-8 encoder writes, becomes "?", as the byte tokenizer reads it."""
+    return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
 def sample_caption(sample: Mapping[str, Any]) -> str | None:
     """The caption of a raw sample as every reader takes it (training, ldm-encode, evaluation): its `txt` member as
     UTF-8 (a byte order mark dropped), stripped, or where it has none the first non-empty `caption` / `text` string
-    of its `json` metadata (shards written with captions in metadata only); None without either. UnicodeDecodeError
-    when it is not UTF-8; a ValueError when it holds two members with one extension (DUPLICATE: which is its caption
-    or image is unclear)."""
+    of its `json` metadata (shards written with captions in metadata only; `utf8_text`); None without either.
+    UnicodeDecodeError when it is not UTF-8; a ValueError when it holds two members with one extension (DUPLICATE:
+    which is its caption or image is unclear)."""
     if DUPLICATE in sample:
         raise ValueError(f"two members with one extension ({sample[DUPLICATE]!r} and one before it; extensions are "
                          f"compared in lower case): which one the sample holds is unclear; rewrite the shard with one")
@@ -492,7 +498,7 @@ def sample_caption(sample: Mapping[str, Any]) -> str | None:
     except ValueError:  # (damaged metadata: the label's reader skips the sample, naming it)
         return None
     texts = [meta.get(k) for k in CAPTION_FIELDS] if isinstance(meta, dict) else []
-    return next((text.strip() for text in texts if isinstance(text, str) and text.strip()), None)
+    return next((utf8_text(text.strip()) for text in texts if isinstance(text, str) and text.strip()), None)
 
 
 def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int | None = None

@@ -133,7 +133,8 @@ class ContrastiveModule(L.LightningModule):
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         captions = list(batch_entry(batch, self.config.caption_key, "model.caption_key"))
         image, text = self.embed(batch_entry(batch, self.config.image_key, "model.image_key"), captions)
-        ids = torch.tensor([zlib.crc32(c.encode()) for c in captions], device=image.device)  # (B,) equal for equal
+        ids = torch.tensor([zlib.crc32(c.encode(errors="replace")) for c in captions],  # (B,) equal for equal;
+                           device=image.device)                           # lone surrogates as the tokenizer reads them
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
                                 self.logit_scale, ids, self._gather(ids))
 
