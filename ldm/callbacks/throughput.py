@@ -11,7 +11,9 @@ the resume, with its first and last step):
 Rates over each logging interval come from Lightning's `Throughput` (`lightning.fabric.utilities.throughput`). The
 model's FLOPs per sample are counted by torch's `FlopCounterMode` (what Lightning's `measure_flops` runs): forward and
 backward of the real step, whatever the module computes, on the first training step of a fresh run and again on the
-first batch of each new kind of step (the autoencoder's discriminator joins at `disc_start`). The counts are kept in
+second batch of each new kind of step (the autoencoder's discriminator joins at `disc_start`; a batch's kind is known
+once it has stepped, so its first batch is charged the previous kind's count, corrected when the new one is known).
+The counts are kept in
 checkpoints and a resumed run takes them from there: counting runs under a dispatch mode that changes convolution
 gradients in the last bits, so it must count the same batches as the run would have uninterrupted. Validation
 time is left out of training time, and so is work that callbacks wrap in `paused(trainer)` (the FID evaluation, image
@@ -128,9 +130,10 @@ class Throughput(StepBoundary):
 
     Args:
         count_flops: count the model's FLOPs (forward + backward of a training batch) for FLOP/s and MFU: on the
-            first batch, and again on the first batch of each new kind, a kind being the set of optimizers a batch
+            first batch, and again on the second batch of each new kind, a kind being the set of optimizers a batch
             steps (the autoencoder's discriminator joins at `disc_start`; a micro-batch inside gradient accumulation
-            steps none), per sample (a resume may change the batch size).
+            steps none; the first batch, charged the last count, is corrected then), per sample (a resume may change
+            the batch size).
     """
 
     def __init__(self, count_flops: bool = True):
@@ -179,6 +182,7 @@ class Throughput(StepBoundary):
         self._stepping: set[int] = set()  # optimizers the current batch stepped
         self._kind: str | None = None  # those of the last batch that stepped
         self._pending: float | None = None  # a count whose kind the batch's step has yet to tell
+        self._owed: dict[str, list[float]] = {}  # kind without a count -> [samples, FLOPs charged for them]
         restored = self._restored or {"count_next": None, "per_batch": None}
         self._legacy = restored["per_batch"]  # taken as the first batch's count, not counted again
         # a batch is counted only with count_flops: the first of a run without counts (also one resumed from a
@@ -213,7 +217,10 @@ class Throughput(StepBoundary):
         size = self._size
         per_sample = self.flops_per_sample.get(self._kind, self._pending)
         if per_sample is None and self.flops_per_sample:
-            per_sample = next(reversed(self.flops_per_sample.values()))  # a new kind's first batch: the last count
+            per_sample = next(reversed(self.flops_per_sample.values()))  # a new kind's first batch: the last count,
+            owed = self._owed.setdefault(self._kind, [0, 0.0])               # corrected once its own is counted
+            owed[0] += size
+            owed[1] += size * per_sample
         if per_sample is not None:
             self._flops += size * per_sample
         self._batches += 1
@@ -291,6 +298,8 @@ class Throughput(StepBoundary):
             if self._kind not in self.flops_per_sample:
                 if self._pending is not None:  # counted on this batch, or on a micro-batch of its step
                     self.flops_per_sample[self._kind] = self._pending
+                    samples, charged = self._owed.pop(self._kind, (0, 0.0))
+                    self._flops += samples * self._pending - charged
                 elif self.count_flops and self._counts_left > 0:
                     self._count_next = True  # a new kind (the discriminator joined): counted on the next batch
             self._pending = None
