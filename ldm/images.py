@@ -76,8 +76,13 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROU
 
 
 def upright(image: Image.Image) -> Image.Image:
-    """`image` with its EXIF orientation applied (itself when it has none: no copy)."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+    """`image` with its EXIF orientation applied (itself when it has none: no copy, and when its EXIF block cannot be
+    read: damaged metadata, not a damaged image)."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 -- struct.error, SyntaxError, ValueError...: Pillow's parser has no one error
+        return image
+    if orientation in (None, 1):
         return image
     return ImageOps.exif_transpose(image)
 

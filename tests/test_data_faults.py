@@ -232,6 +232,22 @@ def test_truncated_over_counted_shard_is_named_and_every_slot_still_reads(tmp_pa
     assert 0 < readable < 8 and counted == 8 - readable
 
 
+def test_a_slot_topping_up_names_the_shard_whose_samples_it_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The batches report (and drop) their skip records as they go; the top-up warning read those records after
+    that and said "no shard reported an error" right after five corrupt samples of its one shard."""
+    samples = shapes_like(tmp_path, "a", 9)
+    for sample in samples[:5]:
+        sample["png"] = b"not an image"
+    shard = write_shard(tmp_path / "train-000000.tar", samples)
+    plan = EpochPlan([str(shard)], [9], seed=0, rank=0, world_size=1, num_workers=0, batch_size=1, train=False,
+                     resolution=8)
+    with caplog.at_level("WARNING"):
+        batches = list(ShardStream(plan))
+    assert len(batches) == 9 and sum(n for b in batches for *_, n in b["__skipped__"]) == 5
+    message = next(r.getMessage() for r in caplog.records if "its range gave 4 of 9" in r.getMessage())
+    assert f"({shard})" in message, message
+
+
 def test_a_truncated_shard_is_counted_over_the_first_epoch_only(tmp_path: Path):
     """One shard that summary.json counts as 20 samples holds fewer; 3 workers' ranges start at a new position each
     epoch: the samples it lost are counted in the first epoch, not again in every later one, and every report names

@@ -22,8 +22,9 @@ from PIL import Image
 
 from ldm.cli.data import write_dataset
 from ldm.config import ConfigError
-from ldm.data import latents, shapes
+from ldm.data import shapes
 from ldm.data.encoding import image_shards_in
+from ldm.data.shardlist import shard_name
 from ldm.data.shards import MEMBER_MTIME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,9 +187,19 @@ def test_folder_shards_that_keep_the_aspect_give_random_crops(tmp_path: Path):
 
     write_dataset({**common, "output_dir": str(tmp_path / "square")})
     with pytest.warns(UserWarning, match=r"data\.random_crop=true crops nothing here: the training shards hold "
-                                         r"folder images that ldm-data wrote square at 16 x 16; write them with "
-                                         r"crop=false"):
+                                         r"folder images that ldm-data wrote square at 16 x 16, resized square to "
+                                         r"16 x 16; write them with crop=false"):
         first_batch("square", True)
+    write_dataset({**common, "output_dir": str(tmp_path / "square24"), "resolution": 24})  # another size: no warning
+    with pytest.warns(UserWarning, match=r"wrote square at 24 x 24, resized square to 16 x 16"):  # before, yet the
+        second = first_batch("square24", True)                                         # same crops at any seed
+    data = WebDataModule({"train_shards": f"{tmp_path / 'square24'}/train-*.tar", "val_shards": None, "seed": 1,
+                          "resolution": 16, "batch_size": 10, "num_workers": 0, "random_crop": True})
+    data.setup("fit")
+    other = next(iter(data.train_dataloader()))
+    by_key = dict(zip(second["key"], second["image"]))
+    assert sorted(other["key"]) == sorted(second["key"])
+    assert all(torch.equal(image, by_key[key]) for key, image in zip(other["key"], other["image"]))
     write_dataset({"output_dir": str(tmp_path / "shapes"), "num_samples": 10, "val_samples": 0, "resolution": 16})
     with pytest.warns(UserWarning, match=r"hold shapes images .*; set data\.random_crop=false"):  # not crop=false,
         first_batch("shapes", True)                                                           # which shapes refuse
@@ -286,6 +297,9 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
     Image.fromarray(pixels).convert("L").save(root / "scan.tif", exif=exif.tobytes())
     Image.fromarray(pixels).save(root / "plain.png")
     (root / "plain.txt").write_bytes("\ufeffa caf\u00e9 sign".encode())
+    # an EXIF block Pillow cannot parse (cut short): damaged metadata, a sound image (it was skipped as undecodable)
+    Image.fromarray(pixels).save(root / "cut.webp", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00", lossless=True)
+    (root / "cut.txt").write_text("a cut exif")
     for name in ("phone", "scan"):
         (root / f"{name}.txt").write_text(f"a {name} photo")
     from ldm.images import decode_image  # what the training loader decodes the stored bytes with
@@ -295,6 +309,10 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
                        "resolution": resolution})
         by_path = {json.loads(s["json"])["source_path"]: s for s in read_split(out, "train")}
         assert by_path["plain.png"]["txt"].decode() == "a caf\u00e9 sign"
+        cut = by_path["cut.webp"]  # kept as stored (no orientation to apply)
+        assert json.loads(cut["json"])["width"] == 64 and json.loads(cut["json"])["height"] == 32
+        if resolution is None:
+            assert np.array_equal(np.asarray(decode_image(cut["webp"])), pixels)
         for name, ext in (("phone.jpg", "jpg"), ("phone.jfif", "jpg"), ("scan.tif", "tif")):
             phone = by_path[name]
             assert json.loads(phone["json"])["width"] == 32 and json.loads(phone["json"])["height"] == 64, name
@@ -305,8 +323,8 @@ def test_folder_images_are_stored_upright_and_byte_order_marks_dropped(tmp_path:
                 assert abs(top[0] - 76) < 3 and abs(bottom[0] - 29) < 3, (resolution, top, bottom)
             else:  # red up, blue down
                 assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (resolution, name, top, bottom)
-    (root / "phone.jfif").unlink()
-    (root / "scan.tif").unlink()
+    for name in ("phone.jfif", "scan.tif", "cut.webp"):
+        (root / name).unlink()
     captions = tmp_path / "captions.csv"
     captions.write_bytes("\ufefffile,caption\nplain.png,from the csv\nphone.jpg,phone\n".encode())
     write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "csv"), "val_samples": 0,
@@ -643,7 +661,7 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
         expand_shards(str(tmp_path / "notes.json.gz"), "data.train_shards")
     # ldm-encode names its outputs after any tar suffix, in any case, and sees such image shards in its output_dir
     # (it wrote x.tar.bz2.tar and a manifest beside them, and the image shards read as latents from then on)
-    assert [latents.shard_name(n) for n in ("a.tar.bz2", "b.TAR", "c.tgz", "d")] == ["a.tar", "b.tar", "c.tar",
+    assert [shard_name(n) for n in ("a.tar.bz2", "b.TAR", "c.tgz", "d")] == ["a.tar", "b.tar", "c.tar",
                                                                                     "d.tar"]
     assert image_shards_in(packed).name == "train-000000.tar.xz"
 

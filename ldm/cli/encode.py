@@ -173,7 +173,7 @@ def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 
 def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Validate `cfg` against EncodeConfig and encode every input shard not finished yet; return a summary."""
     from ldm.data.datamodule import shard_counts
-    from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards
+    from ldm.data.shardlist import REMOTE_PREFIXES, expand_shards, shard_name
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -188,12 +188,12 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if encoded is not None:
         raise ConfigError(f"shards={config.shards} are latent shards (written by ldm-encode: {encoded.path}); "
                           f"ldm-encode reads image shards: point shards at those the latents were encoded from")
-    names = [latents.shard_name(u) for u in urls]
+    names = [shard_name(u) for u in urls]
     shared = sorted(name for name, count in Counter(names).items() if count > 1)
     if shared:
         fixes = {}  # what each way of sharing a name asks for, over every shared name
         for name in shared:
-            real = [os.path.realpath(u) for u in urls if latents.shard_name(u) == name]
+            real = [os.path.realpath(u) for u in urls if shard_name(u) == name]
             folders = Counter(os.path.dirname(r) for r in set(real))
             if len(set(real)) < len(real):
                 fixes["give each shard once"] = None
@@ -201,7 +201,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                 fixes["rename or leave out one of the shards whose names differ only in the tar suffix"] = None
             if len(folders) > 1:
                 fixes["encode each folder separately"] = None
-        inputs = [u for u in urls if latents.shard_name(u) == shared[0]]
+        inputs = [u for u in urls if shard_name(u) == shared[0]]
         raise ConfigError(f"shards: {len(shared)} output name{'s are' if len(shared) > 1 else ' is'} shared by "
                           f"several input shards (outputs keep the names, as .tar), e.g. {shared[0]} by {inputs}; "
                           f"{'; '.join(fixes)}")

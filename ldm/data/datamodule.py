@@ -157,9 +157,9 @@ def recorded_counts(urls: list[str]) -> list[int | None]:
     return counts
 
 
-def _written_square(urls: list[str], resolution: int) -> str | None:
-    """The source (shapes, folder) when ldm-data's summary.json beside the first local shard says it wrote square
-    images of `resolution` there, else None."""
+def _written_square(urls: list[str]) -> tuple[str, int] | None:
+    """(source: shapes or folder, size) when ldm-data's summary.json beside the first local shard says it wrote square
+    images there (at any size: a square resized to the training resolution leaves nothing to crop), else None."""
     local = [Path(u.removeprefix("file:")) for u in urls if not u.startswith(REMOTE_PREFIXES)]
     summary = local[0].parent / SUMMARY_NAME if local else None
     if summary is None or not summary.is_file():
@@ -168,8 +168,8 @@ def _written_square(urls: list[str], resolution: int) -> str | None:
         written = json.loads(summary.read_text(encoding="utf-8"))
     except ValueError:
         return None
-    square = isinstance(written, dict) and written.get("resolution") == resolution and written.get("crop", True)
-    return str(written.get("source", "folder")) if square else None
+    square = isinstance(written, dict) and is_int(written.get("resolution")) and written.get("crop", True)
+    return (str(written.get("source", "folder")), written["resolution"]) if square else None
 
 
 def _first_metadata(urls: list[str]) -> tuple[str, Any] | None:
@@ -323,7 +323,7 @@ class WebDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (training only)
         random_crop: bool = False  # training: random instead of centre crop
         hflip: bool = False  # training: horizontal flip with probability 1/2 (do not use when captions say left/right)
-        seed: int = 0  # shard order, shuffle buffers, crops and flips derive from (seed, epoch, rank, worker)
+        seed: int = 0  # order from (seed, epoch, rank, worker), crops and flips from (seed, epoch, shard, key)
         samples_per_shard: int | None = None  # sample count assumed for remote shards that have no summary.json
         pin_memory: bool = True
         # Keep every shard's raw samples in memory after their first read, so later epochs and validations parse no
@@ -408,12 +408,12 @@ class WebDataModule(L.LightningDataModule):
         if train is not None:
             check_same_encoders(train, val, "data.val_shards", settings=("resolution",))
             check_data_config(train, self.config.resolution, self.config.hflip, self.config.random_crop)
-        elif self.config.random_crop and (source := _written_square(self.train_urls, self.config.resolution)):
-            r = self.config.resolution
+        elif self.config.random_crop and (written := _written_square(self.train_urls)):
+            (source, size), r = written, self.config.resolution
             fix = "set data.random_crop=false" if source == "shapes" else \
                 f"write them with crop=false (shorter side {r}, aspect kept) or resolution=null for random crops"
             warnings.warn(f"data.random_crop=true crops nothing here: the training shards hold {source} images that "
-                          f"ldm-data wrote square at {r} x {r}; {fix}", stacklevel=2)
+                          f"ldm-data wrote square at {size} x {size}, resized square to {r} x {r}; {fix}", stacklevel=2)
         self.latent_manifest = train
 
     def _stream(self, plan: EpochPlan) -> ShardStream:

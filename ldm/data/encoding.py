@@ -23,7 +23,7 @@ import webdataset as wds
 from ldm import __version__
 from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
 from ldm.data import latents
-from ldm.data.shardlist import is_tar_name
+from ldm.data.shardlist import is_tar_name, shard_name
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
 from ldm.data.stream import IMAGE_KEYS, MemberWatch, no_image, read_tar, resize_crop, sample_caption, shard_stops_early
 from ldm.images import decode_image
@@ -217,7 +217,7 @@ def _earlier_outputs(out: Path, urls: list[str]) -> tuple[list[Path], list[Path]
     image shards, say) are not counted, and never deleted."""
     stats = [p for p in out.glob("*_stats.json") if "input" in _json_object(p)]  # ldm-encode's record its input
     shards = {p.with_name(p.name.removesuffix("_stats.json") + ".tar") for p in stats}
-    shards |= {out / name for name in map(latents.shard_name, urls) if latents.holds_latents(out / name)}
+    shards |= {out / name for name in map(shard_name, urls) if latents.holds_latents(out / name)}
     return stats, sorted(shards)
 
 
@@ -257,7 +257,7 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[st
     """Check (or start) output_dir: a manifest there must describe the same encoding; then write the manifest."""
     out = Path(config.output_dir)
     path = out / latents.MANIFEST_NAME
-    inputs = {latents.shard_name(url): str(Path(url).resolve()) for url in urls}
+    inputs = {shard_name(url): str(Path(url).resolve()) for url in urls}
     if config.overwrite:  # an earlier run's shards (those with stats, and this run's names), whatever its manifest
         stats, ours = _earlier_outputs(out, urls)
         for old in [*ours, *stats, path]:

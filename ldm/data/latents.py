@@ -31,10 +31,8 @@ import io
 import json
 import math
 import os
-import random
 import tarfile
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +43,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError
-from ldm.data.shardlist import tar_suffix
 from ldm.data.stream import TAR_ERRORS, EpochPlan, ShardStream, SkipLog, caption_and_label
-from ldm.seeding import fold_seed
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ldm-latents"
@@ -143,13 +139,6 @@ def read_manifest(path: str | Path, key: str = "data.train_shards",
         raise ConfigError(f"{key}: the latent manifest {path} is damaged (its {', '.join(damaged)} entries are not "
                           f"what ldm-encode writes); {fix}")
     return LatentManifest(path, data)
-
-
-def shard_name(url: str) -> str:
-    """The file name of the latent shard ldm-encode writes for input shard `url`: the input's name, as a plain tar
-    (`NAME.tar.gz`, `NAME.tgz`, `NAME.tar.xz`, `NAME.TAR`... give `NAME.tar`)."""
-    name = Path(url).name
-    return name[:len(name) - len(tar_suffix(name))] + ".tar"
 
 
 def holds_latents(shard: Path) -> bool:
@@ -490,9 +479,7 @@ class LatentStream(ShardStream):
         name = MOMENTS
         if p.train and p.hflip:
             # The image path's draw (ShardStream._to_tensor without random crops): the same samples flip.
-            rng = random.Random(fold_seed(p.seed, p.epoch, zlib.crc32(f"{Path(sample['url']).name}/"
-                                                                      f"{sample['key']}".encode())))
-            if rng.random() < 0.5:
+            if self.sample_rng(sample).random() < 0.5:
                 name = MOMENTS_FLIP
         sample["moments"] = torch.from_numpy(arrays[name].astype(np.float32))                  # (2C, h, w)
         if CONTEXT in arrays:

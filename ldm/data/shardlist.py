@@ -91,6 +91,13 @@ def tar_suffix(path: str) -> str:
     return next((path[-len(x):] for x in TAR_SUFFIXES if path.lower().endswith(x)), "")
 
 
+def shard_name(url: str) -> str:
+    """The file name of the latent shard ldm-encode writes for input shard `url`: the input's name, as a plain tar
+    (`NAME.tar.gz`, `NAME.tgz`, `NAME.tar.xz`, `NAME.TAR`... give `NAME.tar`)."""
+    name = os.path.basename(url)
+    return name[:len(name) - len(tar_suffix(name))] + ".tar"
+
+
 def is_tar_name(path: str) -> bool:
     return bool(tar_suffix(path))
 

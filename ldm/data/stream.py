@@ -40,7 +40,6 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.config import is_int
-from ldm.data.shardlist import REMOTE_PREFIXES, TAR_ERRORS
+from ldm.data.shardlist import REMOTE_PREFIXES, TAR_ERRORS, shard_name
 from ldm.images import decode_image
 from ldm.seeding import fold_seed
 
@@ -230,8 +229,9 @@ class SkipLog:
     samples without a caption: (shard, key). Also the webdataset exception handler."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, str, str, int]] = []
-        self.seen: set[tuple[str, str]] = set()
+        self.records: list[tuple[str, str, str, int]] = []  # since the last `pop` (the per-batch report)
+        self.seen: set[tuple[str, str]] = set()  # every sample recorded, never popped
+        self.first: list[tuple[str, str, str, int]] = []  # the first three records, for the messages of a slot
         self.uncaptioned: list[tuple[str, str]] = []
         self.uncaptioned_seen: set[tuple[str, str]] = set()
         self.tar_error: str | None = None  # the handler's last error in the shard being read
@@ -242,6 +242,8 @@ class SkipLog:
         if (url, key) not in self.seen:  # a slot topping up re-reads its range: report each sample once
             self.seen.add((url, key))
             self.records.append((url, key, reason, count))
+            if len(self.first) < 3:
+                self.first.append((url, key, reason, count))
 
     def add_uncaptioned(self, url: str, key: str) -> None:
         if (url, key) not in self.uncaptioned_seen:
@@ -631,13 +633,16 @@ class ShardStream(IterableDataset):
     def collate_batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples)
 
+    def sample_rng(self, sample: dict[str, Any]) -> random.Random:
+        """A sample's own draw of crops and flips: (seed, epoch, shard, key), not which worker reads it. The shard is
+        named as its latent shard is (`shard_name`: `x.tar.gz` -> `x.tar`), so that a sample of a compressed image
+        shard and of the latent shard ldm-encode wrote from it draw alike (the same flipped copies)."""
+        name = f"{shard_name(sample['url'])}/{sample['key']}".encode()
+        return random.Random(fold_seed(self.plan.seed, self.plan.epoch, zlib.crc32(name)))
+
     def _to_tensor(self, sample: dict[str, Any]) -> dict[str, Any]:
         p = self.plan
-        # Per-sample randomness: crops and flips depend on (seed, epoch, shard, key), not on which worker reads it.
-        rng = None
-        if p.train and (p.random_crop or p.hflip):
-            name = f"{Path(sample['url']).name}/{sample['key']}".encode()
-            rng = random.Random(fold_seed(p.seed, p.epoch, zlib.crc32(name)))
+        rng = self.sample_rng(sample) if p.train and (p.random_crop or p.hflip) else None
         image = resize_crop(sample["image"], p.resolution, rng if p.random_crop else None)
         if p.hflip and rng is not None and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -689,7 +694,7 @@ def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int
             continue
         if got == 0:
             raise RuntimeError(f"data slot {slot}: not one sample of any shard could be read; damaged: "
-                               f"{_damaged_shards(skips)}; first reasons: {skips.records[:3]}; rewrite the shards "
+                               f"{_damaged_shards(skips)}; first reasons: {skips.first}; rewrite the shards "
                                f"with ldm-data, or point data.train_shards / data.val_shards at readable ones")
         if not warned:
             log.warning("slot %d: %d samples short after skipping corrupt ones; repeating samples of its range to "
@@ -698,5 +703,5 @@ def _exactly(make: Callable[[], Iterator[dict[str, Any]]], quota: int, slot: int
 
 
 def _damaged_shards(skips: SkipLog) -> str:
-    """The shards named in `skips`, for a message."""
-    return ", ".join(sorted({url for url, *_ in skips.records})) or "no shard reported an error"
+    """The shards named in `skips` (all its records, those the batches have reported too), for a message."""
+    return ", ".join(sorted({url for url, _ in skips.seen})) or "no shard reported an error"
