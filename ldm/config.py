@@ -95,10 +95,12 @@ def batch_entry(batch: Mapping[str, Any], key: str, config_key: str) -> Any:
 
 
 def check_min(minimum: float, **values: float | None) -> None:
-    """Raise ConfigError naming the first key whose value is below `minimum` or NaN (None: unset, allowed)."""
+    """Raise ConfigError naming the first key whose value is below `minimum`, infinite or NaN (None: unset,
+    allowed)."""
     for key, value in values.items():
-        if value is not None and not value >= minimum:
-            raise ConfigError(f"{key}={value} must be >= {minimum:g}")
+        if value is not None and not minimum <= value < math.inf:
+            raise ConfigError(f"{key}={value} must be a finite number >= {minimum:g}" if value == math.inf else
+                              f"{key}={value} must be >= {minimum:g}")
 
 
 def check_output_dir(key: str, path: str | None) -> str | None:
@@ -113,10 +115,11 @@ def check_output_dir(key: str, path: str | None) -> str | None:
 
 
 def check_positive(**values: float | None) -> None:
-    """Raise ConfigError naming the first key whose value is not > 0, NaN included (None: unset, allowed)."""
+    """Raise ConfigError naming the first key whose value is not > 0, or infinite, or NaN (None: unset, allowed)."""
     for key, value in values.items():
-        if value is not None and not value > 0:
-            raise ConfigError(f"{key}={value} must be > 0")
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"{key}={value} must be a finite number > 0" if value == math.inf else
+                              f"{key}={value} must be > 0")
 
 
 def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: str = "") -> T:

@@ -290,6 +290,20 @@ BAD_VALUES = [
     ("model/ldm/tiny", ["autoencoder_path=x", "val_guidance_scale=nan"], r"'model\.val_guidance_scale': nan is not"),
     ("model/autoencoder/kl_tiny", ["loss.disc_weight=nan"], r"'model\.loss\.disc_weight': nan is not a number"),
     ("model/ldm/tiny", ["autoencoder_path=x", "betas=[0.9,nan]"], r"'model\.betas\[1\]': nan is not a number"),
+    # infinity passed the range checks too: lr=inf diverged at step 5, logit_mean=inf trained at t=999 alone (loss 0)
+    ("model/ldm/tiny", ["autoencoder_path=x", "lr=inf"], r"^model\.lr=inf must be a finite number > 0"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "weight_decay=inf"], r"^model\.weight_decay=inf must be a finite"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "diffusion.offset_noise=inf"],
+     r"^model\.diffusion\.offset_noise=inf must be a finite number >= 0"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "diffusion.timestep_sampling=logit_normal", "diffusion.logit_mean=inf"],
+     r"^model\.diffusion\.logit_mean=inf must be a finite number"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "diffusion.offset_noise=-0.1"],  # named min_snr_gamma first
+     r"^model\.diffusion\.offset_noise=-0\.1 must be >= 0$"),
+    # settings that apply to another choice were ignored silently
+    ("model/ldm/tiny", ["autoencoder_path=x", "diffusion.logit_mean=1.0"],
+     r"^model\.diffusion\.logit_mean=1\.0 / logit_std=1\.0 apply to timestep_sampling=logit_normal"),
+    ("model/ldm/tiny", ["autoencoder_path=x", "lr_decay_steps=100"],
+     r"^model\.lr_decay_steps=100 applies to lr_schedule=wsd .* for lr_schedule=constant"),
 ]
 
 

@@ -175,6 +175,29 @@ def test_decaying_lr_schedule_needs_a_known_last_step():
     assert lr_scheduler(optimizer, "constant", 0, float("inf")).get_last_lr() == [1e-3]
 
 
+def test_a_step_the_nan_guard_skips_leaves_the_ema_alone(tmp_path: Path, autoencoder_dir: Path):
+    """The guard drops the gradients, so the optimizer changes nothing; the EMA was still pulled towards the unchanged
+    weights and its warmup count advanced."""
+    from scale_helpers import NanInjector
+
+    from ldm.callbacks.nan_guard import NanGuard
+
+    class EmaRecorder(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append((int(pl_module.ema.n_averaged), [p.clone() for p in pl_module.ema.module.parameters()]))
+
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, ema_decay=0.9))
+    recorder = EmaRecorder()
+    fit(module, tmp_path, steps=3, callbacks=[NanInjector(steps=[1]), NanGuard(), recorder])
+    (n0, ema0), (n1, ema1), (n2, ema2) = recorder.seen
+    assert (n0, n1, n2) == (1, 1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ema0, ema1))  # the skipped step 1
+    assert not all(torch.equal(a, b) for a, b in zip(ema1, ema2))
+
+
 def test_wsd_holds_the_lr_then_decays_linearly_over_the_last_steps():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, decay_steps=4)
@@ -186,6 +209,10 @@ def test_wsd_holds_the_lr_then_decays_linearly_over_the_last_steps():
     assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
     with pytest.raises(ConfigError, match=r"model.lr_decay_steps=0: .* between 1 and 8"):
         lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, decay_steps=0)
+    for schedule in ("wsd", "cosine", "linear"):  # "set it between 1 and -48" (wsd); the others never left warmup
+        with pytest.raises(ConfigError, match=rf"model\.warmup_steps=50 leaves no step of the 2 this run trains .* "
+                                              rf"for lr_schedule={schedule}'s decay"):
+            lr_scheduler(optimizer, schedule, warmup_steps=50, total_steps=2, decay_steps=1)
 
 
 def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ldm.config import ConfigError, check_choice
+from ldm.config import ConfigError, check_choice, check_min, check_positive
 from ldm.diffusion.parameterization import LOSS_WEIGHTINGS, PREDICTIONS, loss_weight, offset_noise, target
 from ldm.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -40,11 +41,16 @@ class DiffusionConfig:
         if self.prediction == "eps" and self.schedule.zero_terminal_snr:
             raise ConfigError("prediction=eps cannot be used with schedule.zero_terminal_snr=true: at SNR 0 the "
                               "noise carries no information about x0 (Lin et al. 2023); use prediction=v")
-        if self.logit_std <= 0:
-            raise ConfigError(f"logit_std={self.logit_std} must be > 0")
-        if self.min_snr_gamma <= 0 or self.offset_noise < 0:
-            raise ConfigError(f"min_snr_gamma={self.min_snr_gamma} must be > 0 and offset_noise={self.offset_noise} "
-                              f">= 0")
+        check_positive(logit_std=self.logit_std)
+        check_min(0, offset_noise=self.offset_noise)
+        if not math.isfinite(self.logit_mean):
+            raise ConfigError(f"logit_mean={self.logit_mean} must be a finite number")
+        if not self.min_snr_gamma > 0:  # inf: no clipping, the plain SNR weight
+            raise ConfigError(f"min_snr_gamma={self.min_snr_gamma} must be > 0")
+        if self.timestep_sampling != "logit_normal" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
+            raise ConfigError(f"logit_mean={self.logit_mean} / logit_std={self.logit_std} apply to "
+                              f"timestep_sampling=logit_normal; set it, or leave them out for "
+                              f"timestep_sampling={self.timestep_sampling}")
 
 
 def diffusion_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,

@@ -33,7 +33,7 @@ from ldm.io import absolute_if_local, atomic_write_text
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig
 from ldm.losses.lpips import MIN_SIZE as LPIPS_MIN_SIZE
 from ldm.modules.ema import make_ema
-from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
+from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler, stepped
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, checkpoint_latent_stats
 from ldm.seeding import step_generator
 
@@ -314,7 +314,7 @@ class AutoencoderModule(L.LightningModule):
         self.manual_backward(ae_loss)
         opt_ae.step()
         self.lr_schedulers()[0].step()
-        if self.ema is not None:
+        if self.ema is not None and stepped(opt_ae):  # not after a step the NaN guard skipped
             self.ema.update_parameters(self.autoencoder)
 
         # Discriminator step, on the same reconstructions (detached); off before disc_start.

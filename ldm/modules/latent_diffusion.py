@@ -32,7 +32,7 @@ from ldm.diffusion.objective import DiffusionConfig
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.io import absolute_if_local
 from ldm.modules.ema import make_ema, whole
-from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler
+from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_scheduler, stepped
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.pipeline import LatentDiffusionPipeline
@@ -429,10 +429,12 @@ class LatentDiffusionModule(L.LightningModule):
                            f"scale is wrong, set model.latent_scale={frozen['latent_scale'] / std:.5g} (1 / the std "
                            f"of these latents unscaled) and start again")
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # note: the EMA follows each optimizer step here rather than in on_train_batch_end, which Lightning calls after
         # the callbacks' (ModelCheckpoint's) batch-end hooks: a checkpoint would miss its own step's update.
+        if not stepped(optimizer):  # the NaN guard skipped it: the step changes nothing, the EMA included
+            return
         if self.ema is not None:
             with whole(self.pipeline.unet) as unet:  # under FSDP: gathered from the ranks' shards
                 self.ema.update_parameters(unet)

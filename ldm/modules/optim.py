@@ -28,11 +28,21 @@ def check_optimizer_config(config: Any) -> None:
         raise ConfigError(f"grad_clip={clip} must be > 0, or null for no clipping")
     check_min(0, weight_decay=getattr(config, "weight_decay", 0.0), warmup_steps=config.warmup_steps,
               lr_decay_steps=config.lr_decay_steps)
+    if config.lr_decay_steps and config.lr_schedule != "wsd":
+        raise ConfigError(f"lr_decay_steps={config.lr_decay_steps} applies to lr_schedule=wsd (the decay over the "
+                          f"last steps); set lr_schedule=wsd, or leave lr_decay_steps out for "
+                          f"lr_schedule={config.lr_schedule}")
     if len(config.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in config.betas):
         raise ConfigError(f"betas={config.betas} must hold two values in [0, 1)")
     decay = getattr(config, "ema_decay", None)
     if decay is not None and not 0.0 < decay < 1.0:
         raise ConfigError(f"ema_decay={decay} must lie in (0, 1) or be null")
+
+
+def stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step just taken had gradients to apply: False after a step the NaN guard skipped (it
+    drops every gradient), whose EMA update must be skipped too."""
+    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
 
 def fusable(params: list[torch.Tensor], precision: str = "32-true") -> bool:
@@ -134,6 +144,10 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: 
     if not math.isfinite(total_steps):
         raise ConfigError(f"model.lr_schedule={schedule} decays to 0 at the last step, which is unknown here: set "
                           f"trainer.max_steps, or model.lr_schedule=constant")
+    if warmup_steps >= total_steps:
+        raise ConfigError(f"model.warmup_steps={warmup_steps} leaves no step of the {int(total_steps)} this run "
+                          f"trains (trainer.max_steps or max_epochs) for lr_schedule={schedule}'s decay: lower "
+                          f"model.warmup_steps, or set model.lr_schedule=constant")
     if schedule == "wsd":
         if not 0 < decay_steps <= total_steps - warmup_steps:
             raise ConfigError(f"model.lr_decay_steps={decay_steps}: lr_schedule=wsd decays the LR over the last "
