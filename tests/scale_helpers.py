@@ -146,6 +146,8 @@ class StepRecorder(L.Callback):
                            batch_idx: int) -> None:
         record = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         record["weights"] = sum(p.detach().double().sum().item() for p in pl_module.parameters() if p.requires_grad)
+        if getattr(pl_module, "ema", None) is not None:
+            record["ema"] = sum(p.double().sum().item() for p in pl_module.ema.module.parameters())
         self.steps[trainer.global_step] = record
         self._write(trainer, pl_module)
 

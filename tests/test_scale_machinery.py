@@ -233,7 +233,7 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     message, and last.ckpt stays the one written at step 3 (none at step 6, a checkpoint step)."""
     out = tmp_path / "run"
     overrides = tiny_overrides(shapes_shards, out, max_steps=8, every=3) + [
-        "model.net.ch=16", "callbacks.nan_guard.max_consecutive=2", "model.loss.disc_start=0",
+        "model.net.ch=16", "callbacks.nan_guard.max_consecutive=2", "model.loss.disc_start=0", "model.ema_decay=0.9",
         "+callbacks.nan._target_=scale_helpers.NanInjector", "+callbacks.nan.steps=[1,4,5]",
         "+callbacks.recorder._target_=scale_helpers.StepRecorder", f"+callbacks.recorder.dirpath={out}/record",
     ]
@@ -245,6 +245,8 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     steps = _record(out)
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]           # key: global step after the batch
     assert steps[2]["weights"] == steps[1]["weights"]   # the NaN batch (step 1 -> 2) changed nothing
+    # the EMA included (at step 1 it equals the weights, its first update a copy: a pull towards them shows at 4 -> 5)
+    assert steps[5]["ema"] == steps[4]["ema"] != steps[3]["ema"]
     assert steps[3]["weights"] != steps[2]["weights"]   # the next one trains again
     assert steps[6]["weights"] == steps[4]["weights"]   # two skipped in a row, then stopped
     assert steps[6]["train/nan_skipped"] == 3
