@@ -135,8 +135,7 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         node = OmegaConf.to_container(node, resolve=True)
     node = {k: v for k, v in dict(node).items() if k != "_target_"}
     where = f"{prefix}." if prefix else ""
-    if (key := _nan_key(node)) is not None:  # every comparison with NaN is False: no range check would catch it
-        raise ConfigError(f"bad value for config key '{where}{key}': nan is not a number; give one")
+    refuse_nan(node, where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return _to_object(merged, where)
@@ -151,6 +150,13 @@ def to_dataclass(schema: type[T], node: DictConfig | dict | T | None, prefix: st
         raise ConfigError(f"bad value for config key '{key}': {err.msg.splitlines()[0]}") from None
     except ConfigError as err:
         raise ConfigError(_with_prefix(str(err), where)) from None
+
+
+def refuse_nan(node: dict[str, Any], where: str = "") -> None:
+    """ConfigError naming the first float NaN in a config container (nested keys, lists as key[i]): every comparison
+    with NaN is False, so no range check catches it."""
+    if (key := _nan_key(node)) is not None:
+        raise ConfigError(f"bad value for config key '{where}{key}': nan is not a number; give one")
 
 
 def _nan_key(value: Any, key: str = "") -> str | None:

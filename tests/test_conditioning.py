@@ -320,9 +320,11 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"layer=penultimate applies to kind=clip .* kind=byte reads its last layer"):
         build_conditioner({"kind": "byte", "layer": "penultimate"})  # was accepted and ignored
     for kind, key, value in (("byte", "num_classes", 10), ("none", "class_embed", "unet")):  # trained as kind says
-        message = rf"model\.conditioner\.{key}={value} applies to kind=class .*; set kind=class"
+        message = rf"model\.conditioner\.{key}={value} applies to kind=class .*; set model\.conditioner\.kind=class"
         with pytest.raises(ConfigError, match=message):
             build_conditioner({"kind": kind, key: value})
+        # a recorded config (a checkpoint's, an export's) that carries the key older code ignored still loads
+        assert build_conditioner({"kind": kind, key: value}, load_pretrained=False).kind == kind
     with pytest.raises(ConfigError, match="needs name_or_path"):
         build_conditioner({"kind": "hf"})
     with pytest.raises(ConfigError, match="pooled=true needs a text encoder"):

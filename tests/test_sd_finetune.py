@@ -159,7 +159,11 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
              # edit the replaced model.unet)
              (with_unet(tmp_path, "projection16", class_embed_type="projection",
                         projection_class_embeddings_input_dim=16),
-              r"projects a vector of width 16 .* pooled prompt vector is 48 wide")]
+              r"projects a vector of width 16 .* pooled prompt vector is 48 wide"),
+             # a class-conditional or unconditional model asked for: it became a CLIP text model silently
+             ({"init_from": str(tmp_path / "sd1"), "conditioner": {"kind": "class", "num_classes": 10}},
+              r"holds a text-to-image model, whose CLIP text encoder becomes model\.conditioner: "
+              r"model\.conditioner\.kind=class cannot apply")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)

@@ -314,6 +314,9 @@ def test_train_checks_the_config_as_the_command_does(shapes_shards, tmp_path):
         train(compose_train([*base, "seed=-1"]))
     with pytest.raises(configs.ConfigError, match="trainer.max_steps=0 trains nothing"):
         train(compose_train([*base, "trainer.max_steps=0"]))
+    # NaN in a node Hydra builds without a schema (a callback's FID guidance failed at its first evaluation)
+    with pytest.raises(configs.ConfigError, match=r"'callbacks\.nan_guard\.max_consecutive': nan is not a number"):
+        train(compose_train([*base, "callbacks.nan_guard.max_consecutive=nan"]))
     assert not (tmp_path / "run").exists()
 
 

@@ -70,9 +70,8 @@ class FIDCallback(StepBoundary):
         check_choice("callbacks.fid.feature_dim", feature_dim, INCEPTION_FEATURE_DIMS)
         check_min(1, **{"callbacks.fid.batch_size": batch_size})
         check_min(2, **{"callbacks.fid.reference_num_samples": reference_num_samples})
-        if num_steps < 1 or guidance_scale < 0:
-            raise ConfigError(f"callbacks.fid.num_steps={num_steps} must be >= 1 and callbacks.fid.guidance_scale="
-                              f"{guidance_scale} >= 0 (1.0: the conditional model alone)")
+        check_min(1, **{"callbacks.fid.num_steps": num_steps})
+        check_min(0, **{"callbacks.fid.guidance_scale": guidance_scale})  # 1.0: the conditional model alone
         check_seeds("callbacks.fid.seed", seed, num_samples)
         self.val_shards = val_shards
         self.every_n_steps = every_n_steps

@@ -53,6 +53,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from ldm import __version__
 from ldm import config as configs
@@ -658,6 +659,10 @@ def check_config(cfg: DictConfig) -> None:
     if not configs.is_int(seed) or not 0 <= seed < 2**32:
         raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
     check_top_level_keys(cfg)
+    try:  # every node, the ones Hydra instantiates without a schema (callbacks, loggers, trainer) too
+        configs.refuse_nan(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException:
+        pass  # a missing value or a broken interpolation: the checks below name it
     check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")),
                   bool(cfg.get("channels_last")))
     check_nodes(cfg, ("data", "model"))

@@ -103,11 +103,6 @@ class ConditionerConfig:
             raise ConfigError(f"pooled=true needs a text encoder (kind clip, hf or byte), not kind={self.kind}")
         if self.kind == "class" and self.num_classes < 1:
             raise ConfigError(f"num_classes={self.num_classes} must be >= 1")
-        defaults = ConditionerConfig.__dataclass_fields__
-        for key in ("num_classes", "class_embed"):  # a class-conditional model meant, a text one silently trained
-            if self.kind != "class" and getattr(self, key) != defaults[key].default:
-                raise ConfigError(f"{key}={getattr(self, key)} applies to kind=class (class labels); set kind=class "
-                                  f"for a class-conditional model, or leave {key} out for kind={self.kind}")
 
 
 class Conditioner(nn.Module):
@@ -410,6 +405,15 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
     if c.tokenizer is not None and c.kind != "clip" and load_pretrained:  # checked where model.init_from has set kind
         raise ConfigError(f"{prefix}.tokenizer={c.tokenizer} applies to kind=clip (for a Stable Diffusion single "
                           f"file, which holds none); kind={c.kind} uses name_or_path's own: leave the tokenizer out")
+    # a class-conditional model meant, a text one trained silently: refused for a new build (load_pretrained), so
+    # that a recorded config (a checkpoint's, an export's) that carries the ignored key still loads
+    if load_pretrained and c.kind != "class":
+        defaults = ConditionerConfig.__dataclass_fields__
+        for key in ("num_classes", "class_embed"):
+            if getattr(c, key) != defaults[key].default:
+                raise ConfigError(f"{prefix}.{key}={getattr(c, key)} applies to kind=class (class labels); set "
+                                  f"{prefix}.kind=class for a class-conditional model, or leave {key} out for "
+                                  f"kind={c.kind}")
     if c.kind == "class":
         width = c.width if c.class_embed == "context" else None
         return ClassConditioner(c.num_classes, width, c.cond_drop_prob)

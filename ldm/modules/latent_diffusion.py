@@ -199,6 +199,10 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                        f"and single-file layouts keep a CLIP text encoder only): model.conditioner starts as new "
                        f"{what}, random, and the UNet learns its context anew; for a byte encoder pretrained apart, "
                        f"set model.conditioner.name_or_path to its export")
+    if parts.text_encoder is not None and conditioner.kind in ("class", "none"):
+        raise ConfigError(f"model.init_from={c.init_from} holds a text-to-image model, whose CLIP text encoder becomes "
+                          f"model.conditioner: model.conditioner.kind={conditioner.kind} cannot apply; leave "
+                          f"model.conditioner.kind (and num_classes, class_embed) out")
     if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
         # a UNet with a pooled-vector projection (class_embed_type: projection, as ldm-export writes
         # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on
