@@ -325,6 +325,9 @@ def test_config_errors_name_the_key():
             build_conditioner({"kind": kind, key: value})
         # a recorded config (a checkpoint's, an export's) that carries the key older code ignored still loads
         assert build_conditioner({"kind": kind, key: value}, load_pretrained=False).kind == kind
+    with pytest.raises(ConfigError, match=r"^text_encoder\.num_classes=10 applies to kind=class \(class labels\); "
+                                          r"leave num_classes out for kind=none$"):  # ldm-encode: kind=class is no
+        build_conditioner({"kind": "none", "num_classes": 10}, prefix="text_encoder")  # text encoder either
     with pytest.raises(ConfigError, match="needs name_or_path"):
         build_conditioner({"kind": "hf"})
     with pytest.raises(ConfigError, match="pooled=true needs a text encoder"):

@@ -198,6 +198,24 @@ def test_a_step_the_nan_guard_skips_leaves_the_ema_alone(tmp_path: Path, autoenc
     assert not all(torch.equal(a, b) for a, b in zip(ema1, ema2))
 
 
+def test_settings_a_new_model_would_ignore_are_refused_but_a_recorded_config_loads(tmp_path: Path,
+                                                                                    autoencoder_dir: Path):
+    """logit_mean / logit_std without logit-normal timesteps: refused for a new model, while a checkpoint of older
+    code that recorded them (ignored then) still loads, for sampling and export too."""
+    recorded = {"timestep_sampling": "uniform", "logit_mean": 0.5}
+    with pytest.raises(ConfigError, match=r"model\.diffusion\.logit_mean=0\.5 / logit_std=1\.0 apply to "
+                                          r"timestep_sampling=logit_normal"):
+        LatentDiffusionModule(tiny_config(autoencoder_dir, diffusion=recorded))
+    trainer = fit(LatentDiffusionModule(tiny_config(autoencoder_dir)), tmp_path, steps=1)
+    path = tmp_path / "older.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["diffusion"].update(recorded)  # as older code wrote it
+    torch.save(checkpoint, path)
+    assert LatentDiffusionModule.load_from_checkpoint(path, weights_only=True).config.diffusion.logit_mean == 0.5
+    assert LatentDiffusionPipeline.from_pretrained(path).schedule is not None
+
+
 def test_wsd_holds_the_lr_then_decays_linearly_over_the_last_steps():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, decay_steps=4)
@@ -209,10 +227,19 @@ def test_wsd_holds_the_lr_then_decays_linearly_over_the_last_steps():
     assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
     with pytest.raises(ConfigError, match=r"model.lr_decay_steps=0: .* between 1 and 8"):
         lr_scheduler(optimizer, "wsd", warmup_steps=2, total_steps=10, decay_steps=0)
-    for schedule in ("wsd", "cosine", "linear"):  # "set it between 1 and -48" (wsd); the others never left warmup
-        with pytest.raises(ConfigError, match=rf"model\.warmup_steps=50 leaves no step of the 2 this run trains .* "
-                                              rf"for lr_schedule={schedule}'s decay"):
-            lr_scheduler(optimizer, schedule, warmup_steps=50, total_steps=2, decay_steps=1)
+    # warmup beyond the run: wsd has nothing to decay over ("set it between 1 and -48"), the others never leave the
+    # warmup (said; debug=fast_dev_run and debug=limit run so)
+    with pytest.raises(ConfigError, match=r"model\.warmup_steps=50 outlasts the 2 steps this run trains .* a debug "
+                                          r"preset's limit\): lr_schedule=wsd has no step left to decay over"):
+        lr_scheduler(optimizer, "wsd", warmup_steps=50, total_steps=2, decay_steps=1)
+    for schedule in ("cosine", "linear"):
+        with pytest.warns(UserWarning, match=rf"lr_schedule={schedule} never leaves its warmup"):
+            lr_scheduler(optimizer, schedule, warmup_steps=50, total_steps=2)
+    # lr_decay_steps with another schedule was ignored silently; refused where a run trains, as a recorded config
+    # (a checkpoint's) loads as it was
+    with pytest.raises(ConfigError, match=r"model\.lr_decay_steps=100 applies to lr_schedule=wsd .* for "
+                                          r"lr_schedule=constant"):
+        lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1000, decay_steps=100)
 
 
 def test_autoencoder_runs_in_fp32_under_bf16_autocast(autoencoder_dir: Path):

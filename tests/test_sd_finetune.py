@@ -163,7 +163,9 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
              # a class-conditional or unconditional model asked for: it became a CLIP text model silently
              ({"init_from": str(tmp_path / "sd1"), "conditioner": {"kind": "class", "num_classes": 10}},
               r"holds a text-to-image model, whose CLIP text encoder becomes model\.conditioner: "
-              r"model\.conditioner\.kind=class cannot apply")]
+              r"model\.conditioner\.kind=class cannot apply"),
+             ({"init_from": str(tmp_path / "sd1"), "conditioner": {"num_classes": 10}},
+              r"model\.conditioner\.num_classes=10 cannot apply; leave model\.conditioner\.kind")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)

@@ -315,8 +315,10 @@ def test_train_checks_the_config_as_the_command_does(shapes_shards, tmp_path):
     with pytest.raises(configs.ConfigError, match="trainer.max_steps=0 trains nothing"):
         train(compose_train([*base, "trainer.max_steps=0"]))
     # NaN in a node Hydra builds without a schema (a callback's FID guidance failed at its first evaluation)
-    with pytest.raises(configs.ConfigError, match=r"'callbacks\.nan_guard\.max_consecutive': nan is not a number"):
-        train(compose_train([*base, "callbacks.nan_guard.max_consecutive=nan"]))
+    with pytest.raises(configs.ConfigError, match=r"'callbacks\.checkpoint\.every_n_train_steps': nan is not a "):
+        train(compose_train([*base, "callbacks.checkpoint.every_n_train_steps=nan"]))
+    with pytest.raises(configs.ConfigError, match=r"trainer\.gradient_clip_val=inf must be a finite number >= 0"):
+        train(compose_train([*base, "trainer.gradient_clip_val=inf"]))  # failed at the first step, naming no key
     assert not (tmp_path / "run").exists()
 
 

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import re
 import shlex
@@ -524,8 +525,9 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
             kind = "an integer" if types == (int,) else "a number"
             raise ConfigError(f"trainer.{key}={value!r} must be {kind} (got {type(value).__name__}); "
                               f"e.g. trainer.{key}={max(int(minimum or 0), 1)}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"trainer.{key}={value} must be >= {minimum:g}")
+        if minimum is not None and not minimum <= value < math.inf:  # NaN too
+            finite = "" if value < minimum else "a finite number "
+            raise ConfigError(f"trainer.{key}={value} must be {finite}>= {minimum:g}")
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
     on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())

@@ -10,6 +10,7 @@ from ldm.conditioning.conditioner import (
     NullConditioner,
     TextConditioner,
     build_conditioner,
+    class_settings,
     text_encoder_config,
 )
 from ldm.conditioning.dropout import drop_labels, drop_mask, drop_prompts
@@ -18,6 +19,6 @@ from ldm.conditioning.text import CLIPTextEncoder, HFTextEncoder, load_pretraine
 
 __all__ = [
     "ByteTextEncoder", "CLIPTextEncoder", "ClassConditioner", "ClassEmbedder", "Conditioner", "ConditionerConfig",
-    "EncodedText", "HFTextEncoder", "NullConditioner", "TextConditioner", "build_conditioner", "drop_labels",
-    "drop_mask", "drop_prompts", "load_pretrained", "text_encoder_config",
+    "EncodedText", "HFTextEncoder", "NullConditioner", "TextConditioner", "build_conditioner", "class_settings",
+    "drop_labels", "drop_mask", "drop_prompts", "load_pretrained", "text_encoder_config",
 ]

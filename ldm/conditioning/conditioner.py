@@ -387,6 +387,13 @@ def is_stable_diffusion(name_or_path: str | None) -> bool:
     return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES)
 
 
+def class_settings(config: ConditionerConfig) -> dict[str, Any]:
+    """The class-label keys (num_classes, class_embed) `config` sets to other than their defaults."""
+    defaults = ConditionerConfig.__dataclass_fields__
+    return {key: getattr(config, key) for key in ("num_classes", "class_embed")
+            if getattr(config, key) != defaults[key].default}
+
+
 def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
                       prefix: str = "model.conditioner", load_pretrained: bool = True,
                       text_encoder_config: dict[str, Any] | None = None) -> Conditioner:
@@ -407,13 +414,11 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
                           f"file, which holds none); kind={c.kind} uses name_or_path's own: leave the tokenizer out")
     # a class-conditional model meant, a text one trained silently: refused for a new build (load_pretrained), so
     # that a recorded config (a checkpoint's, an export's) that carries the ignored key still loads
-    if load_pretrained and c.kind != "class":
-        defaults = ConditionerConfig.__dataclass_fields__
-        for key in ("num_classes", "class_embed"):
-            if getattr(c, key) != defaults[key].default:
-                raise ConfigError(f"{prefix}.{key}={getattr(c, key)} applies to kind=class (class labels); set "
-                                  f"{prefix}.kind=class for a class-conditional model, or leave {key} out for "
-                                  f"kind={c.kind}")
+    if load_pretrained and c.kind != "class" and (given := class_settings(c)):
+        key, value = next(iter(given.items()))
+        instead = f"set {prefix}.kind=class for a class-conditional model, or " if prefix.startswith("model.") else ""
+        raise ConfigError(f"{prefix}.{key}={value} applies to kind=class (class labels); {instead}leave {key} out "
+                          f"for kind={c.kind}")
     if c.kind == "class":
         width = c.width if c.class_embed == "context" else None
         return ClassConditioner(c.num_classes, width, c.cond_drop_prob)

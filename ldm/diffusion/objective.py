@@ -47,10 +47,15 @@ class DiffusionConfig:
             raise ConfigError(f"logit_mean={self.logit_mean} must be a finite number")
         if not self.min_snr_gamma > 0:  # inf: no clipping, the plain SNR weight
             raise ConfigError(f"min_snr_gamma={self.min_snr_gamma} must be > 0")
-        if self.timestep_sampling != "logit_normal" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
-            raise ConfigError(f"logit_mean={self.logit_mean} / logit_std={self.logit_std} apply to "
-                              f"timestep_sampling=logit_normal; set it, or leave them out for "
-                              f"timestep_sampling={self.timestep_sampling}")
+
+
+def check_ignored_settings(config: DiffusionConfig, prefix: str = "model.diffusion") -> None:
+    """Refuse, for a new model, settings its choices would ignore: logit_mean / logit_std without logit-normal
+    timesteps. (Not in `__post_init__`: a recorded config, a checkpoint's or an export's, loads as it was.)"""
+    if config.timestep_sampling != "logit_normal" and (config.logit_mean, config.logit_std) != (0.0, 1.0):
+        raise ConfigError(f"{prefix}.logit_mean={config.logit_mean} / logit_std={config.logit_std} apply to "
+                          f"timestep_sampling=logit_normal; set it, or leave them out for "
+                          f"timestep_sampling={config.timestep_sampling}")
 
 
 def diffusion_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,

@@ -23,12 +23,12 @@ from torch.distributed.fsdp.wrap import wrap
 
 from ldm.callbacks.checkpoint import stopped_without_export
 from ldm.checkpoints import MissingCheckpointError, upgrade_layout
-from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, text_encoder_config
+from ldm.conditioning import ConditionerConfig, TextConditioner, build_conditioner, class_settings, text_encoder_config
 from ldm.config import ConfigError, asdict, batch_entry, check_choice, check_min, check_required, to_dataclass
 from ldm.convert import load_autoencoder_any
 from ldm.data.shardlist import absolute_spec
 from ldm.diffusion import SAMPLERS
-from ldm.diffusion.objective import DiffusionConfig
+from ldm.diffusion.objective import DiffusionConfig, check_ignored_settings
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.io import absolute_if_local
 from ldm.modules.ema import make_ema, whole
@@ -199,10 +199,12 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                        f"and single-file layouts keep a CLIP text encoder only): model.conditioner starts as new "
                        f"{what}, random, and the UNet learns its context anew; for a byte encoder pretrained apart, "
                        f"set model.conditioner.name_or_path to its export")
-    if parts.text_encoder is not None and conditioner.kind in ("class", "none"):
+    if parts.text_encoder is not None and (conditioner.kind in ("class", "none") or class_settings(conditioner)):
+        given = f"kind={conditioner.kind}" if conditioner.kind in ("class", "none") else \
+            ", ".join(f"{k}={v}" for k, v in class_settings(conditioner).items())
         raise ConfigError(f"model.init_from={c.init_from} holds a text-to-image model, whose CLIP text encoder becomes "
-                          f"model.conditioner: model.conditioner.kind={conditioner.kind} cannot apply; leave "
-                          f"model.conditioner.kind (and num_classes, class_embed) out")
+                          f"model.conditioner: model.conditioner.{given} cannot apply; leave model.conditioner.kind "
+                          f"(and num_classes, class_embed) out")
     if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
         # a UNet with a pooled-vector projection (class_embed_type: projection, as ldm-export writes
         # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on
@@ -250,6 +252,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.autoencoder_loaded = not restoring  # read from its path (not rebuilt empty for a checkpoint's weights)
         pretrained = None
         if not restoring:
+            check_ignored_settings(config.diffusion)
             config = with_absolute_paths(config)
             if config.init_from:
                 pretrained, config = adopt_pretrained(config)

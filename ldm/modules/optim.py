@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler, get_wsd_schedule
 
 from ldm.config import ConfigError, check_choice, check_min, check_positive
@@ -24,14 +25,11 @@ def check_optimizer_config(config: Any) -> None:
     check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     check_positive(lr=config.lr, disc_lr=getattr(config, "disc_lr", None))
     clip = getattr(config, "grad_clip", None)
-    if clip is not None and not clip > 0:
-        raise ConfigError(f"grad_clip={clip} must be > 0, or null for no clipping")
+    if clip is not None and not 0 < clip < math.inf:
+        finite = "a finite number " if clip == math.inf else ""
+        raise ConfigError(f"grad_clip={clip} must be {finite}> 0, or null for no clipping")
     check_min(0, weight_decay=getattr(config, "weight_decay", 0.0), warmup_steps=config.warmup_steps,
               lr_decay_steps=config.lr_decay_steps)
-    if config.lr_decay_steps and config.lr_schedule != "wsd":
-        raise ConfigError(f"lr_decay_steps={config.lr_decay_steps} applies to lr_schedule=wsd (the decay over the "
-                          f"last steps); set lr_schedule=wsd, or leave lr_decay_steps out for "
-                          f"lr_schedule={config.lr_schedule}")
     if len(config.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in config.betas):
         raise ConfigError(f"betas={config.betas} must hold two values in [0, 1)")
     decay = getattr(config, "ema_decay", None)
@@ -139,15 +137,22 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: 
     """transformers' schedules: linear warmup from 0 over `warmup_steps` optimizer steps, then `schedule`: constant,
     a cosine or linear decay to 0 at `total_steps` (the trainer's `estimated_stepping_batches`), or wsd
     (warmup-stable-decay: constant, then a linear decay to 0 over the last `decay_steps`)."""
+    if decay_steps and schedule != "wsd":  # (here, where a run trains: a recorded config loads as it was)
+        raise ConfigError(f"model.lr_decay_steps={decay_steps} applies to lr_schedule=wsd (the decay over the last "
+                          f"steps); set model.lr_schedule=wsd, or leave model.lr_decay_steps out for "
+                          f"lr_schedule={schedule}")
     if schedule == "constant":
         return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
     if not math.isfinite(total_steps):
         raise ConfigError(f"model.lr_schedule={schedule} decays to 0 at the last step, which is unknown here: set "
                           f"trainer.max_steps, or model.lr_schedule=constant")
     if warmup_steps >= total_steps:
-        raise ConfigError(f"model.warmup_steps={warmup_steps} leaves no step of the {int(total_steps)} this run "
-                          f"trains (trainer.max_steps or max_epochs) for lr_schedule={schedule}'s decay: lower "
-                          f"model.warmup_steps, or set model.lr_schedule=constant")
+        steps = (f"model.warmup_steps={warmup_steps} outlasts the {int(total_steps)} steps this run trains "
+                 f"(trainer.max_steps or max_epochs, or a debug preset's limit)")
+        if schedule == "wsd":
+            raise ConfigError(f"{steps}: lr_schedule=wsd has no step left to decay over; lower model.warmup_steps, or "
+                              f"set model.lr_schedule=constant")
+        rank_zero_warn(f"{steps}: lr_schedule={schedule} never leaves its warmup, the rate never reaches model.lr")
     if schedule == "wsd":
         if not 0 < decay_steps <= total_steps - warmup_steps:
             raise ConfigError(f"model.lr_decay_steps={decay_steps}: lr_schedule=wsd decays the LR over the last "
