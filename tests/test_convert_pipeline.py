@@ -310,6 +310,7 @@ def test_a_text_unet_started_from_a_file_without_its_encoder_on_a_new_byte_encod
     """ldm-export's diffusers / single-file output of a model that trained its byte encoder holds no text encoder;
     `model.init_from` of it with the default (new, random) byte encoder paired the trained UNet with random tokens,
     saying only "replaced model.unet"."""
+    from ldm.config import ConfigError
     from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.nn.unet import UNet, UNetConfig
 
@@ -325,3 +326,14 @@ def test_a_text_unet_started_from_a_file_without_its_encoder_on_a_new_byte_encod
     with pytest.warns(UserWarning, match=r"starts as new class embeddings, random"):  # (the same for them)
         LatentDiffusionModule({"init_from": str(path), "conditioner": {"kind": "class", "num_classes": 3, "width": 32},
                                "ema_decay": None})
+    # UNets without cross-attention: the hint named a CLIP "of hidden size None", or model.unet keys init_from replaces
+    for context_free, want in ((dict(num_classes=3), r"model\.conditioner\.kind=class model\.conditioner\.class_embed"
+                                                     r"=unet model\.conditioner\.num_classes=3$"),
+                               ({}, r"\(context_dim=None, num_classes=None, pooled_dim=None\) does not take what "
+                                    r"model\.conditioner \(kind=byte\) gives .*: set model\.conditioner\.kind=none$")):
+        other = UNet(UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[],
+                                mid_attention=False, context_dim=None, norm_groups=8, **context_free))
+        path = save_single_file(tmp_path / f"free{len(context_free)}.safetensors", other, vae, 0.8, ScheduleConfig(),
+                                "eps")
+        with pytest.raises(ConfigError, match=want):
+            LatentDiffusionModule({"init_from": str(path), "conditioner": conditioner, "ema_decay": None})

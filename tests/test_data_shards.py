@@ -532,11 +532,21 @@ def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path
     (root / "n03" / "IMG_0001.HEIC").write_bytes(b"not read")
     (root / "n03" / ".Trash").mkdir()
     Image.new("RGB", (16, 16)).save(root / "n03" / ".Trash" / "0.png")
+    # a class folder of HEIC files alone, which ldm-data does not read: it keeps its index (n04 was class 3 or 4
+    # depending on whether n035's files were converted yet: a model sampled by the other numbering drew other classes)
+    (root / "n035").mkdir()
+    (root / "n035" / "IMG_0002.HEIC").write_bytes(b"not read")
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(root / "n04.png")
+    (root / "n04").mkdir()
+    (root / "n04.png").rename(root / "n04" / "0.png")
     summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"),
                              "labels": "folders", "val_samples": 2, "resolution": 16})
-    assert summary["classes"] == ["n01", "n02", "n03"] and len(summary["missing_captions"]) == 9
+    assert summary["classes"] == ["n01", "n02", "n03", "n035", "n04"] and len(summary["missing_captions"]) == 10
     assert [(entry["path"], entry["reason"].split(" ")[0]) for entry in summary["skipped"]] == [
-        ("__MACOSX", "hidden"), ("n01/._0.png", "hidden"), ("n03/.Trash", "hidden"), ("n03/IMG_0001.HEIC", ".HEIC")]
+        ("__MACOSX", "hidden"), ("n01/._0.png", "hidden"), ("n03/.Trash", "hidden"), ("n03/IMG_0001.HEIC", ".HEIC"),
+        ("n035/IMG_0002.HEIC", ".HEIC")]
+    shutil.rmtree(root / "n035")
+    shutil.rmtree(root / "n04")
     shutil.rmtree(root / "__MACOSX")
     shutil.rmtree(root / "n03" / ".Trash")
     (root / "n01" / "._0.png").unlink()
@@ -546,7 +556,7 @@ def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path
             for s in samples}
     assert meta == {**{f"{folder}/{'deeper/' if i else ''}{i}.png": (label, "")
                        for label, folder in enumerate(("n01", "n02", "n03")) for i in range(3)},
-                    "n02/UPPER.JPEG": (1, "an upper-case caption")}
+                    "n02/UPPER.JPEG": (1, "an upper-case caption"), "n04/0.png": (4, "")}
     # a link to a class folder that sorts before it: the link is the duplicate, the folder keeps its name and label
     # (the folder was left out as "a link to a directory already listed", its class named after the link: every
     # label shifted)

@@ -535,7 +535,14 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
             raise ConfigError(f"labels=folders: {len(loose)} images lie in input_dir itself, outside any class "
                               f"subfolder (e.g. {loose[:3]}); move them into their class's folder, or out of "
                               f"input_dir")
-        classes = sorted({p.relative_to(input_dir).parts[0] for p in images})
+        # every visible subfolder is a class, whether or not its files can be read: the indices must not shift when a
+        # folder's images are converted or repaired later (a model trained on one numbering, sampled by another)
+        used = {p.relative_to(input_dir).parts[0] for p in images}
+        left_out = {entry["path"] for entry in skipped}  # hidden folders, links to a folder already listed...
+        classes = sorted(used | {d.name for d in input_dir.iterdir() if d.is_dir() and d.name not in left_out})
+        if empty := [name for name in classes if name not in used]:
+            log.warning("labels=folders: class folders %s hold no image ldm-data reads (extensions %s); their "
+                        "indices are kept, with no samples", empty[:5], sorted(IMAGE_EXTENSIONS))
     if cfg.val_samples >= len(images):
         raise ConfigError(f"val_samples={cfg.val_samples} leaves no training images out of {len(images)}")
     return FolderPlan(input_dir, images, captions, skipped, missing, classes)

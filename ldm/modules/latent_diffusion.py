@@ -150,6 +150,19 @@ def with_absolute_paths(config: Config) -> Config:
                                init_from=absolute_if_local(c.init_from), conditioner=conditioner)
 
 
+def conditioner_for(unet: UNetConfig) -> str:
+    """The model.conditioner settings that give an imported UNet without its text encoder what it takes."""
+    if unet.context_dim is None:
+        return (f"model.conditioner.kind=class model.conditioner.class_embed=unet "
+                f"model.conditioner.num_classes={unet.num_classes}" if unet.num_classes is not None else
+                "model.conditioner.kind=none")
+    width = unet.context_dim
+    pooled = " with model.conditioner.pooled=true" if unet.pooled_dim is not None else ""
+    return (f"model.conditioner.kind=class model.conditioner.width={width} (class labels as one context token), or a "
+            f"text encoder {width} wide{pooled} (kind=byte with model.conditioner.width={width} and name_or_path its "
+            f"export, or kind=clip with a CLIP of hidden size {width} as name_or_path)")
+
+
 def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     """Read the Stable Diffusion model `config.init_from` names and return it with the config its layout implies:
     its UNet config, schedule and prediction type, and a frozen (unless `conditioner.trainable`) CLIP text encoder
@@ -274,12 +287,13 @@ class LatentDiffusionModule(L.LightningModule):
         else:
             conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring,
                                             text_encoder_config=frozen.get("text_encoder_config"))
-            if pretrained is not None and conditioner.context_dim != config.unet.context_dim:
-                raise ConfigError(f"model.init_from={config.init_from} holds no text encoder, and model.conditioner "
-                                  f"(kind={config.conditioner.kind}) gives a context of width "
-                                  f"{conditioner.context_dim} where its UNet takes {config.unet.context_dim}: set "
-                                  f"model.conditioner to an encoder of that width (e.g. kind=clip with a CLIP of "
-                                  f"hidden size {config.unet.context_dim} as name_or_path)")
+            keys = ("context_dim", "num_classes", "pooled_dim")
+            if pretrained is not None and any(getattr(conditioner, k) != getattr(config.unet, k) for k in keys):
+                takes = ", ".join(f"{k}={getattr(config.unet, k)}" for k in keys)
+                gives = ", ".join(f"{k}={getattr(conditioner, k)}" for k in keys)
+                raise ConfigError(f"model.init_from={config.init_from} holds no text encoder, and its UNet ({takes}) "
+                                  f"does not take what model.conditioner (kind={config.conditioner.kind}) gives "
+                                  f"({gives}): set {conditioner_for(config.unet)}")
         if not restoring:  # a checkpoint rebuilds a CLIP / hf encoder from this config, its weights from the state
             frozen["text_encoder_config"] = text_encoder_config(conditioner)  # dict, not from name_or_path
         self.config = config
