@@ -412,6 +412,10 @@ def test_pretrained_byte_encoder_loads_frozen_and_checks_the_config(tmp_path):
     tuned = build_conditioner({**config, "trainable": True}).train()
     assert tuned.trainable and tuned.encoder.training and all(p.requires_grad for p in tuned.parameters())
 
+    with pytest.raises(ConfigError, match=r"model\.conditioner\.width=64 model\.conditioner\.num_layers=2 but .* has "
+                                          r"width=32, num_layers=1; set model\.conditioner\.width=32 "
+                                          r"model\.conditioner\.num_layers=1$"):  # at once, not one a start
+        build_conditioner({**config, "width": 64, "num_layers": 2})
     with pytest.raises(ConfigError, match=r"model\.conditioner\.width=64 but .* has width=32; set "
                                           r"model\.conditioner\.width=32"):
         build_conditioner({**config, "width": 64})

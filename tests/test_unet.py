@@ -227,6 +227,10 @@ def test_forward_input_checks():
         got = re.escape(str(tuple(t.shape)))
         with pytest.raises(ValueError, match=rf"t must be a scalar, \(1,\) or \(B=2,\).*got {got}"):
             model(kwargs["x"], t, kwargs["context"])
+    labelled = UNet(dataclasses.replace(TINY, num_classes=5))
+    for labels in (torch.tensor([0.0, 1.0]), [0, 1]):  # torch's "Expected tensor for argument #1 'indices'", or an
+        with pytest.raises(ValueError, match=r"class_labels must be an integer tensor \(B,\)"):  # AttributeError
+            labelled(**kwargs, class_labels=labels)
     with torch.no_grad():  # one timestep for the batch, as a scalar or diffusers' (1,)
         each = model(kwargs["x"], torch.tensor([5, 5]), kwargs["context"])
         assert torch.equal(model(kwargs["x"], 5, kwargs["context"]), each)

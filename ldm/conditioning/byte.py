@@ -167,12 +167,15 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                               f"{kind_key}=byte is the default); {other}")
         config_dict, state = read_export(path, config_key)
         config = export_config(path, config_dict, ByteEncoderConfig, config_key)
-        if expected is not None:
+        if expected is not None:  # every difference at once (one a run took four starts to find)
             prefix = config_key.rpartition(".")[0]
-            for key in ("width", "num_layers", "num_heads", "max_length"):
-                if getattr(expected, key) != getattr(config, key):
-                    raise ConfigError(f"{prefix}.{key}={getattr(expected, key)} but the byte encoder in {path} has "
-                                      f"{key}={getattr(config, key)}; set {prefix}.{key}={getattr(config, key)}")
+            keys = [k for k in ("width", "num_layers", "num_heads", "max_length")
+                    if getattr(expected, k) != getattr(config, k)]
+            if keys:
+                ours = " ".join(f"{prefix}.{k}={getattr(expected, k)}" for k in keys)
+                has = ", ".join(f"{k}={getattr(config, k)}" for k in keys)
+                theirs = " ".join(f"{prefix}.{k}={getattr(config, k)}" for k in keys)
+                raise ConfigError(f"{ours} but the byte encoder in {path} has {has}; set {theirs}")
         encoder = cls(**asdict(config), trainable=trainable)
         encoder.load_state_dict(state)
         return encoder

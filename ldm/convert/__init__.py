@@ -8,7 +8,7 @@ Three layouts, for the UNet, the KL autoencoder and the CLIP text encoder, with 
       `ScheduleConfig` + prediction, and a transformers `CLIPTextModel` (what `CLIPTextEncoder` wraps).
 
 Import:
-    parts = load_components(path, tokenizer_path=None, prediction=None)   # -> SDComponents
+    parts = load_components(path, tokenizer_path=None, prediction=None, use_ema=False)   # -> SDComponents
         path: a diffusers pipeline folder, a diffusers unet/ or vae/ folder, or a single file. parts.unet_config,
         parts.unet_state, parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale, parts.schedule,
         parts.prediction, parts.text_encoder, parts.tokenizer, parts.clip_layer, parts.source;
@@ -18,10 +18,10 @@ Import:
 
 Export:
     save_diffusers(out_dir, unet, autoencoder, latent_scale, schedule, prediction, text_encoder=None,
-                   tokenizer=None, clip_layer=None, overwrite=False)
+                   tokenizer=None, clip_layer=None, overwrite=False, force_upcast=True, image_size=None)
     save_single_file(path, unet, autoencoder, latent_scale, schedule, prediction, text_encoder=None,
-                     clip_layer=None, overwrite=False)
-    save_diffusers_vae(out_dir, autoencoder, latent_scale, overwrite=False)     # AutoencoderKL.from_pretrained
+                     clip_layer=None, overwrite=False, image_size=None)
+    save_diffusers_vae(out_dir, autoencoder, latent_scale, overwrite=False, force_upcast=True)  # diffusers' class
     save_single_file_vae(path, autoencoder, latent_scale, overwrite=False)     # a stand-alone VAE file
 
 Lower level, one network at a time: `unet_config_from_diffusers` / `unet_config_to_diffusers`,

@@ -173,7 +173,7 @@ class Downsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Denoising UNet: `unet(x, t, context, class_labels)` predicts eps, v or x0 (the parameterization is the
+    """Denoising UNet: `unet(x, t, context, class_labels, pooled)` predicts eps, v or x0 (the parameterization is the
     diffusion code's business) with the shape of x.
 
     Args:
@@ -329,6 +329,11 @@ class UNet(nn.Module):
                                  f"got {tuple(context.shape)}")
         if c.num_classes is None and class_labels is not None:
             raise ValueError("class_labels given but the UNet is not class-conditional (num_classes=None)")
+        if class_labels is not None and (not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point()
+                                         or class_labels.is_complex() or class_labels.dtype == torch.bool):
+            raise ValueError(f"class_labels must be an integer tensor (B,), e.g. torch.tensor([3, 7]); got "
+                             f"{type(class_labels).__name__}"
+                             f"{f' of {class_labels.dtype}' if isinstance(class_labels, torch.Tensor) else ''}")
         if c.num_classes is not None and (class_labels is None or class_labels.shape != (x.shape[0],)):
             raise ValueError(f"class_labels (B={x.shape[0]},) in [0, {c.num_classes}] are required "
                              f"(num_classes={c.num_classes}; {c.num_classes} is the null class); got "
