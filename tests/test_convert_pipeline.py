@@ -327,13 +327,20 @@ def test_a_text_unet_started_from_a_file_without_its_encoder_on_a_new_byte_encod
         LatentDiffusionModule({"init_from": str(path), "conditioner": {"kind": "class", "num_classes": 3, "width": 32},
                                "ema_decay": None})
     # UNets without cross-attention: the hint named a CLIP "of hidden size None", or model.unet keys init_from replaces
-    for context_free, want in ((dict(num_classes=3), r"model\.conditioner\.kind=class model\.conditioner\.class_embed"
+    # (and a class conditioner for a pooled-prompt UNet was told to set what it had; labels with a context: no kind)
+    cases = ((dict(num_classes=3, context_dim=None), r"model\.conditioner\.kind=class model\.conditioner\.class_embed"
                                                      r"=unet model\.conditioner\.num_classes=3$"),
-                               ({}, r"\(context_dim=None, num_classes=None, pooled_dim=None\) does not take what "
-                                    r"model\.conditioner \(kind=byte\) gives .*: set model\.conditioner\.kind=none$")):
-        other = UNet(UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[],
-                                mid_attention=False, context_dim=None, norm_groups=8, **context_free))
-        path = save_single_file(tmp_path / f"free{len(context_free)}.safetensors", other, vae, 0.8, ScheduleConfig(),
-                                "eps")
+             (dict(context_dim=None), r"\(context_dim=None, num_classes=None, pooled_dim=None\) does not take what "
+                                      r"model\.conditioner \(kind=byte\) gives .*: set model\.conditioner\.kind=none$"),
+             (dict(context_dim=32, pooled_dim=32, attention_levels=[1], mid_attention=True, num_heads=2),
+              r"set a text encoder 32 wide .* with model\.conditioner\.pooled=true$"),
+             (dict(context_dim=32, num_classes=3, attention_levels=[1], mid_attention=True, num_heads=2),
+              r"no kind of model\.conditioner gives both a context 32 wide and class labels"))
+    for i, (layout, want) in enumerate(cases):
+        other = UNet(UNetConfig(**{**dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, norm_groups=8,
+                                          attention_levels=[], mid_attention=False), **layout}))
+        path = save_single_file(tmp_path / f"other{i}.safetensors", other, vae, 0.8, ScheduleConfig(), "eps")
         with pytest.raises(ConfigError, match=want):
-            LatentDiffusionModule({"init_from": str(path), "conditioner": conditioner, "ema_decay": None})
+            LatentDiffusionModule({"init_from": str(path), "ema_decay": None,
+                                   "conditioner": {"kind": "class", "num_classes": 3, "width": 32} if i >= 2 else
+                                   conditioner})

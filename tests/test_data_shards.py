@@ -515,6 +515,23 @@ def test_folder_validation_is_a_random_draw_of_decodable_images(tmp_path: Path):
                        "val_samples": 24, "resolution": 16})
 
 
+def test_rewriting_class_shards_that_number_the_classes_otherwise_is_warned(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture):
+    root = tmp_path / "in"
+    for folder in ("a", "c"):
+        (root / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / folder / f"{i}.png")
+    config = {"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"), "labels": "folders",
+              "val_samples": 1, "resolution": 8}
+    assert write_dataset(config)["classes"] == ["a", "c"]
+    shutil.copytree(root / "a", root / "b")
+    with caplog.at_level("WARNING"):
+        assert write_dataset({**config, "overwrite": True})["classes"] == ["a", "b", "c"]
+    assert "number the classes otherwise than the ones they replace (2 classes, then 3; moved: {'c': (1, 2)}" \
+        in caplog.text
+
+
 def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path):
     """`labels=folders` labels each image by its top-level subfolder (ImageNet's layout; the folder source wrote no
     label, so a class-conditional model could not train on its shards); a KEY.TXT sidecar was not found."""
@@ -539,9 +556,16 @@ def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path
     Image.new("RGB", (16, 16), (9, 9, 9)).save(root / "n04.png")
     (root / "n04").mkdir()
     (root / "n04.png").rename(root / "n04" / "0.png")
+    (root / "a_notes").mkdir()  # a folder of other files is no class (nor the shards written inside input_dir)
+    (root / "a_notes" / "readme.txt").write_text("about the classes")
     summary = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"),
                              "labels": "folders", "val_samples": 2, "resolution": 16})
     assert summary["classes"] == ["n01", "n02", "n03", "n035", "n04"] and len(summary["missing_captions"]) == 10
+    inside = write_dataset({"source": "folder", "input_dir": str(root), "output_dir": str(root / "shards"),
+                            "labels": "folders", "val_samples": 2, "resolution": 16})
+    assert inside["classes"] == summary["classes"]
+    shutil.rmtree(root / "a_notes")
+    shutil.rmtree(root / "shards")
     assert [(entry["path"], entry["reason"].split(" ")[0]) for entry in summary["skipped"]] == [
         ("__MACOSX", "hidden"), ("n01/._0.png", "hidden"), ("n03/.Trash", "hidden"), ("n03/IMG_0001.HEIC", ".HEIC"),
         ("n035/IMG_0002.HEIC", ".HEIC")]

@@ -175,7 +175,7 @@ def test_fid_settings_are_checked_before_training(tmp_path: Path, shapes_shards:
               "feature_extractor_weights_path": str(random_inception_weights(tmp_path / "inc.pt"))}
     with pytest.raises(ConfigError, match=r"callbacks\.fid\.sampler"):
         FIDCallback(**common, sampler="nope")
-    with pytest.raises(ConfigError, match=r"callbacks\.fid\.guidance_scale=-1\.0 >= 0"):
+    with pytest.raises(ConfigError, match=r"callbacks\.fid\.guidance_scale=-1\.0 must be >= 0"):
         FIDCallback(**common, guidance_scale=-1.0)
     for key, value, message in (("batch_size", 0, r"batch_size=0 must be >= 1"),  # failed at the first evaluation
                                 # the validation interval's fraction of an epoch: FID at every step

@@ -319,6 +319,8 @@ def test_train_checks_the_config_as_the_command_does(shapes_shards, tmp_path):
         train(compose_train([*base, "callbacks.checkpoint.every_n_train_steps=nan"]))
     with pytest.raises(configs.ConfigError, match=r"trainer\.gradient_clip_val=inf must be a finite number >= 0"):
         train(compose_train([*base, "trainer.gradient_clip_val=inf"]))  # failed at the first step, naming no key
+    with pytest.raises(configs.ConfigError, match=r"model\.lr_decay_steps=100 applies to lr_schedule=wsd"):
+        train(compose_train([*base, "model.lr_decay_steps=100"]))  # ignored silently, then refused at fit start
     assert not (tmp_path / "run").exists()
 
 

@@ -231,6 +231,10 @@ def test_forward_input_checks():
     for labels in (torch.tensor([0.0, 1.0]), [0, 1]):  # torch's "Expected tensor for argument #1 'indices'", or an
         with pytest.raises(ValueError, match=r"class_labels must be an integer tensor \(B,\)"):  # AttributeError
             labelled(**kwargs, class_labels=labels)
+    with torch.no_grad():  # any integer dtype, as torch's embedding takes int32 / int64 alone
+        want = labelled(**kwargs, class_labels=torch.tensor([1, 4]))
+        assert all(torch.equal(labelled(**kwargs, class_labels=torch.tensor([1, 4], dtype=dtype)), want)
+                   for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32))
     with torch.no_grad():  # one timestep for the batch, as a scalar or diffusers' (1,)
         each = model(kwargs["x"], torch.tensor([5, 5]), kwargs["context"])
         assert torch.equal(model(kwargs["x"], 5, kwargs["context"]), each)

@@ -666,6 +666,11 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg.get("trainer"), (cfg.get("model") or {}).get("_target_"), bool(cfg.get("compile")),
                   bool(cfg.get("channels_last")))
     check_nodes(cfg, ("data", "model"))
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and "lr_decay_steps" in model:  # the modules take it where they train
+        from ldm.modules.optim import check_decay_steps
+
+        check_decay_steps(model.get("lr_schedule", "constant"), model.lr_decay_steps)
     check_components(cfg)
     if is_multirun():  # each job runs in hydra.sweep.dir/N
         key, parent, where = "hydra.sweep.dir", "multirun/", Path(HydraConfig.get().runtime.output_dir).parent

@@ -535,14 +535,17 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
             raise ConfigError(f"labels=folders: {len(loose)} images lie in input_dir itself, outside any class "
                               f"subfolder (e.g. {loose[:3]}); move them into their class's folder, or out of "
                               f"input_dir")
-        # every visible subfolder is a class, whether or not its files can be read: the indices must not shift when a
-        # folder's images are converted or repaired later (a model trained on one numbering, sampled by another)
+        # a class is a top-level folder that holds images, also ones ldm-data does not read (HEIC...), or that could
+        # not be read: the indices must not shift when its files are converted or become readable later (a model
+        # trained on one numbering, sampled by another). Folders of other files (notes, shards written there) are none.
         used = {p.relative_to(input_dir).parts[0] for p in images}
-        left_out = {entry["path"] for entry in skipped}  # hidden folders, links to a folder already listed...
-        classes = sorted(used | {d.name for d in input_dir.iterdir() if d.is_dir() and d.name not in left_out})
+        unread = {Path(e["path"]).parts[0] for e in skipped if Path(e["path"]).suffix.lower() in OTHER_IMAGE_EXTENSIONS
+                  or (e["reason"].startswith("unreadable directory") and len(Path(e["path"]).parts) >= 1
+                      and e["path"] != ".")}
+        classes = sorted(used | unread)
         if empty := [name for name in classes if name not in used]:
-            log.warning("labels=folders: class folders %s hold no image ldm-data reads (extensions %s); their "
-                        "indices are kept, with no samples", empty[:5], sorted(IMAGE_EXTENSIONS))
+            log.warning("labels=folders: class folders %s hold no image ldm-data reads (extensions %s), or could not "
+                        "be read; their indices are kept, with no samples", empty[:5], sorted(IMAGE_EXTENSIONS))
     if cfg.val_samples >= len(images):
         raise ConfigError(f"val_samples={cfg.val_samples} leaves no training images out of {len(images)}")
     return FolderPlan(input_dir, images, captions, skipped, missing, classes)
@@ -596,6 +599,23 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
             output_dir.rmdir()
 
 
+def _warn_renumbered(output_dir: Path, written: dict[str, Any]) -> None:
+    """Warn when the shards about to replace those in `output_dir` number the classes otherwise than its summary.json
+    says they did: a model trained on the old labels would read other classes (or skip them, out of range)."""
+    try:
+        old = json.loads((output_dir / SUMMARY_NAME).read_text(encoding="utf-8")).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return
+    new = written.get("classes")
+    if isinstance(old, list) and new is not None and old != new:
+        moved = {name: (old.index(name), new.index(name)) for name in old if name in new
+                 and old.index(name) != new.index(name)}
+        log.warning("labels=folders: these shards number the classes otherwise than the ones they replace (%d "
+                    "classes, then %d; moved: %s; gone: %s): a model trained on the old shards reads other classes "
+                    "from them", len(old), len(new), dict(list(moved.items())[:5]),
+                    [name for name in old if name not in new][:5])
+
+
 def _write_into(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
     """`write_shards`' work in `output_dir`, which this run holds."""
     existing = sorted(p.name for p in output_dir.glob("*.tar"))
@@ -618,6 +638,7 @@ def _write_into(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
                     f"no training image of input_dir={cfg.input_dir} could be read (e.g. {reasons})")
             raise ConfigError(what + "; nothing was written" +
                               (", and the shards there were left as they were" if existing else ""))
+        _warn_renumbered(output_dir, written)
         for name in existing:
             (output_dir / name).unlink()
         (output_dir / SUMMARY_NAME).unlink(missing_ok=True)  # it described the shards just removed

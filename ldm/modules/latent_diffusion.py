@@ -151,16 +151,21 @@ def with_absolute_paths(config: Config) -> Config:
 
 
 def conditioner_for(unet: UNetConfig) -> str:
-    """The model.conditioner settings that give an imported UNet without its text encoder what it takes."""
+    """What to set so that model.conditioner gives an imported UNet without its text encoder what it takes."""
     if unet.context_dim is None:
-        return (f"model.conditioner.kind=class model.conditioner.class_embed=unet "
+        return (f"set model.conditioner.kind=class model.conditioner.class_embed=unet "
                 f"model.conditioner.num_classes={unet.num_classes}" if unet.num_classes is not None else
-                "model.conditioner.kind=none")
+                "set model.conditioner.kind=none")
     width = unet.context_dim
-    pooled = " with model.conditioner.pooled=true" if unet.pooled_dim is not None else ""
-    return (f"model.conditioner.kind=class model.conditioner.width={width} (class labels as one context token), or a "
-            f"text encoder {width} wide{pooled} (kind=byte with model.conditioner.width={width} and name_or_path its "
-            f"export, or kind=clip with a CLIP of hidden size {width} as name_or_path)")
+    if unet.num_classes is not None or unet.pooled_dim not in (None, width):
+        also = "class labels" if unet.num_classes is not None else f"a pooled vector {unet.pooled_dim} wide"
+        return f"no kind of model.conditioner gives both a context {width} wide and {also}: train it anew instead"
+    text = (f"a text encoder {width} wide (kind=byte with model.conditioner.width={width} and name_or_path its export, "
+            f"or kind=clip with a CLIP of hidden size {width} as name_or_path)")
+    if unet.pooled_dim is not None:
+        return f"set {text} with model.conditioner.pooled=true"
+    return (f"set model.conditioner.kind=class model.conditioner.width={width} (class labels as one context token), "
+            f"or {text}")
 
 
 def adopt_pretrained(config: Config) -> tuple[Any, Config]:
@@ -293,7 +298,7 @@ class LatentDiffusionModule(L.LightningModule):
                 gives = ", ".join(f"{k}={getattr(conditioner, k)}" for k in keys)
                 raise ConfigError(f"model.init_from={config.init_from} holds no text encoder, and its UNet ({takes}) "
                                   f"does not take what model.conditioner (kind={config.conditioner.kind}) gives "
-                                  f"({gives}): set {conditioner_for(config.unet)}")
+                                  f"({gives}): {conditioner_for(config.unet)}")
         if not restoring:  # a checkpoint rebuilds a CLIP / hf encoder from this config, its weights from the state
             frozen["text_encoder_config"] = text_encoder_config(conditioner)  # dict, not from name_or_path
         self.config = config

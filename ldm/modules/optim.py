@@ -132,15 +132,21 @@ def clip_gradients(module: L.LightningModule, optimizer: torch.optim.Optimizer, 
         torch.nn.utils.clip_grads_with_norm_(params, clip_val, norm)
 
 
+def check_decay_steps(schedule: str, decay_steps: int | None) -> None:
+    """Refuse lr_decay_steps with a schedule other than wsd, which ignores it. Where a run trains (`lr_scheduler`;
+    ldm-train at start): a recorded config, a checkpoint's, loads as it was."""
+    if decay_steps and schedule != "wsd":
+        raise ConfigError(f"model.lr_decay_steps={decay_steps} applies to lr_schedule=wsd (the decay over the last "
+                          f"steps); set model.lr_schedule=wsd, or leave model.lr_decay_steps out for "
+                          f"lr_schedule={schedule}")
+
+
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: float,
                  decay_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """transformers' schedules: linear warmup from 0 over `warmup_steps` optimizer steps, then `schedule`: constant,
     a cosine or linear decay to 0 at `total_steps` (the trainer's `estimated_stepping_batches`), or wsd
     (warmup-stable-decay: constant, then a linear decay to 0 over the last `decay_steps`)."""
-    if decay_steps and schedule != "wsd":  # (here, where a run trains: a recorded config loads as it was)
-        raise ConfigError(f"model.lr_decay_steps={decay_steps} applies to lr_schedule=wsd (the decay over the last "
-                          f"steps); set model.lr_schedule=wsd, or leave model.lr_decay_steps out for "
-                          f"lr_schedule={schedule}")
+    check_decay_steps(schedule, decay_steps)
     if schedule == "constant":
         return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
     if not math.isfinite(total_steps):
@@ -157,7 +163,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: 
         if not 0 < decay_steps <= total_steps - warmup_steps:
             raise ConfigError(f"model.lr_decay_steps={decay_steps}: lr_schedule=wsd decays the LR over the last "
                               f"lr_decay_steps steps; set it between 1 and {int(total_steps) - warmup_steps} (the "
-                              f"steps after warmup)")
+                              f"steps after warmup of the {int(total_steps)} this run trains: trainer.max_steps or "
+                              f"max_epochs, or a debug preset's limit)")
         return get_wsd_schedule(optimizer, num_warmup_steps=warmup_steps, num_decay_steps=decay_steps,
                                 num_training_steps=int(total_steps), decay_type="linear")
     return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=int(total_steps))

@@ -273,8 +273,9 @@ class UNet(nn.Module):
 
         # Embeddings.
         emb = self.time_embed(t)                                                # (B, 4 * model_channels)
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(class_labels)                          # (B, 4 * model_channels)
+        if self.label_embed is not None:  # (torch's embedding takes int32 / int64 indices alone)
+            labels = class_labels if class_labels.dtype in (torch.int32, torch.int64) else class_labels.long()
+            emb = emb + self.label_embed(labels)                                # (B, 4 * model_channels)
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(pooled.to(emb.dtype))                # (B, 4 * model_channels)
 
