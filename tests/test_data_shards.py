@@ -522,6 +522,7 @@ def test_rewriting_class_shards_that_number_the_classes_otherwise_is_warned(tmp_
         (root / folder).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (8, 8), (i, 0, 0)).save(root / folder / f"{i}.png")
+    (root / "stray.HEIC").write_bytes(b"not read")  # in input_dir itself: no class named after it
     config = {"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"), "labels": "folders",
               "val_samples": 1, "resolution": 8}
     assert write_dataset(config)["classes"] == ["a", "c"]

@@ -539,9 +539,9 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
         # not be read: the indices must not shift when its files are converted or become readable later (a model
         # trained on one numbering, sampled by another). Folders of other files (notes, shards written there) are none.
         used = {p.relative_to(input_dir).parts[0] for p in images}
-        unread = {Path(e["path"]).parts[0] for e in skipped if Path(e["path"]).suffix.lower() in OTHER_IMAGE_EXTENSIONS
-                  or (e["reason"].startswith("unreadable directory") and len(Path(e["path"]).parts) >= 1
-                      and e["path"] != ".")}
+        unread = {parts[0] for e in skipped if (parts := Path(e["path"]).parts) and e["path"] != "." and (
+            len(parts) > 1 and parts[-1].lower().endswith(OTHER_IMAGE_EXTENSIONS)  # inside a folder, not input_dir
+            or e["reason"].startswith("unreadable directory"))}
         classes = sorted(used | unread)
         if empty := [name for name in classes if name not in used]:
             log.warning("labels=folders: class folders %s hold no image ldm-data reads (extensions %s), or could not "
