@@ -109,9 +109,9 @@ def test_a_pipeline_export_gives_its_autoencoder_and_an_export_of_the_wrong_kind
     from scale_helpers import tiny_class_model_export
 
     classes = tiny_class_model_export(tmp_path / "classes")  # no cross-attention: format=diffusers refuses it
-    with pytest.raises(ConfigError, match=r"write it in that layout first: ldm-export ckpt_path=.*class_model "
-                                          r"format=single_file output_dir=DIR, then model\.init_from=DIR/"
-                                          r"model\.safetensors$"):
+    with pytest.raises(ConfigError, match=r"in a layout model\.init_from reads first: ldm-export "
+                                          r"ckpt_path=.*class_model format=single_file output_dir=DIR, then "
+                                          r"model\.init_from=DIR/model\.safetensors$"):
         load_components(classes, key="model.init_from")
     ByteTextEncoder(width=32, num_layers=1, num_heads=2, max_length=16).save_pretrained(tmp_path / "text")
     with pytest.raises(ConfigError, match=r"model\.autoencoder_path=.*text holds a byte text encoder export"):

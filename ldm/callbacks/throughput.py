@@ -13,9 +13,8 @@ model's FLOPs per sample are counted by torch's `FlopCounterMode` (what Lightnin
 backward of the real step, whatever the module computes, on the first training step of a fresh run and again on the
 second batch of each new kind of step (the autoencoder's discriminator joins at `disc_start`; a batch's kind is known
 once it has stepped, so its first batch is charged the previous kind's count, corrected when the new one is known;
-a run that stops on that batch keeps the previous kind's count for it).
-The counts are kept in
-checkpoints and a resumed run takes them from there: counting runs under a dispatch mode that changes convolution
+a run that stops on that batch keeps the previous kind's count for it). The counts are kept in checkpoints and a
+resumed run takes them from there: counting runs under a dispatch mode that changes convolution
 gradients in the last bits, so it must count the same batches as the run would have uninterrupted. Validation
 time is left out of training time, and so is work that callbacks wrap in `paused(trainer)` (the FID evaluation, image
 grids). Data wait is the time from the end of one training step (or of validation) to the start of the next (or of

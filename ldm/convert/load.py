@@ -204,16 +204,16 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
     if layout == "ours" or ours is not None:
         config = read_json_object(export_dir(path, key) / CONFIG_NAME, key) if layout == "ours" else {}
         what = export_kind(config) if config else f"a checkpoint of ldm-train's {ours.replace('_', ' ')} model"
-        source = pasteable({'ckpt_path': str(path)})
+        source = pasteable({"ckpt_path": str(path)})
         # a UNet without cross-attention (unconditional, or class labels in the UNet) has no diffusers layout
         unet = config.get("unet") if isinstance(config.get("unet"), dict) else {}
-        single = (f"ldm-export {source} format=single_file output_dir=DIR, then {key}=DIR/model.safetensors")
-        layout = single if "context_dim" in unet and unet["context_dim"] is None else \
+        single = f"ldm-export {source} format=single_file output_dir=DIR, then {key}=DIR/model.safetensors"
+        route = single if "context_dim" in unet and unet["context_dim"] is None else \
             f"ldm-export {source} format=diffusers output_dir=DIR, then {key}=DIR" + \
             ("" if config else f" (a UNet without cross-attention: {single})")
         export = (f"; to start from this latent diffusion model's UNet and autoencoder (and CLIP text encoder: "
-                  f"diffusers' layout holds no byte encoder or class embeddings), write it in that layout first: "
-                  f"{layout}" if config.get("format") == PIPELINE_FORMAT or ours == "latent_diffusion" else "")
+                  f"diffusers' layout holds no byte encoder or class embeddings), write it in a layout {key} reads "
+                  f"first: {route}" if config.get("format") == PIPELINE_FORMAT or ours == "latent_diffusion" else "")
         raise ConfigError(f"{key}={path} is {what}, not a Stable Diffusion checkpoint (a diffusers pipeline "
                           f"folder, a diffusers unet/ or vae/ folder, or a single file){export}")
     with _naming(key, path):
