@@ -335,7 +335,9 @@ def test_a_text_unet_started_from_a_file_without_its_encoder_on_a_new_byte_encod
              (dict(context_dim=32, pooled_dim=32, attention_levels=[1], mid_attention=True, num_heads=2),
               r"set a text encoder 32 wide .* with model\.conditioner\.pooled=true$"),
              (dict(context_dim=32, num_classes=3, attention_levels=[1], mid_attention=True, num_heads=2),
-              r"no kind of model\.conditioner gives both a context 32 wide and class labels"))
+              r"no kind of model\.conditioner gives both a context 32 wide and class labels"),
+             (dict(context_dim=None, pooled_dim=32), r"no kind of model\.conditioner gives a pooled vector 32 wide "
+                                                     r"without a context"))
     for i, (layout, want) in enumerate(cases):
         other = UNet(UNetConfig(**{**dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, norm_groups=8,
                                           attention_levels=[], mid_attention=False), **layout}))

@@ -523,14 +523,17 @@ def test_rewriting_class_shards_that_number_the_classes_otherwise_is_warned(tmp_
         for i in range(2):
             Image.new("RGB", (8, 8), (i, 0, 0)).save(root / folder / f"{i}.png")
     (root / "stray.HEIC").write_bytes(b"not read")  # in input_dir itself: no class named after it
+    (root / "bb").mkdir()  # images whose captions cannot be read: skipped, the class kept (c was renumbered when
+    Image.new("RGB", (8, 8)).save(root / "bb" / "0.png")  # they were re-saved as UTF-8)
+    (root / "bb" / "0.txt").write_bytes("caf\xe9".encode("latin-1"))
     config = {"source": "folder", "input_dir": str(root), "output_dir": str(tmp_path / "out"), "labels": "folders",
               "val_samples": 1, "resolution": 8}
-    assert write_dataset(config)["classes"] == ["a", "c"]
+    assert write_dataset(config)["classes"] == ["a", "bb", "c"]
     shutil.copytree(root / "a", root / "b")
     with caplog.at_level("WARNING"):
-        assert write_dataset({**config, "overwrite": True})["classes"] == ["a", "b", "c"]
-    assert "number the classes otherwise than the ones they replace (2 classes, then 3; moved: {'c': (1, 2)}" \
-        in caplog.text
+        assert write_dataset({**config, "overwrite": True})["classes"] == ["a", "b", "bb", "c"]
+    assert "number the classes otherwise than the ones they replace (3 classes, then 4; moved: {'bb': (1, 2), " \
+        "'c': (2, 3)}" in caplog.text
 
 
 def test_class_folders_give_labels_and_sidecars_match_in_any_case(tmp_path: Path):

@@ -540,7 +540,8 @@ def plan_folder(cfg: WriteConfig) -> FolderPlan:
         # trained on one numbering, sampled by another). Folders of other files (notes, shards written there) are none.
         used = {p.relative_to(input_dir).parts[0] for p in images}
         unread = {parts[0] for e in skipped if (parts := Path(e["path"]).parts) and e["path"] != "." and (
-            len(parts) > 1 and parts[-1].lower().endswith(OTHER_IMAGE_EXTENSIONS)  # inside a folder, not input_dir
+            len(parts) > 1 and parts[-1].lower().endswith(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS)
+            and not e["reason"].startswith("hidden")  # an image inside a folder skipped (caption, link, format)
             or e["reason"].startswith("unreadable directory"))}
         classes = sorted(used | unread)
         if empty := [name for name in classes if name not in used]:

@@ -152,6 +152,9 @@ def with_absolute_paths(config: Config) -> Config:
 
 def conditioner_for(unet: UNetConfig) -> str:
     """What to set so that model.conditioner gives an imported UNet without its text encoder what it takes."""
+    if unet.context_dim is None and unet.pooled_dim is not None:  # a pooled vector comes with a text context
+        return (f"no kind of model.conditioner gives a pooled vector {unet.pooled_dim} wide without a context: train "
+                f"it anew instead")
     if unet.context_dim is None:
         return (f"set model.conditioner.kind=class model.conditioner.class_embed=unet "
                 f"model.conditioner.num_classes={unet.num_classes}" if unet.num_classes is not None else
