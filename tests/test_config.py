@@ -366,7 +366,9 @@ def test_an_override_hydra_cannot_read_is_refused_with_one_that_reads():
     parser = OverridesParser.create()
     fixes = {"paths.output_dir=/Users/me/Données/run": ("paths.output_dir", "/Users/me/Données/run"),
              "paths.output_dir=~/runs": ("paths.output_dir", "~/runs"),
-             "data.train_shards=[/d/é/a.tar,/d/é/b.tar]": ("data.train_shards", ["/d/é/a.tar", "/d/é/b.tar"])}
+             "data.train_shards=[/d/é/a.tar,/d/é/b.tar]": ("data.train_shards", ["/d/é/a.tar", "/d/é/b.tar"]),
+             # spaces around the elements, which Hydra drops unquoted: the quoted form kept them (' /d/é/b.tar')
+             "data.train_shards=[/d/é/a.tar, /d/é/b.tar]": ("data.train_shards", ["/d/é/a.tar", "/d/é/b.tar"])}
     for arg, (key, value) in fixes.items():
         refusal = unparsable_override(["experiment=x", arg])
         assert refusal.startswith(f"{arg}: Hydra cannot read this override ("), refusal
@@ -384,3 +386,18 @@ def test_an_override_hydra_cannot_read_is_refused_with_one_that_reads():
                                 "b=range(1,3)", "c=choice(1,2)", "~d", "+e=", "++f=3", "g=", "h=${paths.root_dir}",
                                 "i='é ü'", "j=[1,2]", "k={a: 1}", "hydra/launcher=slurm", "hydra.verbose=true",
                                 "l=interval(0.1,1)", "m=tag(log,interval(1e-4,1e-2))", "n=glob(*)"]) is None
+
+
+def test_an_option_of_a_group_kept_in_subfolders_is_listed_and_a_repeated_key_named():
+    """model's options all lie in subfolders (autoencoder/kl_f8...), where Hydra's error lists none (model=kl_f8, the
+    experiment's name); a brace pattern the shell expanded gave data.train_shards several times, the last one kept."""
+    from ldm.cli.common import nested_group_option, repeated_keys
+
+    refusal = nested_group_option(["trainer=cpu", "model=kl_f8"])
+    assert refusal.startswith("model=kl_f8: the config group model has no option 'kl_f8'; choose one of [") and \
+        "'autoencoder/kl_f8'" in refusal and "'ldm/tiny'" in refusal
+    for fine in (["model=autoencoder/kl_f8"], ["experiment=kl_f88"], ["model=null"], ["model=a,b", "-m"],
+                 ["--config-dir", "/mine", "model=kl_f8"]):  # other groups: Hydra lists their options itself
+        assert nested_group_option(fine) is None, fine
+    assert repeated_keys(["data.train_shards=a-0.tar", "data.train_shards=a-1.tar", "seed=1", "--cfg", "job",
+                          "-cd", "x=1", "x=2"]) == ["data.train_shards"]  # (x=1: the folder flag's value)

@@ -351,6 +351,30 @@ def null_group_override(args: list[str], command: str) -> str | None:
     return None
 
 
+def nested_group_option(args: list[str]) -> str | None:
+    """The refusal of an option that a group whose options all lie in subfolders (`model`: autoencoder/kl_f8,
+    ldm/tiny...) does not have: Hydra's own error lists no options there (`model=kl_f8`, the experiment's name)."""
+    if any(arg in ("-cd", "--config-dir") or arg.startswith("--config-dir=") for arg in args):
+        return None  # options of the user's own config folder
+    for arg in args:
+        group, _, value = arg.lstrip("+").partition("=")
+        folder = Path(CONF_DIR, group)
+        if (not value or value == "null" or "/" in group or any(c in value for c in ",*[]()")
+                or not folder.is_dir() or any(folder.glob("*.yaml")) or (folder / f"{value}.yaml").is_file()):
+            continue
+        names = sorted(f.relative_to(folder).with_suffix("").as_posix() for f in folder.rglob("*.yaml"))
+        return f"{arg}: the config group {group} has no option {value!r}; choose one of {names}"
+    return None
+
+
+def repeated_keys(args: list[str]) -> list[str]:
+    """Keys given more than once on the command line, of which Hydra keeps the last: most often a brace pattern or a
+    glob the shell expanded into several overrides (`data.train_shards=train-{000000..000049}.tar`)."""
+    keys = [arg.lstrip("+~").partition("=")[0] for previous, arg in zip([None, *args], args)
+            if "=" in arg and not arg.startswith("-") and previous not in HYDRA_VALUE_FLAGS]
+    return sorted({key for key in keys if keys.count(key) > 1})
+
+
 # Hydra's flags that take the next argument as their value (`--config-dir DIR`), which is no override
 HYDRA_VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p",
                      "--package", "-i", "--info", "--experimental-rerun"}
@@ -374,7 +398,8 @@ def unparsable_override(args: list[str]) -> str | None:
             inner, listed = (value[1:-1], True) if value.startswith("[") and value.endswith("]") else (value, False)
             shown = ' (key="value", inside the shell\'s quotes)'
             if not any(c in inner for c in "[]{}()\"'\\"):  # a value, or a flat list or sweep of them (a nested
-                quoted = ",".join(map(hydra_quoted, inner.split(",")))  # or quoted form: no guess at its structure)
+                quoted = ",".join(hydra_quoted(e.strip()) for e in inner.split(","))  # or quoted form: no guess at
+                # its structure; Hydra drops the spaces around an unquoted element, the quotes would keep them)
                 fix = f"{key}=[{quoted}]" if listed else f"{key}={quoted}"
                 try:
                     parser.parse_override(fix)
@@ -402,10 +427,15 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                   f"repository in place (make install, or pip install -e .), or set LDM_CONF_DIR to a copy of its "
                   f"conf/", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        refused = null_group_override(sys.argv[1:], command) or unparsable_override(sys.argv[1:])
+        refused = null_group_override(sys.argv[1:], command) or nested_group_option(sys.argv[1:]) or \
+            unparsable_override(sys.argv[1:])
         if refused is not None:
             print(f"{name}: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        for key in repeated_keys(sys.argv[1:]):
+            print(f"{name}: warning: {key} is given more than once and Hydra keeps the last value; if the shell "
+                  f"expanded a brace pattern or a glob into several overrides, quote it: '{key}=\"...\"'",
+                  file=sys.stderr, flush=True)
         root = logging.getLogger()
         logged = (root.level, list(root.handlers))  # Hydra's job logging is not undone: put back (a notebook's
         try:  # next command logged into this run's train.log)

@@ -47,8 +47,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check_choice("format", self.format, FORMATS)
         if not self.ckpt_path:
-            raise ConfigError("ckpt_path is required: a latent diffusion checkpoint or export, e.g. "
-                              "ckpt_path=runs/ldm/export")
+            raise ConfigError("ckpt_path is required: a latent diffusion or autoencoder checkpoint, export or run "
+                              "directory, e.g. ckpt_path=runs/ldm/export")
         if not self.output_dir:
             raise ConfigError("output_dir is required, e.g. output_dir=exports/my_model")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
