@@ -400,4 +400,5 @@ def test_an_option_of_a_group_kept_in_subfolders_is_listed_and_a_repeated_key_na
                  ["--config-dir", "/mine", "model=kl_f8"]):  # other groups: Hydra lists their options itself
         assert nested_group_option(fine) is None, fine
     assert repeated_keys(["data.train_shards=a-0.tar", "data.train_shards=a-1.tar", "seed=1", "--cfg", "job",
+                          "data.batch_size=4", "data.batch_size=2",  # a script's default overridden: not named
                           "-cd", "x=1", "x=2"]) == ["data.train_shards"]  # (x=1: the folder flag's value)

@@ -368,11 +368,17 @@ def nested_group_option(args: list[str]) -> str | None:
 
 
 def repeated_keys(args: list[str]) -> list[str]:
-    """Keys given more than once on the command line, of which Hydra keeps the last: most often a brace pattern or a
-    glob the shell expanded into several overrides (`data.train_shards=train-{000000..000049}.tar`)."""
-    keys = [arg.lstrip("+~").partition("=")[0] for previous, arg in zip([None, *args], args)
-            if "=" in arg and not arg.startswith("-") and previous not in HYDRA_VALUE_FLAGS]
-    return sorted({key for key in keys if keys.count(key) > 1})
+    """Keys given more than once on the command line with different paths or names as values, of which Hydra keeps
+    the last: a brace pattern or a glob the shell expanded into several overrides
+    (`data.train_shards=train-{000000..000049}.tar`). (A number given again, a script's default overridden, is not
+    named.)"""
+    values: dict[str, set[str]] = {}
+    for previous, arg in zip([None, *args], args):
+        if "=" in arg and not arg.startswith("-") and previous not in HYDRA_VALUE_FLAGS:
+            key, _, value = arg.lstrip("+~").partition("=")
+            values.setdefault(key, set()).add(value)
+    return sorted(key for key, given in values.items()
+                  if len(given) > 1 and all("/" in v or "." in v.lstrip("0123456789.-+eE") for v in given))
 
 
 # Hydra's flags that take the next argument as their value (`--config-dir DIR`), which is no override
