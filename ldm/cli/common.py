@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -367,16 +367,22 @@ def nested_group_option(args: list[str]) -> str | None:
     return None
 
 
+def overrides(args: list[str]) -> Iterator[str]:
+    """The arguments that are overrides: `key=value`, not a flag nor a flag's value (`--config-dir /a=b`)."""
+    for previous, arg in zip([None, *args], args):
+        if "=" in arg and not arg.startswith("-") and previous not in HYDRA_VALUE_FLAGS:
+            yield arg
+
+
 def repeated_keys(args: list[str]) -> list[str]:
     """Keys given more than once on the command line with different paths or names as values, of which Hydra keeps
     the last: a brace pattern or a glob the shell expanded into several overrides
     (`data.train_shards=train-{000000..000049}.tar`). (A number given again, a script's default overridden, is not
     named.)"""
     values: dict[str, set[str]] = {}
-    for previous, arg in zip([None, *args], args):
-        if "=" in arg and not arg.startswith("-") and previous not in HYDRA_VALUE_FLAGS:
-            key, _, value = arg.lstrip("+~").partition("=")
-            values.setdefault(key, set()).add(value)
+    for arg in overrides(args):
+        key, _, value = arg.lstrip("+~").partition("=")
+        values.setdefault(key, set()).add(value)
     return sorted(key for key, given in values.items()
                   if len(given) > 1 and all("/" in v or "." in v.lstrip("0123456789.-+eE") for v in given))
 
@@ -393,9 +399,7 @@ def unparsable_override(args: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = None
-    for previous, arg in zip([None, *args], args):
-        if arg.startswith("-") or "=" not in arg or previous in HYDRA_VALUE_FLAGS:
-            continue
+    for arg in overrides(args):
         parser = parser or OverridesParser.create()
         try:
             parser.parse_override(arg)

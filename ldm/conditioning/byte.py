@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 from ldm.conditioning.frozen import FrozenMixin
-from ldm.config import ConfigError, check_min
+from ldm.config import SCHEMAS, ConfigError, check_min
 from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, run_target, save_export
 from ldm.nn.attention import TransformerBlock
 
 PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
 VOCAB_SIZE = 259
 # The run whose export holds a byte encoder, and the other runs' kinds, told by their config.yaml's model._target_.
-CONTRASTIVE_TARGET = "ldm.modules.contrastive.ContrastiveModule"
-RUN_KINDS = {"ldm.modules.autoencoder.AutoencoderModule": "an autoencoder (stage 1)",
-             "ldm.modules.latent_diffusion.LatentDiffusionModule": "a latent diffusion (stage 2)"}
+CONTRASTIVE_TARGET = SCHEMAS["model/contrastive"]
+RUN_KINDS = {SCHEMAS["model/autoencoder"]: "an autoencoder (stage 1)",
+             SCHEMAS["model/ldm"]: "a latent diffusion (stage 2)"}
 
 
 def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -422,6 +422,7 @@ class Evaluator:
                               f"{model.downsample_factor}; choose a multiple of it (its training resolution: "
                               f"{model.config.resolution})")
         from ldm.losses.lpips import MIN_SIZE as LPIPS_MIN_SIZE
+        from ldm.losses.lpips import build_lpips
 
         if "lpips" in cfg.reconstruction_metrics and resolution < LPIPS_MIN_SIZE:
             raise ConfigError(f"reconstruction_metrics holds lpips, which needs images of at least {LPIPS_MIN_SIZE} "
@@ -435,8 +436,6 @@ class Evaluator:
             reference = self.reference(shards, resolution, cfg.num_samples)
             protocol.update({"feature_extractor": inception.identity, **reference.protocol()})
         if "lpips" in cfg.reconstruction_metrics:
-            from ldm.losses.lpips import build_lpips
-
             with torch.random.fork_rng(devices=[]):  # a random backbone (smoke tests) is the same on every run
                 torch.manual_seed(cfg.seed)
                 lpips_net = build_lpips(cfg.lpips_pretrained_backbone, flag="lpips_pretrained_backbone")

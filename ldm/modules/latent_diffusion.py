@@ -220,9 +220,10 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                        f"and single-file layouts keep a CLIP text encoder only): model.conditioner starts as new "
                        f"{what}, random, and the UNet learns its context anew; for a byte encoder pretrained apart, "
                        f"set model.conditioner.name_or_path to its export")
-    if parts.text_encoder is not None and (conditioner.kind in ("class", "none") or class_settings(conditioner)):
+    settings = class_settings(conditioner)
+    if parts.text_encoder is not None and (conditioner.kind in ("class", "none") or settings):
         given = f"kind={conditioner.kind}" if conditioner.kind in ("class", "none") else \
-            ", ".join(f"{k}={v}" for k, v in class_settings(conditioner).items())
+            ", ".join(f"{k}={v}" for k, v in settings.items())
         raise ConfigError(f"model.init_from={c.init_from} holds a text-to-image model, whose CLIP text encoder becomes "
                           f"model.conditioner: model.conditioner.{given} cannot apply; leave model.conditioner.kind "
                           f"(and num_classes, class_embed) out")
