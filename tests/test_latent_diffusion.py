@@ -298,14 +298,20 @@ def test_log_images_returns_the_fixed_prompt_grid(autoencoder_dir: Path):
 
 def test_class_and_unconditional_grids_count_their_own_conditions(autoencoder_dir: Path):
     """A class model's grid took its size from val_prompts (the quickstart's 4): 7 labels gave 4 images, 2 labels no
-    grid at all; val_class_labels out of range or on a text model only warned at each validation."""
+    grid at all; val_class_labels out of range or on a text model only warned at each validation; val_prompts on a
+    model that reads no prompts was ignored without a word."""
     unet = {**tiny_config(autoencoder_dir)["unet"], "context_dim": None, "attention_levels": [], "num_classes": 7}
-    classes = {"unet": unet, "conditioner": {"kind": "class", "num_classes": 7, "class_embed": "unet"}}
+    classes = {"unet": unet, "conditioner": {"kind": "class", "num_classes": 7, "class_embed": "unet"},
+               "val_prompts": []}
+    with pytest.warns(UserWarning, match=r"model\.val_prompts is ignored: this model \(model\.conditioner\.kind="
+                                         r"class\) reads no prompts; its validation grids take model\.val_class_"):
+        LatentDiffusionModule(tiny_config(autoencoder_dir, **{**classes, "val_prompts": ["a red circle"]}))
     labelled = {**batch(4), "label": torch.tensor([3, 1, 4, 1])}
     for labels, expected in (([0, 1, 2, 3, 4, 5, 6], 7), ([0, 1], 2), (None, 4)):  # None: the batch's labels
         module = LatentDiffusionModule(tiny_config(autoencoder_dir, val_class_labels=labels, **classes)).eval()
         assert module.log_images(labelled)["samples"].shape == (expected, 3, 16, 16)
-    none = {"unet": {**unet, "num_classes": None}, "conditioner": {"kind": "none"}, "val_num_images": 3}
+    none = {"unet": {**unet, "num_classes": None}, "conditioner": {"kind": "none"}, "val_num_images": 3,
+            "val_prompts": []}
     assert LatentDiffusionModule(tiny_config(autoencoder_dir, **none)).eval().log_images(batch(4))["samples"].shape \
         == (3, 3, 16, 16)
     with pytest.raises(ConfigError, match=r"model\.val_class_labels=\[1, 9\]: give at least one label, each in "

@@ -305,6 +305,10 @@ class LatentDiffusionModule(L.LightningModule):
                                   f"({gives}): {conditioner_for(config.unet)}")
         if not restoring:  # a checkpoint rebuilds a CLIP / hf encoder from this config, its weights from the state
             frozen["text_encoder_config"] = text_encoder_config(conditioner)  # dict, not from name_or_path
+            if config.val_prompts and not conditioner.uses_prompts:
+                instead = "model.val_class_labels" if conditioner.reads_labels else "model.val_num_images"
+                rank_zero_warn(f"model.val_prompts is ignored: this model (model.conditioner.kind="
+                               f"{config.conditioner.kind}) reads no prompts; its validation grids take {instead}")
         self.config = config
         self.save_hyperparameters({"config": asdict(config), "frozen": frozen})
         unet = UNet(config.unet)
