@@ -22,7 +22,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from ldm.io import (
 from ldm.nn import eval_mode
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
-from ldm.seeding import StackedRandomGenerator
+from ldm.seeding import StackedRandomGenerator, keeps_global_rng
 
 
 class LatentDiffusionPipeline(nn.Module):
@@ -90,6 +90,7 @@ class LatentDiffusionPipeline(nn.Module):
         self.provenance: dict[str, Any] = {}   # where the weights came from: source, step, weights, val_shards
 
     @classmethod
+    @keeps_global_rng
     def from_config(cls, config: dict[str, Any], base_dir: Path | None = None,
                     text_encoder_config: dict[str, Any] | None = None) -> LatentDiffusionPipeline:
         """A pipeline with the architecture `config` (what `config()` returns) and untrained weights, for a state dict
@@ -148,6 +149,7 @@ class LatentDiffusionPipeline(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H / f, W / f), fp32."""
+        self.autoencoder.check_images(images)  # before the cast, which would take uint8 images of 0..255 unsaid
         with torch.autocast(images.device.type, enabled=False):
             posterior = self.autoencoder.encode(images.to(_dtype(self.autoencoder)))
             if posterior.mean.dtype != torch.float32:  # a half-precision autoencoder: its moments in fp32
@@ -221,8 +223,8 @@ class LatentDiffusionPipeline(nn.Module):
             negative_prompts: B prompts that guidance steers away from, in place of the empty prompt (text-conditioned
                 models; as diffusers' `negative_prompt`); None: the empty prompt.
         """
-        if isinstance(prompts, str) or isinstance(negative_prompts, str):
-            raise TypeError("prompts and negative_prompts are sequences, one per seed: [prompt] * len(seeds) for one")
+        prompts, negative_prompts, class_labels = (_per_seed(name, value) for name, value in (
+            ("prompts", prompts), ("negative_prompts", negative_prompts), ("class_labels", class_labels)))
         for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
             if texts is not None and not all(isinstance(t, str) for t in texts):
                 raise TypeError(f"{name} must be strings, got {[type(t).__name__ for t in texts]}")
@@ -271,7 +273,8 @@ class LatentDiffusionPipeline(nn.Module):
 
         model = guided_denoiser(unet, cond, unconditional if negative is None else negative, guidance_scale)
         denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
-        z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
+        with eval_mode(self.unet):  # no dropout: image b depends on seed b alone (a module in training too)
+            z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
         return self.decode(z)                                                       # (B, 3, H, W)
 
     def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
@@ -317,6 +320,7 @@ class LatentDiffusionPipeline(nn.Module):
         return tuple(f"conditioner.{prefix}" for prefix in self.conditioner.external_weights())
 
     @classmethod
+    @keeps_global_rng
     def from_pretrained(cls, path: str | Path, use_ema: bool = True, key: str = "ckpt_path",
                         ) -> LatentDiffusionPipeline:
         """A pipeline in eval mode on the CPU from an export directory, a run directory holding `export/`, or a
@@ -328,6 +332,8 @@ class LatentDiffusionPipeline(nn.Module):
                 exported with: false is refused for an export of EMA weights, naming the checkpoint to give instead).
             key: the config key that named `path`, for errors.
         """
+        if not isinstance(use_ema, bool):  # "false" would be true
+            raise TypeError(f"use_ema={use_ema!r} must be True or False")
         path = Path(path).expanduser()
         if path.is_dir():
             pipeline = cls._from_export(export_dir(path, key), key, use_ema)
@@ -409,17 +415,28 @@ class LatentDiffusionPipeline(nn.Module):
 
 
 
+def _per_seed(name: str, values: Any) -> Any:
+    """`values` (prompts, negative prompts or class labels: one per seed) as a list (a 1-D tensor as it is), or None;
+    a lone string or number is refused."""
+    if values is None or (torch.is_tensor(values) and values.ndim == 1):
+        return values
+    if isinstance(values, (str, bytes)) or torch.is_tensor(values) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}={values!r} must be a sequence, one per seed: [x] * len(seeds) for one")
+    return list(values)  # once: a generator is read here, not emptied by the checks
+
+
 def _seed_list(seeds: Any) -> list[int]:
-    """`seeds` as ints: integers of any kind (numpy's, integer tensors) in [-2**63, 2**63), a negative seed s being
-    s + 2**63 (`StackedRandomGenerator`); not floats (truncated), bools or a lone integer."""
+    """`seeds` as ints: integers of any kind (numpy's, integer tensors) in [0, 2**63) (`StackedRandomGenerator`
+    takes them modulo 2**63: a negative one would repeat another seed's images); not floats (truncated), bools or a
+    lone integer."""
     try:
         items = list(seeds)
         ints = [operator.index(s) for s in items]
     except TypeError:
         ints = None
     if ints is None or any(isinstance(s, bool) or str(getattr(s, "dtype", "")) in ("bool", "torch.bool")
-                           for s in items) or not all(-(1 << 63) <= s < 1 << 63 for s in ints):
-        raise TypeError(f"seeds={seeds!r} must be a sequence of integers in [-2**63, 2**63), one per image")
+                           for s in items) or not all(0 <= s < 1 << 63 for s in ints):
+        raise TypeError(f"seeds={seeds!r} must be a sequence of integers in [0, 2**63), one per image")
     return ints
 
 

@@ -7,9 +7,13 @@ generator per image seed (EDM2, `generate_images.py`), so an image depends on it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 
 def fold_seed(*values: int) -> int:
@@ -42,6 +46,17 @@ def check_seeds(key: str, seed: int, count: int) -> None:
     if not 0 <= seed <= last < 1 << 63:
         raise ConfigError(f"{key}={seed}: the seeds {seed}..{last} (one per image) must lie in [0, 2**63); choose "
                           f"{'a seed >= 0' if seed < 0 else 'a smaller seed'}")
+
+
+def keeps_global_rng(load: F) -> F:
+    """Decorator for a function that loads a model: torch's global generator is as it found it. (Building the model
+    initialises its weights at random before the saved ones replace them: a load would move a script's later draws,
+    and a training run's new layers would start from weights that depend on the loaded parts' architecture.)"""
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):  # models are built on the CPU
+            return load(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 class StackedRandomGenerator:

@@ -204,6 +204,12 @@ def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):
         assert not pipeline.training and not any(p.requires_grad for p in pipeline.parameters())
         images = [pipeline.generate(CAPTIONS, [5, 6], num_steps=2, guidance_scale=2.0) for _ in range(2)]
         assert torch.equal(*images)
+    # a pipeline in train mode (a module's, during training or after load_from_checkpoint) samples without dropout
+    # too, and is left in its mode (each call gave other images: 1.4 apart)
+    training = module.pipeline.train()
+    images = [training.generate(CAPTIONS, [5, 6], num_steps=2, guidance_scale=2.0) for _ in range(2)]
+    assert torch.equal(*images) and training.unet.training
+    assert torch.equal(images[0], module.pipeline.eval().generate(CAPTIONS, [5, 6], num_steps=2, guidance_scale=2.0))
 
     torch.manual_seed(0)
     AutoencoderKL(AutoencoderConfig(resolution=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8,
@@ -221,6 +227,36 @@ def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):
     assert not (tmp_path / "reused" / "latent_stats.json").exists()
 
 
+def test_loading_leaves_the_global_generator_and_images_in_the_wrong_form_are_named(trained):
+    """Loading a pipeline or an autoencoder built its networks with random weights first, drawing from torch's global
+    generator: a script's later draws depended on whether (and what) it loaded. uint8 images of 0..255 were encoded
+    as if in [-1, 1] (the pipeline cast them); channels-last ones were refused as a wrong size; latents of the wrong
+    shape failed deep in a convolution."""
+    module, ckpt, export = trained
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    pipeline = LatentDiffusionPipeline.from_pretrained(export)
+    LatentDiffusionPipeline.from_pretrained(ckpt)
+    load_autoencoder(export)
+    AutoencoderKL.from_pretrained(export)
+    assert torch.equal(torch.randn(3), expected)
+
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    for bad, message in [
+            (((images + 1) * 127.5).to(torch.uint8), r"got torch\.uint8 .* \(images of 0\.\.255: x / 127\.5 - 1\)"),
+            (images.permute(0, 2, 3, 1), r"shape \(2, 16, 16, 3\) \(channels last: x\.permute\(0, 3, 1, 2\)\)"),
+            (images[0], r"must be a floating-point \(B, 3, H, W\) tensor in \[-1, 1\]; got torch\.float32 of shape "
+                        r"\(3, 16, 16\)")]:
+        for encode in (pipeline.encode, pipeline.autoencoder.encode):
+            with pytest.raises(ValueError, match=message):
+                encode(bad)
+    z = pipeline.encode(images)
+    for bad in (z[:, :3], z[0]):
+        with pytest.raises(ValueError, match=r"latents must be \(B, embed_dim=4, h, w\); got shape"):
+            pipeline.decode(bad)
+
+
 def test_generate_validates_its_inputs(trained):
     _, ckpt, _ = trained
     pipeline = LatentDiffusionPipeline.from_pretrained(ckpt)
@@ -236,9 +272,12 @@ def test_generate_validates_its_inputs(trained):
         pipeline.generate(CAPTIONS, [0, 1], num_steps=2.5)
     # each failed deep inside (or ran: seed 0.9 was seed 0, -1 was 2**63 - 1, image_size=0 the default size, NaN
     # guidance NaN images), none naming the argument
-    for kwargs, message in [({"seeds": 0}, r"seeds=0 must be a sequence of integers in \[-2\*\*63, 2\*\*63\)"),
+    for kwargs, message in [({"seeds": 0}, r"seeds=0 must be a sequence of integers in \[0, 2\*\*63\)"),
                             ({"seeds": [0.9, 1]}, r"seeds=\[0\.9, 1\] must be a sequence of integers"),
                             ({"seeds": [True, False]}, "seeds="), ({"seeds": [2**63, 1]}, "seeds="),  # = seeds 0, 1
+                            ({"seeds": [-1, 1]}, "seeds="),  # = seeds 2**63 - 1, 1, as ldm-sample says
+                            ({"prompts": CAPTIONS[0]}, "must be a sequence, one per seed"),
+                            ({"class_labels": 1}, r"class_labels=1 must be a sequence"),  # len() of an int
                             ({"prompts": [1, 2]}, r"prompts must be strings, got \['int', 'int'\]"),
                             ({"guidance_scale": float("nan")}, "guidance_scale=nan must be a finite number"),
                             ({"guidance_scale": "5"}, "guidance_scale='5' must be a finite number"),
@@ -247,15 +286,18 @@ def test_generate_validates_its_inputs(trained):
             pipeline.generate(**{"prompts": CAPTIONS, "seeds": [0, 1], **kwargs})
     with pytest.raises(ConfigError, match="image_size=0 must be a positive multiple"):
         pipeline.generate(CAPTIONS, [0, 1], image_size=0)
-    # integers of any kind are seeds, negative ones too (reduced mod 2**63, as always)
-    expected = pipeline.generate(CAPTIONS, [-5, 1], num_steps=2)
-    for seeds in (np.array([-5, 1]), torch.tensor([-5, 1]), (-5, 1)):
+    # integers of any kind are seeds; prompts any iterable, read once (a generator was emptied by the checks)
+    expected = pipeline.generate(CAPTIONS, [5, 1], num_steps=2)
+    for seeds in (np.array([5, 1]), torch.tensor([5, 1]), (5, 1), iter([5, 1])):
         assert torch.equal(pipeline.generate(CAPTIONS, seeds, num_steps=2), expected)
+    assert torch.equal(pipeline.generate((c for c in CAPTIONS), [5, 1], num_steps=2), expected)
+    with pytest.raises(TypeError, match="use_ema='false' must be True or False"):  # a string was true: EMA weights
+        LatentDiffusionPipeline.from_pretrained(ckpt, use_ema="false")
     with pytest.raises(ValueError, match="1 prompts for 2 seeds"):
         pipeline.generate(CAPTIONS[:1], [0, 1])
     with pytest.raises(ValueError, match="image_size=10 must be a positive multiple of 4"):
         pipeline.generate(CAPTIONS, [0, 1], image_size=10)
-    with pytest.raises(TypeError, match="sequences, one per seed"):  # "ab" would have been the prompts "a", "b"
+    with pytest.raises(TypeError, match="sequence, one per seed"):  # "ab" would have been the prompts "a", "b"
         pipeline.generate("ab", [0, 1])
     with pytest.raises(ValueError, match="seeds is empty"):
         pipeline.generate([], [])
@@ -284,7 +326,8 @@ def test_guidance_below_one_and_prompts_cut_short_are_named(trained, tmp_path: P
         pipeline.generate(["x" * room, CAPTIONS[1]], [0, 1], num_steps=1)
         assert "longer than" not in caplog.text
         pipeline.generate(["x" * (room - 1) + "\u00e9 in red", CAPTIONS[1]], [0, 1], num_steps=1)
-    assert f"1 of the 2 prompts of this batch are longer than the text encoder's {room + 2} tokens" in caplog.text
+    assert f"1 of the 2 prompts of this batch are longer than the text encoder's {room + 2} tokens (its start and " \
+           "end tokens included)" in caplog.text
     assert "loses '\ufffd in red'" in caplog.text  # the second byte of the cut character, then the rest
     caplog.clear()
     with caplog.at_level("WARNING", logger="ldm.conditioning.conditioner"):  # said once (generate runs per batch)

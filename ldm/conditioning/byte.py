@@ -22,6 +22,7 @@ from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import SCHEMAS, ConfigError, check_min
 from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, run_target, save_export
 from ldm.nn.attention import TransformerBlock
+from ldm.seeding import keeps_global_rng
 
 PAD, BOS, EOS = 256, 257, 258  # ids after the 256 byte values
 VOCAB_SIZE = 259
@@ -129,6 +130,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
         return save_export(directory, asdict(self.config), self)
 
     @classmethod
+    @keeps_global_rng
     def from_pretrained(cls, path: str | Path, trainable: bool = False, expected: ByteEncoderConfig | None = None,
                         config_key: str = "model.conditioner.name_or_path") -> ByteTextEncoder:
         """Load an encoder written by `save_pretrained`: its directory, or a run directory whose `export/` holds one.

@@ -242,10 +242,10 @@ class TextConditioner(Conditioner):
             cut = [(prompt, dropped) for prompt in dict.fromkeys(prompts) if (dropped := self.encoder.cut(prompt))]
             if cut:
                 prompt, dropped = cut[0]
-                log.warning("%d of the %d prompts of this batch are longer than the text encoder's %d tokens and "
-                            "lose their end, e.g. %r loses %r (said once: later batches' prompts are cut alike, "
-                            "unsaid)", len(cut), len(dict.fromkeys(prompts)), self.encoder.max_length, prompt[:80],
-                            dropped[:80])
+                log.warning("%d of the %d prompts of this batch are longer than the text encoder's %d tokens (its "
+                            "start and end tokens included) and lose their end, e.g. %r loses %r (said once: later "
+                            "batches' prompts are cut alike, unsaid)", len(cut), len(dict.fromkeys(prompts)),
+                            self.encoder.max_length, prompt[:80], dropped[:80])
                 self.cut_reported = True
         return list(prompts)
 

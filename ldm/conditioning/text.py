@@ -21,6 +21,7 @@ from ldm.checkpoints import pickle_refusal
 from ldm.conditioning.byte import masked_mean
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_choice
+from ldm.seeding import keeps_global_rng
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -38,6 +39,7 @@ def tokenizer_cut(tokenizer: Any, prompt: str, max_length: int) -> str:
     return tokenizer.decode(ids[max_length - 1:-1]) if len(ids) > max_length else ""
 
 
+@keeps_global_rng
 def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(name_or_path)`: from a local directory, then the cache, then (when online) the hub.
 

@@ -32,6 +32,7 @@ from ldm.convert.single_file import load_single_file, read_single_file_autoencod
 from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, export_kind, read_json_object
 from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.nn.unet import UNetConfig
+from ldm.seeding import keeps_global_rng
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -239,6 +240,7 @@ def _naming(key: str, path: Path) -> Iterator[None]:
         raise UnsupportedCheckpointError(f"{key}={path}: {err}") from None
 
 
+@keeps_global_rng
 def load_autoencoder_any(path: str | Path, key: str = "model.autoencoder_path",
                          ) -> tuple[AutoencoderKL, dict[str, Any] | None, str]:
     """(autoencoder, frozen as `load_autoencoder` gives it; latent statistics or None; source) from any form of a KL

@@ -32,6 +32,7 @@ from ldm.io import (
     save_export,
 )
 from ldm.nn.conv import PointwiseConv, Upsample
+from ldm.seeding import keeps_global_rng
 
 LATENT_STATS_NAME = "latent_stats.json"
 
@@ -268,9 +269,19 @@ class AutoencoderKL(nn.Module):
         """The decoder's output weight: the adaptive GAN weight compares gradient norms here."""
         return self.decoder.conv_out.weight
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless `x` is what `encode` takes: floating point (B, in_channels, H, W)."""
+        c = self.config.in_channels
+        if x.ndim != 4 or x.shape[1] != c or not x.is_floating_point():
+            hint = " (images of 0..255: x / 127.5 - 1)" if not x.is_floating_point() else \
+                " (channels last: x.permute(0, 3, 1, 2))" if x.ndim == 4 and x.shape[-1] == c else ""
+            raise ValueError(f"images must be a floating-point (B, {c}, H, W) tensor in [-1, 1]; got {x.dtype} of "
+                             f"shape {tuple(x.shape)}{hint}")
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (B, C, H, W) in [-1, 1], H and W multiples of f -> posterior over latents (B, embed_dim, H / f,
         W / f)."""
+        self.check_images(x)
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:  # the padded stride-2 convolutions would drop the last rows unsaid
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's downsampling "
@@ -279,6 +290,9 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, embed_dim, h, w) -> images (B, C, h * f, w * f), roughly in [-1, 1]."""
+        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
+            raise ValueError(f"latents must be (B, embed_dim={self.config.embed_dim}, h, w); got shape "
+                             f"{tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
@@ -306,6 +320,7 @@ class AutoencoderKL(nn.Module):
         return save_export(directory, dataclasses.asdict(self.config), self)
 
     @classmethod
+    @keeps_global_rng
     def from_pretrained(cls, directory: str | Path, key: str = "autoencoder_path") -> AutoencoderKL:
         """Load an autoencoder written by `save_pretrained`, or the frozen autoencoder of a latent diffusion pipeline
         export. `key` is the config key that named `directory`, for errors (another kind of export among them)."""
@@ -323,6 +338,7 @@ class AutoencoderKL(nn.Module):
         return model
 
 
+@keeps_global_rng
 def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path", use_ema: bool = True,
                      ) -> tuple[AutoencoderKL, dict[str, Any] | None]:
     """An autoencoder, frozen (eval mode: dropout off; no gradients), and its latent statistics from an export
