@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from arguments import positive_int
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.callbacks.throughput import peak_flops
@@ -175,8 +176,8 @@ def write_results(path: Path, run: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per combination")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per combination")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per combination after the first")
     parser.add_argument("--only", action="append", default=None,
                         help="a combination to run, e.g. compile=1,channels_last=1,checkpointing=0 (repeatable)")

@@ -4,15 +4,16 @@
     python benchmarks/latents.py --model sd15     # SD 1.5's UNet, KL-f8, CLIP ViT-L/14, 256 px, batch 1 (CPU: ~3 min)
     python benchmarks/latents.py --device cuda    # on a GPU (sd15: the experiment's batch 32 and bf16 autocast)
 
-`--model quickstart`: the quickstart's stage-2 model (experiment=quickstart_ldm: the UNet, its frozen KL-f2 autoencoder
-and frozen byte text encoder) on 32 px `shapes` shards. `--model sd15`: experiment=sd15_256 (Stable Diffusion 1.5's
-859M-parameter UNet on the latents of the LDM paper's KL-f8 autoencoder, conditioned on CLIP ViT-L/14's frozen text
-tower, with EMA) on 256 px `shapes` shards. Random weights everywhere (speed does not depend on their values; CLIP
-gets a small byte-level BPE vocabulary, its 123M-parameter tower is CLIP-L's). Both train on shards written to a temp
-dir and on their latents written by `ldm-encode` (with the text encoder's outputs). One step: the pipeline's loss,
-backward, AdamW, EMA update. Image and latent steps alternate, so both see the same machine load; the figure is the
-ratio of their medians. The loaders are timed alone (samples/s, num_workers=0): one pass over each shard set, and for
-the latents also a second pass with `data.cache_in_memory=true` (what the quickstart reads after its first epoch).
+`--model quickstart`: the quickstart's stage-2 model (experiment=quickstart_ldm: the UNet, its frozen KL-f2
+autoencoder and frozen byte text encoder) on 32 px `shapes` shards. `--model sd15`: experiment=sd15_256 (Stable
+Diffusion 1.5's 859M-parameter UNet on the latents of the LDM paper's KL-f8 autoencoder, conditioned on CLIP
+ViT-L/14's frozen text tower, with EMA) on 256 px `shapes` shards. Random weights everywhere (speed does not depend
+on their values; CLIP gets a small byte-level BPE vocabulary, its tower is CLIP-L's 12 layers of width 768: 85.5M
+parameters, as CLIP-L's 123M less its 49,408-token embedding). Both train on shards written to a temp dir and on
+their latents written by `ldm-encode` (with the text encoder's outputs). One step: the pipeline's loss, backward,
+AdamW, EMA update. Image and latent steps alternate, so both see the same machine load; the figure is the ratio of
+their medians. The loaders are timed alone (samples/s, num_workers=0): one pass over each shard set, and for the
+latents also a second pass with `data.cache_in_memory=true` (what the quickstart reads after its first epoch).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import device as device_type
+from arguments import positive_int
 from common import experiment, random_autoencoder, random_byte_text_encoder
 
 from ldm import config as configs
@@ -95,19 +98,19 @@ def loader_batches(shards: str, batch_size: int, resolution: int, passes: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="quickstart", choices=sorted(MODELS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--device", type=device_type, default="cpu")
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed steps of each kind, after 2 warm-up pairs (default: 10 quickstart, 3 sd15)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="default: the experiment's (sd15 on CPU: 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--output", default=None,
                         help="JSON file (default: benchmarks/results/latents-[sd15-]<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     name, write_inputs, cpu_batch_size, repeats = MODELS[args.model]
-    repeats = args.repeats or repeats
+    repeats = args.repeats or repeats  # (both >= 1 when given)
     batch_size = args.batch_size or (cpu_batch_size if device.type == "cpu" else None)
 
     with tempfile.TemporaryDirectory() as tmp:

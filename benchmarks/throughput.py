@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from arguments import device as device_type
+from arguments import positive_int
 from common import experiment, random_byte_text_encoder
 from omegaconf import OmegaConf
 
@@ -201,13 +203,13 @@ def bench_sampling(device: torch.device, num_images: int, repeats: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", type=device_type, default="cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--sd15", action="store_true", help="also time the SD 1.5 UNet (GPU recommended)")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/throughput-<device>.json)")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = args.device
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,

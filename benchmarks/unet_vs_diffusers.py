@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from arguments import device as device_type
+from arguments import positive_int
 from torch import nn
 
 import ldm.nn.linear
@@ -136,11 +138,11 @@ def load_average() -> list[float] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=32, help="latent height and width")
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per side and precision")
+    parser.add_argument("--device", type=device_type, default="cpu")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--size", type=positive_int, default=32, help="latent height and width")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed steps per side and precision")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in NHWC")
@@ -152,7 +154,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="JSON path (default results/unet-vs-diffusers-<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     if args.products != "auto":
         ldm.nn.linear.ONEDNN_PRODUCTS = args.products == "onednn"
     products = "onednn" if ldm.nn.linear.ONEDNN_PRODUCTS else "blas"

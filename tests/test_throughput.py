@@ -122,6 +122,24 @@ def test_attention_on_cpu_is_counted_as_torch_counts_its_gpu_kernels():
         sdpa_backward_flop_count(out.shape, q.shape, k.shape, k.shape) > 0
 
 
+def test_products_through_onednn_are_counted_as_on_blas(monkeypatch: pytest.MonkeyPatch):
+    """`ldm.nn.linear` sends large fp32 products to oneDNN's convolution on CPUs where that is faster; torch has no
+    formula for that op, so their forward counted 0 FLOPs (a whole SD 1.5 UNet step 12% short on those CPUs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.nn import linear
+
+    layer, x = linear.Linear(128, 512), torch.randn(256, 128, requires_grad=True)
+    counts = []
+    for route in (True, False):
+        monkeypatch.setattr(linear, "ONEDNN_PRODUCTS", route)
+        assert linear.onednn_product(x, layer.weight) == (route and torch.backends.mkldnn.is_available())
+        with FlopCounterMode(display=False) as counter:
+            layer(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts == [3 * 2 * 256 * 128 * 512] * 2  # forward, and the input's and the weight's gradients
+
+
 class SlowCallback(L.Callback):
     """Spends 0.2 s after every step, inside `paused` (as the FID callback and the image logger do)."""
 

@@ -43,18 +43,26 @@ from ldm.callbacks.step_boundary import StepBoundary, logging_due
 log = logging.getLogger(__name__)
 
 
-def _count_cpu_attention() -> None:
-    """Count the CPU kernels SDPA dispatches to as torch counts its GPU flash kernels (torch has no formula for them,
-    so on CPU attention counted as 0 FLOPs, about 4% of a UNet step)."""
+def _mkldnn_convolution_flop(x_shape: list[int], w_shape: list[int], *args: Any, out_shape: list[int] | None = None,
+                             **kwargs: Any) -> int:
+    return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+def _count_cpu_kernels() -> None:
+    """Count the CPU kernels torch has no formula for: those SDPA dispatches to, as torch counts its GPU flash kernels
+    (attention counted as 0 FLOPs, about 4% of a UNet step), and oneDNN's convolution, which `ldm.nn.linear` runs
+    large products through (their forward counted as 0: a third of each product's FLOPs)."""
     aten = torch.ops.aten
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop)):
+    for name, formula, raw in (
+            ("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop, True),  # already shape-wrapped
+            ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop, True),
+            ("mkldnn_convolution", _mkldnn_convolution_flop, False)):
         op = getattr(aten, name, None)
         if op is not None and op not in flop_counter.flop_registry:
-            flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula: already shape-wrapped
+            flop_counter.register_flop_formula(op, get_raw=raw)(formula)
 
 
-_count_cpu_attention()
+_count_cpu_kernels()
 
 # Dense peak FLOP/s by compute dtype, per device name fragment (lower case; the first fragment found in
 # torch.cuda.get_device_name() wins, so the specific names come first). From NVIDIA's datasheets, without the 2:4
