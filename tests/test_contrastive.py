@@ -204,9 +204,11 @@ def test_a_one_group_checkpoint_resumes_into_the_two_groups(tmp_path):
                     "caption": CAPTIONS[i % 4]}
 
     def fit(module, steps, ckpt_path=None):
-        trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            default_root_dir=str(tmp_path), accelerator="cpu", callbacks=[OptimizerSettings()],
-                            enable_checkpointing=False, num_sanity_val_steps=0)
+        logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=str(steps))
+        callbacks = [OptimizerSettings(), L.pytorch.callbacks.LearningRateMonitor()]
+        trainer = L.Trainer(max_steps=steps, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path), accelerator="cpu", callbacks=callbacks,
+                            enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1)
         trainer.fit(module, DataLoader(Pairs(), batch_size=4), ckpt_path=ckpt_path)
         return trainer
 
@@ -220,7 +222,8 @@ def test_a_one_group_checkpoint_resumes_into_the_two_groups(tmp_path):
     by_param = {id(p): i for i, p in enumerate(module.parameters())}
     old = {by_param[pid]: state["state"][i] for i, pid in enumerate(order)}  # as one group in parameter order
     state["state"] = old
-    state["param_groups"] = [{**state["param_groups"][0], "params": sorted(old)}]
+    unnamed = {k: v for k, v in state["param_groups"][0].items() if k != "name"}  # as older code saved it
+    state["param_groups"] = [{**unnamed, "params": sorted(old)}]
     for scheduler in checkpoint["lr_schedulers"]:
         for key, value in scheduler.items():
             if isinstance(value, list):
@@ -233,6 +236,11 @@ def test_a_one_group_checkpoint_resumes_into_the_two_groups(tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["lr"] == groups[1]["lr"] > 0
     steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
     assert steps == {3}, "every parameter kept its two steps of Adam moments and took the third"
+    # the groups are named (the LR monitor logged lr/pg1 and lr/pg2, README's `lr` nowhere), also when restored
+    # from a checkpoint whose groups have no names
+    for version in ("2", "3"):
+        header = (tmp_path / "csv" / version / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"lr/decay", "lr/no_decay"} <= set(header) and not any("pg" in h for h in header), header
 
 
 def test_batch_keys_the_batches_lack_are_named_with_the_config_key():

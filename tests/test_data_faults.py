@@ -5,6 +5,7 @@ source=folder` leaves out (and lists) what it cannot read instead of stopping.""
 from __future__ import annotations
 
 import bz2
+import csv
 import gzip
 import io
 import json
@@ -28,6 +29,7 @@ from ldm.data import encoding
 from ldm.data.datamodule import WebDataModule, _count_tar_samples, shard_counts
 from ldm.data.stream import EpochPlan, ShardStream
 from ldm.images import ALPHA_BACKGROUND, decode_image, to_rgb
+from ldm.loggers import AppendingCSVLogger
 
 WHITE = np.array(ALPHA_BACKGROUND)
 
@@ -684,6 +686,36 @@ def test_skipped_samples_are_a_logged_metric_and_totalled(tmp_path: Path, caplog
     assert "data (rank 0): 1 corrupt samples skipped" in caplog.text
     assert "1 samples without a caption in 1 shards" in caplog.text
     assert caplog.text.count("skipped corrupt sample") == 1 and dm.skipped == [(str(shard), "k003", dm.skipped[0][2])]
+
+
+class LoggedMean(Mean):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss, batch_size=len(batch["image"]))
+        return loss
+
+
+def test_data_counts_are_logged_at_the_steps_lightning_logs(tmp_path: Path):
+    """data/skipped was logged before the step at steps 0, 2, 4 (Lightning's metrics at 1, 3, 5), the end of the fit
+    at the step count (6: a step never trained), and a resumed run logged that step again."""
+    samples = shapes_like(tmp_path, "s", 24)
+    for i in (1, 6, 11, 17):
+        samples[i]["png"] = b"not an image"
+    shard = write_shard(tmp_path / "bad-000000.tar", samples)
+    metrics = tmp_path / "csv" / "metrics.csv"
+    for max_steps, ckpt in ((6, None), (10, tmp_path / "run.ckpt")):
+        dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8, shuffle_buffer=1)
+        trainer = L.Trainer(max_steps=max_steps, logger=AppendingCSVLogger(str(tmp_path), name="csv"),
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            log_every_n_steps=2, accelerator="cpu", limit_val_batches=0)
+        trainer.fit(LoggedMean(), datamodule=dm, ckpt_path=ckpt)
+        trainer.save_checkpoint(tmp_path / "run.ckpt")
+    rows = list(csv.DictReader(metrics.open()))
+    data_steps = [int(r["step"]) for r in rows if r.get("data/skipped")]
+    train_steps = {int(r["step"]) for r in rows if r.get("train/loss")}
+    assert train_steps == {1, 3, 5, 7, 9}
+    assert data_steps and set(data_steps) <= train_steps and len(data_steps) == len(set(data_steps)), data_steps
+    assert max(float(r["data/skipped"]) for r in rows if r.get("data/skipped")) >= 1
 
 
 def test_a_resumed_epoch_counts_what_it_reads_after_the_stop(tmp_path: Path):

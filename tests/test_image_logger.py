@@ -76,3 +76,18 @@ write_png(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "File too large" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings_are_refused_when_the_callback_is_built(tmp_path: Path):
+    """every_n_steps=null crashed the run at its first step (None > 0); nrow=0 failed every grid with a warning each
+    time; a fraction drew a grid at every step; -1 none, unsaid."""
+    from ldm.config import ConfigError
+
+    for kwargs, message in [({"every_n_steps": None}, r"every_n_steps=None must be a whole number of steps >= 0"),
+                            ({"every_n_steps": 0.5}, r"every_n_steps=0\.5 must be"),
+                            ({"every_n_steps": -1}, r"every_n_steps=-1 must be"),
+                            ({"nrow": 0}, r"callbacks\.image_logger\.nrow=0 must be >= 1"),
+                            ({"log_on_validation": "no"}, r"log_on_validation='no' must be true or false")]:
+        with pytest.raises(ConfigError, match=message):
+            ImageLogger(str(tmp_path), **kwargs)
+    assert ImageLogger(str(tmp_path), every_n_steps=0).every_n_steps == 0

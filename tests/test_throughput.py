@@ -122,6 +122,13 @@ def test_attention_on_cpu_is_counted_as_torch_counts_its_gpu_kernels():
         sdpa_backward_flop_count(out.shape, q.shape, k.shape, k.shape) > 0
 
 
+def test_count_flops_takes_a_boolean():
+    from ldm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"callbacks\.throughput\.count_flops='maybe' must be true or false"):
+        Throughput(count_flops="maybe")  # counted, as any non-empty string is true
+
+
 def test_products_through_onednn_are_counted_as_on_blas(monkeypatch: pytest.MonkeyPatch):
     """`ldm.nn.linear` sends large fp32 products to oneDNN's convolution on CPUs where that is faster; torch has no
     formula for that op, so their forward counted 0 FLOPs (a whole SD 1.5 UNet step 12% short on those CPUs)."""

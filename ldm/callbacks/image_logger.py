@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
+from ldm.config import ConfigError, check_min, is_int
 from ldm.images import make_grid, write_png
 from ldm.nn import eval_mode
 
@@ -37,6 +38,12 @@ class ImageLogger(StepBoundary):
 
     def __init__(self, save_dir: str, every_n_steps: int = 500, log_on_validation: bool = True, nrow: int = 8):
         super().__init__()
+        if not is_int(every_n_steps) or every_n_steps < 0:  # null crashed the run at its first step
+            raise ConfigError(f"callbacks.image_logger.every_n_steps={every_n_steps!r} must be a whole number of steps "
+                              f">= 0 (0: no training grids)")
+        check_min(1, **{"callbacks.image_logger.nrow": nrow})
+        if not isinstance(log_on_validation, bool):
+            raise ConfigError(f"callbacks.image_logger.log_on_validation={log_on_validation!r} must be true or false")
         self.save_dir = Path(save_dir)
         self.every_n_steps = every_n_steps
         self.log_on_validation = log_on_validation

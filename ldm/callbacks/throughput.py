@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
 from ldm.callbacks.step_boundary import StepBoundary, logging_due
+from ldm.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class Throughput(StepBoundary):
 
     def __init__(self, count_flops: bool = True):
         super().__init__()
+        if not isinstance(count_flops, bool):  # "maybe" counted
+            raise ConfigError(f"callbacks.throughput.count_flops={count_flops!r} must be true or false")
         self.count_flops = count_flops
         self.flops_per_sample: dict[str, float] = {}  # batch kind -> forward + backward FLOPs per sample, this rank
         self._restored: dict[str, Any] | None = None  # what a checkpoint held beside the counts

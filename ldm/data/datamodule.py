@@ -374,6 +374,8 @@ class WebDataModule(L.LightningDataModule):
         self._resume: dict[str, Any] | None = None
         self._recorded_order: dict[str, Any] = {}  # order settings of a resumed run's config (`check_resume`)
         self._logged_counts = (0.0, 0.0)  # the all-ranks totals last logged as data/skipped and data/uncaptioned
+        self._fit_first_step: int | None = None  # the global step this process's fit began at
+        self._counts_step = -1  # the global step at whose first batch the counts were last summed
         self.latent_manifest: LatentManifest | None = None  # set by setup() when the shards are ldm-encode latents
         # Set by a class-conditional model in its `setup` hook, before the loaders are built: a sample without an
         # integer label in [0, num_classes) is then skipped and counted as corrupt instead of failing its batch.
@@ -575,14 +577,17 @@ class WebDataModule(L.LightningDataModule):
 
     def _log_data_counts(self) -> tuple[int, int]:
         """(skipped, uncaptioned): the totals of all ranks so far, logged from rank 0 as `data/skipped` and
-        `data/uncaptioned` when they changed. A collective: every rank calls it at the same point of the fit."""
+        `data/uncaptioned` when they changed, at the last step trained (as Lightning logs a step's metrics). A
+        collective: every rank calls it at the same point of the fit."""
         trainer = self.trainer
+        self._counts_step = trainer.global_step
         counts = torch.tensor([self.num_skipped, sum(self.uncaptioned.values())], dtype=torch.float64)
         totals = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").tolist()
         if tuple(totals) != self._logged_counts:
             self._logged_counts = tuple(totals)
             for logger in trainer.loggers:  # note: Lightning's loggers write on rank 0 only
-                logger.log_metrics({"data/skipped": totals[0], "data/uncaptioned": totals[1]}, step=trainer.global_step)
+                logger.log_metrics({"data/skipped": totals[0], "data/uncaptioned": totals[1]},
+                                   step=max(trainer.global_step - 1, 0))
         return int(totals[0]), int(totals[1])
 
     def teardown(self, stage: str) -> None:
@@ -591,6 +596,7 @@ class WebDataModule(L.LightningDataModule):
             return
         rank, world_size = rank_and_world(self.trainer)
         skipped, uncaptioned = self._log_data_counts()
+        self._fit_first_step = None
         shards = sorted({shard for shard, _, _ in self.skipped})
         log.info("data (rank %d): %d corrupt samples skipped%s; %d samples without a caption in %d shards",
                  rank, self.num_skipped, f" (shards {shards[:5]})" if shards else "",
@@ -600,12 +606,17 @@ class WebDataModule(L.LightningDataModule):
                      skipped, uncaptioned)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning's data hook, called with every batch right before its step: count the training ones, and every
-        `trainer.log_every_n_steps` steps log the skipped and uncaptioned samples of all ranks."""
+        """Lightning's data hook, called with every batch right before its step: count the training ones, and log the
+        skipped and uncaptioned samples of all ranks at the steps Lightning logs (n with (n + 1) %
+        `trainer.log_every_n_steps` == 0), once the step after it begins: its first batch, in this process's fit (the
+        end of the fit logs the last)."""
         trainer = self.trainer
         if trainer is not None and trainer.training:
             self._trained += 1
-            if trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
+            step, every = trainer.global_step, trainer.log_every_n_steps
+            if self._fit_first_step is None:
+                self._fit_first_step = step
+            if every and step % every == 0 and step > self._fit_first_step and step != self._counts_step:
                 self._log_data_counts()
         return batch
 

@@ -36,6 +36,9 @@ from ldm.modules.optim import adam, check_optimizer_config, clip_gradients, lr_s
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 from ldm.nn.linear import Linear
 
+# The two AdamW groups (`ContrastiveModule._param_groups`), named as the LR monitor logs them: lr/decay, lr/no_decay.
+PARAM_GROUPS = ("decay", "no_decay")
+
 
 @dataclass
 class Config:
@@ -180,27 +183,34 @@ class ContrastiveModule(L.LightningModule):
     def _param_groups(self) -> list[dict[str, Any]]:
         """CLIP's two groups (open_clip's `exclude`): the temperature, gains and biases (tensors of fewer than 2
         dimensions) are not decayed, or `weight_decay` would pull the logit scale towards 1 and shrink the LayerNorms;
-        matrices and embeddings are. Two groups whatever the decay, so that a resume may change it."""
+        matrices and embeddings are. Two groups whatever the decay, so that a resume may change it; their names are
+        the learning-rate monitor's (`lr/decay`, `lr/no_decay`)."""
         params = list(self.parameters())
-        return [{"params": [p for p in params if p.ndim >= 2]},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return [{"params": [p for p in params if p.ndim >= 2], "name": PARAM_GROUPS[0]},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "name": PARAM_GROUPS[1]}]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of older code holds one param group of every parameter: split into `_param_groups`' two (the
-        same parameters in the same order within each), and the scheduler's per-group lists with it."""
+        same parameters in the same order within each), and the scheduler's per-group lists with it; or two groups
+        without names (the restored groups replace the new ones', names too: `lr/pg1` was logged)."""
         states = checkpoint.get("optimizer_states") or []
         params = list(self.parameters())
-        if len(states) != 1 or len(states[0]["param_groups"]) != 1 or \
-                len(states[0]["param_groups"][0]["params"]) != len(params):
-            return
-        group = states[0]["param_groups"][0]
-        states[0]["param_groups"] = [
-            {**group, "params": [i for i, p in zip(group["params"], params) if p.ndim >= 2]},
-            {**group, "params": [i for i, p in zip(group["params"], params) if p.ndim < 2], "weight_decay": 0.0}]
-        for scheduler in checkpoint.get("lr_schedulers") or []:
-            for key, value in scheduler.items():
-                if isinstance(value, list) and len(value) == 1:  # base_lrs, _last_lr, lr_lambdas: one per group
-                    scheduler[key] = value * 2
+        if len(states) == 1 and len(states[0]["param_groups"]) == 1 and \
+                len(states[0]["param_groups"][0]["params"]) == len(params):
+            group = states[0]["param_groups"][0]
+            states[0]["param_groups"] = [
+                {**group, "params": [i for i, p in zip(group["params"], params) if p.ndim >= 2],
+                 "name": PARAM_GROUPS[0]},
+                {**group, "params": [i for i, p in zip(group["params"], params) if p.ndim < 2], "weight_decay": 0.0,
+                 "name": PARAM_GROUPS[1]}]
+            for scheduler in checkpoint.get("lr_schedulers") or []:
+                for key, value in scheduler.items():
+                    if isinstance(value, list) and len(value) == 1:  # base_lrs, _last_lr, lr_lambdas: one per group
+                        scheduler[key] = value * 2
+        for state in states:
+            if len(state["param_groups"]) == len(PARAM_GROUPS):
+                for group, name in zip(state["param_groups"], PARAM_GROUPS):
+                    group.setdefault("name", name)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
