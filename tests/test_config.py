@@ -391,7 +391,7 @@ def test_an_override_hydra_cannot_read_is_refused_with_one_that_reads():
 def test_an_option_of_a_group_kept_in_subfolders_is_listed_and_a_repeated_key_named():
     """model's options all lie in subfolders (autoencoder/kl_f8...), where Hydra's error lists none (model=kl_f8, the
     experiment's name); a brace pattern the shell expanded gave data.train_shards several times, the last one kept."""
-    from ldm.cli.common import nested_group_option, repeated_keys
+    from ldm.cli.common import nested_group_option, null_group_override, repeated_keys
 
     refusal = nested_group_option(["trainer=cpu", "model=kl_f8"])
     assert refusal.startswith("model=kl_f8: the config group model has no option 'kl_f8'; choose one of [") and \
@@ -399,6 +399,10 @@ def test_an_option_of_a_group_kept_in_subfolders_is_listed_and_a_repeated_key_na
     for fine in (["model=autoencoder/kl_f8"], ["experiment=kl_f88"], ["model=null"], ["model=a,b", "-m"],
                  ["--config-dir", "/mine", "model=kl_f8"]):  # other groups: Hydra lists their options itself
         assert nested_group_option(fine) is None, fine
+    # a flag's value is no override (a --config-path value of logger=null was refused as one)
+    assert nested_group_option(["-cp", "model=kl_f8"]) is None
+    assert null_group_override(["--config-name", "logger=null"], "train") is None
+    assert null_group_override(["logger=null"], "train").startswith("logger=null: logger is a config group")
     assert repeated_keys(["data.train_shards=a-0.tar", "data.train_shards=a-1.tar", "seed=1", "--cfg", "job",
                           "data.batch_size=4", "data.batch_size=2",  # a script's default overridden: not named
                           "-cd", "x=1", "x=2"]) == ["data.train_shards"]  # (x=1: the folder flag's value)

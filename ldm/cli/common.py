@@ -336,7 +336,7 @@ def null_group_override(args: list[str], command: str) -> str | None:
     answers with a page of traceback, for any folder of conf/ (Hydra takes each for a group, whatever the command): a
     group of the command's config (`conf/<command>.yaml`) takes one of its options (`none` where it has one), and an
     optional one (null by default) may be left out with `~GROUP`; the other commands have no such key."""
-    for arg in args:
+    for arg in overrides(args):
         group, _, value = arg.lstrip("+").partition("=")
         if value != "null" or "/" in group or group == "hydra" or not Path(CONF_DIR, group).is_dir():
             continue
@@ -356,7 +356,7 @@ def nested_group_option(args: list[str]) -> str | None:
     ldm/tiny...) does not have: Hydra's own error lists no options there (`model=kl_f8`, the experiment's name)."""
     if any(arg in ("-cd", "--config-dir") or arg.startswith("--config-dir=") for arg in args):
         return None  # options of the user's own config folder
-    for arg in args:
+    for arg in overrides(args):
         group, _, value = arg.lstrip("+").partition("=")
         folder = Path(CONF_DIR, group)
         if (not value or value == "null" or "/" in group or any(c in value for c in ",*[]()")
