@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -103,14 +104,35 @@ def check_min(minimum: float, **values: float | None) -> None:
                               f"{key}={value} must be >= {minimum:g}")
 
 
+def unwritable(path: str | Path) -> tuple[str, Path] | None:
+    """Why no folder can be written at `path`, and where: its nearest existing ancestor (or itself) is a file, a link
+    that leads nowhere or a folder this user may not write in; None when it can."""
+    existing = Path(path).absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    problem = "a link that leads nowhere" if existing.is_symlink() and not existing.exists() else \
+        "Not a directory" if not existing.is_dir() else \
+        "Permission denied" if not os.access(existing, os.W_OK | os.X_OK) else None
+    return None if problem is None else (problem, existing)
+
+
+def expand_home(path: str | None) -> str | None:
+    """`path` with a leading `~` expanded (Hydra passes a quoted "~/x" on as it is, and the shell expands `key=~/x`
+    only for keys without a dot); None or "" as given."""
+    return str(Path(path).expanduser()) if path else path
+
+
 def check_output_dir(key: str, path: str | None) -> str | None:
     """The output folder `path` with `~` expanded, as the readers of paths take it (not a folder named "~" here);
-    ConfigError when it exists as a file (mkdir would fail with a bare errno)."""
+    ConfigError when it exists as a file or cannot be made (mkdir would fail with a bare errno, after the work)."""
     if not path:
         return path
     path = str(Path(path).expanduser())
     if Path(path).exists() and not Path(path).is_dir():
         raise ConfigError(f"{key}={path} is a file: give a folder (created when missing)")
+    if (found := unwritable(path)) is not None:
+        raise ConfigError(f"{key}={path} cannot be written ({found[0]}: {found[1]}): give a folder you can write "
+                          f"(created when missing)")
     return path
 
 

@@ -30,6 +30,7 @@ from test_eval_helpers import (
     tiny_ldm_checkpoint,
 )
 
+from ldm.checkpoints import MissingCheckpointError
 from ldm.config import ConfigError
 from ldm.data.shardlist import local_shards
 from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
@@ -467,6 +468,12 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     os.link(tmp_path / "step0000002.ckpt", tmp_path / "last.ckpt")
     assert resolve_checkpoints(str(tmp_path / "*.ckpt")) == [str(tmp_path / "step0000001.ckpt"),
                                                              str(tmp_path / "step0000002.ckpt")]
+    # `checkpoints/*` of an autoencoder run: its latent_stats.json stopped the sweep after the first checkpoint
+    (tmp_path / "latent_stats.json").write_text("{}")
+    assert resolve_checkpoints(str(tmp_path / "*")) == [str(tmp_path / "step0000001.ckpt"),
+                                                        str(tmp_path / "step0000002.ckpt")]
+    with pytest.raises(MissingCheckpointError, match=r"no \.ckpt file or folder among its matches \['latent_stats"):
+        resolve_checkpoints(str(tmp_path / "latent_*"))
     assert resolve_checkpoints(str(tmp_path / "last.ckpt")) == [str(tmp_path / "last.ckpt")]  # named: as given
     bracketed = tmp_path / "lr[1e-3]"  # a sweep's folder: a path that exists is not a pattern (it matched nothing)
     bracketed.mkdir()

@@ -155,6 +155,29 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match=r"output_dir=.*notes\.txt is a file"):
         export({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path / "notes.txt")})
     assert (tmp_path / "notes.txt").read_text() == "keep"
+    # a folder inside a file: ldm-export said "File exists" (a bare errno), ldm-sample failed after sampling
+    inside = str(tmp_path / "notes.txt" / "x")
+    for run, config in ((export, {"ckpt_path": str(ldm_checkpoint)}), (sample, {**base, "prompts": PROMPTS})):
+        with pytest.raises(ConfigError, match=r"output_dir=.*notes\.txt/x cannot be written \(Not a directory: "
+                                              r".*notes\.txt\): give a folder you can write"):
+            run({**config, "output_dir": inside})
+
+
+def test_a_home_path_is_expanded_and_the_record_names_the_checkpoint(ldm_checkpoint: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """A quoted "~/..." (as Hydra's quoting advice writes it) reached ckpt_path / prompts_file as it was: "does not
+    exist"; sample.json recorded the checkpoint as typed (relative or with ~)."""
+    from ldm.cli.export import export
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
+    link = tmp_path / "model.ckpt"
+    link.symlink_to(ldm_checkpoint)
+    sample({"ckpt_path": "~/model.ckpt", "prompts_file": "~/prompts.txt", "num_steps": 2, "device": "cpu",
+            "output_dir": "~/out"})
+    record = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert record["checkpoint"] == str(link) and record["prompts"] == PROMPTS[:1]
+    assert (export({"ckpt_path": "~/model.ckpt", "output_dir": "~/exported"}) / "model_index.json").is_file()
 
 
 def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_path: Path):

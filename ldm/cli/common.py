@@ -36,7 +36,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.config import ConfigError, hydra_quoted, is_int
+from ldm.config import ConfigError, hydra_quoted, is_int, unwritable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -145,14 +145,8 @@ def _check_writable(config: DictConfig, mode: str) -> None:
         directory = os.path.expanduser(directory)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra[mode].dir = directory
-    existing = Path(directory).absolute()
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    problem = "a link that leads nowhere" if existing.is_symlink() and not existing.exists() else \
-        "Not a directory" if not existing.is_dir() else \
-        "Permission denied" if not os.access(existing, os.W_OK | os.X_OK) else None
-    if problem is not None:
-        print(f"ldm-train: error: {key}={directory} cannot be the run directory ({problem}: {existing}); set {key} "
+    if (found := unwritable(directory)) is not None:
+        print(f"ldm-train: error: {key}={directory} cannot be the run directory ({found[0]}: {found[1]}); set {key} "
               f"to a folder you can write", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
-from ldm.config import ConfigError, check_choice, check_output_dir, register_schemas, to_dataclass
+from ldm.config import ConfigError, check_choice, check_output_dir, expand_home, register_schemas, to_dataclass
 from ldm.io import CONFIG_NAME, check_export_weights, export_dir, export_kind, read_json_object
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ExportConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required, e.g. output_dir=exports/my_model")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
+        self.ckpt_path = expand_home(self.ckpt_path)
 
 
 register_schemas("export")  # conf/export.yaml extends ExportConfig: stored before Hydra composes

@@ -26,7 +26,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
-from ldm.config import ConfigError, asdict, check_choice, check_output_dir, register_schemas, to_dataclass
+from ldm.config import (
+    ConfigError,
+    asdict,
+    check_choice,
+    check_output_dir,
+    expand_home,
+    register_schemas,
+    to_dataclass,
+)
 from ldm.diffusion.sampling import SAMPLERS, check_eta
 from ldm.distributed import choose_device
 from ldm.images import make_grid, to_uint8, write_png
@@ -70,6 +78,7 @@ class SampleConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
+        self.ckpt_path, self.prompts_file = expand_home(self.ckpt_path), expand_home(self.prompts_file)
         if self.prompts and self.prompts_file:
             raise ConfigError("give one of prompts='[a red circle, a blue square]' and prompts_file=FILE, not both "
                               f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")
@@ -211,7 +220,8 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
 
     grid = make_grid(torch.stack(shown).float() / 127.5 - 1, nrow=k)  # rows = prompts (the first GRID_PROMPTS)
     write_png(grid, out / GRID_NAME)
-    record = {"config": asdict(config), "prompts": prompts, "seeds": [s for _, _, s in jobs],
+    record = {"config": asdict(config), "checkpoint": str(Path(config.ckpt_path).absolute()),  # the config's as typed
+              "prompts": prompts, "seeds": [s for _, _, s in jobs],
               "files": [p.name for p in paths], "seconds": round(seconds, 2), "device": str(device),
               "checkpoint_step": pipeline.provenance["step"], "weights": pipeline.provenance["weights"]}
     atomic_write_text(json.dumps(record, indent=2), out / RECORD_NAME)

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from ldm.cli.run_lock import run_lock
-from ldm.config import ConfigError, check_choice, check_output_dir
+from ldm.config import ConfigError, check_choice, check_output_dir, expand_home
 from ldm.data import shapes
 from ldm.data.latents import MANIFEST_NAME
 from ldm.data.stream import CAPTION_FIELDS, resize_crop, resize_shorter, utf8_text
@@ -100,6 +100,7 @@ class WriteConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
+        self.input_dir, self.captions = expand_home(self.input_dir), expand_home(self.captions)
         if self.source == "folder" and not self.input_dir:
             raise ConfigError("source=folder needs input_dir=DIR, the folder of images to write into shards")
         # note: a key of the other source would be ignored; a user who sets it expects it to act

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 import ldm
-from ldm.config import ConfigError, check_choice, check_min, check_output_dir, to_dataclass
+from ldm.config import ConfigError, check_choice, check_min, check_output_dir, expand_home, to_dataclass
 from ldm.data.latents import find_manifest
 from ldm.data.shardlist import local_shards
 from ldm.distributed import choose_device, rank_and_world
@@ -120,6 +120,7 @@ class EvalConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required: results.jsonl and results.csv are appended there")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
+        self.prompts_file = expand_home(self.prompts_file)
         check_choice("prompts_source", self.prompts_source, ["val_shards", "file"])
         if self.prompts_file and self.prompts_source != "file":
             raise ConfigError(f"prompts_file={self.prompts_file} is read only with prompts_source=file (now "

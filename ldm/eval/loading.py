@@ -35,17 +35,22 @@ class EvalModel:
 
 def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     """Checkpoint files and export (or run) directories from a path, a glob or a list of either, in the order given
-    (globs sorted; a glob's matches that are one file, as last.ckpt and the periodic checkpoint it links, count once,
-    under the periodic name)."""
+    (globs sorted; of a glob's matches, the .ckpt files and the folders: `checkpoints/*` leaves out the
+    latent_stats.json beside them; matches that are one file, as last.ckpt and the periodic checkpoint it links,
+    count once, under the periodic name)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for item in specs:
         item = str(Path(str(item)).expanduser())
         # a path that exists is taken as named (a sweep's `lr[1e-3]` folder), else as a glob
-        found = glob_sorted(item) if glob.has_magic(item) and not Path(item).exists() else [item]
+        matches = glob_sorted(item) if glob.has_magic(item) and not Path(item).exists() else None
+        found = [item] if matches is None else \
+            [p for p in matches if Path(p).is_dir() or Path(p).suffix == ".ckpt"]
         missing = [p for p in found if not Path(p).exists()]
         if not found or missing:
-            problem = f"no such file or directory {missing}" if missing else "no match"
+            problem = f"no such file or directory {missing}" if missing else \
+                f"no .ckpt file or folder among its matches {[Path(p).name for p in matches[:5]]}" if matches else \
+                "no match"
             raise MissingCheckpointError(f"ckpt_path={item}: {problem}")
         named: dict[tuple[int, int], str] = {}  # (device, inode) -> the name kept
         for p in found:

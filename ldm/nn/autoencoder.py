@@ -354,7 +354,7 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path", use_
         key: the config key that set `path`, named in the error when it does not exist.
         use_ema: a checkpoint's EMA weights (when it has them); false: its raw ones. An export holds one set.
     """
-    model, stats = _read_autoencoder(Path(path), key, use_ema)
+    model, stats = _read_autoencoder(Path(path).expanduser(), key, use_ema)
     return model.eval().requires_grad_(False), stats
 
 
