@@ -86,7 +86,9 @@ def test_bad_settings_are_refused_when_the_callback_is_built(tmp_path: Path):
     for kwargs, message in [({"every_n_steps": None}, r"every_n_steps=None must be a whole number of steps >= 0"),
                             ({"every_n_steps": 0.5}, r"every_n_steps=0\.5 must be"),
                             ({"every_n_steps": -1}, r"every_n_steps=-1 must be"),
-                            ({"nrow": 0}, r"callbacks\.image_logger\.nrow=0 must be >= 1"),
+                            ({"nrow": 0}, r"callbacks\.image_logger\.nrow=0 must be a whole number"),
+                            ({"nrow": None}, r"nrow=None must be"), ({"nrow": 2.5}, r"nrow=2\.5 must be"),
+                            ({"nrow": "4"}, r"nrow='4' must be"),
                             ({"log_on_validation": "no"}, r"log_on_validation='no' must be true or false")]:
         with pytest.raises(ConfigError, match=message):
             ImageLogger(str(tmp_path), **kwargs)

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from ldm.callbacks.step_boundary import StepBoundary
 from ldm.callbacks.throughput import paused
-from ldm.config import ConfigError, check_min, is_int
+from ldm.config import ConfigError, is_int
 from ldm.images import make_grid, write_png
 from ldm.nn import eval_mode
 
@@ -41,7 +41,8 @@ class ImageLogger(StepBoundary):
         if not is_int(every_n_steps) or every_n_steps < 0:  # null crashed the run at its first step
             raise ConfigError(f"callbacks.image_logger.every_n_steps={every_n_steps!r} must be a whole number of steps "
                               f">= 0 (0: no training grids)")
-        check_min(1, **{"callbacks.image_logger.nrow": nrow})
+        if not is_int(nrow) or nrow < 1:
+            raise ConfigError(f"callbacks.image_logger.nrow={nrow!r} must be a whole number of images per row >= 1")
         if not isinstance(log_on_validation, bool):
             raise ConfigError(f"callbacks.image_logger.log_on_validation={log_on_validation!r} must be true or false")
         self.save_dir = Path(save_dir)

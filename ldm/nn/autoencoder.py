@@ -273,10 +273,12 @@ class AutoencoderKL(nn.Module):
         """Raise ValueError unless `x` is what `encode` takes: floating point (B, in_channels, H, W)."""
         c = self.config.in_channels
         if x.ndim != 4 or x.shape[1] != c or not x.is_floating_point():
-            hint = " (images of 0..255: x / 127.5 - 1)" if not x.is_floating_point() else \
-                " (channels last: x.permute(0, 3, 1, 2))" if x.ndim == 4 and x.shape[-1] == c else ""
+            hints = [hint for hint, applies in (
+                ("(B, H, W, C) images: x.permute(0, 3, 1, 2)", x.ndim == 4 and x.shape[1] != c and x.shape[-1] == c),
+                ("images of 0..255: x / 127.5 - 1", x.dtype == torch.uint8),
+                ("images in [0, 1]: x * 2 - 1", not x.is_floating_point() and x.dtype != torch.uint8)) if applies]
             raise ValueError(f"images must be a floating-point (B, {c}, H, W) tensor in [-1, 1]; got {x.dtype} of "
-                             f"shape {tuple(x.shape)}{hint}")
+                             f"shape {tuple(x.shape)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (B, C, H, W) in [-1, 1], H and W multiples of f -> posterior over latents (B, embed_dim, H / f,
