@@ -153,6 +153,9 @@ def main() -> None:
                         help="route of our UNet's fp32 CPU products (ldm.nn.linear); auto: this machine's")
     parser.add_argument("--output", default=None, help="JSON path (default results/unet-vs-diffusers-<device>.json)")
     args = parser.parse_args()
+    factor = 2 ** (len(LAYOUT.channel_mult) - 1)  # the UNet's downsampling
+    if args.size % factor:
+        parser.error(f"--size {args.size} must be a multiple of {factor}, the layout's downsampling")
     torch.set_num_threads(args.threads)
     device = args.device
     if args.products != "auto":
