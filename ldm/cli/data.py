@@ -28,9 +28,7 @@ def write_dataset(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("output_dir is required: the directory to write shards into, e.g. output_dir=data/shapes")
         cfg = OmegaConf.to_container(cfg, resolve=True)
     config = to_dataclass(WriteConfig, {k: v for k, v in dict(cfg).items() if k != "hydra"})
-    summary = write_shards(config)
-    for split, info in summary["splits"].items():
-        log.info("%s: %d samples in %d shards", split, info["count"], len(info["shards"]))
+    summary = write_shards(config)  # (it logs the splits' counts)
     log.info("summary: %s/summary.json", config.output_dir)
     return summary
 

@@ -188,8 +188,11 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
 
     jobs = [(i, j, config.seed + i * k + j) for i in range(len(prompts)) for j in range(k)]  # (prompt, copy, seed)
-    log.info("%d prompts x %d images, sampler %s, %d steps, guidance %.2f, seeds %d..%d, device %s",
-             len(prompts), k, config.sampler, config.num_steps, config.guidance_scale, jobs[0][2], jobs[-1][2], device)
+    rows = "prompts" if pipeline.conditioner.uses_prompts else "labels" if pipeline.conditioner.reads_labels else \
+        "row (unconditional)"
+    log.info("%d %s x %d images, sampler %s, %d steps, guidance %.2f, seeds %d..%d, device %s",
+             len(prompts), rows, k, config.sampler, config.num_steps, config.guidance_scale, jobs[0][2], jobs[-1][2],
+             device)
 
     start = time.perf_counter()
     shown: list[torch.Tensor] = []  # uint8 images of the first GRID_PROMPTS prompts, for grid.png
