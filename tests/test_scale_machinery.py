@@ -250,6 +250,12 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     assert steps[3]["weights"] != steps[2]["weights"]   # the next one trains again
     assert steps[6]["weights"] == steps[4]["weights"]   # two skipped in a row, then stopped
     assert steps[6]["train/nan_skipped"] == 3
+    # the running total at every logged step (logged only at a skip, Lightning wrote it again at each logged step to
+    # the epoch's end, and a resumed run did not): index n = the step after global step n
+    with open(out / "csv" / "metrics.csv") as f:
+        totals = {int(r["step"]): float(r["train/nan_skipped"]) for r in csv.DictReader(f)
+                  if r.get("train/nan_skipped")}
+    assert totals == {0: 0, 1: 1, 2: 1, 3: 1, 4: 2, 5: 3}, totals
     assert math.isnan(steps[2]["train/grad_norm"])       # the guard logs the norm it checked, before clipping
     assert all(0 < steps[s]["train/grad_norm"] < math.inf for s in (1, 3))
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)

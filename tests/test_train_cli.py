@@ -511,3 +511,23 @@ def test_a_target_whose_module_imports_a_missing_package_names_that_package(tmp_
     with pytest.raises(ConfigError, match=r"callbacks\.images\._target_=viz_tools\.callbacks\.ImageLogger cannot be "
                                           r"imported \(ModuleNotFoundError: No module named 'viz'\)"):
         import_target("viz_tools.callbacks.ImageLogger", "callbacks.images")
+
+
+def test_another_accumulation_from_a_validation_time_save_at_an_epochs_end_is_refused():
+    """A checkpoint saved after the validation of an epoch's last batch (a stop signal's second save, or
+    every_n_train_steps=null) holds completed == ready: Lightning goes on counting from there in the old epoch, so
+    k=3 after 8 batches made a 1-batch step of the next epoch's first batch, then trained it again; it was accepted
+    as if it started a new epoch. A save at that batch's end (completed = ready - 1) starts the next epoch at 0."""
+    from ldm.cli.train import check_checkpoint_trainer
+
+    def checkpoint(completed: int) -> dict:
+        progress = {"is_last_batch": True, "current": {"ready": 8, "completed": completed}}
+        return {"ldm": {"config": {"trainer": {"accumulate_grad_batches": 2}}},
+                "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+
+    k3 = compose_train(["trainer.accumulate_grad_batches=3", "paths.output_dir=/tmp/unused"]).trainer
+    with pytest.raises(ConfigError, match=r"written with 2 at 8 batches into its epoch"):
+        check_checkpoint_trainer(checkpoint(8), "after_validation.ckpt", k3)
+    check_checkpoint_trainer(checkpoint(7), "batch_end.ckpt", k3)  # the next epoch from its start: any k
+    k4 = compose_train(["trainer.accumulate_grad_batches=4", "paths.output_dir=/tmp/unused"]).trainer
+    check_checkpoint_trainer(checkpoint(8), "after_validation.ckpt", k4)  # 8 batches: two whole 4-batch steps

@@ -112,21 +112,25 @@ class NanGuard(L.Callback):
                            batch_idx: int) -> None:
         if not self._batch_stepped:
             return  # gradient accumulation: the decision comes with the batch that steps
+        if self._batch_skipped:
+            self._skip(trainer)
+        else:
+            self.consecutive = 0
         if logging_due(trainer) or (trainer.log_every_n_steps and (trainer.should_stop or stop_pending(trainer))):
             # note: only on the steps the loggers write (Lightning's `self.log` costs ~1 ms a call on 2 CPU threads),
-            # which include a stop's step: left out there, the row showed the norm of the last step logged
-            for key, norm in self._norms.items():
-                pl_module.log(key, norm, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
-        if not self._batch_skipped:
-            self.consecutive = 0
-            return
+            # which include a stop's step: left out there, the row showed the norm of the last step logged. The
+            # total at every such step: logged only at a skip, Lightning wrote it again at each logged step up to
+            # the epoch's end, which a resumed run (a new process) did not
+            for key, value in {**self._norms, "train/nan_skipped": float(self.skipped_total)}.items():
+                pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+
+    def _skip(self, trainer: L.Trainer) -> None:
+        """A skipped step: BatchNorm statistics put back, counted, said; halts after `max_consecutive` in a row."""
         with torch.no_grad():
             for buffer, before in self._running_before:
                 buffer.copy_(before)
         self.skipped_total += 1
         self.consecutive += 1
-        pl_module.log("train/nan_skipped", float(self.skipped_total), on_step=True, on_epoch=False,
-                      rank_zero_only=True, batch_size=1)  # note: batch_size only spares Lightning guessing it
         if trainer.is_global_zero:  # note: logging, not warnings: each message of its own stayed in a registry
             log.warning("NaN guard: non-finite loss or gradients at step %d; optimizer step skipped on every rank "
                         "(%d in a row, %d in total)", trainer.global_step, self.consecutive, self.skipped_total)

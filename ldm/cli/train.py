@@ -494,8 +494,12 @@ def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer
     written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
     accumulate, before = trainer_cfg.get("accumulate_grad_batches") or 1, written.get("accumulate_grad_batches")
     progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {})
-    # note: at an epoch's last batch the next epoch starts from 0
-    position = 0 if progress.get("is_last_batch") else (progress.get("current") or {}).get("ready", 0)
+    current = progress.get("current") or {}
+    ready = current.get("ready", 0)
+    # note: saved at an epoch's last batch, the next epoch starts from 0; saved after that batch's validation (a stop
+    # signal's second save, or checkpoints at each validation: completed == ready), Lightning goes on counting from
+    # `ready` in the old epoch
+    position = 0 if progress.get("is_last_batch") and current.get("completed", 0) < ready else ready
     if before is not None and accumulate != before and position % accumulate:
         raise configs.ConfigError(f"trainer.accumulate_grad_batches={accumulate}, where ckpt_path={ckpt_path} was "
                                   f"written with {before} at {position} batches into its epoch, not a whole number of "
