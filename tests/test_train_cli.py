@@ -513,21 +513,27 @@ def test_a_target_whose_module_imports_a_missing_package_names_that_package(tmp_
         import_target("viz_tools.callbacks.ImageLogger", "callbacks.images")
 
 
-def test_another_accumulation_from_a_validation_time_save_at_an_epochs_end_is_refused():
+
+def test_another_validation_schedule_from_a_save_after_an_epochs_last_validation_is_refused():
     """A checkpoint saved after the validation of an epoch's last batch (a stop signal's second save, or
-    every_n_train_steps=null) holds completed == ready: Lightning goes on counting from there in the old epoch, so
-    k=3 after 8 batches made a 1-batch step of the next epoch's first batch, then trained it again; it was accepted
-    as if it started a new epoch. A save at that batch's end (completed = ready - 1) starts the next epoch at 0."""
+    every_n_train_steps=null) holds completed == ready, and Lightning's restart tells from the validation schedule
+    whether that validation ran: resumed with val_check_interval 6 instead of 8 it trained a ninth batch in the old
+    epoch (the next epoch's first, trained again right after) and logged a step twice. Another k alone resumes at
+    the next epoch's start; so does a save at the batch's end (completed = ready - 1) under any schedule."""
     from ldm.cli.train import check_checkpoint_trainer
 
     def checkpoint(completed: int) -> dict:
-        progress = {"is_last_batch": True, "current": {"ready": 8, "completed": completed}}
-        return {"ldm": {"config": {"trainer": {"accumulate_grad_batches": 2}}},
-                "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+        progress = {"is_last_batch": True, "current": {"ready": 8, "completed": completed}, "total": {"ready": 16}}
+        trainer = {"accumulate_grad_batches": 2, "val_check_interval": 8, "check_val_every_n_epoch": 1}
+        return {"ldm": {"config": {"trainer": trainer}}, "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
 
-    k3 = compose_train(["trainer.accumulate_grad_batches=3", "paths.output_dir=/tmp/unused"]).trainer
-    with pytest.raises(ConfigError, match=r"written with 2 at 8 batches into its epoch"):
-        check_checkpoint_trainer(checkpoint(8), "after_validation.ckpt", k3)
-    check_checkpoint_trainer(checkpoint(7), "batch_end.ckpt", k3)  # the next epoch from its start: any k
-    k4 = compose_train(["trainer.accumulate_grad_batches=4", "paths.output_dir=/tmp/unused"]).trainer
-    check_checkpoint_trainer(checkpoint(8), "after_validation.ckpt", k4)  # 8 batches: two whole 4-batch steps
+    def trainer(*overrides: str):
+        return compose_train([*overrides, "paths.output_dir=/tmp/unused", "trainer.check_val_every_n_epoch=1"]).trainer
+
+    with pytest.raises(ConfigError, match=r"trainer\.val_check_interval=6 \(written with 8\): ckpt_path=after\.ckpt "
+                                          r"was saved after the validation of its epoch's last batch"):
+        check_checkpoint_trainer(checkpoint(8), "after.ckpt", trainer("trainer.val_check_interval=6"))
+    check_checkpoint_trainer(checkpoint(8), "after.ckpt", trainer("trainer.val_check_interval=8",
+                                                                  "trainer.accumulate_grad_batches=3"))
+    check_checkpoint_trainer(checkpoint(7), "batch_end.ckpt", trainer("trainer.val_check_interval=6"))
+    check_checkpoint_trainer(checkpoint(8), "after.ckpt", trainer("trainer.val_check_interval=4"))  # 8 % 4: ran

@@ -490,16 +490,16 @@ def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer
     - with another `accumulate_grad_batches` k, from a position within the epoch that is not a whole number of
       k-batch steps: Lightning's restart then counted the logged steps one behind `global_step` (two rows of one
       step) and made the first step of fewer batches, its gradient still divided by k.
+    - with another validation schedule that has no validation at the batch, from a checkpoint saved after the
+      validation of an epoch's last batch (a stop signal's second save, or checkpoints at each validation):
+      Lightning's restart reads from the schedule whether that validation ran, and trained on in the old epoch (the
+      next epoch's first batch twice, one step logged twice).
     """
     written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
     accumulate, before = trainer_cfg.get("accumulate_grad_batches") or 1, written.get("accumulate_grad_batches")
     progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {})
-    current = progress.get("current") or {}
-    ready = current.get("ready", 0)
-    # note: saved at an epoch's last batch, the next epoch starts from 0; saved after that batch's validation (a stop
-    # signal's second save, or checkpoints at each validation: completed == ready), Lightning goes on counting from
-    # `ready` in the old epoch
-    position = 0 if progress.get("is_last_batch") and current.get("completed", 0) < ready else ready
+    # note: at an epoch's last batch the next epoch starts from 0
+    position = 0 if progress.get("is_last_batch") else (progress.get("current") or {}).get("ready", 0)
     if before is not None and accumulate != before and position % accumulate:
         raise configs.ConfigError(f"trainer.accumulate_grad_batches={accumulate}, where ckpt_path={ckpt_path} was "
                                   f"written with {before} at {position} batches into its epoch, not a whole number of "
@@ -507,6 +507,22 @@ def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer
                                   f"make the first step shorter): resume with trainer.accumulate_grad_batches="
                                   f"{before} (or a divisor of {position}); another value can start from a checkpoint "
                                   f"written at an epoch's end")
+    current = progress.get("current") or {}
+    schedule = [f"trainer.{key}={trainer_cfg.get(key)!r} (written with {written[key]!r})"
+                for key in ("val_check_interval", "check_val_every_n_epoch")
+                if key in written and trainer_cfg.get(key) != written[key]]
+    interval, per_epoch = trainer_cfg.get("val_check_interval"), trainer_cfg.get("check_val_every_n_epoch")
+    # Lightning's test at an epoch's last batch: the epoch's end (an interval of 1.0), or (batch index + 1) % interval
+    # == 0, the index in the epoch, or in the run without check_val_every_n_epoch
+    batches = current.get("ready", 0) if per_epoch is not None else (progress.get("total") or {}).get("ready", 0)
+    due = batches % interval == 0 if configs.is_int(interval) else interval in (None, 1.0)
+    if progress.get("is_last_batch") and current.get("completed") == current.get("ready") and schedule and \
+            (not due or per_epoch != written.get("check_val_every_n_epoch", per_epoch)):
+        raise configs.ConfigError(f"{'; '.join(schedule)}: ckpt_path={ckpt_path} was saved after the validation of "
+                                  f"its epoch's last batch, and Lightning tells from the validation schedule whether "
+                                  f"that validation ran (under another it trains on in the old epoch: a batch twice, "
+                                  f"a step logged twice). Resume with the schedule it was written with, or from a "
+                                  f"checkpoint saved at a batch's end (callbacks.checkpoint.every_n_train_steps)")
     if "fsdp" not in strategy_name(trainer_cfg.get("strategy")).lower():
         return
     if "strategy" in written and "fsdp" not in strategy_name(written["strategy"]).lower():
