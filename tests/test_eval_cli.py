@@ -474,6 +474,8 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
                                                         str(tmp_path / "step0000002.ckpt")]
     with pytest.raises(MissingCheckpointError, match=r"no \.ckpt file or folder among its matches \['latent_stats"):
         resolve_checkpoints(str(tmp_path / "latent_*"))
+    (tmp_path / "copy.pt").write_bytes(b"P")  # a suffix the pattern names is kept
+    assert resolve_checkpoints(str(tmp_path / "*.pt")) == [str(tmp_path / "copy.pt")]
     assert resolve_checkpoints(str(tmp_path / "last.ckpt")) == [str(tmp_path / "last.ckpt")]  # named: as given
     bracketed = tmp_path / "lr[1e-3]"  # a sweep's folder: a path that exists is not a pattern (it matched nothing)
     bracketed.mkdir()

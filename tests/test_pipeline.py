@@ -244,11 +244,12 @@ def test_loading_leaves_the_global_generator_and_images_in_the_wrong_form_are_na
 
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     for bad, message in [
-            (((images + 1) * 127.5).to(torch.uint8), r"got torch\.uint8 .* \(images of 0\.\.255: x / 127\.5 - 1\)"),
+            (((images + 1) * 127.5).to(torch.uint8),
+             r"got torch\.uint8 .* \(images of 0\.\.255: x\.float\(\) / 127\.5 - 1\)"),
             (images.permute(0, 2, 3, 1), r"shape \(2, 16, 16, 3\) \(\(B, H, W, C\) images: x\.permute\(0, 3, 1, 2\)\)"),
             (((images + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1),  # both conversions at once
-             r"\(\(B, H, W, C\) images: x\.permute\(0, 3, 1, 2\); images of 0\.\.255: x / 127\.5 - 1\)"),
-            (images > 0, r"got torch\.bool .*\(images in \[0, 1\]: x \* 2 - 1\)"),
+             r"\(\(B, H, W, C\) images: x\.permute\(0, 3, 1, 2\); images of 0\.\.255: x\.float\(\) / 127\.5 - 1\)"),
+            (images > 0, r"got torch\.bool .*\(images of 0 and 1: x\.float\(\) \* 2 - 1\)"),
             (images[0], r"must be a floating-point \(B, 3, H, W\) tensor in \[-1, 1\]; got torch\.float32 of shape "
                         r"\(3, 16, 16\)")]:
         for encode in (pipeline.encode, pipeline.autoencoder.encode):

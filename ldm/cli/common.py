@@ -596,7 +596,9 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         # note: Lightning's own error suggests a 'DD:HH:MM:SS' duration, which the type check above refuses
         raise ConfigError(f"trainer.val_check_interval={interval} is a fraction of an epoch, which Lightning counts "
                           f"only with trainer.check_val_every_n_epoch set (null: validation every N steps across "
-                          f"epochs): set trainer.check_val_every_n_epoch=1, or give a whole number of steps")
+                          f"epochs): set trainer.check_val_every_n_epoch=1 (and callbacks.checkpoint."
+                          f"every_n_train_steps=null, a checkpoint at each validation, or a whole number of steps), "
+                          f"or give a whole number of steps")
     module = get_class(model_target) if model_target else None
     for key, instead in getattr(module, "unsupported_trainer_args", {}).items():
         if trainer.get(key) not in (None, TRAINER_DEFAULTS.get(key)):

@@ -35,17 +35,18 @@ class EvalModel:
 
 def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     """Checkpoint files and export (or run) directories from a path, a glob or a list of either, in the order given
-    (globs sorted; of a glob's matches, the .ckpt files and the folders: `checkpoints/*` leaves out the
-    latent_stats.json beside them; matches that are one file, as last.ckpt and the periodic checkpoint it links,
-    count once, under the periodic name)."""
+    (globs sorted; of a glob's matches, the .ckpt files (or those of the suffix it names) and the folders:
+    `checkpoints/*` leaves out the latent_stats.json beside them; matches that are one file, as last.ckpt and the
+    periodic checkpoint it links, count once, under the periodic name)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for item in specs:
         item = str(Path(str(item)).expanduser())
         # a path that exists is taken as named (a sweep's `lr[1e-3]` folder), else as a glob
         matches = glob_sorted(item) if glob.has_magic(item) and not Path(item).exists() else None
+        suffix = Path(item).suffix  # a pattern naming one (`*.pt`) keeps its matches
         found = [item] if matches is None else \
-            [p for p in matches if Path(p).is_dir() or Path(p).suffix == ".ckpt"]
+            [p for p in matches if Path(p).is_dir() or Path(p).suffix in (".ckpt", suffix)]
         missing = [p for p in found if not Path(p).exists()]
         if not found or missing:
             problem = f"no such file or directory {missing}" if missing else \

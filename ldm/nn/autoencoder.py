@@ -275,8 +275,9 @@ class AutoencoderKL(nn.Module):
         if x.ndim != 4 or x.shape[1] != c or not x.is_floating_point():
             hints = [hint for hint, applies in (
                 ("(B, H, W, C) images: x.permute(0, 3, 1, 2)", x.ndim == 4 and x.shape[1] != c and x.shape[-1] == c),
-                ("images of 0..255: x / 127.5 - 1", x.dtype == torch.uint8),
-                ("images in [0, 1]: x * 2 - 1", not x.is_floating_point() and x.dtype != torch.uint8)) if applies]
+                ("images of 0..255: x.float() / 127.5 - 1", not x.is_floating_point() and x.dtype != torch.bool),
+                ("images of 0 and 1: x.float() * 2 - 1", not x.is_floating_point() and x.dtype != torch.uint8))
+                if applies]
             raise ValueError(f"images must be a floating-point (B, {c}, H, W) tensor in [-1, 1]; got {x.dtype} of "
                              f"shape {tuple(x.shape)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
