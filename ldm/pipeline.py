@@ -320,7 +320,6 @@ class LatentDiffusionPipeline(nn.Module):
         return tuple(f"conditioner.{prefix}" for prefix in self.conditioner.external_weights())
 
     @classmethod
-    @keeps_global_rng
     def from_pretrained(cls, path: str | Path, use_ema: bool = True, key: str = "ckpt_path",
                         ) -> LatentDiffusionPipeline:
         """A pipeline in eval mode on the CPU from an export directory, a run directory holding `export/`, or a
