@@ -256,6 +256,12 @@ class LatentDiffusionPipeline(nn.Module):
         elif guidance_scale == 1 and negative_prompts is not None:
             warnings.warn("negative_prompts do nothing at guidance_scale=1 (the conditional model alone, no "
                           "unconditional pass): guide with a scale > 1", stacklevel=3)
+        timesteps = self.schedule.timesteps(num_steps)
+        if timesteps[0] < self.schedule.num_train_timesteps // 2:  # (leading / linspace spacing at one step)
+            warnings.warn(f"num_steps={num_steps} with timestep_spacing={self.schedule.config.timestep_spacing} "
+                          f"visits t={timesteps}: the sampler takes its starting noise for nearly clean latents and "
+                          f"leaves it about as it is; take more steps, or timestep_spacing=trailing (which starts at "
+                          f"t={self.schedule.num_train_timesteps - 1})", stacklevel=3)
         cond, negative = self.sampling_conditions(prompts, class_labels, negative_prompts, B)
         device = self.device
         rng = StackedRandomGenerator(seeds, device)
@@ -274,7 +280,7 @@ class LatentDiffusionPipeline(nn.Module):
         model = guided_denoiser(unet, cond, unconditional if negative is None else negative, guidance_scale)
         denoiser = Denoiser(model, self.schedule, self.diffusion.prediction)
         with eval_mode(self.unet):  # no dropout: image b depends on seed b alone (a module in training too)
-            z = run_sampler(sampler, denoiser, x, self.schedule.timesteps(num_steps), rng, eta=eta)
+            z = run_sampler(sampler, denoiser, x, timesteps, rng, eta=eta)
         return self.decode(z)                                                       # (B, 3, H, W)
 
     def sampling_conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,

@@ -362,14 +362,15 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
         encode(twice)
     other = tmp_path / "other"  # the same names in two folders, and (below) a .tar and a .tar.gz in one folder
     shutil.copytree(shapes_shards, other)
-    with pytest.raises(ConfigError, match=r"4 output names are .*; encode each folder separately$"):
+    with pytest.raises(ConfigError, match=r"4 output names are .*; encode each folder into its own output_dir$"):
         encode({**twice, "shards": f"{shapes_shards}/train-*.tar::{other}/train-*.tar"})
     (other / "train-000000.tar.gz").write_bytes(gzip.compress((other / "train-000000.tar").read_bytes()))
     with pytest.raises(ConfigError, match=r"1 output name is .*; rename or leave out one of the shards whose names "
                                           r"differ only in the tar suffix$"):
         encode({**twice, "shards": f"{other}/train-00000[0].tar*"})
     with pytest.raises(ConfigError, match=r"1 output name is .*; rename or leave out one of the shards whose names "
-                                          r"differ only in the tar suffix; encode each folder separately$"):
+                                          r"differ only in the tar suffix; encode each folder into its own "
+                                          r"output_dir$"):
         encode({**twice, "shards": f"{other}/train-00000[0].tar*::{shapes_shards}/train-00000[01].tar"})
     in_place = tmp_path / "in_place"
     shutil.copytree(shapes_shards, in_place)
@@ -407,20 +408,23 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
 
 def test_a_caption_training_could_not_read_is_left_out_not_fatal(shapes_shards: Path, encoders: tuple[Path, Path],
                                                                  tmp_path: Path):
-    """A non-UTF-8 caption (training skips such a sample) is left out and listed, with a text encoder too."""
+    """A non-UTF-8 caption or damaged metadata (training skips such a sample) is left out and listed, with a text
+    encoder too."""
     autoencoder, text = encoders
     source = tmp_path / "in"
     source.mkdir()
     samples = read_shard(shapes_shards / "train-000000.tar")
     samples[2]["txt"] = b"\xff\xfe not utf-8"
+    samples[5]["json"] = b"{bad json"  # was encoded (its caption is in .txt), then skipped by training every epoch
     with wds.TarWriter(str(source / "train-000000.tar"), encoder=False) as sink:
         for sample in samples:
             sink.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
     text_encoder = {"kind": "byte", "name_or_path": str(text)}
     summary = run_encode(source, autoencoder, tmp_path / "out", text_encoder=text_encoder)
-    assert summary["samples"] == len(samples) - 1 and summary["failed"] == 1  # counted, the run goes on
+    assert summary["samples"] == len(samples) - 2 and summary["failed"] == 2  # counted, the run goes on
     stats = json.loads(next((tmp_path / "out").glob("*_stats.json")).read_text())
     assert stats["skipped"][0][0] == samples[2]["__key__"] and "UnicodeDecodeError" in stats["skipped"][0][1]
+    assert stats["skipped"][1][0] == samples[5]["__key__"] and "JSONDecodeError" in stats["skipped"][1][1]
 
 
 def test_console_script_reads_a_text_encoder_node(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
@@ -603,6 +607,47 @@ def test_resume_by_another_spelling_of_the_paths_keeps_finished_shards_and_merge
     manifest = json.loads((out / latents.MANIFEST_NAME).read_text())
     assert manifest["extra"] == {"a": 1, "b": 2}
     assert manifest["inputs"]["train-000000.tar"] == str((shapes_shards / "train-000000.tar").resolve())
+
+
+def test_another_folder_of_the_same_shard_names_is_refused_not_encoded_over(
+        shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    """A second folder whose shards have the first one's names, encoded into the same output_dir, replaced the first
+    folder's latents without a word (the manifest's inputs rewritten too); a shard whose recorded input is gone (a
+    moved folder) is encoded again as before."""
+    autoencoder, _ = encoders
+    out, other = tmp_path / "latents", shutil.copytree(shapes_shards, tmp_path / "other")
+    run_encode(shapes_shards, autoencoder, out)
+    before = (out / "train-000000.tar").read_bytes()
+    with pytest.raises(ConfigError, match=r"train-000000\.tar holds the latents of .*/train-000000\.tar, which this "
+                                          r"run would replace with those of .*other/train-000000\.tar \(4 such shards; "
+                                          r".*encode each folder into its own output_dir"):
+        run_encode(other, autoencoder, out)
+    assert (out / "train-000000.tar").read_bytes() == before
+    moved = shapes_shards.rename(tmp_path / "moved")
+    try:
+        assert run_encode(other, autoencoder, out)["shards_encoded"] == 4
+    finally:
+        moved.rename(shapes_shards)
+    manifest = json.loads((out / latents.MANIFEST_NAME).read_text())
+    assert manifest["inputs"]["train-000000.tar"] == str((other / "train-000000.tar").resolve())
+
+
+def test_another_latent_scale_of_the_same_weights_resumes_and_other_settings_are_named(
+        shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
+    """The moments are stored unscaled: re-measured latent statistics (the same weights at another scale) resume
+    the encode, and the manifest records the scale as it is now. A setting that differs for the same weights is
+    named, not the two equal hashes."""
+    autoencoder, text = encoders
+    out = tmp_path / "latents"
+    run_encode(shapes_shards, autoencoder, out)
+    rescaled = shutil.copytree(autoencoder, tmp_path / "rescaled")
+    (rescaled / "latent_stats.json").write_text(json.dumps({"scale_factor": 0.7, "global_std": 1.43}))
+    assert run_encode(shapes_shards, rescaled, out)["shards_finished_before"] == 4
+    assert json.loads((out / latents.MANIFEST_NAME).read_text())["autoencoder"]["latent_scale"] == 0.7
+    node = {"kind": "byte", "name_or_path": str(text)}
+    run_encode(shapes_shards, autoencoder, tmp_path / "text", text_encoder=node)
+    with pytest.raises(ConfigError, match=r"\(text_encoder\.dtype: 'float16' there, 'float32' now\): choose another"):
+        run_encode(shapes_shards, autoencoder, tmp_path / "text", text_encoder=node, text_dtype="float32")
 
 
 def test_gzipped_input_shards_give_plain_tars_named_as_such(shapes_shards: Path, encoders: tuple[Path, Path],

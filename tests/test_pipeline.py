@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,20 @@ def test_guidance_below_one_and_prompts_cut_short_are_named(trained, tmp_path: P
     assert torch.equal(unconditional[0], unconditional[1]), "two prompts, one seed: the same unconditional image"
     with pytest.warns(UserWarning, match="negative_prompts do nothing at guidance_scale=1"):
         pipeline.generate(CAPTIONS, [0, 1], num_steps=1, guidance_scale=1.0, negative_prompts=["blurry"] * 2)
+    # one step of leading (SD's) or linspace spacing visits t=1 or 0: the images were the starting noise, decoded
+    from ldm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+    trailing = pipeline.schedule
+    for spacing, offset, visited in (("leading", 1, 1), ("linspace", 0, 0)):
+        pipeline.schedule = NoiseSchedule(ScheduleConfig(timestep_spacing=spacing, steps_offset=offset))
+        with pytest.warns(UserWarning, match=rf"num_steps=1 with timestep_spacing={spacing} visits t=\[{visited}\]: "
+                                             rf"the sampler takes .* or timestep_spacing=trailing \(which starts at "
+                                             rf"t=999\)"):
+            pipeline.generate(CAPTIONS, [0, 1], num_steps=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipeline.generate(CAPTIONS, [0, 1], num_steps=2)  # leading: t=[501, 1]; linspace: [999, 0]
+    pipeline.schedule = trailing
     room = pipeline.conditioner.encoder.max_length - 2  # the byte encoder's: BOS and EOS around the bytes
     with caplog.at_level("WARNING", logger="ldm.conditioning.conditioner"):
         pipeline.generate(["x" * room, CAPTIONS[1]], [0, 1], num_steps=1)

@@ -200,7 +200,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             if max(folders.values()) > 1:
                 fixes["rename or leave out one of the shards whose names differ only in the tar suffix"] = None
             if len(folders) > 1:
-                fixes["encode each folder separately"] = None
+                fixes["encode each folder into its own output_dir"] = None
         inputs = [u for u in urls if shard_name(u) == shared[0]]
         raise ConfigError(f"shards: {len(shared)} output name{'s are' if len(shared) > 1 else ' is'} shared by "
                           f"several input shards (outputs keep the names, as .tar), e.g. {shared[0]} by {inputs}; "

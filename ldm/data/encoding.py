@@ -25,7 +25,16 @@ from ldm.config import ConfigError, check_choice, check_min, check_output_dir, t
 from ldm.data import latents
 from ldm.data.shardlist import is_tar_name, shard_name
 from ldm.data.shards import MEMBER_MTIME, SUMMARY_NAME
-from ldm.data.stream import IMAGE_KEYS, MemberWatch, no_image, read_tar, resize_crop, sample_caption, shard_stops_early
+from ldm.data.stream import (
+    IMAGE_KEYS,
+    MemberWatch,
+    no_image,
+    read_tar,
+    resize_crop,
+    sample_caption,
+    sample_metadata,
+    shard_stops_early,
+)
 from ldm.images import decode_image
 from ldm.io import (
     CONFIG_NAME,
@@ -178,37 +187,56 @@ RUN_KEYS = ("created", "ldm_version", "inputs", "extra")
 
 
 def _encoder_identity(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A manifest's autoencoder or text encoder entry without the paths it was read from: the same weights given as
-    another path (relative, a copy, from another directory) are the same encoder (its sha256 says so)."""
+    """A manifest's autoencoder or text encoder entry without the paths it was read from (the same weights given as
+    another path, relative, a copy, from another directory, are the same encoder: its sha256 says so) and without
+    the latent scale (the moments are stored unscaled; training takes its scale from the model)."""
     if entry is None:
         return None
-    entry = {k: v for k, v in entry.items() if k != "path"}
+    entry = {k: v for k, v in entry.items() if k not in ("path", "latent_scale")}
     if isinstance(entry.get("config"), dict) and "kind" in entry["config"]:  # a text encoder's conditioner node
         entry["config"] = {k: v for k, v in entry["config"].items() if k in TEXT_SETTINGS}
     return entry
 
 
-def _described(manifest: dict[str, Any], key: str) -> str:
-    """A manifest key's value for an error: an encoder by its sha256 and settings, anything else as it is."""
-    entry = _encoder_identity(manifest.get(key)) if key in ("autoencoder", "text_encoder") else manifest.get(key)
-    if isinstance(entry, dict) and "sha256" in entry:
-        settings = {k: v for k, v in (entry.get("config") or {}).items() if k in TEXT_SETTINGS}
-        settings.update({k: entry[k] for k in ("dtype", "tokens_sha256") if k in entry})
-        return f"sha256 {entry['sha256']}" + (f" {settings}" if settings else "")
-    return repr(entry)
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Manifest keys (other than RUN_KEYS) in which two encodings differ; the encoders compare by weights and
-    settings, not by the paths they were given as."""
-    def comparable(m: dict[str, Any], key: str) -> Any:
+def _compared(old: dict[str, Any], new: dict[str, Any], key: str) -> tuple[Any, Any]:
+    """Two manifests' values of `key` as they are compared: the encoders by weights and settings, not by the paths
+    they were given as."""
+    def comparable(m: dict[str, Any]) -> Any:
         entry = _encoder_identity(m.get(key)) if key in ("autoencoder", "text_encoder") else m.get(key)
         if key == "text_encoder" and entry is not None and not all(
                 "tokens_sha256" in (other.get(key) or {}) for other in (old, new)):
             entry.pop("tokens_sha256", None)  # written before manifests recorded it: compared by the rest
         return entry
 
-    return sorted(k for k in set(old) | set(new) if k not in RUN_KEYS and comparable(old, k) != comparable(new, k))
+    return comparable(old), comparable(new)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Manifest keys (other than RUN_KEYS) in which two encodings differ."""
+    changed = []
+    for key in sorted((set(old) | set(new)) - set(RUN_KEYS)):
+        there, now = _compared(old, new, key)
+        if there != now:
+            changed.append(key)
+    return changed
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
+    """How a changed key differs, for an error: an encoder of other weights by its sha256 and settings; one of the
+    same weights by the settings that differ; anything else as it is."""
+    there, now = _compared(old, new, key)
+    if isinstance(there, dict) and isinstance(now, dict) and "sha256" in there and there["sha256"] == now.get("sha256"):
+        return "; ".join(f"{key}.{k}: {there.get(k)!r} there, {now.get(k)!r} now"
+                         for k in sorted(set(there) | set(now)) if there.get(k) != now.get(k))
+
+    def described(entry: Any) -> str:
+        if isinstance(entry, dict) and "sha256" in entry:
+            settings = {k: v for k, v in (entry.get("config") or {}).items() if k in TEXT_SETTINGS}
+            settings.update({k: entry[k] for k in ("dtype", "tokens_sha256") if k in entry})
+            return f"sha256 {entry['sha256']}" + (f" {settings}" if settings else "")
+        return repr(entry)
+
+    return f"{key}: {described(there)} there, {described(now)} now"
 
 
 def _earlier_outputs(out: Path, urls: list[str]) -> tuple[list[Path], list[Path]]:
@@ -268,11 +296,22 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[st
         old = read_output_manifest(path)
         changed = changed_keys(old, manifest)
         if changed:
-            differences = "; ".join(f"{k}: {_described(old, k)} there, {_described(manifest, k)} now" for k in changed)
+            differences = "; ".join(_difference(old, manifest, k) for k in changed)
             raise ConfigError(f"output_dir={out} holds latents encoded with other settings ({differences}): choose "
                               f"another output_dir, or pass overwrite=true to replace them")
+        replaced = [(name, was, url) for name, url in inputs.items()
+                    if (was := old.get("inputs", {}).get(name)) not in (None, url) and Path(was).exists()
+                    and (out / name).exists()]
+        if replaced:
+            name, was, url = replaced[0]
+            raise ConfigError(f"output_dir={out}/{name} holds the latents of {was}, which this run would replace with "
+                              f"those of {url} ({len(replaced)} such shard{'s' if len(replaced) > 1 else ''}; a "
+                              f"latent shard keeps its input's name): encode each folder into its own output_dir, or "
+                              f"pass overwrite=true to replace them")
         inputs = {**old.get("inputs", {}), **inputs}
-        manifest = {**old, "inputs": inputs, "extra": {**(old.get("extra") or {}), **(manifest["extra"] or {})}}
+        autoencoder = {**old["autoencoder"], "latent_scale": manifest["autoencoder"]["latent_scale"]}  # as it is now
+        manifest = {**old, "autoencoder": autoencoder, "inputs": inputs,
+                    "extra": {**(old.get("extra") or {}), **(manifest["extra"] or {})}}
         gone = sorted(name for name, url in inputs.items() if not Path(url).exists() and (out / name).exists())
         if gone:
             log.warning("output_dir=%s holds %d latent shards whose input shards no longer exist (%s): training on "
@@ -381,7 +420,8 @@ def _images(url: str, resolution: int, skipped: list[list[str]]) -> Iterator[tup
             if ext is None:
                 raise ValueError(no_image(sample))
             image = resize_crop(decode_image(sample[ext]), resolution, None)  # as the datamodule: centre crop
-            sample_caption(sample)  # a caption training could not read: left out here too
+            sample_caption(sample)  # a caption or metadata training could not read: left out here too
+            sample_metadata(sample)
         except Exception as err:  # noqa: BLE001 -- an undecodable image is reported and left out
             skipped.append([sample.get("__key__", "?"), f"{type(err).__name__}: {err}"[:200]])
             continue

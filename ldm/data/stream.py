@@ -503,6 +503,12 @@ def sample_caption(sample: Mapping[str, Any]) -> str | None:
     return next((utf8_text(text.strip()) for text in texts if isinstance(text, str) and text.strip()), None)
 
 
+def sample_metadata(sample: Mapping[str, Any]) -> Any:
+    """A raw sample's `json` member, parsed ({} without one); a ValueError when it is not JSON (the sample is left
+    out by every reader that reads it: training, ldm-encode)."""
+    return json.loads(sample["json"]) if "json" in sample else {}
+
+
 def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int | None = None
                       ) -> tuple[str, int | None]:
     """A raw sample's caption ("" and counted when it has none) and integer class label: None without one, unless
@@ -514,7 +520,7 @@ def caption_and_label(sample: dict[str, Any], skips: SkipLog, num_classes: int |
         caption = ""
         if num_classes is None:  # (a class-conditional model reads no caption)
             skips.add_uncaptioned(sample.get("__url__", "?"), sample.get("__key__", "?"))
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = sample_metadata(sample)
     label = meta.get("label") if isinstance(meta, dict) else None
     if not is_int(label):
         if num_classes is not None:
