@@ -704,6 +704,26 @@ def test_settings_that_would_act_otherwise_than_asked_are_refused(shapes_shards:
     assert image_shards_in(packed).name == "train-000000.tar.xz"
 
 
+def test_a_shard_named_twice_is_refused_naming_both_patterns(shapes_shards: Path, tmp_path: Path):
+    """A glob plus a list naming one of its shards again read that shard's samples twice an epoch (and weighted it
+    twice in validation), without a word: the same file by a link, and a remote URL given twice, alike."""
+    from ldm.data.shardlist import expand_shards
+
+    with pytest.raises(ConfigError, match=rf"data\.train_shards: {shapes_shards}/train-000002\.tar is named twice "
+                                          rf"\(by '{shapes_shards}/train-\*\.tar' and by "
+                                          rf"'{shapes_shards}/train-000002\.tar'\): its samples would be read twice an "
+                                          rf"epoch; name each shard once"):
+        expand_shards(f"{shapes_shards}/train-*.tar::{shapes_shards}/train-000002.tar", "data.train_shards")
+    (tmp_path / "link.tar").symlink_to(shapes_shards / "train-000001.tar")
+    with pytest.raises(ConfigError, match=r"link\.tar is named twice"):
+        expand_shards([f"{shapes_shards}/train-00000[0-1].tar", str(tmp_path / "link.tar")], "data.train_shards")
+    with pytest.raises(ConfigError, match=r"pipe:cat a\.tar is named twice \(by 'pipe:cat a\.tar' and by 'pipe:cat "
+                                          r"a\.tar'\)"):
+        expand_shards("pipe:cat {a,b,a}.tar", "data.train_shards")
+    assert len(expand_shards([f"{shapes_shards}/train-00000[0-1].tar", f"{shapes_shards}/train-00000[2-3].tar"],
+                             "data.train_shards")) == 4
+
+
 def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(shapes_shards: Path, tmp_path: Path):
     """img2dataset names its shards 00000.tar: the folder (which stands for train-*.tar) and a loose glob were
     refused with a fix naming train-*.tar, which matched nothing there."""

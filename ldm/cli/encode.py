@@ -193,10 +193,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if shared:
         fixes = {}  # what each way of sharing a name asks for, over every shared name
         for name in shared:
-            real = [os.path.realpath(u) for u in urls if shard_name(u) == name]
-            folders = Counter(os.path.dirname(r) for r in set(real))
-            if len(set(real)) < len(real):
-                fixes["give each shard once"] = None
+            folders = Counter(os.path.dirname(os.path.realpath(u)) for u in urls if shard_name(u) == name)
             if max(folders.values()) > 1:
                 fixes["rename or leave out one of the shards whose names differ only in the tar suffix"] = None
             if len(folders) > 1:

@@ -267,14 +267,14 @@ class EpochLoader(DataLoader):
     without `reload_dataloaders_every_n_epochs`. It is also `_Stateful` for Lightning: its state is the datamodule's.
     """
 
-    def __init__(self, dataset: ShardStream, begin_epoch: Callable[[int], tuple[int, int]],
+    def __init__(self, dataset: ShardStream, split: str, begin_epoch: Callable[[int], tuple[int, int]],
                  on_batch: Callable[[list[tuple[str, str, str, int]]], None], datamodule: WebDataModule,
                  **kwargs: Any):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.split = split
         self.begin_epoch = begin_epoch
         self.on_batch = on_batch
         self.datamodule = datamodule
-        self.passes = 0  # iterations started: epochs (training) or validations (Lightning's sanity check aside)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.plan.epoch, self.dataset.plan.skip_batches = self.begin_epoch(len(self.dataset))
@@ -288,12 +288,14 @@ class EpochLoader(DataLoader):
             iterator = super().__iter__()  # starts the workers
         if trainer is not None and trainer.sanity_checking:  # a few batches only: the first whole pass comes later
             return self._batches(iterator, first=False)
-        self.passes += 1
-        return self._batches(iterator, first=self.passes == 1)
+        passes = self.datamodule.passes
+        passes[self.split] = passes.get(self.split, 0) + 1
+        return self._batches(iterator, first=passes[self.split] == 1)
 
     def _batches(self, iterator: Iterator[dict[str, Any]], first: bool) -> Iterator[dict[str, Any]]:
-        """Each batch without its reports; those of the loader's first pass are counted (later epochs and validations
-        meet the same samples again, and would count them again)."""
+        """Each batch without its reports; those of the split's first pass are counted (later epochs and validations,
+        also through a new loader of the split, as `trainer.reload_dataloaders_every_n_epochs` builds, meet the same
+        samples again, and would count them again)."""
         for batch in iterator:
             uncaptioned, skipped = batch.pop("__uncaptioned__", []), batch.pop("__skipped__", [])
             self.datamodule.record_uncounted(batch.pop("__uncounted__", {}))
@@ -367,6 +369,8 @@ class WebDataModule(L.LightningDataModule):
         self.skipped: list[tuple[str, str, str]] = []  # (shard, key, reason), the first 1000
         self.uncaptioned: dict[str, int] = {}  # shard -> samples without a caption (they train with "")
         self._uncounted: set[str] = set()  # shards found to hold more samples than their count (warned once)
+        self.passes: dict[str, int] = {}  # split -> iterations its loaders started: epochs or validations (Lightning's
+        #                                   sanity check aside)
         self._epoch = -1  # epoch of the current train iteration (-1: none yet)
         self._batches = 0  # train batches the loader yielded in it (including those skipped on resume)
         self._trained = 0  # train batches handed to training steps in it (including those skipped on resume)
@@ -445,7 +449,7 @@ class WebDataModule(L.LightningDataModule):
                  "rank per epoch, %d samples left out per epoch", sum(plan.counts), len(plan.urls), plan.slots,
                  plan.world_size, max(1, plan.num_workers), plan.rank_batches, plan.batch_size, plan.left_out)
         self._warn_short_accumulation(plan)
-        return EpochLoader(self._stream(plan), self._begin_train_epoch, self._on_train_batch, self,
+        return EpochLoader(self._stream(plan), "train", self._begin_train_epoch, self._on_train_batch, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
     def _check_labelled(self) -> None:
@@ -487,7 +491,7 @@ class WebDataModule(L.LightningDataModule):
         log.info("val data: %d samples in %d shards over %d ranks: %d batches of at most %d per rank, %d samples left "
                  "out", sum(plan.counts), len(plan.urls), plan.world_size, plan.rank_batches, plan.batch_size,
                  plan.left_out)
-        return EpochLoader(self._stream(plan), lambda _: (0, 0), self._record_skipped, self,
+        return EpochLoader(self._stream(plan), "val", lambda _: (0, 0), self._record_skipped, self,
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
     def _pin_memory(self) -> bool:

@@ -34,12 +34,14 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
     """
     parts = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     urls: list[str] = []
+    patterns: list[str] = []  # the pattern (a `::` list's item, a brace expansion) that named each url
     for part in parts:
         if not isinstance(part, str) or not part:
             raise ConfigError(f"{key}: expected a non-empty string or a list of them, got {part!r}")
         for url in wds.shardlists.expand_urls(part):
             if url.startswith(REMOTE_PREFIXES):
                 urls.append(url)
+                patterns.append(url)
                 continue
             path = os.path.expanduser(url.removeprefix("file:"))
             pattern = None  # a file or folder that exists is taken as named, `[` in its name included
@@ -81,6 +83,14 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
                                       f"gzip, bzip2 or xz compressed); name the shards only")
             # absolute (a relative `pipe:x.tar` or `s3:x.tar` is a file), `..` kept: after a symlink it is not textual
             urls.extend(os.path.join(os.getcwd(), m) for m in matches)
+            patterns.extend([url] * len(matches))
+    named: dict[str, str] = {}  # a shard (a local one by its real path) -> the pattern that named it first
+    for url, pattern in zip(urls, patterns):
+        shard = url if url.startswith(REMOTE_PREFIXES) else os.path.realpath(url)
+        if shard in named:
+            raise ConfigError(f"{key}: {url} is named twice (by {named[shard]!r} and by {pattern!r}): its samples "
+                              f"would be read twice an epoch; name each shard once")
+        named[shard] = pattern
     if not urls:
         raise ConfigError(f"{key}={spec!r} names no shards")
     return urls

@@ -317,8 +317,10 @@ def _read_segments(segments: list[tuple[str, int, int]], skips: SkipLog,
             # what was read is kept, also when the reader stopped inside the range (trainer.limit_val_batches), less
             # the newest sample unless the one after it was read (not known to be whole: perhaps the tar's last)
             early = not followed and (ahead or seen < hi or skips.tar_error is not None)
-            if early and ran_out and skips.tar_error is None and not url.startswith(REMOTE_PREFIXES) and not cut():
+            if early and ran_out and skips.tar_error is None and not cut():
                 early = False  # an intact tar that holds fewer samples than its count says: its last one is whole
+                # (a remote one is not walked: a cut at a member's boundary, rare, leaves its last sample without
+                # the members after it, a sample then skipped for want of an image or counted as uncaptioned)
             cut_key = skips.watch.cut_key() if skips.tar_error is not None else None
             if ran_out and cut_key is not None:  # the tar ended inside a member's data: that member's sample is cut,
                 early = last_key == cut_key      # one before it whole
