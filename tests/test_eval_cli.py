@@ -94,6 +94,11 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
     assert len(read_results(out)) == 3
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+    # where the files were found is no protocol: a moved statistics cache (a job on another machine, another
+    # $LDM_CACHE_DIR) and a copied CLIP folder, the same contents, kept the rows too (each point was scored again)
+    cache, clip = shutil.copytree(assets["cache"], tmp_path / "cache"), shutil.copytree(assets["clip"], tmp_path / "c")
+    evaluate({**cfg, "cache_dir": str(cache), "clip_model": str(clip), "guidance_scales": [1.0]})
+    assert len(read_results(out)) == 3
     evaluate({**cfg, "guidance_scales": [1.0], "metrics": ["fid"], "skip_done": False})
     assert len(read_results(out)) == 4 and read_results(out)[3]["reference_hash"] == rows[0]["reference_hash"]
     capsys.readouterr()
@@ -302,6 +307,8 @@ def test_bad_config_and_missing_weights_fail_before_any_model_is_built(assets, t
         evaluate(make_cfg(assets, tmp_path, seed=-1))
     with pytest.raises(ConfigError, match="prompts_file=p.txt is read only with prompts_source=file"):
         evaluate(make_cfg(assets, tmp_path, prompts_file="p.txt"))
+    with pytest.raises(ConfigError, match="kid_subset_size=1 must be >= 2"):  # (was run as 2, recorded as asked 1)
+        evaluate(make_cfg(assets, tmp_path, metrics=["kid"], kid_subset_size=1))
     with pytest.raises(WeightsNotFoundError, match="feature_extractor_weights_path="):
         evaluate(make_cfg(assets, tmp_path, feature_extractor_weights_path=str(tmp_path / "nowhere.pt")))
     with pytest.raises(WeightsNotFoundError, match="clip_model="):

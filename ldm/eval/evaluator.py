@@ -137,7 +137,8 @@ class EvalConfig:
         if self.num_samples < 2 or self.batch_size < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be >= 2 and batch_size={self.batch_size} >= 1")
         check_seeds("seed", self.seed, self.num_samples)  # sample i uses seed + i
-        check_min(1, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, resolution=self.resolution)
+        check_min(1, kid_subsets=self.kid_subsets, resolution=self.resolution)
+        check_min(2, kid_subset_size=self.kid_subset_size)  # (the unbiased MMD estimate compares pairs)
         check_min(2, reference_num_samples=self.reference_num_samples)
         if not (self.samplers and self.num_steps and self.guidance_scales):
             raise ConfigError(f"samplers={self.samplers}, num_steps={self.num_steps} and "
@@ -198,6 +199,17 @@ def _in_todays_form(row: dict[str, Any]) -> dict[str, Any]:
         row = {**row, "data_shards": row_shards(row["data_shards"])}
     if isinstance(row.get("data_fingerprint"), list):
         row = {**row, "data_fingerprint": fingerprint_digest(row["data_fingerprint"])}
+    return row
+
+
+def _compared(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's fields as `skip_done` compares them: where a file was found is no protocol (the reference statistics'
+    cache file, whose contents `reference_hash` names; a local CLIP folder, whose weights `weights_sha256` names), so
+    that a moved cache or a copied CLIP folder keeps the rows scored."""
+    row = {k: v for k, v in row.items() if k != "reference_stats"}
+    clip = row.get("clip_model")
+    if isinstance(clip, dict) and "weights_sha256" in clip:
+        row["clip_model"] = {k: v for k, v in clip.items() if k != "weights"}
     return row
 
 
@@ -332,12 +344,13 @@ class Evaluator:
         missing metrics or differing fields are named."""
         if not self.cfg.skip_done:
             return None
-        point = json.loads(json.dumps(point))  # as a row read back from results.jsonl (tuples as lists)
-        found = next((row for row in self.done if all(row.get(k) == v for k, v in point.items())
+        point = _compared(json.loads(json.dumps(point)))  # as a row read back from results.jsonl (tuples as lists)
+        rows = [(_compared(row), row) for row in self.done]
+        found = next((row for seen, row in rows if all(seen.get(k) == v for k, v in point.items())
                       and all(m in row for m in metrics)), None)
         if found is None and self.rank == 0:  # a row of the same point as the user sees it, scored otherwise
             same = (*CHECKPOINT_IDENTITY, *varied, *CHOSEN)
-            near = [row for row in self.done if all(row.get(k) == point[k] for k in same if k in point)]
+            near = [seen for seen, _ in rows if all(seen.get(k) == point[k] for k in same if k in point)]
             if near:
                 def lacking(row: dict[str, Any]) -> list[str]:
                     return [m for m in metrics if m not in row]
