@@ -203,7 +203,7 @@ def test_an_sd1_single_file_of_a_penultimate_layer_model_keeps_every_block(tmp_p
     max_diff(_encode(parts.text_encoder, tokenizer), expected, "SD 1 single file, penultimate layer -> ours")
 
 
-def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread):
+def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread, caplog):
     """An SD 2 file without metadata or .yaml (our export re-saved by another tool) does not say whether it predicts
     v or eps: the loader leaves it None, `model.init_from` stops naming model.init_prediction, and with it the
     generation size follows (768 px for v). Its text tower is imported with all its blocks."""
@@ -238,6 +238,19 @@ def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread
     LatentDiffusionModule(module.hparams["config"], frozen=module.hparams["frozen"])  # as a checkpoint restores it
     (tmp_path / "bare.yaml").write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.00085\n")
     assert load_components(tmp_path / "bare.safetensors").prediction == "v"
+    # a prediction asked for against what the file records (the .yaml, our metadata) is taken, and said (it was
+    # taken silently: an eps UNet trained as a v model)
+    with caplog.at_level("WARNING", logger="ldm.convert.single_file"):
+        assert load_components(tmp_path / "bare.safetensors", prediction="eps").prediction == "eps"
+        assert load_components(path, prediction="eps").prediction == "eps"
+    assert "bare.safetensors predicts v by the .yaml beside it; taken as predicting eps, as asked" in caplog.text
+    assert "sd2.safetensors predicts v by its metadata; taken as predicting eps" in caplog.text
+    zero_snr = save_single_file(tmp_path / "zero.safetensors", unet, vae, 0.18215,
+                                ScheduleConfig(zero_terminal_snr=True, timestep_spacing="trailing"), "v", clip)
+    with pytest.raises(ConfigError, match=r"model\.init_prediction=eps: model\.init_from=.*zero\.safetensors has a "
+                                          r"zero-terminal-SNR schedule.*set model\.init_prediction=v, or leave it "
+                                          r"unset"):
+        LatentDiffusionModule({"init_from": str(zero_snr), "init_prediction": "eps", "conditioner": conditioner})
 
 
 def test_released_sd2_text_tower_keeps_the_penultimate_layer(tmp_path, single_torch_thread):

@@ -65,6 +65,26 @@ def test_our_generate_equals_diffusers_on_our_export(tmp_path: Path, single_torc
     max_diff((mine + 1) / 2, theirs, "negative prompts: ours vs diffusers, [0, 1] pixels", tol=1e-3)
 
 
+def test_init_from_keeps_the_penultimate_layer_asked_for(tmp_path: Path, single_torch_thread):
+    """`model.conditioner.layer=penultimate` ("CLIP skip", as with the model as name_or_path) was replaced by the
+    import's own layer under init_from, and the run recorded and exported `last`."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tiny_sd_pipeline(tmp_path, "sd1")
+    module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None,
+                                    "conditioner": {"kind": "clip", "layer": "penultimate"}})
+    assert module.config.conditioner.layer == "penultimate"
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "sd1" / "tokenizer")
+    reference = CLIPTextModel.from_pretrained(tmp_path / "sd1" / "text_encoder").eval()
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = reference(ids, output_hidden_states=True).hidden_states[-2]
+        want = reference.final_layer_norm(hidden)
+        context, _ = module.pipeline.conditioner.encoder(PROMPTS)
+    max_diff(context, want, "init_from with layer=penultimate: CLIP's hidden_states[-2] + final_layer_norm", tol=1e-5)
+
+
 def test_ldm_train_fine_tunes_an_import_and_diffusers_loads_the_export(tmp_path: Path, shapes_shards: Path):
     """`model=ldm/tiny model.init_from=P` trains the imported model for a few CPU steps; `ldm-export` writes a
     diffusers folder of the fine-tuned weights that StableDiffusionPipeline loads and runs."""
@@ -165,7 +185,18 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
               r"holds a text-to-image model, whose CLIP text encoder becomes model\.conditioner: "
               r"model\.conditioner\.kind=class cannot apply"),
              ({"init_from": str(tmp_path / "sd1"), "conditioner": {"num_classes": 10}},
-              r"model\.conditioner\.num_classes=10 cannot apply; leave model\.conditioner\.kind")]
+              r"model\.conditioner\.num_classes=10 cannot apply; leave model\.conditioner\.kind"),
+             # the tokenizer's errors named the Python argument tokenizer_path, and a pipeline folder given for its
+             # tokenizer/ was told to be a tokenizer like openai/clip-vit-large-patch14
+             # one level too deep: told to restore a scheduler/ (unet/) or that it is an export of another kind
+             ({"init_from": str(tmp_path / "sd1" / "unet")},
+              r"init_from=.*sd1/unet is the unet/ folder of the diffusers pipeline .*sd1: set model\.init_from=.*sd1$"),
+             ({"init_from": str(tmp_path / "sd1" / "text_encoder")}, r"is the text_encoder/ folder of the diffusers"),
+             ({"init_from": str(tmp_path / "sd1"), "conditioner": {"tokenizer": str(tmp_path / "sd1" / "tokenizr")}},
+              r"^model\.conditioner\.tokenizer=.*tokenizr is not a directory"),
+             ({"init_from": str(tmp_path / "sd1"), "conditioner": {"tokenizer": str(tmp_path / "sd1")}},
+              r"^model\.conditioner\.tokenizer=.*sd1 is a pipeline folder, whose tokenizer is its tokenizer/ folder: "
+              r"set model\.conditioner\.tokenizer=.*sd1/tokenizer$")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)

@@ -430,7 +430,8 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
     elif c.kind == "clip" and is_stable_diffusion(c.name_or_path):
         from ldm.convert import load_components
 
-        encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer, key=key).build_text_encoder(
+        encoder = load_components(c.name_or_path, tokenizer_path=c.tokenizer, key=key,
+                                  tokenizer_key=f"{prefix}.tokenizer").build_text_encoder(
             c.max_length, c.trainable, c.layer, prefix)
     elif c.kind == "clip":
         tokenizer = None

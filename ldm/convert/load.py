@@ -115,13 +115,15 @@ def _pipeline_size(directory: Path, config: AutoencoderConfig) -> AutoencoderCon
     return dataclasses.replace(config, resolution=unet_size * 2 ** (len(config.ch_mult) - 1))
 
 
-def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = None) -> SDComponents:
+def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = None,
+                  tokenizer_key: str = "tokenizer_path") -> SDComponents:
     """All parts of a diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, scheduler/,
     text_encoder/, tokenizer/). Parts the folder lacks (or lists as null) stay None.
 
     Args:
         directory: the pipeline folder.
         tokenizer_path: a tokenizer directory to use instead of the folder's tokenizer/.
+        tokenizer_key: the config key that named `tokenizer_path`, for errors.
     """
     from transformers import CLIPTextModel
 
@@ -177,7 +179,7 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
                                              f"{str(err).splitlines()[0] if str(err) else ''}); its config.json and "
                                              f"weights must be a transformers CLIPTextModel's") from None
     if tokenizer_path is not None:
-        parts.tokenizer = load_tokenizer(tokenizer_path)
+        parts.tokenizer = load_tokenizer(tokenizer_path, tokenizer_key)
     elif present("tokenizer"):
         parts.tokenizer = load_tokenizer(directory / "tokenizer", f"{directory}/tokenizer")
     if parts.tokenizer is not None and parts.text_encoder is not None:  # diffusers pads prompts to model_max_length
@@ -187,7 +189,8 @@ def load_pipeline(directory: str | Path, tokenizer_path: str | Path | None = Non
 
 
 def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
-                    prediction: str | None = None, use_ema: bool = False, key: str = "path") -> SDComponents:
+                    prediction: str | None = None, use_ema: bool = False, key: str = "path",
+                    tokenizer_key: str = "tokenizer_path") -> SDComponents:
     """Everything a Stable Diffusion checkpoint holds, in our layout, from any of its forms.
 
     Args:
@@ -198,6 +201,7 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
             `load_single_file`).
         use_ema: for single files, take the UNet's `model_ema.*` weights (see `load_single_file`).
         key: the config key that named `path`, for errors.
+        tokenizer_key: the config key that named `tokenizer_path`, for errors.
     """
     path = Path(path).expanduser()
     layout = detect_layout(path, key)
@@ -219,9 +223,9 @@ def load_components(path: str | Path, tokenizer_path: str | Path | None = None,
                           f"folder, a diffusers unet/ or vae/ folder, or a single file){export}")
     with _naming(key, path):
         if layout == "pipeline":
-            return load_pipeline(path, tokenizer_path)
+            return load_pipeline(path, tokenizer_path, tokenizer_key)
         if layout == "single_file":
-            return load_single_file(path, tokenizer_path, prediction, use_ema)
+            return load_single_file(path, tokenizer_path, prediction, use_ema, tokenizer_key)
         if layout == "diffusers_unet":
             config, state = load_unet_diffusers(path)
             return SDComponents(unet_config=config, unet_state=state, source=f"diffusers UNet {path}")

@@ -5,6 +5,7 @@ the schedule, prediction and latent scale from metadata, a `.yaml` beside the fi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from ldm.convert.schedule import SD_SCHEDULE, schedule_from_betas
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.nn.autoencoder import AutoencoderConfig
 from ldm.nn.unet import UNetConfig
+
+log = logging.getLogger(__name__)
 
 # Top-level buffers of LDM's LatentDiffusion (the DDPM schedule and its loss weights): derived from the betas.
 _SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -49,7 +52,8 @@ def _sidecar_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
-                     prediction: str | None = None, use_ema: bool = False) -> SDComponents:
+                     prediction: str | None = None, use_ema: bool = False,
+                     tokenizer_key: str = "tokenizer_path") -> SDComponents:
     """All parts of an original-layout single file (SD 1.x / 2.x `.safetensors` or `.ckpt`).
 
     The architecture comes from the tensor shapes; the schedule, prediction and latent scale from, in order, our own
@@ -64,6 +68,7 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
             neither metadata nor a `.yaml` (768-px SD 2 models predict v, 512-px "base" models eps), whose
             `prediction` is None without it.
         use_ema: take the UNet's EMA weights (`model_ema.*`); an error when the file has none.
+        tokenizer_key: the config key that named `tokenizer_path`, for errors.
 
     Raises:
         UnsupportedCheckpointError: SDXL, ControlNet, inpainting, VQ, or keys no part accounts for.
@@ -99,12 +104,12 @@ def load_single_file(path: str | Path, tokenizer_path: str | Path | None = None,
     if autoencoder is not None:
         parts.autoencoder_config, parts.autoencoder_state, parts.latent_scale = autoencoder
 
+    if tokenizer_path is not None:
+        parts.tokenizer = load_tokenizer(tokenizer_path, tokenizer_key)
     layout = text.text_layout(state)
     if layout is not None:
-        parts.text_encoder = _text_encoder_from_file(state, layout, meta, tokenizer_path)
+        parts.text_encoder = _text_encoder_from_file(state, layout, meta, parts.tokenizer)
         parts.max_length = meta.get("max_length")  # written by save_single_file for shorter prompts than 77
-    if tokenizer_path is not None:
-        parts.tokenizer = load_tokenizer(tokenizer_path)
     if parts.unet_config is not None:
         parts.schedule, parts.prediction = _schedule_of_file(state, meta, yaml_params, parts.unet_config,
                                                              prediction, what)
@@ -183,8 +188,7 @@ def _ema_weights(state: StateDict, unet_state: StateDict, what: str) -> StateDic
     return ema
 
 
-def _text_encoder_from_file(state: StateDict, layout: str, meta: dict[str, Any],
-                            tokenizer_path: str | Path | None) -> Any:
+def _text_encoder_from_file(state: StateDict, layout: str, meta: dict[str, Any], tokenizer: Any | None) -> Any:
     """A transformers CLIPTextModel built from a single file's SD 1 or OpenCLIP (SD 2) text encoder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -197,7 +201,6 @@ def _text_encoder_from_file(state: StateDict, layout: str, meta: dict[str, Any],
         flat, _ = text.openclip_to_flat(strip_prefix(state, text.OPENCLIP_PREFIX), layers)
         hidden_act = "gelu"
     if config_fields is None:
-        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
         config_fields = text.clip_config_from_state(flat, hidden_act, tokenizer)
     model = CLIPTextModel(CLIPTextConfig(**config_fields)).eval()
     text.load_state_into(model, flat, f"text encoder ({layout} layout)")
@@ -218,10 +221,15 @@ def _schedule_of_file(state: StateDict, meta: dict[str, Any], yaml_params: dict[
         schedule = schedule_from_betas(state["betas"])
     else:
         schedule = SD_SCHEDULE
-    if prediction is None:
-        prediction = meta.get("prediction")
-    if prediction is None and yaml_params:
-        prediction = {"eps": "eps", "v": "v", "x0": "x0"}.get(yaml_params.get("parameterization", "eps"))
+    recorded, where = meta.get("prediction"), "its metadata"
+    if recorded is None and yaml_params:
+        recorded, where = {"eps": "eps", "v": "v", "x0": "x0"}.get(yaml_params.get("parameterization", "eps")), \
+            "the .yaml beside it"
+    if prediction is not None and recorded not in (None, prediction):  # (a wrong .yaml, or a UNet to retrain as v)
+        log.warning("%s predicts %s by %s; taken as predicting %s, as asked (model.init_prediction, prediction=): "
+                    "a UNet trained otherwise starts far from what it is now asked for", what, recorded, where,
+                    prediction)
+    prediction = prediction or recorded
     if prediction is None and unet.context_dim == 768:
         prediction = "eps"  # every SD 1.x model
     return schedule, prediction  # None: an SD 2.x file that does not say (768-px models predict v, base models eps)

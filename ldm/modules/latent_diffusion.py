@@ -179,12 +179,16 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
 
     c = config
     folder = Path(c.init_from).expanduser().is_dir()
+    pipeline = Path(c.init_from).expanduser().resolve().parent
+    if folder and (pipeline / "model_index.json").is_file():  # its unet/, text_encoder/...: one part, no scheduler
+        raise ConfigError(f"model.init_from={c.init_from} is the {Path(c.init_from).name}/ folder of the diffusers "
+                          f"pipeline {pipeline}: set model.init_from={pipeline}")
     if folder and (c.init_ema or c.init_prediction is not None):
         raise ConfigError(f"model.init_from={c.init_from} is a folder, whose scheduler/ says what its UNet predicts "
                           f"and whose UNet holds one set of weights: model.init_prediction and model.init_ema are for "
                           f"single files; leave them unset")
     parts = load_components(c.init_from, tokenizer_path=c.conditioner.tokenizer, prediction=c.init_prediction,
-                            use_ema=c.init_ema, key="model.init_from")
+                            use_ema=c.init_ema, key="model.init_from", tokenizer_key="model.conditioner.tokenizer")
     if parts.unet_state is None:
         raise ConfigError(f"model.init_from={c.init_from} holds no UNet ({parts.source}); give a diffusers pipeline "
                           f"folder or a Stable Diffusion single file (a VAE alone goes to model.autoencoder_path)")
@@ -229,10 +233,15 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
                           f"(and num_classes, class_embed) out")
     if parts.text_encoder is not None:  # prompts as long as the model's (SD: 77, the encoder's positions)
         # a UNet with a pooled-vector projection (class_embed_type: projection, as ldm-export writes
-        # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on
+        # model.unet.pooled_dim) takes the CLIP's pooled prompt vector, as it was trained on. The layer stays the
+        # config's: the import ends on the layer its UNet was trained on, so that penultimate is "CLIP skip", as
+        # with the model as model.conditioner.name_or_path
         conditioner = dataclasses.replace(conditioner, kind="clip", name_or_path=str(c.init_from),
-                                          layer=parts.clip_layer, max_length=parts.prompt_length,
-                                          pooled=pooled_dim is not None)
+                                          max_length=parts.prompt_length, pooled=pooled_dim is not None)
+    if c.init_prediction == "eps" and parts.schedule is not None and parts.schedule.zero_terminal_snr:
+        raise ConfigError(f"model.init_prediction=eps: model.init_from={c.init_from} has a zero-terminal-SNR "
+                          f"schedule, at whose last step the noise says nothing of the image, so that no UNet can "
+                          f"predict eps there; set model.init_prediction=v, or leave it unset")
     diffusion = dataclasses.replace(c.diffusion, schedule=parts.schedule or c.diffusion.schedule,
                                     prediction=parts.prediction or c.diffusion.prediction)
     # the layout is the checkpoint's; how it trains (checkpointing, dropout) stays the config's
@@ -243,9 +252,9 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
         ("unet", c.unet, new.unet), ("conditioner", c.conditioner, new.conditioner),
         ("diffusion.schedule", c.diffusion.schedule, new.diffusion.schedule),
         ("diffusion.prediction", c.diffusion.prediction, new.diffusion.prediction)) if old != value]
+    encoder = f", CLIP text encoder ({conditioner.layer} layer)" if parts.text_encoder is not None else ""
     rank_zero_info(f"model.init_from={c.init_from} ({parts.source}): UNet "
-                   f"{sum(v.numel() for v in parts.unet_state.values()):,} parameters"
-                   f"{', CLIP text encoder (' + parts.clip_layer + ' layer)' if parts.text_encoder is not None else ''}"
+                   f"{sum(v.numel() for v in parts.unet_state.values()):,} parameters{encoder}"
                    f"; replaced {', '.join(replaced) or 'nothing (the config already matched)'}")
     return parts, new
 
@@ -291,7 +300,8 @@ class LatentDiffusionModule(L.LightningModule):
             autoencoder = AutoencoderKL(AutoencoderConfig(**frozen["autoencoder_config"]))
         if pretrained is not None and pretrained.text_encoder is not None:
             conditioner = TextConditioner(pretrained.build_text_encoder(config.conditioner.max_length,
-                                                                        config.conditioner.trainable),
+                                                                        config.conditioner.trainable,
+                                                                        config.conditioner.layer),
                                           "clip", config.conditioner.cond_drop_prob, config.conditioner.pooled)
         else:
             conditioner = build_conditioner(config.conditioner, load_pretrained=not restoring,
