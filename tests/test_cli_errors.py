@@ -346,9 +346,11 @@ def test_a_refusal_that_another_error_replaced_is_still_reported():
         assert describe_error(err) == (EXIT_FAILURE, "RuntimeError: boom")
 
 
-def test_ctrl_c_ends_with_one_line(tmp_path: Path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_with_one_line(signum: str, tmp_path: Path):
     """Ctrl-C in ldm-data (ldm-encode, ldm-eval, ldm-sample alike) printed a page of traceback and exited -2, without
-    saying what was kept: one line, status 130."""
+    saying what was kept: one line, status 130. A SIGTERM (`timeout`, a scheduler) to ldm-data left its staging
+    folder of partial shards, its lock and the folder it created, silently: it is taken as Ctrl-C is, status 143."""
     import signal
     import time
 
@@ -358,10 +360,11 @@ def test_ctrl_c_ends_with_one_line(tmp_path: Path):
     deadline = time.monotonic() + 120
     while not list(out.glob(".ldm-data-*")) and time.monotonic() < deadline:  # writing its shards
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signum))
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == ("ldm-data: interrupted; output_dir is as it was (shards go into place "
-                                               "only once both splits are written)")
+    assert process.returncode == 128 + getattr(signal, signum), stderr[-2000:]
+    by = " by SIGTERM" if signum == "SIGTERM" else ""
+    assert stderr.strip().splitlines()[-1] == (f"ldm-data: interrupted{by}; output_dir is as it was (shards go into "
+                                               f"place only once both splits are written)")
     assert "Traceback" not in stdout + stderr and not out.exists()
 

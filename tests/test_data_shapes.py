@@ -77,6 +77,10 @@ def test_holdout_keeps_captions_out_of_the_train_split_only():
     assert any(h in sample["caption"] for sample in val for h in held), "held-out prompts stay in val"
     with pytest.raises(ValueError, match="removes nearly every caption"):
         shapes.ShapesDataset(4, 16, holdout=["a "])
+    # a typo, another letter case, or words the layout never draws held nothing out, silently
+    for held, layout in ((["pink diamnd"], {}), (["Pink diamond"], {}), (["a small red circle"], {"sizes": ["large"]})):
+        with pytest.raises(ValueError, match=rf"holdout: \['{held[0]}'\] match no caption these shapes can have"):
+            shapes.ShapesDataset(4, 16, holdout=held, **layout)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

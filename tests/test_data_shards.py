@@ -261,6 +261,17 @@ def test_config_errors(tmp_path: Path):
         write_dataset({"source": "folder", "input_dir": str(tmp_path / "bad"), "output_dir": str(tmp_path / "o"),
                        "val_samples": 0, "overwrite": True})
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before  # and no staging folder left behind
+    # a tar of the user's own beside the shards: named as a shard to replace, then deleted by overwrite=true
+    with tarfile.open(tmp_path / "o" / "my_backup.tar", "w"):
+        pass
+    write_dataset({"source": "shapes", "output_dir": str(tmp_path / "o"), "num_samples": 4, "val_samples": 2,
+                   "resolution": 16, "overwrite": True})
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted([*before, "my_backup.tar"])
+    (tmp_path / "mine").mkdir()
+    with tarfile.open(tmp_path / "mine" / "my_backup.tar", "w"):
+        pass
+    write_dataset({"source": "shapes", "output_dir": str(tmp_path / "mine"), "num_samples": 4, "val_samples": 2,
+                   "resolution": 16})  # (it was refused as holding shards)
 
 
 def test_cli_writes_shards(tmp_path: Path):
@@ -817,3 +828,7 @@ def test_a_validation_only_shapes_set_is_written_and_a_refused_folder_run_leaves
         write_dataset({"source": "folder", "input_dir": str(unreadable), "output_dir": str(tmp_path / "out"),
                        "val_samples": 0, "resolution": 16})
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="no training image of input_dir="):  # its parents were left behind
+        write_dataset({"source": "folder", "input_dir": str(unreadable), "output_dir": str(tmp_path / "n" / "a" / "b"),
+                       "val_samples": 0, "resolution": 16})
+    assert not (tmp_path / "n").exists()

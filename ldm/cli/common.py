@@ -284,7 +284,15 @@ def _one_line(err: BaseException, with_type: bool) -> str:
     return f"{type(err).__name__}: {text}" if with_type else text
 
 
-def run_cli(name: str, task: Callable[[], T], kept: str = "") -> T:
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (`kill`, `timeout`, a scheduler's end of job) taken as Ctrl-C is, where `run_cli` is asked to."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def run_cli(name: str, task: Callable[[], T], kept: str = "", sigterm: bool = False) -> T:
     """Run a CLI's work inside its Hydra task function; an exception becomes one message on stderr and an exit status,
     Ctrl-C one line and status 130.
 
@@ -295,14 +303,19 @@ def run_cli(name: str, task: Callable[[], T], kept: str = "") -> T:
         name: the command, for the message (`ldm-train`).
         task: the work; its return value is passed on (a sweeper's metric).
         kept: what an interrupted run leaves and how to go on, for the Ctrl-C line.
+        sigterm: take a SIGTERM as Ctrl-C (the task's cleanup runs; status 143), for commands whose work has nothing
+            of its own to do on one (ldm-train's trainer saves a checkpoint).
     """
     global _task_started
     _task_started = True
+    previous = signal.signal(signal.SIGTERM, _terminated) if sigterm else None
     try:
         return task()
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+    except KeyboardInterrupt as err:
+        by = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        print(f"{name}: interrupted" + (" by SIGTERM" if by == signal.SIGTERM else "") + (f"; {kept}" if kept else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(128 + by)
     except Exception as err:  # noqa: BLE001 -- every failure gets a message and a status
         status, message = describe_error(err)
         if os.environ.get(TRACEBACK_ENV) == "1":
@@ -311,6 +324,9 @@ def run_cli(name: str, task: Callable[[], T], kept: str = "") -> T:
             f" (set {TRACEBACK_ENV}=1 for the traceback)"
         print(f"{name}: error: {message}{hint}", file=sys.stderr, flush=True)
         sys.exit(status)
+    finally:
+        if sigterm:
+            signal.signal(signal.SIGTERM, previous)
 
 
 HYDRA_FLAG_REFUSAL = "Only one of --run, --multirun"  # how Hydra's message for flags it cannot combine starts

@@ -37,7 +37,7 @@ def write_dataset(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="data")
 def main(cfg: DictConfig) -> None:
     run_cli("ldm-data", lambda: write_dataset(cfg), kept="output_dir is as it was (shards go into place only once "
-                                                          "both splits are written)")
+                                                          "both splits are written)", sigterm=True)
 
 
 if __name__ == "__main__":

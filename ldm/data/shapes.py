@@ -206,6 +206,14 @@ class ShapesDataset:
         self.sizes, self.positions = check_layout(sizes, positions, scale)
         self.scale = scale
         self.holdout = list(holdout) if split == "train" else []
+        if self.holdout:
+            captions = [ShapeSpec(shape, color, size, position, background, 0.0, 0.0, 0.0).caption
+                        for shape in SHAPES for color in COLORS for size in self.sizes for position in self.positions
+                        for background in BACKGROUNDS]
+            unmatched = [part for part in self.holdout if not any(part in caption for caption in captions)]
+            if unmatched:  # (a typo held nothing out: the "held-out" prompts were trained on)
+                raise ConfigError(f"holdout: {unmatched} match no caption these shapes can have (e.g. "
+                                  f"{captions[0]!r}); spell them as the captions do, in lower case")
         self.indices = self._indices() if self.holdout else None  # item -> sample index
 
     def _spec(self, index: int) -> ShapeSpec:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import stat
 import tempfile
@@ -52,6 +53,7 @@ OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".p
                           ".pgm", ".pbm", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".raf", ".rw2")
 MEMBER_EXTENSIONS = {".jpeg": "jpg", ".jpe": "jpg", ".jfif": "jpg"}  # a stored file's tar member: not its suffix
 SUMMARY_NAME = "summary.json"
+SHARD_NAME = re.compile(r"(train|val)-\d{6,}\.tar")  # what ldm-data writes (`{split}-%06d.tar`), and replaces
 # Column / field names accepted in a CSV or JSONL caption manifest.
 PATH_FIELDS = ("file", "path", "filename", "image")
 # Every tar member's mtime: a whole number keeps each member to one 512-byte ustar header (webdataset's default, the
@@ -591,14 +593,16 @@ def write_shards(cfg: WriteConfig) -> dict[str, Any]:
         raise ConfigError(f"output_dir={output_dir} holds latent shards (written by ldm-encode, described by its "
                           f"manifest.json): image shards written there would be read as latents; choose another "
                           f"output_dir")
-    created = not output_dir.exists()
+    created = [d for d in [output_dir, *output_dir.absolute().parents] if not d.exists()]  # innermost first
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(output_dir, "ldm-data"):  # a second ldm-data there would remove this one's staging folder
             return _write_into(cfg, output_dir)
     finally:
-        if created and not any(output_dir.iterdir()):  # a refused run leaves no folder behind
-            output_dir.rmdir()
+        for folder in created:  # a refused run leaves no folder behind (nor the parents it made)
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 def _warn_renumbered(output_dir: Path, written: dict[str, Any]) -> None:
@@ -620,7 +624,7 @@ def _warn_renumbered(output_dir: Path, written: dict[str, Any]) -> None:
 
 def _write_into(cfg: WriteConfig, output_dir: Path) -> dict[str, Any]:
     """`write_shards`' work in `output_dir`, which this run holds."""
-    existing = sorted(p.name for p in output_dir.glob("*.tar"))
+    existing = sorted(p.name for p in output_dir.glob("*.tar") if SHARD_NAME.fullmatch(p.name))  # ours only
     if existing:
         if not cfg.overwrite:
             raise FileExistsError(f"output_dir={output_dir} already holds shards ({existing[:3]}...); choose another "
