@@ -29,15 +29,16 @@ class KeyRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(shards: Path, root: Path, ckpt_path: str | None = None, **trainer_options) -> KeyRecorder:
-    dm = WebDataModule(train_shards=str(shards / "train-00000[0-2].tar"), batch_size=4, num_workers=2, seed=7,
+def _fit(shards: Path, root: Path, ckpt_path: str | None = None, num_workers: int = 2, callbacks: tuple = (),
+         **trainer_options) -> KeyRecorder:
+    dm = WebDataModule(train_shards=str(shards / "train-00000[0-2].tar"), batch_size=4, num_workers=num_workers, seed=7,
                        shuffle_buffer=8)
     module = KeyRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=trainer_options.pop("max_steps", 20), max_epochs=-1,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(root),
                         callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=3, save_top_k=-1,
-                                                   filename="step{step}", auto_insert_metric_name=False)],
+                                                   filename="step{step}", auto_insert_metric_name=False), *callbacks],
                         **trainer_options)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module
@@ -51,6 +52,34 @@ def test_lightning_resume_replays_the_same_batches(shapes_shards: Path, tmp_path
     for step in (9, 12, 15):  # mid epoch 0 (odd: the workers' roles rotate), the end of epoch 0, mid epoch 1
         resumed = _fit(shapes_shards, tmp_path / f"resume{step}", str(tmp_path / "full" / "ckpt" / f"step{step}.ckpt"))
         assert resumed.seen == full[step:], f"resumed at step {step}"
+
+
+def test_reading_up_to_a_resumed_position_is_left_out_of_the_throughput(shapes_shards: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch, caplog):
+    """A run resumed mid-epoch reads (and decodes) the samples it trained before its first batch: that time was
+    charged as the first step's data wait and training time (minutes in a large epoch, the resumed segment's numbers
+    meaningless)."""
+    import time
+
+    from ldm.callbacks.throughput import Throughput
+    from ldm.data.stream import ShardStream
+
+    decode = ShardStream.decode_samples
+
+    def slow(self, samples, skips):  # 40 ms a sample: 160 ms of data wait a step, 1.44 s to read up to step 9
+        for sample in decode(self, samples, skips):
+            time.sleep(0.04)
+            yield sample
+
+    monkeypatch.setattr(ShardStream, "decode_samples", slow)
+    options = {"num_workers": 0}
+    _fit(shapes_shards, tmp_path / "full", max_steps=9, **options)
+    callback = Throughput(count_flops=False)
+    with caplog.at_level("INFO", logger="ldm.data.datamodule"):
+        _fit(shapes_shards, tmp_path / "resumed", str(tmp_path / "full" / "ckpt" / "step9.ckpt"), max_steps=12,
+             callbacks=[callback], **options)
+    assert "s to read up to the resumed position in the epoch (left out of the throughput numbers)" in caplog.text
+    assert callback.summary["data_wait_ms"] < 300, callback.summary  # (480 + 160 ms for its first step)
 
 
 @pytest.mark.parametrize("limit", [6, 0.5])

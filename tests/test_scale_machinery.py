@@ -516,3 +516,7 @@ def test_checkpoint_interval_must_be_whole_steps():
         Checkpoint(every_n_train_steps=0.5)
     with pytest.raises(ConfigError, match="save_top_k=-2"):
         Checkpoint(save_top_k=-2)
+    with pytest.raises(ConfigError, match="save_top_k=True"):  # (taken as k = 1)
+        Checkpoint(save_top_k=True)
+    with pytest.raises(ConfigError, match="every_n_train_steps=True"):  # (a checkpoint every step)
+        Checkpoint(every_n_train_steps=True)

@@ -149,6 +149,22 @@ def test_early_stopping_resumes_exactly_from_validation_time_checkpoints(shapes_
     assert next(v for k, v in stopped["callbacks"].items() if k.startswith("EarlyStopping"))["wait_count"] == 1
 
 
+def test_a_stop_inside_an_epoch_writes_no_epoch_end_checkpoint(shapes_shards, tmp_path, single_torch_thread):
+    """save_on_train_epoch_end: Lightning calls on_train_epoch_end after a stop inside the epoch, which it counts as
+    ended: the checkpoint written there replaced the signal's last.ckpt, and a run bounded by trainer.max_epochs
+    resumed past the rest of the epoch (2 epochs of 4 steps ended at step 7, the epoch's last step never trained)."""
+    out = tmp_path / "run"
+    epochs = AUTOENCODER + ["trainer.max_epochs=2", "callbacks.checkpoint.save_on_train_epoch_end=true"]
+    steps = run(shapes_shards, out, -1, epochs + ["+callbacks.signal._target_=scale_helpers.SignalAtStep",
+                                                  "+callbacks.signal.step=2", "+callbacks.signal.signal_name=SIGINT"],
+                every=100)
+    assert sorted(steps) == [1, 2, 3]
+    assert not list((out / "checkpoints").glob("step*.ckpt")), "an epoch-end checkpoint of the unfinished epoch"
+    assert sorted(run(shapes_shards, out, -1, epochs, every=100)) == list(range(4, 9))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*.ckpt")) == ["step0000004.ckpt",
+                                                                                "step0000008.ckpt"]
+
+
 @pytest.mark.parametrize("stop", ["step", "epoch_end"])
 def test_a_stop_before_trainer_min_steps_writes_no_checkpoint_per_step(shapes_shards, tmp_path, monkeypatch, stop,
                                                                        single_torch_thread):

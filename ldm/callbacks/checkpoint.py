@@ -45,7 +45,7 @@ from typing_extensions import override
 
 from ldm.callbacks.step_boundary import StepBoundary, final_batch
 from ldm.callbacks.throughput import batch_size_of
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 from ldm.io import atomic_open, is_export
 
 LAST_NAME = "last.ckpt"
@@ -160,11 +160,11 @@ class Checkpoint(StepBoundary, CheckpointBase):
     def __init__(self, dirpath: str | None = None, filename: str = "step{step:07d}",
                  every_n_train_steps: int | None = None, save_last: bool = True, save_top_k: int = -1,
                  save_on_train_epoch_end: bool = False) -> None:
-        if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 0):
+        if every_n_train_steps is not None and (not is_int(every_n_train_steps) or every_n_train_steps < 0):
             raise ConfigError(f"callbacks.checkpoint.every_n_train_steps={every_n_train_steps!r} must be a whole "
                               f"number of steps >= 0, or null (checkpoint after each validation); it follows "
                               f"trainer.val_check_interval unless set, so set it when that is a fraction of an epoch")
-        if not isinstance(save_top_k, int) or save_top_k < -1:
+        if not is_int(save_top_k) or save_top_k < -1:
             raise ConfigError(f"callbacks.checkpoint.save_top_k={save_top_k!r} must be -1 (keep all), 0 or more")
         try:  # at start, not at the first checkpoint after hours of training
             name = filename.format(step=0, epoch=0)
@@ -246,8 +246,8 @@ class Checkpoint(StepBoundary, CheckpointBase):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_on_train_epoch_end:
-            self.save(trainer, periodic=True)
+        if self.save_on_train_epoch_end and trainer.is_last_batch:  # (not a stop inside the epoch, which Lightning
+            self.save(trainer, periodic=True)                        # counts as ended too: a resume skipped its rest)
         elif self.save_last and stopping(trainer, epoch_ended=True) and not self._last_is_current(trainer):
             self.save(trainer, periodic=False)  # a stop at the epoch's end (the Timer, EarlyStopping look there too)
 

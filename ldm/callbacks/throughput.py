@@ -128,9 +128,15 @@ def paused(trainer: L.Trainer) -> Iterator[None]:
     try:
         yield
     finally:
-        for callback in trainer.callbacks:
-            if isinstance(callback, Throughput):
-                callback.exclude(time.perf_counter() - start)
+        leave_out(trainer, time.perf_counter() - start)
+
+
+def leave_out(trainer: L.Trainer, seconds: float) -> None:
+    """Leave `seconds` of work just done out of the `Throughput` numbers (as `paused` does; a resumed epoch's read
+    up to its position)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Throughput):
+            callback.exclude(seconds)
 
 
 class Throughput(StepBoundary):

@@ -296,7 +296,14 @@ class EpochLoader(DataLoader):
         """Each batch without its reports; those of the split's first pass are counted (later epochs and validations,
         also through a new loader of the split, as `trainer.reload_dataloaders_every_n_epochs` builds, meet the same
         samples again, and would count them again)."""
-        for batch in iterator:
+        for i, batch in enumerate(iterator):
+            resumed = batch.pop("__resume_seconds__", 0.0)
+            if i == 0 and resumed and self.datamodule.trainer is not None:  # (the later workers' skips overlap it)
+                from ldm.callbacks.throughput import leave_out
+
+                log.info("%.1f s to read up to the resumed position in the epoch (left out of the throughput "
+                         "numbers)", resumed)
+                leave_out(self.datamodule.trainer, resumed)
             uncaptioned, skipped = batch.pop("__uncaptioned__", []), batch.pop("__skipped__", [])
             self.datamodule.record_uncounted(batch.pop("__uncounted__", {}))
             if first:

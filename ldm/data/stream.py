@@ -36,6 +36,7 @@ import os
 import random
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -619,11 +620,13 @@ class ShardStream(IterableDataset):
 
         # The fallback of an unreadable range: every shard, whose losses their own slots report (not counted twice).
         every_shard = [(url, 0, count) for url, count in zip(p.urls, p.counts)]
+        skipped_in = [0.0]  # seconds the resume's skip took: its first batch carries them (throughput leaves them out)
         pipeline = wds.DataPipeline(
             # exactly the quota, topped up if samples were lost
             lambda: _exactly(decoded(segments, skips), p.quota(slot), slot, skips,
                              fallback=decoded(every_shard, SkipLog())),
-            lambda samples: _after(samples, done * p.batch_size, skips),  # resume: what this worker already produced
+            lambda samples: _after(samples, done * p.batch_size, skips, skipped_in),  # resume: what this worker
+            #                                                                            already produced
             wds.map(self._to_tensor),  # resize, crop, flip; float (3, R, R) in [-1, 1]
             wds.batched(p.batch_size, collation_fn=self.collate_batch, partial=not p.train),
         )
@@ -631,6 +634,7 @@ class ShardStream(IterableDataset):
             batch["__skipped__"] = skips.pop()  # taken out by the loader in the main process
             batch["__uncaptioned__"] = skips.pop_uncaptioned()
             batch["__uncounted__"] = skips.pop_uncounted()
+            batch["__resume_seconds__"], skipped_in[0] = skipped_in[0], 0.0
             yield batch
 
     # note: the three steps a sample goes through are methods so that `ldm.data.latents.LatentStream` reads latent
@@ -659,15 +663,19 @@ class ShardStream(IterableDataset):
         return sample
 
 
-def _after(samples: Iterator[dict[str, Any]], done: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
+def _after(samples: Iterator[dict[str, Any]], done: int, skips: SkipLog, took: list[float]
+           ) -> Iterator[dict[str, Any]]:
     """`samples` after the first `done`, which the run trained before it stopped: the corrupt and uncaptioned
     samples met on the way there were counted then, so their records are dropped (a resumed run counts the rest of
     the epoch only; it counted them again). So are those met on the way to the next sample: `wds.batched` hands a
-    batch on only once it holds the sample after it, so they went with the last batch trained."""
+    batch on only once it holds the sample after it, so they went with the last batch trained. The seconds the skip
+    took (the samples are read and decoded: a corrupt one must be left out as before) go into `took[0]`."""
     samples = iter(samples)
     if done:
+        start = time.perf_counter()
         for _ in islice(samples, done):
             pass
+        took[0] = time.perf_counter() - start
         following = next(samples, None)
         skips.pop()
         skips.pop_uncaptioned()
