@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, is_int
 from ldm.io import atomic_open
 
 METRICS_NAME = "metrics.csv"
@@ -37,8 +37,9 @@ class AppendingCSVLogger(Logger):
 
     def __init__(self, save_dir: str, name: str = "csv", flush_logs_every_n_steps: int = 100) -> None:
         super().__init__()
-        if flush_logs_every_n_steps < 1:
-            raise ConfigError(f"logger.csv.flush_logs_every_n_steps={flush_logs_every_n_steps} must be >= 1")
+        if not is_int(flush_logs_every_n_steps) or flush_logs_every_n_steps < 1:
+            raise ConfigError(f"logger.csv.flush_logs_every_n_steps={flush_logs_every_n_steps!r} must be a whole "
+                              f"number >= 1")
         self.directory = str(save_dir)
         self.folder = name
         self.flush_every = flush_logs_every_n_steps

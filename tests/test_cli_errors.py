@@ -95,6 +95,15 @@ CASES = [
                                                                 "seed=1,2"),
          ("hydra.sweep.dir=", "a_file.txt/sweep", "Not a directory"), slow=True),
     Case("train-unknown-trainer-key", "ldm-train", (*TRAIN, "trainer.max_stepz=3"), ("max_stepz",), slow=True),
+    # Hydra's hint (+trainer.max_stepz) led to Lightning's TypeError after the config tree; into the default,
+    # timestamped run directory, which the refusal left behind
+    Case("train-added-trainer-key-typo", "ldm-train",
+         (*(a for a in TRAIN if not a.startswith("paths.")), "paths.runs_dir={tmp}/refused", "+trainer.max_stepz=3"),
+         ("trainer.max_stepz is not an argument of Lightning's Trainer: did you mean trainer.max_steps?",)),
+    Case("train-added-callback-typo", "ldm-train", (*TRAIN, "+callbacks.chekpoint.save_top_k=2"),
+         ("callbacks.chekpoint has no _target_", "did you mean callbacks.checkpoint?"), slow=True),
+    Case("train-auto-resume-off", "ldm-train", (*TRAIN, "auto_resume=off"),  # a string: taken as true, resumed
+         ("auto_resume='off' must be true or false",), slow=True),
     Case("train-batch-size-zero", "ldm-train", (*TRAIN, "data.batch_size=0"), ("data.batch_size=0",), slow=True),
     Case("train-missing-ckpt", "ldm-train", (*TRAIN, "ckpt_path={tmp}/none.ckpt"), ("ckpt_path=", "none.ckpt")),
     Case("train-missing-shards", "ldm-train", (*TRAIN, "data.train_shards={tmp}/nowhere/train-*.tar"),
@@ -262,9 +271,12 @@ def test_bad_input_ends_with_one_message(case: Case, request: pytest.FixtureRequ
 
 
 def test_paths_slurm_outside_slurm_leaves_no_run_directory(fast_results, files: dict[str, str]):
-    """Hydra makes the run directory before ldm-train can refuse it; the refusal takes it away again."""
+    """Hydra makes the run directory before ldm-train can refuse it; the refusal takes it away again (any refusal:
+    each mistake left a timestamped folder of Hydra's record and the log)."""
     assert fast_results["train-paths-slurm-outside-slurm"].returncode == 2
     assert not list((Path(files["tmp"]) / "runs").glob("*/slurm-*"))
+    assert fast_results["train-added-trainer-key-typo"].returncode == 2
+    assert not list((Path(files["tmp"]) / "refused").glob("*/*"))
 
 
 def test_traceback_on_request(files: dict[str, str]):

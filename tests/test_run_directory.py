@@ -231,6 +231,8 @@ def test_csv_logger_widens_its_header_for_new_metrics(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["train/loss"], r["val/psnr"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""),
                                                                           ("2", "0.25", "20.0")]
+    with pytest.raises(ConfigError, match=r"flush_logs_every_n_steps='abc' must be a whole number >= 1"):
+        AppendingCSVLogger(str(tmp_path), flush_logs_every_n_steps="abc")  # (a bare TypeError of '<')
 
 
 def test_a_run_directory_holds_one_run(shapes_shards, tmp_path, single_torch_thread):
@@ -358,9 +360,17 @@ def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, mo
         assert capsys.readouterr().err == (f"ldm-train: error: paths.output_dir={run} cannot be the run directory "
                                            f"({problem}); set paths.output_dir to a folder you can write\n")
     with pytest.raises(SystemExit):  # hydra.run.dir set itself is named as such
-        CheckRunDirectory().on_run_start(OmegaConf.create({"paths": {"output_dir": str(tmp_path / "elsewhere")},
-                                                           "hydra": {"run": {"dir": f"{tmp_path}/a_file/run"}}}))
+        CheckRunDirectory().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": f"{tmp_path}/a_file/run"}}}))
     assert capsys.readouterr().err.startswith(f"ldm-train: error: hydra.run.dir={tmp_path}/a_file/run cannot be")
+    # set apart from paths.output_dir (a Hydra habit): Hydra's record and the log went there, the checkpoints,
+    # config and export to paths.output_dir, and a rerun never resumed
+    with pytest.raises(SystemExit):
+        CheckRunDirectory().on_run_start(OmegaConf.create({"paths": {"output_dir": str(tmp_path / "elsewhere")},
+                                                           "hydra": {"run": {"dir": f"{tmp_path}/run"}}}))
+    assert capsys.readouterr().err == (f"ldm-train: error: hydra.run.dir={tmp_path}/run is set apart from "
+                                       f"paths.output_dir={tmp_path}/elsewhere, where the run's checkpoints, logs and "
+                                       f"export go (and where a rerun looks for the run to resume): set "
+                                       f"paths.output_dir={tmp_path}/run instead\n")
 
 
 def test_a_run_leaves_its_process_as_it_found_it(shapes_shards, tmp_path, single_torch_thread, monkeypatch):

@@ -114,6 +114,18 @@ def check_slurm_run_directory(output_dir: str | Path) -> None:
                       f"paths.output_dir=...) outside SLURM")
 
 
+_made_run_dirs: list[str] = []  # the run directory Hydra creates for this command, where it did not exist
+
+
+def remove_made_run_directory() -> None:
+    """Remove the run directory Hydra made for this command when it holds nothing but Hydra's record and the log:
+    a refused command leaves no folder behind (each mistake left a timestamped one)."""
+    for directory in _made_run_dirs:
+        made = Path(directory)
+        if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
+            shutil.rmtree(made, ignore_errors=True)
+
+
 class CheckRunDirectory(Callback):
     """ldm-train's run directory (`hydra.run.dir`, which is `paths.output_dir`; a multirun's `hydra.sweep.dir`),
     checked before Hydra creates it and writes its .hydra/ record and log into it: a path that cannot become a folder
@@ -141,10 +153,19 @@ def _check_writable(config: DictConfig, mode: str) -> None:
         print(f"ldm-train: error: {held[0]}={held[1]}: Hydra does not expand ~ in the jobs' folders of a multirun; "
               f"give the full path ({os.path.expanduser(held[1])})", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)
+    if mode == "run" and key != "paths.output_dir" and OmegaConf.select(config, "paths.output_dir") is not None \
+            and int(os.environ.get("LOCAL_RANK", 0)) == 0:  # (a DDP rank Lightning started gets its launcher's folder)
+        print(f"ldm-train: error: hydra.run.dir={directory} is set apart from paths.output_dir="
+              f"{OmegaConf.select(config, 'paths.output_dir')}, where the run's checkpoints, logs and export go (and "
+              f"where a rerun looks for the run to resume): set paths.output_dir={directory} instead",
+              file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
     if directory.startswith("~"):
         directory = os.path.expanduser(directory)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra[mode].dir = directory
+    if mode == "run" and not os.path.exists(directory):
+        _made_run_dirs[:] = [directory]
     if (found := unwritable(directory)) is not None:
         print(f"ldm-train: error: {key}={directory} cannot be the run directory ({found[0]}: {found[1]}); set {key} "
               f"to a folder you can write", file=sys.stderr, flush=True)
@@ -538,16 +559,26 @@ def check_devices(value: Any, cpu: str | None = None) -> None:
 
 def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str | None = None,
                   compile_networks: bool = False, channels_last: bool = False) -> None:
-    """Raise ConfigError naming `trainer.KEY` when a numeric Trainer argument has the wrong type or range, when the
-    accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), when the strategy starts the
-    ranks from this process (ddp_spawn, ddp_fork, ddp_notebook), or when FSDP would run over several processes for a
-    module (`model_target`, its class path) that does not shard itself (one without a true `fsdp_shards` class
-    attribute reads its networks' parameters outside FSDP's forward, where each process holds only its shard) or with
-    `compile_networks` (compile=true), or FSDP with `channels_last` (its optimizer state restored scrambled), or when
-    the module's `unsupported_trainer_args` (trainer key -> what to do instead) holds a key that is set."""
+    """Raise ConfigError naming `trainer.KEY` when it is no Trainer argument (a typo), when a numeric one has the wrong
+    type or range, when the accelerator is a GPU that torch does not see (a GPU command run on a CPU machine), when
+    the strategy starts the ranks from this process (ddp_spawn, ddp_fork, ddp_notebook), or when FSDP would run over
+    several processes for a module (`model_target`, its class path) that does not shard itself (one without a true
+    `fsdp_shards` class attribute reads its networks' parameters outside FSDP's forward, where each process holds only
+    its shard) or with `compile_networks` (compile=true), or FSDP with `channels_last` (its optimizer state restored
+    scrambled), or when the module's `unsupported_trainer_args` (trainer key -> what to do instead) holds a key that
+    is set."""
+    import difflib
+
+    import lightning as L
     import torch
 
     trainer = trainer or {}
+    arguments = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    unknown = [key for key in trainer if key != "_target_" and key not in arguments]
+    if unknown:  # (Lightning's TypeError came after the config tree, without a hint)
+        close = difflib.get_close_matches(unknown[0], sorted(arguments), n=1)
+        raise ConfigError(f"trainer.{unknown[0]} is not an argument of Lightning's Trainer"
+                          + (f": did you mean trainer.{close[0]}?" if close else ""))
     accelerator = trainer.get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but torch sees no CUDA GPU on this machine; use "

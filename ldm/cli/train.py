@@ -68,6 +68,7 @@ from ldm.cli.common import (
     config_error_in,
     print_config_tree,
     process_count,
+    remove_made_run_directory,
     resolve_output_dir,
     run_cli,
     save_config,
@@ -230,8 +231,11 @@ def check_components(cfg: DictConfig) -> None:
                 continue
             key = f"{group}.{name}"
             target = node.get("_target_") if isinstance(node, DictConfig) else None
-            if not target:
-                raise configs.ConfigError(f"{key} has no _target_ naming the class to build (or set {key}=null)")
+            if not target:  # (`+callbacks.chekpoint.save_top_k=2`: a new entry beside the one meant)
+                built = [n for n, v in cfg[group].items() if isinstance(v, DictConfig) and v.get("_target_")]
+                close = difflib.get_close_matches(name, built, n=1)
+                raise configs.ConfigError(f"{key} has no _target_ naming the class to build (or set {key}=null)"
+                                          + (f": did you mean {group}.{close[0]}?" if close else ""))
             cls = import_target(target, key)
             kind, kind_name = COMPONENT_TYPES[group]
             if isinstance(cls, type) and not issubclass(cls, kind):  # (a factory function's result: when built)
@@ -679,6 +683,9 @@ def check_config(cfg: DictConfig) -> None:
     if not configs.is_int(seed) or not 0 <= seed < 2**32:
         raise configs.ConfigError(f"seed={seed!r} must be an integer in [0, 2**32), e.g. seed=42")
     check_top_level_keys(cfg)
+    for key in ("auto_resume", "compile", "tf32", "channels_last"):  # (Hydra passes `off`, `no` on as strings)
+        if key in cfg and not isinstance(cfg.get(key), bool):
+            raise configs.ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
     try:  # every node, the ones Hydra instantiates without a schema (callbacks, loggers, trainer) too
         configs.refuse_nan(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException:
@@ -906,6 +913,8 @@ def main(cfg: DictConfig) -> float | None:
             metrics = train(cfg)
         except Exception as err:
             refused = config_error_in(err)
+            if refused is not None and not is_multirun():
+                remove_made_run_directory()
             if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0
                                      and not names_searched_key(str(refused))):
                 raise  # a mistake in the command, which every job would meet: the sweep stops at its first
