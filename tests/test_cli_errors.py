@@ -279,6 +279,26 @@ def test_paths_slurm_outside_slurm_leaves_no_run_directory(fast_results, files: 
     assert not list((Path(files["tmp"]) / "refused").glob("*/*"))
 
 
+def test_train_help_lists_every_option_in_a_form_the_command_line_takes(files: dict[str, str]):
+    """Hydra's default help listed `model/ldm: sd15, tiny`, `unet: ...` and `schema/...`, which overrides cannot
+    take (`model/ldm=tiny` is refused), and no `model` group."""
+    from ldm.cli.common import CONF_DIR
+    from ldm.nn.unet import UNET_CONFIGS
+
+    result = subprocess.run([str(BIN / "ldm-train"), "--help"], cwd=files["tmp"], env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = {line.split(":")[0].split(" ")[0]: line.split(":", 1)[1].split(", ")
+              for line in result.stdout.split("== Config ==")[0].splitlines()[3:] if ":" in line}
+    conf = Path(CONF_DIR)
+    for group in ("experiment", "trainer", "logger", "callbacks", "paths", "debug", "data", "hparams_search"):
+        assert [o.strip() for o in listed[group]] == sorted(p.stem for p in (conf / group).glob("*.yaml")), group
+    assert [o.strip() for o in listed["model"]] == sorted(str(p.relative_to(conf / "model").with_suffix(""))
+                                                          for p in (conf / "model").glob("*/*.yaml"))
+    assert [o.strip() for o in listed["unet@model.unet"]] == sorted(UNET_CONFIGS)
+    assert "schema" not in result.stdout and "model/ldm" not in result.stdout
+
+
 def test_traceback_on_request(files: dict[str, str]):
     """HYDRA_FULL_ERROR=1 adds the traceback; the status and the message stay."""
     result = subprocess.run([str(BIN / "ldm-data"), "source=folder", f"output_dir={files['tmp']}/tb",
