@@ -720,16 +720,16 @@ def test_a_shard_named_twice_is_refused_naming_both_patterns(shapes_shards: Path
     twice in validation), without a word: the same file by a link, and a remote URL given twice, alike."""
     from ldm.data.shardlist import expand_shards
 
-    with pytest.raises(ConfigError, match=rf"data\.train_shards: {shapes_shards}/train-000002\.tar is named twice "
-                                          rf"\(by '{shapes_shards}/train-\*\.tar' and by "
-                                          rf"'{shapes_shards}/train-000002\.tar'\): its samples would be read twice an "
+    with pytest.raises(ConfigError, match=rf"data\.train_shards: {shapes_shards}/train-000002\.tar is named twice, "
+                                          rf"by '{shapes_shards}/train-\*\.tar' and by "
+                                          rf"'{shapes_shards}/train-000002\.tar': its samples would be read twice an "
                                           rf"epoch; name each shard once"):
         expand_shards(f"{shapes_shards}/train-*.tar::{shapes_shards}/train-000002.tar", "data.train_shards")
     (tmp_path / "link.tar").symlink_to(shapes_shards / "train-000001.tar")
-    with pytest.raises(ConfigError, match=r"link\.tar is named twice"):
+    with pytest.raises(ConfigError, match=r"train-000001\.tar and .*/link\.tar are the same file, by "):
         expand_shards([f"{shapes_shards}/train-00000[0-1].tar", str(tmp_path / "link.tar")], "data.train_shards")
-    with pytest.raises(ConfigError, match=r"pipe:cat a\.tar is named twice \(by 'pipe:cat a\.tar' and by 'pipe:cat "
-                                          r"a\.tar'\)"):
+    with pytest.raises(ConfigError, match=r"pipe:cat a\.tar is named twice, by 'pipe:cat a\.tar' and by 'pipe:cat "
+                                          r"a\.tar'"):
         expand_shards("pipe:cat {a,b,a}.tar", "data.train_shards")
     assert len(expand_shards([f"{shapes_shards}/train-00000[0-1].tar", f"{shapes_shards}/train-00000[2-3].tar"],
                              "data.train_shards")) == 4

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -355,8 +356,9 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
         run_encode(shapes_shards, autoencoder, tmp_path / "out", resolution=-8)
     twice = {"shards": f"{shapes_shards}/train-*.tar::{shapes_shards}/../{shapes_shards.name}/train-00000[01].tar",
              "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "out")}  # each name once, counted
-    with pytest.raises(ConfigError, match=r"shards: .*/train-000000\.tar is named twice \(by '.*/train-\*\.tar' and by "
-                                          r"'.*/\.\./shapes_shards0/train-00000\[01\]\.tar'\): its samples would be "
+    with pytest.raises(ConfigError, match=r"shards: .*/train-000000\.tar and .*/\.\./shapes_shards0/train-000000\.tar "
+                                          r"are the same file, by '.*/train-\*\.tar' and by "
+                                          r"'.*/\.\./shapes_shards0/train-00000\[01\]\.tar': its samples would be "
                                           r"read twice an epoch; name each shard once$"):
         encode(twice)
     other = tmp_path / "other"  # the same names in two folders, and (below) a .tar and a .tar.gz in one folder
@@ -611,16 +613,27 @@ def test_resume_by_another_spelling_of_the_paths_keeps_finished_shards_and_merge
 def test_another_folder_of_the_same_shard_names_is_refused_not_encoded_over(
         shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
     """A second folder whose shards have the first one's names, encoded into the same output_dir, replaced the first
-    folder's latents without a word (the manifest's inputs rewritten too); a shard whose recorded input is gone (a
-    moved folder) is encoded again as before."""
+    folder's latents without a word (the manifest's inputs rewritten too), also under torchrun, where only rank 0
+    refused; a shard whose recorded input is gone (a moved folder) is encoded again as before, and a copy with the
+    input's size and modification time (`cp -a` to local scratch) is the same input."""
     autoencoder, _ = encoders
-    out, other = tmp_path / "latents", shutil.copytree(shapes_shards, tmp_path / "other")
+    out, other = tmp_path / "latents", shutil.copytree(shapes_shards, tmp_path / "other")  # (copy2: times kept)
     run_encode(shapes_shards, autoencoder, out)
+    assert run_encode(other, autoencoder, out)["shards_encoded"] == 4  # a copy: encoded again, not refused
+    run_encode(shapes_shards, autoencoder, out)
+    for shard in other.glob("*.tar"):
+        os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # other data, same names
     before = (out / "train-000000.tar").read_bytes()
-    with pytest.raises(ConfigError, match=r"train-000000\.tar holds the latents of .*/train-000000\.tar, which this "
-                                          r"run would replace with those of .*other/train-000000\.tar \(4 such shards; "
-                                          r".*encode each folder into its own output_dir"):
+    refused = (r"output_dir=.*latents: train-000000\.tar holds the latents of .*/train-000000\.tar, which this run "
+               r"would replace with those of .*other/train-000000\.tar \(4 such shards; .*encode each folder into its "
+               r"own output_dir")
+    with pytest.raises(ConfigError, match=refused):
         run_encode(other, autoencoder, out)
+    with pytest.raises(ConfigError, match=refused):  # rank 1 of torchrun's 2 (rank 0 would have refused first)
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+                env.setenv(key, value)
+            run_encode(other, autoencoder, out)
     assert (out / "train-000000.tar").read_bytes() == before
     moved = shapes_shards.rename(tmp_path / "moved")
     try:

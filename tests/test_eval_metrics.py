@@ -266,18 +266,21 @@ def test_eval_reads_captions_as_training_does(shapes_shards: Path, tmp_path: Pat
                 continue  # its caption in the metadata only
             elif key == keys[1] and member.name.endswith(".json"):
                 data = json.dumps({**json.loads(data), "caption": "a red circle in the center"}).encode()
+            elif key == keys[2] and member.name.endswith(".json"):
+                data = b"{bad json"  # training skips the sample: it was scored (and refused a class model's labels)
             member.size = len(data)
             out.addfile(member, io.BytesIO(data))
     with caplog.at_level("WARNING"):
-        prompts = load_prompts("val_shards", 15, [str(shard)])
+        prompts = load_prompts("val_shards", 14, [str(shard)])
         pairs = list(iter_shard_samples([str(shard)]))
-    assert len(prompts) == 15 and len(pairs) == 15
+    assert len(prompts) == 14 and len(pairs) == 14
     trained = caption_and_label({"json": json.dumps({"caption": "a red circle in the center"}).encode()}, SkipLog())
     assert prompts[0] == pairs[0][1] == trained[0] == "a red circle in the center"
     assert f"{shard}: sample {keys[0]} left out: it does not read as training reads it" in caplog.text
+    assert f"{shard}: sample {keys[2]} left out: it does not read as training reads it (Expecting" in caplog.text
     # a class-conditional model's labels come from the same samples as the prompts they are scored against
-    labels = shard_labels([str(shard)], 15)
-    assert len(labels) == 15 and all(SHAPES[label] in prompt for label, prompt in zip(labels[1:], prompts[1:]))
+    labels = shard_labels([str(shard)], 14)
+    assert len(labels) == 14 and all(SHAPES[label] in prompt for label, prompt in zip(labels[1:], prompts[1:]))
 
 
 def test_eval_groups_tar_members_into_samples_as_training_does(shapes_shards: Path, tmp_path: Path):

@@ -39,6 +39,7 @@ from ldm.data.encoding import (
     Encoders,
     build_manifest,
     changed_keys,
+    check_inputs_kept,
     check_outputs_have_a_manifest,
     encode_shard,
     image_shards_in,
@@ -157,8 +158,9 @@ def _world() -> tuple[int, int, int]:
     return (*rank_and_world(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 600.0) -> None:
-    """Ranks other than 0 start once rank 0 has checked and written the manifest, and check it describes them."""
+def _wait_for_manifest(path: Path, manifest: dict[str, Any], urls: list[str], timeout_s: float = 600.0) -> None:
+    """Ranks other than 0 start once rank 0 has checked and written the manifest, and check it describes them (and
+    that their shards replace no other input's: rank 0 refuses that for its own)."""
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
@@ -168,6 +170,7 @@ def _wait_for_manifest(path: Path, manifest: dict[str, Any], timeout_s: float = 
     changed = changed_keys(old, manifest)
     if changed:
         raise ConfigError(f"{path} describes other encoder settings ({changed}) than this rank's")
+    check_inputs_kept(path.parent, old, urls)
 
 
 def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +230,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             prepare_output(config, manifest, urls)
         else:
             check_outputs_have_a_manifest(out, urls)  # what rank 0 refuses, refused here too, not waited on
-            _wait_for_manifest(out / latents.MANIFEST_NAME, manifest)
+            _wait_for_manifest(out / latents.MANIFEST_NAME, manifest, urls)
 
         counts = shard_counts(urls, "shards", None)
         tasks, total, finished, older = [], 0, 0, 0

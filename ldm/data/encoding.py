@@ -281,6 +281,28 @@ def check_outputs_have_a_manifest(out: Path, urls: list[str]) -> None:
                           f"to delete them and encode again")
 
 
+def check_inputs_kept(out: Path, old: dict[str, Any], urls: list[str]) -> None:
+    """Raise ConfigError when a latent shard in `out` was encoded from another input shard of the same name that
+    still exists (a second folder encoded into one output_dir would replace the first one's latents); a copy of the
+    input with its size and modification time (`cp -a`, `rsync -a`: to local scratch, say) is the same input.
+    Read-only: every rank of a distributed encode checks it."""
+    replaced = []
+    for url in urls:
+        name, now = shard_name(url), str(Path(url).resolve())
+        was = (old.get("inputs") or {}).get(name)
+        if was in (None, now) or not Path(was).exists() or not (out / name).exists():
+            continue
+        before, after = Path(was).stat(), Path(url).stat()
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            replaced.append((name, was, now))
+    if replaced:
+        name, was, now = replaced[0]
+        raise ConfigError(f"output_dir={out}: {name} holds the latents of {was}, which this run would replace with "
+                          f"those of {now} ({len(replaced)} such shard{'s' if len(replaced) > 1 else ''}; a latent "
+                          f"shard keeps its input's name): encode each folder into its own output_dir, or pass "
+                          f"overwrite=true to replace them")
+
+
 def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[str]) -> None:
     """Check (or start) output_dir: a manifest there must describe the same encoding; then write the manifest."""
     out = Path(config.output_dir)
@@ -299,15 +321,7 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[st
             differences = "; ".join(_difference(old, manifest, k) for k in changed)
             raise ConfigError(f"output_dir={out} holds latents encoded with other settings ({differences}): choose "
                               f"another output_dir, or pass overwrite=true to replace them")
-        replaced = [(name, was, url) for name, url in inputs.items()
-                    if (was := old.get("inputs", {}).get(name)) not in (None, url) and Path(was).exists()
-                    and (out / name).exists()]
-        if replaced:
-            name, was, url = replaced[0]
-            raise ConfigError(f"output_dir={out}/{name} holds the latents of {was}, which this run would replace with "
-                              f"those of {url} ({len(replaced)} such shard{'s' if len(replaced) > 1 else ''}; a "
-                              f"latent shard keeps its input's name): encode each folder into its own output_dir, or "
-                              f"pass overwrite=true to replace them")
+        check_inputs_kept(out, old, urls)
         inputs = {**old.get("inputs", {}), **inputs}
         autoencoder = {**old["autoencoder"], "latent_scale": manifest["autoencoder"]["latent_scale"]}  # as it is now
         manifest = {**old, "autoencoder": autoencoder, "inputs": inputs,

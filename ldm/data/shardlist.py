@@ -84,13 +84,15 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             # absolute (a relative `pipe:x.tar` or `s3:x.tar` is a file), `..` kept: after a symlink it is not textual
             urls.extend(os.path.join(os.getcwd(), m) for m in matches)
             patterns.extend([url] * len(matches))
-    named: dict[str, str] = {}  # a shard (a local one by its real path) -> the pattern that named it first
+    named: dict[str, tuple[str, str]] = {}  # a shard (a local one by its real path) -> (url, pattern) first naming it
     for url, pattern in zip(urls, patterns):
         shard = url if url.startswith(REMOTE_PREFIXES) else os.path.realpath(url)
         if shard in named:
-            raise ConfigError(f"{key}: {url} is named twice (by {named[shard]!r} and by {pattern!r}): its samples "
-                              f"would be read twice an epoch; name each shard once")
-        named[shard] = pattern
+            first, by = named[shard]
+            same = f"{url} is named twice" if first == url else f"{first} and {url} are the same file"
+            raise ConfigError(f"{key}: {same}, by {by!r} and by {pattern!r}: its samples would be read twice an "
+                              f"epoch; name each shard once")
+        named[shard] = (url, pattern)
     if not urls:
         raise ConfigError(f"{key}={spec!r} names no shards")
     return urls

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ldm.config import ConfigError, is_int
 from ldm.data.latents import MOMENTS
-from ldm.data.stream import IMAGE_KEYS, TAR_ERRORS, resize_crop, sample_caption
+from ldm.data.stream import IMAGE_KEYS, TAR_ERRORS, resize_crop, sample_caption, sample_metadata
 from ldm.images import decode_image
 from ldm.io import read_lines
 
@@ -123,11 +123,13 @@ def _report_damaged(shard: str, read: int, count: int | None, error: str) -> Non
 
 
 def readable_caption(members: dict[str, bytes]) -> str | None:
-    """The caption of a sample as training reads it ("" without a `txt` member), or None when it does not read (not
-    UTF-8, or two members with one extension): training skips such a sample as corrupt, and evaluation leaves it out
-    too, with a warning."""
+    """The caption of a sample as training reads it ("" without a `txt` member), or None when the sample does not
+    read (a caption not UTF-8, two members with one extension, metadata that is not JSON): training skips such a
+    sample as corrupt, and evaluation leaves it out too, with a warning."""
     try:
-        return sample_caption(members) or ""
+        caption = sample_caption(members) or ""
+        sample_metadata(members)
+        return caption
     except ValueError as err:
         _report_unreadable_caption(members["__url__"], members["__key__"], str(err))
         return None
@@ -206,10 +208,7 @@ def shard_labels(shards: Sequence[str], limit: int | None = None) -> list[int] |
     samples `shard_captions` takes, or None unless every one of them has one."""
     labels: list[int] = []
     for members, _ in _readable_samples(shards, limit):
-        try:
-            meta = json.loads(members["json"]) if "json" in members else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = None
+        meta = sample_metadata(members)  # (JSON: `_readable_samples` left out the others)
         label = meta.get("label") if isinstance(meta, dict) else None
         if not is_int(label):  # JSON true is no class (training skips it too)
             return None
