@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig
 
 from ldm import seeding
@@ -132,6 +133,10 @@ def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
 
 def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+class OwnEnvironment(LightningEnvironment):
+    """A researcher's own plugin, for `+trainer.plugins=[...]`."""
 
 
 class StepRecorder(L.Callback):

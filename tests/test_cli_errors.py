@@ -100,6 +100,10 @@ CASES = [
     Case("train-added-trainer-key-typo", "ldm-train",
          (*(a for a in TRAIN if not a.startswith("paths.")), "paths.runs_dir={tmp}/refused", "+trainer.max_stepz=3"),
          ("trainer.max_stepz is not an argument of Lightning's Trainer: did you mean trainer.max_steps?",)),
+    Case("train-missing-shards-into-a-new-directory", "ldm-train",  # a missing shard is no ConfigError: its folder
+         (*(a for a in TRAIN if not a.startswith(("paths.", "data.train_shards"))),  # stayed
+          "paths.runs_dir={tmp}/refused2", "data.train_shards={tmp}/nowhere/train-*.tar"),
+         ("data.train_shards=", "nowhere")),
     Case("train-added-callback-typo", "ldm-train", (*TRAIN, "+callbacks.chekpoint.save_top_k=2"),
          ("callbacks.chekpoint has no _target_", "did you mean callbacks.checkpoint?"), slow=True),
     Case("train-auto-resume-off", "ldm-train", (*TRAIN, "auto_resume=off"),  # a string: taken as true, resumed
@@ -275,8 +279,10 @@ def test_paths_slurm_outside_slurm_leaves_no_run_directory(fast_results, files: 
     each mistake left a timestamped folder of Hydra's record and the log)."""
     assert fast_results["train-paths-slurm-outside-slurm"].returncode == 2
     assert not list((Path(files["tmp"]) / "runs").glob("*/slurm-*"))
-    assert fast_results["train-added-trainer-key-typo"].returncode == 2
-    assert not list((Path(files["tmp"]) / "refused").glob("*/*"))
+    for case, runs in (("train-added-trainer-key-typo", "refused"),
+                       ("train-missing-shards-into-a-new-directory", "refused2")):
+        assert fast_results[case].returncode == 2
+        assert not list((Path(files["tmp"]) / runs).glob("*/*")), case
 
 
 def test_train_help_lists_every_option_in_a_form_the_command_line_takes(files: dict[str, str]):

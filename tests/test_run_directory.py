@@ -371,6 +371,8 @@ def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, mo
                                        f"paths.output_dir={tmp_path}/elsewhere, where the run's checkpoints, logs and "
                                        f"export go (and where a rerun looks for the run to resume): set "
                                        f"paths.output_dir={tmp_path}/run instead\n")
+    CheckRunDirectory().on_run_start(OmegaConf.create({"paths": {"output_dir": str(tmp_path / "same")},  # one folder
+                                                       "hydra": {"run": {"dir": f"{tmp_path}/same/"}}}))
 
 
 def test_a_run_leaves_its_process_as_it_found_it(shapes_shards, tmp_path, single_torch_thread, monkeypatch):

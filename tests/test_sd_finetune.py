@@ -196,7 +196,14 @@ def test_init_from_a_damaged_or_misused_folder_is_named(tmp_path: Path, single_t
               r"^model\.conditioner\.tokenizer=.*tokenizr is not a directory"),
              ({"init_from": str(tmp_path / "sd1"), "conditioner": {"tokenizer": str(tmp_path / "sd1")}},
               r"^model\.conditioner\.tokenizer=.*sd1 is a pipeline folder, whose tokenizer is its tokenizer/ folder: "
-              r"set model\.conditioner\.tokenizer=.*sd1/tokenizer$")]
+              r"set model\.conditioner\.tokenizer=.*sd1/tokenizer$"),
+             ({"autoencoder_path": str(tmp_path / "sd1" / "vae"),  # the pipeline's CLIP as a transformers folder
+               "conditioner": {"kind": "clip", "name_or_path": str(tmp_path / "sd1" / "text_encoder"),
+                               "tokenizer": str(tmp_path / "sd1")}},
+              r"^model\.conditioner\.tokenizer=.*sd1 is a pipeline folder, whose tokenizer is its tokenizer/ folder"),
+             # CLIP skip with model=ldm/tiny's byte conditioner: the refusal names the way
+             ({"init_from": str(tmp_path / "sd1"), "conditioner": {"layer": "penultimate"}},
+              r"for a Stable Diffusion model's in model\.init_from, set kind=clip too")]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             LatentDiffusionModule(config)

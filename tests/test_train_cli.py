@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from scale_helpers import REPO, cli_env, compose_train, tiny_overrides
 from test_config import _missing_keys
 
@@ -99,6 +99,20 @@ def test_a_gpu_trainer_is_refused_by_name_where_torch_sees_no_gpu(trainer):
                                                       f"CUDA GPU on this machine; use trainer=cpu"):
             check_trainer(node)
     else:
+        check_trainer(node)
+
+
+def test_trainer_keys_are_lightnings_arguments_or_hydras_own():
+    """A key the Trainer does not take failed inside Lightning, after the config tree, without a hint; Hydra's own
+    instantiation keys (`_convert_`, `_recursive_`) are no Trainer arguments and pass."""
+    node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused"]).trainer
+    with open_dict(node):
+        node.profiler, node.detect_anomaly, node._convert_ = "simple", True, "all"
+    check_trainer(node)
+    with open_dict(node):
+        node.max_stepz = 3
+    with pytest.raises(configs.ConfigError, match=r"^trainer\.max_stepz is not an argument of Lightning's Trainer: "
+                                                  r"did you mean trainer\.max_steps\?$"):
         check_trainer(node)
 
 
@@ -261,6 +275,19 @@ def test_the_progress_bar_is_the_progress_callback_alone(overrides, bar):
         assert trainer.progress_bar_callback.refresh_rate == 10
     else:
         assert trainer.progress_bar_callback is None
+
+
+def test_plugins_of_ones_own_join_the_commands():
+    """`+trainer.plugins=[...]` passed the Trainer-argument check, then ldm-train's own plugins replaced them."""
+    from scale_helpers import OwnEnvironment
+
+    from ldm.callbacks.checkpoint import AtomicCheckpointIO
+
+    cfg = compose_train(["paths.output_dir=/tmp/unused", "trainer=ddp_cpu", "trainer.devices=2",
+                         "+trainer.plugins=[{_target_: scale_helpers.OwnEnvironment}]"])
+    trainer = build_trainer(cfg, instantiate_callbacks(cfg.callbacks), [])
+    assert isinstance(trainer.strategy.cluster_environment, OwnEnvironment)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 @pytest.mark.parametrize("extra", [["logger=none"], ["debug=fast_dev_run"]])
@@ -442,7 +469,7 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
                          "logger.csv.flush_logs_every_n_steps=0"])
     with pytest.raises(Exception) as err:
         instantiate_loggers(csv.logger)
-    assert describe_error(err.value) == (2, "logger.csv.flush_logs_every_n_steps=0 must be >= 1")
+    assert describe_error(err.value) == (2, "logger.csv.flush_logs_every_n_steps=0 must be a whole number >= 1")
 
     wandb = compose_train(base).logger
     monkeypatch.setenv("WANDB_MODE", "offline")  # restored after the test (the logger's offline mode rewrites it)

@@ -140,12 +140,16 @@ class CheckRunDirectory(Callback):
         _check_writable(config, "sweep")
 
 
+def _same_path(a: str, b: str) -> bool:
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
 def _check_writable(config: DictConfig, mode: str) -> None:
     directory = str(config.hydra[mode].dir)
     # named by the key the user sets: paths.output_dir (which hydra.run.dir follows unless set itself), and for a
     # leading ~ the key whose value holds it (paths.runs_dir='~/runs' reaches hydra.sweep.dir through interpolation)
-    key = "paths.output_dir" if mode == "run" and str(OmegaConf.select(config, "paths.output_dir")) == directory \
-        else f"hydra.{mode}.dir"
+    key = "paths.output_dir" if mode == "run" and _same_path(str(OmegaConf.select(config, "paths.output_dir")),
+                                                             directory) else f"hydra.{mode}.dir"
     if directory.startswith("~") and mode == "sweep":  # the launcher composes each job's folder from the overrides
         held = next(((k, value) for k in ("paths.root_dir", "paths.runs_dir")
                      if (value := str(OmegaConf.select(config, k, default=""))).startswith("~")
@@ -574,7 +578,7 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
 
     trainer = trainer or {}
     arguments = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    unknown = [key for key in trainer if key != "_target_" and key not in arguments]
+    unknown = [key for key in trainer if not re.fullmatch(r"_\w+_", key) and key not in arguments]  # (Hydra's own)
     if unknown:  # (Lightning's TypeError came after the config tree, without a hint)
         close = difflib.get_close_matches(unknown[0], sorted(arguments), n=1)
         raise ConfigError(f"trainer.{unknown[0]} is not an argument of Lightning's Trainer"

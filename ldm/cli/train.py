@@ -52,7 +52,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm import __version__
@@ -61,11 +61,13 @@ from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_interru
 from ldm.checkpoints import load_checkpoint
 from ldm.cli.common import (
     CONF_DIR,
+    EXIT_USER_ERROR,
     check_nodes,
     check_slurm_run_directory,
     check_trainer,
     cli_entry,
     config_error_in,
+    describe_error,
     print_config_tree,
     process_count,
     remove_made_run_directory,
@@ -652,7 +654,11 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     if not loggers:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     overrides.setdefault("enable_progress_bar", any(isinstance(cb, ProgressBar) for cb in callbacks))
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(),
+    plugins = trainer_plugins()
+    if cfg.trainer.get("plugins") is not None:  # the user's own (`+trainer.plugins=[...]`), beside ours
+        given = hydra.utils.instantiate(cfg.trainer.plugins)
+        plugins += list(given) if isinstance(given, (list, tuple, ListConfig)) else [given]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
                                    **overrides)
 
 
@@ -913,7 +919,7 @@ def main(cfg: DictConfig) -> float | None:
             metrics = train(cfg)
         except Exception as err:
             refused = config_error_in(err)
-            if refused is not None and not is_multirun():
+            if not is_multirun() and describe_error(err)[0] == EXIT_USER_ERROR:  # (a missing shard, too)
                 remove_made_run_directory()
             if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0
                                      and not names_searched_key(str(refused))):

@@ -87,8 +87,9 @@ class ConditionerConfig:
         check_choice("kind", self.kind, KINDS)
         check_choice("layer", self.layer, ["last", "penultimate"])
         if self.layer != "last" and self.kind != "clip":
-            raise ConfigError(f"layer={self.layer} applies to kind=clip (SD 2's penultimate layer); kind={self.kind} "
-                              f"reads its last layer: leave layer out")
+            raise ConfigError(f"layer={self.layer} applies to kind=clip (SD 2's penultimate layer; for a Stable "
+                              f"Diffusion model's in model.init_from, set kind=clip too); kind={self.kind} reads its "
+                              f"last layer: leave layer out")
         check_choice("class_embed", self.class_embed, ["context", "unet"])
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ConfigError(f"cond_drop_prob={self.cond_drop_prob} must lie in [0, 1]")
@@ -438,6 +439,9 @@ def build_conditioner(config: ConditionerConfig | dict | DictConfig | None,
         if c.tokenizer is not None:
             from transformers import CLIPTokenizer
 
+            from ldm.convert.components import refuse_pipeline_folder
+
+            refuse_pipeline_folder(c.tokenizer, f"{prefix}.tokenizer")
             tokenizer = load_transformers(CLIPTokenizer, c.tokenizer, f"{prefix}.tokenizer")
         encoder = CLIPTextEncoder(c.name_or_path or DEFAULT_CLIP, c.max_length, c.layer, c.trainable, key,
                                   tokenizer=tokenizer)
@@ -468,7 +472,10 @@ def _empty_text_encoder(c: ConditionerConfig, config: dict[str, Any], prefix: st
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if c.tokenizer is not None:
+        from ldm.convert.components import refuse_pipeline_folder
+
         source, source_key = c.tokenizer, f"{prefix}.tokenizer"
+        refuse_pipeline_folder(source, source_key)
     elif is_stable_diffusion(c.name_or_path):
         if not Path(c.name_or_path).expanduser().is_dir():
             raise ConfigError(f"{key}={c.name_or_path} is a single file, which holds no tokenizer: set "

@@ -102,7 +102,14 @@ def load_tokenizer(path: str | Path, what: str = "tokenizer_path") -> Any:
         raise ConfigError(f"{what}={path} is not a directory; point it at a CLIP tokenizer saved with "
                           f"save_pretrained (vocab.json, merges.txt), e.g. the tokenizer/ folder of a diffusers "
                           f"Stable Diffusion pipeline")
+    refuse_pipeline_folder(path, what)
+    return load_pretrained(CLIPTokenizer, str(path), what)
+
+
+def refuse_pipeline_folder(path: str | Path, what: str) -> None:
+    """Raise ConfigError naming `what` when the tokenizer folder given is a diffusers pipeline's, which holds its
+    tokenizer in tokenizer/ (transformers' error suggested a hub name)."""
+    path = Path(path).expanduser()
     if (path / "tokenizer").is_dir() and not (path / "vocab.json").is_file():
         raise ConfigError(f"{what}={path} is a pipeline folder, whose tokenizer is its tokenizer/ folder: set "
                           f"{what}={path / 'tokenizer'}")
-    return load_pretrained(CLIPTokenizer, str(path), what)
