@@ -106,9 +106,7 @@ def check_slurm_run_directory(output_dir: str | Path) -> None:
     when Hydra made it for this run alone (its .hydra/ and log): nothing of the user's goes."""
     if NO_SLURM_JOB not in str(output_dir):
         return
-    made = Path(output_dir)
-    if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
-        shutil.rmtree(made, ignore_errors=True)
+    _remove_if_hydras_alone(output_dir)
     raise ConfigError(f"paths=slurm names the run directory after $SLURM_JOB_ID, which only a SLURM job sets (here "
                       f"it would be {output_dir}): submit it with sbatch (slurm/*.sbatch), or use paths=default (or "
                       f"paths.output_dir=...) outside SLURM")
@@ -121,9 +119,14 @@ def remove_made_run_directory() -> None:
     """Remove the run directory Hydra made for this command when it holds nothing but Hydra's record and the log:
     a refused command leaves no folder behind (each mistake left a timestamped one)."""
     for directory in _made_run_dirs:
-        made = Path(directory)
-        if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
-            shutil.rmtree(made, ignore_errors=True)
+        _remove_if_hydras_alone(directory)
+
+
+def _remove_if_hydras_alone(directory: str | Path) -> None:
+    """Remove `directory` when it holds nothing but Hydra's record (.hydra/) and the log: nothing of the user's."""
+    made = Path(directory)
+    if made.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in made.iterdir()):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 class CheckRunDirectory(Callback):

@@ -508,7 +508,7 @@ def sample_caption(sample: Mapping[str, Any]) -> str | None:
 
 def sample_metadata(sample: Mapping[str, Any]) -> Any:
     """A raw sample's `json` member, parsed ({} without one); a ValueError when it is not JSON (the sample is left
-    out by every reader that reads it: training, ldm-encode)."""
+    out by every reader: training, ldm-encode, evaluation)."""
     return json.loads(sample["json"]) if "json" in sample else {}
 
 
