@@ -309,7 +309,7 @@ def test_a_pipeline_as_the_conditioners_encoder_takes_its_layer_and_a_folder_wit
     max_diff(context, expected, "pipeline folder, layer=penultimate")
     with pytest.raises(ConfigError, match=r"name_or_path=.*cannot load CLIPTokenizer: .*no tokenizer files"):
         build_conditioner({"kind": "clip", "name_or_path": str(tmp_path / "sd1" / "text_encoder")})
-    with pytest.raises(ConfigError, match=r"tokenizer=.*no tokenizer files"):
+    with pytest.raises(ConfigError, match=r"tokenizer=.*sd1 is a pipeline folder, whose tokenizer is its tokenizer/"):
         build_conditioner({"kind": "clip", "name_or_path": str(tmp_path / "sd1" / "text_encoder"),
                            "tokenizer": str(tmp_path / "sd1")})
     smaller = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
