@@ -504,8 +504,9 @@ def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer
     written = ((checkpoint.get("ldm") or {}).get("config") or {}).get("trainer") or {}
     accumulate, before = trainer_cfg.get("accumulate_grad_batches") or 1, written.get("accumulate_grad_batches")
     progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {})
+    current = progress.get("current") or {}
     # note: at an epoch's last batch the next epoch starts from 0
-    position = 0 if progress.get("is_last_batch") else (progress.get("current") or {}).get("ready", 0)
+    position = 0 if progress.get("is_last_batch") else current.get("ready", 0)
     if before is not None and accumulate != before and position % accumulate:
         raise configs.ConfigError(f"trainer.accumulate_grad_batches={accumulate}, where ckpt_path={ckpt_path} was "
                                   f"written with {before} at {position} batches into its epoch, not a whole number of "
@@ -513,7 +514,6 @@ def check_checkpoint_trainer(checkpoint: dict[str, Any], ckpt_path: str, trainer
                                   f"make the first step shorter): resume with trainer.accumulate_grad_batches="
                                   f"{before} (or a divisor of {position}); another value can start from a checkpoint "
                                   f"written at an epoch's end")
-    current = progress.get("current") or {}
     schedule = [f"trainer.{key}={trainer_cfg.get(key)!r} (written with {written[key]!r})"
                 for key in ("val_check_interval", "check_val_every_n_epoch")
                 if key in written and trainer_cfg.get(key) != written[key]]
