@@ -294,9 +294,39 @@ def test_a_unet_without_cross_attention_is_refused_by_the_diffusers_export_and_f
     with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
         single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
     assert "no cross-attention (model.unet.context_dim=null), a layout the original Stable Diffusion code does not " \
-           "build" in caplog.text
+           "build: A1111 and ComfyUI cannot load the file" in caplog.text
+    assert "diffusers' from_single_file cannot load the file (ldm's loaders can), for the reason format=diffusers " \
+           "refuses this UNet: export of the UNet to diffusers: context_dim=None" in caplog.text
     from ldm.convert.load import load_single_file
     assert load_single_file(single).unet_config.num_classes == 3  # ours reads it
+
+
+def test_a_unet_whose_first_level_is_wider_than_model_channels_is_flagged_in_a_single_file(tmp_path: Path, caplog):
+    """channel_mult[0] != 1 (LDM's own UNet builds it): diffusers sizes conv_in from the first level's width, so
+    format=diffusers refuses it and a single file says that diffusers' from_single_file cannot convert it; ldm's
+    loaders read the file back."""
+    import logging
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.convert.common import UnsupportedCheckpointError
+    from ldm.convert.load import load_single_file
+    from ldm.nn.unet import unet_config
+
+    unet = asdict(unet_config("tiny", model_channels=16, channel_mult=[2, 4]))
+    module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
+                                    "conditioner": {"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 2},
+                                    "ema_decay": None})
+    ours = module.pipeline.save_pretrained(tmp_path / "ours")
+    with pytest.raises(UnsupportedCheckpointError, match=r"channel_mult\[0\]=2 \(not 1\)"):
+        export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    assert "diffusers' from_single_file cannot load the file (ldm's loaders can), for the reason format=diffusers " \
+           "refuses this UNet: export of the UNet to diffusers: channel_mult[0]=2 (not 1)" in caplog.text
+    assert "a layout the original Stable Diffusion code does not build" not in caplog.text  # LDM's code builds it
+    assert load_single_file(single).unet_config.channel_mult == [2, 4]
 
 
 def test_init_from_reads_back_our_export_of_a_clip_unet_with_the_pooled_prompt(tmp_path: Path, single_torch_thread):

@@ -61,6 +61,8 @@ register_schemas("export")  # conf/export.yaml extends ExportConfig: stored befo
 def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     """Write the export `cfg` asks for; return the folder (diffusers) or the file (single_file)."""
     from ldm.convert import save_diffusers, save_single_file
+    from ldm.convert.common import UnsupportedCheckpointError
+    from ldm.convert.unet import unet_config_to_diffusers
     from ldm.pipeline import LatentDiffusionPipeline
 
     if isinstance(cfg, DictConfig):
@@ -115,10 +117,14 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     if not pipeline.unet.config.mid_attention:
         missing.append("no middle transformer (model.unet.mid_attention=false)")
     if config.format == "single_file" and missing:
-        log.warning("this UNet has %s, a layout the original Stable Diffusion code does not build: A1111, ComfyUI "
-                    "and diffusers' from_single_file cannot load the file (ldm's loaders can; format=diffusers "
-                    "refuses such a UNet)", " and ".join(missing))
+        log.warning("this UNet has %s, a layout the original Stable Diffusion code does not build: A1111 and "
+                    "ComfyUI cannot load the file (ldm's loaders can)", " and ".join(missing))
     if config.format == "single_file":
+        try:  # diffusers' from_single_file converts to its UNet2DConditionModel, as format=diffusers does
+            unet_config_to_diffusers(pipeline.unet.config)
+        except UnsupportedCheckpointError as error:
+            log.warning("diffusers' from_single_file cannot load the file (ldm's loaders can), for the reason "
+                        "format=diffusers refuses this UNet: %s", error)
         for network, net_config, prefix in (("UNet", pipeline.unet.config, "model.unet"),
                                             ("autoencoder", pipeline.autoencoder.config, "model.net")):
             if unseen := unseen_in_single_file(net_config, prefix):
