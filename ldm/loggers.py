@@ -10,6 +10,7 @@ logs those steps again; both rows stay, in the order they were written.
 from __future__ import annotations
 
 import csv
+import os
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ class AppendingCSVLogger(Logger):
 
     def __init__(self, save_dir: str, name: str = "csv", flush_logs_every_n_steps: int = 100) -> None:
         super().__init__()
+        if not isinstance(save_dir, str | os.PathLike) or not str(save_dir):
+            raise ConfigError(f"logger.csv.save_dir={save_dir!r} must be a folder (default: ${{paths.output_dir}}, the "
+                              f"run directory)")
+        if not isinstance(name, str):
+            raise ConfigError(f"logger.csv.name={name!r} must be a folder name under logger.csv.save_dir (default: "
+                              f"csv; '' for save_dir itself)")
         if not is_int(flush_logs_every_n_steps) or flush_logs_every_n_steps < 1:
             raise ConfigError(f"logger.csv.flush_logs_every_n_steps={flush_logs_every_n_steps!r} must be a whole "
                               f"number >= 1")

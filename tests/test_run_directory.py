@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 from scale_helpers import compose_train, run_cli, tiny_overrides
 
 from ldm.cli.run_lock import LOCK_NAME, RunDirectoryLocked, acquire, release, run_lock
@@ -218,6 +219,9 @@ def test_resumed_run_appends_to_metrics_csv(shapes_shards, tmp_path, single_torc
     full, split = (_train_rows(tmp_path / d / "csv" / "metrics.csv") for d in ("full", "split"))
     assert [row["step"] for row in full] == ["0", "1", "2", "3"]
     assert split == full  # both segments, every step, the same numbers
+    # the loggers get the resolved config, not the module's config beside it (W&B's table: config.lr and model.lr)
+    logged = OmegaConf.load(tmp_path / "split" / "csv" / "hparams.yaml")
+    assert {"model", "data", "trainer"} <= set(logged) and not {"config", "initialized"} & set(logged)
 
 
 def test_csv_logger_widens_its_header_for_new_metrics(tmp_path):
@@ -329,8 +333,6 @@ def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, mo
     """`CheckRunDirectory` (a Hydra callback of conf/train.yaml): a path under a file is refused in one line naming the
     key (Hydra printed its traceback); a leading `~` is expanded (Hydra made a folder named `~` in the working
     directory); nothing is created (a sweep that a later callback refused left an empty folder)."""
-    from omegaconf import OmegaConf
-
     from ldm.cli.common import CheckRunDirectory
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -366,7 +366,7 @@ def test_a_refused_resume_leaves_the_runs_config(shapes_shards, tmp_path):
 
 
 def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # (the printed `wandb sync` command is pasted: the space quoted)
     overrides = [o for o in tiny_overrides(shapes_shards, out, max_steps=2, every=2) if o != "logger=csv"]
     script = Path(sys.executable).parent / "ldm-train"
     result = subprocess.run([str(script), *overrides, "model.net.ch=16", "logger=wandb"], cwd=REPO, env=cli_env(),
@@ -378,7 +378,7 @@ def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path
     assert OmegaConf.load(out / "config.yaml").paths.output_dir == str(out)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb")), runs
-    assert f"upload it with: wandb sync {runs[0]}" in output
+    assert f"upload it with: wandb sync '{runs[0]}'" in output
     # the same command, further: the run resumes, its W&B run gets a second offline folder, and the command to
     # upload names both
     result = subprocess.run([str(script), *overrides, "model.net.ch=16", "logger=wandb", "trainer.max_steps=4"],
@@ -386,7 +386,7 @@ def test_ldm_train_console_script_leaves_a_resumable_run(shapes_shards, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = runs[0].name.split("-", 3)[-1]  # offline-run-<date>_<time>-<id>
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
-    assert f"upload them with: wandb sync {out / 'wandb'}/offline-run-*-{run_id}" in result.stdout + result.stderr
+    assert f"upload them with: wandb sync '{out / 'wandb'}'/offline-run-*-{run_id}" in result.stdout + result.stderr
 
 
 def test_a_checkpoint_written_without_fsdp_is_not_resumed_under_fsdp(tmp_path: Path):
@@ -414,7 +414,7 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
     sweep), a misspelt callback key at instantiation; a bad CSV value came wrapped in Hydra's message. And W&B's own
     off switch (WANDB_MODE=disabled) was overridden by the logger's offline mode, which wrote a run anyway."""
     from ldm.cli.common import describe_error
-    from ldm.cli.train import check_components, instantiate_callbacks, instantiate_loggers
+    from ldm.cli.train import check_components, check_config, instantiate_callbacks, instantiate_loggers
 
     base = ["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=wandb"]
     for extra, message in [
@@ -448,9 +448,28 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
                                                    r".* set trainer\.accumulate_grad_batches; remove callbacks\.gas"),
             (["+callbacks.bsf._target_=lightning.pytorch.callbacks.BatchSizeFinder"], r"set data\.batch_size"),
             (["+callbacks.lrf._target_=lightning.pytorch.callbacks.LearningRateFinder"], r"set model\.lr"),
+            # W&B's values: a pydantic ValidationError at the first use (exit 1, a failed trial in a sweep), or a
+            # string tags split into its letters, offline=maybe taken as true
+            (["logger.wandb.project=123"], r"logger\.wandb\.project=123 must be a string \(or null\): Hydra reads it "
+                                           r"as int; quote it, 'logger\.wandb\.project=\"123\"'"),
+            (["+logger.wandb.entity=[1]"], r"logger\.wandb\.entity=\[1\] must be a string"),
+            (["logger.wandb.tags=notalist"], r"logger\.wandb\.tags='notalist' must be a list of strings: "
+                                             r"'logger\.wandb\.tags=\[notalist\]'"),
+            (["logger.wandb.offline=maybe"], r"logger\.wandb\.offline='maybe' must be true or false"),
+            (["logger.wandb.log_model=maybe"], r"logger\.wandb\.log_model='maybe' must be false, true .* or all"),
     ]:
         with pytest.raises(ConfigError, match=message):
             check_components(compose_train(base + extra))
+    for extra, message in [  # the top-level keys the W&B node reads (and the message names them, not W&B's key)
+            (["run_name=0.001"], r"run_name=0\.001 must be a string \(or null\): Hydra reads it as float; quote it, "
+                                 r"'run_name=\"0\.001\"'"),
+            (["tags=baseline"], r"tags='baseline' must be a list of strings: 'tags=\[baseline\]'"),
+            (["tags=[2024,baseline]"], r"tags=\[2024, 'baseline'\] must be a list of strings: "
+                                       r"'tags=\[\"2024\",baseline\]'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_config(compose_train(base + extra))
+    check_components(compose_train(base + ["logger.wandb.log_model=all", "tags=[a,b]", "run_name=my_run"]))
     check_components(compose_train(base + ["+logger.wandb.group=ablation"]))  # a wandb.init argument
     assert not [r for r in caplog.records if r.name == "hydra.utils"]  # (Hydra's own reason, at ERROR, before ours)
     # a factory function (Hydra instantiates any callable): it imports; what it builds is checked when built
@@ -470,6 +489,12 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
     with pytest.raises(Exception) as err:
         instantiate_loggers(csv.logger)
     assert describe_error(err.value) == (2, "logger.csv.flush_logs_every_n_steps=0 must be a whole number >= 1")
+    for key, message in (("save_dir", "logger.csv.save_dir=None must be a folder"),  # (a stray ./None/csv/)
+                         ("name", "logger.csv.name=None must be a folder name")):  # (a bare TypeError of `/`)
+        with pytest.raises(Exception) as err:
+            instantiate_loggers(compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused", "logger=csv",
+                                               f"logger.csv.{key}=null"]).logger)
+        assert describe_error(err.value)[0] == 2 and describe_error(err.value)[1].startswith(message)
 
     wandb = compose_train(base).logger
     monkeypatch.setenv("WANDB_MODE", "offline")  # restored after the test (the logger's offline mode rewrites it)

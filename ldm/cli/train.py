@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -223,6 +224,43 @@ def import_target(target: str, key: str) -> Any:
     raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: {cause})")
 
 
+def check_string(key: str, value: Any) -> None:
+    """Refuse a value Hydra read as a number or a list where a name is meant (`run_name=0.001`)."""
+    if value is not None and not isinstance(value, str):
+        quoted = f'{key}="{value}"'
+        raise configs.ConfigError(f"{key}={value!r} must be a string (or null): Hydra reads it as "
+                                  f"{type(value).__name__}; quote it, {shlex.quote(quoted)}")
+
+
+def check_tags(key: str, tags: Any) -> None:
+    """Refuse tags that are no list of strings: W&B splits a string into its letters (`tags=baseline`)."""
+    if tags is None or isinstance(tags, ListConfig) and all(isinstance(tag, str) for tag in tags):
+        return
+    listed = list(tags) if isinstance(tags, ListConfig) else [tags]
+    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else f'"{tag}"' for tag in listed)
+    raise configs.ConfigError(f"{key}={tags!r} must be a list of strings: {shlex.quote(f'{key}=[{words}]')}")
+
+
+# WandbLogger's (and wandb.init's) arguments that W&B takes as strings alone; it refuses others at its first use, in
+# pydantic's words, after the config tree (or, given a string, splits tags into letters or reads offline=maybe as true).
+WANDB_STRINGS = ("project", "entity", "name", "id", "version", "group", "job_type", "notes", "save_dir", "dir",
+                 "prefix")
+
+
+def check_wandb_values(key: str, node: DictConfig) -> None:
+    """Refuse `logger.NAME.KEY` values of a WandbLogger of the wrong type, naming the key."""
+    for name in WANDB_STRINGS:
+        if name in node:
+            check_string(f"{key}.{name}", node.get(name))
+    if "tags" in node:
+        check_tags(f"{key}.tags", node.get("tags"))
+    if "offline" in node and not isinstance(node.get("offline"), bool):
+        raise configs.ConfigError(f"{key}.offline={node.get('offline')!r} must be true or false")
+    if "log_model" in node and node.get("log_model") not in (False, True, "all"):
+        raise configs.ConfigError(f"{key}.log_model={node.get('log_model')!r} must be false, true (the checkpoints at "
+                                  f"the end) or all (each as it is saved)")
+
+
 def check_components(cfg: DictConfig) -> None:
     """Raise ConfigError naming `logger.NAME.KEY` or `callbacks.NAME.KEY` for a class that does not import or a key
     its constructor does not take (a W&B key is checked against `wandb.init`, which WandbLogger passes the keys it
@@ -253,6 +291,7 @@ def check_components(cfg: DictConfig) -> None:
 
                 accepted |= set(inspect.signature(wandb.init).parameters)
                 open_ended = False
+                check_wandb_values(key, node)
             unknown = [k for k in node if not str(k).startswith("_") and k not in accepted]
             if unknown and not open_ended:
                 close = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
@@ -560,9 +599,11 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
                 segments = sorted(run_dir.parent.glob(f"offline-run-*-{run_id}"))
                 if len(segments) > 1:
                     rank_zero_info(f"W&B run saved offline in {len(segments)} folders, one per segment of the resumed "
-                                   f"run; upload them with: wandb sync {run_dir.parent}/offline-run-*-{run_id}")
+                                   f"run; upload them with: wandb sync "
+                                   f"{shlex.quote(str(run_dir.parent))}/offline-run-*-{run_id}")
                 else:
-                    rank_zero_info(f"W&B run saved offline in {run_dir}; upload it with: wandb sync {run_dir}")
+                    rank_zero_info(f"W&B run saved offline in {run_dir}; upload it with: wandb sync "
+                                   f"{shlex.quote(str(run_dir))}")
 
 
 def wandb_run() -> Any:
@@ -692,6 +733,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("auto_resume", "compile", "tf32", "channels_last"):  # (Hydra passes `off`, `no` on as strings)
         if key in cfg and not isinstance(cfg.get(key), bool):
             raise configs.ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
+    check_string("run_name", cfg.get("run_name"))
+    check_tags("tags", cfg.get("tags"))
     try:  # every node, the ones Hydra instantiates without a schema (callbacks, loggers, trainer) too
         configs.refuse_nan(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException:

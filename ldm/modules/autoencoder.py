@@ -134,7 +134,7 @@ class AutoencoderModule(L.LightningModule):
             config, state, self.init_scale = adopt_pretrained(config)
         self.config = config
         self.automatic_optimization = False
-        self.save_hyperparameters({"config": asdict(config), "initialized": bool(config.init_from)})
+        self.save_hyperparameters({"config": asdict(config), "initialized": bool(config.init_from)}, logger=False)
         self.autoencoder = AutoencoderKL(config.net)
         if state is not None:
             self.autoencoder.load_state_dict(state)

@@ -108,7 +108,7 @@ class ContrastiveModule(L.LightningModule):
         super().__init__()
         config = to_dataclass(Config, config, "model")  # a dict when rebuilt by `load_from_checkpoint`
         self.config = config
-        self.save_hyperparameters({"config": asdict(config)})
+        self.save_hyperparameters({"config": asdict(config)}, logger=False)
         self.text_encoder = ByteTextEncoder(**asdict(config.text))
         self.image_encoder = ImageEncoder(config.image)
         self.text_proj = Linear(config.text.width, config.embed_dim, bias=False)

@@ -320,7 +320,7 @@ class LatentDiffusionModule(L.LightningModule):
                 rank_zero_warn(f"model.val_prompts is ignored: this model (model.conditioner.kind="
                                f"{config.conditioner.kind}) reads no prompts; its validation grids take {instead}")
         self.config = config
-        self.save_hyperparameters({"config": asdict(config), "frozen": frozen})
+        self.save_hyperparameters({"config": asdict(config), "frozen": frozen}, logger=False)
         unet = UNet(config.unet)
         if pretrained is not None:
             unet.load_state_dict(pretrained.unet_state)
