@@ -272,6 +272,28 @@ def read_lines(path: Path, key: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def load_export_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path, key: str,
+                        external: tuple[str, ...] = ()) -> None:
+    """Load an export's weights into the network its config.json built. Weights that do not fit it (the two files
+    copied from different exports) raise ConfigError naming `key`, the folder and the first differences, not torch's
+    page of keys. `external`: prefixes of weights the export keeps elsewhere (a transformers text encoder)."""
+    from ldm.config import ConfigError
+
+    own = model.state_dict()
+    differences = {
+        "missing": [k for k in own if k not in state and not k.startswith(external)],
+        "unexpected": [k for k in state if k not in own],
+        "of another shape": [f"{k} {tuple(state[k].shape)} (config.json: {tuple(v.shape)})" for k, v in own.items()
+                             if k in state and state[k].shape != v.shape]}
+    if any(differences.values()):
+        found = "; ".join(f"{len(names)} {what}, e.g. {', '.join(names[:2])}" for what, names in differences.items()
+                          if names)
+        raise ConfigError(f"{key}={directory}: the weights in {WEIGHTS_NAME} do not fit the network its {CONFIG_NAME} "
+                          f"describes ({found}); the two files come from different exports: copy the whole export "
+                          f"folder")
+    model.load_state_dict(state, strict=not external)
+
+
 def read_export(directory: Path, key: str = "path") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and the state dict written by `save_export` (a damaged file: ConfigError naming `key` and it)."""
     from safetensors import SafetensorError

@@ -42,6 +42,7 @@ from ldm.io import (
     check_export_weights,
     export_dir,
     export_kind,
+    load_export_weights,
     read_export,
     save_export,
 )
@@ -361,11 +362,7 @@ class LatentDiffusionPipeline(nn.Module):
                                   f"describes {export_kind(config)}")
         check_export_weights(directory, use_ema, key)
         pipeline = cls.from_config(config, base_dir=directory)
-        missing, unexpected = pipeline.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(pipeline._external_weights())]
-        if missing or unexpected:
-            raise CheckpointError(f"{key}={directory}: weights do not match config.json (missing {missing[:4]}, "
-                                  f"unexpected {unexpected[:4]})")
+        load_export_weights(pipeline, state, directory, key, pipeline._external_weights())
         training = config.get("training") or {}
         pipeline.provenance = {"source": str(directory), "step": training.get("step", -1),
                                "weights": training.get("weights", "ema"), "val_shards": training.get("val_shards")}

@@ -257,3 +257,49 @@ def test_damaged_exports_manifests_and_side_files_are_named(tmp_path: Path):
     prompts.write_bytes(b"a red \xff circle\n")
     with pytest.raises(ConfigError, match=r"^prompts_file=.* is not UTF-8 text"):
         read_lines(prompts, "prompts_file")
+
+
+def test_an_export_whose_weights_come_from_another_export_is_named(tmp_path: Path):
+    """config.json of one export beside model.safetensors of another (a folder assembled by hand): torch's
+    load_state_dict printed a page of missing keys and size mismatches naming neither the key nor the folder."""
+    import shutil
+    from dataclasses import asdict
+
+    from scale_helpers import tiny_autoencoder_export
+
+    from ldm.conditioning.byte import ByteTextEncoder
+    from ldm.config import ConfigError
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+    from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.nn.unet import unet_config
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    def mixed(config_from: Path, weights_from: Path, name: str) -> Path:
+        shutil.copytree(config_from, tmp_path / name)
+        shutil.copy(weights_from / "model.safetensors", tmp_path / name / "model.safetensors")
+        return tmp_path / name
+
+    text = [ByteTextEncoder(width=w, num_layers=1, num_heads=2, max_length=16).save_pretrained(tmp_path / f"text{w}")
+            for w in (32, 64)]
+    with pytest.raises(ConfigError, match=r"^model\.conditioner\.name_or_path=.*text_mixed: the weights in "
+                                          r"model\.safetensors do not fit the network its config\.json describes \(.* "
+                                          r"of another shape, e\.g\. .*\(config\.json: \(.*\); the two files come "
+                                          r"from different exports: copy the whole export folder$"):
+        ByteTextEncoder.from_pretrained(mixed(text[1], text[0], "text_mixed"),
+                                        config_key="model.conditioner.name_or_path")
+
+    autoencoder = tiny_autoencoder_export(tmp_path / "ae")
+    deeper = AutoencoderKL(AutoencoderConfig(resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=2,
+                                             norm_groups=8)).save_pretrained(tmp_path / "ae2")
+    with pytest.raises(ConfigError, match=r"^model\.autoencoder_path=.*ae_mixed: the weights in model\.safetensors do "
+                                          r"not fit .*\(\d+ missing, e\.g\. encoder\.down"):
+        AutoencoderKL.from_pretrained(mixed(deeper, autoencoder, "ae_mixed"), key="model.autoencoder_path")
+
+    pipelines = [LatentDiffusionModule({
+        "autoencoder_path": str(autoencoder), "unet": asdict(unet_config("tiny", model_channels=channels)),
+        "conditioner": {"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 2}, "ema_decay": None,
+    }).pipeline.save_pretrained(tmp_path / f"ldm{channels}") for channels in (16, 32)]
+    with pytest.raises(ConfigError, match=r"^ckpt_path=.*ldm_mixed: the weights in model\.safetensors do not fit .* "
+                                          r"of another shape, e\.g\. unet\."):
+        LatentDiffusionPipeline.from_pretrained(mixed(pipelines[0], pipelines[1], "ldm_mixed"))
+    assert LatentDiffusionPipeline.from_pretrained(pipelines[0]).unet.config.model_channels == 16  # (whole: loads)

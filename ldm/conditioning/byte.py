@@ -20,7 +20,17 @@ from torch import nn
 
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import SCHEMAS, ConfigError, check_min
-from ldm.io import CONFIG_NAME, WEIGHTS_NAME, export_config, export_dir, is_export, read_export, run_target, save_export
+from ldm.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    export_config,
+    export_dir,
+    is_export,
+    load_export_weights,
+    read_export,
+    run_target,
+    save_export,
+)
 from ldm.nn.attention import TransformerBlock
 from ldm.seeding import keeps_global_rng
 
@@ -179,7 +189,7 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
                 theirs = " ".join(f"{prefix}.{k}={getattr(config, k)}" for k in keys)
                 raise ConfigError(f"{ours} but the byte encoder in {path} has {has}; set {theirs}")
         encoder = cls(**asdict(config), trainable=trainable)
-        encoder.load_state_dict(state)
+        load_export_weights(encoder, state, path, config_key)
         return encoder
 
 

@@ -27,6 +27,7 @@ from ldm.io import (
     atomic_write_text,
     export_config,
     export_dir,
+    load_export_weights,
     read_export,
     read_json_object,
     save_export,
@@ -337,7 +338,7 @@ class AutoencoderKL(nn.Module):
             config = config["autoencoder"]
             state = {k.removeprefix("autoencoder."): v for k, v in state.items() if k.startswith("autoencoder.")}
         model = cls(export_config(directory, config, AutoencoderConfig, key))
-        model.load_state_dict(state)
+        load_export_weights(model, state, directory, key)
         return model
 
 
