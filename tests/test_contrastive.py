@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ldm.conditioning.byte import ByteTextEncoder
 from ldm.config import ConfigError, to_dataclass
-from ldm.modules.contrastive import ContrastiveModule, contrastive_loss
+from ldm.modules.contrastive import ContrastiveModule, contrastive_loss, retrieval_scores
 from ldm.nn.image_encoder import ImageEncoder, ImageEncoderConfig
 
 CAPTIONS = ["a large red circle in the center on a white background",
@@ -120,6 +120,57 @@ def test_images_of_another_size_than_the_image_tower_takes_are_refused_at_start(
     grey = tiny_config(image={"resolution": 32, "channels": [8, 16], "in_channels": 1})
     with pytest.raises(ConfigError, match=r"model\.image\.in_channels=1, but the data are RGB images"):
         trainer.fit(ContrastiveModule(grey), datamodule=data)
+
+
+def test_validation_scores_the_whole_set_for_any_batch_size(tmp_path, shapes_shards):
+    """val/loss and val/accuracy were per-batch retrieval averaged: 16 validation pairs scored 2.39 / 0.12 in batches
+    of 16 and 3.55 / 0.04 in one of 50 (a short last batch of one, a free hit). Now every caption is scored against
+    every validation image, in whatever batches they come."""
+    import lightning as L
+
+    from ldm.data.datamodule import WebDataModule
+
+    torch.manual_seed(0)
+    module = ContrastiveModule(tiny_config(image={"resolution": 32, "channels": [8, 16]}))
+    scores = []
+    for val_batch_size in (16, 5, 1):  # 16 pairs: one batch; 5 + 5 + 5 + 1; sixteen of one
+        data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"),
+                             val_shards=str(shapes_shards / "val-*.tar"), batch_size=4, val_batch_size=val_batch_size,
+                             num_workers=0, resolution=32)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                            default_root_dir=str(tmp_path))
+        scores.append(trainer.validate(module, datamodule=data, verbose=False)[0])
+    assert scores[1] == pytest.approx(scores[0], rel=1e-5) and scores[2] == pytest.approx(scores[0], rel=1e-5)
+    assert 0.0 < scores[0]["val/accuracy"] < 0.5 and scores[0]["val/loss"] > 1.0  # (untrained: near chance, 1/16)
+    # the same as scoring the set in one call, and in row blocks
+    image, text, ids = unit(9, 16, seed=1), unit(9, 16, seed=2), torch.tensor([0, 1, 2, 0, 3, 4, 5, 6, 7])
+    whole = contrastive_loss(image, text, image, text, 0, torch.tensor(10.0), ids, ids)
+    blocks = retrieval_scores(image, text, ids, torch.tensor(10.0), rows=4)
+    assert blocks[0].item() == pytest.approx(whole[0].item(), rel=1e-6)
+    assert blocks[1].item() == pytest.approx(whole[1].item(), rel=1e-6)
+
+
+def test_a_global_batch_of_one_pair_is_refused(tmp_path, shapes_shards):
+    """With data.batch_size=1 on one process each caption met only its own image: the loss was 0, the accuracy 1, the
+    gradients 0, and the run exported the random encoder as trained. A validation of one pair scored 1 too."""
+    import lightning as L
+
+    from ldm.data.datamodule import WebDataModule
+
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path), accelerator="cpu", enable_checkpointing=False)
+    module = ContrastiveModule(tiny_config(image={"resolution": 32, "channels": [8, 16]}))
+    data = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), batch_size=1, num_workers=0, resolution=32)
+    with pytest.raises(ConfigError, match=r"data\.batch_size=1 on one process: .* raise data\.batch_size"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0
+    one = WebDataModule(train_shards=str(shapes_shards / "train-*.tar"), val_shards=str(shapes_shards / "val-*.tar"),
+                        batch_size=4, val_batch_size=1, num_workers=0, resolution=32)
+    validate = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=str(tmp_path), limit_val_batches=1)
+    with pytest.raises(ConfigError, match=r"validation gave 1 image-caption pair: .* raise data\.val_batch_size or "
+                                          r"trainer\.limit_val_batches"):
+        validate.validate(module, datamodule=one, verbose=False)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():

@@ -88,6 +88,21 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.T
     return loss, hit.float().mean()
 
 
+def retrieval_scores(image: torch.Tensor, text: torch.Tensor, caption_ids: torch.Tensor, logit_scale: torch.Tensor,
+                     rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`contrastive_loss` and its accuracy over a whole set of N pairs (N, E) at once, every pair against all N:
+    what validation reports, the same for any batch size or number of ranks. Scored `rows` captions at a time, so
+    that the (rows, N) logits, not an (N, N) matrix, are held."""
+    loss, accuracy = torch.zeros(()), torch.zeros(())
+    for start in range(0, len(image), rows):
+        part = slice(start, start + rows)
+        part_loss, part_accuracy = contrastive_loss(image[part], text[part], image, text, start, logit_scale,
+                                                    caption_ids[part], caption_ids)
+        share = len(image[part]) / len(image)
+        loss, accuracy = loss + part_loss.float().cpu() * share, accuracy + part_accuracy.cpu() * share
+    return loss, accuracy
+
+
 class ContrastiveModule(L.LightningModule):
     """Wires the byte text encoder, the image tower, their projections and the learned temperature.
 
@@ -133,11 +148,17 @@ class ContrastiveModule(L.LightningModule):
             return x  # one process, or no trainer at all
         return self.all_gather(x, sync_grads=True).flatten(0, 1)
 
-    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's image and caption embeddings (B, E) and an id per caption (B,), equal for equal captions."""
         captions = list(batch_entry(batch, self.config.caption_key, "model.caption_key"))
         image, text = self.embed(batch_entry(batch, self.config.image_key, "model.image_key"), captions)
-        ids = torch.tensor([zlib.crc32(c.encode(errors="replace")) for c in captions],  # (B,) equal for equal;
-                           device=image.device)                           # lone surrogates as the tokenizer reads them
+        ids = torch.tensor([zlib.crc32(c.encode(errors="replace")) for c in captions],  # lone surrogates as the
+                           device=image.device)                                        # tokenizer reads them
+        return image, text, ids
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss and accuracy against the global batch (`contrastive_loss`)."""
+        image, text, ids = self._embed_batch(batch)
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
                                 self.logit_scale, ids, self._gather(ids))
 
@@ -149,6 +170,11 @@ class ContrastiveModule(L.LightningModule):
         require_resolution(self.trainer.datamodule, "model.image.resolution", self.config.image.resolution,
                            "the image tower takes the images at the size the data gives them; set data.resolution "
                            "(which model.image.resolution follows in conf/model/contrastive)")
+        data = getattr(self.trainer.datamodule, "config", None)
+        if data is not None and data.batch_size * self.trainer.world_size < 2:
+            raise ConfigError(f"data.batch_size={data.batch_size} on one process: every caption is scored against "
+                              f"the other images of the global batch, and with none the loss is 0 and nothing trains; "
+                              f"raise data.batch_size (the quickstart's: 256)")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
@@ -165,11 +191,24 @@ class ContrastiveModule(L.LightningModule):
         with torch.no_grad():
             self.log_logit_scale.clamp_(max=math.log(self.MAX_LOGIT_SCALE))
 
+    def on_validation_epoch_start(self) -> None:
+        self._validation_pairs: list[tuple[torch.Tensor, ...]] = []
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, accuracy = self._loss(batch)
-        size = len(batch[self.config.image_key])
-        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
-        self.log("val/accuracy", accuracy, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        # every rank keeps every rank's embeddings: the set is scored as a whole at the end
+        self._validation_pairs.append(tuple(self._gather(x) for x in self._embed_batch(batch)))
+
+    def on_validation_epoch_end(self) -> None:
+        """`val/loss` and `val/accuracy`: each validation caption against every validation image (of all ranks), not
+        against its batch's: the same numbers for any `data.val_batch_size` or number of processes."""
+        image, text, ids = (torch.cat(parts) for parts in zip(*self._validation_pairs, strict=True))
+        self._validation_pairs = []
+        if len(image) < 2:
+            raise ConfigError(f"validation gave {len(image)} image-caption pair: a caption among one image always "
+                              f"finds it; raise data.val_batch_size or trainer.limit_val_batches")
+        loss, accuracy = retrieval_scores(image, text, ids, self.logit_scale)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # (the same on every rank)
+        self.log("val/accuracy", accuracy, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.config
