@@ -94,6 +94,20 @@ def test_missing_model_names_the_config_key(monkeypatch):
         build_conditioner({"kind": "clip", "name_or_path": "/no/such/clip"})
 
 
+def test_a_byte_encoder_export_given_to_a_transformers_kind_is_named(tmp_path, monkeypatch):
+    """experiment=quickstart_clip's export (a "small CLIP") given to kind=clip or kind=hf: "cannot load
+    CLIPTokenizer ... run once with network access to fill the Hugging Face cache", as if it were a missing model."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export = ByteTextEncoder(width=32, num_layers=1, num_heads=2, max_length=16).save_pretrained(tmp_path / "export")
+    for kind in ("clip", "hf"):
+        with pytest.raises(ConfigError, match=r"^model\.conditioner\.name_or_path='.*export' holds a byte text "
+                                              r"encoder export \(model\.conditioner\.name_or_path\), not a "
+                                              r"transformers model; set model\.conditioner\.kind=byte to read it$"):
+            build_conditioner({"kind": kind, "name_or_path": str(export)})
+    assert build_conditioner({"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 16,
+                              "name_or_path": str(export)}).encoder.config.width == 32
+
+
 def test_hf_encoder_loads_t5_encoder_by_path(tiny_clip, tmp_path):
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 

@@ -22,3 +22,15 @@ def test_notebook_code_cells_run(notebook: Path, tmp_path: Path, monkeypatch: py
         assert 0.0 <= namespace["accuracy"] <= 1.0
     if "grid_image" in namespace:
         assert namespace["grid_image"].size[0] > 0
+
+
+def test_explore_checkpoint_before_the_quickstart_names_its_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run before `make quickstart` (no export at the default path), it named `ckpt_path`, a key the notebook lacks."""
+    from ldm.checkpoints import MissingCheckpointError
+
+    monkeypatch.chdir(tmp_path)  # ../runs/quickstart/ldm/export lies nowhere
+    monkeypatch.delenv("LDM_CKPT", raising=False)
+    notebook = Path(__file__).parents[1] / "notebooks" / "explore_checkpoint.ipynb"
+    first = next(c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code")
+    with pytest.raises(MissingCheckpointError, match=r"^LDM_CKPT=\.\./runs/quickstart/ldm/export does not exist"):
+        exec(compile("".join(first["source"]), notebook.name, "exec"), {})

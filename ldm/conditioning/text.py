@@ -8,6 +8,7 @@ seconds to import).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from ldm.checkpoints import pickle_refusal
 from ldm.conditioning.byte import masked_mean
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_choice
+from ldm.io import CONFIG_NAME, export_kind, is_export
 from ldm.seeding import keeps_global_rng
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -40,6 +42,17 @@ def tokenizer_cut(tokenizer: Any, prompt: str, max_length: int) -> str:
 
 
 @keeps_global_rng
+def ldm_export_kind(directory: Path) -> str | None:
+    """What an ldm export in `directory` holds (`export_kind`), or None when it holds none."""
+    if not is_export(directory):
+        return None
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return export_kind(config) if isinstance(config, dict) and "model_type" not in config else None
+
+
 def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(name_or_path)`: from a local directory, then the cache, then (when online) the hub.
 
@@ -84,6 +97,10 @@ def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any)
     except ConfigError:  # said what is wrong with the files found
         raise
     except (OSError, ValueError) as err:
+        if is_path and (held := ldm_export_kind(path)) is not None:  # (a pretraining run's export given to kind=clip)
+            prefix = config_key.rpartition(".")[0]
+            fix = f"; set {prefix}.kind=byte to read it" if "byte" in held and prefix.endswith("conditioner") else ""
+            raise ConfigError(f"{config_key}={name_or_path!r} holds {held}, not a transformers model{fix}") from None
         if is_path or hub_offline():
             where = "in that directory" if is_path else "in the Hugging Face cache (HF_HUB_OFFLINE is set)"
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
