@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from ldm.callbacks.checkpoint import Checkpoint, run_halted
 from ldm.callbacks.step_boundary import StepBoundary, final_batch, validation_due
+from ldm.config import ConfigError
 
 
 def slurm_job_id() -> str | None:
@@ -75,7 +76,13 @@ class SlurmRequeue(StepBoundary):
     """
 
     def __init__(self, signal_name: str = "USR1", requeue: bool = True):
-        self.signum = signal.Signals[f"SIG{signal_name.upper().removeprefix('SIG')}"]
+        name = f"SIG{str(signal_name).upper().removeprefix('SIG')}"
+        if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):  # (those two cannot be caught)
+            raise ConfigError(f"callbacks.slurm_requeue.signal_name={signal_name!r} is not a signal a process can "
+                              f"catch: the one `#SBATCH --signal=NAME@SECONDS` names, e.g. USR1 or USR2")
+        if not isinstance(requeue, bool):
+            raise ConfigError(f"callbacks.slurm_requeue.requeue={requeue!r} must be true or false")
+        self.signum = signal.Signals[name]
         self.requeue = requeue
         self.job_id: str | None = None
         self.requeued = False

@@ -15,7 +15,6 @@ another batch size joined the study, learnt from its scores and reported its bes
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -31,7 +30,6 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from ldm.cli.common import EXIT_USER_ERROR
-from ldm.cli.train import SEARCHED_ENV
 
 
 def refuse(message: str) -> NoReturn:
@@ -77,7 +75,7 @@ def setting_values(settings: Mapping[str, Any]) -> dict[str, Any]:
 class CheckOptunaSweep(Callback):
     """Before the Optuna sweeper starts: refuse a search space Optuna would reject, and the continuation of a stored
     study whose newest complete trial was run with other fixed settings or another search space (naming them, and
-    `hydra.sweeper.study_name`); hand the search space's keys to the jobs (`SEARCHED_ENV`)."""
+    `hydra.sweeper.study_name`), and a sweep with no metric to optimize."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
@@ -86,7 +84,9 @@ class CheckOptunaSweep(Callback):
         fixed, space = sweep_space(arguments, params)
         fixed = json.loads(json.dumps(fixed))  # as stored
         space = {key.lstrip("+"): distribution for key, distribution in space.items()}
-        os.environ[SEARCHED_ENV] = json.dumps(sorted(space))
+        if not config.get("optimized_metric"):  # (each trial would train, then fail: "Return value must be float")
+            refuse("optimized_metric=null: an Optuna sweep minimizes (or maximizes) the metric each trial returns; "
+                   "set optimized_metric=val/loss (hparams_search=ldm_optuna's) or another logged metric")
         try:
             study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
         except KeyError:  # a new study

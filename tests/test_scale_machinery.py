@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -218,6 +219,20 @@ def test_slurm_job_id(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert slurm_job_id() == "100_3"
+
+
+def test_requeue_settings_are_checked():
+    """signal_name=KILL read "OSError: [Errno 22] Invalid argument" when the run started, USR3 a KeyError, and
+    requeue=maybe counted as true."""
+    from ldm.config import ConfigError
+    from ldm.slurm import SlurmRequeue
+
+    for name in ("KILL", "USR3", "SIGSTOP", 10):
+        with pytest.raises(ConfigError, match=rf"signal_name={name!r} is not a signal a process can catch: .* USR1"):
+            SlurmRequeue(signal_name=name)
+    with pytest.raises(ConfigError, match=r"callbacks\.slurm_requeue\.requeue='maybe' must be true or false"):
+        SlurmRequeue(requeue="maybe")
+    assert SlurmRequeue(signal_name="sigusr2").signum == signal.SIGUSR2
 
 
 # -- NaN guard and requeue inside a real (single-process) run ---------------------------------------------------------

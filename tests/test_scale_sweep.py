@@ -174,28 +174,56 @@ def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
     assert "trial failed (ConfigError: model.lr=-1.0 must be > 0)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert [(sweep / job / "export").is_dir() for job in "012"] == [True, False, True]
+    # the refused value first: taken for a mistake in the command, it ended the sweep (exit 2) before the others ran
+    sweep = tmp_path / "first"
+    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=-1,1e-3",
+                      *sweep_overrides(shapes_shards, max_steps=1)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial failed (ConfigError: model.lr=-1.0 must be > 0)" in result.stdout
+    assert [(sweep / job / "export").is_dir() for job in "01"] == [False, True]
 
 
-def test_the_search_space_reaches_the_jobs_so_a_refused_point_fails_its_trial_alone(tmp_path, monkeypatch):
+def test_a_mistake_in_the_command_stops_the_sweep_at_its_first_job(shapes_shards, tmp_path):
+    """Shards that do not exist failed every job of a grid (a traceback each, exit 0) and spent every Optuna trial
+    (then Optuna's "Record does not exist" traceback, exit 1); a single run said it in one line, exit 2."""
+    overrides = [o if not o.startswith("data.val_shards=") else f"data.val_shards={tmp_path}/nowhere/val-*.tar"
+                 for o in sweep_overrides(shapes_shards, max_steps=1)]
+    result = run_cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "model.net.ch=16", "model.lr=1e-3,2e-3",
+                      *overrides], timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "no shard file matches" in result.stderr and "Traceback" not in result.stdout + result.stderr
+    assert "trial failed" not in result.stdout and not (tmp_path / "sweep" / "1").exists()
+
+
+def test_the_swept_keys_reach_the_jobs_so_a_refused_point_fails_its_trial_alone(tmp_path, monkeypatch, capsys):
     """Optuna's first trial drew model.unet.head_dim=12 (the README's example), which the model refused: taken for
-    a mistake in the command, it ended the whole sweep and left the trial RUNNING, in every invocation."""
-    from ldm.cli.train import SEARCHED_ENV, names_searched_key
+    a mistake in the command, it ended the whole sweep and left the trial RUNNING, in every invocation. A grid's
+    keys too: a refused value ended the sweep when it came first, failed its job alone when it came later."""
+    from ldm.cli.train import SWEPT_ENV, HandSweptKeys, names_swept_key
     from ldm.sweeps import CheckOptunaSweep
 
-    monkeypatch.setenv(SEARCHED_ENV, "[]")  # (restored afterwards: the callback sets it for the jobs it launches)
-    config = OmegaConf.create({"hydra": {
-        "sweeper": {"params": {"model.lr": "tag(log, interval(1e-5, 1e-3))"}, "study_name": "s",
-                    "storage": f"sqlite:///{tmp_path / 's.sqlite'}"},
-        "overrides": {"task": ["model.unet.head_dim=choice(8, 12)", "data.batch_size=4"]}}})
+    monkeypatch.setenv(SWEPT_ENV, "[]")  # (restored afterwards: the callback sets it for the jobs it launches)
+    config = OmegaConf.create({"optimized_metric": "val/loss", "hydra": {
+        "sweeper": {"params": {"model.lr": "tag(log, interval(1e-5, 1e-3))", "model.ema_decay": "choice(0.9, 0.99)"},
+                    "study_name": "s", "storage": f"sqlite:///{tmp_path / 's.sqlite'}"},
+        "overrides": {"task": ["model.unet.head_dim=choice(8, 12)", "data.batch_size=4", "model.ema_decay=0.9",
+                               "+model.seed_offset=1,2"]}}})
+    HandSweptKeys().on_multirun_start(config)
+    assert json.loads(os.environ[SWEPT_ENV]) == ["model.lr", "model.seed_offset", "model.unet.head_dim"]
+    assert names_swept_key("model.unet: width 64 of level 2 is not divisible by head_dim=12")
+    assert names_swept_key("model.lr=-1.0 must be > 0")
+    assert not names_swept_key("data.batch_size=0 must be >= 1")
+    assert not names_swept_key("model.lr_schedule='x' is not one of [...]")
+    assert not names_swept_key("model.warmup_lr=2 ...")  # another key's last part
+    assert not names_swept_key("model.ema_decay=0.9 ...")  # fixed by the command line
+    monkeypatch.setenv(SWEPT_ENV, json.dumps(["model.conditioner.width"]))  # a word of the message's prose
+    assert not names_swept_key("model.unet: width 32 of level 1 is not divisible by head_dim=12")
+    # an Optuna sweep with nothing to optimize: every trial trained, then failed ("Return value must be
+    # float-castable"), and the sweep ended in Optuna's traceback
     CheckOptunaSweep().on_multirun_start(config)
-    assert json.loads(os.environ[SEARCHED_ENV]) == ["model.lr", "model.unet.head_dim"]
-    assert names_searched_key("model.unet: width 64 of level 2 is not divisible by head_dim=12")
-    assert names_searched_key("model.lr=-1.0 must be > 0")
-    assert not names_searched_key("data.batch_size=0 must be >= 1")
-    assert not names_searched_key("model.lr_schedule='x' is not one of [...]")
-    assert not names_searched_key("model.warmup_lr=2 ...")  # another key's last part
-    monkeypatch.setenv(SEARCHED_ENV, json.dumps(["model.conditioner.width"]))  # a word of the message's prose
-    assert not names_searched_key("model.unet: width 32 of level 1 is not divisible by head_dim=12")
+    with pytest.raises(SystemExit) as stop:
+        CheckOptunaSweep().on_multirun_start(OmegaConf.merge(config, {"optimized_metric": None}))
+    assert stop.value.code == 2 and "optimized_metric=null: an Optuna sweep" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -264,3 +292,23 @@ def test_a_continued_study_draws_new_trials_reproducibly(tmp_path):
     assert first == again  # reproducible
     continued = invocation(f"sqlite:///{tmp_path / 'a'}.db")
     assert not set(continued) & set(first)
+
+
+def test_a_metric_from_an_earlier_validation_than_the_last_step_is_said():
+    """An Optuna trial of 5 steps validating every 2 reported step 4's val/loss as its score, for step 5's weights,
+    without a word."""
+    import warnings
+
+    from ldm.cli.train import warn_stale_optimized_metric
+
+    base = ["optimized_metric=val/loss", "trainer.val_check_interval=2"]
+    with pytest.warns(UserWarning, match=r"optimized_metric=val/loss will be the last validation's, after batch 4 of "
+                                         r"5 \(trainer\.val_check_interval=2\), not the final weights'"):
+        warn_stale_optimized_metric(compose_train([*base, "trainer.max_steps=5"]))
+    with pytest.warns(UserWarning, match=r"after batch 8 of 10"):  # Lightning's interval counts batches
+        warn_stale_optimized_metric(compose_train([*base, "trainer.max_steps=5", "trainer.accumulate_grad_batches=2",
+                                                   "trainer.val_check_interval=4"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for extra in (["trainer.max_steps=4"], ["trainer.max_steps=5", "optimized_metric=null"]):
+            warn_stale_optimized_metric(compose_train([*base, *extra]))

@@ -41,6 +41,9 @@ import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import (
@@ -67,7 +70,6 @@ from ldm.cli.common import (
     check_slurm_run_directory,
     check_trainer,
     cli_entry,
-    config_error_in,
     describe_error,
     print_config_tree,
     process_count,
@@ -472,16 +474,40 @@ def check_checkpoint_fits(module: L.LightningModule, checkpoint: dict[str, Any],
                               + advice)
 
 
-# The Optuna search space's keys, which `ldm.sweeps.CheckOptunaSweep` hands to the jobs (in-process or launched, they
-# inherit it); here, not in ldm.sweeps: a job's failure is judged without optuna, an optional package.
-SEARCHED_ENV = "LDM_SWEEP_SEARCHED"
+# The keys a multirun varies, which `HandSweptKeys` hands to the jobs (in-process or launched, they inherit it).
+SWEPT_ENV = "LDM_SWEPT_KEYS"
 
 
-def names_searched_key(message: str) -> bool:
-    """Whether an error `message` names a key of this sweep's search space: in full (`model.lr=`), or by its last part
-    with a value (`head_dim=12` for model.unet.head_dim): a point of the space that the model refuses, whose trial
-    fails alone."""
-    keys = json.loads(os.environ.get(SEARCHED_ENV) or "[]")
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: the sweeper's `params` (Optuna's search space, a grid's values) and the command
+    line's sweeps (`model.lr=1e-4,1e-3`, `choice(...)`, `interval(...)`), less those the command line fixes."""
+    parser = OverridesParser.create()
+    params = config.hydra.sweeper.get("params")
+    lines = [*(f"{key}={value}" for key, value in (OmegaConf.to_container(params) if params else {}).items()),
+             *config.hydra.overrides.task]
+    swept: dict[str, bool] = {}
+    for line in lines:
+        try:
+            override = parser.parse_override(line)
+        except HydraException:
+            continue
+        swept[override.get_key_element().lstrip("+~")] = override.is_sweep_override()  # the command line wins
+    return sorted(key for key, sweep in swept.items() if sweep)
+
+
+class HandSweptKeys(Callback):
+    """A Hydra callback (conf/train.yaml): hands the keys the multirun varies to its jobs, so that a job refused for
+    its own value of one fails alone, and a mistake in the command (which every job would meet) stops the sweep."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
+
+
+def names_swept_key(message: str) -> bool:
+    """Whether an error `message` names a key the sweep varies: in full (`model.lr=`), or by its last part with a
+    value (`head_dim=12` for model.unet.head_dim): a job's own value that the model refuses, whose job fails
+    alone."""
+    keys = json.loads(os.environ.get(SWEPT_ENV) or "[]")
     return any(re.search(rf"(?<![\w.]){re.escape(name)}=", message)
                for key in keys for name in (key, key.rsplit(".", 1)[-1]))
 
@@ -774,6 +800,23 @@ def check_config(cfg: DictConfig) -> None:
                                       f"paths.output_dir")
 
 
+def warn_stale_optimized_metric(cfg: DictConfig) -> None:
+    """Say when `optimized_metric` (a validation metric, what a sweep ranks the run by) will come from a validation
+    before the run's last step: the final weights are not the ones scored."""
+    metric, trainer = cfg.get("optimized_metric"), cfg.get("trainer") or {}
+    interval, steps = trainer.get("val_check_interval"), trainer.get("max_steps")
+    if not str(metric or "").startswith("val/") or trainer.get("check_val_every_n_epoch") is not None \
+            or not configs.is_int(interval) or not configs.is_int(steps) or steps <= 0 \
+            or trainer.get("limit_val_batches") == 0:
+        return
+    batches = steps * (trainer.get("accumulate_grad_batches") or 1)  # (Lightning's interval counts batches)
+    last = batches - batches % interval  # the last batch Lightning validates after (none before the first)
+    if 0 < last < batches:
+        rank_zero_warn(f"optimized_metric={metric} will be the last validation's, after batch {last} of {batches} "
+                       f"(trainer.val_check_interval={interval}), not the final weights': make trainer.max_steps a "
+                       f"multiple of the interval to score the run's result")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Check `cfg` (`check_config`), build everything from it, fit with validation, and return the final logged
     metrics.
@@ -894,6 +937,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
     rank_zero_info(describe_batch_and_lr(cfg, trainer))
+    warn_stale_optimized_metric(cfg)
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs pickled code
@@ -940,10 +984,10 @@ def main(cfg: DictConfig) -> float | None:
     The model, data and numeric trainer keys, and an explicit `ckpt_path`, are checked before the config tree is
     printed; a mistake ends with one message and exit status 2 (`ldm.cli.common.run_cli`). In a multirun, a run that
     fails prints its traceback (a ConfigError: its message) and returns None, and so does one whose metric is not
-    finite, so the sweep goes on: the Optuna sweeper records the trial as failed. A ConfigError in the sweep's first
-    job stops the sweep instead, unless it names a key of the Optuna search space (a mistake in the command fails
-    every job alike; one naming a sampled key, or in a later job, where the command has built a model, is the job's
-    own values that the model refuses). (Not nan: the
+    finite, so the sweep goes on: the Optuna sweeper records the trial as failed. A user's mistake (a ConfigError, a
+    missing file) in the sweep's first job stops the sweep instead, unless it names a key the sweep varies
+    (`HandSweptKeys`; a mistake in the command fails every job alike; one naming a swept key, or in a later job,
+    where the command has built a model, is the job's own values that the model refuses). (Not nan: the
     Optuna 2.x that hydra-optuna-sweeper needs rejects a nan value with an error that ends the whole sweep.) A run
     stopped by a signal before its last step ends the sweep (exit status 128 + the signal) with no result; a signal
     at its end lets it report, and the next job ends the sweep. A job that resumed a finished run reports nothing.
@@ -961,13 +1005,13 @@ def main(cfg: DictConfig) -> float | None:
         try:
             metrics = train(cfg)
         except Exception as err:
-            refused = config_error_in(err)
-            if not is_multirun() and describe_error(err)[0] == EXIT_USER_ERROR:  # (a missing shard, too)
+            status, message = describe_error(err)
+            user_error = status == EXIT_USER_ERROR  # (a missing shard, too)
+            if not is_multirun() and user_error:
                 remove_made_run_directory()
-            if not is_multirun() or (refused is not None and HydraConfig.get().job.num == 0
-                                     and not names_searched_key(str(refused))):
+            if not is_multirun() or (user_error and HydraConfig.get().job.num == 0 and not names_swept_key(message)):
                 raise  # a mistake in the command, which every job would meet: the sweep stops at its first
-            if refused is None:
+            if not user_error:
                 traceback.print_exc()
             print(f"trial failed ({type(err).__name__}: {err}); the sweep goes on without its "
                   f"{metric_name or 'result'}")
