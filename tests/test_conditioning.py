@@ -104,6 +104,8 @@ def test_a_byte_encoder_export_given_to_a_transformers_kind_is_named(tmp_path, m
                                               r"encoder export \(model\.conditioner\.name_or_path\), not a "
                                               r"transformers model; set model\.conditioner\.kind=byte to read it$"):
             build_conditioner({"kind": kind, "name_or_path": str(export)})
+    with pytest.raises(ConfigError, match=r"holds a byte text encoder export .* set model\.conditioner\.kind=byte"):
+        build_conditioner({"kind": "clip", "name_or_path": str(tmp_path)})  # the run directory, as kind=byte takes it
     assert build_conditioner({"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 16,
                               "name_or_path": str(export)}).encoder.config.width == 32
 
@@ -482,3 +484,21 @@ def test_a_trainable_encoder_leaves_no_parameter_that_wants_a_gradient_without_o
     trained = sum(p.requires_grad for p in conditioner.parameters())
     assert trained < len(list(conditioner.parameters())) if (layer, pooled) == ("penultimate", False) else \
         trained == len(list(conditioner.parameters()))
+
+
+def test_loading_a_model_that_lacks_weights_leaves_the_global_random_state(tmp_path):
+    """transformers initializes the weights a folder lacks (a BERT saved without its pooler) from torch's global
+    generator: every later draw of the run (the UNet's initial weights) would depend on what the folder held."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    from ldm.conditioning.text import load_pretrained
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "bert")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    model = load_pretrained(AutoModel, str(tmp_path / "bert"), "model.conditioner.name_or_path")
+    assert model.pooler is not None  # (initialized here)
+    assert torch.equal(torch.rand(3), expected)

@@ -168,9 +168,18 @@ def test_a_global_batch_of_one_pair_is_refused(tmp_path, shapes_shards):
                         batch_size=4, val_batch_size=1, num_workers=0, resolution=32)
     validate = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                          default_root_dir=str(tmp_path), limit_val_batches=1)
-    with pytest.raises(ConfigError, match=r"validation gave 1 image-caption pair: .* raise data\.val_batch_size or "
-                                          r"trainer\.limit_val_batches"):
+    message = (r"validation scores one image-caption pair \(data\.val_batch_size=1, trainer\.limit_val_batches=1\): "
+               r".* raise data\.val_batch_size or trainer\.limit_val_batches")
+    with pytest.raises(ConfigError, match=message):
         validate.validate(module, datamodule=one, verbose=False)
+    # known before any step when fitting (it was found at the first validation, after training; in a sweep, with
+    # the swept value in its message, so that the job fails alone)
+    fit = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu",
+                    enable_checkpointing=False)
+    with pytest.raises(ConfigError, match=message):
+        fit.fit(module, datamodule=one)
+    assert fit.global_step == 0
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():

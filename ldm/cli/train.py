@@ -226,10 +226,21 @@ def import_target(target: str, key: str) -> Any:
     raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: {cause})")
 
 
+def typed_value(key: str, value: Any) -> str:
+    """The text the command line gave `key` (`1.10`, which Hydra reads as 1.1), else `value` as an override writes
+    it: what a message's fix quotes."""
+    try:
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # not under Hydra's main: a call from Python
+        task = []
+    typed = [value for name, _, value in (o.partition("=") for o in task) if name.lstrip("+~") == key]
+    return typed[-1] if typed else configs.override_value(value)
+
+
 def check_string(key: str, value: Any) -> None:
     """Refuse a value Hydra read as a number or a list where a name is meant (`run_name=0.001`)."""
     if value is not None and not isinstance(value, str):
-        quoted = f'{key}="{value}"'
+        quoted = f'{key}="{typed_value(key, value)}"'
         raise configs.ConfigError(f"{key}={value!r} must be a string (or null): Hydra reads it as "
                                   f"{type(value).__name__}; quote it, {shlex.quote(quoted)}")
 
@@ -239,7 +250,8 @@ def check_tags(key: str, tags: Any) -> None:
     if tags is None or isinstance(tags, ListConfig) and all(isinstance(tag, str) for tag in tags):
         return
     listed = list(tags) if isinstance(tags, ListConfig) else [tags]
-    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else f'"{tag}"' for tag in listed)
+    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else f'"{configs.override_value(tag)}"'
+                     for tag in listed)
     raise configs.ConfigError(f"{key}={tags!r} must be a list of strings: {shlex.quote(f'{key}=[{words}]')}")
 
 

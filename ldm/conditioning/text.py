@@ -41,10 +41,11 @@ def tokenizer_cut(tokenizer: Any, prompt: str, max_length: int) -> str:
     return tokenizer.decode(ids[max_length - 1:-1]) if len(ids) > max_length else ""
 
 
-@keeps_global_rng
 def ldm_export_kind(directory: Path) -> str | None:
-    """What an ldm export in `directory` holds (`export_kind`), or None when it holds none."""
-    if not is_export(directory):
+    """What an ldm export in `directory` (or in a run directory's `export/`) holds (`export_kind`), or None when it
+    holds none."""
+    directory = next((d for d in (directory, directory / "export") if is_export(d)), None)
+    if directory is None:
         return None
     try:
         config = json.loads((directory / CONFIG_NAME).read_text())
@@ -53,6 +54,7 @@ def ldm_export_kind(directory: Path) -> str | None:
     return export_kind(config) if isinstance(config, dict) and "model_type" not in config else None
 
 
+@keeps_global_rng
 def load_pretrained(cls: Any, name_or_path: str, config_key: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(name_or_path)`: from a local directory, then the cache, then (when online) the hub.
 

@@ -93,13 +93,13 @@ def retrieval_scores(image: torch.Tensor, text: torch.Tensor, caption_ids: torch
     """`contrastive_loss` and its accuracy over a whole set of N pairs (N, E) at once, every pair against all N:
     what validation reports, the same for any batch size or number of ranks. Scored `rows` captions at a time, so
     that the (rows, N) logits, not an (N, N) matrix, are held."""
-    loss, accuracy = torch.zeros(()), torch.zeros(())
-    for start in range(0, len(image), rows):
+    loss, accuracy = torch.zeros((), device=image.device), torch.zeros((), device=image.device)  # (NCCL reduces
+    for start in range(0, len(image), rows):                                                      # device tensors)
         part = slice(start, start + rows)
         part_loss, part_accuracy = contrastive_loss(image[part], text[part], image, text, start, logit_scale,
                                                     caption_ids[part], caption_ids)
         share = len(image[part]) / len(image)
-        loss, accuracy = loss + part_loss.float().cpu() * share, accuracy + part_accuracy.cpu() * share
+        loss, accuracy = loss + part_loss.float() * share, accuracy + part_accuracy * share
     return loss, accuracy
 
 
@@ -175,6 +175,10 @@ class ContrastiveModule(L.LightningModule):
             raise ConfigError(f"data.batch_size={data.batch_size} on one process: every caption is scored against "
                               f"the other images of the global batch, and with none the loss is 0 and nothing trains; "
                               f"raise data.batch_size (the quickstart's: 256)")
+        limit = self.trainer.limit_val_batches
+        if data is not None and data.val_shards is not None and isinstance(limit, int) and 0 < limit \
+                and limit * (data.val_batch_size or data.batch_size) * self.trainer.world_size < 2:
+            raise ConfigError(self._one_pair_validation())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, accuracy = self._loss(batch)
@@ -191,6 +195,14 @@ class ContrastiveModule(L.LightningModule):
         with torch.no_grad():
             self.log_logit_scale.clamp_(max=math.log(self.MAX_LOGIT_SCALE))
 
+    def _one_pair_validation(self) -> str:
+        data = getattr(self.trainer.datamodule, "config", None)
+        size = "" if data is None else f"data.batch_size={data.batch_size}, " if data.val_batch_size is None else \
+            f"data.val_batch_size={data.val_batch_size}, "
+        return (f"validation scores one image-caption pair ({size}trainer.limit_val_batches="
+                f"{self.trainer.limit_val_batches}): a caption among one image always finds it; raise "
+                f"data.val_batch_size or trainer.limit_val_batches")
+
     def on_validation_epoch_start(self) -> None:
         self._validation_pairs: list[tuple[torch.Tensor, ...]] = []
 
@@ -204,8 +216,7 @@ class ContrastiveModule(L.LightningModule):
         image, text, ids = (torch.cat(parts) for parts in zip(*self._validation_pairs, strict=True))
         self._validation_pairs = []
         if len(image) < 2:
-            raise ConfigError(f"validation gave {len(image)} image-caption pair: a caption among one image always "
-                              f"finds it; raise data.val_batch_size or trainer.limit_val_batches")
+            raise ConfigError(self._one_pair_validation())
         loss, accuracy = retrieval_scores(image, text, ids, self.logit_scale)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # (the same on every rank)
         self.log("val/accuracy", accuracy, sync_dist=True)
