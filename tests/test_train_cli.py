@@ -470,6 +470,17 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
         with pytest.raises(ConfigError, match=message):
             check_config(compose_train(base + extra))
     check_components(compose_train(base + ["logger.wandb.log_model=all", "tags=[a,b]", "run_name=my_run"]))
+    # under Hydra's main, the fix quotes the value as typed (1.10, which Hydra reads as 1.1)
+    from hydra.core.hydra_config import HydraConfig
+
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        typed = hydra.compose(config_name="train", overrides=[*base, "run_name=1.10"], return_hydra_config=True)
+    HydraConfig.instance().set_config(typed)
+    try:
+        with pytest.raises(ConfigError, match=r"run_name=1\.1 must be a string .* quote it, 'run_name=\"1\.10\"'$"):
+            check_config(compose_train(base + ["run_name=1.10"]))
+    finally:
+        HydraConfig.instance().cfg = None
     check_components(compose_train(base + ["+logger.wandb.group=ablation"]))  # a wandb.init argument
     assert not [r for r in caplog.records if r.name == "hydra.utils"]  # (Hydra's own reason, at ERROR, before ours)
     # a factory function (Hydra instantiates any callable): it imports; what it builds is checked when built
