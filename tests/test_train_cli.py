@@ -600,3 +600,28 @@ def test_another_validation_schedule_from_a_save_after_an_epochs_last_validation
                                                                   "trainer.accumulate_grad_batches=3"))
     check_checkpoint_trainer(checkpoint(7), "batch_end.ckpt", trainer("trainer.val_check_interval=6"))
     check_checkpoint_trainer(checkpoint(8), "after.ckpt", trainer("trainer.val_check_interval=4"))  # 8 % 4: ran
+
+
+def test_launches_that_would_hang_or_split_the_run_are_refused(shapes_shards, tmp_path, monkeypatch):
+    """trainer.num_nodes=2 started as one plain process waited for the other nodes for good, in silence; under
+    torchrun each rank resolved the default timestamped paths.output_dir at its own second, and a rank that started
+    a second late wrote its log into a second folder."""
+    from ldm.cli.train import check_config, check_launch
+
+    for name in ("NODE_RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False)
+    with pytest.raises(ConfigError, match=r"trainer\.num_nodes=2, but this process was started alone.* set "
+                                          r"trainer\.num_nodes=1$"):
+        check_launch(trainer)
+    monkeypatch.setenv("MASTER_ADDR", "node0")  # each node started by hand, as Lightning documents
+    check_launch(trainer)
+
+    overrides = [o for o in tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1)
+                 if not o.startswith("paths.output_dir=")]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ConfigError, match=r"paths\.output_dir is a new timestamped directory .* torchrun .* set "
+                                          r"paths\.output_dir to one folder for the run$"):
+        check_config(compose_train(overrides))
+    check_config(compose_train([*overrides, f"paths.output_dir={tmp_path / 'run'}"]))

@@ -753,6 +753,12 @@ def check_launch(trainer: L.Trainer) -> None:
     `hydra/launcher=slurm` srun starts every rank instead (the cluster environment creates the processes).
     """
     environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and environment is not None and not environment.creates_processes_externally \
+            and not os.environ.get("NODE_RANK") and not os.environ.get("MASTER_ADDR"):
+        raise configs.ConfigError(f"trainer.num_nodes={trainer.num_nodes}, but this process was started alone, with "
+                                  f"no cluster around it (SLURM's srun, torchrun, or NODE_RANK / MASTER_ADDR set on "
+                                  f"each node): it would wait for the other nodes for good; launch one process per "
+                                  f"node (README: Several nodes), or set trainer.num_nodes=1")
     if is_multirun() and trainer.world_size > 1 and environment is not None \
             and not environment.creates_processes_externally:
         raise configs.ConfigError(f"trainer with {trainer.world_size} processes inside a multirun (-m): Lightning "
@@ -792,6 +798,10 @@ def check_config(cfg: DictConfig) -> None:
     else:
         key, parent, where = "paths.output_dir", "", cfg.paths.output_dir if "paths" in cfg else None
         stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
+    if os.environ.get("TORCHELASTIC_RUN_ID") and not is_multirun() and "${now:" in str(stated):
+        raise configs.ConfigError(f"paths.output_dir is a new timestamped directory ({where}), which each process "
+                                  f"torchrun starts resolves on its own, at its own second: the ranks would split the "
+                                  f"run over two folders; set paths.output_dir to one folder for the run")
     if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
         raise configs.ConfigError(f"ckpt_path=last resumes the run in {key}, but that is a new timestamped "
                                   f"directory ({where}); set {key} to the run to resume (e.g. "
