@@ -180,6 +180,32 @@ def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
             pass
 
 
+def test_torchrun_ranks_wait_for_their_launchs_lock(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 of ldm-encode was refused a folder another live encode held, while rank 1 had already
+    removed that run's temp files and written its shards there: the other ranks now wait until the lock is their
+    launch's, or absent."""
+    from ldm.cli.run_lock import launch_id, read_lock, wait_for_launch_lock
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    _write_lock(tmp_path, pid=1).rename(tmp_path / "encode.lock")  # another run's, live (init's pid)
+    wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)  # outside torchrun: as before
+    for name, value in {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RunDirectoryLocked, match=r"output_dir=.* is in use by another ldm-encode \(pid 1 .* rank 0 of "
+                                                 r"this launch did not take it over within 0 s"):
+        wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)
+    (tmp_path / "encode.lock").unlink()
+    wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)  # none held (or rank 0 done)
+    path = acquire(tmp_path, "ldm-encode")  # as rank 0 takes it
+    assert read_lock(path)["launch"] == launch_id() == "none:127.0.0.1:29500:0"
+    wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)
+    monkeypatch.setenv("MASTER_PORT", "29501")  # another launch on this node
+    with pytest.raises(RunDirectoryLocked):
+        wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)
+    release(path)
+
+
 def test_ldm_train_into_a_busy_directory_stops_at_start(shapes_shards, tmp_path):
     """The real CLI: a live holder (this test process) -> an error naming the directory, before anything is written.
     (Taking over a stale lock, and releasing it at the end of a run, are covered in-process above and below.)"""

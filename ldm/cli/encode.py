@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
-from ldm.cli.run_lock import run_lock
+from ldm.cli.run_lock import run_lock, wait_for_launch_lock
 from ldm.config import ConfigError, register_schemas, to_dataclass
 from ldm.data import latents
 from ldm.data.encoding import (
@@ -229,6 +229,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             prepare_output(config, manifest, urls)
         else:
+            wait_for_launch_lock(out, "ldm-encode")  # not into a folder another run holds (rank 0 is refused there)
             check_outputs_have_a_manifest(out, urls)  # what rank 0 refuses, refused here too, not waited on
             _wait_for_manifest(out / latents.MANIFEST_NAME, manifest, urls)
 

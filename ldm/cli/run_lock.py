@@ -11,7 +11,10 @@ written for an earlier run of this same SLURM job (a requeued job keeps its id, 
 one, and counts its restarts): it is taken over with a message.
 
 Only the launching process takes the lock (global rank 0: RANK, LOCAL_RANK, NODE_RANK and SLURM_PROCID all 0 or
-unset); the other ranks of the same run, which Lightning or srun start with those set, never touch it.
+unset); the other ranks of the same run, which Lightning or srun start with those set, never touch it. The lock names
+the torchrun launch it was taken for, and the other ranks of a torchrun `ldm-encode` wait until the lock is their
+launch's (or absent) before they touch the folder (`wait_for_launch_lock`): where rank 0 is refused, they wrote into
+a folder another run held, until torchrun stopped them.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
     path = Path(output_dir) / name
     record = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
               "slurm_restart_count": slurm_restart_count() if os.environ.get("SLURM_JOB_ID") else None,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "launch": launch_id()}
     for _ in range(3):  # another starter may take over or release the lock between our attempts
         if _try_create(path, record):
             return path
@@ -203,6 +206,33 @@ def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
         _take_over(path, identity)
     raise RunDirectoryLocked(f"{key}={output_dir}: could not take the lock file {path} (other runs keep starting in "
                              f"this directory); start one run per {key}")
+
+
+def launch_id() -> str | None:
+    """What every process of one torchrun launch shares (its run id and rendezvous address), None outside torchrun."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    return ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
+                                                          "TORCHELASTIC_RESTART_COUNT"))
+
+
+def wait_for_launch_lock(output_dir: Path, command: str, timeout_s: float = 600.0) -> None:
+    """In a torchrun rank other than the launching one: return once `command`'s lock of `output_dir` is this
+    launch's (rank 0 took it) or absent (none held, or rank 0 done); while another run's is there, wait for rank 0,
+    which takes over a stale one or is refused (and torchrun then stops every rank). Outside torchrun: at once."""
+    launch = launch_id()
+    if launch is None:
+        return
+    key, name = LOCKS[command]
+    path = Path(output_dir) / name
+    deadline = time.monotonic() + timeout_s
+    while (holder := read_lock(path)) is not None and holder.get("launch") != launch:
+        if time.monotonic() > deadline:
+            raise RunDirectoryLocked(f"{key}={output_dir} is in use by another {command} (pid {holder.get('pid')} on "
+                                     f"host {holder.get('host')}; lock file {path}), and rank 0 of this launch did "
+                                     f"not take it over within {timeout_s:.0f} s; wait for that run to finish or "
+                                     f"choose another {key}")
+        time.sleep(0.2)
 
 
 def release(path: Path) -> None:
