@@ -65,15 +65,21 @@ def test_our_generate_equals_diffusers_on_our_export(tmp_path: Path, single_torc
     max_diff((mine + 1) / 2, theirs, "negative prompts: ours vs diffusers, [0, 1] pixels", tol=1e-3)
 
 
-def test_init_from_keeps_the_penultimate_layer_asked_for(tmp_path: Path, single_torch_thread):
+def test_init_from_keeps_the_penultimate_layer_asked_for(tmp_path: Path, single_torch_thread, caplog):
     """`model.conditioner.layer=penultimate` ("CLIP skip", as with the model as name_or_path) was replaced by the
-    import's own layer under init_from, and the run recorded and exported `last`."""
+    import's own layer under init_from, and the run recorded and exported `last`. The line saying what init_from
+    replaced names the keys of each node (it said "model.conditioner", not which of its keys)."""
+    import logging
+
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tiny_sd_pipeline(tmp_path, "sd1")
-    module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None,
-                                    "conditioner": {"kind": "clip", "layer": "penultimate"}})
+    with caplog.at_level(logging.INFO):
+        module = LatentDiffusionModule({"init_from": str(tmp_path / "sd1"), "ema_decay": None,
+                                        "conditioner": {"kind": "clip", "layer": "penultimate"}})
     assert module.config.conditioner.layer == "penultimate"
+    assert "; replaced model.unet (model_channels, channel_mult, " in caplog.text
+    assert "model.conditioner (name_or_path), model.diffusion.schedule (timestep_spacing, steps_offset)" in caplog.text
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "sd1" / "tokenizer")
     reference = CLIPTextModel.from_pretrained(tmp_path / "sd1" / "text_encoder").eval()
     ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

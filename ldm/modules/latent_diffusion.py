@@ -248,7 +248,14 @@ def adopt_pretrained(config: Config) -> tuple[Any, Config]:
     unet = dataclasses.replace(parts.unet_config, gradient_checkpointing=c.unet.gradient_checkpointing,
                                dropout=c.unet.dropout)
     new = dataclasses.replace(c, unet=unet, conditioner=conditioner, diffusion=diffusion)
-    replaced = [f"model.{name}" for name, old, value in (
+
+    def keys(old: Any, value: Any) -> str:  # a node's keys that differ: ` (model_channels, channel_mult)`
+        if not dataclasses.is_dataclass(old):
+            return ""
+        differ = [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(value, f.name)]
+        return f" ({', '.join(differ)})"
+
+    replaced = [f"model.{name}{keys(old, value)}" for name, old, value in (
         ("unet", c.unet, new.unet), ("conditioner", c.conditioner, new.conditioner),
         ("diffusion.schedule", c.diffusion.schedule, new.diffusion.schedule),
         ("diffusion.prediction", c.diffusion.prediction, new.diffusion.prediction)) if old != value]
