@@ -80,7 +80,7 @@ class CheckOptunaSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
         params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
-        arguments = list(config.hydra.overrides.task)
+        arguments = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # (`${hydra:job.num}`)
         fixed, space = sweep_space(arguments, params)
         fixed = json.loads(json.dumps(fixed))  # as stored
         space = {key.lstrip("+"): distribution for key, distribution in space.items()}

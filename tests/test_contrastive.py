@@ -174,9 +174,9 @@ def test_a_global_batch_of_one_pair_is_refused(tmp_path, shapes_shards):
         validate.validate(module, datamodule=one, verbose=False)
     # known before any step when fitting (it was found at the first validation, after training; in a sweep, with
     # the swept value in its message, so that the job fails alone)
-    fit = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu",
-                    enable_checkpointing=False)
+    fit = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                    accelerator="cpu", enable_checkpointing=False)  # (as conf/trainer: no sanity validation)
     with pytest.raises(ConfigError, match=message):
         fit.fit(module, datamodule=one)
     assert fit.global_step == 0

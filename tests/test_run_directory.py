@@ -198,7 +198,8 @@ def test_torchrun_ranks_wait_for_their_launchs_lock(tmp_path, monkeypatch):
     (tmp_path / "encode.lock").unlink()
     wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)  # none held (or rank 0 done)
     path = acquire(tmp_path, "ldm-encode")  # as rank 0 takes it
-    assert read_lock(path)["launch"] == launch_id() == "none:127.0.0.1:29500:0"
+    # a static single-node launch's id (`none`, loopback) is this host's alone: another host's is another launch
+    assert read_lock(path)["launch"] == launch_id() == f"none:127.0.0.1@{socket.gethostname()}:29500:0::"
     wait_for_launch_lock(tmp_path, "ldm-encode", timeout_s=0)
     monkeypatch.setenv("MASTER_PORT", "29501")  # another launch on this node
     with pytest.raises(RunDirectoryLocked):

@@ -207,7 +207,9 @@ def test_the_swept_keys_reach_the_jobs_so_a_refused_point_fails_its_trial_alone(
         "sweeper": {"params": {"model.lr": "tag(log, interval(1e-5, 1e-3))", "model.ema_decay": "choice(0.9, 0.99)"},
                     "study_name": "s", "storage": f"sqlite:///{tmp_path / 's.sqlite'}"},
         "overrides": {"task": ["model.unet.head_dim=choice(8, 12)", "data.batch_size=4", "model.ema_decay=0.9",
-                               "+model.seed_offset=1,2"]}}})
+                               "+model.seed_offset=1,2",  # and one naming a job's value (no job yet: unresolvable)
+                               "run_name=lr${model.lr}_job${hydra:job.num}"]}}})
+    monkeypatch.setenv(SWEPT_ENV, json.dumps(["data.batch_size"]))  # an earlier sweep's, of this process
     HandSweptKeys().on_multirun_start(config)
     assert json.loads(os.environ[SWEPT_ENV]) == ["model.lr", "model.seed_offset", "model.unet.head_dim"]
     assert names_swept_key("model.unet: width 64 of level 2 is not divisible by head_dim=12")

@@ -473,14 +473,21 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
     # under Hydra's main, the fix quotes the value as typed (1.10, which Hydra reads as 1.1)
     from hydra.core.hydra_config import HydraConfig
 
-    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        typed = hydra.compose(config_name="train", overrides=[*base, "run_name=1.10"], return_hydra_config=True)
-    HydraConfig.instance().set_config(typed)
-    try:
-        with pytest.raises(ConfigError, match=r"run_name=1\.1 must be a string .* quote it, 'run_name=\"1\.10\"'$"):
-            check_config(compose_train(base + ["run_name=1.10"]))
-    finally:
-        HydraConfig.instance().cfg = None
+    for typed_overrides, checked, message in (
+            (["run_name=1.10"], ["run_name=1.10"],
+             r"run_name=1\.1 must be a string .* quote it, 'run_name=\"1\.10\"'$"),
+            # quoted already, or interpolating: as the value reads (the typed text quoted twice did not parse)
+            (['run_name="${seed}"'], ["run_name=${seed}"], r"""quote it, 'run_name="42"'$"""),
+            (["tags=[v1.10,2.10]"], ["tags=[v1.10,2.10]"],
+             r"""must be a list of strings: 'tags=\[v1\.10,"2\.10"\]'$""")):
+        with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            typed = hydra.compose(config_name="train", overrides=[*base, *typed_overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(typed)
+        try:
+            with pytest.raises(ConfigError, match=message):
+                check_config(compose_train(base + checked))
+        finally:
+            HydraConfig.instance().cfg = None
     check_components(compose_train(base + ["+logger.wandb.group=ablation"]))  # a wandb.init argument
     assert not [r for r in caplog.records if r.name == "hydra.utils"]  # (Hydra's own reason, at ERROR, before ours)
     # a factory function (Hydra instantiates any callable): it imports; what it builds is checked when built
@@ -612,16 +619,32 @@ def test_launches_that_would_hang_or_split_the_run_are_refused(shapes_shards, tm
         monkeypatch.delenv(name, raising=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", logger=False,
                         enable_checkpointing=False)
-    with pytest.raises(ConfigError, match=r"trainer\.num_nodes=2, but this process was started alone.* set "
-                                          r"trainer\.num_nodes=1$"):
+    message = r"trainer\.num_nodes=2, but this process was started with no cluster around it .* set " \
+              r"trainer\.num_nodes=1$"
+    with pytest.raises(ConfigError, match=message):
+        check_launch(trainer)
+    monkeypatch.setenv("NODE_RANK", "1")  # (Lightning then connects to 127.0.0.1: the same silent wait)
+    with pytest.raises(ConfigError, match=message):
         check_launch(trainer)
     monkeypatch.setenv("MASTER_ADDR", "node0")  # each node started by hand, as Lightning documents
     check_launch(trainer)
 
     overrides = [o for o in tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1)
                  if not o.startswith("paths.output_dir=")]
+    for name in ("NODE_RANK", "MASTER_ADDR", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    message = r"paths\.output_dir is a new timestamped directory .*torchrun's ranks, each node's.* set " \
+              r"paths\.output_dir to one folder for the run that every process sees$"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    with pytest.raises(ConfigError, match=r"paths\.output_dir is a new timestamped directory .* torchrun .* set "
-                                          r"paths\.output_dir to one folder for the run$"):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_config(compose_train(overrides))  # one process: one folder
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=message):
         check_config(compose_train(overrides))
     check_config(compose_train([*overrides, f"paths.output_dir={tmp_path / 'run'}"]))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match=message):  # a node started by hand
+        check_config(compose_train([*overrides, "trainer.num_nodes=2"]))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started: its launcher's folder comes with it
+    check_config(compose_train([*overrides, "trainer.num_nodes=2"]))

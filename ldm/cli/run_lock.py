@@ -209,11 +209,17 @@ def acquire(output_dir: Path, command: str = "ldm-train") -> Path:
 
 
 def launch_id() -> str | None:
-    """What every process of one torchrun launch shares (its run id and rendezvous address), None outside torchrun."""
+    """What every process of one torchrun launch shares (its run id, rendezvous address and restart, the SLURM job
+    step around it), None outside torchrun. A loopback address (a static single-node launch, whose run id is `none`
+    unless --rdzv-id is given) is this host's alone: the host name joins it."""
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
         return None
-    return ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
-                                                          "TORCHELASTIC_RESTART_COUNT"))
+    address = os.environ.get("MASTER_ADDR", "")
+    if address in ("", "localhost", "::1") or address.startswith("127."):
+        address = f"{address}@{socket.gethostname()}"
+    return ":".join([os.environ["TORCHELASTIC_RUN_ID"], address, os.environ.get("MASTER_PORT", ""),
+                     os.environ.get("TORCHELASTIC_RESTART_COUNT", ""), os.environ.get("SLURM_JOB_ID", ""),
+                     os.environ.get("SLURM_STEP_ID", "")])
 
 
 def wait_for_launch_lock(output_dir: Path, command: str, timeout_s: float = 600.0) -> None:

@@ -226,21 +226,28 @@ def import_target(target: str, key: str) -> Any:
     raise configs.ConfigError(f"{key}._target_={target} cannot be imported ({type(cause).__name__}: {cause})")
 
 
-def typed_value(key: str, value: Any) -> str:
-    """The text the command line gave `key` (`1.10`, which Hydra reads as 1.1), else `value` as an override writes
-    it: what a message's fix quotes."""
+def typed_text(key: str) -> str | None:
+    """The text the command line gave `key` (`1.10`, which Hydra reads as 1.1), unresolved; None when it gave none
+    (or outside Hydra's main: a call from Python)."""
     try:
-        task = HydraConfig.get().overrides.task
-    except ValueError:  # not under Hydra's main: a call from Python
-        task = []
+        task = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+    except ValueError:
+        return None
     typed = [value for name, _, value in (o.partition("=") for o in task) if name.lstrip("+~") == key]
-    return typed[-1] if typed else configs.override_value(value)
+    return typed[-1] if typed else None
+
+
+def as_string(text: str | None, value: Any) -> str:
+    """`value` in Hydra's quotes, as typed where the text is a plain word (`"1.10"`), else as an override writes it
+    (a typed text that is quoted already or interpolates: `"42"` for `${seed}`)."""
+    plain = text is not None and not text.startswith(("'", '"')) and "${" not in text
+    return f'"{text if plain else configs.override_value(value)}"'
 
 
 def check_string(key: str, value: Any) -> None:
     """Refuse a value Hydra read as a number or a list where a name is meant (`run_name=0.001`)."""
     if value is not None and not isinstance(value, str):
-        quoted = f'{key}="{typed_value(key, value)}"'
+        quoted = f"{key}={as_string(typed_text(key), value)}"
         raise configs.ConfigError(f"{key}={value!r} must be a string (or null): Hydra reads it as "
                                   f"{type(value).__name__}; quote it, {shlex.quote(quoted)}")
 
@@ -250,8 +257,12 @@ def check_tags(key: str, tags: Any) -> None:
     if tags is None or isinstance(tags, ListConfig) and all(isinstance(tag, str) for tag in tags):
         return
     listed = list(tags) if isinstance(tags, ListConfig) else [tags]
-    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else f'"{configs.override_value(tag)}"'
-                     for tag in listed)
+    text = typed_text(key) or ""  # each item as typed where the typed list is flat: `[v1.10,2.10]`
+    items = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else []
+    if len(items) != len(listed) or any(c in text[1:-1] for c in "[]{}()"):
+        items = [None] * len(listed)
+    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else as_string(item and item.strip(), tag)
+                     for tag, item in zip(listed, items, strict=True))
     raise configs.ConfigError(f"{key}={tags!r} must be a list of strings: {shlex.quote(f'{key}=[{words}]')}")
 
 
@@ -495,8 +506,9 @@ def swept_keys(config: DictConfig) -> list[str]:
     line's sweeps (`model.lr=1e-4,1e-3`, `choice(...)`, `interval(...)`), less those the command line fixes."""
     parser = OverridesParser.create()
     params = config.hydra.sweeper.get("params")
-    lines = [*(f"{key}={value}" for key, value in (OmegaConf.to_container(params) if params else {}).items()),
-             *config.hydra.overrides.task]
+    lines = [*(f"{key}={value}" for key, value in (OmegaConf.to_container(params, resolve=False) if params else {}
+                                                   ).items()),
+             *OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]  # (`${hydra:job.num}`: no job yet)
     swept: dict[str, bool] = {}
     for line in lines:
         try:
@@ -512,6 +524,7 @@ class HandSweptKeys(Callback):
     its own value of one fails alone, and a mistake in the command (which every job would meet) stops the sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEPT_ENV] = "[]"  # (not an earlier sweep's of this process, should the keys fail to parse)
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
 
 
@@ -754,11 +767,11 @@ def check_launch(trainer: L.Trainer) -> None:
     """
     environment = getattr(trainer.strategy, "cluster_environment", None)
     if trainer.num_nodes > 1 and environment is not None and not environment.creates_processes_externally \
-            and not os.environ.get("NODE_RANK") and not os.environ.get("MASTER_ADDR"):
-        raise configs.ConfigError(f"trainer.num_nodes={trainer.num_nodes}, but this process was started alone, with "
-                                  f"no cluster around it (SLURM's srun, torchrun, or NODE_RANK / MASTER_ADDR set on "
-                                  f"each node): it would wait for the other nodes for good; launch one process per "
-                                  f"node (README: Several nodes), or set trainer.num_nodes=1")
+            and not os.environ.get("MASTER_ADDR"):
+        raise configs.ConfigError(f"trainer.num_nodes={trainer.num_nodes}, but this process was started with no "
+                                  f"cluster around it (SLURM's srun, torchrun, or MASTER_ADDR (node 0's address) and "
+                                  f"NODE_RANK set on each node): it would wait for the other nodes for good; launch "
+                                  f"one process per node (README: Several nodes), or set trainer.num_nodes=1")
     if is_multirun() and trainer.world_size > 1 and environment is not None \
             and not environment.creates_processes_externally:
         raise configs.ConfigError(f"trainer with {trainer.world_size} processes inside a multirun (-m): Lightning "
@@ -798,10 +811,14 @@ def check_config(cfg: DictConfig) -> None:
     else:
         key, parent, where = "paths.output_dir", "", cfg.paths.output_dir if "paths" in cfg else None
         stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
-    if os.environ.get("TORCHELASTIC_RUN_ID") and not is_multirun() and "${now:" in str(stated):
+    nodes = (cfg.get("trainer") or {}).get("num_nodes") or 1
+    started_apart = os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE") or 1) > 1 or \
+        configs.is_int(nodes) and nodes > 1 and int(os.environ.get("LOCAL_RANK") or 0) == 0  # (Lightning's own
+    if started_apart and not is_multirun() and "${now:" in str(stated):  # ranks get their launcher's folder)
         raise configs.ConfigError(f"paths.output_dir is a new timestamped directory ({where}), which each process "
-                                  f"torchrun starts resolves on its own, at its own second: the ranks would split the "
-                                  f"run over two folders; set paths.output_dir to one folder for the run")
+                                  f"started apart (torchrun's ranks, each node's) resolves on its own, at its own "
+                                  f"second: they would split the run over several folders; set paths.output_dir to "
+                                  f"one folder for the run that every process sees")
     if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
         raise configs.ConfigError(f"ckpt_path=last resumes the run in {key}, but that is a new timestamped "
                                   f"directory ({where}); set {key} to the run to resume (e.g. "
