@@ -209,7 +209,12 @@ def test_the_swept_keys_reach_the_jobs_so_a_refused_point_fails_its_trial_alone(
         "overrides": {"task": ["model.unet.head_dim=choice(8, 12)", "data.batch_size=4", "model.ema_decay=0.9",
                                "+model.seed_offset=1,2",  # and one naming a job's value (no job yet: unresolvable)
                                "run_name=lr${model.lr}_job${hydra:job.num}"]}}})
-    monkeypatch.setenv(SWEPT_ENV, json.dumps(["data.batch_size"]))  # an earlier sweep's, of this process
+    monkeypatch.setenv(SWEPT_ENV, json.dumps(["data.batch_size"]))  # an earlier sweep's, of this process: not
+    with monkeypatch.context() as broken:  # kept should these keys fail to parse (Hydra only warns of the failure)
+        broken.setattr("ldm.cli.train.swept_keys", lambda config: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            HandSweptKeys().on_multirun_start(config)
+    assert os.environ[SWEPT_ENV] == "[]"
     HandSweptKeys().on_multirun_start(config)
     assert json.loads(os.environ[SWEPT_ENV]) == ["model.lr", "model.seed_offset", "model.unet.head_dim"]
     assert names_swept_key("model.unet: width 64 of level 2 is not divisible by head_dim=12")

@@ -479,7 +479,10 @@ def test_logger_and_callback_keys_are_checked_before_anything_is_built(monkeypat
             # quoted already, or interpolating: as the value reads (the typed text quoted twice did not parse)
             (['run_name="${seed}"'], ["run_name=${seed}"], r"""quote it, 'run_name="42"'$"""),
             (["tags=[v1.10,2.10]"], ["tags=[v1.10,2.10]"],
-             r"""must be a list of strings: 'tags=\[v1\.10,"2\.10"\]'$""")):
+             r"""must be a list of strings: 'tags=\[v1\.10,"2\.10"\]'$"""),
+            (["tags=1.10"], ["tags=1.10"], r"""must be a list of strings: 'tags=\["1\.10"\]'$"""),
+            (["tags=[a,'b,c',1.10,${seed}]"], ["tags=[a,'b,c',1.10,${seed}]"],
+             r"""must be a list of strings: 'tags=\[a,"b,c","1\.10","42"\]'$""")):
         with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             typed = hydra.compose(config_name="train", overrides=[*base, *typed_overrides], return_hydra_config=True)
         HydraConfig.instance().set_config(typed)
@@ -628,13 +631,16 @@ def test_launches_that_would_hang_or_split_the_run_are_refused(shapes_shards, tm
         check_launch(trainer)
     monkeypatch.setenv("MASTER_ADDR", "node0")  # each node started by hand, as Lightning documents
     check_launch(trainer)
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("NODE_RANK", "0")  # node 0 may leave MASTER_ADDR out (Lightning's docs)
+    check_launch(trainer)
 
     overrides = [o for o in tiny_overrides(shapes_shards, tmp_path / "run", max_steps=1, every=1)
                  if not o.startswith("paths.output_dir=")]
-    for name in ("NODE_RANK", "MASTER_ADDR", "LOCAL_RANK", "WORLD_SIZE"):
+    for name in ("NODE_RANK", "MASTER_ADDR", "LOCAL_RANK", "WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
-    message = r"paths\.output_dir is a new timestamped directory .*torchrun's ranks, each node's.* set " \
-              r"paths\.output_dir to one folder for the run that every process sees$"
+    message = r"paths\.output_dir is a new timestamped directory .*torchrun's ranks, srun's tasks, each node's.* set " \
+              r"paths\.output_dir to one folder for the run that every process sees \(under SLURM: paths=slurm\)$"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_config(compose_train(overrides))  # one process: one folder
@@ -648,3 +654,8 @@ def test_launches_that_would_hang_or_split_the_run_are_refused(shapes_shards, tm
         check_config(compose_train([*overrides, "trainer.num_nodes=2"]))
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started: its launcher's folder comes with it
     check_config(compose_train([*overrides, "trainer.num_nodes=2"]))
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # srun's tasks on one node
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_train(overrides))
+    check_config(compose_train([*overrides, f"paths.output_dir={tmp_path / 'run'}"]))

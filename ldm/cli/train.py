@@ -244,6 +244,24 @@ def as_string(text: str | None, value: Any) -> str:
     return f'"{text if plain else configs.override_value(value)}"'
 
 
+def list_items(text: str) -> list[str]:
+    """The items of a typed Hydra list, `[a,'b,c',${seed}]` -> `a`, `'b,c'`, `${seed}`: split at its top-level
+    commas, outside quotes and brackets."""
+    items, current, depth, quote = [], "", 0, None
+    for char in text[1:-1]:
+        if quote is None and char == "," and depth == 0:
+            items, current = [*items, current.strip()], ""
+            continue
+        current += char
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        else:
+            depth += (char in "[{(") - (char in "]})")
+    return [*items, current.strip()]
+
+
 def check_string(key: str, value: Any) -> None:
     """Refuse a value Hydra read as a number or a list where a name is meant (`run_name=0.001`)."""
     if value is not None and not isinstance(value, str):
@@ -257,11 +275,11 @@ def check_tags(key: str, tags: Any) -> None:
     if tags is None or isinstance(tags, ListConfig) and all(isinstance(tag, str) for tag in tags):
         return
     listed = list(tags) if isinstance(tags, ListConfig) else [tags]
-    text = typed_text(key) or ""  # each item as typed where the typed list is flat: `[v1.10,2.10]`
-    items = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else []
-    if len(items) != len(listed) or any(c in text[1:-1] for c in "[]{}()"):
+    text = typed_text(key)  # each item as typed: `[v1.10,2.10]`, or a bare `1.10`
+    items = list_items(text) if text and text.startswith("[") and text.endswith("]") else [text]
+    if len(items) != len(listed):
         items = [None] * len(listed)
-    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else as_string(item and item.strip(), tag)
+    words = ",".join(configs.hydra_quoted(tag) if isinstance(tag, str) else as_string(item, tag)
                      for tag, item in zip(listed, items, strict=True))
     raise configs.ConfigError(f"{key}={tags!r} must be a list of strings: {shlex.quote(f'{key}=[{words}]')}")
 
@@ -767,11 +785,12 @@ def check_launch(trainer: L.Trainer) -> None:
     """
     environment = getattr(trainer.strategy, "cluster_environment", None)
     if trainer.num_nodes > 1 and environment is not None and not environment.creates_processes_externally \
-            and not os.environ.get("MASTER_ADDR"):
+            and not os.environ.get("MASTER_ADDR") and os.environ.get("NODE_RANK") != "0":  # (node 0 may leave it)
         raise configs.ConfigError(f"trainer.num_nodes={trainer.num_nodes}, but this process was started with no "
-                                  f"cluster around it (SLURM's srun, torchrun, or MASTER_ADDR (node 0's address) and "
-                                  f"NODE_RANK set on each node): it would wait for the other nodes for good; launch "
-                                  f"one process per node (README: Several nodes), or set trainer.num_nodes=1")
+                                  f"cluster around it (SLURM's srun, torchrun, or NODE_RANK set on each node and "
+                                  f"MASTER_ADDR, node 0's address, on the others): it would wait for the other nodes "
+                                  f"for good; launch one process per node (README: Several nodes), or set "
+                                  f"trainer.num_nodes=1")
     if is_multirun() and trainer.world_size > 1 and environment is not None \
             and not environment.creates_processes_externally:
         raise configs.ConfigError(f"trainer with {trainer.world_size} processes inside a multirun (-m): Lightning "
@@ -813,12 +832,14 @@ def check_config(cfg: DictConfig) -> None:
         stated = OmegaConf.to_container(cfg.paths, resolve=False).get("output_dir") if "paths" in cfg else None
     nodes = (cfg.get("trainer") or {}).get("num_nodes") or 1
     started_apart = os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE") or 1) > 1 or \
+        int(os.environ.get("SLURM_NTASKS") or 1) > 1 or \
         configs.is_int(nodes) and nodes > 1 and int(os.environ.get("LOCAL_RANK") or 0) == 0  # (Lightning's own
     if started_apart and not is_multirun() and "${now:" in str(stated):  # ranks get their launcher's folder)
         raise configs.ConfigError(f"paths.output_dir is a new timestamped directory ({where}), which each process "
-                                  f"started apart (torchrun's ranks, each node's) resolves on its own, at its own "
-                                  f"second: they would split the run over several folders; set paths.output_dir to "
-                                  f"one folder for the run that every process sees")
+                                  f"started apart (torchrun's ranks, srun's tasks, each node's) resolves on its own, "
+                                  f"at its own second: they would split the run over several folders; set "
+                                  f"paths.output_dir to one folder for the run that every process sees (under SLURM: "
+                                  f"paths=slurm)")
     if cfg.get("ckpt_path") == "last" and "${now:" in str(stated):  # the default: a new directory every run
         raise configs.ConfigError(f"ckpt_path=last resumes the run in {key}, but that is a new timestamped "
                                   f"directory ({where}); set {key} to the run to resume (e.g. "
