@@ -778,7 +778,9 @@ def is_multirun() -> bool:
 
 
 def check_launch(trainer: L.Trainer) -> None:
-    """Refuse what cannot work: Lightning starting DDP processes itself inside a multirun job.
+    """Refuse what cannot work: several nodes in a process started with no cluster around it (no srun, torchrun or
+    MASTER_ADDR: it would wait for the other nodes for good), and Lightning starting DDP processes itself inside a
+    multirun job.
 
     Lightning starts the other ranks by re-running the command line, which a multirun job does not have. With
     `hydra/launcher=slurm` srun starts every rank instead (the cluster environment creates the processes).
