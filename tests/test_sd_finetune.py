@@ -283,26 +283,36 @@ def test_the_export_of_a_pooled_prompt_unet_says_what_diffusers_cannot_feed(tmp_
         in caplog.text and "not portable" in caplog.text
 
 
+def _refused_by_diffusers_and_flagged_in_a_single_file(ours: Path, tmp_path: Path, caplog, reason: str) -> Path:
+    """ldm-export of `ours`: format=diffusers refused for `reason`; format=single_file written, warning that diffusers'
+    from_single_file cannot load it for that reason. Returns the file."""
+    import logging
+    import re
+
+    from ldm.convert.common import UnsupportedCheckpointError
+
+    with pytest.raises(UnsupportedCheckpointError, match=re.escape(reason)):
+        export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
+        single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    assert "diffusers' from_single_file cannot load the file (ldm's loaders can), for the reason format=diffusers " \
+           f"refuses this UNet: export of the UNet to diffusers: {reason}" in caplog.text
+    return Path(single)
+
+
 def test_a_unet_without_cross_attention_is_refused_by_the_diffusers_export_and_flagged_in_a_single_file(
         tmp_path: Path, caplog):
     """A class-conditional UNet with its label table inside (class_embed=unet, no context): diffusers has no such
     UNet2DConditionModel, and the original SD code no transformer without cross-attention, so format=diffusers
     refuses it and format=single_file writes a file that says only ldm reads it."""
-    import logging
 
     from scale_helpers import tiny_class_model_export
 
-    from ldm.convert.common import UnsupportedCheckpointError
 
-    ours = tiny_class_model_export(tmp_path)
-    with pytest.raises(UnsupportedCheckpointError, match=r"context_dim=None \(no cross-attention\)"):
-        export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
-    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
-        single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
+    single = _refused_by_diffusers_and_flagged_in_a_single_file(tiny_class_model_export(tmp_path), tmp_path, caplog,
+                                                                "context_dim=None (no cross-attention)")
     assert "no cross-attention (model.unet.context_dim=null), a layout the original Stable Diffusion code does not " \
            "build: A1111 and ComfyUI cannot load the file" in caplog.text
-    assert "diffusers' from_single_file cannot load the file (ldm's loaders can), for the reason format=diffusers " \
-           "refuses this UNet: export of the UNet to diffusers: context_dim=None" in caplog.text
     from ldm.convert.load import load_single_file
     assert load_single_file(single).unet_config.num_classes == 3  # ours reads it
 
@@ -311,12 +321,10 @@ def test_a_unet_whose_first_level_is_wider_than_model_channels_is_flagged_in_a_s
     """channel_mult[0] != 1 (LDM's own UNet builds it): diffusers sizes conv_in from the first level's width, so
     format=diffusers refuses it and a single file says that diffusers' from_single_file cannot convert it; ldm's
     loaders read the file back."""
-    import logging
     from dataclasses import asdict
 
     from scale_helpers import tiny_autoencoder_export
 
-    from ldm.convert.common import UnsupportedCheckpointError
     from ldm.convert.load import load_single_file
     from ldm.nn.unet import unet_config
 
@@ -324,13 +332,8 @@ def test_a_unet_whose_first_level_is_wider_than_model_channels_is_flagged_in_a_s
     module = LatentDiffusionModule({"autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "unet": unet,
                                     "conditioner": {"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 2},
                                     "ema_decay": None})
-    ours = module.pipeline.save_pretrained(tmp_path / "ours")
-    with pytest.raises(UnsupportedCheckpointError, match=r"channel_mult\[0\]=2 \(not 1\)"):
-        export({"ckpt_path": str(ours), "format": "diffusers", "output_dir": str(tmp_path / "hf")})
-    with caplog.at_level(logging.WARNING, logger="ldm.cli.export"):
-        single = export({"ckpt_path": str(ours), "format": "single_file", "output_dir": str(tmp_path / "single")})
-    assert "diffusers' from_single_file cannot load the file (ldm's loaders can), for the reason format=diffusers " \
-           "refuses this UNet: export of the UNet to diffusers: channel_mult[0]=2 (not 1)" in caplog.text
+    single = _refused_by_diffusers_and_flagged_in_a_single_file(module.pipeline.save_pretrained(tmp_path / "ours"),
+                                                                tmp_path, caplog, "channel_mult[0]=2 (not 1)")
     assert "a layout the original Stable Diffusion code does not build" not in caplog.text  # LDM's code builds it
     assert load_single_file(single).unet_config.channel_mult == [2, 4]
 
