@@ -2,8 +2,8 @@
 exit status 2 (a user's mistake) and no Python traceback; ldm-train says so before printing its config tree.
 
 The cases run two at a time in threads (each is a subprocess that mostly waits on imports, 2 to 10 s). The fast set
-keeps the reproductions of issue 16 for every CLI and a few more (17 cases, about 50 s on an idle 2-core machine);
-the other 60 are marked slow (`make test-all`).
+keeps the reproductions of issue 16 for every CLI and a few more (19 cases, about 50 s on an idle 2-core machine);
+the other 62 are marked slow (`make test-all`).
 """
 
 from __future__ import annotations

@@ -191,8 +191,10 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     with pytest.raises(configs.ConfigError, match=r"data\.shuffle_buffer 8 -> 50"):
         next(iter(reshuffled.train_dataloader()))
     # ldm-train asks before it writes the run's config.yaml and logs (the refusal at the first batch came after them,
-    # and they recorded the refused settings), for the new state and the older alike
-    for saved in (state, older):
+    # and they recorded the refused settings), for the new state and the older alike, and for the state of e51d6de,
+    # which held neither shuffle_buffer nor the epoch's length (epoch_batches)
+    oldest = {k: v for k, v in older.items() if k != "epoch_batches"}
+    for saved in (state, older, oldest):
         with pytest.raises(configs.ConfigError, match=r"5 batches into epoch 0 .*data\.shuffle_buffer 8 -> 50"):
             make_dm(shapes_shards, num_workers=2, **{**opts, "shuffle_buffer": 50}).check_resume(
                 {**recorded, "WebDataModule": saved}, 1)
@@ -235,6 +237,10 @@ def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Pat
     with pytest.warns(UserWarning, match="ended epoch 0 after 12 batches; .* Lightning counts the next one from batch "
                                          "12: it trains 12 batches of epoch 1"):
         assert len(_run(longer, epochs=1)) == 24 and longer.state_dict()["epoch"] == 1, "epoch 1 from its start"
+    # the same for an older state that records no epoch length: its end is this run's (12), as the first batch says
+    ended_oldest = {k: v for k, v in ended.state_dict().items() if k not in ("shuffle_buffer", "epoch_batches")}
+    make_dm(shapes_shards, num_workers=2, **{**opts, "shuffle_buffer": 50}).check_resume(
+        {**recorded, "WebDataModule": ended_oldest}, 1)
 
     one = make_dm(shapes_shards, num_workers=1, **opts)
     full = _run(one, epochs=1)

@@ -432,9 +432,10 @@ class WebDataModule(L.LightningDataModule):
     def _stream(self, plan: EpochPlan) -> ShardStream:
         return ShardStream(plan) if self.latent_manifest is None else LatentStream(plan, self.latent_manifest)
 
-    def _plan(self, train: bool) -> EpochPlan:
+    def _plan(self, train: bool, world_size: int | None = None) -> EpochPlan:
+        """The epoch plan of this rank, or (`world_size` given: before any trainer) of rank 0 of that many."""
         c = self.config
-        rank, world_size = rank_and_world(self.trainer)
+        rank, world_size = rank_and_world(self.trainer) if world_size is None else (0, world_size)
         urls, counts = (self.train_urls, self.train_counts) if train else (self.val_urls, self.val_counts)
         batch_size = c.batch_size if train else (c.val_batch_size or c.batch_size)
         plan = EpochPlan(urls, counts, c.seed, rank, world_size, c.num_workers, batch_size, train, c.resolution,
@@ -657,15 +658,20 @@ class WebDataModule(L.LightningDataModule):
         refuse a position inside an epoch under other order settings, as the first batch would (`load_state_dict`),
         while the run's config.yaml and logs still hold the settings to resume with. The order settings that the
         checkpoint's datamodule state lacks are taken from the run config it records (the states of older ldm hold
-        no shuffle_buffer: a mid-epoch resume under another one went on unsaid)."""
+        no shuffle_buffer: a mid-epoch resume under another one went on unsaid; nor the epoch's length, which is then
+        this run's, as the first batch takes it)."""
         data = ((checkpoint.get("ldm") or {}).get("config") or {}).get("data") or {}
         self._recorded_order = {k: data[k] for k in ORDER_SETTINGS if k in data}
         state = checkpoint.get(type(self).__qualname__)
         if not isinstance(state, dict) or self.config.allow_inexact_resume:
             return
         skip, end = int(state.get("batches") or 0), state.get("epoch_batches")
-        if skip and end is not None and skip < end:  # inside the saved epoch (older states: the first batch tells)
-            self.setup("fit")
+        if not skip:
+            return
+        self.setup("fit")
+        if end is None:  # an older state: the epoch's end by this run's length, as the first batch would judge it
+            end = self._plan(train=True, world_size=world_size).rank_batches
+        if skip < end:  # inside the saved epoch
             if changed := self._changed_order(state, world_size):
                 self._check_inexact_resume(int(state["epoch"]), skip, changed)
 
