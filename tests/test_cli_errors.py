@@ -143,8 +143,9 @@ CASES = [
          slow=True),
     Case("train-multirun-missing-ckpt", "ldm-train", ("-m", *TRAIN, "ckpt_path={tmp}/none.ckpt", "seed=1,2"),
          ("ckpt_path=", "none.ckpt"), slow=True),  # stops the sweep (every trial had been recorded as failed)
-    Case("train-multirun-config-error", "ldm-train", ("-m", *TRAIN, "trainer.max_steps=abc,2"),
-         ("trainer.max_steps='abc'",), slow=True),  # a ConfigError stops the sweep at its first job
+    Case("train-multirun-config-error", "ldm-train", ("-m", *TRAIN, "trainer.max_steps=abc", "seed=1,2"),
+         ("trainer.max_steps='abc'",), slow=True),  # a ConfigError of no swept key stops the sweep at its first job
+    # (a swept value's, `trainer.max_steps=abc,2`, fails its job alone: tests/test_scale_sweep.py)
     Case("train-no-train-shards", "ldm-train", (*TRAIN, "data.train_shards=null"), ("data.train_shards",), slow=True),
     Case("train-zero-interval", "ldm-train", (*TRAIN, "trainer.val_check_interval=0"),
          ("trainer.val_check_interval=0",), slow=True),
