@@ -22,7 +22,7 @@ from ldm.checkpoints import pickle_refusal
 from ldm.conditioning.byte import masked_mean
 from ldm.conditioning.frozen import FrozenMixin
 from ldm.config import ConfigError, check_choice
-from ldm.io import CONFIG_NAME, export_kind, is_export
+from ldm.io import CONFIG_NAME, export_dir, export_kind, is_export
 from ldm.seeding import keeps_global_rng
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -44,8 +44,11 @@ def tokenizer_cut(tokenizer: Any, prompt: str, max_length: int) -> str:
 def ldm_export_kind(directory: Path) -> str | None:
     """What an ldm export in `directory` (or in a run directory's `export/`) holds (`export_kind`), or None when it
     holds none."""
-    directory = next((d for d in (directory, directory / "export") if is_export(d)), None)
-    if directory is None:
+    try:
+        directory = export_dir(directory, reads_checkpoints=False)
+    except ConfigError:  # a run directory without an export
+        return None
+    if not is_export(directory):
         return None
     try:
         config = json.loads((directory / CONFIG_NAME).read_text())
