@@ -110,6 +110,20 @@ def test_a_decoder_only_fine_tune_keeps_the_source_scale_without_any_validation(
         warnings.simplefilter("error")
         assert load_autoencoder_any(run / "checkpoints" / "last.ckpt")[1]["scale_factor"] == 0.13025
 
+    # A resume reads model.init_from again: another source's scale replaced the checkpoint's 0.13025 in the export
+    # with no word (its latents are still this source's). Refused; the same source moved elsewhere resumes.
+    def resume(init_from: Path, steps: int) -> None:
+        train(compose_train(tiny_overrides(shapes_shards, run, max_steps=steps, every=2) + FINETUNE
+                            + [f"model.init_from={init_from}", "trainer.limit_val_batches=0", "ckpt_path=last"]))
+
+    with pytest.raises(ConfigError, match=rf"the checkpoint keeps the latent scale 0.13025 of {source} \(its "
+                                          rf"encoder's latents\), model.init_from={sd_vae} states 0.18215: resume "
+                                          rf"with model.init_from naming the autoencoder the run started from"):
+        resume(sd_vae, 2)
+    moved = source.rename(tmp_path / "moved_vae")
+    resume(moved, 2)
+    assert load_autoencoder_any(run / "export")[1] == {"scale_factor": 0.13025, "scale_factor_from": str(source)}
+
 
 def test_a_diffusers_vae_folder_with_the_old_attention_names_loads(sd_vae, tmp_path):
     """diffusers before 0.17 saved the mid-block attention as query / key / value / proj_attn (SD 1.x's and the

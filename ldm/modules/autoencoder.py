@@ -414,6 +414,19 @@ class AutoencoderModule(L.LightningModule):
                 raise ConfigError(f"the checkpoint was trained with model.{key}={str(was).lower()}, this run has "
                                   f"{str(now).lower()} (its optimizer state holds {what}): resume with "
                                   f"model.{key}={str(was).lower()}, or start afresh in another paths.output_dir")
+        # a decoder-only fine-tune keeps its source's latent scale, read again from model.init_from at every start:
+        # another source's (or none) would replace the scale of the checkpoint's latents in its export
+        stats = checkpoint.get("latent_stats") or {}
+        kept = stats.get("scale_factor") if stats.get("scale_factor_from") else None
+        now = (self._kept_scale() or {}).get("scale_factor")
+        if (kept is None) != (now is None) or (kept is not None and abs(kept - now) > 1e-6 * kept):
+            was = f"keeps the latent scale {kept} of {stats['scale_factor_from']}" if kept is not None else \
+                "measured its latent scale"
+            source = f"model.init_from={self.config.init_from} states {now}" if now is not None else \
+                "this run keeps no source's scale"
+            raise ConfigError(f"the checkpoint {was} (its encoder's latents), {source}: resume with model.init_from "
+                              f"naming the autoencoder the run started from (and the same model.train_encoder), or "
+                              f"start afresh in another paths.output_dir")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resume(checkpoint)
