@@ -152,6 +152,39 @@ def export_dir(path: str | os.PathLike, key: str = "ckpt_path", reads_checkpoint
     return path
 
 
+def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+    """`path` as the readers of a trained model take it (the pipeline, ldm-sample, ldm-eval, ldm-export): an export's
+    folder for the `model.safetensors` inside it (the folder holds its config); a diffusers or transformers model
+    refused, naming how ldm reads those.
+
+    Raises:
+        CheckpointError: `path` is a diffusers pipeline folder, a diffusers or transformers model's folder (a
+            pipeline's part) or a file inside one.
+    """
+    from ldm.checkpoints import CheckpointError
+
+    path = Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    pipeline = next((p for p in (folder, folder.parent) if (p / "model_index.json").is_file()), None)
+    if "_class_name" in config or "model_type" in config or pipeline == path:
+        what = "a diffusers pipeline folder" if pipeline == path else \
+            f"a {'diffusers ' + str(config['_class_name']) if '_class_name' in config else 'transformers'} folder" \
+            + (f" (the {folder.name}/ of the diffusers pipeline {pipeline})" if pipeline else "")
+        what = f"a file of {what}" if path.is_file() else what
+        raise CheckpointError(f"{key}={path} is {what}: this reads ldm's own checkpoints and exports; a Stable "
+                              f"Diffusion model goes in through ldm-train's model.init_from=<pipeline folder or "
+                              f"single file> (its VAE alone: model.autoencoder_path), and out through ldm-export "
+                              f"to diffusers")
+    if path.is_file() and path.name == WEIGHTS_NAME and config:
+        return folder  # the weights of an export: read with its config (and latent statistics)
+    return path
+
+
 def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckpt_path") -> None:
     """Refuse `use_ema=false` for a directory read through a pipeline export of EMA weights: an export holds only the
     weights it was exported with, as its config.json records (`training.weights`: "ema" when the run kept an EMA,

@@ -45,6 +45,7 @@ from ldm.io import (
     load_export_weights,
     read_export,
     save_export,
+    trained_model_path,
 )
 from ldm.nn import eval_mode
 from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
@@ -340,7 +341,7 @@ class LatentDiffusionPipeline(nn.Module):
         """
         if not isinstance(use_ema, bool):  # "false" would be true
             raise TypeError(f"use_ema={use_ema!r} must be True or False")
-        path = Path(path).expanduser()
+        path = trained_model_path(path, key)
         if path.is_dir():
             pipeline = cls._from_export(export_dir(path, key), key, use_ema)
         elif path.is_file():

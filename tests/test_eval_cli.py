@@ -78,7 +78,7 @@ def test_sweep_over_two_guidance_scales_appends_two_rows_with_the_full_protocol(
         assert row["feature_extractor"]["feature_dim"] == 64 and row["feature_extractor"]["weights_sha256"]
         assert row["reference_num_samples"] == 16 and Path(row["reference_stats"]).is_file()
         assert row["fid"] > 0 and 0 <= row["clip_score"] <= 100 and 0 <= row["shapes_color_accuracy"] <= 1
-        assert "kid" in row and "kid_std" in row
+        assert "kid" in row and "kid_std" in row and row["non_finite_samples"] == 0
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and set(PROTOCOL_FIELDS) <= set(table[0])
@@ -401,6 +401,25 @@ def test_an_unconditional_model_is_scored_once_without_guidance(assets, tmp_path
     assert "is unconditional: guidance has nothing to steer by" in capsys.readouterr().out
 
 
+def test_a_diverged_model_is_scored_with_its_non_finite_images_counted_and_said(assets, tmp_path: Path, capsys):
+    """A UNet that outputs NaN: its images quantise to black, which got a finite FID in a row like any other, unsaid
+    (ldm-sample warned). Each point is scored once however many times the command names it ([2.0, 2])."""
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+
+    checkpoint = torch.load(assets["ldm"], weights_only=True)
+    module = LatentDiffusionModule(checkpoint["hyper_parameters"]["config"])
+    module.load_state_dict(checkpoint["state_dict"])
+    for name in ("pipeline.unet.conv_out.bias", "ema.module.conv_out.bias"):
+        module.state_dict()[name].fill_(float("nan"))
+    diverged = save_checkpoint(module, tmp_path / "diverged.ckpt", global_step=9)
+    rows = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=[str(diverged), str(tmp_path / ".." / tmp_path.name
+                                                                                       / "diverged.ckpt")],
+                             num_samples=6, guidance_scales=[2.0, 2], samplers=["ddim", "ddim"], num_steps=[2, 2],
+                             metrics=["shapes_color_accuracy"]))
+    assert len(rows) == 1 and rows[0]["non_finite_samples"] == 6 and len(read_results(tmp_path / "eval")) == 1
+    assert "[ldm-eval] warning: 6 of 6 images hold NaN or infinite values" in capsys.readouterr().out
+
+
 def test_an_interrupted_sweep_keeps_its_scored_rows_and_a_torn_line_is_mended(
         assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """Each row reaches results.jsonl as soon as it is scored: a sweep stopped during its third row (Ctrl-C, a time
@@ -484,6 +503,32 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     (tmp_path / "copy.pt").write_bytes(b"P")  # a suffix the pattern names is kept
     assert resolve_checkpoints(str(tmp_path / "*.pt")) == [str(tmp_path / "copy.pt")]
     assert resolve_checkpoints(str(tmp_path / "last.ckpt")) == [str(tmp_path / "last.ckpt")]  # named: as given
+    # the same file named twice is evaluated once (two identical rows, twice the compute)
+    assert resolve_checkpoints([str(tmp_path / "*.ckpt"), str(tmp_path / "step0000001.ckpt")]) == \
+        [str(tmp_path / "step0000001.ckpt"), str(tmp_path / "step0000002.ckpt")]
+    # an export's weights file is its folder ("cannot tell what this checkpoint holds (state dict prefixes [])")
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text('{"format": "ldm.pipeline"}')
+    (export / "model.safetensors").write_bytes(b"W")
+    assert resolve_checkpoints([str(export / "model.safetensors"), str(export), f"{export}/"]) == [str(export)]
+    # a diffusers pipeline, one of its parts, or a file of one: named as such ("a directory without an export")
+    pipeline = tmp_path / "sd15"
+    (pipeline / "unet").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    (pipeline / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    (pipeline / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"W")
+    from ldm.checkpoints import CheckpointError
+
+    for given, what in ((pipeline, "a diffusers pipeline folder"),
+                        (pipeline / "unet", f"a diffusers UNet2DConditionModel folder \\(the unet/ of the diffusers "
+                                            f"pipeline {pipeline}\\)"),
+                        (pipeline / "unet" / "diffusion_pytorch_model.safetensors",
+                         "a file of a diffusers UNet2DConditionModel folder \\(the unet/")):
+        with pytest.raises(CheckpointError, match=f"ckpt_path={given} is {what}.*: this reads ldm's own checkpoints "
+                                                  f"and exports; a Stable Diffusion model goes in through ldm-train's "
+                                                  f"model.init_from"):
+            resolve_checkpoints(str(given))
     bracketed = tmp_path / "lr[1e-3]"  # a sweep's folder: a path that exists is not a pattern (it matched nothing)
     bracketed.mkdir()
     (bracketed / "last.ckpt").write_bytes(b"x")

@@ -83,6 +83,25 @@ def test_ldm_sample_from_the_export_equals_the_checkpoints_ema(ldm_checkpoint: P
     for a, b in zip(from_ckpt, from_export):
         assert torch.equal(torchvision.io.read_image(str(a)), torchvision.io.read_image(str(b)))
     assert json.loads((tmp_path / "export" / "sample.json").read_text())["weights"] == "ema"
+    # the weights file inside the export: read with its folder ("not a latent diffusion checkpoint (no UNet config in
+    # its hyper_parameters)"); one prompt given bare (Hydra's "str is not a ListConfig" before)
+    weights = sample({**base, "prompts": PROMPTS[0], "ckpt_path": str(export / "model.safetensors"),
+                      "output_dir": str(tmp_path / "weights")})
+    assert len(weights) == 1 and torch.equal(torchvision.io.read_image(str(weights[0])),
+                                             torchvision.io.read_image(str(from_export[0])))
+    with pytest.raises(ConfigError, match=r"prompts=\[None\] must be a list of prompts, e.g. prompts='\[a red "
+                                          r"circle, a blue square\]' \(or one: prompts='a red circle'\)"):
+        sample({**base, "prompts": [None], "ckpt_path": str(export), "output_dir": str(tmp_path / "none")})
+    from ldm.cli.export import export as ldm_export
+
+    folder = ldm_export({"ckpt_path": str(export / "model.safetensors"), "output_dir": str(tmp_path / "hf")})
+    assert (folder / "model_index.json").is_file()
+    from ldm.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"ckpt_path={folder} is a diffusers pipeline folder: this reads ldm's "
+                                              rf"own checkpoints and exports; a Stable Diffusion model goes in "
+                                              rf"through ldm-train's model.init_from"):
+        sample({**base, "ckpt_path": str(folder), "output_dir": str(tmp_path / "diffusers")})
 
 
 def test_images_depend_on_their_seed_not_the_batch_size(ldm_checkpoint: Path, tmp_path: Path):

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoints import CheckpointError, checkpoint_kind, load_checkpoint
 from ldm.cli.common import CONF_DIR, cli_entry, run_cli
 from ldm.config import ConfigError, check_choice, check_output_dir, expand_home, register_schemas, to_dataclass
-from ldm.io import CONFIG_NAME, check_export_weights, export_dir, export_kind, read_json_object
+from ldm.io import CONFIG_NAME, check_export_weights, export_dir, export_kind, read_json_object, trained_model_path
 
 log = logging.getLogger(__name__)
 FORMATS = ("diffusers", "single_file")
@@ -70,6 +70,7 @@ def export(cfg: DictConfig | dict[str, Any] | ExportConfig) -> Path:
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     config = to_dataclass(ExportConfig, cfg)
+    config.ckpt_path = str(trained_model_path(config.ckpt_path))  # an export's model.safetensors: its folder
     out = Path(config.output_dir)
     target = out if config.format == "diffusers" else out / SINGLE_FILE_NAME
     if config.format == "single_file" and (out / CONFIG_NAME).is_file():

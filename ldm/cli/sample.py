@@ -53,7 +53,7 @@ class SampleConfig:
     """What `ldm-sample` runs (conf/sample.yaml documents every key)."""
 
     ckpt_path: str = ""                        # required: a pipeline export (<run>/export), run dir or .ckpt
-    prompts: list[str] = field(default_factory=list)  # text-conditioned models: the prompts; or prompts_file
+    prompts: Any = field(default_factory=list)  # text-conditioned models: a list of prompts (or one); or prompts_file
     prompts_file: str | None = None            # one prompt per line (blank lines skipped)
     class_labels: list[int] | None = None      # class-conditional models: the labels (prompts, if given, name them)
     negative_prompt: str | None = None         # what guidance steers every image away from; null: the empty prompt
@@ -79,6 +79,12 @@ class SampleConfig:
             raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
         self.ckpt_path, self.prompts_file = expand_home(self.ckpt_path), expand_home(self.prompts_file)
+        if isinstance(self.prompts, str):  # prompts=a red circle: one prompt (a list needs brackets)
+            self.prompts = [self.prompts]
+        if not isinstance(self.prompts, (list, tuple)) or \
+                not all(isinstance(p, (str, int, float)) and not isinstance(p, bool) for p in self.prompts):
+            raise ConfigError(f"prompts={self.prompts!r} must be a list of prompts, e.g. prompts='[a red circle, a "
+                              f"blue square]' (or one: prompts='a red circle')")
         if self.prompts and self.prompts_file:
             raise ConfigError("give one of prompts='[a red circle, a blue square]' and prompts_file=FILE, not both "
                               f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")

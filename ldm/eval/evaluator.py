@@ -152,6 +152,10 @@ class EvalConfig:
         if not all(0 <= scale < math.inf for scale in self.guidance_scales):  # NaN too
             raise ConfigError(f"guidance_scales={self.guidance_scales}: every value must be a finite number >= 0 "
                               f"(1.0: the conditional model alone)")
+        # each point once: a value given twice ([3.0, 3]) scored the same images again, as another row
+        self.samplers = list(dict.fromkeys(self.samplers))
+        self.num_steps = list(dict.fromkeys(int(steps) for steps in self.num_steps))
+        self.guidance_scales = list(dict.fromkeys(float(scale) for scale in self.guidance_scales))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -382,6 +386,7 @@ class Evaluator:
         # is made (`_generation_metrics`), so that weights that cannot be had fail at once.
         cfg = self.cfg
         generated = 0
+        non_finite = torch.zeros((), dtype=torch.long, device=self.device)
         shown: list[torch.Tensor] = []
         for batch in rank_batches(cfg.num_samples, cfg.batch_size, self.rank, self.world):
             batch_prompts = [prompts[i] for i in batch]
@@ -389,6 +394,7 @@ class Evaluator:
                 images = pipeline.generate(batch_prompts, [cfg.seed + i for i in batch],
                                            class_labels=None if labels is None else [labels[i] for i in batch],
                                            **sweep)
+            non_finite += (~torch.isfinite(images).flatten(1).all(1)).sum().to(self.device)
             images = to_uint8(images).to(self.device)                                 # (B, 3, H, W)
             scorer.update(images, batch_prompts)
             generated += len(images)
@@ -396,7 +402,12 @@ class Evaluator:
                 shown.append(images.cpu())
         if not generated:
             raise ValueError(f"rank {self.rank} got no samples: num_samples={cfg.num_samples} < {self.world} ranks")
-        return scorer.compute(), torch.cat(shown) if shown else None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(non_finite)
+        if non_finite and self.rank == 0:  # scored as the black or clipped pixels they quantise to
+            print(f"[ldm-eval] warning: {int(non_finite)} of {cfg.num_samples} images hold NaN or infinite values "
+                  f"(scored as black or clipped pixels): the model or its precision diverged", flush=True)
+        return {**scorer.compute(), "non_finite_samples": int(non_finite)}, torch.cat(shown) if shown else None
 
     def _generation_metrics(self, resolution: int, shards: list[str] | None,
                             ) -> tuple[GenerationMetrics, dict[str, Any]]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ldm.callbacks.checkpoint import LAST_NAME
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
-from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, glob_sorted, read_json_object
+from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, glob_sorted, read_json_object, trained_model_path
 
 KINDS = ("autoencoder", "latent_diffusion")
 
@@ -39,7 +39,7 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     `checkpoints/*` leaves out the latent_stats.json beside them; matches that are one file, as last.ckpt and the
     periodic checkpoint it links, count once, under the periodic name)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    paths: list[str] = []
+    paths: dict[str, None] = {}  # each model once, however many items name it
     for item in specs:
         item = str(Path(str(item)).expanduser())
         # a path that exists is taken as named (a sweep's `lr[1e-3]` folder), else as a glob
@@ -61,9 +61,9 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
                 named[file] = p
         # note: ".." folded as the OS follows it (a link's target's parent), a file's own name kept (last.ckpt):
         # results rows name the checkpoint by this path, and skip_done compares it
-        paths.extend(str(Path(p).resolve() if Path(p).is_dir() else Path(p).parent.resolve() / Path(p).name)
-                     for p in found if p in named.values())
-    return paths
+        for p in (trained_model_path(p) for p in found if p in named.values()):  # an export's weights: its folder
+            paths[str(p.resolve() if p.is_dir() else p.parent.resolve() / p.name)] = None
+    return list(paths)
 
 
 def load_model(path: str, use_ema: bool = True) -> EvalModel:
