@@ -938,6 +938,47 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
                                           r"integer 'label' .*ldm-data source=folder labels=folders"):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 0
+    # Labelled training shards, validation shards of captions alone: the run trained until its first validation (a
+    # few thousand steps), then stopped calling them damaged; refused at start too.
+    dm = WebDataModule(train_shards=str(shard), val_shards=str(unlabelled), batch_size=2, num_workers=0,
+                       resolution=32)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.val_shards: the first sample of .*plain/train-000000\.tar has no "
+                                          r"integer 'label' "):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
+
+    # The reverse: shards of class folders (ldm-data labels=folders, every caption empty) under a model conditioned
+    # on prompts trained it on empty prompts alone, unsaid (an unconditional model in all but name). Refused, naming
+    # the class model's keys; one image with a caption is data of another kind, and trains.
+    for folder in ("cat", "dog"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (i * 90, 40, 0)).save(tmp_path / "in" / folder / f"{i}.png")
+    classes = {"source": "folder", "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "classes"),
+               "labels": "folders", "val_samples": 2, "resolution": 32}
+    write_dataset(classes)
+    text = LatentDiffusionModule({
+        "autoencoder_path": str(tmp_path / "ae"), "ema_decay": None, "unet": asdict(unet_config("tiny")),
+        "conditioner": {"kind": "byte", "width": 64, "num_layers": 1, "num_heads": 2, "max_length": 16}})
+
+    def fit_text_model() -> L.Trainer:
+        dm = WebDataModule(train_shards=str(tmp_path / "classes" / "train-*.tar"), batch_size=2, num_workers=0,
+                           resolution=32)
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path / "text")
+        trainer.fit(text, datamodule=dm)
+        return trainer
+
+    with pytest.raises(ConfigError, match=r"data\.train_shards hold class-labelled images without any caption "
+                                          r"\(ldm-data labels=folders, 2 classes\), but this model is conditioned on "
+                                          r"prompts \(model.conditioner.kind=byte\) .*model.conditioner.kind=class "
+                                          r"model.conditioner.num_classes=2, or an unconditional one"):
+        fit_text_model()
+    (tmp_path / "in" / "dog" / "0.txt").write_text("a dog on a lawn")
+    write_dataset({**classes, "overwrite": True})
+    assert fit_text_model().global_step == 1
 
 
 def test_samples_are_counted_as_webdataset_reads_them(tmp_path: Path):

@@ -361,10 +361,12 @@ def test_a_class_conditional_model_needs_the_labels_of_val_shards(assets, tmp_pa
     with pytest.raises(ConfigError, match="class-conditional.*prompts_source=val_shards"):
         evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), prompts_source="file",
                           prompts_file=str(prompts), metrics=["shapes_shape_accuracy"]))
-    # colour and CLIP score rate the caption's words, which a class model never reads (rows were written)
+    # colour and CLIP score rate the caption's words, which a class model never reads (rows were written); said
+    # before CLIP is sought (ldm-eval's default metrics asked for CLIP-L, 1.7 GB, to be downloaded, then refused it)
     with pytest.raises(ConfigError, match=r"metrics \['clip_score', 'shapes_color_accuracy'\] score the images "
-                                          r"against their captions, but .* reads class labels only"):
-        evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt),
+                                          r"against their captions, but .* reads class labels only: leave them out "
+                                          r"of metrics \(metrics=\[shapes_shape_accuracy\]\)"):
+        evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), clip_model=str(tmp_path / "no_clip"),
                           metrics=["clip_score", "shapes_color_accuracy", "shapes_shape_accuracy"]))
     row = evaluate(make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_shape_accuracy"]))[0]
     assert 0 <= row["shapes_shape_accuracy"] <= 1
@@ -480,6 +482,13 @@ def test_prompts_from_a_file_need_not_the_validation_shards_the_model_was_traine
     assert f"fid: {row['fid']:.6g}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="val_shards is not set and the validation shards the model was trained"):
         evaluate({**cfg, "prompts_source": "val_shards", "prompts_file": None})  # its captions are the prompts
+    # prompts of other data name no colour of the shapes vocabulary: the colour accuracy was 0, as if every image
+    # had missed its caption
+    prompts.write_text("a cat asleep on a sofa\na lighthouse at dusk\n")
+    with pytest.raises(ConfigError, match=r"metrics \['shapes_color_accuracy'\] read the images of shapes captions "
+                                          r"\(ldm-data source=shapes\), but none of the 8 prompts names a colour of "
+                                          r"that vocabulary \(the first: 'a cat asleep on a sofa'\): leave them out"):
+        evaluate({**cfg, "output_dir": str(tmp_path / "eval_cats")})
 
 
 def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path):

@@ -157,18 +157,24 @@ def recorded_counts(urls: list[str]) -> list[int | None]:
     return counts
 
 
-def _written_square(urls: list[str]) -> tuple[str, int] | None:
-    """(source: shapes or folder, size) when ldm-data's summary.json beside the first local shard says it wrote square
-    images there (at any size: a square resized to the training resolution leaves nothing to crop), else None."""
+def _written_summary(urls: list[str]) -> dict[str, Any]:
+    """ldm-data's summary.json beside the first local shard of `urls`; {} without one (or an unreadable one)."""
     local = [Path(u.removeprefix("file:")) for u in urls if not u.startswith(REMOTE_PREFIXES)]
     summary = local[0].parent / SUMMARY_NAME if local else None
     if summary is None or not summary.is_file():
-        return None
+        return {}
     try:
         written = json.loads(summary.read_text(encoding="utf-8"))
     except ValueError:
-        return None
-    square = isinstance(written, dict) and is_int(written.get("resolution")) and written.get("crop", True)
+        return {}
+    return written if isinstance(written, dict) else {}
+
+
+def _written_square(urls: list[str]) -> tuple[str, int] | None:
+    """(source: shapes or folder, size) when ldm-data's summary.json beside the first local shard says it wrote square
+    images there (at any size: a square resized to the training resolution leaves nothing to crop), else None."""
+    written = _written_summary(urls)
+    square = is_int(written.get("resolution")) and written.get("crop", True)
     return (str(written.get("source", "folder")), written["resolution"]) if square else None
 
 
@@ -461,18 +467,34 @@ class WebDataModule(L.LightningDataModule):
                            num_workers=self.config.num_workers, pin_memory=self._pin_memory())
 
     def _check_labelled(self) -> None:
-        """A class-conditional model (`num_classes` set) trains from each sample's integer `label`: refuse, before
-        any step, training shards whose first sample has none (shards of captions alone), rather than skip every
-        sample as corrupt."""
-        first = _first_metadata(self.train_urls) if self.num_classes is not None else None
-        if first is None:
+        """A class-conditional model (`num_classes` set) trains and validates from each sample's integer `label`:
+        refuse, before any step, shards whose first sample has none (shards of captions alone), rather than skip
+        every sample as corrupt (the validation shards' at the first validation, thousands of steps in)."""
+        if self.num_classes is None:
             return
-        shard, meta = first
-        if not (isinstance(meta, dict) and is_int(meta.get("label"))):
-            raise ConfigError(f"data.train_shards: the first sample of {shard} has no integer 'label' in its metadata "
-                              f"(KEY.json: {str(meta)[:80]}), and this class-conditional model trains from one; write "
-                              f"the shards with labels (ldm-data source=folder labels=folders: one class per "
-                              f"subfolder of input_dir; source=shapes), or train a text-conditioned model")
+        for key, urls in (("data.train_shards", self.train_urls), ("data.val_shards", self.val_urls)):
+            first = _first_metadata(urls)
+            if first is None:
+                continue
+            shard, meta = first
+            if not (isinstance(meta, dict) and is_int(meta.get("label"))):
+                raise ConfigError(f"{key}: the first sample of {shard} has no integer 'label' in its metadata "
+                                  f"(KEY.json: {str(meta)[:80]}), and this class-conditional model trains from one; "
+                                  f"write the shards with labels (ldm-data source=folder labels=folders: one class "
+                                  f"per subfolder of input_dir; source=shapes), or train a text-conditioned model")
+
+    def uncaptioned_classes(self) -> list[str] | None:
+        """The class names of training shards that ldm-data wrote from class folders (labels=folders) with no
+        caption for any image; None otherwise. A model conditioned on prompts would learn from empty ones alone."""
+        written = _written_summary(self.train_urls)
+        classes, splits = written.get("classes"), written.get("splits")
+        try:
+            count = sum(int(split["count"]) for split in splits.values())
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+        missing = written.get("missing_captions")
+        uncaptioned = isinstance(missing, list) and count > 0 and len(missing) >= count
+        return classes if isinstance(classes, list) and uncaptioned else None
 
     def _warn_short_accumulation(self, plan: EpochPlan) -> None:
         """Warn when trainer.accumulate_grad_batches does not divide an epoch's batches (Lightning's limit included):
@@ -495,6 +517,7 @@ class WebDataModule(L.LightningDataModule):
         if self.config.val_shards is None:
             return []
         self.setup("validate")
+        self._check_labelled()  # (a sanity check reads these first)
         plan = self._plan(train=False)
         log.info("val data: %d samples in %d shards over %d ranks: %d batches of at most %d per rank, %d samples left "
                  "out", sum(plan.counts), len(plan.urls), plan.world_size, plan.rank_batches, plan.batch_size,

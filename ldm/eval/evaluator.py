@@ -277,6 +277,7 @@ class Evaluator:
         prompts = load_prompts(cfg.prompts_source, cfg.num_samples, shards, cfg.prompts_file)
         conditioner = getattr(pipeline, "conditioner", None)
         check_conditioning_metrics(cfg.metrics, conditioner, info.get("checkpoint"))
+        check_shapes_prompts(cfg.metrics, prompts)
         if getattr(conditioner, "reads_labels", False) and cfg.prompts_source != "val_shards":
             raise ConfigError(f"{info.get('checkpoint')} is class-conditional: it generates from the integer 'label' "
                               f"of each validation sample's metadata, so it needs prompts_source=val_shards (got "
@@ -543,6 +544,8 @@ def evaluate(cfg: DictConfig | dict | EvalConfig) -> list[dict[str, Any]]:
     try:
         for path in paths:
             loaded = load_model(path, config.use_ema)
+            if loaded.kind == "latent_diffusion":  # before the metrics' weights are sought (CLIP-L, 1.7 GB)
+                check_conditioning_metrics(config.metrics, loaded.model.conditioner, path)
             if loaded.kind not in checked:  # before any image is generated, once per kind of model
                 evaluator.clip_model = _check_weights(config, loaded.kind) or evaluator.clip_model
                 checked.add(loaded.kind)
@@ -579,8 +582,27 @@ def check_conditioning_metrics(metrics: Sequence[str], conditioner: object, chec
                or m in CONDITIONED_METRICS and not (uses_prompts or reads_labels)]
     if refused:
         reads = "class labels only" if reads_labels else "no condition"
+        kept = [m for m in metrics if m not in refused] or ["fid"]
         raise ConfigError(f"metrics {refused} score the images against their captions, but {checkpoint} reads "
-                          f"{reads}: leave them out of metrics")
+                          f"{reads}: leave them out of metrics (metrics=[{','.join(kept)}])")
+
+
+def check_shapes_prompts(metrics: Sequence[str], prompts: Sequence[str]) -> None:
+    """Refuse a shapes metric when no prompt names what it reads (a colour, a shape of ldm-data's shapes vocabulary):
+    the captions of other data scored 0, as if the model had missed every one."""
+    reads = {"shapes_color_accuracy": (0, "colour"), "shapes_shape_accuracy": (1, "shape")}
+    asked = [m for m in metrics if m in reads]
+    if not asked:
+        return
+    from ldm.eval.shapes_adherence import parse_caption
+
+    parsed = [parse_caption(prompt) for prompt in prompts]
+    refused = [m for m in asked if all(words[reads[m][0]] is None for words in parsed)]
+    if refused:
+        named = " or ".join(dict.fromkeys(reads[m][1] for m in refused))
+        raise ConfigError(f"metrics {refused} read the images of shapes captions (ldm-data source=shapes), but none "
+                          f"of the {len(prompts)} prompts names a {named} of that vocabulary (the first: "
+                          f"{_short(prompts[0] if prompts else '', 60)}): leave them out of metrics")
 
 
 def _check_weights(cfg: EvalConfig, kind: str) -> Callable[[], tuple[Any, Any]] | None:

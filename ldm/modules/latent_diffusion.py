@@ -366,9 +366,18 @@ class LatentDiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if self.pipeline.conditioner.reads_labels and hasattr(datamodule, "num_classes"):
+        conditioner = self.pipeline.conditioner
+        if conditioner.reads_labels and hasattr(datamodule, "num_classes"):
             # before its loaders: unlabelled samples, and labels outside the model's classes, are skipped and counted
-            datamodule.num_classes = self.pipeline.conditioner.null_class
+            datamodule.num_classes = conditioner.null_class
+        classes = datamodule.uncaptioned_classes() if hasattr(datamodule, "uncaptioned_classes") else None
+        if conditioner.uses_prompts and classes:
+            raise ConfigError(f"data.train_shards hold class-labelled images without any caption (ldm-data "
+                              f"labels=folders, {len(classes)} classes), but this model is conditioned on prompts "
+                              f"(model.conditioner.kind={conditioner.kind}) and would learn from empty ones "
+                              f"alone: train a class-conditional model, model.conditioner.kind=class "
+                              f"model.conditioner.num_classes={len(classes)}, or an unconditional one, "
+                              f"model.conditioner.kind=none")
 
     def on_fit_start(self) -> None:
         resolution = getattr(getattr(self.trainer.datamodule, "config", None), "resolution", None)
