@@ -288,6 +288,23 @@ def test_dropout_is_deterministic_for_a_generator():
     assert torch.equal(a, b)
 
 
+def test_precomputed_encodings_are_dropped_as_their_captions_are():
+    """Latent shards carry the frozen encoder's output (`text_context`): guidance dropout must replace it by the empty
+    prompt's as it replaces captions, or a run on latent shards never trains the unconditional model."""
+    from ldm.conditioning.conditioner import EncodedText
+
+    conditioner = byte_conditioner(0.5).train()
+    prompts = PROMPTS * 4
+    with torch.no_grad():
+        encoded = EncodedText(conditioner.encoder(prompts)[0], None)
+        from_captions = conditioner(prompts, generator=torch.Generator().manual_seed(3))["context"]
+        from_encodings = conditioner(encoded, generator=torch.Generator().manual_seed(3))["context"]
+        empty = conditioner.encoder([""])[0][0]
+    dropped = [torch.allclose(row, empty) for row in from_encodings]
+    assert 0 < sum(dropped) < len(prompts)
+    torch.testing.assert_close(from_encodings, from_captions)
+
+
 def test_class_labels_as_context_and_for_the_unet():
     as_context = build_conditioner({"kind": "class", "num_classes": 10, "width": 16, "cond_drop_prob": 1.0}).train()
     out = as_context(torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(0))

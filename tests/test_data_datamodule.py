@@ -148,6 +148,8 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
     epoch0, epoch1 = {k for ks, _ in full[:12] for k in ks}, {k for ks, _ in full[12:] for k in ks}
     assert epoch0 == epoch1 and len(epoch0) == 48, "each epoch reads every sample once"
     assert [ks for ks, _ in full[:12]] != [ks for ks, _ in full[12:]], "the order changes with the epoch"
+    slot = lambda batches: {k for ks, _ in batches[::2] for k in ks}  # noqa: E731 -- one worker's (they alternate)
+    assert slot(full[:12]) != slot(full[12:]), "each slot reads other samples in each epoch (shards reshuffled)"
 
     interrupted = make_dm(shapes_shards, **opts)
     head = _run(interrupted, epochs=2, stop_after=stop_after)
@@ -161,6 +163,15 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
     for (keys, images), (want_keys, want_images) in zip(head + tail, full, strict=True):
         assert keys == want_keys
         assert torch.equal(images, want_images)
+
+
+def test_one_slot_reads_one_shard_in_another_order_each_epoch(shapes_shards: Path):
+    """The shuffle buffer is seeded per epoch: with one shard and one slot, where no reassignment of shards can change
+    the order, each epoch still reads its samples in another order."""
+    dm = make_dm(shapes_shards, num_workers=0, batch_size=4, shuffle_buffer=8,
+                 train_shards=str(shapes_shards / "train-000000.tar"))
+    epochs = [[k for ks, _ in _run(dm, epochs=1) for k in ks] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
 
 
 def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Path):

@@ -294,6 +294,24 @@ def test_log_images_returns_the_fixed_prompt_grid(autoencoder_dir: Path):
     assert set(images) == {"samples"} and images["samples"].shape == (2, 3, 16, 16)
     again = module.log_images(batch(2))
     assert torch.equal(images["samples"], again["samples"])
+    # the grid and val/loss are the EMA's (model.val_use_ema) and the grid's seeds val_seed + i
+    from convert_helpers import perturb
+
+    from ldm.seeding import step_generator
+
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, val_seed=11)).eval()
+    perturb(module.ema.module, seed=1, scale=0.2)  # the EMA apart from the raw UNet
+    c = module.config
+    expected = module.eval_pipeline(True).generate(CAPTIONS, [11, 12], sampler=c.val_sampler,
+                                                   num_steps=c.val_num_steps, guidance_scale=c.val_guidance_scale)
+    assert torch.equal(module.log_images(batch(4))["samples"], expected)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: value})
+    with torch.no_grad():
+        module.validation_step(batch(4), 0)
+        ema, raw = (module._loss(batch(4), step_generator(c.seed, 0, -1), module.eval_pipeline(use_ema))
+                    for use_ema in (True, False))
+    assert torch.equal(logged["val/loss"], ema) and not torch.equal(ema, raw)
 
 
 def test_class_and_unconditional_grids_count_their_own_conditions(autoencoder_dir: Path):

@@ -140,6 +140,17 @@ def test_loss_on_posterior_moments_equals_loss_on_images(tmp_path: Path):
     assert torch.equal(on_images, on_latents)
     other = module._loss(latents, step_generator(0, 0, 4), pipeline)
     assert not torch.equal(on_images, other)
+    # which is a draw of the posterior (LDM's `sample_posterior`), mean + std * eps, scaled; or its mode when off
+    from ldm.nn.autoencoder import DiagonalGaussianDistribution
+
+    posterior = DiagonalGaussianDistribution(moments)
+    eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+    drawn = (posterior.mean + torch.exp(0.5 * posterior.logvar) * eps) * pipeline.latent_scale
+    assert pipeline.sample_posterior and not torch.allclose(drawn, posterior.mean * pipeline.latent_scale)
+    torch.testing.assert_close(pipeline.latents(posterior, torch.Generator().manual_seed(5)), drawn)
+    pipeline.sample_posterior = False
+    torch.testing.assert_close(pipeline.latents(posterior, torch.Generator().manual_seed(5)),
+                               posterior.mean * pipeline.latent_scale)
 
 
 class _Payload:

@@ -126,8 +126,19 @@ def test_a_negative_prompt_replaces_the_empty_prompt_in_guidance(ldm_checkpoint:
     read = torchvision.io.read_image
     assert all(torch.equal(read(str(a)), read(str(b))) for a, b in zip(plain, empty))
     assert json.loads((tmp_path / "empty" / "sample.json").read_text())["config"]["negative_prompt"] == ""
-    # (what a real negative prompt does, on a model that reads its prompts: tests/test_sd_finetune.py, against
-    # diffusers' negative_prompt; this 2-step model's zero-initialised attention outputs ignore the text)
+    # this 2-step model's zero-initialised attention outputs ignore the text: perturbed, it reads it, and the guidance
+    # scale and a negative prompt must reach its images (the numbers themselves: tests/test_sd_finetune.py, against
+    # diffusers' guidance_scale and negative_prompt)
+    from convert_helpers import perturb
+
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipeline = LatentDiffusionPipeline.from_pretrained(ldm_checkpoint.parents[1] / "export")
+    perturbed = pipeline.replace(unet=perturb(pipeline.unet, seed=0, scale=0.2)).save_pretrained(tmp_path / "pert")
+    runs = {name: sample({**base, "ckpt_path": str(perturbed), "output_dir": str(tmp_path / name), **extra})
+            for name, extra in (("g3", {}), ("g1", {"guidance_scale": 1.0}), ("neg", {"negative_prompt": "a dog"}))}
+    differ = lambda a, b: not torch.equal(read(str(a[0])), read(str(b[0])))  # noqa: E731
+    assert differ(runs["g3"], runs["g1"]) and differ(runs["g3"], runs["neg"])
 
 
 def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
