@@ -10,6 +10,7 @@ Lightning and rich are imported inside the functions that need them, so that `ld
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import hashlib
@@ -34,7 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ldm.config import ConfigError, hydra_quoted, is_int, unwritable
 
@@ -44,6 +45,14 @@ log = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2  # the command line or a file it names is wrong: fix it and run again
 EXIT_FAILURE = 1     # the run itself failed
 TRACEBACK_ENV = "HYDRA_FULL_ERROR"  # =1: print the traceback too (Hydra's own switch for the same purpose)
+# set with HYDRA_FULL_ERROR=1 by `cli_entry` (and inherited by the processes it starts): Hydra then raises its
+# composition errors, which `cli_entry` puts in one line, instead of printing them; no traceback is asked for
+RAISE_ENV = "LDM_HYDRA_RAISES"
+
+
+def traceback_asked() -> bool:
+    """Whether the user set HYDRA_FULL_ERROR=1 (not `cli_entry`, for Hydra to raise)."""
+    return os.environ.get(TRACEBACK_ENV) == "1" and os.environ.get(RAISE_ENV) != "1"
 # A user's mistake, whatever module raised it.
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError, OmegaConfBaseException, InstantiationException)
@@ -346,10 +355,9 @@ def run_cli(name: str, task: Callable[[], T], kept: str = "", sigterm: bool = Fa
         sys.exit(128 + by)
     except Exception as err:  # noqa: BLE001 -- every failure gets a message and a status
         status, message = describe_error(err)
-        if os.environ.get(TRACEBACK_ENV) == "1":
+        if traceback_asked():
             traceback.print_exc()
-        hint = "" if status == EXIT_USER_ERROR or os.environ.get(TRACEBACK_ENV) == "1" else \
-            f" (set {TRACEBACK_ENV}=1 for the traceback)"
+        hint = "" if status == EXIT_USER_ERROR or traceback_asked() else f" (set {TRACEBACK_ENV}=1 for the traceback)"
         print(f"{name}: error: {message}{hint}", file=sys.stderr, flush=True)
         sys.exit(status)
     finally:
@@ -459,6 +467,22 @@ def unparsable_override(args: list[str]) -> str | None:
     return None
 
 
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's refusal of a command line in one line: an override of a key the config lacks (Hydra: "To append to
+    your config use +key=value", which the config check then refuses) names the closest key, or those there are."""
+    cause = err.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and str(err).startswith("Could not override"):
+        parent = cause.parent_node
+        keys = [str(key) for key in parent.keys()] if isinstance(parent, DictConfig) else []
+        where = str(cause.full_key).rpartition(".")[0]
+        close = difflib.get_close_matches(str(cause.key), keys, n=1)
+        hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else \
+            f"{where or 'the top level'} holds {', '.join(keys[:24])}{', ...' if len(keys) > 24 else ''}"
+        return f"{cause.full_key} is no key of this config: {hint} (--cfg job prints the config composed)"
+    text = _one_line(err, with_type=False)
+    return f"{text}: {_one_line(cause, with_type=False)}" if isinstance(cause, OmegaConfBaseException) else text
+
+
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a `@hydra.main` function: a failure while Hydra composes the config (an unknown key, a missing config
     group option, an unparsable override) exits with status 2, as a user's mistake, instead of Hydra's 1."""
@@ -485,8 +509,13 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                   f"expanded a brace pattern or a glob into several overrides, quote it: '{key}=\"...\"'",
                   file=sys.stderr, flush=True)
         root = logging.getLogger()
-        logged = (root.level, list(root.handlers))  # Hydra's job logging is not undone: put back (a notebook's
-        try:  # next command logged into this run's train.log)
+        # Hydra's job logging is not undone: put back (a notebook's next command logged into this run's train.log)
+        logged = (root.level, list(root.handlers))
+        asked = os.environ.get(TRACEBACK_ENV)
+        raises = asked != "1"
+        if raises:  # Hydra raises what it would print over several lines, for one line here
+            os.environ[TRACEBACK_ENV] = os.environ[RAISE_ENV] = "1"
+        try:
             return hydra_main(*args, **kwargs)
         except KeyboardInterrupt:  # before the task (Hydra composing the config): nothing was done yet
             print(f"{name}: interrupted", file=sys.stderr, flush=True)
@@ -502,11 +531,17 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                                                                 and str(err).startswith(HYDRA_FLAG_REFUSAL))
             if _task_started or not hydra_refusal:
                 raise
-            if os.environ.get(TRACEBACK_ENV) == "1":
+            if traceback_asked():
                 traceback.print_exc()
-            print(f"{name}: error: {_one_line(err, with_type=False)}", file=sys.stderr, flush=True)
+            print(f"{name}: error: {hydra_error_line(err)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
         finally:
+            if raises:
+                del os.environ[RAISE_ENV]
+                if asked is None:
+                    del os.environ[TRACEBACK_ENV]
+                else:
+                    os.environ[TRACEBACK_ENV] = asked
             for handler in root.handlers[:]:
                 if handler not in logged[1]:
                     root.removeHandler(handler)
