@@ -83,6 +83,10 @@ CASES = [
     Case("train-own-experiment-without-its-header", "ldm-train",  # "reads no top-level key 'experiment' (added
          ("--config-dir", "{confdir}", *(a for a in TRAIN if not a.startswith("experiment=")),  # with +experiment)",
           "experiment=mine"), ("experiment=mine", "experiment/mine.yaml", "`# @package _global_`")),  # none added
+    Case("train-own-experiment-with-defaults-without-its-header", "ldm-train",  # Hydra's "Could not override
+         ("--config-dir", "{confdir}", *(a for a in TRAIN if not a.startswith("experiment=")),  # 'model@experiment.
+          "experiment=mine_tiny"),                                                                   # model'"
+         ("experiment=mine_tiny: experiment/mine_tiny.yaml overrides other groups", "`# @package _global_`")),
     Case("train-multirun-last-in-a-new-sweep", "ldm-train",  # the default hydra.sweep.dir is timestamped too: each
          ("-m", *(a for a in TRAIN if not a.startswith("paths.")), "ckpt_path=last", "seed=1,2"),  # rerun started
          ("ckpt_path=last resumes the run in hydra.sweep.dir", "hydra.sweep.dir=")),               # from scratch
@@ -229,6 +233,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (tmp / "latin1.csv").write_bytes("file,caption\n0.png,caf\xe9 cr\xe8me\n".encode("latin-1"))
     (tmp / "confdir" / "experiment").mkdir(parents=True)  # a researcher's own experiment, without the header
     (tmp / "confdir" / "experiment" / "mine.yaml").write_text("trainer:\n  max_steps: 2\n")
+    (tmp / "confdir" / "experiment" / "mine_tiny.yaml").write_text(  # shaped as the shipped ones, but the header
+        "defaults:\n  - override /model: ldm/tiny\nmodel:\n  lr: 1.0e-4\n")
     return {"tmp": str(tmp), "shards": str(shards), "corrupt": str(corrupt), "wrong_kind": str(tmp / "wrong_kind.ckpt"),
             "truncated": str(tmp / "truncated.ckpt"),
             "a_file": str(tmp / "a_file.txt"), "folder": str(folder), "latin1_csv": str(tmp / "latin1.csv"),

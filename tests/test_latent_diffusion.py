@@ -74,7 +74,7 @@ def test_training_at_another_resolution_than_the_model_generates_is_refused(shap
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"data.resolution=32 but the model generates at 16 px .*"
-                                          r"model.image_size=\$\{data.resolution\}"):
+                                          r"'model.image_size=\$\{data.resolution\}' \(quoted for the shell\)"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 0
     # With model.image_size set apart from it (training on crops), a data.resolution the networks cannot divide

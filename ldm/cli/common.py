@@ -480,6 +480,10 @@ def hydra_error_line(err: BaseException) -> str:
             f"{where or 'the top level'} holds {', '.join(keys[:24])}{', ...' if len(keys) > 24 else ''}"
         return f"{cause.full_key} is no key of this config: {hint} (--cfg job prints the config composed)"
     text = _one_line(err, with_type=False)
+    if own := re.match(r"In '([^'/]+)/([^']+)': Could not override '[^'@]+@\1\.", text):  # a defaults list's
+        group, choice = own.groups()  # `override /model: ...` in a file without the header: its package is its group
+        return (f"{group}={choice}: {group}/{choice}.yaml overrides other groups, which only a file of the top level "
+                f"can: start it with the line `# @package _global_`, as conf/{group}/*.yaml do ({text})")
     return f"{text}: {_one_line(cause, with_type=False)}" if isinstance(cause, OmegaConfBaseException) else text
 
 

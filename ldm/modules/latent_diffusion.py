@@ -388,7 +388,7 @@ class LatentDiffusionModule(L.LightningModule):
                     f"(model.image_size={self.config.image_size}): its validation grids, export and ldm-sample use "
                     f"another size than it trains on")
             if self.config.image_size is None:  # the autoencoder's training resolution, implied: a mistake
-                raise ConfigError(f"{said}; set model.image_size=${{data.resolution}}")
+                raise ConfigError(f"{said}; set 'model.image_size=${{data.resolution}}' (quoted for the shell)")
             rank_zero_warn(f"{said} (fine for training on crops of the generation size)")
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
