@@ -71,6 +71,41 @@ def test_flops_of_the_real_step_and_the_data_wait(tmp_path: Path, caplog: pytest
     assert lines[-1].startswith("throughput summary: 6 steps, 48 images in ")
 
 
+class UNetStep(L.LightningModule):
+    """A tiny UNet's denoising step, with or without gradient checkpointing."""
+
+    def __init__(self, checkpointing: bool):
+        super().__init__()
+        from ldm.nn.unet import UNet, unet_config
+
+        torch.manual_seed(0)
+        self.unet = UNet(unet_config("tiny", model_channels=16, norm_groups=8, context_dim=None, attention_levels=[],
+                                     gradient_checkpointing=checkpointing))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.unet(batch["x"], torch.full((len(batch["x"]),), 10)).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_gradient_checkpointings_recomputation_is_no_model_flop(tmp_path: Path):
+    """Checkpointing recomputes each block's forward in backward: counted, it raised the logged FLOP/s and MFU of the
+    same model at the same speed by a quarter (benchmarks/gpu.py leaves it out, as MFU is defined)."""
+    counts = []
+    for checkpointing in (False, True):
+        callback = Throughput()
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            callbacks=[callback])
+        batches = [{"x": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+        module = UNetStep(checkpointing)
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+        counts.append(callback.flops_per_sample["0"])
+        assert module.unet.recomputation_counts is None  # counted on the first step alone
+    assert counts[0] > 0 and counts[1] == counts[0]
+
+
 def test_mfu_is_the_flop_rate_over_the_devices_peak(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch):
     """With a peak known for the device (here a CPU given one), MFU = the model's FLOP/s per device / that peak, in

@@ -163,6 +163,7 @@ class Throughput(StepBoundary):
         self.last: dict[str, float] = {}  # the numbers of the last line logged
         self.summary: dict[str, float] = {}  # the numbers of the summary line
         self._counter: FlopCounterMode | None = None
+        self._recounted: list[torch.nn.Module] = []  # modules whose checkpointing recomputation the count leaves out
 
     # -- state: the FLOP count travels with the checkpoint -------------------------------------------------------
 
@@ -219,6 +220,9 @@ class Throughput(StepBoundary):
         self._wait += now - self._ready
         self._stepping, self._size, self._open = set(), batch_size_of(batch), True
         if self._count_next and self._counter is None:
+            self._recounted = [m for m in pl_module.modules() if hasattr(m, "recomputation_counts")]
+            for module in self._recounted:  # gradient checkpointing's recomputation: counted apart, left out
+                module.recomputation_counts = []
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
 
@@ -277,6 +281,7 @@ class Throughput(StepBoundary):
         if self._counter is not None:  # the run ended inside the first step
             self._counter.__exit__(None, None, None)
             self._counter = None
+            self._end_recount()
         if not hasattr(self, "_t0") or self._batches == 0:
             return
         self._wait += time.perf_counter() - self._ready  # the last step's checkpoint
@@ -294,6 +299,7 @@ class Throughput(StepBoundary):
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self._counter = None
+            self._end_recount()
 
     # -- numbers -------------------------------------------------------------------------------------------------------
 
@@ -307,7 +313,7 @@ class Throughput(StepBoundary):
             self._pending, self._legacy = self._legacy / size, None
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self._pending = self._counter.get_total_flops() / size
+            self._pending = (self._counter.get_total_flops() - self._end_recount()) / size
             self._counter, self._count_next = None, False
             self._counts_left -= 1
         if self._stepping:  # a micro-batch inside gradient accumulation steps none: it keeps the kind of its step
@@ -320,6 +326,16 @@ class Throughput(StepBoundary):
                 elif self.count_flops and self._counts_left > 0:
                     self._count_next = True  # a new kind (the discriminator joined): counted on the next batch
             self._pending = None
+
+    def _end_recount(self) -> int:
+        """The FLOPs of gradient checkpointing's recomputation in the step just counted (no model FLOPs, as MFU is
+        defined, and benchmarks/gpu.py counts them)."""
+        recomputed = 0
+        for module in self._recounted:
+            recomputed += sum(counter.get_total_flops() for counter in module.recomputation_counts or [])
+            module.recomputation_counts = None
+        self._recounted = []
+        return recomputed
 
     def _train_time(self) -> float:
         if self.device.type == "cuda":

@@ -11,6 +11,7 @@ Module names read like a map: `enc["level1_block0"].res.conv1`, `enc["level1_dow
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.config import ConfigError
 from ldm.nn.attention import SpatialTransformer
@@ -183,6 +185,9 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
+        # Set to a list by a FLOP count of a training step (ldm.callbacks.throughput): each checkpointed block's
+        # recomputation in backward is counted into it too, for the count to leave out (it is no model FLOP).
+        self.recomputation_counts: list[FlopCounterMode] | None = None
         c = config
         embed_dim = 4 * c.model_channels
         widths = [c.model_channels * mult for mult in c.channel_mult]
@@ -304,8 +309,17 @@ class UNet(nn.Module):
         if not isinstance(block, UNetBlock):
             return block(h)
         if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            if self.recomputation_counts is not None and not torch.compiler.is_compiling():
+                return checkpoint(block, h, emb, context, use_reentrant=False, context_fn=self._counted_recomputation)
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
+
+    def _counted_recomputation(self) -> tuple[contextlib.AbstractContextManager, FlopCounterMode]:
+        """checkpoint's contexts (forward, recomputation): the recomputation under a counter of its own, inside
+        the step's (which counts it too)."""
+        counter = FlopCounterMode(display=False)
+        self.recomputation_counts.append(counter)
+        return contextlib.nullcontext(), counter
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                       class_labels: torch.Tensor | None, pooled: torch.Tensor | None) -> None:
