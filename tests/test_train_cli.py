@@ -162,6 +162,20 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
             check_trainer(node)
 
 
+def test_compile_on_the_cpu_without_a_compiler_is_refused_at_start(monkeypatch: pytest.MonkeyPatch):
+    """inductor builds C++ for the CPU: without a compiler the run stopped after its first step, in inductor's words
+    (InvalidCxxCompiler), naming no config key."""
+    node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused"]).trainer
+    monkeypatch.setenv("CXX", sys.executable)  # (any program that exists: what is looked for is the file)
+    check_trainer(node, compile_networks=True)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(configs.ConfigError, match=r"^compile=true on the CPU needs a C\+\+ compiler for torch.compile "
+                                                  r"\(inductor builds its kernels with CXX=/nonexistent/g\+\+, not "
+                                                  r"found\): .* or set compile=false$"):
+        check_trainer(node, compile_networks=True)
+    check_trainer(node)  # eager: no compiler needed
+
+
 @pytest.mark.parametrize(("devices", "num_nodes", "processes"), [(1, 1, 1), (2, 1, 2), ([0, 1], 1, 2), (1, 4, 4)])
 def test_fsdp_over_several_processes_refuses_what_it_cannot_run(devices, num_nodes, processes,
                                                                 monkeypatch: pytest.MonkeyPatch):
