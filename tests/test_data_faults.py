@@ -915,9 +915,13 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
         "autoencoder_path": str(tiny_autoencoder_export(tmp_path / "ae")), "ema_decay": None,
         "unet": asdict(unet_config("tiny", context_dim=None, num_classes=3)),
         "conditioner": {"kind": "class", "num_classes": 3, "class_embed": "unet"}})
+
+    def cpu_trainer(root: Path, **limits) -> L.Trainer:
+        return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=root, **limits)  # its export
+
     dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=32)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)  # its export
+    trainer = cpu_trainer(tmp_path, max_epochs=1)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4, "every batch full: the slot topped its quota up"
     reasons = {key: reason for _, key, reason in dm.skipped}  # in the order the shuffled stream met them
@@ -932,8 +936,7 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     (tmp_path / "plain").mkdir()
     unlabelled = write_shard(tmp_path / "plain" / "train-000000.tar", shapes_like(tmp_path, "p", 4))
     dm = WebDataModule(train_shards=str(unlabelled), batch_size=2, num_workers=0, resolution=32)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer = cpu_trainer(tmp_path, max_epochs=1)
     with pytest.raises(ConfigError, match=r"data\.train_shards: the first sample of .*plain/train-000000\.tar has no "
                                           r"integer 'label' .*ldm-data source=folder labels=folders"):
         trainer.fit(module, datamodule=dm)
@@ -942,8 +945,7 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     # few thousand steps), then stopped calling them damaged; refused at start too.
     dm = WebDataModule(train_shards=str(shard), val_shards=str(unlabelled), batch_size=2, num_workers=0,
                        resolution=32)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer = cpu_trainer(tmp_path, max_steps=2)
     with pytest.raises(ConfigError, match=r"data\.val_shards: the first sample of .*plain/train-000000\.tar has no "
                                           r"integer 'label' "):
         trainer.fit(module, datamodule=dm)
@@ -966,8 +968,7 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
     def fit_text_model() -> L.Trainer:
         dm = WebDataModule(train_shards=str(tmp_path / "classes" / "train-*.tar"), batch_size=2, num_workers=0,
                            resolution=32)
-        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path / "text")
+        trainer = cpu_trainer(tmp_path / "text", max_steps=1)
         trainer.fit(text, datamodule=dm)
         return trainer
 
