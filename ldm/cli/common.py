@@ -53,6 +53,8 @@ RAISE_ENV = "LDM_HYDRA_RAISES"
 def traceback_asked() -> bool:
     """Whether the user set HYDRA_FULL_ERROR=1 (not `cli_entry`, for Hydra to raise)."""
     return os.environ.get(TRACEBACK_ENV) == "1" and os.environ.get(RAISE_ENV) != "1"
+
+
 # A user's mistake, whatever module raised it.
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError, OmegaConfBaseException, InstantiationException)
