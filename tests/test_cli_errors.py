@@ -298,6 +298,18 @@ def test_paths_slurm_outside_slurm_leaves_no_run_directory(fast_results, files: 
         assert not list((Path(files["tmp"]) / runs).glob("*/*")), case
 
 
+def test_data_of_another_size_than_the_model_is_refused_before_anything_is_written(files: dict[str, str]):
+    """The size check ran when the fit started: config.yaml, train.log and the logger's files were written by then,
+    and with the default paths each attempt left a timestamped run directory behind."""
+    args = [arg.format(**files) for arg in TRAIN if not arg.startswith("paths.")]
+    result = subprocess.run([str(BIN / "ldm-train"), *args, f"paths.runs_dir={files['tmp']}/refused_size",
+                             "model.net.resolution=64"], cwd=files["tmp"], env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "ldm-train: error: model.net.resolution=64 but data.resolution=32: " in result.stderr
+    assert "Traceback" not in result.stderr and not list((Path(files["tmp"]) / "refused_size").glob("*/*"))
+
+
 def test_train_help_lists_every_option_in_a_form_the_command_line_takes(files: dict[str, str]):
     """Hydra's default help listed `model/ldm: sd15, tiny`, `unet: ...` and `schema/...`, which overrides cannot
     take (`model/ldm=tiny` is refused), and no `model` group."""

@@ -968,6 +968,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     if dataclasses.is_dataclass(getattr(module, "config", None)):  # what it built: model.init_from's layout, paths
         resolved["model"] = {"_target_": resolved["model"]["_target_"], **configs.asdict(module.config)}
     built = OmegaConf.create(resolved)  # what checkpoints and config.yaml record, and resumes are compared with
+    if callable(getattr(module, "check_data", None)):
+        module.check_data(datamodule)  # the data's size: before config.yaml is written (the fit checks it again)
     if ckpt_path is not None:  # checked before config.yaml is written: a refused resume leaves the run's own
         checkpoint = load_checkpoint(ckpt_path, "ckpt_path")  # memory-mapped: reads no tensor data
         check_checkpoint_fits(module, checkpoint, ckpt_path, built.model)

@@ -244,9 +244,7 @@ class AutoencoderModule(L.LightningModule):
     def on_fit_start(self) -> None:
         trainer = self.trainer
         require_images(trainer.datamodule, "the autoencoder")
-        require_resolution(trainer.datamodule, "model.net.resolution", self.config.net.resolution,
-                           "the export records the size the autoencoder trains at (what ldm-encode and stage 2 use); "
-                           "set model.net.resolution={data}")
+        self.check_data(trainer.datamodule)
         # The loader gives RGB images (every decoded file becomes 8-bit RGB): said now, not at the first step (the
         # autoencoder) or when the GAN starts (the discriminator).
         for key, channels in (("model.net.in_channels", self.config.net.in_channels),
@@ -398,6 +396,13 @@ class AutoencoderModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["autoencoder_config"] = asdict(self.config.net)
         checkpoint["latent_stats"] = self.latent_stats
+
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse images of another size than the autoencoder trains at (`ldm-train` calls it before anything is
+        written; `on_fit_start` for any fit)."""
+        require_resolution(datamodule, "model.net.resolution", self.config.net.resolution,
+                           "the export records the size the autoencoder trains at (what ldm-encode and stage 2 use); "
+                           "set model.net.resolution={data}")
 
     def check_resume(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose run learnt the log-variance when this one does not, or the reverse: its weights

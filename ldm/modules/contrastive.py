@@ -162,14 +162,19 @@ class ContrastiveModule(L.LightningModule):
         return contrastive_loss(image, text, self._gather(image), self._gather(text), self.global_rank * len(image),
                                 self.logit_scale, ids, self._gather(ids))
 
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse images of another size than the image tower takes (`ldm-train` calls it before anything is
+        written; `on_fit_start` for any fit)."""
+        require_resolution(datamodule, "model.image.resolution", self.config.image.resolution,
+                           "the image tower takes the images at the size the data gives them; set data.resolution "
+                           "(which model.image.resolution follows in conf/model/contrastive)")
+
     def on_fit_start(self) -> None:
         require_images(self.trainer.datamodule, "the contrastive text-image model")
         if self.config.image.in_channels != 3:
             raise ConfigError(f"model.image.in_channels={self.config.image.in_channels}, but the data are RGB images: "
                               f"set model.image.in_channels=3")
-        require_resolution(self.trainer.datamodule, "model.image.resolution", self.config.image.resolution,
-                           "the image tower takes the images at the size the data gives them; set data.resolution "
-                           "(which model.image.resolution follows in conf/model/contrastive)")
+        self.check_data(self.trainer.datamodule)
         data = getattr(self.trainer.datamodule, "config", None)
         if data is not None and data.batch_size * self.trainer.world_size < 2:
             raise ConfigError(f"data.batch_size={data.batch_size} on one process: every caption is scored against "

@@ -379,17 +379,28 @@ class LatentDiffusionModule(L.LightningModule):
                               f"model.conditioner.num_classes={len(classes)}, or an unconditional one, "
                               f"model.conditioner.kind=none")
 
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse a data.resolution that the networks cannot divide, or that differs from the size the model
+        generates at while model.image_size leaves that size implied (`ldm-train` calls it before anything is written;
+        `on_fit_start` for any fit)."""
+        resolution = getattr(getattr(datamodule, "config", None), "resolution", None)
+        if resolution is None:
+            return
+        self.pipeline.check_image_size(resolution, "data.resolution")  # the training images' size
+        if resolution != self.pipeline.image_size and self.config.image_size is None:  # the autoencoder's: a mistake
+            raise ConfigError(f"{self._other_size(resolution)}; set 'model.image_size=${{data.resolution}}' (quoted "
+                              f"for the shell)")
+
+    def _other_size(self, resolution: int) -> str:
+        return (f"data.resolution={resolution} but the model generates at {self.pipeline.image_size} px "
+                f"(model.image_size={self.config.image_size}): its validation grids, export and ldm-sample use "
+                f"another size than it trains on")
+
     def on_fit_start(self) -> None:
+        self.check_data(self.trainer.datamodule)
         resolution = getattr(getattr(self.trainer.datamodule, "config", None), "resolution", None)
-        if resolution is not None:  # the size of the training images, which the networks must divide too
-            self.pipeline.check_image_size(resolution, "data.resolution")
-        if resolution is not None and resolution != self.pipeline.image_size:
-            said = (f"data.resolution={resolution} but the model generates at {self.pipeline.image_size} px "
-                    f"(model.image_size={self.config.image_size}): its validation grids, export and ldm-sample use "
-                    f"another size than it trains on")
-            if self.config.image_size is None:  # the autoencoder's training resolution, implied: a mistake
-                raise ConfigError(f"{said}; set 'model.image_size=${{data.resolution}}' (quoted for the shell)")
-            rank_zero_warn(f"{said} (fine for training on crops of the generation size)")
+        if resolution is not None and resolution != self.pipeline.image_size:  # model.image_size sets it apart
+            rank_zero_warn(f"{self._other_size(resolution)} (fine for training on crops of the generation size)")
         manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
         if manifest is not None:  # latent shards: encoded by this autoencoder (and frozen text encoder), or refused
             from ldm.data.latents import check_manifest, tokens_hash, weights_hash
