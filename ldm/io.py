@@ -171,11 +171,15 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
         config = {}
     config = config if isinstance(config, dict) else {}
     pipeline = next((p for p in (folder, folder.parent) if (p / "model_index.json").is_file()), None)
+    what = None
     if "_class_name" in config or "model_type" in config or pipeline == path:
         what = "a diffusers pipeline folder" if pipeline == path else \
             f"a {'diffusers ' + str(config['_class_name']) if '_class_name' in config else 'transformers'} folder" \
             + (f" (the {folder.name}/ of the diffusers pipeline {pipeline})" if pipeline else "")
         what = f"a file of {what}" if path.is_file() else what
+    elif path.is_file() and path.suffix == ".safetensors" and not config:
+        what = _single_file_kind(path)
+    if what is not None:
         raise CheckpointError(f"{key}={path} is {what}: this reads ldm's own checkpoints and exports; a Stable "
                               f"Diffusion model goes in through ldm-train's model.init_from=<pipeline folder or "
                               f"single file> (its VAE alone: model.autoencoder_path), and out through ldm-export "
@@ -183,6 +187,22 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
     if path.is_file() and path.name == WEIGHTS_NAME and config:
         return folder  # the weights of an export: read with its config (and latent statistics)
     return path
+
+
+def _single_file_kind(path: Path) -> str | None:
+    """What a .safetensors file in Stable Diffusion's original layout holds (its keys' names), None for another."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 -- not a safetensors file: its reader names the problem
+        return None
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a Stable Diffusion single file (the original layout)"
+    if any(k.startswith("decoder.") for k in keys) and any(k.startswith("encoder.") for k in keys):
+        return "a stand-alone VAE file (the original layout)"
+    return None
 
 
 def check_export_weights(path: str | os.PathLike, use_ema: bool, key: str = "ckpt_path") -> None:

@@ -120,8 +120,12 @@ def test_a_decoder_only_fine_tune_keeps_the_source_scale_without_any_validation(
                                           rf"encoder's latents\), model.init_from={sd_vae} states 0.18215: resume "
                                           rf"with model.init_from naming the autoencoder the run started from"):
         resume(sd_vae, 2)
+    # a checkpoint of older ldm saved before its first validation recorded no statistics at all: it resumes
+    last = run / "checkpoints" / "last.ckpt"
+    torch.save({**torch.load(last, weights_only=True), "latent_stats": None}, last)
+    resume(source, 2)
     moved = source.rename(tmp_path / "moved_vae")
-    resume(moved, 2)
+    resume(moved, 3)
     assert load_autoencoder_any(run / "export")[1] == {"scale_factor": 0.13025, "scale_factor_from": str(source)}
 
 

@@ -117,6 +117,10 @@ CASES = [
     Case("train-missing-ckpt", "ldm-train", (*TRAIN, "ckpt_path={tmp}/none.ckpt"), ("ckpt_path=", "none.ckpt")),
     Case("train-missing-shards", "ldm-train", (*TRAIN, "data.train_shards={tmp}/nowhere/train-*.tar"),
          ("data.train_shards=", "nowhere"), slow=True),
+    # a Trainer argument the config leaves out: Hydra's own fix, the + (kept when its five lines became one)
+    Case("train-trainer-argument-without-plus", "ldm-train", (*TRAIN, "trainer.enable_model_summary=false"),
+         ("trainer.enable_model_summary is no key of this config: Trainer takes it, and the config leaves it out: "
+          "add it with +trainer.enable_model_summary=false",)),
     # Hydra's five lines, whose "To append to your config use +model.lrr=1" was then refused: the closest key
     Case("train-unknown-model-key", "ldm-train", (*TRAIN, "model.lrr=1"),
          ("ldm-train: error: model.lrr is no key of this config: did you mean model.lr? (--cfg job prints",)),

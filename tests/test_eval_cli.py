@@ -521,15 +521,24 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     (export / "config.json").write_text('{"format": "ldm.pipeline"}')
     (export / "model.safetensors").write_bytes(b"W")
     assert resolve_checkpoints([str(export / "model.safetensors"), str(export), f"{export}/"]) == [str(export)]
+    # ... and across items: a run directory and its export, last.ckpt and the periodic file it links (each item's
+    # matches were merged apart: four rows of one model)
+    assert resolve_checkpoints([str(tmp_path / "run"), str(export / "model.safetensors")]) == [str(tmp_path / "run")]
+    assert resolve_checkpoints([str(tmp_path / "last.ckpt"), str(tmp_path / "step0000002.ckpt")]) == \
+        [str(tmp_path / "step0000002.ckpt")]
     # a diffusers pipeline, one of its parts, or a file of one: named as such ("a directory without an export")
     pipeline = tmp_path / "sd15"
     (pipeline / "unet").mkdir(parents=True)
     (pipeline / "model_index.json").write_text("{}")
     (pipeline / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     (pipeline / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"W")
+    from safetensors.torch import save_file
+
     from ldm.checkpoints import CheckpointError
 
-    for given, what in ((pipeline, "a diffusers pipeline folder"),
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "v1-5.safetensors")
+    for given, what in ((tmp_path / "v1-5.safetensors", "a Stable Diffusion single file \\(the original layout\\)"),
+                        (pipeline, "a diffusers pipeline folder"),
                         (pipeline / "unet", f"a diffusers UNet2DConditionModel folder \\(the unet/ of the diffusers "
                                             f"pipeline {pipeline}\\)"),
                         (pipeline / "unet" / "diffusion_pytorch_model.safetensors",

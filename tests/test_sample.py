@@ -176,6 +176,8 @@ def test_prompts_file_and_clear_errors(ldm_checkpoint: Path, tmp_path: Path):
     assert not (tmp_path / "eta").exists()
     with pytest.raises(ConfigError, match="prompts"):
         sample({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="prompts"):  # prompts="$UNSET": no prompt, not one empty prompt sampled
+        sample({"ckpt_path": str(ldm_checkpoint), "output_dir": str(tmp_path), "prompts": ""})
     with pytest.raises(FileNotFoundError, match=r"prompts_file=.* is a folder; give a text file"):  # "does not exist"
         sample({**base, "prompts": [], "prompts_file": str(tmp_path), "output_dir": str(tmp_path / "g")})
     # ldm-export into a file: "exists; set overwrite=true", which then refused it as a file

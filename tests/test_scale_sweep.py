@@ -60,6 +60,15 @@ def test_optuna_study_survives_a_failed_trial_and_resumes(shapes_shards, tmp_pat
     common = ["-m", "hparams_search=ldm_optuna", f"paths.root_dir={root}", "hydra.sweeper.n_trials=1",
               "+callbacks.sabotage._target_=scale_helpers.Sabotage", f"+callbacks.sabotage.path={sabotage}",
               *sweep_overrides(shapes_shards, max_steps=2), *tiny_ldm_overrides(autoencoder)]
+    # a new study whose only trial fails: Optuna has no best trial to report (a page of traceback ending in its
+    # "Record does not exist"): one line, status 1
+    sabotage.write_text("raise")
+    none = run_cli([*common, f"paths.root_dir={tmp_path / 'failing_root'}", f"hydra.sweep.dir={tmp_path / 'sweep0'}"],
+                   timeout=600)
+    assert none.returncode == 1 and "Record does not exist" not in none.stderr, none.stderr[-3000:]
+    assert none.stderr.strip().splitlines()[-1].startswith(
+        "ldm-train: error: no trial of the Optuna sweep completed (each one's error is above), so it has no best trial")
+    sabotage.write_text("")
     first = run_cli([*common, f"hydra.sweep.dir={tmp_path / 'sweep1'}"], timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     # the same study continues (load_if_exists); its trial fails: recorded as failed, and the sweep ends normally

@@ -474,12 +474,25 @@ def hydra_error_line(err: BaseException) -> str:
     your config use +key=value", which the config check then refuses) names the closest key, or those there are."""
     cause = err.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and str(err).startswith("Could not override"):
-        parent = cause.parent_node
-        keys = [str(key) for key in parent.keys()] if isinstance(parent, DictConfig) else []
+        parent, key = cause.parent_node, str(cause.key)
+        keys = [str(k) for k in parent.keys() if k != "hydra"] if isinstance(parent, DictConfig) else []
         where = str(cause.full_key).rpartition(".")[0]
-        close = difflib.get_close_matches(str(cause.key), keys, n=1)
-        hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else \
-            f"{where or 'the top level'} holds {', '.join(keys[:24])}{', ...' if len(keys) > 24 else ''}"
+        added = re.search(r"To append to your config use (\+\S.*)", str(err))
+        target = parent.get("_target_") if isinstance(parent, DictConfig) else None
+        try:  # an argument the node's class takes, left out of the config (a Trainer's enable_model_summary)
+            takes = target is not None and key in inspect.signature(get_class(target)).parameters
+        except Exception:  # noqa: BLE001 -- no class by that name: a mistake of another kind, named elsewhere
+            takes = False
+        close = difflib.get_close_matches(key, keys, n=1)
+        if takes and added:
+            hint = f"{target.rsplit('.', 1)[-1]} takes it, and the config leaves it out: add it with {added[1]}"
+        elif close:
+            hint = f"did you mean {where + '.' if where else ''}{close[0]}?"
+        elif not keys:
+            hint = f"{where} holds no keys (a value, not a node)"
+        else:
+            hint = f"{where or 'the top level'} holds {', '.join(keys[:24])}{', ...' if len(keys) > 24 else ''}" + \
+                (f"; to add a key: {added[1]}" if added else "")
         return f"{cause.full_key} is no key of this config: {hint} (--cfg job prints the config composed)"
     text = _one_line(err, with_type=False)
     if own := re.match(r"In '([^'/]+)/([^']+)': Could not override '[^'@]+@\1\.", text):  # a defaults list's
@@ -487,6 +500,13 @@ def hydra_error_line(err: BaseException) -> str:
         return (f"{group}={choice}: {group}/{choice}.yaml overrides other groups, which only a file of the top level "
                 f"can: start it with the line `# @package _global_`, as conf/{group}/*.yaml do ({text})")
     return f"{text}: {_one_line(cause, with_type=False)}" if isinstance(cause, OmegaConfBaseException) else text
+
+
+def no_completed_trial(err: BaseException) -> bool:
+    """Optuna's refusal, at the end of a sweep (Hydra's sweeper asks for the best trial), of a study none of whose
+    trials completed: "Record does not exist", and a page of traceback."""
+    return isinstance(err, ValueError) and "Record does not exist" in str(err) and \
+        any("optuna" in frame.filename for frame in traceback.extract_tb(err.__traceback__))
 
 
 def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
@@ -535,6 +555,10 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             # instead of printing) its composition errors: the user's to fix; anything else keeps its status
             hydra_refusal = isinstance(err, HydraException) or (isinstance(err, ValueError)
                                                                 and str(err).startswith(HYDRA_FLAG_REFUSAL))
+            if _task_started and no_completed_trial(err):
+                print(f"{name}: error: no trial of the Optuna sweep completed (each one's error is above), so it has "
+                      f"no best trial to report", file=sys.stderr, flush=True)
+                sys.exit(EXIT_FAILURE)
             if _task_started or not hydra_refusal:
                 raise
             if traceback_asked():

@@ -79,8 +79,8 @@ class SampleConfig:
             raise ConfigError("output_dir is required: where the images go, e.g. output_dir=runs/samples")
         self.output_dir = check_output_dir("output_dir", self.output_dir)
         self.ckpt_path, self.prompts_file = expand_home(self.ckpt_path), expand_home(self.prompts_file)
-        if isinstance(self.prompts, str):  # prompts=a red circle: one prompt (a list needs brackets)
-            self.prompts = [self.prompts]
+        if isinstance(self.prompts, str):  # prompts=a red circle: one prompt (a list needs brackets); an empty
+            self.prompts = [self.prompts] if self.prompts.strip() else []  # one (a shell variable unset): none
         if not isinstance(self.prompts, (list, tuple)) or \
                 not all(isinstance(p, (str, int, float)) and not isinstance(p, bool) for p in self.prompts):
             raise ConfigError(f"prompts={self.prompts!r} must be a list of prompts, e.g. prompts='[a red circle, a "

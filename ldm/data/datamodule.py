@@ -486,7 +486,7 @@ class WebDataModule(L.LightningDataModule):
     def uncaptioned_classes(self) -> list[str] | None:
         """The class names of training shards that ldm-data wrote from class folders (labels=folders) with no
         caption for any image; None otherwise. A model conditioned on prompts would learn from empty ones alone."""
-        written = _written_summary(self.train_urls)
+        written = _written_summary(self.train_urls or expand_shards(self.config.train_shards, "data.train_shards"))
         classes, splits = written.get("classes"), written.get("splits")
         try:
             count = sum(int(split["count"]) for split in splits.values())

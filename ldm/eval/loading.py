@@ -21,7 +21,15 @@ from torch import nn
 
 from ldm.callbacks.checkpoint import LAST_NAME
 from ldm.checkpoints import CheckpointError, MissingCheckpointError, checkpoint_kind, load_checkpoint, submodule_state
-from ldm.io import CONFIG_NAME, PIPELINE_FORMAT, export_dir, glob_sorted, read_json_object, trained_model_path
+from ldm.io import (
+    CONFIG_NAME,
+    PIPELINE_FORMAT,
+    WEIGHTS_NAME,
+    export_dir,
+    glob_sorted,
+    read_json_object,
+    trained_model_path,
+)
 
 KINDS = ("autoencoder", "latent_diffusion")
 
@@ -37,9 +45,10 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
     """Checkpoint files and export (or run) directories from a path, a glob or a list of either, in the order given
     (globs sorted; of a glob's matches, the .ckpt files (or those of the suffix it names) and the folders:
     `checkpoints/*` leaves out the latent_stats.json beside them; matches that are one file, as last.ckpt and the
-    periodic checkpoint it links, count once, under the periodic name)."""
+    periodic checkpoint it links, count once, under the periodic name; so does a model the list names twice, by any
+    path: a run directory and its export, an export and its weights file)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
-    paths: dict[str, None] = {}  # each model once, however many items name it
+    named: dict[tuple[int, int], Path] = {}  # (device, inode) of the file read -> the name kept, in the order named
     for item in specs:
         item = str(Path(str(item)).expanduser())
         # a path that exists is taken as named (a sweep's `lr[1e-3]` folder), else as a glob
@@ -53,17 +62,27 @@ def resolve_checkpoints(spec: str | Sequence[str]) -> list[str]:
                 f"no .ckpt file or folder among its matches {[Path(p).name for p in matches[:5]]}" if matches else \
                 "no match"
             raise MissingCheckpointError(f"ckpt_path={item}: {problem}")
-        named: dict[tuple[int, int], str] = {}  # (device, inode) -> the name kept
-        for p in found:
-            stat = os.stat(p)
-            file = (stat.st_dev, stat.st_ino)
-            if file not in named or Path(named[file]).name == LAST_NAME:
-                named[file] = p
-        # note: ".." folded as the OS follows it (a link's target's parent), a file's own name kept (last.ckpt):
-        # results rows name the checkpoint by this path, and skip_done compares it
-        for p in (trained_model_path(p) for p in found if p in named.values()):  # an export's weights: its folder
-            paths[str(p.resolve() if p.is_dir() else p.parent.resolve() / p.name)] = None
-    return list(paths)
+        for path in (trained_model_path(p) for p in found):  # an export's weights file: its folder
+            file = _read_file(path)
+            if file not in named or named[file].name == LAST_NAME:
+                named.pop(file, None)  # (the periodic name takes its own place in the order)
+                named[file] = path
+    # note: ".." folded as the OS follows it (a link's target's parent), a file's own name kept (last.ckpt): results
+    # rows name the checkpoint by this path, and skip_done compares it
+    return [str(p.resolve() if p.is_dir() else p.parent.resolve() / p.name) for p in named.values()]
+
+
+def _read_file(path: Path) -> tuple[int, int]:
+    """(device, inode) of the file that reading `path` reads: a checkpoint itself, an export's weights (a run
+    directory's export's)."""
+    if path.is_dir():
+        try:
+            folder = export_dir(path)
+        except CheckpointError:  # a run directory without an export: its loader names it
+            folder = path
+        path = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def load_model(path: str, use_ema: bool = True) -> EvalModel:

@@ -421,10 +421,11 @@ class AutoencoderModule(L.LightningModule):
                                   f"model.{key}={str(was).lower()}, or start afresh in another paths.output_dir")
         # a decoder-only fine-tune keeps its source's latent scale, read again from model.init_from at every start:
         # another source's (or none) would replace the scale of the checkpoint's latents in its export
-        stats = checkpoint.get("latent_stats") or {}
+        stats = checkpoint.get("latent_stats") or {}  # (none: a checkpoint of older ldm before its first validation)
         kept = stats.get("scale_factor") if stats.get("scale_factor_from") else None
         now = (self._kept_scale() or {}).get("scale_factor")
-        if (kept is None) != (now is None) or (kept is not None and abs(kept - now) > 1e-6 * kept):
+        measured = kept is None and stats.get("scale_factor") is not None
+        if (kept is not None and (now is None or abs(kept - now) > 1e-6 * kept)) or (measured and now is not None):
             was = f"keeps the latent scale {kept} of {stats['scale_factor_from']}" if kept is not None else \
                 "measured its latent scale"
             source = f"model.init_from={self.config.init_from} states {now}" if now is not None else \

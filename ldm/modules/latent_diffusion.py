@@ -366,23 +366,26 @@ class LatentDiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        conditioner = self.pipeline.conditioner
-        if conditioner.reads_labels and hasattr(datamodule, "num_classes"):
+        if self.pipeline.conditioner.reads_labels and hasattr(datamodule, "num_classes"):
             # before its loaders: unlabelled samples, and labels outside the model's classes, are skipped and counted
-            datamodule.num_classes = conditioner.null_class
+            datamodule.num_classes = self.pipeline.conditioner.null_class
+
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse shards of class folders without captions for a model conditioned on prompts, and a data.resolution
+        that the networks cannot divide, or that differs from the size the model generates at while model.image_size
+        leaves that size implied (`ldm-train` calls it before anything is written; `on_fit_start` for any fit)."""
+        conditioner = self.pipeline.conditioner
         classes = datamodule.uncaptioned_classes() if hasattr(datamodule, "uncaptioned_classes") else None
         if conditioner.uses_prompts and classes:
+            c = self.config  # what a model without text also changes: the pooled prompt vector's switches
+            pooled = " model.conditioner.pooled=false" * bool(c.conditioner.pooled) + \
+                " model.unet.pooled_dim=null" * (c.unet.pooled_dim is not None)
             raise ConfigError(f"data.train_shards hold class-labelled images without any caption (ldm-data "
                               f"labels=folders, {len(classes)} classes), but this model is conditioned on prompts "
                               f"(model.conditioner.kind={conditioner.kind}) and would learn from empty ones "
                               f"alone: train a class-conditional model, model.conditioner.kind=class "
-                              f"model.conditioner.num_classes={len(classes)}, or an unconditional one, "
-                              f"model.conditioner.kind=none")
-
-    def check_data(self, datamodule: Any) -> None:
-        """Refuse a data.resolution that the networks cannot divide, or that differs from the size the model
-        generates at while model.image_size leaves that size implied (`ldm-train` calls it before anything is written;
-        `on_fit_start` for any fit)."""
+                              f"model.conditioner.num_classes={len(classes)}{pooled}, or an unconditional one, "
+                              f"model.conditioner.kind=none{pooled}")
         resolution = getattr(getattr(datamodule, "config", None), "resolution", None)
         if resolution is None:
             return
