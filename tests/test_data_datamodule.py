@@ -165,6 +165,21 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
         assert torch.equal(images, want_images)
 
 
+def test_data_seed_draws_the_flips(shapes_shards: Path):
+    """Flips come from (data.seed, epoch, shard, key): another seed flips other images (with the seed left out of
+    the draw, every seed flipped the same ones)."""
+    def images(seed: int) -> dict[str, torch.Tensor]:
+        dm = make_dm(shapes_shards, seed=seed, hflip=True, random_crop=False, resolution=16, batch_size=4,
+                     train_shards=str(shapes_shards / "train-000000.tar"))
+        return {k: image for keys, batch in _run(dm, epochs=1) for k, image in zip(keys, batch)}
+
+    first, second, again = images(0), images(1), images(0)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    flipped = [k for k in first if not torch.equal(first[k], second[k])]
+    assert 0 < len(flipped) < len(first)
+    assert all(torch.equal(first[k], second[k].flip(-1)) for k in flipped)
+
+
 def test_one_slot_reads_one_shard_in_another_order_each_epoch(shapes_shards: Path):
     """The shuffle buffer is seeded per epoch: with one shard and one slot, where no reassignment of shards can change
     the order, each epoch still reads its samples in another order."""

@@ -239,6 +239,13 @@ def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):
         with pytest.raises(ConfigError, match=rf"data\.val_shards: .* holds text encoded with {what}=.* but "
                                               rf".*other.* with {what}=.*; encode every split with the same"):
             latents.check_same_encoders(manifest, other, "data.val_shards")
+    for what in ("autoencoder", "text_encoder"):  # and of other weights
+        other = copy.deepcopy(manifest)
+        other.path = encoded / "other" / latents.MANIFEST_NAME
+        other.data[what]["sha256"] = "0" * 64
+        with pytest.raises(ConfigError, match=rf"data\.val_shards: .* and .*other.* were encoded with different "
+                                              rf"{what}s \(sha256 .* and 0000"):
+            latents.check_same_encoders(manifest, other, "data.val_shards")
 
 
 def latent_run(shapes_shards: Path, encoded: Path, autoencoder: Path, out: Path, max_steps: int) -> list[str]:

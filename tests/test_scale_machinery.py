@@ -311,6 +311,34 @@ def test_gradients_are_clipped_in_every_precision_with_fused_adam(model, precisi
     assert norms == pytest.approx([1e-4] * 3, rel=1e-3)
 
 
+def test_clipping_scales_gradients_over_the_limit_alone_or_clamps_each_value(tmp_path):
+    """Norm clipping scales the gradients down to the limit, never up: those under it stay bit for bit (a clip
+    coefficient left uncapped made it a normalisation, which the run above, clipped far below every norm, could not
+    tell); `value` clamps each element."""
+    from ldm.modules.optim import clip_gradients
+
+    module = L.LightningModule()
+    module.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    drawn = [torch.randn(p.shape, generator=generator) for p in module.parameters()]
+
+    def clipped(clip_val: float, algorithm: str = "norm") -> list[torch.Tensor]:
+        for p, g in zip(module.parameters(), drawn):
+            p.grad = g.clone()  # new tensors: the norm is computed afresh
+        clip_gradients(module, optimizer, clip_val, algorithm)
+        return [p.grad for p in module.parameters()]
+
+    norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in drawn])))
+    assert all(torch.equal(a, b) for a, b in zip(clipped(norm * 1.5), drawn))
+    half = clipped(norm / 2)
+    assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in half]))) == pytest.approx(norm / 2, rel=1e-5)
+    assert all(torch.allclose(a, b / 2, rtol=1e-5, atol=1e-7) for a, b in zip(half, drawn))
+    assert all(torch.equal(a, b.clamp(-0.3, 0.3)) for a, b in zip(clipped(0.3, "value"), drawn))
+
+
 @pytest.mark.parametrize("before, after", [(torch.channels_last, torch.contiguous_format),
                                            (torch.contiguous_format, torch.channels_last)])
 def test_a_resume_that_switches_channels_last_steps_as_the_run_would_have(tmp_path, before, after):

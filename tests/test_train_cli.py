@@ -3,6 +3,7 @@ console script trains a few steps and leaves a resumable run directory."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,13 +167,16 @@ def test_compile_on_the_cpu_without_a_compiler_is_refused_at_start(monkeypatch: 
     """inductor builds C++ for the CPU: without a compiler the run stopped after its first step, in inductor's words
     (InvalidCxxCompiler), naming no config key."""
     node = compose_train(["trainer=cpu", "paths.output_dir=/tmp/unused"]).trainer
-    monkeypatch.setenv("CXX", sys.executable)  # (any program that exists: what is looked for is the file)
-    check_trainer(node, compile_networks=True)
-    monkeypatch.setenv("CXX", "/nonexistent/g++")
-    with pytest.raises(configs.ConfigError, match=r"^compile=true on the CPU needs a C\+\+ compiler for torch.compile "
-                                                  r"\(inductor builds its kernels with CXX=/nonexistent/g\+\+, not "
-                                                  r"found\): .* or set compile=false$"):
+    for works in (sys.executable, f"/usr/bin/env {sys.executable}"):  # a command, as inductor splits it (ccache g++)
+        monkeypatch.setenv("CXX", works)  # (any program that exists: what is looked for is the file)
         check_trainer(node, compile_networks=True)
+    for missing in ("/nonexistent/g++", ""):  # an empty CXX: inductor takes it as given, and fails
+        monkeypatch.setenv("CXX", missing)
+        given = re.escape(missing)
+        with pytest.raises(configs.ConfigError, match=rf"^compile=true on the CPU needs a C\+\+ compiler for torch."
+                                                      rf"compile \(inductor builds its kernels with CXX='{given}', "
+                                                      rf"not found\): .* or set compile=false$"):
+            check_trainer(node, compile_networks=True)
     check_trainer(node)  # eager: no compiler needed
 
 

@@ -684,12 +684,12 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
         if key in ("max_steps", "max_epochs") and value == 0:
             raise ConfigError(f"trainer.{key}=0 trains nothing: give a positive number (-1: no limit)")
     on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
-    # torch.compile builds C++ for the CPU (inductor: $CXX, else g++); without one the run stopped after its first
-    # step, in inductor's words
-    cxx = os.environ.get("CXX") or "g++"
-    if compile_networks and on_cpu and shutil.which(cxx) is None:
+    # torch.compile builds C++ for the CPU (inductor: the command $CXX, else g++, as it splits it); without one the
+    # run stopped after its first step, in inductor's words
+    cxx = os.environ.get("CXX", "g++")
+    if compile_networks and on_cpu and (not shlex.split(cxx) or shutil.which(shlex.split(cxx)[0]) is None):
         raise ConfigError(f"compile=true on the CPU needs a C++ compiler for torch.compile (inductor builds its "
-                          f"kernels with {'CXX=' if os.environ.get('CXX') else ''}{cxx}, not found): install one "
+                          f"kernels with {'CXX=' if 'CXX' in os.environ else ''}{cxx!r}, not found): install one "
                           f"(e.g. apt install g++) or point CXX at it, or set compile=false")
     if trainer.get("devices") is not None:
         why = "trainer.accelerator=cpu" if accelerator == "cpu" else \
