@@ -132,6 +132,11 @@ def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint",
     if "autoencoder_config" in checkpoint:
         return "autoencoder"
     prefixes = sorted({name.split(".", 1)[0] for name in checkpoint.get("state_dict", {})})[:8]
+    if {"model", "first_stage_model"} <= set(prefixes):  # the original layout of a released SD file
+        raise CheckpointError(f"{key}={path} is a Stable Diffusion single file (the original layout): this reads "
+                              f"ldm's own checkpoints and exports; a Stable Diffusion model goes in through "
+                              f"ldm-train's model.init_from=<pipeline folder or single file>, and out through "
+                              f"ldm-export to diffusers")
     raise CheckpointError(f"{key}={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
                           f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
 

@@ -177,7 +177,7 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
             f"a {'diffusers ' + str(config['_class_name']) if '_class_name' in config else 'transformers'} folder" \
             + (f" (the {folder.name}/ of the diffusers pipeline {pipeline})" if pipeline else "")
         what = f"a file of {what}" if path.is_file() else what
-    elif path.is_file() and path.suffix == ".safetensors" and not config:
+    elif path.is_file() and path.suffix == ".safetensors" and not (folder / CONFIG_NAME).exists():
         what = _single_file_kind(path)
     if what is not None:
         raise CheckpointError(f"{key}={path} is {what}: this reads ldm's own checkpoints and exports; a Stable "

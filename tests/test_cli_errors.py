@@ -121,6 +121,9 @@ CASES = [
     Case("train-trainer-argument-without-plus", "ldm-train", (*TRAIN, "trainer.enable_model_summary=false"),
          ("trainer.enable_model_summary is no key of this config: Trainer takes it, and the config leaves it out: "
           "add it with +trainer.enable_model_summary=false",)),
+    Case("train-trainer-argument-typo-without-plus", "ldm-train", (*TRAIN, "trainer.enable_model_sumary=false"),
+         ("did you mean trainer.enable_model_summary? (Trainer takes it, and the config leaves it out: add it with "
+          "+trainer.enable_model_summary=VALUE)",)),
     # Hydra's five lines, whose "To append to your config use +model.lrr=1" was then refused: the closest key
     Case("train-unknown-model-key", "ldm-train", (*TRAIN, "model.lrr=1"),
          ("ldm-train: error: model.lrr is no key of this config: did you mean model.lr? (--cfg job prints",)),

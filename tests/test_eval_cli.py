@@ -537,6 +537,13 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     from ldm.checkpoints import CheckpointError
 
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "v1-5.safetensors")
+    from ldm.checkpoints import checkpoint_kind
+
+    released = {"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4),
+                               "first_stage_model.decoder.conv_out.bias": torch.zeros(3)}}
+    with pytest.raises(CheckpointError, match=r"ckpt_path=v1-5.ckpt is a Stable Diffusion single file \(the original "
+                                              r"layout\): .*model.init_from"):  # (.ckpt: read, then told)
+        checkpoint_kind(released, "v1-5.ckpt")
     for given, what in ((tmp_path / "v1-5.safetensors", "a Stable Diffusion single file \\(the original layout\\)"),
                         (pipeline, "a diffusers pipeline folder"),
                         (pipeline / "unet", f"a diffusers UNet2DConditionModel folder \\(the unet/ of the diffusers "

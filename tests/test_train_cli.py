@@ -170,7 +170,7 @@ def test_compile_on_the_cpu_without_a_compiler_is_refused_at_start(monkeypatch: 
     for works in (sys.executable, f"/usr/bin/env {sys.executable}"):  # a command, as inductor splits it (ccache g++)
         monkeypatch.setenv("CXX", works)  # (any program that exists: what is looked for is the file)
         check_trainer(node, compile_networks=True)
-    for missing in ("/nonexistent/g++", ""):  # an empty CXX: inductor takes it as given, and fails
+    for missing in ("/nonexistent/g++", "", 'g++ "'):  # an empty CXX, or quotes left open: inductor fails too
         monkeypatch.setenv("CXX", missing)
         given = re.escape(missing)
         with pytest.raises(configs.ConfigError, match=rf"^compile=true on the CPU needs a C\+\+ compiler for torch."

@@ -479,20 +479,25 @@ def hydra_error_line(err: BaseException) -> str:
         where = str(cause.full_key).rpartition(".")[0]
         added = re.search(r"To append to your config use (\+\S.*)", str(err))
         target = parent.get("_target_") if isinstance(parent, DictConfig) else None
-        try:  # an argument the node's class takes, left out of the config (a Trainer's enable_model_summary)
-            takes = target is not None and key in inspect.signature(get_class(target)).parameters
+        try:  # the arguments of the node's class, some left out of the config (a Trainer's enable_model_summary)
+            arguments = [a for a in inspect.signature(get_class(target)).parameters if a not in keys] \
+                if target and where not in ("model", "data") else []  # (those two: schemas of every key they read)
         except Exception:  # noqa: BLE001 -- no class by that name: a mistake of another kind, named elsewhere
-            takes = False
+            arguments = []
         close = difflib.get_close_matches(key, keys, n=1)
-        if takes and added:
-            hint = f"{target.rsplit('.', 1)[-1]} takes it, and the config leaves it out: add it with {added[1]}"
+        left_out = difflib.get_close_matches(key, arguments, n=1)
+        cls = str(target).rsplit(".", 1)[-1]
+        if key in arguments and added:  # the only place where Hydra's `+` works: ldm refuses other added keys
+            hint = f"{cls} takes it, and the config leaves it out: add it with {added[1]}"
         elif close:
             hint = f"did you mean {where + '.' if where else ''}{close[0]}?"
+        elif left_out:
+            hint = f"did you mean {where}.{left_out[0]}? ({cls} takes it, and the config leaves it out: add it with " \
+                   f"+{where}.{left_out[0]}=VALUE)"
         elif not keys:
             hint = f"{where} holds no keys (a value, not a node)"
         else:
-            hint = f"{where or 'the top level'} holds {', '.join(keys[:24])}{', ...' if len(keys) > 24 else ''}" + \
-                (f"; to add a key: {added[1]}" if added else "")
+            hint = f"{where or 'the top level'} holds {', '.join(keys[:24])}{', ...' if len(keys) > 24 else ''}"
         return f"{cause.full_key} is no key of this config: {hint} (--cfg job prints the config composed)"
     text = _one_line(err, with_type=False)
     if own := re.match(r"In '([^'/]+)/([^']+)': Could not override '[^'@]+@\1\.", text):  # a defaults list's
@@ -687,10 +692,16 @@ def check_trainer(trainer: DictConfig | dict[str, Any] | None, model_target: str
     # torch.compile builds C++ for the CPU (inductor: the command $CXX, else g++, as it splits it); without one the
     # run stopped after its first step, in inductor's words
     cxx = os.environ.get("CXX", "g++")
-    if compile_networks and on_cpu and (not shlex.split(cxx) or shutil.which(shlex.split(cxx)[0]) is None):
+    try:
+        program = (shlex.split(cxx) or [None])[0]
+    except ValueError:  # unbalanced quotes: inductor finds no compiler in it either
+        program = None
+    if compile_networks and on_cpu and (program is None or shutil.which(program) is None):
+        fix = "unset CXX (inductor then takes g++) or point it at a compiler" if "CXX" in os.environ else \
+            "install one (e.g. apt install g++) or point CXX at it"
         raise ConfigError(f"compile=true on the CPU needs a C++ compiler for torch.compile (inductor builds its "
-                          f"kernels with {'CXX=' if 'CXX' in os.environ else ''}{cxx!r}, not found): install one "
-                          f"(e.g. apt install g++) or point CXX at it, or set compile=false")
+                          f"kernels with {'CXX=' if 'CXX' in os.environ else ''}{cxx!r}, not found): {fix}, or set "
+                          f"compile=false")
     if trainer.get("devices") is not None:
         why = "trainer.accelerator=cpu" if accelerator == "cpu" else \
             f"trainer.accelerator={accelerator}, and torch sees no CUDA GPU"

@@ -385,7 +385,8 @@ class LatentDiffusionModule(L.LightningModule):
                               f"(model.conditioner.kind={conditioner.kind}) and would learn from empty ones "
                               f"alone: train a class-conditional model, model.conditioner.kind=class "
                               f"model.conditioner.num_classes={len(classes)}{pooled}, or an unconditional one, "
-                              f"model.conditioner.kind=none{pooled}")
+                              f"model.conditioner.kind=none{pooled}"
+                              f"{' model.unet.context_dim=null' * (c.unet.context_dim is not None)}")
         resolution = getattr(getattr(datamodule, "config", None), "resolution", None)
         if resolution is None:
             return
