@@ -123,6 +123,13 @@ def upgrade_layout(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def not_ours(key: str, path: str | Path, what: str) -> CheckpointError:
+    """The refusal of a model of the Stable Diffusion ecosystem (`what` it is) where ldm reads its own."""
+    return CheckpointError(f"{key}={path} is {what}: this reads ldm's own checkpoints and exports; a Stable Diffusion "
+                           f"model goes in through ldm-train's model.init_from=<pipeline folder or single file> (its "
+                           f"VAE alone: model.autoencoder_path), and out through ldm-export to diffusers")
+
+
 def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint", key: str = "ckpt_path") -> str:
     """`latent_diffusion` (a UNet config among the hyperparameters) or `autoencoder` (the AutoencoderModule's own
     `autoencoder_config` entry) for a checkpoint ldm-train wrote; CheckpointError for any other, naming `key`."""
@@ -133,10 +140,7 @@ def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint",
         return "autoencoder"
     prefixes = sorted({name.split(".", 1)[0] for name in checkpoint.get("state_dict", {})})[:8]
     if {"model", "first_stage_model"} <= set(prefixes):  # the original layout of a released SD file
-        raise CheckpointError(f"{key}={path} is a Stable Diffusion single file (the original layout): this reads "
-                              f"ldm's own checkpoints and exports; a Stable Diffusion model goes in through "
-                              f"ldm-train's model.init_from=<pipeline folder or single file>, and out through "
-                              f"ldm-export to diffusers")
+        raise not_ours(key, path, "a Stable Diffusion single file (the original layout)")
     raise CheckpointError(f"{key}={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
                           f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
 

@@ -161,7 +161,7 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
         CheckpointError: `path` is a diffusers pipeline folder, a diffusers or transformers model's folder (a
             pipeline's part) or a file inside one.
     """
-    from ldm.checkpoints import CheckpointError
+    from ldm.checkpoints import not_ours
 
     path = Path(path).expanduser()
     folder = path if path.is_dir() else path.parent
@@ -180,10 +180,7 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
     elif path.is_file() and path.suffix == ".safetensors" and not (folder / CONFIG_NAME).exists():
         what = _single_file_kind(path)
     if what is not None:
-        raise CheckpointError(f"{key}={path} is {what}: this reads ldm's own checkpoints and exports; a Stable "
-                              f"Diffusion model goes in through ldm-train's model.init_from=<pipeline folder or "
-                              f"single file> (its VAE alone: model.autoencoder_path), and out through ldm-export "
-                              f"to diffusers")
+        raise not_ours(key, str(path), what)
     if path.is_file() and path.name == WEIGHTS_NAME and config:
         return folder  # the weights of an export: read with its config (and latent statistics)
     return path
