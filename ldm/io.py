@@ -162,14 +162,14 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
             pipeline's part) or a file inside one.
     """
     from ldm.checkpoints import not_ours
+    from ldm.config import ConfigError
 
     path = Path(path).expanduser()
     folder = path if path.is_dir() else path.parent
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
-    except (OSError, ValueError):
+        config = read_json_object(folder / CONFIG_NAME, key) if (folder / CONFIG_NAME).is_file() else {}
+    except ConfigError:  # damaged: the export's reader names it
         config = {}
-    config = config if isinstance(config, dict) else {}
     pipeline = next((p for p in (folder, folder.parent) if (p / "model_index.json").is_file()), None)
     what = None
     if "_class_name" in config or "model_type" in config or pipeline == path:
