@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -344,15 +345,19 @@ def test_lightning_messages_and_warnings_reach_the_run_log(tmp_path, monkeypatch
 def test_a_run_ended_by_max_epochs_and_resumed_trains_and_writes_nothing(shapes_shards, tmp_path,
                                                                            single_torch_thread):
     """Lightning runs the loop of a run resumed at the end of its max_epochs (it closes the restored epoch) without a
-    batch: last.ckpt and the export were written again under the new command's settings."""
+    batch: last.ckpt and the export were written again under the new command's settings, and no warning spoke of the
+    steps of this resumed run (there are none)."""
     out = tmp_path / "run"
     base = [*tiny_overrides(shapes_shards, out, max_steps=-1, every=3), *AUTOENCODER, "trainer.max_epochs=1",
             "+trainer.limit_train_batches=3"]
     train(compose_train(base))
     kept = {path: path.read_bytes() for path in [*sorted((out / "checkpoints").iterdir()),
                                                  *sorted((out / "export").iterdir())]}
-    train(compose_train([*base, "model.lr=5e-4"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(compose_train([*base, "model.lr=5e-4"]))
     assert {path: path.read_bytes() for path in kept} == kept
+    assert not [str(w.message) for w in caught if "no validation runs" in str(w.message)]
 
 
 def test_the_run_directory_is_checked_before_hydra_creates_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

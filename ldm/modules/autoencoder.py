@@ -273,9 +273,9 @@ class AutoencoderModule(L.LightningModule):
         # validation schedule once the loader is set up), not after the run, when the final weights go out with an
         # earlier step's statistics, or none.
         trainer = self.trainer
-        if trainer.fast_dev_run or self._kept_scale() is not None:
-            return  # (the scale is the source's, whatever validations run)
         start, end = trainer.global_step, trainer.estimated_stepping_batches  # (a batch is a step in stage 1)
+        if trainer.fast_dev_run or self._kept_scale() is not None or start >= end:
+            return  # (the scale is the source's, whatever validations run; or a resumed run that is over trains none)
         no_data = getattr(getattr(trainer.datamodule, "config", None), "val_shards", "") is None
         measured = (self.latent_stats or {}).get("step")  # before a resume
         schedule = validations_between(trainer, start, end) if math.isfinite(end) else None
