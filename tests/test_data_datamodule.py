@@ -165,19 +165,22 @@ def test_resume_is_exact(shapes_shards: Path, stop_after: int):
         assert torch.equal(images, want_images)
 
 
-def test_data_seed_draws_the_flips(shapes_shards: Path):
-    """Flips come from (data.seed, epoch, shard, key): another seed flips other images (with the seed left out of
-    the draw, every seed flipped the same ones)."""
-    def images(seed: int) -> dict[str, torch.Tensor]:
+def test_data_seed_and_the_epoch_draw_the_flips(shapes_shards: Path):
+    """Flips come from (data.seed, epoch, shard, key): another seed flips other images, and so does the next epoch
+    (with the seed or the epoch left out of the draw, every seed or every epoch flipped the same ones)."""
+    def images(seed: int, epochs: int = 1) -> list[dict[str, torch.Tensor]]:
         dm = make_dm(shapes_shards, seed=seed, hflip=True, random_crop=False, resolution=16, batch_size=4,
                      train_shards=str(shapes_shards / "train-000000.tar"))
-        return {k: image for keys, batch in _run(dm, epochs=1) for k, image in zip(keys, batch)}
+        return [{k: image for keys, batch in _run(dm, epochs=1) for k, image in zip(keys, batch)}
+                for _ in range(epochs)]
 
-    first, second, again = images(0), images(1), images(0)
-    assert first.keys() == second.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    flipped = [k for k in first if not torch.equal(first[k], second[k])]
-    assert 0 < len(flipped) < len(first)
-    assert all(torch.equal(first[k], second[k].flip(-1)) for k in flipped)
+    (first, next_epoch), (second,), (again,) = images(0, epochs=2), images(1), images(0)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    for other in (second, next_epoch):
+        assert other.keys() == first.keys()
+        flipped = [k for k in first if not torch.equal(first[k], other[k])]
+        assert 0 < len(flipped) < len(first)
+        assert all(torch.equal(first[k], other[k].flip(-1)) for k in flipped)
 
 
 def test_one_slot_reads_one_shard_in_another_order_each_epoch(shapes_shards: Path):

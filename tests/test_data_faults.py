@@ -800,10 +800,10 @@ def test_the_sanity_check_is_not_the_pass_that_counts(tmp_path: Path):
 
 @pytest.mark.timeout(300)
 def test_skipped_samples_of_every_rank_are_logged(tmp_path: Path):
-    """Two DDP ranks (gloo): the corrupt samples lie in rank 1's half of the one shard, and rank 0's loggers write
-    the sum over both ranks."""
+    """Two DDP ranks (gloo): one corrupt sample lies in rank 0's half of the one shard (samples 0-7), three in rank 1's,
+    and rank 0's loggers write the sum over both ranks (not rank 0's count, nor the larger one)."""
     samples = shapes_like(tmp_path, "k", 16)
-    for i in (12, 13, 14):
+    for i in (2, 12, 13, 14):
         samples[i]["png"] = b"not an image"
     shard = write_shard(tmp_path / "bad-000000.tar", samples)
     dm = WebDataModule(train_shards=str(shard), batch_size=2, num_workers=0, resolution=8)
@@ -812,7 +812,7 @@ def test_skipped_samples_of_every_rank_are_logged(tmp_path: Path):
                         enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=2,
                         strategy="ddp_fork")
     trainer.fit(Mean(), datamodule=dm)
-    assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 3.0
+    assert logged_maximum(tmp_path / "csv" / "metrics.csv", "data/skipped") == 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

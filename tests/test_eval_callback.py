@@ -46,6 +46,28 @@ def test_fid_callback_logs_small_n_fid_and_clip_score(tmp_path: Path, shapes_sha
     assert list((tmp_path / "cache").glob("*.pt"))  # the reference statistics ldm-eval will reuse
 
 
+def test_fid_callback_scores_the_ema_weights_or_the_trained_ones_as_use_ema_says(tmp_path: Path,
+                                                                                 shapes_shards: Path):
+    """A model that keeps an EMA is scored with its EMA UNet by default, with the weights it trains under
+    use_ema=false (a run asking for raw-weight FID got the EMA's)."""
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    assert module.ema is not None
+    weights = random_inception_weights(tmp_path / "inc.pt")
+    data = DataLoader([{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}], batch_size=None)
+    unets = []  # the UNet of each pipeline the module hands out
+    eval_pipeline = module.eval_pipeline
+    module.eval_pipeline = lambda use_ema: unets.append(eval_pipeline(use_ema).unet) or eval_pipeline(use_ema)
+    for use_ema, expected in ((True, module.ema.module), (False, module.pipeline.unet)):
+        unets.clear()
+        callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=1, num_samples=4, batch_size=4,
+                               cache_dir=str(tmp_path / "cache"), feature_dim=64, use_ema=use_ema,
+                               feature_extractor_weights_path=str(weights), num_steps=2)
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+                  callbacks=[callback]).fit(module, train_dataloaders=data)
+        assert unets[0] is expected  # the evaluation at step 1 (then the export, always the EMA's)
+
+
 class StopSignal(L.Callback):
     """Stops the run after its first step the way `SlurmRequeue` does on a signal (`stopped`, `should_stop`)."""
 

@@ -38,18 +38,36 @@ class Grids(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(module: Grids, tmp_path: Path, accumulate: int, max_steps: int) -> None:
+class ValidatedGrids(Grids):
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pass
+
+
+def fit(module: Grids, tmp_path: Path, accumulate: int, max_steps: int, every_n_steps: int = 1,
+        **options) -> None:
     data = [{"x": torch.randn(2, 4), "image": torch.rand(2, 3, 8, 8) * 2 - 1} for _ in range(accumulate * max_steps)]
+    val = {"val_dataloaders": DataLoader(data, batch_size=None)} if isinstance(module, ValidatedGrids) else {}
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path, callbacks=[ImageLogger(str(tmp_path / "images"), every_n_steps=1)])
-    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+                        default_root_dir=tmp_path, **options,
+                        callbacks=[ImageLogger(str(tmp_path / "images"), every_n_steps=every_n_steps)])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None), **val)
 
 
 def test_one_grid_per_optimizer_step_under_accumulation(tmp_path: Path):
     fit(Grids(), tmp_path, accumulate=2, max_steps=2)
     written = sorted(p.name for p in (tmp_path / "images" / "train").iterdir())
     assert written == ["inputs_step0000001.png", "inputs_step0000002.png"], "none before the first step, none twice"
+
+
+def test_one_validation_grid_per_validation_and_none_from_the_sanity_check(tmp_path: Path):
+    """The first batch of each validation (steps 2 and 4), none of Lightning's sanity check before step 1 (untrained
+    weights, written as step 0)."""
+    fit(ValidatedGrids(), tmp_path, accumulate=1, max_steps=4, every_n_steps=0, val_check_interval=2,
+        num_sanity_val_steps=2)
+    written = sorted(p.name for p in (tmp_path / "images" / "val").iterdir())
+    assert written == ["inputs_step0000002.png", "inputs_step0000004.png"]
+    assert not (tmp_path / "images" / "train").exists()  # every_n_steps=0: no training grids
 
 
 def test_a_failing_grid_is_a_warning_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture):

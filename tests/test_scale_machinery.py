@@ -26,13 +26,13 @@ from scale_helpers import (
 )
 
 from ldm.callbacks.checkpoint import AtomicCheckpointIO
-from ldm.callbacks.rng_state import capture_rng_state, restore_rng_state
+from ldm.callbacks.rng_state import RngState, capture_rng_state, restore_rng_state
 from ldm.callbacks.step_boundary import validations_between
 from ldm.cli.common import run_id
 from ldm.cli.train import TrainingDiverged, checkpoint_damage, remove_stale_temp_files, resolve_ckpt_path, train
 from ldm.io import atomic_write_bytes
 from ldm.modules.optim import adam, gradient_norm
-from ldm.slurm import slurm_job_id
+from ldm.slurm import SlurmRequeue, slurm_job_id
 
 # -- atomic writes ---------------------------------------------------------------------------------------------------
 
@@ -206,6 +206,53 @@ def test_rng_state_round_trip_survives_weights_only_load(tmp_path):
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
+
+
+def test_rng_state_gives_each_rank_its_stream_and_each_step_the_next_draws():
+    """RngState's training stream: rank r starts from fold_seed(seed, r) (the ranks' dropout differs), each step goes
+    on from the state the step before left (not the same draws every step), and on resume each rank takes its own
+    saved state back. (The trainer's rank is all the callback reads of it.)"""
+    def started(rank: int) -> RngState:
+        callback = RngState(seed=7)
+        callback.setup(SimpleNamespace(global_rank=rank), None, "fit")
+        return callback
+
+    def draws(callback: RngState, rank: int) -> torch.Tensor:
+        """One training step's draws on `rank`: restored at its start, captured at its end."""
+        trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        callback.on_train_batch_start(trainer, None, None, 0)
+        drawn = torch.rand(4)
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        return drawn
+
+    ranks = [started(0), started(1)]
+    step1 = [draws(callback, rank) for rank, callback in enumerate(ranks)]
+    torch.rand(100)  # a validation or a loader between the steps: not seen by training's stream
+    step2 = [draws(callback, rank) for rank, callback in enumerate(ranks)]
+    assert not torch.equal(step1[0], step1[1]) and not torch.equal(step1[0], step2[0])
+    saved = [callback.state_dict()["per_rank"][0] for callback in ranks]  # (one process: each rank's own state)
+    expected = [draws(callback, rank) for rank, callback in enumerate(ranks)]  # step 3 of the run never stopped
+    for rank in (1, 0):
+        resumed = RngState(seed=7)
+        resumed.setup(SimpleNamespace(global_rank=rank), None, "fit")
+        resumed.load_state_dict({"per_rank": saved})  # (Lightning restores callbacks after their setup)
+        assert torch.equal(draws(resumed, rank), expected[rank])
+
+
+def test_a_second_ctrl_c_stops_at_once(capsys: pytest.CaptureFixture):
+    """The first Ctrl-C of a fit asks for last.ckpt at the end of the step; a second one raises KeyboardInterrupt at
+    once (Lightning's shutdown), for a step that takes minutes or hangs; after fit Ctrl-C is Python's again."""
+    callback = SlurmRequeue()
+    callback.setup(None, None, "fit")  # installs the handlers (nothing of the trainer is read)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert callback.stop_pending and "Ctrl-C again: stop now" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        callback.teardown(None, None, "fit")
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_slurm_job_id(monkeypatch):

@@ -468,6 +468,11 @@ def test_save_top_k_prunes_the_checkpoint_a_run_resumed_from(shapes_shards, tmp_
     run(shapes_shards, tmp_path / "copy", 8, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1"])
     assert sorted(p.name for p in (tmp_path / "copy" / "checkpoints").glob("*.ckpt")) == ["last.ckpt",
                                                                                          "step0000008.ckpt"]
+    # A step saved twice (periodic, and the end of epoch 1 at step 4) is kept once: its second save did not prune it.
+    run(shapes_shards, tmp_path / "twice", 5, AUTOENCODER + ["callbacks.checkpoint.save_top_k=1",
+                                                             "callbacks.checkpoint.save_on_train_epoch_end=true"])
+    assert sorted(p.name for p in (tmp_path / "twice" / "checkpoints").glob("*.ckpt")) == ["last.ckpt",
+                                                                                          "step0000004.ckpt"]
 
 
 def test_checkpoints_outside_the_run_directory_resume_and_a_bad_name_fails_at_start(shapes_shards, tmp_path,
