@@ -224,14 +224,17 @@ def test_ema_weights_of_an_ldm_checkpoint(tmp_path):
 @pytest.mark.parametrize("schedule", ["scaled_linear", "linear"])
 def test_betas_buffers_in_half_precision_give_the_exact_schedule(tmp_path, dtype, schedule):
     """Pruned fp16 files keep LDM's `betas` buffer rounded to fp16 (SD's 0.00085 reads 0.000850201): the schedule is
-    recognised through the rounding, with SD's exact beta range, and linear and scaled-linear stay apart."""
+    recognised through the rounding, with SD's exact beta range, and linear and scaled-linear stay apart; sampled as
+    SD's (leading spacing, offset 1). LDM's `scale_factor` buffer beside it is the latent scale."""
     from ldm.diffusion.schedule import make_betas
 
     start, end = (0.00085, 0.012) if schedule == "scaled_linear" else (0.0001, 0.02)
     betas = make_betas(schedule, 1000, start, end).to(dtype)
-    bare = _edit(_single_file(tmp_path), lambda s: s.update(betas=betas))
+    bare = _edit(_single_file(tmp_path), lambda s: s.update(betas=betas, scale_factor=torch.tensor(0.5, dtype=dtype)))
     parts = load_components(bare)
     assert (parts.schedule.beta_schedule, parts.schedule.beta_start, parts.schedule.beta_end) == (schedule, start, end)
+    assert (parts.schedule.timestep_spacing, parts.schedule.steps_offset) == ("leading", 1)
+    assert parts.latent_scale == 0.5
     assert parts.autoencoder_config.resolution == 512  # SD 1's size, which the weights do not record
 
 

@@ -63,6 +63,11 @@ def test_full_size_unet_maps_one_to_one(name, config, params):
     meta_state = {k: torch.empty(s, device="meta") for k, s in ours.items()}
     original = un.unet_to_original(meta_state, ours_config)
     assert len(original) == len(ours) == len(theirs)
+    # The down- and upsamplers where the released v1-5 and v2-1 files hold them (an upsampler follows the level's
+    # transformer where it has one; diffusers' converter finds it wherever it sits, so checks neither).
+    assert {f"input_blocks.{i}.0.op.weight" for i in (3, 6, 9)} | {"output_blocks.2.1.conv.weight",
+                                                                    "output_blocks.5.2.conv.weight",
+                                                                    "output_blocks.8.2.conv.weight"} <= set(original)
     converted = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in original.items()},
                                             dict(config))
     assert sorted(converted) == sorted(theirs)

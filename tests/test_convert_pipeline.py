@@ -20,7 +20,7 @@ from convert_helpers import (
 
 from ldm.convert import load_components, save_diffusers, save_single_file
 from ldm.convert.load import load_single_file
-from ldm.diffusion.schedule import ScheduleConfig
+from ldm.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm.io import umask
 from ldm.modules.latent_diffusion import LatentDiffusionModule
 
@@ -45,7 +45,7 @@ def _check_same_model(parts, pipe, what: str) -> None:
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
 def test_pipeline_round_trip_through_ours(style, tmp_path, single_torch_thread):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = tiny_sd_pipeline(tmp_path, style)
     parts = load_components(tmp_path / style)
@@ -57,6 +57,13 @@ def test_pipeline_round_trip_through_ours(style, tmp_path, single_torch_thread):
     if style == "sd1":
         assert parts.prediction == "eps"
         assert (parts.schedule.timestep_spacing, parts.schedule.steps_offset) == ("leading", 1)
+        # an old SD 1 config's steps_offset=0 is read as diffusers' pipeline reads it: the same sampled timesteps
+        # (its scheduler's config as the pipeline rewrote it, in a DDIM scheduler, ours)
+        config = tmp_path / style / "scheduler" / "scheduler_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "steps_offset": 0}))
+        theirs = DDIMScheduler.from_config(StableDiffusionPipeline.from_pretrained(tmp_path / style).scheduler.config)
+        theirs.set_timesteps(50)
+        assert NoiseSchedule(load_components(tmp_path / style).schedule).timesteps(50) == theirs.timesteps.tolist()
     else:
         assert parts.prediction == "v" and parts.schedule.zero_terminal_snr
         assert parts.schedule.timestep_spacing == "trailing"
@@ -236,8 +243,10 @@ def test_sd2_single_file_needs_its_prediction_type(tmp_path, single_torch_thread
                                     "conditioner": conditioner, "ema_decay": None})
     assert module.config.diffusion.prediction == "v" and module.pipeline.image_size == 768
     LatentDiffusionModule(module.hparams["config"], frozen=module.hparams["frozen"])  # as a checkpoint restores it
-    (tmp_path / "bare.yaml").write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.00085\n")
-    assert load_components(tmp_path / "bare.safetensors").prediction == "v"
+    (tmp_path / "bare.yaml").write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.0015\n"
+                                        "    linear_end: 0.0195\n    timesteps: 1000\n")
+    parts = load_components(tmp_path / "bare.safetensors")
+    assert parts.prediction == "v" and (parts.schedule.beta_start, parts.schedule.beta_end) == (0.0015, 0.0195)
     # a prediction asked for against what the file records (the .yaml, our metadata) is taken, and said (it was
     # taken silently: an eps UNet trained as a v model)
     with caplog.at_level("WARNING", logger="ldm.convert.single_file"):

@@ -157,6 +157,8 @@ def test_offset_noise_adds_a_per_channel_constant():
 
 
 def test_logit_normal_timesteps_follow_their_quantiles():
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
     from ldm.diffusion.objective import DiffusionConfig, sample_timesteps
 
     g = torch.Generator().manual_seed(0)
@@ -168,6 +170,10 @@ def test_logit_normal_timesteps_follow_their_quantiles():
     # Median T * sigmoid(0.5) = 622; P(t < 200) = Phi((logit(0.2) - 0.5) / 1) = Phi(-1.886) = 0.030.
     assert abs(t.float().median().item() - 1000 * torch.sigmoid(torch.tensor(0.5)).item()) < 5
     assert abs((t < 200).float().mean().item() - 0.0297) < 0.004
+    # draw for draw diffusers' SD3 training recipe: indices = (u * num_train_timesteps).long()
+    u = compute_density_for_timestep_sampling("logit_normal", 20000, 0.5, 1.0,
+                                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_timesteps(20000, 1000, config, torch.Generator().manual_seed(1)), (u * 1000).long())
     with pytest.raises(ConfigError, match="timestep_sampling"):
         DiffusionConfig(timestep_sampling="lognormal")
 

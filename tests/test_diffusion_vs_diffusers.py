@@ -44,7 +44,9 @@ SEEDS = [3, 11]              # one per image
 NUM_STEPS = 8                # divides 1000: leading and trailing visit the same timesteps on both sides
 RTOL = 1e-5                  # relative to the output's scale, float32
 ABAR_ATOL = 2e-6             # diffusers' float32 cumprod over 1000 steps vs our float64 one
-SPACINGS = {"leading": dict(timestep_spacing="leading", steps_offset=1), "trailing": dict(timestep_spacing="trailing")}
+# (leading0: an old SD 1 scheduler config's offset, whose last step lands on t = 0 and still adds noise)
+SPACINGS = {"leading": dict(timestep_spacing="leading", steps_offset=1), "trailing": dict(timestep_spacing="trailing"),
+            "leading0": dict(timestep_spacing="leading", steps_offset=0)}
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (0.00085, 0.012)}
 
 _g = torch.Generator().manual_seed(0)
@@ -139,7 +141,7 @@ def _run_diffusers(sampler: str, config: ScheduleConfig, prediction: str, ours_t
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "leading0"])
 @pytest.mark.parametrize("sampler", ["ddim_eta0", "ddim_eta1", "ddpm", "dpmpp_2m"])
 def test_sampler_matches_diffusers_scheduler(sampler, spacing, prediction):
     config = _schedule(spacing)
