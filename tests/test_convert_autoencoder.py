@@ -130,10 +130,11 @@ def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
     _compare(from_file.eval(), theirs, "VAE stand-alone .ckpt -> ours")
 
 
-def test_a_vae_exported_without_a_measured_scale_gives_stage_2_none(tmp_path, single_torch_thread):
+def test_a_vae_exported_without_a_measured_scale_gives_stage_2_none(tmp_path, single_torch_thread, caplog):
     """An autoencoder without latent statistics goes to diffusers with SD's 0.18215 (diffusers needs a number), marked
-    as a stand-in: diffusers loads it, ldm's loaders take no scale, so stage 2 asks for model.latent_scale (it trained
-    at 0.18215 unsaid, 20x off a measured scale of 3.6)."""
+    as a stand-in and said (from Python too): diffusers loads it, ldm's loaders take no scale, so stage 2 asks for
+    model.latent_scale (it trained at 0.18215 unsaid, 20x off a measured scale of 3.6). A scale that is no positive
+    number (load_autoencoder_any's statistics dict, say) is refused before anything is written."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     from ldm.convert import save_diffusers_vae
@@ -141,8 +142,20 @@ def test_a_vae_exported_without_a_measured_scale_gives_stage_2_none(tmp_path, si
 
     config, _ = autoencoder_config_from_diffusers(TINY_VAE)
     ours = AutoencoderKL(config).eval()
-    save_diffusers_vae(tmp_path / "unmeasured", ours, None)
-    save_diffusers_vae(tmp_path / "measured", ours, 3.6)
+    with caplog.at_level("WARNING", logger="ldm.convert.save"):
+        save_diffusers_vae(tmp_path / "unmeasured", ours, None)
+        save_diffusers_vae(tmp_path / "measured", ours, 3.6)
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "no latent scale given (latent_scale=None): the VAE states SD's scaling factor 0.18215, which diffusers and "
+        "other tools take as its scale; ldm's stage 2 takes it for none and needs model.latent_scale"]
+    from ldm.convert import save_single_file_vae
+
+    for scale, error in (({"scale_factor": 3.6}, TypeError), (0.0, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(error, match="latent_scale"):
+            save_diffusers_vae(tmp_path / "bad", ours, scale)
+        with pytest.raises(error, match="latent_scale"):
+            save_single_file_vae(tmp_path / "bad.safetensors", ours, scale)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.safetensors").exists()
     assert DiffusersAutoencoderKL.from_pretrained(tmp_path / "unmeasured").config.scaling_factor == 0.18215
     _, stats, source = load_autoencoder_any(tmp_path / "unmeasured")
     assert stats is None

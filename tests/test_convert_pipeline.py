@@ -4,6 +4,7 @@ imported with `load_components`, exported with `save_diffusers` / `save_single_f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -114,8 +115,19 @@ def test_export_refuses_to_overwrite_and_is_atomic(tmp_path, single_torch_thread
         {"init_from": str(tmp_path / "sd1"), "ema_decay": None}).pipeline.image_size
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_diffusers(out, *args)
-    with pytest.raises(TypeError, match=r"stats\['scale_factor'\]"):  # load_autoencoder_any's statistics dict
-        save_diffusers(tmp_path / "other", unet, vae, {"scale_factor": 0.18215}, *args[3:])
+    # what readers would misread later, refused by both writers before anything is written: load_autoencoder_any's
+    # statistics dict as the scale, diffusers' name of a prediction, a schedule as a dict
+    for save in (save_diffusers, save_single_file):
+        other = tmp_path / "other.safetensors"
+        with pytest.raises(TypeError, match=r"stats\['scale_factor'\]"):
+            save(other, unet, vae, {"scale_factor": 0.18215}, *args[3:])
+        with pytest.raises(ValueError, match=r"prediction='epsilon': ldm's predictions are eps, v and x0 \('epsilon' "
+                                             r"is diffusers' name of 'eps'\)"):
+            save(other, *args[:4], "epsilon")
+        with pytest.raises(TypeError, match=r"schedule must be an ldm\.diffusion\.schedule\.ScheduleConfig, got dict "
+                                            r"\(ScheduleConfig\(\*\*d\)"):
+            save(other, *args[:3], dataclasses.asdict(parts.schedule), parts.prediction)
+        assert not other.exists()
     # of exports killed mid-write / after the swap; and the temp folder of another destination, export.v2, at work
     for leftover in (".export.k1ll3d00.tmp", ".export.sw4pp3d0.old", ".export.v2.w0rk1ng0.tmp"):
         (tmp_path / leftover / "unet").mkdir(parents=True)

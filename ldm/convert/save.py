@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -25,13 +27,15 @@ from ldm.convert import text
 from ldm.convert import unet as un
 from ldm.convert.common import METADATA_KEY, StateDict, UnsupportedCheckpointError
 from ldm.convert.load import DIFFUSERS_WEIGHTS
-from ldm.convert.schedule import schedule_to_diffusers
+from ldm.convert.schedule import check_schedule_and_prediction, schedule_to_diffusers
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import atomic_open, remove_stale_temps, umask, with_default_modes
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.unet import UNet
 
 DIFFUSERS_VERSION = "0.27.0"  # the format version written into configs; any later diffusers reads it
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -154,9 +158,7 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         out_dir as a Path.
     """
     out_dir = Path(out_dir)
-    if latent_scale is not None and (isinstance(latent_scale, bool) or not isinstance(latent_scale, (int, float))):
-        raise TypeError(f"latent_scale must be a number (diffusers' scaling_factor), got {latent_scale!r}; from "
-                        f"load_autoencoder_any's statistics pass stats['scale_factor']")
+    check_latent_scale(latent_scale)
     image_size = image_size or autoencoder.config.resolution
     vae_config, vae_state = _diffusers_vae(autoencoder, latent_scale, force_upcast, image_size)
     latent_size = image_size // autoencoder.downsample_factor
@@ -188,6 +190,21 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         with_default_modes(tmp)
         _write_json(index, tmp / "model_index.json")
     return out_dir
+
+
+def check_latent_scale(latent_scale: Any) -> None:
+    """Refuse a latent scale that is no positive number (None: unknown), before a file that records it is written."""
+    if latent_scale is not None and (isinstance(latent_scale, bool) or not isinstance(latent_scale, (int, float))):
+        raise TypeError(f"latent_scale must be a number (diffusers' scaling_factor), got {latent_scale!r}; from "
+                        f"load_autoencoder_any's statistics pass stats['scale_factor']")
+    if latent_scale is not None and not (math.isfinite(latent_scale) and latent_scale > 0):
+        raise ValueError(f"latent_scale={latent_scale!r} must be a positive number (diffusers' scaling_factor)")
+
+
+def _warn_stand_in_scale(written: Path) -> None:
+    log.warning("%s: no latent scale given (latent_scale=None): the VAE states SD's scaling factor 0.18215, which "
+                "diffusers and other tools take as its scale; ldm's stage 2 takes it for none and needs "
+                "model.latent_scale", written)
 
 
 def _check_destination(out_dir: Path, overwrite: bool, marker: str, what: str, class_name: str | None = None) -> None:
@@ -231,11 +248,14 @@ def save_diffusers_vae(out_dir: str | Path, autoencoder: AutoencoderKL, latent_s
         force_upcast: as in `save_diffusers`.
     """
     out_dir = Path(out_dir)
+    check_latent_scale(latent_scale)
     _check_destination(out_dir, overwrite, "config.json", "a diffusers VAE folder", class_name="AutoencoderKL")
     config, state = _diffusers_vae(autoencoder, latent_scale, force_upcast, autoencoder.config.resolution)
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_json(config, tmp / "config.json")
         _save_safetensors(state, tmp / DIFFUSERS_WEIGHTS)
+    if latent_scale is None:
+        _warn_stand_in_scale(out_dir)
     return out_dir
 
 
@@ -250,6 +270,7 @@ def save_single_file_vae(path: str | Path, autoencoder: AutoencoderKL, latent_sc
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    check_latent_scale(latent_scale)
     state = autoencoder.state_dict()
     ae.autoencoder_from_original(state, autoencoder.config)  # checks every key and shape
     meta = {"autoencoder_config": dataclasses.asdict(autoencoder.config), "latent_scale": latent_scale}
@@ -279,6 +300,8 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    check_latent_scale(latent_scale)
+    check_schedule_and_prediction(schedule, prediction)
     check_pooled_layer(unet, text_encoder, clip_layer)
     state = {f"model.diffusion_model.{k}": v for k, v in un.unet_to_original(unet.state_dict(), unet.config).items()}
     ae_state = autoencoder.state_dict()

@@ -81,10 +81,21 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[ScheduleConfig, 
     return schedule, _PREDICTION_TO_OURS[prediction_type]
 
 
+def check_schedule_and_prediction(schedule: Any, prediction: Any) -> None:
+    """Refuse a schedule that is no `ScheduleConfig` and a prediction that is not ours (eps, v, x0), diffusers' names
+    included: an exporter checks them before it writes a file that its readers would misread."""
+    if not isinstance(schedule, ScheduleConfig):
+        raise TypeError(f"schedule must be an ldm.diffusion.schedule.ScheduleConfig, got {type(schedule).__name__}"
+                        + (" (ScheduleConfig(**d) of a dict of its fields)" if isinstance(schedule, Mapping) else ""))
+    if prediction not in _PREDICTION_TO_DIFFUSERS:
+        ours = _PREDICTION_TO_OURS.get(prediction) if isinstance(prediction, str) else None
+        raise ValueError(f"prediction={prediction!r}: ldm's predictions are eps, v and x0"
+                         + (f" ({prediction!r} is diffusers' name of {ours!r})" if ours else ""))
+
+
 def schedule_to_diffusers(schedule: ScheduleConfig, prediction: str) -> dict[str, Any]:
     """A DDIMScheduler config for our schedule and prediction (`scheduler/scheduler_config.json`)."""
-    if prediction not in _PREDICTION_TO_DIFFUSERS:
-        raise UnsupportedCheckpointError(f"prediction={prediction!r} has no diffusers name")
+    check_schedule_and_prediction(schedule, prediction)
     return {
         "_class_name": "DDIMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
         "beta_schedule": _BETAS_TO_DIFFUSERS[schedule.beta_schedule], "beta_start": schedule.beta_start,
