@@ -39,6 +39,7 @@ from ldm.io import (
     CONFIG_NAME,
     PIPELINE_FORMAT,
     WEIGHTS_NAME,
+    check_export_destination,
     check_export_weights,
     export_dir,
     export_kind,
@@ -48,7 +49,7 @@ from ldm.io import (
     trained_model_path,
 )
 from ldm.nn import eval_mode
-from ldm.nn.autoencoder import LATENT_STATS_NAME, AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
+from ldm.nn.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution
 from ldm.nn.unet import UNet, UNetConfig
 from ldm.seeding import StackedRandomGenerator, keeps_global_rng
 
@@ -305,7 +306,8 @@ class LatentDiffusionPipeline(nn.Module):
     # ------------------------------------------------------------------ saving and loading
 
     def save_pretrained(self, directory: str | Path, training: dict[str, Any] | None = None) -> Path:
-        """Write config.json and model.safetensors (and `text_encoder/` for a transformers encoder), atomically.
+        """Write config.json and model.safetensors (and `text_encoder/` for a transformers encoder), atomically; a
+        folder that holds a model of another kind is refused (`ldm.io.check_export_destination`).
 
         Args:
             directory: created if missing.
@@ -314,8 +316,8 @@ class LatentDiffusionPipeline(nn.Module):
                 is always this pipeline's own record.
         """
         directory = Path(directory)
-        Path(directory, LATENT_STATS_NAME).unlink(missing_ok=True)  # a stage-1 export's, not this pipeline's scale
         config = self.config()
+        check_export_destination(directory, config)
         config["conditioner"].update(self.conditioner.save_external(directory))
         recorded = training or {k: v for k, v in self.provenance.items() if k in ("step", "val_shards")}
         config["training"] = {**recorded, "weights": self.provenance.get("weights", "raw")}

@@ -201,8 +201,10 @@ def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path: Pa
 def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):
     """A checkpoint read by `from_checkpoint` (ldm-eval's path for .ckpt files) sampled in train mode: with
     model.unet.dropout > 0 the same seed gave other images on each call. `load_autoencoder` (the README's stage-1
-    snippet) likewise encoded and decoded with dropout on. And a pipeline exported into a folder that held a stage-1
-    export kept that export's latent_stats.json, which `load_autoencoder` took over the pipeline's own scale."""
+    snippet) likewise encoded and decoded with dropout on. And a pipeline saved into a folder that held a stage-1
+    export replaced it (kept only its latent_stats.json, which `load_autoencoder` took over the pipeline's scale):
+    refused, as is an autoencoder saved over a pipeline export or either over a diffusers model; an export of the same
+    kind is replaced."""
     from ldm.checkpoints import load_checkpoint
     from ldm.eval.loading import load_model
     from ldm.nn.autoencoder import AutoencoderConfig
@@ -232,11 +234,30 @@ def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):
     assert torch.equal(autoencoder.encode(x).mode(), autoencoder.encode(x).mode())
 
     shutil.copytree(tmp_path / "ae", tmp_path / "reused")  # its latent_stats.json: scale 0.8
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "reused").iterdir()}
     pipeline = LatentDiffusionPipeline.from_pretrained(tmp_path / "model.ckpt")
+    with pytest.raises(FileExistsError, match=r"reused holds an autoencoder export, which this would overwrite with a "
+                                              r"latent diffusion pipeline export: save into another folder"):
+        pipeline.save_pretrained(tmp_path / "reused")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "reused").iterdir()} == kept
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    with pytest.raises(FileExistsError, match="pipeline holds a latent diffusion pipeline export, which this would "
+                                              "overwrite with an autoencoder export"):
+        pipeline.autoencoder.save_pretrained(tmp_path / "pipeline")
     pipeline.latent_scale = 0.5
-    pipeline.save_pretrained(tmp_path / "reused")
-    assert load_autoencoder(tmp_path / "reused")[1] == {"scale_factor": 0.5}
-    assert not (tmp_path / "reused" / "latent_stats.json").exists()
+    pipeline.save_pretrained(tmp_path / "pipeline")  # its own kind: replaced
+    assert LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline").latent_scale == 0.5
+    pipeline.autoencoder.save_pretrained(tmp_path / "reused")
+    assert load_autoencoder(tmp_path / "reused")[1] is None  # (new weights: the old statistics went)
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    DiffusersAutoencoderKL(block_out_channels=[8], norm_num_groups=8).save_pretrained(tmp_path / "diffusers_vae")
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    for folder, held in (("diffusers_vae", "a diffusers model"), ("sd", "a diffusers pipeline folder")):
+        for save in (pipeline.save_pretrained, pipeline.autoencoder.save_pretrained):
+            with pytest.raises(FileExistsError, match=f"{folder} holds {held}, which this would overwrite"):
+                save(tmp_path / folder)
 
 
 def test_loading_leaves_the_global_generator_and_images_in_the_wrong_form_are_named(trained):

@@ -23,6 +23,7 @@ from ldm.config import SCHEMAS, ConfigError, check_min
 from ldm.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_export_destination,
     export_config,
     export_dir,
     is_export,
@@ -136,7 +137,9 @@ class ByteTextEncoder(FrozenMixin, nn.Module):
             return h, masked_mean(h, mask)                                      # (B, L, D), (B, D)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json and model.safetensors into `directory` (created if missing), atomically."""
+        """Write config.json and model.safetensors into `directory` (created if missing), atomically; a folder that
+        holds a model of another kind is refused (`ldm.io.check_export_destination`)."""
+        check_export_destination(directory, asdict(self.config))
         return save_export(directory, asdict(self.config), self)
 
     @classmethod

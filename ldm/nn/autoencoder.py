@@ -25,6 +25,7 @@ from ldm.io import (
     PIPELINE_FORMAT,
     WEIGHTS_NAME,
     atomic_write_text,
+    check_export_destination,
     export_config,
     export_dir,
     load_export_weights,
@@ -308,12 +309,14 @@ class AutoencoderKL(nn.Module):
 
     def save_pretrained(self, directory: str | Path, latent_stats: dict[str, Any] | None = None) -> Path:
         """Write config.json, model.safetensors and (when given) latent_stats.json into `directory`, replacing what an
-        earlier export left there (its latent_stats.json too, when `latent_stats` is None).
+        earlier export left there (its latent_stats.json too, when `latent_stats` is None); a folder that holds a
+        model of another kind is refused (`ldm.io.check_export_destination`).
 
         Args:
             directory: created if missing.
             latent_stats: the latent statistics measured in validation (see `ldm.modules.autoencoder`).
         """
+        check_export_destination(directory, dataclasses.asdict(self.config))
         # an earlier export's statistics are not these weights': removed first, so that no state of the folder pairs
         # them with the new weights (without statistics, stage 2 asks for model.latent_scale)
         # (written before save_export's config.json, which it writes last: a folder with config.json is whole)
