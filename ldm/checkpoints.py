@@ -123,11 +123,12 @@ def upgrade_layout(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def not_ours(key: str, path: str | Path, what: str) -> CheckpointError:
-    """The refusal of a model of the Stable Diffusion ecosystem (`what` it is) where ldm reads its own."""
-    return CheckpointError(f"{key}={path} is {what}: this reads ldm's own checkpoints and exports; a Stable Diffusion "
-                           f"model goes in through ldm-train's model.init_from=<pipeline folder or single file> (its "
-                           f"VAE alone: model.autoencoder_path), and out through ldm-export to diffusers")
+def not_ours(key: str, path: str | Path, what: str, reader: str = "this") -> CheckpointError:
+    """The refusal of a model of the Stable Diffusion ecosystem (`what` it is) where ldm reads its own (`reader`)."""
+    return CheckpointError(f"{key}={path} is {what}: {reader} reads ldm's own checkpoints and exports; a Stable "
+                           f"Diffusion model goes in through ldm-train's model.init_from=<pipeline folder or single "
+                           f"file> (its VAE alone: model.autoencoder_path; from Python, ldm.convert.load_components / "
+                           f"load_autoencoder_any), and out through ldm-export to diffusers")
 
 
 def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint", key: str = "ckpt_path") -> str:
@@ -138,9 +139,13 @@ def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint",
         return "latent_diffusion"
     if "autoencoder_config" in checkpoint:
         return "autoencoder"
-    prefixes = sorted({name.split(".", 1)[0] for name in checkpoint.get("state_dict", {})})[:8]
+    # (a file of weights alone, as a .safetensors or a saved state dict: its own keys)
+    state = checkpoint.get("state_dict", {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
+    prefixes = sorted({name.split(".", 1)[0] for name in state})[:8]
     if {"model", "first_stage_model"} <= set(prefixes):  # the original layout of a released SD file
         raise not_ours(key, path, "a Stable Diffusion single file (the original layout)")
+    if {"encoder", "decoder"} <= set(prefixes):  # a released VAE (vae-ft-mse-840000-ema-pruned.ckpt)
+        raise not_ours(key, path, "a stand-alone VAE file (the original layout)")
     raise CheckpointError(f"{key}={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
                           f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
 

@@ -152,10 +152,10 @@ def export_dir(path: str | os.PathLike, key: str = "ckpt_path", reads_checkpoint
     return path
 
 
-def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path", reader: str = "this") -> Path:
     """`path` as the readers of a trained model take it (the pipeline, ldm-sample, ldm-eval, ldm-export): an export's
     folder for the `model.safetensors` inside it (the folder holds its config); a diffusers or transformers model
-    refused, naming how ldm reads those.
+    refused, naming how ldm reads those (`reader`: what refuses it, in the message).
 
     Raises:
         CheckpointError: `path` is a diffusers pipeline folder, a diffusers or transformers model's folder (a
@@ -180,7 +180,7 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
     elif path.is_file() and path.suffix == ".safetensors" and not (folder / CONFIG_NAME).exists():
         what = _single_file_kind(path)
     if what is not None:
-        raise not_ours(key, str(path), what)
+        raise not_ours(key, str(path), what, reader)
     if path.is_file() and path.name == WEIGHTS_NAME and config:
         return folder  # the weights of an export: read with its config (and latent statistics)
     return path

@@ -120,6 +120,24 @@ def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
     small.save_pretrained(tmp_path / "small", latent_stats={"scale_factor": 0.5})
     from_weights, stats, source = load_autoencoder_any(tmp_path / "small" / "model.safetensors")
     assert stats["scale_factor"] == 0.5 and from_weights.config.norm_groups == 8 and source.startswith("export")
+    # load_autoencoder (ldm's own exports and checkpoints) takes the weights file of an export too, and names the
+    # others with the reader that takes them (it read a diffusers folder as an export without model.safetensors, a
+    # single file as "state dict prefixes []")
+    from ldm.checkpoints import CheckpointError
+    from ldm.nn.autoencoder import load_autoencoder
+
+    assert load_autoencoder(tmp_path / "small" / "model.safetensors")[1] == {"scale_factor": 0.5}
+    single = tmp_path / "v1-5.safetensors"
+    _save_safetensors({**{f"first_stage_model.{k}": v for k, v in reference.items()},
+                       "model.diffusion_model.out.2.bias": torch.zeros(4)}, single)
+    for given, what in ((tmp_path / "pipe", "a diffusers pipeline folder"),
+                        (tmp_path / "pipe" / "vae", "a diffusers AutoencoderKL folder"),
+                        (single, r"a Stable Diffusion single file \(the original layout\)"),
+                        (tmp_path / "vae-ft.ckpt", r"a stand-alone VAE file \(the original layout\)")):
+        with pytest.raises(CheckpointError, match=f"={given} is {what}.*: .* reads ldm's own checkpoints and "
+                                                  f"exports; .*from Python, ldm.convert.load_components / "
+                                                  f"load_autoencoder_any"):
+            load_autoencoder(given)
     # An AutoencoderModule checkpoint of ours: the config and the module's state dict (no EMA here).
     torch.save({"autoencoder_config": dataclasses.asdict(from_pipe.config), "latent_stats": None,
                 "state_dict": {f"autoencoder.{k}": v for k, v in reference.items()}}, tmp_path / "stage1.ckpt")

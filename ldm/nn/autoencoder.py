@@ -32,6 +32,7 @@ from ldm.io import (
     read_export,
     read_json_object,
     save_export,
+    trained_model_path,
 )
 from ldm.nn.conv import PointwiseConv, Upsample
 from ldm.seeding import keeps_global_rng
@@ -369,6 +370,7 @@ def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderK
     if not path.exists():
         raise FileNotFoundError(f"{key}={path} does not exist; point it at an autoencoder export directory "
                                 f"(<run>/export with {CONFIG_NAME} and {WEIGHTS_NAME}) or an autoencoder .ckpt")
+    path = trained_model_path(path, key, reader="load_autoencoder")  # an export's weights file: its folder
     if path.is_dir():
         path = export_dir(path, key)
         model = AutoencoderKL.from_pretrained(path, key)
