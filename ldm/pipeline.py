@@ -357,8 +357,10 @@ class LatentDiffusionPipeline(nn.Module):
     @classmethod
     def _from_export(cls, directory: Path, key: str, use_ema: bool = True) -> LatentDiffusionPipeline:
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            last = directory / "last.ckpt"  # a run's checkpoints/ folder
             raise CheckpointError(f"{key}={directory} holds no pipeline export ({CONFIG_NAME} and {WEIGHTS_NAME}); "
-                                  f"give an export directory (<run>/export) or a checkpoint")
+                                  f"give an export directory (<run>/export) or a checkpoint"
+                                  + (f", e.g. {key}={last}" if last.is_file() else ""))
         config, state = read_export(directory, key)
         if config.get("format") != PIPELINE_FORMAT:
             raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export: its {CONFIG_NAME} "

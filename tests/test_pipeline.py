@@ -179,6 +179,12 @@ def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path: Pa
         broken.write_text(text)  # the first two stopped torch's unpickler with an IndexError
         with pytest.raises(CheckpointError, match=f"ckpt_path={broken} is not a readable checkpoint"):
             LatentDiffusionPipeline.from_pretrained(broken)
+    checkpoints = tmp_path / "run" / "checkpoints"  # a run's checkpoints/ given for the run: its last.ckpt named
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=f"holds no pipeline export .*or a checkpoint, e.g. "
+                                              f"ckpt_path={checkpoints}/last.ckpt$"):
+        LatentDiffusionPipeline.from_pretrained(checkpoints)
     plain = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"a.weight": torch.zeros(1)}}, plain)
     with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint .*; expected a checkpoint of "
