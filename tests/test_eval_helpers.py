@@ -122,8 +122,10 @@ def tiny_autoencoder_module(resolution: int = 16):
                                       "norm_groups": 8}, "loss": {"lpips_weight": 0.0, "disc_weight": 0.0}})
 
 
-def tiny_ldm_checkpoint(directory: Path, resolution: int = 16) -> Path:
-    """A random 16 px text-conditioned LatentDiffusionModule (byte-level text encoder) saved as a checkpoint."""
+def tiny_ldm_checkpoint(directory: Path, resolution: int = 16, perturbed: bool = False) -> Path:
+    """A random 16 px text-conditioned LatentDiffusionModule (byte-level text encoder) saved as a checkpoint;
+    `perturbed`: noise on every weight (the UNet's zero-initialised output layers too), so that its images depend on
+    their prompts (as they do not at initialisation)."""
     from ldm.modules.latent_diffusion import LatentDiffusionModule
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,4 +138,8 @@ def tiny_ldm_checkpoint(directory: Path, resolution: int = 16) -> Path:
                  "attention_levels": [1], "num_heads": None, "head_dim": 8, "context_dim": 32, "norm_groups": 8},
         "conditioner": {"kind": "byte", "width": 32, "num_layers": 1, "num_heads": 2, "max_length": 64},
     })
+    if perturbed:
+        from convert_helpers import perturb
+
+        perturb(module, seed=1, scale=0.2)
     return save_checkpoint(module, directory / "ldm.ckpt", global_step=7)
