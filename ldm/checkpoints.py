@@ -66,6 +66,13 @@ def pickle_refusal(err: pickle.UnpicklingError) -> str:
     return "pickle is damaged (not data torch.load reads); nothing was loaded"
 
 
+def checkpoint_in_folder(folder: Path) -> Path | None:
+    """The checkpoint to name for a folder given where a checkpoint file is read: its (or its checkpoints/') last.ckpt,
+    else the last .ckpt by name; None when it holds none."""
+    inside = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
+    return next((p for p in inside if p.name == "last.ckpt"), inside[-1] if inside else None)
+
+
 def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str | torch.device = "cpu",
                     ) -> dict[str, Any]:
     """The checkpoint dict stored at `path`, unpickled without executing code.
@@ -80,8 +87,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: str 
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        inside = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
-        example = next((p for p in inside if p.name == "last.ckpt"), inside[-1] if inside else None)
+        example = checkpoint_in_folder(path)
         raise MissingCheckpointError(f"{key}={path} is a folder, not a checkpoint file: give a .ckpt "
                                      + (f"inside it, e.g. {key}={example}" if example else "(it holds none)"))
     if not path.is_file():
@@ -131,9 +137,11 @@ def not_ours(key: str, path: str | Path, what: str, reader: str = "this") -> Che
                            f"load_autoencoder_any), and out through ldm-export to diffusers")
 
 
-def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint", key: str = "ckpt_path") -> str:
+def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint", key: str = "ckpt_path",
+                    reader: str = "this") -> str:
     """`latent_diffusion` (a UNet config among the hyperparameters) or `autoencoder` (the AutoencoderModule's own
-    `autoencoder_config` entry) for a checkpoint ldm-train wrote; CheckpointError for any other, naming `key`."""
+    `autoencoder_config` entry) for a checkpoint ldm-train wrote; CheckpointError for any other, naming `key` (and
+    `reader`, what refuses a Stable Diffusion file: `not_ours`)."""
     hparams = checkpoint.get("hyper_parameters") or {}
     if isinstance(hparams.get("config"), dict) and "unet" in hparams["config"]:
         return "latent_diffusion"
@@ -143,9 +151,9 @@ def checkpoint_kind(checkpoint: dict[str, Any], path: str | Path = "checkpoint",
     state = checkpoint.get("state_dict", {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
     prefixes = sorted({name.split(".", 1)[0] for name in state})[:8]
     if {"model", "first_stage_model"} <= set(prefixes):  # the original layout of a released SD file
-        raise not_ours(key, path, "a Stable Diffusion single file (the original layout)")
+        raise not_ours(key, path, "a Stable Diffusion single file (the original layout)", reader)
     if {"encoder", "decoder"} <= set(prefixes):  # a released VAE (vae-ft-mse-840000-ema-pruned.ckpt)
-        raise not_ours(key, path, "a stand-alone VAE file (the original layout)")
+        raise not_ours(key, path, "a stand-alone VAE file (the original layout)", reader)
     raise CheckpointError(f"{key}={path}: cannot tell what this checkpoint holds (state dict prefixes {prefixes});"
                           f" expected a checkpoint of ldm-train's autoencoder or latent diffusion model")
 

@@ -186,18 +186,23 @@ def trained_model_path(path: str | os.PathLike, key: str = "ckpt_path", reader: 
     return path
 
 
-def _single_file_kind(path: Path) -> str | None:
-    """What a .safetensors file in Stable Diffusion's original layout holds (its keys' names), None for another."""
+def _single_file_kind(path: Path, vae_written_by_ldm: bool = False) -> str | None:
+    """What a .safetensors file in Stable Diffusion's original layout holds (its keys' names), None for another.
+    `vae_written_by_ldm`: a stand-alone VAE only when ldm.convert wrote it (its "ldm" metadata entry), as the weights
+    of an autoencoder export killed before its config.json was written have the same keys."""
     from safetensors import safe_open
+
+    from ldm.convert.common import METADATA_KEY
 
     try:
         with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
+            keys, metadata = list(f.keys()), f.metadata() or {}
     except Exception:  # noqa: BLE001 -- not a safetensors file: its reader names the problem
         return None
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "a Stable Diffusion single file (the original layout)"
-    if any(k.startswith("decoder.") for k in keys) and any(k.startswith("encoder.") for k in keys):
+    if any(k.startswith("decoder.") for k in keys) and any(k.startswith("encoder.") for k in keys) \
+            and (METADATA_KEY in metadata or not vae_written_by_ldm):
         return "a stand-alone VAE file (the original layout)"
     return None
 
@@ -278,6 +283,8 @@ def check_export_destination(directory: str | os.PathLike, config: dict[str, Any
             held = f"a {'diffusers' if '_class_name' in existing else 'transformers'} model"
         elif export_kind(existing) != export_kind(config):
             held = export_kind(existing).split(" (")[0]
+    elif (directory / WEIGHTS_NAME).is_file():  # ldm-export format=single_file's <output_dir>/model.safetensors
+        held = _single_file_kind(directory / WEIGHTS_NAME, vae_written_by_ldm=True)
     if held is not None:
         raise FileExistsError(f"{directory} holds {held}, which this would overwrite with "
                               f"{export_kind(config).split(' (')[0]}: save into another folder (an export replaces "

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoints import CheckpointError, MissingCheckpointError, load_checkpoint, submodule_state
+from ldm.checkpoints import (
+    CheckpointError,
+    MissingCheckpointError,
+    checkpoint_in_folder,
+    load_checkpoint,
+    submodule_state,
+)
 from ldm.conditioning import Conditioner, ConditionerConfig, build_conditioner
 from ldm.conditioning.conditioner import UNetKwargs
 from ldm.config import ConfigError, is_int, to_dataclass
@@ -357,10 +363,10 @@ class LatentDiffusionPipeline(nn.Module):
     @classmethod
     def _from_export(cls, directory: Path, key: str, use_ema: bool = True) -> LatentDiffusionPipeline:
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            last = directory / "last.ckpt"  # a run's checkpoints/ folder
+            example = checkpoint_in_folder(directory)  # a run's checkpoints/ folder, say
             raise CheckpointError(f"{key}={directory} holds no pipeline export ({CONFIG_NAME} and {WEIGHTS_NAME}); "
                                   f"give an export directory (<run>/export) or a checkpoint"
-                                  + (f", e.g. {key}={last}" if last.is_file() else ""))
+                                  + (f", e.g. {key}={example}" if example else ""))
         config, state = read_export(directory, key)
         if config.get("format") != PIPELINE_FORMAT:
             raise CheckpointError(f"{key}={directory} is not a latent diffusion pipeline export: its {CONFIG_NAME} "

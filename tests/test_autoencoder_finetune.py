@@ -88,6 +88,18 @@ def test_the_decoder_alone_is_fine_tuned_and_goes_back_to_diffusers(shapes_shard
 
     with safe_open(file, "pt") as f:  # the original layout of a stand-alone VAE file (vae-ft-mse-840000)
         assert {k.split(".")[0] for k in f.keys()} == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    # its folder is no export's: save_pretrained (whose weights file has the same name) refuses it
+    kept = file.read_bytes()
+    with pytest.raises(FileExistsError, match=r"file holds a stand-alone VAE file \(the original layout\), which "
+                                              r"this would overwrite with an autoencoder export"):
+        tuned.save_pretrained(file.parent)
+    assert file.read_bytes() == kept
+    # an export without statistics: the file records none, and the command says what stage 2 will then need
+    with caplog.at_level("WARNING", logger="ldm.cli.export"):
+        export({"ckpt_path": str(tuned.save_pretrained(tmp_path / "unmeasured")), "format": "single_file",
+                "output_dir": str(tmp_path / "unmeasured_file")})
+    assert "unmeasured holds no latent statistics (they are measured at stage 1's validations): the file records " \
+           "none, so ldm's stage 2 will need model.latent_scale" in caplog.text
 
 
 def test_a_decoder_only_fine_tune_keeps_the_source_scale_without_any_validation(shapes_shards, sd_vae, tmp_path,

@@ -147,5 +147,10 @@ def test_export_round_trip_reproduces_outputs(tmp_path, monkeypatch):
 
 
 def test_missing_autoencoder_path_names_the_config_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.autoencoder_path=.*nowhere"):
+    """The key that named the path (stage 2's through load_autoencoder_any); from Python, `path`."""
+    from ldm.convert import load_autoencoder_any
+
+    with pytest.raises(FileNotFoundError, match=r"^path=.*nowhere does not exist"):
         load_autoencoder(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"^model\.autoencoder_path=.*nowhere does not exist"):
+        load_autoencoder_any(tmp_path / "nowhere")

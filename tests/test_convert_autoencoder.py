@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from convert_helpers import TINY_VAE, diffusers_vae, max_diff
@@ -134,9 +135,9 @@ def test_load_autoencoder_any_accepts_every_form(tmp_path, single_torch_thread):
                         (tmp_path / "pipe" / "vae", "a diffusers AutoencoderKL folder"),
                         (single, r"a Stable Diffusion single file \(the original layout\)"),
                         (tmp_path / "vae-ft.ckpt", r"a stand-alone VAE file \(the original layout\)")):
-        with pytest.raises(CheckpointError, match=f"={given} is {what}.*: .* reads ldm's own checkpoints and "
-                                                  f"exports; .*from Python, ldm.convert.load_components / "
-                                                  f"load_autoencoder_any"):
+        with pytest.raises(CheckpointError, match=f"^path={given} is {what}.*: load_autoencoder reads ldm's own "
+                                                  f"checkpoints and exports; .*from Python, "
+                                                  f"ldm.convert.load_components / load_autoencoder_any"):
             load_autoencoder(given)
     # An AutoencoderModule checkpoint of ours: the config and the module's state dict (no EMA here).
     torch.save({"autoencoder_config": dataclasses.asdict(from_pipe.config), "latent_stats": None,
@@ -181,3 +182,7 @@ def test_a_vae_exported_without_a_measured_scale_gives_stage_2_none(tmp_path, si
                                           r"latent scale: its scaling_factor 0\.18215 is a stand-in\) holds no"):
         resolve_latent_scale(None, stats, source)
     assert load_autoencoder_any(tmp_path / "measured")[1] == {"scale_factor": 3.6}
+    # a numpy number or a one-element tensor is its value (a numpy float32 was "not a number")
+    for scale in (np.float32(0.5), torch.tensor(0.5)):
+        save_diffusers_vae(tmp_path / "numpy", ours, scale, overwrite=True)
+        assert load_autoencoder_any(tmp_path / "numpy")[1] == {"scale_factor": 0.5}

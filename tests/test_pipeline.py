@@ -96,7 +96,7 @@ def test_a_pipeline_export_gives_its_autoencoder_and_an_export_of_the_wrong_kind
         assert stats == {"scale_factor": module.pipeline.latent_scale} == {"scale_factor": 0.8}  # tiny_autoencoder's
         assert weights_hash(autoencoder) == weights_hash(AutoencoderKL.from_pretrained(tmp_path / "ae"))
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "foreign.ckpt")
-    with pytest.raises(CheckpointError, match=r"model\.autoencoder_path=.*foreign\.ckpt: cannot tell what this "
+    with pytest.raises(CheckpointError, match=r"path=.*foreign\.ckpt: cannot tell what this "
                                               r"checkpoint holds \(state dict prefixes \['encoder'\]\)"):
         load_autoencoder(tmp_path / "foreign.ckpt")
     for path, what in ((export, "a latent diffusion pipeline export"), (ckpt, "a checkpoint of ldm-train's latent "
@@ -115,7 +115,7 @@ def test_a_pipeline_export_gives_its_autoencoder_and_an_export_of_the_wrong_kind
                                           r"model\.init_from=DIR/model\.safetensors$"):
         load_components(classes, key="model.init_from")
     ByteTextEncoder(width=32, num_layers=1, num_heads=2, max_length=16).save_pretrained(tmp_path / "text")
-    with pytest.raises(ConfigError, match=r"model\.autoencoder_path=.*text holds a byte text encoder export"):
+    with pytest.raises(ConfigError, match=r"path=.*text holds a byte text encoder export"):
         load_autoencoder(tmp_path / "text")
     with pytest.raises(ConfigError, match=r"ckpt_path=.*text holds a byte text encoder export"):
         AutoencoderKL.from_pretrained(tmp_path / "text", "ckpt_path")
@@ -184,6 +184,9 @@ def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path: Pa
     (checkpoints / "last.ckpt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=f"holds no pipeline export .*or a checkpoint, e.g. "
                                               f"ckpt_path={checkpoints}/last.ckpt$"):
+        LatentDiffusionPipeline.from_pretrained(checkpoints)
+    (checkpoints / "last.ckpt").rename(checkpoints / "step0000007.ckpt")  # (save_last=false)
+    with pytest.raises(CheckpointError, match=f"e.g. ckpt_path={checkpoints}/step0000007.ckpt$"):
         LatentDiffusionPipeline.from_pretrained(checkpoints)
     plain = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"a.weight": torch.zeros(1)}}, plain)
@@ -255,6 +258,8 @@ def test_loaded_models_are_frozen_so_dropout_never_acts(tmp_path: Path):
     assert LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline").latent_scale == 0.5
     pipeline.autoencoder.save_pretrained(tmp_path / "reused")
     assert load_autoencoder(tmp_path / "reused")[1] is None  # (new weights: the old statistics went)
+    (tmp_path / "reused" / "config.json").unlink()  # an export killed before its config.json: replaced
+    pipeline.autoencoder.save_pretrained(tmp_path / "reused")
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     DiffusersAutoencoderKL(block_out_channels=[8], norm_num_groups=8).save_pretrained(tmp_path / "diffusers_vae")

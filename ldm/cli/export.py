@@ -171,8 +171,9 @@ def export_autoencoder(config: ExportConfig, target: Path) -> Path:
         written = save_single_file_vae(target, autoencoder, scale, overwrite=config.overwrite)
     log.info("wrote %s (%s, an autoencoder) from %s, latent scale %s", written, config.format, config.ckpt_path,
              "unknown" if scale is None else f"{scale:.5g}")
-    if scale is None:  # (the writer warned of the stand-in scale it wrote)
-        log.warning("%s holds no latent statistics: they are measured at stage 1's validations", config.ckpt_path)
+    if scale is None and config.format == "single_file":  # (save_diffusers_vae warns of the stand-in it writes)
+        log.warning("%s holds no latent statistics (they are measured at stage 1's validations): the file records "
+                    "none, so ldm's stage 2 will need model.latent_scale", config.ckpt_path)
     if config.format == "single_file" and (unseen := unseen_in_single_file(autoencoder.config, "model.net")):
         warn_unseen("autoencoder", unseen)
     if config.format == "single_file":

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ldm.convert import autoencoder as ae
 from ldm.convert import text
@@ -158,7 +161,7 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
         out_dir as a Path.
     """
     out_dir = Path(out_dir)
-    check_latent_scale(latent_scale)
+    latent_scale = checked_latent_scale(latent_scale)
     image_size = image_size or autoencoder.config.resolution
     vae_config, vae_state = _diffusers_vae(autoencoder, latent_scale, force_upcast, image_size)
     latent_size = image_size // autoencoder.downsample_factor
@@ -192,13 +195,20 @@ def save_diffusers(out_dir: str | Path, unet: UNet, autoencoder: AutoencoderKL, 
     return out_dir
 
 
-def check_latent_scale(latent_scale: Any) -> None:
-    """Refuse a latent scale that is no positive number (None: unknown), before a file that records it is written."""
-    if latent_scale is not None and (isinstance(latent_scale, bool) or not isinstance(latent_scale, (int, float))):
-        raise TypeError(f"latent_scale must be a number (diffusers' scaling_factor), got {latent_scale!r}; from "
-                        f"load_autoencoder_any's statistics pass stats['scale_factor']")
-    if latent_scale is not None and not (math.isfinite(latent_scale) and latent_scale > 0):
+def checked_latent_scale(latent_scale: Any) -> float | None:
+    """A latent scale as the float a file records (None: unknown), refused before anything is written when it is no
+    positive number; a numpy number or one-element tensor is taken as its value."""
+    if latent_scale is None:
+        return None
+    if isinstance(latent_scale, torch.Tensor) and latent_scale.numel() == 1:
+        latent_scale = latent_scale.item()
+    if isinstance(latent_scale, bool) or not isinstance(latent_scale, numbers.Real):
+        raise TypeError(f"latent_scale must be a number (diffusers' scaling_factor), got {latent_scale!r}"
+                        + ("; from load_autoencoder_any's statistics pass stats['scale_factor']"
+                           if isinstance(latent_scale, dict) else ""))
+    if not (math.isfinite(latent_scale) and latent_scale > 0):
         raise ValueError(f"latent_scale={latent_scale!r} must be a positive number (diffusers' scaling_factor)")
+    return float(latent_scale)
 
 
 def _warn_stand_in_scale(written: Path) -> None:
@@ -248,7 +258,7 @@ def save_diffusers_vae(out_dir: str | Path, autoencoder: AutoencoderKL, latent_s
         force_upcast: as in `save_diffusers`.
     """
     out_dir = Path(out_dir)
-    check_latent_scale(latent_scale)
+    latent_scale = checked_latent_scale(latent_scale)
     _check_destination(out_dir, overwrite, "config.json", "a diffusers VAE folder", class_name="AutoencoderKL")
     config, state = _diffusers_vae(autoencoder, latent_scale, force_upcast, autoencoder.config.resolution)
     with atomic_directory(out_dir, overwrite) as tmp:
@@ -270,7 +280,7 @@ def save_single_file_vae(path: str | Path, autoencoder: AutoencoderKL, latent_sc
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
-    check_latent_scale(latent_scale)
+    latent_scale = checked_latent_scale(latent_scale)
     state = autoencoder.state_dict()
     ae.autoencoder_from_original(state, autoencoder.config)  # checks every key and shape
     meta = {"autoencoder_config": dataclasses.asdict(autoencoder.config), "latent_scale": latent_scale}
@@ -300,7 +310,7 @@ def save_single_file(path: str | Path, unet: UNet, autoencoder: AutoencoderKL, l
         raise ValueError(f"{path}: single files are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
-    check_latent_scale(latent_scale)
+    latent_scale = checked_latent_scale(latent_scale)
     check_schedule_and_prediction(schedule, prediction)
     check_pooled_layer(unet, text_encoder, clip_layer)
     state = {f"model.diffusion_model.{k}": v for k, v in un.unet_to_original(unet.state_dict(), unet.config).items()}

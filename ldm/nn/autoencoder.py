@@ -347,7 +347,7 @@ class AutoencoderKL(nn.Module):
 
 
 @keeps_global_rng
-def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path", use_ema: bool = True,
+def load_autoencoder(path: str | Path, key: str = "path", use_ema: bool = True,
                      ) -> tuple[AutoencoderKL, dict[str, Any] | None]:
     """An autoencoder, frozen (eval mode: dropout off; no gradients), and its latent statistics from an export
     directory or an `AutoencoderModule` checkpoint.
@@ -359,7 +359,7 @@ def load_autoencoder(path: str | Path, key: str = "model.autoencoder_path", use_
         path: an export directory (`save_pretrained`), a `.ckpt` of `ldm.modules.autoencoder.AutoencoderModule`, a
             latent diffusion pipeline export or checkpoint (its frozen autoencoder and latent scale), or a run
             directory whose `export/` holds one of these.
-        key: the config key that set `path`, named in the error when it does not exist.
+        key: the config key that set `path`, named in errors (from Python: `path`).
         use_ema: a checkpoint's EMA weights (when it has them); false: its raw ones. An export holds one set.
     """
     model, stats = _read_autoencoder(Path(path).expanduser(), key, use_ema)
@@ -392,7 +392,8 @@ def _read_autoencoder(path: Path, key: str, use_ema: bool) -> tuple[AutoencoderK
     from ldm.checkpoints import checkpoint_kind, load_checkpoint, submodule_state
 
     checkpoint = load_checkpoint(path, key)  # never executes code the file carries
-    if checkpoint_kind(checkpoint, path, key) == "latent_diffusion":  # the frozen autoencoder it trained on
+    # (a latent diffusion checkpoint: the frozen autoencoder it trained on)
+    if checkpoint_kind(checkpoint, path, key, reader="load_autoencoder") == "latent_diffusion":
         frozen = checkpoint["hyper_parameters"]["frozen"]
         model = AutoencoderKL(AutoencoderConfig(**frozen["autoencoder_config"]))
         model.load_state_dict(submodule_state(checkpoint["state_dict"], "pipeline.autoencoder.")[0])
