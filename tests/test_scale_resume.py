@@ -295,6 +295,19 @@ def test_autoencoder_auto_resume_with_gan_and_ema_is_exact(shapes_shards, tmp_pa
                 )
 
 
+def test_a_periodic_checkpoint_of_a_validation_step_is_written_after_that_validation(shapes_shards, tmp_path,
+                                                                                     single_torch_thread):
+    """Written before it (as Lightning's ModelCheckpoint), the checkpoint of a step with a scheduled validation lacked
+    what that validation measured, and a run resumed from it (a SIGKILL during the validation, or ckpt_path=) never
+    ran it: its metrics lost, stage 1's latent scale of an older step (12% apart) in the export."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(shapes_shards, full, 5, AUTOENCODER)  # validations at steps 2 and 4, checkpoints there
+    assert torch.load(full / "checkpoints" / "step0000004.ckpt", weights_only=True)["latent_stats"]["step"] == 4
+    run(shapes_shards, resumed, 5, AUTOENCODER + [f"ckpt_path={full}/checkpoints/step0000004.ckpt"])
+    assert_same_checkpoint(full / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt", 5)
+    assert load_json(resumed / "export" / "latent_stats.json") == load_json(full / "export" / "latent_stats.json")
+
+
 def test_missing_last_resumes_from_the_newest_periodic_checkpoint(shapes_shards, tmp_path, single_torch_thread):
     """auto_resume without last.ckpt (deleted, or never renamed into place) takes the newest step file; a copy of the
     run directory resumes from its newest checkpoint whatever the copies' modification times."""

@@ -6,8 +6,10 @@
 `Checkpoint` is our own checkpoint callback on Lightning's public `Checkpoint` base (not ModelCheckpoint, whose
 behaviour could only be changed through private methods). It writes
 
-  periodic    `step{step:07d}.ckpt` every `every_n_train_steps` steps, at the end of that step's batch (before
-              that step's validation, as Lightning's ModelCheckpoint; `every_n_train_steps: null` saves after it);
+  periodic    `step{step:07d}.ckpt` every `every_n_train_steps` steps, at the end of that step's batch, or after
+              that step's validation when the schedule holds one (a run resumed from a file written before it
+              skipped that validation: its metrics, grids and stage 1's latent statistics were lost; Lightning's
+              ModelCheckpoint saves before it);
   validation  the same file at the end of each validation instead, when `every_n_train_steps` is null (so the
               checkpoint holds what that validation measured, e.g. the autoencoder's latent statistics); a
               validation inside an accumulation group (its step's gradients half summed) saves at the end of the
@@ -43,7 +45,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from ldm.callbacks.step_boundary import StepBoundary, final_batch
+from ldm.callbacks.step_boundary import StepBoundary, final_batch, validation_due
 from ldm.callbacks.throughput import batch_size_of
 from ldm.config import ConfigError, is_int
 from ldm.io import atomic_open, is_export
@@ -186,6 +188,7 @@ class Checkpoint(StepBoundary, CheckpointBase):
         self.last_model_path = ""  # the newest last.ckpt written (ModelCheckpoint's attribute of that name)
         self.kept: list[str] = []  # periodic checkpoints written by this run (and its earlier segments), oldest first
         self._validated = False  # a validation asked for a checkpoint, due at the next optimizer step
+        self._after_validation = False  # this step's periodic checkpoint, due at the end of its validation
         self._stop_held = False  # a callback's stop, asked for inside an accumulation group, due at the step's end
         self._last_step = -1  # global step of the newest last.ckpt this process wrote
         self.trained_in_fit = False  # whether the current fit has trained a batch (`stopped_without_export`)
@@ -217,7 +220,9 @@ class Checkpoint(StepBoundary, CheckpointBase):
             self._stop_held = False
             trainer.should_stop = True
         periodic = self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0
-        if periodic or self._validated:
+        if periodic and validation_due(trainer) and not stopping(trainer):
+            self._after_validation = True
+        elif periodic or self._validated:
             self._validated = False
             self.save(trainer, periodic=True)
         elif self.save_last and (final_batch(trainer) or stopping(trainer)) and not self._last_is_current(trainer):
@@ -230,7 +235,8 @@ class Checkpoint(StepBoundary, CheckpointBase):
         if not self.stepped(trainer):  # a validation inside an accumulation group: its gradients so far are in no
             self._validated = self._validated or self.every_n_train_steps == 0  # checkpoint: at the step's end
             self._hold_stop(trainer)
-        elif self.every_n_train_steps == 0:
+        elif self.every_n_train_steps == 0 or self._after_validation:
+            self._after_validation = False
             self.save(trainer, periodic=True)
         elif self.save_last and stopping(trainer) and not self._last_is_current(trainer):
             self.save(trainer, periodic=False)  # EarlyStopping stopped the run: while the loop stands in its epoch

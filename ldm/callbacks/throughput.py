@@ -267,7 +267,7 @@ class Throughput(StepBoundary):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and hasattr(self, "_t0"):  # validation inside fit, not the sanity check
             self._val_start = time.perf_counter()
-            self._wait += self._val_start - self._ready  # a checkpoint written at the step's end, before validation
+            self._wait += self._val_start - self._ready  # a signal's save at the step's end, before validation
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
