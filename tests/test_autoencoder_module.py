@@ -163,9 +163,9 @@ def test_checkpoint_and_export_round_trips(tmp_path):
         tiny_module(**{"loss.learn_logvar": True}).on_load_checkpoint(torch.load(ckpt, weights_only=True))
 
 
-def test_a_resume_from_a_checkpoint_written_before_its_validation_keeps_the_statistics(tmp_path):
-    """A periodic checkpoint written at its step's end precedes that step's validation, which measures the latent
-    statistics: the export of a resumed run took the checkpoint's (none) and removed the good latent_stats.json."""
+def test_a_resume_keeps_the_statistics_of_the_checkpoints_validation(tmp_path):
+    """A periodic checkpoint of a validation step holds what that validation measured (written before it, it held
+    none, and the export of a resumed run took those and removed the good latent_stats.json)."""
     from ldm.callbacks.checkpoint import Checkpoint
 
     images = shapes_images(16)
@@ -183,9 +183,9 @@ def test_a_resume_from_a_checkpoint_written_before_its_validation_keeps_the_stat
         return trainer
 
     run(2)
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"] is None
     measured = json.loads((tmp_path / "export" / "latent_stats.json").read_text())
     assert measured["step"] == 2
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["latent_stats"] == measured
     # stage 2 on the checkpoint takes the statistics of its weights, as on the export (it took the checkpoint's)
     assert load_autoencoder(tmp_path / "checkpoints" / "last.ckpt")[1] == measured
     run(2)  # the same command again: a finished run, resumed, trains nothing
