@@ -266,29 +266,31 @@ def check_export_destination(directory: str | os.PathLike, config: dict[str, Any
     """Refuse to write an export with `config` into a folder that holds a model of another kind (a diffusers or
     transformers model, or an ldm export of another kind): `save_pretrained` replaces an export of its own kind only,
     so a slip of the folder name cannot overwrite a stage-1 export or a Stable Diffusion folder."""
+    from ldm.config import ConfigError
+
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file, not a folder: choose another folder for the export")
+    written = export_kind(config)
     held = None
     if (directory / "model_index.json").is_file():
         held = "a diffusers pipeline folder"
     elif (directory / CONFIG_NAME).is_file():
         try:
-            existing = json.loads((directory / CONFIG_NAME).read_text())
-        except (OSError, ValueError):
-            existing = None
-        if not isinstance(existing, dict):
+            existing = read_json_object(directory / CONFIG_NAME, "directory")
+        except ConfigError:  # unreadable, damaged or no object
             held = f"a {CONFIG_NAME} that is no JSON object"
-        elif "_class_name" in existing or "model_type" in existing:
-            held = f"a {'diffusers' if '_class_name' in existing else 'transformers'} model"
-        elif export_kind(existing) != export_kind(config):
-            held = export_kind(existing).split(" (")[0]
+        else:
+            if "_class_name" in existing or "model_type" in existing:
+                held = f"a {'diffusers' if '_class_name' in existing else 'transformers'} model"
+            elif export_kind(existing) != written:
+                held = export_kind(existing).split(" (")[0]  # (without the key it is meant for)
     elif (directory / WEIGHTS_NAME).is_file():  # ldm-export format=single_file's <output_dir>/model.safetensors
         held = _single_file_kind(directory / WEIGHTS_NAME, vae_written_by_ldm=True)
     if held is not None:
         raise FileExistsError(f"{directory} holds {held}, which this would overwrite with "
-                              f"{export_kind(config).split(' (')[0]}: save into another folder (an export replaces "
-                              f"only an export of its own kind)")
+                              f"{written.split(' (')[0]}: save into another folder (an export replaces only an export "
+                              f"of its own kind)")
 
 
 def export_config(directory: Path, config: dict[str, Any], schema: type[T], key: str) -> T:

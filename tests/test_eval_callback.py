@@ -56,7 +56,13 @@ def test_fid_callback_scores_the_ema_weights_or_the_trained_ones_as_use_ema_says
     data = DataLoader([{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}], batch_size=None)
     unets = []  # the UNet of each pipeline the module hands out
     eval_pipeline = module.eval_pipeline
-    module.eval_pipeline = lambda use_ema: unets.append(eval_pipeline(use_ema).unet) or eval_pipeline(use_ema)
+
+    def recorded(use_ema: bool):
+        pipeline = eval_pipeline(use_ema)
+        unets.append(pipeline.unet)
+        return pipeline
+
+    module.eval_pipeline = recorded
     for use_ema, expected in ((True, module.ema.module), (False, module.pipeline.unet)):
         unets.clear()
         callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=1, num_samples=4, batch_size=4,

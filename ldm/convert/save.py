@@ -211,12 +211,6 @@ def checked_latent_scale(latent_scale: Any) -> float | None:
     return float(latent_scale)
 
 
-def _warn_stand_in_scale(written: Path) -> None:
-    log.warning("%s: no latent scale given (latent_scale=None): the VAE states SD's scaling factor 0.18215, which "
-                "diffusers and other tools take as its scale; ldm's stage 2 takes it for none and needs "
-                "model.latent_scale", written)
-
-
 def _check_destination(out_dir: Path, overwrite: bool, marker: str, what: str, class_name: str | None = None) -> None:
     """Refuse a file as the destination folder, and an overwrite of a folder that is not `what`: without `marker`, or
     (with `class_name`) whose `marker` JSON names another `_class_name` (every export of ours has a config.json)."""
@@ -265,7 +259,9 @@ def save_diffusers_vae(out_dir: str | Path, autoencoder: AutoencoderKL, latent_s
         _write_json(config, tmp / "config.json")
         _save_safetensors(state, tmp / DIFFUSERS_WEIGHTS)
     if latent_scale is None:
-        _warn_stand_in_scale(out_dir)
+        log.warning("%s: no latent scale given (latent_scale=None): the VAE states SD's scaling factor 0.18215, which "
+                    "diffusers and other tools take as its scale; ldm's stage 2 takes it for none and needs "
+                    "model.latent_scale", out_dir)
     return out_dir
 
 
