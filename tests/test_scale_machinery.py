@@ -598,6 +598,43 @@ def test_validations_between_jumps_to_the_batches_lightning_validates_after():
     assert validations_between(unknown, 0, 10) is None
 
 
+def test_a_fit_that_raised_leaves_no_checkpoint_due_to_the_next(tmp_path):
+    """The Python API's reuse of one callback: a fit raised in the validation of a periodic step, whose checkpoint
+    was due at that validation's end; the next fit (checkpoints every 3 steps) wrote one at its validation of step 2
+    as well."""
+    from ldm.callbacks.checkpoint import Checkpoint
+
+    class Linear(L.LightningModule):
+        def __init__(self, raise_in_validation: bool):
+            super().__init__()
+            self.net, self.raise_in_validation = torch.nn.Linear(4, 1), raise_in_validation
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            if self.raise_in_validation:
+                raise RuntimeError("out of memory in validation")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+    checkpoint = Checkpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=2, save_last=False)
+
+    def fit(raise_in_validation: bool, every: int) -> None:
+        checkpoint.every_n_train_steps = every
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, val_check_interval=2, limit_val_batches=1,
+                            num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[checkpoint])
+        trainer.fit(Linear(raise_in_validation), loader, loader)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(raise_in_validation=True, every=2)
+    fit(raise_in_validation=False, every=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step0000003.ckpt"]
+
+
 def test_checkpoint_interval_must_be_whole_steps():
     from ldm.callbacks.checkpoint import Checkpoint
     from ldm.config import ConfigError

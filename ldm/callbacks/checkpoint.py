@@ -200,6 +200,8 @@ class Checkpoint(StepBoundary, CheckpointBase):
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         self.trained_in_fit = False
+        # a fit that raised (Python API) may have left a checkpoint due: none of it carries into the next one
+        self._validated = self._after_validation = self._stop_held = False
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
