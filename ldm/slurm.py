@@ -18,6 +18,9 @@ nothing: `last.ckpt` is written (also with `save_last: false`) and the run finis
 FID callback's final evaluation, which the time left may not hold; no requeue (the requeued job would find nothing
 left to train).
 
+Outside fit, `ldm-train` holds the requeue signal (`requeue_signal_held`): one before training is acted on at the end
+of its first step, one after it (export, final evaluation) lets the run finish.
+
 The sbatch scripts in slurm/ ask for the signal with `#SBATCH --signal=USR1@120` (sent to every task of the step);
 the submitit launcher (hydra/launcher=slurm) is told to send USR1 too, instead of its own USR2, so submitit's
 requeue never fires.
@@ -25,11 +28,13 @@ requeue never fires.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,6 +47,45 @@ from typing_extensions import override
 from ldm.callbacks.checkpoint import Checkpoint, run_halted
 from ldm.callbacks.step_boundary import StepBoundary, final_batch, validation_due
 from ldm.config import ConfigError
+
+
+def catchable_signal(signal_name: str) -> signal.Signals | None:
+    """The signal `signal_name` names ("USR1", "SIGUSR1"), or None for one a process cannot catch or no signal."""
+    name = f"SIG{str(signal_name).upper().removeprefix('SIG')}"
+    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+        return None
+    return signal.Signals[name]
+
+
+_held: list[signal.Signals] = []  # the requeue signal, received outside fit while `requeue_signal_held` held it
+
+
+@contextlib.contextmanager
+def requeue_signal_held(signal_name: str | None) -> Iterator[None]:
+    """Hold SLURM's warning before the time limit (`signal_name`) outside fit: at a run's start, its export, its
+    final evaluation. Its default action ends the process: a job that had trained and exported everything ended as
+    failed (`--dependency=afterok` chains never started), its W&B run left open and its run lock behind. One that
+    arrives before fit is acted on at the end of fit's first step (`SlurmRequeue.setup`: save, requeue); one after
+    fit lets the run finish. A handler the caller installed stays; so does the signal off the main thread."""
+    signum = catchable_signal(signal_name) if signal_name is not None else None
+    if signum is None or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signum) != signal.SIG_DFL:
+        yield
+        return
+
+    def hold(received: int, frame: FrameType | None) -> None:
+        if not _held:
+            _held.append(signal.Signals(received))
+            print(f"{signum.name} outside a training step: held (a run with steps left to train saves last.ckpt at "
+                  f"the end of its first and stops; one past its training finishes)", file=sys.stderr, flush=True)
+
+    _held.clear()
+    signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signum, signal.SIG_DFL)
+        _held.clear()
 
 
 def slurm_job_id() -> str | None:
@@ -76,13 +120,13 @@ class SlurmRequeue(StepBoundary):
     """
 
     def __init__(self, signal_name: str = "USR1", requeue: bool = True):
-        name = f"SIG{str(signal_name).upper().removeprefix('SIG')}"
-        if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):  # (those two cannot be caught)
+        signum = catchable_signal(signal_name)
+        if signum is None:
             raise ConfigError(f"callbacks.slurm_requeue.signal_name={signal_name!r} is not a signal a process can "
                               f"catch: the one `#SBATCH --signal=NAME@SECONDS` names, e.g. USR1 or USR2")
         if not isinstance(requeue, bool):
             raise ConfigError(f"callbacks.slurm_requeue.requeue={requeue!r} must be true or false")
-        self.signum = signal.Signals[name]
+        self.signum = signum
         self.requeue = requeue
         self.job_id: str | None = None
         self.requeued = False
@@ -127,6 +171,9 @@ class SlurmRequeue(StepBoundary):
         for signum in self.signals:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._active = True
+        if self.signum in _held and self._received is None:  # before fit (`requeue_signal_held`): at the first step
+            self._received = self.signum
+            _held.clear()
         where = f"SLURM job {self.job_id}: on {self.signum.name} the run saves last.ckpt and requeues; " \
             if self.job_id is not None and self.requeue else ""
         rank_zero_info(f"{where}on {'/'.join(s.name for s in self.signals)} the run saves last.ckpt at the end of "

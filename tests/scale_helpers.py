@@ -249,11 +249,19 @@ class NanInjector(L.Callback):
 
 class SignalAtStep(L.Callback):
     """Send this process `signal_name` at the start of the training batch at `step` (a stand-in for SLURM's warning),
-    or with `during=validation` at the start of the validation that follows that step; on `ranks` only (all: [])."""
+    or with `during=validation` at the start of the validation that follows that step; on `ranks` only (all: []).
+    Outside fit: `during=construction` when the run builds its callbacks, `during=teardown` once fit is over (after
+    the callbacks listed before this one have torn down)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGUSR1", during: str = "train", ranks: Sequence[int] = ()):
+    def __init__(self, step: int = 0, signal_name: str = "SIGUSR1", during: str = "train", ranks: Sequence[int] = ()):
         self.step, self.signum, self.during, self.ranks = step, signal.Signals[signal_name], during, list(ranks)
         self.sent = False  # once: with gradient accumulation several batches start at one global step
+        if during == "construction":
+            os.kill(os.getpid(), self.signum)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.during == "teardown":
+            os.kill(os.getpid(), self.signum)
 
     def _send(self, trainer: L.Trainer, during: str) -> None:
         if self.ranks and trainer.global_rank not in self.ranks:  # the signal reaches these ranks only

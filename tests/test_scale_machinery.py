@@ -20,6 +20,7 @@ from scale_helpers import (
     compose_train,
     fake_scontrol,
     load_json,
+    run_cli,
     tiny_autoencoder_export,
     tiny_ldm_overrides,
     tiny_overrides,
@@ -460,6 +461,27 @@ def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkey
     assert log.read_text().split() == ["requeue", "4242"]
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # the signal arrived during step 3; saved at its end, then stopped
+
+
+def test_the_requeue_signal_outside_fit_is_held(shapes_shards, tmp_path):
+    """SLURM's USR1 outside fit ended the process (its default action): a job that had trained and exported
+    everything ended as failed (status 138; W&B run open, run lock left). Before fit it is acted on at the first
+    step's end (save, requeue); after fit the run finishes. In a subprocess: the default action would end pytest."""
+    bin_dir, log = fake_scontrol(tmp_path)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    early, late = tmp_path / "early", tmp_path / "late"
+    signalled = ["model.net.ch=16", "+callbacks.signal._target_=scale_helpers.SignalAtStep"]
+    result = run_cli(tiny_overrides(shapes_shards, early, max_steps=50, every=100)
+                     + [*signalled, "+callbacks.signal.during=construction"], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGUSR1 outside a training step: held" in result.stderr
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert torch.load(early / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    result = run_cli(tiny_overrides(shapes_shards, late, max_steps=2, every=100)
+                     + [*signalled, "+callbacks.signal.during=teardown"], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (late / "export" / "model.safetensors").exists() and not (late / "train.lock").exists()
+    assert log.read_text().split() == ["requeue", "4242"]  # none more
 
 
 def test_a_requeue_at_a_validation_step_comes_after_the_save_that_follows_the_validation(shapes_shards, tmp_path,

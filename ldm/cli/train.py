@@ -83,6 +83,7 @@ from ldm.cli.run_lock import run_lock
 from ldm.data.shardlist import absolute_spec
 from ldm.io import absolute_if_local
 from ldm.nn.unet import UNetConfig
+from ldm.slurm import requeue_signal_held
 
 configs.register_schemas("model", "data/webdataset")  # conf/ extends them: stored before Hydra composes
 
@@ -888,7 +889,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check_config(cfg)
     output_dir = resolve_output_dir(cfg)
-    with process_state_kept(), run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
+    requeue = (cfg.get("callbacks") or {}).get("slurm_requeue") or {}
+    with process_state_kept(), requeue_signal_held(requeue.get("signal_name", "USR1") if requeue else None), \
+            run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
         if lock is not None:
             remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
         return _train(cfg, output_dir)
