@@ -183,6 +183,8 @@ def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
     assert "trial failed (ConfigError: model.lr=-1.0 must be > 0)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert [(sweep / job / "export").is_dir() for job in "012"] == [True, False, True]
+    assert result.stderr.strip().splitlines()[-1] == (f"ldm-train: 1 of 3 jobs of the sweep failed: {sweep / '1'} "
+                                                      f"(ConfigError: model.lr=-1.0 must be > 0)")
     # the refused value first: taken for a mistake in the command, it ended the sweep (exit 2) before the others ran
     sweep = tmp_path / "first"
     result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=-1,1e-3",
@@ -190,6 +192,16 @@ def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trial failed (ConfigError: model.lr=-1.0 must be > 0)" in result.stdout
     assert [(sweep / job / "export").is_dir() for job in "01"] == [False, True]
+    # no job completed: exit status 1 (it was 0, and `ldm-train -m ... && ldm-eval ...` went on)
+    sweep = tmp_path / "none"
+    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=-1,-2",
+                      *sweep_overrides(shapes_shards, max_steps=1)], timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"ldm-train: 2 of 2 jobs of the sweep failed: {sweep}")
+    # the same grid again into its directory, now valid: the earlier failures are not this run's
+    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=1e-3,2e-3",
+                      *sweep_overrides(shapes_shards, max_steps=1)], timeout=600)
+    assert result.returncode == 0 and "jobs of the sweep failed" not in result.stderr, result.stderr[-3000:]
 
 
 def test_a_mistake_in_the_command_stops_the_sweep_at_its_first_job(shapes_shards, tmp_path):

@@ -323,6 +323,11 @@ def _one_line(err: BaseException, with_type: bool) -> str:
     return f"{type(err).__name__}: {text}" if with_type else text
 
 
+class SweepFailed(SystemExit):
+    """The end of a multirun none of whose jobs completed (a Hydra callback's, `ldm.cli.train.SweepSummary`): exit
+    status 1 whether the jobs ran in this process or in processes of their own (the submitit launchers)."""
+
+
 class Terminated(KeyboardInterrupt):
     """A SIGTERM (`kill`, `timeout`, a scheduler's end of job) taken as Ctrl-C is, where `run_cli` is asked to."""
 
@@ -552,7 +557,7 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             print(f"{name}: interrupted", file=sys.stderr, flush=True)
             sys.exit(128 + signal.SIGINT)
         except SystemExit as exit_:
-            if exit_.code == EXIT_FAILURE and not _task_started:
+            if exit_.code == EXIT_FAILURE and not _task_started and not isinstance(exit_, SweepFailed):
                 sys.exit(EXIT_USER_ERROR)
             raise
         except Exception as err:  # noqa: BLE001 -- raised by Hydra before any task ran

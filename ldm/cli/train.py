@@ -65,7 +65,9 @@ from ldm.callbacks.checkpoint import AtomicCheckpointIO, Checkpoint, run_interru
 from ldm.checkpoints import load_checkpoint
 from ldm.cli.common import (
     CONF_DIR,
+    EXIT_FAILURE,
     EXIT_USER_ERROR,
+    SweepFailed,
     check_nodes,
     check_slurm_run_directory,
     check_trainer,
@@ -545,6 +547,28 @@ class HandSweptKeys(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEPT_ENV] = "[]"  # (not an earlier sweep's of this process, should the keys fail to parse)
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
+
+
+JOB_FAILED_FILE = "job_failed.txt"  # in a multirun job's run directory: the error that failed the job
+
+
+class SweepSummary(Callback):
+    """A Hydra callback (conf/train.yaml): at the end of a multirun, one line naming the jobs that failed (each job
+    goes on past another's failure, `main`), and exit status 1 when none completed: `ldm-train -m ... && ldm-eval`
+    went on after a grid whose every job had diverged, the command's status 0. A job says it failed in its run
+    directory (`JOB_FAILED_FILE`), which the launchers that run jobs in processes of their own reach too."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = sorted((p for p in Path(config.hydra.sweep.dir).glob("*") if p.name.isdigit() and p.is_dir()),
+                      key=lambda p: int(p.name))
+        failed = [(job, (job / JOB_FAILED_FILE).read_text().strip()) for job in jobs
+                  if (job / JOB_FAILED_FILE).is_file()]
+        if not failed:
+            return
+        print(f"ldm-train: {len(failed)} of {len(jobs)} jobs of the sweep failed: "
+              + "; ".join(f"{job} ({error})" for job, error in failed), file=sys.stderr, flush=True)
+        if len(failed) == len(jobs):
+            raise SweepFailed(EXIT_FAILURE)
 
 
 def names_swept_key(message: str) -> bool:
@@ -1069,6 +1093,8 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(128 + SWEEP_STOP[0])
         if not is_multirun():  # first: the other checks' mistakes would leave Hydra's run directory behind
             check_slurm_run_directory(cfg.paths.output_dir)
+        else:  # (a job of a grid run again into its sweep directory: an earlier failure is not this run's)
+            Path(HydraConfig.get().runtime.output_dir, JOB_FAILED_FILE).unlink(missing_ok=True)
         try:
             metrics = train(cfg)
         except Exception as err:
@@ -1080,9 +1106,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise  # a mistake in the command, which every job would meet: the sweep stops at its first
             if not user_error:
                 traceback.print_exc()
-            print(f"trial failed ({type(err).__name__}: {err}); the sweep goes on without its "
-                  f"{metric_name or 'result'}")
-            return None
+            return job_failed(f"{type(err).__name__}: {err}", metric_name)
         if not metric_name:
             return None
         if not metrics:  # a finished run, resumed: nothing trained, nothing logged
@@ -1093,11 +1117,17 @@ def main(cfg: DictConfig) -> float | None:
             raise configs.ConfigError(f"optimized_metric={metric_name!r} was not logged; logged metrics: "
                                       f"{sorted(metrics)}")
         if is_multirun() and not math.isfinite(metrics[metric_name]):
-            print(f"trial failed ({metric_name} is {metrics[metric_name]}); the sweep goes on without it")
-            return None
+            return job_failed(f"{metric_name} is {metrics[metric_name]}", metric_name)
         return metrics[metric_name]
 
     return run_cli("ldm-train", run)
+
+
+def job_failed(error: str, metric_name: str | None) -> None:
+    """A multirun job failed with `error`: say so, and record it for the sweep's summary (`SweepSummary`)."""
+    print(f"trial failed ({error}); the sweep goes on without its {metric_name or 'result'}")
+    with contextlib.suppress(OSError):
+        Path(HydraConfig.get().runtime.output_dir, JOB_FAILED_FILE).write_text(error.splitlines()[0] + "\n")
 
 
 if __name__ == "__main__":
