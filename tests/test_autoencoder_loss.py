@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ldm.checkpoints import CheckpointError
 from ldm.losses.autoencoder import AutoencoderLoss, LossConfig, discriminator_loss, generator_loss
@@ -44,33 +45,42 @@ def test_discriminator_learns_only_from_disc_start_and_adaptive_weight_is_sane()
             assert disc_grad_norm(loss) == 0  # no discriminator forward at all before disc_start
 
 
-def test_the_generator_loss_is_ldm_s_formula(tmp_path, monkeypatch):
-    """total = NLL + kl_weight KL + adaptive weight x disc_factor x G, NLL = sum over pixels of (|x - x'| +
-    lpips_weight LPIPS) / exp(logvar) + logvar per image, the adaptive weight disc_weight x ||dNLL/dL|| / (||dG/dL|| +
-    1e-4) at the decoder's last layer L (taming-transformers' LPIPSWithDiscriminator), each written out here."""
+@pytest.mark.parametrize("rec_loss", ["l1", "l2"])
+def test_the_generator_loss_is_ldm_s_formula(tmp_path, monkeypatch, rec_loss):
+    """total = NLL + kl_weight KL + adaptive weight x disc_factor x G, NLL = sum over pixels of (|x - x'| (l2:
+    (x - x')^2) + lpips_weight LPIPS) / exp(logvar) + logvar per image, the adaptive weight disc_weight x
+    ||dNLL/dL|| / (||dG/dL|| + 1e-4) at the decoder's last layer L, its output convolution's weight
+    (taming-transformers' LPIPSWithDiscriminator), each written out here; the discriminator's loss disc_factor x
+    hinge(D(x), D(x'))."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
     model = tiny_autoencoder()
-    loss = AutoencoderLoss(LossConfig(lpips_weight=0.7, lpips_pretrained_backbone=False, learn_logvar=True,
-                                      logvar_init=0.3, kl_weight=1e-3, disc_start=0, disc_weight=0.5, disc_factor=0.8,
-                                      disc=DiscriminatorConfig(ndf=8, n_layers=2)))
+    loss = AutoencoderLoss(LossConfig(rec_loss=rec_loss, lpips_weight=0.7, lpips_pretrained_backbone=False,
+                                      learn_logvar=True, logvar_init=0.3, kl_weight=1e-3, disc_start=0,
+                                      disc_weight=0.5, disc_factor=0.8, disc=DiscriminatorConfig(ndf=8, n_layers=2)))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     x_rec, posterior = model(x)
+    assert model.last_layer is model.decoder.conv_out.weight
     total, logged = loss.generator_step(x, x_rec, posterior, step=0, last_layer=model.last_layer)
 
     lpips = loss.perceptual(x, x_rec).flatten()                                   # (B,)
-    per_image = [((x[i] - x_rec[i]).abs() + 0.7 * lpips[i]).sum() / np.exp(0.3) + 0.3 * x[i].numel()
-                 for i in range(2)]
+    pixel = (x - x_rec).abs() if rec_loss == "l1" else (x - x_rec) ** 2
+    per_image = [(pixel[i] + 0.7 * lpips[i]).sum() / np.exp(0.3) + 0.3 * x[i].numel() for i in range(2)]
     nll = (per_image[0] + per_image[1]) / 2
     kl = 0.5 * (posterior.mean ** 2 + torch.exp(posterior.logvar) - 1 - posterior.logvar).sum() / 2
     g = -loss.discriminator(x_rec).mean()                                         # hinge's generator term
-    grad_nll = torch.autograd.grad(nll, model.last_layer, retain_graph=True)[0]
-    grad_g = torch.autograd.grad(g, model.last_layer, retain_graph=True)[0]
+    last = model.decoder.conv_out.weight
+    grad_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
+    grad_g = torch.autograd.grad(g, last, retain_graph=True)[0]
     weight = 0.5 * grad_nll.norm() / (grad_g.norm() + 1e-4)
+    torch.testing.assert_close(logged["rec_loss"], pixel.mean().detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(logged["nll_loss"], nll.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(logged["kl_loss"], kl.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(logged["disc_weight"], weight.detach(), rtol=1e-4, atol=0)
     torch.testing.assert_close(total.detach(), (nll + 1e-3 * kl + weight * 0.8 * g).detach(), rtol=1e-5, atol=0)
+    d_loss, _ = loss.discriminator_step(x, x_rec, step=0)
+    hinge = (F.relu(1 - loss.discriminator(x)).mean() + F.relu(1 + loss.discriminator(x_rec)).mean()) / 2
+    torch.testing.assert_close(d_loss.detach(), (0.8 * hinge).detach(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["hinge", "vanilla", "non_saturating"])

@@ -163,6 +163,36 @@ def test_checkpoint_and_export_round_trips(tmp_path):
         tiny_module(**{"loss.learn_logvar": True}).on_load_checkpoint(torch.load(ckpt, weights_only=True))
 
 
+def test_training_decodes_a_posterior_sample_and_the_scale_is_of_samples(tmp_path, monkeypatch):
+    """Training decodes z = mean + std * eps (eps of step_generator(seed, rank, step)), not the posterior's mean
+    (whose variance then had no reconstruction pressure); the latent statistics, stage 2's scale, are the mean and
+    the (centred) spread of the validation batches' posterior samples, each drawn from step -1 - batch."""
+    from ldm.seeding import step_generator
+
+    torch.manual_seed(0)
+    module = tiny_module()
+    with torch.no_grad():
+        module.autoencoder.quant_conv.bias[:4] += 0.5  # latents away from 0: a spread not centred would show
+    encoded, decoded = [], []
+    encode, decode = module.autoencoder.encode, module.autoencoder.decode
+    monkeypatch.setattr(module.autoencoder, "encode", lambda x: encoded.append(encode(x)) or encoded[-1])
+    monkeypatch.setattr(module.autoencoder, "decode", lambda z: decoded.append(z.detach()) or decode(z))
+    images = shapes_images(8)
+    fit(module, images, tmp_path, max_steps=1, val_every=1)
+    posterior = encoded[0]  # training's, at step 0
+    eps = torch.randn(posterior.mean.shape, generator=step_generator(0, 0, 0))
+    torch.testing.assert_close(decoded[0], (posterior.mean + posterior.std * eps).detach(), rtol=0, atol=0)
+
+    with torch.no_grad():
+        z = module.eval_model.encode(images).sample(step_generator(0, 0, -1)).double()  # the one validation batch
+    stats = module.latent_stats
+    assert stats["mean"] == pytest.approx(z.mean(dim=(0, 2, 3)).tolist(), rel=1e-9, abs=1e-12)
+    assert stats["std"] == pytest.approx(z.std(dim=(0, 2, 3), unbiased=False).tolist(), rel=1e-6)
+    assert stats["global_mean"] == pytest.approx(z.mean().item(), rel=1e-9)
+    assert stats["global_std"] == pytest.approx(z.std(unbiased=False).item(), rel=1e-6)
+    assert abs(stats["global_mean"]) > 0.1 * stats["global_std"]
+
+
 def test_a_resume_keeps_the_statistics_of_the_checkpoints_validation(tmp_path):
     """A periodic checkpoint of a validation step holds what that validation measured (written before it, it held
     none, and the export of a resumed run took those and removed the good latent_stats.json)."""

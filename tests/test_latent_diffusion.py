@@ -130,12 +130,15 @@ def fit(module: LatentDiffusionModule, tmp_path: Path, steps: int = 3, callbacks
 
 
 def test_autoencoder_stays_frozen_and_in_eval_mode_while_training(tmp_path: Path, autoencoder_dir: Path):
-    module = LatentDiffusionModule(tiny_config(autoencoder_dir))
+    module = LatentDiffusionModule(tiny_config(autoencoder_dir, weight_decay=0.05))
     ae_before = {k: v.clone() for k, v in module.pipeline.autoencoder.state_dict().items()}
     unet_before = {k: v.clone() for k, v in module.pipeline.unet.state_dict().items()}
     ema_before = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
+    conditioner_ema_before = {k: v.clone() for k, v in module.ema_conditioner.module.state_dict().items()}
     assert not any(p.requires_grad for p in module.pipeline.autoencoder.parameters())
-    fit(module, tmp_path, steps=3)
+    trainer = fit(module, tmp_path, steps=3)
+    # model.weight_decay reaches AdamW (whose own default equals the config's default, 0.01)
+    assert [group["weight_decay"] for group in trainer.optimizers[0].param_groups] == [0.05]
     assert all(torch.equal(v, ae_before[k]) for k, v in module.pipeline.autoencoder.state_dict().items())
     assert all(p.grad is None for p in module.pipeline.autoencoder.parameters())
     assert not module.pipeline.autoencoder.training
@@ -143,8 +146,10 @@ def test_autoencoder_stays_frozen_and_in_eval_mode_while_training(tmp_path: Path
     assert not module.pipeline.autoencoder.training and module.pipeline.unet.training
     assert any(not torch.equal(v, unet_before[k]) for k, v in module.pipeline.unet.state_dict().items())
     assert any(not torch.equal(v, ema_before[k]) for k, v in module.ema.module.state_dict().items())
-    # The trainable byte encoder is optimised and averaged as well.
-    assert module.ema_conditioner is not None
+    # The trainable byte encoder is optimised and averaged as well, at every step.
+    assert int(module.ema.n_averaged) == int(module.ema_conditioner.n_averaged) == 3
+    assert any(not torch.equal(v, conditioner_ema_before[k])
+               for k, v in module.ema_conditioner.module.state_dict().items())
 
 
 class LearningRates(L.Callback):
@@ -357,7 +362,7 @@ def test_pretrained_byte_encoder_stays_frozen_and_the_checkpoint_carries_it(tmp_
     restore_without(trainer, module, encoder_dir, tmp_path / "model.ckpt")
 
 
-@pytest.mark.parametrize("decay", [0.99, 0.9999])
+@pytest.mark.parametrize("decay", [0.9, 0.99, 0.9999])  # (0.9: at its ceiling after 80 updates)
 def test_ema_warms_up_as_diffusers_ema_model(decay: float):
     """The EMA's decay ramps as min(decay, (1 + n) / (10 + n)), diffusers' EMAModel (and CompVis' LitEma): the
     average follows the weights early on. A fixed 0.9999 held 90% of the initial weights after 1000 steps."""
