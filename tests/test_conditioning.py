@@ -125,6 +125,10 @@ def test_hf_encoder_loads_t5_encoder_by_path(tiny_clip, tmp_path):
     cond = pooled(["a red square"])
     real = len(pooled.encoder.tokenizer("a red square").input_ids)
     torch.testing.assert_close(cond["pooled"][0], cond["context"][0, :real].mean(0))  # mean over the real tokens
+    # the padding is masked out: the real tokens are transformers' encoding of the prompt alone (no padding)
+    alone = T5EncoderModel.from_pretrained(tmp_path).eval()(
+        input_ids=torch.tensor([pooled.encoder.tokenizer("a red square").input_ids])).last_hidden_state
+    torch.testing.assert_close(cond["context"][:, :real], alone, rtol=1e-5, atol=1e-5)
 
     trainable = build_conditioner({"kind": "hf", "name_or_path": str(tmp_path), "trainable": True}).train()
     assert trainable.trainable and trainable.encoder.training
@@ -303,6 +307,22 @@ def test_precomputed_encodings_are_dropped_as_their_captions_are():
     dropped = [torch.allclose(row, empty) for row in from_encodings]
     assert 0 < sum(dropped) < len(prompts)
     torch.testing.assert_close(from_encodings, from_captions)
+    # the pooled vector too (pooled: true), by the same draws; and nothing is dropped outside training (val/loss)
+    torch.manual_seed(0)
+    pooled = build_conditioner(ConditionerConfig(kind="byte", width=32, num_layers=1, num_heads=4, max_length=16,
+                                                 cond_drop_prob=0.5, pooled=True)).train()
+    with torch.no_grad():
+        encoded = EncodedText(*pooled.encoder(prompts))
+        from_captions = pooled(prompts, generator=torch.Generator().manual_seed(3))
+        from_encodings = pooled(encoded, generator=torch.Generator().manual_seed(3))
+        empty = pooled.unconditional(1)
+    for key in ("context", "pooled"):
+        torch.testing.assert_close(from_encodings[key], from_captions[key])
+        assert [torch.allclose(row, empty[key][0]) for row in from_encodings[key]] == dropped
+    always = byte_conditioner(1.0).eval()
+    with torch.no_grad():
+        context = always.encoder(prompts)[0]
+        assert torch.equal(always(EncodedText(context, None), generator=torch.Generator())["context"], context)
 
 
 def test_class_labels_as_context_and_for_the_unet():

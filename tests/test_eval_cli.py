@@ -36,7 +36,7 @@ from ldm.data.shardlist import local_shards
 from ldm.eval.evaluator import EvalConfig, Evaluator, evaluate
 from ldm.eval.feature_extractors import WeightsNotFoundError
 from ldm.eval.results import read_results
-from ldm.eval.sources import READER_VERSION, generation_labels, row_shards, shard_fingerprint
+from ldm.eval.sources import READER_VERSION, generation_labels, row_shards, shard_fingerprint, shard_labels
 
 PROTOCOL_FIELDS = ("checkpoint", "checkpoint_kind", "checkpoint_step", "weights", "sampler", "num_steps",
                    "guidance_scale", "num_samples", "resolution", "seed", "seed_rule", "world_size", "prompts_source",
@@ -134,6 +134,22 @@ def test_a_clip_folder_that_does_not_load_fails_before_the_reference_statistics(
                                                    r"loaded .*holding the model and its processor"):
         evaluate(cfg)
     assert "reference statistics" not in capsys.readouterr().out
+
+
+def test_use_ema_false_scores_the_raw_weights(assets, tmp_path: Path):
+    """`use_ema=false` generates with the weights trained, not their average (rows said "raw" either way)."""
+    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)  # (at initialisation the images are the noise's)
+    ema, raw = (evaluate(make_cfg(assets, tmp_path / name, ckpt_path=str(ckpt), use_ema=name == "ema",
+                                  metrics=["fid"]))[0] for name in ("ema", "raw"))
+    assert (ema["weights"], raw["weights"]) == ("ema", "raw") and ema["fid"] != raw["fid"]
+
+
+def test_reference_statistics_are_kept_per_resolution(assets, tmp_path: Path):
+    """One ldm-eval over checkpoints of two image sizes: each scored against references at its own size."""
+    evaluator = Evaluator(EvalConfig(**make_cfg(assets, tmp_path / "eval")))
+    small, large = (evaluator.reference(local_shards(assets["shards"]), size, None) for size in (16, 32))
+    assert (small.key["resolution"], large.key["resolution"]) == (16, 32)
+    assert evaluator.reference(local_shards(assets["shards"]), 16, None) is small  # (kept for the next row)
 
 
 def test_rows_record_the_seed_and_the_hash_of_the_prompts_used(assets, tmp_path: Path):
@@ -381,6 +397,11 @@ def test_a_class_conditional_model_needs_the_labels_of_val_shards(assets, tmp_pa
     few = save_checkpoint(class_model(3), tmp_path / "few.ckpt", global_step=1)
     with pytest.raises(ConfigError, match=r"val_shards=.* holds labels \[.*\] outside the model's classes \[0, 2\]"):
         evaluate(make_cfg(assets, tmp_path / "eval3", ckpt_path=str(few), metrics=["shapes_shape_accuracy"]))
+    # a label equal to the model's number of classes is its null class (the unconditional embedding): refused too
+    shards = local_shards(str(assets["shards"]))
+    top = max(shard_labels(shards, 8))
+    with pytest.raises(ConfigError, match=rf"holds labels \[{top}\] outside the model's classes \[0, {top - 1}\]"):
+        generation_labels(class_model(top).pipeline.conditioner, shards, 8, "val_shards")
 
 
 def test_an_unconditional_model_is_scored_once_without_guidance(assets, tmp_path: Path, capsys):

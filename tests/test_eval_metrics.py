@@ -72,6 +72,32 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_is_large(referenc
     assert different["kid"] > 5 * abs(same["kid"])
     assert different["kid_subset_size"] == 16
 
+    def kid(seed: int) -> float:  # the subsets KID draws come from `seed` (the protocol's, pinned in config)
+        metrics = GenerationMetrics(["kid"], extractor, stats, kid_subset_size=8, kid_subsets=5, seed=seed)
+        metrics.update(noise, captions)
+        return metrics.compute()["kid"]
+
+    assert kid(0) == kid(0) != kid(1)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_inception_features_are_torchmetrics_network_with_the_protocols_resize(inception_weights: Path,
+                                                                             antialias: bool):
+    """`fid_antialias` reaches the network, as the row's identity says: the features equal torchmetrics'
+    NoTrainInceptionV3 built with that antialias and the same weights, and differ from the other resize's."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = InceptionFeatures(DIM, str(inception_weights), antialias=antialias)
+    reference = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(DIM)],
+                                   feature_extractor_weights_path=str(inception_weights), antialias=antialias)
+    with torch.no_grad():
+        expected = reference(images).float()
+    assert ours.identity["antialias"] is antialias
+    torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
+    other = InceptionFeatures(DIM, str(inception_weights), antialias=not antialias)
+    assert not torch.allclose(other(images), expected, rtol=1e-5, atol=1e-5)
+
 
 def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Path, inception_weights: Path):
     stats, _, cache = reference
@@ -134,12 +160,20 @@ def test_cached_statistics_are_the_fid_real_states(reference, train_images):
     assert int(direct.real_features_num_samples) == stats.num_samples
 
 
-def test_clip_score_with_a_tiny_local_clip_is_in_range(clip_dir: Path, train_images):
+def test_clip_score_is_transformers_clip_on_the_uint8_images(clip_dir: Path, train_images):
+    """torchmetrics' formula, max(mean over pairs of 100 cos(image, text), 0), of CLIPModel's embeddings of the
+    processor's inputs (the uint8 images: the processor rescales them; images in [0, 1] scored 0)."""
+    from transformers import CLIPModel, CLIPProcessor
+
     images, captions = train_images
     metrics = GenerationMetrics(["clip_score"], clip_model=str(clip_dir))
     metrics.update(images[:8], captions[:8])
     score = metrics.compute()["clip_score"]
-    assert 0.0 <= score <= 100.0
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        out = model(**processor(text=captions[:8], images=list(images[:8]), return_tensors="pt", padding=True))
+    cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+    assert score == pytest.approx(max(float((100 * cosine).mean()), 0.0), abs=1e-3) and score > 0
 
 
 def test_clip_prompts_over_the_text_window_keep_their_end_token(clip_dir: Path, train_images):
@@ -155,15 +189,18 @@ def test_clip_prompts_over_the_text_window_keep_their_end_token(clip_dir: Path, 
 
 def test_shapes_color_accuracy_is_high_on_real_images_and_chance_on_noise(shapes_shards: Path):
     shards = local_shards(str(shapes_shards / "train-*.tar")) + local_shards(str(shapes_shards))
-    real, noise = ShapesAdherence(read_shapes=False), ShapesAdherence(read_shapes=False)
+    real, noise, small = (ShapesAdherence(read_shapes=False) for _ in range(3))
     g = torch.Generator().manual_seed(0)
     for images, captions in iter_image_batches(shards, 32, None, 40):
         real.update(images, captions)
         noise.update(torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=g), captions)
+    for images, captions in iter_image_batches(shards, 16, None, 40):  # (the colour of the shape's core: its
+        small.update(images, captions)                                  # edges, blended at 16 px, read 4 wrong)
     real_acc, noise_acc = real.compute()["shapes_color_accuracy"], noise.compute()["shapes_color_accuracy"]
     print(f"shapes_color_accuracy real {real_acc:.3f} noise {noise_acc:.3f} (chance {1 / len(COLORS):.3f})")
     assert int(real.total) == 80 and real_acc >= 0.95
     assert noise_acc <= 0.35
+    assert small.compute()["shapes_color_accuracy"] >= 0.975
 
 
 def test_caption_parsing_and_colour_reading():
@@ -173,6 +210,10 @@ def test_caption_parsing_and_colour_reading():
     image[:, 5:11, 5:11] = torch.tensor(COLORS["cyan"], dtype=torch.uint8)[:, None, None]
     assert read_color(image) == "cyan"
     assert read_color(torch.full((3, 16, 16), 40, dtype=torch.uint8)) is None  # no foreground: a miss
+    # a caption naming no colour or shape scores a miss, also on an image where none is read
+    adherence = ShapesAdherence()
+    adherence.update(torch.full((2, 3, 16, 16), 40, dtype=torch.uint8), ["a photo of a dog", "a red circle"])
+    assert adherence.compute() == {"shapes_color_accuracy": 0.0, "shapes_shape_accuracy": 0.0}
 
 
 def test_reconstruction_metrics_are_perfect_on_identical_images(train_images):
@@ -193,6 +234,16 @@ def test_reconstruction_metrics_are_perfect_on_identical_images(train_images):
 
     ssim = structural_similarity_index_measure(noisy.double(), images.double(), data_range=255.0)
     assert out["ssim"] == pytest.approx(float(ssim), abs=1e-6) and out["ssim"] < 0.99
+    # LPIPS takes images in [-1, 1] (as training's loss): the network given the uint8 images mapped there
+    from ldm.losses.lpips import build_lpips
+
+    torch.manual_seed(0)
+    net = build_lpips(False).eval()  # (a random backbone: no weights to download)
+    metrics = ReconstructionMetrics(["lpips"], lpips_fn=net.forward)
+    metrics.update(noisy, images)
+    with torch.no_grad():
+        expected = net(noisy.float() / 127.5 - 1, images.float() / 127.5 - 1).mean()
+    assert metrics.compute()["lpips"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_missing_weights_fail_fast_offline_naming_the_config_key(tmp_path: Path, monkeypatch, clip_dir: Path):
