@@ -142,6 +142,9 @@ def test_use_ema_false_scores_the_raw_weights(assets, tmp_path: Path):
     ema, raw = (evaluate(make_cfg(assets, tmp_path / name, ckpt_path=str(ckpt), use_ema=name == "ema",
                                   metrics=["fid"]))[0] for name in ("ema", "raw"))
     assert (ema["weights"], raw["weights"]) == ("ema", "raw") and ema["fid"] != raw["fid"]
+    # sample i from seed + i, as the row records (`seed_rule`)
+    other = evaluate(make_cfg(assets, tmp_path / "seed5", ckpt_path=str(ckpt), seed=5, metrics=["fid"]))[0]
+    assert other["seed"] == 5 and other["fid"] != ema["fid"]
 
 
 def test_reference_statistics_are_kept_per_resolution(assets, tmp_path: Path):

@@ -104,6 +104,54 @@ def test_ldm_sample_from_the_export_equals_the_checkpoints_ema(ldm_checkpoint: P
         sample({**base, "ckpt_path": str(folder), "output_dir": str(tmp_path / "diffusers")})
 
 
+def test_each_file_is_its_prompts_and_seeds_image_from_the_weights_asked_for(tmp_path: Path):
+    """3 prompts x 2 images in batches of 4, use_ema=false, on a model that reads its prompts (perturbed): every file
+    is the raw weights' image of its own prompt and seed, generated alone; grid.png has a row per prompt and a column
+    per copy; the EMA's images differ."""
+    from test_eval_helpers import tiny_ldm_checkpoint
+
+    from ldm.images import to_uint8
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)  # 16 px
+    prompts = [*PROMPTS, "a small green star in the bottom right on a gray background"]
+    base = {"ckpt_path": str(ckpt), "prompts": prompts, "sampler": "ddim", "num_steps": 2, "guidance_scale": 2.0,
+            "seed": 5, "num_images_per_prompt": 2, "batch_size": 4, "device": "cpu"}
+    paths = sample({**base, "use_ema": False, "output_dir": str(tmp_path / "raw")})
+    raw = LatentDiffusionPipeline.from_pretrained(ckpt, use_ema=False)
+    read = torchvision.io.read_image
+    grid = read(str(tmp_path / "raw" / "grid.png"))
+    assert grid.shape == (3, 3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # (make_grid's padding: 2)
+    for n, path in enumerate(paths):
+        row, copy = divmod(n, 2)
+        assert path.name == f"prompt{row:03d}_seed{5 + n:06d}.png"
+        alone = to_uint8(raw.generate([prompts[row]], [5 + n], sampler="ddim", num_steps=2, guidance_scale=2.0))[0]
+        assert (read(str(path)).int() - alone.int()).abs().max() <= 1
+        assert torch.equal(grid[:, 2 + 18 * row: 18 * (row + 1), 2 + 18 * copy: 18 * (copy + 1)], read(str(path)))
+    assert json.loads((tmp_path / "raw" / "sample.json").read_text())["weights"] == "raw"
+    ema = sample({**base, "output_dir": str(tmp_path / "ema")})
+    assert not torch.equal(read(str(ema[0])), read(str(paths[0])))
+    # generate's image_size is the output's side; pixels outside [-1, 1] are clipped, not wrapped around
+    assert raw.generate([prompts[0]], [0], num_steps=2, image_size=32).shape == (1, 3, 32, 32)
+    assert to_uint8(torch.tensor([-1.2, -1.0, 0.0, 1.0, 1.2])).tolist() == [0, 0, 128, 255, 255]
+
+
+def test_ldm_export_writes_the_weights_use_ema_names(tmp_path: Path):
+    from test_eval_helpers import tiny_ldm_checkpoint
+
+    from ldm.cli.export import export as ldm_export
+    from ldm.convert import load_components
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)
+    for use_ema in (True, False):
+        folder = ldm_export({"ckpt_path": str(ckpt), "output_dir": str(tmp_path / f"ema_{use_ema}"),
+                             "use_ema": use_ema})
+        exported = load_components(folder).unet_state
+        expected = LatentDiffusionPipeline.from_pretrained(ckpt, use_ema=use_ema).unet.state_dict()
+        assert exported.keys() == expected.keys() and all(torch.equal(exported[k], v) for k, v in expected.items())
+
+
 def test_images_depend_on_their_seed_not_the_batch_size(ldm_checkpoint: Path, tmp_path: Path):
     base = {"ckpt_path": str(ldm_checkpoint), "prompts": PROMPTS, "sampler": "ddpm", "num_steps": 3,
             "guidance_scale": 3.0, "seed": 0, "num_images_per_prompt": 2, "device": "cpu"}
@@ -212,7 +260,7 @@ def test_a_home_path_is_expanded_and_the_record_names_the_checkpoint(ldm_checkpo
     assert (export({"ckpt_path": "~/model.ckpt", "output_dir": "~/exported"}) / "model_index.json").is_file()
 
 
-def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_path: Path):
+def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_path: Path, monkeypatch):
     """A class-conditional model needs one label per prompt within its classes; any other model takes none: each
     mistake is a ConfigError naming class_labels, before anything is generated."""
     from scale_helpers import tiny_class_model_export
@@ -234,6 +282,15 @@ def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_pa
     assert [p.name for p in paths] == ["prompt000_seed000000.png", "prompt001_seed000001.png",
                                        "prompt002_seed000002.png"]
     assert json.loads((tmp_path / "out" / "sample.json").read_text())["prompts"] == ["class 2", "class 0", "class 1"]
+    # each image is generated from its row's label (2 copies of each row, in batches of 3)
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    calls, generate = [], LatentDiffusionPipeline.generate
+    monkeypatch.setattr(LatentDiffusionPipeline, "generate", lambda self, prompts, seeds, **kwargs: calls.append(
+        (list(seeds), list(kwargs["class_labels"]))) or generate(self, prompts, seeds, **kwargs))
+    sample({**base, "ckpt_path": str(export), "class_labels": [1, 2], "num_images_per_prompt": 2, "batch_size": 3,
+            "overwrite": True})
+    assert calls == [([0, 1, 2], [1, 1, 2]), ([3], [2])]
 
 
 def test_an_unconditional_model_samples_without_prompts_and_without_guidance(tmp_path: Path, caplog):
