@@ -131,8 +131,11 @@ def test_each_file_is_its_prompts_and_seeds_image_from_the_weights_asked_for(tmp
     assert json.loads((tmp_path / "raw" / "sample.json").read_text())["weights"] == "raw"
     ema = sample({**base, "output_dir": str(tmp_path / "ema")})
     assert not torch.equal(read(str(ema[0])), read(str(paths[0])))
-    # generate's image_size is the output's side; pixels outside [-1, 1] are clipped, not wrapped around
+    # generate's image_size is the output's side, its eta DDIM's noise; pixels outside [-1, 1] are clipped, not
+    # wrapped around
     assert raw.generate([prompts[0]], [0], num_steps=2, image_size=32).shape == (1, 3, 32, 32)
+    assert not torch.equal(raw.generate([prompts[0]], [0], num_steps=2, eta=1.0),
+                           raw.generate([prompts[0]], [0], num_steps=2))
     assert to_uint8(torch.tensor([-1.2, -1.0, 0.0, 1.0, 1.2])).tolist() == [0, 0, 128, 255, 255]
 
 
