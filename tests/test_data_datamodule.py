@@ -83,6 +83,68 @@ def test_non_square_resize_and_crop(tmp_path: Path):
     assert first.shape == (10, 3, 16, 16)
 
 
+def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size", [(48, 32), (32, 48), (47, 32), (50, 33)])
+def test_resize_and_crop_are_pillows_bicubic_and_a_window_inside_it(size: tuple[int, int]):
+    """The short side resized to the resolution (the long one rounded) with PIL's bicubic filter; the centre crop is
+    the middle window, a random crop any window inside the resized image, each drawn (a window past its edge read
+    black bands)."""
+    import random
+
+    from ldm.data.stream import resize_crop
+
+    image, r = _noise_image(*size), 16
+    w, h = (max(r, round(side * r / min(size))) for side in size)
+    whole = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (w - r) // 2, (h - r) // 2
+    assert np.array_equal(np.asarray(resize_crop(image, r, None)), np.asarray(whole.crop((left, top, left + r,
+                                                                                          top + r))))
+    windows = {(x, y): np.asarray(whole.crop((x, y, x + r, y + r))) for x in range(w - r + 1) for y in range(h - r + 1)}
+    drawn = set()
+    for seed in range(200):
+        crop = np.asarray(resize_crop(image, r, random.Random(seed)))
+        match = [offset for offset, window in windows.items() if np.array_equal(window, crop)]
+        assert match, "a random crop is a window inside the resized image"
+        drawn.update(match)
+    assert drawn == set(windows)
+
+
+@pytest.fixture(scope="module")
+def non_square_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 noise images stored at 24 x 16 (ldm-data crop=false), 4 of them the validation split."""
+    root = tmp_path_factory.mktemp("non_square")
+    (root / "in").mkdir()
+    for i in range(12):
+        _noise_image(48, 32, i).save(root / "in" / f"{i}.png")
+        (root / "in" / f"{i}.txt").write_text(f"image {i}")
+    write_dataset({"source": "folder", "input_dir": str(root / "in"), "output_dir": str(root / "out"),
+                   "resolution": 16, "crop": False, "val_samples": 4})
+    return root / "out"
+
+
+def _images_by_key(shards: Path, train: bool, **options) -> dict[str, torch.Tensor]:
+    dm = WebDataModule(train_shards=f"{shards}/train-*.tar", val_shards=f"{shards}/val-*.tar", resolution=16,
+                       batch_size=2, num_workers=0, **options)
+    dm.setup("fit")
+    loader = dm.train_dataloader() if train else dm.val_dataloader()
+    return {k: x for b in loader for k, x in zip(b["key"], b["image"])}
+
+
+def test_validation_is_never_augmented_and_a_flip_alone_keeps_the_centre_crop(non_square_shards: Path):
+    plain = _images_by_key(non_square_shards, train=False)
+    for options in ({"hflip": True}, {"random_crop": True}, {"hflip": True, "random_crop": True}):
+        augmented = _images_by_key(non_square_shards, train=False, **options)
+        assert augmented.keys() == plain.keys() and all(torch.equal(plain[k], augmented[k]) for k in plain), options
+    centre = _images_by_key(non_square_shards, train=True, seed=0)
+    flipped = _images_by_key(non_square_shards, train=True, seed=0, hflip=True)
+    assert flipped.keys() == centre.keys()
+    assert all(torch.equal(centre[k], x) or torch.equal(centre[k], x.flip(-1)) for k, x in flipped.items())
+    assert any(not torch.equal(centre[k], x) for k, x in flipped.items())
+
+
 def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -190,6 +252,18 @@ def test_one_slot_reads_one_shard_in_another_order_each_epoch(shapes_shards: Pat
                  train_shards=str(shapes_shards / "train-000000.tar"))
     epochs = [[k for ks, _ in _run(dm, epochs=1) for k in ks] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
+    # data.seed draws the order too: within the shard, and the shards' assignment to the loader's slots
+    other = make_dm(shapes_shards, num_workers=0, batch_size=4, shuffle_buffer=8, seed=1,
+                    train_shards=str(shapes_shards / "train-000000.tar"))
+    reordered = [k for ks, _ in _run(other, epochs=1) for k in ks]
+    assert sorted(reordered) == sorted(epochs[0]) and reordered != epochs[0]
+    from ldm.data.stream import EpochPlan
+
+    def segments(seed: int) -> tuple:
+        return tuple(EpochPlan([f"s{i}" for i in range(6)], [10] * 6, seed=seed, rank=0, world_size=1,
+                               num_workers=2, batch_size=2, train=True, resolution=8).segments(0))
+
+    assert len({segments(seed) for seed in range(4)}) > 1
 
 
 def test_resume_under_another_data_order_is_refused_mid_epoch(shapes_shards: Path):

@@ -111,3 +111,12 @@ def test_captions_match_pixels(resolution: int):
     for shape in shapes.SHAPES:  # per shape, every large one covers more pixels than every small one
         assert max(areas[shape, "small"]) < min(areas[shape, "large"]), shape
     assert seen >= set(shapes.SHAPES) | set(shapes.COLORS) | set(shapes.POSITIONS) | set(shapes.BACKGROUNDS)
+
+
+def test_shapes_are_antialiased():
+    """The shape is drawn large and box-filtered down: its edge pixels blend the two colours (nearest-neighbour
+    sampling left two colours and jagged edges)."""
+    spec = shapes.sample_spec(0, 3)
+    pixels = np.asarray(shapes.render(spec, 32)).reshape(-1, 3)
+    pure = {shapes.COLORS[spec.color], shapes.BACKGROUNDS[spec.background]}
+    assert sum(tuple(int(v) for v in p) not in pure for p in pixels) >= 8

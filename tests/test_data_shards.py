@@ -418,6 +418,13 @@ def test_a_divider_line_is_resized_in_its_box_not_whole():
     assert np.abs(whole.astype(int) - boxed).mean() < 1.0
 
 
+def test_a_txt_caption_is_stripped():
+    """Shards of other tools (img2dataset, by hand) end their .txt with a newline: not part of the caption."""
+    from ldm.data.stream import SkipLog, caption_and_label
+
+    assert caption_and_label({"txt": b"  a dog\n"}, SkipLog()) == ("a dog", None)
+
+
 def test_awkward_folder_inputs(tmp_path: Path):
     """GIF and TIFF files were dropped without a word; a JSONL caption that is a list became its Python repr; a
     16-bit grey PNG's colour key was not transparent; image_format with resolution=null was silently ignored."""
