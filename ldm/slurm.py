@@ -61,16 +61,17 @@ _held: list[signal.Signals] = []  # the requeue signal, received outside fit whi
 
 
 @contextlib.contextmanager
-def requeue_signal_held(signal_name: str | None) -> Iterator[None]:
+def requeue_signal_held(signal_name: str | None) -> Iterator[list[signal.Signals]]:
     """Hold SLURM's warning before the time limit (`signal_name`) outside fit: at a run's start, its export, its
     final evaluation. Its default action ends the process: a job that had trained and exported everything ended as
     failed (`--dependency=afterok` chains never started), its W&B run left open and its run lock behind. One that
     arrives before fit is acted on at the end of fit's first step (`SlurmRequeue.setup`: save, requeue); one after
-    fit lets the run finish. A handler the caller installed stays; so does the signal off the main thread."""
+    fit lets the run finish. A handler the caller installed stays; so does the signal off the main thread. Yields
+    the signal held and not acted on, if one was (empty: none)."""
     signum = catchable_signal(signal_name) if signal_name is not None else None
     if signum is None or threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signum) != signal.SIG_DFL:
-        yield
+        yield []
         return
 
     def hold(received: int, frame: FrameType | None) -> None:
@@ -82,7 +83,7 @@ def requeue_signal_held(signal_name: str | None) -> Iterator[None]:
     _held.clear()
     signal.signal(signum, hold)
     try:
-        yield
+        yield _held
     finally:
         signal.signal(signum, signal.SIG_DFL)
         _held.clear()

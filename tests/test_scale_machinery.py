@@ -466,7 +466,8 @@ def test_requeue_signal_saves_and_calls_scontrol(shapes_shards, tmp_path, monkey
 def test_the_requeue_signal_outside_fit_is_held(shapes_shards, tmp_path):
     """SLURM's USR1 outside fit ended the process (its default action): a job that had trained and exported
     everything ended as failed (status 138; W&B run open, run lock left). Before fit it is acted on at the first
-    step's end (save, requeue); after fit the run finishes. In a subprocess: the default action would end pytest."""
+    step's end (save, requeue); after fit the run finishes, and a sweep stops before its next job (it went on, with
+    the time limit near). In a subprocess: the default action would end pytest."""
     bin_dir, log = fake_scontrol(tmp_path)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     early, late = tmp_path / "early", tmp_path / "late"
@@ -477,10 +478,14 @@ def test_the_requeue_signal_outside_fit_is_held(shapes_shards, tmp_path):
     assert "SIGUSR1 outside a training step: held" in result.stderr
     assert log.read_text().split() == ["requeue", "4242"]
     assert torch.load(early / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
-    result = run_cli(tiny_overrides(shapes_shards, late, max_steps=2, every=100)
-                     + [*signalled, "+callbacks.signal.during=teardown"], env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (late / "export" / "model.safetensors").exists() and not (late / "train.lock").exists()
+    # after fit, in a sweep's first job: the job finishes (its export), and the sweep stops before the next
+    sweep = [o for o in tiny_overrides(shapes_shards, late, max_steps=2, every=100) if "output_dir" not in o]
+    result = run_cli(["-m", f"hydra.sweep.dir={late}", "model.lr=1e-3,2e-3", *sweep, *signalled,
+                      "+callbacks.signal.during=teardown"], env=env)
+    assert result.returncode == 128 + signal.SIGUSR1, result.stderr[-3000:]
+    assert "SIGUSR1 during the previous job: the sweep stops" in result.stderr
+    assert (late / "0" / "export" / "model.safetensors").exists() and not (late / "0" / "train.lock").exists()
+    assert not (late / "1" / "checkpoints").exists()
     assert log.read_text().split() == ["requeue", "4242"]  # none more
 
 
@@ -644,17 +649,25 @@ def test_a_fit_that_raised_leaves_no_checkpoint_due_to_the_next(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
     checkpoint = Checkpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=2, save_last=False)
 
-    def fit(raise_in_validation: bool, every: int) -> None:
+    def fit(raise_in_validation: bool, every: int, steps: int = 3) -> Linear:
         checkpoint.every_n_train_steps = every
-        trainer = L.Trainer(accelerator="cpu", max_steps=3, val_check_interval=2, limit_val_batches=1,
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, val_check_interval=2, limit_val_batches=1,
                             num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[checkpoint])
-        trainer.fit(Linear(raise_in_validation), loader, loader)
+        module = Linear(raise_in_validation)
+        trainer.fit(module, loader, loader)
+        return module
 
     with pytest.raises(RuntimeError, match="out of memory"):
         fit(raise_in_validation=True, every=2)
     fit(raise_in_validation=False, every=3)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step0000003.ckpt"]
+    # nor the step of another fit's last.ckpt: the next fit's end at that step is saved (it was taken as saved)
+    checkpoint.save_last = True
+    fit(raise_in_validation=False, every=2, steps=2)
+    module = fit(raise_in_validation=False, every=5, steps=2)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
 
 
 def test_checkpoint_interval_must_be_whole_steps():

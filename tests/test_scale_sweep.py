@@ -185,6 +185,7 @@ def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
     assert [(sweep / job / "export").is_dir() for job in "012"] == [True, False, True]
     assert result.stderr.strip().splitlines()[-1] == (f"ldm-train: 1 of 3 jobs of the sweep failed: {sweep / '1'} "
                                                       f"(ConfigError: model.lr=-1.0 must be > 0)")
+    assert json.loads((sweep / "1" / "sweep_job.json").read_text())["error"] == "ConfigError: model.lr=-1.0 must be > 0"
     # the refused value first: taken for a mistake in the command, it ended the sweep (exit 2) before the others ran
     sweep = tmp_path / "first"
     result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=-1,1e-3",
@@ -198,8 +199,8 @@ def test_values_the_model_refuses_fail_their_job_alone(shapes_shards, tmp_path):
                       *sweep_overrides(shapes_shards, max_steps=1)], timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"ldm-train: 2 of 2 jobs of the sweep failed: {sweep}")
-    # the same grid again into its directory, now valid: the earlier failures are not this run's
-    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=1e-3,2e-3",
+    # a sweep of one job into that directory: the earlier failures (job 1's folder too) are not this sweep's
+    result = run_cli(["-m", f"hydra.sweep.dir={sweep}", "model.net.ch=16", "model.lr=1e-3",
                       *sweep_overrides(shapes_shards, max_steps=1)], timeout=600)
     assert result.returncode == 0 and "jobs of the sweep failed" not in result.stderr, result.stderr[-3000:]
 

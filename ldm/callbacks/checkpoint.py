@@ -202,6 +202,7 @@ class Checkpoint(StepBoundary, CheckpointBase):
         self.trained_in_fit = False
         # a fit that raised (Python API) may have left a checkpoint due: none of it carries into the next one
         self._validated = self._after_validation = self._stop_held = False
+        self._last_step = -1  # (another fit's last.ckpt is not this one's)
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,

@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import traceback
+import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -83,7 +84,7 @@ from ldm.cli.common import (
 )
 from ldm.cli.run_lock import run_lock
 from ldm.data.shardlist import absolute_spec
-from ldm.io import absolute_if_local
+from ldm.io import absolute_if_local, atomic_write_text
 from ldm.nn.unet import UNetConfig
 from ldm.slurm import requeue_signal_held
 
@@ -549,26 +550,42 @@ class HandSweptKeys(Callback):
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
 
 
-JOB_FAILED_FILE = "job_failed.txt"  # in a multirun job's run directory: the error that failed the job
+SWEEP_ID_ENV = "LDM_SWEEP_ID"  # this multirun's id, handed to its jobs (`SweepSummary`)
+JOB_STATUS_FILE = "sweep_job.json"  # in a multirun job's run directory: its sweep's id, its number, its error
 
 
 class SweepSummary(Callback):
     """A Hydra callback (conf/train.yaml): at the end of a multirun, one line naming the jobs that failed (each job
     goes on past another's failure, `main`), and exit status 1 when none completed: `ldm-train -m ... && ldm-eval`
-    went on after a grid whose every job had diverged, the command's status 0. A job says it failed in its run
-    directory (`JOB_FAILED_FILE`), which the launchers that run jobs in processes of their own reach too."""
+    went on after a grid whose every job had diverged, the command's status 0. Each job writes its status in its
+    run directory (`record_job`), which the launchers that run jobs in processes of their own reach too; a folder
+    of an earlier sweep into the same directory holds another sweep's id."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        jobs = sorted((p for p in Path(config.hydra.sweep.dir).glob("*") if p.name.isdigit() and p.is_dir()),
-                      key=lambda p: int(p.name))
-        failed = [(job, (job / JOB_FAILED_FILE).read_text().strip()) for job in jobs
-                  if (job / JOB_FAILED_FILE).is_file()]
+        statuses = []
+        for path in Path(config.hydra.sweep.dir).rglob(JOB_STATUS_FILE):
+            with contextlib.suppress(OSError, ValueError):
+                status = json.loads(path.read_text())
+                if isinstance(status, dict) and status.get("sweep") == os.environ.get(SWEEP_ID_ENV):
+                    statuses.append((status.get("job", 0), path.parent, status.get("error")))
+        failed = sorted((job, folder, error) for job, folder, error in statuses if error is not None)
         if not failed:
             return
-        print(f"ldm-train: {len(failed)} of {len(jobs)} jobs of the sweep failed: "
-              + "; ".join(f"{job} ({error})" for job, error in failed), file=sys.stderr, flush=True)
-        if len(failed) == len(jobs):
+        print(f"ldm-train: {len(failed)} of {len(statuses)} jobs of the sweep failed: "
+              + "; ".join(f"{folder} ({error})" for _, folder, error in failed), file=sys.stderr, flush=True)
+        if len(failed) == len(statuses):
             raise SweepFailed(EXIT_FAILURE)
+
+
+def record_job(error: str | None) -> None:
+    """This multirun job's status for its sweep's summary (`SweepSummary`): started (`error` None), or failed."""
+    status = {"sweep": os.environ.get(SWEEP_ID_ENV), "job": HydraConfig.get().job.num,
+              "error": None if error is None else " ".join(error.split())}
+    with contextlib.suppress(OSError):
+        atomic_write_text(json.dumps(status) + "\n", Path(HydraConfig.get().runtime.output_dir, JOB_STATUS_FILE))
 
 
 def names_swept_key(message: str) -> bool:
@@ -914,11 +931,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     output_dir = resolve_output_dir(cfg)
     requeue = (cfg.get("callbacks") or {}).get("slurm_requeue") or {}
-    with process_state_kept(), requeue_signal_held(requeue.get("signal_name", "USR1") if requeue else None), \
-            run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
-        if lock is not None:
-            remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
-        return _train(cfg, output_dir)
+    with process_state_kept(), requeue_signal_held(requeue.get("signal_name", "USR1") if requeue else None) as held:
+        try:
+            with run_lock(output_dir) as lock, lightning_into_run_log(output_dir):
+                if lock is not None:
+                    remove_stale_temp_files(checkpoint_dir(cfg, output_dir))
+                return _train(cfg, output_dir)
+        finally:
+            if held and is_multirun():  # held outside fit and never acted on: the sweep stops before its next job
+                SWEEP_STOP.append(held[0])
 
 
 @contextlib.contextmanager
@@ -1093,8 +1114,8 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(128 + SWEEP_STOP[0])
         if not is_multirun():  # first: the other checks' mistakes would leave Hydra's run directory behind
             check_slurm_run_directory(cfg.paths.output_dir)
-        else:  # (a job of a grid run again into its sweep directory: an earlier failure is not this run's)
-            Path(HydraConfig.get().runtime.output_dir, JOB_FAILED_FILE).unlink(missing_ok=True)
+        else:
+            record_job(None)
         try:
             metrics = train(cfg)
         except Exception as err:
@@ -1126,8 +1147,7 @@ def main(cfg: DictConfig) -> float | None:
 def job_failed(error: str, metric_name: str | None) -> None:
     """A multirun job failed with `error`: say so, and record it for the sweep's summary (`SweepSummary`)."""
     print(f"trial failed ({error}); the sweep goes on without its {metric_name or 'result'}")
-    with contextlib.suppress(OSError):
-        Path(HydraConfig.get().runtime.output_dir, JOB_FAILED_FILE).write_text(error.splitlines()[0] + "\n")
+    record_job(error)
 
 
 if __name__ == "__main__":
