@@ -476,6 +476,7 @@ def test_an_error_in_one_of_several_processes_is_told_as_in_one(shapes_shards: P
     assert "Traceback" not in done.stderr and "process 0 failed" not in done.stderr
 
 
+@pytest.mark.slow  # (two ranks of one launch: test_two_processes_encode_their_own_shards)
 def test_torchrun_style_ranks_split_the_shards(shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path):
     autoencoder, _ = encoders
     out = tmp_path / "latents"

@@ -100,6 +100,7 @@ def test_latent_scale_comes_from_stage_1_or_config_never_a_default(tmp_path: Pat
         LatentDiffusionModule(tiny_config(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow  # (learning end to end: make quickstart; a UNet alone: tests/test_unet.py)
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(autoencoder_dir: Path):
     torch.manual_seed(0)
     module = LatentDiffusionModule(tiny_config(autoencoder_dir, sample_posterior=False))
