@@ -594,3 +594,136 @@ def test_a_glob_counts_last_ckpt_and_the_checkpoint_it_links_once(tmp_path: Path
     (tmp_path / "scratch" / "ckpts").symlink_to(tmp_path / "lustre" / "checkpoints")
     assert resolve_checkpoints(str(tmp_path / "scratch" / "ckpts" / ".." / "best.ckpt")) == [
         str(tmp_path / "lustre" / "best.ckpt")]
+
+
+def test_each_row_is_labelled_with_the_point_it_generated(assets, tmp_path: Path, monkeypatch):
+    """2 samplers x 2 step counts x 2 guidance scales: each row names the point its images were generated at."""
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    generate, calls = LatentDiffusionPipeline.generate, []
+
+    def recording(self, *args, **kwargs):
+        calls.append((kwargs["sampler"], kwargs["num_steps"], kwargs["guidance_scale"]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "generate", recording)
+    rows = evaluate(make_cfg(assets, tmp_path / "eval", samplers=["ddim", "dpmpp_2m"], num_steps=[2, 3],
+                             guidance_scales=[1.0, 3.0], batch_size=8, metrics=["shapes_color_accuracy"]))
+    points = [(r["sampler"], r["num_steps"], r["guidance_scale"]) for r in rows]
+    assert points == [(s, n, g) for s in ("ddim", "dpmpp_2m") for n in (2, 3) for g in (1.0, 3.0)]
+    assert calls == points  # one batch per point: what was generated is what the row says
+
+
+def test_skip_done_keeps_only_the_same_weights_samples_and_metrics(assets, tmp_path: Path):
+    """skip_done takes a row for done only when it scored the same weights (EMA or raw), N and metrics."""
+    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)
+    out = tmp_path / "eval"
+    cfg = make_cfg(assets, out, ckpt_path=str(ckpt), metrics=["fid"])
+    evaluate(cfg)
+    raw = evaluate({**cfg, "use_ema": False})[0]          # the raw weights are another model
+    assert raw["weights"] == "raw" and len(read_results(out)) == 2
+    six = evaluate({**cfg, "num_samples": 6})[0]            # another N is another point
+    assert six["num_samples"] == 6 and len(read_results(out)) == 3
+    kid = {"metrics": ["kid"], "kid_subset_size": 4, "kid_subsets": 2}
+    evaluate({**cfg, **kid, "output_dir": str(tmp_path / "k")})
+    fid = evaluate({**cfg, "output_dir": str(tmp_path / "k")})[0]  # a row scored with kid alone has no fid
+    assert "fid" in fid and len(read_results(tmp_path / "k")) == 2
+
+
+def test_a_checkpoint_rewritten_in_place_is_scored_again(assets, tmp_path: Path):
+    """Same path, same step, other weights (its size and mtime tell): another point."""
+    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm")
+    cfg = make_cfg(assets, tmp_path / "eval", ckpt_path=str(ckpt), metrics=["shapes_color_accuracy"])
+    evaluate(cfg)
+    tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)  # same path, same step, other weights
+    os.utime(ckpt, (ckpt.stat().st_atime, ckpt.stat().st_mtime + 5))
+    evaluate(cfg)
+    assert len(read_results(tmp_path / "eval")) == 2
+
+
+class _Recorder:
+    image_size = 16
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, seeds, class_labels=None, **sweep):
+        self.calls.append((list(seeds), class_labels))
+        return torch.zeros(len(seeds), 3, 16, 16)
+
+
+class _Scorer:
+    def update(self, images, prompts):
+        pass
+
+    def compute(self):
+        return {}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_sample_gets_its_global_seed_and_label(assets, tmp_path: Path, rank: int):
+    """Rank r of 2 generates samples r, r + 2, ...: each from seed + i and labels[i], whatever the batch."""
+    cfg = EvalConfig(**make_cfg(assets, tmp_path, num_samples=10, batch_size=2, seed=3))
+    evaluator = Evaluator(cfg)
+    evaluator.rank, evaluator.world = rank, 2
+    labels = list(range(100, 110))
+    pipeline = _Recorder()
+    evaluator._generate_and_score(pipeline, [str(i) for i in range(10)], labels, _Scorer(),
+                                  {"sampler": "ddim", "num_steps": 2, "guidance_scale": 1.0})
+    seeds = [s for call in pipeline.calls for s in call[0]]
+    given = [label for call in pipeline.calls for label in call[1]]
+    assert seeds == [3 + i for i in range(rank, 10, 2)] and given == [100 + i for i in range(rank, 10, 2)]
+
+
+def test_reconstructions_are_deterministic_clamped_and_scored_at_their_resolution(assets, tmp_path: Path):
+    module = tiny_autoencoder_module()
+    ckpt = save_checkpoint(module, tmp_path / "vae.ckpt", global_step=3)
+    cfg = make_cfg(assets, tmp_path / "a", ckpt_path=str(ckpt), reconstruction_metrics=["rfid", "psnr"],
+                   resolution=32)
+    first = evaluate(cfg)[0]
+    torch.manual_seed(123)  # the posterior's mode, not a draw from it: the global RNG does not matter
+    again = evaluate({**cfg, "output_dir": str(tmp_path / "b")})[0]
+    assert (again["psnr"], again["rfid"]) == (first["psnr"], first["rfid"])
+    evaluator = Evaluator(EvalConfig(**cfg))
+    assert first["reference_hash"] == evaluator.reference(local_shards(assets["shards"]), 32, 8).hash
+    # a decoder that overshoots [-1, 1] where the image is saturated: clamped, the reconstruction is exact
+    model = module.autoencoder
+
+    class Posterior:
+        def __init__(self, x):
+            self.x = x
+
+        def mode(self):
+            return self.x
+
+        sample = mode
+
+    model.encode = lambda x: Posterior(x)
+    psnr = []
+    for decode in (lambda z: torch.ones_like(z), lambda z: z + 4):  # the same images once clamped to [-1, 1]
+        model.decode = decode
+        evaluator = Evaluator(EvalConfig(**make_cfg(assets, tmp_path / f"c{len(psnr)}", ckpt_path=str(ckpt),
+                                                    reconstruction_metrics=["psnr"])))
+        psnr.append(evaluator.evaluate_reconstruction(model, {"checkpoint": "fake"})[0]["psnr"])
+    assert psnr[0] == psnr[1]
+
+
+def test_two_process_reconstruction_with_batches_of_one(assets, tmp_path: Path):
+    """Images dealt to the ranks over batches of one (each rank gets every other image, not every batch's first)."""
+    ckpt = save_checkpoint(tiny_autoencoder_module(), tmp_path / "vae.ckpt", global_step=3)
+    cfg = make_cfg(assets, tmp_path / "two", ckpt_path=str(ckpt), batch_size=1, num_samples=4,
+                   reconstruction_metrics=["psnr"])
+    single = evaluate({**cfg, "output_dir": str(tmp_path / "one")})[0]
+    mp.start_processes(_distributed_worker, args=(2, _free_port(), cfg, str(tmp_path / "rows")), nprocs=2,
+                       join=True, start_method="fork")
+    row = json.loads(Path(f"{tmp_path / 'rows'}.0").read_text())[0]
+    assert row["num_samples"] == 4 and row["psnr"] == pytest.approx(single["psnr"], rel=1e-5)
+
+
+def test_results_lines_end_with_a_newline_and_a_good_last_row_is_read(tmp_path: Path):
+    from ldm.eval.results import append_results
+
+    append_results(tmp_path, [{"a": 1}, {"a": 2}])
+    assert (tmp_path / "results.jsonl").read_bytes().endswith(b"}\n")
+    (tmp_path / "results.jsonl").write_text('{"a": 1}\n{"a": 2}')  # written by another tool, no final newline
+    assert read_results(tmp_path) == [{"a": 1}, {"a": 2}]
