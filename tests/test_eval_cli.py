@@ -136,17 +136,6 @@ def test_a_clip_folder_that_does_not_load_fails_before_the_reference_statistics(
     assert "reference statistics" not in capsys.readouterr().out
 
 
-def test_use_ema_false_scores_the_raw_weights(assets, tmp_path: Path):
-    """`use_ema=false` generates with the weights trained, not their average (rows said "raw" either way)."""
-    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)  # (at initialisation the images are the noise's)
-    ema, raw = (evaluate(make_cfg(assets, tmp_path / name, ckpt_path=str(ckpt), use_ema=name == "ema",
-                                  metrics=["fid"]))[0] for name in ("ema", "raw"))
-    assert (ema["weights"], raw["weights"]) == ("ema", "raw") and ema["fid"] != raw["fid"]
-    # sample i from seed + i, as the row records (`seed_rule`)
-    other = evaluate(make_cfg(assets, tmp_path / "seed5", ckpt_path=str(ckpt), seed=5, metrics=["fid"]))[0]
-    assert other["seed"] == 5 and other["fid"] != ema["fid"]
-
-
 def test_reference_statistics_are_kept_per_resolution(assets, tmp_path: Path):
     """One ldm-eval over checkpoints of two image sizes: each scored against references at its own size."""
     evaluator = Evaluator(EvalConfig(**make_cfg(assets, tmp_path / "eval")))
@@ -615,13 +604,17 @@ def test_each_row_is_labelled_with_the_point_it_generated(assets, tmp_path: Path
 
 
 def test_skip_done_keeps_only_the_same_weights_samples_and_metrics(assets, tmp_path: Path):
-    """skip_done takes a row for done only when it scored the same weights (EMA or raw), N and metrics."""
-    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)
+    """skip_done takes a row for done only when it scored the same weights (EMA or raw), N and metrics; use_ema=false
+    generates with the weights trained (rows said "raw" either way), and sample i from seed + i (`seed_rule`)."""
+    ckpt = tiny_ldm_checkpoint(tmp_path / "ldm", perturbed=True)  # (at initialisation the images are the noise's)
     out = tmp_path / "eval"
     cfg = make_cfg(assets, out, ckpt_path=str(ckpt), metrics=["fid"])
-    evaluate(cfg)
+    ema = evaluate(cfg)[0]
     raw = evaluate({**cfg, "use_ema": False})[0]          # the raw weights are another model
-    assert raw["weights"] == "raw" and len(read_results(out)) == 2
+    assert (ema["weights"], raw["weights"]) == ("ema", "raw") and ema["fid"] != raw["fid"]
+    assert len(read_results(out)) == 2
+    other = evaluate({**cfg, "seed": 5, "output_dir": str(tmp_path / "seed5")})[0]
+    assert other["seed"] == 5 and other["fid"] != ema["fid"]
     six = evaluate({**cfg, "num_samples": 6})[0]            # another N is another point
     assert six["num_samples"] == 6 and len(read_results(out)) == 3
     kid = {"metrics": ["kid"], "kid_subset_size": 4, "kid_subsets": 2}
