@@ -556,10 +556,10 @@ JOB_STATUS_FILE = "sweep_job.json"  # in a multirun job's run directory: its swe
 
 class SweepSummary(Callback):
     """A Hydra callback (conf/train.yaml): at the end of a multirun, one line naming the jobs that failed (each job
-    goes on past another's failure, `main`), and exit status 1 when none completed: `ldm-train -m ... && ldm-eval`
-    went on after a grid whose every job had diverged, the command's status 0. Each job writes its status in its
-    run directory (`record_job`), which the launchers that run jobs in processes of their own reach too; a folder
-    of an earlier sweep into the same directory holds another sweep's id."""
+    goes on past another's failure, `main`), and exit status 1 when none of a grid's completed: `ldm-train -m ... &&
+    ldm-eval` went on after a grid whose every job had diverged, the command's status 0. Each job writes its status
+    in its run directory (`record_job`), which the launchers that run jobs in processes of their own reach too; a
+    folder of an earlier sweep into the same directory holds another sweep's id."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex
@@ -576,7 +576,9 @@ class SweepSummary(Callback):
             return
         print(f"ldm-train: {len(failed)} of {len(statuses)} jobs of the sweep failed: "
               + "; ".join(f"{folder} ({error})" for _, folder, error in failed), file=sys.stderr, flush=True)
-        if len(failed) == len(statuses):
+        # (an Optuna study continued by this sweep may hold completed trials: it fails when none is, at its end)
+        study = "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_") or "").lower()
+        if len(failed) == len(statuses) and not study:
             raise SweepFailed(EXIT_FAILURE)
 
 
