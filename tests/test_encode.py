@@ -278,19 +278,20 @@ def test_rewritten_inputs_are_encoded_again_and_damaged_or_vanished_ones_are_nam
 
 def test_an_intact_shard_with_a_stale_count_is_encoded_whole_and_its_count_named(
         shapes_shards: Path, encoders: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    """summary.json says 20 where the intact tar holds 16: not a damaged tar to rewrite with ldm-data (the advice
-    given), every sample is encoded and the stale count named."""
+    """summary.json says 20 (or 10) where the intact tar holds 16: not a damaged tar to rewrite with ldm-data (the
+    advice given), every sample is encoded and the stale count named."""
     autoencoder, _ = encoders
     data = tmp_path / "data"
     shutil.copytree(shapes_shards, data)
     summary = json.loads((data / "summary.json").read_text())
-    summary["splits"]["train"]["shard_counts"][0] = 20
+    summary["splits"]["train"]["shard_counts"][:2] = [20, 10]  # (too low: it was not named)
     (data / "summary.json").write_text(json.dumps(summary))
     with caplog.at_level("WARNING"):
         run_encode(data, autoencoder, tmp_path / "latents")
     stats = json.loads((tmp_path / "latents" / "train-000000_stats.json").read_text())
     assert (stats["successes"], stats["failed"], stats["skipped"]) == (16, 0, [])
     assert "train-000000.tar holds 16 samples but its recorded count says 20: the count is out of date" in caplog.text
+    assert "train-000001.tar holds 16 samples but its recorded count says 10: the count is out of date" in caplog.text
 
 
 def test_another_autoencoder_into_the_same_output_dir_fails_naming_both(shapes_shards: Path,
@@ -401,6 +402,10 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
                                           r"reads image shards"):
         run_encode(tmp_path / "latents", autoencoder, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+    with pytest.raises(ConfigError, match=rf"^shards='{shapes_shards}' is a folder, which holds one or two splits of "
+                                          rf"shards: name the split's shards, 'shards={shapes_shards}/train-\*\.tar' "
+                                          rf"or 'shards={shapes_shards}/val-\*\.tar'$"):  # (train-*.tar was taken)
+        encode({"shards": str(shapes_shards), "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "f")})
     # ... and ldm-data into a folder of latents: its manifest.json stayed, and the image shards were read as latents
     with pytest.raises(ConfigError, match=r"output_dir=.*latents holds latent shards \(written by ldm-encode"):
         write_dataset({"source": "shapes", "output_dir": str(tmp_path / "latents"), "num_samples": 4,
@@ -656,7 +661,8 @@ def test_another_latent_scale_of_the_same_weights_resumes_and_other_settings_are
     rescaled = shutil.copytree(autoencoder, tmp_path / "rescaled")
     (rescaled / "latent_stats.json").write_text(json.dumps({"scale_factor": 0.7, "global_std": 1.43}))
     assert run_encode(shapes_shards, rescaled, out)["shards_finished_before"] == 4
-    assert json.loads((out / latents.MANIFEST_NAME).read_text())["autoencoder"]["latent_scale"] == 0.7
+    recorded = json.loads((out / latents.MANIFEST_NAME).read_text())["autoencoder"]
+    assert (recorded["latent_scale"], recorded["path"]) == (0.7, str(rescaled.resolve()))  # the scale's own path
     node = {"kind": "byte", "name_or_path": str(text)}
     run_encode(shapes_shards, autoencoder, tmp_path / "text", text_encoder=node)
     with pytest.raises(ConfigError, match=r"\(text_encoder\.dtype: 'float16' there, 'float32' now\): choose another"):

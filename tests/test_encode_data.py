@@ -15,8 +15,9 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from scale_helpers import run_cli, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
+from scale_helpers import compose_train, run_cli, tiny_autoencoder_export, tiny_ldm_overrides, tiny_overrides
 
+from ldm import config as configs
 from ldm.cli.encode import encode
 from ldm.conditioning import ByteTextEncoder
 from ldm.config import ConfigError
@@ -177,6 +178,33 @@ def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path,
     assert next(iter(dm.val_dataloader()))["moments"].shape[0] == 8
     with pytest.raises(ConfigError, match="has flips=True but .* has flips=False"):  # within one split they agree
         datamodule(f"{train}::{plain}/val-*.tar")
+
+
+def test_latent_shards_without_their_manifest_are_named_as_such(encoded: Path, tmp_path: Path):
+    """The tars copied without manifest.json: read as image shards none of whose samples decodes, training failed
+    once fitting (naming them damaged, to be rewritten with ldm-data) and ldm-encode wrote empty latent shards."""
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for shard in (encoded / "train").glob("train-*.tar"):
+        shutil.copy(shard, copied)
+    message = r"is a latent shard \(ldm-encode's\), but its folder has no manifest\.json .* copy the manifest\.json"
+    with pytest.raises(ConfigError, match=rf"data\.train_shards: .*copied/train-000000\.tar {message}"):
+        datamodule(str(copied / "train-*.tar"))
+    with pytest.raises(ConfigError, match=rf"^shards: .*copied/train-000000\.tar {message}"):
+        encode({"shards": str(copied / "train-*.tar"), "autoencoder_path": str(encoded / "ae"),
+                "output_dir": str(tmp_path / "again"), "progress": False})
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_resolution_the_latents_cannot_give_is_named_before_the_models_size(shapes_shards: Path, encoded: Path,
+                                                                             tmp_path: Path):
+    """data.resolution=16 on latents encoded at 32 px, model.image_size unset: the model's size check asked for
+    model.image_size=${data.resolution}, after which the latents' check asked for data.resolution=32."""
+    overrides = latent_run(shapes_shards, encoded, encoded / "ae", tmp_path / "run", 2)
+    cfg = compose_train([*overrides, "data.resolution=16"])
+    module, dm = configs.instantiate(cfg.model, "model"), configs.instantiate(cfg.data, "data")
+    with pytest.raises(ConfigError, match=r"data\.resolution=16 .* encoded at 32 px"):
+        module.check_data(dm)
 
 
 def test_stored_text_of_other_settings_is_refused_naming_the_key(encoded: Path):

@@ -181,7 +181,7 @@ def encode(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     config = to_dataclass(EncodeConfig, {k: v for k, v in dict(cfg).items() if k != "hydra"})
-    urls = expand_shards(config.shards, "shards")
+    urls = expand_shards(config.shards, "shards", split=None)
     remote = [u for u in urls if u.startswith(REMOTE_PREFIXES)]
     if remote:
         raise ConfigError(f"shards: ldm-encode reads local shards only, got {remote[0]!r}; copy them locally first")

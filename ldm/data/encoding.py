@@ -323,7 +323,8 @@ def prepare_output(config: EncodeConfig, manifest: dict[str, Any], urls: list[st
                               f"another output_dir, or pass overwrite=true to replace them")
         check_inputs_kept(out, old, urls)
         inputs = {**old.get("inputs", {}), **inputs}
-        autoencoder = {**old["autoencoder"], "latent_scale": manifest["autoencoder"]["latent_scale"]}  # as it is now
+        now = manifest["autoencoder"]  # the same weights (or refused above), perhaps by another path and scale
+        autoencoder = {**old["autoencoder"], "path": now["path"], "latent_scale": now["latent_scale"]}
         manifest = {**old, "autoencoder": autoencoder, "inputs": inputs,
                     "extra": {**(old.get("extra") or {}), **(manifest["extra"] or {})}}
         gone = sorted(name for name, url in inputs.items() if not Path(url).exists() and (out / name).exists())
@@ -519,16 +520,16 @@ def encode_shard(url: str, output: Path, encoders: Encoders, config: EncodeConfi
             writer.close()  # writes its end into the closed file when collected (a second traceback)
         # note: that closes the tar stream only; atomic_open still flushes and renames the file
     failed = sum(key != "?" for key, _ in skipped)  # samples left out ("?": a read error, one or two per damage)
-    if expected is not None and count + failed < expected:
-        if shard_stops_early(url) or any(key == "?" for key, _ in skipped):  # cut, or a read error (walked once)
-            skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "
-                                 f"{expected} (truncated, or a damaged member header); rewrite it with ldm-data and "
-                                 f"run ldm-encode again (it re-encodes a rewritten input shard)"])
-            failed = expected - count
-        else:
-            log.warning("%s holds %d samples but its recorded count says %d: the count is out of date (ldm-data's "
-                        "summary.json, img2dataset's NAME_stats.json; correct or delete it); every sample it holds "
-                        "was read", url, count + failed, expected)
+    short = expected is not None and count + failed < expected
+    if short and (shard_stops_early(url) or any(key == "?" for key, _ in skipped)):  # cut, or a read error
+        skipped.append(["?", f"damaged tar: the shard ends after {count + failed} samples but its count says "
+                             f"{expected} (truncated, or a damaged member header); rewrite it with ldm-data and "
+                             f"run ldm-encode again (it re-encodes a rewritten input shard)"])
+        failed = expected - count
+    elif expected is not None and count + failed != expected:
+        log.warning("%s holds %d samples but its recorded count says %d: the count is out of date (ldm-data's "
+                    "summary.json, img2dataset's NAME_stats.json; correct or delete it); every sample it holds "
+                    "was read", url, count + failed, expected)
     if failed:
         log.warning("%s: %d samples could not be read and are left out, e.g. %s", url, failed, skipped[-3:])
     elif skipped:  # read errors, no sample named: a shard damaged before its first sample, its count unknown

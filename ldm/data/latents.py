@@ -163,7 +163,8 @@ def stats_path(shard: Path) -> Path:
 
 
 def find_manifest(urls: list[str], key: str, to_read: bool = True) -> LatentManifest | None:
-    """The latent manifest beside local shards, or None for image shards; shards from two manifests that name
+    """The latent manifest beside local shards, or None for image shards (latent shards without their manifest
+    raise ConfigError naming `key`, as they cannot be read as images); shards from two manifests that name
     different encoders raise ConfigError naming `key`. With `to_read` (the shards are to be trained on), so does a
     shard ldm-encode has not finished (no stats file yet), and shards the manifest lists that its folder lacks while
     their inputs still exist (an ldm-encode stopped early, which writes the manifest first) are warned about: a pattern
@@ -190,6 +191,12 @@ def find_manifest(urls: list[str], key: str, to_read: bool = True) -> LatentMani
                               f"done: its run was stopped; run the same ldm-encode command again to finish it "
                               f"(finished shards are skipped)")
     if not found:
+        local = next((Path(url.removeprefix("file:")) for url in plain if "://" not in url and
+                      not url.startswith("pipe:")), None)
+        if local is not None and holds_latents(local):  # (their first shard: a tar's first sample)
+            raise ConfigError(f"{key}: {local} is a latent shard (ldm-encode's), but its folder has no "
+                              f"{MANIFEST_NAME} saying which encoders wrote it: copy the {MANIFEST_NAME} of the "
+                              f"ldm-encode output_dir beside the shards, or encode the image shards again")
         return None
     if plain:
         raise ConfigError(f"{key} mixes latent shards (a manifest in {next(iter(found))}) with shards that have no "

@@ -22,11 +22,12 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
-def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list[str]:
+def expand_shards(spec: str | list[str], key: str, split: str | None = "train") -> list[str]:
     """Shard URLs from a path, brace pattern, glob, `::`-separated list, Python list, or remote URL.
 
     A directory stands for its `{split}-*.tar` shards (what ldm-data writes; one holding other tars only, as
-    img2dataset's `00000.tar`, is refused naming the pattern to give). Local shards come back as absolute paths
+    img2dataset's `00000.tar`, is refused naming the pattern to give); with `split=None` (ldm-encode, which encodes
+    what it is given) it is refused, naming each split's pattern. Local shards come back as absolute paths
     (a file named `pipe:...` is read, never run as a command). A local pattern that matches no file
     raises FileNotFoundError naming `key` and the pattern, one that matches other files than tars (`data/shapes/*`:
     summary.json, and the other split's shards beside) a ConfigError; remote URLs (`pipe:`, `http(s)://`, ...) pass
@@ -46,6 +47,10 @@ def expand_shards(spec: str | list[str], key: str, split: str = "train") -> list
             path = os.path.expanduser(url.removeprefix("file:"))
             pattern = None  # a file or folder that exists is taken as named, `[` in its name included
             folder = os.path.isdir(path)
+            if folder and split is None:
+                examples = " or ".join(pasteable({key: os.path.join(url, f"{s}-*.tar")}) for s in ("train", "val"))
+                raise ConfigError(f"{key}={part!r} is a folder, which holds one or two splits of shards: name the "
+                                  f"split's shards, {examples}")
             if folder:
                 pattern = path = os.path.join(path, f"{split}-*.tar")
             elif not os.path.isfile(path) and glob.has_magic(path):

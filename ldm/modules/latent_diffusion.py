@@ -390,6 +390,8 @@ class LatentDiffusionModule(L.LightningModule):
         resolution = getattr(getattr(datamodule, "config", None), "resolution", None)
         if resolution is None:
             return
+        if hasattr(datamodule, "latent_manifest"):  # latent shards fix the size: their error names data.resolution
+            datamodule.setup("fit")
         self.pipeline.check_image_size(resolution, "data.resolution")  # the training images' size
         if resolution != self.pipeline.image_size and self.config.image_size is None:  # the autoencoder's: a mistake
             raise ConfigError(f"{self._other_size(resolution)}; set 'model.image_size=${{data.resolution}}' (quoted "
