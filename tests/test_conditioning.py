@@ -304,7 +304,7 @@ def test_precomputed_encodings_are_dropped_as_their_captions_are():
         from_captions = conditioner(prompts, generator=torch.Generator().manual_seed(3))["context"]
         from_encodings = conditioner(encoded, generator=torch.Generator().manual_seed(3))["context"]
         empty = conditioner.encoder([""])[0][0]
-    dropped = [torch.allclose(row, empty) for row in from_encodings]
+    dropped = [torch.allclose(row, empty, atol=1e-5) for row in from_encodings]
     assert 0 < sum(dropped) < len(prompts)
     torch.testing.assert_close(from_encodings, from_captions)
     # the pooled vector too (pooled: true), by the same draws; and nothing is dropped outside training (val/loss)
@@ -318,7 +318,7 @@ def test_precomputed_encodings_are_dropped_as_their_captions_are():
         empty = pooled.unconditional(1)
     for key in ("context", "pooled"):
         torch.testing.assert_close(from_encodings[key], from_captions[key])
-        assert [torch.allclose(row, empty[key][0]) for row in from_encodings[key]] == dropped
+        assert [torch.allclose(row, empty[key][0], atol=1e-5) for row in from_encodings[key]] == dropped
     always = byte_conditioner(1.0).eval()
     with torch.no_grad():
         context = always.encoder(prompts)[0]

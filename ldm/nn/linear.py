@@ -68,6 +68,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not onednn_product(x, self.weight):
+            if x.dim() > 2 and not x.is_contiguous():  # one product of the rows whether or not a gradient is wanted
+                return F.linear(x.reshape(-1, self.in_features), self.weight, self.bias).view(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features).contiguous()                     # (M, in)
         pixels = rows.view(1, -1, 1, self.in_features).permute(0, 3, 1, 2)      # (1, in, M, 1), channels_last
