@@ -74,6 +74,49 @@ def test_fid_callback_scores_the_ema_weights_or_the_trained_ones_as_use_ema_says
         assert unets[0] is expected  # the evaluation at step 1 (then the export, always the EMA's)
 
 
+def test_sample_i_is_prompt_i_with_seed_plus_i_against_the_reference_of_the_models_size(
+        tmp_path: Path, shapes_shards: Path, monkeypatch: pytest.MonkeyPatch):
+    """num_samples=6 in batches of 4: every sample generated once, sample i with the i-th validation caption and
+    seed + i at the configured guidance; the reference statistics of reference_num_samples images at the model's
+    16 px. (Checked as `fid > 0` before: 4 of 6 samples scored as val/fid_6 passed, and so did one seed for all.)"""
+    from ldm.callbacks import fid
+    from ldm.eval.sources import load_prompts
+
+    module = LatentDiffusionModule.load_from_checkpoint(tiny_ldm_checkpoint(tmp_path / "ldm"))
+    generated, references = [], []
+    eval_pipeline, reference_stats = module.eval_pipeline, fid.load_or_compute_reference_stats
+
+    def recorded(use_ema: bool):
+        pipeline = eval_pipeline(use_ema)
+        generate = pipeline.generate
+
+        def generate_recorded(prompts, seeds, **options):
+            generated.append((list(prompts), list(seeds), options["guidance_scale"], options["num_steps"]))
+            return generate(prompts, seeds, **options)
+
+        pipeline.generate = generate_recorded
+        return pipeline
+
+    def reference_recorded(shards, resolution, num_samples, *args, **kwargs):
+        references.append((resolution, num_samples))
+        return reference_stats(shards, resolution, num_samples, *args, **kwargs)
+
+    module.eval_pipeline = recorded
+    monkeypatch.setattr(fid, "load_or_compute_reference_stats", reference_recorded)
+    callback = FIDCallback(val_shards=str(shapes_shards), every_n_steps=1, num_samples=6, batch_size=4,
+                           reference_num_samples=8, cache_dir=str(tmp_path / "cache"), feature_dim=64,
+                           guidance_scale=3.0, seed=5, num_steps=2,
+                           feature_extractor_weights_path=str(random_inception_weights(tmp_path / "inc.pt")))
+    data = DataLoader([{"image": torch.zeros(2, 3, 16, 16), "caption": CAPTIONS}], batch_size=None)
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+              callbacks=[callback]).fit(module, train_dataloaders=data)
+    prompts = load_prompts("val_shards", 6, [str(s) for s in sorted(shapes_shards.glob("val-*.tar"))])
+    assert len(set(prompts)) > 1
+    assert generated == [(prompts[:4], [5, 6, 7, 8], 3.0, 2), (prompts[4:], [9, 10], 3.0, 2)]
+    assert references == [(16, 8)] and "val/fid_6" in module.trainer.callback_metrics
+
+
 class StopSignal(L.Callback):
     """Stops the run after its first step the way `SlurmRequeue` does on a signal (`stopped`, `should_stop`)."""
 

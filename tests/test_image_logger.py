@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -68,6 +69,27 @@ def test_one_validation_grid_per_validation_and_none_from_the_sanity_check(tmp_p
     written = sorted(p.name for p in (tmp_path / "images" / "val").iterdir())
     assert written == ["inputs_step0000002.png", "inputs_step0000004.png"]
     assert not (tmp_path / "images" / "train").exists()  # every_n_steps=0: no training grids
+
+
+def test_grids_every_n_steps_of_the_steps_last_batch_and_of_validations_first(tmp_path: Path):
+    """every_n_steps=2 under accumulation of 2: grids at steps 2 and 4, each of the batch that ended its step; at each
+    validation, of its first batch; 4 images of 8 px, nrow=2 a row (22 px a side with the 2-px padding), clamped."""
+    data = [{"x": torch.randn(4, 4), "image": torch.full((4, 3, 8, 8), -1.0 + 0.5 * i)} for i in range(8)]
+    val = [{"x": torch.randn(4, 4), "image": torch.full((4, 3, 8, 8), 0.9 - 0.5 * i)} for i in range(3)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, accumulate_grad_batches=2, val_check_interval=4,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[ImageLogger(str(tmp_path / "images"), every_n_steps=2, nrow=2)])
+    trainer.fit(ValidatedGrids(), train_dataloaders=DataLoader(data, batch_size=None),
+                val_dataloaders=DataLoader(val, batch_size=None))
+    grids = {}
+    for path in sorted((tmp_path / "images").rglob("*.png")):
+        with Image.open(path) as image:
+            grids[f"{path.parent.name}/{path.name}"] = (image.size, image.getpixel((5, 5)))
+    assert grids == {"train/inputs_step0000002.png": ((22, 22), (191, 191, 191)),  # batch 3: 0.5
+                     "train/inputs_step0000004.png": ((22, 22), (255, 255, 255)),  # batch 7: 2.5, clamped to 1
+                     "val/inputs_step0000002.png": ((22, 22), (242, 242, 242)),    # the first: 0.9
+                     "val/inputs_step0000004.png": ((22, 22), (242, 242, 242))}
 
 
 def test_a_failing_grid_is_a_warning_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture):

@@ -27,6 +27,7 @@ from scale_helpers import (
 )
 
 from ldm.callbacks.checkpoint import AtomicCheckpointIO
+from ldm.callbacks.nan_guard import NanGuard
 from ldm.callbacks.rng_state import RngState, capture_rng_state, restore_rng_state
 from ldm.callbacks.step_boundary import validations_between
 from ldm.cli.common import run_id
@@ -332,6 +333,54 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
         == [2]
     assert not (out / "export").exists()  # a halted run exports nothing (an earlier segment's export stays)
 
+
+
+class Unsteady(L.LightningModule):
+    """(w - 1)^2, but at the global steps `infinite` names a finite loss (0) whose gradient is not finite, and at
+    those `nan` names a NaN loss."""
+
+    def __init__(self, infinite: tuple[int, ...] = (), nan: tuple[int, ...] = ()):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+        self.infinite, self.nan = infinite, nan
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        step = self.trainer.global_step
+        if step in self.infinite:
+            return (self.w - self.w.detach()).abs().sum().sqrt()  # sqrt at 0: an infinite slope
+        return (self.w - 1).pow(2).sum() * (math.nan if step in self.nan else 1.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_guarded(module: Unsteady, guard: NanGuard, max_steps: int, tmp_path: Path, ckpt_path: Path | None = None):
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[guard])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([torch.zeros(1)] * 8, batch_size=None),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_nan_guard_skips_a_finite_loss_whose_gradients_are_not(tmp_path: Path):
+    module, guard = Unsteady(infinite=(1,)), NanGuard()
+    weights = []
+    module.on_train_batch_end = lambda *args: weights.append(module.w.detach().clone())
+    fit_guarded(module, guard, 3, tmp_path)
+    assert guard.skipped_total == 1 and torch.isfinite(module.w).all()
+    assert torch.equal(weights[1], weights[0]) and not torch.equal(weights[2], weights[1])
+
+
+def test_nan_guard_counts_go_on_across_a_resume(tmp_path: Path):
+    """NaN at steps 1 and 2, the run stopped at 3, resumed: a third at step 3 is the third in a row (max_consecutive=3),
+    and the total goes on from the checkpoint's (train/nan_skipped restarted at 0 after a requeue otherwise)."""
+    first = fit_guarded(Unsteady(nan=(1, 2)), guard := NanGuard(max_consecutive=3), 3, tmp_path)
+    assert (guard.skipped_total, guard.consecutive, guard.halted) == (2, 2, False)
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = fit_guarded(Unsteady(nan=(3,)), guard := NanGuard(max_consecutive=3), 6, tmp_path,
+                          ckpt_path=tmp_path / "last.ckpt")
+    assert guard.halted and resumed.global_step == 4 and guard.skipped_total == 3
 
 def clipped_grad_norms(model: str, shards: Path, tmp_path: Path, precision: str, trainer: str = "cpu",
                        steps: int = 3) -> list[float]:
