@@ -76,6 +76,9 @@ def test_ddp_cpu_autoencoder_with_its_discriminator_stays_in_sync(shapes_shards,
             {k: v for k, v in ranks[1][step].items() if k.startswith("train/")}
     assert ranks[0]["3"]["weights"] != ranks[0]["2"]["weights"]
     assert ranks[0]["3"]["train/d_loss"] > 0  # the discriminator trained from step 1
+    # the images of both ranks: 3 steps x 2 x 2
+    assert "throughput summary: 3 steps, 12 images in " in (out / "train.log").read_text()
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["ldm"]["samples_seen"] == 12
 
 
 @pytest.mark.slow
