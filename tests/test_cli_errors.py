@@ -73,6 +73,8 @@ CASES = [
     Case("data-holdout-everything", "ldm-data", ("source=shapes", "output_dir={tmp}/d_holdout", "num_samples=8",
                                                  "holdout=[a]"), ("holdout=['a']", "nothing left")),
     # ldm-train: about five seconds each (torch and Lightning imports)
+    Case("train-list-item-by-name", "ldm-train", (*TRAIN, "tags.x=1"),
+         ("ldm-train: error: tags.x=1: tags is a list, whose items are named by their index (tags.0=",), slow=True),
     Case("train-paths-slurm-outside-slurm", "ldm-train",  # the run directory is named after $SLURM_JOB_ID; first
          (*(a for a in TRAIN if not a.startswith("paths.")), "paths=slurm", "paths.runs_dir={tmp}/runs", "seed=abc"),
          ("paths=slurm", "SLURM_JOB_ID", "paths=default")),

@@ -512,6 +512,24 @@ def hydra_error_line(err: BaseException) -> str:
     return f"{text}: {_one_line(cause, with_type=False)}" if isinstance(cause, OmegaConfBaseException) else text
 
 
+def override_not_applied(err: BaseException) -> str | None:
+    """An override that OmegaConf failed to apply with an error Hydra does not catch (an item of a list by name,
+    `tags.x=1`: a ValueError and a page of traceback), in one line naming it; None for an error raised elsewhere."""
+    if isinstance(err, HydraException):  # Hydra's own (`hydra_error_line`)
+        return None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        if frame.f_code.co_name == "_apply_overrides_to_config":  # Hydra's loop over the overrides: the one at fault
+            override, cfg = frame.f_locals.get("override"), frame.f_locals.get("cfg")
+            if override is None or cfg is None:
+                return None
+            parent = str(override.key_or_group).rpartition(".")[0]
+            if parent and isinstance(OmegaConf.select(cfg, parent, throw_on_missing=False), ListConfig):
+                return (f"{override.input_line}: {parent} is a list, whose items are named by their index "
+                        f"({parent}.0=VALUE); or give the whole list, {parent}=[A,B]")
+            return f"{override.input_line}: {_one_line(err, with_type=True)}"
+    return None
+
+
 def no_completed_trial(err: BaseException) -> bool:
     """Optuna's refusal, at the end of a sweep (Hydra's sweeper asks for the best trial), of a study none of whose
     trials completed: "Record does not exist", and a page of traceback."""
@@ -563,8 +581,9 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:  # noqa: BLE001 -- raised by Hydra before any task ran
             # Hydra's refusal of its flags (-m with --cfg), and (with HYDRA_FULL_ERROR=1, which makes Hydra raise
             # instead of printing) its composition errors: the user's to fix; anything else keeps its status
-            hydra_refusal = isinstance(err, HydraException) or (isinstance(err, ValueError)
-                                                                and str(err).startswith(HYDRA_FLAG_REFUSAL))
+            not_applied = None if _task_started else override_not_applied(err)
+            hydra_refusal = isinstance(err, HydraException) or not_applied is not None or (
+                isinstance(err, ValueError) and str(err).startswith(HYDRA_FLAG_REFUSAL))
             if _task_started and no_completed_trial(err):
                 print(f"{name}: error: no trial of the Optuna sweep completed (each one's error is above), so it has "
                       f"no best trial to report", file=sys.stderr, flush=True)
@@ -573,7 +592,7 @@ def cli_entry(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             if traceback_asked():
                 traceback.print_exc()
-            print(f"{name}: error: {hydra_error_line(err)}", file=sys.stderr, flush=True)
+            print(f"{name}: error: {not_applied or hydra_error_line(err)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
         finally:
             if raises:
