@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.cli.data import write_dataset
-from ldm.config import ConfigError
+from ldm.config import ConfigError, pasteable
 from ldm.data import shapes
 from ldm.data.encoding import image_shards_in
 from ldm.data.shardlist import shard_name
@@ -752,7 +752,7 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     for i in range(2):
         shutil.copy(shapes_shards / f"train-00000{i}.tar", folder / f"0000{i}.tar")
         (folder / f"0000{i}_stats.json").write_text('{"successes": 16}')
-    fix = re.escape(f"e.g. 'data.train_shards={folder}/*.tar'")
+    fix = re.escape(f"e.g. {pasteable({'data.train_shards': f'{folder}/*.tar'})}")  # (quoted for Hydra where needed)
     with pytest.raises(FileNotFoundError, match=r"a folder stands for the train-\*\.tar shards ldm-data writes, and "
                                                 rf".* holds none but 2 other tar shards \(e\.g\. 00000\.tar\): name "
                                                 rf"them, {fix}"):
@@ -763,7 +763,8 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     gz = tmp_path / "gz"  # the example has the suffix the shards have
     gz.mkdir()
     (gz / "00000.tar.gz").write_bytes(gzip.compress((shapes_shards / "train-000000.tar").read_bytes()))
-    with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. 'data.train_shards={gz}/*.tar.gz'")):
+    gz_fix = pasteable({"data.train_shards": f"{gz}/*.tar.gz"})
+    with pytest.raises(FileNotFoundError, match=re.escape(f"e.g. {gz_fix}")):
         expand_shards(str(gz), "data.train_shards")
     accented = tmp_path / "Données"  # pasted as given (in Hydra's quotes too: the shell's alone were refused)
     accented.mkdir()
@@ -784,10 +785,10 @@ def test_a_folder_of_img2dataset_shards_is_named_with_a_pattern_that_matches(sha
     train_only = tmp_path / "train_only"
     train_only.mkdir()
     shutil.copy(shapes_shards / "train-000000.tar", train_only)
+    train_fix = pasteable({"reference_shards": f"{train_only}/train-*.tar"})
     with pytest.raises(FileNotFoundError, match=re.escape(f"holds train shards only (1), no val-*.tar: name the "
                                                           f"folder of the val split, or the train shards themselves "
-                                                          f"where you mean them: 'reference_shards={train_only}/"
-                                                          f"train-*.tar'")):
+                                                          f"where you mean them: {train_fix}")):
         expand_shards(str(train_only), "reference_shards", split="val")
 
 

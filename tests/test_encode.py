@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from ldm.cli.data import write_dataset
 from ldm.cli.encode import encode
 from ldm.cli.run_lock import RunDirectoryLocked
 from ldm.conditioning import ByteTextEncoder
-from ldm.config import ConfigError
+from ldm.config import ConfigError, pasteable
 from ldm.data import encoding, latents
 from ldm.data.datamodule import WebDataModule
 from ldm.data.shards import MEMBER_MTIME
@@ -402,9 +403,10 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
                                           r"reads image shards"):
         run_encode(tmp_path / "latents", autoencoder, tmp_path / "again")
     assert not (tmp_path / "again").exists()
-    with pytest.raises(ConfigError, match=rf"^shards='{shapes_shards}' is a folder, which holds one or two splits of "
-                                          rf"shards: name the split's shards, 'shards={shapes_shards}/train-\*\.tar' "
-                                          rf"or 'shards={shapes_shards}/val-\*\.tar'$"):  # (train-*.tar was taken)
+    splits = [re.escape(pasteable({"shards": f"{shapes_shards}/{split}-*.tar"})) for split in ("train", "val")]
+    with pytest.raises(ConfigError, match=rf"^shards={re.escape(repr(str(shapes_shards)))} is a folder, which holds "
+                                          rf"one or two splits of shards: name the split's shards, {splits[0]} or "
+                                          rf"{splits[1]}$"):  # (train-*.tar was taken)
         encode({"shards": str(shapes_shards), "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "f")})
     # ... and ldm-data into a folder of latents: its manifest.json stayed, and the image shards were read as latents
     with pytest.raises(ConfigError, match=r"output_dir=.*latents holds latent shards \(written by ldm-encode"):

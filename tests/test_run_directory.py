@@ -79,16 +79,17 @@ def test_the_lock_works_on_a_file_system_without_hard_links(tmp_path, monkeypatc
     release(acquire(tmp_path))
 
 
-def _start_at(start: float, directory: Path, won: Any) -> None:
-    """A starter of a run (a child process): takes the lock at `start`, holds it a second if it won."""
-    while time.time() < start:
-        pass
+def _start_together(directory: Path, won: Any, ready: Any, tried: Any) -> None:
+    """A starter of a run (a child process): takes the lock once every starter is ready; one that won holds it until
+    every starter has tried (a second would win after its release)."""
+    ready.wait(60)
     try:
         path = acquire(directory)
     except RunDirectoryLocked:
+        tried.wait(60)
         return
     won.put(os.getpid())
-    time.sleep(1.0)
+    tried.wait(60)
     release(path)
 
 
@@ -100,7 +101,8 @@ def test_of_starters_taking_over_a_stale_lock_at_once_one_wins(tmp_path, monkeyp
     for _ in range(3):
         _write_lock(tmp_path, pid=_dead_pid())
         won = fork.Queue()
-        starters = [fork.Process(target=_start_at, args=(time.time() + 0.5, tmp_path, won)) for _ in range(6)]
+        ready, tried = fork.Barrier(6), fork.Barrier(6)
+        starters = [fork.Process(target=_start_together, args=(tmp_path, won, ready, tried)) for _ in range(6)]
         for starter in starters:
             starter.start()
         for starter in starters:
