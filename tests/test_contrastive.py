@@ -61,6 +61,15 @@ def test_accuracy_counts_an_image_of_the_same_caption_as_a_hit():
     assert strict.item() == 0.75 and by_caption.item() == 1.0
 
 
+def test_captions_equal_in_the_bytes_the_encoder_keeps_are_one_caption_to_the_accuracy():
+    """max_length 16 keeps 14 bytes of a caption: two that differ only beyond them are embedded alike, and are one
+    caption to the accuracy (whose hit was a coin toss between their images)."""
+    module = ContrastiveModule(tiny_config(text={"width": 32, "num_layers": 1, "num_heads": 2, "max_length": 16}))
+    captions = ["a red circle on white", "a red circle on black", "a blue square"]
+    _, text, ids = module._embed_batch({"image": torch.zeros(3, 3, 16, 16), "caption": captions})
+    assert torch.equal(text[0], text[1]) and ids[0] == ids[1] != ids[2]
+
+
 def test_compiled_text_tower_compiles_once_for_new_captions():
     """Compiled whole, the text tower's tokenizer made every batch of new captions a recompilation (torch gave up
     after 8 and ran it eagerly); the tensor part alone is compiled now."""

@@ -907,6 +907,7 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
 
     from scale_helpers import tiny_autoencoder_export
 
+    from ldm.modules.contrastive import ContrastiveModule
     from ldm.modules.latent_diffusion import LatentDiffusionModule
     from ldm.nn.unet import unet_config
 
@@ -983,6 +984,13 @@ def test_a_sample_without_a_label_is_skipped_in_class_conditional_training(tmp_p
                                           r"model.conditioner.num_classes=2, or an unconditional one, "
                                           r"model.conditioner.kind=none model.unet.context_dim=null$"):
         fit_text_model()
+    clip = ContrastiveModule({"text": {"width": 32, "num_layers": 1, "num_heads": 2, "max_length": 16},
+                              "image": {"resolution": 32, "channels": [8, 16]}, "embed_dim": 16})
+    with pytest.raises(ConfigError, match=r"data\.train_shards hold class-labelled images without any caption "
+                                          r"\(ldm-data labels=folders, 2 classes\): every caption is empty, so the "
+                                          r"text encoder learns nothing"):  # (it trained, at accuracy 1)
+        clip.check_data(WebDataModule(train_shards=str(tmp_path / "classes" / "train-*.tar"), batch_size=2,
+                                      num_workers=0, resolution=32))
     (tmp_path / "in" / "dog" / "0.txt").write_text("a dog on a lawn")
     write_dataset({**classes, "overwrite": True})
     assert fit_text_model().global_step == 1

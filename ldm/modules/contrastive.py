@@ -152,8 +152,9 @@ class ContrastiveModule(L.LightningModule):
         """The batch's image and caption embeddings (B, E) and an id per caption (B,), equal for equal captions."""
         captions = list(batch_entry(batch, self.config.caption_key, "model.caption_key"))
         image, text = self.embed(batch_entry(batch, self.config.image_key, "model.image_key"), captions)
-        ids = torch.tensor([zlib.crc32(c.encode(errors="replace")) for c in captions],  # lone surrogates as the
-                           device=image.device)                                        # tokenizer reads them
+        seen = self.text_encoder.max_length - 2  # the bytes the tokenizer keeps: captions equal there are equal
+        ids = torch.tensor([zlib.crc32(c.encode(errors="replace")[:seen]) for c in captions],  # (lone surrogates as
+                           device=image.device)                                                 # it reads them)
         return image, text, ids
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +164,17 @@ class ContrastiveModule(L.LightningModule):
                                 self.logit_scale, ids, self._gather(ids))
 
     def check_data(self, datamodule: Any) -> None:
-        """Refuse images of another size than the image tower takes (`ldm-train` calls it before anything is
-        written; `on_fit_start` for any fit)."""
+        """Refuse images of another size than the image tower takes, and shards of class folders without captions
+        (`ldm-train` calls it before anything is written; `on_fit_start` for any fit)."""
         require_resolution(datamodule, "model.image.resolution", self.config.image.resolution,
                            "the image tower takes the images at the size the data gives them; set data.resolution "
                            "(which model.image.resolution follows in conf/model/contrastive)")
+        classes = datamodule.uncaptioned_classes() if hasattr(datamodule, "uncaptioned_classes") else None
+        if classes:
+            raise ConfigError(f"data.train_shards hold class-labelled images without any caption (ldm-data "
+                              f"labels=folders, {len(classes)} classes): every caption is empty, so the text encoder "
+                              f"learns nothing (and its accuracy is 1 by construction); train it on shards with "
+                              f"captions")
 
     def on_fit_start(self) -> None:
         require_images(self.trainer.datamodule, "the contrastive text-image model")
