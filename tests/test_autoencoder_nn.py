@@ -154,3 +154,40 @@ def test_missing_autoencoder_path_names_the_config_key(tmp_path):
         load_autoencoder(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"^model\.autoencoder_path=.*nowhere does not exist"):
         load_autoencoder_any(tmp_path / "nowhere")
+
+
+def test_posterior_matches_diffusers_beyond_the_logvar_clamp():
+    """Moments past both of LDM's log-variance bounds (-30, 20): clamped there, as diffusers' posterior is."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Theirs
+
+    moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    moments[:, 4:, 0] = torch.linspace(-60, 60, 4)
+    ours, theirs = DiagonalGaussianDistribution(moments), Theirs(moments)
+    assert ours.logvar.min() == -30.0 and ours.logvar.max() == 20.0
+    torch.testing.assert_close(ours.logvar, theirs.logvar, rtol=0, atol=0)
+    torch.testing.assert_close(ours.std, theirs.std)
+    torch.testing.assert_close(ours.sample(torch.Generator().manual_seed(0)),
+                               theirs.sample(torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_discriminator_is_tamings_n_layer_discriminator(norm):
+    """The layout written out (taming-transformers' NLayerDiscriminator: 4x4 convolutions, LeakyReLU(0.2), no bias
+    before a BatchNorm, a last stride-1 pair), our weights loaded into it: the same output, exactly."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    ours = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=3, norm=norm)).eval()
+    norm_layer = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
+    bias = norm != "batch"
+    reference = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2),
+                              nn.Conv2d(8, 16, 4, 2, 1, bias=bias), norm_layer(16), nn.LeakyReLU(0.2),
+                              nn.Conv2d(16, 32, 4, 2, 1, bias=bias), norm_layer(32), nn.LeakyReLU(0.2),
+                              nn.Conv2d(32, 64, 4, 1, 1, bias=bias), norm_layer(64), nn.LeakyReLU(0.2),
+                              nn.Conv2d(64, 1, 4, 1, 1)).eval()
+    reference.load_state_dict({k.removeprefix("main."): v for k, v in ours.state_dict().items()})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = ours(x)
+        assert out.shape == (2, 1, 6, 6)
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)

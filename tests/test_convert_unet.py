@@ -127,3 +127,26 @@ def test_original_layout_round_trip_and_shape_inference(single_torch_thread):
     linear768 = dataclasses.replace(sd1, use_linear_proj=True)
     with pytest.raises(UnsupportedCheckpointError, match="context width 768 with linear projections"):
         unet_config_from_original(unet_to_original(UNet(linear768).state_dict(), linear768))
+
+
+def test_resblock_matches_diffusers_resnet_in_train_mode():
+    """Dropout between the second norm's SiLU and conv2, as in diffusers' ResnetBlock2D (and CompVis'): the same
+    seed draws the same masks and gives the same output (the comparisons above run in eval mode)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from ldm.convert.unet import _RES_DIFFUSERS
+    from ldm.nn.unet import ResBlock
+
+    torch.manual_seed(0)
+    ours = ResBlock(32, 64, 128, norm_groups=8, dropout=0.5).train()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    theirs = ResnetBlock2D(in_channels=32, out_channels=64, temb_channels=128, groups=8, dropout=0.5, eps=1e-5).train()
+    theirs.load_state_dict({f"{_RES_DIFFUSERS[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
+                            for k, v in ours.state_dict().items()})
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 128)
+    torch.manual_seed(1)
+    got = ours(x, emb)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, theirs(x, emb), rtol=0, atol=1e-6)

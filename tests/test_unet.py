@@ -311,3 +311,20 @@ def test_upsampling_trains_after_a_forward_under_inference_mode():
         upsample(x)
     upsample(x).sum().backward()
     assert upsample.conv.weight.grad is not None
+
+
+def test_upcast_attention_reaches_every_attention_of_the_unet():
+    """upcast_attention=true (SD 2.1's) in every attention layer of the UNet, not in `attention` alone: logits far
+    past fp16's range stay finite under fp16 autocast with fp16-reducing SDPA."""
+    from ldm.nn.attention import Attention
+
+    config = dataclasses.replace(TINY, upcast_attention=True)
+    model = randomize(UNet(config))
+    assert {m.upcast for m in model.modules() if isinstance(m, Attention)} == {True}
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Attention):  # logits far past fp16's 65504
+                m.to_q.weight.mul_(2000.0)
+                m.to_k.weight.mul_(2000.0)
+        with fp16_reduction_math_sdp(), torch.autocast("cpu", dtype=torch.float16):
+            assert torch.isfinite(model(**inputs(config))).all()
