@@ -66,6 +66,8 @@ def test_wrong_type_is_named():
 def test_choice_lists_allowed_values():
     with pytest.raises(ConfigError, match=r"sampler='euler'.*\['ddpm', 'ddim'\]"):
         to_dataclass(Outer, {"sampler": "euler"}, prefix="model")
+    with pytest.raises(ConfigError, match=r"sampler='DDIM'"):  # as written: the samplers compare names exactly
+        to_dataclass(Outer, {"sampler": "DDIM"}, prefix="model")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -321,6 +323,8 @@ def test_every_bad_config_value_raises_config_error(name, overrides, message):
 def test_range_checks_refuse_nan_for_configs_built_in_python():
     with pytest.raises(ConfigError, match="lr=nan must be > 0"):
         configs.check_positive(lr=float("nan"))
+    with pytest.raises(ConfigError, match="lr=0 must be > 0"):
+        configs.check_positive(lr=0)
     with pytest.raises(ConfigError, match="warmup_steps=nan must be >= 0"):
         configs.check_min(0, warmup_steps=float("nan"))
 
@@ -353,6 +357,18 @@ def test_pasteable_overrides_reach_hydra_as_written_through_a_shell():
     assert "a.plain=runs/clip/export" in line.split() and "'a.list=[1,2]'" in line.split()  # (zsh globs [)
     parsed = OverridesParser.create().parse_overrides(shlex.split(line))
     assert {o.key_or_group: o.value() for o in parsed} == values
+
+
+def test_an_override_omegaconf_fails_to_apply_is_named_in_one_line():
+    """`tags.x=1` (an item of a list by name): OmegaConf's ValueError passes through Hydra's override loop uncaught,
+    a page of traceback; named with the list's own spelling."""
+    from ldm.cli.common import override_not_applied
+
+    with pytest.raises(ValueError) as error, hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra.compose(config_name="train", overrides=["tags.x=1"])
+    assert override_not_applied(error.value) == ("tags.x=1: tags is a list, whose items are named by their index "
+                                                 "(tags.0=VALUE); or give the whole list, tags=[A,B]")
+    assert override_not_applied(ValueError("raised elsewhere")) is None
 
 
 def test_an_override_hydra_cannot_read_is_refused_with_one_that_reads():

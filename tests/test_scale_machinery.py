@@ -90,6 +90,20 @@ def _umask() -> int:
 # -- resume resolution, ids, RNG ---------------------------------------------------------------------------------------
 
 
+def test_finding_the_checkpoint_to_resume_never_runs_a_checkpoints_code(tmp_path):
+    """`ckpt_path=last` and auto_resume read the time each checkpoint of the folder was saved: a file dropped there
+    is read weights-only too (load_checkpoint's check came after)."""
+    from test_safe_loading import _CreatesFile
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"global_step": 1}, folder / "last.ckpt")
+    torch.save({"global_step": 9, "x": _CreatesFile(tmp_path / "ran")}, folder / "step0000009.ckpt")
+    resolve_ckpt_path("last", folder)
+    resolve_ckpt_path(None, folder, auto_resume=True)
+    assert not (tmp_path / "ran").exists()
+
+
 def test_resolve_ckpt_path(tmp_path, monkeypatch):
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert resolve_ckpt_path(None, tmp_path / "checkpoints", auto_resume=True) is None

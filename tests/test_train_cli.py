@@ -156,6 +156,11 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
     for key in ("accumulate_grad_batches", "max_steps", "num_nodes"):  # accepted, then Lightning failed at batch 1
         with pytest.raises(configs.ConfigError, match=rf"trainer\.{key}=null must be an integer"):
             check_trainer({**node, key: None})
+    # Lightning keeps max_steps=True (one step) and 2.5 as given
+    for key, value, kind in (("max_steps", True, "bool"), ("accumulate_grad_batches", True, "bool"),
+                             ("max_steps", 2.5, "float"), ("check_val_every_n_epoch", 1.0, "float")):
+        with pytest.raises(configs.ConfigError, match=rf"trainer\.{key}={value} must be an integer \(got {kind}\)"):
+            check_trainer({**node, key: value})
     for precision in ("64-true", 64):  # accepted, then the fp32 autoencoder and latents met fp64 weights at step 1
         node.precision = precision
         with pytest.raises(configs.ConfigError, match=rf"trainer\.precision={precision} would train in fp64.* use "
