@@ -161,6 +161,10 @@ def test_devices_and_precision_are_checked_before_the_config_tree():
                              ("max_steps", 2.5, "float"), ("check_val_every_n_epoch", 1.0, "float")):
         with pytest.raises(configs.ConfigError, match=rf"trainer\.{key}={value} must be an integer \(got {kind}\)"):
             check_trainer({**node, key: value})
+    for key, value, message in (("accumulate_grad_batches", 0, "must be >= 1"), ("max_steps", -2, "must be >= -1"),
+                                ("val_check_interval", 0, "must be > 0: training batches between validations")):
+        with pytest.raises(configs.ConfigError, match=rf"trainer\.{key}={value} {message}"):
+            check_trainer({**node, key: value})
     for precision in ("64-true", 64):  # accepted, then the fp32 autoencoder and latents met fp64 weights at step 1
         node.precision = precision
         with pytest.raises(configs.ConfigError, match=rf"trainer\.precision={precision} would train in fp64.* use "
