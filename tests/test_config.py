@@ -368,6 +368,10 @@ def test_an_override_omegaconf_fails_to_apply_is_named_in_one_line():
         hydra.compose(config_name="train", overrides=["tags.x=1"])
     assert override_not_applied(error.value) == ("tags.x=1: tags is a list, whose items are named by their index "
                                                  "(tags.0=VALUE); or give the whole list, tags=[A,B]")
+    with pytest.raises(AssertionError) as error, hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra.compose(config_name="data", overrides=["sizes.0=large"])  # (null: an AssertionError of OmegaConf's)
+    assert override_not_applied(error.value) == ("sizes.0=large: sizes is null, so it has no items to set: give the "
+                                                 "whole value, sizes=[A,B]")
     assert override_not_applied(ValueError("raised elsewhere")) is None
 
 

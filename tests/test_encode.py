@@ -408,6 +408,15 @@ def test_bad_options_fail_naming_the_key(shapes_shards: Path, encoders: tuple[Pa
                                           rf"one or two splits of shards: name the split's shards, {splits[0]} or "
                                           rf"{splits[1]}$"):  # (train-*.tar was taken)
         encode({"shards": str(shapes_shards), "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "f")})
+    with pytest.raises(ConfigError, match=rf"^shards='.*::{shapes_shards}' \(its item '{shapes_shards}'\) is a folder"):
+        encode({"shards": f"{shapes_shards}/val-*.tar::{shapes_shards}", "autoencoder_path": str(autoencoder),
+                "output_dir": str(tmp_path / "f")})
+    img2dataset = tmp_path / "img2dataset"  # its names: the pattern that takes them
+    img2dataset.mkdir()
+    shutil.copy(shapes_shards / "train-000000.tar", img2dataset / "00000.tar")
+    example = re.escape(pasteable({"shards": f"{img2dataset}/*.tar"}))
+    with pytest.raises(ConfigError, match=rf"is a folder: name its tar shards, e.g. {example}$"):
+        encode({"shards": str(img2dataset), "autoencoder_path": str(autoencoder), "output_dir": str(tmp_path / "f")})
     # ... and ldm-data into a folder of latents: its manifest.json stayed, and the image shards were read as latents
     with pytest.raises(ConfigError, match=r"output_dir=.*latents holds latent shards \(written by ldm-encode"):
         write_dataset({"source": "shapes", "output_dir": str(tmp_path / "latents"), "num_samples": 4,

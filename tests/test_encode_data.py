@@ -180,20 +180,25 @@ def test_settings_latents_cannot_honour_fail_naming_the_key(shapes_shards: Path,
         datamodule(f"{train}::{plain}/val-*.tar")
 
 
-def test_latent_shards_without_their_manifest_are_named_as_such(encoded: Path, tmp_path: Path):
-    """The tars copied without manifest.json: read as image shards none of whose samples decodes, training failed
-    once fitting (naming them damaged, to be rewritten with ldm-data) and ldm-encode wrote empty latent shards."""
+def test_latent_shards_without_their_manifest_are_named_as_such(shapes_shards: Path, encoded: Path, tmp_path: Path):
+    """The tars copied without manifest.json, alone or after image shards: read as image shards none of whose samples
+    decodes, training failed once fitting (naming them damaged, to be rewritten with ldm-data) or skipped them all,
+    and ldm-encode wrote empty latent shards."""
     copied = tmp_path / "copied"
     copied.mkdir()
     for shard in (encoded / "train").glob("train-*.tar"):
         shutil.copy(shard, copied)
-    message = r"is a latent shard \(ldm-encode's\), but its folder has no manifest\.json .* copy the manifest\.json"
-    with pytest.raises(ConfigError, match=rf"data\.train_shards: .*copied/train-000000\.tar {message}"):
-        datamodule(str(copied / "train-*.tar"))
-    with pytest.raises(ConfigError, match=rf"^shards: .*copied/train-000000\.tar {message}"):
-        encode({"shards": str(copied / "train-*.tar"), "autoencoder_path": str(encoded / "ae"),
-                "output_dir": str(tmp_path / "again"), "progress": False})
-    assert not (tmp_path / "again").exists()
+    message = r"is a latent shard \(ldm-encode's\), but its folder has no manifest\.json saying which encoders wrote it"
+    for shards in (str(copied / "train-*.tar"), f"{shapes_shards}/train-000000.tar::{copied}/train-*.tar"):
+        with pytest.raises(ConfigError, match=rf"data\.train_shards: .*copied/train-000000\.tar {message}; train on a "
+                                              rf"copy of the whole ldm-encode output_dir \(manifest\.json and each "
+                                              rf"NAME_stats\.json beside the shards\)"):
+            datamodule(shards)
+        with pytest.raises(ConfigError, match=rf"^shards: .*copied/train-000000\.tar {message}; this command reads "
+                                              rf"image shards: give those the latents were encoded from$"):
+            encode({"shards": shards, "autoencoder_path": str(encoded / "ae"), "output_dir": str(tmp_path / "again"),
+                    "progress": False})
+        assert not (tmp_path / "again").exists()
 
 
 def test_a_resolution_the_latents_cannot_give_is_named_before_the_models_size(shapes_shards: Path, encoded: Path,

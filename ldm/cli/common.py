@@ -522,11 +522,16 @@ def override_not_applied(err: BaseException) -> str | None:
             override, cfg = frame.f_locals.get("override"), frame.f_locals.get("cfg")
             if override is None or cfg is None:
                 return None
-            parent = str(override.key_or_group).rpartition(".")[0]
-            if parent and isinstance(OmegaConf.select(cfg, parent, throw_on_missing=False), ListConfig):
-                return (f"{override.input_line}: {parent} is a list, whose items are named by their index "
-                        f"({parent}.0=VALUE); or give the whole list, {parent}=[A,B]")
-            return f"{override.input_line}: {_one_line(err, with_type=True)}"
+            key = str(override.key_or_group)
+            typed = [a for a in sys.argv[1:] if a.partition("=")[0].lstrip("+~") == key]  # (a sweep's: all values)
+            line, parent = (typed[-1] if typed else override.input_line), key.rpartition(".")[0]
+            node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+            if isinstance(node, ListConfig):
+                return (f"{line}: {parent} is a list, whose items are named by their index ({parent}.0=VALUE); or "
+                        f"give the whole list, {parent}=[A,B]")
+            if node is None:
+                return f"{line}: {parent} is null, so it has no items to set: give the whole value, {parent}=[A,B]"
+            return f"{line}: {_one_line(err, with_type=True)}"
     return None
 
 

@@ -163,8 +163,8 @@ def stats_path(shard: Path) -> Path:
 
 
 def find_manifest(urls: list[str], key: str, to_read: bool = True) -> LatentManifest | None:
-    """The latent manifest beside local shards, or None for image shards (latent shards without their manifest
-    raise ConfigError naming `key`, as they cannot be read as images); shards from two manifests that name
+    """The latent manifest beside local shards, or None for image shards (a folder whose first shard is a latent
+    shard but which holds no manifest raises ConfigError naming `key`); shards from two manifests that name
     different encoders raise ConfigError naming `key`. With `to_read` (the shards are to be trained on), so does a
     shard ldm-encode has not finished (no stats file yet), and shards the manifest lists that its folder lacks while
     their inputs still exist (an ldm-encode stopped early, which writes the manifest first) are warned about: a pattern
@@ -184,6 +184,12 @@ def find_manifest(urls: list[str], key: str, to_read: bool = True) -> LatentMani
                 found[folder] = read_manifest(folder / MANIFEST_NAME, key)
                 if to_read:
                     _warn_unfinished(found[folder])
+            elif holds_latents(path):  # (the folder's first shard, its first sample): copied without the manifest
+                fix = (f"train on a copy of the whole ldm-encode output_dir ({MANIFEST_NAME} and each "
+                       f"NAME_stats.json beside the shards), or on the image shards" if to_read else
+                       "this command reads image shards: give those the latents were encoded from")
+                raise ConfigError(f"{key}: {url} is a latent shard (ldm-encode's), but its folder has no "
+                                  f"{MANIFEST_NAME} saying which encoders wrote it; {fix}")
         if not folders[folder]:
             plain.append(url)
         elif to_read and not stats_path(path).is_file():
@@ -191,12 +197,6 @@ def find_manifest(urls: list[str], key: str, to_read: bool = True) -> LatentMani
                               f"done: its run was stopped; run the same ldm-encode command again to finish it "
                               f"(finished shards are skipped)")
     if not found:
-        local = next((Path(url.removeprefix("file:")) for url in plain if "://" not in url and
-                      not url.startswith("pipe:")), None)
-        if local is not None and holds_latents(local):  # (their first shard: a tar's first sample)
-            raise ConfigError(f"{key}: {local} is a latent shard (ldm-encode's), but its folder has no "
-                              f"{MANIFEST_NAME} saying which encoders wrote it: copy the {MANIFEST_NAME} of the "
-                              f"ldm-encode output_dir beside the shards, or encode the image shards again")
         return None
     if plain:
         raise ConfigError(f"{key} mixes latent shards (a manifest in {next(iter(found))}) with shards that have no "

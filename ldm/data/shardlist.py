@@ -48,9 +48,16 @@ def expand_shards(spec: str | list[str], key: str, split: str | None = "train") 
             pattern = None  # a file or folder that exists is taken as named, `[` in its name included
             folder = os.path.isdir(path)
             if folder and split is None:
-                examples = " or ".join(pasteable({key: os.path.join(url, f"{s}-*.tar")}) for s in ("train", "val"))
-                raise ConfigError(f"{key}={part!r} is a folder, which holds one or two splits of shards: name the "
-                                  f"split's shards, {examples}")
+                named = f"{key}={part!r}" + ("" if url == part else f" (its item {url!r})")
+                tars = [os.path.basename(m) for m in _tars_in(path)]
+                splits = [s for s in ("train", "val") if any(t.startswith(f"{s}-") for t in tars)]
+                if tars and not splits:  # img2dataset's 00000.tar...
+                    example = pasteable({key: _example(os.path.join(path, "train-*.tar"), "train")})
+                    raise ConfigError(f"{named} is a folder: name its tar shards, e.g. {example}")
+                examples = " or ".join(pasteable({key: os.path.join(url, f"{s}-*.tar")})
+                                       for s in splits or ("train", "val"))
+                raise ConfigError(f"{named} is a folder, which holds one or two splits of shards: name the split's "
+                                  f"shards, {examples}")
             if folder:
                 pattern = path = os.path.join(path, f"{split}-*.tar")
             elif not os.path.isfile(path) and glob.has_magic(path):
