@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from arguments import positive_int
+from arguments import output_file, positive_int
 
 import ldm.nn.linear
 from ldm.nn.linear import MIN_MACS, ONEDNN_PRODUCTS, Linear, cpu_vendor
@@ -54,10 +54,8 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of --calls calls per side")
     parser.add_argument("--calls", type=positive_int, default=10)
-    parser.add_argument("--output", default=None, help="JSON path (default: print only)")
+    parser.add_argument("--output", type=output_file, default=None, help="JSON path (default: print only)")
     args = parser.parse_args()
-    if args.output:  # before the measurements: a missing folder lost the whole run
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     print(f"vendor {cpu_vendor()}, torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}, "
           f"ONEDNN_PRODUCTS {ONEDNN_PRODUCTS}, MIN_MACS {MIN_MACS}")
     ldm.nn.linear.ONEDNN_PRODUCTS, ldm.nn.linear.MIN_MACS = True, 1  # `Linear`'s route at every size, on any CPU

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from arguments import positive_int
+from arguments import non_negative_int, positive_int
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.callbacks.throughput import peak_flops
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per combination")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per combination after the first")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed steps per combination after the first")
     parser.add_argument("--only", action="append", default=None,
                         help="a combination to run, e.g. compile=1,channels_last=1,checkpointing=0 (repeatable)")
     parser.add_argument("--name", default=None, help="results/gpu-<name>.json (default: the device's name)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from arguments import device as device_type
-from arguments import positive_int
+from arguments import output_file, positive_int
 from common import experiment, random_autoencoder, random_byte_text_encoder
 
 from ldm import config as configs
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="default: the experiment's (sd15 on CPU: 1)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
-    parser.add_argument("--output", default=None,
+    parser.add_argument("--output", type=output_file, default=None,
                         help="JSON file (default: benchmarks/results/latents-[sd15-]<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,10 +179,9 @@ def main() -> None:
         "encode_samples_per_sec": len(images) * batch_size / encode_seconds,
     }
     suffix = device.type if args.model == "quickstart" else f"{args.model}-{device.type}"
-    out = Path(args.output or Path(__file__).resolve().parent / "results" / f"latents-{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    out = args.output or Path(__file__).resolve().parent / "results" / f"latents-{suffix}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from arguments import positive_int
+from arguments import non_negative_int, output_file, positive_int
 from common import experiment, random_autoencoder, random_byte_text_encoder
 from omegaconf import DictConfig
 
@@ -154,13 +154,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=3, help="fits per variant (variants alternate)")
     parser.add_argument("--steps", type=int, default=25,
                         help="Lightning steps per fit (a plain one after each; the last is not timed)")
-    parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each fit")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="steps left out at the start of each fit")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time Lightning without the progress bar, without loggers (and LR monitor), with "
                              "no callbacks")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "lightning-overhead-cpu.json"))
+    parser.add_argument("--output", type=output_file,
+                        default=str(Path(__file__).parent / "results" / "lightning-overhead-cpu.json"))
     args = parser.parse_args()
-    if args.warmup < 0 or args.steps <= args.warmup + 1:
+    if args.steps <= args.warmup + 1:
         parser.error(f"--steps {args.steps} must be more than --warmup {args.warmup} + 1 (the steps timed are those "
                      f"after the warm-up, but the last)")
     torch.set_num_threads(args.threads)
@@ -198,8 +199,7 @@ def main() -> None:
               "median_step_s": {v: {"lightning": statistics.median(a for a, _ in p),
                                     "plain": statistics.median(b for _, b in p)} for v, p in pairs.items()},
               "step_s": {v: {"lightning": [a for a, _ in p], "plain": [b for _, b in p]} for v, p in pairs.items()}}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; {result['pairs_per_variant']} pairs per variant")
     print("| Lightning | median step (ms) | plain steps beside it (ms) | median of the pairs' ratios |\n"
           "| --- | --- | --- | --- |")

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                       # CPU, writes benchmarks/results/throughput-cpu.json
     python benchmarks/throughput.py --device cuda --sd15  # GPU, adds the SD 1.5 UNet at 256 px (32x32 latents)
 
-Measures, each after warm-up, as the median of timed repeats:
+Measures, each after warm-up, as the median of timed repeats (the data rows: one pass each, worker start-up included):
   data      WebDataModule train loader over `shapes` shards written to a temp dir (samples/s, by num_workers)
   vae       quickstart autoencoder train step: forward, L2 + KL loss, backward, Adam step (images/s)
   clip      quickstart contrastive step (byte text encoder + image tower, InfoNCE) at its batch size (pairs/s)
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from arguments import device as device_type
-from arguments import positive_int
+from arguments import output_file, positive_int
 from common import experiment, random_byte_text_encoder
 from omegaconf import OmegaConf
 
@@ -207,7 +207,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--sd15", action="store_true", help="also time the SD 1.5 UNet (GPU recommended)")
-    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/throughput-<device>.json)")
+    parser.add_argument("--out", type=output_file, default=None,
+                        help="JSON file (default benchmarks/results/throughput-<device>.json)")
     args = parser.parse_args()
     device = args.device
     results = {
@@ -219,10 +220,9 @@ def main() -> None:
         "unet_train_images_per_s": bench_unet(device, args.batch_size, args.repeats, args.sd15),
         "sampling_images_per_s": bench_sampling(device, 16, max(args.repeats // 3, 2)),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"throughput-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    out = args.out or Path(__file__).parent / "results" / f"throughput-{device.type}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {out}")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from arguments import device as device_type
-from arguments import positive_int
+from arguments import non_negative_int, output_file, positive_int
 from torch import nn
 
 import ldm.nn.linear
@@ -143,15 +143,16 @@ def main() -> None:
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--size", type=positive_int, default=32, help="latent height and width")
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed steps per side and precision")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--channels-last", action="store_true", help="both models and inputs in NHWC")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--profile", type=non_negative_int, default=0, metavar="STEPS",
                         help="also profile STEPS steps of each side and print the op tables")
-    parser.add_argument("--rows", type=int, default=25, help="rows of each profile table")
+    parser.add_argument("--rows", type=positive_int, default=25, help="rows of each profile table")
     parser.add_argument("--products", choices=["auto", "blas", "onednn"], default="auto",
                         help="route of our UNet's fp32 CPU products (ldm.nn.linear); auto: this machine's")
-    parser.add_argument("--output", default=None, help="JSON path (default results/unet-vs-diffusers-<device>.json)")
+    parser.add_argument("--output", type=output_file, default=None,
+                        help="JSON path (default results/unet-vs-diffusers-<device>.json)")
     args = parser.parse_args()
     factor = 2 ** (len(LAYOUT.channel_mult) - 1)  # the UNet's downsampling
     if args.size % factor:
@@ -195,8 +196,7 @@ def main() -> None:
             print(profile(ours_step, f"ours, {precision}", args.profile, args.rows))
             print(profile(theirs_step, f"diffusers, {precision}", args.profile, args.rows))
 
-    output = Path(args.output or Path(__file__).parent / "results" / f"unet-vs-diffusers-{device.type}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = args.output or Path(__file__).parent / "results" / f"unet-vs-diffusers-{device.type}.json"
     output.write_text(json.dumps(results, indent=2) + "\n")
     print("| precision | ours (ms) | diffusers (ms) | ours / diffusers |\n| --- | --- | --- | --- |")
     for precision, run in results["runs"].items():
