@@ -27,11 +27,11 @@ def expand_shards(spec: str | list[str], key: str, split: str | None = "train") 
 
     A directory stands for its `{split}-*.tar` shards (what ldm-data writes; one holding other tars only, as
     img2dataset's `00000.tar`, is refused naming the pattern to give); with `split=None` (ldm-encode, which encodes
-    what it is given) it is refused, naming each split's pattern. Local shards come back as absolute paths
-    (a file named `pipe:...` is read, never run as a command). A local pattern that matches no file
-    raises FileNotFoundError naming `key` and the pattern, one that matches other files than tars (`data/shapes/*`:
-    summary.json, and the other split's shards beside) a ConfigError; remote URLs (`pipe:`, `http(s)://`, ...) pass
-    through brace expansion unchecked.
+    what it is given) it is refused, naming the patterns that take its shards (each split's, or its tars'). Local
+    shards come back as absolute paths (a file named `pipe:...` is read, never run as a command). A local pattern that
+    matches no file raises FileNotFoundError naming `key` and the pattern, one that matches other files than tars
+    (`data/shapes/*`: summary.json, and the other split's shards beside) a ConfigError; remote URLs (`pipe:`,
+    `http(s)://`, ...) pass through brace expansion unchecked.
     """
     parts = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     urls: list[str] = []
