@@ -2,7 +2,7 @@
 exit status 2 (a user's mistake) and no Python traceback; ldm-train says so before printing its config tree.
 
 The cases run two at a time in threads (each is a subprocess that mostly waits on imports, 2 to 10 s). The fast set
-keeps the reproductions of issue 16 for every CLI and a few more (19 cases, about 50 s on an idle 2-core machine);
+keeps the reproductions of issue 16 for every CLI and a few more (24 cases, about 50 s on an idle 2-core machine);
 the other 62 are marked slow (`make test-all`).
 """
 
