@@ -43,6 +43,12 @@ RUN_KINDS = {SCHEMAS["model/autoencoder"]: "an autoencoder (stage 1)",
              SCHEMAS["model/ldm"]: "a latent diffusion (stage 2)"}
 
 
+def bytes_read(prompt: str, max_length: int) -> bytes:
+    """The UTF-8 bytes of `prompt` that an encoder of `max_length` tokens reads (BOS and EOS take two; a lone
+    surrogate reads as `?`)."""
+    return prompt.encode("utf-8", errors="replace")[: max_length - 2]
+
+
 def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, max_length) and the mask of real tokens (B, max_length), True for BOS, bytes and EOS.
 
@@ -51,7 +57,7 @@ def byte_tokenize(prompts: Sequence[str], max_length: int) -> tuple[torch.Tensor
     """
     ids = torch.full((len(prompts), max_length), PAD, dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        data = prompt.encode("utf-8", errors="replace")[: max_length - 2]
+        data = bytes_read(prompt, max_length)
         ids[i, : len(data) + 2] = torch.tensor([BOS, *data, EOS], dtype=torch.long)
     return ids, ids != PAD
 

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from ldm.callbacks.checkpoint import stopped_without_export
-from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder
+from ldm.conditioning.byte import ByteEncoderConfig, ByteTextEncoder, bytes_read
 from ldm.config import ConfigError, asdict, batch_entry, check_min, pasteable, to_dataclass
 from ldm.data.latents import require_images, require_resolution
 from ldm.distributed import mean_over_ranks
@@ -152,9 +152,8 @@ class ContrastiveModule(L.LightningModule):
         """The batch's image and caption embeddings (B, E) and an id per caption (B,), equal for equal captions."""
         captions = list(batch_entry(batch, self.config.caption_key, "model.caption_key"))
         image, text = self.embed(batch_entry(batch, self.config.image_key, "model.image_key"), captions)
-        seen = self.text_encoder.max_length - 2  # the bytes the tokenizer keeps: captions equal there are equal
-        ids = torch.tensor([zlib.crc32(c.encode(errors="replace")[:seen]) for c in captions],  # (lone surrogates as
-                           device=image.device)                                                 # it reads them)
+        length = self.text_encoder.max_length  # captions equal in the bytes the encoder reads are equal
+        ids = torch.tensor([zlib.crc32(bytes_read(c, length)) for c in captions], device=image.device)
         return image, text, ids
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
