@@ -348,7 +348,6 @@ def test_nan_guard_skips_then_stops_without_overwriting_last(shapes_shards, tmp_
     assert not (out / "export").exists()  # a halted run exports nothing (an earlier segment's export stays)
 
 
-
 class Unsteady(L.LightningModule):
     """(w - 1)^2, but at the global steps `infinite` names a finite loss (0) whose gradient is not finite, and at
     those `nan` names a NaN loss."""
