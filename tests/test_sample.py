@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -279,8 +281,14 @@ def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_pa
     with pytest.raises(ConfigError, match=r"class_labels has 3 entries for 2 prompts \(the prompts name"):
         sample({**base, "ckpt_path": str(export), "class_labels": [0, 1, 2]})
     assert len(sample({**base, "ckpt_path": str(export), "class_labels": [0, 3]})) == 2  # 3: the null class
-    # the labels alone give the rows (prompts were required, and then ignored)
+    # one label given bare (Hydra's "int is not a ListConfig" before); a label that is no integer, named
     del base["prompts"]
+    assert len(sample({**base, "ckpt_path": str(export), "class_labels": 2, "overwrite": True})) == 1
+    for bad in (["a"], True, [1, True]):
+        with pytest.raises(ConfigError, match=rf"class_labels={re.escape(repr(bad))} must be a list of class "
+                                              rf"indices, e.g. class_labels='\[0, 3\]' \(or one: class_labels=2\)"):
+            sample({**base, "ckpt_path": str(export), "class_labels": bad})
+    # the labels alone give the rows (prompts were required, and then ignored)
     paths = sample({**base, "ckpt_path": str(export), "class_labels": [2, 0, 1], "overwrite": True})
     assert [p.name for p in paths] == ["prompt000_seed000000.png", "prompt001_seed000001.png",
                                        "prompt002_seed000002.png"]
@@ -294,6 +302,30 @@ def test_class_labels_are_checked_against_the_model(ldm_checkpoint: Path, tmp_pa
     sample({**base, "ckpt_path": str(export), "class_labels": [1, 2], "num_images_per_prompt": 2, "batch_size": 3,
             "overwrite": True})
     assert calls == [([0, 1, 2], [1, 1, 2]), ([3], [2])]
+
+
+def test_a_sigterm_ends_sampling_with_one_line(tmp_path: Path):
+    """A SIGTERM (`timeout`, a scheduler's end of job) killed ldm-sample silently (status -15), leaving part of the
+    images without a word: it is taken as Ctrl-C is, one line saying what is kept, status 143 (ldm-eval alike)."""
+    import time
+
+    from test_eval_helpers import tiny_ldm_checkpoint
+
+    out = tmp_path / "samples"
+    process = subprocess.Popen([sys.executable, "-m", "ldm.cli.sample", f"ckpt_path={tiny_ldm_checkpoint(tmp_path)}",
+                                "prompts=a red circle", "num_images_per_prompt=1000", "batch_size=1", "num_steps=2",
+                                f"output_dir={out}", "device=cpu"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("prompt*.png")) and time.monotonic() < deadline:  # sampling
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == ("ldm-sample: interrupted by SIGTERM; the finished batches' images are "
+                                               "in output_dir, without grid.png and sample.json; the same command "
+                                               "with overwrite=true starts again")
+    assert "Traceback" not in stdout + stderr and not (out / "sample.json").exists()
 
 
 def test_an_unconditional_model_samples_without_prompts_and_without_guidance(tmp_path: Path, caplog):

@@ -46,7 +46,8 @@ def main(cfg: DictConfig) -> None:
             if started:
                 dist.destroy_process_group()
 
-    run_cli("ldm-eval", run, kept="the points scored are in results.jsonl; the same command scores the rest")
+    run_cli("ldm-eval", run, kept="the points scored are in results.jsonl; the same command scores the rest",
+            sigterm=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class SampleConfig:
     ckpt_path: str = ""                        # required: a pipeline export (<run>/export), run dir or .ckpt
     prompts: Any = field(default_factory=list)  # text-conditioned models: a list of prompts (or one); or prompts_file
     prompts_file: str | None = None            # one prompt per line (blank lines skipped)
-    class_labels: list[int] | None = None      # class-conditional models: the labels (prompts, if given, name them)
+    class_labels: Any = None                   # class-conditional models: the labels (prompts, if given, name them)
     negative_prompt: str | None = None         # what guidance steers every image away from; null: the empty prompt
     sampler: str = "ddim"                      # ddpm | ddim | dpmpp_2m
     num_steps: int = 50
@@ -85,6 +85,12 @@ class SampleConfig:
                 not all(isinstance(p, (str, int, float)) and not isinstance(p, bool) for p in self.prompts):
             raise ConfigError(f"prompts={self.prompts!r} must be a list of prompts, e.g. prompts='[a red circle, a "
                               f"blue square]' (or one: prompts='a red circle')")
+        if isinstance(self.class_labels, int) and not isinstance(self.class_labels, bool):
+            self.class_labels = [self.class_labels]  # class_labels=2: one label (a list needs brackets)
+        if self.class_labels is not None and (not isinstance(self.class_labels, (list, tuple)) or not all(
+                isinstance(label, int) and not isinstance(label, bool) for label in self.class_labels)):
+            raise ConfigError(f"class_labels={self.class_labels!r} must be a list of class indices, e.g. "
+                              f"class_labels='[0, 3]' (or one: class_labels=2)")
         if self.prompts and self.prompts_file:
             raise ConfigError("give one of prompts='[a red circle, a blue square]' and prompts_file=FILE, not both "
                               f"(got prompts={self.prompts}, prompts_file={self.prompts_file})")
@@ -243,7 +249,7 @@ def sample(cfg: DictConfig | dict[str, Any] | SampleConfig) -> list[Path]:
 def main(cfg: DictConfig) -> None:
     run_cli("ldm-sample", lambda: sample(cfg), kept="the finished batches' images are in output_dir, without "
                                                       "grid.png and sample.json; the same command with "
-                                                      "overwrite=true starts again")
+                                                      "overwrite=true starts again", sigterm=True)
 
 
 if __name__ == "__main__":
