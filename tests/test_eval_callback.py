@@ -44,6 +44,10 @@ def test_fid_callback_logs_small_n_fid_and_clip_score(tmp_path: Path, shapes_sha
     # once per evaluation, after step 2 and at the end (step 3), at the steps Lightning gives those steps' metrics
     assert [int(row["step"]) for row in rows] == [1, 2]
     assert list((tmp_path / "cache").glob("*.pt"))  # the reference statistics ldm-eval will reuse
+    # each evaluation scores its own samples alone: two of the same weights give the same values (none carries the
+    # images of the one before into its FID)
+    first, second = callback.evaluate(trainer, module), callback.evaluate(trainer, module)
+    assert first == second and first["val/fid_4"] > 0
 
 
 def test_fid_callback_scores_the_ema_weights_or_the_trained_ones_as_use_ema_says(tmp_path: Path,

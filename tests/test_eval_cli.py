@@ -219,6 +219,32 @@ def test_two_process_evaluation_equals_one_process(assets, tmp_path: Path):
         assert row["reference_hash"] == single["reference_hash"]
 
 
+def test_reference_shards_are_the_reference_beside_val_shards(assets, tmp_path: Path):
+    """val_shards gives the prompts, reference_shards the reference images when set (beside val_shards too)."""
+    train = sorted(str(p) for p in Path(assets["shards"]).resolve().glob("train-*.tar"))
+    row = evaluate(make_cfg(assets, tmp_path / "e", metrics=["fid"], num_samples=4,
+                            reference_shards=f"{assets['shards']}/train-*.tar"))[0]
+    assert (row["reference_shards"], row["reference_num_samples"]) == (train, 64)
+    assert row["prompts_source"] == "val_shards"
+
+
+def test_the_wandb_table_labels_rank_0s_images_with_their_global_samples(tmp_path: Path, monkeypatch):
+    """Rank 0 of 2 holds samples 0, 2, 4, ...: its images are shown with those samples' seeds and prompts."""
+    from ldm.eval.evaluator import WandbConfig
+    from ldm.eval.results import WandbTable
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = EvalConfig(ckpt_path="x.ckpt", output_dir=str(tmp_path), wandb=WandbConfig(enabled=True, num_images=3))
+    table = WandbTable(cfg)
+    row = {"checkpoint": "runs/a/checkpoints/last.ckpt", "checkpoint_step": 7, "world_size": 2, "seed": 10,
+           "sampler": "ddim", "num_steps": 2, "guidance_scale": 2.0}
+    table.log_samples(row, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), [f"prompt {i}" for i in range(8)])
+    table.finish([])
+    (path,) = tmp_path.glob("wandb/offline-run-*/files/media/table/samples/a_last/ddim_2_cfg2_*.table.json")
+    data = json.loads(path.read_text())["data"]
+    assert [tuple(r[:5]) for r in data] == [(row["checkpoint"], 7, k, 10 + k, f"prompt {k}") for k in (0, 2, 4)]
+
+
 def test_two_process_reconstruction_metrics_equal_one_process(assets, tmp_path: Path):
     """One batch of 8 images over 2 processes: dealt out as whole batches, rank 1 got none, and torchmetrics' FID
     cannot compute without an update (no row was written)."""
@@ -692,6 +718,11 @@ def test_reconstructions_are_deterministic_clamped_and_scored_at_their_resolutio
         sample = mode
 
     model.encode = lambda x: Posterior(x)
+    model.decode = lambda z: z  # the identity: every image back as it was read
+    evaluator = Evaluator(EvalConfig(**make_cfg(assets, tmp_path / "identity", ckpt_path=str(ckpt),
+                                                reconstruction_metrics=["psnr", "ssim", "rfid"])))
+    row = evaluator.evaluate_reconstruction(model, {"checkpoint": "identity"})[0]
+    assert row["psnr"] == 100 and row["ssim"] == pytest.approx(1.0, abs=1e-6) and abs(row["rfid"]) < 1e-3, row
     psnr = []
     for decode in (lambda z: torch.ones_like(z), lambda z: z + 4):  # the same images once clamped to [-1, 1]
         model.decode = decode
@@ -718,5 +749,12 @@ def test_results_lines_end_with_a_newline_and_a_good_last_row_is_read(tmp_path: 
 
     append_results(tmp_path, [{"a": 1}, {"a": 2}])
     assert (tmp_path / "results.jsonl").read_bytes().endswith(b"}\n")
+    # results.csv: a list or dict cell is the JSON of the row's value (Python's repr is no JSON: ['/d/a.tar'])
+    nested = {"a": 3, "reference_shards": ["/d/a.tar"], "feature_extractor": {"antialias": False, "dim": 64}}
+    append_results(tmp_path, [nested])
+    with open(tmp_path / "results.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert {k: json.loads(last[k]) for k in ("reference_shards", "feature_extractor")} == \
+        {k: nested[k] for k in ("reference_shards", "feature_extractor")}
     (tmp_path / "results.jsonl").write_text('{"a": 1}\n{"a": 2}')  # written by another tool, no final newline
     assert read_results(tmp_path) == [{"a": 1}, {"a": 2}]

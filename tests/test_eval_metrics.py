@@ -78,6 +78,10 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_is_large(referenc
         return metrics.compute()["kid"]
 
     assert kid(0) == kid(0) != kid(1)
+    # fewer images generated than kid_subset_size (1000 by default): the subsets are as large as there are images
+    metrics = GenerationMetrics(["kid"], extractor, stats, kid_subsets=5)
+    metrics.update(noise[:8], captions[:8])
+    assert metrics.compute()["kid_subset_size"] == 8
 
 
 @pytest.mark.parametrize("antialias", [False, True])
@@ -120,6 +124,11 @@ def test_reference_statistics_are_cached_and_reused(reference, shapes_shards: Pa
     # The same weights file by another path keys the same statistics (the path was part of the key).
     relative = InceptionFeatures(DIM, os.path.relpath(inception_weights))
     assert key_hash(reference_key(shards, 32, N_REF, relative.identity)) == stats.hash
+    # more images asked for than the shards hold (16): the statistics of those there, recorded as 16, and read back
+    few = load_or_compute_reference_stats(str(shapes_shards / "val-*.tar"), 32, 1000, fresh, cache, 16)
+    reread = InceptionFeatures(DIM, str(inception_weights))
+    again = load_or_compute_reference_stats(str(shapes_shards / "val-*.tar"), 32, 1000, reread, cache, 16)
+    assert few.num_samples == again.num_samples == 16 and reread.calls == 0
     # What the reader decodes is part of the key through READER_VERSION: bump it with the list of image members.
     assert (READER_VERSION, IMAGE_KEYS) == (6, ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"))
 
@@ -224,8 +233,10 @@ def test_reconstruction_metrics_are_perfect_on_identical_images(train_images):
     assert out["psnr"] > 90 and out["ssim"] == pytest.approx(1.0, abs=1e-4)
     metrics.reset()
     noisy = (images.float() + torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * 20)
+    noisy[5:] += torch.randn(noisy[5:].shape, generator=torch.Generator().manual_seed(1)) * 40  # batches unlike
     noisy = noisy.clamp(0, 255).to(torch.uint8)
-    metrics.update(noisy, images)
+    metrics.update(noisy[:5], images[:5])  # in batches of 5 and 27 (the mean is over images, not batches)
+    metrics.update(noisy[5:], images[5:])
     out = metrics.compute()
     # per image on 8-bit values, then averaged: 10 log10(255^2 / MSE); SSIM over [0, 255] with its own data range
     mse = ((noisy.double() - images.double()) ** 2).flatten(1).mean(1)
