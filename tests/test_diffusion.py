@@ -174,6 +174,10 @@ def test_logit_normal_timesteps_follow_their_quantiles():
     u = compute_density_for_timestep_sampling("logit_normal", 20000, 0.5, 1.0,
                                               generator=torch.Generator().manual_seed(1))
     assert torch.equal(sample_timesteps(20000, 1000, config, torch.Generator().manual_seed(1)), (u * 1000).long())
+    narrow = DiffusionConfig(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.5)  # another std too
+    u = compute_density_for_timestep_sampling("logit_normal", 20000, 0.5, 0.5,
+                                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_timesteps(20000, 1000, narrow, torch.Generator().manual_seed(1)), (u * 1000).long())
     with pytest.raises(ConfigError, match="timestep_sampling"):
         DiffusionConfig(timestep_sampling="lognormal")
 

@@ -98,10 +98,9 @@ def _run_ours(sampler: str, config: ScheduleConfig, prediction: str) -> tuple[to
     denoiser = Denoiser(model, schedule, prediction)
     ts = schedule.timesteps(NUM_STEPS)
     rng = StackedRandomGenerator(SEEDS)
-    if sampler == "ddim_eta0":
-        return sample_ddim(denoiser, _x_T(), ts), ts
-    if sampler == "ddim_eta1":
-        return sample_ddim(denoiser, _x_T(), ts, eta=1.0, rng=rng), ts
+    if sampler.startswith("ddim"):
+        eta = float(sampler.removeprefix("ddim_eta"))
+        return sample_ddim(denoiser, _x_T(), ts, eta=eta, rng=rng if eta else None), ts
     if sampler == "ddpm":
         return sample_ddpm(denoiser, _x_T(), ts, rng), ts
     return sample_dpmpp_2m(denoiser, _x_T(), ts), ts
@@ -128,11 +127,11 @@ def _run_diffusers(sampler: str, config: ScheduleConfig, prediction: str, ours_t
     x = _x_T()
     for t in scheduler.timesteps:
         out = model(x, torch.full((x.shape[0],), int(t)))
-        if sampler == "ddim_eta0":
-            x = scheduler.step(out, t, x, eta=0.0).prev_sample
-        elif sampler == "ddim_eta1":
+        if sampler.startswith("ddim"):
             # Our sampler draws once per step but the last (whose std is 0): the same per-image streams.
-            x = scheduler.step(out, t, x, eta=1.0, variance_noise=_per_image_noise(generators, x)).prev_sample
+            eta = float(sampler.removeprefix("ddim_eta"))
+            noise = _per_image_noise(generators, x) if eta else None
+            x = scheduler.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         elif sampler == "ddpm":
             x = scheduler.step(out, t, x, generator=generators).prev_sample   # a list: one generator per image
         else:
@@ -142,7 +141,7 @@ def _run_diffusers(sampler: str, config: ScheduleConfig, prediction: str, ours_t
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "leading0"])
-@pytest.mark.parametrize("sampler", ["ddim_eta0", "ddim_eta1", "ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim_eta0", "ddim_eta0.5", "ddim_eta1", "ddpm", "dpmpp_2m"])
 def test_sampler_matches_diffusers_scheduler(sampler, spacing, prediction):
     config = _schedule(spacing)
     ours, ours_ts = _run_ours(sampler, config, prediction)
@@ -229,12 +228,13 @@ def test_min_snr_weights_match_compute_snr(beta_schedule, prediction, zero_termi
     assert bool((rel <= tol).all()), f"worst at t={int((rel / tol).argmax())}"
 
 
+@pytest.mark.parametrize("gamma", [5.0, 1.0])
 @pytest.mark.parametrize(("prediction", "zero_terminal_snr"), [("eps", False), ("v", False), ("v", True),
                                                                ("x0", False)])
-def test_diffusion_loss_matches_a_diffusers_training_step(prediction, zero_terminal_snr):
+def test_diffusion_loss_matches_a_diffusers_training_step(prediction, zero_terminal_snr, gamma):
     """Timesteps, then noise, then offset noise from one generator (our documented order), fed to diffusers'
-    add_noise / get_velocity / compute_snr and the min-SNR recipe."""
-    batch, gamma, offset = 64, 5.0, 0.1
+    add_noise / get_velocity / compute_snr and the min-SNR recipe (at the default gamma and another)."""
+    batch, offset = 64, 0.1
     config = DiffusionConfig(schedule=ScheduleConfig(zero_terminal_snr=zero_terminal_snr), prediction=prediction,
                              loss_weighting="min_snr", min_snr_gamma=gamma, offset_noise=offset)
     ours_schedule = NoiseSchedule(config.schedule)

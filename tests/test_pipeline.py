@@ -151,6 +151,17 @@ def test_loss_on_posterior_moments_equals_loss_on_images(tmp_path: Path):
     pipeline.sample_posterior = False
     torch.testing.assert_close(pipeline.latents(posterior, torch.Generator().manual_seed(5)),
                                posterior.mean * pipeline.latent_scale)
+    # the batch's mean of the per-image objective (a sum grew with the batch size, and the gradients with it)
+    from ldm.diffusion.objective import diffusion_loss
+
+    module.eval()  # no condition dropout: the generator draws the timesteps and noise alone
+    conditions = pipeline.conditioner.batch_conditions(images)
+    cond = pipeline.conditioner(conditions)
+    per_image = diffusion_loss(lambda x_t, t: pipeline.unet(x_t, t, **cond), drawn, pipeline.schedule,
+                               pipeline.diffusion, torch.Generator().manual_seed(6))
+    assert per_image.shape == (4,)
+    torch.testing.assert_close(pipeline.latent_loss(drawn, conditions, torch.Generator().manual_seed(6)),
+                               per_image.mean())
 
 
 class _Payload:
