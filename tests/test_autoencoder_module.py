@@ -78,6 +78,41 @@ def test_global_step_counts_batches_with_two_optimizers(tmp_path):
     assert 0 < metrics["train/disc_weight"] < 1e4
 
 
+def test_validation_scores_the_ema_posterior_mode_and_each_step_runs_at_its_rate(tmp_path):
+    """val/rec_loss, val/lpips and val/psnr are the EMA weights' reconstructions of the posterior mode (LPIPS on
+    images in [-1, 1]), as computed here by hand; each step runs at its scheduled learning rate (a linear warm-up from
+    0: the scheduler steps after the optimizer); a learned log-variance is trained with the autoencoder."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    torch.manual_seed(0)
+    module = tiny_module(**{"ema_decay": 0.9, "lr": 1e-2, "warmup_steps": 4, "loss.lpips_weight": 0.1,
+                            "loss.lpips_pretrained_backbone": False, "loss.learn_logvar": True})
+    used = []
+
+    class RateRecorder(L.Callback):
+        def on_fit_start(self, trainer, pl_module):  # the rate each optimizer step runs at
+            trainer.optimizers[0].register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+
+    images = shapes_images(8)
+    trainer = fit(module, images, tmp_path, max_steps=5, val_every=5, enable_checkpointing=False,
+                  callbacks=[RateRecorder()])
+    assert used == pytest.approx([0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2])
+    assert any(p is module.loss.logvar for p in trainer.optimizers[0].param_groups[0]["params"])
+    assert module.loss.logvar.item() != 0.0  # moved from logvar_init
+
+    def scores(model) -> list[float]:
+        with torch.no_grad():
+            x_rec = model.eval().decode(model.encode(images).mode())
+            lpips = module.loss.perceptual(images, x_rec.clamp(-1, 1)).mean()
+            psnr = peak_signal_noise_ratio(((x_rec + 1) / 2).clamp(0, 1), (images + 1) / 2, data_range=1.0,
+                                           reduction="elementwise_mean", dim=(1, 2, 3))
+        return [float((images - x_rec).abs().mean()), float(lpips), float(psnr)]
+
+    logged = [float(trainer.callback_metrics[f"val/{k}"]) for k in ("rec_loss", "lpips", "psnr")]
+    assert logged == pytest.approx(scores(module.ema.module), rel=1e-5)
+    assert logged != pytest.approx(scores(module.autoencoder), rel=1e-5)  # not the trained weights'
+
+
 def test_both_learning_rates_are_logged_by_name(tmp_path):
     """The LR monitor logs lr/autoencoder and lr/discriminator (the latter was Lightning's `lr-Adam`)."""
     from lightning.pytorch.callbacks import LearningRateMonitor
@@ -262,6 +297,10 @@ def test_log_images_returns_grids_in_range():
     assert set(images) == {"inputs", "reconstructions", "samples"}
     for value in images.values():
         assert value.shape == (3, 3, 32, 32) and value.min() >= -1 and value.max() <= 1
+    with torch.no_grad():  # the reconstructions are of the posterior mode (the same grid every time)
+        model = module.eval_model
+        expected = model.decode(model.encode(shapes_images(3)).mode()).clamp(-1, 1)
+    assert torch.equal(images["reconstructions"], expected)
 
 
 def test_an_image_key_the_batches_lack_is_named_with_the_config_key():

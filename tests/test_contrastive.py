@@ -40,6 +40,13 @@ def test_loss_over_two_ranks_averages_to_the_single_process_loss():
     torch.testing.assert_close((halves[0] + halves[1]) / 2, full)  # DDP averages the ranks' gradients the same way
     flat, _ = contrastive_loss(image, text, image, text, 0, torch.tensor(1.0))
     assert flat.item() == pytest.approx(math.log(8), abs=0.1)        # unrelated pairs, cosines near 0: chance
+    # the accuracy is caption -> image (each caption's best image is its own), which differs from image -> caption
+    # where the similarities are not symmetric in their roles
+    near = F.normalize(image + 0.9 * unit(8, 16, seed=7), dim=-1)
+    _, accuracy = contrastive_loss(image, near, image, near, 0, scale)
+    caption_to_image = ((near @ image.T).argmax(1) == torch.arange(8)).float().mean()
+    image_to_caption = ((image @ near.T).argmax(1) == torch.arange(8)).float().mean()
+    assert accuracy == caption_to_image == 7 / 8 and image_to_caption == 1
 
 
 def test_matched_pairs_give_full_accuracy_and_a_low_loss():

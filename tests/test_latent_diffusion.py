@@ -318,6 +318,10 @@ def test_log_images_returns_the_fixed_prompt_grid(autoencoder_dir: Path):
         ema, raw = (module._loss(batch(4), step_generator(c.seed, 0, -1), module.eval_pipeline(use_ema))
                     for use_ema in (True, False))
     assert torch.equal(logged["val/loss"], ema) and not torch.equal(ema, raw)
+    module.config.val_use_ema = False  # the trained weights' loss then
+    with torch.no_grad():
+        module.validation_step(batch(4), 0)
+    assert torch.equal(logged["val/loss"], raw)
 
 
 def test_class_and_unconditional_grids_count_their_own_conditions(autoencoder_dir: Path):
@@ -396,6 +400,23 @@ def test_ema_warms_up_as_diffusers_ema_model(decay: float):
     moved = next(fixed.module.parameters()) - initial[0]
     assert torch.allclose(moved, torch.full_like(moved, 1 - decay) + (next(model.parameters()) - 1 - initial[0]),
                           atol=1e-5)
+
+
+def test_ema_warmup_false_is_a_fixed_decay_in_both_stages(autoencoder_dir: Path):
+    """model.ema_warmup=false reaches each module's EMA: the update after the first (which copies the weights)
+    moves it by 1 - decay (the warm-up's decay, 2 / 11, moved it by 0.82)."""
+    from test_autoencoder_module import tiny_module
+
+    ldm = LatentDiffusionModule(tiny_config(autoencoder_dir, ema_decay=0.9999, ema_warmup=False))
+    autoencoder = tiny_module(ema_decay=0.9999, ema_warmup=False)
+    for ema, network in ((ldm.ema, ldm.pipeline.unet), (autoencoder.ema, autoencoder.autoencoder)):
+        ema.update_parameters(network)
+        before = next(ema.module.parameters()).clone()
+        with torch.no_grad():
+            next(network.parameters()).add_(1.0)
+        ema.update_parameters(network)
+        moved = next(ema.module.parameters()) - before
+        torch.testing.assert_close(moved, torch.full_like(moved, 1e-4), rtol=0, atol=1e-6)
 
 
 def test_resuming_with_another_latent_scale_is_refused(tmp_path: Path, autoencoder_dir: Path):

@@ -447,6 +447,15 @@ def test_clipping_scales_gradients_over_the_limit_alone_or_clamps_each_value(tmp
     assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in half]))) == pytest.approx(norm / 2, rel=1e-5)
     assert all(torch.allclose(a, b / 2, rtol=1e-5, atol=1e-7) for a, b in zip(half, drawn))
     assert all(torch.equal(a, b.clamp(-0.3, 0.3)) for a, b in zip(clipped(0.3, "value"), drawn))
+    # the modules' hooks pass trainer.gradient_clip_algorithm on (value clipping was norm clipping there)
+    from ldm.modules.contrastive import ContrastiveModule
+    from ldm.modules.latent_diffusion import LatentDiffusionModule
+
+    for hook in (LatentDiffusionModule.configure_gradient_clipping, ContrastiveModule.configure_gradient_clipping):
+        for p, g in zip(module.parameters(), drawn):
+            p.grad = g.clone()
+        hook(module, optimizer, 0.3, "value")
+        assert all(torch.equal(p.grad, g.clamp(-0.3, 0.3)) for p, g in zip(module.parameters(), drawn))
 
 
 @pytest.mark.parametrize("before, after", [(torch.channels_last, torch.contiguous_format),
