@@ -47,6 +47,12 @@ def test_clip_by_local_path(tiny_clip):
     cond = conditioner(PROMPTS)
     assert cond["context"].shape == (3, 77, 32) and not cond["context"].requires_grad
     assert cond["pooled"] is None  # pooled=false (the default): the UNet gets no vector
+    # a prompt over 77 tokens is cut to them, as diffusers' encode_prompt cuts it (whole, it overran the positions)
+    long = " ".join(["circle"] * 100)
+    ids = encoder.tokenizer([long], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = encoder.transformer(input_ids=ids.input_ids).last_hidden_state    # (1, 77, 32)
+    torch.testing.assert_close(conditioner([long])["context"], expected)
 
 
 def test_a_half_precision_clip_runs_in_fp32_and_a_checkpoint_rebuilds_it_alike(tiny_clip, tmp_path):
