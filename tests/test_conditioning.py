@@ -89,6 +89,14 @@ def test_clip_last_and_penultimate_differ(tiny_clip):
     assert not torch.allclose(a, b)
     # penultimate = final_layer_norm(hidden_states[-2]): unit variance per token, as the last layer's output.
     torch.testing.assert_close(b.var(-1, unbiased=False).mean(), torch.tensor(1.0), atol=0.05, rtol=0)
+    # a checkpoint rebuilds the encoder with its layer (text_encoder_config): the same contexts
+    node = {"kind": "clip", "name_or_path": str(tiny_clip), "layer": "penultimate"}
+    rebuilt = build_conditioner(node, load_pretrained=False, text_encoder_config=text_encoder_config(penultimate))
+    rebuilt.load_state_dict(penultimate.state_dict())
+    assert torch.equal(rebuilt.eval()(PROMPTS)["context"], b)
+    # model.conditioner.max_length is the context's length
+    short = build_conditioner({"kind": "clip", "name_or_path": str(tiny_clip), "max_length": 16}).eval()
+    assert short(PROMPTS)["context"].shape == (3, 16, 32)
 
 
 def test_missing_model_names_the_config_key(monkeypatch):
@@ -329,6 +337,12 @@ def test_precomputed_encodings_are_dropped_as_their_captions_are():
     with torch.no_grad():
         context = always.encoder(prompts)[0]
         assert torch.equal(always(EncodedText(context, None), generator=torch.Generator())["context"], context)
+    # a latent shard's batch (text_context, text_pooled) reaches the UNet whole outside training
+    pooled.eval().trainable = False  # as an encoder loaded frozen from its path, whose shards were precomputed
+    with torch.no_grad():
+        context, vector = pooled.encoder(prompts)
+        out = pooled(pooled.batch_conditions({"text_context": context, "text_pooled": vector, "caption": prompts}))
+    assert torch.equal(out["context"], context) and torch.equal(out["pooled"], vector)
 
 
 def test_class_labels_as_context_and_for_the_unet():
@@ -341,7 +355,10 @@ def test_class_labels_as_context_and_for_the_unet():
     assert for_unet.context_dim is None and for_unet.num_classes == 10
     labels = for_unet([1, 2, 3], generator=torch.Generator().manual_seed(0))["class_labels"]
     assert labels.shape == (3,) and ((labels == 10) | (labels == torch.tensor([1, 2, 3]))).all()
+    for_unet.cond_drop_prob = 1.0  # never dropped outside training, whatever the rate
     assert (for_unet.eval()([1, 2, 3])["class_labels"] == torch.tensor([1, 2, 3])).all()
+    with torch.no_grad():
+        assert torch.equal(as_context.eval()([1, 2, 3])["context"], as_context.embedder(torch.tensor([1, 2, 3])))
     assert (for_unet.unconditional(2)["class_labels"] == 10).all()
     with pytest.raises(ValueError, match=r"\[0, 10\]"):
         for_unet([11])
