@@ -32,6 +32,7 @@ from ldm.config import (
     check_choice,
     check_output_dir,
     expand_home,
+    is_int,
     register_schemas,
     to_dataclass,
 )
@@ -85,10 +86,10 @@ class SampleConfig:
                 not all(isinstance(p, (str, int, float)) and not isinstance(p, bool) for p in self.prompts):
             raise ConfigError(f"prompts={self.prompts!r} must be a list of prompts, e.g. prompts='[a red circle, a "
                               f"blue square]' (or one: prompts='a red circle')")
-        if isinstance(self.class_labels, int) and not isinstance(self.class_labels, bool):
+        if is_int(self.class_labels):
             self.class_labels = [self.class_labels]  # class_labels=2: one label (a list needs brackets)
-        if self.class_labels is not None and (not isinstance(self.class_labels, (list, tuple)) or not all(
-                isinstance(label, int) and not isinstance(label, bool) for label in self.class_labels)):
+        if self.class_labels is not None and (not isinstance(self.class_labels, (list, tuple)) or
+                                              not all(map(is_int, self.class_labels))):
             raise ConfigError(f"class_labels={self.class_labels!r} must be a list of class indices, e.g. "
                               f"class_labels='[0, 3]' (or one: class_labels=2)")
         if self.prompts and self.prompts_file:
